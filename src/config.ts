@@ -1,0 +1,329 @@
+// The one configuration schema. Every key the product reads is declared here once, with its
+// type, default and a line of documentation. Sources, lowest to highest precedence:
+//   built-in default < node.conf (or --config FILE) < DB `configs` (cluster keys only:
+//   global scope, then the tenant's) < QVD_* environment < command-line flags.
+// Node keys describe one machine and never come from the database; cluster keys should be
+// the same on every node and are normally set through the API (the `configs` table).
+import { hostname } from "node:os";
+import { existsSync, readFileSync } from "node:fs";
+import { z } from "zod";
+import { ConfigError } from "./errors.ts";
+
+export type KeyScope = "node" | "cluster";
+
+interface KeyDef<T> {
+  type: z.ZodType<T>;
+  default: T | undefined;
+  doc: string;
+  scope: KeyScope;
+  secret: boolean;
+}
+
+// --- value types: each parses the string form used in files, env and flags -----------------
+
+const str = z.string();
+const nonEmpty = z.string().min(1, "must not be empty");
+const int = (min = 0, max = Number.MAX_SAFE_INTEGER) =>
+  z.coerce.number({ error: "expected an integer" }).int("expected an integer").min(min).max(max);
+const bool = z.preprocess((v) => {
+  if (typeof v !== "string") return v;
+  const s = v.trim().toLowerCase();
+  if (["1", "true", "yes", "on"].includes(s)) return true;
+  if (["0", "false", "no", "off"].includes(s)) return false;
+  return v;
+}, z.boolean({ error: "expected a boolean (1/0, true/false, yes/no, on/off)" }));
+const oneOf = <const T extends readonly [string, ...string[]]>(values: T) =>
+  z.enum(values, { error: `expected one of: ${values.join(", ")}` });
+const url = z.string().refine((s) => URL.canParse(s), "expected a URL");
+const hostPort = z
+  .string()
+  .regex(/^(\[[0-9a-fA-F:]+\]|[\w.-]*):\d{1,5}$/, "expected ADDRESS:PORT (an empty address means all)");
+const cidr = z
+  .string()
+  .regex(/^(\d{1,3})(\.\d{1,3}){3}\/(\d|[12]\d|3[0-2])$/, "expected an IPv4 network such as 198.18.0.0/16");
+
+function key<T>(
+  type: z.ZodType<T>,
+  def: T | undefined,
+  doc: string,
+  opts: { scope?: KeyScope; secret?: boolean } = {},
+): KeyDef<T> {
+  return { type, default: def, doc, scope: opts.scope ?? "node", secret: opts.secret ?? false };
+}
+
+// --- the keys ---------------------------------------------------------------------------------
+
+export const KEYS = {
+  nodename: key(nonEmpty, hostname(), "Name of this node; the HKD finds its `hosts` row by it."),
+  "log.level": key(oneOf(["debug", "info", "warn", "error"]), "info", "Lowest level of log lines written to stderr."),
+
+  "database.url": key(url.optional(), undefined, "PostgreSQL URL (postgres://user:pass@host:port/db, or ?host=/socket/dir for a unix socket).", { secret: true }),
+  "database.host": key(str, "localhost", "Database host, used when database.url is not set (QVD's classic keys)."),
+  "database.port": key(int(1, 65535), 5432, "Database port, used when database.url is not set."),
+  "database.name": key(str, "qvd", "Database name, used when database.url is not set."),
+  "database.user": key(str, "qvd", "Database user, used when database.url is not set."),
+  "database.password": key(str, "", "Database password, used when database.url is not set.", { secret: true }),
+  "database.pool_size": key(int(1, 200), 10, "Connections in this process's pool."),
+  "database.connect_timeout": key(int(1, 600), 10, "Seconds to wait for a database connection."),
+
+  "path.storage.root": key(nonEmpty, "/var/lib/qvd/storage", "Shared storage: images, basefs, homes, overlays live below it."),
+  "path.storage.images": key(str, "", "Disk image files (default: <root>/images)."),
+  "path.storage.homes": key(str, "", "Persistent user homes (default: <root>/homes)."),
+  "path.run": key(nonEmpty, "/run/qvd", "Node-local runtime state (locks, sockets, container configs)."),
+
+  "api.listen": key(hostPort, "127.0.0.1:8080", "Address and port the admin API (and the WAT) listen on."),
+  "api.tls.cert": key(str, "", "PEM certificate file of the admin API."),
+  "api.tls.key": key(str, "", "PEM private key file of the admin API.", { secret: true }),
+  "api.session.ttl": key(int(60), 3600, "Seconds of inactivity after which an admin session expires.", { scope: "cluster" }),
+
+  "l7r.listen": key(hostPort, ":8443", "Address and port the L7R (user broker) listens on, over TLS."),
+  "l7r.tls.cert": key(str, "", "PEM certificate file of the L7R."),
+  "l7r.tls.key": key(str, "", "PEM private key file of the L7R.", { secret: true }),
+
+  "hkd.fence_after": key(int(5), 120, "Seconds without the database after which a node stops its own VMs.", { scope: "cluster" }),
+  "hkd.poll_interval": key(int(1), 30, "Seconds between fallback polls for commands (notifications are the fast path).", { scope: "cluster" }),
+  "cluster.lost_after": key(int(10), 300, "Seconds without a heartbeat after which other nodes declare a node lost.", { scope: "cluster" }),
+
+  "wat.multitenant": key(bool, false, "Multitenant mode: tenants and per-tenant administrators.", { scope: "cluster" }),
+  "model.user.login.case-sensitive": key(bool, false, "Whether user and administrator names are case-sensitive.", { scope: "cluster" }),
+
+  "osf.default.memory": key(int(16), 1024, "RAM in MiB of a new OSF when none is given.", { scope: "cluster" }),
+  "vm.network.range": key(cidr, "198.18.0.0/16", "Network from which VM addresses are allocated.", { scope: "cluster" }),
+  "vm.network.gateway": key(str, "", "Gateway address given to VMs (default: the first address of the range).", { scope: "cluster" }),
+  "vm.network.bridge": key(nonEmpty, "qvdnet0", "Bridge the VMs' network devices are attached to.", { scope: "node" }),
+  "vm.network.mac.prefix": key(z.string().regex(/^[0-9a-f]{2}:[0-9a-f]{2}:[0-9a-f]{2}$/i, "expected three hex octets such as 54:52:00"), "54:52:00", "First three octets of VM MAC addresses (the rest comes from the IP).", { scope: "cluster" }),
+  "vm.hypervisor": key(oneOf(["lxc", "kvm"]), "lxc", "Backend that runs desktops on this node."),
+  "vm.kvm.accel": key(oneOf(["kvm", "tcg", "auto"]), "auto", "QEMU acceleration: kvm, tcg, or auto (kvm when it really works)."),
+} as const satisfies Record<string, KeyDef<any>>;
+
+export type ConfigKey = keyof typeof KEYS;
+export type ConfigValues = { [K in ConfigKey]: (typeof KEYS)[K] extends KeyDef<infer T> ? T : never };
+
+export const isConfigKey = (k: string): k is ConfigKey => Object.hasOwn(KEYS, k);
+
+/** Where an effective value came from, for `qvd config show` and error messages. */
+export type Source =
+  | { kind: "default" }
+  | { kind: "file"; file: string; line: number }
+  | { kind: "db"; tenantId: number }
+  | { kind: "env"; name: string }
+  | { kind: "flag"; flag: string };
+
+export function describeSource(s: Source): string {
+  switch (s.kind) {
+    case "default": return "default";
+    case "file": return `${s.file}:${s.line}`;
+    case "db": return s.tenantId === 0 ? "database (global)" : `database (tenant ${s.tenantId})`;
+    case "env": return `environment ${s.name}`;
+    case "flag": return `flag ${s.flag}`;
+  }
+}
+
+// --- parsing ------------------------------------------------------------------------------------
+
+/** Environment variable for a key: QVD_ + upper case, dots and dashes as underscores. */
+export const envName = (k: string) => "QVD_" + k.toUpperCase().replace(/[.-]/g, "_");
+const ENV_TO_KEY = new Map<string, ConfigKey>(Object.keys(KEYS).map((k) => [envName(k), k as ConfigKey]));
+/** QVD_* variables that are not keys. */
+const ENV_NOT_KEYS = new Set(["QVD_CONFIG", "QVD_DEBUG"]);
+
+function closestKey(k: string): string | undefined {
+  let best: string | undefined;
+  let bestD = Infinity;
+  for (const cand of Object.keys(KEYS)) {
+    const d = editDistance(k, cand);
+    if (d < bestD) [best, bestD] = [cand, d];
+  }
+  return bestD <= Math.max(2, Math.floor(k.length / 4)) ? best : undefined;
+}
+
+function editDistance(a: string, b: string): number {
+  const row = Array.from({ length: b.length + 1 }, (_, i) => i);
+  for (let i = 1; i <= a.length; i++) {
+    let prev = row[0]!;
+    row[0] = i;
+    for (let j = 1; j <= b.length; j++) {
+      const tmp = row[j]!;
+      row[j] = Math.min(row[j]! + 1, row[j - 1]! + 1, prev + (a[i - 1] === b[j - 1] ? 0 : 1));
+      prev = tmp;
+    }
+  }
+  return row[b.length]!;
+}
+
+function unknownKey(where: string, k: string): ConfigError {
+  const hint = closestKey(k);
+  return new ConfigError(`${where}: unknown key "${k}"${hint ? ` (did you mean "${hint}"?)` : ""}`);
+}
+
+/** Parses one raw string value for a key, or throws a one-line error prefixed with `where`. */
+export function parseValue<K extends ConfigKey>(k: K, raw: string, where: string): ConfigValues[K] {
+  const res = KEYS[k].type.safeParse(raw);
+  if (!res.success) {
+    const issue = res.error.issues[0];
+    const shown = KEYS[k].secret ? "" : `, got ${JSON.stringify(raw)}`;
+    throw new ConfigError(`${where}: ${k}: ${issue?.message ?? "invalid value"}${shown}`);
+  }
+  return res.data as ConfigValues[K];
+}
+
+export interface RawSetting {
+  key: string;
+  value: string;
+  source: Source;
+}
+
+/** Reads a node.conf file: `key = value` lines, `#` comments, blank lines. */
+export function readConfigFile(file: string): RawSetting[] {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    const why = code === "ENOENT" ? "no such file" : code === "EACCES" ? "permission denied" : code === "EISDIR" ? "is a directory" : (err as Error).message;
+    throw new ConfigError(`${file}: cannot read configuration: ${why}`);
+  }
+  const out: RawSetting[] = [];
+  text.split(/\r?\n/).forEach((rawLine, i) => {
+    const line = rawLine.trim();
+    if (line === "" || line.startsWith("#")) return;
+    const eq = line.indexOf("=");
+    if (eq <= 0) throw new ConfigError(`${file}:${i + 1}: expected "key = value", got ${JSON.stringify(line.slice(0, 60))}`);
+    out.push({ key: line.slice(0, eq).trim(), value: line.slice(eq + 1).trim(), source: { kind: "file", file, line: i + 1 } });
+  });
+  return out;
+}
+
+function whereOf(s: Source): string {
+  switch (s.kind) {
+    case "file": return `${s.file}:${s.line}`;
+    case "env": return `environment ${s.name}`;
+    case "flag": return s.flag;
+    case "db": return s.tenantId === 0 ? "database configs (global)" : `database configs (tenant ${s.tenantId})`;
+    case "default": return "default";
+  }
+}
+
+// --- the effective configuration ---------------------------------------------------------------
+
+export class Config {
+  private readonly values = new Map<ConfigKey, unknown>();
+  private readonly sources = new Map<ConfigKey, Source>();
+
+  /**
+   * @param base settings from the config file (below the database)
+   * @param top settings from the environment and flags (above the database)
+   */
+  constructor(
+    private readonly base: RawSetting[] = [],
+    private readonly top: RawSetting[] = [],
+    db: RawSetting[] = [],
+  ) {
+    for (const [k, d] of Object.entries(KEYS) as [ConfigKey, KeyDef<unknown>][]) {
+      this.values.set(k, d.default);
+      this.sources.set(k, { kind: "default" });
+    }
+    for (const s of [...base, ...db, ...top]) this.apply(s);
+  }
+
+  private apply(s: RawSetting): void {
+    const where = whereOf(s.source);
+    if (!isConfigKey(s.key)) throw unknownKey(where, s.key);
+    if (s.source.kind === "db" && KEYS[s.key].scope !== "cluster")
+      throw new ConfigError(`${where}: ${s.key} is a node setting and cannot be set in the database`);
+    this.values.set(s.key, parseValue(s.key, s.value, where));
+    this.sources.set(s.key, s.source);
+  }
+
+  get<K extends ConfigKey>(k: K): ConfigValues[K] {
+    return this.values.get(k) as ConfigValues[K];
+  }
+
+  source(k: ConfigKey): Source {
+    return this.sources.get(k)!;
+  }
+
+  /**
+   * A copy with rows of the `configs` table layered in, below env and flags and above the
+   * file. Rows of tenant 0 are the global scope; a tenant's own rows win over them. Unknown
+   * keys and node keys in the table are skipped with a warning (a newer node may know them).
+   */
+  withDatabase(rows: { tenantId: number; key: string; value: string }[], warn: (msg: string) => void = () => {}): Config {
+    const ordered = [...rows].sort((a, b) => Number(a.tenantId !== 0) - Number(b.tenantId !== 0));
+    const db: RawSetting[] = [];
+    for (const r of ordered) {
+      if (!isConfigKey(r.key) || KEYS[r.key].scope !== "cluster") {
+        warn(`ignoring database config ${r.key}: ${isConfigKey(r.key) ? "it is a node setting" : "unknown key"}`);
+        continue;
+      }
+      db.push({ key: r.key, value: r.value, source: { kind: "db", tenantId: r.tenantId } });
+    }
+    return new Config(this.base, this.top, db);
+  }
+
+  /** The string form of an effective value (as a file would hold it). */
+  rawOf(k: ConfigKey): string {
+    const v = this.values.get(k);
+    if (v === undefined) return "";
+    return typeof v === "boolean" ? (v ? "1" : "0") : String(v);
+  }
+
+  /** Every key with its effective value (secrets masked) and its source. */
+  describe(): { key: ConfigKey; value: string; source: string; doc: string; scope: KeyScope }[] {
+    return (Object.keys(KEYS) as ConfigKey[]).map((k) => {
+      const d = KEYS[k] as KeyDef<unknown>;
+      const v = this.values.get(k);
+      const value = v === undefined ? "(unset)" : d.secret && this.rawOf(k) !== "" ? "********" : this.rawOf(k);
+      return { key: k, value, source: describeSource(this.sources.get(k)!), doc: d.doc, scope: d.scope };
+    });
+  }
+
+  /** The database URL: `database.url`, else built from QVD's classic `database.*` keys. */
+  databaseUrl(): string {
+    const u = this.get("database.url");
+    if (u) return u;
+    const enc = encodeURIComponent;
+    const pass = this.get("database.password");
+    return `postgres://${enc(this.get("database.user"))}${pass ? ":" + enc(pass) : ""}@${this.get("database.host")}:${this.get("database.port")}/${enc(this.get("database.name"))}`;
+  }
+
+  /** A storage sub-path, defaulting to a folder below path.storage.root. */
+  storagePath(k: "path.storage.images" | "path.storage.homes"): string {
+    return this.get(k) || `${this.get("path.storage.root")}/${k.split(".").pop()}`;
+  }
+}
+
+export const DEFAULT_CONFIG_FILE = "/etc/qvd/node.conf";
+
+export interface LoadOptions {
+  /** --config FILE; when absent, QVD_CONFIG or /etc/qvd/node.conf if it exists. */
+  file?: string;
+  env?: Record<string, string | undefined>;
+  /** Flag settings, in command-line order: the flag as typed and the key it sets. */
+  flags?: { flag: string; key: string; value: string }[];
+  /** Test hook: whether the default file exists (default: checks the filesystem). */
+  defaultFileExists?: (f: string) => boolean;
+}
+
+/** Builds the node-side configuration (without database values). */
+export function loadConfig(opts: LoadOptions = {}): Config {
+  const env = opts.env ?? process.env;
+  const explicit = opts.file ?? env.QVD_CONFIG;
+  const exists = opts.defaultFileExists ?? existsSync;
+  const fileLayer = explicit
+    ? readConfigFile(explicit)
+    : exists(DEFAULT_CONFIG_FILE) ? readConfigFile(DEFAULT_CONFIG_FILE) : [];
+
+  const envLayer: RawSetting[] = [];
+  for (const [name, value] of Object.entries(env)) {
+    if (!name.startsWith("QVD_") || ENV_NOT_KEYS.has(name) || value === undefined) continue;
+    const k = ENV_TO_KEY.get(name);
+    if (!k) {
+      const guess = name.slice(4).toLowerCase().replace(/_/g, ".");
+      throw unknownKey(`environment ${name}`, guess);
+    }
+    envLayer.push({ key: k, value, source: { kind: "env", name } });
+  }
+  const flagLayer: RawSetting[] = (opts.flags ?? []).map((f) => ({ key: f.key, value: f.value, source: { kind: "flag", flag: f.flag } }));
+  return new Config(fileLayer, [...envLayer, ...flagLayer]);
+}

@@ -1,0 +1,10 @@
+// Numbered migrations. Migration N takes a database at schema version N-1 to version N;
+// schema.sql is always the result of applying all of them, and `qvd db init` writes it
+// directly. Add a file `NNNN-what.sql`, import it here, and update schema.sql to match.
+export interface Migration {
+  version: number;
+  name: string;
+  sql: string;
+}
+
+export const MIGRATIONS: Migration[] = [];

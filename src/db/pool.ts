@@ -1,0 +1,48 @@
+// The one connection pool. Everything that talks to PostgreSQL goes through `connect()` and
+// the typed functions of src/db/; roles never write SQL themselves.
+import postgres from "postgres";
+
+export type Sql = postgres.Sql<{}>;
+/** A pool or a transaction: every query function accepts either. */
+export type Db = postgres.Sql<{}> | postgres.TransactionSql<{}>;
+
+export interface ConnectOptions {
+  max?: number;
+  connectTimeout?: number;
+  applicationName?: string;
+}
+
+/**
+ * Splits a URL into what postgres.js expects. Accepts libpq's form for unix sockets,
+ * `postgres://user@/db?host=/run/postgresql`, which postgres.js does not read itself.
+ */
+export function parseDatabaseUrl(url: string): { url: string; path?: string } {
+  // WHATWG URLs reject an empty host after credentials; give the parser a placeholder.
+  const u = new URL(url.replace(/^(postgres(?:ql)?:\/\/(?:[^@/?]*@)?)(?=[/?]|$)/, "$1localhost"));
+  const host = u.searchParams.get("host");
+  if (!host?.startsWith("/")) return { url };
+  u.searchParams.delete("host");
+  const port = u.port || "5432";
+  u.hostname = "localhost";
+  return { url: u.toString(), path: `${host}/.s.PGSQL.${port}` };
+}
+
+export function connect(url: string, opts: ConnectOptions = {}): Sql {
+  const target = parseDatabaseUrl(url);
+  return postgres(target.url, {
+    path: target.path,
+    max: opts.max ?? 10,
+    connect_timeout: opts.connectTimeout ?? 10,
+    idle_timeout: 60,
+    onnotice: () => {},
+    connection: { application_name: opts.applicationName ?? "qvd", TimeZone: "UTC" },
+    // Keep integers as numbers for counts; bigint columns (counters, audit ids) are cast in SQL.
+    types: {},
+  });
+}
+
+/** Runs `fn` in a transaction (or a savepoint when already inside one). */
+export function transaction<T>(db: Db, fn: (tx: postgres.TransactionSql<{}>) => Promise<T>): Promise<T> {
+  if ("savepoint" in db) return db.savepoint(fn) as Promise<T>;
+  return (db as Sql).begin(fn) as Promise<T>;
+}
