@@ -376,6 +376,41 @@ CREATE INDEX audit_log_admin ON audit_log (administrator_id, at);
 
 -- Views: what lists read (the runtime joined in, tenant always present for scoping) ----------
 
+CREATE VIEW administrator_view AS
+  SELECT a.id, a.tenant_id, t.name AS tenant_name, a.name, a.description, a.blocked, a.language,
+         a.tenant_id = 0 AS superadmin, a.created_at, a.updated_at,
+         coalesce((SELECT array_agg(r.name ORDER BY r.name) FROM administrator_roles ar JOIN roles r ON r.id = ar.role_id
+                    WHERE ar.administrator_id = a.id), '{}') AS roles
+    FROM administrators a JOIN tenants t ON t.id = a.tenant_id;
+
+CREATE VIEW role_view AS
+  SELECT r.id, r.tenant_id, t.name AS tenant_name, r.name, r.description, r.builtin, r.created_at, r.updated_at,
+         coalesce((SELECT array_agg(p.name ORDER BY p.name) FROM role_inheritance ri JOIN roles p ON p.id = ri.inherits_id
+                    WHERE ri.role_id = r.id), '{}') AS inherits,
+         coalesce((SELECT array_agg(ra.acl ORDER BY ra.acl) FROM role_acls ra WHERE ra.role_id = r.id AND ra.positive), '{}') AS grants,
+         coalesce((SELECT array_agg(ra.acl ORDER BY ra.acl) FROM role_acls ra WHERE ra.role_id = r.id AND NOT ra.positive), '{}') AS denials
+    FROM roles r JOIN tenants t ON t.id = r.tenant_id;
+
+CREATE VIEW user_view AS
+  SELECT u.id, u.tenant_id, t.name AS tenant_name, u.name, u.description, u.blocked, u.language,
+         u.password_hash IS NOT NULL AS has_password, u.totp_secret IS NOT NULL AS has_totp,
+         u.created_at, u.updated_at,
+         (SELECT count(*) FROM vms v WHERE v.user_id = u.id)::integer AS vms,
+         (SELECT count(*) FROM vms v JOIN vm_runtimes r ON r.vm_id = v.id
+           WHERE v.user_id = u.id AND r.user_state = 'connected')::integer AS vms_connected
+    FROM users u JOIN tenants t ON t.id = u.tenant_id;
+
+CREATE VIEW osf_view AS
+  SELECT o.id, o.tenant_id, t.name AS tenant_name, o.name, o.description, o.memory_mb, o.cpu_shares, o.use_overlay,
+         o.persistent, o.user_storage_mb, o.created_at, o.updated_at,
+         (SELECT count(*) FROM vms v WHERE v.osf_id = o.id)::integer AS vms,
+         (SELECT count(*) FROM dis d WHERE d.osf_id = o.id)::integer AS dis
+    FROM osfs o JOIN tenants t ON t.id = o.tenant_id;
+
+CREATE VIEW property_view AS
+  SELECT p.id, p.tenant_id, t.name AS tenant_name, p.key, p.description, p.applies_to, p.created_at
+    FROM properties p JOIN tenants t ON t.id = p.tenant_id;
+
 CREATE VIEW vm_view AS
   SELECT v.id, v.tenant_id, t.name AS tenant_name, v.user_id, u.name AS user_name, v.osf_id, o.name AS osf_name,
          v.name, v.description, v.di_tag, host(v.ip) AS ip, v.storage, v.created_at, v.updated_at,
@@ -397,11 +432,11 @@ CREATE VIEW host_view AS
     FROM hosts h JOIN host_runtimes r ON r.host_id = h.id;
 
 CREATE VIEW di_view AS
-  SELECT d.id, o.tenant_id, d.osf_id, o.name AS osf_name, d.version, d.path, d.description, d.blocked, d.state,
+  SELECT d.id, o.tenant_id, t.name AS tenant_name, d.osf_id, o.name AS osf_name, d.version, d.path, d.description, d.blocked, d.state,
          d.state_message, d.progress, d.size_bytes, d.sha256, d.expire_soft_s, d.expire_hard_s,
          d.created_at, d.updated_at,
          coalesce((SELECT array_agg(t.tag ORDER BY t.tag) FROM di_tags t WHERE t.di_id = d.id), '{}') AS tags
-    FROM dis d JOIN osfs o ON o.id = d.osf_id;
+    FROM dis d JOIN osfs o ON o.id = d.osf_id JOIN tenants t ON t.id = o.tenant_id;
 
 -- Integrity guards and notifications ----------------------------------------------------------
 

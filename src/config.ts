@@ -23,8 +23,13 @@ interface KeyDef<T> {
 
 const str = z.string();
 const nonEmpty = z.string().min(1, "must not be empty");
+// Decimal digits only ("0x10", "1e2" and "" are not integers here); range errors say so.
 const int = (min = 0, max = Number.MAX_SAFE_INTEGER) =>
-  z.coerce.number({ error: "expected an integer" }).int("expected an integer").min(min).max(max);
+  z.preprocess(
+    (v) => (typeof v === "string" && /^\s*-?\d+\s*$/.test(v) ? Number(v) : v),
+    z.number({ error: "expected an integer" }).int("expected an integer")
+      .min(min, `must be at least ${min}`).max(max, `must be at most ${max}`),
+  );
 const bool = z.preprocess((v) => {
   if (typeof v !== "string") return v;
   const s = v.trim().toLowerCase();
@@ -34,7 +39,9 @@ const bool = z.preprocess((v) => {
 }, z.boolean({ error: "expected a boolean (1/0, true/false, yes/no, on/off)" }));
 const oneOf = <const T extends readonly [string, ...string[]]>(values: T) =>
   z.enum(values, { error: `expected one of: ${values.join(", ")}` });
-const url = z.string().refine((s) => URL.canParse(s), "expected a URL");
+// libpq's unix-socket form `postgres://user@/db?host=/dir` has an empty host, which WHATWG
+// URLs reject after credentials: check it with a placeholder host (as db/pool.ts connects).
+const url = z.string().refine((s) => URL.canParse(s.replace(/^(\w+:\/\/(?:[^@/?]*@)?)(?=[/?]|$)/, "$1localhost")), "expected a URL");
 const hostPort = z
   .string()
   .regex(/^(\[[0-9a-fA-F:]+\]|[\w.-]*):\d{1,5}$/, "expected ADDRESS:PORT (an empty address means all)");
@@ -284,7 +291,10 @@ export class Config {
     if (u) return u;
     const enc = encodeURIComponent;
     const pass = this.get("database.password");
-    return `postgres://${enc(this.get("database.user"))}${pass ? ":" + enc(pass) : ""}@${this.get("database.host")}:${this.get("database.port")}/${enc(this.get("database.name"))}`;
+    const host = this.get("database.host");
+    // A socket directory goes into ?host= (libpq's form); an IPv6 address needs brackets.
+    const [h, query] = host.startsWith("/") ? ["localhost", `?host=${enc(host)}`] : [host.includes(":") && !host.startsWith("[") ? `[${host}]` : host, ""];
+    return `postgres://${enc(this.get("database.user"))}${pass ? ":" + enc(pass) : ""}@${h}:${this.get("database.port")}/${enc(this.get("database.name"))}${query}`;
   }
 
   /** A storage sub-path, defaulting to a folder below path.storage.root. */

@@ -46,7 +46,7 @@ export async function run(argv: string[], opts: RunOptions = {}): Promise<RunRes
     proc = Bun.spawn(argv, {
       cwd: opts.cwd,
       env: opts.env ? { ...process.env, ...opts.env } : process.env,
-      stdin: opts.stdin === undefined ? "ignore" : new Blob([opts.stdin]),
+      stdin: opts.stdin === undefined ? "ignore" : new Blob([opts.stdin as BlobPart]),
       stdout: "pipe",
       stderr: "pipe",
       timeout: opts.timeoutMs,

@@ -10,6 +10,8 @@ export interface ConnectOptions {
   max?: number;
   connectTimeout?: number;
   applicationName?: string;
+  /** For the listener's dedicated connection: notifications, closes, and no idle recycling. */
+  listener?: { onnotify: (channel: string, payload: string) => void; onclose: () => void };
 }
 
 /**
@@ -33,8 +35,13 @@ export function connect(url: string, opts: ConnectOptions = {}): Sql {
     path: target.path,
     max: opts.max ?? 10,
     connect_timeout: opts.connectTimeout ?? 10,
-    idle_timeout: 60,
+    // A listening connection must never be recycled: its LISTENs would silently go with it.
+    idle_timeout: opts.listener ? null as unknown as undefined : 60,
+    max_lifetime: opts.listener ? null : undefined,
     onnotice: () => {},
+    // `onnotify` is supported by postgres.js but missing from its type declarations.
+    ...({ onnotify: opts.listener?.onnotify } as {}),
+    onclose: opts.listener?.onclose,
     connection: { application_name: opts.applicationName ?? "qvd", TimeZone: "UTC" },
     // Keep integers as numbers for counts; bigint columns (counters, audit ids) are cast in SQL.
     types: {},

@@ -1,9 +1,13 @@
 // Loaded before every test file (bunfig.toml): tears down what test/support started, after
 // the last test, whether tests passed or not. The PostgreSQL watchdog covers hard crashes.
-import { afterAll } from "bun:test";
+import { afterAll, setDefaultTimeout } from "bun:test";
+import { setLogLevel } from "../../src/log.ts";
 import { stopTestCluster } from "./db.ts";
 
-process.env.QVD_LOG_LEVEL ??= "warn";
+// Quiet by default; QVD_LOG_LEVEL=debug shows what the code under test logs.
+setLogLevel((process.env.QVD_LOG_LEVEL as "debug" | undefined) ?? "warn");
+// Integration tests start real servers; give them room (tests never assert timings).
+setDefaultTimeout(60_000);
 afterAll(async () => {
   await stopTestCluster();
 });

@@ -1,0 +1,72 @@
+// The audit log: every change and every login attempt. Arguments are redacted here, so no
+// caller can write a secret by mistake.
+import { z } from "zod";
+import { timestamp, type ObjectDef } from "./objects.ts";
+import type { Db } from "./pool.ts";
+
+export const AUDIT_SOURCES = ["api", "cli", "wat", "l7r", "hkd", "system"] as const;
+export const AUDIT_OBJECTS = ["tenant", "administrator", "role", "user", "vm", "osf", "di", "host", "property", "config", "session", "acl"] as const;
+
+export const AuditRow = z.object({
+  id: z.coerce.number().int(),
+  at: timestamp,
+  administrator_id: z.number().int().nullable(),
+  administrator_name: z.string().nullable(),
+  superadmin: z.boolean(),
+  tenant_id: z.number().int().nullable(),
+  tenant_name: z.string().nullable(),
+  action: z.string(),
+  object_type: z.enum(AUDIT_OBJECTS).nullable(),
+  object_id: z.number().int().nullable(),
+  object_name: z.string().nullable(),
+  arguments: z.record(z.string(), z.unknown()),
+  ok: z.boolean(),
+  error: z.string().nullable(),
+  source: z.enum(AUDIT_SOURCES),
+  address: z.string().nullable(),
+});
+export type AuditRow = z.infer<typeof AuditRow>;
+
+/** Read-only: entries are appended with `audit()`, never edited. */
+export const auditLog: ObjectDef<AuditRow> = {
+  kind: "audit",
+  table: "audit_log",
+  view: "audit_log",
+  row: AuditRow,
+  tenancy: "own",
+};
+
+export type AuditEntry = Omit<AuditRow, "id" | "at" | "superadmin" | "arguments" | "administrator_id" | "administrator_name" | "tenant_id" | "tenant_name" | "object_type" | "object_id" | "object_name" | "error" | "address"> &
+  Partial<Pick<AuditRow, "superadmin" | "administrator_id" | "administrator_name" | "tenant_id" | "tenant_name" | "object_type" | "object_id" | "object_name" | "error" | "address">> & {
+    arguments?: Record<string, unknown>;
+  };
+
+const SECRET_KEY = /pass(word)?|secret|token|key$|totp|credential/i;
+
+/** Replaces the values of secret-looking keys, at any depth. */
+export function redact(v: unknown): unknown {
+  if (Array.isArray(v)) return v.map(redact);
+  if (v && typeof v === "object" && !(v instanceof Date))
+    return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, SECRET_KEY.test(k) && x !== null && x !== undefined ? "********" : redact(x)]));
+  return v;
+}
+
+export async function audit(db: Db, e: AuditEntry): Promise<number> {
+  const [r] = await db`INSERT INTO audit_log ${db({
+    administrator_id: e.administrator_id ?? null,
+    administrator_name: e.administrator_name ?? null,
+    superadmin: e.superadmin ?? false,
+    tenant_id: e.tenant_id ?? null,
+    tenant_name: e.tenant_name ?? null,
+    action: e.action,
+    object_type: e.object_type ?? null,
+    object_id: e.object_id ?? null,
+    object_name: e.object_name ?? null,
+    arguments: redact(e.arguments ?? {}) as Record<string, unknown>,
+    ok: e.ok,
+    error: e.error ?? null,
+    source: e.source,
+    address: e.address ?? null,
+  } as Record<string, any>)} RETURNING id::int`;
+  return r!.id;
+}

@@ -1,0 +1,61 @@
+// Hosts: the server nodes (HKD + L7R). Global: no tenant.
+import { z } from "zod";
+import { description, timestamp, type ObjectDef } from "./objects.ts";
+import type { Db } from "./pool.ts";
+
+export const HOST_STATES = ["stopped", "starting", "running", "stopping", "lost"] as const;
+
+export const HostRow = z.object({
+  id: z.number().int(),
+  name: z.string(),
+  address: z.string(),
+  description: z.string(),
+  frontend: z.boolean(),
+  backend: z.boolean(),
+  state: z.enum(HOST_STATES),
+  state_ts: timestamp,
+  blocked: z.boolean(),
+  cmd: z.enum(["stop"]).nullable(),
+  ok_ts: timestamp.nullable(),
+  usable_ram_mb: z.number().nullable(),
+  usable_cpu: z.number().nullable(),
+  version: z.string().nullable(),
+  vms_running: z.number().int(),
+  created_at: timestamp,
+  updated_at: timestamp,
+});
+export type HostRow = z.infer<typeof HostRow>;
+
+export const HostCreate = z.object({
+  name: z.string().min(1).max(127).regex(/^[\w.-]+$/, "letters, digits, dots, dashes and underscores only"),
+  address: z.string().min(1).max(127),
+  description: description.optional(),
+  frontend: z.boolean().optional(),
+  backend: z.boolean().optional(),
+});
+export const HostUpdate = HostCreate.partial();
+
+export const hosts: ObjectDef<HostRow> = {
+  kind: "host",
+  table: "hosts",
+  view: "host_view",
+  row: HostRow,
+  create: HostCreate,
+  update: HostUpdate,
+  tenancy: "global",
+  dependents: [{ label: "VMs assigned to it", table: "vm_runtimes", column: "host_id", idColumn: "vm_id" }],
+  canDelete: (row) => (row.state === "running" || row.state === "starting" ? `host ${JSON.stringify(row.name)} is ${row.state}; stop its node first` : undefined),
+};
+
+export const HOST_COUNTERS = ["http_requests", "auth_attempts", "auth_ok", "nx_attempts", "nx_ok", "short_sessions"] as const;
+
+export async function incrementHostCounter(db: Db, hostId: number, counter: (typeof HOST_COUNTERS)[number], by = 1): Promise<void> {
+  if (!HOST_COUNTERS.includes(counter)) throw new Error(`unknown host counter ${counter}`);
+  await db`UPDATE host_counters SET ${db(counter)} = ${db(counter)} + ${by} WHERE host_id = ${hostId}`;
+}
+
+export async function hostCounters(db: Db, hostId: number): Promise<Record<(typeof HOST_COUNTERS)[number], number>> {
+  const [r] = await db`SELECT http_requests::float8, auth_attempts::float8, auth_ok::float8, nx_attempts::float8, nx_ok::float8, short_sessions::float8
+                         FROM host_counters WHERE host_id = ${hostId}`;
+  return r as Record<(typeof HOST_COUNTERS)[number], number>;
+}

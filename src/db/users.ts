@@ -1,0 +1,63 @@
+// End users of desktops. A user with VMs cannot be deleted (delete the VMs first).
+import { z } from "zod";
+import { hashPassword } from "./schema.ts";
+import { description, language, loginName, password, timestamp, type ObjectDef } from "./objects.ts";
+import type { Db } from "./pool.ts";
+
+export const UserRow = z.object({
+  id: z.number().int(),
+  tenant_id: z.number().int(),
+  tenant_name: z.string(),
+  name: z.string(),
+  description: z.string(),
+  blocked: z.boolean(),
+  language,
+  has_password: z.boolean(),
+  has_totp: z.boolean(),
+  vms: z.number().int(),
+  vms_connected: z.number().int(),
+  created_at: timestamp,
+  updated_at: timestamp,
+});
+export type UserRow = z.infer<typeof UserRow>;
+
+export const UserCreate = z.object({
+  tenant_id: z.number().int().positive().optional(),
+  name: loginName,
+  /** Absent or null: the user can only log in through an external plugin (LDAP…). */
+  password: password.nullable().optional(),
+  description: description.optional(),
+  language: language.optional(),
+  blocked: z.boolean().optional(),
+});
+export const UserUpdate = UserCreate.omit({ tenant_id: true }).partial();
+
+async function toColumns(input: Record<string, any>): Promise<Record<string, unknown>> {
+  const { password: plain, ...rest } = input;
+  if (plain === undefined) return rest;
+  return { ...rest, password_hash: plain === null ? null : await hashPassword(plain) };
+}
+
+export const users: ObjectDef<UserRow> = {
+  kind: "user",
+  table: "users",
+  view: "user_view",
+  row: UserRow,
+  create: UserCreate,
+  update: UserUpdate,
+  tenancy: "own",
+  toColumns,
+  dependents: [{ label: "VMs", table: "vms", column: "user_id" }],
+};
+
+/** Local password check for the L7R's local auth plugin. Unknown users cost the same time. */
+export async function verifyUserPassword(db: Db, tenantId: number, name: string, plain: string): Promise<UserRow | undefined> {
+  const [r] = await db`SELECT id, password_hash FROM users WHERE tenant_id = ${tenantId} AND name = ${name}`;
+  const ok = await Bun.password.verify(plain, r?.password_hash ?? (await unknownUserHash()));
+  if (!r?.password_hash || !ok) return undefined;
+  const [row] = await db`SELECT * FROM user_view WHERE id = ${r.id}`;
+  return UserRow.parse(row);
+}
+
+let dummy: Promise<string> | undefined;
+const unknownUserHash = () => (dummy ??= hashPassword("no such user here"));

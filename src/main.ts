@@ -1,0 +1,54 @@
+#!/usr/bin/env bun
+// `qvd`: one binary, the subcommand picks the role (DESIGN section 2).
+import { defineCommand, renderUsage, runCommand, type CommandDef } from "citty";
+import { describeError, UserError } from "./errors.ts";
+import { VERSION } from "./version.ts";
+
+export const main = defineCommand({
+  meta: { name: "qvd", version: VERSION, description: "QVD virtual desktop infrastructure" },
+  subCommands: {
+    config: () => import("./roles/config.ts").then((m) => m.default),
+    db: () => import("./roles/db.ts").then((m) => m.default),
+    demo: () => import("./roles/demo.ts").then((m) => m.default),
+  },
+});
+
+/** Walks the raw arguments down the subcommand tree, for --help of the right command. */
+async function resolve(cmd: CommandDef<any>, args: string[]): Promise<[CommandDef<any>, CommandDef<any> | undefined]> {
+  const subs = typeof cmd.subCommands === "function" ? await cmd.subCommands() : await cmd.subCommands;
+  const name = args.find((a) => !a.startsWith("-"));
+  if (subs && name && name in subs) {
+    const sub = subs[name]!;
+    const def = (typeof sub === "function" ? await (sub as () => Promise<CommandDef<any>>)() : await sub) as CommandDef<any>;
+    const [leaf, parent] = await resolve(def, args.slice(args.indexOf(name) + 1));
+    return [leaf, parent ?? cmd];
+  }
+  return [cmd, undefined];
+}
+
+export async function runQvd(rawArgs: string[]): Promise<number> {
+  if (rawArgs.length === 1 && (rawArgs[0] === "--version" || rawArgs[0] === "-v")) {
+    console.log(VERSION);
+    return 0;
+  }
+  if (rawArgs.length === 0 || rawArgs.includes("--help") || rawArgs.includes("-h")) {
+    const [leaf, parent] = await resolve(main, rawArgs);
+    console.log(await renderUsage(leaf, parent) + "\n");
+    return 0;
+  }
+  try {
+    await runCommand(main, { rawArgs });
+    return 0;
+  } catch (err) {
+    const usage = (err as { code?: string }).code?.startsWith("E_");
+    if (usage) {
+      // citty's own errors: unknown command, missing argument.
+      console.error(`qvd: ${(err as Error).message} (see qvd --help)`);
+      return 64; // EX_USAGE
+    }
+    console.error(`qvd: ${describeError(err)}`);
+    return err instanceof UserError ? err.exitCode : 70; // EX_SOFTWARE
+  }
+}
+
+if (import.meta.main) process.exit(await runQvd(process.argv.slice(2)));
