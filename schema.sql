@@ -496,6 +496,7 @@ DECLARE
   kind text := TG_ARGV[0];
   p properties%ROWTYPE;
   obj_tenant integer;
+  j jsonb := to_jsonb(NEW); -- jsonb access: one function serves five value tables
 BEGIN
   SELECT * INTO p FROM properties WHERE id = NEW.property_id;
   IF NOT (kind = ANY (p.applies_to)) THEN
@@ -503,10 +504,10 @@ BEGIN
       USING ERRCODE = 'check_violation', CONSTRAINT = 'property_applies';
   END IF;
   obj_tenant := CASE kind
-    WHEN 'user' THEN (SELECT tenant_id FROM users WHERE id = NEW.user_id)
-    WHEN 'vm'   THEN (SELECT tenant_id FROM vms WHERE id = NEW.vm_id)
-    WHEN 'osf'  THEN (SELECT tenant_id FROM osfs WHERE id = NEW.osf_id)
-    WHEN 'di'   THEN (SELECT o.tenant_id FROM dis d JOIN osfs o ON o.id = d.osf_id WHERE d.id = NEW.di_id)
+    WHEN 'user' THEN (SELECT tenant_id FROM users WHERE id = (j->>'user_id')::integer)
+    WHEN 'vm'   THEN (SELECT tenant_id FROM vms WHERE id = (j->>'vm_id')::integer)
+    WHEN 'osf'  THEN (SELECT tenant_id FROM osfs WHERE id = (j->>'osf_id')::integer)
+    WHEN 'di'   THEN (SELECT o.tenant_id FROM dis d JOIN osfs o ON o.id = d.osf_id WHERE d.id = (j->>'di_id')::integer)
     ELSE 0 END;
   IF p.tenant_id <> 0 AND p.tenant_id <> obj_tenant THEN
     RAISE EXCEPTION 'property % belongs to another tenant', p.key

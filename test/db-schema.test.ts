@@ -1,0 +1,114 @@
+// `qvd db init / status / migrate` through the data layer (the CLI is covered by binary.test.ts).
+import { expect, test } from "bun:test";
+import { verifyAdministrator } from "../src/db/administrators.ts";
+import { connect } from "../src/db/pool.ts";
+import { initDatabase, migrateDatabase, schemaStatus, SCHEMA_VERSION } from "../src/db/schema.ts";
+import { UserError } from "../src/errors.ts";
+import { testDatabase } from "./support/db.ts";
+
+test("init creates the schema, the global scope, a default tenant and a superadmin with a generated password", async () => {
+  const db = await testDatabase({ empty: true });
+  try {
+    expect((await schemaStatus(db.sql)).version).toBeNull();
+    const res = await initDatabase(db.sql);
+    expect(res.generated).toBe(true);
+    expect(res.adminPassword).toHaveLength(20);
+    expect(res.version).toBe(SCHEMA_VERSION);
+    const tenants = await db.sql`SELECT id, name FROM tenants ORDER BY id`;
+    expect(tenants.map((t) => [t.id, t.name])).toEqual([[0, "*"], [1, "default"]]);
+    expect((await verifyAdministrator(db.sql, 0, "superadmin", res.adminPassword))?.roles).toEqual(["Superadmin"]);
+    // The generated password differs every time: there is no well-known default.
+    const other = await testDatabase({ empty: true });
+    try {
+      expect((await initDatabase(other.sql)).adminPassword).not.toBe(res.adminPassword);
+    } finally {
+      await other.sql.end();
+    }
+    // New tenants get ids after the default one.
+    const [t] = await db.sql`INSERT INTO tenants (name) VALUES ('next') RETURNING id`;
+    expect(t!.id).toBe(2);
+  } finally {
+    await db.sql.end();
+  }
+});
+
+test("init refuses a database that already holds a schema, and changes nothing", async () => {
+  const db = await testDatabase({ empty: true });
+  try {
+    await initDatabase(db.sql, { adminPassword: "first-password" });
+    const err = await initDatabase(db.sql, { adminPassword: "second-password" }).catch((e) => e);
+    expect(err).toBeInstanceOf(UserError);
+    expect(err.message).toContain("already holds a QVD schema (version 1)");
+    expect(await verifyAdministrator(db.sql, 0, "superadmin", "first-password")).toBeDefined();
+    const [{ n }] = (await db.sql`SELECT count(*)::int AS n FROM administrators`) as unknown as [{ n: number }];
+    expect(n).toBe(1);
+  } finally {
+    await db.sql.end();
+  }
+});
+
+test("init refuses a database with other tables, and a short password", async () => {
+  const db = await testDatabase({ empty: true });
+  try {
+    await expect(initDatabase(db.sql, { adminPassword: "short" })).rejects.toThrow("at least 8 characters");
+    await db.sql`CREATE TABLE something_else (x int)`;
+    await expect(initDatabase(db.sql, { adminPassword: "long-enough" })).rejects.toThrow("not empty (1 tables");
+    expect((await schemaStatus(db.sql)).version).toBeNull();
+  } finally {
+    await db.sql.end();
+  }
+});
+
+test("migrate applies numbered migrations in order, each atomically, and refuses newer databases", async () => {
+  const db = await testDatabase({ empty: true });
+
+  try {
+    await initDatabase(db.sql, { adminPassword: "migrate-pw" });
+    expect(await migrateDatabase(db.sql)).toEqual({ from: 1, to: 1, applied: [] });
+
+    const m2 = { version: 2, name: "add notes", sql: "CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL)" };
+    const m3 = { version: 3, name: "add notes.author", sql: "ALTER TABLE notes ADD COLUMN author text" };
+    const bad4 = { version: 4, name: "broken", sql: "ALTER TABLE notes ADD COLUMN x int; ALTER TABLE nope ADD COLUMN y int" };
+    expect((await schemaStatus(db.sql, [m2, m3])).pending).toEqual([2, 3]);
+    const res = await migrateDatabase(db.sql, [m3, m2]);
+    expect(res.applied.map((m) => m.version)).toEqual([2, 3]);
+    expect([res.from, res.to]).toEqual([1, 3]);
+    await db.sql`INSERT INTO notes (id, body, author) VALUES (1, 'hi', 'me')`;
+
+    // A failing migration leaves the database at the last good version.
+    await expect(migrateDatabase(db.sql, [m2, m3, bad4])).rejects.toThrow(/nope/);
+    const st = await schemaStatus(db.sql, [m2, m3, bad4]);
+    expect([st.version, st.pending]).toEqual([3, [4]]);
+    const cols = await db.sql`SELECT column_name FROM information_schema.columns WHERE table_name = 'notes' ORDER BY 1`;
+    expect(cols.map((c) => c.column_name)).toEqual(["author", "body", "id"]);
+
+    // This binary knows only version 1: the database is newer.
+    await expect(migrateDatabase(db.sql, [])).rejects.toThrow("newer than this qvd");
+  } finally {
+    await db.sql.end();
+  }
+  // Migrating an empty database is refused.
+  const empty = await testDatabase({ empty: true });
+  try {
+    await expect(migrateDatabase(empty.sql)).rejects.toThrow("run `qvd db init` first");
+  } finally {
+    await empty.sql.end();
+  }
+});
+
+test("concurrent inits: exactly one wins", async () => {
+  const db = await testDatabase({ empty: true });
+  const second = connect(db.url, { max: 1 });
+  try {
+    const results = await Promise.allSettled([
+      initDatabase(db.sql, { adminPassword: "racer-one-pw" }),
+      initDatabase(second, { adminPassword: "racer-two-pw" }),
+    ]);
+    expect(results.filter((r) => r.status === "fulfilled")).toHaveLength(1);
+    const failed = results.find((r) => r.status === "rejected") as PromiseRejectedResult;
+    expect(failed.reason.message).toContain("already holds a QVD schema");
+  } finally {
+    await second.end();
+    await db.sql.end();
+  }
+});
