@@ -250,7 +250,7 @@ describe("OSFs, images and VMs", () => {
     r = await q({ filters: [{ field: "vm_state", op: "=", value: "running" }] });
     expect(r.total).toBe(0);
     r = await q({ filters: [{ field: "host_id", op: "null" }], fields: ["name"], sort: [{ field: "name" }] });
-    expect(r.rows[0]).toEqual({ id: ids[0]!, name: "alpha" });
+    expect(r.rows[0] as object).toEqual({ id: ids[0]!, name: "alpha" });
 
     expect((await rejects(q({ filters: [{ field: "password", op: "=", value: "x" }] }))).status).toBe(422);
     expect((await rejects(q({ filters: [{ field: "id", op: "=", value: "abc" }] }))).field).toBe("id");
@@ -362,7 +362,7 @@ describe("hosts, properties, configs, audit, tokens", () => {
     await D.setConfig(sql(), 0, "hkd.fence_after", "90");
     await D.setConfig(sql(), acme.id, "hkd.fence_after", "45");
     const rows = await D.listConfigRows(sql(), acme.id);
-    expect(rows.map((r) => [r.tenantId, r.key, r.value])).toEqual([[0, "hkd.fence_after", "90"], [acme.id, "hkd.fence_after", "45"]]);
+    expect(rows.map((r) => [r.tenant_id, r.key, r.value])).toEqual([[0, "hkd.fence_after", "90"], [acme.id, "hkd.fence_after", "45"]]);
     expect((await rejects(D.setConfig(sql(), 0, "hkd.fence_after", "soon"))).field).toBe("value");
     expect((await rejects(D.setConfig(sql(), 0, "no.such.key", "1"))).field).toBe("key");
     expect((await rejects(D.setConfig(sql(), 0, "nodename", "x"))).message).toContain("node setting");

@@ -7,10 +7,10 @@ import { ValidationError } from "./errors.ts";
 import type { Db } from "./pool.ts";
 
 export const ConfigRow = z.object({
-  tenantId: z.number().int(),
+  tenant_id: z.number().int(),
   key: z.string(),
   value: z.string(),
-  updatedAt: z.date(),
+  updated_at: z.date(),
 });
 export type ConfigRow = z.infer<typeof ConfigRow>;
 
@@ -18,7 +18,7 @@ export type ConfigRow = z.infer<typeof ConfigRow>;
 export async function listConfigRows(db: Db, tenantId?: number): Promise<ConfigRow[]> {
   const rows = await db`SELECT tenant_id, key, value, updated_at FROM configs
     WHERE tenant_id = 0 OR tenant_id = ${tenantId ?? 0} ORDER BY tenant_id, key`;
-  return rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value, updatedAt: r.updated_at }));
+  return rows.map((r) => ConfigRow.parse(r));
 }
 
 function checkClusterKey(key: string, value: string): void {
@@ -36,7 +36,7 @@ export async function setConfig(db: Db, tenantId: number, key: string, value: st
   const [r] = await db`INSERT INTO configs (tenant_id, key, value) VALUES (${tenantId}, ${key}, ${value})
     ON CONFLICT (tenant_id, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
     RETURNING tenant_id, key, value, updated_at`;
-  return { tenantId: r!.tenant_id, key: r!.key, value: r!.value, updatedAt: r!.updated_at };
+  return ConfigRow.parse(r);
 }
 
 /** Removes an override; returns whether there was one. */

@@ -97,7 +97,10 @@ export default defineCommand({
       console.log(`Database URL: ${url}`);
       console.log(`Use it with: qvd db status --db ${shellQuote(url)}`);
       console.log("Running; press Ctrl-C to stop.");
+      // Bun 1.4.5 spins a CPU when only signal handlers keep the event loop alive: keep a timer.
+      const keepAlive = setInterval(() => {}, 2 ** 30);
       const sig = await stopSignal;
+      clearInterval(keepAlive);
       console.log(`${sig}: stopping PostgreSQL…`);
     } finally {
       try {

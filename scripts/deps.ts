@@ -1,0 +1,114 @@
+// The system programs the project needs (tests, demo, later nodes), in one table, and
+// `ensureDeps()` that installs what is missing with apt-get when run as root.
+//   bun scripts/deps.ts [name…]      checks (and installs) from the command line
+// To add a program: add one entry to DEPS. An entry is present when any of its `bins` is on
+// PATH or any of its `globs` matches a file.
+import { existsSync, readdirSync } from "node:fs";
+import { run } from "../src/run.ts";
+
+export interface Dep {
+  /** What the project uses it for (shown when it is missing). */
+  purpose: string;
+  /** Programs looked up on PATH. */
+  bins?: string[];
+  /** Absolute paths with `*` in whole segments, e.g. /usr/lib/postgresql/*\/bin/pg_ctl. */
+  globs?: string[];
+  /** Debian packages that provide it. */
+  packages: string[];
+}
+
+export const DEPS = {
+  postgresql: {
+    purpose: "PostgreSQL server (throwaway clusters in tests, `qvd demo`)",
+    bins: ["pg_ctl"],
+    globs: ["/usr/lib/postgresql/*/bin/pg_ctl"],
+    packages: ["postgresql"],
+  },
+  runuser: {
+    purpose: "runs PostgreSQL as an unprivileged user when started as root",
+    bins: ["runuser"],
+    packages: ["util-linux"],
+  },
+} satisfies Record<string, Dep>;
+
+export type DepName = keyof typeof DEPS;
+
+/** Files matching an absolute pattern whose `*` stand for whole path segments. */
+export function globFiles(pattern: string): string[] {
+  let paths = ["/"];
+  for (const seg of pattern.split("/").filter(Boolean)) {
+    const next: string[] = [];
+    for (const p of paths) {
+      if (!seg.includes("*")) {
+        const q = p === "/" ? `/${seg}` : `${p}/${seg}`;
+        if (existsSync(q)) next.push(q);
+        continue;
+      }
+      const re = new RegExp("^" + seg.split("*").map((s) => s.replace(/[.+?^${}()|[\]\\]/g, "\\$&")).join(".*") + "$");
+      let names: string[] = [];
+      try {
+        names = readdirSync(p);
+      } catch {}
+      for (const n of names.sort()) if (re.test(n)) next.push(p === "/" ? `/${n}` : `${p}/${n}`);
+    }
+    paths = next;
+  }
+  return paths;
+}
+
+/** Where the program was found, or undefined when it is missing. */
+export function detect(dep: Dep): string | undefined {
+  for (const b of dep.bins ?? []) {
+    const found = Bun.which(b);
+    if (found) return found;
+  }
+  for (const g of dep.globs ?? []) {
+    const found = globFiles(g)[0];
+    if (found) return found;
+  }
+  return undefined;
+}
+
+let aptUpdated = false;
+
+/**
+ * Makes sure the named programs (default: all of DEPS) are installed. As root, installs the
+ * missing ones with apt-get (one `apt-get update` per process); otherwise throws an error
+ * whose message is one line naming the packages to install.
+ */
+export async function ensureDeps(names: DepName[] = Object.keys(DEPS) as DepName[], log: (line: string) => void = (l) => console.log(l)): Promise<void> {
+  const missing = names.filter((n) => !detect(DEPS[n]));
+  if (missing.length === 0) {
+    log(`deps: ok (${names.join(", ")})`);
+    return;
+  }
+  const packages = [...new Set(missing.flatMap((n) => DEPS[n].packages))];
+  if (process.getuid?.() !== 0)
+    throw new Error(`missing system programs (${missing.join(", ")}): install as root: apt-get install -y --no-install-recommends ${packages.join(" ")}`);
+  for (const n of missing) log(`deps: ${n} missing (${DEPS[n].purpose})`);
+  if (!aptUpdated) {
+    log("deps: apt-get update");
+    await run(["apt-get", "update"]);
+    aptUpdated = true;
+  }
+  log(`deps: apt-get install ${packages.join(" ")}`);
+  await run(["apt-get", "install", "-y", "--no-install-recommends", ...packages], { env: { DEBIAN_FRONTEND: "noninteractive" } });
+  const still = missing.filter((n) => !detect(DEPS[n]));
+  if (still.length) throw new Error(`still missing after installing ${packages.join(" ")}: ${still.join(", ")}`);
+  log(`deps: installed ${packages.join(" ")}`);
+}
+
+if (import.meta.main) {
+  const args = process.argv.slice(2);
+  const unknown = args.filter((a) => !(a in DEPS));
+  if (unknown.length) {
+    console.error(`deps: unknown: ${unknown.join(", ")} (known: ${Object.keys(DEPS).join(", ")})`);
+    process.exit(64);
+  }
+  try {
+    await ensureDeps(args.length ? (args as DepName[]) : undefined);
+  } catch (err) {
+    console.error(`deps: ${(err as Error).message}`);
+    process.exit(1);
+  }
+}
