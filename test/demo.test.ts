@@ -28,7 +28,7 @@ interface Demo {
   stderr: () => string;
 }
 
-/** Starts `qvd demo` and resolves once it has printed the database URL. */
+/** Starts `qvd demo` and resolves once it is ready (it has printed "Running;"). */
 async function startDemo(): Promise<Demo> {
   const proc = Bun.spawn([process.execPath, "src/main.ts", "demo", "--dir", dir], { cwd: root, stdin: "ignore", stdout: "pipe", stderr: "pipe" });
   running.add(proc);
@@ -40,11 +40,11 @@ async function startDemo(): Promise<Demo> {
   })();
   const reader = proc.stdout.pipeThrough(new TextDecoderStream()).getReader();
   let url: string | undefined;
-  while (!url) {
+  while (!url || !/^Running; /m.test(out)) {
     const { value, done } = await reader.read();
     if (done) {
       await proc.exited;
-      throw new Error(`qvd demo exited (${proc.exitCode}) before printing the URL:\n${out}\n${err}`);
+      throw new Error(`qvd demo exited (${proc.exitCode}) before it was ready:\n${out}\n${err}`);
     }
     out += value;
     url = /^Database URL: (\S+)$/m.exec(out)?.[1];
