@@ -373,6 +373,8 @@ CREATE INDEX audit_log_at ON audit_log (at);
 CREATE INDEX audit_log_object ON audit_log (object_type, object_id);
 CREATE INDEX audit_log_tenant ON audit_log (tenant_id, at);
 CREATE INDEX audit_log_admin ON audit_log (administrator_id, at);
+-- Login throttling counts recent failures per account and per address.
+CREATE INDEX audit_log_failed_logins ON audit_log (at) WHERE action = 'login' AND NOT ok;
 
 -- Views: what lists read (the runtime joined in, tenant always present for scoping) ----------
 

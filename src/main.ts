@@ -7,6 +7,7 @@ import { VERSION } from "./version.ts";
 export const main = defineCommand({
   meta: { name: "qvd", version: VERSION, description: "QVD virtual desktop infrastructure" },
   subCommands: {
+    api: () => import("./roles/api.ts").then((m) => m.default),
     config: () => import("./roles/config.ts").then((m) => m.default),
     db: () => import("./roles/db.ts").then((m) => m.default),
     demo: () => import("./roles/demo.ts").then((m) => m.default),

@@ -15,3 +15,6 @@ export * from "./configs.ts";
 export * from "./audit.ts";
 export * from "./tokens.ts";
 export * from "./listen.ts";
+export * from "./sessions.ts";
+export * from "./commands.ts";
+export * from "./stats.ts";

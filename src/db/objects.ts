@@ -234,6 +234,13 @@ export async function list<Row extends Record<string, unknown>>(db: Db, def: Obj
   }
 }
 
+/** How many objects match, within the caller's scope. */
+export async function count(db: Db, def: ObjectDef<any>, scope: Scope, filters: Filter[] = []): Promise<number> {
+  const conds = [scopeCondition(db, def, scope), ...filters.map((f) => filterCondition(db, def, f))];
+  const [c] = await db`SELECT count(*)::int AS n FROM ${db(def.view)} WHERE ${and(db, conds)}`;
+  return c!.n;
+}
+
 /** One object by id, or NotFoundError if it does not exist in the caller's scope. */
 export async function get<Row extends Record<string, unknown>>(db: Db, def: ObjectDef<Row>, scope: Scope, id: number): Promise<Row> {
   const row = await find(db, def, scope, id);

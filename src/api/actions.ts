@@ -1,0 +1,249 @@
+// Actions on objects (start/stop/block…), role and ACL editing, property values, cluster
+// configuration and dashboard statistics. Single-object actions live at
+// POST /<objects>/:id/<action>; the same action on every object matching a filter at
+// POST /<objects>/actions/<action>?<filter>, with a result per object.
+import { z } from "zod";
+import { isConfigKey, KEYS, type ConfigKey } from "../config.ts";
+import * as D from "../db/index.ts";
+import { DataError, ValidationError } from "../db/errors.ts";
+import type { ObjectDef } from "../db/objects.ts";
+import type { Ctx, Route } from "./context.ts";
+import { forEachMatching, idParam, objectBody } from "./resources.ts";
+
+interface ActionSpec {
+  path: string; // objects path
+  def: ObjectDef<any>;
+  name: string;
+  acl: string;
+  summary: string;
+  body?: z.ZodObject;
+  run: (ctx: Ctx, objId: number, body: Record<string, unknown>) => Promise<unknown>;
+}
+
+const heartbeat = (ctx: Ctx) => ({ heartbeatWithinS: ctx.cfg.get("cluster.lost_after") });
+const BlockBody = z.object({ reason: z.string().max(1000).optional() });
+
+const ACTIONS: ActionSpec[] = [
+  { path: "vms", def: D.vms, name: "start", acl: "vm.start", summary: "Start a VM: choose a node if it has none, command the start",
+    run: (ctx, vm) => D.startVm(ctx.sql, ctx.scope, vm, heartbeat(ctx)) },
+  { path: "vms", def: D.vms, name: "stop", acl: "vm.stop", summary: "Stop a VM", run: (ctx, vm) => D.stopVm(ctx.sql, ctx.scope, vm) },
+  { path: "vms", def: D.vms, name: "disconnect", acl: "vm.disconnect", summary: "Disconnect the VM's user",
+    run: (ctx, vm) => D.disconnectVmUser(ctx.sql, ctx.scope, vm) },
+  { path: "vms", def: D.vms, name: "block", acl: "vm.block", summary: "Block a VM (it cannot be started or connected to)", body: BlockBody,
+    run: (ctx, vm, b) => D.setVmBlocked(ctx.sql, ctx.scope, vm, true, (b.reason as string | undefined) ?? "blocked by an administrator") },
+  { path: "vms", def: D.vms, name: "unblock", acl: "vm.block", summary: "Unblock a VM", run: (ctx, vm) => D.setVmBlocked(ctx.sql, ctx.scope, vm, false) },
+  { path: "users", def: D.users, name: "block", acl: "user.block", summary: "Block a user (cannot log in)", run: (ctx, u) => D.setUserBlocked(ctx.sql, ctx.scope, u, true) },
+  { path: "users", def: D.users, name: "unblock", acl: "user.block", summary: "Unblock a user", run: (ctx, u) => D.setUserBlocked(ctx.sql, ctx.scope, u, false) },
+  { path: "users", def: D.users, name: "disconnect", acl: "user.disconnect", summary: "Disconnect every session of a user",
+    run: async (ctx, u) => ({ disconnected: await D.disconnectUser(ctx.sql, ctx.scope, u) }) },
+  { path: "hosts", def: D.hosts, name: "block", acl: "host.block", summary: "Block a node: no new desktops there", run: (ctx, h) => D.setHostBlocked(ctx.sql, ctx.scope, h, true) },
+  { path: "hosts", def: D.hosts, name: "unblock", acl: "host.block", summary: "Unblock a node", run: (ctx, h) => D.setHostBlocked(ctx.sql, ctx.scope, h, false) },
+  { path: "hosts", def: D.hosts, name: "stop_vms", acl: "host.stop_vms", summary: "Stop every VM of a node",
+    run: async (ctx, h) => ({ stopping: await D.stopHostVms(ctx.sql, ctx.scope, h) }) },
+  { path: "dis", def: D.dis, name: "block", acl: "di.block", summary: "Block an image (VMs will not start from it)",
+    run: async (ctx, d) => void (await D.update(ctx.sql, D.dis, ctx.scope, d, { blocked: true })) },
+  { path: "dis", def: D.dis, name: "unblock", acl: "di.block", summary: "Unblock an image",
+    run: async (ctx, d) => void (await D.update(ctx.sql, D.dis, ctx.scope, d, { blocked: false })) },
+];
+
+function actionRoutes(a: ActionSpec): Route[] {
+  const kind = a.def.kind;
+  const body = (ctx: Ctx) => (a.body ? D.validate(a.body, objectBody(ctx.body)) : objectBody(ctx.body));
+  return [
+    {
+      method: "POST", path: `/${a.path}/:id/${a.name}`, tag: a.path, acl: [a.acl], summary: a.summary, body: a.body,
+      audit: { action: `${kind}.${a.name}`, object: kind },
+      handler: async (ctx) => {
+        const objId = idParam(ctx);
+        ctx.audited.object_id = objId;
+        const res = await a.run(ctx, objId, body(ctx));
+        const row = await D.get(ctx.sql, a.def, ctx.scope, objId);
+        ctx.audited.object_name = row.name as string;
+        if (typeof row.tenant_id === "number") ctx.audited.tenant_id = row.tenant_id;
+        return res === undefined ? row : { ...(res as object), [kind]: row };
+      },
+    },
+    {
+      method: "POST", path: `/${a.path}/actions/${a.name}`, tag: a.path, acl: [a.acl], body: a.body,
+      summary: `${a.summary}, for every ${kind} matching the filter (as for the list; all=true for every one)`,
+      audit: { action: `${kind}.${a.name}_many`, object: kind },
+      handler: (ctx) => {
+        const b = body(ctx);
+        return forEachMatching(ctx, a.def, (objId) => a.run(ctx, objId, b));
+      },
+    },
+  ];
+}
+
+const TagBody = z.object({ tag: z.string() });
+const AclBody = z.object({ acl: z.string(), positive: z.boolean().optional() });
+const RoleRef = z.object({ role_id: z.number().int() });
+const PropertyValue = z.object({ value: z.string().max(32768) });
+const ConfigValue = z.object({ value: z.string().max(4096), tenant_id: z.number().int().min(0).optional() });
+
+const PROPERTY_OBJECTS: [string, D.PropertyTarget, string][] = [
+  ["users", "user", "user"], ["vms", "vm", "vm"], ["hosts", "host", "host"], ["osfs", "osf", "osf"], ["dis", "di", "di"],
+];
+
+/** The tenant a configuration request is about: the admin's own, or any for a superadmin. */
+function configTenant(ctx: Ctx, given: number | undefined): number {
+  if (ctx.scope.tenantId === null) return given ?? 0;
+  if (given !== undefined && given !== ctx.scope.tenantId) throw new DataError("no such tenant", 404);
+  return ctx.scope.tenantId;
+}
+
+function clusterKey(key: string): ConfigKey {
+  if (!isConfigKey(key) || KEYS[key].scope !== "cluster") throw new DataError(`no cluster setting ${JSON.stringify(key)}`, 404);
+  return key;
+}
+
+const tenantParam = (ctx: Ctx) => {
+  const t = ctx.url.searchParams.get("tenant_id");
+  if (t === null) return undefined;
+  if (!/^\d{1,9}$/.test(t)) throw new ValidationError("tenant_id", "must be a tenant id");
+  return Number(t);
+};
+
+export const ACTION_ROUTES: Route[] = [
+  ...ACTIONS.flatMap(actionRoutes),
+
+  // Image tags.
+  { method: "POST", path: "/dis/:id/tags", tag: "dis", acl: ["di.tag"], body: TagBody, summary: "Put a tag on an image (it moves from the OSF's other image)",
+    audit: { action: "di.tag", object: "di" },
+    handler: async (ctx) => {
+      const { tag } = D.validate(TagBody, objectBody(ctx.body));
+      ctx.audited.object_id = idParam(ctx);
+      const previous = await D.tagDi(ctx.sql, ctx.scope, idParam(ctx), tag);
+      return { di: await D.get(ctx.sql, D.dis, ctx.scope, idParam(ctx)), previous_di_id: previous ?? null };
+    } },
+  { method: "DELETE", path: "/dis/:id/tags/:tag", tag: "dis", acl: ["di.tag"], summary: "Remove a tag from an image (not head, default or the version)",
+    audit: { action: "di.untag", object: "di" },
+    handler: async (ctx) => {
+      ctx.audited.object_id = idParam(ctx);
+      ctx.audited.arguments = { tag: ctx.params.tag };
+      if (!(await D.untagDi(ctx.sql, ctx.scope, idParam(ctx), ctx.params.tag!))) throw new DataError(`image has no tag ${JSON.stringify(ctx.params.tag)}`, 404);
+      return D.get(ctx.sql, D.dis, ctx.scope, idParam(ctx));
+    } },
+
+  // Roles: grants, denials, inheritance; administrators: roles and effective ACLs.
+  { method: "GET", path: "/acls", tag: "roles", acl: [], summary: "The ACL catalogue",
+    handler: async (ctx) => ({ items: await ctx.sql`SELECT name, description FROM acls ORDER BY name` }) },
+  { method: "GET", path: "/roles/:id/acls", tag: "roles", acl: ["role.see"], summary: "A role's effective ACLs",
+    handler: async (ctx) => {
+      await D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
+      return { items: [...(await D.roleEffectiveAcls(ctx.sql, idParam(ctx)))].sort() };
+    } },
+  { method: "PUT", path: "/roles/:id/acls", tag: "roles", acl: ["role.assign_acl"], body: AclBody, summary: "Grant (positive, the default) or deny an ACL in a role",
+    audit: { action: "role.assign_acl", object: "role" },
+    handler: async (ctx) => {
+      const b = D.validate(AclBody, objectBody(ctx.body));
+      ctx.audited.object_id = idParam(ctx);
+      await D.setRoleAcl(ctx.sql, ctx.scope, idParam(ctx), b.acl, b.positive ?? true);
+      return D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
+    } },
+  { method: "DELETE", path: "/roles/:id/acls/:acl", tag: "roles", acl: ["role.assign_acl"], summary: "Remove a role's own grant or denial of an ACL",
+    audit: { action: "role.unassign_acl", object: "role" },
+    handler: async (ctx) => {
+      ctx.audited.object_id = idParam(ctx);
+      if (!(await D.clearRoleAcl(ctx.sql, ctx.scope, idParam(ctx), ctx.params.acl!))) throw new DataError(`the role has no own grant or denial of ${ctx.params.acl}`, 404);
+      return D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
+    } },
+  { method: "POST", path: "/roles/:id/inherits", tag: "roles", acl: ["role.assign_role"], body: RoleRef, summary: "Make a role inherit another",
+    audit: { action: "role.assign_role", object: "role" },
+    handler: async (ctx) => {
+      const b = D.validate(RoleRef, objectBody(ctx.body));
+      ctx.audited.object_id = idParam(ctx);
+      await D.addInheritance(ctx.sql, ctx.scope, idParam(ctx), b.role_id);
+      return D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
+    } },
+  { method: "DELETE", path: "/roles/:id/inherits/:parent", tag: "roles", acl: ["role.assign_role"], summary: "Stop a role inheriting another",
+    audit: { action: "role.unassign_role", object: "role" },
+    handler: async (ctx) => {
+      ctx.audited.object_id = idParam(ctx);
+      if (!(await D.removeInheritance(ctx.sql, ctx.scope, idParam(ctx), Number(ctx.params.parent)))) throw new DataError("the role does not inherit that role", 404);
+      return D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
+    } },
+  { method: "GET", path: "/administrators/:id/acls", tag: "administrators", acl: ["administrator.see"], summary: "An administrator's effective ACLs",
+    handler: async (ctx) => {
+      await D.get(ctx.sql, D.administrators, ctx.scope, idParam(ctx));
+      return { items: [...(await D.administratorEffectiveAcls(ctx.sql, idParam(ctx)))].sort() };
+    } },
+  { method: "POST", path: "/administrators/:id/roles", tag: "administrators", acl: ["administrator.assign_role"], body: RoleRef, summary: "Give an administrator a role",
+    audit: { action: "administrator.assign_role", object: "administrator" },
+    handler: async (ctx) => {
+      const b = D.validate(RoleRef, objectBody(ctx.body));
+      ctx.audited.object_id = idParam(ctx);
+      await D.assignRole(ctx.sql, ctx.scope, idParam(ctx), b.role_id);
+      return D.get(ctx.sql, D.administrators, ctx.scope, idParam(ctx));
+    } },
+  { method: "DELETE", path: "/administrators/:id/roles/:role", tag: "administrators", acl: ["administrator.assign_role"], summary: "Take a role from an administrator",
+    audit: { action: "administrator.unassign_role", object: "administrator" },
+    handler: async (ctx) => {
+      ctx.audited.object_id = idParam(ctx);
+      if (!(await D.unassignRole(ctx.sql, ctx.scope, idParam(ctx), Number(ctx.params.role)))) throw new DataError("the administrator does not have that role", 404);
+      return D.get(ctx.sql, D.administrators, ctx.scope, idParam(ctx));
+    } },
+
+  // Custom property values on objects.
+  ...PROPERTY_OBJECTS.flatMap(([path, target, acl]): Route[] => [
+    { method: "GET", path: `/${path}/:id/properties`, tag: path, acl: [`${acl}.see`], summary: `Property values of a ${target}`,
+      handler: (ctx) => D.propertyValues(ctx.sql, ctx.scope, target, idParam(ctx)) },
+    { method: "PUT", path: `/${path}/:id/properties/:key`, tag: path, acl: [`${acl}.update`], body: PropertyValue, summary: `Set a property value of a ${target}`,
+      audit: { action: `${target}.set_property`, object: target },
+      handler: async (ctx) => {
+        const b = D.validate(PropertyValue, objectBody(ctx.body));
+        ctx.audited.object_id = idParam(ctx);
+        await D.setPropertyValue(ctx.sql, ctx.scope, target, idParam(ctx), ctx.params.key!, b.value);
+        return D.propertyValues(ctx.sql, ctx.scope, target, idParam(ctx));
+      } },
+    { method: "DELETE", path: `/${path}/:id/properties/:key`, tag: path, acl: [`${acl}.update`], summary: `Remove a property value of a ${target}`,
+      audit: { action: `${target}.delete_property`, object: target },
+      handler: async (ctx) => {
+        ctx.audited.object_id = idParam(ctx);
+        ctx.audited.arguments = { key: ctx.params.key };
+        await D.deletePropertyValue(ctx.sql, ctx.scope, target, idParam(ctx), ctx.params.key!);
+        return D.propertyValues(ctx.sql, ctx.scope, target, idParam(ctx));
+      } },
+  ]),
+
+  // Cluster configuration (the `configs` table), per tenant over the global scope.
+  { method: "GET", path: "/configs", tag: "configs", acl: ["config.see"], summary: "Cluster settings: effective value, default and source (?tenant_id= for a tenant's view)",
+    handler: async (ctx) => {
+      const tenant = configTenant(ctx, tenantParam(ctx));
+      const rows = await D.listConfigRows(ctx.sql, tenant);
+      const items = (Object.keys(KEYS) as ConfigKey[]).filter((k) => KEYS[k].scope === "cluster").map((k) => {
+        const own = rows.find((r) => r.key === k && r.tenant_id === tenant && tenant !== 0);
+        const global = rows.find((r) => r.key === k && r.tenant_id === 0);
+        const def = KEYS[k].default;
+        return {
+          key: k, doc: KEYS[k].doc,
+          default: def === undefined ? null : typeof def === "boolean" ? (def ? "1" : "0") : String(def),
+          value: own?.value ?? global?.value ?? (def === undefined ? null : typeof def === "boolean" ? (def ? "1" : "0") : String(def)),
+          source: own ? "tenant" : global ? "global" : "default",
+        };
+      });
+      return { tenant_id: tenant, items };
+    } },
+  { method: "PUT", path: "/configs/:key", tag: "configs", acl: ["config.update"], body: ConfigValue, summary: "Set a cluster setting (globally, or for a tenant with tenant_id)",
+    audit: { action: "config.set", object: "config" },
+    handler: async (ctx) => {
+      const b = D.validate(ConfigValue, objectBody(ctx.body));
+      const tenant = configTenant(ctx, b.tenant_id);
+      ctx.audited.object_name = ctx.params.key;
+      ctx.audited.tenant_id = tenant;
+      return D.setConfig(ctx.sql, tenant, clusterKey(ctx.params.key!), b.value);
+    } },
+  { method: "DELETE", path: "/configs/:key", tag: "configs", acl: ["config.update"], summary: "Remove an override (?tenant_id= for a tenant's)",
+    audit: { action: "config.delete", object: "config" },
+    handler: async (ctx) => {
+      const tenant = configTenant(ctx, tenantParam(ctx));
+      ctx.audited.object_name = ctx.params.key;
+      ctx.audited.tenant_id = tenant;
+      if (!(await D.deleteConfig(ctx.sql, tenant, clusterKey(ctx.params.key!)))) throw new DataError(`no override of ${ctx.params.key} here`, 404);
+      return { deleted: ctx.params.key };
+    } },
+
+  // Dashboard.
+  { method: "GET", path: "/stats", tag: "stats", acl: ["stats.see"], summary: "Counts for the dashboard",
+    handler: (ctx) => D.statistics(ctx.sql, ctx.scope) },
+];

@@ -1,0 +1,99 @@
+// GET /api/v1/events: server-sent events of object changes. One LISTEN connection per API
+// process fans out to every subscriber, each filtered by its tenant and `<object>.see` ACL.
+// After a database reconnection subscribers get a `resync` event: changes may have been
+// missed, so a client should reload what it shows.
+import { listen, type Listener } from "../db/listen.ts";
+import { logger } from "../log.ts";
+import type { Admin } from "./context.ts";
+
+const log = logger("events");
+
+export interface ObjectEvent {
+  object: string;
+  op: "create" | "update" | "delete";
+  id: number;
+  tenant_id: number | null;
+}
+
+interface Subscriber {
+  admin: Admin;
+  send: (event: string, data: string) => void;
+}
+
+export class EventHub {
+  private subs = new Set<Subscriber>();
+  private listener?: Promise<Listener>;
+
+  constructor(private readonly url: string) {}
+
+  private start(): Promise<Listener> {
+    return (this.listener ??= listen(this.url, ["qvd_events"], {
+      onNotify: (_c, payload) => this.dispatch(payload),
+      onReady: ({ reconnected }) => {
+        if (reconnected) for (const s of this.subs) s.send("resync", "{}");
+      },
+    }));
+  }
+
+  /** Whether an administrator may learn of this event. */
+  static visible(admin: Admin, e: ObjectEvent): boolean {
+    if (!admin.acls.has(`${e.object}.see`)) return false;
+    if (admin.superadmin) return true;
+    return e.tenant_id === null ? e.object === "host" : e.tenant_id === admin.tenant_id;
+  }
+
+  private dispatch(payload: string): void {
+    let e: ObjectEvent;
+    try {
+      e = JSON.parse(payload);
+    } catch {
+      log.warn("ignoring a malformed event", { payload: payload.slice(0, 200) });
+      return;
+    }
+    for (const s of this.subs) if (EventHub.visible(s.admin, e)) s.send("change", payload);
+  }
+
+  /** A text/event-stream response that lasts until the client goes away. */
+  async subscribe(admin: Admin, signal: AbortSignal): Promise<Response> {
+    await this.start();
+    const enc = new TextEncoder();
+    let sub: Subscriber | undefined;
+    let keepalive: ReturnType<typeof setInterval> | undefined;
+    const stream = new ReadableStream<Uint8Array>({
+      start: (controller) => {
+        sub = {
+          admin,
+          send: (event, data) => {
+            try {
+              controller.enqueue(enc.encode(`event: ${event}\ndata: ${data}\n\n`));
+            } catch {
+              this.subs.delete(sub!);
+            }
+          },
+        };
+        this.subs.add(sub);
+        controller.enqueue(enc.encode(`retry: 2000\nevent: ready\ndata: {}\n\n`));
+        keepalive = setInterval(() => sub!.send("ping", "{}"), 15_000);
+        signal.addEventListener("abort", () => {
+          clearInterval(keepalive);
+          this.subs.delete(sub!);
+          try {
+            controller.close();
+          } catch {}
+        });
+      },
+      cancel: () => {
+        clearInterval(keepalive);
+        if (sub) this.subs.delete(sub);
+      },
+    });
+    return new Response(stream, {
+      headers: { "content-type": "text/event-stream", "cache-control": "no-store", "x-accel-buffering": "no" },
+    });
+  }
+
+  async close(): Promise<void> {
+    for (const s of this.subs) this.subs.delete(s);
+    if (this.listener) await (await this.listener).close();
+  }
+}

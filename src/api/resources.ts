@@ -1,0 +1,184 @@
+// The generic REST resources: list/get/create/update/delete and mass update/delete by filter
+// for every object of the data layer, with ACLs per verb and per field.
+import { DataError, ValidationError } from "../db/errors.ts";
+import * as D from "../db/index.ts";
+import type { ObjectDef } from "../db/objects.ts";
+import type { Ctx, Route } from "./context.ts";
+import { listQueryFrom } from "./http.ts";
+
+export interface ResourceSpec {
+  /** Path segment: /api/v1/<path>. */
+  path: string;
+  def: ObjectDef<any>;
+  /** ACL prefix, e.g. "user" for user.see, user.create… */
+  acl: string;
+  /** Fields whose change needs its own ACL instead of <acl>.update. */
+  fieldAcls?: Record<string, string>;
+  /** Replaces the generic create (e.g. VMs allocate an address). */
+  create?: (ctx: Ctx, body: Record<string, unknown>) => Promise<Record<string, unknown>>;
+  deletable?: boolean;
+}
+
+const id = (ctx: Ctx) => {
+  const s = ctx.params.id ?? "";
+  if (!/^\d{1,9}$/.test(s)) throw new DataError(`no such object ${JSON.stringify(s)}`, 404);
+  return Number(s);
+};
+
+const asObject = (body: unknown): Record<string, unknown> => {
+  if (!body || typeof body !== "object" || Array.isArray(body)) throw new ValidationError(undefined, "the body must be a JSON object");
+  return body as Record<string, unknown>;
+};
+
+/** ACLs needed to change these fields. */
+function updateAcls(spec: ResourceSpec, body: unknown): string[] {
+  if (!body || typeof body !== "object") return [`${spec.acl}.update`];
+  const acls = new Set<string>();
+  for (const f of Object.keys(body)) acls.add(spec.fieldAcls?.[f] ?? `${spec.acl}.update`);
+  if (acls.size === 0) acls.add(`${spec.acl}.update`);
+  return [...acls];
+}
+
+/**
+ * Fills in the tenant of a new object when a superadmin gives none: in monotenant mode the
+ * default tenant (or the global scope for shared objects); in multitenant mode it is required.
+ */
+function withTenant(ctx: Ctx, spec: ResourceSpec, body: Record<string, unknown>): Record<string, unknown> {
+  const t = spec.def.tenancy;
+  if (ctx.scope.tenantId !== null || spec.def.tenantFrom || (t !== "own" && t !== "shared") || body.tenant_id !== undefined) return body;
+  if (ctx.cfg.get("wat.multitenant")) return body; // the data layer says tenant_id is required
+  return { ...body, tenant_id: t === "shared" ? 0 : 1 };
+}
+
+function audit(ctx: Ctx, row: Record<string, unknown> | undefined, args?: unknown): void {
+  if (row) {
+    ctx.audited.object_id = row.id as number;
+    ctx.audited.object_name = (row.name ?? row.key ?? row.version) as string | undefined;
+    if (typeof row.tenant_id === "number") {
+      ctx.audited.tenant_id = row.tenant_id;
+      ctx.audited.tenant_name = (row.tenant_name as string | undefined) ?? undefined;
+    }
+  }
+  if (args !== undefined) ctx.audited.arguments = args as Record<string, unknown>;
+}
+
+/** Runs `fn` on every object matching the request's filter; one result per object. */
+export async function forEachMatching(
+  ctx: Ctx,
+  def: ObjectDef<any>,
+  fn: (objId: number) => Promise<unknown>,
+): Promise<{ total: number; ok: number; failed: number; results: { id: number; ok: boolean; status: number; error?: string; result?: unknown }[] }> {
+  const q = listQueryFrom(ctx.url.searchParams);
+  if ((q.filters ?? []).length === 0 && !q.all)
+    throw new ValidationError("filter", "a change of many objects needs a filter, or all=true to change every one");
+  const matching = await D.list(ctx.sql, def, ctx.scope, { filters: q.filters, sort: [{ field: "id" }], limit: D.MAX_LIMIT, fields: ["id"] });
+  const results = [];
+  for (const row of matching.rows) {
+    try {
+      const result = await fn(row.id as number);
+      results.push({ id: row.id as number, ok: true, status: 200, ...(result === undefined ? {} : { result }) });
+    } catch (err) {
+      if (!(err instanceof DataError)) throw err;
+      results.push({ id: row.id as number, ok: false, status: err.status, error: err.message });
+    }
+  }
+  const ok = results.filter((r) => r.ok).length;
+  ctx.audited.arguments = { filter: Object.fromEntries(ctx.url.searchParams), ...(ctx.body && typeof ctx.body === "object" ? { changes: ctx.body } : {}), matched: results.length, ok };
+  return { total: results.length, ok, failed: results.length - ok, results };
+}
+
+export function resourceRoutes(spec: ResourceSpec): Route[] {
+  const { def, acl, path } = spec;
+  const tag = path;
+  const kind = def.kind;
+  const routes: Route[] = [
+    {
+      method: "GET", path: `/${path}`, tag, acl: [`${acl}.see`],
+      summary: `List ${path}: filter with ?field=value or ?field[op]=value (eq ne lt le gt ge in like null notnull), sort=-field, limit, offset, fields`,
+      handler: async (ctx) => {
+        const q = listQueryFrom(ctx.url.searchParams);
+        const res = await D.list(ctx.sql, def, ctx.scope, q);
+        return { total: res.total, limit: q.limit ?? 1000, offset: q.offset ?? 0, items: res.rows };
+      },
+    },
+    {
+      method: "GET", path: `/${path}/:id`, tag, acl: [`${acl}.see`], summary: `Get one ${kind}`,
+      handler: (ctx) => D.get(ctx.sql, def, ctx.scope, id(ctx)),
+    },
+  ];
+  if (def.create)
+    routes.push({
+      method: "POST", path: `/${path}`, tag, acl: [`${acl}.create`], body: def.create, summary: `Create a ${kind}`,
+      audit: { action: `${kind}.create`, object: kind },
+      handler: async (ctx) => {
+        const body = withTenant(ctx, spec, asObject(ctx.body));
+        audit(ctx, undefined, body);
+        const row = spec.create ? await spec.create(ctx, body) : await D.create(ctx.sql, def, ctx.scope, body);
+        audit(ctx, row);
+        ctx.set.status = 201;
+        return row;
+      },
+    });
+  if (def.update) {
+    routes.push({
+      method: "PATCH", path: `/${path}/:id`, tag, acl: (ctx) => updateAcls(spec, ctx.body), body: def.update.partial(), summary: `Change a ${kind}`,
+      audit: { action: `${kind}.update`, object: kind },
+      handler: async (ctx) => {
+        audit(ctx, { id: id(ctx) }, ctx.body);
+        const row = await D.update(ctx.sql, def, ctx.scope, id(ctx), asObject(ctx.body));
+        audit(ctx, row);
+        return row;
+      },
+    });
+    routes.push({
+      method: "PATCH", path: `/${path}`, tag, acl: (ctx) => updateAcls(spec, ctx.body), body: def.update.partial(),
+      summary: `Change every ${kind} matching the filter (query as for the list; all=true for every one); a result per object`,
+      audit: { action: `${kind}.update_many`, object: kind },
+      handler: async (ctx) => {
+        const changes = asObject(ctx.body);
+        D.validate(def.update!, changes); // bad changes are one 422, not one per object
+        return forEachMatching(ctx, def, async (objId) => void (await D.update(ctx.sql, def, ctx.scope, objId, changes)));
+      },
+    });
+  }
+  if (spec.deletable !== false && def.create) {
+    routes.push({
+      method: "DELETE", path: `/${path}/:id`, tag, acl: [`${acl}.delete`], summary: `Delete a ${kind} (409 and what depends on it when something does)`,
+      audit: { action: `${kind}.delete`, object: kind },
+      handler: async (ctx) => {
+        audit(ctx, { id: id(ctx) });
+        const row = await D.remove(ctx.sql, def, ctx.scope, id(ctx));
+        audit(ctx, row);
+        return { deleted: row };
+      },
+    });
+    routes.push({
+      method: "DELETE", path: `/${path}`, tag, acl: [`${acl}.delete`], summary: `Delete every ${kind} matching the filter; a result per object`,
+      audit: { action: `${kind}.delete_many`, object: kind },
+      handler: (ctx) => forEachMatching(ctx, def, async (objId) => void (await D.remove(ctx.sql, def, ctx.scope, objId))),
+    });
+  }
+  return routes;
+}
+
+export const RESOURCES: ResourceSpec[] = [
+  { path: "tenants", def: D.tenants, acl: "tenant", fieldAcls: { blocked: "tenant.block" } },
+  { path: "administrators", def: D.administrators, acl: "administrator", fieldAcls: { password: "administrator.update.password" } },
+  { path: "roles", def: D.roles, acl: "role" },
+  { path: "users", def: D.users, acl: "user", fieldAcls: { password: "user.update.password", blocked: "user.block" } },
+  { path: "osfs", def: D.osfs, acl: "osf" },
+  { path: "dis", def: D.dis, acl: "di", fieldAcls: { blocked: "di.block" } },
+  {
+    path: "vms", def: D.vms, acl: "vm", fieldAcls: { di_tag: "vm.update.di_tag" },
+    create: (ctx, body) => {
+      const gw = ctx.cfg.get("vm.network.gateway");
+      return D.createVm(ctx.sql, ctx.scope, body, { range: ctx.cfg.get("vm.network.range"), gateway: gw || undefined });
+    },
+  },
+  { path: "hosts", def: D.hosts, acl: "host" },
+  { path: "properties", def: D.properties, acl: "property" },
+  { path: "audit", def: D.auditLog, acl: "audit" },
+];
+
+export const idParam = id;
+export const objectBody = asObject;

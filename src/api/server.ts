@@ -1,0 +1,120 @@
+// The admin API server (Elysia on Bun): every route of the route table under /api/v1, one
+// request pipeline for all of them: read the body, authenticate, check ACLs and tenancy, run
+// the handler, write the audit entry, and answer JSON (errors included, never a stack trace).
+import { Elysia } from "elysia";
+import type { Config } from "../config.ts";
+import { audit as writeAudit, type AuditEntry } from "../db/audit.ts";
+import { DataError } from "../db/errors.ts";
+import { ALL_TENANTS, tenantScope } from "../db/objects.ts";
+import type { Sql } from "../db/pool.ts";
+import { logger } from "../log.ts";
+import { ACTION_ROUTES } from "./actions.ts";
+import { AUTH_ROUTES, authenticate, tokenOf } from "./auth.ts";
+import type { Ctx, Route, Source } from "./context.ts";
+import { EventHub } from "./events.ts";
+import { ApiError, errorBody, forbidden, readJson } from "./http.ts";
+import { openApiDocument } from "./openapi.ts";
+import { RESOURCES, resourceRoutes } from "./resources.ts";
+
+const log = logger("api");
+
+export interface ApiOptions {
+  sql: Sql;
+  cfg: Config;
+  /** URL of the database, for the event stream's own LISTEN connection. */
+  databaseUrl: string;
+}
+
+export function apiRoutes(hub: EventHub): Route[] {
+  return [
+    ...AUTH_ROUTES,
+    ...RESOURCES.flatMap(resourceRoutes),
+    ...ACTION_ROUTES,
+    { method: "GET", path: "/events", tag: "events", acl: [], summary: "Server-sent events of object changes you can see (change, resync, ping)",
+      handler: (ctx) => hub.subscribe(ctx.admin, ctx.request.signal) },
+  ];
+}
+
+const json = (status: number, body: unknown, headers: Record<string, string> = {}) =>
+  new Response(JSON.stringify(body), { status, headers: { "content-type": "application/json; charset=utf-8", "cache-control": "no-store", ...headers } });
+
+const sourceOf = (req: Request): Source => {
+  const s = req.headers.get("x-qvd-source")?.toLowerCase();
+  return s === "cli" || s === "wat" ? s : "api";
+};
+
+export function createApi(opts: ApiOptions) {
+  const hub = new EventHub(opts.databaseUrl);
+  const routes = apiRoutes(hub);
+  const openapi = openApiDocument(routes);
+
+  async function handle(route: Route, request: Request, params: Record<string, string>, address: string | undefined): Promise<Response> {
+    const ctx: Ctx = {
+      sql: opts.sql, cfg: opts.cfg, request, url: new URL(request.url), params, body: {},
+      admin: undefined as unknown as Ctx["admin"], scope: ALL_TENANTS, address, source: sourceOf(request),
+      set: { status: 200, headers: {} }, audited: {},
+    };
+    let result: unknown;
+    let failure: DataError | undefined;
+    try {
+      if (!route.rawBody && request.method !== "GET") ctx.body = await readJson(request);
+      if (!route.public) {
+        ctx.admin = await authenticate(ctx, tokenOf(request));
+        ctx.scope = ctx.admin.superadmin ? ALL_TENANTS : tenantScope(ctx.admin.tenant_id);
+        const needed = typeof route.acl === "function" ? route.acl(ctx) : route.acl ?? [];
+        const missing = needed.filter((a) => !ctx.admin.acls.has(a));
+        if (missing.length) throw forbidden(missing);
+      }
+      result = await route.handler(ctx);
+    } catch (err) {
+      if (err instanceof DataError) failure = err;
+      else {
+        log.error("request failed", { route: `${route.method} ${route.path}`, error: (err as Error)?.message ?? String(err) });
+        failure = new ApiError("internal error; the server log has the details", 500);
+      }
+    }
+    if (route.audit && (ctx.admin || route.public)) await recordAudit(ctx, route, failure);
+    if (failure) return json(failure.status, errorBody(failure), ctx.set.headers);
+    if (result instanceof Response) return result;
+    return json(ctx.set.status, result ?? { ok: true }, ctx.set.headers);
+  }
+
+  async function recordAudit(ctx: Ctx, route: Route, failure: DataError | undefined): Promise<void> {
+    // An unauthenticated request to a protected route is not an administrator's action.
+    if (!route.public && failure?.status === 401) return;
+    const a = ctx.audited;
+    try {
+      await writeAudit(opts.sql, {
+        action: route.audit!.action,
+        object_type: (route.audit!.object ?? null) as AuditEntry["object_type"],
+        object_id: a.object_id ?? null,
+        object_name: a.object_name ?? null,
+        administrator_id: a.administrator_id ?? ctx.admin?.id ?? null,
+        administrator_name: a.administrator_name ?? ctx.admin?.name ?? null,
+        superadmin: a.superadmin ?? ctx.admin?.superadmin ?? false,
+        tenant_id: a.tenant_id ?? ctx.admin?.tenant_id ?? null,
+        tenant_name: a.tenant_name ?? (a.tenant_id === undefined ? ctx.admin?.tenant_name : undefined) ?? null,
+        arguments: (a.arguments ?? (ctx.body && typeof ctx.body === "object" ? ctx.body : {})) as Record<string, unknown>,
+        ok: !failure,
+        error: failure?.message ?? null,
+        source: ctx.source,
+        address: ctx.address ?? null,
+      });
+    } catch (err) {
+      log.error("could not write the audit log", { action: route.audit!.action, error: (err as Error).message });
+    }
+  }
+
+  const app = new Elysia({ normalize: false });
+  for (const route of routes) {
+    app.route(route.method, "/api/v1" + route.path, ({ request, params, server }) =>
+      handle(route, request, params as Record<string, string>, server?.requestIP(request)?.address), { parse: "none" });
+  }
+  app.get("/api/v1/openapi.json", () => json(200, openapi));
+  app.onError(({ code, error }) => {
+    if (code === "NOT_FOUND") return json(404, { error: { status: 404, message: "no such route" } });
+    log.error("unhandled", { code: String(code), error: (error as Error)?.message });
+    return json(500, { error: { status: 500, message: "internal error; the server log has the details" } });
+  });
+  return { app, routes, hub, openapi };
+}
