@@ -82,6 +82,7 @@ export const KEYS = {
   "api.tls.cert": key(str, "", "PEM certificate file of the admin API."),
   "api.tls.key": key(str, "", "PEM private key file of the admin API.", { secret: true }),
   "api.session.ttl": key(int(60), 3600, "Seconds of inactivity after which an admin session expires.", { scope: "cluster" }),
+  "api.upload.max_bytes": key(int(1), 64 * 1024 ** 3, "Largest disk image the API accepts in one upload, in bytes."),
 
   "l7r.listen": key(hostPort, ":8443", "Address and port the L7R (user broker) listens on, over TLS."),
   "l7r.tls.cert": key(str, "", "PEM certificate file of the L7R."),

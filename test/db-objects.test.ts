@@ -145,6 +145,9 @@ describe("OSFs, images and VMs", () => {
 
     // Tags move between images of one OSF; version tags do not.
     expect(await D.tagDi(sql(), ALL, d2.id, "default")).toBe(d1.id);
+    // An image whose file has not arrived is never started from.
+    expect(await D.diForTag(sql(), osf.id, "default")).toBeUndefined();
+    await D.finishDiUpload(sql(), d2.id, 10, "a".repeat(64));
     expect((await D.diForTag(sql(), osf.id, "default"))?.id).toBe(d2.id);
     expect((await rejects(D.tagDi(sql(), ALL, d1.id, "v2"))).status).toBe(409);
     await D.tagDi(sql(), ALL, d1.id, "stable");
@@ -160,6 +163,36 @@ describe("OSFs, images and VMs", () => {
     const blocked = await D.update(sql(), D.dis, ALL, d2.id, { blocked: true });
     expect(blocked.blocked).toBe(true);
     expect(await D.diForTag(sql(), osf.id, "default")).toBeUndefined();
+  });
+
+  test("moving a tag sets expiry times on running VMs still on the old image", async () => {
+    const o = await D.create(sql(), D.osfs, ALL, { tenant_id: acme.id, name: "expiring" });
+    const old = await D.create(sql(), D.dis, ALL, { osf_id: o.id, path: "exp-1.tar", version: "e1" });
+    const fresh = await D.create(sql(), D.dis, ALL, { osf_id: o.id, path: "exp-2.tar", version: "e2", expire_soft_s: 60, expire_hard_s: 3600 });
+    const host = await D.create(sql(), D.hosts, ALL, { name: "exp-node", address: "198.18.7.7" });
+    const onOld = await D.create(sql(), D.vms, ALL, { user_id: owner.id, osf_id: o.id, name: "exp-old" });
+    const onNew = await D.create(sql(), D.vms, ALL, { user_id: owner.id, osf_id: o.id, name: "exp-new" });
+    const stopped = await D.create(sql(), D.vms, ALL, { user_id: owner.id, osf_id: o.id, name: "exp-stopped" });
+    await sql()`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${host.id}, current_di_id = ${old.id} WHERE vm_id = ${onOld.id}`;
+    await sql()`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${host.id}, current_di_id = ${fresh.id} WHERE vm_id = ${onNew.id}`;
+
+    await D.tagDi(sql(), ALL, fresh.id, "default");
+    const after = await D.get(sql(), D.vms, ALL, onOld.id);
+    const soft = after.expire_soft_at!.getTime() - Date.now();
+    const hard = after.expire_hard_at!.getTime() - Date.now();
+    expect(soft > 50_000 && soft <= 60_000).toBe(true);
+    expect(hard > 3_590_000 && hard <= 3_600_000).toBe(true);
+    expect((await D.get(sql(), D.vms, ALL, onNew.id)).expire_hard_at).toBeNull();
+    expect((await D.get(sql(), D.vms, ALL, stopped.id)).expire_hard_at).toBeNull();
+
+    // Explicit expiry on tagging overrides the image's; null keeps what a VM had.
+    await D.tagDi(sql(), ALL, old.id, "default", { soft_s: null, hard_s: 10 });
+    const back = await D.get(sql(), D.vms, ALL, onNew.id);
+    expect(back.expire_soft_at).toBeNull();
+    expect(back.expire_hard_at!.getTime() - Date.now()).toBeLessThanOrEqual(10_000);
+    for (const v of [onOld, onNew]) await sql()`UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL, current_di_id = NULL WHERE vm_id = ${v.id}`;
+    for (const v of [onOld, onNew, stopped]) await D.remove(sql(), D.vms, ALL, v.id);
+    await D.remove(sql(), D.hosts, ALL, host.id);
   });
 
   test("VM CRUD with address allocation from the VM network", async () => {

@@ -75,7 +75,11 @@ function actionRoutes(a: ActionSpec): Route[] {
   ];
 }
 
-const TagBody = z.object({ tag: z.string() });
+const TagBody = z.object({
+  tag: z.string(),
+  expire_soft_s: z.number().int().min(0).nullable().optional(),
+  expire_hard_s: z.number().int().min(0).nullable().optional(),
+});
 const AclBody = z.object({ acl: z.string(), positive: z.boolean().optional() });
 const RoleRef = z.object({ role_id: z.number().int() });
 const PropertyValue = z.object({ value: z.string().max(32768) });
@@ -108,12 +112,12 @@ export const ACTION_ROUTES: Route[] = [
   ...ACTIONS.flatMap(actionRoutes),
 
   // Image tags.
-  { method: "POST", path: "/dis/:id/tags", tag: "dis", acl: ["di.tag"], body: TagBody, summary: "Put a tag on an image (it moves from the OSF's other image)",
+  { method: "POST", path: "/dis/:id/tags", tag: "dis", acl: ["di.tag"], body: TagBody, summary: "Put a tag on an image (it moves from the OSF's other image); running VMs on the old image get the image's (or the given) soft/hard expiry",
     audit: { action: "di.tag", object: "di" },
     handler: async (ctx) => {
-      const { tag } = D.validate(TagBody, objectBody(ctx.body));
+      const { tag, expire_soft_s, expire_hard_s } = D.validate(TagBody, objectBody(ctx.body));
       ctx.audited.object_id = idParam(ctx);
-      const previous = await D.tagDi(ctx.sql, ctx.scope, idParam(ctx), tag);
+      const previous = await D.tagDi(ctx.sql, ctx.scope, idParam(ctx), tag, { soft_s: expire_soft_s, hard_s: expire_hard_s });
       return { di: await D.get(ctx.sql, D.dis, ctx.scope, idParam(ctx)), previous_di_id: previous ?? null };
     } },
   { method: "DELETE", path: "/dis/:id/tags/:tag", tag: "dis", acl: ["di.tag"], summary: "Remove a tag from an image (not head, default or the version)",

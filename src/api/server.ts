@@ -15,6 +15,7 @@ import { EventHub } from "./events.ts";
 import { ApiError, errorBody, forbidden, readJson } from "./http.ts";
 import { openApiDocument } from "./openapi.ts";
 import { RESOURCES, resourceRoutes } from "./resources.ts";
+import { UPLOAD_ROUTES } from "./uploads.ts";
 
 const log = logger("api");
 
@@ -30,6 +31,7 @@ export function apiRoutes(hub: EventHub): Route[] {
     ...AUTH_ROUTES,
     ...RESOURCES.flatMap(resourceRoutes),
     ...ACTION_ROUTES,
+    ...UPLOAD_ROUTES,
     { method: "GET", path: "/events", tag: "events", acl: [], summary: "Server-sent events of object changes you can see (change, resync, ping)",
       handler: (ctx) => hub.subscribe(ctx.admin, ctx.request.signal) },
   ];

@@ -83,22 +83,43 @@ export const dis: ObjectDef<DiRow> = {
   dependents: [{ label: "VMs running it", table: "vm_runtimes", column: "current_di_id", idColumn: "vm_id" }],
 };
 
-/** Puts `tag` on image `diId`, taking it from the OSF's other image if one has it. */
-async function moveTag(db: Db, diId: number, osfId: number, t: string): Promise<number | undefined> {
+export interface Expiry {
+  /** Seconds until running VMs on an older image are warned; null: never. Default: the image's own. */
+  soft_s?: number | null;
+  /** Seconds until they are stopped; null: never. Default: the image's own. */
+  hard_s?: number | null;
+}
+
+/**
+ * Puts `tag` on image `diId`, taking it from the OSF's other image if one has it. Running VMs
+ * that use the tag but still run another image get expiry times, so they move to the new image
+ * at their next start (soft: the user is warned; hard: the node stops the VM).
+ */
+async function moveTag(db: Db, diId: number, osfId: number, t: string, expiry: Expiry = {}): Promise<number | undefined> {
   const [prev] = await db`SELECT di_id, fixed FROM di_tags WHERE osf_id = ${osfId} AND tag = ${t}`;
   if (prev?.di_id === diId) return undefined;
   if (prev?.fixed) throw new ConflictError(`tag ${JSON.stringify(t)} is the version of image ${prev.di_id} and cannot move`, "tag");
   if (prev) await db`DELETE FROM di_tags WHERE osf_id = ${osfId} AND tag = ${t}`;
   await db`INSERT INTO di_tags (di_id, osf_id, tag, fixed) VALUES (${diId}, ${osfId}, ${t}, false)`;
+  const [own] = await db`SELECT expire_soft_s, expire_hard_s FROM dis WHERE id = ${diId}`;
+  const soft = expiry.soft_s !== undefined ? expiry.soft_s : own!.expire_soft_s;
+  const hard = expiry.hard_s !== undefined ? expiry.hard_s : own!.expire_hard_s;
+  if (soft !== null || hard !== null)
+    await db`UPDATE vm_runtimes r SET
+        expire_soft_at = CASE WHEN ${soft}::int IS NULL THEN r.expire_soft_at ELSE now() + make_interval(secs => ${soft}::int) END,
+        expire_hard_at = CASE WHEN ${hard}::int IS NULL THEN r.expire_hard_at ELSE now() + make_interval(secs => ${hard}::int) END
+      FROM vms v
+     WHERE v.id = r.vm_id AND v.osf_id = ${osfId} AND v.di_tag = ${t}
+       AND r.vm_state IN ('starting', 'running') AND r.current_di_id IS DISTINCT FROM ${diId}`;
   return prev?.di_id;
 }
 
 /** Tags an image; returns the image that had the tag before, if any. */
-export async function tagDi(db: Db, scope: Scope, diId: number, t: string): Promise<number | undefined> {
+export async function tagDi(db: Db, scope: Scope, diId: number, t: string, expiry: Expiry = {}): Promise<number | undefined> {
   const parsed = tag.safeParse(t);
   if (!parsed.success) throw new ValidationError("tag", parsed.error.issues[0]!.message);
   const di = await get(db, dis, scope, diId);
-  return moveTag(db, diId, di.osf_id, t);
+  return moveTag(db, diId, di.osf_id, t, expiry);
 }
 
 /** Removes a tag from an image. `head`, `default` and version tags stay. */
@@ -110,9 +131,34 @@ export async function untagDi(db: Db, scope: Scope, diId: number, t: string): Pr
   return rows.length > 0;
 }
 
-/** The image a VM of `osfId` with tag `t` starts from (blocked images are not used). */
+/** The image a VM of `osfId` with tag `t` starts from (blocked or incomplete images are not used). */
 export async function diForTag(db: Db, osfId: number, t: string): Promise<DiRow | undefined> {
   const [r] = await db`SELECT d.* FROM di_view d JOIN di_tags t ON t.di_id = d.id
-                        WHERE t.osf_id = ${osfId} AND t.tag = ${t} AND NOT d.blocked`;
+                        WHERE t.osf_id = ${osfId} AND t.tag = ${t} AND NOT d.blocked AND d.state IN ('ready', 'published')`;
   return r ? DiRow.parse(r) : undefined;
+}
+
+// --- uploads ------------------------------------------------------------------------------------
+
+/** Marks an image as receiving its file; only one upload at a time, and never over a good file. */
+export async function claimDiUpload(db: Db, scope: Scope, diId: number, expectedBytes: number | null): Promise<DiRow> {
+  const di = await get(db, dis, scope, diId);
+  const [r] = await db`UPDATE dis SET state = 'uploading', progress = 0, size_bytes = ${expectedBytes}, sha256 = NULL,
+       state_message = 'upload started'
+     WHERE id = ${diId} AND state IN ('new', 'failed') RETURNING id`;
+  if (!r) throw new ConflictError(`image ${di.version} is ${di.state}; only a new or failed image can receive a file`);
+  return di;
+}
+
+export async function setDiProgress(db: Db, diId: number, progress: number, message: string): Promise<void> {
+  await db`UPDATE dis SET progress = ${Math.min(1, Math.max(0, progress))}, state_message = ${message} WHERE id = ${diId} AND state = 'uploading'`;
+}
+
+export async function finishDiUpload(db: Db, diId: number, sizeBytes: number, sha256: string): Promise<void> {
+  await db`UPDATE dis SET state = 'ready', progress = 1, size_bytes = ${sizeBytes}, sha256 = ${sha256},
+       state_message = 'uploaded' WHERE id = ${diId}`;
+}
+
+export async function failDiUpload(db: Db, diId: number, message: string): Promise<void> {
+  await db`UPDATE dis SET state = 'failed', state_message = ${message.slice(0, 1000)} WHERE id = ${diId}`;
 }
