@@ -7,6 +7,7 @@ import { VERSION } from "./version.ts";
 export const main = defineCommand({
   meta: { name: "qvd", version: VERSION, description: "QVD virtual desktop infrastructure" },
   subCommands: {
+    admin: () => import("./roles/admin-cli.ts").then((m) => m.default),
     api: () => import("./roles/api.ts").then((m) => m.default),
     config: () => import("./roles/config.ts").then((m) => m.default),
     db: () => import("./roles/db.ts").then((m) => m.default),
@@ -17,7 +18,8 @@ export const main = defineCommand({
 /** Walks the raw arguments down the subcommand tree, for --help of the right command. */
 async function resolve(cmd: CommandDef<any>, args: string[]): Promise<[CommandDef<any>, CommandDef<any> | undefined]> {
   const subs = typeof cmd.subCommands === "function" ? await cmd.subCommands() : await cmd.subCommands;
-  const name = args.find((a) => !a.startsWith("-"));
+  // The first word that names a subcommand (flags and their values may come before it).
+  const name = subs ? args.find((a) => !a.startsWith("-") && a in subs) : undefined;
   if (subs && name && name in subs) {
     const sub = subs[name]!;
     const def = (typeof sub === "function" ? await (sub as () => Promise<CommandDef<any>>)() : await sub) as CommandDef<any>;
@@ -39,13 +41,13 @@ export async function runQvd(rawArgs: string[]): Promise<number> {
   }
   try {
     await runCommand(main, { rawArgs });
-    return 0;
+    return typeof process.exitCode === "number" ? process.exitCode : 0;
   } catch (err) {
-    const usage = (err as { code?: string }).code?.startsWith("E_");
+    // citty's own errors (unknown command, missing or bad argument) carry codes like E_* or EARG.
+    const usage = (err as Error)?.name === "CLIError" || /^E(_|ARG)/.test((err as { code?: string }).code ?? "");
     if (usage) {
-      // citty's own errors: unknown command, missing argument.
       console.error(`qvd: ${(err as Error).message} (see qvd --help)`);
-      return 64; // EX_USAGE
+      return 2; // usage error, as the admin CLI reports its own
     }
     console.error(`qvd: ${describeError(err)}`);
     return err instanceof UserError ? err.exitCode : 70; // EX_SOFTWARE
