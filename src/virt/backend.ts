@@ -1,0 +1,55 @@
+// The interface every desktop backend implements (LXC now, KVM later). The HKD drives it; a
+// backend knows nothing about the database. All methods are idempotent where they can be:
+// the HKD calls cleanup() after any failure, and on start-up for leftovers.
+
+export interface VmNetwork {
+  ip: string; // the VM's address, e.g. 198.18.0.7
+  prefix: number; // netmask length of the VM network, e.g. 16
+  gateway: string; // the node's address on the bridge, where the VMA's caller comes from
+  mac: string; // derived from the IP (vm.network.mac.prefix + the IP's last three octets)
+  bridge: string; // the node's bridge
+}
+
+export interface VmSpec {
+  vmId: number;
+  /** Container / domain name: always `qvd-<vmId>`. */
+  name: string;
+  memoryMb: number;
+  cpuShares: number;
+  /** The unpacked image (LXC: a root filesystem directory under basefs/). */
+  image: { diId: number; path: string };
+  /** A writable layer over the image; kept across restarts when persistent. */
+  overlay: { enabled: boolean; persistent: boolean };
+  /** The user's persistent home on shared storage (host path), mounted at /home/<user>. */
+  home: { hostPath: string; user: string };
+  network: VmNetwork;
+  /** What the VMA in the guest needs: the per-start secret and the port it listens on. */
+  vma: { port: number; secret: string };
+  /** Host path of the qvd binary, bind-mounted read-only into the guest. */
+  qvdBinary: string;
+}
+
+export type BackendState = "running" | "stopped";
+
+export interface Backend {
+  readonly kind: "lxc" | "kvm";
+  /** Prepares storage, network and configuration; nothing runs yet. */
+  prepare(spec: VmSpec): Promise<void>;
+  /** Starts the guest; resolves once the backend says it runs (not that the VMA answers). */
+  start(spec: VmSpec): Promise<{ pid?: number }>;
+  /** Asks the guest to shut down and waits up to `timeoutMs`; false when it is still running. */
+  stop(vmId: number, timeoutMs: number): Promise<boolean>;
+  /** Ends the guest at once (TERM, then KILL). */
+  kill(vmId: number): Promise<void>;
+  status(vmId: number): Promise<BackendState>;
+  /** VM ids of the guests this backend runs on this node (for reconciliation). */
+  running(): Promise<number[]>;
+  /** Removes what prepare/start left: mounts, network devices, upper dir unless persistent, config. */
+  cleanup(vmId: number): Promise<void>;
+}
+
+/** The MAC address of a VM: a fixed 3-octet prefix and the IP's last three octets. */
+export function macFor(ip: string, prefix: string): string {
+  const o = ip.split(".").map(Number);
+  return [prefix, ...o.slice(1).map((x) => x.toString(16).padStart(2, "0"))].join(":");
+}
