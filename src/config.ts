@@ -90,6 +90,15 @@ export const KEYS = {
 
   "hkd.fence_after": key(int(5), 120, "Seconds without the database after which a node stops its own VMs.", { scope: "cluster" }),
   "hkd.poll_interval": key(int(1), 30, "Seconds between fallback polls for commands (notifications are the fast path).", { scope: "cluster" }),
+  "hkd.heartbeat_interval": key(int(1, 3600), 10, "Seconds between heartbeats of a node (also how often it reports free RAM and CPU)."),
+  "hkd.timeout.vma_start": key(int(1), 90, "Seconds a started desktop has for its VMA to answer before the start fails.", { scope: "cluster" }),
+  "hkd.timeout.poweroff": key(int(1), 30, "Seconds a desktop has to power off when asked, before it is stopped by force.", { scope: "cluster" }),
+  "hkd.timeout.kill": key(int(1), 15, "Seconds the backend's stop may take before the desktop is killed.", { scope: "cluster" }),
+  "hkd.vma_check_interval": key(int(1), 30, "Seconds between checks that a running desktop's VMA answers.", { scope: "cluster" }),
+  "hkd.vma_failures": key(int(1), 4, "Consecutive failed VMA checks after which a running desktop is stopped.", { scope: "cluster" }),
+  "hkd.on_shutdown": key(oneOf(["stop", "leave"]), "stop", "What a node does with its desktops when its HKD stops: stop them, or leave them running (adopted at the next start)."),
+  "hkd.qvd_binary": key(str, "", "The qvd binary bind-mounted into desktops (default: this binary, when it is the compiled qvd)."),
+  "vm.vma.port": key(int(1, 65535), 3030, "Port the VMA listens on in each desktop.", { scope: "cluster" }),
   "cluster.lost_after": key(int(10), 300, "Seconds without a heartbeat after which other nodes declare a node lost.", { scope: "cluster" }),
 
   "wat.multitenant": key(bool, false, "Multitenant mode: tenants and per-tenant administrators.", { scope: "cluster" }),

@@ -18,3 +18,4 @@ export * from "./listen.ts";
 export * from "./sessions.ts";
 export * from "./commands.ts";
 export * from "./stats.ts";
+export * from "./node.ts";

@@ -1,0 +1,147 @@
+// What a node (the HKD) reads and writes. Every write about a VM is conditioned on
+// `host_id = this node`, so a VM taken away from the node can never be changed by it again;
+// claims are single atomic UPDATEs (never read-then-write).
+import { z } from "zod";
+import { diForTag, type DiRow } from "./dis.ts";
+import { ConflictError, NotFoundError } from "./errors.ts";
+import type { Db } from "./pool.ts";
+
+export const HostIdentity = z.object({ id: z.number().int(), name: z.string(), address: z.string(), backend: z.boolean(), frontend: z.boolean() });
+export type HostIdentity = z.infer<typeof HostIdentity>;
+
+export async function findHostByName(db: Db, name: string): Promise<HostIdentity | undefined> {
+  const [r] = await db`SELECT id, name, address, backend, frontend FROM hosts WHERE name = ${name}`;
+  return r ? HostIdentity.parse(r) : undefined;
+}
+
+/** Creates the host row for `qvd node --register` (or returns the existing one). */
+export async function registerHost(db: Db, name: string, address: string): Promise<HostIdentity> {
+  await db`INSERT INTO hosts (name, address) VALUES (${name}, ${address}) ON CONFLICT (name) DO NOTHING`;
+  const h = await findHostByName(db, name);
+  if (!h) throw new NotFoundError("host", name);
+  return h;
+}
+
+export async function setHostState(db: Db, hostId: number, state: "starting" | "running" | "stopping" | "stopped"): Promise<void> {
+  await db`UPDATE host_runtimes SET state = ${state}, state_ts = now(), cmd = CASE WHEN ${state} = 'stopped' THEN NULL ELSE cmd END
+           WHERE host_id = ${hostId}`;
+}
+
+/**
+ * The heartbeat: records that the node is alive and what it can take. Answers false when the
+ * node was declared lost by others (then it must fence itself: its VMs are no longer its own).
+ */
+export async function heartbeat(db: Db, hostId: number, r: { pid: number; usableRamMb: number; usableCpu: number; version: string }): Promise<boolean> {
+  const rows = await db`UPDATE host_runtimes SET ok_ts = now(), pid = ${r.pid}, usable_ram_mb = ${r.usableRamMb},
+      usable_cpu = ${r.usableCpu}, version = ${r.version}
+    WHERE host_id = ${hostId} AND state <> 'lost' RETURNING host_id`;
+  return rows.length === 1;
+}
+
+/** A pending host command (`stop`), consumed: cleared only if it is still the same. */
+export async function takeHostCommand(db: Db, hostId: number): Promise<"stop" | undefined> {
+  const [r] = await db`UPDATE host_runtimes SET cmd = NULL WHERE host_id = ${hostId} AND cmd IS NOT NULL RETURNING 'stop' AS cmd`;
+  return r ? "stop" : undefined;
+}
+
+/** Claims the VMs this node was told to start: stopped → starting, the command consumed. */
+export async function claimStarts(db: Db, hostId: number): Promise<number[]> {
+  const rows = await db`UPDATE vm_runtimes SET vm_cmd = NULL, vm_state = 'starting', vm_state_ts = now()
+    WHERE host_id = ${hostId} AND vm_cmd = 'start' AND vm_state = 'stopped' RETURNING vm_id`;
+  return rows.map((r) => r.vm_id);
+}
+
+/** Takes the stop commands for this node's VMs. */
+export async function claimStops(db: Db, hostId: number): Promise<number[]> {
+  const rows = await db`UPDATE vm_runtimes SET vm_cmd = NULL WHERE host_id = ${hostId} AND vm_cmd = 'stop' RETURNING vm_id`;
+  return rows.map((r) => r.vm_id);
+}
+
+export interface VmToStart {
+  vm_id: number;
+  name: string;
+  ip: string | null;
+  di_tag: string;
+  user_id: number;
+  user_name: string;
+  tenant_id: number;
+  tenant_name: string;
+  osf_id: number;
+  memory_mb: number;
+  cpu_shares: number;
+  use_overlay: boolean;
+  persistent: boolean;
+  user_storage_mb: number;
+  di: DiRow | undefined;
+}
+
+/** Everything needed to start a VM; `di` is undefined when no usable image has the VM's tag. */
+export async function vmToStart(db: Db, vmId: number): Promise<VmToStart> {
+  const [r] = await db`SELECT v.id AS vm_id, v.name, host(v.ip) AS ip, v.di_tag, v.user_id, u.name AS user_name,
+      v.tenant_id, t.name AS tenant_name, v.osf_id, o.memory_mb, o.cpu_shares, o.use_overlay, o.persistent, o.user_storage_mb
+    FROM vms v JOIN users u ON u.id = v.user_id JOIN osfs o ON o.id = v.osf_id JOIN tenants t ON t.id = v.tenant_id
+    WHERE v.id = ${vmId}`;
+  if (!r) throw new NotFoundError("vm", vmId);
+  return { ...(r as Omit<VmToStart, "di">), di: await diForTag(db, r.osf_id, r.di_tag) };
+}
+
+/** Runtime fields a node records while starting a VM; only while the VM is this node's. */
+export async function saveStartingRuntime(
+  db: Db,
+  hostId: number,
+  vmId: number,
+  f: { diId: number; osfId: number; address: string; vmaPort: number; xPort: number; vmaSecret: string },
+): Promise<void> {
+  const rows = await db`UPDATE vm_runtimes SET current_di_id = ${f.diId}, current_osf_id = ${f.osfId}, vm_address = ${f.address},
+      vma_port = ${f.vmaPort}, x_port = ${f.xPort}, vma_secret = ${f.vmaSecret}
+    WHERE vm_id = ${vmId} AND host_id = ${hostId} RETURNING vm_id`;
+  if (rows.length !== 1) throw new ConflictError(`vm ${vmId} is no longer assigned to this node`);
+  await db`UPDATE vm_counters SET run_attempts = run_attempts + 1 WHERE vm_id = ${vmId}`;
+}
+
+export type NodeVmState = "starting" | "running" | "stopping" | "zombie";
+
+/** Records a VM's state; false when the VM is no longer this node's. */
+export async function setVmState(db: Db, hostId: number, vmId: number, state: NodeVmState): Promise<boolean> {
+  const rows = await db`UPDATE vm_runtimes SET vm_state = ${state}, vm_state_ts = now(),
+      vma_ok_ts = CASE WHEN ${state} = 'running' THEN now() ELSE vma_ok_ts END
+    WHERE vm_id = ${vmId} AND host_id = ${hostId} RETURNING vm_id`;
+  if (rows.length === 1 && state === "running") await db`UPDATE vm_counters SET run_ok = run_ok + 1 WHERE vm_id = ${vmId}`;
+  return rows.length === 1;
+}
+
+/** The VM is stopped: the runtime row forgets everything about its last run on this node. */
+export async function clearVmRuntime(db: Db, hostId: number, vmId: number): Promise<void> {
+  await db`UPDATE vm_runtimes SET vm_state = 'stopped', vm_state_ts = now(), host_id = NULL, vm_cmd = NULL, vm_pid = NULL,
+      current_di_id = NULL, current_osf_id = NULL, vm_address = NULL, vma_port = NULL, x_port = NULL, vma_secret = NULL,
+      vma_ok_ts = NULL, expire_soft_at = NULL, expire_hard_at = NULL
+    WHERE vm_id = ${vmId} AND host_id = ${hostId}`;
+}
+
+/** A VM that could not start is blocked, with a reason an administrator can read. */
+export async function blockVmWithReason(db: Db, vmId: number, reason: string): Promise<void> {
+  await db`UPDATE vm_runtimes SET blocked = true, blocked_reason = ${reason.slice(0, 2000)} WHERE vm_id = ${vmId}`;
+}
+
+export interface NodeVmRow {
+  vm_id: number;
+  vm_state: string;
+  vma_secret: string | null;
+  vm_address: string | null;
+  vma_port: number | null;
+  expire_soft_at: Date | null;
+  expire_hard_at: Date | null;
+}
+
+/** This node's VMs that are not stopped (for reconciliation, monitoring and expiry). */
+export async function vmsOfHost(db: Db, hostId: number): Promise<NodeVmRow[]> {
+  return (await db`SELECT vm_id, vm_state, vma_secret, host(vm_address) AS vm_address, vma_port, expire_soft_at, expire_hard_at
+    FROM vm_runtimes WHERE host_id = ${hostId} AND vm_state <> 'stopped' ORDER BY vm_id`) as unknown as NodeVmRow[];
+}
+
+/** Sessions this node's L7R held when it died are over. */
+export async function clearL7rSessions(db: Db, hostId: number): Promise<number> {
+  const rows = await db`UPDATE vm_runtimes SET user_state = 'disconnected', user_state_ts = now(), user_cmd = NULL,
+      l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL WHERE l7r_host_id = ${hostId} RETURNING vm_id`;
+  return rows.length;
+}
