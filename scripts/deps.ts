@@ -24,10 +24,51 @@ export const DEPS = {
     globs: ["/usr/lib/postgresql/*/bin/pg_ctl"],
     packages: ["postgresql"],
   },
+  debootstrap: {
+    purpose: "builds Debian desktop images (`qvd di build`, test/di-build.test.ts)",
+    bins: ["debootstrap"],
+    globs: ["/usr/sbin/debootstrap"],
+    packages: ["debootstrap"],
+  },
+  xvfb: {
+    purpose: "a virtual X display (the client side of NX tests)",
+    bins: ["Xvfb"],
+    packages: ["xvfb"],
+  },
+  nxproxy: {
+    purpose: "the NX proxy of the client (tests)",
+    bins: ["nxproxy"],
+    packages: ["nxproxy"],
+  },
   runuser: {
     purpose: "runs PostgreSQL as an unprivileged user when started as root",
     bins: ["runuser"],
     packages: ["util-linux"],
+  },
+  lxc: {
+    purpose: "LXC containers (the LXC desktop backend)",
+    bins: ["lxc-start"],
+    packages: ["lxc"],
+  },
+  iproute2: {
+    purpose: "the VM bridge and veths (ip, bridge)",
+    bins: ["bridge"],
+    packages: ["iproute2"],
+  },
+  nftables: {
+    purpose: "the VM firewall (tables inet qvd and bridge qvd)",
+    bins: ["nft"],
+    packages: ["nftables"],
+  },
+  nsenter: {
+    purpose: "runs node commands inside a network namespace (tests)",
+    bins: ["nsenter"],
+    packages: ["util-linux"],
+  },
+  busybox: {
+    purpose: "a static busybox: the tiny root filesystem of LXC tests",
+    globs: ["/bin/busybox", "/usr/bin/busybox"],
+    packages: ["busybox-static"],
   },
 } satisfies Record<string, Dep>;
 

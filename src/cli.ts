@@ -13,7 +13,7 @@ export const commonArgs = {
 } as const satisfies ArgsDef;
 
 /** Every `--set k=v` (and `--set=k=v`) of the raw command line, in order. */
-function setFlags(rawArgs: string[]): { flag: string; key: string; value: string }[] {
+export function setFlags(rawArgs: string[]): { flag: string; key: string; value: string }[] {
   const out: { flag: string; key: string; value: string }[] = [];
   for (let i = 0; i < rawArgs.length; i++) {
     const a = rawArgs[i]!;

@@ -49,6 +49,9 @@ const cidr = z
   .string()
   .regex(/^(\d{1,3})(\.\d{1,3}){3}\/(\d|[12]\d|3[0-2])$/, "expected an IPv4 network such as 198.18.0.0/16");
 
+// "3030,4100/tcp,53/udp": TCP unless a protocol is given; empty means none.
+const portList = z.string().regex(/^\s*$|^\s*\d{1,5}(\/(tcp|udp))?(\s*,\s*\d{1,5}(\/(tcp|udp))?)*\s*$/, "expected ports such as 8443,53/udp");
+
 function key<T>(
   type: z.ZodType<T>,
   def: T | undefined,
@@ -109,8 +112,43 @@ export const KEYS = {
   "vm.network.gateway": key(str, "", "Gateway address given to VMs (default: the first address of the range).", { scope: "cluster" }),
   "vm.network.bridge": key(nonEmpty, "qvdnet0", "Bridge the VMs' network devices are attached to.", { scope: "node" }),
   "vm.network.mac.prefix": key(z.string().regex(/^[0-9a-f]{2}:[0-9a-f]{2}:[0-9a-f]{2}$/i, "expected three hex octets such as 54:52:00"), "54:52:00", "First three octets of VM MAC addresses (the rest comes from the IP).", { scope: "cluster" }),
+  "vm.network.bridge.create": key(bool, true, "Create the bridge when it is missing and give it the gateway address (off: it must already exist, and is left as it is).", { scope: "node" }),
+  "vm.network.firewall.enable": key(bool, true, "Install the nftables rules (tables `inet qvd` and `bridge qvd`) that confine VMs.", { scope: "node" }),
+  "vm.network.firewall.node_ports": key(portList, "", "Ports on this node that VMs may open connections to, e.g. `8443,53/udp` (default: none; replies to the node's own connections always pass)."),
+  "vm.network.firewall.vm_ports": key(portList, "3030,4100", "Ports of VMs that may be reached through this node from other hosts (the VMA and nxagent); the node itself reaches VMs freely."),
+  "vm.network.firewall.outbound": key(bool, true, "Let VMs open connections beyond the node (routed by the node; NAT is the administrator's business). Never to other VMs or to the node."),
+  "vm.lxc.path": key(str, "", "Directory of the LXC container configurations (default: <path.run>/lxc)."),
+  "vm.lxc.vma_init": key(bool, true, "The VMA is the container's init (the bind-mounted qvd binary runs `vma`). Off: the image's own init (vm.lxc.init) runs and must start `qvd vma` itself."),
+  "vm.lxc.init": key(nonEmpty, "/sbin/init", "The image's init, used when vm.lxc.vma_init is off."),
+  "vm.lxc.guest_qvd_path": key(z.string().regex(/^\/[^\s]+$/, "expected an absolute path without spaces"), "/usr/local/bin/qvd", "Where the qvd binary appears (read-only) inside LXC guests."),
+  "vm.lxc.halt_signal": key(str, "", "Signal lxc-stop sends to the container's init to shut it down (default: SIGTERM when the VMA is init, SIGRTMIN+3 for an image's own init such as systemd)."),
+  "vm.lxc.apparmor.profile": key(str, "", "AppArmor profile of containers (default: `generated` where AppArmor is enabled, else `unconfined`)."),
+  "vm.lxc.conf.extra": key(str, "", "Extra lines appended to every container configuration (`\\n` separates lines)."),
+  "di.build.mirror": key(str, "", "Debian mirror `qvd di build` installs from (default: the first Debian mirror of this machine's apt sources, else http://deb.debian.org/debian)."),
+  "di.build.cache": key(nonEmpty, "/var/cache/qvd/debootstrap", "Where `qvd di build` keeps downloaded packages and finished images between builds."),
   "vm.hypervisor": key(oneOf(["lxc", "kvm"]), "lxc", "Backend that runs desktops on this node."),
   "vm.kvm.accel": key(oneOf(["kvm", "tcg", "auto"]), "auto", "QEMU acceleration: kvm, tcg, or auto (kvm when it really works)."),
+
+  // The VMA (`qvd vma`, inside the guest). It reads no database: these come from /etc/qvd/vma.conf
+  // in the image, QVD_VMA_* variables, `--set`, or the `settings` object of /run/qvd/vma.json.
+  "vma.display": key(int(1, 999), 100, "X display number of the NX session; nxagent listens for the client's NX proxy on TCP 4000 + display."),
+  "vma.command.nxagent": key(nonEmpty, "/usr/bin/nxagent", "The nxagent binary (the X server of the session)."),
+  "vma.command.xinit": key(nonEmpty, "xinit", "The xinit binary that starts the session under nxagent."),
+  "vma.nxagent.args.extra": key(str, "", "Extra nxagent arguments, split on spaces, appended after the standard ones."),
+  "vma.nxagent.tolerancechecks": key(oneOf(["strict", "safe", "risky", "bypass"]), "risky", "nxagent `tolerancechecks=` option (how strictly it checks the client proxy version)."),
+  "vma.session.command": key(str, "", "The session xinit runs as the user (default: /usr/local/bin/qvd-session if it exists, else /etc/X11/Xsession)."),
+  "vma.session.as_current_user": key(bool, false, "TEST AID: no provisioning; run the session as the VMA's own user (host tests without root's consent to new accounts)."),
+  "vma.provision.root": key(nonEmpty, "/", "Filesystem root for user provisioning and homes (useradd/groupadd --root); not \"/\" only in tests."),
+  "vma.user.home.path": key(nonEmpty, "/home", "Directory under which users' homes are (a home is <path>/<user>)."),
+  "vma.user.shell": key(nonEmpty, "/bin/bash", "Login shell of provisioned users."),
+  "vma.user.groups": key(str, "", "Comma-separated supplementary groups for provisioned users (must exist in the image; the original used qvduser)."),
+  "vma.default.lang": key(str, "en_US.UTF-8", "LANG of the session when the image's locale files set none."),
+  "vma.timeout.starting": key(int(1), 20, "Seconds nxagent may take from x_start to listening before it is terminated (the original's nxagent `initiating` timeout, which it never applied)."),
+  "vma.timeout.listening": key(int(1), 10, "Seconds the client's NX proxy has to connect once nxagent listens; then the session is terminated."),
+  "vma.timeout.suspending": key(int(1), 20, "Seconds nxagent may stay suspending before it is terminated."),
+  "vma.timeout.stopping": key(int(1), 20, "Seconds nxagent may take to terminate after SIGTERM before it (and the session) get SIGKILL."),
+  "vma.poweroff.command": key(str, "", "Command the poweroff method runs after stopping the session when the VMA is not PID 1 (e.g. `poweroff` when the image's own init started the VMA); empty: the VMA just exits (as PID 1 that stops the container)."),
+  "vma.on_action.expire": key(str, "", "Program run on the expire method (arguments: vm.expiration.soft <ts> vm.expiration.hard <ts>), e.g. to warn the user."),
 } as const satisfies Record<string, KeyDef<any>>;
 
 export type ConfigKey = keyof typeof KEYS;

@@ -11,7 +11,10 @@ export const main = defineCommand({
     api: () => import("./roles/api.ts").then((m) => m.default),
     config: () => import("./roles/config.ts").then((m) => m.default),
     db: () => import("./roles/db.ts").then((m) => m.default),
+    hkd: () => import("./roles/hkd.ts").then((m) => m.default),
     demo: () => import("./roles/demo.ts").then((m) => m.default),
+    di: () => import("./roles/di.ts").then((m) => m.default),
+    vma: () => import("./roles/vma.ts").then((m) => m.default),
   },
 });
 

@@ -1,5 +1,6 @@
 // The one runner for external programs (lxc-*, qemu, ip, tar, initdb, …): logs the command
 // line, captures output, and turns a non-zero exit into an error that names the command.
+import os from "node:os";
 import { UserError } from "./errors.ts";
 import { logger } from "./log.ts";
 
@@ -20,7 +21,10 @@ export class CommandError extends UserError {
 export interface RunOptions {
   cwd?: string;
   env?: Record<string, string | undefined>;
-  stdin?: string | Uint8Array;
+  /** Input; a stream is piped as it is read (large files, with hashing or progress on the way). */
+  stdin?: string | Uint8Array | ReadableStream<Uint8Array>;
+  /** Called with each line of output as it arrives (the output is still captured in the result). */
+  onLine?: (line: string, stream: "stdout" | "stderr") => void;
   /** Do not throw on a non-zero exit; the caller inspects `status`. */
   allowFail?: boolean;
   /** Kill the program after this many milliseconds. */
@@ -38,6 +42,17 @@ function shellQuote(a: string): string {
   return /^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, "'\\''")}'`;
 }
 
+/**
+ * Pids of the children this process spawned through this module and has not yet seen exit.
+ * Bun reaps them itself; a PID 1 reaper (src/vma/init.ts) must leave them alone.
+ */
+export const ownChildren = new Set<number>();
+
+function track(proc: { pid: number; exited: Promise<number> }): void {
+  ownChildren.add(proc.pid);
+  void proc.exited.finally(() => ownChildren.delete(proc.pid));
+}
+
 export async function run(argv: string[], opts: RunOptions = {}): Promise<RunResult> {
   const line = argv.map(shellQuote).join(" ");
   log.debug("exec", { cmd: line });
@@ -46,7 +61,7 @@ export async function run(argv: string[], opts: RunOptions = {}): Promise<RunRes
     proc = Bun.spawn(argv, {
       cwd: opts.cwd,
       env: opts.env ? { ...process.env, ...opts.env } : process.env,
-      stdin: opts.stdin === undefined ? "ignore" : new Blob([opts.stdin as BlobPart]),
+      stdin: opts.stdin === undefined ? "ignore" : opts.stdin instanceof ReadableStream ? opts.stdin : new Blob([opts.stdin as BlobPart]),
       stdout: "pipe",
       stderr: "pipe",
       timeout: opts.timeoutMs,
@@ -54,11 +69,137 @@ export async function run(argv: string[], opts: RunOptions = {}): Promise<RunRes
   } catch (err) {
     throw new CommandError(argv[0] ?? "?", null, (err as Error).message);
   }
+  track(proc);
   const [stdout, stderr, status] = await Promise.all([
-    new Response(proc.stdout).text(),
-    new Response(proc.stderr).text(),
+    opts.onLine ? readLines(proc.stdout, (l) => opts.onLine!(l, "stdout")) : new Response(proc.stdout).text(),
+    opts.onLine ? readLines(proc.stderr, (l) => opts.onLine!(l, "stderr")) : new Response(proc.stderr).text(),
     proc.exited,
   ]);
   if (status !== 0 && !opts.allowFail) throw new CommandError(line, status, stderr || stdout);
   return { status, stdout, stderr };
+}
+
+/** Reads a stream to its end, calling `onLine` for every complete line; returns the whole text. */
+async function readLines(stream: ReadableStream<Uint8Array>, onLine: (line: string) => void): Promise<string> {
+  const decoder = new TextDecoder();
+  let all = "";
+  let pending = "";
+  const reader = stream.getReader();
+  for (;;) {
+    const { done, value: chunk } = await reader.read();
+    if (done) break;
+    const text = decoder.decode(chunk, { stream: true });
+    all += text;
+    const lines = (pending + text).split("\n");
+    pending = lines.pop()!;
+    for (const l of lines) onLine(l.replace(/\r$/, ""));
+  }
+  const tail = decoder.decode();
+  all += tail;
+  if (pending + tail) onLine((pending + tail).replace(/\r$/, ""));
+  return all;
+}
+
+export interface DaemonOptions {
+  cwd?: string;
+  /** The complete environment of the child (not merged with this process's). */
+  env?: Record<string, string | undefined>;
+  /** Called with every line the child writes on stdout or stderr (merged, in arrival order per stream). */
+  onLine?: (line: string, stream: "stdout" | "stderr") => void;
+  /** Own process group (setsid), so that the whole tree can be signalled with `killGroup`. */
+  detached?: boolean;
+}
+
+export interface Daemon {
+  readonly pid: number;
+  readonly command: string;
+  /** Exit code, or 128 + signal number when a signal ended it. */
+  readonly exited: Promise<number>;
+  /** Resolves once both output streams have been read to the end. */
+  readonly drained: Promise<void>;
+  kill(signal?: NodeJS.Signals | number): boolean;
+  /** Signals the child's process group (only meaningful with `detached`). */
+  killGroup(signal?: NodeJS.Signals | number): boolean;
+}
+
+async function pumpLines(stream: ReadableStream<Uint8Array>, emit: (line: string) => void): Promise<void> {
+  const decoder = new TextDecoder();
+  let buf = "";
+  const reader = stream.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    buf += decoder.decode(value, { stream: true });
+    let nl: number;
+    while ((nl = buf.indexOf("\n")) >= 0) {
+      emit(buf.slice(0, nl).replace(/\r$/, ""));
+      buf = buf.slice(nl + 1);
+    }
+  }
+  buf += decoder.decode();
+  if (buf !== "") emit(buf);
+}
+
+/**
+ * Starts a long-running child (nxagent under xinit, …) without waiting for it: its output is
+ * handed over line by line, the command line is logged as `run` does.
+ */
+export function spawnDaemon(argv: string[], opts: DaemonOptions = {}): Daemon {
+  const line = argv.map(shellQuote).join(" ");
+  log.info("spawn", { cmd: line });
+  let proc;
+  try {
+    proc = Bun.spawn(argv, {
+      cwd: opts.cwd,
+      env: opts.env ?? process.env,
+      stdin: "ignore",
+      stdout: "pipe",
+      stderr: "pipe",
+      detached: opts.detached,
+    });
+  } catch (err) {
+    throw new CommandError(argv[0] ?? "?", null, (err as Error).message);
+  }
+  track(proc);
+  const emit = (stream: "stdout" | "stderr") => (l: string) => {
+    try {
+      opts.onLine?.(l, stream);
+    } catch (err) {
+      log.error("output handler failed", { cmd: argv[0], err: (err as Error).message });
+    }
+  };
+  const drained = Promise.all([
+    pumpLines(proc.stdout, emit("stdout")).catch(() => {}),
+    pumpLines(proc.stderr, emit("stderr")).catch(() => {}),
+  ]).then(() => {});
+  const p = proc;
+  const exited = p.exited.then((code) => {
+    const sig = p.signalCode;
+    const status = sig ? 128 + (os.constants.signals[sig as keyof typeof os.constants.signals] ?? 0) : code;
+    log.info("exited", { cmd: argv[0], pid: p.pid, status });
+    return status;
+  });
+  return {
+    pid: p.pid,
+    command: line,
+    exited,
+    drained,
+    kill: (signal = "SIGTERM") => {
+      if (p.exitCode !== null || p.signalCode !== null) return false;
+      try {
+        p.kill(signal);
+        return true;
+      } catch {
+        return false;
+      }
+    },
+    killGroup: (signal = "SIGTERM") => {
+      try {
+        process.kill(-p.pid, signal);
+        return true;
+      } catch {
+        return false;
+      }
+    },
+  };
 }

@@ -64,7 +64,7 @@ function actionRoutes(a: ActionSpec): Route[] {
       },
     },
     {
-      method: "POST", path: `/${a.path}/actions/${a.name}`, tag: a.path, acl: [a.acl], body: a.body,
+      method: "POST", path: `/${a.path}/actions/${a.name}`, tag: a.path, acl: [a.acl], body: a.body, query: "list",
       summary: `${a.summary}, for every ${kind} matching the filter (as for the list; all=true for every one)`,
       audit: { action: `${kind}.${a.name}_many`, object: kind },
       handler: (ctx) => {
@@ -89,9 +89,12 @@ const PROPERTY_OBJECTS: [string, D.PropertyTarget, string][] = [
   ["users", "user", "user"], ["vms", "vm", "vm"], ["hosts", "host", "host"], ["osfs", "osf", "osf"], ["dis", "di", "di"],
 ];
 
-/** The tenant a configuration request is about: the admin's own, or any for a superadmin. */
-function configTenant(ctx: Ctx, given: number | undefined): number {
-  if (ctx.scope.tenantId === null) return given ?? 0;
+/** The tenant a configuration request is about: the admin's own, or any existing one for a superadmin. */
+async function configTenant(ctx: Ctx, given: number | undefined): Promise<number> {
+  if (ctx.scope.tenantId === null) {
+    if (given !== undefined && !(await D.find(ctx.sql, D.tenants, ctx.scope, given))) throw new DataError("no such tenant", 404);
+    return given ?? 0;
+  }
   if (given !== undefined && given !== ctx.scope.tenantId) throw new DataError("no such tenant", 404);
   return ctx.scope.tenantId;
 }
@@ -164,7 +167,7 @@ export const ACTION_ROUTES: Route[] = [
     audit: { action: "role.unassign_role", object: "role" },
     handler: async (ctx) => {
       ctx.audited.object_id = idParam(ctx);
-      if (!(await D.removeInheritance(ctx.sql, ctx.scope, idParam(ctx), Number(ctx.params.parent)))) throw new DataError("the role does not inherit that role", 404);
+      if (!(await D.removeInheritance(ctx.sql, ctx.scope, idParam(ctx), idParam(ctx, "parent")))) throw new DataError("the role does not inherit that role", 404);
       return D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
     } },
   { method: "GET", path: "/administrators/:id/acls", tag: "administrators", acl: ["administrator.see"], summary: "An administrator's effective ACLs",
@@ -184,7 +187,7 @@ export const ACTION_ROUTES: Route[] = [
     audit: { action: "administrator.unassign_role", object: "administrator" },
     handler: async (ctx) => {
       ctx.audited.object_id = idParam(ctx);
-      if (!(await D.unassignRole(ctx.sql, ctx.scope, idParam(ctx), Number(ctx.params.role)))) throw new DataError("the administrator does not have that role", 404);
+      if (!(await D.unassignRole(ctx.sql, ctx.scope, idParam(ctx), idParam(ctx, "role")))) throw new DataError("the administrator does not have that role", 404);
       return D.get(ctx.sql, D.administrators, ctx.scope, idParam(ctx));
     } },
 
@@ -211,9 +214,9 @@ export const ACTION_ROUTES: Route[] = [
   ]),
 
   // Cluster configuration (the `configs` table), per tenant over the global scope.
-  { method: "GET", path: "/configs", tag: "configs", acl: ["config.see"], summary: "Cluster settings: effective value, default and source (?tenant_id= for a tenant's view)",
+  { method: "GET", path: "/configs", tag: "configs", acl: ["config.see"], query: ["tenant_id"], summary: "Cluster settings: effective value, default and source (?tenant_id= for a tenant's view)",
     handler: async (ctx) => {
-      const tenant = configTenant(ctx, tenantParam(ctx));
+      const tenant = await configTenant(ctx, tenantParam(ctx));
       const rows = await D.listConfigRows(ctx.sql, tenant);
       const items = (Object.keys(KEYS) as ConfigKey[]).filter((k) => KEYS[k].scope === "cluster").map((k) => {
         const own = rows.find((r) => r.key === k && r.tenant_id === tenant && tenant !== 0);
@@ -232,15 +235,15 @@ export const ACTION_ROUTES: Route[] = [
     audit: { action: "config.set", object: "config" },
     handler: async (ctx) => {
       const b = D.validate(ConfigValue, objectBody(ctx.body));
-      const tenant = configTenant(ctx, b.tenant_id);
+      const tenant = await configTenant(ctx, b.tenant_id);
       ctx.audited.object_name = ctx.params.key;
       ctx.audited.tenant_id = tenant;
       return D.setConfig(ctx.sql, tenant, clusterKey(ctx.params.key!), b.value);
     } },
-  { method: "DELETE", path: "/configs/:key", tag: "configs", acl: ["config.update"], summary: "Remove an override (?tenant_id= for a tenant's)",
+  { method: "DELETE", path: "/configs/:key", tag: "configs", acl: ["config.update"], query: ["tenant_id"], summary: "Remove an override (?tenant_id= for a tenant's)",
     audit: { action: "config.delete", object: "config" },
     handler: async (ctx) => {
-      const tenant = configTenant(ctx, tenantParam(ctx));
+      const tenant = await configTenant(ctx, tenantParam(ctx));
       ctx.audited.object_name = ctx.params.key;
       ctx.audited.tenant_id = tenant;
       if (!(await D.deleteConfig(ctx.sql, tenant, clusterKey(ctx.params.key!)))) throw new DataError(`no override of ${ctx.params.key} here`, 404);

@@ -51,7 +51,12 @@ export interface Route {
   acl?: string[] | ((ctx: Ctx) => string[]);
   /** No session needed (login, OpenAPI). */
   public?: boolean;
-  /** JSON body schema (documented in OpenAPI; validated by the data layer or the handler). */
+  /**
+   * Query parameters the route reads: "list" for a list query (filters, sort, paging, fields),
+   * or their names. The pipeline refuses any other parameter.
+   */
+  query?: "list" | readonly string[];
+  /** JSON body schema (documented in OpenAPI; validated by the data layer or the handler). A route without one takes no body. */
   body?: z.ZodType;
   /** Raw body: the handler reads `ctx.request` itself (uploads). */
   rawBody?: boolean;

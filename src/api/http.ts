@@ -2,6 +2,7 @@
 // query strings (`?vm_state=running&name[like]=desk%&sort=-name&limit=50`).
 import { DataError, ValidationError } from "../db/errors.ts";
 import { FILTER_OPS, type Filter, type FilterOp, type ListQuery } from "../db/objects.ts";
+import type { Route } from "./context.ts";
 
 export class ApiError extends DataError {}
 
@@ -38,10 +39,61 @@ export async function readJson(request: Request, limit = MAX_JSON_BODY): Promise
   if (text.trim() === "") return {};
   const type = request.headers.get("content-type") ?? "application/json";
   if (!/^application\/(.+\+)?json\b/i.test(type)) throw new ApiError("the body must be JSON (Content-Type: application/json)", 415);
+  let parsed: unknown;
   try {
-    return JSON.parse(text);
+    parsed = JSON.parse(text);
   } catch {
     throw new ApiError("the body is not valid JSON", 400);
+  }
+  if (depthOver(parsed, MAX_JSON_DEPTH)) throw new ApiError(`the body is nested more than ${MAX_JSON_DEPTH} levels deep`, 400);
+  return parsed;
+}
+
+/** No API body needs deep nesting; deeper ones would only strain whatever walks them. */
+export const MAX_JSON_DEPTH = 32;
+
+/** Whether a parsed JSON value is nested deeper than `max` (iteratively: no recursion to exhaust). */
+function depthOver(v: unknown, max: number): boolean {
+  const stack: [unknown, number][] = [[v, 0]];
+  while (stack.length) {
+    const [x, d] = stack.pop()!;
+    if (!x || typeof x !== "object") continue;
+    if (d >= max) return true;
+    for (const y of Object.values(x)) stack.push([y, d + 1]);
+  }
+  return false;
+}
+
+/** The path of the first string (or key) holding a NUL character, which PostgreSQL text cannot store. */
+function nulPath(v: unknown, path: string): string | undefined {
+  if (typeof v === "string") return v.includes("\0") ? path : undefined;
+  if (!v || typeof v !== "object") return undefined;
+  for (const [k, x] of Object.entries(v)) {
+    const p = path ? `${path}.${k}` : k;
+    if (k.includes("\0")) return p;
+    const found = nulPath(x, p);
+    if (found !== undefined) return found;
+  }
+  return undefined;
+}
+
+/**
+ * What every route's input must satisfy beyond its own validation: only the query parameters
+ * it declares, no body unless it has a body schema, and no NUL characters anywhere.
+ */
+export function checkInput(route: Route, url: URL, params: Record<string, string>, body: unknown): void {
+  for (const [k, v] of url.searchParams) {
+    if (route.query !== "list" && !route.query?.includes(k)) throw new ValidationError(k, "unknown query parameter");
+    if (k.includes("\0") || v.includes("\0")) throw new ValidationError(k, "must not contain NUL characters");
+  }
+  for (const [k, v] of Object.entries(params)) if (v.includes("\0")) throw new ValidationError(k, "must not contain NUL characters");
+  const nul = nulPath(body, "");
+  if (nul !== undefined) throw new ValidationError(nul || undefined, "must not contain NUL characters");
+  if (!route.body && !route.rawBody && body !== undefined) {
+    const isObject = body !== null && typeof body === "object" && !Array.isArray(body);
+    if (!isObject) throw new ValidationError(undefined, "this request takes no body");
+    const keys = Object.keys(body);
+    if (keys.length) throw new ValidationError(keys[0], `unknown field${keys.length > 1 ? "s" : ""} ${keys.map((k) => `"${k}"`).join(", ")}`);
   }
 }
 

@@ -19,8 +19,8 @@ export interface ResourceSpec {
   deletable?: boolean;
 }
 
-const id = (ctx: Ctx) => {
-  const s = ctx.params.id ?? "";
+const id = (ctx: Ctx, param = "id") => {
+  const s = ctx.params[param] ?? "";
   if (!/^\d{1,9}$/.test(s)) throw new DataError(`no such object ${JSON.stringify(s)}`, 404);
   return Number(s);
 };
@@ -34,7 +34,8 @@ const asObject = (body: unknown): Record<string, unknown> => {
 function updateAcls(spec: ResourceSpec, body: unknown): string[] {
   if (!body || typeof body !== "object") return [`${spec.acl}.update`];
   const acls = new Set<string>();
-  for (const f of Object.keys(body)) acls.add(spec.fieldAcls?.[f] ?? `${spec.acl}.update`);
+  // Own properties only: a field named "__proto__" or "constructor" is not a field ACL.
+  for (const f of Object.keys(body)) acls.add(spec.fieldAcls && Object.hasOwn(spec.fieldAcls, f) ? spec.fieldAcls[f]! : `${spec.acl}.update`);
   if (acls.size === 0) acls.add(`${spec.acl}.update`);
   return [...acls];
 }
@@ -93,7 +94,7 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
   const kind = def.kind;
   const routes: Route[] = [
     {
-      method: "GET", path: `/${path}`, tag, acl: [`${acl}.see`],
+      method: "GET", path: `/${path}`, tag, acl: [`${acl}.see`], query: "list",
       summary: `List ${path}: filter with ?field=value or ?field[op]=value (eq ne lt le gt ge in like null notnull), sort=-field, limit, offset, fields`,
       handler: async (ctx) => {
         const q = listQueryFrom(ctx.url.searchParams);
@@ -131,7 +132,7 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
       },
     });
     routes.push({
-      method: "PATCH", path: `/${path}`, tag, acl: (ctx) => updateAcls(spec, ctx.body), body: def.update.partial(),
+      method: "PATCH", path: `/${path}`, tag, acl: (ctx) => updateAcls(spec, ctx.body), body: def.update.partial(), query: "list",
       summary: `Change every ${kind} matching the filter (query as for the list; all=true for every one); a result per object`,
       audit: { action: `${kind}.update_many`, object: kind },
       handler: async (ctx) => {
@@ -153,7 +154,7 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
       },
     });
     routes.push({
-      method: "DELETE", path: `/${path}`, tag, acl: [`${acl}.delete`], summary: `Delete every ${kind} matching the filter; a result per object`,
+      method: "DELETE", path: `/${path}`, tag, acl: [`${acl}.delete`], query: "list", summary: `Delete every ${kind} matching the filter; a result per object`,
       audit: { action: `${kind}.delete_many`, object: kind },
       handler: (ctx) => forEachMatching(ctx, def, async (objId) => void (await D.remove(ctx.sql, def, ctx.scope, objId))),
     });

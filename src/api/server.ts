@@ -5,14 +5,14 @@ import { Elysia } from "elysia";
 import type { Config } from "../config.ts";
 import { audit as writeAudit, type AuditEntry } from "../db/audit.ts";
 import { DataError } from "../db/errors.ts";
-import { ALL_TENANTS, tenantScope } from "../db/objects.ts";
+import { ALL_TENANTS, find, tenantScope, type ObjectDef } from "../db/objects.ts";
 import type { Sql } from "../db/pool.ts";
 import { logger } from "../log.ts";
 import { ACTION_ROUTES } from "./actions.ts";
 import { AUTH_ROUTES, authenticate, tokenOf } from "./auth.ts";
 import type { Ctx, Route, Source } from "./context.ts";
 import { EventHub } from "./events.ts";
-import { ApiError, errorBody, forbidden, readJson } from "./http.ts";
+import { ApiError, checkInput, errorBody, forbidden, readJson } from "./http.ts";
 import { openApiDocument } from "./openapi.ts";
 import { RESOURCES, resourceRoutes } from "./resources.ts";
 import { UPLOAD_ROUTES } from "./uploads.ts";
@@ -67,6 +67,7 @@ export function createApi(opts: ApiOptions) {
         const missing = needed.filter((a) => !ctx.admin.acls.has(a));
         if (missing.length) throw forbidden(missing);
       }
+      checkInput(route, ctx.url, params, ctx.body);
       result = await route.handler(ctx);
     } catch (err) {
       if (err instanceof DataError) failure = err;
@@ -81,11 +82,29 @@ export function createApi(opts: ApiOptions) {
     return json(ctx.set.status, result ?? { ok: true }, ctx.set.headers);
   }
 
+  const defs = new Map<string, ObjectDef<any>>(RESOURCES.map((r) => [r.def.kind, r.def]));
+
   async function recordAudit(ctx: Ctx, route: Route, failure: DataError | undefined): Promise<void> {
     // An unauthenticated request to a protected route is not an administrator's action.
     if (!route.public && failure?.status === 401) return;
     const a = ctx.audited;
+    // Arguments are an object in the log, whatever the body was (an array, a number…).
+    const args = a.arguments ?? ctx.body;
     try {
+      // An entry about an object belongs to the object's tenant (so that tenant's administrators
+      // see it), also when the handler failed before saying so. Looked up within the caller's
+      // scope: another tenant's object is not named in an entry of the caller's tenant.
+      const def = defs.get(route.audit!.object ?? "");
+      if (def && typeof a.object_id === "number" && (a.tenant_id === undefined || a.tenant_name === undefined || a.object_name === undefined)) {
+        const row = await find(opts.sql, def, ctx.scope, a.object_id).catch(() => undefined);
+        if (row && (a.tenant_id === undefined || a.tenant_id === row.tenant_id)) {
+          a.object_name ??= (row.name ?? row.key ?? row.version) as string | undefined;
+          if (typeof row.tenant_id === "number") {
+            a.tenant_id = row.tenant_id;
+            a.tenant_name ??= row.tenant_name as string | undefined;
+          }
+        }
+      }
       await writeAudit(opts.sql, {
         action: route.audit!.action,
         object_type: (route.audit!.object ?? null) as AuditEntry["object_type"],
@@ -96,7 +115,7 @@ export function createApi(opts: ApiOptions) {
         superadmin: a.superadmin ?? ctx.admin?.superadmin ?? false,
         tenant_id: a.tenant_id ?? ctx.admin?.tenant_id ?? null,
         tenant_name: a.tenant_name ?? (a.tenant_id === undefined ? ctx.admin?.tenant_name : undefined) ?? null,
-        arguments: (a.arguments ?? (ctx.body && typeof ctx.body === "object" ? ctx.body : {})) as Record<string, unknown>,
+        arguments: (args && typeof args === "object" && !Array.isArray(args) ? args : args === undefined || args === null ? {} : { body: args }) as Record<string, unknown>,
         ok: !failure,
         error: failure?.message ?? null,
         source: ctx.source,
@@ -107,10 +126,13 @@ export function createApi(opts: ApiOptions) {
     }
   }
 
+  // Elysia knows the server (and so the client's address) only when it starts the server
+  // itself; served with Bun.serve({ fetch }), the address comes through `fetch` below.
+  const addresses = new WeakMap<Request, string>();
   const app = new Elysia({ normalize: false });
   for (const route of routes) {
     app.route(route.method, "/api/v1" + route.path, ({ request, params, server }) =>
-      handle(route, request, params as Record<string, string>, server?.requestIP(request)?.address), { parse: "none" });
+      handle(route, request, (params ?? {}) as Record<string, string>, addresses.get(request) ?? server?.requestIP(request)?.address), { parse: "none" });
   }
   app.get("/api/v1/openapi.json", () => json(200, openapi));
   app.onError(({ code, error }) => {
@@ -118,5 +140,11 @@ export function createApi(opts: ApiOptions) {
     log.error("unhandled", { code: String(code), error: (error as Error)?.message });
     return json(500, { error: { status: 500, message: "internal error; the server log has the details" } });
   });
-  return { app, routes, hub, openapi };
+  /** The handler to serve: `Bun.serve({ fetch })` (it records the client's address for the audit log and throttling). */
+  const fetch = (request: Request, server?: { requestIP(r: Request): { address: string } | null }): Response | Promise<Response> => {
+    const ip = server?.requestIP(request)?.address;
+    if (ip) addresses.set(request, ip);
+    return app.fetch(request);
+  };
+  return { app, fetch, routes, hub, openapi };
 }

@@ -43,28 +43,32 @@ export type AuditEntry = Omit<AuditRow, "id" | "at" | "superadmin" | "arguments"
 
 const SECRET_KEY = /pass(word)?|secret|token|key$|totp|credential/i;
 
-/** Replaces the values of secret-looking keys, at any depth. */
+/** Replaces the values of secret-looking keys, at any depth (and NULs, which jsonb cannot hold). */
 export function redact(v: unknown): unknown {
+  if (typeof v === "string") return clean(v);
   if (Array.isArray(v)) return v.map(redact);
   if (v && typeof v === "object" && !(v instanceof Date))
-    return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, SECRET_KEY.test(k) && x !== null && x !== undefined ? "********" : redact(x)]));
+    return Object.fromEntries(Object.entries(v).map(([k, x]) => [clean(k), SECRET_KEY.test(k) && x !== null && x !== undefined ? "********" : redact(x)]));
   return v;
 }
+
+/** Text as PostgreSQL (and jsonb) can store it: NULs and lone surrogates become U+FFFD. */
+const clean = <T extends string | null | undefined>(s: T): T => (typeof s === "string" ? s.toWellFormed().replace(/\0/g, "\uFFFD") : s) as T;
 
 export async function audit(db: Db, e: AuditEntry): Promise<number> {
   const [r] = await db`INSERT INTO audit_log ${db({
     administrator_id: e.administrator_id ?? null,
-    administrator_name: e.administrator_name ?? null,
+    administrator_name: clean(e.administrator_name) ?? null,
     superadmin: e.superadmin ?? false,
     tenant_id: e.tenant_id ?? null,
     tenant_name: e.tenant_name ?? null,
     action: e.action,
     object_type: e.object_type ?? null,
     object_id: e.object_id ?? null,
-    object_name: e.object_name ?? null,
+    object_name: clean(e.object_name) ?? null,
     arguments: redact(e.arguments ?? {}) as Record<string, unknown>,
     ok: e.ok,
-    error: e.error ?? null,
+    error: clean(e.error) ?? null,
     source: e.source,
     address: e.address ?? null,
   } as Record<string, any>)} RETURNING id::int`;

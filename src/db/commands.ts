@@ -2,7 +2,7 @@
 // Each command is one atomic UPDATE that checks the state it needs in its WHERE clause
 // (never read-then-write); the database notifies the owning node's channel on commit.
 import { ConflictError } from "./errors.ts";
-import { get, type Scope } from "./objects.ts";
+import { checkWritable, get, type Scope } from "./objects.ts";
 import type { Db } from "./pool.ts";
 import { hosts } from "./hosts.ts";
 import { users } from "./users.ts";
@@ -89,13 +89,14 @@ export async function disconnectUser(db: Db, scope: Scope, userId: number): Prom
 }
 
 export async function setHostBlocked(db: Db, scope: Scope, hostId: number, blocked: boolean): Promise<void> {
-  await get(db, hosts, scope, hostId);
+  checkWritable(hosts, scope, await get(db, hosts, scope, hostId), "update");
   await db`UPDATE host_runtimes SET blocked = ${blocked} WHERE host_id = ${hostId}`;
 }
 
 /** Commands a stop of every running VM of a node; returns how many were told. */
 export async function stopHostVms(db: Db, scope: Scope, hostId: number): Promise<number> {
-  await get(db, hosts, scope, hostId);
+  // A node runs every tenant's desktops: only a superadministrator may stop them all.
+  checkWritable(hosts, scope, await get(db, hosts, scope, hostId), "update");
   const rows = await db`UPDATE vm_runtimes SET vm_cmd = 'stop'
      WHERE host_id = ${hostId} AND vm_state IN ('starting', 'running', 'debugging') AND (vm_cmd IS NULL OR vm_cmd = 'start')
      RETURNING vm_id`;

@@ -3,7 +3,7 @@
 // stored, so a node never reads a value it cannot parse.
 import { z } from "zod";
 import { isConfigKey, KEYS, parseValue } from "../config.ts";
-import { ValidationError } from "./errors.ts";
+import { translatePgError, ValidationError } from "./errors.ts";
 import type { Db } from "./pool.ts";
 
 export const ConfigRow = z.object({
@@ -33,10 +33,14 @@ function checkClusterKey(key: string, value: string): void {
 
 export async function setConfig(db: Db, tenantId: number, key: string, value: string): Promise<ConfigRow> {
   checkClusterKey(key, value);
-  const [r] = await db`INSERT INTO configs (tenant_id, key, value) VALUES (${tenantId}, ${key}, ${value})
-    ON CONFLICT (tenant_id, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
-    RETURNING tenant_id, key, value, updated_at`;
-  return ConfigRow.parse(r);
+  try {
+    const [r] = await db`INSERT INTO configs (tenant_id, key, value) VALUES (${tenantId}, ${key}, ${value})
+      ON CONFLICT (tenant_id, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
+      RETURNING tenant_id, key, value, updated_at`;
+    return ConfigRow.parse(r);
+  } catch (err) {
+    throw translatePgError(err, "config"); // e.g. no such tenant
+  }
 }
 
 /** Removes an override; returns whether there was one. */

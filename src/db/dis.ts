@@ -2,10 +2,10 @@
 // Every image has a fixed tag equal to its version; `head` follows the newest image; the
 // first image of an OSF also gets `default`, the tag new VMs use.
 import { z } from "zod";
-import { ConflictError, ValidationError } from "./errors.ts";
+import { ConflictError, translatePgError, ValidationError } from "./errors.ts";
 import { description, get, timestamp, type ObjectDef, type Scope } from "./objects.ts";
 import { osfs } from "./osfs.ts";
-import type { Db } from "./pool.ts";
+import { transaction, type Db } from "./pool.ts";
 
 export const DI_STATES = ["new", "uploading", "verifying", "ready", "published", "failed", "retired"] as const;
 export const PROTECTED_TAGS = ["head", "default"] as const;
@@ -119,7 +119,12 @@ export async function tagDi(db: Db, scope: Scope, diId: number, t: string, expir
   const parsed = tag.safeParse(t);
   if (!parsed.success) throw new ValidationError("tag", parsed.error.issues[0]!.message);
   const di = await get(db, dis, scope, diId);
-  return moveTag(db, diId, di.osf_id, t, expiry);
+  try {
+    // One transaction, so that a tag is never lost between its removal and its insertion.
+    return await transaction(db, (tx) => moveTag(tx, diId, di.osf_id, t, expiry));
+  } catch (err) {
+    throw translatePgError(err, "di"); // another request moved the same tag at the same moment: 409
+  }
 }
 
 /** Removes a tag from an image. `head`, `default` and version tags stay. */

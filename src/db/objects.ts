@@ -220,15 +220,13 @@ export async function list<Row extends Record<string, unknown>>(db: Db, def: Obj
   }
   const cols = fields ? db(fields) : db`*`;
   try {
-    const rows = await db`SELECT ${cols}, count(*) OVER () AS __total FROM ${db(def.view)}
-      WHERE ${and(db, conds)} ORDER BY ${order} LIMIT ${limit} OFFSET ${offset}`;
-    let total = Number(rows[0]?.__total ?? 0);
-    if (rows.length === 0 && offset > 0) {
-      // Past the end: count separately so the caller still learns the total.
-      const [c] = await db`SELECT count(*)::int AS n FROM ${db(def.view)} WHERE ${and(db, conds)}`;
-      total = c!.n;
-    }
-    return { total, rows: rows.map((r) => parseRow<Row>(def, r, fields)) };
+    // Page and total as two queries: the page can then walk an index and stop after `limit`
+    // rows, and the count can skip the view's joins that it does not need.
+    const [rows, [c]] = await Promise.all([
+      db`SELECT ${cols} FROM ${db(def.view)} WHERE ${and(db, conds)} ORDER BY ${order} LIMIT ${limit} OFFSET ${offset}`,
+      db`SELECT count(*)::int AS n FROM ${db(def.view)} WHERE ${and(db, conds)}`,
+    ]);
+    return { total: c!.n, rows: rows.map((r) => parseRow<Row>(def, r, fields)) };
   } catch (err) {
     throw translatePgError(err, def.kind);
   }
@@ -249,7 +247,8 @@ export async function get<Row extends Record<string, unknown>>(db: Db, def: Obje
 }
 
 export async function find<Row extends Record<string, unknown>>(db: Db, def: ObjectDef<Row>, scope: Scope, id: number): Promise<Row | undefined> {
-  if (!Number.isSafeInteger(id)) throw new NotFoundError(def.kind, String(id));
+  // Ids are PostgreSQL integers: anything else names no object (and must not reach the query).
+  if (!Number.isInteger(id) || id < -2147483648 || id > 2147483647) return undefined;
   const [r] = await db`SELECT * FROM ${db(def.view)} WHERE id = ${id} AND ${scopeCondition(db, def, scope)}`;
   return r ? parseRow<Row>(def, r) : undefined;
 }
@@ -264,7 +263,8 @@ export function validate<T extends z.ZodObject>(schema: T, input: unknown): z.ou
   throw new ValidationError(issue.code === "unrecognized_keys" ? (issue.keys[0] ?? path) || undefined : path || undefined, msg);
 }
 
-function checkWritable(def: ObjectDef<any>, scope: Scope, row: Record<string, unknown>, op: "update" | "delete"): void {
+/** Refuses a change of a global or read-only object by a caller who may not make it (403). */
+export function checkWritable(def: ObjectDef<any>, scope: Scope, row: Record<string, unknown>, op: "update" | "delete"): void {
   if (scope.tenantId !== null) {
     if (def.tenancy === "global") throw new DataError(`only a superadministrator can ${op} a ${def.kind}`, 403);
     if (def.tenancy === "shared" && row.tenant_id === 0) throw new DataError(`this ${def.kind} is global; only a superadministrator can ${op} it`, 403);
@@ -284,25 +284,28 @@ async function checkRefs(db: Db, def: ObjectDef<any>, scope: Scope, input: Recor
 
 export async function create<Row extends Record<string, unknown>>(db: Db, def: ObjectDef<Row>, scope: Scope, input: unknown): Promise<Row> {
   if (!def.create) throw new DataError(`${def.kind} objects cannot be created this way`, 405);
+  if (def.tenancy === "global" && scope.tenantId !== null) throw new DataError(`only a superadministrator can create a ${def.kind}`, 403);
   const data = validate(def.create, input) as Record<string, any>;
   return transaction(db, async (tx) => {
+    // The tenant and the references first: toColumns may query by them (or hash a password).
     let refScope = scope;
-    const cols: Record<string, unknown> = { ...(await (def.toColumns?.(data, "create", tx) ?? data)) };
+    const tenant: Record<string, unknown> = {};
     if (def.tenantFrom) {
       const parentId = data[def.tenantFrom.field];
       const parent = await find(tx, def.tenantFrom.def, scope, parentId);
       if (!parent) throw new ValidationError(def.tenantFrom.field, `no such ${def.tenantFrom.def.kind} ${parentId}${scope.tenantId !== null ? " in this tenant" : ""}`);
       refScope = tenantScope(parent.tenant_id as number);
-      if (def.tenantFrom.copyTenant) cols.tenant_id = parent.tenant_id;
+      if (def.tenantFrom.copyTenant) tenant.tenant_id = parent.tenant_id;
     } else if (def.tenancy === "own" || def.tenancy === "shared") {
       if (scope.tenantId !== null) {
         if (data.tenant_id !== undefined && data.tenant_id !== scope.tenantId)
           throw new ValidationError("tenant_id", "cannot create objects in another tenant");
-        cols.tenant_id = scope.tenantId;
+        tenant.tenant_id = scope.tenantId;
       } else if (data.tenant_id === undefined) throw new ValidationError("tenant_id", "is required");
-      refScope = tenantScope(cols.tenant_id as number);
+      refScope = tenantScope((scope.tenantId ?? data.tenant_id) as number);
     }
     await checkRefs(tx, def, refScope, data);
+    const cols: Record<string, unknown> = { ...(await (def.toColumns?.(data, "create", tx) ?? data)), ...tenant };
     let id: number;
     try {
       const [r] = await tx`INSERT INTO ${tx(def.table)} ${tx(cols)} RETURNING id`;

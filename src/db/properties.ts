@@ -3,7 +3,7 @@
 // kind of object and belongs to its tenant.
 import { z } from "zod";
 import { NotFoundError, translatePgError, ValidationError } from "./errors.ts";
-import { description, get, timestamp, type ObjectDef, type Scope } from "./objects.ts";
+import { checkWritable, description, get, timestamp, type ObjectDef, type Scope } from "./objects.ts";
 import type { Db } from "./pool.ts";
 import { dis } from "./dis.ts";
 import { hosts } from "./hosts.ts";
@@ -64,6 +64,7 @@ async function definition(db: Db, key: string, tenantId: number): Promise<{ id: 
 export async function setPropertyValue(db: Db, scope: Scope, target: PropertyTarget, objectId: number, key: string, value: string): Promise<void> {
   const t = TARGETS[target];
   const obj = await get(db, t.def, scope, objectId);
+  checkWritable(t.def, scope, obj, "update"); // a node's values are global: superadministrators only
   const p = await definition(db, key, (obj.tenant_id as number | undefined) ?? 0);
   try {
     await db`INSERT INTO ${db(t.table)} ${db({ [t.column]: objectId, property_id: p.id, value })}
@@ -76,6 +77,7 @@ export async function setPropertyValue(db: Db, scope: Scope, target: PropertyTar
 export async function deletePropertyValue(db: Db, scope: Scope, target: PropertyTarget, objectId: number, key: string): Promise<void> {
   const t = TARGETS[target];
   const obj = await get(db, t.def, scope, objectId);
+  checkWritable(t.def, scope, obj, "update"); // a node's values are global: superadministrators only
   const p = await definition(db, key, (obj.tenant_id as number | undefined) ?? 0);
   const rows = await db`DELETE FROM ${db(t.table)} WHERE ${db(t.column)} = ${objectId} AND property_id = ${p.id} RETURNING value`;
   if (rows.length === 0) throw new NotFoundError(`property value`, key);

@@ -2,7 +2,7 @@
 // of a role or an administrator is computed here, in one place:
 //   eff(R) = own grants(R) ∪ ⋃ eff(P) for each inherited P − own denials(R)
 import { z } from "zod";
-import { ValidationError } from "./errors.ts";
+import { DataError, ValidationError } from "./errors.ts";
 import { description, get, timestamp, type ObjectDef, type Scope } from "./objects.ts";
 import type { Db } from "./pool.ts";
 
@@ -45,8 +45,9 @@ export const roles: ObjectDef<RoleRow> = {
 
 async function writableRole(db: Db, scope: Scope, roleId: number): Promise<z.infer<typeof RoleRow>> {
   const role = await get(db, roles, scope, roleId);
-  if (role.builtin) throw new ValidationError("role", roles.readOnly!(role, "update")!);
-  if (scope.tenantId !== null && role.tenant_id === 0) throw new ValidationError("role", "global roles can only be changed by a superadministrator");
+  // Refused like any other change of a read-only or global object (see checkWritable): 403.
+  if (role.builtin) throw new DataError(roles.readOnly!(role, "update")!, 403);
+  if (scope.tenantId !== null && role.tenant_id === 0) throw new DataError("global roles can only be changed by a superadministrator", 403);
   return role;
 }
 

@@ -40,11 +40,11 @@ export default defineCommand({
     const key = cfg.get("api.tls.key");
     if (!insecure && (!cert || !key))
       throw new UserError("the API serves HTTPS: set api.tls.cert and api.tls.key (or --cert/--key); --insecure-http is for local tests only");
-    const { app, hub } = createApi({ sql, cfg, databaseUrl: url });
+    const { fetch, hub } = createApi({ sql, cfg, databaseUrl: url });
     const server = Bun.serve({
       hostname: host || "0.0.0.0",
       port: Number(portText),
-      fetch: app.fetch,
+      fetch,
       maxRequestBodySize: 64 * 1024 * 1024 * 1024,
       idleTimeout: 0, // the event stream stays open; it sends its own keep-alives
       ...(insecure ? {} : { tls: { cert: Bun.file(cert), key: Bun.file(key) } }),

@@ -1,0 +1,107 @@
+// `qvd hkd` (and the HKD half of `qvd node`): runs this node's desktops.
+import { basename, join } from "node:path";
+import { defineCommand } from "citty";
+import { commonArgs, configFromArgs, maskUrl } from "../cli.ts";
+import type { Config } from "../config.ts";
+import { listConfigRows } from "../db/configs.ts";
+import type { DiRow } from "../db/dis.ts";
+import { findHostByName, registerHost } from "../db/node.ts";
+import { connect, type Sql } from "../db/pool.ts";
+import { UserError } from "../errors.ts";
+import { acquireNodeLock } from "../hkd/lock.ts";
+import { Hkd } from "../hkd/hkd.ts";
+import { logger } from "../log.ts";
+import { imagePaths, unpackImage } from "../virt/images.ts";
+import { lxcBackendFromConfig } from "../virt/lxc.ts";
+
+const log = logger("hkd");
+
+export const hkdArgs = {
+  ...commonArgs,
+  register: { type: "boolean", description: "Create this node's hosts row if it does not exist (needs --address)" },
+  address: { type: "string", description: "The node's address, for --register", valueHint: "ADDR" },
+} as const;
+
+/** The qvd binary that guests get: configured, or this very binary when it is the compiled qvd. */
+function qvdBinary(cfg: Config): string {
+  const configured = cfg.get("hkd.qvd_binary");
+  if (configured) return configured;
+  if (basename(process.execPath) !== "bun") return process.execPath;
+  throw new UserError("running from sources: set hkd.qvd_binary to a compiled qvd (npm run build makes dist/qvd)");
+}
+
+/** Starts the HKD and resolves with a function that stops it. */
+export async function startHkd(cfg: Config, opts: { register?: boolean; address?: string } = {}): Promise<{ hkd: Hkd; sql: Sql; stop: () => Promise<void> }> {
+  const release = acquireNodeLock(join(cfg.get("path.run"), "hkd.lock"));
+  const url = cfg.databaseUrl();
+  const sql = connect(url, { max: cfg.get("database.pool_size"), connectTimeout: cfg.get("database.connect_timeout"), applicationName: "qvd-hkd" });
+  try {
+    const rows = await listConfigRows(sql).catch((err: Error) => {
+      throw new UserError(`cannot use the database ${maskUrl(url)}: ${err.message}`);
+    });
+    cfg = cfg.withDatabase(rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })), (m) => log.warn(m));
+    const name = cfg.get("nodename");
+    let host = await findHostByName(sql, name);
+    if (!host && opts.register) {
+      if (!opts.address) throw new UserError("--register needs --address: the address other nodes reach this node on");
+      host = await registerHost(sql, name, opts.address);
+      log.info("registered this node", { name, id: host.id });
+    }
+    if (!host) throw new UserError(`no host named "${name}" in the database: add it with the API (or start with --register --address ADDR)`);
+    if (!host.backend) throw new UserError(`host "${name}" is not a backend node (hosts.backend is false)`);
+    if (cfg.get("vm.hypervisor") !== "lxc") throw new UserError(`vm.hypervisor = ${cfg.get("vm.hypervisor")} is not available yet; use lxc`);
+    const backend = await lxcBackendFromConfig(cfg);
+    const root = cfg.get("path.storage.root");
+    const imagesDir = cfg.storagePath("path.storage.images");
+    const hkd = new Hkd({
+      sql, cfg, host, backend, databaseUrl: url, qvdBinary: qvdBinary(cfg),
+      homeOf: (tenant, user) => join(cfg.storagePath("path.storage.homes"), tenant, user),
+      images: {
+        async rootfsFor(di: DiRow) {
+          const p = imagePaths(root, imagesDir, di);
+          const res = await unpackImage({
+            image: p.image, basefsDir: p.basefsDir, diId: di.id, sha256: di.sha256,
+            onProgress: (pr) => log.debug("unpacking image", { di: di.id, ...pr }),
+          });
+          return res.rootfs;
+        },
+      },
+    });
+    await hkd.start();
+    return {
+      hkd, sql,
+      stop: async () => {
+        await hkd.stop();
+        await sql.end({ timeout: 5 });
+        release();
+      },
+    };
+  } catch (err) {
+    await sql.end({ timeout: 1 });
+    release();
+    throw err;
+  }
+}
+
+/** Runs until SIGINT/SIGTERM. */
+export async function runUntilSignal(stop: () => Promise<void>): Promise<void> {
+  // A timer keeps the event loop honest (Bun spins when only signal handlers keep it alive).
+  const keepAlive = setInterval(() => {}, 1 << 30);
+  await new Promise<void>((resolve) => {
+    process.once("SIGINT", () => resolve());
+    process.once("SIGTERM", () => resolve());
+  });
+  clearInterval(keepAlive);
+  log.info("stopping");
+  await stop();
+}
+
+export default defineCommand({
+  meta: { name: "hkd", description: "Run this node's desktops (the House Keeping Daemon), as root" },
+  args: hkdArgs,
+  async run({ args, rawArgs }) {
+    const cfg = configFromArgs(args, rawArgs);
+    const { stop } = await startHkd(cfg, { register: args.register, address: args.address });
+    await runUntilSignal(stop);
+  },
+});

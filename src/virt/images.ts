@@ -1,0 +1,509 @@
+// Disk images (DIs) on shared storage: a tarball of a root filesystem under `images/`, unpacked
+// once per image into `basefs/<di-id>/`, the read-only lower layer of every VM's overlay.
+//
+// unpackImage() is safe to call from any number of HKDs at once, on one node or many:
+//  - An flock on `basefs/.lock-<di-id>` serialises the work (the second caller waits, then
+//    finds the result). Correctness does not depend on the lock: the archive is unpacked into
+//    a private `basefs/.tmp-<di-id>-…` directory and renamed into place in one step, and a
+//    rename onto an existing basefs fails, so a basefs is always whole or absent.
+//  - The archive is read twice: once through SHA-256 and `tar -t` (checksum and listing), and,
+//    only when both are good, through SHA-256 and `tar -x`. The second hash must equal the
+//    first, so what is extracted is what was checked even if the file changes meanwhile.
+//  - Before anything is extracted, every entry is checked (checkEntries): no absolute names,
+//    no `..` in names or hard-link targets, no entry below a symlink of the archive, no
+//    relative symlink that climbs above the root. Absolute symlinks are allowed: a root
+//    filesystem has many (/etc/alternatives/…), and they point into the guest's own root
+//    once it runs. Host code must therefore never follow links inside a basefs or rootfs
+//    (resolve paths below the root, or check with lstat). Device nodes are skipped with a
+//    note (LXC gives the guest its own /dev); setuid files and xattrs (file capabilities) are
+//    kept: it is an operating system.
+import { closeSync, existsSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { hostname } from "node:os";
+import { join } from "node:path";
+import { UserError } from "../errors.ts";
+import { logger } from "../log.ts";
+import { CommandError, run } from "../run.ts";
+
+const log = logger("images");
+
+/** File name endings of image tarballs (the compression is detected from the content). */
+export const IMAGE_SUFFIXES = [".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".tar.bz2", ".tbz2", ".tbz"] as const;
+
+export const isImageFileName = (name: string) => IMAGE_SUFFIXES.some((s) => name.endsWith(s));
+
+/** Storage paths of an image: its tarball and its unpacked base filesystem. */
+export function imagePaths(storageRoot: string, imagesDir: string, di: { id: number; path: string }): { image: string; basefsDir: string; basefs: string } {
+  const basefsDir = join(storageRoot, "basefs");
+  return { image: join(imagesDir, di.path), basefsDir, basefs: join(basefsDir, String(di.id)) };
+}
+
+export class ImageError extends UserError {
+  constructor(message: string) {
+    super(message);
+    this.name = "ImageError";
+  }
+}
+
+// --- archive listing and checks -----------------------------------------------------------------
+
+export type EntryType = "file" | "dir" | "symlink" | "hardlink" | "fifo" | "chardev" | "blockdev";
+
+export interface TarEntry {
+  /** Name as stored in the archive (bytes as latin1 characters, exactly as tar knows it). */
+  name: string;
+  type: EntryType;
+  /** Symlink target or hard-link target (another member's name). */
+  link?: string;
+  mode: string;
+}
+
+const TYPES: Record<string, EntryType> = { "-": "file", C: "file", d: "dir", l: "symlink", h: "hardlink", p: "fifo", c: "chardev", b: "blockdev" };
+
+/** Decodes a name printed by tar --quoting-style=c; returns bytes as latin1 characters. */
+function unquoteC(q: string): string {
+  const s = q.slice(1, -1);
+  let out = "";
+  for (let i = 0; i < s.length; i++) {
+    const ch = s[i]!;
+    if (ch !== "\\") {
+      out += ch;
+      continue;
+    }
+    const n = s[++i]!;
+    const simple: Record<string, string> = { a: "\x07", b: "\b", f: "\f", n: "\n", r: "\r", t: "\t", v: "\v", "\\": "\\", '"': '"', "?": "?", "'": "'" };
+    if (n in simple) out += simple[n];
+    else if (/[0-7]/.test(n)) {
+      let digits = n;
+      while (digits.length < 3 && /[0-7]/.test(s[i + 1] ?? "")) digits += s[++i];
+      out += String.fromCharCode(parseInt(digits, 8) & 0xff);
+    } else out += n;
+  }
+  return out;
+}
+
+/** A name for messages: the archive's bytes read as UTF-8, quoted. */
+export const showName = (latin1: string) => JSON.stringify(Buffer.from(latin1, "latin1").toString("utf8"));
+
+const LINE = /^(\S)\S*\s[^"]*?("(?:[^"\\]|\\.)*")(?: (->|link to) ("(?:[^"\\]|\\.)*"))?$/;
+
+/** Parses `LC_ALL=C tar -tv --quoting-style=c --numeric-owner -P` output. */
+export function parseListing(text: string): TarEntry[] {
+  const out: TarEntry[] = [];
+  for (const line of text.split("\n")) {
+    if (line === "") continue;
+    const m = LINE.exec(line);
+    const type = m ? TYPES[m[1]!] : undefined;
+    if (!m || !type) throw new ImageError(`unsupported archive entry: ${line.slice(0, 200)}`);
+    const e: TarEntry = { name: unquoteC(m[2]!), type, mode: line.slice(0, 10) };
+    if (m[4]) e.link = unquoteC(m[4]);
+    if ((type === "symlink" || type === "hardlink") !== (m[4] !== undefined)) throw new ImageError(`unsupported archive entry: ${line.slice(0, 200)}`);
+    out.push(e);
+  }
+  return out;
+}
+
+const components = (p: string) => p.split("/").filter((c) => c !== "" && c !== ".");
+
+/**
+ * Refuses an archive that could write outside its root (throws an ImageError naming the
+ * entry); returns the entries to skip (device nodes) with the reason.
+ */
+export function checkEntries(entries: TarEntry[]): { skip: TarEntry[] } {
+  const symlinks = new Set<string>();
+  const skipped = new Set<string>();
+  const skip: TarEntry[] = [];
+  const refuse = (e: TarEntry, why: string): never => {
+    throw new ImageError(`unsafe archive entry ${showName(e.name)}: ${why}; nothing was extracted`);
+  };
+  const belowSymlink = (comps: string[]) => {
+    for (let i = 1; i < comps.length; i++) {
+      const prefix = comps.slice(0, i).join("/");
+      if (symlinks.has(prefix)) return prefix;
+    }
+    return undefined;
+  };
+  for (const e of entries) {
+    if (e.name.includes("\n")) refuse(e, "a newline in the name");
+    if (e.name.startsWith("/")) refuse(e, "absolute path");
+    const comps = components(e.name);
+    if (comps.includes("..")) refuse(e, "'..' in the path");
+    const via = belowSymlink(comps);
+    if (via !== undefined) refuse(e, `it lies below the symlink ${showName(via)}`);
+    if (comps.length === 0 && e.type !== "dir") refuse(e, "the archive root must be a directory");
+    switch (e.type) {
+      case "file":
+      case "dir":
+      case "fifo":
+        break;
+      case "chardev":
+      case "blockdev":
+        skip.push(e);
+        skipped.add(comps.join("/"));
+        break;
+      case "hardlink": {
+        const t = e.link ?? "";
+        if (t.startsWith("/")) refuse(e, `hard link to the absolute path ${showName(t)}`);
+        const tc = components(t);
+        if (tc.length === 0 || tc.includes("..")) refuse(e, `hard link to ${showName(t)} outside the archive`);
+        const tvia = belowSymlink(tc);
+        if (tvia !== undefined) refuse(e, `hard link through the symlink ${showName(tvia)}`);
+        if (skipped.has(tc.join("/"))) {
+          skip.push(e); // a second name of a skipped device node
+          skipped.add(comps.join("/"));
+        }
+        break;
+      }
+      case "symlink": {
+        const t = e.link ?? "";
+        if (t === "") refuse(e, "empty symlink target");
+        if (!t.startsWith("/")) {
+          // Resolved from the link's directory; it may not climb above the root.
+          let depth = comps.length - 1;
+          for (const c of components(t)) {
+            depth += c === ".." ? -1 : 1;
+            if (depth < 0) refuse(e, `symlink to ${showName(t)} climbs out of the image`);
+          }
+        }
+        symlinks.add(comps.join("/"));
+        break;
+      }
+    }
+  }
+  return { skip };
+}
+
+// --- streaming the file through the hash and tar ---------------------------------------------
+
+export type Compression = "none" | "gzip" | "xz" | "zstd" | "bzip2";
+
+/** Compression from the first bytes of the file (tar does not detect it on a pipe). */
+export function detectCompression(file: string): Compression {
+  const fd = openSync(file, "r");
+  const head = Buffer.alloc(6);
+  try {
+    readSync(fd, head, 0, 6, 0);
+  } finally {
+    closeSync(fd);
+  }
+  if (head[0] === 0x1f && head[1] === 0x8b) return "gzip";
+  if (head.subarray(0, 6).equals(Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]))) return "xz";
+  if (head.readUInt32LE(0) === 0xfd2fb528) return "zstd";
+  if (head.subarray(0, 3).toString("latin1") === "BZh") return "bzip2";
+  return "none";
+}
+
+const TAR_DECOMPRESS: Record<Compression, string[]> = { none: [], gzip: ["-z"], xz: ["-J"], zstd: ["--zstd"], bzip2: ["-j"] };
+
+export interface UnpackProgress {
+  /** wait: another process unpacks this image; verify: checksum and listing; extract: unpacking. */
+  phase: "wait" | "verify" | "extract";
+  bytes: number;
+  total: number;
+}
+
+/** The file as a stream that feeds a SHA-256 and reports progress (at most every 1 %). */
+function hashedStream(file: string, total: number, onBytes: (bytes: number) => void): { stream: ReadableStream<Uint8Array>; digest: () => string } {
+  const hasher = new Bun.CryptoHasher("sha256");
+  let bytes = 0;
+  let shown = -1;
+  const step = Math.max(1, Math.floor(total / 100));
+  const src = Bun.file(file).stream();
+  const stream = src.pipeThrough(
+    new TransformStream<Uint8Array, Uint8Array>({
+      transform(chunk, ctl) {
+        hasher.update(chunk);
+        bytes += chunk.byteLength;
+        if (bytes - shown >= step || bytes === total) {
+          shown = bytes;
+          onBytes(bytes);
+        }
+        ctl.enqueue(chunk);
+      },
+    }),
+  );
+  let done: string | undefined;
+  return { stream, digest: () => (done ??= hasher.digest("hex")) };
+}
+
+function tarFailure(file: string, err: unknown): ImageError {
+  if (err instanceof CommandError) {
+    const msg = err.stderr.trim().split("\n").filter((l) => l.trim()).slice(-3).join(" / ");
+    return new ImageError(`${file}: not a valid image archive: ${msg || `tar exited with ${err.status}`}`);
+  }
+  return new ImageError(`${file}: ${(err as Error).message}`);
+}
+
+export interface Inspection {
+  sha256: string;
+  bytes: number;
+  compression: Compression;
+  entries: TarEntry[];
+}
+
+/** Reads the whole archive once: its SHA-256 and its listing (the entries are not checked here). */
+export async function inspectImage(file: string, onProgress?: (p: UnpackProgress) => void): Promise<Inspection> {
+  let st;
+  try {
+    st = statSync(file);
+  } catch (err) {
+    throw new ImageError(`${file}: cannot read image: ${(err as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (err as Error).message}`);
+  }
+  if (!st.isFile()) throw new ImageError(`${file}: not a regular file`);
+  const total = st.size;
+  const compression = detectCompression(file);
+  const { stream, digest } = hashedStream(file, total, (bytes) => onProgress?.({ phase: "verify", bytes, total }));
+  let listing: string;
+  try {
+    const res = await run(["tar", "-t", "-v", "--quoting-style=c", "--numeric-owner", "-P", ...TAR_DECOMPRESS[compression], "-f", "-"], {
+      stdin: stream,
+      env: { LC_ALL: "C" },
+    });
+    listing = res.stdout;
+  } catch (err) {
+    throw tarFailure(file, err);
+  }
+  return { sha256: digest(), bytes: total, compression, entries: parseListing(listing) };
+}
+
+// --- the lock ---------------------------------------------------------------------------------
+
+interface Flock {
+  flock(fd: number, op: number): number;
+  errno(): number;
+}
+let flockImpl: Flock | null | undefined;
+
+/** flock(2) through libc; null where it is not available (the rename still keeps basefs whole). */
+async function libcFlock(): Promise<Flock | null> {
+  if (flockImpl !== undefined) return flockImpl;
+  try {
+    const { dlopen, FFIType, read } = await import("bun:ffi");
+    const lib = dlopen("libc.so.6", {
+      flock: { args: [FFIType.i32, FFIType.i32], returns: FFIType.i32 },
+      __errno_location: { args: [], returns: FFIType.ptr },
+    });
+    flockImpl = {
+      flock: (fd, op) => lib.symbols.flock(fd, op),
+      errno: () => read.i32(lib.symbols.__errno_location()!, 0),
+    };
+  } catch (err) {
+    log.warn("flock unavailable; concurrent unpacks of one image may duplicate work", { error: (err as Error).message });
+    flockImpl = null;
+  }
+  return flockImpl;
+}
+
+const LOCK_EX = 2, LOCK_NB = 4, EWOULDBLOCK = 11, EINTR = 4;
+
+/**
+ * Takes an exclusive flock on `file` (created if missing), polling with backoff; `onWait` is
+ * called once when someone else holds it. Returns the release function and whether the lock
+ * is real (false where flock does not work: callers must stay correct without it).
+ */
+export async function lockFile(file: string, signal: AbortSignal | undefined, onWait: () => void): Promise<{ release: () => void; locked: boolean }> {
+  const fd = openSync(file, "a");
+  const release = () => closeSync(fd); // closing the descriptor drops the lock
+  const impl = await libcFlock();
+  if (!impl) return { release, locked: false };
+  let waited = false;
+  for (let delay = 100; ; delay = Math.min(2000, delay * 1.5)) {
+    if (impl.flock(fd, LOCK_EX | LOCK_NB) === 0) return { release, locked: true };
+    const errno = impl.errno();
+    if (errno !== EWOULDBLOCK && errno !== EINTR) {
+      log.warn("cannot lock; going on without the lock", { file, errno });
+      return { release, locked: false };
+    }
+    if (!waited) {
+      waited = true;
+      onWait();
+    }
+    if (signal?.aborted) {
+      release();
+      throw new ImageError(`gave up waiting for ${file}: ${String(signal.reason ?? "aborted")}`);
+    }
+    await Bun.sleep(delay * (0.8 + Math.random() * 0.4));
+  }
+}
+
+// --- unpacking ---------------------------------------------------------------------------------
+
+export interface UnpackOptions {
+  /** The image tarball. */
+  image: string;
+  /** `<path.storage.root>/basefs`. */
+  basefsDir: string;
+  diId: number;
+  /** Expected SHA-256 (hex) of the tarball, from the DB; checked before anything is extracted. */
+  sha256?: string | null;
+  onProgress?: (p: UnpackProgress) => void;
+  /** Stops waiting for another unpacker's lock. */
+  signal?: AbortSignal;
+}
+
+export interface UnpackResult {
+  /** `basefs/<di-id>`. */
+  basefs: string;
+  /** The root filesystem: the basefs itself, or `basefs/rootfs` for images that carry metadata beside it. */
+  rootfs: string;
+  /** False when the basefs was already there (unpacked earlier or by another process). */
+  unpacked: boolean;
+  /** SHA-256 of the tarball it was unpacked from (null when unknown). */
+  sha256: string | null;
+  /** Notes about entries not extracted (device nodes). */
+  skipped: string[];
+}
+
+interface BasefsMeta {
+  di_id: number;
+  image: string;
+  sha256: string;
+  bytes: number;
+  unpacked_at: string;
+  host: string;
+  skipped: string[];
+}
+
+const metaFile = (basefsDir: string, diId: number) => join(basefsDir, `.meta-${diId}.json`);
+
+function readMeta(basefsDir: string, diId: number): BasefsMeta | undefined {
+  try {
+    return JSON.parse(readFileSync(metaFile(basefsDir, diId), "utf8")) as BasefsMeta;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Where the root filesystem of an unpacked image is (basic layout, or extended with rootfs/). */
+export function findRootfs(basefs: string): string | undefined {
+  const isEntry = (p: string) => {
+    try {
+      const st = lstatSync(p); // never follow links out of the image
+      return st.isDirectory() || st.isSymbolicLink();
+    } catch {
+      return false;
+    }
+  };
+  const rootfsDir = join(basefs, "rootfs");
+  let rootfsIsDir = false;
+  try {
+    rootfsIsDir = lstatSync(rootfsDir).isDirectory();
+  } catch {}
+  if (rootfsIsDir && isEntry(join(rootfsDir, "sbin"))) return rootfsDir;
+  if (isEntry(join(basefs, "sbin"))) return basefs;
+  return undefined;
+}
+
+function existing(basefs: string, basefsDir: string, diId: number, expected: string | null | undefined): UnpackResult | undefined {
+  let st;
+  try {
+    st = lstatSync(basefs);
+  } catch {
+    return undefined;
+  }
+  if (!st.isDirectory()) throw new ImageError(`${basefs} exists and is not a directory`);
+  const meta = readMeta(basefsDir, diId);
+  if (expected && meta && meta.sha256 !== expected.toLowerCase())
+    throw new ImageError(`${basefs} was unpacked from another file (sha256 ${meta.sha256}, expected ${expected}); remove it to unpack the image again`);
+  const rootfs = findRootfs(basefs);
+  if (!rootfs) throw new ImageError(`${basefs} holds no root filesystem (no sbin/ nor rootfs/sbin/); remove it to unpack the image again`);
+  return { basefs, rootfs, unpacked: false, sha256: meta?.sha256 ?? null, skipped: meta?.skipped ?? [] };
+}
+
+/**
+ * Unpacks an image into `basefsDir/<diId>` once (see the top of this file); returns at once
+ * when it is already there. Throws an ImageError naming the file on a wrong checksum, an unsafe
+ * entry or a broken archive, and leaves nothing behind.
+ */
+export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
+  const { image, basefsDir, diId } = opts;
+  if (!Number.isSafeInteger(diId) || diId < 0) throw new ImageError(`invalid image id ${diId}`);
+  const basefs = join(basefsDir, String(diId));
+  const expected = opts.sha256?.toLowerCase() ?? null;
+  if (expected !== null && !/^[0-9a-f]{64}$/.test(expected)) throw new ImageError(`invalid expected sha256 for ${image}: ${opts.sha256}`);
+  mkdirSync(basefsDir, { recursive: true });
+  const done = existing(basefs, basefsDir, diId, expected);
+  if (done) return done;
+
+  const lock = await lockFile(join(basefsDir, `.lock-${diId}`), opts.signal, () => {
+    log.info("waiting for another unpack of this image", { image, di: diId });
+    opts.onProgress?.({ phase: "wait", bytes: 0, total: 0 });
+  });
+  const tmp = join(basefsDir, `.tmp-${diId}-${hostname()}-${process.pid}-${Math.random().toString(36).slice(2, 8)}`);
+  const exclude = `${tmp}.exclude`;
+  try {
+    const again = existing(basefs, basefsDir, diId, expected);
+    if (again) return again;
+    // Leftovers of a crashed unpack of this image: nobody else works on it while we hold the lock.
+    if (lock.locked)
+      for (const n of readdirSync(basefsDir))
+        if (n.startsWith(`.tmp-${diId}-`)) rmSync(join(basefsDir, n), { recursive: true, force: true });
+
+    const started = Date.now();
+    const info = await inspectImage(image, opts.onProgress);
+    if (expected !== null && info.sha256 !== expected)
+      throw new ImageError(`${image}: checksum mismatch: sha256 is ${info.sha256}, expected ${expected}; nothing was extracted`);
+    let skip: TarEntry[];
+    try {
+      ({ skip } = checkEntries(info.entries));
+    } catch (err) {
+      if (err instanceof ImageError) throw new ImageError(`${image}: ${err.message}`);
+      throw err;
+    }
+    const skipped = skip.map((e) => `${showName(e.name)}: ${e.type === "chardev" ? "character device" : e.type === "blockdev" ? "block device" : "link to a device"} not extracted`);
+    for (const s of skipped) log.info("skipping device node", { image, entry: s });
+
+    mkdirSync(tmp, { mode: 0o755 }); // the guest's "/" when the archive has no "./" entry
+    const excludeArgs: string[] = [];
+    if (skip.length) {
+      writeFileSync(exclude, Buffer.from(skip.map((e) => e.name + "\n").join(""), "latin1"));
+      excludeArgs.push("--no-wildcards", "--anchored", "-X", exclude);
+    }
+    const { stream, digest } = hashedStream(image, info.bytes, (bytes) => opts.onProgress?.({ phase: "extract", bytes, total: info.bytes }));
+    try {
+      await run(
+        ["tar", "-x", "-f", "-", "-C", tmp, "--numeric-owner", "-p", "--xattrs", "--xattrs-include=*", "--warning=no-timestamp", ...TAR_DECOMPRESS[info.compression], ...excludeArgs],
+        { stdin: stream, env: { LC_ALL: "C" } },
+      );
+    } catch (err) {
+      throw tarFailure(image, err);
+    }
+    if (digest() !== info.sha256) throw new ImageError(`${image} changed while it was being unpacked; try again`);
+    const rootfsIn = findRootfs(tmp);
+    if (!rootfsIn) throw new ImageError(`${image}: not a root filesystem image (no sbin/ nor rootfs/sbin/ at the top)`);
+
+    const meta: BasefsMeta = { di_id: diId, image, sha256: info.sha256, bytes: info.bytes, unpacked_at: new Date().toISOString(), host: hostname(), skipped };
+    writeFileSync(`${tmp}.meta`, JSON.stringify(meta, null, 1) + "\n");
+    renameSync(`${tmp}.meta`, metaFile(basefsDir, diId));
+    try {
+      renameSync(tmp, basefs);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code !== "ENOTEMPTY" && code !== "EEXIST") throw err;
+      // Another unpacker (without a working lock) won the race: use its result.
+      const theirs = existing(basefs, basefsDir, diId, expected);
+      if (theirs) return theirs;
+      throw err;
+    }
+    log.info("image unpacked", { image, basefs, seconds: ((Date.now() - started) / 1000).toFixed(1), skipped: skipped.length });
+    return { basefs, rootfs: rootfsIn === tmp ? basefs : join(basefs, "rootfs"), unpacked: true, sha256: info.sha256, skipped };
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+    rmSync(exclude, { force: true });
+    rmSync(`${tmp}.meta`, { force: true });
+    lock.release();
+  }
+}
+
+/**
+ * Removes an unpacked image (when the image is deleted and no VM uses it any more): renamed
+ * away first, so a half-removed basefs is never mistaken for a whole one.
+ */
+export function removeBasefs(basefsDir: string, diId: number): boolean {
+  const basefs = join(basefsDir, String(diId));
+  if (!existsSync(basefs)) return false;
+  const gone = join(basefsDir, `.tmp-${diId}-removed-${process.pid}-${Date.now()}`);
+  renameSync(basefs, gone);
+  rmSync(metaFile(basefsDir, diId), { force: true });
+  rmSync(gone, { recursive: true, force: true });
+  return true;
+}

@@ -1,0 +1,516 @@
+// The LXC backend: desktops as LXC 5 containers, driven with the real lxc-* tools.
+//
+// Per VM (container `qvd-<id>`):
+//   <lxcPath>/qvd-<id>/config      the LXC configuration (renderConfig), removed at cleanup
+//   <lxcPath>/qvd-<id>/net-up      lxc.net.0.script.up: joins the veth to the bridge, isolated
+//   <lxcPath>/qvd-<id>/vma.json    the VMA's secret (mode 0400), bind-mounted read-only on
+//                                  /run/qvd/vma.json in the guest
+//   <lxcPath>/qvd-<id>/state.json  what cleanup needs to know (persistence) when the spec is gone
+//   <lxcPath>/logs/qvd-<id>.log    LXC's log, and .console.log the guest's console (init's
+//                                  output, i.e. the VMA's log); kept after cleanup, reset at start
+//   <storage>/overlays/<id>/upper  the writable layer (LXC mounts `overlay:<basefs>:<upper>`;
+//   <storage>/overlays/<id>/work   work is LXC's overlay work dir), removed at cleanup unless
+//                                  persistent
+// The rootfs and every mount entry are mounted by LXC inside the container's own mount
+// namespace, so they vanish with the container: nothing is ever mounted on the node itself.
+//
+// Network namespace: every lxc-* (and ip/nft) command runs through the NodeNetwork's runner,
+// i.e. `nsenter --net=/run/netns/<ns> --` when a netns is configured (tests), since LXC's
+// command socket is an abstract unix socket that belongs to the network namespace that started
+// the container. LXC is not told the bridge (lxc.net.0.link): with nsenter, /sys/class/net is
+// the machine's and LXC would not find the bridge there. Our script.up attaches the veth.
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync, chmodSync } from "node:fs";
+import { dirname, join } from "node:path";
+import type { Backend, BackendState, VmSpec } from "./backend.ts";
+import { NodeNetwork, nodeNetworkFromConfig, vethName } from "./network.ts";
+import { CommandError } from "../run.ts";
+import { UserError } from "../errors.ts";
+import { logger } from "../log.ts";
+import type { Config } from "../config.ts";
+
+const log = logger("lxc");
+
+// --- cgroups ------------------------------------------------------------------------------------
+
+export type CgroupVersion = "v1" | "v2";
+
+/** Where the controllers QVD limits live: a hybrid host may have memory in v1 and nothing in v2. */
+export interface CgroupInfo {
+  memory: CgroupVersion | null;
+  cpu: CgroupVersion | null;
+  devices: CgroupVersion | null;
+  /** v1: memory.memsw.* exists (swap accounting), so swap can be limited too. */
+  memsw: boolean;
+  /** v2: memory.swap.max exists. */
+  swapMax: boolean;
+}
+
+/** Reads /proc/self/mountinfo (and the cgroup2 mount's cgroup.controllers) to find the controllers. */
+export function detectCgroups(mountinfo?: string): CgroupInfo {
+  const text = mountinfo ?? readFileSync("/proc/self/mountinfo", "utf8");
+  const v1 = new Map<string, string>(); // controller → mount point
+  let v2: string | undefined;
+  for (const line of text.split("\n")) {
+    const [pre, post] = line.split(" - ");
+    if (!pre || !post) continue;
+    const mp = pre.split(" ")[4]!.replace(/\\040/g, " ");
+    const [fstype, , superOpts = ""] = post.split(" ");
+    if (fstype === "cgroup") for (const o of superOpts.split(",")) v1.set(o, mp);
+    else if (fstype === "cgroup2" && !v2) v2 = mp;
+  }
+  let v2ctl: string[] = [];
+  if (v2) {
+    try {
+      v2ctl = readFileSync(join(v2, "cgroup.controllers"), "utf8").trim().split(/\s+/);
+    } catch {}
+  }
+  const where = (c: string): CgroupVersion | null => (v1.has(c) ? "v1" : v2ctl.includes(c) ? "v2" : null);
+  const memory = where("memory");
+  let swapMax = false;
+  if (memory === "v2" && v2) {
+    try {
+      swapMax = readdirSync(v2).some((d) => existsSync(join(v2!, d, "memory.swap.max")));
+    } catch {}
+  }
+  return {
+    memory,
+    cpu: where("cpu"),
+    // cgroup2 has no devices controller file: LXC applies lxc.cgroup2.devices.* as a BPF program.
+    devices: v1.has("devices") ? "v1" : v2 ? "v2" : null,
+    memsw: memory === "v1" && existsSync(join(v1.get("memory")!, "memory.memsw.limit_in_bytes")),
+    swapMax,
+  };
+}
+
+/** cgroup v1 cpu.shares → cgroup v2 cpu.weight (the kernel's and systemd's conversion). */
+export function sharesToWeight(shares: number): number {
+  const s = Math.min(262144, Math.max(2, Math.round(shares)));
+  return Math.min(10000, Math.max(1, 1 + Math.floor(((s - 2) * 9999) / 262142)));
+}
+
+// --- configuration ------------------------------------------------------------------------------
+
+export interface LxcOptions {
+  /** Directory of container configurations (lxc-* -P), node-local: vm.lxc.path or <path.run>/lxc. */
+  lxcPath: string;
+  /** path.storage.root: overlays/<vm-id>/ lives below it. */
+  storageRoot: string;
+  /** The node's network (bridge, firewall); its netns is where every command runs. */
+  network: NodeNetwork;
+  /** The VMA is the container's init (vm.lxc.vma_init, default true). */
+  vmaInit?: boolean;
+  /** The image's own init when vmaInit is false (vm.lxc.init, default /sbin/init). */
+  init?: string;
+  /** Where the qvd binary appears in the guest (vm.lxc.guest_qvd_path). */
+  guestQvdPath?: string;
+  /** lxc.signal.halt (vm.lxc.halt_signal; default by vmaInit). */
+  haltSignal?: string;
+  /** lxc.apparmor.profile (vm.lxc.apparmor.profile; default by AppArmor's presence). */
+  apparmorProfile?: string;
+  /** Lines appended to every configuration (vm.lxc.conf.extra). */
+  extraConfig?: string;
+  /** Detected when absent. */
+  cgroups?: CgroupInfo;
+  /** How long lxc-wait waits for RUNNING (default 30 s). */
+  startTimeoutMs?: number;
+}
+
+/** The options the HKD passes, from the node's configuration. */
+export function lxcOptionsFromConfig(cfg: Config, network: NodeNetwork): LxcOptions {
+  const extra = cfg.get("vm.lxc.conf.extra").replace(/\\n/g, "\n");
+  return {
+    lxcPath: cfg.get("vm.lxc.path") || join(cfg.get("path.run"), "lxc"),
+    storageRoot: cfg.get("path.storage.root"),
+    network,
+    vmaInit: cfg.get("vm.lxc.vma_init"),
+    init: cfg.get("vm.lxc.init"),
+    guestQvdPath: cfg.get("vm.lxc.guest_qvd_path"),
+    haltSignal: cfg.get("vm.lxc.halt_signal") || undefined,
+    apparmorProfile: cfg.get("vm.lxc.apparmor.profile") || undefined,
+    extraConfig: extra || undefined,
+  };
+}
+
+/**
+ * What the node does at start-up: the network from the configuration (bridge made to exist,
+ * firewall installed), then the backend. `netns`: run everything in that network namespace
+ * (tests, demo); production passes nothing and uses the machine's own.
+ */
+export async function lxcBackendFromConfig(cfg: Config, opts: { netns?: string } = {}): Promise<LxcBackend> {
+  const network = nodeNetworkFromConfig(cfg, opts.netns);
+  await network.setup();
+  return new LxcBackend(lxcOptionsFromConfig(cfg, network));
+}
+
+function apparmorEnabled(): boolean {
+  try {
+    return readFileSync("/sys/module/apparmor/parameters/enabled", "utf8").trim() === "Y";
+  } catch {
+    return false;
+  }
+}
+
+/** fstab-style escaping for lxc.mount.entry fields (whitespace and backslash as octal). */
+function fstabField(s: string): string {
+  return s.replace(/[\\\s]/g, (c) => "\\" + c.charCodeAt(0).toString(8).padStart(3, "0"));
+}
+
+/** A path inside the guest, relative to its root, as mount entries want it. */
+const rel = (p: string) => p.replace(/^\/+/, "");
+
+const PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+// Character devices a desktop may use: null, zero, full, random, urandom, tty, console, ptmx,
+// pts, fuse, tun. Any device may be created (mknod), but only these opened.
+const DEVICES = ["c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:229 rwm", "c 10:200 rwm"];
+
+// Syscalls no desktop needs and that would reach the node's kernel state (as LXC's common.seccomp).
+const SECCOMP = ["2", "denylist", "reject_force_umount", "[all]", "kexec_load errno 1", "open_by_handle_at errno 1", "init_module errno 1", "finit_module errno 1", "delete_module errno 1", ""].join("\n");
+
+export interface RenderContext {
+  vmDir: string;
+  logDir: string;
+  upperDir: string;
+  cgroups: CgroupInfo;
+  vmaInit: boolean;
+  init: string;
+  guestQvdPath: string;
+  haltSignal: string;
+  apparmorProfile: string;
+  extraConfig?: string;
+}
+
+/** The LXC 5 configuration of one container. */
+export function renderConfig(spec: VmSpec, c: RenderContext): string {
+  const n = spec.network;
+  for (const [what, p] of [["image", spec.image.path], ["upper dir", c.upperDir]] as const)
+    if (p.includes(":")) throw new UserError(`the ${what} path ${p} contains ":", which LXC's overlay rootfs cannot take`);
+  if (!/^[\w.-]+$/.test(spec.home.user)) throw new UserError(`user name "${spec.home.user}" cannot be a home directory name`);
+  const memBytes = spec.memoryMb * 1024 * 1024;
+  const L: string[] = [
+    "# Generated by qvd for this start of the desktop; do not edit (rewritten at every start).",
+    `lxc.uts.name = ${spec.name}`,
+    spec.overlay.enabled
+      ? `lxc.rootfs.path = overlay:${spec.image.path}:${c.upperDir}`
+      : `lxc.rootfs.path = dir:${spec.image.path}`,
+    ...(spec.overlay.enabled ? [] : ["lxc.rootfs.options = ro"]),
+    "lxc.autodev = 1",
+    "lxc.mount.auto = proc:mixed sys:ro cgroup:mixed",
+    // A fresh /run (the image's /run may hold stale files; systemd keeps an existing /run mount).
+    "lxc.mount.entry = tmpfs run tmpfs rw,nosuid,nodev,mode=755 0 0",
+    `lxc.mount.entry = ${fstabField(join(c.vmDir, "vma.json"))} run/qvd/vma.json none bind,ro,create=file 0 0`,
+    `lxc.mount.entry = ${fstabField(spec.qvdBinary)} ${fstabField(rel(c.guestQvdPath))} none bind,ro,create=file 0 0`,
+    // Without an overlay the image is read-only: give /home a tmpfs for the mount point.
+    ...(spec.overlay.enabled ? [] : ["lxc.mount.entry = tmpfs home tmpfs rw,nosuid,nodev,mode=755 0 0"]),
+    `lxc.mount.entry = ${fstabField(spec.home.hostPath)} home/${spec.home.user} none bind,create=dir 0 0`,
+    "lxc.pty.max = 1024",
+    "lxc.tty.max = 3",
+    "lxc.tty.dir = lxc",
+    `lxc.console.logfile = ${join(c.logDir, `${spec.name}.console.log`)}`,
+    `lxc.log.file = ${join(c.logDir, `${spec.name}.log`)}`,
+    "lxc.log.level = WARN",
+    `lxc.apparmor.profile = ${c.apparmorProfile}`,
+    "lxc.cap.drop = mac_admin mac_override sys_time sys_module sys_rawio",
+    `lxc.seccomp.profile = ${join(c.vmDir, "seccomp")}`,
+  ];
+  // Limits, for the hierarchy each controller is in (a hybrid host mixes both).
+  if (c.cgroups.memory === "v1") {
+    L.push(`lxc.cgroup.memory.limit_in_bytes = ${memBytes}`);
+    if (c.cgroups.memsw) L.push(`lxc.cgroup.memory.memsw.limit_in_bytes = ${memBytes}`);
+  } else if (c.cgroups.memory === "v2") {
+    L.push(`lxc.cgroup2.memory.max = ${memBytes}`);
+    if (c.cgroups.swapMax) L.push("lxc.cgroup2.memory.swap.max = 0");
+  }
+  if (c.cgroups.cpu === "v1") L.push(`lxc.cgroup.cpu.shares = ${Math.max(2, Math.round(spec.cpuShares))}`);
+  else if (c.cgroups.cpu === "v2") L.push(`lxc.cgroup2.cpu.weight = ${sharesToWeight(spec.cpuShares)}`);
+  if (c.cgroups.devices) {
+    const k = c.cgroups.devices === "v1" ? "lxc.cgroup.devices" : "lxc.cgroup2.devices";
+    L.push(`${k}.deny = a`, ...DEVICES.map((d) => `${k}.allow = ${d}`));
+  }
+  L.push(
+    "lxc.net.0.type = veth",
+    `lxc.net.0.veth.pair = ${vethName(spec.vmId)}`,
+    `lxc.net.0.script.up = ${join(c.vmDir, "net-up")}`,
+    "lxc.net.0.name = eth0",
+    "lxc.net.0.flags = up",
+    `lxc.net.0.hwaddr = ${n.mac}`,
+    `lxc.net.0.ipv4.address = ${n.ip}/${n.prefix}`,
+    `lxc.net.0.ipv4.gateway = ${n.gateway}`,
+    `lxc.environment = PATH=${PATH}`,
+    "lxc.environment = LANG=C.UTF-8",
+    "lxc.environment = HOME=/root",
+    `lxc.init.cmd = ${c.vmaInit ? `${c.guestQvdPath} vma` : c.init}`,
+    `lxc.signal.halt = ${c.haltSignal}`,
+  );
+  if (c.extraConfig) L.push("# vm.lxc.conf.extra", c.extraConfig);
+  return L.join("\n") + "\n";
+}
+
+// --- the backend --------------------------------------------------------------------------------
+
+interface VmState {
+  persistent: boolean;
+  overlay: boolean;
+}
+
+export class LxcBackend implements Backend {
+  readonly kind = "lxc" as const;
+  readonly lxcPath: string;
+  readonly logDir: string;
+  private cgroupInfo?: CgroupInfo;
+
+  constructor(readonly o: LxcOptions) {
+    this.lxcPath = o.lxcPath;
+    this.logDir = join(o.lxcPath, "logs");
+  }
+
+  get cgroups(): CgroupInfo {
+    return (this.cgroupInfo ??= this.o.cgroups ?? detectCgroups());
+  }
+
+  private get net(): NodeNetwork {
+    return this.o.network;
+  }
+
+  name(vmId: number): string {
+    return `qvd-${vmId}`;
+  }
+  vmDir(vmId: number): string {
+    return join(this.lxcPath, this.name(vmId));
+  }
+  overlayDir(vmId: number): string {
+    return join(this.o.storageRoot, "overlays", String(vmId));
+  }
+  upperDir(vmId: number): string {
+    return join(this.overlayDir(vmId), "upper");
+  }
+  logFile(vmId: number): string {
+    return join(this.logDir, `${this.name(vmId)}.log`);
+  }
+  consoleLog(vmId: number): string {
+    return join(this.logDir, `${this.name(vmId)}.console.log`);
+  }
+
+  private lxc(tool: string, vmId: number, args: string[] = [], opts: { allowFail?: boolean; timeoutMs?: number } = {}) {
+    return this.net.run([tool, "-n", this.name(vmId), "-P", this.lxcPath, ...args], opts);
+  }
+
+  async prepare(spec: VmSpec): Promise<void> {
+    if (spec.name !== this.name(spec.vmId)) throw new UserError(`container name ${spec.name} must be ${this.name(spec.vmId)}`);
+    if (!existsSync(spec.image.path)) throw new UserError(`the disk image's root filesystem ${spec.image.path} does not exist`);
+    if (!existsSync(spec.qvdBinary)) throw new UserError(`the qvd binary ${spec.qvdBinary} does not exist`);
+    const vmDir = this.vmDir(spec.vmId);
+    mkdirSync(vmDir, { recursive: true, mode: 0o700 });
+    mkdirSync(this.logDir, { recursive: true, mode: 0o700 });
+    // Writable layer: a leftover one is kept only when the VM is persistent.
+    if (spec.overlay.enabled) {
+      const upper = this.upperDir(spec.vmId);
+      if (!spec.overlay.persistent) discard(this.overlayDir(spec.vmId));
+      mkdirSync(upper, { recursive: true, mode: 0o755 });
+      rmSync(join(this.overlayDir(spec.vmId), "work"), { recursive: true, force: true });
+    }
+    // The home on shared storage, created on first use (the VMA owns it to the user).
+    mkdirSync(spec.home.hostPath, { recursive: true, mode: 0o755 });
+    const state: VmState = { persistent: spec.overlay.persistent, overlay: spec.overlay.enabled };
+    writeFileSync(join(vmDir, "state.json"), JSON.stringify(state) + "\n");
+    writeSecret(join(vmDir, "vma.json"), JSON.stringify({ vm_id: spec.vmId, secret: spec.vma.secret, node_address: spec.network.gateway, port: spec.vma.port }) + "\n");
+    writeFileSync(join(vmDir, "net-up"), this.net.attachScript(), { mode: 0o700 });
+    writeFileSync(join(vmDir, "seccomp"), SECCOMP);
+    const vmaInit = this.o.vmaInit ?? true;
+    const config = renderConfig(spec, {
+      vmDir,
+      logDir: this.logDir,
+      upperDir: this.upperDir(spec.vmId),
+      cgroups: this.cgroups,
+      vmaInit,
+      init: this.o.init ?? "/sbin/init",
+      guestQvdPath: guestQvdPath(spec, this.o.guestQvdPath ?? "/usr/local/bin/qvd"),
+      // Not SIGPWR (LXC's default) for the VMA: Bun (1.4) never delivers SIGPWR to handlers.
+      haltSignal: this.o.haltSignal ?? (vmaInit ? "SIGTERM" : "SIGRTMIN+3"),
+      apparmorProfile: this.o.apparmorProfile ?? (apparmorEnabled() ? "generated" : "unconfined"),
+      extraConfig: this.o.extraConfig,
+    });
+    writeFileSync(join(vmDir, "config"), config);
+    if (this.cgroups.memory === null) log.warn("no memory cgroup controller found: the desktop's memory is not limited", { vm: spec.vmId });
+    await this.net.addVm({ vmId: spec.vmId, ifname: vethName(spec.vmId), ip: spec.network.ip, mac: spec.network.mac });
+  }
+
+  async start(spec: VmSpec): Promise<{ pid?: number }> {
+    const t0 = performance.now();
+    for (const f of [this.logFile(spec.vmId), this.consoleLog(spec.vmId)]) writeFileSync(f, "");
+    try {
+      // -d returns once LXC reports RUNNING (or fails); lxc-wait is the belt to those braces.
+      await this.lxc("lxc-start", spec.vmId, ["-d"], { timeoutMs: this.o.startTimeoutMs ?? 30_000 });
+      const secs = Math.max(1, Math.ceil((this.o.startTimeoutMs ?? 30_000) / 1000));
+      await this.lxc("lxc-wait", spec.vmId, ["-s", "RUNNING", "-t", String(secs)]);
+    } catch (err) {
+      throw new UserError(`container ${spec.name} did not start: ${this.failureReason(spec.vmId, err)}`);
+    }
+    const pid = await this.initPid(spec.vmId);
+    log.info("container running", { vm: spec.vmId, pid, ms: Math.round(performance.now() - t0) });
+    return { pid };
+  }
+
+  /** The lines of LXC's log that say why, else the command's own error. */
+  private failureReason(vmId: number, err: unknown): string {
+    let lines: string[] = [];
+    try {
+      lines = readFileSync(this.logFile(vmId), "utf8").split("\n").filter((l) => / ERROR /.test(l));
+    } catch {}
+    const clean = lines.map((l) => l.replace(/^.*? ERROR\s+\S+ - \S+ - /, "")).filter((l) => !/Failed to (spawn|receive)|instead of "RUNNING"/.test(l));
+    if (clean.length) return clean.slice(-3).join(" / ");
+    return err instanceof CommandError ? err.message : String(err);
+  }
+
+  /** PID of the container's init on the node, if it runs. */
+  async initPid(vmId: number): Promise<number | undefined> {
+    const r = await this.lxc("lxc-info", vmId, ["-p", "-H"], { allowFail: true });
+    const pid = Number(r.stdout.trim());
+    return r.status === 0 && pid > 0 ? pid : undefined;
+  }
+
+  async stop(vmId: number, timeoutMs: number): Promise<boolean> {
+    if ((await this.status(vmId)) === "stopped") return true;
+    // lxc.signal.halt (SIGTERM for the VMA) to init; --nokill: report failure instead of killing.
+    const secs = Math.max(1, Math.ceil(timeoutMs / 1000));
+    await this.lxc("lxc-stop", vmId, ["--nokill", "-t", String(secs)], { allowFail: true, timeoutMs: timeoutMs + 10_000 });
+    return (await this.status(vmId)) === "stopped";
+  }
+
+  async kill(vmId: number): Promise<void> {
+    if ((await this.status(vmId)) === "stopped") return;
+    await this.lxc("lxc-stop", vmId, ["-k"], { allowFail: true, timeoutMs: 30_000 });
+    await this.lxc("lxc-wait", vmId, ["-s", "STOPPED", "-t", "10"], { allowFail: true });
+    if ((await this.status(vmId)) !== "stopped") throw new UserError(`container ${this.name(vmId)} could not be killed`);
+  }
+
+  async status(vmId: number): Promise<BackendState> {
+    if (!existsSync(join(this.vmDir(vmId), "config"))) {
+      // No configuration: LXC knows nothing about it (a config removed under a running
+      // container would still show in running(), which does not need the config).
+      const r = await this.net.run(["lxc-ls", "-P", this.lxcPath, "--running", "-1"], { allowFail: true });
+      return r.stdout.split("\n").includes(this.name(vmId)) ? "running" : "stopped";
+    }
+    const r = await this.lxc("lxc-info", vmId, ["-s", "-H"], { allowFail: true });
+    const s = r.stdout.trim();
+    return r.status !== 0 || s === "STOPPED" || s === "" ? "stopped" : "running";
+  }
+
+  async running(): Promise<number[]> {
+    if (!existsSync(this.lxcPath)) return [];
+    const r = await this.net.run(["lxc-ls", "-P", this.lxcPath, "--running", "-1"], { allowFail: true });
+    return r.stdout
+      .split("\n")
+      .map((l) => /^qvd-(\d+)$/.exec(l.trim()))
+      .filter((m): m is RegExpExecArray => m !== null)
+      .map((m) => Number(m[1]))
+      .sort((a, b) => a - b);
+  }
+
+  async cleanup(vmId: number): Promise<void> {
+    const vmDir = this.vmDir(vmId);
+    if ((await this.status(vmId)) !== "stopped") await this.kill(vmId);
+    let state: VmState | undefined;
+    try {
+      state = JSON.parse(readFileSync(join(vmDir, "state.json"), "utf8")) as VmState;
+    } catch {}
+    // Nothing is mounted on the node by this backend, but a crashed LXC of an older layout
+    // (or an administrator) may have left mounts below the VM's directories.
+    await unmountBelow([vmDir, this.overlayDir(vmId)], (argv) => this.net.run(argv, { allowFail: true }));
+    await this.net.removeVeth(vethName(vmId));
+    // LXC removes its cgroups when the container ends, but not always after a failed start.
+    removeEmptyCgroups(this.name(vmId));
+    await this.net.removeVm(vmId);
+    // The writable layer: without a record (e.g. /run was wiped by a reboot) it is kept; the
+    // next prepare discards it unless that start is persistent.
+    if (state && !state.persistent) discard(this.overlayDir(vmId));
+    else rmSync(join(this.overlayDir(vmId), "work"), { recursive: true, force: true });
+    rmSync(vmDir, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Where the qvd binary goes in the guest: the configured path, except on a read-only image
+ * (no overlay) that lacks it, where no mount point can be created: then below the tmpfs /run.
+ */
+function guestQvdPath(spec: VmSpec, wanted: string): string {
+  if (spec.overlay.enabled || existsSync(join(spec.image.path, wanted))) return wanted;
+  return "/run/qvd/bin/qvd";
+}
+
+/**
+ * Removes LXC's cgroups of a container (lxc.monitor.<name>, lxc.payload.<name>) in every
+ * hierarchy, deepest first. Only empty cgroups can be removed: a running container's stay.
+ */
+export function removeEmptyCgroups(name: string): string[] {
+  const removed: string[] = [];
+  const mounts: string[] = [];
+  for (const line of readFileSync("/proc/self/mountinfo", "utf8").split("\n")) {
+    const [pre, post] = line.split(" - ");
+    const fstype = post?.split(" ")[0];
+    if (pre && (fstype === "cgroup" || fstype === "cgroup2")) mounts.push(pre.split(" ")[4]!);
+  }
+  // LXC places containers below the cgroup of PID 1 (lxc.cgroup.relative = 0) or its own.
+  const paths = new Set<string>(["/"]);
+  for (const f of ["/proc/1/cgroup", "/proc/self/cgroup"]) {
+    try {
+      for (const l of readFileSync(f, "utf8").trim().split("\n")) paths.add(l.split(":").slice(2).join(":") || "/");
+    } catch {}
+  }
+  const rmTree = (dir: string) => {
+    let entries: string[] = [];
+    try {
+      entries = readdirSync(dir, { withFileTypes: true }).filter((e) => e.isDirectory()).map((e) => e.name);
+    } catch {
+      return;
+    }
+    for (const e of entries) rmTree(join(dir, e));
+    try {
+      rmdirSync(dir);
+      removed.push(dir);
+    } catch {}
+  };
+  for (const mp of mounts)
+    for (const p of paths)
+      for (const kind of ["lxc.monitor.", "lxc.payload."]) {
+        const dir = join(mp, p, kind + name);
+        if (existsSync(dir)) rmTree(dir);
+      }
+  if (removed.length) log.debug("removed leftover cgroups", { container: name, count: removed.length });
+  return removed;
+}
+
+/** Writes a file only root can read, replacing any earlier one (which is read-only). */
+function writeSecret(file: string, data: string): void {
+  rmSync(file, { force: true });
+  writeFileSync(file, data, { mode: 0o400 });
+  chmodSync(file, 0o400);
+}
+
+/** Removes a directory tree; renames it first so that a half-removed tree is never reused. */
+function discard(dir: string): void {
+  if (!existsSync(dir)) return;
+  const gone = join(dirname(dir), `.deleteme-${dir.split("/").pop()}-${process.pid}-${Date.now()}`);
+  try {
+    renameSync(dir, gone);
+  } catch {
+    rmSync(dir, { recursive: true, force: true });
+    return;
+  }
+  rmSync(gone, { recursive: true, force: true });
+}
+
+/** Unmounts every mount at or below the given directories, deepest first. */
+async function unmountBelow(dirs: string[], run: (argv: string[]) => Promise<unknown>): Promise<void> {
+  const unescape = (s: string) => s.replace(/\\([0-7]{3})/g, (_, o) => String.fromCharCode(parseInt(o, 8)));
+  for (let round = 0; round < 5; round++) {
+    const mounts = readFileSync("/proc/self/mountinfo", "utf8")
+      .split("\n")
+      .map((l) => l.split(" ")[4])
+      .filter((m): m is string => !!m)
+      .map(unescape)
+      .filter((m) => dirs.some((d) => m === d || m.startsWith(d + "/")));
+    if (mounts.length === 0) return;
+    for (const m of mounts.sort((a, b) => b.length - a.length)) await run(["umount", "-l", m]);
+  }
+}

@@ -1,0 +1,170 @@
+// The VMA's HTTP API (src/virt/README.md): JSON over plain HTTP on the guest network, port
+// 3030. Every request must carry `X-QVD-VMA-Secret` (compared in constant time) and come from
+// the node's address (when configured): otherwise 403 with no details, before anything else
+// is looked at. Then: unknown path or wrong method 404, bad JSON 400, bad parameters 422
+// naming the field, a request the session's state refuses 409.
+//
+//   GET  /vma/ping       → 200 {"ok":true,"vm_id":N,"state":S}
+//   GET  /vma/x_state    → 200 {"state":S,"since":ISO,"nx_state":W[,"user":U][,"error":E]}
+//   POST /vma/x_start    {user,uid,gid,home?,keyboard?,client_os?,link?,geometry?,fullscreen?,properties?}
+//                        → 200 {"state":"starting"} | 409 {"error","state"}
+//   POST /vma/x_suspend  → 200 {"state":S}
+//   POST /vma/x_stop     → 200 {"state":S}
+//   POST /vma/poweroff   → 202 {"state":"stopping"}, then the shutdown path
+//   POST /vma/expire     {soft?,hard?} → 200 {"ok":true}
+import { createHash, timingSafeEqual } from "node:crypto";
+import { z } from "zod";
+import { logger } from "../log.ts";
+import { run } from "../run.ts";
+import { StateError, type Session, type SessionParams } from "./session.ts";
+
+const log = logger("vma.server");
+
+export const LINKS = ["modem", "isdn", "adsl", "wan", "lan", "local"] as const;
+export const CLIENT_OSES = ["linux", "windows", "winnt", "macosx", "darwin", "solaris", "android"] as const;
+const MAX_BODY = 64 * 1024;
+
+const id = z.number({ error: "expected an integer" }).int("expected an integer").min(1, "must be at least 1 (root is never a session user)").max(4294967294);
+export const xStartSchema = z
+  .object({
+    user: z.string().regex(/^[a-z_][a-z0-9_.-]{0,31}$/, "expected a user name: lower-case letters, digits, _ . - (at most 32)"),
+    uid: id,
+    gid: id,
+    home: z.string().regex(/^(\/[\w.-]+)+$/, "expected an absolute path").refine((p) => !p.split("/").includes(".."), "must not contain ..").optional(),
+    keyboard: z.string().regex(/^[\w+-]{1,32}\/[\w+-]{1,32}$/, "expected MODEL/LAYOUT such as pc105/us").optional(),
+    client_os: z.enum(CLIENT_OSES, { error: `expected one of: ${CLIENT_OSES.join(", ")}` }).optional(),
+    link: z.enum(LINKS, { error: `expected one of: ${LINKS.join(", ")}` }).optional(),
+    geometry: z.string().regex(/^\d{2,5}x\d{2,5}$/, "expected WIDTHxHEIGHT such as 1024x768").optional(),
+    fullscreen: z.preprocess((v) => (v === "1" || v === 1 ? true : v === "0" || v === 0 || v === "" ? false : v), z.boolean({ error: "expected a boolean" })).optional(),
+    properties: z.record(z.string().max(256), z.union([z.string().max(4096), z.number(), z.boolean()])).optional(),
+  })
+  .strict();
+
+const expireSchema = z
+  .object({
+    soft: z.union([z.string().max(64), z.number()]).optional(),
+    hard: z.union([z.string().max(64), z.number()]).optional(),
+  })
+  .strict();
+
+export interface VmaServerOptions {
+  secret: string;
+  /** Requests must come from here; empty: from anywhere (the secret alone). */
+  nodeAddress: string;
+  vmId: number;
+  session: Session;
+  expireCommand: string;
+  /** The poweroff method: starts the shutdown path (does not return when it exits). */
+  powerOff: () => void;
+}
+
+const json = (status: number, body: unknown) =>
+  new Response(JSON.stringify(body), { status, headers: { "content-type": "application/json" } });
+
+function digest(s: string): Buffer {
+  return createHash("sha256").update(s).digest();
+}
+
+/** IPv4-mapped IPv6 addresses (::ffff:1.2.3.4) compare as their IPv4 form. */
+function normalizeAddress(a: string): string {
+  return a.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/i, "").toLowerCase();
+}
+
+async function readJson(req: Request): Promise<{ ok: true; value: unknown } | { ok: false; res: Response }> {
+  const text = await req.text();
+  if (text.length > MAX_BODY) return { ok: false, res: json(413, { error: "request body too large" }) };
+  if (text.trim() === "") return { ok: true, value: {} };
+  try {
+    return { ok: true, value: JSON.parse(text) };
+  } catch {
+    return { ok: false, res: json(400, { error: "the body is not valid JSON" }) };
+  }
+}
+
+function invalid(err: z.ZodError): Response {
+  const issue = err.issues[0]!;
+  const field = issue.code === "unrecognized_keys" ? (issue as { keys: string[] }).keys.join(",") : issue.path.join(".") || "(body)";
+  const message = issue.code === "unrecognized_keys" ? "unknown field" : issue.message;
+  return json(422, { error: `${field}: ${message}`, field });
+}
+
+type Handler = (req: Request) => Promise<Response> | Response;
+
+export function createVmaHandler(o: VmaServerOptions): (req: Request, ip: string | undefined) => Promise<Response> {
+  const secret = digest(o.secret);
+  const node = o.nodeAddress ? normalizeAddress(o.nodeAddress) : "";
+  const s = o.session;
+
+  const routes: Record<string, Record<string, Handler>> = {
+    "/vma/ping": { GET: () => json(200, { ok: true, vm_id: o.vmId, state: s.state }) },
+    "/vma/x_state": { GET: () => json(200, s.status()) },
+    "/vma/x_start": {
+      POST: async (req) => {
+        const body = await readJson(req);
+        if (!body.ok) return body.res;
+        const parsed = xStartSchema.safeParse(body.value);
+        if (!parsed.success) return invalid(parsed.error);
+        try {
+          return json(200, s.start(parsed.data as SessionParams));
+        } catch (err) {
+          if (err instanceof StateError) return json(409, { error: err.message, state: err.state });
+          throw err;
+        }
+      },
+    },
+    "/vma/x_suspend": { POST: () => json(200, s.suspend()) },
+    "/vma/x_stop": { POST: () => json(200, s.stop()) },
+    "/vma/poweroff": {
+      POST: () => {
+        setTimeout(o.powerOff, 50); // after the answer is on its way
+        return json(202, { state: "stopping" });
+      },
+    },
+    "/vma/expire": {
+      POST: async (req) => {
+        const body = await readJson(req);
+        if (!body.ok) return body.res;
+        const parsed = expireSchema.safeParse(body.value);
+        if (!parsed.success) return invalid(parsed.error);
+        log.info("expire", { soft: String(parsed.data.soft ?? ""), hard: String(parsed.data.hard ?? "") });
+        if (o.expireCommand) {
+          const argv = [...o.expireCommand.split(/\s+/).filter(Boolean),
+            "vm.expiration.soft", String(parsed.data.soft ?? ""), "vm.expiration.hard", String(parsed.data.hard ?? ""),
+            "qvd.vm.session.state", s.state, "qvd.hook.on_action", "expire"];
+          const r = await run(argv, { allowFail: true, timeoutMs: 30_000 });
+          if (r.status !== 0) return json(500, { error: `expire hook failed (exit ${r.status})` });
+        }
+        return json(200, { ok: true });
+      },
+    },
+  };
+
+  return async (req, ip) => {
+    const given = req.headers.get("x-qvd-vma-secret");
+    const okSecret = given !== null && timingSafeEqual(digest(given), secret);
+    const okAddr = !node || (ip !== undefined && normalizeAddress(ip) === node);
+    if (!okSecret || !okAddr) {
+      log.warn("refused", { from: ip ?? "?", reason: okSecret ? "address" : "secret" });
+      return json(403, { error: "forbidden" });
+    }
+    const path = new URL(req.url).pathname;
+    const h = routes[path]?.[req.method];
+    if (!h) return json(404, { error: "not found" });
+    try {
+      return await h(req);
+    } catch (err) {
+      log.error("request failed", { path, err: (err as Error).message });
+      return json(500, { error: (err as Error).message });
+    }
+  };
+}
+
+export function startVmaServer(o: VmaServerOptions, hostname: string, port: number) {
+  const handle = createVmaHandler(o);
+  return Bun.serve({
+    hostname,
+    port,
+    maxRequestBodySize: MAX_BODY,
+    fetch: (req, server) => handle(req, server.requestIP(req)?.address),
+  });
+}

@@ -1,0 +1,264 @@
+// Image unpacking with real GNU tar: checksum, progress, refusal of unsafe or broken archives
+// before anything is extracted, and concurrent unpacks of one image.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync, linkSync } from "node:fs";
+import { join } from "node:path";
+import { run } from "../src/run.ts";
+import { checkEntries, ImageError, parseListing, unpackImage, type UnpackProgress } from "../src/virt/images.ts";
+
+let dir: string;
+let src: string; // a tiny root filesystem
+let basefsDir: string;
+
+const sha256 = (file: string) => new Bun.CryptoHasher("sha256").update(readFileSync(file)).digest("hex");
+
+/** Nothing but lock and nothing half-made: no basefs, no temp dirs, no metadata. */
+function leftovers(id: number): string[] {
+  if (!existsSync(basefsDir)) return [];
+  return readdirSync(basefsDir).filter((n) => n !== `.lock-${id}` && (n === String(id) || n.includes(`-${id}`)));
+}
+
+async function expectRefused(p: Promise<unknown>, pattern: RegExp, id: number): Promise<string> {
+  let err: unknown;
+  try {
+    await p;
+  } catch (e) {
+    err = e;
+  }
+  expect(err).toBeInstanceOf(ImageError);
+  const msg = (err as Error).message;
+  expect(msg).toMatch(pattern);
+  expect(leftovers(id)).toEqual([]);
+  return msg;
+}
+
+beforeAll(async () => {
+  dir = mkdtempSync("/tmp/qvd-images-test-");
+  basefsDir = join(dir, "storage", "basefs");
+  src = join(dir, "src");
+  mkdirSync(join(src, "usr/sbin"), { recursive: true });
+  mkdirSync(join(src, "etc/alternatives"), { recursive: true });
+  mkdirSync(join(src, "usr/bin"), { recursive: true });
+  mkdirSync(join(src, "dev"), { recursive: true });
+  symlinkSync("usr/sbin", join(src, "sbin"));
+  writeFileSync(join(src, "etc/hostname"), "guest\n");
+  writeFileSync(join(src, "usr/bin/tool"), "#!/bin/sh\necho tool\n", { mode: 0o4755 });
+  linkSync(join(src, "usr/bin/tool"), join(src, "usr/bin/tool2"));
+  symlinkSync("/usr/bin/tool", join(src, "etc/alternatives/tool")); // absolute: fine inside a rootfs
+  symlinkSync("../../usr/bin/tool", join(src, "etc/alternatives/rel")); // relative, stays inside
+  // Some content so that progress has several steps.
+  writeFileSync(join(src, "usr/bin/blob"), Buffer.alloc(3 * 1024 * 1024, 7));
+  await run(["mknod", join(src, "dev/null"), "c", "1", "3"]);
+  linkSync(join(src, "dev/null"), join(src, "dev/null2")); // GNU tar stores it as a second device
+  await run(["tar", "-C", src, "--numeric-owner", "-czf", join(dir, "good.tar.gz"), "."]);
+  await run(["tar", "-C", src, "--numeric-owner", "-cf", join(dir, "good.tar"), "."]);
+});
+
+afterAll(() => {
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe("unpackImage", () => {
+  test("unpacks a good tarball once, with progress and checksum", async () => {
+    const image = join(dir, "good.tar.gz");
+    const events: UnpackProgress[] = [];
+    const res = await unpackImage({ image, basefsDir, diId: 1, sha256: sha256(image).toUpperCase(), onProgress: (p) => events.push(p) });
+    expect(res.unpacked).toBe(true);
+    expect(res.basefs).toBe(join(basefsDir, "1"));
+    expect(res.rootfs).toBe(res.basefs);
+    expect(res.sha256).toBe(sha256(image));
+    expect(readFileSync(join(res.rootfs, "etc/hostname"), "utf8")).toBe("guest\n");
+    expect(readlinkSync(join(res.rootfs, "etc/alternatives/tool"))).toBe("/usr/bin/tool");
+    expect(readlinkSync(join(res.rootfs, "sbin"))).toBe("usr/sbin");
+    const tool = statSync(join(res.rootfs, "usr/bin/tool"));
+    expect(tool.mode & 0o7777).toBe(0o4755); // setuid kept
+    expect(tool.ino).toBe(statSync(join(res.rootfs, "usr/bin/tool2")).ino); // hard link kept
+    // The device node is skipped with a note.
+    expect(existsSync(join(res.rootfs, "dev/null"))).toBe(false);
+    expect(existsSync(join(res.rootfs, "dev"))).toBe(true);
+    expect(existsSync(join(res.rootfs, "dev/null2"))).toBe(false);
+    expect(res.skipped.sort()).toEqual([expect.stringMatching(/dev\/null": character device not extracted/), expect.stringMatching(/dev\/null2": character device not extracted/)]);
+    // Progress: both phases, non-decreasing, ending at the file size.
+    const size = statSync(image).size;
+    for (const phase of ["verify", "extract"] as const) {
+      const ev = events.filter((e) => e.phase === phase);
+      expect(ev.length).toBeGreaterThan(0);
+      expect(ev.at(-1)).toEqual({ phase, bytes: size, total: size });
+      for (let i = 1; i < ev.length; i++) expect(ev[i]!.bytes).toBeGreaterThanOrEqual(ev[i - 1]!.bytes);
+    }
+    // Nothing left beside the result but its lock and metadata.
+    expect(readdirSync(basefsDir).sort()).toEqual([".lock-1", ".meta-1.json", "1"]);
+
+    // A second call reuses it.
+    const again = await unpackImage({ image, basefsDir, diId: 1, sha256: sha256(image) });
+    expect(again).toMatchObject({ unpacked: false, basefs: res.basefs, rootfs: res.rootfs, sha256: sha256(image) });
+  });
+
+  test("an uncompressed tarball without a checksum", async () => {
+    const res = await unpackImage({ image: join(dir, "good.tar"), basefsDir, diId: 2 });
+    expect(res.unpacked).toBe(true);
+    expect(existsSync(join(res.rootfs, "usr/bin/blob"))).toBe(true);
+  });
+
+  test("an archive without a \"./\" entry gets a usable root directory", async () => {
+    const image = join(dir, "noroot-entry.tar");
+    await run(["tar", "-C", src, "-cf", image, "sbin", "usr", "etc"]);
+    const res = await unpackImage({ image, basefsDir, diId: 4 });
+    expect(statSync(res.rootfs).mode & 0o777).toBe(0o755);
+    expect(existsSync(join(res.rootfs, "etc/hostname"))).toBe(true);
+  });
+
+  test("a wrong checksum is refused and nothing is left", async () => {
+    const image = join(dir, "good.tar.gz");
+    const msg = await expectRefused(unpackImage({ image, basefsDir, diId: 3, sha256: "0".repeat(64) }), /checksum mismatch/, 3);
+    expect(msg).toContain(image);
+    expect(msg).toContain(sha256(image));
+  });
+
+  test("a stale basefs from another file is reported, not reused", async () => {
+    await expectRefused(unpackImage({ image: join(dir, "good.tar"), basefsDir, diId: 1, sha256: sha256(join(dir, "good.tar")) }), /unpacked from another file/, 999);
+  });
+
+  describe("unsafe archives are refused before anything is extracted", () => {
+    // Each archive also holds a harmless file first, which must not appear anywhere either.
+    async function evil(name: string, build: (work: string) => Promise<string[]>): Promise<string> {
+      const work = mkdtempSync(join(dir, "evil-"));
+      mkdirSync(join(work, "r/sbin"), { recursive: true });
+      writeFileSync(join(work, "r/canary"), "x");
+      const tarArgs = await build(work);
+      const file = join(dir, name);
+      await run(["tar", "-cPzf", file, ...tarArgs], { cwd: join(work, "r") });
+      return file;
+    }
+    let id = 10;
+    const cases: [string, string, (work: string) => Promise<string[]>, RegExp][] = [
+      ["dotdot.tar.gz", "../x", async (w) => {
+        writeFileSync(join(w, "x"), "outside");
+        return ["canary", "sbin", "../x"];
+      }, /"\.\.\/x": '\.\.' in the path/],
+      ["absolute.tar.gz", "/etc/passwd", async () => ["canary", "sbin", "/etc/passwd"], /"\/etc\/passwd": absolute path/],
+      ["hardlink.tar.gz", "hard link to ../../x", async (w) => {
+        writeFileSync(join(w, "r/f"), "f");
+        linkSync(join(w, "r/f"), join(w, "r/g"));
+        return ["--transform", "s,^f$,../../x,RSh", "canary", "sbin", "f", "g"];
+      }, /"g": hard link to "\.\.\/\.\.\/x" outside the archive/],
+      ["symlink.tar.gz", "symlink ../../../etc", async (w) => {
+        mkdirSync(join(w, "r/a"));
+        symlinkSync("../../../etc", join(w, "r/a/etc"));
+        return ["canary", "sbin", "a", "a/etc"];
+      }, /"a\/etc": symlink to "\.\.\/\.\.\/\.\.\/etc" climbs out of the image/],
+      ["through-symlink.tar.gz", "a file below a symlink of the archive", async (w) => {
+        symlinkSync("/", join(w, "r/root"));
+        writeFileSync(join(w, "r/canary2"), "y");
+        return ["--transform", "s,^canary2$,root/pwned,", "canary", "sbin", "root", "canary2"];
+      }, /"root\/pwned": it lies below the symlink "root"/],
+    ];
+    for (const [file, what, build, pattern] of cases) {
+      const myId = ++id;
+      test(what, async () => {
+        const image = await evil(file, build);
+        const msg = await expectRefused(unpackImage({ image, basefsDir, diId: myId }), pattern, myId);
+        expect(msg).toContain(image);
+        expect(msg).toContain("nothing was extracted");
+        expect(existsSync(join(basefsDir, "x"))).toBe(false);
+        expect(existsSync(join(basefsDir, "canary"))).toBe(false);
+        expect(existsSync("/pwned")).toBe(false);
+      });
+    }
+  });
+
+  test("a truncated .tar.gz is refused with tar's message and nothing is left", async () => {
+    const image = join(dir, "truncated.tar.gz");
+    writeFileSync(image, readFileSync(join(dir, "good.tar.gz")));
+    truncateSync(image, Math.floor(statSync(image).size / 2));
+    const msg = await expectRefused(unpackImage({ image, basefsDir, diId: 20 }), /not a valid image archive: .*(unexpected end|Unexpected EOF)/i, 20);
+    expect(msg).toContain(image);
+  });
+
+  test("a file that is no archive, and a missing file", async () => {
+    const junk = join(dir, "junk.tar.gz");
+    writeFileSync(junk, Buffer.concat([Buffer.from([0x1f, 0x8b]), Buffer.alloc(2000, 1)]));
+    await expectRefused(unpackImage({ image: junk, basefsDir, diId: 21 }), /junk\.tar\.gz: not a valid image archive/, 21);
+    const text = join(dir, "text.tar");
+    writeFileSync(text, "hello\n".repeat(1000));
+    await expectRefused(unpackImage({ image: text, basefsDir, diId: 22 }), /text\.tar: not a valid image archive: .*does not look like a tar archive/, 22);
+    await expectRefused(unpackImage({ image: join(dir, "missing.tar"), basefsDir, diId: 23 }), /missing\.tar: cannot read image: no such file/, 23);
+  });
+
+  test("an archive without a root filesystem is refused", async () => {
+    const work = mkdtempSync(join(dir, "norootfs-"));
+    writeFileSync(join(work, "readme"), "no OS here");
+    const image = join(dir, "norootfs.tar");
+    await run(["tar", "-C", work, "-cf", image, "."]);
+    await expectRefused(unpackImage({ image, basefsDir, diId: 24 }), /not a root filesystem image/, 24);
+  });
+
+  test("two concurrent unpacks of one image: one basefs, both succeed", async () => {
+    const image = join(dir, "good.tar.gz");
+    const phases: string[][] = [[], []];
+    const [a, b] = await Promise.all(
+      [0, 1].map((i) => unpackImage({ image, basefsDir, diId: 30, sha256: sha256(image), onProgress: (p) => phases[i]!.push(p.phase) })),
+    );
+    expect(a!.basefs).toBe(join(basefsDir, "30"));
+    expect(b!.basefs).toBe(a!.basefs);
+    expect([a!.unpacked, b!.unpacked].sort()).toEqual([false, true]);
+    // The second one waited for the first instead of unpacking too.
+    const waiter = a!.unpacked ? phases[1]! : phases[0]!;
+    expect(waiter).toContain("wait");
+    expect(waiter).not.toContain("extract");
+    expect(readdirSync(basefsDir).filter((n) => n.includes("30")).sort()).toEqual([".lock-30", ".meta-30.json", "30"]);
+    expect(readFileSync(join(a!.rootfs, "etc/hostname"), "utf8")).toBe("guest\n");
+  });
+
+  test("concurrent unpacks from separate processes", async () => {
+    const image = join(dir, "good.tar");
+    const script = `import { unpackImage } from ${JSON.stringify(join(import.meta.dir, "../src/virt/images.ts"))};
+      const r = await unpackImage({ image: ${JSON.stringify(image)}, basefsDir: ${JSON.stringify(basefsDir)}, diId: 31 });
+      console.log(JSON.stringify(r));`;
+    const results = await Promise.all([0, 1, 2].map(() => run([process.execPath, "-e", script])));
+    const parsed = results.map((r) => JSON.parse(r.stdout.trim().split("\n").at(-1)!));
+    expect(parsed.filter((r) => r.unpacked).length).toBe(1);
+    expect(new Set(parsed.map((r) => r.basefs))).toEqual(new Set([join(basefsDir, "31")]));
+    expect(lstatSync(join(basefsDir, "31")).isDirectory()).toBe(true);
+  });
+});
+
+describe("checkEntries", () => {
+  test("parses tar's C-quoted listing exactly", () => {
+    const entries = parseListing(
+      [
+        'drwxr-xr-x 0/0               0 2026-11-28 11:31 "./"',
+        'lrwxrwxrwx 0/0               0 2026-11-28 11:31 "./sub/sp ace -> x" -> "../f"',
+        'hrw-r--r-- 0/0               0 2026-11-28 11:31 "./g" link to "./f"',
+        '-rw-r--r-- 0/0               1 2026-11-28 11:31 "./nl\\nname\\"q\\303\\251"',
+        "crw-r--r-- 0/0             1,3 2026-11-28 11:31 \"./null\"",
+      ].join("\n"),
+    );
+    expect(entries.map((e) => [e.type, e.name, e.link])).toEqual([
+      ["dir", "./", undefined],
+      ["symlink", "./sub/sp ace -> x", "../f"],
+      ["hardlink", "./g", "./f"],
+      ["file", './nl\nname"q\xc3\xa9', undefined],
+      ["chardev", "./null", undefined],
+    ]);
+  });
+
+  test("device nodes and hard links to them are skipped", () => {
+    const { skip } = checkEntries([
+      { name: "./dev/", type: "dir", mode: "drwxr-xr-x" },
+      { name: "./dev/sda", type: "blockdev", mode: "brw-rw----" },
+      { name: "./dev/disk", type: "hardlink", link: "dev/sda", mode: "hrw-rw----" },
+      { name: "./etc/f", type: "file", mode: "-rw-r--r--" },
+      { name: "./etc/g", type: "hardlink", link: "./etc/f", mode: "hrw-r--r--" },
+    ]);
+    expect(skip.map((e) => e.name)).toEqual(["./dev/sda", "./dev/disk"]);
+  });
+
+  test("relative symlinks may go up as long as they stay inside", () => {
+    const e = (name: string, link: string) => ({ name, type: "symlink" as const, link, mode: "lrwxrwxrwx" });
+    expect(() => checkEntries([e("./usr/lib/x", "../../bin/y")])).not.toThrow();
+    expect(() => checkEntries([e("./usr/lib/x", "../../../bin/y")])).toThrow(/climbs out/);
+    expect(() => checkEntries([e("./x", "a/../../y")])).toThrow(/climbs out/);
+    expect(() => checkEntries([e("./x", "/../../../y")])).not.toThrow(); // absolute: resolved inside the guest
+  });
+});
