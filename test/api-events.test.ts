@@ -2,6 +2,7 @@
 // others, with the right object, operation and id; a tenant's administrator hears only its
 // tenant; an administrator without `<object>.see` hears nothing of those objects.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { setKeepAlive } from "../src/api/events.ts";
 import { ApiClient, startTestApi, type TestApi } from "./support/api.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 
@@ -226,4 +227,17 @@ describe("GET /events", () => {
     await stays.next(change("user", "create", u.id));
     expect(gone.changes().some((e) => e.id === u.id && e.object === "user")).toBe(false);
   });
+});
+
+test("a stream ends with `logout` once its session is over", async () => {
+  setKeepAlive(200);
+  try {
+    const mine = await api.login("seer", "seer-password");
+    const s = await open(mine);
+    await s.next((e) => e.event === "ping", 3000); // alive while the session is
+    expect((await mine.post("/logout")).status).toBe(200);
+    await s.next((e) => e.event === "logout", 3000);
+  } finally {
+    setKeepAlive(15_000);
+  }
 });

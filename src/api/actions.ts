@@ -20,6 +20,17 @@ interface ActionSpec {
   run: (ctx: Ctx, objId: number, body: Record<string, unknown>) => Promise<unknown>;
 }
 
+/**
+ * No administrator can hand out rights they do not hold: granting an ACL, inheriting a role or
+ * assigning one needs every ACL it would give. Superadministrators hold them all anyway.
+ */
+function noEscalation(ctx: Ctx, acls: Iterable<string>): void {
+  if (ctx.admin.superadmin) return;
+  const missing = [...acls].filter((a) => !ctx.admin.acls.has(a)).sort();
+  if (missing.length)
+    throw new DataError(`you can only give permissions you hold yourself; missing: ${missing.slice(0, 10).join(", ")}${missing.length > 10 ? ", …" : ""}`, 403);
+}
+
 const heartbeat = (ctx: Ctx) => ({ heartbeatWithinS: ctx.cfg.get("cluster.lost_after") });
 const BlockBody = z.object({ reason: z.string().max(1000).optional() });
 
@@ -145,6 +156,8 @@ export const ACTION_ROUTES: Route[] = [
     handler: async (ctx) => {
       const b = D.validate(AclBody, objectBody(ctx.body));
       ctx.audited.object_id = idParam(ctx);
+      await D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx)); // another tenant's role: 404 first
+      if (b.positive ?? true) noEscalation(ctx, [b.acl]);
       await D.setRoleAcl(ctx.sql, ctx.scope, idParam(ctx), b.acl, b.positive ?? true);
       return D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
     } },
@@ -152,6 +165,8 @@ export const ACTION_ROUTES: Route[] = [
     audit: { action: "role.unassign_acl", object: "role" },
     handler: async (ctx) => {
       ctx.audited.object_id = idParam(ctx);
+      await D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
+      noEscalation(ctx, [ctx.params.acl!]); // removing a denial can give the ACL back
       if (!(await D.clearRoleAcl(ctx.sql, ctx.scope, idParam(ctx), ctx.params.acl!))) throw new DataError(`the role has no own grant or denial of ${ctx.params.acl}`, 404);
       return D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
     } },
@@ -160,6 +175,9 @@ export const ACTION_ROUTES: Route[] = [
     handler: async (ctx) => {
       const b = D.validate(RoleRef, objectBody(ctx.body));
       ctx.audited.object_id = idParam(ctx);
+      await D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
+      await D.get(ctx.sql, D.roles, ctx.scope, b.role_id);
+      noEscalation(ctx, await D.roleEffectiveAcls(ctx.sql, b.role_id));
       await D.addInheritance(ctx.sql, ctx.scope, idParam(ctx), b.role_id);
       return D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
     } },
@@ -180,6 +198,9 @@ export const ACTION_ROUTES: Route[] = [
     handler: async (ctx) => {
       const b = D.validate(RoleRef, objectBody(ctx.body));
       ctx.audited.object_id = idParam(ctx);
+      await D.get(ctx.sql, D.administrators, ctx.scope, idParam(ctx));
+      await D.get(ctx.sql, D.roles, ctx.scope, b.role_id);
+      noEscalation(ctx, await D.roleEffectiveAcls(ctx.sql, b.role_id));
       await D.assignRole(ctx.sql, ctx.scope, idParam(ctx), b.role_id);
       return D.get(ctx.sql, D.administrators, ctx.scope, idParam(ctx));
     } },

@@ -20,6 +20,11 @@ interface Subscriber {
   send: (event: string, data: string) => void;
 }
 
+/** Keep-alive period of event streams (also how soon a stream notices its session ended). */
+export let KEEPALIVE_MS = 15_000;
+/** Test hook: shorter keep-alives. */
+export const setKeepAlive = (ms: number) => void (KEEPALIVE_MS = ms);
+
 export class EventHub {
   private subs = new Set<Subscriber>();
   private listener?: Promise<Listener>;
@@ -53,8 +58,11 @@ export class EventHub {
     for (const s of this.subs) if (EventHub.visible(s.admin, e)) s.send("change", payload);
   }
 
-  /** A text/event-stream response that lasts until the client goes away. */
-  async subscribe(admin: Admin, signal: AbortSignal): Promise<Response> {
+  /**
+   * A text/event-stream response that lasts until the client goes away, or until its session
+   * ends (checked with `sessionAlive` at every keep-alive): then it gets `event: logout`.
+   */
+  async subscribe(admin: Admin, signal: AbortSignal, sessionAlive: () => Promise<boolean> = async () => true): Promise<Response> {
     await this.start();
     const enc = new TextEncoder();
     let sub: Subscriber | undefined;
@@ -73,14 +81,21 @@ export class EventHub {
         };
         this.subs.add(sub);
         controller.enqueue(enc.encode(`retry: 2000\nevent: ready\ndata: {}\n\n`));
-        keepalive = setInterval(() => sub!.send("ping", "{}"), 15_000);
-        signal.addEventListener("abort", () => {
+        const end = () => {
           clearInterval(keepalive);
           this.subs.delete(sub!);
           try {
             controller.close();
           } catch {}
-        });
+        };
+        keepalive = setInterval(() => {
+          void sessionAlive().then((alive) => {
+            if (alive) return sub!.send("ping", "{}");
+            sub!.send("logout", "{}");
+            end();
+          }, () => sub!.send("ping", "{}"));
+        }, KEEPALIVE_MS);
+        signal.addEventListener("abort", end);
       },
       cancel: () => {
         clearInterval(keepalive);

@@ -5,6 +5,7 @@ import { Elysia } from "elysia";
 import type { Config } from "../config.ts";
 import { audit as writeAudit, type AuditEntry } from "../db/audit.ts";
 import { DataError } from "../db/errors.ts";
+import { sessionAlive } from "../db/sessions.ts";
 import { ALL_TENANTS, find, tenantScope, type ObjectDef } from "../db/objects.ts";
 import type { Sql } from "../db/pool.ts";
 import { logger } from "../log.ts";
@@ -33,7 +34,7 @@ export function apiRoutes(hub: EventHub): Route[] {
     ...ACTION_ROUTES,
     ...UPLOAD_ROUTES,
     { method: "GET", path: "/events", tag: "events", acl: [], summary: "Server-sent events of object changes you can see (change, resync, ping)",
-      handler: (ctx) => hub.subscribe(ctx.admin, ctx.request.signal) },
+      handler: (ctx) => hub.subscribe(ctx.admin, ctx.request.signal, () => sessionAlive(ctx.sql, ctx.admin.token)) },
   ];
 }
 

@@ -50,6 +50,13 @@ export async function useSession(db: Db, token: string, ttlSeconds: number): Pro
   return fresh ? { administratorId: fresh.administrator_id, sessionId: h.slice(0, 12) } : undefined;
 }
 
+/** Whether a session is still live, without extending it (background checks are not activity). */
+export async function sessionAlive(db: Db, token: string): Promise<boolean> {
+  const [r] = await db`SELECT 1 FROM admin_sessions s JOIN administrators a ON a.id = s.administrator_id JOIN tenants t ON t.id = a.tenant_id
+    WHERE s.token_hash = ${hash(token)} AND s.expires_at > now() AND NOT a.blocked AND NOT t.blocked`;
+  return Boolean(r);
+}
+
 export async function endSession(db: Db, token: string): Promise<boolean> {
   return (await db`DELETE FROM admin_sessions WHERE token_hash = ${hash(token)} RETURNING 1`).length > 0;
 }
