@@ -85,7 +85,11 @@ async function main(): Promise<number> {
     console.log(finalLine({ passed: 0, failed: 1, skipped: 0 }));
     return 1;
   }
-  const proc = Bun.spawn([process.execPath, "test", ...process.argv.slice(2)], {
+  // Integration tests start real servers and containers: a generous per-test limit (bun's
+  // default is 5 s, and setDefaultTimeout in a preload does not reach other files).
+  const args = process.argv.slice(2);
+  const timeout = args.some((a) => a.startsWith("--timeout")) ? [] : ["--timeout", "300000"];
+  const proc = Bun.spawn([process.execPath, "test", ...timeout, ...args], {
     cwd: join(import.meta.dir, ".."),
     stdin: "inherit",
     stdout: "pipe",

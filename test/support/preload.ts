@@ -6,7 +6,8 @@ import { stopTestCluster } from "./db.ts";
 
 // Quiet by default; QVD_LOG_LEVEL=debug shows what the code under test logs.
 setLogLevel((process.env.QVD_LOG_LEVEL as "debug" | undefined) ?? "warn");
-// Integration tests start real servers; give them room (tests never assert timings).
+// Integration tests start real servers; give them room (tests never assert timings). This
+// reaches the first test file only: scripts/test.ts passes --timeout for the whole run.
 setDefaultTimeout(60_000);
 afterAll(async () => {
   await stopTestCluster();
