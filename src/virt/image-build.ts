@@ -281,8 +281,12 @@ export async function buildImage(opts: BuildOptions): Promise<BuildResult> {
   const cacheDir = resolve(opts.cacheDir);
   const comp = compressionFor(output);
   if (process.getuid?.() !== 0) throw new UserError("building an image needs root (debootstrap and chroot)");
-  for (const prog of ["debootstrap", "chroot", "tar"])
-    if (!Bun.which(prog, { PATH: `${process.env.PATH ?? ""}:/usr/sbin:/sbin` })) throw new UserError(`${prog} is missing: apt-get install debootstrap`);
+  const which = (prog: string) => {
+    const found = Bun.which(prog, { PATH: `${process.env.PATH ?? ""}:/usr/sbin:/sbin` });
+    if (!found) throw new UserError(`${prog} is missing (apt-get install debootstrap tar coreutils)`);
+    return found;
+  };
+  const [debootstrap, chrootBin] = [which("debootstrap"), which("chroot")];
   const recipe = recipeHash();
   mkdirSync(cacheDir, { recursive: true });
   mkdirSync(dirname(output), { recursive: true });
@@ -313,12 +317,13 @@ export async function buildImage(opts: BuildOptions): Promise<BuildResult> {
     if (!opts.rebuild && baseAge < BASE_MAX_AGE_DAYS) {
       log(`[1/5] base system from the cache (${base}, ${baseAge.toFixed(1)} days old; updates come in step 2)`);
       await run(["tar", "-x", "-z", "-p", "-f", base, "-C", root, ...tarFlags]);
+      for (const d of ["var/lib/apt/lists/partial", "var/cache/apt/archives/partial"]) mkdirSync(join(root, d), { recursive: true });
     } else {
       log(`[1/5] debootstrap --variant=minbase ${SUITE} from ${mirrors.debian}`);
       mkdirSync(join(cacheDir, "debs"), { recursive: true });
       let pkgs = 0;
       await run(
-        ["debootstrap", "--variant=minbase", "--components=main", `--cache-dir=${join(cacheDir, "debs")}`, SUITE, root, mirrors.debian],
+        [debootstrap, "--variant=minbase", "--components=main", `--cache-dir=${join(cacheDir, "debs")}`, SUITE, root, mirrors.debian],
         {
           env: { LC_ALL: "C" },
           onLine: (line) => {
@@ -334,7 +339,7 @@ export async function buildImage(opts: BuildOptions): Promise<BuildResult> {
       );
       if (mountsBelow(root).length) throw new UserError(`debootstrap left mounts below ${root}: ${mountsBelow(root).join(", ")}`);
       mkdirSync(dirname(base), { recursive: true });
-      await run(["tar", "-c", "-z", "-f", `${base}.tmp`, "-C", root, ...tarFlags, "."]);
+      await run(["tar", "-c", "-z", "-f", `${base}.tmp`, "-C", root, ...tarFlags, "--exclude=./var/cache/apt/archives/*.deb", "--exclude=./var/cache/apt/*.bin", "--exclude=./var/lib/apt/lists/*", "."]);
       renameSync(`${base}.tmp`, base);
     }
     log(`      base system ready (${elapsed()})`);
@@ -353,7 +358,7 @@ export async function buildImage(opts: BuildOptions): Promise<BuildResult> {
     const archives = join(root, "var/cache/apt/archives");
     const restored = linkDebs(join(cacheDir, "apt"), archives);
     if (restored) log(`      ${restored} packages from the cache`);
-    const chroot = (args: string[], onLine?: (l: string) => void) => run(["chroot", root, ...args], { env: CHROOT_ENV, onLine: onLine && ((l) => onLine(l)) });
+    const chroot = (args: string[], onLine?: (l: string) => void) => run([chrootBin, root, ...args], { env: CHROOT_ENV, onLine: onLine && ((l) => onLine(l)) });
     await chroot(["apt-get", "update", "-q"]);
     let got = 0;
     let setup = 0;

@@ -388,8 +388,8 @@ export function findRootfs(basefs: string): string | undefined {
   try {
     rootfsIsDir = lstatSync(rootfsDir).isDirectory();
   } catch {}
-  if (rootfsIsDir && isEntry(join(rootfsDir, "sbin"))) return rootfsDir;
   if (isEntry(join(basefs, "sbin"))) return basefs;
+  if (rootfsIsDir && isEntry(join(rootfsDir, "sbin"))) return rootfsDir;
   return undefined;
 }
 

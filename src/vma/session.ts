@@ -25,7 +25,7 @@
 //   - a session still stopping after its timeout is killed (SIGKILL), not signalled again;
 //   - the session's own output goes to ~/.qvd-session.log, so programs in it cannot print
 //     "Session: …" lines that would fake nxagent's state.
-import { appendFileSync, chmodSync, existsSync, mkdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { appendFileSync, chmodSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { UserError } from "../errors.ts";
 import { logger } from "../log.ts";
@@ -102,6 +102,16 @@ export function nxagentOptions(p: SessionParams, display: number, tolerancecheck
   return `nx/nx,${o.join(",")}:${display}`;
 }
 
+/** Whether a process exists and is not a zombie (an exited nxagent xinit has not reaped yet). */
+function alive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !== "Z";
+  } catch {
+    return false;
+  }
+}
+
 export class Session {
   state: XState = "stopped";
   since = new Date();
@@ -165,6 +175,7 @@ export class Session {
         this.waiting = false;
         this.setState("starting");
         this.signalAgent("SIGHUP");
+        this.nudgeResume(5);
         return { state: "starting" };
       }
       case "connected":
@@ -173,6 +184,20 @@ export class Session {
       default:
         throw new StateError(`Unable to start/resume X session in state ${this.state}, try again in a few minutes`, this.state);
     }
+  }
+
+  /**
+   * nxagent sometimes misses a SIGHUP that arrives right after it reported "Session suspended"
+   * (it sets a flag but stays blocked until something else wakes it; seen in tests as a
+   * resume that only happened 20 s later). While it has not started resuming, say it again.
+   */
+  private nudgeResume(left: number): void {
+    setTimeout(() => {
+      if (left <= 0 || this.state !== "starting" || this.nxState !== "suspended") return;
+      log.info("nxagent has not started resuming yet, signalling again");
+      this.signalAgent("SIGHUP");
+      this.nudgeResume(left - 1);
+    }, 1500);
   }
 
   /** x_suspend: asks a listening or connected nxagent to suspend (SIGHUP). */
@@ -334,6 +359,7 @@ export class Session {
         log.warn("unknown nxagent session state", { state: word });
         return;
       }
+      if (word === "terminated" || word === "aborted") this.reapXinitAfterAgent();
       if (x === "starting") {
         // The socket may already be open (a resume prints "Waiting…" first).
         this.setState(this.waiting ? "listening" : "starting");
@@ -343,6 +369,23 @@ export class Session {
       }
       this.writeStateFile();
     }
+  }
+
+  /**
+   * xinit can wait up to ~15 s for a server that died while nobody was connected (it keeps
+   * retrying the display). Once nxagent is gone, end xinit's group after a short grace.
+   */
+  private reapXinitAfterAgent(): void {
+    const daemon = this.xinit;
+    const pid = this.agentPid;
+    if (!daemon || !pid) return;
+    const check = (left: number) => setTimeout(() => {
+      if (this.xinit !== daemon) return;
+      if (alive(pid) && left > 0) return check(left - 1);
+      if (alive(pid)) return; // still there: the stopping timeout kills it
+      setTimeout(() => { if (this.xinit === daemon) daemon.killGroup("SIGTERM"); }, 1000);
+    }, 250);
+    check(40);
   }
 
   private onExit(daemon: Daemon, status: number): void {

@@ -1,0 +1,394 @@
+// The VMA (`qvd vma`) with the real programs: nxagent under xinit, a real nxproxy on the
+// client side drawing on a test Xvfb, screenshots of that Xvfb. Provisioning runs against a
+// temporary root (useradd/groupadd --root), never against the host's /etc/passwd; the NX
+// session then runs as the provisioned uid. A second part runs the VMA as PID 1 of a new PID
+// namespace (unshare) to check signal handling and orphan reaping.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync, chmodSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { provision } from "../src/vma/provision.ts";
+
+const repo = join(import.meta.dir, "..");
+const SECRET = "s3cret-of-this-start-0123456789";
+let work: string;
+const started: { pid: number; kill: (sig?: number | NodeJS.Signals) => void; exited: Promise<number> }[] = [];
+let xvfbDisplay = 0;
+let nxDisplay = 100;
+
+function freeDisplay(from: number): number {
+  for (let d = from; d < from + 50; d++) if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
+  throw new Error("no free X display");
+}
+
+async function freePort(): Promise<number> {
+  const s = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+  const p = s.port;
+  s.stop(true);
+  return p;
+}
+
+function spawn(argv: string[], env: Record<string, string> = {}) {
+  const p = Bun.spawn(argv, { cwd: repo, env: { ...cleanEnv(), ...env }, stdout: "pipe", stderr: "pipe" });
+  started.push(p);
+  return p;
+}
+
+function cleanEnv(): Record<string, string> {
+  const e: Record<string, string> = {};
+  for (const [k, v] of Object.entries(process.env)) if (v !== undefined && !k.startsWith("QVD_")) e[k] = v;
+  return e;
+}
+
+async function waitFor<T>(what: string, fn: () => Promise<T | undefined> | T | undefined, timeoutMs = 20_000, stepMs = 100): Promise<T> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v !== undefined && v !== false) return v;
+    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
+    await Bun.sleep(stepMs);
+  }
+}
+
+/** Collects a stream into a string buffer (for diagnostics and line waits). */
+function collect(stream: ReadableStream<Uint8Array>): { text: () => string } {
+  let buf = "";
+  void (async () => {
+    const dec = new TextDecoder();
+    const r = stream.getReader();
+    for (;;) {
+      const { done, value } = await r.read();
+      if (done) break;
+      buf += dec.decode(value, { stream: true });
+    }
+  })();
+  return { text: () => buf };
+}
+
+interface Vma {
+  url: string;
+  proc: ReturnType<typeof spawn>;
+  err: { text: () => string };
+  runDir: string;
+}
+
+async function startVma(name: string, settings: Record<string, string | number | boolean>, opts: { nodeAddress?: string; pid1?: boolean } = {}): Promise<Vma> {
+  const dir = join(work, name);
+  mkdirSync(dir, { recursive: true });
+  const runDir = join(dir, "run");
+  const file = join(dir, "vma.json");
+  writeFileSync(file, JSON.stringify({ vm_id: 42, secret: SECRET, node_address: opts.nodeAddress ?? "127.0.0.1", port: 3030, settings: { "path.run": runDir, "vma.display": nxDisplay, ...settings } }), { mode: 0o400 });
+  const port = await freePort();
+  const cmd = [process.execPath, "src/main.ts", "vma", "--config", file, "--listen", `127.0.0.1:${port}`];
+  const proc = spawn(opts.pid1 ? ["unshare", "--pid", "--fork", "--mount-proc", ...cmd] : cmd);
+  const out = collect(proc.stdout);
+  const err = collect(proc.stderr);
+  await waitFor(`${name} to listen (stderr: ${err.text()})`, () => out.text().includes("listening") || (proc.exitCode !== null ? (() => { throw new Error(`vma exited: ${err.text()}`); })() : undefined), 15_000);
+  return { url: `http://127.0.0.1:${port}`, proc, err, runDir };
+}
+
+async function call(v: Vma, method: "GET" | "POST", path: string, body?: unknown, secret: string | null = SECRET) {
+  const headers: Record<string, string> = { "content-type": "application/json" };
+  if (secret !== null) headers["x-qvd-vma-secret"] = secret;
+  const r = await fetch(v.url + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const text = await r.text();
+  return { status: r.status, body: text ? JSON.parse(text) : undefined, text };
+}
+
+function minimalRoot(dir: string): string {
+  const root = join(dir, "root");
+  mkdirSync(join(root, "etc/skel"), { recursive: true });
+  const pick = (file: string, names: string[]) =>
+    readFileSync(file, "utf8").split("\n").filter((l) => names.includes(l.split(":")[0]!)).join("\n") + "\n";
+  writeFileSync(join(root, "etc/passwd"), pick("/etc/passwd", ["root", "daemon", "nobody"]));
+  writeFileSync(join(root, "etc/group"), pick("/etc/group", ["root", "daemon", "nogroup"]));
+  writeFileSync(join(root, "etc/shadow"), pick("/etc/shadow", ["root", "daemon", "nobody"]), { mode: 0o640 });
+  writeFileSync(join(root, "etc/gshadow"), pick("/etc/gshadow", ["root", "daemon", "nogroup"]), { mode: 0o640 });
+  writeFileSync(join(root, "etc/skel/.profile"), "# from skel\n");
+  return root;
+}
+
+/** The colour of one pixel of an X display, as ImageMagick prints it (e.g. srgb(255,0,0)). */
+async function pixel(display: number, x: number, y: number, savePng?: string): Promise<string> {
+  const sh = `xwd -root -silent -display :${display} | convert xwd:- ${savePng ? `-write ${savePng} ` : ""}-format '%[pixel:p{${x},${y}}]' info:-`;
+  const p = Bun.spawn(["sh", "-c", sh], { stdout: "pipe", stderr: "pipe" });
+  const [o, e] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  if (!o) throw new Error(`screenshot failed: ${e}`);
+  return o.trim();
+}
+
+/** Whether a TCP socket listens on `port` (from /proc/net/tcp{,6}: state 0A). */
+function tcpListening(port: number): boolean {
+  const hex = port.toString(16).toUpperCase().padStart(4, "0");
+  return ["/proc/net/tcp", "/proc/net/tcp6"].some((f) =>
+    existsSync(f) && readFileSync(f, "utf8").split("\n").some((l) => { const c = l.trim().split(/\s+/); return c[1]?.endsWith(`:${hex}`) && c[3] === "0A"; }));
+}
+
+let hostPasswd: string;
+
+beforeAll(async () => {
+  work = mkdtempSync(join(tmpdir(), "qvd-vma-"));
+  chmodSync(work, 0o755); // the session runs as another uid and needs to reach its home (as /home in a guest)
+  hostPasswd = readFileSync("/etc/passwd", "utf8");
+  nxDisplay = freeDisplay(100);
+  xvfbDisplay = freeDisplay(57);
+  const x = spawn(["Xvfb", `:${xvfbDisplay}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"]);
+  await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${xvfbDisplay}`) || undefined, 10_000);
+  void x;
+});
+
+afterAll(async () => {
+  // TERM first (Xvfb and nxagent then remove their /tmp/.X*-lock files), KILL what is left.
+  for (const p of started) try { p.kill("SIGTERM"); } catch {}
+  await Promise.all(started.map((p) => Promise.race([p.exited, Bun.sleep(3000)])));
+  for (const p of started) try { p.kill("SIGKILL"); } catch {}
+  // The host's accounts were never touched.
+  expect(readFileSync("/etc/passwd", "utf8")).toBe(hostPasswd);
+  if (work && !process.env.QVD_TEST_KEEP) rmSync(work, { recursive: true, force: true });
+});
+
+describe("access", () => {
+  let v: Vma;
+  beforeAll(async () => {
+    v = await startVma("access", { "vma.session.as_current_user": true, "vma.session.command": "/bin/sleep 1000" });
+  });
+  afterAll(() => v.proc.kill("SIGTERM"));
+
+  test("no secret or a wrong one: 403 without details, before routing", async () => {
+    for (const secret of [null, "", "wrong", SECRET + "x", SECRET.slice(0, -1)]) {
+      for (const [m, p] of [["GET", "/vma/ping"], ["POST", "/vma/x_start"], ["GET", "/nope"]] as const) {
+        const r = await call(v, m, p, undefined, secret);
+        expect(r.status).toBe(403);
+        expect(r.body).toEqual({ error: "forbidden" });
+      }
+    }
+  });
+
+  test("ping, x_state, unknown paths and methods", async () => {
+    expect(await call(v, "GET", "/vma/ping")).toMatchObject({ status: 200, body: { ok: true, vm_id: 42, state: "stopped" } });
+    const s = await call(v, "GET", "/vma/x_state");
+    expect(s.status).toBe(200);
+    expect(s.body.state).toBe("stopped");
+    expect(Number.isNaN(Date.parse(s.body.since))).toBe(false);
+    expect((await call(v, "GET", "/vma/nope")).status).toBe(404);
+    expect((await call(v, "POST", "/vma/ping")).status).toBe(404);
+    expect((await call(v, "GET", "/vma/x_start")).status).toBe(404);
+  });
+
+  test("x_start parameters are checked: 422 naming the field", async () => {
+    const ok = { user: "alice", uid: 2000, gid: 2000 };
+    const cases: [Record<string, unknown>, string][] = [
+      [{ ...ok, geometry: "800x600,evil=1" }, "geometry"],
+      [{ ...ok, geometry: "big" }, "geometry"],
+      [{ ...ok, keyboard: "pc105/us,link=modem" }, "keyboard"],
+      [{ ...ok, keyboard: "us" }, "keyboard"],
+      [{ ...ok, link: "fast" }, "link"],
+      [{ ...ok, client_os: "beos" }, "client_os"],
+      [{ ...ok, fullscreen: "maybe" }, "fullscreen"],
+      [{ ...ok, uid: 0 }, "uid"],
+      [{ ...ok, gid: "x" }, "gid"],
+      [{ ...ok, user: "Root;rm" }, "user"],
+      [{ ...ok, home: "/home/../etc" }, "home"],
+      [{ uid: 2000, gid: 2000 }, "user"],
+      [{ ...ok, nxagent_args: "-foo" }, "nxagent_args"],
+    ];
+    for (const [body, field] of cases) {
+      const r = await call(v, "POST", "/vma/x_start", body);
+      expect(r.status, JSON.stringify(body)).toBe(422);
+      expect(r.body.field).toBe(field);
+      expect(r.body.error).toStartWith(`${field}: `);
+    }
+    const bad = await fetch(v.url + "/vma/x_start", { method: "POST", headers: { "x-qvd-vma-secret": SECRET }, body: "{nope" });
+    expect(bad.status).toBe(400);
+    expect((await call(v, "GET", "/vma/x_state")).body.state).toBe("stopped");
+  });
+
+  test("requests from another address than the node's: 403", async () => {
+    const other = await startVma("other-node", { "vma.session.as_current_user": true }, { nodeAddress: "198.18.0.1" });
+    const r = await call(other, "GET", "/vma/ping");
+    expect(r.status).toBe(403);
+    expect(r.body).toEqual({ error: "forbidden" });
+    other.proc.kill("SIGTERM");
+    expect(await other.proc.exited).toBe(0);
+  });
+
+  test("expire answers; its body is checked", async () => {
+    expect(await call(v, "POST", "/vma/expire", { soft: 1, hard: 2 })).toMatchObject({ status: 200, body: { ok: true } });
+    expect((await call(v, "POST", "/vma/expire", { when: 1 })).status).toBe(422);
+  });
+});
+
+describe("provisioning (temporary root)", () => {
+  test("creates group, user and home; keeps an existing home; idempotent", async () => {
+    const dir = join(work, "prov");
+    const root = minimalRoot(dir);
+    const acc = await provision({ user: "bob", uid: 51001, gid: 51001, home: "/home/bob", shell: "/bin/bash", groups: [] }, root);
+    expect(acc).toMatchObject({ user: "bob", uid: 51001, gid: 51001, home: "/home/bob" });
+    expect(readFileSync(join(root, "etc/passwd"), "utf8")).toContain("bob:x:51001:51001::/home/bob:/bin/bash");
+    expect(readFileSync(join(root, "etc/group"), "utf8")).toContain("bob:x:51001:");
+    const st = statSync(join(root, "home/bob"));
+    expect([st.uid, st.gid, st.mode & 0o777]).toEqual([51001, 51001, 0o700]);
+    expect(readFileSync(join(root, "home/bob/.profile"), "utf8")).toBe("# from skel\n");
+    writeFileSync(join(root, "home/bob/work.txt"), "keep me");
+    // Again: nothing added twice, the home is left as it is.
+    await provision({ user: "bob", uid: 51001, gid: 51001, home: "/home/bob", shell: "/bin/bash", groups: [] }, root);
+    expect(readFileSync(join(root, "etc/passwd"), "utf8").match(/^bob:/gm)).toHaveLength(1);
+    expect(readFileSync(join(root, "home/bob/work.txt"), "utf8")).toBe("keep me");
+    // A home that exists already (the backend's bind mount) gets its owner, not a wipe.
+    mkdirSync(join(root, "home/carol"));
+    writeFileSync(join(root, "home/carol/notes"), "old");
+    const c = await provision({ user: "carol", uid: 51002, gid: 51002, home: "/home/carol", shell: "/bin/bash", groups: [] }, root);
+    expect(c.uid).toBe(51002);
+    expect(statSync(join(root, "home/carol")).uid).toBe(51002);
+    expect(readFileSync(join(root, "home/carol/notes"), "utf8")).toBe("old");
+    expect(existsSync(join(root, "home/carol/.profile"))).toBe(false);
+    // A uid taken by another user: useradd fails, the group it added is removed again.
+    await expect(provision({ user: "dave", uid: 51001, gid: 51003, home: "/home/dave", shell: "/bin/bash", groups: [] }, root)).rejects.toThrow(/useradd/);
+    expect(readFileSync(join(root, "etc/group"), "utf8")).not.toContain("dave:");
+    expect(readFileSync("/etc/passwd", "utf8")).toBe(hostPasswd);
+  });
+});
+
+describe("NX session (nxagent, nxproxy, Xvfb)", () => {
+  let v: Vma;
+  let root: string;
+  const states: string[] = [];
+  let proxy: ReturnType<typeof spawn> | undefined;
+  const UID = 51010;
+
+  const state = async () => {
+    const s = (await call(v, "GET", "/vma/x_state")).body as { state: string; since: string };
+    if (states.at(-1) !== s.state) states.push(s.state);
+    return s;
+  };
+  const waitState = (want: string, timeoutMs = 20_000) =>
+    waitFor(`state ${want} (seen ${states.join(" → ")}; vma: ${v.err.text().split("\n").slice(-8).join("\n")})`, async () => ((await state()).state === want ? true : undefined), timeoutMs, 50);
+  const startProxy = () => {
+    proxy = spawn(["nxproxy", "-S", `localhost:${nxDisplay}`], { DISPLAY: `:${xvfbDisplay}` });
+    collect(proxy.stdout);
+    return collect(proxy.stderr);
+  };
+
+  beforeAll(async () => {
+    root = minimalRoot(join(work, "session"));
+    const session = join(work, "session", "session.sh");
+    writeFileSync(session, "#!/bin/sh\necho session started as $(id -u) in $HOME\nexec sleep 1000\n");
+    chmodSync(session, 0o755);
+    v = await startVma("session", { "vma.provision.root": root, "vma.session.command": session, "vma.timeout.listening": 30 });
+  });
+  afterAll(() => {
+    proxy?.kill("SIGKILL");
+    v.proc.kill("SIGTERM");
+    writeFileSync(join(work, "session", "vma.log"), v.err.text());
+  });
+
+  test("x_start provisions, nxagent listens on 4000+display", async () => {
+    const r = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, keyboard: "pc105/us", client_os: "linux", link: "lan", geometry: "800x600", fullscreen: false });
+    expect(r).toMatchObject({ status: 200, body: { state: "starting" } });
+    states.push("starting");
+    await waitState("listening");
+    expect(["starting", "provisioning"]).toContain(states[1]!);
+    expect(readFileSync(join(v.runDir, "nxagent.conf"), "utf8")).toBe(`nx/nx,keyboard=pc105/us,client=linux,link=lan,geometry=800x600,fullscreen=0,tolerancechecks=risky:${nxDisplay}\n`);
+    expect(readFileSync(join(root, "etc/passwd"), "utf8")).toContain(`alice:x:${UID}:${UID}::/home/alice:`);
+    // nxagent runs as the provisioned user, as a child (of xinit), not as PID 1.
+    const pid = Number(readFileSync(join(v.runDir, "nxagent.pid"), "utf8"));
+    expect(statSync(`/proc/${pid}`).uid).toBe(UID);
+    // nxagent listens on 4000 + display. (Not probed with a bare TCP connect: nxagent takes
+    // the first connection as the NX proxy's and aborts the session when it closes.)
+    expect(tcpListening(4000 + nxDisplay)).toBe(true);
+    // A second x_start while listening is refused.
+    const again = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID });
+    expect(again.status).toBe(409);
+    expect(again.body.error).toContain("state listening");
+  });
+
+  test("a real nxproxy connects; the session's pixels arrive on the client's Xvfb", async () => {
+    await waitState("listening");
+    startProxy();
+    await waitState("connected");
+    const xs = Bun.spawn(["xsetroot", "-display", `:${nxDisplay}`, "-solid", "#ff0000"], { stderr: "pipe" });
+    expect(await xs.exited).toBe(0);
+    const png = join(work, "session", "screen-red.png");
+    const px = await waitFor("red pixels on the client", async () => {
+      const p = await pixel(xvfbDisplay, 100, 100, png);
+      return p === "srgb(255,0,0)" ? p : undefined;
+    }, 15_000, 300);
+    expect(px).toBe("srgb(255,0,0)");
+    // The session program runs as the user, with its home.
+    const log = await waitFor("session log", () => {
+      const f = join(root, "home/alice/.qvd-session.log");
+      return existsSync(f) && readFileSync(f, "utf8").includes("session started") ? readFileSync(f, "utf8") : undefined;
+    });
+    expect(log).toContain(`session started as ${UID} in ${join(root, "home/alice")}`);
+  });
+
+  test("x_suspend suspends; x_start resumes; a new nxproxy reconnects", async () => {
+    expect((await call(v, "POST", "/vma/x_suspend")).status).toBe(200);
+    await waitState("suspended", 30_000);
+    await waitFor("nxproxy to end", () => (proxy!.exitCode !== null || proxy!.signalCode !== null ? true : undefined), 15_000);
+    const r = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, geometry: "640x480" });
+    expect(r).toMatchObject({ status: 200, body: { state: "starting" } });
+    expect(readFileSync(join(v.runDir, "nxagent.conf"), "utf8")).toContain("geometry=640x480");
+    await waitState("listening");
+    startProxy();
+    await waitState("connected");
+    // x_start while connected: nxagent is told to suspend, the caller to retry.
+    const busy = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID });
+    expect(busy.status).toBe(409);
+    await waitState("suspended", 30_000);
+    const r2 = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID });
+    expect(r2.status).toBe(200);
+    await waitState("listening");
+    startProxy();
+    await waitState("connected");
+    const xs = Bun.spawn(["xsetroot", "-display", `:${nxDisplay}`, "-solid", "#0000ff"]);
+    expect(await xs.exited).toBe(0);
+    await waitFor("blue pixels after resume", async () => ((await pixel(xvfbDisplay, 50, 50)) === "srgb(0,0,255)" ? true : undefined), 15_000, 300);
+  });
+
+  test("x_stop ends nxagent; poweroff ends the VMA", async () => {
+    const pid = Number(readFileSync(join(v.runDir, "nxagent.pid"), "utf8"));
+    expect((await call(v, "POST", "/vma/x_stop")).body).toEqual({ state: "stopping" });
+    await waitState("stopped", 30_000);
+    expect(existsSync(`/proc/${pid}`)).toBe(false);
+    expect(existsSync(join(v.runDir, "nxagent.pid"))).toBe(false);
+    const seen = states.filter((x) => x !== "provisioning").filter((x, i, a) => x !== a[i - 1]);
+    expect(seen.slice(0, 3)).toEqual(["starting", "listening", "connected"]);
+    expect(seen.slice(-2)).toEqual(["stopping", "stopped"]);
+    const r = await call(v, "POST", "/vma/poweroff");
+    expect(r).toMatchObject({ status: 202, body: { state: "stopping" } });
+    expect(await v.proc.exited).toBe(0);
+  });
+});
+
+describe("as PID 1 (new PID namespace)", () => {
+  test("reaps orphans and shuts the session down on SIGTERM", async () => {
+    const dir = join(work, "pid1");
+    mkdirSync(dir, { recursive: true });
+    // The expire hook leaves an orphan behind: it is re-parented to PID 1, the VMA.
+    const hook = join(dir, "hook.sh");
+    writeFileSync(hook, "#!/bin/sh\n( exec sleep 0.3 </dev/null >/dev/null 2>&1 & )\nexit 0\n");
+    chmodSync(hook, 0o755);
+    const v = await startVma("pid1", { "vma.session.as_current_user": true, "vma.session.command": "/bin/sleep 1000", "vma.on_action.expire": hook }, { pid1: true });
+    const vmaPid = await waitFor("the VMA's host pid", () => {
+      const kids = readFileSync(`/proc/${v.proc.pid}/task/${v.proc.pid}/children`, "utf8").trim().split(/\s+/).filter(Boolean);
+      return kids.length ? Number(kids[0]) : undefined;
+    });
+    expect(v.err.text()).toContain("pid1=true");
+    expect((await call(v, "POST", "/vma/expire", {})).status).toBe(200);
+    const zombies = () => {
+      const kids = readFileSync(`/proc/${vmaPid}/task/${vmaPid}/children`, "utf8").trim().split(/\s+/).filter(Boolean);
+      return kids.filter((k) => { try { return readFileSync(`/proc/${k}/stat`, "utf8").split(") ")[1]!.startsWith("Z"); } catch { return false; } });
+    };
+    await Bun.sleep(500);
+    await waitFor("orphans to be reaped", () => (zombies().length === 0 ? true : undefined), 5_000);
+    // A session is running; SIGTERM stops it and ends PID 1 (the container).
+    expect((await call(v, "POST", "/vma/x_start", { user: "alice", uid: 2000, gid: 2000 })).status).toBe(200);
+    await waitFor("listening", async () => ((await call(v, "GET", "/vma/x_state")).body.state === "listening" ? true : undefined));
+    process.kill(vmaPid, "SIGTERM");
+    expect(await v.proc.exited).toBe(0);
+    writeFileSync(join(dir, "vma.log"), v.err.text());
+    expect(v.err.text()).toContain('reason="SIGTERM"');
+    expect(existsSync(`/tmp/.X${nxDisplay}-lock`)).toBe(false);
+  });
+});
