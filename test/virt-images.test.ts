@@ -108,6 +108,23 @@ describe("unpackImage", () => {
     expect(existsSync(join(res.rootfs, "etc/hostname"))).toBe(true);
   });
 
+  test.if(Bun.which("zstd") !== null)("a .tar.zst", async () => {
+    const image = join(dir, "good.tar.zst");
+    await run(["tar", "-C", src, "--zstd", "-cf", image, "."]);
+    const res = await unpackImage({ image, basefsDir, diId: 6, sha256: sha256(image) });
+    expect(readFileSync(join(res.rootfs, "etc/hostname"), "utf8")).toBe("guest\n");
+  });
+
+  test("an image with metadata beside its root filesystem (rootfs/)", async () => {
+    const work = mkdtempSync(join(dir, "extended-"));
+    mkdirSync(join(work, "rootfs/sbin"), { recursive: true });
+    mkdirSync(join(work, "hooks"));
+    const image = join(dir, "extended.tar.xz");
+    await run(["tar", "-C", work, "-cJf", image, "."]);
+    const res = await unpackImage({ image, basefsDir, diId: 5 });
+    expect(res.rootfs).toBe(join(basefsDir, "5", "rootfs"));
+  });
+
   test("a wrong checksum is refused and nothing is left", async () => {
     const image = join(dir, "good.tar.gz");
     const msg = await expectRefused(unpackImage({ image, basefsDir, diId: 3, sha256: "0".repeat(64) }), /checksum mismatch/, 3);

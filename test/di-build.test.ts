@@ -1,0 +1,146 @@
+// `qvd di build` for real: debootstrap from the Debian mirror, then the image is checked and
+// unpacked as a node would. The image is kept under /var/cache/qvd/test and built again only
+// when it is older than the build code (or the package cache makes a rebuild cheap).
+import { afterAll, describe, expect, test } from "bun:test";
+import { existsSync, lstatSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
+import { join } from "node:path";
+import { run, spawnDaemon, type Daemon } from "../src/run.ts";
+import { DESKTOP_PACKAGES, REQUIRED_FILES, SESSION_SCRIPT } from "../src/virt/image-build.ts";
+import { unpackImage } from "../src/virt/images.ts";
+
+const root = join(import.meta.dir, "..");
+const IMAGE = "/var/cache/qvd/test/debian-bookworm-desktop.tar.gz";
+const SOURCES = [join(root, "src/roles/di.ts"), join(root, "src/virt/image-build.ts")];
+const work = mkdtempSync("/tmp/qvd-di-build-test-");
+let rootfs: string | undefined; // the image unpacked by a test below
+
+afterAll(() => {
+  rmSync(work, { recursive: true, force: true });
+});
+
+const fresh = () => existsSync(IMAGE) && SOURCES.every((s) => statSync(s).mtimeMs < statSync(IMAGE).mtimeMs);
+
+describe("qvd di build", () => {
+  test(
+    "builds a Debian desktop image (or finds a fresh one)",
+    async () => {
+      if (!Bun.which("debootstrap", { PATH: `${process.env.PATH}:/usr/sbin` })) {
+        const { ensureDeps } = await import("../scripts/deps.ts");
+        await ensureDeps(["debootstrap"], () => {});
+      }
+      if (fresh()) return;
+      const lines: string[] = [];
+      const res = await run([process.execPath, join(root, "src/main.ts"), "di", "build", "--output", IMAGE], {
+        onLine: (l) => lines.push(l),
+        env: { QVD_CONFIG: undefined },
+      });
+      const out = res.stdout;
+      expect(out).toContain(`Image:   ${IMAGE}`);
+      const sha = /SHA-256: ([0-9a-f]{64})/.exec(out)?.[1];
+      expect(sha).toBe(new Bun.CryptoHasher("sha256").update(readFileSync(IMAGE)).digest("hex"));
+      expect(out).toMatch(new RegExp(`Size: +[\\d.]+ MiB \\(${statSync(IMAGE).size} bytes\\)`));
+      // Progress lines while it worked (the cache may have made it a copy).
+      expect(out).toMatch(/\[1\/5\] (debootstrap|base system from the cache)|using the cached image/);
+    },
+    { timeout: 20 * 60_000 },
+  );
+
+  test("the image holds nxagent, xinit, the window manager, xterm and the session", async () => {
+    expect(existsSync(IMAGE)).toBe(true);
+    const listing = (await run(["tar", "-tzf", IMAGE])).stdout.split("\n");
+    const names = new Set(listing.map((n) => n.replace(/^\.\//, "")));
+    for (const f of REQUIRED_FILES) expect(names.has(f)).toBe(true);
+    expect(names.has("usr/bin/x-session-manager")).toBe(true);
+    // Build leftovers stay out.
+    expect(listing.filter((n) => /^\.\/(dev|proc|sys|run)\/./.test(n))).toEqual([]);
+    expect(listing.filter((n) => n.endsWith(".deb"))).toEqual([]);
+    expect(listing.filter((n) => n.startsWith("./var/lib/apt/lists/") && !n.endsWith("/"))).toEqual([]);
+    expect(names.has("usr/sbin/policy-rc.d")).toBe(false);
+  }, { timeout: 120_000 });
+
+  test("a node unpacks it, and its programs run", async () => {
+    const basefsDir = join(work, "basefs");
+    const phases = new Set<string>();
+    const sha = new Bun.CryptoHasher("sha256").update(readFileSync(IMAGE)).digest("hex");
+    const res = await unpackImage({ image: IMAGE, basefsDir, diId: 1, sha256: sha, onProgress: (p) => phases.add(p.phase) });
+    expect(res.unpacked).toBe(true);
+    expect(res.rootfs).toBe(res.basefs);
+    rootfs = res.rootfs;
+    expect([...phases].sort()).toEqual(["extract", "verify"]);
+    expect(res.skipped).toEqual([]); // no device nodes in a built image
+    for (const f of REQUIRED_FILES) expect(() => lstatSync(join(res.rootfs, f))).not.toThrow();
+    expect(readFileSync(join(res.rootfs, "usr/local/bin/qvd-session"), "utf8")).toBe(SESSION_SCRIPT);
+    expect(statSync(join(res.rootfs, "usr/local/bin/qvd-session")).mode & 0o111).toBe(0o111);
+    // Ownership, setuid bits and file capabilities survive the round trip.
+    const passwd = statSync(join(res.rootfs, "usr/bin/passwd"));
+    expect(passwd.uid).toBe(0);
+    expect(passwd.mode & 0o4000).toBe(0o4000);
+    const meta = JSON.parse(readFileSync(join(res.rootfs, "etc/qvd-image.json"), "utf8"));
+    expect(meta.packages).toEqual([...DESKTOP_PACKAGES]);
+    // The programs start inside the image (every library is there).
+    const v = await run(["chroot", res.rootfs, "/usr/bin/nxagent", "-version"], { allowFail: true });
+    expect(v.stdout + v.stderr).toMatch(/NXAGENT - Version 3\./);
+    expect((await run(["chroot", res.rootfs, "/usr/bin/xterm", "-version"])).stdout).toMatch(/XTerm/);
+    expect((await run(["chroot", res.rootfs, "/bin/sh", "-n", "/usr/local/bin/qvd-session"])).status).toBe(0);
+    expect((await run(["chroot", res.rootfs, "readlink", "-f", "/usr/bin/x-session-manager"])).stdout.trim()).toBe("/usr/local/bin/qvd-session");
+    expect((await run(["chroot", res.rootfs, "readlink", "-f", "/usr/bin/x-window-manager"])).stdout.trim()).toBe("/usr/bin/jwm");
+  }, { timeout: 300_000 });
+
+  test("its desktop shows through NX: jwm and xterm on nxagent, displayed by nxproxy on an Xvfb", async () => {
+    if (!rootfs) throw new Error("the image was not unpacked");
+    const { ensureDeps } = await import("../scripts/deps.ts");
+    await ensureDeps(["xvfb", "nxproxy"], () => {});
+    const R = rootfs;
+    // A free display: no X socket and no NX port (4000 + display) in use.
+    const free = async (d: number) => {
+      if (existsSync(`/tmp/.X11-unix/X${d}`) || existsSync(`/tmp/.X${d}-lock`)) return false;
+      try {
+        Bun.listen({ hostname: "0.0.0.0", port: 4000 + d, socket: { data() {} } }).stop(true);
+        return true;
+      } catch {
+        return false;
+      }
+    };
+    let agentDisplay = 200 + (process.pid % 100);
+    while (!(await free(agentDisplay)) || !(await free(agentDisplay + 1))) agentDisplay += 2;
+    const clientDisplay = agentDisplay + 1;
+    const daemons: Daemon[] = [];
+    const agentOut: string[] = [];
+    const waitFor = async (what: string, ok: () => boolean | Promise<boolean>, ms = 30_000) => {
+      const end = Date.now() + ms;
+      while (!(await ok())) {
+        if (Date.now() > end) throw new Error(`timed out waiting for ${what}; nxagent said:\n${agentOut.slice(-30).join("\n")}`);
+        await Bun.sleep(250);
+      }
+    };
+    try {
+      // The guest side, as the VMA starts it (here as root, in a chroot with its own mounts).
+      const agent = spawnDaemon(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+          `mount --rbind /dev "$0/dev" && mount -t proc proc "$0/proc" && exec chroot "$0" env HOME=/root PATH=/usr/local/bin:/usr/bin:/bin ` +
+          `xinit /usr/local/bin/qvd-session -- /usr/bin/nxagent :${agentDisplay} -ac -name QVD -nolisten tcp -display nx/nx,link=lan,geometry=800x600:${agentDisplay}`, R],
+        { detached: true, onLine: (l) => agentOut.push(l) },
+      );
+      daemons.push(agent);
+      await waitFor("nxagent to listen", () => agentOut.some((l) => l.includes(`:${4000 + agentDisplay}'`)));
+      // The client side: an X server and the NX proxy.
+      daemons.push(spawnDaemon(["Xvfb", `:${clientDisplay}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], { detached: true }));
+      await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${clientDisplay}`));
+      daemons.push(spawnDaemon(["nxproxy", "-S", `localhost:${agentDisplay}`], { detached: true, env: { ...process.env, DISPLAY: `:${clientDisplay}` } }));
+      const tree = async (d: number) => (await run(["chroot", R, "xwininfo", "-display", `:${d}`, "-root", "-tree"], { allowFail: true })).stdout;
+      // In the desktop: the window manager (with its tray clock) and the terminal.
+      await waitFor("jwm and xterm", async () => {
+        const t = await tree(agentDisplay);
+        return t.includes('"JWM"') && t.includes('("xterm" "XTerm")') && t.includes('("xclock" "XClock")');
+      });
+      // On the client's screen: nxagent's window.
+      expect(await tree(clientDisplay)).toContain('"QVD": ("NXAgent" "NXAgent")');
+      // Fonts are rendered in the guest: no core font was missing on the client side.
+      expect(agentOut.filter((l) => /cannot load font|invalid include/.test(l))).toEqual([]);
+    } finally {
+      for (const d of daemons.reverse()) d.killGroup("SIGTERM");
+      await Promise.all(daemons.map((d) => Promise.race([d.exited, Bun.sleep(5000)])));
+      for (const d of daemons) d.killGroup("SIGKILL");
+    }
+  }, { timeout: 120_000 });
+});
