@@ -40,6 +40,29 @@ export const DEPS = {
     bins: ["nxproxy"],
     packages: ["nxproxy"],
   },
+  nxagent: {
+    purpose: "the NX agent (VMA tests run sessions on the host)",
+    bins: ["nxagent"],
+    packages: ["nxagent"],
+  },
+  xinit: {
+    purpose: "starts X sessions under nxagent (VMA tests)",
+    bins: ["xinit"],
+    packages: ["xinit"],
+  },
+  xwd: { purpose: "screenshots of X displays (tests)", bins: ["xwd"], packages: ["x11-apps"] },
+  xsetroot: { purpose: "paints X displays in a known colour (tests)", bins: ["xsetroot"], packages: ["x11-xserver-utils"] },
+  xwininfo: { purpose: "lists the windows of X displays (tests)", bins: ["xwininfo"], packages: ["x11-utils"] },
+  imagemagick: {
+    purpose: "reads pixels of screenshots (tests); called as /usr/bin/convert",
+    globs: ["/usr/bin/convert"],
+    packages: ["imagemagick"],
+  },
+  curl: {
+    purpose: "HTTP requests from inside test network namespaces",
+    bins: ["curl"],
+    packages: ["curl"],
+  },
   runuser: {
     purpose: "runs PostgreSQL as an unprivileged user when started as root",
     bins: ["runuser"],

@@ -110,7 +110,7 @@ function minimalRoot(dir: string): string {
 
 /** The colour of one pixel of an X display, as ImageMagick prints it (e.g. srgb(255,0,0)). */
 async function pixel(display: number, x: number, y: number, savePng?: string): Promise<string> {
-  const sh = `xwd -root -silent -display :${display} | convert xwd:- ${savePng ? `-write ${savePng} ` : ""}-format '%[pixel:p{${x},${y}}]' info:-`;
+  const sh = `xwd -root -silent -display :${display} | /usr/bin/convert xwd:- ${savePng ? `-write ${savePng} ` : ""}-format '%[pixel:p{${x},${y}}]' info:-`;
   const p = Bun.spawn(["sh", "-c", sh], { stdout: "pipe", stderr: "pipe" });
   const [o, e] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
   if (!o) throw new Error(`screenshot failed: ${e}`);
