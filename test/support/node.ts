@@ -1,9 +1,12 @@
 // Node-side test helpers: the compiled qvd binary (built once per test run), a network
 // namespace of the test's own (198.18.0.0/15 only, removed afterwards), a small busybox image
 // tarball, and running a qvd role inside the namespace.
-import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { chmodSync, copyFileSync, createWriteStream, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
+import * as D from "../../src/db/index.ts";
+import { buildImage } from "../../src/virt/image-build.ts";
+import type { TestDatabase } from "./db.ts";
 import { run } from "../../src/run.ts";
 import { buildBinary } from "../../scripts/build-binaries.ts";
 
@@ -71,5 +74,132 @@ export async function until(pred: () => Promise<boolean> | boolean, what: string
   while (!(await pred())) {
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
     await Bun.sleep(100);
+  }
+}
+
+// --- a whole node for end-to-end tests ----------------------------------------------------------
+
+
+/** The environment for a qvd child: no QVD_* settings leak in from the test's own. */
+export const cleanEnv = () => Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("QVD_"))) as Record<string, string>;
+
+const DESKTOP_IMAGE = "/var/cache/qvd/test/debian-bookworm-desktop.tar.gz";
+const IMAGE_SOURCES = [join(import.meta.dir, "../../src/roles/di.ts"), join(import.meta.dir, "../../src/virt/image-build.ts")];
+
+/** The Debian desktop image of `qvd di build`, cached under /var/cache/qvd (built when stale). */
+export async function desktopImage(): Promise<string> {
+  const fresh = existsSync(DESKTOP_IMAGE) && IMAGE_SOURCES.every((s) => statSync(s).mtimeMs < statSync(DESKTOP_IMAGE).mtimeMs);
+  if (!fresh) await buildImage({ output: DESKTOP_IMAGE, cacheDir: "/var/cache/qvd/debootstrap", log: () => {} });
+  return DESKTOP_IMAGE;
+}
+
+/**
+ * A node for tests: a network namespace, storage and run folders in a temp dir, a `hosts` row,
+ * and `qvd hkd` (the compiled binary) running inside the namespace. `stop()` removes it all.
+ */
+export class TestNode {
+  ns!: Netns;
+  binary!: string;
+  root!: string;
+  host!: D.HostRow;
+  logFile!: string;
+  proc?: Bun.Subprocess;
+
+  /** `dbOf`: the test file's database (ready by the time setup() runs). */
+  constructor(private readonly dbOf: () => TestDatabase, readonly name = "testnode") {}
+
+  get db(): TestDatabase {
+    return this.dbOf();
+  }
+
+  get lxcPath() {
+    return join(this.root, "run", "lxc");
+  }
+
+  async setup(): Promise<this> {
+    const { ensureDeps } = await import("../../scripts/deps.ts");
+    await ensureDeps(["lxc", "iproute2", "nftables", "nsenter", "busybox", "curl"], () => {});
+    this.binary = await qvdBinary();
+    this.ns = await createNetns();
+    this.root = mkdtempSync("/tmp/qvd-test-node-");
+    chmodSync(this.root, 0o755);
+    mkdirSync(join(this.root, "storage", "images"), { recursive: true });
+    this.logFile = join(this.root, "hkd.log");
+    this.host = await D.create(this.db.sql, D.hosts, D.ALL_TENANTS, { name: this.name, address: "198.18.0.1" });
+    return this;
+  }
+
+  /** Starts `qvd hkd` in the namespace and waits until this very process reports the node running. */
+  async start(extra: Record<string, string> = {}): Promise<void> {
+    const settings: Record<string, string> = {
+      nodename: this.name,
+      "path.run": join(this.root, "run"),
+      "path.storage.root": join(this.root, "storage"),
+      "vm.network.bridge": "qvdbr0",
+      "hkd.poll_interval": "2",
+      "hkd.heartbeat_interval": "1",
+      "hkd.vma_check_interval": "2",
+      "hkd.timeout.vma_start": "30",
+      "hkd.qvd_binary": this.binary,
+      "log.level": "debug",
+      ...extra,
+    };
+    const argv = [...this.ns.exec, this.binary, "hkd", "--db", this.db.url, ...Object.entries(settings).flatMap(([k, v]) => ["--set", `${k}=${v}`])];
+    const out = createWriteStream(this.logFile, { flags: "a" });
+    const proc = (this.proc = Bun.spawn(argv, { stdout: "pipe", stderr: "pipe", env: cleanEnv() }));
+    for (const s of [proc.stdout, proc.stderr] as ReadableStream<Uint8Array>[])
+      void (async () => {
+        const reader = s.getReader();
+        for (let c = await reader.read(); !c.done; c = await reader.read()) out.write(c.value);
+      })();
+    const ready = async () => {
+      const [r] = await this.db.sql`SELECT state, pid FROM host_runtimes WHERE host_id = ${this.host.id}`;
+      return r!.state === "running" && r!.pid === proc.pid;
+    };
+    await until(async () => (await ready()) || proc.exitCode !== null, "the node to be running");
+    if (proc.exitCode !== null) throw new Error(`qvd hkd exited with ${proc.exitCode}:\n${readFileSync(this.logFile, "utf8").slice(-3000)}`);
+  }
+
+  async kill(signal: "SIGTERM" | "SIGKILL" = "SIGTERM"): Promise<void> {
+    if (!this.proc) return;
+    this.proc.kill(signal);
+    await this.proc.exited;
+    this.proc = undefined;
+  }
+
+  /** Running containers, by name. */
+  async containers(): Promise<string[]> {
+    return (await run([...this.ns.exec, "lxc-ls", "-P", this.lxcPath, "--running", "-1"], { allowFail: true })).stdout.split("\n").filter(Boolean);
+  }
+
+  async links(): Promise<string> {
+    return (await run(["ip", "-n", this.ns.name, "-o", "link", "show"])).stdout;
+  }
+
+  /** Runs a shell command in a desktop (as root, unless `user`). */
+  attach(vmId: number, script: string, user?: string) {
+    const argv = [...this.ns.exec, "lxc-attach", "-n", `qvd-${vmId}`, "-P", this.lxcPath, "--", ...(user ? ["setpriv", "--reuid", user, "--regid", user, "--clear-groups"] : []), "/bin/sh", "-c", script];
+    return run(argv, { allowFail: true, timeoutMs: 20_000 });
+  }
+
+  /** An image file in the images folder, registered in the database as uploaded. */
+  async addImage(osfId: number, file: string, write: (path: string) => Promise<void>): Promise<D.DiRow> {
+    const path = join(this.root, "storage", "images", file);
+    await write(path);
+    const bytes = readFileSync(path);
+    const di = await D.create(this.db.sql, D.dis, D.ALL_TENANTS, { osf_id: osfId, path: file });
+    await D.finishDiUpload(this.db.sql, di.id, bytes.length, createHash("sha256").update(bytes).digest("hex"));
+    return di;
+  }
+
+  /** Stops the HKD, any container left, and removes the namespace and the folders. */
+  async stop(keepLogs = Boolean(process.env.KEEP_TEST_LOGS)): Promise<void> {
+    await this.kill("SIGTERM").catch(() => {});
+    if (this.ns) {
+      for (const c of await this.containers().catch(() => [])) await run([...this.ns.exec, "lxc-stop", "-k", "-n", c, "-P", this.lxcPath], { allowFail: true });
+      await this.ns.remove();
+    }
+    if (keepLogs) console.log(`hkd log: ${this.logFile}`);
+    else if (this.root) rmSync(this.root, { recursive: true, force: true });
   }
 }

@@ -1,0 +1,114 @@
+// A real desktop, end to end on the node side: the Debian image built by `qvd di build`, a
+// node (`qvd hkd` in a network namespace of this test) starting it in LXC, the VMA starting
+// the user's X session under nxagent, and a real nxproxy showing it on an Xvfb of the test,
+// checked by a screenshot's pixels (saved under .test-output/ for review).
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { copyFileSync, mkdirSync } from "node:fs";
+import { join } from "node:path";
+import * as D from "../src/db/index.ts";
+import { run } from "../src/run.ts";
+import { useTestDatabase } from "./support/db.ts";
+import { desktopImage, TestNode, until } from "./support/node.ts";
+
+const isRoot = process.getuid?.() === 0;
+const db = useTestDatabase();
+const ALL = D.ALL_TENANTS;
+const DISPLAY = 61;
+const output = join(import.meta.dir, "..", ".test-output");
+
+describe.skipIf(!isRoot)("a real desktop through NX", () => {
+  const node = new TestNode(db, "desknode");
+  let vm: D.VmRow;
+  let secret = "";
+  const children: Bun.Subprocess[] = [];
+  const sql = () => db().sql;
+
+  /** Calls the VMA of the desktop from the node's namespace. */
+  async function vma(method: string, body?: unknown): Promise<{ status: number; json: any }> {
+    const args = ["curl", "-s", "--max-time", "10", "-w", "\n%{http_code}", "-H", `x-qvd-vma-secret: ${secret}`];
+    if (body !== undefined) args.push("-H", "content-type: application/json", "-d", JSON.stringify(body));
+    const r = await run([...node.ns.exec, ...args, `http://${vm.ip}:3030/vma/${method}`], { allowFail: true });
+    const lines = r.stdout.trimEnd().split("\n");
+    const status = Number(lines.pop());
+    let json: any = null;
+    try {
+      json = JSON.parse(lines.join("\n"));
+    } catch {}
+    return { status, json };
+  }
+  const nxState = async () => (await vma("x_state")).json?.state as string | undefined;
+
+  /** Mean brightness (0–1) of the client's display; saves the screenshot. */
+  async function screenMean(png?: string): Promise<number> {
+    const save = png ? `-write ${png} ` : "";
+    const r = await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- ${save}-format '%[fx:mean]' info:-`], { allowFail: true });
+    return Number(r.stdout.trim()) || 0;
+  }
+
+  beforeAll(async () => {
+    const { ensureDeps } = await import("../scripts/deps.ts");
+    await ensureDeps(["xvfb", "nxproxy", "xwd", "imagemagick", "debootstrap"], () => {});
+    const image = await desktopImage();
+    await node.setup();
+    const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "alice" });
+    const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
+    await node.addImage(osf.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
+    vm = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" });
+    await node.start({ "hkd.timeout.vma_start": "60" });
+    const xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" });
+    children.push(xvfb);
+    await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0, "Xvfb", 20_000);
+    mkdirSync(output, { recursive: true });
+  }, 30 * 60_000);
+
+  afterAll(async () => {
+    for (const c of children) c.kill("SIGKILL");
+    await node.stop();
+  }, 120_000);
+
+  test("the desktop starts: the image is unpacked, the container runs, the VMA answers", async () => {
+    await D.startVm(sql(), ALL, vm.id, { heartbeatWithinS: 60 });
+    await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).vm_state === "running", "the desktop to run", 180_000);
+    const [r] = await sql()`SELECT vma_secret FROM vm_runtimes WHERE vm_id = ${vm.id}`;
+    secret = r!.vma_secret;
+    expect((await vma("ping")).status).toBe(200);
+    expect(await nxState()).toBe("stopped");
+  });
+
+  test("x_start: the user's session runs under nxagent, which listens on 4100", async () => {
+    const res = await vma("x_start", { user: "alice", uid: 2001, gid: 2001, geometry: "1024x768", keyboard: "pc105/us", link: "lan", client_os: "linux" });
+    expect(res.status).toBe(200);
+    await until(async () => (await nxState()) === "listening", "nxagent to listen", 60_000);
+    // The session is the user's: nxagent runs as uid 2001, not as root.
+    const ps = (await node.attach(vm.id, "ps -eo uid,comm")).stdout;
+    expect(ps).toMatch(/^\s*2001 nxagent$/m);
+    expect(ps).not.toMatch(/^\s*0 nxagent$/m);
+    expect((await node.attach(vm.id, "cat /proc/net/tcp")).stdout).toMatch(/:1004 00000000:0000 0A/); // 4100 = 0x1004, LISTEN
+    expect((await node.attach(vm.id, "stat -c %u /home/alice")).stdout.trim()).toBe("2001");
+  });
+
+  test("a real nxproxy shows the desktop on the client's X display", async () => {
+    const before = await screenMean();
+    const proxy = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${DISPLAY}`, "nxproxy", "-S", `${vm.ip}:100`], { stdout: "ignore", stderr: "ignore" });
+    children.push(proxy);
+    await until(async () => (await nxState()) === "connected", "the NX session to connect", 60_000);
+    // jwm's tray and the xterm arrive: the black screen gets content.
+    let mean = 0;
+    await until(async () => (mean = await screenMean()) > before + 0.05, "the desktop's pixels", 60_000);
+    await screenMean(join(output, "desktop-through-nx.png"));
+    expect(mean).toBeGreaterThan(before + 0.05);
+    // The session's programs run as the user.
+    const ps = (await node.attach(vm.id, "ps -eo uid,comm")).stdout;
+    expect(ps).toMatch(/^\s*2001 jwm$/m);
+    expect(ps).toMatch(/^\s*2001 xterm$/m);
+    proxy.kill("SIGTERM");
+    await proxy.exited;
+  });
+
+  test("stopping the desktop ends the session and leaves nothing running", async () => {
+    await D.stopVm(sql(), ALL, vm.id);
+    await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).vm_state === "stopped", "the desktop to stop", 120_000);
+    expect(await node.containers()).toEqual([]);
+    expect(await node.links()).not.toContain(`qvd${vm.id}`);
+  });
+});
