@@ -209,7 +209,8 @@ export async function list<Row extends Record<string, unknown>>(db: Db, def: Obj
   if (!Number.isInteger(offset) || offset < 0) throw new ValidationError("offset", "must be a non-negative integer");
   const sorts = (q.sort ?? []).map((s) => {
     checkField(def, s.field, "sort");
-    return s.desc ? db`${db(s.field)} DESC NULLS LAST` : db`${db(s.field)} ASC NULLS LAST`;
+    // PostgreSQL's default null order (last ascending, first descending) lets either direction walk an index.
+    return s.desc ? db`${db(s.field)} DESC` : db`${db(s.field)} ASC`;
   });
   sorts.push(db`id`);
   const order = sorts.reduce((acc, s) => db`${acc}, ${s}`);
