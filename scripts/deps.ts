@@ -58,6 +58,7 @@ export const DEPS = {
     globs: ["/usr/bin/convert"],
     packages: ["imagemagick"],
   },
+  openssl: { purpose: "self-signed certificates for TLS tests", bins: ["openssl"], packages: ["openssl"] },
   curl: {
     purpose: "HTTP requests from inside test network namespaces",
     bins: ["curl"],

@@ -65,6 +65,7 @@ describe.skipIf(!isRoot)("HKD with LXC", () => {
     expect(await node.links()).not.toContain(`qvd${vm.id}`);
     expect(existsSync(join(node.root, "storage", "overlays", String(vm.id), "upper", "root", "scratch"))).toBe(false);
     expect(readFileSync("/proc/mounts", "utf8")).not.toContain(node.root);
+    expect(await node.cgroupsOf(vm.id)).toEqual([]);
 
     await startCommand(vm.id);
     await untilState(vm.id, "running");
@@ -98,6 +99,41 @@ describe.skipIf(!isRoot)("HKD with LXC", () => {
     await node.start();
     await until(async () => (await node.containers()).length === 0, "the orphan container to be stopped", 30_000);
     expect(await vmState(vm.id)).toBe("stopped");
+  });
+
+  test("a desktop that died while its HKD was down is marked stopped, and its leftovers cleaned", async () => {
+    await startCommand(vm.id);
+    await untilState(vm.id, "running");
+    await node.kill("SIGKILL");
+    await run([...node.ns.exec, "lxc-stop", "-k", "-n", `qvd-${vm.id}`, "-P", node.lxcPath]);
+    expect(existsSync(join(node.lxcPath, `qvd-${vm.id}`))).toBe(true); // its configuration is still there
+    await node.start();
+    expect(await vmState(vm.id)).toBe("stopped");
+    expect(existsSync(join(node.lxcPath, `qvd-${vm.id}`))).toBe(false);
+    expect(await node.links()).not.toContain(`qvd${vm.id}`);
+  });
+
+  test("without the database for hkd.fence_after seconds, the node stops its desktops; back, it reconciles", async () => {
+    await node.kill("SIGTERM");
+    await node.start({ "hkd.fence_after": "5" });
+    await startCommand(vm.id);
+    await untilState(vm.id, "running");
+    await db().cluster.pause();
+    try {
+      await until(async () => (await node.containers()).length === 0, "the node to fence itself", 60_000);
+    } finally {
+      await db().cluster.resume();
+    }
+    // The database still says running; the node corrects it when it can reach it again.
+    await until(async () => {
+      try {
+        return (await vmState(vm.id)) === "stopped";
+      } catch {
+        return false; // the pool reconnects
+      }
+    }, "the node to mark its fenced desktop stopped", 60_000);
+    expect(await node.containers()).toEqual([]);
+    expect(readFileSync(node.logFile, "utf8")).toContain("fencing: stopping every desktop of this node");
   });
 
   test("a broken image blocks the VM with a readable reason and leaves nothing running", async () => {

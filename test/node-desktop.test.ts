@@ -3,7 +3,7 @@
 // the user's X session under nxagent, and a real nxproxy showing it on an Xvfb of the test,
 // checked by a screenshot's pixels (saved under .test-output/ for review).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { copyFileSync, mkdirSync } from "node:fs";
+import { copyFileSync, mkdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import * as D from "../src/db/index.ts";
 import { run } from "../src/run.ts";
@@ -110,5 +110,7 @@ describe.skipIf(!isRoot)("a real desktop through NX", () => {
     await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).vm_state === "stopped", "the desktop to stop", 120_000);
     expect(await node.containers()).toEqual([]);
     expect(await node.links()).not.toContain(`qvd${vm.id}`);
+    expect(await node.cgroupsOf(vm.id)).toEqual([]);
+    expect(readFileSync("/proc/mounts", "utf8")).not.toContain(node.root);
   });
 });

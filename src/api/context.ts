@@ -60,6 +60,8 @@ export interface Route {
   body?: z.ZodType;
   /** Raw body: the handler reads `ctx.request` itself (uploads). */
   rawBody?: boolean;
+  /** The JSON answer on success (documented in OpenAPI). */
+  response?: z.ZodType;
   /** Writes an audit entry with this action name, for success and failure alike. */
   audit?: { action: string; object?: ObjectKind | "config" | "session" };
   handler: (ctx: Ctx) => Promise<unknown> | unknown;

@@ -16,7 +16,10 @@ export function openApiDocument(routes: Route[]): Record<string, unknown> {
       description: `Permissions: ${acl}.`,
       parameters: params,
       responses: {
-        "200": { description: "Success" },
+        [r.method === "POST" && r.response && !r.path.includes(":") ? "201" : "200"]: {
+          description: "Success",
+          ...(r.response ? { content: { "application/json": { schema: z.toJSONSchema(r.response, { unrepresentable: "any", io: "output" }) } } } : {}),
+        },
         "4XX": { description: "Error", content: { "application/json": { schema: { $ref: "#/components/schemas/Error" } } } },
       },
       ...(r.public ? { security: [] } : {}),

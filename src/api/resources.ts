@@ -1,5 +1,6 @@
 // The generic REST resources: list/get/create/update/delete and mass update/delete by filter
 // for every object of the data layer, with ACLs per verb and per field.
+import { z } from "zod";
 import { DataError, ValidationError } from "../db/errors.ts";
 import * as D from "../db/index.ts";
 import type { ObjectDef } from "../db/objects.ts";
@@ -95,6 +96,7 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
   const routes: Route[] = [
     {
       method: "GET", path: `/${path}`, tag, acl: [`${acl}.see`], query: "list",
+      response: z.object({ total: z.number().int(), limit: z.number().int(), offset: z.number().int(), items: z.array(def.row) }),
       summary: `List ${path}: filter with ?field=value or ?field[op]=value (eq ne lt le gt ge in like null notnull), sort=-field, limit, offset, fields`,
       handler: async (ctx) => {
         const q = listQueryFrom(ctx.url.searchParams);
@@ -103,13 +105,13 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
       },
     },
     {
-      method: "GET", path: `/${path}/:id`, tag, acl: [`${acl}.see`], summary: `Get one ${kind}`,
+      method: "GET", path: `/${path}/:id`, tag, acl: [`${acl}.see`], summary: `Get one ${kind}`, response: def.row,
       handler: (ctx) => D.get(ctx.sql, def, ctx.scope, id(ctx)),
     },
   ];
   if (def.create)
     routes.push({
-      method: "POST", path: `/${path}`, tag, acl: [`${acl}.create`], body: def.create, summary: `Create a ${kind}`,
+      method: "POST", path: `/${path}`, tag, acl: [`${acl}.create`], body: def.create, summary: `Create a ${kind}`, response: def.row,
       audit: { action: `${kind}.create`, object: kind },
       handler: async (ctx) => {
         const body = withTenant(ctx, spec, asObject(ctx.body));
@@ -122,7 +124,7 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
     });
   if (def.update) {
     routes.push({
-      method: "PATCH", path: `/${path}/:id`, tag, acl: (ctx) => updateAcls(spec, ctx.body), body: def.update.partial(), summary: `Change a ${kind}`,
+      method: "PATCH", path: `/${path}/:id`, tag, acl: (ctx) => updateAcls(spec, ctx.body), body: def.update.partial(), summary: `Change a ${kind}`, response: def.row,
       audit: { action: `${kind}.update`, object: kind },
       handler: async (ctx) => {
         audit(ctx, { id: id(ctx) }, ctx.body);
@@ -144,7 +146,7 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
   }
   if (spec.deletable !== false && def.create) {
     routes.push({
-      method: "DELETE", path: `/${path}/:id`, tag, acl: [`${acl}.delete`], summary: `Delete a ${kind} (409 and what depends on it when something does)`,
+      method: "DELETE", path: `/${path}/:id`, tag, acl: [`${acl}.delete`], summary: `Delete a ${kind} (409 and what depends on it when something does)`, response: z.object({ deleted: def.row }),
       audit: { action: `${kind}.delete`, object: kind },
       handler: async (ctx) => {
         audit(ctx, { id: id(ctx) });

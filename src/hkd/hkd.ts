@@ -342,6 +342,12 @@ export class Hkd {
       await backend.kill(id).catch(() => {});
       await backend.cleanup(id).catch(() => {});
     }
+    // What stopped desktops left behind (configuration, network devices, overlays).
+    for (const id of await backend.leftovers()) {
+      if (this.runs.has(id) || running.has(id)) continue;
+      log.info("cleaning up what a stopped desktop left", { vm: id });
+      await backend.cleanup(id).catch((e) => log.warn("cleanup failed", { vm: id, error: (e as Error).message }));
+    }
   }
 
   /** VM ids this HKD currently handles, with their phase (for tests and status). */

@@ -44,6 +44,8 @@ export interface Backend {
   status(vmId: number): Promise<BackendState>;
   /** VM ids of the guests this backend runs on this node (for reconciliation). */
   running(): Promise<number[]>;
+  /** VM ids that left something on this node (configuration, network device), running or not. */
+  leftovers(): Promise<number[]>;
   /** Removes what prepare/start left: mounts, network devices, upper dir unless persistent, config. */
   cleanup(vmId: number): Promise<void>;
 }

@@ -407,6 +407,18 @@ export class LxcBackend implements Backend {
       .sort((a, b) => a - b);
   }
 
+  async leftovers(): Promise<number[]> {
+    const ids = new Set<number>();
+    if (existsSync(this.lxcPath))
+      for (const e of readdirSync(this.lxcPath)) {
+        const m = /^qvd-(\d+)$/.exec(e);
+        if (m) ids.add(Number(m[1]));
+      }
+    const links = await this.net.run(["ip", "-o", "link", "show"], { allowFail: true });
+    for (const m of links.stdout.matchAll(/^\d+: qvd(\d+)[@:]/gm)) ids.add(Number(m[1]));
+    return [...ids].sort((a, b) => a - b);
+  }
+
   async cleanup(vmId: number): Promise<void> {
     const vmDir = this.vmDir(vmId);
     if ((await this.status(vmId)) !== "stopped") await this.kill(vmId);

@@ -172,6 +172,12 @@ export class TestNode {
     return (await run([...this.ns.exec, "lxc-ls", "-P", this.lxcPath, "--running", "-1"], { allowFail: true })).stdout.split("\n").filter(Boolean);
   }
 
+  /** LXC's cgroup directories of a desktop, in every hierarchy (none once it is stopped). */
+  async cgroupsOf(vmId: number): Promise<string[]> {
+    const r = await run(["find", "/sys/fs/cgroup", "-maxdepth", "4", "-type", "d", "-name", `lxc.*.qvd-${vmId}`], { allowFail: true });
+    return r.stdout.split("\n").filter(Boolean);
+  }
+
   async links(): Promise<string> {
     return (await run(["ip", "-n", this.ns.name, "-o", "link", "show"])).stdout;
   }

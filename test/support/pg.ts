@@ -42,6 +42,15 @@ export class PgCluster {
     await this.cluster.restart();
   }
 
+  /** Takes the server away until `resume()` (an outage, for fencing tests). */
+  async pause(): Promise<void> {
+    await this.cluster.stop("immediate");
+  }
+
+  async resume(): Promise<void> {
+    await this.cluster.start();
+  }
+
   async stop(): Promise<void> {
     await this.cluster.stop("immediate").catch(() => {});
     rmSync(this.dir, { recursive: true, force: true });
