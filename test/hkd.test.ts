@@ -164,10 +164,25 @@ describe.skipIf(!isRoot)("HKD with LXC", () => {
     expect(await node.links()).not.toContain(`qvd${vm.id}`);
   });
 
+  test("with hkd.on_shutdown = leave, desktops outlive a stopped HKD and are adopted by the next", async () => {
+    await node.kill("SIGTERM");
+    await node.start({ "hkd.on_shutdown": "leave" });
+    await D.setVmBlocked(sql(), ALL, vm.id, false);
+    await startCommand(vm.id);
+    await untilState(vm.id, "running");
+    await node.kill("SIGTERM");
+    expect(await node.containers()).toEqual([`qvd-${vm.id}`]);
+    expect(await vmState(vm.id)).toBe("running");
+    await node.start();
+    expect(readFileSync(node.logFile, "utf8")).toContain(`adopted running desktop vm=${vm.id}`);
+    await D.stopVm(sql(), ALL, vm.id);
+    await untilState(vm.id, "stopped");
+    expect(await node.containers()).toEqual([]);
+  });
+
   test("stopping the HKD (hkd.on_shutdown = stop) stops its desktops and marks the node stopped", async () => {
     await node.kill("SIGTERM");
     await node.start();
-    await D.setVmBlocked(sql(), ALL, vm.id, false);
     await startCommand(vm.id);
     await untilState(vm.id, "running");
     await node.kill("SIGTERM");
