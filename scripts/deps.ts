@@ -58,6 +58,17 @@ export const DEPS = {
     globs: ["/usr/bin/convert"],
     packages: ["imagemagick"],
   },
+  slapd: {
+    purpose: "an OpenLDAP server for the LDAP authentication tests (test/auth.test.ts)",
+    bins: ["slapd"],
+    globs: ["/usr/sbin/slapd"],
+    packages: ["slapd"],
+  },
+  "ldap-utils": {
+    purpose: "LDAP command-line tools (ldapsearch, ldapwhoami) to inspect the test directory",
+    bins: ["ldapsearch"],
+    packages: ["ldap-utils"],
+  },
   openssl: { purpose: "self-signed certificates for TLS tests", bins: ["openssl"], packages: ["openssl"] },
   curl: {
     purpose: "HTTP requests from inside test network namespaces",

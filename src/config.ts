@@ -91,6 +91,31 @@ export const KEYS = {
   "l7r.tls.cert": key(str, "", "PEM certificate file of the L7R."),
   "l7r.tls.key": key(str, "", "PEM private key file of the L7R.", { secret: true }),
 
+  // User authentication (src/auth/): cluster keys, each may be overridden per tenant.
+  "l7r.auth.plugins": key(z.string().regex(/^\s*(local|ldap)(\s*,\s*(local|ldap))*\s*$/, "expected a comma-separated list of: local, ldap"), "local", "Authentication chain of a tenant, in order (e.g. `local,ldap`). The first plugin that knows the user decides; a refusal stops the chain.", { scope: "cluster" }),
+  "l7r.auth.plugin.default.separators": key(nonEmpty, "@#", "Characters that separate the login from the tenant (`alice@acme`); the login is split at the first one found.", { scope: "cluster" }),
+  "l7r.auth.plugin.default.tenant": key(nonEmpty, "default", "Tenant of a login that names none (multitenant mode).", { scope: "cluster" }),
+  "auth.totp.issuer": key(nonEmpty, "QVD", "Issuer shown by authenticator apps for enrolled TOTP secrets.", { scope: "cluster" }),
+  "auth.ldap.url": key(str, "", "LDAP server URL: ldap://host:389 or ldaps://host:636 (empty: the ldap plugin refuses everyone).", { scope: "cluster" }),
+  "auth.ldap.starttls": key(bool, false, "Upgrade an ldap:// connection with StartTLS before binding.", { scope: "cluster" }),
+  "auth.ldap.ca_file": key(str, "", "PEM CA certificate(s) to verify the LDAP server with (default: the system CAs).", { scope: "cluster" }),
+  "auth.ldap.timeout": key(int(1, 600), 10, "Seconds an LDAP connection or operation may take.", { scope: "cluster" }),
+  "auth.ldap.bind_dn_template": key(str, "", "Direct bind: the user's DN with %u for the login, e.g. `uid=%u,ou=people,dc=example,dc=org` (takes precedence over the search).", { scope: "cluster" }),
+  "auth.ldap.search_base": key(str, "", "Search-then-bind: where to look for the user's entry.", { scope: "cluster" }),
+  "auth.ldap.search_filter": key(str, "(uid=%u)", "Search-then-bind: filter for the user's entry (%u: the login, escaped).", { scope: "cluster" }),
+  "auth.ldap.search_scope": key(oneOf(["base", "one", "sub"]), "sub", "Search-then-bind: scope of the search below auth.ldap.search_base.", { scope: "cluster" }),
+  "auth.ldap.bind_dn": key(str, "", "Search-then-bind: service account DN for the search (empty: anonymous).", { scope: "cluster" }),
+  "auth.ldap.bind_password": key(str, "", "Search-then-bind: password of auth.ldap.bind_dn.", { scope: "cluster", secret: true }),
+  "auth.ldap.group_filter": key(str, "", "Users must match this group search to log in, e.g. `(&(cn=vdi)(member=%d))` (%d: the user's DN, %u: the login); empty: no group check.", { scope: "cluster" }),
+  "auth.ldap.group_base": key(str, "", "Base of the group search (default: the dc= suffix of the user's DN, else auth.ldap.search_base).", { scope: "cluster" }),
+  "auth.ldap.attr.uid": key(str, "uidNumber", "Attribute holding the user's numeric uid, passed to the VMA (empty: none).", { scope: "cluster" }),
+  "auth.ldap.attr.gid": key(str, "gidNumber", "Attribute holding the user's numeric gid, passed to the VMA (empty: none).", { scope: "cluster" }),
+  "auth.ldap.attr.home": key(str, "homeDirectory", "Attribute holding the user's home directory, passed to the VMA (empty: none).", { scope: "cluster" }),
+  "auth.autoprovision.enable": key(bool, false, "After a successful external (LDAP) login of a user QVD does not know, create the user (without a password) and a VM.", { scope: "cluster" }),
+  "auth.autoprovision.osf": key(str, "", "Name of the tenant's OSF for auto-provisioned VMs (empty: create the user only).", { scope: "cluster" }),
+  "auth.autoprovision.vm_name": key(z.string().min(1).max(60), "%u", "Name of an auto-provisioned VM (%u: the login).", { scope: "cluster" }),
+  "auth.autoprovision.di_tag": key(z.string().regex(/^[^\s,]{1,128}$/, "1 to 128 characters, no spaces or commas"), "default", "Image tag of auto-provisioned VMs.", { scope: "cluster" }),
+
   "hkd.fence_after": key(int(5), 120, "Seconds without the database after which a node stops its own VMs.", { scope: "cluster" }),
   "hkd.poll_interval": key(int(1), 30, "Seconds between fallback polls for commands (notifications are the fast path).", { scope: "cluster" }),
   "hkd.heartbeat_interval": key(int(1, 3600), 10, "Seconds between heartbeats of a node (also how often it reports free RAM and CPU)."),
@@ -180,7 +205,7 @@ export function describeSource(s: Source): string {
 export const envName = (k: string) => "QVD_" + k.toUpperCase().replace(/[.-]/g, "_");
 const ENV_TO_KEY = new Map<string, ConfigKey>(Object.keys(KEYS).map((k) => [envName(k), k as ConfigKey]));
 /** QVD_* variables that are not keys. */
-const ENV_NOT_KEYS = new Set(["QVD_CONFIG", "QVD_DEBUG"]);
+const ENV_NOT_KEYS = new Set(["QVD_CONFIG", "QVD_DEBUG", "QVD_PASSWORD" /* qvd client */]);
 
 function closestKey(k: string): string | undefined {
   let best: string | undefined;

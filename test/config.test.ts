@@ -86,7 +86,7 @@ describe("the schema", () => {
 
   test("exactly the passwords, database URL and TLS private keys are secret", () => {
     const secret = ALL_KEYS.filter((k) => KEYS[k].secret).sort();
-    const expected = ALL_KEYS.filter((k) => k === "database.password" || k === "database.url" || k.endsWith(".tls.key")).sort();
+    const expected = ALL_KEYS.filter((k) => k === "database.password" || k === "auth.ldap.bind_password" || k === "database.url" || k.endsWith(".tls.key")).sort();
     expect(secret).toEqual(expected);
     expect(secret).toContain("api.tls.key");
     expect(secret).toContain("l7r.tls.key");

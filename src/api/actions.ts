@@ -125,6 +125,23 @@ const tenantParam = (ctx: Ctx) => {
 export const ACTION_ROUTES: Route[] = [
   ...ACTIONS.flatMap(actionRoutes),
 
+  // Users' second factor (TOTP): a new secret and its otpauth:// URI, shown once.
+  { method: "POST", path: "/users/:id/totp", tag: "users", acl: ["user.update.totp"], summary: "Enrol a user in TOTP (replaces any secret): returns the secret and its otpauth:// URI",
+    audit: { action: "user.enrol_totp", object: "user" },
+    handler: async (ctx) => {
+      ctx.audited.object_id = idParam(ctx);
+      const issuer = ctx.cfg.get("auth.totp.issuer");
+      const { secret, uri } = await D.enrolUserTotp(ctx.sql, ctx.scope, idParam(ctx), issuer);
+      return { secret, uri, user: await D.get(ctx.sql, D.users, ctx.scope, idParam(ctx)) };
+    } },
+  { method: "DELETE", path: "/users/:id/totp", tag: "users", acl: ["user.update.totp"], summary: "Remove a user's TOTP secret (the password alone logs in again)",
+    audit: { action: "user.remove_totp", object: "user" },
+    handler: async (ctx) => {
+      ctx.audited.object_id = idParam(ctx);
+      const removed = await D.removeUserTotp(ctx.sql, ctx.scope, idParam(ctx));
+      return { removed, user: await D.get(ctx.sql, D.users, ctx.scope, idParam(ctx)) };
+    } },
+
   // Image tags.
   { method: "POST", path: "/dis/:id/tags", tag: "dis", acl: ["di.tag"], body: TagBody, summary: "Put a tag on an image (it moves from the OSF's other image); running VMs on the old image get the image's (or the given) soft/hard expiry",
     audit: { action: "di.tag", object: "di" },
@@ -243,10 +260,12 @@ export const ACTION_ROUTES: Route[] = [
         const own = rows.find((r) => r.key === k && r.tenant_id === tenant && tenant !== 0);
         const global = rows.find((r) => r.key === k && r.tenant_id === 0);
         const def = KEYS[k].default;
+        const value = own?.value ?? global?.value ?? (def === undefined ? null : typeof def === "boolean" ? (def ? "1" : "0") : String(def));
         return {
           key: k, doc: KEYS[k].doc,
           default: def === undefined ? null : typeof def === "boolean" ? (def ? "1" : "0") : String(def),
-          value: own?.value ?? global?.value ?? (def === undefined ? null : typeof def === "boolean" ? (def ? "1" : "0") : String(def)),
+          // Secrets (auth.ldap.bind_password) can be set but never read back.
+          value: KEYS[k].secret && value ? "********" : value,
           source: own ? "tenant" : global ? "global" : "default",
         };
       });

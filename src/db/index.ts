@@ -19,3 +19,4 @@ export * from "./sessions.ts";
 export * from "./commands.ts";
 export * from "./stats.ts";
 export * from "./node.ts";
+export * from "./auth.ts";
