@@ -9,6 +9,7 @@ export const main = defineCommand({
   subCommands: {
     admin: () => import("./roles/admin-cli.ts").then((m) => m.default),
     api: () => import("./roles/api.ts").then((m) => m.default),
+    client: () => import("./roles/client.ts").then((m) => m.default),
     config: () => import("./roles/config.ts").then((m) => m.default),
     db: () => import("./roles/db.ts").then((m) => m.default),
     hkd: () => import("./roles/hkd.ts").then((m) => m.default),

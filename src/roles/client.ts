@@ -1,0 +1,72 @@
+// `qvd client`: connect to a desktop through the L7R and show it with nxproxy on $DISPLAY.
+// Exit codes: 0 the session ended normally, 1 other failure (nxproxy), 2 usage, 3 login
+// refused, 4 forbidden or blocked, 5 no such desktop, 6 the server could not start the
+// desktop, 7 cannot reach the server (connection, TLS, not a QVD server).
+import { defineCommand } from "citty";
+import { passwordFromFile, readPassword } from "../admin/prompt.ts";
+import { UserError } from "../errors.ts";
+import { setLogLevel } from "../log.ts";
+import { EXIT } from "../client/l7r.ts";
+import { runClient } from "../client/session.ts";
+
+const usage = (m: string) => new UserError(m, EXIT.usage);
+
+const LINKS = new Set(["modem", "isdn", "adsl", "wan", "lan", "local"]);
+
+export default defineCommand({
+  meta: { name: "client", description: "Connect to a QVD desktop (nxproxy on $DISPLAY)" },
+  args: {
+    host: { type: "string", description: "The QVD server (HOST or HOST:PORT)", valueHint: "HOST", required: true },
+    port: { type: "string", description: "Its port (default 8443)", valueHint: "PORT" },
+    user: { type: "string", description: "User name, or user@tenant", valueHint: "USER", required: true },
+    "password-file": { type: "string", description: "Read the password from the first line of FILE (else QVD_PASSWORD, else a prompt, else standard input)", valueHint: "FILE" },
+    vm: { type: "string", description: "The desktop (id or name); needed when there are several and no terminal", valueHint: "ID" },
+    link: { type: "string", description: "Link type: modem, isdn, adsl, wan, lan, local (default adsl)", valueHint: "LINK" },
+    geometry: { type: "string", description: "Desktop size WxH (default 1024x768)", valueHint: "WxH" },
+    fullscreen: { type: "boolean", description: "Full screen" },
+    keyboard: { type: "string", description: "Keyboard model/layout (default pc105/us)", valueHint: "MODEL/LAYOUT" },
+    insecure: { type: "boolean", description: "Do not verify the server's certificate (a warning is printed)" },
+    ca: { type: "string", description: "Trust this CA or certificate (PEM) for the server's TLS", valueHint: "FILE" },
+    stop: { type: "boolean", description: "Stop the desktop first (restart the session)" },
+    tls: { type: "boolean", default: true, description: "TLS (--no-tls: plain TCP, for servers with l7r.use_ssl=0)" },
+    verbose: { type: "boolean", description: "Log the protocol and nxproxy's output on stderr" },
+    // For tests: the program run instead of nxproxy (split on spaces; `-S localhost:D` is appended).
+    "nxproxy-command": { type: "string", description: "(testing) nxproxy command", valueHint: "CMD" },
+  },
+  async run({ args }) {
+    setLogLevel(args.verbose ? "debug" : "warn");
+    let host = String(args.host);
+    let port = args.port !== undefined ? Number(args.port) : 8443;
+    const hp = /^(\[[^\]]+\]|[^:]+):(\d+)$/.exec(host);
+    if (hp) {
+      if (args.port !== undefined) throw usage(`--host ${host} has a port and --port is given too`);
+      host = hp[1]!.replace(/^\[|\]$/g, "");
+      port = Number(hp[2]);
+    }
+    if (!host) throw usage("--host is empty");
+    if (!Number.isInteger(port) || port < 1 || port > 65535) throw usage(`--port ${args.port}: not a port number`);
+    const user = String(args.user);
+    if (!user || user.includes(":")) throw usage(`--user ${JSON.stringify(user)}: a user name must be non-empty and without ':'`);
+    const link = args.link ?? "adsl";
+    if (!LINKS.has(link) && !/^\d+[kmg]?$/.test(link)) throw usage(`--link ${link}: one of ${[...LINKS].join(", ")} (or a bandwidth like 1m)`);
+    const geometry = args.geometry ?? "1024x768";
+    if (!/^[1-9]\d{1,4}x[1-9]\d{1,4}$/.test(geometry)) throw usage(`--geometry ${geometry}: expected WIDTHxHEIGHT, e.g. 1024x768`);
+    const keyboard = args.keyboard ?? "pc105/us";
+    if (!/^[\w+-]+\/[\w+-]+$/.test(keyboard)) throw usage(`--keyboard ${keyboard}: expected MODEL/LAYOUT, e.g. pc105/us`);
+    if (args.insecure && args.ca) throw usage("--insecure and --ca exclude each other");
+    if (args.tls === false && (args.insecure || args.ca)) throw usage("--no-tls excludes --insecure and --ca");
+    const nxproxy = args["nxproxy-command"] ? String(args["nxproxy-command"]).split(/\s+/).filter(Boolean) : ["nxproxy"];
+    if (!args["nxproxy-command"] && !process.env.DISPLAY) throw usage("DISPLAY is not set: nxproxy needs an X display to show the desktop on");
+    const envPw = process.env.QVD_PASSWORD;
+    const password = args["password-file"]
+      ? passwordFromFile(String(args["password-file"]))
+      : envPw
+        ? envPw
+        : await readPassword(undefined, `Password for ${user}@${host}: `);
+    const code = await runClient({
+      host, port, tls: args.tls !== false, user, password, vm: args.vm, link, geometry, fullscreen: !!args.fullscreen, keyboard,
+      ca: args.ca, insecure: !!args.insecure, stop: !!args.stop, nxproxy,
+    });
+    process.exitCode = code;
+  },
+});
