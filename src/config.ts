@@ -90,6 +90,12 @@ export const KEYS = {
   "l7r.listen": key(hostPort, ":8443", "Address and port the L7R (user broker) listens on, over TLS."),
   "l7r.tls.cert": key(str, "", "PEM certificate file of the L7R."),
   "l7r.tls.key": key(str, "", "PEM private key file of the L7R.", { secret: true }),
+  "l7r.timeout.vm_start": key(int(1), 270, "Seconds connect_to_vm waits for a stopped desktop to be running.", { scope: "cluster" }),
+  "l7r.timeout.vm_stop": key(int(1), 270, "Seconds stop_vm waits for the desktop to be stopped.", { scope: "cluster" }),
+  "l7r.timeout.x_start": key(int(1), 10, "Seconds connect_to_vm waits for nxagent to listen after x_start (not counted while the VMA provisions the user).", { scope: "cluster" }),
+  "l7r.timeout.takeover": key(int(1), 30, "Seconds a new connection waits for the previous holder of a desktop's session to let it go.", { scope: "cluster" }),
+  "l7r.timeout.request": key(int(1), 30, "Seconds a client has to send a complete request once it began one."),
+  "l7r.timeout.idle": key(int(1), 300, "Seconds an idle client connection (between requests) is kept open."),
 
   // User authentication (src/auth/): cluster keys, each may be overridden per tenant.
   "l7r.auth.plugins": key(z.string().regex(/^\s*(local|ldap)(\s*,\s*(local|ldap))*\s*$/, "expected a comma-separated list of: local, ldap"), "local", "Authentication chain of a tenant, in order (e.g. `local,ldap`). The first plugin that knows the user decides; a refusal stops the chain.", { scope: "cluster" }),

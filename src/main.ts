@@ -13,6 +13,8 @@ export const main = defineCommand({
     config: () => import("./roles/config.ts").then((m) => m.default),
     db: () => import("./roles/db.ts").then((m) => m.default),
     hkd: () => import("./roles/hkd.ts").then((m) => m.default),
+    l7r: () => import("./roles/l7r.ts").then((m) => m.default),
+    node: () => import("./roles/node.ts").then((m) => m.default),
     demo: () => import("./roles/demo.ts").then((m) => m.default),
     di: () => import("./roles/di.ts").then((m) => m.default),
     vma: () => import("./roles/vma.ts").then((m) => m.default),

@@ -20,3 +20,4 @@ export * from "./commands.ts";
 export * from "./stats.ts";
 export * from "./node.ts";
 export * from "./auth.ts";
+export * from "./l7r.ts";

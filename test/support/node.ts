@@ -129,8 +129,11 @@ export class TestNode {
     return this;
   }
 
-  /** Starts `qvd hkd` in the namespace and waits until this very process reports the node running. */
-  async start(extra: Record<string, string> = {}): Promise<void> {
+  /**
+   * Starts `qvd hkd` (or another role running the HKD, e.g. `node`, with its extra arguments)
+   * in the namespace and waits until this very process reports the node running.
+   */
+  async start(extra: Record<string, string> = {}, opts: { role?: "hkd" | "node"; args?: string[] } = {}): Promise<void> {
     const settings: Record<string, string> = {
       nodename: this.name,
       "path.run": join(this.root, "run"),
@@ -144,7 +147,7 @@ export class TestNode {
       "log.level": "debug",
       ...extra,
     };
-    const argv = [...this.ns.exec, this.binary, "hkd", "--db", this.db.url, ...Object.entries(settings).flatMap(([k, v]) => ["--set", `${k}=${v}`])];
+    const argv = [...this.ns.exec, this.binary, opts.role ?? "hkd", "--db", this.db.url, ...(opts.args ?? []), ...Object.entries(settings).flatMap(([k, v]) => ["--set", `${k}=${v}`])];
     const out = createWriteStream(this.logFile, { flags: "a" });
     const proc = (this.proc = Bun.spawn(argv, { stdout: "pipe", stderr: "pipe", env: cleanEnv() }));
     for (const s of [proc.stdout, proc.stderr] as ReadableStream<Uint8Array>[])

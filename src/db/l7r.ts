@@ -1,0 +1,121 @@
+// What the L7R (user broker) reads and writes: its node, the user's desktops, and the session
+// bookkeeping of vm_runtimes (user_state, l7r_host_id, l7r_session, user_cmd). Every write on a
+// session is conditioned on the connection's own `l7r_session` uuid, so a connection that lost
+// its session (taken over) can never change the new owner's row.
+import type { Db } from "./pool.ts";
+
+export interface L7rHost {
+  id: number;
+  name: string;
+  address: string;
+  state: string;
+  blocked: boolean;
+}
+
+export async function l7rHost(db: Db, name: string): Promise<L7rHost | undefined> {
+  const [r] = await db`SELECT h.id, h.name, h.address, coalesce(r.state, 'stopped') AS state, coalesce(r.blocked, false) AS blocked
+    FROM hosts h LEFT JOIN host_runtimes r ON r.host_id = h.id WHERE h.name = ${name}`;
+  return r as L7rHost | undefined;
+}
+
+export async function tenantByName(db: Db, name: string): Promise<{ id: number; name: string; blocked: boolean } | undefined> {
+  const [r] = await db`SELECT id, name, blocked FROM tenants WHERE name = ${name} AND id <> 0`;
+  return r as { id: number; name: string; blocked: boolean } | undefined;
+}
+
+export async function userForL7r(db: Db, userId: number): Promise<{ id: number; name: string; tenant_id: number; blocked: boolean; tenant_blocked: boolean } | undefined> {
+  const [r] = await db`SELECT u.id, u.name, u.tenant_id, u.blocked, t.blocked AS tenant_blocked
+    FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = ${userId}`;
+  return r as any;
+}
+
+export interface UserVm {
+  id: number;
+  name: string;
+  state: string;
+  blocked: boolean;
+}
+
+export async function userVms(db: Db, userId: number): Promise<UserVm[]> {
+  return (await db`SELECT v.id, v.name, r.vm_state AS state, r.blocked
+    FROM vms v JOIN vm_runtimes r ON r.vm_id = v.id WHERE v.user_id = ${userId} ORDER BY v.id`) as unknown as UserVm[];
+}
+
+export interface SessionVm {
+  vm_id: number;
+  user_id: number;
+  name: string;
+  user_name: string;
+  tenant_id: number;
+  blocked: boolean;
+  vm_state: string;
+  vm_cmd: string | null;
+  host_id: number | null;
+  vm_address: string | null;
+  vma_port: number | null;
+  x_port: number | null;
+  vma_secret: string | null;
+  user_state: string;
+  user_cmd: string | null;
+  l7r_host_id: number | null;
+  l7r_session: string | null;
+}
+
+export async function sessionVm(db: Db, vmId: number): Promise<SessionVm | undefined> {
+  const [r] = await db`SELECT v.id AS vm_id, v.user_id, v.name, u.name AS user_name, v.tenant_id, r.blocked, r.vm_state, r.vm_cmd, r.host_id,
+      host(r.vm_address) AS vm_address, r.vma_port, r.x_port, r.vma_secret, r.user_state, r.user_cmd, r.l7r_host_id, r.l7r_session::text AS l7r_session
+    FROM vms v JOIN users u ON u.id = v.user_id JOIN vm_runtimes r ON r.vm_id = v.id WHERE v.id = ${vmId}`;
+  return r as SessionVm | undefined;
+}
+
+/** Takes a free session (disconnected): this connection now owns it, `connecting`. */
+export async function claimSession(db: Db, vmId: number, s: { hostId: number; session: string; pid: number; userIp?: string }): Promise<boolean> {
+  const rows = await db`UPDATE vm_runtimes SET user_state = 'connecting', user_state_ts = now(), user_cmd = NULL,
+      l7r_host_id = ${s.hostId}, l7r_pid = ${s.pid}, l7r_session = ${s.session}::uuid, user_ip = ${s.userIp ?? null}::inet
+    WHERE vm_id = ${vmId} AND user_state = 'disconnected' RETURNING vm_id`;
+  return rows.length === 1;
+}
+
+/** Asks the connection holding the session to give it up (its node is notified by trigger). */
+export async function abortOtherSession(db: Db, vmId: number, mySession: string): Promise<boolean> {
+  const rows = await db`UPDATE vm_runtimes SET user_cmd = 'abort'
+    WHERE vm_id = ${vmId} AND user_state IN ('connecting', 'connected') AND l7r_session IS DISTINCT FROM ${mySession}::uuid
+      AND user_cmd IS NULL RETURNING vm_id`;
+  return rows.length === 1;
+}
+
+/** connecting → connected, unless the session was aborted or taken meanwhile. */
+export async function markConnected(db: Db, vmId: number, session: string): Promise<boolean> {
+  const rows = await db`UPDATE vm_runtimes SET user_state = 'connected', user_state_ts = now()
+    WHERE vm_id = ${vmId} AND l7r_session = ${session}::uuid AND user_state = 'connecting' AND user_cmd IS NULL RETURNING vm_id`;
+  return rows.length === 1;
+}
+
+/** True when this connection still owns the session and nobody asked it to abort. */
+export async function sessionStillMine(db: Db, vmId: number, session: string): Promise<boolean> {
+  const [r] = await db`SELECT 1 FROM vm_runtimes WHERE vm_id = ${vmId} AND l7r_session = ${session}::uuid AND user_cmd IS NULL`;
+  return !!r;
+}
+
+/** The session is over: the row is free again (only if this connection still owns it). */
+export async function releaseSession(db: Db, vmId: number, session: string): Promise<void> {
+  await db`UPDATE vm_runtimes SET user_state = 'disconnected', user_state_ts = now(), user_cmd = NULL,
+      l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL, user_ip = NULL
+    WHERE vm_id = ${vmId} AND l7r_session = ${session}::uuid`;
+}
+
+/** Sessions held through this node that were told to abort. */
+export async function abortedSessions(db: Db, hostId: number): Promise<{ vm_id: number; l7r_session: string }[]> {
+  return (await db`SELECT vm_id, l7r_session::text AS l7r_session FROM vm_runtimes
+    WHERE l7r_host_id = ${hostId} AND user_cmd = 'abort' AND l7r_session IS NOT NULL`) as unknown as { vm_id: number; l7r_session: string }[];
+}
+
+/** Failed user logins per account and per address in the last `seconds` (from the audit log). */
+export async function recentUserLoginFailures(db: Db, account: string, address: string | undefined, seconds: number): Promise<{ account: number; address: number }> {
+  const [r] = await db`SELECT
+      count(*) FILTER (WHERE object_name = ${account})::int AS account,
+      count(*) FILTER (WHERE address = ${address ?? ""})::int AS address
+    FROM audit_log WHERE action = 'user.login' AND source = 'l7r' AND NOT ok AND at > now() - make_interval(secs => ${seconds})
+      AND (object_name = ${account} OR address = ${address ?? ""})`;
+  return { account: r!.account, address: r!.address };
+}

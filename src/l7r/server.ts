@@ -1,0 +1,545 @@
+// The L7R: the users' TLS entry point (l7r-client-protocol.md §2–§5). One connection serves
+// any number of requests in order; connect_to_vm ends HTTP with a 101 and splices the client's
+// TLS stream with nxagent's TCP socket. Session bookkeeping lives in vm_runtimes (src/db/l7r.ts);
+// an abort for one of this node's sessions arrives on the node's channel and closes it here.
+import { randomBytes, randomUUID } from "node:crypto";
+import type { TCPSocketListener } from "bun";
+import type { AuthenticatedUser } from "../auth/user-auth.ts";
+import { audit } from "../db/audit.ts";
+import { startVm, stopVm } from "../db/commands.ts";
+import { incrementHostCounter } from "../db/hosts.ts";
+import * as L from "../db/l7r.ts";
+import { listen, type Listener } from "../db/listen.ts";
+import { tenantScope } from "../db/objects.ts";
+import type { Sql } from "../db/pool.ts";
+import { createUserToken, useUserToken } from "../db/tokens.ts";
+import { vmaCall, VmaError, type VmaTarget } from "../hkd/vma-client.ts";
+import { logger } from "../log.ts";
+import { HttpParseError, jsonResponse, RequestReader, textResponse, writeHead, type HttpRequest, type ReaderLimits } from "../nx/http.ts";
+import { ioHandlers, splice, type Io, type IoData, type IoSocket } from "../nx/splice.ts";
+import { localAuth, type Authenticate } from "./local-auth.ts";
+
+const log = logger("l7r");
+
+export interface L7rTimeouts {
+  /** Seconds a client has to send a complete request once it started one. */
+  request: number;
+  /** Seconds an idle connection (between requests) is kept. */
+  idle: number;
+  vmStart: number;
+  vmStop: number;
+  takeover: number;
+  /** Seconds for nxagent to listen after x_start (unbounded while provisioning). */
+  xStart: number;
+  /** x_start attempts. */
+  xStartAttempts: number;
+  /** Seconds of each VMA call. */
+  vma: number;
+}
+
+export const DEFAULT_TIMEOUTS: L7rTimeouts = { request: 30, idle: 300, vmStart: 270, vmStop: 270, takeover: 30, xStart: 10, xStartAttempts: 21, vma: 4 };
+
+export interface L7rOptions {
+  sql: Sql;
+  databaseUrl: string;
+  /** This node's name (hosts.name). */
+  nodename: string;
+  hostname: string;
+  port: number;
+  tls: { cert: string; key: string };
+  authenticate?: Authenticate;
+  timeouts?: Partial<L7rTimeouts>;
+  limits?: Partial<ReaderLimits>;
+  /** Seconds of heartbeat freshness a node needs to be given a VM. */
+  heartbeatWithinS?: number;
+  /** Default tenant of logins without `@tenant`. */
+  defaultTenant?: string;
+  /** Failed-login throttling (per account and per address, counted in the audit log). */
+  throttle?: Partial<Throttle>;
+}
+
+export interface L7r {
+  port: number;
+  stop(): Promise<void>;
+}
+
+/** Failed logins before answers are slowed down (by `slowMs` more each), and before they are refused, per window. */
+export interface Throttle {
+  windowS: number;
+  slowAfter: number;
+  slowMs: number;
+  refuseAccount: number;
+  refuseAddress: number;
+}
+const DEFAULT_THROTTLE: Throttle = { windowS: 900, slowAfter: 3, slowMs: 500, refuseAccount: 10, refuseAddress: 50 };
+const CLIENT_PARAM = /^(qvd\.client\.|custom\.)/;
+
+class Status extends Error {
+  constructor(
+    readonly status: number,
+    message?: string,
+    readonly headers: [string, string][] = [],
+  ) {
+    super(message ?? "");
+  }
+}
+
+const unavailable = (reason: string) => new Status(503, `The requested virtual machine is not available: ${reason}, retry later.`);
+
+export async function startL7r(o: L7rOptions): Promise<L7r> {
+  const t = { ...DEFAULT_TIMEOUTS, ...o.timeouts };
+  const authenticate = o.authenticate ?? localAuth;
+  const THROTTLE = { ...DEFAULT_THROTTLE, ...o.throttle };
+  const sql = o.sql;
+  const host0 = await L.l7rHost(sql, o.nodename);
+  // Sessions this node held before it (re)started are over.
+  if (host0) await sql`UPDATE vm_runtimes SET user_state = 'disconnected', user_state_ts = now(), user_cmd = NULL,
+      l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL WHERE l7r_host_id = ${host0.id}`;
+
+  // Waiters for VM changes (qvd_events) and the sessions of this node (for aborts).
+  const vmWaiters = new Map<number, Set<() => void>>();
+  const sessions = new Map<string, () => void>();
+  const checkAborts = async () => {
+    if (!host0) return;
+    for (const a of await L.abortedSessions(sql, host0.id)) sessions.get(a.l7r_session)?.();
+  };
+  const channels = ["qvd_events", ...(host0 ? [`qvd_host_${host0.id}`] : [])];
+  const listener: Listener = await listen(o.databaseUrl, channels, {
+    onNotify(channel, payload) {
+      let p: any;
+      try {
+        p = JSON.parse(payload);
+      } catch {
+        return;
+      }
+      if (channel === "qvd_events" && p.object === "vm") for (const w of vmWaiters.get(p.id) ?? []) w();
+      else if (p.user_cmd === "abort") void checkAborts().catch((e) => log.warn("abort check failed", { error: String(e) }));
+    },
+    onReady() {
+      for (const ws of vmWaiters.values()) for (const w of ws) w();
+      void checkAborts().catch(() => {});
+    },
+  });
+
+  /** Resolves on the VM's next change notification, or after `ms`. */
+  function vmChanged(vmId: number, ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      let set = vmWaiters.get(vmId);
+      if (!set) vmWaiters.set(vmId, (set = new Set()));
+      const done = () => {
+        clearTimeout(timer);
+        set!.delete(done);
+        if (set!.size === 0) vmWaiters.delete(vmId);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      set.add(done);
+    });
+  }
+
+  const server: TCPSocketListener<IoData> = Bun.listen<IoData>({
+    hostname: o.hostname,
+    port: o.port,
+    tls: { cert: Bun.file(o.tls.cert), key: Bun.file(o.tls.key), minVersion: 0x0303 /* TLS 1.2 */ } as any,
+    socket: {
+      ...ioHandlers,
+      open(s: IoSocket) {
+        s.data = {};
+        new Connection(s).start();
+      },
+    },
+  } as any);
+
+  class Connection {
+    private readonly reader = new RequestReader(o.limits);
+    private busy = false;
+    private closed = false;
+    private upgraded = false;
+    private requestTimer?: ReturnType<typeof setTimeout>;
+    private readonly authCache = new Map<string, AuthenticatedUser>();
+    private readonly address: string;
+    /** The session this connection holds (vm id and uuid), released when it ends. */
+    private session?: { vmId: number; id: string };
+    private nx?: IoSocket;
+
+    constructor(private readonly s: IoSocket) {
+      this.address = s.remoteAddress;
+    }
+
+    start() {
+      (this.s as any).setNoDelay?.(true);
+      this.s.timeout(t.idle);
+      const io: Io = {
+        data: (c) => {
+          this.reader.push(c);
+          void this.pump();
+        },
+        drain: () => {},
+        end: () => this.close(),
+        close: () => this.close(),
+        timeout: () => this.close(),
+      };
+      this.s.data.io = io;
+    }
+
+    private send(bytes: Uint8Array) {
+      if (!this.closed) this.s.write(bytes);
+    }
+
+    close() {
+      if (this.closed) return;
+      this.closed = true;
+      clearTimeout(this.requestTimer);
+      if (this.s.data) this.s.data.io = undefined;
+      this.s.end();
+      this.nx?.end();
+      void this.release();
+    }
+
+    private async release() {
+      const sess = this.session;
+      if (!sess) return;
+      this.session = undefined;
+      sessions.delete(sess.id);
+      await L.releaseSession(sql, sess.vmId, sess.id).catch((e) => log.warn("could not release a session", { vm: sess.vmId, error: String(e) }));
+    }
+
+    private async pump() {
+      while (!this.busy && !this.closed && !this.upgraded) {
+        let req: HttpRequest | undefined;
+        try {
+          req = this.reader.next();
+        } catch (err) {
+          if (!(err instanceof HttpParseError)) throw err;
+          this.send(textResponse(err.status, `${err.message}\r\n`, [["Connection", "close"]]));
+          this.close();
+          return;
+        }
+        if (!req) {
+          // A request has begun: it must be complete within the request timeout.
+          if (this.reader.buffered > 0 && !this.requestTimer)
+            this.requestTimer = setTimeout(() => {
+              this.send(textResponse(408, "request not complete in time\r\n", [["Connection", "close"]]));
+              this.close();
+            }, t.request * 1000);
+          return;
+        }
+        clearTimeout(this.requestTimer);
+        this.requestTimer = undefined;
+        this.busy = true;
+        try {
+          await this.handle(req);
+        } catch (err) {
+          if (err instanceof Status) this.send(textResponse(err.status, err.message ? err.message : undefined, err.headers));
+          else {
+            log.error("request failed", { path: req.path, error: String((err as Error)?.stack ?? err) });
+            this.send(textResponse(500, `Internal error: ${(err as Error)?.message ?? err}\r\n`));
+          }
+        } finally {
+          this.busy = false;
+        }
+      }
+    }
+
+    private async handle(req: HttpRequest) {
+      if (req.method !== "GET") throw new Status(404);
+      const host = await L.l7rHost(sql, o.nodename);
+      if (!host) throw new Status(503, "Host is not registered in the database");
+      await incrementHostCounter(sql, host.id, "http_requests").catch(() => {});
+      switch (req.path) {
+        case "/qvd/ping":
+          if (host.blocked) throw new Status(503, "Server is blocked");
+          if (host.state !== "running") throw new Status(503, `Server is ${host.state}`);
+          return this.send(textResponse(200, "I am alive!\r\n"));
+        case "/qvd/list_of_vm":
+        case "/qvd/list_of_applications": {
+          const user = await this.auth(req, host.id);
+          if (host.blocked) throw new Status(503, "Server is blocked");
+          if (host.state !== "running") throw new Status(503, `Server is ${host.state}`);
+          // No OSF is an application OSF (yet): applications are an empty list.
+          const list = req.path === "/qvd/list_of_vm" ? await L.userVms(sql, user.userId) : [];
+          return this.send(jsonResponse(200, list.map((v) => ({ id: v.id, name: v.name, state: v.state, blocked: v.blocked ? 1 : 0, is_application: 0 }))));
+        }
+        case "/qvd/authenticate_user":
+          await this.auth(req, host.id);
+          return this.send(jsonResponse(200, {}));
+        case "/qvd/create_auth_token": {
+          const user = await this.auth(req, host.id);
+          const tok = await createUserToken(sql, tenantScope(user.tenantId), { userId: user.userId, ttlSeconds: 86400, multiUse: true });
+          return this.send(jsonResponse(200, { auth_token: Buffer.from(tok.token).toString("base64") + "\n" }));
+        }
+        case "/qvd/stop_vm":
+          return this.stopVm(req, host);
+        case "/qvd/connect_to_vm":
+          return this.connect(req, host);
+        default:
+          throw new Status(404);
+      }
+    }
+
+    // --- authentication ----------------------------------------------------------------------
+
+    private async auth(req: HttpRequest, hostId: number): Promise<AuthenticatedUser> {
+      const h = req.headers.get("authorization") ?? "";
+      const cached = this.authCache.get(h);
+      if (cached) return cached;
+      const unauthorized = new Status(401, undefined, [["WWW-Authenticate", 'Basic realm="QVD"']]);
+      const m = /^(Basic|Bearer)\s+(\S+)$/i.exec(h);
+      if (!m) throw unauthorized;
+      await incrementHostCounter(sql, hostId, "auth_attempts").catch(() => {});
+      const decoded = Buffer.from(m[2]!, "base64").toString("utf8");
+      let user: AuthenticatedUser | undefined;
+      if (m[1]!.toLowerCase() === "bearer") {
+        const tok = await useUserToken(sql, decoded.trim());
+        const u = tok && (await L.userForL7r(sql, tok.user_id));
+        if (!u || u.blocked || u.tenant_blocked) throw unauthorized;
+        user = { userId: u.id, tenantId: u.tenant_id, login: u.name };
+      } else {
+        const colon = decoded.indexOf(":");
+        if (colon <= 0) throw unauthorized;
+        const full = decoded.slice(0, colon);
+        const password = decoded.slice(colon + 1);
+        const sep = full.search(/[@#]/);
+        const login = (sep < 0 ? full : full.slice(0, sep)).trim().toLowerCase();
+        const tenantName = (sep < 0 ? (o.defaultTenant ?? "default") : full.slice(sep + 1)).trim().toLowerCase();
+        const account = `${tenantName}/${login}`;
+        const fails = await L.recentUserLoginFailures(sql, account, this.address, THROTTLE.windowS);
+        if (fails.account >= THROTTLE.refuseAccount || fails.address >= THROTTLE.refuseAddress)
+          throw new Status(429, "Too many failed logins; wait a few minutes before trying again\r\n", [["Retry-After", "60"]]);
+        const failed = async (reason: string, tenantId?: number) => {
+          await audit(sql, { action: "user.login", source: "l7r", ok: false, error: reason, object_type: "user", object_name: account, tenant_id: tenantId, address: this.address });
+          // Repeated failures are answered more and more slowly.
+          const n = Math.max(fails.account, fails.address) + 1;
+          if (n > THROTTLE.slowAfter) await Bun.sleep(Math.min(5000, (n - THROTTLE.slowAfter) * THROTTLE.slowMs));
+          return unauthorized;
+        };
+        if (!login) throw await failed("empty login");
+        const tenant = await L.tenantByName(sql, tenantName);
+        if (!tenant || tenant.blocked) throw await failed(tenant ? "tenant blocked" : "unknown tenant");
+        const r = await authenticate(sql, { tenantId: tenant.id, tenantName: tenant.name, login, password, address: this.address });
+        if (r.ok !== true) throw await failed(r.ok === false ? r.reason : "no plugin knows this user", tenant.id);
+        const u = await L.userForL7r(sql, r.user.userId);
+        if (!u) throw await failed("no such user", tenant.id);
+        if (u.blocked) throw await failed("user blocked", tenant.id);
+        user = r.user;
+        await audit(sql, { action: "user.login", source: "l7r", ok: true, object_type: "user", object_id: u.id, object_name: account, tenant_id: tenant.id, address: this.address });
+      }
+      await incrementHostCounter(sql, hostId, "auth_ok").catch(() => {});
+      this.authCache.set(h, user);
+      return user;
+    }
+
+    // --- stop_vm -----------------------------------------------------------------------------
+
+    private progress(info: string) {
+      this.send(writeHead(102, [["X-QVD-VM-Info", info]]));
+    }
+
+    private async stopVm(req: HttpRequest, host: L.L7rHost) {
+      const user = await this.auth(req, host.id);
+      if (host.blocked) throw new Status(503, "Server is blocked");
+      const id = Number(req.query.find(([k]) => k === "id")?.[1] ?? NaN);
+      if (!Number.isInteger(id)) throw new Status(422, "parameter id is missing");
+      let vm = await L.sessionVm(sql, id);
+      if (!vm) throw new Status(404, "The requested virtual machine does not exist");
+      if (vm.user_id !== user.userId) throw new Status(403, "You are not allowed to access requested virtual machine");
+      if (vm.vm_state === "stopped") return this.send(textResponse(200, "Machine stopped\r\n"));
+      this.progress("Stopping virtual machine");
+      if (["starting", "running", "debugging"].includes(vm.vm_state)) await stopVm(sql, tenantScope(user.tenantId), id).catch(() => {});
+      else if (vm.vm_state !== "stopping") throw new Status(503, `The requested virtual machine is in an unstoppable state (${vm.vm_state})`);
+      const deadline = Date.now() + t.vmStop * 1000;
+      for (;;) {
+        vm = await L.sessionVm(sql, id);
+        if (!vm || vm.vm_state === "stopped") return this.send(textResponse(200, "Machine stopped\r\n"));
+        if (Date.now() >= deadline || this.closed) throw new Status(408, "VM didn't reach state 'stopped'. Timeout");
+        this.progress("Waiting for VM to reach state 'stopped'");
+        await vmChanged(id, Math.min(2000, deadline - Date.now()));
+      }
+    }
+
+    // --- connect_to_vm -----------------------------------------------------------------------
+
+    private async connect(req: HttpRequest, host: L.L7rHost) {
+      const user = await this.auth(req, host.id);
+      if (host.blocked) throw new Status(503, "Server is blocked");
+      if (req.headers.get("connection")?.toLowerCase() !== "upgrade" || req.headers.get("upgrade")?.toLowerCase() !== "qvd/1.0") throw new Status(426);
+      const idRaw = req.query.find(([k]) => k === "id")?.[1];
+      if (idRaw === undefined) throw new Status(422, "parameter id is missing");
+      const bad = req.query.filter(([k]) => k !== "id" && !CLIENT_PARAM.test(k)).map(([k]) => k);
+      if (bad.length) throw new Status(403, `Invalid parameters ${bad.join(" ")}`);
+      const id = Number(idRaw);
+      const vm0 = Number.isInteger(id) ? await L.sessionVm(sql, id) : undefined;
+      if (!vm0) throw new Status(404, "The requested virtual machine does not exist");
+      if (vm0.blocked) throw new Status(403, "The requested virtual machine is offline for maintenance");
+      const params = new Map(req.query.filter(([k]) => k !== "id"));
+
+      // From here on every failure is a 503 with the reason (as the original).
+      try {
+        if (vm0.user_id !== user.userId) throw unavailable("You are not allowed to access requested virtual machine");
+        await this.takeover(id, host);
+        this.progress(`Session acquired for VM_ID: ${id}`);
+        const running = await this.startAndWait(id, user);
+        const slaveKey = randomBytes(48).toString("base64").replace(/[+/=]/g, "").slice(0, 64).padEnd(64, "A");
+        await this.startX(running, user, params, slaveKey);
+        this.progress(`Connecting X session for VM_ID: ${id}`);
+        await incrementHostCounter(sql, host.id, "nx_attempts").catch(() => {});
+        const nx = await this.connectNx(running);
+        await incrementHostCounter(sql, host.id, "nx_ok").catch(() => {});
+        if (this.closed || !(await L.markConnected(sql, id, this.session!.id))) {
+          nx.end();
+          throw unavailable(`Aborted by contending session VM VM_ID: ${id}`);
+        }
+        this.progress("Connection established");
+        this.send(writeHead(101, [["X-QVD-Slave-Key", slaveKey]]));
+        this.upgraded = true;
+        this.s.timeout(0);
+        this.nx = nx;
+        const started = Date.now();
+        const rest = this.reader.rest();
+        void splice(this.s, nx, { toB: rest }).then(async (r) => {
+          log.info("session ended", { vm: id, user: user.login, up: r.aToB, down: r.bToA });
+          if (Date.now() - started < 120_000) await incrementHostCounter(sql, host.id, "short_sessions").catch(() => {});
+          this.closed = true;
+          await this.release();
+        });
+      } catch (err) {
+        // The failed attempt must not hold the session.
+        await this.release();
+        if (err instanceof Status) throw err;
+        throw unavailable((err as Error)?.message ?? String(err));
+      }
+    }
+
+    /** Takes the VM's session, asking a holder (on any node) to abort, for up to the takeover timeout. */
+    private async takeover(vmId: number, host: L.L7rHost) {
+      const id = randomUUID();
+      const deadline = Date.now() + t.takeover * 1000;
+      for (;;) {
+        if (this.closed) throw unavailable("the client went away");
+        if (await L.claimSession(sql, vmId, { hostId: host.id, session: id, pid: process.pid, userIp: /^\d+\.\d+\.\d+\.\d+$/.test(this.address) ? this.address : undefined })) {
+          this.session = { vmId, id };
+          sessions.set(id, () => {
+            // Told to abort: a connecting session fails by itself; a connected one is closed.
+            if (this.upgraded) this.close();
+            else this.abortRequested = true;
+          });
+          return;
+        }
+        if (Date.now() >= deadline) throw unavailable("Unable to acquire VM, close other clients");
+        this.progress(`Aborting contending session for VM_ID: ${vmId}`);
+        await L.abortOtherSession(sql, vmId, id);
+        await vmChanged(vmId, Math.min(2000, deadline - Date.now()));
+      }
+    }
+
+    private abortRequested = false;
+
+    private async checkAbort(vmId: number) {
+      if (this.abortRequested || this.closed || !this.session || !(await L.sessionStillMine(sql, vmId, this.session.id)))
+        throw unavailable(`Aborted by contending session VM VM_ID: ${vmId}`);
+    }
+
+    private async startAndWait(vmId: number, user: AuthenticatedUser): Promise<L.SessionVm> {
+      let vm = (await L.sessionVm(sql, vmId))!;
+      if (vm.vm_state === "stopped" && !vm.vm_cmd) {
+        if (!vm.host_id) this.progress(`Assigning VM ${vmId} to host`);
+        try {
+          await startVm(sql, tenantScope(user.tenantId), vmId, { heartbeatWithinS: o.heartbeatWithinS ?? 60 });
+        } catch (err) {
+          const msg = (err as Error).message;
+          if (/no node is available/.test(msg)) throw unavailable("Unable to assign vm to host, there is no host available");
+          if (/blocked/.test(msg)) throw new Status(403, "The requested virtual machine is offline for maintenance");
+          throw unavailable(`Unable to start VM ${vmId}, state changed unexpectedly`);
+        }
+        this.progress("Starting virtual machine");
+      }
+      await this.checkAbort(vmId);
+      const deadline = Date.now() + t.vmStart * 1000;
+      for (;;) {
+        vm = (await L.sessionVm(sql, vmId))!;
+        if (vm.vm_state === "running" && vm.vm_address && vm.vma_port && vm.vma_secret) return vm;
+        if (vm.blocked) throw unavailable(`Failed to start virtual machine ${vmId}`);
+        // Stopped with no command pending: the node gave up on the start.
+        if (vm.vm_state === "stopped" && !vm.vm_cmd) throw unavailable(`Failed to start virtual machine ${vmId}`);
+        if (["stopping", "zombie"].includes(vm.vm_state)) throw unavailable(`Unable to start VM ${vmId}, state changed unexpectedly`);
+        if (Date.now() >= deadline) throw unavailable("VM didn't reach state 'running'. Timeout");
+        await this.checkAbort(vmId);
+        this.progress("Waiting for VM to reach state 'running'");
+        await vmChanged(vmId, Math.min(2000, deadline - Date.now()));
+      }
+    }
+
+    private async startX(vm: L.SessionVm, user: AuthenticatedUser, params: Map<string, string>, slaveKey: string) {
+      const target: VmaTarget = { address: vm.vm_address!, port: vm.vma_port!, secret: vm.vma_secret! };
+      const p = (k: string) => params.get(`qvd.client.${k}`) || undefined;
+      const fs = p("fullscreen");
+      const uid = user.uid ?? 10000 + user.userId;
+      const body: Record<string, unknown> = {
+        user: user.login.replace(/[^a-z0-9_.-]/g, "_").slice(0, 32),
+        uid,
+        gid: user.gid ?? uid,
+        ...(user.home ? { home: user.home } : {}),
+        ...(p("keyboard") && !/^empty\/empty$/.test(p("keyboard")!) ? { keyboard: p("keyboard") } : {}),
+        ...(p("os") ? { client_os: p("os") } : {}),
+        ...(p("link") ? { link: p("link") } : {}),
+        ...(p("geometry") ? { geometry: p("geometry") } : {}),
+        ...(fs !== undefined ? { fullscreen: fs === "1" || fs === "true" } : {}),
+        properties: { ...Object.fromEntries(params), ...(user.params ?? {}), "qvd.slave.key": slaveKey },
+      };
+      this.progress(`Starting X session at VM ${vm.vm_id}`);
+      let lastErr = "";
+      for (let attempt = 0; ; attempt++) {
+        await this.checkAbort(vm.vm_id);
+        try {
+          await vmaCall(target, "x_start", body, t.vma * 1000);
+          break;
+        } catch (err) {
+          lastErr = (err as Error).message;
+          // A 409 while connected: the VMA suspends the old session; a retry resumes it.
+          const retry = err instanceof VmaError && (err.status === undefined || err.status === 409);
+          if (!retry || attempt + 1 >= t.xStartAttempts) throw unavailable(`Unable to start X session on VM ${vm.vm_id}: ${lastErr}`);
+          await Bun.sleep(1000);
+        }
+      }
+      this.progress(`Waiting for X session to come up on VM ${vm.vm_id}`);
+      let deadline = Date.now() + t.xStart * 1000;
+      for (;;) {
+        let state = "";
+        try {
+          state = (await vmaCall<{ state: string }>(target, "x_state", undefined, t.vma * 1000)).state;
+        } catch {
+          /* no answer: keep waiting */
+        }
+        if (state === "listening") return;
+        if (state === "provisioning") deadline = Date.now() + t.xStart * 1000;
+        else if (state && state !== "starting") throw unavailable(`Unable to start X session on VM ${vm.vm_id}, state went to ${state}`);
+        if (Date.now() >= deadline) throw unavailable(`Unable to start X session on VM ${vm.vm_id}, operation timed out!`);
+        await this.checkAbort(vm.vm_id);
+        await Bun.sleep(250);
+      }
+    }
+
+    private connectNx(vm: L.SessionVm): Promise<IoSocket> {
+      const port = vm.x_port ?? 4100;
+      return Bun.connect<IoData>({ hostname: vm.vm_address!, port, data: {}, socket: ioHandlers } as any).then(
+        (s) => {
+          (s as any).setNoDelay?.(true);
+          (s as any).setKeepAlive?.(true);
+          return s as IoSocket;
+        },
+        (err: Error) => {
+          throw unavailable(`Unable to connect to X server on VM VM_ID: ${vm.vm_id}: ${err.message}`);
+        },
+      );
+    }
+  }
+
+  log.info("L7R listening", { address: `${o.hostname}:${server.port}`, node: o.nodename });
+  return {
+    port: server.port,
+    async stop() {
+      server.stop(true);
+      await listener.close();
+    },
+  };
+}

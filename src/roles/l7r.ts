@@ -1,0 +1,83 @@
+// `qvd l7r` (and the L7R half of `qvd node`): the users' TLS broker.
+import { defineCommand } from "citty";
+import { commonArgs, configFromArgs, maskUrl } from "../cli.ts";
+import type { Config } from "../config.ts";
+import { authenticateUser } from "../auth/chain.ts";
+import { listConfigRows } from "../db/configs.ts";
+import { connect, type Sql } from "../db/pool.ts";
+import { UserError } from "../errors.ts";
+import { startL7r, type L7r } from "../l7r/server.ts";
+import type { Authenticate } from "../l7r/local-auth.ts";
+import { logger } from "../log.ts";
+import { runUntilSignal } from "./hkd.ts";
+
+const log = logger("l7r");
+
+export const l7rArgs = {
+  ...commonArgs,
+  listen: { type: "string", description: "ADDRESS:PORT to listen on (l7r.listen)", valueHint: "ADDR:PORT" },
+  cert: { type: "string", description: "PEM certificate file (l7r.tls.cert)", valueHint: "FILE" },
+  key: { type: "string", description: "PEM private key file (l7r.tls.key)", valueHint: "FILE" },
+} as const;
+
+export function l7rConfig(args: Record<string, any>, rawArgs: string[]): Config {
+  return configFromArgs(args as any, rawArgs, [
+    { flag: "--listen", key: "l7r.listen", value: args.listen },
+    { flag: "--cert", key: "l7r.tls.cert", value: args.cert },
+    { flag: "--key", key: "l7r.tls.key", value: args.key },
+  ]);
+}
+
+/** Starts the L7R over its own pool; resolves with a function that stops it. */
+export async function startL7rRole(cfg: Config, opts: { authenticate?: Authenticate } = {}): Promise<{ l7r: L7r; sql: Sql; stop: () => Promise<void> }> {
+  const url = cfg.databaseUrl();
+  const sql = connect(url, { max: cfg.get("database.pool_size"), connectTimeout: cfg.get("database.connect_timeout"), applicationName: "qvd-l7r" });
+  try {
+    const rows = await listConfigRows(sql).catch((err: Error) => {
+      throw new UserError(`cannot use the database ${maskUrl(url)}: ${err.message}`);
+    });
+    cfg = cfg.withDatabase(rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })), (m) => log.warn(m));
+    const cert = cfg.get("l7r.tls.cert");
+    const key = cfg.get("l7r.tls.key");
+    if (!cert || !key) throw new UserError("the L7R serves TLS: set l7r.tls.cert and l7r.tls.key (or --cert/--key)");
+    const listen = cfg.get("l7r.listen");
+    const colon = listen.lastIndexOf(":");
+    const hostname = listen.slice(0, colon).replace(/^\[|\]$/g, "") || "0.0.0.0";
+    const port = Number(listen.slice(colon + 1));
+    const l7r = await startL7r({
+      sql, databaseUrl: url, nodename: cfg.get("nodename"), hostname, port, tls: { cert, key },
+      // The tenant's plugin chain (src/auth/chain.ts: l7r.auth.plugins, local by default).
+      authenticate: opts.authenticate ?? ((db, attempt) => authenticateUser(db, cfg, attempt)),
+      heartbeatWithinS: Math.max(30, 3 * cfg.get("hkd.heartbeat_interval")),
+      timeouts: {
+        vmStart: cfg.get("l7r.timeout.vm_start"),
+        vmStop: cfg.get("l7r.timeout.vm_stop"),
+        xStart: cfg.get("l7r.timeout.x_start"),
+        takeover: cfg.get("l7r.timeout.takeover"),
+        request: cfg.get("l7r.timeout.request"),
+        idle: cfg.get("l7r.timeout.idle"),
+      },
+    });
+    console.log(`qvd l7r listening on ${hostname}:${l7r.port}`);
+    return {
+      l7r, sql,
+      stop: async () => {
+        await l7r.stop();
+        await sql.end({ timeout: 5 });
+      },
+    };
+  } catch (err) {
+    await sql.end({ timeout: 1 });
+    throw err;
+  }
+}
+
+export default defineCommand({
+  meta: { name: "l7r", description: "Run the user broker (L7R): the QVD client protocol over TLS" },
+  args: l7rArgs,
+  async run({ args, rawArgs }) {
+    const cfg = l7rConfig(args, rawArgs);
+    const { stop } = await startL7rRole(cfg);
+    await runUntilSignal(stop);
+  },
+});

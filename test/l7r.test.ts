@@ -1,0 +1,252 @@
+// The L7R over real TLS and a real database, spoken to with the exact bytes the original
+// clients send (Perl: CRLF; Qt: bare LF), per l7r-client-protocol.md.
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { join } from "node:path";
+import * as D from "../src/db/index.ts";
+import { startL7r, type L7r } from "../src/l7r/server.ts";
+import { run } from "../src/run.ts";
+import { useTestDatabase } from "./support/db.ts";
+import { basic, WireClient } from "./support/qvd-wire.ts";
+
+const db = useTestDatabase();
+const ALL = D.ALL_TENANTS;
+const dir = mkdtempSync("/tmp/qvd-l7r-");
+let l7r: L7r;
+let hostId: number;
+let vmId: number;
+let blockedVmId: number;
+let otherVmId: number;
+const ALICE = basic("alice", "alice-pw-1");
+
+beforeAll(async () => {
+  const sql = db().sql;
+  await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+    "-keyout", join(dir, "key.pem"), "-out", join(dir, "cert.pem")]);
+  const host = await D.create(sql, D.hosts, ALL, { name: "l7r-node", address: "127.0.0.1" });
+  hostId = host.id;
+  await sql`UPDATE host_runtimes SET state = 'running' WHERE host_id = ${hostId}`;
+  const alice = await D.create(sql, D.users, ALL, { tenant_id: 1, name: "alice", password: "alice-pw-1" });
+  const bob = await D.create(sql, D.users, ALL, { tenant_id: 1, name: "bob", password: "bob-pw-1", blocked: true });
+  const osf = await D.create(sql, D.osfs, ALL, { tenant_id: 1, name: "desk", memory_mb: 128 });
+  vmId = (await D.createVm(sql, ALL, { user_id: alice.id, osf_id: osf.id, name: "alice-1" }, { range: "198.18.0.0/16" })).id;
+  blockedVmId = (await D.createVm(sql, ALL, { user_id: alice.id, osf_id: osf.id, name: "alice-2" }, { range: "198.18.0.0/16" })).id;
+  await D.setVmBlocked(sql, ALL, blockedVmId, true, "maintenance");
+  otherVmId = (await D.createVm(sql, ALL, { user_id: bob.id, osf_id: osf.id, name: "bob-1" }, { range: "198.18.0.0/16" })).id;
+  l7r = await startL7r({
+    sql, databaseUrl: db().url, nodename: "l7r-node", hostname: "127.0.0.1", port: 0,
+    tls: { cert: join(dir, "cert.pem"), key: join(dir, "key.pem") },
+    timeouts: { request: 1 },
+    limits: { maxHeaderBytes: 4096, maxRequestLine: 1024 },
+    throttle: { slowAfter: 2, slowMs: 100, refuseAccount: 6 },
+  });
+});
+
+afterAll(async () => {
+  await l7r?.stop();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+const client = () => WireClient.connect(l7r.port);
+
+test("ping, as the Qt client sends it (bare LF): 200 I am alive!", async () => {
+  const c = await client();
+  c.send("GET /qvd/ping HTTP/1.1\nUser-Agent: QVDClient Qt/0.01 (Linux)\n\n");
+  const r = await c.response();
+  expect(r.raw).toBe("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\nI am alive!\r\n");
+  c.end();
+});
+
+test("list_of_vm (Perl: CRLF), then again on the same connection (Qt: LF, other header case)", async () => {
+  const c = await client();
+  c.send(`GET /qvd/list_of_vm? HTTP/1.1\r\nAuthorization: ${ALICE}\r\nAccept: application/json\r\nUser-Agent: QVD::HTTPC/0.01 (linux)\r\n\r\n`);
+  const r = await c.response();
+  expect(r.status).toBe(200);
+  expect(r.headers.get("content-type")).toBe("application/json");
+  expect(Number(r.headers.get("content-length"))).toBe(Buffer.byteLength(r.body));
+  expect(JSON.parse(r.body)).toEqual([
+    { id: vmId, name: "alice-1", state: "stopped", blocked: 0, is_application: 0 },
+    { id: blockedVmId, name: "alice-2", state: "stopped", blocked: 1, is_application: 0 },
+  ]);
+  c.send(`GET /qvd/list_of_vm HTTP/1.1\nauthorization: ${ALICE}\nuser-agent: QVDClient Qt/0.01 (Linux)\n\n`);
+  const r2 = await c.response();
+  expect(r2.status).toBe(200);
+  expect(JSON.parse(r2.body)).toHaveLength(2);
+  c.send("GET /qvd/list_of_applications HTTP/1.1\r\nAuthorization: " + ALICE + "\r\n\r\n");
+  expect(JSON.parse((await c.response()).body)).toEqual([]);
+  c.end();
+});
+
+test("a wrong password: 401 with WWW-Authenticate, audited; the connection stays usable", async () => {
+  const c = await client();
+  c.send(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic("alice", "wrong")}\r\n\r\n`);
+  const r = await c.response();
+  expect(r.status).toBe(401);
+  expect(r.reason).toBe("Unauthorized");
+  expect(r.headers.get("www-authenticate")).toBe('Basic realm="QVD"');
+  c.send("GET /qvd/list_of_vm HTTP/1.1\r\n\r\n"); // no credentials at all
+  expect((await c.response()).status).toBe(401);
+  c.send(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic("alice@nosuchtenant", "alice-pw-1")}\r\n\r\n`);
+  expect((await c.response()).status).toBe(401);
+  c.send(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic("alice@default", "alice-pw-1")}\r\n\r\n`);
+  expect((await c.response()).status).toBe(200);
+  const rows = await db().sql`SELECT ok, object_name, address FROM audit_log WHERE action = 'user.login' AND source = 'l7r' ORDER BY id`;
+  expect(rows.some((r) => !r.ok && r.object_name === "default/alice" && r.address === "127.0.0.1")).toBe(true);
+  expect(rows.some((r) => r.ok && r.object_name === "default/alice")).toBe(true);
+  c.end();
+});
+
+test("a blocked user gets the same 401", async () => {
+  const c = await client();
+  c.send(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic("bob", "bob-pw-1")}\r\n\r\n`);
+  const r = await c.response();
+  expect(r.status).toBe(401);
+  expect(r.headers.get("www-authenticate")).toBe('Basic realm="QVD"');
+  c.end();
+});
+
+const connectReq = (q: string, auth = ALICE, upgrade = "Connection: Upgrade\r\nUpgrade: QVD/1.0\r\n") =>
+  `GET /qvd/connect_to_vm?${q} HTTP/1.1\r\nAuthorization: ${auth}\r\n${upgrade}\r\n`;
+const PARAMS = "qvd.client.os=linux&qvd.client.link=adsl&qvd.client.keyboard=pc105%2Fes&qvd.client.geometry=1024x768&qvd.client.fullscreen=";
+
+test("connect_to_vm pre-checks: unknown VM 404, blocked VM 403, missing Upgrade 426, no id 422, foreign parameter 403, another's VM 503", async () => {
+  const c = await client();
+  c.send(connectReq(`id=999999&${PARAMS}`));
+  let r = await c.response();
+  expect([r.status, r.body]).toEqual([404, "The requested virtual machine does not exist"]);
+  c.send(connectReq(`id=${blockedVmId}&${PARAMS}`));
+  r = await c.response();
+  expect([r.status, r.body]).toEqual([403, "The requested virtual machine is offline for maintenance"]);
+  c.send(connectReq(`id=${vmId}&${PARAMS}`, ALICE, "Connection: Upgrade\r\n"));
+  r = await c.response();
+  expect(r.status).toBe(426);
+  expect(r.reason).toBe("Upgrade Required");
+  c.send(connectReq(PARAMS));
+  r = await c.response();
+  expect([r.status, r.body]).toEqual([422, "parameter id is missing"]);
+  c.send(connectReq(`id=${vmId}&foo=1&qvd.client.os=linux&bar=2`));
+  r = await c.response();
+  expect([r.status, r.body]).toEqual([403, "Invalid parameters foo bar"]);
+  c.send(connectReq(`id=${otherVmId}&${PARAMS}`));
+  r = (await c.final()).res;
+  expect([r.status, r.body]).toEqual([503, "The requested virtual machine is not available: You are not allowed to access requested virtual machine, retry later."]);
+  c.end();
+});
+
+test("connect_to_vm with no node to run the VM: 102 progress, then 503; the session is released", async () => {
+  const c = await client();
+  c.send(connectReq(`id=${vmId}&${PARAMS}`));
+  const { progress, res } = await c.final();
+  expect(progress).toEqual([`Session acquired for VM_ID: ${vmId}`, `Assigning VM ${vmId} to host`]);
+  expect(res.status).toBe(503);
+  expect(res.body).toBe("The requested virtual machine is not available: Unable to assign vm to host, there is no host available, retry later.");
+  const [row] = await db().sql`SELECT user_state, l7r_session, l7r_host_id FROM vm_runtimes WHERE vm_id = ${vmId}`;
+  expect(row).toEqual({ user_state: "disconnected", l7r_session: null, l7r_host_id: null });
+  c.end();
+});
+
+test("stop_vm of a stopped VM: 200 Machine stopped", async () => {
+  const c = await client();
+  c.send(`GET /qvd/stop_vm?id=${vmId} HTTP/1.1\r\nAuthorization: ${ALICE}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n`);
+  const r = await c.response();
+  expect([r.status, r.body]).toEqual([200, "Machine stopped\r\n"]);
+  c.send(`GET /qvd/stop_vm?id=${otherVmId} HTTP/1.1\r\nAuthorization: ${ALICE}\r\n\r\n`);
+  expect((await c.response()).status).toBe(403);
+  c.end();
+});
+
+test("create_auth_token: a bearer token that lists the VMs on a new connection", async () => {
+  const c = await client();
+  c.send(`GET /qvd/create_auth_token HTTP/1.1\r\nAuthorization: ${ALICE}\r\n\r\n`);
+  const r = await c.response();
+  expect(r.status).toBe(200);
+  const token = JSON.parse(r.body).auth_token as string;
+  expect(token.endsWith("\n")).toBe(true);
+  c.end();
+  const c2 = await client();
+  c2.send(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: Bearer ${token.trim()}\r\n\r\n`);
+  const r2 = await c2.response();
+  expect(r2.status).toBe(200);
+  expect(JSON.parse(r2.body)).toHaveLength(2);
+  c2.send(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: Bearer ${Buffer.from("not-a-token").toString("base64")}\r\n\r\n`);
+  expect((await c2.response()).status).toBe(401);
+  c2.end();
+});
+
+test("unknown path or method: 404", async () => {
+  const c = await client();
+  c.send("GET /qvd/nothing HTTP/1.1\r\n\r\nPOST /qvd/ping HTTP/1.1\r\n\r\n");
+  expect((await c.response()).status).toBe(404);
+  expect((await c.response()).status).toBe(404);
+  c.end();
+});
+
+test("a malformed request line: 400 and the connection closed", async () => {
+  const c = await client();
+  c.send("this is not http at all\r\n\r\n");
+  const r = await c.response();
+  expect(r.status).toBe(400);
+  await c.waitClosed();
+});
+
+test("HTTP/1.0: 505 and closed", async () => {
+  const c = await client();
+  c.send("GET /qvd/ping HTTP/1.0\r\n\r\n");
+  expect((await c.response()).status).toBe(505);
+  await c.waitClosed();
+});
+
+test("a malformed header line: 400 and closed", async () => {
+  const c = await client();
+  c.send("GET /qvd/ping HTTP/1.1\r\nBad Header Name: x\r\n\r\n");
+  expect((await c.response()).status).toBe(400);
+  await c.waitClosed();
+});
+
+test("oversized headers: 431 and closed, even before the header block ends", async () => {
+  const c = await client();
+  c.send(`GET /qvd/ping HTTP/1.1\r\nX-Big: ${"a".repeat(5000)}\r\n`);
+  const r = await c.response();
+  expect(r.status).toBe(431);
+  await c.waitClosed();
+});
+
+test("a slow client is timed out: 408 and closed", async () => {
+  const c = await client();
+  c.send("GET /qvd/ping HTTP/1.1\r\nUser-Agent: slow");
+  const r = await c.response(5000);
+  expect(r.status).toBe(408);
+  await c.waitClosed();
+});
+
+test("TLS 1.2 and later only", async () => {
+  const tryVersion = async (flag: string) =>
+    (await run(["sh", "-c", `echo | timeout 10 openssl s_client -connect 127.0.0.1:${l7r.port} ${flag} 2>&1`], { allowFail: true })).stdout;
+  expect(await tryVersion("-tls1_2")).toMatch(/Protocol\s*:\s*TLSv1\.2/);
+  // The server answers a TLS 1.1 hello with a protocol_version alert: no cipher agreed.
+  const old = await tryVersion("-tls1_1 -cipher DEFAULT@SECLEVEL=0");
+  expect(old).toContain("Cipher is (NONE)");
+  expect(old).toMatch(/alert protocol version|no protocols available/);
+});
+
+test("repeated failed logins are slowed down, then refused with 429 (the right password too)", async () => {
+  await D.create(db().sql, D.users, ALL, { tenant_id: 1, name: "carol", password: "carol-pw-1" });
+  const c = await client();
+  const times: number[] = [];
+  let last;
+  for (let i = 0; i < 7; i++) {
+    const t0 = Date.now();
+    c.send(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic("carol", `wrong-${i}`)}\r\n\r\n`);
+    last = await c.response();
+    times.push(Date.now() - t0);
+    if (last.status === 429) break;
+  }
+  expect(last!.status).toBe(429);
+  expect(last!.headers.get("retry-after")).toBe("60");
+  expect(times[4]!).toBeGreaterThanOrEqual(200); // the 5th failure waited (5 - 2) × 100 ms
+  c.send(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic("carol", "carol-pw-1")}\r\n\r\n`);
+  expect((await c.response()).status).toBe(429);
+  const [n] = await db().sql`SELECT count(*)::int AS n FROM audit_log WHERE action = 'user.login' AND object_name = 'default/carol' AND NOT ok`;
+  expect(n!.n).toBe(6);
+  c.end();
+});

@@ -1,0 +1,45 @@
+// Run inside a node's network namespace (`nsenter … bun test/support/l7r-probe.ts PORT LOGIN
+// PASSWORD VM_ID`): list_of_vm as the Perl client sends it, then connect_to_vm as the Qt
+// client sends it (bare LF); prints what came back as JSON, with the first bytes after a 101.
+import { basic, WireClient } from "./qvd-wire.ts";
+
+const [port, login, password, vmId, mode] = process.argv.slice(2);
+const auth = basic(login!, password!);
+const c = await WireClient.connect(Number(port));
+c.send(`GET /qvd/list_of_vm? HTTP/1.1\r\nAuthorization: ${auth}\r\nAccept: application/json\r\nUser-Agent: QVD::HTTPC/0.01 (linux)\r\n\r\n`);
+const list = await c.response();
+if (mode === "stop") {
+  // "Restart session": stop_vm as the Qt client sends it (with the Upgrade headers it adds).
+  c.send(`GET /qvd/stop_vm?id=${vmId} HTTP/1.1\nAuthorization: ${auth}\nConnection: Upgrade\nUpgrade: QVD/1.0\n\n`);
+  const { progress, res } = await c.final(300_000);
+  console.log(JSON.stringify({ progress, final: { status: res.status, body: res.body } }));
+  c.end();
+  process.exit(0);
+}
+c.send(
+  `GET /qvd/connect_to_vm?id=${vmId}&qvd.client.os=linux&qvd.client.link=lan&qvd.client.keyboard=pc105%2Fus&qvd.client.geometry=1024x768&qvd.client.fullscreen=0&qvd.client.type=qt HTTP/1.1\n` +
+    `Authorization: ${auth}\nConnection: Upgrade\nUpgrade: QVD/1.0\nUser-Agent: QVDClient Qt/0.01 (Linux)\n\n`,
+);
+const { progress, res } = await c.final(300_000);
+let nx = "";
+if (res.status === 101) {
+  // The NX handshake: our side's proxy greets first (the exact bytes nxproxy -S sends);
+  // nxagent answers with its own version.
+  c.send("NXPROXY-3.5.0-3.5.99 stream=default,data=default ");
+  const deadline = Date.now() + 10_000;
+  while (Date.now() < deadline && nx.length === 0 && !c.closed) {
+    await Bun.sleep(100);
+    nx = c.takeBuffered().toString("latin1");
+  }
+}
+const out = { list: { status: list.status, body: list.body }, progress, final: { status: res.status, reason: res.reason, lines: res.lines, body: res.body }, nx, closedByServer: false };
+console.log(JSON.stringify(out));
+if (mode === "hold" && res.status === 101) {
+  // Keep the session until the server closes it (a later connection takes the VM over).
+  const until = Date.now() + 120_000;
+  while (!c.closed && Date.now() < until) await Bun.sleep(100);
+  out.closedByServer = c.closed;
+  console.log(JSON.stringify(out));
+}
+c.end();
+process.exit(0);
