@@ -161,6 +161,13 @@ export class TestNode {
     };
     await until(async () => (await ready()) || proc.exitCode !== null, "the node to be running");
     if (proc.exitCode !== null) throw new Error(`qvd hkd exited with ${proc.exitCode}:\n${readFileSync(this.logFile, "utf8").slice(-3000)}`);
+    // `qvd node` reports the node running from its HKD half; its L7R half listens a moment later.
+    const listen = opts.args?.[opts.args.indexOf("--listen") + 1];
+    if (opts.role === "node" && opts.args?.includes("--listen") && listen) {
+      const [host, port] = [listen.slice(0, listen.lastIndexOf(":")), listen.slice(listen.lastIndexOf(":") + 1)];
+      const accepts = async () => (await run([...this.ns.exec, "bash", "-c", `exec 3<>/dev/tcp/${host}/${port}`], { allowFail: true })).status === 0;
+      await until(async () => (await accepts()) || proc.exitCode !== null, "the L7R to listen");
+    }
   }
 
   async kill(signal: "SIGTERM" | "SIGKILL" = "SIGTERM"): Promise<void> {
