@@ -87,26 +87,41 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     expect((await D.get(sql(), D.vms, ALL, vm.id)).vm_state).toBe("stopped");
   }, 600_000);
 
-  test("qvd client through this L7R: the desktop's pixels arrive on the client's X display", async () => {
+  test("qvd client through this L7R: pixels arrive, a file written in the home is there after logging out and in", async () => {
     const { ensureDeps } = await import("../scripts/deps.ts");
     await ensureDeps(["xvfb", "nxproxy", "xwd", "imagemagick"], () => {});
     const DISPLAY = 63;
     const xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" });
-    let client: Bun.Subprocess | undefined;
-    try {
-      const mean = async () => Number((await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`], { allowFail: true })).stdout.trim()) || 0;
-      await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0, "Xvfb", 20_000);
+    const mean = async () => Number((await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`], { allowFail: true })).stdout.trim()) || 0;
+    /** One user session with `qvd client`: connected, the desktop's pixels on the user's display, then `during`, then logout. */
+    const session = async (during: () => Promise<void>) => {
       const before = await mean();
-      client = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${DISPLAY}`, "QVD_PASSWORD=alice-pw-1", node.binary, "client", "--host", "127.0.0.1", "--port", String(PORT), "--user", "alice", "--insecure", "--vm", String(vm.id), "--link", "lan"], { stdout: "ignore", stderr: "ignore" });
-      await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "connected", "the client's session", 120_000);
-      let m = before;
-      await until(async () => (m = await mean()) > before + 0.05, "the desktop's pixels", 60_000);
-      expect(m).toBeGreaterThan(before + 0.05);
+      const client = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${DISPLAY}`, "QVD_PASSWORD=alice-pw-1", node.binary, "client", "--host", "127.0.0.1", "--port", String(PORT), "--user", "alice", "--insecure", "--vm", String(vm.id), "--link", "lan"], { stdout: "ignore", stderr: "ignore" });
+      try {
+        await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "connected", "the client's session", 120_000);
+        let m = before;
+        await until(async () => (m = await mean()) > before + 0.05, "the desktop's pixels", 60_000);
+        expect(m).toBeGreaterThan(before + 0.05);
+        await during();
+      } finally {
+        client.kill("SIGTERM");
+        await client.exited;
+      }
+      await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "disconnected", "the session to be released", 20_000);
+    };
+    try {
+      await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0, "Xvfb", 20_000);
+      await session(async () => {
+        const w = await node.attach(vm.id, "echo 'written in the first session' > /home/alice/heartbeat.txt", "alice");
+        expect(w.status).toBe(0);
+      });
+      // Clear the user's display, so the second session's pixels are its own.
+      await run(["xsetroot", "-display", `:${DISPLAY}`, "-solid", "black"], { allowFail: true });
+      await session(async () => {
+        expect((await node.attach(vm.id, "cat /home/alice/heartbeat.txt", "alice")).stdout).toBe("written in the first session\n");
+      });
     } finally {
-      client?.kill("SIGTERM");
-      await client?.exited;
       xvfb.kill("SIGKILL");
     }
-    await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "disconnected", "the session to be released", 20_000);
   }, 600_000);
 });
