@@ -1,6 +1,6 @@
 // Administrators of the admin plane. Those of tenant 0 are superadministrators.
 import { z } from "zod";
-import { hashPassword } from "./schema.ts";
+import { hashPassword, passwordColumns } from "./schema.ts";
 import { ValidationError } from "./errors.ts";
 import { description, get, language, loginName, password, timestamp, type ObjectDef, type Scope } from "./objects.ts";
 import { roles } from "./roles.ts";
@@ -31,11 +31,6 @@ export const AdministratorCreate = z.object({
 });
 export const AdministratorUpdate = AdministratorCreate.omit({ tenant_id: true }).partial();
 
-async function toColumns(input: Record<string, any>): Promise<Record<string, unknown>> {
-  const { password: plain, ...rest } = input;
-  return plain === undefined ? rest : { ...rest, password_hash: await hashPassword(plain) };
-}
-
 export const administrators: ObjectDef<AdministratorRow> = {
   kind: "administrator",
   table: "administrators",
@@ -44,7 +39,7 @@ export const administrators: ObjectDef<AdministratorRow> = {
   create: AdministratorCreate,
   update: AdministratorUpdate,
   tenancy: "own",
-  toColumns,
+  toColumns: passwordColumns,
 };
 
 /** Checks an administrator's password; returns the administrator or undefined. */

@@ -40,6 +40,13 @@ export function generatePassword(): string {
 
 export const hashPassword = (plain: string) => Bun.password.hash(plain, { algorithm: "argon2id" });
 
+/** Turns a `password` input field into the `password_hash` column (null clears it). */
+export async function passwordColumns(input: Record<string, any>): Promise<Record<string, unknown>> {
+  const { password: plain, ...rest } = input;
+  if (plain === undefined) return rest;
+  return { ...rest, password_hash: plain === null ? null : await hashPassword(plain) };
+}
+
 export interface InitOptions {
   adminName?: string;
   /** The superadmin's password; generated when absent. */

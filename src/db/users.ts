@@ -1,6 +1,6 @@
 // End users of desktops. A user with VMs cannot be deleted (delete the VMs first).
 import { z } from "zod";
-import { hashPassword } from "./schema.ts";
+import { hashPassword, passwordColumns } from "./schema.ts";
 import { description, language, loginName, password, timestamp, type ObjectDef } from "./objects.ts";
 import type { Db } from "./pool.ts";
 
@@ -32,12 +32,6 @@ export const UserCreate = z.object({
 });
 export const UserUpdate = UserCreate.omit({ tenant_id: true }).partial();
 
-async function toColumns(input: Record<string, any>): Promise<Record<string, unknown>> {
-  const { password: plain, ...rest } = input;
-  if (plain === undefined) return rest;
-  return { ...rest, password_hash: plain === null ? null : await hashPassword(plain) };
-}
-
 export const users: ObjectDef<UserRow> = {
   kind: "user",
   table: "users",
@@ -46,7 +40,7 @@ export const users: ObjectDef<UserRow> = {
   create: UserCreate,
   update: UserUpdate,
   tenancy: "own",
-  toColumns,
+  toColumns: passwordColumns,
   dependents: [{ label: "VMs", table: "vms", column: "user_id" }],
 };
 
