@@ -1,78 +1,39 @@
 // The local half of a session: a 127.0.0.1 port P > 4000 for nxproxy (display P - 4000), and
-// the splice between nxproxy's connection and the L7R stream. Bytes are passed on as they
-// arrive (no copies, no strings); when a write is short the reading side is paused and the
-// rest queued until `drain`; an end of stream on one side is passed on as a half-close.
+// its splice with the L7R stream — the same splice as the L7R's (src/nx/splice.ts: no copies,
+// backpressure, half-close).
 import type { Socket, TCPSocketListener } from "bun";
+import { splice as spliceSockets, type IoData, type IoSocket } from "../nx/splice.ts";
 import { dispatch, type Endpoint } from "./l7r.ts";
-
-/** One direction: from `from` to `to`. */
-class Flow {
-  private queue: Uint8Array[] = [];
-  private ended = false;
-  finished = false;
-  /** Bytes passed on, for logs and tests. */
-  bytes = 0;
-
-  constructor(
-    private readonly from: Socket<Endpoint>,
-    private readonly to: Socket<Endpoint>,
-    private readonly onFinish: () => void,
-  ) {}
-
-  push(chunk: Uint8Array): void {
-    if (this.finished || chunk.length === 0) return;
-    if (this.queue.length) {
-      // Already backed up (data dispatched after pause): keep our own copy, in order.
-      this.queue.push(chunk.slice());
-      return;
-    }
-    const n = this.to.write(chunk);
-    if (n < 0) return; // `to` is closed; its close event ends the session
-    this.bytes += n;
-    if (n < chunk.length) {
-      this.queue.push(chunk.slice(n));
-      this.from.pause();
-    }
-  }
-
-  drain(): void {
-    while (this.queue.length) {
-      const c = this.queue[0]!;
-      const n = this.to.write(c);
-      if (n < 0) return;
-      this.bytes += n;
-      if (n < c.length) {
-        this.queue[0] = c.subarray(n);
-        return;
-      }
-      this.queue.shift();
-    }
-    if (this.ended) this.finish();
-    else this.from.resume();
-  }
-
-  end(): void {
-    this.ended = true;
-    if (!this.queue.length) this.finish();
-  }
-
-  private finish(): void {
-    if (this.finished) return;
-    this.finished = true;
-    try {
-      this.to.shutdown(); // FIN: the other side may still send
-    } catch {}
-    this.onFinish();
-  }
-}
 
 export interface SpliceResult {
   /** Bytes from the server to nxproxy (including the ones read with the 101). */
   down: number;
   /** Bytes from nxproxy to the server. */
   up: number;
-  /** Which side closed first. */
+  /** Which side ended or closed first. */
   closedBy: "server" | "local";
+}
+
+/**
+ * Lets the one splice of src/nx drive a socket created with the client's `dispatch` handlers:
+ * the socket's events go to whatever `io` the splice installs. `first` notes the side that
+ * ends or closes first.
+ */
+function bridge(s: Socket<Endpoint>, first: () => void): IoSocket {
+  const ep: Endpoint & IoData = {
+    onData: (c) => ep.io?.data(c),
+    onDrain: () => ep.io?.drain(),
+    onEnd: () => {
+      first();
+      ep.io?.end();
+    },
+    onClose: (err) => {
+      first();
+      ep.io?.close(err);
+    },
+  };
+  s.data = ep;
+  return s as unknown as IoSocket;
 }
 
 /**
@@ -80,59 +41,18 @@ export interface SpliceResult {
  * to nxproxy before anything else. `serverEnded`: the server already sent its FIN. Resolves
  * when both directions are finished or either socket closes.
  */
-export function splice(
-  server: Socket<Endpoint>,
-  local: Socket<Endpoint>,
-  first: Uint8Array,
-  serverEnded: boolean,
-): Promise<SpliceResult> {
-  return new Promise((resolve) => {
-    let done = false;
-    let closedBy: SpliceResult["closedBy"] | undefined;
-    const finish = () => {
-      if (done) return;
-      done = true;
-      try {
-        server.end();
-      } catch {}
-      try {
-        local.end();
-      } catch {}
-      resolve({ down: down.bytes, up: up.bytes, closedBy: closedBy ?? "server" });
-    };
-    const check = () => {
-      if (down.finished && up.finished) finish();
-    };
-    const down = new Flow(server, local, () => {
-      closedBy ??= "server";
-      check();
-    });
-    const up = new Flow(local, server, () => {
-      closedBy ??= "local";
-      check();
-    });
-    server.data = {
-      onData: (d) => down.push(d),
-      onDrain: () => up.drain(),
-      onEnd: () => down.end(),
-      onClose: () => {
-        closedBy ??= "server";
-        finish();
-      },
-    };
-    local.data = {
-      onData: (d) => up.push(d),
-      onDrain: () => down.drain(),
-      onEnd: () => up.end(),
-      onClose: () => {
-        closedBy ??= "local";
-        finish();
-      },
-    };
-    down.push(first);
-    if (serverEnded) down.end();
-    else server.resume();
-  });
+export async function splice(server: Socket<Endpoint>, local: Socket<Endpoint>, first: Uint8Array, serverEnded: boolean): Promise<SpliceResult> {
+  let closedBy: SpliceResult["closedBy"] | undefined;
+  const s = bridge(server, () => (closedBy ??= "server"));
+  const l = bridge(local, () => (closedBy ??= "local"));
+  const done = spliceSockets(s, l, { toB: first });
+  if (serverEnded) {
+    closedBy ??= "server";
+    s.data.io?.end();
+  } else server.resume();
+  local.resume();
+  const r = await done;
+  return { down: r.aToB, up: r.bToA, closedBy: closedBy ?? "server" };
 }
 
 /** A listener on 127.0.0.1 at a port above 4000 that hands over its first connection. */
