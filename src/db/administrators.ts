@@ -1,6 +1,6 @@
 // Administrators of the admin plane. Those of tenant 0 are superadministrators.
 import { z } from "zod";
-import { hashPassword, passwordColumns } from "./schema.ts";
+import { checkPassword, passwordColumns } from "./schema.ts";
 import { ValidationError } from "./errors.ts";
 import { description, get, language, loginName, password, timestamp, type ObjectDef, type Scope } from "./objects.ts";
 import { roles } from "./roles.ts";
@@ -45,16 +45,10 @@ export const administrators: ObjectDef<AdministratorRow> = {
 /** Checks an administrator's password; returns the administrator or undefined. */
 export async function verifyAdministrator(db: Db, tenantId: number, name: string, plain: string): Promise<AdministratorRow | undefined> {
   const [r] = await db`SELECT id, password_hash FROM administrators WHERE tenant_id = ${tenantId} AND name = ${name}`;
-  // Verify against a dummy hash when the account does not exist, so timing does not tell.
-  const hash = r?.password_hash ?? (await dummyHash());
-  const ok = await Bun.password.verify(plain, hash);
-  if (!r || !ok) return undefined;
-  const [row] = await db`SELECT * FROM administrator_view WHERE id = ${r.id}`;
+  if (!(await checkPassword(plain, r?.password_hash))) return undefined;
+  const [row] = await db`SELECT * FROM administrator_view WHERE id = ${r!.id}`;
   return AdministratorRow.parse(row);
 }
-
-let dummy: Promise<string> | undefined;
-const dummyHash = () => (dummy ??= hashPassword("not a real password"));
 
 /** Gives an administrator a role of their tenant or of the global scope. */
 export async function assignRole(db: Db, scope: Scope, administratorId: number, roleId: number): Promise<void> {

@@ -40,6 +40,17 @@ export function generatePassword(): string {
 
 export const hashPassword = (plain: string) => Bun.password.hash(plain, { algorithm: "argon2id" });
 
+let dummyHash: Promise<string> | undefined;
+
+/**
+ * Checks a password against a stored hash. Without a hash (no such account, or one with no
+ * password) it still verifies against a dummy hash, so timing does not tell which it was.
+ */
+export async function checkPassword(plain: string, hash: string | null | undefined): Promise<boolean> {
+  const ok = await Bun.password.verify(plain, hash ?? (await (dummyHash ??= hashPassword("not a real password"))));
+  return ok && Boolean(hash);
+}
+
 /** Turns a `password` input field into the `password_hash` column (null clears it). */
 export async function passwordColumns(input: Record<string, any>): Promise<Record<string, unknown>> {
   const { password: plain, ...rest } = input;

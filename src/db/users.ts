@@ -1,6 +1,6 @@
 // End users of desktops. A user with VMs cannot be deleted (delete the VMs first).
 import { z } from "zod";
-import { hashPassword, passwordColumns } from "./schema.ts";
+import { checkPassword, passwordColumns } from "./schema.ts";
 import { description, language, loginName, password, timestamp, type ObjectDef } from "./objects.ts";
 import type { Db } from "./pool.ts";
 
@@ -47,11 +47,7 @@ export const users: ObjectDef<UserRow> = {
 /** Local password check for the L7R's local auth plugin. Unknown users cost the same time. */
 export async function verifyUserPassword(db: Db, tenantId: number, name: string, plain: string): Promise<UserRow | undefined> {
   const [r] = await db`SELECT id, password_hash FROM users WHERE tenant_id = ${tenantId} AND name = ${name}`;
-  const ok = await Bun.password.verify(plain, r?.password_hash ?? (await unknownUserHash()));
-  if (!r?.password_hash || !ok) return undefined;
-  const [row] = await db`SELECT * FROM user_view WHERE id = ${r.id}`;
+  if (!(await checkPassword(plain, r?.password_hash))) return undefined;
+  const [row] = await db`SELECT * FROM user_view WHERE id = ${r!.id}`;
   return UserRow.parse(row);
 }
-
-let dummy: Promise<string> | undefined;
-const unknownUserHash = () => (dummy ??= hashPassword("no such user here"));
