@@ -105,6 +105,18 @@ export const DEPS = {
     globs: ["/bin/busybox", "/usr/bin/busybox"],
     packages: ["busybox-static"],
   },
+  haproxy: {
+    purpose: "a TLS-terminating TCP proxy to compare the L7R splice with (bench/l7r.ts)",
+    bins: ["haproxy"],
+    globs: ["/usr/sbin/haproxy"],
+    packages: ["haproxy"],
+  },
+  chromium: {
+    purpose: "a real browser for the WAT tests (driven by playwright-core)",
+    bins: ["chromium"],
+    globs: ["/usr/bin/chromium"],
+    packages: ["chromium"],
+  },
 } satisfies Record<string, Dep>;
 
 export type DepName = keyof typeof DEPS;
