@@ -250,3 +250,52 @@ test("repeated failed logins are slowed down, then refused with 429 (the right p
   expect(n!.n).toBe(6);
   c.end();
 });
+
+// --- qvd client with a bearer token, against this L7R ------------------------------------------
+
+async function qvdClient(args: string[], env: Record<string, string> = {}) {
+  const p = Bun.spawn([process.execPath, "src/main.ts", "client", "--host", "127.0.0.1", "--port", String(l7r.port), "--insecure", "--nxproxy-command", "/bin/false", ...args], {
+    env: { PATH: process.env.PATH!, HOME: dir, ...env },
+    stdin: "ignore",
+    stdout: "pipe",
+    stderr: "pipe",
+  });
+  const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  return { stdout, stderr, code };
+}
+
+test("qvd client --print-token, then --token-file and QVD_TOKEN: Bearer for list_of_vm and connect_to_vm", async () => {
+  const printed = await qvdClient(["--user", "alice", "--print-token"], { QVD_PASSWORD: "alice-pw-1" });
+  expect(printed.code).toBe(0);
+  const token = printed.stdout.trim();
+  expect(token).toMatch(/^[A-Za-z0-9+/=]+$/);
+  const tokenFile = join(dir, "token");
+  await Bun.write(tokenFile, token + "\n");
+  // The token is used for both requests: the list (desktop by name), then connect_to_vm, which
+  // the L7R answers with its own 503 (no node runs desktops here) only after authenticating it.
+  const before = (await db().sql`SELECT count(*)::int AS n FROM audit_log WHERE action = 'user.login'`)[0]!.n;
+  for (const [args, env] of [[["--token-file", tokenFile], {}], [[], { QVD_TOKEN: token }]] as [string[], Record<string, string>][]) {
+    const r = await qvdClient([...args, "--vm", "alice-1"], env);
+    expect(r.stderr).toContain("Unable to assign vm to host, there is no host available");
+    expect(r.stdout).toContain(`Session acquired for VM_ID: ${vmId}`);
+    expect(r.code).toBe(6);
+  }
+  // No password login happened (bearer logins are not password attempts).
+  expect((await db().sql`SELECT count(*)::int AS n FROM audit_log WHERE action = 'user.login'`)[0]!.n).toBe(before);
+});
+
+test("qvd client with a token the L7R does not know: exit 3; an empty token file or a token with a password file: exit 2", async () => {
+  const bad = await qvdClient(["--vm", "alice-1"], { QVD_TOKEN: Buffer.from("no-such-token").toString("base64") });
+  expect(bad.code).toBe(3);
+  expect(bad.stderr).toContain("refused the token");
+  const empty = join(dir, "empty-token");
+  await Bun.write(empty, "\n");
+  const e = await qvdClient(["--token-file", empty]);
+  expect(e.code).toBe(2);
+  expect(e.stderr).toContain("the file is empty");
+  const both = await qvdClient(["--token-file", join(dir, "token"), "--password-file", join(dir, "token")]);
+  expect(both.code).toBe(2);
+  const none = await qvdClient([]);
+  expect(none.code).toBe(2);
+  expect(none.stderr).toContain("--user is required");
+});

@@ -15,8 +15,12 @@ export interface ClientOptions {
   host: string;
   port: number;
   tls: boolean;
-  user: string;
-  password: string;
+  /** Basic login (user + password), or a bearer token from /qvd/create_auth_token. */
+  user?: string;
+  password?: string;
+  token?: string;
+  /** Log in, print a new bearer token (create_auth_token) and stop there. */
+  printToken?: boolean;
   /** A VM id or name. */
   vm?: string;
   link: string;
@@ -65,12 +69,14 @@ export function parseDesktops(body: Uint8Array, where: string): Desktop[] {
 const describeDesktop = (d: Desktop) => `${d.id} ${d.name} (${d.state}${d.blocked ? ", blocked" : ""})`;
 
 /** Errors common to every request: 401, 403, 404, 5xx. */
-function failure(r: Response, what: string, where: string): UserError {
+function failure(r: Response, what: string, where: string, bearer = false): UserError {
   const said = bodyLine(r.body);
   const detail = said ? `: ${said}` : "";
   switch (true) {
     case r.status === 401:
-      return new UserError(`${where} refused the login (wrong user name or password, or the account is blocked)`, EXIT.auth);
+      return new UserError(bearer
+        ? `${where} refused the token (expired, unknown, or the account is blocked): log in with the password again`
+        : `${where} refused the login (wrong user name or password, or the account is blocked)`, EXIT.auth);
     case r.status === 403:
       return new UserError(`${where} refused ${what} (forbidden)${detail}`, EXIT.forbidden);
     case r.status === 408 || r.status >= 500:
@@ -156,7 +162,9 @@ export async function runClient(o: ClientOptions): Promise<number> {
     host: o.host, port: o.port, tls: o.tls, ca, insecure: o.insecure, responseTimeoutMs: o.responseTimeoutMs,
   });
   const where = conn.where;
-  const auth = { Authorization: `Basic ${Buffer.from(`${o.user}:${o.password}`).toString("base64")}` };
+  const bearer = o.token !== undefined;
+  const auth = { Authorization: bearer ? `Bearer ${o.token}` : `Basic ${Buffer.from(`${o.user}:${o.password}`).toString("base64")}` };
+  const who = o.user || "the token's user";
   let nx: Daemon | undefined;
   let local: ReturnType<typeof listenLocal> | undefined;
   try {
@@ -164,9 +172,21 @@ export async function runClient(o: ClientOptions): Promise<number> {
     conn.request("/qvd/list_of_vm", { ...auth, Accept: "application/json" });
     const list = await finalResponse(conn, "the list of desktops", say);
     if (list.status === 404) throw new UserError(`${where} is not a QVD server (404 for /qvd/list_of_vm)`, EXIT.unreachable);
-    if (list.status !== 200) throw failure(list, "to list the desktops", where);
+    if (list.status !== 200) throw failure(list, "to list the desktops", where, bearer);
+    if (o.printToken) {
+      conn.request("/qvd/create_auth_token", auth);
+      const t = await finalResponse(conn, "a token", say);
+      if (t.status !== 200) throw failure(t, "to create a token", where, bearer);
+      let token: unknown;
+      try {
+        token = JSON.parse(new TextDecoder().decode(t.body)).auth_token;
+      } catch {}
+      if (typeof token !== "string" || !token.trim()) throw new UserError(`${where} is not a QVD server (no auth_token in its answer)`, EXIT.unreachable);
+      process.stdout.write(token.trim() + "\n");
+      return EXIT.ok;
+    }
     const desktops = parseDesktops(list.body, where);
-    const vm = await choose(desktops, o.user, where, o.vm);
+    const vm = await choose(desktops, who, where, o.vm);
     if (vm.blocked) throw new UserError(`desktop ${describeDesktop(vm)} is blocked (under maintenance)`, EXIT.forbidden);
 
     // 2. Optionally stop it first.
@@ -175,7 +195,7 @@ export async function runClient(o: ClientOptions): Promise<number> {
       conn.request(`/qvd/stop_vm?id=${vm.id}`, { ...auth, Connection: "Upgrade", Upgrade: "QVD/1.0" });
       const r = await finalResponse(conn, `to stop desktop ${vm.id}`, say);
       if (r.status === 404) throw new UserError(`no desktop ${vm.id} on ${where} (it was removed)`, EXIT.noDesktop);
-      if (r.status === 401 || r.status === 403) throw failure(r, `to stop desktop ${vm.id}`, where);
+      if (r.status === 401 || r.status === 403) throw failure(r, `to stop desktop ${vm.id}`, where, bearer);
       if (r.status !== 200) process.stderr.write(`qvd: warning: the desktop was not stopped: ${r.status} ${r.reason}: ${bodyLine(r.body)}\n`);
     }
 
@@ -186,7 +206,7 @@ export async function runClient(o: ClientOptions): Promise<number> {
     if (r.status !== 101) {
       if (r.status === 404) throw new UserError(`no desktop ${vm.id} on ${where} (it does not exist any more, or it is blocked)`, EXIT.noDesktop);
       if (r.status === 426) throw new UserError(`${where} requires a more up-to-date client (426 Upgrade Required)`, EXIT.failed);
-      throw failure(r, `start desktop ${vm.id}`, where);
+      throw failure(r, `start desktop ${vm.id}`, where, bearer);
     }
     log.debug("101", { slaveKey: r.headers.has("x-qvd-slave-key") });
 

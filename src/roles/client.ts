@@ -3,6 +3,7 @@
 // refused, 4 forbidden or blocked, 5 no such desktop, 6 the server could not start the
 // desktop, 7 cannot reach the server (connection, TLS, not a QVD server).
 import { defineCommand } from "citty";
+import { readFileSync } from "node:fs";
 import { passwordFromFile, readPassword } from "../admin/prompt.ts";
 import { UserError } from "../errors.ts";
 import { setLogLevel } from "../log.ts";
@@ -11,6 +12,19 @@ import { runClient } from "../client/session.ts";
 
 const usage = (m: string) => new UserError(m, EXIT.usage);
 
+/** A token file: its first non-empty line (the auth_token of /qvd/create_auth_token, newline included, is fine). */
+function tokenFromFile(file: string): string {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (err) {
+    throw usage(`--token-file ${file}: cannot read it: ${(err as Error).message}`);
+  }
+  const line = text.split(/\r?\n/).map((l) => l.trim()).find(Boolean);
+  if (!line) throw usage(`--token-file ${file}: the file is empty`);
+  return line;
+}
+
 const LINKS = new Set(["modem", "isdn", "adsl", "wan", "lan", "local"]);
 
 export default defineCommand({
@@ -18,8 +32,11 @@ export default defineCommand({
   args: {
     host: { type: "string", description: "The QVD server (HOST or HOST:PORT)", valueHint: "HOST", required: true },
     port: { type: "string", description: "Its port (default 8443)", valueHint: "PORT" },
-    user: { type: "string", description: "User name, or user@tenant", valueHint: "USER", required: true },
+    user: { type: "string", description: "User name, or user@tenant (not needed with a token)", valueHint: "USER" },
     "password-file": { type: "string", description: "Read the password from the first line of FILE (else QVD_PASSWORD, else a prompt, else standard input)", valueHint: "FILE" },
+    // Never the token itself on the command line: argv is visible to every user of the machine.
+    "token-file": { type: "string", description: "Log in with a bearer token (from /qvd/create_auth_token, see --print-token) read from FILE (else QVD_TOKEN)", valueHint: "FILE" },
+    "print-token": { type: "boolean", description: "Log in with the password, print a bearer token for later logins (valid 24 h) and exit" },
     vm: { type: "string", description: "The desktop (id or name); needed when there are several and no terminal", valueHint: "ID" },
     link: { type: "string", description: "Link type: modem, isdn, adsl, wan, lan, local (default adsl)", valueHint: "LINK" },
     geometry: { type: "string", description: "Desktop size WxH (default 1024x768)", valueHint: "WxH" },
@@ -45,8 +62,13 @@ export default defineCommand({
     }
     if (!host) throw usage("--host is empty");
     if (!Number.isInteger(port) || port < 1 || port > 65535) throw usage(`--port ${args.port}: not a port number`);
-    const user = String(args.user);
-    if (!user || user.includes(":")) throw usage(`--user ${JSON.stringify(user)}: a user name must be non-empty and without ':'`);
+    const token = args["token-file"] !== undefined ? tokenFromFile(String(args["token-file"])) : process.env.QVD_TOKEN?.trim() || undefined;
+    if (token !== undefined && !/^[A-Za-z0-9+/=_-]+$/.test(token)) throw usage(`${args["token-file"] ? `--token-file ${args["token-file"]}` : "QVD_TOKEN"}: not a token (expected the auth_token text of /qvd/create_auth_token)`);
+    if (args["token-file"] !== undefined && args["password-file"] !== undefined) throw usage("--token-file and --password-file exclude each other");
+    if (token !== undefined && args["print-token"]) throw usage("--print-token logs in with a password: it excludes a token");
+    const user = args.user !== undefined ? String(args.user) : "";
+    if (token === undefined && !user) throw usage("--user is required (or a token: --token-file FILE or QVD_TOKEN)");
+    if (user.includes(":")) throw usage(`--user ${JSON.stringify(user)}: a user name must be without ':'`);
     const link = args.link ?? "adsl";
     if (!LINKS.has(link) && !/^\d+[kmg]?$/.test(link)) throw usage(`--link ${link}: one of ${[...LINKS].join(", ")} (or a bandwidth like 1m)`);
     const geometry = args.geometry ?? "1024x768";
@@ -56,16 +78,21 @@ export default defineCommand({
     if (args.insecure && args.ca) throw usage("--insecure and --ca exclude each other");
     if (args.tls === false && (args.insecure || args.ca)) throw usage("--no-tls excludes --insecure and --ca");
     const nxproxy = args["nxproxy-command"] ? String(args["nxproxy-command"]).split(/\s+/).filter(Boolean) : ["nxproxy"];
-    if (!args["nxproxy-command"] && !process.env.DISPLAY) throw usage("DISPLAY is not set: nxproxy needs an X display to show the desktop on");
+    if (!args["print-token"] && !args["nxproxy-command"] && !process.env.DISPLAY) throw usage("DISPLAY is not set: nxproxy needs an X display to show the desktop on");
     const envPw = process.env.QVD_PASSWORD;
-    const password = args["password-file"]
-      ? passwordFromFile(String(args["password-file"]))
-      : envPw
-        ? envPw
-        : await readPassword(undefined, `Password for ${user}@${host}: `);
+    const credentials = token !== undefined
+      ? { token }
+      : {
+          user,
+          password: args["password-file"]
+            ? passwordFromFile(String(args["password-file"]))
+            : envPw
+              ? envPw
+              : await readPassword(undefined, `Password for ${user}@${host}: `),
+        };
     const code = await runClient({
-      host, port, tls: args.tls !== false, user, password, vm: args.vm, link, geometry, fullscreen: !!args.fullscreen, keyboard,
-      ca: args.ca, insecure: !!args.insecure, stop: !!args.stop, nxproxy,
+      host, port, tls: args.tls !== false, ...credentials, vm: args.vm, link, geometry, fullscreen: !!args.fullscreen, keyboard,
+      ca: args.ca, insecure: !!args.insecure, stop: !!args.stop, nxproxy, printToken: !!args["print-token"],
     });
     process.exitCode = code;
   },
