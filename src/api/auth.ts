@@ -98,6 +98,12 @@ export const AUTH_ROUTES: Route[] = [
   { method: "POST", path: "/login", tag: "session", public: true, body: LoginBody,
     summary: "Log in: answers a bearer token and sets an HttpOnly session cookie. `name@tenant` names the tenant too.",
     audit: { action: "login", object: "session" }, handler: login },
+  { method: "GET", path: "/login", tag: "session", public: true,
+    summary: "Before logging in: the tenancy mode (a tenant is asked for when multitenant) and whether the request already has a live session",
+    handler: async (ctx) => ({
+      multitenant: ctx.cfg.get("wat.multitenant"),
+      logged_in: await authenticate(ctx, tokenOf(ctx.request)).then(() => true, () => false),
+    }) },
   { method: "POST", path: "/logout", tag: "session", acl: [], summary: "End this session",
     audit: { action: "logout", object: "session" },
     handler: async (ctx) => {

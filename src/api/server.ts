@@ -17,6 +17,7 @@ import { ApiError, checkInput, errorBody, forbidden, readJson } from "./http.ts"
 import { openApiDocument } from "./openapi.ts";
 import { RESOURCES, resourceRoutes } from "./resources.ts";
 import { UPLOAD_ROUTES } from "./uploads.ts";
+import { watResponse } from "../web/assets.ts";
 
 const log = logger("api");
 
@@ -136,6 +137,10 @@ export function createApi(opts: ApiOptions) {
       handle(route, request, (params ?? {}) as Record<string, string>, addresses.get(request) ?? server?.requestIP(request)?.address), { parse: "none" });
   }
   app.get("/api/v1/openapi.json", () => json(200, openapi));
+  // The WAT: its assets are inside the binary; every other path under /wat/ is the app's own.
+  app.get("/", () => Response.redirect("/wat/", 302));
+  app.get("/wat", ({ request }) => (new URL(request.url).pathname === "/wat/" ? watResponse("", request) : Response.redirect("/wat/", 301)));
+  app.get("/wat/*", ({ request, params }) => watResponse((params as Record<string, string>)["*"] ?? "", request));
   app.onError(({ code, error }) => {
     if (code === "NOT_FOUND") return json(404, { error: { status: 404, message: "no such route" } });
     log.error("unhandled", { code: String(code), error: (error as Error)?.message });
