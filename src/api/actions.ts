@@ -163,10 +163,10 @@ export const ACTION_ROUTES: Route[] = [
   // Roles: grants, denials, inheritance; administrators: roles and effective ACLs.
   { method: "GET", path: "/acls", tag: "roles", acl: [], summary: "The ACL catalogue",
     handler: async (ctx) => ({ items: await ctx.sql`SELECT name, description FROM acls ORDER BY name` }) },
-  { method: "GET", path: "/roles/:id/acls", tag: "roles", acl: ["role.see"], summary: "A role's effective ACLs",
+  { method: "GET", path: "/roles/:id/acls", tag: "roles", acl: ["role.see"], summary: "A role's effective ACLs (items) and the roles it inherits with theirs (inherits: where inherited ACLs come from)",
     handler: async (ctx) => {
       await D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
-      return { items: [...(await D.roleEffectiveAcls(ctx.sql, idParam(ctx)))].sort() };
+      return { items: [...(await D.roleEffectiveAcls(ctx.sql, idParam(ctx)))].sort(), inherits: await D.parentRolesWithAcls(ctx.sql, idParam(ctx)) };
     } },
   { method: "PUT", path: "/roles/:id/acls", tag: "roles", acl: ["role.assign_acl"], body: AclBody, summary: "Grant (positive, the default) or deny an ACL in a role",
     audit: { action: "role.assign_acl", object: "role" },
@@ -205,10 +205,10 @@ export const ACTION_ROUTES: Route[] = [
       if (!(await D.removeInheritance(ctx.sql, ctx.scope, idParam(ctx), idParam(ctx, "parent")))) throw new DataError("the role does not inherit that role", 404);
       return D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
     } },
-  { method: "GET", path: "/administrators/:id/acls", tag: "administrators", acl: ["administrator.see"], summary: "An administrator's effective ACLs",
+  { method: "GET", path: "/administrators/:id/acls", tag: "administrators", acl: ["administrator.see"], summary: "An administrator's effective ACLs (items) and their roles with each one's (roles)",
     handler: async (ctx) => {
       await D.get(ctx.sql, D.administrators, ctx.scope, idParam(ctx));
-      return { items: [...(await D.administratorEffectiveAcls(ctx.sql, idParam(ctx)))].sort() };
+      return { items: [...(await D.administratorEffectiveAcls(ctx.sql, idParam(ctx)))].sort(), roles: await D.administratorRolesWithAcls(ctx.sql, idParam(ctx)) };
     } },
   { method: "POST", path: "/administrators/:id/roles", tag: "administrators", acl: ["administrator.assign_role"], body: RoleRef, summary: "Give an administrator a role",
     audit: { action: "administrator.assign_role", object: "administrator" },

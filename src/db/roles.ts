@@ -144,3 +144,37 @@ export async function administratorEffectiveAcls(db: Db, administratorId: number
   for (const r of roots) for (const a of effective(g, r, memo)) out.add(a);
   return out;
 }
+
+/** A role with its effective ACLs: tells where an inherited or an administrator's ACL comes from. */
+export interface RoleWithAcls {
+  id: number;
+  name: string;
+  tenant_id: number;
+  tenant_name: string;
+  builtin: boolean;
+  acls: string[];
+}
+
+/** The roles `roleId` inherits directly, each with its effective ACLs (one graph load for all). */
+export async function parentRolesWithAcls(db: Db, roleId: number): Promise<RoleWithAcls[]> {
+  const rs = await db`SELECT inherits_id AS id FROM role_inheritance WHERE role_id = ${roleId}`;
+  return rolesWithAcls(db, rs.map((r) => r.id as number));
+}
+
+/** An administrator's roles, each with its effective ACLs. */
+export async function administratorRolesWithAcls(db: Db, administratorId: number): Promise<RoleWithAcls[]> {
+  const rs = await db`SELECT role_id AS id FROM administrator_roles WHERE administrator_id = ${administratorId}`;
+  return rolesWithAcls(db, rs.map((r) => r.id as number));
+}
+
+async function rolesWithAcls(db: Db, ids: number[]): Promise<RoleWithAcls[]> {
+  if (ids.length === 0) return [];
+  const g = await loadGraph(db, ids);
+  const memo = new Map<number, Set<string>>();
+  const rows = await db`SELECT r.id, r.name, r.tenant_id, t.name AS tenant_name, r.builtin FROM roles r JOIN tenants t ON t.id = r.tenant_id
+                         WHERE r.id = ANY(${ids}::int[]) ORDER BY lower(r.name), r.id`;
+  return rows.map((r) => ({
+    id: r.id, name: r.name, tenant_id: r.tenant_id, tenant_name: r.tenant_name, builtin: r.builtin,
+    acls: [...effective(g, r.id, memo)].sort(),
+  }));
+}
