@@ -1,0 +1,108 @@
+// The WAT's shell in real Chromium against a live API and PostgreSQL: login (a wrong password
+// answered on the form, the right one opening the dashboard), logout, a deep URL that survives
+// a reload and a login, the menu button on a narrow screen, and keyboard-only use.
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import { startTestApi, type TestApi } from "./support/api.ts";
+import { HTTP_STATUS, useBrowser } from "./support/browser.ts";
+import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
+
+const db = useTestDatabase();
+const browser = useBrowser();
+let api: TestApi;
+
+beforeAll(async () => {
+  api = await startTestApi(db());
+});
+afterAll(async () => {
+  await api?.stop();
+});
+
+test("a wrong password is answered on the login form; the right one opens the dashboard", async () => {
+  const w = await browser().open(api);
+  await w.goto();
+  await w.page.getByRole("heading", { name: "QVD administration" }).waitFor();
+  await w.page.getByLabel("Name", { exact: true }).fill(TEST_ADMIN.name);
+  await w.page.getByLabel("Password", { exact: true }).fill("not-the-password");
+  await w.page.getByRole("button", { name: "Log in" }).click();
+  const alert = w.page.getByRole("alert");
+  await alert.waitFor();
+  expect(await alert.textContent()).toContain("wrong tenant, name or password");
+  expect(await w.page.getByRole("button", { name: "Log out" }).count()).toBe(0);
+
+  await w.page.getByLabel("Password", { exact: true }).fill(TEST_ADMIN.password);
+  await w.page.getByRole("button", { name: "Log in" }).click();
+  await w.page.getByRole("heading", { level: 1, name: "Dashboard" }).waitFor();
+  expect(await w.page.getByRole("navigation", { name: "Main" }).getByRole("link", { name: "Dashboard" }).count()).toBe(1);
+  expect(await w.page.getByRole("link", { name: TEST_ADMIN.name }).count()).toBe(1);
+  await w.screenshot("login-dashboard");
+  // The refused login is a 401 the browser logs; nothing else.
+  w.assertNoErrors([HTTP_STATUS(401)]);
+});
+
+test("logout returns to the login; the session is gone on the server and after a reload", async () => {
+  const w = await browser().open(api);
+  await w.login(TEST_ADMIN.name, TEST_ADMIN.password);
+  const before = (await w.context.cookies()).find((c) => c.name === "qvd_session");
+  expect(before?.httpOnly).toBe(true);
+  await w.page.getByRole("button", { name: "Log out" }).click();
+  await w.page.getByRole("button", { name: "Log in" }).waitFor();
+  // The old cookie no longer opens a session.
+  const probe = await fetch(`${api.url}/session`, { headers: { cookie: `qvd_session=${before!.value}` } });
+  expect(probe.status).toBe(401);
+  await w.page.reload();
+  await w.page.getByRole("button", { name: "Log in" }).waitFor();
+  expect(await w.page.getByRole("button", { name: "Log out" }).count()).toBe(0);
+  w.assertNoErrors();
+});
+
+test("a deep URL is kept through a reload and a login", async () => {
+  const w = await browser().open(api);
+  await w.goto("/vms?name=desk");
+  await w.page.getByRole("button", { name: "Log in" }).waitFor();
+  expect(new URL(w.page.url()).pathname).toBe("/wat/vms");
+  await w.login(TEST_ADMIN.name, TEST_ADMIN.password);
+  const url = new URL(w.page.url());
+  expect(url.pathname).toBe("/wat/vms");
+  expect(url.searchParams.get("name")).toBe("desk");
+  // Logged in, a reload stays there without asking again.
+  await w.page.reload();
+  await w.page.getByRole("button", { name: "Log out" }).waitFor();
+  expect(new URL(w.page.url()).pathname).toBe("/wat/vms");
+  w.assertNoErrors();
+});
+
+test("a narrow screen folds the navigation behind a Menu button", async () => {
+  const w = await browser().open(api, { viewport: { width: 400, height: 800 } });
+  await w.login(TEST_ADMIN.name, TEST_ADMIN.password);
+  const menu = w.page.getByRole("button", { name: "Menu" });
+  const dashboardLink = w.page.getByRole("navigation", { name: "Main" }).getByRole("link", { name: "Dashboard" });
+  expect(await menu.isVisible()).toBe(true);
+  expect(await menu.getAttribute("aria-expanded")).toBe("false");
+  expect(await dashboardLink.isVisible()).toBe(false);
+  await menu.click();
+  expect(await menu.getAttribute("aria-expanded")).toBe("true");
+  await dashboardLink.waitFor({ state: "visible" });
+  await w.screenshot("narrow-menu");
+  // Nothing wider than the screen: no horizontal scrolling.
+  expect(await w.page.evaluate(() => document.documentElement.scrollWidth)).toBeLessThanOrEqual(400);
+  w.assertNoErrors();
+
+  const wide = await browser().open(api);
+  await wide.login(TEST_ADMIN.name, TEST_ADMIN.password);
+  expect(await wide.page.getByRole("button", { name: "Menu" }).isVisible()).toBe(false);
+  wide.assertNoErrors();
+});
+
+test("keyboard only: log in with Tab and Enter", async () => {
+  const w = await browser().open(api);
+  await w.goto();
+  await w.page.getByRole("button", { name: "Log in" }).waitFor();
+  // The name field has the focus on arrival.
+  expect(await w.page.evaluate(() => (document.activeElement as HTMLInputElement | null)?.name)).toBe("name");
+  await w.page.keyboard.type(TEST_ADMIN.name);
+  await w.page.keyboard.press("Tab");
+  await w.page.keyboard.type(TEST_ADMIN.password);
+  await w.page.keyboard.press("Enter");
+  await w.page.getByRole("heading", { level: 1, name: "Dashboard" }).waitFor();
+  w.assertNoErrors();
+});
