@@ -191,6 +191,7 @@ describe("access", () => {
       [{ ...ok, home: "/home/../etc" }, "home"],
       [{ uid: 2000, gid: 2000 }, "user"],
       [{ ...ok, nxagent_args: "-foo" }, "nxagent_args"],
+      [{ ...ok, properties: { "qvd.vm.user.groups": "audio;rm -rf" } }, "properties"],
     ];
     for (const [body, field] of cases) {
       const r = await call(v, "POST", "/vma/x_start", body);
@@ -283,13 +284,20 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
   });
 
   test("x_start provisions, nxagent listens on 4000+display", async () => {
-    const r = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, keyboard: "pc105/us", client_os: "linux", link: "lan", geometry: "800x600", fullscreen: false });
+    const properties = { "qvd.vm.user.groups": "daemon", "my.site": "a=b\nc", "qvd.client.link": "lan", "qvd.slave.key": "k".repeat(64) };
+    const r = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, keyboard: "pc105/us", client_os: "linux", link: "lan", geometry: "800x600", fullscreen: false, properties });
     expect(r).toMatchObject({ status: 200, body: { state: "starting" } });
     states.push("starting");
     await waitState("listening");
     expect(["starting", "provisioning"]).toContain(states[1]!);
     expect(readFileSync(join(v.runDir, "nxagent.conf"), "utf8")).toBe(`nx/nx,keyboard=pc105/us,client=linux,link=lan,geometry=800x600,fullscreen=0,tolerancechecks=risky:${nxDisplay}\n`);
     expect(readFileSync(join(root, "etc/passwd"), "utf8")).toContain(`alice:x:${UID}:${UID}::/home/alice:`);
+    // The session's qvd.vm.user.groups property gave the supplementary groups (not vma.user.groups).
+    expect(readFileSync(join(root, "etc/group"), "utf8")).toMatch(/^daemon:x:\d+:alice$/m);
+    // The properties, for programs in the desktop: the user's own file, without the slave key.
+    const pf = join(v.runDir, "session.properties");
+    expect(readFileSync(pf, "utf8")).toBe("my.site=a=b\\nc\nqvd.client.link=lan\nqvd.vm.user.groups=daemon\n");
+    expect([statSync(pf).uid, statSync(pf).mode & 0o777]).toEqual([UID, 0o600]);
     // nxagent runs as the provisioned user, as a child (of xinit), not as PID 1.
     const pid = Number(readFileSync(join(v.runDir, "nxagent.pid"), "utf8"));
     expect(statSync(`/proc/${pid}`).uid).toBe(UID);

@@ -119,3 +119,32 @@ export async function recentUserLoginFailures(db: Db, account: string, address: 
       AND (object_name = ${account} OR address = ${address ?? ""})`;
   return { account: r!.account, address: r!.address };
 }
+
+/** Custom property values that apply to a VM's session, per level (l7r README: x_start). */
+export interface PropertyLayers {
+  osf: Record<string, string>;
+  di: Record<string, string>;
+  user: Record<string, string>;
+  vm: Record<string, string>;
+}
+
+/**
+ * The property values of a VM's OSF, of the image it runs (the one it was started with, else
+ * none), of its user and of the VM itself, in one query.
+ */
+export async function sessionProperties(db: Db, vmId: number): Promise<PropertyLayers> {
+  const rows = await db`
+    WITH m AS (SELECT v.id, v.user_id, coalesce(r.current_osf_id, v.osf_id) AS osf_id, r.current_di_id AS di_id
+               FROM vms v JOIN vm_runtimes r ON r.vm_id = v.id WHERE v.id = ${vmId})
+    SELECT 'osf' AS level, p.key, x.value, p.tenant_id FROM m JOIN osf_properties x ON x.osf_id = m.osf_id JOIN properties p ON p.id = x.property_id
+    UNION ALL
+    SELECT 'di', p.key, x.value, p.tenant_id FROM m JOIN di_properties x ON x.di_id = m.di_id JOIN properties p ON p.id = x.property_id
+    UNION ALL
+    SELECT 'user', p.key, x.value, p.tenant_id FROM m JOIN user_properties x ON x.user_id = m.user_id JOIN properties p ON p.id = x.property_id
+    UNION ALL
+    SELECT 'vm', p.key, x.value, p.tenant_id FROM m JOIN vm_properties x ON x.vm_id = m.id JOIN properties p ON p.id = x.property_id
+    ORDER BY tenant_id`; // a tenant's own definition wins over a global one of the same key
+  const out: PropertyLayers = { osf: {}, di: {}, user: {}, vm: {} };
+  for (const r of rows) out[r.level as keyof PropertyLayers][r.key] = r.value;
+  return out;
+}

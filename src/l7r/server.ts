@@ -3,6 +3,7 @@
 // TLS stream with nxagent's TCP socket. Session bookkeeping lives in vm_runtimes (src/db/l7r.ts);
 // an abort for one of this node's sessions arrives on the node's channel and closes it here.
 import { randomBytes, randomUUID } from "node:crypto";
+import { rmSync } from "node:fs";
 import type { TCPSocketListener } from "bun";
 import type { AuthenticatedUser } from "../auth/user-auth.ts";
 import { audit } from "../db/audit.ts";
@@ -18,6 +19,7 @@ import { logger } from "../log.ts";
 import { HttpParseError, jsonResponse, RequestReader, textResponse, writeHead, type HttpRequest, type ReaderLimits } from "../nx/http.ts";
 import { ioHandlers, splice, type Io, type IoData, type IoSocket } from "../nx/splice.ts";
 import { localAuth, type Authenticate } from "./local-auth.ts";
+import { CLIENT_PARAM, xStartBody, XStartParamError } from "./x-start.ts";
 
 const log = logger("l7r");
 
@@ -47,6 +49,8 @@ export interface L7rOptions {
   hostname: string;
   port: number;
   tls: { cert: string; key: string };
+  /** A unix socket to listen on as well (TLS too), e.g. for a relay from another network namespace. */
+  unix?: string;
   authenticate?: Authenticate;
   timeouts?: Partial<L7rTimeouts>;
   limits?: Partial<ReaderLimits>;
@@ -72,7 +76,6 @@ export interface Throttle {
   refuseAddress: number;
 }
 const DEFAULT_THROTTLE: Throttle = { windowS: 900, slowAfter: 3, slowMs: 500, refuseAccount: 10, refuseAddress: 50 };
-const CLIENT_PARAM = /^(qvd\.client\.|custom\.)/;
 
 class Status extends Error {
   constructor(
@@ -149,6 +152,23 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       },
     },
   } as any);
+  // The same on a unix socket, when asked (qvd demo relays 127.0.0.1:8443 to it from another
+  // network namespace); a socket file left by an L7R that died is replaced.
+  let unixServer: { stop(closeActive?: boolean): void } | undefined;
+  if (o.unix) {
+    rmSync(o.unix, { force: true });
+    unixServer = Bun.listen<IoData>({
+      unix: o.unix,
+      tls: { cert: Bun.file(o.tls.cert), key: Bun.file(o.tls.key), minVersion: 0x0303 } as any,
+      socket: {
+        ...ioHandlers,
+        open(s: IoSocket) {
+          s.data = {};
+          new Connection(s).start();
+        },
+      },
+    } as any);
+  }
 
   class Connection {
     private readonly reader = new RequestReader(o.limits);
@@ -380,7 +400,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         this.progress(`Session acquired for VM_ID: ${id}`);
         const running = await this.startAndWait(id, user);
         const slaveKey = randomBytes(48).toString("base64").replace(/[+/=]/g, "").slice(0, 64).padEnd(64, "A");
-        await this.startX(running, user, params, slaveKey);
+        await this.startX(running, user, params, slaveKey, host);
         this.progress(`Connecting X session for VM_ID: ${id}`);
         await incrementHostCounter(sql, host.id, "nx_attempts").catch(() => {});
         const nx = await this.connectNx(running);
@@ -469,23 +489,15 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       }
     }
 
-    private async startX(vm: L.SessionVm, user: AuthenticatedUser, params: Map<string, string>, slaveKey: string) {
+    private async startX(vm: L.SessionVm, user: AuthenticatedUser, params: Map<string, string>, slaveKey: string, host: L.L7rHost) {
       const target: VmaTarget = { address: vm.vm_address!, port: vm.vma_port!, secret: vm.vma_secret! };
-      const p = (k: string) => params.get(`qvd.client.${k}`) || undefined;
-      const fs = p("fullscreen");
-      const uid = user.uid ?? 10000 + user.userId;
-      const body: Record<string, unknown> = {
-        user: user.login.replace(/[^a-z0-9_.-]/g, "_").slice(0, 32),
-        uid,
-        gid: user.gid ?? uid,
-        ...(user.home ? { home: user.home } : {}),
-        ...(p("keyboard") && !/^empty\/empty$/.test(p("keyboard")!) ? { keyboard: p("keyboard") } : {}),
-        ...(p("os") ? { client_os: p("os") } : {}),
-        ...(p("link") ? { link: p("link") } : {}),
-        ...(p("geometry") ? { geometry: p("geometry") } : {}),
-        ...(fs !== undefined ? { fullscreen: fs === "1" || fs === "true" } : {}),
-        properties: { ...Object.fromEntries(params), ...(user.params ?? {}), "qvd.slave.key": slaveKey },
-      };
+      let body;
+      try {
+        body = xStartBody({ client: params, layers: await L.sessionProperties(sql, vm.vm_id), user, hostAddress: host.address, slaveKey });
+      } catch (err) {
+        if (err instanceof XStartParamError) throw unavailable(`The desktop is misconfigured (${err.message}), ask an administrator`);
+        throw err;
+      }
       this.progress(`Starting X session at VM ${vm.vm_id}`);
       let lastErr = "";
       for (let attempt = 0; ; attempt++) {
@@ -534,11 +546,15 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
     }
   }
 
-  log.info("L7R listening", { address: `${o.hostname}:${server.port}`, node: o.nodename });
+  log.info("L7R listening", { address: `${o.hostname}:${server.port}`, node: o.nodename, ...(o.unix ? { unix: o.unix } : {}) });
   return {
     port: server.port,
     async stop() {
       server.stop(true);
+      if (unixServer) {
+        unixServer.stop(true);
+        rmSync(o.unix!, { force: true });
+      }
       await listener.close();
     },
   };

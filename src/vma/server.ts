@@ -36,7 +36,12 @@ export const xStartSchema = z
     link: z.enum(LINKS, { error: `expected one of: ${LINKS.join(", ")}` }).optional(),
     geometry: z.string().regex(/^\d{2,5}x\d{2,5}$/, "expected WIDTHxHEIGHT such as 1024x768").optional(),
     fullscreen: z.preprocess((v) => (v === "1" || v === 1 ? true : v === "0" || v === 0 || v === "" ? false : v), z.boolean({ error: "expected a boolean" })).optional(),
-    properties: z.record(z.string().max(256), z.union([z.string().max(4096), z.number(), z.boolean()])).optional(),
+    properties: z
+      .record(z.string().max(256), z.union([z.string().max(4096), z.number(), z.boolean()]))
+      .refine((p) => p["qvd.vm.user.groups"] === undefined || /^\s*([a-z_][a-z0-9_-]{0,31}([\s,]+|$))*$/.test(String(p["qvd.vm.user.groups"])), {
+        message: "qvd.vm.user.groups: expected group names separated by commas or spaces",
+      })
+      .optional(),
   })
   .strict();
 

@@ -25,7 +25,7 @@
 //   - a session still stopping after its timeout is killed (SIGKILL), not signalled again;
 //   - the session's own output goes to ~/.qvd-session.log, so programs in it cannot print
 //     "Session: …" lines that would fake nxagent's state.
-import { appendFileSync, chmodSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { appendFileSync, chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { UserError } from "../errors.ts";
 import { logger } from "../log.ts";
@@ -102,6 +102,32 @@ export function nxagentOptions(p: SessionParams, display: number, tolerancecheck
   return `nx/nx,${o.join(",")}:${display}`;
 }
 
+/** Supplementary groups of a new account: the qvd.vm.user.groups property (names separated by
+ * commas or spaces) when the session has one, else vma.user.groups. */
+export function sessionGroups(p: SessionParams, fallback: string[]): string[] {
+  const v = p.properties?.["qvd.vm.user.groups"];
+  return v === undefined ? fallback : String(v).split(/[\s,]+/).filter(Boolean);
+}
+
+/** Session properties not written for the desktop: secrets of the L7R ↔ VMA channel. */
+const PRIVATE_PROPERTIES = new Set(["qvd.slave.key"]);
+
+/**
+ * The session's properties as a Java-properties text (`key=value` per line, sorted; `\`,
+ * line ends, and in keys `=`, `:` and spaces escaped) for programs in the desktop.
+ */
+export function sessionPropertiesText(props: Record<string, string | number | boolean>): string {
+  const esc = (s: string, key: boolean) => {
+    const e = s.replace(/\\/g, "\\\\").replace(/\n/g, "\\n").replace(/\r/g, "\\r");
+    return key ? e.replace(/[=: ]/g, (c) => `\\${c}`) : e;
+  };
+  return Object.keys(props)
+    .filter((k) => !PRIVATE_PROPERTIES.has(k))
+    .sort()
+    .map((k) => `${esc(k, true)}=${esc(String(props[k]), false)}\n`)
+    .join("");
+}
+
 /** Whether a process exists and is not a zombie (an exited nxagent xinit has not reaped yet). */
 function alive(pid: number): boolean {
   try {
@@ -172,6 +198,7 @@ export class Session {
         if (!this.agentPid) throw new StateError("the suspended session has no nxagent", this.state);
         this.params = p;
         this.writeOptions(p);
+        this.writeSessionProperties(p);
         this.waiting = false;
         this.setState("starting");
         this.signalAgent("SIGHUP");
@@ -273,6 +300,16 @@ export class Session {
     writeFileSync(this.optionsFile, nxagentOptions(p, this.opts.display, this.opts.tolerancechecks) + "\n", { mode: 0o644 });
   }
 
+  get propertiesFile(): string { return join(this.opts.runDir, "session.properties"); }
+
+  /** `<path.run>/session.properties`, readable by the session's user only (rewritten at each x_start). */
+  private writeSessionProperties(p: SessionParams): void {
+    const f = this.propertiesFile;
+    rmSync(f, { force: true });
+    writeFileSync(f, sessionPropertiesText(p.properties ?? {}), { mode: 0o600 });
+    if (!this.opts.asCurrentUser && this.account) chownSync(f, this.account.uid, this.account.gid);
+  }
+
   private sessionCommand(): string[] {
     if (this.opts.sessionCommand.length) return this.opts.sessionCommand;
     const qvd = "/usr/local/bin/qvd-session";
@@ -289,7 +326,7 @@ export class Session {
       const home = p.home ?? `${o.homePath}/${p.user}`;
       const pw = readPasswd(o.root).find((e) => e.name === p.user);
       if (!pw || !existsSync(underRoot(o.root, pw.home || home))) this.setState("provisioning");
-      account = await provision({ user: p.user, uid: p.uid, gid: p.gid, home, shell: o.shell, groups: o.groups }, o.root);
+      account = await provision({ user: p.user, uid: p.uid, gid: p.gid, home, shell: o.shell, groups: sessionGroups(p, o.groups) }, o.root);
       if (!this.cancelled) this.setState("starting");
     }
     if (this.cancelled) {
@@ -298,6 +335,7 @@ export class Session {
     }
     this.account = account;
     this.writeOptions(p);
+    this.writeSessionProperties(p);
     // X sockets live here; a fresh container may not have the directory yet.
     mkdirSync("/tmp/.X11-unix", { recursive: true, mode: 0o1777 });
     const homeOnDisk = o.asCurrentUser ? account.home : underRoot(o.root, account.home);
