@@ -4,43 +4,19 @@
 //   - login (argon2id verification included): median;
 //   - a mass stop of 1,000 VMs through one request.
 // Prints figures; asserts nothing. Run: bun bench/api.ts [--pages 500]
-import { chmodSync, mkdtempSync, rmSync } from "node:fs";
 import { createApi } from "../src/api/server.ts";
 import { loadConfig } from "../src/config.ts";
-import { LocalCluster } from "../src/db/local-cluster.ts";
-import { connect } from "../src/db/pool.ts";
-import { hashPassword, initDatabase } from "../src/db/schema.ts";
 import { setLogLevel } from "../src/log.ts";
+import { benchFarm } from "./farm.ts";
 
 setLogLevel("warn");
 const PAGES = Number(process.argv[process.argv.indexOf("--pages") + 1]) || 500;
 const N = 10_000;
 
-const dir = mkdtempSync("/tmp/qvd-bench-");
-chmodSync(dir, 0o755);
-const cluster = new LocalCluster({ dir, noSync: true, settings: { fsync: "off", synchronous_commit: "off" } });
-await cluster.init();
-await cluster.start();
-let sql: ReturnType<typeof connect> | undefined;
+const farm = await benchFarm({ n: N, running: 1000 });
 try {
-  await cluster.createDatabase("bench");
-  const url = cluster.url("bench");
-  sql = connect(url, { max: 10 });
-  await initDatabase(sql, { adminPassword: "bench-admin-pw" });
-
-  const t0 = performance.now();
-  const hash = await hashPassword("user-password"); // one hash for all: hashing 10,000 would only time argon2
-  await sql`INSERT INTO osfs (tenant_id, name) VALUES (1, 'bench')`;
-  await sql`INSERT INTO hosts (name, address) VALUES ('bench-node', '198.18.0.1')`;
-  await sql`UPDATE host_runtimes SET state = 'running', ok_ts = now(), usable_ram_mb = 1e6, usable_cpu = 100`;
-  await sql`INSERT INTO users (tenant_id, name, password_hash) SELECT 1, 'user' || g, ${hash} FROM generate_series(1, ${N}) g`;
-  await sql`INSERT INTO vms (tenant_id, user_id, osf_id, name, ip)
-            SELECT 1, u.id, (SELECT id FROM osfs LIMIT 1), 'desktop-' || u.name, ('198.18.0.0'::inet + 2 + row_number() OVER (ORDER BY u.id))
-              FROM users u`;
-  await sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = (SELECT id FROM hosts LIMIT 1)
-             WHERE vm_id IN (SELECT id FROM vms ORDER BY id LIMIT 1000)`;
-  await sql`ANALYZE`;
-  console.log(`setup: ${N} users, ${N} VMs (1000 running) in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+  const { sql, url } = farm;
+  console.log(`setup: ${N} users, ${N} VMs (1000 running) in ${farm.setupSeconds.toFixed(1)} s`);
 
   const cfg = loadConfig({ env: {}, defaultFileExists: () => false, flags: [{ flag: "--db", key: "database.url", value: url }] });
   const { app, hub } = createApi({ sql, cfg, databaseUrl: url });
@@ -110,7 +86,5 @@ try {
     await hub.close();
   }
 } finally {
-  await sql?.end({ timeout: 5 });
-  await cluster.stop("immediate").catch(() => {});
-  rmSync(dir, { recursive: true, force: true });
+  await farm.stop();
 }
