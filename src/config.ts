@@ -88,6 +88,7 @@ export const KEYS = {
   "api.upload.max_bytes": key(int(1), 64 * 1024 ** 3, "Largest disk image the API accepts in one upload, in bytes."),
 
   "l7r.listen": key(hostPort, ":8443", "Address and port the L7R (user broker) listens on, over TLS."),
+  "l7r.listen.unix": key(str, "", "A unix socket the L7R listens on as well, also TLS (empty: none); `qvd demo` relays 127.0.0.1:8443 to it across network namespaces."),
   "l7r.tls.cert": key(str, "", "PEM certificate file of the L7R."),
   "l7r.tls.key": key(str, "", "PEM private key file of the L7R.", { secret: true }),
   "l7r.timeout.vm_start": key(int(1), 270, "Seconds connect_to_vm waits for a stopped desktop to be running.", { scope: "cluster" }),

@@ -1,121 +1,233 @@
-// `qvd demo`: creates a persistent PostgreSQL cluster and the qvd database on the first run,
-// stops PostgreSQL cleanly on SIGTERM, and reuses everything on the next run.
-import { afterAll, expect, test } from "bun:test";
-import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
+// `qvd demo` (the compiled binary), as a new user runs it: a whole farm in one directory. The
+// first run creates everything and prints how to connect; `qvd client`, run as printed against
+// an Xvfb display, shows the desktop; SIGINT stops desktops, node, API and PostgreSQL and removes
+// the network namespace. Later runs reuse everything; a demo killed hard is cleaned up by the
+// next one. Non-default ports and namespace name, so a real demo on this machine is not touched.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import { randomBytes } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { LocalCluster } from "../src/db/local-cluster.ts";
 import { connect } from "../src/db/pool.ts";
+import { run } from "../src/run.ts";
+import { cleanEnv, desktopImage, qvdBinary, until } from "./support/node.ts";
 
-const root = join(import.meta.dir, "..");
-const work = mkdtempSync(join(tmpdir(), "qvd-demo-"));
-chmodSync(work, 0o755); // the server's unprivileged user must reach the demo dir
-const dir = join(work, "demo");
-const running = new Set<Bun.Subprocess>();
+const isRoot = process.getuid?.() === 0;
 
-afterAll(async () => {
-  for (const p of running) p.kill("SIGKILL");
-  const cluster = new LocalCluster({ dir });
-  if (await cluster.running()) await cluster.stop("immediate").catch(() => {});
-  rmSync(work, { recursive: true, force: true });
-});
-
-interface Demo {
-  proc: Bun.Subprocess<"ignore", "pipe", "pipe">;
-  url: string;
-  /** Everything printed so far (stdout). */
-  output: () => string;
-  stderr: () => string;
+/** A port nobody listens on now (the kernel's choice). */
+function freePort(): number {
+  const s = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+  const p = s.port;
+  s.stop(true);
+  return p;
 }
 
-/** Starts `qvd demo` and resolves once it is ready (it has printed "Running;"). */
-async function startDemo(): Promise<Demo> {
-  const proc = Bun.spawn([process.execPath, "src/main.ts", "demo", "--dir", dir], { cwd: root, stdin: "ignore", stdout: "pipe", stderr: "pipe" });
-  running.add(proc);
-  let out = "";
-  let err = "";
-  void (async () => {
-    const r = proc.stderr.pipeThrough(new TextDecoderStream()).getReader();
-    for (let c = await r.read(); !c.done; c = await r.read()) err += c.value;
-  })();
-  const reader = proc.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let url: string | undefined;
-  while (!url || !/^Running; /m.test(out)) {
-    const { value, done } = await reader.read();
-    if (done) {
-      await proc.exited;
-      throw new Error(`qvd demo exited (${proc.exitCode}) before it was ready:\n${out}\n${err}`);
-    }
-    out += value;
-    url = /^Database URL: (\S+)$/m.exec(out)?.[1];
+/** Every process whose command line mentions `needle` (the demo's children, PostgreSQL, LXC monitors). */
+function processesWith(needle: string): string[] {
+  const out: string[] = [];
+  for (const pid of readdirSync("/proc").filter((n) => /^\d+$/.test(n))) {
+    try {
+      const cmd = readFileSync(`/proc/${pid}/cmdline`, "utf8").replace(/\0/g, " ");
+      if (cmd.includes(needle) && Number(pid) !== process.pid) out.push(`${pid}: ${cmd}`);
+    } catch {}
   }
-  void (async () => {
-    for (;;) {
+  return out;
+}
+
+const hostLinks = async () => (await run(["ip", "-o", "link", "show"])).stdout.split("\n").map((l) => l.split(":")[1]?.trim()).filter(Boolean).sort();
+
+describe.skipIf(!isRoot)("qvd demo", () => {
+  const work = mkdtempSync(join(tmpdir(), "qvd-demo-"));
+  chmodSync(work, 0o755); // the PostgreSQL user must reach the demo dir
+  const dir = join(work, "demo");
+  const netns = `qvdt-demo-${randomBytes(2).toString("hex")}`;
+  const [port, apiPort] = [freePort(), freePort()];
+  const running = new Set<Bun.Subprocess>();
+  let binary: string;
+  let image: string;
+  let linksBefore: string[];
+
+  beforeAll(async () => {
+    const { ensureDeps } = await import("../scripts/deps.ts");
+    await ensureDeps(["postgresql", "runuser", "lxc", "iproute2", "nftables", "nsenter", "openssl", "xvfb", "nxproxy", "xwd", "imagemagick"], () => {});
+    image = await desktopImage();
+    binary = await qvdBinary();
+    linksBefore = await hostLinks();
+  }, 30 * 60_000);
+
+  afterAll(async () => {
+    for (const p of running) {
+      p.kill("SIGTERM");
+      await p.exited;
+    }
+    // Whatever a failed test left: its processes, the namespace, PostgreSQL.
+    for (const line of processesWith(dir)) process.kill(Number(line.split(":")[0]), "SIGKILL");
+    if (existsSync(`/run/netns/${netns}`)) await run(["ip", "netns", "del", netns], { allowFail: true });
+    const cluster = new LocalCluster({ dir: join(dir, "postgresql") });
+    if (await cluster.running()) await cluster.stop("immediate").catch(() => {});
+    rmSync(work, { recursive: true, force: true });
+  }, 180_000);
+
+  interface Demo {
+    proc: Bun.Subprocess<"ignore", "pipe", "pipe">;
+    output: () => string;
+    stderr: () => string;
+  }
+
+  const demoArgv = () => [binary, "demo", "--dir", dir, "--port", String(port), "--api-port", String(apiPort), "--netns", netns, "--image", image];
+
+  /** Starts `qvd demo` and resolves once it has printed how to connect and that it runs. */
+  async function startDemo(): Promise<Demo> {
+    const proc = Bun.spawn(demoArgv(), { stdin: "ignore", stdout: "pipe", stderr: "pipe", env: cleanEnv() });
+    running.add(proc);
+    let out = "";
+    let err = "";
+    void (async () => {
+      const r = proc.stderr.pipeThrough(new TextDecoderStream()).getReader();
+      for (let c = await r.read(); !c.done; c = await r.read()) err += c.value;
+    })();
+    const reader = proc.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    while (!/^Running; press Ctrl-C/m.test(out)) {
       const { value, done } = await reader.read();
-      if (done) break;
+      if (done) {
+        await proc.exited;
+        throw new Error(`qvd demo exited (${proc.exitCode}) before it was ready:\n${out}\n${err}`);
+      }
       out += value;
     }
-  })();
-  return { proc, url, output: () => out, stderr: () => err };
-}
-
-async function stopDemo(demo: Demo): Promise<number> {
-  demo.proc.kill("SIGTERM");
-  const code = await demo.proc.exited;
-  running.delete(demo.proc);
-  return code;
-}
-
-const passwordFile = join(dir, "superadmin-password");
-
-test("first run: creates the cluster and database, prints the password once, stops on SIGTERM", async () => {
-  const demo = await startDemo();
-  expect(demo.url).toContain(`host=${dir}`);
-
-  const password = readFileSync(passwordFile, "utf8").trim();
-  expect(password.length).toBeGreaterThanOrEqual(16);
-  expect(statSync(passwordFile).mode & 0o777).toBe(0o600);
-  expect(demo.output()).toContain(`Password:   ${password}`);
-  expect(demo.output()).toContain(`qvd db status --db '${demo.url}'`);
-
-  const sql = connect(demo.url, { max: 1 });
-  try {
-    const [admin] = await sql`SELECT a.password_hash FROM administrators a JOIN administrator_roles ar ON ar.administrator_id = a.id
-      JOIN roles r ON r.id = ar.role_id WHERE a.name = 'superadmin' AND a.tenant_id = 0 AND r.name = 'Superadmin'`;
-    expect(admin).toBeDefined();
-    expect(await Bun.password.verify(password, admin!.password_hash)).toBe(true);
-  } finally {
-    await sql.end({ timeout: 5 });
+    void (async () => {
+      for (let c = await reader.read(); !c.done; c = await reader.read()) out += c.value;
+    })();
+    return { proc, output: () => out, stderr: () => err };
   }
 
-  expect(await stopDemo(demo)).toBe(0);
-  expect(demo.output()).toContain("Stopped.");
-  // A clean shutdown removes postmaster.pid; pg_ctl agrees that nothing runs.
-  expect(existsSync(join(dir, "data", "postmaster.pid"))).toBe(false);
-  expect(await new LocalCluster({ dir }).running()).toBe(false);
-  const probe = connect(demo.url, { max: 1, connectTimeout: 2 });
-  await expect(probe`SELECT 1`).rejects.toThrow();
-  await probe.end({ timeout: 1 });
-});
-
-test("second run: reuses the cluster and database without re-initialising", async () => {
-  const before = readFileSync(passwordFile, "utf8");
-  const demo = await startDemo();
-  expect(demo.output()).not.toContain("Password:");
-  expect(demo.output()).not.toContain("Creating");
-  expect(readFileSync(passwordFile, "utf8")).toBe(before);
-
-  const sql = connect(demo.url, { max: 1 });
-  try {
-    const rows = await sql`SELECT password_hash FROM administrators`;
-    expect(rows).toHaveLength(1);
-    expect(await Bun.password.verify(before.trim(), rows[0]!.password_hash)).toBe(true);
-    const [row] = await sql`SELECT count(*)::int AS n FROM audit_log WHERE action = 'db.init'`;
-    expect(row!.n).toBe(1);
-  } finally {
-    await sql.end({ timeout: 5 });
+  async function stopDemo(demo: Demo, signal: "SIGINT" | "SIGTERM"): Promise<number> {
+    demo.proc.kill(signal);
+    const code = await demo.proc.exited;
+    running.delete(demo.proc);
+    return code;
   }
 
-  expect(await stopDemo(demo)).toBe(0);
-  expect(existsSync(join(dir, "data", "postmaster.pid"))).toBe(false);
+  /** Nothing of the demo is left: no namespace, no process, PostgreSQL stopped, the host's links as before. */
+  async function expectCleanedUp(): Promise<void> {
+    expect(existsSync(`/run/netns/${netns}`)).toBe(false);
+    expect(processesWith(dir)).toEqual([]);
+    expect(existsSync(join(dir, "postgresql", "data", "postmaster.pid"))).toBe(false);
+    expect(await new LocalCluster({ dir: join(dir, "postgresql") }).running()).toBe(false);
+    expect(existsSync(join(dir, "demo.pid"))).toBe(false);
+    expect(await hostLinks()).toEqual(linksBefore);
+  }
+
+  const superPwFile = join(dir, "superadmin-password");
+  const userPwFile = join(dir, "demo-password");
+  const dbUrl = () => new LocalCluster({ dir: join(dir, "postgresql") }).url("qvd");
+
+  test("first run: the farm comes up, qvd client as printed shows the desktop, SIGINT stops it all", async () => {
+    const demo = await startDemo();
+    const out = demo.output();
+    expect(out).toContain("[7/7]");
+
+    // The passwords, shown once, kept 0600.
+    const superPw = readFileSync(superPwFile, "utf8").trim();
+    const userPw = readFileSync(userPwFile, "utf8").trim();
+    for (const f of [superPwFile, userPwFile]) expect(statSync(f).mode & 0o777).toBe(0o600);
+    expect(out).toContain(`Password:   ${superPw}`);
+    expect(out).toContain(`Password of demo: ${userPw}`);
+
+    // How to connect: the client command, the WAT and the admin login.
+    const cert = join(dir, "tls", "cert.pem");
+    const clientLine = /^ {2}(\S+ client .*)$/m.exec(out)?.[1];
+    expect(clientLine).toBe(`${binary} client --host 127.0.0.1 --port ${port} --user demo --ca ${cert}`);
+    expect(out).toContain(`https://127.0.0.1:${apiPort}/wat/`);
+    expect(out).toContain(`Admin login: superadmin, tenant *, password in ${superPwFile}`);
+
+    // The desktops' network lives in the namespace; the host's interfaces are untouched.
+    expect(await hostLinks()).toEqual(linksBefore);
+    const nsLinks = (await run(["ip", "-n", netns, "-o", "link", "show"])).stdout;
+    expect(nsLinks).toContain("qvdbr0");
+
+    // The admin API over HTTPS, verified with the demo's certificate; the superadmin logs in.
+    const ca = readFileSync(cert, "utf8");
+    const login = await fetch(`https://127.0.0.1:${apiPort}/api/v1/login`, {
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ name: "superadmin", password: superPw }), tls: { ca },
+    } as RequestInit);
+    expect(login.status).toBe(200);
+
+    // The user's client, exactly as printed, on an X display of this test.
+    const DISPLAY = 64;
+    const xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" });
+    const mean = async () => Number((await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`], { allowFail: true })).stdout.trim()) || 0;
+    let client: Bun.Subprocess | undefined;
+    try {
+      await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0, "Xvfb", 20_000);
+      const before = await mean();
+      client = Bun.spawn(clientLine!.split(" "), { stdout: "pipe", stderr: "pipe", env: { ...cleanEnv(), DISPLAY: `:${DISPLAY}`, QVD_PASSWORD: userPw } });
+      let m = before;
+      await until(async () => (m = await mean()) > before + 0.05 || client!.exitCode !== null, "the desktop's pixels", 180_000);
+      if (client.exitCode !== null) throw new Error(`qvd client exited ${client.exitCode}: ${await new Response(client.stderr as ReadableStream).text()}`);
+      expect(m).toBeGreaterThan(before + 0.05);
+      const sql = connect(dbUrl(), { max: 1 });
+      try {
+        const [vm] = await sql`SELECT vm_state, user_state FROM vm_view WHERE name = 'Debian desktop'`;
+        expect(vm).toMatchObject({ vm_state: "running", user_state: "connected" });
+      } finally {
+        await sql.end({ timeout: 5 });
+      }
+
+      // Ctrl-C while the user is connected: the session ends, everything stops.
+      expect(await stopDemo(demo, "SIGINT")).toBe(0);
+      expect(await client.exited).toBe(0);
+    } finally {
+      client?.kill("SIGKILL");
+      xvfb.kill("SIGKILL");
+    }
+    expect(demo.output()).toContain("Stopping the node and its desktops…");
+    expect(demo.output()).toContain(`Removed the network namespace ${netns}.`);
+    expect(demo.output()).toMatch(/Stopped\.\n$/);
+    expect(demo.stderr()).toBe("");
+    await expectCleanedUp();
+  }, 600_000);
+
+  test("second run: everything is reused; a second demo in the same directory is refused", async () => {
+    const passwords = [readFileSync(superPwFile, "utf8"), readFileSync(userPwFile, "utf8")];
+    const demo = await startDemo();
+    const out = demo.output();
+    expect(out).not.toContain("Password");
+    expect(out).not.toContain("Creating");
+    expect(out).toContain("Reusing image debian-bookworm-desktop.tar.gz");
+    expect(out).toContain("Image already unpacked");
+    expect([readFileSync(superPwFile, "utf8"), readFileSync(userPwFile, "utf8")]).toEqual(passwords);
+    const sql = connect(dbUrl(), { max: 1 });
+    try {
+      const [n] = await sql`SELECT (SELECT count(*) FROM users)::int AS users, (SELECT count(*) FROM vms)::int AS vms,
+        (SELECT count(*) FROM dis)::int AS dis, (SELECT count(*) FROM hosts)::int AS hosts, (SELECT count(*) FROM administrators)::int AS admins`;
+      expect(n).toEqual({ users: 1, vms: 1, dis: 1, hosts: 1, admins: 1 });
+    } finally {
+      await sql.end({ timeout: 5 });
+    }
+
+    const second = await run(demoArgv(), { allowFail: true, env: cleanEnv() });
+    expect(second.status).not.toBe(0);
+    expect(second.stderr).toContain("another qvd demo");
+
+    expect(await stopDemo(demo, "SIGTERM")).toBe(0);
+    await expectCleanedUp();
+  }, 600_000);
+
+  test("a demo killed hard: the next run stops what it left (node, API, namespace) and starts afresh", async () => {
+    const killed = await startDemo();
+    killed.proc.kill("SIGKILL");
+    await killed.proc.exited;
+    running.delete(killed.proc);
+    expect(existsSync(`/run/netns/${netns}`)).toBe(true);
+
+    const demo = await startDemo();
+    const out = demo.output();
+    expect(out).toContain("Stopped the node left running by an earlier demo");
+    expect(out).toContain("Stopped the API left running by an earlier demo");
+    expect(out).toContain(`Removed the network namespace ${netns} left by an earlier demo`);
+    expect(await stopDemo(demo, "SIGINT")).toBe(0);
+    await expectCleanedUp();
+  }, 600_000);
 });
