@@ -35,7 +35,7 @@ function processesWith(needle: string): string[] {
   return out;
 }
 
-const hostLinks = async () => (await run(["ip", "-o", "link", "show"])).stdout.split("\n").map((l) => l.split(":")[1]?.trim()).filter(Boolean).sort();
+const hostLinks = async () => (await run(["ip", "-o", "link", "show"])).stdout.split("\n").map((l) => l.split(":")[1]?.trim() ?? "").filter(Boolean).sort();
 
 describe.skipIf(!isRoot)("qvd demo", () => {
   const work = mkdtempSync(join(tmpdir(), "qvd-demo-"));
