@@ -47,3 +47,11 @@ test("an administrator's acls name their roles, each with its effective ACLs", a
   expect(r.roles[1].acls).toEqual(["audit.see", "config.see"]);
   expect(r.items).toEqual([...new Set(r.roles.flatMap((x: any) => x.acls))].sort());
 });
+
+test("settings say which are secrets; a secret's value is masked", async () => {
+  expect((await sa.put("/configs/auth.ldap.bind_password", { value: "s3cret-pw" })).status).toBe(200);
+  const items = (await sa.get("/configs")).body.items;
+  const pw = items.find((i: any) => i.key === "auth.ldap.bind_password");
+  expect(pw).toMatchObject({ secret: true, value: "********", source: "global" });
+  expect(items.find((i: any) => i.key === "auth.totp.issuer").secret).toBe(false);
+});

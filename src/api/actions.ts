@@ -262,7 +262,7 @@ export const ACTION_ROUTES: Route[] = [
         const def = KEYS[k].default;
         const value = own?.value ?? global?.value ?? (def === undefined ? null : typeof def === "boolean" ? (def ? "1" : "0") : String(def));
         return {
-          key: k, doc: KEYS[k].doc,
+          key: k, doc: KEYS[k].doc, secret: KEYS[k].secret,
           default: def === undefined ? null : typeof def === "boolean" ? (def ? "1" : "0") : String(def),
           // Secrets (auth.ldap.bind_password) can be set but never read back.
           value: KEYS[k].secret && value ? "********" : value,

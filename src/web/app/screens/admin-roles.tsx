@@ -1,5 +1,133 @@
 // An administrator's roles (assign, take away) and their effective ACLs (shown on the
 // administrator's detail page).
+import { useState } from "preact/hooks";
+import { api, ApiError } from "../api.ts";
+import { useSession } from "../session.ts";
+import { Button, ErrorLine, Field, Link, Loading, notify } from "../ui.tsx";
+import { AclTree, Badge } from "./acl-tree.tsx";
+import { aclCatalogue, type Acl } from "./acls.ts";
+import { useLoad } from "./load.ts";
+import { roleLabel, useRoleOptions } from "./role-acls.tsx";
+
+interface AdminRole {
+  id: number;
+  name: string;
+  tenant_id: number;
+  tenant_name: string;
+  builtin: boolean;
+  acls: string[];
+}
+
 export function AdminRoles(props: { administrator: { id: number; name: string; [k: string]: unknown }; onChange?: () => void }) {
-  return <p class="muted">Roles of {props.administrator.name}: not built yet.</p>;
+  const session = useSession();
+  const id = props.administrator.id;
+  const loaded = useLoad(
+    async (s) => {
+      const [acls, catalogue] = await Promise.all([api.get<{ items: string[]; roles: AdminRole[] }>(`/administrators/${id}/acls`, s), aclCatalogue()]);
+      return { effective: new Set(acls.items), roles: acls.roles, catalogue };
+    },
+    [id],
+  );
+  const editable = session.can("administrator.assign_role");
+  const tenantId = typeof props.administrator.tenant_id === "number" ? props.administrator.tenant_id : session.administrator.tenant_id;
+  const options = useRoleOptions(tenantId, editable);
+  const [pick, setPick] = useState("");
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState<string>();
+  if (!loaded.data) return loaded.error ? <ErrorLine error={`Cannot load the roles: ${loaded.error}`} /> : <Loading what="roles" />;
+  const { roles, effective, catalogue } = loaded.data;
+  const candidates = (options.data ?? []).filter((r) => !roles.some((x) => x.id === r.id));
+  const act = async (what: () => Promise<unknown>, done: string) => {
+    setBusy(true);
+    setError(undefined);
+    try {
+      await what();
+      notify(done);
+      setPick("");
+    } catch (err) {
+      setError((err as ApiError).message);
+    }
+    await loaded.reload();
+    props.onChange?.();
+    setBusy(false);
+  };
+  const name = props.administrator.name;
+  return (
+    <div class="admin-roles">
+      <section class="st-panel" aria-labelledby="admin-roles-title">
+        <h2 id="admin-roles-title">Roles</h2>
+        {roles.length === 0 ? (
+          <p class="muted">{name} has no role, so no ACL: they can log in but see nothing.</p>
+        ) : (
+          <ul class="st-chips">
+            {roles.map((r) => (
+              <li key={r.id} class="st-chip">
+                {session.can("role.see") ? <Link to={`/roles/${r.id}`}>{roleLabel(r, session.multitenant)}</Link> : roleLabel(r, session.multitenant)}
+                <span class="muted"> · {r.acls.length} ACLs</span>
+                {editable && (
+                  <Button kind="plain" class="st-chip-remove" disabled={busy} aria-label={`Take role ${r.name} from ${name}`}
+                    onClick={() => act(() => api.del(`/administrators/${id}/roles/${r.id}`), `${name} no longer has role ${r.name}`)}>
+                    Remove
+                  </Button>
+                )}
+              </li>
+            ))}
+          </ul>
+        )}
+        {editable && (
+          <form
+            class="st-inline"
+            onSubmit={(e) => {
+              e.preventDefault();
+              const role = candidates.find((c) => String(c.id) === pick);
+              if (role) void act(() => api.post(`/administrators/${id}/roles`, { role_id: role.id }), `${name} now has role ${role.name}`);
+            }}
+          >
+            <Field label="Assign a role" error={error ?? (options.error && `Cannot list the roles: ${options.error}`)}>
+              {(a) => (
+                <select {...a} value={pick} onChange={(e) => setPick(e.currentTarget.value)} disabled={busy}>
+                  <option value="">Choose a role…</option>
+                  {candidates.map((c) => (
+                    <option key={c.id} value={String(c.id)}>
+                      {roleLabel(c, session.multitenant)}
+                    </option>
+                  ))}
+                </select>
+              )}
+            </Field>
+            <Button type="submit" kind="primary" busy={busy} disabled={!pick}>
+              Assign
+            </Button>
+          </form>
+        )}
+        {!editable && error && <ErrorLine error={error} />}
+      </section>
+      <EffectiveAcls title="Effective ACLs" catalogue={catalogue} effective={effective} roles={roles} />
+    </div>
+  );
+}
+
+/** Read-only: the ACLs someone holds, by object, with the roles they come from when known. */
+export function EffectiveAcls(props: { title: string; catalogue: Acl[]; effective: Set<string>; roles?: { name: string; acls: string[] }[] }) {
+  const { effective, roles } = props;
+  return (
+    <section class="st-panel" aria-label={props.title}>
+      <h2>{props.title}</h2>
+      <p class="muted">
+        {effective.size} of {props.catalogue.length} ACLs.
+      </p>
+      {effective.size > 0 && (
+        <AclTree
+          label={props.title}
+          catalogue={props.catalogue}
+          include={(a) => effective.has(a)}
+          counted={(a) => effective.has(a)}
+          status={(a) => {
+            const from = roles?.filter((r) => r.acls.includes(a)).map((r) => r.name) ?? [];
+            return <Badge kind="ok">{from.length ? `From ${from.join(", ")}` : "Granted"}</Badge>;
+          }}
+        />
+      )}
+    </section>
+  );
 }

@@ -1,0 +1,32 @@
+// Loading data for a settings screen: the result, the error to show, and a reload that
+// keeps the old data on screen while it runs (no flicker after each change).
+import { useCallback, useEffect, useRef, useState } from "preact/hooks";
+
+export interface Loaded<T> {
+  data?: T;
+  error?: string;
+  loading: boolean;
+  reload: () => Promise<void>;
+}
+
+export function useLoad<T>(load: (signal: AbortSignal) => Promise<T>, deps: unknown[]): Loaded<T> {
+  const [state, setState] = useState<{ data?: T; error?: string; loading: boolean }>({ loading: true });
+  const current = useRef<AbortController>();
+  const reload = useCallback(async () => {
+    current.current?.abort();
+    const ac = new AbortController();
+    current.current = ac;
+    setState((s) => ({ ...s, loading: true }));
+    try {
+      const data = await load(ac.signal);
+      if (!ac.signal.aborted) setState({ data, loading: false });
+    } catch (err) {
+      if (!ac.signal.aborted && (err as Error).name !== "AbortError") setState((s) => ({ data: s.data, error: (err as Error).message, loading: false }));
+    }
+  }, deps);
+  useEffect(() => {
+    void reload();
+    return () => current.current?.abort();
+  }, [reload]);
+  return { ...state, reload };
+}
