@@ -51,7 +51,8 @@ export interface BrowserHarness {
   open(api: TestApi | string, opts?: { viewport?: { width: number; height: number } }): Promise<WatPage>;
 }
 
-async function openPage(browser: Browser, api: TestApi | string, opts: { viewport?: { width: number; height: number } } = {}): Promise<WatPage> {
+/** A new context and page on the WAT of `api` (useBrowser's `open`, for scripts without bun:test). */
+export async function openWatPage(browser: Browser, api: TestApi | string, opts: { viewport?: { width: number; height: number } } = {}): Promise<WatPage> {
   const origin = originOf(api);
   const context = await browser.newContext({ viewport: opts.viewport ?? { width: 1280, height: 800 }, baseURL: origin });
   // Fail in seconds rather than at the test's timeout, so the failing step is the one reported.
@@ -111,7 +112,7 @@ export function useBrowser(): () => BrowserHarness {
     return {
       browser: b,
       async open(api, opts) {
-        const w = await openPage(b, api, opts);
+        const w = await openWatPage(b, api, opts);
         contexts.push(w.context);
         return w;
       },
