@@ -82,11 +82,17 @@ export default defineCommand({
 
     // A signal ends the demo: between setup steps, or while it runs.
     let signalled: string | undefined;
+    let stillSaid = false;
     let onStop: (sig: string) => void = () => {};
     const stopSignal = new Promise<string>((r) => (onStop = r));
     for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"] as const)
       process.on(sig, () => {
-        if (signalled) return console.log("Still stopping (desktops first)…");
+        if (signalled) {
+          // Once: `npm run demo` passes on the terminal's Ctrl-C, which reached the demo too.
+          if (!stillSaid) console.log("Still stopping (desktops first)…");
+          stillSaid = true;
+          return;
+        }
         signalled = sig;
         console.log(`${sig}: stopping${setupDone ? "" : " after this step"}…`);
         onStop(sig);
