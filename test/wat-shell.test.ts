@@ -1,17 +1,20 @@
 // The WAT's shell in real Chromium against a live API and PostgreSQL: login (a wrong password
 // answered on the form, the right one opening the dashboard), logout, a deep URL that survives
-// a reload and a login, the menu button on a narrow screen, and keyboard-only use.
+// a reload and a login, the session ended elsewhere, the own password change, the menu button
+// on a narrow screen, and keyboard-only use.
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { startTestApi, type TestApi } from "./support/api.ts";
+import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
 import { HTTP_STATUS, useBrowser } from "./support/browser.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 
 const db = useTestDatabase();
 const browser = useBrowser();
 let api: TestApi;
+let sa: ApiClient;
 
 beforeAll(async () => {
   api = await startTestApi(db());
+  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
 });
 afterAll(async () => {
   await api?.stop();
@@ -105,4 +108,54 @@ test("keyboard only: log in with Tab and Enter", async () => {
   await w.page.keyboard.press("Enter");
   await w.page.getByRole("heading", { level: 1, name: "Dashboard" }).waitFor();
   w.assertNoErrors();
+});
+
+test("a session ended elsewhere: the next action shows the login with the notice, and logging in again goes on there", async () => {
+  const w = await browser().open(api);
+  await w.goto("/profile");
+  await w.login(TEST_ADMIN.name, TEST_ADMIN.password);
+  await w.page.getByRole("heading", { level: 1, name: "Your profile" }).waitFor();
+  const sessions = (await sa.get("/sessions")).body.items as { id: string; source: string; administrator_name: string }[];
+  const mine = sessions.filter((s) => s.source === "wat" && s.administrator_name === TEST_ADMIN.name);
+  expect(mine).toHaveLength(1);
+  expect((await sa.del(`/sessions/${mine[0]!.id}`)).status).toBe(200);
+
+  await w.page.getByRole("navigation", { name: "Main" }).getByRole("link", { name: "Configuration" }).click();
+  await w.page.getByRole("button", { name: "Log in" }).waitFor();
+  expect(await w.page.getByRole("status").filter({ hasText: "Your session ended" }).count()).toBe(1);
+  expect(await w.page.getByRole("button", { name: "Log out" }).count()).toBe(0);
+  await w.login(TEST_ADMIN.name, TEST_ADMIN.password);
+  await w.page.getByRole("heading", { level: 1, name: "Configuration" }).waitFor();
+  expect(new URL(w.page.url()).pathname).toBe("/wat/config");
+  // The refused request is the only error.
+  w.assertNoErrors([HTTP_STATUS(401)]);
+});
+
+test("the profile changes the own password: a wrong current one is refused beside its field", async () => {
+  const a = await sa.post("/administrators", { tenant_id: 0, name: "changer", password: "changer-old-pw" });
+  expect(a.status).toBe(201);
+  const w = await browser().open(api);
+  await w.login("changer", "changer-old-pw");
+  await w.page.getByRole("link", { name: "changer" }).click();
+  await w.page.getByRole("heading", { level: 1, name: "Your profile" }).waitFor();
+  const form = w.page.getByRole("form", { name: "Change your password" });
+  await form.getByLabel("Current password", { exact: true }).fill("not-my-password");
+  await form.getByLabel("New password", { exact: true }).fill("changer-new-pw");
+  await form.getByLabel("Confirm the new password").fill("changer-new-pw");
+  await form.getByRole("button", { name: "Change password" }).click();
+  const current = form.getByLabel("Current password", { exact: true });
+  await form.locator(".field-invalid").getByRole("alert").waitFor();
+  // The error is the current password's, announced by it.
+  expect(await current.getAttribute("aria-invalid")).toBe("true");
+  const errId = await current.getAttribute("aria-describedby");
+  expect(await w.page.locator(`[id="${errId}"]`).textContent()).toContain("wrong password");
+  await w.screenshot("profile-password-error");
+
+  await current.fill("changer-old-pw");
+  await form.getByRole("button", { name: "Change password" }).click();
+  await w.page.getByText("Your password was changed").waitFor();
+  expect(await current.getAttribute("aria-invalid")).toBeNull();
+  expect((await api.anonymous.post("/login", { name: "changer", password: "changer-new-pw" })).status).toBe(200);
+  expect((await api.anonymous.post("/login", { name: "changer", password: "changer-old-pw" })).status).toBe(401);
+  w.assertNoErrors([HTTP_STATUS(422)]);
 });
