@@ -1,13 +1,16 @@
 // connect_to_vm through to the desktop: `qvd node` (HKD + L7R in one process) in a network
 // namespace of this test, the real Debian desktop image, and a client speaking the QVD protocol
 // from inside the namespace: list_of_vm, connect_to_vm → 102s → 101 → NX bytes from nxagent.
+// A second namespace, joined to the first by a veth, runs `qvd l7r` alone: a second node whose
+// L7R takes a session over from the first node's, reaching the desktop routed through it.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { copyFileSync } from "node:fs";
+import { copyFileSync, createWriteStream, readFileSync } from "node:fs";
 import { join } from "node:path";
 import * as D from "../src/db/index.ts";
 import { run } from "../src/run.ts";
-import { useTestDatabase } from "./support/db.ts";
-import { desktopImage, TestNode, until } from "./support/node.ts";
+import { startTestApi } from "./support/api.ts";
+import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
+import { cleanEnv, createNetns, desktopImage, TestNode, until, type Netns } from "./support/node.ts";
 
 const isRoot = process.getuid?.() === 0;
 const db = useTestDatabase();
@@ -17,13 +20,18 @@ const PORT = 8443;
 describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
   const node = new TestNode(db, "l7rnode");
   let vm: D.VmRow;
+  let cert = "";
+  let key = "";
   const sql = () => db().sql;
+  /** The second node (namespace, veth, `qvd l7r`), removed in afterAll whatever happened. */
+  let nsB: Netns | undefined;
+  let l7rB: Bun.Subprocess | undefined;
 
   beforeAll(async () => {
     const image = await desktopImage();
     await node.setup();
-    const cert = join(node.root, "l7r.crt");
-    const key = join(node.root, "l7r.key");
+    cert = join(node.root, "l7r.crt");
+    key = join(node.root, "l7r.key");
     await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", key, "-out", cert]);
     const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "alice", password: "alice-pw-1" });
     const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
@@ -33,10 +41,15 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
   }, 30 * 60_000);
 
   afterAll(async () => {
+    if (l7rB) {
+      l7rB.kill("SIGTERM");
+      await l7rB.exited;
+    }
+    await nsB?.remove(); // takes its end of the veth, and so the pair, with it
     await node.stop();
   }, 120_000);
 
-  const probeArgv = (mode = "") => [...node.ns.exec, join(import.meta.dir, "..", "node_modules", ".bin", "bun"), join(import.meta.dir, "support", "l7r-probe.ts"), String(PORT), "alice", "alice-pw-1", String(vm.id), mode];
+  const probeArgv = (mode = "", ns: Netns = node.ns) => [...ns.exec, join(import.meta.dir, "..", "node_modules", ".bin", "bun"), join(import.meta.dir, "support", "l7r-probe.ts"), String(PORT), "alice", "alice-pw-1", String(vm.id), mode];
   const probe = async () => {
     const r = await run(probeArgv(), { timeoutMs: 300_000 });
     return JSON.parse(r.stdout.trim().split("\n").pop()!);
@@ -79,6 +92,58 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "disconnected", "the session to be released", 20_000);
   }, 600_000);
 
+  test("across two nodes: a connection through node B's L7R takes the session over from node A's", async () => {
+    // Node B: its own namespace, a veth to node A's (198.19.255.0/30), and a route to the VM
+    // network through node A, which forwards (its firewall lets the VMA's and nxagent's ports in).
+    const nb = (nsB = await createNetns());
+    const tag = nb.name.slice(-6);
+    const [ifA, ifB] = [`qa${tag}`, `qb${tag}`];
+    await run([...node.ns.exec, "ip", "link", "add", ifA, "type", "veth", "peer", "name", ifB, "netns", nb.name]);
+    await run([...node.ns.exec, "ip", "addr", "add", "198.19.255.1/30", "dev", ifA]);
+    await run([...node.ns.exec, "ip", "link", "set", ifA, "up"]);
+    await run([...node.ns.exec, "sysctl", "-qw", "net.ipv4.ip_forward=1"]); // node A's namespace only
+    await run([...nb.exec, "ip", "addr", "add", "198.19.255.2/30", "dev", ifB]);
+    await run([...nb.exec, "ip", "link", "set", ifB, "up"]);
+    await run([...nb.exec, "ip", "route", "add", "198.18.0.0/16", "via", "198.19.255.1"]);
+    const hostB = await D.create(sql(), D.hosts, ALL, { name: "l7rnode-b", address: "198.19.255.2" });
+    const logB = join(node.root, "l7r-b.log");
+    l7rB = Bun.spawn([...nb.exec, node.binary, "l7r", "--db", db().url, "--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key,
+      "--set", "nodename=l7rnode-b", "--set", "log.level=debug"], { stdout: "pipe", stderr: "pipe", env: cleanEnv() });
+    const out = createWriteStream(logB);
+    for (const st of [l7rB.stdout, l7rB.stderr] as ReadableStream<Uint8Array>[]) void st.pipeTo(new WritableStream({ write: (c) => void out.write(c) }));
+    const listening = async () => (await run([...nb.exec, "bash", "-c", `exec 3<>/dev/tcp/127.0.0.1/${PORT}`], { allowFail: true })).status === 0;
+    await until(async () => (await listening()) || l7rB!.exitCode !== null, "node B's L7R to listen");
+    expect(l7rB.exitCode, readFileSync(logB, "utf8")).toBeNull();
+
+    // Client 1 through node A holds the session; client 2 through node B takes it.
+    const first = Bun.spawn(probeArgv("hold"), { stdout: "pipe", stderr: "pipe" });
+    await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "connected", "client 1's session (node A)", 120_000);
+    expect((await sql()`SELECT l7r_host_id FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!.l7r_host_id).toBe(node.host.id);
+    const second = Bun.spawn(probeArgv("hold", nb), { stdout: "pipe", stderr: "pipe" });
+    // Client 1 is closed by node A (told through its host channel, not by a timeout).
+    await first.exited;
+    const out1 = JSON.parse((await new Response(first.stdout).text()).trim().split("\n").pop()!);
+    expect(out1.final.status).toBe(101);
+    expect(out1.closedByServer).toBe(true);
+    // Client 2 gets its 101 from node B, and nxagent's greeting over the routed path.
+    const reader = second.stdout.getReader();
+    let text = "";
+    while (!text.includes("\n")) {
+      const c = await reader.read();
+      if (c.done) break;
+      text += new TextDecoder().decode(c.value);
+    }
+    const out2 = JSON.parse(text.split("\n")[0]!);
+    expect(out2.progress).toContain(`Aborting contending session for VM_ID: ${vm.id}`);
+    expect(out2.final.status, readFileSync(logB, "utf8").slice(-3000)).toBe(101);
+    expect(out2.nx).toMatch(/^NXPROXY-\d+\.\d+\.\d+/);
+    const row = (await sql()`SELECT user_state, l7r_host_id FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!;
+    expect(row).toEqual({ user_state: "connected", l7r_host_id: hostB.id });
+    second.kill("SIGTERM");
+    await second.exited;
+    await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "disconnected", "the session to be released", 20_000);
+  }, 600_000);
+
   test("stop_vm of the running desktop: 102 progress, then 200 Machine stopped", async () => {
     const r = await run(probeArgv("stop"), { timeoutMs: 300_000 });
     const out = JSON.parse(r.stdout.trim().split("\n").pop()!);
@@ -87,41 +152,93 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     expect((await D.get(sql(), D.vms, ALL, vm.id)).vm_state).toBe("stopped");
   }, 600_000);
 
-  test("qvd client through this L7R: pixels arrive, a file written in the home is there after logging out and in", async () => {
+  test("the heartbeat, with everything made through the admin API: qvd client shows the desktop; a file written in the home is there after a resume and after a restart; the objects' properties reach the desktop", async () => {
     const { ensureDeps } = await import("../scripts/deps.ts");
     await ensureDeps(["xvfb", "nxproxy", "xwd", "imagemagick"], () => {});
+    const api = await startTestApi(db(), { "path.storage.images": join(node.root, "storage", "images") });
     const DISPLAY = 63;
-    const xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" });
-    const mean = async () => Number((await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`], { allowFail: true })).stdout.trim()) || 0;
-    /** One user session with `qvd client`: connected, the desktop's pixels on the user's display, then `during`, then logout. */
-    const session = async (during: () => Promise<void>) => {
-      const before = await mean();
-      const client = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${DISPLAY}`, "QVD_PASSWORD=alice-pw-1", node.binary, "client", "--host", "127.0.0.1", "--port", String(PORT), "--user", "alice", "--insecure", "--vm", String(vm.id), "--link", "lan"], { stdout: "ignore", stderr: "ignore" });
-      try {
-        await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "connected", "the client's session", 120_000);
-        let m = before;
-        await until(async () => (m = await mean()) > before + 0.05, "the desktop's pixels", 60_000);
-        expect(m).toBeGreaterThan(before + 0.05);
-        await during();
-      } finally {
-        client.kill("SIGTERM");
-        await client.exited;
-      }
-      await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "disconnected", "the session to be released", 20_000);
-    };
+    let xvfb: Bun.Subprocess | undefined;
     try {
+      // The user, OSF, image (uploaded), desktop and custom properties, as an administrator makes them.
+      const admin = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
+      const ok = async (r: Promise<{ status: number; body: any }>, what: string) => {
+        const x = await r;
+        expect(x.status, `${what}: ${JSON.stringify(x.body)}`).toBeLessThan(300);
+        return x.body;
+      };
+      const user = await ok(admin.post("/users", { name: "bea", password: "bea-pw-1" }), "user");
+      const osf = await ok(admin.post("/osfs", { name: "debian-api", memory_mb: 1024 }), "osf");
+      const di = await ok(admin.post("/dis", { osf_id: osf.id, path: "desktop-api.tar.gz" }), "image");
+      const image = await desktopImage();
+      const up = await fetch(`${api.url}/dis/${di.id}/image`, {
+        method: "PUT",
+        headers: { authorization: `Bearer ${admin.token}`, "content-type": "application/octet-stream" },
+        body: Bun.file(image),
+      });
+      expect(up.status, await up.clone().text()).toBe(200);
+      expect((await ok(admin.get(`/dis/${di.id}`), "image")).state).toBe("ready");
+      const desk = await ok(admin.post("/vms", { user_id: user.id, osf_id: osf.id, name: "bea-desktop" }), "vm");
+      const objects: [string, number][] = [["osfs", osf.id], ["dis", di.id], ["users", user.id], ["vms", desk.id]];
+      for (const key of ["hb.level", "hb.osfs", "hb.dis", "hb.users", "hb.vms"])
+        await ok(admin.post("/properties", { key, applies_to: ["osf", "di", "user", "vm"] }), `property ${key}`);
+      for (const [path, id] of objects) {
+        await ok(admin.put(`/${path}/${id}/properties/hb.level`, { value: path }), `hb.level of ${path}`);
+        await ok(admin.put(`/${path}/${id}/properties/hb.${path}`, { value: `set on ${path}` }), `hb.${path}`);
+      }
+
+      xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" });
+      const mean = async () => Number((await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`], { allowFail: true })).stdout.trim()) || 0;
+      const state = async () => (await ok(admin.get(`/vms/${desk.id}`), "vm state")) as { vm_state: string; user_state: string };
+      /** One user session with `qvd client`: connected, the desktop's pixels on the user's display, then `during`, then logout. */
+      const session = async (during: () => Promise<void>, extra: string[] = []) => {
+        // Clear the user's display, so the session's pixels are its own.
+        await run(["xsetroot", "-display", `:${DISPLAY}`, "-solid", "black"], { allowFail: true });
+        const before = await mean();
+        const client = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${DISPLAY}`, "QVD_PASSWORD=bea-pw-1", node.binary, "client", "--host", "127.0.0.1", "--port", String(PORT), "--user", "bea", "--insecure", "--link", "lan", ...extra], { stdout: "pipe", stderr: "pipe" });
+        try {
+          await until(async () => (await state()).user_state === "connected" || client.exitCode !== null, "the client's session", 180_000);
+          expect(client.exitCode, await (client.exitCode !== null ? new Response(client.stderr).text() : "")).toBeNull();
+          let m = before;
+          await until(async () => (m = await mean()) > before + 0.05, "the desktop's pixels", 60_000);
+          expect(m).toBeGreaterThan(before + 0.05);
+          await during();
+        } finally {
+          client.kill("SIGTERM");
+          await client.exited;
+        }
+        await until(async () => (await state()).user_state === "disconnected", "the session to be released", 20_000);
+        return new Response(client.stdout).text();
+      };
       await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0, "Xvfb", 20_000);
-      await session(async () => {
-        const w = await node.attach(vm.id, "echo 'written in the first session' > /home/alice/heartbeat.txt", "alice");
-        expect(w.status).toBe(0);
+
+      const first = await session(async () => {
+        const w = await node.attach(desk.id, "echo 'written in the first session' > /home/bea/heartbeat.txt && touch /tmp/first-boot", "bea");
+        expect(w.status, w.stderr).toBe(0);
+        // The properties of the four objects reached the desktop, the VM's winning.
+        const props = (await node.attach(desk.id, "cat /run/qvd/session.properties", "bea")).stdout;
+        expect(props).toContain("hb.level=vms\n");
+        for (const [path] of objects) expect(props).toContain(`hb.${path}=set on ${path}\n`);
+        expect(props).toContain("qvd.vm.user.name=bea\n");
+        expect(props).toContain("qvd.client.link=lan\n");
+        expect(props).not.toContain("qvd.slave.key");
       });
-      // Clear the user's display, so the second session's pixels are its own.
-      await run(["xsetroot", "-display", `:${DISPLAY}`, "-solid", "black"], { allowFail: true });
-      await session(async () => {
-        expect((await node.attach(vm.id, "cat /home/alice/heartbeat.txt", "alice")).stdout).toBe("written in the first session\n");
+      expect(first).toContain("Starting virtual machine");
+      // Logged out and in again: the same running desktop, resumed.
+      const second = await session(async () => {
+        expect((await node.attach(desk.id, "cat /home/bea/heartbeat.txt; ls /tmp/first-boot", "bea")).stdout).toBe("written in the first session\n/tmp/first-boot\n");
       });
+      expect(second).not.toContain("Starting virtual machine");
+      // The user restarts the desktop (qvd client --stop): a new container, the same home.
+      const third = await session(async () => {
+        const r = await node.attach(desk.id, "cat /home/bea/heartbeat.txt; ls /tmp/first-boot", "bea");
+        expect(r.stdout).toBe("written in the first session\n");
+        expect(r.stderr).toContain("No such file");
+      }, ["--stop"]);
+      expect(third).toContain("Stopping virtual machine");
+      expect(third).toContain("Starting virtual machine");
     } finally {
-      xvfb.kill("SIGKILL");
+      xvfb?.kill("SIGKILL");
+      await api.stop();
     }
-  }, 600_000);
+  }, 900_000);
 });
