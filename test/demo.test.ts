@@ -230,4 +230,22 @@ describe.skipIf(!isRoot)("qvd demo", () => {
     expect(await stopDemo(demo, "SIGINT")).toBe(0);
     await expectCleanedUp();
   }, 600_000);
+
+  test("a namespace of that name in use by something else: refused, and left as it is", async () => {
+    await run(["ip", "netns", "add", netns]);
+    const other = Bun.spawn(["nsenter", `--net=/run/netns/${netns}`, "--", "sleep", "600"], { stdout: "ignore", stderr: "ignore" });
+    try {
+      await until(async () => (await run(["ip", "netns", "pids", netns])).stdout.trim() !== "", "the other process in the namespace", 10_000);
+      const r = await run(demoArgv(), { allowFail: true, env: cleanEnv() });
+      expect(r.status).not.toBe(0);
+      expect(r.stderr).toContain(`the network namespace ${netns} is in use`);
+      expect(existsSync(`/run/netns/${netns}`)).toBe(true);
+      expect(other.exitCode).toBeNull();
+    } finally {
+      other.kill("SIGKILL");
+      await other.exited;
+      await run(["ip", "netns", "del", netns]);
+    }
+    await expectCleanedUp();
+  }, 300_000);
 });

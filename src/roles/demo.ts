@@ -174,8 +174,8 @@ export default defineCommand({
       await unpackForNode(di, imageOpts);
 
       step(`Network namespace ${netns.name} (the VM bridge ${BRIDGE} and ${VM_RANGE} live in it)`);
+      netnsMade = true; // it did not exist a moment ago (checked above): whatever part gets made is ours
       await netns.create();
-      netnsMade = true;
 
       step("Node (HKD + L7R) in the namespace");
       rmSync(socket, { force: true });
@@ -235,7 +235,8 @@ export default defineCommand({
       }
       if (api) await api.stop(15_000);
       try {
-        if (netnsMade || netns.exists) {
+        // Only a namespace this run made: one found in use at start-up belongs to someone else.
+        if (netnsMade) {
           const left = await netns.remove(lxcPath);
           if (left.length) console.log(`Desktops left running were stopped by force: ${left.join(", ")}`);
           console.log(`Removed the network namespace ${netns.name}.`);
