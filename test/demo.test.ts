@@ -9,6 +9,8 @@ import { randomBytes } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { LocalCluster } from "../src/db/local-cluster.ts";
+import { startVm } from "../src/db/commands.ts";
+import { ALL_TENANTS } from "../src/db/objects.ts";
 import { connect } from "../src/db/pool.ts";
 import { run } from "../src/run.ts";
 import { cleanEnv, desktopImage, qvdBinary, until } from "./support/node.ts";
@@ -215,8 +217,18 @@ describe.skipIf(!isRoot)("qvd demo", () => {
     await expectCleanedUp();
   }, 600_000);
 
-  test("a demo killed hard: the next run stops what it left (node, API, namespace) and starts afresh", async () => {
+  test("a demo killed hard: the next run stops what it left (node, desktop, API, namespace) and starts afresh", async () => {
     const killed = await startDemo();
+    const sql = connect(dbUrl(), { max: 1 });
+    const vmState = async () => (await sql`SELECT vm_state FROM vm_view WHERE name = 'Debian desktop'`)[0]!.vm_state;
+    try {
+      const [vm] = await sql`SELECT id FROM vms`;
+      await startVm(sql, ALL_TENANTS, vm!.id, { heartbeatWithinS: 60 });
+      await until(async () => (await vmState()) === "running", "the desktop to run", 120_000);
+    } finally {
+      await sql.end({ timeout: 5 });
+    }
+    expect(processesWith(`[lxc monitor] ${join(dir, "run", "lxc")}`)).toHaveLength(1);
     killed.proc.kill("SIGKILL");
     await killed.proc.exited;
     running.delete(killed.proc);
@@ -227,6 +239,13 @@ describe.skipIf(!isRoot)("qvd demo", () => {
     expect(out).toContain("Stopped the node left running by an earlier demo");
     expect(out).toContain("Stopped the API left running by an earlier demo");
     expect(out).toContain(`Removed the network namespace ${netns} left by an earlier demo`);
+    expect(processesWith(`[lxc monitor] ${join(dir, "run", "lxc")}`)).toEqual([]);
+    const check = connect(dbUrl(), { max: 1 });
+    try {
+      expect((await check`SELECT vm_state FROM vm_view`)[0]!.vm_state).toBe("stopped");
+    } finally {
+      await check.end({ timeout: 5 });
+    }
     expect(await stopDemo(demo, "SIGINT")).toBe(0);
     await expectCleanedUp();
   }, 600_000);
