@@ -264,7 +264,10 @@ CREATE TABLE user_tokens (
   expires_at timestamptz NOT NULL,
   multi_use  boolean NOT NULL DEFAULT false,
   used_at    timestamptz,
-  created_at timestamptz NOT NULL DEFAULT now()
+  created_at timestamptz NOT NULL DEFAULT now(),
+  -- What the authentication plugin knew at the login that made the token (uid, gid, home,
+  -- session params from LDAP…), so that a bearer login starts the same desktop identity.
+  auth_params jsonb
 );
 CREATE INDEX user_tokens_user ON user_tokens (user_id);
 CREATE INDEX user_tokens_expiry ON user_tokens (expires_at);

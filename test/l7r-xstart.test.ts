@@ -196,3 +196,15 @@ test("an administrator's property the VMA cannot use: 503 naming it; nothing is 
   expect(ok.res.status).toBe(101);
   expect(xStarts.at(-1)).toMatchObject({ uid: 10000 + ids.alice, home: "/srv/homes/alice" });
 });
+
+test("a bearer login starts the desktop with the identity of the login that made the token", async () => {
+  const c = await WireClient.connect(l7r.port);
+  c.send(`GET /qvd/create_auth_token HTTP/1.1\r\nAuthorization: ${basic("lena", "whatever")}\r\n\r\n`);
+  const token = JSON.parse((await c.response()).body).auth_token.trim();
+  c.end();
+  xStarts.length = 0;
+  const { res } = await connect(ids.lenaVm, `Bearer ${token}`, "qvd.client.os=linux");
+  expect(res.status).toBe(101);
+  expect(xStarts[0]).toMatchObject({ user: "lena", uid: 30000, gid: 30001, home: "/home/ldap/lena" });
+  expect(xStarts[0].properties["qvd.vm.user.ldap.name"]).toBe("lena");
+});

@@ -13,12 +13,14 @@ export interface TokenInfo {
   vm_id: number | null;
   expires_at: Date;
   multi_use: boolean;
+  /** What the authentication plugin knew at the login that made the token (opaque here). */
+  auth_params: Record<string, unknown> | null;
 }
 
 export async function createUserToken(
   db: Db,
   scope: Scope,
-  opts: { userId: number; vmId?: number; ttlSeconds: number; multiUse?: boolean },
+  opts: { userId: number; vmId?: number; ttlSeconds: number; multiUse?: boolean; authParams?: Record<string, unknown> },
 ): Promise<{ token: string; expires_at: Date }> {
   const user = await get(db, users, scope, opts.userId);
   if (opts.vmId !== undefined) {
@@ -26,8 +28,9 @@ export async function createUserToken(
     if (vm.user_id !== user.id) throw new Error("token VM does not belong to the user");
   }
   const token = randomBytes(32).toString("base64url");
-  const [r] = await db`INSERT INTO user_tokens (token_hash, user_id, vm_id, expires_at, multi_use)
-    VALUES (${hashToken(token)}, ${user.id}, ${opts.vmId ?? null}, now() + make_interval(secs => ${opts.ttlSeconds}), ${opts.multiUse ?? false})
+  const [r] = await db`INSERT INTO user_tokens (token_hash, user_id, vm_id, expires_at, multi_use, auth_params)
+    VALUES (${hashToken(token)}, ${user.id}, ${opts.vmId ?? null}, now() + make_interval(secs => ${opts.ttlSeconds}), ${opts.multiUse ?? false},
+            ${opts.authParams ? JSON.stringify(opts.authParams) : null}::text::jsonb)
     RETURNING expires_at`;
   return { token, expires_at: r!.expires_at };
 }
@@ -36,7 +39,7 @@ export async function createUserToken(
 export async function useUserToken(db: Db, token: string): Promise<TokenInfo | undefined> {
   const [r] = await db`UPDATE user_tokens SET used_at = now()
      WHERE token_hash = ${hashToken(token)} AND expires_at > now() AND (multi_use OR used_at IS NULL)
-     RETURNING user_id, vm_id, expires_at, multi_use`;
+     RETURNING user_id, vm_id, expires_at, multi_use, auth_params`;
   return r as TokenInfo | undefined;
 }
 

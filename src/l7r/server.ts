@@ -87,6 +87,16 @@ class Status extends Error {
   }
 }
 
+/** What a token keeps of its login's plugin result (see pluginIdentityFrom). */
+const pluginIdentity = (u: AuthenticatedUser) => ({ uid: u.uid, gid: u.gid, home: u.home, params: u.params });
+
+function pluginIdentityFrom(p: Record<string, unknown> | null): Partial<AuthenticatedUser> {
+  if (!p) return {};
+  const id = (v: unknown) => (typeof v === "number" && Number.isInteger(v) && v > 0 ? v : undefined);
+  const params = p.params && typeof p.params === "object" ? Object.fromEntries(Object.entries(p.params).filter(([, v]) => typeof v === "string")) as Record<string, string> : undefined;
+  return { uid: id(p.uid), gid: id(p.gid), home: typeof p.home === "string" ? p.home : undefined, params };
+}
+
 const unavailable = (reason: string) => new Status(503, `The requested virtual machine is not available: ${reason}, retry later.`);
 
 export async function startL7r(o: L7rOptions): Promise<L7r> {
@@ -285,7 +295,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
           return this.send(jsonResponse(200, {}));
         case "/qvd/create_auth_token": {
           const user = await this.auth(req, host.id);
-          const tok = await createUserToken(sql, tenantScope(user.tenantId), { userId: user.userId, ttlSeconds: 86400, multiUse: true });
+          const tok = await createUserToken(sql, tenantScope(user.tenantId), { userId: user.userId, ttlSeconds: 86400, multiUse: true, authParams: pluginIdentity(user) });
           return this.send(jsonResponse(200, { auth_token: Buffer.from(tok.token).toString("base64") + "\n" }));
         }
         case "/qvd/stop_vm":
@@ -313,7 +323,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         const tok = await useUserToken(sql, decoded.trim());
         const u = tok && (await L.userForL7r(sql, tok.user_id));
         if (!u || u.blocked || u.tenant_blocked) throw unauthorized;
-        user = { userId: u.id, tenantId: u.tenant_id, login: u.name };
+        // The identity the plugin gave at the login that made the token (LDAP uid/gid/home…).
+        user = { ...pluginIdentityFrom(tok.auth_params), userId: u.id, tenantId: u.tenant_id, login: u.name };
       } else {
         const colon = decoded.indexOf(":");
         if (colon <= 0) throw unauthorized;
