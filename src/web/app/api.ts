@@ -11,6 +11,8 @@ export const BASE = "/api/v1";
 let onExpired: () => void = () => {};
 /** Called once when a request answers 401: the session ended (expired, logged out elsewhere). */
 export const whenSessionExpires = (f: () => void) => void (onExpired = f);
+/** Starts the session-expired flow from elsewhere (the event stream's `logout`). */
+export const sessionExpired = () => onExpired();
 
 export async function call<T = any>(method: string, path: string, body?: unknown, init: { signal?: AbortSignal; raw?: boolean } = {}): Promise<T> {
   let res: Response;

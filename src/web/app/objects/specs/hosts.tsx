@@ -1,0 +1,60 @@
+// Nodes (hosts): the machines that run desktops and the L7R.
+import { state, STATE_OPTIONS, text, when, yesNo } from "../format.tsx";
+import type { ObjectSpec } from "../types.ts";
+import * as C from "./common.tsx";
+import { vmsSpec } from "./vms.tsx";
+
+const HOST_STATES = ["stopped", "starting", "running", "stopping", "lost"];
+
+export const hostsSpec: ObjectSpec = {
+  kind: "host",
+  path: "hosts",
+  title: "Nodes",
+  singular: "node",
+  plural: "nodes",
+  acl: "host",
+  nav: { label: "Nodes", section: "Platform", order: 30 },
+  name: (r) => r.name,
+  search: "name",
+  columns: [
+    C.nameColumn(),
+    { key: "state", label: "State", sort: "state", render: state("state") },
+    { key: "address", label: "Address", sort: "address" },
+    C.blockedColumn,
+    { key: "vms_running", label: "VMs running", sort: "vms_running", num: true },
+    { key: "ok_ts", label: "Last heartbeat", sort: "ok_ts", render: when("ok_ts") },
+    { key: "version", label: "Version", sort: "version" },
+    C.descriptionColumn,
+  ],
+  filters: [{ key: "state", label: "State", type: "select", options: STATE_OPTIONS(HOST_STATES) }, C.blockedFilter],
+  fields: [
+    { name: "name", label: "Name", type: "text", required: true },
+    { name: "address", label: "Address", type: "text", required: true, hint: "Where the other nodes and the L7R reach it" },
+    C.descriptionField,
+    { name: "frontend", label: "Runs the L7R (frontend)", type: "checkbox" },
+    { name: "backend", label: "Runs desktops (backend)", type: "checkbox" },
+  ],
+  actions: [
+    ...C.blockActions("host.block"),
+    { label: "Stop all VMs", acl: "host.stop_vms", run: { action: "stop_vms" }, when: (r) => r.vms_running > 0, danger: true, done: "is stopping its VMs",
+      confirm: (what) => `Stop every VM running on ${what}? Their users are disconnected.` },
+    C.deleteAction("host", { when: (r) => r.state !== "running" && r.state !== "starting" }),
+  ],
+  details: [
+    { label: "State", render: state("state") },
+    { label: "Address", render: (r) => r.address },
+    { label: "Blocked", render: yesNo("blocked") },
+    { label: "Roles", render: (r) => [r.frontend && "L7R (frontend)", r.backend && "desktops (backend)"].filter(Boolean).join(", ") || "none" },
+    { label: "VMs running", render: (r) => r.vms_running },
+    { label: "Resources", render: (r) => (r.usable_ram_mb !== null ? `${r.usable_ram_mb} MB RAM, ${r.usable_cpu ?? "?"} CPUs usable` : text(null)) },
+    { label: "Last heartbeat", render: when("ok_ts") },
+    { label: "Version", render: (r) => text(r.version) },
+    { label: "Description", render: (r) => text(r.description) },
+    ...C.createdDetails,
+  ],
+  properties: true,
+  alsoChangedBy: ["vm"],
+  related: [
+    { title: "Virtual machines", spec: () => vmsSpec, filter: (r) => ({ host_id: String(r.id) }), columns: ["name", "vm_state", "user_name", "user_state", "ip"], listQuery: (r) => ({ host_id: String(r.id) }) },
+  ],
+};
