@@ -26,7 +26,7 @@ export function AdminRoles(props: { administrator: { id: number; name: string; [
       const [acls, catalogue] = await Promise.all([api.get<{ items: string[]; roles: AdminRole[] }>(`/administrators/${id}/acls`, s), aclCatalogue()]);
       return { effective: new Set(acls.items), roles: acls.roles, catalogue };
     },
-    [id],
+    [id, JSON.stringify(props.administrator.roles)], // and again when the page's row changes
   );
   const editable = session.can("administrator.assign_role");
   const tenantId = typeof props.administrator.tenant_id === "number" ? props.administrator.tenant_id : session.administrator.tenant_id;
@@ -54,8 +54,8 @@ export function AdminRoles(props: { administrator: { id: number; name: string; [
   const name = props.administrator.name;
   return (
     <div class="admin-roles">
-      <section class="st-panel" aria-labelledby="admin-roles-title">
-        <h2 id="admin-roles-title">Roles</h2>
+      <section class="st-sub" aria-labelledby="admin-roles-title">
+        <h3 id="admin-roles-title">Roles</h3>
         {roles.length === 0 ? (
           <p class="muted">{name} has no role, so no ACL: they can log in but see nothing.</p>
         ) : (
@@ -111,8 +111,8 @@ export function AdminRoles(props: { administrator: { id: number; name: string; [
 export function EffectiveAcls(props: { title: string; catalogue: Acl[]; effective: Set<string>; roles?: { name: string; acls: string[] }[] }) {
   const { effective, roles } = props;
   return (
-    <section class="st-panel" aria-label={props.title}>
-      <h2>{props.title}</h2>
+    <section class="st-sub" aria-label={props.title}>
+      <h3>{props.title}</h3>
       <p class="muted">
         {effective.size} of {props.catalogue.length} ACLs.
       </p>

@@ -6,7 +6,7 @@ import { navigate } from "../router.ts";
 import { useSession } from "../session.ts";
 import { Button, Confirm, ErrorLine, Field, Loading, Modal, notify } from "../ui.tsx";
 import { Badge } from "./acl-tree.tsx";
-import { useLoad } from "./load.ts";
+import { fieldMessage, useLoad } from "./load.ts";
 
 interface Setting {
   key: string;
@@ -191,7 +191,7 @@ function EditSetting(props: { setting: Setting; tenant?: number; onClose: () => 
       props.onClose();
     } catch (err) {
       const a = err as ApiError;
-      if (a.field === "value" || a.field === "key") setFieldError(a.message);
+      if (a.field === "value" || a.field === "key") setFieldError(fieldMessage(a.message, a.field, s.key));
       else setError(a.message);
       setBusy(false);
     }

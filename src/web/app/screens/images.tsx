@@ -4,7 +4,7 @@ import { useEffect, useRef, useState } from "preact/hooks";
 import { api, ApiError, qs } from "../api.ts";
 import { useSession } from "../session.ts";
 import { Button, ErrorLine, Field, Modal, notify } from "../ui.tsx";
-import { useLoad } from "./load.ts";
+import { fieldMessage, useLoad } from "./load.ts";
 import { bytes, UploadAborted, uploadImage, type Upload } from "./upload.ts";
 
 type Phase = "form" | "uploading" | "failed" | "done";
@@ -73,7 +73,7 @@ export function NewImageDialog(props: { osfId?: number; onClose: () => void; onC
       await start(di.id, file);
     } catch (err) {
       const a = err as ApiError;
-      if (a.field) setErrors({ [a.field]: a.message });
+      if (a.field) setErrors({ [a.field]: fieldMessage(a.message, a.field) });
       else setError(a.message);
     }
   };
@@ -294,7 +294,7 @@ export function ImageTags(props: { di: { id: number; [k: string]: unknown }; onC
       props.onChange();
     } catch (err) {
       const a = err as ApiError;
-      if (a.field === "tag" || a.field?.startsWith("expire_")) setErrors({ [a.field]: a.message });
+      if (a.field === "tag" || a.field?.startsWith("expire_")) setErrors({ [a.field]: fieldMessage(a.message, a.field) });
       else setError(a.message);
     }
     setBusy(false);
@@ -314,8 +314,7 @@ export function ImageTags(props: { di: { id: number; [k: string]: unknown }; onC
   };
 
   return (
-    <section class="st-panel" aria-labelledby="di-tags-title">
-      <h2 id="di-tags-title">Tags</h2>
+    <div class="di-tags">
       {unusable && <p class="st-note" role="note">This image is {di.state}: VMs whose tag points here will not start from it until it is ready.</p>}
       <ul class="st-chips" aria-label="Tags of this image">
         {tags.map((t) => (
@@ -354,8 +353,8 @@ export function ImageTags(props: { di: { id: number; [k: string]: unknown }; onC
           </Field>
           <fieldset class="expiry-set">
             <legend>Running VMs still on the old image</legend>
-            <ExpiryField label="must restart by" own={di.expire_soft_s} value={soft} error={errors.expire_soft_s} onChange={setSoft} disabled={busy} />
-            <ExpiryField label="will be stopped at" own={di.expire_hard_s} value={hard} error={errors.expire_hard_s} onChange={setHard} disabled={busy} />
+            <ExpiryField label="Must restart by" own={di.expire_soft_s} value={soft} error={errors.expire_soft_s} onChange={setSoft} disabled={busy} />
+            <ExpiryField label="Will be stopped at" own={di.expire_hard_s} value={hard} error={errors.expire_hard_s} onChange={setHard} disabled={busy} />
           </fieldset>
           <ErrorLine error={error} />
           <div class="actions">
@@ -366,6 +365,6 @@ export function ImageTags(props: { di: { id: number; [k: string]: unknown }; onC
         </form>
       )}
       {!editable && error && <ErrorLine error={error} />}
-    </section>
+    </div>
   );
 }

@@ -30,3 +30,13 @@ export function useLoad<T>(load: (signal: AbortSignal) => Promise<T>, deps: unkn
   }, [reload]);
   return { ...state, reload };
 }
+
+/** A field error's text without the field name the server puts first ("value: value: …"). */
+export function fieldMessage(message: string, ...names: (string | undefined)[]): string {
+  let m = message;
+  for (let again = true; again; ) {
+    again = false;
+    for (const n of names) if (n && m.startsWith(`${n}: `)) (m = m.slice(n.length + 2)), (again = true);
+  }
+  return m;
+}

@@ -5,7 +5,7 @@ import { useSession } from "../session.ts";
 import { Button, ErrorLine, Field, Loading, notify } from "../ui.tsx";
 import { EffectiveAcls } from "./admin-roles.tsx";
 import { aclCatalogue } from "./acls.ts";
-import { useLoad } from "./load.ts";
+import { fieldMessage, useLoad } from "./load.ts";
 
 const LANGUAGES: Record<string, string> = { auto: "the browser's", en: "English", es: "Spanish" };
 
@@ -60,7 +60,11 @@ function OwnAcls() {
     [s.administrator.id],
   );
   if (!loaded.data) return loaded.error ? <ErrorLine error={`Cannot load the ACLs: ${loaded.error}`} /> : <Loading what="ACLs" />;
-  return <EffectiveAcls title="Your ACLs" catalogue={loaded.data.catalogue} effective={s.acls} roles={loaded.data.roles} />;
+  return (
+    <div class="st-panel">
+      <EffectiveAcls title="Your ACLs" catalogue={loaded.data.catalogue} effective={s.acls} roles={loaded.data.roles} />
+    </div>
+  );
 }
 
 function PasswordForm() {
@@ -77,7 +81,7 @@ function PasswordForm() {
     if (!current) errs.current_password = "write your current password";
     if (password.length < 8) errs.password = "must have at least 8 characters";
     else if (password === current) errs.password = "must differ from the current password";
-    if (confirm !== password) errs.confirm = "does not match the new password";
+    if (confirm !== password) errs.confirm = "differs from the new password";
     setErrors(errs);
     if (Object.keys(errs).length) return;
     setBusy(true);
@@ -89,7 +93,7 @@ function PasswordForm() {
       notify("Your password was changed");
     } catch (err) {
       const a = err as ApiError;
-      if (a.field) setErrors({ [a.field]: a.message.replace(new RegExp(`^${a.field}: `), "") });
+      if (a.field) setErrors({ [a.field]: fieldMessage(a.message, a.field) });
       else setError(a.message);
     }
     setBusy(false);
@@ -103,7 +107,7 @@ function PasswordForm() {
       <Field label="New password" hint="At least 8 characters" error={errors.password}>
         {(a) => <input {...a} type="password" autoComplete="new-password" value={password} onInput={(e) => setPassword(e.currentTarget.value)} />}
       </Field>
-      <Field label="Confirm the new password" error={errors.confirm}>
+      <Field label="Repeat the new one" error={errors.confirm}>
         {(a) => <input {...a} type="password" autoComplete="new-password" value={confirm} onInput={(e) => setConfirm(e.currentTarget.value)} />}
       </Field>
       <ErrorLine error={error} />

@@ -6,7 +6,7 @@ import { useSession } from "../session.ts";
 import { Button, ErrorLine, Field, Link, Loading, notify } from "../ui.tsx";
 import { AclTree, Badge } from "./acl-tree.tsx";
 import { aclCatalogue, type Acl } from "./acls.ts";
-import { useLoad } from "./load.ts";
+import { fieldMessage, useLoad } from "./load.ts";
 
 interface RoleRow {
   id: number;
@@ -51,7 +51,9 @@ function readOnlyReason(role: RoleRow, superadmin: boolean): string | undefined 
 
 export function RoleAclEditor(props: { role: { id: number; name: string; [k: string]: unknown }; onChange?: () => void }) {
   const session = useSession();
-  const loaded = useLoad((s) => loadRoleAcls(props.role.id, s), [props.role.id]);
+  // Reloads when the page's row changes too (another administrator changed the role).
+  const r = props.role;
+  const loaded = useLoad((s) => loadRoleAcls(r.id, s), [r.id, JSON.stringify([r.grants, r.denials, r.inherits])]);
   if (!loaded.data) return loaded.error ? <ErrorLine error={`Cannot load the role's ACLs: ${loaded.error}`} /> : <Loading what="ACLs" />;
   const d = loaded.data;
   const reason = readOnlyReason(d.role, session.administrator.superadmin);
@@ -88,11 +90,11 @@ function RoleAclTree(props: { data: RoleAcls; editable: boolean; onChanged: () =
 
   // Keeps keyboard focus in the row that changed (its buttons are replaced).
   useEffect(() => {
-    if (!focusAfter) return;
+    if (!focusAfter || busy) return;
     const row = document.getElementById(`acl-${focusAfter}`);
     (row?.querySelector("button") as HTMLButtonElement | null)?.focus();
     setFocusAfter(undefined);
-  }, [props.data]);
+  }, [props.data, busy]);
 
   const run = async (what: () => Promise<unknown>, acl?: string) => {
     setBusy(true);
@@ -174,8 +176,8 @@ function RoleAclTree(props: { data: RoleAcls; editable: boolean; onChanged: () =
     });
 
   return (
-    <section class="st-panel" aria-labelledby="role-acls-title">
-      <h2 id="role-acls-title">ACLs</h2>
+    <section class="st-sub" aria-labelledby="role-acls-title">
+      <h3 id="role-acls-title">ACLs</h3>
       <p class="muted">
         {effective.size} effective ACL{effective.size === 1 ? "" : "s"}: {grants.size} granted here, {denials.size} denied here, the rest inherited.
       </p>
@@ -258,14 +260,14 @@ function RoleInheritance(props: { data: RoleAcls; editable: boolean; onChanged: 
       notify(done);
       setPick("");
     } catch (err) {
-      setError((err as ApiError).message);
+      setError(fieldMessage((err as ApiError).message, (err as ApiError).field));
     }
     await props.onChanged();
     setBusy(false);
   };
   return (
-    <section class="st-panel" aria-labelledby="role-inherits-title">
-      <h2 id="role-inherits-title">Inherited roles</h2>
+    <section class="st-sub" aria-labelledby="role-inherits-title">
+      <h3 id="role-inherits-title">Inherited roles</h3>
       {parents.length === 0 ? (
         <p class="muted">This role inherits no other role.</p>
       ) : (
