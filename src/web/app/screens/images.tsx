@@ -28,6 +28,9 @@ export function NewImageDialog(props: { osfId?: number; onClose: () => void; onC
   const [error, setError] = useState<string>();
   const [hint, setHint] = useState<string>();
   const upload = useRef<Upload>();
+  // Modal keeps the first onClose it is given, so the close handler reads the phase from a ref.
+  const busyRef = useRef(false);
+  busyRef.current = phase === "uploading";
 
   // Leaving the page would break the upload: the browser asks first.
   useEffect(() => {
@@ -114,7 +117,7 @@ export function NewImageDialog(props: { osfId?: number; onClose: () => void; onC
   return (
     <Modal
       title="New image"
-      onClose={() => (busy ? setHint("The upload is still running: use Cancel upload to stop it.") : props.onClose())}
+      onClose={() => (busyRef.current ? setHint("The upload is still running: use Cancel upload to stop it.") : props.onClose())}
     >
       <form onSubmit={submit} class="image-form">
         <Field label="OS flavour" error={errors.osf_id ?? (osfs.error && `Cannot list the OS flavours: ${osfs.error}`)}>
