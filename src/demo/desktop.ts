@@ -30,7 +30,7 @@ export async function ensureHost(sql: D.Sql, name: string): Promise<void> {
 
 async function ensureOsf(sql: D.Sql): Promise<D.OsfRow> {
   const [osf] = (await D.list(sql, D.osfs, scope, byName(DEMO_OSF))).rows;
-  return osf ?? D.create(sql, D.osfs, D.ALL_TENANTS, { tenant_id: DEMO_TENANT, name: DEMO_OSF, description: "Debian desktop (qvd demo)", memory_mb: 1024 });
+  return osf ?? D.create(sql, D.osfs, D.ALL_TENANTS, { tenant_id: DEMO_TENANT, name: DEMO_OSF, description: "Debian desktop (qvd demo)", memory_mb: 512 }); // jwm and xterm need far less
 }
 
 export interface ImageOptions {
