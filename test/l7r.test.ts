@@ -173,6 +173,51 @@ test("create_auth_token: a bearer token that lists the VMs on a new connection",
   c2.end();
 });
 
+test("create_auth_token?vm_id=: the token lists, stops and connects to that VM only, and passes on only that binding", async () => {
+  const c = await client();
+  c.send(`GET /qvd/create_auth_token?vm_id=${vmId} HTTP/1.1\r\nAuthorization: ${ALICE}\r\n\r\n`);
+  const r = await c.response();
+  expect(r.status).toBe(200);
+  // Another user's VM, or one that does not exist, cannot be bound.
+  c.send(`GET /qvd/create_auth_token?vm_id=999999 HTTP/1.1\r\nAuthorization: ${ALICE}\r\n\r\n`);
+  expect((await c.response()).status).toBe(404);
+  c.end();
+  const bound = `Bearer ${(JSON.parse(r.body).auth_token as string).trim()}`;
+  const c2 = await client();
+  c2.send(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${bound}\r\n\r\n`);
+  expect(JSON.parse((await c2.response()).body).map((v: { id: number }) => v.id)).toEqual([vmId]);
+  c2.send(`GET /qvd/stop_vm?id=${blockedVmId} HTTP/1.1\r\nAuthorization: ${bound}\r\n\r\n`);
+  expect((await c2.response()).status).toBe(403);
+  c2.send(`GET /qvd/stop_vm?id=${vmId} HTTP/1.1\r\nAuthorization: ${bound}\r\n\r\n`);
+  const stopped = await c2.response();
+  expect(stopped.status).toBe(200);
+  expect(stopped.body).toBe("Machine stopped\r\n");
+  // A bound login makes only tokens bound to the same VM.
+  c2.send(`GET /qvd/create_auth_token?vm_id=${blockedVmId} HTTP/1.1\r\nAuthorization: ${bound}\r\n\r\n`);
+  expect((await c2.response()).status).toBe(403);
+  c2.send(`GET /qvd/create_auth_token HTTP/1.1\r\nAuthorization: ${bound}\r\n\r\n`);
+  const passed = await c2.response();
+  expect(passed.status).toBe(200);
+  expect((await db().sql`SELECT vm_id FROM user_tokens ORDER BY created_at DESC LIMIT 1`)[0]!.vm_id).toBe(vmId);
+  c2.end();
+  // connect_to_vm to the user's other VM (unblocked for this check) is refused by the binding.
+  await D.setVmBlocked(db().sql, ALL, blockedVmId, false);
+  try {
+    const c3 = await client();
+    c3.send(`GET /qvd/connect_to_vm?id=${blockedVmId} HTTP/1.1\r\nAuthorization: ${bound}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n`);
+    const refused = await c3.response();
+    expect(refused.status).toBe(503);
+    expect(refused.body).toContain("You are not allowed to access requested virtual machine");
+    c3.end();
+  } finally {
+    await D.setVmBlocked(db().sql, ALL, blockedVmId, true);
+  }
+  // The desktop client binds with --vm.
+  const printed = await qvdClient(["--user", "alice", "--vm", "alice-1", "--print-token"], { QVD_PASSWORD: "alice-pw-1" });
+  expect(printed.code).toBe(0);
+  expect((await db().sql`SELECT vm_id FROM user_tokens ORDER BY created_at DESC LIMIT 1`)[0]!.vm_id).toBe(vmId);
+});
+
 test("unknown path or method: 404", async () => {
   const c = await client();
   c.send("GET /qvd/nothing HTTP/1.1\r\n\r\nPOST /qvd/ping HTTP/1.1\r\n\r\n");

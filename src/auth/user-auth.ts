@@ -25,6 +25,8 @@ export interface AuthenticatedUser {
   home?: string;
   /** Extra session parameters a plugin provides (properties for the VMA). */
   params?: Record<string, string>;
+  /** Set for a bearer token made for one VM: the login reaches that VM only. */
+  vmId?: number;
 }
 
 export type AuthResult =

@@ -174,7 +174,9 @@ export async function runClient(o: ClientOptions): Promise<number> {
     if (list.status === 404) throw new UserError(`${where} is not a QVD server (404 for /qvd/list_of_vm)`, EXIT.unreachable);
     if (list.status !== 200) throw failure(list, "to list the desktops", where, bearer);
     if (o.printToken) {
-      conn.request("/qvd/create_auth_token", auth);
+      // With --vm the token is good for that desktop only.
+      const bound = o.vm === undefined ? "" : `?vm_id=${(await choose(parseDesktops(list.body, where), who, where, o.vm)).id}`;
+      conn.request(`/qvd/create_auth_token${bound}`, auth);
       const t = await finalResponse(conn, "a token", say);
       if (t.status !== 200) throw failure(t, "to create a token", where, bearer);
       let token: unknown;

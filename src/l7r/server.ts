@@ -287,7 +287,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
           if (host.blocked) throw new Status(503, "Server is blocked");
           if (host.state !== "running") throw new Status(503, `Server is ${host.state}`);
           // No OSF is an application OSF (yet): applications are an empty list.
-          const list = req.path === "/qvd/list_of_vm" ? await L.userVms(sql, user.userId) : [];
+          const all = req.path === "/qvd/list_of_vm" ? await L.userVms(sql, user.userId) : [];
+          const list = user.vmId === undefined ? all : all.filter((v) => v.id === user.vmId);
           return this.send(jsonResponse(200, list.map((v) => ({ id: v.id, name: v.name, state: v.state, blocked: v.blocked ? 1 : 0, is_application: 0 }))));
         }
         case "/qvd/authenticate_user":
@@ -295,7 +296,16 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
           return this.send(jsonResponse(200, {}));
         case "/qvd/create_auth_token": {
           const user = await this.auth(req, host.id);
-          const tok = await createUserToken(sql, tenantScope(user.tenantId), { userId: user.userId, ttlSeconds: 86400, multiUse: true, authParams: pluginIdentity(user) });
+          // ?vm_id= makes a token for that VM only; a VM-bound login can only pass its VM on.
+          const vmRaw = req.query.find(([k]) => k === "vm_id")?.[1];
+          const vmId = vmRaw === undefined ? user.vmId : Number(vmRaw);
+          if (vmId !== undefined) {
+            if (!Number.isInteger(vmId)) throw new Status(422, "parameter vm_id is not a VM id");
+            const vm = await L.sessionVm(sql, vmId);
+            if (!vm) throw new Status(404, "The requested virtual machine does not exist");
+            if (vm.user_id !== user.userId || (user.vmId !== undefined && user.vmId !== vmId)) throw new Status(403, "You are not allowed to access requested virtual machine");
+          }
+          const tok = await createUserToken(sql, tenantScope(user.tenantId), { userId: user.userId, vmId, ttlSeconds: 86400, multiUse: true, authParams: pluginIdentity(user) });
           return this.send(jsonResponse(200, { auth_token: Buffer.from(tok.token).toString("base64") + "\n" }));
         }
         case "/qvd/stop_vm":
@@ -324,7 +334,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         const u = tok && (await L.userForL7r(sql, tok.user_id));
         if (!u || u.blocked || u.tenant_blocked) throw unauthorized;
         // The identity the plugin gave at the login that made the token (LDAP uid/gid/home…).
-        user = { ...pluginIdentityFrom(tok.auth_params), userId: u.id, tenantId: u.tenant_id, login: u.name };
+        user = { ...pluginIdentityFrom(tok.auth_params), userId: u.id, tenantId: u.tenant_id, login: u.name, ...(tok.vm_id !== null ? { vmId: tok.vm_id } : {}) };
       } else {
         const colon = decoded.indexOf(":");
         if (colon <= 0) throw unauthorized;
@@ -373,7 +383,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       if (!Number.isInteger(id)) throw new Status(422, "parameter id is missing");
       let vm = await L.sessionVm(sql, id);
       if (!vm) throw new Status(404, "The requested virtual machine does not exist");
-      if (vm.user_id !== user.userId) throw new Status(403, "You are not allowed to access requested virtual machine");
+      if (vm.user_id !== user.userId || (user.vmId !== undefined && user.vmId !== id)) throw new Status(403, "You are not allowed to access requested virtual machine");
       if (vm.vm_state === "stopped") return this.send(textResponse(200, "Machine stopped\r\n"));
       this.progress("Stopping virtual machine");
       if (["starting", "running", "debugging"].includes(vm.vm_state)) await stopVm(sql, tenantScope(user.tenantId), id).catch(() => {});
@@ -406,7 +416,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
 
       // From here on every failure is a 503 with the reason (as the original).
       try {
-        if (vm0.user_id !== user.userId) throw unavailable("You are not allowed to access requested virtual machine");
+        if (vm0.user_id !== user.userId || (user.vmId !== undefined && user.vmId !== id)) throw unavailable("You are not allowed to access requested virtual machine");
         await this.takeover(id, host);
         this.progress(`Session acquired for VM_ID: ${id}`);
         const running = await this.startAndWait(id, user);

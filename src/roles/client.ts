@@ -36,7 +36,7 @@ export default defineCommand({
     "password-file": { type: "string", description: "Read the password from the first line of FILE (else QVD_PASSWORD, else a prompt, else standard input)", valueHint: "FILE" },
     // Never the token itself on the command line: argv is visible to every user of the machine.
     "token-file": { type: "string", description: "Log in with a bearer token (from /qvd/create_auth_token, see --print-token) read from FILE (else QVD_TOKEN)", valueHint: "FILE" },
-    "print-token": { type: "boolean", description: "Log in with the password, print a bearer token for later logins (valid 24 h) and exit" },
+    "print-token": { type: "boolean", description: "Log in with the password, print a bearer token for later logins (valid 24 h; with --vm, for that desktop only) and exit" },
     vm: { type: "string", description: "The desktop (id or name); needed when there are several and no terminal", valueHint: "ID" },
     link: { type: "string", description: "Link type: modem, isdn, adsl, wan, lan, local (default adsl)", valueHint: "LINK" },
     geometry: { type: "string", description: "Desktop size WxH (default 1024x768)", valueHint: "WxH" },
