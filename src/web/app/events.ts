@@ -77,7 +77,7 @@ export function subscribe(kinds: string[], f: Listener): () => void {
   return () => {
     subs.delete(f);
     // Navigating unmounts one screen before the next subscribes: keep the stream a moment.
-    if (!subs.size) closeTimer = setTimeout(() => !subs.size && close(), 3000);
+    if (!subs.size) closeTimer = setTimeout(() => !subs.size && close(), 1000);
   };
 }
 

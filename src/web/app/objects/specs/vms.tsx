@@ -34,8 +34,14 @@ async function restart(vm: Row): Promise<string> {
   return `Virtual machine ${vm.name} is stopping; it starts again when stopped`;
 }
 
-/** "Expires within" as an absolute bound, computed when the list asks. */
-const within = (hours: string) => ({ "expire_hard_at[le]": new Date(Date.now() + Number(hours) * 3600_000).toISOString() });
+/**
+ * "Expires within" as an absolute bound. Whole minutes: the list query must stay the same from
+ * one render to the next (it is the key of the fetch), and moves on once a minute.
+ */
+const within = (hours: string) => {
+  const now = Math.floor(Date.now() / 60_000) * 60_000;
+  return { "expire_hard_at[le]": new Date(now + Number(hours) * 3600_000).toISOString() };
+};
 
 const expiry = (r: Row) =>
   r.expire_hard_at || r.expire_soft_at ? (
