@@ -1,4 +1,4 @@
--- QVD schema, version 1 (the canonical schema; `qvd db init` applies it to an empty database,
+-- QVD schema, version 2 (the canonical schema; `qvd db init` applies it to an empty database,
 -- `qvd db migrate` brings older databases here with the numbered files in src/db/migrations/).
 --
 -- Conventions

@@ -3,6 +3,7 @@ import { expect, test } from "bun:test";
 import { verifyAdministrator } from "../src/db/administrators.ts";
 import { connect } from "../src/db/pool.ts";
 import { initDatabase, migrateDatabase, schemaStatus, SCHEMA_VERSION } from "../src/db/schema.ts";
+import { MIGRATIONS } from "../src/db/migrations/index.ts";
 import { UserError } from "../src/errors.ts";
 import { testDatabase } from "./support/db.ts";
 
@@ -38,7 +39,7 @@ test("init refuses a database that already holds a schema, and changes nothing",
     await initDatabase(db.sql, { adminPassword: "first-password" });
     const err = await initDatabase(db.sql, { adminPassword: "second-password" }).catch((e) => e);
     expect(err).toBeInstanceOf(UserError);
-    expect(err.message).toContain("already holds a QVD schema (version 1)");
+    expect(err.message).toContain(`already holds a QVD schema (version ${SCHEMA_VERSION})`);
     expect(await verifyAdministrator(db.sql, 0, "superadmin", "first-password")).toBeDefined();
     const [{ n }] = (await db.sql`SELECT count(*)::int AS n FROM administrators`) as unknown as [{ n: number }];
     expect(n).toBe(1);
@@ -64,25 +65,26 @@ test("migrate applies numbered migrations in order, each atomically, and refuses
 
   try {
     await initDatabase(db.sql, { adminPassword: "migrate-pw" });
-    expect(await migrateDatabase(db.sql)).toEqual({ from: 1, to: 1, applied: [] });
+    const v = SCHEMA_VERSION;
+    expect(await migrateDatabase(db.sql)).toEqual({ from: v, to: v, applied: [] });
 
-    const m2 = { version: 2, name: "add notes", sql: "CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL)" };
-    const m3 = { version: 3, name: "add notes.author", sql: "ALTER TABLE notes ADD COLUMN author text" };
-    const bad4 = { version: 4, name: "broken", sql: "ALTER TABLE notes ADD COLUMN x int; ALTER TABLE nope ADD COLUMN y int" };
-    expect((await schemaStatus(db.sql, [m2, m3])).pending).toEqual([2, 3]);
+    const m2 = { version: v + 1, name: "add notes", sql: "CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL)" };
+    const m3 = { version: v + 2, name: "add notes.author", sql: "ALTER TABLE notes ADD COLUMN author text" };
+    const bad4 = { version: v + 3, name: "broken", sql: "ALTER TABLE notes ADD COLUMN x int; ALTER TABLE nope ADD COLUMN y int" };
+    expect((await schemaStatus(db.sql, [m2, m3])).pending).toEqual([v + 1, v + 2]);
     const res = await migrateDatabase(db.sql, [m3, m2]);
-    expect(res.applied.map((m) => m.version)).toEqual([2, 3]);
-    expect([res.from, res.to]).toEqual([1, 3]);
+    expect(res.applied.map((m) => m.version)).toEqual([v + 1, v + 2]);
+    expect([res.from, res.to]).toEqual([v, v + 2]);
     await db.sql`INSERT INTO notes (id, body, author) VALUES (1, 'hi', 'me')`;
 
     // A failing migration leaves the database at the last good version.
     await expect(migrateDatabase(db.sql, [m2, m3, bad4])).rejects.toThrow(/nope/);
     const st = await schemaStatus(db.sql, [m2, m3, bad4]);
-    expect([st.version, st.pending]).toEqual([3, [4]]);
+    expect([st.version, st.pending]).toEqual([v + 2, [v + 3]]);
     const cols = await db.sql`SELECT column_name FROM information_schema.columns WHERE table_name = 'notes' ORDER BY 1`;
     expect(cols.map((c) => c.column_name)).toEqual(["author", "body", "id"]);
 
-    // This binary knows only version 1: the database is newer.
+    // A binary that knows no migration: the database is newer.
     await expect(migrateDatabase(db.sql, [])).rejects.toThrow("newer than this qvd");
   } finally {
     await db.sql.end();
@@ -93,6 +95,24 @@ test("migrate applies numbered migrations in order, each atomically, and refuses
     await expect(migrateDatabase(empty.sql)).rejects.toThrow("run `qvd db init` first");
   } finally {
     await empty.sql.end();
+  }
+});
+
+test("the real migrations take a version-1 database to the current schema", async () => {
+  const db = await testDatabase({ empty: true });
+  try {
+    await initDatabase(db.sql, { adminPassword: "migrate-pw" });
+    // Version 1 as it was released: no user_tokens.auth_params.
+    await db.sql`ALTER TABLE user_tokens DROP COLUMN auth_params`;
+    await db.sql`DELETE FROM schema_migrations`;
+    await db.sql`INSERT INTO schema_migrations (version, name) VALUES (1, 'initial schema')`;
+    expect((await schemaStatus(db.sql)).pending).toEqual(MIGRATIONS.map((m) => m.version));
+    const res = await migrateDatabase(db.sql);
+    expect([res.from, res.to]).toEqual([1, SCHEMA_VERSION]);
+    const cols = await db.sql`SELECT data_type FROM information_schema.columns WHERE table_name = 'user_tokens' AND column_name = 'auth_params'`;
+    expect(cols.map((c) => c.data_type)).toEqual(["jsonb"]);
+  } finally {
+    await db.sql.end();
   }
 });
 

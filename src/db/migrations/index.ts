@@ -7,4 +7,6 @@ export interface Migration {
   sql: string;
 }
 
-export const MIGRATIONS: Migration[] = [];
+import tokenAuthParams from "./0002-token-auth-params.sql" with { type: "text" };
+
+export const MIGRATIONS: Migration[] = [{ version: 2, name: "token auth params", sql: tokenAuthParams }];
