@@ -3,6 +3,7 @@
 // status and buttons given by the caller.
 import type { ComponentChildren } from "preact";
 import { useState } from "preact/hooks";
+import { Field } from "../ui.tsx";
 import { actionOf, groupAcls, type Acl, type AclGroup } from "./acls.ts";
 
 export function AclTree(props: {
@@ -19,12 +20,10 @@ export function AclTree(props: {
   groupActions?: (g: AclGroup, visible: Acl[]) => ComponentChildren;
   /** Extra controls next to the filter box. */
   toolbar?: ComponentChildren;
-  /** Groups open at first. */
-  openAll?: boolean;
   label: string;
 }) {
   const [filter, setFilter] = useState("");
-  const [open, setOpen] = useState<Set<string>>(() => new Set(props.openAll ? groupAcls(props.catalogue).map((g) => g.object) : []));
+  const [open, setOpen] = useState<Set<string>>(() => new Set());
   const f = filter.trim().toLowerCase();
   const shown = props.catalogue.filter(
     (a) => (!props.include || props.include(a.name)) && (!f || a.name.toLowerCase().includes(f) || a.description.toLowerCase().includes(f)),
@@ -40,10 +39,9 @@ export function AclTree(props: {
   return (
     <div class="acl-tree">
       <div class="acl-toolbar">
-        <label class="acl-filter">
-          <span>Filter ACLs</span>
-          <input type="search" value={filter} placeholder="e.g. vm.start or password" onInput={(e) => setFilter(e.currentTarget.value)} />
-        </label>
+        <Field label="Filter ACLs">
+          {(a) => <input {...a} type="search" value={filter} placeholder="e.g. vm.start or password" onInput={(e) => setFilter(e.currentTarget.value)} />}
+        </Field>
         {props.toolbar}
         <span class="spacer" />
         <button type="button" class="btn btn-plain" onClick={() => setOpen(new Set(all.map((g) => g.object)))}>

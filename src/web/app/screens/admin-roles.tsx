@@ -3,7 +3,7 @@
 import { useState } from "preact/hooks";
 import { api, ApiError } from "../api.ts";
 import { useSession } from "../session.ts";
-import { Button, ErrorLine, Field, Link, Loading, notify } from "../ui.tsx";
+import { Button, Confirm, ErrorLine, Field, Link, Loading, notify } from "../ui.tsx";
 import { AclTree, Badge } from "./acl-tree.tsx";
 import { aclCatalogue, type Acl } from "./acls.ts";
 import { useLoad } from "./load.ts";
@@ -34,6 +34,7 @@ export function AdminRoles(props: { administrator: { id: number; name: string; [
   const [pick, setPick] = useState("");
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState<string>();
+  const [dropOwn, setDropOwn] = useState<AdminRole>();
   if (!loaded.data) return loaded.error ? <ErrorLine error={`Cannot load the roles: ${loaded.error}`} /> : <Loading what="roles" />;
   const { roles, effective, catalogue } = loaded.data;
   const candidates = (options.data ?? []).filter((r) => !roles.some((x) => x.id === r.id));
@@ -52,6 +53,7 @@ export function AdminRoles(props: { administrator: { id: number; name: string; [
     setBusy(false);
   };
   const name = props.administrator.name;
+  const take = (r: AdminRole) => act(() => api.del(`/administrators/${id}/roles/${r.id}`), `${name} no longer has role ${r.name}`);
   return (
     <div class="admin-roles">
       <section class="st-sub" aria-labelledby="admin-roles-title">
@@ -66,7 +68,7 @@ export function AdminRoles(props: { administrator: { id: number; name: string; [
                 <span class="muted"> · {r.acls.length} ACLs</span>
                 {editable && (
                   <Button kind="plain" class="st-chip-remove" disabled={busy} aria-label={`Take role ${r.name} from ${name}`}
-                    onClick={() => act(() => api.del(`/administrators/${id}/roles/${r.id}`), `${name} no longer has role ${r.name}`)}>
+                    onClick={() => (id === session.administrator.id ? setDropOwn(r) : take(r))}>
                     Remove
                   </Button>
                 )}
@@ -102,6 +104,16 @@ export function AdminRoles(props: { administrator: { id: number; name: string; [
         )}
         {!editable && error && <ErrorLine error={error} />}
       </section>
+      {dropOwn && (
+        <Confirm
+          title="Remove your own role"
+          message={`Take role ${dropOwn.name} from yourself? You lose its ACLs at once, perhaps including the right to give it back.`}
+          action="Remove"
+          danger
+          onClose={() => setDropOwn(undefined)}
+          onConfirm={() => take(dropOwn)}
+        />
+      )}
       <EffectiveAcls title="Effective ACLs" catalogue={catalogue} effective={effective} roles={roles} />
     </div>
   );

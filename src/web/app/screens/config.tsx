@@ -66,33 +66,34 @@ export function ConfigPage(props: { query: URLSearchParams }) {
         Node settings live in each node's configuration file and are not listed here.
       </p>
       <div class="st-filters">
-        <label>
-          <span>Search</span>
-          <input type="search" value={search} placeholder="key or description" onInput={(e) => setQuery({ q: e.currentTarget.value })} />
-        </label>
-        <label>
-          <span>Section</span>
-          <select value={prefix} onChange={(e) => setQuery({ section: e.currentTarget.value })}>
-            <option value="">All sections</option>
-            {sections.map((s) => (
-              <option key={s} value={s}>
-                {s}
-              </option>
-            ))}
-          </select>
-        </label>
-        {chooseTenant && (
-          <label>
-            <span>Tenant</span>
-            <select value={String(tenant ?? 0)} onChange={(e) => setQuery({ tenant: e.currentTarget.value === "0" ? "" : e.currentTarget.value })}>
-              <option value="0">Global (every tenant)</option>
-              {(tenants.data ?? []).filter((t) => t.id !== 0).map((t) => (
-                <option key={t.id} value={String(t.id)}>
-                  {t.name}
+        <Field label="Search">
+          {(a) => <input {...a} type="search" value={search} placeholder="key or description" onInput={(e) => setQuery({ q: e.currentTarget.value })} />}
+        </Field>
+        <Field label="Section">
+          {(a) => (
+            <select {...a} value={prefix} onChange={(e) => setQuery({ section: e.currentTarget.value })}>
+              <option value="">All sections</option>
+              {(prefix && !sections.includes(prefix) ? [prefix, ...sections] : sections).map((s) => (
+                <option key={s} value={s}>
+                  {s}
                 </option>
               ))}
             </select>
-          </label>
+          )}
+        </Field>
+        {chooseTenant && (
+          <Field label="Tenant">
+            {(a) => (
+              <select {...a} value={String(tenant ?? 0)} onChange={(e) => setQuery({ tenant: e.currentTarget.value === "0" ? "" : e.currentTarget.value })}>
+                <option value="0">Global (every tenant)</option>
+                {(tenant && !tenants.data ? [{ id: tenant, name: `tenant ${tenant}` }] : (tenants.data ?? []).filter((t) => t.id !== 0)).map((t) => (
+                  <option key={t.id} value={String(t.id)}>
+                    {t.name}
+                  </option>
+                ))}
+              </select>
+            )}
+          </Field>
         )}
       </div>
       <ErrorLine error={tenants.error && `Cannot list the tenants: ${tenants.error}`} />

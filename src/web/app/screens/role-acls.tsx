@@ -81,7 +81,8 @@ function RoleAclTree(props: { data: RoleAcls; editable: boolean; onChanged: () =
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState<string>();
   const [show, setShow] = useState<Show>("all");
-  const [focusAfter, setFocusAfter] = useState<string>();
+  // Keyboard focus after a row's change: its counterpart button (Grant → "Remove the grant").
+  const [focusAfter, setFocusAfter] = useState<{ acl: string; label: string }>();
   const grants = new Set(role.grants);
   const denials = new Set(role.denials);
   const from = (acl: string) => parents.filter((p) => p.acls.includes(acl)).map((p) => p.name);
@@ -91,12 +92,13 @@ function RoleAclTree(props: { data: RoleAcls; editable: boolean; onChanged: () =
   // Keeps keyboard focus in the row that changed (its buttons are replaced).
   useEffect(() => {
     if (!focusAfter || busy) return;
-    const row = document.getElementById(`acl-${focusAfter}`);
-    (row?.querySelector("button") as HTMLButtonElement | null)?.focus();
+    const row = document.getElementById(`acl-${focusAfter.acl}`);
+    const want = row?.querySelector(`button[aria-label="${CSS.escape(focusAfter.label)}"]`) ?? row?.querySelector("button");
+    (want as HTMLButtonElement | null)?.focus();
     setFocusAfter(undefined);
   }, [props.data, busy]);
 
-  const run = async (what: () => Promise<unknown>, acl?: string) => {
+  const run = async (what: () => Promise<unknown>, focus?: { acl: string; label: string }) => {
     setBusy(true);
     setError(undefined);
     try {
@@ -104,7 +106,7 @@ function RoleAclTree(props: { data: RoleAcls; editable: boolean; onChanged: () =
     } catch (err) {
       setError((err as ApiError).message);
     }
-    setFocusAfter(acl);
+    setFocusAfter(focus);
     await props.onChanged();
     setBusy(false);
   };
@@ -139,18 +141,18 @@ function RoleAclTree(props: { data: RoleAcls; editable: boolean; onChanged: () =
         return (
           <>
             {!grants.has(acl) && canGive && (
-              <Button disabled={busy} aria-label={`Grant ${acl}`} onClick={() => run(() => grant(acl), acl)}>
+              <Button disabled={busy} aria-label={`Grant ${acl}`} onClick={() => run(() => grant(acl), { acl, label: `Remove the grant of ${acl}` })}>
                 Grant
               </Button>
             )}
             {!denials.has(acl) && (
-              <Button disabled={busy} aria-label={`Deny ${acl}`} onClick={() => run(() => deny(acl), acl)}>
+              <Button disabled={busy} aria-label={`Deny ${acl}`} onClick={() => run(() => deny(acl), { acl, label: `Remove the denial of ${acl}` })}>
                 Deny
               </Button>
             )}
             {/* Lifting a denial can give the ACL back, so it needs the ACL too. */}
             {own && (own === "grant" || canGive) && (
-              <Button disabled={busy} aria-label={`Remove the ${own} of ${acl}`} onClick={() => run(() => clear(acl), acl)}>
+              <Button disabled={busy} aria-label={`Remove the ${own} of ${acl}`} onClick={() => run(() => clear(acl), { acl, label: own === "grant" ? `Grant ${acl}` : `Deny ${acl}` })}>
                 Remove {own}
               </Button>
             )}
@@ -206,14 +208,15 @@ function RoleAclTree(props: { data: RoleAcls; editable: boolean; onChanged: () =
             : undefined
         }
         toolbar={
-          <label class="acl-filter">
-            <span>Show</span>
-            <select value={show} onChange={(e) => setShow(e.currentTarget.value as Show)}>
-              <option value="all">All ACLs</option>
-              <option value="effective">Effective only</option>
-              <option value="here">Granted or denied here</option>
-            </select>
-          </label>
+          <Field label="Show">
+            {(a) => (
+              <select {...a} value={show} onChange={(e) => setShow(e.currentTarget.value as Show)}>
+                <option value="all">All ACLs</option>
+                <option value="effective">Effective only</option>
+                <option value="here">Granted or denied here</option>
+              </select>
+            )}
+          </Field>
         }
       />
     </section>
