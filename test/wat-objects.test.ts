@@ -155,6 +155,28 @@ test("starting a VM: its state changes on screen as the node reports it, without
   w.assertNoErrors();
 });
 
+test("the dashboard: the counts of the database, updated live as objects change", async () => {
+  const w = await loggedIn();
+  await h1(w.page, "Dashboard").waitFor();
+  const card = (title: string) => w.page.getByRole("region", { name: title, exact: true });
+  const total = async (title: string) => Number(await card(title).locator(".card-total").textContent());
+  const count = async (table: string) => Number((await db().sql`SELECT count(*)::int AS n FROM ${db().sql(table)}`)[0]!.n);
+  await card("Users").waitFor();
+  expect(await total("Users")).toBe(await count("users"));
+  expect(await total("Virtual machines")).toBe(await count("vms"));
+  expect(await total("Nodes")).toBe(await count("hosts"));
+  expect(await total("OS flavours")).toBe(await count("osfs"));
+  expect(await total("Images")).toBe(await count("dis"));
+
+  const before = await total("Users");
+  expect((await sa.post("/users", { name: "dash-new" })).status).toBe(201);
+  await w.page.waitForFunction(
+    (n) => document.querySelector('[aria-label="Users"] .card-total')?.textContent === String(n),
+    before + 1,
+  );
+  w.assertNoErrors();
+});
+
 test("mass block: select every user matching the filter (more than a page) and block them", async () => {
   for (let i = 1; i <= 25; i++) expect((await sa.post("/users", { name: `mass-${String(i).padStart(2, "0")}` })).status).toBe(201);
   expect((await sa.post("/users", { name: "bystander" })).status).toBe(201);

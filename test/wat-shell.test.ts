@@ -162,3 +162,16 @@ test("the profile changes the own password: a wrong current one is refused besid
   expect((await api.anonymous.post("/login", { name: "changer", password: "changer-old-pw" })).status).toBe(401);
   w.assertNoErrors([HTTP_STATUS(422)]);
 });
+
+test("a session ended while a live screen is open: the login appears by itself, from the event stream", async () => {
+  const w = await browser().open(api);
+  await w.login(TEST_ADMIN.name, TEST_ADMIN.password);
+  // The dashboard listens to the event stream.
+  await w.page.getByRole("region", { name: "Users" }).waitFor();
+  const cookie = (await w.context.cookies()).find((c) => c.name === "qvd_session")!;
+  const sid = createHash("sha256").update(cookie.value).digest("hex").slice(0, 12);
+  expect((await sa.del(`/sessions/${sid}`)).status).toBe(200);
+  await w.page.getByRole("button", { name: "Log in" }).waitFor({ timeout: 60_000 });
+  expect(await w.page.getByRole("status").filter({ hasText: "Your session ended" }).count()).toBe(1);
+  w.assertNoErrors([HTTP_STATUS(401)]);
+});
