@@ -28,7 +28,7 @@ beforeAll(async () => {
   ids.other = (await post("/tenants", { name: "other" })).id;
   const [h] = await db().sql`INSERT INTO hosts (name, address) VALUES ('node-1', '198.18.0.9') RETURNING id`;
   ids.host = h!.id;
-  await db().sql`UPDATE host_runtimes SET state = 'running', ok_ts = now() + interval '1 hour', usable_ram_mb = 65536, usable_cpu = 16 WHERE host_id = ${ids.host}`;
+  await db().sql`UPDATE host_runtimes SET state = 'running', ok_ts = now() + interval '1 hour', usable_ram_mb = 65536, usable_cpu = 16 WHERE host_id = ${ids.host!}`;
   const osf = await post("/osfs", { tenant_id: ids.acme, name: "acme-osf" });
   for (let i = 0; i < 4; i++) {
     const u = await post("/users", { tenant_id: ids.acme, name: `u${i}` });
@@ -57,7 +57,7 @@ test("the dashboard's counts follow the event stream", async () => {
   await h1(w, "Dashboard").waitFor();
   const vms = w.page.getByRole("region", { name: "Virtual machines" });
   await vms.getByText("0 running of 5").waitFor();
-  await db().sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${ids.host}, expire_hard_at = now() + interval '2 hours' WHERE vm_id = ${ids.vm0!}`;
+  await db().sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${ids.host!}, expire_hard_at = now() + interval '2 hours' WHERE vm_id = ${ids.vm0!}`;
   await vms.getByText("1 running of 5").waitFor();
   // The node now has a VM, and the VM an expiry.
   await w.page.getByRole("region", { name: "Nodes with most VMs" }).getByRole("link", { name: "node-1" }).waitFor();
