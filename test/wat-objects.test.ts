@@ -177,6 +177,50 @@ test("the dashboard: the counts of the database, updated live as objects change"
   w.assertNoErrors();
 });
 
+test("image tags: making a new image the default sets the chosen stop time on VMs still running the old one; custom tags come and go", async () => {
+  const node = await liveNode("node-tags");
+  const osf = (await sa.post("/osfs", { name: "tag-osf" })).body;
+  const old = (await sa.post("/dis", { osf_id: osf.id, path: "tag-old.tar.gz" })).body;
+  const user = (await sa.post("/users", { name: "carol" })).body;
+  const vm = (await sa.post("/vms", { user_id: user.id, osf_id: osf.id, name: "carol-desk" })).body;
+  await db().sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${node}, current_di_id = ${old.id} WHERE vm_id = ${vm.id}`;
+  const fresh = (await sa.post("/dis", { osf_id: osf.id, path: "tag-new.tar.gz", version: "fresh" })).body;
+
+  const w = await loggedIn(`/dis/${fresh.id}`);
+  await h1(w.page, "tag-osf fresh").waitFor();
+  const chips = w.page.getByRole("list", { name: "Tags of this image" });
+  await chips.getByText("head", { exact: true }).waitFor();
+  expect(await chips.getByText("default", { exact: true }).count()).toBe(0);
+
+  // Running VMs still on the old image: stopped two days from now.
+  const at = new Date(Date.now() + 2 * 86400_000);
+  at.setSeconds(0, 0);
+  const pad = (n: number) => String(n).padStart(2, "0");
+  const local = `${at.getFullYear()}-${pad(at.getMonth() + 1)}-${pad(at.getDate())}T${pad(at.getHours())}:${pad(at.getMinutes())}`;
+  await w.page.getByLabel("Will be stopped at", { exact: true }).selectOption("at");
+  await w.page.getByLabel("Will be stopped at: date and time").fill(local);
+  await w.page.getByRole("button", { name: "Make default" }).click();
+  await chips.getByText("default", { exact: true }).waitFor();
+  const [r] = await db().sql`SELECT expire_hard_at, expire_soft_at FROM vm_runtimes WHERE vm_id = ${vm.id}`;
+  expect(Math.abs(new Date(r!.expire_hard_at).getTime() - at.getTime())).toBeLessThan(5 * 60_000);
+  expect(r!.expire_soft_at).toBeNull();
+  const [tag] = await db().sql`SELECT di_id FROM di_tags WHERE osf_id = ${osf.id} AND tag = 'default'`;
+  expect(tag!.di_id).toBe(fresh.id);
+  await w.screenshot("image-tags");
+
+  await w.page.getByLabel("Add a tag", { exact: true }).fill("testing");
+  await w.page.getByRole("button", { name: "Add tag" }).click();
+  await chips.getByText("testing", { exact: true }).waitFor();
+  await w.page.getByRole("button", { name: "Remove tag testing" }).click();
+  await chips.getByText("testing", { exact: true }).waitFor({ state: "detached" });
+  expect((await db().sql`SELECT count(*)::int AS n FROM di_tags WHERE tag = 'testing'`)[0]!.n).toBe(0);
+
+  // The dashboard lists the VM among those closest to expiry.
+  await nav(w.page, "Dashboard").click();
+  await w.page.getByRole("region", { name: "VMs closest to expiry" }).getByText("carol-desk").waitFor();
+  w.assertNoErrors();
+});
+
 test("mass block: select every user matching the filter (more than a page) and block them", async () => {
   for (let i = 1; i <= 25; i++) expect((await sa.post("/users", { name: `mass-${String(i).padStart(2, "0")}` })).status).toBe(201);
   expect((await sa.post("/users", { name: "bystander" })).status).toBe(201);
