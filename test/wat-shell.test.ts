@@ -89,6 +89,16 @@ test("a narrow screen folds the navigation behind a Menu button", async () => {
   await w.screenshot("narrow-menu");
   // Nothing wider than the screen: no horizontal scrolling.
   expect(await w.page.evaluate(() => document.documentElement.scrollWidth)).toBeLessThanOrEqual(400);
+  // A list too: the page itself does not scroll sideways.
+  const user = (await sa.post("/users", { name: "narrow-user" })).body;
+  const osf = (await sa.post("/osfs", { name: "narrow-osf" })).body;
+  expect((await sa.post("/vms", { user_id: user.id, osf_id: osf.id, name: "a-rather-long-desktop-name" })).status).toBe(201);
+  await dashboardLink.click();
+  await w.goto("/vms");
+  await w.page.getByRole("heading", { level: 1, name: "Virtual machines" }).waitFor();
+  await w.page.getByRole("checkbox", { name: "Select a-rather-long-desktop-name" }).waitFor();
+  expect(await w.page.evaluate(() => document.documentElement.scrollWidth)).toBeLessThanOrEqual(400);
+  await w.screenshot("narrow-vms");
   w.assertNoErrors();
 
   const wide = await browser().open(api);
