@@ -151,6 +151,23 @@ test("a tenant administrator sees only the tenant's VMs; an operator no Delete, 
   o.assertNoErrors();
 });
 
+test("editing a selection: the description of two users at once", async () => {
+  const w = await browser().open(api);
+  await w.login(TEST_ADMIN.name, TEST_ADMIN.password, "");
+  await w.goto("/users?tenant=acme");
+  await w.page.getByRole("checkbox", { name: "Select u2", exact: true }).check();
+  await w.page.getByRole("checkbox", { name: "Select u3", exact: true }).check();
+  await w.page.getByRole("toolbar").getByRole("button", { name: "Edit", exact: true }).click();
+  const form = w.page.getByRole("dialog", { name: "Edit 2 users" });
+  expect(await form.getByLabel("Name", { exact: true }).count()).toBe(0);
+  await form.getByLabel("Description").fill("second floor");
+  await form.getByRole("button", { name: "Save" }).click();
+  await w.page.getByRole("status").getByText("Edit: 2 done").waitFor();
+  const rows = (await sa.get("/users?description=second%20floor")).body.items.map((u: { name: string }) => u.name).sort();
+  expect(rows).toEqual(["u2", "u3"]);
+  w.assertNoErrors();
+});
+
 test("a session ended elsewhere: the event stream brings the login with its notice", async () => {
   const w = await browser().open(api);
   await w.login("tadmin", "tadmin-password", "acme");

@@ -5,10 +5,11 @@ import { useState } from "preact/hooks";
 import { api } from "../api.ts";
 import { useSession } from "../session.ts";
 import { Button, Confirm, notify } from "../ui.tsx";
+import { ObjectForm } from "./form.tsx";
 import { selectionQuery, selectionSize, type Selection } from "./query.ts";
 import type { ActionSpec, ObjectSpec, Row } from "./types.ts";
 
-interface MassResult {
+export interface MassResult {
   total: number;
   ok: number;
   failed: number;
@@ -44,6 +45,9 @@ async function runSingle(spec: ObjectSpec, a: ActionSpec, row: Row): Promise<str
 }
 
 const cap = (s: string) => s.charAt(0).toUpperCase() + s.slice(1);
+
+/** Whether the administrator may edit a selection (the spec has fields for it that they may change). */
+export const massEditable = (spec: ObjectSpec, can: (acl: string) => boolean) => spec.fields.some((f) => f.mass && can(f.acl ?? `${spec.acl}.update`));
 
 export const allowedActions = (spec: ObjectSpec, can: (acl: string) => boolean) => spec.actions.filter((a) => [a.acl].flat().every(can));
 
@@ -110,11 +114,31 @@ export function MassActions(props: { spec: ObjectSpec; selection: Selection; onD
   const s = useSession();
   const { spec, selection } = props;
   const n = selectionSize(selection);
+  const [editing, setEditing] = useState(false);
   const acts = allowedActions(spec, s.can).filter((a) => a.mass ?? !("custom" in a.run));
-  if (!acts.length) return null;
+  const canEdit = massEditable(spec, s.can);
+  if (!acts.length && !canEdit) return null;
   return (
     <div class="toolbar mass" role="toolbar" aria-label={`Actions on the selected ${spec.plural}`}>
       <span class="muted">{n ? `${n === 1 ? `1 ${spec.singular}` : `${n} ${spec.plural}`} selected` : `Select ${spec.plural} to act on them`}</span>
+      {canEdit && (
+        <Button disabled={!n} onClick={() => setEditing(true)}>
+          Edit
+        </Button>
+      )}
+      {editing && (
+        <ObjectForm
+          spec={spec}
+          selection={selection}
+          onClose={() => setEditing(false)}
+          onSaved={() => {}}
+          onMassSaved={(r) => {
+            setEditing(false);
+            notify(`Edit: ${describeMass(r)}`, r.failed ? "error" : "ok");
+            props.onDone();
+          }}
+        />
+      )}
       <ActionButtons
         actions={acts}
         what={n === 1 ? `1 ${spec.singular}` : `${n} ${spec.plural}`}

@@ -4,7 +4,8 @@ import { useEffect, useRef, useState } from "preact/hooks";
 import { api, ApiError, type Page } from "../api.ts";
 import { useSession, type Session } from "../session.ts";
 import { Button, ErrorLine, Field, Modal } from "../ui.tsx";
-import { likeAny, toQuery } from "./query.ts";
+import type { MassResult } from "./actions.tsx";
+import { likeAny, selectionQuery, selectionSize, toQuery, type Selection } from "./query.ts";
 import type { FormField, ObjectSpec, RefSpec, Row } from "./types.ts";
 
 type Values = Record<string, any>;
@@ -118,7 +119,7 @@ function TenantSelect(props: { attrs: Record<string, unknown>; global?: boolean;
   );
 }
 
-function Input(props: { f: FormField; attrs: Record<string, unknown>; value: any; values: Values; set: (v: any) => void }) {
+function Input(props: { f: FormField; attrs: Record<string, unknown>; value: any; values: Values; mass?: boolean; set: (v: any) => void }) {
   const { f, attrs, value, set } = props;
   switch (f.type) {
     case "textarea": return <textarea {...attrs} rows={3} value={value} onInput={(e) => set(e.currentTarget.value)} />;
@@ -126,7 +127,7 @@ function Input(props: { f: FormField; attrs: Record<string, unknown>; value: any
     case "select":
       return (
         <select {...attrs} value={value} onChange={(e) => set(e.currentTarget.value)}>
-          {!f.required && <option value="">—</option>}
+          {(!f.required || props.mass) && <option value="">{props.mass ? "unchanged" : "—"}</option>}
           {f.options!.map(([v, l]) => <option key={v} value={v}>{l}</option>)}
         </select>
       );
@@ -156,11 +157,23 @@ function Input(props: { f: FormField; attrs: Record<string, unknown>; value: any
   }
 }
 
-export function ObjectForm(props: { spec: ObjectSpec; row?: Row; preset?: Values; onClose: () => void; onSaved: (row: Row) => void }) {
+/**
+ * The form. With `row`: edits it. With `selection`: edits every selected object (only the
+ * spec's `mass` fields; what is left empty stays as it is), answering with the per-object result.
+ */
+export function ObjectForm(props: {
+  spec: ObjectSpec;
+  row?: Row;
+  selection?: Selection;
+  preset?: Values;
+  onClose: () => void;
+  onSaved: (row: Row) => void;
+  onMassSaved?: (result: MassResult) => void;
+}) {
   const s = useSession();
-  const { spec, row } = props;
-  const editing = !!row;
-  const fields = formFields(spec, s, editing);
+  const { spec, row, selection } = props;
+  const editing = !!row || !!selection;
+  const fields = formFields(spec, s, editing).filter((f) => !selection || f.mass);
   const [values, setValues] = useState<Values>(() => ({ ...Object.fromEntries(fields.map((f) => [f.name, initial(f, row)])), ...props.preset }));
   const [errors, setErrors] = useState<Record<string, string>>({});
   const [error, setError] = useState<string>();
@@ -180,7 +193,8 @@ export function ObjectForm(props: { spec: ObjectSpec; row?: Row; preset?: Values
       }
       if (editing && !Object.keys(body).length) return props.onClose();
       setBusy(true);
-      const saved = editing ? await api.patch<Row>(`/${spec.path}/${row.id}`, body) : await api.post<Row>(`/${spec.path}`, body);
+      if (selection) return props.onMassSaved?.(await api.patch<MassResult>(`/${spec.path}${selectionQuery(selection)}`, body));
+      const saved = row ? await api.patch<Row>(`/${spec.path}/${row.id}`, body) : await api.post<Row>(`/${spec.path}`, body);
       props.onSaved(saved);
     } catch (err) {
       setBusy(false);
@@ -193,11 +207,12 @@ export function ObjectForm(props: { spec: ObjectSpec; row?: Row; preset?: Values
   };
 
   return (
-    <Modal title={`${editing ? "Edit" : "New"} ${spec.singular}`} onClose={props.onClose}>
+    <Modal title={selection ? `Edit ${selectionSize(selection)} ${spec.plural}` : `${editing ? "Edit" : "New"} ${spec.singular}`} onClose={props.onClose}>
+      {selection && <p class="muted">Fields left empty stay as they are.</p>}
       <form onSubmit={submit} noValidate>
         {fields.map((f) => (
           <Field key={f.name} label={f.label} error={errors[f.name]} hint={f.hint}>
-            {(attrs) => <Input f={f} attrs={{ ...attrs, name: f.name }} value={values[f.name]} values={values} set={(v) => setValues((x) => ({ ...x, [f.name]: v }))} />}
+            {(attrs) => <Input f={f} attrs={{ ...attrs, name: f.name }} value={values[f.name]} values={values} mass={!!selection} set={(v) => setValues((x) => ({ ...x, [f.name]: v }))} />}
           </Field>
         ))}
         <ErrorLine error={error} />

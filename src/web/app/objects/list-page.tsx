@@ -5,7 +5,7 @@ import { useEffect, useState } from "preact/hooks";
 import { navigate } from "../router.ts";
 import { useSession } from "../session.ts";
 import { Button, ErrorLine, Loading, notify } from "../ui.tsx";
-import { allowedActions, MassActions } from "./actions.tsx";
+import { allowedActions, MassActions, massEditable } from "./actions.tsx";
 import { FilterBar } from "./filters.tsx";
 import { ObjectForm } from "./form.tsx";
 import { Pager } from "./pager.tsx";
@@ -38,7 +38,7 @@ export function ListPage(props: { spec: ObjectSpec; query: URLSearchParams }) {
   }, [filterKey]);
 
   const columns = visibleColumns(spec, s);
-  const canMass = allowedActions(spec, s.can).some((a) => a.mass ?? !("custom" in a.run));
+  const canMass = allowedActions(spec, s.can).some((a) => a.mass ?? !("custom" in a.run)) || massEditable(spec, s.can);
   const canCreate = spec.creatable !== false && (spec.fields.length > 0 || spec.createDialog) && s.can(`${spec.acl}.create`);
   const page = list.page;
   const total = page?.total ?? 0;

@@ -55,6 +55,8 @@ export interface FormField {
   hint?: string;
   /** An emptied field is sent as null (otherwise left out). */
   nullable?: boolean;
+  /** Offered when editing a selection of many objects at once. */
+  mass?: boolean;
   /** Includes the global scope (tenant 0) among the tenants offered. */
   globalTenant?: boolean;
 }

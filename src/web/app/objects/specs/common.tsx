@@ -14,8 +14,8 @@ export const tenantFilter: FilterSpec = { key: "tenant", label: "Tenant", type: 
 export const blockedFilter: FilterSpec = { key: "blocked", label: "Blocked", type: "select", options: YES_NO };
 
 export const tenantField = (globalTenant = false): FormField => ({ name: "tenant_id", label: "Tenant", type: "tenant", on: "create", globalTenant });
-export const descriptionField: FormField = { name: "description", label: "Description", type: "textarea" };
-export const languageField: FormField = { name: "language", label: "Language", type: "select", options: [["auto", "automatic"], ["en", "English"], ["es", "Spanish"]] };
+export const descriptionField: FormField = { name: "description", label: "Description", type: "textarea", mass: true };
+export const languageField: FormField = { name: "language", label: "Language", type: "select", mass: true, options: [["auto", "automatic"], ["en", "English"], ["es", "Spanish"]] };
 
 /** Block and Unblock through the API's actions (or a change of `blocked` where there is none). */
 export function blockActions(acl: string, how: "action" | "patch" = "action"): ActionSpec[] {

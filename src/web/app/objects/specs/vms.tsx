@@ -92,7 +92,7 @@ export const vmsSpec: ObjectSpec = {
     { name: "user_id", label: "User", type: "ref", ref: { path: "users" }, on: "create", required: true },
     { name: "osf_id", label: "OS flavour", type: "ref", ref: { path: "osfs" }, on: "create", required: true },
     { name: "name", label: "Name", type: "text", required: true },
-    { name: "di_tag", label: "Image tag", type: "text", acl: "vm.update.di_tag", hint: "Which image of the OSF it runs: default, head, a version or a custom tag (empty: default)" },
+    { name: "di_tag", label: "Image tag", type: "text", acl: "vm.update.di_tag", mass: true, hint: "Which image of the OSF it runs: default, head, a version or a custom tag (empty: default)" },
     { name: "ip", label: "IP address", type: "text", nullable: true, hint: "Empty: the next free address of the VM network" },
     C.descriptionField,
   ],
