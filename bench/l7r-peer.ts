@@ -5,7 +5,8 @@
 //                      one transfer through a target: prints {"ready":true} once connected, starts
 //                      when a line arrives on stdin, then prints its figures as JSON.
 //   logins PORT CONCURRENCY SECONDS new|keepalive USERS_PREFIX USERS PASSWORD
-//                      list_of_vm with Basic auth from CONCURRENCY parallel clients.
+//                      list_of_vm with Basic auth from CONCURRENCY parallel clients (ready/go as
+//                      stream; keep-alive connections log in before the ready).
 //   connect PORT LOGIN PASSWORD VM_ID
 //                      connect_to_vm timed to the 101, then the NX greeting and nxagent's answer.
 //
@@ -283,6 +284,8 @@ async function logins(port: number, conc: number, seconds: number, how: string, 
         kept[w] = c;
       }),
     );
+  out({ ready: true });
+  await Bun.stdin.stream().getReader().read();
   const t0 = performance.now();
   const end = t0 + seconds * 1000;
   const worker = async (w: number) => {
