@@ -252,7 +252,7 @@ function ExpiryField(props: { label: string; own?: number | null; value: ExpiryC
             <option value="at">At a date and time…</option>
           </select>
           {props.value.mode === "at" && (
-            <input type="datetime-local" aria-label={`${props.label}: date and time`} value={props.value.at} disabled={props.disabled}
+            <input type="datetime-local" aria-label={`${props.label} (date and time)`} value={props.value.at} disabled={props.disabled}
               onInput={(e) => props.onChange({ ...props.value, at: e.currentTarget.value })} />
           )}
         </div>
