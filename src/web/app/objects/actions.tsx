@@ -119,7 +119,7 @@ export function MassActions(props: { spec: ObjectSpec; selection: Selection; onD
   const canEdit = massEditable(spec, s.can);
   if (!acts.length && !canEdit) return null;
   return (
-    <div class="toolbar mass" role="toolbar" aria-label={`Actions on the selected ${spec.plural}`}>
+    <div class="toolbar mass" role="toolbar" aria-label={`Actions on the selected ${spec.plural}`} data-empty={n ? undefined : ""}>
       <span class="muted">{n ? `${n === 1 ? `1 ${spec.singular}` : `${n} ${spec.plural}`} selected` : `Select ${spec.plural} to act on them`}</span>
       {canEdit && (
         <Button disabled={!n} onClick={() => setEditing(true)}>

@@ -70,7 +70,7 @@ export function ObjectTable(props: {
                 </td>
               )}
               {columns.map((c) => (
-                <td key={c.key} class={c.num ? "num" : undefined} data-label={c.label}>
+                <td key={c.key} class={c.num ? "num" : c.link ? "name" : undefined}>
                   {cell(spec, c, r)}
                 </td>
               ))}
