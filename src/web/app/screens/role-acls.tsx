@@ -181,7 +181,7 @@ function RoleAclTree(props: { data: RoleAcls; editable: boolean; onChanged: () =
     <section class="st-sub" aria-labelledby="role-acls-title">
       <h3 id="role-acls-title">ACLs</h3>
       <p class="muted">
-        {effective.size} effective ACL{effective.size === 1 ? "" : "s"}: {grants.size} granted here, {denials.size} denied here, the rest inherited.
+        {effective.size} effective ACL{effective.size === 1 ? "" : "s"}: {grants.size} granted here, {[...effective].filter((a) => !grants.has(a)).length} inherited; {denials.size} denied here.
       </p>
       <ErrorLine error={error} />
       <AclTree
@@ -195,9 +195,11 @@ function RoleAclTree(props: { data: RoleAcls; editable: boolean; onChanged: () =
           props.editable
             ? (g, visible) => (
                 <>
-                  <Button disabled={busy} aria-label={`Grant all of ${g.label}`} onClick={() => grantAll(visible, g.label)}>
-                    Grant all
-                  </Button>
+                  {visible.some((a) => !grants.has(a.name) && mayGive(a.name)) && (
+                    <Button disabled={busy} aria-label={`Grant all of ${g.label}`} onClick={() => grantAll(visible, g.label)}>
+                      Grant all
+                    </Button>
+                  )}
                   {visible.some((a) => grants.has(a.name) || denials.has(a.name)) && (
                     <Button disabled={busy} aria-label={`Remove own grants and denials of ${g.label}`} onClick={() => removeAll(visible, g.label)}>
                       Remove own
