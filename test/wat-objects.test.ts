@@ -52,8 +52,9 @@ async function loggedIn(path = "/"): Promise<WatPage> {
 }
 
 /** A node that is up, so the API can place a VM on it. */
+let nodes = 0;
 async function liveNode(name: string): Promise<number> {
-  const [h] = await db().sql`INSERT INTO hosts (name, address) VALUES (${name}, '198.18.0.9') RETURNING id`;
+  const [h] = await db().sql`INSERT INTO hosts (name, address) VALUES (${name}, ${`198.18.1.${++nodes}`}) RETURNING id`;
   await db().sql`UPDATE host_runtimes SET state = 'running', ok_ts = now() + interval '1 hour', usable_ram_mb = 65536, usable_cpu = 16
                   WHERE host_id = ${h!.id}`;
   return h!.id;
@@ -119,7 +120,7 @@ test("an OSF, an image by upload, a user and a VM, all created through the WAT's
 });
 
 test("starting a VM: its state changes on screen as the node reports it, without a reload", async () => {
-  await liveNode("node-live");
+  const node = await liveNode("node-live");
   const user = (await sa.post("/users", { name: "bob" })).body;
   const osf = (await sa.post("/osfs", { name: "live-osf" })).body;
   const vm = (await sa.post("/vms", { user_id: user.id, osf_id: osf.id, name: "bob-desk" })).body;
@@ -133,10 +134,14 @@ test("starting a VM: its state changes on screen as the node reports it, without
   await w.page.evaluate(() => ((window as any).__notReloaded = true));
 
   await main.getByRole("button", { name: "Start", exact: true }).click();
-  await w.page.waitForFunction(
-    async (id) => (await (await fetch(`/api/v1/vms/${id}`)).json()).vm_cmd === "start",
-    vm.id,
-  );
+  // The API commands the start on the node it chose.
+  for (let i = 0; i < 150; i++) {
+    const [r] = await db().sql`SELECT vm_cmd, host_id FROM vm_runtimes WHERE vm_id = ${vm.id}`;
+    if (r!.vm_cmd === "start") break;
+    await Bun.sleep(100);
+  }
+  const [cmd] = await db().sql`SELECT vm_cmd, host_id FROM vm_runtimes WHERE vm_id = ${vm.id}`;
+  expect(cmd).toEqual({ vm_cmd: "start", host_id: node } as any);
   // The node takes the command: starting, then running.
   await db().sql`UPDATE vm_runtimes SET vm_state = 'starting', vm_cmd = NULL WHERE vm_id = ${vm.id}`;
   await main.getByText("starting", { exact: true }).first().waitFor();
@@ -198,7 +203,7 @@ test("image tags: making a new image the default sets the chosen stop time on VM
   const pad = (n: number) => String(n).padStart(2, "0");
   const local = `${at.getFullYear()}-${pad(at.getMonth() + 1)}-${pad(at.getDate())}T${pad(at.getHours())}:${pad(at.getMinutes())}`;
   await w.page.getByLabel("Will be stopped at", { exact: true }).selectOption("at");
-  await w.page.getByLabel("Will be stopped at: date and time").fill(local);
+  await w.page.getByLabel(/^Will be stopped at\W+date and time/).fill(local);
   await w.page.getByRole("button", { name: "Make default" }).click();
   await chips.getByText("default", { exact: true }).waitFor();
   const [r] = await db().sql`SELECT expire_hard_at, expire_soft_at FROM vm_runtimes WHERE vm_id = ${vm.id}`;
