@@ -382,9 +382,13 @@ describe("mass changes by filter", () => {
     expect(clone(failed)).toMatchObject({ id: ids[2], status: 409 });
     expect(failed.error).toContain("VMs");
     expect((await ok(sa.get("/users?name[like]=mass%25"))).items.map((u: any) => u.id)).toEqual([ids[2]]);
-    // The mass change is audited once, with the filter and the count.
+    // The mass change is audited once, with the filter and the count…
     const [a] = await sql()`SELECT arguments FROM audit_log WHERE action = 'user.delete_many' ORDER BY id DESC LIMIT 1`;
     expect(clone(a!.arguments)).toMatchObject({ filter: { "name[like]": "mass%" }, matched: 3, ok: 2 });
+    // …and in each object's own trail, with its outcome.
+    const each = await sql()`SELECT object_id, ok, error FROM audit_log WHERE action = 'user.delete' AND object_id = ANY(${ids}::int[]) AND arguments->>'many' = 'true' ORDER BY object_id`;
+    expect(each.map((r) => [r.object_id, r.ok])).toEqual([[ids[0], true], [ids[1], true], [ids[2], false]]);
+    expect(each[2]!.error).toContain("VMs");
   });
 });
 

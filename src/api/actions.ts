@@ -80,7 +80,7 @@ function actionRoutes(a: ActionSpec): Route[] {
       audit: { action: `${kind}.${a.name}_many`, object: kind },
       handler: (ctx) => {
         const b = body(ctx);
-        return forEachMatching(ctx, a.def, (objId) => a.run(ctx, objId, b));
+        return forEachMatching(ctx, a.def, `${kind}.${a.name}`, (objId) => a.run(ctx, objId, b));
       },
     },
   ];

@@ -3,9 +3,13 @@
 import { z } from "zod";
 import { DataError, ValidationError } from "../db/errors.ts";
 import * as D from "../db/index.ts";
+import type { AuditEntry } from "../db/audit.ts";
 import type { ObjectDef } from "../db/objects.ts";
+import { logger } from "../log.ts";
 import type { Ctx, Route } from "./context.ts";
 import { listQueryFrom } from "./http.ts";
+
+const log = logger("api");
 
 export interface ResourceSpec {
   /** Path segment: /api/v1/<path>. */
@@ -64,28 +68,46 @@ function audit(ctx: Ctx, row: Record<string, unknown> | undefined, args?: unknow
   if (args !== undefined) ctx.audited.arguments = args as Record<string, unknown>;
 }
 
-/** Runs `fn` on every object matching the request's filter; one result per object. */
+/**
+ * Runs `fn` on every object matching the request's filter; one result per object. Besides the
+ * request's own entry, each object gets an audit entry under `action` (as if changed alone), so
+ * that the object's audit trail shows mass changes too.
+ */
 export async function forEachMatching(
   ctx: Ctx,
   def: ObjectDef<any>,
+  action: string,
   fn: (objId: number) => Promise<unknown>,
 ): Promise<{ total: number; ok: number; failed: number; results: { id: number; ok: boolean; status: number; error?: string; result?: unknown }[] }> {
   const q = listQueryFrom(ctx.url.searchParams);
   if ((q.filters ?? []).length === 0 && !q.all)
     throw new ValidationError("filter", "a change of many objects needs a filter, or all=true to change every one");
-  const matching = await D.list(ctx.sql, def, ctx.scope, { filters: q.filters, sort: [{ field: "id" }], limit: D.MAX_LIMIT, fields: ["id"] });
+  const matching = await D.list(ctx.sql, def, ctx.scope, { filters: q.filters, sort: [{ field: "id" }], limit: D.MAX_LIMIT });
+  const changes = ctx.body && typeof ctx.body === "object" && Object.keys(ctx.body).length ? { changes: ctx.body } : {};
   const results = [];
+  const entries: AuditEntry[] = [];
   for (const row of matching.rows) {
+    let failure: DataError | undefined;
     try {
       const result = await fn(row.id as number);
       results.push({ id: row.id as number, ok: true, status: 200, ...(result === undefined ? {} : { result }) });
     } catch (err) {
       if (!(err instanceof DataError)) throw err;
+      failure = err;
       results.push({ id: row.id as number, ok: false, status: err.status, error: err.message });
     }
+    entries.push({
+      action, object_type: def.kind as AuditEntry["object_type"], object_id: row.id as number,
+      object_name: (row.name ?? row.key ?? row.version ?? null) as string | null,
+      tenant_id: typeof row.tenant_id === "number" ? row.tenant_id : ctx.admin.tenant_id,
+      tenant_name: typeof row.tenant_id === "number" ? ((row.tenant_name as string | undefined) ?? null) : ctx.admin.tenant_name,
+      administrator_id: ctx.admin.id, administrator_name: ctx.admin.name, superadmin: ctx.admin.superadmin,
+      arguments: { many: true, ...changes }, ok: !failure, error: failure?.message ?? null, source: ctx.source, address: ctx.address ?? null,
+    });
   }
+  await D.auditMany(ctx.sql, entries).catch((err) => log.error("could not write the audit log", { action, error: (err as Error).message }));
   const ok = results.filter((r) => r.ok).length;
-  ctx.audited.arguments = { filter: Object.fromEntries(ctx.url.searchParams), ...(ctx.body && typeof ctx.body === "object" ? { changes: ctx.body } : {}), matched: results.length, ok };
+  ctx.audited.arguments = { filter: Object.fromEntries(ctx.url.searchParams), ...changes, matched: results.length, ok };
   return { total: results.length, ok, failed: results.length - ok, results };
 }
 
@@ -140,7 +162,7 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
       handler: async (ctx) => {
         const changes = asObject(ctx.body);
         D.validate(def.update!, changes); // bad changes are one 422, not one per object
-        return forEachMatching(ctx, def, async (objId) => void (await D.update(ctx.sql, def, ctx.scope, objId, changes)));
+        return forEachMatching(ctx, def, `${kind}.update`, async (objId) => void (await D.update(ctx.sql, def, ctx.scope, objId, changes)));
       },
     });
   }
@@ -158,7 +180,7 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
     routes.push({
       method: "DELETE", path: `/${path}`, tag, acl: [`${acl}.delete`], query: "list", summary: `Delete every ${kind} matching the filter; a result per object`,
       audit: { action: `${kind}.delete_many`, object: kind },
-      handler: (ctx) => forEachMatching(ctx, def, async (objId) => void (await D.remove(ctx.sql, def, ctx.scope, objId))),
+      handler: (ctx) => forEachMatching(ctx, def, `${kind}.delete`, async (objId) => void (await D.remove(ctx.sql, def, ctx.scope, objId))),
     });
   }
   return routes;
