@@ -21,6 +21,14 @@ export function qvdBinary(): Promise<string> {
   })());
 }
 
+/** Removes the binary built by qvdBinary() (after the run; a later call builds it anew). */
+export async function removeQvdBinary(): Promise<void> {
+  const built = shared.binary;
+  shared.binary = undefined;
+  const path = await built?.catch(() => undefined);
+  if (path) rmSync(dirname(path), { recursive: true, force: true });
+}
+
 export interface Netns {
   name: string;
   /** argv prefix that runs a program inside the namespace (nsenter keeps /sys as it is). */

@@ -11,4 +11,6 @@ setLogLevel((process.env.QVD_LOG_LEVEL as "debug" | undefined) ?? "warn");
 setDefaultTimeout(60_000);
 afterAll(async () => {
   await stopTestCluster();
+  // The compiled qvd (about 100 MB in /tmp), if a test asked for it.
+  if ((globalThis as { __qvdTestNode?: { binary?: unknown } }).__qvdTestNode?.binary) await (await import("./node.ts")).removeQvdBinary();
 });
