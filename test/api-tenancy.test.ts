@@ -130,6 +130,18 @@ describe("A's administrator aims every route at B's objects", () => {
     expect(stats.users.total).toBe((await sql()`SELECT count(*)::int AS n FROM users WHERE tenant_id = ${tA.id}`)[0]!.n);
   });
 
+  test("the dashboard's nodes with most VMs count only A's VMs for A", async () => {
+    await sql()`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${bIds.host} WHERE vm_id = ${bIds.vm}`;
+    try {
+      const mine = (await ok(a.get("/stats"))).top_hosts;
+      expect(mine.find((h: any) => h.id === bIds.host)).toBeUndefined();
+      const all = (await ok(sa.get("/stats"))).top_hosts;
+      expect(all.find((h: any) => h.id === bIds.host)?.vms_running).toBeGreaterThanOrEqual(1);
+    } finally {
+      await sql()`UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL WHERE vm_id = ${bIds.vm}`;
+    }
+  });
+
   test("B's objects are all still there, as they were", async () => {
     const ids = bIds;
     expect((await ok(sa.get(`/users/${ids.user}`))).description).toBe("");

@@ -240,6 +240,14 @@ export async function count(db: Db, def: ObjectDef<any>, scope: Scope, filters: 
   return c!.n;
 }
 
+/** The most frequent values of `fields` among the objects in scope matching `filters`, with their counts. */
+export async function countBy(db: Db, def: ObjectDef<any>, scope: Scope, fields: string[], filters: Filter[] = [], limit = 10): Promise<Record<string, unknown>[]> {
+  for (const f of fields) checkField(def, f, "filter");
+  const conds = [scopeCondition(db, def, scope), ...filters.map((f) => filterCondition(db, def, f))];
+  return await db`SELECT ${db(fields)}, count(*)::int AS n FROM ${db(def.view)} WHERE ${and(db, conds)}
+    GROUP BY ${db(fields)} ORDER BY n DESC, ${db(fields[fields.length - 1]!)} LIMIT ${limit}`;
+}
+
 /** One object by id, or NotFoundError if it does not exist in the caller's scope. */
 export async function get<Row extends Record<string, unknown>>(db: Db, def: ObjectDef<Row>, scope: Scope, id: number): Promise<Row> {
   const row = await find(db, def, scope, id);

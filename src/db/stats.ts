@@ -1,5 +1,5 @@
 // Dashboard statistics, within the caller's tenant scope.
-import { count, list, type Scope } from "./objects.ts";
+import { count, countBy, list, type Scope } from "./objects.ts";
 import type { Db } from "./pool.ts";
 import { dis } from "./dis.ts";
 import { hosts } from "./hosts.ts";
@@ -24,9 +24,10 @@ export async function statistics(db: Db, scope: Scope) {
       count(db, dis, scope),
       count(db, dis, scope, blocked),
     ]);
-  const topHosts = await list(db, hosts, scope, {
-    filters: [{ field: "vms_running", op: ">", value: 0 }], sort: [{ field: "vms_running", desc: true }], limit: 5, fields: ["name", "vms_running"],
-  });
+  // Counted over the VMs in scope: a tenant's administrator sees how many of their own VMs each
+  // node runs, not the other tenants'.
+  const topHosts = (await countBy(db, vms, scope, ["host_id", "host_name"], [{ field: "host_id", op: "notnull" }, { field: "vm_state", op: "!=", value: "stopped" }], 5))
+    .map((r) => ({ id: r.host_id as number, name: r.host_name as string, vms_running: r.n as number }));
   const expiring = await list(db, vms, scope, {
     filters: [{ field: "expire_hard_at", op: "notnull" }], sort: [{ field: "expire_hard_at" }], limit: 5, fields: ["name", "user_name", "expire_soft_at", "expire_hard_at"],
   });
@@ -36,7 +37,7 @@ export async function statistics(db: Db, scope: Scope) {
     hosts: { total: hostsTotal, blocked: hostsBlocked, running: hostsRunning },
     osfs: { total: osfsTotal },
     dis: { total: disTotal, blocked: disBlocked },
-    top_hosts: topHosts.rows,
+    top_hosts: topHosts,
     vms_close_to_expiry: expiring.rows,
   };
 }
