@@ -131,14 +131,14 @@ describe("A's administrator aims every route at B's objects", () => {
   });
 
   test("the dashboard's nodes with most VMs count only A's VMs for A", async () => {
-    await sql()`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${bIds.host} WHERE vm_id = ${bIds.vm}`;
+    await sql()`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${bIds.host as number} WHERE vm_id = ${bIds.vm as number}`;
     try {
       const mine = (await ok(a.get("/stats"))).top_hosts;
       expect(mine.find((h: any) => h.id === bIds.host)).toBeUndefined();
       const all = (await ok(sa.get("/stats"))).top_hosts;
       expect(all.find((h: any) => h.id === bIds.host)?.vms_running).toBeGreaterThanOrEqual(1);
     } finally {
-      await sql()`UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL WHERE vm_id = ${bIds.vm}`;
+      await sql()`UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL WHERE vm_id = ${bIds.vm as number}`;
     }
   });
 

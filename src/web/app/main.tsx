@@ -2,7 +2,7 @@
 // (navigation filtered by ACLs, the screen of the URL), and returns to the login with a
 // message when the session expires.
 import { render } from "preact";
-import { useEffect, useState } from "preact/hooks";
+import { useEffect, useRef, useState } from "preact/hooks";
 import { api, whenSessionExpires } from "./api.ts";
 import { LoginPage } from "./pages/login.tsx";
 import { OBJECT_SCREENS } from "./objects/index.tsx";
@@ -33,7 +33,18 @@ function Shell(props: { session: Session; onLogout: () => void }) {
   const sections = ["Platform", "Administration", "Settings"] as const;
   const navs = screens.filter((s) => s.nav).sort((a, b) => a.nav!.order - b.nav!.order);
   const a = props.session.administrator;
-  useEffect(() => setMenuOpen(false), [path]);
+  // After a navigation, keyboard and screen-reader users land on the new screen's heading.
+  const first = useRef(true);
+  useEffect(() => {
+    setMenuOpen(false);
+    if (first.current) return void (first.current = false);
+    requestAnimationFrame(() => {
+      const h = document.querySelector<HTMLElement>("main h1") ?? document.getElementById("main");
+      if (!h || h.contains(document.activeElement)) return;
+      if (!h.hasAttribute("tabindex")) h.setAttribute("tabindex", "-1");
+      h.focus({ preventScroll: true });
+    });
+  }, [path]);
   return (
     <div class="shell">
       <a class="skip" href="#main">Skip to content</a>

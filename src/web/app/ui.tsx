@@ -58,12 +58,15 @@ export function Field(props: {
 /** A modal dialog (native <dialog>: focus is trapped and Escape closes it). */
 export function Modal(props: { title: string; onClose: () => void; children: ComponentChildren; wide?: boolean }) {
   const ref = useRef<HTMLDialogElement>(null);
+  // Escape calls the onClose of the latest render (it may depend on state, e.g. an upload running).
+  const onClose = useRef(props.onClose);
+  onClose.current = props.onClose;
   useEffect(() => {
     const d = ref.current!;
     if (!d.open) d.showModal();
     const onCancel = (e: Event) => {
       e.preventDefault();
-      props.onClose();
+      onClose.current();
     };
     d.addEventListener("cancel", onCancel);
     return () => d.removeEventListener("cancel", onCancel);
