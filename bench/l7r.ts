@@ -126,7 +126,9 @@ async function peer<T>(argv: string[], timeoutMs = 600_000): Promise<T> {
 /** CPU time (user + system, all threads) a process has used, in ms. */
 const CLK_TCK = Number((await run(["getconf", "CLK_TCK"])).stdout.trim()) || 100;
 const cpuMs = (pid: number) => {
-  const f = readFileSync(`/proc/${pid}/stat`, "utf8").slice(readFileSync(`/proc/${pid}/stat`, "utf8").lastIndexOf(")") + 2).split(" ");
+  const f = readFileSync(`/proc/${pid}/stat`, "utf8")
+    .slice(readFileSync(`/proc/${pid}/stat`, "utf8").lastIndexOf(")") + 2)
+    .split(" ");
   return ((Number(f[11]) + Number(f[12])) * 1000) / CLK_TCK;
 };
 
@@ -198,7 +200,11 @@ const key = join(dir, "key.pem");
 let sql: Sql | undefined;
 
 try {
-  console.log(`L7R benchmark — ${cpus().length} cores (${cpus()[0]?.model.trim()}), load average ${loadavg().map((l) => l.toFixed(2)).join(" ")} at start`);
+  console.log(
+    `L7R benchmark — ${cpus().length} cores (${cpus()[0]?.model.trim()}), load average ${loadavg()
+      .map((l) => l.toFixed(2))
+      .join(" ")} at start`,
+  );
   await ensureDeps(["haproxy"], () => {});
   await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", key, "-out", cert]);
   writeFileSync(join(dir, "haproxy.pem"), readFileSync(cert, "utf8") + readFileSync(key, "utf8"));
@@ -234,7 +240,10 @@ try {
 
   const l7rPort = freePort();
   const l7rLog = join(dir, "l7r.log");
-  const l7r = spawn([binary, "l7r", "--db", url, "--listen", `127.0.0.1:${l7rPort}`, "--cert", cert, "--key", key, "--set", "nodename=bench-l7r", "--set", "log.level=warn"], l7rLog);
+  const l7r = spawn(
+    [binary, "l7r", "--db", url, "--listen", `127.0.0.1:${l7rPort}`, "--cert", cert, "--key", key, "--set", "nodename=bench-l7r", "--set", "log.level=warn"],
+    l7rLog,
+  );
   await waitLine(l7r.p, (l) => (l.includes("listening") ? true : undefined), "qvd l7r").catch((e) => {
     throw new Error(`${e.message}\n${readFileSync(l7rLog, "utf8").slice(-2000)}`);
   });
@@ -274,7 +283,8 @@ backend sink
   ] as { name: string; args: string[]; l7r?: boolean; proxyPid?: () => number }[];
   type Fig = { up: number[]; down: number[]; rtt: number[]; cpuUp: number[]; cpuDown: number[]; cipher?: string };
   const figs = new Map<string, Fig>(targets.map((t) => [t.name, { up: [], down: [], rtt: [], cpuUp: [], cpuDown: [] }]));
-  const sessionFree = () => poll(async () => (await db`SELECT user_state FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!.user_state === "disconnected", "the L7R session to be released");
+  const sessionFree = () =>
+    poll(async () => (await db`SELECT user_state FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!.user_state === "disconnected", "the L7R session to be released");
   /** One transfer; `cpu`: the proxy's CPU ms during the transfer only (after the connect/101). */
   const once = async (t: (typeof targets)[number], dirn: string, amount: number) => {
     if (t.l7r) await sessionFree();
@@ -303,7 +313,9 @@ backend sink
     console.log(`\n   upload = client → sink, download = sink → client: MB/s (10^6 bytes/s), median of ${ROUNDS} (min–max);`);
     console.log(`   proxy CPU = user + system time of the proxy process per 100 MB spliced, median (less sensitive to other load);`);
     console.log(`   RTT = 64-byte ping-pong, one in flight, µs over ${ROUNDS}×${PINGS}; added = median − direct TCP's median.`);
-    console.log(`   ${pad("path", 40)}${lpad("upload MB/s", 17)}${lpad("download MB/s", 17)}${lpad("proxy CPU ms up/down", 22)}${lpad("RTT µs", 8)}${lpad("p99", 7)}${lpad("added", 7)}`);
+    console.log(
+      `   ${pad("path", 40)}${lpad("upload MB/s", 17)}${lpad("download MB/s", 17)}${lpad("proxy CPU ms up/down", 22)}${lpad("RTT µs", 8)}${lpad("p99", 7)}${lpad("added", 7)}`,
+    );
     for (const t of targets) {
       const f = figs.get(t.name)!;
       const mb = (xs: number[]) => `${med(xs).toFixed(0)} (${Math.min(...xs).toFixed(0)}–${Math.max(...xs).toFixed(0)})`;
@@ -311,36 +323,53 @@ backend sink
       console.log(
         `   ${pad(t.name, 40)}${lpad(mb(f.up), 17)}${lpad(mb(f.down), 17)}${lpad(cpu, 22)}${lpad(med(f.rtt).toFixed(0), 8)}${lpad(q(f.rtt, 0.99).toFixed(0), 7)}${lpad((med(f.rtt) - med(direct.rtt)).toFixed(0), 7)}`,
       );
-  }
-  console.log(`   TLS: ${[...new Set(targets.map((t) => figs.get(t.name)!.cipher).filter(Boolean))].join(", ")} (client: Bun; haproxy told to prefer the same suite as the L7R).`);
-  const pct = (a: number[], b: number[]) => ((100 * med(a)) / med(b)).toFixed(0);
-  console.log(`   qvd l7r / haproxy throughput: upload ${pct(mine.up, haproxy.up)} %, download ${pct(mine.down, haproxy.down)} % (aim: ≥ 90 %);`);
-  console.log(`   qvd l7r / haproxy CPU per byte: upload ${pct(mine.cpuUp, haproxy.cpuUp)} %, download ${pct(mine.cpuDown, haproxy.cpuDown)} %.`);
-  console.log(`   ${haVersion}, default threads; the L7R is one Bun process (one event loop). Stand-in VMA: measures the splice only.`);
+    }
+    console.log(
+      `   TLS: ${[...new Set(targets.map((t) => figs.get(t.name)!.cipher).filter(Boolean))].join(", ")} (client: Bun; haproxy told to prefer the same suite as the L7R).`,
+    );
+    const pct = (a: number[], b: number[]) => ((100 * med(a)) / med(b)).toFixed(0);
+    console.log(`   qvd l7r / haproxy throughput: upload ${pct(mine.up, haproxy.up)} %, download ${pct(mine.down, haproxy.down)} % (aim: ≥ 90 %);`);
+    console.log(`   qvd l7r / haproxy CPU per byte: upload ${pct(mine.cpuUp, haproxy.cpuUp)} %, download ${pct(mine.cpuDown, haproxy.cpuDown)} %.`);
+    console.log(`   ${haVersion}, default threads; the L7R is one Bun process (one event loop). Stand-in VMA: measures the splice only.`);
   }
 
   // --- 2. logins --------------------------------------------------------------------------------
   if (!SKIP_LOGINS) {
     const params = /^\$argon2id\$v=(\d+)\$([^$]+)\$/.exec(loginHash);
     const verifies: number[] = [];
+    const verifyCpu: number[] = [];
     for (let i = 0; i < 10; i++) {
       const t0 = performance.now();
+      const c0 = process.cpuUsage();
       await Bun.password.verify("login-pw-1", loginHash);
       verifies.push(performance.now() - t0);
-  }
-  console.log(`\n2. logins: GET /qvd/list_of_vm with Basic auth, ${CONCURRENCY} concurrent clients (${CONCURRENCY} distinct users), ${LOGIN_S} s each…`);
-  const loginRows: [string, { count: number; seconds: number; lat_ms: number[]; errors: number; firstError: string; cpu: number }][] = [];
-  for (const [label, how] of [
-    ["new TLS connection per login (handshake + argon2id + DB)", "new"],
-    ["keep-alive, auth cached per connection (no argon2)", "keepalive"],
-  ] as const)
-    loginRows.push([label, await measured([BUN, PEER, "logins", String(l7rPort), String(CONCURRENCY), String(LOGIN_S), how, "login", String(CONCURRENCY), "login-pw-1"], l7r.p.pid, label)]);
-  console.log(`   ${pad("mode", 60)}${lpad("req/s", 8)}${lpad("median ms", 11)}${lpad("p99 ms", 9)}${lpad("L7R CPU ms/req", 16)}${lpad("errors", 8)}`);
-  for (const [label, r] of loginRows)
-    console.log(`   ${pad(label, 60)}${lpad((r.count / r.seconds).toFixed(1), 8)}${lpad(q(r.lat_ms, 0.5).toFixed(1), 11)}${lpad(q(r.lat_ms, 0.99).toFixed(1), 9)}${lpad((r.cpu / r.count).toFixed(2), 16)}${lpad(String(r.errors), 8)}${r.firstError ? `  (${r.firstError})` : ""}`);
-  console.log(`   argon2id v=${params?.[1]} ${params?.[2]} (Bun.password defaults; m in KiB); one verify in this process: median ${med(verifies).toFixed(1)} ms.`);
-  console.log(`   Latency includes queueing: 50 clients in a closed loop. L7R CPU: the qvd l7r process only (PostgreSQL not counted);`);
-  console.log(`   its database pool has 10 connections (database.pool_size default); each login writes an audit row.`);
+      const c = process.cpuUsage(c0);
+      verifyCpu.push((c.user + c.system) / 1000);
+    }
+    console.log(`\n2. logins: GET /qvd/list_of_vm with Basic auth, ${CONCURRENCY} concurrent clients (${CONCURRENCY} distinct users), ${LOGIN_S} s each…`);
+    const loginRows: [string, { count: number; seconds: number; lat_ms: number[]; errors: number; firstError: string; cpu: number }][] = [];
+    for (const [label, how] of [
+      ["new TLS connection per login (handshake + argon2id + DB)", "new"],
+      ["keep-alive, auth cached per connection (no argon2)", "keepalive"],
+    ] as const)
+      loginRows.push([
+        label,
+        await measured([BUN, PEER, "logins", String(l7rPort), String(CONCURRENCY), String(LOGIN_S), how, "login", String(CONCURRENCY), "login-pw-1"], l7r.p.pid, label),
+      ]);
+    console.log(`   ${pad("mode", 60)}${lpad("req/s", 8)}${lpad("median ms", 11)}${lpad("p99 ms", 9)}${lpad("L7R CPU ms/req", 16)}${lpad("errors", 8)}`);
+    for (const [label, r] of loginRows)
+      console.log(
+        `   ${pad(label, 60)}${lpad((r.count / r.seconds).toFixed(1), 8)}${lpad(q(r.lat_ms, 0.5).toFixed(1), 11)}${lpad(q(r.lat_ms, 0.99).toFixed(1), 9)}${lpad((r.cpu / r.count).toFixed(2), 16)}${lpad(String(r.errors), 8)}${r.firstError ? `  (${r.firstError})` : ""}`,
+      );
+    console.log(
+      `   argon2id v=${params?.[1]} ${params?.[2]} (Bun.password defaults; m in KiB); one verify in this process: median ${med(verifies).toFixed(0)} ms, ${med(verifyCpu).toFixed(0)} ms of CPU.`,
+    );
+    const perLogin = loginRows[0]![1].cpu / loginRows[0]![1].count;
+    console.log(
+      `   Estimate, not a measurement: ${cpus().length} idle cores for the L7R at ${perLogin.toFixed(0)} ms of CPU per login would allow about ${((cpus().length * 1000) / perLogin).toFixed(0)} logins/s.`,
+    );
+    console.log(`   Latency includes queueing: 50 clients in a closed loop. L7R CPU: the qvd l7r process only (PostgreSQL not counted);`);
+    console.log(`   its database pool has 10 connections (database.pool_size default); each login writes an audit row.`);
   }
 
   // Parts 1 and 2 are over: free their processes before the node starts.
@@ -399,7 +428,29 @@ backend sink
     const display = [...Array(40).keys()].map((i) => 140 + i).find((n) => !existsSync(`/tmp/.X${n}-lock`) && !existsSync(`/tmp/.X11-unix/X${n}`))!;
     spawn(["Xvfb", `:${display}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], join(dir, "xvfb.log"), "ignore");
     const suspendSession = async () => {
-      const client = spawn([...node.ns.exec, "env", `DISPLAY=:${display}`, "QVD_PASSWORD=alice-pw-1", node.binary, "client", "--host", "127.0.0.1", "--port", String(PORT), "--user", "alice", "--insecure", "--vm", String(dvm.id), "--link", "lan"], join(dir, "client.log"), "ignore");
+      const client = spawn(
+        [
+          ...node.ns.exec,
+          "env",
+          `DISPLAY=:${display}`,
+          "QVD_PASSWORD=alice-pw-1",
+          node.binary,
+          "client",
+          "--host",
+          "127.0.0.1",
+          "--port",
+          String(PORT),
+          "--user",
+          "alice",
+          "--insecure",
+          "--vm",
+          String(dvm.id),
+          "--link",
+          "lan",
+        ],
+        join(dir, "client.log"),
+        "ignore",
+      );
       try {
         await poll(async () => (await xState()) === "connected", "qvd client's session to be connected", 120_000);
       } finally {
@@ -438,7 +489,11 @@ backend sink
     for (const [label, c] of cases) console.log(`   ${pad(label, 58)}${lpad(String(c.to101.length), 3)}${lpad(secs(c.to101), 22)}${lpad(msr(c.toNx), 18)}`);
     console.log(`   first start (image unpacked on the way): ${(warm.ms101 / 1000).toFixed(2)} s to the 101`);
   }
-  console.log(`\nload average at the end: ${loadavg().map((l) => l.toFixed(2)).join(" ")}`);
+  console.log(
+    `\nload average at the end: ${loadavg()
+      .map((l) => l.toFixed(2))
+      .join(" ")}`,
+  );
 } catch (e) {
   if (!cleaning) console.error(`bench failed: ${(e as Error).message}`);
   process.exitCode = 1;
