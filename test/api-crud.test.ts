@@ -461,6 +461,11 @@ describe("login and sessions", () => {
     const viaCookie = await api.anonymous.call("GET", "/session", undefined, { cookie: `qvd_session=${r.body.token}` });
     expect(viaCookie.status).toBe(200);
     expect(viaCookie.body.administrator.name).toBe("opal2");
+    // GET /login (public): the tenancy mode, and with a live session the session itself.
+    const before = await api.anonymous.get("/login");
+    expect(clone(before.body)).toEqual({ multitenant: false, logged_in: false });
+    const after = await api.anonymous.call("GET", "/login", undefined, { cookie: `qvd_session=${r.body.token}` });
+    expect(clone(after.body)).toMatchObject({ multitenant: false, logged_in: true, session: { administrator: { name: "opal2" }, acls: viaCookie.body.acls } });
     // name@tenant.
     expect((await api.anonymous.post("/login", { name: "opal2@default", password: OPAL_PW })).status).toBe(200);
     expect((await api.anonymous.post("/login", { name: "opal2", tenant: "default", password: OPAL_PW })).status).toBe(200);

@@ -54,6 +54,14 @@ async function resolveTenants(ctx: Ctx, name: string, tenant?: string): Promise<
   return { name: ctx.cfg.get("model.user.login.case-sensitive") ? n : n.toLowerCase(), tenants };
 }
 
+async function sessionOf(ctx: Ctx, admin: Admin) {
+  return {
+    administrator: await D.get(ctx.sql, D.administrators, D.ALL_TENANTS, admin.id),
+    acls: [...admin.acls].sort(),
+    multitenant: ctx.cfg.get("wat.multitenant"),
+  };
+}
+
 function cookieFor(ctx: Ctx, token: string, maxAge: number): string {
   const secure = ctx.url.protocol === "https:" ? "; Secure" : "";
   return `${SESSION_COOKIE}=${token}; HttpOnly; SameSite=Strict; Path=/${secure}; Max-Age=${maxAge}`;
@@ -100,10 +108,11 @@ export const AUTH_ROUTES: Route[] = [
     audit: { action: "login", object: "session" }, handler: login },
   { method: "GET", path: "/login", tag: "session", public: true,
     summary: "Before logging in: the tenancy mode (a tenant is asked for when multitenant) and whether the request already has a live session",
-    handler: async (ctx) => ({
-      multitenant: ctx.cfg.get("wat.multitenant"),
-      logged_in: await authenticate(ctx, tokenOf(ctx.request)).then(() => true, () => false),
-    }) },
+    handler: async (ctx) => {
+      const admin = await authenticate(ctx, tokenOf(ctx.request)).catch(() => undefined);
+      // With a live session, the session itself (as GET /session): one round trip for the WAT.
+      return { multitenant: ctx.cfg.get("wat.multitenant"), logged_in: !!admin, ...(admin ? { session: await sessionOf(ctx, admin) } : {}) };
+    } },
   { method: "POST", path: "/logout", tag: "session", acl: [], summary: "End this session",
     audit: { action: "logout", object: "session" },
     handler: async (ctx) => {
@@ -112,11 +121,7 @@ export const AUTH_ROUTES: Route[] = [
       return { ok: true };
     } },
   { method: "GET", path: "/session", tag: "session", acl: [], summary: "The current administrator, their ACLs and the tenancy mode",
-    handler: async (ctx) => ({
-      administrator: await D.get(ctx.sql, D.administrators, D.ALL_TENANTS, ctx.admin.id),
-      acls: [...ctx.admin.acls].sort(),
-      multitenant: ctx.cfg.get("wat.multitenant"),
-    }) },
+    handler: (ctx) => sessionOf(ctx, ctx.admin) },
   { method: "PUT", path: "/session/password", tag: "session", acl: [], body: PasswordBody, summary: "Change your own password (needs the current one)",
     audit: { action: "administrator.update_own_password", object: "administrator" },
     handler: async (ctx) => {

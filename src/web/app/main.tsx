@@ -118,7 +118,7 @@ function App() {
       .get("/login")
       .then((l) => {
         setMultitenant(l.multitenant);
-        return l.logged_in ? api.get("/session").then((s) => setSession(makeSession(s))) : setSession(null);
+        setSession(l.session ? makeSession(l.session) : null);
       })
       .catch(() => setSession(null));
   }, []);

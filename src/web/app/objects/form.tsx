@@ -35,15 +35,25 @@ class FieldError extends Error {
   }
 }
 
+/** The id of a reference typed in full without picking a suggestion (typed fast, or pasted). */
+async function resolveRef(f: FormField, text: string, values: Values): Promise<number> {
+  const spec = f.ref!;
+  const label = spec.label ?? "name";
+  const [name, tenant] = text.split(" @ ");
+  const q = toQuery({ ...(spec.filter?.(values) ?? {}), [label]: name!.trim(), ...(tenant ? { tenant_name: tenant.trim() } : {}), limit: 2 });
+  const page = await api.get<Page<Row>>(`/${spec.path}${q}`);
+  if (page.items.length === 1) return page.items[0]!.id as number;
+  throw new FieldError(f.name, page.items.length ? "several match: choose one of the suggestions" : "no such one: choose one of the suggestions");
+}
+
 /** A field's form value as the API wants it; undefined: leave out. */
-function toApi(f: FormField, v: any): unknown {
+async function toApi(f: FormField, v: any, values: Values): Promise<unknown> {
   switch (f.type) {
     case "checkbox":
     case "checkboxes": return v;
     case "ref":
       if (!v.text) return f.nullable ? null : undefined;
-      if (v.id === null) throw new FieldError(f.name, "choose one of the suggestions");
-      return v.id;
+      return v.id ?? (await resolveRef(f, v.text, values));
     case "number":
     case "tenant": {
       if (v === "") return f.nullable ? null : undefined;
@@ -188,7 +198,7 @@ export function ObjectForm(props: {
       const body: Values = {};
       for (const f of fields) {
         if (editing && JSON.stringify(values[f.name]) === JSON.stringify(start[f.name])) continue;
-        const v = toApi(f, values[f.name]);
+        const v = await toApi(f, values[f.name], values);
         if (v !== undefined) body[f.name] = v;
       }
       if (editing && !Object.keys(body).length) return props.onClose();
