@@ -3,27 +3,20 @@
 import { useState } from "preact/hooks";
 import { api, ApiError } from "../api.ts";
 import { useSession } from "../session.ts";
-import { Button, Confirm, ErrorLine, Field, Link, Loading, notify } from "../ui.tsx";
+import { Button, Confirm, ErrorLine, Link, Loading, notify } from "../ui.tsx";
 import { AclTree, Badge } from "./acl-tree.tsx";
 import { aclCatalogue, type Acl } from "./acls.ts";
 import { useLoad } from "./load.ts";
-import { roleLabel, useRoleOptions } from "./role-acls.tsx";
+import type { RoleWithAcls } from "../../../db/roles.ts";
+import { roleLabel, RolePicker, useRoleOptions } from "./role-picker.tsx";
 
-interface AdminRole {
-  id: number;
-  name: string;
-  tenant_id: number;
-  tenant_name: string;
-  builtin: boolean;
-  acls: string[];
-}
 
 export function AdminRoles(props: { administrator: { id: number; name: string; [k: string]: unknown }; onChange?: () => void }) {
   const session = useSession();
   const id = props.administrator.id;
   const loaded = useLoad(
     async (s) => {
-      const [acls, catalogue] = await Promise.all([api.get<{ items: string[]; roles: AdminRole[] }>(`/administrators/${id}/acls`, s), aclCatalogue()]);
+      const [acls, catalogue] = await Promise.all([api.get<{ items: string[]; roles: RoleWithAcls[] }>(`/administrators/${id}/acls`, s), aclCatalogue()]);
       return { effective: new Set(acls.items), roles: acls.roles, catalogue };
     },
     [id, JSON.stringify(props.administrator.roles)], // and again when the page's row changes
@@ -31,29 +24,30 @@ export function AdminRoles(props: { administrator: { id: number; name: string; [
   const editable = session.can("administrator.assign_role");
   const tenantId = typeof props.administrator.tenant_id === "number" ? props.administrator.tenant_id : session.administrator.tenant_id;
   const options = useRoleOptions(tenantId, editable);
-  const [pick, setPick] = useState("");
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState<string>();
-  const [dropOwn, setDropOwn] = useState<AdminRole>();
+  const [dropOwn, setDropOwn] = useState<RoleWithAcls>();
   if (!loaded.data) return loaded.error ? <ErrorLine error={`Cannot load the roles: ${loaded.error}`} /> : <Loading what="roles" />;
   const { roles, effective, catalogue } = loaded.data;
   const candidates = (options.data ?? []).filter((r) => !roles.some((x) => x.id === r.id));
-  const act = async (what: () => Promise<unknown>, done: string) => {
+  const act = async (what: () => Promise<unknown>, done: string): Promise<boolean> => {
     setBusy(true);
     setError(undefined);
+    let ok = false;
     try {
       await what();
       notify(done);
-      setPick("");
+      ok = true;
     } catch (err) {
       setError((err as ApiError).message);
     }
     await loaded.reload();
     props.onChange?.();
     setBusy(false);
+    return ok;
   };
   const name = props.administrator.name;
-  const take = (r: AdminRole) => act(() => api.del(`/administrators/${id}/roles/${r.id}`), `${name} no longer has role ${r.name}`);
+  const take = (r: RoleWithAcls) => act(() => api.del(`/administrators/${id}/roles/${r.id}`), `${name} no longer has role ${r.name}`);
   return (
     <div class="admin-roles">
       <section class="st-sub" aria-labelledby="admin-roles-title">
@@ -77,30 +71,9 @@ export function AdminRoles(props: { administrator: { id: number; name: string; [
           </ul>
         )}
         {editable && (
-          <form
-            class="st-inline"
-            onSubmit={(e) => {
-              e.preventDefault();
-              const role = candidates.find((c) => String(c.id) === pick);
-              if (role) void act(() => api.post(`/administrators/${id}/roles`, { role_id: role.id }), `${name} now has role ${role.name}`);
-            }}
-          >
-            <Field label="Assign a role" error={error ?? (options.error && `Cannot list the roles: ${options.error}`)}>
-              {(a) => (
-                <select {...a} value={pick} onChange={(e) => setPick(e.currentTarget.value)} disabled={busy}>
-                  <option value="">Choose a role…</option>
-                  {candidates.map((c) => (
-                    <option key={c.id} value={String(c.id)}>
-                      {roleLabel(c, session.multitenant)}
-                    </option>
-                  ))}
-                </select>
-              )}
-            </Field>
-            <Button type="submit" kind="primary" busy={busy} disabled={!pick}>
-              Assign
-            </Button>
-          </form>
+          <RolePicker label="Assign a role" action="Assign" candidates={candidates} busy={busy}
+            error={error ?? (options.error && `Cannot list the roles: ${options.error}`)}
+            onPick={(role) => act(() => api.post(`/administrators/${id}/roles`, { role_id: role.id }), `${name} now has role ${role.name}`)} />
         )}
         {!editable && error && <ErrorLine error={error} />}
       </section>
@@ -111,7 +84,7 @@ export function AdminRoles(props: { administrator: { id: number; name: string; [
           action="Remove"
           danger
           onClose={() => setDropOwn(undefined)}
-          onConfirm={() => take(dropOwn)}
+          onConfirm={async () => void (await take(dropOwn))}
         />
       )}
       <EffectiveAcls title="Effective ACLs" catalogue={catalogue} effective={effective} roles={roles} />

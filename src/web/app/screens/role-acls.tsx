@@ -6,7 +6,9 @@ import { useSession } from "../session.ts";
 import { Button, ErrorLine, Field, Link, Loading, notify } from "../ui.tsx";
 import { AclTree, Badge } from "./acl-tree.tsx";
 import { aclCatalogue, type Acl } from "./acls.ts";
+import type { RoleWithAcls } from "../../../db/roles.ts";
 import { fieldMessage, useLoad } from "./load.ts";
+import { roleLabel, RolePicker, useRoleOptions } from "./role-picker.tsx";
 
 interface RoleRow {
   id: number;
@@ -18,25 +20,17 @@ interface RoleRow {
   inherits: string[];
   [k: string]: unknown;
 }
-interface ParentRole {
-  id: number;
-  name: string;
-  tenant_id: number;
-  tenant_name: string;
-  builtin: boolean;
-  acls: string[];
-}
 interface RoleAcls {
   role: RoleRow;
   effective: Set<string>;
-  parents: ParentRole[];
+  parents: RoleWithAcls[];
   catalogue: Acl[];
 }
 
 async function loadRoleAcls(id: number, signal: AbortSignal): Promise<RoleAcls> {
   const [role, acls, catalogue] = await Promise.all([
     api.get<RoleRow>(`/roles/${id}`, signal),
-    api.get<{ items: string[]; inherits: ParentRole[] }>(`/roles/${id}/acls`, signal),
+    api.get<{ items: string[]; inherits: RoleWithAcls[] }>(`/roles/${id}/acls`, signal),
     aclCatalogue(),
   ]);
   return { role, effective: new Set(acls.items), parents: acls.inherits, catalogue };
@@ -227,48 +221,27 @@ function RoleAclTree(props: { data: RoleAcls; editable: boolean; onChanged: () =
 
 // --- inheritance -----------------------------------------------------------------------------
 
-interface RoleOption {
-  id: number;
-  name: string;
-  tenant_id: number;
-  tenant_name: string;
-}
-
-/** Roles a role (or an administrator) of `tenantId` may take: global ones and the tenant's own. */
-export function useRoleOptions(tenantId: number, enabled: boolean) {
-  return useLoad<RoleOption[]>(
-    async (s) => {
-      if (!enabled) return [];
-      const r = await api.get<{ items: RoleOption[] }>(`/roles?sort=name&limit=1000&fields=id,name,tenant_id,tenant_name`, s);
-      return r.items.filter((x) => x.tenant_id === 0 || x.tenant_id === tenantId);
-    },
-    [tenantId, enabled],
-  );
-}
-
-export const roleLabel = (r: { name: string; tenant_id: number; tenant_name: string }, multitenant: boolean) =>
-  multitenant ? `${r.name} (${r.tenant_id === 0 ? "global" : r.tenant_name})` : r.name;
-
 function RoleInheritance(props: { data: RoleAcls; editable: boolean; onChanged: () => Promise<void> }) {
   const session = useSession();
   const { role, parents } = props.data;
   const options = useRoleOptions(role.tenant_id, props.editable);
-  const [pick, setPick] = useState("");
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState<string>();
   const candidates = (options.data ?? []).filter((r) => r.id !== role.id && !parents.some((p) => p.id === r.id));
-  const act = async (what: () => Promise<unknown>, done: string) => {
+  const act = async (what: () => Promise<unknown>, done: string): Promise<boolean> => {
     setBusy(true);
     setError(undefined);
+    let ok = false;
     try {
       await what();
       notify(done);
-      setPick("");
+      ok = true;
     } catch (err) {
       setError(fieldMessage((err as ApiError).message, (err as ApiError).field));
     }
     await props.onChanged();
     setBusy(false);
+    return ok;
   };
   return (
     <section class="st-sub" aria-labelledby="role-inherits-title">
@@ -292,30 +265,9 @@ function RoleInheritance(props: { data: RoleAcls; editable: boolean; onChanged: 
         </ul>
       )}
       {props.editable && (
-        <form
-          class="st-inline"
-          onSubmit={(e) => {
-            e.preventDefault();
-            const parent = candidates.find((c) => String(c.id) === pick);
-            if (parent) void act(() => api.post(`/roles/${role.id}/inherits`, { role_id: parent.id }), `${role.name} now inherits ${parent.name}`);
-          }}
-        >
-          <Field label="Inherit another role" error={error ?? (options.error && `Cannot list the roles: ${options.error}`)}>
-            {(a) => (
-              <select {...a} value={pick} onChange={(e) => setPick(e.currentTarget.value)} disabled={busy}>
-                <option value="">Choose a role…</option>
-                {candidates.map((c) => (
-                  <option key={c.id} value={String(c.id)}>
-                    {roleLabel(c, session.multitenant)}
-                  </option>
-                ))}
-              </select>
-            )}
-          </Field>
-          <Button type="submit" kind="primary" busy={busy} disabled={!pick}>
-            Add
-          </Button>
-        </form>
+        <RolePicker label="Inherit another role" action="Add" candidates={candidates} busy={busy}
+          error={error ?? (options.error && `Cannot list the roles: ${options.error}`)}
+          onPick={(parent) => act(() => api.post(`/roles/${role.id}/inherits`, { role_id: parent.id }), `${role.name} now inherits ${parent.name}`)} />
       )}
     </section>
   );
