@@ -16,7 +16,7 @@
 //                    [--skip-splice] [--skip-logins] [--skip-node]
 import { appendFileSync, chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { cpus, loadavg } from "node:os";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import * as D from "../src/db/index.ts";
 import { LocalCluster } from "../src/db/local-cluster.ts";
 import { connect, type Sql } from "../src/db/pool.ts";
@@ -24,7 +24,7 @@ import { hashPassword, initDatabase } from "../src/db/schema.ts";
 import { setLogLevel } from "../src/log.ts";
 import { run } from "../src/run.ts";
 import { ensureDeps } from "../scripts/deps.ts";
-import { cleanEnv, desktopImage, qvdBinary, TestNode } from "../test/support/node.ts";
+import { cleanEnv, desktopImage, qvdBinary, removeQvdBinary, TestNode } from "../test/support/node.ts";
 
 setLogLevel("warn");
 const opt = (name: string, dflt: number) => {
@@ -220,8 +220,8 @@ try {
   cleanups.push(() => db.end({ timeout: 5 }));
   await initDatabase(db, { adminPassword: "bench-admin-pw" });
 
+  cleanups.push(() => removeQvdBinary());
   const binary = await qvdBinary();
-  cleanups.push(() => rmSync(dirname(binary), { recursive: true, force: true }));
 
   // The sink and the stand-in VMA.
   const sinkProc = spawn([BUN, PEER, "sink", cert, key], join(dir, "sink.log"));
