@@ -150,10 +150,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
     });
   }
 
-  const server: TCPSocketListener<IoData> = Bun.listen<IoData>({
-    hostname: o.hostname,
-    port: o.port,
-    tls: { cert: Bun.file(o.tls.cert), key: Bun.file(o.tls.key), minVersion: 0x0303 /* TLS 1.2 */ } as any,
+  const served = {
+    tls: { cert: Bun.file(o.tls.cert), key: Bun.file(o.tls.key), minVersion: 0x0303 /* TLS 1.2 */ },
     socket: {
       ...ioHandlers,
       open(s: IoSocket) {
@@ -161,23 +159,14 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         new Connection(s).start();
       },
     },
-  } as any);
+  };
+  const server: TCPSocketListener<IoData> = Bun.listen<IoData>({ hostname: o.hostname, port: o.port, ...served } as any);
   // The same on a unix socket, when asked (qvd demo relays 127.0.0.1:8443 to it from another
   // network namespace); a socket file left by an L7R that died is replaced.
   let unixServer: { stop(closeActive?: boolean): void } | undefined;
   if (o.unix) {
     rmSync(o.unix, { force: true });
-    unixServer = Bun.listen<IoData>({
-      unix: o.unix,
-      tls: { cert: Bun.file(o.tls.cert), key: Bun.file(o.tls.key), minVersion: 0x0303 } as any,
-      socket: {
-        ...ioHandlers,
-        open(s: IoSocket) {
-          s.data = {};
-          new Connection(s).start();
-        },
-      },
-    } as any);
+    unixServer = Bun.listen<IoData>({ unix: o.unix, ...served } as any);
   }
 
   class Connection {

@@ -16,22 +16,12 @@
 // identity is written after every other layer.
 import type { AuthenticatedUser } from "../auth/user-auth.ts";
 import type { PropertyLayers } from "../db/l7r.ts";
+import type { SessionParams } from "../vma/session.ts";
 
 export const CLIENT_PARAM = /^(qvd\.client\.|custom\.)/;
 
-/** The body of the VMA's POST /vma/x_start (src/vma/README.md). */
-export interface XStartBody {
-  user: string;
-  uid: number;
-  gid: number;
-  home?: string;
-  keyboard?: string;
-  client_os?: string;
-  link?: string;
-  geometry?: string;
-  fullscreen?: boolean;
-  properties: Record<string, string>;
-}
+/** The body of the VMA's POST /vma/x_start (src/vma/README.md): the VMA's session parameters. */
+export type XStartBody = SessionParams & { properties: Record<string, string> };
 
 /** An administrator's value that cannot be used (the message names the property). */
 export class XStartParamError extends Error {}
