@@ -12,7 +12,7 @@
 //      by a real `qvd client` + nxproxy on an Xvfb of ours), and a stopped desktop.
 // Every client, sink and proxy is a process of its own (bench/l7r-peer.ts). Prints figures;
 // asserts nothing. Run as root:
-//   bun bench/l7r.ts [--mib 1024] [--rounds 3] [--pings 5000] [--login-seconds 15] [--connects 5]
+//   bun bench/l7r.ts [--mib 1024] [--rounds 5] [--pings 5000] [--login-seconds 15] [--connects 5]
 //                    [--skip-splice] [--skip-logins] [--skip-node]
 import { appendFileSync, chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { cpus, loadavg } from "node:os";
@@ -32,7 +32,7 @@ const opt = (name: string, dflt: number) => {
   return i > 0 ? Number(process.argv[i + 1]) || dflt : dflt;
 };
 const MIB = opt("mib", 1024);
-const ROUNDS = opt("rounds", 3);
+const ROUNDS = opt("rounds", 5);
 const PINGS = opt("pings", 5000);
 const LOGIN_S = opt("login-seconds", 15);
 const CONNECTS = opt("connects", 5);
