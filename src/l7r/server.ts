@@ -525,6 +525,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       }
       this.progress(`Waiting for X session to come up on VM ${vm.vm_id}`);
       let deadline = Date.now() + t.xStart * 1000;
+      // nxagent is usually listening within a few hundred ms: ask often at first, then less.
+      let pause = 20;
       for (;;) {
         let state = "";
         try {
@@ -537,7 +539,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         else if (state && state !== "starting") throw unavailable(`Unable to start X session on VM ${vm.vm_id}, state went to ${state}`);
         if (Date.now() >= deadline) throw unavailable(`Unable to start X session on VM ${vm.vm_id}, operation timed out!`);
         await this.checkAbort(vm.vm_id);
-        await Bun.sleep(250);
+        await Bun.sleep(pause);
+        pause = Math.min(250, Math.round(pause * 1.5));
       }
     }
 
