@@ -91,6 +91,7 @@ export const KEYS = {
   "l7r.listen.unix": key(str, "", "A unix socket the L7R listens on as well, also TLS (empty: none); `qvd demo` relays 127.0.0.1:8443 to it across network namespaces."),
   "l7r.tls.cert": key(str, "", "PEM certificate file of the L7R."),
   "l7r.tls.key": key(str, "", "PEM private key file of the L7R.", { secret: true }),
+  "l7r.tls.client_ca": key(str, "", "PEM CA file: when set, clients must present a certificate signed by it (mutual TLS); empty: no client certificates."),
   "l7r.timeout.vm_start": key(int(1), 270, "Seconds connect_to_vm waits for a stopped desktop to be running.", { scope: "cluster" }),
   "l7r.timeout.vm_stop": key(int(1), 270, "Seconds stop_vm waits for the desktop to be stopped.", { scope: "cluster" }),
   "l7r.timeout.x_start": key(int(1), 10, "Seconds connect_to_vm waits for nxagent to listen after x_start (not counted while the VMA provisions the user).", { scope: "cluster" }),

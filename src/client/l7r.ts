@@ -45,6 +45,9 @@ export interface ConnectOptions {
   ca?: string;
   /** Do not verify the server's certificate. */
   insecure?: boolean;
+  /** PEM text of a client certificate and its key (servers with l7r.tls.client_ca). */
+  cert?: string;
+  key?: string;
   /** Connect + TLS handshake limit. */
   connectTimeoutMs?: number;
   /** Longest wait for the next response (or the next 102) from the server. */
@@ -138,6 +141,7 @@ export class L7RConnection implements Endpoint {
               // Verified here, in `handshake`, for a clear message and exit code.
               rejectUnauthorized: false,
               ca: opts.ca,
+              ...(opts.cert ? { cert: opts.cert, key: opts.key } : {}),
               serverName: isIP(opts.host) ? undefined : opts.host,
             }
           : undefined,
@@ -276,7 +280,14 @@ export class L7RConnection implements Endpoint {
 
   private closedError(what: string): UserError {
     const detail = this.closeError ? `: ${this.closeError.message}` : "";
-    return new UserError(`${this.where} closed the connection before answering ${what}${detail}`, EXIT.unavailable);
+    // With TLS 1.3 a server that wants a client certificate says so only after the handshake.
+    if (/CERTIFICATE_REQUIRED|BAD_CERTIFICATE|UNKNOWN_CA|CERTIFICATE_UNKNOWN/i.test(this.closeError?.message ?? ""))
+      return new UserError(this.opts.cert
+        ? `${this.where} refused the client certificate given with --cert${detail}`
+        : `${this.where} requires a client certificate: give it with --cert FILE --key FILE${detail}`, EXIT.auth);
+    // A refused client certificate may also end the connection without saying why.
+    const hint = this.opts.cert && !this.closeError ? " (if it checks client certificates, it may have refused the one given with --cert)" : "";
+    return new UserError(`${this.where} closed the connection before answering ${what}${detail}${hint}`, EXIT.unavailable);
   }
 
   /** After a 101: the bytes already read past its header block (the first NX bytes). */

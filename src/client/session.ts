@@ -29,6 +29,9 @@ export interface ClientOptions {
   keyboard: string;
   ca?: string;
   insecure: boolean;
+  /** Client certificate and key files (servers that ask for one). */
+  cert?: string;
+  key?: string;
   /** Stop the desktop before connecting ("restart session"). */
   stop: boolean;
   /** nxproxy and any leading arguments (tests); `-S localhost:<D>` is appended. */
@@ -150,16 +153,17 @@ export function connectQuery(id: number, o: Pick<ClientOptions, "keyboard" | "li
 export async function runClient(o: ClientOptions): Promise<number> {
   const say = o.say ?? ((l: string) => console.log(l));
   if (o.insecure) process.stderr.write("qvd: warning: --insecure: the server's certificate is not verified\n");
-  let ca: string | undefined;
-  if (o.ca) {
+  const pem = (flag: string, file: string | undefined, what: string) => {
+    if (!file) return undefined;
     try {
-      ca = readFileSync(o.ca, "utf8");
+      return readFileSync(file, "utf8");
     } catch (err) {
-      throw new UserError(`--ca ${o.ca}: cannot read the certificate file: ${(err as Error).message}`, EXIT.usage);
+      throw new UserError(`${flag} ${file}: cannot read the ${what} file: ${(err as Error).message}`, EXIT.usage);
     }
-  }
+  };
   const conn = await L7RConnection.connect({
-    host: o.host, port: o.port, tls: o.tls, ca, insecure: o.insecure, responseTimeoutMs: o.responseTimeoutMs,
+    host: o.host, port: o.port, tls: o.tls, ca: pem("--ca", o.ca, "certificate"), insecure: o.insecure, responseTimeoutMs: o.responseTimeoutMs,
+    cert: pem("--cert", o.cert, "client certificate"), key: pem("--key", o.key, "client key"),
   });
   const where = conn.where;
   const bearer = o.token !== undefined;

@@ -48,7 +48,8 @@ export interface L7rOptions {
   nodename: string;
   hostname: string;
   port: number;
-  tls: { cert: string; key: string };
+  /** clientCa: clients must present a certificate signed by this CA (PEM file). */
+  tls: { cert: string; key: string; clientCa?: string };
   /** A unix socket to listen on as well (TLS too), e.g. for a relay from another network namespace. */
   unix?: string;
   authenticate?: Authenticate;
@@ -151,7 +152,10 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
   }
 
   const served = {
-    tls: { cert: Bun.file(o.tls.cert), key: Bun.file(o.tls.key), minVersion: 0x0303 /* TLS 1.2 */ },
+    tls: {
+      cert: Bun.file(o.tls.cert), key: Bun.file(o.tls.key), minVersion: 0x0303 /* TLS 1.2 */,
+      ...(o.tls.clientCa ? { ca: Bun.file(o.tls.clientCa), requestCert: true, rejectUnauthorized: true } : {}),
+    },
     socket: {
       ...ioHandlers,
       open(s: IoSocket) {

@@ -44,6 +44,8 @@ export default defineCommand({
     keyboard: { type: "string", description: "Keyboard model/layout (default pc105/us)", valueHint: "MODEL/LAYOUT" },
     insecure: { type: "boolean", description: "Do not verify the server's certificate (a warning is printed)" },
     ca: { type: "string", description: "Trust this CA or certificate (PEM) for the server's TLS", valueHint: "FILE" },
+    cert: { type: "string", description: "Present this client certificate (PEM; servers with l7r.tls.client_ca), with --key", valueHint: "FILE" },
+    key: { type: "string", description: "The client certificate's private key (PEM)", valueHint: "FILE" },
     stop: { type: "boolean", description: "Stop the desktop first (restart the session)" },
     tls: { type: "boolean", default: true, description: "TLS (--no-tls: plain TCP, for servers with l7r.use_ssl=0)" },
     verbose: { type: "boolean", description: "Log the protocol and nxproxy's output on stderr" },
@@ -76,6 +78,7 @@ export default defineCommand({
     const keyboard = args.keyboard ?? "pc105/us";
     if (!/^[\w+-]+\/[\w+-]+$/.test(keyboard)) throw usage(`--keyboard ${keyboard}: expected MODEL/LAYOUT, e.g. pc105/us`);
     if (args.insecure && args.ca) throw usage("--insecure and --ca exclude each other");
+    if (!args.cert !== !args.key) throw usage("--cert and --key go together");
     if (args.tls === false && (args.insecure || args.ca)) throw usage("--no-tls excludes --insecure and --ca");
     const nxproxy = args["nxproxy-command"] ? String(args["nxproxy-command"]).split(/\s+/).filter(Boolean) : ["nxproxy"];
     if (!args["print-token"] && !args["nxproxy-command"] && !process.env.DISPLAY) throw usage("DISPLAY is not set: nxproxy needs an X display to show the desktop on");
@@ -92,7 +95,7 @@ export default defineCommand({
         };
     const code = await runClient({
       host, port, tls: args.tls !== false, ...credentials, vm: args.vm, link, geometry, fullscreen: !!args.fullscreen, keyboard,
-      ca: args.ca, insecure: !!args.insecure, stop: !!args.stop, nxproxy, printToken: !!args["print-token"],
+      ca: args.ca, insecure: !!args.insecure, cert: args.cert, key: args.key, stop: !!args.stop, nxproxy, printToken: !!args["print-token"],
     });
     process.exitCode = code;
   },
