@@ -331,6 +331,30 @@ describe("VM lifecycle and actions", () => {
     expect(clone(await ok(sa.post(`/vms/${vm.id}/unblock`)))).toMatchObject({ blocked: false, blocked_reason: "" });
   });
 
+  test("expire: a running VM's warning and stop times; null clears; a stopped VM or a warning after the stop is refused", async () => {
+    expect((await sa.post(`/vms/${vm.id}/expire`, { hard_at: "2099-01-01T00:00:00Z" })).status).toBe(409); // stopped
+    const [before] = await sql()`SELECT host_id FROM vm_runtimes WHERE vm_id = ${vm.id}`;
+    await sql()`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${host.id} WHERE vm_id = ${vm.id}`;
+    try {
+      const set = await ok(sa.post(`/vms/${vm.id}/expire`, { soft_at: "2099-01-01T00:00:00Z", hard_at: "2099-01-02T00:00:00Z" }));
+      expect([new Date(set.expire_soft_at).toISOString(), new Date(set.expire_hard_at).toISOString()]).toEqual(["2099-01-01T00:00:00.000Z", "2099-01-02T00:00:00.000Z"]);
+      // A warning after the stop is refused and changes nothing.
+      const late = await sa.post(`/vms/${vm.id}/expire`, { soft_at: "2099-01-03T00:00:00Z" });
+      expect([late.status, late.body.error.field]).toEqual([422, "soft_at"]);
+      expect((await sa.post(`/vms/${vm.id}/expire`, { hard_at: "tomorrow-ish" })).body.error.field).toBe("hard_at");
+      // Only the soft time cleared; the hard one stays.
+      const cleared = await ok(sa.post(`/vms/${vm.id}/expire`, { soft_at: null }));
+      expect(cleared.expire_soft_at).toBeNull();
+      expect(new Date(cleared.expire_hard_at).toISOString()).toBe("2099-01-02T00:00:00.000Z");
+      // Many at once, by filter.
+      const many = await ok(sa.post(`/vms/actions/expire?id=${vm.id}`, { hard_at: null }));
+      expect(clone(many)).toMatchObject({ total: 1, ok: 1 });
+      expect((await ok(sa.get(`/vms/${vm.id}`))).expire_hard_at).toBeNull();
+    } finally {
+      await sql()`UPDATE vm_runtimes SET vm_state = 'stopped', host_id = ${before!.host_id}, expire_soft_at = NULL, expire_hard_at = NULL WHERE vm_id = ${vm.id}`;
+    }
+  });
+
   test("deleting an OSF with VMs is a 409 that names them", async () => {
     const r = await sa.del(`/osfs/${osf.id}`);
     expect(r.status).toBe(409);

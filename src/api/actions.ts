@@ -33,6 +33,7 @@ function noEscalation(ctx: Ctx, acls: Iterable<string>): void {
 
 const heartbeat = (ctx: Ctx) => ({ heartbeatWithinS: ctx.cfg.get("cluster.lost_after") });
 const BlockBody = z.object({ reason: z.string().max(1000).optional() });
+const ExpiryBody = z.object({ soft_at: z.coerce.date().nullable().optional(), hard_at: z.coerce.date().nullable().optional() });
 
 const ACTIONS: ActionSpec[] = [
   { path: "vms", def: D.vms, name: "start", acl: "vm.start", summary: "Start a VM: choose a node if it has none, command the start",
@@ -42,6 +43,9 @@ const ACTIONS: ActionSpec[] = [
     run: (ctx, vm) => D.disconnectVmUser(ctx.sql, ctx.scope, vm) },
   { path: "vms", def: D.vms, name: "block", acl: "vm.block", summary: "Block a VM (it cannot be started or connected to)", body: BlockBody,
     run: (ctx, vm, b) => D.setVmBlocked(ctx.sql, ctx.scope, vm, true, (b.reason as string | undefined) ?? "blocked by an administrator") },
+  { path: "vms", def: D.vms, name: "expire", acl: "vm.update.expiration", body: ExpiryBody,
+    summary: "Set when a running VM's user is warned (soft_at) and when it is stopped (hard_at); null clears, absent keeps",
+    run: (ctx, vm, b) => D.setVmExpiry(ctx.sql, ctx.scope, vm, b as { soft_at?: Date | null; hard_at?: Date | null }) },
   { path: "vms", def: D.vms, name: "unblock", acl: "vm.block", summary: "Unblock a VM", run: (ctx, vm) => D.setVmBlocked(ctx.sql, ctx.scope, vm, false) },
   { path: "users", def: D.users, name: "block", acl: "user.block", summary: "Block a user (cannot log in)", run: (ctx, u) => D.setUserBlocked(ctx.sql, ctx.scope, u, true) },
   { path: "users", def: D.users, name: "unblock", acl: "user.block", summary: "Unblock a user", run: (ctx, u) => D.setUserBlocked(ctx.sql, ctx.scope, u, false) },

@@ -1,7 +1,7 @@
 // Commands to the nodes: start/stop VMs (with placement), disconnect users, block objects.
 // Each command is one atomic UPDATE that checks the state it needs in its WHERE clause
 // (never read-then-write); the database notifies the owning node's channel on commit.
-import { ConflictError } from "./errors.ts";
+import { ConflictError, ValidationError } from "./errors.ts";
 import { checkWritable, get, type Scope } from "./objects.ts";
 import type { Db } from "./pool.ts";
 import { hosts } from "./hosts.ts";
@@ -68,6 +68,24 @@ export async function disconnectVmUser(db: Db, scope: Scope, vmId: number): Prom
   const [r] = await db`UPDATE vm_runtimes SET user_cmd = 'abort'
      WHERE vm_id = ${vmId} AND user_state IN ('connecting', 'connected') RETURNING vm_id`;
   if (!r) throw new ConflictError(`nobody is connected to vm ${JSON.stringify(vm.name)}`);
+}
+
+/**
+ * Sets when a running VM's user is warned (soft) and when the VM is stopped (hard); undefined
+ * leaves a time as it is, null clears it. Expiry belongs to the running desktop: a stop clears it.
+ */
+export async function setVmExpiry(db: Db, scope: Scope, vmId: number, e: { soft_at?: Date | null; hard_at?: Date | null }): Promise<void> {
+  const vm = await get(db, vms, scope, vmId);
+  const [r] = await db`UPDATE vm_runtimes r SET expire_soft_at = n.soft, expire_hard_at = n.hard
+     FROM (SELECT CASE WHEN ${e.soft_at === undefined} THEN expire_soft_at ELSE ${e.soft_at ?? null}::timestamptz END AS soft,
+                  CASE WHEN ${e.hard_at === undefined} THEN expire_hard_at ELSE ${e.hard_at ?? null}::timestamptz END AS hard
+             FROM vm_runtimes WHERE vm_id = ${vmId}) n
+     WHERE r.vm_id = ${vmId} AND r.vm_state <> 'stopped' AND (n.soft IS NULL OR n.hard IS NULL OR n.soft <= n.hard)
+     RETURNING r.vm_id`;
+  if (r) return;
+  const [now] = await db`SELECT vm_state FROM vm_runtimes WHERE vm_id = ${vmId}`;
+  if (now?.vm_state === "stopped") throw new ConflictError(`vm ${JSON.stringify(vm.name)} is stopped; an expiry applies to a running desktop (a stop clears it)`);
+  throw new ValidationError("soft_at", "the warning must not come after the stop (soft_at ≤ hard_at)");
 }
 
 export async function setVmBlocked(db: Db, scope: Scope, vmId: number, blocked: boolean, reason = ""): Promise<void> {

@@ -300,7 +300,7 @@ export class Hkd {
     for (const row of await N.vmsOfHost(this.o.sql, this.id)) {
       const r = this.runs.get(row.vm_id);
       if (!r || r.phase !== "running") continue;
-      if (row.expire_hard_at && row.expire_hard_at.getTime() <= now) void this.stopVm(row.vm_id, "hard expiry: its image changed");
+      if (row.expire_hard_at && row.expire_hard_at.getTime() <= now) void this.stopVm(row.vm_id, "its hard expiry time was reached");
       else if (row.expire_soft_at && row.expire_soft_at.getTime() <= now && r.vma)
         await vmaCall(r.vma, "expire", { soft: row.expire_soft_at, hard: row.expire_hard_at }).catch(() => {});
     }
