@@ -90,6 +90,32 @@ test("a VM's Restart stops it, then starts it when the node reports it stopped",
   w.assertNoErrors();
 });
 
+test("a running VM's expiry: set the stop time; a warning after it is refused beside its field; cleared", async () => {
+  const vm = ids.vm3!;
+  await db().sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${ids.host!} WHERE vm_id = ${vm}`;
+  try {
+    const w = await browser().open(api);
+    await w.login(TEST_ADMIN.name, TEST_ADMIN.password, "");
+    await w.goto(`/vms/${vm}`);
+    await h1(w, "desk-3").waitFor();
+    const panel = w.page.getByRole("region", { name: "Expiry" });
+    await panel.getByLabel("Stop the desktop at").fill("2099-03-01T12:00");
+    await panel.getByRole("button", { name: "Save expiry" }).click();
+    await w.page.waitForFunction(async (id) => (await (await fetch(`/api/v1/vms/${id}`)).json()).expire_hard_at !== null, vm);
+    expect(new Date((await sa.get(`/vms/${vm}`)).body.expire_hard_at).getTime()).toBe(new Date(2099, 2, 1, 12, 0).getTime());
+    await panel.getByLabel("Warn the user at").fill("2099-03-02T12:00");
+    await panel.getByRole("button", { name: "Save expiry" }).click();
+    await panel.getByRole("alert").filter({ hasText: "must not come after the stop" }).waitFor();
+    expect((await sa.get(`/vms/${vm}`)).body.expire_soft_at).toBeNull();
+    await panel.getByRole("button", { name: "Clear expiry" }).click();
+    await w.page.waitForFunction(async (id) => (await (await fetch(`/api/v1/vms/${id}`)).json()).expire_hard_at === null, vm);
+    // The refused save answered 422: the only console error expected.
+    w.assertNoErrors([/422/]);
+  } finally {
+    await db().sql`UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL, expire_soft_at = NULL, expire_hard_at = NULL WHERE vm_id = ${vm}`;
+  }
+});
+
 test("'expires within' filters by time without asking the API again and again", async () => {
   await db().sql`UPDATE vm_runtimes SET expire_hard_at = now() + interval '30 minutes' WHERE vm_id = ${ids.vm1!}`;
   await db().sql`UPDATE vm_runtimes SET expire_hard_at = now() + interval '3 days' WHERE vm_id = ${ids.vm2!}`;

@@ -5,6 +5,7 @@ import { notify } from "../../ui.tsx";
 import { Badge, objLink, state, STATE_OPTIONS, text, when } from "../format.tsx";
 import type { ObjectSpec, Row } from "../types.ts";
 import * as C from "./common.tsx";
+import { VmExpiry } from "./vm-expiry.tsx";
 
 const VM_STATES = ["stopped", "starting", "running", "stopping", "zombie", "debugging"];
 const USER_STATES = ["disconnected", "connecting", "connected"];
@@ -64,6 +65,7 @@ export const vmsSpec: ObjectSpec = {
   nav: { label: "Virtual machines", section: "Platform", order: 20 },
   name: (r) => r.name,
   search: "name",
+  panels: [{ title: "Expiry", acl: "vm.update.expiration", render: (r, reload) => <VmExpiry key={`${r.id}-${r.vm_state}-${r.expire_soft_at}-${r.expire_hard_at}`} vm={r} onChange={reload} /> }],
   columns: [
     C.nameColumn(),
     { key: "vm_state", label: "State", sort: "vm_state", render: state("vm_state") },
