@@ -1,12 +1,12 @@
 // An administrator's roles (assign, take away) and their effective ACLs (shown on the
 // administrator's detail page).
 import { useState } from "preact/hooks";
-import { api, ApiError } from "../api.ts";
+import { api } from "../api.ts";
 import { useSession } from "../session.ts";
-import { Button, Confirm, ErrorLine, Link, Loading, notify } from "../ui.tsx";
+import { Button, Confirm, ErrorLine, Link, Loading } from "../ui.tsx";
 import { AclTree, Badge } from "./acl-tree.tsx";
 import { aclCatalogue, type Acl } from "./acls.ts";
-import { useLoad } from "./load.ts";
+import { useAction, useLoad } from "./load.ts";
 import type { RoleWithAcls } from "../../../db/roles.ts";
 import { roleLabel, RolePicker, useRoleOptions } from "./role-picker.tsx";
 
@@ -24,28 +24,17 @@ export function AdminRoles(props: { administrator: { id: number; name: string; [
   const editable = session.can("administrator.assign_role");
   const tenantId = typeof props.administrator.tenant_id === "number" ? props.administrator.tenant_id : session.administrator.tenant_id;
   const options = useRoleOptions(tenantId, editable);
-  const [busy, setBusy] = useState(false);
-  const [error, setError] = useState<string>();
+  const action = useAction();
+  const { busy, error } = action;
   const [dropOwn, setDropOwn] = useState<RoleWithAcls>();
   if (!loaded.data) return loaded.error ? <ErrorLine error={`Cannot load the roles: ${loaded.error}`} /> : <Loading what="roles" />;
   const { roles, effective, catalogue } = loaded.data;
   const candidates = (options.data ?? []).filter((r) => !roles.some((x) => x.id === r.id));
-  const act = async (what: () => Promise<unknown>, done: string): Promise<boolean> => {
-    setBusy(true);
-    setError(undefined);
-    let ok = false;
-    try {
-      await what();
-      notify(done);
-      ok = true;
-    } catch (err) {
-      setError((err as ApiError).message);
-    }
-    await loaded.reload();
-    props.onChange?.();
-    setBusy(false);
-    return ok;
-  };
+  const act = (what: () => Promise<unknown>, done: string) =>
+    action.act(what, done, async () => {
+      await loaded.reload();
+      props.onChange?.();
+    });
   const name = props.administrator.name;
   const take = (r: RoleWithAcls) => act(() => api.del(`/administrators/${id}/roles/${r.id}`), `${name} no longer has role ${r.name}`);
   return (

@@ -1,6 +1,8 @@
 // Loading data for a settings screen: the result, the error to show, and a reload that
 // keeps the old data on screen while it runs (no flicker after each change).
 import { useCallback, useEffect, useRef, useState } from "preact/hooks";
+import type { ApiError } from "../api.ts";
+import { notify } from "../ui.tsx";
 
 export interface Loaded<T> {
   data?: T;
@@ -39,4 +41,29 @@ export function fieldMessage(message: string, ...names: (string | undefined)[]):
     for (const n of names) if (n && m.startsWith(`${n}: `)) (m = m.slice(n.length + 2)), (again = true);
   }
   return m;
+}
+
+/**
+ * A change made from a screen: busy while it runs, a notice when it is done, its error kept to
+ * be shown, and `after` (a reload) either way. `act` tells whether the change succeeded.
+ */
+export function useAction(describe: (e: ApiError) => string = (e) => e.message) {
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState<string>();
+  const act = async (what: () => Promise<unknown>, done: string, after: () => unknown): Promise<boolean> => {
+    setBusy(true);
+    setError(undefined);
+    let ok = false;
+    try {
+      await what();
+      notify(done);
+      ok = true;
+    } catch (err) {
+      setError(describe(err as ApiError));
+    }
+    await after();
+    setBusy(false);
+    return ok;
+  };
+  return { busy, error, act };
 }

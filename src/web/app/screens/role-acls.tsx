@@ -7,7 +7,7 @@ import { Button, ErrorLine, Field, Link, Loading, notify } from "../ui.tsx";
 import { AclTree, Badge } from "./acl-tree.tsx";
 import { aclCatalogue, type Acl } from "./acls.ts";
 import type { RoleWithAcls } from "../../../db/roles.ts";
-import { fieldMessage, useLoad } from "./load.ts";
+import { fieldMessage, useAction, useLoad } from "./load.ts";
 import { roleLabel, RolePicker, useRoleOptions } from "./role-picker.tsx";
 
 interface RoleRow {
@@ -225,24 +225,10 @@ function RoleInheritance(props: { data: RoleAcls; editable: boolean; onChanged: 
   const session = useSession();
   const { role, parents } = props.data;
   const options = useRoleOptions(role.tenant_id, props.editable);
-  const [busy, setBusy] = useState(false);
-  const [error, setError] = useState<string>();
+  const action = useAction((e) => fieldMessage(e.message, e.field));
+  const { busy, error } = action;
   const candidates = (options.data ?? []).filter((r) => r.id !== role.id && !parents.some((p) => p.id === r.id));
-  const act = async (what: () => Promise<unknown>, done: string): Promise<boolean> => {
-    setBusy(true);
-    setError(undefined);
-    let ok = false;
-    try {
-      await what();
-      notify(done);
-      ok = true;
-    } catch (err) {
-      setError(fieldMessage((err as ApiError).message, (err as ApiError).field));
-    }
-    await props.onChanged();
-    setBusy(false);
-    return ok;
-  };
+  const act = (what: () => Promise<unknown>, done: string) => action.act(what, done, props.onChanged);
   return (
     <section class="st-sub" aria-labelledby="role-inherits-title">
       <h3 id="role-inherits-title">Inherited roles</h3>
