@@ -112,7 +112,8 @@ test("image tags: moving a tag sets the stop time of running VMs still on the ol
   await w.page.getByLabel("Will be stopped at (date and time)").fill(local);
   await w.page.getByRole("button", { name: "Add tag" }).click();
   await w.page.getByRole("button", { name: "Remove tag stable" }).waitFor();
-  await w.page.getByText(`Tag stable moved here from image ${oldDi}`).waitFor();
+  const oldVersion = (await sa.get(`/dis/${oldDi}`)).body.version;
+  await w.page.getByText(`Tag stable moved here from version ${oldVersion}`).waitFor();
   await w.screenshot("image-tags");
 
   const [rt] = await db().sql`SELECT expire_soft_at, expire_hard_at FROM vm_runtimes WHERE vm_id = ${vm}`;

@@ -293,7 +293,8 @@ export function ImageTags(props: { di: { id: number; [k: string]: unknown }; onC
       const r = await api.post<{ di: Di; previous_di_id: number | null }>(`/dis/${di.id}/tags`, body);
       setDi(r.di);
       setTag("");
-      notify(r.previous_di_id ? `Tag ${t.trim()} moved here from image ${r.previous_di_id}` : `Tag ${t.trim()} added`);
+      const previous = r.previous_di_id ? await api.get<Di>(`/dis/${r.previous_di_id}`).catch(() => undefined) : undefined;
+      notify(r.previous_di_id ? `Tag ${t.trim()} moved here from ${previous ? `version ${previous.version}` : `image ${r.previous_di_id}`}` : `Tag ${t.trim()} added`);
       props.onChange();
     } catch (err) {
       const a = err as ApiError;

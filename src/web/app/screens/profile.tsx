@@ -24,7 +24,7 @@ export function Profile() {
           <dt>Name</dt>
           <dd>{a.name}</dd>
           <dt>Tenant</dt>
-          <dd>{a.superadmin ? "none: superadministrator (every tenant)" : a.tenant_name}</dd>
+          <dd>{a.superadmin ? "* (the global scope: every tenant, as far as your ACLs go)" : a.tenant_name}</dd>
           <dt>Roles</dt>
           <dd>{roles ? (roles.length ? roles.join(", ") : <span class="muted">none</span>) : <Loading />}</dd>
           {typeof a.language === "string" && (
