@@ -213,6 +213,24 @@ describe("objects", () => {
     expect(r.stderr).toBe("qvd: no node is available to run this VM (none running, unblocked and with enough free memory)\n");
   });
 
+  test("vm expire: the stop and warning times of a running desktop (local time), none clears; a stopped one is exit 6", async () => {
+    expect((await qvd(SUPER, ["vm", "expire", "desk-alice", "--stop-at", "2099-01-02T10:00"])).code).toBe(6);
+    const [h] = await db().sql`INSERT INTO hosts (name, address) VALUES ('cli-node', '198.18.0.77') RETURNING id`;
+    await db().sql`UPDATE vm_runtimes r SET vm_state = 'running', host_id = ${h!.id} FROM vms v WHERE v.id = r.vm_id AND v.name = 'desk-alice'`;
+    try {
+      const r = await qvd(SUPER, ["vm", "expire", "desk-alice", "--warn-at", "2099-01-02T09:00", "--stop-at", "2099-01-02T10:00"]);
+      expect([r.code, r.stdout]).toEqual([0, expect.stringContaining("expire ok")]);
+      const vm = (await root.get("/vms?name=desk-alice")).body.items[0];
+      expect([new Date(vm.expire_soft_at).getTime(), new Date(vm.expire_hard_at).getTime()]).toEqual([new Date(2099, 0, 2, 9).getTime(), new Date(2099, 0, 2, 10).getTime()]);
+      expect((await qvd(SUPER, ["vm", "expire", "desk-alice", "--warn-at", "none"])).code).toBe(0);
+      const after = (await root.get("/vms?name=desk-alice")).body.items[0];
+      expect([after.expire_soft_at, new Date(after.expire_hard_at).getTime()]).toEqual([null, new Date(2099, 0, 2, 10).getTime()]);
+    } finally {
+      await db().sql`UPDATE vm_runtimes r SET vm_state = 'stopped', host_id = NULL, expire_soft_at = NULL, expire_hard_at = NULL FROM vms v WHERE v.id = r.vm_id AND v.name = 'desk-alice'`;
+      await db().sql`DELETE FROM hosts WHERE id = ${h!.id}`;
+    }
+  });
+
   test("di tag moves a tag between an OSF's images", async () => {
     const first = createdId(await ok(["di", "new", "osf=desktop", "path=first.tar"]));
     const second = createdId(await ok(["di", "new", "osf=desktop", "path=second.tar", "version=v2"]));

@@ -337,7 +337,8 @@ interface ActionInfo {
   /** API action name (POST /<objects>/:id/<api>). */
   api: string;
   what: string;
-  reason?: boolean;
+  /** Flags whose values go into the body; "none" sends null (clears). */
+  fields?: { flag: string; key: string; description: string; valueHint: string }[];
 }
 
 const ACTIONS: Record<string, ActionInfo[]> = {
@@ -345,8 +346,14 @@ const ACTIONS: Record<string, ActionInfo[]> = {
     { verb: "start", api: "start", what: "Start (a node is chosen if the VM has none)" },
     { verb: "stop", api: "stop", what: "Stop" },
     { verb: "disconnect", api: "disconnect", what: "Disconnect the user of" },
-    { verb: "block", api: "block", what: "Block (cannot be started or connected to)", reason: true },
+    { verb: "block", api: "block", what: "Block (cannot be started or connected to)",
+      fields: [{ flag: "reason", key: "reason", description: "Why (shown with the VM)", valueHint: "TEXT" }] },
     { verb: "unblock", api: "unblock", what: "Unblock" },
+    { verb: "expire", api: "expire", what: "Set when the user is warned and the desktop stopped, for",
+      fields: [
+        { flag: "warn-at", key: "soft_at", description: "When the user is warned (local time, e.g. 2026-12-01T18:00, or ISO with a zone; none clears)", valueHint: "TIME" },
+        { flag: "stop-at", key: "hard_at", description: "When the desktop is stopped (as --warn-at; none clears)", valueHint: "TIME" },
+      ] },
   ],
   user: [
     { verb: "block", api: "block", what: "Block (cannot log in)" },
@@ -369,10 +376,14 @@ function actionCmd(o: ObjectInfo, a: ActionInfo): CommandDef<any> {
     {
       ref: { type: "positional", description: "ID or NAME (not with --filter/--all)", required: false },
       ...massArgs,
-      ...(a.reason ? { reason: { type: "string", description: "Why (shown with the VM)", valueHint: "TEXT" } } : {}),
+      ...Object.fromEntries((a.fields ?? []).map((f) => [f.flag, { type: "string", description: f.description, valueHint: f.valueHint }])),
     },
     async (l) => {
-      const body = a.reason && l.args.reason ? { reason: l.args.reason } : {};
+      const body: Record<string, unknown> = {};
+      for (const f of a.fields ?? []) {
+        const v = l.args[f.flag] as string | undefined;
+        if (v !== undefined) body[f.key] = v === "none" ? null : /^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d)?$/.test(v) && f.valueHint === "TIME" ? new Date(v).toISOString() : v;
+      }
       const t = target(l, o, a.verb);
       if (t.mass) {
         const res = (await client().call<MassResult>("POST", `/${o.path}/actions/${a.api}`, { query: t.mass, body })).body;
