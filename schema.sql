@@ -1,4 +1,4 @@
--- QVD schema, version 2 (the canonical schema; `qvd db init` applies it to an empty database,
+-- QVD schema, version 3 (the canonical schema; `qvd db init` applies it to an empty database,
 -- `qvd db migrate` brings older databases here with the numbered files in src/db/migrations/).
 --
 -- Conventions
@@ -609,3 +609,12 @@ BEGIN
   RETURN NULL;
 END $$;
 CREATE TRIGGER configs_notify AFTER INSERT OR UPDATE OR DELETE ON configs FOR EACH ROW EXECUTE FUNCTION notify_config();
+
+-- An ended administrator session, by its public id (the first 12 hex digits of its hash): API
+-- processes end its event streams at once.
+CREATE FUNCTION notify_session_end() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_notify('qvd_sessions', left(OLD.token_hash, 12));
+  RETURN NULL;
+END $$;
+CREATE TRIGGER admin_sessions_end AFTER DELETE ON admin_sessions FOR EACH ROW EXECUTE FUNCTION notify_session_end();

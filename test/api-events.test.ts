@@ -241,3 +241,12 @@ test("a stream ends with `logout` once its session is over", async () => {
     setKeepAlive(15_000);
   }
 });
+
+test("a session ended by an administrator ends its streams at once, not at the next keep-alive", async () => {
+  // The default keep-alive (15 s) is longer than the wait below: only the announcement can do it.
+  const mine = await api.login("seer", "seer-password");
+  const s = await open(mine); // open() waits for `ready`
+  const sid = (await ok(sa.get("/sessions"))).items.find((x: { administrator_name: string }) => x.administrator_name === "seer").id;
+  expect((await sa.del(`/sessions/${sid}`)).status).toBe(200);
+  await s.next((e) => e.event === "logout", 3000);
+});

@@ -102,8 +102,10 @@ test("the real migrations take a version-1 database to the current schema", asyn
   const db = await testDatabase({ empty: true });
   try {
     await initDatabase(db.sql, { adminPassword: "migrate-pw" });
-    // Version 1 as it was released: no user_tokens.auth_params.
+    // Version 1 as it was released: no user_tokens.auth_params, no session-end announcement.
     await db.sql`ALTER TABLE user_tokens DROP COLUMN auth_params`;
+    await db.sql`DROP TRIGGER admin_sessions_end ON admin_sessions`;
+    await db.sql`DROP FUNCTION notify_session_end()`;
     await db.sql`DELETE FROM schema_migrations`;
     await db.sql`INSERT INTO schema_migrations (version, name) VALUES (1, 'initial schema')`;
     expect((await schemaStatus(db.sql)).pending).toEqual(MIGRATIONS.map((m) => m.version));
@@ -111,6 +113,8 @@ test("the real migrations take a version-1 database to the current schema", asyn
     expect([res.from, res.to]).toEqual([1, SCHEMA_VERSION]);
     const cols = await db.sql`SELECT data_type FROM information_schema.columns WHERE table_name = 'user_tokens' AND column_name = 'auth_params'`;
     expect(cols.map((c) => c.data_type)).toEqual(["jsonb"]);
+    const triggers = await db.sql`SELECT tgname FROM pg_trigger WHERE tgname = 'admin_sessions_end'`;
+    expect(triggers.length).toBe(1);
   } finally {
     await db.sql.end();
   }

@@ -18,6 +18,8 @@ export interface ObjectEvent {
 interface Subscriber {
   admin: Admin;
   send: (event: string, data: string) => void;
+  /** Sends `logout` and ends the stream. */
+  logout: () => void;
 }
 
 /** Keep-alive period of event streams (also how soon a stream notices its session ended). */
@@ -32,8 +34,8 @@ export class EventHub {
   constructor(private readonly url: string) {}
 
   private start(): Promise<Listener> {
-    return (this.listener ??= listen(this.url, ["qvd_events"], {
-      onNotify: (_c, payload) => this.dispatch(payload),
+    return (this.listener ??= listen(this.url, ["qvd_events", "qvd_sessions"], {
+      onNotify: (channel, payload) => (channel === "qvd_sessions" ? this.sessionEnded(payload) : this.dispatch(payload)),
       onReady: ({ reconnected }) => {
         if (reconnected) for (const s of this.subs) s.send("resync", "{}");
       },
@@ -45,6 +47,11 @@ export class EventHub {
     if (!admin.acls.has(`${e.object}.see`)) return false;
     if (admin.superadmin) return true;
     return e.tenant_id === null ? e.object === "host" : e.tenant_id === admin.tenant_id;
+  }
+
+  /** A session ended (logout, ended by an administrator, expired): its streams end now. */
+  private sessionEnded(sessionId: string): void {
+    for (const s of this.subs) if (s.admin.sessionId === sessionId) s.logout();
   }
 
   private dispatch(payload: string): void {
@@ -60,7 +67,8 @@ export class EventHub {
 
   /**
    * A text/event-stream response that lasts until the client goes away, or until its session
-   * ends (checked with `sessionAlive` at every keep-alive): then it gets `event: logout`.
+   * ends (announced on qvd_sessions, and checked with `sessionAlive` at every keep-alive for
+   * what is not announced, such as a blocked administrator): then it gets `event: logout`.
    */
   async subscribe(admin: Admin, signal: AbortSignal, sessionAlive: () => Promise<boolean> = async () => true): Promise<Response> {
     await this.start();
@@ -78,6 +86,10 @@ export class EventHub {
               this.subs.delete(sub!);
             }
           },
+          logout: () => {
+            sub!.send("logout", "{}");
+            end();
+          },
         };
         this.subs.add(sub);
         controller.enqueue(enc.encode(`retry: 2000\nevent: ready\ndata: {}\n\n`));
@@ -91,8 +103,7 @@ export class EventHub {
         keepalive = setInterval(() => {
           void sessionAlive().then((alive) => {
             if (alive) return sub!.send("ping", "{}");
-            sub!.send("logout", "{}");
-            end();
+            sub!.logout();
           }, () => sub!.send("ping", "{}"));
         }, KEEPALIVE_MS);
         signal.addEventListener("abort", end);
