@@ -1,5 +1,5 @@
--- Version 3: an ended administrator session (logout, ended by an administrator, expired and
--- cleaned up) is announced on qvd_sessions with its public id, so that every API process ends
+-- Version 3: an ended administrator session (logout, ended by an administrator, deleted when
+-- expired and cleaned up) is announced on qvd_sessions with its public id, so that every API process ends
 -- that session's event streams at once instead of at their next keep-alive.
 CREATE FUNCTION notify_session_end() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
