@@ -37,8 +37,8 @@ export interface RunResult {
   stderr: string;
 }
 
-/** Quotes an argument for the log line only (never passed to a shell). */
-function shellQuote(a: string): string {
+/** Quotes an argument for a log line or a command shown to a person (never passed to a shell here). */
+export function shellQuote(a: string): string {
   return /^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, "'\\''")}'`;
 }
 
@@ -108,6 +108,11 @@ export interface DaemonOptions {
   onLine?: (line: string, stream: "stdout" | "stderr") => void;
   /** Own process group (setsid), so that the whole tree can be signalled with `killGroup`. */
   detached?: boolean;
+  /**
+   * Write stdout and stderr to this open file instead of handing lines to `onLine`: the output
+   * then outlives this process (a log file of a child that keeps running if we are killed).
+   */
+  outputFd?: number;
 }
 
 export interface Daemon {
@@ -153,8 +158,8 @@ export function spawnDaemon(argv: string[], opts: DaemonOptions = {}): Daemon {
       cwd: opts.cwd,
       env: opts.env ?? process.env,
       stdin: "ignore",
-      stdout: "pipe",
-      stderr: "pipe",
+      stdout: opts.outputFd ?? "pipe",
+      stderr: opts.outputFd ?? "pipe",
       detached: opts.detached,
     });
   } catch (err) {
@@ -168,9 +173,9 @@ export function spawnDaemon(argv: string[], opts: DaemonOptions = {}): Daemon {
       log.error("output handler failed", { cmd: argv[0], err: (err as Error).message });
     }
   };
-  const drained = Promise.all([
-    pumpLines(proc.stdout, emit("stdout")).catch(() => {}),
-    pumpLines(proc.stderr, emit("stderr")).catch(() => {}),
+  const drained = opts.outputFd !== undefined ? Promise.resolve() : Promise.all([
+    pumpLines(proc.stdout as ReadableStream<Uint8Array>, emit("stdout")).catch(() => {}),
+    pumpLines(proc.stderr as ReadableStream<Uint8Array>, emit("stderr")).catch(() => {}),
   ]).then(() => {});
   const p = proc;
   const exited = p.exited.then((code) => {

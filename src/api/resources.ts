@@ -82,7 +82,9 @@ export async function forEachMatching(
   const q = listQueryFrom(ctx.url.searchParams);
   if ((q.filters ?? []).length === 0 && !q.all)
     throw new ValidationError("filter", "a change of many objects needs a filter, or all=true to change every one");
-  const matching = await D.list(ctx.sql, def, ctx.scope, { filters: q.filters, sort: [{ field: "id" }], limit: D.MAX_LIMIT });
+  // Only what the per-object audit entries name (not whole rows of up to MAX_LIMIT objects).
+  const named = ["name", "key", "version", "tenant_id", "tenant_name"].filter((f) => f in def.row.shape);
+  const matching = await D.list(ctx.sql, def, ctx.scope, { filters: q.filters, sort: [{ field: "id" }], limit: D.MAX_LIMIT, fields: ["id", ...named] });
   const changes = ctx.body && typeof ctx.body === "object" && Object.keys(ctx.body).length ? { changes: ctx.body } : {};
   const results = [];
   const entries: AuditEntry[] = [];

@@ -4,6 +4,7 @@
 // so that a demo that was killed hard can stop them at its next run.
 import { closeSync, existsSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { UserError } from "../errors.ts";
+import { spawnDaemon, type Daemon } from "../run.ts";
 
 /** The environment of a child: no QVD_* settings of the caller (the demo passes its own). */
 const childEnv = () => Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("QVD_"))) as Record<string, string>;
@@ -18,18 +19,23 @@ const alive = (pid: number) => {
 };
 
 export class Child {
+  /** Exit status once it has exited (128 + signal number for a signal). */
+  status: number | undefined;
+
   private constructor(
     readonly name: string,
-    readonly proc: Bun.Subprocess,
+    readonly proc: Daemon,
     readonly logFile: string,
     private readonly pidFile: string,
-  ) {}
+  ) {
+    void proc.exited.then((s) => (this.status = s));
+  }
 
   static spawn(name: string, argv: string[], logFile: string, pidFile: string): Child {
     const fd = openSync(logFile, "a");
     try {
       writeFileSync(fd, `--- ${new Date().toISOString()} ${argv.join(" ")}\n`);
-      const proc = Bun.spawn(argv, { stdin: "ignore", stdout: fd, stderr: fd, env: childEnv(), detached: true });
+      const proc = spawnDaemon(argv, { env: childEnv(), detached: true, outputFd: fd });
       writeFileSync(pidFile, `${proc.pid}\n`);
       return new Child(name, proc, logFile, pidFile);
     } finally {
@@ -38,7 +44,7 @@ export class Child {
   }
 
   get running(): boolean {
-    return this.proc.exitCode === null && this.proc.signalCode === null;
+    return this.status === undefined;
   }
 
   /** The end of its log, for error messages. */
@@ -74,22 +80,25 @@ export class Child {
 }
 
 /**
- * Stops a process an earlier demo left running (its pid file is there): only when that pid
- * still runs a command line containing `marker` (the demo directory), never a stranger that
- * got the same pid.
+ * The pid recorded in `pidFile` when that process still runs a command line containing
+ * `marker`: never a stranger that got the same pid since.
  */
-export async function stopLeftover(pidFile: string, marker: string): Promise<boolean> {
-  if (!existsSync(pidFile)) return false;
+export function recordedPid(pidFile: string, marker: string): number | undefined {
+  if (!existsSync(pidFile)) return undefined;
   const pid = Number(readFileSync(pidFile, "utf8").trim());
-  rmSync(pidFile, { force: true });
-  if (!(pid > 1)) return false;
-  let cmdline = "";
+  if (!(pid > 1) || pid === process.pid) return undefined;
   try {
-    cmdline = readFileSync(`/proc/${pid}/cmdline`, "utf8").replace(/\0/g, " ");
+    return readFileSync(`/proc/${pid}/cmdline`, "utf8").replace(/\0/g, " ").includes(marker) ? pid : undefined;
   } catch {
-    return false;
+    return undefined;
   }
-  if (!cmdline.includes(marker)) return false;
+}
+
+/** Stops a process an earlier demo left running (its pid file is there, see recordedPid). */
+export async function stopLeftover(pidFile: string, marker: string): Promise<boolean> {
+  const pid = recordedPid(pidFile, marker);
+  rmSync(pidFile, { force: true });
+  if (pid === undefined) return false;
   process.kill(pid, "SIGTERM");
   for (let i = 0; i < 1200 && alive(pid); i++) await Bun.sleep(100);
   if (alive(pid)) process.kill(pid, "SIGKILL");
@@ -100,7 +109,7 @@ export async function stopLeftover(pidFile: string, marker: string): Promise<boo
 export async function waitReady(child: Child, what: string, ready: () => Promise<boolean> | boolean, ms: number): Promise<void> {
   const end = Date.now() + ms;
   for (;;) {
-    if (!child.running) throw child.failure(`exited (${child.proc.exitCode ?? child.proc.signalCode}) before ${what}`);
+    if (!child.running) throw child.failure(`exited (status ${child.status}) before ${what}`);
     if (await ready()) return;
     if (Date.now() > end) throw child.failure(`did not get to ${what} within ${ms / 1000} s`);
     await Bun.sleep(200);

@@ -98,6 +98,9 @@ function pluginIdentityFrom(p: Record<string, unknown> | null): Partial<Authenti
   return { uid: id(p.uid), gid: id(p.gid), home: typeof p.home === "string" ? p.home : undefined, params };
 }
 
+/** Whether a login may use a VM: its own, and only the one its token was made for, if any. */
+const mayUse = (user: AuthenticatedUser, ownerId: number, vmId: number) => ownerId === user.userId && (user.vmId === undefined || user.vmId === vmId);
+
 const unavailable = (reason: string) => new Status(503, `The requested virtual machine is not available: ${reason}, retry later.`);
 
 export async function startL7r(o: L7rOptions): Promise<L7r> {
@@ -281,7 +284,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
           if (host.state !== "running") throw new Status(503, `Server is ${host.state}`);
           // No OSF is an application OSF (yet): applications are an empty list.
           const all = req.path === "/qvd/list_of_vm" ? await L.userVms(sql, user.userId) : [];
-          const list = user.vmId === undefined ? all : all.filter((v) => v.id === user.vmId);
+          const list = all.filter((v) => mayUse(user, user.userId, v.id));
           return this.send(jsonResponse(200, list.map((v) => ({ id: v.id, name: v.name, state: v.state, blocked: v.blocked ? 1 : 0, is_application: 0 }))));
         }
         case "/qvd/authenticate_user":
@@ -296,7 +299,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
             if (!Number.isInteger(vmId)) throw new Status(422, "parameter vm_id is not a VM id");
             const vm = await L.sessionVm(sql, vmId);
             if (!vm) throw new Status(404, "The requested virtual machine does not exist");
-            if (vm.user_id !== user.userId || (user.vmId !== undefined && user.vmId !== vmId)) throw new Status(403, "You are not allowed to access requested virtual machine");
+            if (!mayUse(user, vm.user_id, vmId)) throw new Status(403, "You are not allowed to access requested virtual machine");
           }
           const tok = await createUserToken(sql, tenantScope(user.tenantId), { userId: user.userId, vmId, ttlSeconds: 86400, multiUse: true, authParams: pluginIdentity(user) });
           return this.send(jsonResponse(200, { auth_token: Buffer.from(tok.token).toString("base64") + "\n" }));
@@ -376,7 +379,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       if (!Number.isInteger(id)) throw new Status(422, "parameter id is missing");
       let vm = await L.sessionVm(sql, id);
       if (!vm) throw new Status(404, "The requested virtual machine does not exist");
-      if (vm.user_id !== user.userId || (user.vmId !== undefined && user.vmId !== id)) throw new Status(403, "You are not allowed to access requested virtual machine");
+      if (!mayUse(user, vm.user_id, id)) throw new Status(403, "You are not allowed to access requested virtual machine");
       if (vm.vm_state === "stopped") return this.send(textResponse(200, "Machine stopped\r\n"));
       this.progress("Stopping virtual machine");
       if (["starting", "running", "debugging"].includes(vm.vm_state)) await stopVm(sql, tenantScope(user.tenantId), id).catch(() => {});
@@ -409,7 +412,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
 
       // From here on every failure is a 503 with the reason (as the original).
       try {
-        if (vm0.user_id !== user.userId || (user.vmId !== undefined && user.vmId !== id)) throw unavailable("You are not allowed to access requested virtual machine");
+        if (!mayUse(user, vm0.user_id, id)) throw unavailable("You are not allowed to access requested virtual machine");
         await this.takeover(id, host);
         this.progress(`Session acquired for VM_ID: ${id}`);
         const running = await this.startAndWait(id, user);

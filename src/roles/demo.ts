@@ -4,18 +4,18 @@
 // with one desktop. The user's client reaches the node's L7R at 127.0.0.1:8443 through a relay
 // (src/demo/relay.ts). Ctrl-C stops desktops, node, API and PostgreSQL, and removes the namespace.
 // Installs nothing: `npm run demo` (scripts/demo.ts) checks the system programs first.
-import { existsSync, mkdirSync, readFileSync, realpathSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, realpathSync, rmSync, writeFileSync } from "node:fs";
 import { basename, join, resolve } from "node:path";
 import { defineCommand } from "citty";
 import { LocalCluster } from "../db/local-cluster.ts";
 import { connect } from "../db/pool.ts";
 import { UserError } from "../errors.ts";
 import { setLogLevel } from "../log.ts";
-import { run } from "../run.ts";
+import { run, shellQuote } from "../run.ts";
 import { DEMO_DB, PASSWORD_FILE, startDatabase } from "../demo/database.ts";
 import { ensureHost, ensureImage, ensureUser, unpackForNode, VM_RANGE } from "../demo/desktop.ts";
 import { DemoNetns } from "../demo/netns.ts";
-import { Child, stopLeftover, tcpAccepts, waitReady } from "../demo/processes.ts";
+import { Child, recordedPid, stopLeftover, tcpAccepts, waitReady } from "../demo/processes.ts";
 import { startRelay, type Relay } from "../demo/relay.ts";
 import { demoCertificate } from "../demo/tls.ts";
 
@@ -27,20 +27,10 @@ const BRIDGE = "qvdbr0";
 /** Refuses to share the directory with a running demo; records this one. */
 function takeDir(dir: string): void {
   const pidFile = join(dir, PID_FILE);
-  if (existsSync(pidFile)) {
-    const pid = Number(readFileSync(pidFile, "utf8").trim());
-    let alive = false;
-    if (pid > 0 && pid !== process.pid) {
-      try {
-        alive = readFileSync(`/proc/${pid}/cmdline`, "utf8").includes("demo");
-      } catch {}
-    }
-    if (alive) throw new UserError(`another qvd demo (pid ${pid}) is running in ${dir}: stop it first`);
-  }
+  const other = recordedPid(pidFile, "demo");
+  if (other !== undefined) throw new UserError(`another qvd demo (pid ${other}) is running in ${dir}: stop it first`);
   writeFileSync(pidFile, `${process.pid}\n`);
 }
-
-const shellQuote = (s: string) => (/^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, "'\\''")}'`);
 
 /** How to run this very qvd from a shell: `qvd` when that is what PATH finds. */
 function qvdCommand(): string {
@@ -221,7 +211,7 @@ export default defineCommand({
       clearInterval(keepAlive);
       if (why === "node" || why === "api") {
         const child = why === "node" ? node : api;
-        console.error(`qvd demo: ${child.failure(`exited (${child.proc.exitCode ?? child.proc.signalCode})`).message}`);
+        console.error(`qvd demo: ${child.failure(`exited (status ${child.status})`).message}`);
         failed = true;
         console.log("Stopping the rest…");
       }

@@ -1,9 +1,10 @@
 // The detail screen of any object: its fields, actions (Edit, Delete and the spec's), custom
 // properties, panels owned by other screens, related objects and its audit trail. Follows
 // the object live: a VM going from starting to running changes here without a reload.
-import { useEffect, useState } from "preact/hooks";
-import { api, ApiError } from "../api.ts";
+import { useState } from "preact/hooks";
+import { api } from "../api.ts";
 import { useChanges } from "../events.ts";
+import { useLoad } from "../load.ts";
 import { navigate } from "../router.ts";
 import { useSession } from "../session.ts";
 import { Button, ErrorLine, Link, Loading, notify } from "../ui.tsx";
@@ -26,28 +27,11 @@ const auditTrail = (kind: string): RelatedSpec => ({
 export function DetailPage(props: { spec: ObjectSpec; id: string }) {
   const { spec, id } = props;
   const s = useSession();
-  const [row, setRow] = useState<Row>();
-  const [error, setError] = useState<string>();
-  const [gone, setGone] = useState(false);
   const [editing, setEditing] = useState(false);
-  const [tick, setTick] = useState(0);
-  const reload = () => setTick((t) => t + 1);
-
-  useEffect(() => {
-    const ac = new AbortController();
-    api.get<Row>(`/${spec.path}/${encodeURIComponent(id)}`, ac.signal).then(
-      (r) => {
-        setRow(r);
-        setError(undefined);
-      },
-      (err) => {
-        if ((err as Error).name === "AbortError") return;
-        if (err instanceof ApiError && err.status === 404) setGone(true);
-        setError((err as Error).message);
-      },
-    );
-    return () => ac.abort();
-  }, [spec.path, id, tick]);
+  const loaded = useLoad((signal) => api.get<Row>(`/${spec.path}/${encodeURIComponent(id)}`, signal), [spec.path, id]);
+  const { data: row, error } = loaded;
+  const gone = loaded.status === 404;
+  const reload = () => void loaded.reload();
 
   useChanges([spec.kind], (c) => {
     if (c.all || c.ids.has(Number(id))) reload();
@@ -110,7 +94,7 @@ export function DetailPage(props: { spec: ObjectSpec; id: string }) {
           onClose={() => setEditing(false)}
           onSaved={(r) => {
             setEditing(false);
-            setRow(r);
+            loaded.set(r);
             notify(`${spec.singular.charAt(0).toUpperCase()}${spec.singular.slice(1)} saved`);
           }}
         />

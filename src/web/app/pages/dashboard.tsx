@@ -2,9 +2,9 @@
 // total VMs and nodes, connected users, the nodes with most VMs and the VMs closest to
 // expiry. Every figure links to the list it counts; all of it follows the event stream.
 import type { ComponentChildren } from "preact";
-import { useEffect, useState } from "preact/hooks";
 import { api } from "../api.ts";
 import { useChanges } from "../events.ts";
+import { useLoad } from "../load.ts";
 import { useSession } from "../session.ts";
 import { ErrorLine, Link, Loading, When } from "../ui.tsx";
 
@@ -46,23 +46,9 @@ function Card(props: { title: string; to: string; total: number; see: boolean; c
 
 export function Dashboard() {
   const s = useSession();
-  const [stats, setStats] = useState<Stats>();
-  const [error, setError] = useState<string>();
-  const [tick, setTick] = useState(0);
   const canStats = s.can("stats.see");
-  useEffect(() => {
-    if (!canStats) return;
-    const ac = new AbortController();
-    api.get<Stats>("/stats", ac.signal).then(
-      (x) => {
-        setStats(x);
-        setError(undefined);
-      },
-      (err) => (err as Error).name !== "AbortError" && setError((err as Error).message),
-    );
-    return () => ac.abort();
-  }, [tick]);
-  useChanges(canStats ? ["user", "vm", "host", "osf", "di"] : [], () => setTick((t) => t + 1), 1000);
+  const { data: stats, error, reload } = useLoad((signal) => (canStats ? api.get<Stats>("/stats", signal) : Promise.resolve(undefined)), [canStats]);
+  useChanges(canStats ? ["user", "vm", "host", "osf", "di"] : [], () => void reload(), 1000);
 
   if (!canStats)
     return (
@@ -93,36 +79,28 @@ export function Dashboard() {
         </Card>
       </div>
       <div class="dash-lists">
-        <section class="panel" aria-labelledby="top-hosts">
-          <h2 id="top-hosts">Nodes with most VMs</h2>
-          {stats.top_hosts.length ? (
-            <ol class="ranked">
-              {stats.top_hosts.map((h) => (
-                <li key={h.id}>
-                  {see("host") ? <Link to={`/hosts/${h.id}`}>{h.name}</Link> : h.name}{" "}
-                  {see("vm") ? <Link to={`/vms?host_id=${h.id}`}>{h.vms_running} running</Link> : <span>{h.vms_running} running</span>}
-                </li>
-              ))}
-            </ol>
-          ) : (
-            <p class="empty">No VM is running.</p>
-          )}
-        </section>
-        <section class="panel" aria-labelledby="expiring">
-          <h2 id="expiring">VMs closest to expiry</h2>
-          {stats.vms_close_to_expiry.length ? (
-            <ol class="ranked">
-              {stats.vms_close_to_expiry.map((v) => (
-                <li key={v.id}>
-                  {see("vm") ? <Link to={`/vms/${v.id}`}>{v.name}</Link> : v.name} <span class="muted">({v.user_name})</span> stops <When at={v.expire_hard_at} />
-                </li>
-              ))}
-            </ol>
-          ) : (
-            <p class="empty">No VM has an expiry.</p>
-          )}
-        </section>
+        <Ranked id="top-hosts" title="Nodes with most VMs" empty="No VM is running." items={stats.top_hosts.map((h) => (
+          <li key={h.id}>
+            {see("host") ? <Link to={`/hosts/${h.id}`}>{h.name}</Link> : h.name}{" "}
+            {see("vm") ? <Link to={`/vms?host_id=${h.id}`}>{h.vms_running} running</Link> : <span>{h.vms_running} running</span>}
+          </li>
+        ))} />
+        <Ranked id="expiring" title="VMs closest to expiry" empty="No VM has an expiry." items={stats.vms_close_to_expiry.map((v) => (
+          <li key={v.id}>
+            {see("vm") ? <Link to={`/vms/${v.id}`}>{v.name}</Link> : v.name} <span class="muted">({v.user_name})</span> stops <When at={v.expire_hard_at} />
+          </li>
+        ))} />
       </div>
+    </section>
+  );
+}
+
+/** A short ranked list in a panel, or what to say when it is empty. */
+function Ranked(props: { id: string; title: string; empty: string; items: ComponentChildren[] }) {
+  return (
+    <section class="panel" aria-labelledby={props.id}>
+      <h2 id={props.id}>{props.title}</h2>
+      {props.items.length ? <ol class="ranked">{props.items}</ol> : <p class="empty">{props.empty}</p>}
     </section>
   );
 }

@@ -6,7 +6,7 @@ import { useSession } from "../session.ts";
 import { Button, Confirm, ErrorLine, Link, Loading } from "../ui.tsx";
 import { AclTree, Badge } from "./acl-tree.tsx";
 import { aclCatalogue, type Acl } from "./acls.ts";
-import { useAction, useLoad } from "./load.ts";
+import { useAction, useLoad } from "../load.ts";
 import type { RoleWithAcls } from "../../../db/roles.ts";
 import { roleLabel, RolePicker, useRoleOptions } from "./role-picker.tsx";
 

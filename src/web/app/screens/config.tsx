@@ -6,7 +6,7 @@ import { navigate } from "../router.ts";
 import { useSession } from "../session.ts";
 import { Button, Confirm, ErrorLine, Field, Loading, Modal, notify } from "../ui.tsx";
 import { Badge } from "./acl-tree.tsx";
-import { fieldMessage, useLoad } from "./load.ts";
+import { fieldMessage, useLoad } from "../load.ts";
 
 interface Setting {
   key: string;

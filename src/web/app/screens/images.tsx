@@ -4,7 +4,7 @@ import { useEffect, useRef, useState } from "preact/hooks";
 import { api, ApiError, qs } from "../api.ts";
 import { useSession } from "../session.ts";
 import { Button, ErrorLine, Field, Modal, notify } from "../ui.tsx";
-import { fieldMessage, useLoad } from "./load.ts";
+import { fieldMessage, useLoad } from "../load.ts";
 import { bytes, UploadAborted, uploadImage, type Upload } from "./upload.ts";
 
 type Phase = "form" | "uploading" | "failed" | "done";

@@ -5,7 +5,7 @@ import { useSession } from "../session.ts";
 import { Button, ErrorLine, Field, Loading, notify } from "../ui.tsx";
 import { EffectiveAcls } from "./admin-roles.tsx";
 import { aclCatalogue } from "./acls.ts";
-import { fieldMessage, useLoad } from "./load.ts";
+import { fieldMessage, useLoad } from "../load.ts";
 
 const LANGUAGES: Record<string, string> = { auto: "the browser's", en: "English", es: "Spanish" };
 

@@ -7,7 +7,7 @@ import { Button, ErrorLine, Field, Link, Loading, notify } from "../ui.tsx";
 import { AclTree, Badge } from "./acl-tree.tsx";
 import { aclCatalogue, type Acl } from "./acls.ts";
 import type { RoleWithAcls } from "../../../db/roles.ts";
-import { fieldMessage, useAction, useLoad } from "./load.ts";
+import { fieldMessage, useAction, useLoad } from "../load.ts";
 import { roleLabel, RolePicker, useRoleOptions } from "./role-picker.tsx";
 
 interface RoleRow {

@@ -4,7 +4,7 @@ import { useState } from "preact/hooks";
 import { api } from "../api.ts";
 import { useSession } from "../session.ts";
 import { Button, Field } from "../ui.tsx";
-import { useLoad } from "./load.ts";
+import { useLoad } from "../load.ts";
 
 export interface RoleOption {
   id: number;

@@ -3,7 +3,7 @@ import { useState } from "preact/hooks";
 import { api } from "../api.ts";
 import { useSession } from "../session.ts";
 import { Button, Confirm, ErrorLine, Loading, notify, When } from "../ui.tsx";
-import { useLoad } from "./load.ts";
+import { useLoad } from "../load.ts";
 
 interface AdminSession {
   id: string;

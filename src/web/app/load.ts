@@ -1,18 +1,22 @@
-// Loading data for a settings screen: the result, the error to show, and a reload that
-// keeps the old data on screen while it runs (no flicker after each change).
+// Loading data for a screen: the result, the error to show (and its HTTP status), and a reload
+// that keeps the old data on screen while it runs (no flicker after each change).
 import { useCallback, useEffect, useRef, useState } from "preact/hooks";
-import type { ApiError } from "../api.ts";
-import { notify } from "../ui.tsx";
+import { ApiError } from "./api.ts";
+import { notify } from "./ui.tsx";
 
 export interface Loaded<T> {
   data?: T;
   error?: string;
+  /** HTTP status of the error (404: the object is gone). */
+  status?: number;
   loading: boolean;
   reload: () => Promise<void>;
+  /** Shows data the screen already has (the answer of a save) without loading it again. */
+  set: (data: T) => void;
 }
 
 export function useLoad<T>(load: (signal: AbortSignal) => Promise<T>, deps: unknown[]): Loaded<T> {
-  const [state, setState] = useState<{ data?: T; error?: string; loading: boolean }>({ loading: true });
+  const [state, setState] = useState<{ data?: T; error?: string; status?: number; loading: boolean }>({ loading: true });
   const current = useRef<AbortController>();
   const reload = useCallback(async () => {
     current.current?.abort();
@@ -23,14 +27,15 @@ export function useLoad<T>(load: (signal: AbortSignal) => Promise<T>, deps: unkn
       const data = await load(ac.signal);
       if (!ac.signal.aborted) setState({ data, loading: false });
     } catch (err) {
-      if (!ac.signal.aborted && (err as Error).name !== "AbortError") setState((s) => ({ data: s.data, error: (err as Error).message, loading: false }));
+      if (!ac.signal.aborted && (err as Error).name !== "AbortError") setState((s) => ({ data: s.data, error: (err as Error).message, status: err instanceof ApiError ? err.status : undefined, loading: false }));
     }
   }, deps);
   useEffect(() => {
     void reload();
     return () => current.current?.abort();
   }, [reload]);
-  return { ...state, reload };
+  const set = useCallback((data: T) => setState({ data, loading: false }), []);
+  return { ...state, reload, set };
 }
 
 /** A field error's text without the field name the server puts first ("value: value: …"). */
