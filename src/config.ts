@@ -51,6 +51,8 @@ const cidr = z
 
 // "3030,4100/tcp,53/udp": TCP unless a protocol is given; empty means none.
 const portList = z.string().regex(/^\s*$|^\s*\d{1,5}(\/(tcp|udp))?(\s*,\s*\d{1,5}(\/(tcp|udp))?)*\s*$/, "expected ports such as 8443,53/udp");
+/** Groups that give root or the node's secrets: never a desktop user's, whatever identity.groups.allowed says. */
+export const PRIVILEGED_GROUPS = new Set(["root", "wheel", "sudo", "admin", "adm", "shadow", "disk", "kmem", "mem", "tty", "staff", "src", "sys", "lxd", "docker", "libvirt", "kvm", "systemd-journal", "utmp", "operator", "lpadmin", "sambashare", "netdev", "_ssh"]);
 
 function key<T>(
   type: z.ZodType<T>,
@@ -123,6 +125,14 @@ export const KEYS = {
   "auth.autoprovision.osf": key(str, "", "Name of the tenant's OSF for auto-provisioned VMs (empty: create the user only).", { scope: "cluster" }),
   "auth.autoprovision.vm_name": key(z.string().min(1).max(60), "%u", "Name of an auto-provisioned VM (%u: the login).", { scope: "cluster" }),
   "auth.autoprovision.di_tag": key(z.string().regex(/^[^\s,]{1,128}$/, "1 to 128 characters, no spaces or commas"), "default", "Image tag of auto-provisioned VMs.", { scope: "cluster" }),
+  // Identity of desktop users (qvd.vm.user.* properties, LDAP attributes), checked by the API, the
+  // L7R and the VMA (src/auth/identity.ts). Global only: a tenant's own value is never used.
+  "identity.home.base": key(z.string().regex(/^(\/[A-Za-z0-9_-][A-Za-z0-9_.-]*)+$/, "expected an absolute directory such as /home (not /)").refine((p) => !p.split("/").some((c) => c === "." || c === ".."), "must not contain . or .."), "/home", "Homes of desktop users must be below this directory.", { scope: "cluster" }),
+  "identity.uid.min": key(int(1000, 4294967294), 10000, "Lowest uid a desktop user may get (never below 1000: system accounts).", { scope: "cluster" }),
+  "identity.uid.max": key(int(1000, 4294967294), 60000, "Highest uid a desktop user may get.", { scope: "cluster" }),
+  "identity.gid.min": key(int(1000, 4294967294), 10000, "Lowest primary gid a desktop user may get (never below 1000).", { scope: "cluster" }),
+  "identity.gid.max": key(int(1000, 4294967294), 60000, "Highest primary gid a desktop user may get.", { scope: "cluster" }),
+  "identity.groups.allowed": key(z.string().regex(/^\s*([a-z_][a-z0-9_-]{0,31}(\s*,\s*|\s*$))*$/, "expected group names separated by commas").refine((s) => !s.split(",").some((g) => PRIVILEGED_GROUPS.has(g.trim())), "names a privileged group (root, shadow, sudo, adm, disk…), which desktop users never get"), "audio,video,plugdev,users", "Supplementary groups qvd.vm.user.groups may name (privileged groups such as root, shadow, sudo, adm, disk are refused).", { scope: "cluster" }),
 
   "hkd.fence_after": key(int(5), 120, "Seconds without the database after which a node stops its own VMs.", { scope: "cluster" }),
   "hkd.poll_interval": key(int(1), 30, "Seconds between fallback polls for commands (notifications are the fast path).", { scope: "cluster" }),
