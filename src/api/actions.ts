@@ -3,12 +3,13 @@
 // POST /<objects>/:id/<action>; the same action on every object matching a filter at
 // POST /<objects>/actions/<action>?<filter>, with a result per object.
 import { z } from "zod";
+import { identityRules, identityValueProblem, isIdentityProperty } from "../auth/identity.ts";
 import { isConfigKey, KEYS, type ConfigKey } from "../config.ts";
 import * as D from "../db/index.ts";
 import { DataError, ValidationError } from "../db/errors.ts";
 import type { ObjectDef } from "../db/objects.ts";
 import type { Ctx, Route } from "./context.ts";
-import { forEachMatching, idParam, objectBody } from "./resources.ts";
+import { forEachMatching, idParam, noEscalation, objectBody } from "./resources.ts";
 
 interface ActionSpec {
   path: string; // objects path
@@ -20,16 +21,6 @@ interface ActionSpec {
   run: (ctx: Ctx, objId: number, body: Record<string, unknown>) => Promise<unknown>;
 }
 
-/**
- * No administrator can hand out rights they do not hold: granting an ACL, inheriting a role or
- * assigning one needs every ACL it would give. Superadministrators hold them all anyway.
- */
-function noEscalation(ctx: Ctx, acls: Iterable<string>): void {
-  if (ctx.admin.superadmin) return;
-  const missing = [...acls].filter((a) => !ctx.admin.acls.has(a)).sort();
-  if (missing.length)
-    throw new DataError(`you can only give permissions you hold yourself; missing: ${missing.slice(0, 10).join(", ")}${missing.length > 10 ? ", …" : ""}`, 403);
-}
 
 const heartbeat = (ctx: Ctx) => ({ heartbeatWithinS: ctx.cfg.get("cluster.lost_after") });
 const BlockBody = z.object({ reason: z.string().max(1000).optional() });
@@ -51,6 +42,8 @@ const ACTIONS: ActionSpec[] = [
   { path: "users", def: D.users, name: "unblock", acl: "user.block", summary: "Unblock a user", run: (ctx, u) => D.setUserBlocked(ctx.sql, ctx.scope, u, false) },
   { path: "users", def: D.users, name: "disconnect", acl: "user.disconnect", summary: "Disconnect every session of a user",
     run: async (ctx, u) => ({ disconnected: await D.disconnectUser(ctx.sql, ctx.scope, u) }) },
+  { path: "users", def: D.users, name: "revoke_tokens", acl: "user.update.tokens", summary: "Revoke every L7R bearer token of a user (their clients must log in with the password again)",
+    run: async (ctx, u) => ({ revoked: await D.revokeUserTokens(ctx.sql, ctx.scope, u) }) },
   { path: "hosts", def: D.hosts, name: "block", acl: "host.block", summary: "Block a node: no new desktops there", run: (ctx, h) => D.setHostBlocked(ctx.sql, ctx.scope, h, true) },
   { path: "hosts", def: D.hosts, name: "unblock", acl: "host.block", summary: "Unblock a node", run: (ctx, h) => D.setHostBlocked(ctx.sql, ctx.scope, h, false) },
   { path: "hosts", def: D.hosts, name: "stop_vms", acl: "host.stop_vms", summary: "Stop every VM of a node",
@@ -99,6 +92,16 @@ const AclBody = z.object({ acl: z.string(), positive: z.boolean().optional() });
 const RoleRef = z.object({ role_id: z.number().int() });
 const PropertyValue = z.object({ value: z.string().max(32768) });
 const ConfigValue = z.object({ value: z.string().max(4096), tenant_id: z.number().int().min(0).optional() });
+
+/** Identity properties (qvd.vm.user.uid…) need an ACL of their own besides the object's update. */
+const propertyAcls = (acl: string) => (ctx: Ctx) => (isIdentityProperty(ctx.params.key ?? "") ? [`${acl}.update`, "property.identity"] : [`${acl}.update`]);
+const TARGET_DEFS: Record<D.PropertyTarget, ObjectDef<any>> = { user: D.users, vm: D.vms, host: D.hosts, osf: D.osfs, di: D.dis };
+
+/** The identity rules of the global scope, as stored now (a tenant's own identity.* values never count). */
+async function globalIdentityRules(ctx: Ctx) {
+  const rows = await D.listConfigRows(ctx.sql);
+  return identityRules(ctx.cfg.withDatabase(rows.filter((r) => r.tenant_id === 0).map((r) => ({ tenantId: 0, key: r.key, value: r.value }))));
+}
 
 const PROPERTY_OBJECTS: [string, D.PropertyTarget, string][] = [
   ["users", "user", "user"], ["vms", "vm", "vm"], ["hosts", "host", "host"], ["osfs", "osf", "osf"], ["dis", "di", "di"],
@@ -237,15 +240,20 @@ export const ACTION_ROUTES: Route[] = [
   ...PROPERTY_OBJECTS.flatMap(([path, target, acl]): Route[] => [
     { method: "GET", path: `/${path}/:id/properties`, tag: path, acl: [`${acl}.see`], summary: `Property values of a ${target}`,
       handler: (ctx) => D.propertyValues(ctx.sql, ctx.scope, target, idParam(ctx)) },
-    { method: "PUT", path: `/${path}/:id/properties/:key`, tag: path, acl: [`${acl}.update`], body: PropertyValue, summary: `Set a property value of a ${target}`,
+    { method: "PUT", path: `/${path}/:id/properties/:key`, tag: path, acl: propertyAcls(acl), body: PropertyValue, summary: `Set a property value of a ${target}`,
       audit: { action: `${target}.set_property`, object: target },
       handler: async (ctx) => {
         const b = D.validate(PropertyValue, objectBody(ctx.body));
         ctx.audited.object_id = idParam(ctx);
+        if (isIdentityProperty(ctx.params.key!)) {
+          await D.get(ctx.sql, TARGET_DEFS[target], ctx.scope, idParam(ctx)); // another tenant's object: 404 first
+          const problem = identityValueProblem(ctx.params.key!, b.value, await globalIdentityRules(ctx));
+          if (problem) throw new ValidationError("value", `${ctx.params.key}: ${problem}`);
+        }
         await D.setPropertyValue(ctx.sql, ctx.scope, target, idParam(ctx), ctx.params.key!, b.value);
         return D.propertyValues(ctx.sql, ctx.scope, target, idParam(ctx));
       } },
-    { method: "DELETE", path: `/${path}/:id/properties/:key`, tag: path, acl: [`${acl}.update`], summary: `Remove a property value of a ${target}`,
+    { method: "DELETE", path: `/${path}/:id/properties/:key`, tag: path, acl: propertyAcls(acl), summary: `Remove a property value of a ${target}`,
       audit: { action: `${target}.delete_property`, object: target },
       handler: async (ctx) => {
         ctx.audited.object_id = idParam(ctx);

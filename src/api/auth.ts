@@ -139,6 +139,8 @@ export const AUTH_ROUTES: Route[] = [
     handler: async (ctx) => {
       ctx.audited.object_name = ctx.params.sid;
       if (!(await D.endSessionById(ctx.sql, ctx.params.sid!, ctx.scope.tenantId ?? undefined))) throw new DataError("no such session", 404);
-      return { ok: true };
+      // Whoever knew the old password is logged out everywhere but here.
+      const ended = await D.endSessionsOf(ctx.sql, ctx.admin.id, ctx.admin.token);
+      return { ok: true, sessions_ended: ended };
     } },
 ];

@@ -1,6 +1,7 @@
 // The generic REST resources: list/get/create/update/delete and mass update/delete by filter
 // for every object of the data layer, with ACLs per verb and per field.
 import { z } from "zod";
+import { ACLS } from "../auth/acls.ts";
 import { DataError, ValidationError } from "../db/errors.ts";
 import * as D from "../db/index.ts";
 import type { AuditEntry } from "../db/audit.ts";
@@ -21,6 +22,10 @@ export interface ResourceSpec {
   fieldAcls?: Record<string, string>;
   /** Replaces the generic create (e.g. VMs allocate an address). */
   create?: (ctx: Ctx, body: Record<string, unknown>) => Promise<Record<string, unknown>>;
+  /** Checks a change of one object before it is made (single and mass changes alike). */
+  beforeUpdate?: (ctx: Ctx, objId: number, changes: Record<string, unknown>) => Promise<void>;
+  /** Consequences of a change once made (e.g. a new password ends sessions). */
+  afterUpdate?: (ctx: Ctx, objId: number, changes: Record<string, unknown>) => Promise<void>;
   deletable?: boolean;
 }
 
@@ -34,6 +39,17 @@ const asObject = (body: unknown): Record<string, unknown> => {
   if (!body || typeof body !== "object" || Array.isArray(body)) throw new ValidationError(undefined, "the body must be a JSON object");
   return body as Record<string, unknown>;
 };
+
+/**
+ * No administrator can hand out rights they do not hold: granting an ACL, inheriting a role,
+ * assigning one or setting the password of an administrator who holds more needs every ACL it
+ * would give. This holds in every tenant, tenant * included: only who holds every ACL is exempt,
+ * by holding them.
+ */
+export function noEscalation(ctx: Ctx, acls: Iterable<string>, what = "you can only give permissions you hold yourself"): void {
+  const missing = [...acls].filter((a) => Object.hasOwn(ACLS, a) && !ctx.admin.acls.has(a)).sort();
+  if (missing.length) throw new DataError(`${what}; missing: ${missing.slice(0, 10).join(", ")}${missing.length > 10 ? ", …" : ""}`, 403);
+}
 
 /** ACLs needed to change these fields. */
 function updateAcls(spec: ResourceSpec, body: unknown): string[] {
@@ -152,7 +168,10 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
       audit: { action: `${kind}.update`, object: kind },
       handler: async (ctx) => {
         audit(ctx, { id: id(ctx) }, ctx.body);
-        const row = await D.update(ctx.sql, def, ctx.scope, id(ctx), asObject(ctx.body));
+        const changes = asObject(ctx.body);
+        await spec.beforeUpdate?.(ctx, id(ctx), changes);
+        const row = await D.update(ctx.sql, def, ctx.scope, id(ctx), changes);
+        await spec.afterUpdate?.(ctx, id(ctx), changes);
         audit(ctx, row);
         return row;
       },
@@ -164,7 +183,11 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
       handler: async (ctx) => {
         const changes = asObject(ctx.body);
         D.validate(def.update!, changes); // bad changes are one 422, not one per object
-        return forEachMatching(ctx, def, `${kind}.update`, async (objId) => void (await D.update(ctx.sql, def, ctx.scope, objId, changes)));
+        return forEachMatching(ctx, def, `${kind}.update`, async (objId) => {
+          await spec.beforeUpdate?.(ctx, objId, changes);
+          await D.update(ctx.sql, def, ctx.scope, objId, changes);
+          await spec.afterUpdate?.(ctx, objId, changes);
+        });
       },
     });
   }
@@ -190,9 +213,25 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
 
 export const RESOURCES: ResourceSpec[] = [
   { path: "tenants", def: D.tenants, acl: "tenant", fieldAcls: { blocked: "tenant.block" } },
-  { path: "administrators", def: D.administrators, acl: "administrator", fieldAcls: { password: "administrator.update.password" } },
+  {
+    path: "administrators", def: D.administrators, acl: "administrator", fieldAcls: { password: "administrator.update.password" },
+    beforeUpdate: async (ctx, adminId, changes) => {
+      if (!("password" in changes)) return;
+      await D.get(ctx.sql, D.administrators, ctx.scope, adminId); // another tenant's: 404 first
+      // Whoever sets a password can log in as that administrator: only within the caller's own rights.
+      noEscalation(ctx, await D.administratorEffectiveAcls(ctx.sql, adminId), "you can only set the password of administrators whose permissions you hold yourself");
+    },
+    // A new password ends the account's other sessions (an own change keeps the one that made it).
+    afterUpdate: async (ctx, adminId, changes) => {
+      if ("password" in changes) await D.endSessionsOf(ctx.sql, adminId, adminId === ctx.admin.id ? ctx.admin.token : undefined);
+    },
+  },
   { path: "roles", def: D.roles, acl: "role" },
-  { path: "users", def: D.users, acl: "user", fieldAcls: { password: "user.update.password", blocked: "user.block" } },
+  {
+    path: "users", def: D.users, acl: "user", fieldAcls: { password: "user.update.password", blocked: "user.block" },
+    // A new password ends the user's L7R bearer tokens.
+    afterUpdate: async (ctx, userId, changes) => void ("password" in changes && (await D.deleteUserTokens(ctx.sql, userId))),
+  },
   { path: "osfs", def: D.osfs, acl: "osf" },
   { path: "dis", def: D.dis, acl: "di", fieldAcls: { blocked: "di.block" } },
   {

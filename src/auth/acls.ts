@@ -26,6 +26,7 @@ export const ACLS: Catalogue = {
   "user.update.totp": "Enrol or reset users' second factor",
   "user.block": "Block and unblock users",
   "user.disconnect": "Disconnect all sessions of a user",
+  "user.update.tokens": "Revoke users' L7R bearer tokens",
   ...crud("vm", "virtual machines"),
   "vm.update.di_tag": "Change which image tag a VM uses",
   "vm.update.expiration": "Set VMs' expiry times",
@@ -41,6 +42,7 @@ export const ACLS: Catalogue = {
   "host.block": "Block and unblock nodes",
   "host.stop_vms": "Stop every VM of a node",
   ...crud("property", "custom property definitions"),
+  "property.identity": "Set identity properties (qvd.vm.user.uid, gid, home, groups): who a desktop user is in the desktop",
   "config.see": "View cluster configuration",
   "config.update": "Change cluster configuration",
   "audit.see": "Read the audit log",
@@ -52,8 +54,9 @@ export const ACLS: Catalogue = {
 export type AclName = keyof typeof ACLS;
 
 const all = Object.keys(ACLS);
+// property.identity: what a user owns in the desktop is the farm's decision, not a tenant's.
 const notTenantWide = (a: string) =>
-  !a.startsWith("tenant.") && !a.startsWith("session.") && !/^host\.(create|update|delete|block|stop_vms)$/.test(a);
+  a !== "property.identity" && !a.startsWith("tenant.") && !a.startsWith("session.") && !/^host\.(create|update|delete|block|stop_vms)$/.test(a);
 
 /** Built-in roles: name → (description, granted ACLs). Global (tenant 0) and read-only. */
 export const BUILTIN_ROLES: Record<string, { description: string; acls: string[] }> = {

@@ -3,6 +3,7 @@
 // tenant's OSFs, a VM from it, on the configured VM network.
 import type { Config } from "../config.ts";
 import { findLoginUser, provisionExternalUser, type LoginUser } from "../db/auth.ts";
+import { loginName } from "../db/objects.ts";
 import type { Db } from "../db/pool.ts";
 import { logger } from "../log.ts";
 
@@ -34,6 +35,9 @@ export function autoprovisionSettings(cfg: Config): AutoprovisionSettings {
 export async function externalUser(db: Db, s: AutoprovisionSettings, tenantId: number, login: string): Promise<LoginUser | undefined> {
   const existing = await findLoginUser(db, tenantId, login);
   if (existing || !s.enable) return existing;
+  // The same rules as a user created through the API (the name is a directory of the homes).
+  const name = loginName.safeParse(login);
+  if (!name.success) throw new Error(`the login cannot be a user name: ${name.error.issues[0]!.message}`);
   const r = await provisionExternalUser(db, tenantId, login, {
     osfName: s.osf || undefined,
     vmName: s.vmName.replaceAll("%u", login).slice(0, 64),

@@ -80,8 +80,10 @@ export async function endSessionById(db: Db, id: string, tenantId?: number): Pro
   return rows.length > 0;
 }
 
-export async function endSessionsOf(db: Db, administratorId: number): Promise<number> {
-  return (await db`DELETE FROM admin_sessions WHERE administrator_id = ${administratorId} RETURNING 1`).length;
+/** Ends an administrator's sessions, but the one of `keepToken` (a password change keeps the session that made it). */
+export async function endSessionsOf(db: Db, administratorId: number, keepToken?: string): Promise<number> {
+  const keep = keepToken ? hash(keepToken) : "";
+  return (await db`DELETE FROM admin_sessions WHERE administrator_id = ${administratorId} AND token_hash <> ${keep} RETURNING 1`).length;
 }
 
 export async function deleteExpiredSessions(db: Db): Promise<number> {

@@ -13,7 +13,8 @@ export const TenantRow = z.object({
 });
 export type TenantRow = z.infer<typeof TenantRow>;
 
-const tenantName = z.string().min(1).max(80).regex(/^[^@#\s/]+$/, "must not contain spaces, @, # or /");
+const tenantName = z.string().min(1).max(80).regex(/^[^@#\s/]+$/, "must not contain spaces, @, # or /")
+  .regex(/^[^\\\x00-\x1f\x7f]+$/, "must not contain \\ or control characters").refine((n) => n !== "." && n !== "..", "must not be . or .. (it names the directory of the tenant's homes)");
 
 export const TenantCreate = z.object({ name: tenantName, description: description.optional(), language: language.optional(), blocked: z.boolean().optional() });
 export const TenantUpdate = TenantCreate.partial();

@@ -43,6 +43,17 @@ export async function useUserToken(db: Db, token: string): Promise<TokenInfo | u
   return r as TokenInfo | undefined;
 }
 
+/** Ends every bearer token of a user (a password change, or an administrator's revocation). */
+export async function deleteUserTokens(db: Db, userId: number): Promise<number> {
+  return (await db`DELETE FROM user_tokens WHERE user_id = ${userId} RETURNING 1`).length;
+}
+
+/** Revokes the tokens of a user the caller can see (another tenant's user: not found). */
+export async function revokeUserTokens(db: Db, scope: Scope, userId: number): Promise<number> {
+  const user = await get(db, users, scope, userId);
+  return deleteUserTokens(db, user.id);
+}
+
 export async function deleteExpiredUserTokens(db: Db): Promise<number> {
   const rows = await db`DELETE FROM user_tokens WHERE expires_at <= now() RETURNING 1`;
   return rows.length;

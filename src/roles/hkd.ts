@@ -6,6 +6,7 @@ import type { Config } from "../config.ts";
 import { listConfigRows } from "../db/configs.ts";
 import type { DiRow } from "../db/dis.ts";
 import { findHostByName, registerHost } from "../db/node.ts";
+import { isSafePathComponent } from "../db/objects.ts";
 import { connect, type Sql } from "../db/pool.ts";
 import { UserError } from "../errors.ts";
 import { acquireNodeLock } from "../hkd/lock.ts";
@@ -55,7 +56,11 @@ export async function startHkd(cfg: Config, opts: { register?: boolean; address?
     const imagesDir = cfg.storagePath("path.storage.images");
     const hkd = new Hkd({
       sql, cfg, host, backend, databaseUrl: url, qvdBinary: qvdBinary(cfg),
-      homeOf: (tenant, user) => join(cfg.storagePath("path.storage.homes"), tenant, user),
+      homeOf: (tenant, user) => {
+        // Names from before they were checked (".." escaped the homes): refused, not joined.
+        if (!isSafePathComponent(tenant) || !isSafePathComponent(user)) throw new UserError(`tenant ${JSON.stringify(tenant)} or user ${JSON.stringify(user)} is not a usable directory name; rename it`);
+        return join(cfg.storagePath("path.storage.homes"), tenant, user);
+      },
       images: {
         async rootfsFor(di: DiRow) {
           const p = imagePaths(root, imagesDir, di);

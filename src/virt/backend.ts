@@ -23,8 +23,9 @@ export interface VmSpec {
   /** The user's persistent home on shared storage (host path), mounted at /home/<user>. */
   home: { hostPath: string; user: string };
   network: VmNetwork;
-  /** What the VMA in the guest needs: the per-start secret and the port it listens on. */
-  vma: { port: number; secret: string };
+  /** What the VMA in the guest needs: the per-start secret, the port it listens on, and the
+   * node's settings for it (vma.json `settings`: they win over the image's vma.conf). */
+  vma: { port: number; secret: string; settings?: Record<string, string> };
   /** Host path of the qvd binary, bind-mounted read-only into the guest. */
   qvdBinary: string;
 }

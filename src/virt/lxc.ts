@@ -313,7 +313,7 @@ export class LxcBackend implements Backend {
     mkdirSync(spec.home.hostPath, { recursive: true, mode: 0o755 });
     const state: VmState = { persistent: spec.overlay.persistent, overlay: spec.overlay.enabled };
     writeFileSync(join(vmDir, "state.json"), JSON.stringify(state) + "\n");
-    writeSecret(join(vmDir, "vma.json"), JSON.stringify({ vm_id: spec.vmId, secret: spec.vma.secret, node_address: spec.network.gateway, port: spec.vma.port }) + "\n");
+    writeSecret(join(vmDir, "vma.json"), JSON.stringify({ vm_id: spec.vmId, secret: spec.vma.secret, node_address: spec.network.gateway, port: spec.vma.port, settings: spec.vma.settings ?? {} }) + "\n");
     writeFileSync(join(vmDir, "net-up"), this.net.attachScript(), { mode: 0o700 });
     writeFileSync(join(vmDir, "seccomp"), SECCOMP);
     const vmaInit = this.o.vmaInit ?? true;
