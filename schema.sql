@@ -241,6 +241,8 @@ CREATE INDEX vm_runtimes_host ON vm_runtimes (host_id) WHERE host_id IS NOT NULL
 CREATE INDEX vm_runtimes_pending ON vm_runtimes (host_id) WHERE vm_cmd IS NOT NULL;
 CREATE INDEX vm_runtimes_state ON vm_runtimes (vm_state);
 CREATE INDEX vm_runtimes_di ON vm_runtimes (current_di_id) WHERE current_di_id IS NOT NULL;
+-- Two desktops never run with the same address (the one a node started each with).
+CREATE UNIQUE INDEX vm_runtimes_address ON vm_runtimes (vm_address) WHERE vm_address IS NOT NULL;
 
 CREATE TABLE host_runtimes (
   host_id     integer PRIMARY KEY REFERENCES hosts ON DELETE CASCADE,
@@ -473,6 +475,22 @@ BEGIN
   RETURN NULL;
 END $$;
 CREATE TRIGGER vms_create_rows AFTER INSERT ON vms FOR EACH ROW EXECUTE FUNCTION create_vm_rows();
+
+-- A VM's address cannot change (or be freed for another VM) unless the VM is stopped. The
+-- runtime row is locked while this is checked, so a node's start (stopped → starting) waits
+-- for the change and then starts with the new address, or the change sees the start.
+CREATE FUNCTION vm_ip_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE st text;
+BEGIN
+  IF NEW.ip IS DISTINCT FROM OLD.ip THEN
+    SELECT vm_state INTO st FROM vm_runtimes WHERE vm_id = OLD.id FOR SHARE;
+    IF st IS NOT NULL AND st <> 'stopped' THEN
+      RAISE EXCEPTION 'vm "%" is %: its address cannot change until it is stopped', OLD.name, st USING ERRCODE = '55000';
+    END IF;
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER vms_ip_guard BEFORE UPDATE OF ip ON vms FOR EACH ROW EXECUTE FUNCTION vm_ip_guard();
 
 CREATE FUNCTION create_host_rows() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

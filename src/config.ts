@@ -17,6 +17,13 @@ interface KeyDef<T> {
   doc: string;
   scope: KeyScope;
   secret: boolean;
+  /** A tenant may override it in `configs` (cluster keys only; default false: farm-wide). */
+  tenant: boolean;
+  /**
+   * Resolved from the same scope as that key (the farm's, or one tenant's), never mixed: a
+   * credential goes only where the scope that chose the destination sends it.
+   */
+  sameScopeAs?: string;
 }
 
 // --- value types: each parses the string form used in files, env and flags -----------------
@@ -58,9 +65,9 @@ function key<T>(
   type: z.ZodType<T>,
   def: T | undefined,
   doc: string,
-  opts: { scope?: KeyScope; secret?: boolean } = {},
+  opts: { scope?: KeyScope; secret?: boolean; tenant?: boolean; sameScopeAs?: string } = {},
 ): KeyDef<T> {
-  return { type, default: def, doc, scope: opts.scope ?? "node", secret: opts.secret ?? false };
+  return { type, default: def, doc, scope: opts.scope ?? "node", secret: opts.secret ?? false, tenant: opts.tenant ?? false, ...(opts.sameScopeAs ? { sameScopeAs: opts.sameScopeAs } : {}) };
 }
 
 // --- the keys ---------------------------------------------------------------------------------
@@ -101,30 +108,34 @@ export const KEYS = {
   "l7r.timeout.request": key(int(1), 30, "Seconds a client has to send a complete request once it began one."),
   "l7r.timeout.idle": key(int(1), 300, "Seconds an idle client connection (between requests) is kept open."),
 
-  // User authentication (src/auth/): cluster keys, each may be overridden per tenant.
-  "l7r.auth.plugins": key(z.string().regex(/^\s*(local|ldap)(\s*,\s*(local|ldap))*\s*$/, "expected a comma-separated list of: local, ldap"), "local", "Authentication chain of a tenant, in order (e.g. `local,ldap`). The first plugin that knows the user decides; a refusal stops the chain.", { scope: "cluster" }),
+  // User authentication (src/auth/): a tenant's own business, so a tenant may override these
+  // (except the login split, used before the tenant is known). LDAP credentials and TLS follow
+  // auth.ldap.url's scope: a tenant with its own directory gives its own bind account, the
+  // farm's account is never sent to a tenant's server, and a tenant cannot turn off StartTLS
+  // towards the farm's.
+  "l7r.auth.plugins": key(z.string().regex(/^\s*(local|ldap)(\s*,\s*(local|ldap))*\s*$/, "expected a comma-separated list of: local, ldap"), "local", "Authentication chain of a tenant, in order (e.g. `local,ldap`). The first plugin that knows the user decides; a refusal stops the chain.", { scope: "cluster", tenant: true }),
   "l7r.auth.plugin.default.separators": key(nonEmpty, "@#", "Characters that separate the login from the tenant (`alice@acme`); the login is split at the first one found.", { scope: "cluster" }),
   "l7r.auth.plugin.default.tenant": key(nonEmpty, "default", "Tenant of a login that names none (multitenant mode).", { scope: "cluster" }),
-  "auth.totp.issuer": key(nonEmpty, "QVD", "Issuer shown by authenticator apps for enrolled TOTP secrets.", { scope: "cluster" }),
-  "auth.ldap.url": key(str, "", "LDAP server URL: ldap://host:389 or ldaps://host:636 (empty: the ldap plugin refuses everyone).", { scope: "cluster" }),
-  "auth.ldap.starttls": key(bool, false, "Upgrade an ldap:// connection with StartTLS before binding.", { scope: "cluster" }),
-  "auth.ldap.ca_file": key(str, "", "PEM CA certificate(s) to verify the LDAP server with (default: the system CAs).", { scope: "cluster" }),
-  "auth.ldap.timeout": key(int(1, 600), 10, "Seconds an LDAP connection or operation may take.", { scope: "cluster" }),
-  "auth.ldap.bind_dn_template": key(str, "", "Direct bind: the user's DN with %u for the login, e.g. `uid=%u,ou=people,dc=example,dc=org` (takes precedence over the search).", { scope: "cluster" }),
-  "auth.ldap.search_base": key(str, "", "Search-then-bind: where to look for the user's entry.", { scope: "cluster" }),
-  "auth.ldap.search_filter": key(str, "(uid=%u)", "Search-then-bind: filter for the user's entry (%u: the login, escaped).", { scope: "cluster" }),
-  "auth.ldap.search_scope": key(oneOf(["base", "one", "sub"]), "sub", "Search-then-bind: scope of the search below auth.ldap.search_base.", { scope: "cluster" }),
-  "auth.ldap.bind_dn": key(str, "", "Search-then-bind: service account DN for the search (empty: anonymous).", { scope: "cluster" }),
-  "auth.ldap.bind_password": key(str, "", "Search-then-bind: password of auth.ldap.bind_dn.", { scope: "cluster", secret: true }),
-  "auth.ldap.group_filter": key(str, "", "Users must match this group search to log in, e.g. `(&(cn=vdi)(member=%d))` (%d: the user's DN, %u: the login); empty: no group check.", { scope: "cluster" }),
-  "auth.ldap.group_base": key(str, "", "Base of the group search (default: the dc= suffix of the user's DN, else auth.ldap.search_base).", { scope: "cluster" }),
-  "auth.ldap.attr.uid": key(str, "uidNumber", "Attribute holding the user's numeric uid, passed to the VMA (empty: none).", { scope: "cluster" }),
-  "auth.ldap.attr.gid": key(str, "gidNumber", "Attribute holding the user's numeric gid, passed to the VMA (empty: none).", { scope: "cluster" }),
-  "auth.ldap.attr.home": key(str, "homeDirectory", "Attribute holding the user's home directory, passed to the VMA (empty: none).", { scope: "cluster" }),
-  "auth.autoprovision.enable": key(bool, false, "After a successful external (LDAP) login of a user QVD does not know, create the user (without a password) and a VM.", { scope: "cluster" }),
-  "auth.autoprovision.osf": key(str, "", "Name of the tenant's OSF for auto-provisioned VMs (empty: create the user only).", { scope: "cluster" }),
-  "auth.autoprovision.vm_name": key(z.string().min(1).max(60), "%u", "Name of an auto-provisioned VM (%u: the login).", { scope: "cluster" }),
-  "auth.autoprovision.di_tag": key(z.string().regex(/^[^\s,]{1,128}$/, "1 to 128 characters, no spaces or commas"), "default", "Image tag of auto-provisioned VMs.", { scope: "cluster" }),
+  "auth.totp.issuer": key(nonEmpty, "QVD", "Issuer shown by authenticator apps for enrolled TOTP secrets.", { scope: "cluster", tenant: true }),
+  "auth.ldap.url": key(str, "", "LDAP server URL: ldap://host:389 or ldaps://host:636 (empty: the ldap plugin refuses everyone).", { scope: "cluster", tenant: true }),
+  "auth.ldap.starttls": key(bool, false, "Upgrade an ldap:// connection with StartTLS before binding.", { scope: "cluster", tenant: true, sameScopeAs: "auth.ldap.url" }),
+  "auth.ldap.ca_file": key(str, "", "PEM CA certificate(s) to verify the LDAP server with (default: the system CAs).", { scope: "cluster", tenant: true, sameScopeAs: "auth.ldap.url" }),
+  "auth.ldap.timeout": key(int(1, 600), 10, "Seconds an LDAP connection or operation may take.", { scope: "cluster", tenant: true }),
+  "auth.ldap.bind_dn_template": key(str, "", "Direct bind: the user's DN with %u for the login, e.g. `uid=%u,ou=people,dc=example,dc=org` (takes precedence over the search).", { scope: "cluster", tenant: true }),
+  "auth.ldap.search_base": key(str, "", "Search-then-bind: where to look for the user's entry.", { scope: "cluster", tenant: true }),
+  "auth.ldap.search_filter": key(str, "(uid=%u)", "Search-then-bind: filter for the user's entry (%u: the login, escaped).", { scope: "cluster", tenant: true }),
+  "auth.ldap.search_scope": key(oneOf(["base", "one", "sub"]), "sub", "Search-then-bind: scope of the search below auth.ldap.search_base.", { scope: "cluster", tenant: true }),
+  "auth.ldap.bind_dn": key(str, "", "Search-then-bind: service account DN for the search (empty: anonymous).", { scope: "cluster", tenant: true, sameScopeAs: "auth.ldap.url" }),
+  "auth.ldap.bind_password": key(str, "", "Search-then-bind: password of auth.ldap.bind_dn.", { scope: "cluster", secret: true, tenant: true, sameScopeAs: "auth.ldap.url" }),
+  "auth.ldap.group_filter": key(str, "", "Users must match this group search to log in, e.g. `(&(cn=vdi)(member=%d))` (%d: the user's DN, %u: the login); empty: no group check.", { scope: "cluster", tenant: true }),
+  "auth.ldap.group_base": key(str, "", "Base of the group search (default: the dc= suffix of the user's DN, else auth.ldap.search_base).", { scope: "cluster", tenant: true }),
+  "auth.ldap.attr.uid": key(str, "uidNumber", "Attribute holding the user's numeric uid, passed to the VMA (empty: none).", { scope: "cluster", tenant: true }),
+  "auth.ldap.attr.gid": key(str, "gidNumber", "Attribute holding the user's numeric gid, passed to the VMA (empty: none).", { scope: "cluster", tenant: true }),
+  "auth.ldap.attr.home": key(str, "homeDirectory", "Attribute holding the user's home directory, passed to the VMA (empty: none).", { scope: "cluster", tenant: true }),
+  "auth.autoprovision.enable": key(bool, false, "After a successful external (LDAP) login of a user QVD does not know, create the user (without a password) and a VM.", { scope: "cluster", tenant: true }),
+  "auth.autoprovision.osf": key(str, "", "Name of the tenant's OSF for auto-provisioned VMs (empty: create the user only).", { scope: "cluster", tenant: true }),
+  "auth.autoprovision.vm_name": key(z.string().min(1).max(60), "%u", "Name of an auto-provisioned VM (%u: the login).", { scope: "cluster", tenant: true }),
+  "auth.autoprovision.di_tag": key(z.string().regex(/^[^\s,]{1,128}$/, "1 to 128 characters, no spaces or commas"), "default", "Image tag of auto-provisioned VMs.", { scope: "cluster", tenant: true }),
   // Identity of desktop users (qvd.vm.user.* properties, LDAP attributes), checked by the API, the
   // L7R and the VMA (src/auth/identity.ts). Global only: a tenant's own value is never used.
   "identity.home.base": key(z.string().regex(/^(\/[A-Za-z0-9_-][A-Za-z0-9_.-]*)+$/, "expected an absolute directory such as /home (not /)").refine((p) => !p.split("/").some((c) => c === "." || c === ".."), "must not contain . or .."), "/home", "Homes of desktop users must be below this directory.", { scope: "cluster" }),
@@ -150,7 +161,9 @@ export const KEYS = {
   "wat.multitenant": key(bool, false, "Multitenant mode: tenants and per-tenant administrators.", { scope: "cluster" }),
   "model.user.login.case-sensitive": key(bool, false, "Whether user and administrator names are case-sensitive.", { scope: "cluster" }),
 
-  "osf.default.memory": key(int(16), 1024, "RAM in MiB of a new OSF when none is given.", { scope: "cluster" }),
+  // Farm-wide unless marked `tenant: true` (the L7R's and HKD's timeouts, the network, the
+  // cluster's timing): a node reads them once for every tenant, and they shape shared resources.
+  "osf.default.memory": key(int(16), 1024, "RAM in MiB of a new OSF when none is given.", { scope: "cluster", tenant: true }),
   "vm.network.range": key(cidr, "198.18.0.0/16", "Network from which VM addresses are allocated.", { scope: "cluster" }),
   "vm.network.gateway": key(str, "", "Gateway address given to VMs (default: the first address of the range).", { scope: "cluster" }),
   "vm.network.bridge": key(nonEmpty, "qvdnet0", "Bridge the VMs' network devices are attached to.", { scope: "node" }),
@@ -321,7 +334,22 @@ export class Config {
       this.values.set(k, d.default);
       this.sources.set(k, { kind: "default" });
     }
-    for (const s of [...base, ...db, ...top]) this.apply(s);
+    const all = [...base, ...db, ...top];
+    for (const s of all) this.apply(s);
+    for (const [k, d] of Object.entries(KEYS) as [ConfigKey, KeyDef<unknown>][]) if (d.sameScopeAs) this.followScope(k, d.sameScopeAs as ConfigKey, all);
+  }
+
+  /**
+   * Re-resolves `k` from only the settings of the scope that decided `anchor`: that tenant's
+   * rows when a tenant's row won, else the farm's layers (file, global rows, env, flags); the
+   * default when that scope has none.
+   */
+  private followScope(k: ConfigKey, anchor: ConfigKey, all: RawSetting[]): void {
+    const tenantOf = (s: Source) => (s.kind === "db" ? s.tenantId : 0);
+    const scope = tenantOf(this.sources.get(anchor)!);
+    const own = all.filter((s) => s.key === k && tenantOf(s.source) === scope).pop();
+    this.values.set(k, own ? parseValue(k, own.value, whereOf(own.source)) : KEYS[k].default);
+    this.sources.set(k, own ? own.source : { kind: "default" });
   }
 
   private apply(s: RawSetting): void {
@@ -344,7 +372,8 @@ export class Config {
   /**
    * A copy with rows of the `configs` table layered in, below env and flags and above the
    * file. Rows of tenant 0 are the global scope; a tenant's own rows win over them. Unknown
-   * keys and node keys in the table are skipped with a warning (a newer node may know them).
+   * keys and node keys in the table are skipped with a warning (a newer node may know them),
+   * and so are a tenant's rows of keys a tenant may not override.
    */
   withDatabase(rows: { tenantId: number; key: string; value: string }[], warn: (msg: string) => void = () => {}): Config {
     const ordered = [...rows].sort((a, b) => Number(a.tenantId !== 0) - Number(b.tenantId !== 0));
@@ -352,6 +381,10 @@ export class Config {
     for (const r of ordered) {
       if (!isConfigKey(r.key) || KEYS[r.key].scope !== "cluster") {
         warn(`ignoring database config ${r.key}: ${isConfigKey(r.key) ? "it is a node setting" : "unknown key"}`);
+        continue;
+      }
+      if (r.tenantId !== 0 && !KEYS[r.key].tenant) {
+        warn(`ignoring database config ${r.key} of tenant ${r.tenantId}: tenants may not override it`);
         continue;
       }
       db.push({ key: r.key, value: r.value, source: { kind: "db", tenantId: r.tenantId } });

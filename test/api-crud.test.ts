@@ -213,9 +213,13 @@ describe("CRUD of every resource", () => {
     expect(before.items.every((i: any) => i.key !== "l7r.listen")).toBe(true); // node settings are not here
     await ok(sa.put("/configs/vm.network.range", { value: "10.20.0.0/16" }));
     expect(clone(item(await ok(sa.get("/configs")), "vm.network.range"))).toMatchObject({ value: "10.20.0.0/16", source: "global" });
-    await ok(sa.put("/configs/vm.network.range", { value: "10.30.0.0/16", tenant_id: 1 }));
-    expect(clone(item(await ok(sa.get("/configs?tenant_id=1")), "vm.network.range"))).toMatchObject({ value: "10.30.0.0/16", source: "tenant" });
-    expect(item(await ok(sa.get("/configs")), "vm.network.range").value).toBe("10.20.0.0/16");
+    // The VM network is farm-wide; the default OSF memory is a tenant's business.
+    expect((await sa.put("/configs/vm.network.range", { value: "10.30.0.0/16", tenant_id: 1 })).status).toBe(403);
+    await ok(sa.put("/configs/osf.default.memory", { value: "768" }));
+    await ok(sa.put("/configs/osf.default.memory", { value: "512", tenant_id: 1 }));
+    expect(clone(item(await ok(sa.get("/configs?tenant_id=1")), "osf.default.memory"))).toMatchObject({ value: "512", source: "tenant", tenant: true });
+    expect(clone(item(await ok(sa.get("/configs?tenant_id=1")), "vm.network.range"))).toMatchObject({ value: "10.20.0.0/16", source: "global", tenant: false });
+    expect(item(await ok(sa.get("/configs")), "osf.default.memory").value).toBe("768");
     const bad = await sa.put("/configs/vm.network.range", { value: "not a network" });
     expect(bad.status).toBe(422);
     expect(bad.body.error.field).toBe("value");
@@ -223,7 +227,8 @@ describe("CRUD of every resource", () => {
     expect((await sa.put("/configs/l7r.listen", { value: ":1" })).status).toBe(404);
     expect((await sa.put("/configs/vm.network.range", { value: 5 })).body.error.field).toBe("value");
     expect((await sa.get("/configs?tenant_id=x")).status).toBe(422);
-    await ok(sa.del("/configs/vm.network.range?tenant_id=1"));
+    await ok(sa.del("/configs/osf.default.memory?tenant_id=1"));
+    await ok(sa.del("/configs/osf.default.memory"));
     await ok(sa.del("/configs/vm.network.range"));
     expect((await sa.del("/configs/vm.network.range")).status).toBe(404);
     expect(item(await ok(sa.get("/configs")), "vm.network.range").source).toBe("default");

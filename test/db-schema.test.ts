@@ -106,6 +106,9 @@ test("the real migrations take a version-1 database to the current schema", asyn
     await db.sql`ALTER TABLE user_tokens DROP COLUMN auth_params`;
     await db.sql`DROP TRIGGER admin_sessions_end ON admin_sessions`;
     await db.sql`DROP FUNCTION notify_session_end()`;
+    await db.sql`DROP TRIGGER vms_ip_guard ON vms`;
+    await db.sql`DROP FUNCTION vm_ip_guard()`;
+    await db.sql`DROP INDEX vm_runtimes_address`;
     await db.sql`DELETE FROM schema_migrations`;
     await db.sql`INSERT INTO schema_migrations (version, name) VALUES (1, 'initial schema')`;
     expect((await schemaStatus(db.sql)).pending).toEqual(MIGRATIONS.map((m) => m.version));
@@ -113,8 +116,10 @@ test("the real migrations take a version-1 database to the current schema", asyn
     expect([res.from, res.to]).toEqual([1, SCHEMA_VERSION]);
     const cols = await db.sql`SELECT data_type FROM information_schema.columns WHERE table_name = 'user_tokens' AND column_name = 'auth_params'`;
     expect(cols.map((c) => c.data_type)).toEqual(["jsonb"]);
-    const triggers = await db.sql`SELECT tgname FROM pg_trigger WHERE tgname = 'admin_sessions_end'`;
-    expect(triggers.length).toBe(1);
+    const triggers = await db.sql`SELECT tgname FROM pg_trigger WHERE tgname IN ('admin_sessions_end', 'vms_ip_guard') ORDER BY 1`;
+    expect(triggers.map((t) => t.tgname)).toEqual(["admin_sessions_end", "vms_ip_guard"]);
+    const indexes = await db.sql`SELECT indexdef FROM pg_indexes WHERE indexname = 'vm_runtimes_address'`;
+    expect(indexes.map((i) => i.indexdef)).toEqual([expect.stringContaining("UNIQUE INDEX vm_runtimes_address ON public.vm_runtimes USING btree (vm_address) WHERE (vm_address IS NOT NULL)")]);
   } finally {
     await db.sql.end();
   }
@@ -133,6 +138,29 @@ test("concurrent inits: exactly one wins", async () => {
     expect(failed.reason.message).toContain("already holds a QVD schema");
   } finally {
     await second.end();
+    await db.sql.end();
+  }
+});
+
+test("migration 4 refuses a database where two desktops run with one address, and changes nothing", async () => {
+  const db = await testDatabase();
+  try {
+    await db.sql`DROP TRIGGER vms_ip_guard ON vms`;
+    await db.sql`DROP FUNCTION vm_ip_guard()`;
+    await db.sql`DROP INDEX vm_runtimes_address`;
+    const [h] = await db.sql`INSERT INTO hosts (name, address) VALUES ('n', '198.18.0.250') RETURNING id`;
+    const [u] = await db.sql`INSERT INTO users (tenant_id, name) VALUES (1, 'dup') RETURNING id`;
+    const [o] = await db.sql`INSERT INTO osfs (tenant_id, name) VALUES (1, 'dup') RETURNING id`;
+    const ids: number[] = [];
+    for (const [name, ip] of [["a", "198.18.0.2"], ["b", "198.18.0.3"]]) {
+      const [v] = await db.sql`INSERT INTO vms (tenant_id, user_id, osf_id, name, ip) VALUES (1, ${u!.id}, ${o!.id}, ${name!}, ${ip!}) RETURNING id`;
+      ids.push(v!.id);
+      await db.sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${h!.id}, vm_address = '198.18.0.2' WHERE vm_id = ${v!.id}`;
+    }
+    const m4 = MIGRATIONS.find((m) => m.version === 4)!;
+    await expect(db.sql.begin((tx) => tx.unsafe(m4.sql))).rejects.toThrow(`VMs ${ids.join(", ")} run with the same address 198.18.0.2: stop all but one of them, then migrate again`);
+    expect((await db.sql`SELECT 1 FROM pg_proc WHERE proname = 'vm_ip_guard'`).length).toBe(0);
+  } finally {
     await db.sql.end();
   }
 });

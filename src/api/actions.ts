@@ -268,29 +268,23 @@ export const ACTION_ROUTES: Route[] = [
     handler: async (ctx) => {
       const tenant = await configTenant(ctx, tenantParam(ctx));
       const rows = await D.listConfigRows(ctx.sql, tenant);
-      const items = (Object.keys(KEYS) as ConfigKey[]).filter((k) => KEYS[k].scope === "cluster").map((k) => {
-        const own = rows.find((r) => r.key === k && r.tenant_id === tenant && tenant !== 0);
-        const global = rows.find((r) => r.key === k && r.tenant_id === 0);
-        const def = KEYS[k].default;
-        const value = own?.value ?? global?.value ?? (def === undefined ? null : typeof def === "boolean" ? (def ? "1" : "0") : String(def));
-        return {
-          key: k, doc: KEYS[k].doc, secret: KEYS[k].secret,
-          default: def === undefined ? null : typeof def === "boolean" ? (def ? "1" : "0") : String(def),
-          // Secrets (auth.ldap.bind_password) can be set but never read back.
-          value: KEYS[k].secret && value ? "********" : value,
-          source: own ? "tenant" : global ? "global" : "default",
-        };
-      });
+      // Secrets (auth.ldap.bind_password) can be set but never read back.
+      const items = D.effectiveConfigs(rows, tenant).map((e) => ({ ...e, doc: KEYS[e.key].doc, secret: KEYS[e.key].secret, tenant: KEYS[e.key].tenant }));
       return { tenant_id: tenant, items };
     } },
   { method: "PUT", path: "/configs/:key", tag: "configs", acl: ["config.update"], body: ConfigValue, summary: "Set a cluster setting (globally, or for a tenant with tenant_id)",
     audit: { action: "config.set", object: "config" },
     handler: async (ctx) => {
+      // The audit entry shows the value of a known, non-secret key only (a mistyped key may be a
+      // secret's), also when the request fails.
+      const shown = isConfigKey(ctx.params.key!) && !KEYS[ctx.params.key].secret;
+      if (!shown && ctx.body && typeof ctx.body === "object" && "value" in ctx.body) ctx.audited.arguments = { ...ctx.body, value: "********" };
       const b = D.validate(ConfigValue, objectBody(ctx.body));
       const tenant = await configTenant(ctx, b.tenant_id);
-      ctx.audited.object_name = ctx.params.key;
+      const key = clusterKey(ctx.params.key!);
+      ctx.audited.object_name = key;
       ctx.audited.tenant_id = tenant;
-      return D.setConfig(ctx.sql, tenant, clusterKey(ctx.params.key!), b.value);
+      return D.maskedConfigRow(await D.setConfig(ctx.sql, tenant, key, b.value));
     } },
   { method: "DELETE", path: "/configs/:key", tag: "configs", acl: ["config.update"], query: ["tenant_id"], summary: "Remove an override (?tenant_id= for a tenant's)",
     audit: { action: "config.delete", object: "config" },

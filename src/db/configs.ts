@@ -2,8 +2,8 @@
 // it for that tenant. Values are validated against the one config schema before they are
 // stored, so a node never reads a value it cannot parse.
 import { z } from "zod";
-import { isConfigKey, KEYS, parseValue } from "../config.ts";
-import { translatePgError, ValidationError } from "./errors.ts";
+import { Config, isConfigKey, KEYS, parseValue, type ConfigKey } from "../config.ts";
+import { DataError, translatePgError, ValidationError } from "./errors.ts";
 import type { Db } from "./pool.ts";
 
 export const ConfigRow = z.object({
@@ -21,9 +21,10 @@ export async function listConfigRows(db: Db, tenantId?: number): Promise<ConfigR
   return rows.map((r) => ConfigRow.parse(r));
 }
 
-function checkClusterKey(key: string, value: string): void {
+function checkClusterKey(key: string, value: string, tenantId: number): void {
   if (!isConfigKey(key)) throw new ValidationError("key", `unknown configuration key "${key}"`);
   if (KEYS[key].scope !== "cluster") throw new ValidationError("key", `${key} is a node setting: set it in node.conf on each node`);
+  if (tenantId !== 0 && !KEYS[key].tenant) throw new DataError(`${key} is a farm-wide setting: a tenant cannot override it`, 403, "key");
   try {
     parseValue(key, value, "value");
   } catch (err) {
@@ -32,7 +33,7 @@ function checkClusterKey(key: string, value: string): void {
 }
 
 export async function setConfig(db: Db, tenantId: number, key: string, value: string): Promise<ConfigRow> {
-  checkClusterKey(key, value);
+  checkClusterKey(key, value, tenantId);
   try {
     const [r] = await db`INSERT INTO configs (tenant_id, key, value) VALUES (${tenantId}, ${key}, ${value})
       ON CONFLICT (tenant_id, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
@@ -47,4 +48,33 @@ export async function setConfig(db: Db, tenantId: number, key: string, value: st
 export async function deleteConfig(db: Db, tenantId: number, key: string): Promise<boolean> {
   const rows = await db`DELETE FROM configs WHERE tenant_id = ${tenantId} AND key = ${key} RETURNING key`;
   return rows.length > 0;
+}
+
+export interface EffectiveConfig {
+  key: ConfigKey;
+  /** The effective value as a string, secrets masked; null when unset. */
+  value: string | null;
+  default: string | null;
+  source: "tenant" | "global" | "default";
+}
+
+const masked = (k: ConfigKey, v: string | null) => (KEYS[k].secret && v ? "********" : v);
+
+/** A row as an API answer shows it: a secret's value is never read back. */
+export const maskedConfigRow = (r: ConfigRow): ConfigRow => ({ ...r, value: isConfigKey(r.key) ? masked(r.key, r.value)! : r.value });
+
+/**
+ * Every cluster key as `tenantId` gets it from the database (the same resolution the nodes
+ * use: tenant rows only for keys a tenant may override, credentials from their URL's scope).
+ * A stored value that no longer parses is left out (the nodes warn about it).
+ */
+export function effectiveConfigs(rows: ConfigRow[], tenantId: number): EffectiveConfig[] {
+  const usable = rows.filter((r) => (r.tenant_id === 0 || r.tenant_id === tenantId) && isConfigKey(r.key) && KEYS[r.key].type.safeParse(r.value).success);
+  const cfg = new Config().withDatabase(usable.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })));
+  const raw = (v: unknown) => (v === undefined ? null : typeof v === "boolean" ? (v ? "1" : "0") : String(v));
+  return (Object.keys(KEYS) as ConfigKey[]).filter((k) => KEYS[k].scope === "cluster").map((k) => {
+    const src = cfg.source(k);
+    const value = src.kind === "default" ? raw(KEYS[k].default) : cfg.rawOf(k);
+    return { key: k, value: masked(k, value), default: raw(KEYS[k].default), source: src.kind !== "db" ? "default" : src.tenantId === 0 ? "global" : "tenant" };
+  });
 }

@@ -80,6 +80,8 @@ export function translatePgError(err: unknown, kind: string): unknown {
       return new ValidationError(err.constraint_name?.replace(/_check$/, "").replace(/^[a-z]+_/, ""), err.message.replace(/^new row for relation "\w+" violates /, "violates "));
     case "23502":
       return new ValidationError(err.column_name, "is required");
+    case "55000": // a trigger refusing a change in the object's current state (vm_ip_guard)
+      return new ConflictError(err.message);
     case "22021": // a NUL character, which text cannot hold
     case "22P05":
       return new ValidationError(undefined, "text must not contain NUL characters");

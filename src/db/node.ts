@@ -94,7 +94,11 @@ export async function saveStartingRuntime(
 ): Promise<void> {
   const rows = await db`UPDATE vm_runtimes SET current_di_id = ${f.diId}, current_osf_id = ${f.osfId}, vm_address = ${f.address},
       vma_port = ${f.vmaPort}, x_port = ${f.xPort}, vma_secret = ${f.vmaSecret}
-    WHERE vm_id = ${vmId} AND host_id = ${hostId} RETURNING vm_id`;
+    WHERE vm_id = ${vmId} AND host_id = ${hostId} RETURNING vm_id`.catch((err) => {
+    // vm_runtimes_address: another desktop runs with this address; this one must not start.
+    if ((err as { code?: string }).code === "23505") throw new ConflictError(`address ${f.address} is in use by another running desktop`, "ip");
+    throw err;
+  });
   if (rows.length !== 1) throw new ConflictError(`vm ${vmId} is no longer assigned to this node`);
   await db`UPDATE vm_counters SET run_attempts = run_attempts + 1 WHERE vm_id = ${vmId}`;
 }

@@ -88,11 +88,15 @@ export function vmAddressRange(cidr: string, gateway?: string): { first: number;
   return { first: network + 1, last: network + size - 2, gateway: gw };
 }
 
-/** The lowest free address of the VM network (the unique index settles races). */
+/**
+ * The lowest free address of the VM network: neither a VM's nor one a desktop still runs with
+ * (the unique indexes settle races).
+ */
 export async function freeVmAddress(db: Db, cidr: string, gateway?: string): Promise<string> {
   const r = vmAddressRange(cidr, gateway);
   const used = new Set(
-    (await db`SELECT host(ip) AS ip FROM vms WHERE ip << ${cidr}::inet`).map((row) => ipToInt(row.ip)),
+    (await db`SELECT host(ip) AS ip FROM vms WHERE ip << ${cidr}::inet
+      UNION SELECT host(vm_address) FROM vm_runtimes WHERE vm_address << ${cidr}::inet`).map((row) => ipToInt(row.ip)),
   );
   for (let n = r.first; n <= r.last; n++) if (n !== r.gateway && !used.has(n)) return intToIp(n);
   throw new ConflictError(`no free address left in the VM network ${cidr}`, "ip");

@@ -16,6 +16,8 @@ interface Setting {
   source: "default" | "global" | "tenant";
   /** Can be set but never read back. */
   secret?: boolean;
+  /** A tenant may override it (otherwise only the global scope sets it). */
+  tenant?: boolean;
 }
 
 /** `code` spans of the docs as <code>. */
@@ -126,9 +128,13 @@ export function ConfigPage(props: { query: URLSearchParams }) {
                   </td>
                   {canEdit && (
                     <td class="st-row-actions">
-                      <Button aria-label={`Edit ${s.key}`} onClick={() => setEditing(s)}>
-                        Edit
-                      </Button>
+                      {(here === "global" || s.tenant) ? (
+                        <Button aria-label={`Edit ${s.key}`} onClick={() => setEditing(s)}>
+                          Edit
+                        </Button>
+                      ) : (
+                        <span class="muted">farm-wide</span>
+                      )}
                       {s.source === here && (
                         <Button aria-label={`Reset ${s.key}`} onClick={() => setResetting(s)}>
                           Reset

@@ -1,0 +1,287 @@
+// The control plane as an attacker with a tenant's administrator account sees it: config scopes
+// (farm-wide keys stay farm-wide), the farm's LDAP credentials never sent to a tenant's server,
+// secrets masked in answers, the audit log and `qvd config show`, CSRF on cookie sessions, the
+// API's idle timeout and event-stream limits, and VM addresses that are never handed out twice.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { createServer, type Server } from "node:net";
+import { join } from "node:path";
+import { authenticateLogin, tenantConfig } from "../src/auth/chain.ts";
+import { Config, KEYS, loadConfig, type ConfigKey } from "../src/config.ts";
+import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
+import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
+import { LDAP_SUFFIX, LdapServer } from "./support/ldap.ts";
+
+const db = useTestDatabase();
+const sql = () => db().sql;
+const PEOPLE = `ou=people,${LDAP_SUFFIX}`;
+const READER = `cn=reader,${LDAP_SUFFIX}`;
+const FARM_PW = "farm-reader-secret-pw";
+const LDIF = [
+  `dn: ${LDAP_SUFFIX}\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n`,
+  `dn: ${PEOPLE}\nobjectClass: organizationalUnit\nou: people\n`,
+  `dn: ${READER}\nobjectClass: organizationalRole\nobjectClass: simpleSecurityObject\ncn: reader\nuserPassword: ${FARM_PW}\n`,
+  `dn: uid=alice,${PEOPLE}\nobjectClass: inetOrgPerson\nuid: alice\ncn: alice\nsn: alice\nuserPassword: alice-ldap-pw\n`,
+].join("\n");
+
+const ldap = new LdapServer();
+let api: TestApi;
+let sa: ApiClient;
+let boss: ApiClient; // the Tenant administrator of acme
+let acme: number;
+
+async function ok<T = any>(p: Promise<{ status: number; body: T }>, status = 200): Promise<T> {
+  const r = await p;
+  if (r.status !== status) throw new Error(`expected ${status}, got ${r.status}: ${JSON.stringify(r.body)}`);
+  return r.body;
+}
+
+beforeAll(async () => {
+  const { ensureDeps } = await import("../scripts/deps.ts");
+  await ensureDeps(["slapd", "ldap-utils", "openssl"], () => {});
+  await ldap.start(LDIF);
+  api = await startTestApi(db(), { "wat.multitenant": "1" });
+  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
+  acme = (await ok(sa.post("/tenants", { name: "acme" }), 201)).id;
+  const role = (await ok(sa.get("/roles?name=Tenant%20administrator"))).items[0].id;
+  const b = await ok(sa.post("/administrators", { tenant_id: acme, name: "boss", password: "boss-password" }), 201);
+  await ok(sa.post(`/administrators/${b.id}/roles`, { role_id: role }));
+  boss = await api.login("boss", "boss-password", "acme");
+}, 120_000);
+afterAll(async () => {
+  await api?.stop();
+  await ldap.stop();
+});
+
+describe("config scopes", () => {
+  test("every key says whether a tenant may override it; only cluster keys may, and followers name keys", () => {
+    for (const [k, d] of Object.entries(KEYS)) {
+      expect([k, typeof d.tenant]).toEqual([k, "boolean"]);
+      if (d.tenant) expect([k, d.scope]).toEqual([k, "cluster"]);
+      if ("sameScopeAs" in d && d.sameScopeAs) expect([k, d.sameScopeAs in KEYS]).toEqual([k, true]);
+    }
+    for (const k of ["auth.ldap.bind_password", "auth.ldap.bind_dn", "auth.ldap.starttls", "auth.ldap.ca_file"] as ConfigKey[])
+      expect([k, (KEYS[k] as { sameScopeAs?: string }).sameScopeAs]).toEqual([k, "auth.ldap.url"]);
+    expect(KEYS["hkd.fence_after"].tenant).toBe(false);
+    expect(KEYS["l7r.auth.plugins"].tenant).toBe(true);
+  });
+
+  test("a farm-wide key cannot be set for a tenant: 403 for the tenant's administrator and for a superadministrator", async () => {
+    for (const key of ["vm.network.range", "hkd.fence_after", "cluster.lost_after", "wat.multitenant", "api.session.ttl"]) {
+      const value = key === "vm.network.range" ? "10.9.0.0/16" : key === "wat.multitenant" ? "0" : "3600";
+      const mine = await boss.put(`/configs/${key}`, { value });
+      expect([key, mine.status]).toEqual([key, 403]);
+      expect(mine.body.error.message).toBe(`${key} is a farm-wide setting: a tenant cannot override it`);
+      expect([key, (await sa.put(`/configs/${key}`, { value, tenant_id: acme })).status]).toEqual([key, 403]);
+    }
+    expect((await sql()`SELECT count(*)::int AS n FROM configs WHERE tenant_id = ${acme}`)[0]!.n).toBe(0);
+    // A tenant's own business still works.
+    expect((await ok(boss.put("/configs/auth.ldap.timeout", { value: "3" }))).value).toBe("3");
+    await ok(boss.del("/configs/auth.ldap.timeout"));
+  });
+
+  test("rows of farm-wide keys already in a tenant's scope are ignored, with a warning", async () => {
+    await sql()`INSERT INTO configs (tenant_id, key, value) VALUES (${acme}, 'hkd.fence_after', '7'), (${acme}, 'vm.network.range', '10.66.0.0/16')`;
+    try {
+      const warnings: string[] = [];
+      const cfg = new Config().withDatabase([
+        { tenantId: 0, key: "hkd.fence_after", value: "100" },
+        { tenantId: acme, key: "hkd.fence_after", value: "7" },
+        { tenantId: acme, key: "osf.default.memory", value: "512" },
+      ], (m) => warnings.push(m));
+      expect(cfg.get("hkd.fence_after")).toBe(100);
+      expect(cfg.get("osf.default.memory")).toBe(512);
+      expect(warnings).toEqual([`ignoring database config hkd.fence_after of tenant ${acme}: tenants may not override it`]);
+      // The L7R's per-tenant view and the API's agree.
+      const tcfg = await tenantConfig(sql(), loadConfig({ env: {}, defaultFileExists: () => false }), acme);
+      expect(tcfg.get("vm.network.range")).toBe("198.18.0.0/16");
+      const items = (await ok(sa.get(`/configs?tenant_id=${acme}`))).items;
+      expect(items.find((i: any) => i.key === "vm.network.range")).toMatchObject({ value: "198.18.0.0/16", source: "default", tenant: false });
+    } finally {
+      await sql()`DELETE FROM configs WHERE tenant_id = ${acme}`;
+    }
+  });
+});
+
+/** A TCP listener on loopback that records what it receives and never answers. */
+async function recorder(): Promise<{ url: string; received: () => string; close: () => Promise<void> }> {
+  const chunks: Buffer[] = [];
+  const server: Server = createServer((s) => {
+    s.on("data", (d: Buffer) => chunks.push(d));
+    s.on("error", () => {});
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  const port = (server.address() as { port: number }).port;
+  return {
+    url: `ldap://127.0.0.1:${port}`,
+    received: () => Buffer.concat(chunks).toString("latin1"),
+    close: () => new Promise<void>((r) => {
+      server.close(() => r());
+      (server as unknown as { closeAllConnections?: () => void }).closeAllConnections?.();
+    }),
+  };
+}
+
+describe("LDAP credentials go only where their scope sends them", () => {
+  const nodeCfg = () => loadConfig({ env: {}, defaultFileExists: () => false, flags: [{ flag: "--set", key: "wat.multitenant", value: "1" }] });
+
+  beforeAll(async () => {
+    // The farm's directory: search then bind with the farm's service account (a real slapd).
+    await ok(sa.put("/configs/l7r.auth.plugins", { value: "ldap" }));
+    await ok(sa.put("/configs/auth.ldap.url", { value: ldap.url }));
+    await ok(sa.put("/configs/auth.ldap.search_base", { value: PEOPLE }));
+    await ok(sa.put("/configs/auth.ldap.bind_dn", { value: READER }));
+    await ok(sa.put("/configs/auth.ldap.bind_password", { value: FARM_PW }));
+    await ok(sa.post("/users", { tenant_id: 1, name: "alice" }), 201);
+    await ok(sa.post("/users", { tenant_id: acme, name: "alice" }), 201);
+  });
+  afterAll(async () => {
+    await sql()`DELETE FROM configs WHERE key LIKE 'auth.%' OR key LIKE 'l7r.auth.%'`;
+  });
+
+  test("the farm's own directory works with the farm's service account", async () => {
+    const r = await authenticateLogin(sql(), nodeCfg(), { login: "alice@default", password: "alice-ldap-pw" });
+    expect(r.ok).toBe(true);
+  });
+
+  test("a tenant's administrator points auth.ldap.url at their server: it never receives the farm's bind DN or password", async () => {
+    const rec = await recorder();
+    try {
+      await ok(boss.put("/configs/auth.ldap.url", { value: rec.url }));
+      await ok(boss.put("/configs/auth.ldap.timeout", { value: "1" }));
+      const r = await authenticateLogin(sql(), nodeCfg(), { login: "alice@acme", password: "alice-ldap-pw" });
+      expect(r.ok).toBe(false);
+      expect(rec.received()).not.toContain(FARM_PW);
+      expect(rec.received()).not.toContain(READER);
+      const tcfg = await tenantConfig(sql(), nodeCfg(), acme);
+      expect([tcfg.get("auth.ldap.bind_dn"), tcfg.get("auth.ldap.bind_password")]).toEqual(["", ""]);
+
+      // Control: the same listener does see a bind account, when it is the tenant's own.
+      await ok(boss.put("/configs/auth.ldap.bind_dn", { value: "cn=acme-reader,dc=acme" }));
+      await ok(boss.put("/configs/auth.ldap.bind_password", { value: "acme-own-pw" }));
+      expect((await authenticateLogin(sql(), nodeCfg(), { login: "alice@acme", password: "alice-ldap-pw" })).ok).toBe(false);
+      expect(rec.received()).toContain("acme-own-pw");
+      expect(rec.received()).not.toContain(FARM_PW);
+    } finally {
+      await sql()`DELETE FROM configs WHERE tenant_id = ${acme}`;
+      await rec.close();
+    }
+  });
+
+  test("the farm's credentials set in node.conf, the environment or flags do not follow a tenant's URL either", () => {
+    const cfg = loadConfig({ env: { QVD_AUTH_LDAP_BIND_PASSWORD: FARM_PW }, defaultFileExists: () => false,
+      flags: [{ flag: "--set auth.ldap.bind_dn", key: "auth.ldap.bind_dn", value: READER }] });
+    const tenant = cfg.withDatabase([{ tenantId: 0, key: "auth.ldap.url", value: ldap.url }, { tenantId: 7, key: "auth.ldap.url", value: "ldap://tenant.example:389" }]);
+    expect([tenant.get("auth.ldap.bind_dn"), tenant.get("auth.ldap.bind_password")]).toEqual(["", ""]);
+    const farm = cfg.withDatabase([{ tenantId: 0, key: "auth.ldap.url", value: ldap.url }]);
+    expect([farm.get("auth.ldap.bind_dn"), farm.get("auth.ldap.bind_password")]).toEqual([READER, FARM_PW]);
+  });
+
+  test("a tenant cannot turn off StartTLS or swap the credentials towards the farm's server", () => {
+    const cfg = new Config().withDatabase([
+      { tenantId: 0, key: "auth.ldap.url", value: "ldap://farm.example:389" },
+      { tenantId: 0, key: "auth.ldap.starttls", value: "1" },
+      { tenantId: 0, key: "auth.ldap.bind_password", value: FARM_PW },
+      { tenantId: 7, key: "auth.ldap.starttls", value: "0" },
+      { tenantId: 7, key: "auth.ldap.bind_dn", value: "cn=admin,dc=example,dc=org" },
+    ]);
+    expect(cfg.get("auth.ldap.starttls")).toBe(true);
+    expect(cfg.get("auth.ldap.bind_dn")).toBe("");
+    expect(cfg.get("auth.ldap.bind_password")).toBe(FARM_PW);
+  });
+});
+
+describe("secrets are masked", () => {
+  const SECRET = "audit-me-not-pw";
+
+  test("PUT /configs of a secret: not echoed, not in the audit log, not in GET /configs (global and tenant)", async () => {
+    const put = await sa.put("/configs/auth.ldap.bind_password", { value: SECRET });
+    expect(put.status).toBe(200);
+    expect(put.body.value).toBe("********");
+    const mine = await boss.put("/configs/auth.ldap.bind_password", { value: SECRET + "-acme" });
+    expect(mine.status).toBe(200);
+    expect(JSON.stringify(mine.body)).not.toContain(SECRET);
+    // A refused request is audited too, and masked as well.
+    expect((await sa.put("/configs/auth.ldap.bind_password", { value: SECRET, tenant_id: 99999 })).status).toBe(404);
+    expect((await sa.put("/configs/auth.ldap.bind_passwd", { value: SECRET })).status).toBe(404);
+    const entries = await sql()`SELECT arguments::text AS a FROM audit_log WHERE action = 'config.set'`;
+    expect(entries.length).toBeGreaterThanOrEqual(4);
+    for (const e of entries) expect(e.a).not.toContain(SECRET);
+    expect(JSON.stringify((await ok(sa.get("/audit?limit=1000"))).items)).not.toContain(SECRET);
+    for (const path of ["/configs", `/configs?tenant_id=${acme}`]) expect(JSON.stringify(await ok(sa.get(path)))).not.toContain(SECRET);
+    expect(JSON.stringify(await ok(boss.get("/configs")))).not.toContain(SECRET);
+    // A non-secret value is still shown in the audit log.
+    await ok(sa.put("/configs/auth.ldap.search_filter", { value: "(cn=%u)" }));
+    const [last] = await sql()`SELECT arguments FROM audit_log WHERE action = 'config.set' ORDER BY id DESC LIMIT 1`;
+    expect(last!.arguments).toMatchObject({ value: "(cn=%u)" });
+  });
+
+  test("qvd config show masks secrets that come from the database", async () => {
+    const p = Bun.spawn([process.execPath, "src/main.ts", "config", "show", "--json", "--db", db().url, "--tenant", String(acme)], {
+      cwd: join(import.meta.dir, ".."), env: { PATH: process.env.PATH ?? "/usr/bin:/bin", HOME: process.env.HOME ?? "/root" }, stdout: "pipe", stderr: "pipe",
+    });
+    const [out, code] = [await new Response(p.stdout).text(), await p.exited];
+    expect(code).toBe(0);
+    expect(out).not.toContain(SECRET);
+    const s = JSON.parse(out).settings.find((x: { key: string }) => x.key === "auth.ldap.bind_password");
+    // The tenant's own password is not used without its own URL: the farm's (also masked) is.
+    expect(s).toMatchObject({ value: "********", source: "database (global)" });
+  });
+});
+
+describe("VM addresses", () => {
+  let host: number;
+  let user: number;
+  let osf: number;
+  const newVm = async (name: string) => ok(sa.post("/vms", { user_id: user, osf_id: osf, name }), 201);
+  const setState = (vm: number, state: string, address: string | null) =>
+    sql()`UPDATE vm_runtimes SET vm_state = ${state}, host_id = ${state === "stopped" ? null : host}, vm_address = ${address} WHERE vm_id = ${vm}`;
+
+  beforeAll(async () => {
+    host = (await ok(sa.post("/hosts", { name: "node-addr", address: "198.18.0.250" }), 201)).id;
+    user = (await ok(sa.post("/users", { tenant_id: acme, name: "addr-user" }), 201)).id;
+    osf = (await ok(sa.post("/osfs", { tenant_id: acme, name: "addr-osf" }), 201)).id;
+  });
+
+  test("a VM that is not stopped keeps its address: PATCH ip (null or another) is 409 naming the state, also in a mass change", async () => {
+    const vm = await newVm("addr-running");
+    for (const state of ["starting", "running", "stopping", "zombie"]) {
+      await setState(vm.id, state, state === "zombie" ? null : vm.ip);
+      for (const ip of [null, "198.18.99.99"]) {
+        const r = await boss.patch(`/vms/${vm.id}`, { ip });
+        expect([state, ip, r.status]).toEqual([state, ip, 409]);
+        expect(r.body.error.message).toBe(`vm "addr-running" is ${state}: its address cannot change until it is stopped`);
+      }
+      const mass = await boss.patch(`/vms?id=${vm.id}`, { ip: null });
+      expect(mass.body.results).toEqual([expect.objectContaining({ id: vm.id, ok: false, status: 409 })]);
+      expect((await ok(sa.get(`/vms/${vm.id}`))).ip).toBe(vm.ip);
+    }
+    // The next VM does not get it; other changes of the running VM still work.
+    expect((await newVm("addr-next")).ip).not.toBe(vm.ip);
+    expect((await ok(boss.patch(`/vms/${vm.id}`, { description: "still fine" }))).description).toBe("still fine");
+    // Stopped, its address may change and be freed.
+    await setState(vm.id, "stopped", null);
+    expect((await ok(boss.patch(`/vms/${vm.id}`, { ip: null }))).ip).toBeNull();
+  });
+
+  test("an address a desktop still runs with is not handed out, and no two desktops run with one address", async () => {
+    // As a database from before this fix may hold it: a running desktop whose VM lost its ip.
+    const old = await newVm("addr-legacy");
+    await sql()`ALTER TABLE vms DISABLE TRIGGER vms_ip_guard`;
+    try {
+      await setState(old.id, "running", old.ip);
+      await sql()`UPDATE vms SET ip = NULL WHERE id = ${old.id}`;
+    } finally {
+      await sql()`ALTER TABLE vms ENABLE TRIGGER vms_ip_guard`;
+    }
+    const next = await newVm("addr-after-legacy");
+    expect(next.ip).not.toBe(old.ip);
+    // A node starting a VM with an address in use is refused before the desktop runs.
+    const { saveStartingRuntime } = await import("../src/db/node.ts");
+    await sql()`UPDATE vm_runtimes SET vm_state = 'starting', host_id = ${host} WHERE vm_id = ${next.id}`;
+    await expect(saveStartingRuntime(sql(), host, next.id, { diId: 0, osfId: osf, address: old.ip, vmaPort: 3030, xPort: 4100, vmaSecret: "s" }))
+      .rejects.toThrow(`address ${old.ip} is in use by another running desktop`);
+    await expect(sql()`UPDATE vm_runtimes SET vm_address = ${old.ip} WHERE vm_id = ${next.id}`).rejects.toThrow(/vm_runtimes_address/);
+    await setState(next.id, "stopped", null);
+    await setState(old.id, "stopped", null);
+  });
+});
