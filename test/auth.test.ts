@@ -26,8 +26,8 @@ objectClass: posixAccount
 uid: ${uid}
 cn: ${uid}
 sn: ${uid}
-uidNumber: ${2000 + n}
-gidNumber: ${3000 + n}
+uidNumber: ${20000 + n}
+gidNumber: ${30000 + n}
 homeDirectory: /home/ldap/${uid}
 userPassword: ${pw}
 `;
@@ -164,7 +164,7 @@ describe("ldap", () => {
     const t = await tenant("ldap-direct", direct());
     const alice = await D.create(sql(), D.users, ALL, { tenant_id: t, name: "alice" }); // no local password
     const u = expectOk(await login("ldap-direct", "alice", "alice-ldap-pw"));
-    expect(u).toEqual({ userId: alice.id, tenantId: t, login: "alice", uid: 2001, gid: 3001, home: "/home/ldap/alice" });
+    expect(u).toEqual({ userId: alice.id, tenantId: t, login: "alice", uid: 20001, gid: 30001, home: "/home/ldap/alice" });
     expectRefused(await login("ldap-direct", "alice", "alice-ldap-pw!"), /wrong login or password/);
     expectRefused(await login("ldap-direct", "nobody", "whatever-pw"), /wrong login or password/);
     // In the directory but not in QVD, without auto-provisioning.
@@ -180,7 +180,7 @@ describe("ldap", () => {
     const t = await tenant("ldap-search", search());
     const alice = await D.create(sql(), D.users, ALL, { tenant_id: t, name: "alice" });
     await D.create(sql(), D.users, ALL, { tenant_id: t, name: "localonly", password: "local-only-pw" });
-    expect(expectOk(await login("ldap-search", "alice", "alice-ldap-pw"))).toMatchObject({ userId: alice.id, uid: 2001, gid: 3001 });
+    expect(expectOk(await login("ldap-search", "alice", "alice-ldap-pw"))).toMatchObject({ userId: alice.id, uid: 20001, gid: 30001 });
     expectRefused(await login("ldap-search", "alice", "bob-ldap-pw"), /wrong password \(LDAP\)/);
     // Not in the directory: the local plugin decides.
     expectOk(await login("ldap-search", "localonly", "local-only-pw"));
@@ -217,7 +217,7 @@ describe("ldap", () => {
   test("StartTLS: verified against auth.ldap.ca_file; an unknown CA is refused", async () => {
     const t = await tenant("ldap-tls", { ...direct(), "auth.ldap.starttls": "1", "auth.ldap.ca_file": ldap.caFile });
     await D.create(sql(), D.users, ALL, { tenant_id: t, name: "alice" });
-    expect(expectOk(await login("ldap-tls", "alice", "alice-ldap-pw")).uid).toBe(2001);
+    expect(expectOk(await login("ldap-tls", "alice", "alice-ldap-pw")).uid).toBe(20001);
     await D.setConfig(sql(), t, "auth.ldap.ca_file", "");
     expectRefused(await login("ldap-tls", "alice", "alice-ldap-pw"), /LDAP error: .*certificate/);
   });
@@ -225,7 +225,7 @@ describe("ldap", () => {
   test("LDAPS: verified against auth.ldap.ca_file; an unknown CA is refused", async () => {
     const t = await tenant("ldap-ldaps", { ...direct(), "auth.ldap.url": ldap.ldapsUrl, "auth.ldap.ca_file": ldap.caFile });
     await D.create(sql(), D.users, ALL, { tenant_id: t, name: "alice" });
-    expect(expectOk(await login("ldap-ldaps", "alice", "alice-ldap-pw")).gid).toBe(3001);
+    expect(expectOk(await login("ldap-ldaps", "alice", "alice-ldap-pw")).gid).toBe(30001);
     expectRefused(await login("ldap-ldaps", "alice", "alice-ldap-pw?"), /wrong login or password/);
     await D.setConfig(sql(), t, "auth.ldap.ca_file", "");
     expectRefused(await login("ldap-ldaps", "alice", "alice-ldap-pw"), /LDAP error: .*certificate/);
@@ -255,7 +255,7 @@ describe("auto-provisioning", () => {
 
     expect(await D.findLoginUser(sql(), t, "carol")).toBeUndefined();
     const u1 = expectOk(await login("auto", "carol", "carol-ldap-pw"));
-    expect(u1).toMatchObject({ tenantId: t, login: "carol", uid: 2003 });
+    expect(u1).toMatchObject({ tenantId: t, login: "carol", uid: 20003 });
     const row = await D.get(sql(), D.users, ALL, u1.userId);
     expect(row).toMatchObject({ name: "carol", tenant_id: t, has_password: false, blocked: false });
     const v1 = await vmsOf(u1.userId);

@@ -21,21 +21,25 @@ const SECRET = "vma-secret-of-this-test";
 let l7r: L7r;
 let vma: ReturnType<typeof Bun.serve>;
 let nxagent: TCPSocketListener<undefined>;
+// A second VM needs an address of its own (addresses are unique): the same fakes on 127.0.0.2.
+let vma2: ReturnType<typeof Bun.serve>;
+let nxagent2: TCPSocketListener<undefined>;
 const xStarts: any[] = [];
 let ids: { alice: number; aliceVm: number; osf: number; di: number; lena: number; lenaVm: number };
 
 /** A VM as a node reports it running: on this machine's loopback, with the fake VMA and nxagent. */
-async function running(vmId: number, osfId: number, diId: number, hostId: number) {
+async function running(vmId: number, osfId: number, diId: number, hostId: number, second = false) {
+  const [address, v, x] = second ? ["127.0.0.2", vma2, nxagent2] : ["127.0.0.1", vma, nxagent];
   await db().sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${hostId}, current_osf_id = ${osfId}, current_di_id = ${diId},
-    vm_address = '127.0.0.1', vma_port = ${vma.port!}, x_port = ${nxagent.port}, vma_secret = ${SECRET} WHERE vm_id = ${vmId}`;
+    vm_address = ${address}, vma_port = ${v.port!}, x_port = ${x.port}, vma_secret = ${SECRET} WHERE vm_id = ${vmId}`;
 }
 
 beforeAll(async () => {
   const sql = db().sql;
   await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
     "-keyout", join(dir, "key.pem"), "-out", join(dir, "cert.pem")]);
-  vma = Bun.serve({
-    hostname: "127.0.0.1",
+  const fakeVma = (hostname: string) => Bun.serve({
+    hostname,
     port: 0,
     async fetch(req) {
       if (req.headers.get("x-qvd-vma-secret") !== SECRET) return Response.json({ error: "forbidden" }, { status: 403 });
@@ -48,7 +52,10 @@ beforeAll(async () => {
       return Response.json({ error: "not found" }, { status: 404 });
     },
   });
+  vma = fakeVma("127.0.0.1");
+  vma2 = fakeVma("127.0.0.2");
   nxagent = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+  nxagent2 = Bun.listen({ hostname: "127.0.0.2", port: 0, socket: { data() {} } });
 
   const host = await D.create(sql, D.hosts, ALL, { name: "xs-node", address: "198.18.0.7" });
   await sql`UPDATE host_runtimes SET state = 'running' WHERE host_id = ${host.id}`;
@@ -60,12 +67,12 @@ beforeAll(async () => {
   const lenaVm = await D.createVm(sql, ALL, { user_id: lena.id, osf_id: osf.id, name: "lena-1" }, { range: "198.18.0.0/16" });
   ids = { alice: alice.id, aliceVm: aliceVm.id, osf: osf.id, di: di.id, lena: lena.id, lenaVm: lenaVm.id };
   await running(aliceVm.id, osf.id, di.id, host.id);
-  await running(lenaVm.id, osf.id, di.id, host.id);
+  await running(lenaVm.id, osf.id, di.id, host.id, true);
 
   // Property definitions (tenant 1) and values on each of the four objects.
   const define = (key: string, applies_to: D.PropertyTarget[]) => D.create(sql, D.properties, ALL, { tenant_id: 1, key, applies_to });
   const all4: D.PropertyTarget[] = ["osf", "di", "user", "vm"];
-  for (const k of ["site.level", "site.osf", "site.di", "site.user", "site.vm", "qvd.client.link", "qvd.vm.user.uid", "qvd.vm.user.name", "qvd.vm.user.home", "qvd.vm.user.groups", "qvd.slave.key"]) await define(k, all4);
+  for (const k of ["site.level", "site.osf", "site.di", "site.user", "site.vm", "qvd.client.link", "qvd.vm.user.uid", "qvd.vm.user.gid", "qvd.vm.user.name", "qvd.vm.user.home", "qvd.vm.user.groups", "qvd.slave.key"]) await define(k, all4);
   const set = (t: D.PropertyTarget, id: number, k: string, v: string) => D.setPropertyValue(sql, ALL, t, id, k, v);
   await set("osf", osf.id, "site.level", "osf");
   await set("di", di.id, "site.level", "di");
@@ -98,6 +105,8 @@ afterAll(async () => {
   await l7r?.stop();
   vma?.stop(true);
   nxagent?.stop(true);
+  vma2?.stop(true);
+  nxagent2?.stop(true);
   rmSync(dir, { recursive: true, force: true });
 });
 
@@ -191,10 +200,35 @@ test("an administrator's property the VMA cannot use: 503 naming it; nothing is 
   const again = await connect(ids.aliceVm, basic("alice", "alice-pw-1"), "qvd.client.os=linux");
   expect(again.res.status).toBe(503);
   expect(again.res.body).toContain('qvd.vm.user.home = "/home/../etc" is not an absolute path');
+  // Stored values the identity rules refuse (set before them, or in the database): refused here too.
+  for (const [target, id, key, value, message] of [
+    ["vm", ids.aliceVm, "qvd.vm.user.home", "/etc", 'identity refused: home "/etc" is not a plain directory below /home (identity.home.base)'],
+    ["vm", ids.aliceVm, "qvd.vm.user.home", "/home", "is not a plain directory below /home"],
+    ["user", ids.alice, "qvd.vm.user.uid", "0", 'property qvd.vm.user.uid = "0" is not a valid id'],
+    ["user", ids.alice, "qvd.vm.user.uid", "500", "identity refused: uid 500 is outside the allowed range 10000-60000 (identity.uid.min/max)"],
+    ["user", ids.alice, "qvd.vm.user.gid", "42", "identity refused: gid 42 is outside the allowed range"],
+    ["vm", ids.aliceVm, "qvd.vm.user.groups", "audio,shadow", "identity refused: group shadow not allowed"],
+  ] as const) {
+    await D.setPropertyValue(db().sql, ALL, target, id, key, value);
+    const r = await connect(ids.aliceVm, basic("alice", "alice-pw-1"), "qvd.client.os=linux");
+    expect(r.res.status, value).toBe(503);
+    expect(r.res.body).toContain(message);
+    if (target === "user") await D.deletePropertyValue(db().sql, ALL, "user", ids.alice, key);
+    if (value === "/home") await D.deletePropertyValue(db().sql, ALL, "vm", ids.aliceVm, key);
+  }
+  await D.setPropertyValue(db().sql, ALL, "vm", ids.aliceVm, "qvd.vm.user.groups", "audio,video");
+  expect(xStarts).toHaveLength(0);
+  // The L7R reads the global rules as they are now.
   await D.setPropertyValue(db().sql, ALL, "vm", ids.aliceVm, "qvd.vm.user.home", "/srv/homes/alice");
-  const ok = await connect(ids.aliceVm, basic("alice", "alice-pw-1"), "qvd.client.os=linux");
-  expect(ok.res.status).toBe(101);
-  expect(xStarts.at(-1)).toMatchObject({ uid: 10000 + ids.alice, home: "/srv/homes/alice" });
+  expect((await connect(ids.aliceVm, basic("alice", "alice-pw-1"), "qvd.client.os=linux")).res.status).toBe(503);
+  await D.setConfig(db().sql, 0, "identity.home.base", "/srv/homes");
+  try {
+    const ok = await connect(ids.aliceVm, basic("alice", "alice-pw-1"), "qvd.client.os=linux");
+    expect(ok.res.status).toBe(101);
+    expect(xStarts.at(-1)).toMatchObject({ uid: 10000 + ids.alice, home: "/srv/homes/alice" });
+  } finally {
+    await D.deleteConfig(db().sql, 0, "identity.home.base");
+  }
 });
 
 test("a bearer login starts the desktop with the identity of the login that made the token", async () => {

@@ -10,6 +10,7 @@ import { authConfigRows, findLoginUser, findTenantById, findTenantByName } from 
 import { DEFAULT_TENANT_NAME } from "../db/schema.ts";
 import type { Db } from "../db/pool.ts";
 import { autoprovisionSettings } from "./autoprovision.ts";
+import { identityRules, type IdentityRules } from "./identity.ts";
 import { ldapPlugin, ldapSettings } from "./ldap.ts";
 import { localPlugin } from "./local.ts";
 import { splitTotpPassword, verifyTotp } from "./totp.ts";
@@ -59,12 +60,12 @@ export async function tenantConfig(db: Db, cfg: Config, tenantId: number): Promi
 }
 
 /** The plugins of a tenant's chain, built from its effective configuration. */
-export function chainPlugins(cfg: Config): AuthPlugin[] {
+export function chainPlugins(cfg: Config, identity?: IdentityRules): AuthPlugin[] {
   const names = cfg.get("l7r.auth.plugins").split(",").map((n) => n.trim()).filter(Boolean);
   return names.map((n) => {
     switch (n) {
       case "local": return localPlugin();
-      case "ldap": return ldapPlugin(ldapSettings(cfg), autoprovisionSettings(cfg));
+      case "ldap": return ldapPlugin(ldapSettings(cfg), autoprovisionSettings(cfg), identity);
       default: throw new Error(`unknown authentication plugin ${JSON.stringify(n)}`);
     }
   });
@@ -104,7 +105,9 @@ export async function authenticateUser(db: Db, cfg: Config, attempt: LoginAttemp
 
   let plugins: AuthPlugin[];
   try {
-    plugins = chainPlugins(tcfg);
+    // Identity rules are global: read without the tenant's rows (a tenant cannot widen them).
+    const identity = /\bldap\b/.test(tcfg.get("l7r.auth.plugins")) ? identityRules(opts.tenantConfigLoaded ? cfg : await tenantConfig(db, cfg, 0)) : undefined;
+    plugins = chainPlugins(tcfg, identity);
   } catch (err) {
     return { ok: false, reason: (err as Error).message };
   }

@@ -16,6 +16,7 @@ import type { Config } from "../config.ts";
 import type { Db } from "../db/pool.ts";
 import { logger } from "../log.ts";
 import { externalUser, type AutoprovisionSettings } from "./autoprovision.ts";
+import { defaultIdentityRules, gidProblem, homeProblem, uidProblem, type IdentityRules } from "./identity.ts";
 import type { AuthPlugin, AuthResult, LoginAttempt } from "./user-auth.ts";
 
 const log = logger("auth.ldap");
@@ -89,7 +90,8 @@ const intAttr = (v: unknown): number | undefined => {
   return s !== undefined && /^\d+$/.test(s) ? Number(s) : undefined;
 };
 
-export function ldapPlugin(s: LdapSettings, provision: AutoprovisionSettings): AuthPlugin {
+/** `identity`: the global identity rules (src/auth/identity.ts) the entry's uid, gid and home must keep. */
+export function ldapPlugin(s: LdapSettings, provision: AutoprovisionSettings, identity: IdentityRules = defaultIdentityRules()): AuthPlugin {
   return {
     name: "ldap",
     async authenticate(db: Db, a: LoginAttempt): Promise<AuthResult> {
@@ -150,6 +152,16 @@ export function ldapPlugin(s: LdapSettings, provision: AutoprovisionSettings): A
           });
           if (searchEntries.length === 0) return { ok: false, reason: "not a member of the required LDAP group" };
         }
+        const uid = entry && s.attrUid ? intAttr(entry[s.attrUid]) : undefined;
+        const gid = entry && s.attrGid ? intAttr(entry[s.attrGid]) : undefined;
+        const home = entry && s.attrHome ? first(entry[s.attrHome]) : undefined;
+        // The directory's identity is checked as an administrator's would be: refused, not
+        // ignored (the user's files in a shared home belong to that uid), before any provisioning.
+        const problem = (uid !== undefined && uidProblem(uid, identity)) || (gid !== undefined && gidProblem(gid, identity)) || (home !== undefined && homeProblem(home, identity));
+        if (problem) {
+          log.warn("LDAP identity refused", { login: a.login, problem });
+          return { ok: false, reason: `LDAP entry's identity refused: ${problem}` };
+        }
         let user;
         try {
           user = await externalUser(db, provision, a.tenantId, a.login);
@@ -158,9 +170,6 @@ export function ldapPlugin(s: LdapSettings, provision: AutoprovisionSettings): A
           return { ok: false, reason: `auto-provisioning failed: ${(err as Error).message}` };
         }
         if (!user) return { ok: false, reason: "authenticated by LDAP but not a QVD user (auto-provisioning is off)" };
-        const uid = entry && s.attrUid ? intAttr(entry[s.attrUid]) : undefined;
-        const gid = entry && s.attrGid ? intAttr(entry[s.attrGid]) : undefined;
-        const home = entry && s.attrHome ? first(entry[s.attrHome]) : undefined;
         return {
           ok: true,
           user: {

@@ -13,7 +13,10 @@
 // Identity: the user name is always the authenticated login; uid, gid and home come from the
 // plugin when it knows them, else from the qvd.vm.user.uid/gid/home properties, else defaults.
 // A client cannot reach any of these: its keys are qvd.client.* and custom.* only, and the
-// identity is written after every other layer.
+// identity is written after every other layer. Whatever its source, the identity must keep the
+// global identity.* rules (src/auth/identity.ts): values stored before those rules, or set
+// directly in the database, are refused here too.
+import { defaultIdentityRules, defaultUid, gidProblem, groupsProblem, homeProblem, parseGroups, uidProblem, type IdentityRules } from "../auth/identity.ts";
 import type { AuthenticatedUser } from "../auth/user-auth.ts";
 import type { PropertyLayers } from "../db/l7r.ts";
 import type { SessionParams } from "../vma/session.ts";
@@ -32,9 +35,6 @@ export function guestUserName(login: string): string {
   return (/^[a-z_]/.test(n) ? n : `_${n}`).slice(0, 32);
 }
 
-/** Default uid (and gid) of a user whose directory gives none: above the image's own accounts. */
-export const defaultUid = (userId: number) => 10000 + userId;
-
 function idValue(key: string, v: string | undefined): number | undefined {
   if (v === undefined || v === "") return undefined;
   if (!/^\d{1,10}$/.test(v) || Number(v) < 1 || Number(v) > 4294967294) throw new XStartParamError(`property ${key} = ${JSON.stringify(v)} is not a valid id (1 or more)`);
@@ -48,7 +48,10 @@ export function xStartBody(i: {
   user: AuthenticatedUser;
   hostAddress: string;
   slaveKey: string;
+  /** The global identity rules (default: the built-in ones). */
+  identity?: IdentityRules;
 }): XStartBody {
+  const rules = i.identity ?? defaultIdentityRules();
   const m: Record<string, string> = {};
   // Defence in depth: the caller refused other keys already.
   for (const [k, v] of i.client) if (CLIENT_PARAM.test(k)) m[k] = v;
@@ -56,10 +59,14 @@ export function xStartBody(i: {
   Object.assign(m, i.layers.osf, i.layers.di, i.layers.user, i.layers.vm, i.user.params ?? {});
 
   const user = guestUserName(i.user.login);
-  const uid = i.user.uid ?? idValue("qvd.vm.user.uid", m["qvd.vm.user.uid"]) ?? defaultUid(i.user.userId);
+  const uid = i.user.uid ?? idValue("qvd.vm.user.uid", m["qvd.vm.user.uid"]) ?? defaultUid(i.user.userId, rules);
   const gid = i.user.gid ?? idValue("qvd.vm.user.gid", m["qvd.vm.user.gid"]) ?? uid;
   const home = i.user.home ?? (m["qvd.vm.user.home"] || undefined);
   if (home !== undefined && (!/^(\/[\w.-]+)+$/.test(home) || home.split("/").includes(".."))) throw new XStartParamError(`qvd.vm.user.home = ${JSON.stringify(home)} is not an absolute path`);
+  const groups = m["qvd.vm.user.groups"];
+  const problem = uidProblem(uid, rules) ?? gidProblem(gid, rules) ?? (home !== undefined ? homeProblem(home, rules) : undefined) ??
+    (groups !== undefined ? groupsProblem(parseGroups(groups), rules) : undefined);
+  if (problem) throw new XStartParamError(`identity refused: ${problem}`);
   Object.assign(m, { "qvd.vm.user.name": user, "qvd.vm.user.uid": String(uid), "qvd.vm.user.gid": String(gid) });
   if (home !== undefined) m["qvd.vm.user.home"] = home;
   else delete m["qvd.vm.user.home"];

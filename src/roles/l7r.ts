@@ -45,7 +45,7 @@ export async function startL7rRole(cfg: Config, opts: { authenticate?: Authentic
     const hostname = listen.slice(0, colon).replace(/^\[|\]$/g, "") || "0.0.0.0";
     const port = Number(listen.slice(colon + 1));
     const l7r = await startL7r({
-      sql, databaseUrl: url, nodename: cfg.get("nodename"), hostname, port, tls: { cert, key, clientCa: cfg.get("l7r.tls.client_ca") || undefined }, unix: cfg.get("l7r.listen.unix") || undefined,
+      sql, databaseUrl: url, identityConfig: cfg, nodename: cfg.get("nodename"), hostname, port, tls: { cert, key, clientCa: cfg.get("l7r.tls.client_ca") || undefined }, unix: cfg.get("l7r.listen.unix") || undefined,
       // The tenant's plugin chain (src/auth/chain.ts: l7r.auth.plugins, local by default).
       authenticate: opts.authenticate ?? ((db, attempt) => authenticateUser(db, cfg, attempt)),
       heartbeatWithinS: Math.max(30, 3 * cfg.get("hkd.heartbeat_interval")),

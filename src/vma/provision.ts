@@ -6,8 +6,9 @@
 //
 // A home that exists (the backend bind-mounts the persistent one) is never emptied or
 // recreated: only its owner is set. A missing one is created from ROOT/etc/skel.
-import { chownSync, cpSync, existsSync, lchownSync, mkdirSync, readdirSync, readFileSync, statSync } from "node:fs";
+import { chownSync, cpSync, existsSync, lchownSync, lstatSync, mkdirSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { dirname, join } from "node:path";
+import { gidProblem, groupsProblem, homeProblem, uidProblem, type IdentityRules } from "../auth/identity.ts";
 import { UserError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { run } from "../run.ts";
@@ -53,6 +54,39 @@ export function readGroups(root: string): GroupEntry[] {
 
 /** The path of a guest path on this machine's filesystem. */
 export const underRoot = (root: string, p: string) => (root === "/" ? p : join(root, p));
+
+/**
+ * Refuses, before anything is created or chowned, an account the identity rules do not allow:
+ * the one asked for, or the image's own account of that name (a login "root" or "daemon" is the
+ * image's system account, whose ids and home win), with its groups in the image's /etc/group,
+ * and a home reached through a symbolic link (an image's /home -> / makes /home/etc /etc).
+ */
+export function checkIdentity(req: ProvisionRequest, rules: IdentityRules, root = "/"): void {
+  const pw = readPasswd(root).find((e) => e.name === req.user);
+  const home = pw?.home || req.home;
+  const groups = readGroups(root);
+  const member = groups.filter((g) => g.members.includes(req.user)).map((g) => g.name);
+  const named = [...new Set([...req.groups, ...member])];
+  const problem = uidProblem(pw?.uid ?? req.uid, rules) ?? gidProblem(pw?.gid ?? req.gid, rules) ?? homeProblem(home, rules) ??
+    groupsProblem(named, rules) ?? (named.some((n) => groups.find((g) => g.name === n)?.gid === 0) ? "a group with gid 0" : undefined) ??
+    symlinkProblem(root, home);
+  if (problem) throw new UserError(`identity refused for ${req.user}: ${problem}${pw ? " (an account of the image)" : ""}`);
+}
+
+function symlinkProblem(root: string, home: string): string | undefined {
+  let p = "";
+  for (const c of home.split("/").filter(Boolean)) {
+    p += `/${c}`;
+    let link = false;
+    try {
+      link = lstatSync(underRoot(root, p)).isSymbolicLink();
+    } catch {
+      return undefined; // missing from here on: created as directories
+    }
+    if (link) return `home ${home}: ${p} is a symbolic link`;
+  }
+  return undefined;
+}
 
 /** Creates the group, the user and the home when missing; returns the account to run the session as. */
 export async function provision(req: ProvisionRequest, root = "/"): Promise<Account> {

@@ -17,6 +17,7 @@ import { createHash, timingSafeEqual } from "node:crypto";
 import { z } from "zod";
 import { logger } from "../log.ts";
 import { run } from "../run.ts";
+import { defaultIdentityRules, gidProblem, groupsProblem, homeProblem, parseGroups, uidProblem, type IdentityRules } from "../auth/identity.ts";
 import { StateError, type Session, type SessionParams } from "./session.ts";
 
 const log = logger("vma.server");
@@ -66,6 +67,21 @@ export interface VmaServerOptions {
   powerOff: () => void;
 }
 
+  /** Identity rules x_start must keep (the node's identity.* settings); default: the built-in ones. */
+  identity?: IdentityRules;
+}
+
+/** The field of an x_start whose identity the rules refuse, whatever the L7R checked. */
+function identityProblem(p: z.infer<typeof xStartSchema>, r: IdentityRules): { field: string; message: string } | undefined {
+  const groups = p.properties?.["qvd.vm.user.groups"];
+  const checks: [string, string | undefined][] = [
+    ["uid", uidProblem(p.uid, r)],
+    ["gid", gidProblem(p.gid, r)],
+    ["home", p.home !== undefined ? homeProblem(p.home, r) : undefined],
+    ["properties.qvd.vm.user.groups", groups !== undefined ? groupsProblem(parseGroups(String(groups)), r) : undefined],
+  ];
+  const bad = checks.find(([, m]) => m);
+  return bad && { field: bad[0], message: bad[1]! };
 const json = (status: number, body: unknown) =>
   new Response(JSON.stringify(body), { status, headers: { "content-type": "application/json" } });
 
@@ -103,6 +119,7 @@ export function createVmaHandler(o: VmaServerOptions): (req: Request, ip: string
   const node = o.nodeAddress ? normalizeAddress(o.nodeAddress) : "";
   const s = o.session;
 
+  const identity = o.identity ?? defaultIdentityRules();
   const routes: Record<string, Record<string, Handler>> = {
     "/vma/ping": { GET: () => json(200, { ok: true, vm_id: o.vmId, state: s.state }) },
     "/vma/x_state": { GET: () => json(200, s.status()) },
@@ -114,6 +131,11 @@ export function createVmaHandler(o: VmaServerOptions): (req: Request, ip: string
         if (!parsed.success) return invalid(parsed.error);
         try {
           return json(200, s.start(parsed.data as SessionParams));
+        const refused = identityProblem(parsed.data, identity);
+        if (refused) {
+          log.warn("x_start refused", { field: refused.field, problem: refused.message });
+          return json(422, { error: `${refused.field}: identity refused: ${refused.message}`, field: refused.field });
+        }
         } catch (err) {
           if (err instanceof StateError) return json(409, { error: err.message, state: err.state });
           throw err;

@@ -30,7 +30,8 @@ import { join } from "node:path";
 import { UserError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { spawnDaemon, type Daemon } from "../run.ts";
-import { provision, readEnvFiles, readPasswd, underRoot, type Account } from "./provision.ts";
+import { defaultIdentityRules, type IdentityRules } from "../auth/identity.ts";
+import { checkIdentity, provision, readEnvFiles, readPasswd, underRoot, type Account } from "./provision.ts";
 
 const log = logger("vma.session");
 
@@ -68,6 +69,8 @@ export interface SessionOptions {
   runDir: string;
   /** Milliseconds per reported state; past them the session is terminated (stopping: killed). */
   timeouts: { starting: number; listening: number; suspending: number; stopping: number };
+  /** What an account may be (the node's identity.* settings); default: the built-in rules. */
+  identity?: IdentityRules;
 }
 
 /** A request the session cannot take in its current state (HTTP 409). */
@@ -326,7 +329,9 @@ export class Session {
       const home = p.home ?? `${o.homePath}/${p.user}`;
       const pw = readPasswd(o.root).find((e) => e.name === p.user);
       if (!pw || !existsSync(underRoot(o.root, pw.home || home))) this.setState("provisioning");
-      account = await provision({ user: p.user, uid: p.uid, gid: p.gid, home, shell: o.shell, groups: sessionGroups(p, o.groups) }, o.root);
+      const req = { user: p.user, uid: p.uid, gid: p.gid, home, shell: o.shell, groups: sessionGroups(p, o.groups) };
+      checkIdentity(req, o.identity ?? defaultIdentityRules(), o.root);
+      account = await provision(req, o.root);
       if (!this.cancelled) this.setState("starting");
     }
     if (this.cancelled) {
