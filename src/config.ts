@@ -180,6 +180,8 @@ export const KEYS = {
   "vm.lxc.halt_signal": key(str, "", "Signal lxc-stop sends to the container's init to shut it down (default: SIGTERM when the VMA is init, SIGRTMIN+3 for an image's own init such as systemd)."),
   "vm.lxc.apparmor.profile": key(str, "", "AppArmor profile of containers (default: `generated` where AppArmor is enabled, else `unconfined`)."),
   "vm.lxc.conf.extra": key(str, "", "Extra lines appended to every container configuration (`\\n` separates lines)."),
+  "vm.lxc.idmap.base": key(int(1), 100000, "First node uid/gid of the subordinate range desktops run in: container root is this uid on the node, guest uid N is base+N. Image files (basefs), overlays and homes on shared storage are owned by shifted ids, so every node sharing that storage must use the same base and size. At least vm.lxc.idmap.size, and not a range used by node accounts."),
+  "vm.lxc.idmap.size": key(int(65536, 1 << 30), 65536, "Number of ids in the desktops' range (guest uids and gids 0 … size-1; 65536 covers nobody/nogroup)."),
   "di.build.mirror": key(str, "", "Debian mirror `qvd di build` installs from (default: the first Debian mirror of this machine's apt sources, else http://deb.debian.org/debian)."),
   "di.build.cache": key(nonEmpty, "/var/cache/qvd/debootstrap", "Where `qvd di build` keeps downloaded packages and finished images between builds."),
   "vm.hypervisor": key(oneOf(["lxc", "kvm"]), "lxc", "Backend that runs desktops on this node."),
@@ -437,6 +439,8 @@ export interface LoadOptions {
   flags?: { flag: string; key: string; value: string }[];
   /** Test hook: whether the default file exists (default: checks the filesystem). */
   defaultFileExists?: (f: string) => boolean;
+  /** Keeps only the file's settings it returns true for (the VMA: keys an image may not set). */
+  fileFilter?: (s: RawSetting) => boolean;
 }
 
 /** Builds the node-side configuration (without database values). */
@@ -444,9 +448,9 @@ export function loadConfig(opts: LoadOptions = {}): Config {
   const env = opts.env ?? process.env;
   const explicit = opts.file ?? env.QVD_CONFIG;
   const exists = opts.defaultFileExists ?? existsSync;
-  const fileLayer = explicit
+  const fileLayer = (explicit
     ? readConfigFile(explicit)
-    : exists(DEFAULT_CONFIG_FILE) ? readConfigFile(DEFAULT_CONFIG_FILE) : [];
+    : exists(DEFAULT_CONFIG_FILE) ? readConfigFile(DEFAULT_CONFIG_FILE) : []).filter(opts.fileFilter ?? (() => true));
 
   const envLayer: RawSetting[] = [];
   for (const [name, value] of Object.entries(env)) {

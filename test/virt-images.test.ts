@@ -1,7 +1,7 @@
 // Image unpacking with real GNU tar: checksum, progress, refusal of unsafe or broken archives
 // before anything is extracted, and concurrent unpacks of one image.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync, linkSync } from "node:fs";
+import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync, linkSync } from "node:fs";
 import { join } from "node:path";
 import { run } from "../src/run.ts";
 import { checkEntries, ImageError, parseListing, unpackImage, type UnpackProgress } from "../src/virt/images.ts";
@@ -9,6 +9,10 @@ import { checkEntries, ImageError, parseListing, unpackImage, type UnpackProgres
 let dir: string;
 let src: string; // a tiny root filesystem
 let basefsDir: string;
+
+/** Sets an extended attribute (setfattr is not installed everywhere; python's os is). */
+const setXattr = (file: string, name: string, value: string) =>
+  run(["python3", "-c", "import os,sys; os.setxattr(sys.argv[1], sys.argv[2], sys.argv[3].encode())", file, name, value]);
 
 const sha256 = (file: string) => new Bun.CryptoHasher("sha256").update(readFileSync(file)).digest("hex");
 
@@ -237,6 +241,65 @@ describe("unpackImage", () => {
     expect(parsed.filter((r) => r.unpacked).length).toBe(1);
     expect(new Set(parsed.map((r) => r.basefs))).toEqual(new Set([join(basefsDir, "31")]));
     expect(lstatSync(join(basefsDir, "31")).isDirectory()).toBe(true);
+  });
+});
+
+describe("unpacking for unprivileged desktops (id map)", () => {
+  const m = { base: 100000, size: 65536 };
+  let store: string;
+  let image: string;
+  beforeAll(async () => {
+    chmodSync(dir, 0o711); // storage must be crossable by the desktops' mapped root
+    store = join(dir, "mapped", "basefs");
+    const w = join(dir, "mapped-src");
+    for (const d of ["sbin", "usr/bin", "home/alice"]) mkdirSync(join(w, d), { recursive: true });
+    writeFileSync(join(w, "usr/bin/rootshell"), "#!/bin/sh\nid\n");
+    chmodSync(join(w, "usr/bin/rootshell"), 0o4755); // setuid root, as a tenant may upload
+    writeFileSync(join(w, "usr/bin/capped"), "x", { mode: 0o755 });
+    await run(["setcap", "cap_setuid,cap_sys_admin+ep", join(w, "usr/bin/capped")]);
+    writeFileSync(join(w, "home/alice/notes"), "n");
+    chownSync(join(w, "home/alice/notes"), 2001, 2001);
+    await setXattr(join(w, "home/alice/notes"), "user.mime", "text/plain");
+    await setXattr(join(w, "home/alice/notes"), "trusted.overlay.redirect", "/etc");
+    image = join(dir, "mapped.tar");
+    await run(["tar", "-C", w, "--numeric-owner", "--xattrs", "--xattrs-include=*", "-cf", image, "."]);
+  });
+
+  test("owners shifted into the range, setuid kept but not node root's, no file capabilities, no trusted xattrs", async () => {
+    const res = await unpackImage({ image, basefsDir: store, diId: 1, idmap: m });
+    const st = (p: string) => lstatSync(join(res.rootfs, p));
+    expect(st(".").uid).toBe(100000);
+    expect([st("usr/bin/rootshell").uid, st("usr/bin/rootshell").mode & 0o7777]).toEqual([100000, 0o4755]);
+    expect([st("home/alice/notes").uid, st("home/alice/notes").gid]).toEqual([102001, 102001]);
+    expect((await run(["getcap", join(res.rootfs, "usr/bin/capped")])).stdout.trim()).toBe("");
+    const attrs = (await run(["python3", "-c", "import os,sys; print(os.listxattr(sys.argv[1]))", join(res.rootfs, "home/alice/notes")])).stdout;
+    expect(attrs).toContain("user.mime");
+    expect(attrs).not.toContain("trusted.");
+    expect(JSON.parse(readFileSync(join(store, ".meta-1.json"), "utf8")).idmap).toEqual(m);
+    // basefs/ is root:<base> 0710: a node user cannot reach, let alone run, anything on it.
+    const gate = statSync(store);
+    expect([gate.uid, gate.gid, gate.mode & 0o777]).toEqual([0, 100000, 0o710]);
+    const asNobody = await run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", join(res.rootfs, "usr/bin/rootshell")], { allowFail: true });
+    expect(asNobody.status).not.toBe(0);
+    expect(asNobody.stderr).toMatch(/Permission denied/);
+  });
+
+  test("a storage path the mapped root cannot cross is named", async () => {
+    const closed = mkdtempSync(join(dir, "closed-")); // mode 0700
+    await expect(unpackImage({ image, basefsDir: join(closed, "basefs"), diId: 1, idmap: m })).rejects.toThrow(/closed-\w+ \(mode 700\) cannot be crossed by the desktops' mapped root \(uid 100000\): give it o\+x/);
+  });
+
+  test("an owner outside the range is refused; a basefs unpacked with another map is reported", async () => {
+    const w = mkdtempSync(join(dir, "big-uid-"));
+    mkdirSync(join(w, "sbin"));
+    writeFileSync(join(w, "f"), "x");
+    chownSync(join(w, "f"), 70000, 0);
+    const big = join(dir, "big-uid.tar");
+    await run(["tar", "-C", w, "--numeric-owner", "-cf", big, "."]);
+    await expect(unpackImage({ image: big, basefsDir: store, diId: 2, idmap: m })).rejects.toThrow(/owned by uid 70000, outside the desktops' id range 0-65535 .*nothing was extracted/);
+    expect(readdirSync(store).filter((n) => n === "2" || n.startsWith(".tmp-2") || n === ".meta-2.json")).toEqual([]);
+    await expect(unpackImage({ image, basefsDir: store, diId: 1, idmap: { base: 200000, size: 65536 } })).rejects.toThrow(/unpacked with ids shifted by 100000.*remove it while no desktop uses it/);
+    await expect(unpackImage({ image, basefsDir: store, diId: 1 })).rejects.toThrow(/this node runs desktops with unshifted ids/);
   });
 });
 

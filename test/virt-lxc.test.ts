@@ -2,10 +2,10 @@
 // 198.18.0.0/15 only) and removes. The root filesystem is a static busybox with a small init
 // script; the "qvd binary" bind-mounted into the guests is dist/qvd when built, else busybox.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync, chmodSync, copyFileSync, symlinkSync, readdirSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, rmSync, statSync, lstatSync, writeFileSync, chmodSync, chownSync, copyFileSync, symlinkSync, readdirSync } from "node:fs";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
-import { LxcBackend, detectCgroups, lxcOptionsFromConfig, renderConfig, sharesToWeight, type CgroupInfo } from "../src/virt/lxc.ts";
+import { CAPS, DEFAULT_IDMAP, LxcBackend, SECCOMP_DENY, detectCgroups, idmapFromConfig, lxcOptionsFromConfig, renderConfig, sharesToWeight, shiftTree, type CgroupInfo } from "../src/virt/lxc.ts";
 import { NodeNetwork, nodeNetworkFromConfig, nthAddress, parsePorts } from "../src/virt/network.ts";
 import { Config } from "../src/config.ts";
 import { macFor, type VmSpec } from "../src/virt/backend.ts";
@@ -31,6 +31,7 @@ const baseSpec = (id: number, over: Partial<VmSpec> = {}): VmSpec => ({
 const ctx = (cgroups: CgroupInfo) => ({
   vmDir: "/run/qvd/lxc/qvd-7", logDir: "/run/qvd/lxc/logs", upperDir: "/srv/overlays/7/upper", cgroups,
   vmaInit: true, init: "/sbin/init", guestQvdPath: "/usr/local/bin/qvd", haltSignal: "SIGPWR", apparmorProfile: "unconfined",
+  idmap: DEFAULT_IDMAP,
 });
 
 describe("LXC configuration", () => {
@@ -71,6 +72,52 @@ describe("LXC configuration", () => {
     expect(c).toContain("lxc.mount.entry = /srv/my\\040homes/alice home/alice");
     expect(c).toContain("lxc.init.cmd = /sbin/init\n");
     expect(() => renderConfig(baseSpec(7, { home: { hostPath: "/h", user: "../x" } }), ctx({ memory: null, cpu: null, devices: null, memsw: false, swapMax: false }))).toThrow();
+  });
+
+  test("unprivileged: id map, a capability allow-list, AppArmor only where the kernel has it", () => {
+    const none = { memory: null, cpu: null, devices: null, memsw: false, swapMax: false } as const;
+    const c = renderConfig(baseSpec(7), { ...ctx(none), idmap: { base: 200000, size: 65536 } });
+    expect(c).toContain("lxc.idmap = u 0 200000 65536\nlxc.idmap = g 0 200000 65536\n");
+    // An allow-list: what the VMA needs, nothing that reaches mounts, modules, raw I/O or the clock.
+    expect(c).toContain(`lxc.cap.keep = ${CAPS.join(" ")}\n`);
+    expect(c).not.toContain("lxc.cap.drop");
+    for (const cap of ["sys_admin", "sys_module", "sys_rawio", "sys_time", "sys_ptrace", "net_admin", "mknod", "mac_admin", "syslog"]) expect(CAPS).not.toContain(cap);
+    for (const cap of ["setuid", "setgid", "chown", "kill"]) expect(CAPS).toContain(cap);
+    // No AppArmor on the node (this machine): unconfined, and nothing pretends otherwise.
+    expect(c).toContain("lxc.apparmor.profile = unconfined\n");
+    expect(c).not.toContain("allow_nesting");
+    // AppArmor present: LXC's generated profile without nesting.
+    const a = renderConfig(baseSpec(7), { ...ctx(none), apparmorProfile: "generated" });
+    expect(a).toContain("lxc.apparmor.profile = generated\nlxc.apparmor.allow_nesting = 0\n");
+    for (const sc of ["keyctl", "bpf", "perf_event_open", "userfaultfd", "open_by_handle_at", "kexec_load", "init_module"]) expect(SECCOMP_DENY).toContain(sc);
+    expect(SECCOMP_DENY).not.toContain("unshare"); // Chromium's sandbox
+    expect(SECCOMP_DENY).not.toContain("clone");
+    // The range: ids shifted once must never look unshifted.
+    const cfg = (base: string) => new Config([], [{ key: "vm.lxc.idmap.base", value: base, source: { kind: "default" } }]);
+    expect(idmapFromConfig(cfg("300000"))).toEqual({ base: 300000, size: 65536 });
+    expect(() => idmapFromConfig(cfg("1000"))).toThrow(/must be at least vm.lxc.idmap.size/);
+  });
+
+  test("shiftTree: ids below the range move by base once; links are not followed; modes kept", () => {
+    const dir = `/tmp/qvdt-shift-${randomBytes(3).toString("hex")}`;
+    try {
+      mkdirSync(join(dir, "sub"), { recursive: true });
+      writeFileSync(join(dir, "sub/f"), "x");
+      writeFileSync("/tmp/qvdt-shift-outside", "y");
+      symlinkSync("/tmp/qvdt-shift-outside", join(dir, "link"));
+      for (const p of [dir, join(dir, "sub"), join(dir, "sub/f")]) chownSync(p, 2001, 2001);
+      chmodSync(join(dir, "sub/f"), 0o4755); // chown clears setuid: shiftTree must restore it
+      const m = { base: 100000, size: 65536 };
+      expect(shiftTree(dir, m)).toBe(4);
+      expect([statSync(dir).uid, statSync(join(dir, "sub/f")).uid, statSync(join(dir, "sub/f")).gid]).toEqual([102001, 102001, 102001]);
+      expect(statSync(join(dir, "sub/f")).mode & 0o7777).toBe(0o4755);
+      expect(lstatSync(join(dir, "link")).uid).toBe(100000);
+      expect(statSync("/tmp/qvdt-shift-outside").uid).toBe(0); // the link's target is not touched
+      expect(shiftTree(dir, m)).toBe(0); // idempotent
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+      rmSync("/tmp/qvdt-shift-outside", { force: true });
+    }
   });
 
   test("cgroup detection from mountinfo", () => {
@@ -180,6 +227,8 @@ describe.skipIf(!hasNetns)("LXC backend (real lxc, own netns)", () => {
     // An init that ignores the halt signal (for stop → false → kill).
     writeFileSync(join(rootfs, "sbin/stubborn.sh"), "#!/bin/sh\ntrap '' PWR TERM\nwhile :; do sleep 1; done\n", { mode: 0o755 });
     qvdBinary = existsSync("dist/qvd") ? join(process.cwd(), "dist/qvd") : bb;
+    // Owned as images.ts unpacks it for unprivileged desktops (guest root = the range's base).
+    shiftTree(rootfs, DEFAULT_IDMAP);
 
     await run(["ip", "netns", "add", ns]);
     await run(["ip", "-n", ns, "link", "set", "lo", "up"]);
@@ -232,9 +281,9 @@ describe.skipIf(!hasNetns)("LXC backend (real lxc, own netns)", () => {
       listener.kill();
       await listener.exited;
     }
-    // A spoofed source address does not get through either: the node's ping to the VM works
-    // while the VM's own address is right (checked above); with another address it does not.
-    await sh(1, "ip addr add 198.18.0.99/16 dev eth0");
+    // A spoofed source address: the container's root may not even set one (no net_admin), and
+    // the bridge's rules would drop it anyway.
+    expect((await sh(1, "ip addr add 198.18.0.99/16 dev eth0", true)).stderr).toMatch(/not permitted/i);
     expect(await ping("198.18.0.99")).toBe(false);
 
     // Home on shared storage, bind-mounted.
@@ -246,8 +295,9 @@ describe.skipIf(!hasNetns)("LXC backend (real lxc, own netns)", () => {
     expect(statSync(qvdBinary).size).toBeGreaterThan(1000); // untouched
     // The VMA's secret.
     const vma = JSON.parse((await sh(1, "cat /run/qvd/vma.json")).stdout);
-    expect(vma).toEqual({ vm_id: 1, secret: a.vma.secret, node_address: "198.18.0.1", port: 3030 });
-    expect((await sh(1, "stat -c %a /run/qvd/vma.json")).stdout.trim()).toBe("400");
+    expect(vma).toEqual({ vm_id: 1, secret: a.vma.secret, node_address: "198.18.0.1", port: 3030, settings: {} });
+    expect((await sh(1, "stat -c %a:%u /run/qvd/vma.json")).stdout.trim()).toBe("400:0"); // the guest's root
+    expect(statSync(join(lxc.vmDir(1), "vma.json")).uid).toBe(DEFAULT_IDMAP.base); // an unprivileged uid on the node
     expect((await sh(1, "echo x > /run/qvd/vma.json", true)).status).not.toBe(0);
     // Memory limit in the container's cgroup.
     const cg = memoryCgroupDir(pid!);

@@ -9,7 +9,8 @@ import * as D from "../db/index.ts";
 import { generatePassword } from "../db/schema.ts";
 import { UserError } from "../errors.ts";
 import { buildImage, DEFAULT_IMAGE_NAME, sha256File } from "../virt/image-build.ts";
-import { imagePaths, unpackImage } from "../virt/images.ts";
+import { ImageError, imagePaths, removeBasefs, unpackImage } from "../virt/images.ts";
+import { DEFAULT_IDMAP } from "../virt/lxc.ts";
 import { writeSecret } from "./database.ts";
 
 export const DEMO_TENANT = 1; // the default tenant: users log in without @tenant
@@ -89,14 +90,22 @@ export async function ensureImage(sql: D.Sql, o: ImageOptions): Promise<D.DiRow>
 export async function unpackForNode(di: D.DiRow, o: ImageOptions): Promise<void> {
   const p = imagePaths(o.storageRoot, o.imagesDir, di);
   let last = -1;
-  const res = await unpackImage({
-    image: p.image, basefsDir: p.basefsDir, diId: di.id, sha256: di.sha256,
-    onProgress: (pr) => {
-      if (pr.phase === "wait") return o.say("  waiting for another unpack of this image…");
-      const pct = pr.total ? Math.floor((pr.bytes / pr.total) * 4) * 25 : 100;
-      if (pct !== last) o.say(`  ${pr.phase}: ${pct}%`);
-      last = pct;
-    },
+  const unpack = () =>
+    unpackImage({
+      image: p.image, basefsDir: p.basefsDir, diId: di.id, sha256: di.sha256, idmap: DEFAULT_IDMAP, // the demo node's (default) range
+      onProgress: (pr) => {
+        if (pr.phase === "wait") return o.say("  waiting for another unpack of this image…");
+        const pct = pr.total ? Math.floor((pr.bytes / pr.total) * 4) * 25 : 100;
+        if (pct !== last) o.say(`  ${pr.phase}: ${pct}%`);
+        last = pct;
+      },
+    });
+  const res = await unpack().catch(async (err) => {
+    // Unpacked by an earlier demo before desktops were unprivileged: nothing runs on it now.
+    if (!(err instanceof ImageError && /was unpacked with/.test(err.message))) throw err;
+    o.say("  the image was unpacked for privileged desktops: unpacking it again");
+    removeBasefs(p.basefsDir, di.id);
+    return unpack();
   });
   o.say(res.unpacked ? `Unpacked into ${res.basefs}` : `Image already unpacked in ${res.basefs}`);
 }

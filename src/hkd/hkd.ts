@@ -18,6 +18,7 @@ import { logger } from "../log.ts";
 import { VERSION } from "../version.ts";
 import { macFor, type Backend, type VmSpec } from "../virt/backend.ts";
 import { vmaCall, waitForVma, type VmaTarget } from "./vma-client.ts";
+import { nodeVmaSettings } from "../vma/node-settings.ts";
 
 const log = logger("hkd");
 const NX_DISPLAY = 100;
@@ -208,7 +209,7 @@ export class Hkd {
         overlay: { enabled: vm.use_overlay, persistent: vm.persistent },
         home: { hostPath: this.o.homeOf(vm.tenant_name, vm.user_name), user: vm.user_name },
         network: { ip: vm.ip, prefix: Number(bits), gateway, mac: macFor(vm.ip, cfg.get("vm.network.mac.prefix")), bridge: cfg.get("vm.network.bridge") },
-        vma: { port: cfg.get("vm.vma.port"), secret: randomBytes(24).toString("base64url"), settings: identitySettings(identityRules(current)) },
+        vma: { port: cfg.get("vm.vma.port"), secret: randomBytes(24).toString("base64url"), settings: { ...nodeVmaSettings(cfg), ...identitySettings(identityRules(current)) } },
         qvdBinary: this.o.qvdBinary,
       };
       run.vma = { address: vm.ip, port: spec.vma.port, secret: spec.vma.secret };

@@ -7,6 +7,7 @@ import { commonArgs, configFromArgs } from "../cli.ts";
 import { UserError } from "../errors.ts";
 import { buildImage, DEFAULT_IMAGE_NAME, DESKTOP_PACKAGES, SUITE } from "../virt/image-build.ts";
 import { checkEntries, ImageError, inspectImage, unpackImage } from "../virt/images.ts";
+import { idmapFromConfig } from "../virt/lxc.ts";
 
 const MiB = (n: number) => `${(n / 1024 / 1024).toFixed(1)} MiB`;
 
@@ -91,6 +92,7 @@ const unpack = defineCommand({
       basefsDir: join(cfg.get("path.storage.root"), "basefs"),
       diId: id,
       sha256: args.sha256,
+      idmap: idmapFromConfig(cfg), // as this node's desktops will use it
       onProgress: (p) => {
         if (p.phase === "wait") return console.log("waiting for another unpack of this image…");
         const pct = p.total ? Math.floor((p.bytes / p.total) * 10) * 10 : 100;

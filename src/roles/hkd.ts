@@ -13,7 +13,7 @@ import { acquireNodeLock } from "../hkd/lock.ts";
 import { Hkd } from "../hkd/hkd.ts";
 import { logger } from "../log.ts";
 import { imagePaths, unpackImage } from "../virt/images.ts";
-import { lxcBackendFromConfig } from "../virt/lxc.ts";
+import { idmapFromConfig, lxcBackendFromConfig } from "../virt/lxc.ts";
 
 const log = logger("hkd");
 
@@ -65,7 +65,7 @@ export async function startHkd(cfg: Config, opts: { register?: boolean; address?
         async rootfsFor(di: DiRow) {
           const p = imagePaths(root, imagesDir, di);
           const res = await unpackImage({
-            image: p.image, basefsDir: p.basefsDir, diId: di.id, sha256: di.sha256,
+            image: p.image, basefsDir: p.basefsDir, diId: di.id, sha256: di.sha256, idmap: idmapFromConfig(cfg),
             onProgress: (pr) => log.debug("unpacking image", { di: di.id, ...pr }),
           });
           return res.rootfs;

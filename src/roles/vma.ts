@@ -4,18 +4,21 @@
 // and, as a container's init, does PID 1's duties (src/vma/init.ts).
 //
 // Configuration keys (vma.*, path.run) come, lowest first, from /etc/qvd/vma.conf in the image,
-// the `settings` object of vma.json, QVD_* variables, then `--set KEY=VALUE`.
+// the `settings` object of vma.json, QVD_* variables, then `--set KEY=VALUE`; except the keys
+// only the node decides (src/vma/node-settings.ts): the image's vma.conf cannot set them, and
+// vma.json's values for them win over everything.
 import { existsSync, readFileSync } from "node:fs";
 import { defineCommand } from "citty";
 import { z } from "zod";
 import { setFlags } from "../cli.ts";
-import { loadConfig } from "../config.ts";
+import { type Config, loadConfig } from "../config.ts";
 import { ConfigError, UserError } from "../errors.ts";
 import { logger, setLogLevel } from "../log.ts";
 import { run } from "../run.ts";
 import { isPid1, powerOff, setupInit, type InitOptions } from "../vma/init.ts";
 import { startVmaServer } from "../vma/server.ts";
 import { Session } from "../vma/session.ts";
+import { isNodeOnlyVmaKey } from "../vma/node-settings.ts";
 
 const log = logger("vma");
 
@@ -46,6 +49,31 @@ export function readVmaFile(file: string): VmaFile {
   return r.data;
 }
 
+/**
+ * The VMA's configuration (see the top of this file). `ignored`: the image's settings that were
+ * dropped because only the node sets them (each is logged).
+ */
+export function loadVmaConfig(vf: VmaFile, file: string, o: { guestConfig?: string; flags?: { flag: string; key: string; value: string }[]; env?: Record<string, string | undefined> } = {}): { cfg: Config; ignored: string[] } {
+  const asFlag = ([k, v]: [string, string | number | boolean]) => ({ flag: `${file} settings`, key: k, value: typeof v === "boolean" ? (v ? "1" : "0") : String(v) });
+  const settings = Object.entries(vf.settings);
+  const flags = [...settings.filter(([k]) => !isNodeOnlyVmaKey(k)).map(asFlag), ...(o.flags ?? []), ...settings.filter(([k]) => isNodeOnlyVmaKey(k)).map(asFlag)];
+  const guest = o.guestConfig ?? GUEST_CONFIG;
+  const ignored: string[] = [];
+  const cfg = loadConfig({
+    file: existsSync(guest) ? guest : undefined,
+    flags,
+    env: o.env,
+    defaultFileExists: () => false,
+    fileFilter: (s) => {
+      if (!isNodeOnlyVmaKey(s.key)) return true;
+      ignored.push(s.key);
+      log.warn("ignoring a setting of the image's vma.conf: only the node sets it", { key: s.key, where: s.source.kind === "file" ? `${s.source.file}:${s.source.line}` : "" });
+      return false;
+    },
+  });
+  return { cfg, ignored };
+}
+
 export default defineCommand({
   meta: { name: "vma", description: "Run the agent inside a desktop (VMA): HTTP API on port 3030, NX session, init duties" },
   args: {
@@ -56,12 +84,7 @@ export default defineCommand({
   async run({ args, rawArgs }) {
     const file = args.config ?? DEFAULT_VMA_FILE;
     const vf = readVmaFile(file);
-    const flags = [
-      ...Object.entries(vf.settings).map(([k, v]) => ({ flag: `${file} settings`, key: k, value: typeof v === "boolean" ? (v ? "1" : "0") : String(v) })),
-      ...setFlags(rawArgs),
-    ];
-    const hasGuestConfig = existsSync(GUEST_CONFIG);
-    const cfg = loadConfig({ file: hasGuestConfig ? GUEST_CONFIG : undefined, flags, defaultFileExists: () => false });
+    const { cfg } = loadVmaConfig(vf, file, { flags: setFlags(rawArgs) });
     setLogLevel(cfg.get("log.level"));
 
     let host = "0.0.0.0";

@@ -15,11 +15,17 @@
 //    filesystem has many (/etc/alternatives/…), and they point into the guest's own root
 //    once it runs. Host code must therefore never follow links inside a basefs or rootfs
 //    (resolve paths below the root, or check with lstat). Device nodes are skipped with a
-//    note (LXC gives the guest its own /dev); setuid files and xattrs (file capabilities) are
-//    kept: it is an operating system.
-import { closeSync, existsSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+//    note (LXC gives the guest its own /dev).
+//  - With an id map (the node's vm.lxc.idmap.*, as the HKD passes it), tar runs inside a user
+//    namespace with that map (lxc-usernsexec): every file lands owned by base+its id, an owner
+//    outside the range is refused, and the extraction itself has no privilege on the node.
+//    Setuid bits are kept (they mean the guest's root, i.e. an unprivileged node uid); only
+//    `user.*` xattrs are restored, so no file capability, `trusted.*` (overlayfs' own) or
+//    security label of an image reaches storage. basefs/ is root:<base gid> 0710: the
+//    desktops' mapped root may cross it, node users may not, so nothing on it runs for them.
+import { chmodSync, chownSync, closeSync, existsSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { hostname } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { UserError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { CommandError, run } from "../run.ts";
@@ -55,7 +61,17 @@ export interface TarEntry {
   /** Symlink target or hard-link target (another member's name). */
   link?: string;
   mode: string;
+  /** Numeric owner as the archive stores it (absent in hand-made entries). */
+  uid?: number;
+  gid?: number;
 }
+
+/** A node's subordinate id range for desktops: guest id N is node id base+N, for N < size. */
+export interface IdMap {
+  base: number;
+  size: number;
+}
+
 
 const TYPES: Record<string, EntryType> = { "-": "file", C: "file", d: "dir", l: "symlink", h: "hardlink", p: "fifo", c: "chardev", b: "blockdev" };
 
@@ -95,6 +111,8 @@ export function parseListing(text: string): TarEntry[] {
     const type = m ? TYPES[m[1]!] : undefined;
     if (!m || !type) throw new ImageError(`unsupported archive entry: ${line.slice(0, 200)}`);
     const e: TarEntry = { name: unquoteC(m[2]!), type, mode: line.slice(0, 10) };
+    const owner = /^\S+\s+(\d+)\/(\d+)\s/.exec(line);
+    if (owner) [e.uid, e.gid] = [Number(owner[1]), Number(owner[2])];
     if (m[4]) e.link = unquoteC(m[4]);
     if ((type === "symlink" || type === "hardlink") !== (m[4] !== undefined)) throw new ImageError(`unsupported archive entry: ${line.slice(0, 200)}`);
     out.push(e);
@@ -170,6 +188,29 @@ export function checkEntries(entries: TarEntry[]): { skip: TarEntry[] } {
     }
   }
   return { skip };
+}
+
+/** Refuses entries whose owner a desktop with this id map cannot hold (throws an ImageError). */
+export function checkOwners(entries: TarEntry[], idmap: IdMap): void {
+  for (const e of entries)
+    for (const [what, id] of [["uid", e.uid], ["gid", e.gid]] as const)
+      if (id !== undefined && id >= idmap.size)
+        throw new ImageError(`archive entry ${showName(e.name)} is owned by ${what} ${id}, outside the desktops' id range 0-${idmap.size - 1} (vm.lxc.idmap.size); nothing was extracted`);
+}
+
+/** basefs/, overlays/, homes/: only root and the desktops' mapped root (by group) may cross them. */
+export function gateDir(dir: string, idmap: IdMap): void {
+  mkdirSync(dirname(dir), { recursive: true }); // parents: as the administrator made them, or 0755
+  mkdirSync(dir, { recursive: true, mode: 0o710 });
+  chownSync(dir, 0, idmap.base);
+  chmodSync(dir, 0o710);
+  // Every directory above must let the mapped root through, or LXC and tar fail obscurely.
+  for (let p = dirname(dir); ; p = dirname(p)) {
+    const st = statSync(p);
+    const ok = st.mode & 0o001 || (st.gid === idmap.base && st.mode & 0o010) || (st.uid === idmap.base && st.mode & 0o100);
+    if (!ok) throw new UserError(`${p} (mode ${(st.mode & 0o777).toString(8)}) cannot be crossed by the desktops' mapped root (uid ${idmap.base}): give it o+x`);
+    if (p === "/") break;
+  }
 }
 
 // --- streaming the file through the hash and tar ---------------------------------------------
@@ -338,6 +379,8 @@ export interface UnpackOptions {
   onProgress?: (p: UnpackProgress) => void;
   /** Stops waiting for another unpacker's lock. */
   signal?: AbortSignal;
+  /** Unpack with ownership shifted into this range (unprivileged desktops); see the top of the file. */
+  idmap?: IdMap;
 }
 
 export interface UnpackResult {
@@ -361,6 +404,8 @@ interface BasefsMeta {
   unpacked_at: string;
   host: string;
   skipped: string[];
+  /** The id map it was unpacked with (null or absent: ids as in the archive). */
+  idmap?: IdMap | null;
 }
 
 const metaFile = (basefsDir: string, diId: number) => join(basefsDir, `.meta-${diId}.json`);
@@ -393,7 +438,9 @@ export function findRootfs(basefs: string): string | undefined {
   return undefined;
 }
 
-function existing(basefs: string, basefsDir: string, diId: number, expected: string | null | undefined): UnpackResult | undefined {
+const showMap = (m: IdMap | null | undefined) => (m ? `ids shifted by ${m.base} (range ${m.size})` : "unshifted ids");
+
+function existing(basefs: string, basefsDir: string, diId: number, expected: string | null | undefined, idmap: IdMap | undefined): UnpackResult | undefined {
   let st;
   try {
     st = lstatSync(basefs);
@@ -404,6 +451,12 @@ function existing(basefs: string, basefsDir: string, diId: number, expected: str
   const meta = readMeta(basefsDir, diId);
   if (expected && meta && meta.sha256 !== expected.toLowerCase())
     throw new ImageError(`${basefs} was unpacked from another file (sha256 ${meta.sha256}, expected ${expected}); remove it to unpack the image again`);
+  // Another node (or this one before unprivileged desktops) used another id range: the files'
+  // owners would be wrong for this node's desktops. Re-unpacking in place would pull the layer
+  // from under desktops running on it elsewhere, so an administrator decides.
+  const have = meta?.idmap ?? null;
+  if ((have?.base ?? null) !== (idmap?.base ?? null) || (have?.size ?? null) !== (idmap?.size ?? null))
+    throw new ImageError(`${basefs} was unpacked with ${showMap(have)}, this node runs desktops with ${showMap(idmap)} (vm.lxc.idmap.*); remove it while no desktop uses it to unpack the image again`);
   const rootfs = findRootfs(basefs);
   if (!rootfs) throw new ImageError(`${basefs} holds no root filesystem (no sbin/ nor rootfs/sbin/); remove it to unpack the image again`);
   return { basefs, rootfs, unpacked: false, sha256: meta?.sha256 ?? null, skipped: meta?.skipped ?? [] };
@@ -420,8 +473,9 @@ export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
   const basefs = join(basefsDir, String(diId));
   const expected = opts.sha256?.toLowerCase() ?? null;
   if (expected !== null && !/^[0-9a-f]{64}$/.test(expected)) throw new ImageError(`invalid expected sha256 for ${image}: ${opts.sha256}`);
-  mkdirSync(basefsDir, { recursive: true });
-  const done = existing(basefs, basefsDir, diId, expected);
+  if (opts.idmap) gateDir(basefsDir, opts.idmap);
+  else mkdirSync(basefsDir, { recursive: true });
+  const done = existing(basefs, basefsDir, diId, expected, opts.idmap);
   if (done) return done;
 
   const lock = await lockFile(join(basefsDir, `.lock-${diId}`), opts.signal, () => {
@@ -431,7 +485,7 @@ export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
   const tmp = join(basefsDir, `.tmp-${diId}-${hostname()}-${process.pid}-${Math.random().toString(36).slice(2, 8)}`);
   const exclude = `${tmp}.exclude`;
   try {
-    const again = existing(basefs, basefsDir, diId, expected);
+    const again = existing(basefs, basefsDir, diId, expected, opts.idmap);
     if (again) return again;
     // Leftovers of a crashed unpack of this image: nobody else works on it while we hold the lock.
     if (lock.locked)
@@ -445,6 +499,7 @@ export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
     let skip: TarEntry[];
     try {
       ({ skip } = checkEntries(info.entries));
+      if (opts.idmap) checkOwners(info.entries, opts.idmap);
     } catch (err) {
       if (err instanceof ImageError) throw new ImageError(`${image}: ${err.message}`);
       throw err;
@@ -453,6 +508,7 @@ export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
     for (const s of skipped) log.info("skipping device node", { image, entry: s });
 
     mkdirSync(tmp, { mode: 0o755 }); // the guest's "/" when the archive has no "./" entry
+    if (opts.idmap) chownSync(tmp, opts.idmap.base, opts.idmap.base); // tar runs as the mapped root
     const excludeArgs: string[] = [];
     if (skip.length) {
       writeFileSync(exclude, Buffer.from(skip.map((e) => e.name + "\n").join(""), "latin1"));
@@ -460,10 +516,9 @@ export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
     }
     const { stream, digest } = hashedStream(image, info.bytes, (bytes) => opts.onProgress?.({ phase: "extract", bytes, total: info.bytes }));
     try {
-      await run(
-        ["tar", "-x", "-f", "-", "-C", tmp, "--numeric-owner", "-p", "--xattrs", "--xattrs-include=*", "--warning=no-timestamp", ...TAR_DECOMPRESS[info.compression], ...excludeArgs],
-        { stdin: stream, env: { LC_ALL: "C" } },
-      );
+      const tar = ["tar", "-x", "-f", "-", "-C", tmp, "--numeric-owner", "-p", "--xattrs", "--xattrs-include=user.*", "--warning=no-timestamp", ...TAR_DECOMPRESS[info.compression], ...excludeArgs];
+      const m = opts.idmap;
+      await run(m ? ["lxc-usernsexec", "-m", `u:0:${m.base}:${m.size}`, "-m", `g:0:${m.base}:${m.size}`, "--", ...tar] : tar, { stdin: stream, env: { LC_ALL: "C" } });
     } catch (err) {
       throw tarFailure(image, err);
     }
@@ -471,7 +526,7 @@ export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
     const rootfsIn = findRootfs(tmp);
     if (!rootfsIn) throw new ImageError(`${image}: not a root filesystem image (no sbin/ nor rootfs/sbin/ at the top)`);
 
-    const meta: BasefsMeta = { di_id: diId, image, sha256: info.sha256, bytes: info.bytes, unpacked_at: new Date().toISOString(), host: hostname(), skipped };
+    const meta: BasefsMeta = { di_id: diId, image, sha256: info.sha256, bytes: info.bytes, unpacked_at: new Date().toISOString(), host: hostname(), skipped, idmap: opts.idmap ?? null };
     writeFileSync(`${tmp}.meta`, JSON.stringify(meta, null, 1) + "\n");
     renameSync(`${tmp}.meta`, metaFile(basefsDir, diId));
     try {
@@ -480,7 +535,7 @@ export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
       const code = (err as NodeJS.ErrnoException).code;
       if (code !== "ENOTEMPTY" && code !== "EEXIST") throw err;
       // Another unpacker (without a working lock) won the race: use its result.
-      const theirs = existing(basefs, basefsDir, diId, expected);
+      const theirs = existing(basefs, basefsDir, diId, expected, opts.idmap);
       if (theirs) return theirs;
       throw err;
     }

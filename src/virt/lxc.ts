@@ -14,17 +14,26 @@
 // The rootfs and every mount entry are mounted by LXC inside the container's own mount
 // namespace, so they vanish with the container: nothing is ever mounted on the node itself.
 //
+// Unprivileged: `lxc.idmap` maps the guest's ids 0…size-1 to the node's base…base+size-1
+// (vm.lxc.idmap.*), so container root is an unprivileged uid on the node. LXC mounts the rootfs
+// and the mount entries as that mapped root, so what it mounts must be reachable and owned by
+// shifted ids: basefs is unpacked shifted (images.ts), the upper dir, the home and vma.json are
+// owned by base here, and basefs/, overlays/, homes/ and the VM's directory are root:<base>
+// 0710 (the mapped root crosses them by group; node users cannot). Capabilities: an allow-list
+// (CAPS); seccomp: a deny-list (SECCOMP); AppArmor's `generated` profile where the kernel has it.
+//
 // Network namespace: every lxc-* (and ip/nft) command runs through the NodeNetwork's runner,
 // i.e. `nsenter --net=/run/netns/<ns> --` when a netns is configured (tests), since LXC's
 // command socket is an abstract unix socket that belongs to the network namespace that started
 // the container. LXC is not told the bridge (lxc.net.0.link): with nsenter, /sys/class/net is
 // the machine's and LXC would not find the bridge there. Our script.up attaches the veth.
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync, chmodSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync, chmodSync, chownSync, lchownSync, statSync } from "node:fs";
+import { dirname, join, relative } from "node:path";
 import type { Backend, BackendState, VmSpec } from "./backend.ts";
 import { NodeNetwork, nodeNetworkFromConfig, vethName } from "./network.ts";
 import { CommandError } from "../run.ts";
-import { UserError } from "../errors.ts";
+import { ConfigError, UserError } from "../errors.ts";
+import { gateDir, type IdMap } from "./images.ts";
 import { logger } from "../log.ts";
 import type { Config } from "../config.ts";
 
@@ -113,6 +122,20 @@ export interface LxcOptions {
   cgroups?: CgroupInfo;
   /** How long lxc-wait waits for RUNNING (default 30 s). */
   startTimeoutMs?: number;
+  /** The desktops' subordinate id range (vm.lxc.idmap.*; default DEFAULT_IDMAP). */
+  idmap?: IdMap;
+  /** path.storage.homes (default <storageRoot>/homes): gated like basefs. */
+  homesRoot?: string;
+}
+
+export const DEFAULT_IDMAP: IdMap = { base: 100000, size: 65536 };
+
+/** vm.lxc.idmap.*, checked: ids shifted once must never look unshifted (base ≥ size). */
+export function idmapFromConfig(cfg: Config): IdMap {
+  const m = { base: cfg.get("vm.lxc.idmap.base"), size: cfg.get("vm.lxc.idmap.size") };
+  if (m.base < m.size) throw new ConfigError(`vm.lxc.idmap.base (${m.base}) must be at least vm.lxc.idmap.size (${m.size}): shifted and unshifted ids must not overlap`);
+  if (m.base + m.size > 0xffffffff) throw new ConfigError("vm.lxc.idmap.base + vm.lxc.idmap.size exceeds the largest uid");
+  return m;
 }
 
 /** The options the HKD passes, from the node's configuration. */
@@ -128,6 +151,8 @@ export function lxcOptionsFromConfig(cfg: Config, network: NodeNetwork): LxcOpti
     haltSignal: cfg.get("vm.lxc.halt_signal") || undefined,
     apparmorProfile: cfg.get("vm.lxc.apparmor.profile") || undefined,
     extraConfig: extra || undefined,
+    idmap: idmapFromConfig(cfg),
+    homesRoot: cfg.storagePath("path.storage.homes"),
   };
 }
 
@@ -164,8 +189,28 @@ const PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 // pts, fuse, tun. Any device may be created (mknod), but only these opened.
 const DEVICES = ["c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:229 rwm", "c 10:200 rwm"];
 
-// Syscalls no desktop needs and that would reach the node's kernel state (as LXC's common.seccomp).
-const SECCOMP = ["2", "denylist", "reject_force_umount", "[all]", "kexec_load errno 1", "open_by_handle_at errno 1", "init_module errno 1", "finit_module errno 1", "delete_module errno 1", ""].join("\n");
+// Capabilities the container keeps (all others leave the bounding set): what the VMA needs to
+// provision the user and run the session as that user (chown, dac_override, fowner, fsetid,
+// setuid, setgid, kill), useradd's chroot, services on low ports, and sys_boot so an image's own
+// init can power off (in a PID namespace reboot(2) only ends that namespace). Gone among others:
+// sys_admin (mounts), sys_module, sys_rawio, sys_time, sys_ptrace, net_admin, net_raw, mknod,
+// syslog, mac_*, audit_*, setfcap, setpcap, dac_read_search. These are capabilities over the
+// container's user namespace only; the node's kernel grants none of them towards itself.
+export const CAPS = ["chown", "dac_override", "fowner", "fsetid", "kill", "setgid", "setuid", "sys_chroot", "sys_boot", "net_bind_service"];
+
+// Syscalls no desktop needs and that reach kernel state shared with the node (LXC's
+// common.seccomp, plus keyrings, BPF, perf, userfaultfd, io_uring, swap, accounting, quotas and
+// the old ioperm/iopl). clone/unshare of new user namespaces stay: Chromium's sandbox uses them,
+// and a nested namespace holds capabilities only over its own objects. mount() needs
+// CAP_SYS_ADMIN in the caller's namespace, which container root does not have.
+export const SECCOMP_DENY = [
+  "kexec_load", "kexec_file_load", "open_by_handle_at", "name_to_handle_at", "init_module", "finit_module", "delete_module",
+  "keyctl", "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
+  "swapon", "swapoff", "acct", "quotactl", "lookup_dcookie", "ioperm", "iopl", "syslog",
+];
+const SECCOMP = ["2", "denylist", "reject_force_umount", "[all]", ...SECCOMP_DENY.map((s) => `${s} errno 1`), ""].join("\n");
+
+let apparmorNoted = false;
 
 export interface RenderContext {
   vmDir: string;
@@ -178,6 +223,7 @@ export interface RenderContext {
   haltSignal: string;
   apparmorProfile: string;
   extraConfig?: string;
+  idmap: IdMap;
 }
 
 /** The LXC 5 configuration of one container. */
@@ -190,6 +236,9 @@ export function renderConfig(spec: VmSpec, c: RenderContext): string {
   const L: string[] = [
     "# Generated by qvd for this start of the desktop; do not edit (rewritten at every start).",
     `lxc.uts.name = ${spec.name}`,
+    // Unprivileged: guest ids 0…size-1 are node ids base…base+size-1.
+    `lxc.idmap = u 0 ${c.idmap.base} ${c.idmap.size}`,
+    `lxc.idmap = g 0 ${c.idmap.base} ${c.idmap.size}`,
     spec.overlay.enabled
       ? `lxc.rootfs.path = overlay:${spec.image.path}:${c.upperDir}`
       : `lxc.rootfs.path = dir:${spec.image.path}`,
@@ -210,7 +259,9 @@ export function renderConfig(spec: VmSpec, c: RenderContext): string {
     `lxc.log.file = ${join(c.logDir, `${spec.name}.log`)}`,
     "lxc.log.level = WARN",
     `lxc.apparmor.profile = ${c.apparmorProfile}`,
-    "lxc.cap.drop = mac_admin mac_override sys_time sys_module sys_rawio",
+    // LXC's generated profile, without the rules that let a container run nested containers.
+    ...(c.apparmorProfile === "generated" ? ["lxc.apparmor.allow_nesting = 0"] : []),
+    `lxc.cap.keep = ${CAPS.join(" ")}`,
     `lxc.seccomp.profile = ${join(c.vmDir, "seccomp")}`,
   ];
   // Limits, for the hierarchy each controller is in (a hybrid host mixes both).
@@ -264,6 +315,10 @@ export class LxcBackend implements Backend {
     this.logDir = join(o.lxcPath, "logs");
   }
 
+  get idmap(): IdMap {
+    return this.o.idmap ?? DEFAULT_IDMAP;
+  }
+
   get cgroups(): CgroupInfo {
     return (this.cgroupInfo ??= this.o.cgroups ?? detectCgroups());
   }
@@ -299,21 +354,44 @@ export class LxcBackend implements Backend {
     if (spec.name !== this.name(spec.vmId)) throw new UserError(`container name ${spec.name} must be ${this.name(spec.vmId)}`);
     if (!existsSync(spec.image.path)) throw new UserError(`the disk image's root filesystem ${spec.image.path} does not exist`);
     if (!existsSync(spec.qvdBinary)) throw new UserError(`the qvd binary ${spec.qvdBinary} does not exist`);
+    // LXC bind-mounts it as the container's (unprivileged) root, and the guest runs it as such.
+    if ((statSync(spec.qvdBinary).mode & 0o005) !== 0o005) throw new UserError(`the qvd binary ${spec.qvdBinary} must be readable and executable by others (mode o+rx): desktops run it as an unprivileged node uid`);
+    const m = this.idmap;
     const vmDir = this.vmDir(spec.vmId);
-    mkdirSync(vmDir, { recursive: true, mode: 0o700 });
+    // LXC checks that the mapped root can cross the container path (not list it).
+    mkdirSync(this.lxcPath, { recursive: true, mode: 0o711 });
+    const lp = statSync(this.lxcPath).mode;
+    if ((lp & 0o001) === 0) chmodSync(this.lxcPath, (lp & 0o7777) | 0o001);
+    mkdirSync(vmDir, { recursive: true, mode: 0o710 });
+    chownSync(vmDir, 0, m.base); // the mapped root crosses it to bind-mount vma.json
+    chmodSync(vmDir, 0o710);
     mkdirSync(this.logDir, { recursive: true, mode: 0o700 });
     // Writable layer: a leftover one is kept only when the VM is persistent.
     if (spec.overlay.enabled) {
+      gateDir(dirname(this.overlayDir(spec.vmId)), m);
       const upper = this.upperDir(spec.vmId);
       if (!spec.overlay.persistent) discard(this.overlayDir(spec.vmId));
       mkdirSync(upper, { recursive: true, mode: 0o755 });
       rmSync(join(this.overlayDir(spec.vmId), "work"), { recursive: true, force: true });
+      // LXC makes the work dir beside the upper one as the mapped root.
+      chownSync(this.overlayDir(spec.vmId), m.base, m.base);
+      chmodSync(this.overlayDir(spec.vmId), 0o700);
+      this.ownByMappedRoot(upper, "writable layer", spec.vmId);
     }
-    // The home on shared storage, created on first use (the VMA owns it to the user).
-    mkdirSync(spec.home.hostPath, { recursive: true, mode: 0o755 });
+    // The home on shared storage, created on first use (the VMA owns it to the user); the
+    // directories above it are gated like basefs.
+    const homesRoot = this.o.homesRoot ?? join(this.o.storageRoot, "homes");
+    const below = relative(homesRoot, dirname(spec.home.hostPath));
+    if (!below.startsWith("..") && !below.startsWith("/")) {
+      gateDir(homesRoot, m);
+      let d = homesRoot;
+      for (const part of below.split("/").filter(Boolean)) gateDir((d = join(d, part)), m);
+    }
+    this.ownByMappedRoot(spec.home.hostPath, "home", spec.vmId);
     const state: VmState = { persistent: spec.overlay.persistent, overlay: spec.overlay.enabled };
     writeFileSync(join(vmDir, "state.json"), JSON.stringify(state) + "\n");
-    writeSecret(join(vmDir, "vma.json"), JSON.stringify({ vm_id: spec.vmId, secret: spec.vma.secret, node_address: spec.network.gateway, port: spec.vma.port, settings: spec.vma.settings ?? {} }) + "\n");
+    // Readable by the guest's root only (owner: the mapped root, mode 0400).
+    writeSecret(join(vmDir, "vma.json"), JSON.stringify({ vm_id: spec.vmId, secret: spec.vma.secret, node_address: spec.network.gateway, port: spec.vma.port, settings: spec.vma.settings ?? {} }) + "\n", m.base);
     writeFileSync(join(vmDir, "net-up"), this.net.attachScript(), { mode: 0o700 });
     writeFileSync(join(vmDir, "seccomp"), SECCOMP);
     const vmaInit = this.o.vmaInit ?? true;
@@ -327,12 +405,43 @@ export class LxcBackend implements Backend {
       guestQvdPath: guestQvdPath(spec, this.o.guestQvdPath ?? "/usr/local/bin/qvd"),
       // Not SIGPWR (LXC's default) for the VMA: Bun (1.4) never delivers SIGPWR to handlers.
       haltSignal: this.o.haltSignal ?? (vmaInit ? "SIGTERM" : "SIGRTMIN+3"),
-      apparmorProfile: this.o.apparmorProfile ?? (apparmorEnabled() ? "generated" : "unconfined"),
+      apparmorProfile: this.o.apparmorProfile ?? this.defaultApparmor(),
       extraConfig: this.o.extraConfig,
+      idmap: m,
     });
     writeFileSync(join(vmDir, "config"), config);
     if (this.cgroups.memory === null) log.warn("no memory cgroup controller found: the desktop's memory is not limited", { vm: spec.vmId });
     await this.net.addVm({ vmId: spec.vmId, ifname: vethName(spec.vmId), ip: spec.network.ip, mac: spec.network.mac });
+  }
+
+  /** LXC's generated profile where AppArmor is on; else said once, since nothing replaces it. */
+  private defaultApparmor(): string {
+    if (apparmorEnabled()) return "generated";
+    if (!apparmorNoted) {
+      apparmorNoted = true;
+      log.info("AppArmor is not enabled on this node: desktops are confined by their user namespace, capabilities and seccomp only");
+    }
+    return "unconfined";
+  }
+
+  /**
+   * A directory the container's root must own: created owned by the mapped root, or, when it
+   * holds ids from before unprivileged desktops (its owner below the range), shifted once.
+   */
+  private ownByMappedRoot(dir: string, what: string, vmId: number): void {
+    const m = this.idmap;
+    if (!existsSync(dir)) {
+      mkdirSync(dir, { recursive: true, mode: 0o755 });
+      chownSync(dir, m.base, m.base);
+      return;
+    }
+    const st = lstatSync(dir);
+    if (!st.isDirectory()) throw new UserError(`the desktop's ${what} ${dir} is not a directory`);
+    if (st.uid < m.size) {
+      const t0 = performance.now();
+      const n = shiftTree(dir, m);
+      log.info(`shifted the ${what} into the desktops' id range`, { vm: vmId, dir, entries: n, ms: Math.round(performance.now() - t0) });
+    }
   }
 
   async start(spec: VmSpec): Promise<{ pid?: number }> {
@@ -492,11 +601,45 @@ export function removeEmptyCgroups(name: string): string[] {
   return removed;
 }
 
-/** Writes a file only root can read, replacing any earlier one (which is read-only). */
-function writeSecret(file: string, data: string): void {
+/** Writes a file only its owner (root, or `owner`) can read, replacing any earlier one (read-only). */
+function writeSecret(file: string, data: string, owner?: number): void {
   rmSync(file, { force: true });
   writeFileSync(file, data, { mode: 0o400 });
+  if (owner !== undefined) chownSync(file, owner, owner);
   chmodSync(file, 0o400);
+}
+
+/**
+ * Shifts the ownership of a tree into the id map: every uid and gid below `size` gets `base`
+ * added; ids already shifted (or foreign) stay, so it is idempotent and a crash midway is
+ * finished by the next run (the top directory goes last: it says whether a shift is due).
+ * Never follows symlinks, never crosses into another filesystem; modes are kept (chown clears
+ * setuid/setgid; they are restored) and file capabilities are dropped by the kernel's chown.
+ * Returns the number of entries changed.
+ */
+export function shiftTree(top: string, m: IdMap): number {
+  const dev = lstatSync(top).dev;
+  let changed = 0;
+  const shift = (p: string) => {
+    const st = lstatSync(p);
+    const uid = st.uid < m.size ? st.uid + m.base : st.uid;
+    const gid = st.gid < m.size ? st.gid + m.base : st.gid;
+    if (uid === st.uid && gid === st.gid) return;
+    lchownSync(p, uid, gid);
+    if (!st.isSymbolicLink() && st.mode & 0o6000) chmodSync(p, st.mode & 0o7777);
+    changed++;
+  };
+  const walk = (dir: string) => {
+    for (const e of readdirSync(dir, { withFileTypes: true })) {
+      const p = join(dir, e.name);
+      if (lstatSync(p).dev !== dev) continue; // a mount point: not ours to change
+      if (e.isDirectory()) walk(p);
+      shift(p);
+    }
+  };
+  walk(top);
+  shift(top);
+  return changed;
 }
 
 /** Removes a directory tree; renames it first so that a half-removed tree is never reused. */
