@@ -8,9 +8,13 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, wri
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { provision } from "../src/vma/provision.ts";
+import { startNxRelay, type NxRelay } from "./support/nx-relay.ts";
 
 const repo = join(import.meta.dir, "..");
 const SECRET = "s3cret-of-this-start-0123456789";
+/** The NX cookies of x_start (the L7R makes one per x_start); nxproxy reaches nxagent through a relay that adds it. */
+const COOKIE = "0123456789abcdef0123456789abcdef";
+const COOKIE2 = "fedcba9876543210fedcba9876543210";
 let work: string;
 const started: { pid: number; kill: (sig?: number | NodeJS.Signals) => void; exited: Promise<number> }[] = [];
 let xvfbDisplay = 0;
@@ -176,7 +180,7 @@ describe("access", () => {
   });
 
   test("x_start parameters are checked: 422 naming the field", async () => {
-    const ok = { user: "alice", uid: 2000, gid: 2000 };
+    const ok = { user: "alice", uid: 2000, gid: 2000, cookie: COOKIE };
     const cases: [Record<string, unknown>, string][] = [
       [{ ...ok, geometry: "800x600,evil=1" }, "geometry"],
       [{ ...ok, geometry: "big" }, "geometry"],
@@ -192,6 +196,10 @@ describe("access", () => {
       [{ uid: 2000, gid: 2000 }, "user"],
       [{ ...ok, nxagent_args: "-foo" }, "nxagent_args"],
       [{ ...ok, properties: { "qvd.vm.user.groups": "audio;rm -rf" } }, "properties"],
+      [{ user: "alice", uid: 2000, gid: 2000 }, "cookie"],
+      [{ ...ok, cookie: COOKIE.toUpperCase() }, "cookie"],
+      [{ ...ok, cookie: `${COOKIE},accept=0.0.0.0` }, "cookie"],
+      [{ ...ok, cookie: "" }, "cookie"],
     ];
     for (const [body, field] of cases) {
       const r = await call(v, "POST", "/vma/x_start", body);
@@ -269,8 +277,9 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
   };
   const waitState = (want: string, timeoutMs = 20_000) =>
     waitFor(`state ${want} (seen ${states.join(" → ")}; vma: ${v.err.text().split("\n").slice(-8).join("\n")})`, async () => ((await state()).state === want ? true : undefined), timeoutMs, 50);
+  let relay: NxRelay;
   const startProxy = () => {
-    proxy = spawn(["nxproxy", "-S", `localhost:${nxDisplay}`], { DISPLAY: `:${xvfbDisplay}` });
+    proxy = spawn(["nxproxy", "-S", `localhost:${relay.display}`], { DISPLAY: `:${xvfbDisplay}` });
     collect(proxy.stdout);
     return collect(proxy.stderr);
   };
@@ -281,8 +290,10 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     writeFileSync(session, "#!/bin/sh\necho session started as $(id -u) in $HOME\nexec sleep 1000\n");
     chmodSync(session, 0o755);
     v = await startVma("session", { "vma.provision.root": root, "vma.session.command": session, "vma.timeout.listening": 30 });
+    relay = startNxRelay({ host: "127.0.0.1", targetPort: 4000 + nxDisplay, cookie: COOKIE });
   });
   afterAll(() => {
+    relay?.stop();
     proxy?.kill("SIGKILL");
     v.proc.kill("SIGTERM");
     writeFileSync(join(work, "session", "vma.log"), v.err.text());
@@ -290,12 +301,16 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
 
   test("x_start provisions, nxagent listens on 4000+display", async () => {
     const properties = { "qvd.vm.user.groups": "daemon", "my.site": "a=b\nc", "qvd.client.link": "lan", "qvd.slave.key": "k".repeat(64) };
-    const r = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, keyboard: "pc105/us", client_os: "linux", link: "lan", geometry: "800x600", fullscreen: false, properties });
+    const r = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, keyboard: "pc105/us", client_os: "linux", link: "lan", geometry: "800x600", fullscreen: false, properties, cookie: COOKIE });
     expect(r).toMatchObject({ status: 200, body: { state: "starting" } });
     states.push("starting");
     await waitState("listening");
     expect(["starting", "provisioning"]).toContain(states[1]!);
-    expect(readFileSync(join(v.runDir, "nxagent.conf"), "utf8")).toBe(`nx/nx,keyboard=pc105/us,client=linux,link=lan,geometry=800x600,fullscreen=0,tolerancechecks=risky:${nxDisplay}\n`);
+    // The cookie and the node's address (accept=) lock nxagent; the file is nxagent's (the
+    // user's group) to read, not the user's to change.
+    const conf = join(v.runDir, "nxagent.conf");
+    expect(readFileSync(conf, "utf8")).toBe(`nx/nx,keyboard=pc105/us,client=linux,link=lan,geometry=800x600,fullscreen=0,tolerancechecks=risky,cookie=${COOKIE},accept=127.0.0.1:${nxDisplay}\n`);
+    expect([statSync(conf).uid, statSync(conf).gid, statSync(conf).mode & 0o777]).toEqual([process.getuid!(), UID, 0o640]);
     expect(readFileSync(join(root, "etc/passwd"), "utf8")).toContain(`alice:x:${UID}:${UID}::/home/alice:`);
     // The session's qvd.vm.user.groups property gave the supplementary groups (not vma.user.groups).
     expect(readFileSync(join(root, "etc/group"), "utf8")).toMatch(/^daemon:x:\d+:alice$/m);
@@ -310,7 +325,7 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     // the first connection as the NX proxy's and aborts the session when it closes.)
     expect(tcpListening(4000 + nxDisplay)).toBe(true);
     // A second x_start while listening is refused.
-    const again = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID });
+    const again = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, cookie: COOKIE });
     expect(again.status).toBe(409);
     expect(again.body.error).toContain("state listening");
   });
@@ -335,22 +350,24 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     expect(log).toContain(`session started as ${UID} in ${join(root, "home/alice")}`);
   });
 
-  test("x_suspend suspends; x_start resumes; a new nxproxy reconnects", async () => {
+  test("x_suspend suspends; x_start resumes with a new cookie; a new nxproxy reconnects", async () => {
     expect((await call(v, "POST", "/vma/x_suspend")).status).toBe(200);
     await waitState("suspended", 30_000);
     await waitFor("nxproxy to end", () => (proxy!.exitCode !== null || proxy!.signalCode !== null ? true : undefined), 15_000);
-    const r = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, geometry: "640x480" });
+    const r = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, geometry: "640x480", cookie: COOKIE2 });
     expect(r).toMatchObject({ status: 200, body: { state: "starting" } });
-    expect(readFileSync(join(v.runDir, "nxagent.conf"), "utf8")).toContain("geometry=640x480");
+    expect(readFileSync(join(v.runDir, "nxagent.conf"), "utf8")).toMatch(new RegExp(`geometry=640x480,.*,cookie=${COOKIE2},accept=127\\.0\\.0\\.1:`));
+    relay.cookie = COOKIE2; // nxagent reads the new one on resuming
     await waitState("listening");
     startProxy();
     await waitState("connected");
     // x_start while connected: nxagent is told to suspend, the caller to retry.
-    const busy = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID });
+    const busy = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, cookie: COOKIE });
     expect(busy.status).toBe(409);
     await waitState("suspended", 30_000);
-    const r2 = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID });
+    const r2 = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, cookie: COOKIE });
     expect(r2.status).toBe(200);
+    relay.cookie = COOKIE;
     await waitState("listening");
     startProxy();
     await waitState("connected");
@@ -396,7 +413,7 @@ describe("as PID 1 (new PID namespace)", () => {
     await Bun.sleep(500);
     await waitFor("orphans to be reaped", () => (zombies().length === 0 ? true : undefined), 5_000);
     // A session is running; SIGTERM stops it and ends PID 1 (the container).
-    expect((await call(v, "POST", "/vma/x_start", { user: "alice", uid: 2000, gid: 2000 })).status).toBe(200);
+    expect((await call(v, "POST", "/vma/x_start", { user: "alice", uid: 2000, gid: 2000, cookie: COOKIE })).status).toBe(200);
     await waitFor("listening", async () => ((await call(v, "GET", "/vma/x_state")).body.state === "listening" ? true : undefined));
     process.kill(vmaPid, "SIGTERM");
     expect(await v.proc.exited).toBe(0);

@@ -17,7 +17,8 @@ import { createUserToken, useUserToken } from "../db/tokens.ts";
 import { vmaCall, VmaError, type VmaTarget } from "../hkd/vma-client.ts";
 import { logger } from "../log.ts";
 import { HttpParseError, jsonResponse, RequestReader, textResponse, writeHead, type HttpRequest, type ReaderLimits } from "../nx/http.ts";
-import { ioHandlers, splice, type Io, type IoData, type IoSocket } from "../nx/splice.ts";
+import { newNxCookie, spliceNx } from "../nx/handshake.ts";
+import { ioHandlers, type Io, type IoData, type IoSocket } from "../nx/splice.ts";
 import { localAuth, type Authenticate } from "./local-auth.ts";
 import { CLIENT_PARAM, xStartBody, XStartParamError } from "./x-start.ts";
 
@@ -35,11 +36,13 @@ export interface L7rTimeouts {
   xStart: number;
   /** x_start attempts. */
   xStartAttempts: number;
+  /** Seconds the client has, after the 101, to send its NX greeting. */
+  nxHandshake: number;
   /** Seconds of each VMA call. */
   vma: number;
 }
 
-export const DEFAULT_TIMEOUTS: L7rTimeouts = { request: 30, idle: 300, vmStart: 270, vmStop: 270, takeover: 30, xStart: 10, xStartAttempts: 21, vma: 4 };
+export const DEFAULT_TIMEOUTS: L7rTimeouts = { request: 30, idle: 300, vmStart: 270, vmStop: 270, takeover: 30, xStart: 10, xStartAttempts: 21, nxHandshake: 30, vma: 4 };
 
 export interface L7rOptions {
   sql: Sql;
@@ -417,7 +420,9 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         this.progress(`Session acquired for VM_ID: ${id}`);
         const running = await this.startAndWait(id, user);
         const slaveKey = randomBytes(48).toString("base64").replace(/[+/=]/g, "").slice(0, 64).padEnd(64, "A");
-        await this.startX(running, user, params, slaveKey, host);
+        // nxagent takes only a proxy that presents this cookie; the splice adds it to the client's greeting.
+        const cookie = newNxCookie();
+        await this.startX(running, user, params, slaveKey, cookie, host);
         this.progress(`Connecting X session for VM_ID: ${id}`);
         await incrementHostCounter(sql, host.id, "nx_attempts").catch(() => {});
         const nx = await this.connectNx(running);
@@ -433,7 +438,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         this.nx = nx;
         const started = Date.now();
         const rest = this.reader.rest();
-        void splice(this.s, nx, { toB: rest }).then(async (r) => {
+        const onRefused = (reason: string) => log.warn("NX handshake refused", { vm: id, user: user.login, reason });
+        void spliceNx(this.s, nx, { cookie, initial: { toB: rest }, timeoutMs: t.nxHandshake * 1000, onRefused }).then(async (r) => {
           log.info("session ended", { vm: id, user: user.login, up: r.aToB, down: r.bToA });
           if (Date.now() - started < 120_000) await incrementHostCounter(sql, host.id, "short_sessions").catch(() => {});
           this.closed = true;
@@ -506,11 +512,11 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       }
     }
 
-    private async startX(vm: L.SessionVm, user: AuthenticatedUser, params: Map<string, string>, slaveKey: string, host: L.L7rHost) {
+    private async startX(vm: L.SessionVm, user: AuthenticatedUser, params: Map<string, string>, slaveKey: string, cookie: string, host: L.L7rHost) {
       const target: VmaTarget = { address: vm.vm_address!, port: vm.vma_port!, secret: vm.vma_secret! };
       let body;
       try {
-        body = xStartBody({ client: params, layers: await L.sessionProperties(sql, vm.vm_id), user, hostAddress: host.address, slaveKey });
+        body = { ...xStartBody({ client: params, layers: await L.sessionProperties(sql, vm.vm_id), user, hostAddress: host.address, slaveKey }), cookie };
       } catch (err) {
         if (err instanceof XStartParamError) throw unavailable(`The desktop is misconfigured (${err.message}), ask an administrator`);
         throw err;

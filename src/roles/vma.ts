@@ -104,6 +104,8 @@ export default defineCommand({
       xinit: cfg.get("vma.command.xinit"),
       nxagentExtraArgs: split(cfg.get("vma.nxagent.args.extra")),
       tolerancechecks: cfg.get("vma.nxagent.tolerancechecks"),
+      // A second lock beside the session's cookie: nxagent takes only the node (IPv4 only in nxcomp).
+      acceptFrom: /^\d+\.\d+\.\d+\.\d+$/.test(vf.node_address) ? vf.node_address : "",
       sessionCommand: split(cfg.get("vma.session.command")),
       asCurrentUser: cfg.get("vma.session.as_current_user"),
       root: cfg.get("vma.provision.root"),

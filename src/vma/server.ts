@@ -7,7 +7,7 @@
 //
 //   GET  /vma/ping       → 200 {"ok":true,"vm_id":N,"state":S}
 //   GET  /vma/x_state    → 200 {"state":S,"since":ISO,"nx_state":W[,"user":U][,"error":E]}
-//   POST /vma/x_start    {user,uid,gid,home?,keyboard?,client_os?,link?,geometry?,fullscreen?,properties?}
+//   POST /vma/x_start    {user,uid,gid,cookie,home?,keyboard?,client_os?,link?,geometry?,fullscreen?,properties?}
 //                        → 200 {"state":"starting"} | 409 {"error","state"}
 //   POST /vma/x_suspend  → 200 {"state":S}
 //   POST /vma/x_stop     → 200 {"state":S}
@@ -46,6 +46,8 @@ export const xStartSchema = z
         message: "qvd.vm.user.groups: expected group names separated by commas or spaces",
       })
       .optional(),
+    // The NX cookie nxagent demands (src/nx/handshake.ts): chosen per x_start by the L7R.
+    cookie: z.string().regex(/^[0-9a-f]{32}$/, "expected the session's NX cookie: 32 lower-case hex digits"),
   })
   .strict();
 

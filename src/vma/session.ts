@@ -49,6 +49,8 @@ export interface SessionParams {
   geometry?: string;
   fullscreen?: boolean;
   properties?: Record<string, string | number | boolean>;
+  /** The NX cookie nxagent demands of the connecting proxy (src/nx/handshake.ts); x_start requires it. */
+  cookie?: string;
 }
 
 export interface SessionOptions {
@@ -57,6 +59,8 @@ export interface SessionOptions {
   xinit: string;
   nxagentExtraArgs: string[];
   tolerancechecks: string;
+  /** nxagent takes connections from this address only (`accept=`; the node's); empty: any. */
+  acceptFrom: string;
   /** The session program and its arguments; empty: qvd-session or Xsession of the image. */
   sessionCommand: string[];
   /** Test aid: no provisioning, no privilege change. */
@@ -92,16 +96,21 @@ const NX_TO_X: Record<string, XState> = {
   terminating: "stopping", aborting: "stopping", terminated: "stopping", aborted: "stopping",
 };
 
-/** The one line of the nxagent options file: `nx/nx,keyboard=…,…:100`. Values were validated. */
-export function nxagentOptions(p: SessionParams, display: number, tolerancechecks: string): string {
+/**
+ * The one line of the nxagent options file: `nx/nx,keyboard=…,…,cookie=…,accept=…:100`. Values
+ * were validated. Without a cookie nxagent would take whoever connects first: none, no session.
+ */
+export function nxagentOptions(p: SessionParams, display: number, tolerancechecks: string, acceptFrom = ""): string {
+  if (!p.cookie || !/^[0-9a-f]{32}$/.test(p.cookie)) throw new UserError("x_start needs the session's NX cookie");
   const o: string[] = [];
   if (p.keyboard) o.push(`keyboard=${p.keyboard}`);
   if (p.client_os) o.push(`client=${NX_CLIENT_OS[p.client_os] ?? "linux"}`);
   if (p.link) o.push(`link=${p.link}`);
   if (p.geometry) o.push(`geometry=${p.geometry}`);
   if (p.fullscreen !== undefined) o.push(`fullscreen=${p.fullscreen ? 1 : 0}`);
-  o.push(`tolerancechecks=${tolerancechecks}`);
-  for (const v of o) if (!/^[\w]+=[\w/+-]+$/.test(v)) throw new UserError(`bad nxagent option ${JSON.stringify(v)}`);
+  o.push(`tolerancechecks=${tolerancechecks}`, `cookie=${p.cookie}`);
+  if (acceptFrom) o.push(`accept=${acceptFrom}`);
+  for (const v of o) if (!/^[\w]+=[\w/+.-]+$/.test(v)) throw new UserError(`bad nxagent option ${JSON.stringify(v)}`);
   return `nx/nx,${o.join(",")}:${display}`;
 }
 
@@ -299,8 +308,18 @@ export class Session {
     this.stop();
   }
 
+  /**
+   * The options file holds the cookie: nxagent (the user's) must read it, nothing else in the
+   * desktop may, and the user must not change it (accept=, cookie=): owned by the VMA, group the
+   * session's, mode 0640. The session's own programs run as the same user and could read it
+   * too; they gain nothing: nxagent takes connections from the node's address only.
+   */
   private writeOptions(p: SessionParams): void {
-    writeFileSync(this.optionsFile, nxagentOptions(p, this.opts.display, this.opts.tolerancechecks) + "\n", { mode: 0o644 });
+    const f = this.optionsFile;
+    const line = nxagentOptions(p, this.opts.display, this.opts.tolerancechecks, this.opts.acceptFrom) + "\n";
+    rmSync(f, { force: true });
+    writeFileSync(f, line, { mode: this.opts.asCurrentUser ? 0o600 : 0o640 });
+    if (!this.opts.asCurrentUser && this.account) chownSync(f, process.getuid!(), this.account.gid);
   }
 
   get propertiesFile(): string { return join(this.opts.runDir, "session.properties"); }
@@ -363,13 +382,16 @@ export class Session {
       : ["setpriv", `--reuid=${account.uid}`, `--regid=${account.gid}`, account.groups.length ? `--groups=${account.groups.join(",")}` : "--clear-groups", "--"];
     const argv = [...priv, o.xinit, ...client, "--", ...server];
     const logFile = join(o.runDir, "nxagent.log");
+    try { chmodSync(logFile, 0o600); } catch {} // made by an older VMA, or missing
     this.waiting = false;
     const daemon = spawnDaemon(argv, {
       cwd: homeOnDisk,
       env,
       detached: true,
       onLine: (line) => {
-        try { appendFileSync(logFile, line + "\n"); } catch {}
+        // nxagent prints both cookies when a proxy presents a wrong one: not into the log.
+        const cookie = this.params?.cookie;
+        try { appendFileSync(logFile, (cookie ? line.replaceAll(cookie, "<cookie>") : line) + "\n", { mode: 0o600 }); } catch {}
         this.onLine(line);
       },
     });
