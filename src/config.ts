@@ -104,6 +104,7 @@ export const KEYS = {
   "l7r.timeout.vm_start": key(int(1), 270, "Seconds connect_to_vm waits for a stopped desktop to be running.", { scope: "cluster" }),
   "l7r.timeout.vm_stop": key(int(1), 270, "Seconds stop_vm waits for the desktop to be stopped.", { scope: "cluster" }),
   "l7r.timeout.x_start": key(int(1), 10, "Seconds connect_to_vm waits for nxagent to listen after x_start (not counted while the VMA provisions the user).", { scope: "cluster" }),
+  "l7r.timeout.nx_handshake": key(int(1), 30, "Seconds a client has, after connect_to_vm's 101, to send its NX proxy's greeting (the L7R adds the session's cookie to it before nxagent sees it).", { scope: "cluster" }),
   "l7r.timeout.takeover": key(int(1), 30, "Seconds a new connection waits for the previous holder of a desktop's session to let it go.", { scope: "cluster" }),
   "l7r.timeout.request": key(int(1), 30, "Seconds a client has to send a complete request once it began one."),
   "l7r.timeout.idle": key(int(1), 300, "Seconds an idle client connection (between requests) is kept open."),

@@ -53,6 +53,7 @@ export async function startL7rRole(cfg: Config, opts: { authenticate?: Authentic
         vmStart: cfg.get("l7r.timeout.vm_start"),
         vmStop: cfg.get("l7r.timeout.vm_stop"),
         xStart: cfg.get("l7r.timeout.x_start"),
+        nxHandshake: cfg.get("l7r.timeout.nx_handshake"),
         takeover: cfg.get("l7r.timeout.takeover"),
         request: cfg.get("l7r.timeout.request"),
         idle: cfg.get("l7r.timeout.idle"),
