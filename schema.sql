@@ -1,4 +1,4 @@
--- QVD schema, version 3 (the canonical schema; `qvd db init` applies it to an empty database,
+-- QVD schema, version 5 (the canonical schema; `qvd db init` applies it to an empty database,
 -- `qvd db migrate` brings older databases here with the numbered files in src/db/migrations/).
 --
 -- Conventions
@@ -101,6 +101,20 @@ CREATE TABLE admin_sessions (
 );
 CREATE INDEX admin_sessions_admin ON admin_sessions (administrator_id);
 CREATE INDEX admin_sessions_expiry ON admin_sessions (expires_at);
+
+-- Failed-login throttling of the API and the L7R (src/auth/throttle.ts): one row per key (a
+-- service's account, a client address, or an address an account logged in from). A try takes
+-- its slot under the row lock before the password is checked, so parallel tries on any process
+-- are counted; tries refused without a check change nothing.
+CREATE TABLE login_throttle (
+  key           text PRIMARY KEY,
+  failures      integer NOT NULL DEFAULT 0 CHECK (failures >= 0),
+  failed_at     timestamptz,
+  pending       integer NOT NULL DEFAULT 0 CHECK (pending >= 0),
+  pending_until timestamptz,
+  updated_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX login_throttle_updated ON login_throttle (updated_at);
 
 -- Platform objects ----------------------------------------------------------------------------
 

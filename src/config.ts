@@ -4,6 +4,7 @@
 //   global scope, then the tenant's) < QVD_* environment < command-line flags.
 // Node keys describe one machine and never come from the database; cluster keys should be
 // the same on every node and are normally set through the API (the `configs` table).
+import { isIP } from "node:net";
 import { hostname } from "node:os";
 import { existsSync, readFileSync } from "node:fs";
 import { z } from "zod";
@@ -95,6 +96,7 @@ export const KEYS = {
   "api.tls.key": key(str, "", "PEM private key file of the admin API.", { secret: true }),
   "api.session.ttl": key(int(60), 3600, "Seconds of inactivity after which an admin session expires.", { scope: "cluster" }),
   "api.upload.max_bytes": key(int(1), 64 * 1024 ** 3, "Largest disk image the API accepts in one upload, in bytes."),
+  "api.trusted_proxies": key(z.string().refine((v) => v.trim() === "" || v.split(",").every((x) => isIP(x.trim().split("/")[0]!) !== 0 && /^[^/]+(\/\d{1,3})?$/.test(x.trim())), "expected addresses or networks such as 10.0.0.5, 10.1.0.0/16, ::1, comma-separated"), "", "Reverse proxies in front of the API (addresses or networks, comma-separated): from them the client's address is taken from X-Forwarded-For (the rightmost address that is not a trusted proxy); empty: the socket's address."),
 
   "l7r.listen": key(hostPort, ":8443", "Address and port the L7R (user broker) listens on, over TLS."),
   "l7r.listen.unix": key(str, "", "A unix socket the L7R listens on as well, also TLS (empty: none); `qvd demo` relays 127.0.0.1:8443 to it across network namespaces."),
@@ -137,6 +139,14 @@ export const KEYS = {
   "auth.autoprovision.osf": key(str, "", "Name of the tenant's OSF for auto-provisioned VMs (empty: create the user only).", { scope: "cluster", tenant: true }),
   "auth.autoprovision.vm_name": key(z.string().min(1).max(60), "%u", "Name of an auto-provisioned VM (%u: the login).", { scope: "cluster", tenant: true }),
   "auth.autoprovision.di_tag": key(z.string().regex(/^[^\s,]{1,128}$/, "1 to 128 characters, no spaces or commas"), "default", "Image tag of auto-provisioned VMs.", { scope: "cluster", tenant: true }),
+  // Failed-login throttling of the API and the L7R (src/auth/throttle.ts): farm-wide, as a
+  // tenant's administrator must not loosen what protects every account.
+  "auth.throttle.account.tries": key(int(1, 1000), 5, "Failed logins of one account (from any address) before its next tries must wait (from addresses it has not logged in from lately).", { scope: "cluster" }),
+  "auth.throttle.address.tries": key(int(1, 100000), 20, "Failed logins from one client address (any accounts) before its next tries must wait.", { scope: "cluster" }),
+  "auth.throttle.delay": key(int(1, 3600), 2, "Seconds of the first wait (announced as Retry-After); each further failure doubles it.", { scope: "cluster" }),
+  "auth.throttle.max_delay": key(int(1, 86400), 600, "Longest wait, in seconds, after any number of failures.", { scope: "cluster" }),
+  "auth.throttle.forget": key(int(60), 86400, "Seconds without a failure after which an account's or address's failures are forgotten.", { scope: "cluster" }),
+  "auth.throttle.known_for": key(int(0), 30 * 86400, "Seconds an address an account logged in from is not held back by that account's failures (0: never).", { scope: "cluster" }),
   // Identity of desktop users (qvd.vm.user.* properties, LDAP attributes), checked by the API, the
   // L7R and the VMA (src/auth/identity.ts). Global only: a tenant's own value is never used.
   "identity.home.base": key(z.string().regex(/^(\/[A-Za-z0-9_-][A-Za-z0-9_.-]*)+$/, "expected an absolute directory such as /home (not /)").refine((p) => !p.split("/").some((c) => c === "." || c === ".."), "must not contain . or .."), "/home", "Homes of desktop users must be below this directory.", { scope: "cluster" }),

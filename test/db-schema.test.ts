@@ -109,6 +109,7 @@ test("the real migrations take a version-1 database to the current schema", asyn
     await db.sql`DROP TRIGGER vms_ip_guard ON vms`;
     await db.sql`DROP FUNCTION vm_ip_guard()`;
     await db.sql`DROP INDEX vm_runtimes_address`;
+    await db.sql`DROP TABLE login_throttle`;
     await db.sql`DELETE FROM schema_migrations`;
     await db.sql`INSERT INTO schema_migrations (version, name) VALUES (1, 'initial schema')`;
     expect((await schemaStatus(db.sql)).pending).toEqual(MIGRATIONS.map((m) => m.version));
@@ -120,6 +121,8 @@ test("the real migrations take a version-1 database to the current schema", asyn
     expect(triggers.map((t) => t.tgname)).toEqual(["admin_sessions_end", "vms_ip_guard"]);
     const indexes = await db.sql`SELECT indexdef FROM pg_indexes WHERE indexname = 'vm_runtimes_address'`;
     expect(indexes.map((i) => i.indexdef)).toEqual([expect.stringContaining("UNIQUE INDEX vm_runtimes_address ON public.vm_runtimes USING btree (vm_address) WHERE (vm_address IS NOT NULL)")]);
+    const [throttle] = await db.sql`SELECT to_regclass('public.login_throttle') IS NOT NULL AS has`;
+    expect(throttle!.has).toBe(true);
   } finally {
     await db.sql.end();
   }

@@ -1,6 +1,8 @@
 // Administrator login, sessions and the current administrator. Failed logins are throttled
-// per account and per address, counted from the audit log so that every API node agrees.
+// per account and per address (src/auth/throttle.ts), counted in the database so that every
+// API process agrees.
 import { z } from "zod";
+import { beginLogin, throttlePolicy } from "../auth/throttle.ts";
 import * as D from "../db/index.ts";
 import { DataError } from "../db/errors.ts";
 import type { Admin, Ctx, Route } from "./context.ts";
@@ -8,9 +10,6 @@ import { ApiError, unauthorized } from "./http.ts";
 import { objectBody } from "./resources.ts";
 
 export const SESSION_COOKIE = "qvd_session";
-const THROTTLE_WINDOW_S = 900;
-const MAX_ACCOUNT_FAILURES = 5;
-const MAX_ADDRESS_FAILURES = 20;
 
 const LoginBody = z.object({
   tenant: z.string().max(80).optional(),
@@ -42,7 +41,11 @@ export async function authenticate(ctx: Pick<Ctx, "sql" | "cfg">, token: string 
   return { id: row.id, name: row.name, tenant_id: row.tenant_id, tenant_name: row.tenant_name, superadmin: row.superadmin, acls, sessionId: s.sessionId, token };
 }
 
-/** Splits `name@tenant` and finds the tenant; without one, the global scope then `default`. */
+/**
+ * Splits `name@tenant` and finds the tenant; without one, the global scope then `default`. A
+ * tenant that does not exist stays in the list as id -1 (nobody), so that a login costs the
+ * same password checks whether the tenant and the account exist or not.
+ */
 async function resolveTenants(ctx: Ctx, name: string, tenant?: string): Promise<{ name: string; tenants: { id: number; name: string; blocked: boolean }[] }> {
   let n = name;
   let t = tenant;
@@ -50,7 +53,7 @@ async function resolveTenants(ctx: Ctx, name: string, tenant?: string): Promise<
   if (t === undefined && at > 0) [n, t] = [name.slice(0, at), name.slice(at + 1)];
   const names = t !== undefined ? [t] : ctx.cfg.get("wat.multitenant") ? ["*"] : ["*", "default"];
   const rows = await ctx.sql`SELECT id, name, blocked FROM tenants WHERE name = ANY(${names}::text[])`;
-  const tenants = names.map((x) => rows.find((r) => r.name === x)).filter(Boolean) as { id: number; name: string; blocked: boolean }[];
+  const tenants = names.map((x) => (rows.find((r) => r.name === x) as { id: number; name: string; blocked: boolean } | undefined) ?? { id: -1, name: x, blocked: false });
   return { name: ctx.cfg.get("model.user.login.case-sensitive") ? n : n.toLowerCase(), tenants };
 }
 
@@ -70,23 +73,28 @@ function cookieFor(ctx: Ctx, token: string, maxAge: number): string {
 async function login(ctx: Ctx) {
   const b = D.validate(LoginBody, objectBody(ctx.body));
   const { name, tenants } = await resolveTenants(ctx, b.name, b.tenant);
-  const account = `${b.tenant ?? tenants[0]?.name ?? "?"}/${name}`;
+  const account = `${b.tenant ?? tenants[0]!.name}/${name}`;
   ctx.audited.object_name = account;
   ctx.audited.arguments = { tenant: b.tenant, name: b.name };
-  const fails = await D.recentLoginFailures(ctx.sql, account, ctx.address, THROTTLE_WINDOW_S);
-  if (fails.account >= MAX_ACCOUNT_FAILURES || fails.address >= MAX_ADDRESS_FAILURES) {
-    ctx.set.headers["retry-after"] = "60";
-    throw new ApiError("too many failed logins; wait a few minutes before trying again", 429);
+  // The try takes its slot before the password is checked (parallel tries are counted).
+  const gate = await beginLogin(ctx.sql, throttlePolicy(ctx.cfg), { service: "api", account, address: ctx.address });
+  if (!gate.ok) {
+    ctx.set.headers["retry-after"] = String(gate.retryAfterS);
+    throw new ApiError(`too many failed logins; try again in ${gate.retryAfterS} seconds`, 429);
   }
   let admin: D.AdministratorRow | undefined;
-  for (const t of tenants) {
-    admin = await D.verifyAdministrator(ctx.sql, t.id, name, b.password);
-    if (admin) {
-      if (t.blocked) throw new ApiError(`tenant ${t.name} is blocked`, 403);
-      break;
+  let tenant: { name: string; blocked: boolean } | undefined;
+  try {
+    // Every candidate tenant is checked, found or not: the same cost for unknown accounts.
+    for (const t of tenants) {
+      const a = await D.verifyAdministrator(ctx.sql, t.id, name, b.password);
+      if (a && !admin) [admin, tenant] = [a, t];
     }
+  } finally {
+    await gate.done(admin !== undefined);
   }
   if (!admin) throw new ApiError("wrong tenant, name or password", 401);
+  if (tenant!.blocked) throw new ApiError(`tenant ${tenant!.name} is blocked`, 403);
   if (admin.blocked) throw new ApiError("this administrator is blocked", 403);
   ctx.audited.object_name = `${admin.tenant_name}/${admin.name}`;
   ctx.audited.object_id = admin.id;

@@ -11,6 +11,7 @@ import type { Sql } from "../db/pool.ts";
 import { logger } from "../log.ts";
 import { ACTION_ROUTES } from "./actions.ts";
 import { AUTH_ROUTES, authenticate, tokenOf } from "./auth.ts";
+import { clientAddress, trustedProxies } from "./client-address.ts";
 import type { Ctx, Route, Source } from "./context.ts";
 import { EventHub } from "./events.ts";
 import { ApiError, checkInput, errorBody, forbidden, readJson } from "./http.ts";
@@ -131,10 +132,12 @@ export function createApi(opts: ApiOptions) {
   // Elysia knows the server (and so the client's address) only when it starts the server
   // itself; served with Bun.serve({ fetch }), the address comes through `fetch` below.
   const addresses = new WeakMap<Request, string>();
+  const trusted = trustedProxies(opts.cfg.get("api.trusted_proxies"));
+  const addressOf = (request: Request, peer: string | undefined) => clientAddress(peer, request.headers.get("x-forwarded-for"), trusted);
   const app = new Elysia({ normalize: false });
   for (const route of routes) {
     app.route(route.method, "/api/v1" + route.path, ({ request, params, server }) =>
-      handle(route, request, (params ?? {}) as Record<string, string>, addresses.get(request) ?? server?.requestIP(request)?.address), { parse: "none" });
+      handle(route, request, (params ?? {}) as Record<string, string>, addresses.get(request) ?? addressOf(request, server?.requestIP(request)?.address)), { parse: "none" });
   }
   app.get("/api/v1/openapi.json", () => json(200, openapi));
   // The WAT: its assets are inside the binary; every other path under /wat/ is the app's own.
@@ -148,7 +151,7 @@ export function createApi(opts: ApiOptions) {
   });
   /** The handler to serve: `Bun.serve({ fetch })` (it records the client's address for the audit log and throttling). */
   const fetch = (request: Request, server?: { requestIP(r: Request): { address: string } | null }): Response | Promise<Response> => {
-    const ip = server?.requestIP(request)?.address;
+    const ip = addressOf(request, server?.requestIP(request)?.address);
     if (ip) addresses.set(request, ip);
     return app.fetch(request);
   };

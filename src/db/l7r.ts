@@ -110,16 +110,6 @@ export async function abortedSessions(db: Db, hostId: number): Promise<{ vm_id: 
     WHERE l7r_host_id = ${hostId} AND user_cmd = 'abort' AND l7r_session IS NOT NULL`) as unknown as { vm_id: number; l7r_session: string }[];
 }
 
-/** Failed user logins per account and per address in the last `seconds` (from the audit log). */
-export async function recentUserLoginFailures(db: Db, account: string, address: string | undefined, seconds: number): Promise<{ account: number; address: number }> {
-  const [r] = await db`SELECT
-      count(*) FILTER (WHERE object_name = ${account})::int AS account,
-      count(*) FILTER (WHERE address = ${address ?? ""})::int AS address
-    FROM audit_log WHERE action = 'user.login' AND source = 'l7r' AND NOT ok AND at > now() - make_interval(secs => ${seconds})
-      AND (object_name = ${account} OR address = ${address ?? ""})`;
-  return { account: r!.account, address: r!.address };
-}
-
 /** Custom property values that apply to a VM's session, per level (l7r README: x_start). */
 export interface PropertyLayers {
   osf: Record<string, string>;

@@ -89,13 +89,3 @@ export async function endSessionsOf(db: Db, administratorId: number, keepToken?:
 export async function deleteExpiredSessions(db: Db): Promise<number> {
   return (await db`DELETE FROM admin_sessions WHERE expires_at <= now() RETURNING 1`).length;
 }
-
-/** Failed logins in the last `seconds` for one account and from one address (from the audit log). */
-export async function recentLoginFailures(db: Db, account: string, address: string | undefined, seconds: number): Promise<{ account: number; address: number }> {
-  const [r] = await db`SELECT
-      count(*) FILTER (WHERE object_name = ${account})::int AS account,
-      count(*) FILTER (WHERE address = ${address ?? ""})::int AS address
-    FROM audit_log WHERE action = 'login' AND NOT ok AND at > now() - make_interval(secs => ${seconds})
-      AND (object_name = ${account} OR address = ${address ?? ""})`;
-  return { account: r!.account, address: r!.address };
-}

@@ -5,6 +5,7 @@
 import { randomBytes, randomUUID } from "node:crypto";
 import { rmSync } from "node:fs";
 import type { TCPSocketListener } from "bun";
+import { beginLogin, DEFAULT_POLICY, type ThrottlePolicy } from "../auth/throttle.ts";
 import type { AuthenticatedUser } from "../auth/user-auth.ts";
 import { audit } from "../db/audit.ts";
 import { startVm, stopVm } from "../db/commands.ts";
@@ -62,24 +63,14 @@ export interface L7rOptions {
   heartbeatWithinS?: number;
   /** Default tenant of logins without `@tenant`. */
   defaultTenant?: string;
-  /** Failed-login throttling (per account and per address, counted in the audit log). */
-  throttle?: Partial<Throttle>;
+  /** Failed-login throttling (src/auth/throttle.ts: auth.throttle.*). */
+  throttle?: Partial<ThrottlePolicy>;
 }
 
 export interface L7r {
   port: number;
   stop(): Promise<void>;
 }
-
-/** Failed logins before answers are slowed down (by `slowMs` more each), and before they are refused, per window. */
-export interface Throttle {
-  windowS: number;
-  slowAfter: number;
-  slowMs: number;
-  refuseAccount: number;
-  refuseAddress: number;
-}
-const DEFAULT_THROTTLE: Throttle = { windowS: 900, slowAfter: 3, slowMs: 500, refuseAccount: 10, refuseAddress: 50 };
 
 class Status extends Error {
   constructor(
@@ -109,7 +100,7 @@ const unavailable = (reason: string) => new Status(503, `The requested virtual m
 export async function startL7r(o: L7rOptions): Promise<L7r> {
   const t = { ...DEFAULT_TIMEOUTS, ...o.timeouts };
   const authenticate = o.authenticate ?? localAuth;
-  const THROTTLE = { ...DEFAULT_THROTTLE, ...o.throttle };
+  const throttle: ThrottlePolicy = { ...DEFAULT_POLICY, ...o.throttle };
   const sql = o.sql;
   const host0 = await L.l7rHost(sql, o.nodename);
   // Sessions this node held before it (re)started are over.
@@ -343,24 +334,34 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         const login = (sep < 0 ? full : full.slice(0, sep)).trim().toLowerCase();
         const tenantName = (sep < 0 ? (o.defaultTenant ?? "default") : full.slice(sep + 1)).trim().toLowerCase();
         const account = `${tenantName}/${login}`;
-        const fails = await L.recentUserLoginFailures(sql, account, this.address, THROTTLE.windowS);
-        if (fails.account >= THROTTLE.refuseAccount || fails.address >= THROTTLE.refuseAddress)
-          throw new Status(429, "Too many failed logins; wait a few minutes before trying again\r\n", [["Retry-After", "60"]]);
+        // The try takes its slot before the password is checked (src/auth/throttle.ts).
+        const gate = await beginLogin(sql, throttle, { service: "l7r", account, address: this.address });
+        if (!gate.ok) throw new Status(429, `Too many failed logins; try again in ${gate.retryAfterS} seconds\r\n`, [["Retry-After", String(gate.retryAfterS)]]);
         const failed = async (reason: string, tenantId?: number) => {
+          await gate.done(false);
           await audit(sql, { action: "user.login", source: "l7r", ok: false, error: reason, object_type: "user", object_name: account, tenant_id: tenantId, address: this.address });
-          // Repeated failures are answered more and more slowly.
-          const n = Math.max(fails.account, fails.address) + 1;
-          if (n > THROTTLE.slowAfter) await Bun.sleep(Math.min(5000, (n - THROTTLE.slowAfter) * THROTTLE.slowMs));
           return unauthorized;
         };
-        if (!login) throw await failed("empty login");
-        const tenant = await L.tenantByName(sql, tenantName);
-        if (!tenant || tenant.blocked) throw await failed(tenant ? "tenant blocked" : "unknown tenant");
-        const r = await authenticate(sql, { tenantId: tenant.id, tenantName: tenant.name, login, password, address: this.address });
+        let r: Awaited<ReturnType<Authenticate>>;
+        let tenant: Awaited<ReturnType<typeof L.tenantByName>>;
+        try {
+          if (!login) throw await failed("empty login");
+          tenant = await L.tenantByName(sql, tenantName);
+          if (!tenant || tenant.blocked) {
+            // A password check all the same, so that an unknown tenant answers as slowly.
+            await localAuth(sql, { tenantId: -1, tenantName, login, password, address: this.address });
+            throw await failed(tenant ? "tenant blocked" : "unknown tenant");
+          }
+          r = await authenticate(sql, { tenantId: tenant.id, tenantName: tenant.name, login, password, address: this.address });
+        } catch (e) {
+          await gate.done(null); // an error (e.g. the directory is down) checked nothing; no-op after failed()
+          throw e;
+        }
         if (r.ok !== true) throw await failed(r.ok === false ? r.reason : "no plugin knows this user", tenant.id);
         const u = await L.userForL7r(sql, r.user.userId);
         if (!u) throw await failed("no such user", tenant.id);
         if (u.blocked) throw await failed("user blocked", tenant.id);
+        await gate.done(true);
         user = r.user;
         await audit(sql, { action: "user.login", source: "l7r", ok: true, object_type: "user", object_id: u.id, object_name: account, tenant_id: tenant.id, address: this.address });
       }

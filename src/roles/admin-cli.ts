@@ -359,6 +359,7 @@ const ACTIONS: Record<string, ActionInfo[]> = {
     { verb: "block", api: "block", what: "Block (cannot log in)" },
     { verb: "unblock", api: "unblock", what: "Unblock" },
     { verb: "disconnect", api: "disconnect", what: "Disconnect every session of" },
+    { verb: "revoke-tokens", api: "revoke_tokens", what: "Revoke the L7R bearer tokens (qvd client --print-token) of" },
   ],
   host: [
     { verb: "block", api: "block", what: "Block (no new desktops on)" },

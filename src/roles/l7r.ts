@@ -3,6 +3,7 @@ import { defineCommand } from "citty";
 import { commonArgs, configFromArgs, maskUrl } from "../cli.ts";
 import type { Config } from "../config.ts";
 import { authenticateUser } from "../auth/chain.ts";
+import { throttlePolicy } from "../auth/throttle.ts";
 import { listConfigRows } from "../db/configs.ts";
 import { connect, type Sql } from "../db/pool.ts";
 import { UserError } from "../errors.ts";
@@ -49,6 +50,7 @@ export async function startL7rRole(cfg: Config, opts: { authenticate?: Authentic
       // The tenant's plugin chain (src/auth/chain.ts: l7r.auth.plugins, local by default).
       authenticate: opts.authenticate ?? ((db, attempt) => authenticateUser(db, cfg, attempt)),
       heartbeatWithinS: Math.max(30, 3 * cfg.get("hkd.heartbeat_interval")),
+      throttle: throttlePolicy(cfg),
       timeouts: {
         vmStart: cfg.get("l7r.timeout.vm_start"),
         vmStop: cfg.get("l7r.timeout.vm_stop"),
