@@ -180,7 +180,7 @@ describe("access", () => {
   });
 
   test("x_start parameters are checked: 422 naming the field", async () => {
-    const ok = { user: "alice", uid: 2000, gid: 2000, cookie: COOKIE };
+    const ok = { user: "alice", uid: 20000, gid: 20000, cookie: COOKIE };
     const cases: [Record<string, unknown>, string][] = [
       [{ ...ok, geometry: "800x600,evil=1" }, "geometry"],
       [{ ...ok, geometry: "big" }, "geometry"],
@@ -193,10 +193,10 @@ describe("access", () => {
       [{ ...ok, gid: "x" }, "gid"],
       [{ ...ok, user: "Root;rm" }, "user"],
       [{ ...ok, home: "/home/../etc" }, "home"],
-      [{ uid: 2000, gid: 2000 }, "user"],
+      [{ uid: 20000, gid: 20000 }, "user"],
       [{ ...ok, nxagent_args: "-foo" }, "nxagent_args"],
       [{ ...ok, properties: { "qvd.vm.user.groups": "audio;rm -rf" } }, "properties"],
-      [{ user: "alice", uid: 2000, gid: 2000 }, "cookie"],
+      [{ user: "alice", uid: 20000, gid: 20000 }, "cookie"],
       [{ ...ok, cookie: COOKIE.toUpperCase() }, "cookie"],
       [{ ...ok, cookie: `${COOKIE},accept=0.0.0.0` }, "cookie"],
       [{ ...ok, cookie: "" }, "cookie"],
@@ -413,7 +413,7 @@ describe("as PID 1 (new PID namespace)", () => {
     await Bun.sleep(500);
     await waitFor("orphans to be reaped", () => (zombies().length === 0 ? true : undefined), 5_000);
     // A session is running; SIGTERM stops it and ends PID 1 (the container).
-    expect((await call(v, "POST", "/vma/x_start", { user: "alice", uid: 2000, gid: 2000, cookie: COOKIE })).status).toBe(200);
+    expect((await call(v, "POST", "/vma/x_start", { user: "alice", uid: 20000, gid: 20000, cookie: COOKIE })).status).toBe(200);
     await waitFor("listening", async () => ((await call(v, "GET", "/vma/x_state")).body.state === "listening" ? true : undefined));
     process.kill(vmaPid, "SIGTERM");
     expect(await v.proc.exited).toBe(0);

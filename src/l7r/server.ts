@@ -6,7 +6,9 @@ import { randomBytes, randomUUID } from "node:crypto";
 import { rmSync } from "node:fs";
 import type { TCPSocketListener } from "bun";
 import { beginLogin, DEFAULT_POLICY, type ThrottlePolicy } from "../auth/throttle.ts";
+import { currentIdentityRules } from "../auth/identity.ts";
 import type { AuthenticatedUser } from "../auth/user-auth.ts";
+import type { Config } from "../config.ts";
 import { audit } from "../db/audit.ts";
 import { startVm, stopVm } from "../db/commands.ts";
 import { incrementHostCounter } from "../db/hosts.ts";
@@ -72,6 +74,8 @@ export interface L7r {
   stop(): Promise<void>;
 }
 
+  /** The configuration the global identity.* rows are layered over (src/auth/identity.ts). */
+  identityConfig?: Config;
 class Status extends Error {
   constructor(
     readonly status: number,
@@ -517,12 +521,16 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       const target: VmaTarget = { address: vm.vm_address!, port: vm.vma_port!, secret: vm.vma_secret! };
       let body;
       try {
-        body = { ...xStartBody({ client: params, layers: await L.sessionProperties(sql, vm.vm_id), user, hostAddress: host.address, slaveKey }), cookie };
+        const identity = await currentIdentityRules(sql, o.identityConfig);
+        body = { ...xStartBody({ client: params, layers: await L.sessionProperties(sql, vm.vm_id), user, hostAddress: host.address, slaveKey, identity }), cookie };
       } catch (err) {
         if (err instanceof XStartParamError) throw unavailable(`The desktop is misconfigured (${err.message}), ask an administrator`);
         throw err;
       }
       this.progress(`Starting X session at VM ${vm.vm_id}`);
+          // A token cannot make tokens (a stolen one would renew itself forever); refused before
+          // the token is looked at, so a single-use one is not spent on it.
+          if (/^\s*bearer\s/i.test(req.headers.get("authorization") ?? "")) throw new Status(403, "A token cannot create another token; log in with your password");
       let lastErr = "";
       for (let attempt = 0; ; attempt++) {
         await this.checkAbort(vm.vm_id);

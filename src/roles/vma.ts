@@ -12,6 +12,7 @@ import { defineCommand } from "citty";
 import { z } from "zod";
 import { setFlags } from "../cli.ts";
 import { type Config, loadConfig } from "../config.ts";
+import { identityRules } from "../auth/identity.ts";
 import { ConfigError, UserError } from "../errors.ts";
 import { logger, setLogLevel } from "../log.ts";
 import { run } from "../run.ts";
@@ -112,6 +113,7 @@ export default defineCommand({
       homePath: cfg.get("vma.user.home.path"),
       shell: cfg.get("vma.user.shell"),
       groups: cfg.get("vma.user.groups").split(",").map((g) => g.trim()).filter(Boolean),
+      identity: identityRules(cfg),
       defaultLang: cfg.get("vma.default.lang"),
       runDir: cfg.get("path.run"),
       timeouts: { starting: sec("vma.timeout.starting"), listening: sec("vma.timeout.listening"), suspending: sec("vma.timeout.suspending"), stopping: sec("vma.timeout.stopping") },
@@ -139,6 +141,7 @@ export default defineCommand({
         vmId: vf.vm_id,
         session,
         expireCommand: cfg.get("vma.on_action.expire"),
+        identity: identityRules(cfg),
         powerOff: () => {
           poweroffRequested = true;
           void powerOff(init, "poweroff method");
