@@ -110,6 +110,15 @@ export const KEYS = {
   "l7r.timeout.takeover": key(int(1), 30, "Seconds a new connection waits for the previous holder of a desktop's session to let it go.", { scope: "cluster" }),
   "l7r.timeout.request": key(int(1), 30, "Seconds a client has to send a complete request once it began one."),
   "l7r.timeout.idle": key(int(1), 300, "Seconds an idle client connection (between requests) is kept open."),
+  "l7r.timeout.handshake": key(int(1), 10, "Seconds a new connection has to complete its TLS handshake (and to send its PROXY header, when one is expected)."),
+  "l7r.timeout.first_request": key(int(1), 30, "Seconds a new connection has, after its TLS handshake, to send its first complete request."),
+  "l7r.limit.connections": key(int(1), 4096, "Client connections the L7R holds at once (more are closed at once)."),
+  "l7r.limit.connections_per_address": key(int(1), 128, "Client connections from one address at once (more are closed at once; a NAT puts a whole office behind one address)."),
+  "l7r.limit.requests_per_address": key(int(1), 32, "Requests from one address being handled at once; more are answered 429."),
+  "l7r.limit.input_bytes": key(int(1024), 65536, "Bytes of unhandled input a connection may hold; the socket is not read while a request is being handled, so only a misbehaving client reaches this (it is closed)."),
+  "l7r.limit.output_bytes": key(int(1024), 262144, "Bytes of answers a connection may hold unsent (a client that does not read); more closes it."),
+  "l7r.proxy_protocol": key(oneOf(["off", "v2"]), "off", "PROXY protocol: v2 makes connections from l7r.proxy_protocol.trusted sources begin with a v2 header naming the real client (a relay or load balancer in front); from any other source a header is refused."),
+  "l7r.proxy_protocol.trusted": key(z.string().regex(/^\s*(unix|[0-9a-fA-F.:]+\/\d{1,3})(\s*,\s*(unix|[0-9a-fA-F.:]+\/\d{1,3}))*\s*$/, "expected unix and/or networks such as 10.0.0.0/8, comma-separated"), "unix", "Sources that must send a PROXY v2 header when l7r.proxy_protocol is v2: `unix` (the l7r.listen.unix socket) and networks in CIDR form, comma-separated."),
 
   // User authentication (src/auth/): a tenant's own business, so a tenant may override these
   // (except the login split, used before the tenant is known). LDAP credentials and TLS follow
@@ -249,7 +258,7 @@ export function describeSource(s: Source): string {
 export const envName = (k: string) => "QVD_" + k.toUpperCase().replace(/[.-]/g, "_");
 const ENV_TO_KEY = new Map<string, ConfigKey>(Object.keys(KEYS).map((k) => [envName(k), k as ConfigKey]));
 /** QVD_* variables that are not keys. */
-const ENV_NOT_KEYS = new Set(["QVD_CONFIG", "QVD_DEBUG", "QVD_PASSWORD" /* qvd client */]);
+const ENV_NOT_KEYS = new Set(["QVD_CONFIG", "QVD_DEBUG", "QVD_PASSWORD" /* qvd client */, "QVD_PARENT_PID" /* children of qvd node */]);
 
 function closestKey(k: string): string | undefined {
   let best: string | undefined;

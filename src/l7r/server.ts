@@ -23,6 +23,7 @@ import { HttpParseError, jsonResponse, RequestReader, textResponse, writeHead, t
 import { newNxCookie, spliceNx } from "../nx/handshake.ts";
 import { ioHandlers, type Io, type IoData, type IoSocket } from "../nx/splice.ts";
 import { localAuth, type Authenticate } from "./local-auth.ts";
+import { inNetworks, looksLikeProxyHeader, parseProxyHeader, ProxyHeaderError, MAX_HEADER, type trustedSources } from "./proxy-protocol.ts";
 import { CLIENT_PARAM, xStartBody, XStartParamError } from "./x-start.ts";
 
 const log = logger("l7r");
@@ -32,6 +33,10 @@ export interface L7rTimeouts {
   request: number;
   /** Seconds an idle connection (between requests) is kept. */
   idle: number;
+  /** Seconds for the TLS handshake (and a PROXY header before it) from the connection's accept. */
+  handshake: number;
+  /** Seconds from the handshake to the first complete request. */
+  firstRequest: number;
   vmStart: number;
   vmStop: number;
   takeover: number;
@@ -45,7 +50,7 @@ export interface L7rTimeouts {
   vma: number;
 }
 
-export const DEFAULT_TIMEOUTS: L7rTimeouts = { request: 30, idle: 300, vmStart: 270, vmStop: 270, takeover: 30, xStart: 10, xStartAttempts: 21, nxHandshake: 30, vma: 4 };
+export const DEFAULT_TIMEOUTS: L7rTimeouts = { request: 30, idle: 300, handshake: 10, firstRequest: 30, vmStart: 270, vmStop: 270, takeover: 30, xStart: 10, xStartAttempts: 21, nxHandshake: 30, vma: 4 };
 
 export interface L7rOptions {
   sql: Sql;
@@ -61,10 +66,16 @@ export interface L7rOptions {
   authenticate?: Authenticate;
   timeouts?: Partial<L7rTimeouts>;
   limits?: Partial<ReaderLimits>;
+  /** What one client may hold (connections, requests in progress, unread input, unsent output). */
+  bounds?: Partial<L7rBounds>;
+  /** PROXY protocol v2 from these sources (l7r.proxy_protocol.trusted); none when undefined. */
+  proxyProtocol?: ReturnType<typeof trustedSources>;
   /** Seconds of heartbeat freshness a node needs to be given a VM. */
   heartbeatWithinS?: number;
   /** Default tenant of logins without `@tenant`. */
   defaultTenant?: string;
+  /** The configuration the global identity.* rows are layered over (src/auth/identity.ts). */
+  identityConfig?: Config;
   /** Failed-login throttling (src/auth/throttle.ts: auth.throttle.*). */
   throttle?: Partial<ThrottlePolicy>;
 }
@@ -74,8 +85,19 @@ export interface L7r {
   stop(): Promise<void>;
 }
 
-  /** The configuration the global identity.* rows are layered over (src/auth/identity.ts). */
-  identityConfig?: Config;
+/** Bounds on what clients may hold (l7r.limit.*). */
+export interface L7rBounds {
+  connections: number;
+  connectionsPerAddress: number;
+  requestsPerAddress: number;
+  /** Unhandled input bytes per connection. */
+  inputBytes: number;
+  /** Unsent output bytes per connection. */
+  outputBytes: number;
+}
+
+export const DEFAULT_BOUNDS: L7rBounds = { connections: 4096, connectionsPerAddress: 128, requestsPerAddress: 32, inputBytes: 65536, outputBytes: 262144 };
+
 class Status extends Error {
   constructor(
     readonly status: number,
@@ -152,70 +174,278 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
     });
   }
 
-  const served = {
-    tls: {
-      cert: Bun.file(o.tls.cert), key: Bun.file(o.tls.key), minVersion: 0x0303 /* TLS 1.2 */,
-      ...(o.tls.clientCa ? { ca: Bun.file(o.tls.clientCa), requestCert: true, rejectUnauthorized: true } : {}),
+  const bounds = { ...DEFAULT_BOUNDS, ...o.bounds };
+  const tlsOptions = {
+    cert: Bun.file(o.tls.cert), key: Bun.file(o.tls.key), minVersion: 0x0303 /* TLS 1.2 */,
+    ...(o.tls.clientCa ? { ca: Bun.file(o.tls.clientCa), requestCert: true, rejectUnauthorized: true } : {}),
+  };
+  // Connections by client address (the PROXY header's, when a trusted relay sent one), and the
+  // requests of each address being handled: a stranger's share of the L7R is bounded.
+  const perAddress = new Map<string, { connections: number; requests: number }>();
+  let connections = 0;
+  let refusedLogged = 0;
+  const refuse = (s: IoSocket, address: string, why: string) => {
+    // One line a second at most: a flood must not become a flood of log lines.
+    if (Date.now() - refusedLogged > 1000) {
+      refusedLogged = Date.now();
+      log.warn("connection refused", { address, reason: why });
+    }
+    s.data = {};
+    s.terminate?.();
+    s.end();
+  };
+  /** Counts a client connection in; false (and the socket closed) when a limit is reached. */
+  const admit = (s: IoSocket, address: string): boolean => {
+    const a = perAddress.get(address) ?? { connections: 0, requests: 0 };
+    if (connections >= bounds.connections) return (refuse(s, address, "too many connections"), false);
+    if (a.connections >= bounds.connectionsPerAddress) return (refuse(s, address, "too many connections from this address"), false);
+    a.connections++;
+    connections++;
+    perAddress.set(address, a);
+    return true;
+  };
+  const leave = (address: string) => {
+    connections--;
+    const a = perAddress.get(address);
+    if (a && --a.connections <= 0 && a.requests <= 0) perAddress.delete(address);
+  };
+
+  // A TLS listener: `open` comes at the accept (there is a handshake handler), so the handshake is timed too.
+  const tlsHandlers = {
+    ...ioHandlers,
+    open(s: IoSocket) {
+      s.data = {};
+      if (admit(s, s.remoteAddress)) new Connection(s, s.remoteAddress).start();
     },
-    socket: {
-      ...ioHandlers,
-      open(s: IoSocket) {
-        s.data = {};
-        new Connection(s).start();
-      },
+    handshake(s: IoSocket, ok: boolean) {
+      (s.data?.io as ConnIo | undefined)?.handshake?.(ok);
     },
   };
-  const server: TCPSocketListener<IoData> = Bun.listen<IoData>({ hostname: o.hostname, port: o.port, ...served } as any);
+  const served = { tls: tlsOptions, socket: tlsHandlers };
+  /**
+   * A listener whose trusted sources send a PROXY v2 header before TLS: the header is read in
+   * clear, then the socket is upgraded to TLS with the bytes that came after it. A connection
+   * from any other source must not begin with a header (refused), and is upgraded as it is.
+   */
+  const proxied = (trusted: (remote: string) => boolean) => ({
+    socket: {
+      ...ioHandlers,
+      open(raw: IoSocket) {
+        raw.data = {};
+        const remote = raw.remoteAddress ?? "";
+        if (connections >= bounds.connections) return refuse(raw, remote, "too many connections");
+        connections++; // the preamble counts against the total; the address is counted once known
+        const opened = Date.now();
+        const mustHave = trusted(remote);
+        let buf = new Uint8Array(0);
+        let done = false;
+        const timer = setTimeout(() => fail("no PROXY header in time"), t.handshake * 1000);
+        const fail = (why: string) => {
+          if (done) return;
+          done = true;
+          clearTimeout(timer);
+          connections--;
+          refuse(raw, remote, why);
+        };
+        raw.data.io = {
+          data: (c) => {
+            if (done) return;
+            buf = buf.length ? Buffer.concat([buf, c]) : Buffer.from(c);
+            let address = remote;
+            let rest = buf;
+            if (mustHave) {
+              let h;
+              try {
+                h = parseProxyHeader(buf);
+              } catch (err) {
+                return fail((err as ProxyHeaderError).message);
+              }
+              if (!h) return buf.length > MAX_HEADER ? fail("PROXY header too long") : undefined;
+              if (h.address) address = h.address;
+              rest = buf.subarray(h.length);
+            } else if (looksLikeProxyHeader(buf)) {
+              if (buf.length < 12) return; // too short to tell yet
+              return fail("PROXY header from an untrusted source");
+            }
+            done = true;
+            clearTimeout(timer);
+            connections--;
+            raw.data.io = undefined; // the raw side's events are the TLS socket's from here on
+            if (!admit(raw, address)) return;
+            const up = (raw as any).upgradeTLS({ tls: { ...tlsOptions, isServer: true }, data: {}, initialData: rest, socket: { ...ioHandlers, open() {}, handshake: tlsHandlers.handshake } });
+            const s = up?.[1] as IoSocket | undefined;
+            if (!s) {
+              leave(address);
+              return raw.end();
+            }
+            s.data ??= {};
+            new Connection(s, address).start(t.handshake * 1000 - (Date.now() - opened));
+          },
+          drain: () => {},
+          end: () => fail("closed before TLS"),
+          close: () => fail("closed before TLS"),
+        };
+      },
+    },
+  });
+  const pp = o.proxyProtocol;
+  const server: TCPSocketListener<IoData> = pp?.networks.length
+    ? Bun.listen<IoData>({ hostname: o.hostname, port: o.port, ...proxied((a) => inNetworks(a, pp.networks)) } as any)
+    : Bun.listen<IoData>({ hostname: o.hostname, port: o.port, ...served } as any);
   // The same on a unix socket, when asked (qvd demo relays 127.0.0.1:8443 to it from another
   // network namespace); a socket file left by an L7R that died is replaced.
   let unixServer: { stop(closeActive?: boolean): void } | undefined;
   if (o.unix) {
     rmSync(o.unix, { force: true });
-    unixServer = Bun.listen<IoData>({ unix: o.unix, ...served } as any);
+    unixServer = Bun.listen<IoData>({ unix: o.unix, ...(pp?.unix ? proxied(() => true) : served) } as any);
   }
+
+  type ConnIo = Io & { handshake?(ok: boolean): void };
 
   class Connection {
     private readonly reader = new RequestReader(o.limits);
     private busy = false;
     private closed = false;
     private upgraded = false;
-    private requestTimer?: ReturnType<typeof setTimeout>;
+    private handshaken = false;
+    private served = 0;
+    private paused = false;
+    /** The one deadline of the stage the connection is in (handshake, request, idle, sending). */
+    private timer?: ReturnType<typeof setTimeout>;
+    private timerStage = "";
+    /** Answers the client has not taken yet (written as it drains). */
+    private out: Uint8Array[] = [];
+    private outBytes = 0;
     private readonly authCache = new Map<string, AuthenticatedUser>();
-    private readonly address: string;
     /** The session this connection holds (vm id and uuid), released when it ends. */
     private session?: { vmId: number; id: string };
     private nx?: IoSocket;
 
-    constructor(private readonly s: IoSocket) {
-      this.address = s.remoteAddress;
-    }
+    /** `address`: the client's, from the socket or from a trusted relay's PROXY header. */
+    constructor(
+      private readonly s: IoSocket,
+      private readonly address: string,
+    ) {}
 
-    start() {
+    start(handshakeMs = t.handshake * 1000) {
       (this.s as any).setNoDelay?.(true);
-      this.s.timeout(t.idle);
-      const io: Io = {
+      const io: ConnIo = {
         data: (c) => {
+          const wasPaused = this.paused;
           this.reader.push(c);
+          // Backpressure, not buffering: while a request is handled (or its answer is not yet
+          // taken), what was read is kept and the socket is not read any further. More input
+          // than the bound after that is a client the pause did not stop: it is closed.
+          if (this.busy || this.outBytes > 0) {
+            if (wasPaused && this.reader.buffered > bounds.inputBytes) return this.fail(431, "too much input at once");
+            return this.pause();
+          }
           void this.pump();
         },
-        drain: () => {},
+        drain: () => this.flush(),
         end: () => this.close(),
         close: () => this.close(),
         timeout: () => this.close(),
+        handshake: (ok) => {
+          if (this.closed) return;
+          if (!ok && o.tls.clientCa) return this.close();
+          this.handshaken = true;
+          this.arm("first request", t.firstRequest, true);
+          void this.pump();
+        },
       };
       this.s.data.io = io;
+      this.arm("handshake", Math.max(1, handshakeMs) / 1000, false);
+    }
+
+    /** (Re)starts the stage's deadline; when it passes the client gets a 408 (when `answer`) and the connection ends. */
+    private arm(stage: string, seconds: number, answer: boolean) {
+      if (this.timerStage === stage && this.timer) return;
+      clearTimeout(this.timer);
+      this.timerStage = stage;
+      this.timer = setTimeout(() => {
+        if (answer) this.fail(408, `request not complete in time (${stage})`);
+        else this.close();
+      }, seconds * 1000);
+    }
+
+    private disarm() {
+      clearTimeout(this.timer);
+      this.timer = undefined;
+      this.timerStage = "";
+    }
+
+    private pause() {
+      if (this.paused) return;
+      this.paused = true;
+      (this.s as any).pause?.();
+    }
+
+    private resume() {
+      if (!this.paused) return;
+      this.paused = false;
+      (this.s as any).resume?.();
+    }
+
+    /** Answers with `status` and ends the connection. */
+    private fail(status: number, message: string) {
+      this.send(textResponse(status, `${message}\r\n`, [["Connection", "close"]]));
+      this.close();
     }
 
     private send(bytes: Uint8Array) {
-      if (!this.closed) this.s.write(bytes);
+      if (this.closed) return;
+      if (this.outBytes === 0) {
+        const n = Math.max(0, this.s.write(bytes));
+        if (n >= bytes.length) return;
+        bytes = bytes.subarray(n);
+      }
+      // The client is not reading: keep the rest (bounded) and do no more work for it until it drains.
+      this.out.push(bytes);
+      this.outBytes += bytes.length;
+      if (this.outBytes > bounds.outputBytes) {
+        this.out = [];
+        this.outBytes = 0;
+        return this.close();
+      }
+      if (!this.busy) this.arm("sending", t.request, false);
+    }
+
+    private flush() {
+      while (this.out.length > 0 && !this.closed) {
+        const chunk = this.out[0]!;
+        const n = Math.max(0, this.s.write(chunk));
+        this.outBytes -= n;
+        if (n < chunk.length) {
+          this.out[0] = chunk.subarray(n);
+          return;
+        }
+        this.out.shift();
+      }
+      if (!this.busy && !this.closed) void this.pump();
+    }
+
+    /** For the splice after a 101: the bytes read past the request and the answers not yet sent. */
+    private handOver(): { toB: Uint8Array; toA?: Uint8Array } {
+      this.disarm();
+      this.resume();
+      const toA = this.outBytes > 0 ? Buffer.concat(this.out) : undefined;
+      this.out = [];
+      this.outBytes = 0;
+      return { toB: this.reader.rest(), toA };
     }
 
     close() {
       if (this.closed) return;
+      // What could not be written yet goes with the end (bounded by l7r.limit.output_bytes).
+      const rest = this.outBytes > 0 ? Buffer.concat(this.out) : undefined;
+      this.out = [];
+      this.outBytes = 0;
       this.closed = true;
-      clearTimeout(this.requestTimer);
+      this.disarm();
+      leave(this.address);
       if (this.s.data) this.s.data.io = undefined;
-      this.s.end();
+      rest && !this.upgraded ? this.s.end(rest) : this.s.end();
       this.nx?.end();
       void this.release();
     }
@@ -229,28 +459,34 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
     }
 
     private async pump() {
-      while (!this.busy && !this.closed && !this.upgraded) {
+      while (!this.busy && !this.closed && !this.upgraded && this.handshaken) {
+        // Answers the client has not taken yet: no more work for it until it drains.
+        if (this.outBytes > 0) return this.pause();
         let req: HttpRequest | undefined;
         try {
           req = this.reader.next();
         } catch (err) {
           if (!(err instanceof HttpParseError)) throw err;
-          this.send(textResponse(err.status, `${err.message}\r\n`, [["Connection", "close"]]));
-          this.close();
-          return;
+          return this.fail(err.status, err.message);
         }
         if (!req) {
-          // A request has begun: it must be complete within the request timeout.
-          if (this.reader.buffered > 0 && !this.requestTimer)
-            this.requestTimer = setTimeout(() => {
-              this.send(textResponse(408, "request not complete in time\r\n", [["Connection", "close"]]));
-              this.close();
-            }, t.request * 1000);
+          // A request has begun: it must be complete within the request timeout; before one,
+          // the first request or the idle timeout runs.
+          if (this.reader.buffered > 0) this.arm("request", t.request, true);
+          else if (this.served === 0) this.arm("first request", t.firstRequest, true);
+          else this.arm("idle", t.idle, false);
+          this.resume();
           return;
         }
-        clearTimeout(this.requestTimer);
-        this.requestTimer = undefined;
+        this.disarm();
+        this.served++;
+        const a = perAddress.get(this.address);
+        if (a && a.requests >= bounds.requestsPerAddress) {
+          this.send(textResponse(429, "Too many requests in progress from your address; retry later\r\n", [["Retry-After", "5"]]));
+          continue;
+        }
         this.busy = true;
+        if (a) a.requests++;
         try {
           await this.handle(req);
         } catch (err) {
@@ -261,6 +497,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
           }
         } finally {
           this.busy = false;
+          if (a) a.requests--;
+          if (a && a.connections <= 0 && a.requests <= 0) perAddress.delete(this.address);
         }
       }
     }
@@ -289,6 +527,9 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
           await this.auth(req, host.id);
           return this.send(jsonResponse(200, {}));
         case "/qvd/create_auth_token": {
+          // A token cannot make tokens (a stolen one would renew itself forever); refused before
+          // the token is looked at, so a single-use one is not spent on it.
+          if (/^\s*bearer\s/i.test(req.headers.get("authorization") ?? "")) throw new Status(403, "A token cannot create another token; log in with your password");
           const user = await this.auth(req, host.id);
           // ?vm_id= makes a token for that VM only; a VM-bound login can only pass its VM on.
           const vmRaw = req.query.find(([k]) => k === "vm_id")?.[1];
@@ -442,13 +683,11 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         this.s.timeout(0);
         this.nx = nx;
         const started = Date.now();
-        const rest = this.reader.rest();
         const onRefused = (reason: string) => log.warn("NX handshake refused", { vm: id, user: user.login, reason });
-        void spliceNx(this.s, nx, { cookie, initial: { toB: rest }, timeoutMs: t.nxHandshake * 1000, onRefused }).then(async (r) => {
+        void spliceNx(this.s, nx, { cookie, initial: this.handOver(), timeoutMs: t.nxHandshake * 1000, onRefused }).then(async (r) => {
           log.info("session ended", { vm: id, user: user.login, up: r.aToB, down: r.bToA });
           if (Date.now() - started < 120_000) await incrementHostCounter(sql, host.id, "short_sessions").catch(() => {});
-          this.closed = true;
-          await this.release();
+          this.close(); // counts the connection out and releases the session
         });
       } catch (err) {
         // The failed attempt must not hold the session.
@@ -528,9 +767,6 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         throw err;
       }
       this.progress(`Starting X session at VM ${vm.vm_id}`);
-          // A token cannot make tokens (a stolen one would renew itself forever); refused before
-          // the token is looked at, so a single-use one is not spent on it.
-          if (/^\s*bearer\s/i.test(req.headers.get("authorization") ?? "")) throw new Status(403, "A token cannot create another token; log in with your password");
       let lastErr = "";
       for (let attempt = 0; ; attempt++) {
         await this.checkAbort(vm.vm_id);

@@ -8,6 +8,7 @@ import { listConfigRows } from "../db/configs.ts";
 import { connect, type Sql } from "../db/pool.ts";
 import { UserError } from "../errors.ts";
 import { startL7r, type L7r } from "../l7r/server.ts";
+import { trustedSources } from "../l7r/proxy-protocol.ts";
 import type { Authenticate } from "../l7r/local-auth.ts";
 import { logger } from "../log.ts";
 import { runUntilSignal } from "./hkd.ts";
@@ -27,6 +28,16 @@ export function l7rConfig(args: Record<string, any>, rawArgs: string[]): Config 
     { flag: "--cert", key: "l7r.tls.cert", value: args.cert },
     { flag: "--key", key: "l7r.tls.key", value: args.key },
   ]);
+}
+
+/** The sources that must send a PROXY v2 header, when l7r.proxy_protocol is v2. */
+function proxyProtocol(cfg: Config): ReturnType<typeof trustedSources> | undefined {
+  if (cfg.get("l7r.proxy_protocol") !== "v2") return undefined;
+  try {
+    return trustedSources(cfg.get("l7r.proxy_protocol.trusted"));
+  } catch (err) {
+    throw new UserError((err as Error).message);
+  }
 }
 
 /** Starts the L7R over its own pool; resolves with a function that stops it. */
@@ -59,7 +70,17 @@ export async function startL7rRole(cfg: Config, opts: { authenticate?: Authentic
         takeover: cfg.get("l7r.timeout.takeover"),
         request: cfg.get("l7r.timeout.request"),
         idle: cfg.get("l7r.timeout.idle"),
+        handshake: cfg.get("l7r.timeout.handshake"),
+        firstRequest: cfg.get("l7r.timeout.first_request"),
       },
+      bounds: {
+        connections: cfg.get("l7r.limit.connections"),
+        connectionsPerAddress: cfg.get("l7r.limit.connections_per_address"),
+        requestsPerAddress: cfg.get("l7r.limit.requests_per_address"),
+        inputBytes: cfg.get("l7r.limit.input_bytes"),
+        outputBytes: cfg.get("l7r.limit.output_bytes"),
+      },
+      proxyProtocol: proxyProtocol(cfg),
     });
     console.log(`qvd l7r listening on ${hostname}:${l7r.port}`);
     return {
