@@ -96,6 +96,9 @@ export const KEYS = {
   "api.tls.key": key(str, "", "PEM private key file of the admin API.", { secret: true }),
   "api.session.ttl": key(int(60), 3600, "Seconds of inactivity after which an admin session expires.", { scope: "cluster" }),
   "api.upload.max_bytes": key(int(1), 64 * 1024 ** 3, "Largest disk image the API accepts in one upload, in bytes."),
+  "api.timeout.idle": key(int(4, 255), 60, "Seconds a client connection to the API may stay silent before it is closed (event streams send keep-alives more often)."),
+  "api.events.max_streams": key(int(1, 100000), 1000, "Event streams (GET /events) this API process serves at once; more are answered 503."),
+  "api.events.max_streams_per_admin": key(int(1, 10000), 16, "Event streams one administrator may hold open at once (every session and browser tab counts); more are answered 429."),
   "api.trusted_proxies": key(z.string().refine((v) => v.trim() === "" || v.split(",").every((x) => isIP(x.trim().split("/")[0]!) !== 0 && /^[^/]+(\/\d{1,3})?$/.test(x.trim())), "expected addresses or networks such as 10.0.0.5, 10.1.0.0/16, ::1, comma-separated"), "", "Reverse proxies in front of the API (addresses or networks, comma-separated): from them the client's address is taken from X-Forwarded-For (the rightmost address that is not a trusted proxy); empty: the socket's address."),
 
   "l7r.listen": key(hostPort, ":8443", "Address and port the L7R (user broker) listens on, over TLS."),
@@ -181,6 +184,8 @@ export const KEYS = {
   "wat.multitenant": key(bool, false, "Multitenant mode: tenants and per-tenant administrators.", { scope: "cluster" }),
   "model.user.login.case-sensitive": key(bool, false, "Whether user and administrator names are case-sensitive.", { scope: "cluster" }),
 
+  // Farm-wide unless marked `tenant: true` (the L7R's and HKD's timeouts, the network, the
+  // cluster's timing): a node reads them once for every tenant, and they shape shared resources.
   // Farm-wide unless marked `tenant: true` (the L7R's and HKD's timeouts, the network, the
   // cluster's timing): a node reads them once for every tenant, and they shape shared resources.
   "osf.default.memory": key(int(16), 1024, "RAM in MiB of a new OSF when none is given.", { scope: "cluster", tenant: true }),
@@ -403,6 +408,10 @@ export class Config {
     for (const r of ordered) {
       if (!isConfigKey(r.key) || KEYS[r.key].scope !== "cluster") {
         warn(`ignoring database config ${r.key}: ${isConfigKey(r.key) ? "it is a node setting" : "unknown key"}`);
+        continue;
+      }
+      if (r.tenantId !== 0 && !KEYS[r.key].tenant) {
+        warn(`ignoring database config ${r.key} of tenant ${r.tenantId}: tenants may not override it`);
         continue;
       }
       if (r.tenantId !== 0 && !KEYS[r.key].tenant) {

@@ -3,7 +3,7 @@
 // secrets masked in answers, the audit log and `qvd config show`, CSRF on cookie sessions, the
 // API's idle timeout and event-stream limits, and VM addresses that are never handed out twice.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { createServer, type Server } from "node:net";
+import { connect as tcpConnect, createServer, type Server } from "node:net";
 import { join } from "node:path";
 import { authenticateLogin, tenantConfig } from "../src/auth/chain.ts";
 import { Config, KEYS, loadConfig, type ConfigKey } from "../src/config.ts";
@@ -23,6 +23,7 @@ const LDIF = [
   `dn: uid=alice,${PEOPLE}\nobjectClass: inetOrgPerson\nuid: alice\ncn: alice\nsn: alice\nuserPassword: alice-ldap-pw\n`,
 ].join("\n");
 
+const IDLE_S = 4;
 const ldap = new LdapServer();
 let api: TestApi;
 let sa: ApiClient;
@@ -39,7 +40,9 @@ beforeAll(async () => {
   const { ensureDeps } = await import("../scripts/deps.ts");
   await ensureDeps(["slapd", "ldap-utils", "openssl"], () => {});
   await ldap.start(LDIF);
-  api = await startTestApi(db(), { "wat.multitenant": "1" });
+  api = await startTestApi(db(), {
+    "wat.multitenant": "1", "api.timeout.idle": String(IDLE_S), "api.events.max_streams": "3", "api.events.max_streams_per_admin": "2",
+  });
   sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
   acme = (await ok(sa.post("/tenants", { name: "acme" }), 201)).id;
   const role = (await ok(sa.get("/roles?name=Tenant%20administrator"))).items[0].id;
@@ -284,4 +287,123 @@ describe("VM addresses", () => {
     await setState(next.id, "stopped", null);
     await setState(old.id, "stopped", null);
   });
+});
+
+describe("CSRF: changes authenticated by the session cookie", () => {
+  let cookie: string;
+  let target: number;
+  const blocked = async () => (await ok(sa.get(`/users/${target}`))).blocked as boolean;
+  const raw = (path: string, headers: Record<string, string>, body?: string) =>
+    fetch(api.url + path, { method: "POST", headers, body }).then(async (r) => ({ status: r.status, body: (await r.json()) as any }));
+
+  beforeAll(async () => {
+    const r = await fetch(`${api.url}/login`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ name: TEST_ADMIN.name, password: TEST_ADMIN.password, tenant: "*" }) });
+    cookie = /qvd_session=[^;]+/.exec(r.headers.get("set-cookie") ?? "")![0];
+    target = (await ok(sa.post("/users", { tenant_id: acme, name: "csrf-target" }), 201)).id;
+  });
+
+  test("what a cross-site page can send is refused with 403 and changes nothing", async () => {
+    const host = new URL(api.url).host;
+    for (const [what, headers, body] of [
+      ["no body, no type, no Origin", {}, undefined],
+      ["text/plain", { "content-type": "text/plain" }, "{}"],
+      ["a form", { "content-type": "application/x-www-form-urlencoded" }, "a=1"],
+      ["JSON from another Origin", { "content-type": "application/json", origin: "http://evil.example" }, "{}"],
+      ["JSON, Origin null", { "content-type": "application/json", origin: "null" }, "{}"],
+      ["Sec-Fetch-Site cross-site", { "content-type": "application/json", "sec-fetch-site": "cross-site" }, "{}"],
+      ["Sec-Fetch-Site same-site", { "sec-fetch-site": "same-site", origin: `http://${host}` }, undefined],
+      ["a Basic header is not a bearer", { authorization: "Basic eDp5" }, undefined],
+    ] as [string, Record<string, string>, string | undefined][]) {
+      const r = await raw(`/users/${target}/block`, { cookie, ...headers }, body);
+      expect([what, r.status]).toEqual([what, 403]);
+      expect(r.body.error.message).toMatch(/^(cross-site request refused|a change authenticated by the session cookie needs Content-Type: application\/json)/);
+    }
+    expect(await blocked()).toBe(false);
+    // Logging out (or in) by a cross-site request does not work either.
+    expect((await raw("/logout", { cookie, "content-type": "text/plain" })).status).toBe(403);
+    expect((await fetch(`${api.url}/session`, { headers: { cookie } })).status).toBe(200);
+    const login = await raw("/login", { origin: "http://evil.example" }, JSON.stringify({ name: "boss", password: "boss-password", tenant: "acme" }));
+    expect(login.status).toBe(403);
+  });
+
+  test("the WAT's own requests, JSON clients and bearer tokens pass", async () => {
+    const host = new URL(api.url).host;
+    for (const [what, headers, body, path] of [
+      ["JSON", { "content-type": "application/json" }, "{}", "block"],
+      ["same Origin, no body", { origin: `http://${host}` }, undefined, "unblock"],
+      ["Sec-Fetch-Site same-origin, no body", { "sec-fetch-site": "same-origin", origin: `http://${host}` }, undefined, "block"],
+    ] as [string, Record<string, string>, string | undefined, string][]) {
+      const r = await raw(`/users/${target}/${path}`, { cookie, ...headers }, body);
+      expect([what, r.status]).toEqual([what, 200]);
+    }
+    expect(await blocked()).toBe(true);
+    expect((await raw(`/users/${target}/unblock`, { authorization: `Bearer ${sa.token}` })).status).toBe(200);
+    expect(await blocked()).toBe(false);
+    // Without a session at all it stays a 401.
+    expect((await raw(`/users/${target}/block`, {})).status).toBe(401);
+  });
+});
+
+describe("API limits", () => {
+  /** Opens an event stream; resolves once it is `ready` (or with the refusal). */
+  async function openStream(c: ApiClient): Promise<{ status: number; body?: any; events: string[]; close: () => void; next: (event: string) => Promise<void> }> {
+    const abort = new AbortController();
+    const res = await fetch(`${api.url}/events`, { headers: { authorization: `Bearer ${c.token}` }, signal: abort.signal });
+    if (res.status !== 200) return { status: res.status, body: await res.json(), events: [], close: () => {}, next: async () => {} };
+    const reader = res.body!.getReader();
+    const events: string[] = [];
+    let buf = "";
+    const next = async (event: string) => {
+      for (;;) {
+        const i = events.indexOf(event);
+        if (i >= 0) return void events.splice(0, i + 1);
+        const { value, done } = await reader.read();
+        if (done) throw new Error(`the stream ended before ${event}`);
+        buf += new TextDecoder().decode(value);
+        let k: number;
+        while ((k = buf.indexOf("\n\n")) >= 0) {
+          const m = /event: (\w+)/.exec(buf.slice(0, k));
+          if (m) events.push(m[1]!);
+          buf = buf.slice(k + 2);
+        }
+      }
+    };
+    await next("ready");
+    return { status: 200, events, next, close: () => abort.abort() };
+  }
+
+  test("an administrator's third event stream is 429, the process's fourth is 503; closing one frees its slot", async () => {
+    const a1 = await openStream(sa);
+    const a2 = await openStream(sa);
+    expect([a1.status, a2.status]).toEqual([200, 200]);
+    const a3 = await openStream(sa);
+    expect(a3.status).toBe(429);
+    expect(a3.body.error.message).toBe("too many event streams: you already have 2 open (close another tab or session)");
+    const b1 = await openStream(boss);
+    expect(b1.status).toBe(200);
+    const other = await api.login("boss", "boss-password", "acme"); // another session of boss: still boss's quota
+    const b2 = await openStream(other);
+    expect(b2.status).toBe(503);
+    expect(b2.body.error.message).toBe("the API serves as many event streams as it may; try again later");
+    a1.close();
+    let again = await openStream(sa);
+    for (let i = 0; again.status !== 200 && i < 100; i++) {
+      await Bun.sleep(50);
+      again = await openStream(sa);
+    }
+    expect(again.status).toBe(200);
+    for (const s of [a2, b1, again]) s.close();
+  });
+
+  test("a silent connection is closed after api.timeout.idle; an event stream lives on through its keep-alives", async () => {
+    const { hostname, port } = new URL(api.url);
+    const stream = await openStream(sa);
+    const silent = tcpConnect(Number(port), hostname);
+    silent.on("error", () => {});
+    await new Promise<void>((r) => silent.once("connect", () => r()));
+    await new Promise<void>((r) => silent.once("close", () => r())); // the test times out when it never closes
+    // The stream was open all along, longer than the idle timeout, and still gets keep-alives.
+    for (let i = 0; i < 3; i++) await stream.next("ping");
+    stream.close();
+  }, 30_000);
 });

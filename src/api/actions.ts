@@ -3,7 +3,7 @@
 // POST /<objects>/:id/<action>; the same action on every object matching a filter at
 // POST /<objects>/actions/<action>?<filter>, with a result per object.
 import { z } from "zod";
-import { identityRules, identityValueProblem, isIdentityProperty } from "../auth/identity.ts";
+import { currentIdentityRules, identityValueProblem, isIdentityProperty } from "../auth/identity.ts";
 import { isConfigKey, KEYS, type ConfigKey } from "../config.ts";
 import * as D from "../db/index.ts";
 import { DataError, ValidationError } from "../db/errors.ts";
@@ -96,12 +96,6 @@ const ConfigValue = z.object({ value: z.string().max(4096), tenant_id: z.number(
 /** Identity properties (qvd.vm.user.uid…) need an ACL of their own besides the object's update. */
 const propertyAcls = (acl: string) => (ctx: Ctx) => (isIdentityProperty(ctx.params.key ?? "") ? [`${acl}.update`, "property.identity"] : [`${acl}.update`]);
 const TARGET_DEFS: Record<D.PropertyTarget, ObjectDef<any>> = { user: D.users, vm: D.vms, host: D.hosts, osf: D.osfs, di: D.dis };
-
-/** The identity rules of the global scope, as stored now (a tenant's own identity.* values never count). */
-async function globalIdentityRules(ctx: Ctx) {
-  const rows = await D.listConfigRows(ctx.sql);
-  return identityRules(ctx.cfg.withDatabase(rows.filter((r) => r.tenant_id === 0).map((r) => ({ tenantId: 0, key: r.key, value: r.value }))));
-}
 
 const PROPERTY_OBJECTS: [string, D.PropertyTarget, string][] = [
   ["users", "user", "user"], ["vms", "vm", "vm"], ["hosts", "host", "host"], ["osfs", "osf", "osf"], ["dis", "di", "di"],
@@ -247,7 +241,7 @@ export const ACTION_ROUTES: Route[] = [
         ctx.audited.object_id = idParam(ctx);
         if (isIdentityProperty(ctx.params.key!)) {
           await D.get(ctx.sql, TARGET_DEFS[target], ctx.scope, idParam(ctx)); // another tenant's object: 404 first
-          const problem = identityValueProblem(ctx.params.key!, b.value, await globalIdentityRules(ctx));
+          const problem = identityValueProblem(ctx.params.key!, b.value, await currentIdentityRules(ctx.sql, ctx.cfg));
           if (problem) throw new ValidationError("value", `${ctx.params.key}: ${problem}`);
         }
         await D.setPropertyValue(ctx.sql, ctx.scope, target, idParam(ctx), ctx.params.key!, b.value);

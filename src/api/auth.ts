@@ -138,7 +138,9 @@ export const AUTH_ROUTES: Route[] = [
       if (!(await D.verifyAdministrator(ctx.sql, ctx.admin.tenant_id, ctx.admin.name, b.current_password)))
         throw new DataError("current_password: wrong password", 422, "current_password");
       await D.update(ctx.sql, D.administrators, D.ALL_TENANTS, ctx.admin.id, { password: b.password });
-      return { ok: true };
+      // Whoever knew the old password is logged out everywhere but here.
+      const ended = await D.endSessionsOf(ctx.sql, ctx.admin.id, ctx.admin.token);
+      return { ok: true, sessions_ended: ended };
     } },
   { method: "GET", path: "/sessions", tag: "session", acl: ["session.see"], summary: "Live administrator sessions",
     handler: async (ctx) => ({ items: await D.listSessions(ctx.sql, ctx.scope.tenantId ?? undefined) }) },
@@ -147,8 +149,6 @@ export const AUTH_ROUTES: Route[] = [
     handler: async (ctx) => {
       ctx.audited.object_name = ctx.params.sid;
       if (!(await D.endSessionById(ctx.sql, ctx.params.sid!, ctx.scope.tenantId ?? undefined))) throw new DataError("no such session", 404);
-      // Whoever knew the old password is logged out everywhere but here.
-      const ended = await D.endSessionsOf(ctx.sql, ctx.admin.id, ctx.admin.token);
-      return { ok: true, sessions_ended: ended };
+      return { ok: true };
     } },
 ];

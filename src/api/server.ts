@@ -10,7 +10,7 @@ import { ALL_TENANTS, find, tenantScope, type ObjectDef } from "../db/objects.ts
 import type { Sql } from "../db/pool.ts";
 import { logger } from "../log.ts";
 import { ACTION_ROUTES } from "./actions.ts";
-import { AUTH_ROUTES, authenticate, tokenOf } from "./auth.ts";
+import { AUTH_ROUTES, authenticate, SESSION_COOKIE, tokenOf } from "./auth.ts";
 import { clientAddress, trustedProxies } from "./client-address.ts";
 import type { Ctx, Route, Source } from "./context.ts";
 import { EventHub } from "./events.ts";
@@ -29,19 +29,47 @@ export interface ApiOptions {
   databaseUrl: string;
 }
 
-export function apiRoutes(hub: EventHub): Route[] {
+/**
+ * @param keepOpen lifts the idle timeout of an accepted event stream's connection (Bun counts
+ *   only what the client sends as activity; the stream has its own keep-alives and limits)
+ */
+export function apiRoutes(hub: EventHub, keepOpen: (request: Request) => void = () => {}): Route[] {
   return [
     ...AUTH_ROUTES,
     ...RESOURCES.flatMap(resourceRoutes),
     ...ACTION_ROUTES,
     ...UPLOAD_ROUTES,
     { method: "GET", path: "/events", tag: "events", acl: [], summary: "Server-sent events of object changes you can see (change, resync, ping)",
-      handler: (ctx) => hub.subscribe(ctx.admin, ctx.request.signal, () => sessionAlive(ctx.sql, ctx.admin.token)) },
+      handler: (ctx) => hub.subscribe(ctx.admin, ctx.request.signal, () => sessionAlive(ctx.sql, ctx.admin.token), () => keepOpen(ctx.request)) },
   ];
 }
 
 const json = (status: number, body: unknown, headers: Record<string, string> = {}) =>
   new Response(JSON.stringify(body), { status, headers: { "content-type": "application/json; charset=utf-8", "cache-control": "no-store", ...headers } });
+
+const SAFE_METHODS = new Set(["GET", "HEAD", "OPTIONS"]);
+const SESSION_IN_COOKIE = new RegExp(`(^|;)\\s*${SESSION_COOKIE}=`);
+
+/**
+ * CSRF: why a change a browser could send on its own (a form, an <img>, a no-cors fetch from
+ * another site) is refused, or undefined. It applies to requests the session cookie would
+ * authenticate, and to public ones (login); a bearer token is never added by a browser. Such a
+ * request needs Sec-Fetch-Site same-origin, else an Origin of this host, else (clients that
+ * send neither) Content-Type: application/json, which no cross-site page can send unasked.
+ */
+function crossSiteRefusal(request: Request, url: URL, isPublic: boolean): string | undefined {
+  if (SAFE_METHODS.has(request.method)) return undefined;
+  if (/^Bearer\s/i.test(request.headers.get("authorization") ?? "")) return undefined;
+  if (!isPublic && !SESSION_IN_COOKIE.test(request.headers.get("cookie") ?? "")) return undefined; // then 401
+  const crossSite = "cross-site request refused: changes come from the WAT's own pages or with a bearer token";
+  const site = request.headers.get("sec-fetch-site");
+  if (site !== null) return site === "same-origin" ? undefined : crossSite;
+  const origin = request.headers.get("origin");
+  if (origin !== null) return URL.canParse(origin) && new URL(origin).host === url.host ? undefined : crossSite;
+  return /^application\/(.+\+)?json\s*(;|$)/i.test(request.headers.get("content-type") ?? "")
+    ? undefined
+    : "a change authenticated by the session cookie needs Content-Type: application/json (or the WAT's own Origin)";
+}
 
 const sourceOf = (req: Request): Source => {
   const s = req.headers.get("x-qvd-source")?.toLowerCase();
@@ -49,8 +77,13 @@ const sourceOf = (req: Request): Source => {
 };
 
 export function createApi(opts: ApiOptions) {
-  const hub = new EventHub(opts.databaseUrl);
-  const routes = apiRoutes(hub);
+  const hub = new EventHub(opts.databaseUrl, {
+    maxStreams: opts.cfg.get("api.events.max_streams"),
+    maxPerAdmin: opts.cfg.get("api.events.max_streams_per_admin"),
+    idleTimeoutS: opts.cfg.get("api.timeout.idle"),
+  });
+  const servers = new WeakMap<Request, { timeout?(r: Request, seconds: number): void }>();
+  const routes = apiRoutes(hub, (r) => servers.get(r)?.timeout?.(r, 0));
   const openapi = openApiDocument(routes);
 
   async function handle(route: Route, request: Request, params: Record<string, string>, address: string | undefined): Promise<Response> {
@@ -62,6 +95,8 @@ export function createApi(opts: ApiOptions) {
     let result: unknown;
     let failure: DataError | undefined;
     try {
+      const refusal = crossSiteRefusal(request, ctx.url, !!route.public);
+      if (refusal) throw new ApiError(refusal, 403);
       if (!route.rawBody && request.method !== "GET") ctx.body = await readJson(request);
       if (!route.public) {
         ctx.admin = await authenticate(ctx, tokenOf(request));
@@ -150,10 +185,13 @@ export function createApi(opts: ApiOptions) {
     return json(500, { error: { status: 500, message: "internal error; the server log has the details" } });
   });
   /** The handler to serve: `Bun.serve({ fetch })` (it records the client's address for the audit log and throttling). */
-  const fetch = (request: Request, server?: { requestIP(r: Request): { address: string } | null }): Response | Promise<Response> => {
+  const fetch = (request: Request, server?: { requestIP(r: Request): { address: string } | null; timeout?(r: Request, seconds: number): void }): Response | Promise<Response> => {
+    if (server) servers.set(request, server);
     const ip = addressOf(request, server?.requestIP(request)?.address);
     if (ip) addresses.set(request, ip);
     return app.fetch(request);
   };
-  return { app, fetch, routes, hub, openapi };
+  /** Bun.serve's idle timeout: silent connections are closed (event streams send keep-alives). */
+  const idleTimeout = opts.cfg.get("api.timeout.idle");
+  return { app, fetch, routes, hub, openapi, idleTimeout };
 }

@@ -4,6 +4,8 @@
 // checked against the global identity.* settings where they are written (API, LDAP login), when
 // the L7R assembles x_start, and by the VMA before it provisions anything.
 import { Config, PRIVILEGED_GROUPS } from "../config.ts";
+import { listConfigRows } from "../db/configs.ts";
+import type { Db } from "../db/pool.ts";
 
 /** Ids below this are the system's, whatever the configuration says. */
 export const FIRST_USER_ID = 1000;
@@ -27,6 +29,15 @@ export function identityRules(cfg: Pick<Config, "get">): IdentityRules {
     gid: { min: cfg.get("identity.gid.min"), max: cfg.get("identity.gid.max") },
     groups: list(cfg.get("identity.groups.allowed")),
   };
+}
+
+/**
+ * The rules as the global scope stores them now, over `cfg` (node.conf, environment, flags). A
+ * tenant's own identity.* rows are never read: a tenant cannot widen them.
+ */
+export async function currentIdentityRules(db: Db, cfg: Config = new Config()): Promise<IdentityRules> {
+  const rows = (await listConfigRows(db)).filter((r) => r.tenant_id === 0);
+  return identityRules(cfg.withDatabase(rows.map((r) => ({ tenantId: 0, key: r.key, value: r.value }))));
 }
 
 /** The built-in defaults (a VMA given no settings, tests). */

@@ -7,9 +7,8 @@
 // then the backend to stop, then kills; cleanup always runs.
 import { randomBytes } from "node:crypto";
 import { freemem, loadavg, cpus } from "node:os";
-import { identityRules, identitySettings } from "../auth/identity.ts";
+import { currentIdentityRules, identitySettings } from "../auth/identity.ts";
 import type { Config } from "../config.ts";
-import { listConfigRows } from "../db/configs.ts";
 import * as N from "../db/node.ts";
 import type { DiRow } from "../db/dis.ts";
 import { listen, type Listener } from "../db/listen.ts";
@@ -202,14 +201,14 @@ export class Hkd {
       const [net, bits] = cfg.get("vm.network.range").split("/");
       const gateway = cfg.get("vm.network.gateway") || nthAddress(net!, 1);
       // The identity rules as stored now, so the VMA checks what the API and the L7R check.
-      const current = cfg.withDatabase((await listConfigRows(sql)).map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })));
+      const identity = identitySettings(await currentIdentityRules(sql, cfg));
       const spec: VmSpec = {
         vmId, name: `qvd-${vmId}`, memoryMb: vm.memory_mb, cpuShares: vm.cpu_shares,
         image: { diId: vm.di.id, path: rootfs },
         overlay: { enabled: vm.use_overlay, persistent: vm.persistent },
         home: { hostPath: this.o.homeOf(vm.tenant_name, vm.user_name), user: vm.user_name },
         network: { ip: vm.ip, prefix: Number(bits), gateway, mac: macFor(vm.ip, cfg.get("vm.network.mac.prefix")), bridge: cfg.get("vm.network.bridge") },
-        vma: { port: cfg.get("vm.vma.port"), secret: randomBytes(24).toString("base64url"), settings: { ...nodeVmaSettings(cfg), ...identitySettings(identityRules(current)) } },
+        vma: { port: cfg.get("vm.vma.port"), secret: randomBytes(24).toString("base64url"), settings: { ...nodeVmaSettings(cfg), ...identity } },
         qvdBinary: this.o.qvdBinary,
       };
       run.vma = { address: vm.ip, port: spec.vma.port, secret: spec.vma.secret };

@@ -40,13 +40,13 @@ export default defineCommand({
     const key = cfg.get("api.tls.key");
     if (!insecure && (!cert || !key))
       throw new UserError("the API serves HTTPS: set api.tls.cert and api.tls.key (or --cert/--key); --insecure-http is for local tests only");
-    const { fetch, hub } = createApi({ sql, cfg, databaseUrl: url });
+    const { fetch, hub, idleTimeout } = createApi({ sql, cfg, databaseUrl: url });
     const server = Bun.serve({
       hostname: host || "0.0.0.0",
       port: Number(portText),
       fetch,
       maxRequestBodySize: 64 * 1024 * 1024 * 1024,
-      idleTimeout: 0, // the event stream stays open; it sends its own keep-alives
+      idleTimeout, // api.timeout.idle; event streams send keep-alives more often
       ...(insecure ? {} : { tls: { cert: Bun.file(cert), key: Bun.file(key) } }),
     });
     console.log(`qvd api listening on ${insecure ? "http" : "https"}://${host || "0.0.0.0"}:${server.port}/api/v1`);

@@ -67,8 +67,6 @@ export interface VmaServerOptions {
   expireCommand: string;
   /** The poweroff method: starts the shutdown path (does not return when it exits). */
   powerOff: () => void;
-}
-
   /** Identity rules x_start must keep (the node's identity.* settings); default: the built-in ones. */
   identity?: IdentityRules;
 }
@@ -84,6 +82,8 @@ function identityProblem(p: z.infer<typeof xStartSchema>, r: IdentityRules): { f
   ];
   const bad = checks.find(([, m]) => m);
   return bad && { field: bad[0], message: bad[1]! };
+}
+
 const json = (status: number, body: unknown) =>
   new Response(JSON.stringify(body), { status, headers: { "content-type": "application/json" } });
 
@@ -119,9 +119,9 @@ type Handler = (req: Request) => Promise<Response> | Response;
 export function createVmaHandler(o: VmaServerOptions): (req: Request, ip: string | undefined) => Promise<Response> {
   const secret = digest(o.secret);
   const node = o.nodeAddress ? normalizeAddress(o.nodeAddress) : "";
+  const identity = o.identity ?? defaultIdentityRules();
   const s = o.session;
 
-  const identity = o.identity ?? defaultIdentityRules();
   const routes: Record<string, Record<string, Handler>> = {
     "/vma/ping": { GET: () => json(200, { ok: true, vm_id: o.vmId, state: s.state }) },
     "/vma/x_state": { GET: () => json(200, s.status()) },
@@ -131,13 +131,13 @@ export function createVmaHandler(o: VmaServerOptions): (req: Request, ip: string
         if (!body.ok) return body.res;
         const parsed = xStartSchema.safeParse(body.value);
         if (!parsed.success) return invalid(parsed.error);
-        try {
-          return json(200, s.start(parsed.data as SessionParams));
         const refused = identityProblem(parsed.data, identity);
         if (refused) {
           log.warn("x_start refused", { field: refused.field, problem: refused.message });
           return json(422, { error: `${refused.field}: identity refused: ${refused.message}`, field: refused.field });
         }
+        try {
+          return json(200, s.start(parsed.data as SessionParams));
         } catch (err) {
           if (err instanceof StateError) return json(409, { error: err.message, state: err.state });
           throw err;

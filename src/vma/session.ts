@@ -69,12 +69,12 @@ export interface SessionOptions {
   homePath: string;
   shell: string;
   groups: string[];
+  /** What an account may be (the node's identity.* settings); default: the built-in rules. */
+  identity?: IdentityRules;
   defaultLang: string;
   runDir: string;
   /** Milliseconds per reported state; past them the session is terminated (stopping: killed). */
   timeouts: { starting: number; listening: number; suspending: number; stopping: number };
-  /** What an account may be (the node's identity.* settings); default: the built-in rules. */
-  identity?: IdentityRules;
 }
 
 /** A request the session cannot take in its current state (HTTP 409). */

@@ -52,8 +52,8 @@ export async function startTestApi(db: TestDatabase, settings: Record<string, st
     defaultFileExists: () => false,
     flags: [{ flag: "--db", key: "database.url", value: db.url }, ...Object.entries(settings).map(([key, value]) => ({ flag: `--set ${key}`, key, value }))],
   });
-  const { fetch, hub } = createApi({ sql: db.sql, cfg, databaseUrl: db.url });
-  const server = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch, idleTimeout: 0 });
+  const { fetch, hub, idleTimeout } = createApi({ sql: db.sql, cfg, databaseUrl: db.url });
+  const server = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch, idleTimeout });
   const url = `http://127.0.0.1:${server.port}/api/v1`;
   return {
     url,
