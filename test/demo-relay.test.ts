@@ -6,6 +6,7 @@ import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startRelay } from "../src/demo/relay.ts";
+import { parseProxyHeader } from "../src/l7r/proxy-protocol.ts";
 import { demoCertificate } from "../src/demo/tls.ts";
 
 const work = mkdtempSync(join(tmpdir(), "qvd-relay-"));
@@ -116,5 +117,32 @@ test("no L7R behind the socket: the client's connection is closed; a port in use
     expect(() => startRelay({ hostname: "127.0.0.1", port: relay.port, unix: join(work, "nobody.sock") })).toThrow();
   } finally {
     relay.stop();
+  }
+});
+
+test("with proxyProtocol, the relay sends a PROXY v2 header with the client's address before the client's bytes", async () => {
+  const sock = join(work, "proxied.sock");
+  let received = Buffer.alloc(0);
+  const server = Bun.listen({
+    unix: sock,
+    socket: {
+      data(s, d) {
+        received = Buffer.concat([received, d]);
+        if (received.includes("hello")) s.end("ok");
+      },
+    },
+  });
+  const relay = startRelay({ hostname: "127.0.0.1", port: 0, unix: sock, proxyProtocol: true });
+  try {
+    const c = client(relay.port, { send: "hello" });
+    await c.closed;
+    expect(c.got()).toBe("ok");
+    const h = parseProxyHeader(received)!;
+    expect(h.address).toBe("127.0.0.1");
+    expect(h.port).toBeGreaterThan(0);
+    expect(received.subarray(h.length).toString()).toBe("hello");
+  } finally {
+    relay.stop();
+    server.stop(true);
   }
 });

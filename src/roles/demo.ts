@@ -137,7 +137,7 @@ export default defineCommand({
       // The ports now, before the long steps: a port in use fails the demo early.
       if (await tcpAccepts("127.0.0.1", apiPort)) throw new UserError(`127.0.0.1:${apiPort} is in use: choose another --api-port`);
       try {
-        relay = startRelay({ hostname: "127.0.0.1", port: l7rPort, unix: socket });
+        relay = startRelay({ hostname: "127.0.0.1", port: l7rPort, unix: socket, proxyProtocol: true });
       } catch (err) {
         throw new UserError(`cannot listen on 127.0.0.1:${l7rPort} (${(err as Error).message}): choose another --port`);
       }
@@ -176,6 +176,8 @@ export default defineCommand({
         "vm.network.bridge": BRIDGE,
         "vm.network.range": VM_RANGE,
         "l7r.listen.unix": socket,
+        // The relay names each client in a PROXY v2 header (the L7R counts and throttles by it).
+        "l7r.proxy_protocol": "v2",
       };
       node = Child.spawn("node", [
         ...netns.exec, self, "node", "--config", "/dev/null", "--db", url,
