@@ -6,6 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { join } from "node:path";
+import net from "node:net";
 import tls from "node:tls";
 import * as D from "../src/db/index.ts";
 import { startL7r, type L7r } from "../src/l7r/server.ts";
@@ -58,7 +59,8 @@ const apiLogin = (name: string, password: string, from?: string, via: TestApi = 
 /** One list_of_vm with Basic auth on a new TLS connection from a loopback address of our choice. */
 function l7rList(login: string, password: string, from = "127.0.0.1"): Promise<{ status: number; retryAfter: string | null; body: string }> {
   return new Promise((resolve, reject) => {
-    const s = tls.connect({ host: "127.0.0.1", port: l7r.port, localAddress: from, rejectUnauthorized: false }, () =>
+    const tcp = net.connect({ host: "127.0.0.1", port: l7r.port, localAddress: from });
+    const s = tls.connect({ socket: tcp, rejectUnauthorized: false }, () =>
       s.write(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic(login, password)}\r\n\r\n`));
     let buf = Buffer.alloc(0);
     s.on("data", (d: Buffer) => {
