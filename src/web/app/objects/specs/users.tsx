@@ -41,6 +41,8 @@ export const usersSpec: ObjectSpec = {
     ...C.blockActions("user.block"),
     { label: "Disconnect", acl: "user.disconnect", run: { action: "disconnect" }, when: (r) => r.vms_connected > 0, done: "disconnected",
       confirm: (what) => `Disconnect every session of ${what}?` },
+    { label: "Revoke tokens", acl: "user.update.tokens", run: { action: "revoke_tokens" }, done: "has no tokens any more",
+      confirm: (what) => `Revoke every login token of ${what}? Their clients must log in with the password again.` },
     C.deleteAction("user"),
   ],
   details: [
