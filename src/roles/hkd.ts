@@ -92,10 +92,15 @@ export async function startHkd(cfg: Config, opts: { register?: boolean; address?
 export async function runUntilSignal(stop: () => Promise<void>): Promise<void> {
   // A timer keeps the event loop honest (Bun spins when only signal handlers keep it alive).
   const keepAlive = setInterval(() => {}, 1 << 30);
+  // A child of `qvd node` stops as well when that parent is gone (even killed hard).
+  const parent = Number(process.env.QVD_PARENT_PID) || 0;
+  let orphaned: ReturnType<typeof setInterval> | undefined;
   await new Promise<void>((resolve) => {
     process.once("SIGINT", () => resolve());
     process.once("SIGTERM", () => resolve());
+    if (parent > 0) orphaned = setInterval(() => process.ppid !== parent && resolve(), 1000);
   });
+  clearInterval(orphaned);
   clearInterval(keepAlive);
   log.info("stopping");
   await stop();
@@ -107,6 +112,7 @@ export default defineCommand({
   async run({ args, rawArgs }) {
     const cfg = configFromArgs(args, rawArgs);
     const { stop } = await startHkd(cfg, { register: args.register, address: args.address });
+    console.log(`qvd hkd running (node ${cfg.get("nodename")})`); // qvd node starts its L7R on this line
     await runUntilSignal(stop);
   },
 });

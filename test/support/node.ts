@@ -163,9 +163,17 @@ export class TestNode {
         const reader = s.getReader();
         for (let c = await reader.read(); !c.done; c = await reader.read()) out.write(c.value);
       })();
+    // `qvd node` runs its HKD as a child process: the running HKD is this process or its child.
+    const parentOf = (pid: number) => {
+      try {
+        return Number(/^PPid:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1]);
+      } catch {
+        return 0;
+      }
+    };
     const ready = async () => {
       const [r] = await this.db.sql`SELECT state, pid FROM host_runtimes WHERE host_id = ${this.host.id}`;
-      return r!.state === "running" && r!.pid === proc.pid;
+      return r!.state === "running" && (r!.pid === proc.pid || (opts.role === "node" && parentOf(r!.pid) === proc.pid));
     };
     await until(async () => (await ready()) || proc.exitCode !== null, "the node to be running");
     if (proc.exitCode !== null) throw new Error(`qvd hkd exited with ${proc.exitCode}:\n${readFileSync(this.logFile, "utf8").slice(-3000)}`);
