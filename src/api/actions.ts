@@ -94,7 +94,7 @@ const PropertyValue = z.object({ value: z.string().max(32768) });
 const ConfigValue = z.object({ value: z.string().max(4096), tenant_id: z.number().int().min(0).optional() });
 
 /** Identity properties (qvd.vm.user.uid…) need an ACL of their own besides the object's update. */
-const propertyAcls = (acl: string) => (ctx: Ctx) => (isIdentityProperty(ctx.params.key ?? "") ? [`${acl}.update`, "property.identity"] : [`${acl}.update`]);
+const propertyAcls = (acl: string) => (ctx: Ctx) => (isIdentityProperty(ctx.params?.key ?? "") ? [`${acl}.update`, "property.identity"] : [`${acl}.update`]);
 const TARGET_DEFS: Record<D.PropertyTarget, ObjectDef<any>> = { user: D.users, vm: D.vms, host: D.hosts, osf: D.osfs, di: D.dis };
 
 const PROPERTY_OBJECTS: [string, D.PropertyTarget, string][] = [
