@@ -121,6 +121,9 @@ function pluginIdentityFrom(p: Record<string, unknown> | null): Partial<Authenti
 /** Whether a login may use a VM: its own, and only the one its token was made for, if any. */
 const mayUse = (user: AuthenticatedUser, ownerId: number, vmId: number) => ownerId === user.userId && (user.vmId === undefined || user.vmId === vmId);
 
+/** A VM id a client may name: an integer the database's integer column can hold (else it is no VM). */
+const isId = (n: number) => Number.isInteger(n) && n >= 1 && n <= 0x7fffffff;
+
 const unavailable = (reason: string) => new Status(503, `The requested virtual machine is not available: ${reason}, retry later.`);
 
 export async function startL7r(o: L7rOptions): Promise<L7r> {
@@ -493,7 +496,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
           if (err instanceof Status) this.send(textResponse(err.status, err.message ? err.message : undefined, err.headers));
           else {
             log.error("request failed", { path: req.path, error: String((err as Error)?.stack ?? err) });
-            this.send(textResponse(500, `Internal error: ${(err as Error)?.message ?? err}\r\n`));
+            this.send(textResponse(500, "Internal error; try again later\r\n")); // the details are in the log, not for strangers
           }
         } finally {
           this.busy = false;
@@ -535,7 +538,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
           const vmRaw = req.query.find(([k]) => k === "vm_id")?.[1];
           const vmId = vmRaw === undefined ? user.vmId : Number(vmRaw);
           if (vmId !== undefined) {
-            if (!Number.isInteger(vmId)) throw new Status(422, "parameter vm_id is not a VM id");
+            if (!isId(vmId)) throw new Status(422, "parameter vm_id is not a VM id");
             const vm = await L.sessionVm(sql, vmId);
             if (!vm) throw new Status(404, "The requested virtual machine does not exist");
             if (!mayUse(user, vm.user_id, vmId)) throw new Status(403, "You are not allowed to access requested virtual machine");
@@ -626,7 +629,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       if (host.blocked) throw new Status(503, "Server is blocked");
       const id = Number(req.query.find(([k]) => k === "id")?.[1] ?? NaN);
       if (!Number.isInteger(id)) throw new Status(422, "parameter id is missing");
-      let vm = await L.sessionVm(sql, id);
+      let vm = isId(id) ? await L.sessionVm(sql, id) : undefined;
       if (!vm) throw new Status(404, "The requested virtual machine does not exist");
       if (!mayUse(user, vm.user_id, id)) throw new Status(403, "You are not allowed to access requested virtual machine");
       if (vm.vm_state === "stopped") return this.send(textResponse(200, "Machine stopped\r\n"));
@@ -654,7 +657,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       const bad = req.query.filter(([k]) => k !== "id" && !CLIENT_PARAM.test(k)).map(([k]) => k);
       if (bad.length) throw new Status(403, `Invalid parameters ${bad.join(" ")}`);
       const id = Number(idRaw);
-      const vm0 = Number.isInteger(id) ? await L.sessionVm(sql, id) : undefined;
+      const vm0 = isId(id) ? await L.sessionVm(sql, id) : undefined;
       if (!vm0) throw new Status(404, "The requested virtual machine does not exist");
       if (vm0.blocked) throw new Status(403, "The requested virtual machine is offline for maintenance");
       const params = new Map(req.query.filter(([k]) => k !== "id"));
