@@ -8,6 +8,8 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import net from "node:net";
 import tls from "node:tls";
+import { clientAddress, trustedProxies } from "../src/api/client-address.ts";
+import { decide, DEFAULT_POLICY } from "../src/auth/throttle.ts";
 import * as D from "../src/db/index.ts";
 import { startL7r, type L7r } from "../src/l7r/server.ts";
 import { run } from "../src/run.ts";
@@ -226,4 +228,39 @@ describe("L7R", () => {
     expect([b, c]).toEqual([a, a]);
     expect(a.status).toBe(401);
   });
+});
+
+// --- the pure parts -------------------------------------------------------------------------------
+
+test("client address: only trusted peers may name another, and only the hop left of the trusted ones counts", () => {
+  const trusted = trustedProxies("10.0.0.0/8, 192.0.2.1, ::1");
+  expect(clientAddress("198.51.100.9", "203.0.113.1", trusted)).toBe("198.51.100.9"); // untrusted peer
+  expect(clientAddress("10.1.2.3", "203.0.113.1", trusted)).toBe("203.0.113.1");
+  expect(clientAddress("10.1.2.3", "6.6.6.6, 203.0.113.1, 10.9.9.9", trusted)).toBe("203.0.113.1"); // forged left hop ignored
+  expect(clientAddress("::ffff:10.1.2.3", "203.0.113.1", trusted)).toBe("203.0.113.1"); // IPv4-mapped peer
+  expect(clientAddress("::1", "2001:db8::7", trusted)).toBe("2001:db8::7");
+  expect(clientAddress("10.1.2.3", "not-an-address, 203.0.113.1", trusted)).toBe("203.0.113.1");
+  expect(clientAddress("10.1.2.3", "203.0.113.1, <script>", trusted)).toBe("10.1.2.3"); // garbage: the last trusted hop
+  expect(clientAddress("10.1.2.3", "", trusted)).toBe("10.1.2.3");
+  expect(clientAddress("10.1.2.3", "10.4.4.4, 192.0.2.1", trusted)).toBe("10.4.4.4"); // all trusted: the farthest
+  expect(clientAddress("10.1.2.3", "203.0.113.1", trustedProxies(""))).toBe("10.1.2.3");
+});
+
+test("throttle decision: free tries, then one try per announced wait; tries in flight hold the slot; old failures are forgotten", () => {
+  const p = { ...DEFAULT_POLICY, delayS: 2, maxDelayS: 8, forgetS: 3600 };
+  const now = new Date("2026-01-01T12:00:00Z");
+  const at = (s: number) => new Date(now.getTime() + s * 1000);
+  const row = (failures: number, failedAgo: number | null, pending = 0, leaseLeft = 60) =>
+    ({ key: "k", failures, failed_at: failedAgo === null ? null : at(-failedAgo), pending, pending_until: pending ? at(leaseLeft) : null });
+  expect(decide(row(0, null), 3, now, p).admit).toBe(true);
+  expect(decide(row(2, 0, 0), 3, now, p).admit).toBe(true); // the third free try
+  expect(decide(row(2, 0, 1), 3, now, p)).toEqual({ admit: false, waitS: 2 }); // the third is in flight
+  expect(decide(row(3, 1), 3, now, p)).toEqual({ admit: false, waitS: 1 }); // 1 s of the 2 s wait left
+  expect(decide(row(3, 2), 3, now, p).admit).toBe(true); // the wait is over: one try
+  expect(decide(row(3, 2, 1), 3, now, p)).toEqual({ admit: false, waitS: 4 }); // …and only one
+  expect(decide(row(3, 2, 1, -1), 3, now, p).admit).toBe(true); // a try whose process died holds its slot only for its lease
+  expect(decide(row(10, 7), 3, now, p)).toEqual({ admit: false, waitS: 1 }); // capped at max_delay (8 s)
+  expect(decide(row(10, 3601), 3, now, p).admit).toBe(true); // forgotten
+  const d = decide(row(10, 3601), 3, now, p);
+  expect(d.admit && d.update.failures).toBe(0);
 });

@@ -95,7 +95,7 @@ export async function beginLogin(sql: Sql, p: ThrottlePolicy, t: { service: "api
   const knownKey = keyOf(t.service, "known", t.account, address);
   type Decision = { ok: true; keys: string[] } | { ok: false; waitS: number };
   const gate = await withThrottleRows<Decision>(sql, [accountKey, addressKey], knownKey, (rows, now, knownAt) => {
-    const known = knownAt !== null && now.getTime() - knownAt.getTime() <= p.knownForS * 1000;
+    const known = p.knownForS > 0 && knownAt !== null && now.getTime() - knownAt.getTime() <= p.knownForS * 1000;
     const checks: [string, number][] = [[addressKey, p.addressTries], ...(known ? [] : [[accountKey, p.accountTries] as [string, number]])];
     const updates: ThrottleUpdate[] = [];
     let waitS = 0;

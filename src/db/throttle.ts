@@ -53,11 +53,12 @@ export async function withThrottleRows<T>(
  * keys count a failure; `succeeded` keys (made when missing) record a success now.
  */
 export async function endThrottledTry(db: Db, k: { failed: string[]; released: string[]; succeeded: string[] }): Promise<void> {
-  if (k.failed.length)
+  // One row per statement: never two row locks held at once, so no deadlock with withThrottleRows.
+  for (const key of [...k.failed].sort())
     await db`UPDATE login_throttle SET pending = greatest(pending - 1, 0), failures = failures + 1, failed_at = now(), updated_at = now()
-      WHERE key = ANY(${k.failed}::text[])`;
-  if (k.released.length)
-    await db`UPDATE login_throttle SET pending = greatest(pending - 1, 0), updated_at = now() WHERE key = ANY(${k.released}::text[])`;
+      WHERE key = ${key}`;
+  for (const key of [...k.released].sort())
+    await db`UPDATE login_throttle SET pending = greatest(pending - 1, 0), updated_at = now() WHERE key = ${key}`;
   for (const key of k.succeeded)
     await db`INSERT INTO login_throttle (key) VALUES (${key}) ON CONFLICT (key) DO UPDATE SET updated_at = now()`;
 }
