@@ -4,7 +4,7 @@
 // and, as a container's init, does PID 1's duties (src/vma/init.ts).
 //
 // Configuration keys (vma.*, path.run) come, lowest first, from /etc/qvd/vma.conf in the image,
-// the `settings` object of vma.json, QVD_* variables, then `--set KEY=VALUE`; except the keys
+// QVD_* variables, the `settings` object of vma.json, then `--set KEY=VALUE`; except the keys
 // only the node decides (src/vma/node-settings.ts): the image's vma.conf cannot set them, and
 // vma.json's values for them win over everything.
 import { existsSync, readFileSync } from "node:fs";

@@ -263,7 +263,18 @@ function hashedStream(file: string, total: number, onBytes: (bytes: number) => v
     }),
   );
   let done: string | undefined;
-  return { stream, digest: () => (done ??= hasher.digest("hex")) };
+  // tar stops reading at the archive's end blocks: an uncompressed archive's padding after them
+  // may never be pulled through the stream. The checksum is the whole file's: hash the rest.
+  const rest = () => {
+    const fd = openSync(file, "r");
+    try {
+      const buf = Buffer.alloc(1 << 20);
+      for (let n; (n = readSync(fd, buf, 0, buf.length, bytes)) > 0; bytes += n) hasher.update(buf.subarray(0, n));
+    } finally {
+      closeSync(fd);
+    }
+  };
+  return { stream, digest: () => (done ??= (rest(), hasher.digest("hex"))) };
 }
 
 function tarFailure(file: string, err: unknown): ImageError {
