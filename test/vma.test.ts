@@ -289,7 +289,7 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     const session = join(work, "session", "session.sh");
     writeFileSync(session, "#!/bin/sh\necho session started as $(id -u) in $HOME\nexec sleep 1000\n");
     chmodSync(session, 0o755);
-    v = await startVma("session", { "vma.provision.root": root, "vma.session.command": session, "vma.timeout.listening": 30 });
+    v = await startVma("session", { "vma.provision.root": root, "vma.session.command": session, "vma.timeout.listening": 30, "identity.groups.allowed": "daemon" }); // the minimal root has no desktop groups
     relay = startNxRelay({ host: "127.0.0.1", targetPort: 4000 + nxDisplay, cookie: COOKIE });
   });
   afterAll(() => {
