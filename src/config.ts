@@ -196,7 +196,7 @@ export const KEYS = {
   "vm.network.bridge.create": key(bool, true, "Create the bridge when it is missing and give it the gateway address (off: it must already exist, and is left as it is).", { scope: "node" }),
   "vm.network.firewall.enable": key(bool, true, "Install the nftables rules (tables `inet qvd` and `bridge qvd`) that confine VMs.", { scope: "node" }),
   "vm.network.firewall.node_ports": key(portList, "", "Ports on this node that VMs may open connections to, e.g. `8443,53/udp` (default: none; replies to the node's own connections always pass)."),
-  "vm.network.firewall.vm_ports": key(portList, "3030,4100", "Ports of VMs that may be reached through this node from other hosts (the VMA and nxagent); the node itself reaches VMs freely."),
+  "vm.network.firewall.vm_ports": key(portList, "", "Ports of VMs that other hosts may reach, routed through this node and masqueraded to its bridge address (default: none; the node itself reaches VMs, and nxagent takes only the node's address). Set `3030,4100` only where another node's L7R must reach this node's desktops by a route; node-to-node TLS in the farm design replaces it."),
   "vm.network.firewall.outbound": key(bool, true, "Let VMs open connections beyond the node (routed by the node; NAT is the administrator's business). Never to other VMs or to the node."),
   "vm.lxc.path": key(str, "", "Directory of the LXC container configurations (default: <path.run>/lxc)."),
   "vm.lxc.vma_init": key(bool, true, "The VMA is the container's init (the bind-mounted qvd binary runs `vma`). Off: the image's own init (vm.lxc.init) runs and must start `qvd vma` itself."),

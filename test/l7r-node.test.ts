@@ -37,7 +37,8 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
     await node.addImage(osf.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
     vm = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" });
-    await node.start({ "hkd.timeout.vma_start": "60" }, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
+    // Node B's L7R reaches the desktop routed through node A: the opt-in of vm_ports (off by default).
+    await node.start({ "hkd.timeout.vma_start": "60", "vm.network.firewall.vm_ports": "3030,4100" }, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
   }, 30 * 60_000);
 
   afterAll(async () => {
@@ -94,7 +95,8 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
 
   test("across two nodes: a connection through node B's L7R takes the session over from node A's", async () => {
     // Node B: its own namespace, a veth to node A's (198.19.255.0/30), and a route to the VM
-    // network through node A, which forwards (its firewall lets the VMA's and nxagent's ports in).
+    // network through node A, which forwards (vm_ports lets the VMA's and nxagent's ports in,
+    // masqueraded to node A's bridge address: nxagent takes only that address).
     const nb = (nsB = await createNetns());
     const tag = nb.name.slice(-6);
     const [ifA, ifB] = [`qa${tag}`, `qb${tag}`];

@@ -9,12 +9,15 @@ import * as D from "../src/db/index.ts";
 import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { desktopImage, TestNode, until } from "./support/node.ts";
+import { newNxCookie } from "../src/nx/handshake.ts";
 
 const isRoot = process.getuid?.() === 0;
 const db = useTestDatabase();
 const ALL = D.ALL_TENANTS;
 const DISPLAY = 61;
 const output = join(import.meta.dir, "..", ".test-output");
+/** nxagent's cookie for this session; nxproxy reaches nxagent through a relay that adds it, as the L7R does. */
+const COOKIE = newNxCookie();
 
 describe.skipIf(!isRoot)("a real desktop through NX", () => {
   const node = new TestNode(db, "desknode");
@@ -76,20 +79,23 @@ describe.skipIf(!isRoot)("a real desktop through NX", () => {
   });
 
   test("x_start: the user's session runs under nxagent, which listens on 4100", async () => {
-    const res = await vma("x_start", { user: "alice", uid: 2001, gid: 2001, geometry: "1024x768", keyboard: "pc105/us", link: "lan", client_os: "linux" });
+    const res = await vma("x_start", { user: "alice", uid: 20001, gid: 20001, geometry: "1024x768", keyboard: "pc105/us", link: "lan", client_os: "linux", cookie: COOKIE });
     expect(res.status).toBe(200);
     await until(async () => (await nxState()) === "listening", "nxagent to listen", 60_000);
-    // The session is the user's: nxagent runs as uid 2001, not as root.
+    // The session is the user's: nxagent runs as uid 20001, not as root.
     const ps = (await node.attach(vm.id, "ps -eo uid,comm")).stdout;
-    expect(ps).toMatch(/^\s*2001 nxagent$/m);
+    expect(ps).toMatch(/^\s*20001 nxagent$/m);
     expect(ps).not.toMatch(/^\s*0 nxagent$/m);
     expect((await node.attach(vm.id, "cat /proc/net/tcp")).stdout).toMatch(/:1004 00000000:0000 0A/); // 4100 = 0x1004, LISTEN
-    expect((await node.attach(vm.id, "stat -c %u /home/alice")).stdout.trim()).toBe("2001");
+    expect((await node.attach(vm.id, "stat -c %u /home/alice")).stdout.trim()).toBe("20001");
   });
 
   test("a real nxproxy shows the desktop on the client's X display", async () => {
     const before = await screenMean();
-    const proxy = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${DISPLAY}`, "nxproxy", "-S", `${vm.ip}:100`], { stdout: "ignore", stderr: "ignore" });
+    const relay = Bun.spawn([...node.ns.exec, join(import.meta.dir, "..", "node_modules", ".bin", "bun"), join(import.meta.dir, "support", "nx-relay.ts"), "4150", vm.ip!, "4100", COOKIE], { stdout: "pipe", stderr: "inherit" });
+    children.push(relay);
+    await relay.stdout.getReader().read(); // "listening"
+    const proxy = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${DISPLAY}`, "nxproxy", "-S", "localhost:150"], { stdout: "ignore", stderr: "ignore" });
     children.push(proxy);
     await until(async () => (await nxState()) === "connected", "the NX session to connect", 60_000);
     // jwm's tray and the xterm arrive: the black screen gets content.
@@ -99,8 +105,8 @@ describe.skipIf(!isRoot)("a real desktop through NX", () => {
     expect(mean).toBeGreaterThan(before + 0.05);
     // The session's programs run as the user.
     const ps = (await node.attach(vm.id, "ps -eo uid,comm")).stdout;
-    expect(ps).toMatch(/^\s*2001 jwm$/m);
-    expect(ps).toMatch(/^\s*2001 xterm$/m);
+    expect(ps).toMatch(/^\s*20001 jwm$/m);
+    expect(ps).toMatch(/^\s*20001 xterm$/m);
     proxy.kill("SIGTERM");
     await proxy.exited;
   });

@@ -145,7 +145,13 @@ describe("LXC configuration", () => {
     const rules = net.firewallRuleset();
     expect(rules).toContain("ct state new tcp dport { 8443 } accept");
     expect(rules).toContain("udp dport { 53 } accept");
-    expect(rules).toContain("tcp dport { 3030, 4100 } accept");
+    // By default nothing routed reaches a VM (its VMA and nxagent are the node's); vm_ports opens
+    // ports, masqueraded so that the VM still sees only the node's address.
+    expect(net.o.vmPorts).toEqual([]);
+    expect(rules).not.toMatch(/tcp dport \{ 3030|masquerade/);
+    const routed = nodeNetworkFromConfig(new Config([], [{ key: "vm.network.firewall.vm_ports", value: "3030,4100", source: { kind: "default" } }])).firewallRuleset();
+    expect(routed).toContain("tcp dport { 3030, 4100 } accept");
+    expect(routed).toContain('oifname "qvdnet0" ip daddr 198.18.0.0/16 tcp dport { 3030, 4100 } masquerade');
     const o = lxcOptionsFromConfig(cfg, net);
     expect(o).toMatchObject({ lxcPath: "/run/qvd/lxc", storageRoot: "/var/lib/qvd/storage", vmaInit: true, init: "/sbin/init", guestQvdPath: "/usr/local/bin/qvd" });
     expect(o.haltSignal).toBeUndefined();

@@ -10,6 +10,11 @@
 // - VM → node: table `inet qvd`, chain input: packets that arrive on the bridge pass only when
 //   they answer the node's own connections (ct established/related) or go to a port listed
 //   in vm.network.firewall.node_ports; everything else from the bridge is dropped.
+// - Other hosts → VM: nothing by default; the VMA (3030) and nxagent (4100) are the node's to
+//   reach (the L7R, the HKD), and nxagent also takes connections from the node's address only
+//   (accept=, src/vma/session.ts). vm.network.firewall.vm_ports opens ports to routed traffic
+//   (another node's L7R today), masqueraded to the node's bridge address so that the VM still
+//   sees only the node.
 // - Spoofing: table `bridge qvd` jumps, per VM port (a verdict map keyed by the host-side veth
 //   name), to a chain that drops frames whose MAC, IPv4 or ARP sender differs from the VM's,
 //   and all IPv6 (VMs are IPv4-only).
@@ -70,7 +75,7 @@ export interface NodeNetworkOptions {
   firewall: boolean;
   /** Node ports VMs may connect to (vm.network.firewall.node_ports). */
   nodePorts: PortRule[];
-  /** VM ports reachable through the node from other hosts (vm.network.firewall.vm_ports). */
+  /** VM ports reachable through the node from other hosts, masqueraded (vm.network.firewall.vm_ports; default none). */
   vmPorts: PortRule[];
   /** VMs may open connections beyond the node (vm.network.firewall.outbound). */
   outbound: boolean;
@@ -178,6 +183,16 @@ export class NodeNetwork {
       vmUdp && `    udp dport ${vmUdp} accept`,
       "    counter drop",
       "  }",
+      // What vm_ports lets in arrives from the node's bridge address: a VM answers only the node.
+      ...(vmTcp || vmUdp
+        ? [
+            "  chain to_vms_nat {",
+            "    type nat hook postrouting priority srcnat; policy accept;",
+            vmTcp && `    oifname ${br} ip daddr ${range} tcp dport ${vmTcp} masquerade`,
+            vmUdp && `    oifname ${br} ip daddr ${range} udp dport ${vmUdp} masquerade`,
+            "  }",
+          ]
+        : []),
       "}",
       // bridge qvd: kept across node restarts (running VMs' chains stay); only its base chain
       // is rebuilt.
