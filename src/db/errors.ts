@@ -91,5 +91,7 @@ export function translatePgError(err: unknown, kind: string): unknown {
     case "22008":
       return new ValidationError(undefined, err.message);
   }
+  // Any other data exception (class 22) is a value PostgreSQL cannot take: the input's fault.
+  if (err.code!.startsWith("22")) return new ValidationError(undefined, err.message);
   return err;
 }

@@ -125,6 +125,9 @@ function convert(field: string, kind: FieldKind, raw: unknown): unknown {
   if (kind === "date") {
     const d = raw instanceof Date ? raw : new Date(String(raw));
     if (Number.isNaN(d.getTime())) throw new ValidationError(field, `expected a date/time, got ${JSON.stringify(raw)}`);
+    // Years beyond 9999 have a signed ISO form (+065535-…) that PostgreSQL does not read.
+    const y = d.getUTCFullYear();
+    if (y < 1 || y > 9999) throw new ValidationError(field, `expected a date between the years 1 and 9999, got ${JSON.stringify(raw)}`);
     return d;
   }
   if (kind === "array" || kind === "other") return String(raw);
@@ -136,7 +139,8 @@ function fieldsOf(def: ObjectDef<any>): Record<string, z.ZodType> {
 }
 
 function checkField(def: ObjectDef<any>, field: string, what: string): FieldKind {
-  const f = fieldsOf(def)[field];
+  // Own fields only: `__proto__` or `constructor` in a query string are not fields.
+  const f = Object.hasOwn(fieldsOf(def), field) ? fieldsOf(def)[field] : undefined;
   if (!f) throw new ValidationError(what, `unknown field "${field}" of ${def.kind}; known: ${Object.keys(fieldsOf(def)).join(", ")}`);
   return fieldKind(f);
 }
