@@ -445,7 +445,10 @@ describe("the VMA checks the identity again", () => {
     await start({ user: "daemon" }, "identity refused for daemon: uid 1 is outside the allowed range");
     await start({ user: "etc" }, "home /home/etc: /home is a symbolic link");
     rmSync(join(root, "home"));
-    await start({ user: "alice", properties: { [GROUPS]: "audio" } }, "a group with gid 0");
+    await start({ user: "alice", properties: { [GROUPS]: "audio" } }, "group audio has the gid of root or a privileged group in the image");
+    // The image's shadow group with the gid the user is given: refused too.
+    writeFileSync(join(root, "etc/group"), readFileSync(join(root, "etc/group"), "utf8") + "shadow:x:20001:\n");
+    await start({ user: "alice" }, "gid 20001 is a privileged group's in the image");
     expect(readFileSync(join(root, "etc/passwd"), "utf8")).toBe(passwd);
     expect(readFileSync(join(root, "etc/group"), "utf8")).not.toContain("alice");
   });

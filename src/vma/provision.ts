@@ -9,6 +9,7 @@
 import { chownSync, cpSync, existsSync, lchownSync, lstatSync, mkdirSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { gidProblem, groupsProblem, homeProblem, uidProblem, type IdentityRules } from "../auth/identity.ts";
+import { PRIVILEGED_GROUPS } from "../config.ts";
 import { UserError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { run } from "../run.ts";
@@ -67,8 +68,14 @@ export function checkIdentity(req: ProvisionRequest, rules: IdentityRules, root 
   const groups = readGroups(root);
   const member = groups.filter((g) => g.members.includes(req.user)).map((g) => g.name);
   const named = [...new Set([...req.groups, ...member])];
-  const problem = uidProblem(pw?.uid ?? req.uid, rules) ?? gidProblem(pw?.gid ?? req.gid, rules) ?? homeProblem(home, rules) ??
-    groupsProblem(named, rules) ?? (named.some((n) => groups.find((g) => g.name === n)?.gid === 0) ? "a group with gid 0" : undefined) ??
+  // The image decides which gid a name has: a group that shares a gid with root or a privileged
+  // group (an "audio" of gid 0, a "shadow" of the user's primary gid) gives what that one gives.
+  const privileged = new Set([0, ...groups.filter((g) => PRIVILEGED_GROUPS.has(g.name)).map((g) => g.gid)]);
+  const gid = pw?.gid ?? req.gid;
+  const sharing = named.filter((n) => privileged.has(groups.find((g) => g.name === n)?.gid ?? -1));
+  const problem = uidProblem(pw?.uid ?? req.uid, rules) ?? gidProblem(gid, rules) ?? homeProblem(home, rules) ?? groupsProblem(named, rules) ??
+    (privileged.has(gid) ? `gid ${gid} is a privileged group's in the image` : undefined) ??
+    (sharing.length ? `group ${sharing.join(", ")} has the gid of root or a privileged group in the image` : undefined) ??
     symlinkProblem(root, home);
   if (problem) throw new UserError(`identity refused for ${req.user}: ${problem}${pw ? " (an account of the image)" : ""}`);
 }
