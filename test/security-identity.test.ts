@@ -17,6 +17,7 @@ import { run } from "../src/run.ts";
 import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 import { LDAP_SUFFIX, LdapServer } from "./support/ldap.ts";
+import { desktopImage, TestNode, until } from "./support/node.ts";
 import { basic, WireClient } from "./support/qvd-wire.ts";
 
 const db = useTestDatabase();
@@ -452,4 +453,71 @@ describe("the VMA checks the identity again", () => {
     expect(readFileSync(join(root, "etc/passwd"), "utf8")).toBe(passwd);
     expect(readFileSync(join(root, "etc/group"), "utf8")).not.toContain("alice");
   });
+});
+
+describe.skipIf(process.getuid?.() !== 0)("a real LXC desktop: no identity makes the desktop user root", () => {
+  const node = new TestNode(db, "idnode");
+  const COOKIE = "0123456789abcdef0123456789abcdef";
+  let vmId = 0;
+  let vmaUrl = "";
+  let secret = "";
+
+  beforeAll(async () => {
+    const image = await desktopImage();
+    await node.setup();
+    const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "mallory" });
+    const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
+    await node.addImage(osf.id, "desktop.tar.gz", async (p) => Bun.write(p, Bun.file(image)).then(() => {}));
+    vmId = (await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" })).id;
+    await node.start({ "hkd.timeout.vma_start": "60" });
+    await D.startVm(sql(), ALL, vmId, { heartbeatWithinS: 60 });
+    await until(async () => (await D.get(sql(), D.vms, ALL, vmId)).vm_state === "running", "the desktop to run", 300_000);
+    const [r] = await sql()`SELECT vm_address, vma_port, vma_secret FROM vm_runtimes WHERE vm_id = ${vmId}`;
+    [vmaUrl, secret] = [`http://${r!.vm_address}:${r!.vma_port}`, r!.vma_secret];
+  }, 30 * 60_000);
+  afterAll(async () => {
+    await node.stop();
+  }, 120_000);
+
+  /** The VMA's API from the node (as an L7R calls it). */
+  async function vma(method: string, path: string, body?: unknown): Promise<{ status: number; json: any }> {
+    const args = ["curl", "-s", "--max-time", "10", "-w", "\n%{http_code}", "-X", method, "-H", `x-qvd-vma-secret: ${secret}`];
+    if (body !== undefined) args.push("-H", "content-type: application/json", "-d", JSON.stringify(body));
+    const out = (await run([...node.ns.exec, ...args, vmaUrl + path], { allowFail: true })).stdout.split("\n");
+    const status = Number(out.pop());
+    return { status, json: JSON.parse(out.join("\n") || "null") };
+  }
+  const inside = async (script: string) => (await node.attach(vmId, script)).stdout.trim();
+
+  test("x_start with /etc, uid 0 or 500, gid 42 (shadow), groups shadow/sudo, or the login root: refused; /etc stays root's", async () => {
+    const passwd = await inside("cat /etc/passwd");
+    const base = { user: "mallory", uid: 20001, gid: 20001, cookie: COOKIE };
+    for (const [body, field] of [
+      [{ ...base, home: "/etc" }, "home"], [{ ...base, uid: 0 }, "uid"], [{ ...base, uid: 500 }, "uid"], [{ ...base, gid: 42 }, "gid"],
+      [{ ...base, properties: { [GROUPS]: "shadow,sudo" } }, "properties.qvd.vm.user.groups"],
+    ] as const) {
+      const r = await vma("POST", "/vma/x_start", body);
+      expect([r.status, r.json.field], JSON.stringify(body)).toEqual([422, field]);
+    }
+    // The login "root" is the image's root account: accepted as a request, refused before provisioning.
+    expect((await vma("POST", "/vma/x_start", { ...base, user: "root" })).status).toBe(200);
+    await until(async () => Boolean((await vma("GET", "/vma/x_state")).json.error), "the refusal", 20_000);
+    expect((await vma("GET", "/vma/x_state")).json).toMatchObject({ state: "stopped", error: expect.stringContaining("identity refused for root: uid 0") });
+    expect(await inside("stat -c '%u:%g %a' /etc /etc/shadow /root")).toBe("0:0 755\n0:42 640\n0:0 700");
+    expect(await inside("cat /etc/passwd")).toBe(passwd);
+  }, 120_000);
+
+  test("an allowed identity: the session runs as that uid, without root's or shadow's groups", async () => {
+    const r = await vma("POST", "/vma/x_start", { user: "mallory", uid: 20001, gid: 20001, cookie: COOKIE, properties: { [GROUPS]: "audio" } });
+    expect(r.status).toBe(200);
+    await until(async () => ["listening", "stopped"].includes((await vma("GET", "/vma/x_state")).json.state), "nxagent to listen", 60_000);
+    expect((await vma("GET", "/vma/x_state")).json.state).toBe("listening");
+    expect(await inside("id mallory")).toMatch(/^uid=20001\(mallory\) gid=20001\(mallory\) groups=20001\(mallory\),29\(audio\)$/);
+    // nxagent, the session's X server, runs as the user: real, effective and supplementary ids.
+    const status = await inside("cat /proc/$(pgrep -x nxagent | head -1)/status");
+    expect(status).toMatch(/^Uid:\s+20001\s+20001\s+20001\s+20001$/m);
+    expect(status).toMatch(/^Groups:\s+29\s*$/m);
+    expect(await inside("stat -c '%U' /home/mallory")).toBe("mallory");
+    expect(await inside("stat -c '%u:%g' /etc")).toBe("0:0");
+  }, 120_000);
 });
