@@ -242,3 +242,17 @@ test("a bearer login starts the desktop with the identity of the login that made
   expect(xStarts[0]).toMatchObject({ user: "lena", uid: 30000, gid: 30001, home: "/home/ldap/lena" });
   expect(xStarts[0].properties["qvd.vm.user.ldap.name"]).toBe("lena");
 });
+
+test("each connect_to_vm gives the VMA a new NX cookie (for nxagent), which is in no property the desktop sees", async () => {
+  const cookies: string[] = [];
+  for (let i = 0; i < 2; i++) {
+    xStarts.length = 0;
+    const { res } = await connect(ids.lenaVm, basic("lena", "whatever"), "qvd.client.os=linux");
+    expect(res.status).toBe(101);
+    const b = xStarts[0];
+    expect(b.cookie).toMatch(/^[0-9a-f]{32}$/);
+    expect(JSON.stringify(b.properties)).not.toContain(b.cookie);
+    cookies.push(b.cookie);
+  }
+  expect(cookies[1]).not.toBe(cookies[0]);
+});
