@@ -186,8 +186,6 @@ export const KEYS = {
 
   // Farm-wide unless marked `tenant: true` (the L7R's and HKD's timeouts, the network, the
   // cluster's timing): a node reads them once for every tenant, and they shape shared resources.
-  // Farm-wide unless marked `tenant: true` (the L7R's and HKD's timeouts, the network, the
-  // cluster's timing): a node reads them once for every tenant, and they shape shared resources.
   "osf.default.memory": key(int(16), 1024, "RAM in MiB of a new OSF when none is given.", { scope: "cluster", tenant: true }),
   "vm.network.range": key(cidr, "198.18.0.0/16", "Network from which VM addresses are allocated.", { scope: "cluster" }),
   "vm.network.gateway": key(str, "", "Gateway address given to VMs (default: the first address of the range).", { scope: "cluster" }),
@@ -414,10 +412,6 @@ export class Config {
         warn(`ignoring database config ${r.key} of tenant ${r.tenantId}: tenants may not override it`);
         continue;
       }
-      if (r.tenantId !== 0 && !KEYS[r.key].tenant) {
-        warn(`ignoring database config ${r.key} of tenant ${r.tenantId}: tenants may not override it`);
-        continue;
-      }
       db.push({ key: r.key, value: r.value, source: { kind: "db", tenantId: r.tenantId } });
     }
     return new Config(this.base, this.top, db);
@@ -431,12 +425,12 @@ export class Config {
   }
 
   /** Every key with its effective value (secrets masked) and its source. */
-  describe(): { key: ConfigKey; value: string; source: string; doc: string; scope: KeyScope }[] {
+  describe(): { key: ConfigKey; value: string; source: string; doc: string; scope: KeyScope; tenant: boolean }[] {
     return (Object.keys(KEYS) as ConfigKey[]).map((k) => {
       const d = KEYS[k] as KeyDef<unknown>;
       const v = this.values.get(k);
       const value = v === undefined ? "(unset)" : d.secret && this.rawOf(k) !== "" ? "********" : this.rawOf(k);
-      return { key: k, value, source: describeSource(this.sources.get(k)!), doc: d.doc, scope: d.scope };
+      return { key: k, value, source: describeSource(this.sources.get(k)!), doc: d.doc, scope: d.scope, tenant: d.tenant };
     });
   }
 

@@ -404,16 +404,16 @@ describe("precedence: default < file < database < environment < flags", () => {
 
   test("a tenant's own rows win over the global rows, whatever the row order", () => {
     const rows = [
-      { tenantId: 7, key: "hkd.fence_after", value: "70" },
-      { tenantId: 0, key: "hkd.fence_after", value: "20" },
+      { tenantId: 7, key: "auth.ldap.timeout", value: "70" },
+      { tenantId: 0, key: "auth.ldap.timeout", value: "20" },
       { tenantId: 0, key: "osf.default.memory", value: "2048" },
     ];
     const cfg = load().withDatabase(rows);
-    expect(cfg.get("hkd.fence_after")).toBe(70);
-    expect(cfg.source("hkd.fence_after")).toEqual({ kind: "db", tenantId: 7 });
+    expect(cfg.get("auth.ldap.timeout")).toBe(70);
+    expect(cfg.source("auth.ldap.timeout")).toEqual({ kind: "db", tenantId: 7 });
     expect(cfg.get("osf.default.memory")).toBe(2048);
     expect(cfg.source("osf.default.memory")).toEqual({ kind: "db", tenantId: 0 });
-    expect(describeSource(cfg.source("hkd.fence_after"))).toBe("database (tenant 7)");
+    expect(describeSource(cfg.source("auth.ldap.timeout"))).toBe("database (tenant 7)");
     expect(describeSource(cfg.source("osf.default.memory"))).toBe("database (global)");
   });
 
@@ -451,8 +451,8 @@ describe("database rows", () => {
     expect(configError(() => load().withDatabase([{ tenantId: 0, key: "hkd.fence_after", value: "never" }])).message).toBe(
       'database configs (global): hkd.fence_after: expected an integer, got "never"',
     );
-    expect(configError(() => load().withDatabase([{ tenantId: 3, key: "wat.multitenant", value: "perhaps" }])).message).toMatch(
-      /^database configs \(tenant 3\): wat\.multitenant: expected a boolean/,
+    expect(configError(() => load().withDatabase([{ tenantId: 3, key: "auth.autoprovision.enable", value: "perhaps" }])).message).toMatch(
+      /^database configs \(tenant 3\): auth\.autoprovision\.enable: expected a boolean/,
     );
   });
 
@@ -514,7 +514,7 @@ describe("describe() and secrets", () => {
     const f = conf("wat.multitenant = yes\n");
     const cfg = load({ file: f, env: { QVD_LOG_LEVEL: "debug" }, flags: [flag("hkd.fence_after", "9", "--set hkd.fence_after")] }).withDatabase([
       { tenantId: 0, key: "osf.default.memory", value: "512" },
-      { tenantId: 4, key: "cluster.lost_after", value: "60" },
+      { tenantId: 4, key: "auth.ldap.timeout", value: "60" },
     ]);
     const byKey = Object.fromEntries(cfg.describe().map((e) => [e.key, e]));
     expect(byKey["wat.multitenant"]).toMatchObject({ value: "1", source: `${f}:1` });
@@ -522,7 +522,7 @@ describe("describe() and secrets", () => {
     expect(byKey["log.level"]).toMatchObject({ value: "debug", source: "environment QVD_LOG_LEVEL" });
     expect(byKey["hkd.fence_after"]).toMatchObject({ value: "9", source: "flag --set hkd.fence_after" });
     expect(byKey["osf.default.memory"]).toMatchObject({ value: "512", source: "database (global)" });
-    expect(byKey["cluster.lost_after"]).toMatchObject({ value: "60", source: "database (tenant 4)" });
+    expect(byKey["auth.ldap.timeout"]).toMatchObject({ value: "60", source: "database (tenant 4)" });
   });
 });
 

@@ -392,15 +392,16 @@ describe("hosts, properties, configs, audit, tokens", () => {
   });
 
   test("configs: validated cluster keys per tenant over the global scope", async () => {
-    await D.setConfig(sql(), 0, "hkd.fence_after", "90");
-    await D.setConfig(sql(), acme.id, "hkd.fence_after", "45");
+    await D.setConfig(sql(), 0, "auth.ldap.timeout", "90");
+    await D.setConfig(sql(), acme.id, "auth.ldap.timeout", "45");
     const rows = await D.listConfigRows(sql(), acme.id);
-    expect(rows.map((r) => [r.tenant_id, r.key, r.value])).toEqual([[0, "hkd.fence_after", "90"], [acme.id, "hkd.fence_after", "45"]]);
+    expect(rows.map((r) => [r.tenant_id, r.key, r.value])).toEqual([[0, "auth.ldap.timeout", "90"], [acme.id, "auth.ldap.timeout", "45"]]);
+    expect((await rejects(D.setConfig(sql(), acme.id, "hkd.fence_after", "45"))).status).toBe(403);
     expect((await rejects(D.setConfig(sql(), 0, "hkd.fence_after", "soon"))).field).toBe("value");
     expect((await rejects(D.setConfig(sql(), 0, "no.such.key", "1"))).field).toBe("key");
     expect((await rejects(D.setConfig(sql(), 0, "nodename", "x"))).message).toContain("node setting");
-    expect(await D.deleteConfig(sql(), acme.id, "hkd.fence_after")).toBe(true);
-    expect(await D.deleteConfig(sql(), acme.id, "hkd.fence_after")).toBe(false);
+    expect(await D.deleteConfig(sql(), acme.id, "auth.ldap.timeout")).toBe(true);
+    expect(await D.deleteConfig(sql(), acme.id, "auth.ldap.timeout")).toBe(false);
   });
 
   test("audit entries redact secrets and are listed by tenant", async () => {

@@ -42,7 +42,7 @@ const show = defineCommand({
     const kw = Math.max(...entries.map((e) => e.key.length));
     const vw = Math.min(40, Math.max(...entries.map((e) => e.value.length)));
     for (const e of entries) {
-      if (args.doc) console.log(`# ${e.doc} (${e.scope})`);
+      if (args.doc) console.log(`# ${e.doc} (${e.scope}${e.tenant ? ", a tenant may override it" : ""})`);
       console.log(`${e.key.padEnd(kw)} = ${e.value.padEnd(vw)}  # ${e.source}`);
     }
     for (const n of notes) console.error(`note: ${n}`);
