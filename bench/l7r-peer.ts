@@ -61,6 +61,12 @@ function sinkHandlers() {
       const d = s.data;
       if (d.cmd) return onBytes(s, chunk);
       d.head = Buffer.concat([d.head, chunk]);
+      // Through the L7R the client greets as nxproxy does (the L7R adds the cookie): skip it.
+      if (d.head[0] === 0x4e) {
+        const end = d.head.indexOf(0x20, d.head.indexOf(0x20) + 1);
+        if (d.head.indexOf(0x20) < 0 || end < 0) return;
+        d.head = d.head.subarray(end + 1);
+      }
       if (d.head.length < 9) return;
       d.cmd = String.fromCharCode(d.head[0]!);
       d.total = Number(d.head.readBigUInt64BE(1));
@@ -206,7 +212,10 @@ const cmd = (c: string, n: number) => {
 
 async function stream(host: string, port: number, kind: string, dir: string, amount: number, auth?: string, vmId?: string) {
   const c = await Conn.open(host, port, kind !== "plain");
-  if (kind === "l7r") await c.connectToVm(auth!, vmId!);
+  if (kind === "l7r") {
+    await c.connectToVm(auth!, vmId!);
+    await c.write(Buffer.from("NXPROXY-3.5.0-3.5.99 stream=default,data=default ")); // the L7R wants an NX greeting first
+  }
   const cipher = kind === "plain" ? undefined : (c.s as any).getCipher?.()?.name;
   // Connected (and upgraded): the bench samples the proxy's CPU time, then says go.
   out({ ready: true });
