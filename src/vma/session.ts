@@ -6,7 +6,8 @@
 //
 // prefixed with `setpriv --reuid UID --regid GID --groups|--clear-groups` unless the session
 // runs as the VMA's own user (test aid). nxagent listens for the client's NX proxy on TCP
-// 4000 + display (4100). It is a child of xinit, never PID 1.
+// 4000 + display (4100), and takes only a proxy that presents the session's cookie (x_start's,
+// src/nx/handshake.ts) from the node's address (accept=). It is a child of xinit, never PID 1.
 //
 // nxagent output → NX state → the state the VMA reports (x_state):
 //   "Session: Starting session at …"   starting   → starting, then listening once nxagent
