@@ -82,6 +82,18 @@ describe("config scopes", () => {
     await ok(boss.del("/configs/auth.ldap.timeout"));
   });
 
+  test("a tenant's own value of a key it may override is used: its TOTP issuer", async () => {
+    await ok(boss.put("/configs/auth.totp.issuer", { value: "Acme VDI" }));
+    try {
+      const u = (await ok(boss.post("/users", { name: "totp-user", password: "totp-user-pw" }), 201)).id;
+      expect((await ok(boss.post(`/users/${u}/totp`))).uri).toStartWith("otpauth://totp/Acme%20VDI:");
+      const other = (await ok(sa.post("/users", { tenant_id: 1, name: "totp-user", password: "totp-user-pw" }), 201)).id;
+      expect((await ok(sa.post(`/users/${other}/totp`))).uri).toStartWith("otpauth://totp/QVD:");
+    } finally {
+      await ok(boss.del("/configs/auth.totp.issuer"));
+    }
+  });
+
   test("rows of farm-wide keys already in a tenant's scope are ignored, with a warning", async () => {
     await sql()`INSERT INTO configs (tenant_id, key, value) VALUES (${acme}, 'hkd.fence_after', '7'), (${acme}, 'vm.network.range', '10.66.0.0/16')`;
     try {

@@ -4,6 +4,7 @@
 // POST /<objects>/actions/<action>?<filter>, with a result per object.
 import { z } from "zod";
 import { currentIdentityRules, identityValueProblem, isIdentityProperty } from "../auth/identity.ts";
+import { tenantConfig } from "../auth/chain.ts";
 import { isConfigKey, KEYS, type ConfigKey } from "../config.ts";
 import * as D from "../db/index.ts";
 import { DataError, ValidationError } from "../db/errors.ts";
@@ -131,7 +132,9 @@ export const ACTION_ROUTES: Route[] = [
     audit: { action: "user.enrol_totp", object: "user" },
     handler: async (ctx) => {
       ctx.audited.object_id = idParam(ctx);
-      const issuer = ctx.cfg.get("auth.totp.issuer");
+      // The user's tenant may name its own issuer.
+      const user = await D.get(ctx.sql, D.users, ctx.scope, idParam(ctx));
+      const issuer = (await tenantConfig(ctx.sql, ctx.cfg, user.tenant_id)).get("auth.totp.issuer");
       const { secret, uri } = await D.enrolUserTotp(ctx.sql, ctx.scope, idParam(ctx), issuer);
       return { secret, uri, user: await D.get(ctx.sql, D.users, ctx.scope, idParam(ctx)) };
     } },
