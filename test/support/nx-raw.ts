@@ -30,3 +30,4 @@ if (s) {
 }
 console.log(JSON.stringify({ connected, reply, closed, ...(connected ? {} : { error }) }));
 process.exit(0);
+export {};
