@@ -407,6 +407,37 @@ describe("API limits", () => {
     for (const s of [a2, b1, again]) s.close();
   });
 
+  test("an administrator's request that takes longer than api.timeout.idle is answered, and the timeout then holds again", async () => {
+    const o = (await ok(sa.post("/osfs", { tenant_id: acme, name: "slow-target" }), 201)).id;
+    // The handler waits on a table lock held for longer than the idle timeout (Bun counts a
+    // handler's time as idle for a request without a body).
+    let release!: () => void;
+    const held = new Promise<void>((r) => (release = r));
+    let locked!: () => void;
+    const isLocked = new Promise<void>((r) => (locked = r));
+    const tx = sql().begin(async (t) => {
+      await t`LOCK TABLE osfs IN ACCESS EXCLUSIVE MODE`;
+      locked();
+      await held;
+    });
+    await isLocked;
+    const timer = setTimeout(release, (IDLE_S + 2) * 1000);
+    // One raw keep-alive connection: the answer comes on it, then it is closed once silent again.
+    const { hostname, port, pathname } = new URL(api.url);
+    const sock = tcpConnect(Number(port), hostname);
+    sock.on("error", () => {});
+    let answer = "";
+    sock.on("data", (d: Buffer) => (answer += d.toString()));
+    const closed = new Promise<void>((r) => sock.once("close", () => r()));
+    sock.write(`GET ${pathname}/osfs/${o} HTTP/1.1\r\nHost: ${hostname}\r\nAuthorization: Bearer ${sa.token}\r\n\r\n`);
+    await closed; // the test times out when the connection stays open
+    clearTimeout(timer);
+    release();
+    await tx;
+    expect(answer).toStartWith("HTTP/1.1 200");
+    expect(answer).toContain('"name":"slow-target"');
+  }, 30_000);
+
   test("a silent connection is closed after api.timeout.idle; an event stream lives on through its keep-alives", async () => {
     const { hostname, port } = new URL(api.url);
     const stream = await openStream(sa);

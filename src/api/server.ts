@@ -83,7 +83,16 @@ export function createApi(opts: ApiOptions) {
     idleTimeoutS: opts.cfg.get("api.timeout.idle"),
   });
   const servers = new WeakMap<Request, { timeout?(r: Request, seconds: number): void }>();
-  const routes = apiRoutes(hub, (r) => servers.get(r)?.timeout?.(r, 0));
+  const idleTimeout = opts.cfg.get("api.timeout.idle");
+  // Bun also counts a handler's own time as idle: an administrator's request (a mass change of
+  // thousands of objects) runs without the timeout, which is then restored for the connection.
+  // An event stream keeps it lifted (it has its own keep-alives and limits).
+  const streaming = new WeakSet<Request>();
+  const setTimeoutOf = (r: Request, seconds: number) => servers.get(r)?.timeout?.(r, seconds);
+  const routes = apiRoutes(hub, (r) => {
+    streaming.add(r);
+    setTimeoutOf(r, 0);
+  });
   const openapi = openApiDocument(routes);
 
   async function handle(route: Route, request: Request, params: Record<string, string>, address: string | undefined): Promise<Response> {
@@ -106,7 +115,12 @@ export function createApi(opts: ApiOptions) {
         if (missing.length) throw forbidden(missing);
       }
       checkInput(route, ctx.url, params, ctx.body);
-      result = await route.handler(ctx);
+      if (ctx.admin) setTimeoutOf(request, 0);
+      try {
+        result = await route.handler(ctx);
+      } finally {
+        if (ctx.admin && !streaming.has(request)) setTimeoutOf(request, idleTimeout);
+      }
     } catch (err) {
       if (err instanceof DataError) failure = err;
       else {
@@ -192,6 +206,5 @@ export function createApi(opts: ApiOptions) {
     return app.fetch(request);
   };
   /** Bun.serve's idle timeout: silent connections are closed (event streams send keep-alives). */
-  const idleTimeout = opts.cfg.get("api.timeout.idle");
   return { app, fetch, routes, hub, openapi, idleTimeout };
 }
