@@ -361,7 +361,7 @@ describe("API limits", () => {
   async function openStream(c: ApiClient): Promise<{ status: number; body?: any; events: string[]; close: () => void; next: (event: string) => Promise<void> }> {
     const abort = new AbortController();
     const res = await fetch(`${api.url}/events`, { headers: { authorization: `Bearer ${c.token}` }, signal: abort.signal });
-    if (res.status !== 200) return { status: res.status, body: await res.json(), events: [], close: () => {}, next: async () => {} };
+    if (res.status !== 200) return { status: res.status, body: { ...((await res.json()) as object), retryAfter: res.headers.get("retry-after") }, events: [], close: () => {}, next: async () => {} };
     const reader = res.body!.getReader();
     const events: string[] = [];
     let buf = "";
@@ -391,6 +391,7 @@ describe("API limits", () => {
     const a3 = await openStream(sa);
     expect(a3.status).toBe(429);
     expect(a3.body.error.message).toBe("too many event streams: you already have 2 open (close another tab or session)");
+    expect(a3.body.retryAfter).toBe("5");
     const b1 = await openStream(boss);
     expect(b1.status).toBe(200);
     const other = await api.login("boss", "boss-password", "acme"); // another session of boss: still boss's quota

@@ -40,7 +40,11 @@ export function apiRoutes(hub: EventHub, keepOpen: (request: Request) => void = 
     ...ACTION_ROUTES,
     ...UPLOAD_ROUTES,
     { method: "GET", path: "/events", tag: "events", acl: [], summary: "Server-sent events of object changes you can see (change, resync, ping)",
-      handler: (ctx) => hub.subscribe(ctx.admin, ctx.request.signal, () => sessionAlive(ctx.sql, ctx.admin.token), () => keepOpen(ctx.request)) },
+      handler: (ctx) => {
+        // A refused stream (too many) is retried by EventSource: not before a few seconds.
+        ctx.set.headers["retry-after"] = "5";
+        return hub.subscribe(ctx.admin, ctx.request.signal, () => sessionAlive(ctx.sql, ctx.admin.token), () => keepOpen(ctx.request));
+      } },
   ];
 }
 
