@@ -64,7 +64,7 @@ try {
     await D.startVm(sql, ALL, vm.id, { heartbeatWithinS: 60 });
     await poll(async () => (await state()) === "running", "running");
     const running = performance.now() - t0;
-    await vma("x_start", { user: "alice", uid: 2001, gid: 2001 });
+    await vma("x_start", { user: "alice", uid: 20001, gid: 20001, cookie: "0123456789abcdef0123456789abcdef" }); // identity.uid.min; the NX cookie
     await poll(async () => (await vma("x_state")).state === "listening", "listening");
     const listening = performance.now() - t0;
     if (i === 0) first = running;
