@@ -150,6 +150,11 @@ describe.skipIf(!isRoot)("NX cookie and the NX/VMA port firewall", () => {
     expect(nobody.stderr).toContain("Permission denied");
     expect((await node.attach(id, "cat /run/qvd/nxagent.conf", "alice")).stdout).toContain(`cookie=${cookie},accept=198.18.0.1:`);
     expect((await node.attach(id, "echo x >> /run/qvd/nxagent.conf", "alice")).status).not.toBe(0);
+    // Nowhere else in the desktop: not in nxagent's session files (~/.nx), logs or command lines.
+    // (The script names the cookie in two halves, so that its own command line does not match.)
+    const found = await node.attach(id, `c=${cookie.slice(0, 16)}; c="\${c}${cookie.slice(16)}"; grep -rlsF "$c" /home /tmp /var/tmp /run; ` +
+      `cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n' > /root/.cmdlines; grep -cF "$c" /root/.cmdlines; rm -f /root/.cmdlines`);
+    expect(found.stdout.trim().split("\n")).toEqual(["/run/qvd/nxagent.conf", "0"]);
   }, 300_000);
 
   test("from another host routed to the VM range, the VMA and nxagent ports are unreachable", async () => {
