@@ -442,6 +442,27 @@ describe.skipIf(!hasNetns)("LXC backend (real lxc, own netns)", () => {
     expect(existsSync(join(rootfs, "usr/local/bin/qvd"))).toBe(false);
   }, 120_000);
 
+  test("a persistent layer and a home from before (unshifted owners) are shifted once at prepare; new ones belong to the mapped root", async () => {
+    const s = spec(9, { overlay: { enabled: true, persistent: true } });
+    const upper = lxc.upperDir(9);
+    mkdirSync(join(upper, "root"), { recursive: true });
+    writeFileSync(join(upper, "root/kept.txt"), "old layer\n");
+    mkdirSync(s.home.hostPath, { recursive: true });
+    writeFileSync(join(s.home.hostPath, "old.txt"), "old home\n");
+    for (const p of [s.home.hostPath, join(s.home.hostPath, "old.txt")]) chownSync(p, 2001, 2001);
+    started.add(9);
+    await lxc.prepare(s);
+    const B = DEFAULT_IDMAP.base;
+    expect([statSync(upper).uid, statSync(join(upper, "root/kept.txt")).uid]).toEqual([B, B]);
+    expect([statSync(s.home.hostPath).uid, statSync(join(s.home.hostPath, "old.txt")).gid]).toEqual([B + 2001, B + 2001]);
+    // Gates: the mapped root crosses them by group, nobody else.
+    for (const d of [join(storage, "overlays"), join(storage, "homes"), join(storage, "homes", "t1"), lxc.vmDir(9)])
+      expect([d, statSync(d).uid, statSync(d).gid, statSync(d).mode & 0o777]).toEqual([d, 0, B, 0o710]);
+    expect(statSync(join(lxc.vmDir(9), "vma.json")).uid).toBe(B);
+    await lxc.cleanup(9);
+    rmSync(lxc.overlayDir(9), { recursive: true, force: true });
+  }, 60_000);
+
   test("cleanup of a running container kills it first; start failures name the reason", async () => {
     const s = spec(4);
     await start(s);
