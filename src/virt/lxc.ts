@@ -135,6 +135,9 @@ export function idmapFromConfig(cfg: Config): IdMap {
   const m = { base: cfg.get("vm.lxc.idmap.base"), size: cfg.get("vm.lxc.idmap.size") };
   if (m.base < m.size) throw new ConfigError(`vm.lxc.idmap.base (${m.base}) must be at least vm.lxc.idmap.size (${m.size}): shifted and unshifted ids must not overlap`);
   if (m.base + m.size > 0xffffffff) throw new ConfigError("vm.lxc.idmap.base + vm.lxc.idmap.size exceeds the largest uid");
+  // A desktop user's uid or gid outside the map cannot own anything in the container.
+  for (const k of ["identity.uid.max", "identity.gid.max"] as const)
+    if (cfg.get(k) >= m.size) log.warn(`${k} (${cfg.get(k)}) is not below vm.lxc.idmap.size (${m.size}): desktop users with such ids cannot be provisioned`);
   return m;
 }
 
