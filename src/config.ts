@@ -134,7 +134,9 @@ export const KEYS = {
   "auth.totp.issuer": key(nonEmpty, "QVD", "Issuer shown by authenticator apps for enrolled TOTP secrets.", { scope: "cluster", tenant: true }),
   "auth.ldap.url": key(str, "", "LDAP server URL: ldap://host:389 or ldaps://host:636 (empty: the ldap plugin refuses everyone).", { scope: "cluster", tenant: true }),
   "auth.ldap.starttls": key(bool, false, "Upgrade an ldap:// connection with StartTLS before binding.", { scope: "cluster", tenant: true, sameScopeAs: "auth.ldap.url" }),
-  "auth.ldap.ca_file": key(str, "", "PEM CA certificate(s) to verify the LDAP server with (default: the system CAs).", { scope: "cluster", tenant: true, sameScopeAs: "auth.ldap.url" }),
+  // A file path is the farm's own: a tenant naming node files would make the L7R read them.
+  "auth.ldap.ca_file": key(str, "", "PEM file of CA certificate(s) to verify the LDAP server with (default: the system CAs); farm-wide, tenants give auth.ldap.ca.", { scope: "cluster", sameScopeAs: "auth.ldap.url" }),
+  "auth.ldap.ca": key(z.string().refine((s) => s === "" || /-----BEGIN CERTIFICATE-----[\s\S]+-----END CERTIFICATE-----/.test(s.replace(/\\n/g, "\n")), "expected PEM certificates (-----BEGIN CERTIFICATE----- …)"), "", "PEM text of CA certificate(s) to verify the LDAP server with, instead of auth.ldap.ca_file (`\\n` may stand for line breaks); what a tenant with its own directory sets.", { scope: "cluster", tenant: true, sameScopeAs: "auth.ldap.url" }),
   "auth.ldap.timeout": key(int(1, 600), 10, "Seconds an LDAP connection or operation may take.", { scope: "cluster", tenant: true }),
   "auth.ldap.bind_dn_template": key(str, "", "Direct bind: the user's DN with %u for the login, e.g. `uid=%u,ou=people,dc=example,dc=org` (takes precedence over the search).", { scope: "cluster", tenant: true }),
   "auth.ldap.search_base": key(str, "", "Search-then-bind: where to look for the user's entry.", { scope: "cluster", tenant: true }),

@@ -1,6 +1,7 @@
 // User authentication chain (src/auth/): local passwords, LDAP against a real slapd (direct
 // bind, search then bind, group filter, attributes, StartTLS), auto-provisioning and TOTP.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { readFileSync } from "node:fs";
 import { authenticateLogin, authenticateUser, resolveLogin, splitLogin } from "../src/auth/chain.ts";
 import { escapeDnValue, escapeFilterValue } from "../src/auth/ldap.ts";
 import { base32Decode, base32Encode, hotp, otpauthUri, totpCode, verifyTotp } from "../src/auth/totp.ts";
@@ -214,20 +215,20 @@ describe("ldap", () => {
     expectRefused(await login("ldap-group-direct", "bob", "bob-ldap-pw"), /not a member/);
   });
 
-  test("StartTLS: verified against auth.ldap.ca_file; an unknown CA is refused", async () => {
-    const t = await tenant("ldap-tls", { ...direct(), "auth.ldap.starttls": "1", "auth.ldap.ca_file": ldap.caFile });
+  test("StartTLS: verified against a tenant's auth.ldap.ca; an unknown CA is refused", async () => {
+    const t = await tenant("ldap-tls", { ...direct(), "auth.ldap.starttls": "1", "auth.ldap.ca": readFileSync(ldap.caFile, "utf8") });
     await D.create(sql(), D.users, ALL, { tenant_id: t, name: "alice" });
     expect(expectOk(await login("ldap-tls", "alice", "alice-ldap-pw")).uid).toBe(20001);
-    await D.setConfig(sql(), t, "auth.ldap.ca_file", "");
+    await D.setConfig(sql(), t, "auth.ldap.ca", "");
     expectRefused(await login("ldap-tls", "alice", "alice-ldap-pw"), /LDAP error: .*certificate/);
   });
 
-  test("LDAPS: verified against auth.ldap.ca_file; an unknown CA is refused", async () => {
-    const t = await tenant("ldap-ldaps", { ...direct(), "auth.ldap.url": ldap.ldapsUrl, "auth.ldap.ca_file": ldap.caFile });
+  test("LDAPS: verified against a tenant's auth.ldap.ca (its \\n form too); an unknown CA is refused", async () => {
+    const t = await tenant("ldap-ldaps", { ...direct(), "auth.ldap.url": ldap.ldapsUrl, "auth.ldap.ca": readFileSync(ldap.caFile, "utf8").replace(/\n/g, "\\n") });
     await D.create(sql(), D.users, ALL, { tenant_id: t, name: "alice" });
     expect(expectOk(await login("ldap-ldaps", "alice", "alice-ldap-pw")).gid).toBe(30001);
     expectRefused(await login("ldap-ldaps", "alice", "alice-ldap-pw?"), /wrong login or password/);
-    await D.setConfig(sql(), t, "auth.ldap.ca_file", "");
+    await D.setConfig(sql(), t, "auth.ldap.ca", "");
     expectRefused(await login("ldap-ldaps", "alice", "alice-ldap-pw"), /LDAP error: .*certificate/);
   });
 

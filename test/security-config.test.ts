@@ -62,15 +62,16 @@ describe("config scopes", () => {
       if (d.tenant) expect([k, d.scope]).toEqual([k, "cluster"]);
       if ("sameScopeAs" in d && d.sameScopeAs) expect([k, d.sameScopeAs in KEYS]).toEqual([k, true]);
     }
-    for (const k of ["auth.ldap.bind_password", "auth.ldap.bind_dn", "auth.ldap.starttls", "auth.ldap.ca_file"] as ConfigKey[])
+    for (const k of ["auth.ldap.bind_password", "auth.ldap.bind_dn", "auth.ldap.starttls", "auth.ldap.ca_file", "auth.ldap.ca"] as ConfigKey[])
       expect([k, (KEYS[k] as { sameScopeAs?: string }).sameScopeAs]).toEqual([k, "auth.ldap.url"]);
     expect(KEYS["hkd.fence_after"].tenant).toBe(false);
     expect(KEYS["l7r.auth.plugins"].tenant).toBe(true);
   });
 
   test("a farm-wide key cannot be set for a tenant: 403 for the tenant's administrator and for a superadministrator", async () => {
-    for (const key of ["vm.network.range", "hkd.fence_after", "cluster.lost_after", "wat.multitenant", "api.session.ttl"]) {
-      const value = key === "vm.network.range" ? "10.9.0.0/16" : key === "wat.multitenant" ? "0" : "3600";
+    // auth.ldap.ca_file too: a tenant naming a node file would make the L7R read it (tenants give auth.ldap.ca).
+    for (const key of ["vm.network.range", "hkd.fence_after", "cluster.lost_after", "wat.multitenant", "api.session.ttl", "auth.ldap.ca_file"]) {
+      const value = key === "vm.network.range" ? "10.9.0.0/16" : key === "wat.multitenant" ? "0" : key === "auth.ldap.ca_file" ? "/etc/shadow" : "3600";
       const mine = await boss.put(`/configs/${key}`, { value });
       expect([key, mine.status]).toEqual([key, 403]);
       expect(mine.body.error.message).toBe(`${key} is a farm-wide setting: a tenant cannot override it`);

@@ -196,6 +196,40 @@ describe("escalation", () => {
     expect((await boss.patch(`/administrators/${strong.id}`, { password: "taken-over-1" })).status).toBe(403);
     await api.login("strong", "strong-password", "acme");
   });
+
+  test("blocking, renaming, deleting or demoting an administrator (or a role) that holds more than the caller: 403; weaker ones: 200", async () => {
+    const r = await sa.post("/roles", { tenant_id: 0, name: "keeper" });
+    for (const acl of ["administrator.see", "administrator.update", "administrator.delete", "administrator.assign_role", "role.see", "role.update", "role.delete", "role.assign_acl", "role.assign_role"])
+      expect((await sa.put(`/roles/${r.body.id}/acls`, { acl })).status).toBe(200);
+    const keeper = await admin("keeper", 0, "*", [r.body.id]);
+    const saId = (await sa.get("/session")).body.administrator.id;
+    const sup = role.Superadmin!;
+    const refused = [
+      await keeper.c.patch(`/administrators/${saId}`, { blocked: true }),
+      await keeper.c.patch(`/administrators/${saId}`, { name: "gone" }),
+      await keeper.c.del(`/administrators/${saId}`),
+      await keeper.c.del(`/administrators/${saId}/roles/${sup}`),
+      await keeper.c.put(`/roles/${sup}/acls`, { acl: "administrator.see", positive: false }),
+      await keeper.c.patch(`/roles/${sup}`, { name: "Nobody" }),
+      await keeper.c.del(`/roles/${sup}`),
+    ];
+    expect(refused.map((x) => x.status)).toEqual([403, 403, 403, 403, 403, 403, 403]);
+    expect(refused[0]!.body.error.message).toContain("you can only change administrators whose permissions you hold yourself");
+    const many = await keeper.c.patch(`/administrators?name=superadmin`, { blocked: true });
+    expect(many.body).toMatchObject({ total: 1, ok: 0, failed: 1, results: [{ id: saId, ok: false, status: 403 }] });
+    expect((await keeper.c.del(`/administrators?name=superadmin`)).body).toMatchObject({ ok: 0, failed: 1 });
+    // Nothing changed: the superadministrator still logs in with every ACL.
+    const again = await api.login(TEST_ADMIN.name, TEST_ADMIN.password, "*");
+    expect((await again.get(`/administrators/${saId}/acls`)).body.items).toContain("administrator.see");
+    // Administrators and roles within the keeper's own rights are theirs to manage.
+    const weak = (await sa.post("/administrators", { tenant_id: 0, name: "weakling", password: "weakling-password" })).body.id;
+    expect((await keeper.c.patch(`/administrators/${weak}`, { blocked: true })).status).toBe(200);
+    expect((await keeper.c.del(`/administrators/${weak}`)).status).toBe(200);
+    const small = (await sa.post("/roles", { tenant_id: 0, name: "small" })).body.id;
+    expect((await sa.put(`/roles/${small}/acls`, { acl: "role.see" })).status).toBe(200);
+    expect((await keeper.c.put(`/roles/${small}/acls`, { acl: "role.see", positive: false })).status).toBe(200);
+    expect((await keeper.c.del(`/roles/${small}`)).status).toBe(200);
+  });
 });
 
 describe("sessions and tokens", () => {

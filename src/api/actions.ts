@@ -10,7 +10,7 @@ import * as D from "../db/index.ts";
 import { DataError, ValidationError } from "../db/errors.ts";
 import type { ObjectDef } from "../db/objects.ts";
 import type { Ctx, Route } from "./context.ts";
-import { forEachMatching, idParam, noEscalation, objectBody } from "./resources.ts";
+import { forEachMatching, idParam, noEscalation, noPowerOverAdministrator, noPowerOverRole, objectBody } from "./resources.ts";
 
 interface ActionSpec {
   path: string; // objects path
@@ -179,6 +179,7 @@ export const ACTION_ROUTES: Route[] = [
       ctx.audited.object_id = idParam(ctx);
       await D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx)); // another tenant's role: 404 first
       if (b.positive ?? true) noEscalation(ctx, [b.acl]);
+      else await noPowerOverRole(ctx, idParam(ctx), "deny ACLs in"); // a denial demotes whoever holds the role
       await D.setRoleAcl(ctx.sql, ctx.scope, idParam(ctx), b.acl, b.positive ?? true);
       return D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
     } },
@@ -186,7 +187,7 @@ export const ACTION_ROUTES: Route[] = [
     audit: { action: "role.unassign_acl", object: "role" },
     handler: async (ctx) => {
       ctx.audited.object_id = idParam(ctx);
-      await D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
+      await noPowerOverRole(ctx, idParam(ctx), "remove grants from"); // removing a grant demotes whoever holds the role
       noEscalation(ctx, [ctx.params.acl!]); // removing a denial can give the ACL back
       if (!(await D.clearRoleAcl(ctx.sql, ctx.scope, idParam(ctx), ctx.params.acl!))) throw new DataError(`the role has no own grant or denial of ${ctx.params.acl}`, 404);
       return D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
@@ -206,6 +207,7 @@ export const ACTION_ROUTES: Route[] = [
     audit: { action: "role.unassign_role", object: "role" },
     handler: async (ctx) => {
       ctx.audited.object_id = idParam(ctx);
+      await noPowerOverRole(ctx, idParam(ctx), "change the inheritance of");
       if (!(await D.removeInheritance(ctx.sql, ctx.scope, idParam(ctx), idParam(ctx, "parent")))) throw new DataError("the role does not inherit that role", 404);
       return D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));
     } },
@@ -229,6 +231,7 @@ export const ACTION_ROUTES: Route[] = [
     audit: { action: "administrator.unassign_role", object: "administrator" },
     handler: async (ctx) => {
       ctx.audited.object_id = idParam(ctx);
+      await noPowerOverAdministrator(ctx, idParam(ctx), "take roles from");
       if (!(await D.unassignRole(ctx.sql, ctx.scope, idParam(ctx), idParam(ctx, "role")))) throw new DataError("the administrator does not have that role", 404);
       return D.get(ctx.sql, D.administrators, ctx.scope, idParam(ctx));
     } },

@@ -26,6 +26,8 @@ export interface ResourceSpec {
   beforeUpdate?: (ctx: Ctx, objId: number, changes: Record<string, unknown>) => Promise<void>;
   /** Consequences of a change once made (e.g. a new password ends sessions). */
   afterUpdate?: (ctx: Ctx, objId: number, changes: Record<string, unknown>) => Promise<void>;
+  /** Checks the deletion of one object before it is made (single and mass deletions alike). */
+  beforeDelete?: (ctx: Ctx, objId: number) => Promise<void>;
   deletable?: boolean;
 }
 
@@ -49,6 +51,21 @@ const asObject = (body: unknown): Record<string, unknown> => {
 export function noEscalation(ctx: Ctx, acls: Iterable<string>, what = "you can only give permissions you hold yourself"): void {
   const missing = [...acls].filter((a) => Object.hasOwn(ACLS, a) && !ctx.admin.acls.has(a)).sort();
   if (missing.length) throw new DataError(`${what}; missing: ${missing.slice(0, 10).join(", ")}${missing.length > 10 ? ", …" : ""}`, 403);
+}
+
+/**
+ * Changing, blocking, deleting or taking a role from an administrator who holds more than the
+ * caller (or changing a role that grants more) would let a lesser administrator lock out or
+ * demote a stronger one: it needs every ACL the target holds. 404 first for another tenant's.
+ */
+export async function noPowerOverAdministrator(ctx: Ctx, adminId: number, what: string): Promise<void> {
+  await D.get(ctx.sql, D.administrators, ctx.scope, adminId);
+  noEscalation(ctx, await D.administratorEffectiveAcls(ctx.sql, adminId), `you can only ${what} administrators whose permissions you hold yourself`);
+}
+
+export async function noPowerOverRole(ctx: Ctx, roleId: number, what: string): Promise<void> {
+  await D.get(ctx.sql, D.roles, ctx.scope, roleId);
+  noEscalation(ctx, await D.roleEffectiveAcls(ctx.sql, roleId), `you can only ${what} roles whose permissions you hold yourself`);
 }
 
 /** ACLs needed to change these fields. */
@@ -197,6 +214,7 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
       audit: { action: `${kind}.delete`, object: kind },
       handler: async (ctx) => {
         audit(ctx, { id: id(ctx) });
+        await spec.beforeDelete?.(ctx, id(ctx));
         const row = await D.remove(ctx.sql, def, ctx.scope, id(ctx));
         audit(ctx, row);
         return { deleted: row };
@@ -205,7 +223,10 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
     routes.push({
       method: "DELETE", path: `/${path}`, tag, acl: [`${acl}.delete`], query: "list", summary: `Delete every ${kind} matching the filter; a result per object`,
       audit: { action: `${kind}.delete_many`, object: kind },
-      handler: (ctx) => forEachMatching(ctx, def, `${kind}.delete`, async (objId) => void (await D.remove(ctx.sql, def, ctx.scope, objId))),
+      handler: (ctx) => forEachMatching(ctx, def, `${kind}.delete`, async (objId) => {
+        await spec.beforeDelete?.(ctx, objId);
+        await D.remove(ctx.sql, def, ctx.scope, objId);
+      }),
     });
   }
   return routes;
@@ -215,18 +236,19 @@ export const RESOURCES: ResourceSpec[] = [
   { path: "tenants", def: D.tenants, acl: "tenant", fieldAcls: { blocked: "tenant.block" } },
   {
     path: "administrators", def: D.administrators, acl: "administrator", fieldAcls: { password: "administrator.update.password" },
-    beforeUpdate: async (ctx, adminId, changes) => {
-      if (!("password" in changes)) return;
-      await D.get(ctx.sql, D.administrators, ctx.scope, adminId); // another tenant's: 404 first
-      // Whoever sets a password can log in as that administrator: only within the caller's own rights.
-      noEscalation(ctx, await D.administratorEffectiveAcls(ctx.sql, adminId), "you can only set the password of administrators whose permissions you hold yourself");
-    },
+    // Whoever sets a password can log in as that administrator; whoever blocks or deletes one
+    // can lock them out: only within the caller's own rights (your own account included).
+    beforeUpdate: (ctx, adminId, changes) =>
+      noPowerOverAdministrator(ctx, adminId, "password" in changes ? "set the password of" : "change"),
+    beforeDelete: (ctx, adminId) => noPowerOverAdministrator(ctx, adminId, "delete"),
     // A new password ends the account's other sessions (an own change keeps the one that made it).
     afterUpdate: async (ctx, adminId, changes) => {
       if ("password" in changes) await D.endSessionsOf(ctx.sql, adminId, adminId === ctx.admin.id ? ctx.admin.token : undefined);
     },
   },
-  { path: "roles", def: D.roles, acl: "role" },
+  { path: "roles", def: D.roles, acl: "role",
+    beforeUpdate: (ctx, roleId) => noPowerOverRole(ctx, roleId, "change"),
+    beforeDelete: (ctx, roleId) => noPowerOverRole(ctx, roleId, "delete") },
   {
     path: "users", def: D.users, acl: "user", fieldAcls: { password: "user.update.password", blocked: "user.block" },
     // A new password ends the user's L7R bearer tokens.

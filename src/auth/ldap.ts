@@ -25,6 +25,8 @@ export interface LdapSettings {
   url: string;
   starttls: boolean;
   caFile: string;
+  /** PEM text (auth.ldap.ca), used instead of caFile when set. */
+  caPem: string;
   timeoutS: number;
   bindDnTemplate: string;
   searchBase: string;
@@ -44,6 +46,7 @@ export function ldapSettings(cfg: Config): LdapSettings {
     url: cfg.get("auth.ldap.url"),
     starttls: cfg.get("auth.ldap.starttls"),
     caFile: cfg.get("auth.ldap.ca_file"),
+    caPem: cfg.get("auth.ldap.ca").replace(/\\n/g, "\n"),
     timeoutS: cfg.get("auth.ldap.timeout"),
     bindDnTemplate: cfg.get("auth.ldap.bind_dn_template"),
     searchBase: cfg.get("auth.ldap.search_base"),
@@ -100,7 +103,8 @@ export function ldapPlugin(s: LdapSettings, provision: AutoprovisionSettings, id
       // An empty password would be an unauthenticated bind, which servers accept.
       if (a.password === "") return { ok: false, reason: "empty password" };
       let tlsOptions: ConnectionOptions | undefined;
-      if (s.caFile) {
+      if (s.caPem) tlsOptions = { ca: s.caPem };
+      else if (s.caFile) {
         try {
           tlsOptions = { ca: readFileSync(s.caFile) };
         } catch (err) {

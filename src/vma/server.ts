@@ -1,8 +1,8 @@
 // The VMA's HTTP API (src/virt/README.md): JSON over plain HTTP on the guest network, port
-// 3030. Every request must carry `X-QVD-VMA-Secret` (compared in constant time), and all but
-// the L7R's two methods (x_start, x_state) must come from the node's address (when
-// configured): any node's L7R may serve the desktop, the lifecycle is the owning node's alone.
-// Otherwise 403 with no details, before anything else is looked at. Then: unknown path or wrong method 404, bad JSON 400, bad parameters 422
+// 3030. Every request must carry `X-QVD-VMA-Secret` (compared in constant time) and come from
+// the node's address (when configured): the VMA answers its node only. Another node's L7R
+// reaches it through this node (routed traffic is masqueraded to the node's address, see
+// src/virt/network.ts). Otherwise 403 with no details, before anything else is looked at. Then: unknown path or wrong method 404, bad JSON 400, bad parameters 422
 // naming the field, a request the session's state refuses 409.
 //
 //   GET  /vma/ping       → 200 {"ok":true,"vm_id":N,"state":S}
@@ -26,7 +26,6 @@ export const LINKS = ["modem", "isdn", "adsl", "wan", "lan", "local"] as const;
 export const CLIENT_OSES = ["linux", "windows", "winnt", "macosx", "darwin", "solaris", "android"] as const;
 const MAX_BODY = 64 * 1024;
 /** What an L7R calls, on whichever node it runs (reference: the L7R uses only these two). */
-const L7R_CALLS = new Set(["POST /vma/x_start", "GET /vma/x_state"]);
 
 const id = z.number({ error: "expected an integer" }).int("expected an integer").min(1, "must be at least 1 (root is never a session user)").max(4294967294);
 export const xStartSchema = z
@@ -175,7 +174,7 @@ export function createVmaHandler(o: VmaServerOptions): (req: Request, ip: string
     const given = req.headers.get("x-qvd-vma-secret");
     const okSecret = given !== null && timingSafeEqual(digest(given), secret);
     const path = new URL(req.url).pathname;
-    const okAddr = !node || (ip !== undefined && normalizeAddress(ip) === node) || L7R_CALLS.has(`${req.method} ${path}`);
+    const okAddr = !node || (ip !== undefined && normalizeAddress(ip) === node);
     if (!okSecret || !okAddr) {
       log.warn("refused", { from: ip ?? "?", reason: okSecret ? "address" : "secret" });
       return json(403, { error: "forbidden" });
