@@ -122,14 +122,14 @@ describe("qvd config show without a database", () => {
     expect(table(r.stdout).get("nodename")?.value).toBe("b");
   });
 
-  test("--json prints every setting with value, source, doc and scope", async () => {
+  test("--json prints every setting with value, source, doc, scope and whether a tenant may override it", async () => {
     const f = conf("hkd.fence_after = 15\n");
     const r = await qvd(["config", "show", "--no-db", "--json", "--config", f]);
     expect(r.code).toBe(0);
     const j = jsonOf(r);
     expect(j.notes).toEqual([]);
     expect(j.settings.map((s) => s.key)).toEqual(ALL_KEYS);
-    expect(setting(j, "hkd.fence_after")).toEqual({ key: "hkd.fence_after", value: "15", source: `${f}:1`, doc: KEYS["hkd.fence_after"].doc, scope: "cluster" });
+    expect(setting(j, "hkd.fence_after")).toEqual({ key: "hkd.fence_after", value: "15", source: `${f}:1`, doc: KEYS["hkd.fence_after"].doc, scope: "cluster", tenant: false });
     expect(setting(j, "nodename").scope).toBe("node");
   });
 

@@ -7,6 +7,7 @@ import { connect as tcpConnect, createServer, type Server } from "node:net";
 import { join } from "node:path";
 import { authenticateLogin, tenantConfig } from "../src/auth/chain.ts";
 import { Config, KEYS, loadConfig, type ConfigKey } from "../src/config.ts";
+import { checkDatabaseTls } from "../src/db/pool.ts";
 import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 import { LDAP_SUFFIX, LdapServer } from "./support/ldap.ts";
@@ -451,4 +452,16 @@ describe("API limits", () => {
     for (let i = 0; i < 3; i++) await stream.next("ping");
     stream.close();
   }, 30_000);
+});
+
+describe("the database hop", () => {
+  test("a database on another host needs TLS in its URL; sockets and loopback do not", () => {
+    expect(() => checkDatabaseTls("postgres://qvd:pw@db.example/qvd")).toThrow(/database on db\.example is reached over the network: add \?sslmode=verify-full/);
+    expect(() => checkDatabaseTls("postgres://qvd:pw@10.1.2.3:5432/qvd?sslmode=prefer")).toThrow(/sslmode=prefer is not enough/);
+    expect(() => checkDatabaseTls("postgres://qvd:pw@db.example/qvd")).not.toThrow(/pw/);
+    for (const ok of ["postgres://qvd@db.example/qvd?sslmode=verify-full", "postgres://qvd@db.example/qvd?sslmode=require",
+      "postgres://qvd@db.example/qvd?sslmode=disable", "postgres://qvd@127.0.0.1:5432/qvd", "postgres://qvd@localhost/qvd",
+      "postgres://qvd@[::1]:5432/qvd", "postgres://postgres@/qvd?host=/run/postgresql"])
+      expect(() => checkDatabaseTls(ok)).not.toThrow();
+  });
 });

@@ -1,6 +1,7 @@
 // The one connection pool. Everything that talks to PostgreSQL goes through `connect()` and
 // the typed functions of src/db/; roles never write SQL themselves.
 import postgres from "postgres";
+import { ConfigError } from "../errors.ts";
 
 export type Sql = postgres.Sql<{}>;
 /** A pool or a transaction: every query function accepts either. */
@@ -29,7 +30,24 @@ export function parseDatabaseUrl(url: string): { url: string; path?: string } {
   return { url: u.toString(), path: `${host}/.s.PGSQL.${port}` };
 }
 
+/**
+ * Every network hop is encrypted: a database reached over TCP on another host needs
+ * `sslmode=require` or `verify-full` in its URL (`disable` is the administrator's explicit
+ * choice). Unix sockets and loopback addresses stay on the machine.
+ */
+export function checkDatabaseTls(url: string): void {
+  const target = parseDatabaseUrl(url);
+  if (target.path) return;
+  const u = new URL(target.url.replace(/^(postgres(?:ql)?:\/\/(?:[^@/?]*@)?)(?=[/?]|$)/, "$1localhost"));
+  const host = u.hostname.replace(/^\[|\]$/g, "");
+  if (host === "localhost" || /^127\./.test(host) || host === "::1") return;
+  const mode = u.searchParams.get("sslmode");
+  if (mode === "require" || mode === "verify-full" || mode === "disable") return;
+  throw new ConfigError(`database.url: the database on ${host} is reached over the network: add ?sslmode=verify-full (or sslmode=require) so the connection is encrypted${mode ? ` (sslmode=${mode} is not enough)` : ""}`);
+}
+
 export function connect(url: string, opts: ConnectOptions = {}): Sql {
+  checkDatabaseTls(url);
   const target = parseDatabaseUrl(url);
   return postgres(target.url, {
     path: target.path,
