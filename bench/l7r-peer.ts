@@ -9,6 +9,10 @@
 //                      stream; keep-alive connections log in before the ready).
 //   connect PORT LOGIN PASSWORD VM_ID
 //                      connect_to_vm timed to the 101, then the NX greeting and nxagent's answer.
+//   pings PORT SECONDS a bystander: /qvd/ping one after the other on one connection (ready/go).
+//   attack PORT SECONDS LOGIN
+//                      one TLS connection: 40 pipelined bad logins, then junk as fast as the L7R
+//                      takes it, answers never read; when the L7R closes it, again (ready/go).
 //
 // The sink's protocol: the first 9 bytes are a command and a 64-bit count:
 //   U n  the client sends n bytes; the sink answers one byte "K" when it has them all;
@@ -122,6 +126,7 @@ class Conn {
     let ready!: () => void;
     let failed!: (e: Error) => void;
     const p = new Promise<void>((res, rej) => ((ready = res), (failed = rej)));
+    p.catch(() => {}); // when Bun.connect itself throws, nobody awaits p
     c.s = await Bun.connect({
       hostname: host,
       port,
@@ -300,13 +305,15 @@ async function logins(port: number, conc: number, seconds: number, how: string, 
   const worker = async (w: number) => {
     while (performance.now() < end) {
       const s = performance.now();
+      let c: Conn | undefined;
       try {
-        const c = kept[w] ?? (await Conn.open("127.0.0.1", port, true));
+        c = kept[w] ?? (await Conn.open("127.0.0.1", port, true));
         await ask(c, w);
         lat.push(performance.now() - s);
         if (how !== "keepalive") c.s.end();
       } catch (e) {
         fail(e);
+        c?.s.end(); // a failed try must not leave its connection open
         kept[w] = undefined;
         await Bun.sleep(50);
       }
@@ -338,11 +345,57 @@ async function connect(port: number, login: string, password: string, vmId: stri
   process.exit(0);
 }
 
+async function pings(port: number, seconds: number) {
+  const c = await Conn.open("127.0.0.1", port, true);
+  out({ ready: true });
+  await Bun.stdin.stream().getReader().read();
+  const lat: number[] = [];
+  let errors = 0;
+  const end = performance.now() + seconds * 1000;
+  while (performance.now() < end) {
+    const t0 = performance.now();
+    c.s.write("GET /qvd/ping HTTP/1.1\r\n\r\n");
+    const r = await c.response(30_000);
+    if (r.status === 200) lat.push(performance.now() - t0);
+    else errors++;
+    await Bun.sleep(20);
+  }
+  out({ lat_ms: lat, errors });
+  process.exit(0);
+}
+
+async function attack(port: number, seconds: number, login: string) {
+  out({ ready: true });
+  await Bun.stdin.stream().getReader().read();
+  let logins = "";
+  for (let i = 0; i < 40; i++) logins += `GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic(login, `wrong-${i}`)}\r\n\r\n`;
+  const junk = Buffer.from(`GET /qvd/ping HTTP/1.1\r\nX-Junk: ${"j".repeat(200)}\r\n`.repeat(1000));
+  const end = performance.now() + seconds * 1000;
+  let sent = 0;
+  let connections = 0;
+  while (performance.now() < end) {
+    const c = await Conn.open("127.0.0.1", port, true);
+    connections++;
+    c.onData = () => {}; // answers are not read
+    c.s.write(logins);
+    while (!c.closed && performance.now() < end) {
+      const n = Math.max(0, c.s.write(junk));
+      sent += n;
+      if (n < junk.length) await Promise.race([new Promise<void>((r) => (c.drained = r)), Bun.sleep(50)]);
+    }
+    c.s.end();
+  }
+  out({ sent, connections });
+  process.exit(0);
+}
+
 try {
   if (mode === "sink") await sink(args[0]!, args[1]!);
   else if (mode === "stream") await stream(args[0]!, Number(args[1]), args[2]!, args[3]!, Number(args[4]), args[5], args[6]);
   else if (mode === "logins") await logins(Number(args[0]), Number(args[1]), Number(args[2]), args[3]!, args[4]!, Number(args[5]), args[6]!);
   else if (mode === "connect") await connect(Number(args[0]), args[1]!, args[2]!, args[3]!);
+  else if (mode === "pings") await pings(Number(args[0]), Number(args[1]));
+  else if (mode === "attack") await attack(Number(args[0]), Number(args[1]), args[2]!);
   else throw new Error(`unknown mode ${mode}`);
 } catch (e) {
   console.error(`l7r-peer ${mode}: ${(e as Error).message}`);

@@ -7,13 +7,16 @@
 //      connects to the sink as if it were nxagent, so these rows measure the splice only.
 //   2. logins per second (Basic auth, argon2id verification) from 50 concurrent clients, on new
 //      TLS connections and, for comparison, on keep-alive connections (auth cached per connection).
+//   2b. an attack: one TLS connection with 40 pipelined bad logins and then junk as fast as the L7R
+//      takes it (again whenever the L7R closes it): the L7R's RSS peak, and the /qvd/ping latency
+//      of a bystander (another process) during the attack and without it.
 //   3. connect_to_vm → 101 through a real `qvd node` in a network namespace with the real desktop
 //      image: a running desktop whose X session is stopped, one whose session is suspended (left
 //      by a real `qvd client` + nxproxy on an Xvfb of ours), and a stopped desktop.
 // Every client, sink and proxy is a process of its own (bench/l7r-peer.ts). Prints figures;
 // asserts nothing. Run as root:
 //   bun bench/l7r.ts [--mib 1024] [--rounds 5] [--pings 5000] [--login-seconds 15] [--connects 5]
-//                    [--skip-splice] [--skip-logins] [--skip-node]
+//                    [--attack-seconds 10] [--skip-splice] [--skip-logins] [--skip-attack] [--skip-node]
 import { appendFileSync, chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { cpus, loadavg } from "node:os";
 import { join } from "node:path";
@@ -39,6 +42,8 @@ const CONNECTS = opt("connects", 5);
 const SKIP_NODE = process.argv.includes("--skip-node");
 const SKIP_LOGINS = process.argv.includes("--skip-logins");
 const SKIP_SPLICE = process.argv.includes("--skip-splice");
+const SKIP_ATTACK = process.argv.includes("--skip-attack");
+const ATTACK_S = opt("attack-seconds", 10);
 const CONCURRENCY = 50;
 const ALL = D.ALL_TENANTS;
 const BUN = process.execPath;
@@ -241,7 +246,10 @@ try {
   const l7rPort = freePort();
   const l7rLog = join(dir, "l7r.log");
   const l7r = spawn(
-    [binary, "l7r", "--db", url, "--listen", `127.0.0.1:${l7rPort}`, "--cert", cert, "--key", key, "--set", "nodename=bench-l7r", "--set", "log.level=warn"],
+    [binary, "l7r", "--db", url, "--listen", `127.0.0.1:${l7rPort}`, "--cert", cert, "--key", key, "--set", "nodename=bench-l7r", "--set", "log.level=warn",
+      // Every bench client comes from 127.0.0.1: the per-address bounds on requests in progress
+      // (32) and on parallel login tries (20) would turn the 50 concurrent logins into 429s.
+      "--set", "l7r.limit.requests_per_address=1000", "--set", "auth.throttle.address.tries=100000"],
     l7rLog,
   );
   await waitLine(l7r.p, (l) => (l.includes("listening") ? true : undefined), "qvd l7r").catch((e) => {
@@ -370,6 +378,61 @@ backend sink
     );
     console.log(`   Latency includes queueing: 50 clients in a closed loop. L7R CPU: the qvd l7r process only (PostgreSQL not counted);`);
     console.log(`   its database pool has 10 connections (database.pool_size default); each login writes an audit row.`);
+  }
+
+  // --- 2b. attack ---------------------------------------------------------------------------------
+  if (!SKIP_ATTACK) {
+    console.log(`\n2b. attack: one connection, 40 pipelined bad logins then junk, ${ATTACK_S} s; a bystander pings meanwhile (another process)…`);
+    const rss = (pid: number) => Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] ?? 0) / 1024;
+    /** Starts peers together (ready/go), samples the L7R's RSS until they are done. */
+    const together = async (argvs: string[][]) => {
+      const peers = argvs.map((argv) => {
+        const { p, stop } = spawn(argv);
+        const reader = (p.stdout as ReadableStream<Uint8Array>).getReader();
+        let buf = "";
+        const line = async () => {
+          for (;;) {
+            const nl = buf.indexOf("\n");
+            if (nl >= 0) {
+              const l = buf.slice(0, nl);
+              buf = buf.slice(nl + 1);
+              return JSON.parse(l);
+            }
+            const c = await reader.read();
+            if (c.done) throw new Error(`peer ${argv[2]} exited: ${await new Response(p.stderr as ReadableStream).text()}`);
+            buf += new TextDecoder().decode(c.value);
+          }
+        };
+        return { p, stop, line };
+      });
+      for (const x of peers) await x.line();
+      let peak = rss(l7r.p.pid);
+      const start = peak;
+      const sampler = setInterval(() => (peak = Math.max(peak, rss(l7r.p.pid))), 50);
+      for (const x of peers) {
+        (x.p.stdin as import("bun").FileSink).write("go\n");
+        (x.p.stdin as import("bun").FileSink).flush();
+      }
+      const results = await Promise.all(peers.map((x) => x.line()));
+      clearInterval(sampler);
+      for (const x of peers) {
+        untrack(x.stop);
+        await x.stop();
+      }
+      return { results, peak, start };
+    };
+    const quiet = await together([[BUN, PEER, "pings", String(l7rPort), String(ATTACK_S)]]);
+    const storm = await together([
+      [BUN, PEER, "pings", String(l7rPort), String(ATTACK_S)],
+      [BUN, PEER, "attack", String(l7rPort), String(ATTACK_S), "nobody-here"],
+    ]);
+    const row = (label: string, r: { lat_ms: number[]; errors: number }, peak: number, start: number, extra = "") =>
+      console.log(`   ${pad(label, 34)}${lpad(r.lat_ms.length ? q(r.lat_ms, 0.5).toFixed(1) : "-", 12)}${lpad(r.lat_ms.length ? q(r.lat_ms, 0.95).toFixed(1) : "-", 9)}${lpad(String(r.errors), 8)}${lpad(`${start.toFixed(0)} → ${peak.toFixed(0)}`, 16)}${extra}`);
+    console.log(`   ${pad("", 34)}${lpad("ping median", 12)}${lpad("p95 ms", 9)}${lpad("errors", 8)}${lpad("L7R RSS MiB", 16)}`);
+    row("no attack", quiet.results[0], quiet.peak, quiet.start);
+    const a = storm.results[1] as { sent: number; connections: number };
+    row("during the attack", storm.results[0], storm.peak, storm.start, `  (attacker sent ${(a.sent / 2 ** 20).toFixed(1)} MiB over ${a.connections} connection(s))`);
+    console.log(`   aim: RSS under 256 MiB and the bystander's median under 50 ms (RSS includes what parts 1 and 2 left).`);
   }
 
   // Parts 1 and 2 are over: free their processes before the node starts.

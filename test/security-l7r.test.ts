@@ -5,7 +5,7 @@
 // demo's relay uses it): the header gives the client's address; from an untrusted source, or
 // malformed, it is refused.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { join } from "node:path";
 import * as D from "../src/db/index.ts";
 import { proxyHeader, SIGNATURE } from "../src/l7r/proxy-protocol.ts";
@@ -185,6 +185,8 @@ describe("slow clients are closed at every stage", () => {
 
 describe("PROXY protocol v2", () => {
   test("the header from the trusted unix socket sets the client's address: it is the one audited for a failed login", async () => {
+    // Only its owner may connect to the socket that may speak for any address.
+    expect(statSync(sock).mode & 0o777).toBe(0o600);
     const p = await Peer.open({ unix: sock }, { preamble: header("203.0.113.42") });
     expect(await p.handshake()).toBe(true);
     p.write(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic("proxied-one", "not-her-password")}\r\n\r\n`);

@@ -3,7 +3,7 @@
 // TLS stream with nxagent's TCP socket. Session bookkeeping lives in vm_runtimes (src/db/l7r.ts);
 // an abort for one of this node's sessions arrives on the node's channel and closes it here.
 import { randomBytes, randomUUID } from "node:crypto";
-import { rmSync } from "node:fs";
+import { chmodSync, rmSync } from "node:fs";
 import type { TCPSocketListener } from "bun";
 import { beginLogin, DEFAULT_POLICY, type ThrottlePolicy } from "../auth/throttle.ts";
 import { currentIdentityRules } from "../auth/identity.ts";
@@ -82,6 +82,8 @@ export interface L7rOptions {
 
 export interface L7r {
   port: number;
+  /** Client connections held now, in all and by address (with their requests in progress). */
+  load(): { connections: number; byAddress: Record<string, { connections: number; requests: number }> };
   stop(): Promise<void>;
 }
 
@@ -301,6 +303,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
   if (o.unix) {
     rmSync(o.unix, { force: true });
     unixServer = Bun.listen<IoData>({ unix: o.unix, ...(pp?.unix ? proxied(() => true) : served) } as any);
+    // Whoever can connect to it may speak for any address: only its owner (whatever the umask).
+    if (pp?.unix) chmodSync(o.unix, 0o600);
   }
 
   type ConnIo = Io & { handshake?(ok: boolean): void };
@@ -823,6 +827,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
   log.info("L7R listening", { address: `${o.hostname}:${server.port}`, node: o.nodename, ...(o.unix ? { unix: o.unix } : {}) });
   return {
     port: server.port,
+    load: () => ({ connections, byAddress: Object.fromEntries([...perAddress].map(([k, v]) => [k, { ...v }])) }),
     async stop() {
       server.stop(true);
       if (unixServer) {
