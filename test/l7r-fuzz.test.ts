@@ -10,6 +10,7 @@ import { join } from "node:path";
 import * as D from "../src/db/index.ts";
 import { createUserToken } from "../src/db/tokens.ts";
 import { startL7r, type L7r } from "../src/l7r/server.ts";
+import { MAX_HEADER, parseProxyHeader, proxyHeader, ProxyHeaderError } from "../src/l7r/proxy-protocol.ts";
 import { HttpParseError, RequestReader, type ReaderLimits } from "../src/nx/http.ts";
 import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
@@ -255,3 +256,34 @@ test("a live L7R: 2,500 fuzzed connections, never a 5xx (but 505 for another HTT
   for (let i = 0; i < 50 && l7r.load().connections > 0; i++) await Bun.sleep(100);
   expect(l7r.load()).toEqual({ connections: 0, byAddress: {} });
 }, 600_000);
+
+test("PROXY v2 parser: 10,000 mutated headers in random prefixes: only ProxyHeaderError, never past its bound, addresses well-formed", () => {
+  const r = rng(SEED ^ 0x51ed);
+  const bases = [
+    proxyHeader({ address: "203.0.113.7", port: 1234 }, { address: "127.0.0.1", port: 8443 }),
+    proxyHeader({ address: "2001:db8::7", port: 1 }, { address: "::1", port: 8443 }),
+    proxyHeader({ address: "", port: 0 }, { address: "", port: 0 }),
+  ];
+  let ok = 0;
+  let refused = 0;
+  for (let i = 0; i < 10_000; i++) {
+    const input = i % 5 === 0 ? r.pick(bases) : mutate(r, r.pick(bases));
+    // Any prefix (a header arriving in pieces): undefined, a header, or ProxyHeaderError.
+    const cut = r.int(input.length + 1);
+    for (const b of [input.subarray(0, cut), input]) {
+      try {
+        const h = parseProxyHeader(b);
+        if (!h) continue;
+        expect(h.length).toBeLessThanOrEqual(Math.min(b.length, MAX_HEADER));
+        expect(h.address === "" || /^(\d{1,3}\.){3}\d{1,3}$|^[0-9a-f:]+$/.test(h.address)).toBe(true);
+        ok++;
+      } catch (e) {
+        if (!(e instanceof ProxyHeaderError)) throw new Error(`case ${i} (seed ${SEED}): ${(e as Error).stack}`);
+        refused++;
+      }
+    }
+  }
+  console.log(`PROXY parser: ${ok} headers, ${refused} refused`);
+  expect(ok).toBeGreaterThan(1000);
+  expect(refused).toBeGreaterThan(1000);
+});

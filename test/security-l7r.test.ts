@@ -8,7 +8,8 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { join } from "node:path";
 import * as D from "../src/db/index.ts";
-import { proxyHeader, SIGNATURE } from "../src/l7r/proxy-protocol.ts";
+import { proxyHeader, SIGNATURE, trustedSources } from "../src/l7r/proxy-protocol.ts";
+import { startL7r, type L7r } from "../src/l7r/server.ts";
 import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { Peer } from "./support/l7r-peer.ts";
@@ -240,4 +241,35 @@ describe("PROXY protocol v2", () => {
     ok.end();
     expect(l7r.exitCode).toBeNull();
   }, 60_000);
+});
+
+describe("PROXY protocol v2 from trusted networks (the TCP listener)", () => {
+  let inproc: L7r;
+  beforeAll(async () => {
+    await D.create(db().sql, D.hosts, ALL, { name: "sec-l7r-net", address: "127.0.0.2" });
+    await db().sql`UPDATE host_runtimes SET state = 'running' WHERE host_id = (SELECT id FROM hosts WHERE name = 'sec-l7r-net')`;
+    inproc = await startL7r({
+      sql: db().sql, databaseUrl: db().url, nodename: "sec-l7r-net", hostname: "127.0.0.1", port: 0,
+      tls: { cert: join(dir, "cert.pem"), key: join(dir, "key.pem") },
+      proxyProtocol: trustedSources("127.0.0.0/8"),
+    });
+  });
+  afterAll(async () => {
+    await inproc?.stop();
+  });
+
+  test("from 127.0.0.0/8 a header is required and names the client; without one the connection is refused", async () => {
+    const p = await Peer.open({ port: inproc.port }, { preamble: header("198.51.100.23") });
+    expect(await p.handshake()).toBe(true);
+    p.write(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic("proxied-three", "nope")}\r\n\r\n`);
+    expect((await p.response())?.status).toBe(401);
+    p.end();
+    const rows = await db().sql`SELECT address FROM audit_log WHERE action = 'user.login' AND object_name = 'default/proxied-three' ORDER BY id DESC LIMIT 1`;
+    expect(rows[0]?.address).toBe("198.51.100.23");
+    const bare = await Peer.open({ port: inproc.port });
+    expect(await bare.handshake(5000)).toBe(false);
+    expect(await bare.closedWithin(5000)).toBe(true);
+    for (let i = 0; i < 50 && inproc.load().connections > 0; i++) await Bun.sleep(100);
+    expect(inproc.load().connections).toBe(0);
+  }, 30_000);
 });
