@@ -54,9 +54,7 @@ beforeAll(async () => {
   };
   l7r = Bun.spawn([binary, "l7r", "--config", "/dev/null", "--db", db().url, "--listen", "127.0.0.1:0", "--cert", join(dir, "cert.pem"), "--key", join(dir, "key.pem"),
     ...Object.entries(set).flatMap(([k, v]) => ["--set", `${k}=${v}`])], { stdout: "pipe", stderr: "pipe", env: cleanEnv() });
-  void (async () => {
-    for await (const c of l7r.stderr as ReadableStream<Uint8Array>) log += Buffer.from(c).toString();
-  })();
+  void (l7r.stderr as ReadableStream<Uint8Array>).pipeTo(new WritableStream({ write: (c) => void (log += Buffer.from(c).toString()) }));
   const reader = (l7r.stdout as ReadableStream<Uint8Array>).getReader();
   let out = "";
   while (!/listening on [^\n]*:(\d+)\n/.test(out)) {
