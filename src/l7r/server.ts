@@ -467,8 +467,11 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
 
     private async pump() {
       while (!this.busy && !this.closed && !this.upgraded && this.handshaken) {
-        // Answers the client has not taken yet: no more work for it until it drains.
-        if (this.outBytes > 0) return this.pause();
+        // Answers the client has not taken yet: no more work for it until it drains (in time).
+        if (this.outBytes > 0) {
+          this.arm("sending", t.request, false);
+          return this.pause();
+        }
         let req: HttpRequest | undefined;
         try {
           req = this.reader.next();
