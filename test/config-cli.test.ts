@@ -55,7 +55,7 @@ function table(stdout: string): Map<string, { value: string; source: string }> {
 }
 
 interface JsonOut {
-  settings: { key: string; value: string; source: string; doc: string; scope: string }[];
+  settings: { key: string; value: string; source: string; doc: string; scope: string; tenant: boolean }[];
   notes: string[];
 }
 const jsonOf = (r: Result) => JSON.parse(r.stdout) as JsonOut;
