@@ -11,6 +11,7 @@ import type { Route } from "../src/api/context.ts";
 import { ApiClient, startTestApi, type ApiResponse, type TestApi } from "./support/api.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 import { Fixtures, fixedTargets, isMassRoute, routeName, routeTable, sampleRequest, type Sample, type Targets } from "./support/api-routes.ts";
+import { fuzzSeed, seededRng, type Rng } from "./support/fuzz.ts";
 
 const db = useTestDatabase();
 // Thousands of requests per test: more than bun's default 5 s on a busy machine.
@@ -256,8 +257,7 @@ test("SQL and path fragments in valid fields are stored verbatim, and match only
 
 // --- generated and mutated inputs, from a seed ----------------------------------------------------
 
-/** The run's seed: printed, and QVD_FUZZ_SEED replays a run. */
-const SEED = Number(process.env.QVD_FUZZ_SEED ?? 0x51d5eed) >>> 0;
+const SEED = fuzzSeed("api", 0x51d5eed);
 const GENERATED_CASES = 10_000;
 /**
  * Memory bounds, measured after a full GC every 250 cases. The API runs in this process (with
@@ -270,21 +270,6 @@ const GENERATED_CASES = 10_000;
 const RSS_PEAK_LIMIT = 512 * 1024 * 1024;
 const RSS_GROWTH_LIMIT = 64 * 1024 * 1024;
 
-/** mulberry32: small, fast, and the same sequence for the same seed everywhere. */
-function prng(seed: number) {
-  let a = seed >>> 0;
-  const next = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  const int = (n: number) => Math.floor(next() * n);
-  const pick = <T,>(xs: readonly T[]): T => xs[int(xs.length)]!;
-  return { next, int, pick, chance: (p: number) => next() < p };
-}
-type Rng = ReturnType<typeof prng>;
 
 const EDGE_NUMBERS = [0, -0, -1, 1, 2, 255, 65535, 2 ** 31 - 1, 2 ** 31, -(2 ** 31), 2 ** 53, -(2 ** 53), 1.5, -0.0001, 1e308, -1e308, 5e-324];
 const WORDS = [
@@ -395,8 +380,7 @@ function noPassword(route: Route, body: unknown): unknown {
 
 describe("generated and mutated inputs", () => {
   test(`${GENERATED_CASES} cases of JSON bodies and query strings from a seed: no 5xx, no crash, bounded memory`, async () => {
-    console.log(`api fuzz: seed ${SEED} (QVD_FUZZ_SEED=${SEED} replays this run)`);
-    const r = prng(SEED);
+    const r = seededRng(SEED);
     // Never fuzz what ends this session or streams forever; uploads read their own bodies.
     const usable = table.filter((x) => !x.rawBody && x.path !== "/events" && x.path !== "/logout");
     const samples = new Map<Route, Sample>();

@@ -15,25 +15,10 @@ import { HttpParseError, RequestReader, type ReaderLimits } from "../src/nx/http
 import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { Peer } from "./support/l7r-peer.ts";
+import { fuzzSeed, seededRng, type Rng } from "./support/fuzz.ts";
 
-const SEED = Number(process.env.QVD_FUZZ_SEED ?? 0x5eed1) >>> 0;
-console.log(`l7r fuzz seed: ${SEED} (QVD_FUZZ_SEED=${SEED} replays this run)`);
+const SEED = fuzzSeed("l7r", 0x5eed1);
 
-/** mulberry32: small, fast, reproducible. */
-function rng(seed: number) {
-  let a = seed >>> 0;
-  const next = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  const int = (n: number) => Math.floor(next() * n);
-  const pick = <T>(xs: readonly T[]): T => xs[int(xs.length)]!;
-  return { next, int, pick };
-}
-type Rng = ReturnType<typeof rng>;
 
 const PATHS = ["/qvd/ping", "/qvd/list_of_vm", "/qvd/list_of_applications", "/qvd/connect_to_vm", "/qvd/stop_vm", "/qvd/authenticate_user", "/qvd/create_auth_token", "/", "/qvd/", "*", "/qvd/ping/../list_of_vm", "http://x/qvd/ping"];
 const QUERY_VALUES = ["1", "0", "-1", "99999999999999999999", "1e3", "0x10", "abc", "%00", "%zz", "%2F..%2F", "a+b", "", "NaN", "1.5", "2147483648", "'; DROP TABLE vms; --"];
@@ -154,7 +139,7 @@ function read(limits: Partial<ReaderLimits>, parts: Uint8Array[], maxHeld: { v: 
 }
 
 test("request reader: 12,000 generated and mutated inputs in random chunks: only HttpParseError, bounded, chunking changes nothing", () => {
-  const r = rng(SEED);
+  const r = seededRng(SEED);
   const limits = { maxRequestLine: 1024, maxHeaderBytes: 4096, maxHeaders: 100 };
   const bound = limits.maxRequestLine + limits.maxHeaderBytes + 2;
   const held = { v: 0 };
@@ -211,7 +196,7 @@ afterAll(async () => {
 });
 
 test("a live L7R: 2,500 fuzzed connections, never a 5xx (but 505 for another HTTP version), and it keeps answering", async () => {
-  const r = rng(SEED ^ 0x9e3779b9);
+  const r = seededRng(SEED ^ 0x9e3779b9);
   const seen = new Map<number, number>();
   const bad: string[] = [];
   const N = 2500;
@@ -258,7 +243,7 @@ test("a live L7R: 2,500 fuzzed connections, never a 5xx (but 505 for another HTT
 }, 600_000);
 
 test("PROXY v2 parser: 10,000 mutated headers in random prefixes: only ProxyHeaderError, never past its bound, addresses well-formed", () => {
-  const r = rng(SEED ^ 0x51ed);
+  const r = seededRng(SEED ^ 0x51ed);
   const bases = [
     proxyHeader({ address: "203.0.113.7", port: 1234 }, { address: "127.0.0.1", port: 8443 }),
     proxyHeader({ address: "2001:db8::7", port: 1 }, { address: "::1", port: 8443 }),

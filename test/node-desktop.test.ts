@@ -27,18 +27,7 @@ describe.skipIf(!isRoot)("a real desktop through NX", () => {
   const sql = () => db().sql;
 
   /** Calls the VMA of the desktop from the node's namespace. */
-  async function vma(method: string, body?: unknown): Promise<{ status: number; json: any }> {
-    const args = ["curl", "-s", "--max-time", "10", "-w", "\n%{http_code}", "-H", `x-qvd-vma-secret: ${secret}`];
-    if (body !== undefined) args.push("-H", "content-type: application/json", "-d", JSON.stringify(body));
-    const r = await run([...node.ns.exec, ...args, `http://${vm.ip}:3030/vma/${method}`], { allowFail: true });
-    const lines = r.stdout.trimEnd().split("\n");
-    const status = Number(lines.pop());
-    let json: any = null;
-    try {
-      json = JSON.parse(lines.join("\n"));
-    } catch {}
-    return { status, json };
-  }
+  const vma = (method: string, body?: unknown) => node.vma(`http://${vm.ip}:3030`, secret, `/vma/${method}`, body);
   const nxState = async () => (await vma("x_state")).json?.state as string | undefined;
 
   /** Mean brightness (0–1) of the client's display; saves the screenshot. */

@@ -6,6 +6,7 @@ import { afterEach, describe, expect, test } from "bun:test";
 import type { Socket, TCPSocketListener } from "bun";
 import { newNxCookie, NX_COOKIE, NX_TOKEN_MAX, NxGreeting, NxHandshakeError, spliceNx } from "../src/nx/handshake.ts";
 import { ioHandlers, type IoData, type SpliceResult } from "../src/nx/splice.ts";
+import { fuzzSeed, seededRng } from "./support/fuzz.ts";
 
 const COOKIE = "0123456789abcdef0123456789abcdef";
 const enc = (s: string) => Buffer.from(s, "latin1");
@@ -94,10 +95,7 @@ describe("NxGreeting", () => {
   });
 
   test("fuzz: 20,000 mutated greetings; only NxHandshakeError, and every accepted one carries exactly our cookie, first, within bounds", () => {
-    const seed = Number(process.env.FUZZ_SEED ?? 0x5eed6);
-    console.log(`nx-handshake fuzz seed ${seed}`);
-    let x = seed >>> 0;
-    const rnd = (n: number) => ((x = (Math.imul(x ^ (x >>> 15), 0x2c1b3c6d) + 0x9e3779b9) >>> 0) % n);
+    const rnd = seededRng(fuzzSeed("nx-handshake", 0x5eed6)).int;
     const bases = [PLAIN, `NXPROXY-3.5.0-3.5.99 cookie=${"f".repeat(32)},stream=default,data=default `, "NXPROXY-3.5.0 link=lan,pack=adaptive-9,cache=8M "];
     const alphabet = " ,=cookieNXPROXY-0123456789.\t\u0000\u00ffabcxyz";
     let accepted = 0;

@@ -32,18 +32,7 @@ describe.skipIf(!isRoot)("an unprivileged desktop, from inside", () => {
   const sql = () => db().sql;
   const sh = (script: string, user?: string) => node.attach(vm.id, script, user);
 
-  async function vma(method: string, body?: unknown): Promise<{ status: number; json: any }> {
-    const args = ["curl", "-s", "--max-time", "10", "-w", "\n%{http_code}", "-H", `x-qvd-vma-secret: ${secret}`];
-    if (body !== undefined) args.push("-H", "content-type: application/json", "-d", JSON.stringify(body));
-    const r = await run([...node.ns.exec, ...args, `http://${vm.ip}:3030/vma/${method}`], { allowFail: true });
-    const lines = r.stdout.trimEnd().split("\n");
-    const status = Number(lines.pop());
-    let json: any = null;
-    try {
-      json = JSON.parse(lines.join("\n"));
-    } catch {}
-    return { status, json };
-  }
+  const vma = (method: string, body?: unknown) => node.vma(`http://${vm.ip}:3030`, secret, `/vma/${method}`, body);
 
   beforeAll(async () => {
     const { ensureDeps } = await import("../scripts/deps.ts");

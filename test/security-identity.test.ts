@@ -514,13 +514,7 @@ describe.skipIf(process.getuid?.() !== 0)("a real LXC desktop: no identity makes
   }, 120_000);
 
   /** The VMA's API from the node (as an L7R calls it). */
-  async function vma(method: string, path: string, body?: unknown): Promise<{ status: number; json: any }> {
-    const args = ["curl", "-s", "--max-time", "10", "-w", "\n%{http_code}", "-X", method, "-H", `x-qvd-vma-secret: ${secret}`];
-    if (body !== undefined) args.push("-H", "content-type: application/json", "-d", JSON.stringify(body));
-    const out = (await run([...node.ns.exec, ...args, vmaUrl + path], { allowFail: true })).stdout.split("\n");
-    const status = Number(out.pop());
-    return { status, json: JSON.parse(out.join("\n") || "null") };
-  }
+  const vma = (method: string, path: string, body?: unknown) => node.vma(vmaUrl, secret, path, body, method);
   const inside = async (script: string) => (await node.attach(vmId, script)).stdout.trim();
 
   test("x_start with /etc, uid 0 or 500, gid 42 (shadow), groups shadow/sudo, or the login root: refused; /etc stays root's", async () => {

@@ -208,6 +208,22 @@ export class TestNode {
     return (await run(["ip", "-n", this.ns.name, "-o", "link", "show"])).stdout;
   }
 
+  /**
+   * Calls a desktop's VMA from the node's namespace, as the node does: `url` is its base
+   * (http://IP:PORT), `path` e.g. /vma/x_start; POST when there is a body, unless `verb` says.
+   */
+  async vma(url: string, secret: string, path: string, body?: unknown, verb?: string): Promise<{ status: number; json: any }> {
+    const args = ["curl", "-s", "--max-time", "10", "-w", "\n%{http_code}", ...(verb ? ["-X", verb] : []), "-H", `x-qvd-vma-secret: ${secret}`];
+    if (body !== undefined) args.push("-H", "content-type: application/json", "-d", JSON.stringify(body));
+    const lines = (await run([...this.ns.exec, ...args, url + path], { allowFail: true })).stdout.trimEnd().split("\n");
+    const status = Number(lines.pop());
+    let json: any = null;
+    try {
+      json = JSON.parse(lines.join("\n"));
+    } catch {}
+    return { status, json };
+  }
+
   /** Runs a shell command in a desktop (as root, unless `user`). */
   attach(vmId: number, script: string, user?: string) {
     const argv = [...this.ns.exec, "lxc-attach", "-n", `qvd-${vmId}`, "-P", this.lxcPath, "--", ...(user ? ["setpriv", "--reuid", user, "--regid", user, "--clear-groups"] : []), "/bin/sh", "-c", script];
