@@ -141,27 +141,32 @@ const cpuMs = (pid: number) => {
  * Runs a peer that prints {"ready":true} when set up and starts on a line on stdin; returns its
  * JSON result and the CPU ms process `pid` used between the start and the result.
  */
+/** Reads a peer's stdout one JSON line at a time; `ended` says why when it ends first. */
+function jsonLines(p: Bun.Subprocess, ended: () => Promise<string>): () => Promise<any> {
+  const reader = (p.stdout as ReadableStream<Uint8Array>).getReader();
+  const dec = new TextDecoder();
+  let buf = "";
+  return async () => {
+    for (;;) {
+      const nl = buf.indexOf("\n");
+      if (nl >= 0) {
+        const l = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        return JSON.parse(l);
+      }
+      const c = await reader.read();
+      if (c.done) throw new Error(await ended());
+      buf += dec.decode(c.value, { stream: true });
+    }
+  };
+}
+
 async function measured(argv: string[], pid: number | undefined, what: string): Promise<any> {
   const { p, stop } = spawn(argv);
   const timer = setTimeout(() => void stop(), 600_000);
   const errText = new Response(p.stderr as ReadableStream).text();
   try {
-    const lines = (p.stdout as ReadableStream<Uint8Array>).getReader();
-    const dec = new TextDecoder();
-    let buf = "";
-    const line = async () => {
-      for (;;) {
-        const nl = buf.indexOf("\n");
-        if (nl >= 0) {
-          const l = buf.slice(0, nl);
-          buf = buf.slice(nl + 1);
-          return JSON.parse(l);
-        }
-        const c = await lines.read();
-        if (c.done) throw new Error(`${what}: ${(await errText).trim() || "the client exited"}`);
-        buf += dec.decode(c.value, { stream: true });
-      }
-    };
+    const line = jsonLines(p, async () => `${what}: ${(await errText).trim() || "the client exited"}`);
     await line(); // ready
     const c0 = pid ? cpuMs(pid) : 0;
     const stdin = p.stdin as import("bun").FileSink;
@@ -388,21 +393,7 @@ backend sink
     const together = async (argvs: string[][]) => {
       const peers = argvs.map((argv) => {
         const { p, stop } = spawn(argv);
-        const reader = (p.stdout as ReadableStream<Uint8Array>).getReader();
-        let buf = "";
-        const line = async () => {
-          for (;;) {
-            const nl = buf.indexOf("\n");
-            if (nl >= 0) {
-              const l = buf.slice(0, nl);
-              buf = buf.slice(nl + 1);
-              return JSON.parse(l);
-            }
-            const c = await reader.read();
-            if (c.done) throw new Error(`peer ${argv[2]} exited: ${await new Response(p.stderr as ReadableStream).text()}`);
-            buf += new TextDecoder().decode(c.value);
-          }
-        };
+        const line = jsonLines(p, async () => `peer ${argv[2]} exited: ${await new Response(p.stderr as ReadableStream).text()}`);
         return { p, stop, line };
       });
       for (const x of peers) await x.line();
