@@ -234,6 +234,15 @@ test("a malformed request line: 400 and the connection closed", async () => {
   await c.waitClosed();
 });
 
+test("Connection: close: answered, then closed; without it the connection stays", async () => {
+  const c = await client();
+  c.send("GET /qvd/ping HTTP/1.1\r\nConnection: keep-alive\r\n\r\n");
+  expect((await c.response()).status).toBe(200);
+  c.send("GET /qvd/ping HTTP/1.1\r\nConnection: Close\r\n\r\n");
+  expect((await c.response()).status).toBe(200);
+  await c.waitClosed();
+});
+
 test("HTTP/1.0: 505 and closed", async () => {
   const c = await client();
   c.send("GET /qvd/ping HTTP/1.0\r\n\r\n");

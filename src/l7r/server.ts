@@ -510,6 +510,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
           if (a) a.requests--;
           if (a && a.connections <= 0 && a.requests <= 0) perAddress.delete(this.address);
         }
+        // The client said it sends nothing more: end once its answer is out (RFC 9112 §9.6).
+        if (!this.upgraded && req.headers.get("connection")?.toLowerCase().split(/\s*,\s*/).includes("close")) return this.close();
       }
     }
 
