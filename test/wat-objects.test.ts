@@ -7,6 +7,8 @@ import { createHash } from "node:crypto";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Page } from "playwright-core";
+import { ALL_TENANTS } from "../src/db/index.ts";
+import { createUserToken } from "../src/db/tokens.ts";
 import { run } from "../src/run.ts";
 import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
 import { useBrowser, type WatPage } from "./support/browser.ts";
@@ -252,6 +254,22 @@ test("mass block: select every user matching the filter (more than a page) and b
   const [n] = await db().sql`SELECT count(*) FILTER (WHERE blocked)::int AS blocked, count(*) FILTER (WHERE blocked AND name NOT LIKE 'mass-%')::int AS others FROM users`;
   expect(n).toEqual({ blocked: 25, others: 0 } as any);
   await w.screenshot("users-mass-blocked");
+  w.assertNoErrors();
+});
+
+test("a user's page revokes their L7R tokens after a confirmation", async () => {
+  const id = (await sa.post("/users", { name: "token-holder", password: "token-holder-pw" })).body.id;
+  for (let i = 0; i < 2; i++) await createUserToken(db().sql, ALL_TENANTS, { userId: id, ttlSeconds: 3600, multiUse: true });
+  const tokens = async () => (await db().sql`SELECT count(*)::int AS n FROM user_tokens WHERE user_id = ${id}`)[0]!.n;
+  expect(await tokens()).toBe(2);
+  const w = await loggedIn(`/users/${id}`);
+  await h1(w.page, "token-holder").waitFor();
+  await w.page.locator("main").getByRole("button", { name: "Revoke tokens", exact: true }).click();
+  const ask = w.page.getByRole("dialog");
+  await ask.getByText("Their clients must log in with the password again.").waitFor();
+  await ask.getByRole("button", { name: "Revoke tokens", exact: true }).click();
+  await w.page.getByText("has no tokens any more").waitFor();
+  expect(await tokens()).toBe(0);
   w.assertNoErrors();
 });
 
