@@ -31,17 +31,7 @@ describe.skipIf(!isRoot)("NX cookie and the NX/VMA port firewall", () => {
   const vms: Record<"a" | "b", { row: D.VmRow; userId: number; secret: string }> = {} as any;
 
   /** Calls a desktop's VMA from the node. */
-  async function vma(vm: "a" | "b", method: string, body?: unknown): Promise<{ status: number; json: any }> {
-    const v = vms[vm];
-    const args = ["curl", "-s", "--max-time", "10", "-w", "\n%{http_code}", "-H", `x-qvd-vma-secret: ${v.secret}`];
-    if (body !== undefined) args.push("-H", "content-type: application/json", "-d", JSON.stringify(body));
-    const r = await run([...node.ns.exec, ...args, `http://${v.row.ip}:3030/vma/${method}`], { allowFail: true });
-    const lines = r.stdout.trimEnd().split("\n");
-    const status = Number(lines.pop());
-    let json: any = null;
-    try { json = JSON.parse(lines.join("\n")); } catch {}
-    return { status, json };
-  }
+  const vma = (vm: "a" | "b", method: string, body?: unknown) => node.vma(`http://${vms[vm].row.ip}:3030`, vms[vm].secret, `/vma/${method}`, body);
   const xState = async () => (await vma("a", "x_state")).json?.state as string | undefined;
   /** x_start for alice on desktop A, as the L7R sends it, with `cookie`; waits for nxagent to listen. */
   async function listening(cookie: string) {
@@ -171,6 +161,19 @@ describe.skipIf(!isRoot)("NX cookie and the NX/VMA port firewall", () => {
     // The node's own calls are untouched.
     expect((await vma("a", "ping")).status).toBe(200);
   }, 300_000);
+
+  test("on the node, only root's processes reach a desktop's VMA and nxagent ports", async () => {
+    const ip = vms.a.row.ip!;
+    const tryAs = async (user?: string) => {
+      const who = user ? ["setpriv", "--reuid", user, "--regid", user === "nobody" ? "nogroup" : user, "--clear-groups"] : [];
+      const r = await run([...node.ns.exec, ...who, "bash", "-c", `timeout 3 bash -c 'exec 3<>/dev/tcp/${ip}/3030' 2>/dev/null && echo open || echo closed`], { allowFail: true });
+      return r.stdout.trim();
+    };
+    expect(await tryAs()).toBe("open");
+    expect(await tryAs("nobody")).toBe("closed");
+    expect(await tryAs("daemon")).toBe("closed");
+    expect((await vma("a", "ping")).status).toBe(200);
+  }, 60_000);
 
   test("from another desktop, the VMA and nxagent ports are unreachable", async () => {
     await listening(newNxCookie());

@@ -10,6 +10,7 @@
 // - VM → node: table `inet qvd`, chain input: packets that arrive on the bridge pass only when
 //   they answer the node's own connections (ct established/related) or go to a port listed
 //   in vm.network.firewall.node_ports; everything else from the bridge is dropped.
+// - Node users → VM: only root's processes open connections to VMs (chain output).
 // - Other hosts → VM: nothing by default; the VMA (3030) and nxagent (4100) are the node's to
 //   reach (the L7R, the HKD), and nxagent also takes connections from the node's address only
 //   (accept=, src/vma/session.ts). vm.network.firewall.vm_ports opens ports to routed traffic
@@ -164,6 +165,12 @@ export class NodeNetwork {
       nodeTcp && `    ct state new tcp dport ${nodeTcp} accept`,
       nodeUdp && `    udp dport ${nodeUdp} accept`,
       "    counter drop",
+      "  }",
+      // Node → VM: only root's processes (the L7R, the HKD) open connections to desktops; a
+      // node user has no business with a desktop's agent or NX ports.
+      "  chain output {",
+      "    type filter hook output priority filter; policy accept;",
+      `    oifname ${br} ct state new meta skuid != 0 counter reject`,
       "  }",
       "  chain forward {",
       "    type filter hook forward priority filter; policy accept;",
