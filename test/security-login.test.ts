@@ -127,6 +127,14 @@ describe("API", () => {
     expect(await failures("login", "*/ben")).toBe(3);
   });
 
+  test("every spelling of a name counts for the one account: case and tenant variants buy no guesses", async () => {
+    const sa = await api.login("superadmin", "test-superadmin-pw");
+    expect((await sa.post("/administrators", { name: "gus", password: "gus-password" })).status).toBe(201);
+    const from = "198.51.100.20";
+    for (const name of ["GUS", "Gus@default", "gUs@*"]) expect((await apiLogin(name, "guess", from)).status).toBe(401);
+    expect((await apiLogin("gus", "gus-password", from)).status).toBe(429);
+  });
+
   test("one address spraying many accounts is throttled; another account's owner elsewhere is not", async () => {
     const sprayer = "198.51.100.3";
     for (let i = 0; i < 6; i++) expect((await apiLogin(`nobody${i}`, "spray-password", sprayer)).status).toBe(401);

@@ -76,8 +76,11 @@ async function login(ctx: Ctx) {
   const account = `${b.tenant ?? tenants[0]!.name}/${name}`;
   ctx.audited.object_name = account;
   ctx.audited.arguments = { tenant: b.tenant, name: b.name };
-  // The try takes its slot before the password is checked (parallel tries are counted).
-  const gate = await beginLogin(ctx.sql, throttlePolicy(ctx.cfg), { service: "api", account, address: ctx.address });
+  // The try takes its slot before the password is checked (parallel tries are counted). One
+  // key per account however it is spelled: without tenants, "bob", "bob@default" and "bob@*"
+  // all try the same password, so they count as one.
+  const throttled = ctx.cfg.get("wat.multitenant") ? account : name;
+  const gate = await beginLogin(ctx.sql, throttlePolicy(ctx.cfg), { service: "api", account: throttled, address: ctx.address });
   if (!gate.ok) {
     ctx.set.headers["retry-after"] = String(gate.retryAfterS);
     throw new ApiError(`too many failed logins; try again in ${gate.retryAfterS} seconds`, 429);
