@@ -211,7 +211,7 @@ test("a live L7R: 2,500 fuzzed connections, never a 5xx (but 505 for another HTT
     while (!p.closed && !p.got.includes("I am alive!") && Date.now() < end) await p.wait(50);
     for (const s of p.statuses()) {
       seen.set(s, (seen.get(s) ?? 0) + 1);
-      // 505 is the protocol's answer to another HTTP version (l7r-client-protocol.md), not a failure.
+      // 505 is the protocol's answer to another HTTP version (src/nx/http.ts), not a failure.
       // 503 is connect_to_vm's answer when no node can run the desktop (none runs here).
       const unavailable = s === 503 && p.got.toString("latin1").includes("The requested virtual machine is not available");
       if (s >= 500 && s !== 505 && !unavailable) bad.push(`case ${i}: ${s} for ${JSON.stringify(Buffer.from(input).toString("latin1").slice(0, 300))}: ${p.got.toString("latin1").slice(0, 300)}`);

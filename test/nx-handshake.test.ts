@@ -7,6 +7,7 @@ import type { Socket, TCPSocketListener } from "bun";
 import { newNxCookie, NX_COOKIE, NX_TOKEN_MAX, NxGreeting, NxHandshakeError, spliceNx } from "../src/nx/handshake.ts";
 import { ioHandlers, type IoData, type SpliceResult } from "../src/nx/splice.ts";
 import { fuzzSeed, seededRng } from "./support/fuzz.ts";
+import { until } from "./support/node.ts";
 
 const COOKIE = "0123456789abcdef0123456789abcdef";
 const enc = (s: string) => Buffer.from(s, "latin1");
@@ -177,10 +178,6 @@ async function setup(opts: { toA?: string; timeoutMs?: number } = {}) {
   listeners.push(front as any);
   const client = peer();
   await Bun.connect({ hostname: "127.0.0.1", port: front.port, socket: client.handlers } as any);
-  const until = async (ok: () => boolean, what: string) => {
-    for (let i = 0; i < 200 && !ok(); i++) await Bun.sleep(10);
-    if (!ok()) throw new Error(`timed out waiting for ${what}`);
-  };
   await until(() => result !== undefined && agent.socket() !== undefined, "the splice");
   return { client, agent, result: () => result, refusedWith, until };
 }

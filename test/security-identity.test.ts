@@ -1,4 +1,4 @@
-// Issue 10, identity and control plane: identity properties (qvd.vm.user.*) are the product's
+// Identity and the control plane: identity properties (qvd.vm.user.*) are the product's
 // (ACL of their own, ranges, allow-list; checked by the API, at LDAP login, by the L7R and by the
 // VMA), user and tenant names are single directory names, escalation is checked for every
 // administrator who does not hold every ACL, a password change ends the other sessions and the
@@ -17,7 +17,7 @@ import { run } from "../src/run.ts";
 import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 import { LDAP_SUFFIX, LdapServer } from "./support/ldap.ts";
-import { desktopImage, TestNode, until } from "./support/node.ts";
+import { cleanEnv, desktopImage, TestNode, until } from "./support/node.ts";
 import { basic, WireClient } from "./support/qvd-wire.ts";
 
 const db = useTestDatabase();
@@ -315,9 +315,7 @@ describe("sessions and tokens", () => {
       expect((await op.c.post(`/users/${u.alice}/revoke_tokens`)).status).toBe(403);
       // The CLI verb.
       const t3 = await token(ALICE());
-      const env: Record<string, string> = {};
-      for (const [k, v] of Object.entries(process.env)) if (v !== undefined && !k.startsWith("QVD_")) env[k] = v;
-      Object.assign(env, { HOME: work, XDG_CONFIG_HOME: join(work, ".config"), QVD_ADMIN_URL: api.url.replace(/\/api\/v1$/, ""), QVD_ADMIN_TOKEN: boss.token! });
+      const env = Object.assign(cleanEnv(), { HOME: work, XDG_CONFIG_HOME: join(work, ".config"), QVD_ADMIN_URL: api.url.replace(/\/api\/v1$/, ""), QVD_ADMIN_TOKEN: boss.token! });
       const p = Bun.spawn([process.execPath, "src/main.ts", "admin", "user", "revoke-tokens", "alice@acme"], { cwd: repo, env, stdout: "pipe", stderr: "pipe" });
       const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
       expect(code, out + err).toBe(0);
@@ -403,8 +401,7 @@ describe("the VMA checks the identity again", () => {
     const s = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
     const port = s.port;
     s.stop(true);
-    const env: Record<string, string> = {};
-    for (const [k, v] of Object.entries(process.env)) if (v !== undefined && !k.startsWith("QVD_")) env[k] = v;
+    const env = cleanEnv();
     const p = Bun.spawn([process.execPath, "src/main.ts", "vma", "--config", file, "--listen", `127.0.0.1:${port}`], { cwd: repo, env, stdout: "pipe", stderr: "pipe" });
     procs.push(p);
     const reader = p.stdout.getReader();

@@ -1,5 +1,5 @@
-// A stranger on the network against the L7R (DESIGN section 10: must never exhaust memory or
-// CPU): the real `qvd l7r` binary in a process of its own, its memory read from /proc. The
+// A stranger on the network against the L7R (README, "Security model": must never exhaust
+// memory or CPU): the real `qvd l7r` binary in a process of its own, its memory read from /proc. The
 // attacks: one TLS connection with pipelined bad logins and then junk; many connections from one
 // address; clients that stall at every stage. And PROXY protocol v2 on the unix socket (as the
 // demo's relay uses it): the header gives the client's address; from an untrusted source, or
@@ -14,6 +14,7 @@ import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { Peer } from "./support/l7r-peer.ts";
 import { cleanEnv, qvdBinary } from "./support/node.ts";
+import { basic } from "./support/qvd-wire.ts";
 
 const db = useTestDatabase();
 const ALL = D.ALL_TENANTS;
@@ -31,7 +32,6 @@ const ping = async (p: Peer) => {
   p.write("GET /qvd/ping HTTP/1.1\r\n\r\n");
   return p.response(30_000);
 };
-const basic = (login: string, pw: string) => `Basic ${Buffer.from(`${login}:${pw}`).toString("base64")}`;
 const header = (address: string) => proxyHeader({ address, port: 40000 }, { address: "127.0.0.1", port: 8443 });
 
 beforeAll(async () => {

@@ -105,9 +105,9 @@ export async function authenticateUser(db: Db, cfg: Config, attempt: LoginAttemp
 
   let plugins: AuthPlugin[];
   try {
-    // Identity rules are global: read without the tenant's rows (a tenant cannot widen them).
-    const identity = /\bldap\b/.test(tcfg.get("l7r.auth.plugins")) ? identityRules(opts.tenantConfigLoaded ? cfg : await tenantConfig(db, cfg, 0)) : undefined;
-    plugins = chainPlugins(tcfg, identity);
+    // The identity rules are the farm's: a tenant's rows of identity.* are never layered in
+    // (Config.withDatabase), so the tenant's configuration holds the global ones.
+    plugins = chainPlugins(tcfg, identityRules(tcfg));
   } catch (err) {
     return { ok: false, reason: (err as Error).message };
   }

@@ -79,6 +79,25 @@ export function groupsProblem(groups: string[], r: IdentityRules): string | unde
 
 export const parseGroups = list;
 
+export interface Identity {
+  uid: number;
+  gid: number;
+  home?: string;
+  groups?: string[];
+}
+
+/** The first rule an identity breaks and the field it is in (undefined: it keeps them all). */
+export function identityProblem(i: Identity, r: IdentityRules): { field: "uid" | "gid" | "home" | "groups"; message: string } | undefined {
+  const checks = [
+    ["uid", uidProblem(i.uid, r)],
+    ["gid", gidProblem(i.gid, r)],
+    ["home", i.home !== undefined ? homeProblem(i.home, r) : undefined],
+    ["groups", i.groups !== undefined ? groupsProblem(i.groups, r) : undefined],
+  ] as const;
+  const bad = checks.find(([, m]) => m !== undefined);
+  return bad && { field: bad[0], message: bad[1]! };
+}
+
 /** What is wrong with an identity property's value (as stored: text); undefined when fine or not one. */
 export function identityValueProblem(key: string, value: string, r: IdentityRules): string | undefined {
   switch (key) {

@@ -10,7 +10,7 @@
 // by the account's failures (only by its own), so strangers elsewhere cannot keep the owner
 // out; a success forgets no failures, so the owner's logins do not buy strangers more guesses.
 import { createHash } from "node:crypto";
-import type { Config } from "../config.ts";
+import { Config } from "../config.ts";
 import type { Sql } from "../db/pool.ts";
 import { deleteStaleThrottleRows, endThrottledTry, withThrottleRows, type ThrottleRow, type ThrottleUpdate } from "../db/throttle.ts";
 import { logger } from "../log.ts";
@@ -31,10 +31,8 @@ export interface ThrottlePolicy {
   knownForS: number;
 }
 
-export const DEFAULT_POLICY: ThrottlePolicy = { accountTries: 5, addressTries: 20, delayS: 2, maxDelayS: 600, forgetS: 86400, knownForS: 30 * 86400 };
-
 /** The policy from the `auth.throttle.*` keys. */
-export function throttlePolicy(cfg: Config): ThrottlePolicy {
+export function throttlePolicy(cfg: Pick<Config, "get">): ThrottlePolicy {
   return {
     accountTries: cfg.get("auth.throttle.account.tries"),
     addressTries: cfg.get("auth.throttle.address.tries"),
@@ -44,6 +42,9 @@ export function throttlePolicy(cfg: Config): ThrottlePolicy {
     knownForS: cfg.get("auth.throttle.known_for"),
   };
 }
+
+/** The keys' defaults. */
+export const DEFAULT_POLICY: ThrottlePolicy = throttlePolicy(new Config());
 
 /** How long a try in flight holds its slot if its process dies before it ends the try. */
 const LEASE_S = 120;

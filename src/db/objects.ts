@@ -394,8 +394,10 @@ export const timestamp = z.date();
 export const description = z.string().max(32768);
 export const language = z.enum(["auto", "en", "es"]);
 /** Names of people and things: no separators used by logins (`user@tenant`), no blanks. */
-export const loginName = z.string().min(1, "must not be empty").max(64).regex(/^[^@#\s/:]+$/, "must not contain spaces, @, #, / or :")
-  .regex(/^[^\\\x00-\x1f\x7f]+$/, "must not contain \\ or control characters").refine((n) => n !== "." && n !== "..", "must not be . or .. (it names a directory: homes are <tenant>/<user>)");
 /** One safe directory name (homes are homes/<tenant>/<user>), for checks outside the schemas. */
 export const isSafePathComponent = (n: string) => n !== "" && n !== "." && n !== ".." && !/[/\\\x00-\x1f\x7f]/.test(n);
+/** A name that becomes a directory of the homes (a tenant's, a user's): what isSafePathComponent allows. */
+export const directoryName = (s: z.ZodString) =>
+  s.regex(/^[^\\\x00-\x1f\x7f]+$/, "must not contain \\ or control characters").refine((n) => n !== "." && n !== "..", "must not be . or .. (it names a directory: homes are <tenant>/<user>)");
+export const loginName = directoryName(z.string().min(1, "must not be empty").max(64).regex(/^[^@#\s/:]+$/, "must not contain spaces, @, #, / or :"));
 export const password = z.string().min(8, "must have at least 8 characters").max(1024);

@@ -1,6 +1,6 @@
 // Tenants. Tenant 0 ('*') is the global scope and cannot be changed or deleted.
 import { z } from "zod";
-import { description, language, timestamp, type ObjectDef } from "./objects.ts";
+import { description, directoryName, language, timestamp, type ObjectDef } from "./objects.ts";
 
 export const TenantRow = z.object({
   id: z.number().int(),
@@ -13,8 +13,7 @@ export const TenantRow = z.object({
 });
 export type TenantRow = z.infer<typeof TenantRow>;
 
-const tenantName = z.string().min(1).max(80).regex(/^[^@#\s/]+$/, "must not contain spaces, @, # or /")
-  .regex(/^[^\\\x00-\x1f\x7f]+$/, "must not contain \\ or control characters").refine((n) => n !== "." && n !== "..", "must not be . or .. (it names the directory of the tenant's homes)");
+const tenantName = directoryName(z.string().min(1).max(80).regex(/^[^@#\s/]+$/, "must not contain spaces, @, # or /"));
 
 export const TenantCreate = z.object({ name: tenantName, description: description.optional(), language: language.optional(), blocked: z.boolean().optional() });
 export const TenantUpdate = TenantCreate.partial();

@@ -10,13 +10,8 @@ export interface ThrottleRow {
   pending_until: Date | null;
 }
 
-export interface ThrottleUpdate {
-  key: string;
-  failures: number;
-  failed_at: Date | null;
-  pending: number;
-  pending_until: Date | null;
-}
+/** The row as a decision writes it back. */
+export type ThrottleUpdate = ThrottleRow;
 
 /**
  * Locks the rows of `keys` (made when missing), in key order so that concurrent callers never

@@ -16,7 +16,7 @@
 // identity is written after every other layer. Whatever its source, the identity must keep the
 // global identity.* rules (src/auth/identity.ts): values stored before those rules, or set
 // directly in the database, are refused here too.
-import { defaultIdentityRules, defaultUid, gidProblem, groupsProblem, homeProblem, parseGroups, uidProblem, type IdentityRules } from "../auth/identity.ts";
+import { defaultIdentityRules, defaultUid, identityProblem, parseGroups, type IdentityRules } from "../auth/identity.ts";
 import type { AuthenticatedUser } from "../auth/user-auth.ts";
 import type { PropertyLayers } from "../db/l7r.ts";
 import type { SessionParams } from "../vma/session.ts";
@@ -64,9 +64,8 @@ export function xStartBody(i: {
   const home = i.user.home ?? (m["qvd.vm.user.home"] || undefined);
   if (home !== undefined && (!/^(\/[\w.-]+)+$/.test(home) || home.split("/").includes(".."))) throw new XStartParamError(`qvd.vm.user.home = ${JSON.stringify(home)} is not an absolute path`);
   const groups = m["qvd.vm.user.groups"];
-  const problem = uidProblem(uid, rules) ?? gidProblem(gid, rules) ?? (home !== undefined ? homeProblem(home, rules) : undefined) ??
-    (groups !== undefined ? groupsProblem(parseGroups(groups), rules) : undefined);
-  if (problem) throw new XStartParamError(`identity refused: ${problem}`);
+  const problem = identityProblem({ uid, gid, home, groups: groups !== undefined ? parseGroups(groups) : undefined }, rules);
+  if (problem) throw new XStartParamError(`identity refused: ${problem.message}`);
   Object.assign(m, { "qvd.vm.user.name": user, "qvd.vm.user.uid": String(uid), "qvd.vm.user.gid": String(gid) });
   if (home !== undefined) m["qvd.vm.user.home"] = home;
   else delete m["qvd.vm.user.home"];

@@ -1,7 +1,7 @@
 // The NX session cookie, put into the client's NX handshake by the L7R.
 //
 // nxagent (nxcomp in "client" mode, listening) takes a connection only when the proxy that
-// connects sends `cookie=<its cookie>` among its options (nxcomp: Loop.cpp, ParseRemoteOptions).
+// connects sends `cookie=<its cookie>` among its options (nxcomp, the NX transport library both link).
 // The client's `nxproxy -S` (nxcomp in "server" mode) speaks first, one write:
 //
 //     NXPROXY-3.5.0-3.5.99 stream=default,data=default␠          (no cookie given to nxproxy)
@@ -27,7 +27,7 @@ export function newNxCookie(): string {
   return randomBytes(16).toString("hex");
 }
 
-/** nxcomp's limit per handshake token, the ending space included (DEFAULT_REMOTE_OPTIONS_LENGTH - 1). */
+/** nxcomp's limit per handshake token, the ending space included (its 512-byte buffer less the NUL). */
 export const NX_TOKEN_MAX = 511;
 const VERSION_MAX = 64;
 const VERSION = /^NXPROXY-\d{1,5}(\.\d{1,5}){0,2}(-\d{1,5}(\.\d{1,5}){0,2})?$/;

@@ -97,6 +97,8 @@ export default defineCommand({
       port = Number(m[2]);
     }
 
+    // The node's identity rules (vma.json settings): the session's and x_start's checks alike.
+    const identity = identityRules(cfg);
     const sec = (k: "vma.timeout.starting" | "vma.timeout.listening" | "vma.timeout.suspending" | "vma.timeout.stopping") => cfg.get(k) * 1000;
     const split = (s: string) => s.split(/\s+/).filter(Boolean);
     const session = new Session({
@@ -113,7 +115,7 @@ export default defineCommand({
       homePath: cfg.get("vma.user.home.path"),
       shell: cfg.get("vma.user.shell"),
       groups: cfg.get("vma.user.groups").split(",").map((g) => g.trim()).filter(Boolean),
-      identity: identityRules(cfg),
+      identity,
       defaultLang: cfg.get("vma.default.lang"),
       runDir: cfg.get("path.run"),
       timeouts: { starting: sec("vma.timeout.starting"), listening: sec("vma.timeout.listening"), suspending: sec("vma.timeout.suspending"), stopping: sec("vma.timeout.stopping") },
@@ -141,7 +143,7 @@ export default defineCommand({
         vmId: vf.vm_id,
         session,
         expireCommand: cfg.get("vma.on_action.expire"),
-        identity: identityRules(cfg),
+        identity,
         powerOff: () => {
           poweroffRequested = true;
           void powerOff(init, "poweroff method");

@@ -72,7 +72,6 @@ export interface IdMap {
   size: number;
 }
 
-
 const TYPES: Record<string, EntryType> = { "-": "file", C: "file", d: "dir", l: "symlink", h: "hardlink", p: "fifo", c: "chardev", b: "blockdev" };
 
 /** Decodes a name printed by tar --quoting-style=c; returns bytes as latin1 characters. */

@@ -8,7 +8,7 @@
 // recreated: only its owner is set. A missing one is created from ROOT/etc/skel.
 import { chownSync, cpSync, existsSync, lchownSync, lstatSync, mkdirSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { dirname, join } from "node:path";
-import { gidProblem, groupsProblem, homeProblem, uidProblem, type IdentityRules } from "../auth/identity.ts";
+import { identityProblem, type IdentityRules } from "../auth/identity.ts";
 import { PRIVILEGED_GROUPS } from "../config.ts";
 import { UserError } from "../errors.ts";
 import { logger } from "../log.ts";
@@ -73,7 +73,7 @@ export function checkIdentity(req: ProvisionRequest, rules: IdentityRules, root 
   const privileged = new Set([0, ...groups.filter((g) => PRIVILEGED_GROUPS.has(g.name)).map((g) => g.gid)]);
   const gid = pw?.gid ?? req.gid;
   const sharing = named.filter((n) => privileged.has(groups.find((g) => g.name === n)?.gid ?? -1));
-  const problem = uidProblem(pw?.uid ?? req.uid, rules) ?? gidProblem(gid, rules) ?? homeProblem(home, rules) ?? groupsProblem(named, rules) ??
+  const problem = identityProblem({ uid: pw?.uid ?? req.uid, gid, home, groups: named }, rules)?.message ??
     (privileged.has(gid) ? `gid ${gid} is a privileged group's in the image` : undefined) ??
     (sharing.length ? `group ${sharing.join(", ")} has the gid of root or a privileged group in the image` : undefined) ??
     symlinkProblem(root, home);

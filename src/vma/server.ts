@@ -17,7 +17,7 @@ import { createHash, timingSafeEqual } from "node:crypto";
 import { z } from "zod";
 import { logger } from "../log.ts";
 import { run } from "../run.ts";
-import { defaultIdentityRules, gidProblem, groupsProblem, homeProblem, parseGroups, uidProblem, type IdentityRules } from "../auth/identity.ts";
+import { defaultIdentityRules, identityProblem, parseGroups, type IdentityRules } from "../auth/identity.ts";
 import { StateError, type Session, type SessionParams } from "./session.ts";
 
 const log = logger("vma.server");
@@ -25,7 +25,6 @@ const log = logger("vma.server");
 export const LINKS = ["modem", "isdn", "adsl", "wan", "lan", "local"] as const;
 export const CLIENT_OSES = ["linux", "windows", "winnt", "macosx", "darwin", "solaris", "android"] as const;
 const MAX_BODY = 64 * 1024;
-/** What an L7R calls, on whichever node it runs (reference: the L7R uses only these two). */
 
 const id = z.number({ error: "expected an integer" }).int("expected an integer").min(1, "must be at least 1 (root is never a session user)").max(4294967294);
 export const xStartSchema = z
@@ -71,16 +70,10 @@ export interface VmaServerOptions {
 }
 
 /** The field of an x_start whose identity the rules refuse, whatever the L7R checked. */
-function identityProblem(p: z.infer<typeof xStartSchema>, r: IdentityRules): { field: string; message: string } | undefined {
+function xStartIdentityProblem(p: z.infer<typeof xStartSchema>, r: IdentityRules): { field: string; message: string } | undefined {
   const groups = p.properties?.["qvd.vm.user.groups"];
-  const checks: [string, string | undefined][] = [
-    ["uid", uidProblem(p.uid, r)],
-    ["gid", gidProblem(p.gid, r)],
-    ["home", p.home !== undefined ? homeProblem(p.home, r) : undefined],
-    ["properties.qvd.vm.user.groups", groups !== undefined ? groupsProblem(parseGroups(String(groups)), r) : undefined],
-  ];
-  const bad = checks.find(([, m]) => m);
-  return bad && { field: bad[0], message: bad[1]! };
+  const bad = identityProblem({ uid: p.uid, gid: p.gid, home: p.home, groups: groups !== undefined ? parseGroups(String(groups)) : undefined }, r);
+  return bad && { field: bad.field === "groups" ? "properties.qvd.vm.user.groups" : bad.field, message: bad.message };
 }
 
 const json = (status: number, body: unknown) =>
@@ -130,7 +123,7 @@ export function createVmaHandler(o: VmaServerOptions): (req: Request, ip: string
         if (!body.ok) return body.res;
         const parsed = xStartSchema.safeParse(body.value);
         if (!parsed.success) return invalid(parsed.error);
-        const refused = identityProblem(parsed.data, identity);
+        const refused = xStartIdentityProblem(parsed.data, identity);
         if (refused) {
           log.warn("x_start refused", { field: refused.field, problem: refused.message });
           return json(422, { error: `${refused.field}: identity refused: ${refused.message}`, field: refused.field });
