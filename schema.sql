@@ -1,4 +1,4 @@
--- QVD schema, version 5 (the canonical schema; `qvd db init` applies it to an empty database,
+-- QVD schema, version 6 (the canonical schema; `qvd db init` applies it to an empty database,
 -- `qvd db migrate` brings older databases here with the numbered files in src/db/migrations/).
 --
 -- Conventions
@@ -249,6 +249,8 @@ CREATE TABLE vm_runtimes (
   vma_ok_ts      timestamptz,
   expire_soft_at timestamptz,
   expire_hard_at timestamptz,
+  vm_cmd_ts      timestamptz, -- when the pending command was given (queued starts go in order)
+  home_key       text,        -- the home a placed or running desktop uses: never two at once
   CHECK (vm_state = 'stopped' OR vm_state = 'zombie' OR host_id IS NOT NULL)
 );
 CREATE INDEX vm_runtimes_host ON vm_runtimes (host_id) WHERE host_id IS NOT NULL;
@@ -257,6 +259,7 @@ CREATE INDEX vm_runtimes_state ON vm_runtimes (vm_state);
 CREATE INDEX vm_runtimes_di ON vm_runtimes (current_di_id) WHERE current_di_id IS NOT NULL;
 -- Two desktops never run with the same address (the one a node started each with).
 CREATE UNIQUE INDEX vm_runtimes_address ON vm_runtimes (vm_address) WHERE vm_address IS NOT NULL;
+CREATE UNIQUE INDEX vm_runtimes_home ON vm_runtimes (home_key) WHERE home_key IS NOT NULL;
 
 CREATE TABLE host_runtimes (
   host_id     integer PRIMARY KEY REFERENCES hosts ON DELETE CASCADE,
@@ -269,7 +272,10 @@ CREATE TABLE host_runtimes (
   version     text,
   ok_ts       timestamptz, -- heartbeat
   usable_ram_mb real,       -- free RAM for new desktops, for placement
-  usable_cpu  real          -- free CPU capacity, for placement
+  usable_cpu  real,         -- free CPU capacity, for placement
+  drain       boolean NOT NULL DEFAULT false, -- no new placements; users move at their next connect
+  lost_ts     timestamptz,  -- when the node was declared lost
+  lost_reason text NOT NULL DEFAULT ''
 );
 CREATE INDEX host_runtimes_placement ON host_runtimes (state) WHERE NOT blocked;
 

@@ -110,6 +110,8 @@ test("the real migrations take a version-1 database to the current schema", asyn
     await db.sql`DROP FUNCTION vm_ip_guard()`;
     await db.sql`DROP INDEX vm_runtimes_address`;
     await db.sql`DROP TABLE login_throttle`;
+    await db.sql`ALTER TABLE host_runtimes DROP COLUMN drain, DROP COLUMN lost_ts, DROP COLUMN lost_reason`;
+    await db.sql`ALTER TABLE vm_runtimes DROP COLUMN vm_cmd_ts, DROP COLUMN home_key`;
     await db.sql`DELETE FROM schema_migrations`;
     await db.sql`INSERT INTO schema_migrations (version, name) VALUES (1, 'initial schema')`;
     expect((await schemaStatus(db.sql)).pending).toEqual(MIGRATIONS.map((m) => m.version));
@@ -123,6 +125,9 @@ test("the real migrations take a version-1 database to the current schema", asyn
     expect(indexes.map((i) => i.indexdef)).toEqual([expect.stringContaining("UNIQUE INDEX vm_runtimes_address ON public.vm_runtimes USING btree (vm_address) WHERE (vm_address IS NOT NULL)")]);
     const [throttle] = await db.sql`SELECT to_regclass('public.login_throttle') IS NOT NULL AS has`;
     expect(throttle!.has).toBe(true);
+    const farm = await db.sql`SELECT table_name || '.' || column_name AS c FROM information_schema.columns
+      WHERE column_name IN ('drain', 'lost_ts', 'lost_reason', 'vm_cmd_ts', 'home_key') AND table_name IN ('host_runtimes', 'vm_runtimes') ORDER BY 1`;
+    expect(farm.map((r) => r.c)).toEqual(["host_runtimes.drain", "host_runtimes.lost_reason", "host_runtimes.lost_ts", "vm_runtimes.home_key", "vm_runtimes.vm_cmd_ts"]);
   } finally {
     await db.sql.end();
   }

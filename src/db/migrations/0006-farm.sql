@@ -1,0 +1,14 @@
+-- Version 6: a farm of nodes (README: "Running a farm").
+-- host_runtimes.drain: an administrator drains a node: no new placements on it; its users move
+--   at their next connect.
+-- host_runtimes.lost_ts / lost_reason: when and why the node was declared lost (by the cluster
+--   monitor of another node, or by an administrator).
+-- vm_runtimes.vm_cmd_ts: when the pending command was given (queued starts go in this order).
+-- vm_runtimes.home_key: the home a placed or running desktop uses (tenant/user); unique, so one
+--   home is never in use by two desktops at once, on any node.
+ALTER TABLE host_runtimes ADD COLUMN drain boolean NOT NULL DEFAULT false;
+ALTER TABLE host_runtimes ADD COLUMN lost_ts timestamptz;
+ALTER TABLE host_runtimes ADD COLUMN lost_reason text NOT NULL DEFAULT '';
+ALTER TABLE vm_runtimes ADD COLUMN vm_cmd_ts timestamptz;
+ALTER TABLE vm_runtimes ADD COLUMN home_key text;
+CREATE UNIQUE INDEX vm_runtimes_home ON vm_runtimes (home_key) WHERE home_key IS NOT NULL;
