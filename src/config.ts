@@ -170,7 +170,8 @@ export const KEYS = {
   "identity.gid.max": key(int(1000, 4294967294), 60000, "Highest primary gid a desktop user may get.", { scope: "cluster" }),
   "identity.groups.allowed": key(z.string().regex(/^\s*([a-z_][a-z0-9_-]{0,31}(\s*,\s*|\s*$))*$/, "expected group names separated by commas").refine((s) => !s.split(",").some((g) => PRIVILEGED_GROUPS.has(g.trim())), "names a privileged group (root, shadow, sudo, adm, disk…), which desktop users never get"), "audio,video,plugdev,users", "Supplementary groups qvd.vm.user.groups may name (privileged groups such as root, shadow, sudo, adm, disk are refused).", { scope: "cluster" }),
 
-  "hkd.fence_after": key(int(5), 120, "Seconds without the database after which a node stops its own VMs.", { scope: "cluster" }),
+  "hkd.max_starting": key(int(1, 1000), 4, "Desktops a node starts at once; further start commands wait in order (their users are told their place in the queue)."),
+  "hkd.fence_after": key(int(5), 120, "Seconds without the database after which a node stops its own VMs; must be less than cluster.lost_after.", { scope: "cluster" }),
   "hkd.poll_interval": key(int(1), 30, "Seconds between fallback polls for commands (notifications are the fast path).", { scope: "cluster" }),
   "hkd.heartbeat_interval": key(int(1, 3600), 10, "Seconds between heartbeats of a node (also how often it reports free RAM and CPU)."),
   "hkd.timeout.vma_start": key(int(1), 90, "Seconds a started desktop has for its VMA to answer before the start fails.", { scope: "cluster" }),
@@ -181,7 +182,14 @@ export const KEYS = {
   "hkd.on_shutdown": key(oneOf(["stop", "leave"]), "stop", "What a node does with its desktops when its HKD stops: stop them, or leave them running (adopted at the next start)."),
   "hkd.qvd_binary": key(str, "", "The qvd binary bind-mounted into desktops (default: this binary, when it is the compiled qvd)."),
   "vm.vma.port": key(int(1, 65535), 3030, "Port the VMA listens on in each desktop.", { scope: "cluster" }),
-  "cluster.lost_after": key(int(10), 300, "Seconds without a heartbeat after which other nodes declare a node lost.", { scope: "cluster" }),
+  "cluster.lost_after": key(int(10), 300, "Seconds without a heartbeat after which another node declares a node lost and releases its VMs (a node declares nothing until its own database connection has worked this long); must be more than hkd.fence_after.", { scope: "cluster" }),
+  "cluster.alive_within": key(int(5, 3600), 30, "Seconds since its last heartbeat within which a node counts as alive and is given new desktops (every caller of placement uses this one window); keep it above a few hkd.heartbeat_interval.", { scope: "cluster" }),
+  "cluster.tls.ca": key(str, "", "PEM file of the farm CA (`qvd farm ca`): node certificates are checked against it, both ways, on the node-to-node TLS endpoint. `qvd node` and `qvd l7r` refuse to run without it."),
+  "cluster.tls.cert": key(str, "", "PEM file of this node's farm certificate (`qvd farm cert`: CN = nodename, signed by cluster.tls.ca)."),
+  "cluster.tls.key": key(str, "", "PEM file of the private key of cluster.tls.cert.", { secret: true }),
+  "cluster.peer.port": key(int(1, 65535), 8442, "Port of the node-to-node TLS endpoint, through which another node's L7R reaches this node's desktops (the VMA calls and the NX stream).", { scope: "cluster" }),
+  "cluster.peer.listen": key(z.string().refine((v) => v === "" || isIP(v.replace(/^\[|\]$/g, "")) !== 0, "expected an IP address (empty: the node's hosts.address)"), "", "Address the node-to-node endpoint listens on (default: this node's hosts.address, where other nodes reach it)."),
+  "cluster.peer.limit.connections": key(int(1), 1024, "Connections from other nodes the node-to-node endpoint holds at once (more are closed at once)."),
 
   "wat.multitenant": key(bool, false, "Multitenant mode: tenants and per-tenant administrators.", { scope: "cluster" }),
   "model.user.login.case-sensitive": key(bool, false, "Whether user and administrator names are case-sensitive.", { scope: "cluster" }),
@@ -231,7 +239,8 @@ export const KEYS = {
   "vma.timeout.suspending": key(int(1), 20, "Seconds nxagent may stay suspending before it is terminated."),
   "vma.timeout.stopping": key(int(1), 20, "Seconds nxagent may take to terminate after SIGTERM before it (and the session) get SIGKILL."),
   "vma.poweroff.command": key(str, "", "Command the poweroff method runs after stopping the session when the VMA is not PID 1 (e.g. `poweroff` when the image's own init started the VMA); empty: the VMA just exits (as PID 1 that stops the container)."),
-  "vma.on_action.expire": key(str, "", "Program run on the expire method (arguments: vm.expiration.soft <ts> vm.expiration.hard <ts>), e.g. to warn the user."),
+  "vma.on_action.expire": key(str, "", "Program run on the expire method, after the built-in notice and once per expiry setting (arguments: vm.expiration.soft <ISO time> vm.expiration.hard <ISO time or empty> qvd.vm.session.state <state> qvd.hook.on_action expire)."),
+  "vma.command.xmessage": key(str, "/usr/bin/xmessage", "The program that shows the user the soft-expiry notice in the X session (xmessage's options); empty: no built-in notice, only vma.on_action.expire."),
 } as const satisfies Record<string, KeyDef<any>>;
 
 export type ConfigKey = keyof typeof KEYS;
@@ -342,6 +351,27 @@ function whereOf(s: Source): string {
   }
 }
 
+// --- relations between keys -------------------------------------------------------------------
+
+/**
+ * Pairs of keys whose values must keep an order, checked wherever an effective configuration
+ * is built (files, environment, flags, the database) and when the API stores a value.
+ */
+export const KEY_RELATIONS: { less: ConfigKey; than: ConfigKey; why: string }[] = [
+  // Other nodes may start a lost node's desktops: it must have stopped them itself by then.
+  { less: "hkd.fence_after", than: "cluster.lost_after", why: "a node cut off from the database must stop its desktops before other nodes may declare it lost and start them elsewhere" },
+];
+
+/** The first broken relation of `cfg`, as a one-line message naming both keys and their sources. */
+export function relationProblem(cfg: Pick<Config, "get" | "source">): string | undefined {
+  for (const r of KEY_RELATIONS) {
+    const [a, b] = [cfg.get(r.less) as number, cfg.get(r.than) as number];
+    if (a < b) continue;
+    return `${r.less} (${a}, ${describeSource(cfg.source(r.less))}) must be less than ${r.than} (${b}, ${describeSource(cfg.source(r.than))}): ${r.why}`;
+  }
+  return undefined;
+}
+
 // --- the effective configuration ---------------------------------------------------------------
 
 export class Config {
@@ -356,6 +386,8 @@ export class Config {
     private readonly base: RawSetting[] = [],
     private readonly top: RawSetting[] = [],
     db: RawSetting[] = [],
+    /** Off only to show stored values as they are (GET /configs), so a bad pair can be fixed. */
+    checkRelations = true,
   ) {
     for (const [k, d] of Object.entries(KEYS) as [ConfigKey, KeyDef<unknown>][]) {
       this.values.set(k, d.default);
@@ -364,6 +396,10 @@ export class Config {
     const all = [...base, ...db, ...top];
     for (const s of all) this.apply(s);
     for (const [k, d] of Object.entries(KEYS) as [ConfigKey, KeyDef<unknown>][]) if (d.sameScopeAs) this.followScope(k, d.sameScopeAs as ConfigKey, all);
+    if (checkRelations) {
+      const problem = relationProblem(this);
+      if (problem) throw new ConfigError(problem);
+    }
   }
 
   /**
@@ -402,7 +438,7 @@ export class Config {
    * keys and node keys in the table are skipped with a warning (a newer node may know them),
    * and so are a tenant's rows of keys a tenant may not override.
    */
-  withDatabase(rows: { tenantId: number; key: string; value: string }[], warn: (msg: string) => void = () => {}): Config {
+  withDatabase(rows: { tenantId: number; key: string; value: string }[], warn: (msg: string) => void = () => {}, opts: { checkRelations?: boolean } = {}): Config {
     const ordered = [...rows].sort((a, b) => Number(a.tenantId !== 0) - Number(b.tenantId !== 0));
     const db: RawSetting[] = [];
     for (const r of ordered) {
@@ -416,7 +452,7 @@ export class Config {
       }
       db.push({ key: r.key, value: r.value, source: { kind: "db", tenantId: r.tenantId } });
     }
-    return new Config(this.base, this.top, db);
+    return new Config(this.base, this.top, db, opts.checkRelations ?? true);
   }
 
   /** The string form of an effective value (as a file would hold it). */

@@ -467,6 +467,27 @@ describe("database rows", () => {
   });
 });
 
+describe("hkd.fence_after must stay below cluster.lost_after", () => {
+  test("refused from a file, the environment, a flag and the database, naming both keys and their sources", () => {
+    const f = conf("cluster.lost_after = 100\nhkd.fence_after = 100\n");
+    expect(configError(() => load({ file: f })).message).toBe(
+      `hkd.fence_after (100, ${f}:2) must be less than cluster.lost_after (100, ${f}:1): a node cut off from the database must stop its desktops before other nodes may declare it lost and start them elsewhere`,
+    );
+    expect(configError(() => load({ env: { QVD_CLUSTER_LOST_AFTER: "60" } })).message).toStartWith(
+      "hkd.fence_after (120, default) must be less than cluster.lost_after (60, environment QVD_CLUSTER_LOST_AFTER)",
+    );
+    expect(configError(() => load({ flags: [flag("hkd.fence_after", "301")] })).message).toStartWith(
+      "hkd.fence_after (301, flag --set hkd.fence_after) must be less than cluster.lost_after (300, default)",
+    );
+    expect(configError(() => load().withDatabase([{ tenantId: 0, key: "cluster.lost_after", value: "90" }])).message).toStartWith(
+      "hkd.fence_after (120, default) must be less than cluster.lost_after (90, database (global))",
+    );
+    // A higher layer can mend what a lower one breaks: only the effective pair counts.
+    expect(load({ env: { QVD_HKD_FENCE_AFTER: "30" } }).withDatabase([{ tenantId: 0, key: "cluster.lost_after", value: "90" }]).get("cluster.lost_after")).toBe(90);
+    expect(load({ flags: [flag("hkd.fence_after", "5"), flag("cluster.lost_after", "10")] }).get("hkd.fence_after")).toBe(5);
+  });
+});
+
 describe("describe() and secrets", () => {
   const secrets = {
     "database.password": "hunter2",

@@ -2,9 +2,26 @@
 // it for that tenant. Values are validated against the one config schema before they are
 // stored, so a node never reads a value it cannot parse.
 import { z } from "zod";
-import { Config, isConfigKey, KEYS, parseValue, type ConfigKey } from "../config.ts";
+import { Config, isConfigKey, KEY_RELATIONS, KEYS, parseValue, relationProblem, type ConfigKey } from "../config.ts";
 import { DataError, translatePgError, ValidationError } from "./errors.ts";
-import type { Db } from "./pool.ts";
+import { transaction, type Db } from "./pool.ts";
+
+/** Serialises changes of related keys, so two requests cannot together break a relation. */
+const RELATIONS_LOCK = 0x71766401;
+
+/**
+ * Refuses a change of the global scope that breaks a relation between keys (hkd.fence_after <
+ * cluster.lost_after): 422 naming both keys. `after` is the global rows as they would be.
+ */
+async function checkRelations(tx: Db, key: string, after: (rows: ConfigRow[]) => ConfigRow[]): Promise<void> {
+  if (!KEY_RELATIONS.some((r) => r.less === key || r.than === key)) return;
+  await tx`SELECT pg_advisory_xact_lock(${RELATIONS_LOCK})`;
+  const rows = after((await listConfigRows(tx)).filter((r) => r.tenant_id === 0));
+  const usable = rows.filter((r) => isConfigKey(r.key) && KEYS[r.key].scope === "cluster" && KEYS[r.key].type.safeParse(r.value).success);
+  const cfg = new Config().withDatabase(usable.map((r) => ({ tenantId: 0, key: r.key, value: r.value })), () => {}, { checkRelations: false });
+  const problem = relationProblem(cfg);
+  if (problem) throw new ValidationError("value", problem.replace(/database \(global\)/g, "global").replace(/, default\)/g, ", the default)"));
+}
 
 export const ConfigRow = z.object({
   tenant_id: z.number().int(),
@@ -34,20 +51,26 @@ function checkClusterKey(key: string, value: string, tenantId: number): void {
 
 export async function setConfig(db: Db, tenantId: number, key: string, value: string): Promise<ConfigRow> {
   checkClusterKey(key, value, tenantId);
-  try {
-    const [r] = await db`INSERT INTO configs (tenant_id, key, value) VALUES (${tenantId}, ${key}, ${value})
-      ON CONFLICT (tenant_id, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
-      RETURNING tenant_id, key, value, updated_at`;
-    return ConfigRow.parse(r);
-  } catch (err) {
-    throw translatePgError(err, "config"); // e.g. no such tenant
-  }
+  return transaction(db, async (tx) => {
+    if (tenantId === 0) await checkRelations(tx, key, (rows) => [...rows.filter((r) => r.key !== key), { tenant_id: 0, key, value, updated_at: new Date() }]);
+    try {
+      const [r] = await tx`INSERT INTO configs (tenant_id, key, value) VALUES (${tenantId}, ${key}, ${value})
+        ON CONFLICT (tenant_id, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
+        RETURNING tenant_id, key, value, updated_at`;
+      return ConfigRow.parse(r);
+    } catch (err) {
+      throw translatePgError(err, "config"); // e.g. no such tenant
+    }
+  });
 }
 
 /** Removes an override; returns whether there was one. */
 export async function deleteConfig(db: Db, tenantId: number, key: string): Promise<boolean> {
-  const rows = await db`DELETE FROM configs WHERE tenant_id = ${tenantId} AND key = ${key} RETURNING key`;
-  return rows.length > 0;
+  return transaction(db, async (tx) => {
+    if (tenantId === 0) await checkRelations(tx, key, (rows) => rows.filter((r) => r.key !== key));
+    const rows = await tx`DELETE FROM configs WHERE tenant_id = ${tenantId} AND key = ${key} RETURNING key`;
+    return rows.length > 0;
+  });
 }
 
 export interface EffectiveConfig {
@@ -70,7 +93,8 @@ export const maskedConfigRow = (r: ConfigRow): ConfigRow => ({ ...r, value: isCo
  */
 export function effectiveConfigs(rows: ConfigRow[], tenantId: number): EffectiveConfig[] {
   const usable = rows.filter((r) => (r.tenant_id === 0 || r.tenant_id === tenantId) && isConfigKey(r.key) && KEYS[r.key].type.safeParse(r.value).success);
-  const cfg = new Config().withDatabase(usable.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })));
+  // Shown as stored, even when a pair of them breaks a relation: that is how it gets fixed.
+  const cfg = new Config().withDatabase(usable.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })), () => {}, { checkRelations: false });
   const raw = (v: unknown) => (v === undefined ? null : typeof v === "boolean" ? (v ? "1" : "0") : String(v));
   return (Object.keys(KEYS) as ConfigKey[]).filter((k) => KEYS[k].scope === "cluster").map((k) => {
     const src = cfg.source(k);
