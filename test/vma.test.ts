@@ -4,10 +4,12 @@
 // session then runs as the provisioned uid. A second part runs the VMA as PID 1 of a new PID
 // namespace (unshare) to check signal handling and orphan reaping.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync, chmodSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, chmodSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { provision } from "../src/vma/provision.ts";
+import { NOTICE_TITLE, noticeText } from "../src/vma/expiry.ts";
+import { run } from "../src/run.ts";
 import { startNxRelay, type NxRelay } from "./support/nx-relay.ts";
 
 const repo = join(import.meta.dir, "..");
@@ -228,7 +230,12 @@ describe("access", () => {
 
   test("expire answers; its body is checked", async () => {
     expect(await call(v, "POST", "/vma/expire", { soft: 1, hard: 2 })).toMatchObject({ status: 200, body: { ok: true } });
+    // What the node sends: ISO times, the hard one null when unset.
+    expect((await call(v, "POST", "/vma/expire", { soft: "2026-12-06T17:00:00.000Z", hard: null })).status).toBe(200);
     expect((await call(v, "POST", "/vma/expire", { when: 1 })).status).toBe(422);
+    // Only times get through, never text that would reach the notice or the hook.
+    for (const soft of ["$(touch /tmp/pwned)", "-file /etc/shadow", "2026-12-06T17:00:00Z; id", "tomorrow", -5, 1e15])
+      expect(await call(v, "POST", "/vma/expire", { soft })).toMatchObject({ status: 422, body: { field: "soft" } });
   });
 });
 
@@ -348,6 +355,38 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
       return existsSync(f) && readFileSync(f, "utf8").includes("session started") ? readFileSync(f, "utf8") : undefined;
     });
     expect(log).toContain(`session started as ${UID} in ${join(root, "home/alice")}`);
+  });
+
+  test("soft expiry: one notice window in the session, as the user; repeats do not stack; new times replace it", async () => {
+    const notices = async () => {
+      const tree = (await run(["xwininfo", "-display", `:${nxDisplay}`, "-root", "-tree"], { allowFail: true })).stdout;
+      return tree.split("\n").filter((l) => l.includes(`"${NOTICE_TITLE}"`));
+    };
+    const xmessages = () => readdirSync("/proc").filter((p) => /^\d+$/.test(p)).map((p) => {
+      try {
+        return { pid: Number(p), uid: statSync(`/proc/${p}`).uid, argv: readFileSync(`/proc/${p}/cmdline`, "utf8").split("\0").slice(0, -1) };
+      } catch {
+        return undefined;
+      }
+    }).filter((x) => x?.argv[0] === "/usr/bin/xmessage");
+    const soft = new Date(Date.now() - 1000).toISOString();
+    expect((await call(v, "POST", "/vma/expire", { soft, hard: null })).status).toBe(200);
+    await waitFor("the notice window", async () => ((await notices()).length ? true : undefined), 15_000, 200);
+    for (let i = 0; i < 3; i++) expect((await call(v, "POST", "/vma/expire", { soft, hard: null })).status).toBe(200);
+    await Bun.sleep(1000);
+    expect(await notices()).toHaveLength(1);
+    let procs = xmessages();
+    expect(procs).toHaveLength(1);
+    expect(procs[0]!.uid).toBe(UID);
+    expect(procs[0]!.argv.at(-1)).toBe(noticeText(null));
+    // A hard time: the window is replaced by one naming the restart time.
+    const hard = new Date(Date.now() + 3600_000);
+    expect((await call(v, "POST", "/vma/expire", { soft, hard: hard.toISOString() })).status).toBe(200);
+    await waitFor("the new notice", () => (xmessages().length === 1 && xmessages()[0]!.pid !== procs[0]!.pid ? true : undefined), 15_000, 200);
+    await waitFor("one window", async () => ((await notices()).length === 1 ? true : undefined), 15_000, 200);
+    procs = xmessages();
+    expect(procs[0]!.argv.at(-1)).toBe(noticeText(hard));
+    expect(procs[0]!.argv.at(-1)).toContain(`at ${String(hard.getHours()).padStart(2, "0")}:${String(hard.getMinutes()).padStart(2, "0")}`);
   });
 
   test("x_suspend suspends; x_start resumes with a new cookie; a new nxproxy reconnects", async () => {

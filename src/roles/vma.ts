@@ -143,6 +143,7 @@ export default defineCommand({
         vmId: vf.vm_id,
         session,
         expireCommand: cfg.get("vma.on_action.expire"),
+        expireNotice: cfg.get("vma.command.xmessage"),
         identity,
         powerOff: () => {
           poweroffRequested = true;

@@ -12,13 +12,14 @@
 //   POST /vma/x_suspend  → 200 {"state":S}
 //   POST /vma/x_stop     → 200 {"state":S}
 //   POST /vma/poweroff   → 202 {"state":"stopping"}, then the shutdown path
-//   POST /vma/expire     {soft?,hard?} → 200 {"ok":true}
+//   POST /vma/expire     {soft?,hard?} → 200 {"ok":true} (src/vma/expiry.ts)
 import { createHash, timingSafeEqual } from "node:crypto";
 import { z } from "zod";
 import { logger } from "../log.ts";
 import { run } from "../run.ts";
 import { defaultIdentityRules, identityProblem, parseGroups, type IdentityRules } from "../auth/identity.ts";
 import { StateError, type Session, type SessionParams } from "./session.ts";
+import { ExpiryNotice, parseExpiryTime } from "./expiry.ts";
 
 const log = logger("vma.server");
 
@@ -51,8 +52,8 @@ export const xStartSchema = z
 
 const expireSchema = z
   .object({
-    soft: z.union([z.string().max(64), z.number()]).optional(),
-    hard: z.union([z.string().max(64), z.number()]).optional(),
+    soft: z.union([z.string().max(64), z.number()]).nullable().optional(),
+    hard: z.union([z.string().max(64), z.number()]).nullable().optional(),
   })
   .strict();
 
@@ -63,6 +64,8 @@ export interface VmaServerOptions {
   vmId: number;
   session: Session;
   expireCommand: string;
+  /** The program that shows the soft-expiry notice in the X session (xmessage); empty: none. */
+  expireNotice?: string;
   /** The poweroff method: starts the shutdown path (does not return when it exits). */
   powerOff: () => void;
   /** Identity rules x_start must keep (the node's identity.* settings); default: the built-in ones. */
@@ -113,6 +116,9 @@ export function createVmaHandler(o: VmaServerOptions): (req: Request, ip: string
   const node = o.nodeAddress ? normalizeAddress(o.nodeAddress) : "";
   const identity = o.identity ?? defaultIdentityRules();
   const s = o.session;
+  const notice = new ExpiryNotice(s, o.expireNotice ?? "");
+  /** The expiry setting the hook last ran for: like the notice, once per setting. */
+  let hookRanFor: string | undefined;
 
   const routes: Record<string, Record<string, Handler>> = {
     "/vma/ping": { GET: () => json(200, { ok: true, vm_id: o.vmId, state: s.state }) },
@@ -150,13 +156,25 @@ export function createVmaHandler(o: VmaServerOptions): (req: Request, ip: string
         if (!body.ok) return body.res;
         const parsed = expireSchema.safeParse(body.value);
         if (!parsed.success) return invalid(parsed.error);
-        log.info("expire", { soft: String(parsed.data.soft ?? ""), hard: String(parsed.data.hard ?? "") });
-        if (o.expireCommand) {
+        const times: (Date | null)[] = [];
+        for (const f of ["soft", "hard"] as const) {
+          const t = parseExpiryTime(parsed.data[f]);
+          if (t === "invalid") return json(422, { error: `${f}: expected a time (ISO 8601, or seconds since the epoch)`, field: f });
+          times.push(t);
+        }
+        const [soft, hard] = times as [Date | null, Date | null];
+        const iso = (d: Date | null) => d?.toISOString() ?? "";
+        const key = `${iso(soft)}|${iso(hard)}`;
+        log.info("expire", { soft: iso(soft), hard: iso(hard) });
+        if (soft) notice.set(soft, hard);
+        // The hook comes after the notice, once per setting too (the node repeats the call).
+        if (o.expireCommand && hookRanFor !== key) {
           const argv = [...o.expireCommand.split(/\s+/).filter(Boolean),
-            "vm.expiration.soft", String(parsed.data.soft ?? ""), "vm.expiration.hard", String(parsed.data.hard ?? ""),
+            "vm.expiration.soft", iso(soft), "vm.expiration.hard", iso(hard),
             "qvd.vm.session.state", s.state, "qvd.hook.on_action", "expire"];
           const r = await run(argv, { allowFail: true, timeoutMs: 30_000 });
           if (r.status !== 0) return json(500, { error: `expire hook failed (exit ${r.status})` });
+          hookRanFor = key;
         }
         return json(200, { ok: true });
       },

@@ -165,6 +165,11 @@ export class Session {
   private params: SessionParams | undefined;
   /** x_stop came before xinit was started (while provisioning). */
   private cancelled = false;
+  /** Counts X sessions (xinit runs): a program shown in one is gone in the next. */
+  generation = 0;
+  /** The environment the session's programs got (for runAsUser). */
+  private env: Record<string, string> = {};
+  private readonly listeners = new Set<(s: XState) => void>();
 
   constructor(readonly opts: SessionOptions) {
     mkdirSync(opts.runDir, { recursive: true, mode: 0o755 });
@@ -176,6 +181,25 @@ export class Session {
   }
 
   get optionsFile(): string { return join(this.opts.runDir, "nxagent.conf"); }
+
+  /** Called after every state change. */
+  onState(f: (s: XState) => void): void { this.listeners.add(f); }
+
+  /**
+   * Runs a program in the X session as its user (its uid, gids, DISPLAY, HOME, LANG), in a
+   * process group of its own, without waiting; argv goes to exec, never to a shell. undefined
+   * when no X session runs.
+   */
+  runAsUser(argv: string[]): Daemon | undefined {
+    const a = this.account;
+    if (!a || !this.xinit) return undefined;
+    const priv = this.opts.asCurrentUser
+      ? []
+      : ["setpriv", `--reuid=${a.uid}`, `--regid=${a.gid}`, a.groups.length ? `--groups=${a.groups.join(",")}` : "--clear-groups", "--"];
+    const env = { ...this.env, DISPLAY: `:${this.opts.display}` };
+    // cwd "/": the VMA (root) does not enter a directory the user controls.
+    return spawnDaemon([...priv, ...argv], { cwd: "/", env, detached: true, onLine: (l) => log.debug("session program", { line: l }) });
+  }
   get port(): number { return 4000 + this.opts.display; }
   get nxagentPid(): number | undefined { return this.agentPid; }
 
@@ -297,6 +321,13 @@ export class Session {
     const t = (this.opts.timeouts as Record<string, number>)[s];
     if (t) this.timer = setTimeout(() => this.onTimeout(s), t);
     this.writeStateFile();
+    for (const f of this.listeners) {
+      try {
+        f(s);
+      } catch (err) {
+        log.error("state listener failed", { err: (err as Error).message });
+      }
+    }
   }
 
   private onTimeout(s: XState): void {
@@ -375,6 +406,8 @@ export class Session {
       MAIL: `/var/mail/${account.user}`,
     };
     if (!env.LANG) env.LANG = o.defaultLang;
+    this.env = env;
+    this.generation++;
     const d = o.display;
     const client = ["/bin/sh", "-c", 'exec "$@" >>"$HOME/.qvd-session.log" 2>&1', "qvd-session", ...this.sessionCommand()];
     const server = [o.nxagent, `:${d}`, "-ac", "-name", "QVD", "-display", `nx/nx,options=${this.optionsFile}:${d}`, ...o.nxagentExtraArgs];
