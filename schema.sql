@@ -460,7 +460,8 @@ CREATE VIEW vm_view AS
 CREATE VIEW host_view AS
   SELECT h.id, h.name, h.address, h.description, h.frontend, h.backend, h.created_at, h.updated_at,
          r.state, r.state_ts, r.blocked, r.cmd, r.ok_ts, r.usable_ram_mb, r.usable_cpu, r.version,
-         (SELECT count(*) FROM vm_runtimes vr WHERE vr.host_id = h.id AND vr.vm_state <> 'stopped')::integer AS vms_running
+         (SELECT count(*) FROM vm_runtimes vr WHERE vr.host_id = h.id AND vr.vm_state <> 'stopped')::integer AS vms_running,
+         r.drain, r.lost_ts, r.lost_reason
     FROM hosts h JOIN host_runtimes r ON r.host_id = h.id;
 
 CREATE VIEW di_view AS

@@ -110,6 +110,12 @@ test("the real migrations take a version-1 database to the current schema", asyn
     await db.sql`DROP FUNCTION vm_ip_guard()`;
     await db.sql`DROP INDEX vm_runtimes_address`;
     await db.sql`DROP TABLE login_throttle`;
+    await db.sql`DROP VIEW host_view`; // as version 5 had it, without the farm's columns
+    await db.sql`CREATE VIEW host_view AS
+      SELECT h.id, h.name, h.address, h.description, h.frontend, h.backend, h.created_at, h.updated_at,
+             r.state, r.state_ts, r.blocked, r.cmd, r.ok_ts, r.usable_ram_mb, r.usable_cpu, r.version,
+             (SELECT count(*) FROM vm_runtimes vr WHERE vr.host_id = h.id AND vr.vm_state <> 'stopped')::integer AS vms_running
+        FROM hosts h JOIN host_runtimes r ON r.host_id = h.id`;
     await db.sql`ALTER TABLE host_runtimes DROP COLUMN drain, DROP COLUMN lost_ts, DROP COLUMN lost_reason`;
     await db.sql`ALTER TABLE vm_runtimes DROP COLUMN vm_cmd_ts, DROP COLUMN home_key`;
     await db.sql`DELETE FROM schema_migrations`;
@@ -128,6 +134,8 @@ test("the real migrations take a version-1 database to the current schema", asyn
     const farm = await db.sql`SELECT table_name || '.' || column_name AS c FROM information_schema.columns
       WHERE column_name IN ('drain', 'lost_ts', 'lost_reason', 'vm_cmd_ts', 'home_key') AND table_name IN ('host_runtimes', 'vm_runtimes') ORDER BY 1`;
     expect(farm.map((r) => r.c)).toEqual(["host_runtimes.drain", "host_runtimes.lost_reason", "host_runtimes.lost_ts", "vm_runtimes.home_key", "vm_runtimes.vm_cmd_ts"]);
+    const view = await db.sql`SELECT column_name FROM information_schema.columns WHERE table_name = 'host_view' AND column_name IN ('drain', 'lost_ts', 'lost_reason') ORDER BY 1`;
+    expect(view.map((r) => r.column_name)).toEqual(["drain", "lost_reason", "lost_ts"]);
   } finally {
     await db.sql.end();
   }

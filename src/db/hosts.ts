@@ -21,6 +21,11 @@ export const HostRow = z.object({
   usable_cpu: z.number().nullable(),
   version: z.string().nullable(),
   vms_running: z.number().int(),
+  /** No new placements; its users move at their next connect. */
+  drain: z.boolean(),
+  /** When and why the node was last declared lost (kept after it rejoins). */
+  lost_ts: timestamp.nullable(),
+  lost_reason: z.string(),
   created_at: timestamp,
   updated_at: timestamp,
 });

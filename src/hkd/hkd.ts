@@ -17,6 +17,8 @@ import { logger } from "../log.ts";
 import { VERSION } from "../version.ts";
 import { macFor, type Backend, type VmSpec } from "../virt/backend.ts";
 import { vmaCall, waitForVma, type VmaTarget } from "./vma-client.ts";
+import { ClusterMonitor } from "./monitor.ts";
+import { rejoinHost } from "../db/lifecycle.ts";
 import { nodeVmaSettings } from "../vma/node-settings.ts";
 
 const log = logger("hkd");
@@ -59,7 +61,11 @@ export class Hkd {
   private listener?: Listener;
   private timers: ReturnType<typeof setInterval>[] = [];
   private lastDbOk = Date.now();
+  /** Since when the database has worked without a gap (undefined: failing now); the monitor's grace. */
+  private dbOkSince?: number;
   private fenced = false;
+  private rejoining = false;
+  private monitor?: ClusterMonitor;
   private stopping = false;
   private processing?: Promise<void>;
   private again = false;
@@ -83,6 +89,12 @@ export class Hkd {
     });
     const every = (s: number, fn: () => Promise<unknown>) => this.timers.push(setInterval(() => void fn().catch((e) => log.warn(String(e?.message ?? e))), s * 1000));
     every(cfg.get("hkd.heartbeat_interval"), () => this.beat());
+    this.monitor = new ClusterMonitor({
+      sql, host: this.o.host, lostAfterS: cfg.get("cluster.lost_after"),
+      dbOkForS: () => (this.dbOkSince === undefined || this.fenced ? undefined : (Date.now() - this.dbOkSince) / 1000),
+      onDbError: () => (this.dbOkSince = undefined),
+    });
+    every(cfg.get("hkd.heartbeat_interval"), () => this.monitor!.check());
     every(cfg.get("hkd.poll_interval"), async () => this.kick());
     every(cfg.get("hkd.vma_check_interval"), () => this.checkVmas());
     every(Math.min(60, cfg.get("hkd.poll_interval")), () => this.checkExpiry());
@@ -118,16 +130,41 @@ export class Hkd {
         version: VERSION,
       });
       this.lastDbOk = Date.now();
-      if (!ok) await this.fence("other nodes declared this node lost");
-      else if (this.fenced) {
+      this.dbOkSince ??= Date.now();
+      if (!ok) await this.rejoin();
+      else if (this.fenced && !this.rejoining) {
         log.info("database reachable again; reconciling");
         this.fenced = false;
         await this.reconcile();
+        this.kick();
       }
     } catch (err) {
+      this.dbOkSince = undefined;
       const silentFor = (Date.now() - this.lastDbOk) / 1000;
       log.warn("heartbeat failed", { error: (err as Error).message, seconds_without_db: Math.round(silentFor) });
       if (silentFor >= this.o.cfg.get("hkd.fence_after")) await this.fence(`no database for ${Math.round(silentFor)} s`);
+    }
+  }
+
+  /**
+   * Declared lost (by a monitor or an administrator): every desktop here was released and may
+   * already run elsewhere. Kill them all, then rejoin and reconcile, which adopts only what the
+   * database gives this node now (nothing it ran before), so a released VM never runs here again.
+   */
+  private async rejoin(): Promise<void> {
+    if (this.rejoining) return;
+    this.rejoining = true;
+    try {
+      await this.fence("this node was declared lost");
+      if (!(await rejoinHost(this.o.sql, this.id))) return; // not lost any more: the next beat tells
+      log.info("rejoining the farm after being declared lost");
+      await this.reconcile();
+      await N.setHostState(this.o.sql, this.id, "running");
+      this.fenced = false;
+      log.info("node running again");
+      this.kick();
+    } finally {
+      this.rejoining = false;
     }
   }
 

@@ -12,3 +12,11 @@ ALTER TABLE host_runtimes ADD COLUMN lost_reason text NOT NULL DEFAULT '';
 ALTER TABLE vm_runtimes ADD COLUMN vm_cmd_ts timestamptz;
 ALTER TABLE vm_runtimes ADD COLUMN home_key text;
 CREATE UNIQUE INDEX vm_runtimes_home ON vm_runtimes (home_key) WHERE home_key IS NOT NULL;
+
+-- The WAT and the CLI show a node's drain and lost marks (new columns go last: CREATE OR REPLACE).
+CREATE OR REPLACE VIEW host_view AS
+  SELECT h.id, h.name, h.address, h.description, h.frontend, h.backend, h.created_at, h.updated_at,
+         r.state, r.state_ts, r.blocked, r.cmd, r.ok_ts, r.usable_ram_mb, r.usable_cpu, r.version,
+         (SELECT count(*) FROM vm_runtimes vr WHERE vr.host_id = h.id AND vr.vm_state <> 'stopped')::integer AS vms_running,
+         r.drain, r.lost_ts, r.lost_reason
+    FROM hosts h JOIN host_runtimes r ON r.host_id = h.id;
