@@ -12,6 +12,7 @@ export const main = defineCommand({
     client: () => import("./roles/client.ts").then((m) => m.default),
     config: () => import("./roles/config.ts").then((m) => m.default),
     db: () => import("./roles/db.ts").then((m) => m.default),
+    farm: () => import("./roles/farm.ts").then((m) => m.default),
     hkd: () => import("./roles/hkd.ts").then((m) => m.default),
     l7r: () => import("./roles/l7r.ts").then((m) => m.default),
     node: () => import("./roles/node.ts").then((m) => m.default),
