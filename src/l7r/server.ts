@@ -17,12 +17,14 @@ import { listen, type Listener } from "../db/listen.ts";
 import { tenantScope } from "../db/objects.ts";
 import type { Sql } from "../db/pool.ts";
 import { createUserToken, useUserToken } from "../db/tokens.ts";
-import { vmaCall, VmaError, type VmaTarget } from "../hkd/vma-client.ts";
+import { VmaError } from "../hkd/vma-client.ts";
 import { logger } from "../log.ts";
 import { HttpParseError, jsonResponse, RequestReader, textResponse, writeHead, type HttpRequest, type ReaderLimits } from "../nx/http.ts";
 import { newNxCookie, spliceNx } from "../nx/handshake.ts";
 import { ioHandlers, type Io, type IoData, type IoSocket } from "../nx/splice.ts";
+import { desktopLink, LinkError, type DesktopLink } from "./link.ts";
 import { localAuth, type Authenticate } from "./local-auth.ts";
+import type { PeerClient } from "./peer.ts";
 import { inNetworks, looksLikeProxyHeader, parseProxyHeader, ProxyHeaderError, MAX_HEADER, type trustedSources } from "./proxy-protocol.ts";
 import { CLIENT_PARAM, xStartBody, XStartParamError } from "./x-start.ts";
 
@@ -78,6 +80,8 @@ export interface L7rOptions {
   identityConfig?: Config;
   /** Failed-login throttling (src/auth/throttle.ts: auth.throttle.*). */
   throttle?: Partial<ThrottlePolicy>;
+  /** The farm's node-to-node TLS, to reach desktops on other nodes (src/l7r/peer.ts); without it only this node's. */
+  peer?: PeerClient;
 }
 
 export interface L7r {
@@ -680,10 +684,14 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         const slaveKey = randomBytes(48).toString("base64").replace(/[+/=]/g, "").slice(0, 64).padEnd(64, "A");
         // nxagent takes only a proxy that presents this cookie; the splice adds it to the client's greeting.
         const cookie = newNxCookie();
-        await this.startX(running, user, params, slaveKey, cookie, host);
+        // Directly on this node, or through the desktop's node over the farm's TLS (src/l7r/link.ts).
+        const link = await desktopLink(sql, { vm: running, hereId: host.id, session: this.session!.id, peer: o.peer }).catch((err) => {
+          throw err instanceof LinkError ? unavailable(`Unable to reach VM ${id}: ${err.message}`) : err;
+        });
+        await this.startX(running, link, user, params, slaveKey, cookie, host);
         this.progress(`Connecting X session for VM_ID: ${id}`);
         await incrementHostCounter(sql, host.id, "nx_attempts").catch(() => {});
-        const nx = await this.connectNx(running);
+        const nx = await this.connectNx(running, link);
         await incrementHostCounter(sql, host.id, "nx_ok").catch(() => {});
         if (this.closed || !(await L.markConnected(sql, id, this.session!.id))) {
           nx.end();
@@ -768,8 +776,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       }
     }
 
-    private async startX(vm: L.SessionVm, user: AuthenticatedUser, params: Map<string, string>, slaveKey: string, cookie: string, host: L.L7rHost) {
-      const target: VmaTarget = { address: vm.vm_address!, port: vm.vma_port!, secret: vm.vma_secret! };
+    private async startX(vm: L.SessionVm, link: DesktopLink, user: AuthenticatedUser, params: Map<string, string>, slaveKey: string, cookie: string, host: L.L7rHost) {
       let body;
       try {
         const identity = await currentIdentityRules(sql, o.identityConfig);
@@ -814,18 +821,10 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       }
     }
 
-    private connectNx(vm: L.SessionVm): Promise<IoSocket> {
-      const port = vm.x_port ?? 4100;
-      return Bun.connect<IoData>({ hostname: vm.vm_address!, port, data: {}, socket: ioHandlers } as any).then(
-        (s) => {
-          (s as any).setNoDelay?.(true);
-          (s as any).setKeepAlive?.(true);
-          return s as IoSocket;
-        },
-        (err: Error) => {
-          throw unavailable(`Unable to connect to X server on VM VM_ID: ${vm.vm_id}: ${err.message}`);
-        },
-      );
+    private connectNx(vm: L.SessionVm, link: DesktopLink): Promise<IoSocket> {
+      return link.nx(t.vma * 1000).catch((err: Error) => {
+        throw unavailable(`Unable to connect to X server on VM VM_ID: ${vm.vm_id}: ${err.message}`);
+      });
     }
   }
 

@@ -8,6 +8,9 @@ import { listConfigRows } from "../db/configs.ts";
 import { connect, type Sql } from "../db/pool.ts";
 import { UserError } from "../errors.ts";
 import { startL7r, type L7r } from "../l7r/server.ts";
+import { peerNodeByName } from "../db/peer.ts";
+import { nodeTls } from "../farm/certs.ts";
+import { PeerClient, startPeerServer, type PeerServer } from "../l7r/peer.ts";
 import { trustedSources } from "../l7r/proxy-protocol.ts";
 import type { Authenticate } from "../l7r/local-auth.ts";
 import { logger } from "../log.ts";
@@ -42,8 +45,12 @@ function proxyProtocol(cfg: Config): ReturnType<typeof trustedSources> | undefin
 
 /** Starts the L7R over its own pool; resolves with a function that stops it. */
 export async function startL7rRole(cfg: Config, opts: { authenticate?: Authenticate } = {}): Promise<{ l7r: L7r; sql: Sql; stop: () => Promise<void> }> {
+  // A node of the farm proves who it is to the others: no farm certificate, no L7R.
+  const farm = nodeTls(cfg);
   const url = cfg.databaseUrl();
   const sql = connect(url, { max: cfg.get("database.pool_size"), connectTimeout: cfg.get("database.connect_timeout"), applicationName: "qvd-l7r" });
+  let peerServer: PeerServer | undefined;
+  let peer: PeerClient | undefined;
   try {
     const rows = await listConfigRows(sql).catch((err: Error) => {
       throw new UserError(`cannot use the database ${maskUrl(url)}: ${err.message}`);
@@ -56,7 +63,23 @@ export async function startL7rRole(cfg: Config, opts: { authenticate?: Authentic
     const colon = listen.lastIndexOf(":");
     const hostname = listen.slice(0, colon).replace(/^\[|\]$/g, "") || "0.0.0.0";
     const port = Number(listen.slice(colon + 1));
+    // The node-to-node endpoint (src/l7r/peer.ts), where the other nodes reach this node's address.
+    const tls = { ca: farm.ca, cert: farm.cert, key: farm.key };
+    const peerPort = cfg.get("cluster.peer.port");
+    const peerHost = cfg.get("cluster.peer.listen") || (await peerNodeByName(sql, cfg.get("nodename")))?.address;
+    if (!peerHost) throw new UserError(`node ${cfg.get("nodename")} is not registered (hosts): register it (qvd hkd --register) or set cluster.peer.listen`);
+    try {
+      peerServer = startPeerServer({
+        sql, nodename: cfg.get("nodename"), hostname: peerHost.replace(/^\[|\]$/g, ""), port: peerPort, tls,
+        maxConnections: cfg.get("cluster.peer.limit.connections"),
+        timeouts: { handshake: cfg.get("l7r.timeout.handshake"), request: cfg.get("l7r.timeout.request"), idle: cfg.get("l7r.timeout.idle") },
+      });
+    } catch (err) {
+      throw new UserError(`cannot listen on ${peerHost}:${peerPort} for the other nodes (cluster.peer.listen, cluster.peer.port): ${(err as Error).message}`);
+    }
+    peer = new PeerClient({ tls, port: peerPort });
     const l7r = await startL7r({
+      peer,
       sql, databaseUrl: url, identityConfig: cfg, nodename: cfg.get("nodename"), hostname, port, tls: { cert, key, clientCa: cfg.get("l7r.tls.client_ca") || undefined }, unix: cfg.get("l7r.listen.unix") || undefined,
       // The tenant's plugin chain (src/auth/chain.ts: l7r.auth.plugins, local by default).
       authenticate: opts.authenticate ?? ((db, attempt) => authenticateUser(db, cfg, attempt)),
@@ -86,11 +109,15 @@ export async function startL7rRole(cfg: Config, opts: { authenticate?: Authentic
     return {
       l7r, sql,
       stop: async () => {
+        peerServer?.stop();
+        peer?.close();
         await l7r.stop();
         await sql.end({ timeout: 5 });
       },
     };
   } catch (err) {
+    peerServer?.stop();
+    peer?.close();
     await sql.end({ timeout: 1 });
     throw err;
   }

@@ -5,6 +5,7 @@
 // the other is stopped and `qvd node` exits with the first one's status.
 import { basename } from "node:path";
 import { defineCommand } from "citty";
+import { nodeTls } from "../farm/certs.ts";
 import { logger } from "../log.ts";
 import { spawnDaemon, type Daemon } from "../run.ts";
 import { hkdArgs } from "./hkd.ts";
@@ -21,7 +22,8 @@ export default defineCommand({
   meta: { name: "node", description: "Run a node: the HKD (desktops, as root) and the L7R (user broker), as two child processes" },
   args: { ...hkdArgs, ...l7rArgs },
   async run({ args, rawArgs }) {
-    l7rConfig(args, rawArgs); // a configuration error is reported here, once, before any child runs
+    // A configuration error, or a missing or wrong farm certificate, is reported here, once, before any child runs.
+    nodeTls(l7rConfig(args, rawArgs));
     const env = { ...process.env, QVD_PARENT_PID: String(process.pid) };
     let hkdReady!: () => void;
     const ready = new Promise<void>((r) => (hkdReady = r));
