@@ -61,7 +61,7 @@ try {
   let memory = "";
   for (let i = 0; i <= STARTS; i++) {
     const t0 = performance.now();
-    await D.startVm(sql, ALL, vm.id, { heartbeatWithinS: 60 });
+    await D.startVm(sql, ALL, vm.id, { aliveWithinS: 60 });
     await poll(async () => (await state()) === "running", "running");
     const running = performance.now() - t0;
     await vma("x_start", { user: "alice", uid: 20001, gid: 20001, cookie: "0123456789abcdef0123456789abcdef" }); // identity.uid.min; the NX cookie

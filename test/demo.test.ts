@@ -223,7 +223,7 @@ describe.skipIf(!isRoot)("qvd demo", () => {
     const vmState = async () => (await sql`SELECT vm_state FROM vm_view WHERE name = 'Debian desktop'`)[0]!.vm_state;
     try {
       const [vm] = await sql`SELECT id FROM vms`;
-      await startVm(sql, ALL_TENANTS, vm!.id, { heartbeatWithinS: 60 });
+      await startVm(sql, ALL_TENANTS, vm!.id, { aliveWithinS: 60 });
       await until(async () => (await vmState()) === "running", "the desktop to run", 120_000);
     } finally {
       await sql.end({ timeout: 5 });

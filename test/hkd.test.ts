@@ -20,7 +20,7 @@ describe.skipIf(!isRoot)("HKD with LXC", () => {
   const sql = () => db().sql;
   const vmState = async (id: number) => (await D.get(sql(), D.vms, ALL, id)).vm_state;
   const untilState = (id: number, state: string, ms = 60_000) => until(async () => (await vmState(id)) === state, `vm ${id} to be ${state}`, ms);
-  const startCommand = (id: number) => D.startVm(sql(), ALL, id, { heartbeatWithinS: 60 });
+  const startCommand = (id: number) => D.startVm(sql(), ALL, id, { aliveWithinS: 60 });
   const curl = (args: string[]) => run([...node.ns.exec, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", ...args], { allowFail: true });
 
   beforeAll(async () => {

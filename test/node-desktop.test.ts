@@ -59,7 +59,7 @@ describe.skipIf(!isRoot)("a real desktop through NX", () => {
   }, 120_000);
 
   test("the desktop starts: the image is unpacked, the container runs, the VMA answers", async () => {
-    await D.startVm(sql(), ALL, vm.id, { heartbeatWithinS: 60 });
+    await D.startVm(sql(), ALL, vm.id, { aliveWithinS: 60 });
     await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).vm_state === "running", "the desktop to run", 180_000);
     const [r] = await sql()`SELECT vma_secret FROM vm_runtimes WHERE vm_id = ${vm.id}`;
     secret = r!.vma_secret;

@@ -72,7 +72,7 @@ describe.skipIf(!isRoot)("an unprivileged desktop, from inside", () => {
     for (const p of [home, join(home, "old"), join(home, "old", "letter.txt")]) chownSync(p, UID, UID);
     await node.start({ "hkd.timeout.vma_start": "60" });
     const t0 = performance.now();
-    await D.startVm(sql(), ALL, vm.id, { heartbeatWithinS: 60 });
+    await D.startVm(sql(), ALL, vm.id, { aliveWithinS: 60 });
     await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).vm_state === "running", "the desktop to run", 300_000);
     console.log(`  [timing] start command → running (image unpacked with shifted owners, home shifted) in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
     const [r] = await sql()`SELECT vma_secret FROM vm_runtimes WHERE vm_id = ${vm.id}`;

@@ -501,7 +501,7 @@ describe.skipIf(process.getuid?.() !== 0)("a real LXC desktop: no identity makes
     await node.addImage(osf.id, "desktop.tar.gz", async (p) => Bun.write(p, Bun.file(image)).then(() => {}));
     vmId = (await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" })).id;
     await node.start({ "hkd.timeout.vma_start": "60" });
-    await D.startVm(sql(), ALL, vmId, { heartbeatWithinS: 60 });
+    await D.startVm(sql(), ALL, vmId, { aliveWithinS: 60 });
     await until(async () => (await D.get(sql(), D.vms, ALL, vmId)).vm_state === "running", "the desktop to run", 300_000);
     const [r] = await sql()`SELECT vm_address, vma_port, vma_secret FROM vm_runtimes WHERE vm_id = ${vmId}`;
     [vmaUrl, secret] = [`http://${r!.vm_address}:${r!.vma_port}`, r!.vma_secret];

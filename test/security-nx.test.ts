@@ -62,7 +62,7 @@ describe.skipIf(!isRoot)("NX cookie and the NX/VMA port firewall", () => {
     }
     // The node's defaults: nothing routed into VMs (vm.network.firewall.vm_ports is empty).
     await node.start({ "hkd.timeout.vma_start": "60" }, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
-    for (const k of ["a", "b"] as const) await D.startVm(sql(), ALL, vms[k].row.id, { heartbeatWithinS: 60 });
+    for (const k of ["a", "b"] as const) await D.startVm(sql(), ALL, vms[k].row.id, { aliveWithinS: 60 });
     for (const k of ["a", "b"] as const) {
       await until(async () => (await D.get(sql(), D.vms, ALL, vms[k].row.id)).vm_state === "running", `desktop ${k} to run`, 180_000);
       vms[k].secret = (await sql()`SELECT vma_secret FROM vm_runtimes WHERE vm_id = ${vms[k].row.id}`)[0]!.vma_secret;

@@ -23,13 +23,13 @@ interface ActionSpec {
 }
 
 
-const heartbeat = (ctx: Ctx) => ({ heartbeatWithinS: ctx.cfg.get("cluster.lost_after") });
+const alive = (ctx: Ctx) => ({ aliveWithinS: D.aliveWithinS(ctx.cfg) });
 const BlockBody = z.object({ reason: z.string().max(1000).optional() });
 const ExpiryBody = z.object({ soft_at: z.coerce.date().nullable().optional(), hard_at: z.coerce.date().nullable().optional() });
 
 const ACTIONS: ActionSpec[] = [
   { path: "vms", def: D.vms, name: "start", acl: "vm.start", summary: "Start a VM: choose a node if it has none, command the start",
-    run: (ctx, vm) => D.startVm(ctx.sql, ctx.scope, vm, heartbeat(ctx)) },
+    run: (ctx, vm) => D.startVm(ctx.sql, ctx.scope, vm, alive(ctx)) },
   { path: "vms", def: D.vms, name: "stop", acl: "vm.stop", summary: "Stop a VM", run: (ctx, vm) => D.stopVm(ctx.sql, ctx.scope, vm) },
   { path: "vms", def: D.vms, name: "disconnect", acl: "vm.disconnect", summary: "Disconnect the VM's user",
     run: (ctx, vm) => D.disconnectVmUser(ctx.sql, ctx.scope, vm) },

@@ -3,54 +3,56 @@
 // (never read-then-write); the database notifies the owning node's channel on commit.
 import { ConflictError, ValidationError } from "./errors.ts";
 import { checkWritable, get, type Scope } from "./objects.ts";
-import type { Db } from "./pool.ts";
+import { requestStart } from "./lifecycle.ts";
+import { placeVm } from "./placement.ts";
+import { transaction, type Db } from "./pool.ts";
 import { hosts } from "./hosts.ts";
 import { users } from "./users.ts";
 import { vms } from "./vms.ts";
 
-/** Weights of the placement score; the random term spreads simultaneous starts. */
-const W_RAM = 0.6;
-const W_CPU = 0.3;
-const W_RANDOM = 0.1;
-
-/**
- * Picks the node for a VM: running, unblocked backends with a recent heartbeat, scored by free
- * RAM and CPU (relative to the best node) plus a random term. Undefined when none qualifies.
- */
-export async function placeVm(db: Db, memoryMb: number, heartbeatWithinS: number): Promise<number | undefined> {
-  const candidates = await db`SELECT h.id, coalesce(r.usable_ram_mb, 0)::float8 AS ram, coalesce(r.usable_cpu, 0)::float8 AS cpu
-    FROM hosts h JOIN host_runtimes r ON r.host_id = h.id
-   WHERE h.backend AND r.state = 'running' AND NOT r.blocked
-     AND r.ok_ts > now() - make_interval(secs => ${heartbeatWithinS})
-     AND coalesce(r.usable_ram_mb, 0) >= ${memoryMb}`;
-  if (candidates.length === 0) return undefined;
-  const maxRam = Math.max(...candidates.map((c) => c.ram), 1);
-  const maxCpu = Math.max(...candidates.map((c) => c.cpu), 1);
-  let best: { id: number; score: number } | undefined;
-  for (const c of candidates) {
-    const score = W_RAM * (c.ram / maxRam) + W_CPU * (c.cpu / maxCpu) + W_RANDOM * Math.random();
-    if (!best || score > best.score) best = { id: c.id, score };
-  }
-  return best!.id;
-}
+/** The advisory lock key of placement (one placement at a time, farm-wide). */
+const PLACEMENT_LOCK = 0x71766470; // "qvdp"
 
 export interface StartResult {
   host_id: number;
 }
 
-/** Places a stopped VM (unless it already has a node) and commands its start. */
-export async function startVm(db: Db, scope: Scope, vmId: number, opts: { heartbeatWithinS: number }): Promise<StartResult> {
+/** A second desktop of the same home would corrupt it: one home, one running desktop. */
+export class HomeInUseError extends ConflictError {
+  constructor(user: string, otherVm: string) {
+    super(`the home of user ${JSON.stringify(user)} is in use by their desktop ${JSON.stringify(otherVm)}; stop it first`);
+    this.name = "HomeInUseError";
+  }
+}
+
+/** The home a desktop uses (per user, src/roles/hkd.ts homeOf): at most one placed or running desktop holds it. */
+export const homeKey = (vm: { tenant_id: number; user_id: number }) => `${vm.tenant_id}/${vm.user_id}`;
+
+/**
+ * Places a stopped VM on a node (src/db/placement.ts) and commands its start there, claiming its
+ * user's home. Placements are serialised farm-wide (a transaction-scoped advisory lock, held for
+ * one placement query), so concurrent starts each see the memory the others took.
+ */
+export async function startVm(db: Db, scope: Scope, vmId: number, opts: { aliveWithinS: number; by?: "api" | "l7r" }): Promise<StartResult> {
   const vm = await get(db, vms, scope, vmId);
   if (vm.blocked) throw new ConflictError(`vm ${JSON.stringify(vm.name)} is blocked${vm.blocked_reason ? `: ${vm.blocked_reason}` : ""}; unblock it first`);
   if (vm.vm_state !== "stopped") throw new ConflictError(`vm ${JSON.stringify(vm.name)} is ${vm.vm_state}, not stopped`);
   if (vm.vm_cmd) throw new ConflictError(`vm ${JSON.stringify(vm.name)} already has a pending ${vm.vm_cmd} command`);
-  const [osf] = await db`SELECT memory_mb FROM osfs WHERE id = ${vm.osf_id}`;
-  const hostId = vm.host_id ?? (await placeVm(db, osf!.memory_mb, opts.heartbeatWithinS));
-  if (hostId === undefined) throw new ConflictError("no node is available to run this VM (none running, unblocked and with enough free memory)");
-  const [r] = await db`UPDATE vm_runtimes SET host_id = ${hostId}, vm_cmd = 'start'
-     WHERE vm_id = ${vmId} AND vm_state = 'stopped' AND vm_cmd IS NULL AND NOT blocked RETURNING host_id`;
-  if (!r) throw new ConflictError(`vm ${JSON.stringify(vm.name)} changed state meanwhile; try again`);
-  return { host_id: r.host_id };
+  const home = homeKey(vm);
+  try {
+    return await transaction(db, async (tx) => {
+      await tx`SELECT pg_advisory_xact_lock(${PLACEMENT_LOCK})`;
+      const [osf] = await tx`SELECT memory_mb FROM osfs WHERE id = ${vm.osf_id}`;
+      const hostId = await placeVm(tx, osf!.memory_mb, opts.aliveWithinS);
+      if (hostId === undefined) throw new ConflictError("no node is available to run this VM (none running, unblocked, not draining, alive and with enough free memory)");
+      if (!(await requestStart(tx, vmId, hostId, { by: opts.by ?? "api", homeKey: home }))) throw new ConflictError(`vm ${JSON.stringify(vm.name)} changed state meanwhile; try again`);
+      return { host_id: hostId };
+    });
+  } catch (err) {
+    if ((err as { code?: string }).code !== "23505" || (err as { constraint_name?: string }).constraint_name !== "vm_runtimes_home") throw err;
+    const [other] = await db`SELECT v.name FROM vm_runtimes r JOIN vms v ON v.id = r.vm_id WHERE r.home_key = ${home} AND r.vm_id <> ${vmId}`;
+    throw new HomeInUseError(vm.user_name, other?.name ?? "another desktop");
+  }
 }
 
 /** Commands a stop on the VM's node. */

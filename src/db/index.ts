@@ -17,6 +17,7 @@ export * from "./tokens.ts";
 export * from "./listen.ts";
 export * from "./sessions.ts";
 export * from "./commands.ts";
+export * from "./placement.ts";
 export * from "./stats.ts";
 export * from "./node.ts";
 export * from "./auth.ts";

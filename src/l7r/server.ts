@@ -10,10 +10,11 @@ import { currentIdentityRules } from "../auth/identity.ts";
 import type { AuthenticatedUser } from "../auth/user-auth.ts";
 import type { Config } from "../config.ts";
 import { audit } from "../db/audit.ts";
-import { startVm, stopVm } from "../db/commands.ts";
+import { HomeInUseError, startVm, stopVm } from "../db/commands.ts";
 import { incrementHostCounter } from "../db/hosts.ts";
 import * as L from "../db/l7r.ts";
 import { listen, type Listener } from "../db/listen.ts";
+import { startQueuePlace } from "../db/placement.ts";
 import { tenantScope } from "../db/objects.ts";
 import type { Sql } from "../db/pool.ts";
 import { createUserToken, useUserToken } from "../db/tokens.ts";
@@ -72,8 +73,8 @@ export interface L7rOptions {
   bounds?: Partial<L7rBounds>;
   /** PROXY protocol v2 from these sources (l7r.proxy_protocol.trusted); none when undefined. */
   proxyProtocol?: ReturnType<typeof trustedSources>;
-  /** Seconds of heartbeat freshness a node needs to be given a VM. */
-  heartbeatWithinS?: number;
+  /** Seconds of heartbeat freshness a node needs to be given a VM (cluster.alive_within). */
+  aliveWithinS?: number;
   /** Default tenant of logins without `@tenant`. */
   defaultTenant?: string;
   /** The configuration the global identity.* rows are layered over (src/auth/identity.ts). */
@@ -751,9 +752,10 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       if (vm.vm_state === "stopped" && !vm.vm_cmd) {
         if (!vm.host_id) this.progress(`Assigning VM ${vmId} to host`);
         try {
-          await startVm(sql, tenantScope(user.tenantId), vmId, { heartbeatWithinS: o.heartbeatWithinS ?? 60 });
+          await startVm(sql, tenantScope(user.tenantId), vmId, { aliveWithinS: o.aliveWithinS ?? 30, by: "l7r" });
         } catch (err) {
           const msg = (err as Error).message;
+          if (err instanceof HomeInUseError) throw unavailable(msg);
           if (/no node is available/.test(msg)) throw unavailable("Unable to assign vm to host, there is no host available");
           if (/blocked/.test(msg)) throw new Status(403, "The requested virtual machine is offline for maintenance");
           throw unavailable(`Unable to start VM ${vmId}, state changed unexpectedly`);
@@ -771,7 +773,9 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         if (["stopping", "zombie"].includes(vm.vm_state)) throw unavailable(`Unable to start VM ${vmId}, state changed unexpectedly`);
         if (Date.now() >= deadline) throw unavailable("VM didn't reach state 'running'. Timeout");
         await this.checkAbort(vmId);
-        this.progress("Waiting for VM to reach state 'running'");
+        // Still queued while its node starts others: at hkd.max_starting; say where it stands.
+        const queued = vm.vm_state === "stopped" && vm.vm_cmd === "start" ? await startQueuePlace(sql, vmId) : undefined;
+        this.progress(queued?.starting ? `Waiting for a free start slot on node ${queued.host_name} (${queued.ahead} ahead)` : "Waiting for VM to reach state 'running'");
         await vmChanged(vmId, Math.min(2000, deadline - Date.now()));
       }
     }

@@ -5,6 +5,7 @@ import type { Config } from "../config.ts";
 import { authenticateUser } from "../auth/chain.ts";
 import { throttlePolicy } from "../auth/throttle.ts";
 import { listConfigRows } from "../db/configs.ts";
+import { aliveWithinS } from "../db/placement.ts";
 import { connect, type Sql } from "../db/pool.ts";
 import { UserError } from "../errors.ts";
 import { startL7r, type L7r } from "../l7r/server.ts";
@@ -83,7 +84,7 @@ export async function startL7rRole(cfg: Config, opts: { authenticate?: Authentic
       sql, databaseUrl: url, identityConfig: cfg, nodename: cfg.get("nodename"), hostname, port, tls: { cert, key, clientCa: cfg.get("l7r.tls.client_ca") || undefined }, unix: cfg.get("l7r.listen.unix") || undefined,
       // The tenant's plugin chain (src/auth/chain.ts: l7r.auth.plugins, local by default).
       authenticate: opts.authenticate ?? ((db, attempt) => authenticateUser(db, cfg, attempt)),
-      heartbeatWithinS: Math.max(30, 3 * cfg.get("hkd.heartbeat_interval")),
+      aliveWithinS: aliveWithinS(cfg),
       throttle: throttlePolicy(cfg),
       timeouts: {
         vmStart: cfg.get("l7r.timeout.vm_start"),
