@@ -231,6 +231,36 @@ describe("objects", () => {
     }
   });
 
+  test("host drain, undrain, declare-lost (a reason is required); vm clear-zombie only once the node is lost", async () => {
+    const [h] = await db().sql`INSERT INTO hosts (name, address) VALUES ('cli-farm-node', '198.18.0.78') RETURNING id`;
+    await db().sql`UPDATE host_runtimes SET state = 'running', ok_ts = now() WHERE host_id = ${h!.id}`;
+    const zombie = () => db().sql`UPDATE vm_runtimes r SET vm_state = 'zombie', host_id = ${h!.id} FROM vms v WHERE v.id = r.vm_id AND v.name = 'desk-alice'`;
+    const host = async () => (await root.get(`/hosts/${h!.id}`)).body;
+    try {
+      expect(await ok(["host", "drain", "cli-farm-node"])).toContain("drain ok");
+      expect((await host()).drain).toBe(true);
+      expect(await ok(["host", "list", "--filter", "name=cli-farm-node"])).toMatch(/ drain +blocked[^\n]*\n.* running +yes +no /);
+      await ok(["host", "undrain", "cli-farm-node"]);
+      expect((await host()).drain).toBe(false);
+      await zombie();
+      const alive = await qvd(SUPER, ["vm", "clear-zombie", "desk-alice"]);
+      expect([alive.code, alive.stderr]).toEqual([6, expect.stringContaining("which is alive: stop the VM instead")]);
+      const noReason = await qvd(SUPER, ["host", "declare-lost", "cli-farm-node"]);
+      expect([noReason.code, noReason.stderr]).toEqual([2, "qvd: host declare-lost needs --reason TEXT\n"]);
+      expect((await host()).state).toBe("running");
+      expect(await ok(["host", "declare-lost", "cli-farm-node", "--reason", "power supply died"])).toContain("declare-lost ok");
+      expect(await host()).toMatchObject({ state: "lost", lost_reason: "power supply died", vms_running: 0 });
+      expect((await root.get("/vms?name=desk-alice")).body.items[0]).toMatchObject({ vm_state: "stopped", host_id: null });
+      await zombie(); // say its node died while it was being torn down
+      expect(await ok(["vm", "clear-zombie", "desk-alice"])).toContain("clear-zombie ok");
+      expect((await root.get("/vms?name=desk-alice")).body.items[0]).toMatchObject({ vm_state: "stopped", host_id: null });
+      expect((await qvd(SUPER, ["host", "declare-lost", "cli-farm-node", "--reason", "again"])).code).toBe(6);
+    } finally {
+      await db().sql`UPDATE vm_runtimes r SET vm_state = 'stopped', host_id = NULL FROM vms v WHERE v.id = r.vm_id AND v.name = 'desk-alice'`;
+      await db().sql`DELETE FROM hosts WHERE id = ${h!.id}`;
+    }
+  });
+
   test("di tag moves a tag between an OSF's images", async () => {
     const first = createdId(await ok(["di", "new", "osf=desktop", "path=first.tar"]));
     const second = createdId(await ok(["di", "new", "osf=desktop", "path=second.tar", "version=v2"]));

@@ -48,7 +48,7 @@ export const OBJECTS: ObjectInfo[] = [
   { name: "di", aliases: ["dis", "image", "images"], path: "dis", label: "di", nameField: "version", tenantScoped: true,
     columns: ["id", "osf_name", "version", "state", "tags", "blocked", "path"], fieldAliases: { ...tenantAlias, osf: "osf_name" }, refs: { osf: "osfs" } },
   { name: "host", aliases: ["hosts", "node", "nodes"], path: "hosts", label: "host", nameField: "name", tenantScoped: false,
-    columns: ["id", "name", "address", "state", "blocked", "vms_running", "frontend", "backend"], fieldAliases: {} },
+    columns: ["id", "name", "address", "state", "drain", "blocked", "vms_running", "frontend", "backend"], fieldAliases: {} },
   { name: "property", aliases: ["properties"], path: "properties", label: "property", nameField: "key", tenantScoped: true,
     columns: ["id", "tenant_name", "key", "applies_to", "description"], fieldAliases: { ...tenantAlias }, listFields: ["applies_to"], refs: { tenant: "tenants" } },
   { name: "audit", aliases: ["log"], path: "audit", label: "audit entry", tenantScoped: true,

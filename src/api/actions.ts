@@ -7,6 +7,8 @@ import { currentIdentityRules, identityValueProblem, isIdentityProperty } from "
 import { tenantConfig } from "../auth/chain.ts";
 import { isConfigKey, KEYS, type ConfigKey } from "../config.ts";
 import * as D from "../db/index.ts";
+import { declareHostLost, setHostDrain } from "../db/cluster.ts";
+import { clearZombie } from "../db/lifecycle.ts";
 import { DataError, ValidationError } from "../db/errors.ts";
 import type { ObjectDef } from "../db/objects.ts";
 import type { Ctx, Route } from "./context.ts";
@@ -25,6 +27,7 @@ interface ActionSpec {
 
 const alive = (ctx: Ctx) => ({ aliveWithinS: D.aliveWithinS(ctx.cfg) });
 const BlockBody = z.object({ reason: z.string().max(1000).optional() });
+const LostBody = z.object({ reason: z.string().trim().min(1, "say why the node is declared lost").max(1000) });
 const ExpiryBody = z.object({ soft_at: z.coerce.date().nullable().optional(), hard_at: z.coerce.date().nullable().optional() });
 
 const ACTIONS: ActionSpec[] = [
@@ -39,6 +42,8 @@ const ACTIONS: ActionSpec[] = [
     summary: "Set when a running VM's user is warned (soft_at) and when it is stopped (hard_at); null clears, absent keeps",
     run: (ctx, vm, b) => D.setVmExpiry(ctx.sql, ctx.scope, vm, b as { soft_at?: Date | null; hard_at?: Date | null }) },
   { path: "vms", def: D.vms, name: "unblock", acl: "vm.block", summary: "Unblock a VM", run: (ctx, vm) => D.setVmBlocked(ctx.sql, ctx.scope, vm, false) },
+  { path: "vms", def: D.vms, name: "clear_zombie", acl: "vm.stop", summary: "Mark stopped a zombie VM whose node is lost, stopped or gone (on a live node, stop it: the node retries)",
+    run: (ctx, vm) => clearZombie(ctx.sql, ctx.scope, vm) },
   { path: "users", def: D.users, name: "block", acl: "user.block", summary: "Block a user (cannot log in)", run: (ctx, u) => D.setUserBlocked(ctx.sql, ctx.scope, u, true) },
   { path: "users", def: D.users, name: "unblock", acl: "user.block", summary: "Unblock a user", run: (ctx, u) => D.setUserBlocked(ctx.sql, ctx.scope, u, false) },
   { path: "users", def: D.users, name: "disconnect", acl: "user.disconnect", summary: "Disconnect every session of a user",
@@ -49,6 +54,17 @@ const ACTIONS: ActionSpec[] = [
   { path: "hosts", def: D.hosts, name: "unblock", acl: "host.block", summary: "Unblock a node", run: (ctx, h) => D.setHostBlocked(ctx.sql, ctx.scope, h, false) },
   { path: "hosts", def: D.hosts, name: "stop_vms", acl: "host.stop_vms", summary: "Stop every VM of a node",
     run: async (ctx, h) => ({ stopping: await D.stopHostVms(ctx.sql, ctx.scope, h) }) },
+  // Whole nodes: superadministrators only (the data layer refuses a tenant's administrator).
+  { path: "hosts", def: D.hosts, name: "declare_lost", acl: "host.stop_vms", body: LostBody,
+    summary: "Declare a node lost (dead, or to be treated so): its VMs are released and can start elsewhere; a node that is in fact alive kills its desktops and rejoins",
+    run: async (ctx, h, b) => {
+      const res = await declareHostLost(ctx.sql, ctx.scope, h, b.reason as string);
+      ctx.audited.arguments = { reason: b.reason, released_vms: res.vms };
+      return { released_vms: res.vms };
+    } },
+  { path: "hosts", def: D.hosts, name: "drain", acl: "host.block", summary: "Drain a node: no new desktops there, and its users move to other nodes at their next connect",
+    run: (ctx, h) => setHostDrain(ctx.sql, ctx.scope, h, true) },
+  { path: "hosts", def: D.hosts, name: "undrain", acl: "host.block", summary: "End a node's drain", run: (ctx, h) => setHostDrain(ctx.sql, ctx.scope, h, false) },
   { path: "dis", def: D.dis, name: "block", acl: "di.block", summary: "Block an image (VMs will not start from it)",
     run: async (ctx, d) => void (await D.update(ctx.sql, D.dis, ctx.scope, d, { blocked: true })) },
   { path: "dis", def: D.dis, name: "unblock", acl: "di.block", summary: "Unblock an image",

@@ -338,7 +338,7 @@ interface ActionInfo {
   api: string;
   what: string;
   /** Flags whose values go into the body; "none" sends null (clears). */
-  fields?: { flag: string; key: string; description: string; valueHint: string }[];
+  fields?: { flag: string; key: string; description: string; valueHint: string; required?: boolean }[];
 }
 
 const ACTIONS: Record<string, ActionInfo[]> = {
@@ -349,6 +349,7 @@ const ACTIONS: Record<string, ActionInfo[]> = {
     { verb: "block", api: "block", what: "Block (cannot be started or connected to)",
       fields: [{ flag: "reason", key: "reason", description: "Why (shown with the VM)", valueHint: "TEXT" }] },
     { verb: "unblock", api: "unblock", what: "Unblock" },
+    { verb: "clear-zombie", api: "clear_zombie", what: "Mark stopped a zombie whose node is lost, stopped or gone:" },
     { verb: "expire", api: "expire", what: "Set when the user is warned and the desktop stopped, for",
       fields: [
         { flag: "warn-at", key: "soft_at", description: "When the user is warned (local time, e.g. 2026-12-01T18:00, or ISO with a zone; none clears)", valueHint: "TIME" },
@@ -365,6 +366,10 @@ const ACTIONS: Record<string, ActionInfo[]> = {
     { verb: "block", api: "block", what: "Block (no new desktops on)" },
     { verb: "unblock", api: "unblock", what: "Unblock" },
     { verb: "stop-vms", api: "stop_vms", what: "Stop every VM of" },
+    { verb: "drain", api: "drain", what: "Drain (no new desktops; its users move at their next connect)" },
+    { verb: "undrain", api: "undrain", what: "End the drain of" },
+    { verb: "declare-lost", api: "declare_lost", what: "Declare lost (its VMs are released to start elsewhere; a live node kills its desktops and rejoins)",
+      fields: [{ flag: "reason", key: "reason", description: "Why (required; kept with the node)", valueHint: "TEXT", required: true }] },
   ],
   di: [
     { verb: "block", api: "block", what: "Block (VMs will not start from)" },
@@ -383,6 +388,7 @@ function actionCmd(o: ObjectInfo, a: ActionInfo): CommandDef<any> {
       const body: Record<string, unknown> = {};
       for (const f of a.fields ?? []) {
         const v = l.args[f.flag] as string | undefined;
+        if (f.required && !v?.trim()) throw usageError(`${o.name} ${a.verb} needs --${f.flag} ${f.valueHint}`);
         if (v !== undefined) body[f.key] = v === "none" ? null : /^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d)?$/.test(v) && f.valueHint === "TIME" ? new Date(v).toISOString() : v;
       }
       const t = target(l, o, a.verb);
