@@ -1,21 +1,26 @@
 // connect_to_vm through to the desktop: `qvd node` (HKD + L7R in one process) in a network
 // namespace of this test, the real Debian desktop image, and a client speaking the QVD protocol
 // from inside the namespace: list_of_vm, connect_to_vm → 102s → 101 → NX bytes from nxagent.
-// A second namespace, joined to the first by a veth, runs `qvd l7r` alone: a second node whose
-// L7R takes a session over from the first node's, reaching the desktop routed through it.
+// A second namespace, joined to the first by a veth (the farm network), runs `qvd l7r` alone: a
+// second node whose L7R takes a session over from the first node's and reaches the desktop
+// through node A's node-to-node TLS endpoint (src/l7r/peer.ts): no route to the VM network, no
+// vm_ports, and nothing but TLS between the nodes (captured with tcpdump).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { copyFileSync, createWriteStream, readFileSync } from "node:fs";
+import { copyFileSync, createWriteStream, existsSync, readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
 import * as D from "../src/db/index.ts";
 import { run } from "../src/run.ts";
 import { startTestApi } from "./support/api.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
-import { cleanEnv, createNetns, desktopImage, TestNode, until, type Netns } from "./support/node.ts";
+import { cleanEnv, createNetns, desktopImage, farmCert, TestNode, until, type Netns } from "./support/node.ts";
 
 const isRoot = process.getuid?.() === 0;
 const db = useTestDatabase();
 const ALL = D.ALL_TENANTS;
 const PORT = 8443;
+const PEER_PORT = 8442;
+/** The farm network between the two namespaces. */
+const [ADDR_A, ADDR_B] = ["198.19.255.1", "198.19.255.2"];
 
 describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
   const node = new TestNode(db, "l7rnode");
@@ -25,7 +30,9 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
   const sql = () => db().sql;
   /** The second node (namespace, veth, `qvd l7r`), removed in afterAll whatever happened. */
   let nsB: Netns | undefined;
+  let ifB = "";
   let l7rB: Bun.Subprocess | undefined;
+  let dump: Bun.Subprocess | undefined;
 
   beforeAll(async () => {
     const image = await desktopImage();
@@ -37,11 +44,24 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
     await node.addImage(osf.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
     vm = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" });
-    // Node B's L7R reaches the desktop routed through node A: the opt-in of vm_ports (off by default).
-    await node.start({ "hkd.timeout.vma_start": "60", "vm.network.firewall.vm_ports": "3030,4100" }, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
+    // Node B: its own namespace and a veth to node A's, the farm network (no route to the VM network).
+    const nb = (nsB = await createNetns());
+    const tag = nb.name.slice(-6);
+    const ifA = `qa${tag}`;
+    ifB = `qb${tag}`;
+    await run([...node.ns.exec, "ip", "link", "add", ifA, "type", "veth", "peer", "name", ifB, "netns", nb.name]);
+    await run([...node.ns.exec, "ip", "addr", "add", `${ADDR_A}/30`, "dev", ifA]);
+    await run([...node.ns.exec, "ip", "link", "set", ifA, "up"]);
+    await run([...nb.exec, "ip", "addr", "add", `${ADDR_B}/30`, "dev", ifB]);
+    await run([...nb.exec, "ip", "link", "set", ifB, "up"]);
+    // Node A is reached at its farm address, where its node-to-node endpoint listens.
+    await sql()`UPDATE hosts SET address = ${ADDR_A} WHERE id = ${node.host.id}`;
+    node.host.address = ADDR_A;
+    await node.start({ "hkd.timeout.vma_start": "60", "cluster.peer.listen": "", "cluster.peer.port": String(PEER_PORT) }, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
   }, 30 * 60_000);
 
   afterAll(async () => {
+    dump?.kill("SIGKILL");
     if (l7rB) {
       l7rB.kill("SIGTERM");
       await l7rB.exited;
@@ -93,29 +113,29 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "disconnected", "the session to be released", 20_000);
   }, 600_000);
 
-  test("across two nodes: a connection through node B's L7R takes the session over from node A's", async () => {
-    // Node B: its own namespace, a veth to node A's (198.19.255.0/30), and a route to the VM
-    // network through node A, which forwards (vm_ports lets the VMA's and nxagent's ports in,
-    // masqueraded to node A's bridge address: nxagent takes only that address).
-    const nb = (nsB = await createNetns());
-    const tag = nb.name.slice(-6);
-    const [ifA, ifB] = [`qa${tag}`, `qb${tag}`];
-    await run([...node.ns.exec, "ip", "link", "add", ifA, "type", "veth", "peer", "name", ifB, "netns", nb.name]);
-    await run([...node.ns.exec, "ip", "addr", "add", "198.19.255.1/30", "dev", ifA]);
-    await run([...node.ns.exec, "ip", "link", "set", ifA, "up"]);
-    await run([...node.ns.exec, "sysctl", "-qw", "net.ipv4.ip_forward=1"]); // node A's namespace only
-    await run([...nb.exec, "ip", "addr", "add", "198.19.255.2/30", "dev", ifB]);
-    await run([...nb.exec, "ip", "link", "set", ifB, "up"]);
-    await run([...nb.exec, "ip", "route", "add", "198.18.0.0/16", "via", "198.19.255.1"]);
-    const hostB = await D.create(sql(), D.hosts, ALL, { name: "l7rnode-b", address: "198.19.255.2" });
+  test("across two nodes: a connection through node B's L7R takes the session over from node A's and reaches the desktop through node A over TLS only", async () => {
+    const { ensureDeps } = await import("../scripts/deps.ts");
+    await ensureDeps(["tcpdump"], () => {});
+    const nb = nsB!;
+    const hostB = await D.create(sql(), D.hosts, ALL, { name: "l7rnode-b", address: ADDR_B });
     const logB = join(node.root, "l7r-b.log");
+    const farmB = await farmCert("l7rnode-b", ADDR_B);
     l7rB = Bun.spawn([...nb.exec, node.binary, "l7r", "--db", db().url, "--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key,
-      "--set", "nodename=l7rnode-b", "--set", "log.level=debug"], { stdout: "pipe", stderr: "pipe", env: cleanEnv() });
+      "--set", "nodename=l7rnode-b", "--set", "log.level=debug", "--set", `cluster.peer.port=${PEER_PORT}`,
+      ...Object.entries(farmB.settings).flatMap(([k, v]) => ["--set", `${k}=${v}`])], { stdout: "pipe", stderr: "pipe", env: cleanEnv() });
     const out = createWriteStream(logB);
     for (const st of [l7rB.stdout, l7rB.stderr] as ReadableStream<Uint8Array>[]) void st.pipeTo(new WritableStream({ write: (c) => void out.write(c) }));
     const listening = async () => (await run([...nb.exec, "bash", "-c", `exec 3<>/dev/tcp/127.0.0.1/${PORT}`], { allowFail: true })).status === 0;
     await until(async () => (await listening()) || l7rB!.exitCode !== null, "node B's L7R to listen");
     expect(l7rB.exitCode, readFileSync(logB, "utf8")).toBeNull();
+    // Node B has no way to the desktops but node A's endpoint: no route to the VM network.
+    const running = (await sql()`SELECT host(vm_address) AS a FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!.a as string;
+    expect((await run([...nb.exec, "bash", "-c", `exec 3<>/dev/tcp/${running}/3030`], { allowFail: true, timeoutMs: 5000 })).status).not.toBe(0);
+
+    // Everything between the nodes from here on is captured on node B's side of the farm network.
+    const pcap = join(node.root, "farm.pcap");
+    dump = Bun.spawn([...nb.exec, "tcpdump", "-i", ifB, "-U", "-s", "0", "-w", pcap, "tcp"], { stdout: "ignore", stderr: "ignore" });
+    await until(() => existsSync(pcap) && statSync(pcap).size >= 24, "tcpdump to capture", 20_000);
 
     // Client 1 through node A holds the session; client 2 through node B takes it.
     const first = Bun.spawn(probeArgv("hold"), { stdout: "pipe", stderr: "pipe" });
@@ -127,7 +147,7 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     const out1 = JSON.parse((await new Response(first.stdout).text()).trim().split("\n").pop()!);
     expect(out1.final.status).toBe(101);
     expect(out1.closedByServer).toBe(true);
-    // Client 2 gets its 101 from node B, and nxagent's greeting over the routed path.
+    // Client 2 gets its 101 from node B, and nxagent's greeting relayed by node A.
     const reader = second.stdout.getReader();
     let text = "";
     while (!text.includes("\n")) {
@@ -139,11 +159,30 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     expect(out2.progress).toContain(`Aborting contending session for VM_ID: ${vm.id}`);
     expect(out2.final.status, readFileSync(logB, "utf8").slice(-3000)).toBe(101);
     expect(out2.nx).toMatch(/^NXPROXY-\d+\.\d+\.\d+/);
-    const row = (await sql()`SELECT user_state, l7r_host_id FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!;
-    expect(row).toEqual({ user_state: "connected", l7r_host_id: hostB.id });
+    const row = (await sql()`SELECT user_state, l7r_host_id, vma_secret FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!;
+    expect({ user_state: row.user_state, l7r_host_id: row.l7r_host_id }).toEqual({ user_state: "connected", l7r_host_id: hostB.id });
     second.kill("SIGTERM");
     await second.exited;
     await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "disconnected", "the session to be released", 20_000);
+
+    // What crossed the farm network: TCP to node A's endpoint only, and neither the VMA secret
+    // nor the NX greetings (both sides' "NXPROXY-") in any captured byte.
+    await Bun.sleep(500);
+    dump.kill("SIGINT");
+    await dump.exited;
+    dump = undefined;
+    const flows = (await run(["tcpdump", "-nn", "-r", pcap, "tcp"], { allowFail: true })).stdout.split("\n").filter(Boolean);
+    expect(flows.length).toBeGreaterThan(10);
+    const endpointA = `${ADDR_A}.${PEER_PORT}`;
+    for (const f of flows) {
+      const [, from, to] = / IP (\S+) > (\S+?):/.exec(f) ?? [];
+      expect([from, to].includes(endpointA) && [from, to].some((x) => x?.startsWith(`${ADDR_B}.`)), f).toBe(true);
+    }
+    const bytes = readFileSync(pcap);
+    expect(row.vma_secret.length).toBeGreaterThan(8);
+    expect(bytes.includes(Buffer.from(row.vma_secret))).toBe(false);
+    expect(bytes.includes(Buffer.from("NXPROXY-"))).toBe(false);
+    expect(bytes.includes(Buffer.from("x_start"))).toBe(false);
   }, 600_000);
 
   test("stop_vm of the running desktop: 102 progress, then 200 Machine stopped", async () => {

@@ -25,6 +25,7 @@ import { newNxCookie, spliceNx } from "../nx/handshake.ts";
 import { ioHandlers, type Io, type IoData, type IoSocket } from "../nx/splice.ts";
 import { desktopLink, LinkError, type DesktopLink } from "./link.ts";
 import { localAuth, type Authenticate } from "./local-auth.ts";
+import { leaveDrainingNode } from "../db/cluster.ts";
 import type { PeerClient } from "./peer.ts";
 import { inNetworks, looksLikeProxyHeader, parseProxyHeader, ProxyHeaderError, MAX_HEADER, type trustedSources } from "./proxy-protocol.ts";
 import { CLIENT_PARAM, xStartBody, XStartParamError } from "./x-start.ts";
@@ -748,6 +749,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
     }
 
     private async startAndWait(vmId: number, user: AuthenticatedUser): Promise<L.SessionVm> {
+      // A desktop on a draining node moves at its user's connect: stopped there, started elsewhere.
+      for (const end = Date.now() + t.vmStop * 1000; Date.now() < end && (await leaveDrainingNode(sql, vmId, this.session!.id)); await vmChanged(vmId, 2000)) this.progress("Moving the desktop off a draining node");
       let vm = (await L.sessionVm(sql, vmId))!;
       if (vm.vm_state === "stopped" && !vm.vm_cmd) {
         if (!vm.host_id) this.progress(`Assigning VM ${vmId} to host`);

@@ -9,8 +9,9 @@ import { buildImage } from "../../src/virt/image-build.ts";
 import type { TestDatabase } from "./db.ts";
 import { run } from "../../src/run.ts";
 import { buildBinary } from "../../scripts/build-binaries.ts";
+import { createFarmCa, issueNodeCert } from "../../src/farm/certs.ts";
 
-const shared = ((globalThis as Record<string, unknown>).__qvdTestNode ??= {}) as { binary?: Promise<string> };
+const shared = ((globalThis as Record<string, unknown>).__qvdTestNode ??= {}) as { binary?: Promise<string>; farm?: Promise<string>; certs?: Map<string, Promise<FarmCert>> };
 
 /** The compiled qvd of the current sources, built once per test run into a temp dir. */
 export function qvdBinary(): Promise<string> {
@@ -21,12 +22,50 @@ export function qvdBinary(): Promise<string> {
   })());
 }
 
-/** Removes the binary built by qvdBinary() (after the run; a later call builds it anew). */
+/** Removes the binary built by qvdBinary() and the farm certificates of farmCert() (after the run; a later call makes them anew). */
 export async function removeQvdBinary(): Promise<void> {
   const built = shared.binary;
-  shared.binary = undefined;
+  const farm = shared.farm;
+  shared.binary = shared.farm = shared.certs = undefined;
   const path = await built?.catch(() => undefined);
   if (path) rmSync(dirname(path), { recursive: true, force: true });
+  const farmDir = await farm?.catch(() => undefined);
+  if (farmDir) rmSync(farmDir, { recursive: true, force: true });
+}
+
+/** A node's farm TLS files (cluster.tls.ca, cert, key). */
+export interface FarmCert {
+  ca: string;
+  cert: string;
+  key: string;
+  /** The --set settings that give a node these files. */
+  settings: Record<string, string>;
+}
+
+/** The test run's farm CA (made once, in a temp dir). */
+export function farmCaDir(): Promise<string> {
+  return (shared.farm ??= (async () => {
+    const dir = mkdtempSync("/tmp/qvd-test-farm-");
+    chmodSync(dir, 0o755);
+    await createFarmCa(join(dir, "ca"), { name: "QVD test farm CA" });
+    return dir;
+  })());
+}
+
+/** A node certificate of the test run's farm CA for node `name` at `address` (made once per pair). */
+export function farmCert(name: string, address: string): Promise<FarmCert> {
+  const certs = (shared.certs ??= new Map());
+  const k = `${name} ${address}`;
+  let c = certs.get(k);
+  if (!c)
+    certs.set(k, (c = (async () => {
+      const dir = await farmCaDir();
+      const out = join(dir, `node-${certs.size}-${name}`);
+      const r = await issueNodeCert({ caDir: join(dir, "ca"), name, address, outDir: out });
+      const ca = join(dir, "ca", "ca.crt");
+      return { ca, cert: r.cert, key: r.key, settings: { "cluster.tls.ca": ca, "cluster.tls.cert": r.cert, "cluster.tls.key": r.key } };
+    })()));
+  return c;
 }
 
 export interface Netns {
@@ -141,8 +180,11 @@ export class TestNode {
    * Starts `qvd hkd` (or another role running the HKD, e.g. `node`, with its extra arguments)
    * in the namespace and waits until this very process reports the node running.
    */
-  async start(extra: Record<string, string> = {}, opts: { role?: "hkd" | "node"; args?: string[] } = {}): Promise<void> {
+  async start(extra: Record<string, string> = {}, opts: { role?: "hkd" | "node"; args?: string[]; command?: string[]; env?: Record<string, string> } = {}): Promise<void> {
+    // `qvd node` runs the L7R, which needs its farm certificate and serves the node-to-node endpoint.
+    const farm = opts.role === "node" ? { ...(await farmCert(this.name, this.host.address)).settings, "cluster.peer.listen": "127.0.0.1", "cluster.peer.port": "0" } : {};
     const settings: Record<string, string> = {
+      ...farm,
       nodename: this.name,
       "path.run": join(this.root, "run"),
       "path.storage.root": join(this.root, "storage"),
@@ -155,9 +197,10 @@ export class TestNode {
       "log.level": "debug",
       ...extra,
     };
-    const argv = [...this.ns.exec, this.binary, opts.role ?? "hkd", "--db", this.db.url, ...(opts.args ?? []), ...Object.entries(settings).flatMap(([k, v]) => ["--set", `${k}=${v}`])];
+    // `command`: another program in the role's place (test/support/hkd-harness.ts).
+    const argv = [...this.ns.exec, ...(opts.command ?? [this.binary, opts.role ?? "hkd"]), "--db", this.db.url, ...(opts.args ?? []), ...Object.entries(settings).flatMap(([k, v]) => ["--set", `${k}=${v}`])];
     const out = createWriteStream(this.logFile, { flags: "a" });
-    const proc = (this.proc = Bun.spawn(argv, { stdout: "pipe", stderr: "pipe", env: cleanEnv() }));
+    const proc = (this.proc = Bun.spawn(argv, { stdout: "pipe", stderr: "pipe", env: { ...cleanEnv(), ...opts.env } }));
     for (const s of [proc.stdout, proc.stderr] as ReadableStream<Uint8Array>[])
       void (async () => {
         const reader = s.getReader();

@@ -11,6 +11,7 @@ setLogLevel((process.env.QVD_LOG_LEVEL as "debug" | undefined) ?? "warn");
 setDefaultTimeout(60_000);
 afterAll(async () => {
   await stopTestCluster();
-  // The compiled qvd (about 100 MB in /tmp), if a test asked for it.
-  if ((globalThis as { __qvdTestNode?: { binary?: unknown } }).__qvdTestNode?.binary) await (await import("./node.ts")).removeQvdBinary();
+  // The compiled qvd (about 100 MB in /tmp) and the farm certificates, if a test asked for them.
+  const made = (globalThis as { __qvdTestNode?: { binary?: unknown; farm?: unknown } }).__qvdTestNode;
+  if (made?.binary || made?.farm) await (await import("./node.ts")).removeQvdBinary();
 });
