@@ -273,6 +273,27 @@ test("a user's page revokes their L7R tokens after a confirmation", async () => 
   w.assertNoErrors();
 });
 
+test("a node's page drains it, then declares it lost with a reason, after confirmations", async () => {
+  const id = await liveNode("wat-farm-node");
+  const w = await loggedIn(`/hosts/${id}`);
+  const main = w.page.locator("main");
+  await h1(w.page, "wat-farm-node").waitFor();
+  await main.getByRole("button", { name: "Drain", exact: true }).click();
+  await w.page.getByRole("dialog").getByRole("button", { name: "Drain", exact: true }).click();
+  await main.getByText("draining", { exact: true }).first().waitFor();
+  expect((await sa.get(`/hosts/${id}`)).body.drain).toBe(true);
+  await main.getByRole("button", { name: "Declare lost", exact: true }).click();
+  const ask = w.page.getByRole("dialog");
+  await ask.getByRole("button", { name: "Declare lost", exact: true }).click();
+  await ask.getByText("Reason: required").waitFor(); // nothing is sent without a reason
+  expect((await sa.get(`/hosts/${id}`)).body.state).toBe("running");
+  await ask.getByLabel("Reason").fill("rack 4 lost power");
+  await ask.getByRole("button", { name: "Declare lost", exact: true }).click();
+  await main.getByText(/: rack 4 lost power$/).waitFor();
+  expect((await sa.get(`/hosts/${id}`)).body).toMatchObject({ state: "lost", lost_reason: "rack 4 lost power", drain: true });
+  w.assertNoErrors();
+});
+
 test("server validation errors appear beside their fields", async () => {
   expect((await sa.post("/users", { name: "taken" })).status).toBe(201);
   const w = await loggedIn("/users");

@@ -85,12 +85,27 @@ export function Modal(props: { title: string; onClose: () => void; children: Com
 }
 
 /** Asks before something that cannot be undone. */
-export function Confirm(props: { title: string; message: ComponentChildren; action: string; danger?: boolean; onConfirm: () => Promise<void> | void; onClose: () => void }) {
+export function Confirm(props: {
+  title: string;
+  message: ComponentChildren;
+  action: string;
+  danger?: boolean;
+  /** Also asks for a (required) reason with this label, passed to onConfirm. */
+  reason?: string;
+  onConfirm: (reason?: string) => Promise<void> | void;
+  onClose: () => void;
+}) {
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState<string>();
+  const [reason, setReason] = useState("");
   return (
     <Modal title={props.title} onClose={props.onClose}>
       <p>{props.message}</p>
+      {props.reason && (
+        <Field label={props.reason}>
+          {(attrs) => <input {...attrs} type="text" required maxLength={1000} value={reason} onInput={(e) => setReason(e.currentTarget.value)} />}
+        </Field>
+      )}
       {error && <p class="error" role="alert">{error}</p>}
       <div class="actions">
         <Button onClick={props.onClose}>Cancel</Button>
@@ -98,10 +113,11 @@ export function Confirm(props: { title: string; message: ComponentChildren; acti
           kind={props.danger ? "danger" : "primary"}
           busy={busy}
           onClick={async () => {
+            if (props.reason && !reason.trim()) return setError(`${props.reason}: required`);
             setBusy(true);
             setError(undefined);
             try {
-              await props.onConfirm();
+              await props.onConfirm(props.reason ? reason.trim() : undefined);
               props.onClose();
             } catch (err) {
               setError((err as Error).message);

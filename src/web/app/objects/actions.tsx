@@ -25,19 +25,21 @@ export function describeMass(r: MassResult): string {
   return `${r.ok} done, ${r.failed} failed: ${why}${reasons.size > 3 ? "; …" : ""}`;
 }
 
-async function runMass(spec: ObjectSpec, a: ActionSpec, sel: Selection): Promise<MassResult> {
+async function runMass(spec: ObjectSpec, a: ActionSpec, sel: Selection, reason?: string): Promise<MassResult> {
   const q = selectionQuery(sel);
   const r = a.run;
-  if ("action" in r) return api.post(`/${spec.path}/actions/${r.action}${q}`, r.body ?? {});
+  if ("action" in r) return api.post(`/${spec.path}/actions/${r.action}${q}`, withReason(r.body, reason));
   if ("patch" in r) return api.patch(`/${spec.path}${q}`, r.patch);
   if ("delete" in r) return api.del(`/${spec.path}${q}`);
   throw new Error(`${a.label} acts on one ${spec.singular} at a time`);
 }
 
-async function runSingle(spec: ObjectSpec, a: ActionSpec, row: Row): Promise<string> {
+const withReason = (body: Record<string, unknown> | undefined, reason: string | undefined) => (reason === undefined ? (body ?? {}) : { ...body, reason });
+
+async function runSingle(spec: ObjectSpec, a: ActionSpec, row: Row, reason?: string): Promise<string> {
   const r = a.run;
   const name = spec.name(row);
-  if ("action" in r) await api.post(`/${spec.path}/${row.id}/${r.action}`, r.body ?? {});
+  if ("action" in r) await api.post(`/${spec.path}/${row.id}/${r.action}`, withReason(r.body, reason));
   else if ("patch" in r) await api.patch(`/${spec.path}/${row.id}`, r.patch);
   else if ("delete" in r) await api.del(`/${spec.path}/${row.id}`);
   else return (await r.custom(row)) ?? `${cap(spec.singular)} ${name} ${a.done}`;
@@ -52,7 +54,7 @@ export const massEditable = (spec: ObjectSpec, can: (acl: string) => boolean) =>
 export const allowedActions = (spec: ObjectSpec, can: (acl: string) => boolean) => spec.actions.filter((a) => [a.acl].flat().every(can));
 
 /** A button per action, with the confirmation dialog and error notices. */
-function ActionButtons(props: { actions: ActionSpec[]; what: string; disabled?: boolean; run: (a: ActionSpec) => Promise<void> }) {
+function ActionButtons(props: { actions: ActionSpec[]; what: string; disabled?: boolean; run: (a: ActionSpec, reason?: string) => Promise<void> }) {
   const [asking, setAsking] = useState<ActionSpec>();
   const [busy, setBusy] = useState<string>();
   return (
@@ -84,7 +86,8 @@ function ActionButtons(props: { actions: ActionSpec[]; what: string; disabled?: 
           message={asking.confirm!(props.what)}
           action={asking.label}
           danger={asking.danger}
-          onConfirm={() => props.run(asking)}
+          reason={asking.reason}
+          onConfirm={(reason) => props.run(asking, reason)}
           onClose={() => setAsking(undefined)}
         />
       )}
@@ -101,8 +104,8 @@ export function SingleActions(props: { spec: ObjectSpec; row: Row; onDone: (a: A
     <ActionButtons
       actions={acts}
       what={`${spec.singular} ${spec.name(row)}`}
-      run={async (a) => {
-        notify(await runSingle(spec, a, row));
+      run={async (a, reason) => {
+        notify(await runSingle(spec, a, row, reason));
         props.onDone(a);
       }}
     />
@@ -143,8 +146,8 @@ export function MassActions(props: { spec: ObjectSpec; selection: Selection; onD
         actions={acts}
         what={n === 1 ? `1 ${spec.singular}` : `${n} ${spec.plural}`}
         disabled={!n}
-        run={async (a) => {
-          const r = await runMass(spec, a, selection);
+        run={async (a, reason) => {
+          const r = await runMass(spec, a, selection, reason);
           notify(`${a.label}: ${describeMass(r)}`, r.failed ? "error" : "ok");
           props.onDone();
         }}

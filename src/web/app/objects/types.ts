@@ -81,6 +81,8 @@ export interface ActionSpec {
   single?: boolean;
   /** Asks first: the question, given what it applies to ("VM desk-1", "3 VMs"). */
   confirm?: (what: string) => string;
+  /** The confirmation also asks for a reason (this label), required and sent as body.reason. */
+  reason?: string;
   danger?: boolean;
   /** Past participle for notices: "started". */
   done: string;

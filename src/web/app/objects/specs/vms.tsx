@@ -102,6 +102,8 @@ export const vmsSpec: ObjectSpec = {
     { label: "Start", acl: "vm.start", run: { action: "start" }, when: (r) => r.vm_state === "stopped", done: "starting" },
     { label: "Stop", acl: "vm.stop", run: { action: "stop" }, when: (r) => r.vm_state === "running" || r.vm_state === "starting", done: "stopping" },
     { label: "Restart", acl: ["vm.stop", "vm.start"], run: { custom: restart }, when: (r) => r.vm_state === "running", done: "restarting" },
+    { label: "Clear zombie", acl: "vm.stop", run: { action: "clear_zombie" }, when: (r) => r.vm_state === "zombie", danger: true, done: "cleared",
+      confirm: (what) => `Mark ${what} stopped? Only when its node is lost or stopped: a live node still owns it (stop it instead, the node retries).` },
     { label: "Disconnect user", acl: "vm.disconnect", run: { action: "disconnect" }, when: (r) => r.user_state !== "disconnected", done: "disconnected" },
     ...C.blockActions("vm.block"),
     C.deleteAction("vm", { when: (r) => r.vm_state === "stopped" }),
