@@ -188,6 +188,7 @@ export const KEYS = {
   "cluster.tls.cert": key(str, "", "PEM file of this node's farm certificate (`qvd farm cert`: CN = nodename, signed by cluster.tls.ca)."),
   "cluster.tls.key": key(str, "", "PEM file of the private key of cluster.tls.cert.", { secret: true }),
   "cluster.peer.port": key(int(0, 65535), 8442, "Port of the node-to-node TLS endpoint, through which another node's L7R reaches this node's desktops (the VMA calls and the NX stream); 0 takes any free port (a lone node's tests: no other node could find it).", { scope: "cluster" }),
+  "hkd.zombie_retry": key(int(1, 3600), 30, "Seconds before a node retries the teardown of a desktop whose stop failed (a zombie); each further failure doubles the wait, up to an hour.", { scope: "cluster" }),
   "cluster.peer.listen": key(z.string().refine((v) => v === "" || isIP(v.replace(/^\[|\]$/g, "")) !== 0, "expected an IP address (empty: the node's hosts.address)"), "", "Address the node-to-node endpoint listens on (default: this node's hosts.address, where other nodes reach it)."),
   "cluster.peer.limit.connections": key(int(1), 1024, "Connections from other nodes the node-to-node endpoint holds at once (more are closed at once)."),
 

@@ -41,7 +41,7 @@ describe("the VM lifecycle table", () => {
       case "this": return row.host === alive;
       case "placing": return row.host === null || row.host === alive;
       case "assigned": return row.host !== null;
-      case "dead": return row.host !== alive && row.host !== -1;
+      case "dead": return row.host !== alive;
       case "any": return true;
     }
   }

@@ -2,6 +2,7 @@
 // Each command is one atomic UPDATE that checks the state it needs in its WHERE clause
 // (never read-then-write); the database notifies the owning node's channel on commit.
 import { ConflictError, ValidationError } from "./errors.ts";
+import { setOf, transition, whereOf, type Actor } from "./lifecycle.ts";
 import { checkWritable, get, type Scope } from "./objects.ts";
 import { requestStart } from "./lifecycle.ts";
 import { placeVm } from "./placement.ts";
@@ -55,13 +56,15 @@ export async function startVm(db: Db, scope: Scope, vmId: number, opts: { aliveW
   }
 }
 
-/** Commands a stop on the VM's node. */
-export async function stopVm(db: Db, scope: Scope, vmId: number): Promise<void> {
+/**
+ * Commands a stop on the VM's node (a zombie's node retries its teardown at once); a start the
+ * node has not claimed yet is withdrawn instead.
+ */
+export async function stopVm(db: Db, scope: Scope, vmId: number, by: Actor = "api"): Promise<void> {
   const vm = await get(db, vms, scope, vmId);
-  const [r] = await db`UPDATE vm_runtimes SET vm_cmd = 'stop'
-     WHERE vm_id = ${vmId} AND vm_state IN ('starting', 'running', 'debugging') AND host_id IS NOT NULL
-       AND (vm_cmd IS NULL OR vm_cmd = 'start') RETURNING vm_id`;
-  if (!r) throw new ConflictError(`vm ${JSON.stringify(vm.name)} is ${vm.vm_state}; only a starting or running VM can be stopped`);
+  if (await transition(db, "stop_requested", by, vmId)) return;
+  if (await transition(db, "start_cancelled", by, vmId)) return;
+  throw new ConflictError(`vm ${JSON.stringify(vm.name)} is ${vm.vm_state}; only a starting, running or zombie VM can be stopped`);
 }
 
 /** Asks the L7R serving the VM's user to close the session. */
@@ -113,12 +116,11 @@ export async function setHostBlocked(db: Db, scope: Scope, hostId: number, block
   await db`UPDATE host_runtimes SET blocked = ${blocked} WHERE host_id = ${hostId}`;
 }
 
-/** Commands a stop of every running VM of a node; returns how many were told. */
+/** Commands a stop of every running (or zombie) VM of a node; returns how many were told. */
 export async function stopHostVms(db: Db, scope: Scope, hostId: number): Promise<number> {
   // A node runs every tenant's desktops: only a superadministrator may stop them all.
   checkWritable(hosts, scope, await get(db, hosts, scope, hostId), "update");
-  const rows = await db`UPDATE vm_runtimes SET vm_cmd = 'stop'
-     WHERE host_id = ${hostId} AND vm_state IN ('starting', 'running', 'debugging') AND (vm_cmd IS NULL OR vm_cmd = 'start')
-     RETURNING vm_id`;
+  const rows = await db`UPDATE vm_runtimes SET ${setOf(db, "stop_requested")}
+     WHERE host_id = ${hostId} AND ${whereOf(db, "stop_requested")} RETURNING vm_id`;
   return rows.length;
 }

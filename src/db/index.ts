@@ -22,3 +22,4 @@ export * from "./stats.ts";
 export * from "./node.ts";
 export * from "./auth.ts";
 export * from "./l7r.ts";
+export * from "./lifecycle.ts";

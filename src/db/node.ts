@@ -4,6 +4,7 @@
 import { z } from "zod";
 import { diForTag, type DiRow } from "./dis.ts";
 import { ConflictError, NotFoundError } from "./errors.ts";
+import { transition } from "./lifecycle.ts";
 import type { Db } from "./pool.ts";
 
 export const HostIdentity = z.object({ id: z.number().int(), name: z.string(), address: z.string(), backend: z.boolean(), frontend: z.boolean() });
@@ -44,18 +45,7 @@ export async function takeHostCommand(db: Db, hostId: number): Promise<"stop" | 
   return r ? "stop" : undefined;
 }
 
-/** Claims the VMs this node was told to start: stopped → starting, the command consumed. */
-export async function claimStarts(db: Db, hostId: number): Promise<number[]> {
-  const rows = await db`UPDATE vm_runtimes SET vm_cmd = NULL, vm_state = 'starting', vm_state_ts = now()
-    WHERE host_id = ${hostId} AND vm_cmd = 'start' AND vm_state = 'stopped' RETURNING vm_id`;
-  return rows.map((r) => r.vm_id);
-}
-
-/** Takes the stop commands for this node's VMs. */
-export async function claimStops(db: Db, hostId: number): Promise<number[]> {
-  const rows = await db`UPDATE vm_runtimes SET vm_cmd = NULL WHERE host_id = ${hostId} AND vm_cmd = 'stop' RETURNING vm_id`;
-  return rows.map((r) => r.vm_id);
-}
+// Claims of start and stop commands are lifecycle events: claimStarts / claimStops in lifecycle.ts.
 
 export interface VmToStart {
   vm_id: number;
@@ -94,7 +84,7 @@ export async function saveStartingRuntime(
 ): Promise<void> {
   const rows = await db`UPDATE vm_runtimes SET current_di_id = ${f.diId}, current_osf_id = ${f.osfId}, vm_address = ${f.address},
       vma_port = ${f.vmaPort}, x_port = ${f.xPort}, vma_secret = ${f.vmaSecret}
-    WHERE vm_id = ${vmId} AND host_id = ${hostId} RETURNING vm_id`.catch((err) => {
+    WHERE vm_id = ${vmId} AND host_id = ${hostId} AND vm_state = 'starting' RETURNING vm_id`.catch((err) => {
     // vm_runtimes_address: another desktop runs with this address; this one must not start.
     if ((err as { code?: string }).code === "23505") throw new ConflictError(`address ${f.address} is in use by another running desktop`, "ip");
     throw err;
@@ -103,23 +93,17 @@ export async function saveStartingRuntime(
   await db`UPDATE vm_counters SET run_attempts = run_attempts + 1 WHERE vm_id = ${vmId}`;
 }
 
-export type NodeVmState = "starting" | "running" | "stopping" | "zombie";
+/** The lifecycle events a node causes about its own desktops (lifecycle.ts). */
+export type NodeVmEvent = "started" | "stop_begun" | "teardown_failed" | "zombie_retried" | "stopped" | "found_stopped";
 
-/** Records a VM's state; false when the VM is no longer this node's. */
-export async function setVmState(db: Db, hostId: number, vmId: number, state: NodeVmState): Promise<boolean> {
-  const rows = await db`UPDATE vm_runtimes SET vm_state = ${state}, vm_state_ts = now(),
-      vma_ok_ts = CASE WHEN ${state} = 'running' THEN now() ELSE vma_ok_ts END
-    WHERE vm_id = ${vmId} AND host_id = ${hostId} RETURNING vm_id`;
-  if (rows.length === 1 && state === "running") await db`UPDATE vm_counters SET run_ok = run_ok + 1 WHERE vm_id = ${vmId}`;
-  return rows.length === 1;
-}
-
-/** The VM is stopped: the runtime row forgets everything about its last run on this node. */
-export async function clearVmRuntime(db: Db, hostId: number, vmId: number): Promise<void> {
-  await db`UPDATE vm_runtimes SET vm_state = 'stopped', vm_state_ts = now(), host_id = NULL, vm_cmd = NULL, vm_pid = NULL,
-      current_di_id = NULL, current_osf_id = NULL, vm_address = NULL, vma_port = NULL, x_port = NULL, vma_secret = NULL,
-      vma_ok_ts = NULL, expire_soft_at = NULL, expire_hard_at = NULL
-    WHERE vm_id = ${vmId} AND host_id = ${hostId}`;
+/**
+ * A node's lifecycle event for one of its VMs; false when the table refuses it (the VM is no
+ * longer this node's, or another event came first). `stopped`/`found_stopped` release the VM.
+ */
+export async function vmEvent(db: Db, hostId: number, vmId: number, event: NodeVmEvent): Promise<boolean> {
+  const ok = await transition(db, event, "hkd", vmId, hostId);
+  if (ok && event === "started") await db`UPDATE vm_counters SET run_ok = run_ok + 1 WHERE vm_id = ${vmId}`;
+  return ok;
 }
 
 /** A VM that could not start is blocked, with a reason an administrator can read. */

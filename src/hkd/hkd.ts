@@ -2,14 +2,16 @@
 // fallback), the lifecycle of this node's desktops, reconciliation at start-up, expiry, and
 // self-fencing when the database is out of reach.
 //
-// VM lifecycle (DESIGN section 5): stopped → starting → running → stopping → stopped; a start
-// that fails blocks the VM with a reason and cleans up; a stop asks the VMA to power off,
-// then the backend to stop, then kills; cleanup always runs.
+// VM lifecycle (the table in src/db/lifecycle.ts): stopped → starting → running → stopping →
+// stopped; a start that fails blocks the VM with a reason and cleans up; a stop asks the VMA to
+// power off, then the backend to stop, then kills; cleanup always runs; a failed teardown makes
+// a zombie, retried with backoff. The operations of one desktop run one after the other.
 import { randomBytes } from "node:crypto";
 import { freemem, loadavg, cpus } from "node:os";
 import { currentIdentityRules, identitySettings } from "../auth/identity.ts";
 import type { Config } from "../config.ts";
 import * as N from "../db/node.ts";
+import { claimStarts, claimStops } from "../db/lifecycle.ts";
 import type { DiRow } from "../db/dis.ts";
 import { listen, type Listener } from "../db/listen.ts";
 import type { Sql } from "../db/pool.ts";
@@ -43,7 +45,14 @@ export interface HkdOptions {
   homeOf: (tenant: string, user: string) => string;
 }
 
-type Phase = "starting" | "running" | "stopping";
+/** What runs here: `idle` nothing known yet, `stopped` torn down (the entry is about to go). */
+type Phase = "idle" | "starting" | "running" | "stopping" | "stopped" | "zombie";
+
+/** The operations on one desktop; they run one after the other (see enqueue). */
+type Op = { kind: "start" } | { kind: "stop"; why: string; graceful: boolean } | { kind: "retry" };
+
+/** The longest wait between two teardown attempts of a zombie. */
+const ZOMBIE_RETRY_CAP_S = 3600;
 
 interface VmRun {
   vmId: number;
@@ -52,8 +61,13 @@ interface VmRun {
   /** Aborted when a stop arrives while the start is still under way. */
   abort: AbortController;
   failures: number;
-  /** Settles when the current start or stop sequence is over. */
-  busy?: Promise<void>;
+  /** Waiting operations, and the one under way. */
+  ops: Op[];
+  current?: Op;
+  /** Settles when no operation is left (undefined: none under way). */
+  drained?: Promise<void>;
+  /** A zombie's next teardown attempt, and the wait after it. */
+  retry?: { timer?: ReturnType<typeof setTimeout>; delayS: number };
 }
 
 export class Hkd {
@@ -111,11 +125,12 @@ export class Hkd {
     await this.listener?.close();
     await N.setHostState(this.o.sql, this.id, "stopping").catch(() => {});
     if (this.o.cfg.get("hkd.on_shutdown") === "stop") {
-      await Promise.all([...this.runs.keys()].map((id) => this.stopVm(id, "the node is shutting down")));
+      for (const id of [...this.runs.keys()]) void this.enqueue(id, { kind: "stop", why: "the node is shutting down", graceful: true });
     } else {
       log.info("leaving desktops running (hkd.on_shutdown = leave)", { vms: this.runs.size });
     }
-    await Promise.all([...this.runs.values()].map((r) => r.busy));
+    await Promise.all([...this.runs.values()].map((r) => r.drained));
+    for (const r of this.runs.values()) clearTimeout(r.retry?.timer);
     await N.setHostState(this.o.sql, this.id, "stopped").catch(() => {});
   }
 
@@ -176,7 +191,10 @@ export class Hkd {
     if (this.fenced) return;
     this.fenced = true;
     log.error("fencing: stopping every desktop of this node", { reason: why });
-    for (const r of this.runs.values()) r.abort.abort();
+    for (const r of this.runs.values()) {
+      r.abort.abort();
+      clearTimeout(r.retry?.timer);
+    }
     const ids = new Set([...this.runs.keys(), ...(await this.o.backend.running().catch(() => []))]);
     await Promise.all([...ids].map(async (id) => {
       await this.o.backend.kill(id).catch(() => {});
@@ -207,26 +225,87 @@ export class Hkd {
   }
 
   private async processCommands(): Promise<void> {
-    const { sql } = this.o;
+    const { sql, cfg } = this.o;
     if ((await N.takeHostCommand(sql, this.id)) === "stop") {
       log.info("host stop command: stopping every desktop");
-      for (const id of this.runs.keys()) void this.stopVm(id, "the node was told to stop its desktops");
+      for (const id of [...this.runs.keys()]) void this.enqueue(id, { kind: "stop", why: "the node was told to stop its desktops", graceful: true });
     }
-    for (const id of await N.claimStops(sql, this.id)) void this.stopVm(id, "stop command");
-    for (const id of await N.claimStarts(sql, this.id)) {
-      if (this.runs.has(id)) continue;
-      void this.startVm(id);
-    }
+    for (const id of await claimStops(sql, this.id)) void this.enqueue(id, { kind: "stop", why: "stop command", graceful: true });
+    // At most hkd.max_starting starts at once; the others wait in the database, oldest first.
+    const starting = [...this.runs.values()].filter((r) => r.current?.kind === "start" || r.ops.some((o) => o.kind === "start")).length;
+    for (const id of await claimStarts(sql, this.id, cfg.get("hkd.max_starting") - starting)) void this.enqueue(id, { kind: "start" });
   }
 
   // --- one desktop ------------------------------------------------------------------------------
 
-  private async startVm(vmId: number): Promise<void> {
-    const run: VmRun = { vmId, phase: "starting", abort: new AbortController(), failures: 0 };
-    this.runs.set(vmId, run);
-    let done!: () => void;
-    run.busy = new Promise<void>((r) => (done = r));
+  /**
+   * Queues an operation on one desktop; the operations of a desktop run one after the other. A
+   * stop aborts a start under way (which then tears down) and replaces waiting starts and
+   * retries; stops coalesce. Resolves when the desktop's queue is empty.
+   */
+  private enqueue(vmId: number, op: Op): Promise<void> {
+    let r = this.runs.get(vmId);
+    if (!r) {
+      r = { vmId, phase: "idle", abort: new AbortController(), failures: 0, ops: [] };
+      this.runs.set(vmId, r);
+    }
+    if (op.kind === "stop") {
+      if (r.current?.kind === "start") r.abort.abort();
+      r.ops = r.ops.filter((o) => o.kind === "stop");
+      if (r.ops.length) return r.drained!;
+    }
+    if (op.kind === "retry" && r.ops.length) return r.drained!;
+    r.ops.push(op);
+    r.drained ??= this.drain(r);
+    return r.drained;
+  }
+
+  private async drain(r: VmRun): Promise<void> {
+    try {
+      for (let op = r.ops.shift(); op; op = r.ops.shift()) {
+        r.current = op;
+        try {
+          if (op.kind === "start") await this.startVm(r);
+          else if (op.kind === "stop" && r.phase !== "stopped") {
+            log.info("stopping desktop", { vm: r.vmId, why: op.why });
+            await this.teardown(r, op.graceful);
+          } else if (op.kind === "retry" && r.phase === "zombie") {
+            log.info("retrying the teardown of a zombie", { vm: r.vmId });
+            await this.teardown(r, false);
+          }
+        } catch (err) {
+          log.error("desktop operation failed", { vm: r.vmId, op: op.kind, error: (err as Error).message });
+        } finally {
+          r.current = undefined;
+        }
+        // A start ended: a start waiting in the database may now be claimed.
+        if (op.kind === "start") this.kick();
+      }
+    } finally {
+      r.drained = undefined;
+      if (r.phase === "stopped" && this.runs.get(r.vmId) === r) this.runs.delete(r.vmId);
+    }
+  }
+
+  private async startVm(run: VmRun): Promise<void> {
+    const { vmId } = run;
     const { sql, cfg, backend } = this.o;
+    clearTimeout(run.retry?.timer);
+    run.retry = undefined;
+    if (run.phase !== "idle" && run.phase !== "stopped") {
+      // A desktop of an earlier run still here: the database took it from this node and gave a
+      // new start (e.g. released, then placed here again). The old one goes first, unrecorded.
+      log.warn("a new start replaces a desktop the database no longer gives this node", { vm: vmId, phase: run.phase });
+      await backend.kill(vmId).catch(() => {});
+      await backend.cleanup(vmId).catch(() => {});
+    }
+    run.phase = "starting";
+    run.abort = new AbortController();
+    run.failures = 0;
+    run.vma = undefined;
+    const aborted = () => {
+      if (run.abort.signal.aborted) throw new Aborted();
+    };
     const t0 = performance.now();
     try {
       const vm = await N.vmToStart(sql, vmId);
@@ -235,6 +314,7 @@ export class Hkd {
       const rootfs = await this.o.images.rootfsFor(vm.di).catch((e: Error) => {
         throw new StartError(`disk image ${vm.di!.version} cannot be used: ${e.message}`);
       });
+      aborted();
       const [net, bits] = cfg.get("vm.network.range").split("/");
       const gateway = cfg.get("vm.network.gateway") || nthAddress(net!, 1);
       // The identity rules as stored now, so the VMA checks what the API and the L7R check.
@@ -253,19 +333,21 @@ export class Hkd {
         diId: vm.di.id, osfId: vm.osf_id, address: vm.ip, vmaPort: spec.vma.port, xPort: 4000 + NX_DISPLAY, vmaSecret: spec.vma.secret,
       });
       await backend.cleanup(vmId); // leftovers of an earlier run
+      aborted();
       await backend.prepare(spec);
+      aborted();
       await backend.start(spec);
       const deadline = Date.now() + cfg.get("hkd.timeout.vma_start") * 1000;
       if (!(await waitForVma(run.vma, deadline, run.abort.signal))) {
-        if (run.abort.signal.aborted) throw new Aborted();
+        aborted();
         throw new StartError(`the desktop's agent (VMA) did not answer within ${cfg.get("hkd.timeout.vma_start")} s`);
       }
-      if (!(await N.setVmState(sql, this.id, vmId, "running"))) throw new Aborted();
+      aborted();
+      // Refused: the VM is no longer this node's (released meanwhile).
+      if (!(await N.vmEvent(sql, this.id, vmId, "started"))) throw new Aborted();
       run.phase = "running";
       log.info("desktop running", { vm: vmId, seconds: ((performance.now() - t0) / 1000).toFixed(2) });
-      done();
     } catch (err) {
-      done();
       if (err instanceof StartError) {
         log.warn("start failed; blocking the VM", { vm: vmId, reason: err.message });
         await N.blockVmWithReason(sql, vmId, `start failed: ${err.message}`).catch(() => {});
@@ -273,64 +355,59 @@ export class Hkd {
         log.error("start failed", { vm: vmId, error: (err as Error).message });
         await N.blockVmWithReason(sql, vmId, `start failed: ${(err as Error).message}`).catch(() => {});
       }
-      await this.teardown(vmId, run, false);
+      // Within this operation: a stop that aborted the start finds the desktop torn down.
+      await this.teardown(run, false);
     }
   }
 
-  /** Stops a desktop: VMA poweroff, backend stop, kill; always cleans up and records `stopped`. */
-  private async stopVm(vmId: number, why: string): Promise<void> {
-    let run = this.runs.get(vmId);
-    if (!run) {
-      // Not known to this process (e.g. adopted state lost): clean up what may be there.
-      run = { vmId, phase: "stopping", abort: new AbortController(), failures: 0 };
-      this.runs.set(vmId, run);
-    }
-    if (run.phase === "starting") {
-      // The start sequence notices the abort, ends, and tears down by itself.
-      run.abort.abort();
-      await run.busy;
-    }
-    if (!this.runs.has(vmId)) return;
-    if (run.phase === "stopping" && run.busy) return run.busy;
-    log.info("stopping desktop", { vm: vmId, why });
-    await this.teardown(vmId, run, true);
-  }
-
-  private teardown(vmId: number, run: VmRun, graceful: boolean): Promise<void> {
+  /**
+   * Tears a desktop down: VMA poweroff (graceful), backend stop, kill; always cleans up. Success
+   * releases the VM in the database; a failure makes it a zombie, retried with backoff. The
+   * database writes are lifecycle events of this node: refused when the VM is no longer its own,
+   * while the machine is cleaned up all the same.
+   */
+  private async teardown(run: VmRun, graceful: boolean): Promise<void> {
+    const { vmId } = run;
     const { sql, cfg, backend } = this.o;
+    const wasZombie = run.phase === "zombie";
     run.phase = "stopping";
-    run.busy = (async () => {
-      await N.setVmState(sql, this.id, vmId, "stopping").catch(() => false);
-      try {
-        let down = (await backend.status(vmId).catch(() => "running")) === "stopped";
-        if (!down && graceful && run.vma) {
-          await vmaCall(run.vma, "poweroff", {}).catch(() => {});
-          down = await backend.stop(vmId, cfg.get("hkd.timeout.poweroff") * 1000).catch(() => false);
-        }
-        if (!down) down = await backend.stop(vmId, cfg.get("hkd.timeout.kill") * 1000).catch(() => false);
-        if (!down) await backend.kill(vmId);
-        await backend.cleanup(vmId);
-        await N.clearVmRuntime(sql, this.id, vmId);
-      } catch (err) {
-        log.error("stop failed; the VM is a zombie until the next attempt", { vm: vmId, error: (err as Error).message });
-        await N.setVmState(sql, this.id, vmId, "zombie").catch(() => false);
-      } finally {
-        this.runs.delete(vmId);
+    await (wasZombie ? N.vmEvent(sql, this.id, vmId, "zombie_retried") : N.vmEvent(sql, this.id, vmId, "stop_begun")
+      .then((ok) => ok || N.vmEvent(sql, this.id, vmId, "zombie_retried"))).catch(() => false);
+    try {
+      let down = (await backend.status(vmId).catch(() => "running")) === "stopped";
+      if (!down && graceful && run.vma) {
+        await vmaCall(run.vma, "poweroff", {}).catch(() => {});
+        down = await backend.stop(vmId, cfg.get("hkd.timeout.poweroff") * 1000).catch(() => false);
       }
-    })();
-    return run.busy;
+      if (!down) down = await backend.stop(vmId, cfg.get("hkd.timeout.kill") * 1000).catch(() => false);
+      if (!down) await backend.kill(vmId);
+      await backend.cleanup(vmId);
+      await N.vmEvent(sql, this.id, vmId, "stopped");
+      run.phase = "stopped";
+      run.vma = undefined;
+      clearTimeout(run.retry?.timer);
+      run.retry = undefined;
+    } catch (err) {
+      run.phase = "zombie";
+      await N.vmEvent(sql, this.id, vmId, "teardown_failed").catch(() => false);
+      const delayS = run.retry?.delayS ?? cfg.get("hkd.zombie_retry");
+      log.error("stop failed; the VM is a zombie until the next attempt", { vm: vmId, error: (err as Error).message, retry_in_s: delayS });
+      clearTimeout(run.retry?.timer);
+      const timer = setTimeout(() => void this.enqueue(vmId, { kind: "retry" }), delayS * 1000);
+      run.retry = { timer, delayS: Math.min(delayS * 2, ZOMBIE_RETRY_CAP_S) };
+    }
   }
 
   // --- monitoring -------------------------------------------------------------------------------
 
   private async checkVmas(): Promise<void> {
     const limit = this.o.cfg.get("hkd.vma_failures");
-    await Promise.all([...this.runs.values()].filter((r) => r.phase === "running" && r.vma).map(async (r) => {
+    await Promise.all([...this.runs.values()].filter((r) => r.phase === "running" && r.vma && !r.current).map(async (r) => {
       try {
         await vmaCall(r.vma!, "ping");
         r.failures = 0;
       } catch {
-        if (++r.failures >= limit) await this.stopVm(r.vmId, `the VMA did not answer ${r.failures} checks`);
+        if (++r.failures >= limit) await this.enqueue(r.vmId, { kind: "stop", why: `the VMA did not answer ${r.failures} checks`, graceful: true });
       }
     }));
   }
@@ -341,7 +418,7 @@ export class Hkd {
     for (const row of await N.vmsOfHost(this.o.sql, this.id)) {
       const r = this.runs.get(row.vm_id);
       if (!r || r.phase !== "running") continue;
-      if (row.expire_hard_at && row.expire_hard_at.getTime() <= now) void this.stopVm(row.vm_id, "its hard expiry time was reached");
+      if (row.expire_hard_at && row.expire_hard_at.getTime() <= now) void this.enqueue(row.vm_id, { kind: "stop", why: "its hard expiry time was reached", graceful: true });
       else if (row.expire_soft_at && row.expire_soft_at.getTime() <= now && r.vma)
         await vmaCall(r.vma, "expire", { soft: row.expire_soft_at, hard: row.expire_hard_at }).catch(() => {});
     }
@@ -364,22 +441,32 @@ export class Hkd {
       if (this.runs.has(row.vm_id)) continue;
       if (running.has(row.vm_id) && row.vm_state === "running" && row.vma_secret && row.vm_address) {
         this.runs.set(row.vm_id, {
-          vmId: row.vm_id, phase: "running", abort: new AbortController(), failures: 0,
+          vmId: row.vm_id, phase: "running", abort: new AbortController(), failures: 0, ops: [],
           vma: { address: row.vm_address, port: row.vma_port ?? this.o.cfg.get("vm.vma.port"), secret: row.vma_secret },
         });
         log.info("adopted running desktop", { vm: row.vm_id });
       } else if (running.has(row.vm_id)) {
         log.info("stopping a desktop left half-started or half-stopped", { vm: row.vm_id, state: row.vm_state });
-        await this.teardown(row.vm_id, { vmId: row.vm_id, phase: "stopping", abort: new AbortController(), failures: 0 }, false);
+        await this.enqueue(row.vm_id, { kind: "stop", why: "left half-started or half-stopped", graceful: false });
       } else {
         log.info("desktop not running here any more: marking it stopped", { vm: row.vm_id, state: row.vm_state });
-        await backend.cleanup(row.vm_id).catch((e) => log.warn("cleanup failed", { vm: row.vm_id, error: (e as Error).message }));
-        await N.clearVmRuntime(sql, this.id, row.vm_id);
+        const clean = await backend.cleanup(row.vm_id).then(() => true, (e) => {
+          log.warn("cleanup failed", { vm: row.vm_id, error: (e as Error).message });
+          return false;
+        });
+        // Leftovers that cannot be removed: a teardown, which makes it a zombie and retries.
+        if (clean) await N.vmEvent(sql, this.id, row.vm_id, "found_stopped");
+        else await this.enqueue(row.vm_id, { kind: "stop", why: "its leftovers could not be removed", graceful: false });
       }
     }
     for (const id of running) {
       if (known.has(id)) continue;
       log.warn("a desktop runs here that the database does not give to this node: stopping it", { vm: id });
+      if (this.runs.has(id)) {
+        // Ours until the database took it: torn down in its queue (the node's events are refused).
+        await this.enqueue(id, { kind: "stop", why: "the database no longer gives it to this node", graceful: false });
+        continue;
+      }
       await backend.kill(id).catch(() => {});
       await backend.cleanup(id).catch(() => {});
     }

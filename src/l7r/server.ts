@@ -649,7 +649,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       if (!mayUse(user, vm.user_id, id)) throw new Status(403, "You are not allowed to access requested virtual machine");
       if (vm.vm_state === "stopped") return this.send(textResponse(200, "Machine stopped\r\n"));
       this.progress("Stopping virtual machine");
-      if (["starting", "running", "debugging"].includes(vm.vm_state)) await stopVm(sql, tenantScope(user.tenantId), id).catch(() => {});
+      if (["starting", "running", "debugging"].includes(vm.vm_state)) await stopVm(sql, tenantScope(user.tenantId), id, "l7r").catch(() => {});
       else if (vm.vm_state !== "stopping") throw new Status(503, `The requested virtual machine is in an unstoppable state (${vm.vm_state})`);
       const deadline = Date.now() + t.vmStop * 1000;
       for (;;) {

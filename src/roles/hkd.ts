@@ -13,6 +13,7 @@ import { acquireNodeLock } from "../hkd/lock.ts";
 import { Hkd } from "../hkd/hkd.ts";
 import { logger } from "../log.ts";
 import { imagePaths, unpackImage } from "../virt/images.ts";
+import type { Backend } from "../virt/backend.ts";
 import { idmapFromConfig, lxcBackendFromConfig } from "../virt/lxc.ts";
 
 const log = logger("hkd");
@@ -32,7 +33,10 @@ function qvdBinary(cfg: Config): string {
 }
 
 /** Starts the HKD and resolves with a function that stops it. */
-export async function startHkd(cfg: Config, opts: { register?: boolean; address?: string } = {}): Promise<{ hkd: Hkd; sql: Sql; stop: () => Promise<void> }> {
+export async function startHkd(
+  cfg: Config,
+  opts: { register?: boolean; address?: string; /** Tests only: watch the real backend's calls. */ wrapBackend?: (b: Backend) => Backend } = {},
+): Promise<{ hkd: Hkd; sql: Sql; stop: () => Promise<void> }> {
   const release = acquireNodeLock(join(cfg.get("path.run"), "hkd.lock"));
   const url = cfg.databaseUrl();
   const sql = connect(url, { max: cfg.get("database.pool_size"), connectTimeout: cfg.get("database.connect_timeout"), applicationName: "qvd-hkd" });
@@ -51,7 +55,8 @@ export async function startHkd(cfg: Config, opts: { register?: boolean; address?
     if (!host) throw new UserError(`no host named "${name}" in the database: add it with the API (or start with --register --address ADDR)`);
     if (!host.backend) throw new UserError(`host "${name}" is not a backend node (hosts.backend is false)`);
     if (cfg.get("vm.hypervisor") !== "lxc") throw new UserError(`vm.hypervisor = ${cfg.get("vm.hypervisor")} is not available yet; use lxc`);
-    const backend = await lxcBackendFromConfig(cfg);
+    const lxc = await lxcBackendFromConfig(cfg);
+    const backend = opts.wrapBackend ? opts.wrapBackend(lxc) : lxc;
     const root = cfg.get("path.storage.root");
     const imagesDir = cfg.storagePath("path.storage.images");
     const hkd = new Hkd({
