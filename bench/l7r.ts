@@ -27,7 +27,7 @@ import { hashPassword, initDatabase } from "../src/db/schema.ts";
 import { setLogLevel } from "../src/log.ts";
 import { run } from "../src/run.ts";
 import { ensureDeps } from "../scripts/deps.ts";
-import { cleanEnv, desktopImage, qvdBinary, removeQvdBinary, TestNode } from "../test/support/node.ts";
+import { cleanEnv, desktopImage, farmCert, qvdBinary, removeQvdBinary, TestNode } from "../test/support/node.ts";
 
 setLogLevel("warn");
 const opt = (name: string, dflt: number) => {
@@ -252,6 +252,8 @@ try {
   const l7rLog = join(dir, "l7r.log");
   const l7r = spawn(
     [binary, "l7r", "--db", url, "--listen", `127.0.0.1:${l7rPort}`, "--cert", cert, "--key", key, "--set", "nodename=bench-l7r", "--set", "log.level=warn",
+      // The node's farm certificate; its node-to-node endpoint on any free port (a lone node).
+      ...Object.entries({ ...(await farmCert("bench-l7r", "127.0.0.1")).settings, "cluster.peer.port": "0" }).flatMap(([k, v]) => ["--set", `${k}=${v}`]),
       // Every bench client comes from 127.0.0.1: the per-address bounds on requests in progress
       // (32) and on parallel login tries (20) would turn the 50 concurrent logins into 429s.
       "--set", "l7r.limit.requests_per_address=1000", "--set", "auth.throttle.address.tries=100000"],

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { X509Certificate } from "node:crypto";
 import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { join } from "node:path";
-import type { Socket } from "bun";
+import type { Socket, TCPSocketListener } from "bun";
 import * as D from "../src/db/index.ts";
 import { createFarmCa, issueNodeCert } from "../src/farm/certs.ts";
 import { PeerClient, startPeerServer, type PeerServer } from "../src/l7r/peer.ts";
@@ -37,8 +37,8 @@ let vmHere: D.VmRow;
 let vmThere: D.VmRow;
 /** A stand-in nxagent (echoes, counts connections) and a desktop of another node (counts). */
 const reached = { agent: 0, elsewhere: 0 };
-let agent: ReturnType<typeof Bun.listen>;
-let elsewhere: ReturnType<typeof Bun.listen>;
+let agent: TCPSocketListener;
+let elsewhere: TCPSocketListener;
 
 const clientOf = (c: FarmCert | { ca: string; cert: string; key: string }) => new PeerClient({ tls: { ca: c.ca, cert: c.cert, key: c.key }, port: server.port, connectS: 3 });
 const nodeA = () => ({ name: hosts.a.name, address: "127.0.0.1" });
@@ -111,7 +111,7 @@ beforeAll(async () => {
   vmHere = await D.createVm(sql, ALL, { user_id: user.id, osf_id: osf.id, name: "here" }, { range: "198.18.0.0/16" });
   vmThere = await D.createVm(sql, ALL, { user_id: user.id, osf_id: osf.id, name: "there" }, { range: "198.18.0.0/16" });
   // VM "here" runs on node A, its session held by node B's L7R; VM "there" runs on node C (in node B's session too).
-  await sql`UPDATE vm_runtimes SET host_id = ${hosts.a.id}, vm_state = 'running', vm_address = '127.0.0.1', vma_port = ${vma.port}, x_port = ${agent.port},
+  await sql`UPDATE vm_runtimes SET host_id = ${hosts.a.id}, vm_state = 'running', vm_address = '127.0.0.1', vma_port = ${vma.port!}, x_port = ${agent.port},
       vma_secret = ${SECRET}, user_state = 'connecting', l7r_host_id = ${hosts.b.id}, l7r_session = ${SESSION_B}::uuid WHERE vm_id = ${vmHere.id}`;
   await sql`UPDATE vm_runtimes SET host_id = ${hosts.c.id}, vm_state = 'running', vm_address = '127.0.0.2', vma_port = ${elsewhere.port}, x_port = ${elsewhere.port},
       vma_secret = 'secret-of-another-node', user_state = 'connecting', l7r_host_id = ${hosts.b.id}, l7r_session = ${SESSION_OTHER}::uuid WHERE vm_id = ${vmThere.id}`;
@@ -200,7 +200,7 @@ describe("what a node may ask for", () => {
     expect((await b.vma<{ state: string }>(nodeA(), vmHere.id, SESSION_B, "x_state", undefined, 3000)).state).toBe("stopped");
     expect(server.connections()).toBe(1);
     // x_start's body reaches the VMA, whose refusal comes back with its status.
-    const err = await b.vma(nodeA(), vmHere.id, SESSION_B, "x_start", { user: "x", bogus: 1 }, 3000).catch((e) => e);
+    const err = await b.vma<never>(nodeA(), vmHere.id, SESSION_B, "x_start", { user: "x", bogus: 1 }, 3000).catch((e: unknown) => e as VmaError);
     expect(err).toBeInstanceOf(VmaError);
     expect(err.status).toBe(422);
     b.close();
@@ -210,13 +210,13 @@ describe("what a node may ask for", () => {
     const b = clientOf(certs.b);
     const c = clientOf(certs.c);
     const before = { ...reached };
-    const notHere = await b.vma(nodeA(), vmThere.id, SESSION_OTHER, "x_state", undefined, 3000).catch((e) => e);
+    const notHere = await b.vma<never>(nodeA(), vmThere.id, SESSION_OTHER, "x_state", undefined, 3000).catch((e: unknown) => e as VmaError);
     expect(notHere.status).toBe(404);
     // Node C (a real node) asking for node B's session of a desktop on node A.
-    const notYours = await c.vma(nodeA(), vmHere.id, SESSION_B, "x_state", undefined, 3000).catch((e) => e);
+    const notYours = await c.vma<never>(nodeA(), vmHere.id, SESSION_B, "x_state", undefined, 3000).catch((e: unknown) => e as VmaError);
     expect(notYours.status).toBe(404);
     // Node B with a session id that is not the desktop's.
-    const wrongSession = await b.vma(nodeA(), vmHere.id, SESSION_OTHER, "x_state", undefined, 3000).catch((e) => e);
+    const wrongSession = await b.vma<never>(nodeA(), vmHere.id, SESSION_OTHER, "x_state", undefined, 3000).catch((e: unknown) => e as VmaError);
     expect(wrongSession.status).toBe(404);
     await expect(b.nx(nodeA(), vmThere.id, SESSION_OTHER, 3000)).rejects.toThrow(/404/);
     expect(reached).toEqual(before);

@@ -13,7 +13,7 @@ import { startL7r, type L7r } from "../src/l7r/server.ts";
 import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { Peer } from "./support/l7r-peer.ts";
-import { cleanEnv, qvdBinary } from "./support/node.ts";
+import { cleanEnv, farmCert, qvdBinary } from "./support/node.ts";
 import { basic } from "./support/qvd-wire.ts";
 
 const db = useTestDatabase();
@@ -42,6 +42,8 @@ beforeAll(async () => {
   await D.create(sql, D.users, ALL, { tenant_id: 1, name: "alice", password: "alice-pw-1" });
   const binary = await qvdBinary();
   const set = {
+    ...(await farmCert("sec-l7r", "127.0.0.1")).settings,
+    "cluster.peer.port": "0", // a lone node: any free port for its node-to-node endpoint
     nodename: "sec-l7r",
     "log.level": "warn",
     "l7r.listen.unix": sock,

@@ -1,9 +1,10 @@
 // The demo's TLS certificate: one self-signed certificate for 127.0.0.1 and localhost, made
 // with openssl on the first run and kept in the demo directory. The L7R and the API serve it;
-// clients trust it with `--ca <dir>/tls/cert.pem`.
+// clients trust it with `--ca <dir>/tls/cert.pem`. And the farm's: a CA and the node's certificate.
 import { chmodSync, existsSync, mkdirSync, renameSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { UserError } from "../errors.ts";
+import { createFarmCa, issueNodeCert } from "../farm/certs.ts";
 import { run } from "../run.ts";
 
 export interface DemoTls {
@@ -35,4 +36,19 @@ export async function demoCertificate(dir: string): Promise<DemoTls> {
     rmSync(tmpKey, { force: true });
   }
   return { cert, key, created: true };
+}
+
+/** The demo's farm CA and its node's certificate (src/farm/certs.ts), made on the first run. */
+export async function demoFarmCertificate(dir: string, name: string, address: string): Promise<{ ca: string; cert: string; key: string; created: boolean }> {
+  const farm = join(dir, "farm");
+  const ca = join(farm, "ca.crt");
+  const nodeDir = join(farm, `node-${name}`);
+  const [cert, key] = [join(nodeDir, "node.crt"), join(nodeDir, "node.key")];
+  if (existsSync(ca) && existsSync(cert) && existsSync(key)) return { ca, cert, key, created: false };
+  if (!existsSync(ca) || !existsSync(join(farm, "ca.key"))) {
+    rmSync(farm, { recursive: true, force: true });
+    await createFarmCa(farm, { name: "QVD demo farm CA" });
+  }
+  await issueNodeCert({ caDir: farm, name, address, outDir: nodeDir, force: true });
+  return { ca, cert, key, created: true };
 }

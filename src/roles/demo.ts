@@ -13,11 +13,11 @@ import { UserError } from "../errors.ts";
 import { setLogLevel } from "../log.ts";
 import { run, shellQuote } from "../run.ts";
 import { DEMO_DB, PASSWORD_FILE, startDatabase } from "../demo/database.ts";
-import { ensureHost, ensureImage, ensureUser, unpackForNode, VM_RANGE } from "../demo/desktop.ts";
+import { ensureHost, ensureImage, ensureUser, NODE_ADDRESS, unpackForNode, VM_RANGE } from "../demo/desktop.ts";
 import { DemoNetns } from "../demo/netns.ts";
 import { Child, recordedPid, stopLeftover, tcpAccepts, waitReady } from "../demo/processes.ts";
 import { startRelay, type Relay } from "../demo/relay.ts";
-import { demoCertificate } from "../demo/tls.ts";
+import { demoCertificate, demoFarmCertificate } from "../demo/tls.ts";
 
 export { DEMO_DB, PASSWORD_FILE };
 const PID_FILE = "demo.pid";
@@ -134,6 +134,8 @@ export default defineCommand({
       step("TLS certificate");
       const tls = await demoCertificate(dir);
       say(`${tls.created ? "Made" : "Reusing"} ${tls.cert} (self-signed, for 127.0.0.1 and localhost)`);
+      const farm = await demoFarmCertificate(dir, NODE_NAME, NODE_ADDRESS);
+      say(`${farm.created ? "Made" : "Reusing"} the farm CA ${farm.ca} and the node's certificate ${farm.cert}`);
       // The ports now, before the long steps: a port in use fails the demo early.
       if (await tcpAccepts("127.0.0.1", apiPort)) throw new UserError(`127.0.0.1:${apiPort} is in use: choose another --api-port`);
       try {
@@ -178,6 +180,11 @@ export default defineCommand({
         "l7r.listen.unix": socket,
         // The relay names each client in a PROXY v2 header (the L7R counts and throttles by it).
         "l7r.proxy_protocol": "v2",
+        "cluster.tls.ca": farm.ca,
+        "cluster.tls.cert": farm.cert,
+        "cluster.tls.key": farm.key,
+        // One node: its node-to-node endpoint needs no address other nodes reach.
+        "cluster.peer.listen": "127.0.0.1",
       };
       node = Child.spawn("node", [
         ...netns.exec, self, "node", "--config", "/dev/null", "--db", url,
