@@ -1,7 +1,7 @@
 // The real HKD (startHkd of src/roles/hkd.ts, from the sources) with its real LXC backend
 // wrapped, for tests that must see what the HKD asks of the backend, or make it fail on cue.
 // Run in a TestNode's namespace: node.start(settings, { command: [bun, this file], env }).
-// Every call is appended to $QVD_TEST_CUES/calls as "<call> <vm id>"; files in that directory
+// Every call is appended to $HKD_TEST_CUES/calls as "<call> <vm id>"; files in that directory
 // are the cues:
 //   start-hold    after the real start, wait until start-go exists, then fail the start;
 //   cleanup-fail  cleanup fails (without doing anything) while the file exists.
@@ -12,8 +12,8 @@ import { configFromArgs } from "../../src/cli.ts";
 import { hkdArgs, runUntilSignal, startHkd } from "../../src/roles/hkd.ts";
 import type { Backend } from "../../src/virt/backend.ts";
 
-const dir = process.env.QVD_TEST_CUES;
-if (!dir) throw new Error("QVD_TEST_CUES is not set");
+const dir = process.env.HKD_TEST_CUES;
+if (!dir) throw new Error("HKD_TEST_CUES is not set");
 const cue = (name: string) => existsSync(join(dir, name));
 const note = (call: string, vmId: number) => appendFileSync(join(dir, "calls"), `${call} ${vmId}\n`);
 
