@@ -79,7 +79,7 @@ describe("the cluster monitor", () => {
     expect([(await hostRow(fresh)).state, (await hostRow(stopped)).state, (await hostRow(lost)).state]).toEqual(["running", "stopped", "lost"]);
     expect(await vmRow(freshVm)).toMatchObject({ vm_state: "running", host_id: fresh });
     const audits = await sql()`SELECT source, arguments FROM audit_log WHERE action = 'host.declare_lost' AND object_id = ${stale}`;
-    expect(audits).toEqual([{ source: "hkd", arguments: { reason: expect.any(String), released_vms: vms, by_node: expect.stringMatching(/^watcher-/) } }]);
+    expect([...audits]).toEqual([{ source: "hkd", arguments: { reason: expect.any(String), released_vms: vms, by_node: expect.stringMatching(/^watcher-/) } }]);
   });
 
   test("while its own database has not worked for cluster.lost_after, a monitor declares nothing", async () => {
