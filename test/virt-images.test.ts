@@ -4,7 +4,8 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync, linkSync } from "node:fs";
 import { join } from "node:path";
 import { run } from "../src/run.ts";
-import { checkEntries, ImageError, parseListing, unpackImage, type UnpackProgress } from "../src/virt/images.ts";
+import { copyFileSync } from "node:fs";
+import { checkEntries, ImageError, inspectImage, parseListing, unpackImage, type UnpackProgress } from "../src/virt/images.ts";
 
 let dir: string;
 let src: string; // a tiny root filesystem
@@ -349,4 +350,102 @@ describe("checkEntries", () => {
     expect(() => checkEntries([e("./x", "a/../../y")])).toThrow(/climbs out/);
     expect(() => checkEntries([e("./x", "/../../../y")])).not.toThrow(); // absolute: resolved inside the guest
   });
+});
+
+// Shared storage (NFS in production): nodes unpack images into one basefs/ without a lock that
+// reaches them all. Two processes stand for two nodes; the lock is off, so both really unpack.
+describe("shared storage: two nodes unpack the real desktop image at once", () => {
+  const m = { base: 100000, size: 65536 };
+  let store: string;
+  let image: string;
+  const IMAGES = join(import.meta.dir, "../src/virt/images.ts");
+  /** A child process (a node) unpacking `diId`; prints its result and the phases it went through. */
+  const unpacker = (diId: number, sha?: string) => `import { unpackImage } from ${JSON.stringify(IMAGES)};
+    const phases = new Set();
+    const r = await unpackImage({ image: ${JSON.stringify(image)}, basefsDir: ${JSON.stringify(store)}, diId: ${diId}, sha256: ${JSON.stringify(sha ?? null)},
+      idmap: ${JSON.stringify(m)}, lock: false, onProgress: (p) => phases.add(p.phase) });
+    console.log(JSON.stringify({ ...r, phases: [...phases] }));`;
+
+  beforeAll(async () => {
+    const cached = "/var/cache/qvd/test/debian-bookworm-desktop.tar.gz";
+    const { desktopImage } = await import("./support/node.ts");
+    chmodSync(dir, 0o711);
+    store = join(dir, "shared", "basefs");
+    image = join(dir, "desktop.tar.gz");
+    // A private copy: the cache may be rebuilt meanwhile by other work on this machine.
+    copyFileSync(existsSync(cached) ? cached : await desktopImage(), image);
+  });
+
+  test("one good copy: both report the same rootfs, the loser's copy is gone, nothing else is left", async () => {
+    const sha = sha256(image);
+    const outs = await Promise.all([0, 1].map(() => run([process.execPath, "-e", unpacker(40, sha)], { env: { ...process.env, QVD_LOG_LEVEL: "error" } })));
+    const [a, b] = outs.map((o) => JSON.parse(o.stdout.trim().split("\n").at(-1)!));
+    // Both extracted (they raced for real), one copy won.
+    expect(a.phases).toContain("extract");
+    expect(b.phases).toContain("extract");
+    expect([a.unpacked, b.unpacked].sort()).toEqual([false, true]);
+    expect(b.rootfs).toBe(a.rootfs);
+    expect(a.rootfs).toBe(join(store, "40"));
+    expect(readdirSync(store).filter((n) => n.includes("40")).sort()).toEqual([".meta-40.json", "40"]);
+    // The copy is whole: every entry of the archive but the skipped device nodes is there.
+    const meta = JSON.parse(readFileSync(join(store, ".meta-40.json"), "utf8"));
+    expect([meta.sha256, meta.idmap, meta.ino]).toEqual([sha, m, lstatSync(join(store, "40"), { bigint: true }).ino.toString()]);
+    const listed = new Set((await inspectImage(image)).entries.map((e) => e.name.replace(/^\.\/?/, "").replace(/\/$/, "")));
+    const found = (await run(["find", ".", "-mindepth", "1"], { cwd: join(store, "40") })).stdout.trim().split("\n").map((n) => n.slice(2));
+    expect(found.length).toBe(listed.size - 1 - meta.skipped.length); // "" is the root itself
+    expect(lstatSync(join(store, "40", "usr/bin/nxagent")).isFile()).toBe(true);
+  }, 600_000);
+
+  test("a record not yet moved beside its basefs (the winner died between its two renames) is found; an older basefs's record is not believed", async () => {
+    const rec = join(store, ".meta-40.json");
+    const good = readFileSync(rec, "utf8");
+    // Crashed winner: its record still under its temporary name, a record of an older basefs beside.
+    writeFileSync(join(store, ".tmp-40-0123456789ab-999999-zz.meta"), good);
+    writeFileSync(rec, JSON.stringify({ ...JSON.parse(good), ino: "1", sha256: "0".repeat(64) }));
+    const r = await unpackImage({ image, basefsDir: store, diId: 40, sha256: sha256(image), idmap: m });
+    expect([r.unpacked, r.sha256]).toEqual([false, sha256(image)]);
+    expect(readFileSync(rec, "utf8")).toBe(good);
+    // No record at all: not taken as good.
+    rmSync(rec);
+    await expect(unpackImage({ image, basefsDir: store, diId: 40, idmap: m })).rejects.toThrow(/has no record of how it was unpacked/);
+    writeFileSync(rec, good);
+  });
+
+  test("an unpacker holding the lock never removes another node's live temporary directory (its lock did not reach that node)", async () => {
+    const other = Bun.spawn([process.execPath, "-e", unpacker(42)], { stdout: "pipe", stderr: "pipe" });
+    const deadline = Date.now() + 300_000;
+    const theirs = () => readdirSync(store).find((n) => n.startsWith(".tmp-42-") && !n.endsWith(".meta") && !n.endsWith(".exclude"));
+    while (!(theirs() && existsSync(join(store, theirs()!, "usr")))) {
+      if (Date.now() > deadline) throw new Error("the other unpacker never started extracting");
+      await Bun.sleep(50);
+    }
+    const mine = await unpackImage({ image, basefsDir: store, diId: 42, idmap: m }); // takes the lock
+    const out = await new Response(other.stdout).text();
+    expect(await other.exited).toBe(0);
+    const r = JSON.parse(out.trim().split("\n").at(-1)!);
+    expect([mine.unpacked, r.unpacked].sort()).toEqual([false, true]);
+    expect(r.rootfs).toBe(mine.rootfs);
+    expect(readdirSync(store).filter((n) => n.includes("42")).sort()).toEqual([".lock-42", ".meta-42.json", "42"]);
+  }, 600_000);
+
+  test("an unpack killed mid-way leaves no image; the next unpack makes a whole one and removes the dead one's directory", async () => {
+    // setsid: the unpacker, lxc-usernsexec and tar in a process group of their own, killed together.
+    const p = Bun.spawn(["setsid", process.execPath, "-e", unpacker(41)], { stdout: "ignore", stderr: "ignore" });
+    const tmpDir = () => readdirSync(store).find((n) => n.startsWith(".tmp-41-") && !n.endsWith(".meta") && !n.endsWith(".exclude"));
+    const deadline = Date.now() + 300_000;
+    while (!(tmpDir() && existsSync(join(store, tmpDir()!, "usr")))) {
+      if (Date.now() > deadline) throw new Error("the unpacker never started extracting");
+      await Bun.sleep(50);
+    }
+    process.kill(-p.pid, "SIGKILL");
+    await p.exited;
+    const left = tmpDir()!;
+    expect(left).toBeDefined();
+    expect(existsSync(join(store, "41"))).toBe(false);
+    expect(existsSync(join(store, ".meta-41.json"))).toBe(false);
+    const r = await unpackImage({ image, basefsDir: store, diId: 41, idmap: m, lock: false });
+    expect(r.unpacked).toBe(true);
+    expect(lstatSync(join(r.rootfs, "usr/bin/nxagent")).isFile()).toBe(true);
+    expect(readdirSync(store).filter((n) => n.includes("41")).sort()).toEqual([".meta-41.json", "41"]);
+  }, 600_000);
 });

@@ -1,11 +1,21 @@
 // Disk images (DIs) on shared storage: a tarball of a root filesystem under `images/`, unpacked
 // once per image into `basefs/<di-id>/`, the read-only lower layer of every VM's overlay.
 //
-// unpackImage() is safe to call from any number of HKDs at once, on one node or many:
-//  - An flock on `basefs/.lock-<di-id>` serialises the work (the second caller waits, then
-//    finds the result). Correctness does not depend on the lock: the archive is unpacked into
-//    a private `basefs/.tmp-<di-id>-…` directory and renamed into place in one step, and a
-//    rename onto an existing basefs fails, so a basefs is always whole or absent.
+// unpackImage() is safe to call from any number of HKDs at once, on one node or many, on
+// shared storage (NFS) as well as a local disk:
+//  - The archive is unpacked into a private `basefs/.tmp-<di-id>-<owner>-<pid>-<random>`
+//    directory and published by one rename to `basefs/<di-id>`. A rename onto an existing,
+//    non-empty basefs fails (also on NFS, where the server decides it), so exactly one unpacker
+//    wins; the others discard their copy and use the winner's. A basefs is therefore always
+//    whole or absent: a crash before the rename leaves only a temporary directory, which is
+//    never taken for an image and is removed later (at once when its process is known dead).
+//  - The basefs's record (`.meta-<di-id>.json`: checksum, id map, inode) is written under the
+//    temporary name first and moved beside the basefs after the publish; a reader that finds
+//    the basefs without it takes the temporary record whose inode is the basefs's, so a crash
+//    between the two renames loses nothing, and a record left by an older basefs is not
+//    believed.
+//  - An flock on `basefs/.lock-<di-id>` is an optimisation only (a second caller waits instead
+//    of unpacking too); storage where locks do not reach every node stays correct without it.
 //  - The archive is read twice: once through SHA-256 and `tar -t` (checksum and listing), and,
 //    only when both are good, through SHA-256 and `tar -x`. The second hash must equal the
 //    first, so what is extracted is what was checked even if the file changes meanwhile.
@@ -23,7 +33,7 @@
 //    `user.*` xattrs are restored, so no file capability, `trusted.*` (overlayfs' own) or
 //    security label of an image reaches storage. basefs/ is root:<base gid> 0710: the
 //    desktops' mapped root may cross it, node users may not, so nothing on it runs for them.
-import { chmodSync, chownSync, closeSync, existsSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, closeSync, existsSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { dirname, join } from "node:path";
 import { UserError } from "../errors.ts";
@@ -391,6 +401,8 @@ export interface UnpackOptions {
   signal?: AbortSignal;
   /** Unpack with ownership shifted into this range (unprivileged desktops); see the top of the file. */
   idmap?: IdMap;
+  /** Take the lock file (default true). Without it concurrent unpackers each unpack, and one copy wins. */
+  lock?: boolean;
 }
 
 export interface UnpackResult {
@@ -416,15 +428,105 @@ interface BasefsMeta {
   skipped: string[];
   /** The id map it was unpacked with (null or absent: ids as in the archive). */
   idmap?: IdMap | null;
+  /** Inode of the basefs it describes (absent in records of older versions). */
+  ino?: string;
 }
 
 const metaFile = (basefsDir: string, diId: number) => join(basefsDir, `.meta-${diId}.json`);
 
-function readMeta(basefsDir: string, diId: number): BasefsMeta | undefined {
+function readJson(file: string): BasefsMeta | undefined {
   try {
-    return JSON.parse(readFileSync(metaFile(basefsDir, diId), "utf8")) as BasefsMeta;
+    return JSON.parse(readFileSync(file, "utf8")) as BasefsMeta;
   } catch {
     return undefined;
+  }
+}
+
+/** Inode numbers as text: NFS file ids are 64-bit. */
+const inoOf = (p: string): string | undefined => {
+  try {
+    return lstatSync(p, { bigint: true }).ino.toString();
+  } catch {
+    return undefined;
+  }
+};
+
+/**
+ * The record of the basefs with inode `ino`: beside it, or still under its unpacker's temporary
+ * name (published, record not yet moved, or the unpacker died in between: then moved here).
+ * A record of another inode (an older basefs) is not this one's.
+ */
+function metaFor(basefsDir: string, diId: number, ino: string): BasefsMeta | undefined {
+  // The winner moves its record in one rename, between our two looks: a second round sees it.
+  for (let round = 0; round < 3; round++) {
+    const m = readJson(metaFile(basefsDir, diId));
+    if (m && (m.ino === undefined || m.ino === ino)) return m;
+    for (const n of readdirSync(basefsDir)) {
+      if (!n.startsWith(`.tmp-${diId}-`) || !n.endsWith(".meta")) continue;
+      const t = readJson(join(basefsDir, n));
+      if (t?.ino !== ino) continue;
+      try {
+        renameSync(join(basefsDir, n), metaFile(basefsDir, diId));
+      } catch {
+        /* its unpacker (or another reader) moved it first */
+      }
+      return t;
+    }
+  }
+  return undefined;
+}
+
+// --- temporary names and their leftovers ------------------------------------------------------------
+
+/**
+ * Who makes a temporary name: this machine's boot and pid namespace (hashed with the host
+ * name), so that "its process is dead" is only ever concluded about our own processes.
+ */
+const OWNER = (() => {
+  const read = (f: () => string) => {
+    try {
+      return f();
+    } catch {
+      return "";
+    }
+  };
+  const boot = read(() => readFileSync("/proc/sys/kernel/random/boot_id", "utf8").trim());
+  const pidns = read(() => readlinkSync("/proc/self/ns/pid"));
+  return new Bun.CryptoHasher("sha256").update(`${hostname()}\n${boot}\n${pidns}`).digest("hex").slice(0, 12);
+})();
+
+const tmpName = (basefsDir: string, diId: number) => join(basefsDir, `.tmp-${diId}-${OWNER}-${process.pid}-${Math.random().toString(36).slice(2, 8)}`);
+const TMP = /^\.tmp-(\d+)-([0-9a-f]{12})-(\d+)-[a-z0-9]+(?:\.exclude|\.meta)?$/;
+/** Another machine's leftovers are removed once nothing could still be writing them. */
+const FOREIGN_LEFTOVER_S = 86400;
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+/**
+ * Removes what crashed unpacks of this image left: ours whose process is gone, anyone's a day
+ * old. Never another live unpacker's directory, with or without a working lock.
+ */
+function removeLeftovers(basefsDir: string, diId: number): void {
+  for (const n of readdirSync(basefsDir)) {
+    if (!n.startsWith(`.tmp-${diId}-`)) continue;
+    const m = TMP.exec(n);
+    let dead: boolean;
+    if (m && Number(m[1]) === diId && m[2] === OWNER) dead = !alive(Number(m[3]));
+    else {
+      try {
+        dead = Date.now() - lstatSync(join(basefsDir, n)).ctimeMs > FOREIGN_LEFTOVER_S * 1000;
+      } catch {
+        continue;
+      }
+    }
+    if (dead) rmSync(join(basefsDir, n), { recursive: true, force: true });
   }
 }
 
@@ -458,12 +560,13 @@ function existing(basefs: string, basefsDir: string, diId: number, expected: str
     return undefined;
   }
   if (!st.isDirectory()) throw new ImageError(`${basefs} exists and is not a directory`);
-  const meta = readMeta(basefsDir, diId);
+  const meta = metaFor(basefsDir, diId, inoOf(basefs) ?? "");
   if (expected && meta && meta.sha256 !== expected.toLowerCase())
     throw new ImageError(`${basefs} was unpacked from another file (sha256 ${meta.sha256}, expected ${expected}); remove it to unpack the image again`);
   // Another node (or this one before unprivileged desktops) used another id range: the files'
   // owners would be wrong for this node's desktops. Re-unpacking in place would pull the layer
   // from under desktops running on it elsewhere, so an administrator decides.
+  if (!meta && idmap) throw new ImageError(`${basefs} has no record of how it was unpacked (checksum, id map); remove it while no desktop uses it to unpack the image again`);
   const have = meta?.idmap ?? null;
   if ((have?.base ?? null) !== (idmap?.base ?? null) || (have?.size ?? null) !== (idmap?.size ?? null))
     throw new ImageError(`${basefs} was unpacked with ${showMap(have)}, this node runs desktops with ${showMap(idmap)} (vm.lxc.idmap.*); remove it while no desktop uses it to unpack the image again`);
@@ -488,19 +591,18 @@ export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
   const done = existing(basefs, basefsDir, diId, expected, opts.idmap);
   if (done) return done;
 
-  const lock = await lockFile(join(basefsDir, `.lock-${diId}`), opts.signal, () => {
-    log.info("waiting for another unpack of this image", { image, di: diId });
-    opts.onProgress?.({ phase: "wait", bytes: 0, total: 0 });
-  });
-  const tmp = join(basefsDir, `.tmp-${diId}-${hostname()}-${process.pid}-${Math.random().toString(36).slice(2, 8)}`);
+  const lock = opts.lock === false
+    ? { release: () => {}, locked: false }
+    : await lockFile(join(basefsDir, `.lock-${diId}`), opts.signal, () => {
+        log.info("waiting for another unpack of this image", { image, di: diId });
+        opts.onProgress?.({ phase: "wait", bytes: 0, total: 0 });
+      });
+  const tmp = tmpName(basefsDir, diId);
   const exclude = `${tmp}.exclude`;
   try {
     const again = existing(basefs, basefsDir, diId, expected, opts.idmap);
     if (again) return again;
-    // Leftovers of a crashed unpack of this image: nobody else works on it while we hold the lock.
-    if (lock.locked)
-      for (const n of readdirSync(basefsDir))
-        if (n.startsWith(`.tmp-${diId}-`)) rmSync(join(basefsDir, n), { recursive: true, force: true });
+    removeLeftovers(basefsDir, diId);
 
     const started = Date.now();
     const info = await inspectImage(image, opts.onProgress);
@@ -536,18 +638,27 @@ export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
     const rootfsIn = findRootfs(tmp);
     if (!rootfsIn) throw new ImageError(`${image}: not a root filesystem image (no sbin/ nor rootfs/sbin/ at the top)`);
 
-    const meta: BasefsMeta = { di_id: diId, image, sha256: info.sha256, bytes: info.bytes, unpacked_at: new Date().toISOString(), host: hostname(), skipped, idmap: opts.idmap ?? null };
+    const ino = inoOf(tmp)!;
+    const meta: BasefsMeta = { di_id: diId, image, sha256: info.sha256, bytes: info.bytes, unpacked_at: new Date().toISOString(), host: hostname(), skipped, idmap: opts.idmap ?? null, ino };
     writeFileSync(`${tmp}.meta`, JSON.stringify(meta, null, 1) + "\n");
-    renameSync(`${tmp}.meta`, metaFile(basefsDir, diId));
+    // Publish: this one rename decides which unpacker's copy becomes the image.
     try {
       renameSync(tmp, basefs);
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
-      if (code !== "ENOTEMPTY" && code !== "EEXIST") throw err;
-      // Another unpacker (without a working lock) won the race: use its result.
-      const theirs = existing(basefs, basefsDir, diId, expected, opts.idmap);
-      if (theirs) return theirs;
-      throw err;
+      // NFS: a retransmitted rename that had in fact succeeded answers ENOENT.
+      if (!(code === "ENOENT" && inoOf(basefs) === ino)) {
+        if (code !== "ENOTEMPTY" && code !== "EEXIST") throw err;
+        // Another unpacker won: use its copy; ours goes (finally).
+        const theirs = existing(basefs, basefsDir, diId, expected, opts.idmap);
+        if (theirs) return theirs;
+        throw err;
+      }
+    }
+    try {
+      renameSync(`${tmp}.meta`, metaFile(basefsDir, diId));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err; // a reader moved it for us
     }
     log.info("image unpacked", { image, basefs, seconds: ((Date.now() - started) / 1000).toFixed(1), skipped: skipped.length });
     return { basefs, rootfs: rootfsIn === tmp ? basefs : join(basefs, "rootfs"), unpacked: true, sha256: info.sha256, skipped };
@@ -566,7 +677,7 @@ export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
 export function removeBasefs(basefsDir: string, diId: number): boolean {
   const basefs = join(basefsDir, String(diId));
   if (!existsSync(basefs)) return false;
-  const gone = join(basefsDir, `.tmp-${diId}-removed-${process.pid}-${Date.now()}`);
+  const gone = tmpName(basefsDir, diId);
   renameSync(basefs, gone);
   rmSync(metaFile(basefsDir, diId), { force: true });
   rmSync(gone, { recursive: true, force: true });
