@@ -357,18 +357,21 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     expect(log).toContain(`session started as ${UID} in ${join(root, "home/alice")}`);
   });
 
+  /** Windows of the session titled as the expiry notice. */
+  const notices = async () => {
+    const tree = (await run(["xwininfo", "-display", `:${nxDisplay}`, "-root", "-tree"], { allowFail: true })).stdout;
+    return tree.split("\n").filter((l) => l.includes(`"${NOTICE_TITLE}"`));
+  };
+  /** The notice programs (xmessage) running: pid, uid, argv. */
+  const xmessages = () => readdirSync("/proc").filter((p) => /^\d+$/.test(p)).map((p) => {
+    try {
+      return { pid: Number(p), uid: statSync(`/proc/${p}`).uid, argv: readFileSync(`/proc/${p}/cmdline`, "utf8").split("\0").slice(0, -1) };
+    } catch {
+      return undefined;
+    }
+  }).filter((x) => x?.argv[0] === "/usr/bin/xmessage");
+
   test("soft expiry: one notice window in the session, as the user; repeats do not stack; new times replace it", async () => {
-    const notices = async () => {
-      const tree = (await run(["xwininfo", "-display", `:${nxDisplay}`, "-root", "-tree"], { allowFail: true })).stdout;
-      return tree.split("\n").filter((l) => l.includes(`"${NOTICE_TITLE}"`));
-    };
-    const xmessages = () => readdirSync("/proc").filter((p) => /^\d+$/.test(p)).map((p) => {
-      try {
-        return { pid: Number(p), uid: statSync(`/proc/${p}`).uid, argv: readFileSync(`/proc/${p}/cmdline`, "utf8").split("\0").slice(0, -1) };
-      } catch {
-        return undefined;
-      }
-    }).filter((x) => x?.argv[0] === "/usr/bin/xmessage");
     const soft = new Date(Date.now() - 1000).toISOString();
     expect((await call(v, "POST", "/vma/expire", { soft, hard: null })).status).toBe(200);
     await waitFor("the notice window", async () => ((await notices()).length ? true : undefined), 15_000, 200);
@@ -413,6 +416,29 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     const xs = Bun.spawn(["xsetroot", "-display", `:${nxDisplay}`, "-solid", "#0000ff"]);
     expect(await xs.exited).toBe(0);
     await waitFor("blue pixels after resume", async () => ((await pixel(xvfbDisplay, 50, 50)) === "srgb(0,0,255)" ? true : undefined), 15_000, 300);
+  });
+
+  test("an expiry set while the session is suspended is shown at the resume, once", async () => {
+    expect((await call(v, "POST", "/vma/x_suspend")).status).toBe(200);
+    await waitState("suspended", 30_000);
+    await waitFor("nxproxy to end", () => (proxy!.exitCode !== null || proxy!.signalCode !== null ? true : undefined), 15_000);
+    const soft = new Date(Date.now() - 1000).toISOString();
+    const hard = new Date(Date.now() + 2 * 3600_000);
+    for (let i = 0; i < 2; i++) expect((await call(v, "POST", "/vma/expire", { soft, hard: hard.toISOString() })).status).toBe(200);
+    // The old times' window is closed; the new one waits for the user.
+    await waitFor("the old notice to close", () => (xmessages().length === 0 ? true : undefined), 10_000, 200);
+    await Bun.sleep(1500);
+    expect(xmessages()).toHaveLength(0);
+    expect((await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, cookie: COOKIE2 })).status).toBe(200);
+    relay.cookie = COOKIE2;
+    await waitState("listening");
+    startProxy();
+    await waitState("connected");
+    await waitFor("the notice after the resume", async () => ((await notices()).length === 1 ? true : undefined), 15_000, 200);
+    expect((await call(v, "POST", "/vma/expire", { soft, hard: hard.toISOString() })).status).toBe(200);
+    await Bun.sleep(1000);
+    expect(await notices()).toHaveLength(1);
+    expect(xmessages().map((x) => [x!.uid, x!.argv.at(-1)])).toEqual([[UID, noticeText(hard)]]);
   });
 
   test("x_stop ends nxagent; poweroff ends the VMA", async () => {

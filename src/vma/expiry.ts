@@ -49,7 +49,8 @@ export function noticeText(hard: Date | null, now = new Date()): string {
 
 /** xmessage's command line: the text is its last argument, after fixed options. */
 export function noticeArgv(xmessage: string, text: string): string[] {
-  return [xmessage, "-center", "-title", NOTICE_TITLE, "-buttons", "OK:0", "-default", "OK", text];
+  // The icon name is what task bars show (Xt's default: "xmessage").
+  return [xmessage, "-center", "-title", NOTICE_TITLE, "-xrm", `xmessage.iconName: ${NOTICE_TITLE}`, "-buttons", "OK:0", "-default", "OK", text];
 }
 
 /** An xmessage that ends this fast with status 1 could not open the display yet: retried. */

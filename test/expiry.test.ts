@@ -1,0 +1,176 @@
+// Expiry as the user feels it, end to end on a node: the real Debian desktop image in LXC
+// (`qvd hkd` in a network namespace of this test), the user's X session under nxagent with a
+// real nxproxy attached, and the admin API setting the times. A soft expiry puts one notice
+// window in the session (src/vma/expiry.ts), however often the node repeats its call; a new
+// image tagged `default` tells the user when the desktop restarts; at the hard time the node
+// stops the desktop, and the next start runs the newly tagged image.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { copyFileSync, mkdirSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import * as D from "../src/db/index.ts";
+import { run } from "../src/run.ts";
+import { newNxCookie } from "../src/nx/handshake.ts";
+import { NOTICE_TITLE, noticeText } from "../src/vma/expiry.ts";
+import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
+import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
+import { desktopImage, TestNode, until } from "./support/node.ts";
+
+const isRoot = process.getuid?.() === 0;
+const db = useTestDatabase();
+const ALL = D.ALL_TENANTS;
+const DISPLAY = 64;
+const UID = 20001;
+const output = join(import.meta.dir, "..", ".test-output");
+const bun = join(import.meta.dir, "..", "node_modules", ".bin", "bun");
+
+describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
+  const node = new TestNode(db, "expnode");
+  const sql = () => db().sql;
+  let api: TestApi;
+  let admin: ApiClient;
+  let vm: D.VmRow;
+  let osfId = 0;
+  let di1: D.DiRow;
+  let secret = "";
+  let xvfb: Bun.Subprocess | undefined;
+  /** The NX relay (adds the cookie, as the L7R does) and the client's nxproxy of the current session. */
+  let client: Bun.Subprocess[] = [];
+
+  const vma = (method: string, body?: unknown) => node.vma(`http://${vm.ip}:3030`, secret, `/vma/${method}`, body);
+  const xState = async () => (await vma("x_state")).json?.state as string | undefined;
+  const row = async () => (await sql()`SELECT vm_state, current_di_id, expire_soft_at, expire_hard_at, vma_secret FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!;
+  const ok = async (r: Promise<{ status: number; body: any }>, what: string) => {
+    const x = await r;
+    expect(x.status, `${what}: ${JSON.stringify(x.body)}`).toBeLessThan(300);
+    return x.body;
+  };
+  /** Windows of the user's X session titled as the notice (xwininfo in the desktop, as the user). */
+  const noticeWindows = async () => {
+    const r = await node.attach(vm.id, "xwininfo -display :100 -root -tree", "alice");
+    expect(r.status, r.stderr).toBe(0);
+    return r.stdout.split("\n").filter((l) => l.includes(`"${NOTICE_TITLE}"`));
+  };
+  /** The notice programs running in the desktop: uid and argv of each xmessage. */
+  const xmessages = async () => {
+    const r = await node.attach(vm.id, "for p in $(pgrep -x xmessage); do echo $(stat -c %u /proc/$p) $(base64 -w0 /proc/$p/cmdline); done");
+    return r.stdout.split("\n").filter(Boolean).map((l) => {
+      const [uid, argv] = l.split(" ");
+      return { uid: Number(uid), argv: Buffer.from(argv ?? "", "base64").toString("utf8").split("\0").slice(0, -1) };
+    });
+  };
+  /** The desktop's local HH:MM of a time (the notice speaks the desktop's time zone). */
+  const desktopClock = async (d: Date) => (await node.attach(vm.id, `date -d @${Math.floor(d.getTime() / 1000)} +%H:%M`)).stdout.trim();
+
+  /** The image under the desktop's root: the id of the basefs that is its overlay's lower layer. */
+  const rootLower = async () => {
+    const mounts = (await node.attach(vm.id, "cat /proc/self/mountinfo")).stdout;
+    const root = mounts.split("\n").find((l) => l.split(" ")[4] === "/") ?? "";
+    return Number(/lowerdir=[^,]*\/basefs\/(\d+)(?:[/,]|$)/.exec(root)?.[1]);
+  };
+
+  /** What a connect does: the start (if stopped), x_start, and a client's nxproxy through the relay. */
+  async function connect(): Promise<void> {
+    if ((await row()).vm_state === "stopped") await ok(admin.post(`/vms/${vm.id}/start`), "start");
+    await until(async () => (await row()).vm_state === "running", "the desktop to run", 240_000);
+    secret = (await row()).vma_secret;
+    await until(async () => (await xState()) === "stopped", "the VMA to answer", 60_000);
+    const cookie = newNxCookie();
+    const r = await vma("x_start", { user: "alice", uid: UID, gid: UID, geometry: "1024x768", keyboard: "pc105/us", link: "lan", client_os: "linux", cookie });
+    expect(r.status, JSON.stringify(r.json)).toBe(200);
+    await until(async () => (await xState()) === "listening", "nxagent to listen", 60_000);
+    await disconnect();
+    const relay = Bun.spawn([...node.ns.exec, bun, join(import.meta.dir, "support", "nx-relay.ts"), "4150", vm.ip!, "4100", cookie], { stdout: "pipe", stderr: "inherit" });
+    client.push(relay);
+    await relay.stdout.getReader().read(); // "listening"
+    client.push(Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${DISPLAY}`, "nxproxy", "-S", "localhost:150"], { stdout: "ignore", stderr: "ignore" }));
+    await until(async () => (await xState()) === "connected", "the NX session to connect", 60_000);
+    // The session's window manager is up: X clients are served.
+    await until(async () => (await node.attach(vm.id, "pgrep -x jwm")).status === 0, "the session's window manager", 30_000);
+  }
+
+  async function disconnect(): Promise<void> {
+    for (const c of client.reverse()) {
+      c.kill("SIGTERM");
+      await c.exited;
+    }
+    client = [];
+  }
+
+  beforeAll(async () => {
+    const { ensureDeps } = await import("../scripts/deps.ts");
+    await ensureDeps(["xvfb", "nxproxy", "xwd", "imagemagick"], () => {});
+    const image = await desktopImage();
+    await node.setup();
+    api = await startTestApi(db(), { "path.storage.images": join(node.root, "storage", "images") });
+    admin = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
+    const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "alice" });
+    const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
+    osfId = osf.id;
+    di1 = await node.addImage(osf.id, "desktop-1.tar.gz", async (p) => copyFileSync(image, p));
+    vm = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" });
+    await node.start({ "hkd.timeout.vma_start": "60" });
+    xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" });
+    await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0, "Xvfb", 20_000);
+    await connect();
+    expect((await row()).current_di_id).toBe(di1.id);
+    expect(await rootLower()).toBe(di1.id);
+  }, 30 * 60_000);
+
+  afterAll(async () => {
+    await disconnect().catch(() => {});
+    xvfb?.kill("SIGKILL");
+    await api?.stop();
+    await node.stop();
+  }, 120_000);
+
+  test("soft expiry set through the API: one notice window in the user's session, run as the user; the node's repeated calls add none", async () => {
+    expect(await noticeWindows()).toEqual([]);
+    await ok(admin.post(`/vms/${vm.id}/expire`, { soft_at: new Date(Date.now() - 1000).toISOString() }), "expire");
+    await until(async () => (await noticeWindows()).length > 0, "the notice window", 60_000);
+    // The node calls again every poll (2 s here); the same times, sent as the node sends them, too.
+    const soft = (await row()).expire_soft_at as Date;
+    for (let i = 0; i < 3; i++) expect((await vma("expire", { soft: soft.toISOString(), hard: null })).status).toBe(200);
+    await Bun.sleep(6000);
+    expect(await noticeWindows()).toHaveLength(1);
+    const procs = await xmessages();
+    expect(procs).toHaveLength(1);
+    expect(procs[0]!.uid).toBe(UID);
+    expect(procs[0]!.argv.at(-1)).toBe(noticeText(null));
+    // For review: the client's screen with the notice.
+    mkdirSync(output, { recursive: true });
+    await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- ${join(output, "expiry-notice.png")}`], { allowFail: true });
+  }, 120_000);
+
+  test("a new image tagged default: the user is told when the desktop restarts; at the hard time the node stops it; the next connect runs the new image", async () => {
+    const image = await desktopImage();
+    const di2 = await node.addImage(osfId, "desktop-2.tar.gz", async (p) => copyFileSync(image, p));
+    // The administrator's publication: running desktops on the old image are warned now and stopped in an hour.
+    await ok(admin.post(`/dis/${di2.id}/tags`, { tag: "default", expire_soft_s: 0, expire_hard_s: 3600 }), "tag default");
+    await ok(admin.post(`/dis/${di2.id}/tags`, { tag: "head" }), "tag head");
+    const hard = (await row()).expire_hard_at as Date;
+    expect(hard).toBeInstanceOf(Date);
+    const clock = await desktopClock(hard);
+    const wanted = async () => (await xmessages()).filter((p) => p.argv.at(-1)!.includes(`at ${clock} `));
+    await until(async () => (await wanted()).length === 1, `a notice naming ${clock}`, 60_000);
+    // It replaced the first one.
+    await until(async () => (await noticeWindows()).length === 1 && (await xmessages()).length === 1, "one notice window", 30_000);
+    expect((await xmessages())[0]!.uid).toBe(UID);
+
+    // The stop is brought forward: a few seconds from now.
+    await ok(admin.post(`/vms/${vm.id}/expire`, { hard_at: new Date(Date.now() + 3000).toISOString() }), "expire hard");
+    await until(async () => (await row()).vm_state === "stopped", "the node to stop the desktop", 120_000);
+    await disconnect();
+    expect(readFileSync(node.logFile, "utf8")).toContain("its hard expiry time was reached");
+    expect(await node.containers()).toEqual([]);
+    const stopped = await row();
+    expect([stopped.expire_soft_at, stopped.expire_hard_at, stopped.current_di_id]).toEqual([null, null, null]);
+
+    // The user connects again: the desktop starts on the image `default` now points to.
+    await connect();
+    expect((await row()).current_di_id).toBe(di2.id);
+    expect(await rootLower()).toBe(di2.id);
+    // No expiry on the new desktop: no notice.
+    await Bun.sleep(3000);
+    expect(await noticeWindows()).toEqual([]);
+  }, 600_000);
+});
