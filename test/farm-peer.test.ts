@@ -203,6 +203,9 @@ describe("what a node may ask for", () => {
     const err = await b.vma<never>(nodeA(), vmHere.id, SESSION_B, "x_start", { user: "x", bogus: 1 }, 3000).catch((e: unknown) => e as VmaError);
     expect(err).toBeInstanceOf(VmaError);
     expect(err.status).toBe(422);
+    // A large body (more than a TLS record, more than the VMA takes) arrives whole: the VMA's own 413.
+    const large = await b.vma<never>(nodeA(), vmHere.id, SESSION_B, "x_start", { user: "x", pad: "a".repeat(200_000) }, 3000).catch((e: unknown) => e as VmaError);
+    expect(large.status).toBe(413);
     b.close();
   });
 

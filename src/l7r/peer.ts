@@ -15,7 +15,6 @@
 import type { Socket } from "bun";
 import type { Sql } from "../db/pool.ts";
 import { peerDesktop, peerNodeByName, type PeerNode } from "../db/peer.ts";
-import { commonName } from "../farm/certs.ts";
 import { vmaCall, VmaError } from "../hkd/vma-client.ts";
 import { logger } from "../log.ts";
 import { HttpParseError, RequestReader, textResponse, writeHead, writeResponse, type HttpRequest } from "../nx/http.ts";
@@ -111,7 +110,7 @@ export function startPeerServer(o: PeerServerOptions): PeerServer {
           if (this.busy || !this.caller) return void (this.s as any).pause?.();
           void this.pump();
         },
-        drain: () => {},
+        drain: () => this.flush(),
         end: () => this.close(),
         close: () => this.close(),
       };
@@ -155,8 +154,17 @@ export function startPeerServer(o: PeerServerOptions): PeerServer {
       if (!this.upgraded) this.s.end();
     }
 
+    /** Answer bytes the socket did not take yet (written on drain). */
+    private out: Uint8Array = new Uint8Array(0);
+
     private send(bytes: Uint8Array) {
-      if (!this.closed) this.s.write(bytes);
+      if (this.closed) return;
+      this.out = this.out.length ? Buffer.concat([this.out, bytes]) : bytes;
+      this.flush();
+    }
+
+    private flush() {
+      if (this.out.length && !this.closed) this.out = this.out.subarray(Math.max(0, this.s.write(this.out)));
     }
 
     /** A request whose body has not all arrived yet. */
@@ -381,7 +389,7 @@ class PeerConn {
         this.reader.push(c);
         this.deliver();
       },
-      drain: () => {},
+      drain: () => this.flush(),
       end: () => this.fail(new Error("the peer closed the connection")),
       close: (e) => this.fail(e ?? new Error("the peer closed the connection")),
     };
@@ -416,6 +424,13 @@ class PeerConn {
     this.fail(new Error("closed"));
   }
 
+  /** Request bytes the socket did not take yet (an x_start's body), written on drain. */
+  private out: Uint8Array = new Uint8Array(0);
+
+  private flush() {
+    if (this.out.length && !this.closed) this.out = this.out.subarray(Math.max(0, this.s.write(this.out)));
+  }
+
   request(bytes: Uint8Array, timeoutMs: number): Promise<Response> {
     return new Promise<Response>((resolve, reject) => {
       const timer = setTimeout(() => this.fail(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
@@ -423,7 +438,8 @@ class PeerConn {
         resolve: (r) => (clearTimeout(timer), resolve(r)),
         reject: (e) => (clearTimeout(timer), reject(e)),
       };
-      this.s.write(bytes);
+      this.out = bytes;
+      this.flush();
     });
   }
 
