@@ -234,6 +234,7 @@ describe.skipIf(!isRoot)("a real node (HKD, LXC)", () => {
   }, 180_000);
 
   test("declared lost while it runs a desktop: the node kills it and rejoins; the VM is released and starts again", async () => {
+    await testNode.kill("SIGTERM"); // left running when the test above failed
     await testNode.start(FAST);
     const vm = await desktopOn(null);
     const startOn = async () => (await sa.post(`/vms/${vm}/start`)).body;
