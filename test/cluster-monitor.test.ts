@@ -133,6 +133,10 @@ describe("the administrator's controls (API)", () => {
     const refused = await sa.post(`/vms/${vm}/clear_zombie`);
     expect([refused.status, refused.body.error.message]).toEqual([409, expect.stringContaining("which is alive")]);
     await sql()`UPDATE host_runtimes SET state = 'lost' WHERE host_id = ${h}`;
+    // Another tenant's administrator does not even see the VM.
+    const other = await api.login("boss", "boss-password", "acme");
+    expect((await other.post(`/vms/${vm}/clear_zombie`)).status).toBe(404);
+    expect((await vmRow(vm)).vm_state).toBe("zombie");
     expect((await sa.post(`/vms/${vm}/clear_zombie`)).status).toBe(200);
     expect(await vmRow(vm)).toMatchObject({ vm_state: "stopped", host_id: null });
   });
@@ -142,6 +146,7 @@ describe("the administrator's controls (API)", () => {
     const h = await node("running", 0);
     const vm = await desktopOn(null);
     expect((await sa.post(`/hosts/${h}/drain`)).body.drain).toBe(true);
+    expect((await sa.get("/hosts?drain=true")).body.items.map((r: { id: number }) => r.id)).toEqual([h]);
     const refused = await sa.post(`/vms/${vm}/start`);
     expect(refused.status).toBe(409);
     expect((await sa.post(`/hosts/${h}/undrain`)).body.drain).toBe(false);
