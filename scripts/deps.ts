@@ -105,6 +105,12 @@ export const DEPS = {
     globs: ["/bin/busybox", "/usr/bin/busybox"],
     packages: ["busybox-static"],
   },
+  tcpdump: {
+    purpose: "captures the farm network's traffic (test/farm.test.ts: nothing between nodes in clear)",
+    bins: ["tcpdump"],
+    globs: ["/usr/bin/tcpdump", "/usr/sbin/tcpdump"],
+    packages: ["tcpdump"],
+  },
   haproxy: {
     purpose: "a TLS-terminating TCP proxy to compare the L7R splice with (bench/l7r.ts)",
     bins: ["haproxy"],

@@ -21,12 +21,20 @@ export class WireClient {
   private socket!: Socket<undefined>;
 
   static async connect(port: number, host = "127.0.0.1"): Promise<WireClient> {
+    return WireClient.open({ hostname: host, port });
+  }
+
+  /** The same over a unix socket (an L7R's l7r.listen.unix, reachable from any namespace). */
+  static async connectUnix(path: string): Promise<WireClient> {
+    return WireClient.open({ unix: path });
+  }
+
+  private static async open(target: { hostname: string; port: number } | { unix: string }): Promise<WireClient> {
     const c = new WireClient();
     let shaken!: () => void;
     const handshake = new Promise<void>((r) => (shaken = r));
     c.socket = await Bun.connect({
-      hostname: host,
-      port,
+      ...(target as { hostname: string; port: number }),
       tls: { rejectUnauthorized: false },
       socket: {
         // Bytes written before the handshake completes would be lost: wait for it.
