@@ -1,15 +1,14 @@
 // Expiry as the user feels it, end to end on a node: the real Debian desktop image in LXC
-// (`qvd hkd` in a network namespace of this test), the user's X session under nxagent with a
-// real nxproxy attached, and the admin API setting the times. A soft expiry puts one notice
+// (`qvd node`, HKD and L7R, in a network namespace of this test), the user connected with
+// `qvd client` (its nxproxy on an Xvfb of the test), and the admin API setting the times. A soft expiry puts one notice
 // window in the session (src/vma/expiry.ts), however often the node repeats its call; a new
 // image tagged `default` tells the user when the desktop restarts; at the hard time the node
-// stops the desktop, and the next start runs the newly tagged image.
+// stops the desktop, and the user's next connection starts the newly tagged image.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { copyFileSync, mkdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import * as D from "../src/db/index.ts";
 import { run } from "../src/run.ts";
-import { newNxCookie } from "../src/nx/handshake.ts";
 import { NOTICE_TITLE, noticeText } from "../src/vma/expiry.ts";
 import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
@@ -19,7 +18,7 @@ const isRoot = process.getuid?.() === 0;
 const db = useTestDatabase();
 const ALL = D.ALL_TENANTS;
 const DISPLAY = 64;
-const UID = 20001;
+const PORT = 8443;
 const output = join(import.meta.dir, "..", ".test-output");
 const bun = join(import.meta.dir, "..", "node_modules", ".bin", "bun");
 
@@ -33,12 +32,14 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
   let di1: D.DiRow;
   let secret = "";
   let xvfb: Bun.Subprocess | undefined;
-  /** The NX relay (adds the cookie, as the L7R does) and the client's nxproxy of the current session. */
-  let client: Bun.Subprocess[] = [];
+  /** `qvd client` of the current connection. */
+  let client: Bun.Subprocess | undefined;
+  /** The session user's uid in the desktop (the L7R's choice). */
+  let uid = 0;
 
   const vma = (method: string, body?: unknown) => node.vma(`http://${vm.ip}:3030`, secret, `/vma/${method}`, body);
   const xState = async () => (await vma("x_state")).json?.state as string | undefined;
-  const row = async () => (await sql()`SELECT vm_state, current_di_id, expire_soft_at, expire_hard_at, vma_secret FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!;
+  const row = async () => (await sql()`SELECT vm_state, user_state, current_di_id, expire_soft_at, expire_hard_at, vma_secret FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!;
   const ok = async (r: Promise<{ status: number; body: any }>, what: string) => {
     const x = await r;
     expect(x.status, `${what}: ${JSON.stringify(x.body)}`).toBeLessThan(300);
@@ -68,32 +69,25 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
     return Number(/lowerdir=[^,]*\/basefs\/(\d+)(?:[/,]|$)/.exec(root)?.[1]);
   };
 
-  /** What a connect does: the start (if stopped), x_start, and a client's nxproxy through the relay. */
+  /** The user connects with `qvd client` through the node's L7R (which starts the desktop if it is stopped). */
   async function connect(): Promise<void> {
-    if ((await row()).vm_state === "stopped") await ok(admin.post(`/vms/${vm.id}/start`), "start");
-    await until(async () => (await row()).vm_state === "running", "the desktop to run", 240_000);
-    secret = (await row()).vma_secret;
-    await until(async () => (await xState()) === "stopped", "the VMA to answer", 60_000);
-    const cookie = newNxCookie();
-    const r = await vma("x_start", { user: "alice", uid: UID, gid: UID, geometry: "1024x768", keyboard: "pc105/us", link: "lan", client_os: "linux", cookie });
-    expect(r.status, JSON.stringify(r.json)).toBe(200);
-    await until(async () => (await xState()) === "listening", "nxagent to listen", 60_000);
     await disconnect();
-    const relay = Bun.spawn([...node.ns.exec, bun, join(import.meta.dir, "support", "nx-relay.ts"), "4150", vm.ip!, "4100", cookie], { stdout: "pipe", stderr: "inherit" });
-    client.push(relay);
-    await relay.stdout.getReader().read(); // "listening"
-    client.push(Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${DISPLAY}`, "nxproxy", "-S", "localhost:150"], { stdout: "ignore", stderr: "ignore" }));
+    const c = (client = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${DISPLAY}`, "QVD_PASSWORD=alice-pw-1", node.binary, "client",
+      "--host", "127.0.0.1", "--port", String(PORT), "--user", "alice", "--insecure", "--link", "lan"], { stdout: "pipe", stderr: "pipe" }));
+    await until(async () => (await row()).user_state === "connected" || c.exitCode !== null, "the client's session", 300_000);
+    expect(c.exitCode, c.exitCode !== null ? await new Response(c.stderr).text() : "").toBeNull();
+    secret = (await row()).vma_secret;
     await until(async () => (await xState()) === "connected", "the NX session to connect", 60_000);
     // The session's window manager is up: X clients are served.
     await until(async () => (await node.attach(vm.id, "pgrep -x jwm")).status === 0, "the session's window manager", 30_000);
+    uid = Number((await node.attach(vm.id, "stat -c %u /proc/$(pgrep -x nxagent)")).stdout.trim());
+    expect(uid).toBeGreaterThan(0);
   }
 
   async function disconnect(): Promise<void> {
-    for (const c of client.reverse()) {
-      c.kill("SIGTERM");
-      await c.exited;
-    }
-    client = [];
+    client?.kill("SIGTERM");
+    await client?.exited;
+    client = undefined;
   }
 
   beforeAll(async () => {
@@ -103,12 +97,15 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
     await node.setup();
     api = await startTestApi(db(), { "path.storage.images": join(node.root, "storage", "images") });
     admin = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
-    const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "alice" });
+    const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "alice", password: "alice-pw-1" });
     const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
     osfId = osf.id;
     di1 = await node.addImage(osf.id, "desktop-1.tar.gz", async (p) => copyFileSync(image, p));
     vm = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" });
-    await node.start({ "hkd.timeout.vma_start": "60" });
+    const cert = join(node.root, "l7r.crt");
+    const key = join(node.root, "l7r.key");
+    await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", key, "-out", cert]);
+    await node.start({ "hkd.timeout.vma_start": "60" }, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
     xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" });
     await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0, "Xvfb", 20_000);
     await connect();
@@ -134,7 +131,7 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
     expect(await noticeWindows()).toHaveLength(1);
     const procs = await xmessages();
     expect(procs).toHaveLength(1);
-    expect(procs[0]!.uid).toBe(UID);
+    expect(procs[0]!.uid).toBe(uid);
     expect(procs[0]!.argv.at(-1)).toBe(noticeText(null));
     // For review: the client's screen with the notice.
     mkdirSync(output, { recursive: true });
@@ -154,12 +151,13 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
     await until(async () => (await wanted()).length === 1, `a notice naming ${clock}`, 60_000);
     // It replaced the first one.
     await until(async () => (await noticeWindows()).length === 1 && (await xmessages()).length === 1, "one notice window", 30_000);
-    expect((await xmessages())[0]!.uid).toBe(UID);
+    expect((await xmessages())[0]!.uid).toBe(uid);
 
     // The stop is brought forward: a few seconds from now.
     await ok(admin.post(`/vms/${vm.id}/expire`, { hard_at: new Date(Date.now() + 3000).toISOString() }), "expire hard");
     await until(async () => (await row()).vm_state === "stopped", "the node to stop the desktop", 120_000);
     await disconnect();
+    await until(async () => (await row()).user_state === "disconnected", "the session to be released", 30_000);
     expect(readFileSync(node.logFile, "utf8")).toContain("its hard expiry time was reached");
     expect(await node.containers()).toEqual([]);
     const stopped = await row();
