@@ -12,7 +12,7 @@ import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { join } from "node:path";
 import type { Socket, TCPSocketListener } from "bun";
 import * as D from "../src/db/index.ts";
-import { createFarmCa, issueNodeCert } from "../src/farm/certs.ts";
+import { checkNodeTls, createFarmCa, issueNodeCert } from "../src/farm/certs.ts";
 import { PeerClient, startPeerServer, type PeerServer } from "../src/l7r/peer.ts";
 import { VmaError } from "../src/hkd/vma-client.ts";
 import { startVmaServer } from "../src/vma/server.ts";
@@ -146,6 +146,35 @@ describe("qvd farm: the CA and node certificates", () => {
     await expect(issueNodeCert({ caDir, name: "a/CN=b", address: "127.0.0.1", outDir: join(dir, "bad") })).rejects.toThrow(/node name/);
     await expect(issueNodeCert({ caDir, name: "ok", address: "1.2.3.4,DNS:evil", outDir: join(dir, "bad") })).rejects.toThrow(/--address/);
   });
+});
+
+describe("qvd farm, the command", () => {
+  const qvd = async (...args: string[]) => {
+    const p = Bun.spawn([process.execPath, "src/main.ts", "farm", ...args], { env: cleanEnv(), stdout: "pipe", stderr: "pipe", stdin: "ignore" });
+    const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+    return { stdout, stderr: stderr.trim(), code };
+  };
+
+  test("ca makes a CA once; cert issues a node's certificate the node accepts, and replaces it only with --force", async () => {
+    const ca = join(dir, "cli-ca");
+    expect((await qvd("ca", "--dir", ca)).code).toBe(0);
+    expect(statSync(join(ca, "ca.key")).mode & 0o777).toBe(0o600);
+    const again = await qvd("ca", "--dir", ca);
+    expect(again.code).toBe(1);
+    expect(again.stderr).toBe(`qvd: ${join(ca, "ca.crt")} exists: a farm CA is never overwritten (remove it yourself to start a new farm)`);
+    const out = join(dir, "cli-node");
+    const made = await qvd("cert", "--ca-dir", ca, "--name", "node7", "--address", "10.1.2.3", "--out", out, "--days", "30");
+    expect(made.code, made.stderr).toBe(0);
+    expect(made.stdout).toContain(`cluster.tls.cert = ${join(out, "node.crt")}`);
+    const x = new X509Certificate(readFileSync(join(out, "node.crt")));
+    expect(x.subjectAltName).toBe("DNS:node7, IP Address:10.1.2.3");
+    expect(new Date(x.validTo).getTime() - Date.now()).toBeLessThan(31 * 86400_000);
+    expect(checkNodeTls({ ca: join(ca, "ca.crt"), cert: join(out, "node.crt"), key: join(out, "node.key"), nodename: "node7" }).name).toBe("node7");
+    const twice = await qvd("cert", "--ca-dir", ca, "--name", "node7", "--address", "10.1.2.3", "--out", out);
+    expect(twice.code).toBe(1);
+    expect(twice.stderr).toContain("give --force to replace it");
+    expect((await qvd("cert", "--ca-dir", ca, "--name", "node7", "--address", "10.1.2.3", "--out", out, "--force")).code).toBe(0);
+  }, 60_000);
 });
 
 describe("who may speak to the endpoint", () => {
