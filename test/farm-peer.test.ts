@@ -13,7 +13,7 @@ import { join } from "node:path";
 import type { Socket, TCPSocketListener } from "bun";
 import * as D from "../src/db/index.ts";
 import { checkNodeTls, createFarmCa, issueNodeCert } from "../src/farm/certs.ts";
-import { PeerClient, startPeerServer, type PeerServer } from "../src/l7r/peer.ts";
+import { PeerClient, startPeerServer, UNPROVEN_PER_ADDRESS, type PeerServer } from "../src/l7r/peer.ts";
 import { VmaError } from "../src/hkd/vma-client.ts";
 import { startVmaServer } from "../src/vma/server.ts";
 import { Session } from "../src/vma/session.ts";
@@ -329,6 +329,27 @@ describe("bounds", () => {
       b.close();
     } finally {
       small.stop();
+    }
+  });
+
+  test("connections without a node's certificate are bounded per address; a node's kept connection is not among them", async () => {
+    const srv = startPeerServer({ sql: db().sql, nodename: "peer-a", hostname: "127.0.0.1", port: 0, tls: certs.a, timeouts: { handshake: 60 }, maxConnections: 1000 });
+    const held: Socket[] = [];
+    const b = new PeerClient({ tls: certs.b, port: srv.port, connectS: 3 });
+    try {
+      expect((await b.vma<{ state: string }>(nodeA(), vmHere.id, SESSION_B, "x_state", undefined, 3000)).state).toBe("stopped");
+      for (let i = 0; i < UNPROVEN_PER_ADDRESS; i++) held.push(await Bun.connect({ hostname: "127.0.0.1", port: srv.port, socket: { data() {} } }));
+      const end = Date.now() + 5000;
+      while (srv.connections() < UNPROVEN_PER_ADDRESS + 1 && Date.now() < end) await Bun.sleep(20);
+      // One more from this address is closed at once, even a node's new connection…
+      await expect(new PeerClient({ tls: certs.c, port: srv.port, connectS: 3 }).vma(nodeA(), vmHere.id, SESSION_B, "x_state", undefined, 2000)).rejects.toThrow(VmaError);
+      // …while node B's kept connection goes on working.
+      expect((await b.vma<{ state: string }>(nodeA(), vmHere.id, SESSION_B, "x_state", undefined, 3000)).state).toBe("stopped");
+      expect(srv.connections()).toBe(UNPROVEN_PER_ADDRESS + 1);
+    } finally {
+      for (const s of held) s.end();
+      b.close();
+      srv.stop();
     }
   });
 });

@@ -31,6 +31,11 @@ const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const READER_LIMITS = { maxRequestLine: 1024, maxHeaderBytes: 4096, maxHeaders: 16 };
 /** Largest request body (an x_start's parameters). */
 const MAX_BODY = 256 * 1024;
+/**
+ * Connections from one address that have not yet shown a node's certificate: a stranger on the
+ * farm network cannot take every slot (cluster.peer.limit.connections) from the nodes.
+ */
+export const UNPROVEN_PER_ADDRESS = 32;
 /** Largest answer a caller reads (a VMA's answers are small). */
 const MAX_ANSWER = 1024 * 1024;
 
@@ -80,6 +85,13 @@ export function startPeerServer(o: PeerServerOptions): PeerServer {
   const maxConnections = o.maxConnections ?? 1024;
   const sql = o.sql;
   let connections = 0;
+  /** Connections not yet proven a node's, by address. */
+  const unproven = new Map<string, number>();
+  const proven = (address: string) => {
+    const n = (unproven.get(address) ?? 1) - 1;
+    if (n > 0) unproven.set(address, n);
+    else unproven.delete(address);
+  };
   let refusedLogged = 0;
   const warn = (msg: string, fields: Record<string, unknown>) => {
     // One line a second at most: a flood must not become a flood of log lines.
@@ -93,12 +105,15 @@ export function startPeerServer(o: PeerServerOptions): PeerServer {
   class Conn {
     private readonly reader = new RequestReader(READER_LIMITS);
     private caller?: PeerNode;
+    private readonly address: string;
     private busy = false;
     private closed = false;
     private upgraded = false;
     private timer?: ReturnType<typeof setTimeout>;
 
-    constructor(private readonly s: Socket<PeerData>) {}
+    constructor(private readonly s: Socket<PeerData>) {
+      this.address = s.remoteAddress;
+    }
 
     start() {
       const io: Io = {
@@ -139,6 +154,7 @@ export function startPeerServer(o: PeerServerOptions): PeerServer {
       if (!node) return this.close(`certificate of ${JSON.stringify(cn)}, which is no node of the farm`);
       if (node.state === "lost") return this.close(`node ${cn} is declared lost; it must rejoin first`);
       this.caller = node;
+      proven(this.address);
       this.arm(t.idle, "idle");
       (this.s as any).resume?.();
       void this.pump();
@@ -149,6 +165,7 @@ export function startPeerServer(o: PeerServerOptions): PeerServer {
       this.closed = true;
       clearTimeout(this.timer);
       connections--;
+      if (!this.caller) proven(this.address);
       if (why) warn("peer connection closed", { peer: this.caller?.name ?? this.s.remoteAddress, reason: why });
       if (this.s.data) this.s.data.io = undefined;
       if (!this.upgraded) this.s.end();
@@ -298,6 +315,13 @@ export function startPeerServer(o: PeerServerOptions): PeerServer {
           s.terminate?.();
           return;
         }
+        const mine = unproven.get(s.remoteAddress) ?? 0;
+        if (mine >= UNPROVEN_PER_ADDRESS) {
+          warn("peer connection refused", { address: s.remoteAddress, reason: "too many connections without a node's certificate" });
+          s.terminate?.();
+          return;
+        }
+        unproven.set(s.remoteAddress, mine + 1);
         connections++;
         (s as any).setNoDelay?.(true);
         new Conn(s).start();
