@@ -5,7 +5,9 @@
 // below cluster.lost_after. As root, with a real HKD and LXC: the grace after a database outage,
 // and a node declared lost while it runs a desktop kills it, rejoins and starts desktops again.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { readFileSync } from "node:fs";
+import { copyFileSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { run } from "../src/run.ts";
 import * as D from "../src/db/index.ts";
 import { leaveDrainingNode } from "../src/db/cluster.ts";
 import { connect, type Sql } from "../src/db/pool.ts";
@@ -267,4 +269,39 @@ describe.skipIf(!isRoot)("a real node (HKD, LXC)", () => {
     await sa.post(`/vms/${vm}/stop`);
     await untilVm("stopped");
   }, 240_000);
+
+  test("drained: a user's next connect (through another node's L7R) stops the desktop there and starts it on another node", async () => {
+    const PORT = 8443;
+    const nodeB = new TestNode(db, "monitor-node-b");
+    try {
+      if (!testNode.proc) await testNode.start(FAST);
+      await sql()`UPDATE hosts SET address = '198.19.254.1' WHERE id = ${testNode.host.id}`; // addresses are unique; A runs no L7R
+      await nodeB.setup();
+      copyFileSync(join(testNode.root, "storage", "images", "busybox.tar.gz"), join(nodeB.root, "storage", "images", "busybox.tar.gz"));
+      const [cert, key] = [join(nodeB.root, "l7r.crt"), join(nodeB.root, "l7r.key")];
+      await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", key, "-out", cert]);
+      await nodeB.start(FAST, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
+      const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "mover", password: "mover-password" });
+      const vm = (await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osfId, name: "moving-desk" }, { range: "198.18.0.0/16" })).id;
+      // The desktop runs on node A (B drained meanwhile, so placement cannot choose it).
+      await sa.post(`/hosts/${nodeB.host.id}/drain`);
+      expect((await sa.post(`/vms/${vm}/start`)).body.host_id).toBe(testNode.host.id);
+      await until(async () => (await vmRow(vm)).vm_state === "running", "the desktop to run on node A", 60_000);
+      await sa.post(`/hosts/${nodeB.host.id}/undrain`);
+      await sa.post(`/hosts/${testNode.host.id}/drain`);
+
+      const bun = join(import.meta.dir, "..", "node_modules", ".bin", "bun");
+      const r = await run([...nodeB.ns.exec, bun, join(import.meta.dir, "support", "l7r-probe.ts"), String(PORT), "mover", "mover-password", String(vm)], { timeoutMs: 300_000 });
+      const out = JSON.parse(r.stdout.trim().split("\n").pop()!);
+      expect(out.progress).toContain("Moving the desktop off a draining node");
+      // (The busybox desktop has no nxagent: the connect ends at x_start, after the move.)
+      expect(await vmRow(vm)).toMatchObject({ vm_state: "running", host_id: nodeB.host.id });
+      expect(await testNode.containers()).toEqual([]);
+      expect(await nodeB.containers()).toEqual([`qvd-${vm}`]);
+      await sa.post(`/vms/${vm}/stop`);
+      await until(async () => (await vmRow(vm)).vm_state === "stopped", "the desktop to stop", 60_000);
+    } finally {
+      await nodeB.stop();
+    }
+  }, 600_000);
 });
