@@ -138,7 +138,7 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
     await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- ${join(output, "expiry-notice.png")}`], { allowFail: true });
   }, 120_000);
 
-  test("a new image tagged default: the user is told when the desktop restarts; at the hard time the node stops it; the next connect runs the new image", async () => {
+  test("a new image tagged default: the user is told when the desktop restarts; at the hard time the node stops it; the next connect runs the new image, where a new expiry is shown again", async () => {
     const image = await desktopImage();
     const di2 = await node.addImage(osfId, "desktop-2.tar.gz", async (p) => copyFileSync(image, p));
     // The administrator's publication: running desktops on the old image are warned now and stopped in an hour.
@@ -170,5 +170,8 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
     // No expiry on the new desktop: no notice.
     await Bun.sleep(3000);
     expect(await noticeWindows()).toEqual([]);
+    // A new expiry of the new desktop is shown again.
+    await ok(admin.post(`/vms/${vm.id}/expire`, { soft_at: new Date(Date.now() - 1000).toISOString() }), "expire");
+    await until(async () => (await noticeWindows()).length === 1, "the new desktop's notice", 60_000);
   }, 600_000);
 });

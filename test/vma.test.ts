@@ -239,6 +239,32 @@ describe("access", () => {
   });
 });
 
+describe("the expire hook (vma.on_action.expire)", () => {
+  test("runs with the times as ISO arguments, once per expiry setting; a failure is 500 and runs again at the next call", async () => {
+    const dir = join(work, "hook");
+    mkdirSync(dir, { recursive: true });
+    const out = join(dir, "calls");
+    const hook = join(dir, "hook.sh");
+    // Fails while the file `fail` exists; records each run's arguments, one line per run.
+    writeFileSync(hook, `#!/bin/sh\necho "$*" >> ${out}\n[ ! -e ${join(dir, "fail")} ]\n`, { mode: 0o755 });
+    const h = await startVma("hook", { "vma.session.as_current_user": true, "vma.session.command": "/bin/sleep 1000", "vma.on_action.expire": hook });
+    try {
+      const calls = () => (existsSync(out) ? readFileSync(out, "utf8").trim().split("\n") : []);
+      for (let i = 0; i < 3; i++) expect((await call(h, "POST", "/vma/expire", { soft: "2026-12-06T17:00:00Z", hard: null })).status).toBe(200);
+      expect(calls()).toEqual(["vm.expiration.soft 2026-12-06T17:00:00.000Z vm.expiration.hard  qvd.vm.session.state stopped qvd.hook.on_action expire"]);
+      writeFileSync(join(dir, "fail"), "");
+      expect((await call(h, "POST", "/vma/expire", { soft: 1796576400, hard: 1796580000 })).status).toBe(500);
+      rmSync(join(dir, "fail"));
+      expect((await call(h, "POST", "/vma/expire", { soft: 1796576400, hard: 1796580000 })).status).toBe(200);
+      expect((await call(h, "POST", "/vma/expire", { soft: 1796576400, hard: 1796580000 })).status).toBe(200);
+      expect(calls().slice(1)).toEqual(Array(2).fill(`vm.expiration.soft ${new Date(1796576400_000).toISOString()} vm.expiration.hard ${new Date(1796580000_000).toISOString()} qvd.vm.session.state stopped qvd.hook.on_action expire`));
+    } finally {
+      h.proc.kill("SIGTERM");
+      await h.proc.exited;
+    }
+  });
+});
+
 describe("provisioning (temporary root)", () => {
   test("creates group, user and home; keeps an existing home; idempotent", async () => {
     const dir = join(work, "prov");
@@ -439,6 +465,21 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     await Bun.sleep(1000);
     expect(await notices()).toHaveLength(1);
     expect(xmessages().map((x) => [x!.uid, x!.argv.at(-1)])).toEqual([[UID, noticeText(hard)]]);
+  });
+
+  test("a new X session (the user logged out and in again) shows the notice again", async () => {
+    const before = xmessages();
+    expect(before).toHaveLength(1);
+    expect((await call(v, "POST", "/vma/x_stop")).status).toBe(200);
+    await waitState("stopped", 30_000);
+    expect((await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, cookie: COOKIE })).status).toBe(200);
+    relay.cookie = COOKIE;
+    await waitState("listening");
+    startProxy();
+    await waitState("connected");
+    await waitFor("the notice in the new session", async () => ((await notices()).length === 1 ? true : undefined), 15_000, 200);
+    expect(xmessages().map((x) => x!.argv.at(-1))).toEqual([before[0]!.argv.at(-1)]);
+    expect(xmessages()[0]!.pid).not.toBe(before[0]!.pid);
   });
 
   test("x_stop ends nxagent; poweroff ends the VMA", async () => {
