@@ -23,6 +23,7 @@ describe("VMA configuration", () => {
       "vma.command.nxagent = /tmp/evil",
       "vma.nxagent.args.extra = -ac",
       "vma.on_action.expire = /tmp/evil",
+      "vma.command.xmessage = /tmp/evil",
       "vma.poweroff.command = /tmp/evil",
       "vma.user.groups = sudo",
       "identity.uid.min = 1000",
@@ -34,11 +35,12 @@ describe("VMA configuration", () => {
 
   test("the image's vma.conf: node-only keys ignored (and named), the rest applies", () => {
     const { cfg, ignored } = loadVmaConfig(vf(), "vma.json", { guestConfig: guest, env: {} });
-    expect(ignored).toEqual(["vma.provision.root", "vma.session.as_current_user", "vma.command.nxagent", "vma.nxagent.args.extra", "vma.on_action.expire", "vma.poweroff.command", "vma.user.groups", "identity.uid.min"]);
+    expect(ignored).toEqual(["vma.provision.root", "vma.session.as_current_user", "vma.command.nxagent", "vma.nxagent.args.extra", "vma.on_action.expire", "vma.command.xmessage", "vma.poweroff.command", "vma.user.groups", "identity.uid.min"]);
     expect(cfg.get("vma.provision.root")).toBe("/");
     expect(cfg.get("vma.session.as_current_user")).toBe(false);
     expect(cfg.get("vma.command.nxagent")).toBe("/usr/bin/nxagent");
     expect(cfg.get("vma.on_action.expire")).toBe("");
+    expect(cfg.get("vma.command.xmessage")).toBe("/usr/bin/xmessage"); // run as root (setpriv) before it becomes the user
     expect(cfg.get("identity.uid.min")).toBe(10000);
     expect(cfg.get("vma.user.shell")).toBe("/bin/zsh");
     expect(cfg.get("vma.default.lang")).toBe("de_DE.UTF-8");
