@@ -40,7 +40,7 @@ describe("VMA configuration", () => {
     expect(cfg.get("vma.session.as_current_user")).toBe(false);
     expect(cfg.get("vma.command.nxagent")).toBe("/usr/bin/nxagent");
     expect(cfg.get("vma.on_action.expire")).toBe("");
-    expect(cfg.get("vma.command.xmessage")).toBe("/usr/bin/xmessage"); // run as root (setpriv) before it becomes the user
+    expect(cfg.get("vma.command.xmessage")).toBe("/usr/bin/xmessage"); // the node decides what the VMA starts in the session
     expect(cfg.get("identity.uid.min")).toBe(10000);
     expect(cfg.get("vma.user.shell")).toBe("/bin/zsh");
     expect(cfg.get("vma.default.lang")).toBe("de_DE.UTF-8");
