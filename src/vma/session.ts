@@ -200,6 +200,7 @@ export class Session {
     // cwd "/": the VMA (root) does not enter a directory the user controls.
     return spawnDaemon([...priv, ...argv], { cwd: "/", env, detached: true, onLine: (l) => log.debug("session program", { line: l }) });
   }
+
   get port(): number { return 4000 + this.opts.display; }
   get nxagentPid(): number | undefined { return this.agentPid; }
 
