@@ -49,7 +49,7 @@ export interface HkdOptions {
 type Phase = "idle" | "starting" | "running" | "stopping" | "stopped" | "zombie";
 
 /** The operations on one desktop; they run one after the other (see enqueue). */
-type Op = { kind: "start" } | { kind: "stop"; why: string; graceful: boolean } | { kind: "retry" };
+type Op = { kind: "start" } | { kind: "stop"; why: string; graceful: boolean; replacesStart?: boolean } | { kind: "retry" };
 
 /** The longest wait between two teardown attempts of a zombie. */
 const ZOMBIE_RETRY_CAP_S = 3600;
@@ -145,7 +145,8 @@ export class Hkd {
         version: VERSION,
       });
       this.lastDbOk = Date.now();
-      this.dbOkSince ??= Date.now();
+      // A node declared lost watches nobody until it has rejoined and had its own grace.
+      this.dbOkSince = ok ? (this.dbOkSince ?? Date.now()) : undefined;
       if (!ok) await this.rejoin();
       else if (this.fenced && !this.rejoining) {
         log.info("database reachable again; reconciling");
@@ -251,8 +252,15 @@ export class Hkd {
     }
     if (op.kind === "stop") {
       if (r.current?.kind === "start") r.abort.abort();
+      // A claimed start that has not begun: the database says starting, so the stop must run
+      // even if the desktop's last run is already torn down.
+      const replaces = r.ops.some((o) => o.kind === "start");
       r.ops = r.ops.filter((o) => o.kind === "stop");
-      if (r.ops.length) return r.drained!;
+      if (r.ops.length) {
+        if (replaces) (r.ops[0] as Extract<Op, { kind: "stop" }>).replacesStart = true;
+        return r.drained!;
+      }
+      op = { ...op, replacesStart: replaces };
     }
     if (op.kind === "retry" && r.ops.length) return r.drained!;
     r.ops.push(op);
@@ -266,7 +274,7 @@ export class Hkd {
         r.current = op;
         try {
           if (op.kind === "start") await this.startVm(r);
-          else if (op.kind === "stop" && r.phase !== "stopped") {
+          else if (op.kind === "stop" && (r.phase !== "stopped" || op.replacesStart)) {
             log.info("stopping desktop", { vm: r.vmId, why: op.why });
             await this.teardown(r, op.graceful);
           } else if (op.kind === "retry" && r.phase === "zombie") {
@@ -283,7 +291,7 @@ export class Hkd {
       }
     } finally {
       r.drained = undefined;
-      if (r.phase === "stopped" && this.runs.get(r.vmId) === r) this.runs.delete(r.vmId);
+      if ((r.phase === "stopped" || r.phase === "idle") && this.runs.get(r.vmId) === r) this.runs.delete(r.vmId);
     }
   }
 
