@@ -797,7 +797,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       for (let attempt = 0; ; attempt++) {
         await this.checkAbort(vm.vm_id);
         try {
-          await vmaCall(target, "x_start", body, t.vma * 1000);
+          await link.vma("x_start", body, t.vma * 1000);
           break;
         } catch (err) {
           lastErr = (err as Error).message;
@@ -814,7 +814,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       for (;;) {
         let state = "";
         try {
-          state = (await vmaCall<{ state: string }>(target, "x_state", undefined, t.vma * 1000)).state;
+          state = (await link.vma<{ state: string }>("x_state", undefined, t.vma * 1000)).state;
         } catch {
           /* no answer: keep waiting */
         }
