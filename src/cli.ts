@@ -62,7 +62,7 @@ export function configFromArgs(
 
 /** A database URL with its password masked, for messages. */
 export function maskUrl(url: string): string {
-  return url.replace(/^(\w+:\/\/[^:@/]*:)[^@]*@/, "$1********@");
+  return url.replace(/^(\w+:\/\/[^:@/]*:)[^@]*@/, "$1********@").replace(/([?&]password=)[^&]*/, "$1********");
 }
 
 /** Connects with the configured URL, runs `fn`, and always closes the pool. */

@@ -9,6 +9,7 @@ import { hostname } from "node:os";
 import { existsSync, readFileSync } from "node:fs";
 import { z } from "zod";
 import { ConfigError } from "./errors.ts";
+import { parseDatabaseUrl } from "./db/url.ts";
 
 export type KeyScope = "node" | "cluster";
 
@@ -50,6 +51,14 @@ const oneOf = <const T extends readonly [string, ...string[]]>(values: T) =>
 // libpq's unix-socket form `postgres://user@/db?host=/dir` has an empty host, which WHATWG
 // URLs reject after credentials: check it with a placeholder host (as db/pool.ts connects).
 const url = z.string().refine((s) => URL.canParse(s.replace(/^(\w+:\/\/(?:[^@/?]*@)?)(?=[/?]|$)/, "$1localhost")), "expected a URL");
+/** libpq's URL forms, several hosts included (postgres://a:5432,b:5432/qvd?target_session_attrs=read-write). */
+const dbUrl = z.string().superRefine((s, ctx) => {
+  try {
+    parseDatabaseUrl(s);
+  } catch (err) {
+    ctx.addIssue({ code: "custom", message: (err as Error).message.replace(/^database\.url: /, "") });
+  }
+});
 const hostPort = z
   .string()
   .regex(/^(\[[0-9a-fA-F:]+\]|[\w.-]*):\d{1,5}$/, "expected ADDRESS:PORT (an empty address means all)");
@@ -77,7 +86,7 @@ export const KEYS = {
   nodename: key(nonEmpty, hostname(), "Name of this node; the HKD finds its `hosts` row by it."),
   "log.level": key(oneOf(["debug", "info", "warn", "error"]), "info", "Lowest level of log lines written to stderr."),
 
-  "database.url": key(url.optional(), undefined, "PostgreSQL URL (postgres://user:pass@host:port/db, or ?host=/socket/dir for a unix socket).", { secret: true }),
+  "database.url": key(dbUrl.optional(), undefined, "PostgreSQL URL (postgres://user:pass@host:port/db, or ?host=/socket/dir for a unix socket); several hosts for a replicated database: postgres://user:pass@a:5432,b:5432/db?target_session_attrs=read-write.", { secret: true }),
   "database.host": key(str, "localhost", "Database host, used when database.url is not set (QVD's classic keys)."),
   "database.port": key(int(1, 65535), 5432, "Database port, used when database.url is not set."),
   "database.name": key(str, "qvd", "Database name, used when database.url is not set."),

@@ -113,6 +113,31 @@ describe.skipIf(!isRoot)("HKD with LXC", () => {
     expect(await node.links()).not.toContain(`qvd${vm.id}`);
   });
 
+  test("a database outage shorter than hkd.fence_after stops no desktop", async () => {
+    await startCommand(vm.id);
+    await untilState(vm.id, "running");
+    const initPid = async () => (await run([...node.ns.exec, "lxc-info", "-n", `qvd-${vm.id}`, "-P", node.lxcPath, "-p", "-H"], { allowFail: true })).stdout.trim();
+    const pid = await initPid();
+    const failedBeats = () => readFileSync(node.logFile, "utf8").split("heartbeat failed").length - 1;
+    const before = failedBeats();
+    const logSize = readFileSync(node.logFile, "utf8").length;
+    await db().cluster.pause();
+    try {
+      await until(() => failedBeats() >= before + 3, "three heartbeats to fail", 60_000);
+    } finally {
+      await db().cluster.resume();
+    }
+    const resumed = new Date(); // the server runs on this machine's clock
+    const okTs = async () => ((await sql()`SELECT ok_ts FROM host_runtimes WHERE host_id = ${node.host.id}`)[0]!.ok_ts as Date);
+    await until(async () => (await okTs().catch(() => resumed)) > resumed, "a heartbeat after the outage", 30_000);
+    expect(await node.containers()).toEqual([`qvd-${vm.id}`]);
+    expect(await initPid()).toBe(pid);
+    expect(await vmState(vm.id)).toBe("running");
+    expect(readFileSync(node.logFile, "utf8").slice(logSize)).not.toContain("fencing");
+    await D.stopVm(sql(), ALL, vm.id);
+    await untilState(vm.id, "stopped");
+  });
+
   test("without the database for hkd.fence_after seconds, the node stops its desktops; back, it reconciles", async () => {
     await node.kill("SIGTERM");
     await node.start({ "hkd.fence_after": "5" });

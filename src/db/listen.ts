@@ -32,12 +32,13 @@ export async function listen(
   opts: { retryMs?: { min: number; max: number } } = {},
 ): Promise<Listener> {
   for (const c of channels) if (!CHANNEL.test(c)) throw new Error(`invalid channel name ${JSON.stringify(c)}`);
-  const retry = opts.retryMs ?? { min: 200, max: 5000 };
+  // At most a second between attempts: a promoted standby is listened on soon after it is up.
+  const retry = opts.retryMs ?? { min: 200, max: 1000 };
   let connected = false;
   let closed = false;
   let reconnecting: Promise<void> | undefined;
 
-  const sql: Sql = connect(url, {
+  const open = (): Sql => connect(url, {
     max: 1,
     applicationName: "qvd-listen",
     listener: {
@@ -53,6 +54,7 @@ export async function listen(
       },
     },
   });
+  let sql = open();
 
   const listenAll = async () => {
     for (const c of channels) await sql.unsafe(`LISTEN ${c}`);
@@ -64,6 +66,11 @@ export async function listen(
       await Bun.sleep(delay);
       if (closed) return;
       try {
+        // A fresh connection each time: nothing of the lost one's state is carried over (and,
+        // with several servers, the one that takes writes is chosen again).
+        const old = sql;
+        sql = open();
+        await old.end({ timeout: 0 }).catch(() => {});
         await listenAll();
         connected = true;
         log.info("notifications resumed; state must be re-read");

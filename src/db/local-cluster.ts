@@ -93,6 +93,20 @@ export class LocalCluster {
     await this.exec("initdb", ["-D", this.data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", ...(this.opts.noSync ? ["--no-sync"] : [])]);
   }
 
+  /**
+   * Makes this new cluster a streaming standby of `primary` (pg_basebackup -R over the
+   * primary's unix socket); start() then runs it as a hot standby.
+   */
+  async initStandbyOf(primary: LocalCluster): Promise<void> {
+    await this.prepareDir();
+    await this.exec("pg_basebackup", ["-D", this.data, "-R", "-X", "stream", "-c", "fast", "-d", `host=${primary.dir} user=postgres`]);
+  }
+
+  /** Promotes a standby: it leaves recovery and takes writes (waits until it does). */
+  async promote(): Promise<void> {
+    await this.exec("pg_ctl", ["-D", this.data, "-w", "-t", "60", "promote"], 90_000);
+  }
+
   /** Starts the server and waits until it accepts connections. */
   async start(): Promise<void> {
     await this.prepareDir();

@@ -1,7 +1,9 @@
 // The one connection pool. Everything that talks to PostgreSQL goes through `connect()` and
 // the typed functions of src/db/; roles never write SQL themselves.
+import { Socket } from "node:net";
+import { Duplex } from "node:stream";
 import postgres from "postgres";
-import { ConfigError } from "../errors.ts";
+import { checkDatabaseTls, parseDatabaseUrl, wantsPrimary, type DbTarget } from "./url.ts";
 
 export type Sql = postgres.Sql<{}>;
 /** A pool or a transaction: every query function accepts either. */
@@ -15,44 +17,22 @@ export interface ConnectOptions {
   listener?: { onnotify: (channel: string, payload: string) => void; onclose: () => void };
 }
 
-/**
- * Splits a URL into what postgres.js expects. Accepts libpq's form for unix sockets,
- * `postgres://user@/db?host=/run/postgresql`, which postgres.js does not read itself.
- */
-export function parseDatabaseUrl(url: string): { url: string; path?: string } {
-  // WHATWG URLs reject an empty host after credentials; give the parser a placeholder.
-  const u = new URL(url.replace(/^(postgres(?:ql)?:\/\/(?:[^@/?]*@)?)(?=[/?]|$)/, "$1localhost"));
-  const host = u.searchParams.get("host");
-  if (!host?.startsWith("/")) return { url };
-  u.searchParams.delete("host");
-  const port = u.port || "5432";
-  u.hostname = "localhost";
-  return { url: u.toString(), path: `${host}/.s.PGSQL.${port}` };
-}
-
-/**
- * Every network hop is encrypted: a database reached over TCP on another host needs
- * `sslmode=require` or `verify-full` in its URL (`disable` is the administrator's explicit
- * choice). Unix sockets and loopback addresses stay on the machine.
- */
-export function checkDatabaseTls(url: string): void {
-  const target = parseDatabaseUrl(url);
-  if (target.path) return;
-  const u = new URL(target.url.replace(/^(postgres(?:ql)?:\/\/(?:[^@/?]*@)?)(?=[/?]|$)/, "$1localhost"));
-  const host = u.hostname.replace(/^\[|\]$/g, "");
-  if (host === "localhost" || /^127\./.test(host) || host === "::1") return;
-  const mode = u.searchParams.get("sslmode");
-  if (mode === "require" || mode === "verify-full" || mode === "disable") return;
-  throw new ConfigError(`database.url: the database on ${host} is reached over the network: add ?sslmode=verify-full (or sslmode=require) so the connection is encrypted${mode ? ` (sslmode=${mode} is not enough)` : ""}`);
-}
+export { checkDatabaseTls, parseDatabaseUrl } from "./url.ts";
 
 export function connect(url: string, opts: ConnectOptions = {}): Sql {
   checkDatabaseTls(url);
   const target = parseDatabaseUrl(url);
+  const connectTimeout = opts.connectTimeout ?? 10;
+  const multi = target.targets.length > 1;
   return postgres(target.url, {
     path: target.path,
+    // Several servers: we choose the one to connect to (see serverChooser).
+    ...(multi ? { socket: serverChooser(target.url, target.targets, wantsPrimary(target), connectTimeout), target_session_attrs: wantsPrimary(target) ? "read-write" : undefined } : {}),
     max: opts.max ?? 10,
-    connect_timeout: opts.connectTimeout ?? 10,
+    connect_timeout: connectTimeout,
+    // postgres.js waits up to 20 s between attempts after repeated failures; a database back
+    // from an outage or a failover is used again within half a second.
+    backoff: (retries: number) => Math.min(0.5, (0.5 + Math.random() / 2) * 3 ** retries / 100),
     // A listening connection must never be recycled: its LISTENs would silently go with it.
     idle_timeout: opts.listener ? null as unknown as undefined : 60,
     max_lifetime: opts.listener ? null : undefined,
@@ -70,4 +50,70 @@ export function connect(url: string, opts: ConnectOptions = {}): Sql {
 export function transaction<T>(db: Db, fn: (tx: postgres.TransactionSql<{}>) => Promise<T>): Promise<T> {
   if ("savepoint" in db) return db.savepoint(fn) as Promise<T>;
   return (db as Sql).begin(fn) as Promise<T>;
+}
+
+/**
+ * Opens each new connection of a multi-host URL. postgres.js has multi-host support of its own,
+ * but while every server is down it retries without pause and never fails the query, so a node
+ * would never notice the outage (nor fence itself); here postgres.js sees one server, and a
+ * failure fails the query as with a one-host URL. Servers are tried in order from the last
+ * good one; when a primary is wanted, each candidate is asked whether it takes writes
+ * (a standby, or an old primary back as one, is skipped), at most once per second and server.
+ * postgres.js checks target_session_attrs again on the connection itself.
+ */
+function serverChooser(url: string, targets: DbTarget[], primary: boolean, connectTimeoutS: number) {
+  let preferred = 0;
+  let verifiedAt = 0;
+  const open = (t: DbTarget) => {
+    const s = new Socket();
+    if (t.path) s.connect(t.path);
+    else s.connect(t.port, t.host);
+    // postgres.js names the TLS server after these (verify-full checks the name).
+    Object.assign(s, { host: t.host, port: t.port });
+    s.once("error", () => (verifiedAt = 0));
+    return s;
+  };
+  const takesWrites = async (t: DbTarget): Promise<boolean> => {
+    const probe = postgres(url, {
+      host: t.host, port: t.port, path: t.path, max: 1, connect_timeout: connectTimeoutS,
+      fetch_types: false, prepare: false, onnotice: () => {}, connection: { application_name: "qvd-probe" },
+    });
+    try {
+      const [r] = await probe`SELECT pg_is_in_recovery() AS standby, current_setting('transaction_read_only') AS ro`;
+      return !r!.standby && r!.ro === "off";
+    } catch {
+      return false;
+    } finally {
+      await probe.end({ timeout: 1 }).catch(() => {});
+    }
+  };
+  // postgres.js writes to the socket it is given at once: hand it over connected.
+  const connected = (t: DbTarget) => new Promise<Socket | undefined>((resolve) => {
+    const s = open(t);
+    const done = (ok: boolean) => (clearTimeout(timer), ok || s.destroy(), resolve(ok ? s : undefined));
+    const timer = setTimeout(() => done(false), connectTimeoutS * 1000);
+    s.once("connect", () => done(true));
+    s.once("error", () => done(false));
+  });
+  return async (): Promise<Socket | Duplex> => {
+    const start = Date.now() - verifiedAt < 1000 ? preferred : -1;
+    if (start >= 0) {
+      const s = await connected(targets[start]!);
+      if (s) return s;
+    }
+    for (let i = 0; i < targets.length; i++) {
+      const idx = (preferred + i) % targets.length;
+      if (primary && !(await takesWrites(targets[idx]!))) continue;
+      const s = await connected(targets[idx]!);
+      if (!s) continue;
+      preferred = idx;
+      verifiedAt = Date.now();
+      return s;
+    }
+    // None will do. The query fails with this reason once postgres.js has written to the
+    // socket (a socket failing before that write leaves its connection stuck for good).
+    const names = targets.map((t) => (t.path ? t.host : `${t.host}:${t.port}`)).join(", ");
+    const why = new Error(`no database server ${primary ? "takes writes" : "answers"} (tried ${names})`);
+    return new Duplex({ read() {}, write: (_c, _e, cb) => cb(why) });
+  };
 }
