@@ -256,6 +256,7 @@ CREATE TABLE vm_runtimes (
 CREATE INDEX vm_runtimes_host ON vm_runtimes (host_id) WHERE host_id IS NOT NULL;
 CREATE INDEX vm_runtimes_pending ON vm_runtimes (host_id) WHERE vm_cmd IS NOT NULL;
 CREATE INDEX vm_runtimes_state ON vm_runtimes (vm_state);
+CREATE INDEX vm_runtimes_state_ts ON vm_runtimes (vm_state_ts); -- placement: changes since a heartbeat
 CREATE INDEX vm_runtimes_di ON vm_runtimes (current_di_id) WHERE current_di_id IS NOT NULL;
 -- Two desktops never run with the same address (the one a node started each with).
 CREATE UNIQUE INDEX vm_runtimes_address ON vm_runtimes (vm_address) WHERE vm_address IS NOT NULL;

@@ -31,7 +31,8 @@ export interface Candidate {
 /**
  * The candidates for a desktop of `memoryMb`, as a subquery. The pending sum finds its rows
  * through indexes only (vm_runtimes_pending, vm_runtimes_state, vm_runtimes_state_ts): the
- * first OR keeps the scan to commands, starts and recent changes farm-wide.
+ * first OR keeps the scan to commands, starts and recent changes farm-wide. Their memory comes
+ * from current_osf_id (set by the start command, then by the node), so no VM row is read.
  */
 const candidates = (db: Db, memoryMb: number, aliveS: number) => db`
   WITH alive AS (
@@ -41,7 +42,7 @@ const candidates = (db: Db, memoryMb: number, aliveS: number) => db`
        AND r.ok_ts > now() - make_interval(secs => ${aliveS})
   ), pending AS (
     SELECT vr.host_id, sum(o.memory_mb)::float8 AS mb
-      FROM vm_runtimes vr JOIN alive a ON a.id = vr.host_id JOIN vms v ON v.id = vr.vm_id JOIN osfs o ON o.id = v.osf_id
+      FROM vm_runtimes vr JOIN alive a ON a.id = vr.host_id JOIN osfs o ON o.id = coalesce(vr.current_osf_id, (SELECT v.osf_id FROM vms v WHERE v.id = vr.vm_id))
      WHERE (vr.vm_cmd = 'start' OR vr.vm_state = 'starting' OR vr.vm_state_ts > now() - make_interval(secs => ${aliveS}))
        AND (vr.vm_cmd = 'start' OR vr.vm_state = 'starting' OR (vr.vm_state = 'running' AND vr.vm_state_ts >= a.ok_ts))
      GROUP BY vr.host_id
@@ -55,12 +56,19 @@ export async function placementCandidates(db: Db, memoryMb: number, aliveS: numb
   return (await db`SELECT * FROM (${candidates(db, memoryMb, aliveS)}) c ORDER BY id`) as unknown as Candidate[];
 }
 
-/** Picks the node for a desktop of `memoryMb` (one query); undefined when none qualifies. */
-export async function placeVm(db: Db, memoryMb: number, aliveS: number): Promise<number | undefined> {
-  const [r] = await db`SELECT id FROM (${candidates(db, memoryMb, aliveS)}) c
+const pick = (db: Db, memoryMb: number, aliveS: number) => db`SELECT id FROM (${candidates(db, memoryMb, aliveS)}) c
     ORDER BY ${W_RAM} * free_mb / greatest(max(free_mb) OVER (), 1) + ${W_CPU} * cpu / greatest(max(cpu) OVER (), 1) + ${W_RANDOM} * random() DESC
     LIMIT 1`;
+
+/** Picks the node for a desktop of `memoryMb` (one query); undefined when none qualifies. */
+export async function placeVm(db: Db, memoryMb: number, aliveS: number): Promise<number | undefined> {
+  const [r] = await pick(db, memoryMb, aliveS);
   return r?.id;
+}
+
+/** The plan of placeVm's query (bench/farm.ts checks which tables it reads in full). */
+export async function placementPlan(db: Db, memoryMb: number, aliveS: number): Promise<string[]> {
+  return (await db`EXPLAIN ${pick(db, memoryMb, aliveS)}`).map((r) => r["QUERY PLAN"] as string);
 }
 
 export interface QueuePlace {

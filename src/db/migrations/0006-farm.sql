@@ -12,6 +12,9 @@ ALTER TABLE host_runtimes ADD COLUMN lost_reason text NOT NULL DEFAULT '';
 ALTER TABLE vm_runtimes ADD COLUMN vm_cmd_ts timestamptz;
 ALTER TABLE vm_runtimes ADD COLUMN home_key text;
 CREATE UNIQUE INDEX vm_runtimes_home ON vm_runtimes (home_key) WHERE home_key IS NOT NULL;
+-- Placement finds the desktops a node took on since its heartbeat (src/db/placement.ts) by
+-- their last state change, without reading every VM of the farm.
+CREATE INDEX vm_runtimes_state_ts ON vm_runtimes (vm_state_ts);
 
 -- The WAT and the CLI show a node's drain and lost marks (new columns go last: CREATE OR REPLACE).
 CREATE OR REPLACE VIEW host_view AS
