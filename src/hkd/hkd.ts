@@ -199,7 +199,9 @@ export class Hkd {
     const ids = new Set([...this.runs.keys(), ...(await this.o.backend.running().catch(() => []))]);
     await Promise.all([...ids].map(async (id) => {
       await this.o.backend.kill(id).catch(() => {});
-      await this.o.backend.cleanup(id).catch((e) => log.error("cleanup failed", { vm: id, error: (e as Error).message }));
+      // Without the database (or declared lost) the VM may run on another node by now, over
+      // the same writable layer on shared storage: that is left to the next start's prepare.
+      await this.o.backend.cleanup(id, { keepStorage: true }).catch((e) => log.error("cleanup failed", { vm: id, error: (e as Error).message }));
     }));
     this.runs.clear();
   }
@@ -298,6 +300,7 @@ export class Hkd {
   private async startVm(run: VmRun): Promise<void> {
     const { vmId } = run;
     const { sql, cfg, backend } = this.o;
+    run.abort = new AbortController(); // before any wait: a stop from now on aborts this start
     clearTimeout(run.retry?.timer);
     run.retry = undefined;
     if (run.phase !== "idle" && run.phase !== "stopped") {
@@ -308,7 +311,6 @@ export class Hkd {
       await backend.cleanup(vmId).catch(() => {});
     }
     run.phase = "starting";
-    run.abort = new AbortController();
     run.failures = 0;
     run.vma = undefined;
     const aborted = () => {
@@ -316,6 +318,7 @@ export class Hkd {
     };
     const t0 = performance.now();
     try {
+      aborted();
       const vm = await N.vmToStart(sql, vmId);
       if (!vm.di) throw new StartError(`no usable disk image with tag "${vm.di_tag}" for this VM's OSF (missing, blocked or not uploaded)`);
       if (!vm.ip) throw new StartError("the VM has no IP address");
@@ -467,6 +470,10 @@ export class Hkd {
         else await this.enqueue(row.vm_id, { kind: "stop", why: "its leftovers could not be removed", graceful: false });
       }
     }
+    // A desktop released from this node (declared lost) may run elsewhere by now, over the same
+    // writable layer on shared storage: only this node's part of it is cleaned up here.
+    const leftovers = await backend.leftovers();
+    const elsewhere = await N.vmsOnOtherNodes(sql, this.id, [...new Set([...running, ...leftovers])].filter((id) => !known.has(id)));
     for (const id of running) {
       if (known.has(id)) continue;
       log.warn("a desktop runs here that the database does not give to this node: stopping it", { vm: id });
@@ -476,13 +483,13 @@ export class Hkd {
         continue;
       }
       await backend.kill(id).catch(() => {});
-      await backend.cleanup(id).catch(() => {});
+      await backend.cleanup(id, { keepStorage: elsewhere.has(id) }).catch(() => {});
     }
     // What stopped desktops left behind (configuration, network devices, overlays).
-    for (const id of await backend.leftovers()) {
+    for (const id of leftovers) {
       if (this.runs.has(id) || running.has(id)) continue;
-      log.info("cleaning up what a stopped desktop left", { vm: id });
-      await backend.cleanup(id).catch((e) => log.warn("cleanup failed", { vm: id, error: (e as Error).message }));
+      log.info("cleaning up what a stopped desktop left", { vm: id, ...(elsewhere.has(id) ? { runs_elsewhere: true } : {}) });
+      await backend.cleanup(id, { keepStorage: elsewhere.has(id) }).catch((e) => log.warn("cleanup failed", { vm: id, error: (e as Error).message }));
     }
   }
 
