@@ -135,6 +135,10 @@ describe("the VM lifecycle table", () => {
     expect([h2!.state, h2!.lost_ts !== null]).toEqual(["starting", true]);
     await sql()`UPDATE host_runtimes SET state = 'stopped' WHERE host_id = ${node}`;
     expect((await L.declareNodeLost(sql(), node, "x", { by: "admin" })).declared).toBe(false);
+    // An administrator's reason is kept, but not without bound.
+    await sql()`UPDATE host_runtimes SET state = 'running' WHERE host_id = ${node}`;
+    expect((await L.declareNodeLost(sql(), node, "x".repeat(100_000), { by: "admin" })).declared).toBe(true);
+    expect((await sql()`SELECT length(lost_reason)::int AS n FROM host_runtimes WHERE host_id = ${node}`)[0]!.n).toBe(2000);
   });
 
   test("clearZombie: a zombie on a dead node is cleared; on a live node, or not a zombie, a clear refusal", async () => {
