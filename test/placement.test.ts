@@ -144,6 +144,27 @@ describe("the start queue", () => {
   });
 });
 
+describe("a start its node never took", () => {
+  test("is withdrawn when the node stopped heartbeating, never while it is alive or once it took it", async () => {
+    const live = await node(1e6);
+    const dead = await node(1e6, { name: "gone-quiet" });
+    const [a, b, c] = await oneEach(3);
+    for (const [v, h] of [[a, live], [b, dead], [c, dead]] as const)
+      await sql()`UPDATE vm_runtimes SET host_id = ${h}, vm_cmd = 'start', vm_cmd_ts = now(), home_key = ${`x/${v}`} WHERE vm_id = ${v!}`;
+    expect(await L.claimStarts(sql(), dead, 1)).toEqual([b!]); // the node took b before it went quiet
+    await sql()`UPDATE host_runtimes SET ok_ts = now() - interval '1 minute' WHERE host_id = ${dead}`;
+    expect(await D.withdrawStaleStart(sql(), a!, ALIVE)).toBe(false);
+    expect(await D.withdrawStaleStart(sql(), b!, ALIVE)).toBe(false);
+    expect(await D.withdrawStaleStart(sql(), c!, ALIVE)).toBe(true);
+    const rows = await sql()`SELECT vm_id, host_id, vm_cmd, vm_state, home_key FROM vm_runtimes WHERE vm_id IN (${a!}, ${b!}, ${c!}) ORDER BY vm_id`;
+    expect(rows.map((r) => [r.host_id, r.vm_cmd, r.vm_state, r.home_key])).toEqual([
+      [live, "start", "stopped", `x/${a}`], [dead, null, "starting", `x/${b}`], [null, null, "stopped", null],
+    ]);
+    // The dead node, back, cannot take what was withdrawn.
+    expect(await L.claimStarts(sql(), dead, 10)).toEqual([]);
+  });
+});
+
 describe("one home, one desktop", () => {
   /** The node runs the VM through its whole life and stops it (the lifecycle's own events). */
   async function runAndStop(vmId: number, host: number) {
@@ -233,6 +254,18 @@ describe("what the user hears from the L7R", () => {
     expect(res.status).toBe(503); // nothing claims it here: the start times out
     const [r] = await sql()`SELECT host_id, vm_cmd FROM vm_runtimes WHERE vm_id = ${carolVm!}`;
     expect(r).toEqual({ host_id: busy, vm_cmd: "start" });
+  });
+
+  test("a start placed on a node that went quiet before taking it is placed again at the user's next connect", async () => {
+    await sql()`UPDATE host_runtimes SET state = 'running' WHERE host_id = (SELECT id FROM hosts WHERE name = 'pl-front')`;
+    const quiet = await node(1e6, { okAgoS: ALIVE + 30 });
+    const fresh = await node(1e6);
+    const [vm] = await desktops(1, { user: "erin", password: "user-pw-1" });
+    await sql()`UPDATE vm_runtimes SET host_id = ${quiet}, vm_cmd = 'start', vm_cmd_ts = now() WHERE vm_id = ${vm!}`;
+    const { progress } = await connect("erin", vm!);
+    expect(progress).toContain(`Assigning VM ${vm} to host`);
+    const [r] = await sql()`SELECT host_id, vm_cmd FROM vm_runtimes WHERE vm_id = ${vm!}`;
+    expect(r).toEqual({ host_id: fresh, vm_cmd: "start" });
   });
 
   test("connecting to a second desktop of a home in use: 503 naming the desktop that holds it", async () => {

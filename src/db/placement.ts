@@ -8,7 +8,8 @@
 // without room after that is no candidate; the others are scored by free memory and CPU
 // (relative to the best node) plus a random term, so a burst spreads over the farm.
 import type { Config } from "../config.ts";
-import type { Db } from "./pool.ts";
+import { transition } from "./lifecycle.ts";
+import { transaction, type Db } from "./pool.ts";
 
 /** Weights of the placement score; the random term spreads starts between similar nodes. */
 const W_RAM = 0.6;
@@ -93,4 +94,21 @@ export async function startQueuePlace(db: Db, vmId: number): Promise<QueuePlace 
     FROM vm_runtimes me JOIN hosts h ON h.id = me.host_id
     WHERE me.vm_id = ${vmId} AND me.vm_cmd = 'start' AND me.vm_state = 'stopped'`;
   return r as QueuePlace | undefined;
+}
+
+/**
+ * Withdraws a start its node has not claimed when that node is no longer alive (no heartbeat
+ * within `aliveS`, stopped, lost, blocked or draining), so the VM can be placed again at once
+ * instead of waiting for the node to be declared lost. The VM's row is locked while the node is
+ * judged: a node claiming meanwhile either claims first (then nothing is withdrawn) or finds
+ * the command gone. True when it was withdrawn.
+ */
+export async function withdrawStaleStart(db: Db, vmId: number, aliveS: number): Promise<boolean> {
+  return transaction(db, async (tx) => {
+    const [r] = await tx`SELECT vr.vm_id FROM vm_runtimes vr JOIN host_runtimes h ON h.host_id = vr.host_id
+      WHERE vr.vm_id = ${vmId} AND vr.vm_state = 'stopped' AND vr.vm_cmd = 'start'
+        AND NOT (h.state = 'running' AND NOT h.blocked AND NOT h.drain AND h.ok_ts > now() - make_interval(secs => ${aliveS}))
+      FOR UPDATE OF vr`;
+    return r ? transition(tx, "start_cancelled", "l7r", vmId) : false;
+  });
 }

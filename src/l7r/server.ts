@@ -14,7 +14,7 @@ import { HomeInUseError, startVm, stopVm } from "../db/commands.ts";
 import { incrementHostCounter } from "../db/hosts.ts";
 import * as L from "../db/l7r.ts";
 import { listen, type Listener } from "../db/listen.ts";
-import { startQueuePlace } from "../db/placement.ts";
+import { startQueuePlace, withdrawStaleStart } from "../db/placement.ts";
 import { tenantScope } from "../db/objects.ts";
 import type { Sql } from "../db/pool.ts";
 import { createUserToken, useUserToken } from "../db/tokens.ts";
@@ -752,6 +752,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       // A desktop on a draining node moves at its user's connect: stopped there, started elsewhere.
       for (const end = Date.now() + t.vmStop * 1000; Date.now() < end && (await leaveDrainingNode(sql, vmId, this.session!.id)); await vmChanged(vmId, 2000)) this.progress("Moving the desktop off a draining node");
       let vm = (await L.sessionVm(sql, vmId))!;
+      // Placed on a node that died before taking it: place it again rather than wait for lost_after.
+      if (vm.vm_state === "stopped" && vm.vm_cmd === "start" && (await withdrawStaleStart(sql, vmId, o.aliveWithinS ?? 30))) vm = (await L.sessionVm(sql, vmId))!;
       if (vm.vm_state === "stopped" && !vm.vm_cmd) {
         if (!vm.host_id) this.progress(`Assigning VM ${vmId} to host`);
         try {
