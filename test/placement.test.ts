@@ -156,8 +156,9 @@ describe("a start its node never took", () => {
     expect(await D.withdrawStaleStart(sql(), a!, ALIVE)).toBe(false);
     expect(await D.withdrawStaleStart(sql(), b!, ALIVE)).toBe(false);
     expect(await D.withdrawStaleStart(sql(), c!, ALIVE)).toBe(true);
-    const rows = await sql()`SELECT vm_id, host_id, vm_cmd, vm_state, home_key FROM vm_runtimes WHERE vm_id IN (${a!}, ${b!}, ${c!}) ORDER BY vm_id`;
-    expect(rows.map((r) => [r.host_id, r.vm_cmd, r.vm_state, r.home_key])).toEqual([
+    const rows = await sql()`SELECT vm_id, host_id, vm_cmd, vm_state, home_key FROM vm_runtimes WHERE vm_id IN (${a!}, ${b!}, ${c!})`;
+    const byId = new Map(rows.map((r) => [r.vm_id as number, [r.host_id, r.vm_cmd, r.vm_state, r.home_key]]));
+    expect([a!, b!, c!].map((v) => byId.get(v))).toEqual([
       [live, "start", "stopped", `x/${a}`], [dead, null, "starting", `x/${b}`], [null, null, "stopped", null],
     ]);
     // The dead node, back, cannot take what was withdrawn.
