@@ -302,6 +302,12 @@ describe("VM lifecycle and actions", () => {
     const again = await sa.post(`/vms/${vm.id}/start`);
     expect(again.status).toBe(409);
     expect(again.body.error.message).toContain("pending start");
+    // The user's home is claimed by that start: a second desktop of theirs cannot start (409 naming the first).
+    const vm2 = await ok(sa.post("/vms", { user_id: user.id, osf_id: osf.id, name: "desk2" }), 201);
+    const second = await sa.post(`/vms/${vm2.id}/start`);
+    expect([second.status, second.body.error.message]).toEqual([409, 'the home of user "vmowner" is in use by their desktop "desk1"; stop it first']);
+    expect((await ok(sa.get(`/vms/${vm2.id}`))).host_id).toBeNull();
+    await ok(sa.del(`/vms/${vm2.id}`));
     // Deleting a node with VMs assigned is refused.
     const del = await sa.del(`/hosts/${host.id}`);
     expect(del.status).toBe(409);
