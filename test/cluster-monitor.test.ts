@@ -224,8 +224,10 @@ describe.skipIf(!isRoot)("a real node (HKD, LXC)", () => {
       }
     };
     await until(reachable, "the database to answer again", 30_000);
-    // The other node needs a moment to notice the database is back, longer than the monitor's
-    // heartbeat interval: without the grace, the monitor would declare it lost meanwhile.
+    const [{ back }] = (await sql()`SELECT now() AS back`) as unknown as [{ back: Date }];
+    await until(async () => ((await hostRow(testNode.host.id)).ok_ts?.getTime() ?? 0) > back.getTime(), "the node to heartbeat again", 30_000);
+    // The other node takes a few of the monitor's rounds to notice the database is back: without
+    // the grace, the monitor would declare it lost meanwhile.
     await Bun.sleep(3000);
     for (let i = 0; i < 14; i++) {
       await sql()`UPDATE host_runtimes SET ok_ts = now() WHERE host_id = ${other}`;
