@@ -58,8 +58,9 @@ export function transaction<T>(db: Db, fn: (tx: postgres.TransactionSql<{}>) => 
  * would never notice the outage (nor fence itself); here postgres.js sees one server, and a
  * failure fails the query as with a one-host URL. Servers are tried in order from the last
  * good one; when a primary is wanted, each candidate is asked whether it takes writes
- * (a standby, or an old primary back as one, is skipped), at most once per second and server.
- * postgres.js checks target_session_attrs again on the connection itself.
+ * (a standby, or an old primary back as one, is skipped); new connections skip the question
+ * for 10 s after an answer while none of them closes. postgres.js checks target_session_attrs
+ * again on the connection itself.
  */
 function serverChooser(url: string, targets: DbTarget[], primary: boolean, connectTimeoutS: number) {
   let preferred = 0;
@@ -70,7 +71,8 @@ function serverChooser(url: string, targets: DbTarget[], primary: boolean, conne
     else s.connect(t.port, t.host);
     // postgres.js names the TLS server after these (verify-full checks the name).
     Object.assign(s, { host: t.host, port: t.port });
-    s.once("error", () => (verifiedAt = 0));
+    // A closed connection (error, standby refused, idle) makes the next one ask again.
+    s.once("close", () => (verifiedAt = 0));
     return s;
   };
   const takesWrites = async (t: DbTarget): Promise<boolean> => {
@@ -96,7 +98,7 @@ function serverChooser(url: string, targets: DbTarget[], primary: boolean, conne
     s.once("error", () => done(false));
   });
   return async (): Promise<Socket | Duplex> => {
-    const start = Date.now() - verifiedAt < 1000 ? preferred : -1;
+    const start = Date.now() - verifiedAt < 10_000 ? preferred : -1;
     if (start >= 0) {
       const s = await connected(targets[start]!);
       if (s) return s;
