@@ -74,6 +74,8 @@ describe("multi-host database URLs", () => {
 describe.skipIf(!isRoot)("database failover", () => {
   let pair: PgPair;
   let sql: Sql;
+  /** Connected to the first primary, then left alone until it is back as a standby. */
+  let early: Sql;
   let db: TestDatabase;
   let api: TestApi;
   let sa: ApiClient;
@@ -87,6 +89,8 @@ describe.skipIf(!isRoot)("database failover", () => {
     pair = await PgPair.start();
     const url = pair.url();
     sql = connect(url, { max: 4 });
+    early = connect(url, { max: 1 });
+    expect((await early`SELECT current_setting('data_directory') AS data`)[0]!.data).toBe(pair.a.data);
     db = { name: "qvd", url, sql, cluster: undefined as never };
     await node.setup();
     const user = await D.create(sql, D.users, ALL, { tenant_id: 1, name: "alice" });
@@ -103,6 +107,7 @@ describe.skipIf(!isRoot)("database failover", () => {
     await api?.stop();
     await node.stop();
     await sql?.end({ timeout: 2 });
+    await early?.end({ timeout: 2 });
     await pair?.stop();
   }, 120_000);
 
@@ -164,6 +169,10 @@ describe.skipIf(!isRoot)("database failover", () => {
     } finally {
       await fresh.end({ timeout: 1 });
     }
+    // A pool whose connection went to the old primary reconnects to the primary, not to it.
+    const [e] = await early`SELECT current_setting('data_directory') AS data`;
+    expect(e!.data).toBe(pair.b.data);
+    await D.create(early, D.users, ALL, { tenant_id: 1, name: "written-by-an-early-pool" });
     // The running roles keep going too.
     expect((await sa.post("/users", { name: "after-rejoin" })).status).toBe(201);
     expect(await hostState()).toBe("running");
