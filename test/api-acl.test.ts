@@ -70,7 +70,7 @@ afterAll(async () => {
 const guarded = (r: Route) => !r.public && r.path !== "/events";
 
 /** Routes whose sample request, though allowed, meets a state that refuses it. */
-const CONFLICT_OK = new Set(["POST /vms/:id/start", "POST /vms/:id/stop", "POST /vms/:id/disconnect", "POST /vms/:id/expire"]);
+const CONFLICT_OK = new Set(["POST /vms/:id/start", "POST /vms/:id/stop", "POST /vms/:id/disconnect", "POST /vms/:id/expire", "POST /vms/:id/clear_zombie", "POST /hosts/:id/declare_lost"]);
 
 describe("every route with ACLs", () => {
   const routes = routeTable().filter((r) => guarded(r) && (typeof r.acl === "function" || (r.acl ?? []).length > 0));

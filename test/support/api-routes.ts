@@ -243,6 +243,7 @@ export async function sampleRequest(r: Route, t: Targets, opts: { multitenant?: 
   } else if (r.method === "PATCH") body = { description: "changed by a sample request" };
   else if (key === "POST /dis/:id/tags") body = { tag: fresh("tag") };
   else if (key === "PUT /roles/:id/acls") body = { acl: "vm.start", positive: true };
+  else if (key === "POST /hosts/:id/declare_lost" || key === "POST /hosts/actions/declare_lost") body = { reason: "a sample request" };
   else if (key === "POST /roles/:id/inherits" || key === "POST /administrators/:id/roles") body = { role_id: await t.builtin("Operator") };
   else if (r.path.endsWith("/properties/:key") && r.method === "PUT") body = { value: "sample value" };
   else if (key === "PUT /configs/:key") body = t.tenantId === 0 ? { value: "2048" } : { value: "2048", tenant_id: t.tenantId };
