@@ -4,11 +4,13 @@
 // the standby promoted: the API writes again, the HKD heartbeats on, its desktop never stops,
 // no node is lost, and a command sent by NOTIFY reaches the HKD. Root only (LXC, namespaces).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { readFileSync } from "node:fs";
+import { chmodSync, chownSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { maskUrl } from "../src/cli.ts";
 import * as D from "../src/db/index.ts";
 import { checkDatabaseTls, connect, parseDatabaseUrl, type Sql } from "../src/db/pool.ts";
 import { loadConfig } from "../src/config.ts";
+import { LocalCluster } from "../src/db/local-cluster.ts";
 import { run } from "../src/run.ts";
 import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
 import { TEST_ADMIN, type TestDatabase } from "./support/db.ts";
@@ -69,6 +71,75 @@ describe("multi-host database URLs", () => {
       await sql.end({ timeout: 1 });
     }
   }, 120_000);
+});
+
+/** A port nothing listens on (taken and given back). */
+function freePort(): number {
+  const l = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+  const port = l.port;
+  l.stop(true);
+  return port;
+}
+
+describe("multi-host over TLS", () => {
+  // One server on loopback TCP that takes TLS connections only (hostssl, scram), and a dead
+  // port listed before it: the chosen server, and the question asked of it, go over TLS.
+  let dir = "";
+  const port = freePort();
+  const dead = freePort();
+  const password = `pw-${Math.random().toString(36).slice(2)}`;
+  let pg: LocalCluster;
+
+  beforeAll(async () => {
+    dir = mkdtempSync("/tmp/qvd-test-pgtls-");
+    chmodSync(dir, 0o755);
+    pg = new LocalCluster({ dir: join(dir, "pg"), noSync: true, settings: {
+      listen_addresses: "127.0.0.1", port, ssl: "on", ssl_cert_file: join(dir, "pg", "server.crt"), ssl_key_file: join(dir, "pg", "server.key"),
+      password_encryption: "scram-sha-256", fsync: "off",
+    } });
+    await pg.init();
+    await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=qvd test db", "-addext", "subjectAltName=IP:127.0.0.1",
+      "-keyout", join(pg.dir, "server.key"), "-out", join(pg.dir, "server.crt")]);
+    const owner = statSync(pg.dir);
+    for (const f of ["server.key", "server.crt"]) {
+      chownSync(join(pg.dir, f), owner.uid, owner.gid);
+      chmodSync(join(pg.dir, f), 0o600);
+    }
+    writeFileSync(join(pg.data, "pg_hba.conf"), `local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n`);
+    await pg.start();
+    const admin = connect(`postgres://postgres@/postgres?host=${pg.dir}&port=${port}`, { max: 1 });
+    try {
+      await admin.unsafe(`ALTER ROLE postgres PASSWORD '${password}'`);
+    } finally {
+      await admin.end({ timeout: 2 });
+    }
+  }, 120_000);
+
+  afterAll(async () => {
+    await pg?.stop("immediate").catch(() => {});
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  const outcome = async (url: string) => {
+    const sql = connect(url, { max: 1, connectTimeout: 5 });
+    try {
+      const [r] = await sql`SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()`;
+      return r!.ssl ? "over TLS" : "in clear";
+    } catch (err) {
+      return `failed: ${(err as Error).message}`;
+    } finally {
+      await sql.end({ timeout: 1 });
+    }
+  };
+
+  test("sslmode=require: the server after a dead one is reached over TLS", async () => {
+    expect(await outcome(`postgres://postgres:${password}@127.0.0.1:${dead},127.0.0.1:${port}/postgres?sslmode=require&target_session_attrs=read-write`)).toBe("over TLS");
+  });
+
+  test("sslmode=verify-full with a certificate nobody vouches for: nothing is used", async () => {
+    expect(await outcome(`postgres://postgres:${password}@127.0.0.1:${dead},127.0.0.1:${port}/postgres?sslmode=verify-full&target_session_attrs=read-write`))
+      .toBe(`failed: no database server takes writes (tried 127.0.0.1:${dead}, 127.0.0.1:${port})`);
+  });
 });
 
 describe.skipIf(!isRoot)("database failover", () => {
