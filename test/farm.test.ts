@@ -248,6 +248,13 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     expect(["b", "c"]).toContain((await hostName(vm.id)) ?? "none");
     const [ra] = await sql()`SELECT state FROM host_runtimes WHERE host_id = ${a.host!.id}`;
     expect(ra!.state).toBe("running");
+    // Its cleanup left the desktop's writable layer on shared storage alone: the desktop, running
+    // on another node over that layer, still writes files, and its user still connects.
+    const now = (await farm.nodeOfVm(vm.id))!;
+    expect((await now.attach(vm.id, "touch /tmp/after-return && echo ok")).stdout).toBe("ok\n");
+    const c = await connectUntil101(now, "alice", 60_000);
+    expect(c.nx).toMatch(/^NXPROXY-/);
+    c.close();
     expect(twice).toEqual([]);
   }, 300_000);
 
@@ -272,6 +279,26 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     expect(twice).toEqual([]);
   }, 600_000);
 
+  test("a stranger on the farm network reaches no desktop: not routed through the desktop's node, not through its node-to-node endpoint without a node certificate", async () => {
+    const vm = vmOf.bob!;
+    const node = (await farm.nodeOfVm(vm.id))!;
+    const { vm_address } = (await sql()`SELECT host(vm_address) AS vm_address FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!;
+    const curl = (args: string[]) => run([...farm.clientNs.exec, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", ...args], { allowFail: true });
+    // The client machine routes the VM network through the desktop's node, as an attacker on the farm network would.
+    await run([...farm.clientNs.exec, "ip", "route", "replace", "198.18.0.0/16", "via", node.address]);
+    try {
+      for (const port of [3030, 4100]) {
+        const r = await curl([`http://${vm_address}:${port}/`]);
+        expect(r.status, `${vm_address}:${port} answered ${r.stdout}`).not.toBe(0);
+      }
+    } finally {
+      await run([...farm.clientNs.exec, "ip", "route", "del", "198.18.0.0/16"], { allowFail: true });
+    }
+    // The node-to-node endpoint takes only farm node certificates: without one, no HTTP answer at all.
+    const peer = await curl(["-k", `https://${node.address}:${PEER_PORT}/`]);
+    expect(peer.stdout).toBe("000");
+  }, 120_000);
+
   test("fencing: a node cut off from the database stops its desktops after hkd.fence_after; another node serves them after cluster.lost_after", async () => {
     const vm = vmOf.bob!;
     const x = (await farm.nodeOfVm(vm.id))!;
@@ -291,6 +318,9 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     await x.cut(false);
     await until(async () => (await sql()`SELECT state FROM host_runtimes WHERE host_id = ${x.host!.id}`)[0]!.state === "running", `node ${x.name} to rejoin`, 120_000);
     expect(await x.containers()).not.toContain(`qvd-${vm.id}`);
+    // The rejoined node's cleanup left the layer the desktop now runs over alone.
+    const now = (await farm.nodeOfVm(vm.id))!;
+    expect((await now.attach(vm.id, "touch /tmp/after-rejoin && echo ok")).stdout).toBe("ok\n");
     expect(twice).toEqual([]);
   }, 600_000);
 
@@ -336,6 +366,10 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     for (const [n, cs] of Object.entries(containersBefore)) for (const ct of cs) expect(after[n]).toContain(ct);
     expect(await hostName(vm.id)).toBeDefined();
   }, 600_000);
+
+  test("no node logged the database password", () => {
+    for (const n of farm.nodes) expect(readFileSync(n.logFile, "utf8").includes(farm.dbPassword), `node ${n.name}'s log`).toBe(false);
+  });
 });
 
 /** TCP connections in a pcap file: their ports and the first payload of each direction. */

@@ -122,6 +122,13 @@ export interface NodeVmRow {
 }
 
 /** This node's VMs that are not stopped (for reconciliation, monitoring and expiry). */
+/** Of these VMs, those the database gives to another node now (their shared storage is that node's). */
+export async function vmsOnOtherNodes(db: Db, hostId: number, vmIds: number[]): Promise<Set<number>> {
+  if (vmIds.length === 0) return new Set();
+  const rows = await db`SELECT vm_id FROM vm_runtimes WHERE vm_id = ANY(${vmIds}) AND host_id IS NOT NULL AND host_id <> ${hostId}`;
+  return new Set(rows.map((r) => r.vm_id as number));
+}
+
 export async function vmsOfHost(db: Db, hostId: number): Promise<NodeVmRow[]> {
   return (await db`SELECT vm_id, vm_state, vma_secret, host(vm_address) AS vm_address, vma_port, expire_soft_at, expire_hard_at
     FROM vm_runtimes WHERE host_id = ${hostId} AND vm_state <> 'stopped' ORDER BY vm_id`) as unknown as NodeVmRow[];

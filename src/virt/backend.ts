@@ -47,8 +47,12 @@ export interface Backend {
   running(): Promise<number[]>;
   /** VM ids that left something on this node (configuration, network device), running or not. */
   leftovers(): Promise<number[]>;
-  /** Removes what prepare/start left: mounts, network devices, upper dir unless persistent, config. */
-  cleanup(vmId: number): Promise<void>;
+  /**
+   * Removes what prepare/start left: mounts, network devices, upper dir unless persistent, config.
+   * `keepStorage`: only this node's part; the VM's writable layer on shared storage is another
+   * node's now (the VM was released and runs there).
+   */
+  cleanup(vmId: number, opts?: { keepStorage?: boolean }): Promise<void>;
 }
 
 /** The MAC address of a VM: a fixed 3-octet prefix and the IP's last three octets. */

@@ -531,7 +531,7 @@ export class LxcBackend implements Backend {
     return [...ids].sort((a, b) => a - b);
   }
 
-  async cleanup(vmId: number): Promise<void> {
+  async cleanup(vmId: number, opts: { keepStorage?: boolean } = {}): Promise<void> {
     const vmDir = this.vmDir(vmId);
     if ((await this.status(vmId)) !== "stopped") await this.kill(vmId);
     let state: VmState | undefined;
@@ -540,14 +540,16 @@ export class LxcBackend implements Backend {
     } catch {}
     // Nothing is mounted on the node by this backend, but a crashed LXC of an older layout
     // (or an administrator) may have left mounts below the VM's directories.
-    await unmountBelow([vmDir, this.overlayDir(vmId)], (argv) => this.net.run(argv, { allowFail: true }));
+    await unmountBelow(opts.keepStorage ? [vmDir] : [vmDir, this.overlayDir(vmId)], (argv) => this.net.run(argv, { allowFail: true }));
     await this.net.removeVeth(vethName(vmId));
     // LXC removes its cgroups when the container ends, but not always after a failed start.
     removeEmptyCgroups(this.name(vmId));
     await this.net.removeVm(vmId);
     // The writable layer: without a record (e.g. /run was wiped by a reboot) it is kept; the
     // next prepare discards it unless that start is persistent.
-    if (state && !state.persistent) discard(this.overlayDir(vmId));
+    if (opts.keepStorage) {
+      // Released to another node, which runs it over this same layer now: not ours to touch.
+    } else if (state && !state.persistent) discard(this.overlayDir(vmId));
     else rmSync(join(this.overlayDir(vmId), "work"), { recursive: true, force: true });
     rmSync(vmDir, { recursive: true, force: true });
   }

@@ -95,8 +95,12 @@ export class FarmNode {
     // Keys other parts of the farm work add (certificates, fencing, placement) only once they exist.
     const known = Object.entries(settings).filter(([k]) => isConfigKey(k));
     rmSync(this.socket, { force: true });
+    // The database URL (with its password) in a file of mode 0600, as on a real node: not on a
+    // command line, where every process list (and a child's spawn line) shows it.
+    const conf = join(this.root, "node.conf");
+    writeFileSync(conf, `database.url = ${f.nodeUrl}\n`, { mode: 0o600 });
     const argv = [
-      ...this.ns.exec, f.binary, "node", "--config", "/dev/null", "--db", f.nodeUrl,
+      ...this.ns.exec, f.binary, "node", "--config", conf,
       "--register", "--address", this.address,
       "--listen", `${this.address}:${L7R_PORT}`, "--cert", f.l7rCert, "--key", f.l7rKey,
       ...known.flatMap(([k, v]) => ["--set", `${k}=${v}`]),
@@ -237,7 +241,8 @@ export class TestFarm {
   readonly dbCa: string;
   readonly l7rCert: string;
   readonly l7rKey: string;
-  private readonly dbPassword = randomBytes(12).toString("hex");
+  /** The database password the nodes use (no log may show it). */
+  readonly dbPassword = randomBytes(12).toString("hex");
   private pg?: LocalCluster;
   private replica?: LocalCluster;
   private watchdog?: Bun.Subprocess;

@@ -37,10 +37,10 @@ function watched(b: Backend): Backend {
     status: (vmId) => b.status(vmId),
     running: () => b.running(),
     leftovers: () => b.leftovers(),
-    async cleanup(vmId) {
+    async cleanup(vmId, opts) {
       note("cleanup", vmId);
       if (cue("cleanup-fail")) throw new Error("cleanup failed (test cue)");
-      return b.cleanup(vmId);
+      return b.cleanup(vmId, opts);
     },
   };
 }
