@@ -37,9 +37,11 @@ describe("multi-host database URLs", () => {
     expect(() => parseDatabaseUrl("postgres://u@/q?host=/a,/b,/c&port=1,2")).toThrow("2 ports for 3 hosts");
     expect(() => parseDatabaseUrl("postgres://u@a:99999,b/q")).toThrow("invalid port for host a");
     expect(() => parseDatabaseUrl("postgres://u@a:x,b/q")).toThrow("invalid port");
-    expect(() => parseDatabaseUrl("postgres://u@a%zz/q")).toThrow("expected postgres://");
+    expect(() => parseDatabaseUrl("postgres://u@a%zz/q")).toThrow("database.url: expected a URL");
     const url = "postgres://qvd:pw@10.0.0.1:5432,10.0.0.2:5432/qvd?target_session_attrs=read-write&sslmode=verify-full";
-    expect(loadConfig({ env: {}, defaultFileExists: () => false, flags: [{ flag: "--db", key: "database.url", value: url }] }).databaseUrl()).toBe(url);
+    const load = (value: string) => loadConfig({ env: {}, defaultFileExists: () => false, flags: [{ flag: "--db", key: "database.url", value }] }).databaseUrl();
+    expect(load(url)).toBe(url);
+    expect(() => load(url.replace("read-write", "standby"))).toThrow("target_session_attrs=standby: qvd writes to its database");
   });
 
   test("each non-loopback server needs TLS; the message names it and never the password", () => {

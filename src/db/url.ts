@@ -45,13 +45,13 @@ export function parseDatabaseUrl(url: string): ParsedDatabaseUrl {
     return parse(url);
   } catch (err) {
     if (err instanceof ConfigError) throw err;
-    throw new ConfigError("database.url: expected postgres://user:password@host:port/database");
+    throw new ConfigError("database.url: expected a URL");
   }
 }
 
 function parse(url: string): ParsedDatabaseUrl {
   const m = SCHEME.exec(url);
-  if (!m) throw new ConfigError("database.url: expected postgres://user:password@host:port/database");
+  if (!m) throw new ConfigError("database.url: expected a URL");
   const [, scheme, userinfo, authority, rest] = m as unknown as [string, string, string | undefined, string, string];
   const listed = authority.split(",").map((h) => splitHostPort(decodeURIComponent(h)));
   // WHATWG URLs reject an empty host after credentials; give the parser a placeholder.
@@ -70,6 +70,8 @@ function parse(url: string): ParsedDatabaseUrl {
   });
   if (targets.length === 0) throw new ConfigError("database.url: no host");
   const tsa = u.searchParams.get("target_session_attrs") ?? undefined;
+  if (tsa !== undefined && !["read-write", "primary", "any"].includes(tsa))
+    throw new ConfigError(`database.url: target_session_attrs=${tsa}: qvd writes to its database; use read-write (or primary)`);
   const first = targets[0]!;
   // A one-host URL, unchanged when it is the plain form postgres.js reads itself.
   if (targets.length === 1 && !first.path && !qHosts && !qPorts) return { url, targets, targetSessionAttrs: tsa };
@@ -103,8 +105,5 @@ export function checkDatabaseTls(url: string): void {
  */
 export function wantsPrimary(parsed: ParsedDatabaseUrl): boolean {
   const t = parsed.targetSessionAttrs;
-  if (t === undefined) return parsed.targets.length > 1;
-  if (t === "read-write" || t === "primary") return true;
-  if (t === "any") return false;
-  throw new ConfigError(`database.url: target_session_attrs=${t}: qvd writes to its database; use read-write (or primary)`);
+  return t === undefined ? parsed.targets.length > 1 : t !== "any";
 }
