@@ -245,7 +245,8 @@ export async function declareNodeLost(db: Db, hostId: number, reason: string, op
 
 /** A lost node that has killed everything it ran rejoins: lost → starting (lost_ts kept). */
 export async function rejoinHost(db: Db, hostId: number): Promise<boolean> {
-  const rows = await db`UPDATE host_runtimes SET state = 'starting', state_ts = now() WHERE host_id = ${hostId} AND state = 'lost' RETURNING host_id`;
+  // Rejoining is a heartbeat: with the old ok_ts the other nodes' monitors declare it lost again.
+  const rows = await db`UPDATE host_runtimes SET state = 'starting', state_ts = now(), ok_ts = now() WHERE host_id = ${hostId} AND state = 'lost' RETURNING host_id`;
   return rows.length === 1;
 }
 

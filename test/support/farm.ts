@@ -314,6 +314,8 @@ export class TestFarm {
       await this.join(ns, node.farmIf, [addr]);
       await issueNodeCert({ caDir: join(this.root, "farm-ca"), name, address: addr, outDir: join(this.root, "certs", name) });
       this.nodes.push(node);
+      // For the watchdog: desktops run in network namespaces of their own, stopped through LXC.
+      appendFileSync(join(this.root, "lxc-paths"), `${ns.name} ${node.lxcPath}\n`);
     }
     // One at a time: the first registers and prepares the shared storage.
     for (const n of this.nodes) await n.start();
@@ -462,6 +464,7 @@ export class TestFarm {
   private startWatchdog(): void {
     // If this process dies without stop(): the farm's processes, namespaces and files go too.
     const script = `cd /; while kill -0 ${process.pid} 2>/dev/null; do sleep 1; done;
+      [ -f ${this.root}/lxc-paths ] && while read ns path; do for c in $(ip netns exec $ns lxc-ls -P $path --running -1 2>/dev/null); do ip netns exec $ns lxc-stop -k -P $path -n $c; done; done < ${this.root}/lxc-paths;
       for d in ${this.root}/pg/data ${this.root}/pg-replica/data; do [ -f $d/postmaster.pid ] && kill -9 $(head -1 $d/postmaster.pid) 2>/dev/null; done;
       for ns in $(cat ${this.root}/netns 2>/dev/null); do for p in $(ip netns pids $ns 2>/dev/null); do kill -9 $p 2>/dev/null; done; ip netns del $ns 2>/dev/null; done;
       sleep 1; rm -rf ${this.root}`;
