@@ -188,6 +188,7 @@ export const KEYS = {
   "hkd.timeout.kill": key(int(1), 15, "Seconds the backend's stop may take before the desktop is killed.", { scope: "cluster" }),
   "hkd.vma_check_interval": key(int(1), 30, "Seconds between checks that a running desktop's VMA answers.", { scope: "cluster" }),
   "hkd.vma_failures": key(int(1), 4, "Consecutive failed VMA checks after which a running desktop is stopped.", { scope: "cluster" }),
+  "hkd.zombie_retry": key(int(1, 3600), 30, "Seconds before a node retries the teardown of a desktop whose stop failed (a zombie); each further failure doubles the wait, up to an hour.", { scope: "cluster" }),
   "hkd.on_shutdown": key(oneOf(["stop", "leave"]), "stop", "What a node does with its desktops when its HKD stops: stop them, or leave them running (adopted at the next start)."),
   "hkd.qvd_binary": key(str, "", "The qvd binary bind-mounted into desktops (default: this binary, when it is the compiled qvd)."),
   "vm.vma.port": key(int(1, 65535), 3030, "Port the VMA listens on in each desktop.", { scope: "cluster" }),
@@ -197,7 +198,6 @@ export const KEYS = {
   "cluster.tls.cert": key(str, "", "PEM file of this node's farm certificate (`qvd farm cert`: CN = nodename, signed by cluster.tls.ca)."),
   "cluster.tls.key": key(str, "", "PEM file of the private key of cluster.tls.cert.", { secret: true }),
   "cluster.peer.port": key(int(0, 65535), 8442, "Port of the node-to-node TLS endpoint, through which another node's L7R reaches this node's desktops (the VMA calls and the NX stream); 0 takes any free port (a lone node's tests: no other node could find it).", { scope: "cluster" }),
-  "hkd.zombie_retry": key(int(1, 3600), 30, "Seconds before a node retries the teardown of a desktop whose stop failed (a zombie); each further failure doubles the wait, up to an hour.", { scope: "cluster" }),
   "cluster.peer.listen": key(z.string().refine((v) => v === "" || isIP(v.replace(/^\[|\]$/g, "")) !== 0, "expected an IP address (empty: the node's hosts.address)"), "", "Address the node-to-node endpoint listens on (default: this node's hosts.address, where other nodes reach it)."),
   "cluster.peer.limit.connections": key(int(1), 1024, "Connections from other nodes the node-to-node endpoint holds at once (more are closed at once)."),
 
