@@ -98,6 +98,7 @@ export const KEYS = {
   "path.storage.root": key(nonEmpty, "/var/lib/qvd/storage", "Shared storage: images, basefs, homes, overlays live below it."),
   "path.storage.images": key(str, "", "Disk image files (default: <root>/images)."),
   "path.storage.homes": key(str, "", "Persistent user homes (default: <root>/homes)."),
+  "path.storage.overlays": key(str, "", "Desktops' writable layers (default: <root>/overlays). Overlayfs cannot write to NFS: with a shared root, point this at a local filesystem."),
   "path.run": key(nonEmpty, "/run/qvd", "Node-local runtime state (locks, sockets, container configs)."),
 
   "api.listen": key(hostPort, "127.0.0.1:8080", "Address and port the admin API (and the WAT) listen on."),
@@ -495,7 +496,7 @@ export class Config {
   }
 
   /** A storage sub-path, defaulting to a folder below path.storage.root. */
-  storagePath(k: "path.storage.images" | "path.storage.homes"): string {
+  storagePath(k: "path.storage.images" | "path.storage.homes" | "path.storage.overlays"): string {
     return this.get(k) || `${this.get("path.storage.root")}/${k.split(".").pop()}`;
   }
 }

@@ -43,6 +43,19 @@ export function shellQuote(a: string): string {
 }
 
 /**
+ * A command line as it may be logged: passwords in URLs (`postgres://qvd:PW@db/…`, `?password=PW`)
+ * are masked, since a database URL may be passed on a command line (`qvd node --db …` hands its
+ * flags to its children).
+ */
+export function loggableCommand(argv: string[]): string {
+  return argv
+    .map(shellQuote)
+    .join(" ")
+    .replace(/(\w+:\/\/[^:@/\s']*:)[^@\s']*@/g, "$1********@")
+    .replace(/([?&]password=)[^&\s']*/g, "$1********");
+}
+
+/**
  * Pids of the children this process spawned through this module and has not yet seen exit.
  * Bun reaps them itself; a PID 1 reaper (src/vma/init.ts) must leave them alone.
  */
@@ -54,7 +67,7 @@ function track(proc: { pid: number; exited: Promise<number> }): void {
 }
 
 export async function run(argv: string[], opts: RunOptions = {}): Promise<RunResult> {
-  const line = argv.map(shellQuote).join(" ");
+  const line = loggableCommand(argv);
   log.debug("exec", { cmd: line });
   let proc;
   try {
@@ -150,7 +163,7 @@ async function pumpLines(stream: ReadableStream<Uint8Array>, emit: (line: string
  * handed over line by line, the command line is logged as `run` does.
  */
 export function spawnDaemon(argv: string[], opts: DaemonOptions = {}): Daemon {
-  const line = argv.map(shellQuote).join(" ");
+  const line = loggableCommand(argv);
   log.info("spawn", { cmd: line });
   let proc;
   try {

@@ -153,8 +153,12 @@ describe("LXC configuration", () => {
     expect(routed).toContain("tcp dport { 3030, 4100 } accept");
     expect(routed).toContain('oifname "qvdnet0" ip daddr 198.18.0.0/16 tcp dport { 3030, 4100 } masquerade');
     const o = lxcOptionsFromConfig(cfg, net);
-    expect(o).toMatchObject({ lxcPath: "/run/qvd/lxc", storageRoot: "/var/lib/qvd/storage", vmaInit: true, init: "/sbin/init", guestQvdPath: "/usr/local/bin/qvd" });
+    expect(o).toMatchObject({ lxcPath: "/run/qvd/lxc", storageRoot: "/var/lib/qvd/storage", overlaysRoot: "/var/lib/qvd/storage/overlays", vmaInit: true, init: "/sbin/init", guestQvdPath: "/usr/local/bin/qvd" });
     expect(o.haltSignal).toBeUndefined();
+    // A shared root with the writable layers on a local disk (overlayfs cannot write to NFS).
+    const local = new LxcBackend(lxcOptionsFromConfig(new Config([], [{ key: "path.storage.overlays", value: "/srv/local/overlays", source: { kind: "default" } }]), net));
+    expect(local.overlayDir(7)).toBe("/srv/local/overlays/7");
+    expect(new LxcBackend(o).overlayDir(7)).toBe("/var/lib/qvd/storage/overlays/7");
   });
 });
 

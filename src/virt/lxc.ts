@@ -126,6 +126,8 @@ export interface LxcOptions {
   idmap?: IdMap;
   /** path.storage.homes (default <storageRoot>/homes): gated like basefs. */
   homesRoot?: string;
+  /** path.storage.overlays (default <storageRoot>/overlays): local, overlayfs cannot write to NFS. */
+  overlaysRoot?: string;
 }
 
 export const DEFAULT_IDMAP: IdMap = { base: 100000, size: 65536 };
@@ -156,6 +158,7 @@ export function lxcOptionsFromConfig(cfg: Config, network: NodeNetwork): LxcOpti
     extraConfig: extra || undefined,
     idmap: idmapFromConfig(cfg),
     homesRoot: cfg.storagePath("path.storage.homes"),
+    overlaysRoot: cfg.storagePath("path.storage.overlays"),
   };
 }
 
@@ -337,7 +340,7 @@ export class LxcBackend implements Backend {
     return join(this.lxcPath, this.name(vmId));
   }
   overlayDir(vmId: number): string {
-    return join(this.o.storageRoot, "overlays", String(vmId));
+    return join(this.o.overlaysRoot ?? join(this.o.storageRoot, "overlays"), String(vmId));
   }
   upperDir(vmId: number): string {
     return join(this.overlayDir(vmId), "upper");
