@@ -210,7 +210,7 @@ describe("objects", () => {
   test("vm start without a node: exit 6 with the API's message", async () => {
     const r = await qvd(SUPER, ["vm", "start", "desk-alice"]);
     expect(r.code).toBe(6);
-    expect(r.stderr).toBe("qvd: no node is available to run this VM (none running, unblocked and with enough free memory)\n");
+    expect(r.stderr).toBe("qvd: no node is available to run this VM (none running, unblocked, not draining, alive and with enough free memory)\n");
   });
 
   test("vm expire: the stop and warning times of a running desktop (local time), none clears; a stopped one is exit 6", async () => {
