@@ -199,6 +199,7 @@ test("a live L7R: 2,500 fuzzed connections, never a 5xx (but 505 for another HTT
   const r = seededRng(SEED ^ 0x9e3779b9);
   const seen = new Map<number, number>();
   const bad: string[] = [];
+  let silent = 0; // connections closed without an answer
   const N = 2500;
   let next = 0;
   const one = async (i: number, input: Uint8Array) => {
@@ -209,6 +210,10 @@ test("a live L7R: 2,500 fuzzed connections, never a 5xx (but 505 for another HTT
     p.write("\r\n\r\nGET /qvd/ping HTTP/1.1\r\n\r\n");
     const end = Date.now() + 15_000;
     while (!p.closed && !p.got.includes("I am alive!") && Date.now() < end) await p.wait(50);
+    // Whatever came back starts with a well-formed status line (version, 3-digit code, reason, CRLF).
+    const text = p.got.toString("latin1");
+    if (!text) silent++;
+    else if (!/^HTTP\/1\.1 [1-5]\d\d [^\r\n]*\r\n/.test(text)) bad.push(`case ${i}: not an HTTP status line: ${JSON.stringify(text.slice(0, 120))}`);
     for (const s of p.statuses()) {
       seen.set(s, (seen.get(s) ?? 0) + 1);
       // 505 is the protocol's answer to another HTTP version (src/nx/http.ts), not a failure.
@@ -230,8 +235,10 @@ test("a live L7R: 2,500 fuzzed connections, never a 5xx (but 505 for another HTT
     }
   };
   await Promise.all(Array.from({ length: 8 }, worker));
-  console.log(`live L7R: statuses ${[...seen].sort((a, b) => a[0] - b[0]).map(([s, n]) => `${s}×${n}`).join(" ")}`);
+  console.log(`live L7R: statuses ${[...seen].sort((a, b) => a[0] - b[0]).map(([s, n]) => `${s}×${n}`).join(" ")}; ${silent} closed without an answer`);
   expect(bad).toEqual([]);
+  // Nearly every connection got an answer (a status line), not a silent close.
+  expect(silent).toBeLessThan(N / 10);
   const p = await Peer.open({ port: l7r.port });
   expect(await p.handshake()).toBe(true);
   p.write("GET /qvd/ping HTTP/1.1\r\n\r\n");
