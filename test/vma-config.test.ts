@@ -4,9 +4,9 @@
 import { afterAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { Config } from "../src/config.ts";
 import { loadVmaConfig, type VmaFile } from "../src/roles/vma.ts";
-import { isNodeOnlyVmaKey, nodeVmaSettings } from "../src/vma/node-settings.ts";
+import { Config, KEYS } from "../src/config.ts";
+import { isNodeOnlyVmaKey, NODE_ONLY_KEYS, NODE_ONLY_PREFIXES, nodeVmaSettings } from "../src/vma/node-settings.ts";
 
 const dir = mkdtempSync("/tmp/qvd-vma-config-");
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -44,6 +44,19 @@ describe("VMA configuration", () => {
     expect(cfg.get("identity.uid.min")).toBe(10000);
     expect(cfg.get("vma.user.shell")).toBe("/bin/zsh");
     expect(cfg.get("vma.default.lang")).toBe("de_DE.UTF-8");
+  });
+
+  test("every node-only key (NODE_ONLY_KEYS and each key under NODE_ONLY_PREFIXES) is refused from the image's vma.conf", () => {
+    const all = Object.keys(KEYS).filter(isNodeOnlyVmaKey);
+    // The list is the real one: every named key exists, every prefix covers at least one key.
+    for (const k of NODE_ONLY_KEYS) expect([k, k in KEYS]).toEqual([k, true]);
+    for (const p of NODE_ONLY_PREFIXES) expect([p, all.some((k) => k.startsWith(p))]).toEqual([p, true]);
+    const file = join(dir, "vma-all.conf");
+    writeFileSync(file, all.map((k) => `${k} = /tmp/evil`).join("\n") + "\n");
+    const { cfg, ignored } = loadVmaConfig(vf(), "vma.json", { guestConfig: file, env: {} });
+    expect([...ignored].sort()).toEqual([...all].sort());
+    const defaults = loadVmaConfig(vf(), "vma.json", { guestConfig: join(dir, "none"), env: {} }).cfg;
+    for (const k of all) expect([k, cfg.get(k as never)]).toEqual([k, defaults.get(k as never)]);
   });
 
   test("the node's settings win over flags and the environment for node-only keys, not for the rest", () => {
