@@ -103,6 +103,8 @@ describe("a stranger cannot exhaust the L7R", () => {
     expect(vmRss("VmHWM")).toBeLessThan(256 * MIB);
     const statuses = attacker.statuses();
     expect(attacker.closed || statuses.some((s) => s >= 400 && s < 500)).toBe(true);
+    // Not vacuous: the bad logins were answered before anything closed the connection.
+    expect(statuses.length).toBeGreaterThan(0);
     expect(statuses.every((s) => s < 500)).toBe(true);
     attacker.destroy();
     expect(l7r.exitCode).toBeNull();
@@ -148,7 +150,9 @@ describe("a stranger cannot exhaust the L7R", () => {
     expect(vmRss("VmHWM")).toBeLessThan(256 * MIB);
     // Too much junk in one request head: 431 and closed (not buffered).
     for (const p of attackers) expect(await p.closedWithin(5000)).toBe(true);
-    expect(attackers.flatMap((p) => p.statuses()).every((s) => s === 431)).toBe(true);
+    const refusals = attackers.flatMap((p) => p.statuses());
+    expect(refusals.length).toBeGreaterThan(0); // not vacuous: the heads were answered, not just dropped
+    expect(refusals.every((s) => s === 431)).toBe(true);
     // The slots are free again.
     const again = await Peer.open({ unix: sock }, { preamble: header("203.0.113.7") });
     expect(await again.handshake()).toBe(true);
