@@ -19,6 +19,7 @@ export const main = defineCommand({
     demo: () => import("./roles/demo.ts").then((m) => m.default),
     di: () => import("./roles/di.ts").then((m) => m.default),
     vma: () => import("./roles/vma.ts").then((m) => m.default),
+    "vma-slave": () => import("./roles/vma-slave.ts").then((m) => m.default),
   },
 });
 
