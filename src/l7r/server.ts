@@ -8,13 +8,13 @@ import type { TCPSocketListener } from "bun";
 import { beginLogin, DEFAULT_POLICY, type ThrottlePolicy } from "../auth/throttle.ts";
 import { currentIdentityRules } from "../auth/identity.ts";
 import type { AuthenticatedUser } from "../auth/user-auth.ts";
-import type { Config } from "../config.ts";
+import { Config } from "../config.ts";
 import { audit } from "../db/audit.ts";
 import { HomeInUseError, startVm, stopVm } from "../db/commands.ts";
 import { incrementHostCounter } from "../db/hosts.ts";
 import * as L from "../db/l7r.ts";
 import { listen, type Listener } from "../db/listen.ts";
-import { startQueuePlace, withdrawStaleStart } from "../db/placement.ts";
+import { aliveWithinS, startQueuePlace, withdrawStaleStart } from "../db/placement.ts";
 import { tenantScope } from "../db/objects.ts";
 import type { Sql } from "../db/pool.ts";
 import { createUserToken, useUserToken } from "../db/tokens.ts";
@@ -136,6 +136,7 @@ const unavailable = (reason: string) => new Status(503, `The requested virtual m
 
 export async function startL7r(o: L7rOptions): Promise<L7r> {
   const t = { ...DEFAULT_TIMEOUTS, ...o.timeouts };
+  const aliveWithin = o.aliveWithinS ?? aliveWithinS(new Config()); // the key's default
   const authenticate = o.authenticate ?? localAuth;
   const throttle: ThrottlePolicy = { ...DEFAULT_POLICY, ...o.throttle };
   const sql = o.sql;
@@ -753,11 +754,11 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       for (const end = Date.now() + t.vmStop * 1000; Date.now() < end && (await leaveDrainingNode(sql, vmId, this.session!.id)); await vmChanged(vmId, 2000)) this.progress("Moving the desktop off a draining node");
       let vm = (await L.sessionVm(sql, vmId))!;
       // Placed on a node that died before taking it: place it again rather than wait for lost_after.
-      if (vm.vm_state === "stopped" && vm.vm_cmd === "start" && (await withdrawStaleStart(sql, vmId, o.aliveWithinS ?? 30))) vm = (await L.sessionVm(sql, vmId))!;
+      if (vm.vm_state === "stopped" && vm.vm_cmd === "start" && (await withdrawStaleStart(sql, vmId, aliveWithin))) vm = (await L.sessionVm(sql, vmId))!;
       if (vm.vm_state === "stopped" && !vm.vm_cmd) {
         if (!vm.host_id) this.progress(`Assigning VM ${vmId} to host`);
         try {
-          await startVm(sql, tenantScope(user.tenantId), vmId, { aliveWithinS: o.aliveWithinS ?? 30, by: "l7r" });
+          await startVm(sql, tenantScope(user.tenantId), vmId, { aliveWithinS: aliveWithin, by: "l7r" });
         } catch (err) {
           const msg = (err as Error).message;
           if (err instanceof HomeInUseError) throw unavailable(msg);

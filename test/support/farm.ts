@@ -507,21 +507,8 @@ export class TestFarm {
     const t0 = performance.now();
     const c = await WireClient.connectUnix(node.socket);
     const auth = basic(login, password);
-    c.send(
-      `GET /qvd/connect_to_vm?id=${vmId}&qvd.client.os=linux&qvd.client.link=lan&qvd.client.keyboard=pc105%2Fus&qvd.client.geometry=1024x768&qvd.client.fullscreen=0&qvd.client.type=qt HTTP/1.1\n` +
-        `Authorization: ${auth}\nConnection: Upgrade\nUpgrade: QVD/1.0\nUser-Agent: QVDClient Qt/0.01 (Linux)\n\n`,
-    );
-    const { progress, res } = await c.final(o.timeoutMs ?? 300_000);
-    const ms101 = performance.now() - t0;
-    let nx = "";
-    if (res.status === 101) {
-      c.send("NXPROXY-3.5.0-3.5.99 stream=default,data=default ");
-      const deadline = Date.now() + 10_000;
-      while (Date.now() < deadline && nx.length === 0 && !c.closed) {
-        await Bun.sleep(50);
-        nx = c.takeBuffered().toString("latin1");
-      }
-    }
+    const { progress, res, nx, finalAt } = await c.connectToVm(vmId, auth, o.timeoutMs ?? 300_000);
+    const ms101 = finalAt - t0;
     return { status: res.status, body: res.body, progress, nx, ms101, client: c, close: () => c.end() };
   }
 

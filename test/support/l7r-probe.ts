@@ -16,22 +16,7 @@ if (mode === "stop") {
   c.end();
   process.exit(0);
 }
-c.send(
-  `GET /qvd/connect_to_vm?id=${vmId}&qvd.client.os=linux&qvd.client.link=lan&qvd.client.keyboard=pc105%2Fus&qvd.client.geometry=1024x768&qvd.client.fullscreen=0&qvd.client.type=qt HTTP/1.1\n` +
-    `Authorization: ${auth}\nConnection: Upgrade\nUpgrade: QVD/1.0\nUser-Agent: QVDClient Qt/0.01 (Linux)\n\n`,
-);
-const { progress, res } = await c.final(300_000);
-let nx = "";
-if (res.status === 101) {
-  // The NX handshake: our side's proxy greets first (the exact bytes nxproxy -S sends);
-  // nxagent answers with its own version.
-  c.send("NXPROXY-3.5.0-3.5.99 stream=default,data=default ");
-  const deadline = Date.now() + 10_000;
-  while (Date.now() < deadline && nx.length === 0 && !c.closed) {
-    await Bun.sleep(100);
-    nx = c.takeBuffered().toString("latin1");
-  }
-}
+const { progress, res, nx } = await c.connectToVm(Number(vmId), auth);
 const out = { list: { status: list.status, body: list.body }, progress, final: { status: res.status, reason: res.reason, lines: res.lines, body: res.body }, nx, closedByServer: false };
 console.log(JSON.stringify(out));
 if (mode === "hold" && res.status === 101) {

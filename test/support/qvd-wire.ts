@@ -107,6 +107,29 @@ export class WireClient {
     }
   }
 
+  /**
+   * connect_to_vm as the Qt client sends it (bare LF); after a 101, the NX handshake: our side's
+   * proxy greets first (the exact bytes nxproxy -S sends) and nxagent's first answer is kept.
+   */
+  async connectToVm(vmId: number, auth: string, timeoutMs = 300_000): Promise<{ progress: string[]; res: WireResponse; nx: string; /** performance.now() at the final answer, before the NX greeting. */ finalAt: number }> {
+    this.send(
+      `GET /qvd/connect_to_vm?id=${vmId}&qvd.client.os=linux&qvd.client.link=lan&qvd.client.keyboard=pc105%2Fus&qvd.client.geometry=1024x768&qvd.client.fullscreen=0&qvd.client.type=qt HTTP/1.1\n` +
+        `Authorization: ${auth}\nConnection: Upgrade\nUpgrade: QVD/1.0\nUser-Agent: QVDClient Qt/0.01 (Linux)\n\n`,
+    );
+    const { progress, res } = await this.final(timeoutMs);
+    const finalAt = performance.now();
+    let nx = "";
+    if (res.status === 101) {
+      this.send("NXPROXY-3.5.0-3.5.99 stream=default,data=default ");
+      const deadline = Date.now() + 10_000;
+      while (Date.now() < deadline && nx.length === 0 && !this.closed) {
+        await Bun.sleep(50);
+        nx = this.takeBuffered().toString("latin1");
+      }
+    }
+    return { progress, res, nx, finalAt };
+  }
+
   /** Resolves when the server has closed the connection. */
   async waitClosed(timeoutMs = 10_000): Promise<void> {
     const deadline = Date.now() + timeoutMs;
