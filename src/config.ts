@@ -251,6 +251,8 @@ export const KEYS = {
   "vma.timeout.stopping": key(int(1), 20, "Seconds nxagent may take to terminate after SIGTERM before it (and the session) get SIGKILL."),
   "vma.poweroff.command": key(str, "", "Command the poweroff method runs after stopping the session when the VMA is not PID 1 (e.g. `poweroff` when the image's own init started the VMA); empty: the VMA just exits (as PID 1 that stops the container)."),
   "vma.on_action.expire": key(str, "", "Program run on the expire method, after the built-in notice and once per expiry setting (arguments: vm.expiration.soft <ISO time> vm.expiration.hard <ISO time or empty> qvd.vm.session.state <state> qvd.hook.on_action expire)."),
+  "vma.command.pulseaudio": key(nonEmpty, "/usr/bin/pulseaudio", "The PulseAudio daemon the VMA starts as the user for the session's sound (tunnel sink to the client through nxagent's multimedia channel)."),
+  "vma.command.pactl": key(nonEmpty, "/usr/bin/pactl", "pactl, which the VMA runs as the user to load and unload the sound tunnel in a running PulseAudio."),
   "vma.command.xmessage": key(str, "/usr/bin/xmessage", "The program that shows the user the soft-expiry notice in the X session (xmessage's options); empty: no built-in notice, only vma.on_action.expire."),
 } as const satisfies Record<string, KeyDef<any>>;
 
