@@ -253,6 +253,14 @@ export const KEYS = {
   "vma.on_action.expire": key(str, "", "Program run on the expire method, after the built-in notice and once per expiry setting (arguments: vm.expiration.soft <ISO time> vm.expiration.hard <ISO time or empty> qvd.vm.session.state <state> qvd.hook.on_action expire)."),
   "vma.command.pulseaudio": key(nonEmpty, "/usr/bin/pulseaudio", "The PulseAudio daemon the VMA starts as the user for the session's sound (tunnel sink to the client through nxagent's multimedia channel)."),
   "vma.command.pactl": key(nonEmpty, "/usr/bin/pactl", "pactl, which the VMA runs as the user to load and unload the sound tunnel in a running PulseAudio."),
+  // Session services (src/vma/services.ts). Each also needs the administrator's property (qvd.vm.printing.enable,
+  // qvd.vm.audio.enable, qvd.vm.shares.enable / qvd.vm.usb.enable) not off and the client to ask.
+  "vma.printing.enable": key(bool, true, "Printing to the client's printers through nxagent's CUPS channel (cups=<display+2000>), as QVD-<name> queues of a per-session CUPS run as the user."),
+  "vma.audio.enable": key(bool, true, "Sound to the client through nxagent's multimedia channel (media=1): a PulseAudio run as the user with a tunnel sink."),
+  "vma.slave.enable": key(bool, true, "nxagent's slave channel (slave=1) for shared folders, opening a client's file and USB/IP (qvd vma-slave)."),
+  "vma.command.cupsd": key(nonEmpty, "/usr/sbin/cupsd", "The CUPS scheduler the VMA starts as the user for the session's printers."),
+  "vma.command.lpadmin": key(nonEmpty, "/usr/sbin/lpadmin", "lpadmin, run as the user to add and delete the session's QVD-* printers."),
+  "vma.command.lpstat": key(nonEmpty, "/usr/bin/lpstat", "lpstat, run as the user to list the client's printers through the CUPS channel and the session's own."),
   "vma.command.xmessage": key(str, "/usr/bin/xmessage", "The program that shows the user the soft-expiry notice in the X session (xmessage's options); empty: no built-in notice, only vma.on_action.expire."),
 } as const satisfies Record<string, KeyDef<any>>;
 

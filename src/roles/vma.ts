@@ -119,6 +119,10 @@ export default defineCommand({
       defaultLang: cfg.get("vma.default.lang"),
       runDir: cfg.get("path.run"),
       timeouts: { starting: sec("vma.timeout.starting"), listening: sec("vma.timeout.listening"), suspending: sec("vma.timeout.suspending"), stopping: sec("vma.timeout.stopping") },
+      // The session's side channels (src/vma/services.ts); each checks its own switches.
+      services: [
+        // TODO(issue 12): printingService (src/vma/printing.ts), audioService (src/vma/audio.ts), sharesService (src/vma/shares.ts)
+      ],
     });
     if (cfg.get("vma.session.as_current_user")) log.warn("vma.session.as_current_user is set: no provisioning, the session runs as this process's user (test aid)");
 

@@ -14,6 +14,10 @@ export const NODE_ONLY_KEYS: readonly string[] = [
   "vma.user.home.path",
   "vma.user.groups",
   "vma.poweroff.command",
+  // The node's administrator decides which side channels its desktops open (an image may not add one).
+  "vma.printing.enable",
+  "vma.audio.enable",
+  "vma.slave.enable",
 ];
 export const NODE_ONLY_PREFIXES: readonly string[] = ["vma.command.", "vma.nxagent.", "vma.on_action.", "identity."];
 

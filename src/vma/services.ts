@@ -1,7 +1,7 @@
 // The session's side services (printing, sound, the slave channel): each is a SessionService
 // the Session (src/vma/session.ts) calls at fixed points of the NX session's life. A service
 // never breaks a session: whatever it throws is logged and the session goes on.
-import type { Daemon } from "../run.ts";
+import type { Daemon, RunResult } from "../run.ts";
 import type { Account } from "./provision.ts";
 
 export interface ServiceContext {
@@ -24,6 +24,13 @@ export interface ServiceContext {
    * in a process group of its own, never through a shell. undefined when no X session runs.
    */
   runAsUser(argv: string[], env?: Record<string, string>): Daemon | undefined;
+  /**
+   * Runs argv as the session's user and waits for it (output collected; a non-zero status is
+   * returned, not thrown). Its environment is the session's plus `env` (plus DISPLAY while an X
+   * session runs), never the VMA's. Usable from `prepare` on. Killed (SIGKILL) after `timeoutMs`
+   * (default 10 s); a program that could not be started gives status 127.
+   */
+  execAsUser(argv: string[], opts?: { env?: Record<string, string>; timeoutMs?: number; stdin?: string }): Promise<RunResult>;
 }
 
 export interface Prepared {

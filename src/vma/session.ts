@@ -27,12 +27,14 @@
 //   - the session's own output goes to ~/.qvd-session.log, so programs in it cannot print
 //     "Session: …" lines that would fake nxagent's state.
 import { appendFileSync, chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { constants as osConstants } from "node:os";
 import { join } from "node:path";
 import { UserError } from "../errors.ts";
 import { logger } from "../log.ts";
-import { spawnDaemon, type Daemon } from "../run.ts";
+import { spawnDaemon, type Daemon, type RunResult } from "../run.ts";
 import { defaultIdentityRules, type IdentityRules } from "../auth/identity.ts";
 import { checkIdentity, provision, readEnvFiles, readPasswd, underRoot, type Account } from "./provision.ts";
+import type { Prepared, ServiceContext, SessionService } from "./services.ts";
 
 const log = logger("vma.session");
 
@@ -76,6 +78,10 @@ export interface SessionOptions {
   runDir: string;
   /** Milliseconds per reported state; past them the session is terminated (stopping: killed). */
   timeouts: { starting: number; listening: number; suspending: number; stopping: number };
+  /** Side services (printing, sound, the slave channel: src/vma/services.ts), in this order. */
+  services?: SessionService[];
+  /** Milliseconds a service's prepare or hook is waited for before the session goes on (default 15 s). */
+  serviceTimeoutMs?: number;
 }
 
 /** A request the session cannot take in its current state (HTTP 409). */
@@ -101,7 +107,7 @@ const NX_TO_X: Record<string, XState> = {
  * The one line of the nxagent options file: `nx/nx,keyboard=…,…,cookie=…,accept=…:100`. Values
  * were validated. Without a cookie nxagent would take whoever connects first: none, no session.
  */
-export function nxagentOptions(p: SessionParams, display: number, tolerancechecks: string, acceptFrom = ""): string {
+export function nxagentOptions(p: SessionParams, display: number, tolerancechecks: string, acceptFrom = "", extra: string[] = []): string {
   if (!p.cookie || !/^[0-9a-f]{32}$/.test(p.cookie)) throw new UserError("x_start needs the session's NX cookie");
   const o: string[] = [];
   if (p.keyboard) o.push(`keyboard=${p.keyboard}`);
@@ -111,8 +117,33 @@ export function nxagentOptions(p: SessionParams, display: number, tolerancecheck
   if (p.fullscreen !== undefined) o.push(`fullscreen=${p.fullscreen ? 1 : 0}`);
   o.push(`tolerancechecks=${tolerancechecks}`, `cookie=${p.cookie}`);
   if (acceptFrom) o.push(`accept=${acceptFrom}`);
+  for (const v of extra) {
+    const why = serviceOptionProblem(v, o);
+    if (why) throw new UserError(`bad nxagent option ${JSON.stringify(v)}: ${why}`);
+    o.push(v);
+  }
   for (const v of o) if (!/^[\w]+=[\w/+.-]+$/.test(v)) throw new UserError(`bad nxagent option ${JSON.stringify(v)}`);
   return `nx/nx,${o.join(",")}:${display}`;
+}
+
+/** nxagent options a service may not set: the session's own (a service cannot move the cookie or accept=). */
+const RESERVED_OPTIONS = new Set(["keyboard", "client", "link", "geometry", "fullscreen", "tolerancechecks", "cookie", "accept", "options", "listen", "connect", "session", "id"]);
+
+/** Why a service's nxagent option is refused (undefined: fine). `taken`: the options already on the line. */
+export function serviceOptionProblem(v: string, taken: string[]): string | undefined {
+  if (!/^[a-z]\w{0,31}=[\w/+.-]{1,200}$/.test(v)) return "not name=value of letters, digits, _ / + . -";
+  const name = v.slice(0, v.indexOf("="));
+  if (RESERVED_OPTIONS.has(name)) return `${name}= is the session's own`;
+  if (taken.some((t) => t.startsWith(`${name}=`))) return `${name}= given twice`;
+  return undefined;
+}
+
+/** Environment variables a service may not set for the session (its identity and the loader). */
+function serviceEnvProblem(k: string, v: string): string | undefined {
+  if (!/^[A-Z_][A-Z0-9_]{0,63}$/.test(k)) return "bad name";
+  if (/^(HOME|USER|LOGNAME|SHELL|MAIL|PATH|DISPLAY|XAUTHORITY|IFS|ENV|BASH_ENV)$/.test(k) || k.startsWith("LD_")) return "reserved";
+  if (v.includes("\0") || v.length > 4096) return "bad value";
+  return undefined;
 }
 
 /** Supplementary groups of a new account: the qvd.vm.user.groups property (names separated by
@@ -170,6 +201,16 @@ export class Session {
   /** The environment the session's programs got (for runAsUser). */
   private env: Record<string, string> = {};
   private readonly listeners = new Set<(s: XState) => void>();
+  /** The services' view of the current x_start (rebuilt at each); undefined between X sessions. */
+  private svcCtx: ServiceContext | undefined;
+  /** Per service, its calls in order: a slow one never reorders its own prepare/connected/suspended. */
+  private svcChains: Promise<void>[] = [];
+  /** Services were told "connected" and not "suspended" since. */
+  private svcConnected = false;
+  /** The nxagent options the services asked for at the last x_start. */
+  private svcOptions: string[] = [];
+  /** The nxagent options the services added at the last x_start (for status and tests). */
+  get serviceOptions(): readonly string[] { return this.svcOptions; }
 
   constructor(readonly opts: SessionOptions) {
     mkdirSync(opts.runDir, { recursive: true, mode: 0o755 });
@@ -190,15 +231,42 @@ export class Session {
    * process group of its own, without waiting; argv goes to exec, never to a shell. undefined
    * when no X session runs.
    */
-  runAsUser(argv: string[]): Daemon | undefined {
+  runAsUser(argv: string[], extraEnv: Record<string, string> = {}): Daemon | undefined {
     const a = this.account;
     if (!a || !this.xinit) return undefined;
-    const priv = this.opts.asCurrentUser
+    const env = { ...this.env, ...extraEnv, DISPLAY: `:${this.opts.display}` };
+    // cwd "/": the VMA (root) does not enter a directory the user controls.
+    return spawnDaemon([...this.privPrefix(a), ...argv], { cwd: "/", env, detached: true, onLine: (l) => log.debug("session program", { line: l }) });
+  }
+
+  /** setpriv's prefix that runs a program as the account (none for the as_current_user test aid). */
+  private privPrefix(a: Account): string[] {
+    return this.opts.asCurrentUser
       ? []
       : ["setpriv", `--reuid=${a.uid}`, `--regid=${a.gid}`, a.groups.length ? `--groups=${a.groups.join(",")}` : "--clear-groups", "--"];
-    const env = { ...this.env, DISPLAY: `:${this.opts.display}` };
-    // cwd "/": the VMA (root) does not enter a directory the user controls.
-    return spawnDaemon([...priv, ...argv], { cwd: "/", env, detached: true, onLine: (l) => log.debug("session program", { line: l }) });
+  }
+
+  /** ServiceContext.execAsUser: runs argv as the account and waits, with the session's environment only. */
+  private async execAsUser(a: Account, argv: string[], o: { env?: Record<string, string>; timeoutMs?: number; stdin?: string } = {}): Promise<RunResult> {
+    const env: Record<string, string> = { ...this.env, ...(o.env ?? {}) };
+    if (this.xinit) env.DISPLAY = `:${this.opts.display}`;
+    let proc;
+    try {
+      proc = Bun.spawn([...this.privPrefix(a), ...argv], {
+        cwd: "/",
+        env,
+        stdin: o.stdin === undefined ? "ignore" : new Blob([o.stdin]),
+        stdout: "pipe",
+        stderr: "pipe",
+        timeout: o.timeoutMs ?? 10_000,
+        killSignal: "SIGKILL",
+      });
+    } catch (err) {
+      return { status: 127, stdout: "", stderr: (err as Error).message };
+    }
+    const [stdout, stderr, status] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+    const sig = proc.signalCode as keyof typeof osConstants.signals | null;
+    return { status: sig ? 128 + (osConstants.signals[sig] ?? 0) : status, stdout, stderr };
   }
 
   get port(): number { return 4000 + this.opts.display; }
@@ -227,20 +295,40 @@ export class Session {
         void this.launch(p).catch((err) => {
           this.lastError = (err as Error).message;
           log.error("session start failed", { err: this.lastError });
-          if (!this.xinit) this.setState("stopped");
+          if (!this.xinit) {
+            this.setState("stopped");
+            this.endServices();
+          }
         });
         return { state: "starting" };
       case "suspended": {
         if (this.params && this.params.user !== p.user)
           throw new StateError(`the suspended session belongs to ${this.params.user}, not ${p.user}`, this.state);
         if (!this.agentPid) throw new StateError("the suspended session has no nxagent", this.state);
+        nxagentOptions(p, this.opts.display, this.opts.tolerancechecks, this.opts.acceptFrom); // a bad x_start fails here, not later
         this.params = p;
-        this.writeOptions(p);
         this.writeSessionProperties(p);
         this.waiting = false;
         this.setState("starting");
-        this.signalAgent("SIGHUP");
-        this.nudgeResume(5);
+        // The services prepare (new slave key, printing on or off…) before nxagent rereads its
+        // options at the SIGHUP; x_start answers at once, as without services.
+        const agent = this.agentPid;
+        void this.prepareServices(p, this.account!, this.env)
+          .catch((err) => {
+            log.error("session services failed to prepare", { err: (err as Error).message });
+            return [] as string[];
+          })
+          .then((extra) => {
+            if (this.state !== "starting" || this.agentPid !== agent || this.params !== p) return; // x_stop, or it ended meanwhile
+            this.writeOptions(p, extra);
+            this.signalAgent("SIGHUP");
+            this.nudgeResume(5);
+          })
+          .catch((err) => {
+            this.lastError = (err as Error).message;
+            log.error("session resume failed", { err: this.lastError });
+            this.stop();
+          });
         return { state: "starting" };
       }
       case "connected":
@@ -322,6 +410,13 @@ export class Session {
     const t = (this.opts.timeouts as Record<string, number>)[s];
     if (t) this.timer = setTimeout(() => this.onTimeout(s), t);
     this.writeStateFile();
+    if (s === "connected" && this.svcCtx) {
+      this.svcConnected = true;
+      this.fireServices("connected");
+    } else if (s === "suspended" && this.svcCtx) {
+      this.svcConnected = false;
+      this.fireServices("suspended");
+    }
     for (const f of this.listeners) {
       try {
         f(s);
@@ -347,9 +442,9 @@ export class Session {
    * session's, mode 0640. The session's own programs run as the same user and could read it
    * too; they gain nothing: nxagent takes connections from the node's address only.
    */
-  private writeOptions(p: SessionParams): void {
+  private writeOptions(p: SessionParams, extra: string[] = []): void {
     const f = this.optionsFile;
-    const line = nxagentOptions(p, this.opts.display, this.opts.tolerancechecks, this.opts.acceptFrom) + "\n";
+    const line = nxagentOptions(p, this.opts.display, this.opts.tolerancechecks, this.opts.acceptFrom, extra) + "\n";
     rmSync(f, { force: true });
     writeFileSync(f, line, { mode: this.opts.asCurrentUser ? 0o600 : 0o640 });
     if (!this.opts.asCurrentUser && this.account) chownSync(f, process.getuid!(), this.account.gid);
@@ -391,7 +486,6 @@ export class Session {
       return;
     }
     this.account = account;
-    this.writeOptions(p);
     this.writeSessionProperties(p);
     // X sockets live here; a fresh container may not have the directory yet.
     mkdirSync("/tmp/.X11-unix", { recursive: true, mode: 0o1777 });
@@ -408,6 +502,15 @@ export class Session {
     };
     if (!env.LANG) env.LANG = o.defaultLang;
     this.env = env;
+    const svcEnv: Record<string, string> = {};
+    const extra = await this.prepareServices(p, account, env, svcEnv);
+    Object.assign(env, svcEnv);
+    if (this.cancelled) {
+      this.setState("stopped");
+      this.endServices();
+      return;
+    }
+    this.writeOptions(p, extra);
     this.generation++;
     const d = o.display;
     const client = ["/bin/sh", "-c", 'exec "$@" >>"$HOME/.qvd-session.log" 2>&1', "qvd-session", ...this.sessionCommand()];
@@ -433,7 +536,8 @@ export class Session {
     this.xinit = daemon;
     this.exited = daemon.exited.then(async (status) => {
       await Promise.race([daemon.drained, Bun.sleep(500)]);
-      this.onExit(daemon, status);
+      // shutdown() waits for the services' cleanup too (their cupsd, mounts), within bounds.
+      await Promise.race([this.onExit(daemon, status), Bun.sleep(this.serviceTimeout + 1000)]);
     });
   }
 
@@ -488,8 +592,8 @@ export class Session {
     check(40);
   }
 
-  private onExit(daemon: Daemon, status: number): void {
-    if (this.xinit !== daemon) return;
+  private onExit(daemon: Daemon, status: number): Promise<void> {
+    if (this.xinit !== daemon) return Promise.resolve();
     log.info("session ended", { status, nx_state: this.nxState });
     daemon.killGroup("SIGTERM"); // whatever of the session is left in xinit's group
     this.xinit = undefined;
@@ -498,6 +602,89 @@ export class Session {
     this.nxState = "";
     this.setState("stopped");
     this.removeStateFiles();
+    return this.endServices();
+  }
+
+  private get serviceTimeout(): number { return this.opts.serviceTimeoutMs ?? 15_000; }
+
+  /** Queues `f` on service i's chain, bounded by the service timeout; never rejects. */
+  private onChain<T>(i: number, what: string, f: () => T | Promise<T>): Promise<T | undefined> {
+    const svc = this.opts.services![i]!;
+    const prev = this.svcChains[i] ?? Promise.resolve();
+    const call = prev.then(() => f());
+    const bounded = Promise.race([
+      call.catch((err) => {
+        log.error("session service failed", { service: svc.name, at: what, err: (err as Error).message });
+        return undefined;
+      }),
+      Bun.sleep(this.serviceTimeout).then(() => {
+        log.error("session service too slow, going on without it", { service: svc.name, at: what, ms: this.serviceTimeout });
+        return undefined;
+      }),
+    ]);
+    // The next call waits for this one (however long), so that calls never overlap per service.
+    this.svcChains[i] = call.then(() => {}, () => {});
+    return bounded;
+  }
+
+  /**
+   * At every x_start: a fresh ServiceContext, then each service's prepare. Returns the nxagent
+   * options they ask for (each checked; a refused one is logged and dropped) and adds their
+   * environment to `envOut`. A service that throws or is too slow is off for this x_start.
+   */
+  private async prepareServices(p: SessionParams, account: Account, env: Record<string, string>, envOut: Record<string, string> = {}): Promise<string[]> {
+    const services = this.opts.services ?? [];
+    this.svcOptions = [];
+    if (!services.length) return [];
+    const o = this.opts;
+    const ctx: ServiceContext = {
+      account,
+      properties: { ...(p.properties ?? {}) },
+      clientOs: p.client_os,
+      display: o.display,
+      runDir: o.runDir,
+      homeOnDisk: env.HOME ?? (o.asCurrentUser ? account.home : underRoot(o.root, account.home)),
+      env: { ...env },
+      runAsUser: (argv, e) => this.runAsUser(argv, e),
+      execAsUser: (argv, opts) => this.execAsUser(account, argv, opts),
+    };
+    this.svcCtx = ctx;
+    const results = await Promise.all(services.map((svc, i) => this.onChain<Prepared>(i, "prepare", () => svc.prepare(ctx))));
+    const base = nxagentOptions(p, o.display, o.tolerancechecks, o.acceptFrom).replace(/^nx\/nx,/, "").replace(/:\d+$/, "").split(",");
+    const extra: string[] = [];
+    results.forEach((r, i) => {
+      const name = services[i]!.name;
+      for (const v of r?.options ?? []) {
+        const why = serviceOptionProblem(String(v), [...base, ...extra]);
+        if (why) log.error("session service option refused", { service: name, option: String(v).slice(0, 80), why });
+        else extra.push(v);
+      }
+      for (const [k, v] of Object.entries(r?.env ?? {})) {
+        const why = serviceEnvProblem(k, String(v));
+        if (why) log.error("session service environment refused", { service: name, name: k.slice(0, 64), why });
+        else envOut[k] = String(v);
+      }
+    });
+    this.svcOptions = extra;
+    if (extra.length) log.info("session services", { options: extra.join(",") });
+    return extra;
+  }
+
+  /** Calls `hook` of every service (each on its chain, with the current context). */
+  private fireServices(hook: "connected" | "suspended" | "stopped", ctx = this.svcCtx): Promise<void> {
+    const services = this.opts.services ?? [];
+    if (!ctx || !services.length) return Promise.resolve();
+    return Promise.all(services.map((svc, i) => svc[hook] ? this.onChain(i, hook, () => svc[hook]!(ctx)) : undefined)).then(() => {});
+  }
+
+  /** The X session is over: "suspended" if the services were still connected, then "stopped". */
+  private endServices(): Promise<void> {
+    const ctx = this.svcCtx;
+    if (!ctx) return Promise.resolve();
+    const wasConnected = this.svcConnected;
+    this.svcConnected = false;
+    this.svcCtx = undefined;
+    return (wasConnected ? this.fireServices("suspended", ctx) : Promise.resolve()).then(() => this.fireServices("stopped", ctx));
   }
 
   /** `${run}/nxagent.state` as the original wrote it: `<nx state>:<epoch>`. */
