@@ -1,0 +1,368 @@
+// The session's sound (src/vma/audio.ts, src/client/audio.ts) with real PulseAudio daemons on
+// this host: a "client" PulseAudio (a null sink standing for the user's speakers) opens its TCP
+// port through startClientAudio; the audio service starts the desktop's PulseAudio as a
+// throwaway uid when nxagent's multimedia line names that port (no nxagent needed: the tunnel
+// goes straight to it); paplay of a tone in the "desktop" must arrive in the client's sink
+// (parec of its monitor, Goertzel at the tone against neighbouring frequencies).
+// Root is needed (setpriv to the throwaway uid).
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { audioService, multimediaServer, pulseConfig, TUNNEL_SINK, type AudioService } from "../src/vma/audio.ts";
+import type { ServiceContext } from "../src/vma/services.ts";
+import { startClientAudio, tcpModuleArgs, type ClientAudio } from "../src/client/audio.ts";
+import { spawnDaemon, type Daemon, type RunResult } from "../src/run.ts";
+import { goertzel, peak, RATE, samples, sineWav, toneRatio } from "./support/tone.ts";
+
+const UID = 61_402; // the desktop's user (no passwd entry needed)
+const OTHER_UID = 61_403;
+let work: string;
+let clientRun: string;
+let clientPa: ReturnType<typeof Bun.spawn> | undefined;
+let clientServer: string;
+const daemons: Daemon[] = [];
+
+async function freePort(): Promise<number> {
+  const s = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+  const p = s.port;
+  s.stop(true);
+  return p;
+}
+
+async function waitFor<T>(what: string, fn: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 10_000): Promise<T> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v !== undefined && v !== false) return v as T;
+    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
+    await Bun.sleep(100);
+  }
+}
+
+function alive(pid: number): boolean {
+  try {
+    const st = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return st.slice(st.lastIndexOf(")") + 2, st.lastIndexOf(")") + 3) !== "Z";
+  } catch {
+    return false;
+  }
+}
+
+async function sh(argv: string[], env: Record<string, string> = {}, timeoutMs = 10_000): Promise<RunResult> {
+  const p = Bun.spawn(argv, { cwd: "/", env: { PATH: process.env.PATH!, ...env }, stdout: "pipe", stderr: "pipe", timeout: timeoutMs });
+  const [stdout, stderr, status] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  return { status, stdout, stderr };
+}
+
+const asUser = (uid: number) => ["setpriv", `--reuid=${uid}`, `--regid=${uid}`, "--clear-groups", "--"];
+
+/** A desktop session's view for the service, with the user's programs run through setpriv. */
+function desktop(props: Record<string, string | number | boolean>, name = "d"): ServiceContext & { dir: string } {
+  const dir = join(work, name);
+  const home = join(dir, "home");
+  mkdirSync(home, { recursive: true });
+  chownSync(home, UID, UID);
+  const runDir = join(dir, "qvd-run");
+  mkdirSync(runDir, { recursive: true, mode: 0o755 });
+  const env = { PATH: "/usr/local/bin:/usr/bin:/bin", HOME: home, USER: "snd", LOGNAME: "snd", LANG: "C.UTF-8" };
+  return {
+    dir,
+    account: { user: "snd", uid: UID, gid: UID, home, shell: "/bin/sh", groups: [] },
+    properties: props,
+    display: 100,
+    runDir,
+    homeOnDisk: home,
+    env,
+    runAsUser(argv, extra = {}) {
+      const d = spawnDaemon([...asUser(UID), ...argv], { cwd: "/", env: { ...env, ...extra, DISPLAY: ":100" }, detached: true });
+      daemons.push(d);
+      return d;
+    },
+    execAsUser(argv, o = {}) {
+      return sh([...asUser(UID), ...argv], { ...env, ...(o.env ?? {}) }, o.timeoutMs ?? 10_000);
+    },
+  };
+}
+
+const runtimeRoot = () => join(work, "run-user");
+const service = (enable = true) =>
+  audioService({ enable, runtimeDir: (uid) => join(runtimeRoot(), String(uid)), stopGraceMs: 2000 });
+
+/** The pulseaudio processes of the desktop user this test started. */
+const desktopPulse = () => daemons.filter((d) => alive(d.pid));
+
+/** Records the client's sink while `play` runs; returns s16le mono samples. */
+async function recordWhile(play: () => Promise<unknown>): Promise<Int16Array> {
+  const rec = Bun.spawn(["parec", "-d", "ClientOut.monitor", "--raw", "--format=s16le", "--channels=1", `--rate=${RATE}`, "--latency-msec=20"], {
+    env: { PATH: process.env.PATH!, PULSE_SERVER: clientServer, HOME: join(work, "client", "home") }, stdout: "pipe", stderr: "pipe",
+  });
+  const chunks: Uint8Array[] = [];
+  const reading = (async () => {
+    const r = (rec.stdout as ReadableStream<Uint8Array>).getReader();
+    for (;;) {
+      const { done, value } = await r.read();
+      if (done) break;
+      chunks.push(value);
+    }
+  })();
+  await Bun.sleep(300);
+  await play();
+  await Bun.sleep(500);
+  rec.kill();
+  await reading;
+  return samples(Buffer.concat(chunks));
+}
+
+/** paplay of a tone as the desktop's user with the session environment the service gave. */
+async function playTone(ctx: ServiceContext, env: Record<string, string>, freq: number): Promise<RunResult> {
+  const wav = join(work, `tone-${freq}.wav`);
+  if (!existsSync(wav)) {
+    writeFileSync(wav, sineWav(freq, 1.0));
+    chmodSync(wav, 0o644);
+  }
+  return ctx.execAsUser(["paplay", wav], { env, timeoutMs: 10_000 });
+}
+
+/** TCP listeners of a process (ss), as "addr:port". */
+async function listeners(pid: number): Promise<string[]> {
+  const r = await sh(["ss", "-ltnpH"]);
+  return r.stdout.split("\n").filter((l) => l.includes(`pid=${pid},`)).map((l) => l.trim().split(/\s+/)[3]!);
+}
+
+beforeAll(async () => {
+  work = mkdtempSync(join(tmpdir(), "qvd-audio-"));
+  chmodSync(work, 0o755);
+  mkdirSync(runtimeRoot(), { mode: 0o755 });
+  // The client's PulseAudio (root here, as the user running `qvd client` in these tests).
+  const c = join(work, "client");
+  clientRun = join(c, "run");
+  mkdirSync(join(c, "home"), { recursive: true });
+  mkdirSync(clientRun, { mode: 0o700 });
+  writeFileSync(join(c, "client.pa"), ["load-module module-native-protocol-unix", "load-module module-null-sink sink_name=ClientOut", "set-default-sink ClientOut", ""].join("\n"));
+  clientServer = `unix:${clientRun}/pulse/native`;
+  clientPa = Bun.spawn(["pulseaudio", "-n", "-F", join(c, "client.pa"), "--daemonize=no", "--exit-idle-time=-1", "--realtime=no", "--high-priority=no", "--log-target=stderr"], {
+    cwd: "/", env: { PATH: process.env.PATH!, HOME: join(c, "home"), XDG_RUNTIME_DIR: clientRun, DBUS_SESSION_BUS_ADDRESS: "disabled:" }, stdout: "ignore", stderr: "pipe",
+  });
+  await waitFor("the client's PulseAudio", async () => (await sh(["pactl", "-s", clientServer, "info"])).status === 0);
+});
+
+afterAll(async () => {
+  for (const d of daemons) d.killGroup("SIGKILL");
+  clientPa?.kill("SIGKILL");
+  await clientPa?.exited;
+  rmSync(work, { recursive: true, force: true });
+});
+
+describe("nxagent's multimedia announcement", () => {
+  test("the forms nxcomp prints give a loopback server", () => {
+    expect(multimediaServer("Info: Listening to multimedia connections on port 'tcp:localhost:7100'.")).toBe("tcp:127.0.0.1:7100");
+    expect(multimediaServer("Info: Listening to multimedia connections on port 'tcp:127.0.0.1:7100'.")).toBe("tcp:127.0.0.1:7100");
+    expect(multimediaServer("Info: Listening to multimedia connections on port '7100'.")).toBe("tcp:127.0.0.1:7100");
+    expect(multimediaServer("Info: Listening to multimedia connections on port 'unix:/tmp/.nx/media'.")).toBe("unix:/tmp/.nx/media");
+  });
+
+  test("anything else gives no server: other hosts, bad ports, paths leaving, lines not nxagent's", () => {
+    for (const line of [
+      "Info: Listening to multimedia connections on port 'tcp:evil.example:7100'.",
+      "Info: Listening to multimedia connections on port 'tcp:10.0.0.1:7100'.",
+      "Info: Listening to multimedia connections on port 'tcp:localhost:99999'.",
+      "Info: Listening to multimedia connections on port '0'.",
+      "Info: Listening to multimedia connections on port 'tcp:localhost:7100 server=tcp:evil:1'.",
+      "Info: Listening to multimedia connections on port 'unix:/tmp/../etc/x'.",
+      "Info: Listening to multimedia connections on port 'unix:relative'.",
+      "Info: Listening to multimedia connections on port '(disabled)'.",
+      "Info: Listening to CUPS connections on port 'tcp:localhost:2100'.",
+      "x Info: Listening to multimedia connections on port '7100'.",
+      "Info: Forwarding multimedia connections to port '7100'.",
+    ]) expect(multimediaServer(line)).toBeUndefined();
+  });
+
+  test("the generated PulseAudio script has no TCP module and the tunnel as the default", () => {
+    const s = pulseConfig("tcp:127.0.0.1:7100", "/run/user/1000/pulse/native");
+    expect(s).not.toContain("protocol-tcp");
+    expect(s).toContain("module-native-protocol-unix socket=/run/user/1000/pulse/native");
+    expect(s).toContain(`module-tunnel-sink-new sink_name=${TUNNEL_SINK} server=tcp:127.0.0.1:7100`);
+    expect(s).toContain(`set-default-sink ${TUNNEL_SINK}`);
+  });
+});
+
+describe("prepare: who switches sound on", () => {
+  test("on by default (the original clients do not send qvd.client.audio.enabled): media=1 and the session's PulseAudio address", async () => {
+    const ctx = desktop({}, "p1");
+    const p = await service().prepare(ctx);
+    const rt = join(runtimeRoot(), String(UID));
+    expect(p.options).toEqual(["media=1"]);
+    expect(p.env).toEqual({ XDG_RUNTIME_DIR: rt, PULSE_SERVER: `unix:${rt}/pulse/native` });
+    const st = lstatSync(rt);
+    expect([st.isDirectory(), st.uid, st.mode & 0o777]).toEqual([true, UID, 0o700]);
+  });
+
+  test("off by the node (vma.audio.enable), by the administrator's property in any spelling, or by the client", async () => {
+    expect((await service(false).prepare(desktop({}, "p2"))).options).toEqual([]);
+    for (const v of ["0", "false", "no", "OFF", " No ", 0, false]) {
+      const p = await service().prepare(desktop({ "qvd.vm.audio.enable": v }, "p2"));
+      expect(p).toEqual({ options: [] });
+    }
+    for (const v of ["0", "false", 0]) {
+      const p = await service().prepare(desktop({ "qvd.client.audio.enabled": v }, "p2"));
+      expect(p.options).toEqual([]);
+    }
+  });
+
+  test("a client's strange value cannot add or change nxagent options", async () => {
+    for (const v of ["1,slave=1", "1:100", "media=7", "yes\nmedia=2"]) {
+      expect((await service().prepare(desktop({ "qvd.client.audio.enabled": v }, "p3"))).options).toEqual(["media=1"]);
+    }
+    // The administrator's property wins over the client's wish.
+    expect((await service().prepare(desktop({ "qvd.vm.audio.enable": "no", "qvd.client.audio.enabled": "1" }, "p3"))).options).toEqual([]);
+  });
+
+  test("a runtime directory that is a symlink or another user's is refused", async () => {
+    const root = join(work, "rt-abuse");
+    mkdirSync(root);
+    const svcAt = (dir: string) => audioService({ enable: true, runtimeDir: () => dir });
+    symlinkSync("/etc", join(root, "link"));
+    await expect(async () => svcAt(join(root, "link")).prepare(desktop({}, "p4"))).toThrow(/not a directory/);
+    mkdirSync(join(root, "other"));
+    chownSync(join(root, "other"), OTHER_UID, OTHER_UID);
+    await expect(async () => svcAt(join(root, "other")).prepare(desktop({}, "p4"))).toThrow(/does not belong/);
+  });
+});
+
+describe("the client's side (startClientAudio)", () => {
+  test("bad ports are refused before pactl runs", () => {
+    for (const p of [0, -1, 65536, 1.5, NaN]) expect(() => tcpModuleArgs(p)).toThrow(RangeError);
+    expect(tcpModuleArgs(4713)).toEqual(["load-module", "module-native-protocol-tcp", "port=4713", "listen=127.0.0.1", "auth-anonymous=1", "auth-ip-acl=127.0.0.1"]);
+  });
+
+  test("no PulseAudio, or no pactl: no sound, one warning line, no exception", async () => {
+    const warnings: string[] = [];
+    const port = await freePort();
+    expect(await startClientAudio({ port, pulseServer: `unix:${work}/nothing-here`, warn: (l) => warnings.push(l) })).toBeUndefined();
+    expect(await startClientAudio({ port, pactl: join(work, "no-pactl"), warn: (l) => warnings.push(l) })).toBeUndefined();
+    expect(warnings.length).toBe(2);
+    for (const w of warnings) expect(w).toMatch(/^qvd client: no sound: .+/);
+    expect(warnings.join("\n")).not.toContain("\n    at ");
+  });
+
+  test("the port opens on 127.0.0.1 only and closes at stop", async () => {
+    const port = await freePort();
+    const a = await startClientAudio({ port, pulseServer: clientServer });
+    expect(a).toBeDefined();
+    const open = (await sh(["ss", "-ltnH", `sport = :${port}`])).stdout.trim().split("\n").filter(Boolean).map((l) => l.split(/\s+/)[3]);
+    expect(open).toEqual([`127.0.0.1:${port}`]);
+    // A second session asking for the same port gets no sound, the first keeps it.
+    const warnings: string[] = [];
+    expect(await startClientAudio({ port, pulseServer: clientServer, warn: (l) => warnings.push(l) })).toBeUndefined();
+    expect(warnings).toHaveLength(1);
+    await a!.stop();
+    await a!.stop();
+    expect((await sh(["ss", "-ltnH", `sport = :${port}`])).stdout.trim()).toBe("");
+  });
+});
+
+describe("sound from the desktop reaches the client's sink", () => {
+  let svc: AudioService;
+  let ctx: ServiceContext & { dir: string };
+  let client: ClientAudio | undefined;
+  let env: Record<string, string>;
+  let port: number;
+
+  beforeAll(async () => {
+    port = await freePort();
+    client = await startClientAudio({ port, pulseServer: clientServer });
+    svc = service();
+    ctx = desktop({ "qvd.client.audio.enabled": "1" }, "live");
+  });
+  afterAll(async () => {
+    await svc.stopped?.(ctx);
+    await client?.stop();
+  });
+
+  test("the announcement starts the user's PulseAudio with the tunnel; a 440 Hz tone arrives", async () => {
+    expect(client).toBeDefined();
+    env = (await svc.prepare(ctx)).env!;
+    svc.onAgentLine!("Info: Listening to X11 connections on display ':100'.", ctx);
+    expect(desktopPulse()).toHaveLength(0);
+    svc.onAgentLine!(`Info: Listening to multimedia connections on port 'tcp:localhost:${port}'.`, ctx);
+    await waitFor("the tunnel sink as the default", async () => {
+      const r = await ctx.execAsUser(["pactl", "get-default-sink"], { env });
+      return r.stdout.trim() === TUNNEL_SINK;
+    });
+    const pa = desktopPulse();
+    expect(pa).toHaveLength(1);
+    // It runs as the user, and listens on no TCP port (the only one in a desktop is nxagent's).
+    expect(readFileSync(`/proc/${pa[0]!.pid}/status`, "utf8")).toMatch(new RegExp(`\\nUid:\\s+${UID}\\s`));
+    expect(await listeners(pa[0]!.pid)).toEqual([]);
+    const rec = await recordWhile(async () => expect((await playTone(ctx, env, 440)).status).toBe(0));
+    expect(peak(rec)).toBeGreaterThan(3000);
+    expect(toneRatio(rec, 440)).toBeGreaterThan(100);
+    expect(goertzel(rec, 660)).toBeLessThan(goertzel(rec, 440) / 100);
+  }, 30_000);
+
+  test("at suspend the PulseAudio it started is stopped; nothing plays to the client", async () => {
+    const pa = desktopPulse();
+    expect(pa).toHaveLength(1);
+    await svc.suspended!(ctx);
+    expect(alive(pa[0]!.pid)).toBe(false);
+    const rec = await recordWhile(async () => expect((await playTone(ctx, env, 440)).status).not.toBe(0));
+    expect(peak(rec)).toBeLessThan(100);
+  }, 30_000);
+
+  test("at resume it starts again (a new tone, 660 Hz, arrives); a repeated announcement keeps one tunnel", async () => {
+    await svc.prepare(ctx);
+    const line = `Info: Listening to multimedia connections on port '${port}'.`;
+    svc.onAgentLine!(line, ctx);
+    svc.onAgentLine!(line, ctx);
+    await svc.idle();
+    expect(desktopPulse()).toHaveLength(1);
+    const mods = await ctx.execAsUser(["pactl", "list", "short", "modules"], { env });
+    expect(mods.stdout.split("\n").filter((l) => l.includes("module-tunnel-sink-new"))).toHaveLength(1);
+    expect((await ctx.execAsUser(["pactl", "get-default-sink"], { env })).stdout.trim()).toBe(TUNNEL_SINK);
+    const rec = await recordWhile(async () => expect((await playTone(ctx, env, 660)).status).toBe(0));
+    expect(toneRatio(rec, 660)).toBeGreaterThan(100);
+    expect(goertzel(rec, 440)).toBeLessThan(goertzel(rec, 660) / 100);
+  }, 30_000);
+
+  test("at the end of the session PulseAudio is gone; a stop with nothing running is harmless", async () => {
+    const pa = desktopPulse();
+    expect(pa).toHaveLength(1);
+    await svc.stopped!(ctx);
+    expect(alive(pa[0]!.pid)).toBe(false);
+    await svc.stopped!(ctx);
+    // A late announcement after the end starts nothing.
+    svc.onAgentLine!(`Info: Listening to multimedia connections on port '${port}'.`, ctx);
+    await svc.idle();
+    expect(desktopPulse()).toHaveLength(0);
+  }, 30_000);
+});
+
+describe("a PulseAudio the user already runs", () => {
+  test("gets the tunnel; at suspend loses it but keeps running (not ours to stop)", async () => {
+    const port = await freePort();
+    const client = await startClientAudio({ port, pulseServer: clientServer });
+    const svc = service();
+    const ctx = desktop({}, "own");
+    const env = (await svc.prepare(ctx)).env!;
+    const own = join(ctx.dir, "own.pa");
+    writeFileSync(own, `load-module module-native-protocol-unix socket=${env.XDG_RUNTIME_DIR}/pulse/native\nload-module module-null-sink sink_name=Mine\n`);
+    chmodSync(own, 0o644);
+    const mine = ctx.runAsUser(["pulseaudio", "-n", "-F", own, "--daemonize=no", "--exit-idle-time=-1", "--realtime=no", "--high-priority=no", "--log-target=stderr"], { XDG_RUNTIME_DIR: env.XDG_RUNTIME_DIR!, DBUS_SESSION_BUS_ADDRESS: "disabled:" })!;
+    const before = daemons.length;
+    await waitFor("the user's PulseAudio", async () => (await ctx.execAsUser(["pactl", "info"], { env })).status === 0);
+    svc.onAgentLine!(`Info: Listening to multimedia connections on port 'tcp:localhost:${port}'.`, ctx);
+    await svc.idle();
+    expect(daemons.length).toBe(before); // no second PulseAudio
+    expect((await ctx.execAsUser(["pactl", "get-default-sink"], { env })).stdout.trim()).toBe(TUNNEL_SINK);
+    const rec = await recordWhile(async () => expect((await playTone(ctx, env, 440)).status).toBe(0));
+    expect(toneRatio(rec, 440)).toBeGreaterThan(100);
+    await svc.suspended!(ctx);
+    expect(alive(mine.pid)).toBe(true);
+    const sinks = (await ctx.execAsUser(["pactl", "list", "short", "sinks"], { env })).stdout;
+    expect(sinks).toContain("Mine");
+    expect(sinks).not.toContain(TUNNEL_SINK);
+    mine.killGroup("SIGTERM");
+    await client?.stop();
+  }, 30_000);
+});
