@@ -543,6 +543,7 @@ export class Session {
 
   /** One line of xinit's merged output (nxagent's messages among them). */
   onLine(line: string): void {
+    this.lineToServices(line);
     let m: RegExpExecArray | null;
     if ((m = /^Info: Agent running with pid '(\d+)'/.exec(line))) {
       this.agentPid = Number(m[1]);
@@ -668,6 +669,22 @@ export class Session {
     this.svcOptions = extra;
     if (extra.length) log.info("session services", { options: extra.join(",") });
     return extra;
+  }
+
+  /** Hands an nxagent line to the services (synchronously; a throw is logged). */
+  private lineToServices(line: string): void {
+    const ctx = this.svcCtx;
+    if (!ctx) return;
+    const cookie = this.params?.cookie;
+    const l = cookie ? line.replaceAll(cookie, "<cookie>") : line;
+    for (const svc of this.opts.services ?? []) {
+      if (!svc.onAgentLine) continue;
+      try {
+        svc.onAgentLine(l, ctx);
+      } catch (err) {
+        log.error("session service failed", { service: svc.name, at: "agent line", err: (err as Error).message });
+      }
+    }
   }
 
   /** Calls `hook` of every service (each on its chain, with the current context). */
