@@ -366,3 +366,52 @@ describe("a PulseAudio the user already runs", () => {
     await client?.stop();
   }, 30_000);
 });
+
+describe("through a real nxagent and nxproxy", () => {
+  const freeDisplay = (from: number) => {
+    for (let d = from; d < from + 50; d++) if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
+    throw new Error("no free X display");
+  };
+
+  test("nxagent's own announcement (media=1) starts the tunnel; a tone crosses the NX session to nxproxy's media= port", async () => {
+    const nxHome = join(work, "nx");
+    mkdirSync(nxHome, { recursive: true });
+    const xd = freeDisplay(160);
+    const xvfb = spawnDaemon(["Xvfb", `:${xd}`, "-screen", "0", "640x480x24", "-nolisten", "tcp"], { detached: true });
+    daemons.push(xvfb);
+    await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${xd}`));
+    const ad = freeDisplay(xd + 1);
+    const options = join(nxHome, "nxagent.conf");
+    // No cookie here (this is about the media channel): nxagent takes the local proxy only.
+    writeFileSync(options, `nx/nx,link=lan,media=1,accept=127.0.0.1:${ad}\n`);
+    const port = await freePort();
+    const client = await startClientAudio({ port, pulseServer: clientServer });
+    expect(client).toBeDefined();
+    const svc = service();
+    const ctx = desktop({}, "nx-desktop");
+    const env = (await svc.prepare(ctx)).env!;
+    const agentLines: string[] = [];
+    const xinit = spawnDaemon(["xinit", "/bin/sleep", "1000", "--", "/usr/bin/nxagent", `:${ad}`, "-ac", "-name", "QVD", "-display", `nx/nx,options=${options}:${ad}`], {
+      cwd: nxHome, env: { PATH: process.env.PATH!, HOME: nxHome }, detached: true,
+      onLine: (l) => { agentLines.push(l); svc.onAgentLine!(l, ctx); },
+    });
+    daemons.push(xinit);
+    try {
+      await waitFor("nxagent to listen", () => agentLines.some((l) => l.startsWith("Info: Waiting for connection")), 15_000);
+      const proxy = spawnDaemon(["nxproxy", "-S", `media=${port}`, `localhost:${ad}`], { cwd: nxHome, env: { PATH: process.env.PATH!, HOME: nxHome, DISPLAY: `:${xd}` }, detached: true });
+      daemons.push(proxy);
+      await waitFor("the session", () => agentLines.some((l) => l.startsWith("Session: Session started")), 15_000);
+      expect(agentLines).toContain(`Info: Listening to multimedia connections on port 'tcp:localhost:${7000 + ad}'.`);
+      await svc.idle();
+      expect((await ctx.execAsUser(["pactl", "get-default-sink"], { env })).stdout.trim()).toBe(TUNNEL_SINK);
+      const rec = await recordWhile(async () => expect((await playTone(ctx, env, 440)).status).toBe(0));
+      expect(toneRatio(rec, 440)).toBeGreaterThan(100);
+      proxy.killGroup("SIGTERM");
+    } finally {
+      await svc.stopped!(ctx);
+      xinit.killGroup("SIGTERM");
+      xvfb.killGroup("SIGTERM");
+      await client?.stop();
+    }
+  }, 60_000);
+});
