@@ -174,7 +174,7 @@ const fake = join(dir, "fake-nxproxy.ts");
 writeFileSync(fake, `
 import net from "node:net";
 const d = Number(process.argv.at(-1)!.split(":")[1]);
-if (process.argv.at(-2) !== "-S" || !(d > 0)) { console.error("bad args", process.argv.slice(2)); process.exit(9); }
+if (!process.argv.includes("-S") || !(d > 0)) { console.error("bad args", process.argv.slice(2)); process.exit(9); }
 const first = Buffer.from(process.env.FAKE_FIRST!, "hex");
 const size = Number(process.env.FAKE_SIZE);
 const pattern = (n: number) => { const b = Buffer.alloc(n); for (let i = 0; i < n; i++) b[i] = (i * 7) % 251; return b; };
@@ -208,7 +208,9 @@ async function client(args: string[], env: Record<string, string> = {}) {
   return { stdout, stderr, code };
 }
 
-const base = () => ["--host", "127.0.0.1", "--port", String(server.port), "--user", USER, "--nxproxy-command", `${process.execPath} ${fake}`];
+// This machine's printing and sound are test/client-services.test.ts's subject: not asked for here.
+const QUIET = ["--no-printing", "--no-audio"];
+const base = () => ["--host", "127.0.0.1", "--port", String(server.port), "--user", USER, "--nxproxy-command", `${process.execPath} ${fake}`, ...QUIET];
 const VMS = [
   { id: 10, name: "alice-1", state: "stopped", blocked: 0, is_application: 0 },
   { id: 11, name: "alice-2", state: "running", blocked: "0", is_application: null },
@@ -244,7 +246,7 @@ describe("qvd client against a scripted L7R", () => {
     expect(list!.headers).toContain(`Authorization: Basic ${Buffer.from(`${USER}:${PASSWORD}`).toString("base64")}`);
     expect(connect!.line).toBe(
       "GET /qvd/connect_to_vm?id=11&qvd.client.os=linux&qvd.client.keyboard=pc105%2Fes&qvd.client.link=lan&qvd.client.geometry=800x600" +
-        "&qvd.client.fullscreen=1&qvd.client.printing.enabled=0&qvd.client.type=qvd-bun HTTP/1.1");
+        "&qvd.client.fullscreen=1&qvd.client.printing.enabled=0&qvd.client.audio.enabled=0&qvd.client.type=qvd-bun HTTP/1.1");
     expect(connect!.headers).toContain("Connection: Upgrade");
     expect(connect!.headers).toContain("Upgrade: QVD/1.0");
     expect(last.up).toBe(PAYLOAD_SIZE);
@@ -271,7 +273,7 @@ describe("qvd client against a scripted L7R", () => {
 
   test("--no-tls: plain TCP (l7r.use_ssl=0)", async () => {
     script.vms = [VMS[0]];
-    const r = await client(["--host", `127.0.0.1:${plainServer.port}`, "--user", USER, "--no-tls", "--nxproxy-command", `${process.execPath} ${fake}`]);
+    const r = await client(["--host", `127.0.0.1:${plainServer.port}`, "--user", USER, "--no-tls", "--nxproxy-command", `${process.execPath} ${fake}`, ...QUIET]);
     expect(r.stderr).toBe("");
     expect(r.code).toBe(0);
     expect(last.up).toBe(PAYLOAD_SIZE);
@@ -377,7 +379,7 @@ describe("qvd client against a scripted L7R", () => {
 
   test("nxproxy cannot be started: exit 1", async () => {
     script.vms = [VMS[0]];
-    const r = await client(["--host", `127.0.0.1:${server.port}`, "--user", USER, "--ca", cert, "--nxproxy-command", join(dir, "no-such-nxproxy")]);
+    const r = await client(["--host", `127.0.0.1:${server.port}`, "--user", USER, "--ca", cert, "--nxproxy-command", join(dir, "no-such-nxproxy"), ...QUIET]);
     expect(r.code).toBe(1);
     expect(r.stderr).toStartWith(`qvd: cannot start ${join(dir, "no-such-nxproxy")} (is nxproxy installed?): `);
     expect(r.stderr.split("\n").length).toBe(2);
@@ -455,7 +457,7 @@ describe.skipIf(!haveNx)("qvd client with a real nxproxy and nxagent", () => {
     script.connect = "relay";
     script.relayPort = 4000 + nd;
     const p = Bun.spawn([process.execPath, "src/main.ts", "client", "--host", "127.0.0.1", "--port", String(server.port), "--user", USER, "--ca", cert,
-      "--link", "lan", "--geometry", "800x600"], {
+      "--link", "lan", "--geometry", "800x600", ...QUIET], {
       env: { PATH: process.env.PATH!, HOME: dir, QVD_PASSWORD: PASSWORD, DISPLAY: `:${xd}` },
       stdin: "ignore", stdout: "pipe", stderr: "pipe",
     });
@@ -484,7 +486,7 @@ describe.skipIf(!haveNx)("qvd client with a real nxproxy and nxagent", () => {
     script.relayPort = 4000 + ag.nd;
     try {
       const xd = freeDisplay(ag.nd + 1);
-      const r = await client(["--host", "127.0.0.1", "--port", String(server.port), "--user", USER, "--ca", cert], { DISPLAY: `:${xd}` });
+      const r = await client(["--host", "127.0.0.1", "--port", String(server.port), "--user", USER, "--ca", cert, ...QUIET], { DISPLAY: `:${xd}` });
       expect(r.code).toBe(1);
       expect(r.stderr).toStartWith(`qvd: the NX session failed: cannot open the X display :${xd} (DISPLAY): Connection to ':${xd}' failed.`);
       expect(r.stderr.split("\n").length).toBe(2);
@@ -495,7 +497,7 @@ describe.skipIf(!haveNx)("qvd client with a real nxproxy and nxagent", () => {
 
   test("nxproxy fails (the other end is not an NX agent): exit 1 with nxproxy's reason", async () => {
     script.vms = [VMS[0]];
-    const r = await client(["--host", "127.0.0.1", "--port", String(server.port), "--user", USER, "--ca", cert], { DISPLAY: ":1" });
+    const r = await client(["--host", "127.0.0.1", "--port", String(server.port), "--user", USER, "--ca", cert, ...QUIET], { DISPLAY: ":1" });
     expect(r.code).toBe(1);
     expect(r.stderr).toBe("qvd: the NX session failed: Wrong version or invalid session authentication cookie.\n");
   }, 60_000);

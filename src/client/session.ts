@@ -1,12 +1,19 @@
 // `qvd client`, the flow: connect to the L7R, list the user's desktops, pick one, optionally
 // stop it first, connect with the qvd.client.* parameters, show the 102 progress, and on the
-// 101 run nxproxy against a local port spliced with the stream (reference §4).
-import { readFileSync } from "node:fs";
+// 101 run nxproxy against a local port spliced with the stream (reference §4), with its side
+// channels: printing (cups=), sound (media=) and the slave channel (shared folders, open a file,
+// USB) driven by src/client/slave.ts.
+import { mkdtempSync, readFileSync, realpathSync, rmSync, statSync } from "node:fs";
+import net from "node:net";
+import { tmpdir } from "node:os";
+import { basename, dirname, join, relative, sep } from "node:path";
 import { createInterface } from "node:readline";
+import { startClientAudio, type ClientAudio } from "./audio.ts";
 import { UserError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { spawnDaemon, type Daemon } from "../run.ts";
 import { bodyLine, EXIT, L7RConnection, type Response } from "./l7r.ts";
+import { bwrapUsable, openFile, requestUsbip, shareFolder, SlaveError, usbDeviceMissing, usbipBind, usbipUnbind, type Share, type SlaveEndpoint } from "./slave.ts";
 import { listenLocal, splice } from "./splice.ts";
 
 const log = logger("client");
@@ -41,6 +48,22 @@ export interface ClientOptions {
   nxproxyTimeoutMs?: number;
   /** Progress and information (stdout by default). */
   say?: (line: string) => void;
+  /** Ask for the desktop's printing through the user's CUPS (qvd.client.printing.enabled). */
+  printing?: boolean;
+  /** Ask for the desktop's sound on the user's PulseAudio (qvd.client.audio.enabled). */
+  audio?: boolean;
+  /** Folders to share with the desktop (existing directories). */
+  shares?: string[];
+  /** A file to open in the desktop (shared through its folder). */
+  file?: string;
+  /** USB devices (bus ids) to forward with USB/IP. */
+  usb?: string[];
+  /** Serve shares without the bwrap sandbox (the desktop can then read the whole machine as this user). */
+  shareUnconfined?: boolean;
+  sftpServer?: string;
+  bwrap?: string;
+  /** The CUPS nxproxy forwards printing to (default: CUPS_SERVER, else 631). */
+  cupsServer?: string;
 }
 
 export interface Desktop {
@@ -135,7 +158,7 @@ async function choose(desktops: Desktop[], user: string, where: string, want?: s
 }
 
 /** The connect_to_vm query: id plus the qvd.client.* keys, percent-encoded (`+` and `/` too). */
-export function connectQuery(id: number, o: Pick<ClientOptions, "keyboard" | "link" | "geometry" | "fullscreen">): string {
+export function connectQuery(id: number, o: Pick<ClientOptions, "keyboard" | "link" | "geometry" | "fullscreen" | "printing" | "audio">): string {
   const params: [string, string][] = [
     ["id", String(id)],
     ["qvd.client.os", "linux"],
@@ -143,15 +166,153 @@ export function connectQuery(id: number, o: Pick<ClientOptions, "keyboard" | "li
     ["qvd.client.link", o.link],
     ["qvd.client.geometry", o.geometry],
     ["qvd.client.fullscreen", o.fullscreen ? "1" : "0"],
-    ["qvd.client.printing.enabled", "0"],
+    ["qvd.client.printing.enabled", o.printing ? "1" : "0"],
+    ["qvd.client.audio.enabled", o.audio ? "1" : "0"],
     ["qvd.client.type", "qvd-bun"],
   ];
   return params.map(([k, v]) => `${k}=${encodeURIComponent(v)}`).join("&");
 }
 
+const warnLine = (l: string) => process.stderr.write(`qvd: warning: ${l}\n`);
+
+/** Where nxproxy's cups= channel goes: CUPS_SERVER's host[:port] or socket path, else localhost:631. */
+export function cupsTarget(server: string | undefined): { spec: string; path?: string; host?: string; port?: number } {
+  const v = (server ?? "").trim().replace(/\/version=[\d.]+$/, "");
+  if (!v) return { spec: "631", host: "localhost", port: 631 };
+  if (v.startsWith("/")) {
+    // nxcomp splits its options on ',' and takes a trailing ':digits' for the display.
+    if (/[,:\s]/.test(v)) throw new Error(`CUPS_SERVER ${JSON.stringify(v)}: a socket path with ',', ':' or spaces cannot be given to nxproxy`);
+    return { spec: `unix:${v}`, path: v };
+  }
+  const m = /^([A-Za-z0-9][A-Za-z0-9.-]{0,252})(?::(\d{1,5}))?$/.exec(v);
+  const port = m ? Number(m[2] ?? 631) : 0;
+  if (!m || port < 1 || port > 65535) throw new Error(`CUPS_SERVER ${JSON.stringify(v)}: expected HOST, HOST:PORT or a socket path`);
+  return { spec: `tcp:${m[1]}:${port}`, host: m[1], port };
+}
+
+/** Whether something accepts connections there (1 s). */
+function reachable(t: { path?: string; host?: string; port?: number }): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = t.path ? net.connect(t.path) : net.connect(t.port!, t.host!);
+    const done = (ok: boolean) => {
+      clearTimeout(timer);
+      s.destroy();
+      resolve(ok);
+    };
+    const timer = setTimeout(() => done(false), 1000);
+    s.once("connect", () => done(true));
+    s.once("error", () => done(false));
+  });
+}
+
+/** A free TCP port on 127.0.0.1 (for the sound module; nxproxy forwards media= to it). */
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once("error", reject);
+    srv.listen(0, "127.0.0.1", () => {
+      const port = (srv.address() as net.AddressInfo).port;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/** nxcomp reads a trailing ':digits' of an option argument as the display: one with ':' ends with ':<display>'. */
+export function nxOption(opt: string, display: number): string {
+  return opt.includes(":") ? `${opt}:${display}` : opt;
+}
+
+function isWithin(child: string, parent: string): boolean {
+  return child === parent || child.startsWith(parent.endsWith(sep) ? parent : parent + sep);
+}
+
+/** Shares, the file to open and USB devices, once nxproxy listens for slave connections. */
+async function slaveActions(o: ClientOptions, ep: SlaveEndpoint, key: string, workDir: string, say: (l: string) => void,
+  shares: Share[]): Promise<void> {
+  const bwrap = o.shareUnconfined ? undefined : (o.bwrap ?? "bwrap");
+  const sftpServer = o.sftpServer ?? "/usr/lib/openssh/sftp-server";
+  const share = async (dir: string): Promise<Share | undefined> => {
+    try {
+      const s = await shareFolder({ endpoint: ep, key, dir, sftpServer, bwrap, workDir, onLog: (l) => log.debug("sftp-server", { dir, line: l }) });
+      shares.push(s);
+      say(`Shared ${dir} with the desktop${s.ticket ? ` (${s.ticket})` : ""}`);
+      return s;
+    } catch (e) {
+      warnLine(`${dir} is not shared: ${e instanceof SlaveError ? e.message : (e as Error).message}`);
+      return undefined;
+    }
+  };
+  for (const dir of o.shares ?? []) await share(dir);
+  if (o.file) {
+    const file = realpathSync(o.file);
+    let s = shares.find((x) => isWithin(file, x.dir));
+    if (!s) s = await share(dirname(file));
+    if (s && !s.ticket) warnLine(`${o.file} was not opened: the desktop gave no share ticket`);
+    else if (s) {
+      try {
+        await openFile(ep, key, s.ticket, relative(s.dir, file));
+        say(`Opened ${basename(file)} in the desktop`);
+      } catch (e) {
+        warnLine(`${o.file} was not opened: ${(e as Error).message}`);
+      }
+    }
+  }
+  for (const busid of o.usb ?? []) {
+    const missing = usbDeviceMissing(busid);
+    if (missing) {
+      warnLine(missing);
+      continue;
+    }
+    const bindErr = usbipBind(busid);
+    if (bindErr) {
+      warnLine(`USB device ${busid} is not forwarded: ${bindErr}`);
+      continue;
+    }
+    try {
+      const sock = await requestUsbip(ep, key);
+      // Handing the stream to the kernel's usbip-host needs a socket the kernel can own; not done yet.
+      sock.destroy();
+      warnLine(`USB device ${busid} is not forwarded: the desktop accepted USB/IP, but this client cannot hand the stream to the kernel yet`);
+    } catch (e) {
+      warnLine(`USB device ${busid} is not forwarded: ${(e as Error).message}`);
+    }
+    usbipUnbind(busid);
+  }
+}
+
+/** Checks the service flags before connecting; the problems are usage errors. */
+export function checkServiceOptions(o: Pick<ClientOptions, "shares" | "file" | "shareUnconfined" | "bwrap">): void {
+  for (const dir of o.shares ?? []) {
+    let st;
+    try {
+      st = statSync(dir);
+    } catch (e) {
+      throw new UserError(`--share ${dir}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "no such directory" : (e as Error).message}`, EXIT.usage);
+    }
+    if (!st.isDirectory()) throw new UserError(`--share ${dir}: not a directory`, EXIT.usage);
+  }
+  if (o.file !== undefined) {
+    let st;
+    try {
+      st = statSync(o.file);
+    } catch (e) {
+      throw new UserError(`--file ${o.file}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (e as Error).message}`, EXIT.usage);
+    }
+    if (!st.isFile()) throw new UserError(`--file ${o.file}: not a regular file`, EXIT.usage);
+  }
+  if (((o.shares?.length ?? 0) > 0 || o.file !== undefined) && !o.shareUnconfined) {
+    const why = bwrapUsable(o.bwrap ?? "bwrap");
+    if (why) {
+      throw new UserError(`${o.file !== undefined && !o.shares?.length ? "--file" : "--share"} needs a sandbox that lets the desktop reach only the shared folder: ${why}` +
+        "; install bubblewrap, or give --share-unconfined (the desktop can then read every file this user can)", EXIT.usage);
+    }
+  }
+}
+
 /** Runs a whole session; returns the exit code (0: the session ended normally). */
 export async function runClient(o: ClientOptions): Promise<number> {
   const say = o.say ?? ((l: string) => console.log(l));
+  if (!o.printToken) checkServiceOptions(o);
   if (o.insecure) process.stderr.write("qvd: warning: --insecure: the server's certificate is not verified\n");
   const pem = (flag: string, file: string | undefined, what: string) => {
     if (!file) return undefined;
@@ -171,6 +332,16 @@ export async function runClient(o: ClientOptions): Promise<number> {
   const who = o.user || "the token's user";
   let nx: Daemon | undefined;
   let local: ReturnType<typeof listenLocal> | undefined;
+  let audio: ClientAudio | undefined;
+  let workDir: string | undefined;
+  const shares: Share[] = [];
+  let cleaned: Promise<void> | undefined;
+  // Undoes what the side channels set up on this machine; once, also on a signal.
+  const cleanup = () => cleaned ??= (async () => {
+    for (const s of shares) s.stop();
+    await audio?.stop().catch(() => {});
+    if (workDir) rmSync(workDir, { recursive: true, force: true });
+  })();
   try {
     // 1. The desktops.
     conn.request("/qvd/list_of_vm", { ...auth, Accept: "application/json" });
@@ -205,9 +376,24 @@ export async function runClient(o: ClientOptions): Promise<number> {
       if (r.status !== 200) process.stderr.write(`qvd: warning: the desktop was not stopped: ${r.status} ${r.reason}: ${bodyLine(r.body)}\n`);
     }
 
-    // 3. Connect.
+    // 3. The side channels this machine can serve, then connect.
+    let cups: string | undefined;
+    if (o.printing !== false) {
+      try {
+        const t = cupsTarget(o.cupsServer ?? process.env.CUPS_SERVER);
+        if (await reachable(t)) cups = t.spec;
+        else warnLine(`no printing: no CUPS answers at ${t.path ?? `${t.host}:${t.port}`} (CUPS_SERVER; --no-printing to not ask)`);
+      } catch (e) {
+        warnLine(`no printing: ${(e as Error).message}`);
+      }
+    }
+    if (o.audio !== false) {
+      audio = await startClientAudio({ port: await freePort(), warn: (l) => warnLine(l.replace(/^qvd client: /, "")) });
+    }
+    const wantSlave = (o.shares?.length ?? 0) > 0 || o.file !== undefined || (o.usb?.length ?? 0) > 0;
     say(`Connecting to desktop ${vm.name} (${vm.id})`);
-    conn.request(`/qvd/connect_to_vm?${connectQuery(vm.id, o)}`, { ...auth, Connection: "Upgrade", Upgrade: "QVD/1.0" });
+    conn.request(`/qvd/connect_to_vm?${connectQuery(vm.id, { ...o, printing: cups !== undefined, audio: audio !== undefined })}`,
+      { ...auth, Connection: "Upgrade", Upgrade: "QVD/1.0" });
     const r = await finalResponse(conn, `to start desktop ${vm.id}`, say);
     if (r.status !== 101) {
       if (r.status === 404) throw new UserError(`no desktop ${vm.id} on ${where} (it does not exist any more, or it is blocked)`, EXIT.noDesktop);
@@ -215,20 +401,45 @@ export async function runClient(o: ClientOptions): Promise<number> {
       throw failure(r, `start desktop ${vm.id}`, where, bearer);
     }
     log.debug("101", { slaveKey: r.headers.has("x-qvd-slave-key") });
+    const slaveKey = r.headers.get("x-qvd-slave-key");
+    if (wantSlave && !slaveKey) warnLine("the server gave no slave key: no shared folders, files or USB devices in this session");
 
     // 4. nxproxy on a local port, spliced with the stream.
     local = listenLocal();
-    const argv = [...o.nxproxy, "-S", `localhost:${local.display}`];
+    const options: string[] = [];
+    let slavePath: string | undefined;
+    if (wantSlave && slaveKey) {
+      // The slave listener is a socket in a private directory: only this user reaches the desktop's slave server.
+      // nxcomp cuts its options at ',' and ':'; a Unix socket path has at most 107 bytes.
+      const base = /^[^,:\s]{1,60}$/.test(tmpdir()) ? tmpdir() : "/tmp";
+      workDir = mkdtempSync(join(base, "qvd-client-"));
+      slavePath = join(workDir, "slave");
+      options.push(`slave=unix:${slavePath}`);
+    }
+    if (audio) options.push(`media=${audio.port}`);
+    if (cups) options.push(`cups=${cups}`);
+    const argv = [...o.nxproxy, "-S", ...options.map((x) => nxOption(x, local!.display)), `localhost:${local.display}`];
+    let slaveStarted: Promise<void> | undefined;
+    const startSlave = () => {
+      if (slaveStarted || !slavePath || !slaveKey) return;
+      slaveStarted = slaveActions(o, { path: slavePath }, slaveKey, workDir!, say, shares)
+        .catch((e) => {
+          warnLine(`the slave channel failed: ${(e as Error).message}`);
+        });
+    };
     // nxproxy exits 0 even when the session fails; its "Error: …" lines say why.
     const stderrTail: string[] = [];
     const nxErrors: string[] = [];
     try {
+      // No NX_SLAVE_CMD: the desktop cannot start programs on this machine through the slave channel.
+      const { NX_SLAVE_CMD: _a, QVD_SLAVE_CMD: _b, ...env } = process.env;
       nx = spawnDaemon(argv, {
-        env: { ...process.env, NX_CLIENT: process.env.NX_CLIENT ?? "/bin/false" },
+        env: { ...env, NX_CLIENT: process.env.NX_CLIENT ?? "/bin/false" },
         onLine: (line) => {
           log.debug("nxproxy", { line });
           const t = line.trim();
           if (!t) return;
+          if (/^Info: Listening to slave connections on port /.test(t)) startSlave();
           stderrTail.push(t);
           if (stderrTail.length > 5) stderrTail.shift();
           const e = /^Error: (.*)$/.exec(t);
@@ -246,7 +457,7 @@ export async function runClient(o: ClientOptions): Promise<number> {
     const onSignal = (sig: NodeJS.Signals) => {
       proxy0.kill("SIGTERM");
       conn.close();
-      process.exit(sig === "SIGINT" ? 130 : 143);
+      void Promise.race([cleanup(), Bun.sleep(3000)]).finally(() => process.exit(sig === "SIGINT" ? 130 : 143));
     };
     const proxy0 = nx;
     process.once("SIGINT", onSignal);
@@ -290,5 +501,6 @@ export async function runClient(o: ClientOptions): Promise<number> {
     local?.stop();
     nx?.kill("SIGTERM");
     conn.close();
+    await cleanup();
   }
 }

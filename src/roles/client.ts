@@ -8,7 +8,8 @@ import { passwordFromFile, readPassword } from "../admin/prompt.ts";
 import { UserError } from "../errors.ts";
 import { setLogLevel } from "../log.ts";
 import { EXIT } from "../client/l7r.ts";
-import { runClient } from "../client/session.ts";
+import { checkServiceOptions, runClient } from "../client/session.ts";
+import { BUSID } from "../client/slave.ts";
 
 const usage = (m: string) => new UserError(m, EXIT.usage);
 
@@ -23,6 +24,22 @@ function tokenFromFile(file: string): string {
   const line = text.split(/\r?\n/).map((l) => l.trim()).find(Boolean);
   if (!line) throw usage(`--token-file ${file}: the file is empty`);
   return line;
+}
+
+/** Every value of a repeatable string flag (citty keeps only the last): `--flag V` and `--flag=V`. */
+export function repeated(rawArgs: string[], flag: string): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < rawArgs.length; i++) {
+    const a = rawArgs[i]!;
+    if (a === "--") break;
+    if (a === `--${flag}`) {
+      const v = rawArgs[i + 1];
+      if (v === undefined || v.startsWith("--")) throw usage(`--${flag} needs a value`);
+      out.push(v);
+      i++;
+    } else if (a.startsWith(`--${flag}=`)) out.push(a.slice(flag.length + 3));
+  }
+  return out;
 }
 
 const LINKS = new Set(["modem", "isdn", "adsl", "wan", "lan", "local"]);
@@ -48,11 +65,17 @@ export default defineCommand({
     key: { type: "string", description: "The client certificate's private key (PEM)", valueHint: "FILE" },
     stop: { type: "boolean", description: "Stop the desktop first (restart the session)" },
     tls: { type: "boolean", default: true, description: "TLS (--no-tls: plain TCP, for servers with l7r.use_ssl=0)" },
+    printing: { type: "boolean", default: true, description: "Print from the desktop on this machine's printers (CUPS_SERVER, else localhost:631); --no-printing: do not" },
+    audio: { type: "boolean", default: true, description: "Play the desktop's sound on this machine's PulseAudio; --no-audio: do not" },
+    share: { type: "string", description: "Share this folder with the desktop (~/Redirected/<name> there); repeatable", valueHint: "DIR" },
+    file: { type: "string", description: "Open this file in the desktop (its folder is shared)", valueHint: "PATH" },
+    usb: { type: "string", description: "Forward this USB device (bus id, see `usbip list -l`) with USB/IP; repeatable", valueHint: "BUSID" },
+    "share-unconfined": { type: "boolean", description: "Serve shared folders without the bubblewrap sandbox (the desktop can then read every file you can)" },
     verbose: { type: "boolean", description: "Log the protocol and nxproxy's output on stderr" },
     // For tests: the program run instead of nxproxy (split on spaces; `-S localhost:D` is appended).
     "nxproxy-command": { type: "string", description: "(testing) nxproxy command", valueHint: "CMD" },
   },
-  async run({ args }) {
+  async run({ args, rawArgs }) {
     setLogLevel(args.verbose ? "debug" : "warn");
     let host = String(args.host);
     let port = args.port !== undefined ? Number(args.port) : 8443;
@@ -80,8 +103,17 @@ export default defineCommand({
     if (args.insecure && args.ca) throw usage("--insecure and --ca exclude each other");
     if (!args.cert !== !args.key) throw usage("--cert and --key go together");
     if (args.tls === false && (args.insecure || args.ca)) throw usage("--no-tls excludes --insecure and --ca");
+    const shares = repeated(rawArgs, "share");
+    const usb = repeated(rawArgs, "usb");
+    const files = repeated(rawArgs, "file");
+    if (files.length > 1) throw usage("--file: one file per session");
+    for (const b of usb) if (!BUSID.test(b)) throw usage(`--usb ${JSON.stringify(b)}: not a USB bus id (like 1-1 or 2-1.4, see \`usbip list -l\`)`);
+    for (const v of [...shares, ...files]) if (!v || /[\x00-\x1f]/.test(v)) throw usage(`--share/--file ${JSON.stringify(v)}: not a path`);
+    if (args["print-token"] && (shares.length || files.length || usb.length)) throw usage("--print-token excludes --share, --file and --usb");
     const nxproxy = args["nxproxy-command"] ? String(args["nxproxy-command"]).split(/\s+/).filter(Boolean) : ["nxproxy"];
     if (!args["print-token"] && !args["nxproxy-command"] && !process.env.DISPLAY) throw usage("DISPLAY is not set: nxproxy needs an X display to show the desktop on");
+    // Before the password prompt: a wrong --share is known now.
+    if (!args["print-token"]) checkServiceOptions({ shares, file: files[0], shareUnconfined: !!args["share-unconfined"] });
     const envPw = process.env.QVD_PASSWORD;
     const credentials = token !== undefined
       ? { token }
@@ -96,6 +128,7 @@ export default defineCommand({
     const code = await runClient({
       host, port, tls: args.tls !== false, ...credentials, vm: args.vm, link, geometry, fullscreen: !!args.fullscreen, keyboard,
       ca: args.ca, insecure: !!args.insecure, cert: args.cert, key: args.key, stop: !!args.stop, nxproxy, printToken: !!args["print-token"],
+      printing: args.printing !== false, audio: args.audio !== false, shares, file: files[0], usb, shareUnconfined: !!args["share-unconfined"],
     });
     process.exitCode = code;
   },
