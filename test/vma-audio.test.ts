@@ -409,6 +409,9 @@ describe("through a real nxagent and nxproxy", () => {
       proxy.killGroup("SIGTERM");
     } finally {
       await svc.stopped!(ctx);
+      // nxagent leaves xinit's process group: end it by the pid it announced.
+      const agent = agentLines.map((l) => /^Info: Agent running with pid '(\d+)'/.exec(l)?.[1]).find(Boolean);
+      if (agent) try { process.kill(Number(agent), "SIGTERM"); } catch {}
       xinit.killGroup("SIGTERM");
       xvfb.killGroup("SIGTERM");
       await client?.stop();
