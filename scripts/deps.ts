@@ -123,6 +123,48 @@ export const DEPS = {
     globs: ["/usr/bin/chromium"],
     packages: ["chromium"],
   },
+  // The client side of the session services (test/support/services.ts, test/session-services.test.ts).
+  cupsd: {
+    purpose: "a CUPS standing for the user's printers (printing tests)",
+    bins: ["cupsd"],
+    globs: ["/usr/sbin/cupsd"],
+    packages: ["cups-daemon"],
+  },
+  "cups-client": { purpose: "lp, lpstat and lpadmin (printing tests)", bins: ["lpstat"], packages: ["cups-client"] },
+  "cups-pdf": {
+    purpose: "a CUPS backend printing to PDF files: the user's printer in printing tests",
+    globs: ["/usr/lib/cups/backend/cups-pdf"],
+    packages: ["printer-driver-cups-pdf"],
+  },
+  "cups-filters": {
+    purpose: "the client's CUPS converts the desktop's jobs (text, PDF) for its printer (printing tests)",
+    globs: ["/usr/lib/cups/filter/texttopdf"],
+    packages: ["cups-filters"],
+  },
+  pdftotext: { purpose: "reads the text of printed PDFs (printing tests)", bins: ["pdftotext"], packages: ["poppler-utils"] },
+  pulseaudio: {
+    purpose: "sound servers on both sides of the audio tunnel (sound tests)",
+    bins: ["pulseaudio"],
+    packages: ["pulseaudio"],
+  },
+  "pulseaudio-utils": {
+    purpose: "pactl, paplay and parec (sound tests)",
+    bins: ["parec"],
+    packages: ["pulseaudio-utils"],
+  },
+  "sftp-server": {
+    purpose: "the SFTP server of shared folders (shares tests)",
+    globs: ["/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server"],
+    packages: ["openssh-sftp-server"],
+  },
+  sshfs: { purpose: "mounts shared folders over SFTP (shares tests)", bins: ["sshfs"], packages: ["sshfs"] },
+  bwrap: { purpose: "confines the client's SFTP server to the shared folder", bins: ["bwrap"], packages: ["bubblewrap"] },
+  usbip: {
+    purpose: "USB/IP tools (`qvd client --usb`)",
+    bins: ["usbip"],
+    globs: ["/usr/sbin/usbip"],
+    packages: ["usbip"],
+  },
 } satisfies Record<string, Dep>;
 
 export type DepName = keyof typeof DEPS;
