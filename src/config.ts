@@ -257,6 +257,7 @@ export const KEYS = {
   // qvd.vm.audio.enable, qvd.vm.shares.enable / qvd.vm.usb.enable) not off and the client to ask.
   "vma.printing.enable": key(bool, true, "Printing to the client's printers through nxagent's CUPS channel (cups=<display+2000>), as QVD-<name> queues of a per-session CUPS run as the user."),
   "vma.audio.enable": key(bool, true, "Sound to the client through nxagent's multimedia channel (media=1): a PulseAudio run as the user with a tunnel sink."),
+  "vma.audio.latency_msec": key(int(10, 2000), 60, "Milliseconds of sound the session's tunnel keeps queued toward the client: lower is more immediate, higher survives a jittery link without gaps (PulseAudio's own default, about 200)."),
   "vma.slave.enable": key(bool, true, "nxagent's slave channel (slave=1) for shared folders, opening a client's file and USB/IP (qvd vma-slave)."),
   "vma.command.cupsd": key(nonEmpty, "/usr/sbin/cupsd", "The CUPS scheduler the VMA starts as the user for the session's printers."),
   "vma.command.lpadmin": key(nonEmpty, "/usr/sbin/lpadmin", "lpadmin, run as the user to add and delete the session's QVD-* printers."),
