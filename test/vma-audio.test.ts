@@ -13,7 +13,7 @@ import { audioService, multimediaServer, pulseConfig, TUNNEL_SINK, type AudioSer
 import type { ServiceContext } from "../src/vma/services.ts";
 import { startClientAudio, tcpModuleArgs, type ClientAudio } from "../src/client/audio.ts";
 import { spawnDaemon, type Daemon, type RunResult } from "../src/run.ts";
-import { goertzel, peak, RATE, samples, sineWav, toneRatio } from "./support/tone.ts";
+import { gaps, goertzel, peak, RATE, samples, sineWav, toneRatio } from "./support/tone.ts";
 
 const UID = 61_402; // the desktop's user (no passwd entry needed)
 const OTHER_UID = 61_403;
@@ -187,6 +187,19 @@ describe("nxagent's multimedia announcement", () => {
   });
 });
 
+describe("the tone checks themselves", () => {
+  test("a tone is told from another and from silence; a 30 ms hole counts as a gap", () => {
+    const tone = samples(sineWav(440, 0.5).slice(44));
+    expect(toneRatio(tone, 440)).toBeGreaterThan(100);
+    expect(goertzel(tone, 660)).toBeLessThan(goertzel(tone, 440) / 100);
+    expect(toneRatio(new Int16Array(RATE / 2), 440)).toBeLessThan(2);
+    expect(gaps(tone)).toBe(0);
+    const holed = tone.slice();
+    holed.fill(0, RATE / 10, RATE / 10 + Math.round(RATE * 0.03));
+    expect(gaps(holed)).toBeGreaterThanOrEqual(2);
+  });
+});
+
 describe("prepare: who switches sound on", () => {
   test("on by default (the original clients do not send qvd.client.audio.enabled): media=1 and the session's PulseAudio address", async () => {
     const ctx = desktop({}, "p1");
@@ -216,6 +229,10 @@ describe("prepare: who switches sound on", () => {
     }
     // The administrator's property wins over the client's wish.
     expect((await service().prepare(desktop({ "qvd.vm.audio.enable": "no", "qvd.client.audio.enabled": "1" }, "p3"))).options).toEqual([]);
+  });
+
+  test("the tunnel's queue (vma.audio.latency_msec) outside 10…2000 ms is refused", () => {
+    for (const ms of [0, 9, 2001, NaN]) expect(() => audioService({ enable: true, latencyMs: ms })).toThrow(RangeError);
   });
 
   test("a runtime directory that is a symlink or another user's is refused", async () => {
@@ -298,6 +315,7 @@ describe("sound from the desktop reaches the client's sink", () => {
     const rec = await recordWhile(async () => expect((await playTone(ctx, env, 440)).status).toBe(0));
     expect(peak(rec)).toBeGreaterThan(3000);
     expect(toneRatio(rec, 440)).toBeGreaterThan(100);
+    expect(gaps(rec)).toBe(0);
     expect(goertzel(rec, 660)).toBeLessThan(goertzel(rec, 440) / 100);
   }, 30_000);
 
@@ -406,6 +424,8 @@ describe("through a real nxagent and nxproxy", () => {
       expect((await ctx.execAsUser(["pactl", "get-default-sink"], { env })).stdout.trim()).toBe(TUNNEL_SINK);
       const rec = await recordWhile(async () => expect((await playTone(ctx, env, 440)).status).toBe(0));
       expect(toneRatio(rec, 440)).toBeGreaterThan(100);
+      // The whole second arrived without holes (the tunnel's 60 ms queue did not run dry).
+      expect(gaps(rec)).toBe(0);
       proxy.killGroup("SIGTERM");
     } finally {
       await svc.stopped!(ctx);

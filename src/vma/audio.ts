@@ -29,6 +29,8 @@ export interface AudioServiceOptions {
   pactl?: string;
   /** The user's runtime directory (default /run/user/<uid>); created 0700 for the user when missing. */
   runtimeDir?: (uid: number) => string;
+  /** vma.audio.latency_msec: the audio the tunnel keeps queued toward the client (default 60). */
+  latencyMs?: number;
   /** Milliseconds between SIGTERM and SIGKILL when stopping PulseAudio (default 3000). */
   stopGraceMs?: number;
   /** Milliseconds PulseAudio has to answer after it was started (default 10000). */
@@ -94,6 +96,8 @@ export function audioService(opts: AudioServiceOptions): AudioService {
   const pactl = opts.pactl ?? "/usr/bin/pactl";
   const runtimeOf = opts.runtimeDir ?? ((uid: number) => `/run/user/${uid}`);
   const grace = opts.stopGraceMs ?? 3000;
+  const latency = Math.round(opts.latencyMs ?? 60);
+  if (!(latency >= 10 && latency <= 2000)) throw new RangeError(`vma.audio.latency_msec must be 10…2000, not ${opts.latencyMs}`);
   const startTimeout = opts.startTimeoutMs ?? 10_000;
 
   /** Sound is on for the current x_start (media=1 was asked). */
@@ -181,7 +185,9 @@ export function audioService(opts: AudioServiceOptions): AudioService {
     const argv = [pulseaudio, "-n", "-F", cfg, "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=yes",
       "--realtime=no", "--high-priority=no", "--log-target=stderr", "--log-level=warning"];
     // Without a session bus PulseAudio would try to autolaunch one on DISPLAY.
-    const env: Record<string, string> = { XDG_RUNTIME_DIR: runtime };
+    // PULSE_LATENCY_MSEC sizes the tunnel's stream on the client (the tunnel is a libpulse client
+    // inside the daemon): it keeps that much audio queued, by default up to 200 ms.
+    const env: Record<string, string> = { XDG_RUNTIME_DIR: runtime, PULSE_LATENCY_MSEC: String(latency) };
     if (!ctx.env.DBUS_SESSION_BUS_ADDRESS) env.DBUS_SESSION_BUS_ADDRESS = "disabled:";
     const d = ctx.runAsUser(argv, env);
     if (!d) throw new Error("no X session to run PulseAudio in");
