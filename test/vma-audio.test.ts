@@ -235,6 +235,13 @@ describe("prepare: who switches sound on", () => {
     for (const ms of [0, 9, 2001, NaN]) expect(() => audioService({ enable: true, latencyMs: ms })).toThrow(RangeError);
   });
 
+  test("a fresh container without /run/user: the parent is made (0755) and the user's directory (0700)", async () => {
+    const rt = join(work, "fresh", "run", "user", String(UID));
+    await audioService({ enable: true, runtimeDir: () => rt }).prepare(desktop({}, "p5"));
+    expect(lstatSync(join(rt, "..")).mode & 0o777).toBe(0o755);
+    expect([lstatSync(rt).uid, lstatSync(rt).mode & 0o777]).toEqual([UID, 0o700]);
+  });
+
   test("a runtime directory that is a symlink or another user's is refused", async () => {
     const root = join(work, "rt-abuse");
     mkdirSync(root);

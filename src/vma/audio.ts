@@ -13,7 +13,7 @@
 //   - the tunnel retries (reconnect_interval_ms) instead of vanishing when the channel drops;
 //   - only the PulseAudio this service started is ever signalled (its own process group).
 import { lstatSync, mkdirSync, chownSync, chmodSync, rmSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { logger } from "../log.ts";
 import type { Daemon } from "../run.ts";
 import { propertyOff, type Prepared, type ServiceContext, type SessionService } from "./services.ts";
@@ -161,7 +161,8 @@ export function audioService(opts: AudioServiceOptions): AudioService {
     try {
       st = lstatSync(dir);
     } catch {
-      mkdirSync(dir, { recursive: false, mode: 0o700 });
+      mkdirSync(dirname(dir), { recursive: true, mode: 0o755 }); // /run/user in a fresh container
+      mkdirSync(dir, { mode: 0o700 });
       if (process.getuid!() !== uid) chownSync(dir, uid, gid);
       chmodSync(dir, 0o700);
       return;
