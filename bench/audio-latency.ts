@@ -1,5 +1,5 @@
 // Audio latency through the session's sound tunnel on loopback (issue 12; aim: under 150 ms).
-// Run as root: bun bench/audio-latency.ts [--rounds 10] [--skip-nx] [--app-latency MS] [--tunnel-latency MS]
+// Run as root: bun bench/audio-latency.ts [--rounds 10] [--skip-nx] [--app-latency MS] [--tunnel-latency MS] [--relay-latency MS]
 //
 // Method (printed with the figures): a "client" PulseAudio (null sink, TCP port opened by
 // src/client/audio.ts) and the desktop's PulseAudio started by the VMA's audio service
@@ -30,6 +30,8 @@ const SKIP_NX = process.argv.includes("--skip-nx");
 const APP_LATENCY = opt("app-latency", 0);
 /** vma.audio.latency_msec for the service (default: the key's default). */
 const TUNNEL_LATENCY = opt("tunnel-latency", 60);
+/** The client relay's queue (src/client/audio.ts relayLatencyMs). */
+const RELAY_LATENCY = opt("relay-latency", 20);
 const paplayArgs = APP_LATENCY ? [`--latency-msec=${APP_LATENCY}`] : [];
 const RATE = 44100;
 const UID = 61_404;
@@ -168,7 +170,7 @@ await measure("baseline: paplay straight into the client's PulseAudio", () => sh
 
 async function throughTunnel(name: string, announce: (port: number, svc: ReturnType<typeof audioService>) => Promise<() => Promise<void>>) {
   const port = await freePort();
-  const client = await startClientAudio({ port, pulseServer: clientServer });
+  const client = await startClientAudio({ port, pulseServer: clientServer, relayLatencyMs: RELAY_LATENCY });
   if (!client) throw new Error("the client's PulseAudio did not open its port");
   const svc = audioService({ enable: true, latencyMs: TUNNEL_LATENCY, runtimeDir: (uid) => join(work, "run-user", String(uid)) });
   const env = (await svc.prepare(ctx)).env!;
@@ -222,7 +224,7 @@ if (!SKIP_NX) {
 }
 
 rec.kill();
-console.log(`Audio latency on loopback, ${ROUNDS} rounds each (after one warm-up), median [min … max]; paplay ${APP_LATENCY ? `--latency-msec=${APP_LATENCY}` : "with its default buffer"}, vma.audio.latency_msec=${TUNNEL_LATENCY}:`);
+console.log(`Audio latency on loopback, ${ROUNDS} rounds each (after one warm-up), median [min … max]; paplay ${APP_LATENCY ? `--latency-msec=${APP_LATENCY}` : "with its default buffer"}, vma.audio.latency_msec=${TUNNEL_LATENCY}, client relay ${RELAY_LATENCY} ms:`);
 console.log("Method: time from spawning paplay of a 30 ms 1 kHz click to the arrival of the first 5 ms");
 console.log("fragment holding it in parec of the client's null-sink monitor. The baseline (no tunnel)");
 console.log("holds paplay's start-up and the recorder's delay; added = path − baseline.");

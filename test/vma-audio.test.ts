@@ -139,7 +139,9 @@ beforeAll(async () => {
   clientRun = join(c, "run");
   mkdirSync(join(c, "home"), { recursive: true });
   mkdirSync(clientRun, { mode: 0o700 });
-  writeFileSync(join(c, "client.pa"), ["load-module module-native-protocol-unix", "load-module module-null-sink sink_name=ClientOut", "set-default-sink ClientOut", ""].join("\n"));
+  // Mic stands for the user's microphone: the desktop must not reach it.
+  writeFileSync(join(c, "client.pa"), ["load-module module-native-protocol-unix", "load-module module-null-sink sink_name=ClientOut", "set-default-sink ClientOut",
+    "load-module module-null-source source_name=Mic", ""].join("\n"));
   clientServer = `unix:${clientRun}/pulse/native`;
   clientPa = Bun.spawn(["pulseaudio", "-n", "-F", join(c, "client.pa"), "--daemonize=no", "--exit-idle-time=-1", "--realtime=no", "--high-priority=no", "--log-target=stderr"], {
     cwd: "/", env: { PATH: process.env.PATH!, HOME: join(c, "home"), XDG_RUNTIME_DIR: clientRun, DBUS_SESSION_BUS_ADDRESS: "disabled:" }, stdout: "ignore", stderr: "pipe",
@@ -270,10 +272,11 @@ describe("the client's side (startClientAudio)", () => {
     expect(warnings.join("\n")).not.toContain("\n    at ");
   });
 
-  test("the port opens on 127.0.0.1 only and closes at stop", async () => {
+  test("the port opens on 127.0.0.1 only, in a relay PulseAudio, and closes at stop", async () => {
     const port = await freePort();
     const a = await startClientAudio({ port, pulseServer: clientServer });
-    expect(a).toBeDefined();
+    expect(a?.relay).toBeGreaterThan(0);
+    expect(a?.module).toBeUndefined();
     const open = (await sh(["ss", "-ltnH", `sport = :${port}`])).stdout.trim().split("\n").filter(Boolean).map((l) => l.split(/\s+/)[3]);
     expect(open).toEqual([`127.0.0.1:${port}`]);
     // A second session asking for the same port gets no sound, the first keeps it.
@@ -283,7 +286,35 @@ describe("the client's side (startClientAudio)", () => {
     await a!.stop();
     await a!.stop();
     expect((await sh(["ss", "-ltnH", `sport = :${port}`])).stdout.trim()).toBe("");
+    expect(alive(a!.relay!)).toBe(false);
   });
+
+  test("what the desktop reaches through the port: the relay's sink only, no module loading, no microphone, no exit", async () => {
+    const port = await freePort();
+    const a = await startClientAudio({ port, pulseServer: clientServer });
+    expect(a?.relay).toBeDefined();
+    const desk = ["pactl", "-s", `tcp:127.0.0.1:${port}`];
+    try {
+      const load = await sh([...desk, "load-module", "module-pipe-sink", `file=${work}/written-by-desktop`]);
+      expect(load.status).not.toBe(0);
+      expect(existsSync(join(work, "written-by-desktop"))).toBe(false);
+      const sources = (await sh([...desk, "list", "short", "sources"])).stdout;
+      expect(sources).not.toContain("Mic");
+      expect((await sh([...desk, "list", "short", "sinks"])).stdout).toMatch(/^\d+\s+QVD\s/m);
+      expect((await sh([...desk, "exit"])).status).not.toBe(0);
+      expect(alive(a!.relay!)).toBe(true);
+      // Without a pulseaudio program (PipeWire-only machines) the port is the user's server, as
+      // the original had it: the microphone is there (which is why the relay exists).
+      const p2 = await freePort();
+      const direct = await startClientAudio({ port: p2, pulseServer: clientServer, pulseaudio: join(work, "no-pulseaudio") });
+      expect(direct?.module).toMatch(/^\d+$/);
+      expect((await sh(["pactl", "-s", `tcp:127.0.0.1:${p2}`, "list", "short", "sources"])).stdout).toContain("Mic");
+      await direct!.stop();
+      expect((await sh(["ss", "-ltnH", `sport = :${p2}`])).stdout.trim()).toBe("");
+    } finally {
+      await a!.stop();
+    }
+  }, 30_000);
 });
 
 describe("sound from the desktop reaches the client's sink", () => {

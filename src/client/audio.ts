@@ -1,13 +1,21 @@
 // `qvd client`'s sound: the desktop's PulseAudio tunnels to nxproxy's `media=<port>`, and nxproxy
-// forwards each of those connections to this port on 127.0.0.1, where the user's PulseAudio (or
-// PipeWire's pulse server) listens for the time of the session: module-native-protocol-tcp,
-// loaded with pactl (which honours PULSE_SERVER) and unloaded at the end.
+// forwards each of those connections to this port on 127.0.0.1. The tunnel carries no cookie (the
+// client's cookie never goes to the desktop), so whatever listens there takes anonymous
+// connections, from 127.0.0.1 only.
 //
-// The tunnel carries no cookie (the client's cookie never goes to the desktop), so the module
-// takes anonymous connections, from 127.0.0.1 only (listen= and auth-ip-acl=). Any local program
-// of this machine can use it while the session runs; the original did the same.
+// The original loaded module-native-protocol-tcp into the user's own PulseAudio. Then whoever
+// speaks through the media channel (any program in the desktop) has the user's whole sound server:
+// it can record the microphone and load modules (module-pipe-sink writes files). Here, when a
+// `pulseaudio` program is installed, the port belongs to a relay instead: a PulseAudio of its own,
+// as the user, that refuses module loading and has only a tunnel sink to the user's server (no
+// source: nothing to record). Without one (PipeWire-only machines), the module goes into the
+// user's server as the original did, and a warning in the log says so.
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import net from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { logger } from "../log.ts";
-import { run } from "../run.ts";
+import { run, spawnDaemon, type Daemon } from "../run.ts";
 
 const log = logger("client.audio");
 
@@ -18,6 +26,10 @@ export interface ClientAudioOptions {
   pulseServer?: string;
   /** The pactl program (default "pactl" on PATH). */
   pactl?: string;
+  /** The PulseAudio daemon for the relay (default "pulseaudio" on PATH); none there: no relay. */
+  pulseaudio?: string;
+  /** Milliseconds of sound the relay keeps queued toward the user's server (default 20). */
+  relayLatencyMs?: number;
   /** Where the one-line warning goes when there is no sound (default: stderr). */
   warn?: (line: string) => void;
   /** Milliseconds pactl may take (default 5000). */
@@ -26,9 +38,11 @@ export interface ClientAudioOptions {
 
 export interface ClientAudio {
   readonly port: number;
-  /** The module index pactl returned. */
-  readonly module: string;
-  /** Unloads the module (once; later calls do nothing). */
+  /** The relay PulseAudio's pid (when there is one). */
+  readonly relay?: number;
+  /** The module index pactl returned (no relay: the module is in the user's server). */
+  readonly module?: string;
+  /** Stops the relay or unloads the module (once; later calls do nothing). */
   stop(): Promise<void>;
 }
 
@@ -38,9 +52,88 @@ export function tcpModuleArgs(port: number): string[] {
   return ["load-module", "module-native-protocol-tcp", `port=${port}`, "listen=127.0.0.1", "auth-anonymous=1", "auth-ip-acl=127.0.0.1"];
 }
 
+/** A program by name on PATH, or a path: whether it can be run. */
+const findProgram = (p: string) => Bun.which(p) !== null;
+
+/** A PulseAudio server address safe to put into a module argument (no spaces, quotes, or `=`). */
+const SAFE_SERVER = /^(unix:)?\/[\w./@-]{1,200}$|^(tcp6?:)?[\w.:\[\]-]{1,200}$/;
+
+/** The relay's script: the TCP port for the desktop, a tunnel to the user's server, nothing else. */
+export function relayScript(port: number, userServer: string): string {
+  tcpModuleArgs(port);
+  if (!SAFE_SERVER.test(userServer)) throw new Error(`unusable PulseAudio server address ${JSON.stringify(userServer.slice(0, 80))}`);
+  return [
+    `load-module module-native-protocol-tcp port=${port} listen=127.0.0.1 auth-anonymous=1 auth-ip-acl=127.0.0.1`,
+    `load-module module-tunnel-sink-new sink_name=QVD server=${userServer} reconnect_interval_ms=1000 sink_properties=device.description=QVD`,
+    "",
+  ].join("\n");
+}
+
+const tcpUp = (port: number) => new Promise<boolean>((resolve) => {
+  const s = net.connect(port, "127.0.0.1");
+  s.once("connect", () => { s.destroy(); resolve(true); });
+  s.once("error", () => resolve(false));
+});
+
+async function startRelay(o: ClientAudioOptions, pactl: string, userServer: string, timeoutMs: number): Promise<ClientAudio | undefined> {
+  const pa = o.pulseaudio ?? "pulseaudio";
+  // Something answering there already would pass for the relay.
+  if (await tcpUp(o.port)) {
+    log.warn("the audio port is taken", { port: o.port });
+    return undefined;
+  }
+  const dir = mkdtempSync(join(tmpdir(), "qvd-audio-")); // 0700: its state, pid and sockets
+  let d: Daemon | undefined;
+  try {
+    const script = join(dir, "relay.pa");
+    writeFileSync(script, relayScript(o.port, userServer), { mode: 0o600 });
+    const env: Record<string, string | undefined> = { ...process.env, PULSE_RUNTIME_PATH: dir, PULSE_STATE_PATH: dir, PULSE_SERVER: undefined,
+      // The relay's tunnel is a libpulse stream: this sizes its queue toward the user's server.
+      PULSE_LATENCY_MSEC: String(o.relayLatencyMs ?? 20) };
+    const daemon = spawnDaemon([pa, "-n", "-F", script, "--daemonize=no", "--use-pid-file=no", "--disallow-module-loading", "--disallow-exit",
+      "--exit-idle-time=-1", "--log-target=stderr", "--log-level=error"], { cwd: dir, env, detached: true, onLine: (l) => log.debug("relay", { line: l }) });
+    d = daemon;
+    let ended = false;
+    void daemon.exited.then(() => { ended = true; });
+    const until = Date.now() + timeoutMs;
+    for (;;) {
+      if (ended) throw new Error("the relay PulseAudio exited at start");
+      if (Date.now() > until) throw new Error("the relay PulseAudio did not come up in time");
+      if (await tcpUp(o.port)) {
+        const sinks = await run([pactl, "-s", `tcp:127.0.0.1:${o.port}`, "list", "short", "sinks"], { allowFail: true, timeoutMs });
+        if (/^\d+\s+QVD\s/m.test(sinks.stdout) && !ended) break;
+      }
+      await Bun.sleep(50);
+    }
+    log.info("audio relay up", { port: o.port, pid: daemon.pid, to: userServer });
+    let stopped = false;
+    return {
+      port: o.port,
+      relay: daemon.pid,
+      async stop() {
+        if (stopped) return;
+        stopped = true;
+        daemon.killGroup("SIGTERM");
+        if (!(await Promise.race([daemon.exited.then(() => true), Bun.sleep(2000).then(() => false)]))) {
+          daemon.killGroup("SIGKILL");
+          await Promise.race([daemon.exited, Bun.sleep(1000)]);
+        }
+        rmSync(dir, { recursive: true, force: true });
+        log.info("audio relay stopped", { port: o.port });
+      },
+    };
+  } catch (err) {
+    d?.killGroup("SIGKILL");
+    rmSync(dir, { recursive: true, force: true });
+    log.warn("no audio relay", { err: (err as Error).message });
+    return undefined;
+  }
+}
+
 /**
- * Opens `port` on the user's PulseAudio for the desktop's sound. undefined (and a one-line
- * warning) when there is no PulseAudio to talk to: the session then goes on without sound.
+ * Opens `port` for the desktop's sound: a relay PulseAudio tunnelling to the user's server, or
+ * (no `pulseaudio` program) the module in the user's server. undefined (and a one-line warning)
+ * when no PulseAudio answers: the session then goes on without sound.
  */
 export async function startClientAudio(o: ClientAudioOptions): Promise<ClientAudio | undefined> {
   const warn = o.warn ?? ((l: string) => process.stderr.write(`${l}\n`));
@@ -49,13 +142,27 @@ export async function startClientAudio(o: ClientAudioOptions): Promise<ClientAud
   const base = server ? [pactl, "-s", server] : [pactl];
   const timeoutMs = o.timeoutMs ?? 5000;
   const args = tcpModuleArgs(o.port);
-  let r;
+  // Whether the user's server answers, and where it is (the relay's tunnel goes there).
+  let info;
   try {
-    r = await run([...base, ...args], { allowFail: true, timeoutMs });
+    info = await run([...base, "info"], { allowFail: true, timeoutMs });
   } catch (err) {
     warn(`qvd client: no sound: cannot run ${pactl} (${(err as Error).message.split("\n")[0]})`);
     return undefined;
   }
+  if (info.status !== 0) {
+    const why = (info.stderr || info.stdout).trim().split("\n").pop() || `exit ${info.status}`;
+    warn(`qvd client: no sound: no local PulseAudio answers (${why})`);
+    return undefined;
+  }
+  const said = /^Server String: (.+)$/m.exec(info.stdout)?.[1]?.trim();
+  const userServer = server ?? (said?.startsWith("/") ? `unix:${said}` : said);
+  if (userServer && SAFE_SERVER.test(userServer) && findProgram(o.pulseaudio ?? "pulseaudio")) {
+    const relay = await startRelay(o, pactl, userServer, timeoutMs);
+    if (relay) return relay;
+  }
+  log.warn("sound goes straight into the local PulseAudio (no relay): programs in the desktop can use all of it");
+  const r = await run([...base, ...args], { allowFail: true, timeoutMs }).catch((err: Error) => ({ status: -1, stdout: "", stderr: err.message }));
   const module = r.stdout.trim();
   if (r.status !== 0 || !/^\d+$/.test(module)) {
     const why = (r.stderr || r.stdout).trim().split("\n").pop() || `exit ${r.status}`;
