@@ -172,6 +172,39 @@ export function sessionPropertiesText(props: Record<string, string | number | bo
     .join("");
 }
 
+/** setpriv's prefix that runs a program as the account (none for the as_current_user test aid). */
+export function privPrefix(a: Account, asCurrentUser = false): string[] {
+  return asCurrentUser
+    ? []
+    : ["setpriv", `--reuid=${a.uid}`, `--regid=${a.gid}`, a.groups.length ? `--groups=${a.groups.join(",")}` : "--clear-groups", "--"];
+}
+
+export interface ExecAsUserOptions { env?: Record<string, string>; timeoutMs?: number; stdin?: string }
+
+/**
+ * Runs `prefix + argv` with exactly `env` (not the VMA's), cwd "/", and waits: its output, and
+ * its status (128 + signal when killed; 127 when it could not start). SIGKILL after the timeout.
+ */
+export async function execAs(prefix: string[], argv: string[], env: Record<string, string>, o: ExecAsUserOptions = {}): Promise<RunResult> {
+  let proc;
+  try {
+    proc = Bun.spawn([...prefix, ...argv], {
+      cwd: "/",
+      env,
+      stdin: o.stdin === undefined ? "ignore" : new Blob([o.stdin]),
+      stdout: "pipe",
+      stderr: "pipe",
+      timeout: o.timeoutMs ?? 10_000,
+      killSignal: "SIGKILL",
+    });
+  } catch (err) {
+    return { status: 127, stdout: "", stderr: (err as Error).message };
+  }
+  const [stdout, stderr, status] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  const sig = proc.signalCode as keyof typeof osConstants.signals | null;
+  return { status: sig ? 128 + (osConstants.signals[sig] ?? 0) : status, stdout, stderr };
+}
+
 /** Whether a process exists and is not a zombie (an exited nxagent xinit has not reaped yet). */
 function alive(pid: number): boolean {
   try {
@@ -239,34 +272,13 @@ export class Session {
     return spawnDaemon([...this.privPrefix(a), ...argv], { cwd: "/", env, detached: true, onLine: (l) => log.debug("session program", { line: l }) });
   }
 
-  /** setpriv's prefix that runs a program as the account (none for the as_current_user test aid). */
-  private privPrefix(a: Account): string[] {
-    return this.opts.asCurrentUser
-      ? []
-      : ["setpriv", `--reuid=${a.uid}`, `--regid=${a.gid}`, a.groups.length ? `--groups=${a.groups.join(",")}` : "--clear-groups", "--"];
-  }
+  private privPrefix(a: Account): string[] { return privPrefix(a, this.opts.asCurrentUser); }
 
-  /** ServiceContext.execAsUser: runs argv as the account and waits, with the session's environment only. */
-  private async execAsUser(a: Account, argv: string[], o: { env?: Record<string, string>; timeoutMs?: number; stdin?: string } = {}): Promise<RunResult> {
+  /** ServiceContext.execAsUser: the session's environment only, DISPLAY while X runs. */
+  private execAsUser(a: Account, argv: string[], o: ExecAsUserOptions = {}): Promise<RunResult> {
     const env: Record<string, string> = { ...this.env, ...(o.env ?? {}) };
     if (this.xinit) env.DISPLAY = `:${this.opts.display}`;
-    let proc;
-    try {
-      proc = Bun.spawn([...this.privPrefix(a), ...argv], {
-        cwd: "/",
-        env,
-        stdin: o.stdin === undefined ? "ignore" : new Blob([o.stdin]),
-        stdout: "pipe",
-        stderr: "pipe",
-        timeout: o.timeoutMs ?? 10_000,
-        killSignal: "SIGKILL",
-      });
-    } catch (err) {
-      return { status: 127, stdout: "", stderr: (err as Error).message };
-    }
-    const [stdout, stderr, status] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
-    const sig = proc.signalCode as keyof typeof osConstants.signals | null;
-    return { status: sig ? 128 + (osConstants.signals[sig] ?? 0) : status, stdout, stderr };
+    return execAs(this.privPrefix(a), argv, env, o);
   }
 
   get port(): number { return 4000 + this.opts.display; }

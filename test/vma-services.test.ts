@@ -1,0 +1,266 @@
+// The VMA's session services on the host (as root), without nxagent: the desktop's printing
+// (src/vma/printing.ts) against a real client CUPS with cups-pdf printers (test/support/services.ts)
+// reached directly on 127.0.0.1:<port> instead of nxagent's channel 2100; the session's own
+// cupsd runs as `nobody`, as it runs as the user in a desktop. A hostile "client CUPS" (a small
+// IPP responder) offers printer names built to inject options. The checks of what a service may
+// add to nxagent's options line (src/vma/session.ts) are here too.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync, chmodSync } from "node:fs";
+import { join } from "node:path";
+import { run, spawnDaemon } from "../src/run.ts";
+import type { ServiceContext } from "../src/vma/services.ts";
+import { execAs, nxagentOptions, privPrefix, serviceOptionProblem } from "../src/vma/session.ts";
+import { clientWantsPrinting, cupsDir, cupsSocket, MAX_PRINTERS, printingService, usablePrinterNames } from "../src/vma/printing.ts";
+import { startClientCups, type ClientCups } from "./support/services.ts";
+
+const PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const NOBODY = { user: "nobody", uid: 65534, gid: 65534, shell: "/bin/sh", groups: [] as number[] };
+const COOKIE = "0123456789abcdef0123456789abcdef";
+let work: string;
+
+beforeAll(() => {
+  work = mkdtempSync("/tmp/qvd-vma-services-");
+  chmodSync(work, 0o755);
+});
+afterAll(() => rmSync(work, { recursive: true, force: true }));
+
+/** What the Session gives a service, for `nobody` (the Session's own helpers: setpriv, the session env only). */
+function context(name: string, properties: Record<string, string | number | boolean>, clientOs = "linux"): ServiceContext {
+  const dir = join(work, name);
+  const runDir = join(dir, "run");
+  const home = join(dir, "home");
+  mkdirSync(runDir, { recursive: true, mode: 0o755 });
+  mkdirSync(home, { recursive: true });
+  chmodSync(dir, 0o755);
+  const account = { ...NOBODY, home };
+  const env = { PATH, HOME: home, USER: "nobody", LOGNAME: "nobody", LANG: "C" };
+  const prefix = privPrefix(account);
+  return {
+    account, properties, clientOs, display: 100, runDir, homeOnDisk: home, env,
+    runAsUser: (argv, e) => spawnDaemon([...prefix, ...argv], { cwd: "/", env: { ...env, ...e }, detached: true }),
+    execAsUser: (argv, o = {}) => execAs(prefix, argv, { ...env, ...(o.env ?? {}) }, o),
+  };
+}
+
+/** lpstat/lp/lpadmin as nobody against the session's cupsd (as a program in the desktop would). */
+const asUser = (ctx: ServiceContext, argv: string[]) => ctx.execAsUser(argv, { env: { CUPS_SERVER: cupsSocket(ctx.runDir) } });
+const queues = async (ctx: ServiceContext) => (await asUser(ctx, ["lpstat", "-e"])).stdout.split("\n").filter(Boolean).sort();
+
+describe("nxagent options a service may add", () => {
+  test("name=value of safe characters, never the session's own options, never twice", () => {
+    expect(serviceOptionProblem("cups=2100", [])).toBeUndefined();
+    expect(serviceOptionProblem("media=1", ["cups=2100"])).toBeUndefined();
+    for (const bad of ["cups=2100,accept=0.0.0.0", "cups=2100:100", "cups=", "=1", "cups 2100", "Cups=1", "cups=a\nb", "media=1;x", `x=${"a".repeat(201)}`])
+      expect(serviceOptionProblem(bad, [])).toBeString();
+    for (const own of ["cookie=" + COOKIE, "accept=10.0.0.1", "keyboard=pc105/us", "tolerancechecks=bypass", "client=linux", "options=/tmp/x"])
+      expect(serviceOptionProblem(own, [])).toContain("session's own");
+    expect(serviceOptionProblem("cups=2101", ["cups=2100"])).toContain("twice");
+  });
+
+  test("nxagentOptions appends the services' options after the session's and refuses an injected one", () => {
+    const p = { user: "u", uid: 1, gid: 1, cookie: COOKIE, client_os: "linux" };
+    expect(nxagentOptions(p, 100, "risky", "10.0.0.1", ["cups=2100", "slave=1", "media=1"]))
+      .toBe(`nx/nx,client=linux,tolerancechecks=risky,cookie=${COOKIE},accept=10.0.0.1,cups=2100,slave=1,media=1:100`);
+    expect(() => nxagentOptions(p, 100, "risky", "10.0.0.1", ["cups=2100,accept=0.0.0.0"])).toThrow(/bad nxagent option/);
+    expect(() => nxagentOptions(p, 100, "risky", "10.0.0.1", ["accept=0.0.0.0"])).toThrow(/session's own/);
+  });
+});
+
+describe("printing: who gets it", () => {
+  test("the client asks with qvd.client.printing.enabled=1; windows clients get none", () => {
+    expect(clientWantsPrinting({ "qvd.client.printing.enabled": 1 }, "linux")).toBe(true);
+    expect(clientWantsPrinting({ "qvd.client.printing.enabled": "1" })).toBe(true);
+    expect(clientWantsPrinting({ "qvd.client.printing.enabled": true }, "darwin")).toBe(true);
+    expect(clientWantsPrinting({}, "linux")).toBe(false);
+    expect(clientWantsPrinting({ "qvd.client.printing.enabled": "0" }, "linux")).toBe(false);
+    expect(clientWantsPrinting({ "qvd.client.printing.enabled": "1" }, "windows")).toBe(false);
+    expect(clientWantsPrinting({ "qvd.client.printing.enabled": "1", "qvd.client.os": "winnt" })).toBe(false);
+  });
+
+  test("prepare: cups=<display+2000> only when the node, the administrator and the client all say yes", async () => {
+    const on = { "qvd.client.printing.enabled": "1" };
+    const prep = async (enable: boolean, props: Record<string, string>, os = "linux") =>
+      (await printingService({ enable }).prepare(context("prep", props, os))).options;
+    expect(await prep(true, on)).toEqual(["cups=2100"]);
+    expect(await prep(false, on)).toEqual([]);
+    for (const off of ["0", "false", "no", "No"]) expect(await prep(true, { ...on, "qvd.vm.printing.enable": off })).toEqual([]);
+    expect(await prep(true, { ...on, "qvd.vm.printing.enable": "1" })).toEqual(["cups=2100"]);
+    expect(await prep(true, {})).toEqual([]);
+    expect(await prep(true, on, "windows")).toEqual([]);
+    // The session finds its CUPS through CUPS_SERVER, set even when this client does not print.
+    const ctx = context("prep", {});
+    expect((await printingService({ enable: true }).prepare(ctx)).env).toEqual({ CUPS_SERVER: cupsSocket(ctx.runDir) });
+  });
+
+  test("printer names from the client: only [A-Za-z0-9_.-]{1,100}, at most 32, no duplicates", () => {
+    const hostile = ["ok_1", "x -E -v file:/etc/shadow", "-E", "../../etc", "a/b", "$(reboot)", "`id`", "name;rm", "é", "a".repeat(101), "ok_1", "", "-", "Office.2nd-floor"];
+    const r = usablePrinterNames(hostile.join("\n"));
+    // A name like "-E" is harmless: it only ever follows "QVD-" in one argv entry, or ends a URI.
+    expect(r.names).toEqual(["ok_1", "-E", "-", "Office.2nd-floor"]);
+    expect(r.refused).toContain("x -E -v file:/etc/shadow");
+    const many = Array.from({ length: 40 }, (_, i) => `p${i}`);
+    expect(usablePrinterNames(many.join("\n")).names).toEqual(many.slice(0, MAX_PRINTERS));
+  });
+});
+
+describe("printing to the client's printers (cupsd as the user, a client CUPS with cups-pdf)", () => {
+  let client: ClientCups;
+  let ctx: ServiceContext;
+  let svc: ReturnType<typeof printingService>;
+
+  beforeAll(async () => {
+    client = await startClientCups();
+    // cups-pdf writes a remote user's PDF as that user (or its AnonUser, nobody): the output
+    // directories must be writable by them, as its own /var/spool/cups-pdf/ANONYMOUS is (1777).
+    for (const p of client.printers) chmodSync(p.outDir, 0o1777);
+    ctx = context("print", { "qvd.client.printing.enabled": "1" });
+    svc = printingService({ enable: true, clientCups: () => client.server });
+  }, 60_000);
+  afterAll(async () => {
+    await svc?.stopped?.(ctx);
+    await client?.stop();
+  });
+
+  test("at connect the client's printers appear as QVD-<name>, the client's default the default; lp prints on the client's printer", async () => {
+    const [def, other] = client.printers;
+    const prep = await svc.prepare(ctx);
+    expect(prep.options).toEqual(["cups=2100"]);
+    // The configuration is the user's, in a directory nobody else may enter.
+    const dir = cupsDir(ctx.runDir);
+    expect([statSync(dir).uid, statSync(dir).mode & 0o777]).toEqual([NOBODY.uid, 0o700]);
+    expect(readFileSync(join(dir, "cupsd.conf"), "utf8")).not.toMatch(/^(Port|Listen) .*\d$/m); // the socket only, no TCP port
+    const t0 = Date.now();
+    await svc.connected!(ctx);
+    const ms = Date.now() - t0;
+    expect(await queues(ctx)).toEqual([`QVD-${other.name}`, `QVD-${def.name}`].sort());
+    expect((await asUser(ctx, ["lpstat", "-d"])).stdout.trim()).toBe(`system default destination: QVD-${def.name}`);
+    expect((await asUser(ctx, ["lpstat", "-v", `QVD-${def.name}`])).stdout).toContain(`ipp://${client.server}/printers/${def.name}`);
+    // The session's cupsd runs as the user, not root, and listens on no TCP port.
+    const pid = Number((await run(["pgrep", "-f", `cupsd -f -c ${dir}/cupsd.conf`])).stdout.trim().split("\n")[0]);
+    expect(statSync(`/proc/${pid}`).uid).toBe(NOBODY.uid);
+    const tcp = (await run(["ss", "-Hltnp"])).stdout;
+    expect(tcp).not.toContain(`pid=${pid},`);
+    console.log(`printers registered ${ms} ms after connect (cupsd start included)`);
+
+    // A job printed in the desktop (the default queue) comes out as a PDF on the client's side.
+    const text = `QVD print test ${Date.now()}`;
+    const file = join(ctx.homeOnDisk, "page.txt");
+    writeFileSync(file, `${text}\nsecond line\n`);
+    chmodSync(file, 0o644);
+    const lp = await asUser(ctx, ["lp", file]);
+    expect(lp.status).toBe(0);
+    expect(lp.stdout).toContain(`QVD-${def.name}`);
+    const got = await client.waitForPdf(def, text);
+    expect(got).toContain("second line");
+    // …and a named queue on the other printer.
+    const lp2 = await asUser(ctx, ["lp", "-d", `QVD-${other.name}`, file]);
+    expect(lp2.status).toBe(0);
+    await client.waitForPdf(other, text);
+  }, 90_000);
+
+  test("suspend removes every QVD-* printer (and only those); a resume brings them back; stop ends the cupsd and its files", async () => {
+    // A queue of the user's own survives.
+    const mine = await asUser(ctx, ["lpadmin", "-p", "mine", "-E", "-v", `ipp://${client.server}/printers/${client.printers[0].name}`]);
+    expect(mine.status).toBe(0);
+    await svc.suspended!(ctx);
+    expect(await queues(ctx)).toEqual(["mine"]);
+    // Resume with printing refused by the client (--no-printing): no QVD-* printers.
+    const noPrint = { ...ctx, properties: { "qvd.client.printing.enabled": "0" } };
+    expect((await svc.prepare(noPrint)).options).toEqual([]);
+    await svc.connected!(noPrint);
+    expect(await queues(ctx)).toEqual(["mine"]);
+    await svc.suspended!(noPrint);
+    // Resume with printing: back.
+    expect((await svc.prepare(ctx)).options).toEqual(["cups=2100"]);
+    await svc.connected!(ctx);
+    expect((await queues(ctx)).filter((q) => q.startsWith("QVD-"))).toHaveLength(2);
+    const dir = cupsDir(ctx.runDir);
+    const pid = Number((await run(["pgrep", "-f", `cupsd -f -c ${dir}/cupsd.conf`])).stdout.trim());
+    await svc.suspended!(ctx);
+    await svc.stopped!(ctx);
+    expect(existsSync(`/proc/${pid}`)).toBe(false);
+    expect(existsSync(dir)).toBe(false);
+  }, 60_000);
+
+  test("an unreachable client CUPS: no printers, the session goes on", async () => {
+    const c = context("unreachable", { "qvd.client.printing.enabled": "1" });
+    const s = printingService({ enable: true, clientCups: () => "127.0.0.1:1" });
+    await s.prepare(c);
+    await s.connected!(c);
+    expect(await queues(c)).toEqual([]);
+    await s.stopped!(c);
+    expect(existsSync(cupsDir(c.runDir))).toBe(false);
+  }, 30_000);
+});
+
+/** IPP attribute: tag, name, value. */
+function attr(tag: number, name: string, value: string | Uint8Array): Buffer {
+  const v = typeof value === "string" ? Buffer.from(value) : Buffer.from(value);
+  const n = Buffer.from(name);
+  const b = Buffer.alloc(1 + 2 + n.length + 2 + v.length);
+  b[0] = tag;
+  b.writeUInt16BE(n.length, 1);
+  n.copy(b, 3);
+  b.writeUInt16BE(v.length, 3 + n.length);
+  v.copy(b, 5 + n.length);
+  return b;
+}
+const int32 = (n: number) => { const b = Buffer.alloc(4); b.writeInt32BE(n); return b; };
+
+/** A "client CUPS" that answers every IPP request with the printers `names` (and the first as default). */
+function hostileCups(names: string[]): { server: string; stop(): void; requests: number[] } {
+  const requests: number[] = [];
+  const srv = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    async fetch(req) {
+      const body = Buffer.from(await req.arrayBuffer());
+      const op = body.readUInt16BE(2);
+      requests.push(op);
+      const head = Buffer.alloc(8);
+      head.writeUInt16BE(0x0200, 0);
+      head.writeUInt16BE(0x0000, 2);
+      head.writeUInt32BE(body.readUInt32BE(4), 4);
+      const parts = [head, Buffer.from([0x01]), attr(0x47, "attributes-charset", "utf-8"), attr(0x48, "attributes-natural-language", "en")];
+      const list = op === 0x4001 ? names.slice(0, 1) : names; // CUPS-Get-Default: one
+      for (const n of list) {
+        parts.push(Buffer.from([0x04]), attr(0x42, "printer-name", n), attr(0x45, "printer-uri-supported", `ipp://127.0.0.1/printers/${encodeURIComponent(n)}`),
+          attr(0x23, "printer-type", int32(0x1004)), attr(0x23, "printer-state", int32(3)), attr(0x22, "printer-is-accepting-jobs", Buffer.from([1])));
+      }
+      parts.push(Buffer.from([0x03]));
+      return new Response(Buffer.concat(parts), { headers: { "content-type": "application/ipp" } });
+    },
+  });
+  return { server: `127.0.0.1:${srv.port}`, stop: () => srv.stop(true), requests };
+}
+
+describe("a hostile client CUPS", () => {
+  test("printer names made to inject lpadmin options or paths are skipped; no more than 32 queues; nothing written outside", async () => {
+    const canary = join(work, "canary");
+    const evil = [
+      `x -E -v file:${canary}`, "-v", `--version`, "-x", `a/../../${canary}`, `$(touch ${canary})`, `;touch ${canary}`, "good_one",
+      "QVD-nested", "x\ny", ...Array.from({ length: 40 }, (_, i) => `many${i}`),
+    ];
+    const h = hostileCups(evil);
+    const c = context("hostile", { "qvd.client.printing.enabled": "1" });
+    const s = printingService({ enable: true, clientCups: () => h.server });
+    try {
+      await s.prepare(c);
+      await s.connected!(c);
+      expect(h.requests.length).toBeGreaterThan(0); // lpstat did ask it
+      const q = await queues(c);
+      expect(q.length).toBe(MAX_PRINTERS);
+      for (const name of q) expect(name).toMatch(/^QVD-[A-Za-z0-9_.-]+$/);
+      expect(q).toContain("QVD-good_one");
+      expect(q).toContain("QVD--v"); // a name, not an option: it follows "QVD-" in one argv entry
+      expect(existsSync(canary)).toBe(false);
+      for (const name of q) {
+        const v = (await asUser(c, ["lpstat", "-v", name])).stdout;
+        expect(v).toMatch(new RegExp(`ipp://${h.server.replace(/\./g, "\\.")}/printers/[A-Za-z0-9_.-]+$`, "m"));
+      }
+    } finally {
+      await s.stopped!(c);
+      h.stop();
+    }
+  }, 60_000);
+});
