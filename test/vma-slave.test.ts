@@ -119,7 +119,7 @@ describe("PUT /shares (client folder into the desktop)", () => {
     const mp = join(shares, "Documents");
     expect(out).toBe(`HTTP/1.1 101 Switching Protocols\r\nX-QVD-Share-Ticket: ${mp}\r\n\r\n<program output>`);
     expect(exec.handOvers).toHaveLength(1);
-    expect(exec.handOvers[0]!.cmd.argv).toEqual(["/usr/bin/sshfs", "qvd-client:", mp, "-o", "slave", "-o", "atomic_o_trunc",
+    expect(exec.handOvers[0]!.cmd.argv).toEqual(["/usr/bin/sshfs", "qvd-client:", mp, "-o", "slave",
       "-o", "uid=1234", "-o", "modules=iconv,from_code=ISO-8859-1,to_code=utf-8"]);
     expect(exec.handOvers[0]!.received).toBe("SFTP-BYTES"); // what follows the head goes to sshfs
     expect(statSync(mp).isDirectory()).toBe(true);
@@ -129,7 +129,7 @@ describe("PUT /shares (client folder into the desktop)", () => {
     const { out, exec } = await talk(`PUT /shares/ HTTP/1.1\r\n${auth}${up}\r\n`, { sshfsExtraArgs: ["-o", "cache=no"] });
     const mp = join(shares, "Root");
     expect(out).toBe(`HTTP/1.1 101 Switching Protocols\r\nX-QVD-Share-Ticket: ${mp}\r\n\r\n<program output>`);
-    expect(exec.handOvers[0]!.cmd.argv).toEqual(["/usr/bin/sshfs", "qvd-client:", mp, "-o", "slave", "-o", "atomic_o_trunc",
+    expect(exec.handOvers[0]!.cmd.argv).toEqual(["/usr/bin/sshfs", "qvd-client:", mp, "-o", "slave",
       "-o", "uid=1234", "-o", "cache=no"]);
   });
 
@@ -259,9 +259,14 @@ describe("POST /open", () => {
 });
 
 describe("other requests", () => {
-  test("POST /usbip: 501 not available yet; GET /usbip: 405", async () => {
-    const { out } = await talk(`POST /usbip HTTP/1.1\r\n${auth}Connection: Upgrade\r\nUpgrade: qvd:usbip/1.0\r\n\r\n`);
-    expect(out).toBe("HTTP/1.1 501 Not Implemented\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 28\r\n\r\nUSB/IP is not available yet\n");
+  test("POST /usbip: 501 naming vhci_hcd and LXC; GET /usbip: 405", async () => {
+    const { out } = await talk(`POST /usbip HTTP/1.1\r\n${auth}Connection: Upgrade\r\nUpgrade: qvd:usbip/1.0\r\n\r\n`, { platformDir: work });
+    const msg = "USB/IP needs the vhci_hcd kernel driver and a desktop that may attach devices (not an LXC desktop)\n";
+    expect(out).toBe(`HTTP/1.1 501 Not Implemented\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ${msg.length}\r\n\r\n${msg}`);
+    // A desktop that has the driver (a platform directory with vhci_hcd.0) hears that attaching is not done.
+    const plat = join(work, "platform");
+    mkdirSync(join(plat, "vhci_hcd.0"), { recursive: true });
+    expect((await talk(`POST /usbip HTTP/1.1\r\n${auth}\r\n`, { platformDir: plat })).out).toContain("this desktop has vhci_hcd but attaching devices is not implemented");
     expect(status((await talk(`GET /usbip HTTP/1.1\r\n${auth}\r\n`)).out)).toBe(405);
   });
 
@@ -321,7 +326,7 @@ describe("qvd vma-slave on real pipes", () => {
     const out = Buffer.concat(chunks).toString();
     const mp = join(shares, "catted");
     expect(out).toBe(`HTTP/1.1 101 Switching Protocols\r\nX-QVD-Share-Ticket: ${mp}\r\n\r\n` +
-      `qvd-client:|${mp}|-o|slave|-o|atomic_o_trunc|-o|uid=1|first second`);
+      `qvd-client:|${mp}|-o|slave|-o|uid=1|first second`);
   });
 
 

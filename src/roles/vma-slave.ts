@@ -14,6 +14,9 @@ export default defineCommand({
     "sftp-server": { type: "string", description: "sftp-server program", default: "/usr/lib/openssh/sftp-server" },
     "xdg-open": { type: "string", description: "xdg-open program", default: "xdg-open" },
     display: { type: "string", description: "DISPLAY for opened files", default: ":100" },
+    socket: { type: "string", description: "The VMA's mount socket (shared folders are mounted by the VMA)" },
+    "no-shares": { type: "boolean", description: "Shared folders and open-file are disabled (403)" },
+    "no-usb": { type: "boolean", description: "USB/IP is disabled (403)" },
   },
   async run({ args }) {
     const env: Record<string, string> = {};
@@ -29,6 +32,9 @@ export default defineCommand({
       sftpServer: args["sftp-server"],
       xdgOpen: args["xdg-open"],
       display: args.display,
+      socket: args.socket,
+      noShares: args["no-shares"] === true,
+      noUsb: args["no-usb"] === true,
       env,
     });
   },

@@ -38,6 +38,12 @@ export interface Prepared {
   options: string[];
   /** Environment for xinit and nxagent (used when a new X session starts, not at a resume). */
   env?: Record<string, string>;
+  /**
+   * An argv prefix, run as root before the session's setpriv, for a NEW X session and every
+   * program run as its user until it ends (the slave service's nested namespace: nsenter, then
+   * setpriv --no-new-privs). The first service that gives one wins; a resume keeps the old one.
+   */
+  wrap?: string[];
 }
 
 export interface SessionService {

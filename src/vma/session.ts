@@ -242,6 +242,9 @@ export class Session {
   private svcConnected = false;
   /** The nxagent options the services asked for at the last x_start. */
   private svcOptions: string[] = [];
+  /** Prepared.wrap of the current X session (set at launch, cleared when it ends). */
+  private svcWrap: string[] = [];
+  private svcWraps: string[][] = [];
   /** The nxagent options the services added at the last x_start (for status and tests). */
   get serviceOptions(): readonly string[] { return this.svcOptions; }
 
@@ -272,7 +275,7 @@ export class Session {
     return spawnDaemon([...this.privPrefix(a), ...argv], { cwd: "/", env, detached: true, onLine: (l) => log.debug("session program", { line: l }) });
   }
 
-  private privPrefix(a: Account): string[] { return privPrefix(a, this.opts.asCurrentUser); }
+  private privPrefix(a: Account): string[] { return [...this.svcWrap, ...privPrefix(a, this.opts.asCurrentUser)]; }
 
   /** ServiceContext.execAsUser: the session's environment only, DISPLAY while X runs. */
   private execAsUser(a: Account, argv: string[], o: ExecAsUserOptions = {}): Promise<RunResult> {
@@ -515,8 +518,10 @@ export class Session {
     if (!env.LANG) env.LANG = o.defaultLang;
     this.env = env;
     const svcEnv: Record<string, string> = {};
+    this.svcWrap = [];
     const extra = await this.prepareServices(p, account, env, svcEnv);
     Object.assign(env, svcEnv);
+    this.svcWrap = this.svcWraps.find((w) => w.length) ?? [];
     if (this.cancelled) {
       this.setState("stopped");
       this.endServices();
@@ -525,12 +530,13 @@ export class Session {
     this.writeOptions(p, extra);
     this.generation++;
     const d = o.display;
-    const client = ["/bin/sh", "-c", 'exec "$@" >>"$HOME/.qvd-session.log" 2>&1', "qvd-session", ...this.sessionCommand()];
+    // `cd`: a wrap's nsenter leaves the session in "/", not the home.
+    const client = ["/bin/sh", "-c", 'cd 2>/dev/null; exec "$@" >>"$HOME/.qvd-session.log" 2>&1', "qvd-session", ...this.sessionCommand()];
     const server = [o.nxagent, `:${d}`, "-ac", "-name", "QVD", "-display", `nx/nx,options=${this.optionsFile}:${d}`, ...o.nxagentExtraArgs];
     const priv = o.asCurrentUser
       ? []
       : ["setpriv", `--reuid=${account.uid}`, `--regid=${account.gid}`, account.groups.length ? `--groups=${account.groups.join(",")}` : "--clear-groups", "--"];
-    const argv = [...priv, o.xinit, ...client, "--", ...server];
+    const argv = [...this.svcWrap, ...priv, o.xinit, ...client, "--", ...server];
     const logFile = join(o.runDir, "nxagent.log");
     try { chmodSync(logFile, 0o600); } catch {} // made by an older VMA, or missing
     this.waiting = false;
@@ -610,6 +616,7 @@ export class Session {
     log.info("session ended", { status, nx_state: this.nxState });
     daemon.killGroup("SIGTERM"); // whatever of the session is left in xinit's group
     this.xinit = undefined;
+    this.svcWrap = [];
     this.agentPid = undefined;
     this.waiting = false;
     this.nxState = "";
@@ -648,6 +655,7 @@ export class Session {
   private async prepareServices(p: SessionParams, account: Account, env: Record<string, string>, envOut: Record<string, string> = {}): Promise<string[]> {
     const services = this.opts.services ?? [];
     this.svcOptions = [];
+    this.svcWraps = [];
     if (!services.length) return [];
     const o = this.opts;
     const ctx: ServiceContext = {
@@ -665,6 +673,7 @@ export class Session {
     const results = await Promise.all(services.map((svc, i) => this.onChain<Prepared>(i, "prepare", () => svc.prepare(ctx))));
     const base = nxagentOptions(p, o.display, o.tolerancechecks, o.acceptFrom).replace(/^nx\/nx,/, "").replace(/:\d+$/, "").split(",");
     const extra: string[] = [];
+    this.svcWraps = results.map((r) => (Array.isArray(r?.wrap) ? r.wrap.map(String) : []));
     results.forEach((r, i) => {
       const name = services[i]!.name;
       for (const v of r?.options ?? []) {

@@ -3,7 +3,8 @@
 // slave channel; unlike the original, every endpoint (GET /shares included) needs the slave key.
 // See src/vma/README.md, "Slave channel (first part)".
 import { createHash, timingSafeEqual } from "node:crypto";
-import { lstatSync, mkdirSync, readFileSync, realpathSync, statSync } from "node:fs";
+import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, realpathSync, statSync } from "node:fs";
+import { connect } from "node:net";
 import { isAbsolute, join, normalize, resolve, sep } from "node:path";
 
 /** A program to run: argv (never through a shell), working directory and environment. */
@@ -41,6 +42,17 @@ export interface SlaveOptions {
   /** Environment given to launched programs (DISPLAY is set on top). */
   env?: Record<string, string>;
   exec?: SlaveExec;
+  /**
+   * The VMA's mount socket (src/vma/shares.ts): PUT /shares asks the VMA to mount and relays the
+   * stream to it. Without it, sshfs is run here and mounts itself (a host with fusermount3).
+   */
+  socket?: string;
+  /** Shared folders and open-file are off (qvd.vm.shares.enable): 403. */
+  noShares?: boolean;
+  /** USB/IP is off (qvd.vm.usb.enable): 403. */
+  noUsb?: boolean;
+  /** Where vhci_hcd's devices appear (/sys/devices/platform; tests). */
+  platformDir?: string;
 }
 
 export const MAX_HEADER_BYTES = 8192;
@@ -51,9 +63,9 @@ export const MAX_NAME_BYTES = 255;
 export const MAX_PATH_BYTES = 4096;
 
 const REASONS: Record<number, string> = {
-  101: "Switching Protocols", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+  101: "Switching Protocols", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
   405: "Method Not Allowed", 409: "Conflict", 426: "Upgrade Required", 431: "Request Header Fields Too Large",
-  500: "Internal Server Error", 501: "Not Implemented", 505: "HTTP Version Not Supported",
+  500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
 };
 
 const enc = new TextEncoder();
@@ -256,7 +268,8 @@ function upgrade(req: Request): { charset?: string } {
 /** The program-side answer to one request. */
 type Outcome =
   | { kind: "reply"; bytes: Uint8Array; close?: boolean }
-  | { kind: "handover"; bytes: Uint8Array; cmd: SlaveCommand };
+  | { kind: "handover"; bytes: Uint8Array; cmd: SlaveCommand }
+  | { kind: "mount"; name: string; charset?: string };
 
 function isDir(p: string): boolean {
   try {
@@ -271,11 +284,16 @@ function within(child: string, parent: string): boolean {
 }
 
 /** Answers one authenticated request. */
-function route(req: Request, o: Required<Omit<SlaveOptions, "exec" | "env" | "sshfsExtraArgs">> & SlaveOptions): Outcome {
+type Resolved = Required<Pick<SlaveOptions, "keyFile" | "sharesDir" | "uid" | "sshfs" | "sftpServer" | "xdgOpen" | "display" | "exec">> & SlaveOptions;
+
+function route(req: Request, o: Resolved): Outcome {
   const q = req.target.indexOf("?");
   const rawPath = q >= 0 ? req.target.slice(0, q) : req.target;
   const sharesDir = resolve(o.sharesDir);
 
+  if (rawPath === "/shares" || rawPath.startsWith("/shares/") || rawPath.startsWith("/open/")) {
+    if (o.noShares) throw new HttpError(403, "shared folders are disabled for this desktop");
+  }
   if (rawPath === "/shares" || rawPath.startsWith("/shares/")) {
     const path = decodePath(rawPath.slice("/shares".length));
     if (req.method === "PUT") {
@@ -292,7 +310,9 @@ function route(req: Request, o: Required<Omit<SlaveOptions, "exec" | "env" | "ss
         if (e instanceof HttpError) throw e;
         throw new HttpError(500, `cannot create the mount point: ${(e as Error).message}`);
       }
-      const argv = [o.sshfs, "qvd-client:", mountpoint, "-o", "slave", "-o", "atomic_o_trunc", "-o", `uid=${o.uid}`, ...(o.sshfsExtraArgs ?? [])];
+      if (o.socket) return { kind: "mount", name: shareName(path), charset };
+      // sshfs 3 (libfuse 3) has no atomic_o_trunc, which the original passed to sshfs 2.
+      const argv = [o.sshfs, "qvd-client:", mountpoint, "-o", "slave", "-o", `uid=${o.uid}`, ...(o.sshfsExtraArgs ?? [])];
       if (charset) argv.push("-o", `modules=iconv,from_code=${charset},to_code=utf-8`);
       return { kind: "handover", bytes: response(101, [["X-QVD-Share-Ticket", mountpoint]]), cmd: { argv, env: o.env } };
     }
@@ -335,9 +355,58 @@ function route(req: Request, o: Required<Omit<SlaveOptions, "exec" | "env" | "ss
 
   if (rawPath === "/usbip") {
     if (req.method !== "POST") throw new HttpError(405, "POST");
-    throw new HttpError(501, "USB/IP is not available yet");
+    if (o.noUsb) throw new HttpError(403, "USB/IP is disabled for this desktop");
+    throw new HttpError(501, usbipUnavailable(o.platformDir ?? "/sys/devices/platform"));
   }
   throw new HttpError(404, "not found");
+}
+
+/**
+ * Why a USB device cannot be attached here: attaching needs the vhci_hcd kernel driver on the
+ * machine the desktop runs on and real root over it (it is node-global); an LXC desktop has
+ * neither. (A desktop that has the driver would hand the stream to usbip's attach; not done yet.)
+ */
+export function usbipUnavailable(platformDir: string): string {
+  let vhci = false;
+  try {
+    vhci = readdirSync(platformDir).some((d) => d.startsWith("vhci_hcd"));
+  } catch {}
+  return vhci
+    ? "USB/IP: this desktop has vhci_hcd but attaching devices is not implemented"
+    : "USB/IP needs the vhci_hcd kernel driver and a desktop that may attach devices (not an LXC desktop)";
+}
+
+/** The VMA's answer to a mount request (src/vma/shares.ts), then the stream. */
+async function askMount(socketPath: string, req: { key: string; name: string; charset?: string }): Promise<{ status: number; ticket?: string; error?: string; sock?: import("node:net").Socket; rest?: Buffer }> {
+  if (!existsSync(socketPath)) return { status: 503, error: "shared folders are not available in this session" };
+  return await new Promise((res) => {
+    const sock = connect(socketPath);
+    let buf = Buffer.alloc(0);
+    const done = (r: { status: number; ticket?: string; error?: string; sock?: import("node:net").Socket; rest?: Buffer }) => {
+      sock.off("data", onData);
+      clearTimeout(timer);
+      res(r);
+    };
+    const onData = (d: Buffer) => {
+      buf = Buffer.concat([buf, d]);
+      const nl = buf.indexOf(10);
+      if (nl < 0) return;
+      sock.pause();
+      try {
+        const a = JSON.parse(buf.subarray(0, nl).toString("utf8")) as { status: number; ticket?: string; error?: string };
+        if (a.status === 200 && typeof a.ticket === "string") return done({ status: 200, ticket: a.ticket, sock, rest: buf.subarray(nl + 1) });
+        sock.destroy();
+        done({ status: typeof a.status === "number" && REASONS[a.status] ? a.status : 500, error: String(a.error ?? "mount refused") });
+      } catch {
+        sock.destroy();
+        done({ status: 500, error: "bad answer from the VMA" });
+      }
+    };
+    const timer = setTimeout(() => { sock.destroy(); done({ status: 503, error: "the VMA did not answer" }); }, 20_000);
+    sock.on("data", onData);
+    sock.on("error", () => done({ status: 503, error: "shared folders are not available in this session" }));
+    sock.write(JSON.stringify(req) + "\n");
+  });
 }
 
 /**
@@ -346,7 +415,7 @@ function route(req: Request, o: Required<Omit<SlaveOptions, "exec" | "env" | "ss
  * program exits).
  */
 export async function serveSlave(input: AsyncIterable<Uint8Array>, output: SlaveOutput, options: SlaveOptions): Promise<void> {
-  const o = {
+  const o: Resolved = {
     sshfs: "sshfs",
     sftpServer: "/usr/lib/openssh/sftp-server",
     xdgOpen: "xdg-open",
@@ -376,6 +445,16 @@ export async function serveSlave(input: AsyncIterable<Uint8Array>, output: Slave
       if (close) break;
       continue;
     }
+    if (outcome.kind === "mount") {
+      const a = await askMount(o.socket!, { key: readKey(o.keyFile) ?? "", name: outcome.name, charset: outcome.charset });
+      if (a.status !== 200 || !a.sock) {
+        output.write(response(a.status, [["Connection", "close"]], (a.error ?? "error") + "\n"));
+        break;
+      }
+      output.write(response(101, [["X-QVD-Share-Ticket", a.ticket!]]));
+      await relay(reader.rest(), output, a.sock, a.rest!);
+      break;
+    }
     output.write(outcome.bytes);
     if (outcome.kind === "handover") {
       await o.exec.handOver(outcome.cmd, reader.rest(), output);
@@ -384,4 +463,19 @@ export async function serveSlave(input: AsyncIterable<Uint8Array>, output: Slave
     if (outcome.close) break;
   }
   output.end();
+}
+
+/** Copies the client's stream to the VMA's socket and back until either side ends. */
+async function relay(input: AsyncIterable<Uint8Array>, output: SlaveOutput, sock: import("node:net").Socket, first: Buffer): Promise<void> {
+  const closed = new Promise<void>((res) => { sock.on("close", () => res()); sock.on("error", () => res()); });
+  if (first.length) output.write(first);
+  sock.on("data", (d: Buffer) => { output.write(d); });
+  sock.resume();
+  void (async () => {
+    try {
+      for await (const chunk of input) if (!sock.write(chunk)) await new Promise((r) => sock.once("drain", r));
+    } catch {}
+    sock.end();
+  })();
+  await closed;
 }
