@@ -289,6 +289,28 @@ describe("the client's side (startClientAudio)", () => {
     expect(alive(a!.relay!)).toBe(false);
   });
 
+  test("the relay does not outlive a qvd client killed outright (SIGKILL)", async () => {
+    const port = await freePort();
+    const script = join(work, "client-like.ts");
+    writeFileSync(script, `import { startClientAudio } from ${JSON.stringify(join(import.meta.dir, "..", "src/client/audio.ts"))};
+const a = await startClientAudio({ port: ${port}, pulseServer: ${JSON.stringify(clientServer)} });
+console.log("relay " + a?.relay);
+await Bun.sleep(60_000);
+`);
+    const p = Bun.spawn([process.execPath, script], { stdout: "pipe", stderr: "pipe" });
+    let out = "";
+    const reader = (p.stdout as ReadableStream<Uint8Array>).getReader();
+    const pid = await waitFor("the relay's pid", async () => {
+      const { value } = await reader.read();
+      out += new TextDecoder().decode(value);
+      return /relay (\d+)/.exec(out)?.[1];
+    });
+    expect(alive(Number(pid))).toBe(true);
+    p.kill("SIGKILL");
+    await waitFor("the relay to end", () => !alive(Number(pid)), 5000);
+    expect((await sh(["ss", "-ltnH", `sport = :${port}`])).stdout.trim()).toBe("");
+  }, 20_000);
+
   test("what the desktop reaches through the port: the relay's sink only, no module loading, no microphone, no exit", async () => {
     const port = await freePort();
     const a = await startClientAudio({ port, pulseServer: clientServer });
@@ -475,4 +497,84 @@ describe("through a real nxagent and nxproxy", () => {
       await client?.stop();
     }
   }, 60_000);
+});
+
+describe("through the real VMA (qvd vma): x_start, nxproxy, suspend", () => {
+  const SUID = 51_405; // inside the default identity range (identity.uid.min/max)
+  const COOKIE = "0a1b2c3d4e5f60718293a4b5c6d7e8f9";
+  const SECRET = "audio-test-secret-0123456789";
+  const freeDisplay = (from: number) => {
+    for (let d = from; d < from + 50; d++) if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
+    throw new Error("no free X display");
+  };
+
+  test("sound is played in the session, heard at the client; suspend stops the user's PulseAudio", async () => {
+    const dir = join(work, "vma");
+    const root = join(dir, "root");
+    mkdirSync(join(root, "etc/skel"), { recursive: true });
+    const pick = (f: string, names: string[]) => readFileSync(f, "utf8").split("\n").filter((l) => names.includes(l.split(":")[0]!)).join("\n") + "\n";
+    writeFileSync(join(root, "etc/passwd"), pick("/etc/passwd", ["root", "daemon", "nobody"]));
+    writeFileSync(join(root, "etc/group"), pick("/etc/group", ["root", "daemon", "nogroup"]));
+    writeFileSync(join(root, "etc/shadow"), pick("/etc/shadow", ["root", "daemon", "nobody"]), { mode: 0o640 });
+    writeFileSync(join(root, "etc/gshadow"), pick("/etc/gshadow", ["root", "daemon", "nogroup"]), { mode: 0o640 });
+    const xd = freeDisplay(170);
+    const xvfb = spawnDaemon(["Xvfb", `:${xd}`, "-screen", "0", "640x480x24", "-nolisten", "tcp"], { detached: true });
+    daemons.push(xvfb);
+    await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${xd}`));
+    const nxd = freeDisplay(xd + 1);
+    const runDir = join(dir, "run");
+    const userRuntime = `/run/user/${SUID}`;
+    const file = join(dir, "vma.json");
+    writeFileSync(file, JSON.stringify({ vm_id: 7, secret: SECRET, node_address: "127.0.0.1", port: 3030, settings: {
+      "path.run": runDir, "vma.display": nxd, "vma.provision.root": root, "vma.session.command": "/bin/sleep 1000",
+      "vma.timeout.listening": 30, "identity.groups.allowed": "daemon", "vma.printing.enable": false, "vma.slave.enable": false } }), { mode: 0o400 });
+    const vport = await freePort();
+    const vmaLog: string[] = [];
+    const vma = spawnDaemon([process.execPath, join(import.meta.dir, "..", "src/main.ts"), "vma", "--config", file, "--listen", `127.0.0.1:${vport}`],
+      { cwd: join(import.meta.dir, ".."), detached: true, env: { PATH: process.env.PATH!, HOME: "/root" }, onLine: (l) => vmaLog.push(l) });
+    daemons.push(vma);
+    const call = async (method: string, path: string, body?: unknown) => {
+      const r = await fetch(`http://127.0.0.1:${vport}${path}`, { method, headers: { "content-type": "application/json", "x-qvd-vma-secret": SECRET }, body: body === undefined ? undefined : JSON.stringify(body) });
+      return (await r.json()) as Record<string, unknown>;
+    };
+    const state = async () => (await call("GET", "/vma/x_state")).state;
+    const port = await freePort();
+    const client = await startClientAudio({ port, pulseServer: clientServer });
+    const { startNxRelay } = await import("./support/nx-relay.ts");
+    let relay: { stop(): void; display: number } | undefined;
+    const userEnv = { XDG_RUNTIME_DIR: userRuntime, PULSE_SERVER: `unix:${userRuntime}/pulse/native`, HOME: "/", PATH: "/usr/bin:/bin" };
+    const pulseOfUser = async () => (await sh(["pgrep", "-u", String(SUID), "-x", "pulseaudio"])).stdout.trim();
+    try {
+      await waitFor(`the VMA (${vmaLog.slice(-3).join(" / ")})`, async () => { try { return (await state()) === "stopped"; } catch { return false; } }, 20_000);
+      const started = await call("POST", "/vma/x_start", { user: "sound", uid: SUID, gid: SUID, link: "lan", client_os: "linux", cookie: COOKIE, properties: { "qvd.client.audio.enabled": "1" } });
+      expect(started, vmaLog.slice(-5).join("\n")).toMatchObject({ state: "starting" });
+      await waitFor("listening", async () => (await state()) === "listening", 30_000);
+      expect(readFileSync(join(runDir, "nxagent.conf"), "utf8")).toContain(",media=1");
+      relay = startNxRelay({ host: "127.0.0.1", targetPort: 4000 + nxd, cookie: COOKIE });
+      const proxy = spawnDaemon(["nxproxy", "-S", `media=${port}`, `localhost:${relay.display}`], { cwd: dir, detached: true, env: { PATH: process.env.PATH!, HOME: dir, DISPLAY: `:${xd}` } });
+      daemons.push(proxy);
+      await waitFor("connected", async () => (await state()) === "connected", 30_000);
+      await waitFor("the tunnel as the user's default sink", async () =>
+        (await sh([...asUser(SUID), "pactl", "get-default-sink"], userEnv)).stdout.trim() === TUNNEL_SINK, 15_000);
+      const pa = await pulseOfUser();
+      expect(pa).toMatch(/^\d+$/);
+      const wav = join(work, "tone-vma.wav");
+      writeFileSync(wav, sineWav(550, 1.0));
+      chmodSync(wav, 0o644);
+      const rec = await recordWhile(async () => expect((await sh([...asUser(SUID), "paplay", wav], userEnv)).status).toBe(0));
+      expect(toneRatio(rec, 550)).toBeGreaterThan(100);
+      expect(gaps(rec)).toBe(0);
+      // The client goes away: the session suspends and the user's PulseAudio is stopped.
+      proxy.killGroup("SIGTERM");
+      await waitFor("suspended", async () => (await state()) === "suspended", 30_000);
+      await waitFor("the user's PulseAudio to stop", async () => (await pulseOfUser()) === "", 10_000);
+    } finally {
+      relay?.stop();
+      await call("POST", "/vma/x_stop").catch(() => {});
+      await waitFor("stopped", async () => (await state().catch(() => "stopped")) === "stopped", 30_000).catch(() => {});
+      vma.killGroup("SIGTERM");
+      await client?.stop();
+      rmSync(userRuntime, { recursive: true, force: true });
+    }
+  }, 120_000);
 });

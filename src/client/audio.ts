@@ -90,7 +90,9 @@ async function startRelay(o: ClientAudioOptions, pactl: string, userServer: stri
     const env: Record<string, string | undefined> = { ...process.env, PULSE_RUNTIME_PATH: dir, PULSE_STATE_PATH: dir, PULSE_SERVER: undefined,
       // The relay's tunnel is a libpulse stream: this sizes its queue toward the user's server.
       PULSE_LATENCY_MSEC: String(o.relayLatencyMs ?? 20) };
-    const daemon = spawnDaemon([pa, "-n", "-F", script, "--daemonize=no", "--use-pid-file=no", "--disallow-module-loading", "--disallow-exit",
+    // setpriv --pdeathsig: the relay ends with qvd client even when that is killed outright.
+    const guard = Bun.which("setpriv") ? ["setpriv", "--pdeathsig", "TERM", "--"] : [];
+    const daemon = spawnDaemon([...guard, pa, "-n", "-F", script, "--fail=yes", "--daemonize=no", "--use-pid-file=no", "--disallow-module-loading", "--disallow-exit",
       "--exit-idle-time=-1", "--log-target=stderr", "--log-level=error"], { cwd: dir, env, detached: true, onLine: (l) => log.debug("relay", { line: l }) });
     d = daemon;
     let ended = false;

@@ -183,7 +183,7 @@ export function audioService(opts: AudioServiceOptions): AudioService {
     rmSync(cfg, { force: true });
     // Not secret (a local port); written by the VMA where the user cannot change it.
     writeFileSync(cfg, pulseConfig(server, `${runtime}/pulse/native`), { mode: 0o644, flag: "wx" });
-    const argv = [pulseaudio, "-n", "-F", cfg, "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=yes",
+    const argv = [pulseaudio, "-n", "-F", cfg, "--fail=yes", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=yes",
       "--realtime=no", "--high-priority=no", "--log-target=stderr", "--log-level=warning"];
     // Without a session bus PulseAudio would try to autolaunch one on DISPLAY.
     // PULSE_LATENCY_MSEC sizes the tunnel's stream on the client (the tunnel is a libpulse client
