@@ -185,10 +185,10 @@ export function audioService(opts: AudioServiceOptions): AudioService {
     writeFileSync(cfg, pulseConfig(server, `${runtime}/pulse/native`), { mode: 0o644, flag: "wx" });
     const argv = [pulseaudio, "-n", "-F", cfg, "--fail=yes", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=yes",
       "--realtime=no", "--high-priority=no", "--log-target=stderr", "--log-level=warning"];
-    // Without a session bus PulseAudio would try to autolaunch one on DISPLAY.
     // PULSE_LATENCY_MSEC sizes the tunnel's stream on the client (the tunnel is a libpulse client
     // inside the daemon): it keeps that much audio queued, by default up to 200 ms.
     const env: Record<string, string> = { XDG_RUNTIME_DIR: runtime, PULSE_LATENCY_MSEC: String(latency) };
+    // Without a session bus PulseAudio would try to autolaunch one on DISPLAY.
     if (!ctx.env.DBUS_SESSION_BUS_ADDRESS) env.DBUS_SESSION_BUS_ADDRESS = "disabled:";
     const d = ctx.runAsUser(argv, env);
     if (!d) throw new Error("no X session to run PulseAudio in");
