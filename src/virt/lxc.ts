@@ -253,6 +253,9 @@ export function renderConfig(spec: VmSpec, c: RenderContext): string {
     "lxc.mount.auto = proc:mixed sys:ro cgroup:mixed",
     // A fresh /run (the image's /run may hold stale files; systemd keeps an existing /run mount).
     "lxc.mount.entry = tmpfs run tmpfs rw,nosuid,nodev,mode=755 0 0",
+    // FUSE for shared folders (src/vma/shares.ts mounts in a namespace of its own; the node's
+    // /dev/fuse must be crw-rw-rw-, the distributions' default): absent on the node, no entry made.
+    "lxc.mount.entry = /dev/fuse dev/fuse none bind,optional,create=file 0 0",
     `lxc.mount.entry = ${fstabField(join(c.vmDir, "vma.json"))} run/qvd/vma.json none bind,ro,create=file 0 0`,
     `lxc.mount.entry = ${fstabField(spec.qvdBinary)} ${fstabField(rel(c.guestQvdPath))} none bind,ro,create=file 0 0`,
     // Without an overlay the image is read-only: give /home a tmpfs for the mount point.
