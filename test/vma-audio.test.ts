@@ -1,10 +1,11 @@
 // The session's sound (src/vma/audio.ts, src/client/audio.ts) with real PulseAudio daemons on
-// this host: a "client" PulseAudio (a null sink standing for the user's speakers) opens its TCP
-// port through startClientAudio; the audio service starts the desktop's PulseAudio as a
-// throwaway uid when nxagent's multimedia line names that port (no nxagent needed: the tunnel
-// goes straight to it); paplay of a tone in the "desktop" must arrive in the client's sink
-// (parec of its monitor, Goertzel at the tone against neighbouring frequencies).
-// Root is needed (setpriv to the throwaway uid).
+// this host: a "client" PulseAudio (a null sink standing for the user's speakers, a null source
+// for their microphone) gets its port through startClientAudio (a relay PulseAudio); the audio
+// service starts the desktop's PulseAudio as a throwaway uid when nxagent's multimedia line names
+// that port; paplay of a tone in the "desktop" must arrive in the client's sink (parec of its
+// monitor, Goertzel at the tone against other frequencies, no gaps). Then the same through a
+// real nxagent and nxproxy, and through the real `qvd vma` (x_start, connect, suspend).
+// Root is needed (setpriv to the throwaway uids).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
