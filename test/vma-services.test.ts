@@ -60,7 +60,7 @@ describe("nxagent options a service may add", () => {
   test("nxagentOptions appends the services' options after the session's and refuses an injected one", () => {
     const p = { user: "u", uid: 1, gid: 1, cookie: COOKIE, client_os: "linux" };
     expect(nxagentOptions(p, 100, "risky", "10.0.0.1", ["cups=2100", "slave=1", "media=1"]))
-      .toBe(`nx/nx,client=linux,tolerancechecks=risky,cookie=${COOKIE},accept=10.0.0.1,cups=2100,slave=1,media=1:100`);
+      .toBe(`nx/nx,client=linux,cups=2100,slave=1,media=1,tolerancechecks=risky,cookie=${COOKIE},accept=10.0.0.1:100`);
     expect(() => nxagentOptions(p, 100, "risky", "10.0.0.1", ["cups=2100,accept=0.0.0.0"])).toThrow(/bad nxagent option/);
     expect(() => nxagentOptions(p, 100, "risky", "10.0.0.1", ["accept=0.0.0.0"])).toThrow(/session's own/);
   });

@@ -20,6 +20,9 @@ import { isPid1, powerOff, setupInit, type InitOptions } from "../vma/init.ts";
 import { startVmaServer } from "../vma/server.ts";
 import { Session } from "../vma/session.ts";
 import { isNodeOnlyVmaKey } from "../vma/node-settings.ts";
+import { sharesService } from "../vma/shares.ts";
+import { printingService } from "../vma/printing.ts";
+import { audioService } from "../vma/audio.ts";
 
 const log = logger("vma");
 
@@ -121,7 +124,10 @@ export default defineCommand({
       timeouts: { starting: sec("vma.timeout.starting"), listening: sec("vma.timeout.listening"), suspending: sec("vma.timeout.suspending"), stopping: sec("vma.timeout.stopping") },
       // The session's side channels (src/vma/services.ts); each checks its own switches.
       services: [
-        // TODO(issue 12): printingService (src/vma/printing.ts), audioService (src/vma/audio.ts), sharesService (src/vma/shares.ts)
+        printingService({ enable: cfg.get("vma.printing.enable"), cupsd: cfg.get("vma.command.cupsd"), lpadmin: cfg.get("vma.command.lpadmin"), lpstat: cfg.get("vma.command.lpstat") }),
+        audioService({ enable: cfg.get("vma.audio.enable"), pulseaudio: cfg.get("vma.command.pulseaudio"), pactl: cfg.get("vma.command.pactl"), latencyMs: cfg.get("vma.audio.latency_msec") }),
+        // process.execPath: this qvd binary, as the guest sees it (nxagent runs `<it> vma-slave`).
+        sharesService({ enabled: cfg.get("vma.slave.enable"), qvd: process.execPath, asCurrentUser: cfg.get("vma.session.as_current_user") }),
       ],
     });
     if (cfg.get("vma.session.as_current_user")) log.warn("vma.session.as_current_user is set: no provisioning, the session runs as this process's user (test aid)");

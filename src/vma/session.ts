@@ -115,13 +115,14 @@ export function nxagentOptions(p: SessionParams, display: number, tolerancecheck
   if (p.link) o.push(`link=${p.link}`);
   if (p.geometry) o.push(`geometry=${p.geometry}`);
   if (p.fullscreen !== undefined) o.push(`fullscreen=${p.fullscreen ? 1 : 0}`);
-  o.push(`tolerancechecks=${tolerancechecks}`, `cookie=${p.cookie}`);
-  if (acceptFrom) o.push(`accept=${acceptFrom}`);
+  // The services' channels (media=, slave=, cups=) before the session's locks, which end the line.
   for (const v of extra) {
     const why = serviceOptionProblem(v, o);
     if (why) throw new UserError(`bad nxagent option ${JSON.stringify(v)}: ${why}`);
     o.push(v);
   }
+  o.push(`tolerancechecks=${tolerancechecks}`, `cookie=${p.cookie}`);
+  if (acceptFrom) o.push(`accept=${acceptFrom}`);
   for (const v of o) if (!/^[\w]+=[\w/+.-]+$/.test(v)) throw new UserError(`bad nxagent option ${JSON.stringify(v)}`);
   return `nx/nx,${o.join(",")}:${display}`;
 }
@@ -320,7 +321,8 @@ export class Session {
         if (this.params && this.params.user !== p.user)
           throw new StateError(`the suspended session belongs to ${this.params.user}, not ${p.user}`, this.state);
         if (!this.agentPid) throw new StateError("the suspended session has no nxagent", this.state);
-        nxagentOptions(p, this.opts.display, this.opts.tolerancechecks, this.opts.acceptFrom); // a bad x_start fails here, not later
+        // The new cookie at once (a bad x_start fails here); the services' options are rewritten below.
+        this.writeOptions(p, this.svcOptions);
         this.params = p;
         this.writeSessionProperties(p);
         this.waiting = false;
@@ -627,23 +629,33 @@ export class Session {
 
   private get serviceTimeout(): number { return this.opts.serviceTimeoutMs ?? 15_000; }
 
-  /** Queues `f` on service i's chain, bounded by the service timeout; never rejects. */
-  private onChain<T>(i: number, what: string, f: () => T | Promise<T>): Promise<T | undefined> {
+  /**
+   * Queues `f` on service i's chain: after the service's previous call, or after `waitPrevMs` at
+   * most (prepare: an x_start does not wait long for a slow hook). Waited for up to `boundMs`
+   * (default: the service timeout); never rejects.
+   */
+  private onChain<T>(i: number, what: string, f: () => T | Promise<T>, o: { waitPrevMs?: number; boundMs?: number } = {}): Promise<T | undefined> {
     const svc = this.opts.services![i]!;
     const prev = this.svcChains[i] ?? Promise.resolve();
-    const call = prev.then(() => f());
+    let gateTimer: ReturnType<typeof setTimeout> | undefined;
+    const gate = o.waitPrevMs === undefined ? prev : Promise.race([prev, new Promise<void>((r) => (gateTimer = setTimeout(r, o.waitPrevMs)))]).finally(() => clearTimeout(gateTimer));
+    const call = gate.then(() => f());
+    const boundMs = o.boundMs ?? this.serviceTimeout;
+    let timer: ReturnType<typeof setTimeout> | undefined;
     const bounded = Promise.race([
       call.catch((err) => {
         log.error("session service failed", { service: svc.name, at: what, err: (err as Error).message });
         return undefined;
       }),
-      Bun.sleep(this.serviceTimeout).then(() => {
-        log.error("session service too slow, going on without it", { service: svc.name, at: what, ms: this.serviceTimeout });
-        return undefined;
+      new Promise<undefined>((resolve) => {
+        timer = setTimeout(() => {
+          log.error("session service too slow, going on without it", { service: svc.name, at: what, ms: boundMs });
+          resolve(undefined);
+        }, boundMs);
       }),
-    ]);
-    // The next call waits for this one (however long), so that calls never overlap per service.
-    this.svcChains[i] = call.then(() => {}, () => {});
+    ]).finally(() => clearTimeout(timer));
+    // The next call waits for this one and the ones before (however long).
+    this.svcChains[i] = Promise.allSettled([prev, call]).then(() => {});
     return bounded;
   }
 
@@ -670,7 +682,8 @@ export class Session {
       execAsUser: (argv, opts) => this.execAsUser(account, argv, opts),
     };
     this.svcCtx = ctx;
-    const results = await Promise.all(services.map((svc, i) => this.onChain<Prepared>(i, "prepare", () => svc.prepare(ctx))));
+    // An x_start waits up to 2 s for a service's running hook, and 5 s for its prepare.
+    const results = await Promise.all(services.map((svc, i) => this.onChain<Prepared>(i, "prepare", () => svc.prepare(ctx), { waitPrevMs: 2000, boundMs: 5000 })));
     const base = nxagentOptions(p, o.display, o.tolerancechecks, o.acceptFrom).replace(/^nx\/nx,/, "").replace(/:\d+$/, "").split(",");
     const extra: string[] = [];
     this.svcWraps = results.map((r) => (Array.isArray(r?.wrap) ? r.wrap.map(String) : []));
