@@ -177,7 +177,11 @@ describe("a shared folder, end to end", () => {
   let sftp: ReturnType<typeof Bun.spawn> | undefined;
 
   test("PUT /shares/<client dir> (the original's request): 101 with the ticket, and the folder is in ~/Redirected", async () => {
+    const t0 = performance.now();
     const s = await slave(put(`/shares${client}`));
+    const ms = performance.now() - t0;
+    console.log(`shared folder mounted (wrapper start to 101) in ${ms.toFixed(0)} ms`);
+    expect(ms).toBeLessThan(5000);
     const mp = join(home, "Redirected", "client");
     expect(s.head).toBe(`HTTP/1.1 101 Switching Protocols\r\nX-QVD-Share-Ticket: ${mp}`);
     sftp = serveClientFolder(s, client);

@@ -52,6 +52,8 @@ export interface MountRequest {
 }
 
 const SOCKET = "slave.sock";
+/** Mounts at a time (each is an sshfs process and a relay in the VMA). */
+export const MAX_SHARES = 32;
 export const CHARSET = /^[A-Za-z0-9._:+-]{1,40}$/;
 /** Paths written into the wrapper script: no quoting games. */
 const SAFE_PATH = /^\/[\w./+-]*$/;
@@ -299,6 +301,10 @@ export class SharesService implements SessionService {
       if (req.charset !== undefined && (typeof req.charset !== "string" || !CHARSET.test(req.charset))) throw new Error();
     } catch {
       reply(400, { error: "invalid share name or charset" });
+      return void sock.end();
+    }
+    if (this.sshfs.size >= MAX_SHARES) {
+      reply(503, { error: `at most ${MAX_SHARES} shared folders at a time` });
       return void sock.end();
     }
     const a = ctx.account;
