@@ -3,15 +3,17 @@
 // reached directly on 127.0.0.1:<port> instead of nxagent's channel 2100; the session's own
 // cupsd runs as `nobody`, as it runs as the user in a desktop. A hostile "client CUPS" (a small
 // IPP responder) offers printer names built to inject options. The checks of what a service may
-// add to nxagent's options line (src/vma/session.ts) are here too.
+// add to nxagent's options line, and the order of the Session's calls to its services over a real
+// nxagent session (src/vma/session.ts) are here too.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync, chmodSync } from "node:fs";
 import { join } from "node:path";
 import { run, spawnDaemon } from "../src/run.ts";
-import type { ServiceContext } from "../src/vma/services.ts";
-import { execAs, nxagentOptions, privPrefix, serviceOptionProblem } from "../src/vma/session.ts";
+import type { ServiceContext, SessionService } from "../src/vma/services.ts";
+import { execAs, nxagentOptions, privPrefix, serviceOptionProblem, Session } from "../src/vma/session.ts";
 import { clientWantsPrinting, cupsDir, cupsSocket, MAX_PRINTERS, printingService, usablePrinterNames } from "../src/vma/printing.ts";
 import { startClientCups, type ClientCups } from "./support/services.ts";
+import { startNxRelay, type NxRelay } from "./support/nx-relay.ts";
 
 const PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const NOBODY = { user: "nobody", uid: 65534, gid: 65534, shell: "/bin/sh", groups: [] as number[] };
@@ -262,5 +264,127 @@ describe("a hostile client CUPS", () => {
       await s.stopped!(c);
       h.stop();
     }
+  }, 60_000);
+});
+
+describe("the Session's calls to its services (real nxagent and nxproxy)", () => {
+  const calls: string[] = [];
+  const lines: string[] = [];
+  const seen: { nxState: string; props: Record<string, unknown> }[] = [];
+  let session: Session;
+  let relay: NxRelay;
+  const procs: { kill(sig?: number | NodeJS.Signals): void; exited: Promise<number> }[] = [];
+  let xvfb = 0;
+  const COOKIE2 = "fedcba9876543210fedcba9876543210";
+
+  const recorder: SessionService = {
+    name: "recorder",
+    prepare(ctx) {
+      calls.push("prepare");
+      seen.push({ nxState: session.nxState, props: { ...ctx.properties } });
+      return { options: ["media=1"], env: { QVD_TEST_GOOD: "1" } };
+    },
+    onAgentLine: (l) => void lines.push(l),
+    connected: () => void calls.push("connected"),
+    async suspended() {
+      await Bun.sleep(300); // a slow hook does not let the next one overtake it
+      calls.push("suspended");
+    },
+    stopped: () => void calls.push("stopped"),
+  };
+  // Asks for what no service may have; its refused parts are dropped, the rest of the session goes on.
+  const greedy: SessionService = {
+    name: "greedy",
+    prepare: () => ({ options: ["accept=0.0.0.0", "cups=2100,accept=0.0.0.0", "media=2", "slave=1"], env: { LD_PRELOAD: "/tmp/evil.so", HOME: "/", PATH: "/tmp", "BAD-NAME": "x" } }),
+  };
+  const broken: SessionService = {
+    name: "broken",
+    prepare: () => { throw new Error("cannot prepare"); },
+    connected: () => { throw new Error("cannot connect"); },
+    stopped: () => void calls.push("broken stopped"),
+  };
+
+  const waitState = async (s: string, ms = 30_000) => {
+    const until = Date.now() + ms;
+    while (session.state !== s) {
+      if (Date.now() > until) {
+        const log = join(session.opts.runDir, "nxagent.log");
+        throw new Error(`timed out waiting for ${s} (now ${session.state}, ${session.lastError ?? ""}): ${existsSync(log) ? readFileSync(log, "utf8").slice(-1500) : ""}`);
+      }
+      await Bun.sleep(50);
+    }
+  };
+  const proxy = () => {
+    const p = Bun.spawn(["nxproxy", "-S", `localhost:${relay.display}`], { env: { ...process.env, DISPLAY: `:${xvfb}` }, stdout: "ignore", stderr: "ignore" });
+    procs.push(p);
+    return p;
+  };
+  const freeDisplay = (from: number) => {
+    for (let d = from; d < from + 60; d++) if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
+    throw new Error("no free X display");
+  };
+
+  beforeAll(async () => {
+    const dir = join(work, "session");
+    mkdirSync(dir, { recursive: true });
+    xvfb = freeDisplay(160);
+    procs.push(Bun.spawn(["Xvfb", `:${xvfb}`, "-screen", "0", "800x600x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" }));
+    const display = freeDisplay(xvfb + 1);
+    for (let i = 0; i < 100 && !existsSync(`/tmp/.X11-unix/X${xvfb}`); i++) await Bun.sleep(100);
+    session = new Session({
+      display, nxagent: "/usr/bin/nxagent", xinit: "xinit", nxagentExtraArgs: [], tolerancechecks: "risky", acceptFrom: "127.0.0.1",
+      sessionCommand: ["/bin/sleep", "1000"], asCurrentUser: true, root: "/", homePath: dir, shell: "/bin/sh", groups: [], defaultLang: "C",
+      runDir: join(dir, "run"), timeouts: { starting: 20_000, listening: 30_000, suspending: 20_000, stopping: 20_000 },
+      services: [recorder, greedy, broken],
+    });
+    relay = startNxRelay({ host: "127.0.0.1", targetPort: 4000 + display, cookie: COOKIE });
+  }, 20_000);
+  afterAll(async () => {
+    if (session) await session.shutdown(5000);
+    relay?.stop();
+    for (const p of procs) try { p.kill("SIGTERM"); } catch {}
+    await Promise.all(procs.map((p) => Promise.race([p.exited, Bun.sleep(3000)])));
+  });
+
+  test("prepare at x_start: checked options before the session's locks, checked env for the X session; connected, suspended at their states", async () => {
+    session.start({ user: "root", uid: 0, gid: 0, cookie: COOKIE, client_os: "linux", properties: { "qvd.client.audio.enabled": "1", "qvd.slave.key": "k".repeat(64) } });
+    await waitState("listening");
+    expect(calls).toEqual(["prepare"]);
+    expect(seen[0]!.props["qvd.slave.key"]).toBe("k".repeat(64)); // services get the slave key (the desktop's properties file does not)
+    expect(readFileSync(session.optionsFile, "utf8")).toBe(`nx/nx,client=linux,media=1,slave=1,tolerancechecks=risky,cookie=${COOKIE},accept=127.0.0.1:${session.opts.display}\n`);
+    expect(session.serviceOptions).toEqual(["media=1", "slave=1"]);
+    // The X session got the good variable, not the loader's or a changed HOME/PATH.
+    const environ = readFileSync(`/proc/${session.nxagentPid}/environ`, "utf8").split("\0");
+    expect(environ).toContain("QVD_TEST_GOOD=1");
+    expect(environ.some((e) => e.startsWith("LD_PRELOAD="))).toBe(false);
+    expect(environ).not.toContain("HOME=/");
+    expect(environ).not.toContain("PATH=/tmp");
+    proxy();
+    await waitState("connected");
+    await Bun.sleep(200);
+    expect(calls).toEqual(["prepare", "connected"]);
+    expect(lines.some((l) => /^Session: Session started/.test(l))).toBe(true);
+    session.suspend();
+    await waitState("suspended");
+  }, 60_000);
+
+  test("a resume prepares again (new properties) before nxagent is signalled; a stop while connected ends with suspended, then stopped", async () => {
+    session.start({ user: "root", uid: 0, gid: 0, cookie: COOKIE2, client_os: "linux", properties: { "qvd.slave.key": "m".repeat(64) } });
+    expect(session.state).toBe("starting");
+    // The cookie is in the options file at once (the L7R connects with it); the services' options follow.
+    expect(readFileSync(session.optionsFile, "utf8")).toContain(`cookie=${COOKIE2}`);
+    relay.cookie = COOKIE2;
+    await waitState("listening");
+    expect(calls).toEqual(["prepare", "connected", "suspended", "prepare"]);
+    expect(seen[1]).toEqual({ nxState: "suspended", props: { "qvd.slave.key": "m".repeat(64) } }); // before the SIGHUP
+    proxy();
+    await waitState("connected");
+    session.stop();
+    await waitState("stopped");
+    await Bun.sleep(500);
+    expect(calls.filter((c) => c !== "broken stopped")).toEqual(["prepare", "connected", "suspended", "prepare", "connected", "suspended", "stopped"]);
+    expect(calls).toContain("broken stopped"); // a service whose prepare threw still gets its cleanup
+    // nxagent's lines reach the services without the session's cookie.
+    expect(lines.join("\n")).not.toContain(COOKIE2);
   }, 60_000);
 });
