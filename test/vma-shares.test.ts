@@ -156,7 +156,7 @@ describe("prepare", () => {
   });
 
   test("administrator properties: shares off → no namespace and a wrapper with --no-shares; shares and USB off → no slave channel", async () => {
-    const other = sharesService({ enabled: true, qvd: "/usr/local/bin/qvd", fuse: true });
+    const other = sharesService({ enabled: true, qvd: await qvdBinary(), fuse: true });
     const dir = mkdtempSync(join(work, "r-"));
     const c = { ...context({ "qvd.slave.key": KEY, "qvd.vm.shares.enable": "0" }), runDir: dir };
     const p = await other.prepare(c);
@@ -164,6 +164,13 @@ describe("prepare", () => {
     expect(p.wrap).toBeUndefined();
     expect(readFileSync(p.env!.NX_SLAVE_CMD!, "utf8")).toContain(" --no-shares");
     expect(existsSync(join(dir, "slave.sock"))).toBe(false);
+    // The original client's requests then get 403 (shares, open), USB still its 501.
+    chmodSync(dir, 0o711);
+    const run403 = Bun.spawn(["setpriv", `--reuid=${UID}`, `--regid=${UID}`, "--clear-groups", "--", p.env!.NX_SLAVE_CMD!], { env: { HOME: home }, stdin: "pipe", stdout: "pipe" });
+    run403.stdin.write(`${put("/shares/tmp/x")}POST /open/a.txt HTTP/1.1\r\nAuthorization: Basic ${KEY}\r\nX-QVD-Share-Ticket: ${home}/Redirected/x\r\n\r\nPOST /usbip HTTP/1.1\r\nAuthorization: Basic ${KEY}\r\n\r\n`);
+    await run403.stdin.end();
+    const answers = await new Response(run403.stdout).text();
+    expect([...answers.matchAll(/HTTP\/1\.1 (\d{3})/g)].map((m) => m[1])).toEqual(["403", "403", "501"]);
     const q = await other.prepare({ ...c, properties: { "qvd.slave.key": KEY, "qvd.vm.shares.enable": "no", "qvd.vm.usb.enable": "false" } });
     expect(q.options).toEqual([]);
     expect(existsSync(join(dir, "slave.conf"))).toBe(false);
@@ -218,6 +225,16 @@ describe("what the user may try", () => {
     expect((await askSocket({ key: "nope", name: "client" })).status).toBe(401);
     expect((await askSocket({ name: "client" })).status).toBe(401);
     expect(mountsInSession()).toEqual([]);
+  });
+
+  test("the mount socket is the session user's: another uid cannot connect", async () => {
+    const js = `require("net").connect(${JSON.stringify(join(runDir, "slave.sock"))}).on("connect", () => { console.log("connected"); process.exit(0); }).on("error", (e) => console.log(e.code));`;
+    const r = Bun.spawn(["setpriv", "--reuid=4243", "--regid=4243", "--clear-groups", "--", process.execPath, "-e", js], { stdout: "pipe", stderr: "pipe", env: { HOME: "/tmp" } });
+    const out = await new Response(r.stdout).text();
+    expect(out.trim()).toBe("EACCES");
+    const c = Bun.spawn(["setpriv", "--reuid=4243", "--regid=4243", "--clear-groups", "--", "cat", join(runDir, "slave.conf")], { stdout: "pipe", stderr: "pipe" });
+    expect(await c.exited).not.toBe(0);
+    expect(await new Response(c.stdout).text()).not.toContain(KEY);
   });
 
   test("names that leave ~/Redirected: 400 at the socket", async () => {

@@ -331,7 +331,7 @@ describe("qvd vma-slave on real pipes", () => {
 
 
   test("answers on stdout, and a wrong key closes", async () => {
-    const p = Bun.spawn([process.execPath, join(import.meta.dir, "..", "src", "main.ts"), "vma-slave", "--key-file", keyFile, "--shares", shares],
+    const p = Bun.spawn([process.execPath, join(import.meta.dir, "..", "src", "main.ts"), "vma-slave", "--key-file", keyFile, "--shares-dir", shares],
       { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
     p.stdin.write(`POST /usbip HTTP/1.1\r\n${auth}\r\nPOST /usbip HTTP/1.1\r\nAuthorization: Basic ${WRONG_SAME}\r\n\r\nPOST /usbip HTTP/1.1\r\n${auth}\r\n`);
     const out = await new Response(p.stdout).text(); // ends when the server closes, stdin still open

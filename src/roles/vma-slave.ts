@@ -9,14 +9,15 @@ export default defineCommand({
   meta: { name: "vma-slave", description: "Serve one slave-channel connection on stdin/stdout (run by nxagent)" },
   args: {
     "key-file": { type: "string", description: "File holding the session's slave key", default: "/run/qvd/slave.conf" },
-    shares: { type: "string", description: "Directory where shares are mounted (default ~/Redirected)" },
+    "shares-dir": { type: "string", description: "Directory where shares are mounted (default ~/Redirected)" },
     sshfs: { type: "string", description: "sshfs program", default: "sshfs" },
     "sftp-server": { type: "string", description: "sftp-server program", default: "/usr/lib/openssh/sftp-server" },
     "xdg-open": { type: "string", description: "xdg-open program", default: "xdg-open" },
     display: { type: "string", description: "DISPLAY for opened files", default: ":100" },
     socket: { type: "string", description: "The VMA's mount socket (shared folders are mounted by the VMA)" },
-    "no-shares": { type: "boolean", description: "Shared folders and open-file are disabled (403)" },
-    "no-usb": { type: "boolean", description: "USB/IP is disabled (403)" },
+    // citty reads --no-shares / --no-usb as these set to false.
+    shares: { type: "boolean", default: true, description: "Shared folders and open-file (--no-shares: 403)" },
+    usb: { type: "boolean", default: true, description: "USB/IP (--no-usb: 403)" },
   },
   async run({ args }) {
     const env: Record<string, string> = {};
@@ -26,15 +27,15 @@ export default defineCommand({
       end: () => undefined,
     }, {
       keyFile: args["key-file"],
-      sharesDir: args.shares ?? join(homedir(), "Redirected"),
+      sharesDir: args["shares-dir"] ?? join(homedir(), "Redirected"),
       uid: process.getuid?.() ?? 0,
       sshfs: args.sshfs,
       sftpServer: args["sftp-server"],
       xdgOpen: args["xdg-open"],
       display: args.display,
       socket: args.socket,
-      noShares: args["no-shares"] === true,
-      noUsb: args["no-usb"] === true,
+      noShares: args.shares === false,
+      noUsb: args.usb === false,
       env,
     });
   },
