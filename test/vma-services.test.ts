@@ -6,7 +6,7 @@
 // add to nxagent's options line, and the order of the Session's calls to its services over a real
 // nxagent session (src/vma/session.ts) are here too.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync, chmodSync } from "node:fs";
+import { chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { run, spawnDaemon } from "../src/run.ts";
 import type { ServiceContext, SessionService } from "../src/vma/services.ts";
@@ -192,6 +192,36 @@ describe("printing to the client's printers (cupsd as the user, a client CUPS wi
     expect(await queues(c)).toEqual([]);
     await s.stopped!(c);
     expect(existsSync(cupsDir(c.runDir))).toBe(false);
+  }, 30_000);
+});
+
+describe("printing: the session's CUPS directory", () => {
+  test("an old one the user shaped (symlinks to root's files, the directory itself a link) is removed without touching what the links point to; the new one is the user's, handed over only when complete", async () => {
+    const canary = join(work, "root-canary");
+    mkdirSync(join(canary, "sub"), { recursive: true });
+    writeFileSync(join(canary, "sub/keep"), "root's\n");
+    const c = context("olddir", { "qvd.client.printing.enabled": "1" });
+    const dir = cupsDir(c.runDir);
+    // The previous session's directory, the user's, with links they made.
+    mkdirSync(join(dir, "spool"), { recursive: true });
+    await run(["chown", "-R", `${NOBODY.uid}:${NOBODY.gid}`, dir]);
+    await c.execAsUser(["ln", "-s", join(canary, "sub"), join(dir, "state")]);
+    await c.execAsUser(["ln", "-s", canary, join(dir, "spool", "evil")]);
+    const s = printingService({ enable: true, clientCups: () => "127.0.0.1:1" });
+    await s.prepare(c);
+    expect(readFileSync(join(canary, "sub/keep"), "utf8")).toBe("root's\n");
+    expect([statSync(canary).uid, statSync(join(canary, "sub")).uid]).toEqual([0, 0]);
+    expect(lstatSync(join(dir, "state")).isDirectory()).toBe(true); // a fresh one, not the link
+    for (const f of ["", "state", "spool", "spool/tmp", "cupsd.conf", "cups-files.conf"]) expect(lstatSync(join(dir, f)).uid).toBe(NOBODY.uid);
+    await s.stopped!(c);
+    expect(existsSync(dir)).toBe(false);
+    expect(readdirSync(c.runDir)).toEqual([]); // nothing left aside
+    // The directory itself a symbolic link (to root's directory): the link goes, not its target.
+    symlinkSync(canary, dir);
+    await s.prepare(c);
+    expect(readFileSync(join(canary, "sub/keep"), "utf8")).toBe("root's\n");
+    expect(lstatSync(dir).isDirectory()).toBe(true);
+    await s.stopped!(c);
   }, 30_000);
 });
 

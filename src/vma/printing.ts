@@ -12,10 +12,11 @@
 //
 // Printer names come from the client's CUPS: untrusted. Only [A-Za-z0-9_.-]{1,100} are used (the
 // others are skipped and logged), at most MAX_PRINTERS, and only as single argv entries.
-import { existsSync, lchownSync, lstatSync, mkdirSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { existsSync, lchownSync, lstatSync, mkdirSync, readdirSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { logger } from "../log.ts";
-import type { Daemon } from "../run.ts";
+import { run, type Daemon } from "../run.ts";
 import { propertyOff, type Prepared, type ServiceContext, type SessionService } from "./services.ts";
 
 const log = logger("vma.printing");
@@ -108,6 +109,34 @@ export function cupsFilesConf(dir: string): string {
   ].join("\n");
 }
 
+/**
+ * Removes a directory a user owned (an earlier session's CUPS directory). Root never walks a
+ * tree its owner can still change (a subdirectory swapped for a symlink to /etc while a
+ * recursive delete runs): it is moved aside within path.run (root's; the user cannot write
+ * there), then deleted by its owner.
+ */
+export async function removeUserDir(dir: string, runDir: string): Promise<void> {
+  let st;
+  try {
+    st = lstatSync(dir);
+  } catch {
+    return;
+  }
+  const trash = join(runDir, `.cups-old-${randomBytes(6).toString("hex")}`);
+  renameSync(dir, trash);
+  if (st.uid === 0 || st.uid === process.getuid!() || !st.isDirectory()) {
+    rmSync(trash, { recursive: true, force: true });
+    return;
+  }
+  // The owner empties it (the directory itself is in root's path.run: root removes it, empty).
+  await run(["setpriv", `--reuid=${st.uid}`, `--regid=${st.gid}`, "--clear-groups", "--", "rm", "-rf", "--", trash], { allowFail: true, timeoutMs: 30_000 });
+  try {
+    rmdirSync(trash);
+  } catch (err) {
+    log.warn("an old CUPS directory could not be removed", { dir: trash, err: (err as Error).message });
+  }
+}
+
 export function printingService(o: PrintingServiceOptions): SessionService {
   const cupsd = o.cupsd ?? "/usr/sbin/cupsd";
   const lpadmin = o.lpadmin ?? "/usr/sbin/lpadmin";
@@ -121,18 +150,21 @@ export function printingService(o: PrintingServiceOptions): SessionService {
   const local = (ctx: ServiceContext) => ({ CUPS_SERVER: cupsSocket(ctx.runDir) });
   const exec = (ctx: ServiceContext, argv: string[]) => ctx.execAsUser(argv, { env: local(ctx), timeoutMs });
 
-  /** A fresh configuration directory, written by root before the user owns it (no symlink of theirs is followed). */
-  function writeConfig(ctx: ServiceContext): void {
+  /**
+   * A fresh configuration directory, written by root while root owns it (0700), then handed to
+   * the user deepest first: the user can touch nothing in it before root is done.
+   */
+  async function writeConfig(ctx: ServiceContext): Promise<void> {
     const dir = cupsDir(ctx.runDir);
-    rmSync(dir, { recursive: true, force: true });
+    await removeUserDir(dir, ctx.runDir);
     mkdirSync(dir, { mode: 0o700 });
     for (const d of ["state", "cache", "spool", "spool/tmp", "log", "ppd"]) mkdirSync(join(dir, d), { mode: 0o700 });
     writeFileSync(join(dir, "cupsd.conf"), cupsdConf(dir), { mode: 0o600 });
     writeFileSync(join(dir, "cups-files.conf"), cupsFilesConf(dir), { mode: 0o600 });
     const { uid, gid } = ctx.account;
     const own = (p: string) => {
-      lchownSync(p, uid, gid);
       if (lstatSync(p).isDirectory()) for (const e of readdirSync(p)) own(join(p, e));
+      lchownSync(p, uid, gid);
     };
     own(dir);
   }
@@ -140,7 +172,7 @@ export function printingService(o: PrintingServiceOptions): SessionService {
   async function startCupsd(ctx: ServiceContext): Promise<boolean> {
     if (running) return true;
     const dir = cupsDir(ctx.runDir);
-    if (!existsSync(join(dir, "cupsd.conf"))) writeConfig(ctx);
+    if (!existsSync(join(dir, "cupsd.conf"))) await writeConfig(ctx);
     const d = ctx.runAsUser([cupsd, "-f", "-c", join(dir, "cupsd.conf"), "-s", join(dir, "cups-files.conf")]);
     if (!d) throw new Error("no X session to run the session's cupsd in");
     daemon = d;
@@ -212,12 +244,12 @@ export function printingService(o: PrintingServiceOptions): SessionService {
     }
     daemon = undefined;
     running = false;
-    rmSync(cupsDir(ctx.runDir), { recursive: true, force: true });
+    await removeUserDir(cupsDir(ctx.runDir), ctx.runDir);
   }
 
   return {
     name: "printing",
-    prepare(ctx): Prepared {
+    async prepare(ctx): Promise<Prepared> {
       if (!o.enable || propertyOff(ctx.properties, "qvd.vm.printing.enable")) {
         wanted = false;
         return { options: [] };
@@ -226,7 +258,7 @@ export function printingService(o: PrintingServiceOptions): SessionService {
       // CUPS_SERVER even when this client does not print: a resume by one that does finds it set.
       const env = local(ctx);
       if (!wanted) return { options: [], env };
-      if (!running) writeConfig(ctx);
+      if (!running) await writeConfig(ctx);
       return { options: [`cups=${ctx.display + 2000}`], env };
     },
     async connected(ctx) {
