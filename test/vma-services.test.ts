@@ -418,3 +418,92 @@ describe("the Session's calls to its services (real nxagent and nxproxy)", () =>
     expect(lines.join("\n")).not.toContain(COOKIE2);
   }, 60_000);
 });
+
+describe("printing through nxagent's CUPS channel (real nxagent and nxproxy, a provisioned user)", () => {
+  const UID = 51020;
+  let session: Session;
+  let relay: NxRelay;
+  let client: ClientCups;
+  let root: string;
+  let xvfb = 0;
+  const procs: { kill(sig?: number | NodeJS.Signals): void; exited: Promise<number> }[] = [];
+  const COOKIE3 = "00112233445566778899aabbccddeeff";
+
+  const freeDisplay = (from: number) => {
+    for (let d = from; d < from + 60; d++) if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
+    throw new Error("no free X display");
+  };
+  const waitFor = async (what: string, f: () => Promise<boolean> | boolean, ms = 30_000) => {
+    const until = Date.now() + ms;
+    while (!(await f())) {
+      if (Date.now() > until) throw new Error(`timed out waiting for ${what} (state ${session.state})`);
+      await Bun.sleep(100);
+    }
+  };
+  /** A program in the desktop, as its user, with the session's CUPS_SERVER. */
+  const inDesktop = (argv: string[]) =>
+    execAs(privPrefix({ user: "alice", uid: UID, gid: UID, home: "/home/alice", shell: "/bin/sh", groups: [] }), argv,
+      { PATH, HOME: join(root, "home/alice"), CUPS_SERVER: cupsSocket(session.opts.runDir) });
+  const desktopQueues = async () => (await inDesktop(["lpstat", "-e"])).stdout.split("\n").filter((l) => l.startsWith("QVD-")).sort();
+
+  beforeAll(async () => {
+    const dir = join(work, "nxprint");
+    root = join(dir, "root");
+    mkdirSync(join(root, "etc/skel"), { recursive: true });
+    const pick = (file: string, names: string[]) => readFileSync(file, "utf8").split("\n").filter((l) => names.includes(l.split(":")[0]!)).join("\n") + "\n";
+    writeFileSync(join(root, "etc/passwd"), pick("/etc/passwd", ["root", "daemon", "nobody"]));
+    writeFileSync(join(root, "etc/group"), pick("/etc/group", ["root", "daemon", "nogroup"]));
+    writeFileSync(join(root, "etc/shadow"), pick("/etc/shadow", ["root", "daemon", "nobody"]), { mode: 0o640 });
+    writeFileSync(join(root, "etc/gshadow"), pick("/etc/gshadow", ["root", "daemon", "nogroup"]), { mode: 0o640 });
+    client = await startClientCups();
+    for (const p of client.printers) chmodSync(p.outDir, 0o1777);
+    xvfb = freeDisplay(170);
+    procs.push(Bun.spawn(["Xvfb", `:${xvfb}`, "-screen", "0", "800x600x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" }));
+    for (let i = 0; i < 100 && !existsSync(`/tmp/.X11-unix/X${xvfb}`); i++) await Bun.sleep(100);
+    const display = freeDisplay(xvfb + 1);
+    session = new Session({
+      display, nxagent: "/usr/bin/nxagent", xinit: "xinit", nxagentExtraArgs: [], tolerancechecks: "risky", acceptFrom: "127.0.0.1",
+      sessionCommand: ["/bin/sleep", "1000"], asCurrentUser: false, root, homePath: "/home", shell: "/bin/sh", groups: [], defaultLang: "C",
+      runDir: join(dir, "run"), timeouts: { starting: 30_000, listening: 30_000, suspending: 20_000, stopping: 20_000 },
+      services: [printingService({ enable: true })],
+    });
+    relay = startNxRelay({ host: "127.0.0.1", targetPort: 4000 + display, cookie: COOKIE3 });
+  }, 60_000);
+  afterAll(async () => {
+    if (session) await session.shutdown(5000);
+    relay?.stop();
+    for (const p of procs) try { p.kill("SIGTERM"); } catch {}
+    await Promise.all(procs.map((p) => Promise.race([p.exited, Bun.sleep(3000)])));
+    await client?.stop();
+  });
+
+  test("the client's printers appear through 127.0.0.1:<display+2000>; lp in the desktop comes out of the client's printer; gone at suspend", async () => {
+    session.start({ user: "alice", uid: UID, gid: UID, cookie: COOKIE3, client_os: "linux", properties: { "qvd.client.printing.enabled": "1" } });
+    await waitFor("listening", () => session.state === "listening");
+    const cups = `cups=${session.opts.display + 2000}`;
+    expect(readFileSync(session.optionsFile, "utf8")).toContain(`,${cups},`);
+    const nx = Bun.spawn(["nxproxy", "-S", `cups=${client.port}`, `localhost:${relay.display}`], { env: { ...process.env, DISPLAY: `:${xvfb}` }, stdout: "ignore", stderr: "ignore" });
+    procs.push(nx);
+    await waitFor("connected", () => session.state === "connected");
+    const t0 = Date.now();
+    const want = client.printers.map((p) => `QVD-${p.name}`).sort();
+    await waitFor("the client's printers in the desktop", async () => JSON.stringify(await desktopQueues()) === JSON.stringify(want));
+    console.log(`printers in the desktop ${Date.now() - t0} ms after connected (through nxagent/nxproxy)`);
+    expect((await inDesktop(["lpstat", "-d"])).stdout).toContain(`QVD-${client.printers[0].name}`);
+    // The session's cupsd is the user's.
+    const pid = Number((await run(["pgrep", "-f", `cupsd -f -c ${cupsDir(session.opts.runDir)}/cupsd.conf`])).stdout.trim());
+    expect(statSync(`/proc/${pid}`).uid).toBe(UID);
+    const text = `Through the NX channel ${Date.now()}`;
+    const lp = await execAs(privPrefix({ user: "alice", uid: UID, gid: UID, home: "/", shell: "/bin/sh", groups: [] }), ["lp"],
+      { PATH, CUPS_SERVER: cupsSocket(session.opts.runDir) }, { stdin: `${text}\n` });
+    expect(lp.status).toBe(0);
+    expect(await client.waitForPdf(client.printers[0], text)).toContain(text);
+    session.suspend();
+    await waitFor("suspended", () => session.state === "suspended");
+    await waitFor("the QVD printers to go", async () => (await desktopQueues()).length === 0, 15_000);
+    session.stop();
+    await waitFor("stopped", () => session.state === "stopped");
+    await waitFor("the session's cupsd to end", () => !existsSync(`/proc/${pid}`), 10_000);
+    expect(existsSync(cupsDir(session.opts.runDir))).toBe(false);
+  }, 120_000);
+});
