@@ -1,5 +1,5 @@
 // Audio latency through the session's sound tunnel on loopback (issue 12; aim: under 150 ms).
-// Run as root: bun bench/audio-latency.ts [--rounds 10] [--skip-nx] [--app-latency MS] [--tunnel-latency MS] [--relay-latency MS]
+// Run as root: bun bench/audio-latency.ts [--rounds 10] [--skip-nx] [--app-latency MS] [--tunnel-latency MS] [--relay-latency MS] [--tones N] [--no-relay] [--verbose]
 //
 // Method (printed with the figures): a "client" PulseAudio (null sink, TCP port opened by
 // src/client/audio.ts) and the desktop's PulseAudio started by the VMA's audio service
@@ -8,16 +8,18 @@
 // the time from that spawn to the arrival of the first recorded fragment holding the click.
 // The same click played by paplay straight into the client's PulseAudio (no tunnel) is the
 // baseline: it holds paplay's start and the recorder's own delay, so "added" = tunnel − baseline.
+// Then 1 s tones (--tones N) along each path, counted when they arrive with a hole (an underrun).
 // Paths: the tunnel straight to the client's port, and (unless --skip-nx) through a real
 // nxagent (media=1) and nxproxy (media=<port>) as in a session.
 import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { cpus, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { startClientAudio } from "../src/client/audio.ts";
 import { setLogLevel } from "../src/log.ts";
 import { spawnDaemon, type Daemon, type RunResult } from "../src/run.ts";
 import { audioService, TUNNEL_SINK } from "../src/vma/audio.ts";
 import type { ServiceContext } from "../src/vma/services.ts";
+import { gapOffsets, samples, sineWav } from "../test/support/tone.ts";
 
 setLogLevel("error");
 const opt = (name: string, dflt: number) => {
@@ -26,6 +28,8 @@ const opt = (name: string, dflt: number) => {
 };
 const ROUNDS = opt("rounds", 10);
 const SKIP_NX = process.argv.includes("--skip-nx");
+/** The client's port in its PulseAudio directly, as the original client did (no relay). */
+const NO_RELAY = process.argv.includes("--no-relay");
 /** paplay's requested latency (--latency-msec); 0: paplay's default, as most programs. */
 const APP_LATENCY = opt("app-latency", 0);
 /** vma.audio.latency_msec for the service (default: the key's default). */
@@ -100,6 +104,8 @@ const rec = Bun.spawn(["parec", "-s", clientServer, "-d", "ClientOut.monitor", "
   stdout: "pipe", stderr: "ignore", env: { PATH: process.env.PATH!, HOME: join(c, "home") },
 });
 let armedAt = 0;
+/** While set, every recorded fragment goes here (the tones). */
+let recording: Uint8Array[] | undefined;
 let heard: ((t: number) => void) | undefined;
 void (async () => {
   const r = (rec.stdout as ReadableStream<Uint8Array>).getReader();
@@ -107,6 +113,7 @@ void (async () => {
     const { done, value } = await r.read();
     if (done) break;
     const now = performance.now();
+    recording?.push(value);
     if (!heard || now < armedAt) continue;
     const s = new Int16Array(value.buffer.slice(value.byteOffset, value.byteOffset + (value.byteLength & ~1)));
     if (s.some((v) => Math.abs(v) > 2000)) {
@@ -158,26 +165,51 @@ const ctx: ServiceContext = {
 };
 
 const click = clickWav();
+const toneFile = join(work, "tone.wav");
+writeFileSync(toneFile, sineWav(440, 1.0));
+chmodSync(toneFile, 0o644);
+const TONES = opt("tones", 5);
+/** Per path: how many 1 s tones arrived with a hole (a 10 ms window without sound) in their first 450 ms, and later. */
+const gapRows: [string, number, number][] = [];
 const rows: [string, number[]][] = [];
-const measure = async (name: string, play: () => Promise<RunResult>) => {
+const measure = async (name: string, play: () => Promise<RunResult>, playTone: () => Promise<RunResult>) => {
   await once(play); // warm-up (first stream, caches)
   const xs: number[] = [];
   for (let i = 0; i < ROUNDS; i++) xs.push(await once(play));
   rows.push([name, xs]);
+  let early = 0;
+  let late = 0;
+  for (let i = 0; i < TONES; i++) {
+    recording = [];
+    await Bun.sleep(200);
+    await playTone();
+    await Bun.sleep(300);
+    const got = samples(Buffer.concat(recording));
+    recording = undefined;
+    const at = gapOffsets(got);
+    if (at.some((ms) => ms < 450)) early++;
+    if (at.some((ms) => ms >= 450)) late++;
+    if (at.length > 0) {
+      if (process.argv.includes("--verbose")) console.log(`${name}: holes at ${at.join(", ")} ms`);
+    }
+  }
+  gapRows.push([name, early, late]);
 };
 
-await measure("baseline: paplay straight into the client's PulseAudio", () => sh(["paplay", ...paplayArgs, "-s", clientServer, click], { HOME: join(c, "home") }));
+const direct = (f: string) => () => sh(["paplay", ...paplayArgs, "-s", clientServer, f], { HOME: join(c, "home") });
+await measure("baseline: paplay straight into the client's PulseAudio", direct(click), direct(toneFile));
 
 async function throughTunnel(name: string, announce: (port: number, svc: ReturnType<typeof audioService>) => Promise<() => Promise<void>>) {
   const port = await freePort();
-  const client = await startClientAudio({ port, pulseServer: clientServer, relayLatencyMs: RELAY_LATENCY });
+  const client = await startClientAudio({ port, pulseServer: clientServer, relayLatencyMs: RELAY_LATENCY, ...(NO_RELAY ? { pulseaudio: "/nonexistent/pulseaudio" } : {}) });
   if (!client) throw new Error("the client's PulseAudio did not open its port");
   const svc = audioService({ enable: true, latencyMs: TUNNEL_LATENCY, runtimeDir: (uid) => join(work, "run-user", String(uid)) });
   const env = (await svc.prepare(ctx)).env!;
   const end = await announce(port, svc);
   await svc.idle();
   await waitFor("the tunnel", async () => (await ctx.execAsUser(["pactl", "get-default-sink"], { env })).stdout.trim() === TUNNEL_SINK);
-  await measure(name, () => ctx.execAsUser(["paplay", ...paplayArgs, click], { env }));
+  const inDesktop = (f: string) => () => ctx.execAsUser(["paplay", ...paplayArgs, f], { env });
+  await measure(name, inDesktop(click), inDesktop(toneFile));
   await svc.stopped!(ctx);
   await end();
   await client.stop();
@@ -224,7 +256,7 @@ if (!SKIP_NX) {
 }
 
 rec.kill();
-console.log(`Audio latency on loopback, ${ROUNDS} rounds each (after one warm-up), median [min … max]; paplay ${APP_LATENCY ? `--latency-msec=${APP_LATENCY}` : "with its default buffer"}, vma.audio.latency_msec=${TUNNEL_LATENCY}, client relay ${RELAY_LATENCY} ms:`);
+console.log(`Audio latency on loopback, ${ROUNDS} rounds each (after one warm-up), median [min … max]; paplay ${APP_LATENCY ? `--latency-msec=${APP_LATENCY}` : "with its default buffer"}, vma.audio.latency_msec=${TUNNEL_LATENCY}, ${NO_RELAY ? "no client relay" : `client relay ${RELAY_LATENCY} ms`}:`);
 console.log("Method: time from spawning paplay of a 30 ms 1 kHz click to the arrival of the first 5 ms");
 console.log("fragment holding it in parec of the client's null-sink monitor. The baseline (no tunnel)");
 console.log("holds paplay's start-up and the recorder's delay; added = path − baseline.");
@@ -234,4 +266,6 @@ for (const [name, xs] of rows) {
   const added = name.startsWith("baseline") ? "" : `  added ${fmt(s.median - base)}`;
   console.log(`  ${name}: ${fmt(s.median)} [${fmt(s.min)} … ${fmt(s.max)}]${added}`);
 }
+console.log(`1 s tones with a hole (a 10 ms window without sound) in their first 450 ms / later, out of ${TONES}; load average ${loadavg()[0]!.toFixed(1)} on ${cpus().length} CPUs:`);
+for (const [name, early, late] of gapRows) console.log(`  ${name}: ${early} / ${late}`);
 process.exit(0);

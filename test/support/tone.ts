@@ -56,21 +56,27 @@ export function peak(x: ArrayLike<number>): number {
 
 /**
  * Gaps in a tone: 10 ms windows between the first and the last loud sample whose peak is under
- * a fifth of the recording's peak (an underrun of the tunnel shows as such a hole).
+ * a fifth of the recording's peak (an underrun of the tunnel shows as such a hole); those in the
+ * first `skipMs` of the sound are not counted.
  */
-export function gaps(x: ArrayLike<number>, rate = RATE): number {
+export function gaps(x: ArrayLike<number>, rate = RATE, skipMs = 0): number {
+  return gapOffsets(x, rate).filter((ms) => ms >= skipMs).length;
+}
+
+/** Where the gaps are: milliseconds from the first loud sample. */
+export function gapOffsets(x: ArrayLike<number>, rate = RATE): number[] {
   const top = peak(x);
   const loud = top / 5;
   let first = -1;
   let last = -1;
   for (let i = 0; i < x.length; i++) if (Math.abs(x[i]!) > loud) { if (first < 0) first = i; last = i; }
-  if (first < 0) return 0;
+  if (first < 0) return [];
   const w = Math.round(rate / 100);
-  let n = 0;
+  const at: number[] = [];
   for (let s = first; s + w <= last; s += w) {
     let m = 0;
     for (let i = s; i < s + w; i++) m = Math.max(m, Math.abs(x[i]!));
-    if (m < loud) n++;
+    if (m < loud) at.push(Math.round(((s - first) * 1000) / rate));
   }
-  return n;
+  return at;
 }
