@@ -69,13 +69,19 @@ const put = (path: string, key = KEY) => `PUT ${path} HTTP/1.1\r\nAuthorization:
 function serveClientFolder(s: Awaited<ReturnType<typeof slave>>, dir: string) {
   const sftp = Bun.spawn([SFTP, "-e"], { cwd: dir, stdin: "pipe", stdout: "pipe", stderr: "ignore" });
   void (async () => {
-    if (s.rest.length) sftp.stdin.write(s.rest);
-    for (let r = await s.reader.read(); !r.done; r = await s.reader.read()) { sftp.stdin.write(r.value); await sftp.stdin.flush(); }
-    try { await sftp.stdin.end(); } catch {}
+    try {
+      if (s.rest.length) sftp.stdin.write(s.rest);
+      for (let r = await s.reader.read(); !r.done; r = await s.reader.read()) { sftp.stdin.write(r.value); await sftp.stdin.flush(); }
+      await sftp.stdin.end();
+    } catch {} // the client's side is gone
   })();
   void (async () => {
-    const out = sftp.stdout.getReader();
-    for (let r = await out.read(); !r.done; r = await out.read()) { s.proc.stdin.write(r.value); await s.proc.stdin.flush(); }
+    try {
+      const out = sftp.stdout.getReader();
+      for (let r = await out.read(); !r.done; r = await out.read()) { s.proc.stdin.write(r.value); await s.proc.stdin.flush(); }
+      // The client's side ended: so does the slave connection (as nxagent closes it).
+      await s.proc.stdin.end();
+    } catch {}
   })();
   return sftp;
 }
@@ -207,6 +213,23 @@ describe("a shared folder, end to end", () => {
     expect(line).toMatch(/nosuid,nodev/);
     expect(line).toContain(`user_id=${UID},group_id=${UID}`);
   }, 60_000);
+
+  test("the same name twice: 409; a client that goes away takes its share with it", async () => {
+    expect((await askSocket({ key: KEY, name: "client" })).status).toBe(409);
+    const other = join(work, "other");
+    mkdirSync(other);
+    writeFileSync(join(other, "x.txt"), "x");
+    const s = await slave(put(`/shares${other}`));
+    expect(s.head).toStartWith("HTTP/1.1 101 ");
+    const sftp2 = serveClientFolder(s, other);
+    const mp = join(home, "Redirected", "other");
+    expect((await asUser(["cat", join(mp, "x.txt")])).out).toBe("x");
+    sftp2.kill("SIGKILL");
+    const t0 = Date.now();
+    while ((mountsInSession().includes(mp) || existsSync(mp)) && Date.now() - t0 < 10_000) await Bun.sleep(50);
+    expect(mountsInSession()).toEqual([join(home, "Redirected", "client")]);
+    expect(existsSync(mp)).toBe(false);
+  }, 30_000);
 
   test("suspend: the share is unmounted, its mount point removed, sshfs gone", async () => {
     await svc.suspended(ctx);

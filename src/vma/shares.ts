@@ -311,6 +311,10 @@ export class SharesService implements SessionService {
     const mountpoint = join(ctx.homeOnDisk, "Redirected", name);
     const sshfsArgs = ["qvd-client:", "-o", "slave", "-o", `uid=${a.uid}`, "-o", `gid=${a.gid}`];
     if (req.charset) sshfsArgs.push("-o", `modules=iconv,from_code=${req.charset},to_code=utf-8`);
+    if (this.holder?.alive && this.mountsIn(join(ctx.homeOnDisk, "Redirected")).includes(mountpoint)) {
+      reply(409, { error: "a folder is already shared under that name" });
+      return void sock.end();
+    }
     let argv: string[];
     if (this.holder?.alive) {
       argv = [...this.holder.enter(), "/bin/sh", "-c", MOUNT_SCRIPT, "qvd-mount", String(a.uid), String(a.gid), mountpoint, a.groups.join(","), this.o.sshfs ?? "sshfs", ...sshfsArgs.slice(0, 1), "/dev/fd/3", ...sshfsArgs.slice(1)];
@@ -355,26 +359,40 @@ export class SharesService implements SessionService {
     this.sshfs.delete(child);
     if (code !== 0) log.warn("sshfs ended", { name, status: code, stderr: errText.trim().split("\n").slice(-2).join(" / ") });
     sock.end();
+    // The client went away: sshfs on a mounted fd leaves a dead mount behind; take it away.
+    if (this.ctx === ctx) await this.unmountAll(ctx, mountpoint);
   }
 
-  /** Unmounts (lazily) every share under ~/Redirected, ends the sshfs processes, removes the empty mount points. */
-  private async unmountAll(ctx: ServiceContext): Promise<void> {
+  /** The FUSE mounts below `dir` in the session's mount namespace. */
+  private mountsIn(dir: string): string[] {
+    try {
+      return this.holder?.alive ? fuseMountsBelow(readFileSync(`/proc/${this.holder.pid}/mountinfo`, "utf8"), dir) : [];
+    } catch {
+      return [];
+    }
+  }
+
+  /**
+   * Unmounts (lazily) every share under ~/Redirected (or only `only`), ends the sshfs processes,
+   * removes the empty mount points.
+   */
+  private async unmountAll(ctx: ServiceContext, only?: string): Promise<void> {
     const dir = join(ctx.homeOnDisk, "Redirected");
     let mounts: string[] = [];
     if (this.holder?.alive) {
-      try { mounts = fuseMountsBelow(readFileSync(`/proc/${this.holder.pid}/mountinfo`, "utf8"), dir); } catch {}
+      mounts = this.mountsIn(dir).filter((m) => only === undefined || m === only);
       for (const m of mounts) {
         const r = await runQuiet([...this.holder.enter(), "umount", "-l", "--no-canonicalize", "--", m]);
         if (r.status !== 0) log.warn("cannot unmount a share", { mountpoint: m, err: r.stderr.trim() });
       }
     } else if (this.o.asCurrentUser) {
-      try { mounts = fuseMountsBelow(readFileSync("/proc/self/mountinfo", "utf8"), dir); } catch {}
+      try { mounts = fuseMountsBelow(readFileSync("/proc/self/mountinfo", "utf8"), dir).filter((m) => only === undefined || m === only); } catch {}
       for (const m of mounts) await runQuiet(["fusermount3", "-u", "-z", "--", m]);
     }
-    for (const c of this.sshfs) if (c.exitCode === null) c.kill("SIGTERM");
+    if (only === undefined) for (const c of this.sshfs) if (c.exitCode === null) c.kill("SIGTERM");
     // rmdir (never a recursive removal) as the user: the directory is theirs.
     let names: string[] = [];
-    try { names = readdirSync(dir); } catch {}
+    try { names = only === undefined ? readdirSync(dir) : [only.slice(dir.length + 1)]; } catch {}
     if (names.length) {
       const a = ctx.account;
       const priv = this.o.asCurrentUser ? [] : ["setpriv", `--reuid=${a.uid}`, `--regid=${a.gid}`, "--clear-groups", "--"];
