@@ -25,10 +25,18 @@ import { createServer, type Server, type Socket } from "node:net";
 import { spawn, type ChildProcess } from "node:child_process";
 import { join } from "node:path";
 import { logger } from "../log.ts";
+import { ownChildren } from "../run.ts";
 import { keyMatches, shareName } from "./slave.ts";
 import { propertyOff, type Prepared, type ServiceContext, type SessionService } from "./services.ts";
 
 const log = logger("vma-shares");
+
+/** PID 1's orphan reaper (src/vma/init.ts) must leave our children to us. */
+function own(pid: number | undefined, exited: Promise<unknown>): void {
+  if (!pid) return;
+  ownChildren.add(pid);
+  void exited.finally(() => ownChildren.delete(pid));
+}
 
 export interface SharesOptions {
   /** vma.slave.enable */
@@ -100,6 +108,7 @@ async function startHolder(): Promise<Holder> {
   const proc = spawn("unshare", ["--user", "--mount", "--propagation", "slave", "--", "sleep", "infinity"], { stdio: "ignore", detached: true });
   const pid = proc.pid;
   if (!pid) throw new Error("cannot start unshare");
+  own(pid, new Promise((res) => proc.on("exit", res)));
   const h = new Holder(proc, pid);
   const t0 = Date.now();
   for (;;) {
@@ -143,6 +152,7 @@ export function fuseMountsBelow(mountinfo: string, dir: string): string[] {
 /** Runs argv, waits (bounded), returns the exit status and stderr. */
 async function runQuiet(argv: string[], timeoutMs = 10_000): Promise<{ status: number; stderr: string }> {
   const p = Bun.spawn(argv, { stdin: "ignore", stdout: "ignore", stderr: "pipe", timeout: timeoutMs, killSignal: "SIGKILL", cwd: "/", env: { PATH: process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin" } });
+  own(p.pid, p.exited);
   const stderr = await new Response(p.stderr).text();
   return { status: await p.exited, stderr };
 }
@@ -332,6 +342,7 @@ export class SharesService implements SessionService {
       child.on("close", (code) => res(code ?? 1));
       child.on("error", () => res(127));
     });
+    own(child.pid, new Promise((res) => { child.on("exit", res); child.on("error", res); }));
     // The answer (the client's 101) only once the helper has mounted: a refused mount point is
     // a 409 the client sees, not a stream that just ends.
     const mounted = !this.holder ? true : await Promise.race([
