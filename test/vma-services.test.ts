@@ -6,7 +6,7 @@
 // add to nxagent's options line, and the order of the Session's calls to its services over a real
 // nxagent session (src/vma/session.ts) are here too.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { run, spawnDaemon } from "../src/run.ts";
 import type { ServiceContext, SessionService } from "../src/vma/services.ts";
@@ -14,6 +14,7 @@ import { execAs, nxagentOptions, privPrefix, serviceOptionProblem, Session } fro
 import { clientWantsPrinting, cupsDir, cupsSocket, MAX_PRINTERS, printingService, usablePrinterNames } from "../src/vma/printing.ts";
 import { startClientCups, type ClientCups } from "./support/services.ts";
 import { startNxRelay, type NxRelay } from "./support/nx-relay.ts";
+import { sharesService } from "../src/vma/shares.ts";
 
 const PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const NOBODY = { user: "nobody", uid: 65534, gid: 65534, shell: "/bin/sh", groups: [] as number[] };
@@ -419,7 +420,7 @@ describe("the Session's calls to its services (real nxagent and nxproxy)", () =>
   }, 60_000);
 });
 
-describe("printing through nxagent's CUPS channel (real nxagent and nxproxy, a provisioned user)", () => {
+describe("printing through nxagent's CUPS channel (real nxagent and nxproxy, a provisioned user, the slave channel's namespace)", () => {
   const UID = 51020;
   let session: Session;
   let relay: NxRelay;
@@ -465,7 +466,9 @@ describe("printing through nxagent's CUPS channel (real nxagent and nxproxy, a p
       display, nxagent: "/usr/bin/nxagent", xinit: "xinit", nxagentExtraArgs: [], tolerancechecks: "risky", acceptFrom: "127.0.0.1",
       sessionCommand: ["/bin/sleep", "1000"], asCurrentUser: false, root, homePath: "/home", shell: "/bin/sh", groups: [], defaultLang: "C",
       runDir: join(dir, "run"), timeouts: { starting: 30_000, listening: 30_000, suspending: 20_000, stopping: 20_000 },
-      services: [printingService({ enable: true })],
+      // As qvd vma has it: the slave channel's service runs the X session (and so the user's
+      // cupsd) in its nested user+mount namespace (src/vma/shares.ts).
+      services: [printingService({ enable: true }), sharesService({ enabled: true, qvd: process.execPath })],
     });
     relay = startNxRelay({ host: "127.0.0.1", targetPort: 4000 + display, cookie: COOKIE3 });
   }, 60_000);
@@ -478,7 +481,7 @@ describe("printing through nxagent's CUPS channel (real nxagent and nxproxy, a p
   });
 
   test("the client's printers appear through 127.0.0.1:<display+2000>; lp in the desktop comes out of the client's printer; gone at suspend", async () => {
-    session.start({ user: "alice", uid: UID, gid: UID, cookie: COOKIE3, client_os: "linux", properties: { "qvd.client.printing.enabled": "1" } });
+    session.start({ user: "alice", uid: UID, gid: UID, cookie: COOKIE3, client_os: "linux", properties: { "qvd.client.printing.enabled": "1", "qvd.slave.key": "s".repeat(64) } });
     await waitFor("listening", () => session.state === "listening");
     const cups = `cups=${session.opts.display + 2000}`;
     expect(readFileSync(session.optionsFile, "utf8")).toContain(`,${cups},`);
@@ -489,10 +492,12 @@ describe("printing through nxagent's CUPS channel (real nxagent and nxproxy, a p
     const want = client.printers.map((p) => `QVD-${p.name}`).sort();
     await waitFor("the client's printers in the desktop", async () => JSON.stringify(await desktopQueues()) === JSON.stringify(want));
     console.log(`printers in the desktop ${Date.now() - t0} ms after connected (through nxagent/nxproxy)`);
-    expect((await inDesktop(["lpstat", "-d"])).stdout).toContain(`QVD-${client.printers[0].name}`);
-    // The session's cupsd is the user's.
+    // The default is set right after the queues are added.
+    await waitFor("the client's default as the default", async () => (await inDesktop(["lpstat", "-d"])).stdout.includes(`QVD-${client.printers[0].name}`), 5000);
+    // The session's cupsd is the user's, in the session's namespace when there is FUSE for one.
     const pid = Number((await run(["pgrep", "-f", `cupsd -f -c ${cupsDir(session.opts.runDir)}/cupsd.conf`])).stdout.trim());
     expect(statSync(`/proc/${pid}`).uid).toBe(UID);
+    if (existsSync("/dev/fuse")) expect(readlinkSync(`/proc/${pid}/ns/user`)).not.toBe(readlinkSync("/proc/self/ns/user"));
     const text = `Through the NX channel ${Date.now()}`;
     const lp = await execAs(privPrefix({ user: "alice", uid: UID, gid: UID, home: "/", shell: "/bin/sh", groups: [] }), ["lp"],
       { PATH, CUPS_SERVER: cupsSocket(session.opts.runDir) }, { stdin: `${text}\n` });
