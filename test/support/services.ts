@@ -108,6 +108,8 @@ export async function startClientCups(o: { exec?: string[] } = {}): Promise<Clie
   const etc = join(dir, "etc");
   for (const d of ["etc/ppd", "etc/ssl", "spool/tmp", "cache", "state", "log", "cups-pdf-spool", ...printers.map((p) => p.outDir.slice(dir.length + 1))])
     mkdirSync(join(dir, d), { recursive: true });
+  // cups-pdf runs ghostscript as the job's user, `nobody` for a user this machine lacks (the desktop's).
+  for (const p of printers) chmodSync(p.outDir, 0o1777);
   const port = await freePortIn(exec);
   const sock = join(dir, "cups.sock");
   writeFileSync(
@@ -122,7 +124,7 @@ export async function startClientCups(o: { exec?: string[] } = {}): Promise<Clie
   writeFileSync(
     join(etc, "cupsd.conf"),
     [
-      "LogLevel info", `Listen 127.0.0.1:${port}`, `Listen ${sock}`, "Browsing No", "BrowseLocalProtocols none", "WebInterface No",
+      "LogLevel debug", `Listen 127.0.0.1:${port}`, `Listen ${sock}`, "Browsing No", "BrowseLocalProtocols none", "WebInterface No",
       "DefaultAuthType Basic", "ServerAlias *",
       "<Location />", "  Order allow,deny", "  Allow localhost", "</Location>",
       "<Policy default>",
@@ -138,7 +140,10 @@ export async function startClientCups(o: { exec?: string[] } = {}): Promise<Clie
       `# Written by a QVD test (test/support/services.ts); removed when it ends.\nOut ${p.outDir}\nAnonDirName ${p.outDir}\nSpool ${join(dir, "cups-pdf-spool")}\nLog ${join(dir, "log")}\nUserUMask 0022\nAnonUMask 0022\nGrp root\n`,
     );
   const errorLog = join(dir, "log/error_log");
-  const log = () => (existsSync(errorLog) ? readFileSync(errorLog, "utf8").slice(-3000) : "");
+  const accessLog = join(dir, "log/access_log");
+  const tail = (f: string, keep: (l: string) => boolean) => (existsSync(f) ? readFileSync(f, "utf8").split("\n").filter(keep).slice(-40).join("\n") : "");
+  /** The jobs' lines and errors of cupsd's log (debug level), and its access log. */
+  const log = () => `${errorLog}:\n${tail(errorLog, (l) => /^[EW] |\[Job \d+\]/.test(l))}\n${accessLog}:\n${tail(accessLog, () => true)}`;
   const cupsd = daemon([...exec, "cupsd", "-f", "-c", join(etc, "cupsd.conf"), "-s", join(etc, "cups-files.conf")], { PATH, LANG: "C" });
   const stop = async () => {
     await cupsd.stop().catch(() => {});
