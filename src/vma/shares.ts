@@ -5,7 +5,7 @@
 //
 // Why a nested namespace: the container keeps no CAP_SYS_ADMIN (src/virt/lxc.ts CAPS), so nothing
 // in it can mount FUSE, fusermount3 included. Per X session the VMA creates a user+mount namespace
-// (the "holder", `unshare -U -m`) and the X session runs in it (Prepared.wrap: nsenter + setpriv).
+// (the "holder", `unshare -U -m cat`) and the X session runs in it (Prepared.wrap: nsenter + setpriv).
 // The VMA, owner of that user namespace, holds every capability over it, so it can mount FUSE in
 // the session's mount namespace; the container's capabilities do not change. The namespace maps
 // the container's ids 1…N-2 to themselves and its uid/gid 0 to the container's last id (N-1):
@@ -105,7 +105,8 @@ async function startHolder(): Promise<Holder> {
   const map = nestedIdMap(readFileSync("/proc/self/uid_map", "utf8"));
   const gmap = nestedIdMap(readFileSync("/proc/self/gid_map", "utf8"));
   if (!map || !gmap) throw new Error("the VMA's id map does not start at 0: no nested namespace");
-  const proc = spawn("unshare", ["--user", "--mount", "--propagation", "slave", "--", "sleep", "infinity"], { stdio: "ignore", detached: true });
+  // `cat` on a pipe from the VMA: the holder ends with the VMA, however the VMA ends.
+  const proc = spawn("unshare", ["--user", "--mount", "--propagation", "slave", "--", "cat"], { stdio: ["pipe", "ignore", "ignore"], detached: true });
   const pid = proc.pid;
   if (!pid) throw new Error("cannot start unshare");
   own(pid, new Promise((res) => proc.on("exit", res)));
