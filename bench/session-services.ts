@@ -1,5 +1,5 @@
 // What the session services (issue 12) add to a connect, on the VMA's side (aim: under 100 ms).
-// Run as root: bun bench/session-services.ts [--rounds 5]
+// Run as root: bun bench/session-services.ts [--rounds 5] [--services printing,audio,slave]
 //
 // Method (printed with the figures): a real Session (src/vma/session.ts) as a provisioned user
 // (temporary root, as test/vma.test.ts), nxagent under xinit, and on the "client" side an Xvfb,
@@ -26,6 +26,8 @@ import { freePortIn, startClientCups, startClientPulse, startXvfb } from "../tes
 setLogLevel("error");
 const i = process.argv.indexOf("--rounds");
 const ROUNDS = i > 0 ? Number(process.argv[i + 1]) || 5 : 5;
+const j = process.argv.indexOf("--services");
+const ON = new Set((j > 0 ? process.argv[j + 1] ?? "" : "printing,audio,slave").split(","));
 const UID = 51030;
 const PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 if (process.getuid!() !== 0) throw new Error("run as root");
@@ -69,9 +71,9 @@ const results: Record<string, Figures> = {};
 
 async function rounds(label: "off" | "on"): Promise<void> {
   const services: SessionService[] = label === "off" ? [] : [
-    printingService({ enable: true }),
-    audioService({ enable: true }),
-    sharesService({ enabled: true, qvd: process.execPath }),
+    ...(ON.has("printing") ? [printingService({ enable: true })] : []),
+    ...(ON.has("audio") ? [audioService({ enable: true })] : []),
+    ...(ON.has("slave") ? [sharesService({ enabled: true, qvd: process.execPath })] : []),
   ];
   const session = new Session({
     display, nxagent: "/usr/bin/nxagent", xinit: "xinit", nxagentExtraArgs: [], tolerancechecks: "risky", acceptFrom: "127.0.0.1",
@@ -112,10 +114,10 @@ async function rounds(label: "off" | "on"): Promise<void> {
       f.connected.push(tc - tp);
       if (label === "on") {
         const [a, b] = await Promise.all([
-          until("the printers", async () => (await lpstat()).stdout.split("\n").filter((l) => l.startsWith("QVD-")).length === 2, 20_000),
-          until("the sound tunnel", async () => (await pactl()).stdout.includes("QVD_Audio"), 20_000).catch(() => NaN),
+          ON.has("printing") ? until("the printers", async () => (await lpstat()).stdout.split("\n").filter((l) => l.startsWith("QVD-")).length === 2, 20_000) : NaN,
+          ON.has("audio") ? until("the sound tunnel", async () => (await pactl()).stdout.includes("QVD_Audio"), 20_000).catch(() => NaN) : NaN,
         ]);
-        f.printers.push(a - tc);
+        if (!Number.isNaN(a)) f.printers.push(a - tc);
         if (!Number.isNaN(b)) f.sound.push(b - tc);
       }
       if (kind === "new") {
@@ -132,10 +134,10 @@ async function rounds(label: "off" | "on"): Promise<void> {
 try {
   await rounds("off");
   await rounds("on");
-  console.log(`session services, ${ROUNDS} rounds each, ${cpus().length} CPUs, load ${loadavg()[0]!.toFixed(2)}`);
+  console.log(`session services (${[...ON].join(", ")}), ${ROUNDS} rounds each, ${cpus().length} CPUs, load ${loadavg()[0]!.toFixed(2)}`);
   for (const [k, f] of Object.entries(results)) {
     console.log(`${k.padEnd(11)} x_start → listening ${fmt(f.listening)}; nxproxy → connected ${fmt(f.connected)}`);
-    if (f.printers.length) console.log(`${"".padEnd(11)} after connected: printers ${fmt(f.printers)}; sound tunnel ${fmt(f.sound)}`);
+    if (f.printers.length || f.sound.length) console.log(`${"".padEnd(11)} after connected: printers ${fmt(f.printers)}; sound tunnel ${fmt(f.sound)}`);
   }
   for (const kind of ["new", "resume"]) {
     const off = results[`off ${kind}`]!, on = results[`on ${kind}`]!;
