@@ -83,6 +83,7 @@ async function rounds(label: "off" | "on"): Promise<void> {
   const props = { "qvd.client.printing.enabled": "1", "qvd.slave.key": "k".repeat(64) };
   const lpstat = () => execAs(desktop, ["lpstat", "-e"], { PATH, CUPS_SERVER: cupsSocket(session.opts.runDir) });
   const pactl = () => execAs(desktop, ["pactl", "list", "short", "sinks"], { PATH, PULSE_SERVER: `unix:/run/user/${UID}/pulse/native` });
+  try {
   for (const kind of ["new", "resume"] as const) {
     const f: Figures = (results[`${label} ${kind}`] = { listening: [], connected: [], printers: [], sound: [] });
     for (let r = 0; r < ROUNDS; r++) {
@@ -128,7 +129,9 @@ async function rounds(label: "off" | "on"): Promise<void> {
       }
     }
   }
-  await session.shutdown(10_000);
+  } finally {
+    await session.shutdown(10_000); // also when a round failed: no session left behind
+  }
 }
 
 try {
