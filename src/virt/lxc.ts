@@ -218,6 +218,27 @@ const SECCOMP = ["2", "denylist", "reject_force_umount", "[all]", ...SECCOMP_DEN
 
 let apparmorNoted = false;
 
+/**
+ * Shared folders mount FUSE in the desktop (src/vma/shares.ts) through the node's /dev/fuse,
+ * which must be crw-rw-rw- as udev makes it on the distributions; a node without udev may have
+ * it root's alone. Set once per process, and said.
+ */
+let fuseChecked = false;
+export function fuseForDesktops(dev = "/dev/fuse"): void {
+  if (fuseChecked) return;
+  fuseChecked = true;
+  try {
+    const st = statSync(dev);
+    if (!st.isCharacterDevice()) return;
+    if ((st.mode & 0o666) !== 0o666) {
+      chmodSync(dev, (st.mode & 0o7777) | 0o666);
+      log.info("made /dev/fuse usable by desktops (crw-rw-rw-, the distributions' default) for shared folders");
+    }
+  } catch {
+    log.info("no /dev/fuse on this node: desktops get no shared folders");
+  }
+}
+
 export interface RenderContext {
   vmDir: string;
   logDir: string;
@@ -403,6 +424,7 @@ export class LxcBackend implements Backend {
     writeSecret(join(vmDir, "vma.json"), JSON.stringify({ vm_id: spec.vmId, secret: spec.vma.secret, node_address: spec.network.gateway, port: spec.vma.port, settings: spec.vma.settings ?? {} }) + "\n", m.base);
     writeFileSync(join(vmDir, "net-up"), this.net.attachScript(), { mode: 0o700 });
     writeFileSync(join(vmDir, "seccomp"), SECCOMP);
+    fuseForDesktops();
     const vmaInit = this.o.vmaInit ?? true;
     const config = renderConfig(spec, {
       vmDir,
