@@ -276,3 +276,219 @@ describe.skipIf(!haveFuse)("requests to the desktop's slave server (the stand-in
     await Promise.race([s2.ended, Bun.sleep(3000)]);
   }, 20_000);
 });
+
+// --- The whole client: a scripted L7R relaying to a real nxagent, real nxproxy on an Xvfb ---
+
+const haveNx = ["nxproxy", "nxagent", "Xvfb", "lpstat", "pactl", "pulseaudio", "cupsd"].every((p) => Bun.which(p));
+const PASSWORD = "pw";
+
+function freeDisplay(from: number): number {
+  for (let d = from; d < from + 60; d++) if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
+  throw new Error("no free X display");
+}
+
+/** The L7R's side of a connection, as far as the client sees it: the list, then the 101 and a relay to nxagent. */
+function scriptedL7R(agentPort: () => number, slaveKey: () => string | undefined, queries: string[]): net.Server {
+  return net.createServer((c) => {
+    let buf = Buffer.alloc(0);
+    const onData = (d: Buffer) => {
+      buf = Buffer.concat([buf, d]);
+      for (;;) {
+        const end = buf.indexOf("\r\n\r\n");
+        if (end < 0) return;
+        const line = buf.subarray(0, end).toString("latin1").split("\r\n")[0]!;
+        buf = buf.subarray(end + 4);
+        const target = line.split(" ")[1]!;
+        if (target.startsWith("/qvd/list_of_vm")) {
+          const body = JSON.stringify([{ id: 7, name: "desk", state: "running", blocked: 0 }]);
+          c.write(`HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`);
+          continue;
+        }
+        queries.push(target);
+        c.off("data", onData);
+        const agent = net.connect(agentPort(), "127.0.0.1", () => {
+          const key = slaveKey();
+          c.write(`HTTP/1.1 101 Switching Protocols\r\n${key ? `X-QVD-Slave-Key: ${key}\r\n` : ""}\r\n`);
+          if (buf.length) agent.write(buf);
+          c.pipe(agent);
+          agent.pipe(c);
+        });
+        agent.on("error", () => c.destroy());
+        c.on("error", () => agent.destroy());
+        agent.on("close", () => c.end());
+        c.on("close", () => agent.destroy());
+        return;
+      }
+    };
+    c.on("data", onData);
+  }).listen(0, "127.0.0.1");
+}
+
+describe.skipIf(!haveNx || !haveFuse || !haveBwrap)("qvd client with a real nxagent: printing, sound, a shared folder, a file, USB", () => {
+  const svc = import("./support/services.ts");
+  let cups: Awaited<ReturnType<Awaited<typeof svc>["startClientCups"]>>;
+  let pulse: Awaited<ReturnType<Awaited<typeof svc>["startClientPulse"]>>;
+  let xvfb: { display: number; stop(): Promise<void> };
+  let l7r: net.Server;
+  let agentDisplay = 0;
+  let key: string | undefined = KEY;
+  const queries: string[] = [];
+  const argvFile = join(dir, "nxproxy-argv");
+  const nxproxy = join(dir, "nxproxy-rec.sh");
+
+  beforeAll(async () => {
+    const s = await svc;
+    writeFileSync(nxproxy, `#!/bin/sh\nprintf '%s\\n' "$@" > ${argvFile}\nexec nxproxy "$@"\n`, { mode: 0o755 });
+    [cups, pulse] = await Promise.all([s.startClientCups(), s.startClientPulse()]);
+    xvfb = await s.startXvfb(freeDisplay(60));
+    l7r = scriptedL7R(() => 4000 + agentDisplay, () => key, queries);
+    await new Promise((r) => l7r.once("listening", r));
+  }, 60_000);
+  afterAll(async () => {
+    l7r?.close();
+    await Promise.all([cups?.stop(), pulse?.stop(), xvfb?.stop()]);
+  });
+
+  async function startAgent() {
+    agentDisplay = freeDisplay(Math.max(xvfb.display + 1, 140));
+    const a = { log: "", proc: Bun.spawn(["nxagent", `:${agentDisplay}`, "-ac", "-name", "QVD", "-nolisten", "tcp", "-display",
+      `nx/nx,link=lan,geometry=800x600,client=linux,slave=1,media=1,cups=1:${agentDisplay}`], {
+      stdout: "ignore", stderr: "pipe", env: { PATH: process.env.PATH!, DISPLAY: "", NX_SLAVE_CMD: standIn, HOME: desk },
+    }) };
+    procs.push(a.proc);
+    void (async () => {
+      for await (const c of a.proc.stderr as ReadableStream<Uint8Array>) a.log += new TextDecoder().decode(c);
+    })();
+    await waitFor("nxagent", () => (/Waiting for connection/.test(a.log) ? true : undefined));
+    return a;
+  }
+
+  function runClient(args: string[], env: Record<string, string> = {}) {
+    const p = Bun.spawn([process.execPath, "src/main.ts", "client", "--host", `127.0.0.1:${(l7r.address() as net.AddressInfo).port}`, "--no-tls",
+      "--user", "alice", "--nxproxy-command", nxproxy, ...args], {
+      env: { PATH: process.env.PATH!, HOME: dir, QVD_PASSWORD: PASSWORD, DISPLAY: `:${xvfb.display}`, CUPS_SERVER: cups.server, PULSE_SERVER: pulse.server, ...env },
+      stdin: "ignore", stdout: "pipe", stderr: "pipe",
+    });
+    procs.push(p);
+    const r = { out: "", err: "", p };
+    void (async () => { for await (const c of p.stdout as ReadableStream<Uint8Array>) r.out += new TextDecoder().decode(c); })();
+    void (async () => { for await (const c of p.stderr as ReadableStream<Uint8Array>) r.err += new TextDecoder().decode(c); })();
+    return r;
+  }
+
+  test("all on: the desktop sees the user's printers and PulseAudio, mounts the folder, opens the file; USB is refused clearly; all undone at the end", async () => {
+    key = KEY;
+    const agent = await startAgent();
+    const share = join(dir, "e2e share");
+    const other = join(dir, "e2e-docs");
+    mkdirSync(share, { recursive: true });
+    mkdirSync(other, { recursive: true });
+    writeFileSync(join(share, "from-user.txt"), "from the user's disk\n");
+    writeFileSync(join(other, "note.txt"), "open me\n");
+    rmSync(join(desk, "opened"), { force: true });
+    const c = runClient(["--share", share, "--file", join(other, "note.txt"), "--usb", "1-1"]);
+    const nd = agentDisplay;
+    try {
+      await waitFor(`the file opened (client: ${c.out} ${c.err})`, () => (/Opened note\.txt in the desktop/.test(c.out) ? true : undefined), 30_000);
+      expect(c.out).toContain(`Shared ${share} with the desktop (${join(desk, "Redirected", "e2e%20share")})`);
+      expect(c.out).toContain(`Shared ${other} with the desktop`);
+      expect(readFileSync(join(desk, "opened"), "utf8")).toBe(`${join(desk, "Redirected", "e2e-docs")} note.txt\n`);
+      // The desktop's mount: the user's file is there; a file written there lands on the user's disk.
+      const mnt = join(desk, "Redirected", "e2e%20share");
+      mounts.push(mnt, join(desk, "Redirected", "e2e-docs"));
+      expect(await readAsync(join(mnt, "from-user.txt"))).toBe("from the user's disk\n");
+      writeFileSync(join(dir, "saved.txt"), "saved in the desktop\n");
+      expect((await sh(["cp", join(dir, "saved.txt"), join(mnt, "saved.txt")])).code).toBe(0);
+      expect(readFileSync(join(share, "saved.txt"), "utf8")).toBe("saved in the desktop\n");
+      // USB: this machine has none; the session goes on.
+      expect(c.err).toContain("qvd: warning: no USB device 1-1 (this machine has no USB)\n");
+      // The query asked for printing and sound; nxproxy got the three channels.
+      expect(queries.at(-1)).toContain("&qvd.client.printing.enabled=1&qvd.client.audio.enabled=1&");
+      const argv = readFileSync(argvFile, "utf8").trim().split("\n");
+      const slave = argv.find((a) => a.startsWith("slave=unix:"))!;
+      const media = argv.find((a) => a.startsWith("media="))!;
+      // nxproxy's display (the local port - 4000) closes each option that has a ':'.
+      const ld = Number(argv.at(-1)!.split(":")[1]);
+      expect(argv.slice(0, 1)).toEqual(["-S"]);
+      expect(argv).toContain(`cups=tcp:${cups.server}:${ld}`);
+      expect(slave).toMatch(new RegExp(`^slave=unix:/.*/slave:${ld}$`));
+      const slaveDir = slave.slice("slave=unix:".length, -`/slave:${ld}`.length);
+      expect(statSync(slaveDir).mode & 0o777).toBe(0o700);
+      // Printing: the desktop's side of nxagent's CUPS port lists the user's printers.
+      const lp = await sh(["lpstat", "-h", `127.0.0.1:${2000 + nd}`, "-a"]);
+      expect(lp.out).toContain(cups.printers[0].name);
+      expect(lp.out).toContain(cups.printers[1].name);
+      // Sound: nxagent's multimedia port reaches the PulseAudio the client opened on media= (src/client/audio.ts).
+      const audioPort = Number(media.slice("media=".length));
+      const info = await sh(["pactl", "-s", `tcp:127.0.0.1:${7000 + nd}`, "info"]);
+      expect(info.code).toBe(0);
+      expect(info.out).toContain("Server Name:");
+      // The end: the desktop goes; the client ends normally and undoes its side.
+      agent.proc.kill("SIGTERM");
+      expect(await Promise.race([c.p.exited, Bun.sleep(20_000).then(() => "timeout")])).toBe(0);
+      expect(await waitFor("the media port closed", async () => ((await sh(["pactl", "-s", `tcp:127.0.0.1:${audioPort}`, "info"])).code !== 0 ? true : undefined), 5000)).toBe(true);
+      expect(existsSync(slaveDir)).toBe(false);
+    } finally {
+      c.p.kill("SIGTERM");
+      agent.proc.kill("SIGTERM");
+      for (const m of mounts) await unmount(m);
+    }
+  }, 90_000);
+
+  test("a wrong slave key: the share is refused with the desktop's 401 and the session goes on; --no-printing --no-audio ask for neither", async () => {
+    key = "W".repeat(64);
+    const agent = await startAgent();
+    const share = join(dir, "e2e-wrong");
+    mkdirSync(share, { recursive: true });
+    const c = runClient(["--share", share, "--no-printing", "--no-audio"]);
+    try {
+      await waitFor(`the refusal (client: ${c.out} ${c.err})`, () => (/is not shared/.test(c.err) ? true : undefined), 30_000);
+      expect(c.err).toBe(`qvd: warning: ${share} is not shared: the desktop refused the share: 401 Unauthorized\n`);
+      expect(queries.at(-1)).toContain("&qvd.client.printing.enabled=0&qvd.client.audio.enabled=0&");
+      const argv = readFileSync(argvFile, "utf8").trim().split("\n");
+      expect(argv.filter((a) => /^(cups|media)=/.test(a))).toEqual([]);
+      expect(c.p.exitCode).toBeNull();
+      agent.proc.kill("SIGTERM");
+      expect(await Promise.race([c.p.exited, Bun.sleep(20_000).then(() => "timeout")])).toBe(0);
+    } finally {
+      key = KEY;
+      c.p.kill("SIGTERM");
+      agent.proc.kill("SIGTERM");
+    }
+  }, 60_000);
+});
+
+describe("usage errors of the service flags (exit 2, before any connection or password)", () => {
+  const run = async (args: string[], env: Record<string, string> = {}) => {
+    const p = Bun.spawn([process.execPath, "src/main.ts", "client", "--host", "127.0.0.1:9", "--user", "u", ...args], {
+      env: { PATH: process.env.PATH!, HOME: dir, DISPLAY: ":99", ...env }, stdin: "ignore", stdout: "pipe", stderr: "pipe",
+    });
+    const [err, code] = await Promise.all([new Response(p.stderr).text(), p.exited]);
+    return { err, code };
+  };
+  mkdirSync(join(dir, "adir"), { recursive: true });
+  writeFileSync(join(dir, "afile"), "x");
+  const cases: [string[], string][] = [
+    [["--share", join(dir, "nope")], `qvd: --share ${join(dir, "nope")}: no such directory\n`],
+    [["--share", join(dir, "afile")], `qvd: --share ${join(dir, "afile")}: not a directory\n`],
+    [["--file", join(dir, "adir")], `qvd: --file ${join(dir, "adir")}: not a regular file\n`],
+    [["--file", join(dir, "afile"), "--file", join(dir, "afile")], "qvd: --file: one file per session\n"],
+    [["--usb", "1-1;reboot"], `qvd: --usb "1-1;reboot": not a USB bus id (like 1-1 or 2-1.4, see \`usbip list -l\`)\n`],
+    [["--share"], "qvd: --share needs a value\n"],
+  ];
+  for (const [args, msg] of cases) {
+    test(args.join(" ").replaceAll(dir, "…"), async () => {
+      expect(await run(args)).toEqual({ err: msg, code: 2 });
+    });
+  }
+
+  test("no bwrap: --share is refused with what to do, unless --share-unconfined", async () => {
+    const r = await run(["--share", join(dir, "adir")], { PATH: "/nonexistent" });
+    expect(r.code).toBe(2);
+    expect(r.err).toBe("qvd: --share needs a sandbox that lets the desktop reach only the shared folder: bwrap is not installed (package bubblewrap)" +
+      "; install bubblewrap, or give --share-unconfined (the desktop can then read every file this user can)\n");
+    // With --share-unconfined it goes on to connect (and fails there: nothing listens on port 9).
+    const u = await run(["--share", join(dir, "adir"), "--share-unconfined"], { PATH: "/nonexistent", QVD_PASSWORD: "x" });
+    expect(u.code).toBe(7);
+  });
+});
