@@ -4,19 +4,30 @@
 // test/support/services.ts standing for their printers and speakers, in the same namespace.
 // One desktop for the whole file: each test connects with its own flags and disconnects.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { copyFileSync } from "node:fs";
-import { join } from "node:path";
+import { copyFileSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { basename, join } from "node:path";
 import * as D from "../src/db/index.ts";
 import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { desktopImage, TestNode, until } from "./support/node.ts";
 import { startClientCups, startClientPulse, startXvfb, type ClientCups, type ClientPulse } from "./support/services.ts";
+import { peak, sineWav, toneRatio } from "./support/tone.ts";
 
 const isRoot = process.getuid?.() === 0;
 const db = useTestDatabase();
 const ALL = D.ALL_TENANTS;
 const DISPLAY = 65;
 const PORT = 8443;
+
+/** lxc-attach's shell (as the container's root): enters the X session's namespaces if it has its own, then becomes alice. */
+const SESSION_WRAPPER = `p=$(pgrep -x -u alice jwm | head -1)
+[ -n "$p" ] || { echo "no X session" >&2; exit 97; }
+u=$(readlink /proc/$p/ns/user 2>/dev/null)
+if [ -n "$u" ] && [ "$u" != "$(readlink /proc/self/ns/user)" ]; then
+  exec nsenter --user=/proc/$p/ns/user --mount=/proc/$p/ns/mnt -- setpriv --reuid=alice --regid=alice --clear-groups /bin/sh -c "$1" sh "$p"
+fi
+exec setpriv --reuid=alice --regid=alice --clear-groups /bin/sh -c "$1" sh "$p"`;
 
 describe.skipIf(!isRoot)("session services, end to end", () => {
   const node = new TestNode(db, "svcnode");
@@ -28,7 +39,7 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
   let pulse: ClientPulse;
   /** `qvd client` of the current connection, and what it printed. */
   let client: Bun.Subprocess | undefined;
-  let clientOut: Promise<string> = Promise.resolve("");
+  let clientOut = "";
 
   const vma = (method: string) => node.vma(`http://${vm.ip}:3030`, secret, `/vma/${method}`);
   const xState = async () => (await vma("x_state")).json?.state as string | undefined;
@@ -43,12 +54,21 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
     );
 
   /**
+   * Runs a script as alice inside her X session's namespaces (the session may run in a nested
+   * user+mount namespace of the VMA's, where her shares are mounted); $1 is the window manager's pid.
+   */
+  const inSession = (script: string, stdin?: string | Uint8Array) =>
+    run(
+      [...node.ns.exec, "lxc-attach", "-n", `qvd-${vm.id}`, "-P", node.lxcPath, "--", "/bin/sh", "-c", SESSION_WRAPPER, "qvd-test", script],
+      { allowFail: true, timeoutMs: 30_000, stdin },
+    );
+
+  /**
    * The environment of the user's X session (the window manager's), as `export` lines: what a
    * program the user starts from the desktop gets (CUPS_SERVER, PULSE_SERVER… set by the services).
    */
   const sessionEnv = async () => {
-    // As alice: the container's root may not read another user's process memory.
-    const r = await inDesktop("tr '\\0' '\\n' < /proc/$(pgrep -x -u alice jwm | head -1)/environ", { user: true });
+    const r = await inSession("tr '\\0' '\\n' < /proc/$1/environ");
     expect(r.status, r.stderr).toBe(0);
     return r.stdout
       .split("\n")
@@ -56,11 +76,42 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
       .map((l) => `export ${l.slice(0, l.indexOf("="))}='${l.slice(l.indexOf("=") + 1).replace(/'/g, "'\\''")}'`)
       .join("\n");
   };
-  /** Runs a script as alice with her X session's environment, as if started from the desktop. */
-  const asSession = async (script: string, stdin?: string | Uint8Array) => inDesktop(`${await sessionEnv()}\n${script}`, { user: true, stdin });
+  /** Runs a script as alice with her X session's environment and namespaces, as if started from the desktop. */
+  const asSession = async (script: string, stdin?: string | Uint8Array) => inSession(`${await sessionEnv()}\n${script}`, stdin);
 
   /** The windows on the session's display (xwininfo -root -tree in the desktop). */
   const windows = async () => (await asSession("xwininfo -root -tree")).stdout;
+
+  /** The desktop's printers the user sees (`lpstat -p` in the session), the QVD-* ones. */
+  const qvdPrinters = async () => [...(await asSession("lpstat -p 2>&1")).stdout.matchAll(/^printer (QVD-\S+)/gm)].map((m) => m[1]!).sort();
+  const desktopName = (i: 0 | 1) => `QVD-${cups.printers[i].name}`;
+
+  /** Plays a 440 Hz tone in the session (paplay, as the user) and records the user's speakers meanwhile. */
+  async function playTone(): Promise<{ status: number; stderr: string; ratio: number; peak: number }> {
+    let play = { status: -1, stderr: "" };
+    const rec = await pulse.record(async () => {
+      play = await asSession("paplay /tmp/qvd-tone.wav");
+    }, 800);
+    return { status: play.status, stderr: play.stderr, ratio: toneRatio(rec, 440), peak: peak(rec) };
+  }
+
+  /** The client's slave listener: the Unix socket its nxproxy was given (slave=unix:PATH). */
+  const slaveSocket = () => {
+    for (const pid of readdirSync("/proc").filter((n) => /^\d+$/.test(n))) {
+      try {
+        if (!readFileSync(`/proc/${pid}/stat`, "utf8").replace(/^.*\) \S+ /, "").startsWith(`${client!.pid} `)) continue;
+        const m = /slave=unix:([^,:\s\0]+)/.exec(readFileSync(`/proc/${pid}/cmdline`, "utf8"));
+        if (m) return m[1]!;
+      } catch {}
+    }
+    throw new Error("no nxproxy with a slave listener under the client");
+  };
+  /** An HTTP request through the slave channel to the desktop's slave server: the status code. */
+  const slaveRequest = async (method: string, path: string, headers: string[]) => {
+    const r = await run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "15", "--unix-socket", slaveSocket(), "-X", method,
+      ...headers.flatMap((h) => ["-H", h]), `http://qvd${path}`], { allowFail: true });
+    return Number(r.stdout.trim());
+  };
 
   /** The user connects with `qvd client` and these extra flags/environment. */
   async function connect(flags: string[] = [], env: Record<string, string> = {}): Promise<void> {
@@ -71,11 +122,19 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
         "--host", "127.0.0.1", "--port", String(PORT), "--user", "alice", "--insecure", "--link", "lan", ...flags],
       { stdout: "pipe", stderr: "pipe" },
     ));
-    clientOut = Promise.all([new Response(c.stdout).text(), new Response(c.stderr).text()]).then(([o, e]) => o + e);
+    clientOut = "";
+    for (const s of [c.stdout, c.stderr] as ReadableStream<Uint8Array>[])
+      void (async () => {
+        const d = new TextDecoder();
+        const r = s.getReader();
+        for (let x = await r.read(); !x.done; x = await r.read()) clientOut += d.decode(x.value, { stream: true });
+      })();
     await until(async () => (await row()).user_state === "connected" || c.exitCode !== null, "the client's session", 300_000);
-    expect(c.exitCode, c.exitCode !== null ? await clientOut : "").toBeNull();
+    expect(c.exitCode, clientOut).toBeNull();
     secret = (await row()).vma_secret;
-    await until(async () => (await xState()) === "connected", "the NX session to connect", 60_000);
+    await until(async () => (await xState()) === "connected", "the NX session to connect", 60_000).catch((e) => {
+      throw new Error(`${(e as Error).message}; the client said: ${clientOut.slice(-1500)}`);
+    });
     await until(async () => (await inDesktop("pgrep -x -u alice jwm")).status === 0, "the session's window manager", 30_000);
   }
 
@@ -85,7 +144,7 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
     client.kill("SIGTERM");
     await client.exited;
     client = undefined;
-    await until(async () => (await xState()) !== "connected", "the session to be suspended", 60_000);
+    await until(async () => (await xState()) === "suspended", "the session to be suspended", 60_000);
   }
 
   beforeAll(async () => {
@@ -96,6 +155,9 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
     const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "alice", password: "alice-pw-1" });
     const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
     await node.addImage(osf.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
+    // The administrator's switches (src/vma/README.md): properties an OSF or a VM may carry.
+    for (const key of ["qvd.vm.printing.enable", "qvd.vm.audio.enable", "qvd.vm.shares.enable", "qvd.vm.usb.enable"])
+      await D.create(sql(), D.properties, ALL, { tenant_id: 0, key, applies_to: ["osf", "vm"] });
     vm = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" });
     const cert = join(node.root, "l7r.crt");
     const key = join(node.root, "l7r.key");
@@ -125,9 +187,147 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
     // xdg-open waits for the editor: start it in the background.
     expect((await asSession(`(xdg-open ${file} >/dev/null 2>&1 &)`)).status).toBe(0);
     await until(async () => (await inDesktop("pgrep -u alice -x xedit")).status === 0, "xedit to run", 20_000);
-    const args = (await inDesktop("tr '\\0' ' ' < /proc/$(pgrep -u alice -x xedit | head -1)/cmdline", { user: true })).stdout.trim();
+    const args = (await inSession("tr '\\0' ' ' < /proc/$(pgrep -u alice -x xedit | head -1)/cmdline")).stdout.trim();
     expect(args).toBe(`/usr/bin/xedit ${file}`);
     await until(async () => (await windows()).includes('"xedit": ("xedit" "Xedit")'), "an xedit window on the display", 20_000);
     await inDesktop("pkill -u alice -x xedit");
   }, 120_000);
+
+  test("printing: the user's printers appear as QVD-<name>, their default the default; a job comes out of the user's printer as a PDF with its text; gone at suspend, back at resume", async () => {
+    const both = [desktopName(0), desktopName(1)].sort();
+    await until(async () => JSON.stringify(await qvdPrinters()) === JSON.stringify(both), "the user's printers in the desktop", 60_000);
+    expect((await asSession("lpstat -d")).stdout.trim()).toBe(`system default destination: ${desktopName(0)}`);
+    const text = `Printed in the QVD desktop ${Date.now().toString(36)}`;
+    const lp = await asSession(`printf '%s\\n' '${text}' | lp`);
+    expect(lp.status, lp.stderr).toBe(0);
+    const pdf = await cups.waitForPdf(cups.printers[0], text, 90_000).catch(async (e) => {
+      // What the desktop's CUPS did with the job.
+      const d = await asSession('lpstat -W all -l -o; for f in "$(dirname "$CUPS_SERVER")"/log/*; do echo "== $f"; tail -30 "$f"; done');
+      const c = await cups.lpstat(["-W", "all", "-l", "-o"]);
+      throw new Error(`${(e as Error).message}\nthe desktop's CUPS:\n${d.stdout}${d.stderr}\nthe user's CUPS jobs:\n${c}`);
+    });
+    expect(pdf).toContain(text);
+    // The second printer, by its name.
+    const other = `To the second printer ${Date.now().toString(36)}`;
+    expect((await asSession(`printf '%s\\n' '${other}' | lp -d ${desktopName(1)}`)).status).toBe(0);
+    expect(await cups.waitForPdf(cups.printers[1], other, 90_000)).toContain(other);
+    expect(await Promise.all(cups.pdfs(cups.printers[0]).map(async (f) => (await run(["pdftotext", "-q", f, "-"])).stdout.includes(other)))).not.toContain(true);
+
+    await disconnect();
+    await until(async () => (await qvdPrinters()).length === 0, "the QVD printers to go at suspend", 30_000);
+    await connect();
+    await until(async () => JSON.stringify(await qvdPrinters()) === JSON.stringify(both), "the printers back at resume", 60_000);
+  }, 400_000);
+
+  test("sound: a tone played in the desktop arrives at the user's speakers", async () => {
+    const w = await asSession("cat > /tmp/qvd-tone.wav && chmod 644 /tmp/qvd-tone.wav", sineWav(440, 1.0));
+    expect(w.status, w.stderr).toBe(0);
+    await until(async () => (await asSession("pactl info")).status === 0, "the session's PulseAudio", 30_000);
+    const t = await playTone();
+    expect(t.status, t.stderr).toBe(0);
+    expect(t.ratio).toBeGreaterThan(100);
+    expect(t.peak).toBeGreaterThan(2000);
+  }, 120_000);
+
+  test("--no-printing and --no-audio: no printers and no sound in the desktop; nothing plays elsewhere", async () => {
+    await connect(["--no-printing", "--no-audio"]);
+    await Bun.sleep(5000);
+    expect(await qvdPrinters()).toEqual([]);
+    const t = await playTone();
+    expect(t.status).not.toBe(0); // no server: paplay fails (and starts none: no autospawn in the image)
+    expect(t.ratio).toBeLessThan(10);
+    expect((await inDesktop("pgrep -u alice -x pulseaudio")).status).toBe(1);
+    await connect();
+    await until(async () => (await qvdPrinters()).length === 2, "the printers back", 60_000);
+  }, 400_000);
+
+  test("shared folder: --share DIR appears in the desktop at ~/Redirected/<name>; what the desktop writes lands in DIR with the same bytes; gone at suspend", async () => {
+    const dir = mkdtempSync("/tmp/qvd-e2e-share-");
+    const name = basename(dir);
+    try {
+      writeFileSync(join(dir, "from-the-user.txt"), "written on the user's machine\n");
+      await connect(["--share", dir]);
+      const mounted = `"$HOME/Redirected/${name}"`;
+      await until(async () => (await asSession(`cat ${mounted}/from-the-user.txt`)).stdout === "written on the user's machine\n", "the share in the desktop", 60_000);
+      const bytes = randomBytes(300_000);
+      const w = await asSession(`cat > ${mounted}/from-the-desktop.bin`, bytes);
+      expect(w.status, w.stderr).toBe(0);
+      await until(async () => (() => { try { return readFileSync(join(dir, "from-the-desktop.bin")).equals(bytes); } catch { return false; } })(), "the desktop's file in DIR", 30_000);
+      // Only alice's session sees the mount (no allow_other): root's shell in the desktop does not.
+      expect((await inDesktop(`ls /home/alice/Redirected/${name}/from-the-user.txt`)).status).not.toBe(0);
+
+      await disconnect();
+      await until(async () => (await asSession(`grep -c ' fuse.sshfs ' /proc/self/mountinfo`)).stdout.trim() === "0", "the share to be unmounted at suspend", 30_000);
+      expect((await asSession(`ls -A "$HOME/Redirected"`)).stdout.trim()).toBe("");
+    } finally {
+      await connect();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 400_000);
+
+  test("open a file: --file opens it from the user's disk in the desktop's text editor, on the display", async () => {
+    const dir = mkdtempSync("/tmp/qvd-e2e-open-");
+    try {
+      writeFileSync(join(dir, "notes.txt"), "a note from the user's disk\n");
+      await inDesktop("pkill -u alice -x xedit");
+      await connect(["--file", join(dir, "notes.txt")]);
+      await until(async () => clientOut.includes("Opened notes.txt in the desktop"), `the client to open the file (${clientOut})`, 60_000);
+      await until(async () => (await inDesktop("pgrep -u alice -x xedit")).status === 0, "xedit to run", 30_000);
+      const args = (await inSession("tr '\\0' ' ' < /proc/$(pgrep -u alice -x xedit | head -1)/cmdline")).stdout.trim();
+      expect(args).toMatch(new RegExp(`^/usr/bin/xedit /home/alice/Redirected/${basename(dir)}/notes\\.txt$`));
+      await until(async () => (await windows()).includes('"xedit": ("xedit" "Xedit")'), "an xedit window on the display", 20_000);
+      await inDesktop("pkill -u alice -x xedit");
+    } finally {
+      await connect();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 400_000);
+
+  test("the slave channel: every endpoint answers 401 to a wrong or missing slave key; USB/IP stops at the kernel (no USB here)", async () => {
+    const dir = mkdtempSync("/tmp/qvd-e2e-key-");
+    try {
+      await connect(["--share", dir, "--usb", "1-1"]);
+      // The client's side: this machine has no USB, said plainly, and the session goes on.
+      await until(async () => clientOut.includes("no USB device 1-1 (this machine has no USB)"), `the client's USB message (${clientOut})`, 60_000);
+      expect(client!.exitCode).toBeNull();
+      const upgrade = ["Connection: Upgrade", "Upgrade: qvd:sftp/1.0"];
+      const endpoints: [string, string, string[]][] = [
+        ["GET", "/shares", []],
+        ["PUT", "/shares/x", upgrade],
+        ["GET", "/shares/tmp", upgrade],
+        ["POST", "/open/x.txt", [`X-QVD-Share-Ticket: /home/alice/Redirected/${basename(dir)}`]],
+        ["POST", "/usbip", ["Connection: Upgrade", "Upgrade: qvd:usbip/1.0"]],
+      ];
+      for (const [method, path, headers] of endpoints) {
+        for (const auth of [["Authorization: Basic wrong-key"], [], ["Authorization: Basic "]])
+          expect([method, path, auth[0] ?? "", await slaveRequest(method, path, [...auth, ...headers])]).toEqual([method, path, auth[0] ?? "", 401]);
+      }
+      // With the session's key the desktop answers USB/IP with 501: this kernel has no vhci_hcd.
+      const key = (await inDesktop("cat /run/qvd/slave.conf")).stdout.trim();
+      expect(key.length).toBeGreaterThan(16);
+      expect(await slaveRequest("POST", "/usbip", [`Authorization: Basic ${key}`, "Connection: Upgrade", "Upgrade: qvd:usbip/1.0"])).toBe(501);
+    } finally {
+      await connect();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 400_000);
+
+  test("the administrator's properties qvd.vm.printing.enable=0 and qvd.vm.audio.enable=no switch them off, whatever the client asks", async () => {
+    await D.setPropertyValue(sql(), ALL, "vm", vm.id, "qvd.vm.printing.enable", "0");
+    await D.setPropertyValue(sql(), ALL, "vm", vm.id, "qvd.vm.audio.enable", "no");
+    try {
+      await connect();
+      await Bun.sleep(5000);
+      expect(await qvdPrinters()).toEqual([]);
+      const t = await playTone();
+      expect(t.ratio).toBeLessThan(10);
+    } finally {
+      await D.deletePropertyValue(sql(), ALL, "vm", vm.id, "qvd.vm.printing.enable");
+      await D.deletePropertyValue(sql(), ALL, "vm", vm.id, "qvd.vm.audio.enable");
+    }
+    await connect();
+    await until(async () => (await qvdPrinters()).length === 2, "the printers back", 60_000);
+    await until(async () => (await asSession("pactl info")).status === 0, "the session's PulseAudio", 30_000);
+    expect((await playTone()).ratio).toBeGreaterThan(100);
+  }, 400_000);
 });
