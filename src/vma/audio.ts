@@ -39,6 +39,11 @@ export interface AudioServiceOptions {
 
 /** The sink the desktop plays into: the tunnel to the client. */
 export const TUNNEL_SINK = "QVD_Audio";
+/**
+ * How often the tunnel tries again when the channel refuses it: a client that set up no sound
+ * (an original client without audio) refuses every try, each one an NX channel; gently.
+ */
+const RECONNECT_MS = 3000;
 /** What is played while there is no tunnel. */
 export const FALLBACK_SINK = "QVD_Silence";
 
@@ -73,7 +78,7 @@ export function pulseConfig(server: string, socket: string): string {
     ".fail",
     `load-module module-native-protocol-unix socket=${socket}`,
     `load-module module-null-sink sink_name=${FALLBACK_SINK} sink_properties=device.description=Silence`,
-    `load-module module-tunnel-sink-new sink_name=${TUNNEL_SINK} server=${server} reconnect_interval_ms=1000 sink_properties=device.description=QVD`,
+    `load-module module-tunnel-sink-new sink_name=${TUNNEL_SINK} server=${server} reconnect_interval_ms=${RECONNECT_MS} sink_properties=device.description=QVD`,
     // The tunnel's sink appears once it has connected: the default is set again afterwards.
     ".nofail",
     `set-default-sink ${TUNNEL_SINK}`,
@@ -129,7 +134,7 @@ export function audioService(opts: AudioServiceOptions): AudioService {
     await unloadTunnel(ctx);
     // Ours loaded one from its script: every tunnel of ours goes (a user's own PulseAudio keeps its own).
     if (daemon) await pactlRun(ctx, ["unload-module", "module-tunnel-sink-new"]);
-    const r = await pactlRun(ctx, ["load-module", "module-tunnel-sink-new", `sink_name=${TUNNEL_SINK}`, `server=${server}`, "reconnect_interval_ms=1000"]);
+    const r = await pactlRun(ctx, ["load-module", "module-tunnel-sink-new", `sink_name=${TUNNEL_SINK}`, `server=${server}`, `reconnect_interval_ms=${RECONNECT_MS}`]);
     if (r.status !== 0) throw new Error(`pactl load-module: ${(r.stderr || r.stdout).trim().slice(0, 200)}`);
     loadedModule = r.stdout.trim();
     await makeDefault(ctx);
