@@ -93,7 +93,7 @@ async function startRelay(o: ClientAudioOptions, pactl: string, userServer: stri
     // setpriv --pdeathsig: the relay ends with qvd client even when that is killed outright.
     const guard = Bun.which("setpriv") ? ["setpriv", "--pdeathsig", "TERM", "--"] : [];
     const daemon = spawnDaemon([...guard, pa, "-n", "-F", script, "--fail=yes", "--daemonize=no", "--use-pid-file=no", "--disallow-module-loading", "--disallow-exit",
-      "--exit-idle-time=-1", "--log-target=stderr", "--log-level=error"], { cwd: dir, env, detached: true, onLine: (l) => log.debug("relay", { line: l }) });
+      "--exit-idle-time=-1", "--log-target=stderr", "--log-level=error"], { cwd: "/", env, detached: true, onLine: (l) => log.debug("relay", { line: l }) });
     d = daemon;
     let ended = false;
     void daemon.exited.then(() => { ended = true; });
@@ -107,6 +107,8 @@ async function startRelay(o: ClientAudioOptions, pactl: string, userServer: stri
       }
       await Bun.sleep(50);
     }
+    // It has read its script and keeps nothing there: nothing is left behind even if qvd client is killed.
+    rmSync(dir, { recursive: true, force: true });
     log.info("audio relay up", { port: o.port, pid: daemon.pid, to: userServer });
     let stopped = false;
     return {
