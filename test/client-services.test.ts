@@ -279,6 +279,12 @@ describe.skipIf(!haveFuse)("requests to the desktop's slave server (the stand-in
 
 // --- The whole client: a scripted L7R relaying to a real nxagent, real nxproxy on an Xvfb ---
 
+async function drain(s: ReadableStream<Uint8Array>, f: (text: string) => unknown): Promise<void> {
+  const r = s.getReader();
+  const dec = new TextDecoder();
+  for (let x = await r.read(); !x.done; x = await r.read()) f(dec.decode(x.value, { stream: true }));
+}
+
 const haveNx = ["nxproxy", "nxagent", "Xvfb", "lpstat", "pactl", "pulseaudio", "cupsd"].every((p) => Bun.which(p));
 const PASSWORD = "pw";
 
@@ -357,7 +363,7 @@ describe.skipIf(!haveNx || !haveFuse || !haveBwrap)("qvd client with a real nxag
     }) };
     procs.push(a.proc);
     void (async () => {
-      for await (const c of a.proc.stderr as ReadableStream<Uint8Array>) a.log += new TextDecoder().decode(c);
+      await drain(a.proc.stderr as ReadableStream<Uint8Array>, (t) => (a.log += t));
     })();
     await waitFor("nxagent", () => (/Waiting for connection/.test(a.log) ? true : undefined));
     return a;
@@ -371,8 +377,8 @@ describe.skipIf(!haveNx || !haveFuse || !haveBwrap)("qvd client with a real nxag
     });
     procs.push(p);
     const r = { out: "", err: "", p };
-    void (async () => { for await (const c of p.stdout as ReadableStream<Uint8Array>) r.out += new TextDecoder().decode(c); })();
-    void (async () => { for await (const c of p.stderr as ReadableStream<Uint8Array>) r.err += new TextDecoder().decode(c); })();
+    void drain(p.stdout as ReadableStream<Uint8Array>, (t) => (r.out += t));
+    void drain(p.stderr as ReadableStream<Uint8Array>, (t) => (r.err += t));
     return r;
   }
 
@@ -456,6 +462,44 @@ describe.skipIf(!haveNx || !haveFuse || !haveBwrap)("qvd client with a real nxag
       agent.proc.kill("SIGTERM");
     }
   }, 60_000);
+});
+
+describe.skipIf(!haveNx)("a hostile L7R's slave key", () => {
+  test("a key with a space or a control character is not put into a header: a warning, and the session goes on", async () => {
+    const xd = freeDisplay(60);
+    const x = Bun.spawn(["Xvfb", `:${xd}`, "-screen", "0", "800x600x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" });
+    procs.push(x);
+    const nd = freeDisplay(Math.max(xd + 1, 150));
+    const agent = Bun.spawn(["nxagent", `:${nd}`, "-ac", "-nolisten", "tcp", "-display", `nx/nx,link=lan,slave=1:${nd}`], {
+      stdout: "ignore", stderr: "pipe", env: { PATH: process.env.PATH!, DISPLAY: "", HOME: dir },
+    });
+    procs.push(agent);
+    let agentLog = "";
+    void drain(agent.stderr as ReadableStream<Uint8Array>, (t) => (agentLog += t));
+    const queries: string[] = [];
+    const l7r = scriptedL7R(() => 4000 + nd, () => `${KEY.slice(0, 10)} injected\x01`, queries);
+    await new Promise((r) => l7r.once("listening", r));
+    await waitFor(`nxagent (${agentLog.slice(-300)})`, () => (/Waiting for connection/.test(agentLog) ? true : undefined), 15_000);
+    mkdirSync(join(dir, "k-share"), { recursive: true });
+    const p = Bun.spawn([process.execPath, "src/main.ts", "client", "--host", `127.0.0.1:${(l7r.address() as net.AddressInfo).port}`, "--no-tls", "--user", "a",
+      "--share", join(dir, "k-share"), "--no-printing", "--no-audio"], {
+      env: { PATH: process.env.PATH!, HOME: dir, QVD_PASSWORD: "x", DISPLAY: `:${xd}` }, stdin: "ignore", stdout: "ignore", stderr: "pipe",
+    });
+    procs.push(p);
+    let err = "";
+    void drain(p.stderr as ReadableStream<Uint8Array>, (t) => (err += t));
+    try {
+      await waitFor(`the warning (${err})`, () => (err.includes("slave key") ? true : undefined), 20_000);
+      expect(err).toBe("qvd: warning: the server gave a malformed slave key: no shared folders, files or USB devices in this session\n");
+      await Bun.sleep(500);
+      expect(p.exitCode).toBeNull();
+    } finally {
+      p.kill("SIGTERM");
+      agent.kill("SIGTERM");
+      x.kill("SIGTERM");
+      l7r.close();
+    }
+  }, 40_000);
 });
 
 describe("usage errors of the service flags (exit 2, before any connection or password)", () => {

@@ -314,6 +314,7 @@ export async function runClient(o: ClientOptions): Promise<number> {
   const say = o.say ?? ((l: string) => console.log(l));
   if (!o.printToken) checkServiceOptions(o);
   if (o.insecure) process.stderr.write("qvd: warning: --insecure: the server's certificate is not verified\n");
+  if (o.shareUnconfined && (o.shares?.length || o.file !== undefined)) warnLine("--share-unconfined: the desktop can read and write every file you can");
   const pem = (flag: string, file: string | undefined, what: string) => {
     if (!file) return undefined;
     try {
@@ -401,8 +402,10 @@ export async function runClient(o: ClientOptions): Promise<number> {
       throw failure(r, `start desktop ${vm.id}`, where, bearer);
     }
     log.debug("101", { slaveKey: r.headers.has("x-qvd-slave-key") });
-    const slaveKey = r.headers.get("x-qvd-slave-key");
-    if (wantSlave && !slaveKey) warnLine("the server gave no slave key: no shared folders, files or USB devices in this session");
+    // It goes into our requests' Authorization header: printable ASCII only.
+    const givenKey = r.headers.get("x-qvd-slave-key");
+    const slaveKey = givenKey && /^[\x21-\x7e]{1,1024}$/.test(givenKey) ? givenKey : undefined;
+    if (wantSlave && !slaveKey) warnLine(`the server gave ${givenKey ? "a malformed" : "no"} slave key: no shared folders, files or USB devices in this session`);
 
     // 4. nxproxy on a local port, spliced with the stream.
     local = listenLocal();
