@@ -434,6 +434,50 @@ describe("sound from the desktop reaches the client's sink", () => {
   }, 30_000);
 });
 
+describe("a VMA killed outright", () => {
+  test("takes the user's PulseAudio with it (it is in a session of its own, out of xinit's group)", async () => {
+    const port = await freePort();
+    const client = await startClientAudio({ port, pulseServer: clientServer });
+    const ctx = desktop({}, "killed");
+    const rt = join(runtimeRoot(), "killed");
+    const script = join(work, "vma-like.ts");
+    const src = (f: string) => JSON.stringify(join(import.meta.dir, "..", "src", f));
+    writeFileSync(script, `import { audioService } from ${src("vma/audio.ts")};
+import { spawnDaemon } from ${src("run.ts")};
+const priv = ${JSON.stringify(asUser(UID))};
+const env = ${JSON.stringify(ctx.env)};
+const sh = async (argv, e) => { const p = Bun.spawn(argv, { env: e, stdout: "pipe", stderr: "pipe" }); const [o, er, s] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]); return { status: s, stdout: o, stderr: er }; };
+const ctx = { account: ${JSON.stringify(ctx.account)}, properties: {}, display: 100, runDir: ${JSON.stringify(ctx.runDir)}, homeOnDisk: env.HOME, env,
+  runAsUser: (argv, extra = {}) => spawnDaemon([...priv, ...argv], { cwd: "/", env: { ...env, ...extra }, detached: true }),
+  execAsUser: (argv, o = {}) => sh([...priv, ...argv], { ...env, ...(o.env ?? {}) }) };
+const svc = audioService({ enable: true, runtimeDir: () => ${JSON.stringify(rt)} });
+await svc.prepare(ctx);
+svc.onAgentLine("Info: Listening to multimedia connections on port 'tcp:localhost:${port}'.", ctx);
+await svc.idle();
+console.log("started");
+await Bun.sleep(60_000);
+`);
+    const p = Bun.spawn([process.execPath, script], { stdout: "pipe", stderr: "pipe" });
+    const out = new Response(p.stdout).text();
+    let pa = 0;
+    try {
+      pa = await waitFor("the user's PulseAudio", async () => {
+        const r = (await sh(["pgrep", "-u", String(UID), "-f", `pulse-${UID}.pa`])).stdout.trim().split("\n").filter(Boolean);
+        return r.length === 1 ? Number(r[0]) : undefined;
+      }, 20_000);
+      await Bun.sleep(500);
+      p.kill("SIGKILL");
+      await p.exited;
+      await waitFor("PulseAudio to end with the VMA", () => !alive(pa), 5000);
+    } finally {
+      p.kill("SIGKILL");
+      if (pa && alive(pa)) process.kill(pa, "SIGKILL"); // (the test failed) leave nothing running
+      void out;
+      await client?.stop();
+    }
+  }, 30_000);
+});
+
 describe("a PulseAudio the user already runs", () => {
   test("gets the tunnel; at suspend loses it but keeps running (not ours to stop)", async () => {
     const port = await freePort();

@@ -188,7 +188,10 @@ export function audioService(opts: AudioServiceOptions): AudioService {
     rmSync(cfg, { force: true });
     // Not secret (a local port); written by the VMA where the user cannot change it.
     writeFileSync(cfg, pulseConfig(server, `${runtime}/pulse/native`), { mode: 0o644, flag: "wx" });
-    const argv = [pulseaudio, "-n", "-F", cfg, "--fail=yes", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=yes",
+    // setpriv --pdeathsig: PulseAudio ends with the VMA even when the VMA is killed outright
+    // (its own process group and session keep it out of xinit's).
+    const guard = Bun.which("setpriv") ? ["setpriv", "--pdeathsig", "TERM", "--"] : [];
+    const argv = [...guard, pulseaudio, "-n", "-F", cfg, "--fail=yes", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=yes",
       "--realtime=no", "--high-priority=no", "--log-target=stderr", "--log-level=warning"];
     // PULSE_LATENCY_MSEC sizes the tunnel's stream on the client (the tunnel is a libpulse client
     // inside the daemon): it keeps that much audio queued, by default up to 200 ms.
