@@ -213,6 +213,9 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
     expect(await cups.waitForPdf(cups.printers[1], other, 90_000)).toContain(other);
     expect(await Promise.all(cups.pdfs(cups.printers[0]).map(async (f) => (await run(["pdftotext", "-q", f, "-"])).stdout.includes(other)))).not.toContain(true);
 
+    // The session's CUPS runs as the user: nothing of it is root's for the user to drive.
+    expect((await inDesktop("ps -o user= -C cupsd")).stdout.trim().split(/\s+/)).toEqual(["alice"]);
+
     await disconnect();
     await until(async () => (await qvdPrinters()).length === 0, "the QVD printers to go at suspend", 30_000);
     await connect();
@@ -227,6 +230,7 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
     expect(t.status, t.stderr).toBe(0);
     expect(t.ratio).toBeGreaterThan(100);
     expect(t.peak).toBeGreaterThan(2000);
+    expect((await inDesktop("ps -o user= -C pulseaudio")).stdout.trim().split(/\s+/)).toEqual(["alice"]);
   }, 120_000);
 
   test("--no-printing and --no-audio: no printers and no sound in the desktop; nothing plays elsewhere", async () => {
@@ -307,6 +311,27 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
       expect(key.length).toBeGreaterThan(16);
       expect(await slaveRequest("POST", "/usbip", [`Authorization: Basic ${key}`, "Connection: Upgrade", "Upgrade: qvd:usbip/1.0"])).toBe(501);
     } finally {
+      await connect();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 400_000);
+
+  test("qvd.vm.shares.enable=0: --share mounts nothing (the client says so); qvd.vm.usb.enable=0: USB/IP is refused 403 even with the key", async () => {
+    const dir = mkdtempSync("/tmp/qvd-e2e-noshare-");
+    await D.setPropertyValue(sql(), ALL, "vm", vm.id, "qvd.vm.shares.enable", "0");
+    try {
+      await connect(["--share", dir]);
+      await until(async () => clientOut.includes(`${dir} is not shared`), `the client to report the refusal (${clientOut})`, 60_000);
+      expect((await asSession(`grep -c ' fuse.sshfs ' /proc/self/mountinfo; ls -A "$HOME/Redirected" 2>/dev/null`)).stdout.trim()).toBe("0");
+      await D.deletePropertyValue(sql(), ALL, "vm", vm.id, "qvd.vm.shares.enable");
+      await D.setPropertyValue(sql(), ALL, "vm", vm.id, "qvd.vm.usb.enable", "false");
+      await connect(["--share", dir]);
+      await until(async () => clientOut.includes(`Shared ${dir}`), "the share", 60_000);
+      const key = (await inDesktop("cat /run/qvd/slave.conf")).stdout.trim();
+      expect(await slaveRequest("POST", "/usbip", [`Authorization: Basic ${key}`, "Connection: Upgrade", "Upgrade: qvd:usbip/1.0"])).toBe(403);
+    } finally {
+      await D.deletePropertyValue(sql(), ALL, "vm", vm.id, "qvd.vm.shares.enable").catch(() => {});
+      await D.deletePropertyValue(sql(), ALL, "vm", vm.id, "qvd.vm.usb.enable").catch(() => {});
       await connect();
       rmSync(dir, { recursive: true, force: true });
     }
