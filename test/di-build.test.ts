@@ -84,6 +84,19 @@ describe("qvd di build", () => {
     expect((await run(["chroot", res.rootfs, "/bin/sh", "-n", "/usr/local/bin/qvd-session"])).status).toBe(0);
     expect((await run(["chroot", res.rootfs, "readlink", "-f", "/usr/bin/x-session-manager"])).stdout.trim()).toBe("/usr/local/bin/qvd-session");
     expect((await run(["chroot", res.rootfs, "readlink", "-f", "/usr/bin/x-window-manager"])).stdout.trim()).toBe("/usr/bin/jwm");
+    // The session services' programs (src/vma/README.md): CUPS, PulseAudio, sshfs, xdg-open.
+    expect((await run(["chroot", res.rootfs, "/usr/sbin/cupsd", "-t"], { allowFail: true })).status).toBe(0);
+    expect((await run(["chroot", res.rootfs, "/usr/bin/pulseaudio", "--version"])).stdout).toMatch(/^pulseaudio \d+/);
+    expect((await run(["chroot", res.rootfs, "/usr/bin/sshfs", "--version"], { allowFail: true })).stdout).toMatch(/SSHFS version/);
+    const mime = (args: string[]) => run(["chroot", res.rootfs, "env", "-i", "PATH=/usr/bin:/bin", "HOME=/nonexistent", "xdg-mime", "query", ...args]);
+    for (const t of ["text/plain", "text/x-shellscript", "application/json"]) expect((await mime(["default", t])).stdout.trim()).toBe("qvd-xedit.desktop");
+    expect((await mime(["default", "image/png"])).stdout.trim()).toBe(""); // nothing claims what it cannot show
+    // No PulseAudio starts behind the VMA's back: clients do not autospawn one.
+    expect(readFileSync(join(res.rootfs, "etc/pulse/client.conf.d/99-qvd.conf"), "utf8")).toMatch(/^autospawn = no$/m);
+    // No key pair baked in for every desktop to share; nothing links a library the dpkg filters dropped.
+    expect(existsSync(join(res.rootfs, "etc/ssl/private/ssl-cert-snakeoil.key"))).toBe(false);
+    const ldd = await run(["chroot", res.rootfs, "/bin/sh", "-c", "ldd /usr/bin/pulseaudio /usr/bin/paplay /usr/sbin/cupsd /usr/bin/sshfs /usr/bin/xedit /usr/bin/nxagent | grep -c 'not found' || true"]);
+    expect(ldd.stdout.trim()).toBe("0");
   }, { timeout: 300_000 });
 
   test("its desktop shows through NX: jwm and xterm on nxagent, displayed by nxproxy on an Xvfb", async () => {
