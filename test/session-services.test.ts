@@ -195,7 +195,11 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
 
   test("printing: the user's printers appear as QVD-<name>, their default the default; a job comes out of the user's printer as a PDF with its text; gone at suspend, back at resume", async () => {
     const both = [desktopName(0), desktopName(1)].sort();
-    await until(async () => JSON.stringify(await qvdPrinters()) === JSON.stringify(both), "the user's printers in the desktop", 60_000);
+    await until(async () => JSON.stringify(await qvdPrinters()) === JSON.stringify(both), "the user's printers in the desktop", 60_000).catch((e) => {
+      // What the VMA's printing service said (the desktop's console log).
+      const lines = (() => { try { return readFileSync(join(node.lxcPath, "logs", `qvd-${vm.id}.console.log`), "utf8"); } catch { return ""; } })();
+      throw new Error(`${(e as Error).message}; the VMA said:\n${lines.split("\n").filter((l) => /printing|services/.test(l)).slice(-20).join("\n")}`);
+    });
     expect((await asSession("lpstat -d")).stdout.trim()).toBe(`system default destination: ${desktopName(0)}`);
     const text = `Printed in the QVD desktop ${Date.now().toString(36)}`;
     const lp = await asSession(`printf '%s\\n' '${text}' | lp`);
