@@ -57,7 +57,9 @@ async function unmount(m: string) {
 }
 
 afterAll(async () => {
-  for (const m of mounts) await unmount(m);
+  // Every FUSE mount under this test's directory, also ones a failed test did not note.
+  const under = readFileSync("/proc/mounts", "utf8").split("\n").map((l) => l.split(" ")[1] ?? "").filter((m) => m.startsWith(dir + "/"));
+  for (const m of [...mounts, ...under]) await unmount(m);
   for (const p of procs) try { p.kill("SIGTERM"); } catch {}
   await Bun.sleep(200);
   for (const m of mounts) await unmount(m);

@@ -337,13 +337,32 @@ export async function runClient(o: ClientOptions): Promise<number> {
   let workDir: string | undefined;
   const shares: Share[] = [];
   let cleaned: Promise<void> | undefined;
+  let services: Promise<{ cups?: string }> | undefined;
   // Undoes what the side channels set up on this machine; once, also on a signal.
   const cleanup = () => cleaned ??= (async () => {
+    await services?.catch(() => {});
     for (const s of shares) s.stop();
     await audio?.stop().catch(() => {});
     if (workDir) rmSync(workDir, { recursive: true, force: true });
   })();
   try {
+    // The side channels this machine can serve, prepared while the desktops are listed: they add nothing to the connect time.
+    services = o.printToken ? undefined : (async () => {
+      let cups: string | undefined;
+      if (o.printing !== false) {
+        try {
+          const t = cupsTarget(o.cupsServer ?? process.env.CUPS_SERVER);
+          if (await reachable(t)) cups = t.spec;
+          else warnLine(`no printing: no CUPS answers at ${t.path ?? `${t.host}:${t.port}`} (CUPS_SERVER; --no-printing to not ask)`);
+        } catch (e) {
+          warnLine(`no printing: ${(e as Error).message}`);
+        }
+      }
+      const a = o.audio === false ? undefined : await startClientAudio({ port: await freePort(), warn: (l) => warnLine(l.replace(/^qvd client: /, "")) });
+      // Stopped by cleanup() even when the session never gets that far.
+      audio = a;
+      return { cups };
+    })();
     // 1. The desktops.
     conn.request("/qvd/list_of_vm", { ...auth, Accept: "application/json" });
     const list = await finalResponse(conn, "the list of desktops", say);
@@ -377,20 +396,8 @@ export async function runClient(o: ClientOptions): Promise<number> {
       if (r.status !== 200) process.stderr.write(`qvd: warning: the desktop was not stopped: ${r.status} ${r.reason}: ${bodyLine(r.body)}\n`);
     }
 
-    // 3. The side channels this machine can serve, then connect.
-    let cups: string | undefined;
-    if (o.printing !== false) {
-      try {
-        const t = cupsTarget(o.cupsServer ?? process.env.CUPS_SERVER);
-        if (await reachable(t)) cups = t.spec;
-        else warnLine(`no printing: no CUPS answers at ${t.path ?? `${t.host}:${t.port}`} (CUPS_SERVER; --no-printing to not ask)`);
-      } catch (e) {
-        warnLine(`no printing: ${(e as Error).message}`);
-      }
-    }
-    if (o.audio !== false) {
-      audio = await startClientAudio({ port: await freePort(), warn: (l) => warnLine(l.replace(/^qvd client: /, "")) });
-    }
+    // 3. The side channels this machine can serve (prepared while the desktops were listed), then connect.
+    const { cups } = (await services) ?? {};
     const wantSlave = (o.shares?.length ?? 0) > 0 || o.file !== undefined || (o.usb?.length ?? 0) > 0;
     say(`Connecting to desktop ${vm.name} (${vm.id})`);
     conn.request(`/qvd/connect_to_vm?${connectQuery(vm.id, { ...o, printing: cups !== undefined, audio: audio !== undefined })}`,
