@@ -209,7 +209,13 @@ export function printingService(o: PrintingServiceOptions): SessionService {
 
   async function addQueues(ctx: ServiceContext): Promise<string[]> {
     const server = o.clientCups ? o.clientCups(ctx.display) : `127.0.0.1:${ctx.display + 2000}`;
-    const list = await exec(ctx, [lpstat, "-h", server, "-e"]);
+    // Right after connect the channel to the client's CUPS may not carry yet (nxproxy, the
+    // client's cupsd): a failed or empty listing is tried again for a few seconds.
+    let list = await exec(ctx, [lpstat, "-h", server, "-e"]);
+    for (let tries = 0; tries < 12 && (list.status !== 0 || list.stdout.trim() === ""); tries++) {
+      await Bun.sleep(500);
+      list = await exec(ctx, [lpstat, "-h", server, "-e"]);
+    }
     if (list.status !== 0) {
       log.warn("cannot list the client's printers", { server, status: list.status, err: list.stderr.trim().slice(0, 200) });
       return [];
