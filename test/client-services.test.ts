@@ -279,6 +279,39 @@ describe.skipIf(!haveFuse)("requests to the desktop's slave server (the stand-in
   }, 20_000);
 });
 
+describe("against the VMA's own slave server (`qvd vma-slave`, src/vma/slave.ts)", () => {
+  let srv: net.Server;
+  const sock = join(dir, "vma-slave.sock");
+  const home = join(dir, "vma-home");
+  beforeAll(async () => {
+    mkdirSync(join(home, "Redirected", "Docs"), { recursive: true });
+    writeFileSync(join(home, "Redirected", "Docs", "a.txt"), "x");
+    writeFileSync(join(dir, "vma-key"), KEY + "\n", { mode: 0o600 });
+    writeFileSync(join(dir, "vma-open.sh"), `#!/bin/sh\necho "$@" >> ${join(dir, "vma-opened")}\n`, { mode: 0o755 });
+    srv = net.createServer((c) => {
+      const p = spawn(process.execPath, ["src/main.ts", "vma-slave", "--key-file", join(dir, "vma-key"), "--shares-dir", join(home, "Redirected"),
+        "--xdg-open", join(dir, "vma-open.sh")], { stdio: ["pipe", "pipe", "ignore"] });
+      procs.push(p);
+      c.pipe(p.stdin);
+      p.stdout.pipe(c);
+      p.stdin.on("error", () => {});
+      c.on("error", () => {});
+      p.on("close", () => c.end());
+    }).listen(sock);
+    await new Promise((r) => srv.once("listening", r));
+  });
+  afterAll(() => srv?.close());
+
+  test("open-file and USB/IP requests get its answers: 200 and a run of xdg-open; a clear USB refusal; 401 for a wrong key", async () => {
+    await openFile({ path: sock }, KEY, join(home, "Redirected", "Docs"), "a.txt", 1000);
+    await waitFor("xdg-open", () => (existsSync(join(dir, "vma-opened")) ? true : undefined), 5000);
+    expect(readFileSync(join(dir, "vma-opened"), "utf8")).toBe(`${join(home, "Redirected", "Docs", "a.txt")}\n`);
+    await expect(requestUsbip({ path: sock }, KEY)).rejects.toThrow(/^the desktop refused USB\/IP: 50[13] /);
+    await expect(requestUsbip({ path: sock }, "y".repeat(64))).rejects.toThrow("the desktop refused USB/IP: 401 Unauthorized");
+    await expect(openFile({ path: sock }, KEY, join(home, "Redirected", "Docs"), "missing.txt", 0)).rejects.toThrow(/did not open missing\.txt: 404 Not Found/);
+  }, 20_000);
+});
+
 // --- The whole client: a scripted L7R relaying to a real nxagent, real nxproxy on an Xvfb ---
 
 async function drain(s: ReadableStream<Uint8Array>, f: (text: string) => unknown): Promise<void> {
