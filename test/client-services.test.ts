@@ -230,6 +230,29 @@ describe.skipIf(!haveFuse || !haveBwrap)("a shared folder against a desktop that
     }
   }, 30_000);
 
+  test("a ticket or a refusal with terminal escape sequences is not passed on", async () => {
+    const sock = join(dir, "escape.sock");
+    let answer = "";
+    const srv = net.createServer((c) => {
+      c.once("data", () => {
+        c.write(answer);
+        if (answer.startsWith("HTTP/1.1 101")) setTimeout(() => c.end(), 200);
+      });
+      c.on("error", () => {});
+    }).listen(sock);
+    try {
+      answer = "HTTP/1.1 101 Switching Protocols\r\nX-QVD-Share-Ticket: \x1b]0;owned\x07/x\r\n\r\n";
+      const s = await shareFolder({ endpoint: { path: sock }, key: KEY, dir: share, sftpServer: SFTP, bwrap: "bwrap", workDir: work });
+      expect(s.ticket).toBe("");
+      await Promise.race([s.ended, Bun.sleep(3000)]);
+      answer = "HTTP/1.1 409 Conflict\r\nContent-Length: 11\r\n\r\n\x1b[2Jcleared";
+      const e = await shareFolder({ endpoint: { path: sock }, key: KEY, dir: share, sftpServer: SFTP, bwrap: "bwrap", workDir: work }).catch((x) => x as Error);
+      expect((e as Error).message).toBe("the desktop refused the share: 409 Conflict: ?[2Jcleared");
+    } finally {
+      srv.close();
+    }
+  });
+
   test("the sandbox: no network, no capabilities, the folder at its own path", () => {
     const argv = sftpArgv(share, SFTP, "bwrap", work);
     expect(argv.slice(0, 6)).toEqual(["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]);

@@ -116,10 +116,13 @@ export async function slaveRequest(ep: SlaveEndpoint, method: string, target: st
   });
 }
 
+/** What the desktop says, made safe for a terminal: control characters (escape sequences) become '?'. */
+export const printable = (s: string) => s.replace(/[\x00-\x1f\x7f-\x9f]/g, "?");
+
 /** The refusal of a request, as one line: status, reason and the server's first body line. */
 export function refusal(r: SlaveResponse): string {
   const said = r.body.split(/\r?\n/).map((l) => l.trim()).find(Boolean);
-  return `${r.status} ${r.reason}${said && said !== r.reason ? `: ${said.slice(0, 200)}` : ""}`;
+  return printable(`${r.status} ${r.reason}${said && said !== r.reason ? `: ${said.slice(0, 200)}` : ""}`);
 }
 
 // --- Shared folders ---
@@ -203,7 +206,9 @@ export async function shareFolder(o: ShareOptions): Promise<Share> {
     ["Authorization", `Basic ${o.key}`], ["Connection", "Upgrade"], ["Upgrade", "qvd:sftp/1.0"],
   ]);
   if (r.status !== 101) throw new SlaveError(`the desktop refused the share: ${refusal(r)}`);
-  const ticket = r.headers.get("x-qvd-share-ticket");
+  const given = r.headers.get("x-qvd-share-ticket");
+  // It is printed and sent back in POST /open: no control characters.
+  const ticket = given && !/[\x00-\x1f\x7f-\x9f]/.test(given) && given.length <= 4096 ? given : undefined;
   const sock = r.sock;
   let child: ChildProcess;
   try {
