@@ -61,7 +61,7 @@ export async function slaveRequest(ep: SlaveEndpoint, method: string, target: st
   return await new Promise<SlaveResponse>((resolve, reject) => {
     let buf = Buffer.alloc(0);
     let parsed: Omit<SlaveResponse, "body" | "rest" | "sock"> & { length: number; start: number } | undefined;
-    const timer = setTimeout(() => fail(new SlaveError(`no answer to ${method} within ${timeoutMs / 1000} s`)), timeoutMs);
+    const timer = setTimeout(() => fail(new SlaveError(`the desktop did not answer ${method} within ${timeoutMs / 1000} s`)), timeoutMs);
     const done = () => {
       clearTimeout(timer);
       sock.off("data", onData);
