@@ -5,6 +5,7 @@ import { listen } from "../src/db/listen.ts";
 import { ApiClient, startTestApi, type TestApi } from "./support/api.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 import { routeTable } from "./support/api-routes.ts";
+import { waitFor as waitUntil } from "./support/wait.ts";
 
 const db = useTestDatabase();
 const sql = () => db().sql;
@@ -28,15 +29,7 @@ async function ok<T = any>(p: Promise<{ status: number; body: T }>, status = 200
   return r.body;
 }
 
-async function waitFor<T>(what: string, fn: () => T | undefined, ms = 5000): Promise<T> {
-  const until = Date.now() + ms;
-  for (;;) {
-    const v = fn();
-    if (v !== undefined) return v;
-    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
-    await Bun.sleep(10);
-  }
-}
+const waitFor = <T>(what: string, f: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 5000, stepMs = 10) => waitUntil<T>(what, f, timeoutMs, stepMs);
 
 const builtinRole = async (name: string): Promise<number> => (await ok(sa.get(`/roles?name=${encodeURIComponent(name)}&tenant_id=0`))).items[0].id;
 

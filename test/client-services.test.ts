@@ -12,6 +12,7 @@ import net from "node:net";
 import { join } from "node:path";
 import { cupsTarget, nxOption } from "../src/client/session.ts";
 import { BUSID, bwrapUsable, encodePath, openFile, requestUsbip, shareFolder, sftpArgv, usbDeviceMissing } from "../src/client/slave.ts";
+import { waitFor } from "./support/wait.ts";
 
 const KEY = "Q".repeat(20) + "a1b2c3d4e5f6g7h8i9j0" + "Z".repeat(24); // 64 characters, as the L7R mints
 const dir = mkdtempSync("/tmp/qvd-client-svc-");
@@ -66,22 +67,13 @@ afterAll(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-async function waitFor<T>(what: string, f: () => Promise<T | undefined> | T | undefined, timeoutMs = 15_000, stepMs = 100): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await f();
-    if (v !== undefined) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await Bun.sleep(stepMs);
-  }
-}
 
 // Files under a FUSE mount served by this process are reached by other processes: a read in
 // this one would block the very event loop that relays its answer.
-async function sh(argv: string[]): Promise<{ code: number; out: string }> {
-  const p = Bun.spawn(argv, { stdout: "pipe", stderr: "ignore" });
-  const [out, code] = await Promise.all([new Response(p.stdout).text(), p.exited]);
-  return { code, out };
+async function sh(argv: string[]): Promise<{ code: number; out: string; err: string }> {
+  const p = Bun.spawn(argv, { stdout: "pipe", stderr: "pipe" });
+  const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  return { code, out, err };
 }
 const readAsync = async (p: string) => (await sh(["cat", p])).out;
 const existsAsync = async (p: string) => (await sh(["test", "-e", p])).code === 0;
@@ -327,8 +319,9 @@ describe("against the VMA's own slave server (`qvd vma-slave`, src/vma/slave.ts)
 
   test("open-file and USB/IP requests get its answers: 200 and a run of xdg-open; a clear USB refusal; 401 for a wrong key", async () => {
     await openFile({ path: sock }, KEY, join(home, "Redirected", "Docs"), "a.txt", 1000);
-    await waitFor("xdg-open", () => (existsSync(join(dir, "vma-opened")) ? true : undefined), 5000);
-    expect(readFileSync(join(dir, "vma-opened"), "utf8")).toBe(`${join(home, "Redirected", "Docs", "a.txt")}\n`);
+    // The stand-in xdg-open appends one line: wait for the whole line, not the file.
+    const opened = await waitFor("xdg-open", () => (existsSync(join(dir, "vma-opened")) && readFileSync(join(dir, "vma-opened"), "utf8").endsWith("\n") ? readFileSync(join(dir, "vma-opened"), "utf8") : undefined), 5000);
+    expect(opened).toBe(`${join(home, "Redirected", "Docs", "a.txt")}\n`);
     await expect(requestUsbip({ path: sock }, KEY)).rejects.toThrow(/^the desktop refused USB\/IP: 50[13] /);
     await expect(requestUsbip({ path: sock }, "y".repeat(64))).rejects.toThrow("the desktop refused USB/IP: 401 Unauthorized");
     await expect(openFile({ path: sock }, KEY, join(home, "Redirected", "Docs"), "missing.txt", 0)).rejects.toThrow(/did not open missing\.txt: 404 Not Found/);
@@ -462,7 +455,8 @@ describe.skipIf(!haveNx || !haveFuse || !haveBwrap)("qvd client with a real nxag
       mounts.push(mnt, join(desk, "Redirected", "e2e-docs"));
       expect(await readAsync(join(mnt, "from-user.txt"))).toBe("from the user's disk\n");
       writeFileSync(join(dir, "saved.txt"), "saved in the desktop\n");
-      expect((await sh(["cp", join(dir, "saved.txt"), join(mnt, "saved.txt")])).code).toBe(0);
+      const cp = await sh(["cp", join(dir, "saved.txt"), join(mnt, "saved.txt")]);
+      expect([cp.code, cp.err]).toEqual([0, ""]);
       expect(readFileSync(join(share, "saved.txt"), "utf8")).toBe("saved in the desktop\n");
       // USB: this machine has none; the session goes on.
       expect(c.err).toContain("qvd: warning: no USB device 1-1 (this machine has no USB)\n");

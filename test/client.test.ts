@@ -9,6 +9,7 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import net from "node:net";
+import { waitFor } from "./support/wait.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "qvd-client-test-"));
 const cert = join(dir, "cert.pem");
@@ -401,15 +402,6 @@ function freeDisplay(from: number): number {
   throw new Error("no free X display");
 }
 
-async function waitFor<T>(what: string, f: () => Promise<T | undefined> | T | undefined, timeoutMs = 15_000, stepMs = 100): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await f();
-    if (v !== undefined) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await Bun.sleep(stepMs);
-  }
-}
 
 async function pixel(display: number, x: number, y: number): Promise<string> {
   const sh = `xwd -root -silent -display :${display} | convert xwd:- -format '%[pixel:p{${x},${y}}]' info:-`;

@@ -15,6 +15,7 @@ import type { ServiceContext } from "../src/vma/services.ts";
 import { startClientAudio, tcpModuleArgs, type ClientAudio } from "../src/client/audio.ts";
 import { spawnDaemon, type Daemon, type RunResult } from "../src/run.ts";
 import { gaps, goertzel, peak, RATE, samples, sineWav, toneRatio } from "./support/tone.ts";
+import { waitFor as waitUntil } from "./support/wait.ts";
 
 /**
  * Holes in the first part of a sound are not counted: a new stream through PulseAudio's tunnel
@@ -38,15 +39,7 @@ async function freePort(): Promise<number> {
   return p;
 }
 
-async function waitFor<T>(what: string, fn: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 10_000): Promise<T> {
-  const until = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v !== undefined && v !== false) return v as T;
-    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
-    await Bun.sleep(100);
-  }
-}
+const waitFor = <T>(what: string, f: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 10000, stepMs = 100) => waitUntil<T>(what, f, timeoutMs, stepMs);
 
 function alive(pid: number): boolean {
   try {

@@ -11,6 +11,7 @@ import { provision } from "../src/vma/provision.ts";
 import { NOTICE_TITLE, noticeText } from "../src/vma/expiry.ts";
 import { run } from "../src/run.ts";
 import { startNxRelay, type NxRelay } from "./support/nx-relay.ts";
+import { waitFor as waitUntil } from "./support/wait.ts";
 
 const repo = join(import.meta.dir, "..");
 const SECRET = "s3cret-of-this-start-0123456789";
@@ -46,15 +47,7 @@ function cleanEnv(): Record<string, string> {
   return e;
 }
 
-async function waitFor<T>(what: string, fn: () => Promise<T | undefined> | T | undefined, timeoutMs = 20_000, stepMs = 100): Promise<T> {
-  const until = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v !== undefined && v !== false) return v;
-    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
-    await Bun.sleep(stepMs);
-  }
-}
+const waitFor = <T>(what: string, f: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 20000, stepMs = 100) => waitUntil<T>(what, f, timeoutMs, stepMs);
 
 /** Collects a stream into a string buffer (for diagnostics and line waits). */
 function collect(stream: ReadableStream<Uint8Array>): { text: () => string } {
