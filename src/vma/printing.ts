@@ -209,11 +209,12 @@ export function printingService(o: PrintingServiceOptions): SessionService {
 
   async function addQueues(ctx: ServiceContext): Promise<string[]> {
     const server = o.clientCups ? o.clientCups(ctx.display) : `127.0.0.1:${ctx.display + 2000}`;
-    // Right after connect the channel to the client's CUPS may not carry yet (nxproxy, the
-    // client's cupsd): a failed or empty listing is tried again for a few seconds.
+    // Right after connect the channel to the client's CUPS may not carry yet: a failed listing
+    // is tried again, briefly (the next x_start's prepare waits for this hook; an empty list is
+    // an answer).
     let list = await exec(ctx, [lpstat, "-h", server, "-e"]);
-    for (let tries = 0; tries < 12 && (list.status !== 0 || list.stdout.trim() === ""); tries++) {
-      await Bun.sleep(500);
+    for (let tries = 0; tries < 3 && list.status !== 0; tries++) {
+      await Bun.sleep(300);
       list = await exec(ctx, [lpstat, "-h", server, "-e"]);
     }
     if (list.status !== 0) {
