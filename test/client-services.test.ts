@@ -461,7 +461,7 @@ describe.skipIf(!haveNx || !haveFuse || !haveBwrap)("qvd client with a real nxag
       // USB: this machine has none; the session goes on.
       expect(c.err).toContain("qvd: warning: no USB device 1-1 (this machine has no USB)\n");
       // The query asked for printing and sound; nxproxy got the three channels.
-      expect(queries.at(-1)).toContain("&qvd.client.printing.enabled=1&qvd.client.audio.enabled=1&qvd.client.slave.enabled=1&");
+      expect(queries.at(-1)).toContain("&qvd.client.printing.enabled=1&qvd.client.audio.enabled=1&");
       const argv = readFileSync(argvFile, "utf8").trim().split("\n");
       const slave = argv.find((a) => a.startsWith("slave=unix:"))!;
       const media = argv.find((a) => a.startsWith("media="))!;
@@ -502,7 +502,7 @@ describe.skipIf(!haveNx || !haveFuse || !haveBwrap)("qvd client with a real nxag
     try {
       await waitFor(`the refusal (client: ${c.out} ${c.err})`, () => (/is not shared/.test(c.err) ? true : undefined), 30_000);
       expect(c.err).toBe(`qvd: warning: ${share} is not shared: the desktop refused the share: 401 Unauthorized\n`);
-      expect(queries.at(-1)).toContain("&qvd.client.printing.enabled=0&qvd.client.audio.enabled=0&qvd.client.slave.enabled=1&");
+      expect(queries.at(-1)).toContain("&qvd.client.printing.enabled=0&qvd.client.audio.enabled=0&");
       const argv = readFileSync(argvFile, "utf8").trim().split("\n");
       expect(argv.filter((a) => /^(cups|media)=/.test(a))).toEqual([]);
       expect(c.p.exitCode).toBeNull();

@@ -247,7 +247,7 @@ describe("qvd client against a scripted L7R", () => {
     expect(list!.headers).toContain(`Authorization: Basic ${Buffer.from(`${USER}:${PASSWORD}`).toString("base64")}`);
     expect(connect!.line).toBe(
       "GET /qvd/connect_to_vm?id=11&qvd.client.os=linux&qvd.client.keyboard=pc105%2Fes&qvd.client.link=lan&qvd.client.geometry=800x600" +
-        "&qvd.client.fullscreen=1&qvd.client.printing.enabled=0&qvd.client.audio.enabled=0&qvd.client.slave.enabled=0&qvd.client.type=qvd-bun HTTP/1.1");
+        "&qvd.client.fullscreen=1&qvd.client.printing.enabled=0&qvd.client.audio.enabled=0&qvd.client.type=qvd-bun HTTP/1.1");
     expect(connect!.headers).toContain("Connection: Upgrade");
     expect(connect!.headers).toContain("Upgrade: QVD/1.0");
     expect(last.up).toBe(PAYLOAD_SIZE);

@@ -224,9 +224,16 @@ describe("prepare: who switches sound on", () => {
       const p = await service().prepare(desktop({ "qvd.vm.audio.enable": v }, "p2"));
       expect(p).toEqual({ options: [] });
     }
+    // A client without sound: the channel stays (nxagent keeps an X session's channels across
+    // resumes, src/vma/session.ts), but no PulseAudio starts when nxagent announces it.
     for (const v of ["0", "false", 0]) {
-      const p = await service().prepare(desktop({ "qvd.client.audio.enabled": v }, "p2"));
-      expect(p.options).toEqual([]);
+      const s = service();
+      const ctx = desktop({ "qvd.client.audio.enabled": v }, "p2");
+      expect((await s.prepare(ctx)).options).toEqual(["media=1"]);
+      const before = daemons.length;
+      s.onAgentLine!("Info: Listening to multimedia connections on port 'tcp:localhost:7100'.", ctx);
+      await s.idle();
+      expect(daemons.length).toBe(before);
     }
   });
 

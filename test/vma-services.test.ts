@@ -80,7 +80,7 @@ describe("printing: who gets it", () => {
     expect(clientWantsPrinting({ "qvd.client.printing.enabled": "1", "qvd.client.os": "winnt" })).toBe(false);
   });
 
-  test("prepare: cups=<display+2000> only when the node, the administrator and the client all say yes", async () => {
+  test("prepare: cups=<display+2000> when the node and the administrator allow it, whatever the client wants (never for Windows clients)", async () => {
     const on = { "qvd.client.printing.enabled": "1" };
     const prep = async (enable: boolean, props: Record<string, string>, os = "linux") =>
       (await printingService({ enable }).prepare(context("prep", props, os))).options;
@@ -88,7 +88,8 @@ describe("printing: who gets it", () => {
     expect(await prep(false, on)).toEqual([]);
     for (const off of ["0", "false", "no", "No"]) expect(await prep(true, { ...on, "qvd.vm.printing.enable": off })).toEqual([]);
     expect(await prep(true, { ...on, "qvd.vm.printing.enable": "1" })).toEqual(["cups=2100"]);
-    expect(await prep(true, {})).toEqual([]);
+    // The channel stays for the X session's life (src/vma/session.ts); the client's wish decides whether printers are added.
+    expect(await prep(true, {})).toEqual(["cups=2100"]);
     expect(await prep(true, on, "windows")).toEqual([]);
     // The session finds its CUPS through CUPS_SERVER, set even when this client does not print.
     const ctx = context("prep", {});
@@ -169,7 +170,7 @@ describe("printing to the client's printers (cupsd as the user, a client CUPS wi
     expect(await queues(ctx)).toEqual(["mine"]);
     // Resume with printing refused by the client (--no-printing): no QVD-* printers.
     const noPrint = { ...ctx, properties: { "qvd.client.printing.enabled": "0" } };
-    expect((await svc.prepare(noPrint)).options).toEqual([]);
+    expect((await svc.prepare(noPrint)).options).toEqual(["cups=2100"]);
     await svc.connected!(noPrint);
     expect(await queues(ctx)).toEqual(["mine"]);
     await svc.suspended!(noPrint);
@@ -313,7 +314,8 @@ describe("the Session's calls to its services (real nxagent and nxproxy)", () =>
     prepare(ctx) {
       calls.push("prepare");
       seen.push({ nxState: session.nxState, props: { ...ctx.properties } });
-      return { options: ["media=1"], env: { QVD_TEST_GOOD: "1" } };
+      // A resume's client that wants no sound: the service asks for no channel this time.
+      return { options: ctx.properties["qvd.client.audio.enabled"] === "0" ? [] : ["media=1"], env: { QVD_TEST_GOOD: "1" } };
     },
     onAgentLine: (l) => void lines.push(l),
     connected: () => void calls.push("connected"),
@@ -400,14 +402,17 @@ describe("the Session's calls to its services (real nxagent and nxproxy)", () =>
   }, 60_000);
 
   test("a resume prepares again (new properties) before nxagent is signalled; a stop while connected ends with suspended, then stopped", async () => {
-    session.start({ user: "root", uid: 0, gid: 0, cookie: COOKIE2, client_os: "linux", properties: { "qvd.slave.key": "m".repeat(64) } });
+    session.start({ user: "root", uid: 0, gid: 0, cookie: COOKIE2, client_os: "linux", properties: { "qvd.slave.key": "m".repeat(64), "qvd.client.audio.enabled": "0" } });
     expect(session.state).toBe("starting");
     // The cookie is in the options file at once (the L7R connects with it); the services' options follow.
     expect(readFileSync(session.optionsFile, "utf8")).toContain(`cookie=${COOKIE2}`);
     relay.cookie = COOKIE2;
     await waitState("listening");
     expect(calls).toEqual(["prepare", "connected", "suspended", "prepare"]);
-    expect(seen[1]).toEqual({ nxState: "suspended", props: { "qvd.slave.key": "m".repeat(64) } }); // before the SIGHUP
+    expect(seen[1]).toEqual({ nxState: "suspended", props: { "qvd.slave.key": "m".repeat(64), "qvd.client.audio.enabled": "0" } }); // before the SIGHUP
+    // nxagent keeps the channels its X session started with, whatever a resume's services ask.
+    expect(readFileSync(session.optionsFile, "utf8")).toBe(`nx/nx,client=linux,media=1,slave=1,tolerancechecks=risky,cookie=${COOKIE2},accept=127.0.0.1:${session.opts.display}\n`);
+    expect(session.serviceOptions).toEqual(["media=1", "slave=1"]);
     proxy();
     await waitState("connected");
     session.stop();

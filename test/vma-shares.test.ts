@@ -161,25 +161,6 @@ describe("prepare", () => {
     expect(r.out).toMatch(/rc=[1-9]/);
   });
 
-  test("a client that asks for no slave channel (qvd.client.slave.enabled=0): no slave=1, yet the namespace, key and socket are ready for a resume that shares", async () => {
-    const other = sharesService({ enabled: true, qvd: await qvdBinary(), fuse: true });
-    const dir = mkdtempSync(join(work, "n-"));
-    const c = { ...context({ "qvd.slave.key": KEY, "qvd.client.slave.enabled": "0" }), runDir: dir };
-    try {
-      const p = await other.prepare(c);
-      expect(p.options).toEqual([]);
-      expect(p.wrap?.[0]).toBe("nsenter");
-      expect(readFileSync(join(dir, "slave.conf"), "utf8")).toBe(KEY + "\n");
-      expect(existsSync(join(dir, "slave.sock"))).toBe(true);
-      // The resume of a client that shares: the same namespace, and the channel.
-      const again = await other.prepare({ ...c, properties: { "qvd.slave.key": KEY, "qvd.client.slave.enabled": "1" } });
-      expect(again.options).toEqual(["slave=1"]);
-      expect(again.wrap).toEqual(p.wrap);
-    } finally {
-      await other.stopped(c);
-    }
-  });
-
   test("administrator properties: shares off → no namespace and a wrapper with --no-shares; shares and USB off → no slave channel", async () => {
     const other = sharesService({ enabled: true, qvd: await qvdBinary(), fuse: true });
     const dir = mkdtempSync(join(work, "r-"));

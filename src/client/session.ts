@@ -158,7 +158,7 @@ async function choose(desktops: Desktop[], user: string, where: string, want?: s
 }
 
 /** The connect_to_vm query: id plus the qvd.client.* keys, percent-encoded (`+` and `/` too). */
-export function connectQuery(id: number, o: Pick<ClientOptions, "keyboard" | "link" | "geometry" | "fullscreen" | "printing" | "audio"> & { slave?: boolean }): string {
+export function connectQuery(id: number, o: Pick<ClientOptions, "keyboard" | "link" | "geometry" | "fullscreen" | "printing" | "audio">): string {
   const params: [string, string][] = [
     ["id", String(id)],
     ["qvd.client.os", "linux"],
@@ -168,8 +168,6 @@ export function connectQuery(id: number, o: Pick<ClientOptions, "keyboard" | "li
     ["qvd.client.fullscreen", o.fullscreen ? "1" : "0"],
     ["qvd.client.printing.enabled", o.printing ? "1" : "0"],
     ["qvd.client.audio.enabled", o.audio ? "1" : "0"],
-    // Without shares, a file or USB the desktop's nxagent skips the slave channel (faster connect).
-    ["qvd.client.slave.enabled", o.slave ? "1" : "0"],
     ["qvd.client.type", "qvd-bun"],
   ];
   return params.map(([k, v]) => `${k}=${encodeURIComponent(v)}`).join("&");
@@ -402,7 +400,7 @@ export async function runClient(o: ClientOptions): Promise<number> {
     const { cups } = (await services) ?? {};
     const wantSlave = (o.shares?.length ?? 0) > 0 || o.file !== undefined || (o.usb?.length ?? 0) > 0;
     say(`Connecting to desktop ${vm.name} (${vm.id})`);
-    conn.request(`/qvd/connect_to_vm?${connectQuery(vm.id, { ...o, printing: cups !== undefined, audio: audio !== undefined, slave: wantSlave })}`,
+    conn.request(`/qvd/connect_to_vm?${connectQuery(vm.id, { ...o, printing: cups !== undefined, audio: audio !== undefined })}`,
       { ...auth, Connection: "Upgrade", Upgrade: "QVD/1.0" });
     const r = await finalResponse(conn, `to start desktop ${vm.id}`, say);
     if (r.status !== 101) {

@@ -246,11 +246,10 @@ export function audioService(opts: AudioServiceOptions): AudioService {
       ensureRuntime(runtime, ctx.account.uid, ctx.account.gid);
       // Set even when this client wants no sound: a resume by another client may.
       const env = pulseEnv();
-      if (!audioWanted(ctx.properties)) {
-        log.info("sound off: the client did not ask for it");
-        return { options: [], env };
-      }
-      active = true;
+      // nxagent's channels stay as the X session started (src/vma/session.ts): media=1 whatever
+      // this client wants; its wish decides whether the desktop's PulseAudio starts.
+      active = audioWanted(ctx.properties);
+      if (!active) log.info("sound off: the client did not ask for it");
       return { options: ["media=1"], env };
     },
     onAgentLine(line: string, ctx: ServiceContext): void {

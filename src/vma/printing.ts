@@ -264,8 +264,11 @@ export function printingService(o: PrintingServiceOptions): SessionService {
       wanted = clientWantsPrinting(ctx.properties, ctx.clientOs);
       // CUPS_SERVER even when this client does not print: a resume by one that does finds it set.
       const env = local(ctx);
-      if (!wanted) return { options: [], env };
-      if (!running) await writeConfig(ctx);
+      // nxagent's channels stay as the X session started (src/vma/session.ts): cups= whatever
+      // this client wants (not for Windows clients: no flavour of theirs); the wish decides
+      // whether the client's printers are added.
+      if (/^(windows|winnt)$/i.test(ctx.clientOs ?? String(ctx.properties["qvd.client.os"] ?? ""))) return { options: [], env };
+      if (!running && wanted) await writeConfig(ctx);
       return { options: [`cups=${ctx.display + 2000}`], env };
     },
     async connected(ctx) {

@@ -248,6 +248,8 @@ export class Session {
   private svcWraps: string[][] = [];
   /** The nxagent options the services added at the last x_start (for status and tests). */
   get serviceOptions(): readonly string[] { return this.svcOptions; }
+  /** The services' nxagent options of this X session, fixed at its start (resumes keep them). */
+  private channelOptions: string[] = [];
 
   constructor(readonly opts: SessionOptions) {
     mkdirSync(opts.runDir, { recursive: true, mode: 0o755 });
@@ -337,7 +339,13 @@ export class Session {
           })
           .then((extra) => {
             if (this.state !== "starting" || this.agentPid !== agent || this.params !== p) return; // x_stop, or it ended meanwhile
-            this.writeOptions(p, extra);
+            // nxagent keeps the channels (cups=, media=, slave=) it started with: a resume whose
+            // set differs broke its reconnection now and then (no channel, or no suspend after).
+            // The services follow this x_start's wishes within the session's channels.
+            if (extra.join(",") !== this.channelOptions.join(","))
+              log.info("session services: the X session keeps its channels", { asked: extra.join(","), kept: this.channelOptions.join(",") });
+            this.svcOptions = [...this.channelOptions];
+            this.writeOptions(p, this.channelOptions);
             this.signalAgent("SIGHUP");
             this.nudgeResume(5);
           })
@@ -522,6 +530,7 @@ export class Session {
     const svcEnv: Record<string, string> = {};
     this.svcWrap = [];
     const extra = await this.prepareServices(p, account, env, svcEnv);
+    this.channelOptions = extra;
     Object.assign(env, svcEnv);
     this.svcWrap = this.svcWraps.find((w) => w.length) ?? [];
     if (this.cancelled) {

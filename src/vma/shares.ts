@@ -219,12 +219,7 @@ export class SharesService implements SessionService {
     }
     if (sharesOn) await this.listen(ctx);
     const env = { NX_SLAVE_CMD: this.wrapperFile, QVD_SLAVE_CMD: this.wrapperFile };
-    // nxagent opens the channel only for a client that will use it (ours says so with
-    // qvd.client.slave.enabled; the original clients send nothing and always get it): the
-    // channel's negotiation costs a connect about 75 ms. The namespace, key and socket are
-    // ready either way, so a later resume that shares finds them.
-    const clientAsks = !/^(0|false|no|off)$/i.test(String(p["qvd.client.slave.enabled"] ?? "1").trim());
-    return { options: clientAsks ? ["slave=1"] : [], env, ...(wrap ? { wrap } : {}) };
+    return { options: ["slave=1"], env, ...(wrap ? { wrap } : {}) };
   }
 
   async suspended(ctx: ServiceContext): Promise<void> {
