@@ -108,9 +108,15 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
   };
   /** An HTTP request through the slave channel to the desktop's slave server: the status code. */
   const slaveRequest = async (method: string, path: string, headers: string[]) => {
-    const r = await run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "15", "--unix-socket", slaveSocket(), "-X", method,
-      ...headers.flatMap((h) => ["-H", h]), `http://qvd${path}`], { allowFail: true });
-    return Number(r.stdout.trim());
+    const once = async () => {
+      const r = await run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "15", "--unix-socket", slaveSocket(), "-X", method,
+        ...headers.flatMap((h) => ["-H", h]), `http://qvd${path}`], { allowFail: true });
+      return Number(r.stdout.trim());
+    };
+    // Now and then (about once in a few dozen, in a burst under load) the NX side closes a new
+    // slave connection before the desktop's server answers; what is checked here is the answer.
+    const first = await once();
+    return first === 0 ? await once() : first;
   };
 
   /** The user connects with `qvd client` and these extra flags/environment. */
