@@ -14,7 +14,7 @@ import { audioService, multimediaServer, pulseConfig, TUNNEL_SINK, type AudioSer
 import type { ServiceContext } from "../src/vma/services.ts";
 import { startClientAudio, tcpModuleArgs, type ClientAudio } from "../src/client/audio.ts";
 import { spawnDaemon, type Daemon, type RunResult } from "../src/run.ts";
-import { gaps, goertzel, peak, RATE, samples, sineWav, toneRatio } from "./support/tone.ts";
+import { gaps, goertzel, peak, RATE, recordMonitor, samples, sineWav, toneRatio } from "./support/tone.ts";
 import { waitFor as waitUntil } from "./support/wait.ts";
 
 /**
@@ -94,25 +94,9 @@ const service = (enable = true) =>
 const desktopPulse = () => daemons.filter((d) => alive(d.pid));
 
 /** Records the client's sink while `play` runs; returns s16le mono samples. */
-async function recordWhile(play: () => Promise<unknown>): Promise<Int16Array> {
-  const rec = Bun.spawn(["parec", "-d", "ClientOut.monitor", "--raw", "--format=s16le", "--channels=1", `--rate=${RATE}`, "--latency-msec=20"], {
-    env: { PATH: process.env.PATH!, PULSE_SERVER: clientServer, HOME: join(work, "client", "home") }, stdout: "pipe", stderr: "pipe",
-  });
-  const chunks: Uint8Array[] = [];
-  const reading = (async () => {
-    const r = (rec.stdout as ReadableStream<Uint8Array>).getReader();
-    for (;;) {
-      const { done, value } = await r.read();
-      if (done) break;
-      chunks.push(value);
-    }
-  })();
-  await Bun.sleep(300);
-  await play();
-  await Bun.sleep(500);
-  rec.kill();
-  await reading;
-  return samples(Buffer.concat(chunks));
+function recordWhile(play: () => Promise<unknown>): Promise<Int16Array> {
+  const env = { PATH: process.env.PATH!, PULSE_SERVER: clientServer, HOME: join(work, "client", "home") };
+  return recordMonitor({ server: clientServer, sink: "ClientOut", env }, play, { leadMs: 300, tailMs: 500 });
 }
 
 /** paplay of a tone as the desktop's user with the session environment the service gave. */

@@ -7,7 +7,7 @@ import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSyn
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
 import { run, spawnDaemon } from "../../src/run.ts";
-import { RATE, samples } from "./tone.ts";
+import { RATE, recordMonitor } from "./tone.ts";
 
 const PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -249,29 +249,7 @@ export async function startClientPulse(o: { exec?: string[]; sink?: string } = {
     server,
     sink,
     pactl,
-    async record(during, tailMs = 500) {
-      const rec = Bun.spawn(["parec", "-s", server, "-d", `${sink}.monitor`, "--raw", "--format=s16le", "--channels=1", `--rate=${RATE}`, "--latency-msec=20"], {
-        env, stdout: "pipe", stderr: "pipe",
-      });
-      const chunks: Uint8Array[] = [];
-      const reading = (async () => {
-        const r = (rec.stdout as ReadableStream<Uint8Array>).getReader();
-        for (;;) {
-          const { done, value } = await r.read();
-          if (done) break;
-          chunks.push(value);
-        }
-      })();
-      try {
-        await Bun.sleep(200);
-        await during();
-        await Bun.sleep(tailMs);
-      } finally {
-        rec.kill();
-        await reading;
-      }
-      return samples(Buffer.concat(chunks));
-    },
+    record: (during, tailMs = 500) => recordMonitor({ server, sink, env }, during, { tailMs }),
     stop,
   };
 }

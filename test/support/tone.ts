@@ -80,3 +80,31 @@ export function gapOffsets(x: ArrayLike<number>, rate = RATE): number[] {
   }
   return at;
 }
+
+/**
+ * Records a PulseAudio sink's monitor (parec, s16le mono at RATE) while `during` runs, from
+ * `leadMs` before it to `tailMs` after it; returns the samples.
+ */
+export async function recordMonitor(
+  o: { server: string; sink: string; env: Record<string, string> },
+  during: () => Promise<unknown>,
+  t: { leadMs?: number; tailMs?: number } = {},
+): Promise<Int16Array> {
+  const rec = Bun.spawn(["parec", "-s", o.server, "-d", `${o.sink}.monitor`, "--raw", "--format=s16le", "--channels=1", `--rate=${RATE}`, "--latency-msec=20"], {
+    env: o.env, stdout: "pipe", stderr: "pipe",
+  });
+  const chunks: Uint8Array[] = [];
+  const reading = (async () => {
+    const r = (rec.stdout as ReadableStream<Uint8Array>).getReader();
+    for (let x = await r.read(); !x.done; x = await r.read()) chunks.push(x.value);
+  })();
+  try {
+    await Bun.sleep(t.leadMs ?? 200);
+    await during();
+    await Bun.sleep(t.tailMs ?? 500);
+  } finally {
+    rec.kill();
+    await reading;
+  }
+  return samples(Buffer.concat(chunks));
+}
