@@ -245,6 +245,29 @@ describe.skipIf(!haveFuse || !haveBwrap)("a shared folder against a desktop that
     }
   });
 
+  test("a slave connection closed before any answer is tried once more; twice, and the client says so", async () => {
+    const sock = join(dir, "flaky.sock");
+    let conns = 0;
+    let closeFirst = 1;
+    const srv = net.createServer((c) => {
+      conns++;
+      c.on("error", () => {});
+      if (conns <= closeFirst) return void c.destroy();
+      c.once("data", () => c.end("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"));
+    }).listen(sock);
+    try {
+      await openFile({ path: sock }, KEY, "/home/u/Redirected/Docs", "a.txt", 0);
+      expect(conns).toBe(2);
+      conns = 0;
+      closeFirst = 99;
+      const e = await openFile({ path: sock }, KEY, "/home/u/Redirected/Docs", "a.txt", 0).catch((x) => x as Error);
+      expect((e as Error).message).toMatch(/^the desktop did not open a\.txt: the desktop closed the slave connection without answering$|closed the slave connection without answering$/);
+      expect(conns).toBe(2);
+    } finally {
+      srv.close();
+    }
+  });
+
   test("the sandbox: no network, no capabilities, the folder at its own path", () => {
     const argv = sftpArgv(share, SFTP, "bwrap", work);
     expect(argv.slice(0, 6)).toEqual(["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]);

@@ -54,6 +54,23 @@ function connect(ep: SlaveEndpoint, timeoutMs: number): Promise<net.Socket> {
  */
 export async function slaveRequest(ep: SlaveEndpoint, method: string, target: string, headers: [string, string][],
   timeoutMs = 15_000): Promise<SlaveResponse> {
+  try {
+    return await slaveRequestOnce(ep, method, target, headers, timeoutMs);
+  } catch (e) {
+    // Now and then the NX side closes a new slave connection before the desktop's server has
+    // read anything (seen about once in a few dozen, under load): not a word came back, so the
+    // request is sent once more on a new connection.
+    if (!(e instanceof NoAnswer)) throw e;
+    await Bun.sleep(300);
+    return await slaveRequestOnce(ep, method, target, headers, timeoutMs);
+  }
+}
+
+/** The connection ended before a single byte of an answer. */
+class NoAnswer extends SlaveError {}
+
+async function slaveRequestOnce(ep: SlaveEndpoint, method: string, target: string, headers: [string, string][],
+  timeoutMs: number): Promise<SlaveResponse> {
   const sock = await connect(ep, timeoutMs);
   let head = `${method} ${target} HTTP/1.1\r\n`;
   for (const [k, v] of headers) head += `${k}: ${v}\r\n`;
@@ -80,8 +97,11 @@ export async function slaveRequest(ep: SlaveEndpoint, method: string, target: st
       sock.destroy();
       resolve({ status: p.status, reason: p.reason, headers: p.headers, body, sock, rest: Buffer.alloc(0) });
     };
-    const onEnd = () => (parsed ? finish() : fail(new SlaveError("the desktop closed the slave connection without answering")));
-    const onError = (e: Error) => fail(new SlaveError(`slave connection: ${e.message}`));
+    const onEnd = () => (parsed ? finish() : fail(new (buf.length ? SlaveError : NoAnswer)("the desktop closed the slave connection without answering")));
+    const onError = (e: Error & { code?: string }) =>
+      fail(!parsed && !buf.length && (e.code === "EPIPE" || e.code === "ECONNRESET")
+        ? new NoAnswer("the desktop closed the slave connection without answering")
+        : new SlaveError(`slave connection: ${e.message}`));
     const onData = (d: Buffer) => {
       buf = Buffer.concat([buf, d]);
       if (!parsed) {
