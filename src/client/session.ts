@@ -157,6 +157,11 @@ async function choose(desktops: Desktop[], user: string, where: string, want?: s
   }
 }
 
+/** After nxproxy's "Established X server connection": the desktop's nxagent finishes resuming. */
+const SLAVE_SETTLE_MS = 1000;
+/** Slave requests go anyway this long after the slave channel listens (an nxproxy that never says it). */
+const SLAVE_FALLBACK_MS = 8000;
+
 /** The connect_to_vm query: id plus the qvd.client.* keys, percent-encoded (`+` and `/` too). */
 export function connectQuery(id: number, o: Pick<ClientOptions, "keyboard" | "link" | "geometry" | "fullscreen" | "printing" | "audio">): string {
   const params: [string, string][] = [
@@ -430,6 +435,8 @@ export async function runClient(o: ClientOptions): Promise<number> {
     if (cups) options.push(`cups=${cups}`);
     const argv = [...o.nxproxy, "-S", ...options.map((x) => nxOption(x, local!.display)), `localhost:${local.display}`];
     let slaveStarted: Promise<void> | undefined;
+    let slaveListening = false;
+    let xConnected = false;
     const startSlave = () => {
       if (slaveStarted || !slavePath || !slaveKey) return;
       slaveStarted = slaveActions(o, { path: slavePath }, slaveKey, workDir!, say, shares)
@@ -449,7 +456,15 @@ export async function runClient(o: ClientOptions): Promise<number> {
           log.debug("nxproxy", { line });
           const t = line.trim();
           if (!t) return;
-          if (/^Info: Listening to slave connections on port /.test(t)) startSlave();
+          // Slave requests wait until the desktop's nxagent has its display back through this
+          // proxy, and a moment more: a slave connection opened while nxagent was still
+          // resuming ended the session now and then (test/session-services.test.ts).
+          if (/^Info: Listening to slave connections on port /.test(t)) {
+            slaveListening = true;
+            setTimeout(() => startSlave(), SLAVE_FALLBACK_MS).unref();
+          }
+          if (/^Info: Established X server connection/.test(t)) xConnected = true;
+          if (slaveListening && xConnected) setTimeout(() => startSlave(), SLAVE_SETTLE_MS).unref();
           stderrTail.push(t);
           if (stderrTail.length > 5) stderrTail.shift();
           const e = /^Error: (.*)$/.exec(t);
