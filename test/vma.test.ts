@@ -335,9 +335,10 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     // The cookie and the node's address (accept=) lock nxagent; the file is nxagent's (the
     // user's group) to read, not the user's to change.
     const conf = join(v.runDir, "nxagent.conf");
-    // The services (src/roles/vma.ts): media=1 sound, on unless the client says qvd.client.audio.enabled=0;
-    // slave=1 the slave channel, as x_start has a slave key; no cups= (the client did not ask to print).
-    expect(readFileSync(conf, "utf8")).toBe(`nx/nx,keyboard=pc105/us,client=linux,link=lan,geometry=800x600,fullscreen=0,media=1,slave=1,tolerancechecks=risky,cookie=${COOKIE},accept=127.0.0.1:${nxDisplay}\n`);
+    // The services (src/roles/vma.ts) offer their channels whenever the node and the administrator
+    // allow them (an X session keeps its channels across resumes): cups= printing, media=1 sound,
+    // slave=1 the slave channel (x_start has a slave key).
+    expect(readFileSync(conf, "utf8")).toBe(`nx/nx,keyboard=pc105/us,client=linux,link=lan,geometry=800x600,fullscreen=0,cups=2100,media=1,slave=1,tolerancechecks=risky,cookie=${COOKIE},accept=127.0.0.1:${nxDisplay}\n`);
     expect([statSync(conf).uid, statSync(conf).gid, statSync(conf).mode & 0o777]).toEqual([process.getuid!(), UID, 0o640]);
     expect(readFileSync(join(root, "etc/passwd"), "utf8")).toContain(`alice:x:${UID}:${UID}::/home/alice:`);
     // The session's qvd.vm.user.groups property gave the supplementary groups (not vma.user.groups).
