@@ -57,7 +57,7 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
     return r.stdout.split("\n").filter(Boolean).map((l) => {
       const [uid, argv] = l.split(" ");
       return { uid: Number(uid), argv: Buffer.from(argv ?? "", "base64").toString("utf8").split("\0").slice(0, -1) };
-    });
+    }).filter((p) => p.argv.length > 0); // an xmessage exiting between pgrep and the read has no command line
   };
   /** The desktop's local HH:MM of a time (the notice speaks the desktop's time zone). */
   const desktopClock = async (d: Date) => (await node.attach(vm.id, `date -d @${Math.floor(d.getTime() / 1000)} +%H:%M`)).stdout.trim();

@@ -37,8 +37,10 @@ async function firstLineOfStdin(): Promise<string> {
 /** Prompts on the terminal without echo; Ctrl-C aborts. */
 function promptHidden(prompt: string): Promise<string> {
   const stdin = process.stdin;
-  process.stderr.write(prompt);
+  // Echo off before the prompt shows: a password typed (or pasted) as soon as the prompt
+  // appears must never be echoed.
   stdin.setRawMode(true);
+  process.stderr.write(prompt);
   stdin.resume();
   return new Promise((resolve, reject) => {
     let chars: string[] = [];
