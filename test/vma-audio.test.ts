@@ -16,6 +16,7 @@ import { startClientAudio, tcpModuleArgs, type ClientAudio } from "../src/client
 import { spawnDaemon, type Daemon, type RunResult } from "../src/run.ts";
 import { gaps, goertzel, peak, RATE, recordMonitor, samples, sineWav, toneRatio } from "./support/tone.ts";
 import { waitFor as waitUntil } from "./support/wait.ts";
+import { alive } from "../src/vma/session.ts";
 
 /**
  * Holes in the first part of a sound are not counted: a new stream through PulseAudio's tunnel
@@ -41,14 +42,6 @@ async function freePort(): Promise<number> {
 
 const waitFor = <T>(what: string, f: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 10000, stepMs = 100) => waitUntil<T>(what, f, timeoutMs, stepMs);
 
-function alive(pid: number): boolean {
-  try {
-    const st = readFileSync(`/proc/${pid}/stat`, "utf8");
-    return st.slice(st.lastIndexOf(")") + 2, st.lastIndexOf(")") + 3) !== "Z";
-  } catch {
-    return false;
-  }
-}
 
 async function sh(argv: string[], env: Record<string, string> = {}, timeoutMs = 10_000): Promise<RunResult> {
   const p = Bun.spawn(argv, { cwd: "/", env: { PATH: process.env.PATH!, ...env }, stdout: "pipe", stderr: "pipe", timeout: timeoutMs });

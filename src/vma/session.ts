@@ -207,7 +207,7 @@ export async function execAs(prefix: string[], argv: string[], env: Record<strin
 }
 
 /** Whether a process exists and is not a zombie (an exited nxagent xinit has not reaped yet). */
-function alive(pid: number): boolean {
+export function alive(pid: number): boolean {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
     return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !== "Z";
