@@ -144,9 +144,11 @@ CREATE TABLE osfs (
   cpu_shares      integer NOT NULL DEFAULT 1024 CHECK (cpu_shares BETWEEN 2 AND 262144),
   use_overlay     boolean NOT NULL DEFAULT true,  -- writable layer over the image
   persistent      boolean NOT NULL DEFAULT false, -- keep that layer across restarts
-  user_storage_mb integer NOT NULL DEFAULT 0 CHECK (user_storage_mb >= 0), -- 0: no size limit / none for KVM
+  user_storage_mb integer NOT NULL DEFAULT 0 CHECK (user_storage_mb >= 0), -- KVM: size of the home disk (0: none); LXC: unused
   created_at      timestamptz NOT NULL DEFAULT now(),
   updated_at      timestamptz NOT NULL DEFAULT now(),
+  hypervisor      text NOT NULL DEFAULT 'lxc' CHECK (hypervisor IN ('lxc', 'kvm')), -- the backend, and the kind of its images
+  vcpus           integer NOT NULL DEFAULT 1 CHECK (vcpus BETWEEN 1 AND 64), -- KVM only
   UNIQUE (tenant_id, name),
   UNIQUE (id, tenant_id)
 );
@@ -276,7 +278,9 @@ CREATE TABLE host_runtimes (
   usable_cpu  real,         -- free CPU capacity, for placement
   drain       boolean NOT NULL DEFAULT false, -- no new placements; users move at their next connect
   lost_ts     timestamptz,  -- when the node was declared lost
-  lost_reason text NOT NULL DEFAULT ''
+  lost_reason text NOT NULL DEFAULT '',
+  hypervisors text[] NOT NULL DEFAULT '{lxc}' CHECK (hypervisors <@ ARRAY['lxc', 'kvm']::text[]), -- what the node runs now
+  hypervisor_notes text NOT NULL DEFAULT '' -- what its probes found (KVM's accelerator and why)
 );
 CREATE INDEX host_runtimes_placement ON host_runtimes (state) WHERE NOT blocked;
 
@@ -435,7 +439,8 @@ CREATE VIEW osf_view AS
   SELECT o.id, o.tenant_id, t.name AS tenant_name, o.name, o.description, o.memory_mb, o.cpu_shares, o.use_overlay,
          o.persistent, o.user_storage_mb, o.created_at, o.updated_at,
          (SELECT count(*) FROM vms v WHERE v.osf_id = o.id)::integer AS vms,
-         (SELECT count(*) FROM dis d WHERE d.osf_id = o.id)::integer AS dis
+         (SELECT count(*) FROM dis d WHERE d.osf_id = o.id)::integer AS dis,
+         o.hypervisor, o.vcpus
     FROM osfs o JOIN tenants t ON t.id = o.tenant_id;
 
 CREATE VIEW property_view AS
@@ -462,7 +467,7 @@ CREATE VIEW host_view AS
   SELECT h.id, h.name, h.address, h.description, h.frontend, h.backend, h.created_at, h.updated_at,
          r.state, r.state_ts, r.blocked, r.cmd, r.ok_ts, r.usable_ram_mb, r.usable_cpu, r.version,
          (SELECT count(*) FROM vm_runtimes vr WHERE vr.host_id = h.id AND vr.vm_state <> 'stopped')::integer AS vms_running,
-         r.drain, r.lost_ts, r.lost_reason
+         r.drain, r.lost_ts, r.lost_reason, r.hypervisors, r.hypervisor_notes
     FROM hosts h JOIN host_runtimes r ON r.host_id = h.id;
 
 CREATE VIEW di_view AS

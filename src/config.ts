@@ -228,8 +228,15 @@ export const KEYS = {
   "vm.lxc.idmap.size": key(int(65536, 1 << 30), 65536, "Number of ids in the desktops' range (guest uids and gids 0 … size-1; 65536 covers nobody/nogroup)."),
   "di.build.mirror": key(str, "", "Debian mirror `qvd di build` installs from (default: the first Debian mirror of this machine's apt sources, else http://deb.debian.org/debian)."),
   "di.build.cache": key(nonEmpty, "/var/cache/qvd/debootstrap", "Where `qvd di build` keeps downloaded packages and finished images between builds."),
-  "vm.hypervisor": key(oneOf(["lxc", "kvm"]), "lxc", "Backend that runs desktops on this node."),
-  "vm.kvm.accel": key(oneOf(["kvm", "tcg", "auto"]), "auto", "QEMU acceleration: kvm, tcg, or auto (kvm when it really works)."),
+  "vm.hypervisor": key(z.string().regex(/^\s*(lxc|kvm)(\s*,\s*(lxc|kvm))?\s*$/, "expected lxc, kvm or lxc,kvm"), "lxc", "Backends this node runs desktops with: lxc, kvm, or both (`lxc,kvm`). A backend that cannot run here (its probe fails) is left out with a warning; the node refuses to start when none is left. Placement gives a node only desktops of an OSF whose hypervisor it runs.", { scope: "node" }),
+  "vm.kvm.accel": key(oneOf(["kvm", "tcg", "auto"]), "auto", "QEMU acceleration: kvm, tcg (software emulation, slow), or auto: kvm when a short real run under /dev/kvm works, else tcg (the node's log and its hosts row say which and why).", { scope: "node" }),
+  "vm.kvm.path": key(str, "", "Directory of the VMs' node-local state: QMP sockets, pid files, the guests' serial consoles under logs/ (default: <path.run>/kvm)."),
+  "vm.kvm.qemu": key(nonEmpty, "qemu-system-x86_64", "The QEMU system emulator.", { scope: "node" }),
+  "vm.kvm.qemu_img": key(nonEmpty, "qemu-img", "qemu-img, for overlays, home disks and image checks.", { scope: "node" }),
+  "vm.kvm.uid_base": key(int(1), 200000, "QEMU drops to uid and gid base+<vm id> once the VM's devices are open (-runas), so no two desktops' QEMUs share an id. Keep the range clear of node accounts and of vm.lxc.idmap.*.", { scope: "node" }),
+  "vm.kvm.machine": key(nonEmpty, "q35", "QEMU machine type.", { scope: "node" }),
+  "vm.kvm.cmdline": key(str, "console=ttyS0 quiet", "Kernel command line of the guests, after root=/dev/vda rw (QEMU boots the image's /vmlinuz and /initrd.img directly)."),
+  "vm.kvm.args.extra": key(str, "", "Extra QEMU arguments for every VM, split on spaces."),
 
   // The VMA (`qvd vma`, inside the guest). It reads no database: these come from /etc/qvd/vma.conf
   // in the image, QVD_VMA_* variables, `--set`, or the `settings` object of /run/qvd/vma.json.

@@ -16,12 +16,14 @@ import { ensureDeps } from "../scripts/deps.ts";
 
 const baseSpec = (id: number, over: Partial<VmSpec> = {}): VmSpec => ({
   vmId: id,
+  hypervisor: "lxc",
   name: `qvd-${id}`,
   memoryMb: 256,
   cpuShares: 512,
+  vcpus: 1,
   image: { diId: 1, path: "/srv/basefs/1" },
   overlay: { enabled: true, persistent: false },
-  home: { hostPath: "/srv/homes/t/alice", user: "alice" },
+  home: { hostPath: "/srv/homes/t/alice", user: "alice", sizeMb: 0 },
   network: { ip: `198.18.0.${id + 1}`, prefix: 16, gateway: "198.18.0.1", mac: macFor(`198.18.0.${id + 1}`, "54:52:00"), bridge: "qvdbr0" },
   vma: { port: 3030, secret: "s3cret" },
   qvdBinary: "/usr/bin/qvd",
@@ -66,12 +68,12 @@ describe("LXC configuration", () => {
   });
 
   test("no overlay: read-only image, paths with spaces escaped, own init", () => {
-    const spec = baseSpec(7, { overlay: { enabled: false, persistent: false }, home: { hostPath: "/srv/my homes/alice", user: "alice" } });
+    const spec = baseSpec(7, { overlay: { enabled: false, persistent: false }, home: { hostPath: "/srv/my homes/alice", user: "alice", sizeMb: 0 } });
     const c = renderConfig(spec, { ...ctx({ memory: null, cpu: null, devices: null, memsw: false, swapMax: false }), vmaInit: false });
     expect(c).toContain("lxc.rootfs.path = dir:/srv/basefs/1\nlxc.rootfs.options = ro\n");
     expect(c).toContain("lxc.mount.entry = /srv/my\\040homes/alice home/alice");
     expect(c).toContain("lxc.init.cmd = /sbin/init\n");
-    expect(() => renderConfig(baseSpec(7, { home: { hostPath: "/h", user: "../x" } }), ctx({ memory: null, cpu: null, devices: null, memsw: false, swapMax: false }))).toThrow();
+    expect(() => renderConfig(baseSpec(7, { home: { hostPath: "/h", user: "../x", sizeMb: 0 } }), ctx({ memory: null, cpu: null, devices: null, memsw: false, swapMax: false }))).toThrow();
   });
 
   test("unprivileged: id map, a capability allow-list, AppArmor only where the kernel has it", () => {
@@ -185,7 +187,7 @@ describe.skipIf(!hasNetns)("LXC backend (real lxc, own netns)", () => {
   const spec = (id: number, over: Partial<VmSpec> = {}): VmSpec =>
     baseSpec(id, {
       image: { diId: 1, path: rootfs },
-      home: { hostPath: join(storage, "homes", "t1", `user${id}`), user: `user${id}` },
+      home: { hostPath: join(storage, "homes", "t1", `user${id}`), user: `user${id}`, sizeMb: 0 },
       qvdBinary,
       vma: { port: 3030, secret: `secret-${id}-${tag}` },
       ...over,

@@ -62,13 +62,15 @@ export interface VmToStart {
   use_overlay: boolean;
   persistent: boolean;
   user_storage_mb: number;
+  hypervisor: "lxc" | "kvm";
+  vcpus: number;
   di: DiRow | undefined;
 }
 
 /** Everything needed to start a VM; `di` is undefined when no usable image has the VM's tag. */
 export async function vmToStart(db: Db, vmId: number): Promise<VmToStart> {
   const [r] = await db`SELECT v.id AS vm_id, v.name, host(v.ip) AS ip, v.di_tag, v.user_id, u.name AS user_name,
-      v.tenant_id, t.name AS tenant_name, v.osf_id, o.memory_mb, o.cpu_shares, o.use_overlay, o.persistent, o.user_storage_mb
+      v.tenant_id, t.name AS tenant_name, v.osf_id, o.memory_mb, o.cpu_shares, o.use_overlay, o.persistent, o.user_storage_mb, o.hypervisor, o.vcpus
     FROM vms v JOIN users u ON u.id = v.user_id JOIN osfs o ON o.id = v.osf_id JOIN tenants t ON t.id = v.tenant_id
     WHERE v.id = ${vmId}`;
   if (!r) throw new NotFoundError("vm", vmId);

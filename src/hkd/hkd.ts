@@ -17,7 +17,7 @@ import { listen, type Listener } from "../db/listen.ts";
 import type { Sql } from "../db/pool.ts";
 import { logger } from "../log.ts";
 import { VERSION } from "../version.ts";
-import { macFor, type Backend, type VmSpec } from "../virt/backend.ts";
+import { macFor, type Backend, type Hypervisor, type VmSpec } from "../virt/backend.ts";
 import { vmaCall, waitForVma, type VmaTarget } from "./vma-client.ts";
 import { ClusterMonitor } from "./monitor.ts";
 import { rejoinHost } from "../db/lifecycle.ts";
@@ -26,10 +26,10 @@ import { nodeVmaSettings } from "../vma/node-settings.ts";
 const log = logger("hkd");
 const NX_DISPLAY = 100;
 
-/** Where desktops' root filesystems come from (src/virt/images.ts). */
+/** Where desktops' images come from (src/virt/images.ts, src/virt/kvm-image.ts). */
 export interface ImageSource {
-  /** The unpacked root filesystem of an image, unpacking it first when needed. */
-  rootfsFor(di: DiRow): Promise<string>;
+  /** The image ready for its backend (LXC: unpacked; KVM: checked, kernel extracted), prepared first when needed. */
+  imageFor(di: DiRow, hypervisor: Hypervisor): Promise<VmSpec["image"]>;
 }
 
 export interface HkdOptions {
@@ -37,12 +37,15 @@ export interface HkdOptions {
   databaseUrl: string;
   cfg: Config;
   host: N.HostIdentity;
+  /** The node's backends behind one interface (src/virt/registry.ts dispatches by VM). */
   backend: Backend;
+  /** The kinds of desktop the backend runs here (after probing). */
+  hypervisors: Hypervisor[];
   images: ImageSource;
   /** Host path of the qvd binary for the guests. */
   qvdBinary: string;
-  /** Home directory of a user on shared storage. */
-  homeOf: (tenant: string, user: string) => string;
+  /** A user's home on shared storage: a directory (LXC) or a disk file (KVM). */
+  homeOf: (tenant: string, user: string, hypervisor: Hypervisor) => string;
 }
 
 /** What runs here: `idle` nothing known yet, `stopped` torn down (the entry is about to go). */
@@ -322,7 +325,8 @@ export class Hkd {
       const vm = await N.vmToStart(sql, vmId);
       if (!vm.di) throw new StartError(`no usable disk image with tag "${vm.di_tag}" for this VM's OSF (missing, blocked or not uploaded)`);
       if (!vm.ip) throw new StartError("the VM has no IP address");
-      const rootfs = await this.o.images.rootfsFor(vm.di).catch((e: Error) => {
+      if (!this.o.hypervisors.includes(vm.hypervisor)) throw new StartError(`this node does not run ${vm.hypervisor} desktops (it runs ${this.o.hypervisors.join(", ")})`);
+      const image = await this.o.images.imageFor(vm.di, vm.hypervisor).catch((e: Error) => {
         throw new StartError(`disk image ${vm.di!.version} cannot be used: ${e.message}`);
       });
       aborted();
@@ -331,10 +335,10 @@ export class Hkd {
       // The identity rules as stored now, so the VMA checks what the API and the L7R check.
       const identity = identitySettings(await currentIdentityRules(sql, cfg));
       const spec: VmSpec = {
-        vmId, name: `qvd-${vmId}`, memoryMb: vm.memory_mb, cpuShares: vm.cpu_shares,
-        image: { diId: vm.di.id, path: rootfs },
+        vmId, hypervisor: vm.hypervisor, name: `qvd-${vmId}`, memoryMb: vm.memory_mb, cpuShares: vm.cpu_shares, vcpus: vm.vcpus,
+        image,
         overlay: { enabled: vm.use_overlay, persistent: vm.persistent },
-        home: { hostPath: this.o.homeOf(vm.tenant_name, vm.user_name), user: vm.user_name },
+        home: { hostPath: this.o.homeOf(vm.tenant_name, vm.user_name, vm.hypervisor), user: vm.user_name, sizeMb: vm.user_storage_mb },
         network: { ip: vm.ip, prefix: Number(bits), gateway, mac: macFor(vm.ip, cfg.get("vm.network.mac.prefix")), bridge: cfg.get("vm.network.bridge") },
         vma: { port: cfg.get("vm.vma.port"), secret: randomBytes(24).toString("base64url"), settings: { ...nodeVmaSettings(cfg), ...identity } },
         qvdBinary: this.o.qvdBinary,

@@ -60,20 +60,20 @@ export async function startHkd(
     const root = cfg.get("path.storage.root");
     const imagesDir = cfg.storagePath("path.storage.images");
     const hkd = new Hkd({
-      sql, cfg, host, backend, databaseUrl: url, qvdBinary: qvdBinary(cfg),
+      sql, cfg, host, backend, hypervisors: ["lxc"], databaseUrl: url, qvdBinary: qvdBinary(cfg),
       homeOf: (tenant, user) => {
         // Names from before they were checked (".." escaped the homes): refused, not joined.
         if (!isSafePathComponent(tenant) || !isSafePathComponent(user)) throw new UserError(`tenant ${JSON.stringify(tenant)} or user ${JSON.stringify(user)} is not a usable directory name; rename it`);
         return join(cfg.storagePath("path.storage.homes"), tenant, user);
       },
       images: {
-        async rootfsFor(di: DiRow) {
+        async imageFor(di: DiRow) {
           const p = imagePaths(root, imagesDir, di);
           const res = await unpackImage({
             image: p.image, basefsDir: p.basefsDir, diId: di.id, sha256: di.sha256, idmap: idmapFromConfig(cfg),
             onProgress: (pr) => log.debug("unpacking image", { di: di.id, ...pr }),
           });
-          return res.rootfs;
+          return { diId: di.id, path: res.rootfs };
         },
       },
     });

@@ -1,4 +1,4 @@
-// The interface every desktop backend implements (LXC now, KVM later). The HKD drives it; a
+// The interface every desktop backend implements (lxc.ts, kvm.ts; registry.ts picks them). The HKD drives it; a
 // backend knows nothing about the database. All methods are idempotent where they can be:
 // the HKD calls cleanup() after any failure, and on start-up for leftovers.
 
@@ -10,18 +10,34 @@ export interface VmNetwork {
   bridge: string; // the node's bridge
 }
 
+/** The kinds of desktop a node can run, and an OSF's `hypervisor`. */
+export const HYPERVISORS = ["lxc", "kvm"] as const;
+export type Hypervisor = (typeof HYPERVISORS)[number];
+
 export interface VmSpec {
   vmId: number;
+  /** Which backend runs it (the OSF's hypervisor). */
+  hypervisor: Hypervisor;
   /** Container / domain name: always `qvd-<vmId>`. */
   name: string;
   memoryMb: number;
   cpuShares: number;
-  /** The unpacked image (LXC: a root filesystem directory under basefs/). */
-  image: { diId: number; path: string };
+  /** Virtual CPUs (KVM; LXC desktops share the node's CPUs by cpuShares). */
+  vcpus: number;
+  /**
+   * The image, ready for its backend. LXC: `path` is the unpacked root filesystem (basefs/).
+   * KVM: `path` is the qcow2 on shared storage (the read-only backing file of the VM's
+   * overlay), `kernel` and `initrd` what QEMU boots directly (extracted once under basefs/).
+   */
+  image: { diId: number; path: string; kernel?: string; initrd?: string };
   /** A writable layer over the image; kept across restarts when persistent. */
   overlay: { enabled: boolean; persistent: boolean };
-  /** The user's persistent home on shared storage (host path), mounted at /home/<user>. */
-  home: { hostPath: string; user: string };
+  /**
+   * The user's persistent home on shared storage. LXC: `hostPath` is a directory, mounted at
+   * /home/<user>. KVM: `hostPath` is a qcow2 disk of `sizeMb` (the OSF's user_storage_mb; 0: no
+   * home disk, the home lives and dies with the VM's root disk), mounted at /home in the guest.
+   */
+  home: { hostPath: string; user: string; sizeMb: number };
   network: VmNetwork;
   /** What the VMA in the guest needs: the per-start secret, the port it listens on, and the
    * node's settings for it (vma.json `settings`: they win over the image's vma.conf). */
@@ -33,7 +49,7 @@ export interface VmSpec {
 export type BackendState = "running" | "stopped";
 
 export interface Backend {
-  readonly kind: "lxc" | "kvm";
+  readonly kind: Hypervisor;
   /** Prepares storage, network and configuration; nothing runs yet. */
   prepare(spec: VmSpec): Promise<void>;
   /** Starts the guest; resolves once the backend says it runs (not that the VMA answers). */

@@ -12,6 +12,7 @@ import sessionEndNotify from "./0003-session-end-notify.sql" with { type: "text"
 import vmAddresses from "./0004-vm-addresses.sql" with { type: "text" };
 import loginThrottle from "./0005-login-throttle.sql" with { type: "text" };
 import farm from "./0006-farm.sql" with { type: "text" };
+import kvm from "./0007-kvm.sql" with { type: "text" };
 
 export const MIGRATIONS: Migration[] = [
   { version: 2, name: "token auth params", sql: tokenAuthParams },
@@ -19,4 +20,5 @@ export const MIGRATIONS: Migration[] = [
   { version: 4, name: "vm addresses", sql: vmAddresses },
   { version: 5, name: "login throttle", sql: loginThrottle },
   { version: 6, name: "farm", sql: farm },
+  { version: 7, name: "kvm", sql: kvm },
 ];
