@@ -116,7 +116,15 @@ test("the real migrations take a version-1 database to the current schema", asyn
              r.state, r.state_ts, r.blocked, r.cmd, r.ok_ts, r.usable_ram_mb, r.usable_cpu, r.version,
              (SELECT count(*) FROM vm_runtimes vr WHERE vr.host_id = h.id AND vr.vm_state <> 'stopped')::integer AS vms_running
         FROM hosts h JOIN host_runtimes r ON r.host_id = h.id`;
-    await db.sql`ALTER TABLE host_runtimes DROP COLUMN drain, DROP COLUMN lost_ts, DROP COLUMN lost_reason`;
+    await db.sql`ALTER TABLE host_runtimes DROP COLUMN drain, DROP COLUMN lost_ts, DROP COLUMN lost_reason, DROP COLUMN hypervisors, DROP COLUMN hypervisor_notes`;
+    await db.sql`DROP VIEW osf_view`; // as version 6 had it, without the KVM columns
+    await db.sql`CREATE VIEW osf_view AS
+      SELECT o.id, o.tenant_id, t.name AS tenant_name, o.name, o.description, o.memory_mb, o.cpu_shares, o.use_overlay,
+             o.persistent, o.user_storage_mb, o.created_at, o.updated_at,
+             (SELECT count(*) FROM vms v WHERE v.osf_id = o.id)::integer AS vms,
+             (SELECT count(*) FROM dis d WHERE d.osf_id = o.id)::integer AS dis
+        FROM osfs o JOIN tenants t ON t.id = o.tenant_id`;
+    await db.sql`ALTER TABLE osfs DROP COLUMN hypervisor, DROP COLUMN vcpus`;
     await db.sql`ALTER TABLE vm_runtimes DROP COLUMN vm_cmd_ts, DROP COLUMN home_key`;
     await db.sql`DROP INDEX vm_runtimes_state_ts`;
     await db.sql`DELETE FROM schema_migrations`;
@@ -137,6 +145,23 @@ test("the real migrations take a version-1 database to the current schema", asyn
     expect(farm.map((r) => r.c)).toEqual(["host_runtimes.drain", "host_runtimes.lost_reason", "host_runtimes.lost_ts", "vm_runtimes.home_key", "vm_runtimes.vm_cmd_ts"]);
     const view = await db.sql`SELECT column_name FROM information_schema.columns WHERE table_name = 'host_view' AND column_name IN ('drain', 'lost_ts', 'lost_reason') ORDER BY 1`;
     expect(view.map((r) => r.column_name)).toEqual(["drain", "lost_reason", "lost_ts"]);
+    // What migration 7 adds reads as in a new database: same columns, order, types, defaults and checks.
+    const fresh = await testDatabase({ empty: true });
+    try {
+      await initDatabase(fresh.sql, { adminPassword: "migrate-pw" });
+      // Order, not ordinal_position: a dropped column keeps its number.
+      const shape = (sql: typeof db.sql) => sql`SELECT table_name, column_name, row_number() OVER (PARTITION BY table_name ORDER BY ordinal_position)::int AS n, data_type, column_default, is_nullable
+        FROM information_schema.columns WHERE table_schema = 'public' AND table_name IN ('osfs', 'host_runtimes', 'osf_view', 'host_view')
+        ORDER BY table_name, ordinal_position`;
+      const checks = (sql: typeof db.sql) => sql`SELECT conrelid::regclass::text AS t, pg_get_constraintdef(oid) AS def FROM pg_constraint
+        WHERE conrelid IN ('osfs'::regclass, 'host_runtimes'::regclass) AND contype = 'c' ORDER BY 1, 2`;
+      const migrated = await shape(db.sql);
+      expect(migrated.filter((c) => ["hypervisor", "vcpus", "hypervisors", "hypervisor_notes"].includes(c.column_name)).length).toBe(8);
+      expect(migrated).toEqual(await shape(fresh.sql));
+      expect(await checks(db.sql)).toEqual(await checks(fresh.sql));
+    } finally {
+      await fresh.sql.end();
+    }
   } finally {
     await db.sql.end();
   }
