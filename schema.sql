@@ -519,6 +519,20 @@ BEGIN
 END $$;
 CREATE TRIGGER vms_ip_guard BEFORE UPDATE OF ip ON vms FOR EACH ROW EXECUTE FUNCTION vm_ip_guard();
 
+-- An OSF's images are of its hypervisor's kind, so the hypervisor changes only while it has
+-- none. The OSF's row is locked first: an image being added (its foreign key check holds a key
+-- share lock) commits before the check, and one added after it waits for the change.
+CREATE FUNCTION osf_hypervisor_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM 1 FROM osfs WHERE id = OLD.id FOR UPDATE;
+  IF EXISTS (SELECT 1 FROM dis WHERE osf_id = OLD.id) THEN
+    RAISE EXCEPTION 'OSF "%" has disk images: the hypervisor decides their kind; delete them or make a new OSF', OLD.name USING ERRCODE = '55000';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER osfs_hypervisor_guard BEFORE UPDATE OF hypervisor ON osfs FOR EACH ROW
+  WHEN (OLD.hypervisor IS DISTINCT FROM NEW.hypervisor) EXECUTE FUNCTION osf_hypervisor_guard();
+
 CREATE FUNCTION create_host_rows() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   INSERT INTO host_runtimes (host_id) VALUES (NEW.id);

@@ -124,6 +124,8 @@ test("the real migrations take a version-1 database to the current schema", asyn
              (SELECT count(*) FROM vms v WHERE v.osf_id = o.id)::integer AS vms,
              (SELECT count(*) FROM dis d WHERE d.osf_id = o.id)::integer AS dis
         FROM osfs o JOIN tenants t ON t.id = o.tenant_id`;
+    await db.sql`DROP TRIGGER osfs_hypervisor_guard ON osfs`;
+    await db.sql`DROP FUNCTION osf_hypervisor_guard()`;
     await db.sql`ALTER TABLE osfs DROP COLUMN hypervisor, DROP COLUMN vcpus`;
     await db.sql`ALTER TABLE vm_runtimes DROP COLUMN vm_cmd_ts, DROP COLUMN home_key`;
     await db.sql`DROP INDEX vm_runtimes_state_ts`;
@@ -159,6 +161,9 @@ test("the real migrations take a version-1 database to the current schema", asyn
       expect(migrated.filter((c) => ["hypervisor", "vcpus", "hypervisors", "hypervisor_notes"].includes(c.column_name)).length).toBe(8);
       expect(migrated).toEqual(await shape(fresh.sql));
       expect(await checks(db.sql)).toEqual(await checks(fresh.sql));
+      const triggers = (sql: typeof db.sql) => sql`SELECT tgname, pg_get_triggerdef(oid) AS def FROM pg_trigger WHERE tgrelid = 'osfs'::regclass AND NOT tgisinternal ORDER BY 1`;
+      expect((await triggers(db.sql)).map((t) => t.tgname)).toContain("osfs_hypervisor_guard");
+      expect(await triggers(db.sql)).toEqual(await triggers(fresh.sql));
     } finally {
       await fresh.sql.end();
     }

@@ -21,8 +21,9 @@ const ALIVE = 30;
 let seq = 0;
 
 /** A node with a heartbeat `okAgoS` seconds ago reporting `ramMb` free. */
-async function node(ramMb: number, o: { okAgoS?: number; state?: string; blocked?: boolean; drain?: boolean; backend?: boolean; cpu?: number; name?: string } = {}): Promise<number> {
+async function node(ramMb: number, o: { okAgoS?: number; state?: string; blocked?: boolean; drain?: boolean; backend?: boolean; cpu?: number; name?: string; hypervisors?: ("lxc" | "kvm")[] } = {}): Promise<number> {
   const h = await D.create(sql(), D.hosts, ALL, { name: o.name ?? `n${++seq}`, address: `198.19.0.${++seq % 250}`, backend: o.backend ?? true });
+  if (o.hypervisors) await D.setHostHypervisors(sql(), h.id, o.hypervisors, "");
   await sql()`UPDATE host_runtimes SET state = ${o.state ?? "running"}, blocked = ${o.blocked ?? false}, drain = ${o.drain ?? false},
       ok_ts = now() - make_interval(secs => ${o.okAgoS ?? 1}), usable_ram_mb = ${ramMb}, usable_cpu = ${o.cpu ?? 2000}
     WHERE host_id = ${h.id}`;
@@ -121,6 +122,61 @@ describe("placement", () => {
     const hosts = await placedOn(vms);
     expect(count(hosts, good)).toBe(2);
     for (const e of excluded) expect(count(hosts, e)).toBe(0);
+  });
+
+  test("a desktop goes only to a node that runs its hypervisor; when no running node does, the refusal says so", async () => {
+    const kvmOsf = (await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: `kvm${++seq}`, memory_mb: 512, hypervisor: "kvm", vcpus: 2 })).id;
+    const kvmDesktop = async () => (await desktops(1, { osf: kvmOsf }))[0]!;
+    const lxcOnly = await node(1e6); // a node's default: what nodes ran before KVM existed
+    const noRoom = "no node is available to run this VM (none running, unblocked, not draining, alive and with enough free memory)";
+
+    // Only an lxc node runs: a KVM desktop is refused for that reason, not for room.
+    const k1 = await kvmDesktop();
+    const err = await start(k1).catch((e) => e);
+    expect(err).toBeInstanceOf(D.ConflictError);
+    expect(err.message).toBe("no node is available to run this VM: no running node runs kvm desktops (they run lxc)");
+    expect(await placedOn([k1])).toEqual([null]);
+    expect(await D.placementCandidates(sql(), 0, ALIVE, "kvm")).toEqual([]);
+    expect(await D.placeVm(sql(), 512, ALIVE, "kvm")).toBeUndefined();
+
+    // A node running both takes both kinds; the lxc-only one never takes a KVM desktop, however much room it has.
+    const both = await node(2048, { hypervisors: ["kvm", "lxc"] });
+    expect((await sql()`SELECT hypervisors FROM host_runtimes WHERE host_id = ${both}`)[0]!.hypervisors).toEqual(["kvm", "lxc"]);
+    const kvms = [k1, await kvmDesktop(), await kvmDesktop()];
+    for (const v of kvms) await start(v);
+    expect(await placedOn(kvms)).toEqual([both, both, both]);
+    await sql()`UPDATE host_runtimes SET blocked = true WHERE host_id = ${lxcOnly}`;
+    const [l1] = await desktops(1);
+    await start(l1!);
+    expect(await placedOn([l1!])).toEqual([both]);
+    // Now full: the next KVM desktop is refused for room (a node does run kvm), and stays unplaced.
+    const k4 = await kvmDesktop();
+    expect((await start(k4).catch((e) => e)).message).toBe(noRoom);
+    // A blocked node that runs kvm is no candidate, but it does run kvm: the reason is not "none runs kvm".
+    await sql()`UPDATE host_runtimes SET blocked = true WHERE host_id = ${both}`;
+    expect((await start(k4).catch((e) => e)).message).toBe(noRoom);
+
+    // A KVM-only node never gets an LXC desktop; with only such nodes the refusal names the kind.
+    await sql()`UPDATE host_runtimes SET state = 'stopped' WHERE host_id IN (${lxcOnly}, ${both})`;
+    const kvmOnly = await node(1e6, { hypervisors: ["kvm"] });
+    const [l2] = await desktops(1);
+    expect((await start(l2!).catch((e) => e)).message).toBe("no node is available to run this VM: no running node runs lxc desktops (they run kvm)");
+    expect(await D.placementCandidates(sql(), 0, ALIVE, "lxc")).toEqual([]);
+    await start(k4);
+    expect([await placedOn([k4]), await placedOn([l2!])]).toEqual([[kvmOnly], [null]]);
+  });
+
+  test("a node's hypervisors: only lxc and kvm, written with the probes' notes", async () => {
+    const h = await node(1024);
+    await D.setHostHypervisors(sql(), h, ["lxc", "kvm", "lxc"], "kvm: tcg: /dev/kvm missing");
+    const row = await D.get(sql(), D.hosts, ALL, h);
+    expect([row.hypervisors, row.hypervisor_notes]).toEqual([["kvm", "lxc"], "kvm: tcg: /dev/kvm missing"]);
+    await expect(D.setHostHypervisors(sql(), h, ["xen" as "kvm"], "")).rejects.toThrow("unknown hypervisor xen");
+    // The table refuses other kinds too, whoever writes it.
+    await expect(sql()`UPDATE host_runtimes SET hypervisors = '{lxc,xen}' WHERE host_id = ${h}`).rejects.toThrow(/check constraint/);
+    await D.setHostHypervisors(sql(), h, [], "no backend can run here");
+    expect((await D.get(sql(), D.hosts, ALL, h)).hypervisors).toEqual([]);
+    expect(await D.placementCandidates(sql(), 0, ALIVE, "lxc")).toEqual([]);
   });
 
   test("the window: a heartbeat 25 s old is alive within 30 s, not within 20 s", async () => {

@@ -5,7 +5,7 @@ import { ConflictError, ValidationError } from "./errors.ts";
 import { setOf, transition, whereOf, type Actor } from "./lifecycle.ts";
 import { checkWritable, get, type Scope } from "./objects.ts";
 import { requestStart } from "./lifecycle.ts";
-import { placeVm } from "./placement.ts";
+import { hypervisorShortfall, placeVm } from "./placement.ts";
 import { transaction, type Db } from "./pool.ts";
 import { hosts } from "./hosts.ts";
 import { users } from "./users.ts";
@@ -40,12 +40,17 @@ export async function startVm(db: Db, scope: Scope, vmId: number, opts: { aliveW
   if (vm.vm_state !== "stopped") throw new ConflictError(`vm ${JSON.stringify(vm.name)} is ${vm.vm_state}, not stopped`);
   if (vm.vm_cmd) throw new ConflictError(`vm ${JSON.stringify(vm.name)} already has a pending ${vm.vm_cmd} command`);
   const home = homeKey(vm);
-  const [osf] = await db`SELECT memory_mb FROM osfs WHERE id = ${vm.osf_id}`;
+  const [osf] = await db`SELECT memory_mb, hypervisor FROM osfs WHERE id = ${vm.osf_id}`;
   try {
     return await transaction(db, async (tx) => {
       await tx`SELECT pg_advisory_xact_lock(${PLACEMENT_LOCK})`;
-      const hostId = await placeVm(tx, osf!.memory_mb, opts.aliveWithinS);
-      if (hostId === undefined) throw new ConflictError("no node is available to run this VM (none running, unblocked, not draining, alive and with enough free memory)");
+      const hostId = await placeVm(tx, osf!.memory_mb, opts.aliveWithinS, osf!.hypervisor);
+      if (hostId === undefined) {
+        // Which kinds a node runs is its HKD's finding (host_runtimes.hypervisors): a distinct cause.
+        const why = await hypervisorShortfall(tx, osf!.hypervisor, opts.aliveWithinS);
+        if (why) throw new ConflictError(`no node is available to run this VM: ${why}`);
+        throw new ConflictError("no node is available to run this VM (none running, unblocked, not draining, alive and with enough free memory)");
+      }
       if (!(await requestStart(tx, vmId, hostId, { by: opts.by ?? "api", homeKey: home }))) throw new ConflictError(`vm ${JSON.stringify(vm.name)} changed state meanwhile; try again`);
       // The OSF it starts with (as the node records it): placement reads pending memory from it.
       await tx`UPDATE vm_runtimes SET current_osf_id = ${vm.osf_id} WHERE vm_id = ${vmId}`;

@@ -1,5 +1,6 @@
 // Hosts: the server nodes (HKD + L7R). Global: no tenant.
 import { z } from "zod";
+import { HYPERVISORS, type Hypervisor } from "../virt/backend.ts";
 import { description, timestamp, type ObjectDef } from "./objects.ts";
 import type { Db } from "./pool.ts";
 
@@ -26,6 +27,10 @@ export const HostRow = z.object({
   /** When and why the node was last declared lost (kept after it rejoins). */
   lost_ts: timestamp.nullable(),
   lost_reason: z.string(),
+  /** The kinds of desktop the node runs now (its HKD writes them at start-up, after probing). */
+  hypervisors: z.array(z.enum(HYPERVISORS)).describe("The kinds of desktop the node runs now (lxc, kvm), as its HKD found them at start-up"),
+  /** What the probes found, e.g. KVM's accelerator and why. */
+  hypervisor_notes: z.string().describe("What the node's backend probes found at start-up (e.g. KVM's accelerator and why)"),
   created_at: timestamp,
   updated_at: timestamp,
 });
@@ -51,6 +56,17 @@ export const hosts: ObjectDef<HostRow> = {
   dependents: [{ label: "VMs assigned to it", table: "vm_runtimes", column: "host_id", idColumn: "vm_id" }],
   canDelete: (row) => (row.state === "running" || row.state === "starting" ? `host ${JSON.stringify(row.name)} is ${row.state}; stop its node first` : undefined),
 };
+
+/**
+ * Records the backends a node runs and what their probes found (its HKD, at start-up): placement
+ * gives it only desktops of these kinds. Unknown kinds are a programming error, not input.
+ */
+export async function setHostHypervisors(db: Db, hostId: number, kinds: Hypervisor[], notes: string): Promise<void> {
+  const bad = kinds.filter((k) => !(HYPERVISORS as readonly string[]).includes(k));
+  if (bad.length) throw new Error(`unknown hypervisor ${bad.join(", ")}`);
+  const unique = [...new Set(kinds)].sort();
+  await db`UPDATE host_runtimes SET hypervisors = ${unique}::text[], hypervisor_notes = ${notes.slice(0, 2000)} WHERE host_id = ${hostId}`;
+}
 
 export const HOST_COUNTERS = ["http_requests", "auth_attempts", "auth_ok", "nx_attempts", "nx_ok", "short_sessions"] as const;
 

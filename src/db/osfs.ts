@@ -1,6 +1,14 @@
-// OS flavours: the template a family of VMs shares (memory, CPU share, overlay, home size).
+// OS flavours: the template a family of VMs shares (hypervisor, memory, CPUs, overlay, home size).
 import { z } from "zod";
+import { HYPERVISORS } from "../virt/backend.ts";
 import { description, timestamp, type ObjectDef } from "./objects.ts";
+
+/** The backend an OSF's desktops run on; its images are of that kind. */
+export const hypervisorSchema = z.enum(HYPERVISORS);
+
+const HYPERVISOR_DOC = "lxc (a container; images are root filesystem tarballs) or kvm (a virtual machine; images are qcow2 disks). Changes only while the OSF has no disk images";
+const VCPUS_DOC = "KVM only: virtual CPUs of each desktop, 1 to 64 (LXC desktops share the node's CPUs by cpu_shares)";
+const USER_STORAGE_DOC = "KVM only: size of the user's home disk in MB, 0 = none (the home is on the desktop's root disk). LXC homes are directories: unused";
 
 export const OsfRow = z.object({
   id: z.number().int(),
@@ -12,7 +20,9 @@ export const OsfRow = z.object({
   cpu_shares: z.number().int(),
   use_overlay: z.boolean(),
   persistent: z.boolean(),
-  user_storage_mb: z.number().int(),
+  user_storage_mb: z.number().int().describe(USER_STORAGE_DOC),
+  hypervisor: hypervisorSchema.describe(HYPERVISOR_DOC),
+  vcpus: z.number().int().describe(VCPUS_DOC),
   vms: z.number().int(),
   dis: z.number().int(),
   created_at: timestamp,
@@ -28,7 +38,9 @@ export const OsfCreate = z.object({
   cpu_shares: z.number().int().min(2).max(262144).optional(),
   use_overlay: z.boolean().optional(),
   persistent: z.boolean().optional(),
-  user_storage_mb: z.number().int().min(0).optional(),
+  user_storage_mb: z.number().int().min(0).optional().describe(USER_STORAGE_DOC),
+  hypervisor: hypervisorSchema.optional().describe(HYPERVISOR_DOC + " (default lxc)"),
+  vcpus: z.number().int().min(1).max(64).optional().describe(VCPUS_DOC + " (default 1)"),
 });
 export const OsfUpdate = OsfCreate.omit({ tenant_id: true }).partial();
 

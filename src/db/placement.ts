@@ -1,6 +1,7 @@
 // Placement: which node runs a desktop about to start, and where a queued start stands.
 //
-// A node is a candidate when it is a backend, running, not blocked, not draining, and its
+// A node is a candidate when it is a backend, running, not blocked, not draining, runs the
+// desktop's hypervisor (host_runtimes.hypervisors, written by its HKD at start-up), and its
 // heartbeat is within `cluster.alive_within` (the one liveness window every caller uses). Its
 // free memory is what it reported at its last heartbeat minus the memory of the desktops it
 // has taken on since, which that report cannot show yet: those placed on it (start command
@@ -8,6 +9,7 @@
 // without room after that is no candidate; the others are scored by free memory and CPU
 // (relative to the best node) plus a random term, so a burst spreads over the farm.
 import type { Config } from "../config.ts";
+import type { Hypervisor } from "../virt/backend.ts";
 import { transition } from "./lifecycle.ts";
 import { transaction, type Db } from "./pool.ts";
 
@@ -30,17 +32,17 @@ export interface Candidate {
 }
 
 /**
- * The candidates for a desktop of `memoryMb`, as a subquery. The pending sum finds its rows
+ * The candidates for a `hypervisor` desktop of `memoryMb`, as a subquery. The pending sum finds its rows
  * through indexes only (vm_runtimes_pending, vm_runtimes_state, vm_runtimes_state_ts): the
  * first OR keeps the scan to commands, starts and recent changes farm-wide. Their memory comes
  * from current_osf_id (set by the start command, then by the node), so no VM row is read.
  */
-const candidates = (db: Db, memoryMb: number, aliveS: number) => db`
+const candidates = (db: Db, memoryMb: number, aliveS: number, hypervisor: Hypervisor) => db`
   WITH alive AS (
     SELECT h.id, h.name, r.ok_ts, coalesce(r.usable_ram_mb, 0)::float8 AS ram, coalesce(r.usable_cpu, 0)::float8 AS cpu
       FROM hosts h JOIN host_runtimes r ON r.host_id = h.id
      WHERE h.backend AND r.state = 'running' AND NOT r.blocked AND NOT r.drain
-       AND r.ok_ts > now() - make_interval(secs => ${aliveS})
+       AND r.ok_ts > now() - make_interval(secs => ${aliveS}) AND ${hypervisor}::text = ANY(r.hypervisors)
   ), pending AS (
     SELECT vr.host_id, sum(o.memory_mb)::float8 AS mb
       FROM vm_runtimes vr JOIN alive a ON a.id = vr.host_id JOIN osfs o ON o.id = coalesce(vr.current_osf_id, (SELECT v.osf_id FROM vms v WHERE v.id = vr.vm_id))
@@ -52,24 +54,38 @@ const candidates = (db: Db, memoryMb: number, aliveS: number) => db`
     FROM alive a LEFT JOIN pending p ON p.host_id = a.id
    WHERE a.ram - coalesce(p.mb, 0) >= ${memoryMb}`;
 
-/** Every node that could take a desktop of `memoryMb` now, with what placement weighs. */
-export async function placementCandidates(db: Db, memoryMb: number, aliveS: number): Promise<Candidate[]> {
-  return (await db`SELECT * FROM (${candidates(db, memoryMb, aliveS)}) c ORDER BY id`) as unknown as Candidate[];
+/** Every node that could take a `hypervisor` desktop of `memoryMb` now, with what placement weighs. */
+export async function placementCandidates(db: Db, memoryMb: number, aliveS: number, hypervisor: Hypervisor = "lxc"): Promise<Candidate[]> {
+  return (await db`SELECT * FROM (${candidates(db, memoryMb, aliveS, hypervisor)}) c ORDER BY id`) as unknown as Candidate[];
 }
 
-const pick = (db: Db, memoryMb: number, aliveS: number) => db`SELECT id FROM (${candidates(db, memoryMb, aliveS)}) c
+const pick = (db: Db, memoryMb: number, aliveS: number, hypervisor: Hypervisor) => db`SELECT id FROM (${candidates(db, memoryMb, aliveS, hypervisor)}) c
     ORDER BY ${W_RAM} * free_mb / greatest(max(free_mb) OVER (), 1) + ${W_CPU} * cpu / greatest(max(cpu) OVER (), 1) + ${W_RANDOM} * random() DESC
     LIMIT 1`;
 
-/** Picks the node for a desktop of `memoryMb` (one query); undefined when none qualifies. */
-export async function placeVm(db: Db, memoryMb: number, aliveS: number): Promise<number | undefined> {
-  const [r] = await pick(db, memoryMb, aliveS);
+/** Picks the node for a `hypervisor` desktop of `memoryMb` (one query); undefined when none qualifies. */
+export async function placeVm(db: Db, memoryMb: number, aliveS: number, hypervisor: Hypervisor = "lxc"): Promise<number | undefined> {
+  const [r] = await pick(db, memoryMb, aliveS, hypervisor);
   return r?.id;
 }
 
+/**
+ * Why no node takes a `hypervisor` desktop, when the cause is that no running backend node runs
+ * that kind (blocked, draining or full ones included) while some run others; undefined otherwise.
+ */
+export async function hypervisorShortfall(db: Db, hypervisor: Hypervisor, aliveS: number): Promise<string | undefined> {
+  const [r] = await db`SELECT count(*) FILTER (WHERE ${hypervisor}::text = ANY(r.hypervisors))::int AS runs,
+         array(SELECT DISTINCT k FROM hosts h2 JOIN host_runtimes r2 ON r2.host_id = h2.id, unnest(r2.hypervisors) k
+                WHERE h2.backend AND r2.state = 'running' AND r2.ok_ts > now() - make_interval(secs => ${aliveS}) ORDER BY k) AS kinds
+       FROM hosts h JOIN host_runtimes r ON r.host_id = h.id
+      WHERE h.backend AND r.state = 'running' AND r.ok_ts > now() - make_interval(secs => ${aliveS})`;
+  if (!r || r.runs > 0 || r.kinds.length === 0) return undefined;
+  return `no running node runs ${hypervisor} desktops (they run ${r.kinds.join(", ")})`;
+}
+
 /** The plan of placeVm's query (bench/farm.ts checks which tables it reads in full). */
-export async function placementPlan(db: Db, memoryMb: number, aliveS: number): Promise<string[]> {
-  return (await db`EXPLAIN ${pick(db, memoryMb, aliveS)}`).map((r) => r["QUERY PLAN"] as string);
+export async function placementPlan(db: Db, memoryMb: number, aliveS: number, hypervisor: Hypervisor = "lxc"): Promise<string[]> {
+  return (await db`EXPLAIN ${pick(db, memoryMb, aliveS, hypervisor)}`).map((r) => r["QUERY PLAN"] as string);
 }
 
 export interface QueuePlace {

@@ -10,6 +10,20 @@ ALTER TABLE host_runtimes ADD COLUMN hypervisors text[] NOT NULL DEFAULT '{lxc}'
   CHECK (hypervisors <@ ARRAY['lxc', 'kvm']::text[]);
 ALTER TABLE host_runtimes ADD COLUMN hypervisor_notes text NOT NULL DEFAULT '';
 
+-- An OSF's images are of its hypervisor's kind, so the hypervisor changes only while it has
+-- none. The OSF's row is locked first: an image being added (its foreign key check holds a key
+-- share lock) commits before the check, and one added after it waits for the change.
+CREATE FUNCTION osf_hypervisor_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM 1 FROM osfs WHERE id = OLD.id FOR UPDATE;
+  IF EXISTS (SELECT 1 FROM dis WHERE osf_id = OLD.id) THEN
+    RAISE EXCEPTION 'OSF "%" has disk images: the hypervisor decides their kind; delete them or make a new OSF', OLD.name USING ERRCODE = '55000';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER osfs_hypervisor_guard BEFORE UPDATE OF hypervisor ON osfs FOR EACH ROW
+  WHEN (OLD.hypervisor IS DISTINCT FROM NEW.hypervisor) EXECUTE FUNCTION osf_hypervisor_guard();
+
 -- New columns go last (CREATE OR REPLACE VIEW keeps the old ones in place).
 CREATE OR REPLACE VIEW osf_view AS
   SELECT o.id, o.tenant_id, t.name AS tenant_name, o.name, o.description, o.memory_mb, o.cpu_shares, o.use_overlay,
