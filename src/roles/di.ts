@@ -5,8 +5,9 @@ import { dirname, join, resolve } from "node:path";
 import { defineCommand } from "citty";
 import { commonArgs, configFromArgs } from "../cli.ts";
 import { UserError } from "../errors.ts";
-import { buildImage, DEFAULT_IMAGE_NAME, DESKTOP_PACKAGES, SUITE } from "../virt/image-build.ts";
+import { buildImage, DEFAULT_IMAGE_NAME, DEFAULT_KVM_IMAGE_NAME, DESKTOP_PACKAGES, KVM_PACKAGES, SUITE } from "../virt/image-build.ts";
 import { checkEntries, ImageError, inspectImage, unpackImage } from "../virt/images.ts";
+import { inspectQcow2 } from "../virt/kvm-image.ts";
 import { idmapFromConfig } from "../virt/lxc.ts";
 
 const MiB = (n: number) => `${(n / 1024 / 1024).toFixed(1)} MiB`;
@@ -14,11 +15,12 @@ const MiB = (n: number) => `${(n / 1024 / 1024).toFixed(1)} MiB`;
 const build = defineCommand({
   meta: {
     name: "build",
-    description: `Build a Debian ${SUITE} desktop image (nxagent, xinit, jwm, xterm, X apps) with debootstrap; needs root`,
+    description: `Build a Debian ${SUITE} desktop image (nxagent, xinit, jwm, xterm, X apps) with debootstrap; --kvm: a bootable qcow2 for KVM desktops; needs root`,
   },
   args: {
     ...commonArgs,
-    output: { type: "string", description: `Image file to write (default <path.storage.images>/${DEFAULT_IMAGE_NAME}); .tar.gz, .tar.xz, .tar.zst or .tar`, valueHint: "FILE" },
+    output: { type: "string", description: `Image file to write (default <path.storage.images>/${DEFAULT_IMAGE_NAME}, with --kvm ${DEFAULT_KVM_IMAGE_NAME}); .tar.gz, .tar.xz, .tar.zst or .tar; .qcow2 with --kvm`, valueHint: "FILE" },
+    kvm: { type: "boolean", description: "A KVM image: the same desktop with a kernel, systemd and the VMA's service, as a qcow2 disk QEMU boots directly" },
     cache: { type: "string", description: "Cache of packages and finished images (di.build.cache, default /var/cache/qvd/debootstrap)", valueHint: "DIR" },
     mirror: { type: "string", description: "Debian mirror (di.build.mirror; default: from this machine's apt sources)", valueHint: "URL" },
     rebuild: { type: "boolean", description: "Build anew: ignore cached images and the cached base system (downloads are still reused)" },
@@ -29,22 +31,25 @@ const build = defineCommand({
       { flag: "--mirror", key: "di.build.mirror", value: args.mirror },
     ]);
     const imagesDir = cfg.storagePath("path.storage.images");
-    const output = resolve(args.output ?? join(imagesDir, DEFAULT_IMAGE_NAME));
-    console.log(`Building ${output}`);
-    console.log(`Packages: debootstrap minbase + ${DESKTOP_PACKAGES.join(" ")}`);
+    const kvm = Boolean(args.kvm);
+    const output = resolve(args.output ?? join(imagesDir, kvm ? DEFAULT_KVM_IMAGE_NAME : DEFAULT_IMAGE_NAME));
+    console.log(`Building ${output}${kvm ? " (KVM)" : ""}`);
+    console.log(`Packages: debootstrap minbase + ${[...DESKTOP_PACKAGES, ...(kvm ? KVM_PACKAGES : [])].join(" ")}`);
     const res = await buildImage({
       output,
       cacheDir: cfg.get("di.build.cache"),
       mirror: cfg.get("di.build.mirror"),
       rebuild: Boolean(args.rebuild),
+      kvm,
       log: (line) => console.log(line),
     });
     console.log(`${res.cached ? "Copied from the cache" : "Built"} in ${res.seconds.toFixed(0)}s.`);
     console.log(`Image:   ${res.output}`);
     console.log(`Size:    ${MiB(res.bytes)} (${res.bytes} bytes)`);
+    if (kvm) console.log(`Disk:    ${MiB((await inspectQcow2(res.output)).virtualSize)} virtual (ext4, label qvd-root)`);
     console.log(`SHA-256: ${res.sha256}`);
     if (dirname(res.output) === resolve(imagesDir))
-      console.log(`Register it: qvd admin di create osf=<OSF> path=${res.output.slice(resolve(imagesDir).length + 1)}`);
+      console.log(`Register it: qvd admin di create osf=<${kvm ? "a KVM OSF" : "OSF"}> path=${res.output.slice(resolve(imagesDir).length + 1)}`);
   },
 });
 

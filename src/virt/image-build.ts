@@ -9,7 +9,7 @@
 //   images/        the last finished image per recipe: an unchanged recipe is not built again
 //   build-*/       work directories of running builds (removed at the end, even on failure)
 //   .lock          one build at a time per cache
-import { copyFileSync, existsSync, linkSync, lstatSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, chmodSync } from "node:fs";
+import { copyFileSync, existsSync, linkSync, lstatSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync, chmodSync } from "node:fs";
 import { basename, dirname, join, resolve } from "node:path";
 import { UserError } from "../errors.ts";
 import { run } from "../run.ts";
@@ -191,7 +191,104 @@ export const RECIPE = {
   pulse: PULSE_CLIENT_CONF,
 };
 
-export const recipeHash = () => new Bun.CryptoHasher("sha256").update(JSON.stringify(RECIPE)).digest("hex");
+// --- KVM images (`qvd di build --kvm`): the same desktop as a bootable disk ------------------------
+
+export const DEFAULT_KVM_IMAGE_NAME = `debian-${SUITE}-desktop.qcow2`;
+
+/** What a VM needs besides the desktop: a kernel and initramfs, systemd as init, udev (disk ids). */
+export const KVM_PACKAGES = [
+  "linux-image-amd64", // booted directly by QEMU (-kernel/-initrd, extracted by the node: src/virt/kvm-image.ts)
+  "systemd-sysv", // init: mounts the qvd binary's disk and runs the VMA as a service
+  "udev", // /dev/disk/by-id/virtio-<serial>: how the guest finds the qvd binary's and the home's disks
+  "kmod",
+  "e2fsprogs", // the VMA formats the user's home disk (mkfs.ext4)
+  "usbip", // USB devices from the client, later
+] as const;
+
+/**
+ * Kernel modules for hardware a VM never has, kept out by dpkg (/etc/dpkg/dpkg.cfg.d/qvd-kvm):
+ * about 200 MB of the 400 MB of modules. What a QEMU guest uses stays: virtio_* (block, net,
+ * console, rng, balloon, input), tun, usbip/vhci-hcd, SCSI (USB storage through usbip),
+ * filesystems, nls, 9p, fuse/virtiofs, qemu_fw_cfg. The virtio GPU goes with the GPU drivers:
+ * desktops draw through nxagent, the VM has no display.
+ */
+export const KVM_MODULE_EXCLUDES = `# Written by qvd di build --kvm: kernel modules for hardware a virtual machine never has.
+${[
+  "drivers/gpu", "drivers/media", "drivers/net/wireless", "drivers/net/ethernet", "drivers/net/can", "drivers/net/wwan",
+  "drivers/infiniband", "drivers/staging", "drivers/iio", "drivers/platform", "drivers/hwmon", "drivers/comedi",
+  "drivers/isdn", "drivers/bluetooth", "drivers/mtd", "drivers/mmc", "drivers/memstick", "drivers/target",
+  "drivers/thunderbolt", "drivers/firewire", "drivers/atm", "drivers/nfc", "drivers/fpga", "drivers/gnss",
+  "drivers/w1", "drivers/pcmcia", "drivers/edac", "drivers/video", "sound",
+  "net/wireless", "net/mac80211", "net/bluetooth", "net/can", "net/nfc", "net/atm",
+].flatMap((d) => [`path-exclude /lib/modules/*/kernel/${d}/*`, `path-exclude /usr/lib/modules/*/kernel/${d}/*`]).join("\n")}
+`;
+
+/** The initramfs only has to find /dev/vda: MODULES=list builds it in seconds instead of minutes. */
+export const INITRAMFS_MODULES = ["virtio_pci", "virtio_blk", "ext4", "crc32c_generic"] as const;
+export const INITRAMFS_CONF = `# Written by qvd di build --kvm: only the modules listed in /etc/initramfs-tools/modules.
+MODULES=list
+`;
+
+/** The node's qvd binary: a small read-only ext4 disk with serial qvd-bin, holding /qvd. */
+export const OPT_QVD_MOUNT = `# Written by qvd di build --kvm: the node's qvd binary, on a read-only disk the node attaches.
+[Unit]
+Description=The node's qvd binary (read-only disk)
+
+[Mount]
+What=/dev/disk/by-id/virtio-qvd-bin
+Where=/opt/qvd
+Type=ext4
+Options=ro,nodev,nosuid
+`;
+
+/** The VMA: reads its settings from fw_cfg, sets up the network and the home disk, serves the node. */
+export const QVD_VMA_SERVICE = `# Written by qvd di build --kvm: the desktop's agent, from the node's qvd binary.
+[Unit]
+Description=QVD VM agent
+Requires=opt-qvd.mount
+After=opt-qvd.mount
+
+[Service]
+ExecStart=/opt/qvd/qvd vma --kvm-guest
+Restart=on-failure
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+`;
+
+/**
+ * Units masked in the guest: no login on any console (nothing listens, nobody logs in but
+ * through the desktop), no periodic jobs writing to a disk that is thrown away at stop, and the
+ * session services the VMA starts itself (CUPS, PulseAudio) not started by systemd.
+ */
+export const MASKED_UNITS = [
+  "getty.target", "getty@.service", "serial-getty@.service", "autovt@.service", "console-getty.service", "container-getty@.service",
+  "apt-daily.timer", "apt-daily.service", "apt-daily-upgrade.timer", "apt-daily-upgrade.service",
+  "e2scrub_all.timer", "e2scrub_all.service", "e2scrub_reap.service", "fstrim.timer", "fstrim.service",
+  "man-db.timer", "man-db.service", "systemd-timesyncd.service",
+  "cups.service", "cups.socket", "cups.path", "cups-browsed.service", "pulseaudio.service", "pulseaudio-enable-autospawn.service",
+] as const;
+
+export const KVM_FSTAB = `# Written by qvd di build --kvm: the image is one ext4 filesystem on the whole disk.
+/dev/vda / ext4 rw,errors=remount-ro 0 1
+`;
+
+/** Everything that decides a KVM image beyond the desktop (RECIPE). */
+export const KVM_RECIPE = {
+  revision: 1,
+  packages: KVM_PACKAGES,
+  moduleExcludes: KVM_MODULE_EXCLUDES,
+  initramfsModules: INITRAMFS_MODULES,
+  initramfsConf: INITRAMFS_CONF,
+  mount: OPT_QVD_MOUNT,
+  service: QVD_VMA_SERVICE,
+  masked: MASKED_UNITS,
+  fstab: KVM_FSTAB,
+};
+
+export const recipeHash = (kvm = false) =>
+  new Bun.CryptoHasher("sha256").update(JSON.stringify(kvm ? { ...RECIPE, kvm: KVM_RECIPE } : RECIPE)).digest("hex");
 
 /** Files required in every built image (relative to its root). */
 export const REQUIRED_FILES = [
@@ -222,6 +319,21 @@ export const REQUIRED_FILES = [
   "usr/share/applications/qvd-xedit.desktop",
   "etc/xdg/mimeapps.list",
   "etc/pulse/client.conf.d/99-qvd.conf",
+];
+
+/** Files required in every KVM image besides REQUIRED_FILES (the guest contract, src/virt/README.md). */
+export const KVM_REQUIRED_FILES = [
+  "vmlinuz",
+  "initrd.img",
+  "sbin/init",
+  "usr/bin/systemctl",
+  "usr/sbin/usbip",
+  "sbin/mkfs.ext4",
+  "etc/fstab",
+  "etc/systemd/system/opt-qvd.mount",
+  "etc/systemd/system/qvd-vma.service",
+  "etc/systemd/system/multi-user.target.wants/qvd-vma.service",
+  "etc/initramfs-tools/modules",
 ];
 
 // --- mirrors ------------------------------------------------------------------------------------
@@ -341,6 +453,63 @@ function compressionFor(file: string): { args: string[]; ext: string } {
 
 const MiB = (n: number) => `${(n / 1024 / 1024).toFixed(1)} MiB`;
 
+// --- KVM images -----------------------------------------------------------------------------------
+
+/** The guest contract's side in the image (src/virt/README.md "KVM images"): units, masks, fstab. */
+async function configureGuest(root: string): Promise<void> {
+  const sys = join(root, "etc/systemd/system");
+  mkdirSync(join(sys, "multi-user.target.wants"), { recursive: true });
+  writeFileSync(join(sys, "opt-qvd.mount"), OPT_QVD_MOUNT);
+  writeFileSync(join(sys, "qvd-vma.service"), QVD_VMA_SERVICE);
+  mkdirSync(join(root, "opt/qvd"), { recursive: true });
+  // What `systemctl enable` and `mask` write, without a running systemd to ask.
+  const link = (target: string, at: string) => {
+    rmSync(at, { force: true });
+    symlinkSync(target, at);
+  };
+  link("/etc/systemd/system/qvd-vma.service", join(sys, "multi-user.target.wants/qvd-vma.service"));
+  link("/lib/systemd/system/multi-user.target", join(sys, "default.target"));
+  for (const u of MASKED_UNITS) link("/dev/null", join(sys, u));
+  // Whatever a package enabled among them goes too (a masked unit's wants links are dead ends).
+  for (const d of readdirSync(sys)) {
+    if (!d.endsWith(".wants") && !d.endsWith(".requires")) continue;
+    for (const n of readdirSync(join(sys, d))) if ((MASKED_UNITS as readonly string[]).includes(n) || /^(getty|serial-getty|autovt)@/.test(n)) rmSync(join(sys, d, n), { force: true });
+  }
+  writeFileSync(join(root, "etc/fstab"), KVM_FSTAB);
+  // Every desktop would share one machine id: empty means systemd makes one at boot.
+  writeFileSync(join(root, "etc/machine-id"), "");
+  rmSync(join(root, "var/lib/dbus/machine-id"), { force: true });
+  // The initramfs finds the root disk (virtio) and its filesystem (lsinitramfs needs /proc).
+  const listed = (await run(["unshare", "-m", "--propagation", "private", "sh", "-c", 'mount -t proc proc "$0/proc" && exec chroot "$0" lsinitramfs /initrd.img', root], { env: CHROOT_ENV })).stdout;
+  for (const m of ["virtio_blk", "virtio_pci", "ext4"]) if (!new RegExp(`/${m}\\.ko`).test(listed)) throw new UserError(`the initramfs lacks ${m}.ko`);
+}
+
+/**
+ * The root filesystem as a disk: ext4 (label qvd-root) on the whole disk, made by mkfs.ext4 -d
+ * from the tree (no mount), used size + 25 % + 512 MiB, then converted into a qcow2.
+ */
+async function makeDisk(root: string, work: string, out: string, o: { mkfs: string; qemuImg: string; log: (l: string) => void; elapsed: () => string }): Promise<void> {
+  // Runtime directories stay empty (devtmpfs, proc, sysfs and tmpfs are mounted over them).
+  for (const d of ["dev", "proc", "sys", "run"]) {
+    const p = join(root, d);
+    if (existsSync(p)) for (const n of readdirSync(p)) rmSync(join(p, n), { recursive: true, force: true });
+  }
+  const used = Number((await run(["du", "-s", "-x", "-B1", root])).stdout.split(/\s/)[0]);
+  const size = Math.ceil((used * 1.25 + 512 * 1024 * 1024) / (1024 * 1024)) * 1024 * 1024;
+  const raw = join(work, "disk.raw");
+  o.log(`[5/6] mkfs.ext4 -L qvd-root: ${MiB(used)} of files on a ${MiB(size)} disk`);
+  writeFileSync(raw, "");
+  truncateSync(raw, size);
+  // Inode tables and journal written now (not lazily by every guest's kernel into its overlay).
+  await run([o.mkfs, "-q", "-F", "-t", "ext4", "-L", "qvd-root", "-m", "1", "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", "-d", root, raw], { env: { LC_ALL: "C" } });
+  await run(["e2fsck", "-f", "-n", raw], { env: { LC_ALL: "C" } });
+  o.log(`      filesystem made (${o.elapsed()})`);
+  o.log(`[6/6] qemu-img convert -O qcow2`);
+  await run([o.qemuImg, "convert", "-f", "raw", "-O", "qcow2", raw, out]);
+  rmSync(raw, { force: true });
+  o.log(`      ${MiB(statSync(out).size)} qcow2, ${MiB(size)} virtual (${o.elapsed()})`);
+}
+
 // --- the build ----------------------------------------------------------------------------------
 
 export interface BuildOptions {
@@ -351,6 +520,8 @@ export interface BuildOptions {
   rebuild?: boolean;
   /** Progress lines for people. */
   log?: (line: string) => void;
+  /** A KVM image: a bootable qcow2 (output must end in .qcow2) instead of a tarball. */
+  kvm?: boolean;
 }
 
 export interface BuildResult {
@@ -374,15 +545,19 @@ export async function buildImage(opts: BuildOptions): Promise<BuildResult> {
   const elapsed = () => `${((Date.now() - started) / 1000).toFixed(0)}s`;
   const output = resolve(opts.output);
   const cacheDir = resolve(opts.cacheDir);
-  const comp = compressionFor(output);
+  const kvm = Boolean(opts.kvm);
+  if (kvm && !output.endsWith(".qcow2")) throw new UserError(`${output}: a KVM image's name must end in .qcow2`);
+  const comp = kvm ? { args: [], ext: ".qcow2" } : compressionFor(output);
   if (process.getuid?.() !== 0) throw new UserError("building an image needs root (debootstrap and chroot)");
   const which = (prog: string) => {
     const found = Bun.which(prog, { PATH: `${process.env.PATH ?? ""}:/usr/sbin:/sbin` });
-    if (!found) throw new UserError(`${prog} is missing (apt-get install debootstrap tar coreutils)`);
+    if (!found) throw new UserError(`${prog} is missing (apt-get install debootstrap tar coreutils${kvm ? " e2fsprogs qemu-utils util-linux" : ""})`);
     return found;
   };
   const [debootstrap, chrootBin] = [which("debootstrap"), which("chroot")];
-  const recipe = recipeHash();
+  const [mkfs, qemuImg, unshare] = kvm ? [which("mkfs.ext4"), which("qemu-img"), which("unshare")] : ["", "", ""];
+  const steps = kvm ? 6 : 5;
+  const recipe = recipeHash(kvm);
   mkdirSync(cacheDir, { recursive: true });
   mkdirSync(dirname(output), { recursive: true });
 
@@ -390,7 +565,10 @@ export async function buildImage(opts: BuildOptions): Promise<BuildResult> {
   const work = join(cacheDir, `build-${process.pid}-${Date.now().toString(36)}`);
   const tmpOut = join(dirname(output), `.${basename(output)}.tmp-${process.pid}`);
   try {
-    const cached = join(cacheDir, "images", `debian-${SUITE}-desktop-${recipe.slice(0, 16)}${comp.ext}`);
+    // One cached image per kind: a tarball build never evicts the qcow2, nor the other way round.
+    const cachePrefix = kvm ? `debian-${SUITE}-desktop-kvm-` : `debian-${SUITE}-desktop-`;
+    const sameKind = (n: string) => n.startsWith(cachePrefix) && (kvm ? n.endsWith(".qcow2") : !n.endsWith(".qcow2") && !n.includes("-kvm-"));
+    const cached = join(cacheDir, "images", `${cachePrefix}${recipe.slice(0, 16)}${comp.ext}`);
     if (!opts.rebuild && existsSync(cached)) {
       log(`using the cached image ${cached} (same recipe; --rebuild to build anew)`);
       copyFileSync(cached, tmpOut);
@@ -410,11 +588,11 @@ export async function buildImage(opts: BuildOptions): Promise<BuildResult> {
     const baseAge = existsSync(base) ? (Date.now() - statSync(base).mtimeMs) / 86_400_000 : Infinity;
     const tarFlags = ["--numeric-owner", "--xattrs", "--xattrs-include=*"];
     if (!opts.rebuild && baseAge < BASE_MAX_AGE_DAYS) {
-      log(`[1/5] base system from the cache (${base}, ${baseAge.toFixed(1)} days old; updates come in step 2)`);
+      log(`[1/${steps}] base system from the cache (${base}, ${baseAge.toFixed(1)} days old; updates come in step 2)`);
       await run(["tar", "-x", "-z", "-p", "-f", base, "-C", root, ...tarFlags]);
       for (const d of ["var/lib/apt/lists/partial", "var/cache/apt/archives/partial"]) mkdirSync(join(root, d), { recursive: true });
     } else {
-      log(`[1/5] debootstrap --variant=minbase ${SUITE} from ${mirrors.debian}`);
+      log(`[1/${steps}] debootstrap --variant=minbase ${SUITE} from ${mirrors.debian}`);
       mkdirSync(join(cacheDir, "debs"), { recursive: true });
       let pkgs = 0;
       await run(
@@ -440,7 +618,7 @@ export async function buildImage(opts: BuildOptions): Promise<BuildResult> {
     log(`      base system ready (${elapsed()})`);
 
     // 2. The desktop packages, with apt inside the chroot.
-    log(`[2/5] apt-get install ${DESKTOP_PACKAGES.join(" ")}`);
+    log(`[2/${steps}] apt-get install ${[...DESKTOP_PACKAGES, ...(kvm ? KVM_PACKAGES : [])].join(" ")}`);
     writeFileSync(
       join(root, "etc/apt/sources.list"),
       `deb ${mirrors.debian} ${SUITE} main\ndeb ${mirrors.debian} ${SUITE}-updates main\ndeb ${mirrors.security} ${SUITE}-security main\n`,
@@ -448,6 +626,13 @@ export async function buildImage(opts: BuildOptions): Promise<BuildResult> {
     writeFileSync(join(root, "etc/apt/apt.conf.d/90qvd"), 'APT::Install-Recommends "0";\nAPT::Install-Suggests "0";\n');
     writeFileSync(join(root, "etc/dpkg/dpkg.cfg.d/qvd-slim"), DPKG_EXCLUDES);
     writeFileSync(join(root, "etc/dpkg/dpkg.cfg.d/qvd-build"), "# only while the image is built\nforce-unsafe-io\n");
+    if (kvm) {
+      // Before the kernel is installed: its modules are filtered, its initramfs made once, small.
+      writeFileSync(join(root, "etc/dpkg/dpkg.cfg.d/qvd-kvm"), KVM_MODULE_EXCLUDES);
+      mkdirSync(join(root, "etc/initramfs-tools/conf.d"), { recursive: true });
+      writeFileSync(join(root, "etc/initramfs-tools/conf.d/qvd"), INITRAMFS_CONF);
+      writeFileSync(join(root, "etc/initramfs-tools/modules"), `# Written by qvd di build --kvm: what finds the root disk.\n${INITRAMFS_MODULES.join("\n")}\n`);
+    }
     writeFileSync(join(root, "usr/sbin/policy-rc.d"), "#!/bin/sh\n# no services start while the image is built\nexit 101\n", { mode: 0o755 });
     copyFileSync("/etc/resolv.conf", join(root, "etc/resolv.conf"));
     const archives = join(root, "var/cache/apt/archives");
@@ -464,13 +649,24 @@ export async function buildImage(opts: BuildOptions): Promise<BuildResult> {
       else if (/^(E|W): /.test(l) && !/Can not write log/.test(l)) log(`      ${l}`); // no /dev/pts in the chroot: harmless
     });
     await chroot(["apt-get", "upgrade", "-y", "-q"]); // the base system from debootstrap, with security updates
+    if (kvm) {
+      // The kernel's postinst (update-initramfs) needs /proc and /dev: mounted in a mount
+      // namespace of this step only, so they vanish with it, whatever happens (nothing to unmount).
+      const t = Date.now();
+      await run(
+        [unshare, "-m", "--propagation", "private", "sh", "-c", 'mount -t proc proc "$0/proc" && mount --rbind /dev "$0/dev" && exec chroot "$0" "$@"', root,
+          "apt-get", "install", "-y", "-q", "--no-install-recommends", "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold", ...KVM_PACKAGES],
+        { env: CHROOT_ENV, onLine: (l) => { if (/^(E|W): /.test(l) && !/Can not write log/.test(l)) log(`      ${l}`); } },
+      );
+      log(`      kernel, systemd and initramfs installed (${((Date.now() - t) / 1000).toFixed(0)}s)`);
+    }
     // Keep the downloads for the next build (this build's set replaces the older one).
     rmSync(join(cacheDir, "apt"), { recursive: true, force: true });
     linkDebs(archives, join(cacheDir, "apt"));
     log(`      packages installed (${elapsed()})`);
 
     // 3. The session and the guest's identity.
-    log("[3/5] configuring the session");
+    log(`[3/${steps}] configuring the session${kvm ? " and the guest's units" : ""}`);
     writeFileSync(join(root, "usr/local/bin/qvd-session"), SESSION_SCRIPT);
     chmodSync(join(root, "usr/local/bin/qvd-session"), 0o755);
     await chroot(["update-alternatives", "--install", "/usr/bin/x-session-manager", "x-session-manager", "/usr/local/bin/qvd-session", "90"]);
@@ -484,12 +680,13 @@ export async function buildImage(opts: BuildOptions): Promise<BuildResult> {
     // ssl-cert (a dependency of cups-daemon) made a key pair while the image was built: every
     // desktop would share it. Nothing uses it here (cupsd makes its own under /etc/cups/ssl).
     for (const f of ["etc/ssl/private/ssl-cert-snakeoil.key", "etc/ssl/certs/ssl-cert-snakeoil.pem"]) rmSync(join(root, f), { force: true });
+    if (kvm) await configureGuest(root);
     writeFileSync(join(root, "etc/default/locale"), "LANG=C.UTF-8\n");
     writeFileSync(join(root, "etc/hostname"), "qvd-desktop\n");
     writeFileSync(join(root, "etc/hosts"), "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tqvd-desktop\n");
     writeFileSync(
       join(root, "etc/qvd-image.json"),
-      JSON.stringify({ builder: "qvd di build", suite: SUITE, recipe, packages: DESKTOP_PACKAGES, built_at: new Date().toISOString(), session: "/usr/local/bin/qvd-session" }, null, 1) + "\n",
+      JSON.stringify({ builder: "qvd di build", suite: SUITE, recipe, packages: kvm ? [...DESKTOP_PACKAGES, ...KVM_PACKAGES] : DESKTOP_PACKAGES, hypervisor: kvm ? "kvm" : "lxc", built_at: new Date().toISOString(), session: "/usr/local/bin/qvd-session" }, null, 1) + "\n",
     );
     // Smoke test: the programs start (their libraries are all there).
     await chroot(["/usr/bin/nxagent", "-version"]);
@@ -504,7 +701,7 @@ export async function buildImage(opts: BuildOptions): Promise<BuildResult> {
     if (editor !== "qvd-xedit.desktop") throw new UserError(`xdg-mime gives text files to "${editor}", not qvd-xedit.desktop`);
 
     // 4. Clean up what only the build needed.
-    log("[4/5] cleaning up");
+    log(`[4/${steps}] cleaning up`);
     await chroot(["apt-get", "clean"]);
     rmSync(join(root, "usr/sbin/policy-rc.d"), { force: true });
     rmSync(join(root, "etc/dpkg/dpkg.cfg.d/qvd-build"), { force: true });
@@ -531,7 +728,7 @@ export async function buildImage(opts: BuildOptions): Promise<BuildResult> {
     rmSync(join(root, "var/cache/debconf/config.dat-old"), { force: true });
     rmSync(join(root, "var/cache/debconf/templates.dat-old"), { force: true });
     rmSync(join(root, "root/.bash_history"), { force: true });
-    for (const f of REQUIRED_FILES) {
+    for (const f of kvm ? [...REQUIRED_FILES, ...KVM_REQUIRED_FILES] : REQUIRED_FILES) {
       try {
         lstatSync(join(root, f));
       } catch {
@@ -540,28 +737,32 @@ export async function buildImage(opts: BuildOptions): Promise<BuildResult> {
     }
     if (mountsBelow(root).length) throw new UserError(`something is still mounted below ${root}: ${mountsBelow(root).join(", ")}`);
 
-    // 5. The tarball: device nodes, and the contents of /proc, /sys, /run and /dev stay out.
-    log(`[5/5] packing ${output}`);
-    await run(
-      [
-        "tar", "-C", root, "-c", "-f", tmpOut, ...comp.args, "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name",
-        "--exclude=./dev/*", "--exclude=./proc/*", "--exclude=./sys/*", "--exclude=./run/*",
-        "--record-size=1M", "--checkpoint=64", "--checkpoint-action=echo=%{w}T", ".",
-      ],
-      {
-        env: { LC_ALL: "C" },
-        onLine: (l) => {
-          const m = /^tar: (\d+) /.exec(l);
-          if (m) log(`      … ${MiB(Number(m[1]))} packed (${elapsed()})`);
+    if (kvm) {
+      await makeDisk(root, work, tmpOut, { mkfs, qemuImg, log, elapsed });
+    } else {
+      // 5. The tarball: device nodes, and the contents of /proc, /sys, /run and /dev stay out.
+      log(`[5/5] packing ${output}`);
+      await run(
+        [
+          "tar", "-C", root, "-c", "-f", tmpOut, ...comp.args, "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name",
+          "--exclude=./dev/*", "--exclude=./proc/*", "--exclude=./sys/*", "--exclude=./run/*",
+          "--record-size=1M", "--checkpoint=64", "--checkpoint-action=echo=%{w}T", ".",
+        ],
+        {
+          env: { LC_ALL: "C" },
+          onLine: (l) => {
+            const m = /^tar: (\d+) /.exec(l);
+            if (m) log(`      … ${MiB(Number(m[1]))} packed (${elapsed()})`);
+          },
         },
-      },
-    );
+      );
+    }
     renameSync(tmpOut, output);
     const bytes = statSync(output).size;
     const sha256 = await sha256File(output);
-    // Keep this image as the cache of its recipe (only the newest one).
+    // Keep this image as the cache of its recipe (only the newest one of its kind).
     mkdirSync(join(cacheDir, "images"), { recursive: true });
-    for (const n of readdirSync(join(cacheDir, "images"))) rmSync(join(cacheDir, "images", n), { force: true });
+    for (const n of readdirSync(join(cacheDir, "images"))) if (sameKind(n)) rmSync(join(cacheDir, "images", n), { force: true });
     const part = `${cached}.tmp-${process.pid}`;
     copyFileSync(output, part);
     renameSync(part, cached);
