@@ -165,6 +165,22 @@ export const DEPS = {
     globs: ["/usr/sbin/usbip"],
     packages: ["usbip"],
   },
+  "qemu-system": {
+    purpose: "runs KVM desktops (the KVM backend; tests run it with -accel tcg)",
+    bins: ["qemu-system-x86_64"],
+    packages: ["qemu-system-x86"],
+  },
+  "qemu-img": {
+    purpose: "checks and converts qcow2 disk images (KVM images, overlays, homes; `qvd di build --kvm`)",
+    bins: ["qemu-img"],
+    packages: ["qemu-utils"],
+  },
+  e2fsprogs: {
+    purpose: "mkfs.ext4 -d makes KVM images' filesystems, debugfs reads their kernels without mounting",
+    bins: ["debugfs"],
+    globs: ["/usr/sbin/debugfs", "/sbin/debugfs"],
+    packages: ["e2fsprogs"],
+  },
 } satisfies Record<string, Dep>;
 
 export type DepName = keyof typeof DEPS;

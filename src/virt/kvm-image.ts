@@ -394,10 +394,17 @@ export async function prepareKvmImage(o: PrepareKvmOptions): Promise<PreparedKvm
     o.onProgress?.({ phase: "extract" });
     const probe = await debugfs(raw, "stats");
     if (probe.errors.length) throw new ImageError(`${image}: the disk does not hold an ext4 filesystem on the whole disk (${probe.errors.slice(0, 2).join(" / ")}); qvd di build --kvm makes such an image`);
-    const kernelIn = await resolveIn(raw, "/vmlinuz", tmp);
-    const initrdIn = await resolveIn(raw, "/initrd.img", tmp);
-    await dumpFile(raw, kernelIn, tmp, "vmlinuz");
-    await dumpFile(raw, initrdIn, tmp, "initrd.img");
+    const named = async <T>(p: Promise<T>): Promise<T> => {
+      try {
+        return await p;
+      } catch (err) {
+        throw err instanceof ImageError ? new ImageError(`${image}: ${err.message}`) : err;
+      }
+    };
+    const kernelIn = await named(resolveIn(raw, "/vmlinuz", tmp));
+    const initrdIn = await named(resolveIn(raw, "/initrd.img", tmp));
+    await named(dumpFile(raw, kernelIn, tmp, "vmlinuz"));
+    await named(dumpFile(raw, initrdIn, tmp, "initrd.img"));
     rmSync(raw, { force: true });
     if (!isBzImage(join(tmp, "vmlinuz"))) throw new ImageError(`${image}: /vmlinuz (${kernelIn.path}) is not a Linux kernel (no bzImage header)`);
     const after = statSync(image);
