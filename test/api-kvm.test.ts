@@ -1,0 +1,143 @@
+// KVM desktops in the admin API: an OSF's hypervisor and vCPUs (create, show, list, filter,
+// sort, change, the values a tenant's administrator may send), the hypervisor fixed while the OSF
+// has images, the nodes' hypervisors, and the OpenAPI text for these fields.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { setHostHypervisors } from "../src/db/hosts.ts";
+import { ApiClient, startTestApi, type TestApi } from "./support/api.ts";
+import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
+
+const db = useTestDatabase();
+const sql = () => db().sql;
+let api: TestApi;
+let sa: ApiClient;
+let boss: ApiClient; // a tenant's administrator (role "Tenant administrator")
+
+async function ok<T = any>(p: Promise<{ status: number; body: T }>, status = 200): Promise<T> {
+  const r = await p;
+  if (r.status !== status) throw new Error(`expected ${status}, got ${r.status}: ${JSON.stringify(r.body)}`);
+  return r.body;
+}
+
+beforeAll(async () => {
+  api = await startTestApi(db(), { "wat.multitenant": "1" });
+  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
+  const t = await ok(sa.post("/tenants", { name: "kvmco" }), 201);
+  const role = (await ok(sa.get("/roles?name=Tenant%20administrator"))).items[0].id;
+  const a = await ok(sa.post("/administrators", { tenant_id: t.id, name: "boss", password: "boss-password" }), 201);
+  await ok(sa.post(`/administrators/${a.id}/roles`, { role_id: role }));
+  boss = await api.login("boss", "boss-password", "kvmco");
+});
+afterAll(async () => {
+  await api?.stop();
+});
+
+describe("an OSF's hypervisor and vCPUs", () => {
+  test("created, shown, listed, filtered, sorted and changed like the other fields", async () => {
+    const lxc = await ok(boss.post("/osfs", { name: "plain" }), 201);
+    expect([lxc.hypervisor, lxc.vcpus]).toEqual(["lxc", 1]);
+    const kvm = await ok(boss.post("/osfs", { name: "vm", hypervisor: "kvm", vcpus: 4, memory_mb: 2048, user_storage_mb: 1024 }), 201);
+    expect([kvm.hypervisor, kvm.vcpus, kvm.user_storage_mb]).toEqual(["kvm", 4, 1024]);
+    expect((await ok(boss.get(`/osfs/${kvm.id}`))).hypervisor).toBe("kvm");
+    expect((await ok(boss.get("/osfs?hypervisor=kvm"))).items.map((o: any) => o.name)).toEqual(["vm"]);
+    expect((await ok(boss.get("/osfs?hypervisor[ne]=kvm"))).items.map((o: any) => o.name)).toEqual(["plain"]);
+    expect((await ok(boss.get("/osfs?vcpus[gt]=1"))).items.map((o: any) => o.name)).toEqual(["vm"]);
+    expect((await ok(boss.get("/osfs?sort=-vcpus&fields=name,hypervisor,vcpus"))).items).toEqual([
+      { id: kvm.id, name: "vm", hypervisor: "kvm", vcpus: 4 },
+      { id: lxc.id, name: "plain", hypervisor: "lxc", vcpus: 1 },
+    ]);
+    // No images yet: the hypervisor may change, either way.
+    expect(await ok(boss.patch(`/osfs/${lxc.id}`, { hypervisor: "kvm", vcpus: 64 }))).toMatchObject({ hypervisor: "kvm", vcpus: 64 });
+    expect(await ok(boss.patch(`/osfs/${lxc.id}`, { hypervisor: "lxc", vcpus: 1 }))).toMatchObject({ hypervisor: "lxc", vcpus: 1 });
+  });
+
+  test("a tenant's administrator can send only lxc or kvm, and 1 to 64 vCPUs (422 naming the field)", async () => {
+    const o = await ok(boss.post("/osfs", { name: "abuse" }), 201);
+    const badHypervisors: unknown[] = ["KVM", "lxc;drop", "", 0, "kvm ", "xen", null, ["kvm"], { $ne: "lxc" }];
+    const badVcpus: unknown[] = [0, 65, -1, "2; x", "2", 1.5, 1e9, null, true];
+    for (const [field, values] of [["hypervisor", badHypervisors], ["vcpus", badVcpus]] as const) {
+      for (const v of values) {
+        for (const r of [await boss.post("/osfs", { name: `abuse-${field}`, [field]: v }), await boss.patch(`/osfs/${o.id}`, { [field]: v })]) {
+          expect([field, v, r.status, r.body.error?.field]).toEqual([field, v, 422, field]);
+        }
+      }
+    }
+    // Mass changes check the values once, before any OSF changes.
+    const mass = await boss.call("PATCH", "/osfs?all=true", { hypervisor: "vmware" });
+    expect([mass.status, mass.body.error?.field]).toEqual([422, "hypervisor"]);
+    expect(await ok(boss.get(`/osfs/${o.id}`))).toMatchObject({ hypervisor: "lxc", vcpus: 1 });
+    expect((await boss.post("/osfs", { name: "abuse-hypervisor" })).status).toBe(201); // nothing was created by the refused ones
+    // Filters take any text: a value that is no hypervisor matches nothing, and is no SQL.
+    expect((await ok(boss.get(`/osfs?hypervisor=${encodeURIComponent("lxc' OR '1'='1")}`))).total).toBe(0);
+    expect((await boss.get("/osfs?vcpus=abc")).status).toBe(422);
+  });
+
+  test("the hypervisor changes only while the OSF has no disk images (409 saying why); other fields change", async () => {
+    const o = await ok(boss.post("/osfs", { name: "imaged", hypervisor: "kvm" }), 201);
+    const di = await ok(boss.post("/dis", { osf_id: o.id, path: "imaged.qcow2" }), 201);
+    const r = await boss.patch(`/osfs/${o.id}`, { hypervisor: "lxc" });
+    expect(r.status).toBe(409);
+    expect(r.body.error.message).toBe('OSF "imaged" has disk images: the hypervisor decides their kind; delete them or make a new OSF');
+    // The same value, as a form sends it with the rest, and the other fields still change.
+    expect(await ok(boss.patch(`/osfs/${o.id}`, { hypervisor: "kvm", vcpus: 8, user_storage_mb: 512 }))).toMatchObject({ hypervisor: "kvm", vcpus: 8, user_storage_mb: 512 });
+    // A mass change reports the refusal per OSF.
+    const mass = await ok(boss.call("PATCH", `/osfs?name=imaged`, { hypervisor: "lxc" }));
+    expect([mass.ok, mass.failed, mass.results[0].status]).toEqual([0, 1, 409]);
+    // Without its images it may change again.
+    await ok(boss.del(`/dis/${di.id}`));
+    expect((await ok(boss.patch(`/osfs/${o.id}`, { hypervisor: "lxc" }))).hypervisor).toBe("lxc");
+  });
+
+  test("the database keeps the hypervisor fixed under images, whoever writes", async () => {
+    const o = await ok(sa.post("/osfs", { tenant_id: 1, name: "direct", hypervisor: "kvm" }), 201);
+    await ok(sa.post("/dis", { osf_id: o.id, path: "direct.qcow2" }), 201);
+    await expect(sql()`UPDATE osfs SET hypervisor = 'lxc' WHERE id = ${o.id}`).rejects.toThrow("has disk images");
+    const bare = await ok(sa.post("/osfs", { tenant_id: 1, name: "bare" }), 201);
+    await expect(sql()`UPDATE osfs SET hypervisor = 'xen' WHERE id = ${bare.id}`).rejects.toThrow(/check constraint/);
+    await expect(sql()`UPDATE osfs SET vcpus = 65 WHERE id = ${bare.id}`).rejects.toThrow(/check constraint/);
+  });
+
+  test("an image added while the hypervisor changes: the change waits for it, then is refused", async () => {
+    const o = await ok(sa.post("/osfs", { tenant_id: 1, name: "racing" }), 201);
+    const adder = await sql().reserve();
+    try {
+      await adder`BEGIN`;
+      await adder`INSERT INTO dis (osf_id, version, path) VALUES (${o.id}, 'v1', 'racing.tar.gz')`;
+      // Not committed yet: the change cannot see it, so it must wait for it.
+      let settled = false;
+      const change = sa.patch(`/osfs/${o.id}`, { hypervisor: "kvm" }).finally(() => (settled = true));
+      await Bun.sleep(500);
+      expect(settled).toBe(false);
+      await adder`COMMIT`;
+      const r = await change;
+      expect([r.status, r.body.error.message]).toEqual([409, expect.stringContaining('OSF "racing" has disk images')]);
+      expect((await ok(sa.get(`/osfs/${o.id}`))).hypervisor).toBe("lxc");
+    } finally {
+      adder.release();
+    }
+  });
+});
+
+describe("nodes", () => {
+  test("show the hypervisors they run and what their probes found; filterable", async () => {
+    const h = await ok(sa.post("/hosts", { name: "kvm-node", address: "10.1.0.1" }), 201);
+    expect([h.hypervisors, h.hypervisor_notes]).toEqual([["lxc"], ""]);
+    await setHostHypervisors(sql(), h.id, ["lxc", "kvm"], "kvm: tcg: /dev/kvm missing");
+    expect(await ok(sa.get(`/hosts/${h.id}`))).toMatchObject({ hypervisors: ["kvm", "lxc"], hypervisor_notes: "kvm: tcg: /dev/kvm missing" });
+    expect((await ok(sa.get("/hosts?hypervisors=kvm"))).items.map((x: any) => x.name)).toEqual(["kvm-node"]);
+    // Written by the node only: not a field an administrator sets.
+    const r = await sa.patch(`/hosts/${h.id}`, { hypervisors: ["kvm"] });
+    expect([r.status, r.body.error.field]).toEqual([422, "hypervisors"]);
+  });
+});
+
+test("the OpenAPI document describes the fields: hypervisor, KVM-only vcpus and user_storage_mb", async () => {
+  const doc = (await api.anonymous.get("/openapi.json")).body;
+  const create = doc.paths["/api/v1/osfs"].post.requestBody.content["application/json"].schema.properties;
+  expect(create.hypervisor.enum).toEqual(["lxc", "kvm"]);
+  expect(create.hypervisor.description).toContain("Changes only while the OSF has no disk images");
+  expect(create.vcpus).toMatchObject({ minimum: 1, maximum: 64 });
+  expect(create.vcpus.description).toStartWith("KVM only");
+  expect(create.user_storage_mb.description).toStartWith("KVM only: size of the user's home disk in MB, 0 = none");
+  const host = doc.paths["/api/v1/hosts/{id}"].get.responses["200"].content["application/json"].schema.properties;
+  expect(host.hypervisors.items.enum).toEqual(["lxc", "kvm"]);
+});
