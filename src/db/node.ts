@@ -77,6 +77,11 @@ export async function vmToStart(db: Db, vmId: number): Promise<VmToStart> {
   return { ...(r as Omit<VmToStart, "di">), di: await diForTag(db, r.osf_id, r.di_tag) };
 }
 
+/** The pid of a desktop's process on its node (the container's init, or QEMU), for administrators. */
+export async function saveVmPid(db: Db, hostId: number, vmId: number, pid: number): Promise<void> {
+  await db`UPDATE vm_runtimes SET vm_pid = ${pid} WHERE vm_id = ${vmId} AND host_id = ${hostId}`;
+}
+
 /** Runtime fields a node records while starting a VM; only while the VM is this node's. */
 export async function saveStartingRuntime(
   db: Db,

@@ -351,7 +351,8 @@ export class Hkd {
       aborted();
       await backend.prepare(spec);
       aborted();
-      await backend.start(spec);
+      const { pid } = await backend.start(spec);
+      if (pid) await N.saveVmPid(sql, this.id, vmId, pid);
       const deadline = Date.now() + cfg.get("hkd.timeout.vma_start") * 1000;
       if (!(await waitForVma(run.vma, deadline, run.abort.signal))) {
         aborted();

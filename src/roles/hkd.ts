@@ -13,8 +13,11 @@ import { acquireNodeLock } from "../hkd/lock.ts";
 import { Hkd } from "../hkd/hkd.ts";
 import { logger } from "../log.ts";
 import { imagePaths, unpackImage } from "../virt/images.ts";
-import type { Backend } from "../virt/backend.ts";
-import { idmapFromConfig, lxcBackendFromConfig } from "../virt/lxc.ts";
+import type { Backend, Hypervisor } from "../virt/backend.ts";
+import { idmapFromConfig } from "../virt/lxc.ts";
+import { prepareKvmImage } from "../virt/kvm-image.ts";
+import { nodeBackendsFromConfig } from "../virt/registry.ts";
+import { setHostHypervisors } from "../db/hosts.ts";
 
 const log = logger("hkd");
 
@@ -54,21 +57,27 @@ export async function startHkd(
     }
     if (!host) throw new UserError(`no host named "${name}" in the database: add it with the API (or start with --register --address ADDR)`);
     if (!host.backend) throw new UserError(`host "${name}" is not a backend node (hosts.backend is false)`);
-    if (cfg.get("vm.hypervisor") !== "lxc") throw new UserError(`vm.hypervisor = ${cfg.get("vm.hypervisor")} is not available yet; use lxc`);
-    const lxc = await lxcBackendFromConfig(cfg);
-    const backend = opts.wrapBackend ? opts.wrapBackend(lxc) : lxc;
+    const node = await nodeBackendsFromConfig(cfg);
+    const backend = opts.wrapBackend ? opts.wrapBackend(node.backend) : node.backend;
+    const hypervisors = node.backend.hypervisors;
+    await setHostHypervisors(sql, host.id, hypervisors, node.notes);
     const root = cfg.get("path.storage.root");
     const imagesDir = cfg.storagePath("path.storage.images");
     const hkd = new Hkd({
-      sql, cfg, host, backend, hypervisors: ["lxc"], databaseUrl: url, qvdBinary: qvdBinary(cfg),
-      homeOf: (tenant, user) => {
+      sql, cfg, host, backend, hypervisors, databaseUrl: url, qvdBinary: qvdBinary(cfg),
+      homeOf: (tenant, user, hypervisor) => {
         // Names from before they were checked (".." escaped the homes): refused, not joined.
         if (!isSafePathComponent(tenant) || !isSafePathComponent(user)) throw new UserError(`tenant ${JSON.stringify(tenant)} or user ${JSON.stringify(user)} is not a usable directory name; rename it`);
-        return join(cfg.storagePath("path.storage.homes"), tenant, user);
+        const home = join(cfg.storagePath("path.storage.homes"), tenant, user);
+        return hypervisor === "kvm" ? `${home}.qcow2` : home;
       },
       images: {
-        async imageFor(di: DiRow) {
+        async imageFor(di: DiRow, hypervisor: Hypervisor) {
           const p = imagePaths(root, imagesDir, di);
+          if (hypervisor === "kvm") {
+            const k = await prepareKvmImage({ image: p.image, basefsDir: p.basefsDir, diId: di.id, sha256: di.sha256, qemuImg: cfg.get("vm.kvm.qemu_img") });
+            return { diId: di.id, path: k.image, kernel: k.kernel, initrd: k.initrd };
+          }
           const res = await unpackImage({
             image: p.image, basefsDir: p.basefsDir, diId: di.id, sha256: di.sha256, idmap: idmapFromConfig(cfg),
             onProgress: (pr) => log.debug("unpacking image", { di: di.id, ...pr }),

@@ -18,6 +18,7 @@ import { logger, setLogLevel } from "../log.ts";
 import { run } from "../run.ts";
 import { isPid1, powerOff, setupInit, type InitOptions } from "../vma/init.ts";
 import { startVmaServer } from "../vma/server.ts";
+import { kvmGuestSetup } from "../vma/kvm-guest.ts";
 import { Session } from "../vma/session.ts";
 import { isNodeOnlyVmaKey } from "../vma/node-settings.ts";
 import { sharesService } from "../vma/shares.ts";
@@ -84,9 +85,11 @@ export default defineCommand({
     config: { type: "string", description: `The per-start VMA file (default ${DEFAULT_VMA_FILE})`, valueHint: "FILE" },
     listen: { type: "string", description: "ADDRESS:PORT to listen on (default all addresses, the file's port)", valueHint: "ADDR:PORT" },
     set: { type: "string", description: "Set a configuration key for this run (repeatable)", valueHint: "KEY=VALUE" },
+    "kvm-guest": { type: "boolean", description: "In a KVM desktop: take the per-start file from QEMU's fw_cfg, set up the network and the home disk first (src/vma/kvm-guest.ts)" },
   },
   async run({ args, rawArgs }) {
     const file = args.config ?? DEFAULT_VMA_FILE;
+    if (args["kvm-guest"]) await kvmGuestSetup({ vmaFile: file });
     const vf = readVmaFile(file);
     const { cfg } = loadVmaConfig(vf, file, { flags: setFlags(rawArgs) });
     setLogLevel(cfg.get("log.level"));

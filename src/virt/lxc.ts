@@ -554,7 +554,8 @@ export class LxcBackend implements Backend {
         const m = /^qvd-(\d+)$/.exec(e);
         if (m) ids.add(Number(m[1]));
       }
-    const links = await this.net.run(["ip", "-o", "link", "show"], { allowFail: true });
+    // veths only: a KVM desktop's tap has the same name (kvm.ts).
+    const links = await this.net.run(["ip", "-o", "link", "show", "type", "veth"], { allowFail: true });
     for (const m of links.stdout.matchAll(/^\d+: qvd(\d+)[@:]/gm)) ids.add(Number(m[1]));
     return [...ids].sort((a, b) => a - b);
   }
