@@ -2,6 +2,7 @@
 // sort, change, the values a tenant's administrator may send), the hypervisor fixed while the OSF
 // has images, the nodes' hypervisors, and the OpenAPI text for these fields.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { join } from "node:path";
 import { setHostHypervisors } from "../src/db/hosts.ts";
 import { ApiClient, startTestApi, type TestApi } from "./support/api.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
@@ -140,4 +141,42 @@ test("the OpenAPI document describes the fields: hypervisor, KVM-only vcpus and 
   expect(create.user_storage_mb.description).toStartWith("KVM only: size of the user's home disk in MB, 0 = none");
   const host = doc.paths["/api/v1/hosts/{id}"].get.responses["200"].content["application/json"].schema.properties;
   expect(host.hypervisors.items.enum).toEqual(["lxc", "kvm"]);
+});
+
+describe("qvd admin", () => {
+  /** `qvd admin …` as the superadministrator (token and URL from the environment). */
+  async function qvd(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+    const env: Record<string, string> = {};
+    for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("QVD_") && v !== undefined) env[k] = v;
+    Object.assign(env, { QVD_ADMIN_URL: api.url.replace(/\/api\/v1$/, ""), QVD_ADMIN_TOKEN: sa.token!, NO_COLOR: "1", HOME: "/nonexistent" });
+    const p = Bun.spawn([process.execPath, "src/main.ts", "admin", ...args], { cwd: join(import.meta.dir, ".."), env, stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+    const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+    return { code, stdout, stderr };
+  }
+
+  test("osf set hypervisor=kvm vcpus=2 through the generic fields; lists show the hypervisor; bad values name the field", async () => {
+    const made = await qvd("osf", "new", "name=cli-desk", "tenant=default", "user_storage_mb=2048");
+    expect([made.code, made.stderr]).toEqual([0, ""]);
+    const set = await qvd("osf", "set", "cli-desk@default", "hypervisor=kvm", "vcpus=2");
+    expect([set.code, set.stderr]).toEqual([0, ""]);
+    const row = (await ok(sa.get("/osfs?name=cli-desk"))).items[0];
+    expect([row.hypervisor, row.vcpus, row.user_storage_mb]).toEqual(["kvm", 2, 2048]);
+    const list = await qvd("osf", "list", "--filter", "name=cli-desk");
+    const [head, line] = list.stdout.trim().split("\n");
+    expect(head!.split(/\s+/)).toEqual(expect.arrayContaining(["hypervisor", "vcpus"]));
+    expect(line!.split(/\s+/)[head!.split(/\s+/).indexOf("hypervisor")]).toBe("kvm");
+    for (const [arg, field] of [["vcpus=2x", "vcpus"], ["vcpus=0", "vcpus"], ["hypervisor=KVM", "hypervisor"]] as const) {
+      const bad = await qvd("osf", "set", "cli-desk@default", arg);
+      expect([arg, bad.code, bad.stderr]).toEqual([arg, 1, expect.stringContaining(field)]);
+    }
+    expect((await ok(sa.get(`/osfs/${row.id}`))).vcpus).toBe(2);
+  });
+
+  test("host list shows the hypervisors each node runs", async () => {
+    const h = await ok(sa.post("/hosts", { name: "cli-node", address: "10.1.0.2" }), 201);
+    await setHostHypervisors(sql(), h.id, ["kvm"], "kvm: accel kvm");
+    const list = await qvd("host", "list", "--filter", "name=cli-node");
+    const [head, line] = list.stdout.trim().split("\n");
+    expect(line!.split(/\s+/)[head!.split(/\s+/).indexOf("hypervisors")]).toBe("kvm");
+  });
 });

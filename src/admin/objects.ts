@@ -44,11 +44,11 @@ export const OBJECTS: ObjectInfo[] = [
     fieldAliases: { ...tenantAlias, state: "vm_state", user: "user_name", osf: "osf_name", host: "host_name" },
     refs: { user: "users", osf: "osfs" } },
   { name: "osf", aliases: ["osfs"], path: "osfs", label: "osf", nameField: "name", tenantScoped: true,
-    columns: ["id", "tenant_name", "name", "memory_mb", "cpu_shares", "persistent", "vms", "dis"], fieldAliases: { ...tenantAlias }, refs: { tenant: "tenants" } },
+    columns: ["id", "tenant_name", "name", "hypervisor", "memory_mb", "vcpus", "cpu_shares", "persistent", "vms", "dis"], fieldAliases: { ...tenantAlias }, refs: { tenant: "tenants" } },
   { name: "di", aliases: ["dis", "image", "images"], path: "dis", label: "di", nameField: "version", tenantScoped: true,
     columns: ["id", "osf_name", "version", "state", "tags", "blocked", "path"], fieldAliases: { ...tenantAlias, osf: "osf_name" }, refs: { osf: "osfs" } },
   { name: "host", aliases: ["hosts", "node", "nodes"], path: "hosts", label: "host", nameField: "name", tenantScoped: false,
-    columns: ["id", "name", "address", "state", "drain", "blocked", "vms_running", "frontend", "backend"], fieldAliases: {} },
+    columns: ["id", "name", "address", "state", "drain", "blocked", "vms_running", "hypervisors", "frontend", "backend"], fieldAliases: {} },
   { name: "property", aliases: ["properties"], path: "properties", label: "property", nameField: "key", tenantScoped: true,
     columns: ["id", "tenant_name", "key", "applies_to", "description"], fieldAliases: { ...tenantAlias }, listFields: ["applies_to"], refs: { tenant: "tenants" } },
   { name: "audit", aliases: ["log"], path: "audit", label: "audit entry", tenantScoped: true,
@@ -112,12 +112,12 @@ export function filterQuery(o: ObjectInfo, filters: string[], all: boolean): URL
   return q;
 }
 
-const INTEGER_FIELD = /(_id|_mb|_s)$|^cpu_shares$/;
+const INTEGER_FIELD = /(_id|_mb|_s)$|^(cpu_shares|vcpus)$/;
 const BOOLEAN_FIELDS = new Set(["blocked", "use_overlay", "persistent", "frontend", "backend"]);
 
 /**
  * `key=value` arguments as a JSON body. Values are strings, except:
- *  - fields ending in _id, _mb or _s, and cpu_shares: integers become JSON numbers, and an
+ *  - fields ending in _id, _mb or _s, cpu_shares and vcpus: integers become JSON numbers, and an
  *    empty value is null (`expire_soft_s=` clears it);
  *  - blocked, use_overlay, persistent, frontend, backend: true/false (also yes/no, 1/0);
  *  - list fields (a property's applies_to): comma-separated;

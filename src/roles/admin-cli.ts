@@ -261,7 +261,12 @@ function getCmd(o: ObjectInfo): CommandDef<any> {
     }, 1);
 }
 
-const VALUE_RULES = "Values are text, except: integers for *_id, *_mb, *_s and cpu_shares (empty = null); true/false for blocked, use_overlay, persistent, frontend, backend; KEY:=JSON sends JSON as is";
+const VALUE_RULES = "Values are text, except: integers for *_id, *_mb, *_s, cpu_shares and vcpus (empty = null); true/false for blocked, use_overlay, persistent, frontend, backend; KEY:=JSON sends JSON as is";
+
+/** The fields of objects whose meaning is not in their name. */
+const FIELD_NOTES: Record<string, string> = {
+  osf: " Fields: name, description, memory_mb, cpu_shares, use_overlay, persistent; hypervisor=lxc|kvm (default lxc; changes only while the OSF has no images, which are of its kind: tarballs for lxc, qcow2 for kvm); KVM only: vcpus (1 to 64, default 1) and user_storage_mb (size of the user's home disk in MB, 0 = none).",
+};
 
 const passwordArgs = (o: ObjectInfo): ArgsDef =>
   o.name === "user" || o.name === "admin"
@@ -275,14 +280,14 @@ function newCmd(o: ObjectInfo): CommandDef<any> {
     role: "name=helpdesk tenant=acme",
     user: "name=alice tenant=default password=-",
     vm: "name=desk-alice user=alice osf=desktop",
-    osf: "name=desktop memory_mb=2048 tenant=default",
+    osf: "name=desktop memory_mb=2048 tenant=default (a KVM one: name=vm hypervisor=kvm vcpus=2 user_storage_mb=4096)",
     di: "osf=desktop path=ubuntu-24.04.tar.gz",
     host: "name=node1 address=10.0.0.11",
     property: "key=department applies_to=user,vm tenant=default",
   };
   const refs = o.refs ? ` KEY=NAME for ${Object.keys(o.refs).join(", ")} looks up the id (or give ${Object.keys(o.refs).map((k) => `${k}_id`).join(", ")}).` : "";
   return leaf("new", `Create a ${o.label}. Example: qvd admin ${o.name} new ${examples[o.name] ?? "name=x"}`,
-    { changes: { type: "positional", description: `KEY=VALUE … ${VALUE_RULES}.${refs}`, required: false }, ...passwordArgs(o) },
+    { changes: { type: "positional", description: `KEY=VALUE … ${VALUE_RULES}.${refs}${FIELD_NOTES[o.name] ?? ""}`, required: false }, ...passwordArgs(o) },
     async (l) => {
       const body = await changesOf(o, l.pos, l.args);
       const row = (await client().call("POST", `/${o.path}`, { body })).body;
@@ -296,7 +301,7 @@ function setCmd(o: ObjectInfo): CommandDef<any> {
   return leaf("set", `Change one ${o.label}, or every ${o.label} matching --filter (or --all). Example: qvd admin ${o.name} set ${o.name === "vm" ? "desk-alice di_tag=testing" : o.name === "osf" ? "desktop memory_mb=4096" : "42 description='…'"}; qvd admin ${o.name} set --filter ${o.name === "host" ? "name~node%" : "tenant=acme"} blocked=true`,
     {
       ref: { type: "positional", description: `ID or NAME (omit with --filter/--all)`, required: false },
-      changes: { type: "positional", description: `KEY=VALUE … ${VALUE_RULES}.${refs}`, required: false },
+      changes: { type: "positional", description: `KEY=VALUE … ${VALUE_RULES}.${refs}${FIELD_NOTES[o.name] ?? ""}`, required: false },
       ...massArgs, ...passwordArgs(o),
     },
     async (l) => {
