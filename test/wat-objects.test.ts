@@ -294,6 +294,54 @@ test("a node's page drains it, then declares it lost with a reason, after confir
   w.assertNoErrors();
 });
 
+test("a KVM OS flavour through the form (hypervisor, vCPUs, a home disk said to be KVM only); its hypervisor stays while it has images; a node shows what it runs", async () => {
+  const w = await loggedIn("/osfs");
+  await h1(w.page, "OS flavours").waitFor();
+  await newButton(w.page).click();
+  const form = dialog(w.page, "New OS flavour");
+  await form.getByLabel("Name", { exact: true }).fill("kvm-osf");
+  await form.getByLabel("Hypervisor", { exact: true }).selectOption("kvm");
+  await form.getByLabel("vCPUs (KVM only)").fill("2");
+  const home = form.getByLabel("Home disk (MB, KVM only)");
+  await home.fill("4096");
+  // The hint beside the home disk says whom it concerns.
+  expect(await form.locator(".field").filter({ hasText: "Home disk (MB, KVM only)" }).locator(".field-hint").textContent()).toContain("KVM only: size of the user's home disk in MB, 0 = none");
+  await form.getByRole("button", { name: "Create" }).click();
+  await h1(w.page, "kvm-osf").waitFor();
+  const [osf] = await db().sql`SELECT id, hypervisor, vcpus, user_storage_mb FROM osfs WHERE name = 'kvm-osf'`;
+  expect(osf).toMatchObject({ hypervisor: "kvm", vcpus: 2, user_storage_mb: 4096 });
+  const main = w.page.locator("main");
+  await main.getByText("KVM: virtual machines, qcow2 images").waitFor();
+
+  // With an image, a change of the hypervisor is refused with the reason; the OSF stays KVM.
+  expect((await sa.post("/dis", { osf_id: osf!.id, path: "kvm-osf.qcow2" })).status).toBe(201);
+  await w.page.reload();
+  await h1(w.page, "kvm-osf").waitFor();
+  await main.getByRole("button", { name: "Edit", exact: true }).click();
+  const edit = dialog(w.page, "Edit OS flavour");
+  await edit.getByLabel("Hypervisor", { exact: true }).selectOption("lxc");
+  await edit.getByRole("button", { name: "Save" }).click();
+  await edit.getByText('OSF "kvm-osf" has disk images: the hypervisor decides their kind; delete them or make a new OSF').waitFor();
+  expect((await db().sql`SELECT hypervisor FROM osfs WHERE id = ${osf!.id}`)[0]!.hypervisor).toBe("kvm");
+  await edit.getByRole("button", { name: "Cancel" }).click();
+
+  // The list filters by hypervisor.
+  expect((await sa.post("/osfs", { name: "lxc-osf-w" })).status).toBe(201);
+  await w.goto("/osfs?hypervisor=kvm");
+  await h1(w.page, "OS flavours").waitFor();
+  await loaded(w.page);
+  await main.getByRole("link", { name: "kvm-osf", exact: true }).waitFor();
+  expect(await main.getByRole("link", { name: "lxc-osf-w", exact: true }).count()).toBe(0);
+
+  // A node's page: the kinds of desktop it runs, with its probes' notes.
+  const node = await liveNode("wat-kvm-node");
+  await db().sql`UPDATE host_runtimes SET hypervisors = '{kvm,lxc}', hypervisor_notes = 'kvm: tcg: /dev/kvm missing' WHERE host_id = ${node}`;
+  await w.goto(`/hosts/${node}`);
+  await h1(w.page, "wat-kvm-node").waitFor();
+  await main.getByText(/^KVM, LXC \(kvm: tcg: \/dev\/kvm missing\)$/).waitFor();
+  w.assertNoErrors([/status of 409\b/]);
+});
+
 test("server validation errors appear beside their fields", async () => {
   expect((await sa.post("/users", { name: "taken" })).status).toBe(201);
   const w = await loggedIn("/users");

@@ -14,6 +14,9 @@ const hostState = (r: Row) => (
   </>
 );
 
+/** The kinds of desktop a node runs, as its HKD found them at start-up. */
+const hypervisors = (r: Row) => (Array.isArray(r.hypervisors) && r.hypervisors.length ? r.hypervisors.map((h: string) => h.toUpperCase()).join(", ") : "none");
+
 export const hostsSpec: ObjectSpec = {
   kind: "host",
   path: "hosts",
@@ -30,6 +33,7 @@ export const hostsSpec: ObjectSpec = {
     { key: "address", label: "Address", sort: "address" },
     C.blockedColumn,
     { key: "vms_running", label: "VMs running", sort: "vms_running", num: true },
+    { key: "hypervisors", label: "Runs", render: hypervisors },
     { key: "ok_ts", label: "Last heartbeat", sort: "ok_ts", render: when("ok_ts") },
     { key: "version", label: "Version", sort: "version" },
     C.descriptionColumn,
@@ -38,6 +42,7 @@ export const hostsSpec: ObjectSpec = {
     { key: "state", label: "State", type: "select", options: STATE_OPTIONS(HOST_STATES) },
     { key: "drain", label: "Draining", type: "select", options: [["true", "Draining"], ["false", "Not draining"]] },
     C.blockedFilter,
+    { key: "hypervisors", label: "Runs", type: "select", options: [["lxc", "LXC desktops"], ["kvm", "KVM desktops"]] },
   ],
   fields: [
     { name: "name", label: "Name", type: "text", required: true },
@@ -66,6 +71,7 @@ export const hostsSpec: ObjectSpec = {
     { label: "Blocked", render: yesNo("blocked") },
     { label: "Roles", render: (r) => [r.frontend && "L7R (frontend)", r.backend && "desktops (backend)"].filter(Boolean).join(", ") || "none" },
     { label: "VMs running", render: (r) => r.vms_running },
+    { label: "Desktops it runs", render: (r) => <>{hypervisors(r)}{r.hypervisor_notes && <span class="muted"> ({r.hypervisor_notes})</span>}</> },
     { label: "Resources", render: (r) => (r.usable_ram_mb !== null ? `${r.usable_ram_mb} MB RAM, ${r.usable_cpu ?? "?"} CPUs usable` : text(null)) },
     { label: "Last heartbeat", render: when("ok_ts") },
     { label: "Version", render: (r) => text(r.version) },
