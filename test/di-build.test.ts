@@ -2,10 +2,12 @@
 // unpacked as a node would. The image is kept under /var/cache/qvd/test and built again only
 // when it is older than the build code (or the package cache makes a rebuild cheap).
 import { afterAll, describe, expect, test } from "bun:test";
-import { existsSync, lstatSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
+import { existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { run, spawnDaemon, type Daemon } from "../src/run.ts";
-import { DESKTOP_PACKAGES, REQUIRED_FILES, SESSION_SCRIPT } from "../src/virt/image-build.ts";
+import { DESKTOP_PACKAGES, INITRAMFS_MODULES, KVM_PACKAGES, KVM_REQUIRED_FILES, MASKED_UNITS, OPT_QVD_MOUNT, QVD_VMA_SERVICE, REQUIRED_FILES, SESSION_SCRIPT } from "../src/virt/image-build.ts";
+import { inspectQcow2 } from "../src/virt/kvm-image.ts";
+import { KVM_TEST_IMAGE, kvmTestImageFresh } from "./support/kvm-image.ts";
 import { unpackImage } from "../src/virt/images.ts";
 
 const root = join(import.meta.dir, "..");
@@ -156,4 +158,91 @@ describe("qvd di build", () => {
       for (const d of daemons) d.killGroup("SIGKILL");
     }
   }, { timeout: 120_000 });
+});
+
+describe("qvd di build --kvm", () => {
+  const raw = join(work, "kvm.raw");
+  /** debugfs on the image's filesystem (read-only, nothing mounted). */
+  const fs = async (request: string) => (await run(["debugfs", "-R", request, raw], { env: { LC_ALL: "C" } })).stdout;
+  const cat = (path: string) => fs(`cat ${path}`);
+  const stat = (path: string) => fs(`stat ${path}`);
+  const linkOf = async (path: string) => /Fast link dest: "(.*)"/.exec(await stat(path))?.[1];
+
+  test(
+    "builds a bootable qcow2 of the desktop (or finds a fresh one); a second build is a copy from the cache",
+    async () => {
+      const { ensureDeps } = await import("../scripts/deps.ts");
+      await ensureDeps(["debootstrap", "qemu-img", "e2fsprogs"], () => {});
+      const cli = (output: string) => run([process.execPath, join(root, "src/main.ts"), "di", "build", "--kvm", "--output", output], { env: { QVD_CONFIG: undefined } });
+      const tarballsBefore = readdirSync("/var/cache/qvd/debootstrap/images").filter((n) => n.includes(".tar"));
+      if (!kvmTestImageFresh()) {
+        const out = (await cli(KVM_TEST_IMAGE)).stdout;
+        expect(out).toContain(`Image:   ${KVM_TEST_IMAGE}`);
+        expect(out).toMatch(/\[1\/6\] (debootstrap|base system from the cache)|using the cached image/);
+        console.log(out.split("\n").filter((l) => /^(Built|Copied|Size|Disk)/.test(l)).join("\n"));
+      }
+      // Again: from the build cache, the same bytes.
+      const copy = join(work, "copy.qcow2");
+      const out = (await cli(copy)).stdout;
+      expect(out).toContain("Copied from the cache");
+      const sha = /SHA-256: ([0-9a-f]{64})/.exec(out)?.[1];
+      expect(sha).toBe(new Bun.CryptoHasher("sha256").update(readFileSync(KVM_TEST_IMAGE)).digest("hex"));
+      expect(out).toMatch(/Disk: +[\d.]+ MiB virtual \(ext4, label qvd-root\)/);
+      rmSync(copy);
+      // The KVM build kept the tarball's cache (one cached image per kind).
+      const after = readdirSync("/var/cache/qvd/debootstrap/images");
+      for (const t of tarballsBefore) expect(after).toContain(t);
+      expect(after.filter((n) => n.endsWith(".qcow2")).length).toBe(1);
+    },
+    { timeout: 20 * 60_000 },
+  );
+
+  test("a KVM image must be a .qcow2, a tarball must not be one", async () => {
+    const bad = await run([process.execPath, join(root, "src/main.ts"), "di", "build", "--kvm", "--output", join(work, "x.tar.gz")], { allowFail: true, env: { QVD_CONFIG: undefined } });
+    expect(bad.status).not.toBe(0);
+    expect(bad.stderr + bad.stdout).toContain("a KVM image's name must end in .qcow2");
+    expect(bad.stderr).not.toMatch(/\n\s+at /); // no stack trace
+    const bad2 = await run([process.execPath, join(root, "src/main.ts"), "di", "build", "--output", join(work, "x.qcow2")], { allowFail: true, env: { QVD_CONFIG: undefined } });
+    expect(bad2.status).not.toBe(0);
+    expect(bad2.stderr + bad2.stdout).toMatch(/must end in \.tar\.gz/);
+  });
+
+  test("the disk: one whole ext4 filesystem labelled qvd-root with the desktop, the kernel, the guest's units and no login", async () => {
+    expect((await inspectQcow2(KVM_TEST_IMAGE)).virtualSize).toBeGreaterThan(512 * 1024 * 1024);
+    await run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", KVM_TEST_IMAGE, raw]);
+    expect(await fs("stats")).toMatch(/Filesystem volume name: +qvd-root/);
+    for (const f of [...REQUIRED_FILES, ...KVM_REQUIRED_FILES]) expect(await stat(`/${f}`), f).toMatch(/^Inode: \d+/m);
+    // The kernel: /vmlinuz and /initrd.img are relative links into /boot.
+    expect(await linkOf("/vmlinuz")).toMatch(/^boot\/vmlinuz-[\d.]+-\d+-amd64$/);
+    expect(await linkOf("/initrd.img")).toMatch(/^boot\/initrd\.img-[\d.]+-\d+-amd64$/);
+    // The guest contract's units.
+    expect(await cat("/etc/systemd/system/opt-qvd.mount")).toBe(OPT_QVD_MOUNT);
+    expect(OPT_QVD_MOUNT).toMatch(/^What=\/dev\/disk\/by-id\/virtio-qvd-bin$/m);
+    expect(await cat("/etc/systemd/system/qvd-vma.service")).toBe(QVD_VMA_SERVICE);
+    expect(QVD_VMA_SERVICE).toMatch(/^ExecStart=\/opt\/qvd\/qvd vma --kvm-guest$/m);
+    expect(await linkOf("/etc/systemd/system/multi-user.target.wants/qvd-vma.service")).toBe("/etc/systemd/system/qvd-vma.service");
+    expect(await linkOf("/etc/systemd/system/default.target")).toBe("/lib/systemd/system/multi-user.target");
+    expect(await cat("/etc/fstab")).toMatch(/^\/dev\/vda \/ ext4 /m);
+    // No login anywhere, no periodic jobs: masked, and nothing left wanting them.
+    for (const u of ["getty.target", "getty@.service", "serial-getty@.service", "apt-daily.timer", "e2scrub_all.timer", "fstrim.timer", "cups.service"]) {
+      expect(MASKED_UNITS as readonly string[]).toContain(u);
+      expect(await linkOf(`/etc/systemd/system/${u}`), u).toBe("/dev/null");
+    }
+    expect(await fs("ls /etc/systemd/system/getty.target.wants")).not.toMatch(/getty@/);
+    expect(await cat("/etc/machine-id")).toBe("");
+    // A small initramfs: only the listed modules.
+    expect(await cat("/etc/initramfs-tools/modules")).toContain(INITRAMFS_MODULES.join("\n"));
+    expect(await cat("/etc/initramfs-tools/conf.d/qvd")).toMatch(/^MODULES=list$/m);
+    // Modules for hardware a VM never has are not there; virtio's and usbip's are.
+    const kver = (await linkOf("/vmlinuz"))!.replace("boot/vmlinuz-", "");
+    const mods = `/lib/modules/${kver}/kernel`;
+    expect(await fs(`ls ${mods}/drivers/gpu`)).not.toMatch(/drm/);
+    expect(await fs(`ls ${mods}/sound`)).not.toMatch(/\bcore\b/);
+    for (const m of ["drivers/block/virtio_blk.ko", "drivers/net/virtio_net.ko", "drivers/usb/usbip/vhci-hcd.ko", "drivers/firmware/qemu_fw_cfg.ko", "drivers/net/tun.ko", "fs/fuse/fuse.ko"])
+      expect(await stat(`${mods}/${m}`), m).toMatch(/Type: regular/);
+    const meta = JSON.parse(await cat("/etc/qvd-image.json"));
+    expect(meta.packages).toEqual([...DESKTOP_PACKAGES, ...KVM_PACKAGES]);
+    expect(meta.hypervisor).toBe("kvm");
+    rmSync(raw);
+  }, 300_000);
 });

@@ -1,13 +1,15 @@
 // `qvd di build | check | unpack`: disk images. `build` makes a Debian desktop image with
-// debootstrap (src/virt/image-build.ts); `check` reads an image tarball as a node would before
-// unpacking it; `unpack` unpacks it into basefs/ as a node does (src/virt/images.ts).
+// debootstrap (src/virt/image-build.ts), `--kvm` a bootable qcow2 of it; `check` reads an image
+// (tarball or qcow2) as a node would before using it; `unpack` unpacks a tarball into basefs/
+// (src/virt/images.ts) or extracts a qcow2's kernel and initramfs (src/virt/kvm-image.ts).
 import { dirname, join, resolve } from "node:path";
 import { defineCommand } from "citty";
 import { commonArgs, configFromArgs } from "../cli.ts";
 import { UserError } from "../errors.ts";
-import { buildImage, DEFAULT_IMAGE_NAME, DEFAULT_KVM_IMAGE_NAME, DESKTOP_PACKAGES, KVM_PACKAGES, SUITE } from "../virt/image-build.ts";
+import { statSync } from "node:fs";
+import { buildImage, DEFAULT_IMAGE_NAME, DEFAULT_KVM_IMAGE_NAME, DESKTOP_PACKAGES, KVM_PACKAGES, sha256File, SUITE } from "../virt/image-build.ts";
 import { checkEntries, ImageError, inspectImage, unpackImage } from "../virt/images.ts";
-import { inspectQcow2 } from "../virt/kvm-image.ts";
+import { inspectQcow2, isQcow2, prepareKvmImage } from "../virt/kvm-image.ts";
 import { idmapFromConfig } from "../virt/lxc.ts";
 
 const MiB = (n: number) => `${(n / 1024 / 1024).toFixed(1)} MiB`;
@@ -54,13 +56,22 @@ const build = defineCommand({
 });
 
 const check = defineCommand({
-  meta: { name: "check", description: "Check an image tarball as a node does before unpacking it: checksum, listing, unsafe entries" },
+  meta: { name: "check", description: "Check an image as a node does before using it: a tarball's checksum, listing and unsafe entries; a qcow2's header, backing and data files" },
   args: {
-    file: { type: "positional", description: "Image tarball", required: true },
+    file: { type: "positional", description: "Image tarball or qcow2", required: true },
     sha256: { type: "string", description: "Expected SHA-256", valueHint: "HEX" },
   },
   async run({ args }) {
     const file = resolve(String(args.file));
+    if (isQcow2(file)) {
+      const { virtualSize } = await inspectQcow2(file);
+      const sha = await sha256File(file);
+      if (args.sha256 && sha !== String(args.sha256).toLowerCase()) throw new ImageError(`${file}: checksum mismatch: sha256 is ${sha}, expected ${args.sha256}`);
+      console.log(`${file}: ok (qcow2, a KVM image)`);
+      console.log(`Size:        ${MiB(statSync(file).size)} (${statSync(file).size} bytes), ${MiB(virtualSize)} virtual`);
+      console.log(`SHA-256:     ${sha}`);
+      return;
+    }
     const info = await inspectImage(file);
     if (args.sha256 && info.sha256 !== String(args.sha256).toLowerCase())
       throw new ImageError(`${file}: checksum mismatch: sha256 is ${info.sha256}, expected ${args.sha256}`);
@@ -80,7 +91,7 @@ const check = defineCommand({
 });
 
 const unpack = defineCommand({
-  meta: { name: "unpack", description: "Unpack an image into <path.storage.root>/basefs/<ID> now, as a node does at the first start of a VM on it" },
+  meta: { name: "unpack", description: "Unpack an image into <path.storage.root>/basefs/<ID> now (a qcow2: its kernel and initramfs), as a node does at the first start of a VM on it" },
   args: {
     ...commonArgs,
     file: { type: "positional", description: "Image tarball", required: true },
@@ -91,6 +102,12 @@ const unpack = defineCommand({
     const cfg = configFromArgs(args, rawArgs);
     const id = Number(args.id);
     if (!/^\d+$/.test(String(args.id))) throw new UserError(`--id ${args.id}: expected an image id`);
+    const file = resolve(String(args.file));
+    if (isQcow2(file)) {
+      const res = await prepareKvmImage({ image: file, basefsDir: join(cfg.get("path.storage.root"), "basefs"), diId: id, sha256: args.sha256, qemuImg: cfg.get("vm.kvm.qemu_img"), onProgress: (p) => console.log(p.phase === "wait" ? "waiting for another preparation of this image…" : `${p.phase}…`) });
+      console.log(`${res.skipped ? "Already prepared:" : "Prepared:"} ${res.kernel}, ${res.initrd}`);
+      return;
+    }
     let last = -1;
     const res = await unpackImage({
       image: resolve(String(args.file)),
