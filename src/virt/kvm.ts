@@ -138,8 +138,9 @@ export class KvmBackend implements Backend {
       secret: spec.vma.secret,
       node_address: spec.network.gateway,
       port: spec.vma.port,
-      // Not PID 1 here: after the session, the VMA asks systemd to power the VM off.
-      settings: { ...(spec.vma.settings ?? {}), "vma.poweroff.command": spec.vma.settings?.["vma.poweroff.command"] || "systemctl poweroff" },
+      // The poweroff method ends the session and the VMA; the power-off itself is the ACPI
+      // button that stop() presses through QMP (systemd-logind in the guest powers off).
+      settings: { ...(spec.vma.settings ?? {}) },
       kvm: { ip: spec.network.ip, prefix: spec.network.prefix, gateway: spec.network.gateway, mac: spec.network.mac, home: spec.home.sizeMb > 0 },
     };
     writeFileSync(join(dir, "vma.json"), JSON.stringify(guest), { mode: 0o600 });
@@ -386,8 +387,11 @@ export class KvmBackend implements Backend {
     const pid = this.pid(vmId);
     if (!pid) return true;
     // ACPI power button: the guest's systemd (logind) powers off.
+    const t0 = Date.now();
     await this.qmp(vmId, "system_powerdown").catch((e) => log.debug("system_powerdown failed", { vm: vmId, error: (e as Error).message }));
-    return await this.waitGone(vmId, pid, timeoutMs);
+    const down = await this.waitGone(vmId, pid, timeoutMs);
+    if (down) log.info("vm powered off (ACPI power button through QMP)", { vm: vmId, seconds: ((Date.now() - t0) / 1000).toFixed(1) });
+    return down;
   }
 
   async kill(vmId: number): Promise<void> {

@@ -1,7 +1,7 @@
 // Node-side test helpers: the compiled qvd binary (built once per test run), a network
 // namespace of the test's own (198.18.0.0/15 only, removed afterwards), a small busybox image
 // tarball, and running a qvd role inside the namespace.
-import { chmodSync, copyFileSync, createWriteStream, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import { chmodSync, copyFileSync, createWriteStream, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { createHash, randomBytes } from "node:crypto";
 import * as D from "../../src/db/index.ts";
@@ -236,6 +236,24 @@ export class TestNode {
     this.proc = undefined;
   }
 
+  get kvmPath() {
+    return join(this.root, "run", "kvm");
+  }
+
+  /** The pids of this node's QEMU processes (from their pid files, checked by process name). */
+  qemuPids(): number[] {
+    if (!this.root || !existsSync(this.kvmPath)) return [];
+    const pids: number[] = [];
+    for (const d of readdirSync(this.kvmPath)) {
+      if (!/^qvd-\d+$/.test(d)) continue;
+      try {
+        const pid = Number(readFileSync(join(this.kvmPath, d, "qemu.pid"), "utf8").trim());
+        if (readFileSync(`/proc/${pid}/comm`, "utf8").trim() === d) pids.push(pid);
+      } catch {}
+    }
+    return pids;
+  }
+
   /** Running containers, by name. */
   async containers(): Promise<string[]> {
     return (await run([...this.ns.exec, "lxc-ls", "-P", this.lxcPath, "--running", "-1"], { allowFail: true })).stdout.split("\n").filter(Boolean);
@@ -286,6 +304,12 @@ export class TestNode {
   /** Stops the HKD, any container left, and removes the namespace and the folders. */
   async stop(keepLogs = Boolean(process.env.KEEP_TEST_LOGS)): Promise<void> {
     await this.kill("SIGTERM").catch(() => {});
+    // KVM desktops: QEMU outlives the HKD on purpose (it is adopted at the next start).
+    for (const pid of this.qemuPids()) {
+      try {
+        process.kill(pid, "SIGKILL");
+      } catch {}
+    }
     if (this.ns) {
       for (const c of await this.containers().catch(() => [])) await run([...this.ns.exec, "lxc-stop", "-k", "-n", c, "-P", this.lxcPath], { allowFail: true });
       await this.ns.remove();
