@@ -10,11 +10,11 @@ import { bytes, UploadAborted, uploadImage, type Upload } from "./upload.ts";
 type Phase = "form" | "uploading" | "failed" | "done";
 
 /** A safe file name for the server (path.storage.images/<name>): no directories, no blanks. */
-const serverName = (file: string) => file.replace(/^.*[\\/]/, "").replace(/[^A-Za-z0-9._+-]+/g, "_").slice(0, 200) || "image.tar.gz";
+const serverName = (file: string, kvm: boolean) => file.replace(/^.*[\\/]/, "").replace(/[^A-Za-z0-9._+-]+/g, "_").slice(0, 200) || (kvm ? "image.qcow2" : "image.tar.gz");
 
 export function NewImageDialog(props: { osfId?: number; onClose: () => void; onCreated: (id: number) => void }) {
   const session = useSession();
-  const osfs = useLoad((s) => api.get<{ items: { id: number; name: string; tenant_name: string }[] }>(`/osfs${qs({ sort: "name", limit: 1000, fields: "id,name,tenant_name" })}`, s), []);
+  const osfs = useLoad((s) => api.get<{ items: { id: number; name: string; tenant_name: string; hypervisor: string }[] }>(`/osfs${qs({ sort: "name", limit: 1000, fields: "id,name,tenant_name,hypervisor" })}`, s), []);
   const [osf, setOsf] = useState(props.osfId ? String(props.osfId) : "");
   const [version, setVersion] = useState("");
   const [description, setDescription] = useState("");
@@ -68,7 +68,7 @@ export function NewImageDialog(props: { osfId?: number; onClose: () => void; onC
     if (!file) return setErrors({ file: "choose the image file to upload" });
     if (diId !== undefined) return start(diId, file);
     try {
-      const body: Record<string, unknown> = { osf_id: Number(osf), path: path || serverName(file.name) };
+      const body: Record<string, unknown> = { osf_id: Number(osf), path: path || serverName(file.name, kvm) };
       if (version.trim()) body.version = version.trim();
       if (description.trim()) body.description = description.trim();
       const di = await api.post<{ id: number }>("/dis", body);
@@ -113,6 +113,8 @@ export function NewImageDialog(props: { osfId?: number; onClose: () => void; onC
   const rate = secs > 0.5 ? progress.sent / secs : 0;
   const busy = phase === "uploading";
   const fixed = diId !== undefined; // created: only the file can change now
+  // The OSF's hypervisor decides the kind of image (the API refuses the other kind).
+  const kvm = (osfs.data?.items ?? []).find((o) => String(o.id) === osf)?.hypervisor === "kvm";
 
   return (
     <Modal
@@ -138,17 +140,17 @@ export function NewImageDialog(props: { osfId?: number; onClose: () => void; onC
         <Field label="Description" error={errors.description}>
           {(a) => <input {...a} value={description} disabled={fixed || busy} onInput={(e) => setDescription(e.currentTarget.value)} />}
         </Field>
-        <Field label="Image file" hint="A root file system as .tar.gz" error={errors.file}>
+        <Field label="Image file" hint={kvm ? "A KVM disk image: .qcow2 (qvd di build --kvm)" : "An LXC root file system: .tar.gz (qvd di build)"} error={errors.file}>
           {(a) => (
             <input
               {...a}
               type="file"
-              accept=".tar.gz,.tgz,.tar,.gz"
+              accept={kvm ? ".qcow2" : ".tar.gz,.tgz,.tar,.gz,.tar.xz,.tar.zst"}
               disabled={busy}
               onChange={(e) => {
                 const f = e.currentTarget.files?.[0];
                 setFile(f);
-                if (f && !pathEdited && !fixed) setPath(serverName(f.name));
+                if (f && !pathEdited && !fixed) setPath(serverName(f.name, kvm));
               }}
             />
           )}
