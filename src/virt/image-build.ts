@@ -203,6 +203,7 @@ export const KVM_PACKAGES = [
   "kmod",
   "e2fsprogs", // the VMA formats the user's home disk (mkfs.ext4)
   "usbip", // USB devices from the client, later
+  "dbus", // systemd-logind needs it: it powers the VM off on the ACPI button (the node's graceful stop, QMP system_powerdown)
   "zstd", // initramfs compression (without it mkinitramfs falls back to gzip: larger, slower to unpack)
 ] as const;
 
@@ -253,6 +254,9 @@ After=opt-qvd.mount
 ExecStart=/opt/qvd/qvd vma --kvm-guest
 Restart=on-failure
 RestartSec=1
+# Its log also on the serial console, which the node keeps (<vm.kvm.path>/logs/qvd-<id>.console.log).
+StandardOutput=journal+console
+StandardError=journal+console
 
 [Install]
 WantedBy=multi-user.target
