@@ -79,7 +79,7 @@ describe("inspectQcow2: what counts as a KVM image", () => {
     await run(["qemu-img", "create", "-q", "-f", "qcow2", f, "64M"]);
     expect(isQcow2(f)).toBe(true);
     expect(readFileSync(f).subarray(0, 4).equals(QCOW2_MAGIC)).toBe(true);
-    expect(await inspectQcow2(f)).toEqual({ virtualSize: 64 * 1024 * 1024 });
+    expect(await inspectQcow2(f)).toEqual({ virtualSize: 64 * 1024 * 1024, allocatedBytes: 0 });
   });
 
   test("an LXC tarball is refused as one", async () => {
@@ -215,6 +215,22 @@ describe("prepareKvmImage: the kernel and initramfs of small ext4 images", () =>
     await refused(prepareKvmImage({ image: img, basefsDir, diId: 2, sha256: "../x" }), /invalid expected sha256/);
     await refused(prepareKvmImage({ image: img, basefsDir, diId: -1 }), /invalid image id/);
     await refused(prepareKvmImage({ image: join(dir, "rootfs.tar.gz"), basefsDir, diId: 4 }), /root filesystem tarball/);
+    // A compressed qcow2 whose data would not fit beside basefs (a small tmpfs here) is refused before it is inflated.
+    const bomb = join(dir, "bomb.qcow2");
+    const rawBomb = join(dir, "bomb.raw");
+    writeFileSync(rawBomb, Buffer.alloc(64 * 1024 * 1024, 0x5a));
+    await run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", rawBomb, bomb]);
+    rmSync(rawBomb);
+    expect(Bun.file(bomb).size).toBeLessThan(2 * 1024 * 1024);
+    const small = join(dir, "small-fs");
+    mkdirSync(small);
+    await run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", small]);
+    try {
+      await refused(prepareKvmImage({ image: bomb, basefsDir: join(small, "basefs"), diId: 6 }), /holds 64 MiB of data; reading its kernel needs that much free space beside .* \(\d+ MiB free\)/);
+      expect(leftovers(join(small, "basefs"), 6)).toEqual([]);
+    } finally {
+      await run(["umount", small]);
+    }
     // An LXC image unpacked under the same id is not taken for a prepared KVM image.
     mkdirSync(join(basefsDir, "5/sbin"), { recursive: true });
     await refused(prepareKvmImage({ image: img, basefsDir, diId: 5 }), /does not hold a prepared KVM image/);

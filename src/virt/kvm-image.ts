@@ -16,7 +16,7 @@
 //  - Publishing is as for tarballs (src/virt/images.ts): a private temporary directory renamed
 //    to `basefs/<di-id>` (the rename decides between nodes), a record `.meta-<di-id>.json` with
 //    the qcow2's SHA-256 beside it, an flock on `basefs/.lock-<di-id>` to save work.
-import { closeSync, existsSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { closeSync, existsSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statfsSync, statSync, writeFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { isAbsolute, join } from "node:path";
 import { logger } from "../log.ts";
@@ -81,7 +81,7 @@ function checkHeader(file: string): void {
  * encrypted, not corrupt (`qemu-img info` and, unless `check: false`, `qemu-img check`). Throws
  * an ImageError saying why; returns the disk's virtual size in bytes.
  */
-export async function inspectQcow2(file: string, o: { qemuImg?: string; check?: boolean } = {}): Promise<{ virtualSize: number }> {
+export async function inspectQcow2(file: string, o: { qemuImg?: string; check?: boolean } = {}): Promise<{ virtualSize: number; allocatedBytes: number }> {
   // qemu-img reads "json:{…}" and "proto:…" names as options: only absolute paths reach it.
   if (!isAbsolute(file)) throw new ImageError(`${file}: an image path must be absolute`);
   let st;
@@ -112,17 +112,22 @@ export async function inspectQcow2(file: string, o: { qemuImg?: string; check?: 
   if (info.encrypted === true) throw new ImageError(`${file}: the qcow2 is encrypted; a KVM image must be readable by the node`);
   const virtualSize = Number(info["virtual-size"]);
   if (!Number.isSafeInteger(virtualSize) || virtualSize <= 0) throw new ImageError(`${file}: the qcow2 has no size`);
+  const clusterSize = Number(info["cluster-size"]);
+  let allocatedBytes = virtualSize;
   if (o.check !== false) {
     // Metadata only (refcounts, L1/L2 tables): about a second for a desktop image.
     const res = await run(unprivileged([qemuImg, "check", "-U", "-f", "qcow2", "--output=json", file]), { env: { LC_ALL: "C" }, allowFail: true });
-    let r: { corruptions?: number; "check-errors"?: number } = {};
+    let r: { corruptions?: number; "check-errors"?: number; "allocated-clusters"?: number } = {};
     try {
       r = JSON.parse(res.stdout);
     } catch {}
     if (res.status !== 0 && res.status !== 3) throw new ImageError(`${file}: the qcow2 is damaged: ${res.stderr.trim().split("\n").slice(-2).join(" / ") || `qemu-img check exited with ${res.status}`}`);
     if ((r.corruptions ?? 0) > 0 || (r["check-errors"] ?? 0) > 0) throw new ImageError(`${file}: the qcow2 is damaged: ${r.corruptions ?? 0} corruptions, ${r["check-errors"] ?? 0} check errors`);
+    // An image without data has no "allocated-clusters" at all.
+    const allocated = Number(r["allocated-clusters"] ?? 0) * clusterSize;
+    if (Number.isSafeInteger(allocated) && allocated >= 0) allocatedBytes = Math.min(allocated, virtualSize);
   }
-  return { virtualSize };
+  return { virtualSize, allocatedBytes };
 }
 
 // --- reading files of the image's filesystem ---------------------------------------------------------
@@ -380,7 +385,13 @@ export async function prepareKvmImage(o: PrepareKvmOptions): Promise<PreparedKvm
     if (!isQcow2(image)) await inspectQcow2(image, { qemuImg: o.qemuImg }); // says what it is instead
     const sha256 = await sha256Of(image);
     if (expected !== null && sha256 !== expected) throw new ImageError(`${image}: checksum mismatch: sha256 is ${sha256}, expected ${expected}; nothing was prepared`);
-    const { virtualSize } = await inspectQcow2(image, { qemuImg: o.qemuImg });
+    const { virtualSize, allocatedBytes } = await inspectQcow2(image, { qemuImg: o.qemuImg });
+    // The raw copy holds at most the allocated clusters (zeros stay holes); compressed clusters
+    // may inflate far beyond the file's size: never fill the shared storage with them.
+    const fsInfo = statfsSync(basefsDir);
+    const free = Number(fsInfo.bavail) * Number(fsInfo.bsize);
+    if (allocatedBytes + 256 * 1024 * 1024 > free)
+      throw new ImageError(`${image}: its disk holds ${Math.ceil(allocatedBytes / 1048576)} MiB of data; reading its kernel needs that much free space beside ${basefsDir} (${Math.floor(free / 1048576)} MiB free)`);
 
     mkdirSync(tmp, { mode: 0o755 });
     const raw = join(tmp, "disk.raw");
