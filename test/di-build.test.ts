@@ -245,4 +245,25 @@ describe("qvd di build --kvm", () => {
     expect(meta.hypervisor).toBe("kvm");
     rmSync(raw);
   }, 300_000);
+
+  test("qvd di check and qvd di unpack take a qcow2: the node's checks and preparation, by hand", async () => {
+    const di = (...a: string[]) => run([process.execPath, join(root, "src/main.ts"), "di", ...a], { allowFail: true, env: { QVD_CONFIG: undefined } });
+    const sha = new Bun.CryptoHasher("sha256").update(readFileSync(KVM_TEST_IMAGE)).digest("hex");
+    const ok = await di("check", KVM_TEST_IMAGE, "--sha256", sha);
+    expect(ok.stdout).toContain(`${KVM_TEST_IMAGE}: ok (qcow2, a KVM image)`);
+    expect(ok.stdout).toContain(`SHA-256:     ${sha}`);
+    expect((await di("check", KVM_TEST_IMAGE, "--sha256", "0".repeat(64))).stderr).toContain("checksum mismatch");
+    // A qcow2 on top of another: refused with its reason, no stack trace.
+    const over = join(work, "over.qcow2");
+    await run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", KVM_TEST_IMAGE, "-F", "qcow2", over]);
+    const bad = await di("check", over);
+    expect(bad.status).not.toBe(0);
+    expect(bad.stderr).toContain("has a backing file of its own");
+    expect(bad.stderr).not.toMatch(/\n\s+at /);
+    const storage = join(work, "storage");
+    const u = await di("unpack", KVM_TEST_IMAGE, "--id", "9", "--sha256", sha, "--set", `path.storage.root=${storage}`);
+    expect(u.stdout).toContain(`Prepared: ${join(storage, "basefs/9/vmlinuz")}, ${join(storage, "basefs/9/initrd.img")}`);
+    expect(readFileSync(join(storage, "basefs/9/vmlinuz")).subarray(0x202, 0x206).toString()).toBe("HdrS");
+    expect((await di("unpack", KVM_TEST_IMAGE, "--id", "9", "--set", `path.storage.root=${storage}`)).stdout).toContain("Already prepared:");
+  }, 120_000);
 });
