@@ -38,6 +38,9 @@ import type { Prepared, ServiceContext, SessionService } from "./services.ts";
 
 const log = logger("vma.session");
 
+/** nxagent's and xinit's lines worth a post-mortem at the default level: session states, errors. */
+const NOTABLE_LINE = /^(Session: |Error|Warning: Signal|xinit: )|PANIC|[Aa]borting|fatal/;
+
 export const X_STATES = ["stopped", "starting", "provisioning", "listening", "connected", "suspending", "suspended", "stopping"] as const;
 export type XState = (typeof X_STATES)[number];
 
@@ -558,7 +561,9 @@ export class Session {
       onLine: (line) => {
         // nxagent prints both cookies when a proxy presents a wrong one: not into the log.
         const cookie = this.params?.cookie;
-        try { appendFileSync(logFile, (cookie ? line.replaceAll(cookie, "<cookie>") : line) + "\n", { mode: 0o600 }); } catch {}
+        const safe = cookie ? line.replaceAll(cookie, "<cookie>") : line;
+        try { appendFileSync(logFile, safe + "\n", { mode: 0o600 }); } catch {}
+        if (NOTABLE_LINE.test(line)) log.info("nxagent", { line: safe });
         this.onLine(line);
       },
     });
