@@ -226,8 +226,14 @@ async function qemuMemory(vmId: number, memoryMb: number): Promise<string> {
   const kb = (text: string, field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(text)?.[1] ?? NaN) * 1024;
   const rss = kb(readFileSync(`/proc/${pid}/status`, "utf8"), "VmRSS");
   const pss = kb(readFileSync(`/proc/${pid}/smaps_rollup`, "utf8"), "Pss");
-  // The guest's RAM is the one mapping of exactly the VM's memory size: what the guest touched.
+  // Where it goes: the guest's RAM is the read-write mapping of exactly the VM's memory size (what
+  // the guest touched); under tcg, the translated code is an anonymous rwx mapping (1 GiB by default).
   let ram = 0;
-  for (const m of readFileSync(`/proc/${pid}/smaps`, "utf8").split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/)) if (kb(m, "Size") === memoryMb * 1024 * 1024) ram += kb(m, "Rss");
-  return `QEMU's RSS ${mib(rss)} (guest RAM touched ${mib(ram)}, QEMU itself ${mib(rss - ram)}), PSS ${mib(pss)}`;
+  let code = 0;
+  for (const m of readFileSync(`/proc/${pid}/smaps`, "utf8").split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/)) {
+    const [, perms, , , inode] = m.split("\n")[0]!.split(/\s+/);
+    if (perms === "rw-p" && kb(m, "Size") === memoryMb * 1024 * 1024) ram += kb(m, "Rss");
+    else if (perms === "rwxp" && inode === "0") code += kb(m, "Rss");
+  }
+  return `QEMU's RSS ${mib(rss)} (guest RAM touched ${mib(ram)}, tcg translated code ${mib(code)}, the rest ${mib(rss - ram - code)}), PSS ${mib(pss)}`;
 }
