@@ -34,6 +34,7 @@
 //    security label of an image reaches storage. basefs/ is root:<base gid> 0710: the
 //    desktops' mapped root may cross it, node users may not, so nothing on it runs for them.
 import { chmodSync, chownSync, closeSync, existsSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import type { Stats } from "node:fs";
 import { hostname } from "node:os";
 import { dirname, join } from "node:path";
 import { UserError } from "../errors.ts";
@@ -301,8 +302,8 @@ export interface Inspection {
   entries: TarEntry[];
 }
 
-/** Reads the whole archive once: its SHA-256 and its listing (the entries are not checked here). */
-export async function inspectImage(file: string, onProgress?: (p: UnpackProgress) => void): Promise<Inspection> {
+/** The image file's stat, or an ImageError that says why it cannot be used. */
+export function imageFileStat(file: string): Stats {
   let st;
   try {
     st = statSync(file);
@@ -310,6 +311,12 @@ export async function inspectImage(file: string, onProgress?: (p: UnpackProgress
     throw new ImageError(`${file}: cannot read image: ${(err as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (err as Error).message}`);
   }
   if (!st.isFile()) throw new ImageError(`${file}: not a regular file`);
+  return st;
+}
+
+/** Reads the whole archive once: its SHA-256 and its listing (the entries are not checked here). */
+export async function inspectImage(file: string, onProgress?: (p: UnpackProgress) => void): Promise<Inspection> {
+  const st = imageFileStat(file);
   const total = st.size;
   const compression = detectCompression(file);
   const { stream, digest } = hashedStream(file, total, (bytes) => onProgress?.({ phase: "verify", bytes, total }));

@@ -21,7 +21,8 @@ import { hostname } from "node:os";
 import { isAbsolute, join } from "node:path";
 import { logger } from "../log.ts";
 import { CommandError, run } from "../run.ts";
-import { ImageError, lockFile } from "./images.ts";
+import { sha256File } from "./image-build.ts";
+import { ImageError, imageFileStat, lockFile } from "./images.ts";
 
 const log = logger("kvm-image");
 
@@ -84,13 +85,7 @@ function checkHeader(file: string): void {
 export async function inspectQcow2(file: string, o: { qemuImg?: string; check?: boolean } = {}): Promise<{ virtualSize: number; allocatedBytes: number }> {
   // qemu-img reads "json:{…}" and "proto:…" names as options: only absolute paths reach it.
   if (!isAbsolute(file)) throw new ImageError(`${file}: an image path must be absolute`);
-  let st;
-  try {
-    st = statSync(file);
-  } catch (err) {
-    throw new ImageError(`${file}: cannot read image: ${(err as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (err as Error).message}`);
-  }
-  if (!st.isFile()) throw new ImageError(`${file}: not a regular file`);
+  const st = imageFileStat(file);
   if (!isQcow2(file)) {
     const h = readHead(file, 512);
     const tarball = (h[0] === 0x1f && h[1] === 0x8b) || h.subarray(257, 262).toString("latin1") === "ustar" || (h.length >= 4 && h.readUInt32LE(0) === 0xfd2fb528) || h.subarray(0, 6).toString("latin1") === "\xfd7zXZ\0";
@@ -305,17 +300,6 @@ function removeLeftovers(basefsDir: string, diId: number): void {
   }
 }
 
-async function sha256Of(file: string): Promise<string> {
-  const hasher = new Bun.CryptoHasher("sha256");
-  const reader = Bun.file(file).stream().getReader();
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    hasher.update(value);
-  }
-  return hasher.digest("hex");
-}
-
 function existing(basefsDir: string, diId: number, image: string, expected: string | null): PreparedKvmImage | undefined {
   const basefs = join(basefsDir, String(diId));
   let st;
@@ -383,7 +367,7 @@ export async function prepareKvmImage(o: PrepareKvmOptions): Promise<PreparedKvm
       throw new ImageError(`${image}: cannot read image: ${(err as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (err as Error).message}`);
     }
     if (!isQcow2(image)) await inspectQcow2(image, { qemuImg: o.qemuImg }); // says what it is instead
-    const sha256 = await sha256Of(image);
+    const sha256 = await sha256File(image);
     if (expected !== null && sha256 !== expected) throw new ImageError(`${image}: checksum mismatch: sha256 is ${sha256}, expected ${expected}; nothing was prepared`);
     const { virtualSize, allocatedBytes } = await inspectQcow2(image, { qemuImg: o.qemuImg });
     // The raw copy holds at most the allocated clusters (zeros stay holes); compressed clusters
