@@ -146,7 +146,11 @@ describe("value types", () => {
   test("enumerations list the allowed values", () => {
     expect(ok("log.level", "debug")).toBe("debug");
     expect(bad("log.level", "loud")).toBe('here: log.level: expected one of: debug, info, warn, error, got "loud"');
-    expect(bad("vm.hypervisor", "xen")).toContain("expected one of: lxc, kvm");
+    expect(bad("vm.kvm.accel", "xen")).toContain("expected one of: kvm, tcg, auto");
+    // vm.hypervisor is a list of one or both backends.
+    expect(bad("vm.hypervisor", "xen")).toContain("expected lxc, kvm or lxc,kvm");
+    expect(bad("vm.hypervisor", "lxc;kvm")).toContain("expected lxc, kvm or lxc,kvm");
+    expect(ok("vm.hypervisor", "lxc, kvm")).toBe("lxc, kvm");
   });
 
   test("addresses, networks, MAC prefixes and non-empty strings", () => {
