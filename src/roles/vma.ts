@@ -18,7 +18,7 @@ import { logger, setLogLevel } from "../log.ts";
 import { run } from "../run.ts";
 import { isPid1, powerOff, setupInit, type InitOptions } from "../vma/init.ts";
 import { startVmaServer } from "../vma/server.ts";
-import { kvmGuestSetup, TCG_SESSION_ENV } from "../vma/kvm-guest.ts";
+import { kvmGuestSetup } from "../vma/kvm-guest.ts";
 import { Session } from "../vma/session.ts";
 import { isNodeOnlyVmaKey } from "../vma/node-settings.ts";
 import { sharesService } from "../vma/shares.ts";
@@ -89,7 +89,7 @@ export default defineCommand({
   },
   async run({ args, rawArgs }) {
     const file = args.config ?? DEFAULT_VMA_FILE;
-    const guest = args["kvm-guest"] ? await kvmGuestSetup({ vmaFile: file }) : undefined;
+    if (args["kvm-guest"]) await kvmGuestSetup({ vmaFile: file });
     const vf = readVmaFile(file);
     const { cfg } = loadVmaConfig(vf, file, { flags: setFlags(rawArgs) });
     setLogLevel(cfg.get("log.level"));
@@ -116,7 +116,6 @@ export default defineCommand({
       // A second lock beside the session's cookie: nxagent takes only the node (IPv4 only in nxcomp).
       acceptFrom: /^\d+\.\d+\.\d+\.\d+$/.test(vf.node_address) ? vf.node_address : "",
       sessionCommand: split(cfg.get("vma.session.command")),
-      sessionEnv: guest?.accel === "tcg" ? TCG_SESSION_ENV : undefined,
       asCurrentUser: cfg.get("vma.session.as_current_user"),
       root: cfg.get("vma.provision.root"),
       homePath: cfg.get("vma.user.home.path"),

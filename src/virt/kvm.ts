@@ -242,7 +242,7 @@ export class KvmBackend implements Backend {
       // tcg: a 128 MiB cache of translated code instead of QEMU's 1 GiB default, which made
       // most of an idle desktop's memory (bench/vm-start.ts: 470 of 887 MiB).
       "-accel", accel === "tcg" ? "tcg,tb-size=128" : "kvm",
-      // tcg: every feature QEMU emulates (the qvd binary needs more than qemu64's SSE2).
+      // tcg: every feature QEMU emulates (the qvd binary needs more than qemu64, e.g. SSE4.2).
       "-cpu", accel === "kvm" ? "host" : "max",
       "-m", String(spec.memoryMb),
       "-smp", String(Math.max(1, spec.vcpus)),

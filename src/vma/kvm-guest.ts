@@ -48,14 +48,6 @@ export function interfaceWithMac(mac: string, sysClassNet = "/sys/class/net"): s
   return undefined;
 }
 
-/**
- * The session's environment in a VM under tcg: glibc's string functions without AVX and AVX2.
- * QEMU 7.2's emulation of them broke nxagent now and then: on a new session it aborted with
- * "Unable to open display" (about one connection in two; none once glibc used its SSE versions,
- * test/kvm.test.ts). The qvd binary itself is not a glibc string user of that kind.
- */
-export const TCG_SESSION_ENV = { GLIBC_TUNABLES: "glibc.cpu.hwcaps=-AVX2,-AVX,-AVX_Fast_Unaligned_Load,-AVX512F,-AVX512VL,-ERMS,-FSRM,-BMI2" };
-
 /** Reads the node's file from fw_cfg and writes it where the VMA reads it; returns its `kvm` part. */
 export async function kvmGuestSetup(o: { vmaFile: string; fwCfg?: string }): Promise<KvmGuest> {
   const src = o.fwCfg ?? FW_CFG_FILE;

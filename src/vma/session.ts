@@ -78,8 +78,6 @@ export interface SessionOptions {
   /** What an account may be (the node's identity.* settings); default: the built-in rules. */
   identity?: IdentityRules;
   defaultLang: string;
-  /** Set in the session's environment over the image's files (KVM under tcg: see src/vma/kvm-guest.ts). */
-  sessionEnv?: Record<string, string>;
   runDir: string;
   /** Milliseconds per reported state; past them the session is terminated (stopping: killed). */
   timeouts: { starting: number; listening: number; suspending: number; stopping: number };
@@ -524,7 +522,6 @@ export class Session {
     const env: Record<string, string> = {
       PATH: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
       ...fileEnv,
-      ...(o.sessionEnv ?? {}),
       HOME: homeOnDisk,
       USER: account.user,
       LOGNAME: account.user,
