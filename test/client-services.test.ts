@@ -542,7 +542,7 @@ describe.skipIf(!haveNx || !haveFuse || !haveBwrap)("qvd client with a real nxag
 describe.skipIf(!haveNx)("a hostile L7R's slave key", () => {
   test("a key with a space or a control character is not put into a header: a warning, and the session goes on", async () => {
     const xd = freeDisplay(60);
-    const x = Bun.spawn(["Xvfb", `:${xd}`, "-screen", "0", "800x600x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" });
+    const x = Bun.spawn(["Xvfb", `:${xd}`, "-screen", "0", "800x600x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" });
     procs.push(x);
     const nd = freeDisplay(Math.max(xd + 1, 150));
     const agent = Bun.spawn(["nxagent", `:${nd}`, "-ac", "-nolisten", "tcp", "-display", `nx/nx,link=lan,slave=1:${nd}`], {

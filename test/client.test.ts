@@ -438,7 +438,7 @@ describe.skipIf(!haveNx)("qvd client with a real nxproxy and nxagent", () => {
 
   test("the desktop's pixels arrive on the client's X display; the session ends when nxagent goes", async () => {
     const xd = freeDisplay(67);
-    const xvfb = Bun.spawn(["Xvfb", `:${xd}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" });
+    const xvfb = Bun.spawn(["Xvfb", `:${xd}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" });
     procs.push(xvfb);
     await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${xd}`) || undefined);
     const ag = await startAgent(Math.max(xd + 1, 120));

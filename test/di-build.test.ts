@@ -139,7 +139,7 @@ describe("qvd di build", () => {
       daemons.push(agent);
       await waitFor("nxagent to listen", () => agentOut.some((l) => l.includes(`:${4000 + agentDisplay}'`)));
       // The client side: an X server and the NX proxy.
-      daemons.push(spawnDaemon(["Xvfb", `:${clientDisplay}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], { detached: true }));
+      daemons.push(spawnDaemon(["Xvfb", `:${clientDisplay}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { detached: true }));
       await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${clientDisplay}`));
       daemons.push(spawnDaemon(["nxproxy", "-S", `localhost:${agentDisplay}`], { detached: true, env: { ...process.env, DISPLAY: `:${clientDisplay}` } }));
       const tree = async (d: number) => (await run(["chroot", R, "xwininfo", "-display", `:${d}`, "-root", "-tree"], { allowFail: true })).stdout;

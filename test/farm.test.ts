@@ -99,7 +99,7 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     const { ensureDeps } = await import("../scripts/deps.ts");
     await ensureDeps(["xvfb", "nxproxy", "xwd", "xsetroot", "imagemagick"], () => {});
     const vm = vmOf[user]!;
-    const xvfb = Bun.spawn(["Xvfb", `:${display}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" });
+    const xvfb = Bun.spawn(["Xvfb", `:${display}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" });
     let client: Bun.Subprocess<"ignore", "pipe", "pipe"> | undefined;
     const end = async () => {
       client?.kill("SIGTERM");

@@ -227,7 +227,7 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
         await ok(admin.put(`/${path}/${id}/properties/hb.${path}`, { value: `set on ${path}` }), `hb.${path}`);
       }
 
-      xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" });
+      xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" });
       const mean = async () => Number((await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`], { allowFail: true })).stdout.trim()) || 0;
       const state = async () => (await ok(admin.get(`/vms/${desk.id}`), "vm state")) as { vm_state: string; user_state: string };
       /** One user session with `qvd client`: connected, the desktop's pixels on the user's display, then `during`, then logout. */

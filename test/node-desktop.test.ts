@@ -47,7 +47,7 @@ describe.skipIf(!isRoot)("a real desktop through NX", () => {
     await node.addImage(osf.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
     vm = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" });
     await node.start({ "hkd.timeout.vma_start": "60" });
-    const xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" });
+    const xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" });
     children.push(xvfb);
     await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0, "Xvfb", 20_000);
     mkdirSync(output, { recursive: true });

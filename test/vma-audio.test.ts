@@ -494,7 +494,7 @@ describe("through a real nxagent and nxproxy", () => {
     const nxHome = join(work, "nx");
     mkdirSync(nxHome, { recursive: true });
     const xd = freeDisplay(160);
-    const xvfb = spawnDaemon(["Xvfb", `:${xd}`, "-screen", "0", "640x480x24", "-nolisten", "tcp"], { detached: true });
+    const xvfb = spawnDaemon(["Xvfb", `:${xd}`, "-screen", "0", "640x480x24", "-nolisten", "tcp", "-noreset"], { detached: true });
     daemons.push(xvfb);
     await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${xd}`));
     const ad = freeDisplay(xd + 1);
@@ -557,7 +557,7 @@ describe("through the real VMA (qvd vma): x_start, nxproxy, suspend", () => {
     writeFileSync(join(root, "etc/shadow"), pick("/etc/shadow", ["root", "daemon", "nobody"]), { mode: 0o640 });
     writeFileSync(join(root, "etc/gshadow"), pick("/etc/gshadow", ["root", "daemon", "nogroup"]), { mode: 0o640 });
     const xd = freeDisplay(170);
-    const xvfb = spawnDaemon(["Xvfb", `:${xd}`, "-screen", "0", "640x480x24", "-nolisten", "tcp"], { detached: true });
+    const xvfb = spawnDaemon(["Xvfb", `:${xd}`, "-screen", "0", "640x480x24", "-nolisten", "tcp", "-noreset"], { detached: true });
     daemons.push(xvfb);
     await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${xd}`));
     const nxd = freeDisplay(xd + 1);

@@ -361,7 +361,7 @@ describe("the Session's calls to its services (real nxagent and nxproxy)", () =>
     const dir = join(work, "session");
     mkdirSync(dir, { recursive: true });
     xvfb = freeDisplay(160);
-    procs.push(Bun.spawn(["Xvfb", `:${xvfb}`, "-screen", "0", "800x600x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" }));
+    procs.push(Bun.spawn(["Xvfb", `:${xvfb}`, "-screen", "0", "800x600x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" }));
     const display = freeDisplay(xvfb + 1);
     for (let i = 0; i < 100 && !existsSync(`/tmp/.X11-unix/X${xvfb}`); i++) await Bun.sleep(100);
     session = new Session({
@@ -464,7 +464,7 @@ describe("printing through nxagent's CUPS channel (real nxagent and nxproxy, a p
     client = await startClientCups();
     for (const p of client.printers) chmodSync(p.outDir, 0o1777);
     xvfb = freeDisplay(170);
-    procs.push(Bun.spawn(["Xvfb", `:${xvfb}`, "-screen", "0", "800x600x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" }));
+    procs.push(Bun.spawn(["Xvfb", `:${xvfb}`, "-screen", "0", "800x600x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" }));
     for (let i = 0; i < 100 && !existsSync(`/tmp/.X11-unix/X${xvfb}`); i++) await Bun.sleep(100);
     const display = freeDisplay(xvfb + 1);
     session = new Session({

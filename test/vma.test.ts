@@ -131,7 +131,7 @@ beforeAll(async () => {
   hostPasswd = readFileSync("/etc/passwd", "utf8");
   nxDisplay = freeDisplay(100);
   xvfbDisplay = freeDisplay(57);
-  const x = spawn(["Xvfb", `:${xvfbDisplay}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"]);
+  const x = spawn(["Xvfb", `:${xvfbDisplay}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"]);
   await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${xvfbDisplay}`) || undefined, 10_000);
   void x;
 });

@@ -260,7 +260,7 @@ export async function startClientPulse(o: { exec?: string[]; sink?: string } = {
 export async function startXvfb(display: number, o: { exec?: string[] } = {}): Promise<{ display: number; stop(): Promise<void> }> {
   const { ensureDeps } = await import("../../scripts/deps.ts");
   await ensureDeps(["xvfb", "xwd"], () => {});
-  const x = daemon([...(o.exec ?? []), "Xvfb", `:${display}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], { PATH });
+  const x = daemon([...(o.exec ?? []), "Xvfb", `:${display}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { PATH });
   await waitFor(`Xvfb :${display}`, async () => (await run(["xwd", "-root", "-silent", "-display", `:${display}`], { allowFail: true })).status === 0, 20_000, () =>
     x.exited ? `Xvfb exited: ${x.output().slice(-1000)}` : undefined);
   return { display, stop: () => x.stop(2000) };
