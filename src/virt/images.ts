@@ -557,16 +557,22 @@ export function findRootfs(basefs: string): string | undefined {
   return undefined;
 }
 
-const showMap = (m: IdMap | null | undefined) => (m ? `ids shifted by ${m.base} (range ${m.size})` : "unshifted ids");
-
-function existing(basefs: string, basefsDir: string, diId: number, expected: string | null | undefined, idmap: IdMap | undefined): UnpackResult | undefined {
+/** Whether an image's basefs directory is there; anything else in its place is an error. */
+export function basefsExists(basefs: string): boolean {
   let st;
   try {
     st = lstatSync(basefs);
   } catch {
-    return undefined;
+    return false;
   }
   if (!st.isDirectory()) throw new ImageError(`${basefs} exists and is not a directory`);
+  return true;
+}
+
+const showMap = (m: IdMap | null | undefined) => (m ? `ids shifted by ${m.base} (range ${m.size})` : "unshifted ids");
+
+function existing(basefs: string, basefsDir: string, diId: number, expected: string | null | undefined, idmap: IdMap | undefined): UnpackResult | undefined {
+  if (!basefsExists(basefs)) return undefined;
   const meta = metaFor(basefsDir, diId, inoOf(basefs) ?? "");
   if (expected && meta && meta.sha256 !== expected.toLowerCase())
     throw new ImageError(`${basefs} was unpacked from another file (sha256 ${meta.sha256}, expected ${expected}); remove it to unpack the image again`);

@@ -22,7 +22,7 @@ import { isAbsolute, join } from "node:path";
 import { logger } from "../log.ts";
 import { CommandError, run } from "../run.ts";
 import { sha256File } from "./image-build.ts";
-import { ImageError, imageFileStat, lockFile } from "./images.ts";
+import { basefsExists, ImageError, imageFileStat, lockFile } from "./images.ts";
 
 const log = logger("kvm-image");
 
@@ -302,13 +302,7 @@ function removeLeftovers(basefsDir: string, diId: number): void {
 
 function existing(basefsDir: string, diId: number, image: string, expected: string | null): PreparedKvmImage | undefined {
   const basefs = join(basefsDir, String(diId));
-  let st;
-  try {
-    st = lstatSync(basefs);
-  } catch {
-    return undefined;
-  }
-  if (!st.isDirectory()) throw new ImageError(`${basefs} exists and is not a directory`);
+  if (!basefsExists(basefs)) return undefined;
   let meta: KvmMeta | undefined;
   try {
     meta = JSON.parse(readFileSync(metaFile(basefsDir, diId), "utf8")) as KvmMeta;

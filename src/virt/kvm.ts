@@ -25,7 +25,8 @@
 import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { spawn } from "node:child_process";
 import { connect } from "node:net";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
+import { inspectQcow2 } from "./kvm-image.ts";
 import type { Backend, BackendState, VmSpec } from "./backend.ts";
 import { type NodeNetwork, netnsPrefix, vethName } from "./network.ts";
 import { run } from "../run.ts";
@@ -68,7 +69,7 @@ export interface KvmGuestFile {
   node_address: string;
   port: number;
   settings: Record<string, string>;
-  kvm: { ip: string; prefix: number; gateway: string; mac: string; home: boolean; accel: Accel };
+  kvm: { ip: string; prefix: number; gateway: string; mac: string; home: boolean };
 }
 
 export const FW_CFG_NAME = "opt/org.qvd/vma.json";
@@ -140,8 +141,8 @@ export class KvmBackend implements Backend {
       port: spec.vma.port,
       // The poweroff method ends the session and the VMA; the power-off itself is the ACPI
       // button that stop() presses through QMP (systemd-logind in the guest powers off).
-      settings: { ...(spec.vma.settings ?? {}) },
-      kvm: { ip: spec.network.ip, prefix: spec.network.prefix, gateway: spec.network.gateway, mac: spec.network.mac, home: spec.home.sizeMb > 0, accel: this.o.accel },
+      settings: spec.vma.settings ?? {},
+      kvm: { ip: spec.network.ip, prefix: spec.network.prefix, gateway: spec.network.gateway, mac: spec.network.mac, home: spec.home.sizeMb > 0 },
     };
     writeFileSync(join(dir, "vma.json"), JSON.stringify(guest), { mode: 0o600 });
     await this.binaryDisk(spec.qvdBinary);
@@ -185,14 +186,10 @@ export class KvmBackend implements Backend {
     }
     // The guest writes only the disk's data: the header (backing file, data file) is ours. One
     // that has either was not made here and is not opened.
-    const r = await run([this.qemuImg, "info", "--output=json", "-f", "qcow2", "-U", file], { allowFail: true });
-    let info: { "virtual-size"?: number; "backing-filename"?: string; "format-specific"?: { data?: { "data-file"?: string } } } = {};
-    try {
-      info = JSON.parse(r.stdout);
-    } catch {}
-    if (r.status !== 0 || info["virtual-size"] === undefined) throw qemuError(`the home disk ${file} is not a usable qcow2`, r.stderr);
-    if (info["backing-filename"] || info["format-specific"]?.data?.["data-file"]) throw new UserError(`the home disk ${file} refers to another file (a backing or data file): not used`);
-    if (info["virtual-size"] < sizeMb * 1024 * 1024) {
+    const { virtualSize } = await inspectQcow2(resolve(file), { qemuImg: this.qemuImg, check: false }).catch((e: Error) => {
+      throw new UserError(`the home disk cannot be used: ${e.message}`);
+    });
+    if (virtualSize < sizeMb * 1024 * 1024) {
       const g = await run([this.qemuImg, "resize", "-q", "-f", "qcow2", file, `${sizeMb}M`], { allowFail: true });
       if (g.status !== 0) log.warn("cannot grow the home disk", { file, error: g.stderr.trim() });
       else log.info("home disk grown", { file, size_mb: sizeMb });

@@ -25,7 +25,6 @@ export const kvmSchema = z.object({
   gateway: ipv4,
   mac: z.string().regex(/^([0-9a-f]{2}:){5}[0-9a-f]{2}$/i, "expected a MAC address"),
   home: z.boolean(),
-  accel: z.enum(["kvm", "tcg"]).default("kvm"),
 });
 export type KvmGuest = z.infer<typeof kvmSchema>;
 
