@@ -6,13 +6,14 @@
 // One VM boots twice in this file (a boot under tcg takes about a minute): the tests run in
 // order and share it.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, linkSync, copyFileSync, mkdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import { existsSync, linkSync, copyFileSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import { join } from "node:path";
 import * as D from "../src/db/index.ts";
 import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { busyboxImage, TestNode, until } from "./support/node.ts";
 import { kvmTestImage } from "./support/kvm-image.ts";
+import { PARTITION_BYTES, STICK_BUSID, STICK_BYTES, startUsbMachine } from "./support/usb-machine.ts";
 
 const isRoot = process.getuid?.() === 0;
 const db = useTestDatabase();
@@ -52,7 +53,7 @@ describe.skipIf(!isRoot)("KVM desktops", () => {
   const consoleLog = () => readFileSync(join(node.kvmPath, "logs", `qvd-${vm.id}.console.log`), "utf8");
 
   /** One session of `qvd client`: connected, the desktop's pixels on the user's display, then logout. */
-  async function session(extra: string[] = [], png?: string): Promise<string> {
+  async function session(extra: string[] = [], png?: string, during?: () => Promise<void>): Promise<string> {
     await run(["xsetroot", "-display", `:${DISPLAY}`, "-solid", "black"], { allowFail: true });
     const before = await mean();
     const client = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${DISPLAY}`, "QVD_PASSWORD=alice-pw-1", node.binary, "client", "--host", "127.0.0.1", "--port", String(PORT), "--user", "alice", "--insecure", "--link", "lan", "--no-printing", "--no-audio", ...extra], { stdout: "pipe", stderr: "pipe" });
@@ -67,6 +68,15 @@ describe.skipIf(!isRoot)("KVM desktops", () => {
         throw new Error(`no desktop pixels; the client exited with ${client.exitCode} and said: ${(await new Response(client.stderr).text()).slice(-2000)}\nguest console: ${consoleLog().slice(-3000)}`);
       }
       if (png) await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- ${png}`], { allowFail: true });
+      if (during) {
+        try {
+          await during();
+        } catch (e) {
+          client.kill("SIGTERM");
+          await client.exited;
+          throw new Error(`${(e as Error).message}; the client said: ${(await new Response(client.stdout).text()).slice(-1500)} ${(await new Response(client.stderr).text()).slice(-1500)}\nguest console: ${consoleLog().slice(-4000)}`);
+        }
+      }
     } finally {
       client.kill("SIGTERM");
       await client.exited;
@@ -142,6 +152,42 @@ describe.skipIf(!isRoot)("KVM desktops", () => {
     // The tap is an isolated bridge port with the VM's anti-spoofing chain.
     expect((await run([...node.ns.exec, "bridge", "-d", "link", "show", "dev", `qvd${vm.id}`])).stdout).toMatch(/isolated on/);
     expect((await run([...node.ns.exec, "nft", "list", "chain", "bridge", "qvd", `vm${vm.id}`])).stdout).toContain(vm.ip!);
+  }, 900_000);
+
+  test("USB: qvd client --usb forwards a stick of the user's machine (usbip-host and usbipd, in a VM of its own) into the desktop's kernel; it is the user's there, and goes with the session", async () => {
+    // The kernel and initramfs the node extracted from the image (basefs/<di id>/).
+    const basefs = join(node.root, "storage", "basefs");
+    const di = readdirSync(basefs).find((n) => /^\d+$/.test(n))!;
+    const machine = await startUsbMachine({ dir: node.root, image: await kvmTestImage(), kernel: join(basefs, di, "vmlinuz"), initrd: join(basefs, di, "initrd.img"), nsExec: node.ns.exec });
+    const exported = async () => {
+      const r = await run([...node.ns.exec, process.execPath, "-e", `const { listExported } = await import(${JSON.stringify(join(import.meta.dir, "../src/client/usbip.ts"))}); console.log(JSON.stringify((await listExported()).map((d) => d.busid)))`], { allowFail: true });
+      return r.stdout.trim();
+    };
+    try {
+      expect(await exported()).toBe(JSON.stringify([STICK_BUSID]));
+      const out = await session(["--usb", STICK_BUSID], undefined, async () => {
+        await until(async () => /USB device attached|USB device not attached|USB device refused/.test(consoleLog()), "the desktop's VMA to attach the stick", 180_000);
+      });
+      expect(out).toContain(`Forwarded USB device ${STICK_BUSID} (46f4:0001) to the desktop`);
+      const line = consoleLog().split("\n").find((l) => l.includes("USB device attached"));
+      expect(line, consoleLog().slice(-3000)).toBeDefined();
+      // Enumerated by the desktop's kernel through the whole path: the device's ids, the SCSI
+      // disk's size (READ CAPACITY) and the partition read from its first sector.
+      expect(line).toContain('id="46f4:0001"');
+      expect(line).toContain('speed="super"');
+      const disk = /\/dev\/(sd[a-z]) (\d+) owner=(\d+)/.exec(line!);
+      expect(disk?.[2]).toBe(String(STICK_BYTES));
+      const part = new RegExp(`/dev/${disk![1]}1 (\\d+) owner=(\\d+)`).exec(line!);
+      expect(part?.[1]).toBe(String(PARTITION_BYTES));
+      // The device nodes belong to the desktop's user (the VMA's udev rule), not to root.
+      expect(Number(disk![3])).toBeGreaterThan(0);
+      expect(part![2]).toBe(disk![3]);
+      // The client went away: the desktop let the device go, and the user's machine has it back.
+      await until(async () => consoleLog().includes("USB device detached"), "the desktop to detach the stick", 60_000);
+      await until(async () => (await exported()) === JSON.stringify([STICK_BUSID]), "the user's usbipd to offer the stick again", 30_000);
+    } finally {
+      await machine.stop();
+    }
   }, 900_000);
 
   test("killing the node (HKD and all) and starting it again adopts the running QEMU", async () => {

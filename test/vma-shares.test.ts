@@ -133,13 +133,13 @@ afterAll(async () => {
 });
 
 describe("prepare", () => {
-  test("the key file is the user's alone; the wrapper is root's and runs qvd vma-slave with the socket", () => {
+  test("the key file is the user's alone; the wrapper is root's and runs qvd vma-slave with the socket (and USB unavailable: not a KVM desktop)", () => {
     const k = lstatSync(join(runDir, "slave.conf"));
     expect([k.uid, k.mode & 0o777]).toEqual([UID, 0o600]);
     expect(readFileSync(join(runDir, "slave.conf"), "utf8")).toBe(KEY + "\n");
     const w = lstatSync(slaveCmd);
     expect([w.uid, w.mode & 0o777]).toEqual([0, 0o755]);
-    expect(readFileSync(slaveCmd, "utf8")).toMatch(/^#!\/bin\/sh\nexec \/\S+ vma-slave --key-file=\S+slave\.conf --socket=\S+slave\.sock --display=:100\n$/);
+    expect(readFileSync(slaveCmd, "utf8")).toMatch(/^#!\/bin\/sh\n\/\S+ vma-slave --key-file=\S+slave\.conf --socket=\S+slave\.sock --display=:100 --usb-unavailable\nrc=\$\?\n/);
     const s = lstatSync(join(runDir, "slave.sock"));
     expect([s.uid, s.mode & 0o777]).toEqual([UID, 0o600]);
   });

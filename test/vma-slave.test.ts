@@ -7,7 +7,8 @@ import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync, existsSync,
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PassThrough } from "node:stream";
-import { keyMatches, serveSlave, spawnExec, type SlaveCommand, type SlaveExec, type SlaveOptions } from "../src/vma/slave.ts";
+import { createServer } from "node:net";
+import { keyMatches, serveSlave, spawnExec, USBIP_UNAVAILABLE, type SlaveCommand, type SlaveExec, type SlaveOptions } from "../src/vma/slave.ts";
 
 const KEY = "4fQxZ0aB1cD2eF3gH4iJ5kL6mN7oP8qR9sT0uV1wX2yZ3aB4cD5eF6gH7iJ8kL9m"; // 64 chars, as the L7R mints
 const WRONG_SAME = KEY.slice(0, -1) + (KEY.endsWith("m") ? "n" : "m");
@@ -259,15 +260,63 @@ describe("POST /open", () => {
 });
 
 describe("other requests", () => {
-  test("POST /usbip: 501 naming vhci_hcd and LXC; GET /usbip: 405", async () => {
-    const { out } = await talk(`POST /usbip HTTP/1.1\r\n${auth}Connection: Upgrade\r\nUpgrade: qvd:usbip/1.0\r\n\r\n`, { platformDir: work });
-    const msg = "USB/IP needs the vhci_hcd kernel driver and a desktop that may attach devices (not an LXC desktop)\n";
-    expect(out).toBe(`HTTP/1.1 501 Not Implemented\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ${msg.length}\r\n\r\n${msg}`);
-    // A desktop that has the driver (a platform directory with vhci_hcd.0) hears that attaching is not done.
-    const plat = join(work, "platform");
-    mkdirSync(join(plat, "vhci_hcd.0"), { recursive: true });
-    expect((await talk(`POST /usbip HTTP/1.1\r\n${auth}\r\n`, { platformDir: plat })).out).toContain("this desktop has vhci_hcd but attaching devices is not implemented");
+  test("POST /usbip in an LXC desktop (or one without the VMA's socket): 501 naming vhci_hcd and LXC; GET /usbip: 405", async () => {
+    const msg = `${USBIP_UNAVAILABLE}\n`;
+    const expected = `HTTP/1.1 501 Not Implemented\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ${msg.length}\r\n\r\n${msg}`;
+    expect(msg).toContain("vhci_hcd");
+    expect(msg).toContain("LXC");
+    const req = `POST /usbip HTTP/1.1\r\n${auth}Connection: Upgrade\r\nUpgrade: qvd:usbip/1.0\r\n\r\n`;
+    expect((await talk(req, { usbUnavailable: true, socket: join(work, "vma.sock") })).out).toBe(expected);
+    expect((await talk(req)).out).toBe(expected);
     expect(status((await talk(`GET /usbip HTTP/1.1\r\n${auth}\r\n`)).out)).toBe(405);
+  });
+
+  test("POST /usbip in a KVM desktop: the VMA's socket is asked with the key, the 101 follows its 200, the stream is relayed both ways", async () => {
+    const path = join(work, "usb.sock");
+    const asked: string[] = [];
+    let answer = `{"status":200}\n`;
+    const server = createServer((s) => {
+      let buf = "";
+      let answered = false;
+      s.on("data", (d) => {
+        buf += d.toString("latin1");
+        if (!answered) {
+          const nl = buf.indexOf("\n");
+          if (nl < 0) return;
+          asked.push(buf.slice(0, nl));
+          buf = buf.slice(nl + 1);
+          answered = true;
+          if (!answer.startsWith(`{"status":200`)) return void s.end(answer);
+          s.write(answer + "vma:");
+        }
+        // After the 200: the client's device line and URBs, echoed back.
+        if (buf.length) s.write(buf);
+        buf = "";
+      });
+    });
+    await new Promise<void>((r) => server.listen(path, () => r()));
+    try {
+      const up = `POST /usbip HTTP/1.1\r\n${auth}Connection: Upgrade\r\nUpgrade: qvd:usbip/1.0\r\n\r\n`;
+      const { out } = await talk(`${up}65538 3\nURB`, { socket: path });
+      expect(out.startsWith("HTTP/1.1 101 Switching Protocols\r\n\r\n")).toBe(true);
+      expect(out.slice(out.indexOf("vma:"))).toBe("vma:65538 3\nURB");
+      expect(JSON.parse(asked[0]!)).toEqual({ key: KEY, usbip: true });
+      // Without the Upgrade headers: 426, the VMA not asked.
+      asked.length = 0;
+      expect(status((await talk(`POST /usbip HTTP/1.1\r\n${auth}\r\n`, { socket: path })).out)).toBe(426);
+      expect(asked).toEqual([]);
+      // The VMA's refusal (no vhci_hcd, too many devices) reaches the client as its status and reason.
+      answer = `{"status":503,"error":"at most 8 USB devices at a time"}\n`;
+      const r = await talk(up, { socket: path });
+      expect(r.out).toStartWith("HTTP/1.1 503 Service Unavailable\r\n");
+      expect(r.out).toEndWith("at most 8 USB devices at a time\n");
+      // Switched off by the administrator: 403 before anything else.
+      asked.length = 0;
+      expect(status((await talk(up, { socket: path, noUsb: true })).out)).toBe(403);
+      expect(asked).toEqual([]);
+    } finally {
+      server.close();
+    }
   });
 
   test("unknown path 404, wrong method 405, and the connection goes on", async () => {

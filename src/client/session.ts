@@ -14,6 +14,7 @@ import { logger } from "../log.ts";
 import { spawnDaemon, type Daemon } from "../run.ts";
 import { bodyLine, EXIT, L7RConnection, type Response } from "./l7r.ts";
 import { bwrapUsable, openFile, requestUsbip, shareFolder, SlaveError, usbDeviceMissing, usbipBind, usbipUnbind, type Share, type SlaveEndpoint } from "./slave.ts";
+import { DEFAULT_USBIPD, deviceId, importDevice, listExported, relayDevice, type UsbForward, type UsbipdAddress } from "./usbip.ts";
 import { listenLocal, splice } from "./splice.ts";
 
 const log = logger("client");
@@ -58,6 +59,8 @@ export interface ClientOptions {
   file?: string;
   /** USB devices (bus ids) to forward with USB/IP. */
   usb?: string[];
+  /** The usbipd exporting them (default 127.0.0.1:3240). */
+  usbipd?: UsbipdAddress;
   /** Serve shares without the bwrap sandbox (the desktop can then read the whole machine as this user). */
   shareUnconfined?: boolean;
   sftpServer?: string;
@@ -233,7 +236,7 @@ function isWithin(child: string, parent: string): boolean {
 
 /** Shares, the file to open and USB devices, once nxproxy listens for slave connections. */
 async function slaveActions(o: ClientOptions, ep: SlaveEndpoint, key: string, workDir: string, say: (l: string) => void,
-  shares: Share[]): Promise<void> {
+  shares: Share[], forwards: UsbForward[]): Promise<void> {
   const bwrap = o.shareUnconfined ? undefined : (o.bwrap ?? "bwrap");
   const sftpServer = o.sftpServer ?? "/usr/lib/openssh/sftp-server";
   const share = async (dir: string): Promise<Share | undefined> => {
@@ -263,25 +266,54 @@ async function slaveActions(o: ClientOptions, ep: SlaveEndpoint, key: string, wo
     }
   }
   for (const busid of o.usb ?? []) {
-    const missing = usbDeviceMissing(busid);
-    if (missing) {
-      warnLine(missing);
-      continue;
+    const f = await forwardUsb(o, ep, key, busid, say);
+    if (f) forwards.push(f);
+  }
+}
+
+/**
+ * One --usb device: exported by this machine's usbipd (bound first when we are root), imported,
+ * and relayed to the desktop after its 101 (src/client/usbip.ts). Failures are warnings.
+ */
+async function forwardUsb(o: ClientOptions, ep: SlaveEndpoint, key: string, busid: string, say: (l: string) => void): Promise<UsbForward | undefined> {
+  const usbipd = o.usbipd ?? DEFAULT_USBIPD;
+  const not = (why: string) => void warnLine(`USB device ${busid} is not forwarded: ${why}`);
+  let bound = false;
+  try {
+    let exported = await listExported(usbipd);
+    if (!exported.some((d) => d.busid === busid) && process.getuid?.() === 0) {
+      const missing = usbDeviceMissing(busid);
+      if (missing) return void warnLine(missing);
+      const err = usbipBind(busid);
+      if (err) return not(err);
+      bound = true;
+      exported = await listExported(usbipd);
     }
-    const bindErr = usbipBind(busid);
-    if (bindErr) {
-      warnLine(`USB device ${busid} is not forwarded: ${bindErr}`);
-      continue;
+    if (!exported.some((d) => d.busid === busid)) {
+      return not(`usbipd does not export it: bind it to usbip-host as root first (usbip bind -b ${busid})${exported.length ? `; exported: ${exported.map((d) => d.busid).join(", ")}` : ""}`);
     }
+    const r = await requestUsbip(ep, key);
+    let imported;
     try {
-      const sock = await requestUsbip(ep, key);
-      // Handing the stream to the kernel's usbip-host needs a socket the kernel can own; not done yet.
-      sock.destroy();
-      warnLine(`USB device ${busid} is not forwarded: the desktop accepted USB/IP, but this client cannot hand the stream to the kernel yet`);
+      imported = await importDevice(usbipd, busid);
     } catch (e) {
-      warnLine(`USB device ${busid} is not forwarded: ${(e as Error).message}`);
+      r.sock.destroy();
+      throw e;
     }
-    usbipUnbind(busid);
+    const f = relayDevice(busid, imported, r.sock, r.rest);
+    say(`Forwarded USB device ${busid} (${deviceId(f.device)}) to the desktop`);
+    void f.ended.then(({ attached }) => {
+      if (!attached) not("the desktop did not attach it (see the desktop's log)");
+      if (bound) usbipUnbind(busid);
+    });
+    return f;
+  } catch (e) {
+    // No usbipd here: on a machine without USB, say that instead.
+    const missing = e instanceof SlaveError && /usbipd/.test(e.message) ? usbDeviceMissing(busid) : undefined;
+    if (missing) warnLine(missing);
+    else not(e instanceof SlaveError ? e.message : (e as Error).message);
+    if (bound) usbipUnbind(busid);
+    return undefined;
   }
 }
 
@@ -341,12 +373,14 @@ export async function runClient(o: ClientOptions): Promise<number> {
   let audio: ClientAudio | undefined;
   let workDir: string | undefined;
   const shares: Share[] = [];
+  const forwards: UsbForward[] = [];
   let cleaned: Promise<void> | undefined;
   let services: Promise<{ cups?: string }> | undefined;
   // Undoes what the side channels set up on this machine; once, also on a signal.
   const cleanup = () => cleaned ??= (async () => {
     await services?.catch(() => {});
     for (const s of shares) s.stop();
+    for (const f of forwards) f.stop();
     await audio?.stop().catch(() => {});
     if (workDir) rmSync(workDir, { recursive: true, force: true });
   })();
@@ -439,7 +473,7 @@ export async function runClient(o: ClientOptions): Promise<number> {
     let xConnected = false;
     const startSlave = () => {
       if (slaveStarted || !slavePath || !slaveKey) return;
-      slaveStarted = slaveActions(o, { path: slavePath }, slaveKey, workDir!, say, shares)
+      slaveStarted = slaveActions(o, { path: slavePath }, slaveKey, workDir!, say, shares, forwards)
         .catch((e) => {
           warnLine(`the slave channel failed: ${(e as Error).message}`);
         });

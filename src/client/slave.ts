@@ -294,15 +294,15 @@ export function usbDeviceMissing(busid: string, sysfs = "/sys/bus/usb"): string 
 }
 
 /**
- * Asks the desktop to attach a USB device over USB/IP. The device must be bound to usbip-host
- * first (`usbip bind`). Returns the stream after the server's 101; throws with its refusal.
+ * Asks the desktop to attach a USB device over USB/IP (src/client/usbip.ts sends the device on
+ * the stream). Returns the stream after the server's 101 and any bytes past it; throws with its refusal.
  */
-export async function requestUsbip(ep: SlaveEndpoint, key: string): Promise<net.Socket> {
+export async function requestUsbip(ep: SlaveEndpoint, key: string): Promise<{ sock: net.Socket; rest: Buffer }> {
   const r = await slaveRequest(ep, "POST", "/usbip", [
     ["Authorization", `Basic ${key}`], ["Connection", "Upgrade"], ["Upgrade", "qvd:usbip/1.0"],
   ]);
   if (r.status !== 101) throw new SlaveError(`the desktop refused USB/IP: ${refusal(r)}`);
-  return r.sock;
+  return { sock: r.sock, rest: r.rest };
 }
 
 /** `usbip bind -b BUSID` (root, module usbip-host); the error line when it fails. */

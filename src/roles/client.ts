@@ -69,7 +69,8 @@ export default defineCommand({
     audio: { type: "boolean", default: true, description: "Play the desktop's sound on this machine's PulseAudio; --no-audio: do not" },
     share: { type: "string", description: "Share this folder with the desktop (~/Redirected/<name> there); repeatable", valueHint: "DIR" },
     file: { type: "string", description: "Open this file in the desktop (its folder is shared)", valueHint: "PATH" },
-    usb: { type: "string", description: "Forward this USB device (bus id, see `usbip list -l`) with USB/IP; repeatable", valueHint: "BUSID" },
+    usb: { type: "string", description: "Forward this USB device (bus id, see `usbip list -l`) with USB/IP; repeatable (needs usbipd: see README)", valueHint: "BUSID" },
+    usbipd: { type: "string", description: "The usbipd that exports the --usb devices (default 127.0.0.1:3240)", valueHint: "HOST:PORT" },
     "share-unconfined": { type: "boolean", description: "Serve shared folders without the bubblewrap sandbox (the desktop can then read every file you can)" },
     verbose: { type: "boolean", description: "Log the protocol and nxproxy's output on stderr" },
     // For tests: the program run instead of nxproxy (split on spaces; `-S localhost:D` is appended).
@@ -110,6 +111,12 @@ export default defineCommand({
     for (const b of usb) if (!BUSID.test(b)) throw usage(`--usb ${JSON.stringify(b)}: not a USB bus id (like 1-1 or 2-1.4, see \`usbip list -l\`)`);
     for (const v of [...shares, ...files]) if (!v || /[\x00-\x1f]/.test(v)) throw usage(`--share/--file ${JSON.stringify(v)}: not a path`);
     if (args["print-token"] && (shares.length || files.length || usb.length)) throw usage("--print-token excludes --share, --file and --usb");
+    let usbipd: { host: string; port: number } | undefined;
+    if (args.usbipd !== undefined) {
+      const m = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253}):(\d{1,5})$/.exec(String(args.usbipd));
+      if (!m || Number(m[2]) < 1 || Number(m[2]) > 65535) throw usage(`--usbipd ${JSON.stringify(args.usbipd)}: not HOST:PORT`);
+      usbipd = { host: m[1]!.replace(/^\[|\]$/g, ""), port: Number(m[2]) };
+    }
     const nxproxy = args["nxproxy-command"] ? String(args["nxproxy-command"]).split(/\s+/).filter(Boolean) : ["nxproxy"];
     if (!args["print-token"] && !args["nxproxy-command"] && !process.env.DISPLAY) throw usage("DISPLAY is not set: nxproxy needs an X display to show the desktop on");
     // Before the password prompt: a wrong --share is known now.
@@ -128,7 +135,7 @@ export default defineCommand({
     const code = await runClient({
       host, port, tls: args.tls !== false, ...credentials, vm: args.vm, link, geometry, fullscreen: !!args.fullscreen, keyboard,
       ca: args.ca, insecure: !!args.insecure, cert: args.cert, key: args.key, stop: !!args.stop, nxproxy, printToken: !!args["print-token"],
-      printing: args.printing !== false, audio: args.audio !== false, shares, file: files[0], usb, shareUnconfined: !!args["share-unconfined"],
+      printing: args.printing !== false, audio: args.audio !== false, shares, file: files[0], usb, usbipd, shareUnconfined: !!args["share-unconfined"],
     });
     process.exitCode = code;
   },

@@ -18,6 +18,7 @@ export default defineCommand({
     // citty reads --no-shares / --no-usb as these set to false.
     shares: { type: "boolean", default: true, description: "Shared folders and open-file (--no-shares: 403)" },
     usb: { type: "boolean", default: true, description: "USB/IP (--no-usb: 403)" },
+    "usb-unavailable": { type: "boolean", description: "This desktop cannot attach USB devices (an LXC desktop): 501" },
   },
   async run({ args }) {
     const env: Record<string, string> = {};
@@ -36,6 +37,7 @@ export default defineCommand({
       socket: args.socket,
       noShares: args.shares === false,
       noUsb: args.usb === false,
+      usbUnavailable: !!args["usb-unavailable"],
       env,
     });
   },

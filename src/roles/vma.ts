@@ -22,6 +22,7 @@ import { kvmGuestSetup } from "../vma/kvm-guest.ts";
 import { Session } from "../vma/session.ts";
 import { isNodeOnlyVmaKey } from "../vma/node-settings.ts";
 import { sharesService } from "../vma/shares.ts";
+import { UsbipAttacher } from "../vma/usbip.ts";
 import { printingService } from "../vma/printing.ts";
 import { audioService } from "../vma/audio.ts";
 
@@ -130,7 +131,9 @@ export default defineCommand({
         printingService({ enable: cfg.get("vma.printing.enable"), cupsd: cfg.get("vma.command.cupsd"), lpadmin: cfg.get("vma.command.lpadmin"), lpstat: cfg.get("vma.command.lpstat") }),
         audioService({ enable: cfg.get("vma.audio.enable"), pulseaudio: cfg.get("vma.command.pulseaudio"), pactl: cfg.get("vma.command.pactl"), latencyMs: cfg.get("vma.audio.latency_msec") }),
         // process.execPath: this qvd binary, as the guest sees it (nxagent runs `<it> vma-slave`).
-        sharesService({ enabled: cfg.get("vma.slave.enable"), qvd: process.execPath, asCurrentUser: cfg.get("vma.session.as_current_user"), sshfs: cfg.get("vma.command.sshfs"), sftpServer: cfg.get("vma.command.sftp_server"), xdgOpen: cfg.get("vma.command.xdg_open") }),
+        sharesService({ enabled: cfg.get("vma.slave.enable"), qvd: process.execPath, asCurrentUser: cfg.get("vma.session.as_current_user"), sshfs: cfg.get("vma.command.sshfs"), sftpServer: cfg.get("vma.command.sftp_server"), xdgOpen: cfg.get("vma.command.xdg_open"),
+          // USB devices only where the kernel is the desktop's own.
+          usbip: args["kvm-guest"] ? new UsbipAttacher() : undefined }),
       ],
     });
     if (cfg.get("vma.session.as_current_user")) log.warn("vma.session.as_current_user is set: no provisioning, the session runs as this process's user (test aid)");

@@ -61,12 +61,29 @@ export async function kvmGuestSetup(o: { vmaFile: string; fwCfg?: string }): Pro
   }
   const k = kvmSchema.safeParse(raw.kvm);
   if (!k.success) throw new ConfigError(`${src}: kvm.${k.error.issues[0]!.path.join(".")}: ${k.error.issues[0]!.message}`);
-  mkdirSync(join(o.vmaFile, ".."), { recursive: true, mode: 0o755 });
+  await runDirMount(join(o.vmaFile, ".."));
   writeFileSync(o.vmaFile, text, { mode: 0o400 });
   chmodSync(o.vmaFile, 0o400);
   await setupNetwork(k.data);
   if (k.data.home) await setupHome();
   return k.data;
+}
+
+/** True when `dir` is itself a mount point (/proc/self/mountinfo's fifth field). */
+export function isMountPoint(mountinfo: string, dir: string): boolean {
+  return mountinfo.split("\n").some((l) => l.split(" ")[4]?.replace(/\\040/g, " ") === dir);
+}
+
+/**
+ * The VMA's run directory on a tmpfs of its own: Debian's initramfs mounts /run noexec, and
+ * nxagent execs the slave channel's handler (a wrapper the VMA writes there, src/vma/shares.ts).
+ * Mounted once per boot (the VMA may restart).
+ */
+async function runDirMount(dir: string): Promise<void> {
+  mkdirSync(dir, { recursive: true, mode: 0o755 });
+  if (isMountPoint(readFileSync("/proc/self/mountinfo", "utf8"), dir)) return;
+  const r = await run(["mount", "-t", "tmpfs", "-o", "nosuid,nodev,mode=0755,size=64m", "qvd-run", dir], { allowFail: true });
+  if (r.status !== 0) log.warn("the run directory stays on /run (noexec there: no slave channel)", { dir, err: r.stderr.trim() });
 }
 
 async function setupNetwork(k: KvmGuest): Promise<void> {

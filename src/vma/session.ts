@@ -39,7 +39,8 @@ import type { Prepared, ServiceContext, SessionService } from "./services.ts";
 const log = logger("vma.session");
 
 /** nxagent's and xinit's lines worth a post-mortem at the default level: session states, errors. */
-const NOTABLE_LINE = /^(Session: |Error|Warning: Signal|xinit: )|PANIC|[Aa]borting|fatal/;
+// Also the slave handlers' (qvd vma-slave, its shell wrapper) failures: they write to nxagent's stderr.
+const NOTABLE_LINE = /^(Session: |Error|Warning: Signal|xinit: |error: )|PANIC|[Aa]borting|fatal| (WARN|ERROR) \[|execv|^qvd-slave: /;
 
 export const X_STATES = ["stopped", "starting", "provisioning", "listening", "connected", "suspending", "suspended", "stopping"] as const;
 export type XState = (typeof X_STATES)[number];

@@ -27,6 +27,7 @@ import { join } from "node:path";
 import { logger } from "../log.ts";
 import { ownChildren } from "../run.ts";
 import { keyMatches, shareName } from "./slave.ts";
+import type { UsbipAttacher } from "./usbip.ts";
 import { propertyOff, type Prepared, type ServiceContext, type SessionService } from "./services.ts";
 
 const log = logger("vma-shares");
@@ -50,13 +51,22 @@ export interface SharesOptions {
   fuse?: boolean;
   /** The session runs as the VMA's own user (vma.session.as_current_user): no namespace, sshfs mounts itself. */
   asCurrentUser?: boolean;
+  /**
+   * USB devices can be attached here (src/vma/usbip.ts): a desktop with a kernel of its own (KVM).
+   * An LXC desktop's vhci_hcd would be the node's: there USB/IP is answered 501.
+   */
+  usbip?: UsbipAttacher;
 }
 
-/** The messages between `qvd vma-slave` and the VMA on the mount socket (one JSON line each way). */
+/**
+ * The messages between `qvd vma-slave` and the VMA on the mount socket (one JSON line each way):
+ * a share to mount, or (usbip: true) a USB device to attach; the stream follows a 200.
+ */
 export interface MountRequest {
   key: string;
-  name: string;
+  name?: string;
   charset?: string;
+  usbip?: boolean;
 }
 
 const SOCKET = "slave.sock";
@@ -166,6 +176,7 @@ export class SharesService implements SessionService {
   private readonly sshfs = new Set<ChildProcess>();
   private ctx: ServiceContext | undefined;
   private sharesOn = false;
+  private usbOn = false;
 
   constructor(readonly o: SharesOptions) {}
 
@@ -186,6 +197,7 @@ export class SharesService implements SessionService {
     }
     this.ctx = ctx;
     this.sharesOn = sharesOn;
+    this.usbOn = usbOn && this.o.usbip !== undefined;
     const a = ctx.account;
     // The key: the user's (nxagent runs NX_SLAVE_CMD as the user), nobody else's.
     rmSync(this.keyFile, { force: true });
@@ -197,11 +209,14 @@ export class SharesService implements SessionService {
     const args = ["vma-slave", `--key-file=${this.keyFile}`, `--socket=${this.socketPath}`, `--display=:${ctx.display}`];
     if (!sharesOn) args.push("--no-shares");
     if (!usbOn) args.push("--no-usb");
+    else if (!this.o.usbip) args.push("--usb-unavailable");
     if (this.o.sftpServer) args.push(`--sftp-server=${this.o.sftpServer}`);
     if (this.o.xdgOpen) args.push(`--xdg-open=${this.o.xdgOpen}`);
     for (const s of args) if (!/^[\w=/:.+-]+$/.test(s)) throw new Error(`unusable slave argument ${JSON.stringify(s)}`);
     rmSync(this.wrapperFile, { force: true });
-    writeFileSync(this.wrapperFile, `#!/bin/sh\nexec ${this.o.qvd} ${args.join(" ")}\n`, { mode: 0o755 });
+    // Not exec: a handler that dies (a signal, a crash before it can log) is said on nxagent's
+    // stderr, which the VMA logs (src/vma/session.ts NOTABLE_LINE).
+    writeFileSync(this.wrapperFile, `#!/bin/sh\n${this.o.qvd} ${args.join(" ")}\nrc=$?\n[ "$rc" = 0 ] || echo "qvd-slave: the slave handler failed (status $rc)" >&2\nexit "$rc"\n`, { mode: 0o755 });
 
     let wrap: string[] | undefined;
     if (sharesOn && !this.o.asCurrentUser && (this.o.fuse ?? canFuse())) {
@@ -217,16 +232,19 @@ export class SharesService implements SessionService {
       }
       if (this.holder) wrap = [...this.holder.enter(), "setpriv", "--no-new-privs", "--bounding-set=-all,+setuid,+setgid", "--"];
     }
-    if (sharesOn) await this.listen(ctx);
+    if (sharesOn || this.usbOn) await this.listen(ctx);
+    if (this.usbOn && !this.o.asCurrentUser) await this.o.usbip!.installRule(a.uid, a.gid);
     const env = { NX_SLAVE_CMD: this.wrapperFile, QVD_SLAVE_CMD: this.wrapperFile };
     return { options: ["slave=1"], env, ...(wrap ? { wrap } : {}) };
   }
 
   async suspended(ctx: ServiceContext): Promise<void> {
+    this.o.usbip?.detachAll();
     await this.unmountAll(ctx);
   }
 
   async stopped(ctx: ServiceContext): Promise<void> {
+    this.o.usbip?.detachAll();
     await this.unmountAll(ctx);
     this.server?.close();
     this.server = undefined;
@@ -300,6 +318,7 @@ export class SharesService implements SessionService {
       reply(401, { error: "wrong slave key" });
       return void sock.end();
     }
+    if (req.usbip === true) return await this.attachUsb(sock, rest);
     if (!ctx || !this.sharesOn) {
       reply(403, { error: "shared folders are disabled" });
       return void sock.end();
@@ -373,6 +392,22 @@ export class SharesService implements SessionService {
     sock.end();
     // The client went away: sshfs on a mounted fd leaves a dead mount behind; take it away.
     if (this.ctx === ctx) await this.unmountAll(ctx, mountpoint);
+  }
+
+  /** A USB device request (the key checked): 200 then the stream goes to the attacher. */
+  private async attachUsb(sock: Socket, rest: Buffer): Promise<void> {
+    const usb = this.o.usbip;
+    if (!this.ctx || !this.usbOn || !usb) {
+      sock.end(JSON.stringify({ status: 403, error: "USB devices are disabled for this desktop" }) + "\n");
+      return;
+    }
+    const no = await usb.refusal();
+    if (no) {
+      sock.end(JSON.stringify(no) + "\n");
+      return;
+    }
+    sock.write(JSON.stringify({ status: 200 }) + "\n");
+    await usb.attach(sock, rest);
   }
 
   /** The FUSE mounts below `dir` in the session's mount namespace. */

@@ -51,8 +51,8 @@ export interface SlaveOptions {
   noShares?: boolean;
   /** USB/IP is off (qvd.vm.usb.enable): 403. */
   noUsb?: boolean;
-  /** Where vhci_hcd's devices appear (/sys/devices/platform; tests). */
-  platformDir?: string;
+  /** This desktop cannot attach USB devices (an LXC desktop): 501. */
+  usbUnavailable?: boolean;
 }
 
 export const MAX_HEADER_BYTES = 8192;
@@ -269,7 +269,8 @@ function upgrade(req: Request): { charset?: string } {
 type Outcome =
   | { kind: "reply"; bytes: Uint8Array; close?: boolean }
   | { kind: "handover"; bytes: Uint8Array; cmd: SlaveCommand }
-  | { kind: "mount"; name: string; charset?: string };
+  | { kind: "mount"; name: string; charset?: string }
+  | { kind: "usbip" };
 
 function isDir(p: string): boolean {
   try {
@@ -356,29 +357,24 @@ function route(req: Request, o: Resolved): Outcome {
   if (rawPath === "/usbip") {
     if (req.method !== "POST") throw new HttpError(405, "POST");
     if (o.noUsb) throw new HttpError(403, "USB/IP is disabled for this desktop");
-    throw new HttpError(501, usbipUnavailable(o.platformDir ?? "/sys/devices/platform"));
+    if (o.usbUnavailable || !o.socket) throw new HttpError(501, USBIP_UNAVAILABLE);
+    const conn = (req.headers.get("connection") ?? "").split(",").map((s) => s.trim().toLowerCase());
+    if (!conn.includes("upgrade") || req.headers.get("upgrade") !== "qvd:usbip/1.0") throw new HttpError(426, "expected Connection: Upgrade and Upgrade: qvd:usbip/1.0");
+    return { kind: "usbip" };
   }
   throw new HttpError(404, "not found");
 }
 
 /**
- * Why a USB device cannot be attached here: attaching needs the vhci_hcd kernel driver on the
- * machine the desktop runs on and real root over it (it is node-global); an LXC desktop has
- * neither. (A desktop that has the driver would hand the stream to usbip's attach; not done yet.)
+ * Why a desktop cannot attach a USB device: the device goes to the vhci_hcd driver of the kernel
+ * the desktop runs on, and an LXC desktop's kernel is the node's (src/vma/usbip.ts).
  */
-export function usbipUnavailable(platformDir: string): string {
-  let vhci = false;
-  try {
-    vhci = readdirSync(platformDir).some((d) => d.startsWith("vhci_hcd"));
-  } catch {}
-  return vhci
-    ? "USB/IP: this desktop has vhci_hcd but attaching devices is not implemented"
-    : "USB/IP needs the vhci_hcd kernel driver and a desktop that may attach devices (not an LXC desktop)";
-}
+export const USBIP_UNAVAILABLE = "USB devices need a KVM desktop: attaching one needs the desktop's own kernel and its vhci_hcd driver, and an LXC desktop shares its node's kernel";
 
-/** The VMA's answer to a mount request (src/vma/shares.ts), then the stream. */
-async function askMount(socketPath: string, req: { key: string; name: string; charset?: string }): Promise<{ status: number; ticket?: string; error?: string; sock?: import("node:net").Socket; rest?: Buffer }> {
-  if (!existsSync(socketPath)) return { status: 503, error: "shared folders are not available in this session" };
+/** The VMA's answer to a mount or USB request (src/vma/shares.ts), then the stream. */
+async function askMount(socketPath: string, req: { key: string; name?: string; charset?: string; usbip?: boolean }): Promise<{ status: number; ticket?: string; error?: string; sock?: import("node:net").Socket; rest?: Buffer }> {
+  const what = req.usbip ? "USB devices are" : "shared folders are";
+  if (!existsSync(socketPath)) return { status: 503, error: `${what} not available in this session` };
   return await new Promise((res) => {
     const sock = connect(socketPath);
     let buf = Buffer.alloc(0);
@@ -394,9 +390,9 @@ async function askMount(socketPath: string, req: { key: string; name: string; ch
       sock.pause();
       try {
         const a = JSON.parse(buf.subarray(0, nl).toString("utf8")) as { status: number; ticket?: string; error?: string };
-        if (a.status === 200 && typeof a.ticket === "string") return done({ status: 200, ticket: a.ticket, sock, rest: buf.subarray(nl + 1) });
+        if (a.status === 200 && (req.usbip || typeof a.ticket === "string")) return done({ status: 200, ticket: a.ticket, sock, rest: buf.subarray(nl + 1) });
         sock.destroy();
-        done({ status: typeof a.status === "number" && REASONS[a.status] ? a.status : 500, error: String(a.error ?? "mount refused") });
+        done({ status: typeof a.status === "number" && REASONS[a.status] ? a.status : 500, error: String(a.error ?? (req.usbip ? "USB device refused" : "mount refused")) });
       } catch {
         sock.destroy();
         done({ status: 500, error: "bad answer from the VMA" });
@@ -404,7 +400,7 @@ async function askMount(socketPath: string, req: { key: string; name: string; ch
     };
     const timer = setTimeout(() => { sock.destroy(); done({ status: 503, error: "the VMA did not answer" }); }, 20_000);
     sock.on("data", onData);
-    sock.on("error", () => done({ status: 503, error: "shared folders are not available in this session" }));
+    sock.on("error", () => done({ status: 503, error: `${what} not available in this session` }));
     sock.write(JSON.stringify(req) + "\n");
   });
 }
@@ -452,6 +448,16 @@ export async function serveSlave(input: AsyncIterable<Uint8Array>, output: Slave
         break;
       }
       output.write(response(101, [["X-QVD-Share-Ticket", a.ticket!]]));
+      await relay(reader.rest(), output, a.sock, a.rest!);
+      break;
+    }
+    if (outcome.kind === "usbip") {
+      const a = await askMount(o.socket!, { key: readKey(o.keyFile) ?? "", usbip: true });
+      if (a.status !== 200 || !a.sock) {
+        output.write(response(a.status, [["Connection", "close"]], (a.error ?? "error") + "\n"));
+        break;
+      }
+      output.write(response(101));
       await relay(reader.rest(), output, a.sock, a.rest!);
       break;
     }
