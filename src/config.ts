@@ -303,8 +303,26 @@ export function describeSource(s: Source): string {
 /** Environment variable for a key: QVD_ + upper case, dots and dashes as underscores. */
 export const envName = (k: string) => "QVD_" + k.toUpperCase().replace(/[.-]/g, "_");
 const ENV_TO_KEY = new Map<string, ConfigKey>(Object.keys(KEYS).map((k) => [envName(k), k as ConfigKey]));
-/** QVD_* variables that are not keys. */
-const ENV_NOT_KEYS = new Set(["QVD_CONFIG", "QVD_DEBUG", "QVD_PASSWORD" /* qvd client */, "QVD_PARENT_PID" /* children of qvd node */]);
+/**
+ * The QVD_* variables that are not configuration keys: the client's and the admin CLI's, and a
+ * few of the processes' own. Every other QVD_* variable names a key (and a misspelt one is an
+ * error), so a user who exports their client's variables can still run `qvd node` in that shell.
+ * No key may take one of these names (checked below, at load).
+ */
+export const NON_KEY_ENV: Readonly<Record<string, string>> = {
+  QVD_CONFIG: "the configuration file (every role)",
+  QVD_DEBUG: "stack traces of internal errors (every role)",
+  QVD_PASSWORD: "qvd client: the user's password",
+  QVD_TOKEN: "qvd client: an authentication token instead of a password",
+  QVD_ADMIN_URL: "qvd admin: the API's URL",
+  QVD_ADMIN_TOKEN: "qvd admin: the administrator's token",
+  QVD_ADMIN_CA: "qvd admin: the CA that signed the API's certificate",
+  QVD_ADMIN_INSECURE: "qvd admin: do not verify the API's certificate",
+  QVD_PARENT_PID: "set by qvd node for its children",
+  QVD_SLAVE_CMD: "set by the VMA in desktop sessions (nxagent's slave handler)",
+};
+const ENV_NOT_KEYS = new Set(Object.keys(NON_KEY_ENV));
+for (const name of ENV_NOT_KEYS) if (ENV_TO_KEY.has(name)) throw new Error(`configuration key ${ENV_TO_KEY.get(name)} clashes with the variable ${name}`);
 
 function closestKey(k: string): string | undefined {
   let best: string | undefined;

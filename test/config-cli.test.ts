@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { DEFAULT_CONFIG_FILE, KEYS } from "../src/config.ts";
+import { DEFAULT_CONFIG_FILE, envName, KEYS, NON_KEY_ENV } from "../src/config.ts";
 import { setConfig } from "../src/db/configs.ts";
 import { useTestDatabase } from "./support/db.ts";
 
@@ -75,6 +75,47 @@ function expectConfigError(r: Result, message: string | RegExp): void {
 }
 
 const ALL_KEYS = Object.keys(KEYS);
+
+describe("the client's and the admin CLI's variables (NON_KEY_ENV) are not configuration", () => {
+  // What a user may have exported in the shell they run a node from: each documented variable.
+  const exported: Record<string, string> = {};
+  for (const name of Object.keys(NON_KEY_ENV)) exported[name] = name === "QVD_DEBUG" ? "1" : "x";
+  delete exported.QVD_CONFIG; // names a file: tested on its own elsewhere
+
+  test("no key's variable is one of them, and every one is documented", () => {
+    for (const k of ALL_KEYS) expect(Object.keys(NON_KEY_ENV), k).not.toContain(envName(k));
+    for (const [name, what] of Object.entries(NON_KEY_ENV)) expect(what.length, name).toBeGreaterThan(10);
+  });
+
+  test("qvd config show works with all of them exported", async () => {
+    const r = await qvd(["config", "show", "--no-db"], exported);
+    expect(r.stderr).toBe("");
+    expect(r.code).toBe(0);
+  });
+
+  // Every role loads its configuration first: none stops at these variables. Without a database
+  // each then stops (or, for the VMA, waits) for its own reasons, never "unknown key".
+  for (const role of ["node", "hkd", "l7r", "api", "vma"]) {
+    test(`qvd ${role} with all of them exported: no configuration error about them`, async () => {
+      // A database nobody listens on: each role stops quickly whatever this machine runs.
+      const env = cleanEnv({ ...exported, QVD_DATABASE_URL: "postgres://qvd@127.0.0.1:1/qvd" });
+      const p = Bun.spawn([process.execPath, "src/main.ts", role], { cwd: ROOT, env, stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+      const timer = setTimeout(() => p.kill("SIGKILL"), 4000);
+      const stderr = await new Response(p.stderr).text();
+      await p.exited;
+      clearTimeout(timer);
+      // It got past its configuration: it stops on something of its own (certificates, the
+      // database, the VMA file), said in one clear line.
+      expect(stderr).toStartWith("qvd: ");
+      expect(stderr).not.toContain("unknown key");
+      expect(stderr).not.toMatch(/QVD_(TOKEN|PASSWORD|ADMIN|SLAVE|PARENT)/);
+    }, 15_000);
+  }
+
+  test("a misspelt configuration variable is still an error", async () => {
+    expectConfigError(await qvd(["config", "show", "--no-db"], { ...exported, QVD_DATABASE_ULR: "postgres://x" }), 'environment QVD_DATABASE_ULR: unknown key "database.ulr" (did you mean "database.url"?)');
+  });
+});
 
 describe("qvd config show without a database", () => {
   test("works with nothing configured", async () => {
