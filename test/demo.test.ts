@@ -177,6 +177,43 @@ describe.skipIf(!isRoot)("qvd demo", () => {
         await sql.end({ timeout: 5 });
       }
 
+      // An administrator's image, uploaded through the API as the WAT does, on an OSF of its own:
+      // it lands in the demo's storage, where the node reads it, and a desktop starts from it.
+      const auth = { authorization: `Bearer ${(await login.json()).token}` };
+      const api = async (method: string, path: string, body?: unknown) => {
+        const r = await fetch(`https://127.0.0.1:${apiPort}/api/v1${path}`, { method, headers: { ...auth, "content-type": "application/json" }, body: body === undefined ? undefined : JSON.stringify(body), tls: { ca } } as RequestInit);
+        return { status: r.status, body: await r.json().catch(() => ({})) };
+      };
+      const sql2 = connect(dbUrl(), { max: 1 });
+      let owner: { tenant_id: number };
+      try {
+        [owner] = (await sql2`SELECT tenant_id FROM vms WHERE name = 'Debian desktop'`) as unknown as [typeof owner];
+      } finally {
+        await sql2.end({ timeout: 5 });
+      }
+      const osf = await api("POST", "/osfs", { tenant_id: owner!.tenant_id, name: "uploaded", memory_mb: 256 });
+      expect(osf.status).toBe(201);
+      const di = await api("POST", "/dis", { osf_id: osf.body.id, path: "uploaded-desktop.tar.gz" });
+      expect(di.status).toBe(201);
+      const put = await fetch(`https://127.0.0.1:${apiPort}/api/v1/dis/${di.body.id}/image`, {
+        method: "PUT", headers: { ...auth, "content-type": "application/octet-stream" }, body: Bun.file(image), tls: { ca },
+      } as RequestInit);
+      expect(put.status).toBe(200);
+      expect(existsSync(join(dir, "storage", "images", "uploaded-desktop.tar.gz"))).toBe(true);
+      // Another user: a user's home is used by one desktop at a time (demo's is in use).
+      const user2 = await api("POST", "/users", { tenant_id: owner!.tenant_id, name: "uploader", password: "uploader-pw-1" });
+      expect(user2.status).toBe(201);
+      const vm2 = await api("POST", "/vms", { user_id: user2.body.id, osf_id: osf.body.id, name: "uploaded desktop" });
+      expect(vm2.status).toBe(201);
+      const started = await api("POST", `/vms/${vm2.body.id}/start`);
+      expect(started.status, JSON.stringify(started.body)).toBeLessThan(300);
+      let state: { vm_state?: string; blocked?: boolean; blocked_reason?: string } = {};
+      await until(async () => {
+        state = (await api("GET", `/vms/${vm2.body.id}`)).body;
+        return state.vm_state === "running" || state.blocked === true;
+      }, "the uploaded image's desktop to run", 180_000);
+      expect(state, JSON.stringify(state)).toMatchObject({ vm_state: "running", blocked: false });
+
       // Ctrl-C while the user is connected: the session ends, everything stops.
       expect(await stopDemo(demo, "SIGINT")).toBe(0);
       expect(await client.exited).toBe(0);
@@ -204,7 +241,8 @@ describe.skipIf(!isRoot)("qvd demo", () => {
     try {
       const [n] = await sql`SELECT (SELECT count(*) FROM users)::int AS users, (SELECT count(*) FROM vms)::int AS vms,
         (SELECT count(*) FROM dis)::int AS dis, (SELECT count(*) FROM hosts)::int AS hosts, (SELECT count(*) FROM administrators)::int AS admins`;
-      expect(n).toEqual({ users: 1, vms: 1, dis: 1, hosts: 1, admins: 1 });
+      // The demo's own objects, reused, and the first run's uploaded image, its user and desktop.
+      expect(n).toEqual({ users: 2, vms: 2, dis: 2, hosts: 1, admins: 1 });
     } finally {
       await sql.end({ timeout: 5 });
     }

@@ -195,7 +195,9 @@ export default defineCommand({
       say(`Running (pid ${node.proc.pid}); log ${node.logFile}`);
 
       step("Admin API");
-      api = Child.spawn("API", [self, "api", "--config", "/dev/null", "--db", url, "--listen", `127.0.0.1:${apiPort}`, "--cert", tls.cert, "--key", tls.key],
+      // The node's storage: an image uploaded through the API (the WAT) lands where the node reads it.
+      api = Child.spawn("API", [self, "api", "--config", "/dev/null", "--db", url, "--listen", `127.0.0.1:${apiPort}`, "--cert", tls.cert, "--key", tls.key,
+        "--set", `path.storage.root=${storage}`],
         join(logDir, "api.log"), join(runDir, "api.pid"));
       await waitReady(api, "listening", () => tcpAccepts("127.0.0.1", apiPort), 60_000);
       say(`Running (pid ${api.proc.pid}); log ${api.logFile}`);
