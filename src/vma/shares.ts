@@ -160,9 +160,14 @@ export function fuseMountsBelow(mountinfo: string, dir: string): string[] {
   return out.sort((a, b) => b.length - a.length);
 }
 
-/** Runs argv, waits (bounded), returns the exit status and stderr. */
-async function runQuiet(argv: string[], timeoutMs = 10_000): Promise<{ status: number; stderr: string }> {
-  const p = Bun.spawn(argv, { stdin: "ignore", stdout: "ignore", stderr: "pipe", timeout: timeoutMs, killSignal: "SIGKILL", cwd: "/", env: { PATH: process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin" } });
+/** Runs argv, waits (bounded), returns the exit status and stderr (also for src/vma/usbip.ts). */
+export async function runQuiet(argv: string[], timeoutMs = 10_000): Promise<{ status: number; stderr: string }> {
+  let p;
+  try {
+    p = Bun.spawn(argv, { stdin: "ignore", stdout: "ignore", stderr: "pipe", timeout: timeoutMs, killSignal: "SIGKILL", cwd: "/", env: { PATH: process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin" } });
+  } catch (e) {
+    return { status: 127, stderr: (e as Error).message }; // not installed
+  }
   own(p.pid, p.exited);
   const stderr = await new Response(p.stderr).text();
   return { status: await p.exited, stderr };

@@ -13,12 +13,11 @@
 //
 // Only a desktop with a kernel of its own may do this (vm.hypervisor kvm): in an LXC desktop the
 // driver would be the node's.
-import { spawn } from "node:child_process";
-import { existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from "node:fs";
 import { createServer, type Socket } from "node:net";
 import { basename, join } from "node:path";
 import { logger } from "../log.ts";
-import { ownChildren } from "../run.ts";
+import { runQuiet } from "./shares.ts";
 
 const log = logger("vma-usbip");
 
@@ -122,20 +121,14 @@ export function describeDevice(sysUsb: string, busid: string): AttachedInfo {
     for (const n of names) {
       if (n === "subsystem" || n === "driver" || n === "device" || n === "port" || n === "firmware_node") continue;
       const p = join(d, n);
-      try {
-        const st = statSync(p, { throwIfNoEntry: false });
-        // Children are real directories; links lead elsewhere (bdi, the block class's "holders").
-        if (st?.isDirectory() && readlinkSafe(p) === undefined) walk(p, depth + 1);
-      } catch {}
+      // Children are real directories; links lead elsewhere (bdi, the block class's "holders").
+      if (lstatSync(p, { throwIfNoEntry: false })?.isDirectory()) walk(p, depth + 1);
     }
   };
   walk(real, 0);
   return { busid, id: `${read("idVendor")}:${read("idProduct")}`, name: [read("manufacturer"), read("product")].filter(Boolean).join(" "), nodes: nodes.sort() };
 }
 
-function readlinkSafe(p: string): string | undefined {
-  try { return readlinkSync(p); } catch { return undefined; }
-}
 
 export interface UsbipOptions {
   /** /sys/devices/platform (tests). */
@@ -363,21 +356,6 @@ async function readLine(s: Socket, first: Buffer): Promise<{ line: string; rest:
   });
 }
 
-async function runQuiet(argv: string[], timeoutMs = 15_000): Promise<{ status: number; stderr: string }> {
-  return await new Promise((res) => {
-    let stderr = "";
-    const p = spawn(argv[0]!, argv.slice(1), { stdio: ["ignore", "ignore", "pipe"], cwd: "/", env: { PATH: process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin", LANG: "C" } });
-    if (p.pid) ownChildren.add(p.pid);
-    const timer = setTimeout(() => p.kill("SIGKILL"), timeoutMs);
-    p.stderr!.on("data", (d: Buffer) => { if (stderr.length < 4096) stderr += d.toString(); });
-    p.on("error", (e) => { clearTimeout(timer); res({ status: 127, stderr: e.message }); });
-    p.on("close", (code) => {
-      clearTimeout(timer);
-      if (p.pid) ownChildren.delete(p.pid);
-      res({ status: code ?? 1, stderr });
-    });
-  });
-}
 
 /**
  * The udev rule that gives the session's user the device nodes of attached USB devices (the
