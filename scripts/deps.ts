@@ -117,8 +117,13 @@ export const DEPS = {
     globs: ["/usr/sbin/haproxy"],
     packages: ["haproxy"],
   },
+  xvnc: {
+    purpose: "the X server a browser session is shown on (the L7R's web desktop: src/web/desktop/README.md)",
+    bins: ["Xvnc"],
+    packages: ["tigervnc-standalone-server", "xauth"],
+  },
   chromium: {
-    purpose: "a real browser for the WAT tests (driven by playwright-core)",
+    purpose: "a real browser for the WAT and browser-desktop tests (driven by playwright-core)",
     bins: ["chromium"],
     globs: ["/usr/bin/chromium"],
     packages: ["chromium"],

@@ -130,6 +130,11 @@ export const KEYS = {
   "l7r.limit.requests_per_address": key(int(1), 32, "Requests from one address being handled at once; more are answered 429."),
   "l7r.limit.input_bytes": key(int(1024), 65536, "Bytes of unhandled input a connection may hold; the socket is not read while a request is being handled, so only a misbehaving client reaches this (it is closed)."),
   "l7r.limit.output_bytes": key(int(1024), 262144, "Bytes of answers a connection may hold unsent (a client that does not read); more closes it."),
+  "l7r.web": key(bool, true, "The desktop in a web browser: the L7R serves its page at `/` and browser sessions at `/qvd/web/connect` (src/web/desktop/README.md). Off: both answer 404."),
+  "l7r.web.max_sessions": key(int(1, 65536), 100, "Browser sessions this L7R holds at once (each runs an Xvnc and an nxproxy on this node); more are refused with 503."),
+  "l7r.web.uid_base": key(int(1000, 2 ** 31 - 65537), 1600000000, "First of the uids browser sessions run as (one per session, base + slot, up to l7r.web.max_sessions): none of them may be a node account's."),
+  "l7r.web.xvnc": key(nonEmpty, "Xvnc", "The X server browser sessions are shown on (TigerVNC's Xvnc: package tigervnc-standalone-server)."),
+  "l7r.web.nxproxy": key(nonEmpty, "nxproxy", "The NX proxy that shows a browser session's desktop on its Xvnc."),
   "l7r.proxy_protocol": key(oneOf(["off", "v2"]), "off", "PROXY protocol: v2 makes connections from l7r.proxy_protocol.trusted sources begin with a v2 header naming the real client (a relay or load balancer in front); from any other source a header is refused."),
   "l7r.proxy_protocol.trusted": key(z.string().regex(/^\s*(unix|[0-9a-fA-F.:]+\/\d{1,3})(\s*,\s*(unix|[0-9a-fA-F.:]+\/\d{1,3}))*\s*$/, "expected unix and/or networks such as 10.0.0.0/8, comma-separated"), "unix", "Sources that must send a PROXY v2 header when l7r.proxy_protocol is v2: `unix` (the l7r.listen.unix socket) and networks in CIDR form, comma-separated."),
 

@@ -11,6 +11,7 @@ import * as D from "../src/db/index.ts";
 import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { desktopImage, TestNode, until } from "./support/node.ts";
+import { desktopShell } from "./support/desktop-session.ts";
 import { startClientCups, startClientPulse, startXvfb, type ClientCups, type ClientPulse } from "./support/services.ts";
 import { peak, sineWav, toneRatio } from "./support/tone.ts";
 
@@ -19,15 +20,6 @@ const db = useTestDatabase();
 const ALL = D.ALL_TENANTS;
 const DISPLAY = 65;
 const PORT = 8443;
-
-/** lxc-attach's shell (as the container's root): enters the X session's namespaces if it has its own, then becomes alice. */
-const SESSION_WRAPPER = `p=$(pgrep -x -u alice jwm | head -1)
-[ -n "$p" ] || { echo "no X session" >&2; exit 97; }
-u=$(readlink /proc/$p/ns/user 2>/dev/null)
-if [ -n "$u" ] && [ "$u" != "$(readlink /proc/self/ns/user)" ]; then
-  exec nsenter --user=/proc/$p/ns/user --mount=/proc/$p/ns/mnt -- setpriv --reuid=alice --regid=alice --clear-groups /bin/sh -c "$1" sh "$p"
-fi
-exec setpriv --reuid=alice --regid=alice --clear-groups /bin/sh -c "$1" sh "$p"`;
 
 describe.skipIf(!isRoot)("session services, end to end", () => {
   const node = new TestNode(db, "svcnode");
@@ -45,39 +37,7 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
   const xState = async () => (await vma("x_state")).json?.state as string | undefined;
   const row = async () => (await sql()`SELECT vm_state, user_state, vma_secret FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!;
 
-  /** A shell script in the desktop, as root or as alice, with optional input. */
-  const inDesktop = (script: string, o: { user?: boolean; stdin?: string | Uint8Array } = {}) =>
-    run(
-      [...node.ns.exec, "lxc-attach", "-n", `qvd-${vm.id}`, "-P", node.lxcPath, "--",
-        ...(o.user ? ["setpriv", "--reuid", "alice", "--regid", "alice", "--clear-groups"] : []), "/bin/sh", "-c", script],
-      { allowFail: true, timeoutMs: 30_000, stdin: o.stdin },
-    );
-
-  /**
-   * Runs a script as alice inside her X session's namespaces (the session may run in a nested
-   * user+mount namespace of the VMA's, where her shares are mounted); $1 is the window manager's pid.
-   */
-  const inSession = (script: string, stdin?: string | Uint8Array) =>
-    run(
-      [...node.ns.exec, "lxc-attach", "-n", `qvd-${vm.id}`, "-P", node.lxcPath, "--", "/bin/sh", "-c", SESSION_WRAPPER, "qvd-test", script],
-      { allowFail: true, timeoutMs: 30_000, stdin },
-    );
-
-  /**
-   * The environment of the user's X session (the window manager's), as `export` lines: what a
-   * program the user starts from the desktop gets (CUPS_SERVER, PULSE_SERVER… set by the services).
-   */
-  const sessionEnv = async () => {
-    const r = await inSession("tr '\\0' '\\n' < /proc/$1/environ");
-    expect(r.status, r.stderr).toBe(0);
-    return r.stdout
-      .split("\n")
-      .filter((l) => /^[A-Z_][A-Z0-9_]*=/.test(l))
-      .map((l) => `export ${l.slice(0, l.indexOf("="))}='${l.slice(l.indexOf("=") + 1).replace(/'/g, "'\\''")}'`)
-      .join("\n");
-  };
-  /** Runs a script as alice with her X session's environment and namespaces, as if started from the desktop. */
-  const asSession = async (script: string, stdin?: string | Uint8Array) => inSession(`${await sessionEnv()}\n${script}`, stdin);
+  const { inDesktop, inSession, asSession } = desktopShell(node, () => vm.id, "alice");
 
   /** The windows on the session's display (xwininfo -root -tree in the desktop). */
   const windows = async () => (await asSession("xwininfo -root -tree")).stdout;

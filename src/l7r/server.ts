@@ -29,6 +29,10 @@ import { leaveDrainingNode } from "../db/cluster.ts";
 import type { PeerClient } from "./peer.ts";
 import { inNetworks, looksLikeProxyHeader, parseProxyHeader, ProxyHeaderError, MAX_HEADER, type trustedSources } from "./proxy-protocol.ts";
 import { CLIENT_PARAM, xStartBody, XStartParamError } from "./x-start.ts";
+import { desktopPage } from "../web/desktop-assets.ts";
+import { WebChannel } from "./web-channel.ts";
+import { MAX_HEIGHT, MAX_WIDTH, MIN_SIZE, WebDisplay } from "./web-display.ts";
+import { originAllowed, upgradeAnswer } from "./websocket.ts";
 
 const log = logger("l7r");
 
@@ -84,6 +88,17 @@ export interface L7rOptions {
   throttle?: Partial<ThrottlePolicy>;
   /** The farm's node-to-node TLS, to reach desktops on other nodes (src/l7r/peer.ts); without it only this node's. */
   peer?: PeerClient;
+  /** The desktop in a web browser (l7r.web.*; src/web/desktop/README.md); off when undefined. */
+  web?: WebOptions;
+}
+
+export interface WebOptions {
+  /** Browser sessions' private directories go below it (<path.run>/web). */
+  runDir: string;
+  uidBase: number;
+  maxSessions: number;
+  xvnc: string;
+  nxproxy: string;
 }
 
 export interface L7r {
@@ -147,6 +162,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
 
   // Waiters for VM changes (qvd_events) and the sessions of this node (for aborts).
   const vmWaiters = new Map<number, Set<() => void>>();
+  /** Slots of the browser sessions held (each one's uid is l7r.web.uid_base + slot). */
+  const webSlots = new Set<number>();
   const sessions = new Map<string, () => void>();
   const checkAborts = async () => {
     if (!host0) return;
@@ -334,6 +351,10 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
     /** The session this connection holds (vm id and uuid), released when it ends. */
     private session?: { vmId: number; id: string };
     private nx?: IoSocket;
+    /** A browser session's WebSocket and display (src/web/desktop/README.md). */
+    private web?: WebChannel;
+    private display?: WebDisplay;
+    private webSlot?: number;
 
     /** `address`: the client's, from the socket or from a trusted relay's PROXY header. */
     constructor(
@@ -449,7 +470,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       return { toB: this.reader.rest(), toA };
     }
 
-    close() {
+    /** Ends the connection; a browser's WebSocket is told `code` and `reason` in its close frame. */
+    close(code = 1000, reason = "") {
       if (this.closed) return;
       // What could not be written yet goes with the end (bounded by l7r.limit.output_bytes).
       const rest = this.outBytes > 0 ? Buffer.concat(this.out) : undefined;
@@ -458,9 +480,14 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       this.closed = true;
       this.disarm();
       leave(this.address);
-      if (this.s.data) this.s.data.io = undefined;
-      rest && !this.upgraded ? this.s.end(rest) : this.s.end();
+      if (this.web) this.web.close(code, reason);
+      else {
+        if (this.s.data) this.s.data.io = undefined;
+        rest && !this.upgraded ? this.s.end(rest) : this.s.end();
+      }
       this.nx?.end();
+      void this.display?.stop();
+      if (this.webSlot !== undefined) webSlots.delete(this.webSlot);
       void this.release();
     }
 
@@ -507,7 +534,10 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         try {
           await this.handle(req);
         } catch (err) {
-          if (err instanceof Status) this.send(textResponse(err.status, err.message ? err.message : undefined, err.headers));
+          if (err instanceof Status) {
+            const web = req.headers.get("x-qvd-web") === "1";
+            this.send(textResponse(err.status, err.message ? err.message : undefined, web ? err.headers.filter(([k]) => k !== "WWW-Authenticate") : err.headers));
+          }
           else {
             log.error("request failed", { path: req.path, error: String((err as Error)?.stack ?? err) });
             this.send(textResponse(500, "Internal error; try again later\r\n")); // the details are in the log, not for strangers
@@ -524,6 +554,12 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
 
     private async handle(req: HttpRequest) {
       if (req.method !== "GET") throw new Status(404);
+      // The browser page (no database work: it is static).
+      if (o.web && (req.path === "/" || (req.path.startsWith("/qvd/web/") && req.path !== "/qvd/web/connect"))) {
+        const page = desktopPage(req.path, req.headers);
+        if (!page) throw new Status(404);
+        return this.send(page);
+      }
       const host = await L.l7rHost(sql, o.nodename);
       if (!host) throw new Status(503, "Host is not registered in the database");
       await incrementHostCounter(sql, host.id, "http_requests").catch(() => {});
@@ -566,6 +602,9 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
           return this.stopVm(req, host);
         case "/qvd/connect_to_vm":
           return this.connect(req, host);
+        case "/qvd/web/connect":
+          if (!o.web) throw new Status(404);
+          return this.webConnect(req, host, o.web);
         default:
           throw new Status(404);
       }
@@ -573,8 +612,9 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
 
     // --- authentication ----------------------------------------------------------------------
 
-    private async auth(req: HttpRequest, hostId: number): Promise<AuthenticatedUser> {
-      const h = req.headers.get("authorization") ?? "";
+    /** The user of a request's Authorization header (or of the header's value itself). */
+    private async auth(req: HttpRequest | string, hostId: number): Promise<AuthenticatedUser> {
+      const h = typeof req === "string" ? req : (req.headers.get("authorization") ?? "");
       const cached = this.authCache.get(h);
       if (cached) return cached;
       const unauthorized = new Status(401, undefined, [["WWW-Authenticate", 'Basic realm="QVD"']]);
@@ -636,8 +676,10 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
 
     // --- stop_vm -----------------------------------------------------------------------------
 
+    /** A step of a long request: a 102 with X-QVD-VM-Info to a QVD client, a progress frame to a browser. */
     private progress(info: string) {
-      this.send(writeHead(102, [["X-QVD-VM-Info", info]]));
+      if (this.web) this.web.sendText({ type: "progress", text: info });
+      else this.send(writeHead(102, [["X-QVD-VM-Info", info]]));
     }
 
     private async stopVm(req: HttpRequest, host: L.L7rHost) {
@@ -677,10 +719,32 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       if (!vm0) throw new Status(404, "The requested virtual machine does not exist");
       if (vm0.blocked) throw new Status(403, "The requested virtual machine is offline for maintenance");
       const params = new Map(req.query.filter(([k]) => k !== "id"));
+      const { nx, slaveKey, cookie } = await this.connectFlow(user, vm0, params, host);
+      this.progress("Connection established");
+      this.send(writeHead(101, [["X-QVD-Slave-Key", slaveKey]]));
+      this.upgraded = true;
+      this.s.timeout(0);
+      this.nx = nx;
+      const started = Date.now();
+      const onRefused = (reason: string) => log.warn("NX handshake refused", { vm: id, user: user.login, reason });
+      void spliceNx(this.s, nx, { cookie, initial: this.handOver(), timeoutMs: t.nxHandshake * 1000, onRefused }).then(async (r) => {
+        log.info("session ended", { vm: id, user: user.login, up: r.aToB, down: r.bToA });
+        if (Date.now() - started < 120_000) await incrementHostCounter(sql, host.id, "short_sessions").catch(() => {});
+        this.close(); // counts the connection out and releases the session
+      });
+    }
 
-      // From here on every failure is a 503 with the reason (as the original).
+    /**
+     * The connect flow of a QVD client and of a browser: takeover, placement and start, x_start,
+     * the NX connection to nxagent. `ready` runs before the session is marked connected (a
+     * browser's display must be up). Every failure is a 503 with the reason (as the original),
+     * and releases the session.
+     */
+    private async connectFlow(user: AuthenticatedUser, vm: L.SessionVm, params: Map<string, string>, host: L.L7rHost, ready?: () => Promise<void>) {
+      const id = vm.vm_id;
+      let nx: IoSocket | undefined;
       try {
-        if (!mayUse(user, vm0.user_id, id)) throw unavailable("You are not allowed to access requested virtual machine");
+        if (!mayUse(user, vm.user_id, id)) throw unavailable("You are not allowed to access requested virtual machine");
         await this.takeover(id, host);
         this.progress(`Session acquired for VM_ID: ${id}`);
         const running = await this.startAndWait(id, user);
@@ -694,29 +758,145 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         await this.startX(running, link, user, params, slaveKey, cookie, host);
         this.progress(`Connecting X session for VM_ID: ${id}`);
         await incrementHostCounter(sql, host.id, "nx_attempts").catch(() => {});
-        const nx = await this.connectNx(running, link);
+        nx = await this.connectNx(running, link);
         await incrementHostCounter(sql, host.id, "nx_ok").catch(() => {});
-        if (this.closed || !(await L.markConnected(sql, id, this.session!.id))) {
-          nx.end();
-          throw unavailable(`Aborted by contending session VM VM_ID: ${id}`);
-        }
-        this.progress("Connection established");
-        this.send(writeHead(101, [["X-QVD-Slave-Key", slaveKey]]));
-        this.upgraded = true;
-        this.s.timeout(0);
-        this.nx = nx;
-        const started = Date.now();
-        const onRefused = (reason: string) => log.warn("NX handshake refused", { vm: id, user: user.login, reason });
-        void spliceNx(this.s, nx, { cookie, initial: this.handOver(), timeoutMs: t.nxHandshake * 1000, onRefused }).then(async (r) => {
-          log.info("session ended", { vm: id, user: user.login, up: r.aToB, down: r.bToA });
-          if (Date.now() - started < 120_000) await incrementHostCounter(sql, host.id, "short_sessions").catch(() => {});
-          this.close(); // counts the connection out and releases the session
-        });
+        await ready?.();
+        if (this.closed || !(await L.markConnected(sql, id, this.session!.id))) throw unavailable(`Aborted by contending session VM VM_ID: ${id}`);
+        return { nx, slaveKey, cookie };
       } catch (err) {
+        nx?.end();
         // The failed attempt must not hold the session.
         await this.release();
         if (err instanceof Status) throw err;
         throw unavailable((err as Error)?.message ?? String(err));
+      }
+    }
+
+    // --- a browser session (src/web/desktop/README.md) ----------------------------------------
+
+    /**
+     * Upgrades to a WebSocket, reads the page's one message (token, desktop, screen size), runs
+     * the connect flow while the session's display starts, then relays RFB between the browser
+     * and the display. After the 101 every failure is told in frames, never as HTTP.
+     */
+    private async webConnect(req: HttpRequest, host: L.L7rHost, web: WebOptions) {
+      if (!originAllowed(req)) throw new Status(403, "A page of another origin may not open desktops here\r\n");
+      const up = upgradeAnswer(req);
+      if (!up.ok) throw new Status(up.status, `${up.message}\r\n`, up.headers);
+      this.send(writeHead(101, up.headers));
+      this.upgraded = true;
+      const { toB, toA } = this.handOver();
+      let state: "hello" | "connecting" | "relay" = "hello";
+      let hello!: (text: string) => void;
+      const said = new Promise<string>((r) => (hello = r));
+      let toRfb: Uint8Array[] = [];
+      let rfb: IoSocket | undefined;
+      const ch = (this.web = new WebChannel(this.s, {
+        text: (text) => {
+          if (state !== "hello" || text.length > 4096) return this.close(1008, "unexpected message");
+          state = "connecting";
+          hello(text);
+        },
+        binary: (b) => {
+          if (state !== "relay" || !rfb) return this.close(1008, "unexpected message");
+          if (toRfb.length) return void toRfb.push(b);
+          const n = Math.max(0, rfb.write(b));
+          if (n < b.length) {
+            toRfb.push(b.subarray(n));
+            ch.pauseInput(); // Xvnc is not reading: neither do we
+          }
+        },
+        end: () => this.close(),
+      }));
+      ch.start(toB, toA);
+      const fail = (status: number, message: string) => {
+        ch.sendText({ type: "error", status, message });
+        this.close(4000 + status, message.slice(0, 100));
+      };
+      try {
+        const timer = setTimeout(() => this.close(1008, "no request in time"), t.request * 1000);
+        const text = await said.finally(() => clearTimeout(timer));
+        let m: { token?: unknown; id?: unknown; width?: unknown; height?: unknown };
+        try {
+          m = JSON.parse(text);
+        } catch {
+          return this.close(1008, "the request is not JSON");
+        }
+        const { token, id, width, height } = m ?? {};
+        if (typeof token !== "string" || !/^[A-Za-z0-9+/=]{1,1024}$/.test(token)) return fail(401, "Your login has expired; log in again");
+        if (typeof id !== "number" || !isId(id)) return fail(404, "The requested virtual machine does not exist");
+        const sized = (v: unknown, max: number) => (typeof v === "number" && Number.isInteger(v) && v >= MIN_SIZE && v <= max ? v : undefined);
+        const w = sized(width, MAX_WIDTH), h = sized(height, MAX_HEIGHT);
+        if (!w || !h) return this.close(1008, `the screen size must be ${MIN_SIZE}x${MIN_SIZE} to ${MAX_WIDTH}x${MAX_HEIGHT}`);
+        let user: AuthenticatedUser;
+        try {
+          user = await this.auth(`Bearer ${token}`, host.id);
+        } catch (err) {
+          if (err instanceof Status && err.status === 401) return fail(401, "Your login has expired; log in again");
+          throw err;
+        }
+        if (host.blocked) return fail(503, "Server is blocked");
+        const vm0 = await L.sessionVm(sql, id);
+        if (!vm0 || !mayUse(user, vm0.user_id, id)) return fail(404, "The requested virtual machine does not exist");
+        if (vm0.blocked) return fail(403, "The requested virtual machine is offline for maintenance");
+        let slot = 0;
+        while (webSlots.has(slot)) slot++;
+        if (slot >= web.maxSessions) return fail(503, "This node holds as many browser sessions as it may; try again later");
+        webSlots.add(slot);
+        this.webSlot = slot;
+        // The display starts while the desktop does.
+        const display = WebDisplay.start({ runDir: web.runDir, uid: web.uidBase + slot, width: w, height: h, xvnc: web.xvnc, nxproxy: web.nxproxy });
+        void display.then((d) => {
+          if (this.closed) void d.stop();
+          else this.display = d;
+        }, () => {});
+        // What a QVD client would ask for, with no keyboard: nxagent then takes Xvnc's own map.
+        const params = new Map([["qvd.client.link", "lan"], ["qvd.client.geometry", `${w}x${h}`], ["qvd.client.os", "linux"]]);
+        const { nx, cookie } = await this.connectFlow(user, vm0, params, host, async () => {
+          await display.catch((err) => {
+            log.error("browser session display failed", { vm: id, error: (err as Error).message });
+            throw new Status(503, "This node cannot show desktops in a browser now; try again later");
+          });
+        });
+        const d = await display;
+        this.nx = nx;
+        const started = Date.now();
+        const onRefused = (reason: string) => log.warn("NX handshake refused", { vm: id, user: user.login, reason, nxproxy: d.nxReason() });
+        void spliceNx(d.nxSocket, nx, { cookie, timeoutMs: t.nxHandshake * 1000, onRefused }).then(async (r) => {
+          log.info("browser session ended", { vm: id, user: user.login, up: r.aToB, down: r.bToA });
+          if (Date.now() - started < 120_000) await incrementHostCounter(sql, host.id, "short_sessions").catch(() => {});
+          this.close(4002, "the desktop session ended");
+        });
+        (d.nxSocket as any).resume();
+        rfb = await d.connectRfb();
+        const r = rfb;
+        r.data.io = {
+          data: (c) => {
+            if (!ch.sendBinary(c)) (r as any).pause(); // the browser is not reading: neither do we
+          },
+          drain: () => {
+            while (toRfb.length) {
+              const b = toRfb[0]!;
+              const n = Math.max(0, r.write(b));
+              if (n < b.length) return void (toRfb[0] = b.subarray(n));
+              toRfb.shift();
+            }
+            ch.resumeInput();
+          },
+          end: () => this.close(1011, "the display server ended"),
+          close: () => this.close(1011, "the display server ended"),
+        };
+        ch.onDrained = () => (r as any).resume();
+        if (this.closed) return;
+        state = "relay";
+        this.progress("Connection established");
+        ch.sendText({ type: "ready", width: w, height: h });
+        log.info("browser session started", { vm: id, user: user.login, display: d.display, size: `${w}x${h}` });
+      } catch (err) {
+        if (this.closed) return;
+        if (err instanceof Status) return fail(err.status, err.message.trim() || "Refused");
+        log.error("browser session failed", { error: String((err as Error)?.stack ?? err) });
+        fail(500, "Internal error; try again later");
       }
     }
 
@@ -730,7 +910,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
           this.session = { vmId, id };
           sessions.set(id, () => {
             // Told to abort: a connecting session fails by itself; a connected one is closed.
-            if (this.upgraded) this.close();
+            if (this.nx) this.close(4001, "taken over by another client");
             else this.abortRequested = true;
           });
           return;

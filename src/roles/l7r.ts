@@ -1,4 +1,5 @@
 // `qvd l7r` (and the L7R half of `qvd node`): the users' TLS broker.
+import { join } from "node:path";
 import { defineCommand } from "citty";
 import { commonArgs, configFromArgs, maskUrl } from "../cli.ts";
 import type { Config } from "../config.ts";
@@ -105,6 +106,9 @@ export async function startL7rRole(cfg: Config, opts: { authenticate?: Authentic
         outputBytes: cfg.get("l7r.limit.output_bytes"),
       },
       proxyProtocol: proxyProtocol(cfg),
+      web: cfg.get("l7r.web")
+        ? { runDir: join(cfg.get("path.run"), "web"), uidBase: cfg.get("l7r.web.uid_base"), maxSessions: cfg.get("l7r.web.max_sessions"), xvnc: cfg.get("l7r.web.xvnc"), nxproxy: cfg.get("l7r.web.nxproxy") }
+        : undefined,
     });
     console.log(`qvd l7r listening on ${hostname}:${l7r.port}`);
     return {

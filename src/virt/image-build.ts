@@ -46,6 +46,7 @@ export const DESKTOP_PACKAGES = [
   "pulseaudio-utils", // paplay, pactl, parec
   "sshfs", // shared folders: mounts the client's folder over the slave channel (brings fuse3)
   "openssh-sftp-server", // the desktop side of the original's reverse shares
+  "xclip", // the clipboard from a shell and scripts (the browser desktop's tests read it too)
   "xdg-utils", // xdg-open: `qvd client --file` opens the file with the desktop's application
   "file", // xdg-mime's file type detection outside a desktop environment
 ] as const;
@@ -202,7 +203,7 @@ export const KVM_PACKAGES = [
   "udev", // /dev/disk/by-id/virtio-<serial>: how the guest finds the qvd binary's and the home's disks
   "kmod",
   "e2fsprogs", // the VMA formats the user's home disk (mkfs.ext4)
-  "usbip", // USB devices from the client, later
+  "usbip", // not used by the VMA (it attaches through vhci_hcd's sysfs files): usbip port/list help an administrator look
   "dbus", // systemd-logind needs it: it powers the VM off on the ACPI button (the node's graceful stop, QMP system_powerdown)
   "zstd", // initramfs compression (without it mkinitramfs falls back to gzip: larger, slower to unpack)
 ] as const;

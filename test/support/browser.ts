@@ -10,7 +10,8 @@
 //     w.assertNoErrors();
 //   });
 import { afterAll, afterEach, beforeAll } from "bun:test";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium, type Browser, type BrowserContext, type Page } from "playwright-core";
 import type { TestApi } from "./api.ts";
@@ -22,9 +23,25 @@ export const CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic",
 
 export const SCREENSHOTS = join(import.meta.dir, "..", "..", ".test-output", "wat");
 
-/** Chromium with a fresh temporary profile (playwright creates it and removes it on close). */
-export function launchChromium(): Promise<Browser> {
-  return chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
+/**
+ * Chromium with a fresh temporary profile (playwright creates it and removes it on close).
+ * `netns`: run it in that network namespace (a test's own), where its 127.0.0.1 is the namespace's.
+ */
+export function launchChromium(o: { netns?: string; args?: string[] } = {}): Promise<Browser> {
+  let executablePath = CHROMIUM;
+  let wrapper: string | undefined;
+  if (o.netns) {
+    if (!/^[\w.-]+$/.test(o.netns)) throw new Error(`bad namespace name ${o.netns}`);
+    wrapper = mkdtempSync(join(tmpdir(), "qvd-chromium-"));
+    executablePath = join(wrapper, "chromium");
+    writeFileSync(executablePath, `#!/bin/sh\nexec nsenter --net=/run/netns/${o.netns} -- ${CHROMIUM} "$@"\n`, { mode: 0o755 });
+  }
+  const launched = chromium.launch({ executablePath, args: [...CHROMIUM_ARGS, ...(o.args ?? [])] });
+  if (wrapper) {
+    const dir = wrapper;
+    void launched.then((b) => b.on("disconnected", () => rmSync(dir, { recursive: true, force: true })), () => rmSync(dir, { recursive: true, force: true }));
+  }
+  return launched;
 }
 
 /** The origin a TestApi serves (its url ends in /api/v1). */
