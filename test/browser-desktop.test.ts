@@ -103,6 +103,7 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
     work = mkdtempSync("/tmp/qvd-browser-test-");
     mkdirSync(SCREENSHOTS, { recursive: true });
     const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "alice", password: PASSWORD });
+    await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "bob", password: "bob-web-pw-1" });
     const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
     await node.addImage(osf.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
     vm = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "web desktop" }, { range: "198.18.0.0/16" });
@@ -199,6 +200,69 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
     expect((await inDesktop("stat -c %U /tmp/qvd-web-typed")).stdout.trim()).toBe("alice");
   }, 120_000);
 
+  test("the WebSocket refuses what a stranger or another user sends, each with its close code", async () => {
+    // Bob's token is good, but for his own desktops only.
+    const r = await curl("/qvd/create_auth_token", [`Authorization: Basic ${Buffer.from("bob:bob-web-pw-1").toString("base64")}`]);
+    const bobToken = (JSON.parse(r.stdout.slice(r.stdout.indexOf("\r\n\r\n") + 4)) as { auth_token: string }).auth_token.trim();
+    const hello = (o: Record<string, unknown>) => JSON.stringify({ id: vm.id, width: 800, height: 600, ...o });
+    const cases = [
+      { name: "binary first", send: [{ binary: 12 }] },
+      { name: "not JSON", send: ["{token"] },
+      { name: "too long", send: [hello({ token: "x".repeat(5000) })] },
+      { name: "forged token", send: [hello({ token: Buffer.from("not-a-token").toString("base64") })] },
+      { name: "token with a quote", send: [hello({ token: `a"b` })] },
+      { name: "another user's desktop", send: [hello({ token: bobToken })] },
+      { name: "no such desktop", send: [hello({ token: bobToken, id: 2 ** 31 })] },
+      { name: "id as text", send: [hello({ token: bobToken, id: `${vm.id}` })] },
+      { name: "screen too small", send: [hello({ token: bobToken, width: 10, height: 10 })] },
+      { name: "screen too large", send: [hello({ token: bobToken, width: 100000, height: 600 })] },
+    ];
+    const probe = await run([...node.ns.exec, process.execPath, join(import.meta.dir, "support", "ws-probe.ts"), `wss://127.0.0.1:${PORT}/qvd/web/connect`, ORIGIN, JSON.stringify(cases)],
+      { allowFail: true, timeoutMs: 120_000 });
+    const got = Object.fromEntries(probe.stdout.trim().split("\n").filter(Boolean).map((l) => JSON.parse(l)).map((x) => [x.name, x]));
+    const code = (name: string) => got[name]?.code;
+    const error = (name: string) => got[name]?.frames.map((f: string) => JSON.parse(f)).find((f: { type: string }) => f.type === "error");
+    expect(code("binary first")).toBe(1008);
+    expect(code("not JSON")).toBe(1008);
+    expect(code("too long")).toBe(1008);
+    expect(code("screen too small")).toBe(1008);
+    expect(code("screen too large")).toBe(1008);
+    for (const name of ["forged token", "token with a quote"]) {
+      expect(code(name), name).toBe(4401);
+      expect(error(name)).toEqual({ type: "error", status: 401, message: "Your login has expired; log in again" });
+    }
+    // Another user's desktop and one that does not exist answer alike: nothing tells them apart.
+    for (const name of ["another user's desktop", "no such desktop", "id as text"]) {
+      expect(code(name), name).toBe(4404);
+      expect(error(name)?.status).toBe(404);
+    }
+    // None of them disturbed alice's session.
+    expect((await row()).user_state).toBe("connected");
+  }, 180_000);
+
+  test("the session's display is reachable by no one else: no TCP, a private directory, the X display only with its cookie", async () => {
+    const ns = (cmd: string) => run([...node.ns.exec, "sh", "-c", cmd], { allowFail: true });
+    // Nothing of the session listens on TCP (the L7R's own ports are the only listeners).
+    const tcp = (await ns("ss -Hltnp")).stdout;
+    expect(tcp).not.toMatch(/Xvnc|nxproxy/);
+    const [dir] = (await run(["sh", "-c", `ls -d ${node.root}/run/web/*/`])).stdout.trim().split("\n");
+    const st = (await run(["stat", "-c", "%a %u", dir!, `${dir}rfb`, `${dir}xauth`])).stdout.trim().split("\n");
+    const uid = Number(st[0]!.split(" ")[1]);
+    expect(uid).toBeGreaterThanOrEqual(1_600_000_000);
+    expect(st).toEqual([`700 ${uid}`, `600 ${uid}`, `600 ${uid}`]);
+    // Xvnc's X display (an abstract socket too: no file mode guards it) takes no one without the cookie.
+    const display = /@\/tmp\/\.X11-unix\/X(\d+)\b.*Xvnc/.exec((await ns("ss -Hxlp")).stdout)?.[1];
+    expect(display).toBeDefined();
+    const other = await ns(`setpriv --reuid=${uid + 1} --regid=${uid + 1} --clear-groups env -u XAUTHORITY xdpyinfo -display :${display}`);
+    expect(other.status).not.toBe(0);
+    expect(other.stderr).toMatch(/Authorization required|unable to open display/);
+    const root = await ns(`env -u XAUTHORITY xdpyinfo -display :${display}`);
+    expect(root.status).not.toBe(0);
+    // Nor its RFB socket.
+    const rfb = await ns(`setpriv --reuid=65534 --regid=65534 --clear-groups curl -s --max-time 3 --unix-socket ${dir}rfb http://x/`);
+    expect(rfb.status).not.toBe(0);
+  }, 60_000);
+
   test("resizing the browser window resizes the desktop", async () => {
     await page.setViewportSize({ width: 900, height: 640 });
     const box = (await page.locator("#screen").boundingBox())!;
@@ -247,6 +311,9 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
   test("an expired login gets the page's message and the login form, not a broken socket", async () => {
     await page.getByRole("button", { name: "Disconnect" }).click();
     await until(async () => (await row()).user_state === "disconnected", "the session to be let go", 60_000);
+    // The session's display went with it: no process of a session uid, no directory.
+    await until(async () => (await run(["sh", "-c", "ps -eo uid= | awk '$1 >= 1600000000' | wc -l"])).stdout.trim() === "0", "the display's processes to end", 30_000);
+    await until(async () => (await run(["sh", "-c", `ls -A ${node.root}/run/web`])).stdout.trim() === "", "the display's directory to go", 30_000);
     await sql()`UPDATE user_tokens SET expires_at = now() - interval '1 second'`;
     await page.getByRole("button", { name: /Connect|Reconnect/ }).first().click();
     await page.getByText("Your login has expired; log in again").waitFor();
