@@ -142,6 +142,12 @@ describe.skipIf(!isRoot)("qvd demo", () => {
     const clientLine = /^ {2}(\S+ client .*)$/m.exec(out)?.[1];
     expect(clientLine).toBe(`${binary} client --host 127.0.0.1 --port ${port} --user demo --ca ${cert}`);
     expect(out).toContain(`https://127.0.0.1:${apiPort}/wat/`);
+    // The desktop in a web browser, on the users' port: the page, with its policy.
+    expect(out).toContain(`Or in a web browser, with nothing to install: https://127.0.0.1:${port}/  (user demo)`);
+    const page = await fetch(`https://127.0.0.1:${port}/`, { tls: { ca: readFileSync(cert, "utf8") } } as RequestInit);
+    expect(page.status).toBe(200);
+    expect(page.headers.get("content-security-policy")).toStartWith("default-src 'self'");
+    expect(await page.text()).toContain("<script type=\"module\"");
     expect(out).toContain(`Admin login: superadmin, tenant *, password in ${superPwFile}`);
 
     // The desktops' network lives in the namespace; the host's interfaces are untouched.

@@ -124,6 +124,20 @@ test("allowLocalUser admits exactly that uid (localuser:#uid), without a cookie"
   expect(await new Response(p.stdout).text()).toContain(`SI:localuser:#${UID}`);
 });
 
+test("getImage gives a rectangle's pixels (ZPixmap, B G R x); a rectangle off the screen is BadMatch, one too large is refused", async () => {
+  const x = await connect();
+  const r = Bun.spawn(["xsetroot", "-display", `:${display}`, "-solid", "#204080"], { env: env(), stdout: "ignore", stderr: "pipe" });
+  expect(await r.exited).toBe(0);
+  const img = await x.getImage(x.root, 10, 20, 3, 2);
+  expect(img.depth).toBe(24);
+  expect(img.data.length).toBe(3 * 2 * 4);
+  for (let i = 0; i < 6; i++) expect([...img.data.subarray(4 * i, 4 * i + 3)]).toEqual([0x80, 0x40, 0x20]);
+  await expect(x.getImage(x.root, x.width - 1, 0, 2, 2)).rejects.toThrow(/BadMatch in GetImage/);
+  await expect(x.getImage(x.root, 0, 0, 800, 600)).rejects.toThrow(/larger than this client takes/);
+  // The connection still serves.
+  expect((await x.getImage(x.root, 0, 0, 1, 1)).data.length).toBe(4);
+});
+
 test("top-level windows follow the screen size; 1x1 windows are left alone", async () => {
   const x = await connect();
   await x.allowLocalUser(UID); // done by the test before too: inserting again is harmless

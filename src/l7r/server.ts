@@ -353,7 +353,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
     private nx?: IoSocket;
     /** A browser session's WebSocket and display (src/web/desktop/README.md). */
     private web?: WebChannel;
-    private display?: WebDisplay;
+    /** The session's display, starting or started, and its slot (freed once it has stopped). */
+    private display?: Promise<WebDisplay>;
     private webSlot?: number;
 
     /** `address`: the client's, from the socket or from a trusted relay's PROXY header. */
@@ -486,8 +487,9 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         rest && !this.upgraded ? this.s.end(rest) : this.s.end();
       }
       this.nx?.end();
-      void this.display?.stop();
-      if (this.webSlot !== undefined) webSlots.delete(this.webSlot);
+      const slot = this.webSlot;
+      // The slot (its uid) is free again only when nothing of the display runs as it any more.
+      if (slot !== undefined) void this.display!.then((d) => d.stop(), () => {}).finally(() => webSlots.delete(slot));
       void this.release();
     }
 
@@ -842,14 +844,13 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         let slot = 0;
         while (webSlots.has(slot)) slot++;
         if (slot >= web.maxSessions) return fail(503, "This node holds as many browser sessions as it may; try again later");
+        if (this.closed) return;
         webSlots.add(slot);
-        this.webSlot = slot;
-        // The display starts while the desktop does.
+        // The display starts while the desktop does (close() stops it, started or not).
         const display = WebDisplay.start({ runDir: web.runDir, uid: web.uidBase + slot, width: w, height: h, xvnc: web.xvnc, nxproxy: web.nxproxy });
-        void display.then((d) => {
-          if (this.closed) void d.stop();
-          else this.display = d;
-        }, () => {});
+        display.catch(() => {}); // told in the connect flow
+        this.webSlot = slot;
+        this.display = display;
         // What a QVD client would ask for, with no keyboard: nxagent then takes Xvnc's own map.
         const params = new Map([["qvd.client.link", "lan"], ["qvd.client.geometry", `${w}x${h}`], ["qvd.client.os", "linux"]]);
         const { nx, cookie } = await this.connectFlow(user, vm0, params, host, async () => {
@@ -889,6 +890,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         ch.onDrained = () => (r as any).resume();
         if (this.closed) return;
         state = "relay";
+        ch.keepAlive(30_000);
         this.progress("Connection established");
         ch.sendText({ type: "ready", width: w, height: h });
         log.info("browser session started", { vm: id, user: user.login, display: d.display, size: `${w}x${h}` });

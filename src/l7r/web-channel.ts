@@ -2,7 +2,7 @@
 // frames (JSON) before the session is ready, then binary frames relayed to and from Xvnc's
 // RFB socket. Backpressure both ways, never buffering: a browser that does not read pauses
 // Xvnc, and an Xvnc that does not read pauses the browser's socket.
-import { binaryFrame, closeFrame, FrameReader, pongFrame, textFrame, WebSocketProtocolError } from "./websocket.ts";
+import { binaryFrame, closeFrame, FrameReader, pingFrame, pongFrame, textFrame, WebSocketProtocolError } from "./websocket.ts";
 import type { IoSocket } from "../nx/splice.ts";
 
 /** Largest message a browser may send: RFB input, a clipboard paste of up to 1 MiB. */
@@ -20,6 +20,7 @@ export class WebChannel {
   private out: Uint8Array[] = [];
   private closed = false;
   private inputPaused = false;
+  private pinger?: ReturnType<typeof setInterval>;
   /** Called when everything queued for the browser has been written. */
   onDrained?: () => void;
 
@@ -73,6 +74,7 @@ export class WebChannel {
           // The browser ends: answer its close, then end the socket.
           this.write(closeFrame(m.code ?? 1000, ""));
           this.closed = true;
+          clearInterval(this.pinger);
           this.s.end();
           this.h.end(m.code, m.reason);
           return;
@@ -113,6 +115,17 @@ export class WebChannel {
     if (!this.closed) this.onDrained?.();
   }
 
+  /**
+   * Pings the browser every `ms` while nothing waits to be sent: an idle desktop sends nothing,
+   * and a NAT or proxy on the way would drop a connection silent for minutes.
+   */
+  keepAlive(ms: number) {
+    clearInterval(this.pinger);
+    this.pinger = setInterval(() => {
+      if (!this.closed && this.out.length === 0) this.write(pingFrame());
+    }, ms);
+  }
+
   /** Stops reading the browser (its input waits in the kernel, bounded by TCP). */
   pauseInput() {
     if (this.inputPaused) return;
@@ -131,6 +144,7 @@ export class WebChannel {
     if (this.closed) return;
     this.write(closeFrame(code, reason));
     this.closed = true;
+    clearInterval(this.pinger);
     const rest = this.out.length ? Buffer.concat(this.out) : undefined;
     this.out = [];
     rest ? this.s.end(rest) : this.s.end();
@@ -140,6 +154,7 @@ export class WebChannel {
   private finish() {
     if (this.closed) return;
     this.closed = true;
+    clearInterval(this.pinger);
     this.out = [];
     this.h.end();
   }

@@ -20,7 +20,7 @@ const ERROR_NAMES = ["", "BadRequest", "BadValue", "BadWindow", "BadPixmap", "Ba
 const BAD_WINDOW = 3;
 const BAD_DRAWABLE = 9;
 
-const Op = { ChangeWindowAttributes: 2, GetWindowAttributes: 3, ConfigureWindow: 12, GetGeometry: 14, QueryTree: 15, SendEvent: 25, GetInputFocus: 43, ChangeHosts: 109 } as const;
+const Op = { ChangeWindowAttributes: 2, GetWindowAttributes: 3, ConfigureWindow: 12, GetGeometry: 14, QueryTree: 15, SendEvent: 25, GetInputFocus: 43, GetImage: 73, ChangeHosts: 109 } as const;
 const OP_NAMES: Record<number, string> = Object.fromEntries(Object.entries(Op).map(([k, v]) => [v, k]));
 const CreateNotify = 16;
 const MapNotify = 19;
@@ -165,6 +165,24 @@ export class X11Client {
   async getGeometry(win: number): Promise<Geometry> {
     const r = await this.call(Op.GetGeometry, 0, u32(win));
     return { x: r.readInt16LE(12), y: r.readInt16LE(14), width: r.readUInt16LE(16), height: r.readUInt16LE(18) };
+  }
+
+  /**
+   * The pixels of a rectangle of `drawable` (GetImage, ZPixmap, all planes): for a depth-24
+   * screen 4 bytes a pixel (B, G, R, unused), rows of `w * 4` bytes. Windows include what their
+   * children show. The reply must fit MAX_MESSAGE: larger rectangles are refused here (ask in pieces).
+   */
+  async getImage(drawable: number, x: number, y: number, w: number, h: number): Promise<{ depth: number; data: Buffer }> {
+    if (4 * w * h > MAX_MESSAGE - 32) throw new Error(`an image of ${w}x${h} is larger than this client takes`);
+    const b = Buffer.alloc(16);
+    b.writeUInt32LE(drawable, 0);
+    b.writeInt16LE(x, 4);
+    b.writeInt16LE(y, 6);
+    b.writeUInt16LE(w, 8);
+    b.writeUInt16LE(h, 10);
+    b.writeUInt32LE(0xffffffff, 12); // plane mask
+    const r = await this.call(Op.GetImage, 2 /* ZPixmap */, b);
+    return { depth: r[1]!, data: Buffer.from(r.subarray(32, 32 + 4 * r.readUInt32LE(4))) };
   }
 
   configureWindow(win: number, g: Geometry): Promise<void> {

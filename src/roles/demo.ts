@@ -210,6 +210,7 @@ export default defineCommand({
       console.log("");
       console.log("Ready. Connect to the desktop from an X session on this machine (password of demo in " + user.passwordFile + "):");
       console.log(`  ${qvd} client --host 127.0.0.1 --port ${l7rPort} --user ${user.name} --ca ${shellQuote(tls.cert)}`);
+      console.log(`Or in a web browser, with nothing to install: https://127.0.0.1:${l7rPort}/  (user ${user.name})`);
       console.log(`Web admin tool: https://127.0.0.1:${apiPort}/wat/  (admin API: https://127.0.0.1:${apiPort}/api/v1)`);
       console.log(`Admin login: superadmin, tenant *, password in ${join(dir, PASSWORD_FILE)}`);
       console.log(`Database: ${qvd} db status --db ${shellQuote(url)}`);

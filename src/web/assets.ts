@@ -2,23 +2,11 @@
 // run time. Hashed assets are cached for ever; index.html (every other path under /wat, so
 // the app's own URLs can be reloaded and bookmarked) is revalidated.
 import { bundleWat } from "./build.ts" with { type: "macro" };
+import { loadAssets } from "./bundled.ts";
 
 const BUNDLED = bundleWat();
 
-interface Asset {
-  type: string;
-  gz: Uint8Array<ArrayBuffer>;
-  size: number;
-  etag: string;
-  immutable: boolean;
-}
-
-const ASSETS = new Map<string, Asset>(
-  Object.entries(BUNDLED).map(([name, a]) => [
-    name,
-    { type: a.type, gz: new Uint8Array(Buffer.from(a.gz, "base64")), size: a.size, etag: a.etag, immutable: name !== "index.html" },
-  ]),
-);
+const ASSETS = loadAssets(BUNDLED);
 
 // The app uses no inline script or style and talks only to its own origin.
 const SECURITY_HEADERS = {

@@ -2,6 +2,7 @@
 // raw HTTP responses for the L7R (src/nx/http.ts): nothing is read from disk at run time.
 // index.html at / is revalidated; the hashed assets under /qvd/web/ are cached for ever.
 import { bundleDesktop } from "./build.ts" with { type: "macro" };
+import { loadAssets } from "./bundled.ts";
 import { REASONS, writeHead, writeResponse, type HeaderList } from "../nx/http.ts";
 
 const BUNDLED = bundleDesktop();
@@ -9,22 +10,7 @@ const BUNDLED = bundleDesktop();
 /** Where the page's assets are served (build.ts writes the same base into index.html). */
 export const DESKTOP_ASSET_BASE = "/qvd/web/";
 
-interface Asset {
-  type: string;
-  gz: Uint8Array<ArrayBuffer>;
-  /** Decompressed once, on the first request that does not accept gzip. */
-  plain?: Uint8Array;
-  size: number;
-  etag: string;
-  immutable: boolean;
-}
-
-const ASSETS = new Map<string, Asset>(
-  Object.entries(BUNDLED).map(([name, a]) => [
-    name,
-    { type: a.type, gz: new Uint8Array(Buffer.from(a.gz, "base64")), size: a.size, etag: a.etag, immutable: name !== "index.html" },
-  ]),
-);
+const ASSETS = loadAssets(BUNDLED);
 
 // The page uses no inline script or style, talks only to its own origin (fetch and the
 // WebSocket), and noVNC draws cursors and JPEG rectangles from data: and blob: images.
