@@ -210,6 +210,27 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     }
   }, 900_000);
 
+  test("the desktop in a web browser takes the same path: a WebSocket to node C's L7R gets the screen of alice's desktop on node A", async () => {
+    const c = farm.nodes[2]!;
+    const vm = vmOf.alice!;
+    const origin = `https://${c.address}:${L7R_PORT}`;
+    const t = await run([...farm.clientNs.exec, "curl", "-sk", "--max-time", "10", "-H", `Authorization: Basic ${Buffer.from(`alice:${PW}`).toString("base64")}`,
+      `${origin}/qvd/create_auth_token`]);
+    const token = (JSON.parse(t.stdout) as { auth_token: string }).auth_token.trim();
+    const cases = [{ name: "remote", send: [JSON.stringify({ token, id: vm.id, width: 800, height: 600 })], untilBinary: true }];
+    const probe = await run([...farm.clientNs.exec, process.execPath, join(import.meta.dir, "support", "ws-probe.ts"), `wss://${c.address}:${L7R_PORT}/qvd/web/connect`, origin, JSON.stringify(cases)],
+      { allowFail: true, timeoutMs: 320_000 });
+    const got = JSON.parse(probe.stdout.trim().split("\n").at(-1) ?? "{}") as { code?: number; frames?: string[] };
+    const frames = got.frames ?? [];
+    expect(frames.some((f) => f.startsWith("{") && JSON.parse(f).type === "progress"), probe.stdout + probe.stderr).toBe(true);
+    expect(frames.some((f) => f.startsWith("{") && JSON.parse(f).type === "ready")).toBe(true);
+    // Xvnc's own greeting, from the session's display on node C, showing the desktop of node A.
+    expect(frames.at(-1)).toMatch(/^<binary \d+> RFB 003\.008/);
+    expect(got.code).toBe(1000);
+    expect(await hostName(vm.id)).toBe("a");
+    await until(async () => (await state(vm.id)).user_state === "disconnected", "the browser's session to be released", 30_000);
+  }, 600_000);
+
   let failoverMs = 0;
   test("node death: every process of node A killed mid-session and cut off; the next connect through node B gets the desktop back on B or C with the home's file", async () => {
     const [a, b] = farm.nodes as [FarmNode, FarmNode];
