@@ -4,7 +4,7 @@ import type { ArgsDef } from "citty";
 import { loadConfig, type Config } from "./config.ts";
 import { connect, type Sql } from "./db/pool.ts";
 import { ConfigError, UserError } from "./errors.ts";
-import { setLogLevel } from "./log.ts";
+import { setLogFormat, setLogLevel } from "./log.ts";
 
 export const commonArgs = {
   config: { type: "string", description: "Configuration file (default /etc/qvd/node.conf)", valueHint: "FILE" },
@@ -57,6 +57,7 @@ export function configFromArgs(
   for (const e of extra) if (e.value !== undefined) flags.push({ flag: e.flag, key: e.key, value: e.value });
   const cfg = loadConfig({ file: args.config, flags });
   setLogLevel(cfg.get("log.level"));
+  setLogFormat(cfg.get("log.format"));
   return cfg;
 }
 

@@ -85,6 +85,7 @@ function key<T>(
 export const KEYS = {
   nodename: key(nonEmpty, hostname(), "Name of this node; the HKD finds its `hosts` row by it."),
   "log.level": key(oneOf(["debug", "info", "warn", "error"]), "info", "Lowest level of log lines written to stderr."),
+  "log.format": key(oneOf(["text", "json"]), "text", "Log lines on stderr: text (`<time> LEVEL [scope] message key=value…`) or json (one object per line: time, level, scope, msg and the line's fields), for log shippers."),
 
   "database.url": key(dbUrl.optional(), undefined, "PostgreSQL URL (postgres://user:pass@host:port/db, or ?host=/socket/dir for a unix socket); several hosts for a replicated database: postgres://user:pass@a:5432,b:5432/db?target_session_attrs=read-write.", { secret: true }),
   "database.host": key(str, "localhost", "Database host, used when database.url is not set (QVD's classic keys)."),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bun
-// `qvd`: one binary, the subcommand picks the role (DESIGN section 2).
+// `qvd`: one binary, the subcommand picks the role (docs/ARCHITECTURE.md, "Roles").
 import { defineCommand, renderUsage, runCommand, type CommandDef } from "citty";
 import { describeError, UserError } from "./errors.ts";
 import { VERSION } from "./version.ts";

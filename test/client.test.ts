@@ -1,5 +1,5 @@
 // `qvd client` against a scripted L7R: a TLS server in this file that speaks the server side
-// of the wire protocol as the reference describes it (bare-LF 102s, a 101 followed in the same
+// of the wire protocol as docs/PROTOCOL.md describes it (bare-LF 102s, a 101 followed in the same
 // packet by the first NX bytes, then raw bytes both ways). The client runs as a real process;
 // the program it starts instead of nxproxy (--nxproxy-command) is a small real program that
 // connects to the client's local port like nxproxy -S does, and checks the bytes.

@@ -1,5 +1,5 @@
 // The L7R over real TLS and a real database, spoken to with the exact bytes the original
-// clients send (Perl: CRLF; Qt: bare LF), per l7r-client-protocol.md.
+// clients send (Perl: CRLF; Qt: bare LF), per docs/PROTOCOL.md.
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { join } from "node:path";

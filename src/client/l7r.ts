@@ -1,4 +1,4 @@
-// The client side of the L7R wire protocol (reference: l7r-client-protocol.md §2, §3, §4):
+// The client side of the L7R wire protocol (docs/PROTOCOL.md):
 // one TLS (or plain) connection, HTTP/1.1 requests written with CRLF and exactly-cased
 // headers, responses parsed leniently (CRLF or bare LF), any number of `102 Processing`
 // (progress in X-QVD-VM-Info) before a final status, and on `101` the rest of the stream is
@@ -247,7 +247,7 @@ export class L7RConnection implements Endpoint {
     for (const line of lines) {
       if (line === "") continue;
       const i = line.indexOf(":");
-      if (i <= 0) continue; // tolerated: the L7R's broken 404 carries junk lines (reference §6.9)
+      if (i <= 0) continue; // tolerated: the L7R's broken 404 carries junk lines (docs/PROTOCOL.md, "The HTTP dialect")
       const name = line.slice(0, i).trim().toLowerCase();
       const value = line.slice(i + 1).trim();
       headers.set(name, headers.has(name) ? `${headers.get(name)}, ${value}` : value);

@@ -1,6 +1,6 @@
 // `qvd client`, the flow: connect to the L7R, list the user's desktops, pick one, optionally
 // stop it first, connect with the qvd.client.* parameters, show the 102 progress, and on the
-// 101 run nxproxy against a local port spliced with the stream (reference §4), with its side
+// 101 run nxproxy against a local port spliced with the stream (docs/PROTOCOL.md, "The NX stream and the session cookie"), with its side
 // channels: printing (cups=), sound (media=) and the slave channel (shared folders, open a file,
 // USB) driven by src/client/slave.ts.
 import { mkdtempSync, readFileSync, realpathSync, rmSync, statSync } from "node:fs";
@@ -76,7 +76,7 @@ export interface Desktop {
   blocked: boolean;
 }
 
-/** The L7R's booleans come as 0/1, "0"/"1", true/false or null (reference §3.2). */
+/** The L7R's booleans come as 0/1, "0"/"1", true/false or null (docs/PROTOCOL.md, "list_of_vm and list_of_applications"). */
 const truthy = (v: unknown) => v === true || v === 1 || v === "1" || v === "true";
 
 export function parseDesktops(body: Uint8Array, where: string): Desktop[] {

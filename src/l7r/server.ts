@@ -1,4 +1,4 @@
-// The L7R: the users' TLS entry point (l7r-client-protocol.md §2–§5). One connection serves
+// The L7R: the users' TLS entry point (docs/PROTOCOL.md). One connection serves
 // any number of requests in order; connect_to_vm ends HTTP with a 101 and splices the client's
 // TLS stream with nxagent's TCP socket. Session bookkeeping lives in vm_runtimes (src/db/l7r.ts);
 // an abort for one of this node's sessions arrives on the node's channel and closes it here.

@@ -1,5 +1,5 @@
 // The VMA's x_start request of a connect_to_vm: the session parameters merged the way the
-// original's L7R merged them (l7r-client-protocol.md §4.2 step 13), later entries overriding
+// original's L7R merged them (docs/PROTOCOL.md, "Session parameters"), later entries overriding
 // earlier ones:
 //
 //   1. the client's query parameters (only qvd.client.* and custom.*: anything else was refused)

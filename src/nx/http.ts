@@ -1,4 +1,4 @@
-// The QVD dialect of HTTP/1.1 over a byte stream (l7r-client-protocol.md §2.2): a tolerant
+// The QVD dialect of HTTP/1.1 over a byte stream (docs/PROTOCOL.md, "The HTTP dialect"): a tolerant
 // reader (bare LF or CRLF, any header case, blank lines before a request skipped, several
 // requests per connection, bodies never read) with limits, and a precise writer (CRLF, the
 // short reason phrase, Content-Type + Content-Length on bodies, none on 101/102).

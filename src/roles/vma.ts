@@ -1,4 +1,4 @@
-// `qvd vma`: the agent inside each desktop (DESIGN section 7). It reads the per-start file the
+// `qvd vma`: the agent inside each desktop (src/vma/README.md). It reads the per-start file the
 // backend hands the guest (/run/qvd/vma.json: vm_id, secret, node_address, port and optional
 // `settings`), serves the VMA API (src/vma/server.ts), runs the NX session (src/vma/session.ts)
 // and, as a container's init, does PID 1's duties (src/vma/init.ts).
@@ -14,7 +14,7 @@ import { setFlags } from "../cli.ts";
 import { type Config, loadConfig } from "../config.ts";
 import { identityRules } from "../auth/identity.ts";
 import { ConfigError, UserError } from "../errors.ts";
-import { logger, setLogLevel } from "../log.ts";
+import { logger, setLogFormat, setLogLevel } from "../log.ts";
 import { run } from "../run.ts";
 import { isPid1, powerOff, setupInit, type InitOptions } from "../vma/init.ts";
 import { startVmaServer } from "../vma/server.ts";
@@ -94,6 +94,7 @@ export default defineCommand({
     const vf = readVmaFile(file);
     const { cfg } = loadVmaConfig(vf, file, { flags: setFlags(rawArgs) });
     setLogLevel(cfg.get("log.level"));
+    setLogFormat(cfg.get("log.format"));
 
     let host = "0.0.0.0";
     let port = vf.port;

@@ -14,8 +14,9 @@
 // - Other hosts → VM: nothing by default; the VMA (3030) and nxagent (4100) are the node's to
 //   reach (the L7R, the HKD), and nxagent also takes connections from the node's address only
 //   (accept=, src/vma/session.ts). vm.network.firewall.vm_ports opens ports to routed traffic
-//   (another node's L7R today), masqueraded to the node's bridge address so that the VM still
-//   sees only the node.
+//   (an administrator's opt-in; another node's L7R goes through this node's node-to-node
+//   endpoint instead, src/l7r/peer.ts), masqueraded to the node's bridge address so that the
+//   VM still sees only the node.
 // - Spoofing: table `bridge qvd` jumps, per VM port (a verdict map keyed by the host-side veth
 //   name), to a chain that drops frames whose MAC, IPv4 or ARP sender differs from the VM's,
 //   and all IPv6 (VMs are IPv4-only).

@@ -1,8 +1,8 @@
 // The VMA's HTTP API (src/virt/README.md): JSON over plain HTTP on the guest network, port
 // 3030. Every request must carry `X-QVD-VMA-Secret` (compared in constant time) and come from
 // the node's address (when configured): the VMA answers its node only. Another node's L7R
-// reaches it through this node (routed traffic is masqueraded to the node's address, see
-// src/virt/network.ts). Otherwise 403 with no details, before anything else is looked at. Then: unknown path or wrong method 404, bad JSON 400, bad parameters 422
+// reaches it through this node's node-to-node endpoint, which makes the call itself
+// (src/l7r/peer.ts). Otherwise 403 with no details, before anything else is looked at. Then: unknown path or wrong method 404, bad JSON 400, bad parameters 422
 // naming the field, a request the session's state refuses 409.
 //
 //   GET  /vma/ping       → 200 {"ok":true,"vm_id":N,"state":S}

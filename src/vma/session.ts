@@ -1,5 +1,5 @@
 // The NX session in the guest: nxagent as the X server of `xinit <session>`, run as the user,
-// and the state machine driven by nxagent's output (DESIGN section 7; the original's VMA.pm).
+// and the state machine driven by nxagent's output (src/vma/README.md, "The session"; the original's VMA.pm).
 //
 //   xinit /bin/sh -c 'exec "$@" >>"$HOME/.qvd-session.log" 2>&1' qvd-session <session…> --
 //         nxagent :100 -ac -name QVD -display nx/nx,options=<run>/nxagent.conf:100 [extra]

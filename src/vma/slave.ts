@@ -1,7 +1,7 @@
 // The VMA's slave server: one instance per slave connection, HTTP/1.1 on a byte stream (nxagent
 // runs it with the connection on stdin/stdout). Endpoints and answers follow the original QVD's
 // slave channel; unlike the original, every endpoint (GET /shares included) needs the slave key.
-// See src/vma/README.md, "Slave channel (first part)".
+// See src/vma/README.md, "Slave channel".
 import { createHash, timingSafeEqual } from "node:crypto";
 import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, realpathSync, statSync } from "node:fs";
 import { connect } from "node:net";
