@@ -124,16 +124,17 @@ describe("user@tenant", () => {
     expect(splitLogin("alice%acme", "%")).toEqual(["alice", "acme"]);
   });
 
-  test("resolveLogin: the named tenant, the default one, unknown tenants; monotenant ignores the tenant", async () => {
+  test("resolveLogin: the named tenant, the default one, unknown tenants, whatever the mode", async () => {
     const acme = await tenant("acme");
-    expect(await resolveLogin(sql(), "alice@acme", true)).toEqual({ ok: true, tenantId: acme, tenantName: "acme", tenantBlocked: false, login: "alice" });
-    expect(await resolveLogin(sql(), "alice#acme", true)).toMatchObject({ ok: true, tenantId: acme, login: "alice" });
-    expect(await resolveLogin(sql(), "alice", true)).toMatchObject({ ok: true, tenantId: 1, tenantName: "default", login: "alice" });
-    expect(await resolveLogin(sql(), "alice", true, { defaultTenant: "acme" })).toMatchObject({ ok: true, tenantId: acme });
-    expect(await resolveLogin(sql(), "alice@nope", true)).toMatchObject({ ok: false, reason: expect.stringMatching(/no such tenant "nope"/) });
-    expect(await resolveLogin(sql(), "alice@*", true)).toMatchObject({ ok: false }); // never the global scope
-    expect(await resolveLogin(sql(), "@acme", true)).toMatchObject({ ok: false, reason: "empty login" });
-    expect(await resolveLogin(sql(), "alice@acme", false)).toMatchObject({ ok: true, tenantId: 1, login: "alice" });
+    expect(await resolveLogin(sql(), "alice@acme")).toEqual({ ok: true, tenantId: acme, tenantName: "acme", tenantBlocked: false, login: "alice" });
+    expect(await resolveLogin(sql(), "alice#acme")).toMatchObject({ ok: true, tenantId: acme, login: "alice" });
+    expect(await resolveLogin(sql(), "alice")).toMatchObject({ ok: true, tenantId: 1, tenantName: "default", login: "alice" });
+    expect(await resolveLogin(sql(), "alice", { defaultTenant: "acme" })).toMatchObject({ ok: true, tenantId: acme });
+    expect(await resolveLogin(sql(), "alice@nope")).toMatchObject({ ok: false, reason: expect.stringMatching(/no such tenant "nope"/) });
+    expect(await resolveLogin(sql(), "alice@*")).toMatchObject({ ok: false }); // never the global scope
+    expect(await resolveLogin(sql(), "@acme")).toMatchObject({ ok: false, reason: "empty login" });
+    expect(await resolveLogin(sql(), "alice@default")).toMatchObject({ ok: true, tenantId: 1, login: "alice" });
+    expect(await resolveLogin(sql(), " alice @ acme ")).toMatchObject({ ok: true, tenantId: acme, login: "alice" });
   });
 
   test("authenticateLogin: the same name in two tenants, chosen by the login", async () => {
@@ -149,8 +150,9 @@ describe("user@tenant", () => {
     } finally {
       await D.deleteConfig(sql(), 0, "wat.multitenant");
     }
-    // Monotenant: the tenant part is ignored, the default tenant answers.
-    expect(expectOk(await authenticateLogin(sql(), cfg, { login: "alice@acme", password: "alice-local-pw" })).tenantId).toBe(1);
+    // The mode does not change how a login names its tenant.
+    expect(expectOk(await authenticateLogin(sql(), cfg, { login: "alice", password: "alice-local-pw" })).tenantId).toBe(1);
+    expect(expectOk(await authenticateLogin(sql(), cfg, { login: "alice@acme", password: "alice-acme-pw" })).tenantId).toBe(acme);
   });
 });
 

@@ -7,7 +7,8 @@ import type { TCPSocketListener } from "bun";
 import { mkdtempSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import * as D from "../src/db/index.ts";
-import { localAuth } from "../src/l7r/local-auth.ts";
+import { authenticateUser } from "../src/auth/chain.ts";
+import { Config } from "../src/config.ts";
 import { startL7r, type L7r } from "../src/l7r/server.ts";
 import { guestUserName, xStartBody } from "../src/l7r/x-start.ts";
 import { run } from "../src/run.ts";
@@ -97,7 +98,7 @@ beforeAll(async () => {
     authenticate: async (d, a) =>
       a.login === "lena"
         ? { ok: true, user: { userId: lena.id, tenantId: 1, login: "lena", uid: 30000, gid: 30001, home: "/home/ldap/lena", params: { "qvd.vm.user.ldap.name": "lena", "site.level": "plugin" } } }
-        : localAuth(d, a),
+        : authenticateUser(d, new Config(), a),
   });
 });
 

@@ -96,6 +96,33 @@ test("a wrong password: 401 with WWW-Authenticate, audited; the connection stays
   c.end();
 });
 
+test("logins are split by the farm's rules: l7r.auth.plugin.default.separators and .tenant", async () => {
+  const sql = db().sql;
+  const acme = await D.create(sql, D.tenants, ALL, { name: "acme" });
+  await D.create(sql, D.users, ALL, { tenant_id: acme.id, name: "dora", password: "dora-pw-1" });
+  const status = async (login: string, password: string) => {
+    const c = await client();
+    c.send(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic(login, password)}\r\n\r\n`);
+    const r = await c.response();
+    c.end();
+    return r.status;
+  };
+  // The defaults: '@' or '#', tenant "default".
+  expect(await status("dora@acme", "dora-pw-1")).toBe(200);
+  expect(await status("dora", "dora-pw-1")).toBe(401);
+  const rules = { "l7r.auth.plugin.default.separators": "%", "l7r.auth.plugin.default.tenant": "acme" };
+  for (const [k, v] of Object.entries(rules)) await D.setConfig(sql, 0, k, v);
+  try {
+    expect(await status("dora", "dora-pw-1")).toBe(200); // the default tenant is acme now
+    expect(await status("DORA%Acme", "dora-pw-1")).toBe(200); // names are lower case
+    expect(await status("dora@acme", "dora-pw-1")).toBe(401); // '@' is no separator now: no such login in acme
+    expect(await status("alice%default", "alice-pw-1")).toBe(200);
+    expect(await status("alice", "alice-pw-1")).toBe(401); // alice is not in acme
+  } finally {
+    for (const k of Object.keys(rules)) await D.deleteConfig(sql, 0, k);
+  }
+});
+
 test("a blocked user gets the same 401", async () => {
   const c = await client();
   c.send(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic("bob", "bob-pw-1")}\r\n\r\n`);

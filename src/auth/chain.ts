@@ -16,6 +16,9 @@ import { localPlugin } from "./local.ts";
 import { splitTotpPassword, verifyTotp } from "./totp.ts";
 import type { AuthPlugin, AuthResult, LoginAttempt } from "./user-auth.ts";
 
+/** What the L7R calls to check a login attempt: a tenant's chain (`authenticateUser`), or a test's stand-in. */
+export type Authenticate = (db: Db, attempt: LoginAttempt) => Promise<AuthResult>;
+
 export type ResolvedLogin =
   | { ok: true; tenantId: number; tenantName: string; tenantBlocked: boolean; login: string }
   | { ok: false; reason: string };
@@ -27,7 +30,7 @@ export interface ResolveOptions {
   defaultTenant?: string;
 }
 
-/** Splits a login at the first separator character: ["alice", "acme"] or ["alice", undefined]. */
+/** Splits a login at the first separator character: ["alice", "acme"] or ["alice", undefined] (each part trimmed). */
 export function splitLogin(raw: string, separators = "@#"): [string, string | undefined] {
   let i = -1;
   for (let k = 0; k < raw.length; k++) {
@@ -36,22 +39,30 @@ export function splitLogin(raw: string, separators = "@#"): [string, string | un
       break;
     }
   }
-  return i < 0 ? [raw, undefined] : [raw.slice(0, i), raw.slice(i + 1)];
+  return i < 0 ? [raw.trim(), undefined] : [raw.slice(0, i).trim(), raw.slice(i + 1).trim()];
 }
 
 /**
- * The tenant and login of a login as typed (`alice`, `alice@acme`, `alice#acme`). Multitenant:
- * the tenant named after the first separator, or the default one. Monotenant: always the
- * default tenant (a tenant part is ignored).
+ * The tenant and login of a login as typed (`alice`, `alice@acme`, `alice#acme`): the tenant
+ * named after the first separator, or the default one (`l7r.auth.plugin.default.tenant`). As the
+ * original, whatever wat.multitenant says: a monotenant farm has only the default tenant, and
+ * a role need not know the mode to find it.
  */
-export async function resolveLogin(db: Db, raw: string, multitenant: boolean, opts: ResolveOptions = {}): Promise<ResolvedLogin> {
+export async function resolveLogin(db: Db, raw: string, opts: ResolveOptions = {}): Promise<ResolvedLogin> {
   const [login, tenantPart] = splitLogin(raw.trim(), opts.separators ?? "@#");
   if (login === "") return { ok: false, reason: "empty login" };
-  const tenant = multitenant
-    ? await findTenantByName(db, tenantPart || opts.defaultTenant || DEFAULT_TENANT_NAME)
-    : await findTenantById(db, 1);
+  const tenant = await findTenantByName(db, tenantPart || opts.defaultTenant || DEFAULT_TENANT_NAME);
   if (!tenant) return { ok: false, reason: `no such tenant ${JSON.stringify(tenantPart ?? opts.defaultTenant ?? DEFAULT_TENANT_NAME)}` };
   return { ok: true, tenantId: tenant.id, tenantName: tenant.name, tenantBlocked: tenant.blocked, login };
+}
+
+/** The farm's rules for splitting logins: its global settings (the node's configuration and the global rows). */
+export async function loginRules(db: Db, cfg: Config): Promise<ResolveOptions & { separators: string; defaultTenant: string }> {
+  const global = await tenantConfig(db, cfg, 0);
+  return {
+    separators: global.get("l7r.auth.plugin.default.separators"),
+    defaultTenant: global.get("l7r.auth.plugin.default.tenant"),
+  };
 }
 
 /** The effective configuration of a tenant: `cfg` with the global and the tenant's `configs` rows. */
@@ -140,11 +151,8 @@ export interface RawLogin {
 
 /** resolveLogin + authenticateUser, for a login as the client sends it (Basic auth). */
 export async function authenticateLogin(db: Db, cfg: Config, raw: RawLogin, opts: AuthOptions = {}): Promise<AuthResult> {
-  const global = await tenantConfig(db, cfg, 0);
-  const r = await resolveLogin(db, raw.login, global.get("wat.multitenant"), {
-    separators: global.get("l7r.auth.plugin.default.separators"),
-    defaultTenant: global.get("l7r.auth.plugin.default.tenant"),
-  });
+  const rules = await loginRules(db, cfg);
+  const r = await resolveLogin(db, raw.login, rules);
   if (!r.ok) return r;
   if (r.tenantBlocked) return { ok: false, reason: `tenant ${JSON.stringify(r.tenantName)} is blocked` };
   return authenticateUser(db, cfg, { tenantId: r.tenantId, tenantName: r.tenantName, login: r.login, password: raw.password, address: raw.address }, opts);

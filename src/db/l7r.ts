@@ -18,11 +18,6 @@ export async function l7rHost(db: Db, name: string): Promise<L7rHost | undefined
   return r as L7rHost | undefined;
 }
 
-export async function tenantByName(db: Db, name: string): Promise<{ id: number; name: string; blocked: boolean } | undefined> {
-  const [r] = await db`SELECT id, name, blocked FROM tenants WHERE name = ${name} AND id <> 0`;
-  return r as { id: number; name: string; blocked: boolean } | undefined;
-}
-
 export async function userForL7r(db: Db, userId: number): Promise<{ id: number; name: string; tenant_id: number; blocked: boolean; tenant_blocked: boolean } | undefined> {
   const [r] = await db`SELECT u.id, u.name, u.tenant_id, u.blocked, t.blocked AS tenant_blocked
     FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = ${userId}`;

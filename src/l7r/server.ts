@@ -24,7 +24,8 @@ import { HttpParseError, jsonResponse, RequestReader, textResponse, writeHead, t
 import { newNxCookie, spliceNx } from "../nx/handshake.ts";
 import { ioHandlers, type Io, type IoData, type IoSocket } from "../nx/splice.ts";
 import { desktopLink, LinkError, type DesktopLink } from "./link.ts";
-import { localAuth, type Authenticate } from "./local-auth.ts";
+import { authenticateUser, loginRules, resolveLogin, splitLogin, type Authenticate, type ResolvedLogin } from "../auth/chain.ts";
+import { verifyUserPassword } from "../db/users.ts";
 import { leaveDrainingNode } from "../db/cluster.ts";
 import type { PeerClient } from "./peer.ts";
 import { inNetworks, looksLikeProxyHeader, parseProxyHeader, ProxyHeaderError, MAX_HEADER, type trustedSources } from "./proxy-protocol.ts";
@@ -71,6 +72,7 @@ export interface L7rOptions {
   tls: { cert: string; key: string; clientCa?: string };
   /** A unix socket to listen on as well (TLS too), e.g. for a relay from another network namespace. */
   unix?: string;
+  /** The login check (default: the tenant's plugin chain, src/auth/chain.ts). */
   authenticate?: Authenticate;
   timeouts?: Partial<L7rTimeouts>;
   limits?: Partial<ReaderLimits>;
@@ -80,9 +82,7 @@ export interface L7rOptions {
   proxyProtocol?: ReturnType<typeof trustedSources>;
   /** Seconds of heartbeat freshness a node needs to be given a VM (cluster.alive_within). */
   aliveWithinS?: number;
-  /** Default tenant of logins without `@tenant`. */
-  defaultTenant?: string;
-  /** The configuration the global identity.* rows are layered over (src/auth/identity.ts). */
+  /** The node's configuration, which the database's global and tenant rows are layered over (auth, identity). */
   identityConfig?: Config;
   /** Failed-login throttling (src/auth/throttle.ts: auth.throttle.*). */
   throttle?: Partial<ThrottlePolicy>;
@@ -152,7 +152,8 @@ const unavailable = (reason: string) => new Status(503, `The requested virtual m
 export async function startL7r(o: L7rOptions): Promise<L7r> {
   const t = { ...DEFAULT_TIMEOUTS, ...o.timeouts };
   const aliveWithin = o.aliveWithinS ?? aliveWithinS(new Config()); // the key's default
-  const authenticate = o.authenticate ?? localAuth;
+  const authConfig = o.identityConfig ?? new Config();
+  const authenticate: Authenticate = o.authenticate ?? ((db, attempt) => authenticateUser(db, authConfig, attempt));
   const throttle: ThrottlePolicy = { ...DEFAULT_POLICY, ...o.throttle };
   const sql = o.sql;
   const host0 = await L.l7rHost(sql, o.nodename);
@@ -634,12 +635,13 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       } else {
         const colon = decoded.indexOf(":");
         if (colon <= 0) throw unauthorized;
-        const full = decoded.slice(0, colon);
+        // Names are lower case; the login is split by the farm's rules (src/auth/chain.ts:
+        // l7r.auth.plugin.default.separators and .tenant), as everywhere.
+        const full = decoded.slice(0, colon).trim().toLowerCase();
         const password = decoded.slice(colon + 1);
-        const sep = full.search(/[@#]/);
-        const login = (sep < 0 ? full : full.slice(0, sep)).trim().toLowerCase();
-        const tenantName = (sep < 0 ? (o.defaultTenant ?? "default") : full.slice(sep + 1)).trim().toLowerCase();
-        const account = `${tenantName}/${login}`;
+        const rules = await loginRules(sql, authConfig);
+        const [login, tenantPart] = splitLogin(full, rules.separators);
+        const account = `${tenantPart || rules.defaultTenant}/${login}`; // throttled and audited by this name
         // The try takes its slot before the password is checked (src/auth/throttle.ts).
         const gate = await beginLogin(sql, throttle, { service: "l7r", account, address: this.address });
         if (!gate.ok) throw new Status(429, `Too many failed logins; try again in ${gate.retryAfterS} seconds\r\n`, [["Retry-After", String(gate.retryAfterS)]]);
@@ -649,27 +651,27 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
           return unauthorized;
         };
         let r: Awaited<ReturnType<Authenticate>>;
-        let tenant: Awaited<ReturnType<typeof L.tenantByName>>;
+        let tenant: ResolvedLogin;
         try {
-          if (!login) throw await failed("empty login");
-          tenant = await L.tenantByName(sql, tenantName);
-          if (!tenant || tenant.blocked) {
+          tenant = await resolveLogin(sql, full, rules);
+          if (!tenant.ok && tenant.reason === "empty login") throw await failed("empty login");
+          if (!tenant.ok || tenant.tenantBlocked) {
             // A password check all the same, so that an unknown tenant answers as slowly.
-            await localAuth(sql, { tenantId: -1, tenantName, login, password, address: this.address });
-            throw await failed(tenant ? "tenant blocked" : "unknown tenant");
+            await verifyUserPassword(sql, -1, login, password);
+            throw await failed(tenant.ok ? "tenant blocked" : "unknown tenant");
           }
-          r = await authenticate(sql, { tenantId: tenant.id, tenantName: tenant.name, login, password, address: this.address });
+          r = await authenticate(sql, { tenantId: tenant.tenantId, tenantName: tenant.tenantName, login: tenant.login, password, address: this.address });
         } catch (e) {
           await gate.done(null); // an error (e.g. the directory is down) checked nothing; no-op after failed()
           throw e;
         }
-        if (r.ok !== true) throw await failed(r.ok === false ? r.reason : "no plugin knows this user", tenant.id);
+        if (r.ok !== true) throw await failed(r.ok === false ? r.reason : "no plugin knows this user", tenant.tenantId);
         const u = await L.userForL7r(sql, r.user.userId);
-        if (!u) throw await failed("no such user", tenant.id);
-        if (u.blocked) throw await failed("user blocked", tenant.id);
+        if (!u) throw await failed("no such user", tenant.tenantId);
+        if (u.blocked) throw await failed("user blocked", tenant.tenantId);
         await gate.done(true);
         user = r.user;
-        await audit(sql, { action: "user.login", source: "l7r", ok: true, object_type: "user", object_id: u.id, object_name: account, tenant_id: tenant.id, address: this.address });
+        await audit(sql, { action: "user.login", source: "l7r", ok: true, object_type: "user", object_id: u.id, object_name: account, tenant_id: tenant.tenantId, address: this.address });
       }
       await incrementHostCounter(sql, hostId, "auth_ok").catch(() => {});
       this.authCache.set(h, user);

@@ -14,7 +14,7 @@ import { peerNodeByName } from "../db/peer.ts";
 import { nodeTls } from "../farm/certs.ts";
 import { PeerClient, startPeerServer, type PeerServer } from "../l7r/peer.ts";
 import { trustedSources } from "../l7r/proxy-protocol.ts";
-import type { Authenticate } from "../l7r/local-auth.ts";
+import type { Authenticate } from "../auth/chain.ts";
 import { logger } from "../log.ts";
 import { runUntilSignal } from "./hkd.ts";
 
