@@ -2,7 +2,7 @@
 // turning them into the effective configuration.
 import type { ArgsDef } from "citty";
 import { loadConfig, type Config } from "./config.ts";
-import { connect, type Sql } from "./db/pool.ts";
+import { connect, ping, type Sql } from "./db/pool.ts";
 import { ConfigError, UserError } from "./errors.ts";
 import { setLogFormat, setLogLevel } from "./log.ts";
 
@@ -71,7 +71,7 @@ export async function withDatabase<T>(cfg: Config, fn: (sql: Sql) => Promise<T>)
   const url = cfg.databaseUrl();
   const sql = connect(url, { max: 2, connectTimeout: cfg.get("database.connect_timeout") });
   try {
-    await sql`SELECT 1`.catch((err: Error) => {
+    await ping(sql).catch((err: Error) => {
       throw new UserError(`cannot connect to the database ${maskUrl(url)}: ${err.message} (set --db, QVD_DATABASE_URL or database.url)`);
     });
     return await fn(sql);

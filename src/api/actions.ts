@@ -182,7 +182,7 @@ export const ACTION_ROUTES: Route[] = [
 
   // Roles: grants, denials, inheritance; administrators: roles and effective ACLs.
   { method: "GET", path: "/acls", tag: "roles", acl: [], summary: "The ACL catalogue",
-    handler: async (ctx) => ({ items: await ctx.sql`SELECT name, description FROM acls ORDER BY name` }) },
+    handler: async (ctx) => ({ items: await D.listAcls(ctx.sql) }) },
   { method: "GET", path: "/roles/:id/acls", tag: "roles", acl: ["role.see"], summary: "A role's effective ACLs (items) and the roles it inherits with theirs (inherits: where inherited ACLs come from)",
     handler: async (ctx) => {
       await D.get(ctx.sql, D.roles, ctx.scope, idParam(ctx));

@@ -52,8 +52,8 @@ async function resolveTenants(ctx: Ctx, name: string, tenant?: string): Promise<
   const at = name.lastIndexOf("@");
   if (t === undefined && at > 0) [n, t] = [name.slice(0, at), name.slice(at + 1)];
   const names = t !== undefined ? [t] : ctx.cfg.get("wat.multitenant") ? ["*"] : ["*", "default"];
-  const rows = await ctx.sql`SELECT id, name, blocked FROM tenants WHERE name = ANY(${names}::text[])`;
-  const tenants = names.map((x) => (rows.find((r) => r.name === x) as { id: number; name: string; blocked: boolean } | undefined) ?? { id: -1, name: x, blocked: false });
+  const rows = await D.tenantsByName(ctx.sql, names);
+  const tenants = names.map((x) => rows.find((r) => r.name === x) ?? { id: -1, name: x, blocked: false });
   return { name: ctx.cfg.get("model.user.login.case-sensitive") ? n : n.toLowerCase(), tenants };
 }
 

@@ -26,6 +26,22 @@ export class HomeInUseError extends ConflictError {
   }
 }
 
+/** No node can take the desktop now (the message says why, when one reason stands out). */
+export class NoNodeAvailableError extends ConflictError {
+  constructor(why?: string) {
+    super(why ? `no node is available to run this VM: ${why}` : "no node is available to run this VM (none running, unblocked, not draining, alive and with enough free memory)");
+    this.name = "NoNodeAvailableError";
+  }
+}
+
+/** An administrator blocked the desktop. */
+export class VmBlockedError extends ConflictError {
+  constructor(vm: { name: string; blocked_reason?: string | null }) {
+    super(`vm ${JSON.stringify(vm.name)} is blocked${vm.blocked_reason ? `: ${vm.blocked_reason}` : ""}; unblock it first`);
+    this.name = "VmBlockedError";
+  }
+}
+
 /** The home a desktop uses (per user, src/roles/hkd.ts homeOf): at most one placed or running desktop holds it. */
 export const homeKey = (vm: { tenant_id: number; user_id: number }) => `${vm.tenant_id}/${vm.user_id}`;
 
@@ -36,7 +52,7 @@ export const homeKey = (vm: { tenant_id: number; user_id: number }) => `${vm.ten
  */
 export async function startVm(db: Db, scope: Scope, vmId: number, opts: { aliveWithinS: number; by?: "api" | "l7r" }): Promise<StartResult> {
   const vm = await get(db, vms, scope, vmId);
-  if (vm.blocked) throw new ConflictError(`vm ${JSON.stringify(vm.name)} is blocked${vm.blocked_reason ? `: ${vm.blocked_reason}` : ""}; unblock it first`);
+  if (vm.blocked) throw new VmBlockedError(vm);
   if (vm.vm_state !== "stopped") throw new ConflictError(`vm ${JSON.stringify(vm.name)} is ${vm.vm_state}, not stopped`);
   if (vm.vm_cmd) throw new ConflictError(`vm ${JSON.stringify(vm.name)} already has a pending ${vm.vm_cmd} command`);
   const home = homeKey(vm);
@@ -48,8 +64,7 @@ export async function startVm(db: Db, scope: Scope, vmId: number, opts: { aliveW
       if (hostId === undefined) {
         // Which kinds a node runs is its HKD's finding (host_runtimes.hypervisors): a distinct cause.
         const why = await hypervisorShortfall(tx, osf!.hypervisor, opts.aliveWithinS);
-        if (why) throw new ConflictError(`no node is available to run this VM: ${why}`);
-        throw new ConflictError("no node is available to run this VM (none running, unblocked, not draining, alive and with enough free memory)");
+        throw new NoNodeAvailableError(why);
       }
       if (!(await requestStart(tx, vmId, hostId, { by: opts.by ?? "api", homeKey: home }))) throw new ConflictError(`vm ${JSON.stringify(vm.name)} changed state meanwhile; try again`);
       // The OSF it starts with (as the node records it): placement reads pending memory from it.

@@ -18,6 +18,12 @@ export async function l7rHost(db: Db, name: string): Promise<L7rHost | undefined
   return r as L7rHost | undefined;
 }
 
+/** Sessions a node's L7R held before it (re)started are over: their rows say nobody is connected. */
+export async function releaseNodeSessions(db: Db, hostId: number): Promise<void> {
+  await db`UPDATE vm_runtimes SET user_state = 'disconnected', user_state_ts = now(), user_cmd = NULL,
+      l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL WHERE l7r_host_id = ${hostId}`;
+}
+
 export async function userForL7r(db: Db, userId: number): Promise<{ id: number; name: string; tenant_id: number; blocked: boolean; tenant_blocked: boolean } | undefined> {
   const [r] = await db`SELECT u.id, u.name, u.tenant_id, u.blocked, t.blocked AS tenant_blocked
     FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = ${userId}`;

@@ -119,3 +119,8 @@ function serverChooser(url: string, targets: DbTarget[], primary: boolean, conne
     return new Duplex({ read() {}, write: (_c, _e, cb) => cb(why) });
   };
 }
+
+/** One round trip: whether the database answers (and the connection's credentials work). */
+export async function ping(db: Db): Promise<void> {
+  await db`SELECT 1`;
+}

@@ -178,3 +178,8 @@ async function rolesWithAcls(db: Db, ids: number[]): Promise<RoleWithAcls[]> {
     acls: [...effective(g, r.id, memo)].sort(),
   }));
 }
+
+/** Every ACL with its description (the API's /acls). */
+export async function listAcls(db: Db): Promise<{ name: string; description: string }[]> {
+  return (await db`SELECT name, description FROM acls ORDER BY name`) as unknown as { name: string; description: string }[];
+}

@@ -1,5 +1,6 @@
 // Tenants. Tenant 0 ('*') is the global scope and cannot be changed or deleted.
 import { z } from "zod";
+import type { Db } from "./pool.ts";
 import { description, directoryName, language, timestamp, type ObjectDef } from "./objects.ts";
 
 export const TenantRow = z.object({
@@ -35,3 +36,8 @@ export const tenants: ObjectDef<TenantRow> = {
     { label: "properties", table: "properties", column: "tenant_id" },
   ],
 };
+
+/** The tenants of these names (the global scope `*` included), for an administrator's login. */
+export async function tenantsByName(db: Db, names: string[]): Promise<{ id: number; name: string; blocked: boolean }[]> {
+  return (await db`SELECT id, name, blocked FROM tenants WHERE name = ANY(${names}::text[])`) as unknown as { id: number; name: string; blocked: boolean }[];
+}

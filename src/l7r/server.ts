@@ -10,7 +10,7 @@ import { currentIdentityRules } from "../auth/identity.ts";
 import type { AuthenticatedUser } from "../auth/user-auth.ts";
 import { Config } from "../config.ts";
 import { audit } from "../db/audit.ts";
-import { HomeInUseError, startVm, stopVm } from "../db/commands.ts";
+import { HomeInUseError, NoNodeAvailableError, startVm, stopVm, VmBlockedError } from "../db/commands.ts";
 import { incrementHostCounter } from "../db/hosts.ts";
 import * as L from "../db/l7r.ts";
 import { listen, type Listener } from "../db/listen.ts";
@@ -157,9 +157,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
   const throttle: ThrottlePolicy = { ...DEFAULT_POLICY, ...o.throttle };
   const sql = o.sql;
   const host0 = await L.l7rHost(sql, o.nodename);
-  // Sessions this node held before it (re)started are over.
-  if (host0) await sql`UPDATE vm_runtimes SET user_state = 'disconnected', user_state_ts = now(), user_cmd = NULL,
-      l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL WHERE l7r_host_id = ${host0.id}`;
+  if (host0) await L.releaseNodeSessions(sql, host0.id);
 
   // Waiters for VM changes (qvd_events) and the sessions of this node (for aborts).
   const vmWaiters = new Map<number, Set<() => void>>();
@@ -944,10 +942,9 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         try {
           await startVm(sql, tenantScope(user.tenantId), vmId, { aliveWithinS: aliveWithin, by: "l7r" });
         } catch (err) {
-          const msg = (err as Error).message;
-          if (err instanceof HomeInUseError) throw unavailable(msg);
-          if (/no node is available/.test(msg)) throw unavailable("Unable to assign vm to host, there is no host available");
-          if (/blocked/.test(msg)) throw new Status(403, "The requested virtual machine is offline for maintenance");
+          if (err instanceof HomeInUseError) throw unavailable(err.message);
+          if (err instanceof NoNodeAvailableError) throw unavailable("Unable to assign vm to host, there is no host available");
+          if (err instanceof VmBlockedError) throw new Status(403, "The requested virtual machine is offline for maintenance");
           throw unavailable(`Unable to start VM ${vmId}, state changed unexpectedly`);
         }
         this.progress("Starting virtual machine");
