@@ -124,3 +124,9 @@ function serverChooser(url: string, targets: DbTarget[], primary: boolean, conne
 export async function ping(db: Db): Promise<void> {
   await db`SELECT 1`;
 }
+
+/** The database server's clock now (clock_timestamp, not the transaction's start). */
+export async function databaseClock(db: Db): Promise<Date> {
+  const [r] = await db`SELECT clock_timestamp() AS t`;
+  return r!.t as Date;
+}

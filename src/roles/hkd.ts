@@ -31,7 +31,7 @@ export const hkdArgs = {
 function qvdBinary(cfg: Config): string {
   const configured = cfg.get("hkd.qvd_binary");
   if (configured) return configured;
-  if (basename(process.execPath) !== "bun") return process.execPath;
+  if (!["bun", "bun.exe"].includes(basename(process.execPath))) return process.execPath;
   throw new UserError("running from sources: set hkd.qvd_binary to a compiled qvd (npm run build makes dist/qvd)");
 }
 

@@ -2,9 +2,11 @@
 // this same binary (`qvd hkd …` and `qvd l7r …` with this command's flags): a storm on the L7R
 // (strangers' connections, argon2 logins) cannot stall the HKD's event loop, its heartbeat
 // and fencing. Signals are passed on; the L7R stops before the HKD; when either child exits,
-// the other is stopped and `qvd node` exits with the first one's status.
+// the other is stopped and `qvd node` exits with the first one's status. `qvd node --check`
+// runs neither: it checks whether this machine can be the node (src/hkd/preflight.ts).
 import { basename } from "node:path";
 import { defineCommand } from "citty";
+import { UserError } from "../errors.ts";
 import { nodeTls } from "../farm/certs.ts";
 import { logger } from "../log.ts";
 import { spawnDaemon, type Daemon } from "../run.ts";
@@ -20,8 +22,20 @@ function self(): string[] {
 
 export default defineCommand({
   meta: { name: "node", description: "Run a node: the HKD (desktops, as root) and the L7R (user broker), as two child processes" },
-  args: { ...hkdArgs, ...l7rArgs },
+  args: {
+    ...hkdArgs,
+    ...l7rArgs,
+    check: { type: "boolean", description: "Check that this machine can run the node as configured, one line per requirement; starts nothing (exit 1: a requirement fails)" },
+    json: { type: "boolean", description: "With --check: print the results as JSON" },
+  },
   async run({ args, rawArgs }) {
+    if (args.json && !args.check) throw new UserError("--json goes with --check", 2);
+    if (args.check) {
+      // Before nodeTls below: a missing farm certificate is one of the lines, not the end.
+      const { nodeCheck } = await import("../hkd/preflight.ts");
+      process.exitCode = await nodeCheck(l7rConfig(args, rawArgs), { register: args.register, address: args.address, json: args.json });
+      return;
+    }
     // A configuration error, or a missing or wrong farm certificate, is reported here, once, before any child runs.
     nodeTls(l7rConfig(args, rawArgs));
     const env = { ...process.env, QVD_PARENT_PID: String(process.pid) };
