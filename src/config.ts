@@ -85,6 +85,11 @@ function key<T>(
 export const KEYS = {
   nodename: key(nonEmpty, hostname(), "Name of this node; the HKD finds its `hosts` row by it."),
   "log.level": key(oneOf(["debug", "info", "warn", "error"]), "info", "Lowest level of log lines written to stderr."),
+  "metrics.tls.cert": key(str, "", "PEM certificate of the roles' metrics endpoints (HTTPS); needed when one listens off the loopback."),
+  "metrics.tls.key": key(str, "", "PEM private key of the metrics endpoints.", { secret: true }),
+  "l7r.metrics.listen": key(str, "", "host:port of the L7R's Prometheus metrics (GET /metrics; docs/METRICS.md); empty: off. Off the loopback it needs metrics.tls.*."),
+  "hkd.metrics.listen": key(str, "", "host:port of the HKD's Prometheus metrics (GET /metrics; docs/METRICS.md); empty: off. Off the loopback it needs metrics.tls.*."),
+  "api.metrics.listen": key(str, "", "host:port of the API's Prometheus metrics (GET /metrics; docs/METRICS.md); empty: off. Off the loopback it needs metrics.tls.*."),
   "log.format": key(oneOf(["text", "json"]), "text", "Log lines on stderr: text (`<time> LEVEL [scope] message key=value…`) or json (one object per line: time, level, scope, msg and the line's fields), for log shippers."),
 
   "database.url": key(dbUrl.optional(), undefined, "PostgreSQL URL (postgres://user:pass@host:port/db, or ?host=/socket/dir for a unix socket); several hosts for a replicated database: postgres://user:pass@a:5432,b:5432/db?target_session_attrs=read-write.", { secret: true }),

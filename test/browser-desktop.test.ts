@@ -12,6 +12,7 @@ import { HTTP_STATUS, launchChromium, SCREENSHOTS } from "./support/browser.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { desktopShell } from "./support/desktop-session.ts";
 import { desktopImage, TestNode, until } from "./support/node.ts";
+import { sample } from "./support/prometheus.ts";
 import { startXvfb } from "./support/services.ts";
 
 const isRoot = process.getuid?.() === 0;
@@ -21,6 +22,8 @@ const PORT = 8443;
 const ORIGIN = `https://127.0.0.1:${PORT}`;
 const XVFB = 67;
 const PASSWORD = "alice-web-pw-1";
+const L7R_METRICS = 9101;
+const HKD_METRICS = 9102;
 
 describe.skipIf(!isRoot)("the desktop in a web browser", () => {
   const node = new TestNode(db, "webnode");
@@ -116,7 +119,7 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
     const cert = join(node.root, "l7r.crt");
     const key = join(node.root, "l7r.key");
     await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert]);
-    await node.start({ "hkd.timeout.vma_start": "60" }, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
+    await node.start({ "hkd.timeout.vma_start": "60", "l7r.metrics.listen": `127.0.0.1:${L7R_METRICS}`, "hkd.metrics.listen": `127.0.0.1:${HKD_METRICS}` }, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
     browser = await launchChromium({ netns: node.ns.name, args: ["--ignore-certificate-errors"] });
   }, 30 * 60_000);
 
@@ -197,11 +200,23 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
 
   test("typing in the page's xterm runs the command in the desktop", async () => {
     const t = (await xterm())!;
-    await page.locator("#screen canvas").click({ position: { x: t.x + t.w / 2, y: t.y + t.h / 2 } });
     const mark = `typed-in-the-browser-${Date.now().toString(36)}`;
-    await page.keyboard.type(`echo ${mark} > /tmp/qvd-web-typed`);
-    await page.keyboard.press("Enter");
-    await until(async () => (await inDesktop("cat /tmp/qvd-web-typed")).stdout.trim() === mark, "the command typed in the browser", 30_000);
+    const typed = async () => (await inDesktop("cat /tmp/qvd-web-typed")).stdout.trim() === mark;
+    // A click focuses the xterm (the window manager's click-to-focus), then the keys go to it.
+    // Once in a while the first keys of a fresh session went nowhere: the screenshots of such a
+    // try are kept, and the user's natural next move (click, type again) is the second try.
+    for (let attempt = 1; ; attempt++) {
+      await page.locator("#screen canvas").click({ position: { x: t.x + t.w / 2, y: t.y + t.h / 2 } });
+      await page.keyboard.press("Control+U"); // an empty command line
+      await page.keyboard.type(`echo ${mark} > /tmp/qvd-web-typed`);
+      await page.keyboard.press("Enter");
+      const ok = await until(typed, "the command typed in the browser", 20_000).then(() => true, () => false);
+      if (ok) break;
+      await canvasScreenshot(`browser-typing-try-${attempt}-canvas`);
+      await sessionScreenshot(`browser-typing-try-${attempt}-session`);
+      if (attempt === 2) throw new Error("the command typed in the browser did not run (twice; see .test-output/wat/browser-typing-try-*.png)");
+      console.warn("browser-desktop: the first typing try went nowhere; trying again");
+    }
     // It ran as the desktop's user, in the session.
     expect((await inDesktop("stat -c %U /tmp/qvd-web-typed")).stdout.trim()).toBe("alice");
   }, 120_000);
@@ -346,5 +361,35 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
     await page.getByLabel("Password", { exact: true }).waitFor();
     // The browser itself logs the 401 of the page's request; the page adds nothing.
     expect(errors.filter((e) => !HTTP_STATUS(401).test(e))).toEqual([]);
+  }, 60_000);
+
+  test("metrics: the L7R and the HKD counted the logins, the connects by client and path, the start, the sessions' bytes", async () => {
+    const scrape = async (port: number) => {
+      const r = await run([...node.ns.exec, "curl", "-s", "--max-time", "5", `http://127.0.0.1:${port}/metrics`]);
+      return r.stdout;
+    };
+    const l7r = await scrape(L7R_METRICS);
+    // Logins: the wrong password and the good ones; the page's tokens, good and expired.
+    expect(sample(l7r, 'qvd_l7r_logins_total{kind="password",result="failed"}')).toBeGreaterThanOrEqual(1);
+    expect(sample(l7r, 'qvd_l7r_logins_total{kind="password",result="ok"}')).toBeGreaterThanOrEqual(2);
+    expect(sample(l7r, 'qvd_l7r_logins_total{kind="token",result="ok"}')).toBeGreaterThanOrEqual(3);
+    expect(sample(l7r, 'qvd_l7r_logins_total{kind="token",result="failed"}')).toBeGreaterThanOrEqual(2);
+    // The first browser connect started the desktop; the reconnects resumed its X session; the QVD client took it over.
+    expect(sample(l7r, 'qvd_l7r_connect_seconds_count{client="browser",path="cold"}')).toBeGreaterThanOrEqual(1);
+    expect(sample(l7r, 'qvd_l7r_connect_seconds_count{client="browser",path="resumed"}')).toBeGreaterThanOrEqual(1);
+    expect(sample(l7r, 'qvd_l7r_connects_total{client="qvd",result="ok"}')).toBe(1);
+    expect(sample(l7r, 'qvd_l7r_connects_total{client="browser",result="ok"}')).toBeGreaterThanOrEqual(3);
+    expect(sample(l7r, 'qvd_l7r_splice_bytes_total{client="browser",direction="down"}')).toBeGreaterThan(10_000);
+    expect(sample(l7r, 'qvd_l7r_splice_bytes_total{client="qvd",direction="up"}')).toBeGreaterThan(0);
+    // No session is held now.
+    expect(sample(l7r, 'qvd_l7r_sessions{client="browser"}')).toBe(0);
+    expect(sample(l7r, 'qvd_l7r_sessions{client="qvd"}')).toBe(0);
+    const hkd = await scrape(HKD_METRICS);
+    expect(sample(hkd, 'qvd_hkd_starts_total{result="ok"}')).toBeGreaterThanOrEqual(1);
+    expect(sample(hkd, "qvd_hkd_start_seconds_count")).toBeGreaterThanOrEqual(1);
+    expect(sample(hkd, "qvd_hkd_command_lag_seconds_count")).toBeGreaterThanOrEqual(1);
+    expect(sample(hkd, "qvd_hkd_command_lag_seconds_sum")).toBeLessThan(60);
+    expect(hkd).toContain("# TYPE qvd_hkd_desktops gauge");
+    expect(sample(hkd, "qvd_db_queries_total")).toBeGreaterThan(0);
   }, 60_000);
 });

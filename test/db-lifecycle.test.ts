@@ -90,7 +90,7 @@ describe("the VM lifecycle table", () => {
     await expect(L.transition(sql(), "start_requested", "hkd", vmId, alive)).rejects.toThrow("hkd may not cause start_requested");
   });
 
-  test("claimStarts takes at most max, oldest command first; a cap of 0 takes none", async () => {
+  test("claimStarts takes at most max, oldest command first, with each command's age; a cap of 0 takes none", async () => {
     await sql()`UPDATE vm_runtimes SET vm_state = 'stopped', vm_cmd = NULL, host_id = NULL, blocked = false, home_key = NULL WHERE vm_id IN ${sql()([vmId, vm2])}`;
     expect(await L.requestStart(sql(), vm2, alive)).toBe(true);
     await sql()`UPDATE vm_runtimes SET vm_cmd_ts = now() - interval '1 minute' WHERE vm_id = ${vm2}`;
@@ -98,8 +98,15 @@ describe("the VM lifecycle table", () => {
     expect(await L.requestStart(sql(), vmId, alive)).toBe(false); // already has a command
     expect(await L.claimStarts(sql(), alive, 0)).toEqual([]);
     expect(await L.claimStarts(sql(), lost, 5)).toEqual([]); // another node's starts are not its own
-    expect(await L.claimStarts(sql(), alive, 1)).toEqual([vm2]);
-    expect(await L.claimStarts(sql(), alive, 1)).toEqual([vmId]);
+    // With each, the seconds from its command to the claim: vm2's command is a minute old.
+    const [first] = await L.claimStarts(sql(), alive, 1);
+    expect(first!.vmId).toBe(vm2);
+    expect(first!.lagS).toBeGreaterThanOrEqual(60);
+    expect(first!.lagS).toBeLessThan(120);
+    const [second] = await L.claimStarts(sql(), alive, 1);
+    expect(second!.vmId).toBe(vmId);
+    expect(second!.lagS).toBeGreaterThanOrEqual(0);
+    expect(second!.lagS).toBeLessThan(60);
     expect(await L.claimStarts(sql(), alive, 1)).toEqual([]);
   });
 

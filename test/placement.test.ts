@@ -193,7 +193,7 @@ describe("the start queue", () => {
     for (const v of vms) await start(v);
     const places = await Promise.all(vms.map((v) => D.startQueuePlace(sql(), v)));
     expect(places.map((p) => [p!.host_id, p!.ahead, p!.starting])).toEqual(vms.map((_, i) => [h, i, 0]));
-    expect((await L.claimStarts(sql(), h, 4)).sort()).toEqual(vms.slice(0, 4).sort());
+    expect((await L.claimStarts(sql(), h, 4)).map((c) => c.vmId).sort()).toEqual(vms.slice(0, 4).sort());
     expect(await D.startQueuePlace(sql(), vms[0]!)).toBeUndefined(); // starting: no longer queued
     const rest = await Promise.all(vms.slice(4).map((v) => D.startQueuePlace(sql(), v)));
     expect(rest.map((p) => [p!.ahead, p!.starting])).toEqual([[0, 4], [1, 4]]);
@@ -207,7 +207,7 @@ describe("a start its node never took", () => {
     const [a, b, c] = await oneEach(3);
     for (const [v, h] of [[a, live], [b, dead], [c, dead]] as const)
       await sql()`UPDATE vm_runtimes SET host_id = ${h}, vm_cmd = 'start', vm_cmd_ts = now(), home_key = ${`x/${v}`} WHERE vm_id = ${v!}`;
-    expect(await L.claimStarts(sql(), dead, 1)).toEqual([b!]); // the node took b before it went quiet
+    expect((await L.claimStarts(sql(), dead, 1)).map((c) => c.vmId)).toEqual([b!]); // the node took b before it went quiet
     await sql()`UPDATE host_runtimes SET ok_ts = now() - interval '1 minute' WHERE host_id = ${dead}`;
     expect(await D.withdrawStaleStart(sql(), a!, ALIVE)).toBe(false);
     expect(await D.withdrawStaleStart(sql(), b!, ALIVE)).toBe(false);
@@ -225,7 +225,7 @@ describe("a start its node never took", () => {
 describe("one home, one desktop", () => {
   /** The node runs the VM through its whole life and stops it (the lifecycle's own events). */
   async function runAndStop(vmId: number, host: number) {
-    expect(await L.claimStarts(sql(), host, 10)).toContain(vmId);
+    expect((await L.claimStarts(sql(), host, 10)).map((c) => c.vmId)).toContain(vmId);
     expect(await L.transition(sql(), "started", "hkd", vmId, host)).toBe(true);
     expect(await L.transition(sql(), "stop_begun", "hkd", vmId, host)).toBe(true);
     expect(await L.transition(sql(), "stopped", "hkd", vmId, host)).toBe(true);

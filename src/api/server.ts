@@ -1,6 +1,7 @@
 // The admin API server (Elysia on Bun): every route of the route table under /api/v1, one
 // request pipeline for all of them: read the body, authenticate, check ACLs and tenancy, run
 // the handler, write the audit entry, and answer JSON (errors included, never a stack trace).
+import { Registry } from "../metrics.ts";
 import { Elysia } from "elysia";
 import type { Config } from "../config.ts";
 import { audit as writeAudit, type AuditEntry } from "../db/audit.ts";
@@ -27,6 +28,8 @@ export interface ApiOptions {
   cfg: Config;
   /** URL of the database, for the event stream's own LISTEN connection. */
   databaseUrl: string;
+  /** Where the API's metrics go (the role serves it on api.metrics.listen). */
+  metrics?: Registry;
 }
 
 /**
@@ -202,12 +205,28 @@ export function createApi(opts: ApiOptions) {
     log.error("unhandled", { code: String(code), error: (error as Error)?.message });
     return json(500, { error: { status: 500, message: "internal error; the server log has the details" } });
   });
+  // The API's metrics (docs/METRICS.md): by method and status only, so that ids in paths cannot
+  // make a series each.
+  const reg = opts.metrics ?? new Registry();
+  const requests = reg.counter("qvd_api_requests_total", "Admin API requests, by method and status.");
+  const requestSeconds = reg.histogram("qvd_api_request_seconds", "Seconds to answer an admin API request (to its first byte; an event stream counts until it opens), by method.",
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]);
+  const logins = reg.counter("qvd_api_logins_total", "Administrator logins, by result (ok, failed, throttled).");
+  const counted = (request: Request, t0: number) => (res: Response) => {
+    requests.inc({ method: request.method, status: String(res.status) });
+    requestSeconds.observe({ method: request.method }, (performance.now() - t0) / 1000);
+    if (request.method === "POST" && new URL(request.url).pathname === "/api/v1/login")
+      logins.inc({ result: res.status === 200 ? "ok" : res.status === 429 ? "throttled" : "failed" });
+    return res;
+  };
   /** The handler to serve: `Bun.serve({ fetch })` (it records the client's address for the audit log and throttling). */
   const fetch = (request: Request, server?: { requestIP(r: Request): { address: string } | null; timeout?(r: Request, seconds: number): void }): Response | Promise<Response> => {
     if (server) servers.set(request, server);
     const ip = addressOf(request, server?.requestIP(request)?.address);
     if (ip) addresses.set(request, ip);
-    return app.fetch(request);
+    const done = counted(request, performance.now());
+    const res = app.fetch(request);
+    return res instanceof Promise ? res.then(done) : done(res);
   };
   /** Bun.serve's idle timeout: silent connections are closed (event streams send keep-alives). */
   return { app, fetch, routes, hub, openapi, idleTimeout };

@@ -205,14 +205,19 @@ export async function requestStart(db: Db, vmId: number, hostId: number, opts: {
   return rows.length === 1;
 }
 
-/** The node takes at most `max` of its pending starts, oldest command first: stopped → starting. */
-export async function claimStarts(db: Db, hostId: number, max: number): Promise<number[]> {
+/**
+ * The node takes at most `max` of its pending starts, oldest command first: stopped → starting.
+ * `lagS`: seconds from the start command to this claim (the NOTIFY's delivery and the node's
+ * reaction to it; its metric).
+ */
+export async function claimStarts(db: Db, hostId: number, max: number): Promise<{ vmId: number; lagS: number | null }[]> {
   if (max <= 0) return [];
   const where = whereOf(db, "start_claimed", hostId);
   const rows = await db`UPDATE vm_runtimes SET ${setOf(db, "start_claimed", hostId)}
-    WHERE vm_id IN (SELECT vm_id FROM vm_runtimes WHERE ${where} ORDER BY vm_cmd_ts NULLS FIRST, vm_id LIMIT ${max})
-      AND ${where} RETURNING vm_id`;
-  return rows.map((r) => r.vm_id as number);
+    FROM (SELECT vm_id AS q_id, vm_cmd_ts AS q_ts FROM vm_runtimes WHERE ${where} ORDER BY vm_cmd_ts NULLS FIRST, vm_id LIMIT ${max}) q
+    WHERE vm_id = q.q_id AND ${where}
+    RETURNING vm_id, extract(epoch FROM clock_timestamp() - q.q_ts)::float8 AS lag`;
+  return rows.map((r) => ({ vmId: r.vm_id as number, lagS: r.lag === null ? null : Number(r.lag) }));
 }
 
 /** The node takes the stop commands for its VMs. */

@@ -23,6 +23,11 @@ export async function registerHost(db: Db, name: string, address: string): Promi
   return h;
 }
 
+/** How many of a node's desktops are in each state (its metrics). */
+export async function nodeVmStates(db: Db, hostId: number): Promise<{ state: string; count: number }[]> {
+  return (await db`SELECT vm_state AS state, count(*)::integer AS count FROM vm_runtimes WHERE host_id = ${hostId} GROUP BY vm_state ORDER BY vm_state`) as unknown as { state: string; count: number }[];
+}
+
 export async function setHostState(db: Db, hostId: number, state: "starting" | "running" | "stopping" | "stopped"): Promise<void> {
   await db`UPDATE host_runtimes SET state = ${state}, state_ts = now(), cmd = CASE WHEN ${state} = 'stopped' THEN NULL ELSE cmd END
            WHERE host_id = ${hostId}`;

@@ -19,8 +19,21 @@ export interface ConnectOptions {
 
 export { checkDatabaseTls, parseDatabaseUrl } from "./url.ts";
 
+/** This process's pools (listening connections aside), for the metrics (src/metrics.ts). */
+export const poolStats = { queries: 0, open: 0, max: 0 };
+
 export function connect(url: string, opts: ConnectOptions = {}): Sql {
   checkDatabaseTls(url);
+  // Connections are counted by the queries they run and their close (postgres.js exposes no pool state).
+  const open = new Set<number>();
+  if (!opts.listener) poolStats.max += opts.max ?? 10;
+  const seen = (conn: number) => {
+    poolStats.queries++;
+    if (!open.has(conn)) (open.add(conn), poolStats.open++);
+  };
+  const closed = (conn: number) => {
+    if (open.delete(conn)) poolStats.open--;
+  };
   const target = parseDatabaseUrl(url);
   const connectTimeout = opts.connectTimeout ?? 10;
   const multi = target.targets.length > 1;
@@ -39,7 +52,8 @@ export function connect(url: string, opts: ConnectOptions = {}): Sql {
     onnotice: () => {},
     // `onnotify` is supported by postgres.js but missing from its type declarations.
     ...({ onnotify: opts.listener?.onnotify } as {}),
-    onclose: opts.listener?.onclose,
+    onclose: opts.listener?.onclose ?? closed,
+    ...(opts.listener ? {} : { debug: seen }),
     connection: { application_name: opts.applicationName ?? "qvd", TimeZone: "UTC" },
     // Keep integers as numbers for counts; bigint columns (counters, audit ids) are cast in SQL.
     types: {},

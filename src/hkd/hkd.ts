@@ -12,6 +12,7 @@ import { currentIdentityRules, identitySettings } from "../auth/identity.ts";
 import type { Config } from "../config.ts";
 import * as N from "../db/node.ts";
 import { claimStarts, claimStops } from "../db/lifecycle.ts";
+import { Registry } from "../metrics.ts";
 import type { DiRow } from "../db/dis.ts";
 import { listen, type Listener } from "../db/listen.ts";
 import type { Sql } from "../db/pool.ts";
@@ -44,6 +45,8 @@ export interface HkdOptions {
   images: ImageSource;
   /** Host path of the qvd binary for the guests. */
   qvdBinary: string;
+  /** Where the HKD's metrics go (the role serves it on hkd.metrics.listen). */
+  metrics?: Registry;
   /** A user's home on shared storage: a directory (LXC) or a disk file (KVM). */
   homeOf: (tenant: string, user: string, hypervisor: Hypervisor) => string;
 }
@@ -87,7 +90,19 @@ export class Hkd {
   private processing?: Promise<void>;
   private again = false;
 
-  constructor(private readonly o: HkdOptions) {}
+  // The HKD's metrics (docs/METRICS.md).
+  private readonly metric;
+
+  constructor(private readonly o: HkdOptions) {
+    const r = o.metrics ?? new Registry();
+    this.metric = {
+      starts: r.counter("qvd_hkd_starts_total", "Desktop starts on this node, by result (ok, failed, aborted: stopped while starting)."),
+      startSeconds: r.histogram("qvd_hkd_start_seconds", "Seconds from a start's claim to the desktop's agent (VMA) answering."),
+      commandLag: r.histogram("qvd_hkd_command_lag_seconds", "Seconds from a start command in the database to this node claiming it (NOTIFY delivery and reaction).", [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]),
+    };
+    r.gauge("qvd_hkd_desktops", "Desktops placed on this node, by state (vm_runtimes.vm_state).", async () =>
+      (await N.nodeVmStates(o.sql, o.host.id)).map((s) => ({ labels: { state: s.state }, value: s.count })));
+  }
 
   private get id() {
     return this.o.host.id;
@@ -239,7 +254,10 @@ export class Hkd {
     for (const id of await claimStops(sql, this.id)) void this.enqueue(id, { kind: "stop", why: "stop command", graceful: true });
     // At most hkd.max_starting starts at once; the others wait in the database, oldest first.
     const starting = [...this.runs.values()].filter((r) => r.current?.kind === "start" || r.ops.some((o) => o.kind === "start")).length;
-    for (const id of await claimStarts(sql, this.id, cfg.get("hkd.max_starting") - starting)) void this.enqueue(id, { kind: "start" });
+    for (const { vmId, lagS } of await claimStarts(sql, this.id, cfg.get("hkd.max_starting") - starting)) {
+      if (lagS !== null) this.metric.commandLag.observe({}, Math.max(0, lagS));
+      void this.enqueue(vmId, { kind: "start" });
+    }
   }
 
   // --- one desktop ------------------------------------------------------------------------------
@@ -363,7 +381,10 @@ export class Hkd {
       if (!(await N.vmEvent(sql, this.id, vmId, "started"))) throw new Aborted();
       run.phase = "running";
       log.info("desktop running", { vm: vmId, seconds: ((performance.now() - t0) / 1000).toFixed(2) });
+      this.metric.starts.inc({ result: "ok" });
+      this.metric.startSeconds.observe({}, (performance.now() - t0) / 1000);
     } catch (err) {
+      this.metric.starts.inc({ result: err instanceof Aborted ? "aborted" : "failed" });
       if (err instanceof StartError) {
         log.warn("start failed; blocking the VM", { vm: vmId, reason: err.message });
         await N.blockVmWithReason(sql, vmId, `start failed: ${err.message}`).catch(() => {});

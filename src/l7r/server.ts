@@ -31,6 +31,7 @@ import type { PeerClient } from "./peer.ts";
 import { inNetworks, looksLikeProxyHeader, parseProxyHeader, ProxyHeaderError, MAX_HEADER, type trustedSources } from "./proxy-protocol.ts";
 import { CLIENT_PARAM, xStartBody, XStartParamError } from "./x-start.ts";
 import { desktopPage } from "../web/desktop-assets.ts";
+import { Registry } from "../metrics.ts";
 import { WebChannel } from "./web-channel.ts";
 import { MAX_HEIGHT, MAX_WIDTH, MIN_SIZE, WebDisplay } from "./web-display.ts";
 import { originAllowed, upgradeAnswer } from "./websocket.ts";
@@ -88,6 +89,8 @@ export interface L7rOptions {
   throttle?: Partial<ThrottlePolicy>;
   /** The farm's node-to-node TLS, to reach desktops on other nodes (src/l7r/peer.ts); without it only this node's. */
   peer?: PeerClient;
+  /** Where the L7R's metrics go (the role serves it on l7r.metrics.listen). */
+  metrics?: Registry;
   /** The desktop in a web browser (l7r.web.*; src/web/desktop/README.md); off when undefined. */
   web?: WebOptions;
 }
@@ -161,6 +164,15 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
 
   // Waiters for VM changes (qvd_events) and the sessions of this node (for aborts).
   const vmWaiters = new Map<number, Set<() => void>>();
+  // The L7R's metrics (docs/METRICS.md), on the role's registry when it serves one.
+  const reg = o.metrics ?? new Registry();
+  const metric = {
+    logins: reg.counter("qvd_l7r_logins_total", "User logins on this L7R, by kind (password, token) and result (ok, failed, throttled)."),
+    connects: reg.counter("qvd_l7r_connects_total", "Connects to a desktop, by client (qvd: a QVD client's connect_to_vm; browser) and result (ok, failed)."),
+    connectSeconds: reg.histogram("qvd_l7r_connect_seconds", "Seconds from a connect request to the desktop's NX session, by client and path: cold (the desktop had to start), resumed (its X session was suspended), warm (a new X session on a running desktop)."),
+    sessions: reg.gauge("qvd_l7r_sessions", "Desktop sessions this L7R holds now, by client."),
+    spliceBytes: reg.counter("qvd_l7r_splice_bytes_total", "NX bytes this L7R spliced, by client and direction (up: from the user), counted when a session ends."),
+  };
   /** Slots of the browser sessions held (each one's uid is l7r.web.uid_base + slot). */
   const webSlots = new Set<number>();
   const sessions = new Map<string, () => void>();
@@ -350,6 +362,12 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
     /** The session this connection holds (vm id and uuid), released when it ends. */
     private session?: { vmId: number; id: string };
     private nx?: IoSocket;
+    /** For the metrics: when the connect began, what it had to do, which client, whether its session is counted. */
+    private t0 = 0;
+    private cold = false;
+    private resumed = false;
+    private client: "qvd" | "browser" = "qvd";
+    private counted = false;
     /** A browser session's WebSocket and display (src/web/desktop/README.md). */
     private web?: WebChannel;
     /** The session's display, starting or started, and its slot (freed once it has stopped). */
@@ -470,6 +488,17 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       return { toB: this.reader.rest(), toA };
     }
 
+    private countSession() {
+      if (this.counted || this.closed) return;
+      this.counted = true;
+      metric.sessions.inc({ client: this.client });
+    }
+
+    private countBytes(up: number, down: number) {
+      metric.spliceBytes.inc({ client: this.client, direction: "up" }, up);
+      metric.spliceBytes.inc({ client: this.client, direction: "down" }, down);
+    }
+
     /** Ends the connection; a browser's WebSocket is told `code` and `reason` in its close frame. */
     close(code = 1000, reason = "") {
       if (this.closed) return;
@@ -486,6 +515,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         rest && !this.upgraded ? this.s.end(rest) : this.s.end();
       }
       this.nx?.end();
+      if (this.counted) metric.sessions.dec({ client: this.client });
       const slot = this.webSlot;
       // The slot (its uid) is free again only when nothing of the display runs as it any more.
       if (slot !== undefined) void this.display!.then((d) => d.stop(), () => {}).finally(() => webSlots.delete(slot));
@@ -627,7 +657,11 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       if (m[1]!.toLowerCase() === "bearer") {
         const tok = await useUserToken(sql, decoded.trim());
         const u = tok && (await L.userForL7r(sql, tok.user_id));
-        if (!u || u.blocked || u.tenant_blocked) throw unauthorized;
+        if (!u || u.blocked || u.tenant_blocked) {
+          metric.logins.inc({ kind: "token", result: "failed" });
+          throw unauthorized;
+        }
+        metric.logins.inc({ kind: "token", result: "ok" });
         // The identity the plugin gave at the login that made the token (LDAP uid/gid/home…).
         user = { ...pluginIdentityFrom(tok.auth_params), userId: u.id, tenantId: u.tenant_id, login: u.name, ...(tok.vm_id !== null ? { vmId: tok.vm_id } : {}) };
       } else {
@@ -642,8 +676,10 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         const account = `${tenantPart || rules.defaultTenant}/${login}`; // throttled and audited by this name
         // The try takes its slot before the password is checked (src/auth/throttle.ts).
         const gate = await beginLogin(sql, throttle, { service: "l7r", account, address: this.address });
+        if (!gate.ok) metric.logins.inc({ kind: "password", result: "throttled" });
         if (!gate.ok) throw new Status(429, `Too many failed logins; try again in ${gate.retryAfterS} seconds\r\n`, [["Retry-After", String(gate.retryAfterS)]]);
         const failed = async (reason: string, tenantId?: number) => {
+          metric.logins.inc({ kind: "password", result: "failed" });
           await gate.done(false);
           await audit(sql, { action: "user.login", source: "l7r", ok: false, error: reason, object_type: "user", object_name: account, tenant_id: tenantId, address: this.address });
           return unauthorized;
@@ -668,6 +704,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         if (!u) throw await failed("no such user", tenant.tenantId);
         if (u.blocked) throw await failed("user blocked", tenant.tenantId);
         await gate.done(true);
+        metric.logins.inc({ kind: "password", result: "ok" });
         user = r.user;
         await audit(sql, { action: "user.login", source: "l7r", ok: true, object_type: "user", object_id: u.id, object_name: account, tenant_id: tenant.tenantId, address: this.address });
       }
@@ -709,6 +746,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
     // --- connect_to_vm -----------------------------------------------------------------------
 
     private async connect(req: HttpRequest, host: L.L7rHost) {
+      this.t0 = performance.now();
       const user = await this.auth(req, host.id);
       if (host.blocked) throw new Status(503, "Server is blocked");
       if (req.headers.get("connection")?.toLowerCase() !== "upgrade" || req.headers.get("upgrade")?.toLowerCase() !== "qvd/1.0") throw new Status(426);
@@ -727,10 +765,12 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       this.upgraded = true;
       this.s.timeout(0);
       this.nx = nx;
+      this.countSession();
       const started = Date.now();
       const onRefused = (reason: string) => log.warn("NX handshake refused", { vm: id, user: user.login, reason });
       void spliceNx(this.s, nx, { cookie, initial: this.handOver(), timeoutMs: t.nxHandshake * 1000, onRefused }).then(async (r) => {
         log.info("session ended", { vm: id, user: user.login, up: r.aToB, down: r.bToA });
+        this.countBytes(r.aToB, r.bToA);
         if (Date.now() - started < 120_000) await incrementHostCounter(sql, host.id, "short_sessions").catch(() => {});
         this.close(); // counts the connection out and releases the session
       });
@@ -764,8 +804,11 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         await incrementHostCounter(sql, host.id, "nx_ok").catch(() => {});
         await ready?.();
         if (this.closed || !(await L.markConnected(sql, id, this.session!.id))) throw unavailable(`Aborted by contending session VM VM_ID: ${id}`);
+        metric.connects.inc({ client: this.client, result: "ok" });
+        metric.connectSeconds.observe({ client: this.client, path: this.cold ? "cold" : this.resumed ? "resumed" : "warm" }, (performance.now() - this.t0) / 1000);
         return { nx, slaveKey, cookie };
       } catch (err) {
+        metric.connects.inc({ client: this.client, result: "failed" });
         nx?.end();
         // The failed attempt must not hold the session.
         await this.release();
@@ -818,6 +861,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       try {
         const timer = setTimeout(() => this.close(1008, "no request in time"), t.request * 1000);
         const text = await said.finally(() => clearTimeout(timer));
+        this.client = "browser";
+        this.t0 = performance.now();
         let m: { token?: unknown; id?: unknown; width?: unknown; height?: unknown };
         try {
           m = JSON.parse(text);
@@ -865,6 +910,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         const onRefused = (reason: string) => log.warn("NX handshake refused", { vm: id, user: user.login, reason, nxproxy: d.nxReason() });
         void spliceNx(d.nxSocket, nx, { cookie, timeoutMs: t.nxHandshake * 1000, onRefused }).then(async (r) => {
           log.info("browser session ended", { vm: id, user: user.login, up: r.aToB, down: r.bToA });
+          this.countBytes(r.aToB, r.bToA);
           if (Date.now() - started < 120_000) await incrementHostCounter(sql, host.id, "short_sessions").catch(() => {});
           this.close(4002, "the desktop session ended");
         });
@@ -893,6 +939,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         ch.keepAlive(30_000);
         this.progress("Connection established");
         ch.sendText({ type: "ready", width: w, height: h });
+        this.countSession();
         log.info("browser session started", { vm: id, user: user.login, display: d.display, size: `${w}x${h}` });
       } catch (err) {
         if (this.closed) return;
@@ -948,6 +995,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
           throw unavailable(`Unable to start VM ${vmId}, state changed unexpectedly`);
         }
         this.progress("Starting virtual machine");
+        this.cold = true;
       }
       await this.checkAbort(vmId);
       const deadline = Date.now() + t.vmStart * 1000;
@@ -981,7 +1029,7 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
       for (let attempt = 0; ; attempt++) {
         await this.checkAbort(vm.vm_id);
         try {
-          await link.vma("x_start", body, t.vma * 1000);
+          this.resumed = (await link.vma<{ resumed?: boolean }>("x_start", body, t.vma * 1000))?.resumed === true;
           break;
         } catch (err) {
           lastErr = (err as Error).message;

@@ -2,6 +2,7 @@
 import { defineCommand } from "citty";
 import { commonArgs, configFromArgs, maskUrl } from "../cli.ts";
 import { createApi } from "../api/server.ts";
+import { roleRegistry, serveRoleMetrics } from "../metrics.ts";
 import { listConfigRows } from "../db/configs.ts";
 import { connect } from "../db/pool.ts";
 import { deleteExpiredSessions } from "../db/sessions.ts";
@@ -40,7 +41,8 @@ export default defineCommand({
     const key = cfg.get("api.tls.key");
     if (!insecure && (!cert || !key))
       throw new UserError("the API serves HTTPS: set api.tls.cert and api.tls.key (or --cert/--key); --insecure-http is for local tests only");
-    const { fetch, hub, idleTimeout } = createApi({ sql, cfg, databaseUrl: url });
+    const metrics = roleRegistry();
+    const { fetch, hub, idleTimeout } = createApi({ sql, cfg, databaseUrl: url, metrics });
     const server = Bun.serve({
       hostname: host || "0.0.0.0",
       port: Number(portText),
@@ -51,12 +53,20 @@ export default defineCommand({
     });
     console.log(`qvd api listening on ${insecure ? "http" : "https"}://${host || "0.0.0.0"}:${server.port}/api/v1`);
     if (insecure) log.warn("serving plain HTTP: use only for local testing");
+    let metricsServer;
+    try {
+      metricsServer = serveRoleMetrics(cfg, "api.metrics.listen", metrics);
+    } catch (err) {
+      await server.stop(true);
+      throw err;
+    }
     const sweeper = setInterval(() => deleteExpiredSessions(sql).catch(() => {}), 300_000);
     await new Promise<void>((resolve) => {
       process.once("SIGINT", () => resolve());
       process.once("SIGTERM", () => resolve());
     });
     clearInterval(sweeper);
+    metricsServer?.stop();
     await server.stop(true);
     await hub.close();
     await sql.end({ timeout: 5 });

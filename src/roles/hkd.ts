@@ -1,4 +1,5 @@
 // `qvd hkd` (and the HKD half of `qvd node`): runs this node's desktops.
+import { roleRegistry, serveRoleMetrics } from "../metrics.ts";
 import { basename, join } from "node:path";
 import { defineCommand } from "citty";
 import { commonArgs, configFromArgs, maskUrl } from "../cli.ts";
@@ -63,8 +64,9 @@ export async function startHkd(
     await setHostHypervisors(sql, host.id, hypervisors, node.notes);
     const root = cfg.get("path.storage.root");
     const imagesDir = cfg.storagePath("path.storage.images");
+    const metrics = roleRegistry();
     const hkd = new Hkd({
-      sql, cfg, host, backend, hypervisors, databaseUrl: url, qvdBinary: qvdBinary(cfg),
+      sql, cfg, host, backend, hypervisors, databaseUrl: url, qvdBinary: qvdBinary(cfg), metrics,
       homeOf: (tenant, user, hypervisor) => {
         // Names from before they were checked (".." escaped the homes): refused, not joined.
         if (!isSafePathComponent(tenant) || !isSafePathComponent(user)) throw new UserError(`tenant ${JSON.stringify(tenant)} or user ${JSON.stringify(user)} is not a usable directory name; rename it`);
@@ -87,9 +89,17 @@ export async function startHkd(
       },
     });
     await hkd.start();
+    let metricsServer;
+    try {
+      metricsServer = serveRoleMetrics(cfg, "hkd.metrics.listen", metrics);
+    } catch (err) {
+      await hkd.stop();
+      throw err;
+    }
     return {
       hkd, sql,
       stop: async () => {
+        metricsServer?.stop();
         await hkd.stop();
         await sql.end({ timeout: 5 });
         release();

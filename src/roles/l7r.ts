@@ -1,5 +1,6 @@
 // `qvd l7r` (and the L7R half of `qvd node`): the users' TLS broker.
 import { join } from "node:path";
+import { roleRegistry, serveRoleMetrics } from "../metrics.ts";
 import { defineCommand } from "citty";
 import { commonArgs, configFromArgs, maskUrl } from "../cli.ts";
 import type { Config } from "../config.ts";
@@ -80,7 +81,9 @@ export async function startL7rRole(cfg: Config, opts: { authenticate?: Authentic
       throw new UserError(`cannot listen on ${peerHost}:${peerPort} for the other nodes (cluster.peer.listen, cluster.peer.port): ${(err as Error).message}`);
     }
     peer = new PeerClient({ tls, port: peerPort });
+    const metrics = roleRegistry();
     const l7r = await startL7r({
+      metrics,
       peer,
       sql, databaseUrl: url, identityConfig: cfg, nodename: cfg.get("nodename"), hostname, port, tls: { cert, key, clientCa: cfg.get("l7r.tls.client_ca") || undefined }, unix: cfg.get("l7r.listen.unix") || undefined,
       // The tenant's plugin chain (src/auth/chain.ts: l7r.auth.plugins, local by default).
@@ -111,9 +114,18 @@ export async function startL7rRole(cfg: Config, opts: { authenticate?: Authentic
         : undefined,
     });
     console.log(`qvd l7r listening on ${hostname}:${l7r.port}`);
+    const metricsServer = (() => {
+      try {
+        return serveRoleMetrics(cfg, "l7r.metrics.listen", metrics);
+      } catch (err) {
+        void l7r.stop();
+        throw err;
+      }
+    })();
     return {
       l7r, sql,
       stop: async () => {
+        metricsServer?.stop();
         peerServer?.stop();
         peer?.close();
         await l7r.stop();

@@ -305,7 +305,7 @@ export class Session {
   }
 
   /** x_start: a new session when stopped, a resume when suspended. */
-  start(p: SessionParams): { state: XState } {
+  start(p: SessionParams): { state: XState; resumed?: boolean } {
     switch (this.state) {
       case "stopped":
         this.params = p;
@@ -358,7 +358,8 @@ export class Session {
             log.error("session resume failed", { err: this.lastError });
             this.stop();
           });
-        return { state: "starting" };
+        // `resumed`: the L7R tells a resume from a new X session apart (its connect metrics).
+        return { state: "starting", resumed: true };
       }
       case "connected":
         this.signalAgent("SIGHUP");
