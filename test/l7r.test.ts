@@ -253,6 +253,16 @@ test("unknown path or method: 404", async () => {
   c.end();
 });
 
+test("with the browser desktop off (l7r.web = off: no web options), its page and WebSocket are 404", async () => {
+  const c = await client();
+  c.send("GET / HTTP/1.1\r\n\r\nGET /qvd/web/main.js HTTP/1.1\r\n\r\n");
+  expect((await c.response()).status).toBe(404);
+  expect((await c.response()).status).toBe(404);
+  c.send(`GET /qvd/web/connect HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: https://127.0.0.1\r\nAuthorization: ${ALICE}\r\n\r\n`);
+  expect((await c.response()).status).toBe(404);
+  c.end();
+});
+
 test("a malformed request line: 400 and the connection closed", async () => {
   const c = await client();
   c.send("this is not http at all\r\n\r\n");
