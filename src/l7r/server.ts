@@ -896,8 +896,11 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         display.catch(() => {}); // told in the connect flow
         this.webSlot = slot;
         this.display = display;
-        // What a QVD client would ask for, with no keyboard: nxagent then takes Xvnc's own map.
-        const params = new Map([["qvd.client.link", "lan"], ["qvd.client.geometry", `${w}x${h}`], ["qvd.client.os", "linux"]]);
+        // What a QVD client would ask for, with no keyboard (nxagent then takes Xvnc's own map),
+        // and neither sound nor printing: a browser has no sound server or CUPS for the desktop
+        // to reach (the desktop's services would wait for them at each connect).
+        const params = new Map([["qvd.client.link", "lan"], ["qvd.client.geometry", `${w}x${h}`], ["qvd.client.os", "linux"],
+          ["qvd.client.audio.enabled", "0"], ["qvd.client.printing.enabled", "0"]]);
         const { nx, cookie } = await this.connectFlow(user, vm0, params, host, async () => {
           await display.catch((err) => {
             log.error("browser session display failed", { vm: id, error: (err as Error).message });

@@ -99,10 +99,11 @@ export class WebDisplay {
     let announce!: (n: number) => void;
     const announced = new Promise<number>((r) => (announce = r));
     // -displayfd 1: Xvnc picks a free display and says which on stdout. No TCP for X or RFB;
-    // RFB only on the private socket, so no password on it (SecurityTypes None).
+    // RFB only on the private socket, so no password on it (SecurityTypes None). No GLX: its
+    // only client is nxproxy, and Mesa's software renderer cost about 50 MB per session.
     this.xvnc = spawnAs(this.o.uid, this.dir, [this.o.xvnc, "-displayfd", "1", "-geometry", `${w}x${h}`, "-depth", "24", "-nolisten", "tcp",
       "-auth", auth, "-rfbport", "-1", "-rfbunixpath", this.rfbPath, "-rfbunixmode", "0600", "-SecurityTypes", "None",
-      "-NeverShared", "-DisconnectClients", "-AcceptSetDesktopSize", "-MaxCutText", "1048576"], {}, (l, stream) => {
+      "-NeverShared", "-DisconnectClients", "-AcceptSetDesktopSize", "-MaxCutText", "1048576", "-extension", "GLX"], {}, (l, stream) => {
       if (stream === "stdout" && /^\d+$/.test(l.trim())) return announce(Number(l.trim()));
       if (l.trim()) log.debug("Xvnc", { line: l.trim() });
       lines.push(l);

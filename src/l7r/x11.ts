@@ -84,6 +84,9 @@ export class X11Client {
     this.setup.catch(() => {});
   }
 
+  /** When fitAndCheck last nudged a window (its own ConfigureNotify events are not news). */
+  private nudgedAt = 0;
+
   static async connect(o: ConnectOptions): Promise<X11Client> {
     if (o.socket === undefined && o.display === undefined) throw new Error("no X display given");
     const c = new X11Client();
@@ -157,9 +160,9 @@ export class X11Client {
   }
 
   /** The window's map state: 0 unmapped, 1 unviewable, 2 viewable; and whether it is override-redirect. */
-  async getWindowAttributes(win: number): Promise<{ mapState: number; overrideRedirect: boolean }> {
+  async getWindowAttributes(win: number): Promise<{ mapState: number; overrideRedirect: boolean; inputOnly: boolean }> {
     const r = await this.call(Op.GetWindowAttributes, 0, u32(win));
-    return { mapState: r[26]!, overrideRedirect: r[27] === 1 };
+    return { mapState: r[26]!, overrideRedirect: r[27] === 1, inputOnly: r.readUInt16LE(12) === 2 };
   }
 
   async getGeometry(win: number): Promise<Geometry> {
@@ -222,21 +225,51 @@ export class X11Client {
    * windows were changed. Windows that vanish meanwhile are skipped.
    */
   async fitTopLevels(w: number, h: number): Promise<number> {
+    return (await this.fitAndCheck(w, h)).changed;
+  }
+
+  /**
+   * fitTopLevels, and whether what the top-levels show has followed: nxagent draws its desktop in
+   * a child window of its own size, so a drawing child of another size is a desktop that has not
+   * taken the new size yet.
+   */
+  async fitAndCheck(w: number, h: number): Promise<{ changed: number; settled: boolean }> {
     const done = await Promise.all((await this.queryTree(this.root)).map(async (win) => {
       try {
         const [a, g] = await Promise.all([this.getWindowAttributes(win), this.getGeometry(win)]);
-        if (a.mapState !== Viewable || g.width <= 2 || g.height <= 2) return 0;
+        if (a.mapState !== Viewable || g.width <= 2 || g.height <= 2) return { changed: 0, settled: true };
         const fitted = { x: 0, y: 0, width: w, height: h };
         const changed = !(g.x === 0 && g.y === 0 && g.width === w && g.height === h);
         if (changed) await this.configureWindow(win, fitted);
+        else if (!(await this.contentFits(win, w, h))) {
+          // The window has the size but the desktop in it does not: nxagent believes it has that
+          // size already (its geometry option) and ignores a ConfigureNotify of it. A real
+          // change, one pixel narrower and back, makes it resize (at most once a second).
+          if (Date.now() - this.nudgedAt < 1000) return { changed: 0, settled: false };
+          this.nudgedAt = Date.now();
+          await this.configureWindow(win, { ...fitted, width: Math.max(3, w - 1) });
+          await this.configureWindow(win, fitted);
+          await this.notifyGeometry(win, fitted);
+          return { changed: 1, settled: false };
+        }
         await this.notifyGeometry(win, fitted);
-        return changed ? 1 : 0;
+        return { changed: changed ? 1 : 0, settled: !changed };
       } catch (e) {
-        if (e instanceof X11Error && (e.code === BAD_WINDOW || e.code === BAD_DRAWABLE)) return 0;
+        if (e instanceof X11Error && (e.code === BAD_WINDOW || e.code === BAD_DRAWABLE)) return { changed: 0, settled: true };
         throw e;
       }
     }));
-    return done.reduce<number>((a, b) => a + b, 0);
+    return { changed: done.reduce((n, d) => n + d.changed, 0), settled: done.every((d) => d.settled) };
+  }
+
+  /** Whether every viewable drawing child of `win` larger than 2x2 is w x h. */
+  private async contentFits(win: number, w: number, h: number): Promise<boolean> {
+    for (const child of await this.queryTree(win)) {
+      const [a, g] = await Promise.all([this.getWindowAttributes(child), this.getGeometry(child)]);
+      if (a.mapState !== Viewable || a.inputOnly || g.width <= 2 || g.height <= 2) continue;
+      if (g.width !== w || g.height !== h) return false;
+    }
+    return true;
   }
 
   /**
@@ -253,24 +286,31 @@ export class X11Client {
     let running = false;
     let again = false;
     let stopped = false;
+    // A desktop that has not followed is told again, less and less often (nxagent may still be
+    // starting or resuming when its window is fitted); any new event starts over.
+    const RECHECK_MS = [100, 250, 500, 1000, 2000, 4000, 8000];
+    let recheck = 0;
     const fit = async () => {
       timer = undefined;
       if (running) return void (again = true);
       running = true;
+      let settled = true;
       try {
         do {
           again = false;
-          await this.fitTopLevels(this.width, this.height);
+          settled = (await this.fitAndCheck(this.width, this.height)).settled;
         } while (again && !stopped && !this.isClosed);
       } catch (e) {
         onError(e);
       } finally {
         running = false;
       }
+      if (!settled && !stopped && !this.isClosed && recheck < RECHECK_MS.length && !timer) timer = setTimeout(fit, RECHECK_MS[recheck++]);
     };
     const schedule = () => {
       if (stopped || this.isClosed) return;
       clearTimeout(timer);
+      recheck = 0;
       timer = setTimeout(fit, o.debounceMs ?? 30);
     };
     this.watchRoot().catch(onError);
@@ -397,7 +437,7 @@ export class X11Client {
       this.width = m.readUInt16LE(20);
       this.height = m.readUInt16LE(22);
       for (const cb of this.resizeCbs) cb(this.width, this.height);
-    } else if (kind === ConfigureNotify && m.readUInt32LE(4) === this.root) {
+    } else if (kind === ConfigureNotify && m.readUInt32LE(4) === this.root && Date.now() - this.nudgedAt > 500) {
       // A top-level moved or resized itself (nxagent sets its own size once it maps its window):
       // fit it again unless it already fills the screen (our own fit's notify ends here).
       const [x, y, w, h] = [m.readInt16LE(16), m.readInt16LE(18), m.readUInt16LE(20), m.readUInt16LE(22)];
