@@ -149,8 +149,9 @@ export class WebDisplay {
     chmodSync(sock, 0o666);
     mkdirSync(join(this.dir, "nx-root"), { mode: 0o700 });
     chownSync(join(this.dir, "nx-root"), this.o.uid, this.o.uid);
-    // The desktop is near (this node, or a peer node): a LAN link, no NX compression to pay for.
-    const options = `nx/nx,link=lan,connect=unix:${sock},root=${join(this.dir, "nx-root")}:${this.display}`;
+    // The link (lan: no NX compression to pay for, the desktop is near) is nxagent's to choose:
+    // the connect flow asks for it; this side would ignore it.
+    const options = `nx/nx,connect=unix:${sock},root=${join(this.dir, "nx-root")}:${this.display}`;
     this.nxproxy = spawnAs(this.o.uid, this.dir, [this.o.nxproxy, "-S", options], { DISPLAY: `:${this.display}`, NX_CLIENT: "/bin/false" }, (l) => {
       const t = l.trim();
       if (!t) return;
