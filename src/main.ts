@@ -14,6 +14,7 @@ export const main = defineCommand({
     db: () => import("./roles/db.ts").then((m) => m.default),
     farm: () => import("./roles/farm.ts").then((m) => m.default),
     hkd: () => import("./roles/hkd.ts").then((m) => m.default),
+    install: () => import("./roles/install.ts").then((m) => m.default),
     l7r: () => import("./roles/l7r.ts").then((m) => m.default),
     node: () => import("./roles/node.ts").then((m) => m.default),
     demo: () => import("./roles/demo.ts").then((m) => m.default),
