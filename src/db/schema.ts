@@ -33,6 +33,17 @@ export async function schemaStatus(db: Db, migrations: Migration[] = MIGRATIONS)
   return { version, latest, tables, pending: migrations.filter((m) => version !== null && m.version > version).map((m) => m.version) };
 }
 
+/**
+ * A role runs only against the schema it was built for: behind, `qvd db migrate` first; ahead (a
+ * newer qvd migrated it, e.g. during a rolling upgrade), this machine's qvd is the old one.
+ */
+export async function requireCurrentSchema(db: Db, migrations: Migration[] = MIGRATIONS): Promise<void> {
+  const s = await schemaStatus(db, migrations);
+  if (s.version === null) throw new UserError("the database has no qvd schema yet: run qvd db init (a new farm) or qvd db migrate");
+  if (s.version < s.latest) throw new UserError(`the database's schema is version ${s.version} and this qvd needs ${s.latest}: run qvd db migrate with this qvd first`);
+  if (s.version > s.latest) throw new UserError(`the database's schema is version ${s.version}, newer than this qvd knows (${s.latest}): install the newer qvd on this machine (docs: README, "Installing on a server")`);
+}
+
 export function generatePassword(): string {
   const bytes = crypto.getRandomValues(new Uint8Array(15));
   return Buffer.from(bytes).toString("base64url"); // 20 characters

@@ -7,6 +7,7 @@ import { listConfigRows } from "../db/configs.ts";
 import { connect } from "../db/pool.ts";
 import { deleteExpiredSessions } from "../db/sessions.ts";
 import { UserError } from "../errors.ts";
+import { requireCurrentSchema } from "../db/schema.ts";
 import { logger } from "../log.ts";
 
 const log = logger("api");
@@ -31,8 +32,10 @@ export default defineCommand({
     try {
       const rows = await listConfigRows(sql);
       cfg = cfg.withDatabase(rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })), (m) => log.warn(m));
+      await requireCurrentSchema(sql);
     } catch (err) {
       await sql.end({ timeout: 1 });
+      if (err instanceof UserError) throw err;
       throw new UserError(`cannot use the database ${maskUrl(url)}: ${(err as Error).message}`);
     }
     const [host, portText] = splitListen(cfg.get("api.listen"));

@@ -10,6 +10,7 @@ import { findHostByName, registerHost } from "../db/node.ts";
 import { isSafePathComponent } from "../db/objects.ts";
 import { connect, type Sql } from "../db/pool.ts";
 import { UserError } from "../errors.ts";
+import { requireCurrentSchema } from "../db/schema.ts";
 import { acquireNodeLock } from "../hkd/lock.ts";
 import { Hkd } from "../hkd/hkd.ts";
 import { logger } from "../log.ts";
@@ -48,6 +49,7 @@ export async function startHkd(
     const rows = await listConfigRows(sql).catch((err: Error) => {
       throw new UserError(`cannot use the database ${maskUrl(url)}: ${err.message}`);
     });
+    await requireCurrentSchema(sql);
     cfg = cfg.withDatabase(rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })), (m) => log.warn(m));
     const name = cfg.get("nodename");
     let host = await findHostByName(sql, name);

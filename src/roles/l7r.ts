@@ -10,6 +10,7 @@ import { listConfigRows } from "../db/configs.ts";
 import { aliveWithinS } from "../db/placement.ts";
 import { connect, type Sql } from "../db/pool.ts";
 import { UserError } from "../errors.ts";
+import { requireCurrentSchema } from "../db/schema.ts";
 import { startL7r, type L7r } from "../l7r/server.ts";
 import { peerNodeByName } from "../db/peer.ts";
 import { nodeTls } from "../farm/certs.ts";
@@ -58,6 +59,7 @@ export async function startL7rRole(cfg: Config, opts: { authenticate?: Authentic
     const rows = await listConfigRows(sql).catch((err: Error) => {
       throw new UserError(`cannot use the database ${maskUrl(url)}: ${err.message}`);
     });
+    await requireCurrentSchema(sql);
     cfg = cfg.withDatabase(rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })), (m) => log.warn(m));
     const cert = cfg.get("l7r.tls.cert");
     const key = cfg.get("l7r.tls.key");
