@@ -5,23 +5,20 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
+import { useTestApi } from "./support/api.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 
 const ROOT = join(import.meta.dir, "..");
 const dir = mkdtempSync(join(tmpdir(), "qvd-admin-cli-test-"));
 const db = useTestDatabase();
-let api: TestApi;
-let root: ApiClient; // the superadmin, straight through the API, to check what the CLI did
+// root: the superadmin, straight through the API, to check what the CLI did
+const { api, sa: root } = useTestApi(db);
 const pwFile = join(dir, "superadmin.pw");
 
-beforeAll(async () => {
-  api = await startTestApi(db());
-  root = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
+beforeAll(() => {
   writeFileSync(pwFile, TEST_ADMIN.password + "\n");
 });
-afterAll(async () => {
-  await api?.stop();
+afterAll(() => {
   rmSync(dir, { recursive: true, force: true });
 });
 

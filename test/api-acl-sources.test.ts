@@ -1,20 +1,11 @@
 // Where ACLs come from: a role's inherited roles and an administrator's roles, each answered
 // with its effective ACLs (the WAT shows "inherited from …" and the origin of an admin's ACLs).
-import { afterAll, beforeAll, expect, test } from "bun:test";
-import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
-import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
+import { expect, test } from "bun:test";
+import { useTestApi } from "./support/api.ts";
+import { useTestDatabase } from "./support/db.ts";
 
 const db = useTestDatabase();
-let api: TestApi;
-let sa: ApiClient;
-
-beforeAll(async () => {
-  api = await startTestApi(db());
-  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
-});
-afterAll(async () => {
-  await api.stop();
-});
+const { sa } = useTestApi(db);
 
 test("a role's acls name the roles it inherits, each with its effective ACLs (denials applied)", async () => {
   const operator = (await sa.get("/roles?name=Operator")).body.items[0];

@@ -7,16 +7,16 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import type { Route } from "../src/api/context.ts";
-import { ApiClient, startTestApi, type TestApi } from "./support/api.ts";
+import { useTestApi, type ApiClient } from "./support/api.ts";
+import { clone, ok } from "./support/assert.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 import { aclsOf, fingerprint, Fixtures, routeName, routeTable, sampleRequest, type Sample } from "./support/api-routes.ts";
 
 const db = useTestDatabase();
 const sql = () => db().sql;
-const clone = <T>(v: T): T => structuredClone(v); // bun's toMatchObject writes into what it checks
-
-let api: TestApi;
-let sa: ApiClient;
+const storage = mkdtempSync(join(tmpdir(), "qvd-acl-test-"));
+const live = useTestApi(db, { "path.storage.root": storage });
+const { api, sa } = live;
 /** Own grants of every ACL but the one under test. */
 let lacker: ApiClient;
 /** Inherits a role that grants every ACL. */
@@ -26,22 +26,12 @@ let denier: ApiClient;
 let roles: { all: number; lacks: number; inherits: number; denies: number };
 let catalogue: string[];
 let fx: Fixtures;
-let storage: string;
-
-async function ok<T = any>(p: Promise<{ status: number; body: T }>, status = 200): Promise<T> {
-  const r = await p;
-  if (r.status !== status) throw new Error(`expected ${status}, got ${r.status}: ${JSON.stringify(r.body)}`);
-  return r.body;
-}
 
 const send = (c: ApiClient, s: Sample, headers: Record<string, string> = {}) => c.call(s.method, s.path, s.body, headers);
 const lastAuditId = async () => Number((await sql()`SELECT coalesce(max(id), 0)::int AS id FROM audit_log`)[0]!.id);
 const auditSince = (id: number) => sql()`SELECT * FROM audit_log WHERE id > ${id} ORDER BY id`;
 
 beforeAll(async () => {
-  storage = mkdtempSync(join(tmpdir(), "qvd-acl-test-"));
-  api = await startTestApi(db(), { "path.storage.root": storage });
-  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
   fx = new Fixtures(sql(), 1, "acl");
   catalogue = (await ok(sa.get("/acls"))).items.map((a: { name: string }) => a.name);
   const role = async (name: string) => (await ok(sa.post("/roles", { name }), 201)).id as number;
@@ -52,18 +42,13 @@ beforeAll(async () => {
   }
   await ok(sa.post(`/roles/${roles.inherits}/inherits`, { role_id: roles.all }));
   await ok(sa.post(`/roles/${roles.denies}/inherits`, { role_id: roles.all }));
-  const admin = async (name: string, roleId: number) => {
-    // Administrators of the global scope: their tenant scope is everything, so only ACLs limit them.
-    const a = await ok(sa.post("/administrators", { tenant_id: 0, name, password: `${name}-password` }), 201);
-    await ok(sa.post(`/administrators/${a.id}/roles`, { role_id: roleId }));
-    return api.login(name, `${name}-password`);
-  };
+  // Administrators of the global scope: their tenant scope is everything, so only ACLs limit them.
+  const admin = async (name: string, roleId: number) => (await live.admin(name, { tenantId: 0, roles: [roleId] })).client;
   lacker = await admin("lacker", roles.lacks);
   inheritor = await admin("inheritor", roles.inherits);
   denier = await admin("denier", roles.denies);
 });
-afterAll(async () => {
-  await api?.stop();
+afterAll(() => {
   rmSync(storage, { recursive: true, force: true });
 });
 

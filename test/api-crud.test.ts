@@ -1,35 +1,17 @@
 // The admin REST API over HTTP: CRUD of every resource, actions, mass changes by filter, list
 // queries, login and sessions, throttling, and the OpenAPI document.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { beforeAll, describe, expect, test } from "bun:test";
 import { listen } from "../src/db/listen.ts";
-import { ApiClient, startTestApi, type TestApi } from "./support/api.ts";
+import { ApiClient, useTestApi } from "./support/api.ts";
+import { clone, ok } from "./support/assert.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 import { routeTable } from "./support/api-routes.ts";
-import { waitFor as waitUntil } from "./support/wait.ts";
+import { waitFor } from "./support/wait.ts";
 
 const db = useTestDatabase();
 const sql = () => db().sql;
-let api: TestApi;
-let sa: ApiClient;
+const { api, sa } = useTestApi(db);
 
-beforeAll(async () => {
-  api = await startTestApi(db());
-  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
-});
-afterAll(async () => {
-  await api?.stop();
-});
-
-// bun's toMatchObject writes its asymmetric matchers into the object it checks: check a copy.
-const clone = <T>(v: T): T => structuredClone(v);
-
-async function ok<T = any>(p: Promise<{ status: number; body: T }>, status = 200): Promise<T> {
-  const r = await p;
-  if (r.status !== status) throw new Error(`expected ${status}, got ${r.status}: ${JSON.stringify(r.body)}`);
-  return r.body;
-}
-
-const waitFor = <T>(what: string, f: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 5000, stepMs = 10) => waitUntil<T>(what, f, timeoutMs, stepMs);
 
 const builtinRole = async (name: string): Promise<number> => (await ok(sa.get(`/roles?name=${encodeURIComponent(name)}&tenant_id=0`))).items[0].id;
 
@@ -286,7 +268,7 @@ describe("VM lifecycle and actions", () => {
     try {
       const r = await ok(sa.post(`/vms/${vm.id}/start`));
       expect(clone(r)).toMatchObject({ host_id: host.id, vm: { id: vm.id, vm_cmd: "start", host_id: host.id } });
-      const n = await waitFor("the node's notification", () => got[0]);
+      const n = await waitFor("the node's notification", () => got[0], 5000, 10);
       expect(n.channel).toBe(`qvd_host_${host.id}`);
       expect(JSON.parse(n.payload)).toEqual({ vm_id: vm.id, cmd: "start" });
     } finally {
@@ -440,7 +422,30 @@ describe("list queries over HTTP", () => {
     expect(clone(past)).toMatchObject({ total: 4, items: [] });
     const slim = await ok(sa.get("/users?description[like]=list%25&fields=name&limit=1&sort=name"));
     expect(slim.items).toEqual([{ id: expect.any(Number), name: "la" }]);
-    expect((await ok(sa.get("/vms?host_id[null]"))).total).toBeGreaterThanOrEqual(0);
+  });
+
+  test("host_id[null] and host_id[notnull]: the VMs on no node and those on one", async () => {
+    const osf = await ok(sa.post("/osfs", { name: "nullhost-osf" }), 201);
+    const user = await ok(sa.post("/users", { name: "nullhost-user" }), 201);
+    const vm = (name: string) => ok(sa.post("/vms", { user_id: user.id, osf_id: osf.id, name }), 201);
+    const [off, on] = [await vm("nullhost-off"), await vm("nullhost-on")];
+    const h = await ok(sa.post("/hosts", { name: "nullhost-node", address: "198.18.9.9" }), 201);
+    await sql()`UPDATE vm_runtimes SET host_id = ${h.id} WHERE vm_id = ${on.id}`;
+    try {
+      const mine = "&name[like]=nullhost%25&sort=name";
+      expect(clone(await ok(sa.get(`/vms?host_id[null]${mine}`)))).toMatchObject({ total: 1, items: [{ id: off.id, name: "nullhost-off" }] });
+      expect(clone(await ok(sa.get(`/vms?host_id[notnull]${mine}`)))).toMatchObject({ total: 1, items: [{ id: on.id, name: "nullhost-on" }] });
+      // Over every VM of the file's tests: as many as the database has on no node.
+      const [{ n }] = (await sql()`SELECT count(*)::int AS n FROM vm_runtimes WHERE host_id IS NULL`) as unknown as [{ n: number }];
+      expect(n).toBeGreaterThan(0);
+      expect((await ok(sa.get("/vms?host_id[null]"))).total).toBe(n);
+    } finally {
+      await sql()`UPDATE vm_runtimes SET host_id = NULL WHERE vm_id = ${on.id}`;
+      for (const v of [off, on]) await ok(sa.del(`/vms/${v.id}`));
+      await ok(sa.del(`/hosts/${h.id}`));
+      await ok(sa.del(`/users/${user.id}`));
+      await ok(sa.del(`/osfs/${osf.id}`));
+    }
   });
 
   test("bad queries are 422 naming the parameter", async () => {

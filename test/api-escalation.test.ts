@@ -1,27 +1,21 @@
 // No administrator can give rights they do not hold: not by assigning a role, not by making a
 // role inherit one, not by granting an ACL (nor by removing a denial).
-import { afterAll, beforeAll, expect, test } from "bun:test";
-import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
-import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
+import { beforeAll, expect, test } from "bun:test";
+import { useTestApi, type ApiClient } from "./support/api.ts";
+import { ok } from "./support/assert.ts";
+import { useTestDatabase } from "./support/db.ts";
 
 const db = useTestDatabase();
-let api: TestApi;
-let sa: ApiClient;
+const live = useTestApi(db, { "wat.multitenant": "1" });
+const { sa } = live;
 let boss: ApiClient;
 let bossId: number;
 const roleId: Record<string, number> = {};
 
 beforeAll(async () => {
-  api = await startTestApi(db(), { "wat.multitenant": "1" });
-  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
-  const t = (await sa.post("/tenants", { name: "acme" })).body.id;
-  for (const n of ["Superadmin", "Tenant administrator", "Operator"]) roleId[n] = (await sa.get(`/roles?name=${encodeURIComponent(n)}`)).body.items[0].id;
-  bossId = (await sa.post("/administrators", { tenant_id: t, name: "boss", password: "boss-password" })).body.id;
-  expect((await sa.post(`/administrators/${bossId}/roles`, { role_id: roleId["Tenant administrator"] })).status).toBe(200);
-  boss = await api.login("boss", "boss-password", "acme");
-});
-afterAll(async () => {
-  await api.stop();
+  const t = (await ok(sa.post("/tenants", { name: "acme" }), 201)).id;
+  for (const n of ["Superadmin", "Tenant administrator", "Operator"]) roleId[n] = await live.roleId(n);
+  ({ id: bossId, client: boss } = await live.admin("boss", { tenantId: t, tenant: "acme", roles: [roleId["Tenant administrator"]!] }));
 });
 
 test("a tenant administrator cannot give themselves (or anyone) a role with more rights", async () => {

@@ -3,8 +3,9 @@
 // tenant; an administrator without `<object>.see` hears nothing of those objects.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { setKeepAlive } from "../src/api/events.ts";
-import { ApiClient, startTestApi, type TestApi } from "./support/api.ts";
-import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
+import { createAdmin, useTestApi, type ApiClient } from "./support/api.ts";
+import { ok } from "./support/assert.ts";
+import { useTestDatabase } from "./support/db.ts";
 
 const db = useTestDatabase();
 
@@ -13,7 +14,11 @@ interface Sse {
   data: any;
 }
 
-/** A reader of GET /events: collects events; `next` waits (bounded) for one that matches. */
+/**
+ * A reader of GET /events: collects events; `next` waits for one that matches, woken by each
+ * event, for at most `ms` (3 s by default: well inside a test's 5 s, so a missing event fails
+ * as "no matching event", not as the test's timeout).
+ */
 class EventStream {
   readonly events: Sse[] = [];
   private readonly ac = new AbortController();
@@ -22,9 +27,9 @@ class EventStream {
   status = 0;
   contentType = "";
 
-  static async open(api: TestApi, client: ApiClient): Promise<EventStream> {
+  static async open(client: ApiClient): Promise<EventStream> {
     const s = new EventStream();
-    const res = await fetch(`${api.url}/events`, { headers: { authorization: `Bearer ${client.token}` }, signal: s.ac.signal });
+    const res = await client.request("/events", { signal: s.ac.signal });
     s.status = res.status;
     s.contentType = res.headers.get("content-type") ?? "";
     if (res.status !== 200) throw new Error(`GET /events: ${res.status} ${await res.text()}`);
@@ -62,7 +67,7 @@ class EventStream {
   }
 
   /** The next not yet consumed event matching `pred` (events before it count as seen). */
-  async next(pred: (e: Sse) => boolean, ms = 5000): Promise<Sse> {
+  async next(pred: (e: Sse) => boolean, ms = 3000): Promise<Sse> {
     const until = Date.now() + ms;
     for (;;) {
       for (let i = this.consumed; i < this.events.length; i++) {
@@ -94,53 +99,40 @@ class EventStream {
 
 const change = (object: string, op: string, id: number) => (e: Sse) => e.event === "change" && e.data.object === object && e.data.op === op && e.data.id === id;
 
-let api: TestApi;
-let sa: ApiClient;
+// Streams still open are closed before the API stops.
+const streams: EventStream[] = [];
+afterAll(() => {
+  for (const s of streams) s.close();
+});
+const { api, sa } = useTestApi(db, { "wat.multitenant": "1" });
 let other: ApiClient; // a second session of another administrator, making the changes
 let tenantAdmin: ApiClient;
 let userSeer: ApiClient;
 let tA: number;
 let tB: number;
 let osfA: number;
-const streams: EventStream[] = [];
 
-async function ok<T = any>(p: Promise<{ status: number; body: T }>, status = 200): Promise<T> {
-  const r = await p;
-  if (r.status !== status) throw new Error(`expected ${status}, got ${r.status}: ${JSON.stringify(r.body)}`);
-  return r.body;
-}
 const open = async (c: ApiClient) => {
-  const s = await EventStream.open(api, c);
+  const s = await EventStream.open(c);
   streams.push(s);
   return s;
 };
 
 beforeAll(async () => {
-  api = await startTestApi(db(), { "wat.multitenant": "1" });
-  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
   tA = (await ok(sa.post("/tenants", { name: "alpha" }), 201)).id;
   tB = (await ok(sa.post("/tenants", { name: "bravo" }), 201)).id;
-  const role = async (name: string) => (await ok(sa.get(`/roles?name=${encodeURIComponent(name)}`))).items[0].id as number;
   // A superadmin-scoped operator makes the changes; a tenant administrator of A and a global
   // administrator who may only see users listen.
-  const changer = await ok(sa.post("/administrators", { tenant_id: 0, name: "changer", password: "changer-password" }), 201);
-  await ok(sa.post(`/administrators/${changer.id}/roles`, { role_id: await role("Superadmin") }));
-  const ta = await ok(sa.post("/administrators", { tenant_id: tA, name: "boss", password: "boss-password" }), 201);
-  await ok(sa.post(`/administrators/${ta.id}/roles`, { role_id: await role("Tenant administrator") }));
+  await createAdmin(sa, "changer", { tenantId: 0, roles: ["Superadmin"] });
+  await createAdmin(sa, "boss", { tenantId: tA, roles: ["Tenant administrator"] });
   const usersOnly = await ok(sa.post("/roles", { tenant_id: 0, name: "Users only" }), 201);
   await ok(sa.put(`/roles/${usersOnly.id}/acls`, { acl: "user.see" }));
-  const seer = await ok(sa.post("/administrators", { tenant_id: 0, name: "seer", password: "seer-password" }), 201);
-  await ok(sa.post(`/administrators/${seer.id}/roles`, { role_id: usersOnly.id }));
+  await createAdmin(sa, "seer", { tenantId: 0, roles: [usersOnly.id] });
   other = await api.login("changer", "changer-password");
   tenantAdmin = await api.login("boss", "boss-password", "alpha");
   userSeer = await api.login("seer", "seer-password");
   osfA = (await ok(sa.post("/osfs", { tenant_id: tA, name: "desk" }), 201)).id;
 });
-afterAll(async () => {
-  for (const s of streams) s.close();
-  await api?.stop();
-});
-
 describe("GET /events", () => {
   test("needs a session, and is an event stream", async () => {
     const r = await api.anonymous.get("/events");
@@ -179,8 +171,9 @@ describe("GET /events", () => {
     const s1 = await open(sa);
     const s2 = await open(other);
     const u = await ok(sa.post("/users", { tenant_id: tB, name: "both" }), 201);
-    await s1.next(change("user", "create", u.id));
-    await s2.next(change("user", "create", u.id));
+    const heard = { object: "user", op: "create", id: u.id, tenant_id: tB };
+    expect((await s1.next(change("user", "create", u.id))).data).toEqual(heard);
+    expect((await s2.next(change("user", "create", u.id))).data).toEqual(heard);
   });
 
   test("a tenant's administrator hears only its tenant (and the global nodes)", async () => {

@@ -8,8 +8,8 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import type { z } from "zod";
 import type { Route } from "../src/api/context.ts";
-import { ApiClient, startTestApi, type ApiResponse, type TestApi } from "./support/api.ts";
-import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
+import { useTestApi, type ApiResponse } from "./support/api.ts";
+import { useTestDatabase } from "./support/db.ts";
 import { Fixtures, fixedTargets, isMassRoute, routeName, routeTable, sampleRequest, type Sample, type Targets } from "./support/api-routes.ts";
 import { fuzzSeed, seededRng, type Rng } from "./support/fuzz.ts";
 
@@ -18,19 +18,14 @@ const db = useTestDatabase();
 setDefaultTimeout(120_000);
 const sql = () => db().sql;
 
-let api: TestApi;
-let storage: string;
-let sa: ApiClient;
+const storage = mkdtempSync(join(tmpdir(), "qvd-fuzz-test-"));
+const { api, sa } = useTestApi(db, { "path.storage.root": storage });
 let targets: Targets;
 
 beforeAll(async () => {
-  storage = mkdtempSync(join(tmpdir(), "qvd-fuzz-test-"));
-  api = await startTestApi(db(), { "path.storage.root": storage });
-  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
   targets = await fixedTargets(new Fixtures(sql(), 1, "fz"));
 });
-afterAll(async () => {
-  await api?.stop();
+afterAll(() => {
   rmSync(storage, { recursive: true, force: true });
 });
 
@@ -212,7 +207,7 @@ describe("limits", () => {
         c.close();
       },
     });
-    const res = await fetch(`${api.url}/users`, { method: "POST", body: stream, headers: { authorization: `Bearer ${sa.token}`, "content-type": "application/json" } });
+    const res = await sa.request("/users", { method: "POST", body: stream, headers: { "content-type": "application/json" } });
     expect(res.status).toBe(413);
     expect((await sql()`SELECT count(*)::int AS n FROM users WHERE name = 'big'`)[0]!.n).toBe(0);
   });

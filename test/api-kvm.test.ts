@@ -1,35 +1,23 @@
 // KVM desktops in the admin API: an OSF's hypervisor and vCPUs (create, show, list, filter,
 // sort, change, the values a tenant's administrator may send), the hypervisor fixed while the OSF
 // has images, the nodes' hypervisors, and the OpenAPI text for these fields.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
 import { setHostHypervisors } from "../src/db/hosts.ts";
-import { ApiClient, startTestApi, type TestApi } from "./support/api.ts";
-import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
+import { useTestApi, type ApiClient } from "./support/api.ts";
+import { ok } from "./support/assert.ts";
+import { useTestDatabase } from "./support/db.ts";
+import { until } from "./support/wait.ts";
 
 const db = useTestDatabase();
 const sql = () => db().sql;
-let api: TestApi;
-let sa: ApiClient;
+const live = useTestApi(db, { "wat.multitenant": "1" });
+const { api, sa } = live;
 let boss: ApiClient; // a tenant's administrator (role "Tenant administrator")
 
-async function ok<T = any>(p: Promise<{ status: number; body: T }>, status = 200): Promise<T> {
-  const r = await p;
-  if (r.status !== status) throw new Error(`expected ${status}, got ${r.status}: ${JSON.stringify(r.body)}`);
-  return r.body;
-}
-
 beforeAll(async () => {
-  api = await startTestApi(db(), { "wat.multitenant": "1" });
-  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
   const t = await ok(sa.post("/tenants", { name: "kvmco" }), 201);
-  const role = (await ok(sa.get("/roles?name=Tenant%20administrator"))).items[0].id;
-  const a = await ok(sa.post("/administrators", { tenant_id: t.id, name: "boss", password: "boss-password" }), 201);
-  await ok(sa.post(`/administrators/${a.id}/roles`, { role_id: role }));
-  boss = await api.login("boss", "boss-password", "kvmco");
-});
-afterAll(async () => {
-  await api?.stop();
+  boss = (await live.admin("boss", { tenantId: t.id, tenant: "kvmco", roles: ["Tenant administrator"] })).client;
 });
 
 describe("an OSF's hypervisor and vCPUs", () => {
@@ -106,7 +94,8 @@ describe("an OSF's hypervisor and vCPUs", () => {
       // Not committed yet: the change cannot see it, so it must wait for it.
       let settled = false;
       const change = sa.patch(`/osfs/${o.id}`, { hypervisor: "kvm" }).finally(() => (settled = true));
-      await Bun.sleep(500);
+      await until(async () => (await sql()`SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`)[0]!.n > 0,
+        "the change to wait on the uncommitted image's lock", 5000, 20);
       expect(settled).toBe(false);
       await adder`COMMIT`;
       const r = await change;

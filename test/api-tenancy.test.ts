@@ -7,8 +7,9 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import type { Route } from "../src/api/context.ts";
-import { ApiClient, startTestApi, type TestApi } from "./support/api.ts";
-import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
+import { createAdmin, useTestApi, type ApiClient } from "./support/api.ts";
+import { ok } from "./support/assert.ts";
+import { useTestDatabase } from "./support/db.ts";
 import {
   aclsOf, FIXTURE_PROPERTY, Fixtures, fingerprint, fixedTargets, isMassRoute, routeName, routeTable, sampleRequest, type Targets,
 } from "./support/api-routes.ts";
@@ -16,9 +17,9 @@ import {
 const db = useTestDatabase();
 const sql = () => db().sql;
 
-let api: TestApi;
-let storage: string;
-let sa: ApiClient;
+const storage = mkdtempSync(join(tmpdir(), "qvd-tenancy-test-"));
+const live = useTestApi(db, { "wat.multitenant": "1", "path.storage.root": storage });
+const { api, sa } = live;
 let a: ApiClient; // administrator of tenant A
 let tA: { id: number; name: string };
 let tB: { id: number; name: string };
@@ -28,26 +29,12 @@ let bTargets: Targets & { ids?: Record<string, number | string> };
 let bIds: Record<string, number | string>;
 let fxA: Fixtures;
 
-async function ok<T = any>(p: Promise<{ status: number; body: T }>, status = 200): Promise<T> {
-  const r = await p;
-  if (r.status !== status) throw new Error(`expected ${status}, got ${r.status}: ${JSON.stringify(r.body)}`);
-  return r.body;
-}
-
 beforeAll(async () => {
-  storage = mkdtempSync(join(tmpdir(), "qvd-tenancy-test-"));
-  api = await startTestApi(db(), { "wat.multitenant": "1", "path.storage.root": storage });
-  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
   tA = await ok(sa.post("/tenants", { name: "alpha" }), 201);
   tB = await ok(sa.post("/tenants", { name: "bravo" }), 201);
-  const tenantAdminRole = (await ok(sa.get("/roles?name=Tenant%20administrator"))).items[0].id;
-  const makeAdmin = async (tenant: number, name: string) => {
-    const x = await ok(sa.post("/administrators", { tenant_id: tenant, name, password: `${name}-password` }), 201);
-    await ok(sa.post(`/administrators/${x.id}/roles`, { role_id: tenantAdminRole }));
-    return x.id as number;
-  };
-  adminA = await makeAdmin(tA.id, "boss");
-  await makeAdmin(tB.id, "boss"); // the same name in another tenant
+  const roles = [await live.roleId("Tenant administrator")];
+  adminA = await createAdmin(sa, "boss", { tenantId: tA.id, roles });
+  await createAdmin(sa, "boss", { tenantId: tB.id, roles }); // the same name in another tenant
   a = await api.login("boss", "boss-password", "alpha");
   aAcls = new Set((await ok(a.get("/session"))).acls);
   // Objects of every kind in B, made by the superadmin and directly in the database.
@@ -57,8 +44,7 @@ beforeAll(async () => {
   bIds = bTargets.ids as Record<string, number | string>;
   fxA = new Fixtures(sql(), tA.id, "a");
 });
-afterAll(async () => {
-  await api?.stop();
+afterAll(() => {
   rmSync(storage, { recursive: true, force: true });
 });
 

@@ -5,22 +5,18 @@ import { createHash } from "node:crypto";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { run } from "../src/run.ts";
-import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
-import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
+import { useTestApi } from "./support/api.ts";
+import { useTestDatabase } from "./support/db.ts";
 
 const db = useTestDatabase();
 const images = mkdtempSync("/tmp/qvd-images-");
-let api: TestApi;
-let admin: ApiClient;
+const { api, sa: admin } = useTestApi(db, { "path.storage.images": images, "api.upload.max_bytes": String(8 * 1024 * 1024) });
 let osfId: number;
 
 beforeAll(async () => {
-  api = await startTestApi(db(), { "path.storage.images": images, "api.upload.max_bytes": String(8 * 1024 * 1024) });
-  admin = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
   osfId = (await admin.post("/osfs", { name: "upload-osf" })).body.id;
 });
-afterAll(async () => {
-  await api.stop();
+afterAll(() => {
   rmSync(images, { recursive: true, force: true });
 });
 
@@ -42,11 +38,7 @@ function putImage(diId: number, chunks: Uint8Array[], headers: Record<string, st
       c.close();
     },
   });
-  return fetch(`${api.url}/dis/${diId}/image`, {
-    method: "PUT",
-    headers: { authorization: `Bearer ${admin.token}`, "content-type": "application/octet-stream", ...headers },
-    body,
-  });
+  return admin.request(`/dis/${diId}/image`, { method: "PUT", headers: { "content-type": "application/octet-stream", ...headers }, body });
 }
 
 const chunk = (n: number, fill: number) => new Uint8Array(n).fill(fill);
@@ -106,11 +98,7 @@ test("a checksum mismatch fails the image, keeps no file, and a new upload can f
 test("an image over the size limit is refused, before or during the upload", async () => {
   const id = await newDi("too-big.tar");
   // Announced too large: refused before the body is read.
-  let res = await fetch(`${api.url}/dis/${id}/image`, {
-    method: "PUT",
-    headers: { authorization: `Bearer ${admin.token}`, "content-type": "application/octet-stream" },
-    body: new Blob([chunk(9 * 1024 * 1024, 1)]),
-  });
+  let res = await admin.request(`/dis/${id}/image`, { method: "PUT", headers: { "content-type": "application/octet-stream" }, body: new Blob([chunk(9 * 1024 * 1024, 1)]) });
   expect(res.status).toBe(413);
   expect((await admin.get(`/dis/${id}`)).body.state).toBe("new");
   // Without a length announced, the limit stops the stream itself.

@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import net from "node:net";
 import { waitFor } from "./support/wait.ts";
+import { freeDisplay } from "./support/free.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "qvd-client-test-"));
 const cert = join(dir, "cert.pem");
@@ -260,7 +261,8 @@ describe("qvd client against a scripted L7R", () => {
     try {
       const run = client([...base(), "--ca", cert], { FAKE_SIZE: "0", FAKE_EXPECT: String(32 << 20), FAKE_DELAY: "2000" });
       // While nxproxy does not read, the client stops reading too: most of the flood is still
-      // queued at the server (the kernel's socket buffers hold a few MiB at most).
+      // queued at the server (the kernel's socket buffers hold a few MiB at most). A check that
+      // the queue stays: 1.2 s into nxproxy's 2 s pause it must not have drained.
       await Bun.sleep(1200);
       const queued = lastConn!.out.reduce((n, b) => n + b.length, 0);
       expect(queued).toBeGreaterThan(12 << 20);
@@ -396,11 +398,6 @@ describe("qvd client against a scripted L7R", () => {
 // The real thing on the client side: nxproxy -S against the client's local port, drawing on a
 // test Xvfb; the scripted server relays to a real nxagent on loopback, as the L7R does.
 const haveNx = ["nxproxy", "nxagent", "Xvfb", "xsetroot", "xwd", "convert"].every((p) => Bun.which(p));
-
-function freeDisplay(from: number): number {
-  for (let d = from; d < from + 50; d++) if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
-  throw new Error("no free X display");
-}
 
 
 async function pixel(display: number, x: number, y: number): Promise<string> {

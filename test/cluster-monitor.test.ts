@@ -12,25 +12,21 @@ import * as D from "../src/db/index.ts";
 import { leaveDrainingNode } from "../src/db/cluster.ts";
 import { connect, type Sql } from "../src/db/pool.ts";
 import { ClusterMonitor } from "../src/hkd/monitor.ts";
-import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
+import { useTestApi } from "./support/api.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
-import { busyboxImage, TestNode, until } from "./support/node.ts";
+import { busyboxImage, TestNode } from "./support/node.ts";
+import { until } from "./support/wait.ts";
 
 const isRoot = process.getuid?.() === 0;
 const db = useTestDatabase();
 const ALL = D.ALL_TENANTS;
 const sql = () => db().sql;
-let api: TestApi;
-let sa: ApiClient;
+const live = useTestApi(db, { "wat.multitenant": "1" });
+const { api, sa } = live;
 let osfId: number;
 
 beforeAll(async () => {
-  api = await startTestApi(db(), { "wat.multitenant": "1" });
-  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
   osfId = (await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "small", memory_mb: 128 })).id;
-});
-afterAll(async () => {
-  await api?.stop();
 });
 
 let seq = 0;
@@ -102,10 +98,7 @@ describe("the administrator's controls (API)", () => {
     const h = await node("running", 0);
     const vm = await desktopOn(h);
     const tenant = (await sa.post("/tenants", { name: "acme" })).body.id;
-    const role = async (name: string) => (await sa.get(`/roles?name=${encodeURIComponent(name)}`)).body.items[0].id as number;
-    const boss = (await sa.post("/administrators", { tenant_id: tenant, name: "boss", password: "boss-password" })).body.id;
-    await sa.post(`/administrators/${boss}/roles`, { role_id: await role("Tenant administrator") });
-    const ta = await api.login("boss", "boss-password", "acme");
+    const { id: boss, client: ta } = await live.admin("boss", { tenantId: tenant, tenant: "acme", roles: ["Tenant administrator"] });
     expect((await ta.post(`/hosts/${h}/declare_lost`, { reason: "mine now" })).status).toBe(403);
     // Even a role that grants the ACL gives no power over whole nodes in a tenant.
     const nodesRole = (await sa.post("/roles", { tenant_id: tenant, name: "Node keeper" })).body.id;
@@ -211,7 +204,7 @@ describe.skipIf(!isRoot)("a real node (HKD, LXC)", () => {
     const other = await node("running", 0);
     await db().cluster.pause();
     try {
-      await Bun.sleep(12_000); // every heartbeat is now older than lost_after
+      await Bun.sleep(12_000); // the outage itself: every heartbeat is now older than lost_after
     } finally {
       await db().cluster.resume();
     }
@@ -227,7 +220,8 @@ describe.skipIf(!isRoot)("a real node (HKD, LXC)", () => {
     const [{ back }] = (await sql()`SELECT now() AS back`) as unknown as [{ back: Date }];
     await until(async () => ((await hostRow(testNode.host.id)).ok_ts?.getTime() ?? 0) > back.getTime(), "the node to heartbeat again", 30_000);
     // The other node takes a few of the monitor's rounds to notice the database is back: without
-    // the grace, the monitor would declare it lost meanwhile.
+    // the grace, the monitor would declare it lost meanwhile. A check that nothing happens: the
+    // sleeps give the monitor those rounds (3 s, then 14 s of the other node heartbeating).
     await Bun.sleep(3000);
     for (let i = 0; i < 14; i++) {
       await sql()`UPDATE host_runtimes SET ok_ts = now() WHERE host_id = ${other}`;

@@ -3,17 +3,9 @@ import { expect, test } from "bun:test";
 import { listen, notify } from "../src/db/listen.ts";
 import { connect } from "../src/db/pool.ts";
 import { useTestDatabase } from "./support/db.ts";
+import { until } from "./support/wait.ts";
 
 const db = useTestDatabase();
-
-/** Resolves when `pred` holds, polling briefly; fails the test with `what` otherwise. */
-async function until(pred: () => boolean, what: string, ms = 30_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!pred()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await Bun.sleep(50);
-  }
-}
 
 test("notifications arrive, survive pg_ctl restart, and the gap is reported", async () => {
   const got: string[] = [];
@@ -28,11 +20,11 @@ test("notifications arrive, survive pg_ctl restart, and the gap is reported", as
     expect(ready).toEqual([false]);
     expect(l.connected).toBe(true);
     await notify(db().sql, "qvd_host_7", "hello");
-    await until(() => got.length === 1, "first notification");
+    await until(() => got.length === 1, "first notification", 30_000, 50);
     expect(got).toEqual(["qvd_host_7:hello"]);
 
     await db().cluster.restart();
-    await until(() => ready.length === 2, "the listener to reconnect");
+    await until(() => ready.length === 2, "the listener to reconnect", 30_000, 50);
     expect(ready).toEqual([false, true]);
     expect(disconnects).toBe(1);
     expect(l.connected).toBe(true);
@@ -45,7 +37,7 @@ test("notifications arrive, survive pg_ctl restart, and the gap is reported", as
     } finally {
       await sql.end();
     }
-    await until(() => got.length === 3, "notifications after the restart");
+    await until(() => got.length === 3, "notifications after the restart", 30_000, 50);
     expect(got.slice(1).sort()).toEqual(["qvd_events:after", "qvd_host_7:again"]);
   } finally {
     await l.close();
@@ -63,7 +55,7 @@ test("a command written to vm_runtimes notifies its node's channel", async () =>
     const [h] = await sql`INSERT INTO hosts (id, name, address) VALUES (10000, 'n1', '198.18.0.1') RETURNING id`;
     const [v] = await sql`INSERT INTO vms (tenant_id, user_id, osf_id, name) VALUES (${t!.id}, ${u!.id}, ${o!.id}, 'lv') RETURNING id`;
     await sql`UPDATE vm_runtimes SET host_id = ${h!.id}, vm_cmd = 'start' WHERE vm_id = ${v!.id}`;
-    await until(() => got.length === 1, "the command notification");
+    await until(() => got.length === 1, "the command notification", 30_000, 50);
     expect(JSON.parse(got[0]!)).toEqual({ vm_id: v!.id, cmd: "start" });
   } finally {
     await l.close();

@@ -8,6 +8,7 @@ import { join } from "node:path";
 import { startRelay } from "../src/demo/relay.ts";
 import { parseProxyHeader } from "../src/l7r/proxy-protocol.ts";
 import { demoCertificate } from "../src/demo/tls.ts";
+import { poll } from "./support/wait.ts";
 
 const work = mkdtempSync(join(tmpdir(), "qvd-relay-"));
 afterAll(() => rmSync(work, { recursive: true, force: true }));
@@ -100,7 +101,7 @@ test("a half-close passes: the server sees the client's FIN and still answers", 
     await c.closed;
     expect(received.length).toBe(100_000);
     expect(c.got()).toBe("got 100000 bytes");
-    await Bun.sleep(50);
+    await poll(() => relay.active === 0, 5000, 10); // the relay counts the connection out once it has closed its side
     expect(relay.active).toBe(0);
   } finally {
     relay.stop();

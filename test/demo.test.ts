@@ -13,18 +13,13 @@ import { startVm } from "../src/db/commands.ts";
 import { ALL_TENANTS } from "../src/db/objects.ts";
 import { connect } from "../src/db/pool.ts";
 import { run } from "../src/run.ts";
-import { cleanEnv, desktopImage, qvdBinary, until } from "./support/node.ts";
+import { freePort } from "./support/free.ts";
+import { cleanEnv, desktopImage, qvdBinary } from "./support/node.ts";
+import { until } from "./support/wait.ts";
 
 const isRoot = process.getuid?.() === 0;
 
 /** A port nobody listens on now (the kernel's choice). */
-function freePort(): number {
-  const s = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
-  const p = s.port;
-  s.stop(true);
-  return p;
-}
-
 /** Every process whose command line mentions `needle` (the demo's children, PostgreSQL, LXC monitors). */
 function processesWith(needle: string): string[] {
   const out: string[] = [];

@@ -8,6 +8,7 @@ import { run, spawnDaemon, type Daemon } from "../src/run.ts";
 import { DESKTOP_PACKAGES, INITRAMFS_MODULES, KVM_PACKAGES, KVM_REQUIRED_FILES, MASKED_UNITS, OPT_QVD_MOUNT, QVD_VMA_SERVICE, REQUIRED_FILES, SESSION_SCRIPT } from "../src/virt/image-build.ts";
 import { inspectQcow2 } from "../src/virt/kvm-image.ts";
 import { KVM_TEST_IMAGE, kvmTestImageFresh } from "./support/kvm-image.ts";
+import { until } from "./support/wait.ts";
 import { unpackImage } from "../src/virt/images.ts";
 
 const root = join(import.meta.dir, "..");
@@ -121,13 +122,9 @@ describe("qvd di build", () => {
     const clientDisplay = agentDisplay + 1;
     const daemons: Daemon[] = [];
     const agentOut: string[] = [];
-    const waitFor = async (what: string, ok: () => boolean | Promise<boolean>, ms = 30_000) => {
-      const end = Date.now() + ms;
-      while (!(await ok())) {
-        if (Date.now() > end) throw new Error(`timed out waiting for ${what}; nxagent said:\n${agentOut.slice(-30).join("\n")}`);
-        await Bun.sleep(250);
-      }
-    };
+    /** Waits for `ok`, with nxagent's last lines when it times out. */
+    const waitHere = (what: string, ok: () => boolean | Promise<boolean>, ms = 30_000) =>
+      until(ok, what, ms, 250, { detail: () => `; nxagent said:\n${agentOut.slice(-30).join("\n")}` });
     try {
       // The guest side, as the VMA starts it (here as root, in a chroot with its own mounts).
       const agent = spawnDaemon(
@@ -137,14 +134,14 @@ describe("qvd di build", () => {
         { detached: true, onLine: (l) => agentOut.push(l) },
       );
       daemons.push(agent);
-      await waitFor("nxagent to listen", () => agentOut.some((l) => l.includes(`:${4000 + agentDisplay}'`)));
+      await waitHere("nxagent to listen", () => agentOut.some((l) => l.includes(`:${4000 + agentDisplay}'`)));
       // The client side: an X server and the NX proxy.
       daemons.push(spawnDaemon(["Xvfb", `:${clientDisplay}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { detached: true }));
-      await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${clientDisplay}`));
+      await waitHere("Xvfb", () => existsSync(`/tmp/.X11-unix/X${clientDisplay}`));
       daemons.push(spawnDaemon(["nxproxy", "-S", `localhost:${agentDisplay}`], { detached: true, env: { ...process.env, DISPLAY: `:${clientDisplay}` } }));
       const tree = async (d: number) => (await run(["chroot", R, "xwininfo", "-display", `:${d}`, "-root", "-tree"], { allowFail: true })).stdout;
       // In the desktop: the window manager (with its tray clock) and the terminal.
-      await waitFor("jwm and xterm", async () => {
+      await waitHere("jwm and xterm", async () => {
         const t = await tree(agentDisplay);
         return t.includes('"JWM"') && t.includes('("xterm" "XTerm")') && t.includes('("xclock" "XClock")');
       });

@@ -20,6 +20,7 @@ import { Session } from "../src/vma/session.ts";
 import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { cleanEnv, farmCaDir, farmCert, type FarmCert } from "./support/node.ts";
+import { poll } from "./support/wait.ts";
 
 const db = useTestDatabase();
 const ALL = D.ALL_TENANTS;
@@ -220,8 +221,7 @@ describe("who may speak to the endpoint", () => {
 describe("what a node may ask for", () => {
   test("x_state of a desktop of this node in the caller's session: the VMA's answer, without the caller knowing the secret", async () => {
     const b = clientOf(certs.b);
-    const end = Date.now() + 10_000;
-    while (server.connections() > 0 && Date.now() < end) await Bun.sleep(20); // the earlier tests' connections are gone
+    await poll(() => server.connections() === 0, 10_000, 20); // the earlier tests' connections are gone
     const st = await b.vma<{ state: string }>(nodeA(), vmHere.id, SESSION_B, "x_state", undefined, 3000);
     expect(st.state).toBe("stopped");
     // The same kept-alive connection serves the next call.
@@ -289,8 +289,7 @@ describe("what a node may ask for", () => {
     let echoed = "";
     s.data.io = { data: (c) => void (echoed += Buffer.from(c).toString()), drain() {}, end() {}, close() {} };
     s.write("NXPROXY-3.5.0 cookie=x ");
-    const end = Date.now() + 5000;
-    while (!echoed.includes("NXPROXY") && Date.now() < end) await Bun.sleep(20);
+    await poll(() => echoed.includes("NXPROXY"), 5000, 20);
     expect(echoed).toBe("NXPROXY-3.5.0 cookie=x ");
     s.end();
     // Without the upgrade headers there is no stream.
@@ -308,8 +307,7 @@ describe("bounds", () => {
     // A plain TCP connection that says nothing: closed by the handshake deadline (2 s here).
     let closed = false;
     const s = await Bun.connect({ hostname: "127.0.0.1", port: server.port, socket: { data() {}, close: () => void (closed = true) } });
-    const end = Date.now() + 15_000;
-    while (!closed && Date.now() < end) await Bun.sleep(100);
+    await poll(() => closed, 15_000);
     expect(closed).toBe(true);
     s.end();
   });
@@ -319,12 +317,11 @@ describe("bounds", () => {
     const held: Socket[] = [];
     try {
       for (let i = 0; i < 2; i++) held.push(await Bun.connect({ hostname: "127.0.0.1", port: small.port, socket: { data() {} } }));
-      const end = Date.now() + 5000;
-      while (small.connections() < 2 && Date.now() < end) await Bun.sleep(20);
+      await poll(() => small.connections() >= 2, 5000, 20);
       const b = new PeerClient({ tls: certs.b, port: small.port, connectS: 3 });
       await expect(b.vma(nodeA(), vmHere.id, SESSION_B, "x_state", undefined, 2000)).rejects.toThrow(VmaError);
       for (const s of held) s.end();
-      while (small.connections() > 0 && Date.now() < end + 5000) await Bun.sleep(20);
+      await poll(() => small.connections() === 0, 5000, 20);
       expect((await b.vma<{ state: string }>(nodeA(), vmHere.id, SESSION_B, "x_state", undefined, 3000)).state).toBe("stopped");
       b.close();
     } finally {
@@ -339,8 +336,7 @@ describe("bounds", () => {
     try {
       expect((await b.vma<{ state: string }>(nodeA(), vmHere.id, SESSION_B, "x_state", undefined, 3000)).state).toBe("stopped");
       for (let i = 0; i < UNPROVEN_PER_ADDRESS; i++) held.push(await Bun.connect({ hostname: "127.0.0.1", port: srv.port, socket: { data() {} } }));
-      const end = Date.now() + 5000;
-      while (srv.connections() < UNPROVEN_PER_ADDRESS + 1 && Date.now() < end) await Bun.sleep(20);
+      await poll(() => srv.connections() >= UNPROVEN_PER_ADDRESS + 1, 5000, 20);
       // One more from this address is closed at once, even a node's new connection…
       await expect(new PeerClient({ tls: certs.c, port: srv.port, connectS: 3 }).vma(nodeA(), vmHere.id, SESSION_B, "x_state", undefined, 2000)).rejects.toThrow(VmaError);
       // …while node B's kept connection goes on working.

@@ -9,7 +9,8 @@ import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node
 import { join } from "node:path";
 import * as D from "../src/db/index.ts";
 import { useTestDatabase } from "./support/db.ts";
-import { busyboxImage, TestNode, until } from "./support/node.ts";
+import { busyboxImage, TestNode } from "./support/node.ts";
+import { until } from "./support/wait.ts";
 
 const isRoot = process.getuid?.() === 0;
 const db = useTestDatabase();
@@ -71,7 +72,7 @@ describe.skipIf(!isRoot)("one desktop's operations, one after the other", () => 
     await until(async () => (await row(vm.id)).vm_cmd === null, "the node to take the stop");
     writeFileSync(cue("start-go"), ""); // the start fails now, with the stop waiting on it
     await untilState(vm.id, "stopped");
-    await Bun.sleep(2000); // room for a second teardown to show itself
+    await Bun.sleep(2000); // a check that nothing happens: no second teardown within 2 s
     expect(callsAfter(`start-failed ${vm.id}`, "cleanup", vm.id)).toBe(1);
     expect(await node.containers()).toEqual([]);
     const r = await D.get(sql(), D.vms, ALL, vm.id);
@@ -135,7 +136,7 @@ describe.skipIf(!isRoot)("one desktop's operations, one after the other", () => 
     await requestStart(vm.id);
     await until(() => calls().includes(`start-held ${vm.id}`), "the first start to be under way");
     await requestStart(vm2.id);
-    await Bun.sleep(3000); // notified, and a poll (hkd.poll_interval = 2) has passed
+    await Bun.sleep(3000); // a check that nothing happens: notified, and a poll (hkd.poll_interval = 2) passed, the second start still waits
     expect([(await row(vm2.id)).vm_state, (await row(vm2.id)).vm_cmd]).toEqual(["stopped", "start"]);
     expect(calls()).not.toContain(`prepare ${vm2.id}`);
     rmSync(cue("start-hold"));

@@ -7,6 +7,7 @@ import { join } from "node:path";
 import { run } from "../src/run.ts";
 import { ImageError } from "../src/virt/images.ts";
 import { inspectQcow2, isQcow2, prepareKvmImage, QCOW2_MAGIC } from "../src/virt/kvm-image.ts";
+import { rejection } from "./support/assert.ts";
 import { kvmTestImage } from "./support/kvm-image.ts";
 
 let dir: string;
@@ -57,17 +58,8 @@ const debianLike = (root: string) => {
   symlinkSync("boot/initrd.img-6.1.0-test", join(root, "initrd.img"));
 };
 
-async function refused(p: Promise<unknown>, pattern: RegExp): Promise<string> {
-  let err: unknown;
-  try {
-    await p;
-  } catch (e) {
-    err = e;
-  }
-  expect(err).toBeInstanceOf(ImageError);
-  expect((err as Error).message).toMatch(pattern);
-  return (err as Error).message;
-}
+/** The message of the ImageError `p` fails with, matching `pattern`. */
+const refused = async (p: Promise<unknown>, pattern: RegExp): Promise<string> => (await rejection(p, ImageError, pattern)).message;
 
 /** What a failed preparation may leave in basefs/: the lock, nothing else of this image. */
 const leftovers = (basefsDir: string, id: number) =>

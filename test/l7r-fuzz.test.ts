@@ -16,6 +16,7 @@ import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { Peer } from "./support/l7r-peer.ts";
 import { fuzzSeed, seededRng, type Rng } from "./support/fuzz.ts";
+import { poll } from "./support/wait.ts";
 
 const SEED = fuzzSeed("l7r", 0x5eed1);
 
@@ -245,7 +246,7 @@ test("a live L7R: 2,500 fuzzed connections, never a 5xx (but 505 for another HTT
   expect((await p.response())?.status).toBe(200);
   p.destroy();
   // Every connection counted in was counted out (no slot leaks towards the per-address limit).
-  for (let i = 0; i < 50 && l7r.load().connections > 0; i++) await Bun.sleep(100);
+  await poll(() => l7r.load().connections === 0, 5000);
   expect(l7r.load()).toEqual({ connections: 0, byAddress: {} });
 }, 600_000);
 

@@ -11,8 +11,10 @@ import { join } from "node:path";
 import * as D from "../src/db/index.ts";
 import { run } from "../src/run.ts";
 import { startTestApi } from "./support/api.ts";
+import { ok } from "./support/assert.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
-import { cleanEnv, createNetns, desktopImage, farmCert, TestNode, until, type Netns } from "./support/node.ts";
+import { cleanEnv, createNetns, desktopImage, farmCert, TestNode, type Netns } from "./support/node.ts";
+import { until } from "./support/wait.ts";
 
 const isRoot = process.getuid?.() === 0;
 const db = useTestDatabase();
@@ -166,7 +168,8 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "disconnected", "the session to be released", 20_000);
 
     // What crossed the farm network: TCP to node A's endpoint only, and neither the VMA secret
-    // nor the NX greetings (both sides' "NXPROXY-") in any captured byte.
+    // nor the NX greetings (both sides' "NXPROXY-") in any captured byte. The pause lets tcpdump
+    // take the connections' last packets before it stops: nothing tells when it has them.
     await Bun.sleep(500);
     dump.kill("SIGINT");
     await dump.exited;
@@ -202,34 +205,25 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     try {
       // The user, OSF, image (uploaded), desktop and custom properties, as an administrator makes them.
       const admin = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
-      const ok = async (r: Promise<{ status: number; body: any }>, what: string) => {
-        const x = await r;
-        expect(x.status, `${what}: ${JSON.stringify(x.body)}`).toBeLessThan(300);
-        return x.body;
-      };
-      const user = await ok(admin.post("/users", { name: "bea", password: "bea-pw-1" }), "user");
-      const osf = await ok(admin.post("/osfs", { name: "debian-api", memory_mb: 1024 }), "osf");
-      const di = await ok(admin.post("/dis", { osf_id: osf.id, path: "desktop-api.tar.gz" }), "image");
+      const user = await ok(admin.post("/users", { name: "bea", password: "bea-pw-1" }), "2xx", "user");
+      const osf = await ok(admin.post("/osfs", { name: "debian-api", memory_mb: 1024 }), "2xx", "osf");
+      const di = await ok(admin.post("/dis", { osf_id: osf.id, path: "desktop-api.tar.gz" }), "2xx", "image");
       const image = await desktopImage();
-      const up = await fetch(`${api.url}/dis/${di.id}/image`, {
-        method: "PUT",
-        headers: { authorization: `Bearer ${admin.token}`, "content-type": "application/octet-stream" },
-        body: Bun.file(image),
-      });
+      const up = await admin.request(`/dis/${di.id}/image`, { method: "PUT", headers: { "content-type": "application/octet-stream" }, body: Bun.file(image) });
       expect(up.status, await up.clone().text()).toBe(200);
-      expect((await ok(admin.get(`/dis/${di.id}`), "image")).state).toBe("ready");
-      const desk = await ok(admin.post("/vms", { user_id: user.id, osf_id: osf.id, name: "bea-desktop" }), "vm");
+      expect((await ok(admin.get(`/dis/${di.id}`), "2xx", "image")).state).toBe("ready");
+      const desk = await ok(admin.post("/vms", { user_id: user.id, osf_id: osf.id, name: "bea-desktop" }), "2xx", "vm");
       const objects: [string, number][] = [["osfs", osf.id], ["dis", di.id], ["users", user.id], ["vms", desk.id]];
       for (const key of ["hb.level", "hb.osfs", "hb.dis", "hb.users", "hb.vms"])
-        await ok(admin.post("/properties", { key, applies_to: ["osf", "di", "user", "vm"] }), `property ${key}`);
+        await ok(admin.post("/properties", { key, applies_to: ["osf", "di", "user", "vm"] }), "2xx", `property ${key}`);
       for (const [path, id] of objects) {
-        await ok(admin.put(`/${path}/${id}/properties/hb.level`, { value: path }), `hb.level of ${path}`);
-        await ok(admin.put(`/${path}/${id}/properties/hb.${path}`, { value: `set on ${path}` }), `hb.${path}`);
+        await ok(admin.put(`/${path}/${id}/properties/hb.level`, { value: path }), "2xx", `hb.level of ${path}`);
+        await ok(admin.put(`/${path}/${id}/properties/hb.${path}`, { value: `set on ${path}` }), "2xx", `hb.${path}`);
       }
 
       xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" });
       const mean = async () => Number((await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`], { allowFail: true })).stdout.trim()) || 0;
-      const state = async () => (await ok(admin.get(`/vms/${desk.id}`), "vm state")) as { vm_state: string; user_state: string };
+      const state = async () => (await ok(admin.get(`/vms/${desk.id}`), "2xx", "vm state")) as { vm_state: string; user_state: string };
       /** One user session with `qvd client`: connected, the desktop's pixels on the user's display, then `during`, then logout. */
       const session = async (during: () => Promise<void>, extra: string[] = []) => {
         // Clear the user's display, so the session's pixels are its own.

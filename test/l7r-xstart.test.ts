@@ -14,6 +14,7 @@ import { guestUserName, xStartBody } from "../src/l7r/x-start.ts";
 import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { basic, WireClient } from "./support/qvd-wire.ts";
+import { poll } from "./support/wait.ts";
 
 const db = useTestDatabase();
 const ALL = D.ALL_TENANTS;
@@ -117,8 +118,7 @@ async function connect(vmId: number, auth: string, query: string) {
   const r = await c.final();
   c.end();
   // The session is released once the client has gone; the next test may connect again.
-  const deadline = Date.now() + 10_000;
-  while ((await db().sql`SELECT user_state FROM vm_runtimes WHERE vm_id = ${vmId}`)[0]!.user_state !== "disconnected" && Date.now() < deadline) await Bun.sleep(50);
+  await poll(async () => (await db().sql`SELECT user_state FROM vm_runtimes WHERE vm_id = ${vmId}`)[0]!.user_state === "disconnected", 10_000, 50);
   return r;
 }
 

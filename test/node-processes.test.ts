@@ -7,7 +7,8 @@ import { join } from "node:path";
 import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { Peer } from "./support/l7r-peer.ts";
-import { TestNode, until } from "./support/node.ts";
+import { TestNode } from "./support/node.ts";
+import { until } from "./support/wait.ts";
 
 const isRoot = process.getuid?.() === 0;
 const db = useTestDatabase();
@@ -72,7 +73,7 @@ describe.skipIf(!isRoot)("qvd node: the HKD and the L7R in two processes", () =>
     const peers = await Promise.all(Array.from({ length: 30 }, () => Peer.open({ unix: sock })));
     const junk = Buffer.from("GET /qvd/ping HTTP/1.1\r\n\r\n".repeat(2000));
     const storm = peers.map((p) => p.flood(junk, 64 * 1024 * 1024, 6000));
-    await Bun.sleep(1500);
+    await Bun.sleep(1500); // 1.5 s into the storm (its load is the point; no event marks it)
     const before = await heartbeat();
     // The HKD beats every second (hkd.heartbeat_interval = 1 in TestNode) while the storm goes on.
     await until(async () => (await heartbeat()).getTime() > before.getTime(), "a heartbeat during the storm", 15_000);

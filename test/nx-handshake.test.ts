@@ -7,7 +7,7 @@ import type { Socket, TCPSocketListener } from "bun";
 import { newNxCookie, NX_COOKIE, NX_TOKEN_MAX, NxGreeting, NxHandshakeError, spliceNx } from "../src/nx/handshake.ts";
 import { ioHandlers, type IoData, type SpliceResult } from "../src/nx/splice.ts";
 import { fuzzSeed, seededRng } from "./support/fuzz.ts";
-import { until } from "./support/node.ts";
+import { until, within } from "./support/wait.ts";
 
 const COOKIE = "0123456789abcdef0123456789abcdef";
 const enc = (s: string) => Buffer.from(s, "latin1");
@@ -157,6 +157,10 @@ function peer() {
   };
 }
 
+/** How long any one step of a spliceNx test may take (their timeout is 20 s): a broken splice fails a wait, not the test's timeout. */
+const STEP_MS = 10_000;
+const TEST_MS = 20_000;
+
 async function setup(opts: { toA?: string; timeoutMs?: number } = {}) {
   const agent = peer();
   const back = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: agent.handlers } as any);
@@ -178,54 +182,55 @@ async function setup(opts: { toA?: string; timeoutMs?: number } = {}) {
   listeners.push(front as any);
   const client = peer();
   await Bun.connect({ hostname: "127.0.0.1", port: front.port, socket: client.handlers } as any);
-  await until(() => result !== undefined && agent.socket() !== undefined, "the splice");
-  return { client, agent, result: () => result, refusedWith, until };
+  await until(() => result !== undefined && agent.socket() !== undefined, "the splice", STEP_MS);
+  return { client, agent, result: () => within(result, STEP_MS, "end of the splice"), refusedWith };
 }
 
 describe("spliceNx", () => {
   test("the greeting reaches the agent with the cookie; the bytes after it and the answers flow both ways", async () => {
-    const { client, agent, result, until } = await setup({ toA: "HTTP/1.1 101 Switching Protocols\r\n\r\n" });
-    await until(() => client.text().includes("101"), "the 101");
+    const { client, agent, result } = await setup({ toA: "HTTP/1.1 101 Switching Protocols\r\n\r\n" });
+    await until(() => client.text().includes("101"), "the 101", STEP_MS);
     client.socket().write(enc("NXPROXY-3.5.0-3.5.99 "));
+    // A check that nothing arrives: half a greeting is not passed on (30 ms to show itself).
     await Bun.sleep(30);
-    expect(agent.got).toEqual([]); // half a greeting is not passed on
+    expect(agent.got).toEqual([]);
     client.socket().write(enc("stream=default,data=default "));
-    await until(() => agent.text().length > 0, "the greeting at the agent");
+    await until(() => agent.text().length > 0, "the greeting at the agent", STEP_MS);
     expect(agent.text()).toBe(`NXPROXY-3.5.0-3.5.99 cookie=${COOKIE},stream=default,data=default `);
     agent.socket().write(enc("NXPROXY-3.5.0-3.5.99 link=LAN cachelist=none "));
-    await until(() => client.text().includes("cachelist"), "the agent's answer");
+    await until(() => client.text().includes("cachelist"), "the agent's answer", STEP_MS);
     const bin = new Uint8Array(70_000).map((_, i) => i * 7);
     client.socket().write(bin);
-    await until(() => agent.got.reduce((n, c) => n + c.length, 0) >= 70_000 + 80, "the client's data");
+    await until(() => agent.got.reduce((n, c) => n + c.length, 0) >= 70_000 + 80, "the client's data", STEP_MS);
     expect(Buffer.concat(agent.got).subarray(-70_000).equals(Buffer.from(bin))).toBe(true);
     client.socket().end();
     const r = await result();
     expect(r.aToB).toBeGreaterThan(70_000);
-    await agent.closed;
-  });
+    await within(agent.closed, STEP_MS, "close at the agent");
+  }, TEST_MS);
 
   test("a greeting that is not NX closes both sides; nothing of it reaches the agent", async () => {
     const { client, agent, result, refusedWith } = await setup();
     client.socket().write(enc("NXPROXY-3.5.0 cookie=\u0000 "));
     expect(await result()).toEqual({ aToB: 0, bToA: 0 });
-    await Promise.all([client.closed, agent.closed]);
+    await within(Promise.all([client.closed, agent.closed]), STEP_MS, "close at both sides");
     expect(agent.got).toEqual([]);
     expect(refusedWith[0]).toMatch(/unprintable/);
-  });
+  }, TEST_MS);
 
   test("a client that never greets is closed after the timeout", async () => {
     const { client, agent, result, refusedWith } = await setup({ timeoutMs: 200 });
     client.socket().write(enc("NXPROXY-3.5"));
     expect(await result()).toEqual({ aToB: 0, bToA: 0 });
-    await Promise.all([client.closed, agent.closed]);
+    await within(Promise.all([client.closed, agent.closed]), STEP_MS, "close at both sides");
     expect(agent.got).toEqual([]);
     expect(refusedWith).toEqual(["the client sent no NX handshake in time"]);
-  });
+  }, TEST_MS);
 
   test("the agent closing before the greeting closes the client", async () => {
     const { client, agent, result } = await setup();
     agent.socket().end();
-    await result();
-    await client.closed;
-  });
+    expect(await result()).toEqual({ aToB: 0, bToA: 0 });
+    await within(client.closed, STEP_MS, "close at the client");
+  }, TEST_MS);
 });

@@ -1,6 +1,7 @@
 // The QVD HTTP dialect: the tolerant reader and the precise writer.
 import { expect, test } from "bun:test";
 import { HttpParseError, jsonResponse, parseQuery, RequestReader, textResponse, writeHead } from "../src/nx/http.ts";
+import { until } from "./support/wait.ts";
 
 const enc = (s: string) => new TextEncoder().encode(s);
 const dec = (b: Uint8Array) => new TextDecoder().decode(b);
@@ -80,9 +81,9 @@ test("over a real socket: requests split across TCP segments are read in order",
   const text = "GET /a HTTP/1.1\n\nGET /b?x=1 HTTP/1.1\r\nHost: h\r\n\r\n";
   for (let i = 0; i < text.length; i += 5) {
     c.write(text.slice(i, i + 5));
-    await Bun.sleep(2);
+    await Bun.sleep(2); // pacing: each piece its own packet
   }
-  while (got.length < 2) await Bun.sleep(10);
+  await until(() => got.length >= 2, "both requests at the server", 3000, 10);
   expect(got).toEqual(["/a", "/b?x=1"]);
   c.end();
   server.stop(true);

@@ -1,8 +1,15 @@
 // The splice between two real sockets: client C ⇄ [front socket | splice | back socket] ⇄ S.
+// Every wait has a deadline well inside the test's timeout, so a broken splice fails an
+// expectation ("no … within N s", "timed out waiting for …") instead of timing the test out.
 import { afterEach, expect, test } from "bun:test";
 import { createHash, randomBytes } from "node:crypto";
 import type { Socket, TCPSocketListener } from "bun";
 import { ioHandlers, splice, type IoData, type SpliceResult } from "../src/nx/splice.ts";
+import { until, within } from "./support/wait.ts";
+
+/** How long any one step may take (the tests' timeout is 20 s). */
+const STEP_MS = 10_000;
+const TEST_MS = 20_000;
 
 const listeners: TCPSocketListener<any>[] = [];
 afterEach(() => {
@@ -11,6 +18,7 @@ afterEach(() => {
 
 interface Peer {
   received: Uint8Array[];
+  opened: Promise<void>;
   ended: Promise<void>;
   closed: Promise<void>;
   socket: () => Socket<any>;
@@ -21,17 +29,18 @@ interface Peer {
 function peerHandlers(onOpen?: (s: Socket<any>) => void) {
   const received: Uint8Array[] = [];
   let sock: Socket<any> | undefined;
-  let endR!: () => void, closeR!: () => void;
+  let openR!: () => void, endR!: () => void, closeR!: () => void;
+  const opened = new Promise<void>((r) => (openR = r));
   const ended = new Promise<void>((r) => (endR = r));
   const closed = new Promise<void>((r) => (closeR = r));
   const peer: Peer = {
-    received, ended, closed,
+    received, opened, ended, closed,
     socket: () => sock!,
     size: () => received.reduce((n, c) => n + c.length, 0),
     hash: () => createHash("sha256").update(Buffer.concat(received)).digest("hex"),
   };
   const handlers = {
-    open(s: Socket<any>) { sock = s; onOpen?.(s); },
+    open(s: Socket<any>) { sock = s; onOpen?.(s); openR(); },
     data(_s: Socket<any>, d: Uint8Array) { received.push(new Uint8Array(d)); },
     end() { endR(); },
     close() { endR(); closeR(); },
@@ -64,9 +73,9 @@ async function setup() {
   listeners.push(front as any);
   const client = peerHandlers();
   await Bun.connect({ hostname: "127.0.0.1", port: front.port, allowHalfOpen: true, socket: client.handlers } as any);
-  await isReady;
-  await Bun.sleep(20);
-  return { c: client.peer, s: back.peer, result: () => spliced };
+  // Spliced, and both ends' sockets open (the server's may open after the splice's connect resolves).
+  await within(Promise.all([isReady, client.peer.opened, back.peer.opened]), STEP_MS, "spliced connection");
+  return { c: client.peer, s: back.peer, result: () => within(spliced, STEP_MS, "end of the splice") };
 }
 
 /** Writes all of `data`, waiting for drains. */
@@ -86,48 +95,49 @@ test("bulk data both ways arrives intact, in order", async () => {
   const up = randomBytes(8 << 20);
   const down = randomBytes(5 << 20);
   await Promise.all([writeAll(c.socket(), up), writeAll(s.socket(), down)]);
-  while (s.size() < up.length || c.size() < down.length) await Bun.sleep(20);
+  await until(() => s.size() >= up.length && c.size() >= down.length, "all the bytes at both ends", STEP_MS, 20);
   expect(s.hash()).toBe(createHash("sha256").update(up).digest("hex"));
   expect(c.hash()).toBe(createHash("sha256").update(down).digest("hex"));
   c.socket().end();
   s.socket().end();
   const r = await result();
   expect(r).toEqual({ aToB: up.length, bToA: down.length });
-});
+}, TEST_MS);
 
 test("a slow reader: the splice buffers no more than a chunk and loses nothing", async () => {
   const { c, s } = await setup();
   (s.socket() as any).pause();
   const up = randomBytes(16 << 20);
   const writing = writeAll(c.socket(), up);
+  // A check that nothing arrives: for 300 ms the paused reader gets no byte; the writer is held
+  // back by backpressure, not buffered in memory.
   await Bun.sleep(300);
-  // The reader is paused: the writer is held back by backpressure, not buffered in memory.
   expect(s.size()).toBe(0);
   (s.socket() as any).resume();
-  await writing;
-  while (s.size() < up.length) await Bun.sleep(20);
+  await within(writing, STEP_MS, "end of the writes after the reader resumed");
+  await until(() => s.size() >= up.length, "all the bytes at the slow reader", STEP_MS, 20);
   expect(s.hash()).toBe(createHash("sha256").update(up).digest("hex"));
   c.socket().end();
-});
+}, TEST_MS);
 
 test("half-close: the client's FIN reaches the server, which still answers", async () => {
   const { c, s, result } = await setup();
   c.socket().write("request");
   c.socket().shutdown();
-  await s.ended;
+  await within(s.ended, STEP_MS, "FIN at the server");
   expect(Buffer.concat(s.received).toString()).toBe("request");
   s.socket().write("answer after FIN");
-  await Bun.sleep(100);
+  await until(() => Buffer.concat(c.received).length >= 16, "the answer at the half-closed client", STEP_MS, 10);
   expect(Buffer.concat(c.received).toString()).toBe("answer after FIN");
   s.socket().end();
-  await c.closed;
+  await within(c.closed, STEP_MS, "close at the client");
   const r = await result();
   expect(r).toEqual({ aToB: 7, bToA: 16 });
-});
+}, TEST_MS);
 
 test("one side closing closes the other", async () => {
   const { c, s, result } = await setup();
   s.socket().terminate();
-  await c.ended;
-  await result();
-});
+  await within(c.ended, STEP_MS, "end at the client after the server's side went away");
+  expect(await result()).toEqual({ aToB: 0, bToA: 0 });
+}, TEST_MS);

@@ -8,9 +8,11 @@ import { join } from "node:path";
 import { authenticateLogin, tenantConfig } from "../src/auth/chain.ts";
 import { Config, KEYS, loadConfig, type ConfigKey } from "../src/config.ts";
 import { checkDatabaseTls } from "../src/db/pool.ts";
-import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
+import { useTestApi, type ApiClient } from "./support/api.ts";
+import { ok } from "./support/assert.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 import { LDAP_SUFFIX, LdapServer } from "./support/ldap.ts";
+import { waitFor, within } from "./support/wait.ts";
 
 const db = useTestDatabase();
 const sql = () => db().sql;
@@ -26,33 +28,21 @@ const LDIF = [
 
 const IDLE_S = 4;
 const ldap = new LdapServer();
-let api: TestApi;
-let sa: ApiClient;
 let boss: ApiClient; // the Tenant administrator of acme
 let acme: number;
-
-async function ok<T = any>(p: Promise<{ status: number; body: T }>, status = 200): Promise<T> {
-  const r = await p;
-  if (r.status !== status) throw new Error(`expected ${status}, got ${r.status}: ${JSON.stringify(r.body)}`);
-  return r.body;
-}
 
 beforeAll(async () => {
   const { ensureDeps } = await import("../scripts/deps.ts");
   await ensureDeps(["slapd", "ldap-utils", "openssl"], () => {});
   await ldap.start(LDIF);
-  api = await startTestApi(db(), {
-    "wat.multitenant": "1", "api.timeout.idle": String(IDLE_S), "api.events.max_streams": "3", "api.events.max_streams_per_admin": "2",
-  });
-  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
-  acme = (await ok(sa.post("/tenants", { name: "acme" }), 201)).id;
-  const role = (await ok(sa.get("/roles?name=Tenant%20administrator"))).items[0].id;
-  const b = await ok(sa.post("/administrators", { tenant_id: acme, name: "boss", password: "boss-password" }), 201);
-  await ok(sa.post(`/administrators/${b.id}/roles`, { role_id: role }));
-  boss = await api.login("boss", "boss-password", "acme");
 }, 120_000);
+const live = useTestApi(db, { "wat.multitenant": "1", "api.timeout.idle": String(IDLE_S), "api.events.max_streams": "3", "api.events.max_streams_per_admin": "2" });
+const { api, sa } = live;
+beforeAll(async () => {
+  acme = (await ok(sa.post("/tenants", { name: "acme" }), 201)).id;
+  boss = (await live.admin("boss", { tenantId: acme, tenant: "acme", roles: ["Tenant administrator"] })).client;
+});
 afterAll(async () => {
-  await api?.stop();
   await ldap.stop();
 });
 
@@ -362,7 +352,7 @@ describe("API limits", () => {
   /** Opens an event stream; resolves once it is `ready` (or with the refusal). */
   async function openStream(c: ApiClient): Promise<{ status: number; body?: any; events: string[]; close: () => void; next: (event: string) => Promise<void> }> {
     const abort = new AbortController();
-    const res = await fetch(`${api.url}/events`, { headers: { authorization: `Bearer ${c.token}` }, signal: abort.signal });
+    const res = await c.request("/events", { signal: abort.signal });
     if (res.status !== 200) return { status: res.status, body: { ...((await res.json()) as object), retryAfter: res.headers.get("retry-after") }, events: [], close: () => {}, next: async () => {} };
     const reader = res.body!.getReader();
     const events: string[] = [];
@@ -401,11 +391,11 @@ describe("API limits", () => {
     expect(b2.status).toBe(503);
     expect(b2.body.error.message).toBe("the API serves as many event streams as it may; try again later");
     a1.close();
-    let again = await openStream(sa);
-    for (let i = 0; again.status !== 200 && i < 100; i++) {
-      await Bun.sleep(50);
-      again = await openStream(sa);
-    }
+    // a1's slot is given back once the server has seen it close.
+    const again = await waitFor("a stream once a1 is closed", async () => {
+      const s = await openStream(sa);
+      return s.status === 200 && s;
+    }, 5000, 50);
     expect(again.status).toBe(200);
     for (const s of [a2, b1, again]) s.close();
   });
@@ -447,9 +437,11 @@ describe("API limits", () => {
     const silent = tcpConnect(Number(port), hostname);
     silent.on("error", () => {});
     await new Promise<void>((r) => silent.once("connect", () => r()));
-    await new Promise<void>((r) => silent.once("close", () => r())); // the test times out when it never closes
-    // The stream was open all along, longer than the idle timeout, and still gets keep-alives.
-    for (let i = 0; i < 3; i++) await stream.next("ping");
+    await within(new Promise<void>((r) => silent.once("close", () => r())), 15_000, "close of the silent connection (api.timeout.idle is 4 s)");
+    // The stream was open all along, longer than the idle timeout, and still gets keep-alives (every 2 s here).
+    await within((async () => {
+      for (let i = 0; i < 3; i++) await stream.next("ping");
+    })(), 10_000, "three keep-alives on the event stream");
     stream.close();
   }, 30_000);
 });

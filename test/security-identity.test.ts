@@ -14,11 +14,12 @@ import { Config } from "../src/config.ts";
 import * as D from "../src/db/index.ts";
 import { startL7r, type L7r } from "../src/l7r/server.ts";
 import { run } from "../src/run.ts";
-import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
+import { useTestApi, type ApiClient } from "./support/api.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 import { LDAP_SUFFIX, LdapServer } from "./support/ldap.ts";
-import { cleanEnv, desktopImage, TestNode, until } from "./support/node.ts";
+import { cleanEnv, desktopImage, TestNode } from "./support/node.ts";
 import { basic, WireClient } from "./support/qvd-wire.ts";
+import { poll, until } from "./support/wait.ts";
 
 const db = useTestDatabase();
 const sql = () => db().sql;
@@ -27,8 +28,8 @@ const repo = join(import.meta.dir, "..");
 const work = mkdtempSync(join(tmpdir(), "qvd-sec-id-"));
 chmodSync(work, 0o755);
 
-let api: TestApi;
-let sa: ApiClient;
+const live = useTestApi(db, { "wat.multitenant": "1" }, { tenant: "*" });
+const { api, sa } = live;
 let boss: ApiClient; // acme's Tenant administrator
 const t: Record<string, number> = {};
 const u: Record<string, number> = {};
@@ -40,17 +41,7 @@ const UID = "qvd.vm.user.uid";
 const GID = "qvd.vm.user.gid";
 const GROUPS = "qvd.vm.user.groups";
 
-/** An administrator of `tenant` with these roles, logged in. */
-async function admin(name: string, tenantId: number, tenantName: string, roles: number[]): Promise<{ id: number; c: ApiClient }> {
-  const r = await sa.post("/administrators", { tenant_id: tenantId, name, password: `${name}-password` });
-  expect(r.status).toBe(201);
-  for (const role_id of roles) expect((await sa.post(`/administrators/${r.body.id}/roles`, { role_id })).status).toBe(200);
-  return { id: r.body.id, c: await api.login(name, `${name}-password`, tenantName) };
-}
-
 beforeAll(async () => {
-  api = await startTestApi(db(), { "wat.multitenant": "1" });
-  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password, "*");
   for (const n of ["acme", "beta"]) t[n] = (await sa.post("/tenants", { name: n })).body.id;
   for (const n of ["Superadmin", "Tenant administrator", "Operator"]) role[n] = (await sa.get(`/roles?name=${encodeURIComponent(n)}`)).body.items[0].id;
   for (const key of [HOME, UID, GID, GROUPS, "site.note"])
@@ -58,11 +49,10 @@ beforeAll(async () => {
   u.alice = (await sa.post("/users", { tenant_id: t.acme, name: "alice", password: "alice-pw-1" })).body.id;
   u.bob = (await sa.post("/users", { tenant_id: t.beta, name: "bob", password: "bob-pw-1" })).body.id;
   acmeOsf = (await sa.post("/osfs", { tenant_id: t.acme, name: "desk", memory_mb: 256 })).body.id;
-  boss = (await admin("boss", t.acme!, "acme", [role["Tenant administrator"]!])).c;
+  boss = (await live.admin("boss", { tenantId: t.acme!, tenant: "acme", roles: [role["Tenant administrator"]!] })).client;
 });
 
-afterAll(async () => {
-  await api?.stop();
+afterAll(() => {
   rmSync(work, { recursive: true, force: true });
 });
 
@@ -91,7 +81,7 @@ describe("identity properties", () => {
   test("with property.identity (granted by a superadmin): bad values 422 naming the value, good ones 200", async () => {
     const r = await sa.post("/roles", { tenant_id: t.acme, name: "identity editors" });
     expect((await sa.put(`/roles/${r.body.id}/acls`, { acl: "property.identity" })).status).toBe(200);
-    const editor = await admin("editor", t.acme!, "acme", [role["Tenant administrator"]!, r.body.id]);
+    const editor = await live.admin("editor", { tenantId: t.acme!, tenant: "acme", roles: [role["Tenant administrator"]!, r.body.id] });
     const bad: [string, string, string][] = [
       ...BAD.map(([k, v]): [string, string, string] => [k, v, k === GROUPS ? "not allowed" : k === HOME ? "not a plain directory below /home" : "outside the allowed range"]),
       [HOME, "/home/../etc", "not a plain directory"], [HOME, "/home/alice/../../etc", "not a plain directory"], [HOME, "/home", "not a plain directory"],
@@ -101,16 +91,16 @@ describe("identity properties", () => {
       [GROUPS, "audio,root", "group root not allowed"], [GROUPS, "adm", "group adm not allowed"], [GROUPS, "audio;rm", "expected group names"],
     ];
     for (const [key, value, message] of bad) {
-      const res = await editor.c.put(`/users/${u.alice}/properties/${key}`, { value });
+      const res = await editor.client.put(`/users/${u.alice}/properties/${key}`, { value });
       expect(res.status, `${key}=${value}`).toBe(422);
       expect(res.body.error.field).toBe("value");
       expect(res.body.error.message).toContain(`value: ${key}: `);
       expect(res.body.error.message).toContain(message);
     }
     for (const [key, value] of [[HOME, "/home/acme/alice"], [UID, "20001"], [GID, "20001"], [GROUPS, "audio, video"]] as const)
-      expect((await editor.c.put(`/users/${u.alice}/properties/${key}`, { value })).status, `${key}=${value}`).toBe(200);
+      expect((await editor.client.put(`/users/${u.alice}/properties/${key}`, { value })).status, `${key}=${value}`).toBe(200);
     // Another tenant's object stays invisible: 404, not a range error.
-    expect((await editor.c.put(`/users/${u.bob}/properties/${UID}`, { value: "1" })).status).toBe(404);
+    expect((await editor.client.put(`/users/${u.bob}/properties/${UID}`, { value: "1" })).status).toBe(404);
   });
 
   test("a superadmin is held to the ranges too; they are global settings a tenant cannot widen", async () => {
@@ -162,38 +152,38 @@ describe("escalation", () => {
     const r = await sa.post("/roles", { tenant_id: 0, name: "assigners" });
     role.assigners = r.body.id;
     for (const acl of ["administrator.assign_role", "role.assign_acl", "role.assign_role"]) expect((await sa.put(`/roles/${r.body.id}/acls`, { acl })).status).toBe(200);
-    const deputy = await admin("deputy", 0, "*", [r.body.id]);
-    expect((await deputy.c.get("/session")).body.administrator.superadmin).toBe(true); // tenant *: the case noEscalation skipped
-    const self = await deputy.c.post(`/administrators/${deputy.id}/roles`, { role_id: role.Superadmin });
+    const deputy = await live.admin("deputy", { tenantId: 0, tenant: "*", roles: [r.body.id] });
+    expect((await deputy.client.get("/session")).body.administrator.superadmin).toBe(true); // tenant *: the case noEscalation skipped
+    const self = await deputy.client.post(`/administrators/${deputy.id}/roles`, { role_id: role.Superadmin });
     expect(self.status).toBe(403);
     expect(self.body.error.message).toContain("you can only give permissions you hold yourself");
-    expect((await deputy.c.put(`/roles/${r.body.id}/acls`, { acl: "tenant.create" })).status).toBe(403);
-    expect((await deputy.c.post(`/roles/${r.body.id}/inherits`, { role_id: role["Tenant administrator"] })).status).toBe(403);
-    expect((await deputy.c.put(`/roles/${r.body.id}/acls`, { acl: "tenant.create", positive: false })).status).toBe(200); // denying is fine
-    expect((await deputy.c.del(`/roles/${r.body.id}/acls/tenant.create`)).status).toBe(403); // lifting a denial gives it
+    expect((await deputy.client.put(`/roles/${r.body.id}/acls`, { acl: "tenant.create" })).status).toBe(403);
+    expect((await deputy.client.post(`/roles/${r.body.id}/inherits`, { role_id: role["Tenant administrator"] })).status).toBe(403);
+    expect((await deputy.client.put(`/roles/${r.body.id}/acls`, { acl: "tenant.create", positive: false })).status).toBe(200); // denying is fine
+    expect((await deputy.client.del(`/roles/${r.body.id}/acls/tenant.create`)).status).toBe(403); // lifting a denial gives it
     expect((await sa.get(`/administrators/${deputy.id}`)).body.roles).toEqual(["assigners"]);
     expect([...(await D.administratorEffectiveAcls(sql(), deputy.id))].sort()).toEqual(["administrator.assign_role", "role.assign_acl", "role.assign_role"]);
     // A role within their own rights is fine (Superadmin itself may do all of it).
     const mine = await sa.post("/roles", { tenant_id: 0, name: "only assign" });
     expect((await sa.put(`/roles/${mine.body.id}/acls`, { acl: "administrator.assign_role" })).status).toBe(200);
-    expect((await deputy.c.post(`/administrators/${deputy.id}/roles`, { role_id: mine.body.id })).status).toBe(200);
+    expect((await deputy.client.post(`/administrators/${deputy.id}/roles`, { role_id: mine.body.id })).status).toBe(200);
   });
 
   test("password resets of administrators who hold more than the caller: 403, single and mass; of weaker ones: 200", async () => {
     const r = await sa.post("/roles", { tenant_id: 0, name: "password desk" });
     for (const acl of ["administrator.see", "administrator.update.password"]) expect((await sa.put(`/roles/${r.body.id}/acls`, { acl })).status).toBe(200);
-    const desk = await admin("desk", 0, "*", [r.body.id]);
+    const desk = await live.admin("desk", { tenantId: 0, tenant: "*", roles: [r.body.id] });
     const saId = (await sa.get("/session")).body.administrator.id;
     const weak = (await sa.post("/administrators", { tenant_id: t.acme, name: "weak", password: "weak-password" })).body.id;
-    const reset = await desk.c.patch(`/administrators/${saId}`, { password: "taken-over-1" });
+    const reset = await desk.client.patch(`/administrators/${saId}`, { password: "taken-over-1" });
     expect(reset.status).toBe(403);
     expect(reset.body.error.message).toContain("you can only set the password of administrators whose permissions you hold yourself");
-    const many = await desk.c.patch(`/administrators?name=superadmin`, { password: "taken-over-1" });
+    const many = await desk.client.patch(`/administrators?name=superadmin`, { password: "taken-over-1" });
     expect(many.body).toMatchObject({ total: 1, ok: 0, failed: 1, results: [{ id: saId, ok: false, status: 403 }] });
     await api.login(TEST_ADMIN.name, TEST_ADMIN.password, "*"); // still the old password
-    expect((await desk.c.patch(`/administrators/${weak}`, { password: "weak-password-2" })).status).toBe(200);
+    expect((await desk.client.patch(`/administrators/${weak}`, { password: "weak-password-2" })).status).toBe(200);
     // A tenant administrator cannot reset an administrator of their tenant who holds Superadmin.
-    const strong = await admin("strong", t.acme!, "acme", [role.Superadmin!]);
+    const strong = await live.admin("strong", { tenantId: t.acme!, tenant: "acme", roles: [role.Superadmin!] });
     expect((await boss.patch(`/administrators/${strong.id}`, { password: "taken-over-1" })).status).toBe(403);
     await api.login("strong", "strong-password", "acme");
   });
@@ -202,55 +192,55 @@ describe("escalation", () => {
     const r = await sa.post("/roles", { tenant_id: 0, name: "keeper" });
     for (const acl of ["administrator.see", "administrator.update", "administrator.delete", "administrator.assign_role", "role.see", "role.update", "role.delete", "role.assign_acl", "role.assign_role"])
       expect((await sa.put(`/roles/${r.body.id}/acls`, { acl })).status).toBe(200);
-    const keeper = await admin("keeper", 0, "*", [r.body.id]);
+    const keeper = await live.admin("keeper", { tenantId: 0, tenant: "*", roles: [r.body.id] });
     const saId = (await sa.get("/session")).body.administrator.id;
     const sup = role.Superadmin!;
     const refused = [
-      await keeper.c.patch(`/administrators/${saId}`, { blocked: true }),
-      await keeper.c.patch(`/administrators/${saId}`, { name: "gone" }),
-      await keeper.c.del(`/administrators/${saId}`),
-      await keeper.c.del(`/administrators/${saId}/roles/${sup}`),
-      await keeper.c.put(`/roles/${sup}/acls`, { acl: "administrator.see", positive: false }),
-      await keeper.c.patch(`/roles/${sup}`, { name: "Nobody" }),
-      await keeper.c.del(`/roles/${sup}`),
+      await keeper.client.patch(`/administrators/${saId}`, { blocked: true }),
+      await keeper.client.patch(`/administrators/${saId}`, { name: "gone" }),
+      await keeper.client.del(`/administrators/${saId}`),
+      await keeper.client.del(`/administrators/${saId}/roles/${sup}`),
+      await keeper.client.put(`/roles/${sup}/acls`, { acl: "administrator.see", positive: false }),
+      await keeper.client.patch(`/roles/${sup}`, { name: "Nobody" }),
+      await keeper.client.del(`/roles/${sup}`),
     ];
     expect(refused.map((x) => x.status)).toEqual([403, 403, 403, 403, 403, 403, 403]);
     expect(refused[0]!.body.error.message).toContain("you can only change administrators whose permissions you hold yourself");
-    const many = await keeper.c.patch(`/administrators?name=superadmin`, { blocked: true });
+    const many = await keeper.client.patch(`/administrators?name=superadmin`, { blocked: true });
     expect(many.body).toMatchObject({ total: 1, ok: 0, failed: 1, results: [{ id: saId, ok: false, status: 403 }] });
-    expect((await keeper.c.del(`/administrators?name=superadmin`)).body).toMatchObject({ ok: 0, failed: 1 });
+    expect((await keeper.client.del(`/administrators?name=superadmin`)).body).toMatchObject({ ok: 0, failed: 1 });
     // Nothing changed: the superadministrator still logs in with every ACL.
     const again = await api.login(TEST_ADMIN.name, TEST_ADMIN.password, "*");
     expect((await again.get(`/administrators/${saId}/acls`)).body.items).toContain("administrator.see");
     // Administrators and roles within the keeper's own rights are theirs to manage.
     const weak = (await sa.post("/administrators", { tenant_id: 0, name: "weakling", password: "weakling-password" })).body.id;
-    expect((await keeper.c.patch(`/administrators/${weak}`, { blocked: true })).status).toBe(200);
-    expect((await keeper.c.del(`/administrators/${weak}`)).status).toBe(200);
+    expect((await keeper.client.patch(`/administrators/${weak}`, { blocked: true })).status).toBe(200);
+    expect((await keeper.client.del(`/administrators/${weak}`)).status).toBe(200);
     const small = (await sa.post("/roles", { tenant_id: 0, name: "small" })).body.id;
     expect((await sa.put(`/roles/${small}/acls`, { acl: "role.see" })).status).toBe(200);
-    expect((await keeper.c.put(`/roles/${small}/acls`, { acl: "role.see", positive: false })).status).toBe(200);
-    expect((await keeper.c.del(`/roles/${small}`)).status).toBe(200);
+    expect((await keeper.client.put(`/roles/${small}/acls`, { acl: "role.see", positive: false })).status).toBe(200);
+    expect((await keeper.client.del(`/roles/${small}`)).status).toBe(200);
   });
 });
 
 describe("sessions and tokens", () => {
   test("an own password change ends the account's other sessions and keeps this one; a reset by another ends all", async () => {
-    const carol = await admin("carol", t.acme!, "acme", []);
+    const carol = await live.admin("carol", { tenantId: t.acme!, tenant: "acme", roles: [] });
     const other = await api.login("carol", "carol-password", "acme");
     expect((await other.get("/session")).status).toBe(200);
-    const ch = await carol.c.put("/session/password", { current_password: "carol-password", password: "carol-password-2" });
+    const ch = await carol.client.put("/session/password", { current_password: "carol-password", password: "carol-password-2" });
     expect(ch.status).toBe(200);
-    expect((await carol.c.get("/session")).status).toBe(200);
+    expect((await carol.client.get("/session")).status).toBe(200);
     expect((await other.get("/session")).status).toBe(401);
     const third = await api.login("carol", "carol-password-2", "acme");
     expect((await sa.patch(`/administrators/${carol.id}`, { password: "carol-password-3" })).status).toBe(200);
-    expect((await carol.c.get("/session")).status).toBe(401);
+    expect((await carol.client.get("/session")).status).toBe(401);
     expect((await third.get("/session")).status).toBe(401);
     // Through PATCH on oneself: the session that made the change stays.
-    const root = await admin("root3", 0, "*", [role.Superadmin!]);
+    const root = await live.admin("root3", { tenantId: 0, tenant: "*", roles: [role.Superadmin!] });
     const root2 = await api.login("root3", "root3-password", "*");
-    expect((await root.c.patch(`/administrators/${root.id}`, { password: "root3-password-2" })).status).toBe(200);
-    expect((await root.c.get("/session")).status).toBe(200);
+    expect((await root.client.patch(`/administrators/${root.id}`, { password: "root3-password-2" })).status).toBe(200);
+    expect((await root.client.get("/session")).status).toBe(200);
     expect((await root2.get("/session")).status).toBe(401);
   });
 
@@ -312,8 +302,8 @@ describe("sessions and tokens", () => {
       expect((await boss.post(`/users/${u.bob}/revoke_tokens`)).status).toBe(404);
       expect((await request("/qvd/list_of_vm", bearer(bobs))).status).toBe(200);
       // An Operator does not hold user.update.tokens.
-      const op = await admin("op", t.acme!, "acme", [role.Operator!]);
-      expect((await op.c.post(`/users/${u.alice}/revoke_tokens`)).status).toBe(403);
+      const op = await live.admin("op", { tenantId: t.acme!, tenant: "acme", roles: [role.Operator!] });
+      expect((await op.client.post(`/users/${u.alice}/revoke_tokens`)).status).toBe(403);
       // The CLI verb.
       const t3 = await token(ALICE());
       const env = Object.assign(cleanEnv(), { HOME: work, XDG_CONFIG_HOME: join(work, ".config"), QVD_ADMIN_URL: api.url.replace(/\/api\/v1$/, ""), QVD_ADMIN_TOKEN: boss.token! });
@@ -466,12 +456,11 @@ describe("the VMA checks the identity again", () => {
     const passwd = readFileSync(join(root, "etc/passwd"), "utf8");
     const start = async (body: Record<string, unknown>, error: string) => {
       expect((await call("POST", "/vma/x_start", { uid: 20001, gid: 20001, cookie: COOKIE, ...body })).status).toBe(200);
-      let s;
-      for (let i = 0; i < 100; i++) {
+      let s: any;
+      await poll(async () => {
         s = (await call("GET", "/vma/x_state")).body;
-        if (s.state === "stopped" && s.error) break;
-        await Bun.sleep(50);
-      }
+        return s.state === "stopped" && Boolean(s.error);
+      }, 5000, 50);
       expect(s.error).toContain(error);
     };
     // A login "daemon" is the image's system account (uid 1): never a session user.

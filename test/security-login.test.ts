@@ -13,7 +13,7 @@ import { decide, DEFAULT_POLICY } from "../src/auth/throttle.ts";
 import * as D from "../src/db/index.ts";
 import { startL7r, type L7r } from "../src/l7r/server.ts";
 import { run } from "../src/run.ts";
-import { ApiClient, startTestApi, type ApiResponse, type TestApi } from "./support/api.ts";
+import { ApiClient, createAdmin, startTestApi, useTestApi, type ApiResponse, type TestApi } from "./support/api.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { basic } from "./support/qvd-wire.ts";
 
@@ -22,17 +22,14 @@ const sql = () => db().sql;
 const ALL = D.ALL_TENANTS;
 // account: 3 free failures; address: 6; then waits of 2, 4, 4… seconds.
 const POLICY = { "auth.throttle.account.tries": "3", "auth.throttle.address.tries": "6", "auth.throttle.delay": "2", "auth.throttle.max_delay": "4" };
-let api: TestApi; // behind a trusted proxy (this machine)
-let direct: TestApi; // no trusted proxies: X-Forwarded-For means nothing
+const { api, sa } = useTestApi(db, { ...POLICY, "api.trusted_proxies": "127.0.0.1, ::1" }); // behind a trusted proxy (this machine)
+let direct: TestApi; // no trusted proxies: X-Forwarded-For means nothing (no superadmin logs in there)
 let l7r: L7r;
 const dir = mkdtempSync("/tmp/qvd-security-login-");
 
 beforeAll(async () => {
-  api = await startTestApi(db(), { ...POLICY, "api.trusted_proxies": "127.0.0.1, ::1" });
   direct = await startTestApi(db(), POLICY);
-  const sa = await api.login("superadmin", "test-superadmin-pw");
-  for (const name of ["ada", "ben", "cyd", "dot", "eve", "fay"])
-    expect((await sa.post("/administrators", { name, password: `${name}-password` })).status).toBe(201);
+  for (const name of ["ada", "ben", "cyd", "dot", "eve", "fay"]) await createAdmin(sa, name, {});
   await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
     "-keyout", join(dir, "key.pem"), "-out", join(dir, "cert.pem")]);
   const host = await D.create(sql(), D.hosts, ALL, { name: "login-node", address: "127.0.0.1" });
@@ -47,7 +44,6 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await l7r?.stop();
-  await api?.stop();
   await direct?.stop();
   rmSync(dir, { recursive: true, force: true });
 });
@@ -128,8 +124,7 @@ describe("API", () => {
   });
 
   test("every spelling of a name counts for the one account: case and tenant variants buy no guesses", async () => {
-    const sa = await api.login("superadmin", "test-superadmin-pw");
-    expect((await sa.post("/administrators", { name: "gus", password: "gus-password" })).status).toBe(201);
+    await createAdmin(sa, "gus", {});
     const from = "198.51.100.20";
     for (const name of ["GUS", "Gus@default", "gUs@*"]) expect((await apiLogin(name, "guess", from)).status).toBe(401);
     expect((await apiLogin("gus", "gus-password", from)).status).toBe(429);

@@ -10,10 +10,11 @@ import { basename, join } from "node:path";
 import * as D from "../src/db/index.ts";
 import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
-import { desktopImage, TestNode, until } from "./support/node.ts";
+import { desktopImage, TestNode } from "./support/node.ts";
 import { desktopShell } from "./support/desktop-session.ts";
 import { startClientCups, startClientPulse, startXvfb, type ClientCups, type ClientPulse } from "./support/services.ts";
 import { peak, sineWav, toneRatio } from "./support/tone.ts";
+import { until } from "./support/wait.ts";
 
 const isRoot = process.getuid?.() === 0;
 const db = useTestDatabase();
@@ -205,7 +206,7 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
 
   test("--no-printing and --no-audio: no printers and no sound in the desktop; nothing plays elsewhere", async () => {
     await connect(["--no-printing", "--no-audio"]);
-    await Bun.sleep(5000);
+    await Bun.sleep(5000); // a check that nothing appears: no printer within 5 s
     expect(await qvdPrinters()).toEqual([]);
     const t = await playTone();
     expect(t.status).not.toBe(0); // no server: paplay fails (and starts none: no autospawn in the image)
@@ -312,7 +313,7 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
     await D.setPropertyValue(sql(), ALL, "vm", vm.id, "qvd.vm.audio.enable", "no");
     try {
       await connect();
-      await Bun.sleep(5000);
+      await Bun.sleep(5000); // a check that nothing appears: no printer within 5 s
       expect(await qvdPrinters()).toEqual([]);
       const t = await playTone();
       expect(t.ratio).toBeLessThan(10);

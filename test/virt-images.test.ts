@@ -6,6 +6,8 @@ import { join } from "node:path";
 import { run } from "../src/run.ts";
 import { copyFileSync } from "node:fs";
 import { checkEntries, ImageError, inspectImage, parseListing, unpackImage, type UnpackProgress } from "../src/virt/images.ts";
+import { rejection } from "./support/assert.ts";
+import { until } from "./support/wait.ts";
 
 let dir: string;
 let src: string; // a tiny root filesystem
@@ -23,16 +25,9 @@ function leftovers(id: number): string[] {
   return readdirSync(basefsDir).filter((n) => n !== `.lock-${id}` && (n === String(id) || n.includes(`-${id}`)));
 }
 
+/** The message of the ImageError `p` fails with, matching `pattern`; nothing of image `id` is left. */
 async function expectRefused(p: Promise<unknown>, pattern: RegExp, id: number): Promise<string> {
-  let err: unknown;
-  try {
-    await p;
-  } catch (e) {
-    err = e;
-  }
-  expect(err).toBeInstanceOf(ImageError);
-  const msg = (err as Error).message;
-  expect(msg).toMatch(pattern);
+  const msg = (await rejection(p, ImageError, pattern)).message;
   expect(leftovers(id)).toEqual([]);
   return msg;
 }
@@ -413,12 +408,8 @@ describe("shared storage: two nodes unpack the real desktop image at once", () =
 
   test("an unpacker holding the lock never removes another node's live temporary directory (its lock did not reach that node)", async () => {
     const other = Bun.spawn([process.execPath, "-e", unpacker(42)], { stdout: "pipe", stderr: "pipe" });
-    const deadline = Date.now() + 300_000;
     const theirs = () => readdirSync(store).find((n) => n.startsWith(".tmp-42-") && !n.endsWith(".meta") && !n.endsWith(".exclude"));
-    while (!(theirs() && existsSync(join(store, theirs()!, "usr")))) {
-      if (Date.now() > deadline) throw new Error("the other unpacker never started extracting");
-      await Bun.sleep(50);
-    }
+    await until(() => Boolean(theirs() && existsSync(join(store, theirs()!, "usr"))), "the other unpacker to start extracting", 300_000, 50);
     const mine = await unpackImage({ image, basefsDir: store, diId: 42, idmap: m }); // takes the lock
     const out = await new Response(other.stdout).text();
     expect(await other.exited).toBe(0);
@@ -432,11 +423,7 @@ describe("shared storage: two nodes unpack the real desktop image at once", () =
     // setsid: the unpacker, lxc-usernsexec and tar in a process group of their own, killed together.
     const p = Bun.spawn(["setsid", process.execPath, "-e", unpacker(41)], { stdout: "ignore", stderr: "ignore" });
     const tmpDir = () => readdirSync(store).find((n) => n.startsWith(".tmp-41-") && !n.endsWith(".meta") && !n.endsWith(".exclude"));
-    const deadline = Date.now() + 300_000;
-    while (!(tmpDir() && existsSync(join(store, tmpDir()!, "usr")))) {
-      if (Date.now() > deadline) throw new Error("the unpacker never started extracting");
-      await Bun.sleep(50);
-    }
+    await until(() => Boolean(tmpDir() && existsSync(join(store, tmpDir()!, "usr"))), "the unpacker to start extracting", 300_000, 50);
     process.kill(-p.pid, "SIGKILL");
     await p.exited;
     const left = tmpDir()!;

@@ -11,6 +11,7 @@ import { Config } from "../src/config.ts";
 import { macFor, type VmSpec } from "../src/virt/backend.ts";
 import { run } from "../src/run.ts";
 import { ensureDeps } from "../scripts/deps.ts";
+import { poll } from "./support/wait.ts";
 
 // --- pure parts -------------------------------------------------------------------------------
 
@@ -413,12 +414,10 @@ describe.skipIf(!hasNetns)("LXC backend (real lxc, own netns)", () => {
     // HTTP from the node's namespace (a bun one-liner: the test process itself is outside it).
     const get = (secret?: string) =>
       inNs([process.execPath, "-e", `const r = await fetch("http://198.18.0.8:3030/vma/ping", { headers: ${JSON.stringify(secret ? { "X-QVD-VMA-Secret": secret } : {})}, signal: AbortSignal.timeout(2000) }); console.log(r.status, await r.text())`], true);
-    let answer = "";
-    for (let i = 0; i < 100 && !answer; i++) {
+    const answer = (await poll(async () => {
       const r = await get(s.vma.secret);
-      if (r.status === 0 && r.stdout.startsWith("200 ")) answer = r.stdout;
-      else await Bun.sleep(100);
-    }
+      return r.status === 0 && r.stdout.startsWith("200 ") && r.stdout;
+    }, 30_000)) ?? "";
     console.log(`  [timing] qvd-7: start → VMA answers in ${(performance.now() - t0).toFixed(0)} ms: ${answer.trim().slice(0, 80)}`);
     if (!answer) console.log(readFileSync(vmaLxc.consoleLog(7), "utf8").slice(-2000));
     expect(JSON.parse(answer.slice(4))).toMatchObject({ ok: true, vm_id: 7 });

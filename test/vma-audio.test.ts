@@ -15,7 +15,9 @@ import type { ServiceContext } from "../src/vma/services.ts";
 import { startClientAudio, tcpModuleArgs, type ClientAudio } from "../src/client/audio.ts";
 import { spawnDaemon, type Daemon, type RunResult } from "../src/run.ts";
 import { gaps, goertzel, peak, RATE, recordMonitor, samples, sineWav, toneRatio } from "./support/tone.ts";
-import { waitFor as waitUntil } from "./support/wait.ts";
+import { waitFor } from "./support/wait.ts";
+import { freeDisplay, freePort } from "./support/free.ts";
+import { minimalRoot } from "./support/image-root.ts";
 import { alive } from "../src/vma/session.ts";
 
 /**
@@ -33,14 +35,6 @@ let clientPa: ReturnType<typeof Bun.spawn> | undefined;
 let clientServer: string;
 const daemons: Daemon[] = [];
 
-async function freePort(): Promise<number> {
-  const s = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
-  const p = s.port;
-  s.stop(true);
-  return p;
-}
-
-const waitFor = <T>(what: string, f: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 10000, stepMs = 100) => waitUntil<T>(what, f, timeoutMs, stepMs);
 
 
 async function sh(argv: string[], env: Record<string, string> = {}, timeoutMs = 10_000): Promise<RunResult> {
@@ -124,7 +118,7 @@ beforeAll(async () => {
   clientPa = Bun.spawn(["pulseaudio", "-n", "-F", join(c, "client.pa"), "--daemonize=no", "--exit-idle-time=-1", "--realtime=no", "--high-priority=no", "--log-target=stderr"], {
     cwd: "/", env: { PATH: process.env.PATH!, HOME: join(c, "home"), XDG_RUNTIME_DIR: clientRun, DBUS_SESSION_BUS_ADDRESS: "disabled:" }, stdout: "ignore", stderr: "pipe",
   });
-  await waitFor("the client's PulseAudio", async () => (await sh(["pactl", "-s", clientServer, "info"])).status === 0);
+  await waitFor("the client's PulseAudio", async () => (await sh(["pactl", "-s", clientServer, "info"])).status === 0, 10_000);
 });
 
 afterAll(async () => {
@@ -253,7 +247,7 @@ describe("the client's side (startClientAudio)", () => {
 
   test("no PulseAudio, or no pactl: no sound, one warning line, no exception", async () => {
     const warnings: string[] = [];
-    const port = await freePort();
+    const port = freePort();
     expect(await startClientAudio({ port, pulseServer: `unix:${work}/nothing-here`, warn: (l) => warnings.push(l) })).toBeUndefined();
     expect(await startClientAudio({ port, pactl: join(work, "no-pactl"), warn: (l) => warnings.push(l) })).toBeUndefined();
     expect(warnings.length).toBe(2);
@@ -262,7 +256,7 @@ describe("the client's side (startClientAudio)", () => {
   });
 
   test("the port opens on 127.0.0.1 only, in a relay PulseAudio, and closes at stop", async () => {
-    const port = await freePort();
+    const port = freePort();
     const a = await startClientAudio({ port, pulseServer: clientServer });
     expect(a?.relay).toBeGreaterThan(0);
     expect(a?.module).toBeUndefined();
@@ -279,7 +273,7 @@ describe("the client's side (startClientAudio)", () => {
   });
 
   test("the relay does not outlive a qvd client killed outright (SIGKILL)", async () => {
-    const port = await freePort();
+    const port = freePort();
     const script = join(work, "client-like.ts");
     writeFileSync(script, `import { startClientAudio } from ${JSON.stringify(join(import.meta.dir, "..", "src/client/audio.ts"))};
 const a = await startClientAudio({ port: ${port}, pulseServer: ${JSON.stringify(clientServer)} });
@@ -294,7 +288,7 @@ await Bun.sleep(60_000);
       const { value } = await reader.read();
       out += new TextDecoder().decode(value);
       return /relay (\d+)/.exec(out)?.[1];
-    });
+    }, 10_000);
     expect(alive(Number(pid))).toBe(true);
     p.kill("SIGKILL");
     await waitFor("the relay to end", () => !alive(Number(pid)), 5000);
@@ -307,7 +301,7 @@ await Bun.sleep(60_000);
   }, 20_000);
 
   test("what the desktop reaches through the port: the relay's sink only, no module loading, no microphone, no exit", async () => {
-    const port = await freePort();
+    const port = freePort();
     const a = await startClientAudio({ port, pulseServer: clientServer });
     expect(a?.relay).toBeDefined();
     const desk = ["pactl", "-s", `tcp:127.0.0.1:${port}`];
@@ -322,7 +316,7 @@ await Bun.sleep(60_000);
       expect(alive(a!.relay!)).toBe(true);
       // Without a pulseaudio program (PipeWire-only machines) the port is the user's server, as
       // the original had it: the microphone is there (which is why the relay exists).
-      const p2 = await freePort();
+      const p2 = freePort();
       const direct = await startClientAudio({ port: p2, pulseServer: clientServer, pulseaudio: join(work, "no-pulseaudio") });
       expect(direct?.module).toMatch(/^\d+$/);
       expect((await sh(["pactl", "-s", `tcp:127.0.0.1:${p2}`, "list", "short", "sources"])).stdout).toContain("Mic");
@@ -342,7 +336,7 @@ describe("sound from the desktop reaches the client's sink", () => {
   let port: number;
 
   beforeAll(async () => {
-    port = await freePort();
+    port = freePort();
     client = await startClientAudio({ port, pulseServer: clientServer });
     svc = service();
     ctx = desktop({ "qvd.client.audio.enabled": "1" }, "live");
@@ -361,7 +355,7 @@ describe("sound from the desktop reaches the client's sink", () => {
     await waitFor("the tunnel sink as the default", async () => {
       const r = await ctx.execAsUser(["pactl", "get-default-sink"], { env });
       return r.stdout.trim() === TUNNEL_SINK;
-    });
+    }, 10_000);
     const pa = desktopPulse();
     expect(pa).toHaveLength(1);
     // It runs as the user, and listens on no TCP port (the only one in a desktop is nxagent's).
@@ -413,7 +407,7 @@ describe("sound from the desktop reaches the client's sink", () => {
 
 describe("a VMA killed outright", () => {
   test("takes the user's PulseAudio with it (it is in a session of its own, out of xinit's group)", async () => {
-    const port = await freePort();
+    const port = freePort();
     const client = await startClientAudio({ port, pulseServer: clientServer });
     const ctx = desktop({}, "killed");
     const rt = join(runtimeRoot(), "killed");
@@ -457,7 +451,7 @@ await Bun.sleep(60_000);
 
 describe("a PulseAudio the user already runs", () => {
   test("gets the tunnel; at suspend loses it but keeps running (not ours to stop)", async () => {
-    const port = await freePort();
+    const port = freePort();
     const client = await startClientAudio({ port, pulseServer: clientServer });
     const svc = service();
     const ctx = desktop({}, "own");
@@ -467,7 +461,7 @@ describe("a PulseAudio the user already runs", () => {
     chmodSync(own, 0o644);
     const mine = ctx.runAsUser(["pulseaudio", "-n", "-F", own, "--daemonize=no", "--exit-idle-time=-1", "--realtime=no", "--high-priority=no", "--log-target=stderr"], { XDG_RUNTIME_DIR: env.XDG_RUNTIME_DIR!, DBUS_SESSION_BUS_ADDRESS: "disabled:" })!;
     const before = daemons.length;
-    await waitFor("the user's PulseAudio", async () => (await ctx.execAsUser(["pactl", "info"], { env })).status === 0);
+    await waitFor("the user's PulseAudio", async () => (await ctx.execAsUser(["pactl", "info"], { env })).status === 0, 10_000);
     svc.onAgentLine!(`Info: Listening to multimedia connections on port 'tcp:localhost:${port}'.`, ctx);
     await svc.idle();
     expect(daemons.length).toBe(before); // no second PulseAudio
@@ -485,10 +479,6 @@ describe("a PulseAudio the user already runs", () => {
 });
 
 describe("through a real nxagent and nxproxy", () => {
-  const freeDisplay = (from: number) => {
-    for (let d = from; d < from + 50; d++) if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
-    throw new Error("no free X display");
-  };
 
   test("nxagent's own announcement (media=1) starts the tunnel; a tone crosses the NX session to nxproxy's media= port", async () => {
     const nxHome = join(work, "nx");
@@ -496,12 +486,12 @@ describe("through a real nxagent and nxproxy", () => {
     const xd = freeDisplay(160);
     const xvfb = spawnDaemon(["Xvfb", `:${xd}`, "-screen", "0", "640x480x24", "-nolisten", "tcp", "-noreset"], { detached: true });
     daemons.push(xvfb);
-    await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${xd}`));
+    await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${xd}`), 10_000);
     const ad = freeDisplay(xd + 1);
     const options = join(nxHome, "nxagent.conf");
     // No cookie here (this is about the media channel): nxagent takes the local proxy only.
     writeFileSync(options, `nx/nx,link=lan,media=1,accept=127.0.0.1:${ad}\n`);
-    const port = await freePort();
+    const port = freePort();
     const client = await startClientAudio({ port, pulseServer: clientServer });
     expect(client).toBeDefined();
     const svc = service();
@@ -542,24 +532,14 @@ describe("through the real VMA (qvd vma): x_start, nxproxy, suspend", () => {
   const SUID = 51_405; // inside the default identity range (identity.uid.min/max)
   const COOKIE = "0a1b2c3d4e5f60718293a4b5c6d7e8f9";
   const SECRET = "audio-test-secret-0123456789";
-  const freeDisplay = (from: number) => {
-    for (let d = from; d < from + 50; d++) if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
-    throw new Error("no free X display");
-  };
 
   test("sound is played in the session, heard at the client; suspend stops the user's PulseAudio", async () => {
     const dir = join(work, "vma");
-    const root = join(dir, "root");
-    mkdirSync(join(root, "etc/skel"), { recursive: true });
-    const pick = (f: string, names: string[]) => readFileSync(f, "utf8").split("\n").filter((l) => names.includes(l.split(":")[0]!)).join("\n") + "\n";
-    writeFileSync(join(root, "etc/passwd"), pick("/etc/passwd", ["root", "daemon", "nobody"]));
-    writeFileSync(join(root, "etc/group"), pick("/etc/group", ["root", "daemon", "nogroup"]));
-    writeFileSync(join(root, "etc/shadow"), pick("/etc/shadow", ["root", "daemon", "nobody"]), { mode: 0o640 });
-    writeFileSync(join(root, "etc/gshadow"), pick("/etc/gshadow", ["root", "daemon", "nogroup"]), { mode: 0o640 });
+    const root = minimalRoot(dir);
     const xd = freeDisplay(170);
     const xvfb = spawnDaemon(["Xvfb", `:${xd}`, "-screen", "0", "640x480x24", "-nolisten", "tcp", "-noreset"], { detached: true });
     daemons.push(xvfb);
-    await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${xd}`));
+    await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${xd}`), 10_000);
     const nxd = freeDisplay(xd + 1);
     const runDir = join(dir, "run");
     const userRuntime = `/run/user/${SUID}`;
@@ -567,7 +547,7 @@ describe("through the real VMA (qvd vma): x_start, nxproxy, suspend", () => {
     writeFileSync(file, JSON.stringify({ vm_id: 7, secret: SECRET, node_address: "127.0.0.1", port: 3030, settings: {
       "path.run": runDir, "vma.display": nxd, "vma.provision.root": root, "vma.session.command": "/bin/sleep 1000",
       "vma.timeout.listening": 30, "identity.groups.allowed": "daemon", "vma.printing.enable": false, "vma.slave.enable": false } }), { mode: 0o400 });
-    const vport = await freePort();
+    const vport = freePort();
     const vmaLog: string[] = [];
     const vma = spawnDaemon([process.execPath, join(import.meta.dir, "..", "src/main.ts"), "vma", "--config", file, "--listen", `127.0.0.1:${vport}`],
       { cwd: join(import.meta.dir, ".."), detached: true, env: { PATH: process.env.PATH!, HOME: "/root" }, onLine: (l) => vmaLog.push(l) });
@@ -577,7 +557,7 @@ describe("through the real VMA (qvd vma): x_start, nxproxy, suspend", () => {
       return (await r.json()) as Record<string, unknown>;
     };
     const state = async () => (await call("GET", "/vma/x_state")).state;
-    const port = await freePort();
+    const port = freePort();
     const client = await startClientAudio({ port, pulseServer: clientServer });
     const { startNxRelay } = await import("./support/nx-relay.ts");
     let relay: { stop(): void; display: number } | undefined;

@@ -14,6 +14,9 @@ import { execAs, nxagentOptions, privPrefix, serviceOptionProblem, Session } fro
 import { clientWantsPrinting, cupsDir, cupsSocket, MAX_PRINTERS, printingService, usablePrinterNames } from "../src/vma/printing.ts";
 import { startClientCups, type ClientCups } from "./support/services.ts";
 import { startNxRelay, type NxRelay } from "./support/nx-relay.ts";
+import { until } from "./support/wait.ts";
+import { freeDisplay } from "./support/free.ts";
+import { minimalRoot } from "./support/image-root.ts";
 import { sharesService } from "../src/vma/shares.ts";
 
 const PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -337,24 +340,17 @@ describe("the Session's calls to its services (real nxagent and nxproxy)", () =>
     stopped: () => void calls.push("broken stopped"),
   };
 
-  const waitState = async (s: string, ms = 30_000) => {
-    const until = Date.now() + ms;
-    while (session.state !== s) {
-      if (Date.now() > until) {
+  const waitState = (s: string, ms = 30_000) =>
+    until(() => session.state === s, s, ms, 50, {
+      detail: () => {
         const log = join(session.opts.runDir, "nxagent.log");
-        throw new Error(`timed out waiting for ${s} (now ${session.state}, ${session.lastError ?? ""}): ${existsSync(log) ? readFileSync(log, "utf8").slice(-1500) : ""}`);
-      }
-      await Bun.sleep(50);
-    }
-  };
+        return ` (now ${session.state}, ${session.lastError ?? ""}): ${existsSync(log) ? readFileSync(log, "utf8").slice(-1500) : ""}`;
+      },
+    });
   const proxy = () => {
     const p = Bun.spawn(["nxproxy", "-S", `localhost:${relay.display}`], { env: { ...process.env, DISPLAY: `:${xvfb}` }, stdout: "ignore", stderr: "ignore" });
     procs.push(p);
     return p;
-  };
-  const freeDisplay = (from: number) => {
-    for (let d = from; d < from + 60; d++) if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
-    throw new Error("no free X display");
   };
 
   beforeAll(async () => {
@@ -363,7 +359,7 @@ describe("the Session's calls to its services (real nxagent and nxproxy)", () =>
     xvfb = freeDisplay(160);
     procs.push(Bun.spawn(["Xvfb", `:${xvfb}`, "-screen", "0", "800x600x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" }));
     const display = freeDisplay(xvfb + 1);
-    for (let i = 0; i < 100 && !existsSync(`/tmp/.X11-unix/X${xvfb}`); i++) await Bun.sleep(100);
+    await until(() => existsSync(`/tmp/.X11-unix/X${xvfb}`), `Xvfb :${xvfb}`, 10_000);
     session = new Session({
       display, nxagent: "/usr/bin/nxagent", xinit: "xinit", nxagentExtraArgs: [], tolerancechecks: "risky", acceptFrom: "127.0.0.1",
       sessionCommand: ["/bin/sleep", "1000"], asCurrentUser: true, root: "/", homePath: dir, shell: "/bin/sh", groups: [], defaultLang: "C",
@@ -394,7 +390,7 @@ describe("the Session's calls to its services (real nxagent and nxproxy)", () =>
     expect(environ).not.toContain("PATH=/tmp");
     proxy();
     await waitState("connected");
-    await Bun.sleep(200);
+    await until(() => calls.includes("connected"), "the services' connected hook", 5000, 20);
     expect(calls).toEqual(["prepare", "connected"]);
     expect(lines.some((l) => /^Session: Session started/.test(l))).toBe(true);
     session.suspend();
@@ -417,7 +413,7 @@ describe("the Session's calls to its services (real nxagent and nxproxy)", () =>
     await waitState("connected");
     session.stop();
     await waitState("stopped");
-    await Bun.sleep(500);
+    await until(() => calls.includes("stopped") && calls.includes("broken stopped"), "the services' stopped hooks", 5000, 20);
     expect(calls.filter((c) => c !== "broken stopped")).toEqual(["prepare", "connected", "suspended", "prepare", "connected", "suspended", "stopped"]);
     expect(calls).toContain("broken stopped"); // a service whose prepare threw still gets its cleanup
     // nxagent's lines reach the services without the session's cookie.
@@ -435,17 +431,8 @@ describe("printing through nxagent's CUPS channel (real nxagent and nxproxy, a p
   const procs: { kill(sig?: number | NodeJS.Signals): void; exited: Promise<number> }[] = [];
   const COOKIE3 = "00112233445566778899aabbccddeeff";
 
-  const freeDisplay = (from: number) => {
-    for (let d = from; d < from + 60; d++) if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
-    throw new Error("no free X display");
-  };
-  const waitFor = async (what: string, f: () => Promise<boolean> | boolean, ms = 30_000) => {
-    const until = Date.now() + ms;
-    while (!(await f())) {
-      if (Date.now() > until) throw new Error(`timed out waiting for ${what} (state ${session.state})`);
-      await Bun.sleep(100);
-    }
-  };
+  /** Waits for `f`, saying the session's state when it times out. */
+  const waitInSession = (what: string, f: () => Promise<boolean> | boolean, ms = 30_000) => until(f, what, ms, 100, { detail: () => ` (state ${session.state})` });
   /** A program in the desktop, as its user, with the session's CUPS_SERVER. */
   const inDesktop = (argv: string[]) =>
     execAs(privPrefix({ user: "alice", uid: UID, gid: UID, home: "/home/alice", shell: "/bin/sh", groups: [] }), argv,
@@ -454,18 +441,12 @@ describe("printing through nxagent's CUPS channel (real nxagent and nxproxy, a p
 
   beforeAll(async () => {
     const dir = join(work, "nxprint");
-    root = join(dir, "root");
-    mkdirSync(join(root, "etc/skel"), { recursive: true });
-    const pick = (file: string, names: string[]) => readFileSync(file, "utf8").split("\n").filter((l) => names.includes(l.split(":")[0]!)).join("\n") + "\n";
-    writeFileSync(join(root, "etc/passwd"), pick("/etc/passwd", ["root", "daemon", "nobody"]));
-    writeFileSync(join(root, "etc/group"), pick("/etc/group", ["root", "daemon", "nogroup"]));
-    writeFileSync(join(root, "etc/shadow"), pick("/etc/shadow", ["root", "daemon", "nobody"]), { mode: 0o640 });
-    writeFileSync(join(root, "etc/gshadow"), pick("/etc/gshadow", ["root", "daemon", "nogroup"]), { mode: 0o640 });
+    root = minimalRoot(dir);
     client = await startClientCups();
     for (const p of client.printers) chmodSync(p.outDir, 0o1777);
     xvfb = freeDisplay(170);
     procs.push(Bun.spawn(["Xvfb", `:${xvfb}`, "-screen", "0", "800x600x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" }));
-    for (let i = 0; i < 100 && !existsSync(`/tmp/.X11-unix/X${xvfb}`); i++) await Bun.sleep(100);
+    await until(() => existsSync(`/tmp/.X11-unix/X${xvfb}`), `Xvfb :${xvfb}`, 10_000);
     const display = freeDisplay(xvfb + 1);
     session = new Session({
       display, nxagent: "/usr/bin/nxagent", xinit: "xinit", nxagentExtraArgs: [], tolerancechecks: "risky", acceptFrom: "127.0.0.1",
@@ -487,18 +468,18 @@ describe("printing through nxagent's CUPS channel (real nxagent and nxproxy, a p
 
   test("the client's printers appear through 127.0.0.1:<display+2000>; lp in the desktop comes out of the client's printer; gone at suspend", async () => {
     session.start({ user: "alice", uid: UID, gid: UID, cookie: COOKIE3, client_os: "linux", properties: { "qvd.client.printing.enabled": "1", "qvd.slave.key": "s".repeat(64) } });
-    await waitFor("listening", () => session.state === "listening");
+    await waitInSession("listening", () => session.state === "listening");
     const cups = `cups=${session.opts.display + 2000}`;
     expect(readFileSync(session.optionsFile, "utf8")).toContain(`,${cups},`);
     const nx = Bun.spawn(["nxproxy", "-S", `cups=${client.port}`, `localhost:${relay.display}`], { env: { ...process.env, DISPLAY: `:${xvfb}` }, stdout: "ignore", stderr: "ignore" });
     procs.push(nx);
-    await waitFor("connected", () => session.state === "connected");
+    await waitInSession("connected", () => session.state === "connected");
     const t0 = Date.now();
     const want = client.printers.map((p) => `QVD-${p.name}`).sort();
-    await waitFor("the client's printers in the desktop", async () => JSON.stringify(await desktopQueues()) === JSON.stringify(want));
+    await waitInSession("the client's printers in the desktop", async () => JSON.stringify(await desktopQueues()) === JSON.stringify(want));
     console.log(`printers in the desktop ${Date.now() - t0} ms after connected (through nxagent/nxproxy)`);
     // The default is set right after the queues are added.
-    await waitFor("the client's default as the default", async () => (await inDesktop(["lpstat", "-d"])).stdout.includes(`QVD-${client.printers[0].name}`), 5000);
+    await waitInSession("the client's default as the default", async () => (await inDesktop(["lpstat", "-d"])).stdout.includes(`QVD-${client.printers[0].name}`), 5000);
     // The session's cupsd is the user's, in the session's namespace when there is FUSE for one.
     const pid = Number((await run(["pgrep", "-f", `cupsd -f -c ${cupsDir(session.opts.runDir)}/cupsd.conf`])).stdout.trim());
     expect(statSync(`/proc/${pid}`).uid).toBe(UID);
@@ -509,11 +490,11 @@ describe("printing through nxagent's CUPS channel (real nxagent and nxproxy, a p
     expect(lp.status).toBe(0);
     expect(await client.waitForPdf(client.printers[0], text)).toContain(text);
     session.suspend();
-    await waitFor("suspended", () => session.state === "suspended");
-    await waitFor("the QVD printers to go", async () => (await desktopQueues()).length === 0, 15_000);
+    await waitInSession("suspended", () => session.state === "suspended");
+    await waitInSession("the QVD printers to go", async () => (await desktopQueues()).length === 0, 15_000);
     session.stop();
-    await waitFor("stopped", () => session.state === "stopped");
-    await waitFor("the session's cupsd to end", () => !existsSync(`/proc/${pid}`), 10_000);
+    await waitInSession("stopped", () => session.state === "stopped");
+    await waitInSession("the session's cupsd to end", () => !existsSync(`/proc/${pid}`), 10_000);
     expect(existsSync(cupsDir(session.opts.runDir))).toBe(false);
   }, 120_000);
 });

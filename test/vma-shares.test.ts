@@ -8,6 +8,7 @@ import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, re
 import { connect } from "node:net";
 import { join } from "node:path";
 import { qvdBinary } from "./support/node.ts";
+import { poll } from "./support/wait.ts";
 import { nestedIdMap, fuseMountsBelow, sharesService, type SharesService } from "../src/vma/shares.ts";
 import type { ServiceContext } from "../src/vma/services.ts";
 
@@ -225,8 +226,7 @@ describe("a shared folder, end to end", () => {
     const mp = join(home, "Redirected", "other");
     expect((await asUser(["cat", join(mp, "x.txt")])).out).toBe("x");
     sftp2.kill("SIGKILL");
-    const t0 = Date.now();
-    while ((mountsInSession().includes(mp) || existsSync(mp)) && Date.now() - t0 < 10_000) await Bun.sleep(50);
+    await poll(() => !mountsInSession().includes(mp) && !existsSync(mp), 10_000, 50);
     expect(mountsInSession()).toEqual([join(home, "Redirected", "client")]);
     expect(existsSync(mp)).toBe(false);
   }, 30_000);

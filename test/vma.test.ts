@@ -11,7 +11,9 @@ import { provision } from "../src/vma/provision.ts";
 import { NOTICE_TITLE, noticeText } from "../src/vma/expiry.ts";
 import { run } from "../src/run.ts";
 import { startNxRelay, type NxRelay } from "./support/nx-relay.ts";
-import { waitFor as waitUntil } from "./support/wait.ts";
+import { waitFor } from "./support/wait.ts";
+import { freeDisplay, freePort } from "./support/free.ts";
+import { minimalRoot } from "./support/image-root.ts";
 
 const repo = join(import.meta.dir, "..");
 const SECRET = "s3cret-of-this-start-0123456789";
@@ -22,18 +24,6 @@ let work: string;
 const started: { pid: number; kill: (sig?: number | NodeJS.Signals) => void; exited: Promise<number> }[] = [];
 let xvfbDisplay = 0;
 let nxDisplay = 100;
-
-function freeDisplay(from: number): number {
-  for (let d = from; d < from + 50; d++) if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
-  throw new Error("no free X display");
-}
-
-async function freePort(): Promise<number> {
-  const s = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
-  const p = s.port;
-  s.stop(true);
-  return p;
-}
 
 function spawn(argv: string[], env: Record<string, string> = {}) {
   const p = Bun.spawn(argv, { cwd: repo, env: { ...cleanEnv(), ...env }, stdout: "pipe", stderr: "pipe" });
@@ -47,7 +37,6 @@ function cleanEnv(): Record<string, string> {
   return e;
 }
 
-const waitFor = <T>(what: string, f: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 20000, stepMs = 100) => waitUntil<T>(what, f, timeoutMs, stepMs);
 
 /** Collects a stream into a string buffer (for diagnostics and line waits). */
 function collect(stream: ReadableStream<Uint8Array>): { text: () => string } {
@@ -77,7 +66,7 @@ async function startVma(name: string, settings: Record<string, string | number |
   const runDir = join(dir, "run");
   const file = join(dir, "vma.json");
   writeFileSync(file, JSON.stringify({ vm_id: 42, secret: SECRET, node_address: opts.nodeAddress ?? "127.0.0.1", port: 3030, settings: { "path.run": runDir, "vma.display": nxDisplay, ...settings } }), { mode: 0o400 });
-  const port = await freePort();
+  const port = freePort();
   const cmd = [process.execPath, "src/main.ts", "vma", "--config", file, "--listen", `127.0.0.1:${port}`];
   const proc = spawn(opts.pid1 ? ["unshare", "--pid", "--fork", "--mount-proc", ...cmd] : cmd);
   const out = collect(proc.stdout);
@@ -94,18 +83,9 @@ async function call(v: Vma, method: "GET" | "POST", path: string, body?: unknown
   return { status: r.status, body: text ? JSON.parse(text) : undefined, text };
 }
 
-function minimalRoot(dir: string): string {
-  const root = join(dir, "root");
-  mkdirSync(join(root, "etc/skel"), { recursive: true });
-  const pick = (file: string, names: string[]) =>
-    readFileSync(file, "utf8").split("\n").filter((l) => names.includes(l.split(":")[0]!)).join("\n") + "\n";
-  writeFileSync(join(root, "etc/passwd"), pick("/etc/passwd", ["root", "daemon", "nobody"]));
-  writeFileSync(join(root, "etc/group"), pick("/etc/group", ["root", "daemon", "nogroup"]));
-  writeFileSync(join(root, "etc/shadow"), pick("/etc/shadow", ["root", "daemon", "nobody"]), { mode: 0o640 });
-  writeFileSync(join(root, "etc/gshadow"), pick("/etc/gshadow", ["root", "daemon", "nogroup"]), { mode: 0o640 });
-  writeFileSync(join(root, "etc/skel/.profile"), "# from skel\n");
-  return root;
-}
+/** The image's /etc/skel in the provisioning tests. */
+const SKEL = { ".profile": "# from skel\n" };
+
 
 /** The colour of one pixel of an X display, as ImageMagick prints it (e.g. srgb(255,0,0)). */
 async function pixel(display: number, x: number, y: number, savePng?: string): Promise<string> {
@@ -261,7 +241,7 @@ describe("the expire hook (vma.on_action.expire)", () => {
 describe("provisioning (temporary root)", () => {
   test("creates group, user and home; keeps an existing home; idempotent", async () => {
     const dir = join(work, "prov");
-    const root = minimalRoot(dir);
+    const root = minimalRoot(dir, SKEL);
     const acc = await provision({ user: "bob", uid: 51001, gid: 51001, home: "/home/bob", shell: "/bin/bash", groups: [] }, root);
     expect(acc).toMatchObject({ user: "bob", uid: 51001, gid: 51001, home: "/home/bob" });
     expect(readFileSync(join(root, "etc/passwd"), "utf8")).toContain("bob:x:51001:51001::/home/bob:/bin/bash");
@@ -311,7 +291,7 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
   };
 
   beforeAll(async () => {
-    root = minimalRoot(join(work, "session"));
+    root = minimalRoot(join(work, "session"), SKEL);
     const session = join(work, "session", "session.sh");
     writeFileSync(session, "#!/bin/sh\necho session started as $(id -u) in $HOME\nexec sleep 1000\n");
     chmodSync(session, 0o755);
@@ -375,7 +355,7 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     const log = await waitFor("session log", () => {
       const f = join(root, "home/alice/.qvd-session.log");
       return existsSync(f) && readFileSync(f, "utf8").includes("session started") ? readFileSync(f, "utf8") : undefined;
-    });
+    }, 20_000);
     expect(log).toContain(`session started as ${UID} in ${join(root, "home/alice")}`);
   });
 
@@ -398,7 +378,7 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     expect((await call(v, "POST", "/vma/expire", { soft, hard: null })).status).toBe(200);
     await waitFor("the notice window", async () => ((await notices()).length ? true : undefined), 15_000, 200);
     for (let i = 0; i < 3; i++) expect((await call(v, "POST", "/vma/expire", { soft, hard: null })).status).toBe(200);
-    await Bun.sleep(1000);
+    await Bun.sleep(1000); // a check that nothing happens: the repeated calls open no second window within 1 s
     expect(await notices()).toHaveLength(1);
     let procs = xmessages();
     expect(procs).toHaveLength(1);
@@ -449,7 +429,7 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     for (let i = 0; i < 2; i++) expect((await call(v, "POST", "/vma/expire", { soft, hard: hard.toISOString() })).status).toBe(200);
     // The old times' window is closed; the new one waits for the user.
     await waitFor("the old notice to close", () => (xmessages().length === 0 ? true : undefined), 10_000, 200);
-    await Bun.sleep(1500);
+    await Bun.sleep(1500); // a check that nothing happens: no new notice within 1.5 s while nobody is connected
     expect(xmessages()).toHaveLength(0);
     expect((await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, cookie: COOKIE2 })).status).toBe(200);
     relay.cookie = COOKIE2;
@@ -458,7 +438,7 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     await waitState("connected");
     await waitFor("the notice after the resume", async () => ((await notices()).length === 1 ? true : undefined), 15_000, 200);
     expect((await call(v, "POST", "/vma/expire", { soft, hard: hard.toISOString() })).status).toBe(200);
-    await Bun.sleep(1000);
+    await Bun.sleep(1000); // a check that nothing happens: the same times again open no second window within 1 s
     expect(await notices()).toHaveLength(1);
     expect(xmessages().map((x) => [x!.uid, x!.argv.at(-1)])).toEqual([[UID, noticeText(hard)]]);
   });
@@ -505,18 +485,18 @@ describe("as PID 1 (new PID namespace)", () => {
     const vmaPid = await waitFor("the VMA's host pid", () => {
       const kids = readFileSync(`/proc/${v.proc.pid}/task/${v.proc.pid}/children`, "utf8").trim().split(/\s+/).filter(Boolean);
       return kids.length ? Number(kids[0]) : undefined;
-    });
+    }, 20_000);
     expect(v.err.text()).toContain("pid1=true");
     expect((await call(v, "POST", "/vma/expire", {})).status).toBe(200);
     const zombies = () => {
       const kids = readFileSync(`/proc/${vmaPid}/task/${vmaPid}/children`, "utf8").trim().split(/\s+/).filter(Boolean);
       return kids.filter((k) => { try { return readFileSync(`/proc/${k}/stat`, "utf8").split(") ")[1]!.startsWith("Z"); } catch { return false; } });
     };
-    await Bun.sleep(500);
+    await Bun.sleep(500); // the hook's orphan (sleep 0.3) has exited by now: none of PID 1's children may stay a zombie
     await waitFor("orphans to be reaped", () => (zombies().length === 0 ? true : undefined), 5_000);
     // A session is running; SIGTERM stops it and ends PID 1 (the container).
     expect((await call(v, "POST", "/vma/x_start", { user: "alice", uid: 20000, gid: 20000, cookie: COOKIE })).status).toBe(200);
-    await waitFor("listening", async () => ((await call(v, "GET", "/vma/x_state")).body.state === "listening" ? true : undefined));
+    await waitFor("listening", async () => ((await call(v, "GET", "/vma/x_state")).body.state === "listening" ? true : undefined), 20_000);
     process.kill(vmaPid, "SIGTERM");
     expect(await v.proc.exited).toBe(0);
     writeFileSync(join(dir, "vma.log"), v.err.text());

@@ -2,43 +2,29 @@
 // an Operator sees no Delete (nor New, nor Edit) buttons in lists and detail pages, only the
 // screens of their ACLs; in a multitenant farm a tenant administrator sees only their own
 // tenant's objects, a superadministrator every tenant's.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { beforeAll, describe, expect, test } from "bun:test";
 import type { Page } from "playwright-core";
-import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
-import { HTTP_STATUS, useBrowser } from "./support/browser.ts";
+import { createAdmin, useTestApi } from "./support/api.ts";
+import { ok } from "./support/assert.ts";
+import { h1, HTTP_STATUS, loaded, useBrowser } from "./support/browser.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 
 const browser = useBrowser();
-const h1 = (page: Page, name: string) => page.getByRole("heading", { level: 1, name, exact: true });
 const navLinks = async (page: Page) =>
   (await page.getByRole("navigation", { name: "Main" }).getByRole("link").allTextContents()).map((t) => t.trim());
-const loaded = (page: Page) => page.waitForFunction(() => !document.querySelector(".loading"));
-
-async function ok<T = any>(p: Promise<{ status: number; body: T }>, status = 200): Promise<T> {
-  const r = await p;
-  if (r.status !== status) throw new Error(`expected ${status}, got ${r.status}: ${JSON.stringify(r.body)}`);
-  return r.body;
-}
-const roleId = async (sa: ApiClient, name: string) => (await ok(sa.get(`/roles?name=${encodeURIComponent(name)}`))).items[0].id as number;
 
 describe("an Operator", () => {
   const db = useTestDatabase();
-  let api: TestApi;
+  const { api, sa } = useTestApi(db);
   const ids: Record<string, number> = {};
 
   beforeAll(async () => {
-    api = await startTestApi(db());
-    const sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
-    const op = await ok(sa.post("/administrators", { tenant_id: 1, name: "op", password: "operator-password" }), 201);
-    await ok(sa.post(`/administrators/${op.id}/roles`, { role_id: await roleId(sa, "Operator") }));
+    await createAdmin(sa, "op", { tenantId: 1, password: "operator-password", roles: ["Operator"] });
     ids.user = (await ok(sa.post("/users", { name: "op-user" }), 201)).id;
     ids.osf = (await ok(sa.post("/osfs", { name: "op-osf" }), 201)).id;
     ids.vm = (await ok(sa.post("/vms", { user_id: ids.user, osf_id: ids.osf, name: "op-desk" }), 201)).id;
     ids.di = (await ok(sa.post("/dis", { osf_id: ids.osf, path: "op-image.tar.gz" }), 201)).id;
     ids.host = (await ok(sa.post("/hosts", { name: "op-node", address: "198.18.0.20" }), 201)).id;
-  });
-  afterAll(async () => {
-    await api?.stop();
   });
 
   test("sees no Delete, New or Edit buttons in lists and detail pages, and only the screens of their ACLs", async () => {
@@ -84,24 +70,19 @@ describe("an Operator", () => {
 
 describe("multitenant", () => {
   const db = useTestDatabase();
-  let api: TestApi;
+  const live = useTestApi(db, { "wat.multitenant": "true" });
+  const { api, sa } = live;
   const ids: Record<string, number> = {};
 
   beforeAll(async () => {
-    api = await startTestApi(db(), { "wat.multitenant": "true" });
-    const sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
-    const tenantAdmin = await roleId(sa, "Tenant administrator");
+    const tenantAdmin = await live.roleId("Tenant administrator");
     for (const t of ["acme", "globex"]) {
       const tenant = await ok(sa.post("/tenants", { name: t }), 201);
-      const admin = await ok(sa.post("/administrators", { tenant_id: tenant.id, name: "boss", password: `${t}-boss-password` }), 201);
-      await ok(sa.post(`/administrators/${admin.id}/roles`, { role_id: tenantAdmin }));
+      await createAdmin(sa, "boss", { tenantId: tenant.id, password: `${t}-boss-password`, roles: [tenantAdmin] });
       ids[`${t}-user`] = (await ok(sa.post("/users", { tenant_id: tenant.id, name: `${t}-user` }), 201)).id;
       ids[`${t}-osf`] = (await ok(sa.post("/osfs", { tenant_id: tenant.id, name: `${t}-osf` }), 201)).id;
       await ok(sa.post("/vms", { user_id: ids[`${t}-user`], osf_id: ids[`${t}-osf`], name: `${t}-desk` }), 201);
     }
-  });
-  afterAll(async () => {
-    await api?.stop();
   });
 
   const rowNames = (page: Page) => page.locator("main table tbody tr").evaluateAll((rows) => rows.map((r) => r.textContent ?? ""));

@@ -5,25 +5,19 @@
 // and a tenant administrator's view, and a session ended elsewhere reported by the stream.
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { setKeepAlive } from "../src/api/events.ts";
-import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
-import { useBrowser } from "./support/browser.ts";
+import { createAdmin, useTestApi } from "./support/api.ts";
+import { ok } from "./support/assert.ts";
+import { h1, useBrowser } from "./support/browser.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 
 const db = useTestDatabase();
 const browser = useBrowser();
-let api: TestApi;
-let sa: ApiClient;
+beforeAll(() => setKeepAlive(500));
+const { api, sa } = useTestApi(db, { "wat.multitenant": "1" });
 const ids: Record<string, number> = {};
 
 beforeAll(async () => {
-  setKeepAlive(500);
-  api = await startTestApi(db(), { "wat.multitenant": "1" });
-  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
-  const post = async (path: string, body: unknown) => {
-    const r = await sa.post(path, body);
-    if (r.status !== 201 && r.status !== 200) throw new Error(`${path}: ${r.status} ${JSON.stringify(r.body)}`);
-    return r.body;
-  };
+  const post = (path: string, body: unknown) => ok(sa.post(path, body), "2xx", path);
   ids.acme = (await post("/tenants", { name: "acme" })).id;
   ids.other = (await post("/tenants", { name: "other" })).id;
   const [h] = await db().sql`INSERT INTO hosts (name, address) VALUES ('node-1', '198.18.0.9') RETURNING id`;
@@ -38,23 +32,15 @@ beforeAll(async () => {
   const stranger = await post("/users", { tenant_id: ids.other, name: "stranger" });
   await post("/vms", { user_id: stranger.id, osf_id: osf2.id, name: "stranger-desk" });
   await post("/properties", { tenant_id: 0, key: "floor", applies_to: ["user", "vm"] });
-  for (const [name, role] of [["tadmin", "Tenant administrator"], ["op", "Operator"]]) {
-    const a = await post("/administrators", { tenant_id: ids.acme, name, password: `${name}-password` });
-    const [r] = await db().sql`SELECT id FROM roles WHERE name = ${role!}`;
-    await post(`/administrators/${a.id}/roles`, { role_id: r!.id });
-  }
+  for (const [name, role] of [["tadmin", "Tenant administrator"], ["op", "Operator"]] as const) await createAdmin(sa, name, { tenantId: ids.acme!, roles: [role] });
 });
-afterAll(async () => {
-  await api?.stop();
-  setKeepAlive(15_000);
-});
+afterAll(() => setKeepAlive(15_000));
 
-const h1 = (w: { page: import("playwright-core").Page }, name: string) => w.page.getByRole("heading", { level: 1, name, exact: true });
 
 test("the dashboard's counts follow the event stream", async () => {
   const w = await browser().open(api);
   await w.login(TEST_ADMIN.name, TEST_ADMIN.password, "");
-  await h1(w, "Dashboard").waitFor();
+  await h1(w.page, "Dashboard").waitFor();
   const vms = w.page.getByRole("region", { name: "Virtual machines" });
   await vms.getByText("0 running of 5").waitFor();
   await db().sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${ids.host!}, expire_hard_at = now() + interval '2 hours' WHERE vm_id = ${ids.vm0!}`;
@@ -64,7 +50,7 @@ test("the dashboard's counts follow the event stream", async () => {
   await w.page.getByRole("region", { name: "VMs closest to expiry" }).getByRole("link", { name: "desk-0" }).waitFor();
   // Figures link to the filtered list.
   await vms.getByRole("link", { name: /running of 5/ }).click();
-  await h1(w, "Virtual machines").waitFor();
+  await h1(w.page, "Virtual machines").waitFor();
   expect(new URL(w.page.url()).search).toBe("?vm_state=running");
   await w.page.getByRole("checkbox", { name: "Select desk-0", exact: true }).waitFor();
   expect(await w.page.getByRole("checkbox", { name: "Select desk-1", exact: true }).count()).toBe(0);
@@ -76,7 +62,7 @@ test("a VM's Restart stops it, then starts it when the node reports it stopped",
   const w = await browser().open(api);
   await w.login(TEST_ADMIN.name, TEST_ADMIN.password, "");
   await w.goto(`/vms/${vm}`);
-  await h1(w, "desk-0").waitFor();
+  await h1(w.page, "desk-0").waitFor();
   const cmd = (c: string) => w.page.waitForFunction(async ([id, c]) => (await (await fetch(`/api/v1/vms/${id}`)).json()).vm_cmd === c, [vm, c] as const);
   await w.page.getByRole("button", { name: "Restart" }).click();
   await cmd("stop");
@@ -97,7 +83,7 @@ test("a running VM's expiry: set the stop time; a warning after it is refused be
     const w = await browser().open(api);
     await w.login(TEST_ADMIN.name, TEST_ADMIN.password, "");
     await w.goto(`/vms/${vm}`);
-    await h1(w, "desk-3").waitFor();
+    await h1(w.page, "desk-3").waitFor();
     const panel = w.page.getByRole("region", { name: "Expiry" });
     await panel.getByLabel("Stop the desktop at").fill("2099-03-01T12:00");
     await panel.getByRole("button", { name: "Save expiry" }).click();
@@ -135,7 +121,7 @@ test("a detail page: set a property, edit a field, see both in the audit trail",
   await w.login(TEST_ADMIN.name, TEST_ADMIN.password, "");
   await w.goto("/users?q=u1");
   await w.page.getByRole("link", { name: "u1", exact: true }).click();
-  await h1(w, "u1").waitFor();
+  await h1(w.page, "u1").waitFor();
   const props = w.page.getByRole("region", { name: "Properties" });
   await props.getByLabel("Property").selectOption("floor");
   await props.getByLabel("Value").fill("3");
@@ -170,7 +156,7 @@ test("a tenant administrator sees only the tenant's VMs; an operator no Delete, 
   expect(await o.page.getByRole("button", { name: "Delete" }).count()).toBe(0);
   expect(await o.page.getByRole("button", { name: /^New / }).count()).toBe(0);
   await o.goto(`/vms/${ids.vm2}`);
-  await h1(o, "desk-2").waitFor();
+  await h1(o.page, "desk-2").waitFor();
   await o.page.getByRole("button", { name: "Start" }).waitFor();
   expect(await o.page.getByRole("button", { name: "Delete" }).count()).toBe(0);
   expect(await o.page.getByRole("button", { name: "Edit" }).count()).toBe(0);

@@ -10,17 +10,16 @@ import type { Page } from "playwright-core";
 import { ALL_TENANTS } from "../src/db/index.ts";
 import { createUserToken } from "../src/db/tokens.ts";
 import { run } from "../src/run.ts";
-import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
-import { useBrowser, type WatPage } from "./support/browser.ts";
+import { useTestApi } from "./support/api.ts";
+import { h1, loaded, useBrowser, type WatPage } from "./support/browser.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
+import { poll } from "./support/wait.ts";
 
 const db = useTestDatabase();
 const browser = useBrowser();
 const dir = mkdtempSync("/tmp/qvd-wat-objects-");
 const images = join(dir, "images");
 const tarball = join(dir, "desk-image.tar.gz");
-let api: TestApi;
-let sa: ApiClient;
 
 beforeAll(async () => {
   mkdirSync(images);
@@ -30,21 +29,16 @@ beforeAll(async () => {
   writeFileSync(join(root, "etc", "hostname"), "desk\n");
   writeFileSync(join(root, "etc", "filler"), Buffer.alloc(256 * 1024, 7));
   await run(["tar", "-C", root, "-czf", tarball, "."]);
-  api = await startTestApi(db(), { "path.storage.images": images });
-  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
 });
-afterAll(async () => {
-  await api?.stop();
+const { api, sa } = useTestApi(db, { "path.storage.images": images });
+afterAll(() => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-const h1 = (page: Page, name: string) => page.getByRole("heading", { level: 1, name, exact: true });
 const nav = (page: Page, label: string) => page.getByRole("navigation", { name: "Main" }).getByRole("link", { name: label, exact: true });
 /** The create button of a list's header ("New user"…). */
 const newButton = (page: Page) => page.locator("main header").getByRole("button", { name: /^New / });
 const dialog = (page: Page, title: string) => page.getByRole("dialog", { name: title });
-/** Waits until no "Loading…" line is left. */
-const loaded = (page: Page) => page.waitForFunction(() => !document.querySelector(".loading"));
 
 async function loggedIn(path = "/"): Promise<WatPage> {
   const w = await browser().open(api);
@@ -137,11 +131,7 @@ test("starting a VM: its state changes on screen as the node reports it, without
 
   await main.getByRole("button", { name: "Start", exact: true }).click();
   // The API commands the start on the node it chose.
-  for (let i = 0; i < 150; i++) {
-    const [r] = await db().sql`SELECT vm_cmd, host_id FROM vm_runtimes WHERE vm_id = ${vm.id}`;
-    if (r!.vm_cmd === "start") break;
-    await Bun.sleep(100);
-  }
+  await poll(async () => (await db().sql`SELECT vm_cmd FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!.vm_cmd === "start", 15_000);
   const [cmd] = await db().sql`SELECT vm_cmd, host_id FROM vm_runtimes WHERE vm_id = ${vm.id}`;
   expect(cmd).toEqual({ vm_cmd: "start", host_id: node } as any);
   // The node takes the command: starting, then running.

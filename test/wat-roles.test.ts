@@ -1,30 +1,16 @@
 // Roles and administrators in the WAT, in real Chromium against a live API: the role's ACL tree
 // shows inherited, granted and denied ACLs and edits them; the inheritance editor; an
 // administrator's role assignment and effective ACLs.
-import { afterAll, beforeAll, expect, test } from "bun:test";
+import { expect, test } from "bun:test";
 import type { Page } from "playwright-core";
-import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
+import { useTestApi } from "./support/api.ts";
+import { ok } from "./support/assert.ts";
 import { useBrowser } from "./support/browser.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 
 const db = useTestDatabase();
 const browser = useBrowser();
-let api: TestApi;
-let sa: ApiClient;
-
-beforeAll(async () => {
-  api = await startTestApi(db());
-  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
-});
-afterAll(async () => {
-  await api?.stop();
-});
-
-async function created(p: Promise<{ status: number; body: any }>): Promise<any> {
-  const r = await p;
-  if (r.status !== 201) throw new Error(`expected 201, got ${r.status}: ${JSON.stringify(r.body)}`);
-  return r.body;
-}
+const { api, sa } = useTestApi(db);
 
 /** The status cell of an ACL's row in the tree (the groups are opened by filtering). */
 async function aclStatus(page: Page, acl: string): Promise<string> {
@@ -38,7 +24,7 @@ async function filterAcls(page: Page, text: string) {
 }
 
 test("a role's ACL tree: inherit Operator, deny one inherited ACL, grant another; the API agrees", async () => {
-  const role = await created(sa.post("/roles", { name: "Desk operator" }));
+  const role = await ok(sa.post("/roles", { name: "Desk operator" }), 201);
   const w = await browser().open(api);
   await w.goto(`/roles/${role.id}`);
   await w.login(TEST_ADMIN.name, TEST_ADMIN.password);
@@ -94,7 +80,7 @@ test("a built-in role is shown read-only: no Grant, Deny or inheritance controls
 });
 
 test("an administrator's roles: assigning one shows its ACLs as effective, with where they come from", async () => {
-  const admin = await created(sa.post("/administrators", { tenant_id: 0, name: "newcomer", password: "newcomer-password" }));
+  const admin = await ok(sa.post("/administrators", { tenant_id: 0, name: "newcomer", password: "newcomer-password" }), 201);
   const w = await browser().open(api);
   await w.goto(`/administrators/${admin.id}`);
   await w.login(TEST_ADMIN.name, TEST_ADMIN.password);

@@ -5,26 +5,24 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
+import { useTestApi } from "./support/api.ts";
 import { HTTP_STATUS, useBrowser } from "./support/browser.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
+import { poll } from "./support/wait.ts";
 
 const db = useTestDatabase();
 const browser = useBrowser();
 const images = mkdtempSync("/tmp/qvd-wat-images-");
 const bigFile = join(images, "..", `${images.split("/").pop()}-upload.tar.gz`);
-let api: TestApi;
-let sa: ApiClient;
+const live = useTestApi(db, { "wat.multitenant": "1", "path.storage.images": images });
+const { api, sa } = live;
 let acme: number;
 
 beforeAll(async () => {
-  api = await startTestApi(db(), { "wat.multitenant": "1", "path.storage.images": images });
-  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
   acme = (await sa.post("/tenants", { name: "acme" })).body.id;
   writeFileSync(bigFile, Buffer.alloc(24 * 1024 * 1024, 1));
 });
-afterAll(async () => {
-  await api?.stop();
+afterAll(() => {
   rmSync(images, { recursive: true, force: true });
   rmSync(bigFile, { force: true });
 });
@@ -155,20 +153,18 @@ test("cancelling an upload deletes the new image and leaves no file; Escape does
   await w.page.getByText("Upload cancelled; the new image was deleted.").waitFor();
   expect((await sa.get("/dis?path=cancelled.tar.gz")).body.total).toBe(0);
   // The server removes its partial file when it notices the broken upload.
-  for (let i = 0; i < 50 && readdirSync(images).length > 0; i++) await Bun.sleep(100);
+  await poll(() => readdirSync(images).length === 0, 5000);
   expect(readdirSync(images)).toEqual([]);
   expect(existsSync(join(images, "cancelled.tar.gz"))).toBe(false);
   w.assertNoErrors();
 });
 
 test("no escalation: a tenant administrator's attempt to inherit Superadmin is refused beside the field", async () => {
-  const ta = (await sa.get("/roles?name=Tenant%20administrator")).body.items[0].id;
-  const boss = (await sa.post("/administrators", { tenant_id: acme, name: "boss", password: "boss-password" })).body.id;
-  await sa.post(`/administrators/${boss}/roles`, { role_id: ta });
+  const { client: boss } = await live.admin("boss", { tenantId: acme, tenant: "acme", roles: ["Tenant administrator"] });
   const w = await browser().open(api);
   await w.goto("/");
   await w.login("boss", "boss-password", "acme");
-  const mine = (await (await api.login("boss", "boss-password", "acme")).post("/roles", { name: "helpers" })).body.id;
+  const mine = (await boss.post("/roles", { name: "helpers" })).body.id;
   await w.goto(`/roles/${mine}`);
   await w.page.getByLabel("Inherit another role").selectOption({ label: "Superadmin (global)" });
   await w.page.getByRole("button", { name: "Add", exact: true }).click();

@@ -2,24 +2,15 @@
 // answered on the form, the right one opening the dashboard), logout, a deep URL that survives
 // a reload and a login, the session ended elsewhere, the own password change, the menu button
 // on a narrow screen, and keyboard-only use.
-import { afterAll, beforeAll, expect, test } from "bun:test";
+import { expect, test } from "bun:test";
 import { createHash } from "node:crypto";
-import { startTestApi, type ApiClient, type TestApi } from "./support/api.ts";
+import { useTestApi } from "./support/api.ts";
 import { HTTP_STATUS, useBrowser } from "./support/browser.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 
 const db = useTestDatabase();
 const browser = useBrowser();
-let api: TestApi;
-let sa: ApiClient;
-
-beforeAll(async () => {
-  api = await startTestApi(db());
-  sa = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
-});
-afterAll(async () => {
-  await api?.stop();
-});
+const { api, sa } = useTestApi(db);
 
 test("a wrong password is answered on the login form; the right one opens the dashboard", async () => {
   const w = await browser().open(api);

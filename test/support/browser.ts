@@ -139,3 +139,9 @@ export function useBrowser(): () => BrowserHarness {
 
 /** Chromium logs a failed request ("… status of 401 …") as a console error; a test expecting one says so. */
 export const HTTP_STATUS = (status: number) => new RegExp(`Failed to load resource: the server responded with a status of ${status}\\b`);
+
+/** The page's level-1 heading named exactly `name`. */
+export const h1 = (page: Page, name: string) => page.getByRole("heading", { level: 1, name, exact: true });
+
+/** Resolves once the page shows no loading indicator. */
+export const loaded = (page: Page) => page.waitForFunction(() => !document.querySelector(".loading"));

@@ -20,7 +20,8 @@ import { LocalCluster } from "../../src/db/local-cluster.ts";
 import { connect, type Sql } from "../../src/db/pool.ts";
 import { initDatabase } from "../../src/db/schema.ts";
 import { run } from "../../src/run.ts";
-import { cleanEnv, createNetns, qvdBinary, until, type Netns } from "./node.ts";
+import { cleanEnv, createNetns, qvdBinary, type Netns } from "./node.ts";
+import { until } from "./wait.ts";
 import { WireClient, basic } from "./qvd-wire.ts";
 
 export const FARM_NET = "198.19.0";

@@ -2,6 +2,7 @@
 // PASSWORD VM_ID`): list_of_vm as the Perl client sends it, then connect_to_vm as the Qt
 // client sends it (bare LF); prints what came back as JSON, with the first bytes after a 101.
 import { basic, WireClient } from "./qvd-wire.ts";
+import { poll } from "./wait.ts";
 
 const [port, login, password, vmId, mode] = process.argv.slice(2);
 const auth = basic(login!, password!);
@@ -21,8 +22,7 @@ const out = { list: { status: list.status, body: list.body }, progress, final: {
 console.log(JSON.stringify(out));
 if (mode === "hold" && res.status === 101) {
   // Keep the session until the server closes it (a later connection takes the VM over).
-  const until = Date.now() + 120_000;
-  while (!c.closed && Date.now() < until) await Bun.sleep(100);
+  await poll(() => c.closed, 120_000);
   out.closedByServer = c.closed;
   console.log(JSON.stringify(out));
 }

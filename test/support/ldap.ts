@@ -2,27 +2,17 @@
 // small directory loaded with slapadd, listening on free loopback ports (plain LDAP with StartTLS,
 // and LDAPS, through a self-signed certificate). Stopped by PID; the directory removed.
 //   const ldap = new LdapServer(); await ldap.start(ENTRIES); … await ldap.stop();
-import { createServer } from "node:net";
 import { mkdtempSync, rmSync, writeFileSync, mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
 import { run } from "../../src/run.ts";
+import { freePort } from "./free.ts";
+import { poll } from "./wait.ts";
 
 export const LDAP_SUFFIX = "dc=example,dc=org";
 export const LDAP_ROOT_DN = `cn=admin,${LDAP_SUFFIX}`;
 export const LDAP_ROOT_PW = "root-secret";
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 export class LdapServer {
   dir = "";
@@ -73,20 +63,17 @@ export class LdapServer {
     const ldifFile = join(this.dir, "data.ldif");
     writeFileSync(ldifFile, ldif);
     await run(["slapadd", "-f", conf, "-l", ldifFile]);
-    this.port = await freePort();
-    this.tlsPort = await freePort();
+    this.port = freePort();
+    this.tlsPort = freePort();
     // -d 0: stay in the foreground (our child, stopped by PID) without debug output.
     this.proc = Bun.spawn(["slapd", "-f", conf, "-h", `${this.url}/ ${this.ldapsUrl}/`, "-d", "0"], { stdout: "ignore", stderr: Bun.file(join(this.dir, "slapd.log")) });
-    const deadline = Date.now() + 15_000;
-    for (;;) {
-      const r = await run(["ldapsearch", "-x", "-H", this.url, "-b", LDAP_SUFFIX, "-s", "base", "(objectClass=*)", "dn"], { allowFail: true });
-      if (r.status === 0) break;
-      if (this.proc.exitCode !== null || Date.now() > deadline) {
-        const err = await Bun.file(join(this.dir, "slapd.log")).text().catch(() => "");
-        await this.stop();
-        throw new Error(`slapd did not start: ${err.slice(-2000)}`);
-      }
-      await Bun.sleep(100);
+    const proc = this.proc;
+    const up = await poll(async () => (await run(["ldapsearch", "-x", "-H", this.url, "-b", LDAP_SUFFIX, "-s", "base", "(objectClass=*)", "dn"], { allowFail: true })).status === 0,
+      15_000, 100, { abort: () => proc.exitCode !== null });
+    if (!up) {
+      const err = await Bun.file(join(this.dir, "slapd.log")).text().catch(() => "");
+      await this.stop();
+      throw new Error(`slapd did not start: ${err.slice(-2000)}`);
     }
   }
 

@@ -2,6 +2,8 @@
 // test/support/nx-raw.ts HOST PORT GREETING WAIT_MS`): connects, sends GREETING (may be empty),
 // and prints as JSON whether the connection opened, what came back within WAIT_MS, whether the
 // other side closed it, and why it did not open (`ECONNREFUSED`: an answer; `timeout`: none).
+import { poll } from "./wait.ts";
+
 const [host, port, greeting, waitMs] = process.argv.slice(2);
 let reply = "";
 let closed = false;
@@ -24,8 +26,7 @@ const conn = Bun.connect({
 const s = await Promise.race([conn, Bun.sleep(Number(waitMs)).then(() => void (error ||= "timeout"))]);
 if (s) {
   if (greeting) s.write(greeting);
-  const until = Date.now() + Number(waitMs);
-  while (Date.now() < until && !closed && !reply.includes(" cachelist=")) await Bun.sleep(50);
+  await poll(() => closed || reply.includes(" cachelist="), Number(waitMs), 50);
   s.end();
 }
 console.log(JSON.stringify({ connected, reply, closed, ...(connected ? {} : { error }) }));

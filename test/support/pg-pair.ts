@@ -10,6 +10,7 @@ import { LocalCluster } from "../../src/db/local-cluster.ts";
 import { connect } from "../../src/db/pool.ts";
 import { initDatabase } from "../../src/db/schema.ts";
 import { TEST_ADMIN } from "./db.ts";
+import { until } from "./wait.ts";
 
 const SETTINGS = { fsync: "off", synchronous_commit: "off", max_connections: 200 };
 
@@ -61,13 +62,7 @@ export class PgPair {
     const pb = connect(this.b.url("qvd"), { max: 1 });
     try {
       const [{ lsn }] = (await pa`SELECT pg_current_wal_lsn()::text AS lsn`) as unknown as [{ lsn: string }];
-      const end = Date.now() + timeoutMs;
-      for (;;) {
-        const [r] = await pb`SELECT pg_last_wal_replay_lsn() >= ${lsn}::pg_lsn AS done`;
-        if (r!.done) return;
-        if (Date.now() > end) throw new Error("the standby did not catch up");
-        await Bun.sleep(50);
-      }
+      await until(async () => (await pb`SELECT pg_last_wal_replay_lsn() >= ${lsn}::pg_lsn AS done`)[0]!.done === true, "the standby to catch up", timeoutMs, 50);
     } finally {
       await Promise.all([pa.end({ timeout: 2 }), pb.end({ timeout: 2 })]);
     }

@@ -8,18 +8,9 @@ import { join } from "node:path";
 import { randomBytes } from "node:crypto";
 import { run, spawnDaemon } from "../../src/run.ts";
 import { RATE, recordMonitor } from "./tone.ts";
+import { until, waitFor } from "./wait.ts";
 
 const PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-async function waitFor(what: string, pred: () => Promise<boolean> | boolean, ms: number, died?: () => string | undefined): Promise<void> {
-  const end = Date.now() + ms;
-  while (!(await pred())) {
-    const why = died?.();
-    if (why) throw new Error(`${what}: ${why}`);
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await Bun.sleep(100);
-  }
-}
 
 interface Proc {
   pid: number;
@@ -152,8 +143,9 @@ export async function startClientCups(o: { exec?: string[] } = {}): Promise<Clie
   };
   const lp = (prog: string, args: string[]) => run([prog, "-h", sock, ...args], { env: { PATH, LANG: "C" }, allowFail: true });
   try {
-    await waitFor("the client's cupsd", async () => (await lp("lpstat", ["-r"])).stdout.includes("is running"), 20_000, () =>
-      cupsd.exited ? `cupsd exited: ${cupsd.output()} ${log()}` : undefined);
+    await until(async () => (await lp("lpstat", ["-r"])).stdout.includes("is running"), "the client's cupsd", 20_000, 100, {
+      abort: () => (cupsd.exited ? `cupsd exited: ${cupsd.output()} ${log()}` : undefined),
+    });
     const ppd = "/usr/share/ppd/cups-pdf/CUPS-PDF_opt.ppd";
     for (const p of printers) {
       const r = await lp("lpadmin", ["-p", p.name, "-E", "-v", `cups-pdf:/${p.name}`, ...(existsSync(ppd) ? ["-P", ppd] : ["-m", "lsb/usr/cups-pdf/CUPS-PDF_opt.ppd"]), "-o", "printer-is-shared=false",
@@ -179,23 +171,16 @@ export async function startClientCups(o: { exec?: string[] } = {}): Promise<Clie
       return (await lp("lpstat", args)).stdout;
     },
     async waitForPdf(p, text, ms = 60_000) {
-      let found = "";
       const seen = new Map<string, string>();
-      await waitFor(`a PDF with "${text}" from ${p.name}`, async () => {
+      return waitFor(`a PDF with "${text}" from ${p.name}`, async () => {
         for (const f of pdfs(p)) {
           // cups-pdf writes the file in place: read it again until its text is complete.
           const r = await run(["pdftotext", "-q", f, "-"], { allowFail: true });
           seen.set(f, r.stdout);
-          if (r.status === 0 && r.stdout.includes(text)) {
-            found = r.stdout;
-            return true;
-          }
+          if (r.status === 0 && r.stdout.includes(text)) return r.stdout;
         }
-        return false;
-      }, ms).catch((e) => {
-        throw new Error(`${(e as Error).message}; PDFs: ${JSON.stringify([...seen])}; cupsd log: ${log()}`);
-      });
-      return found;
+        return undefined;
+      }, ms, 100, { detail: () => `; PDFs: ${JSON.stringify([...seen])}; cupsd log: ${log()}` });
     },
     stop,
   };
@@ -239,8 +224,9 @@ export async function startClientPulse(o: { exec?: string[]; sink?: string } = {
     rmSync(dir, { recursive: true, force: true });
   };
   try {
-    await waitFor("the client's PulseAudio", async () => (await pactl(["info"])).includes(`Default Sink: ${sink}`), 20_000, () =>
-      pa.exited ? `pulseaudio exited: ${pa.output().slice(-2000)}` : undefined);
+    await until(async () => (await pactl(["info"])).includes(`Default Sink: ${sink}`), "the client's PulseAudio", 20_000, 100, {
+      abort: () => (pa.exited ? `pulseaudio exited: ${pa.output().slice(-2000)}` : undefined),
+    });
   } catch (e) {
     await stop();
     throw e;
@@ -261,7 +247,8 @@ export async function startXvfb(display: number, o: { exec?: string[] } = {}): P
   const { ensureDeps } = await import("../../scripts/deps.ts");
   await ensureDeps(["xvfb", "xwd"], () => {});
   const x = daemon([...(o.exec ?? []), "Xvfb", `:${display}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { PATH });
-  await waitFor(`Xvfb :${display}`, async () => (await run(["xwd", "-root", "-silent", "-display", `:${display}`], { allowFail: true })).status === 0, 20_000, () =>
-    x.exited ? `Xvfb exited: ${x.output().slice(-1000)}` : undefined);
+  await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${display}`], { allowFail: true })).status === 0, `Xvfb :${display}`, 20_000, 100, {
+    abort: () => (x.exited ? `Xvfb exited: ${x.output().slice(-1000)}` : undefined),
+  });
   return { display, stop: () => x.stop(2000) };
 }
