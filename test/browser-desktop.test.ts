@@ -287,10 +287,10 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
   test("resizing the browser window resizes the desktop; Full screen takes the whole screen and gives it back", async () => {
     const full = page.getByRole("button", { name: "Full screen" });
     await full.click();
-    await page.waitForFunction(() => document.fullscreenElement !== null);
-    await expect(full.getAttribute("aria-pressed")).resolves.toBe("true");
+    // The button says so once the browser's fullscreenchange has come.
+    await page.waitForFunction(() => document.fullscreenElement !== null && document.getElementById("fullscreen")?.getAttribute("aria-pressed") === "true");
     await full.click();
-    await page.waitForFunction(() => document.fullscreenElement === null);
+    await page.waitForFunction(() => document.fullscreenElement === null && document.getElementById("fullscreen")?.getAttribute("aria-pressed") === "false");
     await page.setViewportSize({ width: 900, height: 640 });
     const box = (await page.locator("#screen").boundingBox())!;
     await until(async () => (await sessionSize()) === `${Math.floor(box.width)}x${Math.floor(box.height)}`, "the desktop to follow the window", 60_000).catch(async (e) => {
