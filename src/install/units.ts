@@ -150,6 +150,24 @@ function nodeUnit(c: UnitContext): string {
   ].join("\n");
 }
 
+/** What the L7R and the API, network services without containers to run, both give up. */
+const SERVICE_SANDBOX = [
+  "PrivateDevices=yes",
+  "ProtectKernelTunables=yes",
+  "ProtectKernelModules=yes",
+  "ProtectKernelLogs=yes",
+  "ProtectControlGroups=yes",
+  "ProtectClock=yes",
+  "ProtectHostname=yes",
+  "ProtectProc=invisible",
+  "RestrictNamespaces=yes",
+  "RestrictRealtime=yes",
+  "RestrictSUIDSGID=yes",
+  "LockPersonality=yes",
+  "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+  "SystemCallArchitectures=native",
+];
+
 function l7rUnit(c: UnitContext): string {
   const caps = c.lowPort ? [...L7R_CAPS, BIND] : L7R_CAPS;
   return [
@@ -174,21 +192,8 @@ function l7rUnit(c: UnitContext): string {
     "# Xvnc's /tmp/.X11-unix: a private /tmp of the L7R's own is enough (it talks to Xvnc over the",
     "# abstract socket, and the RFB and NX sockets live under path.run).",
     "PrivateTmp=yes",
-    "PrivateDevices=yes",
-    "ProtectKernelTunables=yes",
-    "ProtectKernelModules=yes",
-    "ProtectKernelLogs=yes",
-    "ProtectControlGroups=yes",
-    "ProtectClock=yes",
-    "ProtectHostname=yes",
     "# The L7R signals its sessions' processes by pid, never through /proc.",
-    "ProtectProc=invisible",
-    "RestrictNamespaces=yes",
-    "RestrictRealtime=yes",
-    "RestrictSUIDSGID=yes",
-    "LockPersonality=yes",
-    "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
-    "SystemCallArchitectures=native",
+    ...SERVICE_SANDBOX,
     "# mincore: Xvnc's libunwind probes its stack with it at start.",
     "SystemCallFilter=@system-service mincore",
     "SystemCallErrorNumber=EPERM",
@@ -221,22 +226,9 @@ function apiUnit(c: UnitContext): string {
     "PrivateMounts=yes",
     ...pathLines("api", c),
     "PrivateTmp=yes",
-    "PrivateDevices=yes",
     // A capability to bind a low port holds only in the machine's user namespace.
     ...(c.lowPort ? [] : ["PrivateUsers=yes"]),
-    "ProtectKernelTunables=yes",
-    "ProtectKernelModules=yes",
-    "ProtectKernelLogs=yes",
-    "ProtectControlGroups=yes",
-    "ProtectClock=yes",
-    "ProtectHostname=yes",
-    "ProtectProc=invisible",
-    "RestrictNamespaces=yes",
-    "RestrictRealtime=yes",
-    "RestrictSUIDSGID=yes",
-    "LockPersonality=yes",
-    "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
-    "SystemCallArchitectures=native",
+    ...SERVICE_SANDBOX,
     "SystemCallFilter=@system-service",
     "SystemCallFilter=~@privileged @resources",
     "SystemCallErrorNumber=EPERM",
