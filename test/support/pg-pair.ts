@@ -61,7 +61,9 @@ export class PgPair {
     const pa = connect(this.a.url("qvd"), { max: 1 });
     const pb = connect(this.b.url("qvd"), { max: 1 });
     try {
-      const [{ lsn }] = (await pa`SELECT pg_current_wal_lsn()::text AS lsn`) as unknown as [{ lsn: string }];
+      // The insert position, not the write one: with synchronous_commit off (SETTINGS) a commit
+      // just made may not be written yet, and catching up to the write position would miss it.
+      const [{ lsn }] = (await pa`SELECT pg_current_wal_insert_lsn()::text AS lsn`) as unknown as [{ lsn: string }];
       await until(async () => (await pb`SELECT pg_last_wal_replay_lsn() >= ${lsn}::pg_lsn AS done`)[0]!.done === true, "the standby to catch up", timeoutMs, 50);
     } finally {
       await Promise.all([pa.end({ timeout: 2 }), pb.end({ timeout: 2 })]);
