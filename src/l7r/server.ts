@@ -851,7 +851,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
             ch.pauseInput(); // Xvnc is not reading: neither do we
           }
         },
-        end: () => this.close(),
+        // A socket that ends before its hello also ends the wait for it (nothing is kept waiting).
+        end: () => (this.close(), hello("")),
       }));
       ch.start(toB, toA);
       const fail = (status: number, message: string) => {
@@ -859,8 +860,9 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         this.close(4000 + status, message.slice(0, 100));
       };
       try {
-        const timer = setTimeout(() => this.close(1008, "no request in time"), t.request * 1000);
+        const timer = setTimeout(() => (this.close(1008, "no request in time"), hello("")), t.request * 1000);
         const text = await said.finally(() => clearTimeout(timer));
+        if (this.closed) return;
         this.client = "browser";
         this.t0 = performance.now();
         let m: { token?: unknown; id?: unknown; width?: unknown; height?: unknown };
