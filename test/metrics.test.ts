@@ -45,8 +45,8 @@ describe("the exposition format", () => {
 
 test("the Grafana dashboard and docs/METRICS.md name only metrics the roles register, and the docs name them all", () => {
   const root = join(import.meta.dir, "..");
-  const src = ["src/metrics.ts", "src/l7r/server.ts", "src/hkd/hkd.ts", "src/api/server.ts"].map((f) => readFileSync(join(root, f), "utf8")).join("\n");
-  const registered = new Set([...src.matchAll(/\.(?:counter|gauge|histogram|counterFrom)\("(qvd_[a-z0-9_]+)"/g)].map((m) => m[1]!));
+  const src = ["src/metrics.ts", "src/l7r/context.ts", "src/hkd/hkd.ts", "src/api/server.ts"].map((f) => readFileSync(join(root, f), "utf8")).join("\n");
+  const registered = new Set([...src.matchAll(/\.(?:counter|gauge|histogram|counterFrom)\(\s*"(qvd_[a-z0-9_]+)"/g)].map((m) => m[1]!));
   const base = (n: string) => n.replace(/_(bucket|sum|count)$/, "");
   const dashboard = JSON.parse(readFileSync(join(root, "deploy", "grafana-qvd.json"), "utf8"));
   const used = new Set(dashboard.panels.flatMap((p: { targets: { expr: string }[] }) => p.targets.flatMap((t) => [...t.expr.matchAll(/qvd_[a-z0-9_]+/g)].map((m) => base(m[0])))));
