@@ -7,7 +7,7 @@ import { VERSION } from "./version.ts";
 export const main = defineCommand({
   meta: { name: "qvd", version: VERSION, description: "QVD virtual desktop infrastructure" },
   subCommands: {
-    admin: () => import("./roles/admin-cli.ts").then((m) => m.default),
+    admin: () => import("./roles/admin-cli.ts").then((m) => m.createAdminCli()), // a tree per run: it holds the run's context
     api: () => import("./roles/api.ts").then((m) => m.default),
     client: () => import("./roles/client.ts").then((m) => m.default),
     config: () => import("./roles/config.ts").then((m) => m.default),
