@@ -569,7 +569,7 @@ try {
     await page.keyboard.press(LETTERS[i % LETTERS.length]!);
     const r = (await page.evaluate(() => (window as any).__watch)) as { key: number; changed: number; polls: number; started: number } | null;
     const t1 = performance.now();
-    if (!r || !r.key) {
+    if (!r?.key) {
       console.log(`   (key ${i + 1}: ${r ? "no keydown seen in the page" : "no change within 10 s"})`);
       continue;
     }

@@ -48,9 +48,6 @@ const bool = z.preprocess((v) => {
 }, z.boolean({ error: "expected a boolean (1/0, true/false, yes/no, on/off)" }));
 const oneOf = <const T extends readonly [string, ...string[]]>(values: T) =>
   z.enum(values, { error: `expected one of: ${values.join(", ")}` });
-// libpq's unix-socket form `postgres://user@/db?host=/dir` has an empty host, which WHATWG
-// URLs reject after credentials: check it with a placeholder host (as db/pool.ts connects).
-const url = z.string().refine((s) => URL.canParse(s.replace(/^(\w+:\/\/(?:[^@/?]*@)?)(?=[/?]|$)/, "$1localhost")), "expected a URL");
 /** libpq's URL forms, several hosts included (postgres://a:5432,b:5432/qvd?target_session_attrs=read-write). */
 const dbUrl = z.string().superRefine((s, ctx) => {
   try {

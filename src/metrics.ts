@@ -79,7 +79,7 @@ export class Histogram {
   lines(): string[] {
     const out: string[] = [];
     for (const v of this.values.values()) {
-      this.buckets.forEach((b, i) => out.push(`${this.name}_bucket${labelText({ ...v.labels, le: num(b) })} ${v.counts[i]}`));
+      for (const [i, b] of this.buckets.entries()) out.push(`${this.name}_bucket${labelText({ ...v.labels, le: num(b) })} ${v.counts[i]}`);
       out.push(`${this.name}_bucket${labelText({ ...v.labels, le: "+Inf" })} ${v.count}`);
       out.push(`${this.name}_sum${labelText(v.labels)} ${num(v.sum)}`, `${this.name}_count${labelText(v.labels)} ${v.count}`);
     }

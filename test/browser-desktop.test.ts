@@ -3,7 +3,7 @@
 // that namespace opening https://127.0.0.1:8443/ on the node's L7R, and for the takeover a real
 // `qvd client` with its nxproxy on an Xvfb. One desktop for the whole file.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Browser, BrowserContext, Page } from "playwright-core";
 import * as D from "../src/db/index.ts";

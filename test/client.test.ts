@@ -127,7 +127,7 @@ function handleRequest(s: Socket<Conn>, head: string): void {
 
 let server: TCPSocketListener<Conn>;
 let plainServer: TCPSocketListener<Conn>;
-let script: Script = { vms: [] };
+const script: Script = { vms: [] };
 let last: Recorded;
 let lastConn: Conn | undefined;
 

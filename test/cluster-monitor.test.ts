@@ -82,7 +82,7 @@ describe("the cluster monitor", () => {
 
   test("while its own database has not worked for cluster.lost_after, a monitor declares nothing", async () => {
     const stale = await node("running", 3600);
-    let okFor: number | undefined = undefined; // the database is failing now
+    let okFor: number | undefined ; // the database is failing now
     const m = new ClusterMonitor({ sql: sql(), host: { id: 0, name: "watcher" }, lostAfterS: 60, dbOkForS: () => okFor });
     expect(await m.check()).toEqual([]);
     okFor = 59; // back, but not for long enough

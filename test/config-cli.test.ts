@@ -178,7 +178,7 @@ describe("qvd config show without a database", () => {
     const r = await qvd(["config", "show", "--no-db", "--doc", "--config", conf("")]);
     expect(r.code).toBe(0);
     expect(r.stdout).toContain(`# ${KEYS["hkd.fence_after"].doc} (cluster)\nhkd.fence_after`);
-    expect(r.stdout).toContain(`# ${KEYS["nodename"].doc} (node)\nnodename`);
+    expect(r.stdout).toContain(`# ${KEYS.nodename.doc} (node)\nnodename`);
   });
 
   test("secrets are masked in text and JSON, other values are not", async () => {

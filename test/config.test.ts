@@ -95,7 +95,7 @@ describe("the schema", () => {
   test("cluster keys include the fencing and session settings; machine keys are node scope", () => {
     expect(KEYS["hkd.fence_after"].scope).toBe("cluster");
     expect(KEYS["api.session.ttl"].scope).toBe("cluster");
-    expect(KEYS["nodename"].scope).toBe("node");
+    expect(KEYS.nodename.scope).toBe("node");
     expect(KEYS["database.url"].scope).toBe("node");
     expect(KEYS["vm.network.bridge"].scope).toBe("node");
   });
@@ -518,7 +518,7 @@ describe("describe() and secrets", () => {
     const byKey = Object.fromEntries(d.map((e) => [e.key, e]));
     for (const k of Object.keys(secrets)) expect(byKey[k]!.value, k).toBe("********");
     expect(byKey["api.tls.cert"]!.value).toBe("/etc/qvd/api.crt");
-    expect(byKey["nodename"]!.value).toBe("n1");
+    expect(byKey.nodename!.value).toBe("n1");
     expect(JSON.stringify(d)).not.toContain("hunter2");
   });
 

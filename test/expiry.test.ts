@@ -22,7 +22,6 @@ const ALL = D.ALL_TENANTS;
 const DISPLAY = 64;
 const PORT = 8443;
 const output = join(import.meta.dir, "..", ".test-output");
-const bun = join(import.meta.dir, "..", "node_modules", ".bin", "bun");
 
 describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
   const node = new TestNode(db, "expnode");

@@ -145,7 +145,7 @@ test("x_start gets the client's parameters, then the OSF's, image's, user's and 
   expect(p["qvd.client.geometry"]).toBe("800x600");
   expect(p["qvd.client.link"]).toBe("lan");
   expect(p["custom.note"]).toBe("hello");
-  expect(p["host_address"]).toBe("198.18.0.7");
+  expect(p.host_address).toBe("198.18.0.7");
   expect(p["qvd.vm.user.name"]).toBe("alice");
   expect(p["qvd.vm.user.uid"]).toBe("20001");
   expect(p["qvd.vm.user.groups"]).toBe("audio,video");

@@ -1,6 +1,6 @@
 // The QVD HTTP dialect: the tolerant reader and the precise writer.
 import { expect, test } from "bun:test";
-import { HttpParseError, jsonResponse, parseQuery, RequestReader, textResponse, writeHead } from "../src/nx/http.ts";
+import { type HttpParseError, jsonResponse, parseQuery, RequestReader, textResponse, writeHead } from "../src/nx/http.ts";
 import { until } from "./support/wait.ts";
 
 const enc = (s: string) => new TextEncoder().encode(s);

@@ -4,7 +4,7 @@
 // sshfs, and a real sftp-server stands for the client's folder. Then what a user may try against
 // the mount helper: symlinked mount points, names that leave ~/Redirected, a wrong key.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { connect } from "node:net";
 import { join } from "node:path";
 import { qvdBinary } from "./support/node.ts";

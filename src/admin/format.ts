@@ -42,7 +42,10 @@ export function keyValues(obj: Record<string, unknown>, prefix = ""): string {
       if (v && typeof v === "object" && !Array.isArray(v) && Object.keys(v).length > 0) walk(v as Record<string, unknown>, `${p}${k}.`);
       else if (Array.isArray(v) && v.some((x) => x && typeof x === "object")) {
         if (v.length === 0) pairs.push([p + k, "-"]);
-        v.forEach((x, i) => (x && typeof x === "object" ? walk(x as Record<string, unknown>, `${p}${k}.${i}.`) : pairs.push([`${p}${k}.${i}`, cell(x)])));
+        v.forEach((x, i) => {
+          if (x && typeof x === "object") walk(x as Record<string, unknown>, `${p}${k}.${i}.`);
+          else pairs.push([`${p}${k}.${i}`, cell(x)]);
+        });
       } else pairs.push([p + k, cell(v)]);
     }
   };

@@ -13,7 +13,7 @@ export function localPlugin(): AuthPlugin {
       const row = await verifyUserPassword(db, a.tenantId, a.login, a.password);
       if (row) return { ok: true, user: { userId: row.id, tenantId: row.tenant_id, login: row.name } };
       const user = await findLoginUser(db, a.tenantId, a.login);
-      if (!user || !user.has_password) return { ok: "pass" };
+      if (!user?.has_password) return { ok: "pass" };
       return { ok: false, reason: "wrong password" };
     },
   };

@@ -56,7 +56,7 @@ export function tcpModuleArgs(port: number): string[] {
 const findProgram = (p: string) => Bun.which(p) !== null;
 
 /** A PulseAudio server address safe to put into a module argument (no spaces, quotes, or `=`). */
-const SAFE_SERVER = /^(unix:)?\/[\w./@-]{1,200}$|^(tcp6?:)?[\w.:\[\]-]{1,200}$/;
+const SAFE_SERVER = /^(unix:)?\/[\w./@-]{1,200}$|^(tcp6?:)?[\w.:[\]-]{1,200}$/;
 
 /** The relay's script: the TCP port for the desktop, a tunnel to the user's server, nothing else. */
 export function relayScript(port: number, userServer: string): string {

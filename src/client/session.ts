@@ -141,7 +141,7 @@ async function choose(desktops: Desktop[], user: string, where: string, want?: s
       `${user} has ${desktops.length} desktops, choose one with --vm ID: ${desktops.map(describeDesktop).join(", ")}`, EXIT.usage);
   }
   process.stderr.write(`Desktops of ${user}:\n`);
-  desktops.forEach((d, i) => process.stderr.write(`  ${i + 1}) ${describeDesktop(d)}\n`));
+  for (const [i, d] of desktops.entries()) process.stderr.write(`  ${i + 1}) ${describeDesktop(d)}\n`);
   const rl = createInterface({ input: process.stdin, output: process.stderr });
   try {
     for (;;) {

@@ -254,7 +254,9 @@ export async function shareFolder(o: ShareOptions): Promise<Share> {
     });
   });
   child.stderr!.setEncoding("utf8");
-  child.stderr!.on("data", (t: string) => t.split("\n").filter(Boolean).forEach((l) => o.onLog?.(l)));
+  child.stderr!.on("data", (t: string) => {
+    for (const l of t.split("\n").filter(Boolean)) o.onLog?.(l);
+  });
   if (r.rest.length) child.stdin!.write(r.rest);
   sock.on("error", () => sock.destroy());
   child.stdin!.on("error", () => sock.destroy());

@@ -5,7 +5,7 @@
 import type postgres from "postgres";
 import { z } from "zod";
 import { ConflictError, DataError, InUseError, NotFoundError, translatePgError, ValidationError } from "./errors.ts";
-import { transaction, type Db } from "./pool.ts";
+import { transaction, type Db, type Tx } from "./pool.ts";
 
 export type ObjectKind = "tenant" | "administrator" | "role" | "user" | "osf" | "di" | "vm" | "host" | "property" | "audit";
 
@@ -57,7 +57,7 @@ export interface ObjectDef<Row extends Record<string, unknown> = Record<string, 
   /** Turns validated input into column values (hash passwords, rename fields). */
   toColumns?: (input: Record<string, any>, op: "create" | "update", tx: Db) => Promise<Record<string, unknown>> | Record<string, unknown>;
   /** Runs in the same transaction after an insert or update. */
-  afterWrite?: (tx: postgres.TransactionSql<{}>, id: number, input: Record<string, any>, op: "create" | "update") => Promise<void>;
+  afterWrite?: (tx: Tx, id: number, input: Record<string, any>, op: "create" | "update") => Promise<void>;
   /** A reason why this row may not be changed or deleted, or undefined. */
   readOnly?: (row: Row, op: "update" | "delete") => string | undefined;
   /** Extra condition for delete (e.g. only stopped VMs). Returns a reason to refuse. */

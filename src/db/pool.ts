@@ -5,9 +5,13 @@ import { Duplex } from "node:stream";
 import postgres from "postgres";
 import { checkDatabaseTls, parseDatabaseUrl, wantsPrimary, type DbTarget } from "./url.ts";
 
-export type Sql = postgres.Sql<{}>;
+// postgres.js's type parameter for custom column types: none here (its own default is `{}`).
+// biome-ignore lint/complexity/noBannedTypes: the library's declared default
+type NoCustomTypes = {};
+export type Sql = postgres.Sql<NoCustomTypes>;
+export type Tx = postgres.TransactionSql<NoCustomTypes>;
 /** A pool or a transaction: every query function accepts either. */
-export type Db = postgres.Sql<{}> | postgres.TransactionSql<{}>;
+export type Db = Sql | Tx;
 
 export interface ConnectOptions {
   max?: number;
@@ -51,7 +55,7 @@ export function connect(url: string, opts: ConnectOptions = {}): Sql {
     max_lifetime: opts.listener ? null : undefined,
     onnotice: () => {},
     // `onnotify` is supported by postgres.js but missing from its type declarations.
-    ...({ onnotify: opts.listener?.onnotify } as {}),
+    ...({ onnotify: opts.listener?.onnotify } as object),
     onclose: opts.listener?.onclose ?? closed,
     ...(opts.listener ? {} : { debug: seen }),
     connection: { application_name: opts.applicationName ?? "qvd", TimeZone: "UTC" },
@@ -61,7 +65,7 @@ export function connect(url: string, opts: ConnectOptions = {}): Sql {
 }
 
 /** Runs `fn` in a transaction (or a savepoint when already inside one). */
-export function transaction<T>(db: Db, fn: (tx: postgres.TransactionSql<{}>) => Promise<T>): Promise<T> {
+export function transaction<T>(db: Db, fn: (tx: Tx) => Promise<T>): Promise<T> {
   if ("savepoint" in db) return db.savepoint(fn) as Promise<T>;
   return (db as Sql).begin(fn) as Promise<T>;
 }

@@ -2,7 +2,7 @@
 // in <dir>, no TCP), the `qvd` database and its schema; all kept across runs.
 import { chmodSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { LocalCluster } from "../db/local-cluster.ts";
+import type { LocalCluster } from "../db/local-cluster.ts";
 import { connect } from "../db/pool.ts";
 import { initDatabase, migrateDatabase, schemaStatus } from "../db/schema.ts";
 import { UserError } from "../errors.ts";

@@ -454,7 +454,7 @@ export class Hkd {
     const now = Date.now();
     for (const row of await N.vmsOfHost(this.o.sql, this.id)) {
       const r = this.runs.get(row.vm_id);
-      if (!r || r.phase !== "running") continue;
+      if (r?.phase !== "running") continue;
       if (row.expire_hard_at && row.expire_hard_at.getTime() <= now) void this.enqueue(row.vm_id, { kind: "stop", why: "its hard expiry time was reached", graceful: true });
       else if (row.expire_soft_at && row.expire_soft_at.getTime() <= now && r.vma)
         await vmaCall(r.vma, "expire", { soft: row.expire_soft_at, hard: row.expire_hard_at }).catch(() => {});

@@ -463,6 +463,6 @@ export class X11Client {
 
 function u32(...v: number[]): Buffer {
   const b = Buffer.alloc(4 * v.length);
-  v.forEach((x, i) => b.writeUInt32LE(x >>> 0, 4 * i));
+  for (const [i, x] of v.entries()) b.writeUInt32LE(x >>> 0, 4 * i);
   return b;
 }

@@ -168,12 +168,12 @@ export function parseQuery(qs: string): [string, string][] {
     const eq = part.indexOf("=");
     const k = eq < 0 ? part : part.slice(0, eq);
     const v = eq < 0 ? "" : part.slice(eq + 1);
-    out.push([unescape(k), unescape(v)]);
+    out.push([unescapeQuery(k), unescapeQuery(v)]);
   }
   return out;
 }
 
-function unescape(s: string): string {
+function unescapeQuery(s: string): string {
   s = s.replace(/\+/g, " ");
   try {
     return decodeURIComponent(s);

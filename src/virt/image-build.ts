@@ -402,10 +402,10 @@ function mountsBelow(dir: string): string[] {
   } catch {
     return [];
   }
-  const unescape = (s: string) => s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+  const unescapeOctal = (s: string) => s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
   return text
     .split("\n")
-    .map((l) => unescape(l.split(" ")[4] ?? ""))
+    .map((l) => unescapeOctal(l.split(" ")[4] ?? ""))
     .filter((m) => m === dir || m.startsWith(dir + "/"))
     .sort((a, b) => b.length - a.length);
 }

@@ -85,7 +85,7 @@ function checkHeader(file: string): void {
 export async function inspectQcow2(file: string, o: { qemuImg?: string; check?: boolean } = {}): Promise<{ virtualSize: number; allocatedBytes: number }> {
   // qemu-img reads "json:{…}" and "proto:…" names as options: only absolute paths reach it.
   if (!isAbsolute(file)) throw new ImageError(`${file}: an image path must be absolute`);
-  const st = imageFileStat(file);
+  imageFileStat(file); // a clear error for a missing file or one that is not a regular file
   if (!isQcow2(file)) {
     const h = readHead(file, 512);
     const tarball = (h[0] === 0x1f && h[1] === 0x8b) || h.subarray(257, 262).toString("latin1") === "ustar" || (h.length >= 4 && h.readUInt32LE(0) === 0xfd2fb528) || h.subarray(0, 6).toString("latin1") === "\xfd7zXZ\0";
@@ -319,7 +319,7 @@ function existing(basefsDir: string, diId: number, image: string, expected: stri
       } catch {}
     }
   }
-  if (!meta || meta.kind !== "kvm" || !existsSync(kernel) || !existsSync(initrd))
+  if (meta?.kind !== "kvm" || !existsSync(kernel) || !existsSync(initrd))
     throw new ImageError(`${basefs} does not hold a prepared KVM image (${meta && meta.kind !== "kvm" ? "it is an unpacked LXC image" : "no record, kernel or initramfs"}); remove it while no desktop uses it to prepare the image again`);
   if (expected && meta.sha256 !== expected)
     throw new ImageError(`${basefs} was prepared from another file (sha256 ${meta.sha256}, expected ${expected}); remove it while no desktop uses it to prepare the image again`);

@@ -374,7 +374,7 @@ export class KvmBackend implements Backend {
     });
   }
 
-  private async waitGone(vmId: number, pid: number, timeoutMs: number): Promise<boolean> {
+  private async waitGone(pid: number, timeoutMs: number): Promise<boolean> {
     const deadline = Date.now() + timeoutMs;
     while (Date.now() < deadline) {
       if (!pidAlive(pid)) return true;
@@ -389,7 +389,7 @@ export class KvmBackend implements Backend {
     // ACPI power button: the guest's systemd (logind) powers off.
     const t0 = Date.now();
     await this.qmp(vmId, "system_powerdown").catch((e) => log.debug("system_powerdown failed", { vm: vmId, error: (e as Error).message }));
-    const down = await this.waitGone(vmId, pid, timeoutMs);
+    const down = await this.waitGone(pid, timeoutMs);
     if (down) log.info("vm powered off (ACPI power button through QMP)", { vm: vmId, seconds: ((Date.now() - t0) / 1000).toFixed(1) });
     return down;
   }
@@ -398,12 +398,12 @@ export class KvmBackend implements Backend {
     const pid = this.pid(vmId);
     if (!pid) return;
     await this.qmp(vmId, "quit", undefined, 3000).catch(() => {});
-    if (await this.waitGone(vmId, pid, 5000)) return;
+    if (await this.waitGone(pid, 5000)) return;
     for (const sig of ["SIGTERM", "SIGKILL"] as const) {
       try {
         process.kill(pid, sig);
       } catch {}
-      if (await this.waitGone(vmId, pid, 5000)) return;
+      if (await this.waitGone(pid, 5000)) return;
     }
     throw new UserError(`QEMU of VM ${vmId} (pid ${pid}) could not be killed`);
   }

@@ -30,7 +30,7 @@
 import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync, chmodSync, chownSync, lchownSync, statSync } from "node:fs";
 import { dirname, join, relative } from "node:path";
 import type { Backend, BackendState, VmSpec } from "./backend.ts";
-import { NodeNetwork, nodeNetworkFromConfig, vethName } from "./network.ts";
+import { type NodeNetwork, nodeNetworkFromConfig, vethName } from "./network.ts";
 import { CommandError } from "../run.ts";
 import { ConfigError, UserError } from "../errors.ts";
 import { gateDir, type IdMap } from "./images.ts";
@@ -691,13 +691,13 @@ function discard(dir: string): void {
 
 /** Unmounts every mount at or below the given directories, deepest first. */
 async function unmountBelow(dirs: string[], run: (argv: string[]) => Promise<unknown>): Promise<void> {
-  const unescape = (s: string) => s.replace(/\\([0-7]{3})/g, (_, o) => String.fromCharCode(parseInt(o, 8)));
+  const unescapeOctal = (s: string) => s.replace(/\\([0-7]{3})/g, (_, o) => String.fromCharCode(parseInt(o, 8)));
   for (let round = 0; round < 5; round++) {
     const mounts = readFileSync("/proc/self/mountinfo", "utf8")
       .split("\n")
       .map((l) => l.split(" ")[4])
       .filter((m): m is string => !!m)
-      .map(unescape)
+      .map(unescapeOctal)
       .filter((m) => dirs.some((d) => m === d || m.startsWith(d + "/")));
     if (mounts.length === 0) return;
     for (const m of mounts.sort((a, b) => b.length - a.length)) await run(["umount", "-l", m]);

@@ -97,7 +97,7 @@ exec setpriv --reuid="$uid" --regid="$gid" "$g" --bounding-set=-all --no-new-pri
 /** The id map of the nested namespace, from the VMA's own (/proc/self/uid_map: "0 <host> N"). */
 export function nestedIdMap(selfMap: string): string | undefined {
   const first = selfMap.trim().split("\n")[0]?.trim().split(/\s+/).map(Number);
-  if (!first || first.length !== 3 || first[0] !== 0) return undefined;
+  if (first?.length !== 3 || first[0] !== 0) return undefined;
   const n = Math.min(first[2]!, 65536);
   if (n < 3) return undefined;
   return `0 ${n - 1} 1\n1 1 ${n - 2}\n`;

@@ -3,7 +3,7 @@
 // slave channel; unlike the original, every endpoint (GET /shares included) needs the slave key.
 // See src/vma/README.md, "Slave channel".
 import { createHash, timingSafeEqual } from "node:crypto";
-import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, realpathSync, statSync } from "node:fs";
+import { existsSync, lstatSync, mkdirSync, readFileSync, realpathSync, statSync } from "node:fs";
 import { connect } from "node:net";
 import { isAbsolute, join, normalize, resolve, sep } from "node:path";
 

@@ -31,4 +31,3 @@ if (s) {
 }
 console.log(JSON.stringify({ connected, reply, closed, ...(connected ? {} : { error }) }));
 process.exit(0);
-export {};

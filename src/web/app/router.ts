@@ -5,7 +5,9 @@ import { useEffect, useState } from "preact/hooks";
 export const ROOT = "/wat";
 
 const listeners = new Set<() => void>();
-const notify = () => listeners.forEach((f) => f());
+const notify = () => {
+  for (const f of listeners) f();
+};
 addEventListener("popstate", notify);
 
 /** The app path (without /wat) and its query. */

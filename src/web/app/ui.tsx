@@ -140,10 +140,10 @@ const noticeListeners = new Set<(n: Notice[]) => void>();
 export function notify(text: string, kind: "ok" | "error" = "ok"): void {
   const n = { id: ++noticeSeq, text, kind };
   notices = [...notices, n].slice(-5);
-  noticeListeners.forEach((f) => f(notices));
+  for (const f of noticeListeners) f(notices);
   setTimeout(() => {
     notices = notices.filter((x) => x !== n);
-    noticeListeners.forEach((f) => f(notices));
+    for (const f of noticeListeners) f(notices);
   }, kind === "error" ? 8000 : 4000);
 }
 export function Notices() {

@@ -55,6 +55,7 @@ export function FilterBar(props: { spec: ObjectSpec; query: URLSearchParams; onC
   const set = (k: string) => (v: string) => props.onChange({ [k]: v });
   const id = (k: string) => `filter-${spec.path}-${k}`;
   return (
+    // biome-ignore lint/a11y/useSemanticElements: <search> is too new for the browsers administrators may use
     <div class="filters" role="search" aria-label={`Filter ${spec.plural}`}>
       {spec.search && <TextFilter id={id("q")} label="Search" value={query.get("q") ?? ""} onChange={set("q")} />}
       {filters.map((f) =>

@@ -143,6 +143,7 @@ function Input(props: { f: FormField; attrs: Record<string, unknown>; value: any
       );
     case "checkboxes":
       return (
+        // biome-ignore lint/a11y/useSemanticElements: the form's own label names the group; a fieldset would add a second one
         <div {...attrs} role="group" class="checks">
           {f.options!.map(([v, l]) => (
             <label key={v}>

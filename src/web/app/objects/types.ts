@@ -66,7 +66,7 @@ export type ActionRun =
   | { patch: Record<string, unknown> }
   | { delete: true }
   /** Single objects only (a VM's restart). */
-  | { custom: (row: Row) => Promise<string | void> };
+  | { custom: (row: Row) => Promise<string | undefined> };
 
 export interface ActionSpec {
   /** The button's text ("Start", "Block"…). */

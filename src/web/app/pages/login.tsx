@@ -1,6 +1,6 @@
 // The login form: tenant (in multitenant mode, or as name@tenant), name and password.
 import { useState } from "preact/hooks";
-import { api, ApiError } from "../api.ts";
+import { api, type ApiError } from "../api.ts";
 import { Button, ErrorLine, Field } from "../ui.tsx";
 
 export function LoginPage(props: { multitenant: boolean; notice?: string; onLogin: (s: any) => void }) {

@@ -1,7 +1,7 @@
 // The configuration page: cluster settings with their effective value, default and where the
 // value comes from (default, global, tenant); edit, reset; per tenant for superadministrators.
 import { useState } from "preact/hooks";
-import { api, ApiError, qs } from "../api.ts";
+import { api, type ApiError, qs } from "../api.ts";
 import { navigate } from "../router.ts";
 import { useSession } from "../session.ts";
 import { Button, Confirm, ErrorLine, Field, Loading, Modal, notify } from "../ui.tsx";

@@ -1,7 +1,7 @@
 // Images: the "New image" dialog (create the image, upload the file with a progress bar) and
 // the tag editor of an image (default, head, custom tags; expiry for running VMs on a move).
 import { useEffect, useRef, useState } from "preact/hooks";
-import { api, ApiError, qs } from "../api.ts";
+import { api, type ApiError, qs } from "../api.ts";
 import { useSession } from "../session.ts";
 import { Button, ErrorLine, Field, Modal, notify } from "../ui.tsx";
 import { fieldMessage, useLoad } from "../load.ts";

@@ -1,6 +1,6 @@
 // The administrator's own profile: who they are, their roles and ACLs, and the password form.
 import { useState } from "preact/hooks";
-import { api, ApiError } from "../api.ts";
+import { api, type ApiError } from "../api.ts";
 import { useSession } from "../session.ts";
 import { Button, ErrorLine, Field, Loading, notify } from "../ui.tsx";
 import { EffectiveAcls } from "./admin-roles.tsx";

@@ -1,7 +1,7 @@
 // The ACL editor of a role (shown on the role's detail page): the ACL tree by object and
 // action with own, inherited and denied grants, and the inheritance editor.
 import { useEffect, useState } from "preact/hooks";
-import { api, ApiError } from "../api.ts";
+import { api, type ApiError } from "../api.ts";
 import { useSession } from "../session.ts";
 import { Button, ErrorLine, Field, Link, Loading, notify } from "../ui.tsx";
 import { AclTree, Badge } from "./acl-tree.tsx";

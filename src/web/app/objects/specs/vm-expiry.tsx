@@ -1,6 +1,6 @@
 // A running VM's expiry (its detail page): when its user is warned and when it is stopped.
 import { useState } from "preact/hooks";
-import { api, ApiError } from "../../api.ts";
+import { api, type ApiError } from "../../api.ts";
 import { Button, ErrorLine, Field, notify } from "../../ui.tsx";
 import type { Row } from "../types.ts";
 
