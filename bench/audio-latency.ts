@@ -55,8 +55,18 @@ const cleanup = () => {
 process.on("exit", cleanup);
 
 async function sh(argv: string[], env: Record<string, string> = {}, timeoutMs = 10_000): Promise<RunResult> {
-  const p = Bun.spawn(argv, { cwd: "/", env: { PATH: process.env.PATH!, ...env }, stdout: "pipe", stderr: "pipe", timeout: timeoutMs });
-  const [stdout, stderr, status] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  const p = Bun.spawn(argv, {
+    cwd: "/",
+    env: { PATH: process.env.PATH!, ...env },
+    stdout: "pipe",
+    stderr: "pipe",
+    timeout: timeoutMs,
+  });
+  const [stdout, stderr, status] = await Promise.all([
+    new Response(p.stdout).text(),
+    new Response(p.stderr).text(),
+    p.exited,
+  ]);
   return { status, stdout, stderr };
 }
 
@@ -78,9 +88,18 @@ async function freePort(): Promise<number> {
 function clickWav(): string {
   const n = Math.round(0.03 * RATE);
   const b = Buffer.alloc(44 + n * 2);
-  b.write("RIFF", 0); b.writeUInt32LE(36 + n * 2, 4); b.write("WAVEfmt ", 8); b.writeUInt32LE(16, 16);
-  b.writeUInt16LE(1, 20); b.writeUInt16LE(1, 22); b.writeUInt32LE(RATE, 24); b.writeUInt32LE(RATE * 2, 28);
-  b.writeUInt16LE(2, 32); b.writeUInt16LE(16, 34); b.write("data", 36); b.writeUInt32LE(n * 2, 40);
+  b.write("RIFF", 0);
+  b.writeUInt32LE(36 + n * 2, 4);
+  b.write("WAVEfmt ", 8);
+  b.writeUInt32LE(16, 16);
+  b.writeUInt16LE(1, 20);
+  b.writeUInt16LE(1, 22);
+  b.writeUInt32LE(RATE, 24);
+  b.writeUInt32LE(RATE * 2, 28);
+  b.writeUInt16LE(2, 32);
+  b.writeUInt16LE(16, 34);
+  b.write("data", 36);
+  b.writeUInt32LE(n * 2, 40);
   for (let i = 0; i < n; i++) b.writeInt16LE(Math.round(16000 * Math.sin((2 * Math.PI * 1000 * i) / RATE)), 44 + i * 2);
   const f = join(work, "click.wav");
   writeFileSync(f, b);
@@ -92,17 +111,58 @@ function clickWav(): string {
 const c = join(work, "client");
 mkdirSync(join(c, "home"), { recursive: true });
 mkdirSync(join(c, "run"), { mode: 0o700 });
-writeFileSync(join(c, "client.pa"), "load-module module-native-protocol-unix\nload-module module-null-sink sink_name=ClientOut\nset-default-sink ClientOut\n");
+writeFileSync(
+  join(c, "client.pa"),
+  "load-module module-native-protocol-unix\nload-module module-null-sink sink_name=ClientOut\nset-default-sink ClientOut\n",
+);
 const clientServer = `unix:${c}/run/pulse/native`;
-daemons.push(spawnDaemon(["pulseaudio", "-n", "-F", join(c, "client.pa"), "--daemonize=no", "--exit-idle-time=-1", "--realtime=no", "--high-priority=no", "--log-target=stderr"], {
-  cwd: "/", env: { PATH: process.env.PATH!, HOME: join(c, "home"), XDG_RUNTIME_DIR: join(c, "run"), DBUS_SESSION_BUS_ADDRESS: "disabled:" }, detached: true,
-}));
+daemons.push(
+  spawnDaemon(
+    [
+      "pulseaudio",
+      "-n",
+      "-F",
+      join(c, "client.pa"),
+      "--daemonize=no",
+      "--exit-idle-time=-1",
+      "--realtime=no",
+      "--high-priority=no",
+      "--log-target=stderr",
+    ],
+    {
+      cwd: "/",
+      env: {
+        PATH: process.env.PATH!,
+        HOME: join(c, "home"),
+        XDG_RUNTIME_DIR: join(c, "run"),
+        DBUS_SESSION_BUS_ADDRESS: "disabled:",
+      },
+      detached: true,
+    },
+  ),
+);
 await waitFor("the client's PulseAudio", async () => (await sh(["pactl", "-s", clientServer, "info"])).status === 0);
 
 // The recorder: arrival time of every fragment, so the click's arrival is known to ~5 ms.
-const rec = Bun.spawn(["parec", "-s", clientServer, "-d", "ClientOut.monitor", "--raw", "--format=s16le", "--channels=1", `--rate=${RATE}`, "--latency-msec=5"], {
-  stdout: "pipe", stderr: "ignore", env: { PATH: process.env.PATH!, HOME: join(c, "home") },
-});
+const rec = Bun.spawn(
+  [
+    "parec",
+    "-s",
+    clientServer,
+    "-d",
+    "ClientOut.monitor",
+    "--raw",
+    "--format=s16le",
+    "--channels=1",
+    `--rate=${RATE}`,
+    "--latency-msec=5",
+  ],
+  {
+    stdout: "pipe",
+    stderr: "ignore",
+    env: { PATH: process.env.PATH!, HOME: join(c, "home") },
+  },
+);
 let armedAt = 0;
 /** While set, every recorded fragment goes here (the tones). */
 let recording: Uint8Array[] | undefined;
@@ -155,7 +215,11 @@ const priv = ["setpriv", `--reuid=${UID}`, `--regid=${UID}`, "--clear-groups", "
 const denv = { PATH: "/usr/bin:/bin", HOME: dHome, USER: "bench", LANG: "C.UTF-8" };
 const ctx: ServiceContext = {
   account: { user: "bench", uid: UID, gid: UID, home: dHome, shell: "/bin/sh", groups: [] },
-  properties: {}, display: 100, runDir, homeOnDisk: dHome, env: denv,
+  properties: {},
+  display: 100,
+  runDir,
+  homeOnDisk: dHome,
+  env: denv,
   runAsUser(argv, extra = {}) {
     const d = spawnDaemon([...priv, ...argv], { cwd: "/", env: { ...denv, ...extra }, detached: true });
     daemons.push(d);
@@ -199,15 +263,30 @@ const measure = async (name: string, play: () => Promise<RunResult>, playTone: (
 const direct = (f: string) => () => sh(["paplay", ...paplayArgs, "-s", clientServer, f], { HOME: join(c, "home") });
 await measure("baseline: paplay straight into the client's PulseAudio", direct(click), direct(toneFile));
 
-async function throughTunnel(name: string, announce: (port: number, svc: ReturnType<typeof audioService>) => Promise<() => Promise<void>>) {
+async function throughTunnel(
+  name: string,
+  announce: (port: number, svc: ReturnType<typeof audioService>) => Promise<() => Promise<void>>,
+) {
   const port = await freePort();
-  const client = await startClientAudio({ port, pulseServer: clientServer, relayLatencyMs: RELAY_LATENCY, ...(NO_RELAY ? { pulseaudio: "/nonexistent/pulseaudio" } : {}) });
+  const client = await startClientAudio({
+    port,
+    pulseServer: clientServer,
+    relayLatencyMs: RELAY_LATENCY,
+    ...(NO_RELAY ? { pulseaudio: "/nonexistent/pulseaudio" } : {}),
+  });
   if (!client) throw new Error("the client's PulseAudio did not open its port");
-  const svc = audioService({ enable: true, latencyMs: TUNNEL_LATENCY, runtimeDir: (uid) => join(work, "run-user", String(uid)) });
+  const svc = audioService({
+    enable: true,
+    latencyMs: TUNNEL_LATENCY,
+    runtimeDir: (uid) => join(work, "run-user", String(uid)),
+  });
   const env = (await svc.prepare(ctx)).env!;
   const end = await announce(port, svc);
   await svc.idle();
-  await waitFor("the tunnel", async () => (await ctx.execAsUser(["pactl", "get-default-sink"], { env })).stdout.trim() === TUNNEL_SINK);
+  await waitFor(
+    "the tunnel",
+    async () => (await ctx.execAsUser(["pactl", "get-default-sink"], { env })).stdout.trim() === TUNNEL_SINK,
+  );
   const inDesktop = (f: string) => () => ctx.execAsUser(["paplay", ...paplayArgs, f], { env });
   await measure(name, inDesktop(click), inDesktop(toneFile));
   await svc.stopped!(ctx);
@@ -221,7 +300,9 @@ await throughTunnel("desktop paplay → tunnel sink → client's TCP port (loopb
 });
 
 if (!SKIP_NX) {
-  const free = (from: number) => { for (let d = from; ; d++) if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d; };
+  const free = (from: number) => {
+    for (let d = from; ; d++) if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
+  };
   await throughTunnel("desktop paplay → tunnel → nxagent media=1 → nxproxy media= → client", async (port, svc) => {
     const nx = join(work, "nx");
     mkdirSync(nx);
@@ -233,22 +314,46 @@ if (!SKIP_NX) {
     writeFileSync(join(nx, "o"), `nx/nx,link=lan,media=1,accept=127.0.0.1:${ad}\n`);
     let agentPid = 0;
     let started = false;
-    const xinit = spawnDaemon(["xinit", "/bin/sleep", "1000", "--", "/usr/bin/nxagent", `:${ad}`, "-ac", "-name", "QVD", "-display", `nx/nx,options=${join(nx, "o")}:${ad}`], {
-      cwd: nx, env: { PATH: process.env.PATH!, HOME: nx }, detached: true,
-      onLine: (l) => {
-        const m = /^Info: Agent running with pid '(\d+)'/.exec(l);
-        if (m) agentPid = Number(m[1]);
-        if (l.startsWith("Info: Waiting for connection")) started = true;
-        svc.onAgentLine!(l, ctx);
+    const xinit = spawnDaemon(
+      [
+        "xinit",
+        "/bin/sleep",
+        "1000",
+        "--",
+        "/usr/bin/nxagent",
+        `:${ad}`,
+        "-ac",
+        "-name",
+        "QVD",
+        "-display",
+        `nx/nx,options=${join(nx, "o")}:${ad}`,
+      ],
+      {
+        cwd: nx,
+        env: { PATH: process.env.PATH!, HOME: nx },
+        detached: true,
+        onLine: (l) => {
+          const m = /^Info: Agent running with pid '(\d+)'/.exec(l);
+          if (m) agentPid = Number(m[1]);
+          if (l.startsWith("Info: Waiting for connection")) started = true;
+          svc.onAgentLine!(l, ctx);
+        },
       },
-    });
+    );
     daemons.push(xinit);
     await waitFor("nxagent", () => started);
-    const proxy = spawnDaemon(["nxproxy", "-S", `media=${port}`, `localhost:${ad}`], { cwd: nx, env: { PATH: process.env.PATH!, HOME: nx, DISPLAY: `:${xd}` }, detached: true });
+    const proxy = spawnDaemon(["nxproxy", "-S", `media=${port}`, `localhost:${ad}`], {
+      cwd: nx,
+      env: { PATH: process.env.PATH!, HOME: nx, DISPLAY: `:${xd}` },
+      detached: true,
+    });
     daemons.push(proxy);
     return async () => {
       proxy.killGroup("SIGTERM");
-      if (agentPid) try { process.kill(agentPid, "SIGTERM"); } catch {}
+      if (agentPid)
+        try {
+          process.kill(agentPid, "SIGTERM");
+        } catch {}
       xinit.killGroup("SIGTERM");
       xvfb.killGroup("SIGTERM");
     };
@@ -256,7 +361,9 @@ if (!SKIP_NX) {
 }
 
 rec.kill();
-console.log(`Audio latency on loopback, ${ROUNDS} rounds each (after one warm-up), median [min … max]; paplay ${APP_LATENCY ? `--latency-msec=${APP_LATENCY}` : "with its default buffer"}, vma.audio.latency_msec=${TUNNEL_LATENCY}, ${NO_RELAY ? "no client relay" : `client relay ${RELAY_LATENCY} ms`}:`);
+console.log(
+  `Audio latency on loopback, ${ROUNDS} rounds each (after one warm-up), median [min … max]; paplay ${APP_LATENCY ? `--latency-msec=${APP_LATENCY}` : "with its default buffer"}, vma.audio.latency_msec=${TUNNEL_LATENCY}, ${NO_RELAY ? "no client relay" : `client relay ${RELAY_LATENCY} ms`}:`,
+);
 console.log("Method: time from spawning paplay of a 30 ms 1 kHz click to the arrival of the first 5 ms");
 console.log("fragment holding it in parec of the client's null-sink monitor. The baseline (no tunnel)");
 console.log("holds paplay's start-up and the recorder's delay; added = path − baseline.");
@@ -266,6 +373,8 @@ for (const [name, xs] of rows) {
   const added = name.startsWith("baseline") ? "" : `  added ${fmt(s.median - base)}`;
   console.log(`  ${name}: ${fmt(s.median)} [${fmt(s.min)} … ${fmt(s.max)}]${added}`);
 }
-console.log(`1 s tones with a hole (a 10 ms window without sound) in their first 450 ms / later, out of ${TONES}; load average ${loadavg()[0]!.toFixed(1)} on ${cpus().length} CPUs:`);
+console.log(
+  `1 s tones with a hole (a 10 ms window without sound) in their first 450 ms / later, out of ${TONES}; load average ${loadavg()[0]!.toFixed(1)} on ${cpus().length} CPUs:`,
+);
 for (const [name, early, late] of gapRows) console.log(`  ${name}: ${early} / ${late}`);
 process.exit(0);

@@ -38,7 +38,16 @@
 //      memory (smaps_rollup) of the session's Xvnc and nxproxy (uid ≥ 1600000000, working in this
 //      node's run/web), a second after each connect; and the RSS of the L7R (`qvd l7r`, the child
 //      of `qvd node`) before the first browser session, with one connected, and at the end with none.
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { cpus, loadavg } from "node:os";
 import { join } from "node:path";
 import type { Browser, BrowserContext, Page } from "playwright-core";
@@ -63,7 +72,9 @@ const ROUNDS = opt("rounds", 5);
 const COLD = opt("cold", 2);
 const KEYS = opt("keys", 20);
 /** How long each browser session stays connected before the next round's Disconnect (0 allowed). */
-const HOLD_MS = process.argv.includes("--hold-ms") ? Math.max(0, Number(process.argv[process.argv.indexOf("--hold-ms") + 1]) || 0) : 11_000;
+const HOLD_MS = process.argv.includes("--hold-ms")
+  ? Math.max(0, Number(process.argv[process.argv.indexOf("--hold-ms") + 1]) || 0)
+  : 11_000;
 const SHOTS = process.argv.includes("--shots") ? process.argv[process.argv.indexOf("--shots") + 1] : undefined;
 const ALL = D.ALL_TENANTS;
 const PORT = 8443;
@@ -100,17 +111,26 @@ for (const sig of ["SIGINT", "SIGTERM"] as const)
   });
 
 // --- figures ----------------------------------------------------------------------------------------
-const q = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(p * xs.length))]!;
+const q = (xs: number[], p: number) =>
+  [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(p * xs.length))]!;
 const median = (xs: number[]) => q(xs, 0.5);
 const ms = (x: number) => `${x.toFixed(0)} ms`;
 const ms1 = (x: number) => `${x.toFixed(1)} ms`;
 const kib = (b: number) => `${(b / 1024).toFixed(1)} KiB`;
 const mib = (kb: number) => `${(kb / 1024).toFixed(1)} MiB`;
-const load = () => loadavg().map((l) => l.toFixed(2)).join(" ");
+const load = () =>
+  loadavg()
+    .map((l) => l.toFixed(2))
+    .join(" ");
 const pad = (s: string, n: number) => s.padEnd(n);
 const lpad = (s: string, n: number) => s.padStart(n);
 
-async function poll(pred: () => Promise<boolean> | boolean, what: string, timeoutMs = 60_000, everyMs = 100): Promise<void> {
+async function poll(
+  pred: () => Promise<boolean> | boolean,
+  what: string,
+  timeoutMs = 60_000,
+  everyMs = 100,
+): Promise<void> {
   const end = Date.now() + timeoutMs;
   while (!(await pred())) {
     if (cleaning) throw new Error("interrupted");
@@ -149,9 +169,14 @@ const assets = desktopAssetList();
 const raw = assets.reduce((a, x) => a + x.size, 0);
 const gz = assets.reduce((a, x) => a + x.gzipped, 0);
 console.log(`browser desktop bench: ${cpus().length} CPUs, load average ${load()}`);
-console.log(`\n1. First load of the page: every asset the L7R serves for it (desktopAssetList()), raw and as served gzipped.`);
-for (const a of assets) console.log(`   ${pad(a.name, 28)}${lpad(kib(a.size), 12)} raw${lpad(kib(a.gzipped), 12)} gzipped`);
-console.log(`   ${pad("total", 28)}${lpad(kib(raw), 12)} raw${lpad(kib(gz), 12)} gzipped (${raw} / ${gz} bytes); aim under 150 KB gzipped: ${gz < 150_000 ? "met" : "NOT met"}`);
+console.log(
+  `\n1. First load of the page: every asset the L7R serves for it (desktopAssetList()), raw and as served gzipped.`,
+);
+for (const a of assets)
+  console.log(`   ${pad(a.name, 28)}${lpad(kib(a.size), 12)} raw${lpad(kib(a.gzipped), 12)} gzipped`);
+console.log(
+  `   ${pad("total", 28)}${lpad(kib(raw), 12)} raw${lpad(kib(gz), 12)} gzipped (${raw} / ${gz} bytes); aim under 150 KB gzipped: ${gz < 150_000 ? "met" : "NOT met"}`,
+);
 
 // --- the node ---------------------------------------------------------------------------------------
 let browser: Browser | undefined;
@@ -179,11 +204,34 @@ try {
   const user = await D.create(sql, D.users, ALL, { tenant_id: 1, name: "alice", password: PASSWORD });
   const osf = await D.create(sql, D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
   await node.addImage(osf.id, "desktop.tar.gz", (p) => Bun.write(p, Bun.file(image)).then(() => {}));
-  const vm = await D.createVm(sql, ALL, { user_id: user.id, osf_id: osf.id, name: "web desktop" }, { range: "198.18.0.0/16" });
+  const vm = await D.createVm(
+    sql,
+    ALL,
+    { user_id: user.id, osf_id: osf.id, name: "web desktop" },
+    { range: "198.18.0.0/16" },
+  );
   const cert = join(work, "l7r.crt");
   const key = join(work, "l7r.key");
-  await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert]);
-  await node.start({ "hkd.timeout.vma_start": "120", "log.level": "info" }, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
+  await run([
+    "openssl",
+    "req",
+    "-x509",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-days",
+    "2",
+    "-subj",
+    "/CN=127.0.0.1",
+    "-keyout",
+    key,
+    "-out",
+    cert,
+  ]);
+  await node.start(
+    { "hkd.timeout.vma_start": "120", "log.level": "info" },
+    { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] },
+  );
   // `qvd node` (nsenter execs it) runs the L7R and the HKD as child processes: `qvd l7r` is the one.
   const argvOf = (pid: number) => {
     try {
@@ -195,14 +243,21 @@ try {
   const l7rPid = readdirSync("/proc")
     .filter((p) => /^\d+$/.test(p))
     .map(Number)
-    .find((pid) => argvOf(pid)[1] === "l7r" && /^PPid:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] === String(node.proc!.pid));
+    .find(
+      (pid) =>
+        argvOf(pid)[1] === "l7r" &&
+        /^PPid:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] === String(node.proc!.pid),
+    );
   if (!l7rPid) throw new Error(`no qvd l7r under qvd node (${node.proc!.pid})`);
   const l7rRss = () => procStatus(l7rPid)?.rssKb ?? NaN;
   browser = await launchChromium({ netns: node.ns.name, args: ["--ignore-certificate-errors"] });
   cleanups.push(() => browser?.close());
 
   const shell = desktopShell(node, () => vm.id, "alice");
-  const row = async () => (await sql`SELECT vm_state, user_state, vma_secret, host(vm_address) AS addr FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!;
+  const row = async () =>
+    (
+      await sql`SELECT vm_state, user_state, vma_secret, host(vm_address) AS addr FROM vm_runtimes WHERE vm_id = ${vm.id}`
+    )[0]!;
   const xState = async () => {
     const r = await row();
     if (r.vm_state !== "running") return "-";
@@ -226,13 +281,26 @@ try {
   /** The xterm's window on the session's display (absolute position), as the end-to-end test finds it. */
   async function xterm(): Promise<Rect | undefined> {
     const r = await shell.asSession("xwininfo -root -tree").catch(() => ({ stdout: "" }));
-    const m = /^\s*(0x[0-9a-f]+) .*\("xterm" "XTerm"\)\s+(\d+)x(\d+)\+-?\d+\+-?\d+\s+\+(-?\d+)\+(-?\d+)/m.exec(r.stdout);
+    const m = /^\s*(0x[0-9a-f]+) .*\("xterm" "XTerm"\)\s+(\d+)x(\d+)\+-?\d+\+-?\d+\s+\+(-?\d+)\+(-?\d+)/m.exec(
+      r.stdout,
+    );
     return m ? { w: Number(m[2]), h: Number(m[3]), x: Number(m[4]), y: Number(m[5]) } : undefined;
   }
-  const sessionSize = async () => /dimensions:\s+(\d+x\d+)/.exec((await shell.asSession("xdpyinfo").catch(() => ({ stdout: "" }))).stdout)?.[1];
+  const sessionSize = async () =>
+    /dimensions:\s+(\d+x\d+)/.exec((await shell.asSession("xdpyinfo").catch(() => ({ stdout: "" }))).stdout)?.[1];
   /** The largest top-level window of an X display in the namespace (nxagent's window: the desktop's 0,0 on that screen) and the screen's size. */
   async function agentWindow(display: number, xauth?: string): Promise<{ win?: Rect; screen?: string }> {
-    const argv = [...node.ns.exec, "env", ...(xauth ? [`XAUTHORITY=${xauth}`] : []), "xwininfo", "-root", "-children", "-stats", "-display", `:${display}`];
+    const argv = [
+      ...node.ns.exec,
+      "env",
+      ...(xauth ? [`XAUTHORITY=${xauth}`] : []),
+      "xwininfo",
+      "-root",
+      "-children",
+      "-stats",
+      "-display",
+      `:${display}`,
+    ];
     const out = (await run(argv, { allowFail: true })).stdout;
     let win: Rect | undefined;
     for (const l of out.split("\n")) {
@@ -245,7 +313,9 @@ try {
   }
   /** The browser session's Xvnc (its display from its abstract socket, its cookie in the session's directory): nxagent's window on it. */
   async function xvnc(): Promise<{ win?: Rect; screen?: string } | undefined> {
-    const d = /@\/tmp\/\.X11-unix\/X(\d+)\b.*Xvnc/.exec((await run([...node.ns.exec, "ss", "-Hxlp"], { allowFail: true })).stdout)?.[1];
+    const d = /@\/tmp\/\.X11-unix\/X(\d+)\b.*Xvnc/.exec(
+      (await run([...node.ns.exec, "ss", "-Hxlp"], { allowFail: true })).stdout,
+    )?.[1];
     const dir = existsSync(webDir) ? readdirSync(webDir)[0] : undefined;
     return d && dir ? agentWindow(Number(d), join(webDir, dir, "xauth")) : undefined;
   }
@@ -267,7 +337,15 @@ try {
   }
 
   let connectedAt = 0;
-  interface Round { kind: string; list: number; ready: number; painted: number; total: number; settled: number; wall: number }
+  interface Round {
+    kind: string;
+    list: number;
+    ready: number;
+    painted: number;
+    total: number;
+    settled: number;
+    wall: number;
+  }
   /** Reload, log in, connect; times from the page's clock (see the header). */
   async function connectRound(kind: string, reload: boolean): Promise<Round> {
     await loadPage(reload);
@@ -276,7 +354,9 @@ try {
     await page.evaluate(() => {
       const w = window as any;
       const b: Record<string, number> = (w.__bench = {});
-      document.getElementById("login-submit")!.addEventListener("click", () => (b.login ??= performance.now()), { capture: true });
+      document
+        .getElementById("login-submit")!
+        .addEventListener("click", () => (b.login ??= performance.now()), { capture: true });
       const list = document.getElementById("desktops")!;
       const mo = new MutationObserver(() => {
         const connect = list.querySelector("button");
@@ -302,7 +382,9 @@ try {
         const c = document.querySelector("#screen canvas") as HTMLCanvasElement | null;
         if (!c || c.width < 2 || c.height < 2) return false;
         const ctx = c.getContext("2d")!;
-        let r = -1, g = -1, bl = -1;
+        let r = -1,
+          g = -1,
+          bl = -1;
         for (let k = 0; k < 12; k++) {
           const d = ctx.getImageData(0, Math.floor(((k + 0.5) * c.height) / 12), c.width, 1).data;
           if (r < 0) [r, g, bl] = [d[0]!, d[1]!, d[2]!];
@@ -351,11 +433,22 @@ try {
     const b = (await page.evaluate(() => (window as any).__bench)) as Record<string, number>;
     if (SHOTS) {
       const url = (await page.evaluate(() => (window as any).__frame)) as string;
-      writeFileSync(join(SHOTS, `first-frame-${kind.replace(/\W+/g, "-")}-${Date.now()}.png`), Buffer.from(url.slice(url.indexOf(",") + 1), "base64"));
+      writeFileSync(
+        join(SHOTS, `first-frame-${kind.replace(/\W+/g, "-")}-${Date.now()}.png`),
+        Buffer.from(url.slice(url.indexOf(",") + 1), "base64"),
+      );
     }
     await poll(async () => (await row()).user_state === "connected", "the browser's session to be connected", 120_000);
     connectedAt = performance.now();
-    return { kind, list: b.list! - b.login!, ready: b.ready! - b.list!, painted: b.painted! - b.ready!, total: b.painted! - b.login!, settled: b.settled! - b.login!, wall };
+    return {
+      kind,
+      list: b.list! - b.login!,
+      ready: b.ready! - b.list!,
+      painted: b.painted! - b.ready!,
+      total: b.painted! - b.login!,
+      settled: b.settled! - b.login!,
+      wall,
+    };
   }
 
   const xvncRss: number[] = [];
@@ -371,7 +464,8 @@ try {
     const ps = sessionProcs();
     const x = ps.filter((p) => p.name === "Xvnc");
     const n = ps.filter((p) => p.name === "nxproxy");
-    if (x.length !== 1 || n.length !== 1) console.log(`   (odd: session processes ${ps.map((p) => `${p.name}:${p.pid}`).join(", ") || "none"})`);
+    if (x.length !== 1 || n.length !== 1)
+      console.log(`   (odd: session processes ${ps.map((p) => `${p.name}:${p.pid}`).join(", ") || "none"})`);
     xvncRss.push(x.reduce((a, p) => a + p.rssKb, 0));
     nxproxyRss.push(n.reduce((a, p) => a + p.rssKb, 0));
     xvncPss.push(x.reduce((a, p) => a + procPss(p.pid).pssKb, 0));
@@ -390,7 +484,12 @@ try {
   }
   async function suspended() {
     let s = "";
-    await poll(async () => (s = await xState()) === "suspended", `the X session to be suspended (it is ${s})`, 60_000, 200);
+    await poll(
+      async () => (s = await xState()) === "suspended",
+      `the X session to be suspended (it is ${s})`,
+      60_000,
+      200,
+    );
   }
   async function stopDesktop() {
     await D.stopVm(sql, ALL, vm.id);
@@ -400,20 +499,34 @@ try {
   // --- 2. login → first painted frame -------------------------------------------------------------------
   const l7rBefore = l7rRss();
   const rounds: Round[] = [];
-  console.log(`\n2. Login → first painted frame (page clock; "Connect" clicked by the page the moment it shows), 1 first start, ${COLD} cold, ${ROUNDS} warm.`);
-  console.log(`   login: click on Log in → Connect shown (create_auth_token, list_of_vm); connect: → noVNC's canvas (the server's "ready");`);
-  console.log(`   paint: → canvas not one colour; total: the three; wall: the bench's click() call → waitForFunction back (Playwright, CDP);`);
-  console.log(`   settled: Log in → the last change of those rows (then 500 ms unchanged): the whole desktop drawn, not only its first piece.`);
+  console.log(
+    `\n2. Login → first painted frame (page clock; "Connect" clicked by the page the moment it shows), 1 first start, ${COLD} cold, ${ROUNDS} warm.`,
+  );
+  console.log(
+    `   login: click on Log in → Connect shown (create_auth_token, list_of_vm); connect: → noVNC's canvas (the server's "ready");`,
+  );
+  console.log(
+    `   paint: → canvas not one colour; total: the three; wall: the bench's click() call → waitForFunction back (Playwright, CDP);`,
+  );
+  console.log(
+    `   settled: Log in → the last change of those rows (then 500 ms unchanged): the whole desktop drawn, not only its first piece.`,
+  );
   console.log(`   Each session stays connected ${HOLD_MS / 1000} s (--hold-ms) before the next round's Disconnect.`);
-  console.log(`   ${pad("round", 30)}${lpad("login", 9)}${lpad("connect", 10)}${lpad("paint", 9)}${lpad("total", 10)}${lpad("wall", 10)}${lpad("settled", 10)}   load`);
+  console.log(
+    `   ${pad("round", 30)}${lpad("login", 9)}${lpad("connect", 10)}${lpad("paint", 9)}${lpad("total", 10)}${lpad("wall", 10)}${lpad("settled", 10)}   load`,
+  );
   const show = (r: Round) =>
-    console.log(`   ${pad(r.kind, 30)}${lpad(ms(r.list), 9)}${lpad(ms(r.ready), 10)}${lpad(ms(r.painted), 9)}${lpad(ms(r.total), 10)}${lpad(ms(r.wall), 10)}${lpad(ms(r.settled), 10)}   ${load()}`);
+    console.log(
+      `   ${pad(r.kind, 30)}${lpad(ms(r.list), 9)}${lpad(ms(r.ready), 10)}${lpad(ms(r.painted), 9)}${lpad(ms(r.total), 10)}${lpad(ms(r.wall), 10)}${lpad(ms(r.settled), 10)}   ${load()}`,
+    );
   await openPage();
   await loadPage(false);
   // What Chromium fetched for the first load (cold cache), headers included.
   const fetched = (await page.evaluate(() =>
     [...performance.getEntriesByType("navigation"), ...performance.getEntriesByType("resource")].map((e) => ({
-      name: e.name, transfer: (e as PerformanceResourceTiming).transferSize, body: (e as PerformanceResourceTiming).encodedBodySize,
+      name: e.name,
+      transfer: (e as PerformanceResourceTiming).transferSize,
+      body: (e as PerformanceResourceTiming).encodedBodySize,
     })),
   )) as { name: string; transfer: number; body: number }[];
   // The page's bar takes what it takes: the viewport is sized so that the desktop gets 1024x768
@@ -421,11 +534,17 @@ try {
   const stage = await page.evaluate(() => {
     const v = document.getElementById("session-view")!;
     v.hidden = false;
-    const r = { width: document.getElementById("screen")!.clientWidth, height: document.getElementById("screen")!.clientHeight };
+    const r = {
+      width: document.getElementById("screen")!.clientWidth,
+      height: document.getElementById("screen")!.clientHeight,
+    };
     v.hidden = true;
     return r;
   });
-  viewport = { width: viewport.width + SCREEN.width - stage.width, height: viewport.height + SCREEN.height - stage.height };
+  viewport = {
+    width: viewport.width + SCREEN.width - stage.width,
+    height: viewport.height + SCREEN.height - stage.height,
+  };
   await page.setViewportSize(viewport);
   const first = await connectRound("first start (image unpacked)", true);
   show(first);
@@ -434,10 +553,14 @@ try {
   let sized: string | undefined;
   const t1024 = performance.now();
   await poll(async () => (sized = await sessionSize()) === SIZE, "", 20_000, 500).then(
-    () => performance.now() - t1024 > 1000 && console.log(`   (odd: the desktop became ${SIZE} only ${ms(performance.now() - t1024)} after the first frame)`),
+    () =>
+      performance.now() - t1024 > 1000 &&
+      console.log(`   (odd: the desktop became ${SIZE} only ${ms(performance.now() - t1024)} after the first frame)`),
     async () => {
       const xv = await xvnc();
-      console.log(`   (odd: 20 s after the first frame the desktop is still ${sized}, not ${SIZE}; Xvnc's screen is ${xv?.screen}, nxagent's window on it ${JSON.stringify(xv?.win)})`);
+      console.log(
+        `   (odd: 20 s after the first frame the desktop is still ${sized}, not ${SIZE}; Xvnc's screen is ${xv?.screen}, nxagent's window on it ${JSON.stringify(xv?.win)})`,
+      );
     },
   );
   await sampleMemory();
@@ -456,7 +579,8 @@ try {
   const toSighup: number[] = [];
   const toResumed: number[] = [];
   if (existsSync(consoleLog)) {
-    let start = 0, hup = 0;
+    let start = 0,
+      hup = 0;
     for (const l of readFileSync(consoleLog, "utf8").split("\n")) {
       const at = Date.parse(l.slice(0, 24));
       if (l.includes('state from="suspended" to="starting"')) [start, hup] = [at, 0];
@@ -479,23 +603,55 @@ try {
     const rs = rounds.filter((r) => r.kind.startsWith(kind));
     if (!rs.length) continue;
     const m = (f: (r: Round) => number) => ms(median(rs.map(f)));
-    console.log(`   ${pad(`median ${kind} (${rs.length})`, 30)}${lpad(m((r) => r.list), 9)}${lpad(m((r) => r.ready), 10)}${lpad(m((r) => r.painted), 9)}${lpad(m((r) => r.total), 10)}${lpad(m((r) => r.wall), 10)}${lpad(m((r) => r.settled), 10)}`);
+    console.log(
+      `   ${pad(`median ${kind} (${rs.length})`, 30)}${lpad(
+        m((r) => r.list),
+        9,
+      )}${lpad(
+        m((r) => r.ready),
+        10,
+      )}${lpad(
+        m((r) => r.painted),
+        9,
+      )}${lpad(
+        m((r) => r.total),
+        10,
+      )}${lpad(
+        m((r) => r.wall),
+        10,
+      )}${lpad(
+        m((r) => r.settled),
+        10,
+      )}`,
+    );
   }
 
   if (toSighup.length)
-    console.log(`   in the VMA (its log), warm: x_start → SIGHUP to nxagent median ${ms(median(toSighup))} (max ${ms(Math.max(...toSighup))}); SIGHUP → "Session resumed" median ${ms(median(toResumed))}`);
+    console.log(
+      `   in the VMA (its log), warm: x_start → SIGHUP to nxagent median ${ms(median(toSighup))} (max ${ms(Math.max(...toSighup))}); SIGHUP → "Session resumed" median ${ms(median(toResumed))}`,
+    );
 
   // --- 3. keystroke → echo --------------------------------------------------------------------------------
   console.log(`\n3. Keystroke → echo in the desktop's xterm, ${KEYS} keys each (see the header for the method).`);
   /** Where the xterm is on a screen that shows nxagent's window `win`, cut to what that window shows. */
-  const onScreen = (t: Rect, win: Rect): Rect => ({ x: win.x + t.x, y: win.y + t.y, w: Math.min(t.w, win.w - t.x), h: Math.min(t.h, win.h - t.y) });
+  const onScreen = (t: Rect, win: Rect): Rect => ({
+    x: win.x + t.x,
+    y: win.y + t.y,
+    w: Math.min(t.w, win.w - t.x),
+    h: Math.min(t.h, win.h - t.y),
+  });
   /** The rows a key changed (the prompt line), across the xterm, with 2 px to spare. */
   const stripOf = (t: Rect, rows: [number, number]): Rect => {
     const y = Math.max(t.y, rows[0] - 2);
     return { x: t.x, y, w: t.w, h: Math.min(t.y + t.h, rows[1] + 3) - y };
   };
-  const rowsChanged = (a: Uint8Array | Uint8ClampedArray, b: Uint8Array | Uint8ClampedArray, r: Rect): [number, number] => {
-    let lo = -1, hi = -1;
+  const rowsChanged = (
+    a: Uint8Array | Uint8ClampedArray,
+    b: Uint8Array | Uint8ClampedArray,
+    r: Rect,
+  ): [number, number] => {
+    let lo = -1,
+      hi = -1;
     for (let i = 0; i < a.length; i++)
       if (a[i] !== b[i]) {
         const y = r.y + Math.floor(i / 4 / r.w);
@@ -546,7 +702,15 @@ try {
       });
     }, r);
   const canvasPixels = (r: Rect) =>
-    page.evaluate((r) => Array.from((document.querySelector("#screen canvas") as HTMLCanvasElement).getContext("2d")!.getImageData(r.x, r.y, r.w, r.h).data), r);
+    page.evaluate(
+      (r) =>
+        Array.from(
+          (document.querySelector("#screen canvas") as HTMLCanvasElement)
+            .getContext("2d")!
+            .getImageData(r.x, r.y, r.w, r.h).data,
+        ),
+      r,
+    );
   const bBefore = new Uint8Array(await canvasPixels(bTerm));
   await page.keyboard.press("x");
   await Bun.sleep(500);
@@ -567,7 +731,12 @@ try {
     await Bun.sleep(20 + Math.random() * 30);
     const t0 = performance.now();
     await page.keyboard.press(LETTERS[i % LETTERS.length]!);
-    const r = (await page.evaluate(() => (window as any).__watch)) as { key: number; changed: number; polls: number; started: number } | null;
+    const r = (await page.evaluate(() => (window as any).__watch)) as {
+      key: number;
+      changed: number;
+      polls: number;
+      started: number;
+    } | null;
     const t1 = performance.now();
     if (!r?.key) {
       console.log(`   (key ${i + 1}: ${r ? "no keydown seen in the page" : "no change within 10 s"})`);
@@ -586,12 +755,34 @@ try {
   await suspended();
 
   // qvd client on an Xvfb in the namespace.
-  const display = [...Array(60).keys()].map((i) => 160 + i).find((n) => !existsSync(`/tmp/.X${n}-lock`) && !existsSync(`/tmp/.X11-unix/X${n}`));
+  const display = [...Array(60).keys()]
+    .map((i) => 160 + i)
+    .find((n) => !existsSync(`/tmp/.X${n}-lock`) && !existsSync(`/tmp/.X11-unix/X${n}`));
   if (display === undefined) throw new Error("no free X display");
   const xvfb = await startXvfb(display, { exec: node.ns.exec });
   cleanups.push(() => xvfb.stop());
-  const client = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${display}`, `QVD_PASSWORD=${PASSWORD}`, node.binary, "client",
-    "--host", "127.0.0.1", "--port", String(PORT), "--user", "alice", "--insecure", "--link", "lan", "--geometry", SIZE], { stdout: "ignore", stderr: "ignore" });
+  const client = Bun.spawn(
+    [
+      ...node.ns.exec,
+      "env",
+      `DISPLAY=:${display}`,
+      `QVD_PASSWORD=${PASSWORD}`,
+      node.binary,
+      "client",
+      "--host",
+      "127.0.0.1",
+      "--port",
+      String(PORT),
+      "--user",
+      "alice",
+      "--insecure",
+      "--link",
+      "lan",
+      "--geometry",
+      SIZE,
+    ],
+    { stdout: "ignore", stderr: "ignore" },
+  );
   const stopClient = async () => {
     if (client.exitCode === null && !client.signalCode) {
       client.kill("SIGTERM");
@@ -600,20 +791,34 @@ try {
     await client.exited;
   };
   cleanups.push(stopClient);
-  await poll(async () => (await row()).user_state === "connected" && (await xState()) === "connected", "qvd client's session", 120_000, 200);
+  await poll(
+    async () => (await row()).user_state === "connected" && (await xState()) === "connected",
+    "qvd client's session",
+    120_000,
+    200,
+  );
   // The desktop settles at the client's size (see the report: not always the asked geometry).
   let cWin: { win?: Rect; screen?: string } = {};
   let cSize: string | undefined;
-  await poll(async () => {
-    cWin = await agentWindow(display);
-    cSize = await sessionSize();
-    return cWin.win !== undefined && cSize === `${cWin.win.w}x${cWin.win.h}`;
-  }, "the desktop to fill nxagent's window on the Xvfb", 60_000, 500);
+  await poll(
+    async () => {
+      cWin = await agentWindow(display);
+      cSize = await sessionSize();
+      return cWin.win !== undefined && cSize === `${cWin.win.w}x${cWin.win.h}`;
+    },
+    "the desktop to fill nxagent's window on the Xvfb",
+    60_000,
+    500,
+  );
   await poll(async () => (term = await xterm()) !== undefined, "the session's xterm", 60_000, 500);
   const cTerm = onScreen(term!, cWin.win!);
   const x: X11Client = await connectX11({ display });
   cleanups.push(() => x.close());
-  const xdo = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${display}`, "xdotool", "-"], { stdin: "pipe", stdout: "ignore", stderr: "ignore" });
+  const xdo = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${display}`, "xdotool", "-"], {
+    stdin: "pipe",
+    stdout: "ignore",
+    stderr: "ignore",
+  });
   cleanups.push(async () => {
     xdo.kill();
     await xdo.exited;
@@ -626,7 +831,8 @@ try {
   const grab = async (r: Rect) => {
     const rowsPer = Math.max(1, Math.floor(200_000 / r.w));
     const parts: Buffer[] = [];
-    for (let y = 0; y < r.h; y += rowsPer) parts.push((await x.getImage(x.root, r.x, r.y + y, r.w, Math.min(rowsPer, r.h - y))).data);
+    for (let y = 0; y < r.h; y += rowsPer)
+      parts.push((await x.getImage(x.root, r.x, r.y + y, r.w, Math.min(rowsPer, r.h - y))).data);
     return Buffer.concat(parts);
   };
   say(`mousemove ${cTerm.x + Math.round(cTerm.w / 2)} ${cTerm.y + Math.round(cTerm.h / 2)}`);
@@ -670,31 +876,59 @@ try {
   }
   say("key --delay 0 ctrl+u");
   await Bun.sleep(200);
-  const stat = (xs: number[]) => `median ${lpad(ms1(median(xs)), 7)}, p90 ${lpad(ms1(q(xs, 0.9)), 7)}, min ${lpad(ms1(Math.min(...xs)), 7)}, max ${lpad(ms1(Math.max(...xs)), 7)} (n=${xs.length})`;
-  console.log(`   browser: desktop ${bSize} on Xvnc's ${xvncNow.screen}, the strip ${bStrip.w}x${bStrip.h}+${bStrip.x}+${bStrip.y} of the canvas;`);
-  console.log(`   qvd client (--geometry ${SIZE}): desktop ${cSize} in a window at +${cWin.win!.x}+${cWin.win!.y} on the Xvfb's ${cWin.screen}, the strip ${cStrip.w}x${cStrip.h}+${cStrip.x}+${cStrip.y} of the Xvfb`);
+  const stat = (xs: number[]) =>
+    `median ${lpad(ms1(median(xs)), 7)}, p90 ${lpad(ms1(q(xs, 0.9)), 7)}, min ${lpad(ms1(Math.min(...xs)), 7)}, max ${lpad(ms1(Math.max(...xs)), 7)} (n=${xs.length})`;
+  console.log(
+    `   browser: desktop ${bSize} on Xvnc's ${xvncNow.screen}, the strip ${bStrip.w}x${bStrip.h}+${bStrip.x}+${bStrip.y} of the canvas;`,
+  );
+  console.log(
+    `   qvd client (--geometry ${SIZE}): desktop ${cSize} in a window at +${cWin.win!.x}+${cWin.win!.y} on the Xvfb's ${cWin.screen}, the strip ${cStrip.w}x${cStrip.h}+${cStrip.x}+${cStrip.y} of the Xvfb`,
+  );
   console.log(`   browser, keydown in the page → canvas changed:   ${stat(inPage)}`);
-  console.log(`   browser, press() → the bench sees it (with CDP):  ${stat(withCdp)}; the page polled every ${ms1(median(pollGaps))}`);
-  console.log(`   qvd client, key line to xdotool → Xvfb changed:   ${stat(viaClient)}; one GetImage of the strip: ${ms1(median(getImageMs))}`);
-  console.log(`   difference of the medians, browser − qvd client: ${ms1(median(inPage) - median(viaClient))} (in the page), ${ms1(median(withCdp) - median(viaClient))} (with CDP)`);
-  console.log(`   aim under 50 ms: browser ${median(inPage) < 50 ? "met" : "NOT met"} (in the page), qvd client ${median(viaClient) < 50 ? "met" : "NOT met"}; load average ${load()}`);
+  console.log(
+    `   browser, press() → the bench sees it (with CDP):  ${stat(withCdp)}; the page polled every ${ms1(median(pollGaps))}`,
+  );
+  console.log(
+    `   qvd client, key line to xdotool → Xvfb changed:   ${stat(viaClient)}; one GetImage of the strip: ${ms1(median(getImageMs))}`,
+  );
+  console.log(
+    `   difference of the medians, browser − qvd client: ${ms1(median(inPage) - median(viaClient))} (in the page), ${ms1(median(withCdp) - median(viaClient))} (with CDP)`,
+  );
+  console.log(
+    `   aim under 50 ms: browser ${median(inPage) < 50 ? "met" : "NOT met"} (in the page), qvd client ${median(viaClient) < 50 ? "met" : "NOT met"}; load average ${load()}`,
+  );
   await stopClient();
   await poll(async () => (await row()).user_state === "disconnected", "qvd client's session to end", 60_000);
 
   // --- 4. memory --------------------------------------------------------------------------------------
   await Bun.sleep(1000);
   const l7rAfter = l7rRss();
-  console.log(`\n4. Memory of a browser session on the node (sampled a second after each of ${xvncRss.length} connects, the last after the typing).`);
-  console.log(`   Xvnc (${SIZE}x24):  median ${mib(median(xvncRss))}, min ${mib(Math.min(...xvncRss))}, max ${mib(Math.max(...xvncRss))}`);
-  console.log(`   nxproxy:            median ${mib(median(nxproxyRss))}, min ${mib(Math.min(...nxproxyRss))}, max ${mib(Math.max(...nxproxyRss))}`);
-  console.log(`   per session (Xvnc + nxproxy): RSS median ${mib(median(xvncRss.map((v, i) => v + nxproxyRss[i]!)))}; PSS median ${mib(median(xvncPss.map((v, i) => v + nxproxyPss[i]!)))} (Xvnc ${mib(median(xvncPss))}, nxproxy ${mib(median(nxproxyPss))}); anonymous ${mib(median(sessionAnon))} (Xvnc ${mib(median(xvncAnon))})`);
-  console.log(`   (RSS and PSS count the libraries a process maps: Xvnc's GLX loads Mesa's libLLVM, tens of MiB that further sessions share;`);
+  console.log(
+    `\n4. Memory of a browser session on the node (sampled a second after each of ${xvncRss.length} connects, the last after the typing).`,
+  );
+  console.log(
+    `   Xvnc (${SIZE}x24):  median ${mib(median(xvncRss))}, min ${mib(Math.min(...xvncRss))}, max ${mib(Math.max(...xvncRss))}`,
+  );
+  console.log(
+    `   nxproxy:            median ${mib(median(nxproxyRss))}, min ${mib(Math.min(...nxproxyRss))}, max ${mib(Math.max(...nxproxyRss))}`,
+  );
+  console.log(
+    `   per session (Xvnc + nxproxy): RSS median ${mib(median(xvncRss.map((v, i) => v + nxproxyRss[i]!)))}; PSS median ${mib(median(xvncPss.map((v, i) => v + nxproxyPss[i]!)))} (Xvnc ${mib(median(xvncPss))}, nxproxy ${mib(median(nxproxyPss))}); anonymous ${mib(median(sessionAnon))} (Xvnc ${mib(median(xvncAnon))})`,
+  );
+  console.log(
+    `   (RSS and PSS count the libraries a process maps: Xvnc's GLX loads Mesa's libLLVM, tens of MiB that further sessions share;`,
+  );
   console.log(`   anonymous memory is what each further session adds, near enough)`);
-  console.log(`   the L7R (qvd l7r): before the first browser session ${mib(l7rBefore)}; with one connected ${mib(median(l7rConnected))} (median over the connects), ${mib(l7rWithSession)} after the typing; at the end, no session ${mib(l7rAfter)}`);
+  console.log(
+    `   the L7R (qvd l7r): before the first browser session ${mib(l7rBefore)}; with one connected ${mib(median(l7rConnected))} (median over the connects), ${mib(l7rWithSession)} after the typing; at the end, no session ${mib(l7rAfter)}`,
+  );
 
   if (fetched.length) {
     console.log(`\n   (part 1, as Chromium fetched the first load, cold cache; transferSize includes the headers)`);
-    for (const f of fetched) console.log(`   ${pad(f.name.replace(ORIGIN, ""), 40)}${lpad(kib(f.transfer), 12)} transferred${lpad(kib(f.body), 12)} body`);
+    for (const f of fetched)
+      console.log(
+        `   ${pad(f.name.replace(ORIGIN, ""), 40)}${lpad(kib(f.transfer), 12)} transferred${lpad(kib(f.body), 12)} body`,
+      );
     console.log(`   ${pad("total", 40)}${lpad(kib(fetched.reduce((a, f) => a + f.transfer, 0)), 12)} transferred`);
   }
   const odd = pageErrors.filter((e) => !/status of 401\b/.test(e));
@@ -703,7 +937,10 @@ try {
 } catch (e) {
   if (!cleaning) {
     console.error(`bench failed: ${(e as Error).stack ?? e}`);
-    if (nodeForLog?.logFile && existsSync(nodeForLog.logFile)) console.error(`the node's log, its end:\n${readFileSync(nodeForLog.logFile, "utf8").split("\n").slice(-40).join("\n")}`);
+    if (nodeForLog?.logFile && existsSync(nodeForLog.logFile))
+      console.error(
+        `the node's log, its end:\n${readFileSync(nodeForLog.logFile, "utf8").split("\n").slice(-40).join("\n")}`,
+      );
   }
   process.exitCode = 1;
 } finally {

@@ -18,10 +18,12 @@ import { desktopImage, removeQvdBinary, until } from "../test/support/node.ts";
 import { benchPlacement } from "./farm.ts";
 
 setLogLevel("warn");
-const arg = (name: string, def: number) => (process.argv.includes(name) ? Number(process.argv[process.argv.indexOf(name) + 1]) : def);
+const arg = (name: string, def: number) =>
+  process.argv.includes(name) ? Number(process.argv[process.argv.indexOf(name) + 1]) : def;
 const CONNECTS = arg("--connects", 20);
 const LOST_AFTER = 10;
-const q = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(p * xs.length))]!;
+const q = (xs: number[], p: number) =>
+  [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(p * xs.length))]!;
 const ms = (x: number) => `${x.toFixed(1)} ms`;
 const s = (x: number) => `${(x / 1000).toFixed(1)} s`;
 const ALL = D.ALL_TENANTS;
@@ -35,8 +37,14 @@ async function farmPart(): Promise<void> {
   const image = await desktopImage();
   const farm = new TestFarm({
     settings: {
-      "hkd.poll_interval": "2", "hkd.heartbeat_interval": "1", "hkd.vma_check_interval": "2", "hkd.timeout.vma_start": "60",
-      "hkd.fence_after": "6", "cluster.lost_after": String(LOST_AFTER), "cluster.alive_within": "5", "l7r.timeout.vm_start": "120",
+      "hkd.poll_interval": "2",
+      "hkd.heartbeat_interval": "1",
+      "hkd.vma_check_interval": "2",
+      "hkd.timeout.vma_start": "60",
+      "hkd.fence_after": "6",
+      "cluster.lost_after": String(LOST_AFTER),
+      "cluster.alive_within": "5",
+      "l7r.timeout.vm_start": "120",
       "log.level": "info",
     },
   });
@@ -48,9 +56,20 @@ async function farmPart(): Promise<void> {
     const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
     await farm.addImage(osf.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
     const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "bench", password: PW });
-    const vm = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "bench-desktop" }, { range: "198.18.0.0/16" });
+    const vm = await D.createVm(
+      sql(),
+      ALL,
+      { user_id: user.id, osf_id: osf.id, name: "bench-desktop" },
+      { range: "198.18.0.0/16" },
+    );
     const [a, b, c] = farm.nodes as [FarmNode, FarmNode, FarmNode];
-    const released = () => until(async () => (await sql()`SELECT user_state FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!.user_state === "disconnected", "the session to be released", 30_000);
+    const released = () =>
+      until(
+        async () =>
+          (await sql()`SELECT user_state FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!.user_state === "disconnected",
+        "the session to be released",
+        30_000,
+      );
     const connect101 = async (node: FarmNode, untilMs = 240_000) => {
       const end = Date.now() + untilMs;
       for (;;) {
@@ -72,7 +91,10 @@ async function farmPart(): Promise<void> {
     const same: number[] = [];
     const other: number[] = [];
     for (let i = 0; i < CONNECTS; i++) {
-      for (const [node, into] of [[a, same], [c, other]] as const) {
+      for (const [node, into] of [
+        [a, same],
+        [c, other],
+      ] as const) {
         const r = await connect101(node, 30_000);
         into.push(r.ms101);
         await released();
@@ -80,7 +102,9 @@ async function farmPart(): Promise<void> {
     }
     console.log(`connect → 101, running desktop on node A, ${CONNECTS} each:`);
     console.log(`  through node A's own L7R:   median ${ms(q(same, 0.5))}, p90 ${ms(q(same, 0.9))}`);
-    console.log(`  through node C's L7R (hop): median ${ms(q(other, 0.5))}, p90 ${ms(q(other, 0.9))}  (hop adds ${ms(q(other, 0.5) - q(same, 0.5))}; aim < 10 ms)`);
+    console.log(
+      `  through node C's L7R (hop): median ${ms(q(other, 0.5))}, p90 ${ms(q(other, 0.9))}  (hop adds ${ms(q(other, 0.5) - q(same, 0.5))}; aim < 10 ms)`,
+    );
 
     // 2. Node A dies.
     const k0 = performance.now();
@@ -89,14 +113,18 @@ async function farmPart(): Promise<void> {
     await connect101(b, 300_000);
     const failover = performance.now() - k0;
     const where = (await farm.nodeOfVm(vm.id))?.name;
-    console.log(`node A killed → desktop back through node B (now on node ${where}): ${s(failover)}  (aim: lost_after ${LOST_AFTER} s + start ${s(startMs)} + 2 s = ${s(LOST_AFTER * 1000 + startMs + 2000)})`);
+    console.log(
+      `node A killed → desktop back through node B (now on node ${where}): ${s(failover)}  (aim: lost_after ${LOST_AFTER} s + start ${s(startMs)} + 2 s = ${s(LOST_AFTER * 1000 + startMs + 2000)})`,
+    );
     await released();
 
     // 3. The database fails over.
     const { stoppedAt, promotedAt } = await farm.failover();
     await connect101(b, 120_000);
     const back = performance.now();
-    console.log(`database primary stopped → replica promoted: ${s(promotedAt - stoppedAt)}; promoted → a connect served again: ${s(back - promotedAt)}  (aim: promotion + 2 s)`);
+    console.log(
+      `database primary stopped → replica promoted: ${s(promotedAt - stoppedAt)}; promoted → a connect served again: ${s(back - promotedAt)}  (aim: promotion + 2 s)`,
+    );
   } finally {
     await farm.stop();
     await removeQvdBinary();

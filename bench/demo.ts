@@ -23,7 +23,23 @@ const s = (ms: number) => `${(ms / 1000).toFixed(1)} s`;
 
 async function demo(): Promise<{ proc: Bun.Subprocess; ms: number }> {
   const t0 = performance.now();
-  const proc = Bun.spawn([binary, "demo", "--dir", dir, "--port", String(port), "--api-port", String(apiPort), "--netns", netns, "--image", image], { stdout: "pipe", stderr: "inherit", env: cleanEnv() });
+  const proc = Bun.spawn(
+    [
+      binary,
+      "demo",
+      "--dir",
+      dir,
+      "--port",
+      String(port),
+      "--api-port",
+      String(apiPort),
+      "--netns",
+      netns,
+      "--image",
+      image,
+    ],
+    { stdout: "pipe", stderr: "inherit", env: cleanEnv() },
+  );
   const reader = proc.stdout.pipeThrough(new TextDecoderStream()).getReader();
   let out = "";
   while (!/^Running; /m.test(out)) {
@@ -45,17 +61,51 @@ async function stop(proc: Bun.Subprocess): Promise<number> {
   return performance.now() - t0;
 }
 
-const xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], { stdout: "ignore", stderr: "ignore" });
+const xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp"], {
+  stdout: "ignore",
+  stderr: "ignore",
+});
 try {
   const first = await demo();
   console.log(`first run, start → Running:  ${s(first.ms)}`);
-  const mean = async () => Number((await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`], { allowFail: true })).stdout.trim()) || 0;
-  await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0, "Xvfb");
+  const mean = async () =>
+    Number(
+      (
+        await run(
+          ["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`],
+          { allowFail: true },
+        )
+      ).stdout.trim(),
+    ) || 0;
+  await until(
+    async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0,
+    "Xvfb",
+  );
   const before = await mean();
   const t0 = performance.now();
-  const client = Bun.spawn([binary, "client", "--host", "127.0.0.1", "--port", String(port), "--user", "demo", "--ca", join(dir, "tls", "cert.pem")], {
-    stdout: "ignore", stderr: "ignore", env: { ...cleanEnv(), DISPLAY: `:${DISPLAY}`, QVD_PASSWORD: readFileSync(join(dir, "demo-password"), "utf8").trim() },
-  });
+  const client = Bun.spawn(
+    [
+      binary,
+      "client",
+      "--host",
+      "127.0.0.1",
+      "--port",
+      String(port),
+      "--user",
+      "demo",
+      "--ca",
+      join(dir, "tls", "cert.pem"),
+    ],
+    {
+      stdout: "ignore",
+      stderr: "ignore",
+      env: {
+        ...cleanEnv(),
+        DISPLAY: `:${DISPLAY}`,
+        QVD_PASSWORD: readFileSync(join(dir, "demo-password"), "utf8").trim(),
+      },
+    },
+  );
   await until(async () => (await mean()) > before + 0.05, "the desktop's pixels", 180_000);
   console.log(`first login, client → pixels: ${s(performance.now() - t0)}`);
   console.log(`Ctrl-C with a desktop → exit: ${s(await stop(first.proc))}`);

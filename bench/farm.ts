@@ -59,7 +59,9 @@ export async function benchFarm(opts: { n: number; running: number; adminPasswor
  * node's heartbeat (the pending memory placement must add up). Times `decisions` calls after a
  * warm-up; checks the plan reads no VM table in full. `bun bench/farm.ts` runs it alone.
  */
-export async function benchPlacement(opts: { nodes?: number; vms?: number; decisions?: number } = {}): Promise<{ median: number; p99: number; seqScans: string[] }> {
+export async function benchPlacement(
+  opts: { nodes?: number; vms?: number; decisions?: number } = {},
+): Promise<{ median: number; p99: number; seqScans: string[] }> {
   const nodes = opts.nodes ?? 1000;
   const n = opts.vms ?? 100_000;
   const decisions = opts.decisions ?? 200;
@@ -88,7 +90,11 @@ export async function benchPlacement(opts: { nodes?: number; vms?: number; decis
     }
     times.sort((a, b) => a - b);
     const plan = await placementPlan(sql, 1024, 30);
-    return { median: times[Math.floor(times.length / 2)]!, p99: times[Math.min(times.length - 1, Math.floor(times.length * 0.99))]!, seqScans: plan.filter((l) => /Seq Scan/.test(l)).map((l) => l.trim().replace(/\s+\(cost.*$/, "")) };
+    return {
+      median: times[Math.floor(times.length / 2)]!,
+      p99: times[Math.min(times.length - 1, Math.floor(times.length * 0.99))]!,
+      seqScans: plan.filter((l) => /Seq Scan/.test(l)).map((l) => l.trim().replace(/\s+\(cost.*$/, "")),
+    };
   } finally {
     await f.stop();
   }
@@ -97,9 +103,13 @@ export async function benchPlacement(opts: { nodes?: number; vms?: number; decis
 if (import.meta.main) {
   const nodes = 1000;
   const vms = 100_000;
-  console.log(`placement: a SYNTHETIC database with ${nodes.toLocaleString("en")} nodes and ${vms.toLocaleString("en")} VMs (rows only, no nodes run)…`);
+  console.log(
+    `placement: a SYNTHETIC database with ${nodes.toLocaleString("en")} nodes and ${vms.toLocaleString("en")} VMs (rows only, no nodes run)…`,
+  );
   const r = await benchPlacement({ nodes, vms });
-  console.log(`  one placement decision (placeVm, 200 timed): median ${r.median.toFixed(1)} ms, p99 ${r.p99.toFixed(1)} ms  (aim < 5 ms)`);
+  console.log(
+    `  one placement decision (placeVm, 200 timed): median ${r.median.toFixed(1)} ms, p99 ${r.p99.toFixed(1)} ms  (aim < 5 ms)`,
+  );
   console.log(`  full scans in its plan: ${r.seqScans.length ? r.seqScans.join("; ") : "none"}`);
   process.exit(0);
 }

@@ -91,7 +91,12 @@ function sinkHandlers() {
 
 async function sink(cert: string, key: string) {
   const plain = Bun.listen<SinkConn>({ hostname: "127.0.0.1", port: 0, socket: sinkHandlers() });
-  const tls = Bun.listen<SinkConn>({ hostname: "127.0.0.1", port: 0, tls: { cert: Bun.file(cert), key: Bun.file(key) }, socket: sinkHandlers() });
+  const tls = Bun.listen<SinkConn>({
+    hostname: "127.0.0.1",
+    port: 0,
+    tls: { cert: Bun.file(cert), key: Bun.file(key) },
+    socket: sinkHandlers(),
+  });
   // Stand-in VMA: answers what the L7R asks before it connects to the X port (x_start, then
   // x_state until "listening"). It starts no X session: the sink plays nxagent.
   const vma = Bun.serve({
@@ -100,7 +105,8 @@ async function sink(cert: string, key: string) {
     fetch(req) {
       const path = new URL(req.url).pathname;
       if (path === "/vma/x_start") return Response.json({ state: "starting" });
-      if (path === "/vma/x_state") return Response.json({ state: "listening", since: new Date().toISOString(), nx_state: "listening" });
+      if (path === "/vma/x_state")
+        return Response.json({ state: "listening", since: new Date().toISOString(), nx_state: "listening" });
       if (path === "/vma/ping") return Response.json({ ok: true, state: "listening" });
       return Response.json({ error: "not found" }, { status: 404 });
     },
@@ -160,7 +166,8 @@ class Conn {
   }
 
   async more(deadline: number) {
-    if (this.closed) throw new Error(`connection closed; buffered: ${JSON.stringify(this.buf.toString("latin1").slice(0, 300))}`);
+    if (this.closed)
+      throw new Error(`connection closed; buffered: ${JSON.stringify(this.buf.toString("latin1").slice(0, 300))}`);
     if (Date.now() > deadline) throw new Error("no answer in time");
     await new Promise<void>((r) => {
       this.wake = r;
@@ -188,7 +195,9 @@ class Conn {
 
   /** Sends connect_to_vm and reads 102s up to the final answer; throws unless it is a 101. */
   async connectToVm(auth: string, vmId: string): Promise<string[]> {
-    this.s.write(`GET /qvd/connect_to_vm?id=${vmId}&qvd.client.os=linux&qvd.client.link=lan HTTP/1.1\r\nAuthorization: ${auth}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n`);
+    this.s.write(
+      `GET /qvd/connect_to_vm?id=${vmId}&qvd.client.os=linux&qvd.client.link=lan HTTP/1.1\r\nAuthorization: ${auth}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n`,
+    );
     const progress: string[] = [];
     for (;;) {
       const r = await this.response();
@@ -215,7 +224,15 @@ const cmd = (c: string, n: number) => {
   return b;
 };
 
-async function stream(host: string, port: number, kind: string, dir: string, amount: number, auth?: string, vmId?: string) {
+async function stream(
+  host: string,
+  port: number,
+  kind: string,
+  dir: string,
+  amount: number,
+  auth?: string,
+  vmId?: string,
+) {
   const c = await Conn.open(host, port, kind !== "plain");
   if (kind === "l7r") {
     await c.connectToVm(auth!, vmId!);
@@ -231,7 +248,8 @@ async function stream(host: string, port: number, kind: string, dir: string, amo
     c.onData = (d) => d.length && done();
     const t0 = performance.now();
     await c.write(cmd("U", amount));
-    for (let sent = 0; sent < amount; sent += CHUNK.length) await c.write(amount - sent >= CHUNK.length ? CHUNK : CHUNK.subarray(0, amount - sent));
+    for (let sent = 0; sent < amount; sent += CHUNK.length)
+      await c.write(amount - sent >= CHUNK.length ? CHUNK : CHUNK.subarray(0, amount - sent));
     await acked;
     out({ bytes: amount, ms: performance.now() - t0, cipher });
   } else if (dir === "down") {
@@ -273,7 +291,15 @@ async function stream(host: string, port: number, kind: string, dir: string, amo
 
 const basic = (login: string, pw: string) => `Basic ${Buffer.from(`${login}:${pw}`).toString("base64")}`;
 
-async function logins(port: number, conc: number, seconds: number, how: string, prefix: string, users: number, password: string) {
+async function logins(
+  port: number,
+  conc: number,
+  seconds: number,
+  how: string,
+  prefix: string,
+  users: number,
+  password: string,
+) {
   const lat: number[] = [];
   let errors = 0;
   let firstError = "";
@@ -281,7 +307,8 @@ async function logins(port: number, conc: number, seconds: number, how: string, 
     errors++;
     firstError ||= (e as Error).message;
   };
-  const request = (w: number) => `GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic(`${prefix}${(w % users) + 1}`, password)}\r\nAccept: application/json\r\n\r\n`;
+  const request = (w: number) =>
+    `GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic(`${prefix}${(w % users) + 1}`, password)}\r\nAccept: application/json\r\n\r\n`;
   const ask = async (c: Conn, w: number) => {
     c.s.write(request(w));
     const r = await c.response(60_000);
@@ -338,7 +365,8 @@ async function connect(port: number, login: string, password: string, vmId: stri
   // The greeting of nxproxy -S; nxagent answers with its own version.
   c.s.write("NXPROXY-3.5.0-3.5.99 stream=default,data=default ");
   const deadline = Date.now() + 10_000;
-  while (!/^NXPROXY-\d/.test(c.buf.toString("latin1")) && !c.closed && Date.now() < deadline) await c.more(deadline).catch(() => {});
+  while (!/^NXPROXY-\d/.test(c.buf.toString("latin1")) && !c.closed && Date.now() < deadline)
+    await c.more(deadline).catch(() => {});
   const nx = c.buf.toString("latin1");
   out({ ms101, msNx: /^NXPROXY-\d/.test(nx) ? performance.now() - t0 : null, progress });
   c.s.end();
@@ -368,7 +396,8 @@ async function attack(port: number, seconds: number, login: string) {
   out({ ready: true });
   await Bun.stdin.stream().getReader().read();
   let logins = "";
-  for (let i = 0; i < 40; i++) logins += `GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic(login, `wrong-${i}`)}\r\n\r\n`;
+  for (let i = 0; i < 40; i++)
+    logins += `GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic(login, `wrong-${i}`)}\r\n\r\n`;
   const junk = Buffer.from(`GET /qvd/ping HTTP/1.1\r\nX-Junk: ${"j".repeat(200)}\r\n`.repeat(1000));
   const end = performance.now() + seconds * 1000;
   let sent = 0;
@@ -391,8 +420,10 @@ async function attack(port: number, seconds: number, login: string) {
 
 try {
   if (mode === "sink") await sink(args[0]!, args[1]!);
-  else if (mode === "stream") await stream(args[0]!, Number(args[1]), args[2]!, args[3]!, Number(args[4]), args[5], args[6]);
-  else if (mode === "logins") await logins(Number(args[0]), Number(args[1]), Number(args[2]), args[3]!, args[4]!, Number(args[5]), args[6]!);
+  else if (mode === "stream")
+    await stream(args[0]!, Number(args[1]), args[2]!, args[3]!, Number(args[4]), args[5], args[6]);
+  else if (mode === "logins")
+    await logins(Number(args[0]), Number(args[1]), Number(args[2]), args[3]!, args[4]!, Number(args[5]), args[6]!);
   else if (mode === "connect") await connect(Number(args[0]), args[1]!, args[2]!, args[3]!);
   else if (mode === "pings") await pings(Number(args[0]), Number(args[1]));
   else if (mode === "attack") await attack(Number(args[0]), Number(args[1]), args[2]!);

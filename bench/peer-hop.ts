@@ -24,7 +24,8 @@ setLogLevel("warn");
 const CALLS = process.argv.includes("--calls") ? Number(process.argv[process.argv.indexOf("--calls") + 1]) : 300;
 const ALL = D.ALL_TENANTS;
 const SESSION = "0b6f3a44-7a51-4c1e-9d55-1f7f4b8a0001";
-const q = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(p * xs.length))]!;
+const q = (xs: number[], p: number) =>
+  [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(p * xs.length))]!;
 const fmt = (xs: number[]) => `median ${q(xs, 0.5).toFixed(2)} ms, p90 ${q(xs, 0.9).toFixed(2)} ms`;
 
 async function timed(n: number, f: () => Promise<unknown>): Promise<number[]> {
@@ -39,9 +40,17 @@ async function timed(n: number, f: () => Promise<unknown>): Promise<number[]> {
 
 const dir = mkdtempSync("/tmp/qvd-bench-peer-");
 chmodSync(dir, 0o755);
-const cluster = new LocalCluster({ dir: join(dir, "pg"), noSync: true, settings: { fsync: "off", synchronous_commit: "off" } });
+const cluster = new LocalCluster({
+  dir: join(dir, "pg"),
+  noSync: true,
+  settings: { fsync: "off", synchronous_commit: "off" },
+});
 try {
-  console.log(`node-to-node hop — ${cpus().length} cores, load average ${loadavg().map((l) => l.toFixed(2)).join(" ")} at start`);
+  console.log(
+    `node-to-node hop — ${cpus().length} cores, load average ${loadavg()
+      .map((l) => l.toFixed(2))
+      .join(" ")} at start`,
+  );
   await cluster.init();
   await cluster.start();
   await cluster.createDatabase("bench");
@@ -58,11 +67,27 @@ try {
 
   const secret = "bench-vma-secret-0123456789abcdef";
   const session = new Session({
-    display: 99, nxagent: "nxagent", xinit: "xinit", nxagentExtraArgs: [], tolerancechecks: "strict", acceptFrom: "127.0.0.1",
-    sessionCommand: [], asCurrentUser: true, root: "/", homePath: dir, shell: "/bin/sh", groups: [], defaultLang: "C",
-    runDir: join(dir, "vma-run"), timeouts: { starting: 10_000, listening: 10_000, suspending: 10_000, stopping: 10_000 },
+    display: 99,
+    nxagent: "nxagent",
+    xinit: "xinit",
+    nxagentExtraArgs: [],
+    tolerancechecks: "strict",
+    acceptFrom: "127.0.0.1",
+    sessionCommand: [],
+    asCurrentUser: true,
+    root: "/",
+    homePath: dir,
+    shell: "/bin/sh",
+    groups: [],
+    defaultLang: "C",
+    runDir: join(dir, "vma-run"),
+    timeouts: { starting: 10_000, listening: 10_000, suspending: 10_000, stopping: 10_000 },
   });
-  const vma = startVmaServer({ secret, nodeAddress: "127.0.0.1", vmId: 1, session, expireCommand: "", powerOff: () => {} }, "127.0.0.1", 0);
+  const vma = startVmaServer(
+    { secret, nodeAddress: "127.0.0.1", vmId: 1, session, expireCommand: "", powerOff: () => {} },
+    "127.0.0.1",
+    0,
+  );
   const agent = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
   const user = await D.create(sql, D.users, ALL, { tenant_id: 1, name: "hop", password: "hop-pw-1" });
   const osf = await D.create(sql, D.osfs, ALL, { tenant_id: 1, name: "hop" });
@@ -98,11 +123,15 @@ try {
     s.end();
   }
   console.log(`x_state straight to the VMA:                 ${fmt(direct)}`);
-  console.log(`x_state relayed, kept TLS connection:         ${fmt(relayed)}  (+${(q(relayed, 0.5) - q(direct, 0.5)).toFixed(2)} ms a call)`);
+  console.log(
+    `x_state relayed, kept TLS connection:         ${fmt(relayed)}  (+${(q(relayed, 0.5) - q(direct, 0.5)).toFixed(2)} ms a call)`,
+  );
   console.log(`x_state relayed, new TLS connection:          ${fmt(fresh)}`);
   console.log(`NX stream: TCP connect to nxagent's port:     ${fmt(nxDirect)}`);
   console.log(`NX stream: relayed 101 on a kept connection:  ${fmt(nxOnly)}`);
-  console.log(`A connect to a running desktop makes x_start, about 3 x_state polls and the stream: the hop adds about ${((q(relayed, 0.5) - q(direct, 0.5)) * 4 + q(nxOnly, 0.5) - q(nxDirect, 0.5)).toFixed(1)} ms.`);
+  console.log(
+    `A connect to a running desktop makes x_start, about 3 x_state polls and the stream: the hop adds about ${((q(relayed, 0.5) - q(direct, 0.5)) * 4 + q(nxOnly, 0.5) - q(nxDirect, 0.5)).toFixed(1)} ms.`,
+  );
   pooled.close();
   server.stop();
   vma.stop(true);

@@ -27,13 +27,14 @@ setLogLevel("error");
 const i = process.argv.indexOf("--rounds");
 const ROUNDS = i > 0 ? Number(process.argv[i + 1]) || 5 : 5;
 const j = process.argv.indexOf("--services");
-const ON = new Set((j > 0 ? process.argv[j + 1] ?? "" : "printing,audio,slave").split(","));
+const ON = new Set((j > 0 ? (process.argv[j + 1] ?? "") : "printing,audio,slave").split(","));
 const UID = 51030;
 const PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 if (process.getuid!() !== 0) throw new Error("run as root");
 
 const freeDisplay = (from: number) => {
-  for (let d = from; d < from + 60; d++) if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
+  for (let d = from; d < from + 60; d++)
+    if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
   throw new Error("no free X display");
 };
 async function until(what: string, f: () => boolean | Promise<boolean>, ms = 30_000): Promise<number> {
@@ -45,14 +46,26 @@ async function until(what: string, f: () => boolean | Promise<boolean>, ms = 30_
   return performance.now();
 }
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-const fmt = (xs: number[]) => (xs.length ? `median ${median(xs).toFixed(0)} ms (min ${Math.min(...xs).toFixed(0)}, max ${Math.max(...xs).toFixed(0)})` : "-");
+const fmt = (xs: number[]) =>
+  xs.length
+    ? `median ${median(xs).toFixed(0)} ms (min ${Math.min(...xs).toFixed(0)}, max ${Math.max(...xs).toFixed(0)})`
+    : "-";
 
 const work = mkdtempSync("/tmp/qvd-bench-services-");
 chmodSync(work, 0o755);
 const root = join(work, "root");
 mkdirSync(join(root, "etc/skel"), { recursive: true });
-const pick = (file: string, names: string[]) => readFileSync(file, "utf8").split("\n").filter((l) => names.includes(l.split(":")[0]!)).join("\n") + "\n";
-for (const [f, names] of [["passwd", ["root", "daemon", "nobody"]], ["group", ["root", "daemon", "nogroup"]], ["shadow", ["root", "daemon", "nobody"]], ["gshadow", ["root", "daemon", "nogroup"]]] as const)
+const pick = (file: string, names: string[]) =>
+  readFileSync(file, "utf8")
+    .split("\n")
+    .filter((l) => names.includes(l.split(":")[0]!))
+    .join("\n") + "\n";
+for (const [f, names] of [
+  ["passwd", ["root", "daemon", "nobody"]],
+  ["group", ["root", "daemon", "nogroup"]],
+  ["shadow", ["root", "daemon", "nobody"]],
+  ["gshadow", ["root", "daemon", "nogroup"]],
+] as const)
   writeFileSync(join(root, "etc", f), pick(`/etc/${f}`, [...names]), { mode: f.endsWith("shadow") ? 0o640 : 0o644 });
 
 const cups = await startClientCups();
@@ -70,65 +83,99 @@ type Figures = { listening: number[]; connected: number[]; printers: number[]; s
 const results: Record<string, Figures> = {};
 
 async function rounds(label: "off" | "on"): Promise<void> {
-  const services: SessionService[] = label === "off" ? [] : [
-    ...(ON.has("printing") ? [printingService({ enable: true })] : []),
-    ...(ON.has("audio") ? [audioService({ enable: true })] : []),
-    ...(ON.has("slave") ? [sharesService({ enabled: true, qvd: process.execPath })] : []),
-  ];
+  const services: SessionService[] =
+    label === "off"
+      ? []
+      : [
+          ...(ON.has("printing") ? [printingService({ enable: true })] : []),
+          ...(ON.has("audio") ? [audioService({ enable: true })] : []),
+          ...(ON.has("slave") ? [sharesService({ enabled: true, qvd: process.execPath })] : []),
+        ];
   const session = new Session({
-    display, nxagent: "/usr/bin/nxagent", xinit: "xinit", nxagentExtraArgs: [], tolerancechecks: "risky", acceptFrom: "127.0.0.1",
-    sessionCommand: ["/bin/sleep", "100000"], asCurrentUser: false, root, homePath: "/home", shell: "/bin/sh", groups: [], defaultLang: "C",
-    runDir: join(work, `run-${label}`), timeouts: { starting: 30_000, listening: 30_000, suspending: 20_000, stopping: 20_000 }, services,
+    display,
+    nxagent: "/usr/bin/nxagent",
+    xinit: "xinit",
+    nxagentExtraArgs: [],
+    tolerancechecks: "risky",
+    acceptFrom: "127.0.0.1",
+    sessionCommand: ["/bin/sleep", "100000"],
+    asCurrentUser: false,
+    root,
+    homePath: "/home",
+    shell: "/bin/sh",
+    groups: [],
+    defaultLang: "C",
+    runDir: join(work, `run-${label}`),
+    timeouts: { starting: 30_000, listening: 30_000, suspending: 20_000, stopping: 20_000 },
+    services,
   });
   const props = { "qvd.client.printing.enabled": "1", "qvd.slave.key": "k".repeat(64) };
   const lpstat = () => execAs(desktop, ["lpstat", "-e"], { PATH, CUPS_SERVER: cupsSocket(session.opts.runDir) });
-  const pactl = () => execAs(desktop, ["pactl", "list", "short", "sinks"], { PATH, PULSE_SERVER: `unix:/run/user/${UID}/pulse/native` });
+  const pactl = () =>
+    execAs(desktop, ["pactl", "list", "short", "sinks"], { PATH, PULSE_SERVER: `unix:/run/user/${UID}/pulse/native` });
   try {
-  for (const kind of ["new", "resume"] as const) {
-    const f: Figures = (results[`${label} ${kind}`] = { listening: [], connected: [], printers: [], sound: [] });
-    for (let r = 0; r < ROUNDS; r++) {
-      if (kind === "resume") {
-        if (session.state === "stopped") {
-          session.start({ user: "bench", uid: UID, gid: UID, cookie: COOKIE, client_os: "linux", properties: props });
-          await until("listening", () => session.state === "listening");
-          Bun.spawn(["nxproxy", "-S", `cups=${cups.port}`, `media=${audioPort}`, `localhost:${relay.display}`], { env: { ...process.env, DISPLAY: `:${xvfb.display}` }, stdout: "ignore", stderr: "ignore" });
-          await until("connected", () => session.state === "connected");
-        }
-        // nxagent may miss a SIGHUP that comes right after a connect: say it again until it listens.
-        let last = 0;
-        await until(`suspended (state ${session.state})`, () => {
-          if (session.state === "connected" && performance.now() - last > 2000) {
-            last = performance.now();
-            session.suspend();
+    for (const kind of ["new", "resume"] as const) {
+      const f: Figures = (results[`${label} ${kind}`] = { listening: [], connected: [], printers: [], sound: [] });
+      for (let r = 0; r < ROUNDS; r++) {
+        if (kind === "resume") {
+          if (session.state === "stopped") {
+            session.start({ user: "bench", uid: UID, gid: UID, cookie: COOKIE, client_os: "linux", properties: props });
+            await until("listening", () => session.state === "listening");
+            Bun.spawn(["nxproxy", "-S", `cups=${cups.port}`, `media=${audioPort}`, `localhost:${relay.display}`], {
+              env: { ...process.env, DISPLAY: `:${xvfb.display}` },
+              stdout: "ignore",
+              stderr: "ignore",
+            });
+            await until("connected", () => session.state === "connected");
           }
-          return session.state === "suspended";
-        });
-        await Bun.sleep(1500); // the services' suspend hooks
-      }
-      const t0 = performance.now();
-      session.start({ user: "bench", uid: UID, gid: UID, cookie: COOKIE, client_os: "linux", properties: props });
-      const tl = await until("listening", () => session.state === "listening");
-      const tp = performance.now();
-      const nx = Bun.spawn(["nxproxy", "-S", `cups=${cups.port}`, `media=${audioPort}`, `localhost:${relay.display}`], { env: { ...process.env, DISPLAY: `:${xvfb.display}` }, stdout: "ignore", stderr: "ignore" });
-      const tc = await until("connected", () => session.state === "connected");
-      f.listening.push(tl - t0);
-      f.connected.push(tc - tp);
-      if (label === "on") {
-        const [a, b] = await Promise.all([
-          ON.has("printing") ? until("the printers", async () => (await lpstat()).stdout.split("\n").filter((l) => l.startsWith("QVD-")).length === 2, 20_000) : NaN,
-          ON.has("audio") ? until("the sound tunnel", async () => (await pactl()).stdout.includes("QVD_Audio"), 20_000).catch(() => NaN) : NaN,
-        ]);
-        if (!Number.isNaN(a)) f.printers.push(a - tc);
-        if (!Number.isNaN(b)) f.sound.push(b - tc);
-      }
-      if (kind === "new") {
-        session.stop();
-        await until("stopped", () => session.state === "stopped");
-        await nx.exited;
-        await Bun.sleep(1500); // the services' stop hooks
+          // nxagent may miss a SIGHUP that comes right after a connect: say it again until it listens.
+          let last = 0;
+          await until(`suspended (state ${session.state})`, () => {
+            if (session.state === "connected" && performance.now() - last > 2000) {
+              last = performance.now();
+              session.suspend();
+            }
+            return session.state === "suspended";
+          });
+          await Bun.sleep(1500); // the services' suspend hooks
+        }
+        const t0 = performance.now();
+        session.start({ user: "bench", uid: UID, gid: UID, cookie: COOKIE, client_os: "linux", properties: props });
+        const tl = await until("listening", () => session.state === "listening");
+        const tp = performance.now();
+        const nx = Bun.spawn(
+          ["nxproxy", "-S", `cups=${cups.port}`, `media=${audioPort}`, `localhost:${relay.display}`],
+          { env: { ...process.env, DISPLAY: `:${xvfb.display}` }, stdout: "ignore", stderr: "ignore" },
+        );
+        const tc = await until("connected", () => session.state === "connected");
+        f.listening.push(tl - t0);
+        f.connected.push(tc - tp);
+        if (label === "on") {
+          const [a, b] = await Promise.all([
+            ON.has("printing")
+              ? until(
+                  "the printers",
+                  async () => (await lpstat()).stdout.split("\n").filter((l) => l.startsWith("QVD-")).length === 2,
+                  20_000,
+                )
+              : NaN,
+            ON.has("audio")
+              ? until("the sound tunnel", async () => (await pactl()).stdout.includes("QVD_Audio"), 20_000).catch(
+                  () => NaN,
+                )
+              : NaN,
+          ]);
+          if (!Number.isNaN(a)) f.printers.push(a - tc);
+          if (!Number.isNaN(b)) f.sound.push(b - tc);
+        }
+        if (kind === "new") {
+          session.stop();
+          await until("stopped", () => session.state === "stopped");
+          await nx.exited;
+          await Bun.sleep(1500); // the services' stop hooks
+        }
       }
     }
-  }
   } finally {
     await session.shutdown(10_000); // also when a round failed: no session left behind
   }
@@ -137,15 +184,21 @@ async function rounds(label: "off" | "on"): Promise<void> {
 try {
   await rounds("off");
   await rounds("on");
-  console.log(`session services (${[...ON].join(", ")}), ${ROUNDS} rounds each, ${cpus().length} CPUs, load ${loadavg()[0]!.toFixed(2)}`);
+  console.log(
+    `session services (${[...ON].join(", ")}), ${ROUNDS} rounds each, ${cpus().length} CPUs, load ${loadavg()[0]!.toFixed(2)}`,
+  );
   for (const [k, f] of Object.entries(results)) {
     console.log(`${k.padEnd(11)} x_start → listening ${fmt(f.listening)}; nxproxy → connected ${fmt(f.connected)}`);
-    if (f.printers.length || f.sound.length) console.log(`${"".padEnd(11)} after connected: printers ${fmt(f.printers)}; sound tunnel ${fmt(f.sound)}`);
+    if (f.printers.length || f.sound.length)
+      console.log(`${"".padEnd(11)} after connected: printers ${fmt(f.printers)}; sound tunnel ${fmt(f.sound)}`);
   }
   for (const kind of ["new", "resume"]) {
-    const off = results[`off ${kind}`]!, on = results[`on ${kind}`]!;
+    const off = results[`off ${kind}`]!,
+      on = results[`on ${kind}`]!;
     const added = median(on.listening) + median(on.connected) - median(off.listening) - median(off.connected);
-    console.log(`added to a ${kind === "new" ? "new session's" : "resume's"} connect by the services: ${added.toFixed(0)} ms (medians)`);
+    console.log(
+      `added to a ${kind === "new" ? "new session's" : "resume's"} connect by the services: ${added.toFixed(0)} ms (medians)`,
+    );
   }
 } finally {
   relay.stop();

@@ -59,14 +59,19 @@ const poll = async (pred: () => Promise<boolean>, what: string, ms = 120_000) =>
     await Bun.sleep(10);
   }
 };
-const q = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(p * xs.length))]!;
+const q = (xs: number[], p: number) =>
+  [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(p * xs.length))]!;
 const s = (ms: number) => `${(ms / 1000).toFixed(2)} s`;
-const load = () => loadavg().map((l) => l.toFixed(2)).join(" ");
+const load = () =>
+  loadavg()
+    .map((l) => l.toFixed(2))
+    .join(" ");
 const mib = (b: number) => `${(b / 1024 / 1024).toFixed(0)} MiB`;
 
 async function waitQuiet(): Promise<void> {
   const end = Date.now() + 600_000;
-  if (loadavg()[0]! > BUSY_LOAD) console.log(`load average ${load()}: waiting for it to drop below ${BUSY_LOAD} (10 minutes at most)`);
+  if (loadavg()[0]! > BUSY_LOAD)
+    console.log(`load average ${load()}: waiting for it to drop below ${BUSY_LOAD} (10 minutes at most)`);
   while (loadavg()[0]! > BUSY_LOAD && Date.now() < end) await Bun.sleep(5_000);
 }
 
@@ -83,13 +88,21 @@ interface Figures {
  * 1 + `starts` cold starts of desktop `vm` (owned by `user`, uid `uid` in its sessions): start
  * command → running → x_start → nxagent listening, then a stop. `memory` is read at the last start.
  */
-async function measure(vm: D.VmRow, user: string, uid: number, starts: number, o: { upMs: number; downMs: number; memory: () => Promise<string> }): Promise<Figures> {
+async function measure(
+  vm: D.VmRow,
+  user: string,
+  uid: number,
+  starts: number,
+  o: { upMs: number; downMs: number; memory: () => Promise<string> },
+): Promise<Figures> {
   const state = async () => (await D.get(sql, D.vms, ALL, vm.id)).vm_state;
   const vma = async (method: string, body?: unknown) => {
     const [r] = await sql`SELECT vma_secret FROM vm_runtimes WHERE vm_id = ${vm.id}`;
     const args = ["curl", "-s", "--max-time", "10", "-H", `x-qvd-vma-secret: ${r!.vma_secret}`];
     if (body !== undefined) args.push("-H", "content-type: application/json", "-d", JSON.stringify(body));
-    return JSON.parse((await run([...node.ns.exec, ...args, `http://${vm.ip}:3030/vma/${method}`], { allowFail: true })).stdout || "{}");
+    return JSON.parse(
+      (await run([...node.ns.exec, ...args, `http://${vm.ip}:3030/vma/${method}`], { allowFail: true })).stdout || "{}",
+    );
   };
   await waitQuiet();
   const f: Figures = { first: 0, toRunning: [], toListening: [], memory: "", loadBefore: load(), loadAfter: "" };
@@ -116,8 +129,12 @@ async function measure(vm: D.VmRow, user: string, uid: number, starts: number, o
 
 function report(f: Figures, starts: number, firstWhat: string, memoryWhat: string) {
   console.log(`  first start (${firstWhat}): ${s(f.first)} to running`);
-  console.log(`  start command → running (VMA answers): median ${s(q(f.toRunning, 0.5))}, p90 ${s(q(f.toRunning, 0.9))} over ${starts} cold starts`);
-  console.log(`  start command → nxagent listening:     median ${s(q(f.toListening, 0.5))}, p90 ${s(q(f.toListening, 0.9))}`);
+  console.log(
+    `  start command → running (VMA answers): median ${s(q(f.toRunning, 0.5))}, p90 ${s(q(f.toRunning, 0.9))} over ${starts} cold starts`,
+  );
+  console.log(
+    `  start command → nxagent listening:     median ${s(q(f.toListening, 0.5))}, p90 ${s(q(f.toListening, 0.9))}`,
+  );
   console.log(`  ${memoryWhat}: ${f.memory}`);
   console.log(`  load average (1, 5, 15 min) before: ${f.loadBefore}; after: ${f.loadAfter}`);
 }
@@ -134,11 +151,23 @@ try {
   const alice = await D.create(sql, D.users, ALL, { tenant_id: 1, name: "alice" });
   const osf = await D.create(sql, D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
   await node.addImage(osf.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
-  const vm = await D.createVm(sql, ALL, { user_id: alice.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" });
+  const vm = await D.createVm(
+    sql,
+    ALL,
+    { user_id: alice.id, osf_id: osf.id, name: "desktop" },
+    { range: "198.18.0.0/16" },
+  );
   let kvm: { vm: D.VmRow; osf: D.OsfRow } | undefined;
   if (KVM_STARTS > 0) {
     const bob = await D.create(sql, D.users, ALL, { tenant_id: 1, name: "bob" });
-    const kosf = await D.create(sql, D.osfs, ALL, { tenant_id: 1, name: "debian-kvm", memory_mb: 1024, hypervisor: "kvm", vcpus: 1, user_storage_mb: 256 });
+    const kosf = await D.create(sql, D.osfs, ALL, {
+      tenant_id: 1,
+      name: "debian-kvm",
+      memory_mb: 1024,
+      hypervisor: "kvm",
+      vcpus: 1,
+      user_storage_mb: 256,
+    });
     // A link where the filesystem allows it: the image is half a gigabyte.
     await node.addImage(kosf.id, "desktop.qcow2", async (p) => {
       try {
@@ -147,11 +176,28 @@ try {
         copyFileSync(kvmImage, p);
       }
     });
-    kvm = { vm: await D.createVm(sql, ALL, { user_id: bob.id, osf_id: kosf.id, name: "desktop-kvm" }, { range: "198.18.0.0/16" }), osf: kosf };
+    kvm = {
+      vm: await D.createVm(
+        sql,
+        ALL,
+        { user_id: bob.id, osf_id: kosf.id, name: "desktop-kvm" },
+        { range: "198.18.0.0/16" },
+      ),
+      osf: kosf,
+    };
   }
-  await node.start({ "vm.hypervisor": kvm ? "lxc,kvm" : "lxc", "vm.kvm.accel": "auto", "hkd.timeout.vma_start": kvm ? "400" : "120", "log.level": "info" });
+  await node.start({
+    "vm.hypervisor": kvm ? "lxc,kvm" : "lxc",
+    "vm.kvm.accel": "auto",
+    "hkd.timeout.vma_start": kvm ? "400" : "120",
+    "log.level": "info",
+  });
 
-  const lxc = await measure(vm, "alice", 20001, STARTS, { upMs: 120_000, downMs: 120_000, memory: () => desktopMemory(vm.id) });
+  const lxc = await measure(vm, "alice", 20001, STARTS, {
+    upMs: 120_000,
+    downMs: 120_000,
+    memory: () => desktopMemory(vm.id),
+  });
   console.log(`LXC (${STARTS} cold starts):`);
   report(lxc, STARTS, "image unpacked on the way", "one idle desktop (session started, no client)");
 
@@ -168,9 +214,17 @@ try {
         return qemuMemory(kvm!.vm.id, kvm!.osf.memory_mb);
       },
     });
-    console.log(`KVM (${KVM_STARTS} cold starts, ${kvm.osf.vcpus} vCPU, ${kvm.osf.memory_mb} MiB, home disk ${kvm.osf.user_storage_mb} MiB; QEMU ran with accel=${accel || "?"}; the node's probe: "${probe}"):`);
-    if (accel !== "kvm") console.log("  (tcg is software emulation: boots are several times slower than with KVM acceleration)");
-    report(k, KVM_STARTS, "kernel extracted from the image, home disk made and formatted", `one idle desktop after ${KVM_SETTLE_MS / 1000} s settled (session started, no client)`);
+    console.log(
+      `KVM (${KVM_STARTS} cold starts, ${kvm.osf.vcpus} vCPU, ${kvm.osf.memory_mb} MiB, home disk ${kvm.osf.user_storage_mb} MiB; QEMU ran with accel=${accel || "?"}; the node's probe: "${probe}"):`,
+    );
+    if (accel !== "kvm")
+      console.log("  (tcg is software emulation: boots are several times slower than with KVM acceleration)");
+    report(
+      k,
+      KVM_STARTS,
+      "kernel extracted from the image, home disk made and formatted",
+      `one idle desktop after ${KVM_SETTLE_MS / 1000} s settled (session started, no client)`,
+    );
   }
 } finally {
   await node.stop().catch((e) => console.error(`node cleanup: ${e}`));
@@ -181,9 +235,13 @@ try {
 
 /** Memory of a running desktop: the RSS of its processes and its memory cgroup's usage. */
 async function desktopMemory(vmId: number): Promise<string> {
-  const info = (await run([...node.ns.exec, "lxc-info", "-n", `qvd-${vmId}`, "-P", node.lxcPath, "-p", "-H"])).stdout.trim();
+  const info = (
+    await run([...node.ns.exec, "lxc-info", "-n", `qvd-${vmId}`, "-P", node.lxcPath, "-p", "-H"])
+  ).stdout.trim();
   const init = Number(info);
-  const cg = readFileSync(`/proc/${init}/cgroup`, "utf8").split("\n").find((l) => l.split(":")[1]?.split(",").includes("memory"));
+  const cg = readFileSync(`/proc/${init}/cgroup`, "utf8")
+    .split("\n")
+    .find((l) => l.split(":")[1]?.split(",").includes("memory"));
   const cgDir = cg ? `/sys/fs/cgroup/memory${cg.split(":")[2]}` : "";
   let usage = NaN;
   let pids: number[] = [];
@@ -191,7 +249,9 @@ async function desktopMemory(vmId: number): Promise<string> {
     usage = Number(readFileSync(join(cgDir, "memory.usage_in_bytes"), "utf8"));
     pids = readFileSync(join(cgDir, "cgroup.procs"), "utf8").split("\n").filter(Boolean).map(Number);
   } catch {
-    pids = readdirSync("/proc").filter((p) => /^\d+$/.test(p)).map(Number);
+    pids = readdirSync("/proc")
+      .filter((p) => /^\d+$/.test(p))
+      .map(Number);
   }
   let rss = 0;
   const names: string[] = [];
@@ -223,7 +283,8 @@ function qemuAccel(vmId: number): string {
 async function qemuMemory(vmId: number, memoryMb: number): Promise<string> {
   await Bun.sleep(KVM_SETTLE_MS);
   const pid = qemuPid(vmId);
-  const kb = (text: string, field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(text)?.[1] ?? NaN) * 1024;
+  const kb = (text: string, field: string) =>
+    Number(new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(text)?.[1] ?? NaN) * 1024;
   const rss = kb(readFileSync(`/proc/${pid}/status`, "utf8"), "VmRSS");
   const pss = kb(readFileSync(`/proc/${pid}/smaps_rollup`, "utf8"), "Pss");
   // Where it goes: the guest's RAM is the read-write mapping of exactly the VM's memory size (what

@@ -27,7 +27,9 @@ const kb = (n: number) => `${(n / 1024).toFixed(1)} KB`;
 async function wireCounter(cdp: CDPSession) {
   const reqs = new Map<string, { url: string; type: string; bytes: number; finished: boolean }>();
   await cdp.send("Network.enable");
-  cdp.on("Network.requestWillBeSent", (e) => reqs.set(e.requestId, { url: e.request.url, type: e.type ?? "", bytes: 0, finished: false }));
+  cdp.on("Network.requestWillBeSent", (e) =>
+    reqs.set(e.requestId, { url: e.request.url, type: e.type ?? "", bytes: 0, finished: false }),
+  );
   cdp.on("Network.dataReceived", (e) => {
     const r = reqs.get(e.requestId);
     if (r && !r.finished) r.bytes += e.encodedDataLength;
@@ -49,7 +51,9 @@ async function vmRowsShown(page: Page): Promise<number> {
   const h = await page.waitForFunction(
     () => {
       const rows = document.querySelectorAll("main table tbody tr");
-      return rows.length > 0 && Array.from(rows).some((r) => r.textContent?.includes("desktop-")) ? performance.now() : false;
+      return rows.length > 0 && Array.from(rows).some((r) => r.textContent?.includes("desktop-"))
+        ? performance.now()
+        : false;
     },
     undefined,
     { polling: "raf", timeout: 30_000 },
@@ -68,14 +72,19 @@ async function vmPageApiTimes(page: Page): Promise<{ url: string; ms: number }[]
 const farm = await benchFarm({ n: N, running: 1000 });
 try {
   console.log(`setup: ${N} users, ${N} VMs (1000 running) in ${farm.setupSeconds.toFixed(1)} s`);
-  const cfg = loadConfig({ env: {}, defaultFileExists: () => false, flags: [{ flag: "--db", key: "database.url", value: farm.url }] });
+  const cfg = loadConfig({
+    env: {},
+    defaultFileExists: () => false,
+    flags: [{ flag: "--db", key: "database.url", value: farm.url }],
+  });
   const { fetch: handler, hub } = createApi({ sql: farm.sql, cfg, databaseUrl: farm.url });
   const server = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: handler, idleTimeout: 0 });
   const origin = `http://127.0.0.1:${server.port}`;
   const browser = await launchChromium();
   try {
     console.log("\nassets in the binary:");
-    for (const a of watAssetList()) console.log(`  ${a.name.padEnd(28)} ${kb(a.size).padStart(10)} raw ${kb(a.gzipped).padStart(10)} gzipped`);
+    for (const a of watAssetList())
+      console.log(`  ${a.name.padEnd(28)} ${kb(a.size).padStart(10)} raw ${kb(a.gzipped).padStart(10)} gzipped`);
 
     // First load, empty cache.
     const w = await openWatPage(browser, origin);
@@ -101,7 +110,9 @@ try {
 
     console.log("\nfirst load, requests:");
     for (const r of [...loginRequests, ...dashboardRequests])
-      console.log(`  ${r.type.padEnd(12)} ${kb(r.bytes).padStart(10)}  ${new URL(r.url).pathname}${r.finished ? "" : " (open)"}`);
+      console.log(
+        `  ${r.type.padEnd(12)} ${kb(r.bytes).padStart(10)}  ${new URL(r.url).pathname}${r.finished ? "" : " (open)"}`,
+      );
 
     // The VM list: a full load of /wat/vms (logged in), several times.
     const loads: number[] = [];
@@ -114,7 +125,10 @@ try {
         loads.push(await vmRowsShown(w.page));
         apiMs.push(...(await vmPageApiTimes(w.page)).map((e) => e.ms));
       }
-      total = (await w.page.locator("main").textContent())?.match(/[\d,]+ (?:matching|VMs|virtual machines|results?)/i)?.[0] ?? "";
+      total =
+        (await w.page.locator("main").textContent())?.match(
+          /[\d,]+ (?:matching|VMs|virtual machines|results?)/i,
+        )?.[0] ?? "";
     } catch (err) {
       shown = false;
       console.log(`\nthe VM list did not show rows: ${(err as Error).message.split("\n")[0]}`);
@@ -130,7 +144,13 @@ try {
         const t0 = await w.page.evaluate(() => performance.now());
         await w.page.getByRole("navigation", { name: "Main" }).getByRole("link", { name: "Virtual machines" }).click();
         viaMenu.push((await vmRowsShown(w.page)) - t0);
-        const req = (await w.page.evaluate(() => performance.getEntriesByType("resource").map((e) => ({ name: e.name, start: e.startTime })))).filter((e) => /\/api\/v1\/vms\?/.test(e.name)).at(-1);
+        const req = (
+          await w.page.evaluate(() =>
+            performance.getEntriesByType("resource").map((e) => ({ name: e.name, start: e.startTime })),
+          )
+        )
+          .filter((e) => /\/api\/v1\/vms\?/.test(e.name))
+          .at(-1);
         if (req) menuRequestAt.push(req.start - t0);
       }
 
@@ -141,7 +161,9 @@ try {
     if (listUrl && cookie) {
       for (let i = 0; i < 30; i++) {
         const s = performance.now();
-        await (await fetch(listUrl, { headers: { cookie: `qvd_session=${cookie.value}`, "accept-encoding": "gzip" } })).arrayBuffer();
+        await (
+          await fetch(listUrl, { headers: { cookie: `qvd_session=${cookie.value}`, "accept-encoding": "gzip" } })
+        ).arrayBuffer();
         direct.push(performance.now() - s);
       }
     }
@@ -161,19 +183,35 @@ try {
 
     if (listRequests.length) {
       console.log("\nAPI requests of one load of /wat/vms (start after navigation, duration):");
-      for (const r of listRequests) console.log(`  ${r.start.toFixed(0).padStart(6)} ms ${r.ms.toFixed(1).padStart(7)} ms  ${new URL(r.url).pathname}${new URL(r.url).search}`);
+      for (const r of listRequests)
+        console.log(
+          `  ${r.start.toFixed(0).padStart(6)} ms ${r.ms.toFixed(1).padStart(7)} ms  ${new URL(r.url).pathname}${new URL(r.url).search}`,
+        );
     }
     console.log(`\n| ${"figure".padEnd(66)} | value |`);
     console.log(`|${"-".repeat(68)}|-------|`);
     const row = (k: string, v: string) => console.log(`| ${k.padEnd(66)} | ${v} |`);
-    row("first load to the login form (compressed, headers incl.)", `${kb(toLogin)} (${toLogin <= BUDGET ? "within" : "OVER"} the 300 KB aim)`);
-    row("first load through login to the dashboard", `${kb(toDashboard)} (${toDashboard <= BUDGET ? "within" : "OVER"} the 300 KB aim)`);
+    row(
+      "first load to the login form (compressed, headers incl.)",
+      `${kb(toLogin)} (${toLogin <= BUDGET ? "within" : "OVER"} the 300 KB aim)`,
+    );
+    row(
+      "first load through login to the dashboard",
+      `${kb(toDashboard)} (${toDashboard <= BUDGET ? "within" : "OVER"} the 300 KB aim)`,
+    );
     row("second visit to the dashboard (warm cache)", kb(warm));
     if (shown) {
-      row(`VM list of ${N} VMs, load of /wat/vms to first rows (median of ${LOADS})`, `${median(loads).toFixed(0)} ms (min ${Math.min(...loads).toFixed(0)}, max ${Math.max(...loads).toFixed(0)})`);
-      row(`VM list from the dashboard via the menu (median of ${LOADS})`, `${median(viaMenu).toFixed(0)} ms (its request starts after ${median(menuRequestAt).toFixed(0)} ms)`);
+      row(
+        `VM list of ${N} VMs, load of /wat/vms to first rows (median of ${LOADS})`,
+        `${median(loads).toFixed(0)} ms (min ${Math.min(...loads).toFixed(0)}, max ${Math.max(...loads).toFixed(0)})`,
+      );
+      row(
+        `VM list from the dashboard via the menu (median of ${LOADS})`,
+        `${median(viaMenu).toFixed(0)} ms (its request starts after ${median(menuRequestAt).toFixed(0)} ms)`,
+      );
       row("API time of the list's requests, seen by the browser", `${median(apiMs).toFixed(1)} ms median`);
-      if (direct.length) row("API time of the same page from Bun (30 requests)", `${median(direct).toFixed(1)} ms median`);
+      if (direct.length)
+        row("API time of the same page from Bun (30 requests)", `${median(direct).toFixed(1)} ms median`);
       if (total) row("list says", total);
       if (listUrl) row("the list's request", new URL(listUrl).pathname + new URL(listUrl).search);
     }

@@ -33,7 +33,9 @@ export async function buildBinary(outfile = join(root, "dist", "qvd")): Promise<
 if (import.meta.main) {
   let outfile: string | undefined;
   try {
-    ({ values: { outfile } } = parseArgs({ args: process.argv.slice(2), options: { outfile: { type: "string" } }, strict: true }));
+    ({
+      values: { outfile },
+    } = parseArgs({ args: process.argv.slice(2), options: { outfile: { type: "string" } }, strict: true }));
   } catch (err) {
     console.error(`build: ${(err as Error).message} (usage: bun scripts/build-binaries.ts [--outfile PATH])`);
     process.exit(64);

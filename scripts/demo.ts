@@ -8,7 +8,18 @@ import { ensureDeps } from "./deps.ts";
 async function main(): Promise<number> {
   try {
     // The farm (database, containers, namespace, firewall, image build, certificate) and the client.
-    await ensureDeps(["postgresql", "runuser", "lxc", "iproute2", "nftables", "nsenter", "debootstrap", "openssl", "nxproxy", "xvnc"]);
+    await ensureDeps([
+      "postgresql",
+      "runuser",
+      "lxc",
+      "iproute2",
+      "nftables",
+      "nsenter",
+      "debootstrap",
+      "openssl",
+      "nxproxy",
+      "xvnc",
+    ]);
     console.log("Building dist/qvd…");
     const qvd = await buildBinary(join(import.meta.dir, "..", "dist", "qvd"));
     const proc = Bun.spawn([qvd, "demo", ...process.argv.slice(2)], { stdio: ["inherit", "inherit", "inherit"] });

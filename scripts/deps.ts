@@ -51,7 +51,11 @@ export const DEPS = {
     packages: ["xinit"],
   },
   xwd: { purpose: "screenshots of X displays (tests)", bins: ["xwd"], packages: ["x11-apps"] },
-  xsetroot: { purpose: "paints X displays in a known colour (tests)", bins: ["xsetroot"], packages: ["x11-xserver-utils"] },
+  xsetroot: {
+    purpose: "paints X displays in a known colour (tests)",
+    bins: ["xsetroot"],
+    packages: ["x11-xserver-utils"],
+  },
   xwininfo: { purpose: "lists the windows of X displays (tests)", bins: ["xwininfo"], packages: ["x11-utils"] },
   imagemagick: {
     purpose: "reads pixels of screenshots (tests); called as /usr/bin/convert",
@@ -146,7 +150,11 @@ export const DEPS = {
     globs: ["/usr/lib/cups/filter/texttopdf"],
     packages: ["cups-filters"],
   },
-  pdftotext: { purpose: "reads the text of printed PDFs (printing tests)", bins: ["pdftotext"], packages: ["poppler-utils"] },
+  pdftotext: {
+    purpose: "reads the text of printed PDFs (printing tests)",
+    bins: ["pdftotext"],
+    packages: ["poppler-utils"],
+  },
   pulseaudio: {
     purpose: "sound servers on both sides of the audio tunnel (sound tests)",
     bins: ["pulseaudio"],
@@ -163,7 +171,11 @@ export const DEPS = {
     packages: ["openssh-sftp-server"],
   },
   sshfs: { purpose: "mounts shared folders over SFTP (shares tests)", bins: ["sshfs"], packages: ["sshfs"] },
-  bwrap: { purpose: "confines the client's SFTP server to the shared folder", bins: ["bwrap"], packages: ["bubblewrap"] },
+  bwrap: {
+    purpose: "confines the client's SFTP server to the shared folder",
+    bins: ["bwrap"],
+    packages: ["bubblewrap"],
+  },
   usbip: {
     purpose: "USB/IP tools (`qvd client --usb`)",
     bins: ["usbip"],
@@ -201,7 +213,14 @@ export function globFiles(pattern: string): string[] {
         if (existsSync(q)) next.push(q);
         continue;
       }
-      const re = new RegExp("^" + seg.split("*").map((s) => s.replace(/[.+?^${}()|[\]\\]/g, "\\$&")).join(".*") + "$");
+      const re = new RegExp(
+        "^" +
+          seg
+            .split("*")
+            .map((s) => s.replace(/[.+?^${}()|[\]\\]/g, "\\$&"))
+            .join(".*") +
+          "$",
+      );
       let names: string[] = [];
       try {
         names = readdirSync(p);
@@ -233,7 +252,10 @@ let aptUpdated = false;
  * missing ones with apt-get (one `apt-get update` per process); otherwise throws an error
  * whose message is one line naming the packages to install.
  */
-export async function ensureDeps(names: DepName[] = Object.keys(DEPS) as DepName[], log: (line: string) => void = (l) => console.log(l)): Promise<void> {
+export async function ensureDeps(
+  names: DepName[] = Object.keys(DEPS) as DepName[],
+  log: (line: string) => void = (l) => console.log(l),
+): Promise<void> {
   const missing = names.filter((n) => !detect(DEPS[n]));
   if (missing.length === 0) {
     log(`deps: ok (${names.join(", ")})`);
@@ -241,7 +263,9 @@ export async function ensureDeps(names: DepName[] = Object.keys(DEPS) as DepName
   }
   const packages = [...new Set(missing.flatMap((n) => DEPS[n].packages))];
   if (process.getuid?.() !== 0)
-    throw new Error(`missing system programs (${missing.join(", ")}): install as root: apt-get install -y --no-install-recommends ${packages.join(" ")}`);
+    throw new Error(
+      `missing system programs (${missing.join(", ")}): install as root: apt-get install -y --no-install-recommends ${packages.join(" ")}`,
+    );
   for (const n of missing) log(`deps: ${n} missing (${DEPS[n].purpose})`);
   if (!aptUpdated) {
     log("deps: apt-get update");
@@ -249,7 +273,9 @@ export async function ensureDeps(names: DepName[] = Object.keys(DEPS) as DepName
     aptUpdated = true;
   }
   log(`deps: apt-get install ${packages.join(" ")}`);
-  await run(["apt-get", "install", "-y", "--no-install-recommends", ...packages], { env: { DEBIAN_FRONTEND: "noninteractive" } });
+  await run(["apt-get", "install", "-y", "--no-install-recommends", ...packages], {
+    env: { DEBIAN_FRONTEND: "noninteractive" },
+  });
   const still = missing.filter((n) => !detect(DEPS[n]));
   if (still.length) throw new Error(`still missing after installing ${packages.join(" ")}: ${still.join(", ")}`);
   log(`deps: installed ${packages.join(" ")}`);

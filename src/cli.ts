@@ -72,7 +72,9 @@ export async function withDatabase<T>(cfg: Config, fn: (sql: Sql) => Promise<T>)
   const sql = connect(url, { max: 2, connectTimeout: cfg.get("database.connect_timeout") });
   try {
     await ping(sql).catch((err: Error) => {
-      throw new UserError(`cannot connect to the database ${maskUrl(url)}: ${err.message} (set --db, QVD_DATABASE_URL or database.url)`);
+      throw new UserError(
+        `cannot connect to the database ${maskUrl(url)}: ${err.message} (set --db, QVD_DATABASE_URL or database.url)`,
+      );
     });
     return await fn(sql);
   } finally {

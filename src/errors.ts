@@ -24,7 +24,7 @@ export function describeError(err: unknown): string {
   if (err instanceof UserError) return err.message;
   if (err instanceof Error) {
     const code = (err as { code?: string }).code;
-    if (code === "ECONNREFUSED" || code === "ENOENT" && /PGSQL/.test(err.message))
+    if (code === "ECONNREFUSED" || (code === "ENOENT" && /PGSQL/.test(err.message)))
       return `cannot connect to the database: ${err.message}`;
     return process.env.QVD_DEBUG ? (err.stack ?? err.message) : `internal error: ${err.message}`;
   }

@@ -41,7 +41,10 @@ function emit(level: LogLevel, scope: string, msg: string, fields?: Record<strin
     return;
   }
   const extra = fields
-    ? " " + Object.entries(fields).map(([k, v]) => `${k}=${typeof v === "string" ? JSON.stringify(v) : String(v)}`).join(" ")
+    ? " " +
+      Object.entries(fields)
+        .map(([k, v]) => `${k}=${typeof v === "string" ? JSON.stringify(v) : String(v)}`)
+        .join(" ")
     : "";
   process.stderr.write(`${new Date().toISOString()} ${level.toUpperCase()} [${scope}] ${msg}${extra}\n`);
 }

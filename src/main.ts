@@ -31,7 +31,9 @@ async function resolve(cmd: CommandDef<any>, args: string[]): Promise<[CommandDe
   const name = subs ? args.find((a) => !a.startsWith("-") && a in subs) : undefined;
   if (subs && name && name in subs) {
     const sub = subs[name]!;
-    const def = (typeof sub === "function" ? await (sub as () => Promise<CommandDef<any>>)() : await sub) as CommandDef<any>;
+    const def = (
+      typeof sub === "function" ? await (sub as () => Promise<CommandDef<any>>)() : await sub
+    ) as CommandDef<any>;
     const [leaf, parent] = await resolve(def, args.slice(args.indexOf(name) + 1));
     return [leaf, parent ?? cmd];
   }
@@ -45,7 +47,7 @@ export async function runQvd(rawArgs: string[]): Promise<number> {
   }
   if (rawArgs.length === 0 || rawArgs.includes("--help") || rawArgs.includes("-h")) {
     const [leaf, parent] = await resolve(main, rawArgs);
-    console.log(await renderUsage(leaf, parent) + "\n");
+    console.log((await renderUsage(leaf, parent)) + "\n");
     return 0;
   }
   try {

@@ -48,7 +48,10 @@ export class Counter {
 
 export class Gauge {
   private readonly values = new Map<string, { labels: Labels; value: number }>();
-  constructor(readonly name: string, private readonly collect?: () => Promise<{ labels: Labels; value: number }[]> | { labels: Labels; value: number }[]) {}
+  constructor(
+    readonly name: string,
+    private readonly collect?: () => Promise<{ labels: Labels; value: number }[]> | { labels: Labels; value: number }[],
+  ) {}
   set(labels: Labels, value: number): void {
     this.values.set(key(labels), { labels, value });
   }
@@ -67,7 +70,10 @@ export class Gauge {
 
 export class Histogram {
   private readonly values = new Map<string, { labels: Labels; counts: number[]; sum: number; count: number }>();
-  constructor(readonly name: string, readonly buckets: number[]) {}
+  constructor(
+    readonly name: string,
+    readonly buckets: number[],
+  ) {}
   observe(labels: Labels, value: number): void {
     const k = key(labels);
     let v = this.values.get(k);
@@ -79,9 +85,13 @@ export class Histogram {
   lines(): string[] {
     const out: string[] = [];
     for (const v of this.values.values()) {
-      for (const [i, b] of this.buckets.entries()) out.push(`${this.name}_bucket${labelText({ ...v.labels, le: num(b) })} ${v.counts[i]}`);
+      for (const [i, b] of this.buckets.entries())
+        out.push(`${this.name}_bucket${labelText({ ...v.labels, le: num(b) })} ${v.counts[i]}`);
       out.push(`${this.name}_bucket${labelText({ ...v.labels, le: "+Inf" })} ${v.count}`);
-      out.push(`${this.name}_sum${labelText(v.labels)} ${num(v.sum)}`, `${this.name}_count${labelText(v.labels)} ${v.count}`);
+      out.push(
+        `${this.name}_sum${labelText(v.labels)} ${num(v.sum)}`,
+        `${this.name}_count${labelText(v.labels)} ${v.count}`,
+      );
     }
     return out;
   }
@@ -93,8 +103,14 @@ export const SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 1
 export class Registry {
   private readonly metrics: Metric[] = [];
 
-  private add<T extends { lines(): Promise<string[]> | string[] }>(name: string, help: string, type: Metric["type"], m: T): T {
-    if (!/^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(name) || this.metrics.some((x) => x.name === name)) throw new Error(`bad or duplicate metric name ${name}`);
+  private add<T extends { lines(): Promise<string[]> | string[] }>(
+    name: string,
+    help: string,
+    type: Metric["type"],
+    m: T,
+  ): T {
+    if (!/^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(name) || this.metrics.some((x) => x.name === name))
+      throw new Error(`bad or duplicate metric name ${name}`);
     this.metrics.push({ name, help, type, lines: () => m.lines() });
     return m;
   }
@@ -123,7 +139,11 @@ export class Registry {
         log.warn("a metric could not be collected", { metric: m.name, error: (err as Error).message });
         continue;
       }
-      parts.push(`# HELP ${m.name} ${m.help.replace(/\\/g, "\\\\").replace(/\n/g, "\\n")}`, `# TYPE ${m.name} ${m.type}`, ...lines);
+      parts.push(
+        `# HELP ${m.name} ${m.help.replace(/\\/g, "\\\\").replace(/\n/g, "\\n")}`,
+        `# TYPE ${m.name} ${m.type}`,
+        ...lines,
+      );
     }
     return parts.join("\n") + "\n";
   }
@@ -131,15 +151,23 @@ export class Registry {
 
 /** The process's own figures, in every role's registry. */
 export function processMetrics(r: Registry): void {
-  r.gauge("qvd_process_resident_memory_bytes", "Resident memory of this process.", () => [{ labels: {}, value: process.memoryUsage.rss() }]);
+  r.gauge("qvd_process_resident_memory_bytes", "Resident memory of this process.", () => [
+    { labels: {}, value: process.memoryUsage.rss() },
+  ]);
   const started = Date.now() / 1000;
-  r.gauge("qvd_process_start_time_seconds", "Start time of this process (Unix seconds).", () => [{ labels: {}, value: started }]);
+  r.gauge("qvd_process_start_time_seconds", "Start time of this process (Unix seconds).", () => [
+    { labels: {}, value: started },
+  ]);
 }
 
 /** This process's database pools (src/db/pool.ts poolStats). */
 export function databaseMetrics(r: Registry): void {
-  r.gauge("qvd_db_pool_connections", "Database connections open in this process's pools.", () => [{ labels: {}, value: poolStats.open }]);
-  r.gauge("qvd_db_pool_max", "Most connections this process's pools may open.", () => [{ labels: {}, value: poolStats.max }]);
+  r.gauge("qvd_db_pool_connections", "Database connections open in this process's pools.", () => [
+    { labels: {}, value: poolStats.open },
+  ]);
+  r.gauge("qvd_db_pool_max", "Most connections this process's pools may open.", () => [
+    { labels: {}, value: poolStats.max },
+  ]);
   r.counterFrom("qvd_db_queries_total", "Queries this process sent to the database.", () => poolStats.queries);
 }
 
@@ -158,7 +186,10 @@ export function serveMetrics(r: Registry, listen: string, tls?: { cert: string; 
   const m = /^(.*):(\d{1,5})$/.exec(listen);
   if (!m) throw new UserError(`metrics listen address ${JSON.stringify(listen)}: expected host:port`);
   const hostname = m[1]!.replace(/^\[(.*)\]$/, "$1") || "0.0.0.0";
-  if (!tls && !isLoopback(hostname)) throw new UserError(`metrics on ${listen}: off the loopback the metrics need TLS (set the role's metrics.tls.cert and metrics.tls.key)`);
+  if (!tls && !isLoopback(hostname))
+    throw new UserError(
+      `metrics on ${listen}: off the loopback the metrics need TLS (set the role's metrics.tls.cert and metrics.tls.key)`,
+    );
   const server = Bun.serve({
     hostname,
     port: Number(m[2]),
@@ -166,7 +197,9 @@ export function serveMetrics(r: Registry, listen: string, tls?: { cert: string; 
     async fetch(req) {
       const url = new URL(req.url);
       if (req.method !== "GET" || url.pathname !== "/metrics") return new Response("not found\n", { status: 404 });
-      return new Response(await r.render(), { headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" } });
+      return new Response(await r.render(), {
+        headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" },
+      });
     },
     error: () => new Response("internal error\n", { status: 500 }),
   });
@@ -183,7 +216,11 @@ export function roleRegistry(): Registry {
 }
 
 /** Serves a role's registry on its `<role>.metrics.listen` (nothing when empty). */
-export function serveRoleMetrics(cfg: Config, listenKey: "l7r.metrics.listen" | "hkd.metrics.listen" | "api.metrics.listen", r: Registry): MetricsServer | undefined {
+export function serveRoleMetrics(
+  cfg: Config,
+  listenKey: "l7r.metrics.listen" | "hkd.metrics.listen" | "api.metrics.listen",
+  r: Registry,
+): MetricsServer | undefined {
   const listen = cfg.get(listenKey);
   if (!listen) return undefined;
   const cert = cfg.get("metrics.tls.cert");

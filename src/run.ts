@@ -74,7 +74,12 @@ export async function run(argv: string[], opts: RunOptions = {}): Promise<RunRes
     proc = Bun.spawn(argv, {
       cwd: opts.cwd,
       env: opts.env ? { ...process.env, ...opts.env } : process.env,
-      stdin: opts.stdin === undefined ? "ignore" : opts.stdin instanceof ReadableStream ? opts.stdin : new Blob([opts.stdin as BlobPart]),
+      stdin:
+        opts.stdin === undefined
+          ? "ignore"
+          : opts.stdin instanceof ReadableStream
+            ? opts.stdin
+            : new Blob([opts.stdin as BlobPart]),
       stdout: "pipe",
       stderr: "pipe",
       timeout: opts.timeoutMs,
@@ -186,10 +191,13 @@ export function spawnDaemon(argv: string[], opts: DaemonOptions = {}): Daemon {
       log.error("output handler failed", { cmd: argv[0], err: (err as Error).message });
     }
   };
-  const drained = opts.outputFd !== undefined ? Promise.resolve() : Promise.all([
-    pumpLines(proc.stdout as ReadableStream<Uint8Array>, emit("stdout")).catch(() => {}),
-    pumpLines(proc.stderr as ReadableStream<Uint8Array>, emit("stderr")).catch(() => {}),
-  ]).then(() => {});
+  const drained =
+    opts.outputFd !== undefined
+      ? Promise.resolve()
+      : Promise.all([
+          pumpLines(proc.stdout as ReadableStream<Uint8Array>, emit("stdout")).catch(() => {}),
+          pumpLines(proc.stderr as ReadableStream<Uint8Array>, emit("stderr")).catch(() => {}),
+        ]).then(() => {});
   const p = proc;
   const exited = p.exited.then((code) => {
     const sig = p.signalCode;

@@ -35,7 +35,11 @@ function home(name: string): string {
   return h;
 }
 
-async function qvd(h: string, args: string[], opts: { stdin?: string; env?: Record<string, string> } = {}): Promise<Result> {
+async function qvd(
+  h: string,
+  args: string[],
+  opts: { stdin?: string; env?: Record<string, string> } = {},
+): Promise<Result> {
   const env: Record<string, string> = {};
   for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("QVD_") && v !== undefined) env[k] = v;
   Object.assign(env, { HOME: h, XDG_CONFIG_HOME: join(h, ".config"), NO_COLOR: "1" }, opts.env ?? {});
@@ -46,7 +50,11 @@ async function qvd(h: string, args: string[], opts: { stdin?: string; env?: Reco
     stdout: "pipe",
     stderr: "pipe",
   });
-  const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  const [stdout, stderr, code] = await Promise.all([
+    new Response(p.stdout).text(),
+    new Response(p.stderr).text(),
+    p.exited,
+  ]);
   return { code, stdout, stderr };
 }
 
@@ -93,7 +101,9 @@ describe("login", () => {
     expect(bad.stderr).toBe("qvd: wrong tenant, name or password\n");
     expect(existsSync(credentials(h))).toBe(false);
 
-    const good = await qvd(h, ["login", "--url", api.url, "--name", TEST_ADMIN.name], { stdin: `${TEST_ADMIN.password}\nignored second line\n` });
+    const good = await qvd(h, ["login", "--url", api.url, "--name", TEST_ADMIN.name], {
+      stdin: `${TEST_ADMIN.password}\nignored second line\n`,
+    });
     expect(good.code).toBe(0);
     expect(statSync(credentials(h)).mode & 0o777).toBe(0o600);
     const who = await qvd(h, ["whoami", "--json"]);
@@ -164,7 +174,12 @@ describe("objects", () => {
     const filtered = await json(["vm", "list", "--filter", "state=stopped", "--filter", "user=alice"]);
     expect(filtered.items.map((v: { name: string }) => v.name)).toEqual(["desk-alice"]);
     const text = await ok(["vm", "list", "-f", "user=bob", "--fields", "name,state"]);
-    expect(text.trim().split("\n").map((l) => l.trim().split(/\s+/).slice(1).join(" "))).toEqual(["name vm_state", "desk-bob stopped", "spare stopped"]);
+    expect(
+      text
+        .trim()
+        .split("\n")
+        .map((l) => l.trim().split(/\s+/).slice(1).join(" ")),
+    ).toEqual(["name vm_state", "desk-bob stopped", "spare stopped"]);
     const like = await json(["vm", "list", "--filter", "name~desk-%", "--filter", `id!=${desk}`]);
     expect(like.items.map((v: { name: string }) => v.name)).toEqual(["desk-bob"]);
     const some = await json(["vm", "list", "--filter", "name@=spare,desk-alice", "--sort", "-name"]);
@@ -192,8 +207,13 @@ describe("objects", () => {
     const r = await qvd(SUPER, ["vm", "block", "--filter", "user=bob", "--reason", "maintenance"]);
     expect(r.code).toBe(0);
     expect(r.stdout).toContain("1 vm matched, 1 ok, 0 failed");
-    const after = (await root.get("/vms?sort=name")).body.items.map((v: { name: string; blocked: boolean; blocked_reason: string }) => [v.name, v.blocked, v.blocked_reason]);
-    expect(after).toEqual([["desk-alice", false, ""], ["desk-bob", true, "maintenance"]]);
+    const after = (await root.get("/vms?sort=name")).body.items.map(
+      (v: { name: string; blocked: boolean; blocked_reason: string }) => [v.name, v.blocked, v.blocked_reason],
+    );
+    expect(after).toEqual([
+      ["desk-alice", false, ""],
+      ["desk-bob", true, "maintenance"],
+    ]);
 
     // Every VM fails to start (no node; one blocked): one line each, exit 1.
     const all = await qvd(SUPER, ["vm", "start", "--all"]);
@@ -207,23 +227,41 @@ describe("objects", () => {
   test("vm start without a node: exit 6 with the API's message", async () => {
     const r = await qvd(SUPER, ["vm", "start", "desk-alice"]);
     expect(r.code).toBe(6);
-    expect(r.stderr).toBe("qvd: no node is available to run this VM (none running, unblocked, not draining, alive and with enough free memory)\n");
+    expect(r.stderr).toBe(
+      "qvd: no node is available to run this VM (none running, unblocked, not draining, alive and with enough free memory)\n",
+    );
   });
 
   test("vm expire: the stop and warning times of a running desktop (local time), none clears; a stopped one is exit 6", async () => {
     expect((await qvd(SUPER, ["vm", "expire", "desk-alice", "--stop-at", "2099-01-02T10:00"])).code).toBe(6);
     const [h] = await db().sql`INSERT INTO hosts (name, address) VALUES ('cli-node', '198.18.0.77') RETURNING id`;
-    await db().sql`UPDATE vm_runtimes r SET vm_state = 'running', host_id = ${h!.id} FROM vms v WHERE v.id = r.vm_id AND v.name = 'desk-alice'`;
+    await db()
+      .sql`UPDATE vm_runtimes r SET vm_state = 'running', host_id = ${h!.id} FROM vms v WHERE v.id = r.vm_id AND v.name = 'desk-alice'`;
     try {
-      const r = await qvd(SUPER, ["vm", "expire", "desk-alice", "--warn-at", "2099-01-02T09:00", "--stop-at", "2099-01-02T10:00"]);
+      const r = await qvd(SUPER, [
+        "vm",
+        "expire",
+        "desk-alice",
+        "--warn-at",
+        "2099-01-02T09:00",
+        "--stop-at",
+        "2099-01-02T10:00",
+      ]);
       expect([r.code, r.stdout]).toEqual([0, expect.stringContaining("expire ok")]);
       const vm = (await root.get("/vms?name=desk-alice")).body.items[0];
-      expect([new Date(vm.expire_soft_at).getTime(), new Date(vm.expire_hard_at).getTime()]).toEqual([new Date(2099, 0, 2, 9).getTime(), new Date(2099, 0, 2, 10).getTime()]);
+      expect([new Date(vm.expire_soft_at).getTime(), new Date(vm.expire_hard_at).getTime()]).toEqual([
+        new Date(2099, 0, 2, 9).getTime(),
+        new Date(2099, 0, 2, 10).getTime(),
+      ]);
       expect((await qvd(SUPER, ["vm", "expire", "desk-alice", "--warn-at", "none"])).code).toBe(0);
       const after = (await root.get("/vms?name=desk-alice")).body.items[0];
-      expect([after.expire_soft_at, new Date(after.expire_hard_at).getTime()]).toEqual([null, new Date(2099, 0, 2, 10).getTime()]);
+      expect([after.expire_soft_at, new Date(after.expire_hard_at).getTime()]).toEqual([
+        null,
+        new Date(2099, 0, 2, 10).getTime(),
+      ]);
     } finally {
-      await db().sql`UPDATE vm_runtimes r SET vm_state = 'stopped', host_id = NULL, expire_soft_at = NULL, expire_hard_at = NULL FROM vms v WHERE v.id = r.vm_id AND v.name = 'desk-alice'`;
+      await db()
+        .sql`UPDATE vm_runtimes r SET vm_state = 'stopped', host_id = NULL, expire_soft_at = NULL, expire_hard_at = NULL FROM vms v WHERE v.id = r.vm_id AND v.name = 'desk-alice'`;
       await db().sql`DELETE FROM hosts WHERE id = ${h!.id}`;
     }
   });
@@ -231,12 +269,16 @@ describe("objects", () => {
   test("host drain, undrain, declare-lost (a reason is required); vm clear-zombie only once the node is lost", async () => {
     const [h] = await db().sql`INSERT INTO hosts (name, address) VALUES ('cli-farm-node', '198.18.0.78') RETURNING id`;
     await db().sql`UPDATE host_runtimes SET state = 'running', ok_ts = now() WHERE host_id = ${h!.id}`;
-    const zombie = () => db().sql`UPDATE vm_runtimes r SET vm_state = 'zombie', host_id = ${h!.id} FROM vms v WHERE v.id = r.vm_id AND v.name = 'desk-alice'`;
+    const zombie = () =>
+      db()
+        .sql`UPDATE vm_runtimes r SET vm_state = 'zombie', host_id = ${h!.id} FROM vms v WHERE v.id = r.vm_id AND v.name = 'desk-alice'`;
     const host = async () => (await root.get(`/hosts/${h!.id}`)).body;
     try {
       expect(await ok(["host", "drain", "cli-farm-node"])).toContain("drain ok");
       expect((await host()).drain).toBe(true);
-      expect(await ok(["host", "list", "--filter", "name=cli-farm-node"])).toMatch(/ drain +blocked[^\n]*\n.* running +yes +no /);
+      expect(await ok(["host", "list", "--filter", "name=cli-farm-node"])).toMatch(
+        / drain +blocked[^\n]*\n.* running +yes +no /,
+      );
       await ok(["host", "undrain", "cli-farm-node"]);
       expect((await host()).drain).toBe(false);
       await zombie();
@@ -245,15 +287,24 @@ describe("objects", () => {
       const noReason = await qvd(SUPER, ["host", "declare-lost", "cli-farm-node"]);
       expect([noReason.code, noReason.stderr]).toEqual([2, "qvd: host declare-lost needs --reason TEXT\n"]);
       expect((await host()).state).toBe("running");
-      expect(await ok(["host", "declare-lost", "cli-farm-node", "--reason", "power supply died"])).toContain("declare-lost ok");
+      expect(await ok(["host", "declare-lost", "cli-farm-node", "--reason", "power supply died"])).toContain(
+        "declare-lost ok",
+      );
       expect(await host()).toMatchObject({ state: "lost", lost_reason: "power supply died", vms_running: 0 });
-      expect((await root.get("/vms?name=desk-alice")).body.items[0]).toMatchObject({ vm_state: "stopped", host_id: null });
+      expect((await root.get("/vms?name=desk-alice")).body.items[0]).toMatchObject({
+        vm_state: "stopped",
+        host_id: null,
+      });
       await zombie(); // say its node died while it was being torn down
       expect(await ok(["vm", "clear-zombie", "desk-alice"])).toContain("clear-zombie ok");
-      expect((await root.get("/vms?name=desk-alice")).body.items[0]).toMatchObject({ vm_state: "stopped", host_id: null });
+      expect((await root.get("/vms?name=desk-alice")).body.items[0]).toMatchObject({
+        vm_state: "stopped",
+        host_id: null,
+      });
       expect((await qvd(SUPER, ["host", "declare-lost", "cli-farm-node", "--reason", "again"])).code).toBe(6);
     } finally {
-      await db().sql`UPDATE vm_runtimes r SET vm_state = 'stopped', host_id = NULL FROM vms v WHERE v.id = r.vm_id AND v.name = 'desk-alice'`;
+      await db()
+        .sql`UPDATE vm_runtimes r SET vm_state = 'stopped', host_id = NULL FROM vms v WHERE v.id = r.vm_id AND v.name = 'desk-alice'`;
       await db().sql`DELETE FROM hosts WHERE id = ${h!.id}`;
     }
   });
@@ -298,7 +349,8 @@ describe("objects", () => {
   });
 
   test("config set, list, unset", async () => {
-    const item = async () => (await json(["config", "list"])).items.find((i: { key: string }) => i.key === "vm.network.range");
+    const item = async () =>
+      (await json(["config", "list"])).items.find((i: { key: string }) => i.key === "vm.network.range");
     expect((await item()).source).toBe("default");
     await ok(["config", "set", "vm.network.range", "10.9.0.0/16"]);
     expect(await item()).toMatchObject({ value: "10.9.0.0/16", source: "global" });
@@ -316,7 +368,9 @@ describe("exit codes", () => {
     const h = home("logout");
     // Code and stderr together, so that a failure shows what the CLI said.
     const said = (r: Result) => ({ code: r.code, stderr: r.stderr });
-    expect(said(await qvd(h, ["login", "--url", api.url, "--name", TEST_ADMIN.name, "--password-file", pwFile]))).toMatchObject({ code: 0 });
+    expect(
+      said(await qvd(h, ["login", "--url", api.url, "--name", TEST_ADMIN.name, "--password-file", pwFile])),
+    ).toMatchObject({ code: 0 });
     const token = JSON.parse(readFileSync(credentials(h), "utf8")).token;
     expect(said(await qvd(h, ["logout"]))).toEqual({ code: 0, stderr: "" });
     expect(existsSync(credentials(h))).toBe(false);
@@ -333,7 +387,10 @@ describe("exit codes", () => {
     const [operator] = (await root.get("/roles?name=Operator")).body.items;
     expect((await root.post(`/administrators/${created.body.id}/roles`, { role_id: operator.id })).status).toBe(200);
     const h = home("operator");
-    expect((await qvd(h, ["login", "--url", api.url, "--name", "op", "--tenant", "default"], { stdin: "operator-pw\n" })).code).toBe(0);
+    expect(
+      (await qvd(h, ["login", "--url", api.url, "--name", "op", "--tenant", "default"], { stdin: "operator-pw\n" }))
+        .code,
+    ).toBe(0);
     expect((await qvd(h, ["user", "list"])).code).toBe(0);
     const r = await qvd(h, ["user", "new", "name=zed"]);
     expect(r.code).toBe(4);
@@ -355,7 +412,9 @@ describe("exit codes", () => {
     const r = await qvd(SUPER, ["user", "list", "--url", `http://127.0.0.1:${port}`, "--token", "a".repeat(43)]);
     expect(r.code).toBe(7);
     expect(r.stderr).toStartWith(`qvd: cannot reach the API at http://127.0.0.1:${port}/api/v1`);
-    const env = await qvd(SUPER, ["whoami"], { env: { QVD_ADMIN_URL: `http://127.0.0.1:${port}`, QVD_ADMIN_TOKEN: "b".repeat(43) } });
+    const env = await qvd(SUPER, ["whoami"], {
+      env: { QVD_ADMIN_URL: `http://127.0.0.1:${port}`, QVD_ADMIN_TOKEN: "b".repeat(43) },
+    });
     expect(env.code).toBe(7);
   });
 
@@ -366,7 +425,15 @@ describe("exit codes", () => {
     expect((await qvd(SUPER, ["vm", "list", "--filter", "no-operator"])).code).toBe(2);
     expect((await qvd(SUPER, ["user", "new", "name"])).code).toBe(2);
     expect((await qvd(SUPER, ["vm", "start", "1", "--filter", "user=bob"])).code).toBe(2);
-    for (const args of [["--help"], ["vm", "--help"], ["vm", "list", "--help"], ["users", "set", "--help"], ["admin", "can", "--help"], ["config", "set", "--help"], ["login", "--help"]]) {
+    for (const args of [
+      ["--help"],
+      ["vm", "--help"],
+      ["vm", "list", "--help"],
+      ["users", "set", "--help"],
+      ["admin", "can", "--help"],
+      ["config", "set", "--help"],
+      ["login", "--help"],
+    ]) {
       const r = await qvd(SUPER, args);
       expect(r.code).toBe(0);
       expect(r.stdout).toContain("USAGE");
@@ -384,12 +451,33 @@ describe.skipIf(!hasOpenssl)("TLS", () => {
   const cert = join(dir, "cert.pem");
   const key = join(dir, "key.pem");
   beforeAll(() => {
-    const r = Bun.spawnSync(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "2",
-      "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"], { stdout: "ignore", stderr: "pipe" });
+    const r = Bun.spawnSync(
+      [
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        key,
+        "-out",
+        cert,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1",
+      ],
+      { stdout: "ignore", stderr: "pipe" },
+    );
     if (r.exitCode !== 0) throw new Error(`openssl: ${r.stderr}`);
     // An HTTPS front for the test API (which serves plain HTTP).
     proxy = Bun.serve({
-      hostname: "127.0.0.1", port: 0, tls: { cert: Bun.file(cert), key: Bun.file(key) },
+      hostname: "127.0.0.1",
+      port: 0,
+      tls: { cert: Bun.file(cert), key: Bun.file(key) },
       fetch: (req) => {
         const u = new URL(req.url);
         return fetch(baseUrl() + u.pathname + u.search, { method: req.method, headers: req.headers, body: req.body });

@@ -15,13 +15,17 @@ test("a role's acls name the roles it inherits, each with its effective ACLs (de
   expect((await sa.post(`/roles/${mid}/inherits`, { role_id: base })).status).toBe(200);
   await sa.put(`/roles/${mid}/acls`, { acl: "audit.see" });
   const top = (await sa.post("/roles", { name: "top" })).body.id;
-  for (const p of [mid, operator.id]) expect((await sa.post(`/roles/${top}/inherits`, { role_id: p })).status).toBe(200);
+  for (const p of [mid, operator.id])
+    expect((await sa.post(`/roles/${top}/inherits`, { role_id: p })).status).toBe(200);
   await sa.put(`/roles/${top}/acls`, { acl: "vm.stop", positive: false });
 
   const r = (await sa.get(`/roles/${top}/acls`)).body;
   expect(r.items).toContain("config.see");
   expect(r.items).not.toContain("vm.stop");
-  expect(r.inherits.map((p: any) => [p.name, p.builtin])).toEqual([["mid", false], ["Operator", true]]);
+  expect(r.inherits.map((p: any) => [p.name, p.builtin])).toEqual([
+    ["mid", false],
+    ["Operator", true],
+  ]);
   expect(r.inherits[0]).toMatchObject({ id: mid, tenant_id: expect.any(Number), acls: ["audit.see", "config.see"] });
   expect(r.inherits[1].acls).toContain("vm.stop"); // the parent still has it; the child denies it
   expect((await sa.get(`/roles/${base}/acls`)).body.inherits).toEqual([]);
@@ -32,9 +36,13 @@ test("an administrator's acls name their roles, each with its effective ACLs", a
   const mid = (await sa.get("/roles?name=mid")).body.items[0];
   const a = (await sa.post("/administrators", { tenant_id: 1, name: "watcher", password: "watcher-password" })).body.id;
   expect((await sa.get(`/administrators/${a}/acls`)).body).toEqual({ items: [], roles: [] });
-  for (const role of [auditor.id, mid.id]) expect((await sa.post(`/administrators/${a}/roles`, { role_id: role })).status).toBe(200);
+  for (const role of [auditor.id, mid.id])
+    expect((await sa.post(`/administrators/${a}/roles`, { role_id: role })).status).toBe(200);
   const r = (await sa.get(`/administrators/${a}/acls`)).body;
-  expect(r.roles.map((x: any) => [x.id, x.name])).toEqual([[auditor.id, "Auditor"], [mid.id, "mid"]]);
+  expect(r.roles.map((x: any) => [x.id, x.name])).toEqual([
+    [auditor.id, "Auditor"],
+    [mid.id, "mid"],
+  ]);
   expect(r.roles[1].acls).toEqual(["audit.see", "config.see"]);
   expect(r.items).toEqual([...new Set(r.roles.flatMap((x: any) => x.acls))].sort());
 });

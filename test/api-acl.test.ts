@@ -10,7 +10,15 @@ import type { Route } from "../src/api/context.ts";
 import { useTestApi, type ApiClient } from "./support/api.ts";
 import { clone, ok } from "./support/assert.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
-import { aclsOf, fingerprint, Fixtures, routeName, routeTable, sampleRequest, type Sample } from "./support/api-routes.ts";
+import {
+  aclsOf,
+  fingerprint,
+  Fixtures,
+  routeName,
+  routeTable,
+  sampleRequest,
+  type Sample,
+} from "./support/api-routes.ts";
 
 const db = useTestDatabase();
 const sql = () => db().sql;
@@ -27,7 +35,8 @@ let roles: { all: number; lacks: number; inherits: number; denies: number };
 let catalogue: string[];
 let fx: Fixtures;
 
-const send = (c: ApiClient, s: Sample, headers: Record<string, string> = {}) => c.call(s.method, s.path, s.body, headers);
+const send = (c: ApiClient, s: Sample, headers: Record<string, string> = {}) =>
+  c.call(s.method, s.path, s.body, headers);
 const lastAuditId = async () => Number((await sql()`SELECT coalesce(max(id), 0)::int AS id FROM audit_log`)[0]!.id);
 const auditSince = (id: number) => sql()`SELECT * FROM audit_log WHERE id > ${id} ORDER BY id`;
 
@@ -35,7 +44,12 @@ beforeAll(async () => {
   fx = new Fixtures(sql(), 1, "acl");
   catalogue = (await ok(sa.get("/acls"))).items.map((a: { name: string }) => a.name);
   const role = async (name: string) => (await ok(sa.post("/roles", { name }), 201)).id as number;
-  roles = { all: await role("Everything"), lacks: await role("Lacks one"), inherits: await role("Inherits all"), denies: await role("Denies one") };
+  roles = {
+    all: await role("Everything"),
+    lacks: await role("Lacks one"),
+    inherits: await role("Inherits all"),
+    denies: await role("Denies one"),
+  };
   for (const acl of catalogue) {
     await ok(sa.put(`/roles/${roles.all}/acls`, { acl }));
     await ok(sa.put(`/roles/${roles.lacks}/acls`, { acl }));
@@ -43,7 +57,8 @@ beforeAll(async () => {
   await ok(sa.post(`/roles/${roles.inherits}/inherits`, { role_id: roles.all }));
   await ok(sa.post(`/roles/${roles.denies}/inherits`, { role_id: roles.all }));
   // Administrators of the global scope: their tenant scope is everything, so only ACLs limit them.
-  const admin = async (name: string, roleId: number) => (await live.admin(name, { tenantId: 0, roles: [roleId] })).client;
+  const admin = async (name: string, roleId: number) =>
+    (await live.admin(name, { tenantId: 0, roles: [roleId] })).client;
   lacker = await admin("lacker", roles.lacks);
   inheritor = await admin("inheritor", roles.inherits);
   denier = await admin("denier", roles.denies);
@@ -55,14 +70,23 @@ afterAll(() => {
 const guarded = (r: Route) => !r.public && r.path !== "/events";
 
 /** Routes whose sample request, though allowed, meets a state that refuses it. */
-const CONFLICT_OK = new Set(["POST /vms/:id/start", "POST /vms/:id/stop", "POST /vms/:id/disconnect", "POST /vms/:id/expire", "POST /vms/:id/clear_zombie", "POST /hosts/:id/declare_lost"]);
+const CONFLICT_OK = new Set([
+  "POST /vms/:id/start",
+  "POST /vms/:id/stop",
+  "POST /vms/:id/disconnect",
+  "POST /vms/:id/expire",
+  "POST /vms/:id/clear_zombie",
+  "POST /hosts/:id/declare_lost",
+]);
 
 describe("every route with ACLs", () => {
   const routes = routeTable().filter((r) => guarded(r) && (typeof r.acl === "function" || (r.acl ?? []).length > 0));
 
   test("the table has the routes this test expects", () => {
     expect(routes.length).toBeGreaterThan(80);
-    expect(routes.map(routeName)).toEqual(expect.arrayContaining(["POST /vms/:id/start", "PUT /roles/:id/acls", "DELETE /sessions/:sid", "PATCH /users"]));
+    expect(routes.map(routeName)).toEqual(
+      expect.arrayContaining(["POST /vms/:id/start", "PUT /roles/:id/acls", "DELETE /sessions/:sid", "PATCH /users"]),
+    );
   });
 
   for (const route of routes) {
@@ -99,8 +123,16 @@ describe("every route with ACLs", () => {
       }
       const mark = await lastAuditId();
       const through = await send(inheritor, sample, { "x-qvd-source": "cli" });
-      const expected = CONFLICT_OK.has(routeName(route)) ? [409] : route.method === "POST" && !route.path.includes(":") && !route.path.includes("/actions/") ? [201] : [200];
-      expect([routeName(route), through.status, through.status < 300 ? "" : through.body]).toEqual([routeName(route), expected[0]!, expected[0]! < 300 ? "" : through.body]);
+      const expected = CONFLICT_OK.has(routeName(route))
+        ? [409]
+        : route.method === "POST" && !route.path.includes(":") && !route.path.includes("/actions/")
+          ? [201]
+          : [200];
+      expect([routeName(route), through.status, through.status < 300 ? "" : through.body]).toEqual([
+        routeName(route),
+        expected[0]!,
+        expected[0]! < 300 ? "" : through.body,
+      ]);
       if (!route.audit) return;
       const all = await auditSince(mark);
       // A mass change also writes an entry per object (for the objects' own trails), before its own.
@@ -121,7 +153,8 @@ describe("every route with ACLs", () => {
       expect(a.error === null).toBe(through.status < 300);
       if (route.path.includes(":id") && typeof sample.objectId === "number") expect(a.object_id).toBe(sample.objectId);
       // Objects of a tenant are audited in that tenant.
-      if (route.path.includes(":id") && ["/users", "/osfs", "/dis", "/vms"].some((p) => route.path.startsWith(p))) expect(a.tenant_id).toBe(1);
+      if (route.path.includes(":id") && ["/users", "/osfs", "/dis", "/vms"].some((p) => route.path.startsWith(p)))
+        expect(a.tenant_id).toBe(1);
       expect(a.arguments).toBeObject();
     });
   }
@@ -186,7 +219,13 @@ describe("field ACLs", () => {
 
 describe("audit", () => {
   test("passwords never reach the audit log", async () => {
-    const secrets = ["admin-secret-111", "user-secret-2222", "user-secret-3333", "login-secret-444", "own-new-secret-55"];
+    const secrets = [
+      "admin-secret-111",
+      "user-secret-2222",
+      "user-secret-3333",
+      "login-secret-444",
+      "own-new-secret-55",
+    ];
     const mark = await lastAuditId();
     const a = await ok(sa.post("/administrators", { name: "secretive", password: secrets[0] }), 201);
     const u = await ok(sa.post("/users", { name: "secretuser", password: secrets[1] }), 201);
@@ -198,19 +237,47 @@ describe("audit", () => {
     expect((await sa.patch(`/users/${u.id}`, { password: "short" })).status).toBe(422); // failures are audited too
     const rows = await auditSince(mark);
     expect(rows.map((r) => r.action)).toEqual([
-      "administrator.create", "user.create", "user.update", "user.update", "user.update_many", "login", "login",
-      "administrator.update_own_password", "user.update",
+      "administrator.create",
+      "user.create",
+      "user.update",
+      "user.update",
+      "user.update_many",
+      "login",
+      "login",
+      "administrator.update_own_password",
+      "user.update",
     ]);
-    const [{ text }] = (await sql()`SELECT string_agg(a::text, E'\\n') AS text FROM audit_log a WHERE id > ${mark}`) as unknown as [{ text: string }];
+    const [{ text }] =
+      (await sql()`SELECT string_agg(a::text, E'\\n') AS text FROM audit_log a WHERE id > ${mark}`) as unknown as [
+        { text: string },
+      ];
     for (const s of [...secrets, "short"]) expect(text).not.toContain(s);
     expect(rows[0]!.arguments).toEqual({ name: "secretive", password: "********", tenant_id: 1 });
     expect(rows[2]!.arguments).toEqual({ password: "********" });
     // The mass change: an entry for the object (in its audit trail), then the request's.
-    expect(clone(rows[3]!)).toMatchObject({ object_id: u.id, object_name: "secretuser", arguments: { many: true, changes: { password: "********" } } });
+    expect(clone(rows[3]!)).toMatchObject({
+      object_id: u.id,
+      object_name: "secretuser",
+      arguments: { many: true, changes: { password: "********" } },
+    });
     expect(rows[4]!.arguments.changes).toEqual({ password: "********" });
     expect(rows[7]!.arguments).toEqual({ current_password: "********", password: "********" });
-    expect(clone(rows[8]!)).toMatchObject({ ok: false, error: expect.stringContaining("password"), arguments: { password: "********" } });
-    expect(clone(rows[0]!)).toMatchObject({ administrator_name: TEST_ADMIN.name, superadmin: true, tenant_id: 1, tenant_name: "default", object_type: "administrator", object_id: a.id, object_name: "secretive", source: "api", address: "127.0.0.1" });
+    expect(clone(rows[8]!)).toMatchObject({
+      ok: false,
+      error: expect.stringContaining("password"),
+      arguments: { password: "********" },
+    });
+    expect(clone(rows[0]!)).toMatchObject({
+      administrator_name: TEST_ADMIN.name,
+      superadmin: true,
+      tenant_id: 1,
+      tenant_name: "default",
+      object_type: "administrator",
+      object_id: a.id,
+      object_name: "secretive",
+      source: "api",
+      address: "127.0.0.1",
+    });
   });
 
   test("the source header is recorded; reads are not audited", async () => {

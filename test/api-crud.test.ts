@@ -12,8 +12,8 @@ const db = useTestDatabase();
 const sql = () => db().sql;
 const { api, sa } = useTestApi(db);
 
-
-const builtinRole = async (name: string): Promise<number> => (await ok(sa.get(`/roles?name=${encodeURIComponent(name)}&tenant_id=0`))).items[0].id;
+const builtinRole = async (name: string): Promise<number> =>
+  (await ok(sa.get(`/roles?name=${encodeURIComponent(name)}&tenant_id=0`))).items[0].id;
 
 describe("CRUD of every resource", () => {
   test("tenants: create, get, list, update, delete, and errors", async () => {
@@ -38,7 +38,10 @@ describe("CRUD of every resource", () => {
   });
 
   test("administrators: create in the default tenant, roles, effective ACLs, no password in answers", async () => {
-    const a = await ok(sa.post("/administrators", { name: "opal", password: "opal-password-1", description: "operator" }), 201);
+    const a = await ok(
+      sa.post("/administrators", { name: "opal", password: "opal-password-1", description: "operator" }),
+      201,
+    );
     expect(clone(a)).toMatchObject({ name: "opal", tenant_id: 1, superadmin: false, roles: [] });
     expect(JSON.stringify(a)).not.toContain("password");
     const operator = await builtinRole("Operator");
@@ -108,7 +111,10 @@ describe("CRUD of every resource", () => {
     expect((await ok(sa.post(`/users/${u.id}/block`))).blocked).toBe(true);
     expect((await ok(sa.get(`/users/${u.id}`))).blocked).toBe(true);
     expect((await ok(sa.post(`/users/${u.id}/unblock`))).blocked).toBe(false);
-    expect(clone(await ok(sa.post(`/users/${u.id}/disconnect`)))).toMatchObject({ disconnected: 0, user: { id: u.id } });
+    expect(clone(await ok(sa.post(`/users/${u.id}/disconnect`)))).toMatchObject({
+      disconnected: 0,
+      user: { id: u.id },
+    });
     await ok(sa.del(`/users/${u.id}`));
     expect((await sa.post(`/users/${u.id}/block`)).status).toBe(404);
   });
@@ -187,13 +193,24 @@ describe("CRUD of every resource", () => {
     expect(clone(item(before, "vm.network.range"))).toMatchObject({ value: "198.18.0.0/16", source: "default" });
     expect(before.items.every((i: any) => i.key !== "l7r.listen")).toBe(true); // node settings are not here
     await ok(sa.put("/configs/vm.network.range", { value: "10.20.0.0/16" }));
-    expect(clone(item(await ok(sa.get("/configs")), "vm.network.range"))).toMatchObject({ value: "10.20.0.0/16", source: "global" });
+    expect(clone(item(await ok(sa.get("/configs")), "vm.network.range"))).toMatchObject({
+      value: "10.20.0.0/16",
+      source: "global",
+    });
     // The VM network is farm-wide; the default OSF memory is a tenant's business.
     expect((await sa.put("/configs/vm.network.range", { value: "10.30.0.0/16", tenant_id: 1 })).status).toBe(403);
     await ok(sa.put("/configs/osf.default.memory", { value: "768" }));
     await ok(sa.put("/configs/osf.default.memory", { value: "512", tenant_id: 1 }));
-    expect(clone(item(await ok(sa.get("/configs?tenant_id=1")), "osf.default.memory"))).toMatchObject({ value: "512", source: "tenant", tenant: true });
-    expect(clone(item(await ok(sa.get("/configs?tenant_id=1")), "vm.network.range"))).toMatchObject({ value: "10.20.0.0/16", source: "global", tenant: false });
+    expect(clone(item(await ok(sa.get("/configs?tenant_id=1")), "osf.default.memory"))).toMatchObject({
+      value: "512",
+      source: "tenant",
+      tenant: true,
+    });
+    expect(clone(item(await ok(sa.get("/configs?tenant_id=1")), "vm.network.range"))).toMatchObject({
+      value: "10.20.0.0/16",
+      source: "global",
+      tenant: false,
+    });
     expect(item(await ok(sa.get("/configs")), "osf.default.memory").value).toBe("768");
     const bad = await sa.put("/configs/vm.network.range", { value: "not a network" });
     expect(bad.status).toBe(422);
@@ -213,7 +230,12 @@ describe("CRUD of every resource", () => {
     const rows = await ok(sa.get("/audit?action=tenant.create&ok=true&sort=-id"));
     expect(rows.total).toBeGreaterThan(0);
     const one = await ok(sa.get(`/audit/${rows.items[0].id}`));
-    expect(clone(one)).toMatchObject({ action: "tenant.create", administrator_name: TEST_ADMIN.name, ok: true, source: "api" });
+    expect(clone(one)).toMatchObject({
+      action: "tenant.create",
+      administrator_name: TEST_ADMIN.name,
+      ok: true,
+      source: "api",
+    });
     expect((await sa.post("/audit", { action: "forged" })).status).toBe(404);
     expect((await sa.del(`/audit/${one.id}`)).status).toBe(404);
     expect((await sa.patch(`/audit/${one.id}`, { ok: false })).status).toBe(404);
@@ -221,7 +243,13 @@ describe("CRUD of every resource", () => {
 
   test("stats", async () => {
     const s = await ok(sa.get("/stats"));
-    expect(clone(s)).toMatchObject({ users: { total: expect.any(Number) }, vms: { running: expect.any(Number) }, hosts: {}, osfs: {}, dis: {} });
+    expect(clone(s)).toMatchObject({
+      users: { total: expect.any(Number) },
+      vms: { running: expect.any(Number) },
+      hosts: {},
+      osfs: {},
+      dis: {},
+    });
   });
 });
 
@@ -236,7 +264,14 @@ describe("VM lifecycle and actions", () => {
   });
 
   test("a new VM gets the first free address and is stopped", async () => {
-    expect(clone(vm)).toMatchObject({ user_id: user.id, osf_id: osf.id, tenant_id: 1, vm_state: "stopped", di_tag: "default", host_id: null });
+    expect(clone(vm)).toMatchObject({
+      user_id: user.id,
+      osf_id: osf.id,
+      tenant_id: 1,
+      vm_state: "stopped",
+      di_tag: "default",
+      host_id: null,
+    });
     expect(vm.ip).toBe("198.18.0.2");
     const vm2 = await ok(sa.post("/vms", { user_id: user.id, osf_id: osf.id, name: "desk2" }), 201);
     expect(vm2.ip).toBe("198.18.0.3");
@@ -264,7 +299,9 @@ describe("VM lifecycle and actions", () => {
     // The node reports itself: running, with a fresh heartbeat and free memory.
     await sql()`UPDATE host_runtimes SET state = 'running', ok_ts = now(), usable_ram_mb = 4096, usable_cpu = 4 WHERE host_id = ${host.id}`;
     const got: { channel: string; payload: string }[] = [];
-    const l = await listen(db().url, [`qvd_host_${host.id}`], { onNotify: (channel, payload) => got.push({ channel, payload }) });
+    const l = await listen(db().url, [`qvd_host_${host.id}`], {
+      onNotify: (channel, payload) => got.push({ channel, payload }),
+    });
     try {
       const r = await ok(sa.post(`/vms/${vm.id}/start`));
       expect(clone(r)).toMatchObject({ host_id: host.id, vm: { id: vm.id, vm_cmd: "start", host_id: host.id } });
@@ -280,7 +317,10 @@ describe("VM lifecycle and actions", () => {
     // The user's home is claimed by that start: a second desktop of theirs cannot start (409 naming the first).
     const vm2 = await ok(sa.post("/vms", { user_id: user.id, osf_id: osf.id, name: "desk2" }), 201);
     const second = await sa.post(`/vms/${vm2.id}/start`);
-    expect([second.status, second.body.error.message]).toEqual([409, 'the home of user "vmowner" is in use by their desktop "desk1"; stop it first']);
+    expect([second.status, second.body.error.message]).toEqual([
+      409,
+      'the home of user "vmowner" is in use by their desktop "desk1"; stop it first',
+    ]);
     expect((await ok(sa.get(`/vms/${vm2.id}`))).host_id).toBeNull();
     await ok(sa.del(`/vms/${vm2.id}`));
     // Deleting a node with VMs assigned is refused.
@@ -322,8 +362,13 @@ describe("VM lifecycle and actions", () => {
     const [before] = await sql()`SELECT host_id FROM vm_runtimes WHERE vm_id = ${vm.id}`;
     await sql()`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${host.id} WHERE vm_id = ${vm.id}`;
     try {
-      const set = await ok(sa.post(`/vms/${vm.id}/expire`, { soft_at: "2099-01-01T00:00:00Z", hard_at: "2099-01-02T00:00:00Z" }));
-      expect([new Date(set.expire_soft_at).toISOString(), new Date(set.expire_hard_at).toISOString()]).toEqual(["2099-01-01T00:00:00.000Z", "2099-01-02T00:00:00.000Z"]);
+      const set = await ok(
+        sa.post(`/vms/${vm.id}/expire`, { soft_at: "2099-01-01T00:00:00Z", hard_at: "2099-01-02T00:00:00Z" }),
+      );
+      expect([new Date(set.expire_soft_at).toISOString(), new Date(set.expire_hard_at).toISOString()]).toEqual([
+        "2099-01-01T00:00:00.000Z",
+        "2099-01-02T00:00:00.000Z",
+      ]);
       // A warning after the stop is refused and changes nothing.
       const late = await sa.post(`/vms/${vm.id}/expire`, { soft_at: "2099-01-03T00:00:00Z" });
       expect([late.status, late.body.error.field]).toEqual([422, "soft_at"]);
@@ -365,7 +410,11 @@ describe("mass changes by filter", () => {
   });
 
   test("without a filter they are refused", async () => {
-    for (const [m, p] of [["PATCH", "/users"], ["DELETE", "/users"], ["POST", "/users/actions/block"]] as const) {
+    for (const [m, p] of [
+      ["PATCH", "/users"],
+      ["DELETE", "/users"],
+      ["POST", "/users/actions/block"],
+    ] as const) {
       const r = await sa.call(m, p, m === "PATCH" ? { description: "all" } : {});
       expect(r.status).toBe(422);
       expect(r.body.error.field).toBe("filter");
@@ -382,7 +431,10 @@ describe("mass changes by filter", () => {
     expect(bad.status).toBe(422);
     const blk = await ok(sa.post(`/users/actions/block?id[in]=${ids[0]},${ids[1]}`));
     expect(clone(blk)).toMatchObject({ total: 2, ok: 2 });
-    expect((await ok(sa.get("/users?name[like]=mass%25&blocked=true"))).items.map((u: any) => u.id)).toEqual([ids[0], ids[1]]);
+    expect((await ok(sa.get("/users?name[like]=mass%25&blocked=true"))).items.map((u: any) => u.id)).toEqual([
+      ids[0],
+      ids[1],
+    ]);
     // One of them has a VM: its delete fails, the others go.
     const osf = await ok(sa.post("/osfs", { name: "massosf" }), 201);
     await ok(sa.post("/vms", { user_id: ids[2], osf_id: osf.id, name: "massvm" }), 201);
@@ -396,15 +448,25 @@ describe("mass changes by filter", () => {
     const [a] = await sql()`SELECT arguments FROM audit_log WHERE action = 'user.delete_many' ORDER BY id DESC LIMIT 1`;
     expect(clone(a!.arguments)).toMatchObject({ filter: { "name[like]": "mass%" }, matched: 3, ok: 2 });
     // …and in each object's own trail, with its outcome.
-    const each = await sql()`SELECT object_id, ok, error FROM audit_log WHERE action = 'user.delete' AND object_id = ANY(${ids}::int[]) AND arguments->>'many' = 'true' ORDER BY object_id`;
-    expect(each.map((r) => [r.object_id, r.ok])).toEqual([[ids[0], true], [ids[1], true], [ids[2], false]]);
+    const each =
+      await sql()`SELECT object_id, ok, error FROM audit_log WHERE action = 'user.delete' AND object_id = ANY(${ids}::int[]) AND arguments->>'many' = 'true' ORDER BY object_id`;
+    expect(each.map((r) => [r.object_id, r.ok])).toEqual([
+      [ids[0], true],
+      [ids[1], true],
+      [ids[2], false],
+    ]);
     expect(each[2]!.error).toContain("VMs");
   });
 });
 
 describe("list queries over HTTP", () => {
   beforeAll(async () => {
-    for (const [n, blocked] of [["la", false], ["lb", true], ["lc", false], ["ld", true]] as const)
+    for (const [n, blocked] of [
+      ["la", false],
+      ["lb", true],
+      ["lc", false],
+      ["ld", true],
+    ] as const)
       await ok(sa.post("/users", { name: n, blocked, description: `list ${n}` }), 201);
   });
   const names = (b: any) => b.items.map((u: any) => u.name);
@@ -413,7 +475,11 @@ describe("list queries over HTTP", () => {
     expect(names(await ok(sa.get("/users?description[like]=list%25&sort=-name")))).toEqual(["ld", "lc", "lb", "la"]);
     expect(names(await ok(sa.get("/users?description[like]=list%25&blocked=true&sort=name")))).toEqual(["lb", "ld"]);
     expect(names(await ok(sa.get("/users?name[in]=la,lc,zz&sort=name")))).toEqual(["la", "lc"]);
-    expect(names(await ok(sa.get("/users?description[like]=list%25&name[ne]=la&sort=name")))).toEqual(["lb", "lc", "ld"]);
+    expect(names(await ok(sa.get("/users?description[like]=list%25&name[ne]=la&sort=name")))).toEqual([
+      "lb",
+      "lc",
+      "ld",
+    ]);
     expect(names(await ok(sa.get("/users?description[like]=list%25&name[gt]=lb&sort=name")))).toEqual(["lc", "ld"]);
     const page = await ok(sa.get("/users?description[like]=list%25&sort=name&limit=2&offset=1"));
     expect(clone(page)).toMatchObject({ total: 4, limit: 2, offset: 1 });
@@ -433,10 +499,18 @@ describe("list queries over HTTP", () => {
     await sql()`UPDATE vm_runtimes SET host_id = ${h.id} WHERE vm_id = ${on.id}`;
     try {
       const mine = "&name[like]=nullhost%25&sort=name";
-      expect(clone(await ok(sa.get(`/vms?host_id[null]${mine}`)))).toMatchObject({ total: 1, items: [{ id: off.id, name: "nullhost-off" }] });
-      expect(clone(await ok(sa.get(`/vms?host_id[notnull]${mine}`)))).toMatchObject({ total: 1, items: [{ id: on.id, name: "nullhost-on" }] });
+      expect(clone(await ok(sa.get(`/vms?host_id[null]${mine}`)))).toMatchObject({
+        total: 1,
+        items: [{ id: off.id, name: "nullhost-off" }],
+      });
+      expect(clone(await ok(sa.get(`/vms?host_id[notnull]${mine}`)))).toMatchObject({
+        total: 1,
+        items: [{ id: on.id, name: "nullhost-on" }],
+      });
       // Over every VM of the file's tests: as many as the database has on no node.
-      const [{ n }] = (await sql()`SELECT count(*)::int AS n FROM vm_runtimes WHERE host_id IS NULL`) as unknown as [{ n: number }];
+      const [{ n }] = (await sql()`SELECT count(*)::int AS n FROM vm_runtimes WHERE host_id IS NULL`) as unknown as [
+        { n: number },
+      ];
       expect(n).toBeGreaterThan(0);
       expect((await ok(sa.get("/vms?host_id[null]"))).total).toBe(n);
     } finally {
@@ -484,7 +558,11 @@ describe("login and sessions", () => {
   test("login answers a token, the ACLs, and sets an HttpOnly cookie", async () => {
     const r = await api.anonymous.post("/login", { name: "opal2", password: OPAL_PW });
     expect(r.status).toBe(200);
-    expect(clone(r.body)).toMatchObject({ token: expect.any(String), administrator: { id: opal.id, tenant_name: "default" }, multitenant: false });
+    expect(clone(r.body)).toMatchObject({
+      token: expect.any(String),
+      administrator: { id: opal.id, tenant_name: "default" },
+      multitenant: false,
+    });
     expect(r.body.acls).toContain("vm.start");
     const cookie = r.headers.get("set-cookie")!;
     expect(cookie).toContain("qvd_session=" + r.body.token);
@@ -498,10 +576,16 @@ describe("login and sessions", () => {
     const before = await api.anonymous.get("/login");
     expect(clone(before.body)).toEqual({ multitenant: false, logged_in: false });
     const after = await api.anonymous.call("GET", "/login", undefined, { cookie: `qvd_session=${r.body.token}` });
-    expect(clone(after.body)).toMatchObject({ multitenant: false, logged_in: true, session: { administrator: { name: "opal2" }, acls: viaCookie.body.acls } });
+    expect(clone(after.body)).toMatchObject({
+      multitenant: false,
+      logged_in: true,
+      session: { administrator: { name: "opal2" }, acls: viaCookie.body.acls },
+    });
     // name@tenant.
     expect((await api.anonymous.post("/login", { name: "opal2@default", password: OPAL_PW })).status).toBe(200);
-    expect((await api.anonymous.post("/login", { name: "opal2", tenant: "default", password: OPAL_PW })).status).toBe(200);
+    expect((await api.anonymous.post("/login", { name: "opal2", tenant: "default", password: OPAL_PW })).status).toBe(
+      200,
+    );
     expect((await api.anonymous.post("/login", { name: "OPAL2", password: OPAL_PW })).status).toBe(200); // names are case-insensitive by default
   });
 
@@ -512,7 +596,10 @@ describe("login and sessions", () => {
     expect((await api.anonymous.post("/login", { name: "opal2@nosuchtenant", password: OPAL_PW })).status).toBe(401);
     expect((await api.anonymous.get("/session")).status).toBe(401);
     expect((await new ApiClient(api.url, "x".repeat(43)).get("/session")).status).toBe(401);
-    const blockedAdmin = await ok(sa.post("/administrators", { name: "blocky", password: "blocky-password", blocked: true }), 201);
+    const blockedAdmin = await ok(
+      sa.post("/administrators", { name: "blocky", password: "blocky-password", blocked: true }),
+      201,
+    );
     const b = await api.anonymous.post("/login", { name: "blocky", password: "blocky-password" });
     expect(b.status).toBe(403);
     expect(b.body.error.message).toContain("blocked");
@@ -545,7 +632,8 @@ describe("login and sessions", () => {
     await sql()`UPDATE admin_sessions SET last_seen_at = now() - interval '1 minute', expires_at = now() + interval '30 seconds'
                  WHERE token_hash = ${hashOf(c.token!)}`;
     expect((await c.get("/session")).status).toBe(200);
-    const [row] = await sql()`SELECT expires_at > now() + interval '3000 seconds' AS extended FROM admin_sessions WHERE token_hash = ${hashOf(c.token!)}`;
+    const [row] =
+      await sql()`SELECT expires_at > now() + interval '3000 seconds' AS extended FROM admin_sessions WHERE token_hash = ${hashOf(c.token!)}`;
     expect(row!.extended).toBe(true);
     await sql()`UPDATE admin_sessions SET expires_at = now() - interval '1 second' WHERE token_hash = ${hashOf(c.token!)}`;
     const r = await c.get("/session");
@@ -558,8 +646,13 @@ describe("login and sessions", () => {
     const wrong = await c.put("/session/password", { current_password: "not-it-at-all", password: "brand-new-pw" });
     expect(wrong.status).toBe(422);
     expect(wrong.body.error.field).toBe("current_password");
-    expect((await c.put("/session/password", { current_password: OPAL_PW, password: "short" })).body.error.field).toBe("password");
-    expect((await c.put("/session/password", { current_password: OPAL_PW, password: "brand-new-pw", extra: 1 })).body.error.field).toBe("extra");
+    expect((await c.put("/session/password", { current_password: OPAL_PW, password: "short" })).body.error.field).toBe(
+      "password",
+    );
+    expect(
+      (await c.put("/session/password", { current_password: OPAL_PW, password: "brand-new-pw", extra: 1 })).body.error
+        .field,
+    ).toBe("extra");
     await ok(c.put("/session/password", { current_password: OPAL_PW, password: "brand-new-pw" }));
     await api.login("opal2", "brand-new-pw");
     await ok(c.put("/session/password", { current_password: "brand-new-pw", password: OPAL_PW }));
@@ -570,7 +663,11 @@ describe("login and sessions", () => {
     const list = await ok(sa.get("/sessions"));
     const mine = list.items.filter((s: any) => s.administrator_id === opal.id);
     expect(mine.length).toBeGreaterThan(0);
-    expect(clone(list.items[0])).toMatchObject({ id: expect.stringMatching(/^[0-9a-f]{12}$/), administrator_name: expect.any(String), source: "api" });
+    expect(clone(list.items[0])).toMatchObject({
+      id: expect.stringMatching(/^[0-9a-f]{12}$/),
+      administrator_name: expect.any(String),
+      source: "api",
+    });
     expect(JSON.stringify(list)).not.toContain(c.token!);
     expect((await c.get("/sessions")).status).toBe(403); // an operator may not
     for (const s of mine) await ok(sa.del(`/sessions/${s.id}`));
@@ -581,12 +678,14 @@ describe("login and sessions", () => {
 
   test("five failures for one account are throttled with Retry-After, and audited", async () => {
     await ok(sa.post("/administrators", { name: "victim", password: "victim-password" }), 201);
-    for (let i = 0; i < 5; i++) expect((await api.anonymous.post("/login", { name: "victim", password: `guess-${i}-xx` })).status).toBe(401);
+    for (let i = 0; i < 5; i++)
+      expect((await api.anonymous.post("/login", { name: "victim", password: `guess-${i}-xx` })).status).toBe(401);
     const t = await api.anonymous.post("/login", { name: "victim", password: "victim-password" });
     expect(t.status).toBe(429);
     expect(Number(t.headers.get("retry-after"))).toBeGreaterThan(0);
     expect(t.body.error.status).toBe(429);
-    const rows = await sql()`SELECT ok, error, address, object_name, arguments FROM audit_log WHERE action = 'login' AND object_name LIKE '%/victim' ORDER BY id`;
+    const rows =
+      await sql()`SELECT ok, error, address, object_name, arguments FROM audit_log WHERE action = 'login' AND object_name LIKE '%/victim' ORDER BY id`;
     expect(rows.length).toBe(6);
     expect(rows.every((r) => r.ok === false && r.address === "127.0.0.1")).toBe(true);
     expect(rows[5]!.error).toContain("too many");
@@ -594,7 +693,8 @@ describe("login and sessions", () => {
     // Other accounts are not throttled.
     expect((await api.anonymous.post("/login", { name: "opal2", password: OPAL_PW })).status).toBe(200);
     // A successful login is audited too.
-    const [good] = await sql()`SELECT ok, administrator_name FROM audit_log WHERE action = 'login' AND ok ORDER BY id DESC LIMIT 1`;
+    const [good] =
+      await sql()`SELECT ok, administrator_name FROM audit_log WHERE action = 'login' AND ok ORDER BY id DESC LIMIT 1`;
     expect(clone(good)).toMatchObject({ ok: true, administrator_name: "opal2" });
   });
 });
@@ -607,9 +707,15 @@ test("the OpenAPI document lists every route", async () => {
   expect(routes.length).toBeGreaterThan(50);
   for (const route of routes) {
     const p = "/api/v1" + route.path.replace(/:(\w+)/g, "{$1}");
-    expect([route.method, route.path, !!r.body.paths[p]?.[route.method.toLowerCase()]]).toEqual([route.method, route.path, true]);
+    expect([route.method, route.path, !!r.body.paths[p]?.[route.method.toLowerCase()]]).toEqual([
+      route.method,
+      route.path,
+      true,
+    ]);
   }
-  expect(r.body.paths["/api/v1/users"].post.requestBody.content["application/json"].schema.properties.name).toBeDefined();
+  expect(
+    r.body.paths["/api/v1/users"].post.requestBody.content["application/json"].schema.properties.name,
+  ).toBeDefined();
 });
 
 test("an unknown route is a JSON 404", async () => {

@@ -15,7 +15,11 @@ const roleId: Record<string, number> = {};
 beforeAll(async () => {
   const t = (await ok(sa.post("/tenants", { name: "acme" }), 201)).id;
   for (const n of ["Superadmin", "Tenant administrator", "Operator"]) roleId[n] = await live.roleId(n);
-  ({ id: bossId, client: boss } = await live.admin("boss", { tenantId: t, tenant: "acme", roles: [roleId["Tenant administrator"]!] }));
+  ({ id: bossId, client: boss } = await live.admin("boss", {
+    tenantId: t,
+    tenant: "acme",
+    roles: [roleId["Tenant administrator"]!],
+  }));
 });
 
 test("a tenant administrator cannot give themselves (or anyone) a role with more rights", async () => {

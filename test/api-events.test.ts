@@ -77,7 +77,8 @@ class EventStream {
         }
       }
       const left = until - Date.now();
-      if (left <= 0) throw new Error(`no matching event within ${ms} ms; got ${JSON.stringify(this.events.slice(this.consumed))}`);
+      if (left <= 0)
+        throw new Error(`no matching event within ${ms} ms; got ${JSON.stringify(this.events.slice(this.consumed))}`);
       await new Promise<void>((resolve) => {
         const t = setTimeout(resolve, left);
         this.waiters.push(() => {
@@ -97,7 +98,8 @@ class EventStream {
   }
 }
 
-const change = (object: string, op: string, id: number) => (e: Sse) => e.event === "change" && e.data.object === object && e.data.op === op && e.data.id === id;
+const change = (object: string, op: string, id: number) => (e: Sse) =>
+  e.event === "change" && e.data.object === object && e.data.op === op && e.data.id === id;
 
 // Streams still open are closed before the API stops.
 const streams: EventStream[] = [];
@@ -147,7 +149,12 @@ describe("GET /events", () => {
   test("changes made by another session arrive with object, op, id and tenant", async () => {
     const s = await open(sa);
     const u = await ok(other.post("/users", { tenant_id: tA, name: "ann" }), 201);
-    expect((await s.next(change("user", "create", u.id))).data).toEqual({ object: "user", op: "create", id: u.id, tenant_id: tA });
+    expect((await s.next(change("user", "create", u.id))).data).toEqual({
+      object: "user",
+      op: "create",
+      id: u.id,
+      tenant_id: tA,
+    });
     await ok(other.patch(`/users/${u.id}`, { description: "changed" }));
     await s.next(change("user", "update", u.id));
     const vm = await ok(other.post("/vms", { user_id: u.id, osf_id: osfA, name: "ann-desk" }), 201);
@@ -239,7 +246,9 @@ test("a session ended by an administrator ends its streams at once, not at the n
   // The default keep-alive (15 s) is longer than the wait below: only the announcement can do it.
   const mine = await api.login("seer", "seer-password");
   const s = await open(mine); // open() waits for `ready`
-  const sid = (await ok(sa.get("/sessions"))).items.find((x: { administrator_name: string }) => x.administrator_name === "seer").id;
+  const sid = (await ok(sa.get("/sessions"))).items.find(
+    (x: { administrator_name: string }) => x.administrator_name === "seer",
+  ).id;
   expect((await sa.del(`/sessions/${sid}`)).status).toBe(200);
   await s.next((e) => e.event === "logout", 3000);
 });

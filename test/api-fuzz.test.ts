@@ -10,7 +10,16 @@ import type { z } from "zod";
 import type { Route } from "../src/api/context.ts";
 import { useTestApi, type ApiResponse } from "./support/api.ts";
 import { useTestDatabase } from "./support/db.ts";
-import { Fixtures, fixedTargets, isMassRoute, routeName, routeTable, sampleRequest, type Sample, type Targets } from "./support/api-routes.ts";
+import {
+  Fixtures,
+  fixedTargets,
+  isMassRoute,
+  routeName,
+  routeTable,
+  sampleRequest,
+  type Sample,
+  type Targets,
+} from "./support/api-routes.ts";
 import { fuzzSeed, seededRng, type Rng } from "./support/fuzz.ts";
 
 const db = useTestDatabase();
@@ -56,17 +65,22 @@ function check(what: string, r: ApiResponse): void {
 /** Runs requests a few at a time. */
 async function all(jobs: (() => Promise<void>)[], width = 6): Promise<void> {
   let next = 0;
-  await Promise.all(Array.from({ length: Math.max(width, 8) }, async () => {
-    while (next < jobs.length) await jobs[next++]!();
-  }));
+  await Promise.all(
+    Array.from({ length: Math.max(width, 8) }, async () => {
+      while (next < jobs.length) await jobs[next++]!();
+    }),
+  );
 }
 
-const shapeOf = (r: Route): Record<string, z.ZodType> | undefined => (r.body as z.ZodObject | undefined)?.shape as Record<string, z.ZodType> | undefined;
+const shapeOf = (r: Route): Record<string, z.ZodType> | undefined =>
+  (r.body as z.ZodObject | undefined)?.shape as Record<string, z.ZodType> | undefined;
 const table = routeTable();
 /** The session must survive the fuzzing: never send logout a valid request. */
-const send = (what: string, s: { method: string; path: string }, body?: unknown, headers: Record<string, string> = {}) => async () => {
-  check(what, await sa.call(s.method, s.path, body, headers));
-};
+const send =
+  (what: string, s: { method: string; path: string }, body?: unknown, headers: Record<string, string> = {}) =>
+  async () => {
+    check(what, await sa.call(s.method, s.path, body, headers));
+  };
 
 describe("every route, malformed", () => {
   const samples = new Map<Route, Sample>();
@@ -75,12 +89,16 @@ describe("every route, malformed", () => {
   });
 
   test("without a session: 401 (public routes excepted)", async () => {
-    await all(table.filter((r) => !r.public).map((r) => async () => {
-      const s = samples.get(r)!;
-      const res = await api.anonymous.call(s.method, s.path, s.body);
-      check(`anonymous ${routeName(r)}`, res);
-      expect([routeName(r), res.status]).toEqual([routeName(r), 401]);
-    }));
+    await all(
+      table
+        .filter((r) => !r.public)
+        .map((r) => async () => {
+          const s = samples.get(r)!;
+          const res = await api.anonymous.call(s.method, s.path, s.body);
+          check(`anonymous ${routeName(r)}`, res);
+          expect([routeName(r), res.status]).toEqual([routeName(r), 401]);
+        }),
+    );
   });
 
   test("bad ids and fragments in every path parameter", async () => {
@@ -95,7 +113,13 @@ describe("every route, malformed", () => {
         for (const bad of BAD_IDS) {
           const p = [...actual];
           p[i] = bad;
-          jobs.push(send(`${routeName(r)} ${seg}=${bad}`, { method: r.method, path: p.join("/") + (query ? `?${query}` : "") }, s.body));
+          jobs.push(
+            send(
+              `${routeName(r)} ${seg}=${bad}`,
+              { method: r.method, path: p.join("/") + (query ? `?${query}` : "") },
+              s.body,
+            ),
+          );
         }
       });
     }
@@ -111,11 +135,12 @@ describe("every route, malformed", () => {
     for (const r of table.filter((x) => x.method !== "GET" && !x.rawBody)) {
       const s = samples.get(r)!;
       const n = routeName(r);
-      const expectStatus = (want: number[], what: string, body: unknown, headers: Record<string, string> = {}) => jobs.push(async () => {
-        const res = await sa.call(s.method, s.path, body, headers);
-        check(`${n} ${what}`, res);
-        expect([n, what, want.includes(res.status)]).toEqual([n, what, true]);
-      });
+      const expectStatus = (want: number[], what: string, body: unknown, headers: Record<string, string> = {}) =>
+        jobs.push(async () => {
+          const res = await sa.call(s.method, s.path, body, headers);
+          check(`${n} ${what}`, res);
+          expect([n, what, want.includes(res.status)]).toEqual([n, what, true]);
+        });
       expectStatus([400], "not JSON", "{not json");
       expectStatus([400], "deep nesting", "[".repeat(100_000) + "]".repeat(100_000));
       expectStatus([415], "XML", "<user name='x'/>", { "content-type": "application/xml" });
@@ -159,7 +184,11 @@ describe("every route, malformed", () => {
             if (!typeOk) {
               refusedCount++;
               expect([what, [400, 403, 404, 409, 422].includes(res.status)]).toEqual([what, true]);
-              if (res.status === 422) expect([what, String((res.body as any).error.field ?? "")]).toEqual([what, expect.stringContaining(field)]);
+              if (res.status === 422)
+                expect([what, String((res.body as any).error.field ?? "")]).toEqual([
+                  what,
+                  expect.stringContaining(field),
+                ]);
             }
           });
         }
@@ -173,21 +202,48 @@ describe("every route, malformed", () => {
   test("bad query strings", async () => {
     const FEW = ["bogus=1", "limit=abc", "name=%00"];
     const QUERIES = [
-      "bogus=1", "name[bogus]=x", "name[]=x", "[x]=1", "limit=abc", "limit=-1", "limit=99999999999999999999", "limit=1e3", "offset=-5",
-      "sort=nosuch", "sort=-", "fields=password_hash", "fields=name,nosuch", "id=abc", "id=99999999999", "id[in]=1,abc",
-      "id[gt]=", "created_at[lt]=notadate", "name=%00", "name%00=1", "name[like]=%27%20OR%201%3D1%20--", "tenant_id=-1", "tenant_id=abc",
-      "name=" + "y".repeat(8000), "a=1&a=2&a=3", "%zz=1",
+      "bogus=1",
+      "name[bogus]=x",
+      "name[]=x",
+      "[x]=1",
+      "limit=abc",
+      "limit=-1",
+      "limit=99999999999999999999",
+      "limit=1e3",
+      "offset=-5",
+      "sort=nosuch",
+      "sort=-",
+      "fields=password_hash",
+      "fields=name,nosuch",
+      "id=abc",
+      "id=99999999999",
+      "id[in]=1,abc",
+      "id[gt]=",
+      "created_at[lt]=notadate",
+      "name=%00",
+      "name%00=1",
+      "name[like]=%27%20OR%201%3D1%20--",
+      "tenant_id=-1",
+      "tenant_id=abc",
+      "name=" + "y".repeat(8000),
+      "a=1&a=2&a=3",
+      "%zz=1",
     ];
     const jobs: (() => Promise<void>)[] = [];
     for (const r of table) {
       const s = samples.get(r)!;
       const [path] = s.path.split("?");
-      for (const q of r.query ? QUERIES : FEW) jobs.push(send(`${routeName(r)} ?${q.slice(0, 40)}`, { method: r.method, path: `${path}?${q}` }, s.body));
+      for (const q of r.query ? QUERIES : FEW)
+        jobs.push(send(`${routeName(r)} ?${q.slice(0, 40)}`, { method: r.method, path: `${path}?${q}` }, s.body));
     }
     await all(jobs);
     // Only a list (or a mass change whose filter names nothing) may accept these.
     const accepted = outcomes.filter((o) => o.what.includes(" ?") && o.status < 300);
-    for (const o of accepted) expect([o.what, /^(GET|PATCH|DELETE|POST) \/[a-z]+(\/actions\/[a-z_]+)? \?/.test(o.what)]).toEqual([o.what, true]);
+    for (const o of accepted)
+      expect([o.what, /^(GET|PATCH|DELETE|POST) \/[a-z]+(\/actions\/[a-z_]+)? \?/.test(o.what)]).toEqual([
+        o.what,
+        true,
+      ]);
     const routesWithoutQuery = outcomes.filter((o) => o.what.includes("/:") && o.what.includes(" ?bogus=1"));
     expect(routesWithoutQuery.length).toBeGreaterThan(50);
     for (const o of routesWithoutQuery) expect([o.what, o.status]).toEqual([o.what, 422]);
@@ -207,7 +263,11 @@ describe("limits", () => {
         c.close();
       },
     });
-    const res = await sa.request("/users", { method: "POST", body: stream, headers: { "content-type": "application/json" } });
+    const res = await sa.request("/users", {
+      method: "POST",
+      body: stream,
+      headers: { "content-type": "application/json" },
+    });
     expect(res.status).toBe(413);
     expect((await sql()`SELECT count(*)::int AS n FROM users WHERE name = 'big'`)[0]!.n).toBe(0);
   });
@@ -225,7 +285,10 @@ describe("limits", () => {
   });
 
   test("NUL characters are refused, not stored or crashed on", async () => {
-    for (const [path, body] of [["/users", { name: "a\u0000b" }], ["/osfs", { name: "n", description: "a\u0000b" }]] as const) {
+    for (const [path, body] of [
+      ["/users", { name: "a\u0000b" }],
+      ["/osfs", { name: "n", description: "a\u0000b" }],
+    ] as const) {
       const r = await sa.post(path, body);
       expect(r.status).toBe(422);
       expect(r.body.error.message).toContain("NUL");
@@ -265,17 +328,95 @@ const GENERATED_CASES = 10_000;
 const RSS_PEAK_LIMIT = 512 * 1024 * 1024;
 const RSS_GROWTH_LIMIT = 64 * 1024 * 1024;
 
-
-const EDGE_NUMBERS = [0, -0, -1, 1, 2, 255, 65535, 2 ** 31 - 1, 2 ** 31, -(2 ** 31), 2 ** 53, -(2 ** 53), 1.5, -0.0001, 1e308, -1e308, 5e-324];
-const WORDS = [
-  "", " ", "a", "admin", "superadmin", "*", "default", "null", "true", "0", "-1", "1e3", "NaN", "Infinity", "%", "%%", "%00", "%zz", "_",
-  "\\", "\"", "'", "`", "\u0000", "\u0001", "\n", "\r\n", "\t", "\ud800", "\udfff", "\u202e", "\ufeff", "é", "日本", "🙂", "../", "..", ".", "/",
-  // biome-ignore lint/suspicious/noTemplateCurlyInString: a template's syntax as a value is the point
-  "' OR '1'='1", "1; DROP TABLE vms", "$1", "${x}", "{{x}}", "<script>", "&amp;", "a@b", "a#b", "a,b,c", "198.18.0.7", "10.0.0.0/8",
-  "::1", "2026-01-01", "2026-13-45T25:61:61Z", "running", "stopped", "vm.see", "vm.%", "local,ldap", "ldap://127.0.0.1:1", "__proto__",
-  "constructor", "prototype", "toString", "hasOwnProperty",
+const EDGE_NUMBERS = [
+  0,
+  -0,
+  -1,
+  1,
+  2,
+  255,
+  65535,
+  2 ** 31 - 1,
+  2 ** 31,
+  -(2 ** 31),
+  2 ** 53,
+  -(2 ** 53),
+  1.5,
+  -0.0001,
+  1e308,
+  -1e308,
+  5e-324,
 ];
-const CHARS = "abcXYZ019 _-.,;:@#%&*()[]{}<>!?/\\'\"`~^|=+$\u0000\u0007\u001b\u007f\u00e9\u2028\u2029\ud83d\ude42\ud800";
+const WORDS = [
+  "",
+  " ",
+  "a",
+  "admin",
+  "superadmin",
+  "*",
+  "default",
+  "null",
+  "true",
+  "0",
+  "-1",
+  "1e3",
+  "NaN",
+  "Infinity",
+  "%",
+  "%%",
+  "%00",
+  "%zz",
+  "_",
+  "\\",
+  '"',
+  "'",
+  "`",
+  "\u0000",
+  "\u0001",
+  "\n",
+  "\r\n",
+  "\t",
+  "\ud800",
+  "\udfff",
+  "\u202e",
+  "\ufeff",
+  "é",
+  "日本",
+  "🙂",
+  "../",
+  "..",
+  ".",
+  "/",
+  "' OR '1'='1",
+  "1; DROP TABLE vms",
+  "$1",
+  // biome-ignore lint/suspicious/noTemplateCurlyInString: a template's syntax as a value is the point
+  "${x}",
+  "{{x}}",
+  "<script>",
+  "&amp;",
+  "a@b",
+  "a#b",
+  "a,b,c",
+  "198.18.0.7",
+  "10.0.0.0/8",
+  "::1",
+  "2026-01-01",
+  "2026-13-45T25:61:61Z",
+  "running",
+  "stopped",
+  "vm.see",
+  "vm.%",
+  "local,ldap",
+  "ldap://127.0.0.1:1",
+  "__proto__",
+  "constructor",
+  "prototype",
+  "toString",
+  "hasOwnProperty",
+];
+const CHARS =
+  "abcXYZ019 _-.,;:@#%&*()[]{}<>!?/\\'\"`~^|=+$\u0000\u0007\u001b\u007f\u00e9\u2028\u2029\ud83d\ude42\ud800";
 
 function randomString(r: Rng, max = 64): string {
   let out = "";
@@ -286,22 +427,37 @@ function randomString(r: Rng, max = 64): string {
 
 function randomValue(r: Rng, keys: string[], depth = 0): unknown {
   switch (r.int(depth >= 2 ? 7 : 10)) {
-    case 0: return r.pick(EDGE_NUMBERS);
-    case 1: return r.int(200_000) - 1000;
-    case 2: return r.pick(WORDS);
-    case 3: return randomString(r);
-    case 4: return r.chance(0.5);
-    case 5: return null;
-    case 6: return r.pick(WORDS) + randomString(r, 8);
-    case 7: return Array.from({ length: r.int(5) }, () => randomValue(r, keys, depth + 1));
-    case 8: return randomObject(r, keys, depth + 1);
-    default: return "z".repeat(1 + r.int(4000)); // huge ones are the deterministic tests' (above)
+    case 0:
+      return r.pick(EDGE_NUMBERS);
+    case 1:
+      return r.int(200_000) - 1000;
+    case 2:
+      return r.pick(WORDS);
+    case 3:
+      return randomString(r);
+    case 4:
+      return r.chance(0.5);
+    case 5:
+      return null;
+    case 6:
+      return r.pick(WORDS) + randomString(r, 8);
+    case 7:
+      return Array.from({ length: r.int(5) }, () => randomValue(r, keys, depth + 1));
+    case 8:
+      return randomObject(r, keys, depth + 1);
+    default:
+      return "z".repeat(1 + r.int(4000)); // huge ones are the deterministic tests' (above)
   }
 }
 
 function randomObject(r: Rng, keys: string[], depth = 0): Record<string, unknown> {
   const o: Record<string, unknown> = {};
-  for (let i = r.int(5); i > 0; i--) o[keys.length && r.chance(0.8) ? r.pick(keys) : r.chance(0.5) ? r.pick(WORDS) : randomString(r, 12)] = randomValue(r, keys, depth);
+  for (let i = r.int(5); i > 0; i--)
+    o[keys.length && r.chance(0.8) ? r.pick(keys) : r.chance(0.5) ? r.pick(WORDS) : randomString(r, 12)] = randomValue(
+      r,
+      keys,
+      depth,
+    );
   return o;
 }
 
@@ -311,10 +467,17 @@ function mutateText(r: Rng, text: string): string {
   for (let k = 1 + r.int(3); k > 0; k--) {
     const i = r.int(t.length + 1);
     switch (r.int(4)) {
-      case 0: t = t.slice(0, i); break;
-      case 1: t = t.slice(0, i) + CHARS[r.int(CHARS.length)] + t.slice(i); break;
-      case 2: t = t.slice(0, i) + r.pick(["{", "}", "[", "]", "\"", ",", ":", "\\u", "null", "\u0000"]) + t.slice(i + 1); break;
-      default: t = t.slice(0, i) + t.slice(r.int(i + 1), i) + t.slice(i);
+      case 0:
+        t = t.slice(0, i);
+        break;
+      case 1:
+        t = t.slice(0, i) + CHARS[r.int(CHARS.length)] + t.slice(i);
+        break;
+      case 2:
+        t = t.slice(0, i) + r.pick(["{", "}", "[", "]", '"', ",", ":", "\\u", "null", "\u0000"]) + t.slice(i + 1);
+        break;
+      default:
+        t = t.slice(0, i) + t.slice(r.int(i + 1), i) + t.slice(i);
     }
   }
   return t;
@@ -327,17 +490,61 @@ function mutateBody(r: Rng, valid: Record<string, unknown>, keys: string[]): unk
     const fields = Object.keys(b);
     const f = fields.length ? r.pick(fields) : r.pick(keys.length ? keys : WORDS);
     switch (r.int(4)) {
-      case 0: b[f] = randomValue(r, keys); break;
-      case 1: delete b[f]; break;
-      case 2: { const v = b[f]; delete b[f]; b[r.pick(WORDS) || "x"] = v; break; }
-      default: b[keys.length ? r.pick(keys) : randomString(r, 8)] = randomValue(r, keys);
+      case 0:
+        b[f] = randomValue(r, keys);
+        break;
+      case 1:
+        delete b[f];
+        break;
+      case 2: {
+        const v = b[f];
+        delete b[f];
+        b[r.pick(WORDS) || "x"] = v;
+        break;
+      }
+      default:
+        b[keys.length ? r.pick(keys) : randomString(r, 8)] = randomValue(r, keys);
     }
   }
   return r.chance(0.3) ? mutateText(r, JSON.stringify(b)) : b;
 }
 
-const QUERY_FIELDS = ["id", "name", "tenant_id", "tenant_name", "state", "vm_state", "user_state", "blocked", "created_at", "description", "user_id", "osf_id", "host_id", "ip", "di_tag", "key", "action", "ok"];
-const QUERY_OPS = ["", "[gt]", "[lt]", "[ge]", "[le]", "[in]", "[like]", "[null]", "[notnull]", "[eq]", "[]", "[", "]", "[gt][lt]"];
+const QUERY_FIELDS = [
+  "id",
+  "name",
+  "tenant_id",
+  "tenant_name",
+  "state",
+  "vm_state",
+  "user_state",
+  "blocked",
+  "created_at",
+  "description",
+  "user_id",
+  "osf_id",
+  "host_id",
+  "ip",
+  "di_tag",
+  "key",
+  "action",
+  "ok",
+];
+const QUERY_OPS = [
+  "",
+  "[gt]",
+  "[lt]",
+  "[ge]",
+  "[le]",
+  "[in]",
+  "[like]",
+  "[null]",
+  "[notnull]",
+  "[eq]",
+  "[]",
+  "[",
+  "]",
+  "[gt][lt]",
+];
 
 /** A query string: filters, paging, sorting, fields, unknown and damaged parameters. */
 function randomQuery(r: Rng, keep: string): string {
@@ -345,18 +552,34 @@ function randomQuery(r: Rng, keep: string): string {
   for (let k = r.int(6); k > 0; k--) {
     let key: string;
     switch (r.int(5)) {
-      case 0: key = r.pick(["sort", "limit", "offset", "fields", "all", "tenant_id"]); break;
-      case 1: key = r.pick(WORDS) || "k"; break;
-      default: key = r.pick(QUERY_FIELDS.filter((f) => !keep || f !== "id")) + r.pick(QUERY_OPS);
+      case 0:
+        key = r.pick(["sort", "limit", "offset", "fields", "all", "tenant_id"]);
+        break;
+      case 1:
+        key = r.pick(WORDS) || "k";
+        break;
+      default:
+        key = r.pick(QUERY_FIELDS.filter((f) => !keep || f !== "id")) + r.pick(QUERY_OPS);
     }
     let value: string;
     switch (r.int(6)) {
-      case 0: value = String(r.pick(EDGE_NUMBERS)); break;
-      case 1: value = Array.from({ length: 1 + r.int(4) }, () => String(r.int(20_000))).join(","); break;
-      case 2: value = (r.chance(0.5) ? "-" : "") + r.pick(QUERY_FIELDS); break;
-      case 3: value = randomString(r, 40); break;
-      case 4: value = "v".repeat(r.int(r.chance(0.05) ? 20_000 : 2000)); break;
-      default: value = r.pick(WORDS);
+      case 0:
+        value = String(r.pick(EDGE_NUMBERS));
+        break;
+      case 1:
+        value = Array.from({ length: 1 + r.int(4) }, () => String(r.int(20_000))).join(",");
+        break;
+      case 2:
+        value = (r.chance(0.5) ? "-" : "") + r.pick(QUERY_FIELDS);
+        break;
+      case 3:
+        value = randomString(r, 40);
+        break;
+      case 4:
+        value = "v".repeat(r.int(r.chance(0.05) ? 20_000 : 2000));
+        break;
+      default:
+        value = r.pick(WORDS);
     }
     // Mostly well encoded; sometimes raw, with whatever % sequences that makes.
     const enc = (x: string) => encodeURIComponent(x.toWellFormed());
@@ -393,11 +616,24 @@ describe("generated and mutated inputs", () => {
       const what = `#${i} ${routeName(route)}`;
       if (i % 5 < 3) {
         const valid = (s.body && typeof s.body === "object" ? s.body : {}) as Record<string, unknown>;
-        const body = noPassword(route, r.chance(0.5) ? mutateBody(r, valid, keys) : r.chance(0.85) ? randomObject(r, keys) : randomValue(r, keys));
-        cases.push({ what: `${what} body`, method: s.method, path: s.path, body: typeof body === "string" ? body : JSON.stringify(body) ?? "null" });
+        const body = noPassword(
+          route,
+          r.chance(0.5) ? mutateBody(r, valid, keys) : r.chance(0.85) ? randomObject(r, keys) : randomValue(r, keys),
+        );
+        cases.push({
+          what: `${what} body`,
+          method: s.method,
+          path: s.path,
+          body: typeof body === "string" ? body : (JSON.stringify(body) ?? "null"),
+        });
       } else {
         const q = randomQuery(r, keep);
-        cases.push({ what: `${what} ?${q.slice(0, 60)}`, method: s.method, path: `${path}${q ? `?${q}` : keep ? `?${keep}` : ""}`, body: noPassword(route, s.body) });
+        cases.push({
+          what: `${what} ?${q.slice(0, 60)}`,
+          method: s.method,
+          path: `${path}${q ? `?${q}` : keep ? `?${keep}` : ""}`,
+          body: noPassword(route, s.body),
+        });
       }
     }
     let peak = 0;
@@ -407,25 +643,30 @@ describe("generated and mutated inputs", () => {
     let bunRefused = 0;
     let answered = 0; // answers our pipeline gave (checked: a 2xx, or a 4xx with a JSON error)
     let refused = 0;
-    await all(cases.map((c) => async () => {
-      const res = await sa.call(c.method, c.path, c.body);
-      // Bun itself refuses a request line or headers over its limit (431, no JSON): not our pipeline's answer.
-      if (res.status === 431) bunRefused++;
-      else {
-        check(c.what, res);
-        answered++;
-        if (res.status >= 400) refused++;
-      }
-      if (++done % 250 === 0) {
-        Bun.gc(true); // what stays, not garbage not yet collected
-        const rss = process.memoryUsage.rss();
-        if (done === 500) baseline = rss;
-        peak = Math.max(peak, rss);
-        last = rss;
-      }
-    }), 8);
+    await all(
+      cases.map((c) => async () => {
+        const res = await sa.call(c.method, c.path, c.body);
+        // Bun itself refuses a request line or headers over its limit (431, no JSON): not our pipeline's answer.
+        if (res.status === 431) bunRefused++;
+        else {
+          check(c.what, res);
+          answered++;
+          if (res.status >= 400) refused++;
+        }
+        if (++done % 250 === 0) {
+          Bun.gc(true); // what stays, not garbage not yet collected
+          const rss = process.memoryUsage.rss();
+          if (done === 500) baseline = rss;
+          peak = Math.max(peak, rss);
+          last = rss;
+        }
+      }),
+      8,
+    );
     const mib = (n: number) => (n / 1024 / 1024).toFixed(0);
-    console.log(`api fuzz: ${cases.length} cases, ${answered} answered (${refused} refused with a 4xx JSON error), ${bunRefused} URLs too long for Bun: 431; RSS after warm-up ${mib(baseline)} MiB, at the end ${mib(last)} MiB, peak ${mib(peak)} MiB`);
+    console.log(
+      `api fuzz: ${cases.length} cases, ${answered} answered (${refused} refused with a 4xx JSON error), ${bunRefused} URLs too long for Bun: 431; RSS after warm-up ${mib(baseline)} MiB, at the end ${mib(last)} MiB, peak ${mib(peak)} MiB`,
+    );
     // Every case got an answer, nearly all from our pipeline (each checked: no 5xx, a 4xx is a JSON error),
     // and the damaged inputs were mostly refused, not taken.
     expect(answered + bunRefused).toBe(GENERATED_CASES);
@@ -442,7 +683,10 @@ describe("afterwards", () => {
   test("no 5xx at all, and the database is intact", async () => {
     expect(outcomes.length).toBeGreaterThan(2500);
     expect(outcomes.filter((o) => o.status >= 500)).toEqual([]);
-    const [{ n }] = (await sql()`SELECT count(*)::int AS n FROM pg_tables WHERE schemaname = 'public' AND tablename IN ('users', 'vms', 'administrators', 'audit_log')`) as unknown as [{ n: number }];
+    const [{ n }] =
+      (await sql()`SELECT count(*)::int AS n FROM pg_tables WHERE schemaname = 'public' AND tablename IN ('users', 'vms', 'administrators', 'audit_log')`) as unknown as [
+        { n: number },
+      ];
     expect(n).toBe(4);
     // The audit log of all this can still be read through the API.
     const audit = await sa.get("/audit?limit=10000&sort=-id");

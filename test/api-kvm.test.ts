@@ -24,7 +24,10 @@ describe("an OSF's hypervisor and vCPUs", () => {
   test("created, shown, listed, filtered, sorted and changed like the other fields", async () => {
     const lxc = await ok(boss.post("/osfs", { name: "plain" }), 201);
     expect([lxc.hypervisor, lxc.vcpus]).toEqual(["lxc", 1]);
-    const kvm = await ok(boss.post("/osfs", { name: "vm", hypervisor: "kvm", vcpus: 4, memory_mb: 2048, user_storage_mb: 1024 }), 201);
+    const kvm = await ok(
+      boss.post("/osfs", { name: "vm", hypervisor: "kvm", vcpus: 4, memory_mb: 2048, user_storage_mb: 1024 }),
+      201,
+    );
     expect([kvm.hypervisor, kvm.vcpus, kvm.user_storage_mb]).toEqual(["kvm", 4, 1024]);
     expect((await ok(boss.get(`/osfs/${kvm.id}`))).hypervisor).toBe("kvm");
     expect((await ok(boss.get("/osfs?hypervisor=kvm"))).items.map((o: any) => o.name)).toEqual(["vm"]);
@@ -35,17 +38,29 @@ describe("an OSF's hypervisor and vCPUs", () => {
       { id: lxc.id, name: "plain", hypervisor: "lxc", vcpus: 1 },
     ]);
     // No images yet: the hypervisor may change, either way.
-    expect(await ok(boss.patch(`/osfs/${lxc.id}`, { hypervisor: "kvm", vcpus: 64 }))).toMatchObject({ hypervisor: "kvm", vcpus: 64 });
-    expect(await ok(boss.patch(`/osfs/${lxc.id}`, { hypervisor: "lxc", vcpus: 1 }))).toMatchObject({ hypervisor: "lxc", vcpus: 1 });
+    expect(await ok(boss.patch(`/osfs/${lxc.id}`, { hypervisor: "kvm", vcpus: 64 }))).toMatchObject({
+      hypervisor: "kvm",
+      vcpus: 64,
+    });
+    expect(await ok(boss.patch(`/osfs/${lxc.id}`, { hypervisor: "lxc", vcpus: 1 }))).toMatchObject({
+      hypervisor: "lxc",
+      vcpus: 1,
+    });
   });
 
   test("a tenant's administrator can send only lxc or kvm, and 1 to 64 vCPUs (422 naming the field)", async () => {
     const o = await ok(boss.post("/osfs", { name: "abuse" }), 201);
     const badHypervisors: unknown[] = ["KVM", "lxc;drop", "", 0, "kvm ", "xen", null, ["kvm"], { $ne: "lxc" }];
     const badVcpus: unknown[] = [0, 65, -1, "2; x", "2", 1.5, 1e9, null, true];
-    for (const [field, values] of [["hypervisor", badHypervisors], ["vcpus", badVcpus]] as const) {
+    for (const [field, values] of [
+      ["hypervisor", badHypervisors],
+      ["vcpus", badVcpus],
+    ] as const) {
       for (const v of values) {
-        for (const r of [await boss.post("/osfs", { name: `abuse-${field}`, [field]: v }), await boss.patch(`/osfs/${o.id}`, { [field]: v })]) {
+        for (const r of [
+          await boss.post("/osfs", { name: `abuse-${field}`, [field]: v }),
+          await boss.patch(`/osfs/${o.id}`, { [field]: v }),
+        ]) {
           expect([field, v, r.status, r.body.error?.field]).toEqual([field, v, 422, field]);
         }
       }
@@ -65,9 +80,15 @@ describe("an OSF's hypervisor and vCPUs", () => {
     const di = await ok(boss.post("/dis", { osf_id: o.id, path: "imaged.qcow2" }), 201);
     const r = await boss.patch(`/osfs/${o.id}`, { hypervisor: "lxc" });
     expect(r.status).toBe(409);
-    expect(r.body.error.message).toBe('OSF "imaged" has disk images: the hypervisor decides their kind; delete them or make a new OSF');
+    expect(r.body.error.message).toBe(
+      'OSF "imaged" has disk images: the hypervisor decides their kind; delete them or make a new OSF',
+    );
     // The same value, as a form sends it with the rest, and the other fields still change.
-    expect(await ok(boss.patch(`/osfs/${o.id}`, { hypervisor: "kvm", vcpus: 8, user_storage_mb: 512 }))).toMatchObject({ hypervisor: "kvm", vcpus: 8, user_storage_mb: 512 });
+    expect(await ok(boss.patch(`/osfs/${o.id}`, { hypervisor: "kvm", vcpus: 8, user_storage_mb: 512 }))).toMatchObject({
+      hypervisor: "kvm",
+      vcpus: 8,
+      user_storage_mb: 512,
+    });
     // A mass change reports the refusal per OSF.
     const mass = await ok(boss.call("PATCH", `/osfs?name=imaged`, { hypervisor: "lxc" }));
     expect([mass.ok, mass.failed, mass.results[0].status]).toEqual([0, 1, 409]);
@@ -94,8 +115,15 @@ describe("an OSF's hypervisor and vCPUs", () => {
       // Not committed yet: the change cannot see it, so it must wait for it.
       let settled = false;
       const change = sa.patch(`/osfs/${o.id}`, { hypervisor: "kvm" }).finally(() => (settled = true));
-      await until(async () => (await sql()`SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`)[0]!.n > 0,
-        "the change to wait on the uncommitted image's lock", 5000, 20);
+      await until(
+        async () =>
+          (
+            await sql()`SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`
+          )[0]!.n > 0,
+        "the change to wait on the uncommitted image's lock",
+        5000,
+        20,
+      );
       expect(settled).toBe(false);
       await adder`COMMIT`;
       const r = await change;
@@ -112,7 +140,10 @@ describe("nodes", () => {
     const h = await ok(sa.post("/hosts", { name: "kvm-node", address: "10.1.0.1" }), 201);
     expect([h.hypervisors, h.hypervisor_notes]).toEqual([["lxc"], ""]);
     await setHostHypervisors(sql(), h.id, ["lxc", "kvm"], "kvm: tcg: /dev/kvm missing");
-    expect(await ok(sa.get(`/hosts/${h.id}`))).toMatchObject({ hypervisors: ["kvm", "lxc"], hypervisor_notes: "kvm: tcg: /dev/kvm missing" });
+    expect(await ok(sa.get(`/hosts/${h.id}`))).toMatchObject({
+      hypervisors: ["kvm", "lxc"],
+      hypervisor_notes: "kvm: tcg: /dev/kvm missing",
+    });
     expect((await ok(sa.get("/hosts?hypervisors=kvm"))).items.map((x: any) => x.name)).toEqual(["kvm-node"]);
     // Written by the node only: not a field an administrator sets.
     const r = await sa.patch(`/hosts/${h.id}`, { hypervisors: ["kvm"] });
@@ -137,9 +168,24 @@ describe("qvd admin", () => {
   async function qvd(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
     const env: Record<string, string> = {};
     for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("QVD_") && v !== undefined) env[k] = v;
-    Object.assign(env, { QVD_ADMIN_URL: api.url.replace(/\/api\/v1$/, ""), QVD_ADMIN_TOKEN: sa.token!, NO_COLOR: "1", HOME: "/nonexistent" });
-    const p = Bun.spawn([process.execPath, "src/main.ts", "admin", ...args], { cwd: join(import.meta.dir, ".."), env, stdin: "ignore", stdout: "pipe", stderr: "pipe" });
-    const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+    Object.assign(env, {
+      QVD_ADMIN_URL: api.url.replace(/\/api\/v1$/, ""),
+      QVD_ADMIN_TOKEN: sa.token!,
+      NO_COLOR: "1",
+      HOME: "/nonexistent",
+    });
+    const p = Bun.spawn([process.execPath, "src/main.ts", "admin", ...args], {
+      cwd: join(import.meta.dir, ".."),
+      env,
+      stdin: "ignore",
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    const [stdout, stderr, code] = await Promise.all([
+      new Response(p.stdout).text(),
+      new Response(p.stderr).text(),
+      p.exited,
+    ]);
     return { code, stdout, stderr };
   }
 
@@ -154,7 +200,11 @@ describe("qvd admin", () => {
     const [head, line] = list.stdout.trim().split("\n");
     expect(head!.split(/\s+/)).toEqual(expect.arrayContaining(["hypervisor", "vcpus"]));
     expect(line!.split(/\s+/)[head!.split(/\s+/).indexOf("hypervisor")]).toBe("kvm");
-    for (const [arg, field] of [["vcpus=2x", "vcpus"], ["vcpus=0", "vcpus"], ["hypervisor=KVM", "hypervisor"]] as const) {
+    for (const [arg, field] of [
+      ["vcpus=2x", "vcpus"],
+      ["vcpus=0", "vcpus"],
+      ["hypervisor=KVM", "hypervisor"],
+    ] as const) {
       const bad = await qvd("osf", "set", "cli-desk@default", arg);
       expect([arg, bad.code, bad.stderr]).toEqual([arg, 1, expect.stringContaining(field)]);
     }

@@ -14,8 +14,24 @@ const key = join(dir, "api.key");
 const procs: Bun.Subprocess[] = [];
 
 beforeAll(async () => {
-  await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", key, "-out", cert]);
+  await run([
+    "openssl",
+    "req",
+    "-x509",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-days",
+    "2",
+    "-subj",
+    "/CN=localhost",
+    "-addext",
+    "subjectAltName=IP:127.0.0.1,DNS:localhost",
+    "-keyout",
+    key,
+    "-out",
+    cert,
+  ]);
 });
 afterAll(() => {
   for (const p of procs) p.kill("SIGKILL");
@@ -25,7 +41,10 @@ afterAll(() => {
 /** Starts `qvd api` and resolves with the URL it prints. */
 async function serve(args: string[]): Promise<string> {
   const p = Bun.spawn([process.execPath, "src/main.ts", "api", "--db", db().url, "--listen", "127.0.0.1:0", ...args], {
-    cwd: join(import.meta.dir, ".."), stdout: "pipe", stderr: "pipe", env: cleanEnv(),
+    cwd: join(import.meta.dir, ".."),
+    stdout: "pipe",
+    stderr: "pipe",
+    env: cleanEnv(),
   });
   procs.push(p);
   const reader = p.stdout.pipeThrough(new TextDecoderStream()).getReader();
@@ -46,7 +65,9 @@ test("HTTPS with the configured certificate; the session cookie is Secure", asyn
   const doc = await fetch(`${base}/openapi.json`, { tls });
   expect(doc.status).toBe(200);
   const login = await fetch(`${base}/login`, {
-    method: "POST", tls, headers: { "content-type": "application/json" },
+    method: "POST",
+    tls,
+    headers: { "content-type": "application/json" },
     body: JSON.stringify({ name: TEST_ADMIN.name, password: TEST_ADMIN.password }),
   });
   expect(login.status).toBe(200);
@@ -59,7 +80,13 @@ test("plain HTTP only with --insecure-http; without certificates the API refuses
   const base = await serve(["--insecure-http"]);
   expect(base).toStartWith("http://127.0.0.1:");
   expect((await fetch(`${base}/openapi.json`)).status).toBe(200);
-  const r = await run([process.execPath, "src/main.ts", "api", "--db", db().url, "--listen", "127.0.0.1:0"], { allowFail: true, cwd: join(import.meta.dir, ".."), env: cleanEnv() });
+  const r = await run([process.execPath, "src/main.ts", "api", "--db", db().url, "--listen", "127.0.0.1:0"], {
+    allowFail: true,
+    cwd: join(import.meta.dir, ".."),
+    env: cleanEnv(),
+  });
   expect(r.status).not.toBe(0);
-  expect(r.stderr.trim()).toBe("qvd: the API serves HTTPS: set api.tls.cert and api.tls.key (or --cert/--key); --insecure-http is for local tests only");
+  expect(r.stderr.trim()).toBe(
+    "qvd: the API serves HTTPS: set api.tls.cert and api.tls.key (or --cert/--key); --insecure-http is for local tests only",
+  );
 });

@@ -11,7 +11,16 @@ import { createAdmin, useTestApi, type ApiClient } from "./support/api.ts";
 import { ok } from "./support/assert.ts";
 import { useTestDatabase } from "./support/db.ts";
 import {
-  aclsOf, FIXTURE_PROPERTY, Fixtures, fingerprint, fixedTargets, isMassRoute, routeName, routeTable, sampleRequest, type Targets,
+  aclsOf,
+  FIXTURE_PROPERTY,
+  Fixtures,
+  fingerprint,
+  fixedTargets,
+  isMassRoute,
+  routeName,
+  routeTable,
+  sampleRequest,
+  type Targets,
 } from "./support/api-routes.ts";
 
 const db = useTestDatabase();
@@ -100,11 +109,13 @@ describe("A's administrator aims every route at B's objects", () => {
       expect([route.path, all.status]).toEqual([route.path, 200]);
       for (const item of all.body.items) {
         expect([route.path, item.tenant_id === tB.id]).toEqual([route.path, false]);
-        if (seg !== "hosts" && seg !== "roles" && seg !== "properties") expect([route.path, item.tenant_id]).toEqual([route.path, tA.id]);
+        if (seg !== "hosts" && seg !== "roles" && seg !== "properties")
+          expect([route.path, item.tenant_id]).toEqual([route.path, tA.id]);
         if (seg !== "hosts") expect([route.path, item.id === bIds[kind]]).toEqual([route.path, false]);
       }
       const filtered = await a.get(`${route.path}?tenant_id=${tB.id}`);
-      if (seg === "hosts") expect(filtered.status).toBe(422); // hosts have no tenant
+      if (seg === "hosts")
+        expect(filtered.status).toBe(422); // hosts have no tenant
       else expect([route.path, filtered.status, filtered.body.total]).toEqual([route.path, 200, 0]);
       const byId = await a.get(`${route.path}?id=${bIds[kind]}`);
       if (seg !== "hosts") expect([route.path, byId.body.total]).toEqual([route.path, 0]);
@@ -113,7 +124,9 @@ describe("A's administrator aims every route at B's objects", () => {
     expect((await a.get(`/configs?tenant_id=${tB.id}`)).status).toBe(404);
     expect((await a.get("/sessions")).status).toBe(403);
     const stats = await ok(a.get("/stats"));
-    expect(stats.users.total).toBe((await sql()`SELECT count(*)::int AS n FROM users WHERE tenant_id = ${tA.id}`)[0]!.n);
+    expect(stats.users.total).toBe(
+      (await sql()`SELECT count(*)::int AS n FROM users WHERE tenant_id = ${tA.id}`)[0]!.n,
+    );
   });
 
   test("the dashboard's nodes with most VMs count only A's VMs for A", async () => {
@@ -205,7 +218,9 @@ describe("global objects", () => {
       expect((await a.patch(`/roles/${id}`, { description: "mine" })).status).toBe(403);
       expect((await a.put(`/roles/${id}/acls`, { acl: "vm.see" })).status).toBe(403);
       expect((await a.del(`/roles/${id}/acls/vm.see`)).status).toBe(403);
-      expect((await a.post(`/roles/${id}/inherits`, { role_id: operator === id ? globalRole.id : operator })).status).toBe(403);
+      expect(
+        (await a.post(`/roles/${id}/inherits`, { role_id: operator === id ? globalRole.id : operator })).status,
+      ).toBe(403);
       expect((await a.del(`/roles/${id}`)).status).toBe(403);
     }
     const prop = (await ok(a.get(`/properties?key=${FIXTURE_PROPERTY}`))).items[0];

@@ -10,7 +10,10 @@ import { useTestDatabase } from "./support/db.ts";
 
 const db = useTestDatabase();
 const images = mkdtempSync("/tmp/qvd-images-");
-const { api, sa: admin } = useTestApi(db, { "path.storage.images": images, "api.upload.max_bytes": String(8 * 1024 * 1024) });
+const { api, sa: admin } = useTestApi(db, {
+  "path.storage.images": images,
+  "api.upload.max_bytes": String(8 * 1024 * 1024),
+});
 let osfId: number;
 
 beforeAll(async () => {
@@ -38,7 +41,11 @@ function putImage(diId: number, chunks: Uint8Array[], headers: Record<string, st
       c.close();
     },
   });
-  return admin.request(`/dis/${diId}/image`, { method: "PUT", headers: { "content-type": "application/octet-stream", ...headers }, body });
+  return admin.request(`/dis/${diId}/image`, {
+    method: "PUT",
+    headers: { "content-type": "application/octet-stream", ...headers },
+    body,
+  });
 }
 
 const chunk = (n: number, fill: number) => new Uint8Array(n).fill(fill);
@@ -98,11 +105,18 @@ test("a checksum mismatch fails the image, keeps no file, and a new upload can f
 test("an image over the size limit is refused, before or during the upload", async () => {
   const id = await newDi("too-big.tar");
   // Announced too large: refused before the body is read.
-  let res = await admin.request(`/dis/${id}/image`, { method: "PUT", headers: { "content-type": "application/octet-stream" }, body: new Blob([chunk(9 * 1024 * 1024, 1)]) });
+  let res = await admin.request(`/dis/${id}/image`, {
+    method: "PUT",
+    headers: { "content-type": "application/octet-stream" },
+    body: new Blob([chunk(9 * 1024 * 1024, 1)]),
+  });
   expect(res.status).toBe(413);
   expect((await admin.get(`/dis/${id}`)).body.state).toBe("new");
   // Without a length announced, the limit stops the stream itself.
-  res = await putImage(id, Array.from({ length: 9 }, () => chunk(1 << 20, 5)));
+  res = await putImage(
+    id,
+    Array.from({ length: 9 }, () => chunk(1 << 20, 5)),
+  );
   expect(res.status).toBe(413);
   expect((await admin.get(`/dis/${id}`)).body.state).toBe("failed");
   expect(existsSync(join(images, "too-big.tar.part"))).toBe(false);
@@ -160,16 +174,31 @@ describe("an image is of its OSF's hypervisor's kind", () => {
     const di = async (path: string) => [await newKvmDi(path), path] as const;
     const tgz = new Uint8Array([0x1f, 0x8b, 0x08, 0, ...new Uint8Array(2000)]);
     let [id, path] = await di("tarball.qcow2");
-    await refused(id, path, tgz, /^disk image "[\d-]+" is for a kvm OSF \("kvm-osf"\): expected a qcow2 image, got a gzip file \(a tarball\?\)$/);
+    await refused(
+      id,
+      path,
+      tgz,
+      /^disk image "[\d-]+" is for a kvm OSF \("kvm-osf"\): expected a qcow2 image, got a gzip file \(a tarball\?\)$/,
+    );
     const tar = new Uint8Array(1024);
     tar.set(Buffer.from("ustar"), 257);
     [id, path] = await di("tar.qcow2");
     await refused(id, path, tar, /expected a qcow2 image, got a tar archive$/);
     // Fewer bytes than the magic: checked at the end of the upload.
     [id, path] = await di("short.qcow2");
-    await refused(id, path, new Uint8Array([0x51, 0x46, 0x49]), /expected a qcow2 image, got a file starting with the bytes 51 46 49$/);
+    await refused(
+      id,
+      path,
+      new Uint8Array([0x51, 0x46, 0x49]),
+      /expected a qcow2 image, got a file starting with the bytes 51 46 49$/,
+    );
     [id, path] = await di("vmdk.qcow2");
-    await refused(id, path, new Uint8Array([...Buffer.from("KDMV"), ...new Uint8Array(600)]), /expected a qcow2 image, got a VMDK image$/);
+    await refused(
+      id,
+      path,
+      new Uint8Array([...Buffer.from("KDMV"), ...new Uint8Array(600)]),
+      /expected a qcow2 image, got a VMDK image$/,
+    );
     // A refused image takes a good file afterwards.
     const ok = await putImage(id, [await qcow2("again.qcow2")]);
     expect([ok.status, (await ok.json()).state]).toEqual([200, "ready"]);
@@ -177,17 +206,31 @@ describe("an image is of its OSF's hypervisor's kind", () => {
 
   test("an lxc OSF refuses a qcow2", async () => {
     const id = await newDi("not-a-tarball.tar.gz");
-    await refused(id, "not-a-tarball.tar.gz", await qcow2("for-lxc.qcow2"),
-      /^disk image "[\d-]+" is for an lxc OSF \("upload-osf"\): expected a root filesystem tarball, got a qcow2 image/);
+    await refused(
+      id,
+      "not-a-tarball.tar.gz",
+      await qcow2("for-lxc.qcow2"),
+      /^disk image "[\d-]+" is for an lxc OSF \("upload-osf"\): expected a root filesystem tarball, got a qcow2 image/,
+    );
   });
 
   test("a qcow2 with a backing file or an external data file is refused", async () => {
     const base = join(work, "base.qcow2");
     await qemuImg("create", "-q", "-f", "qcow2", base, "16M");
     let id = await newKvmDi("backed.qcow2");
-    await refused(id, "backed.qcow2", await qcow2("backed.qcow2", "-b", base, "-F", "qcow2"), /^disk image "[\d-]+": the qcow2 has a backing file of its own/);
+    await refused(
+      id,
+      "backed.qcow2",
+      await qcow2("backed.qcow2", "-b", base, "-F", "qcow2"),
+      /^disk image "[\d-]+": the qcow2 has a backing file of its own/,
+    );
     id = await newKvmDi("external.qcow2");
-    await refused(id, "external.qcow2", await qcow2("external.qcow2", "-o", `data_file=${join(work, "external.raw")}`), /^disk image "[\d-]+": the qcow2 keeps its data in an external data file/);
+    await refused(
+      id,
+      "external.qcow2",
+      await qcow2("external.qcow2", "-o", `data_file=${join(work, "external.raw")}`),
+      /^disk image "[\d-]+": the qcow2 keeps its data in an external data file/,
+    );
     // The messages never show where the API keeps its images.
     const di = (await admin.get(`/dis/${id}`)).body;
     expect(di.state_message).not.toContain(images);

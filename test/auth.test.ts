@@ -126,11 +126,25 @@ describe("user@tenant", () => {
 
   test("resolveLogin: the named tenant, the default one, unknown tenants, whatever the mode", async () => {
     const acme = await tenant("acme");
-    expect(await resolveLogin(sql(), "alice@acme")).toEqual({ ok: true, tenantId: acme, tenantName: "acme", tenantBlocked: false, login: "alice" });
+    expect(await resolveLogin(sql(), "alice@acme")).toEqual({
+      ok: true,
+      tenantId: acme,
+      tenantName: "acme",
+      tenantBlocked: false,
+      login: "alice",
+    });
     expect(await resolveLogin(sql(), "alice#acme")).toMatchObject({ ok: true, tenantId: acme, login: "alice" });
-    expect(await resolveLogin(sql(), "alice")).toMatchObject({ ok: true, tenantId: 1, tenantName: "default", login: "alice" });
+    expect(await resolveLogin(sql(), "alice")).toMatchObject({
+      ok: true,
+      tenantId: 1,
+      tenantName: "default",
+      login: "alice",
+    });
     expect(await resolveLogin(sql(), "alice", { defaultTenant: "acme" })).toMatchObject({ ok: true, tenantId: acme });
-    expect(await resolveLogin(sql(), "alice@nope")).toMatchObject({ ok: false, reason: expect.stringMatching(/no such tenant "nope"/) });
+    expect(await resolveLogin(sql(), "alice@nope")).toMatchObject({
+      ok: false,
+      reason: expect.stringMatching(/no such tenant "nope"/),
+    });
     expect(await resolveLogin(sql(), "alice@*")).toMatchObject({ ok: false }); // never the global scope
     expect(await resolveLogin(sql(), "@acme")).toMatchObject({ ok: false, reason: "empty login" });
     expect(await resolveLogin(sql(), "alice@default")).toMatchObject({ ok: true, tenantId: 1, login: "alice" });
@@ -144,30 +158,53 @@ describe("user@tenant", () => {
     try {
       const u = expectOk(await authenticateLogin(sql(), cfg, { login: "alice@acme", password: "alice-acme-pw" }));
       expect(u).toMatchObject({ userId: a2.id, tenantId: acme });
-      expectRefused(await authenticateLogin(sql(), cfg, { login: "alice@acme", password: "alice-local-pw" }), /wrong password/);
-      expect(expectOk(await authenticateLogin(sql(), cfg, { login: "alice", password: "alice-local-pw" })).tenantId).toBe(1);
+      expectRefused(
+        await authenticateLogin(sql(), cfg, { login: "alice@acme", password: "alice-local-pw" }),
+        /wrong password/,
+      );
+      expect(
+        expectOk(await authenticateLogin(sql(), cfg, { login: "alice", password: "alice-local-pw" })).tenantId,
+      ).toBe(1);
       expectRefused(await authenticateLogin(sql(), cfg, { login: "alice@frozen", password: "x-x-x-x-x" }), /blocked/);
     } finally {
       await D.deleteConfig(sql(), 0, "wat.multitenant");
     }
     // The mode does not change how a login names its tenant.
-    expect(expectOk(await authenticateLogin(sql(), cfg, { login: "alice", password: "alice-local-pw" })).tenantId).toBe(1);
-    expect(expectOk(await authenticateLogin(sql(), cfg, { login: "alice@acme", password: "alice-acme-pw" })).tenantId).toBe(acme);
+    expect(expectOk(await authenticateLogin(sql(), cfg, { login: "alice", password: "alice-local-pw" })).tenantId).toBe(
+      1,
+    );
+    expect(
+      expectOk(await authenticateLogin(sql(), cfg, { login: "alice@acme", password: "alice-acme-pw" })).tenantId,
+    ).toBe(acme);
   });
 });
 
 describe("ldap", () => {
-  const direct = () => ({ "l7r.auth.plugins": "ldap", "auth.ldap.url": ldap.url, "auth.ldap.bind_dn_template": `uid=%u,${PEOPLE}` });
+  const direct = () => ({
+    "l7r.auth.plugins": "ldap",
+    "auth.ldap.url": ldap.url,
+    "auth.ldap.bind_dn_template": `uid=%u,${PEOPLE}`,
+  });
   const search = () => ({
-    "l7r.auth.plugins": "ldap,local", "auth.ldap.url": ldap.url, "auth.ldap.search_base": PEOPLE,
-    "auth.ldap.bind_dn": READER, "auth.ldap.bind_password": "reader-pw",
+    "l7r.auth.plugins": "ldap,local",
+    "auth.ldap.url": ldap.url,
+    "auth.ldap.search_base": PEOPLE,
+    "auth.ldap.bind_dn": READER,
+    "auth.ldap.bind_password": "reader-pw",
   });
 
   test("direct bind: right password with uid, gid and home from the entry; wrong password refused", async () => {
     const t = await tenant("ldap-direct", direct());
     const alice = await D.create(sql(), D.users, ALL, { tenant_id: t, name: "alice" }); // no local password
     const u = expectOk(await login("ldap-direct", "alice", "alice-ldap-pw"));
-    expect(u).toEqual({ userId: alice.id, tenantId: t, login: "alice", uid: 20001, gid: 30001, home: "/home/ldap/alice" });
+    expect(u).toEqual({
+      userId: alice.id,
+      tenantId: t,
+      login: "alice",
+      uid: 20001,
+      gid: 30001,
+      home: "/home/ldap/alice",
+    });
     expectRefused(await login("ldap-direct", "alice", "alice-ldap-pw!"), /wrong login or password/);
     expectRefused(await login("ldap-direct", "nobody", "whatever-pw"), /wrong login or password/);
     // In the directory but not in QVD, without auto-provisioning.
@@ -183,7 +220,11 @@ describe("ldap", () => {
     const t = await tenant("ldap-search", search());
     const alice = await D.create(sql(), D.users, ALL, { tenant_id: t, name: "alice" });
     await D.create(sql(), D.users, ALL, { tenant_id: t, name: "localonly", password: "local-only-pw" });
-    expect(expectOk(await login("ldap-search", "alice", "alice-ldap-pw"))).toMatchObject({ userId: alice.id, uid: 20001, gid: 30001 });
+    expect(expectOk(await login("ldap-search", "alice", "alice-ldap-pw"))).toMatchObject({
+      userId: alice.id,
+      uid: 20001,
+      gid: 30001,
+    });
     expectRefused(await login("ldap-search", "alice", "bob-ldap-pw"), /wrong password \(LDAP\)/);
     // Not in the directory: the local plugin decides.
     expectOk(await login("ldap-search", "localonly", "local-only-pw"));
@@ -200,7 +241,10 @@ describe("ldap", () => {
   });
 
   test("group filter: a user outside the group is refused, members get in", async () => {
-    const t = await tenant("ldap-group", { ...search(), "auth.ldap.group_filter": "(&(objectClass=groupOfNames)(cn=vdi)(member=%d))" });
+    const t = await tenant("ldap-group", {
+      ...search(),
+      "auth.ldap.group_filter": "(&(objectClass=groupOfNames)(cn=vdi)(member=%d))",
+    });
     await D.create(sql(), D.users, ALL, { tenant_id: t, name: "alice" });
     await D.create(sql(), D.users, ALL, { tenant_id: t, name: "bob" });
     expectOk(await login("ldap-group", "alice", "alice-ldap-pw"));
@@ -218,7 +262,11 @@ describe("ldap", () => {
   });
 
   test("StartTLS: verified against a tenant's auth.ldap.ca; an unknown CA is refused", async () => {
-    const t = await tenant("ldap-tls", { ...direct(), "auth.ldap.starttls": "1", "auth.ldap.ca": readFileSync(ldap.caFile, "utf8") });
+    const t = await tenant("ldap-tls", {
+      ...direct(),
+      "auth.ldap.starttls": "1",
+      "auth.ldap.ca": readFileSync(ldap.caFile, "utf8"),
+    });
     await D.create(sql(), D.users, ALL, { tenant_id: t, name: "alice" });
     expect(expectOk(await login("ldap-tls", "alice", "alice-ldap-pw")).uid).toBe(20001);
     await D.setConfig(sql(), t, "auth.ldap.ca", "");
@@ -226,7 +274,11 @@ describe("ldap", () => {
   });
 
   test("LDAPS: verified against a tenant's auth.ldap.ca (its \\n form too); an unknown CA is refused", async () => {
-    const t = await tenant("ldap-ldaps", { ...direct(), "auth.ldap.url": ldap.ldapsUrl, "auth.ldap.ca": readFileSync(ldap.caFile, "utf8").replace(/\n/g, "\\n") });
+    const t = await tenant("ldap-ldaps", {
+      ...direct(),
+      "auth.ldap.url": ldap.ldapsUrl,
+      "auth.ldap.ca": readFileSync(ldap.caFile, "utf8").replace(/\n/g, "\\n"),
+    });
     await D.create(sql(), D.users, ALL, { tenant_id: t, name: "alice" });
     expect(expectOk(await login("ldap-ldaps", "alice", "alice-ldap-pw")).gid).toBe(30001);
     expectRefused(await login("ldap-ldaps", "alice", "alice-ldap-pw?"), /wrong login or password/);
@@ -250,11 +302,19 @@ describe("auto-provisioning", () => {
   test("the first LDAP login creates the user and a VM from the OSF; the second creates nothing", async () => {
     const t = await tenant("auto", {
       ...{ "l7r.auth.plugins": "ldap", "auth.ldap.url": ldap.url, "auth.ldap.bind_dn_template": `uid=%u,${PEOPLE}` },
-      "auth.autoprovision.enable": "1", "auth.autoprovision.osf": "desk", "auth.autoprovision.vm_name": "%u-desktop",
+      "auth.autoprovision.enable": "1",
+      "auth.autoprovision.osf": "desk",
+      "auth.autoprovision.vm_name": "%u-desktop",
       "auth.ldap.group_filter": "(&(cn=vdi)(member=%d))",
     });
     const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: t, name: "desk" });
-    const vmsOf = async (userId: number) => (await sql()`SELECT name, osf_id, host(ip) AS ip, di_tag FROM vms WHERE user_id = ${userId}`) as unknown as { name: string; osf_id: number; ip: string; di_tag: string }[];
+    const vmsOf = async (userId: number) =>
+      (await sql()`SELECT name, osf_id, host(ip) AS ip, di_tag FROM vms WHERE user_id = ${userId}`) as unknown as {
+        name: string;
+        osf_id: number;
+        ip: string;
+        di_tag: string;
+      }[];
 
     expect(await D.findLoginUser(sql(), t, "carol")).toBeUndefined();
     const u1 = expectOk(await login("auto", "carol", "carol-ldap-pw"));
@@ -285,8 +345,11 @@ describe("auto-provisioning", () => {
 
   test("a missing OSF fails the login and leaves no half-created user", async () => {
     const t = await tenant("auto-broken", {
-      "l7r.auth.plugins": "ldap", "auth.ldap.url": ldap.url, "auth.ldap.bind_dn_template": `uid=%u,${PEOPLE}`,
-      "auth.autoprovision.enable": "1", "auth.autoprovision.osf": "no-such-osf",
+      "l7r.auth.plugins": "ldap",
+      "auth.ldap.url": ldap.url,
+      "auth.ldap.bind_dn_template": `uid=%u,${PEOPLE}`,
+      "auth.autoprovision.enable": "1",
+      "auth.autoprovision.osf": "no-such-osf",
     });
     expectRefused(await login("auto-broken", "frank", "frank-ldap-pw"), /auto-provisioning failed.*no-such-osf/);
     expect(await D.findLoginUser(sql(), t, "frank")).toBeUndefined();
@@ -331,7 +394,8 @@ describe("totp", () => {
       expectRefused(await login("default", "tom", "tom-local-pw" + code(d), now), /wrong one-time code/);
     }
     const wrong = String((Number(code(0)) + 1) % 1_000_000).padStart(6, "0");
-    if (![code(-1), code(1)].includes(wrong)) expectRefused(await login("default", "tom", "tom-local-pw" + wrong, now), /wrong one-time code/);
+    if (![code(-1), code(1)].includes(wrong))
+      expectRefused(await login("default", "tom", "tom-local-pw" + wrong, now), /wrong one-time code/);
     // The password alone is not enough, nor is a right code after a wrong password.
     expectRefused(await login("default", "tom", "tom-local-pw", now), /wrong password|one-time code/);
     expectRefused(await login("default", "tom", "tom-local-px" + code(0), now), /wrong password/);

@@ -16,8 +16,16 @@ let db: TestDatabase;
 beforeAll(async () => {
   work = mkdtempSync(join(tmpdir(), "qvd-binary-"));
   const built = join(work, "build", "qvd");
-  const build = Bun.spawn([process.execPath, "scripts/build-binaries.ts", "--outfile", built], { cwd: root, stdout: "pipe", stderr: "pipe" });
-  const [out, err, code] = await Promise.all([new Response(build.stdout).text(), new Response(build.stderr).text(), build.exited]);
+  const build = Bun.spawn([process.execPath, "scripts/build-binaries.ts", "--outfile", built], {
+    cwd: root,
+    stdout: "pipe",
+    stderr: "pipe",
+  });
+  const [out, err, code] = await Promise.all([
+    new Response(build.stdout).text(),
+    new Response(build.stderr).text(),
+    build.exited,
+  ]);
   if (code !== 0) throw new Error(`build failed (exit ${code}): ${err}${out}`);
   expect(out).toContain(built);
   const alone = join(work, "alone");
@@ -36,9 +44,17 @@ afterAll(async () => {
 
 /** Runs the binary from its own (otherwise empty) directory, with no QVD_* settings. */
 async function runQvd(...args: string[]) {
-  const env: Record<string, string> = { PATH: process.env.PATH ?? "/usr/bin:/bin", HOME: process.env.HOME ?? "/", QVD_CONFIG: "/dev/null" };
+  const env: Record<string, string> = {
+    PATH: process.env.PATH ?? "/usr/bin:/bin",
+    HOME: process.env.HOME ?? "/",
+    QVD_CONFIG: "/dev/null",
+  };
   const p = Bun.spawn([qvd, ...args], { cwd: join(work, "alone"), env, stdout: "pipe", stderr: "pipe" });
-  const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  const [stdout, stderr, code] = await Promise.all([
+    new Response(p.stdout).text(),
+    new Response(p.stderr).text(),
+    p.exited,
+  ]);
   return { stdout, stderr, code };
 }
 

@@ -37,13 +37,27 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
   const shell = desktopShell(node, () => vm.id, "alice");
   const inDesktop = shell.inDesktop;
   /** A script in the X session; "no X session" (status 97) while there is none yet. */
-  const asSession = (script: string) => shell.asSession(script).catch((e: Error) => ({ status: 97, stdout: "", stderr: e.message }));
+  const asSession = (script: string) =>
+    shell.asSession(script).catch((e: Error) => ({ status: 97, stdout: "", stderr: e.message }));
   let xvfb: { stop(): Promise<void> } | undefined;
 
-  const row = async () => (await sql()`SELECT vm_state, user_state, l7r_session FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!;
+  const row = async () =>
+    (await sql()`SELECT vm_state, user_state, l7r_session FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!;
   /** A request to the L7R from inside the namespace (curl -k): status line and headers, then the body. */
   const curl = (path: string, headers: string[] = []) =>
-    run([...node.ns.exec, "curl", "-sk", "-i", "--max-time", "10", ...headers.flatMap((h) => ["-H", h]), `${ORIGIN}${path}`], { allowFail: true });
+    run(
+      [
+        ...node.ns.exec,
+        "curl",
+        "-sk",
+        "-i",
+        "--max-time",
+        "10",
+        ...headers.flatMap((h) => ["-H", h]),
+        `${ORIGIN}${path}`,
+      ],
+      { allowFail: true },
+    );
   /** The session's X display in the desktop, as a PNG file here. */
   async function sessionScreenshot(name: string): Promise<string> {
     const r = await asSession("xwd -root -silent | base64 -w0");
@@ -70,7 +84,9 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
   const sessionSize = async () => /dimensions:\s+(\d+x\d+)/.exec((await asSession("xdpyinfo")).stdout)?.[1];
   /** The xterm's window id and its absolute position on the session's display. */
   async function xterm(): Promise<{ id: string; x: number; y: number; w: number; h: number } | undefined> {
-    const m = /^\s*(0x[0-9a-f]+) .*\("xterm" "XTerm"\)\s+(\d+)x(\d+)\+-?\d+\+-?\d+\s+\+(-?\d+)\+(-?\d+)/m.exec((await asSession("xwininfo -root -tree")).stdout);
+    const m = /^\s*(0x[0-9a-f]+) .*\("xterm" "XTerm"\)\s+(\d+)x(\d+)\+-?\d+\+-?\d+\s+\+(-?\d+)\+(-?\d+)/m.exec(
+      (await asSession("xwininfo -root -tree")).stdout,
+    );
     return m ? { id: m[1]!, w: Number(m[2]), h: Number(m[3]), x: Number(m[4]), y: Number(m[5]) } : undefined;
   }
   /** The xterm's window id, once the display answers (a resuming nxagent may not for a moment). */
@@ -90,7 +106,9 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
     page.on("pageerror", (e) => errors.push(`page error: ${e.message}`));
     // Chromium runs in the node's namespace: the node's own network set-up (its bridge, a
     // desktop's veth) can abort a load in flight with ERR_NETWORK_CHANGED; load again then.
-    await page.goto("/").catch((e: Error) => (/ERR_NETWORK_CHANGED/.test(e.message) ? page.goto("/") : Promise.reject(e)));
+    await page
+      .goto("/")
+      .catch((e: Error) => (/ERR_NETWORK_CHANGED/.test(e.message) ? page.goto("/") : Promise.reject(e)));
   }
   async function login(password = PASSWORD) {
     await page.getByLabel("Name", { exact: true }).fill("alice");
@@ -115,11 +133,38 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
     await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "bob", password: "bob-web-pw-1" });
     const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
     await node.addImage(osf.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
-    vm = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "web desktop" }, { range: "198.18.0.0/16" });
+    vm = await D.createVm(
+      sql(),
+      ALL,
+      { user_id: user.id, osf_id: osf.id, name: "web desktop" },
+      { range: "198.18.0.0/16" },
+    );
     const cert = join(node.root, "l7r.crt");
     const key = join(node.root, "l7r.key");
-    await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert]);
-    await node.start({ "hkd.timeout.vma_start": "60", "l7r.metrics.listen": `127.0.0.1:${L7R_METRICS}`, "hkd.metrics.listen": `127.0.0.1:${HKD_METRICS}` }, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
+    await run([
+      "openssl",
+      "req",
+      "-x509",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-days",
+      "2",
+      "-subj",
+      "/CN=127.0.0.1",
+      "-keyout",
+      key,
+      "-out",
+      cert,
+    ]);
+    await node.start(
+      {
+        "hkd.timeout.vma_start": "60",
+        "l7r.metrics.listen": `127.0.0.1:${L7R_METRICS}`,
+        "hkd.metrics.listen": `127.0.0.1:${HKD_METRICS}`,
+      },
+      { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] },
+    );
     browser = await launchChromium({ netns: node.ns.name, args: ["--ignore-certificate-errors"] });
   }, 30 * 60_000);
 
@@ -148,12 +193,43 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
 
   test("the WebSocket checks its Origin: another page's, none, or plain http is refused before the upgrade", async () => {
     const ws = (origin?: string) =>
-      curl("/qvd/web/connect", ["Connection: Upgrade", "Upgrade: websocket", "Sec-WebSocket-Version: 13", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-        ...(origin ? [`Origin: ${origin}`] : [])]);
-    for (const bad of ["https://evil.example", `https://127.0.0.1:${PORT}.evil.example`, `http://127.0.0.1:${PORT}`, `https://127.0.0.1:9443`, undefined])
+      curl("/qvd/web/connect", [
+        "Connection: Upgrade",
+        "Upgrade: websocket",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        ...(origin ? [`Origin: ${origin}`] : []),
+      ]);
+    for (const bad of [
+      "https://evil.example",
+      `https://127.0.0.1:${PORT}.evil.example`,
+      `http://127.0.0.1:${PORT}`,
+      `https://127.0.0.1:9443`,
+      undefined,
+    ])
       expect((await ws(bad)).stdout, String(bad)).toMatch(/^HTTP\/1.1 403/);
-    const ok = await run([...node.ns.exec, "curl", "-sk", "-i", "--max-time", "2", "-H", "Connection: Upgrade", "-H", "Upgrade: websocket", "-H", "Sec-WebSocket-Version: 13",
-      "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "-H", `Origin: ${ORIGIN}`, `${ORIGIN}/qvd/web/connect`], { allowFail: true });
+    const ok = await run(
+      [
+        ...node.ns.exec,
+        "curl",
+        "-sk",
+        "-i",
+        "--max-time",
+        "2",
+        "-H",
+        "Connection: Upgrade",
+        "-H",
+        "Upgrade: websocket",
+        "-H",
+        "Sec-WebSocket-Version: 13",
+        "-H",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "-H",
+        `Origin: ${ORIGIN}`,
+        `${ORIGIN}/qvd/web/connect`,
+      ],
+      { allowFail: true },
+    );
     expect(ok.stdout).toMatch(/^HTTP\/1.1 101/);
     expect(ok.stdout).toContain("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
   });
@@ -162,7 +238,10 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
     await newPage();
     await login("not-the-password");
     await expect(page.getByRole("alert").textContent()).resolves.toContain("Wrong name or password");
-    const r = await curl("/qvd/create_auth_token", ["X-QVD-Web: 1", `Authorization: Basic ${Buffer.from("alice:nope").toString("base64")}`]);
+    const r = await curl("/qvd/create_auth_token", [
+      "X-QVD-Web: 1",
+      `Authorization: Basic ${Buffer.from("alice:nope").toString("base64")}`,
+    ]);
     expect(r.stdout).toMatch(/^HTTP\/1.1 401/);
     expect(r.stdout.toLowerCase()).not.toContain("www-authenticate");
   }, 60_000);
@@ -174,20 +253,39 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
     await connect();
     // The desktop's display is the size of the page's screen.
     const box = (await page.locator("#screen").boundingBox())!;
-    await until(async () => (await sessionSize()) === `${Math.floor(box.width)}x${Math.floor(box.height)}`, "the desktop to take the page's size", 60_000).catch(async (e) => {
+    await until(
+      async () => (await sessionSize()) === `${Math.floor(box.width)}x${Math.floor(box.height)}`,
+      "the desktop to take the page's size",
+      60_000,
+    ).catch(async (e) => {
       const conf = (await inDesktop("cat /run/qvd/nxagent.conf")).stdout;
-      const outer = (await run(["sh", "-c", `for d in ${node.root}/run/web/*/; do XAUTHORITY=$d/xauth xwininfo -root -children -display :0; done`], { allowFail: true })).stdout;
-      throw new Error(`${(e as Error).message}: the desktop is ${await sessionSize()}, the page's screen ${box.width}x${box.height}; ${conf}; ${outer}`);
+      const outer = (
+        await run(
+          [
+            "sh",
+            "-c",
+            `for d in ${node.root}/run/web/*/; do XAUTHORITY=$d/xauth xwininfo -root -children -display :0; done`,
+          ],
+          { allowFail: true },
+        )
+      ).stdout;
+      throw new Error(
+        `${(e as Error).message}: the desktop is ${await sessionSize()}, the page's screen ${box.width}x${box.height}; ${conf}; ${outer}`,
+      );
     });
     await until(async () => (await xterm()) !== undefined, "the session's xterm", 60_000);
     // Both pictures once the screen has settled: the canvas is what the X display shows.
     let diff = 1;
     let shots: string[] = [];
-    await until(async () => {
-      shots = [await sessionScreenshot("browser-session-display"), await canvasScreenshot("browser-canvas")];
-      diff = await difference(shots[0]!, shots[1]!);
-      return diff < 0.02;
-    }, "the canvas to show the session's display", 60_000).catch((e) => {
+    await until(
+      async () => {
+        shots = [await sessionScreenshot("browser-session-display"), await canvasScreenshot("browser-canvas")];
+        diff = await difference(shots[0]!, shots[1]!);
+        return diff < 0.02;
+      },
+      "the canvas to show the session's display",
+      60_000,
+    ).catch((e) => {
       throw new Error(`${(e as Error).message}: RMSE ${diff} between ${shots.join(" and ")}`);
     });
     expect(await imageSize(shots[1]!)).toBe(await imageSize(shots[0]!));
@@ -210,11 +308,17 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
       await page.keyboard.press("Control+U"); // an empty command line
       await page.keyboard.type(`echo ${mark} > /tmp/qvd-web-typed`);
       await page.keyboard.press("Enter");
-      const ok = await until(typed, "the command typed in the browser", 20_000).then(() => true, () => false);
+      const ok = await until(typed, "the command typed in the browser", 20_000).then(
+        () => true,
+        () => false,
+      );
       if (ok) break;
       await canvasScreenshot(`browser-typing-try-${attempt}-canvas`);
       await sessionScreenshot(`browser-typing-try-${attempt}-session`);
-      if (attempt === 2) throw new Error("the command typed in the browser did not run (twice; see .test-output/wat/browser-typing-try-*.png)");
+      if (attempt === 2)
+        throw new Error(
+          "the command typed in the browser did not run (twice; see .test-output/wat/browser-typing-try-*.png)",
+        );
       console.warn("browser-desktop: the first typing try went nowhere; trying again");
     }
     // It ran as the desktop's user, in the session.
@@ -223,8 +327,12 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
 
   test("the WebSocket refuses what a stranger or another user sends, each with its close code", async () => {
     // Bob's token is good, but for his own desktops only.
-    const r = await curl("/qvd/create_auth_token", [`Authorization: Basic ${Buffer.from("bob:bob-web-pw-1").toString("base64")}`]);
-    const bobToken = (JSON.parse(r.stdout.slice(r.stdout.indexOf("\r\n\r\n") + 4)) as { auth_token: string }).auth_token.trim();
+    const r = await curl("/qvd/create_auth_token", [
+      `Authorization: Basic ${Buffer.from("bob:bob-web-pw-1").toString("base64")}`,
+    ]);
+    const bobToken = (
+      JSON.parse(r.stdout.slice(r.stdout.indexOf("\r\n\r\n") + 4)) as { auth_token: string }
+    ).auth_token.trim();
     const hello = (o: Record<string, unknown>) => JSON.stringify({ id: vm.id, width: 800, height: 600, ...o });
     const cases = [
       { name: "binary first", send: [{ binary: 12 }] },
@@ -238,11 +346,28 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
       { name: "screen too small", send: [hello({ token: bobToken, width: 10, height: 10 })] },
       { name: "screen too large", send: [hello({ token: bobToken, width: 100000, height: 600 })] },
     ];
-    const probe = await run([...node.ns.exec, process.execPath, join(import.meta.dir, "support", "ws-probe.ts"), `wss://127.0.0.1:${PORT}/qvd/web/connect`, ORIGIN, JSON.stringify(cases)],
-      { allowFail: true, timeoutMs: 120_000 });
-    const got = Object.fromEntries(probe.stdout.trim().split("\n").filter(Boolean).map((l) => JSON.parse(l)).map((x) => [x.name, x]));
+    const probe = await run(
+      [
+        ...node.ns.exec,
+        process.execPath,
+        join(import.meta.dir, "support", "ws-probe.ts"),
+        `wss://127.0.0.1:${PORT}/qvd/web/connect`,
+        ORIGIN,
+        JSON.stringify(cases),
+      ],
+      { allowFail: true, timeoutMs: 120_000 },
+    );
+    const got = Object.fromEntries(
+      probe.stdout
+        .trim()
+        .split("\n")
+        .filter(Boolean)
+        .map((l) => JSON.parse(l))
+        .map((x) => [x.name, x]),
+    );
     const code = (name: string) => got[name]?.code;
-    const error = (name: string) => got[name]?.frames.map((f: string) => JSON.parse(f)).find((f: { type: string }) => f.type === "error");
+    const error = (name: string) =>
+      got[name]?.frames.map((f: string) => JSON.parse(f)).find((f: { type: string }) => f.type === "error");
     expect(code("binary first")).toBe(1008);
     expect(code("not JSON")).toBe(1008);
     expect(code("too long")).toBe(1008);
@@ -274,13 +399,17 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
     // Xvnc's X display (an abstract socket too: no file mode guards it) takes no one without the cookie.
     const display = /@\/tmp\/\.X11-unix\/X(\d+)\b.*Xvnc/.exec((await ns("ss -Hxlp")).stdout)?.[1];
     expect(display).toBeDefined();
-    const other = await ns(`setpriv --reuid=${uid + 1} --regid=${uid + 1} --clear-groups env -u XAUTHORITY xdpyinfo -display :${display}`);
+    const other = await ns(
+      `setpriv --reuid=${uid + 1} --regid=${uid + 1} --clear-groups env -u XAUTHORITY xdpyinfo -display :${display}`,
+    );
     expect(other.status).not.toBe(0);
     expect(other.stderr).toMatch(/Authorization required|unable to open display/);
     const root = await ns(`env -u XAUTHORITY xdpyinfo -display :${display}`);
     expect(root.status).not.toBe(0);
     // Nor its RFB socket.
-    const rfb = await ns(`setpriv --reuid=65534 --regid=65534 --clear-groups curl -s --max-time 3 --unix-socket ${dir}rfb http://x/`);
+    const rfb = await ns(
+      `setpriv --reuid=65534 --regid=65534 --clear-groups curl -s --max-time 3 --unix-socket ${dir}rfb http://x/`,
+    );
     expect(rfb.status).not.toBe(0);
   }, 60_000);
 
@@ -288,13 +417,27 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
     const full = page.getByRole("button", { name: "Full screen" });
     await full.click();
     // The button says so once the browser's fullscreenchange has come.
-    await page.waitForFunction(() => document.fullscreenElement !== null && document.getElementById("fullscreen")?.getAttribute("aria-pressed") === "true");
+    await page.waitForFunction(
+      () =>
+        document.fullscreenElement !== null &&
+        document.getElementById("fullscreen")?.getAttribute("aria-pressed") === "true",
+    );
     await full.click();
-    await page.waitForFunction(() => document.fullscreenElement === null && document.getElementById("fullscreen")?.getAttribute("aria-pressed") === "false");
+    await page.waitForFunction(
+      () =>
+        document.fullscreenElement === null &&
+        document.getElementById("fullscreen")?.getAttribute("aria-pressed") === "false",
+    );
     await page.setViewportSize({ width: 900, height: 640 });
     const box = (await page.locator("#screen").boundingBox())!;
-    await until(async () => (await sessionSize()) === `${Math.floor(box.width)}x${Math.floor(box.height)}`, "the desktop to follow the window", 60_000).catch(async (e) => {
-      throw new Error(`${(e as Error).message}: the desktop is ${await sessionSize()}, the page's screen ${box.width}x${box.height}`);
+    await until(
+      async () => (await sessionSize()) === `${Math.floor(box.width)}x${Math.floor(box.height)}`,
+      "the desktop to follow the window",
+      60_000,
+    ).catch(async (e) => {
+      throw new Error(
+        `${(e as Error).message}: the desktop is ${await sessionSize()}, the page's screen ${box.width}x${box.height}`,
+      );
     });
   }, 120_000);
 
@@ -304,23 +447,55 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
     const toDesktop = `from the browser ${Date.now().toString(36)}`;
     await box.fill(toDesktop);
     await box.dispatchEvent("change");
-    await until(async () => (await asSession("xclip -o -selection clipboard")).stdout === toDesktop, "the desktop's clipboard to hold the page's text", 30_000);
+    await until(
+      async () => (await asSession("xclip -o -selection clipboard")).stdout === toDesktop,
+      "the desktop's clipboard to hold the page's text",
+      30_000,
+    );
     const toPage = `from the desktop ${Date.now().toString(36)}`;
     // xclip serves the selection until another owner takes it: in the background.
-    expect((await asSession(`printf '%s' '${toPage}' | xclip -selection clipboard -loops 3 >/dev/null 2>&1 &`)).status).toBe(0);
-    await until(async () => (await box.inputValue()) === toPage, "the page's clipboard box to show the desktop's text", 30_000);
+    expect(
+      (await asSession(`printf '%s' '${toPage}' | xclip -selection clipboard -loops 3 >/dev/null 2>&1 &`)).status,
+    ).toBe(0);
+    await until(
+      async () => (await box.inputValue()) === toPage,
+      "the page's clipboard box to show the desktop's text",
+      30_000,
+    );
   }, 120_000);
 
   test("a qvd client takes the session over from the browser, and the browser back; the X session's windows stay", async () => {
     const before = (await xterm())!;
     xvfb = await startXvfb(XVFB, { exec: node.ns.exec });
-    const client = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${XVFB}`, `QVD_PASSWORD=${PASSWORD}`, node.binary, "client",
-      "--host", "127.0.0.1", "--port", String(PORT), "--user", "alice", "--insecure", "--link", "lan"], { stdout: "pipe", stderr: "pipe" });
+    const client = Bun.spawn(
+      [
+        ...node.ns.exec,
+        "env",
+        `DISPLAY=:${XVFB}`,
+        `QVD_PASSWORD=${PASSWORD}`,
+        node.binary,
+        "client",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        String(PORT),
+        "--user",
+        "alice",
+        "--insecure",
+        "--link",
+        "lan",
+      ],
+      { stdout: "pipe", stderr: "pipe" },
+    );
     const session0 = (await row()).l7r_session;
     try {
       // The page says so, and offers to reconnect.
       await page.getByText("This desktop was opened elsewhere").waitFor({ timeout: 300_000 });
-      await until(async () => (await row()).user_state === "connected" && (await row()).l7r_session !== session0, "the client's session", 120_000);
+      await until(
+        async () => (await row()).user_state === "connected" && (await row()).l7r_session !== session0,
+        "the client's session",
+        120_000,
+      );
       expect(await xtermId()).toBe(before.id);
       // And back: the browser takes it from the client, whose session ends.
       await page.getByRole("button", { name: "Reconnect" }).click();
@@ -340,8 +515,16 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
     await until(async () => (await row()).user_state === "disconnected", "the session to be let go", 60_000);
     await page.getByRole("button", { name: "Connect" }).waitFor();
     // No process of a session uid, no directory.
-    await until(async () => (await run(["sh", "-c", "ps -eo uid= | awk '$1 >= 1600000000' | wc -l"])).stdout.trim() === "0", "the display's processes to end", 30_000);
-    await until(async () => (await run(["sh", "-c", `ls -A ${node.root}/run/web`])).stdout.trim() === "", "the display's directory to go", 30_000);
+    await until(
+      async () => (await run(["sh", "-c", "ps -eo uid= | awk '$1 >= 1600000000' | wc -l"])).stdout.trim() === "0",
+      "the display's processes to end",
+      30_000,
+    );
+    await until(
+      async () => (await run(["sh", "-c", `ls -A ${node.root}/run/web`])).stdout.trim() === "",
+      "the display's directory to go",
+      30_000,
+    );
     expect(await xtermId()).toMatch(/^0x/);
   }, 120_000);
 

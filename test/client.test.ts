@@ -69,7 +69,9 @@ function pattern(n: number): Buffer {
 }
 
 const respond = (status: string, headers: string[], body = "", eol = "\r\n") =>
-  Buffer.from(`HTTP/1.1 ${status}${eol}${headers.map((h) => h + eol).join("")}${body ? `Content-Length: ${Buffer.byteLength(body)}${eol}` : ""}${eol}${body}`);
+  Buffer.from(
+    `HTTP/1.1 ${status}${eol}${headers.map((h) => h + eol).join("")}${body ? `Content-Length: ${Buffer.byteLength(body)}${eol}` : ""}${eol}${body}`,
+  );
 
 function handleRequest(s: Socket<Conn>, head: string): void {
   const c = s.data;
@@ -79,7 +81,14 @@ function handleRequest(s: Socket<Conn>, head: string): void {
   const auth = lines.find((l) => l.startsWith("Authorization: "));
   const good = `Authorization: Basic ${Buffer.from(`${USER}:${PASSWORD}`).toString("base64")}`;
   if (auth !== good) {
-    return write(s, respond("401 Unauthorized", ['WWW-Authenticate: Basic realm="QVD"', "Content-Type: text/plain"], "The request requires user authentication.\r\nLong text.\r\n"));
+    return write(
+      s,
+      respond(
+        "401 Unauthorized",
+        ['WWW-Authenticate: Basic realm="QVD"', "Content-Type: text/plain"],
+        "The request requires user authentication.\r\nLong text.\r\n",
+      ),
+    );
   }
   const path = line.split(" ")[1]!;
   if (path.startsWith("/qvd/list_of_vm")) {
@@ -92,14 +101,23 @@ function handleRequest(s: Socket<Conn>, head: string): void {
   if (path.startsWith("/qvd/connect_to_vm")) {
     const id = new URL(path, "http://x").searchParams.get("id");
     if (!c.script.vms.some((v) => String((v as { id: number }).id) === id)) {
-      return write(s, respond("404 Not Found", ["Content-Type: text/plain"], "The requested virtual machine does not exist"));
+      return write(
+        s,
+        respond("404 Not Found", ["Content-Type: text/plain"], "The requested virtual machine does not exist"),
+      );
     }
     // Bare LF, as the Qt client writes them; a reimplemented server may do the same.
     let out = respond("102 Processing", [`X-QVD-VM-Info: Session acquired for VM_ID: ${id}`], "", "\n");
     out = Buffer.concat([out, respond("102 Processing", ["X-QVD-VM-Info: Starting virtual machine"])]);
     if (c.script.connect === "503") {
-      out = Buffer.concat([out, respond("503 Service Unavailable", ["Content-Type: text/plain"],
-        `The requested virtual machine is not available: VM didn't reach state 'running'. Timeout, retry later.`)]);
+      out = Buffer.concat([
+        out,
+        respond(
+          "503 Service Unavailable",
+          ["Content-Type: text/plain"],
+          `The requested virtual machine is not available: VM didn't reach state 'running'. Timeout, retry later.`,
+        ),
+      ]);
       return write(s, out);
     }
     if (c.script.connect === "relay") {
@@ -115,8 +133,12 @@ function handleRequest(s: Socket<Conn>, head: string): void {
       relay.on("error", () => s.end());
       return;
     }
-    out = Buffer.concat([out, respond("102 Processing", ["X-QVD-VM-Info: Connection established"]),
-      respond("101 Switching Protocols", [`X-QVD-Slave-Key: ${"k".repeat(64)}`]), Buffer.from(FIRST, "latin1")]);
+    out = Buffer.concat([
+      out,
+      respond("102 Processing", ["X-QVD-VM-Info: Connection established"]),
+      respond("101 Switching Protocols", [`X-QVD-Slave-Key: ${"k".repeat(64)}`]),
+      Buffer.from(FIRST, "latin1"),
+    ]);
     c.raw = true;
     write(s, out); // one write: the first NX bytes travel with the 101
     if (c.script.flood) write(s, pattern(c.script.flood));
@@ -157,7 +179,7 @@ function startServer(tls = true): TCPSocketListener<Conn> {
           const head = c.buf.subarray(0, m.index).toString("latin1");
           c.buf = c.buf.subarray(m.index + m[0].length);
           handleRequest(s, head);
-          if (c.raw || c.script.connect === "relay" && c.rec.requests.at(-1)?.line.includes("connect_to_vm")) return;
+          if (c.raw || (c.script.connect === "relay" && c.rec.requests.at(-1)?.line.includes("connect_to_vm"))) return;
         }
       },
       drain: flush,
@@ -173,7 +195,9 @@ function startServer(tls = true): TCPSocketListener<Conn> {
 }
 
 const fake = join(dir, "fake-nxproxy.ts");
-writeFileSync(fake, `
+writeFileSync(
+  fake,
+  `
 import net from "node:net";
 const d = Number(process.argv.at(-1)!.split(":")[1]);
 if (!process.argv.includes("-S") || !(d > 0)) { console.error("bad args", process.argv.slice(2)); process.exit(9); }
@@ -197,22 +221,44 @@ s.on("data", (c) => {
 });
 s.on("close", () => { console.error("fake: got", got, "ok", ok); process.exit(ok && got === want.length ? 0 : 1); });
 s.on("error", (e) => { console.error("fake:", e.message); process.exit(3); });
-`);
+`,
+);
 
 async function client(args: string[], env: Record<string, string> = {}) {
   const p = Bun.spawn([process.execPath, "src/main.ts", "client", ...args], {
-    env: { PATH: process.env.PATH!, HOME: dir, QVD_PASSWORD: PASSWORD, FAKE_FIRST: Buffer.from(FIRST, "latin1").toString("hex"), FAKE_SIZE: String(PAYLOAD_SIZE), ...env },
+    env: {
+      PATH: process.env.PATH!,
+      HOME: dir,
+      QVD_PASSWORD: PASSWORD,
+      FAKE_FIRST: Buffer.from(FIRST, "latin1").toString("hex"),
+      FAKE_SIZE: String(PAYLOAD_SIZE),
+      ...env,
+    },
     stdin: "ignore",
     stdout: "pipe",
     stderr: "pipe",
   });
-  const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  const [stdout, stderr, code] = await Promise.all([
+    new Response(p.stdout).text(),
+    new Response(p.stderr).text(),
+    p.exited,
+  ]);
   return { stdout, stderr, code };
 }
 
 // This machine's printing and sound are test/client-services.test.ts's subject: not asked for here.
 const QUIET = ["--no-printing", "--no-audio"];
-const base = () => ["--host", "127.0.0.1", "--port", String(server.port), "--user", USER, "--nxproxy-command", `${process.execPath} ${fake}`, ...QUIET];
+const base = () => [
+  "--host",
+  "127.0.0.1",
+  "--port",
+  String(server.port),
+  "--user",
+  USER,
+  "--nxproxy-command",
+  `${process.execPath} ${fake}`,
+  ...QUIET,
+];
 const VMS = [
   { id: 10, name: "alice-1", state: "stopped", blocked: 0, is_application: 0 },
   { id: 11, name: "alice-2", state: "running", blocked: "0", is_application: null },
@@ -220,8 +266,24 @@ const VMS = [
 
 beforeAll(() => {
   const gen = (k: string, c: string) =>
-    Bun.spawnSync(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", k, "-out", c, "-days", "2",
-      "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]);
+    Bun.spawnSync([
+      "openssl",
+      "req",
+      "-x509",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-keyout",
+      k,
+      "-out",
+      c,
+      "-days",
+      "2",
+      "-subj",
+      "/CN=localhost",
+      "-addext",
+      "subjectAltName=DNS:localhost,IP:127.0.0.1",
+    ]);
   expect(gen(key, cert).exitCode).toBe(0);
   expect(gen(join(dir, "other.key"), otherCert).exitCode).toBe(0);
   server = startServer();
@@ -238,7 +300,20 @@ describe("qvd client against a scripted L7R", () => {
   test("lists, connects, prints progress, splices 1 MiB each way; the bytes after the 101 come first", async () => {
     script.vms = VMS;
     script.connect = "ok";
-    const r = await client([...base(), "--ca", cert, "--vm", "11", "--geometry", "800x600", "--link", "lan", "--fullscreen", "--keyboard", "pc105/es"]);
+    const r = await client([
+      ...base(),
+      "--ca",
+      cert,
+      "--vm",
+      "11",
+      "--geometry",
+      "800x600",
+      "--link",
+      "lan",
+      "--fullscreen",
+      "--keyboard",
+      "pc105/es",
+    ]);
     expect(r.stderr).toBe("");
     expect(r.code).toBe(0);
     expect(r.stdout).toContain("Session acquired for VM_ID: 11\nStarting virtual machine\nConnection established\n");
@@ -248,7 +323,8 @@ describe("qvd client against a scripted L7R", () => {
     expect(list!.headers).toContain(`Authorization: Basic ${Buffer.from(`${USER}:${PASSWORD}`).toString("base64")}`);
     expect(connect!.line).toBe(
       "GET /qvd/connect_to_vm?id=11&qvd.client.os=linux&qvd.client.keyboard=pc105%2Fes&qvd.client.link=lan&qvd.client.geometry=800x600" +
-        "&qvd.client.fullscreen=1&qvd.client.printing.enabled=0&qvd.client.audio.enabled=0&qvd.client.type=qvd-bun HTTP/1.1");
+        "&qvd.client.fullscreen=1&qvd.client.printing.enabled=0&qvd.client.audio.enabled=0&qvd.client.type=qvd-bun HTTP/1.1",
+    );
     expect(connect!.headers).toContain("Connection: Upgrade");
     expect(connect!.headers).toContain("Upgrade: QVD/1.0");
     expect(last.up).toBe(PAYLOAD_SIZE);
@@ -259,7 +335,11 @@ describe("qvd client against a scripted L7R", () => {
     script.vms = [VMS[0]];
     script.flood = 32 << 20;
     try {
-      const run = client([...base(), "--ca", cert], { FAKE_SIZE: "0", FAKE_EXPECT: String(32 << 20), FAKE_DELAY: "2000" });
+      const run = client([...base(), "--ca", cert], {
+        FAKE_SIZE: "0",
+        FAKE_EXPECT: String(32 << 20),
+        FAKE_DELAY: "2000",
+      });
       // While nxproxy does not read, the client stops reading too: most of the flood is still
       // queued at the server (the kernel's socket buffers hold a few MiB at most). A check that
       // the queue stays: 1.2 s into nxproxy's 2 s pause it must not have drained.
@@ -276,7 +356,16 @@ describe("qvd client against a scripted L7R", () => {
 
   test("--no-tls: plain TCP (l7r.use_ssl=0)", async () => {
     script.vms = [VMS[0]];
-    const r = await client(["--host", `127.0.0.1:${plainServer.port}`, "--user", USER, "--no-tls", "--nxproxy-command", `${process.execPath} ${fake}`, ...QUIET]);
+    const r = await client([
+      "--host",
+      `127.0.0.1:${plainServer.port}`,
+      "--user",
+      USER,
+      "--no-tls",
+      "--nxproxy-command",
+      `${process.execPath} ${fake}`,
+      ...QUIET,
+    ]);
     expect(r.stderr).toBe("");
     expect(r.code).toBe(0);
     expect(last.up).toBe(PAYLOAD_SIZE);
@@ -288,7 +377,11 @@ describe("qvd client against a scripted L7R", () => {
     writeFileSync(pw, `${PASSWORD}\n`);
     const r = await client([...base(), "--ca", cert, "--stop", "--password-file", pw], { QVD_PASSWORD: "" });
     expect(r.code).toBe(0);
-    expect(last.requests.map((q) => q.line.split("?")[0])).toEqual(["GET /qvd/list_of_vm HTTP/1.1", "GET /qvd/stop_vm", "GET /qvd/connect_to_vm"]);
+    expect(last.requests.map((q) => q.line.split("?")[0])).toEqual([
+      "GET /qvd/list_of_vm HTTP/1.1",
+      "GET /qvd/stop_vm",
+      "GET /qvd/connect_to_vm",
+    ]);
     expect(last.requests[1]!.line).toBe("GET /qvd/stop_vm?id=10 HTTP/1.1");
     expect(r.stdout).toContain("Stopping virtual machine\n");
   });
@@ -297,7 +390,9 @@ describe("qvd client against a scripted L7R", () => {
     script.vms = VMS;
     const r = await client([...base(), "--ca", cert]);
     expect(r.code).toBe(2);
-    expect(r.stderr).toBe("qvd: alice@acme has 2 desktops, choose one with --vm ID: 10 alice-1 (stopped), 11 alice-2 (running)\n");
+    expect(r.stderr).toBe(
+      "qvd: alice@acme has 2 desktops, choose one with --vm ID: 10 alice-1 (stopped), 11 alice-2 (running)\n",
+    );
   });
 
   test("an unknown --vm: exit 5", async () => {
@@ -307,34 +402,47 @@ describe("qvd client against a scripted L7R", () => {
     expect(r.stderr).toStartWith("qvd: no desktop 99 for alice@acme on 127.0.0.1:");
   });
 
-  test.skipIf(!Bun.which("script"))("on a terminal: the password is prompted without echo, the desktop chosen from a numbered list", async () => {
-    script.vms = VMS;
-    const cmd = [process.execPath, "src/main.ts", "client", ...base(), "--ca", cert].map((a) => `'${a}'`).join(" ");
-    const p = Bun.spawn(["script", "-qfec", cmd, "/dev/null"], {
-      env: { PATH: process.env.PATH!, HOME: dir, FAKE_FIRST: Buffer.from(FIRST, "latin1").toString("hex"), FAKE_SIZE: "1000", TERM: "dumb" },
-      stdin: "pipe", stdout: "pipe", stderr: "pipe",
-    });
-    let out = "";
-    void (async () => {
-      const r = p.stdout.getReader();
-      for (;;) {
-        const { done, value } = await r.read();
-        if (done) break;
-        out += new TextDecoder().decode(value);
-      }
-    })();
-    await waitFor(`the password prompt (${out})`, () => (out.includes("Password for alice@acme@127.0.0.1: ") ? true : undefined));
-    p.stdin.write(`${PASSWORD}\r`);
-    p.stdin.flush();
-    await waitFor(`the choice (${out})`, () => (out.includes("Connect to which one [1-2]? ") ? true : undefined));
-    p.stdin.write("2\r");
-    p.stdin.flush();
-    expect(await p.exited).toBe(0);
-    expect(out).not.toContain(PASSWORD);
-    expect(out).toContain("  1) 10 alice-1 (stopped)");
-    expect(out).toContain("  2) 11 alice-2 (running)");
-    expect(last.requests[1]!.line).toStartWith("GET /qvd/connect_to_vm?id=11&");
-  });
+  test.skipIf(!Bun.which("script"))(
+    "on a terminal: the password is prompted without echo, the desktop chosen from a numbered list",
+    async () => {
+      script.vms = VMS;
+      const cmd = [process.execPath, "src/main.ts", "client", ...base(), "--ca", cert].map((a) => `'${a}'`).join(" ");
+      const p = Bun.spawn(["script", "-qfec", cmd, "/dev/null"], {
+        env: {
+          PATH: process.env.PATH!,
+          HOME: dir,
+          FAKE_FIRST: Buffer.from(FIRST, "latin1").toString("hex"),
+          FAKE_SIZE: "1000",
+          TERM: "dumb",
+        },
+        stdin: "pipe",
+        stdout: "pipe",
+        stderr: "pipe",
+      });
+      let out = "";
+      void (async () => {
+        const r = p.stdout.getReader();
+        for (;;) {
+          const { done, value } = await r.read();
+          if (done) break;
+          out += new TextDecoder().decode(value);
+        }
+      })();
+      await waitFor(`the password prompt (${out})`, () =>
+        out.includes("Password for alice@acme@127.0.0.1: ") ? true : undefined,
+      );
+      p.stdin.write(`${PASSWORD}\r`);
+      p.stdin.flush();
+      await waitFor(`the choice (${out})`, () => (out.includes("Connect to which one [1-2]? ") ? true : undefined));
+      p.stdin.write("2\r");
+      p.stdin.flush();
+      expect(await p.exited).toBe(0);
+      expect(out).not.toContain(PASSWORD);
+      expect(out).toContain("  1) 10 alice-1 (stopped)");
+      expect(out).toContain("  2) 11 alice-2 (running)");
+      expect(last.requests[1]!.line).toStartWith("GET /qvd/connect_to_vm?id=11&");
+    },
+  );
 
   test("a blocked desktop: exit 4", async () => {
     script.vms = [{ id: 12, name: "alice-3", state: "running", blocked: "1", is_application: 0 }];
@@ -347,7 +455,9 @@ describe("qvd client against a scripted L7R", () => {
   test("a wrong password: exit 3", async () => {
     const r = await client([...base(), "--ca", cert], { QVD_PASSWORD: "wrong" });
     expect(r.code).toBe(3);
-    expect(r.stderr).toMatch(/^qvd: 127\.0\.0\.1:\d+ refused the login \(wrong user name or password, or the account is blocked\)\n$/);
+    expect(r.stderr).toMatch(
+      /^qvd: 127\.0\.0\.1:\d+ refused the login \(wrong user name or password, or the account is blocked\)\n$/,
+    );
   });
 
   test("the server cannot start the desktop (503): exit 6 with the server's reason; --insecure warns", async () => {
@@ -358,13 +468,17 @@ describe("qvd client against a scripted L7R", () => {
     expect(r.code).toBe(6);
     expect(r.stdout).toContain("Starting virtual machine\n");
     expect(r.stderr).toContain("qvd: warning: --insecure");
-    expect(r.stderr).toContain("could not start desktop 10: 503 Service Unavailable: The requested virtual machine is not available: VM didn't reach state 'running'. Timeout, retry later.\n");
+    expect(r.stderr).toContain(
+      "could not start desktop 10: 503 Service Unavailable: The requested virtual machine is not available: VM didn't reach state 'running'. Timeout, retry later.\n",
+    );
   });
 
   test("an untrusted certificate without --ca: exit 7 with a hint; another --ca: exit 7", async () => {
     let r = await client(base());
     expect(r.code).toBe(7);
-    expect(r.stderr).toMatch(/^qvd: cannot reach the server 127\.0\.0\.1:\d+: its certificate is not trusted \(.+\); trust its CA with --ca FILE, or use --insecure/);
+    expect(r.stderr).toMatch(
+      /^qvd: cannot reach the server 127\.0\.0\.1:\d+: its certificate is not trusted \(.+\); trust its CA with --ca FILE, or use --insecure/,
+    );
     r = await client([...base(), "--ca", otherCert]);
     expect(r.code).toBe(7);
     expect(r.stderr).toContain("not signed by the --ca given");
@@ -382,7 +496,17 @@ describe("qvd client against a scripted L7R", () => {
 
   test("nxproxy cannot be started: exit 1", async () => {
     script.vms = [VMS[0]];
-    const r = await client(["--host", `127.0.0.1:${server.port}`, "--user", USER, "--ca", cert, "--nxproxy-command", join(dir, "no-such-nxproxy"), ...QUIET]);
+    const r = await client([
+      "--host",
+      `127.0.0.1:${server.port}`,
+      "--user",
+      USER,
+      "--ca",
+      cert,
+      "--nxproxy-command",
+      join(dir, "no-such-nxproxy"),
+      ...QUIET,
+    ]);
     expect(r.code).toBe(1);
     expect(r.stderr).toStartWith(`qvd: cannot start ${join(dir, "no-such-nxproxy")} (is nxproxy installed?): `);
     expect(r.stderr.split("\n").length).toBe(2);
@@ -399,7 +523,6 @@ describe("qvd client against a scripted L7R", () => {
 // test Xvfb; the scripted server relays to a real nxagent on loopback, as the L7R does.
 const haveNx = ["nxproxy", "nxagent", "Xvfb", "xsetroot", "xwd", "convert"].every((p) => Bun.which(p));
 
-
 async function pixel(display: number, x: number, y: number): Promise<string> {
   const sh = `xwd -root -silent -display :${display} | convert xwd:- -format '%[pixel:p{${x},${y}}]' info:-`;
   const p = Bun.spawn(["sh", "-c", sh], { stdout: "pipe", stderr: "pipe" });
@@ -410,16 +533,34 @@ async function pixel(display: number, x: number, y: number): Promise<string> {
 describe.skipIf(!haveNx)("qvd client with a real nxproxy and nxagent", () => {
   const procs: Bun.Subprocess[] = [];
   afterAll(async () => {
-    for (const p of procs) try { p.kill("SIGTERM"); } catch {}
+    for (const p of procs)
+      try {
+        p.kill("SIGTERM");
+      } catch {}
     await Promise.all(procs.map((p) => Promise.race([p.exited, Bun.sleep(3000)])));
-    for (const p of procs) try { p.kill("SIGKILL"); } catch {}
+    for (const p of procs)
+      try {
+        p.kill("SIGKILL");
+      } catch {}
   });
 
   async function startAgent(from: number) {
     const nd = freeDisplay(from);
     const a = { nd, log: "", proc: undefined as unknown as Bun.Subprocess<"ignore", "ignore", "pipe"> };
-    const agent = a.proc = Bun.spawn(["nxagent", `:${nd}`, "-ac", "-name", "QVD", "-nolisten", "tcp",
-      "-display", `nx/nx,link=lan,geometry=800x600,client=linux,tolerancechecks=risky:${nd}`], { stdout: "ignore", stderr: "pipe", env: { ...process.env, DISPLAY: "" } });
+    const agent = (a.proc = Bun.spawn(
+      [
+        "nxagent",
+        `:${nd}`,
+        "-ac",
+        "-name",
+        "QVD",
+        "-nolisten",
+        "tcp",
+        "-display",
+        `nx/nx,link=lan,geometry=800x600,client=linux,tolerancechecks=risky:${nd}`,
+      ],
+      { stdout: "ignore", stderr: "pipe", env: { ...process.env, DISPLAY: "" } },
+    ));
     procs.push(agent);
     void (async () => {
       const r = agent.stderr.getReader();
@@ -435,7 +576,10 @@ describe.skipIf(!haveNx)("qvd client with a real nxproxy and nxagent", () => {
 
   test("the desktop's pixels arrive on the client's X display; the session ends when nxagent goes", async () => {
     const xd = freeDisplay(67);
-    const xvfb = Bun.spawn(["Xvfb", `:${xd}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" });
+    const xvfb = Bun.spawn(["Xvfb", `:${xd}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], {
+      stdout: "ignore",
+      stderr: "ignore",
+    });
     procs.push(xvfb);
     await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${xd}`) || undefined);
     const ag = await startAgent(Math.max(xd + 1, 120));
@@ -445,19 +589,51 @@ describe.skipIf(!haveNx)("qvd client with a real nxproxy and nxagent", () => {
     script.vms = [VMS[1]];
     script.connect = "relay";
     script.relayPort = 4000 + nd;
-    const p = Bun.spawn([process.execPath, "src/main.ts", "client", "--host", "127.0.0.1", "--port", String(server.port), "--user", USER, "--ca", cert,
-      "--link", "lan", "--geometry", "800x600", ...QUIET], {
-      env: { PATH: process.env.PATH!, HOME: dir, QVD_PASSWORD: PASSWORD, DISPLAY: `:${xd}` },
-      stdin: "ignore", stdout: "pipe", stderr: "pipe",
-    });
+    const p = Bun.spawn(
+      [
+        process.execPath,
+        "src/main.ts",
+        "client",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        String(server.port),
+        "--user",
+        USER,
+        "--ca",
+        cert,
+        "--link",
+        "lan",
+        "--geometry",
+        "800x600",
+        ...QUIET,
+      ],
+      {
+        env: { PATH: process.env.PATH!, HOME: dir, QVD_PASSWORD: PASSWORD, DISPLAY: `:${xd}` },
+        stdin: "ignore",
+        stdout: "pipe",
+        stderr: "pipe",
+      },
+    );
     procs.push(p);
     const out = new Response(p.stdout).text();
     const err = new Response(p.stderr).text();
     try {
-      await waitFor(`the session (agent: ${ag.log.split("\n").slice(-5).join(" / ")})`, () => (/Session: Session (started|resumed)/.test(ag.log) ? true : undefined), 20_000);
+      await waitFor(
+        `the session (agent: ${ag.log.split("\n").slice(-5).join(" / ")})`,
+        () => (/Session: Session (started|resumed)/.test(ag.log) ? true : undefined),
+        20_000,
+      );
       const xs = Bun.spawn(["xsetroot", "-display", `:${nd}`, "-solid", "#ff0000"], { stderr: "ignore" });
       expect(await xs.exited).toBe(0);
-      expect(await waitFor("red pixels on the client's Xvfb", async () => ((await pixel(xd, 100, 100)) === "srgb(255,0,0)" ? true : undefined), 15_000, 300)).toBe(true);
+      expect(
+        await waitFor(
+          "red pixels on the client's Xvfb",
+          async () => ((await pixel(xd, 100, 100)) === "srgb(255,0,0)" ? true : undefined),
+          15_000,
+          300,
+        ),
+      ).toBe(true);
       // The desktop goes away: the client ends with the session.
       agent.kill("SIGTERM");
       const code = await Promise.race([p.exited, Bun.sleep(20_000).then(() => "timeout")]);
@@ -475,9 +651,14 @@ describe.skipIf(!haveNx)("qvd client with a real nxproxy and nxagent", () => {
     script.relayPort = 4000 + ag.nd;
     try {
       const xd = freeDisplay(ag.nd + 1);
-      const r = await client(["--host", "127.0.0.1", "--port", String(server.port), "--user", USER, "--ca", cert, ...QUIET], { DISPLAY: `:${xd}` });
+      const r = await client(
+        ["--host", "127.0.0.1", "--port", String(server.port), "--user", USER, "--ca", cert, ...QUIET],
+        { DISPLAY: `:${xd}` },
+      );
       expect(r.code).toBe(1);
-      expect(r.stderr).toStartWith(`qvd: the NX session failed: cannot open the X display :${xd} (DISPLAY): Connection to ':${xd}' failed.`);
+      expect(r.stderr).toStartWith(
+        `qvd: the NX session failed: cannot open the X display :${xd} (DISPLAY): Connection to ':${xd}' failed.`,
+      );
       expect(r.stderr.split("\n").length).toBe(2);
     } finally {
       script.connect = "ok";
@@ -486,7 +667,10 @@ describe.skipIf(!haveNx)("qvd client with a real nxproxy and nxagent", () => {
 
   test("nxproxy fails (the other end is not an NX agent): exit 1 with nxproxy's reason", async () => {
     script.vms = [VMS[0]];
-    const r = await client(["--host", "127.0.0.1", "--port", String(server.port), "--user", USER, "--ca", cert, ...QUIET], { DISPLAY: ":1" });
+    const r = await client(
+      ["--host", "127.0.0.1", "--port", String(server.port), "--user", USER, "--ca", cert, ...QUIET],
+      { DISPLAY: ":1" },
+    );
     expect(r.code).toBe(1);
     expect(r.stderr).toBe("qvd: the NX session failed: Wrong version or invalid session authentication cookie.\n");
   }, 60_000);

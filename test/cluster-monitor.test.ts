@@ -32,7 +32,8 @@ beforeAll(async () => {
 let seq = 0;
 /** A node row: `beat` seconds since its last heartbeat (null: none), in `state`. */
 async function node(state: string, beat: number | null, extra: { drain?: boolean } = {}): Promise<number> {
-  const [h] = await sql()`INSERT INTO hosts (name, address) VALUES (${`node-${++seq}`}, ${`198.19.0.${seq}`}) RETURNING id`;
+  const [h] =
+    await sql()`INSERT INTO hosts (name, address) VALUES (${`node-${++seq}`}, ${`198.19.0.${seq}`}) RETURNING id`;
   await sql()`UPDATE host_runtimes SET state = ${state}, ok_ts = CASE WHEN ${beat === null} THEN NULL ELSE now() - make_interval(secs => ${beat ?? 0}) END,
       state_ts = now() - interval '1 day', usable_ram_mb = 65536, usable_cpu = 4000, drain = ${extra.drain ?? false} WHERE host_id = ${h!.id}`;
   return h!.id;
@@ -41,7 +42,12 @@ async function node(state: string, beat: number | null, extra: { drain?: boolean
 /** A VM of a new user, running on `hostId` (as its node would have recorded it). */
 async function desktopOn(hostId: number | null, state = "running"): Promise<number> {
   const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: `user-${++seq}` });
-  const vm = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osfId, name: `desk-${seq}` }, { range: "198.18.0.0/16" });
+  const vm = await D.createVm(
+    sql(),
+    ALL,
+    { user_id: user.id, osf_id: osfId, name: `desk-${seq}` },
+    { range: "198.18.0.0/16" },
+  );
   if (hostId !== null)
     await sql()`UPDATE vm_runtimes SET vm_state = ${state}, host_id = ${hostId}, vm_address = ${vm.ip}::inet, vma_secret = 'secret', vma_port = 3030
       WHERE vm_id = ${vm.id}`;
@@ -63,27 +69,58 @@ describe("the cluster monitor", () => {
     // Eight monitors, each with connections of its own, all at once.
     const pools: Sql[] = Array.from({ length: 8 }, () => connect(db().url, { max: 2 }));
     try {
-      const monitors = pools.map((p, i) => new ClusterMonitor({ sql: p, host: { id: fresh, name: `watcher-${i}` }, lostAfterS: 300, dbOkForS: () => 1e6 }));
+      const monitors = pools.map(
+        (p, i) =>
+          new ClusterMonitor({
+            sql: p,
+            host: { id: fresh, name: `watcher-${i}` },
+            lostAfterS: 300,
+            dbOkForS: () => 1e6,
+          }),
+      );
       const rounds = await Promise.all(monitors.flatMap((m) => [m.check(), m.check()]));
       const declared = rounds.flat();
-      expect(declared.filter((d) => d.hostId === stale)).toEqual([{ hostId: stale, name: expect.any(String), vms: vms.sort((a, b) => a - b) }]);
+      expect(declared.filter((d) => d.hostId === stale)).toEqual([
+        { hostId: stale, name: expect.any(String), vms: vms.sort((a, b) => a - b) },
+      ]);
       expect(declared.filter((d) => d.hostId === neverBeat)).toHaveLength(1);
       expect(declared.filter((d) => ![stale, neverBeat].includes(d.hostId))).toEqual([]);
     } finally {
       await Promise.all(pools.map((p) => p.end()));
     }
-    expect(await hostRow(stale)).toMatchObject({ state: "lost", lost_reason: expect.stringMatching(/^no heartbeat for \d+ s \(cluster.lost_after 300 s\), seen by node watcher-\d$/) });
-    for (const id of vms) expect(await vmRow(id)).toMatchObject({ vm_state: "stopped", host_id: null, vm_address: null });
-    expect([(await hostRow(fresh)).state, (await hostRow(stopped)).state, (await hostRow(lost)).state]).toEqual(["running", "stopped", "lost"]);
+    expect(await hostRow(stale)).toMatchObject({
+      state: "lost",
+      lost_reason: expect.stringMatching(
+        /^no heartbeat for \d+ s \(cluster.lost_after 300 s\), seen by node watcher-\d$/,
+      ),
+    });
+    for (const id of vms)
+      expect(await vmRow(id)).toMatchObject({ vm_state: "stopped", host_id: null, vm_address: null });
+    expect([(await hostRow(fresh)).state, (await hostRow(stopped)).state, (await hostRow(lost)).state]).toEqual([
+      "running",
+      "stopped",
+      "lost",
+    ]);
     expect(await vmRow(freshVm)).toMatchObject({ vm_state: "running", host_id: fresh });
-    const audits = await sql()`SELECT source, arguments FROM audit_log WHERE action = 'host.declare_lost' AND object_id = ${stale}`;
-    expect([...audits]).toEqual([{ source: "hkd", arguments: { reason: expect.any(String), released_vms: vms, by_node: expect.stringMatching(/^watcher-/) } }]);
+    const audits =
+      await sql()`SELECT source, arguments FROM audit_log WHERE action = 'host.declare_lost' AND object_id = ${stale}`;
+    expect([...audits]).toEqual([
+      {
+        source: "hkd",
+        arguments: { reason: expect.any(String), released_vms: vms, by_node: expect.stringMatching(/^watcher-/) },
+      },
+    ]);
   });
 
   test("while its own database has not worked for cluster.lost_after, a monitor declares nothing", async () => {
     const stale = await node("running", 3600);
-    let okFor: number | undefined ; // the database is failing now
-    const m = new ClusterMonitor({ sql: sql(), host: { id: 0, name: "watcher" }, lostAfterS: 60, dbOkForS: () => okFor });
+    let okFor: number | undefined; // the database is failing now
+    const m = new ClusterMonitor({
+      sql: sql(),
+      host: { id: 0, name: "watcher" },
+      lostAfterS: 60,
+      dbOkForS: () => okFor,
+    });
     expect(await m.check()).toEqual([]);
     okFor = 59; // back, but not for long enough
     expect(await m.check()).toEqual([]);
@@ -98,7 +135,11 @@ describe("the administrator's controls (API)", () => {
     const h = await node("running", 0);
     const vm = await desktopOn(h);
     const tenant = (await sa.post("/tenants", { name: "acme" })).body.id;
-    const { id: boss, client: ta } = await live.admin("boss", { tenantId: tenant, tenant: "acme", roles: ["Tenant administrator"] });
+    const { id: boss, client: ta } = await live.admin("boss", {
+      tenantId: tenant,
+      tenant: "acme",
+      roles: ["Tenant administrator"],
+    });
     expect((await ta.post(`/hosts/${h}/declare_lost`, { reason: "mine now" })).status).toBe(403);
     // Even a role that grants the ACL gives no power over whole nodes in a tenant.
     const nodesRole = (await sa.post("/roles", { tenant_id: tenant, name: "Node keeper" })).body.id;
@@ -115,11 +156,19 @@ describe("the administrator's controls (API)", () => {
     expect([noReason.status, noReason.body.error.field]).toEqual([422, "reason"]);
     const r = await sa.post(`/hosts/${h}/declare_lost`, { reason: "the PSU burnt" });
     expect(r.status).toBe(200);
-    expect(r.body).toMatchObject({ released_vms: [vm], host: { state: "lost", lost_reason: "the PSU burnt", lost_ts: expect.any(String) } });
+    expect(r.body).toMatchObject({
+      released_vms: [vm],
+      host: { state: "lost", lost_reason: "the PSU burnt", lost_ts: expect.any(String) },
+    });
     expect(await vmRow(vm)).toMatchObject({ vm_state: "stopped", host_id: null });
     expect((await sa.post(`/hosts/${h}/declare_lost`, { reason: "again" })).status).toBe(409);
-    const [a] = await sql()`SELECT administrator_name, source, arguments FROM audit_log WHERE action = 'host.declare_lost' AND object_id = ${h} AND ok`;
-    expect(a).toEqual({ administrator_name: TEST_ADMIN.name, source: "api", arguments: { reason: "the PSU burnt", released_vms: [vm] } });
+    const [a] =
+      await sql()`SELECT administrator_name, source, arguments FROM audit_log WHERE action = 'host.declare_lost' AND object_id = ${h} AND ok`;
+    expect(a).toEqual({
+      administrator_name: TEST_ADMIN.name,
+      source: "api",
+      arguments: { reason: "the PSU burnt", released_vms: [vm] },
+    });
   });
 
   test("clear-zombie: refused while the zombie's node is alive (stop it instead), done once the node is lost", async () => {
@@ -153,7 +202,8 @@ describe("the administrator's controls (API)", () => {
     const draining = await node("running", 0, { drain: true });
     const vm = await desktopOn(draining);
     const mine = crypto.randomUUID();
-    const held = (session: string) => sql()`UPDATE vm_runtimes SET user_state = 'connecting', l7r_session = ${session}::uuid WHERE vm_id = ${vm}`;
+    const held = (session: string) =>
+      sql()`UPDATE vm_runtimes SET user_state = 'connecting', l7r_session = ${session}::uuid WHERE vm_id = ${vm}`;
     await held(crypto.randomUUID()); // someone else's session
     expect(await leaveDrainingNode(sql(), vm, mine)).toBe(false);
     expect((await vmRow(vm)).vm_cmd).toBeNull();
@@ -174,15 +224,22 @@ describe("the administrator's controls (API)", () => {
   test("PUT and DELETE /configs refuse to break hkd.fence_after < cluster.lost_after (422 naming both keys)", async () => {
     const put = await sa.put("/configs/cluster.lost_after", { value: "120" });
     expect([put.status, put.body.error.field]).toEqual([422, "value"]);
-    expect(put.body.error.message).toContain("hkd.fence_after (120, the default) must be less than cluster.lost_after (120, global)");
+    expect(put.body.error.message).toContain(
+      "hkd.fence_after (120, the default) must be less than cluster.lost_after (120, global)",
+    );
     expect((await sa.put("/configs/hkd.fence_after", { value: "60" })).status).toBe(200);
     expect((await sa.put("/configs/cluster.lost_after", { value: "120" })).status).toBe(200);
     expect((await sa.put("/configs/hkd.fence_after", { value: "120" })).status).toBe(422);
     const del = await sa.del("/configs/hkd.fence_after"); // back to the default 120
-    expect([del.status, del.body.error.message]).toEqual([422, expect.stringContaining("cluster.lost_after (120, global)")]);
+    expect([del.status, del.body.error.message]).toEqual([
+      422,
+      expect.stringContaining("cluster.lost_after (120, global)"),
+    ]);
     expect((await sa.del("/configs/cluster.lost_after")).status).toBe(200);
     expect((await sa.del("/configs/hkd.fence_after")).status).toBe(200);
-    expect((await sql()`SELECT key FROM configs WHERE key IN ('hkd.fence_after', 'cluster.lost_after')`).length).toBe(0);
+    expect((await sql()`SELECT key FROM configs WHERE key IN ('hkd.fence_after', 'cluster.lost_after')`).length).toBe(
+      0,
+    );
   });
 });
 
@@ -218,7 +275,11 @@ describe.skipIf(!isRoot)("a real node (HKD, LXC)", () => {
     };
     await until(reachable, "the database to answer again", 30_000);
     const [{ back }] = (await sql()`SELECT now() AS back`) as unknown as [{ back: Date }];
-    await until(async () => ((await hostRow(testNode.host.id)).ok_ts?.getTime() ?? 0) > back.getTime(), "the node to heartbeat again", 30_000);
+    await until(
+      async () => ((await hostRow(testNode.host.id)).ok_ts?.getTime() ?? 0) > back.getTime(),
+      "the node to heartbeat again",
+      30_000,
+    );
     // The other node takes a few of the monitor's rounds to notice the database is back: without
     // the grace, the monitor would declare it lost meanwhile. A check that nothing happens: the
     // sleeps give the monitor those rounds (3 s, then 14 s of the other node heartbeating).
@@ -241,7 +302,8 @@ describe.skipIf(!isRoot)("a real node (HKD, LXC)", () => {
     await testNode.start(FAST);
     const vm = await desktopOn(null);
     const startOn = async () => (await sa.post(`/vms/${vm}/start`)).body;
-    const untilVm = (state: string) => until(async () => (await vmRow(vm)).vm_state === state, `vm ${vm} to be ${state}`, 60_000);
+    const untilVm = (state: string) =>
+      until(async () => (await vmRow(vm)).vm_state === state, `vm ${vm} to be ${state}`, 60_000);
     expect((await startOn()).host_id).toBe(testNode.host.id);
     await untilVm("running");
     expect(await testNode.containers()).toEqual([`qvd-${vm}`]);
@@ -273,12 +335,37 @@ describe.skipIf(!isRoot)("a real node (HKD, LXC)", () => {
       if (!testNode.proc) await testNode.start(FAST);
       await sql()`UPDATE hosts SET address = '198.19.254.1' WHERE id = ${testNode.host.id}`; // addresses are unique; A runs no L7R
       await nodeB.setup();
-      copyFileSync(join(testNode.root, "storage", "images", "busybox.tar.gz"), join(nodeB.root, "storage", "images", "busybox.tar.gz"));
+      copyFileSync(
+        join(testNode.root, "storage", "images", "busybox.tar.gz"),
+        join(nodeB.root, "storage", "images", "busybox.tar.gz"),
+      );
       const [cert, key] = [join(nodeB.root, "l7r.crt"), join(nodeB.root, "l7r.key")];
-      await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", key, "-out", cert]);
+      await run([
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        key,
+        "-out",
+        cert,
+      ]);
       await nodeB.start(FAST, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
       const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "mover", password: "mover-password" });
-      const vm = (await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osfId, name: "moving-desk" }, { range: "198.18.0.0/16" })).id;
+      const vm = (
+        await D.createVm(
+          sql(),
+          ALL,
+          { user_id: user.id, osf_id: osfId, name: "moving-desk" },
+          { range: "198.18.0.0/16" },
+        )
+      ).id;
       // The desktop runs on node A (B drained meanwhile, so placement cannot choose it).
       await sa.post(`/hosts/${nodeB.host.id}/drain`);
       expect((await sa.post(`/vms/${vm}/start`)).body.host_id).toBe(testNode.host.id);
@@ -287,7 +374,18 @@ describe.skipIf(!isRoot)("a real node (HKD, LXC)", () => {
       await sa.post(`/hosts/${testNode.host.id}/drain`);
 
       const bun = join(import.meta.dir, "..", "node_modules", ".bin", "bun");
-      const r = await run([...nodeB.ns.exec, bun, join(import.meta.dir, "support", "l7r-probe.ts"), String(PORT), "mover", "mover-password", String(vm)], { timeoutMs: 300_000 });
+      const r = await run(
+        [
+          ...nodeB.ns.exec,
+          bun,
+          join(import.meta.dir, "support", "l7r-probe.ts"),
+          String(PORT),
+          "mover",
+          "mover-password",
+          String(vm),
+        ],
+        { timeoutMs: 300_000 },
+      );
       const out = JSON.parse(r.stdout.trim().split("\n").pop()!);
       expect(out.progress).toContain("Moving the desktop off a draining node");
       // (The busybox desktop has no nxagent: the connect ends at x_start, after the move.)

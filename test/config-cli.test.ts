@@ -40,7 +40,11 @@ async function qvd(args: string[], env: Record<string, string> = {}, prefix: str
     stdout: "pipe",
     stderr: "pipe",
   });
-  const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  const [stdout, stderr, code] = await Promise.all([
+    new Response(p.stdout).text(),
+    new Response(p.stderr).text(),
+    p.exited,
+  ]);
   return { code, stdout, stderr };
 }
 
@@ -99,7 +103,13 @@ describe("the client's and the admin CLI's variables (NON_KEY_ENV) are not confi
     test(`qvd ${role} with all of them exported: no configuration error about them`, async () => {
       // A database nobody listens on: each role stops quickly whatever this machine runs.
       const env = cleanEnv({ ...exported, QVD_DATABASE_URL: "postgres://qvd@127.0.0.1:1/qvd" });
-      const p = Bun.spawn([process.execPath, "src/main.ts", role], { cwd: ROOT, env, stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+      const p = Bun.spawn([process.execPath, "src/main.ts", role], {
+        cwd: ROOT,
+        env,
+        stdin: "ignore",
+        stdout: "pipe",
+        stderr: "pipe",
+      });
       const timer = setTimeout(() => p.kill("SIGKILL"), 4000);
       const stderr = await new Response(p.stderr).text();
       await p.exited;
@@ -113,7 +123,10 @@ describe("the client's and the admin CLI's variables (NON_KEY_ENV) are not confi
   }
 
   test("a misspelt configuration variable is still an error", async () => {
-    expectConfigError(await qvd(["config", "show", "--no-db"], { ...exported, QVD_DATABASE_ULR: "postgres://x" }), 'environment QVD_DATABASE_ULR: unknown key "database.ulr" (did you mean "database.url"?)');
+    expectConfigError(
+      await qvd(["config", "show", "--no-db"], { ...exported, QVD_DATABASE_ULR: "postgres://x" }),
+      'environment QVD_DATABASE_ULR: unknown key "database.ulr" (did you mean "database.url"?)',
+    );
   });
 });
 
@@ -128,16 +141,20 @@ describe("qvd config show without a database", () => {
     expect(t.get("database.url")).toEqual({ value: "(unset)", source: "default" });
     for (const [k, e] of t) {
       // The default file is read when it exists: tolerate it on a configured machine.
-      if (existsSync(DEFAULT_CONFIG_FILE)) expect(e.source === "default" || e.source.startsWith(`${DEFAULT_CONFIG_FILE}:`), k).toBe(true);
+      if (existsSync(DEFAULT_CONFIG_FILE))
+        expect(e.source === "default" || e.source.startsWith(`${DEFAULT_CONFIG_FILE}:`), k).toBe(true);
       else expect(e.source, k).toBe("default");
     }
   });
 
   test("shows values from the file, environment and flags with their sources", async () => {
     const f = conf("# node.conf\nnodename = node-a\nhkd.fence_after = 10\nlog.level = warn\nwat.multitenant = yes\n");
-    const r = await qvd(["config", "show", "--no-db", "--config", f, "--set", "log.level=error", "--set=api.session.ttl=900"], {
-      QVD_HKD_FENCE_AFTER: "30",
-    });
+    const r = await qvd(
+      ["config", "show", "--no-db", "--config", f, "--set", "log.level=error", "--set=api.session.ttl=900"],
+      {
+        QVD_HKD_FENCE_AFTER: "30",
+      },
+    );
     expect(r.stderr).toBe("");
     expect(r.code).toBe(0);
     const t = table(r.stdout);
@@ -170,7 +187,14 @@ describe("qvd config show without a database", () => {
     const j = jsonOf(r);
     expect(j.notes).toEqual([]);
     expect(j.settings.map((s) => s.key)).toEqual(ALL_KEYS);
-    expect(setting(j, "hkd.fence_after")).toEqual({ key: "hkd.fence_after", value: "15", source: `${f}:1`, doc: KEYS["hkd.fence_after"].doc, scope: "cluster", tenant: false });
+    expect(setting(j, "hkd.fence_after")).toEqual({
+      key: "hkd.fence_after",
+      value: "15",
+      source: `${f}:1`,
+      doc: KEYS["hkd.fence_after"].doc,
+      scope: "cluster",
+      tenant: false,
+    });
     expect(setting(j, "nodename").scope).toBe("node");
   });
 
@@ -199,13 +223,15 @@ describe("qvd config show without a database", () => {
       expect(r.stdout).toContain("********");
     }
     const t = table((await qvd(["config", "show", "--no-db", "--config", f])).stdout);
-    for (const k of ["database.password", "database.url", "api.tls.key", "l7r.tls.key"]) expect(t.get(k)?.value, k).toBe("********");
+    for (const k of ["database.password", "database.url", "api.tls.key", "l7r.tls.key"])
+      expect(t.get(k)?.value, k).toBe("********");
   });
 
   test("the database URL comes from --db, else QVD_DATABASE_URL, else database.url", async () => {
     const f = conf("database.url = postgres://file@h/db\n");
     const src = async (args: string[], env: Record<string, string> = {}) =>
-      setting(jsonOf(await qvd(["config", "show", "--no-db", "--json", "--config", f, ...args], env)), "database.url").source;
+      setting(jsonOf(await qvd(["config", "show", "--no-db", "--json", "--config", f, ...args], env)), "database.url")
+        .source;
     expect(await src([])).toBe(`${f}:1`);
     expect(await src([], { QVD_DATABASE_URL: "postgres://env@h/db" })).toBe("environment QVD_DATABASE_URL");
     expect(await src(["--db", "postgres://flag@h/db"], { QVD_DATABASE_URL: "postgres://env@h/db" })).toBe("flag --db");
@@ -215,7 +241,9 @@ describe("qvd config show without a database", () => {
   test("an unreachable database is a note, not a failure; the URL's password is masked", async () => {
     const r = await qvd(["config", "show", "--config", conf(""), "--db", "postgres://qvd:hunter2@127.0.0.1:1/qvd"]);
     expect(r.code).toBe(0);
-    expect(r.stderr).toMatch(/^note: cluster settings not read: cannot use the database postgres:\/\/qvd:\*\*\*\*\*\*\*\*@127\.0\.0\.1:1\/qvd: /);
+    expect(r.stderr).toMatch(
+      /^note: cluster settings not read: cannot use the database postgres:\/\/qvd:\*\*\*\*\*\*\*\*@127\.0\.0\.1:1\/qvd: /,
+    );
     expect(r.stderr + r.stdout).not.toContain("hunter2");
     expect(table(r.stdout).get("hkd.fence_after")).toEqual({ value: "120", source: "default" });
   });
@@ -224,17 +252,26 @@ describe("qvd config show without a database", () => {
 describe("configuration errors: exit 78, one line, no stack trace", () => {
   test("unknown key in the file: file:line and a hint", async () => {
     const f = conf("nodename = a\nhkd.fence_aftr = 3\n");
-    expectConfigError(await qvd(["config", "show", "--no-db", "--config", f]), `${f}:2: unknown key "hkd.fence_aftr" (did you mean "hkd.fence_after"?)`);
+    expectConfigError(
+      await qvd(["config", "show", "--no-db", "--config", f]),
+      `${f}:2: unknown key "hkd.fence_aftr" (did you mean "hkd.fence_after"?)`,
+    );
   });
 
   test("bad value in the file: file:line and key", async () => {
     const f = conf("\n\nhkd.fence_after = soon\n");
-    expectConfigError(await qvd(["config", "show", "--no-db", "--config", f]), `${f}:3: hkd.fence_after: expected an integer, got "soon"`);
+    expectConfigError(
+      await qvd(["config", "show", "--no-db", "--config", f]),
+      `${f}:3: hkd.fence_after: expected an integer, got "soon"`,
+    );
   });
 
   test("out-of-range value in the file", async () => {
     const f = conf("database.port = 99999\n");
-    expectConfigError(await qvd(["config", "show", "--no-db", "--config", f]), `${f}:1: database.port: must be at most 65535, got "99999"`);
+    expectConfigError(
+      await qvd(["config", "show", "--no-db", "--config", f]),
+      `${f}:1: database.port: must be at most 65535, got "99999"`,
+    );
   });
 
   test("bad secret value: not echoed", async () => {
@@ -246,23 +283,35 @@ describe("configuration errors: exit 78, one line, no stack trace", () => {
 
   test("a line without '='", async () => {
     const f = conf("nodename\n");
-    expectConfigError(await qvd(["config", "show", "--no-db", "--config", f]), `${f}:1: expected "key = value", got "nodename"`);
+    expectConfigError(
+      await qvd(["config", "show", "--no-db", "--config", f]),
+      `${f}:1: expected "key = value", got "nodename"`,
+    );
   });
 
   test("missing file", async () => {
     const f = join(dir, "missing.conf");
-    expectConfigError(await qvd(["config", "show", "--no-db", "--config", f]), `${f}: cannot read configuration: no such file`);
+    expectConfigError(
+      await qvd(["config", "show", "--no-db", "--config", f]),
+      `${f}: cannot read configuration: no such file`,
+    );
   });
 
   test("missing file named by QVD_CONFIG", async () => {
     const f = join(dir, "missing-env.conf");
-    expectConfigError(await qvd(["config", "show", "--no-db"], { QVD_CONFIG: f }), `${f}: cannot read configuration: no such file`);
+    expectConfigError(
+      await qvd(["config", "show", "--no-db"], { QVD_CONFIG: f }),
+      `${f}: cannot read configuration: no such file`,
+    );
   });
 
   test("a directory as configuration file", async () => {
     const d = join(dir, "conf.d");
     mkdirSync(d, { recursive: true });
-    expectConfigError(await qvd(["config", "show", "--no-db", "--config", d]), `${d}: cannot read configuration: is a directory`);
+    expectConfigError(
+      await qvd(["config", "show", "--no-db", "--config", d]),
+      `${d}: cannot read configuration: is a directory`,
+    );
   });
 
   // root reads any file whatever its mode: as root, run qvd as `nobody` for this case.
@@ -273,7 +322,11 @@ describe("configuration errors: exit 78, one line, no stack trace", () => {
     const f = conf("nodename = secret-node\n");
     chmodSync(f, isRoot ? 0o600 : 0o000);
     try {
-      const r = await qvd(["config", "show", "--no-db", "--config", f], { HOME: tmpdir() }, isRoot ? ["runuser", "-u", "nobody", "--"] : []);
+      const r = await qvd(
+        ["config", "show", "--no-db", "--config", f],
+        { HOME: tmpdir() },
+        isRoot ? ["runuser", "-u", "nobody", "--"] : [],
+      );
       expectConfigError(r, `${f}: cannot read configuration: permission denied`);
     } finally {
       chmodSync(f, 0o600);
@@ -310,16 +363,28 @@ describe("configuration errors: exit 78, one line, no stack trace", () => {
   });
 
   test("malformed --set", async () => {
-    expectConfigError(await qvd(["config", "show", "--no-db", "--config", conf(""), "--set", "hkd.fence_after"]), "--set hkd.fence_after: expected KEY=VALUE");
-    expectConfigError(await qvd(["config", "show", "--no-db", "--config", conf(""), "--set"]), "--set : expected KEY=VALUE");
+    expectConfigError(
+      await qvd(["config", "show", "--no-db", "--config", conf(""), "--set", "hkd.fence_after"]),
+      "--set hkd.fence_after: expected KEY=VALUE",
+    );
+    expectConfigError(
+      await qvd(["config", "show", "--no-db", "--config", conf(""), "--set"]),
+      "--set : expected KEY=VALUE",
+    );
   });
 
   test("bad --db URL", async () => {
-    expectConfigError(await qvd(["config", "show", "--config", conf(""), "--db", "not-a-url"]), "--db: database.url: expected a URL");
+    expectConfigError(
+      await qvd(["config", "show", "--config", conf(""), "--db", "not-a-url"]),
+      "--db: database.url: expected a URL",
+    );
   });
 
   test("--db without a value", async () => {
-    expectConfigError(await qvd(["config", "show", "--no-db", "--config", conf(""), "--db"]), "--db: database.url: expected a URL");
+    expectConfigError(
+      await qvd(["config", "show", "--no-db", "--config", conf(""), "--db"]),
+      "--db: database.url: expected a URL",
+    );
   });
 
   test("a configuration error beats --json: nothing on stdout", async () => {
@@ -368,13 +433,29 @@ describe("qvd config show with a database", () => {
 
   test("environment and flags are above the database", async () => {
     const viaEnv = await qvd(["config", "show", "--config", conf(""), "--db", db().url], { QVD_HKD_FENCE_AFTER: "99" });
-    expect(table(viaEnv.stdout).get("hkd.fence_after")).toEqual({ value: "99", source: "environment QVD_HKD_FENCE_AFTER" });
-    const viaFlag = await qvd(["config", "show", "--config", conf(""), "--db", db().url, "--set", "hkd.fence_after=88"], { QVD_HKD_FENCE_AFTER: "99" });
+    expect(table(viaEnv.stdout).get("hkd.fence_after")).toEqual({
+      value: "99",
+      source: "environment QVD_HKD_FENCE_AFTER",
+    });
+    const viaFlag = await qvd(
+      ["config", "show", "--config", conf(""), "--db", db().url, "--set", "hkd.fence_after=88"],
+      { QVD_HKD_FENCE_AFTER: "99" },
+    );
     expect(table(viaFlag.stdout).get("hkd.fence_after")).toEqual({ value: "88", source: "flag --set hkd.fence_after" });
   });
 
   test("--tenant applies that tenant's rows over the global ones", async () => {
-    const r = await qvd(["config", "show", "--json", "--config", conf(""), "--db", db().url, "--tenant", String(tenantId)]);
+    const r = await qvd([
+      "config",
+      "show",
+      "--json",
+      "--config",
+      conf(""),
+      "--db",
+      db().url,
+      "--tenant",
+      String(tenantId),
+    ]);
     expect(r.code).toBe(0);
     const j = jsonOf(r);
     expect(setting(j, "osf.default.memory")).toMatchObject({ value: "4096", source: `database (tenant ${tenantId})` });

@@ -86,7 +86,10 @@ describe("the schema", () => {
 
   test("exactly the passwords, database URL and TLS private keys are secret", () => {
     const secret = ALL_KEYS.filter((k) => KEYS[k].secret).sort();
-    const expected = ALL_KEYS.filter((k) => k === "database.password" || k === "auth.ldap.bind_password" || k === "database.url" || k.endsWith(".tls.key")).sort();
+    const expected = ALL_KEYS.filter(
+      (k) =>
+        k === "database.password" || k === "auth.ldap.bind_password" || k === "database.url" || k.endsWith(".tls.key"),
+    ).sort();
     expect(secret).toEqual(expected);
     expect(secret).toContain("api.tls.key");
     expect(secret).toContain("l7r.tls.key");
@@ -140,7 +143,9 @@ describe("value types", () => {
   test("booleans in the spellings administrators use", () => {
     for (const t of ["1", "true", "yes", "on", "TRUE", " Yes "]) expect(ok("wat.multitenant", t), t).toBe(true);
     for (const f of ["0", "false", "no", "off", "Off"]) expect(ok("wat.multitenant", f), f).toBe(false);
-    expect(bad("wat.multitenant", "maybe")).toBe('here: wat.multitenant: expected a boolean (1/0, true/false, yes/no, on/off), got "maybe"');
+    expect(bad("wat.multitenant", "maybe")).toBe(
+      'here: wat.multitenant: expected a boolean (1/0, true/false, yes/no, on/off), got "maybe"',
+    );
   });
 
   test("enumerations list the allowed values", () => {
@@ -167,7 +172,9 @@ describe("value types", () => {
 
   test("database URLs, including libpq's unix-socket form", () => {
     expect(ok("database.url", "postgres://qvd:pw@db:5432/qvd")).toBe("postgres://qvd:pw@db:5432/qvd");
-    expect(ok("database.url", "postgres://postgres@/qvd?host=%2Frun%2Fpostgresql")).toBe("postgres://postgres@/qvd?host=%2Frun%2Fpostgresql");
+    expect(ok("database.url", "postgres://postgres@/qvd?host=%2Frun%2Fpostgresql")).toBe(
+      "postgres://postgres@/qvd?host=%2Frun%2Fpostgresql",
+    );
     expect(ok("database.url", "postgresql:///qvd?host=/run/postgresql")).toBe("postgresql:///qvd?host=/run/postgresql");
     expect(bad("database.url", "not a url")).toBe("here: database.url: expected a URL");
   });
@@ -181,7 +188,17 @@ describe("value types", () => {
 
 describe("node.conf files", () => {
   test("key = value lines, # comments, blank lines, CRLF and surrounding spaces", () => {
-    const f = conf(["# QVD node configuration", "", "nodename = node7", "   # indented comment", "  hkd.fence_after=60  ", "log.level\t=\twarn\r", "wat.multitenant = on"].join("\n"));
+    const f = conf(
+      [
+        "# QVD node configuration",
+        "",
+        "nodename = node7",
+        "   # indented comment",
+        "  hkd.fence_after=60  ",
+        "log.level\t=\twarn\r",
+        "wat.multitenant = on",
+      ].join("\n"),
+    );
     const rows = readConfigFile(f);
     expect(rows.map((r) => [r.key, r.value, r.source])).toEqual([
       ["nodename", "node7", { kind: "file", file: f, line: 3 }],
@@ -198,7 +215,9 @@ describe("node.conf files", () => {
   });
 
   test("a value may itself contain '='; an empty value is allowed for string keys", () => {
-    const f = conf("database.url = postgres://qvd@/qvd?host=/run/postgresql&application_name=x\npath.storage.images =\n");
+    const f = conf(
+      "database.url = postgres://qvd@/qvd?host=/run/postgresql&application_name=x\npath.storage.images =\n",
+    );
     const cfg = load({ file: f });
     expect(cfg.get("database.url")).toBe("postgres://qvd@/qvd?host=/run/postgresql&application_name=x");
     expect(cfg.get("path.storage.images")).toBe("");
@@ -219,7 +238,9 @@ describe("node.conf files", () => {
 
   test("unknown key: file, line, key and a did-you-mean hint", () => {
     const f = conf("# comment\nnodename = a\nhkd.fence_aftr = 30\n");
-    expect(configError(() => load({ file: f })).message).toBe(`${f}:3: unknown key "hkd.fence_aftr" (did you mean "hkd.fence_after"?)`);
+    expect(configError(() => load({ file: f })).message).toBe(
+      `${f}:3: unknown key "hkd.fence_aftr" (did you mean "hkd.fence_after"?)`,
+    );
   });
 
   test("unknown key far from every key: no hint", () => {
@@ -298,7 +319,9 @@ describe("which file is read", () => {
 
   test("a QVD_CONFIG that does not exist is an error (it was asked for)", () => {
     const f = join(dir, "nope.conf");
-    expect(configError(() => load({ env: { QVD_CONFIG: f } })).message).toBe(`${f}: cannot read configuration: no such file`);
+    expect(configError(() => load({ env: { QVD_CONFIG: f } })).message).toBe(
+      `${f}: cannot read configuration: no such file`,
+    );
   });
 
   test("without --config or QVD_CONFIG, /etc/qvd/node.conf is read only if it exists", () => {
@@ -317,7 +340,9 @@ describe("which file is read", () => {
 
 describe("environment variables", () => {
   test("QVD_* variables set keys, dashes and dots as underscores", () => {
-    const cfg = load({ env: { QVD_HKD_FENCE_AFTER: "45", QVD_MODEL_USER_LOGIN_CASE_SENSITIVE: "yes", PATH: "/bin", HOME: "/root" } });
+    const cfg = load({
+      env: { QVD_HKD_FENCE_AFTER: "45", QVD_MODEL_USER_LOGIN_CASE_SENSITIVE: "yes", PATH: "/bin", HOME: "/root" },
+    });
     expect(cfg.get("hkd.fence_after")).toBe(45);
     expect(cfg.source("hkd.fence_after")).toEqual({ kind: "env", name: "QVD_HKD_FENCE_AFTER" });
     expect(cfg.get("model.user.login.case-sensitive")).toBe(true);
@@ -333,7 +358,9 @@ describe("environment variables", () => {
     expect(configError(() => load({ env: { QVD_HKD_FENCE_AFTR: "1" } })).message).toBe(
       'environment QVD_HKD_FENCE_AFTR: unknown key "hkd.fence.aftr" (did you mean "hkd.fence_after"?)',
     );
-    expect(configError(() => load({ env: { QVD_WHATEVER_THING_HERE: "1" } })).message).toMatch(/^environment QVD_WHATEVER_THING_HERE: unknown key/);
+    expect(configError(() => load({ env: { QVD_WHATEVER_THING_HERE: "1" } })).message).toMatch(
+      /^environment QVD_WHATEVER_THING_HERE: unknown key/,
+    );
   });
 
   test("a bad value names the variable and the key", () => {
@@ -377,10 +404,11 @@ describe("precedence: default < file < database < environment < flags", () => {
 
   test("sources are tracked per key, not per layer", () => {
     const f = file();
-    const cfg = load({ file: f, env: { QVD_LOG_LEVEL: "error" }, flags: [flag("api.session.ttl", "600")] }).withDatabase([
-      ...dbRows,
-      { tenantId: 0, key: "cluster.lost_after", value: "99" },
-    ]);
+    const cfg = load({
+      file: f,
+      env: { QVD_LOG_LEVEL: "error" },
+      flags: [flag("api.session.ttl", "600")],
+    }).withDatabase([...dbRows, { tenantId: 0, key: "cluster.lost_after", value: "99" }]);
     expect(cfg.source("nodename")).toEqual({ kind: "file", file: f, line: 2 });
     expect(cfg.source("hkd.fence_after")).toEqual({ kind: "db", tenantId: 0 });
     expect(cfg.source("cluster.lost_after")).toEqual({ kind: "db", tenantId: 0 });
@@ -422,7 +450,9 @@ describe("precedence: default < file < database < environment < flags", () => {
   });
 
   test("the environment still wins over a tenant row", () => {
-    const cfg = load({ env: { QVD_HKD_FENCE_AFTER: "30" } }).withDatabase([{ tenantId: 7, key: "hkd.fence_after", value: "70" }]);
+    const cfg = load({ env: { QVD_HKD_FENCE_AFTER: "30" } }).withDatabase([
+      { tenantId: 7, key: "hkd.fence_after", value: "70" },
+    ]);
     expect(cfg.get("hkd.fence_after")).toBe(30);
   });
 });
@@ -441,32 +471,46 @@ describe("database rows", () => {
     expect(cfg.get("nodename")).toBe("mine");
     expect(cfg.source("nodename")).toEqual({ kind: "file", file: f, line: 1 });
     expect(cfg.get("database.url")).toBeUndefined();
-    expect(warnings).toEqual(["ignoring database config nodename: it is a node setting", "ignoring database config database.url: it is a node setting"]);
+    expect(warnings).toEqual([
+      "ignoring database config nodename: it is a node setting",
+      "ignoring database config database.url: it is a node setting",
+    ]);
   });
 
   test("an unknown key is ignored with a warning (a newer node may know it)", () => {
     const warnings: string[] = [];
-    const cfg = load().withDatabase([{ tenantId: 0, key: "future.key", value: "x" }, { tenantId: 0, key: "hkd.poll_interval", value: "7" }], (m) => warnings.push(m));
+    const cfg = load().withDatabase(
+      [
+        { tenantId: 0, key: "future.key", value: "x" },
+        { tenantId: 0, key: "hkd.poll_interval", value: "7" },
+      ],
+      (m) => warnings.push(m),
+    );
     expect(warnings).toEqual(["ignoring database config future.key: unknown key"]);
     expect(cfg.get("hkd.poll_interval")).toBe(7);
   });
 
   test("a bad value of a cluster key is an error naming the scope and the key", () => {
-    expect(configError(() => load().withDatabase([{ tenantId: 0, key: "hkd.fence_after", value: "never" }])).message).toBe(
-      'database configs (global): hkd.fence_after: expected an integer, got "never"',
-    );
-    expect(configError(() => load().withDatabase([{ tenantId: 3, key: "auth.autoprovision.enable", value: "perhaps" }])).message).toMatch(
-      /^database configs \(tenant 3\): auth\.autoprovision\.enable: expected a boolean/,
-    );
+    expect(
+      configError(() => load().withDatabase([{ tenantId: 0, key: "hkd.fence_after", value: "never" }])).message,
+    ).toBe('database configs (global): hkd.fence_after: expected an integer, got "never"');
+    expect(
+      configError(() => load().withDatabase([{ tenantId: 3, key: "auth.autoprovision.enable", value: "perhaps" }]))
+        .message,
+    ).toMatch(/^database configs \(tenant 3\): auth\.autoprovision\.enable: expected a boolean/);
   });
 
   test("a bad DB value is an error even when env or a flag overrides the key", () => {
     // Validation happens before precedence: a broken cluster row must not go unnoticed.
-    expect(() => load({ env: { QVD_HKD_FENCE_AFTER: "30" } }).withDatabase([{ tenantId: 0, key: "hkd.fence_after", value: "1" }])).toThrow(ConfigError);
+    expect(() =>
+      load({ env: { QVD_HKD_FENCE_AFTER: "30" } }).withDatabase([{ tenantId: 0, key: "hkd.fence_after", value: "1" }]),
+    ).toThrow(ConfigError);
   });
 
   test("a node key passed directly as a database layer is refused", () => {
-    const msg = configError(() => new Config([], [], [{ key: "nodename", value: "x", source: { kind: "db", tenantId: 0 } }])).message;
+    const msg = configError(
+      () => new Config([], [], [{ key: "nodename", value: "x", source: { kind: "db", tenantId: 0 } }]),
+    ).message;
     expect(msg).toBe("database configs (global): nodename is a node setting and cannot be set in the database");
   });
 });
@@ -483,12 +527,18 @@ describe("hkd.fence_after must stay below cluster.lost_after", () => {
     expect(configError(() => load({ flags: [flag("hkd.fence_after", "301")] })).message).toStartWith(
       "hkd.fence_after (301, flag --set hkd.fence_after) must be less than cluster.lost_after (300, default)",
     );
-    expect(configError(() => load().withDatabase([{ tenantId: 0, key: "cluster.lost_after", value: "90" }])).message).toStartWith(
-      "hkd.fence_after (120, default) must be less than cluster.lost_after (90, database (global))",
-    );
+    expect(
+      configError(() => load().withDatabase([{ tenantId: 0, key: "cluster.lost_after", value: "90" }])).message,
+    ).toStartWith("hkd.fence_after (120, default) must be less than cluster.lost_after (90, database (global))");
     // A higher layer can mend what a lower one breaks: only the effective pair counts.
-    expect(load({ env: { QVD_HKD_FENCE_AFTER: "30" } }).withDatabase([{ tenantId: 0, key: "cluster.lost_after", value: "90" }]).get("cluster.lost_after")).toBe(90);
-    expect(load({ flags: [flag("hkd.fence_after", "5"), flag("cluster.lost_after", "10")] }).get("hkd.fence_after")).toBe(5);
+    expect(
+      load({ env: { QVD_HKD_FENCE_AFTER: "30" } })
+        .withDatabase([{ tenantId: 0, key: "cluster.lost_after", value: "90" }])
+        .get("cluster.lost_after"),
+    ).toBe(90);
+    expect(
+      load({ flags: [flag("hkd.fence_after", "5"), flag("cluster.lost_after", "10")] }).get("hkd.fence_after"),
+    ).toBe(5);
   });
 });
 
@@ -501,7 +551,11 @@ describe("describe() and secrets", () => {
   };
   const cfgWithSecrets = () =>
     load({
-      file: conf(Object.entries(secrets).map(([k, v]) => `${k} = ${v}`).join("\n") + "\napi.tls.cert = /etc/qvd/api.crt\nnodename = n1\n"),
+      file: conf(
+        Object.entries(secrets)
+          .map(([k, v]) => `${k} = ${v}`)
+          .join("\n") + "\napi.tls.cert = /etc/qvd/api.crt\nnodename = n1\n",
+      ),
     });
 
   test("lists every key once, in schema order, with doc and scope", () => {
@@ -537,7 +591,11 @@ describe("describe() and secrets", () => {
 
   test("values in their file form and sources in words", () => {
     const f = conf("wat.multitenant = yes\n");
-    const cfg = load({ file: f, env: { QVD_LOG_LEVEL: "debug" }, flags: [flag("hkd.fence_after", "9", "--set hkd.fence_after")] }).withDatabase([
+    const cfg = load({
+      file: f,
+      env: { QVD_LOG_LEVEL: "debug" },
+      flags: [flag("hkd.fence_after", "9", "--set hkd.fence_after")],
+    }).withDatabase([
       { tenantId: 0, key: "osf.default.memory", value: "512" },
       { tenantId: 4, key: "auth.ldap.timeout", value: "60" },
     ]);
@@ -562,12 +620,16 @@ describe("databaseUrl()", () => {
   });
 
   test("built from QVD's classic database.* keys in node.conf", () => {
-    const f = conf("database.host = db.example.com\ndatabase.port = 5433\ndatabase.name = qvddb\ndatabase.user = qvdadmin\ndatabase.password = s3cret\n");
+    const f = conf(
+      "database.host = db.example.com\ndatabase.port = 5433\ndatabase.name = qvddb\ndatabase.user = qvdadmin\ndatabase.password = s3cret\n",
+    );
     expect(load({ file: f }).databaseUrl()).toBe("postgres://qvdadmin:s3cret@db.example.com:5433/qvddb");
   });
 
   test("user, password and name are percent-encoded", () => {
-    const cfg = load({ flags: [flag("database.user", "a@b"), flag("database.password", "p:w/@#?"), flag("database.name", "my db")] });
+    const cfg = load({
+      flags: [flag("database.user", "a@b"), flag("database.password", "p:w/@#?"), flag("database.name", "my db")],
+    });
     const u = cfg.databaseUrl();
     expect(u).toBe("postgres://a%40b:p%3Aw%2F%40%23%3F@localhost:5432/my%20db");
     const parsed = new URL(u);
@@ -583,14 +645,19 @@ describe("databaseUrl()", () => {
   });
 
   test("a unix socket directory as host becomes libpq's ?host= form", () => {
-    const u = load({ flags: [flag("database.host", "/var/run/postgresql"), flag("database.port", "5433")] }).databaseUrl();
+    const u = load({
+      flags: [flag("database.host", "/var/run/postgresql"), flag("database.port", "5433")],
+    }).databaseUrl();
     expect(u).toBe("postgres://qvd@localhost:5433/qvd?host=%2Fvar%2Frun%2Fpostgresql");
     expect(new URL(u).searchParams.get("host")).toBe("/var/run/postgresql");
   });
 
   test("the URL comes from QVD_DATABASE_URL too, and the --db flag wins over it", () => {
     expect(load({ env: { QVD_DATABASE_URL: "postgres://env@h/db" } }).databaseUrl()).toBe("postgres://env@h/db");
-    const cfg = load({ env: { QVD_DATABASE_URL: "postgres://env@h/db" }, flags: [flag("database.url", "postgres://flag@h/db", "--db")] });
+    const cfg = load({
+      env: { QVD_DATABASE_URL: "postgres://env@h/db" },
+      flags: [flag("database.url", "postgres://flag@h/db", "--db")],
+    });
     expect(cfg.databaseUrl()).toBe("postgres://flag@h/db");
     expect(cfg.source("database.url")).toEqual({ kind: "flag", flag: "--db" });
   });
@@ -608,10 +675,11 @@ describe("configFromArgs (--config, --db, --set)", () => {
   let saved: Record<string, string | undefined> = {};
   beforeEach(() => {
     saved = {};
-    for (const k of Object.keys(process.env)) if (k.startsWith("QVD_")) {
-      saved[k] = process.env[k];
-      delete process.env[k];
-    }
+    for (const k of Object.keys(process.env))
+      if (k.startsWith("QVD_")) {
+        saved[k] = process.env[k];
+        delete process.env[k];
+      }
   });
   afterEach(() => {
     for (const k of Object.keys(process.env)) if (k.startsWith("QVD_")) delete process.env[k];
@@ -622,7 +690,15 @@ describe("configFromArgs (--config, --db, --set)", () => {
   const empty = () => conf("");
 
   test("--set key=value, repeated, in order, also as --set=key=value", () => {
-    const cfg = configFromArgs({ config: empty() }, ["config", "show", "--set", "hkd.fence_after=50", "--set=log.level=error", "--set", "hkd.fence_after=60"]);
+    const cfg = configFromArgs({ config: empty() }, [
+      "config",
+      "show",
+      "--set",
+      "hkd.fence_after=50",
+      "--set=log.level=error",
+      "--set",
+      "hkd.fence_after=60",
+    ]);
     expect(cfg.get("hkd.fence_after")).toBe(60);
     expect(cfg.source("hkd.fence_after")).toEqual({ kind: "flag", flag: "--set hkd.fence_after" });
     expect(cfg.get("log.level")).toBe("error");
@@ -644,7 +720,13 @@ describe("configFromArgs (--config, --db, --set)", () => {
   });
 
   test("--db is read from the raw arguments, even when citty's --no-db turned args.db into false", () => {
-    const cfg = configFromArgs({ config: empty(), db: false as unknown as string }, ["config", "show", "--no-db", "--db", "postgres://a@h/db"]);
+    const cfg = configFromArgs({ config: empty(), db: false as unknown as string }, [
+      "config",
+      "show",
+      "--no-db",
+      "--db",
+      "postgres://a@h/db",
+    ]);
     expect(cfg.get("database.url")).toBe("postgres://a@h/db");
     const eq = configFromArgs({ config: empty() }, ["--db=postgres://b@h/db", "--no-db"]);
     expect(eq.get("database.url")).toBe("postgres://b@h/db");
@@ -652,8 +734,12 @@ describe("configFromArgs (--config, --db, --set)", () => {
   });
 
   test("--db without a value is an error, not ignored", () => {
-    expect(configError(() => configFromArgs({ config: empty(), db: "" }, ["--db"])).message).toBe("--db: database.url: expected a URL");
-    expect(configError(() => configFromArgs({ config: empty() }, ["--db="])).message).toBe("--db: database.url: expected a URL");
+    expect(configError(() => configFromArgs({ config: empty(), db: "" }, ["--db"])).message).toBe(
+      "--db: database.url: expected a URL",
+    );
+    expect(configError(() => configFromArgs({ config: empty() }, ["--db="])).message).toBe(
+      "--db: database.url: expected a URL",
+    );
   });
 
   test("flags win over the environment", () => {
@@ -663,10 +749,14 @@ describe("configFromArgs (--config, --db, --set)", () => {
   });
 
   test("a command's own flags map to keys", () => {
-    const cfg = configFromArgs({ config: empty() }, [], [
-      { flag: "--listen", key: "l7r.listen", value: "0.0.0.0:9443" },
-      { flag: "--unused", key: "api.listen", value: undefined },
-    ]);
+    const cfg = configFromArgs(
+      { config: empty() },
+      [],
+      [
+        { flag: "--listen", key: "l7r.listen", value: "0.0.0.0:9443" },
+        { flag: "--unused", key: "api.listen", value: undefined },
+      ],
+    );
     expect(cfg.get("l7r.listen")).toBe("0.0.0.0:9443");
     expect(cfg.source("l7r.listen")).toEqual({ kind: "flag", flag: "--listen" });
     expect(cfg.source("api.listen")).toEqual({ kind: "default" });
@@ -683,10 +773,18 @@ describe("configFromArgs (--config, --db, --set)", () => {
   });
 
   test("malformed --set", () => {
-    expect(configError(() => configFromArgs({ config: empty() }, ["--set", "hkd.fence_after"])).message).toBe("--set hkd.fence_after: expected KEY=VALUE");
-    expect(configError(() => configFromArgs({ config: empty() }, ["--set", "=5"])).message).toBe("--set =5: expected KEY=VALUE");
-    expect(configError(() => configFromArgs({ config: empty() }, ["--set"])).message).toBe("--set : expected KEY=VALUE");
-    expect(configError(() => configFromArgs({ config: empty() }, ["--set="])).message).toBe("--set : expected KEY=VALUE");
+    expect(configError(() => configFromArgs({ config: empty() }, ["--set", "hkd.fence_after"])).message).toBe(
+      "--set hkd.fence_after: expected KEY=VALUE",
+    );
+    expect(configError(() => configFromArgs({ config: empty() }, ["--set", "=5"])).message).toBe(
+      "--set =5: expected KEY=VALUE",
+    );
+    expect(configError(() => configFromArgs({ config: empty() }, ["--set"])).message).toBe(
+      "--set : expected KEY=VALUE",
+    );
+    expect(configError(() => configFromArgs({ config: empty() }, ["--set="])).message).toBe(
+      "--set : expected KEY=VALUE",
+    );
   });
 
   test("bad --db URL is a config error", () => {

@@ -24,13 +24,25 @@ const ALL = D.ALL_TENANTS;
 
 describe("multi-host database URLs", () => {
   test("servers from the authority or from ?host= and ?port=, in order; a one-host URL is left as it was", () => {
-    const p = parseDatabaseUrl("postgres://qvd:pw@db1:5433,db2,[fd00::2]:6000/qvd?target_session_attrs=read-write&sslmode=require");
-    expect(p.targets).toEqual([{ host: "db1", port: 5433 }, { host: "db2", port: 5432 }, { host: "fd00::2", port: 6000 }]);
+    const p = parseDatabaseUrl(
+      "postgres://qvd:pw@db1:5433,db2,[fd00::2]:6000/qvd?target_session_attrs=read-write&sslmode=require",
+    );
+    expect(p.targets).toEqual([
+      { host: "db1", port: 5433 },
+      { host: "db2", port: 5432 },
+      { host: "fd00::2", port: 6000 },
+    ]);
     expect(p.targetSessionAttrs).toBe("read-write");
     expect(new URL(p.url).searchParams.get("sslmode")).toBe("require");
     const s = parseDatabaseUrl("postgres://postgres@/qvd?host=/run/a,/run/b&port=5433&target_session_attrs=read-write");
-    expect(s.targets).toEqual([{ host: "/run/a", port: 5433, path: "/run/a/.s.PGSQL.5433" }, { host: "/run/b", port: 5433, path: "/run/b/.s.PGSQL.5433" }]);
-    expect(parseDatabaseUrl("postgres://u@/q?host=/run/a,/run/b&port=1,2").targets.map((t) => t.path)).toEqual(["/run/a/.s.PGSQL.1", "/run/b/.s.PGSQL.2"]);
+    expect(s.targets).toEqual([
+      { host: "/run/a", port: 5433, path: "/run/a/.s.PGSQL.5433" },
+      { host: "/run/b", port: 5433, path: "/run/b/.s.PGSQL.5433" },
+    ]);
+    expect(parseDatabaseUrl("postgres://u@/q?host=/run/a,/run/b&port=1,2").targets.map((t) => t.path)).toEqual([
+      "/run/a/.s.PGSQL.1",
+      "/run/b/.s.PGSQL.2",
+    ]);
     expect(parseDatabaseUrl("postgres://qvd:pw@db1:5433/qvd").url).toBe("postgres://qvd:pw@db1:5433/qvd");
     expect(parseDatabaseUrl("postgres://postgres@/qvd?host=/run/pg").path).toBe("/run/pg/.s.PGSQL.5432");
   });
@@ -41,18 +53,29 @@ describe("multi-host database URLs", () => {
     expect(() => parseDatabaseUrl("postgres://u@a:x,b/q")).toThrow("invalid port");
     expect(() => parseDatabaseUrl("postgres://u@a%zz/q")).toThrow("database.url: expected a URL");
     const url = "postgres://qvd:pw@10.0.0.1:5432,10.0.0.2:5432/qvd?target_session_attrs=read-write&sslmode=verify-full";
-    const load = (value: string) => loadConfig({ env: {}, defaultFileExists: () => false, flags: [{ flag: "--db", key: "database.url", value }] }).databaseUrl();
+    const load = (value: string) =>
+      loadConfig({
+        env: {},
+        defaultFileExists: () => false,
+        flags: [{ flag: "--db", key: "database.url", value }],
+      }).databaseUrl();
     expect(load(url)).toBe(url);
-    expect(() => load(url.replace("read-write", "standby"))).toThrow("target_session_attrs=standby: qvd writes to its database");
+    expect(() => load(url.replace("read-write", "standby"))).toThrow(
+      "target_session_attrs=standby: qvd writes to its database",
+    );
   });
 
   test("each non-loopback server needs TLS; the message names it and never the password", () => {
-    expect(() => checkDatabaseTls("postgres://qvd:pw@127.0.0.1:5432,db2.example:5432/qvd")).toThrow(/database on db2\.example is reached over the network/);
+    expect(() => checkDatabaseTls("postgres://qvd:pw@127.0.0.1:5432,db2.example:5432/qvd")).toThrow(
+      /database on db2\.example is reached over the network/,
+    );
     expect(() => checkDatabaseTls("postgres://qvd:pw@127.0.0.1:5432,db2.example:5432/qvd")).not.toThrow(/pw/);
     expect(() => checkDatabaseTls("postgres://qvd:pw@/qvd?host=/run/a,db2.example")).toThrow(/db2\.example/);
     expect(() => checkDatabaseTls("postgres://qvd:pw@db1,db2/qvd?sslmode=verify-full")).not.toThrow();
     expect(() => checkDatabaseTls("postgres://qvd:pw@/qvd?host=/run/a,/run/b")).not.toThrow();
-    expect(() => connect("postgres://qvd:pw@db1,db2/qvd?sslmode=require&target_session_attrs=standby")).toThrow("use read-write");
+    expect(() => connect("postgres://qvd:pw@db1,db2/qvd?sslmode=require&target_session_attrs=standby")).toThrow(
+      "use read-write",
+    );
   });
 
   test("a multi-host URL in messages hides its password", () => {
@@ -65,10 +88,19 @@ describe("multi-host database URLs", () => {
   test("with every server down a query fails, as with one server, instead of waiting for ever", async () => {
     // postgres.js's own multi-host loop retries without pause and never fails the query: a node
     // would never see the outage (nor fence itself).
-    const sql = connect("postgres://qvd@127.0.0.1:1,127.0.0.1:2/qvd?target_session_attrs=read-write", { max: 1, connectTimeout: 2 });
+    const sql = connect("postgres://qvd@127.0.0.1:1,127.0.0.1:2/qvd?target_session_attrs=read-write", {
+      max: 1,
+      connectTimeout: 2,
+    });
     try {
       for (let i = 0; i < 3; i++) {
-        const outcome = await Promise.race([sql`SELECT 1`.then(() => "answered", (e: Error) => `failed: ${e.message}`), Bun.sleep(30_000).then(() => "still waiting")]);
+        const outcome = await Promise.race([
+          sql`SELECT 1`.then(
+            () => "answered",
+            (e: Error) => `failed: ${e.message}`,
+          ),
+          Bun.sleep(30_000).then(() => "still waiting"),
+        ]);
         expect(outcome).toBe("failed: no database server takes writes (tried 127.0.0.1:1, 127.0.0.1:2)");
       }
     } finally {
@@ -90,13 +122,38 @@ describe("multi-host over TLS", () => {
   beforeAll(async () => {
     dir = mkdtempSync("/tmp/qvd-test-pgtls-");
     chmodSync(dir, 0o755);
-    pg = new LocalCluster({ dir: join(dir, "pg"), noSync: true, settings: {
-      listen_addresses: "127.0.0.1", port, ssl: "on", ssl_cert_file: join(dir, "pg", "server.crt"), ssl_key_file: join(dir, "pg", "server.key"),
-      password_encryption: "scram-sha-256", fsync: "off",
-    } });
+    pg = new LocalCluster({
+      dir: join(dir, "pg"),
+      noSync: true,
+      settings: {
+        listen_addresses: "127.0.0.1",
+        port,
+        ssl: "on",
+        ssl_cert_file: join(dir, "pg", "server.crt"),
+        ssl_key_file: join(dir, "pg", "server.key"),
+        password_encryption: "scram-sha-256",
+        fsync: "off",
+      },
+    });
     await pg.init();
-    await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=qvd test db", "-addext", "subjectAltName=IP:127.0.0.1",
-      "-keyout", join(pg.dir, "server.key"), "-out", join(pg.dir, "server.crt")]);
+    await run([
+      "openssl",
+      "req",
+      "-x509",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-days",
+      "1",
+      "-subj",
+      "/CN=qvd test db",
+      "-addext",
+      "subjectAltName=IP:127.0.0.1",
+      "-keyout",
+      join(pg.dir, "server.key"),
+      "-out",
+      join(pg.dir, "server.crt"),
+    ]);
     const owner = statSync(pg.dir);
     for (const f of ["server.key", "server.crt"]) {
       chownSync(join(pg.dir, f), owner.uid, owner.gid);
@@ -130,12 +187,19 @@ describe("multi-host over TLS", () => {
   };
 
   test("sslmode=require: the server after a dead one is reached over TLS", async () => {
-    expect(await outcome(`postgres://postgres:${password}@127.0.0.1:${dead},127.0.0.1:${port}/postgres?sslmode=require&target_session_attrs=read-write`)).toBe("over TLS");
+    expect(
+      await outcome(
+        `postgres://postgres:${password}@127.0.0.1:${dead},127.0.0.1:${port}/postgres?sslmode=require&target_session_attrs=read-write`,
+      ),
+    ).toBe("over TLS");
   });
 
   test("sslmode=verify-full with a certificate nobody vouches for: nothing is used", async () => {
-    expect(await outcome(`postgres://postgres:${password}@127.0.0.1:${dead},127.0.0.1:${port}/postgres?sslmode=verify-full&target_session_attrs=read-write`))
-      .toBe(`failed: no database server takes writes (tried 127.0.0.1:${dead}, 127.0.0.1:${port})`);
+    expect(
+      await outcome(
+        `postgres://postgres:${password}@127.0.0.1:${dead},127.0.0.1:${port}/postgres?sslmode=verify-full&target_session_attrs=read-write`,
+      ),
+    ).toBe(`failed: no database server takes writes (tried 127.0.0.1:${dead}, 127.0.0.1:${port})`);
   });
 });
 
@@ -150,8 +214,12 @@ describe.skipIf(!isRoot)("database failover", () => {
   let vm: D.VmRow;
   const node = new TestNode(() => db, "failnode");
   const vmState = async (id: number) => (await D.get(sql, D.vms, ALL, id)).vm_state;
-  const initPid = async (id: number) => (await run([...node.ns.exec, "lxc-info", "-n", `qvd-${id}`, "-P", node.lxcPath, "-p", "-H"], { allowFail: true })).stdout.trim();
-  const hostState = async () => ((await sql`SELECT state FROM host_runtimes WHERE host_id = ${node.host.id}`)[0] as { state: string }).state;
+  const initPid = async (id: number) =>
+    (
+      await run([...node.ns.exec, "lxc-info", "-n", `qvd-${id}`, "-P", node.lxcPath, "-p", "-H"], { allowFail: true })
+    ).stdout.trim();
+  const hostState = async () =>
+    ((await sql`SELECT state FROM host_runtimes WHERE host_id = ${node.host.id}`)[0] as { state: string }).state;
 
   beforeAll(async () => {
     pair = await PgPair.start();
@@ -190,19 +258,30 @@ describe.skipIf(!isRoot)("database failover", () => {
     const t0 = performance.now();
     const promotion = pair.promote();
     let i = 0;
-    const firstWriteMs = await waitFor("an API write after the failover", async () => {
-      const r = await sa.post("/users", { name: `after-failover-${i++}` }).catch(() => ({ status: 0 }));
-      return r.status === 201 && performance.now() - t0;
-    }, 120_000, 50);
+    const firstWriteMs = await waitFor(
+      "an API write after the failover",
+      async () => {
+        const r = await sa.post("/users", { name: `after-failover-${i++}` }).catch(() => ({ status: 0 }));
+        return r.status === 201 && performance.now() - t0;
+      },
+      120_000,
+      50,
+    );
     const promoteMs = await promotion;
-    console.log(`database failover: primary stopped -> first API write ${Math.round(firstWriteMs)} ms (promotion itself ${Math.round(promoteMs)} ms)`);
+    console.log(
+      `database failover: primary stopped -> first API write ${Math.round(firstWriteMs)} ms (promotion itself ${Math.round(promoteMs)} ms)`,
+    );
 
     // The HKD heartbeats into the new primary.
     const [{ now }] = (await sql`SELECT now() AS now`) as unknown as [{ now: Date }];
-    await until(async () => {
-      const [r] = await sql`SELECT ok_ts FROM host_runtimes WHERE host_id = ${node.host.id}`;
-      return (r!.ok_ts as Date) > now;
-    }, "a heartbeat on the new primary", 30_000);
+    await until(
+      async () => {
+        const [r] = await sql`SELECT ok_ts FROM host_runtimes WHERE host_id = ${node.host.id}`;
+        return (r!.ok_ts as Date) > now;
+      },
+      "a heartbeat on the new primary",
+      30_000,
+    );
     expect(await hostState()).toBe("running");
     // The desktop never stopped: same container, same init process, still running in the database.
     expect(await node.containers()).toEqual([`qvd-${vm.id}`]);
@@ -211,9 +290,17 @@ describe.skipIf(!isRoot)("database failover", () => {
     expect(readFileSync(node.logFile, "utf8")).not.toContain("fencing");
 
     // A stop through the API is a NOTIFY to the HKD, on its connection LISTENing again.
-    await until(() => readFileSync(node.logFile, "utf8").includes("notifications resumed"), "the HKD to listen again", 30_000);
+    await until(
+      () => readFileSync(node.logFile, "utf8").includes("notifications resumed"),
+      "the HKD to listen again",
+      30_000,
+    );
     expect((await sa.post(`/vms/${vm.id}/stop`)).status).toBe(200);
-    await until(async () => (await vmState(vm.id)) === "stopped" && (await node.containers()).length === 0, "the stop to reach the HKD", 60_000);
+    await until(
+      async () => (await vmState(vm.id)) === "stopped" && (await node.containers()).length === 0,
+      "the stop to reach the HKD",
+      60_000,
+    );
   }, 300_000);
 
   test("the old primary back as a standby, named first in the URL: new connections skip it and write to the new primary", async () => {

@@ -53,7 +53,8 @@ test("a command written to vm_runtimes notifies its node's channel", async () =>
     const [u] = await sql`INSERT INTO users (tenant_id, name) VALUES (${t!.id}, 'lu') RETURNING id`;
     const [o] = await sql`INSERT INTO osfs (tenant_id, name) VALUES (${t!.id}, 'lo') RETURNING id`;
     const [h] = await sql`INSERT INTO hosts (id, name, address) VALUES (10000, 'n1', '198.18.0.1') RETURNING id`;
-    const [v] = await sql`INSERT INTO vms (tenant_id, user_id, osf_id, name) VALUES (${t!.id}, ${u!.id}, ${o!.id}, 'lv') RETURNING id`;
+    const [v] =
+      await sql`INSERT INTO vms (tenant_id, user_id, osf_id, name) VALUES (${t!.id}, ${u!.id}, ${o!.id}, 'lv') RETURNING id`;
     await sql`UPDATE vm_runtimes SET host_id = ${h!.id}, vm_cmd = 'start' WHERE vm_id = ${v!.id}`;
     await until(() => got.length === 1, "the command notification", 30_000, 50);
     expect(JSON.parse(got[0]!)).toEqual({ vm_id: v!.id, cmd: "start" });

@@ -71,7 +71,11 @@ describe("users", () => {
   });
 
   test("CRUD, password hashing with argon2id, and verification", async () => {
-    const u = await D.create(sql(), D.users, D.tenantScope(acme.id), { name: "carol", password: "carol-pass-1", description: "C" });
+    const u = await D.create(sql(), D.users, D.tenantScope(acme.id), {
+      name: "carol",
+      password: "carol-pass-1",
+      description: "C",
+    });
     expect(u.tenant_id).toBe(acme.id);
     expect(u.has_password).toBe(true);
     expect(u).not.toHaveProperty("password_hash");
@@ -154,11 +158,17 @@ describe("OSFs, images and VMs", () => {
     expect(await D.untagDi(sql(), ALL, d1.id, "stable")).toBe(true);
     expect((await rejects(D.untagDi(sql(), ALL, d2.id, "head"))).status).toBe(422);
     expect((await rejects(D.untagDi(sql(), ALL, d2.id, "v2"))).status).toBe(422);
-    expect((await rejects(D.create(sql(), D.dis, ALL, { osf_id: osf.id, path: "x.tar", version: "v2" }))).status).toBe(409);
+    expect((await rejects(D.create(sql(), D.dis, ALL, { osf_id: osf.id, path: "x.tar", version: "v2" }))).status).toBe(
+      409,
+    );
     expect((await rejects(D.create(sql(), D.dis, ALL, { osf_id: osf.id, path: "../etc/passwd" }))).field).toBe("path");
     // Images are listed through their OSF's tenant.
     expect((await D.list(sql(), D.dis, D.tenantScope(beta.id))).rows).toHaveLength(0);
-    expect((await D.list(sql(), D.dis, D.tenantScope(acme.id), { filters: [{ field: "tags", op: "=", value: "v2" }] })).rows.map((r) => r.id)).toEqual([d2.id]);
+    expect(
+      (
+        await D.list(sql(), D.dis, D.tenantScope(acme.id), { filters: [{ field: "tags", op: "=", value: "v2" }] })
+      ).rows.map((r) => r.id),
+    ).toEqual([d2.id]);
 
     const blocked = await D.update(sql(), D.dis, ALL, d2.id, { blocked: true });
     expect(blocked.blocked).toBe(true);
@@ -168,7 +178,13 @@ describe("OSFs, images and VMs", () => {
   test("moving a tag sets expiry times on running VMs still on the old image", async () => {
     const o = await D.create(sql(), D.osfs, ALL, { tenant_id: acme.id, name: "expiring" });
     const old = await D.create(sql(), D.dis, ALL, { osf_id: o.id, path: "exp-1.tar", version: "e1" });
-    const fresh = await D.create(sql(), D.dis, ALL, { osf_id: o.id, path: "exp-2.tar", version: "e2", expire_soft_s: 60, expire_hard_s: 3600 });
+    const fresh = await D.create(sql(), D.dis, ALL, {
+      osf_id: o.id,
+      path: "exp-2.tar",
+      version: "e2",
+      expire_soft_s: 60,
+      expire_hard_s: 3600,
+    });
     const host = await D.create(sql(), D.hosts, ALL, { name: "exp-node", address: "198.18.7.7" });
     const onOld = await D.create(sql(), D.vms, ALL, { user_id: owner.id, osf_id: o.id, name: "exp-old" });
     const onNew = await D.create(sql(), D.vms, ALL, { user_id: owner.id, osf_id: o.id, name: "exp-new" });
@@ -190,7 +206,8 @@ describe("OSFs, images and VMs", () => {
     const back = await D.get(sql(), D.vms, ALL, onNew.id);
     expect(back.expire_soft_at).toBeNull();
     expect(back.expire_hard_at!.getTime() - Date.now()).toBeLessThanOrEqual(10_000);
-    for (const v of [onOld, onNew]) await sql()`UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL, current_di_id = NULL WHERE vm_id = ${v.id}`;
+    for (const v of [onOld, onNew])
+      await sql()`UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL, current_di_id = NULL WHERE vm_id = ${v.id}`;
     for (const v of [onOld, onNew, stopped]) await D.remove(sql(), D.vms, ALL, v.id);
     await D.remove(sql(), D.hosts, ALL, host.id);
   });
@@ -208,13 +225,21 @@ describe("OSFs, images and VMs", () => {
     expect(counters!.run_attempts).toBe(0);
 
     // The same name for the same user is refused; an explicit address may not be reused.
-    expect((await rejects(D.createVm(sql(), ALL, { user_id: owner.id, osf_id: osf.id, name: "desk1" }, net))).status).toBe(409);
-    expect((await rejects(D.create(sql(), D.vms, ALL, { user_id: owner.id, osf_id: osf.id, name: "d3", ip: v1.ip }))).field).toBe("ip");
+    expect(
+      (await rejects(D.createVm(sql(), ALL, { user_id: owner.id, osf_id: osf.id, name: "desk1" }, net))).status,
+    ).toBe(409);
+    expect(
+      (await rejects(D.create(sql(), D.vms, ALL, { user_id: owner.id, osf_id: osf.id, name: "d3", ip: v1.ip }))).field,
+    ).toBe("ip");
 
     // Concurrent creations get distinct addresses.
-    const more = await Promise.all([3, 4, 5].map((n) => D.createVm(sql(), ALL, { user_id: owner.id, osf_id: osf.id, name: `par${n}` }, net)));
+    const more = await Promise.all(
+      [3, 4, 5].map((n) => D.createVm(sql(), ALL, { user_id: owner.id, osf_id: osf.id, name: `par${n}` }, net)),
+    );
     expect(new Set(more.map((v) => v.ip)).size).toBe(3);
-    expect((await rejects(D.createVm(sql(), ALL, { user_id: owner.id, osf_id: osf.id, name: "full" }, net))).message).toContain("no free address");
+    expect(
+      (await rejects(D.createVm(sql(), ALL, { user_id: owner.id, osf_id: osf.id, name: "full" }, net))).message,
+    ).toContain("no free address");
     for (const v of more) await D.remove(sql(), D.vms, ALL, v.id);
 
     const renamed = await D.update(sql(), D.vms, ALL, v2.id, { name: "desk2b", di_tag: "head" });
@@ -227,7 +252,9 @@ describe("OSFs, images and VMs", () => {
     const e = await rejects(D.create(sql(), D.vms, ALL, { user_id: owner.id, osf_id: betaOsf.id, name: "cross" }));
     expect(e.field).toBe("osf_id");
     // Also enforced by the database itself (composite foreign key).
-    await expect(sql()`INSERT INTO vms (tenant_id, user_id, osf_id, name) VALUES (${acme.id}, ${owner.id}, ${betaOsf.id}, 'raw')`).rejects.toThrow();
+    await expect(
+      sql()`INSERT INTO vms (tenant_id, user_id, osf_id, name) VALUES (${acme.id}, ${owner.id}, ${betaOsf.id}, 'raw')`,
+    ).rejects.toThrow();
     await D.remove(sql(), D.osfs, ALL, betaOsf.id);
   });
 
@@ -258,9 +285,15 @@ describe("OSFs, images and VMs", () => {
   test("list: filters, sort, paging, total and field selection", async () => {
     const u = await D.create(sql(), D.users, ALL, { tenant_id: acme.id, name: "lister" });
     for (const n of ["alpha", "bravo", "charlie", "delta"])
-      await D.create(sql(), D.vms, ALL, { user_id: u.id, osf_id: osf.id, name: n, description: n === "bravo" ? "special" : "" });
+      await D.create(sql(), D.vms, ALL, {
+        user_id: u.id,
+        osf_id: osf.id,
+        name: n,
+        description: n === "bravo" ? "special" : "",
+      });
     const mine = { field: "user_id", op: "=" as const, value: String(u.id) };
-    const q = (extra: D.ListQuery) => D.list(sql(), D.vms, ALL, { ...extra, filters: [mine, ...(extra.filters ?? [])] });
+    const q = (extra: D.ListQuery) =>
+      D.list(sql(), D.vms, ALL, { ...extra, filters: [mine, ...(extra.filters ?? [])] });
 
     let r = await q({ sort: [{ field: "name", desc: true }], limit: 2 });
     expect(r.total).toBe(4);
@@ -297,7 +330,11 @@ describe("OSFs, images and VMs", () => {
 
 describe("administrators and roles", () => {
   test("administrator CRUD, password verification, tenant scoping", async () => {
-    const a = await D.create(sql(), D.administrators, ALL, { tenant_id: acme.id, name: "acme-admin", password: "acme-admin-pw" });
+    const a = await D.create(sql(), D.administrators, ALL, {
+      tenant_id: acme.id,
+      name: "acme-admin",
+      password: "acme-admin-pw",
+    });
     expect(a.superadmin).toBe(false);
     expect((await D.verifyAdministrator(sql(), acme.id, "acme-admin", "acme-admin-pw"))?.id).toBe(a.id);
     expect(await D.verifyAdministrator(sql(), acme.id, "acme-admin", "nope-nope")).toBeUndefined();
@@ -332,7 +369,8 @@ describe("administrators and roles", () => {
     // An administrator's effective ACLs: union over roles, with inherited roles' grants.
     const admin = await D.create(sql(), D.administrators, acmeScope, { name: "op", password: "operator-pw" });
     await D.assignRole(sql(), acmeScope, admin.id, child.id);
-    const op = (await D.list(sql(), D.roles, acmeScope, { filters: [{ field: "name", op: "=", value: "Operator" }] })).rows[0]!;
+    const op = (await D.list(sql(), D.roles, acmeScope, { filters: [{ field: "name", op: "=", value: "Operator" }] }))
+      .rows[0]!;
     await D.assignRole(sql(), acmeScope, admin.id, op.id);
     const eff = await D.administratorEffectiveAcls(sql(), admin.id);
     expect(eff.has("vm.stop") && eff.has("vm.start") && eff.has("user.block")).toBe(true);
@@ -366,8 +404,12 @@ describe("hosts, properties, configs, audit, tokens", () => {
     await D.incrementHostCounter(sql(), h.id, "auth_ok", 2);
     expect((await D.hostCounters(sql(), h.id)).auth_ok).toBe(2);
     expect((await D.list(sql(), D.hosts, D.tenantScope(acme.id))).rows.map((r) => r.name)).toContain("node1");
-    expect((await rejects(D.update(sql(), D.hosts, D.tenantScope(acme.id), h.id, { description: "x" }))).status).toBe(403);
-    expect((await rejects(D.create(sql(), D.hosts, ALL, { name: "node2", address: "198.18.0.10" }))).field).toBe("address");
+    expect((await rejects(D.update(sql(), D.hosts, D.tenantScope(acme.id), h.id, { description: "x" }))).status).toBe(
+      403,
+    );
+    expect((await rejects(D.create(sql(), D.hosts, ALL, { name: "node2", address: "198.18.0.10" }))).field).toBe(
+      "address",
+    );
     expect((await D.update(sql(), D.hosts, ALL, h.id, { frontend: false })).frontend).toBe(false);
     await D.remove(sql(), D.hosts, ALL, h.id);
     const [rt] = await sql()`SELECT count(*)::int AS n FROM host_runtimes WHERE host_id = ${h.id}`;
@@ -395,7 +437,10 @@ describe("hosts, properties, configs, audit, tokens", () => {
     await D.setConfig(sql(), 0, "auth.ldap.timeout", "90");
     await D.setConfig(sql(), acme.id, "auth.ldap.timeout", "45");
     const rows = await D.listConfigRows(sql(), acme.id);
-    expect(rows.map((r) => [r.tenant_id, r.key, r.value])).toEqual([[0, "auth.ldap.timeout", "90"], [acme.id, "auth.ldap.timeout", "45"]]);
+    expect(rows.map((r) => [r.tenant_id, r.key, r.value])).toEqual([
+      [0, "auth.ldap.timeout", "90"],
+      [acme.id, "auth.ldap.timeout", "45"],
+    ]);
     expect((await rejects(D.setConfig(sql(), acme.id, "hkd.fence_after", "45"))).status).toBe(403);
     expect((await rejects(D.setConfig(sql(), 0, "hkd.fence_after", "soon"))).field).toBe("value");
     expect((await rejects(D.setConfig(sql(), 0, "no.such.key", "1"))).field).toBe("key");
@@ -406,10 +451,24 @@ describe("hosts, properties, configs, audit, tokens", () => {
 
   test("audit entries redact secrets and are listed by tenant", async () => {
     await D.audit(sql(), {
-      action: "user.create", object_type: "user", object_id: 1, object_name: "x", ok: true, source: "api",
-      tenant_id: acme.id, tenant_name: "acme", arguments: { name: "x", password: "hunter2", nested: { api_token: "t" } },
+      action: "user.create",
+      object_type: "user",
+      object_id: 1,
+      object_name: "x",
+      ok: true,
+      source: "api",
+      tenant_id: acme.id,
+      tenant_name: "acme",
+      arguments: { name: "x", password: "hunter2", nested: { api_token: "t" } },
     });
-    await D.audit(sql(), { action: "login", ok: false, source: "wat", tenant_id: beta.id, error: "wrong password", address: "127.0.0.1" });
+    await D.audit(sql(), {
+      action: "login",
+      ok: false,
+      source: "wat",
+      tenant_id: beta.id,
+      error: "wrong password",
+      address: "127.0.0.1",
+    });
     const mine = await D.list(sql(), D.auditLog, D.tenantScope(acme.id), { sort: [{ field: "id", desc: true }] });
     expect(mine.rows.every((r) => r.tenant_id === acme.id)).toBe(true);
     expect(mine.rows[0]!.arguments).toEqual({ name: "x", password: "********", nested: { api_token: "********" } });
@@ -439,8 +498,12 @@ describe("hosts, properties, configs, audit, tokens", () => {
 
 test("state columns only accept their states", async () => {
   const [h] = await sql()`INSERT INTO hosts (name, address) VALUES ('chk', '198.18.1.1') RETURNING id`;
-  await expect(sql()`UPDATE host_runtimes SET state = 'flying' WHERE host_id = ${h!.id}`).rejects.toThrow(/check constraint/);
-  await expect(sql()`UPDATE host_runtimes SET cmd = 'explode' WHERE host_id = ${h!.id}`).rejects.toThrow(/check constraint/);
+  await expect(sql()`UPDATE host_runtimes SET state = 'flying' WHERE host_id = ${h!.id}`).rejects.toThrow(
+    /check constraint/,
+  );
+  await expect(sql()`UPDATE host_runtimes SET cmd = 'explode' WHERE host_id = ${h!.id}`).rejects.toThrow(
+    /check constraint/,
+  );
   await expect(sql()`UPDATE vm_runtimes SET vm_state = 'dancing'`).rejects.toThrow(/check constraint/);
   await expect(sql()`UPDATE dis SET state = 'melted'`).rejects.toThrow(/check constraint/);
 });

@@ -16,7 +16,10 @@ test("init creates the schema, the global scope, a default tenant and a superadm
     expect(res.adminPassword).toHaveLength(20);
     expect(res.version).toBe(SCHEMA_VERSION);
     const tenants = await db.sql`SELECT id, name FROM tenants ORDER BY id`;
-    expect(tenants.map((t) => [t.id, t.name])).toEqual([[0, "*"], [1, "default"]]);
+    expect(tenants.map((t) => [t.id, t.name])).toEqual([
+      [0, "*"],
+      [1, "default"],
+    ]);
     expect((await verifyAdministrator(db.sql, 0, "superadmin", res.adminPassword))?.roles).toEqual(["Superadmin"]);
     // The generated password differs every time: there is no well-known default.
     const other = await testDatabase({ empty: true });
@@ -68,9 +71,17 @@ test("migrate applies numbered migrations in order, each atomically, and refuses
     const v = SCHEMA_VERSION;
     expect(await migrateDatabase(db.sql)).toEqual({ from: v, to: v, applied: [] });
 
-    const m2 = { version: v + 1, name: "add notes", sql: "CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL)" };
+    const m2 = {
+      version: v + 1,
+      name: "add notes",
+      sql: "CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL)",
+    };
     const m3 = { version: v + 2, name: "add notes.author", sql: "ALTER TABLE notes ADD COLUMN author text" };
-    const bad4 = { version: v + 3, name: "broken", sql: "ALTER TABLE notes ADD COLUMN x int; ALTER TABLE nope ADD COLUMN y int" };
+    const bad4 = {
+      version: v + 3,
+      name: "broken",
+      sql: "ALTER TABLE notes ADD COLUMN x int; ALTER TABLE nope ADD COLUMN y int",
+    };
     expect((await schemaStatus(db.sql, [m2, m3])).pending).toEqual([v + 1, v + 2]);
     const res = await migrateDatabase(db.sql, [m3, m2]);
     expect(res.applied.map((m) => m.version)).toEqual([v + 1, v + 2]);
@@ -134,34 +145,55 @@ test("the real migrations take a version-1 database to the current schema", asyn
     expect((await schemaStatus(db.sql)).pending).toEqual(MIGRATIONS.map((m) => m.version));
     const res = await migrateDatabase(db.sql);
     expect([res.from, res.to]).toEqual([1, SCHEMA_VERSION]);
-    const cols = await db.sql`SELECT data_type FROM information_schema.columns WHERE table_name = 'user_tokens' AND column_name = 'auth_params'`;
+    const cols =
+      await db.sql`SELECT data_type FROM information_schema.columns WHERE table_name = 'user_tokens' AND column_name = 'auth_params'`;
     expect(cols.map((c) => c.data_type)).toEqual(["jsonb"]);
-    const triggers = await db.sql`SELECT tgname FROM pg_trigger WHERE tgname IN ('admin_sessions_end', 'vms_ip_guard') ORDER BY 1`;
+    const triggers =
+      await db.sql`SELECT tgname FROM pg_trigger WHERE tgname IN ('admin_sessions_end', 'vms_ip_guard') ORDER BY 1`;
     expect(triggers.map((t) => t.tgname)).toEqual(["admin_sessions_end", "vms_ip_guard"]);
     const indexes = await db.sql`SELECT indexdef FROM pg_indexes WHERE indexname = 'vm_runtimes_address'`;
-    expect(indexes.map((i) => i.indexdef)).toEqual([expect.stringContaining("UNIQUE INDEX vm_runtimes_address ON public.vm_runtimes USING btree (vm_address) WHERE (vm_address IS NOT NULL)")]);
+    expect(indexes.map((i) => i.indexdef)).toEqual([
+      expect.stringContaining(
+        "UNIQUE INDEX vm_runtimes_address ON public.vm_runtimes USING btree (vm_address) WHERE (vm_address IS NOT NULL)",
+      ),
+    ]);
     const [throttle] = await db.sql`SELECT to_regclass('public.login_throttle') IS NOT NULL AS has`;
     expect(throttle!.has).toBe(true);
     const farm = await db.sql`SELECT table_name || '.' || column_name AS c FROM information_schema.columns
       WHERE column_name IN ('drain', 'lost_ts', 'lost_reason', 'vm_cmd_ts', 'home_key') AND table_name IN ('host_runtimes', 'vm_runtimes') ORDER BY 1`;
-    expect(farm.map((r) => r.c)).toEqual(["host_runtimes.drain", "host_runtimes.lost_reason", "host_runtimes.lost_ts", "vm_runtimes.home_key", "vm_runtimes.vm_cmd_ts"]);
-    const view = await db.sql`SELECT column_name FROM information_schema.columns WHERE table_name = 'host_view' AND column_name IN ('drain', 'lost_ts', 'lost_reason') ORDER BY 1`;
+    expect(farm.map((r) => r.c)).toEqual([
+      "host_runtimes.drain",
+      "host_runtimes.lost_reason",
+      "host_runtimes.lost_ts",
+      "vm_runtimes.home_key",
+      "vm_runtimes.vm_cmd_ts",
+    ]);
+    const view =
+      await db.sql`SELECT column_name FROM information_schema.columns WHERE table_name = 'host_view' AND column_name IN ('drain', 'lost_ts', 'lost_reason') ORDER BY 1`;
     expect(view.map((r) => r.column_name)).toEqual(["drain", "lost_reason", "lost_ts"]);
     // What migration 7 adds reads as in a new database: same columns, order, types, defaults and checks.
     const fresh = await testDatabase({ empty: true });
     try {
       await initDatabase(fresh.sql, { adminPassword: "migrate-pw" });
       // Order, not ordinal_position: a dropped column keeps its number.
-      const shape = (sql: typeof db.sql) => sql`SELECT table_name, column_name, row_number() OVER (PARTITION BY table_name ORDER BY ordinal_position)::int AS n, data_type, column_default, is_nullable
+      const shape = (
+        sql: typeof db.sql,
+      ) => sql`SELECT table_name, column_name, row_number() OVER (PARTITION BY table_name ORDER BY ordinal_position)::int AS n, data_type, column_default, is_nullable
         FROM information_schema.columns WHERE table_schema = 'public' AND table_name IN ('osfs', 'host_runtimes', 'osf_view', 'host_view')
         ORDER BY table_name, ordinal_position`;
-      const checks = (sql: typeof db.sql) => sql`SELECT conrelid::regclass::text AS t, pg_get_constraintdef(oid) AS def FROM pg_constraint
+      const checks = (
+        sql: typeof db.sql,
+      ) => sql`SELECT conrelid::regclass::text AS t, pg_get_constraintdef(oid) AS def FROM pg_constraint
         WHERE conrelid IN ('osfs'::regclass, 'host_runtimes'::regclass) AND contype = 'c' ORDER BY 1, 2`;
       const migrated = await shape(db.sql);
-      expect(migrated.filter((c) => ["hypervisor", "vcpus", "hypervisors", "hypervisor_notes"].includes(c.column_name)).length).toBe(8);
+      expect(
+        migrated.filter((c) => ["hypervisor", "vcpus", "hypervisors", "hypervisor_notes"].includes(c.column_name))
+          .length,
+      ).toBe(8);
       expect(migrated).toEqual(await shape(fresh.sql));
       expect(await checks(db.sql)).toEqual(await checks(fresh.sql));
-      const triggers = (sql: typeof db.sql) => sql`SELECT tgname, pg_get_triggerdef(oid) AS def FROM pg_trigger WHERE tgrelid = 'osfs'::regclass AND NOT tgisinternal ORDER BY 1`;
+      const triggers = (sql: typeof db.sql) =>
+        sql`SELECT tgname, pg_get_triggerdef(oid) AS def FROM pg_trigger WHERE tgrelid = 'osfs'::regclass AND NOT tgisinternal ORDER BY 1`;
       expect((await triggers(db.sql)).map((t) => t.tgname)).toContain("osfs_hypervisor_guard");
       expect(await triggers(db.sql)).toEqual(await triggers(fresh.sql));
     } finally {
@@ -199,13 +231,19 @@ test("migration 4 refuses a database where two desktops run with one address, an
     const [u] = await db.sql`INSERT INTO users (tenant_id, name) VALUES (1, 'dup') RETURNING id`;
     const [o] = await db.sql`INSERT INTO osfs (tenant_id, name) VALUES (1, 'dup') RETURNING id`;
     const ids: number[] = [];
-    for (const [name, ip] of [["a", "198.18.0.2"], ["b", "198.18.0.3"]]) {
-      const [v] = await db.sql`INSERT INTO vms (tenant_id, user_id, osf_id, name, ip) VALUES (1, ${u!.id}, ${o!.id}, ${name!}, ${ip!}) RETURNING id`;
+    for (const [name, ip] of [
+      ["a", "198.18.0.2"],
+      ["b", "198.18.0.3"],
+    ]) {
+      const [v] =
+        await db.sql`INSERT INTO vms (tenant_id, user_id, osf_id, name, ip) VALUES (1, ${u!.id}, ${o!.id}, ${name!}, ${ip!}) RETURNING id`;
       ids.push(v!.id);
       await db.sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${h!.id}, vm_address = '198.18.0.2' WHERE vm_id = ${v!.id}`;
     }
     const m4 = MIGRATIONS.find((m) => m.version === 4)!;
-    await expect(db.sql.begin((tx) => tx.unsafe(m4.sql))).rejects.toThrow(`VMs ${ids.join(", ")} run with the same address 198.18.0.2: stop all but one of them, then migrate again`);
+    await expect(db.sql.begin((tx) => tx.unsafe(m4.sql))).rejects.toThrow(
+      `VMs ${ids.join(", ")} run with the same address 198.18.0.2: stop all but one of them, then migrate again`,
+    );
     expect((await db.sql`SELECT 1 FROM pg_proc WHERE proname = 'vm_ip_guard'`).length).toBe(0);
   } finally {
     await db.sql.end();

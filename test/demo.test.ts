@@ -32,7 +32,12 @@ function processesWith(needle: string): string[] {
   return out;
 }
 
-const hostLinks = async () => (await run(["ip", "-o", "link", "show"])).stdout.split("\n").map((l) => l.split(":")[1]?.trim() ?? "").filter(Boolean).sort();
+const hostLinks = async () =>
+  (await run(["ip", "-o", "link", "show"])).stdout
+    .split("\n")
+    .map((l) => l.split(":")[1]?.trim() ?? "")
+    .filter(Boolean)
+    .sort();
 
 describe.skipIf(!isRoot)("qvd demo", () => {
   const work = mkdtempSync(join(tmpdir(), "qvd-demo-"));
@@ -47,7 +52,22 @@ describe.skipIf(!isRoot)("qvd demo", () => {
 
   beforeAll(async () => {
     const { ensureDeps } = await import("../scripts/deps.ts");
-    await ensureDeps(["postgresql", "runuser", "lxc", "iproute2", "nftables", "nsenter", "openssl", "xvfb", "nxproxy", "xwd", "imagemagick"], () => {});
+    await ensureDeps(
+      [
+        "postgresql",
+        "runuser",
+        "lxc",
+        "iproute2",
+        "nftables",
+        "nsenter",
+        "openssl",
+        "xvfb",
+        "nxproxy",
+        "xwd",
+        "imagemagick",
+      ],
+      () => {},
+    );
     image = await desktopImage();
     binary = await qvdBinary();
     linksBefore = await hostLinks();
@@ -72,7 +92,20 @@ describe.skipIf(!isRoot)("qvd demo", () => {
     stderr: () => string;
   }
 
-  const demoArgv = () => [binary, "demo", "--dir", dir, "--port", String(port), "--api-port", String(apiPort), "--netns", netns, "--image", image];
+  const demoArgv = () => [
+    binary,
+    "demo",
+    "--dir",
+    dir,
+    "--port",
+    String(port),
+    "--api-port",
+    String(apiPort),
+    "--netns",
+    netns,
+    "--image",
+    image,
+  ];
 
   /** Starts `qvd demo` and resolves once it has printed how to connect and that it runs. */
   async function startDemo(): Promise<Demo> {
@@ -142,7 +175,7 @@ describe.skipIf(!isRoot)("qvd demo", () => {
     const page = await fetch(`https://127.0.0.1:${port}/`, { tls: { ca: readFileSync(cert, "utf8") } } as RequestInit);
     expect(page.status).toBe(200);
     expect(page.headers.get("content-security-policy")).toStartWith("default-src 'self'");
-    expect(await page.text()).toContain("<script type=\"module\"");
+    expect(await page.text()).toContain('<script type="module"');
     expect(out).toContain(`Admin login: superadmin, tenant *, password in ${superPwFile}`);
 
     // The desktops' network lives in the namespace; the host's interfaces are untouched.
@@ -153,22 +186,52 @@ describe.skipIf(!isRoot)("qvd demo", () => {
     // The admin API over HTTPS, verified with the demo's certificate; the superadmin logs in.
     const ca = readFileSync(cert, "utf8");
     const login = await fetch(`https://127.0.0.1:${apiPort}/api/v1/login`, {
-      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ name: "superadmin", password: superPw }), tls: { ca },
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ name: "superadmin", password: superPw }),
+      tls: { ca },
     } as RequestInit);
     expect(login.status).toBe(200);
 
     // The user's client, exactly as printed, on an X display of this test.
     const DISPLAY = 64;
-    const xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" });
-    const mean = async () => Number((await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`], { allowFail: true })).stdout.trim()) || 0;
+    const xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], {
+      stdout: "ignore",
+      stderr: "ignore",
+    });
+    const mean = async () =>
+      Number(
+        (
+          await run(
+            ["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`],
+            { allowFail: true },
+          )
+        ).stdout.trim(),
+      ) || 0;
     let client: Bun.Subprocess | undefined;
     try {
-      await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0, "Xvfb", 20_000);
+      await until(
+        async () =>
+          (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0,
+        "Xvfb",
+        20_000,
+      );
       const before = await mean();
-      client = Bun.spawn(clientLine!.split(" "), { stdout: "pipe", stderr: "pipe", env: { ...cleanEnv(), DISPLAY: `:${DISPLAY}`, QVD_PASSWORD: userPw } });
+      client = Bun.spawn(clientLine!.split(" "), {
+        stdout: "pipe",
+        stderr: "pipe",
+        env: { ...cleanEnv(), DISPLAY: `:${DISPLAY}`, QVD_PASSWORD: userPw },
+      });
       let m = before;
-      await until(async () => (m = await mean()) > before + 0.05 || client!.exitCode !== null, "the desktop's pixels", 180_000);
-      if (client.exitCode !== null) throw new Error(`qvd client exited ${client.exitCode}: ${await new Response(client.stderr as ReadableStream).text()}`);
+      await until(
+        async () => (m = await mean()) > before + 0.05 || client!.exitCode !== null,
+        "the desktop's pixels",
+        180_000,
+      );
+      if (client.exitCode !== null)
+        throw new Error(
+          `qvd client exited ${client.exitCode}: ${await new Response(client.stderr as ReadableStream).text()}`,
+        );
       expect(m).toBeGreaterThan(before + 0.05);
       const sql = connect(dbUrl(), { max: 1 });
       try {
@@ -182,7 +245,12 @@ describe.skipIf(!isRoot)("qvd demo", () => {
       // it lands in the demo's storage, where the node reads it, and a desktop starts from it.
       const auth = { authorization: `Bearer ${(await login.json()).token}` };
       const api = async (method: string, path: string, body?: unknown) => {
-        const r = await fetch(`https://127.0.0.1:${apiPort}/api/v1${path}`, { method, headers: { ...auth, "content-type": "application/json" }, body: body === undefined ? undefined : JSON.stringify(body), tls: { ca } } as RequestInit);
+        const r = await fetch(`https://127.0.0.1:${apiPort}/api/v1${path}`, {
+          method,
+          headers: { ...auth, "content-type": "application/json" },
+          body: body === undefined ? undefined : JSON.stringify(body),
+          tls: { ca },
+        } as RequestInit);
         return { status: r.status, body: await r.json().catch(() => ({})) };
       };
       const sql2 = connect(dbUrl(), { max: 1 });
@@ -197,22 +265,33 @@ describe.skipIf(!isRoot)("qvd demo", () => {
       const di = await api("POST", "/dis", { osf_id: osf.body.id, path: "uploaded-desktop.tar.gz" });
       expect(di.status).toBe(201);
       const put = await fetch(`https://127.0.0.1:${apiPort}/api/v1/dis/${di.body.id}/image`, {
-        method: "PUT", headers: { ...auth, "content-type": "application/octet-stream" }, body: Bun.file(image), tls: { ca },
+        method: "PUT",
+        headers: { ...auth, "content-type": "application/octet-stream" },
+        body: Bun.file(image),
+        tls: { ca },
       } as RequestInit);
       expect(put.status).toBe(200);
       expect(existsSync(join(dir, "storage", "images", "uploaded-desktop.tar.gz"))).toBe(true);
       // Another user: a user's home is used by one desktop at a time (demo's is in use).
-      const user2 = await api("POST", "/users", { tenant_id: owner!.tenant_id, name: "uploader", password: "uploader-pw-1" });
+      const user2 = await api("POST", "/users", {
+        tenant_id: owner!.tenant_id,
+        name: "uploader",
+        password: "uploader-pw-1",
+      });
       expect(user2.status).toBe(201);
       const vm2 = await api("POST", "/vms", { user_id: user2.body.id, osf_id: osf.body.id, name: "uploaded desktop" });
       expect(vm2.status).toBe(201);
       const started = await api("POST", `/vms/${vm2.body.id}/start`);
       expect(started.status, JSON.stringify(started.body)).toBeLessThan(300);
       let state: { vm_state?: string; blocked?: boolean; blocked_reason?: string } = {};
-      await until(async () => {
-        state = (await api("GET", `/vms/${vm2.body.id}`)).body;
-        return state.vm_state === "running" || state.blocked === true;
-      }, "the uploaded image's desktop to run", 180_000);
+      await until(
+        async () => {
+          state = (await api("GET", `/vms/${vm2.body.id}`)).body;
+          return state.vm_state === "running" || state.blocked === true;
+        },
+        "the uploaded image's desktop to run",
+        180_000,
+      );
       expect(state, JSON.stringify(state)).toMatchObject({ vm_state: "running", blocked: false });
 
       // Ctrl-C while the user is connected: the session ends, everything stops.
@@ -291,9 +370,16 @@ describe.skipIf(!isRoot)("qvd demo", () => {
 
   test("a namespace of that name in use by something else: refused, and left as it is", async () => {
     await run(["ip", "netns", "add", netns]);
-    const other = Bun.spawn(["nsenter", `--net=/run/netns/${netns}`, "--", "sleep", "600"], { stdout: "ignore", stderr: "ignore" });
+    const other = Bun.spawn(["nsenter", `--net=/run/netns/${netns}`, "--", "sleep", "600"], {
+      stdout: "ignore",
+      stderr: "ignore",
+    });
     try {
-      await until(async () => (await run(["ip", "netns", "pids", netns])).stdout.trim() !== "", "the other process in the namespace", 10_000);
+      await until(
+        async () => (await run(["ip", "netns", "pids", netns])).stdout.trim() !== "",
+        "the other process in the namespace",
+        10_000,
+      );
       const r = await run(demoArgv(), { allowFail: true, env: cleanEnv() });
       expect(r.status).not.toBe(0);
       expect(r.stderr).toContain(`the network namespace ${netns} is in use`);

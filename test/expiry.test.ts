@@ -38,7 +38,10 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
 
   const vma = (method: string, body?: unknown) => node.vma(`http://${vm.ip}:3030`, secret, `/vma/${method}`, body);
   const xState = async () => (await vma("x_state")).json?.state as string | undefined;
-  const row = async () => (await sql()`SELECT vm_state, user_state, current_di_id, expire_soft_at, expire_hard_at, vma_secret FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!;
+  const row = async () =>
+    (
+      await sql()`SELECT vm_state, user_state, current_di_id, expire_soft_at, expire_hard_at, vma_secret FROM vm_runtimes WHERE vm_id = ${vm.id}`
+    )[0]!;
   /** Windows of the user's X session titled as the notice (xwininfo in the desktop, as the user). */
   const noticeWindows = async () => {
     const r = await node.attach(vm.id, "xwininfo -display :100 -root -tree", "alice");
@@ -47,14 +50,28 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
   };
   /** The notice programs running in the desktop: uid and argv of each xmessage. */
   const xmessages = async () => {
-    const r = await node.attach(vm.id, "for p in $(pgrep -x xmessage); do echo $(stat -c %u /proc/$p) $(base64 -w0 /proc/$p/cmdline); done");
-    return r.stdout.split("\n").filter(Boolean).map((l) => {
-      const [uid, argv] = l.split(" ");
-      return { uid: Number(uid), argv: Buffer.from(argv ?? "", "base64").toString("utf8").split("\0").slice(0, -1) };
-    }).filter((p) => p.argv.length > 0); // an xmessage exiting between pgrep and the read has no command line
+    const r = await node.attach(
+      vm.id,
+      "for p in $(pgrep -x xmessage); do echo $(stat -c %u /proc/$p) $(base64 -w0 /proc/$p/cmdline); done",
+    );
+    return r.stdout
+      .split("\n")
+      .filter(Boolean)
+      .map((l) => {
+        const [uid, argv] = l.split(" ");
+        return {
+          uid: Number(uid),
+          argv: Buffer.from(argv ?? "", "base64")
+            .toString("utf8")
+            .split("\0")
+            .slice(0, -1),
+        };
+      })
+      .filter((p) => p.argv.length > 0); // an xmessage exiting between pgrep and the read has no command line
   };
   /** The desktop's local HH:MM of a time (the notice speaks the desktop's time zone). */
-  const desktopClock = async (d: Date) => (await node.attach(vm.id, `date -d @${Math.floor(d.getTime() / 1000)} +%H:%M`)).stdout.trim();
+  const desktopClock = async (d: Date) =>
+    (await node.attach(vm.id, `date -d @${Math.floor(d.getTime() / 1000)} +%H:%M`)).stdout.trim();
 
   /** The image under the desktop's root: the id of the basefs that is its overlay's lower layer. */
   const rootLower = async () => {
@@ -66,14 +83,40 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
   /** The user connects with `qvd client` through the node's L7R (which starts the desktop if it is stopped). */
   async function connect(): Promise<void> {
     await disconnect();
-    const c = (client = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${DISPLAY}`, "QVD_PASSWORD=alice-pw-1", node.binary, "client",
-      "--host", "127.0.0.1", "--port", String(PORT), "--user", "alice", "--insecure", "--link", "lan"], { stdout: "pipe", stderr: "pipe" }));
-    await until(async () => (await row()).user_state === "connected" || c.exitCode !== null, "the client's session", 300_000);
+    const c = (client = Bun.spawn(
+      [
+        ...node.ns.exec,
+        "env",
+        `DISPLAY=:${DISPLAY}`,
+        "QVD_PASSWORD=alice-pw-1",
+        node.binary,
+        "client",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        String(PORT),
+        "--user",
+        "alice",
+        "--insecure",
+        "--link",
+        "lan",
+      ],
+      { stdout: "pipe", stderr: "pipe" },
+    ));
+    await until(
+      async () => (await row()).user_state === "connected" || c.exitCode !== null,
+      "the client's session",
+      300_000,
+    );
     expect(c.exitCode, c.exitCode !== null ? await new Response(c.stderr).text() : "").toBeNull();
     secret = (await row()).vma_secret;
     await until(async () => (await xState()) === "connected", "the NX session to connect", 60_000);
     // The session's window manager is up: X clients are served.
-    await until(async () => (await node.attach(vm.id, "pgrep -x jwm")).status === 0, "the session's window manager", 30_000);
+    await until(
+      async () => (await node.attach(vm.id, "pgrep -x jwm")).status === 0,
+      "the session's window manager",
+      30_000,
+    );
     uid = Number((await node.attach(vm.id, "stat -c %u /proc/$(pgrep -x nxagent)")).stdout.trim());
     expect(uid).toBeGreaterThan(0);
   }
@@ -93,13 +136,43 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
     const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
     osfId = osf.id;
     di1 = await node.addImage(osf.id, "desktop-1.tar.gz", async (p) => copyFileSync(image, p));
-    vm = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" });
+    vm = await D.createVm(
+      sql(),
+      ALL,
+      { user_id: user.id, osf_id: osf.id, name: "desktop" },
+      { range: "198.18.0.0/16" },
+    );
     const cert = join(node.root, "l7r.crt");
     const key = join(node.root, "l7r.key");
-    await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", key, "-out", cert]);
-    await node.start({ "hkd.timeout.vma_start": "60" }, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
-    xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" });
-    await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0, "Xvfb", 20_000);
+    await run([
+      "openssl",
+      "req",
+      "-x509",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-days",
+      "2",
+      "-subj",
+      "/CN=localhost",
+      "-keyout",
+      key,
+      "-out",
+      cert,
+    ]);
+    await node.start(
+      { "hkd.timeout.vma_start": "60" },
+      { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] },
+    );
+    xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], {
+      stdout: "ignore",
+      stderr: "ignore",
+    });
+    await until(
+      async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0,
+      "Xvfb",
+      20_000,
+    );
     await connect();
     expect((await row()).current_di_id).toBe(di1.id);
     expect(await rootLower()).toBe(di1.id);
@@ -115,11 +188,16 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
 
   test("soft expiry set through the API: one notice window in the user's session, run as the user; the node's repeated calls add none", async () => {
     expect(await noticeWindows()).toEqual([]);
-    await ok(admin.post(`/vms/${vm.id}/expire`, { soft_at: new Date(Date.now() - 1000).toISOString() }), "2xx", "expire");
+    await ok(
+      admin.post(`/vms/${vm.id}/expire`, { soft_at: new Date(Date.now() - 1000).toISOString() }),
+      "2xx",
+      "expire",
+    );
     await until(async () => (await noticeWindows()).length > 0, "the notice window", 60_000);
     // The node calls again every poll (2 s here); the same times, sent as the node sends them, too.
     const soft = (await row()).expire_soft_at as Date;
-    for (let i = 0; i < 3; i++) expect((await vma("expire", { soft: soft.toISOString(), hard: null })).status).toBe(200);
+    for (let i = 0; i < 3; i++)
+      expect((await vma("expire", { soft: soft.toISOString(), hard: null })).status).toBe(200);
     // A check that nothing happens: 6 s (three of the node's polls) add no second window.
     await Bun.sleep(6000);
     expect(await noticeWindows()).toHaveLength(1);
@@ -129,14 +207,25 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
     expect(procs[0]!.argv.at(-1)).toBe(noticeText(null));
     // For review: the client's screen with the notice.
     mkdirSync(output, { recursive: true });
-    await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- ${join(output, "expiry-notice.png")}`], { allowFail: true });
+    await run(
+      [
+        "sh",
+        "-c",
+        `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- ${join(output, "expiry-notice.png")}`,
+      ],
+      { allowFail: true },
+    );
   }, 120_000);
 
   test("a new image tagged default: the user is told when the desktop restarts; at the hard time the node stops it; the next connect runs the new image, where a new expiry is shown again", async () => {
     const image = await desktopImage();
     const di2 = await node.addImage(osfId, "desktop-2.tar.gz", async (p) => copyFileSync(image, p));
     // The administrator's publication: running desktops on the old image are warned now and stopped in an hour.
-    await ok(admin.post(`/dis/${di2.id}/tags`, { tag: "default", expire_soft_s: 0, expire_hard_s: 3600 }), "2xx", "tag default");
+    await ok(
+      admin.post(`/dis/${di2.id}/tags`, { tag: "default", expire_soft_s: 0, expire_hard_s: 3600 }),
+      "2xx",
+      "tag default",
+    );
     await ok(admin.post(`/dis/${di2.id}/tags`, { tag: "head" }), "2xx", "tag head");
     const hard = (await row()).expire_hard_at as Date;
     expect(hard).toBeInstanceOf(Date);
@@ -144,11 +233,19 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
     const wanted = async () => (await xmessages()).filter((p) => p.argv.at(-1)!.includes(`at ${clock} `));
     await until(async () => (await wanted()).length === 1, `a notice naming ${clock}`, 60_000);
     // It replaced the first one.
-    await until(async () => (await noticeWindows()).length === 1 && (await xmessages()).length === 1, "one notice window", 30_000);
+    await until(
+      async () => (await noticeWindows()).length === 1 && (await xmessages()).length === 1,
+      "one notice window",
+      30_000,
+    );
     expect((await xmessages())[0]!.uid).toBe(uid);
 
     // The stop is brought forward: a few seconds from now.
-    await ok(admin.post(`/vms/${vm.id}/expire`, { hard_at: new Date(Date.now() + 3000).toISOString() }), "2xx", "expire hard");
+    await ok(
+      admin.post(`/vms/${vm.id}/expire`, { hard_at: new Date(Date.now() + 3000).toISOString() }),
+      "2xx",
+      "expire hard",
+    );
     await until(async () => (await row()).vm_state === "stopped", "the node to stop the desktop", 120_000);
     await disconnect();
     await until(async () => (await row()).user_state === "disconnected", "the session to be released", 30_000);
@@ -165,7 +262,11 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
     await Bun.sleep(3000);
     expect(await noticeWindows()).toEqual([]);
     // A new expiry of the new desktop is shown again.
-    await ok(admin.post(`/vms/${vm.id}/expire`, { soft_at: new Date(Date.now() - 1000).toISOString() }), "2xx", "expire");
+    await ok(
+      admin.post(`/vms/${vm.id}/expire`, { soft_at: new Date(Date.now() - 1000).toISOString() }),
+      "2xx",
+      "expire",
+    );
     await until(async () => (await noticeWindows()).length === 1, "the new desktop's notice", 60_000);
   }, 600_000);
 });

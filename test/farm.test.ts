@@ -22,7 +22,9 @@ const MAX_STARTING = 2;
 /** Whether the roles take libpq's multi-host URLs (the database failover needs them). */
 const multiHost = (() => {
   try {
-    checkDatabaseTls("postgres://u:p@198.19.0.2:5432,198.19.0.3:5432/qvd?sslmode=require&target_session_attrs=read-write");
+    checkDatabaseTls(
+      "postgres://u:p@198.19.0.2:5432,198.19.0.3:5432/qvd?sslmode=require&target_session_attrs=read-write",
+    );
     return true;
   } catch {
     return false;
@@ -59,14 +61,22 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     const image = await desktopImage();
     if (multiHost) await farm.start({ replica: true });
     else await farm.start();
-    api = await startTestApi({ url: farm.url, sql: farm.sql } as TestDatabase, { ...farm.settings, "path.storage.images": join(farm.storage, "images") });
+    api = await startTestApi({ url: farm.url, sql: farm.sql } as TestDatabase, {
+      ...farm.settings,
+      "path.storage.images": join(farm.storage, "images"),
+    });
     const debian = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
     const tiny = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "busybox", memory_mb: 4096 });
     await farm.addImage(debian.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
     await farm.addImage(tiny.id, "busybox.tar.gz", busyboxImage);
     const mk = async (name: string, osf: number) => {
       const u = await D.create(sql(), D.users, ALL, { tenant_id: 1, name, password: PW });
-      vmOf[name] = await D.createVm(sql(), ALL, { user_id: u.id, osf_id: osf, name: `${name}-desktop` }, { range: "198.18.0.0/16" });
+      vmOf[name] = await D.createVm(
+        sql(),
+        ALL,
+        { user_id: u.id, osf_id: osf, name: `${name}-desktop` },
+        { range: "198.18.0.0/16" },
+      );
     };
     for (const n of ["alice", "bob", "carol"]) await mk(n, debian.id);
     for (let i = 1; i <= 12; i++) await mk(`p${i}`, tiny.id);
@@ -88,7 +98,8 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     await farm.stop();
   }, 300_000);
 
-  const state = async (vmId: number) => (await sql()`SELECT vm_state, user_state, host_id, vma_secret FROM vm_runtimes WHERE vm_id = ${vmId}`)[0]!;
+  const state = async (vmId: number) =>
+    (await sql()`SELECT vm_state, user_state, host_id, vma_secret FROM vm_runtimes WHERE vm_id = ${vmId}`)[0]!;
   const hostName = async (vmId: number) => (await farm.nodeOfVm(vmId))?.name;
   /**
    * A user's session with `qvd client` (nxproxy on an Xvfb display of the test) from the client
@@ -99,7 +110,10 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     const { ensureDeps } = await import("../scripts/deps.ts");
     await ensureDeps(["xvfb", "nxproxy", "xwd", "xsetroot", "imagemagick"], () => {});
     const vm = vmOf[user]!;
-    const xvfb = Bun.spawn(["Xvfb", `:${display}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" });
+    const xvfb = Bun.spawn(["Xvfb", `:${display}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], {
+      stdout: "ignore",
+      stderr: "ignore",
+    });
     let client: Bun.Subprocess<"ignore", "pipe", "pipe"> | undefined;
     const end = async () => {
       client?.kill("SIGTERM");
@@ -108,13 +122,54 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
       await xvfb.exited;
     };
     try {
-      await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${display}`], { allowFail: true })).status === 0, "Xvfb", 20_000);
+      await until(
+        async () =>
+          (await run(["xwd", "-root", "-silent", "-display", `:${display}`], { allowFail: true })).status === 0,
+        "Xvfb",
+        20_000,
+      );
       await run(["xsetroot", "-display", `:${display}`, "-solid", "black"], { allowFail: true });
-      const mean = async () => Number((await run(["sh", "-c", `xwd -root -silent -display :${display} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`], { allowFail: true })).stdout.trim()) || 0;
+      const mean = async () =>
+        Number(
+          (
+            await run(
+              [
+                "sh",
+                "-c",
+                `xwd -root -silent -display :${display} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`,
+              ],
+              { allowFail: true },
+            )
+          ).stdout.trim(),
+        ) || 0;
       const before = await mean();
-      client = Bun.spawn([...farm.clientNs.exec, "env", `DISPLAY=:${display}`, `QVD_PASSWORD=${PW}`, farm.binary, "client", "--host", node.address, "--port", String(L7R_PORT), "--user", user, "--insecure", "--link", "lan"], { stdout: "pipe", stderr: "pipe" });
-      await until(async () => (await state(vm.id)).user_state === "connected" || client!.exitCode !== null, `${user}'s session`, 300_000);
-      if (client.exitCode !== null) throw new Error(`qvd client exited: ${(await new Response(client.stderr).text()).trim()}`);
+      client = Bun.spawn(
+        [
+          ...farm.clientNs.exec,
+          "env",
+          `DISPLAY=:${display}`,
+          `QVD_PASSWORD=${PW}`,
+          farm.binary,
+          "client",
+          "--host",
+          node.address,
+          "--port",
+          String(L7R_PORT),
+          "--user",
+          user,
+          "--insecure",
+          "--link",
+          "lan",
+        ],
+        { stdout: "pipe", stderr: "pipe" },
+      );
+      await until(
+        async () => (await state(vm.id)).user_state === "connected" || client!.exitCode !== null,
+        `${user}'s session`,
+        300_000,
+      );
+      if (client.exitCode !== null)
+        throw new Error(`qvd client exited: ${(await new Response(client.stderr).text()).trim()}`);
       await until(async () => (await mean()) > before + 0.05, "the desktop's pixels on the user's display", 90_000);
       return { end, client };
     } catch (err) {
@@ -128,7 +183,9 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     const end = Date.now() + ms;
     let last = "";
     for (;;) {
-      const c = await farm.connect(node, user, PW, vmOf[user]!.id).catch((e: Error) => ({ status: 0, body: e.message, progress: [] as string[], nx: "", close() {} }));
+      const c = await farm
+        .connect(node, user, PW, vmOf[user]!.id)
+        .catch((e: Error) => ({ status: 0, body: e.message, progress: [] as string[], nx: "", close() {} }));
       if (c.status === 101) return c as Awaited<ReturnType<TestFarm["connect"]>>;
       c.close();
       last = `${c.status} ${String(c.body).trim()} ${c.progress.slice(-2).join(" / ")}`;
@@ -144,27 +201,42 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     let watching = true;
     const watch = (async () => {
       while (watching) {
-        const rows = await sql()`SELECT host_id, count(*)::int AS n FROM vm_runtimes WHERE vm_state = 'starting' AND vm_id = ANY(${ids}) GROUP BY host_id`;
+        const rows =
+          await sql()`SELECT host_id, count(*)::int AS n FROM vm_runtimes WHERE vm_state = 'starting' AND vm_id = ANY(${ids}) GROUP BY host_id`;
         for (const r of rows) maxStarting = Math.max(maxStarting, r.n);
         await Bun.sleep(50);
       }
     })();
     const answers = await Promise.all(ids.map((id) => admin.post(`/vms/${id}/start`)));
     for (const a of answers) expect(a.status, JSON.stringify(a.body)).toBeLessThan(300);
-    await until(async () => (await sql()`SELECT count(*)::int AS n FROM vm_runtimes WHERE vm_state = 'running' AND vm_id = ANY(${ids})`)[0]!.n === 12, "twelve desktops running", 300_000);
+    await until(
+      async () =>
+        (await sql()`SELECT count(*)::int AS n FROM vm_runtimes WHERE vm_state = 'running' AND vm_id = ANY(${ids})`)[0]!
+          .n === 12,
+      "twelve desktops running",
+      300_000,
+    );
     watching = false;
     await watch;
-    const per = await sql()`SELECT h.name, count(*)::int AS n FROM vm_runtimes r JOIN hosts h ON h.id = r.host_id WHERE r.vm_id = ANY(${ids}) GROUP BY h.name ORDER BY h.name`;
+    const per =
+      await sql()`SELECT h.name, count(*)::int AS n FROM vm_runtimes r JOIN hosts h ON h.id = r.host_id WHERE r.vm_id = ANY(${ids}) GROUP BY h.name ORDER BY h.name`;
     const counts = Object.fromEntries(per.map((r) => [r.name, r.n]));
     expect(Object.keys(counts).length, JSON.stringify(counts)).toBeGreaterThanOrEqual(2);
-    expect(Math.max(...Object.values(counts) as number[]), JSON.stringify(counts)).toBeLessThan(12);
+    expect(Math.max(...(Object.values(counts) as number[])), JSON.stringify(counts)).toBeLessThan(12);
     expect(maxStarting).toBeLessThanOrEqual(MAX_STARTING);
     // What the nodes themselves run agrees with the database.
     const by = await farm.containersByNode();
-    for (const [name, n] of Object.entries(counts)) expect(by[name]!.filter((c) => ids.some((id) => c === `qvd-${id}`)).length).toBe(n as number);
+    for (const [name, n] of Object.entries(counts))
+      expect(by[name]!.filter((c) => ids.some((id) => c === `qvd-${id}`)).length).toBe(n as number);
     // Free the nodes for what follows.
     await Promise.all(ids.map((id) => admin.post(`/vms/${id}/stop`)));
-    await until(async () => (await sql()`SELECT count(*)::int AS n FROM vm_runtimes WHERE vm_state = 'stopped' AND vm_id = ANY(${ids})`)[0]!.n === 12, "the twelve stopped", 120_000);
+    await until(
+      async () =>
+        (await sql()`SELECT count(*)::int AS n FROM vm_runtimes WHERE vm_state = 'stopped' AND vm_id = ANY(${ids})`)[0]!
+          .n === 12,
+      "the twelve stopped",
+      120_000,
+    );
   }, 600_000);
 
   test("a desktop on another node: through node C's L7R to a desktop on node A, pixels on the user's display, only TLS between C and A, no VMA secret on the wire", async () => {
@@ -175,8 +247,32 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     const pcap = join(farm.root, "c-a.pcap");
     let dump: Bun.Subprocess | undefined;
     try {
-      dump = Bun.spawn([...farm.farmNs.exec, "tcpdump", "-i", "farmbr", "-U", "-w", pcap, "-s", "0", `host ${a.address} and host ${c.address}`], { stdout: "ignore", stderr: "ignore" });
-      await until(() => { try { return readFileSync(pcap).length >= 24; } catch { return false; } }, "tcpdump to capture", 20_000);
+      dump = Bun.spawn(
+        [
+          ...farm.farmNs.exec,
+          "tcpdump",
+          "-i",
+          "farmbr",
+          "-U",
+          "-w",
+          pcap,
+          "-s",
+          "0",
+          `host ${a.address} and host ${c.address}`,
+        ],
+        { stdout: "ignore", stderr: "ignore" },
+      );
+      await until(
+        () => {
+          try {
+            return readFileSync(pcap).length >= 24;
+          } catch {
+            return false;
+          }
+        },
+        "tcpdump to capture",
+        20_000,
+      );
       // The user's machine is on the farm network (the client namespace) and talks to node C.
       const s = await session(c, "alice", 71);
       try {
@@ -199,7 +295,8 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
       for (const [key, f] of flows) {
         // Every connection between the two nodes is to the peer endpoint, and TLS from its first byte each way.
         expect(f.ports.includes(PEER_PORT), `${key}: not the peer port`).toBe(true);
-        for (const first of f.first) if (first) expect(first.subarray(0, 3).toString("hex"), `${key}: not a TLS record`).toMatch(/^1603(01|03)$/);
+        for (const first of f.first)
+          if (first) expect(first.subarray(0, 3).toString("hex"), `${key}: not a TLS record`).toMatch(/^1603(01|03)$/);
       }
       expect(bytes.includes(Buffer.from(secret)), "the VMA secret in the capture").toBe(false);
       expect(bytes.includes(Buffer.from("NXPROXY-")), "NX in clear in the capture").toBe(false);
@@ -214,21 +311,47 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     const c = farm.nodes[2]!;
     const vm = vmOf.alice!;
     const origin = `https://${c.address}:${L7R_PORT}`;
-    const t = await run([...farm.clientNs.exec, "curl", "-sk", "--max-time", "10", "-H", `Authorization: Basic ${Buffer.from(`alice:${PW}`).toString("base64")}`,
-      `${origin}/qvd/create_auth_token`]);
+    const t = await run([
+      ...farm.clientNs.exec,
+      "curl",
+      "-sk",
+      "--max-time",
+      "10",
+      "-H",
+      `Authorization: Basic ${Buffer.from(`alice:${PW}`).toString("base64")}`,
+      `${origin}/qvd/create_auth_token`,
+    ]);
     const token = (JSON.parse(t.stdout) as { auth_token: string }).auth_token.trim();
-    const cases = [{ name: "remote", send: [JSON.stringify({ token, id: vm.id, width: 800, height: 600 })], untilBinary: true }];
-    const probe = await run([...farm.clientNs.exec, process.execPath, join(import.meta.dir, "support", "ws-probe.ts"), `wss://${c.address}:${L7R_PORT}/qvd/web/connect`, origin, JSON.stringify(cases)],
-      { allowFail: true, timeoutMs: 320_000 });
+    const cases = [
+      { name: "remote", send: [JSON.stringify({ token, id: vm.id, width: 800, height: 600 })], untilBinary: true },
+    ];
+    const probe = await run(
+      [
+        ...farm.clientNs.exec,
+        process.execPath,
+        join(import.meta.dir, "support", "ws-probe.ts"),
+        `wss://${c.address}:${L7R_PORT}/qvd/web/connect`,
+        origin,
+        JSON.stringify(cases),
+      ],
+      { allowFail: true, timeoutMs: 320_000 },
+    );
     const got = JSON.parse(probe.stdout.trim().split("\n").at(-1) ?? "{}") as { code?: number; frames?: string[] };
     const frames = got.frames ?? [];
-    expect(frames.some((f) => f.startsWith("{") && JSON.parse(f).type === "progress"), probe.stdout + probe.stderr).toBe(true);
+    expect(
+      frames.some((f) => f.startsWith("{") && JSON.parse(f).type === "progress"),
+      probe.stdout + probe.stderr,
+    ).toBe(true);
     expect(frames.some((f) => f.startsWith("{") && JSON.parse(f).type === "ready")).toBe(true);
     // Xvnc's own greeting, from the session's display on node C, showing the desktop of node A.
     expect(frames.at(-1)).toMatch(/^<binary \d+> RFB 003\.008/);
     expect(got.code).toBe(1000);
     expect(await hostName(vm.id)).toBe("a");
-    await until(async () => (await state(vm.id)).user_state === "disconnected", "the browser's session to be released", 30_000);
+    await until(
+      async () => (await state(vm.id)).user_state === "disconnected",
+      "the browser's session to be released",
+      30_000,
+    );
   }, 600_000);
 
   let failoverMs = 0;
@@ -263,7 +386,11 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     expect(await a.knownContainers()).toContain(`qvd-${vm.id}`); // what the dead node left behind
     await a.cut(false);
     await a.start();
-    await until(async () => !(await a.knownContainers()).includes(`qvd-${vm.id}`), "node A to remove its stale container", 60_000);
+    await until(
+      async () => !(await a.knownContainers()).includes(`qvd-${vm.id}`),
+      "node A to remove its stale container",
+      60_000,
+    );
     await Bun.sleep(3000); // a few heartbeats and polls of the returned node
     expect(await a.containers()).toEqual([]);
     expect(["b", "c"]).toContain((await hostName(vm.id)) ?? "none");
@@ -294,7 +421,10 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     const [after] = await sql()`SELECT run_attempts::int AS n FROM vm_counters WHERE vm_id = ${vm.id}`;
     expect(after!.n - before!.n).toBe(1);
     expect(results.filter((r) => r.status === 101).length).toBeGreaterThan(0);
-    expect(results.filter((r) => r.status !== 101 && !/contending|taken over/i.test(r.body)), JSON.stringify(results)).toEqual([]);
+    expect(
+      results.filter((r) => r.status !== 101 && !/contending|taken over/i.test(r.body)),
+      JSON.stringify(results),
+    ).toEqual([]);
     const by = await farm.containersByNode();
     expect(Object.values(by).filter((cs) => cs.includes(`qvd-${vm.id}`)).length).toBe(1);
     expect(twice).toEqual([]);
@@ -303,8 +433,13 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
   test("a stranger on the farm network reaches no desktop: not routed through the desktop's node, not through its node-to-node endpoint without a node certificate", async () => {
     const vm = vmOf.bob!;
     const node = (await farm.nodeOfVm(vm.id))!;
-    const { vm_address } = (await sql()`SELECT host(vm_address) AS vm_address FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!;
-    const curl = (args: string[]) => run([...farm.clientNs.exec, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", ...args], { allowFail: true });
+    const { vm_address } = (
+      await sql()`SELECT host(vm_address) AS vm_address FROM vm_runtimes WHERE vm_id = ${vm.id}`
+    )[0]!;
+    const curl = (args: string[]) =>
+      run([...farm.clientNs.exec, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", ...args], {
+        allowFail: true,
+      });
     // The client machine routes the VM network through the desktop's node, as an attacker on the farm network would.
     await run([...farm.clientNs.exec, "ip", "route", "replace", "198.18.0.0/16", "via", node.address]);
     try {
@@ -328,7 +463,11 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     const t0 = performance.now();
     await x.cut();
     // The node is alive (its processes run) but cannot reach the database: it fences itself.
-    await until(async () => !(await x.containers()).includes(`qvd-${vm.id}`), `node ${x.name} to stop its desktop`, 60_000);
+    await until(
+      async () => !(await x.containers()).includes(`qvd-${vm.id}`),
+      `node ${x.name} to stop its desktop`,
+      60_000,
+    );
     const fencedS = (performance.now() - t0) / 1000;
     // Not before fence_after (less the heartbeat the node may have missed just before the cut).
     expect(fencedS).toBeGreaterThanOrEqual(FENCE_AFTER - 3);
@@ -338,11 +477,18 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     expect(await hostName(vm.id)).not.toBe(x.name);
     // Back on the network: the fenced node rejoins and does not run the desktop.
     await x.cut(false);
-    await until(async () => (await sql()`SELECT state FROM host_runtimes WHERE host_id = ${x.host!.id}`)[0]!.state === "running", `node ${x.name} to rejoin`, 120_000);
+    await until(
+      async () => (await sql()`SELECT state FROM host_runtimes WHERE host_id = ${x.host!.id}`)[0]!.state === "running",
+      `node ${x.name} to rejoin`,
+      120_000,
+    );
     // Once back it stays: the other nodes do not declare it lost again (a few heartbeats later).
     const lostTs = (await sql()`SELECT lost_ts FROM host_runtimes WHERE host_id = ${x.host!.id}`)[0]!.lost_ts;
     await Bun.sleep(4000);
-    expect((await sql()`SELECT state, lost_ts FROM host_runtimes WHERE host_id = ${x.host!.id}`)[0]).toEqual({ state: "running", lost_ts: lostTs });
+    expect((await sql()`SELECT state, lost_ts FROM host_runtimes WHERE host_id = ${x.host!.id}`)[0]).toEqual({
+      state: "running",
+      lost_ts: lostTs,
+    });
     expect(await x.containers()).not.toContain(`qvd-${vm.id}`);
     // The rejoined node's cleanup left the layer the desktop now runs over alone.
     const now = (await farm.nodeOfVm(vm.id))!;
@@ -358,7 +504,10 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
       const { NOTICE_TITLE } = await import("../src/vma/expiry.ts");
       await D.setVmExpiry(sql(), ALL, vm.id, { soft_at: new Date(), hard_at: new Date(Date.now() + 3600_000) });
       // The session's window list: xmessage with the notice's title, run by the VMA as carol.
-      const notices = async () => (await node.attach(vm.id, "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done")).stdout.split("\n").filter((l) => l.includes("xmessage") && l.includes(NOTICE_TITLE));
+      const notices = async () =>
+        (await node.attach(vm.id, "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done")).stdout
+          .split("\n")
+          .filter((l) => l.includes("xmessage") && l.includes(NOTICE_TITLE));
       await until(async () => (await notices()).length === 1, "the soft-expiry notice in the session", 60_000);
     } finally {
       await s.end();
@@ -368,40 +517,62 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     expect(await node.containers()).not.toContain(`qvd-${vm.id}`);
   }, 600_000);
 
-  (multiHost ? test : test.todo)("database failover: the primary stops, the replica is promoted; every node follows, no desktop stops, no node is lost, a new connect works", async () => {
-    const vm = vmOf.alice!;
-    // alice works in her desktop (qvd client, nxproxy, pixels) through node B during the failover.
-    const held = await session(farm.nodes[1]!, "alice", 73);
-    try {
-      const runningBefore = (await sql()`SELECT vm_id FROM vm_runtimes WHERE vm_state = 'running' ORDER BY vm_id`).map((r) => r.vm_id);
-      const containersBefore = await farm.containersByNode();
-      const lostBefore = (await sql()`SELECT host_id, state, lost_ts FROM host_runtimes ORDER BY host_id`).map((r) => `${r.host_id} ${r.lost_ts?.toISOString()}`);
-      const { promotedAt } = await farm.failover();
-      // Every node heartbeats on the new primary.
-      await until(async () => {
-        const rows = await sql()`SELECT count(*)::int AS n FROM host_runtimes WHERE ok_ts > now() - interval '2 seconds' AND state = 'running'`;
-        return rows[0]!.n === farm.nodes.length;
-      }, "every node to heartbeat on the new primary", 60_000);
-      const c = await connectUntil101(farm.nodes[2]!, "bob", 120_000);
-      const backMs = performance.now() - promotedAt;
-      c.close();
-      // The session held through the failover is still open.
-      expect(held.client.exitCode).toBeNull();
-      expect((await state(vm.id)).user_state).toBe("connected");
-      console.log(`database promoted → farm serving connects: ${(backMs / 1000).toFixed(1)} s`);
-      expect((await sql()`SELECT vm_id FROM vm_runtimes WHERE vm_state = 'running' AND vm_id <> ${vmOf.bob!.id} ORDER BY vm_id`).map((r) => r.vm_id)).toEqual(runningBefore.filter((id) => id !== vmOf.bob!.id));
-      expect((await sql()`SELECT count(*)::int AS n FROM host_runtimes WHERE state = 'lost'`)[0]!.n).toBe(0);
-      expect((await sql()`SELECT host_id, state, lost_ts FROM host_runtimes ORDER BY host_id`).map((r) => `${r.host_id} ${r.lost_ts?.toISOString()}`)).toEqual(lostBefore);
-      const after = await farm.containersByNode();
-      for (const [n, cs] of Object.entries(containersBefore)) for (const ct of cs) expect(after[n]).toContain(ct);
-      expect(await hostName(vm.id)).toBeDefined();
-    } finally {
-      await held.end();
-    }
-  }, 600_000);
+  (multiHost ? test : test.todo)(
+    "database failover: the primary stops, the replica is promoted; every node follows, no desktop stops, no node is lost, a new connect works",
+    async () => {
+      const vm = vmOf.alice!;
+      // alice works in her desktop (qvd client, nxproxy, pixels) through node B during the failover.
+      const held = await session(farm.nodes[1]!, "alice", 73);
+      try {
+        const runningBefore = (
+          await sql()`SELECT vm_id FROM vm_runtimes WHERE vm_state = 'running' ORDER BY vm_id`
+        ).map((r) => r.vm_id);
+        const containersBefore = await farm.containersByNode();
+        const lostBefore = (await sql()`SELECT host_id, state, lost_ts FROM host_runtimes ORDER BY host_id`).map(
+          (r) => `${r.host_id} ${r.lost_ts?.toISOString()}`,
+        );
+        const { promotedAt } = await farm.failover();
+        // Every node heartbeats on the new primary.
+        await until(
+          async () => {
+            const rows =
+              await sql()`SELECT count(*)::int AS n FROM host_runtimes WHERE ok_ts > now() - interval '2 seconds' AND state = 'running'`;
+            return rows[0]!.n === farm.nodes.length;
+          },
+          "every node to heartbeat on the new primary",
+          60_000,
+        );
+        const c = await connectUntil101(farm.nodes[2]!, "bob", 120_000);
+        const backMs = performance.now() - promotedAt;
+        c.close();
+        // The session held through the failover is still open.
+        expect(held.client.exitCode).toBeNull();
+        expect((await state(vm.id)).user_state).toBe("connected");
+        console.log(`database promoted → farm serving connects: ${(backMs / 1000).toFixed(1)} s`);
+        expect(
+          (
+            await sql()`SELECT vm_id FROM vm_runtimes WHERE vm_state = 'running' AND vm_id <> ${vmOf.bob!.id} ORDER BY vm_id`
+          ).map((r) => r.vm_id),
+        ).toEqual(runningBefore.filter((id) => id !== vmOf.bob!.id));
+        expect((await sql()`SELECT count(*)::int AS n FROM host_runtimes WHERE state = 'lost'`)[0]!.n).toBe(0);
+        expect(
+          (await sql()`SELECT host_id, state, lost_ts FROM host_runtimes ORDER BY host_id`).map(
+            (r) => `${r.host_id} ${r.lost_ts?.toISOString()}`,
+          ),
+        ).toEqual(lostBefore);
+        const after = await farm.containersByNode();
+        for (const [n, cs] of Object.entries(containersBefore)) for (const ct of cs) expect(after[n]).toContain(ct);
+        expect(await hostName(vm.id)).toBeDefined();
+      } finally {
+        await held.end();
+      }
+    },
+    600_000,
+  );
 
   test("no node logged the database password", () => {
-    for (const n of farm.nodes) expect(readFileSync(n.logFile, "utf8").includes(farm.dbPassword), `node ${n.name}'s log`).toBe(false);
+    for (const n of farm.nodes)
+      expect(readFileSync(n.logFile, "utf8").includes(farm.dbPassword), `node ${n.name}'s log`).toBe(false);
   });
 });
 
@@ -432,4 +603,3 @@ function tcpFlows(pcap: Buffer): Map<string, { ports: number[]; first: [Buffer |
   }
   return flows;
 }
-

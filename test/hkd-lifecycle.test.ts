@@ -23,8 +23,10 @@ describe.skipIf(!isRoot)("one desktop's operations, one after the other", () => 
   let vm2: D.VmRow;
   let cues: string;
   const sql = () => db().sql;
-  const row = async (id: number) => (await sql()`SELECT vm_state, vm_cmd, host_id, vma_secret, blocked FROM vm_runtimes WHERE vm_id = ${id}`)[0]!;
-  const untilState = (id: number, state: string, ms = 60_000) => until(async () => (await row(id)).vm_state === state, `vm ${id} to be ${state}`, ms);
+  const row = async (id: number) =>
+    (await sql()`SELECT vm_state, vm_cmd, host_id, vma_secret, blocked FROM vm_runtimes WHERE vm_id = ${id}`)[0]!;
+  const untilState = (id: number, state: string, ms = 60_000) =>
+    until(async () => (await row(id)).vm_state === state, `vm ${id} to be ${state}`, ms);
   const requestStart = async (id: number) => expect(await D.requestStart(sql(), id, node.host.id)).toBe(true);
   const cue = (name: string) => join(cues, name);
   const calls = () => (existsSync(cue("calls")) ? readFileSync(cue("calls"), "utf8").trim().split("\n") : []);
@@ -34,7 +36,10 @@ describe.skipIf(!isRoot)("one desktop's operations, one after the other", () => 
     return all.slice(all.indexOf(after) + 1).filter((c) => c === `${call} ${vmId}`).length;
   };
   const startHarness = (settings: Record<string, string> = {}) =>
-    node.start({ "hkd.timeout.kill": "5", "hkd.timeout.poweroff": "5", ...settings }, { command: [process.execPath, HARNESS], env: { HKD_TEST_CUES: cues } });
+    node.start(
+      { "hkd.timeout.kill": "5", "hkd.timeout.poweroff": "5", ...settings },
+      { command: [process.execPath, HARNESS], env: { HKD_TEST_CUES: cues } },
+    );
 
   beforeAll(async () => {
     await node.setup();
@@ -76,7 +81,10 @@ describe.skipIf(!isRoot)("one desktop's operations, one after the other", () => 
     expect(callsAfter(`start-failed ${vm.id}`, "cleanup", vm.id)).toBe(1);
     expect(await node.containers()).toEqual([]);
     const r = await D.get(sql(), D.vms, ALL, vm.id);
-    expect([r.blocked, r.blocked_reason]).toEqual([true, "start failed: the container failed while starting (test cue)"]);
+    expect([r.blocked, r.blocked_reason]).toEqual([
+      true,
+      "start failed: the container failed while starting (test cue)",
+    ]);
   });
 
   test("a start claimed while the node still runs the VM's last run replaces it instead of being dropped", async () => {
@@ -120,7 +128,10 @@ describe.skipIf(!isRoot)("one desktop's operations, one after the other", () => 
     const mark = calls().length;
     await D.stopVm(sql(), ALL, vm.id);
     await untilState(vm.id, "zombie");
-    const attempts = () => calls().slice(mark).filter((c) => c === `cleanup ${vm.id}`).length;
+    const attempts = () =>
+      calls()
+        .slice(mark)
+        .filter((c) => c === `cleanup ${vm.id}`).length;
     await until(() => attempts() >= 3, "the node to retry the teardown twice", 30_000);
     await untilState(vm.id, "zombie"); // the third attempt failed as well
     rmSync(cue("cleanup-fail"));

@@ -19,9 +19,13 @@ describe.skipIf(!isRoot)("HKD with LXC", () => {
   let vm: D.VmRow;
   const sql = () => db().sql;
   const vmState = async (id: number) => (await D.get(sql(), D.vms, ALL, id)).vm_state;
-  const untilState = (id: number, state: string, ms = 60_000) => until(async () => (await vmState(id)) === state, `vm ${id} to be ${state}`, ms);
+  const untilState = (id: number, state: string, ms = 60_000) =>
+    until(async () => (await vmState(id)) === state, `vm ${id} to be ${state}`, ms);
   const startCommand = (id: number) => D.startVm(sql(), ALL, id, { aliveWithinS: 60 });
-  const curl = (args: string[]) => run([...node.ns.exec, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", ...args], { allowFail: true });
+  const curl = (args: string[]) =>
+    run([...node.ns.exec, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", ...args], {
+      allowFail: true,
+    });
 
   beforeAll(async () => {
     await node.setup();
@@ -43,7 +47,9 @@ describe.skipIf(!isRoot)("HKD with LXC", () => {
     expect(row.host_id).toBe(node.host.id);
     expect(row.vm_address).toBe(vm.ip);
     expect(await node.containers()).toEqual([`qvd-${vm.id}`]);
-    const [{ vma_secret }] = (await sql()`SELECT vma_secret FROM vm_runtimes WHERE vm_id = ${vm.id}`) as unknown as [{ vma_secret: string }];
+    const [{ vma_secret }] = (await sql()`SELECT vma_secret FROM vm_runtimes WHERE vm_id = ${vm.id}`) as unknown as [
+      { vma_secret: string },
+    ];
     expect((await curl(["-H", `x-qvd-vma-secret: ${vma_secret}`, `http://${vm.ip}:3030/vma/ping`])).stdout).toBe("200");
     expect((await curl([`http://${vm.ip}:3030/vma/ping`])).stdout).toBe("403");
     expect((await curl(["-H", "x-qvd-vma-secret: wrong", `http://${vm.ip}:3030/vma/ping`])).stdout).toBe("403");
@@ -82,7 +88,20 @@ describe.skipIf(!isRoot)("HKD with LXC", () => {
     expect(await node.containers()).toEqual([`qvd-${vm.id}`]);
     expect(await vmState(vm.id)).toBe("running");
     // A second HKD on the same node is refused while this one runs.
-    const second = await run([...node.ns.exec, node.binary, "hkd", "--db", db().url, "--set", `path.run=${join(node.root, "run")}`, "--set", "nodename=testnode"], { allowFail: true, timeoutMs: 30_000, env: cleanEnv() });
+    const second = await run(
+      [
+        ...node.ns.exec,
+        node.binary,
+        "hkd",
+        "--db",
+        db().url,
+        "--set",
+        `path.run=${join(node.root, "run")}`,
+        "--set",
+        "nodename=testnode",
+      ],
+      { allowFail: true, timeoutMs: 30_000, env: cleanEnv() },
+    );
     expect(second.status).not.toBe(0);
     expect(second.stderr).toContain("only one may run per node");
     await D.stopVm(sql(), ALL, vm.id);
@@ -116,7 +135,12 @@ describe.skipIf(!isRoot)("HKD with LXC", () => {
   test("a database outage shorter than hkd.fence_after stops no desktop", async () => {
     await startCommand(vm.id);
     await untilState(vm.id, "running");
-    const initPid = async () => (await run([...node.ns.exec, "lxc-info", "-n", `qvd-${vm.id}`, "-P", node.lxcPath, "-p", "-H"], { allowFail: true })).stdout.trim();
+    const initPid = async () =>
+      (
+        await run([...node.ns.exec, "lxc-info", "-n", `qvd-${vm.id}`, "-P", node.lxcPath, "-p", "-H"], {
+          allowFail: true,
+        })
+      ).stdout.trim();
     const pid = await initPid();
     const failedBeats = () => readFileSync(node.logFile, "utf8").split("heartbeat failed").length - 1;
     const before = failedBeats();
@@ -128,7 +152,8 @@ describe.skipIf(!isRoot)("HKD with LXC", () => {
       await db().cluster.resume();
     }
     const resumed = new Date(); // the server runs on this machine's clock
-    const okTs = async () => ((await sql()`SELECT ok_ts FROM host_runtimes WHERE host_id = ${node.host.id}`)[0]!.ok_ts as Date);
+    const okTs = async () =>
+      (await sql()`SELECT ok_ts FROM host_runtimes WHERE host_id = ${node.host.id}`)[0]!.ok_ts as Date;
     await until(async () => (await okTs().catch(() => resumed)) > resumed, "a heartbeat after the outage", 30_000);
     expect(await node.containers()).toEqual([`qvd-${vm.id}`]);
     expect(await initPid()).toBe(pid);
@@ -150,22 +175,33 @@ describe.skipIf(!isRoot)("HKD with LXC", () => {
       await db().cluster.resume();
     }
     // The database still says running; the node corrects it when it can reach it again.
-    await until(async () => {
-      try {
-        return (await vmState(vm.id)) === "stopped";
-      } catch {
-        return false; // the pool reconnects
-      }
-    }, "the node to mark its fenced desktop stopped", 60_000);
+    await until(
+      async () => {
+        try {
+          return (await vmState(vm.id)) === "stopped";
+        } catch {
+          return false; // the pool reconnects
+        }
+      },
+      "the node to mark its fenced desktop stopped",
+      60_000,
+    );
     expect(await node.containers()).toEqual([]);
     expect(readFileSync(node.logFile, "utf8")).toContain("fencing: stopping every desktop of this node");
   });
 
   test("a broken image blocks the VM with a readable reason and leaves nothing running", async () => {
     const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "broken", memory_mb: 128 });
-    await node.addImage(osf.id, "broken.tar.gz", async (p) => writeFileSync(p, Buffer.from("this is not a tarball at all")));
+    await node.addImage(osf.id, "broken.tar.gz", async (p) =>
+      writeFileSync(p, Buffer.from("this is not a tarball at all")),
+    );
     const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "bob" });
-    const bad = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "bad" }, { range: "198.18.0.0/16" });
+    const bad = await D.createVm(
+      sql(),
+      ALL,
+      { user_id: user.id, osf_id: osf.id, name: "bad" },
+      { range: "198.18.0.0/16" },
+    );
     await startCommand(bad.id);
     await until(async () => (await D.get(sql(), D.vms, ALL, bad.id)).blocked, "the VM to be blocked");
     await untilState(bad.id, "stopped");

@@ -2,7 +2,17 @@
 // kernel and initramfs it extracts once per image (src/virt/kvm-image.ts). Small ext4 images
 // are made here with `mkfs.ext4 -d`; the real desktop image is the cached `qvd di build --kvm`.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, truncateSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  symlinkSync,
+  truncateSync,
+  writeFileSync,
+} from "node:fs";
 import { join } from "node:path";
 import { run } from "../src/run.ts";
 import { ImageError } from "../src/virt/images.ts";
@@ -59,11 +69,14 @@ const debianLike = (root: string) => {
 };
 
 /** The message of the ImageError `p` fails with, matching `pattern`. */
-const refused = async (p: Promise<unknown>, pattern: RegExp): Promise<string> => (await rejection(p, ImageError, pattern)).message;
+const refused = async (p: Promise<unknown>, pattern: RegExp): Promise<string> =>
+  (await rejection(p, ImageError, pattern)).message;
 
 /** What a failed preparation may leave in basefs/: the lock, nothing else of this image. */
 const leftovers = (basefsDir: string, id: number) =>
-  existsSync(basefsDir) ? readdirSync(basefsDir).filter((x) => x !== `.lock-${id}` && (x === String(id) || x.includes(`-${id}`))) : [];
+  existsSync(basefsDir)
+    ? readdirSync(basefsDir).filter((x) => x !== `.lock-${id}` && (x === String(id) || x.includes(`-${id}`)))
+    : [];
 
 describe("inspectQcow2: what counts as a KVM image", () => {
   test("a plain qcow2 passes, with its virtual size", async () => {
@@ -79,7 +92,10 @@ describe("inspectQcow2: what counts as a KVM image", () => {
     mkdirSync(join(dir, "t/sbin"), { recursive: true });
     await run(["tar", "-czf", t, "-C", join(dir, "t"), "."]);
     expect(isQcow2(t)).toBe(false);
-    await refused(inspectQcow2(t), /not a qcow2 disk image \(it looks like a root filesystem tarball: an image for LXC\)/);
+    await refused(
+      inspectQcow2(t),
+      /not a qcow2 disk image \(it looks like a root filesystem tarball: an image for LXC\)/,
+    );
   });
 
   test("a raw disk, an empty file, a directory and a missing file are refused", async () => {
@@ -137,7 +153,10 @@ describe("inspectQcow2: what counts as a KVM image", () => {
   test("only absolute paths reach qemu-img (no json: or protocol names)", async () => {
     await refused(inspectQcow2('json:{"file":{"driver":"file","filename":"/etc/shadow"}}'), /must be absolute/);
     await refused(inspectQcow2("nbd://127.0.0.1/x"), /must be absolute/);
-    await refused(prepareKvmImage({ image: "images/x.qcow2", basefsDir: join(dir, "basefs-rel"), diId: 1 }), /must be absolute/);
+    await refused(
+      prepareKvmImage({ image: "images/x.qcow2", basefsDir: join(dir, "basefs-rel"), diId: 1 }),
+      /must be absolute/,
+    );
   });
 });
 
@@ -153,8 +172,19 @@ describe("prepareKvmImage: the kernel and initramfs of small ext4 images", () =>
     });
     const basefsDir = join(dir, "basefs-small");
     const phases: string[] = [];
-    const res = await prepareKvmImage({ image: img, basefsDir, diId: 3, sha256: sha256(img), onProgress: (p) => phases.push(p.phase) });
-    expect(res).toEqual({ image: img, kernel: join(basefsDir, "3/vmlinuz"), initrd: join(basefsDir, "3/initrd.img"), skipped: false });
+    const res = await prepareKvmImage({
+      image: img,
+      basefsDir,
+      diId: 3,
+      sha256: sha256(img),
+      onProgress: (p) => phases.push(p.phase),
+    });
+    expect(res).toEqual({
+      image: img,
+      kernel: join(basefsDir, "3/vmlinuz"),
+      initrd: join(basefsDir, "3/initrd.img"),
+      skipped: false,
+    });
     expect(phases).toEqual(["verify", "convert", "extract"]);
     expect(readFileSync(res.initrd, "utf8")).toBe("initrd!");
     expect(readFileSync(res.kernel).subarray(0x202, 0x206).toString()).toBe("HdrS");
@@ -162,27 +192,114 @@ describe("prepareKvmImage: the kernel and initramfs of small ext4 images", () =>
     expect(readdirSync(join(basefsDir, "3")).sort()).toEqual(["initrd.img", "vmlinuz"]);
     expect(readdirSync(basefsDir).sort()).toEqual([".lock-3", ".meta-3.json", "3"]);
     const meta = JSON.parse(readFileSync(join(basefsDir, ".meta-3.json"), "utf8"));
-    expect([meta.kind, meta.sha256, meta.kernel, meta.initrd]).toEqual(["kvm", sha256(img), "/realboot/vmlinuz-x", "/realboot/initrd.img-x"]);
+    expect([meta.kind, meta.sha256, meta.kernel, meta.initrd]).toEqual([
+      "kvm",
+      sha256(img),
+      "/realboot/vmlinuz-x",
+      "/realboot/initrd.img-x",
+    ]);
     const again = await prepareKvmImage({ image: img, basefsDir, diId: 3, sha256: sha256(img) });
     expect(again.skipped).toBe(true);
     expect(again.kernel).toBe(res.kernel);
     // Prepared from another file: refused, not silently reused.
-    await refused(prepareKvmImage({ image: img, basefsDir, diId: 3, sha256: "0".repeat(64) }), /was prepared from another file/);
+    await refused(
+      prepareKvmImage({ image: img, basefsDir, diId: 3, sha256: "0".repeat(64) }),
+      /was prepared from another file/,
+    );
   });
 
   test("links that leave the image, absolute links, loops, odd names, a missing or huge kernel are refused and leave nothing", async () => {
     const basefsDir = join(dir, "basefs-abuse");
     const cases: [string, (r: string) => void, RegExp][] = [
-      ["escaping", (r) => { debianLike(r); rmSync(join(r, "vmlinuz")); symlinkSync("../../../etc/shadow", join(r, "vmlinuz")); }, /\/vmlinuz in the image leads above its root/],
-      ["absolute", (r) => { debianLike(r); rmSync(join(r, "vmlinuz")); symlinkSync("/etc/shadow", join(r, "vmlinuz")); }, /\/vmlinuz in the image is an absolute link \("\/etc\/shadow"\)/],
-      ["escaping through a directory link", (r) => { debianLike(r); mkdirSync(join(r, "a")); symlinkSync("../..", join(r, "a/up")); rmSync(join(r, "initrd.img")); symlinkSync("a/up/etc/shadow", join(r, "initrd.img")); }, /\/initrd\.img in the image leads above its root/],
-      ["missing", (r) => { debianLike(r); rmSync(join(r, "vmlinuz")); }, /the image has no \/vmlinuz/],
-      ["dangling", (r) => { debianLike(r); rmSync(join(r, "boot/initrd.img-6.1.0-test")); }, /the image has no \/initrd\.img \(\/boot\/initrd\.img-6\.1\.0-test is missing\)/],
-      ["looping", (r) => { debianLike(r); rmSync(join(r, "vmlinuz")); symlinkSync("loop2", join(r, "vmlinuz")); symlinkSync("vmlinuz", join(r, "loop2")); }, /too many links/],
-      ["quoting", (r) => { debianLike(r); rmSync(join(r, "vmlinuz")); symlinkSync('boot/x" /tmp/owned', join(r, "vmlinuz")); }, /unusual characters/],
-      ["a directory", (r) => { debianLike(r); rmSync(join(r, "vmlinuz")); mkdirSync(join(r, "vmlinuz")); }, /\/vmlinuz in the image is not a regular file/],
-      ["huge", (r) => { debianLike(r); truncateSync(join(r, "boot/initrd.img-6.1.0-test"), 300 * 1024 * 1024); }, /\/initrd\.img in the image is 314572800 bytes, more than 268435456/],
-      ["not a kernel", (r) => { debianLike(r); writeFileSync(join(r, "boot/vmlinuz-6.1.0-test"), "#!/bin/sh\n"); }, /is not a Linux kernel/],
+      [
+        "escaping",
+        (r) => {
+          debianLike(r);
+          rmSync(join(r, "vmlinuz"));
+          symlinkSync("../../../etc/shadow", join(r, "vmlinuz"));
+        },
+        /\/vmlinuz in the image leads above its root/,
+      ],
+      [
+        "absolute",
+        (r) => {
+          debianLike(r);
+          rmSync(join(r, "vmlinuz"));
+          symlinkSync("/etc/shadow", join(r, "vmlinuz"));
+        },
+        /\/vmlinuz in the image is an absolute link \("\/etc\/shadow"\)/,
+      ],
+      [
+        "escaping through a directory link",
+        (r) => {
+          debianLike(r);
+          mkdirSync(join(r, "a"));
+          symlinkSync("../..", join(r, "a/up"));
+          rmSync(join(r, "initrd.img"));
+          symlinkSync("a/up/etc/shadow", join(r, "initrd.img"));
+        },
+        /\/initrd\.img in the image leads above its root/,
+      ],
+      [
+        "missing",
+        (r) => {
+          debianLike(r);
+          rmSync(join(r, "vmlinuz"));
+        },
+        /the image has no \/vmlinuz/,
+      ],
+      [
+        "dangling",
+        (r) => {
+          debianLike(r);
+          rmSync(join(r, "boot/initrd.img-6.1.0-test"));
+        },
+        /the image has no \/initrd\.img \(\/boot\/initrd\.img-6\.1\.0-test is missing\)/,
+      ],
+      [
+        "looping",
+        (r) => {
+          debianLike(r);
+          rmSync(join(r, "vmlinuz"));
+          symlinkSync("loop2", join(r, "vmlinuz"));
+          symlinkSync("vmlinuz", join(r, "loop2"));
+        },
+        /too many links/,
+      ],
+      [
+        "quoting",
+        (r) => {
+          debianLike(r);
+          rmSync(join(r, "vmlinuz"));
+          symlinkSync('boot/x" /tmp/owned', join(r, "vmlinuz"));
+        },
+        /unusual characters/,
+      ],
+      [
+        "a directory",
+        (r) => {
+          debianLike(r);
+          rmSync(join(r, "vmlinuz"));
+          mkdirSync(join(r, "vmlinuz"));
+        },
+        /\/vmlinuz in the image is not a regular file/,
+      ],
+      [
+        "huge",
+        (r) => {
+          debianLike(r);
+          truncateSync(join(r, "boot/initrd.img-6.1.0-test"), 300 * 1024 * 1024);
+        },
+        /\/initrd\.img in the image is 314572800 bytes, more than 268435456/,
+      ],
+      [
+        "not a kernel",
+        (r) => {
+          debianLike(r);
+          writeFileSync(join(r, "boot/vmlinuz-6.1.0-test"), "#!/bin/sh\n");
+        },
+        /is not a Linux kernel/,
+      ],
     ];
     let id = 10;
     for (const [what, fill, pattern] of cases) {
@@ -199,14 +316,23 @@ describe("prepareKvmImage: the kernel and initramfs of small ext4 images", () =>
     const basefsDir = join(dir, "basefs-other");
     const blank = join(dir, "blank.qcow2");
     await run(["qemu-img", "create", "-q", "-f", "qcow2", blank, "16M"]);
-    await refused(prepareKvmImage({ image: blank, basefsDir, diId: 1 }), /does not hold an ext4 filesystem on the whole disk/);
+    await refused(
+      prepareKvmImage({ image: blank, basefsDir, diId: 1 }),
+      /does not hold an ext4 filesystem on the whole disk/,
+    );
     expect(leftovers(basefsDir, 1)).toEqual([]);
     const img = await ext4Image(debianLike);
-    await refused(prepareKvmImage({ image: img, basefsDir, diId: 2, sha256: "a".repeat(64) }), /checksum mismatch: sha256 is [0-9a-f]{64}, expected a{64}; nothing was prepared/);
+    await refused(
+      prepareKvmImage({ image: img, basefsDir, diId: 2, sha256: "a".repeat(64) }),
+      /checksum mismatch: sha256 is [0-9a-f]{64}, expected a{64}; nothing was prepared/,
+    );
     expect(leftovers(basefsDir, 2)).toEqual([]);
     await refused(prepareKvmImage({ image: img, basefsDir, diId: 2, sha256: "../x" }), /invalid expected sha256/);
     await refused(prepareKvmImage({ image: img, basefsDir, diId: -1 }), /invalid image id/);
-    await refused(prepareKvmImage({ image: join(dir, "rootfs.tar.gz"), basefsDir, diId: 4 }), /root filesystem tarball/);
+    await refused(
+      prepareKvmImage({ image: join(dir, "rootfs.tar.gz"), basefsDir, diId: 4 }),
+      /root filesystem tarball/,
+    );
     // A compressed qcow2 whose data would not fit beside basefs (a small tmpfs here) is refused before it is inflated.
     const bomb = join(dir, "bomb.qcow2");
     const rawBomb = join(dir, "bomb.raw");
@@ -218,7 +344,10 @@ describe("prepareKvmImage: the kernel and initramfs of small ext4 images", () =>
     mkdirSync(small);
     await run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", small]);
     try {
-      await refused(prepareKvmImage({ image: bomb, basefsDir: join(small, "basefs"), diId: 6 }), /holds 64 MiB of data; reading its kernel needs that much free space beside .* \(\d+ MiB free\)/);
+      await refused(
+        prepareKvmImage({ image: bomb, basefsDir: join(small, "basefs"), diId: 6 }),
+        /holds 64 MiB of data; reading its kernel needs that much free space beside .* \(\d+ MiB free\)/,
+      );
       expect(leftovers(join(small, "basefs"), 6)).toEqual([]);
     } finally {
       await run(["umount", small]);
@@ -252,7 +381,9 @@ describe("prepareKvmImage: the built desktop image", () => {
     const meta = JSON.parse(readFileSync(join(basefsDir, ".meta-1.json"), "utf8"));
     expect(meta.kernel).toMatch(/^\/boot\/vmlinuz-\d+\.\d+\.\d+-\d+-amd64$/);
     expect(meta.initrd).toMatch(/^\/boot\/initrd\.img-\d+\.\d+\.\d+-\d+-amd64$/);
-    console.log(`prepared the desktop image (${(meta.bytes / 1048576).toFixed(0)} MiB qcow2) in ${seconds.toFixed(1)} s`);
+    console.log(
+      `prepared the desktop image (${(meta.bytes / 1048576).toFixed(0)} MiB qcow2) in ${seconds.toFixed(1)} s`,
+    );
     const t2 = Date.now();
     expect((await prepareKvmImage({ image, basefsDir, diId: 1, sha256: sha })).skipped).toBe(true);
     expect(Date.now() - t2).toBeLessThan(500);

@@ -33,12 +33,30 @@ describe.skipIf(!isRoot)("KVM desktops", () => {
   let xvfb: Bun.Subprocess | undefined;
   // tcg by configuration: on this machine KVM can run a test VM's BIOS (so `auto` picks it) and
   // then hang in the guest's kernel; accel is a node's choice for that reason.
-  const settings = { "vm.hypervisor": "lxc,kvm", "vm.kvm.accel": "tcg", "hkd.timeout.vma_start": "400", "hkd.timeout.poweroff": "90", "cluster.peer.port": "0" };
-  const startNode = () => node.start(settings, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
+  const settings = {
+    "vm.hypervisor": "lxc,kvm",
+    "vm.kvm.accel": "tcg",
+    "hkd.timeout.vma_start": "400",
+    "hkd.timeout.poweroff": "90",
+    "cluster.peer.port": "0",
+  };
+  const startNode = () =>
+    node.start(settings, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
   const log = () => readFileSync(node.logFile, "utf8");
-  const vmRow = async () => (await sql()`SELECT vm_state, user_state, vm_pid, vma_secret, blocked, blocked_reason FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!;
+  const vmRow = async () =>
+    (
+      await sql()`SELECT vm_state, user_state, vm_pid, vma_secret, blocked, blocked_reason FROM vm_runtimes WHERE vm_id = ${vm.id}`
+    )[0]!;
   const homeDisk = () => join(node.root, "storage", "homes", "default", "alice.qcow2");
-  const mean = async () => Number((await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`], { allowFail: true })).stdout.trim()) || 0;
+  const mean = async () =>
+    Number(
+      (
+        await run(
+          ["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`],
+          { allowFail: true },
+        )
+      ).stdout.trim(),
+    ) || 0;
 
   /** A file of the user's home disk, read from the node (a raw copy read by debugfs: nothing mounted). */
   async function homeFile(path: string): Promise<string> {
@@ -58,32 +76,73 @@ describe.skipIf(!isRoot)("KVM desktops", () => {
   async function session(extra: string[] = [], png?: string, during?: () => Promise<void>): Promise<string> {
     await run(["xsetroot", "-display", `:${DISPLAY}`, "-solid", "black"], { allowFail: true });
     const before = await mean();
-    const client = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${DISPLAY}`, "QVD_PASSWORD=alice-pw-1", node.binary, "client", "--host", "127.0.0.1", "--port", String(PORT), "--user", "alice", "--insecure", "--link", "lan", "--no-printing", "--no-audio", ...extra], { stdout: "pipe", stderr: "pipe" });
+    const client = Bun.spawn(
+      [
+        ...node.ns.exec,
+        "env",
+        `DISPLAY=:${DISPLAY}`,
+        "QVD_PASSWORD=alice-pw-1",
+        node.binary,
+        "client",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        String(PORT),
+        "--user",
+        "alice",
+        "--insecure",
+        "--link",
+        "lan",
+        "--no-printing",
+        "--no-audio",
+        ...extra,
+      ],
+      { stdout: "pipe", stderr: "pipe" },
+    );
     try {
-      await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "connected" || client.exitCode !== null, "the client's session", 600_000);
+      await until(
+        async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "connected" || client.exitCode !== null,
+        "the client's session",
+        600_000,
+      );
       expect(client.exitCode, client.exitCode !== null ? await new Response(client.stderr).text() : "").toBeNull();
       let m = before;
-      await until(async () => (m = await mean()) > before + 0.05 || client.exitCode !== null, "the desktop's pixels", 180_000).catch(() => {});
+      await until(
+        async () => (m = await mean()) > before + 0.05 || client.exitCode !== null,
+        "the desktop's pixels",
+        180_000,
+      ).catch(() => {});
       if (m <= before + 0.05) {
         client.kill("SIGTERM");
         await client.exited;
-        throw new Error(`no desktop pixels; the client exited with ${client.exitCode} and said: ${(await new Response(client.stderr).text()).slice(-2000)}\nguest console: ${consoleLog().slice(-3000)}`);
+        throw new Error(
+          `no desktop pixels; the client exited with ${client.exitCode} and said: ${(await new Response(client.stderr).text()).slice(-2000)}\nguest console: ${consoleLog().slice(-3000)}`,
+        );
       }
-      if (png) await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- ${png}`], { allowFail: true });
+      if (png)
+        await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- ${png}`], {
+          allowFail: true,
+        });
       if (during) {
         try {
           await during();
         } catch (e) {
           client.kill("SIGTERM");
           await client.exited;
-          throw new Error(`${(e as Error).message}; the client said: ${(await new Response(client.stdout).text()).slice(-1500)} ${(await new Response(client.stderr).text()).slice(-1500)}\nguest console: ${consoleLog().slice(-4000)}`);
+          throw new Error(
+            `${(e as Error).message}; the client said: ${(await new Response(client.stdout).text()).slice(-1500)} ${(await new Response(client.stderr).text()).slice(-1500)}\nguest console: ${consoleLog().slice(-4000)}`,
+          );
         }
       }
     } finally {
       client.kill("SIGTERM");
       await client.exited;
     }
-    await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "disconnected", "the session to be released", 60_000);
+    await until(
+      async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "disconnected",
+      "the session to be released",
+      60_000,
+    );
     return new Response(client.stdout).text();
   }
 
@@ -94,9 +153,31 @@ describe.skipIf(!isRoot)("KVM desktops", () => {
     await node.setup();
     cert = join(node.root, "l7r.crt");
     key = join(node.root, "l7r.key");
-    await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", key, "-out", cert]);
+    await run([
+      "openssl",
+      "req",
+      "-x509",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-days",
+      "2",
+      "-subj",
+      "/CN=localhost",
+      "-keyout",
+      key,
+      "-out",
+      cert,
+    ]);
     const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "alice", password: "alice-pw-1" });
-    osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian-kvm", memory_mb: 1024, hypervisor: "kvm", vcpus: 1, user_storage_mb: 256 });
+    osf = await D.create(sql(), D.osfs, ALL, {
+      tenant_id: 1,
+      name: "debian-kvm",
+      memory_mb: 1024,
+      hypervisor: "kvm",
+      vcpus: 1,
+      user_storage_mb: 256,
+    });
     // A link, not a copy, where the filesystem allows it (the image is half a gigabyte).
     await node.addImage(osf.id, "desktop.qcow2", async (p) => {
       try {
@@ -105,10 +186,22 @@ describe.skipIf(!isRoot)("KVM desktops", () => {
         copyFileSync(image, p);
       }
     });
-    vm = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" });
+    vm = await D.createVm(
+      sql(),
+      ALL,
+      { user_id: user.id, osf_id: osf.id, name: "desktop" },
+      { range: "198.18.0.0/16" },
+    );
     await startNode();
-    xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" });
-    await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0, "Xvfb", 20_000);
+    xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], {
+      stdout: "ignore",
+      stderr: "ignore",
+    });
+    await until(
+      async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0,
+      "Xvfb",
+      20_000,
+    );
     mkdirSync(output, { recursive: true });
   }, 30 * 60_000);
 
@@ -151,26 +244,50 @@ describe.skipIf(!isRoot)("KVM desktops", () => {
     const info = JSON.parse((await run(["qemu-img", "info", "-U", "--output=json", homeDisk()])).stdout);
     expect(info["virtual-size"]).toBe(256 * 1024 * 1024);
     // The tap is an isolated bridge port with the VM's anti-spoofing chain.
-    expect((await run([...node.ns.exec, "bridge", "-d", "link", "show", "dev", `qvd${vm.id}`])).stdout).toMatch(/isolated on/);
-    expect((await run([...node.ns.exec, "nft", "list", "chain", "bridge", "qvd", `vm${vm.id}`])).stdout).toContain(vm.ip!);
+    expect((await run([...node.ns.exec, "bridge", "-d", "link", "show", "dev", `qvd${vm.id}`])).stdout).toMatch(
+      /isolated on/,
+    );
+    expect((await run([...node.ns.exec, "nft", "list", "chain", "bridge", "qvd", `vm${vm.id}`])).stdout).toContain(
+      vm.ip!,
+    );
   }, 900_000);
 
   test("USB: qvd client --usb forwards a stick of the user's machine (usbip-host and usbipd, in a VM of its own) into the desktop's kernel; it is the user's there, and goes with the session", async () => {
     // The kernel and initramfs the node extracted from the image (basefs/<di id>/).
     const basefs = join(node.root, "storage", "basefs");
     const di = readdirSync(basefs).find((n) => /^\d+$/.test(n))!;
-    const machine = await startUsbMachine({ dir: node.root, image: await kvmTestImage(), kernel: join(basefs, di, "vmlinuz"), initrd: join(basefs, di, "initrd.img"), nsExec: node.ns.exec });
+    const machine = await startUsbMachine({
+      dir: node.root,
+      image: await kvmTestImage(),
+      kernel: join(basefs, di, "vmlinuz"),
+      initrd: join(basefs, di, "initrd.img"),
+      nsExec: node.ns.exec,
+    });
     const exported = async () => {
-      const r = await run([...node.ns.exec, process.execPath, "-e", `const { listExported } = await import(${JSON.stringify(join(import.meta.dir, "../src/client/usbip.ts"))}); console.log(JSON.stringify((await listExported()).map((d) => d.busid)))`], { allowFail: true });
+      const r = await run(
+        [
+          ...node.ns.exec,
+          process.execPath,
+          "-e",
+          `const { listExported } = await import(${JSON.stringify(join(import.meta.dir, "../src/client/usbip.ts"))}); console.log(JSON.stringify((await listExported()).map((d) => d.busid)))`,
+        ],
+        { allowFail: true },
+      );
       return r.stdout.trim();
     };
     try {
       expect(await exported()).toBe(JSON.stringify([STICK_BUSID]));
       const out = await session(["--usb", STICK_BUSID], undefined, async () => {
-        await until(async () => /USB device attached|USB device not attached|USB device refused/.test(consoleLog()), "the desktop's VMA to attach the stick", 180_000);
+        await until(
+          async () => /USB device attached|USB device not attached|USB device refused/.test(consoleLog()),
+          "the desktop's VMA to attach the stick",
+          180_000,
+        );
       });
       expect(out).toContain(`Forwarded USB device ${STICK_BUSID} (46f4:0001) to the desktop`);
-      const line = consoleLog().split("\n").find((l) => l.includes("USB device attached"));
+      const line = consoleLog()
+        .split("\n")
+        .find((l) => l.includes("USB device attached"));
       expect(line, consoleLog().slice(-3000)).toBeDefined();
       // Enumerated by the desktop's kernel through the whole path: the device's ids, the SCSI
       // disk's size (READ CAPACITY) and the partition read from its first sector.
@@ -185,7 +302,11 @@ describe.skipIf(!isRoot)("KVM desktops", () => {
       expect(part![2]).toBe(disk![3]);
       // The client went away: the desktop let the device go, and the user's machine has it back.
       await until(async () => consoleLog().includes("USB device detached"), "the desktop to detach the stick", 60_000);
-      await until(async () => (await exported()) === JSON.stringify([STICK_BUSID]), "the user's usbipd to offer the stick again", 30_000);
+      await until(
+        async () => (await exported()) === JSON.stringify([STICK_BUSID]),
+        "the user's usbipd to offer the stick again",
+        30_000,
+      );
     } finally {
       await machine.stop();
     }
@@ -228,7 +349,11 @@ describe.skipIf(!isRoot)("KVM desktops", () => {
     expect(console).not.toContain("formatting the new home disk");
     expect(console).not.toContain("home created");
     await D.stopVm(sql(), ALL, vm.id);
-    await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).vm_state === "stopped", "the desktop to stop", 300_000);
+    await until(
+      async () => (await D.get(sql(), D.vms, ALL, vm.id)).vm_state === "stopped",
+      "the desktop to stop",
+      300_000,
+    );
     expect(node.qemuPids()).toEqual([]);
     // Nothing is left on the node: no tap, no anti-spoofing chain, no VM directory, no overlay.
     expect(await node.links()).not.toContain(`qvd${vm.id}`);
@@ -239,16 +364,33 @@ describe.skipIf(!isRoot)("KVM desktops", () => {
     // warnings at start, which this counted before, do not always come).
     expect(statSync(homeDisk()).size).toBeGreaterThan(0);
     const sessionLog = await homeFile("/alice/.qvd-session.log");
-    expect(sessionLog.split("\n").filter((l) => l.startsWith("xterm: fatal IO error")).length, sessionLog).toBeGreaterThanOrEqual(2);
+    expect(
+      sessionLog.split("\n").filter((l) => l.startsWith("xterm: fatal IO error")).length,
+      sessionLog,
+    ).toBeGreaterThanOrEqual(2);
   }, 900_000);
 
   test("an LXC image (a tarball) on a KVM OSF is refused with a clear reason, and the VM is blocked", async () => {
     const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "bob", password: "bob-pw-1" });
-    const kvmOsf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "kvm-with-tarball", memory_mb: 512, hypervisor: "kvm" });
+    const kvmOsf = await D.create(sql(), D.osfs, ALL, {
+      tenant_id: 1,
+      name: "kvm-with-tarball",
+      memory_mb: 512,
+      hypervisor: "kvm",
+    });
     await node.addImage(kvmOsf.id, "busybox.tar.gz", (p) => busyboxImage(p));
-    const bad = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: kvmOsf.id, name: "bad" }, { range: "198.18.0.0/16" });
+    const bad = await D.createVm(
+      sql(),
+      ALL,
+      { user_id: user.id, osf_id: kvmOsf.id, name: "bad" },
+      { range: "198.18.0.0/16" },
+    );
     await D.startVm(sql(), ALL, bad.id, { aliveWithinS: 60 });
-    await until(async () => (await sql()`SELECT blocked FROM vm_runtimes WHERE vm_id = ${bad.id}`)[0]!.blocked === true, "the VM to be blocked", 120_000);
+    await until(
+      async () => (await sql()`SELECT blocked FROM vm_runtimes WHERE vm_id = ${bad.id}`)[0]!.blocked === true,
+      "the VM to be blocked",
+      120_000,
+    );
     const [r] = await sql()`SELECT blocked_reason FROM vm_runtimes WHERE vm_id = ${bad.id}`;
     expect(String(r!.blocked_reason)).toMatch(/not a qcow2/i);
     expect(node.qemuPids()).toEqual([]);

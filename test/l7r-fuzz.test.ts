@@ -20,11 +20,62 @@ import { poll } from "./support/wait.ts";
 
 const SEED = fuzzSeed("l7r", 0x5eed1);
 
-
-const PATHS = ["/qvd/ping", "/qvd/list_of_vm", "/qvd/list_of_applications", "/qvd/connect_to_vm", "/qvd/stop_vm", "/qvd/authenticate_user", "/qvd/create_auth_token", "/", "/qvd/", "*", "/qvd/ping/../list_of_vm", "http://x/qvd/ping"];
-const QUERY_VALUES = ["1", "0", "-1", "99999999999999999999", "1e3", "0x10", "abc", "%00", "%zz", "%2F..%2F", "a+b", "", "NaN", "1.5", "2147483648", "'; DROP TABLE vms; --"];
-const QUERY_KEYS = ["id", "vm_id", "qvd.client.os", "qvd.client.link", "qvd.client.keyboard", "qvd.client.geometry", "custom.x", "qvd.vm.user.home", "x", ""];
-const HEADERS = ["Authorization", "authorization", "Connection", "Upgrade", "User-Agent", "Accept", "Content-Length", "Transfer-Encoding", "Host", "X-Forwarded-For"];
+const PATHS = [
+  "/qvd/ping",
+  "/qvd/list_of_vm",
+  "/qvd/list_of_applications",
+  "/qvd/connect_to_vm",
+  "/qvd/stop_vm",
+  "/qvd/authenticate_user",
+  "/qvd/create_auth_token",
+  "/",
+  "/qvd/",
+  "*",
+  "/qvd/ping/../list_of_vm",
+  "http://x/qvd/ping",
+];
+const QUERY_VALUES = [
+  "1",
+  "0",
+  "-1",
+  "99999999999999999999",
+  "1e3",
+  "0x10",
+  "abc",
+  "%00",
+  "%zz",
+  "%2F..%2F",
+  "a+b",
+  "",
+  "NaN",
+  "1.5",
+  "2147483648",
+  "'; DROP TABLE vms; --",
+];
+const QUERY_KEYS = [
+  "id",
+  "vm_id",
+  "qvd.client.os",
+  "qvd.client.link",
+  "qvd.client.keyboard",
+  "qvd.client.geometry",
+  "custom.x",
+  "qvd.vm.user.home",
+  "x",
+  "",
+];
+const HEADERS = [
+  "Authorization",
+  "authorization",
+  "Connection",
+  "Upgrade",
+  "User-Agent",
+  "Accept",
+  "Content-Length",
+  "Transfer-Encoding",
+  "Host",
+  "X-Forwarded-For",
+];
 /** A valid bearer token of alice (set before the live test): the cases reach past authentication. */
 let validToken = "";
 const AUTH = () => [
@@ -53,7 +104,10 @@ function generate(r: Rng): string {
     const hn = r.int(5);
     for (let h = 0; h < hn; h++) {
       const name = r.pick(HEADERS);
-      const value = name.toLowerCase() === "authorization" ? r.pick(AUTH()) : r.pick(["Upgrade", "QVD/1.0", "close", "5", "chunked", "x", ""]);
+      const value =
+        name.toLowerCase() === "authorization"
+          ? r.pick(AUTH())
+          : r.pick(["Upgrade", "QVD/1.0", "close", "5", "chunked", "x", ""]);
       out += `${name}:${r.int(2) ? " " : ""}${value}${eol}`;
       if (r.int(10) === 0) out += ` folded${eol}`;
     }
@@ -65,7 +119,10 @@ function generate(r: Rng): string {
 /** A well-formed request with alice's token and hostile parameters: reaches the handlers' own checks. */
 function deep(r: Rng): string {
   const path = r.pick(["/qvd/connect_to_vm", "/qvd/stop_vm", "/qvd/create_auth_token", "/qvd/list_of_vm"]);
-  const q = Array.from({ length: 1 + r.int(3) }, () => `${r.pick(["id", "id", "vm_id", ...QUERY_KEYS])}=${r.pick(QUERY_VALUES)}`).join("&");
+  const q = Array.from(
+    { length: 1 + r.int(3) },
+    () => `${r.pick(["id", "id", "vm_id", ...QUERY_KEYS])}=${r.pick(QUERY_VALUES)}`,
+  ).join("&");
   return `GET ${path}?${q} HTTP/1.1\r\nAuthorization: Bearer ${Buffer.from(validToken).toString("base64")}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n`;
 }
 
@@ -154,7 +211,9 @@ test("request reader: 12,000 generated and mutated inputs in random chunks: only
       whole = read(limits, [input], { v: 0 }, Infinity);
       split = read(limits, chunks(r, input), held, bound);
     } catch (e) {
-      throw new Error(`case ${i} (seed ${SEED}): ${(e as Error).stack}\ninput: ${JSON.stringify(Buffer.from(input).toString("latin1").slice(0, 500))}`);
+      throw new Error(
+        `case ${i} (seed ${SEED}): ${(e as Error).stack}\ninput: ${JSON.stringify(Buffer.from(input).toString("latin1").slice(0, 500))}`,
+      );
     }
     // Chunks may end early (a request incomplete at the end looks the same), never differently.
     expect(split, `case ${i} (seed ${SEED})`).toEqual(whole);
@@ -176,15 +235,40 @@ let l7r: L7r;
 
 beforeAll(async () => {
   const sql = db().sql;
-  await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", join(dir, "key.pem"), "-out", join(dir, "cert.pem")]);
+  await run([
+    "openssl",
+    "req",
+    "-x509",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-days",
+    "2",
+    "-subj",
+    "/CN=localhost",
+    "-keyout",
+    join(dir, "key.pem"),
+    "-out",
+    join(dir, "cert.pem"),
+  ]);
   const host = await D.create(sql, D.hosts, D.ALL_TENANTS, { name: "fuzz-l7r", address: "127.0.0.1" });
   await sql`UPDATE host_runtimes SET state = 'running' WHERE host_id = ${host.id}`;
   const alice = await D.create(sql, D.users, D.ALL_TENANTS, { tenant_id: 1, name: "alice", password: "alice-pw-1" });
   const osf = await D.create(sql, D.osfs, D.ALL_TENANTS, { tenant_id: 1, name: "desk", memory_mb: 128 });
-  await D.createVm(sql, D.ALL_TENANTS, { user_id: alice.id, osf_id: osf.id, name: "alice-1" }, { range: "198.18.0.0/16" });
-  validToken = (await createUserToken(sql, D.ALL_TENANTS, { userId: alice.id, ttlSeconds: 3600, multiUse: true })).token;
+  await D.createVm(
+    sql,
+    D.ALL_TENANTS,
+    { user_id: alice.id, osf_id: osf.id, name: "alice-1" },
+    { range: "198.18.0.0/16" },
+  );
+  validToken = (await createUserToken(sql, D.ALL_TENANTS, { userId: alice.id, ttlSeconds: 3600, multiUse: true }))
+    .token;
   l7r = await startL7r({
-    sql, databaseUrl: db().url, nodename: "fuzz-l7r", hostname: "127.0.0.1", port: 0,
+    sql,
+    databaseUrl: db().url,
+    nodename: "fuzz-l7r",
+    hostname: "127.0.0.1",
+    port: 0,
     tls: { cert: join(dir, "cert.pem"), key: join(dir, "key.pem") },
     timeouts: { request: 1, firstRequest: 2 },
     limits: { maxHeaderBytes: 8192, maxRequestLine: 2048 },
@@ -214,13 +298,18 @@ test("a live L7R: 2,500 fuzzed connections, never a 5xx (but 505 for another HTT
     // Whatever came back starts with a well-formed status line (version, 3-digit code, reason, CRLF).
     const text = p.got.toString("latin1");
     if (!text) silent++;
-    else if (!/^HTTP\/1\.1 [1-5]\d\d [^\r\n]*\r\n/.test(text)) bad.push(`case ${i}: not an HTTP status line: ${JSON.stringify(text.slice(0, 120))}`);
+    else if (!/^HTTP\/1\.1 [1-5]\d\d [^\r\n]*\r\n/.test(text))
+      bad.push(`case ${i}: not an HTTP status line: ${JSON.stringify(text.slice(0, 120))}`);
     for (const s of p.statuses()) {
       seen.set(s, (seen.get(s) ?? 0) + 1);
       // 505 is the protocol's answer to another HTTP version (src/nx/http.ts), not a failure.
       // 503 is connect_to_vm's answer when no node can run the desktop (none runs here).
-      const unavailable = s === 503 && p.got.toString("latin1").includes("The requested virtual machine is not available");
-      if (s >= 500 && s !== 505 && !unavailable) bad.push(`case ${i}: ${s} for ${JSON.stringify(Buffer.from(input).toString("latin1").slice(0, 300))}: ${p.got.toString("latin1").slice(0, 300)}`);
+      const unavailable =
+        s === 503 && p.got.toString("latin1").includes("The requested virtual machine is not available");
+      if (s >= 500 && s !== 505 && !unavailable)
+        bad.push(
+          `case ${i}: ${s} for ${JSON.stringify(Buffer.from(input).toString("latin1").slice(0, 300))}: ${p.got.toString("latin1").slice(0, 300)}`,
+        );
     }
     p.destroy();
   };
@@ -236,7 +325,12 @@ test("a live L7R: 2,500 fuzzed connections, never a 5xx (but 505 for another HTT
     }
   };
   await Promise.all(Array.from({ length: 8 }, worker));
-  console.log(`live L7R: statuses ${[...seen].sort((a, b) => a[0] - b[0]).map(([s, n]) => `${s}×${n}`).join(" ")}; ${silent} closed without an answer`);
+  console.log(
+    `live L7R: statuses ${[...seen]
+      .sort((a, b) => a[0] - b[0])
+      .map(([s, n]) => `${s}×${n}`)
+      .join(" ")}; ${silent} closed without an answer`,
+  );
   expect(bad).toEqual([]);
   // Nearly every connection got an answer (a status line), not a silent close.
   expect(silent).toBeLessThan(N / 10);

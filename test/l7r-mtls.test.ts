@@ -15,15 +15,70 @@ let l7r: L7r;
 
 /** A key and a certificate for `cn`, signed by the CA `ca` (or self-signed). */
 async function certificate(name: string, cn: string, ca?: string) {
-  await run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", `/CN=${cn}`, "-keyout", f(`${name}.key`), "-out", f(`${name}.csr`)]);
-  await run(ca
-    ? ["openssl", "x509", "-req", "-in", f(`${name}.csr`), "-CA", f(`${ca}.pem`), "-CAkey", f(`${ca}.key`), "-CAcreateserial", "-days", "2", "-out", f(`${name}.pem`)]
-    : ["openssl", "x509", "-req", "-in", f(`${name}.csr`), "-signkey", f(`${name}.key`), "-days", "2", "-out", f(`${name}.pem`)]);
+  await run([
+    "openssl",
+    "req",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-subj",
+    `/CN=${cn}`,
+    "-keyout",
+    f(`${name}.key`),
+    "-out",
+    f(`${name}.csr`),
+  ]);
+  await run(
+    ca
+      ? [
+          "openssl",
+          "x509",
+          "-req",
+          "-in",
+          f(`${name}.csr`),
+          "-CA",
+          f(`${ca}.pem`),
+          "-CAkey",
+          f(`${ca}.key`),
+          "-CAcreateserial",
+          "-days",
+          "2",
+          "-out",
+          f(`${name}.pem`),
+        ]
+      : [
+          "openssl",
+          "x509",
+          "-req",
+          "-in",
+          f(`${name}.csr`),
+          "-signkey",
+          f(`${name}.key`),
+          "-days",
+          "2",
+          "-out",
+          f(`${name}.pem`),
+        ],
+  );
 }
 
 beforeAll(async () => {
-  await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=qvd test client CA",
-    "-keyout", f("ca.key"), "-out", f("ca.pem")]);
+  await run([
+    "openssl",
+    "req",
+    "-x509",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-days",
+    "2",
+    "-subj",
+    "/CN=qvd test client CA",
+    "-keyout",
+    f("ca.key"),
+    "-out",
+    f("ca.pem"),
+  ]);
   await certificate("server", "localhost");
   await certificate("alice", "alice", "ca");
   await certificate("stranger", "stranger");
@@ -32,9 +87,18 @@ beforeAll(async () => {
   await sql`UPDATE host_runtimes SET state = 'running' WHERE host_id = ${host.id}`;
   const alice = await D.create(sql, D.users, D.ALL_TENANTS, { tenant_id: 1, name: "alice", password: "alice-pw-1" });
   const osf = await D.create(sql, D.osfs, D.ALL_TENANTS, { tenant_id: 1, name: "desk" });
-  await D.createVm(sql, D.ALL_TENANTS, { user_id: alice.id, osf_id: osf.id, name: "alice-1" }, { range: "198.18.0.0/16" });
+  await D.createVm(
+    sql,
+    D.ALL_TENANTS,
+    { user_id: alice.id, osf_id: osf.id, name: "alice-1" },
+    { range: "198.18.0.0/16" },
+  );
   l7r = await startL7r({
-    sql, databaseUrl: db().url, nodename: "mtls-node", hostname: "127.0.0.1", port: 0,
+    sql,
+    databaseUrl: db().url,
+    nodename: "mtls-node",
+    hostname: "127.0.0.1",
+    port: 0,
     tls: { cert: f("server.pem"), key: f("server.key"), clientCa: f("ca.pem") },
   });
 });
@@ -45,7 +109,16 @@ afterAll(async () => {
 });
 
 const ping = async (args: string) =>
-  (await run(["sh", "-c", `printf 'GET /qvd/ping HTTP/1.1\\r\\n\\r\\n' | timeout 4 openssl s_client -quiet -connect 127.0.0.1:${l7r.port} ${args} 2>&1`], { allowFail: true })).stdout;
+  (
+    await run(
+      [
+        "sh",
+        "-c",
+        `printf 'GET /qvd/ping HTTP/1.1\\r\\n\\r\\n' | timeout 4 openssl s_client -quiet -connect 127.0.0.1:${l7r.port} ${args} 2>&1`,
+      ],
+      { allowFail: true },
+    )
+  ).stdout;
 
 test("a client certificate signed by the CA is let in; none, or another one, is refused in the handshake", async () => {
   expect(await ping(`-cert ${f("alice.pem")} -key ${f("alice.key")}`)).toContain("I am alive!");
@@ -54,11 +127,33 @@ test("a client certificate signed by the CA is let in; none, or another one, is 
 });
 
 async function qvdClient(args: string[]) {
-  const p = Bun.spawn([process.execPath, "src/main.ts", "client", "--host", "127.0.0.1", "--port", String(l7r.port), "--insecure", "--user", "alice", "--print-token", ...args], {
-    env: { PATH: process.env.PATH!, HOME: dir, QVD_PASSWORD: "alice-pw-1" },
-    stdin: "ignore", stdout: "pipe", stderr: "pipe",
-  });
-  const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  const p = Bun.spawn(
+    [
+      process.execPath,
+      "src/main.ts",
+      "client",
+      "--host",
+      "127.0.0.1",
+      "--port",
+      String(l7r.port),
+      "--insecure",
+      "--user",
+      "alice",
+      "--print-token",
+      ...args,
+    ],
+    {
+      env: { PATH: process.env.PATH!, HOME: dir, QVD_PASSWORD: "alice-pw-1" },
+      stdin: "ignore",
+      stdout: "pipe",
+      stderr: "pipe",
+    },
+  );
+  const [stdout, stderr, code] = await Promise.all([
+    new Response(p.stdout).text(),
+    new Response(p.stderr).text(),
+    p.exited,
+  ]);
   return { stdout, stderr, code };
 }
 

@@ -41,11 +41,31 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     await node.setup();
     cert = join(node.root, "l7r.crt");
     key = join(node.root, "l7r.key");
-    await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", key, "-out", cert]);
+    await run([
+      "openssl",
+      "req",
+      "-x509",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-days",
+      "2",
+      "-subj",
+      "/CN=localhost",
+      "-keyout",
+      key,
+      "-out",
+      cert,
+    ]);
     const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "alice", password: "alice-pw-1" });
     const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
     await node.addImage(osf.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
-    vm = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" });
+    vm = await D.createVm(
+      sql(),
+      ALL,
+      { user_id: user.id, osf_id: osf.id, name: "desktop" },
+      { range: "198.18.0.0/16" },
+    );
     // Node B: its own namespace and a veth to node A's, the farm network (no route to the VM network).
     const nb = (nsB = await createNetns());
     const tag = nb.name.slice(-6);
@@ -59,7 +79,10 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     // Node A is reached at its farm address, where its node-to-node endpoint listens.
     await sql()`UPDATE hosts SET address = ${ADDR_A} WHERE id = ${node.host.id}`;
     node.host.address = ADDR_A;
-    await node.start({ "hkd.timeout.vma_start": "60", "cluster.peer.listen": "", "cluster.peer.port": String(PEER_PORT) }, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
+    await node.start(
+      { "hkd.timeout.vma_start": "60", "cluster.peer.listen": "", "cluster.peer.port": String(PEER_PORT) },
+      { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] },
+    );
   }, 30 * 60_000);
 
   afterAll(async () => {
@@ -72,7 +95,16 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     await node.stop();
   }, 120_000);
 
-  const probeArgv = (mode = "", ns: Netns = node.ns) => [...ns.exec, join(import.meta.dir, "..", "node_modules", ".bin", "bun"), join(import.meta.dir, "support", "l7r-probe.ts"), String(PORT), "alice", "alice-pw-1", String(vm.id), mode];
+  const probeArgv = (mode = "", ns: Netns = node.ns) => [
+    ...ns.exec,
+    join(import.meta.dir, "..", "node_modules", ".bin", "bun"),
+    join(import.meta.dir, "support", "l7r-probe.ts"),
+    String(PORT),
+    "alice",
+    "alice-pw-1",
+    String(vm.id),
+    mode,
+  ];
   const probe = async () => {
     const r = await run(probeArgv(), { timeoutMs: 300_000 });
     return JSON.parse(r.stdout.trim().split("\n").pop()!);
@@ -81,7 +113,9 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
   test("connect_to_vm starts the stopped desktop and upgrades to NX", async () => {
     const out = await probe();
     expect(out.list.status).toBe(200);
-    expect(JSON.parse(out.list.body)).toEqual([{ id: vm.id, name: "desktop", state: "stopped", blocked: 0, is_application: 0 }]);
+    expect(JSON.parse(out.list.body)).toEqual([
+      { id: vm.id, name: "desktop", state: "stopped", blocked: 0, is_application: 0 },
+    ]);
     const p: string[] = out.progress;
     expect(p[0]).toBe(`Session acquired for VM_ID: ${vm.id}`);
     expect(p).toContain(`Assigning VM ${vm.id} to host`);
@@ -97,13 +131,21 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     // Our greeting went through the splice to nxagent, which answered with its own.
     expect(out.nx).toMatch(/^NXPROXY-\d+\.\d+\.\d+/);
     // The client has gone: the session is free again, the desktop keeps running.
-    await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "disconnected", "the session to be released", 20_000);
+    await until(
+      async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "disconnected",
+      "the session to be released",
+      20_000,
+    );
     expect((await D.get(sql(), D.vms, ALL, vm.id)).vm_state).toBe("running");
   }, 600_000);
 
   test("a second connection takes the session over: the first is closed, the second gets its 101", async () => {
     const first = Bun.spawn(probeArgv("hold"), { stdout: "pipe", stderr: "pipe" });
-    await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "connected", "the first session to connect", 60_000);
+    await until(
+      async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "connected",
+      "the first session to connect",
+      60_000,
+    );
     const second = await probe();
     expect(second.progress).toContain(`Aborting contending session for VM_ID: ${vm.id}`);
     expect(second.final.status).toBe(101);
@@ -112,7 +154,11 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     const out = JSON.parse(lines.pop()!);
     expect(out.final.status).toBe(101);
     expect(out.closedByServer).toBe(true);
-    await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "disconnected", "the session to be released", 20_000);
+    await until(
+      async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "disconnected",
+      "the session to be released",
+      20_000,
+    );
   }, 600_000);
 
   test("across two nodes: a connection through node B's L7R takes the session over from node A's and reaches the desktop through node A over TLS only", async () => {
@@ -122,27 +168,61 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     const hostB = await D.create(sql(), D.hosts, ALL, { name: "l7rnode-b", address: ADDR_B });
     const logB = join(node.root, "l7r-b.log");
     const farmB = await farmCert("l7rnode-b", ADDR_B);
-    l7rB = Bun.spawn([...nb.exec, node.binary, "l7r", "--db", db().url, "--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key,
-      "--set", "nodename=l7rnode-b", "--set", "log.level=debug", "--set", `cluster.peer.port=${PEER_PORT}`,
-      ...Object.entries(farmB.settings).flatMap(([k, v]) => ["--set", `${k}=${v}`])], { stdout: "pipe", stderr: "pipe", env: cleanEnv() });
+    l7rB = Bun.spawn(
+      [
+        ...nb.exec,
+        node.binary,
+        "l7r",
+        "--db",
+        db().url,
+        "--listen",
+        `127.0.0.1:${PORT}`,
+        "--cert",
+        cert,
+        "--key",
+        key,
+        "--set",
+        "nodename=l7rnode-b",
+        "--set",
+        "log.level=debug",
+        "--set",
+        `cluster.peer.port=${PEER_PORT}`,
+        ...Object.entries(farmB.settings).flatMap(([k, v]) => ["--set", `${k}=${v}`]),
+      ],
+      { stdout: "pipe", stderr: "pipe", env: cleanEnv() },
+    );
     const out = createWriteStream(logB);
-    for (const st of [l7rB.stdout, l7rB.stderr] as ReadableStream<Uint8Array>[]) void st.pipeTo(new WritableStream({ write: (c) => void out.write(c) }));
-    const listening = async () => (await run([...nb.exec, "bash", "-c", `exec 3<>/dev/tcp/127.0.0.1/${PORT}`], { allowFail: true })).status === 0;
+    for (const st of [l7rB.stdout, l7rB.stderr] as ReadableStream<Uint8Array>[])
+      void st.pipeTo(new WritableStream({ write: (c) => void out.write(c) }));
+    const listening = async () =>
+      (await run([...nb.exec, "bash", "-c", `exec 3<>/dev/tcp/127.0.0.1/${PORT}`], { allowFail: true })).status === 0;
     await until(async () => (await listening()) || l7rB!.exitCode !== null, "node B's L7R to listen");
     expect(l7rB.exitCode, readFileSync(logB, "utf8")).toBeNull();
     // Node B has no way to the desktops but node A's endpoint: no route to the VM network.
     const running = (await sql()`SELECT host(vm_address) AS a FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!.a as string;
-    expect((await run([...nb.exec, "bash", "-c", `exec 3<>/dev/tcp/${running}/3030`], { allowFail: true, timeoutMs: 5000 })).status).not.toBe(0);
+    expect(
+      (await run([...nb.exec, "bash", "-c", `exec 3<>/dev/tcp/${running}/3030`], { allowFail: true, timeoutMs: 5000 }))
+        .status,
+    ).not.toBe(0);
 
     // Everything between the nodes from here on is captured on node B's side of the farm network.
     const pcap = join(node.root, "farm.pcap");
-    dump = Bun.spawn([...nb.exec, "tcpdump", "-i", ifB, "-U", "-s", "0", "-w", pcap, "tcp"], { stdout: "ignore", stderr: "ignore" });
+    dump = Bun.spawn([...nb.exec, "tcpdump", "-i", ifB, "-U", "-s", "0", "-w", pcap, "tcp"], {
+      stdout: "ignore",
+      stderr: "ignore",
+    });
     await until(() => existsSync(pcap) && statSync(pcap).size >= 24, "tcpdump to capture", 20_000);
 
     // Client 1 through node A holds the session; client 2 through node B takes it.
     const first = Bun.spawn(probeArgv("hold"), { stdout: "pipe", stderr: "pipe" });
-    await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "connected", "client 1's session (node A)", 120_000);
-    expect((await sql()`SELECT l7r_host_id FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!.l7r_host_id).toBe(node.host.id);
+    await until(
+      async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "connected",
+      "client 1's session (node A)",
+      120_000,
+    );
+    expect((await sql()`SELECT l7r_host_id FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!.l7r_host_id).toBe(
+      node.host.id,
+    );
     const second = Bun.spawn(probeArgv("hold", nb), { stdout: "pipe", stderr: "pipe" });
     // Client 1 is closed by node A (told through its host channel, not by a timeout).
     await first.exited;
@@ -162,10 +242,17 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     expect(out2.final.status, readFileSync(logB, "utf8").slice(-3000)).toBe(101);
     expect(out2.nx).toMatch(/^NXPROXY-\d+\.\d+\.\d+/);
     const row = (await sql()`SELECT user_state, l7r_host_id, vma_secret FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!;
-    expect({ user_state: row.user_state, l7r_host_id: row.l7r_host_id }).toEqual({ user_state: "connected", l7r_host_id: hostB.id });
+    expect({ user_state: row.user_state, l7r_host_id: row.l7r_host_id }).toEqual({
+      user_state: "connected",
+      l7r_host_id: hostB.id,
+    });
     second.kill("SIGTERM");
     await second.exited;
-    await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "disconnected", "the session to be released", 20_000);
+    await until(
+      async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "disconnected",
+      "the session to be released",
+      20_000,
+    );
 
     // What crossed the farm network: TCP to node A's endpoint only, and neither the VMA secret
     // nor the NX greetings (both sides' "NXPROXY-") in any captured byte. The pause lets tcpdump
@@ -174,7 +261,9 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     dump.kill("SIGINT");
     await dump.exited;
     dump = undefined;
-    const flows = (await run(["tcpdump", "-nn", "-r", pcap, "tcp"], { allowFail: true })).stdout.split("\n").filter(Boolean);
+    const flows = (await run(["tcpdump", "-nn", "-r", pcap, "tcp"], { allowFail: true })).stdout
+      .split("\n")
+      .filter(Boolean);
     expect(flows.length).toBeGreaterThan(10);
     const endpointA = `${ADDR_A}.${PEER_PORT}`;
     for (const f of flows) {
@@ -209,11 +298,20 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
       const osf = await ok(admin.post("/osfs", { name: "debian-api", memory_mb: 1024 }), "2xx", "osf");
       const di = await ok(admin.post("/dis", { osf_id: osf.id, path: "desktop-api.tar.gz" }), "2xx", "image");
       const image = await desktopImage();
-      const up = await admin.request(`/dis/${di.id}/image`, { method: "PUT", headers: { "content-type": "application/octet-stream" }, body: Bun.file(image) });
+      const up = await admin.request(`/dis/${di.id}/image`, {
+        method: "PUT",
+        headers: { "content-type": "application/octet-stream" },
+        body: Bun.file(image),
+      });
       expect(up.status, await up.clone().text()).toBe(200);
       expect((await ok(admin.get(`/dis/${di.id}`), "2xx", "image")).state).toBe("ready");
       const desk = await ok(admin.post("/vms", { user_id: user.id, osf_id: osf.id, name: "bea-desktop" }), "2xx", "vm");
-      const objects: [string, number][] = [["osfs", osf.id], ["dis", di.id], ["users", user.id], ["vms", desk.id]];
+      const objects: [string, number][] = [
+        ["osfs", osf.id],
+        ["dis", di.id],
+        ["users", user.id],
+        ["vms", desk.id],
+      ];
       for (const key of ["hb.level", "hb.osfs", "hb.dis", "hb.users", "hb.vms"])
         await ok(admin.post("/properties", { key, applies_to: ["osf", "di", "user", "vm"] }), "2xx", `property ${key}`);
       for (const [path, id] of objects) {
@@ -221,18 +319,61 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
         await ok(admin.put(`/${path}/${id}/properties/hb.${path}`, { value: `set on ${path}` }), "2xx", `hb.${path}`);
       }
 
-      xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" });
-      const mean = async () => Number((await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`], { allowFail: true })).stdout.trim()) || 0;
-      const state = async () => (await ok(admin.get(`/vms/${desk.id}`), "2xx", "vm state")) as { vm_state: string; user_state: string };
+      xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], {
+        stdout: "ignore",
+        stderr: "ignore",
+      });
+      const mean = async () =>
+        Number(
+          (
+            await run(
+              [
+                "sh",
+                "-c",
+                `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`,
+              ],
+              { allowFail: true },
+            )
+          ).stdout.trim(),
+        ) || 0;
+      const state = async () =>
+        (await ok(admin.get(`/vms/${desk.id}`), "2xx", "vm state")) as { vm_state: string; user_state: string };
       /** One user session with `qvd client`: connected, the desktop's pixels on the user's display, then `during`, then logout. */
       const session = async (during: () => Promise<void>, extra: string[] = []) => {
         // Clear the user's display, so the session's pixels are its own.
         await run(["xsetroot", "-display", `:${DISPLAY}`, "-solid", "black"], { allowFail: true });
         const before = await mean();
-        const client = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${DISPLAY}`, "QVD_PASSWORD=bea-pw-1", node.binary, "client", "--host", "127.0.0.1", "--port", String(PORT), "--user", "bea", "--insecure", "--link", "lan", ...extra], { stdout: "pipe", stderr: "pipe" });
+        const client = Bun.spawn(
+          [
+            ...node.ns.exec,
+            "env",
+            `DISPLAY=:${DISPLAY}`,
+            "QVD_PASSWORD=bea-pw-1",
+            node.binary,
+            "client",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            String(PORT),
+            "--user",
+            "bea",
+            "--insecure",
+            "--link",
+            "lan",
+            ...extra,
+          ],
+          { stdout: "pipe", stderr: "pipe" },
+        );
         try {
-          await until(async () => (await state()).user_state === "connected" || client.exitCode !== null, "the client's session", 180_000);
-          expect(client.exitCode, await (client.exitCode !== null ? new Response(client.stderr).text() : "")).toBeNull();
+          await until(
+            async () => (await state()).user_state === "connected" || client.exitCode !== null,
+            "the client's session",
+            180_000,
+          );
+          expect(
+            client.exitCode,
+            await (client.exitCode !== null ? new Response(client.stderr).text() : ""),
+          ).toBeNull();
           let m = before;
           await until(async () => (m = await mean()) > before + 0.05, "the desktop's pixels", 60_000);
           expect(m).toBeGreaterThan(before + 0.05);
@@ -244,10 +385,19 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
         await until(async () => (await state()).user_state === "disconnected", "the session to be released", 20_000);
         return new Response(client.stdout).text();
       };
-      await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0, "Xvfb", 20_000);
+      await until(
+        async () =>
+          (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0,
+        "Xvfb",
+        20_000,
+      );
 
       const first = await session(async () => {
-        const w = await node.attach(desk.id, "echo 'written in the first session' > /home/bea/heartbeat.txt && touch /tmp/first-boot", "bea");
+        const w = await node.attach(
+          desk.id,
+          "echo 'written in the first session' > /home/bea/heartbeat.txt && touch /tmp/first-boot",
+          "bea",
+        );
         expect(w.status, w.stderr).toBe(0);
         // The properties of the four objects reached the desktop, the VM's winning.
         const props = (await node.attach(desk.id, "cat /run/qvd/session.properties", "bea")).stdout;
@@ -260,7 +410,9 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
       expect(first).toContain("Starting virtual machine");
       // Logged out and in again: the same running desktop, resumed.
       const second = await session(async () => {
-        expect((await node.attach(desk.id, "cat /home/bea/heartbeat.txt; ls /tmp/first-boot", "bea")).stdout).toBe("written in the first session\n/tmp/first-boot\n");
+        expect((await node.attach(desk.id, "cat /home/bea/heartbeat.txt; ls /tmp/first-boot", "bea")).stdout).toBe(
+          "written in the first session\n/tmp/first-boot\n",
+        );
       });
       expect(second).not.toContain("Starting virtual machine");
       // The user restarts the desktop (qvd client --stop): a new container, the same home.

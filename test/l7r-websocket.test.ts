@@ -69,7 +69,11 @@ function maskServerFrame(f: Uint8Array): Uint8Array {
   const head = len7 < 126 ? 2 : len7 === 126 ? 4 : 10;
   const n = f.length - head;
   const form = head === 2 ? 7 : head === 4 ? 16 : 64;
-  return clientFrame(f[0]! & 0x0f, f.subarray(head), { fin: (f[0]! & 0x80) !== 0, len: form as 7 | 16 | 64, key: [n & 0xff, 0x9c, 0x01, 0xe4] });
+  return clientFrame(f[0]! & 0x0f, f.subarray(head), {
+    fin: (f[0]! & 0x80) !== 0,
+    len: form as 7 | 16 | 64,
+    key: [n & 0xff, 0x9c, 0x01, 0xe4],
+  });
 }
 
 /** All the messages of the frames, pushed at once. */
@@ -99,12 +103,24 @@ describe("the upgrade", () => {
     expect(upgradeAnswer(request(UPGRADE))).toEqual({
       ok: true,
       accept: "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=",
-      headers: [["Upgrade", "websocket"], ["Connection", "Upgrade"], ["Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="]],
+      headers: [
+        ["Upgrade", "websocket"],
+        ["Connection", "Upgrade"],
+        ["Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="],
+      ],
     });
   });
 
   test("tokens in a list and any case; extensions and subprotocols offered are not taken", () => {
-    const a = upgradeAnswer(request({ ...UPGRADE, Connection: "keep-alive, UPGRADE", Upgrade: "WebSocket", "Sec-WebSocket-Extensions": "permessage-deflate", "Sec-WebSocket-Protocol": "binary" }));
+    const a = upgradeAnswer(
+      request({
+        ...UPGRADE,
+        Connection: "keep-alive, UPGRADE",
+        Upgrade: "WebSocket",
+        "Sec-WebSocket-Extensions": "permessage-deflate",
+        "Sec-WebSocket-Protocol": "binary",
+      }),
+    );
     expect(a.ok).toBe(true);
     expect(a.headers.map(([k]) => k.toLowerCase())).toEqual(["upgrade", "connection", "sec-websocket-accept"]);
   });
@@ -199,8 +215,12 @@ describe("FrameReader", () => {
 
   test("a byte-order mark is kept; an empty close has no code; nothing is read after a close", () => {
     expect(read([clientFrame(OPCODE.TEXT, "\ufeffx")])).toEqual([{ type: "text", text: "\ufeffx" }]);
-    expect(read([clientFrame(OPCODE.TEXT, "\ufeff", { fin: false }), clientFrame(OPCODE.CONTINUATION, "y")])).toEqual([{ type: "text", text: "\ufeffy" }]);
-    expect(read([clientFrame(OPCODE.CLOSE, ""), clientFrame(OPCODE.TEXT, "late"), bytes(0xff, 0xff)])).toEqual([{ type: "close", code: undefined, reason: "" }]);
+    expect(read([clientFrame(OPCODE.TEXT, "\ufeff", { fin: false }), clientFrame(OPCODE.CONTINUATION, "y")])).toEqual([
+      { type: "text", text: "\ufeffy" },
+    ]);
+    expect(read([clientFrame(OPCODE.CLOSE, ""), clientFrame(OPCODE.TEXT, "late"), bytes(0xff, 0xff)])).toEqual([
+      { type: "close", code: undefined, reason: "" },
+    ]);
   });
 
   test("fragments joined, with a ping between them; a character split across fragments", () => {
@@ -226,7 +246,13 @@ describe("FrameReader", () => {
 
   test("a frame pushed one byte at a time: nothing until its last byte", () => {
     const r = new FrameReader(1 << 20);
-    const frames = [clientFrame(OPCODE.BINARY, new Uint8Array(300).map((_, i) => i)), clientFrame(OPCODE.TEXT, "done")];
+    const frames = [
+      clientFrame(
+        OPCODE.BINARY,
+        new Uint8Array(300).map((_, i) => i),
+      ),
+      clientFrame(OPCODE.TEXT, "done"),
+    ];
     const all = Uint8Array.from(frames.flatMap((f) => [...f]));
     const got: Message[] = [];
     const at: number[] = [];
@@ -238,7 +264,10 @@ describe("FrameReader", () => {
       }
     });
     expect(at).toEqual([frames[0]!.length, all.length]);
-    expect(got).toEqual([{ type: "binary", data: new Uint8Array(300).map((_, i) => i) }, { type: "text", text: "done" }]);
+    expect(got).toEqual([
+      { type: "binary", data: new Uint8Array(300).map((_, i) => i) },
+      { type: "text", text: "done" },
+    ]);
     expect(r.buffered).toBe(0);
   });
 
@@ -292,10 +321,29 @@ describe("FrameReader", () => {
     expect(refusal([bytes(0x81, 0x80 | 126, 0x03, 0xe9)], 1000)).toBe(1009);
     expect(refusal([clientFrame(OPCODE.BINARY, new Uint8Array(1000))], 1000)).toBeUndefined();
     // Fragments count together: 600 read, 401 more declared.
-    expect(refusal([clientFrame(OPCODE.BINARY, new Uint8Array(600), { fin: false }), bytes(0x80, 0x80 | 126, 0x01, 0x91)], 1000)).toBe(1009);
-    expect(refusal([clientFrame(OPCODE.TEXT, "a".repeat(600), { fin: false }), clientFrame(OPCODE.CONTINUATION, "a".repeat(400))], 1000)).toBeUndefined();
+    expect(
+      refusal(
+        [clientFrame(OPCODE.BINARY, new Uint8Array(600), { fin: false }), bytes(0x80, 0x80 | 126, 0x01, 0x91)],
+        1000,
+      ),
+    ).toBe(1009);
+    expect(
+      refusal(
+        [clientFrame(OPCODE.TEXT, "a".repeat(600), { fin: false }), clientFrame(OPCODE.CONTINUATION, "a".repeat(400))],
+        1000,
+      ),
+    ).toBeUndefined();
     // Control frames are not messages: they do not count.
-    expect(read([clientFrame(OPCODE.BINARY, new Uint8Array(10), { fin: false }), clientFrame(OPCODE.PING, new Uint8Array(100)), clientFrame(OPCODE.CONTINUATION, "")], 10)).toHaveLength(2);
+    expect(
+      read(
+        [
+          clientFrame(OPCODE.BINARY, new Uint8Array(10), { fin: false }),
+          clientFrame(OPCODE.PING, new Uint8Array(100)),
+          clientFrame(OPCODE.CONTINUATION, ""),
+        ],
+        10,
+      ),
+    ).toHaveLength(2);
   });
 
   test("a refusal sticks: the reader throws it again and drops what it held", () => {
@@ -317,21 +365,32 @@ describe("FrameReader", () => {
     expect(refusal([clientFrame(OPCODE.TEXT, bytes(0xc3, 0x28))])).toBe(1007);
     expect(refusal([clientFrame(OPCODE.TEXT, bytes(0xed, 0xa0, 0x80))])).toBe(1007); // a surrogate
     expect(refusal([clientFrame(OPCODE.TEXT, bytes(0xe2, 0x98))])).toBe(1007); // cut short
-    expect(refusal([clientFrame(OPCODE.TEXT, bytes(0xe2, 0x98), { fin: false }), clientFrame(OPCODE.CONTINUATION, "")])).toBe(1007);
+    expect(
+      refusal([clientFrame(OPCODE.TEXT, bytes(0xe2, 0x98), { fin: false }), clientFrame(OPCODE.CONTINUATION, "")]),
+    ).toBe(1007);
     // The fragment with the bad byte fails before the message ends.
-    expect(refusal([clientFrame(OPCODE.TEXT, "ok", { fin: false }), clientFrame(OPCODE.CONTINUATION, bytes(0xff), { fin: false })])).toBe(1007);
+    expect(
+      refusal([
+        clientFrame(OPCODE.TEXT, "ok", { fin: false }),
+        clientFrame(OPCODE.CONTINUATION, bytes(0xff), { fin: false }),
+      ]),
+    ).toBe(1007);
     // Binary is not text.
     expect(refusal([clientFrame(OPCODE.BINARY, bytes(0xff))])).toBeUndefined();
   });
 
   test("close frames: 1-byte payload and codes not allowed on the wire (1002), a bad reason (1007)", () => {
-    const close = (code: number, reason: Uint8Array = new Uint8Array(0)) => clientFrame(OPCODE.CLOSE, bytes(code >> 8, code & 0xff, ...reason));
+    const close = (code: number, reason: Uint8Array = new Uint8Array(0)) =>
+      clientFrame(OPCODE.CLOSE, bytes(code >> 8, code & 0xff, ...reason));
     expect(refusal([clientFrame(OPCODE.CLOSE, bytes(0x03))])).toBe(1002);
-    for (const code of [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535]) expect([code, refusal([close(code)])]).toEqual([code, 1002]);
+    for (const code of [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535])
+      expect([code, refusal([close(code)])]).toEqual([code, 1002]);
     for (const code of [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999])
       expect([code, refusal([close(code)])]).toEqual([code, undefined]);
     expect(refusal([close(1000, bytes(0xc3, 0x28))])).toBe(1007);
-    expect(read([close(4001, enc("pris en charge ☃"))])).toEqual([{ type: "close", code: 4001, reason: "pris en charge ☃" }]);
+    expect(read([close(4001, enc("pris en charge ☃"))])).toEqual([
+      { type: "close", code: 4001, reason: "pris en charge ☃" },
+    ]);
   });
 });
 
@@ -356,12 +415,20 @@ describe("the server's frames", () => {
     }
     const text = "ünïcödé ☃ 🎉 ".repeat(5000);
     expect(read([maskServerFrame(textFrame(text))])).toEqual([{ type: "text", text: text }]);
-    expect(read([maskServerFrame(pingFrame(enc("p"))), maskServerFrame(pongFrame(enc("q"))), maskServerFrame(encodeFrame(OPCODE.TEXT, enc("raw")))])).toEqual([
+    expect(
+      read([
+        maskServerFrame(pingFrame(enc("p"))),
+        maskServerFrame(pongFrame(enc("q"))),
+        maskServerFrame(encodeFrame(OPCODE.TEXT, enc("raw"))),
+      ]),
+    ).toEqual([
       { type: "ping", data: enc("p") },
       { type: "pong", data: enc("q") },
       { type: "text", text: "raw" },
     ]);
-    expect(read([maskServerFrame(closeFrame(4401, "log in again"))])).toEqual([{ type: "close", code: 4401, reason: "log in again" }]);
+    expect(read([maskServerFrame(closeFrame(4401, "log in again"))])).toEqual([
+      { type: "close", code: 4401, reason: "log in again" },
+    ]);
   });
 
   test("close reasons cut to 123 bytes without cutting a character; codes not for the wire refused", () => {
@@ -422,7 +489,8 @@ function wsServer(onMessage: (s: Bun.Socket<WsState>, m: Message) => void) {
 type WsState = { http: RequestReader; ws?: FrameReader };
 
 /** Bun's WebSocket with headers of our choosing (Bun takes them; the DOM types know only protocols). */
-const clientWith = (url: string, origin: string) => new WebSocket(url, { headers: { Origin: origin } } as unknown as string[]);
+const clientWith = (url: string, origin: string) =>
+  new WebSocket(url, { headers: { Origin: origin } } as unknown as string[]);
 
 test("end to end: Bun's WebSocket client and a TCP server built on the module", async () => {
   const serverSaw: Message[] = [];

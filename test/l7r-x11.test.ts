@@ -24,7 +24,13 @@ const env = () => ({ ...process.env, XAUTHORITY: authFile });
 /** One Xauthority entry (FamilyWild: any address and display), the binary format libXau reads. */
 function xauthEntry(cookie: Uint8Array): Buffer {
   const field = (b: Uint8Array) => Buffer.concat([Buffer.from([b.length >> 8, b.length & 0xff]), b]);
-  return Buffer.concat([Buffer.from([0xff, 0xff]), field(Buffer.alloc(0)), field(Buffer.alloc(0)), field(Buffer.from("MIT-MAGIC-COOKIE-1")), field(cookie)]);
+  return Buffer.concat([
+    Buffer.from([0xff, 0xff]),
+    field(Buffer.alloc(0)),
+    field(Buffer.alloc(0)),
+    field(Buffer.from("MIT-MAGIC-COOKIE-1")),
+    field(cookie),
+  ]);
 }
 
 async function connect(cookie: Uint8Array | null = COOKIE): Promise<X11Client> {
@@ -35,21 +41,51 @@ async function connect(cookie: Uint8Array | null = COOKIE): Promise<X11Client> {
 
 /** Whether a process of `uid`, with no cookie at all, can open the display. */
 async function canOpen(uid: number): Promise<boolean> {
-  const p = Bun.spawn(["setpriv", `--reuid=${uid}`, `--regid=${uid}`, "--clear-groups", "env", "-u", "XAUTHORITY", "HOME=/nonexistent",
-    "xdpyinfo", "-display", `:${display}`], { stdout: "ignore", stderr: "ignore" });
+  const p = Bun.spawn(
+    [
+      "setpriv",
+      `--reuid=${uid}`,
+      `--regid=${uid}`,
+      "--clear-groups",
+      "env",
+      "-u",
+      "XAUTHORITY",
+      "HOME=/nonexistent",
+      "xdpyinfo",
+      "-display",
+      `:${display}`,
+    ],
+    { stdout: "ignore", stderr: "ignore" },
+  );
   return (await p.exited) === 0;
 }
 
 function spawnAs(uid: number, argv: string[]): Subprocess {
-  const p = Bun.spawn(["setpriv", `--reuid=${uid}`, `--regid=${uid}`, "--clear-groups", "env", "-u", "XAUTHORITY", "HOME=/nonexistent", ...argv],
-    { stdout: "ignore", stderr: "ignore" });
+  const p = Bun.spawn(
+    [
+      "setpriv",
+      `--reuid=${uid}`,
+      `--regid=${uid}`,
+      "--clear-groups",
+      "env",
+      "-u",
+      "XAUTHORITY",
+      "HOME=/nonexistent",
+      ...argv,
+    ],
+    { stdout: "ignore", stderr: "ignore" },
+  );
   procs.push(p);
   return p;
 }
 
 /** The root's children as xwininfo sees them: name → geometry "WxH+X+Y". */
 async function topLevels(): Promise<Map<string, string>> {
-  const p = Bun.spawn(["xwininfo", "-display", `:${display}`, "-root", "-children"], { env: env(), stdout: "pipe", stderr: "ignore" });
+  const p = Bun.spawn(["xwininfo", "-display", `:${display}`, "-root", "-children"], {
+    env: env(),
+    stdout: "pipe",
+    stderr: "ignore",
+  });
   const out = await new Response(p.stdout).text();
   await p.exited;
   const m = new Map<string, string>();
@@ -63,8 +99,26 @@ async function topLevels(): Promise<Map<string, string>> {
 beforeAll(async () => {
   writeFileSync(authFile, xauthEntry(COOKIE), { mode: 0o600 });
   // -displayfd: Xvnc picks a free display itself and writes its number once it accepts clients.
-  xvnc = Bun.spawn(["Xvnc", "-displayfd", "1", "-geometry", "800x600", "-depth", "24", "-rfbport", "-1", "-SecurityTypes", "None",
-    "-nolisten", "tcp", "-auth", authFile], { stdout: "pipe", stderr: Bun.file(join(dir, "xvnc.log")) });
+  xvnc = Bun.spawn(
+    [
+      "Xvnc",
+      "-displayfd",
+      "1",
+      "-geometry",
+      "800x600",
+      "-depth",
+      "24",
+      "-rfbport",
+      "-1",
+      "-SecurityTypes",
+      "None",
+      "-nolisten",
+      "tcp",
+      "-auth",
+      authFile,
+    ],
+    { stdout: "pipe", stderr: Bun.file(join(dir, "xvnc.log")) },
+  );
   const reader = (xvnc.stdout as ReadableStream<Uint8Array>).getReader();
   let text = "";
   const deadline = setTimeout(() => xvnc.kill(), 15_000);
@@ -87,7 +141,9 @@ afterAll(async () => {
 });
 
 test("a wrong cookie, or none, is refused with the server's reason", async () => {
-  await expect(connect(randomBytes(16))).rejects.toThrow("X server refused the connection: Invalid MIT-MAGIC-COOKIE-1 key");
+  await expect(connect(randomBytes(16))).rejects.toThrow(
+    "X server refused the connection: Invalid MIT-MAGIC-COOKIE-1 key",
+  );
   await expect(connect(null)).rejects.toThrow("X server refused the connection: Authorization required");
 });
 
@@ -126,7 +182,11 @@ test("allowLocalUser admits exactly that uid (localuser:#uid), without a cookie"
 
 test("getImage gives a rectangle's pixels (ZPixmap, B G R x); a rectangle off the screen is BadMatch, one too large is refused", async () => {
   const x = await connect();
-  const r = Bun.spawn(["xsetroot", "-display", `:${display}`, "-solid", "#204080"], { env: env(), stdout: "ignore", stderr: "pipe" });
+  const r = Bun.spawn(["xsetroot", "-display", `:${display}`, "-solid", "#204080"], {
+    env: env(),
+    stdout: "ignore",
+    stderr: "pipe",
+  });
   expect(await r.exited).toBe(0);
   const img = await x.getImage(x.root, 10, 20, 3, 2);
   expect(img.depth).toBe(24);
@@ -155,7 +215,11 @@ test("top-level windows follow the screen size; 1x1 windows are left alone", asy
   // A new top-level is fitted as it is mapped.
   await waitFor("xmessage fitted to 800x600", async () => (await topLevels()).get("xmessage") === "800x600+0+0");
 
-  const r = Bun.spawn(["xrandr", "--display", `:${display}`, "--fb", "1000x700"], { env: env(), stdout: "ignore", stderr: "pipe" });
+  const r = Bun.spawn(["xrandr", "--display", `:${display}`, "--fb", "1000x700"], {
+    env: env(),
+    stdout: "ignore",
+    stderr: "pipe",
+  });
   expect(await r.exited).toBe(0);
   await waitFor("the root resize event", () => sizes.includes("1000x700"));
   await waitFor("xmessage fitted to 1000x700", async () => (await topLevels()).get("xmessage") === "1000x700+0+0");
@@ -166,7 +230,11 @@ test("top-level windows follow the screen size; 1x1 windows are left alone", asy
   // Stopped: a resize leaves the windows as they are.
   stop();
   expect(await x.fitTopLevels(1000, 700)).toBe(0);
-  const r2 = Bun.spawn(["xrandr", "--display", `:${display}`, "--fb", "900x650"], { env: env(), stdout: "ignore", stderr: "ignore" });
+  const r2 = Bun.spawn(["xrandr", "--display", `:${display}`, "--fb", "900x650"], {
+    env: env(),
+    stdout: "ignore",
+    stderr: "ignore",
+  });
   expect(await r2.exited).toBe(0);
   await waitFor("the second root resize event", () => sizes.includes("900x650"));
   expect((await topLevels()).get("xmessage")).toBe("1000x700+0+0");

@@ -32,28 +32,46 @@ let ids: { alice: number; aliceVm: number; osf: number; di: number; lena: number
 /** A VM as a node reports it running: on this machine's loopback, with the fake VMA and nxagent. */
 async function running(vmId: number, osfId: number, diId: number, hostId: number, second = false) {
   const [address, v, x] = second ? ["127.0.0.2", vma2, nxagent2] : ["127.0.0.1", vma, nxagent];
-  await db().sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${hostId}, current_osf_id = ${osfId}, current_di_id = ${diId},
+  await db()
+    .sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${hostId}, current_osf_id = ${osfId}, current_di_id = ${diId},
     vm_address = ${address}, vma_port = ${v.port!}, x_port = ${x.port}, vma_secret = ${SECRET} WHERE vm_id = ${vmId}`;
 }
 
 beforeAll(async () => {
   const sql = db().sql;
-  await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-    "-keyout", join(dir, "key.pem"), "-out", join(dir, "cert.pem")]);
-  const fakeVma = (hostname: string) => Bun.serve({
-    hostname,
-    port: 0,
-    async fetch(req) {
-      if (req.headers.get("x-qvd-vma-secret") !== SECRET) return Response.json({ error: "forbidden" }, { status: 403 });
-      const path = new URL(req.url).pathname;
-      if (path === "/vma/x_start") {
-        xStarts.push(await req.json());
-        return Response.json({ state: "starting" });
-      }
-      if (path === "/vma/x_state") return Response.json({ state: "listening", since: new Date().toISOString(), nx_state: "starting" });
-      return Response.json({ error: "not found" }, { status: 404 });
-    },
-  });
+  await run([
+    "openssl",
+    "req",
+    "-x509",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-days",
+    "2",
+    "-subj",
+    "/CN=localhost",
+    "-keyout",
+    join(dir, "key.pem"),
+    "-out",
+    join(dir, "cert.pem"),
+  ]);
+  const fakeVma = (hostname: string) =>
+    Bun.serve({
+      hostname,
+      port: 0,
+      async fetch(req) {
+        if (req.headers.get("x-qvd-vma-secret") !== SECRET)
+          return Response.json({ error: "forbidden" }, { status: 403 });
+        const path = new URL(req.url).pathname;
+        if (path === "/vma/x_start") {
+          xStarts.push(await req.json());
+          return Response.json({ state: "starting" });
+        }
+        if (path === "/vma/x_state")
+          return Response.json({ state: "listening", since: new Date().toISOString(), nx_state: "starting" });
+        return Response.json({ error: "not found" }, { status: 404 });
+      },
+    });
   vma = fakeVma("127.0.0.1");
   vma2 = fakeVma("127.0.0.2");
   nxagent = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
@@ -65,16 +83,41 @@ beforeAll(async () => {
   const lena = await D.create(sql, D.users, ALL, { tenant_id: 1, name: "lena", password: "lena-pw-1" });
   const osf = await D.create(sql, D.osfs, ALL, { tenant_id: 1, name: "desk", memory_mb: 128 });
   const di = await D.create(sql, D.dis, ALL, { osf_id: osf.id, path: "desk.tar.gz" });
-  const aliceVm = await D.createVm(sql, ALL, { user_id: alice.id, osf_id: osf.id, name: "alice-1" }, { range: "198.18.0.0/16" });
-  const lenaVm = await D.createVm(sql, ALL, { user_id: lena.id, osf_id: osf.id, name: "lena-1" }, { range: "198.18.0.0/16" });
+  const aliceVm = await D.createVm(
+    sql,
+    ALL,
+    { user_id: alice.id, osf_id: osf.id, name: "alice-1" },
+    { range: "198.18.0.0/16" },
+  );
+  const lenaVm = await D.createVm(
+    sql,
+    ALL,
+    { user_id: lena.id, osf_id: osf.id, name: "lena-1" },
+    { range: "198.18.0.0/16" },
+  );
   ids = { alice: alice.id, aliceVm: aliceVm.id, osf: osf.id, di: di.id, lena: lena.id, lenaVm: lenaVm.id };
   await running(aliceVm.id, osf.id, di.id, host.id);
   await running(lenaVm.id, osf.id, di.id, host.id, true);
 
   // Property definitions (tenant 1) and values on each of the four objects.
-  const define = (key: string, applies_to: D.PropertyTarget[]) => D.create(sql, D.properties, ALL, { tenant_id: 1, key, applies_to });
+  const define = (key: string, applies_to: D.PropertyTarget[]) =>
+    D.create(sql, D.properties, ALL, { tenant_id: 1, key, applies_to });
   const all4: D.PropertyTarget[] = ["osf", "di", "user", "vm"];
-  for (const k of ["site.level", "site.osf", "site.di", "site.user", "site.vm", "qvd.client.link", "qvd.vm.user.uid", "qvd.vm.user.gid", "qvd.vm.user.name", "qvd.vm.user.home", "qvd.vm.user.groups", "qvd.slave.key"]) await define(k, all4);
+  for (const k of [
+    "site.level",
+    "site.osf",
+    "site.di",
+    "site.user",
+    "site.vm",
+    "qvd.client.link",
+    "qvd.vm.user.uid",
+    "qvd.vm.user.gid",
+    "qvd.vm.user.name",
+    "qvd.vm.user.home",
+    "qvd.vm.user.groups",
+    "qvd.slave.key",
+  ])
+    await define(k, all4);
   const set = (t: D.PropertyTarget, id: number, k: string, v: string) => D.setPropertyValue(sql, ALL, t, id, k, v);
   await set("osf", osf.id, "site.level", "osf");
   await set("di", di.id, "site.level", "di");
@@ -93,12 +136,27 @@ beforeAll(async () => {
   await set("vm", aliceVm.id, "qvd.slave.key", "chosen-by-an-admin"); // never used: made per connection
 
   l7r = await startL7r({
-    sql, databaseUrl: db().url, nodename: "xs-node", hostname: "127.0.0.1", port: 0,
+    sql,
+    databaseUrl: db().url,
+    nodename: "xs-node",
+    hostname: "127.0.0.1",
+    port: 0,
     tls: { cert: join(dir, "cert.pem"), key: join(dir, "key.pem") },
     // lena comes from a directory, as the LDAP plugin reports her.
     authenticate: async (d, a) =>
       a.login === "lena"
-        ? { ok: true, user: { userId: lena.id, tenantId: 1, login: "lena", uid: 30000, gid: 30001, home: "/home/ldap/lena", params: { "qvd.vm.user.ldap.name": "lena", "site.level": "plugin" } } }
+        ? {
+            ok: true,
+            user: {
+              userId: lena.id,
+              tenantId: 1,
+              login: "lena",
+              uid: 30000,
+              gid: 30001,
+              home: "/home/ldap/lena",
+              params: { "qvd.vm.user.ldap.name": "lena", "site.level": "plugin" },
+            },
+          }
         : authenticateUser(d, new Config(), a),
   });
 });
@@ -114,15 +172,23 @@ afterAll(async () => {
 
 async function connect(vmId: number, auth: string, query: string) {
   const c = await WireClient.connect(l7r.port);
-  c.send(`GET /qvd/connect_to_vm?id=${vmId}&${query} HTTP/1.1\r\nAuthorization: ${auth}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n`);
+  c.send(
+    `GET /qvd/connect_to_vm?id=${vmId}&${query} HTTP/1.1\r\nAuthorization: ${auth}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n`,
+  );
   const r = await c.final();
   c.end();
   // The session is released once the client has gone; the next test may connect again.
-  await poll(async () => (await db().sql`SELECT user_state FROM vm_runtimes WHERE vm_id = ${vmId}`)[0]!.user_state === "disconnected", 10_000, 50);
+  await poll(
+    async () =>
+      (await db().sql`SELECT user_state FROM vm_runtimes WHERE vm_id = ${vmId}`)[0]!.user_state === "disconnected",
+    10_000,
+    50,
+  );
   return r;
 }
 
-const CLIENT = "qvd.client.os=linux&qvd.client.link=adsl&qvd.client.keyboard=pc105%2Fes&qvd.client.geometry=800x600&qvd.client.fullscreen=1&custom.note=hello";
+const CLIENT =
+  "qvd.client.os=linux&qvd.client.link=adsl&qvd.client.keyboard=pc105%2Fes&qvd.client.geometry=800x600&qvd.client.fullscreen=1&custom.note=hello";
 
 test("x_start gets the client's parameters, then the OSF's, image's, user's and VM's properties, then the identity", async () => {
   xStarts.length = 0;
@@ -131,8 +197,13 @@ test("x_start gets the client's parameters, then the OSF's, image's, user's and 
   expect(xStarts).toHaveLength(1);
   const b = xStarts[0];
   expect(b).toMatchObject({
-    user: "alice", uid: 20001, gid: 20001,
-    keyboard: "pc105/es", client_os: "linux", geometry: "800x600", fullscreen: true,
+    user: "alice",
+    uid: 20001,
+    gid: 20001,
+    keyboard: "pc105/es",
+    client_os: "linux",
+    geometry: "800x600",
+    fullscreen: true,
     link: "lan", // the OSF's property overrides the client's adsl
   });
   expect(b.home).toBeUndefined(); // the VMA's default, /home/alice
@@ -161,16 +232,27 @@ test("the plugin's uid, gid and home win over properties; its params over the pr
   const b = xStarts[0];
   expect(b).toMatchObject({ user: "lena", uid: 30000, gid: 30001, home: "/home/ldap/lena" });
   expect(b.properties).toMatchObject({
-    "qvd.vm.user.uid": "30000", "qvd.vm.user.gid": "30001", "qvd.vm.user.home": "/home/ldap/lena",
-    "qvd.vm.user.ldap.name": "lena", "site.level": "plugin",
+    "qvd.vm.user.uid": "30000",
+    "qvd.vm.user.gid": "30001",
+    "qvd.vm.user.home": "/home/ldap/lena",
+    "qvd.vm.user.ldap.name": "lena",
+    "site.level": "plugin",
   });
 });
 
 test("a client cannot send identity keys (403 before anything starts), nor override them through custom.*", async () => {
   xStarts.length = 0;
-  for (const forged of ["qvd.vm.user.uid=0", "qvd.vm.user.name=root", "qvd.vm.user.home=%2Froot", "qvd.slave.key=x", "host_address=1.2.3.4"]) {
+  for (const forged of [
+    "qvd.vm.user.uid=0",
+    "qvd.vm.user.name=root",
+    "qvd.vm.user.home=%2Froot",
+    "qvd.slave.key=x",
+    "host_address=1.2.3.4",
+  ]) {
     const c = await WireClient.connect(l7r.port);
-    c.send(`GET /qvd/connect_to_vm?id=${ids.aliceVm}&${forged} HTTP/1.1\r\nAuthorization: ${basic("alice", "alice-pw-1")}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n`);
+    c.send(
+      `GET /qvd/connect_to_vm?id=${ids.aliceVm}&${forged} HTTP/1.1\r\nAuthorization: ${basic("alice", "alice-pw-1")}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n`,
+    );
     const r = await c.response();
     expect([r.status, r.body]).toEqual([403, `Invalid parameters ${forged.split("=")[0]}`]);
     c.end();
@@ -178,9 +260,15 @@ test("a client cannot send identity keys (403 before anything starts), nor overr
   expect(xStarts).toHaveLength(0);
   // The builder itself keeps only client keys, whatever it is given.
   const b = xStartBody({
-    client: [["qvd.vm.user.uid", "0"], ["qvd.vm.user.home", "/root"], ["custom.x", "1"]],
+    client: [
+      ["qvd.vm.user.uid", "0"],
+      ["qvd.vm.user.home", "/root"],
+      ["custom.x", "1"],
+    ],
     layers: { osf: {}, di: {}, user: {}, vm: {} },
-    user: { userId: 5, tenantId: 1, login: "eve" }, hostAddress: "198.18.0.7", slaveKey: "k",
+    user: { userId: 5, tenantId: 1, login: "eve" },
+    hostAddress: "198.18.0.7",
+    slaveKey: "k",
   });
   expect(b).toMatchObject({ user: "eve", uid: 10005, gid: 10005 });
   expect(b.home).toBeUndefined();
@@ -194,7 +282,9 @@ test("an administrator's property the VMA cannot use: 503 naming it; nothing is 
   xStarts.length = 0;
   const { res } = await connect(ids.aliceVm, basic("alice", "alice-pw-1"), "qvd.client.os=linux");
   expect(res.status).toBe(503);
-  expect(res.body).toBe('The requested virtual machine is not available: The desktop is misconfigured (property qvd.vm.user.uid = "zero" is not a valid id (1 or more)), ask an administrator, retry later.');
+  expect(res.body).toBe(
+    'The requested virtual machine is not available: The desktop is misconfigured (property qvd.vm.user.uid = "zero" is not a valid id (1 or more)), ask an administrator, retry later.',
+  );
   expect(xStarts).toHaveLength(0);
   await D.setPropertyValue(db().sql, ALL, "vm", ids.aliceVm, "qvd.vm.user.home", "/home/../etc");
   await D.deletePropertyValue(db().sql, ALL, "user", ids.alice, "qvd.vm.user.uid");
@@ -203,10 +293,22 @@ test("an administrator's property the VMA cannot use: 503 naming it; nothing is 
   expect(again.res.body).toContain('qvd.vm.user.home = "/home/../etc" is not an absolute path');
   // Stored values the identity rules refuse (set before them, or in the database): refused here too.
   for (const [target, id, key, value, message] of [
-    ["vm", ids.aliceVm, "qvd.vm.user.home", "/etc", 'identity refused: home "/etc" is not a plain directory below /home (identity.home.base)'],
+    [
+      "vm",
+      ids.aliceVm,
+      "qvd.vm.user.home",
+      "/etc",
+      'identity refused: home "/etc" is not a plain directory below /home (identity.home.base)',
+    ],
     ["vm", ids.aliceVm, "qvd.vm.user.home", "/home", "is not a plain directory below /home"],
     ["user", ids.alice, "qvd.vm.user.uid", "0", 'property qvd.vm.user.uid = "0" is not a valid id'],
-    ["user", ids.alice, "qvd.vm.user.uid", "500", "identity refused: uid 500 is outside the allowed range 10000-60000 (identity.uid.min/max)"],
+    [
+      "user",
+      ids.alice,
+      "qvd.vm.user.uid",
+      "500",
+      "identity refused: uid 500 is outside the allowed range 10000-60000 (identity.uid.min/max)",
+    ],
     ["user", ids.alice, "qvd.vm.user.gid", "42", "identity refused: gid 42 is outside the allowed range"],
     ["vm", ids.aliceVm, "qvd.vm.user.groups", "audio,shadow", "identity refused: group shadow not allowed"],
   ] as const) {

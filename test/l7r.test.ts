@@ -21,20 +21,44 @@ const ALICE = basic("alice", "alice-pw-1");
 
 beforeAll(async () => {
   const sql = db().sql;
-  await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-    "-keyout", join(dir, "key.pem"), "-out", join(dir, "cert.pem")]);
+  await run([
+    "openssl",
+    "req",
+    "-x509",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-days",
+    "2",
+    "-subj",
+    "/CN=localhost",
+    "-keyout",
+    join(dir, "key.pem"),
+    "-out",
+    join(dir, "cert.pem"),
+  ]);
   const host = await D.create(sql, D.hosts, ALL, { name: "l7r-node", address: "127.0.0.1" });
   hostId = host.id;
   await sql`UPDATE host_runtimes SET state = 'running' WHERE host_id = ${hostId}`;
   const alice = await D.create(sql, D.users, ALL, { tenant_id: 1, name: "alice", password: "alice-pw-1" });
   const bob = await D.create(sql, D.users, ALL, { tenant_id: 1, name: "bob", password: "bob-pw-1", blocked: true });
   const osf = await D.create(sql, D.osfs, ALL, { tenant_id: 1, name: "desk", memory_mb: 128 });
-  vmId = (await D.createVm(sql, ALL, { user_id: alice.id, osf_id: osf.id, name: "alice-1" }, { range: "198.18.0.0/16" })).id;
-  blockedVmId = (await D.createVm(sql, ALL, { user_id: alice.id, osf_id: osf.id, name: "alice-2" }, { range: "198.18.0.0/16" })).id;
+  vmId = (
+    await D.createVm(sql, ALL, { user_id: alice.id, osf_id: osf.id, name: "alice-1" }, { range: "198.18.0.0/16" })
+  ).id;
+  blockedVmId = (
+    await D.createVm(sql, ALL, { user_id: alice.id, osf_id: osf.id, name: "alice-2" }, { range: "198.18.0.0/16" })
+  ).id;
   await D.setVmBlocked(sql, ALL, blockedVmId, true, "maintenance");
-  otherVmId = (await D.createVm(sql, ALL, { user_id: bob.id, osf_id: osf.id, name: "bob-1" }, { range: "198.18.0.0/16" })).id;
+  otherVmId = (
+    await D.createVm(sql, ALL, { user_id: bob.id, osf_id: osf.id, name: "bob-1" }, { range: "198.18.0.0/16" })
+  ).id;
   l7r = await startL7r({
-    sql, databaseUrl: db().url, nodename: "l7r-node", hostname: "127.0.0.1", port: 0,
+    sql,
+    databaseUrl: db().url,
+    nodename: "l7r-node",
+    hostname: "127.0.0.1",
+    port: 0,
     tls: { cert: join(dir, "cert.pem"), key: join(dir, "key.pem") },
     timeouts: { request: 1 },
     limits: { maxHeaderBytes: 4096, maxRequestLine: 1024 },
@@ -59,7 +83,9 @@ test("ping, as the Qt client sends it (bare LF): 200 I am alive!", async () => {
 
 test("list_of_vm (Perl: CRLF), then again on the same connection (Qt: LF, other header case)", async () => {
   const c = await client();
-  c.send(`GET /qvd/list_of_vm? HTTP/1.1\r\nAuthorization: ${ALICE}\r\nAccept: application/json\r\nUser-Agent: QVD::HTTPC/0.01 (linux)\r\n\r\n`);
+  c.send(
+    `GET /qvd/list_of_vm? HTTP/1.1\r\nAuthorization: ${ALICE}\r\nAccept: application/json\r\nUser-Agent: QVD::HTTPC/0.01 (linux)\r\n\r\n`,
+  );
   const r = await c.response();
   expect(r.status).toBe(200);
   expect(r.headers.get("content-type")).toBe("application/json");
@@ -90,7 +116,8 @@ test("a wrong password: 401 with WWW-Authenticate, audited; the connection stays
   expect((await c.response()).status).toBe(401);
   c.send(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic("alice@default", "alice-pw-1")}\r\n\r\n`);
   expect((await c.response()).status).toBe(200);
-  const rows = await db().sql`SELECT ok, object_name, address FROM audit_log WHERE action = 'user.login' AND source = 'l7r' ORDER BY id`;
+  const rows = await db()
+    .sql`SELECT ok, object_name, address FROM audit_log WHERE action = 'user.login' AND source = 'l7r' ORDER BY id`;
   expect(rows.some((r) => !r.ok && r.object_name === "default/alice" && r.address === "127.0.0.1")).toBe(true);
   expect(rows.some((r) => r.ok && r.object_name === "default/alice")).toBe(true);
   c.end();
@@ -134,7 +161,8 @@ test("a blocked user gets the same 401", async () => {
 
 const connectReq = (q: string, auth = ALICE, upgrade = "Connection: Upgrade\r\nUpgrade: QVD/1.0\r\n") =>
   `GET /qvd/connect_to_vm?${q} HTTP/1.1\r\nAuthorization: ${auth}\r\n${upgrade}\r\n`;
-const PARAMS = "qvd.client.os=linux&qvd.client.link=adsl&qvd.client.keyboard=pc105%2Fes&qvd.client.geometry=1024x768&qvd.client.fullscreen=";
+const PARAMS =
+  "qvd.client.os=linux&qvd.client.link=adsl&qvd.client.keyboard=pc105%2Fes&qvd.client.geometry=1024x768&qvd.client.fullscreen=";
 
 test("connect_to_vm pre-checks: unknown VM 404, blocked VM 403, missing Upgrade 426, no id 422, foreign parameter 403, another's VM 503", async () => {
   const c = await client();
@@ -156,7 +184,10 @@ test("connect_to_vm pre-checks: unknown VM 404, blocked VM 403, missing Upgrade 
   expect([r.status, r.body]).toEqual([403, "Invalid parameters foo bar"]);
   c.send(connectReq(`id=${otherVmId}&${PARAMS}`));
   r = (await c.final()).res;
-  expect([r.status, r.body]).toEqual([503, "The requested virtual machine is not available: You are not allowed to access requested virtual machine, retry later."]);
+  expect([r.status, r.body]).toEqual([
+    503,
+    "The requested virtual machine is not available: You are not allowed to access requested virtual machine, retry later.",
+  ]);
   c.end();
 });
 
@@ -166,7 +197,9 @@ test("connect_to_vm with no node to run the VM: 102 progress, then 503; the sess
   const { progress, res } = await c.final();
   expect(progress).toEqual([`Session acquired for VM_ID: ${vmId}`, `Assigning VM ${vmId} to host`]);
   expect(res.status).toBe(503);
-  expect(res.body).toBe("The requested virtual machine is not available: Unable to assign vm to host, there is no host available, retry later.");
+  expect(res.body).toBe(
+    "The requested virtual machine is not available: Unable to assign vm to host, there is no host available, retry later.",
+  );
   const [row] = await db().sql`SELECT user_state, l7r_session, l7r_host_id FROM vm_runtimes WHERE vm_id = ${vmId}`;
   expect(row).toEqual({ user_state: "disconnected", l7r_session: null, l7r_host_id: null });
   c.end();
@@ -174,7 +207,9 @@ test("connect_to_vm with no node to run the VM: 102 progress, then 503; the sess
 
 test("stop_vm of a stopped VM: 200 Machine stopped", async () => {
   const c = await client();
-  c.send(`GET /qvd/stop_vm?id=${vmId} HTTP/1.1\r\nAuthorization: ${ALICE}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n`);
+  c.send(
+    `GET /qvd/stop_vm?id=${vmId} HTTP/1.1\r\nAuthorization: ${ALICE}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n`,
+  );
   const r = await c.response();
   expect([r.status, r.body]).toEqual([200, "Machine stopped\r\n"]);
   c.send(`GET /qvd/stop_vm?id=${otherVmId} HTTP/1.1\r\nAuthorization: ${ALICE}\r\n\r\n`);
@@ -195,7 +230,9 @@ test("create_auth_token: a bearer token that lists the VMs on a new connection",
   const r2 = await c2.response();
   expect(r2.status).toBe(200);
   expect(JSON.parse(r2.body)).toHaveLength(2);
-  c2.send(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: Bearer ${Buffer.from("not-a-token").toString("base64")}\r\n\r\n`);
+  c2.send(
+    `GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: Bearer ${Buffer.from("not-a-token").toString("base64")}\r\n\r\n`,
+  );
   expect((await c2.response()).status).toBe(401);
   c2.end();
 });
@@ -231,7 +268,9 @@ test("create_auth_token?vm_id=: the token lists, stops and connects to that VM o
   await D.setVmBlocked(db().sql, ALL, blockedVmId, false);
   try {
     const c3 = await client();
-    c3.send(`GET /qvd/connect_to_vm?id=${blockedVmId} HTTP/1.1\r\nAuthorization: ${bound}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n`);
+    c3.send(
+      `GET /qvd/connect_to_vm?id=${blockedVmId} HTTP/1.1\r\nAuthorization: ${bound}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n`,
+    );
     const refused = await c3.response();
     expect(refused.status).toBe(503);
     expect(refused.body).toContain("You are not allowed to access requested virtual machine");
@@ -240,7 +279,9 @@ test("create_auth_token?vm_id=: the token lists, stops and connects to that VM o
     await D.setVmBlocked(db().sql, ALL, blockedVmId, true);
   }
   // The desktop client binds with --vm.
-  const printed = await qvdClient(["--user", "alice", "--vm", "alice-1", "--print-token"], { QVD_PASSWORD: "alice-pw-1" });
+  const printed = await qvdClient(["--user", "alice", "--vm", "alice-1", "--print-token"], {
+    QVD_PASSWORD: "alice-pw-1",
+  });
   expect(printed.code).toBe(0);
   expect((await db().sql`SELECT vm_id FROM user_tokens ORDER BY created_at DESC LIMIT 1`)[0]!.vm_id).toBe(vmId);
 });
@@ -258,7 +299,9 @@ test("with the browser desktop off (l7r.web = off: no web options), its page and
   c.send("GET / HTTP/1.1\r\n\r\nGET /qvd/web/main.js HTTP/1.1\r\n\r\n");
   expect((await c.response()).status).toBe(404);
   expect((await c.response()).status).toBe(404);
-  c.send(`GET /qvd/web/connect HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: https://127.0.0.1\r\nAuthorization: ${ALICE}\r\n\r\n`);
+  c.send(
+    `GET /qvd/web/connect HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: https://127.0.0.1\r\nAuthorization: ${ALICE}\r\n\r\n`,
+  );
   expect((await c.response()).status).toBe(404);
   c.end();
 });
@@ -312,7 +355,11 @@ test("a slow client is timed out: 408 and closed", async () => {
 
 test("TLS 1.2 and later only", async () => {
   const tryVersion = async (flag: string) =>
-    (await run(["sh", "-c", `echo | timeout 10 openssl s_client -connect 127.0.0.1:${l7r.port} ${flag} 2>&1`], { allowFail: true })).stdout;
+    (
+      await run(["sh", "-c", `echo | timeout 10 openssl s_client -connect 127.0.0.1:${l7r.port} ${flag} 2>&1`], {
+        allowFail: true,
+      })
+    ).stdout;
   expect(await tryVersion("-tls1_2")).toMatch(/Protocol\s*:\s*TLSv1\.2/);
   // The server answers a TLS 1.1 hello with a protocol_version alert: no cipher agreed.
   const old = await tryVersion("-tls1_1 -cipher DEFAULT@SECLEVEL=0");
@@ -332,7 +379,8 @@ test("repeated failed logins make the next try wait: 429 with Retry-After (secur
   expect(r.status).toBe(429);
   expect(r.headers.get("retry-after")).toBe("60");
   expect(r.body).toBe("Too many failed logins; try again in 60 seconds\r\n");
-  const [n] = await db().sql`SELECT count(*)::int AS n FROM audit_log WHERE action = 'user.login' AND object_name = 'default/carol' AND NOT ok`;
+  const [n] = await db()
+    .sql`SELECT count(*)::int AS n FROM audit_log WHERE action = 'user.login' AND object_name = 'default/carol' AND NOT ok`;
   expect(n!.n).toBe(5);
   c.end();
 });
@@ -340,13 +388,32 @@ test("repeated failed logins make the next try wait: 429 with Retry-After (secur
 // --- qvd client with a bearer token, against this L7R ------------------------------------------
 
 async function qvdClient(args: string[], env: Record<string, string> = {}) {
-  const p = Bun.spawn([process.execPath, "src/main.ts", "client", "--host", "127.0.0.1", "--port", String(l7r.port), "--insecure", "--nxproxy-command", "/bin/false", ...args], {
-    env: { PATH: process.env.PATH!, HOME: dir, ...env },
-    stdin: "ignore",
-    stdout: "pipe",
-    stderr: "pipe",
-  });
-  const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  const p = Bun.spawn(
+    [
+      process.execPath,
+      "src/main.ts",
+      "client",
+      "--host",
+      "127.0.0.1",
+      "--port",
+      String(l7r.port),
+      "--insecure",
+      "--nxproxy-command",
+      "/bin/false",
+      ...args,
+    ],
+    {
+      env: { PATH: process.env.PATH!, HOME: dir, ...env },
+      stdin: "ignore",
+      stdout: "pipe",
+      stderr: "pipe",
+    },
+  );
+  const [stdout, stderr, code] = await Promise.all([
+    new Response(p.stdout).text(),
+    new Response(p.stderr).text(),
+    p.exited,
+  ]);
   return { stdout, stderr, code };
 }
 
@@ -360,7 +427,10 @@ test("qvd client --print-token, then --token-file and QVD_TOKEN: Bearer for list
   // The token is used for both requests: the list (desktop by name), then connect_to_vm, which
   // the L7R answers with its own 503 (no node runs desktops here) only after authenticating it.
   const before = (await db().sql`SELECT count(*)::int AS n FROM audit_log WHERE action = 'user.login'`)[0]!.n;
-  for (const [args, env] of [[["--token-file", tokenFile], {}], [[], { QVD_TOKEN: token }]] as [string[], Record<string, string>][]) {
+  for (const [args, env] of [
+    [["--token-file", tokenFile], {}],
+    [[], { QVD_TOKEN: token }],
+  ] as [string[], Record<string, string>][]) {
     const r = await qvdClient([...args, "--vm", "alice-1"], env);
     expect(r.stderr).toContain("Unable to assign vm to host, there is no host available");
     expect(r.stdout).toContain(`Session acquired for VM_ID: ${vmId}`);

@@ -34,12 +34,31 @@ test("json: one object per line, fields as values; a field cannot replace the li
   setLogLevel("info");
   setLogFormat("json");
   const lines = captured(() => {
-    logger("hkd").warn("start failed", { vm: 7, ok: false, level: "spoofed", msg: "spoofed too", error: new Error("no space left"), size: 10n, none: undefined });
+    logger("hkd").warn("start failed", {
+      vm: 7,
+      ok: false,
+      level: "spoofed",
+      msg: "spoofed too",
+      error: new Error("no space left"),
+      size: 10n,
+      none: undefined,
+    });
     logger("hkd").debug("not at this level");
   });
   expect(lines).toHaveLength(1);
   const o = JSON.parse(lines[0]!);
-  expect(o).toMatchObject({ level: "warn", scope: "hkd", msg: "start failed", vm: 7, ok: false, field_level: "spoofed", field_msg: "spoofed too", error: "no space left", size: "10", none: null });
+  expect(o).toMatchObject({
+    level: "warn",
+    scope: "hkd",
+    msg: "start failed",
+    vm: 7,
+    ok: false,
+    field_level: "spoofed",
+    field_msg: "spoofed too",
+    error: "no space left",
+    size: "10",
+    none: null,
+  });
   expect(new Date(o.time).getTime()).toBeGreaterThan(0);
   // A message with quotes and newlines stays one line.
   const [l2] = captured(() => logger("api").info('a "quoted"\nmessage', { path: "/x\ny" }));

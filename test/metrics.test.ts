@@ -45,14 +45,24 @@ describe("the exposition format", () => {
 
 test("the Grafana dashboard and docs/METRICS.md name only metrics the roles register, and the docs name them all", () => {
   const root = join(import.meta.dir, "..");
-  const src = ["src/metrics.ts", "src/l7r/context.ts", "src/hkd/hkd.ts", "src/api/server.ts"].map((f) => readFileSync(join(root, f), "utf8")).join("\n");
-  const registered = new Set([...src.matchAll(/\.(?:counter|gauge|histogram|counterFrom)\(\s*"(qvd_[a-z0-9_]+)"/g)].map((m) => m[1]!));
+  const src = ["src/metrics.ts", "src/l7r/context.ts", "src/hkd/hkd.ts", "src/api/server.ts"]
+    .map((f) => readFileSync(join(root, f), "utf8"))
+    .join("\n");
+  const registered = new Set(
+    [...src.matchAll(/\.(?:counter|gauge|histogram|counterFrom)\(\s*"(qvd_[a-z0-9_]+)"/g)].map((m) => m[1]!),
+  );
   const base = (n: string) => n.replace(/_(bucket|sum|count)$/, "");
   const dashboard = JSON.parse(readFileSync(join(root, "deploy", "grafana-qvd.json"), "utf8"));
-  const used = new Set(dashboard.panels.flatMap((p: { targets: { expr: string }[] }) => p.targets.flatMap((t) => [...t.expr.matchAll(/qvd_[a-z0-9_]+/g)].map((m) => base(m[0])))));
+  const used = new Set(
+    dashboard.panels.flatMap((p: { targets: { expr: string }[] }) =>
+      p.targets.flatMap((t) => [...t.expr.matchAll(/qvd_[a-z0-9_]+/g)].map((m) => base(m[0]))),
+    ),
+  );
   expect(used.size).toBeGreaterThanOrEqual(10);
   for (const n of used) expect(registered.has(n as string), `${n} in the dashboard`).toBe(true);
-  const documented = new Set([...readFileSync(join(root, "docs", "METRICS.md"), "utf8").matchAll(/`(qvd_[a-z0-9_]+)`/g)].map((m) => m[1]!));
+  const documented = new Set(
+    [...readFileSync(join(root, "docs", "METRICS.md"), "utf8").matchAll(/`(qvd_[a-z0-9_]+)`/g)].map((m) => m[1]!),
+  );
   expect([...registered].filter((n) => !documented.has(n))).toEqual([]);
   expect([...documented].filter((n) => !registered.has(n))).toEqual([]);
 });
@@ -72,15 +82,41 @@ describe("the endpoint", () => {
     expect(() => serveMetrics(r, "nonsense")).toThrow(/host:port/);
     const cert = join(dir, "c.pem");
     const key = join(dir, "k.pem");
-    await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert]);
+    await run([
+      "openssl",
+      "req",
+      "-x509",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-days",
+      "1",
+      "-subj",
+      "/CN=127.0.0.1",
+      "-keyout",
+      key,
+      "-out",
+      cert,
+    ]);
     const s = serveMetrics(r, "127.0.0.1:0", { cert, key });
     try {
-      const ok = await fetch(`https://127.0.0.1:${s.port}/metrics`, { tls: { rejectUnauthorized: false } } as RequestInit);
+      const ok = await fetch(`https://127.0.0.1:${s.port}/metrics`, {
+        tls: { rejectUnauthorized: false },
+      } as RequestInit);
       expect(ok.status).toBe(200);
       expect(ok.headers.get("content-type")).toStartWith("text/plain; version=0.0.4");
       expect(sample(await ok.text(), "t_hits_total")).toBe(1);
-      expect((await fetch(`https://127.0.0.1:${s.port}/`, { tls: { rejectUnauthorized: false } } as RequestInit)).status).toBe(404);
-      expect((await fetch(`https://127.0.0.1:${s.port}/metrics`, { method: "POST", tls: { rejectUnauthorized: false } } as RequestInit)).status).toBe(404);
+      expect(
+        (await fetch(`https://127.0.0.1:${s.port}/`, { tls: { rejectUnauthorized: false } } as RequestInit)).status,
+      ).toBe(404);
+      expect(
+        (
+          await fetch(`https://127.0.0.1:${s.port}/metrics`, {
+            method: "POST",
+            tls: { rejectUnauthorized: false },
+          } as RequestInit)
+        ).status,
+      ).toBe(404);
     } finally {
       s.stop();
     }
@@ -94,12 +130,29 @@ describe("the API's metrics, from the real binary", () => {
 
   test("a failed and a good administrator login, and requests by status, move the counters; the pools are shown", async () => {
     const [apiPort, metricsPort] = [await freePortIn(), await freePortIn()];
-    proc = Bun.spawn([await qvdBinary(), "api", "--db", db().url, "--insecure-http", "--listen", `127.0.0.1:${apiPort}`, "--set", `api.metrics.listen=127.0.0.1:${metricsPort}`],
-      { stdout: "pipe", stderr: "pipe" });
+    proc = Bun.spawn(
+      [
+        await qvdBinary(),
+        "api",
+        "--db",
+        db().url,
+        "--insecure-http",
+        "--listen",
+        `127.0.0.1:${apiPort}`,
+        "--set",
+        `api.metrics.listen=127.0.0.1:${metricsPort}`,
+      ],
+      { stdout: "pipe", stderr: "pipe" },
+    );
     const metrics = () => fetch(`http://127.0.0.1:${metricsPort}/metrics`).then((r) => r.text());
     await waitFor("the API's metrics", () => metrics().catch(() => undefined), 30_000);
     const api = (path: string, body?: unknown) =>
-      fetch(`http://127.0.0.1:${apiPort}/api/v1${path}`, body === undefined ? {} : { method: "POST", body: JSON.stringify(body), headers: { "content-type": "application/json" } });
+      fetch(
+        `http://127.0.0.1:${apiPort}/api/v1${path}`,
+        body === undefined
+          ? {}
+          : { method: "POST", body: JSON.stringify(body), headers: { "content-type": "application/json" } },
+      );
     expect((await api("/login", { name: TEST_ADMIN.name, password: "wrong" })).status).toBe(401);
     expect((await api("/login", { name: TEST_ADMIN.name, password: TEST_ADMIN.password })).status).toBe(200);
     expect((await api("/vms")).status).toBe(401);

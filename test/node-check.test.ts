@@ -37,7 +37,23 @@ const openssl = (...args: string[]) => run(["openssl", ...args], { cwd: dir });
 async function selfSigned(name: string, days: number): Promise<{ cert: string; key: string }> {
   const cert = join(dir, `${name}.crt`);
   const key = join(dir, `${name}.key`);
-  await openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert, "-subj", `/CN=${name}`, "-days", String(days));
+  await openssl(
+    "req",
+    "-x509",
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+    "-keyout",
+    key,
+    "-out",
+    cert,
+    "-subj",
+    `/CN=${name}`,
+    "-days",
+    String(days),
+  );
   return { cert, key };
 }
 
@@ -46,11 +62,45 @@ async function expiredCert(): Promise<{ cert: string; key: string }> {
   const ca = join(dir, "oldca");
   mkdirSync(ca);
   writeFileSync(join(ca, "index.txt"), "");
-  writeFileSync(join(ca, "ca.cnf"), `[ca]\ndefault_ca = d\n[d]\ndatabase = ${ca}/index.txt\nnew_certs_dir = ${ca}\nrand_serial = yes\ndefault_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n`);
+  writeFileSync(
+    join(ca, "ca.cnf"),
+    `[ca]\ndefault_ca = d\n[d]\ndatabase = ${ca}/index.txt\nnew_certs_dir = ${ca}\nrand_serial = yes\ndefault_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n`,
+  );
   const key = join(dir, "expired.key");
   const cert = join(dir, "expired.crt");
-  await openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", join(ca, "r.csr"), "-subj", "/CN=expired");
-  await openssl("ca", "-batch", "-config", join(ca, "ca.cnf"), "-selfsign", "-keyfile", key, "-in", join(ca, "r.csr"), "-startdate", "20200101000000Z", "-enddate", "20200201000000Z", "-notext", "-out", cert);
+  await openssl(
+    "req",
+    "-new",
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+    "-keyout",
+    key,
+    "-out",
+    join(ca, "r.csr"),
+    "-subj",
+    "/CN=expired",
+  );
+  await openssl(
+    "ca",
+    "-batch",
+    "-config",
+    join(ca, "ca.cnf"),
+    "-selfsign",
+    "-keyfile",
+    key,
+    "-in",
+    join(ca, "r.csr"),
+    "-startdate",
+    "20200101000000Z",
+    "-enddate",
+    "20200201000000Z",
+    "-notext",
+    "-out",
+    cert,
+  );
   return { cert, key };
 }
 
@@ -83,23 +133,34 @@ beforeAll(async () => {
   const soon = await selfSigned("soon", 10);
   const other = await selfSigned("other", 365);
   const old = await expiredCert();
-  Object.assign(certs, { cert: l7r.cert, key: l7r.key, otherKey: other.key, soon: soon.cert, soonKey: soon.key, expired: old.cert, expiredKey: old.key });
+  Object.assign(certs, {
+    cert: l7r.cert,
+    key: l7r.key,
+    otherKey: other.key,
+    soon: soon.cert,
+    soonKey: soon.key,
+    expired: old.cert,
+    expiredKey: old.key,
+  });
   const farm = await farmCert(NODE, "127.0.0.1");
   await tarball(join(storage, "images", "desktop.tar.gz"), "./usr/bin/nxagent");
   await addImage(db().sql, "check-osf", "desktop.tar.gz");
   await D.registerHost(db().sql, NODE, "127.0.0.1");
   conf = join(dir, "node.conf");
-  writeFileSync(conf, [
-    `nodename = ${NODE}`,
-    `database.url = ${db().url}`,
-    `path.storage.root = ${storage}`,
-    `path.run = ${runDir}`,
-    `l7r.tls.cert = ${certs.cert}`,
-    `l7r.tls.key = ${certs.key}`,
-    ...Object.entries(farm.settings).map(([k, v]) => `${k} = ${v}`),
-    "vm.hypervisor = lxc",
-    "",
-  ].join("\n"));
+  writeFileSync(
+    conf,
+    [
+      `nodename = ${NODE}`,
+      `database.url = ${db().url}`,
+      `path.storage.root = ${storage}`,
+      `path.run = ${runDir}`,
+      `l7r.tls.cert = ${certs.cert}`,
+      `l7r.tls.key = ${certs.key}`,
+      ...Object.entries(farm.settings).map(([k, v]) => `${k} = ${v}`),
+      "vm.hypervisor = lxc",
+      "",
+    ].join("\n"),
+  );
 });
 
 interface Line {
@@ -116,8 +177,17 @@ interface Outcome {
 
 /** Runs `qvd node --check --config <conf> …args` and parses its aligned lines. */
 async function check(...args: string[]): Promise<Outcome> {
-  const p = Bun.spawn([binary, "node", "--check", "--config", conf, ...args], { env: cleanEnv(), stdin: "ignore", stdout: "pipe", stderr: "pipe" });
-  const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  const p = Bun.spawn([binary, "node", "--check", "--config", conf, ...args], {
+    env: cleanEnv(),
+    stdin: "ignore",
+    stdout: "pipe",
+    stderr: "pipe",
+  });
+  const [stdout, stderr, code] = await Promise.all([
+    new Response(p.stdout).text(),
+    new Response(p.stderr).text(),
+    p.exited,
+  ]);
   const lines = new Map<string, Line>();
   for (const l of stdout.split("\n")) {
     // "LEVEL  WHAT<padding>  DETAIL — fix: FIX": the requirement never holds two spaces in a row.
@@ -138,12 +208,31 @@ const line = (o: Outcome, what: string): Line => {
 describe("a configuration that works", () => {
   test("every requirement this test set up is ok, nothing fails, and the exit status is 0", async () => {
     const o = await check();
-    for (const what of ["running as root", "database", "schema version", "cluster settings (configs)", "clock", "path.storage.root", "path.storage.images",
-      "path.storage.homes", "path.storage.overlays", "path.run", "L7R certificate (l7r.tls.*)", "farm certificate (cluster.tls.*)",
-      "node registered (hosts)", "node lock", "nxagent in the newest image", "qvd binary for desktops", "lxc backend", "network tools"])
+    for (const what of [
+      "running as root",
+      "database",
+      "schema version",
+      "cluster settings (configs)",
+      "clock",
+      "path.storage.root",
+      "path.storage.images",
+      "path.storage.homes",
+      "path.storage.overlays",
+      "path.run",
+      "L7R certificate (l7r.tls.*)",
+      "farm certificate (cluster.tls.*)",
+      "node registered (hosts)",
+      "node lock",
+      "nxagent in the newest image",
+      "qvd binary for desktops",
+      "lxc backend",
+      "network tools",
+    ])
       expect({ what, ...line(o, what) }).toMatchObject({ what, level: "ok" });
     expect(line(o, "schema version").detail).toBe(`version ${SCHEMA_VERSION}`);
-    expect(line(o, "nxagent in the newest image").detail).toContain(`/usr/bin/nxagent in ${join(storage, "images", "desktop.tar.gz")}`);
+    expect(line(o, "nxagent in the newest image").detail).toContain(
+      `/usr/bin/nxagent in ${join(storage, "images", "desktop.tar.gz")}`,
+    );
     expect(line(o, "path.storage.root").detail).toMatch(/GiB free$/);
     expect(line(o, "node registered (hosts)").detail).toContain(`host "${NODE}"`);
     expect(line(o, "qvd binary for desktops").detail).toBe(binary);
@@ -156,7 +245,11 @@ describe("a configuration that works", () => {
   });
 
   test("--json gives the same results for machines", async () => {
-    const p = Bun.spawn([binary, "node", "--check", "--json", "--config", conf], { env: cleanEnv(), stdout: "pipe", stderr: "pipe" });
+    const p = Bun.spawn([binary, "node", "--check", "--json", "--config", conf], {
+      env: cleanEnv(),
+      stdout: "pipe",
+      stderr: "pipe",
+    });
     const [stdout, code] = await Promise.all([new Response(p.stdout).text(), p.exited]);
     const res = JSON.parse(stdout) as { ok: boolean; failed: number; checks: { level: string; what: string }[] };
     expect(code).toBe(0);
@@ -170,8 +263,15 @@ describe("broken requirements", () => {
   test("a storage root that does not exist fails, with how to make it", async () => {
     const o = await check("--set", `path.storage.root=${dir}/nowhere`);
     expect(o.code).toBe(1);
-    expect(line(o, "path.storage.root")).toEqual({ level: "fail", detail: `${dir}/nowhere does not exist`, fix: `mount the shared storage there, or create it (mkdir -p ${dir}/nowhere)` });
-    expect(line(o, "path.storage.homes")).toMatchObject({ level: "warn", detail: expect.stringContaining("not checked") });
+    expect(line(o, "path.storage.root")).toEqual({
+      level: "fail",
+      detail: `${dir}/nowhere does not exist`,
+      fix: `mount the shared storage there, or create it (mkdir -p ${dir}/nowhere)`,
+    });
+    expect(line(o, "path.storage.homes")).toMatchObject({
+      level: "warn",
+      detail: expect.stringContaining("not checked"),
+    });
     expect(o.out).toMatch(/cannot run desktops as configured: \d+ failed/);
   });
 
@@ -186,14 +286,20 @@ describe("broken requirements", () => {
       expect(line(o, "database").detail).toStartWith("cannot connect to postgres://qvd:********@127.0.0.1:1/qvd: ");
       expect(line(o, "database").detail).toContain("ECONNREFUSED");
       expect(line(o, "database").fix).toContain("check database.url");
-      expect(line(o, "schema version")).toMatchObject({ level: "warn", detail: "not checked: the database cannot be used" });
+      expect(line(o, "schema version")).toMatchObject({
+        level: "warn",
+        detail: "not checked: the database cannot be used",
+      });
     }
   });
 
   test("an expired L7R certificate fails", async () => {
     const o = await check("--cert", certs.expired, "--key", certs.expiredKey);
     expect(o.code).toBe(1);
-    expect(line(o, "L7R certificate (l7r.tls.*)")).toMatchObject({ level: "fail", detail: `${certs.expired} expired on 2020-02-01` });
+    expect(line(o, "L7R certificate (l7r.tls.*)")).toMatchObject({
+      level: "fail",
+      detail: `${certs.expired} expired on 2020-02-01`,
+    });
     expect(line(o, "L7R certificate (l7r.tls.*)").fix).toStartWith("renew it");
   });
 
@@ -202,31 +308,47 @@ describe("broken requirements", () => {
     expect(line(o, "L7R certificate (l7r.tls.*)").level).toBe("warn");
     expect(line(o, "L7R certificate (l7r.tls.*)").detail).toMatch(/expires on \d{4}-\d\d-\d\d, in (9|10) days$/);
     expect(o.code).toBe(0);
-    expect(o.out).toMatch(/This machine can run desktops \(1 warning\)\.|This machine can run desktops \(\d+ warnings\)\./);
+    expect(o.out).toMatch(
+      /This machine can run desktops \(1 warning\)\.|This machine can run desktops \(\d+ warnings\)\./,
+    );
   });
 
   test("a key that is not the certificate's fails", async () => {
     const o = await check("--key", certs.otherKey);
     expect(o.code).toBe(1);
     expect(line(o, "L7R certificate (l7r.tls.*)")).toEqual({
-      level: "fail", detail: `l7r.tls.key ${certs.otherKey} is not the key of ${certs.cert}`, fix: "give the key the certificate was made for (or a certificate made for this key)",
+      level: "fail",
+      detail: `l7r.tls.key ${certs.otherKey} is not the key of ${certs.cert}`,
+      fix: "give the key the certificate was made for (or a certificate made for this key)",
     });
   });
 
   test("a missing l7r.tls.cert file fails", async () => {
     const o = await check("--cert", join(dir, "absent.crt"));
     expect(o.code).toBe(1);
-    expect(line(o, "L7R certificate (l7r.tls.*)")).toMatchObject({ level: "fail", detail: `l7r.tls.cert ${join(dir, "absent.crt")}: no such file` });
+    expect(line(o, "L7R certificate (l7r.tls.*)")).toMatchObject({
+      level: "fail",
+      detail: `l7r.tls.cert ${join(dir, "absent.crt")}: no such file`,
+    });
   });
 
   test("an unregistered node is a warning; with --register --address it is ok; no image yet is a warning", async () => {
     const o = await check("--db", spare.url);
-    expect(line(o, "node registered (hosts)")).toMatchObject({ level: "warn", fix: expect.stringContaining("--register --address ADDR") });
-    expect(line(o, "nxagent in the newest image")).toMatchObject({ level: "warn", detail: "no image yet: no usable lxc disk image in the database yet" });
+    expect(line(o, "node registered (hosts)")).toMatchObject({
+      level: "warn",
+      fix: expect.stringContaining("--register --address ADDR"),
+    });
+    expect(line(o, "nxagent in the newest image")).toMatchObject({
+      level: "warn",
+      detail: "no image yet: no usable lxc disk image in the database yet",
+    });
     expect(line(o, "nxagent in the newest image").fix).toContain("qvd admin di new");
     expect(o.code).toBe(0);
     const r = await check("--db", spare.url, "--register", "--address", "10.0.0.5");
-    expect(line(r, "node registered (hosts)")).toMatchObject({ level: "ok", detail: `no hosts row "${NODE}" yet: --register creates it (address 10.0.0.5)` });
+    expect(line(r, "node registered (hosts)")).toMatchObject({
+      level: "ok",
+      detail: `no hosts row "${NODE}" yet: --register creates it (address 10.0.0.5)`,
+    });
   });
 
   test("the newest image without nxagent fails", async () => {
@@ -235,7 +357,9 @@ describe("broken requirements", () => {
     const o = await check("--db", spare.url);
     expect(o.code).toBe(1);
     expect(line(o, "nxagent in the newest image").level).toBe("fail");
-    expect(line(o, "nxagent in the newest image").detail).toContain(`${join(storage, "images", "bare.tar.gz")} (disk image `);
+    expect(line(o, "nxagent in the newest image").detail).toContain(
+      `${join(storage, "images", "bare.tar.gz")} (disk image `,
+    );
     expect(line(o, "nxagent in the newest image").detail).toContain("has no /usr/bin/nxagent");
   });
 
@@ -243,7 +367,11 @@ describe("broken requirements", () => {
     await spare.sql`UPDATE schema_migrations SET version = ${SCHEMA_VERSION - 1}`;
     const behind = await check("--db", spare.url);
     expect(behind.code).toBe(1);
-    expect(line(behind, "schema version")).toEqual({ level: "fail", detail: `version ${SCHEMA_VERSION - 1}, this qvd needs ${SCHEMA_VERSION} (pending migrations: ${SCHEMA_VERSION})`, fix: "run qvd db migrate" });
+    expect(line(behind, "schema version")).toEqual({
+      level: "fail",
+      detail: `version ${SCHEMA_VERSION - 1}, this qvd needs ${SCHEMA_VERSION} (pending migrations: ${SCHEMA_VERSION})`,
+      fix: "run qvd db migrate",
+    });
     expect(line(behind, "node registered (hosts)").detail).toBe("not checked: the database's schema is not this qvd's");
     await spare.sql`UPDATE schema_migrations SET version = ${SCHEMA_VERSION + 1}`;
     const newer = await check("--db", spare.url);
@@ -256,7 +384,9 @@ describe("broken requirements", () => {
     try {
       const o = await check();
       expect(line(o, "node lock").level).toBe("warn");
-      expect(line(o, "node lock").detail).toStartWith(`an HKD already runs on this node (pid ${process.pid} holds ${join(runDir, "hkd.lock")})`);
+      expect(line(o, "node lock").detail).toStartWith(
+        `an HKD already runs on this node (pid ${process.pid} holds ${join(runDir, "hkd.lock")})`,
+      );
       expect(o.code).toBe(0);
     } finally {
       release();
@@ -267,15 +397,34 @@ describe("broken requirements", () => {
 describe("the runner", () => {
   test("a check that hangs fails at its time limit, one that throws fails with its message, in list order", async () => {
     const seen: string[] = [];
-    const res = await runChecks([
-      { what: "hangs", timeoutS: 0.05, run: () => new Promise(() => {}) },
-      { what: "throws", run: async () => { throw new Error(`boom at postgres://qvd:${PASSWORD}@db/qvd`); } },
-      { what: "fine", run: async () => ({ level: "ok", detail: "yes", fix: "not shown for ok" }) },
-    ], new CheckContext(new Config()), (r) => seen.push(r.what));
+    const res = await runChecks(
+      [
+        { what: "hangs", timeoutS: 0.05, run: () => new Promise(() => {}) },
+        {
+          what: "throws",
+          run: async () => {
+            throw new Error(`boom at postgres://qvd:${PASSWORD}@db/qvd`);
+          },
+        },
+        { what: "fine", run: async () => ({ level: "ok", detail: "yes", fix: "not shown for ok" }) },
+      ],
+      new CheckContext(new Config()),
+      (r) => seen.push(r.what),
+    );
     expect(seen).toEqual(["hangs", "throws", "fine"]);
     expect(res).toEqual([
-      { level: "fail", what: "hangs", detail: "no answer within 0.05 s", fix: "see what blocks it (a hung mount, a database that does not answer)" },
-      { level: "fail", what: "throws", detail: "internal error: boom at postgres://qvd:********@db/qvd", fix: "report this if the message does not say what to do" },
+      {
+        level: "fail",
+        what: "hangs",
+        detail: "no answer within 0.05 s",
+        fix: "see what blocks it (a hung mount, a database that does not answer)",
+      },
+      {
+        level: "fail",
+        what: "throws",
+        detail: "internal error: boom at postgres://qvd:********@db/qvd",
+        fix: "report this if the message does not say what to do",
+      },
       { level: "ok", what: "fine", detail: "yes" },
     ]);
   });

@@ -33,7 +33,14 @@ describe.skipIf(!isRoot)("a real desktop through NX", () => {
   /** Mean brightness (0–1) of the client's display; saves the screenshot. */
   async function screenMean(png?: string): Promise<number> {
     const save = png ? `-write ${png} ` : "";
-    const r = await run(["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- ${save}-format '%[fx:mean]' info:-`], { allowFail: true });
+    const r = await run(
+      [
+        "sh",
+        "-c",
+        `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- ${save}-format '%[fx:mean]' info:-`,
+      ],
+      { allowFail: true },
+    );
     return Number(r.stdout.trim()) || 0;
   }
 
@@ -45,11 +52,23 @@ describe.skipIf(!isRoot)("a real desktop through NX", () => {
     const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "alice" });
     const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
     await node.addImage(osf.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
-    vm = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" });
+    vm = await D.createVm(
+      sql(),
+      ALL,
+      { user_id: user.id, osf_id: osf.id, name: "desktop" },
+      { range: "198.18.0.0/16" },
+    );
     await node.start({ "hkd.timeout.vma_start": "60" });
-    const xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" });
+    const xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], {
+      stdout: "ignore",
+      stderr: "ignore",
+    });
     children.push(xvfb);
-    await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0, "Xvfb", 20_000);
+    await until(
+      async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0,
+      "Xvfb",
+      20_000,
+    );
     mkdirSync(output, { recursive: true });
   }, 30 * 60_000);
 
@@ -60,7 +79,11 @@ describe.skipIf(!isRoot)("a real desktop through NX", () => {
 
   test("the desktop starts: the image is unpacked, the container runs, the VMA answers", async () => {
     await D.startVm(sql(), ALL, vm.id, { aliveWithinS: 60 });
-    await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).vm_state === "running", "the desktop to run", 180_000);
+    await until(
+      async () => (await D.get(sql(), D.vms, ALL, vm.id)).vm_state === "running",
+      "the desktop to run",
+      180_000,
+    );
     const [r] = await sql()`SELECT vma_secret FROM vm_runtimes WHERE vm_id = ${vm.id}`;
     secret = r!.vma_secret;
     expect((await vma("ping")).status).toBe(200);
@@ -68,7 +91,16 @@ describe.skipIf(!isRoot)("a real desktop through NX", () => {
   });
 
   test("x_start: the user's session runs under nxagent, which listens on 4100", async () => {
-    const res = await vma("x_start", { user: "alice", uid: 20001, gid: 20001, geometry: "1024x768", keyboard: "pc105/us", link: "lan", client_os: "linux", cookie: COOKIE });
+    const res = await vma("x_start", {
+      user: "alice",
+      uid: 20001,
+      gid: 20001,
+      geometry: "1024x768",
+      keyboard: "pc105/us",
+      link: "lan",
+      client_os: "linux",
+      cookie: COOKIE,
+    });
     expect(res.status).toBe(200);
     await until(async () => (await nxState()) === "listening", "nxagent to listen", 60_000);
     // The session is the user's: nxagent runs as uid 20001, not as root.
@@ -81,10 +113,24 @@ describe.skipIf(!isRoot)("a real desktop through NX", () => {
 
   test("a real nxproxy shows the desktop on the client's X display", async () => {
     const before = await screenMean();
-    const relay = Bun.spawn([...node.ns.exec, join(import.meta.dir, "..", "node_modules", ".bin", "bun"), join(import.meta.dir, "support", "nx-relay.ts"), "4150", vm.ip!, "4100", COOKIE], { stdout: "pipe", stderr: "inherit" });
+    const relay = Bun.spawn(
+      [
+        ...node.ns.exec,
+        join(import.meta.dir, "..", "node_modules", ".bin", "bun"),
+        join(import.meta.dir, "support", "nx-relay.ts"),
+        "4150",
+        vm.ip!,
+        "4100",
+        COOKIE,
+      ],
+      { stdout: "pipe", stderr: "inherit" },
+    );
     children.push(relay);
     await relay.stdout.getReader().read(); // "listening"
-    const proxy = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${DISPLAY}`, "nxproxy", "-S", "localhost:150"], { stdout: "ignore", stderr: "ignore" });
+    const proxy = Bun.spawn([...node.ns.exec, "env", `DISPLAY=:${DISPLAY}`, "nxproxy", "-S", "localhost:150"], {
+      stdout: "ignore",
+      stderr: "ignore",
+    });
     children.push(proxy);
     await until(async () => (await nxState()) === "connected", "the NX session to connect", 60_000);
     // jwm's tray and the xterm arrive: the black screen gets content.
@@ -102,7 +148,11 @@ describe.skipIf(!isRoot)("a real desktop through NX", () => {
 
   test("stopping the desktop ends the session and leaves nothing running", async () => {
     await D.stopVm(sql(), ALL, vm.id);
-    await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).vm_state === "stopped", "the desktop to stop", 120_000);
+    await until(
+      async () => (await D.get(sql(), D.vms, ALL, vm.id)).vm_state === "stopped",
+      "the desktop to stop",
+      120_000,
+    );
     expect(await node.containers()).toEqual([]);
     expect(await node.links()).not.toContain(`qvd${vm.id}`);
     expect(await node.cgroupsOf(vm.id)).toEqual([]);

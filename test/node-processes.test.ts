@@ -41,8 +41,26 @@ describe.skipIf(!isRoot)("qvd node: the HKD and the L7R in two processes", () =>
     await node.setup();
     sock = join(node.root, "l7r.sock");
     const [cert, key] = [join(node.root, "l7r.crt"), join(node.root, "l7r.key")];
-    await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", key, "-out", cert]);
-    await node.start({ "l7r.listen.unix": sock, "log.level": "info" }, { role: "node", args: ["--listen", "127.0.0.1:8443", "--cert", cert, "--key", key] });
+    await run([
+      "openssl",
+      "req",
+      "-x509",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-days",
+      "2",
+      "-subj",
+      "/CN=localhost",
+      "-keyout",
+      key,
+      "-out",
+      cert,
+    ]);
+    await node.start(
+      { "l7r.listen.unix": sock, "log.level": "info" },
+      { role: "node", args: ["--listen", "127.0.0.1:8443", "--cert", cert, "--key", key] },
+    );
     await until(async () => {
       try {
         const p = await Peer.open({ unix: sock });
@@ -69,7 +87,8 @@ describe.skipIf(!isRoot)("qvd node: the HKD and the L7R in two processes", () =>
     expect(row!.pid).toBe(hkdPid);
 
     // The storm: 30 connections, each pipelining junk as fast as the L7R takes it.
-    const heartbeat = async () => (await db().sql`SELECT ok_ts FROM host_runtimes WHERE host_id = ${node.host.id}`)[0]!.ok_ts as Date;
+    const heartbeat = async () =>
+      (await db().sql`SELECT ok_ts FROM host_runtimes WHERE host_id = ${node.host.id}`)[0]!.ok_ts as Date;
     const peers = await Promise.all(Array.from({ length: 30 }, () => Peer.open({ unix: sock })));
     const junk = Buffer.from("GET /qvd/ping HTTP/1.1\r\n\r\n".repeat(2000));
     const storm = peers.map((p) => p.flood(junk, 64 * 1024 * 1024, 6000));

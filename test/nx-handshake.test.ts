@@ -19,7 +19,11 @@ function feed(g: NxGreeting, s: string | Uint8Array, chunk = Infinity) {
   const b = typeof s === "string" ? enc(s) : s;
   for (let i = 0; i < b.length; i += chunk === Infinity ? b.length : chunk) {
     const r = g.push(b.subarray(i, Math.min(b.length, i + (chunk === Infinity ? b.length : chunk))));
-    if (r) return { head: dec(r.head), rest: dec(r.rest) + dec(b.subarray(Math.min(b.length, i + (chunk === Infinity ? b.length : chunk)))) };
+    if (r)
+      return {
+        head: dec(r.head),
+        rest: dec(r.rest) + dec(b.subarray(Math.min(b.length, i + (chunk === Infinity ? b.length : chunk)))),
+      };
   }
   return undefined;
 }
@@ -33,12 +37,19 @@ describe("NxGreeting", () => {
   });
 
   test("nxproxy's greeting without a cookie gets the session's, first", () => {
-    expect(feed(new NxGreeting(COOKIE), PLAIN)).toEqual({ head: `NXPROXY-3.5.0-3.5.99 cookie=${COOKIE},stream=default,data=default `, rest: "" });
+    expect(feed(new NxGreeting(COOKIE), PLAIN)).toEqual({
+      head: `NXPROXY-3.5.0-3.5.99 cookie=${COOKIE},stream=default,data=default `,
+      rest: "",
+    });
   });
 
   test("a cookie of the client's own (any case, anywhere, several) is replaced, not kept", () => {
     const evil = "ffffffffffffffffffffffffffffffff";
-    for (const opts of [`cookie=${evil},stream=default,data=default`, `stream=default,COOKIE=${evil},data=default`, `Cookie=${COOKIE}x,stream=default,cookie=${evil},data=default`]) {
+    for (const opts of [
+      `cookie=${evil},stream=default,data=default`,
+      `stream=default,COOKIE=${evil},data=default`,
+      `Cookie=${COOKIE}x,stream=default,cookie=${evil},data=default`,
+    ]) {
       const r = feed(new NxGreeting(COOKIE), `NXPROXY-3.5.0-3.5.99 ${opts} `)!;
       expect(r.head).toBe(`NXPROXY-3.5.0-3.5.99 cookie=${COOKIE},stream=default,data=default `);
       expect(r.head.toLowerCase().split("cookie=")).toHaveLength(2);
@@ -53,7 +64,9 @@ describe("NxGreeting", () => {
   });
 
   test("older and shorter versions pass; empty options get the cookie alone", () => {
-    expect(feed(new NxGreeting(COOKIE), "NXPROXY-1.2.2-3.5.0 link=lan ")!.head).toBe(`NXPROXY-1.2.2-3.5.0 cookie=${COOKIE},link=lan `);
+    expect(feed(new NxGreeting(COOKIE), "NXPROXY-1.2.2-3.5.0 link=lan ")!.head).toBe(
+      `NXPROXY-1.2.2-3.5.0 cookie=${COOKIE},link=lan `,
+    );
     expect(feed(new NxGreeting(COOKIE), "NXPROXY-3  ")!.head).toBe(`NXPROXY-3 cookie=${COOKIE} `);
   });
 
@@ -66,12 +79,27 @@ describe("NxGreeting", () => {
   });
 
   test("unprintable bytes are refused (nxcomp would turn them into spaces inside a token)", () => {
-    for (const bad of ["NXPROXY-3.5.0\tcookie=x ", "NXPROXY-3.5.0 cookie=a\u0000b ", "NXPROXY-3.5.0 link=l\u00e9n ", "NXPROXY-3.5.0 link=lan\r\n"])
+    for (const bad of [
+      "NXPROXY-3.5.0\tcookie=x ",
+      "NXPROXY-3.5.0 cookie=a\u0000b ",
+      "NXPROXY-3.5.0 link=l\u00e9n ",
+      "NXPROXY-3.5.0 link=lan\r\n",
+    ])
       refused(bad, /unprintable byte/);
   });
 
   test("malformed options are refused", () => {
-    for (const o of ["link", "link=", "=lan", "link=lan=wan", "link=lan,,data=1", "link=lan,", ",link=lan", "li-nk=lan", `x=${"v".repeat(256)}`])
+    for (const o of [
+      "link",
+      "link=",
+      "=lan",
+      "link=lan=wan",
+      "link=lan,,data=1",
+      "link=lan,",
+      ",link=lan",
+      "li-nk=lan",
+      `x=${"v".repeat(256)}`,
+    ])
       refused(`NXPROXY-3.5.0 ${o} `, /malformed NX options/);
   });
 
@@ -79,7 +107,9 @@ describe("NxGreeting", () => {
     refused(`NXPROXY-3${"1".repeat(60)}`, /version is too long/);
     const g = new NxGreeting(COOKIE);
     g.push(enc("NXPROXY-3.5.0 "));
-    expect(() => { for (let i = 0; i < 10_000; i++) g.push(enc("a")); }).toThrow(/options are too long/);
+    expect(() => {
+      for (let i = 0; i < 10_000; i++) g.push(enc("a"));
+    }).toThrow(/options are too long/);
     // Options nxcomp would take pass only if they still fit with the cookie (40 more characters).
     const opts = (len: number) => {
       const parts: string[] = [];
@@ -91,13 +121,19 @@ describe("NxGreeting", () => {
       return parts.join(",");
     };
     expect(opts(470)).toHaveLength(470);
-    expect(feed(new NxGreeting(COOKIE), `NXPROXY-3.5.0 ${opts(470)} `)!.head.split(" ")[1]!.length + 1).toBe(NX_TOKEN_MAX);
+    expect(feed(new NxGreeting(COOKIE), `NXPROXY-3.5.0 ${opts(470)} `)!.head.split(" ")[1]!.length + 1).toBe(
+      NX_TOKEN_MAX,
+    );
     refused(`NXPROXY-3.5.0 ${opts(471)} `, /options are too long/);
   });
 
   test("fuzz: 20,000 mutated greetings; only NxHandshakeError, and every accepted one carries exactly our cookie, first, within bounds", () => {
     const rnd = seededRng(fuzzSeed("nx-handshake", 0x5eed6)).int;
-    const bases = [PLAIN, `NXPROXY-3.5.0-3.5.99 cookie=${"f".repeat(32)},stream=default,data=default `, "NXPROXY-3.5.0 link=lan,pack=adaptive-9,cache=8M "];
+    const bases = [
+      PLAIN,
+      `NXPROXY-3.5.0-3.5.99 cookie=${"f".repeat(32)},stream=default,data=default `,
+      "NXPROXY-3.5.0 link=lan,pack=adaptive-9,cache=8M ",
+    ];
     const alphabet = " ,=cookieNXPROXY-0123456789.\t\u0000\u00ffabcxyz";
     let accepted = 0;
     for (let i = 0; i < 20_000; i++) {
@@ -145,14 +181,23 @@ function peer() {
   let closeR!: () => void;
   const closed = new Promise<void>((r) => (closeR = r));
   return {
-    got, closed,
+    got,
+    closed,
     text: () => dec(Buffer.concat(got)),
     socket: () => sock!,
     handlers: {
-      open(s: Socket<any>) { sock = s; },
-      data(_s: Socket<any>, d: Uint8Array) { got.push(new Uint8Array(d)); },
-      close() { closeR(); },
-      end(s: Socket<any>) { s.end(); },
+      open(s: Socket<any>) {
+        sock = s;
+      },
+      data(_s: Socket<any>, d: Uint8Array) {
+        got.push(new Uint8Array(d));
+      },
+      close() {
+        closeR();
+      },
+      end(s: Socket<any>) {
+        s.end();
+      },
     },
   };
 }
@@ -168,14 +213,22 @@ async function setup(opts: { toA?: string; timeoutMs?: number } = {}) {
   let result!: Promise<SpliceResult>;
   const refusedWith: string[] = [];
   const front = Bun.listen<IoData>({
-    hostname: "127.0.0.1", port: 0,
+    hostname: "127.0.0.1",
+    port: 0,
     socket: {
       ...ioHandlers,
       open(s: Socket<IoData>) {
         s.data = {};
-        void Bun.connect<IoData>({ hostname: "127.0.0.1", port: back.port, data: {}, socket: ioHandlers } as any).then((b) => {
-          result = spliceNx(s, b as any, { cookie: COOKIE, timeoutMs: opts.timeoutMs ?? 5000, initial: opts.toA ? { toA: enc(opts.toA) } : undefined, onRefused: (r) => refusedWith.push(r) });
-        });
+        void Bun.connect<IoData>({ hostname: "127.0.0.1", port: back.port, data: {}, socket: ioHandlers } as any).then(
+          (b) => {
+            result = spliceNx(s, b as any, {
+              cookie: COOKIE,
+              timeoutMs: opts.timeoutMs ?? 5000,
+              initial: opts.toA ? { toA: enc(opts.toA) } : undefined,
+              onRefused: (r) => refusedWith.push(r),
+            });
+          },
+        );
       },
     },
   } as any);
@@ -187,50 +240,66 @@ async function setup(opts: { toA?: string; timeoutMs?: number } = {}) {
 }
 
 describe("spliceNx", () => {
-  test("the greeting reaches the agent with the cookie; the bytes after it and the answers flow both ways", async () => {
-    const { client, agent, result } = await setup({ toA: "HTTP/1.1 101 Switching Protocols\r\n\r\n" });
-    await until(() => client.text().includes("101"), "the 101", STEP_MS);
-    client.socket().write(enc("NXPROXY-3.5.0-3.5.99 "));
-    // A check that nothing arrives: half a greeting is not passed on (30 ms to show itself).
-    await Bun.sleep(30);
-    expect(agent.got).toEqual([]);
-    client.socket().write(enc("stream=default,data=default "));
-    await until(() => agent.text().length > 0, "the greeting at the agent", STEP_MS);
-    expect(agent.text()).toBe(`NXPROXY-3.5.0-3.5.99 cookie=${COOKIE},stream=default,data=default `);
-    agent.socket().write(enc("NXPROXY-3.5.0-3.5.99 link=LAN cachelist=none "));
-    await until(() => client.text().includes("cachelist"), "the agent's answer", STEP_MS);
-    const bin = new Uint8Array(70_000).map((_, i) => i * 7);
-    client.socket().write(bin);
-    await until(() => agent.got.reduce((n, c) => n + c.length, 0) >= 70_000 + 80, "the client's data", STEP_MS);
-    expect(Buffer.concat(agent.got).subarray(-70_000).equals(Buffer.from(bin))).toBe(true);
-    client.socket().end();
-    const r = await result();
-    expect(r.aToB).toBeGreaterThan(70_000);
-    await within(agent.closed, STEP_MS, "close at the agent");
-  }, TEST_MS);
+  test(
+    "the greeting reaches the agent with the cookie; the bytes after it and the answers flow both ways",
+    async () => {
+      const { client, agent, result } = await setup({ toA: "HTTP/1.1 101 Switching Protocols\r\n\r\n" });
+      await until(() => client.text().includes("101"), "the 101", STEP_MS);
+      client.socket().write(enc("NXPROXY-3.5.0-3.5.99 "));
+      // A check that nothing arrives: half a greeting is not passed on (30 ms to show itself).
+      await Bun.sleep(30);
+      expect(agent.got).toEqual([]);
+      client.socket().write(enc("stream=default,data=default "));
+      await until(() => agent.text().length > 0, "the greeting at the agent", STEP_MS);
+      expect(agent.text()).toBe(`NXPROXY-3.5.0-3.5.99 cookie=${COOKIE},stream=default,data=default `);
+      agent.socket().write(enc("NXPROXY-3.5.0-3.5.99 link=LAN cachelist=none "));
+      await until(() => client.text().includes("cachelist"), "the agent's answer", STEP_MS);
+      const bin = new Uint8Array(70_000).map((_, i) => i * 7);
+      client.socket().write(bin);
+      await until(() => agent.got.reduce((n, c) => n + c.length, 0) >= 70_000 + 80, "the client's data", STEP_MS);
+      expect(Buffer.concat(agent.got).subarray(-70_000).equals(Buffer.from(bin))).toBe(true);
+      client.socket().end();
+      const r = await result();
+      expect(r.aToB).toBeGreaterThan(70_000);
+      await within(agent.closed, STEP_MS, "close at the agent");
+    },
+    TEST_MS,
+  );
 
-  test("a greeting that is not NX closes both sides; nothing of it reaches the agent", async () => {
-    const { client, agent, result, refusedWith } = await setup();
-    client.socket().write(enc("NXPROXY-3.5.0 cookie=\u0000 "));
-    expect(await result()).toEqual({ aToB: 0, bToA: 0 });
-    await within(Promise.all([client.closed, agent.closed]), STEP_MS, "close at both sides");
-    expect(agent.got).toEqual([]);
-    expect(refusedWith[0]).toMatch(/unprintable/);
-  }, TEST_MS);
+  test(
+    "a greeting that is not NX closes both sides; nothing of it reaches the agent",
+    async () => {
+      const { client, agent, result, refusedWith } = await setup();
+      client.socket().write(enc("NXPROXY-3.5.0 cookie=\u0000 "));
+      expect(await result()).toEqual({ aToB: 0, bToA: 0 });
+      await within(Promise.all([client.closed, agent.closed]), STEP_MS, "close at both sides");
+      expect(agent.got).toEqual([]);
+      expect(refusedWith[0]).toMatch(/unprintable/);
+    },
+    TEST_MS,
+  );
 
-  test("a client that never greets is closed after the timeout", async () => {
-    const { client, agent, result, refusedWith } = await setup({ timeoutMs: 200 });
-    client.socket().write(enc("NXPROXY-3.5"));
-    expect(await result()).toEqual({ aToB: 0, bToA: 0 });
-    await within(Promise.all([client.closed, agent.closed]), STEP_MS, "close at both sides");
-    expect(agent.got).toEqual([]);
-    expect(refusedWith).toEqual(["the client sent no NX handshake in time"]);
-  }, TEST_MS);
+  test(
+    "a client that never greets is closed after the timeout",
+    async () => {
+      const { client, agent, result, refusedWith } = await setup({ timeoutMs: 200 });
+      client.socket().write(enc("NXPROXY-3.5"));
+      expect(await result()).toEqual({ aToB: 0, bToA: 0 });
+      await within(Promise.all([client.closed, agent.closed]), STEP_MS, "close at both sides");
+      expect(agent.got).toEqual([]);
+      expect(refusedWith).toEqual(["the client sent no NX handshake in time"]);
+    },
+    TEST_MS,
+  );
 
-  test("the agent closing before the greeting closes the client", async () => {
-    const { client, agent, result } = await setup();
-    agent.socket().end();
-    expect(await result()).toEqual({ aToB: 0, bToA: 0 });
-    await within(client.closed, STEP_MS, "close at the client");
-  }, TEST_MS);
+  test(
+    "the agent closing before the greeting closes the client",
+    async () => {
+      const { client, agent, result } = await setup();
+      agent.socket().end();
+      expect(await result()).toEqual({ aToB: 0, bToA: 0 });
+      await within(client.closed, STEP_MS, "close at the client");
+    },
+    TEST_MS,
+  );
 });

@@ -1,6 +1,13 @@
 // The QVD HTTP dialect: the tolerant reader and the precise writer.
 import { expect, test } from "bun:test";
-import { type HttpParseError, jsonResponse, parseQuery, RequestReader, textResponse, writeHead } from "../src/nx/http.ts";
+import {
+  type HttpParseError,
+  jsonResponse,
+  parseQuery,
+  RequestReader,
+  textResponse,
+  writeHead,
+} from "../src/nx/http.ts";
 import { until } from "./support/wait.ts";
 
 const enc = (s: string) => new TextEncoder().encode(s);
@@ -8,28 +15,53 @@ const dec = (b: Uint8Array) => new TextDecoder().decode(b);
 
 test("bare LF and CRLF, blank lines before a request, several requests in one buffer", () => {
   const r = new RequestReader();
-  r.push(enc("\r\n\nGET /qvd/ping HTTP/1.1\nUser-Agent: QVDClient Qt/0.01 (Linux)\n\nGET /qvd/list_of_vm? HTTP/1.1\r\nAUTHORIZATION: Basic eA==\r\nx-folded: a\r\n  b\r\n\r\n"));
+  r.push(
+    enc(
+      "\r\n\nGET /qvd/ping HTTP/1.1\nUser-Agent: QVDClient Qt/0.01 (Linux)\n\nGET /qvd/list_of_vm? HTTP/1.1\r\nAUTHORIZATION: Basic eA==\r\nx-folded: a\r\n  b\r\n\r\n",
+    ),
+  );
   const a = r.next()!;
-  expect([a.method, a.path, a.version, a.headers.get("user-agent")]).toEqual(["GET", "/qvd/ping", "HTTP/1.1", "QVDClient Qt/0.01 (Linux)"]);
+  expect([a.method, a.path, a.version, a.headers.get("user-agent")]).toEqual([
+    "GET",
+    "/qvd/ping",
+    "HTTP/1.1",
+    "QVDClient Qt/0.01 (Linux)",
+  ]);
   const b = r.next()!;
-  expect([b.path, b.query, b.headers.get("authorization"), b.headers.get("x-folded")]).toEqual(["/qvd/list_of_vm", [], "Basic eA==", "a b"]);
+  expect([b.path, b.query, b.headers.get("authorization"), b.headers.get("x-folded")]).toEqual([
+    "/qvd/list_of_vm",
+    [],
+    "Basic eA==",
+    "a b",
+  ]);
   expect(r.next()).toBeUndefined();
 });
 
 test("a request arriving byte by byte; the bytes after it are kept (after a 101 they are NX)", () => {
   const r = new RequestReader();
-  const text = "GET /qvd/connect_to_vm?id=7&qvd.client.keyboard=pc105%2Fes&custom.x=a+b HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n\x00\x01NX";
+  const text =
+    "GET /qvd/connect_to_vm?id=7&qvd.client.keyboard=pc105%2Fes&custom.x=a+b HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n\x00\x01NX";
   let req;
   for (const ch of enc(text)) {
     r.push(new Uint8Array([ch]));
     req ??= r.next();
   }
-  expect(req!.query).toEqual([["id", "7"], ["qvd.client.keyboard", "pc105/es"], ["custom.x", "a b"]]);
+  expect(req!.query).toEqual([
+    ["id", "7"],
+    ["qvd.client.keyboard", "pc105/es"],
+    ["custom.x", "a b"],
+  ]);
   expect([...r.rest()]).toEqual([0, 1, 78, 88]);
 });
 
 test("query strings: first = splits, + is a space, bad escapes are kept", () => {
-  expect(parseQuery("a=1=2&b&c=%zz&d=Etc%2FGMT%2B5&e=x+y")).toEqual([["a", "1=2"], ["b", ""], ["c", "%zz"], ["d", "Etc/GMT+5"], ["e", "x y"]]);
+  expect(parseQuery("a=1=2&b&c=%zz&d=Etc%2FGMT%2B5&e=x+y")).toEqual([
+    ["a", "1=2"],
+    ["b", ""],
+    ["c", "%zz"],
+    ["d", "Etc/GMT+5"],
+    ["e", "x y"],
+  ]);
 });
 
 const fails = (text: string, limits = {}) => {
@@ -58,10 +90,18 @@ test("errors: malformed line 400, bad header 400, not HTTP/1.1 505, limits 414/4
 });
 
 test("the writer: CRLF, short reasons, Content-Type and Content-Length on bodies, none on 101/102", () => {
-  expect(dec(writeHead(102, [["X-QVD-VM-Info", "Starting virtual machine"]]))).toBe("HTTP/1.1 102 Processing\r\nX-QVD-VM-Info: Starting virtual machine\r\n\r\n");
-  expect(dec(writeHead(101, [["X-QVD-Slave-Key", "k"]]))).toBe("HTTP/1.1 101 Switching Protocols\r\nX-QVD-Slave-Key: k\r\n\r\n");
-  expect(dec(textResponse(200, "I am alive!\r\n"))).toBe("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\nI am alive!\r\n");
-  expect(dec(jsonResponse(200, [{ name: "é" }]))).toBe('HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 36\r\n\r\n[\n   {\n      "name": "\\u00e9"\n   }\n]');
+  expect(dec(writeHead(102, [["X-QVD-VM-Info", "Starting virtual machine"]]))).toBe(
+    "HTTP/1.1 102 Processing\r\nX-QVD-VM-Info: Starting virtual machine\r\n\r\n",
+  );
+  expect(dec(writeHead(101, [["X-QVD-Slave-Key", "k"]]))).toBe(
+    "HTTP/1.1 101 Switching Protocols\r\nX-QVD-Slave-Key: k\r\n\r\n",
+  );
+  expect(dec(textResponse(200, "I am alive!\r\n"))).toBe(
+    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\nI am alive!\r\n",
+  );
+  expect(dec(jsonResponse(200, [{ name: "é" }]))).toBe(
+    'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 36\r\n\r\n[\n   {\n      "name": "\\u00e9"\n   }\n]',
+  );
   expect(() => writeHead(102, [["X-QVD-VM-Info", "a\r\nInjected: 1"]])).toThrow();
 });
 
@@ -69,7 +109,8 @@ test("over a real socket: requests split across TCP segments are read in order",
   const got: string[] = [];
   const reader = new RequestReader();
   const server = Bun.listen({
-    hostname: "127.0.0.1", port: 0,
+    hostname: "127.0.0.1",
+    port: 0,
     socket: {
       data(_s, d) {
         reader.push(d);

@@ -21,8 +21,24 @@ const ALIVE = 30;
 let seq = 0;
 
 /** A node with a heartbeat `okAgoS` seconds ago reporting `ramMb` free. */
-async function node(ramMb: number, o: { okAgoS?: number; state?: string; blocked?: boolean; drain?: boolean; backend?: boolean; cpu?: number; name?: string; hypervisors?: ("lxc" | "kvm")[] } = {}): Promise<number> {
-  const h = await D.create(sql(), D.hosts, ALL, { name: o.name ?? `n${++seq}`, address: `198.19.0.${++seq % 250}`, backend: o.backend ?? true });
+async function node(
+  ramMb: number,
+  o: {
+    okAgoS?: number;
+    state?: string;
+    blocked?: boolean;
+    drain?: boolean;
+    backend?: boolean;
+    cpu?: number;
+    name?: string;
+    hypervisors?: ("lxc" | "kvm")[];
+  } = {},
+): Promise<number> {
+  const h = await D.create(sql(), D.hosts, ALL, {
+    name: o.name ?? `n${++seq}`,
+    address: `198.19.0.${++seq % 250}`,
+    backend: o.backend ?? true,
+  });
   if (o.hypervisors) await D.setHostHypervisors(sql(), h.id, o.hypervisors, "");
   await sql()`UPDATE host_runtimes SET state = ${o.state ?? "running"}, blocked = ${o.blocked ?? false}, drain = ${o.drain ?? false},
       ok_ts = now() - make_interval(secs => ${o.okAgoS ?? 1}), usable_ram_mb = ${ramMb}, usable_cpu = ${o.cpu ?? 2000}
@@ -32,17 +48,38 @@ async function node(ramMb: number, o: { okAgoS?: number; state?: string; blocked
 
 let osf512: number;
 /** A user with `n` desktops of 512 MiB; their ids. */
-async function desktops(n: number, o: { tenant?: number; osf?: number; user?: string; password?: string } = {}): Promise<number[]> {
-  const u = await D.create(sql(), D.users, ALL, { tenant_id: o.tenant ?? 1, name: o.user ?? `u${++seq}`, ...(o.password ? { password: o.password } : {}) });
+async function desktops(
+  n: number,
+  o: { tenant?: number; osf?: number; user?: string; password?: string } = {},
+): Promise<number[]> {
+  const u = await D.create(sql(), D.users, ALL, {
+    tenant_id: o.tenant ?? 1,
+    name: o.user ?? `u${++seq}`,
+    ...(o.password ? { password: o.password } : {}),
+  });
   const ids: number[] = [];
-  for (let i = 0; i < n; i++) ids.push((await D.createVm(sql(), ALL, { user_id: u.id, osf_id: o.osf ?? osf512, name: `${u.name}-d${i + 1}` }, { range: "198.18.0.0/16" })).id);
+  for (let i = 0; i < n; i++)
+    ids.push(
+      (
+        await D.createVm(
+          sql(),
+          ALL,
+          { user_id: u.id, osf_id: o.osf ?? osf512, name: `${u.name}-d${i + 1}` },
+          { range: "198.18.0.0/16" },
+        )
+      ).id,
+    );
   return ids;
 }
 /** `n` users with one desktop each. */
-const oneEach = async (n: number) => (await Promise.all(Array.from({ length: n }, () => desktops(1)))).map((d) => d[0]!);
+const oneEach = async (n: number) =>
+  (await Promise.all(Array.from({ length: n }, () => desktops(1)))).map((d) => d[0]!);
 
 const start = (vmId: number, by: "api" | "l7r" = "api") => D.startVm(sql(), ALL, vmId, { aliveWithinS: ALIVE, by });
-const placedOn = async (vms: number[]) => (await sql()`SELECT vm_id, host_id FROM vm_runtimes WHERE vm_id IN ${sql()(vms)}`).map((r) => r.host_id as number | null);
+const placedOn = async (vms: number[]) =>
+  (await sql()`SELECT vm_id, host_id FROM vm_runtimes WHERE vm_id IN ${sql()(vms)}`).map(
+    (r) => r.host_id as number | null,
+  );
 const count = (hosts: (number | null)[], id: number) => hosts.filter((h) => h === id).length;
 
 beforeAll(async () => {
@@ -78,7 +115,11 @@ describe("placement", () => {
     expect(Math.max(...free) - Math.min(...free)).toBeLessThanOrEqual(1536);
     // The placed memory is pending on each node until its next heartbeat.
     const cand = await D.placementCandidates(sql(), 0, ALIVE);
-    expect(cand.map((x) => [x.id, x.pending_mb])).toEqual([[a, n[0]! * 512], [b, n[1]! * 512], [c, n[2]! * 512]]);
+    expect(cand.map((x) => [x.id, x.pending_mb])).toEqual([
+      [a, n[0]! * 512],
+      [b, n[1]! * 512],
+      [c, n[2]! * 512],
+    ]);
   });
 
   test("a concurrent burst beyond the farm's room: exactly the room is placed, the rest refused", async () => {
@@ -98,7 +139,9 @@ describe("placement", () => {
     await sql()`UPDATE vm_runtimes SET host_id = ${h}, vm_state = 'running', vm_state_ts = now() WHERE vm_id = ${x!}`;
     await sql()`UPDATE vm_runtimes SET host_id = ${h}, vm_state = 'starting', vm_state_ts = now() - interval '1 hour' WHERE vm_id = ${y!}`;
     await sql()`UPDATE vm_runtimes SET host_id = ${h}, vm_cmd = 'start', vm_cmd_ts = now(), vm_state_ts = now() - interval '1 hour' WHERE vm_id = ${z!}`;
-    expect((await D.placementCandidates(sql(), 0, ALIVE)).map((c) => [c.id, c.free_mb, c.pending_mb])).toEqual([[h, 512, 1536]]);
+    expect((await D.placementCandidates(sql(), 0, ALIVE)).map((c) => [c.id, c.free_mb, c.pending_mb])).toEqual([
+      [h, 512, 1536],
+    ]);
     expect(await D.placementCandidates(sql(), 513, ALIVE)).toEqual([]);
     expect(await D.placeVm(sql(), 1024, ALIVE)).toBeUndefined();
     // x has run since before the heartbeat: the node's report already shows its memory.
@@ -111,8 +154,12 @@ describe("placement", () => {
     const good = await node(1024);
     const big = 1e6;
     const excluded = [
-      await node(big, { drain: true }), await node(big, { blocked: true }), await node(big, { okAgoS: ALIVE + 1 }),
-      await node(big, { state: "lost" }), await node(big, { state: "stopped" }), await node(big, { state: "starting" }),
+      await node(big, { drain: true }),
+      await node(big, { blocked: true }),
+      await node(big, { okAgoS: ALIVE + 1 }),
+      await node(big, { state: "lost" }),
+      await node(big, { state: "stopped" }),
+      await node(big, { state: "starting" }),
       await node(big, { backend: false }),
     ];
     expect((await D.placementCandidates(sql(), 512, ALIVE)).map((c) => c.id)).toEqual([good]);
@@ -125,10 +172,19 @@ describe("placement", () => {
   });
 
   test("a desktop goes only to a node that runs its hypervisor; when no running node does, the refusal says so", async () => {
-    const kvmOsf = (await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: `kvm${++seq}`, memory_mb: 512, hypervisor: "kvm", vcpus: 2 })).id;
+    const kvmOsf = (
+      await D.create(sql(), D.osfs, ALL, {
+        tenant_id: 1,
+        name: `kvm${++seq}`,
+        memory_mb: 512,
+        hypervisor: "kvm",
+        vcpus: 2,
+      })
+    ).id;
     const kvmDesktop = async () => (await desktops(1, { osf: kvmOsf }))[0]!;
     const lxcOnly = await node(1e6); // a node's default: what nodes ran before KVM existed
-    const noRoom = "no node is available to run this VM (none running, unblocked, not draining, alive and with enough free memory)";
+    const noRoom =
+      "no node is available to run this VM (none running, unblocked, not draining, alive and with enough free memory)";
 
     // Only an lxc node runs: a KVM desktop is refused for that reason, not for room.
     const k1 = await kvmDesktop();
@@ -141,7 +197,10 @@ describe("placement", () => {
 
     // A node running both takes both kinds; the lxc-only one never takes a KVM desktop, however much room it has.
     const both = await node(2048, { hypervisors: ["kvm", "lxc"] });
-    expect((await sql()`SELECT hypervisors FROM host_runtimes WHERE host_id = ${both}`)[0]!.hypervisors).toEqual(["kvm", "lxc"]);
+    expect((await sql()`SELECT hypervisors FROM host_runtimes WHERE host_id = ${both}`)[0]!.hypervisors).toEqual([
+      "kvm",
+      "lxc",
+    ]);
     const kvms = [k1, await kvmDesktop(), await kvmDesktop()];
     for (const v of kvms) await start(v);
     expect(await placedOn(kvms)).toEqual([both, both, both]);
@@ -160,7 +219,9 @@ describe("placement", () => {
     await sql()`UPDATE host_runtimes SET state = 'stopped' WHERE host_id IN (${lxcOnly}, ${both})`;
     const kvmOnly = await node(1e6, { hypervisors: ["kvm"] });
     const [l2] = await desktops(1);
-    expect((await start(l2!).catch((e) => e)).message).toBe("no node is available to run this VM: no running node runs lxc desktops (they run kvm)");
+    expect((await start(l2!).catch((e) => e)).message).toBe(
+      "no node is available to run this VM: no running node runs lxc desktops (they run kvm)",
+    );
     expect(await D.placementCandidates(sql(), 0, ALIVE, "lxc")).toEqual([]);
     await start(k4);
     expect([await placedOn([k4]), await placedOn([l2!])]).toEqual([[kvmOnly], [null]]);
@@ -173,7 +234,9 @@ describe("placement", () => {
     expect([row.hypervisors, row.hypervisor_notes]).toEqual([["kvm", "lxc"], "kvm: tcg: /dev/kvm missing"]);
     await expect(D.setHostHypervisors(sql(), h, ["xen" as "kvm"], "")).rejects.toThrow("unknown hypervisor xen");
     // The table refuses other kinds too, whoever writes it.
-    await expect(sql()`UPDATE host_runtimes SET hypervisors = '{lxc,xen}' WHERE host_id = ${h}`).rejects.toThrow(/check constraint/);
+    await expect(sql()`UPDATE host_runtimes SET hypervisors = '{lxc,xen}' WHERE host_id = ${h}`).rejects.toThrow(
+      /check constraint/,
+    );
     await D.setHostHypervisors(sql(), h, [], "no backend can run here");
     expect((await D.get(sql(), D.hosts, ALL, h)).hypervisors).toEqual([]);
     expect(await D.placementCandidates(sql(), 0, ALIVE, "lxc")).toEqual([]);
@@ -196,7 +259,10 @@ describe("the start queue", () => {
     expect((await L.claimStarts(sql(), h, 4)).map((c) => c.vmId).sort()).toEqual(vms.slice(0, 4).sort());
     expect(await D.startQueuePlace(sql(), vms[0]!)).toBeUndefined(); // starting: no longer queued
     const rest = await Promise.all(vms.slice(4).map((v) => D.startQueuePlace(sql(), v)));
-    expect(rest.map((p) => [p!.ahead, p!.starting])).toEqual([[0, 4], [1, 4]]);
+    expect(rest.map((p) => [p!.ahead, p!.starting])).toEqual([
+      [0, 4],
+      [1, 4],
+    ]);
   });
 });
 
@@ -205,17 +271,24 @@ describe("a start its node never took", () => {
     const live = await node(1e6);
     const dead = await node(1e6, { name: "gone-quiet" });
     const [a, b, c] = await oneEach(3);
-    for (const [v, h] of [[a, live], [b, dead], [c, dead]] as const)
+    for (const [v, h] of [
+      [a, live],
+      [b, dead],
+      [c, dead],
+    ] as const)
       await sql()`UPDATE vm_runtimes SET host_id = ${h}, vm_cmd = 'start', vm_cmd_ts = now(), home_key = ${`x/${v}`} WHERE vm_id = ${v!}`;
     expect((await L.claimStarts(sql(), dead, 1)).map((c) => c.vmId)).toEqual([b!]); // the node took b before it went quiet
     await sql()`UPDATE host_runtimes SET ok_ts = now() - interval '1 minute' WHERE host_id = ${dead}`;
     expect(await D.withdrawStaleStart(sql(), a!, ALIVE)).toBe(false);
     expect(await D.withdrawStaleStart(sql(), b!, ALIVE)).toBe(false);
     expect(await D.withdrawStaleStart(sql(), c!, ALIVE)).toBe(true);
-    const rows = await sql()`SELECT vm_id, host_id, vm_cmd, vm_state, home_key FROM vm_runtimes WHERE vm_id IN (${a!}, ${b!}, ${c!})`;
+    const rows =
+      await sql()`SELECT vm_id, host_id, vm_cmd, vm_state, home_key FROM vm_runtimes WHERE vm_id IN (${a!}, ${b!}, ${c!})`;
     const byId = new Map(rows.map((r) => [r.vm_id as number, [r.host_id, r.vm_cmd, r.vm_state, r.home_key]]));
     expect([a!, b!, c!].map((v) => byId.get(v))).toEqual([
-      [live, "start", "stopped", `x/${a}`], [dead, null, "starting", `x/${b}`], [null, null, "stopped", null],
+      [live, "start", "stopped", `x/${a}`],
+      [dead, null, "starting", `x/${b}`],
+      [null, null, "stopped", null],
     ]);
     // The dead node, back, cannot take what was withdrawn.
     expect(await L.claimStarts(sql(), dead, 10)).toEqual([]);
@@ -277,19 +350,41 @@ describe("what the user hears from the L7R", () => {
   const PARAMS = "qvd.client.os=linux&qvd.client.geometry=1024x768";
   const connect = async (user: string, vmId: number) => {
     const c = await WireClient.connect(l7r.port);
-    c.send(`GET /qvd/connect_to_vm?id=${vmId}&${PARAMS} HTTP/1.1\r\nAuthorization: ${basic(user, "user-pw-1")}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n`);
+    c.send(
+      `GET /qvd/connect_to_vm?id=${vmId}&${PARAMS} HTTP/1.1\r\nAuthorization: ${basic(user, "user-pw-1")}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n`,
+    );
     const out = await c.final();
     c.end();
     return out;
   };
 
   beforeAll(async () => {
-    await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-      "-keyout", join(dir, "key.pem"), "-out", join(dir, "cert.pem")]);
+    await run([
+      "openssl",
+      "req",
+      "-x509",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-days",
+      "2",
+      "-subj",
+      "/CN=localhost",
+      "-keyout",
+      join(dir, "key.pem"),
+      "-out",
+      join(dir, "cert.pem"),
+    ]);
     await D.create(sql(), D.hosts, ALL, { name: "pl-front", address: "127.0.0.1", backend: false });
     l7r = await startL7r({
-      sql: sql(), databaseUrl: db().url, nodename: "pl-front", hostname: "127.0.0.1", port: 0, aliveWithinS: ALIVE,
-      tls: { cert: join(dir, "cert.pem"), key: join(dir, "key.pem") }, timeouts: { vmStart: 3 },
+      sql: sql(),
+      databaseUrl: db().url,
+      nodename: "pl-front",
+      hostname: "127.0.0.1",
+      port: 0,
+      aliveWithinS: ALIVE,
+      tls: { cert: join(dir, "cert.pem"), key: join(dir, "key.pem") },
+      timeouts: { vmStart: 3 },
     });
   });
   afterAll(async () => {
@@ -305,7 +400,9 @@ describe("what the user hears from the L7R", () => {
     const queued = await oneEach(2);
     for (const v of queued) await start(v);
     await desktops(1, { user: "carol", password: "user-pw-1" });
-    const [carolVm] = (await sql()`SELECT v.id FROM vms v JOIN users u ON u.id = v.user_id WHERE u.name = 'carol'`).map((r) => r.id as number);
+    const [carolVm] = (await sql()`SELECT v.id FROM vms v JOIN users u ON u.id = v.user_id WHERE u.name = 'carol'`).map(
+      (r) => r.id as number,
+    );
     const { progress, res } = await connect("carol", carolVm!);
     expect(progress).toContain("Waiting for a free start slot on node busy (2 ahead)");
     expect(res.status).toBe(503); // nothing claims it here: the start times out
@@ -331,6 +428,9 @@ describe("what the user hears from the L7R", () => {
     const [d1, d2] = await desktops(2, { user: "dave", password: "user-pw-1" });
     await start(d1!);
     const { res } = await connect("dave", d2!);
-    expect([res.status, res.body]).toEqual([503, 'The requested virtual machine is not available: the home of user "dave" is in use by their desktop "dave-d1"; stop it first, retry later.']);
+    expect([res.status, res.body]).toEqual([
+      503,
+      'The requested virtual machine is not available: the home of user "dave" is in use by their desktop "dave-d1"; stop it first, retry later.',
+    ]);
   });
 });

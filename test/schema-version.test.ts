@@ -22,9 +22,19 @@ describe("the schema version at a role's start", () => {
 
   /** Starts a role (it stops on its own: the schema check comes before anything it would serve). */
   async function start(role: "hkd" | "l7r" | "api") {
-    const farm = role === "l7r" ? Object.entries((await farmCert("nowhere", "127.0.0.1")).settings).flatMap(([k, v]) => ["--set", `${k}=${v}`]) : [];
-    const args = role === "api" ? ["--insecure-http", "--listen", "127.0.0.1:0"] : ["--set", `path.run=${join(dir, role)}`, "--set", "nodename=nowhere", ...farm];
-    return run([await qvdBinary(), role, "--db", db().url, ...args], { allowFail: true, timeoutMs: 30_000, env: { ...process.env, QVD_LOG_LEVEL: "error" } });
+    const farm =
+      role === "l7r"
+        ? Object.entries((await farmCert("nowhere", "127.0.0.1")).settings).flatMap(([k, v]) => ["--set", `${k}=${v}`])
+        : [];
+    const args =
+      role === "api"
+        ? ["--insecure-http", "--listen", "127.0.0.1:0"]
+        : ["--set", `path.run=${join(dir, role)}`, "--set", "nodename=nowhere", ...farm];
+    return run([await qvdBinary(), role, "--db", db().url, ...args], {
+      allowFail: true,
+      timeoutMs: 30_000,
+      env: { ...process.env, QVD_LOG_LEVEL: "error" },
+    });
   }
 
   test("a database migrated past this qvd (the previous qvd during a rolling upgrade): every role refuses, naming both versions", async () => {
@@ -33,7 +43,9 @@ describe("the schema version at a role's start", () => {
       for (const role of ["hkd", "l7r", "api"] as const) {
         const r = await start(role);
         expect(r.status, `${role}: ${r.stderr}`).toBe(1);
-        expect(r.stderr).toContain(`the database's schema is version ${LATEST + 1}, newer than this qvd knows (${LATEST}): install the newer qvd on this machine`);
+        expect(r.stderr).toContain(
+          `the database's schema is version ${LATEST + 1}, newer than this qvd knows (${LATEST}): install the newer qvd on this machine`,
+        );
         expect(r.stderr).not.toMatch(/\bat \S+\.ts:\d+/); // no stack trace
       }
     } finally {
@@ -48,7 +60,9 @@ describe("the schema version at a role's start", () => {
       for (const role of ["hkd", "l7r", "api"] as const) {
         const r = await start(role);
         expect(r.status, `${role}: ${r.stderr}`).toBe(1);
-        expect(r.stderr).toContain(`the database's schema is version ${LATEST - 1} and this qvd needs ${LATEST}: run qvd db migrate with this qvd first`);
+        expect(r.stderr).toContain(
+          `the database's schema is version ${LATEST - 1} and this qvd needs ${LATEST}: run qvd db migrate with this qvd first`,
+        );
       }
     } finally {
       await db().sql`UPDATE schema_migrations SET version = ${LATEST} WHERE version = ${LATEST - 1}`;

@@ -36,7 +36,12 @@ beforeAll(async () => {
   await ensureDeps(["slapd", "ldap-utils", "openssl"], () => {});
   await ldap.start(LDIF);
 }, 120_000);
-const live = useTestApi(db, { "wat.multitenant": "1", "api.timeout.idle": String(IDLE_S), "api.events.max_streams": "3", "api.events.max_streams_per_admin": "2" });
+const live = useTestApi(db, {
+  "wat.multitenant": "1",
+  "api.timeout.idle": String(IDLE_S),
+  "api.events.max_streams": "3",
+  "api.events.max_streams_per_admin": "2",
+});
 const { api, sa } = live;
 beforeAll(async () => {
   acme = (await ok(sa.post("/tenants", { name: "acme" }), 201)).id;
@@ -53,7 +58,13 @@ describe("config scopes", () => {
       if (d.tenant) expect([k, d.scope]).toEqual([k, "cluster"]);
       if ("sameScopeAs" in d && d.sameScopeAs) expect([k, d.sameScopeAs in KEYS]).toEqual([k, true]);
     }
-    for (const k of ["auth.ldap.bind_password", "auth.ldap.bind_dn", "auth.ldap.starttls", "auth.ldap.ca_file", "auth.ldap.ca"] as ConfigKey[])
+    for (const k of [
+      "auth.ldap.bind_password",
+      "auth.ldap.bind_dn",
+      "auth.ldap.starttls",
+      "auth.ldap.ca_file",
+      "auth.ldap.ca",
+    ] as ConfigKey[])
       expect([k, (KEYS[k] as { sameScopeAs?: string }).sameScopeAs]).toEqual([k, "auth.ldap.url"]);
     expect(KEYS["hkd.fence_after"].tenant).toBe(false);
     expect(KEYS["l7r.auth.plugins"].tenant).toBe(true);
@@ -61,8 +72,22 @@ describe("config scopes", () => {
 
   test("a farm-wide key cannot be set for a tenant: 403 for the tenant's administrator and for a superadministrator", async () => {
     // auth.ldap.ca_file too: a tenant naming a node file would make the L7R read it (tenants give auth.ldap.ca).
-    for (const key of ["vm.network.range", "hkd.fence_after", "cluster.lost_after", "wat.multitenant", "api.session.ttl", "auth.ldap.ca_file"]) {
-      const value = key === "vm.network.range" ? "10.9.0.0/16" : key === "wat.multitenant" ? "0" : key === "auth.ldap.ca_file" ? "/etc/shadow" : "3600";
+    for (const key of [
+      "vm.network.range",
+      "hkd.fence_after",
+      "cluster.lost_after",
+      "wat.multitenant",
+      "api.session.ttl",
+      "auth.ldap.ca_file",
+    ]) {
+      const value =
+        key === "vm.network.range"
+          ? "10.9.0.0/16"
+          : key === "wat.multitenant"
+            ? "0"
+            : key === "auth.ldap.ca_file"
+              ? "/etc/shadow"
+              : "3600";
       const mine = await boss.put(`/configs/${key}`, { value });
       expect([key, mine.status]).toEqual([key, 403]);
       expect(mine.body.error.message).toBe(`${key} is a farm-wide setting: a tenant cannot override it`);
@@ -79,7 +104,8 @@ describe("config scopes", () => {
     try {
       const u = (await ok(boss.post("/users", { name: "totp-user", password: "totp-user-pw" }), 201)).id;
       expect((await ok(boss.post(`/users/${u}/totp`))).uri).toStartWith("otpauth://totp/Acme%20VDI:");
-      const other = (await ok(sa.post("/users", { tenant_id: 1, name: "totp-user", password: "totp-user-pw" }), 201)).id;
+      const other = (await ok(sa.post("/users", { tenant_id: 1, name: "totp-user", password: "totp-user-pw" }), 201))
+        .id;
       expect((await ok(sa.post(`/users/${other}/totp`))).uri).toStartWith("otpauth://totp/QVD:");
     } finally {
       await ok(boss.del("/configs/auth.totp.issuer"));
@@ -90,19 +116,28 @@ describe("config scopes", () => {
     await sql()`INSERT INTO configs (tenant_id, key, value) VALUES (${acme}, 'hkd.fence_after', '7'), (${acme}, 'vm.network.range', '10.66.0.0/16')`;
     try {
       const warnings: string[] = [];
-      const cfg = new Config().withDatabase([
-        { tenantId: 0, key: "hkd.fence_after", value: "100" },
-        { tenantId: acme, key: "hkd.fence_after", value: "7" },
-        { tenantId: acme, key: "osf.default.memory", value: "512" },
-      ], (m) => warnings.push(m));
+      const cfg = new Config().withDatabase(
+        [
+          { tenantId: 0, key: "hkd.fence_after", value: "100" },
+          { tenantId: acme, key: "hkd.fence_after", value: "7" },
+          { tenantId: acme, key: "osf.default.memory", value: "512" },
+        ],
+        (m) => warnings.push(m),
+      );
       expect(cfg.get("hkd.fence_after")).toBe(100);
       expect(cfg.get("osf.default.memory")).toBe(512);
-      expect(warnings).toEqual([`ignoring database config hkd.fence_after of tenant ${acme}: tenants may not override it`]);
+      expect(warnings).toEqual([
+        `ignoring database config hkd.fence_after of tenant ${acme}: tenants may not override it`,
+      ]);
       // The L7R's per-tenant view and the API's agree.
       const tcfg = await tenantConfig(sql(), loadConfig({ env: {}, defaultFileExists: () => false }), acme);
       expect(tcfg.get("vm.network.range")).toBe("198.18.0.0/16");
       const items = (await ok(sa.get(`/configs?tenant_id=${acme}`))).items;
-      expect(items.find((i: any) => i.key === "vm.network.range")).toMatchObject({ value: "198.18.0.0/16", source: "default", tenant: false });
+      expect(items.find((i: any) => i.key === "vm.network.range")).toMatchObject({
+        value: "198.18.0.0/16",
+        source: "default",
+        tenant: false,
+      });
     } finally {
       await sql()`DELETE FROM configs WHERE tenant_id = ${acme}`;
     }
@@ -121,15 +156,21 @@ async function recorder(): Promise<{ url: string; received: () => string; close:
   return {
     url: `ldap://127.0.0.1:${port}`,
     received: () => Buffer.concat(chunks).toString("latin1"),
-    close: () => new Promise<void>((r) => {
-      server.close(() => r());
-      (server as unknown as { closeAllConnections?: () => void }).closeAllConnections?.();
-    }),
+    close: () =>
+      new Promise<void>((r) => {
+        server.close(() => r());
+        (server as unknown as { closeAllConnections?: () => void }).closeAllConnections?.();
+      }),
   };
 }
 
 describe("LDAP credentials go only where their scope sends them", () => {
-  const nodeCfg = () => loadConfig({ env: {}, defaultFileExists: () => false, flags: [{ flag: "--set", key: "wat.multitenant", value: "1" }] });
+  const nodeCfg = () =>
+    loadConfig({
+      env: {},
+      defaultFileExists: () => false,
+      flags: [{ flag: "--set", key: "wat.multitenant", value: "1" }],
+    });
 
   beforeAll(async () => {
     // The farm's directory: search then bind with the farm's service account (a real slapd).
@@ -165,7 +206,9 @@ describe("LDAP credentials go only where their scope sends them", () => {
       // Control: the same listener does see a bind account, when it is the tenant's own.
       await ok(boss.put("/configs/auth.ldap.bind_dn", { value: "cn=acme-reader,dc=acme" }));
       await ok(boss.put("/configs/auth.ldap.bind_password", { value: "acme-own-pw" }));
-      expect((await authenticateLogin(sql(), nodeCfg(), { login: "alice@acme", password: "alice-ldap-pw" })).ok).toBe(false);
+      expect((await authenticateLogin(sql(), nodeCfg(), { login: "alice@acme", password: "alice-ldap-pw" })).ok).toBe(
+        false,
+      );
       expect(rec.received()).toContain("acme-own-pw");
       expect(rec.received()).not.toContain(FARM_PW);
     } finally {
@@ -175,9 +218,15 @@ describe("LDAP credentials go only where their scope sends them", () => {
   });
 
   test("the farm's credentials set in node.conf, the environment or flags do not follow a tenant's URL either", () => {
-    const cfg = loadConfig({ env: { QVD_AUTH_LDAP_BIND_PASSWORD: FARM_PW }, defaultFileExists: () => false,
-      flags: [{ flag: "--set auth.ldap.bind_dn", key: "auth.ldap.bind_dn", value: READER }] });
-    const tenant = cfg.withDatabase([{ tenantId: 0, key: "auth.ldap.url", value: ldap.url }, { tenantId: 7, key: "auth.ldap.url", value: "ldap://tenant.example:389" }]);
+    const cfg = loadConfig({
+      env: { QVD_AUTH_LDAP_BIND_PASSWORD: FARM_PW },
+      defaultFileExists: () => false,
+      flags: [{ flag: "--set auth.ldap.bind_dn", key: "auth.ldap.bind_dn", value: READER }],
+    });
+    const tenant = cfg.withDatabase([
+      { tenantId: 0, key: "auth.ldap.url", value: ldap.url },
+      { tenantId: 7, key: "auth.ldap.url", value: "ldap://tenant.example:389" },
+    ]);
     expect([tenant.get("auth.ldap.bind_dn"), tenant.get("auth.ldap.bind_password")]).toEqual(["", ""]);
     const farm = cfg.withDatabase([{ tenantId: 0, key: "auth.ldap.url", value: ldap.url }]);
     expect([farm.get("auth.ldap.bind_dn"), farm.get("auth.ldap.bind_password")]).toEqual([READER, FARM_PW]);
@@ -214,7 +263,8 @@ describe("secrets are masked", () => {
     expect(entries.length).toBeGreaterThanOrEqual(4);
     for (const e of entries) expect(e.a).not.toContain(SECRET);
     expect(JSON.stringify((await ok(sa.get("/audit?limit=1000"))).items)).not.toContain(SECRET);
-    for (const path of ["/configs", `/configs?tenant_id=${acme}`]) expect(JSON.stringify(await ok(sa.get(path)))).not.toContain(SECRET);
+    for (const path of ["/configs", `/configs?tenant_id=${acme}`])
+      expect(JSON.stringify(await ok(sa.get(path)))).not.toContain(SECRET);
     expect(JSON.stringify(await ok(boss.get("/configs")))).not.toContain(SECRET);
     // A non-secret value is still shown in the audit log.
     await ok(sa.put("/configs/auth.ldap.search_filter", { value: "(cn=%u)" }));
@@ -223,9 +273,15 @@ describe("secrets are masked", () => {
   });
 
   test("qvd config show masks secrets that come from the database", async () => {
-    const p = Bun.spawn([process.execPath, "src/main.ts", "config", "show", "--json", "--db", db().url, "--tenant", String(acme)], {
-      cwd: join(import.meta.dir, ".."), env: { PATH: process.env.PATH ?? "/usr/bin:/bin", HOME: process.env.HOME ?? "/root" }, stdout: "pipe", stderr: "pipe",
-    });
+    const p = Bun.spawn(
+      [process.execPath, "src/main.ts", "config", "show", "--json", "--db", db().url, "--tenant", String(acme)],
+      {
+        cwd: join(import.meta.dir, ".."),
+        env: { PATH: process.env.PATH ?? "/usr/bin:/bin", HOME: process.env.HOME ?? "/root" },
+        stdout: "pipe",
+        stderr: "pipe",
+      },
+    );
     const [out, code] = [await new Response(p.stdout).text(), await p.exited];
     expect(code).toBe(0);
     expect(out).not.toContain(SECRET);
@@ -256,7 +312,9 @@ describe("VM addresses", () => {
       for (const ip of [null, "198.18.99.99"]) {
         const r = await boss.patch(`/vms/${vm.id}`, { ip });
         expect([state, ip, r.status]).toEqual([state, ip, 409]);
-        expect(r.body.error.message).toBe(`vm "addr-running" is ${state}: its address cannot change until it is stopped`);
+        expect(r.body.error.message).toBe(
+          `vm "addr-running" is ${state}: its address cannot change until it is stopped`,
+        );
       }
       const mass = await boss.patch(`/vms?id=${vm.id}`, { ip: null });
       expect(mass.body.results).toEqual([expect.objectContaining({ id: vm.id, ok: false, status: 409 })]);
@@ -285,9 +343,19 @@ describe("VM addresses", () => {
     // A node starting a VM with an address in use is refused before the desktop runs.
     const { saveStartingRuntime } = await import("../src/db/node.ts");
     await sql()`UPDATE vm_runtimes SET vm_state = 'starting', host_id = ${host} WHERE vm_id = ${next.id}`;
-    await expect(saveStartingRuntime(sql(), host, next.id, { diId: 0, osfId: osf, address: old.ip, vmaPort: 3030, xPort: 4100, vmaSecret: "s" }))
-      .rejects.toThrow(`address ${old.ip} is in use by another running desktop`);
-    await expect(sql()`UPDATE vm_runtimes SET vm_address = ${old.ip} WHERE vm_id = ${next.id}`).rejects.toThrow(/vm_runtimes_address/);
+    await expect(
+      saveStartingRuntime(sql(), host, next.id, {
+        diId: 0,
+        osfId: osf,
+        address: old.ip,
+        vmaPort: 3030,
+        xPort: 4100,
+        vmaSecret: "s",
+      }),
+    ).rejects.toThrow(`address ${old.ip} is in use by another running desktop`);
+    await expect(sql()`UPDATE vm_runtimes SET vm_address = ${old.ip} WHERE vm_id = ${next.id}`).rejects.toThrow(
+      /vm_runtimes_address/,
+    );
     await setState(next.id, "stopped", null);
     await setState(old.id, "stopped", null);
   });
@@ -298,10 +366,17 @@ describe("CSRF: changes authenticated by the session cookie", () => {
   let target: number;
   const blocked = async () => (await ok(sa.get(`/users/${target}`))).blocked as boolean;
   const raw = (path: string, headers: Record<string, string>, body?: string) =>
-    fetch(api.url + path, { method: "POST", headers, body }).then(async (r) => ({ status: r.status, body: (await r.json()) as any }));
+    fetch(api.url + path, { method: "POST", headers, body }).then(async (r) => ({
+      status: r.status,
+      body: (await r.json()) as any,
+    }));
 
   beforeAll(async () => {
-    const r = await fetch(`${api.url}/login`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ name: TEST_ADMIN.name, password: TEST_ADMIN.password, tenant: "*" }) });
+    const r = await fetch(`${api.url}/login`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ name: TEST_ADMIN.name, password: TEST_ADMIN.password, tenant: "*" }),
+    });
     cookie = /qvd_session=[^;]+/.exec(r.headers.get("set-cookie") ?? "")![0];
     target = (await ok(sa.post("/users", { tenant_id: acme, name: "csrf-target" }), 201)).id;
   });
@@ -320,13 +395,19 @@ describe("CSRF: changes authenticated by the session cookie", () => {
     ] as [string, Record<string, string>, string | undefined][]) {
       const r = await raw(`/users/${target}/block`, { cookie, ...headers }, body);
       expect([what, r.status]).toEqual([what, 403]);
-      expect(r.body.error.message).toMatch(/^(cross-site request refused|a change authenticated by the session cookie needs Content-Type: application\/json)/);
+      expect(r.body.error.message).toMatch(
+        /^(cross-site request refused|a change authenticated by the session cookie needs Content-Type: application\/json)/,
+      );
     }
     expect(await blocked()).toBe(false);
     // Logging out (or in) by a cross-site request does not work either.
     expect((await raw("/logout", { cookie, "content-type": "text/plain" })).status).toBe(403);
     expect((await fetch(`${api.url}/session`, { headers: { cookie } })).status).toBe(200);
-    const login = await raw("/login", { origin: "http://evil.example" }, JSON.stringify({ name: "boss", password: "boss-password", tenant: "acme" }));
+    const login = await raw(
+      "/login",
+      { origin: "http://evil.example" },
+      JSON.stringify({ name: "boss", password: "boss-password", tenant: "acme" }),
+    );
     expect(login.status).toBe(403);
   });
 
@@ -335,7 +416,12 @@ describe("CSRF: changes authenticated by the session cookie", () => {
     for (const [what, headers, body, path] of [
       ["JSON", { "content-type": "application/json" }, "{}", "block"],
       ["same Origin, no body", { origin: `http://${host}` }, undefined, "unblock"],
-      ["Sec-Fetch-Site same-origin, no body", { "sec-fetch-site": "same-origin", origin: `http://${host}` }, undefined, "block"],
+      [
+        "Sec-Fetch-Site same-origin, no body",
+        { "sec-fetch-site": "same-origin", origin: `http://${host}` },
+        undefined,
+        "block",
+      ],
     ] as [string, Record<string, string>, string | undefined, string][]) {
       const r = await raw(`/users/${target}/${path}`, { cookie, ...headers }, body);
       expect([what, r.status]).toEqual([what, 200]);
@@ -350,10 +436,23 @@ describe("CSRF: changes authenticated by the session cookie", () => {
 
 describe("API limits", () => {
   /** Opens an event stream; resolves once it is `ready` (or with the refusal). */
-  async function openStream(c: ApiClient): Promise<{ status: number; body?: any; events: string[]; close: () => void; next: (event: string) => Promise<void> }> {
+  async function openStream(c: ApiClient): Promise<{
+    status: number;
+    body?: any;
+    events: string[];
+    close: () => void;
+    next: (event: string) => Promise<void>;
+  }> {
     const abort = new AbortController();
     const res = await c.request("/events", { signal: abort.signal });
-    if (res.status !== 200) return { status: res.status, body: { ...((await res.json()) as object), retryAfter: res.headers.get("retry-after") }, events: [], close: () => {}, next: async () => {} };
+    if (res.status !== 200)
+      return {
+        status: res.status,
+        body: { ...((await res.json()) as object), retryAfter: res.headers.get("retry-after") },
+        events: [],
+        close: () => {},
+        next: async () => {},
+      };
     const reader = res.body!.getReader();
     const events: string[] = [];
     let buf = "";
@@ -382,7 +481,9 @@ describe("API limits", () => {
     expect([a1.status, a2.status]).toEqual([200, 200]);
     const a3 = await openStream(sa);
     expect(a3.status).toBe(429);
-    expect(a3.body.error.message).toBe("too many event streams: you already have 2 open (close another tab or session)");
+    expect(a3.body.error.message).toBe(
+      "too many event streams: you already have 2 open (close another tab or session)",
+    );
     expect(a3.body.retryAfter).toBe("5");
     const b1 = await openStream(boss);
     expect(b1.status).toBe(200);
@@ -392,10 +493,15 @@ describe("API limits", () => {
     expect(b2.body.error.message).toBe("the API serves as many event streams as it may; try again later");
     a1.close();
     // a1's slot is given back once the server has seen it close.
-    const again = await waitFor("a stream once a1 is closed", async () => {
-      const s = await openStream(sa);
-      return s.status === 200 && s;
-    }, 5000, 50);
+    const again = await waitFor(
+      "a stream once a1 is closed",
+      async () => {
+        const s = await openStream(sa);
+        return s.status === 200 && s;
+      },
+      5000,
+      50,
+    );
     expect(again.status).toBe(200);
     for (const s of [a2, b1, again]) s.close();
   });
@@ -437,23 +543,41 @@ describe("API limits", () => {
     const silent = tcpConnect(Number(port), hostname);
     silent.on("error", () => {});
     await new Promise<void>((r) => silent.once("connect", () => r()));
-    await within(new Promise<void>((r) => silent.once("close", () => r())), 15_000, "close of the silent connection (api.timeout.idle is 4 s)");
+    await within(
+      new Promise<void>((r) => silent.once("close", () => r())),
+      15_000,
+      "close of the silent connection (api.timeout.idle is 4 s)",
+    );
     // The stream was open all along, longer than the idle timeout, and still gets keep-alives (every 2 s here).
-    await within((async () => {
-      for (let i = 0; i < 3; i++) await stream.next("ping");
-    })(), 10_000, "three keep-alives on the event stream");
+    await within(
+      (async () => {
+        for (let i = 0; i < 3; i++) await stream.next("ping");
+      })(),
+      10_000,
+      "three keep-alives on the event stream",
+    );
     stream.close();
   }, 30_000);
 });
 
 describe("the database hop", () => {
   test("a database on another host needs TLS in its URL; sockets and loopback do not", () => {
-    expect(() => checkDatabaseTls("postgres://qvd:pw@db.example/qvd")).toThrow(/database on db\.example is reached over the network: add \?sslmode=verify-full/);
-    expect(() => checkDatabaseTls("postgres://qvd:pw@10.1.2.3:5432/qvd?sslmode=prefer")).toThrow(/sslmode=prefer is not enough/);
+    expect(() => checkDatabaseTls("postgres://qvd:pw@db.example/qvd")).toThrow(
+      /database on db\.example is reached over the network: add \?sslmode=verify-full/,
+    );
+    expect(() => checkDatabaseTls("postgres://qvd:pw@10.1.2.3:5432/qvd?sslmode=prefer")).toThrow(
+      /sslmode=prefer is not enough/,
+    );
     expect(() => checkDatabaseTls("postgres://qvd:pw@db.example/qvd")).not.toThrow(/pw/);
-    for (const ok of ["postgres://qvd@db.example/qvd?sslmode=verify-full", "postgres://qvd@db.example/qvd?sslmode=require",
-      "postgres://qvd@db.example/qvd?sslmode=disable", "postgres://qvd@127.0.0.1:5432/qvd", "postgres://qvd@localhost/qvd",
-      "postgres://qvd@[::1]:5432/qvd", "postgres://postgres@/qvd?host=/run/postgresql"])
+    for (const ok of [
+      "postgres://qvd@db.example/qvd?sslmode=verify-full",
+      "postgres://qvd@db.example/qvd?sslmode=require",
+      "postgres://qvd@db.example/qvd?sslmode=disable",
+      "postgres://qvd@127.0.0.1:5432/qvd",
+      "postgres://qvd@localhost/qvd",
+      "postgres://qvd@[::1]:5432/qvd",
+      "postgres://postgres@/qvd?host=/run/postgresql",
+    ])
       expect(() => checkDatabaseTls(ok)).not.toThrow();
   });
 });

@@ -20,7 +20,18 @@ const BASE = 100000; // vm.lxc.idmap.base (default)
 const UID = 10001;
 
 // Capability numbers (linux/capability.h).
-const CAP = { sys_module: 16, sys_rawio: 17, sys_ptrace: 19, sys_admin: 21, sys_time: 25, mknod: 27, net_admin: 12, setuid: 7, setgid: 6, chown: 0 };
+const CAP = {
+  sys_module: 16,
+  sys_rawio: 17,
+  sys_ptrace: 19,
+  sys_admin: 21,
+  sys_time: 25,
+  mknod: 27,
+  net_admin: 12,
+  setuid: 7,
+  setgid: 6,
+  chown: 0,
+};
 const hasCap = (hex: string, n: number) => (BigInt("0x" + hex) >> BigInt(n)) & 1n;
 
 describe.skipIf(!isRoot)("an unprivileged desktop, from inside", () => {
@@ -61,10 +72,28 @@ describe.skipIf(!isRoot)("an unprivileged desktop, from inside", () => {
     );
     await node.addImage(osf.id, "tenant.tar", async (p) => {
       await run(["sh", "-c", `gzip -dc '${image}' > '${p}'`]);
-      await run(["tar", "--append", "-f", p, "-C", extra, "--numeric-owner", "--owner=0", "--group=0", "./etc/qvd", "./etc/qvd/vma.conf", "./usr/local/bin/pwned"]);
+      await run([
+        "tar",
+        "--append",
+        "-f",
+        p,
+        "-C",
+        extra,
+        "--numeric-owner",
+        "--owner=0",
+        "--group=0",
+        "./etc/qvd",
+        "./etc/qvd/vma.conf",
+        "./usr/local/bin/pwned",
+      ]);
     });
     rmSync(extra, { recursive: true, force: true });
-    vm = await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" });
+    vm = await D.createVm(
+      sql(),
+      ALL,
+      { user_id: user.id, osf_id: osf.id, name: "desktop" },
+      { range: "198.18.0.0/16" },
+    );
     // A home from before unprivileged desktops: owned by the user's unshifted uid.
     const home = join(node.root, "storage", "homes", "default", "alice");
     mkdirSync(join(home, "old"), { recursive: true });
@@ -73,11 +102,19 @@ describe.skipIf(!isRoot)("an unprivileged desktop, from inside", () => {
     await node.start({ "hkd.timeout.vma_start": "60" });
     const t0 = performance.now();
     await D.startVm(sql(), ALL, vm.id, { aliveWithinS: 60 });
-    await until(async () => (await D.get(sql(), D.vms, ALL, vm.id)).vm_state === "running", "the desktop to run", 300_000);
-    console.log(`  [timing] start command → running (image unpacked with shifted owners, home shifted) in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+    await until(
+      async () => (await D.get(sql(), D.vms, ALL, vm.id)).vm_state === "running",
+      "the desktop to run",
+      300_000,
+    );
+    console.log(
+      `  [timing] start command → running (image unpacked with shifted owners, home shifted) in ${((performance.now() - t0) / 1000).toFixed(1)} s`,
+    );
     const [r] = await sql()`SELECT vma_secret FROM vm_runtimes WHERE vm_id = ${vm.id}`;
     secret = r!.vma_secret;
-    initPid = Number((await run([...node.ns.exec, "lxc-info", "-n", `qvd-${vm.id}`, "-P", node.lxcPath, "-p", "-H"])).stdout.trim());
+    initPid = Number(
+      (await run([...node.ns.exec, "lxc-info", "-n", `qvd-${vm.id}`, "-P", node.lxcPath, "-p", "-H"])).stdout.trim(),
+    );
     const [di] = (await D.list(sql(), D.dis, ALL, {})).rows;
     basefs = join(node.root, "storage", "basefs", String(di!.id));
   }, 30 * 60_000);
@@ -116,7 +153,15 @@ describe.skipIf(!isRoot)("an unprivileged desktop, from inside", () => {
       const st = (await sh(`cat /proc/${pid}/status`)).stdout;
       const bnd = /^CapBnd:\s+([0-9a-f]+)$/m.exec(st)![1]!;
       const eff = /^CapEff:\s+([0-9a-f]+)$/m.exec(st)![1]!;
-      for (const c of ["sys_admin", "sys_module", "sys_rawio", "sys_time", "sys_ptrace", "net_admin", "mknod"] as const) {
+      for (const c of [
+        "sys_admin",
+        "sys_module",
+        "sys_rawio",
+        "sys_time",
+        "sys_ptrace",
+        "net_admin",
+        "mknod",
+      ] as const) {
         expect([c, hasCap(bnd, CAP[c])]).toEqual([c, 0n]);
         expect([c, hasCap(eff, CAP[c])]).toEqual([c, 0n]);
       }
@@ -135,7 +180,11 @@ describe.skipIf(!isRoot)("an unprivileged desktop, from inside", () => {
     for (const dir of ["overlays", "homes"]) expect(statSync(join(node.root, "storage", dir)).mode & 0o777).toBe(0o710);
     // A node user cannot even reach them. (Through a shell: setpriv's own execve still holds
     // root's capabilities while it resolves the path.)
-    const tryAs = (argv: string[]) => run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/bin/sh", "-c", 'exec "$@"', "sh", ...argv], { allowFail: true });
+    const tryAs = (argv: string[]) =>
+      run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/bin/sh", "-c", 'exec "$@"', "sh", ...argv],
+        { allowFail: true },
+      );
     const r = await tryAs([join(basefs, "usr/bin/su"), "-c", "id"]);
     expect(r.status).not.toBe(0);
     expect(r.stderr).toMatch(/Permission denied/);
@@ -146,7 +195,13 @@ describe.skipIf(!isRoot)("an unprivileged desktop, from inside", () => {
 
   test("the image's vma.conf does not change how the VMA runs", async () => {
     const log = readFileSync(join(node.lxcPath, "logs", `qvd-${vm.id}.console.log`), "utf8");
-    for (const k of ["vma.provision.root", "vma.session.as_current_user", "vma.on_action.expire", "vma.command.xinit", "vma.user.home.path"])
+    for (const k of [
+      "vma.provision.root",
+      "vma.session.as_current_user",
+      "vma.on_action.expire",
+      "vma.command.xinit",
+      "vma.user.home.path",
+    ])
       expect(log).toMatch(new RegExp(`ignoring a setting of the image's vma.conf.*${k.replace(/\./g, "\\.")}`));
     // expire would run the image's program as the container's root: nothing runs.
     expect((await vma("expire", { hard: Math.floor(Date.now() / 1000) + 3600 })).status).toBe(200);
@@ -154,7 +209,16 @@ describe.skipIf(!isRoot)("an unprivileged desktop, from inside", () => {
   });
 
   test("the desktop still works: x_start provisions the user, nxagent listens on 4100 as the user", async () => {
-    const res = await vma("x_start", { user: "alice", uid: UID, gid: UID, cookie: "0123456789abcdef0123456789abcdef", geometry: "1024x768", keyboard: "pc105/us", link: "lan", client_os: "linux" });
+    const res = await vma("x_start", {
+      user: "alice",
+      uid: UID,
+      gid: UID,
+      cookie: "0123456789abcdef0123456789abcdef",
+      geometry: "1024x768",
+      keyboard: "pc105/us",
+      link: "lan",
+      client_os: "linux",
+    });
     if (res.status !== 200) console.log("x_start:", res.json);
     expect(res.status).toBe(200);
     await until(async () => (await vma("x_state")).json?.state === "listening", "nxagent to listen", 90_000);

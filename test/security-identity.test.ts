@@ -43,13 +43,17 @@ const GROUPS = "qvd.vm.user.groups";
 
 beforeAll(async () => {
   for (const n of ["acme", "beta"]) t[n] = (await sa.post("/tenants", { name: n })).body.id;
-  for (const n of ["Superadmin", "Tenant administrator", "Operator"]) role[n] = (await sa.get(`/roles?name=${encodeURIComponent(n)}`)).body.items[0].id;
+  for (const n of ["Superadmin", "Tenant administrator", "Operator"])
+    role[n] = (await sa.get(`/roles?name=${encodeURIComponent(n)}`)).body.items[0].id;
   for (const key of [HOME, UID, GID, GROUPS, "site.note"])
-    expect((await sa.post("/properties", { tenant_id: 0, key, applies_to: ["user", "vm", "osf", "di"] })).status).toBe(201);
+    expect((await sa.post("/properties", { tenant_id: 0, key, applies_to: ["user", "vm", "osf", "di"] })).status).toBe(
+      201,
+    );
   u.alice = (await sa.post("/users", { tenant_id: t.acme, name: "alice", password: "alice-pw-1" })).body.id;
   u.bob = (await sa.post("/users", { tenant_id: t.beta, name: "bob", password: "bob-pw-1" })).body.id;
   acmeOsf = (await sa.post("/osfs", { tenant_id: t.acme, name: "desk", memory_mb: 256 })).body.id;
-  boss = (await live.admin("boss", { tenantId: t.acme!, tenant: "acme", roles: [role["Tenant administrator"]!] })).client;
+  boss = (await live.admin("boss", { tenantId: t.acme!, tenant: "acme", roles: [role["Tenant administrator"]!] }))
+    .client;
 });
 
 afterAll(() => {
@@ -57,7 +61,12 @@ afterAll(() => {
 });
 
 describe("identity properties", () => {
-  const BAD: [string, string][] = [[HOME, "/etc"], [UID, "0"], [GID, "42"], [GROUPS, "shadow,sudo"]];
+  const BAD: [string, string][] = [
+    [HOME, "/etc"],
+    [UID, "0"],
+    [GID, "42"],
+    [GROUPS, "shadow,sudo"],
+  ];
 
   test("the built-in Tenant administrator cannot set or remove them (403 naming property.identity); other properties yes", async () => {
     const acls = (await sa.get(`/roles/${role["Tenant administrator"]}/acls`)).body.items as string[];
@@ -75,20 +84,41 @@ describe("identity properties", () => {
     expect((await boss.put(`/users/${u.alice}/properties/site.note`, { value: "hello" })).status).toBe(200);
     expect((await sa.put(`/users/${u.alice}/properties/${UID}`, { value: "20001" })).status).toBe(200);
     expect((await boss.del(`/users/${u.alice}/properties/${UID}`)).status).toBe(403); // removing changes the identity too
-    expect(await (await boss.get(`/users/${u.alice}/properties`)).body).toEqual({ "site.note": "hello", [UID]: "20001" });
+    expect(await (await boss.get(`/users/${u.alice}/properties`)).body).toEqual({
+      "site.note": "hello",
+      [UID]: "20001",
+    });
   });
 
   test("with property.identity (granted by a superadmin): bad values 422 naming the value, good ones 200", async () => {
     const r = await sa.post("/roles", { tenant_id: t.acme, name: "identity editors" });
     expect((await sa.put(`/roles/${r.body.id}/acls`, { acl: "property.identity" })).status).toBe(200);
-    const editor = await live.admin("editor", { tenantId: t.acme!, tenant: "acme", roles: [role["Tenant administrator"]!, r.body.id] });
+    const editor = await live.admin("editor", {
+      tenantId: t.acme!,
+      tenant: "acme",
+      roles: [role["Tenant administrator"]!, r.body.id],
+    });
     const bad: [string, string, string][] = [
-      ...BAD.map(([k, v]): [string, string, string] => [k, v, k === GROUPS ? "not allowed" : k === HOME ? "not a plain directory below /home" : "outside the allowed range"]),
-      [HOME, "/home/../etc", "not a plain directory"], [HOME, "/home/alice/../../etc", "not a plain directory"], [HOME, "/home", "not a plain directory"],
-      [HOME, "/home/", "not a plain directory"], [HOME, "/home//x", "not a plain directory"], [HOME, "/homex/alice", "not a plain directory"],
-      [HOME, "home/alice", "not a plain directory"], [UID, "999", "outside the allowed range 10000-60000"], [UID, "60001", "outside"],
-      [UID, "-1", "expected a number"], [UID, "1e5", "expected a number"], [GID, "4294967295", "outside"],
-      [GROUPS, "audio,root", "group root not allowed"], [GROUPS, "adm", "group adm not allowed"], [GROUPS, "audio;rm", "expected group names"],
+      ...BAD.map(([k, v]): [string, string, string] => [
+        k,
+        v,
+        k === GROUPS ? "not allowed" : k === HOME ? "not a plain directory below /home" : "outside the allowed range",
+      ]),
+      [HOME, "/home/../etc", "not a plain directory"],
+      [HOME, "/home/alice/../../etc", "not a plain directory"],
+      [HOME, "/home", "not a plain directory"],
+      [HOME, "/home/", "not a plain directory"],
+      [HOME, "/home//x", "not a plain directory"],
+      [HOME, "/homex/alice", "not a plain directory"],
+      [HOME, "home/alice", "not a plain directory"],
+      [UID, "999", "outside the allowed range 10000-60000"],
+      [UID, "60001", "outside"],
+      [UID, "-1", "expected a number"],
+      [UID, "1e5", "expected a number"],
+      [GID, "4294967295", "outside"],
+      [GROUPS, "audio,root", "group root not allowed"],
+      [GROUPS, "adm", "group adm not allowed"],
+      [GROUPS, "audio;rm", "expected group names"],
     ];
     for (const [key, value, message] of bad) {
       const res = await editor.client.put(`/users/${u.alice}/properties/${key}`, { value });
@@ -97,8 +127,16 @@ describe("identity properties", () => {
       expect(res.body.error.message).toContain(`value: ${key}: `);
       expect(res.body.error.message).toContain(message);
     }
-    for (const [key, value] of [[HOME, "/home/acme/alice"], [UID, "20001"], [GID, "20001"], [GROUPS, "audio, video"]] as const)
-      expect((await editor.client.put(`/users/${u.alice}/properties/${key}`, { value })).status, `${key}=${value}`).toBe(200);
+    for (const [key, value] of [
+      [HOME, "/home/acme/alice"],
+      [UID, "20001"],
+      [GID, "20001"],
+      [GROUPS, "audio, video"],
+    ] as const)
+      expect(
+        (await editor.client.put(`/users/${u.alice}/properties/${key}`, { value })).status,
+        `${key}=${value}`,
+      ).toBe(200);
     // Another tenant's object stays invisible: 404, not a range error.
     expect((await editor.client.put(`/users/${u.bob}/properties/${UID}`, { value: "1" })).status).toBe(404);
   });
@@ -132,7 +170,10 @@ describe("identity properties", () => {
 describe("names", () => {
   test("user and tenant names . and .. (and other non-directory names) are refused with a 422 naming the field", async () => {
     for (const name of [".", "..", "a\\b", "tab\there", "nul\u0000"]) {
-      for (const [c, who] of [[sa, "superadmin"], [boss, "tenant administrator"]] as const) {
+      for (const [c, who] of [
+        [sa, "superadmin"],
+        [boss, "tenant administrator"],
+      ] as const) {
         const r = await c.post("/users", { tenant_id: t.acme, name, password: "a-password-1" });
         expect(r.status, `${who} ${JSON.stringify(name)}`).toBe(422);
         expect(r.body.error.field).toBe("name");
@@ -151,33 +192,48 @@ describe("escalation", () => {
   test("a tenant-* administrator whose only role assigns roles cannot give themselves (or their role) more", async () => {
     const r = await sa.post("/roles", { tenant_id: 0, name: "assigners" });
     role.assigners = r.body.id;
-    for (const acl of ["administrator.assign_role", "role.assign_acl", "role.assign_role"]) expect((await sa.put(`/roles/${r.body.id}/acls`, { acl })).status).toBe(200);
+    for (const acl of ["administrator.assign_role", "role.assign_acl", "role.assign_role"])
+      expect((await sa.put(`/roles/${r.body.id}/acls`, { acl })).status).toBe(200);
     const deputy = await live.admin("deputy", { tenantId: 0, tenant: "*", roles: [r.body.id] });
     expect((await deputy.client.get("/session")).body.administrator.superadmin).toBe(true); // tenant *: the case noEscalation skipped
     const self = await deputy.client.post(`/administrators/${deputy.id}/roles`, { role_id: role.Superadmin });
     expect(self.status).toBe(403);
     expect(self.body.error.message).toContain("you can only give permissions you hold yourself");
     expect((await deputy.client.put(`/roles/${r.body.id}/acls`, { acl: "tenant.create" })).status).toBe(403);
-    expect((await deputy.client.post(`/roles/${r.body.id}/inherits`, { role_id: role["Tenant administrator"] })).status).toBe(403);
-    expect((await deputy.client.put(`/roles/${r.body.id}/acls`, { acl: "tenant.create", positive: false })).status).toBe(200); // denying is fine
+    expect(
+      (await deputy.client.post(`/roles/${r.body.id}/inherits`, { role_id: role["Tenant administrator"] })).status,
+    ).toBe(403);
+    expect(
+      (await deputy.client.put(`/roles/${r.body.id}/acls`, { acl: "tenant.create", positive: false })).status,
+    ).toBe(200); // denying is fine
     expect((await deputy.client.del(`/roles/${r.body.id}/acls/tenant.create`)).status).toBe(403); // lifting a denial gives it
     expect((await sa.get(`/administrators/${deputy.id}`)).body.roles).toEqual(["assigners"]);
-    expect([...(await D.administratorEffectiveAcls(sql(), deputy.id))].sort()).toEqual(["administrator.assign_role", "role.assign_acl", "role.assign_role"]);
+    expect([...(await D.administratorEffectiveAcls(sql(), deputy.id))].sort()).toEqual([
+      "administrator.assign_role",
+      "role.assign_acl",
+      "role.assign_role",
+    ]);
     // A role within their own rights is fine (Superadmin itself may do all of it).
     const mine = await sa.post("/roles", { tenant_id: 0, name: "only assign" });
     expect((await sa.put(`/roles/${mine.body.id}/acls`, { acl: "administrator.assign_role" })).status).toBe(200);
-    expect((await deputy.client.post(`/administrators/${deputy.id}/roles`, { role_id: mine.body.id })).status).toBe(200);
+    expect((await deputy.client.post(`/administrators/${deputy.id}/roles`, { role_id: mine.body.id })).status).toBe(
+      200,
+    );
   });
 
   test("password resets of administrators who hold more than the caller: 403, single and mass; of weaker ones: 200", async () => {
     const r = await sa.post("/roles", { tenant_id: 0, name: "password desk" });
-    for (const acl of ["administrator.see", "administrator.update.password"]) expect((await sa.put(`/roles/${r.body.id}/acls`, { acl })).status).toBe(200);
+    for (const acl of ["administrator.see", "administrator.update.password"])
+      expect((await sa.put(`/roles/${r.body.id}/acls`, { acl })).status).toBe(200);
     const desk = await live.admin("desk", { tenantId: 0, tenant: "*", roles: [r.body.id] });
     const saId = (await sa.get("/session")).body.administrator.id;
-    const weak = (await sa.post("/administrators", { tenant_id: t.acme, name: "weak", password: "weak-password" })).body.id;
+    const weak = (await sa.post("/administrators", { tenant_id: t.acme, name: "weak", password: "weak-password" })).body
+      .id;
     const reset = await desk.client.patch(`/administrators/${saId}`, { password: "taken-over-1" });
     expect(reset.status).toBe(403);
-    expect(reset.body.error.message).toContain("you can only set the password of administrators whose permissions you hold yourself");
+    expect(reset.body.error.message).toContain(
+      "you can only set the password of administrators whose permissions you hold yourself",
+    );
     const many = await desk.client.patch(`/administrators?name=superadmin`, { password: "taken-over-1" });
     expect(many.body).toMatchObject({ total: 1, ok: 0, failed: 1, results: [{ id: saId, ok: false, status: 403 }] });
     await api.login(TEST_ADMIN.name, TEST_ADMIN.password, "*"); // still the old password
@@ -190,7 +246,17 @@ describe("escalation", () => {
 
   test("blocking, renaming, deleting or demoting an administrator (or a role) that holds more than the caller: 403; weaker ones: 200", async () => {
     const r = await sa.post("/roles", { tenant_id: 0, name: "keeper" });
-    for (const acl of ["administrator.see", "administrator.update", "administrator.delete", "administrator.assign_role", "role.see", "role.update", "role.delete", "role.assign_acl", "role.assign_role"])
+    for (const acl of [
+      "administrator.see",
+      "administrator.update",
+      "administrator.delete",
+      "administrator.assign_role",
+      "role.see",
+      "role.update",
+      "role.delete",
+      "role.assign_acl",
+      "role.assign_role",
+    ])
       expect((await sa.put(`/roles/${r.body.id}/acls`, { acl })).status).toBe(200);
     const keeper = await live.admin("keeper", { tenantId: 0, tenant: "*", roles: [r.body.id] });
     const saId = (await sa.get("/session")).body.administrator.id;
@@ -205,7 +271,9 @@ describe("escalation", () => {
       await keeper.client.del(`/roles/${sup}`),
     ];
     expect(refused.map((x) => x.status)).toEqual([403, 403, 403, 403, 403, 403, 403]);
-    expect(refused[0]!.body.error.message).toContain("you can only change administrators whose permissions you hold yourself");
+    expect(refused[0]!.body.error.message).toContain(
+      "you can only change administrators whose permissions you hold yourself",
+    );
     const many = await keeper.client.patch(`/administrators?name=superadmin`, { blocked: true });
     expect(many.body).toMatchObject({ total: 1, ok: 0, failed: 1, results: [{ id: saId, ok: false, status: 403 }] });
     expect((await keeper.client.del(`/administrators?name=superadmin`)).body).toMatchObject({ ok: 0, failed: 1 });
@@ -213,7 +281,8 @@ describe("escalation", () => {
     const again = await api.login(TEST_ADMIN.name, TEST_ADMIN.password, "*");
     expect((await again.get(`/administrators/${saId}/acls`)).body.items).toContain("administrator.see");
     // Administrators and roles within the keeper's own rights are theirs to manage.
-    const weak = (await sa.post("/administrators", { tenant_id: 0, name: "weakling", password: "weakling-password" })).body.id;
+    const weak = (await sa.post("/administrators", { tenant_id: 0, name: "weakling", password: "weakling-password" }))
+      .body.id;
     expect((await keeper.client.patch(`/administrators/${weak}`, { blocked: true })).status).toBe(200);
     expect((await keeper.client.del(`/administrators/${weak}`)).status).toBe(200);
     const small = (await sa.post("/roles", { tenant_id: 0, name: "small" })).body.id;
@@ -228,7 +297,10 @@ describe("sessions and tokens", () => {
     const carol = await live.admin("carol", { tenantId: t.acme!, tenant: "acme", roles: [] });
     const other = await api.login("carol", "carol-password", "acme");
     expect((await other.get("/session")).status).toBe(200);
-    const ch = await carol.client.put("/session/password", { current_password: "carol-password", password: "carol-password-2" });
+    const ch = await carol.client.put("/session/password", {
+      current_password: "carol-password",
+      password: "carol-password-2",
+    });
     expect(ch.status).toBe(200);
     expect((await carol.client.get("/session")).status).toBe(200);
     expect((await other.get("/session")).status).toBe(401);
@@ -263,10 +335,32 @@ describe("sessions and tokens", () => {
     const bearer = (tok: string) => `Bearer ${tok}`;
 
     beforeAll(async () => {
-      await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", join(work, "key.pem"), "-out", join(work, "cert.pem")]);
+      await run([
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        join(work, "key.pem"),
+        "-out",
+        join(work, "cert.pem"),
+      ]);
       const host = await D.create(sql(), D.hosts, ALL, { name: "sec-node", address: "127.0.0.1" });
       await sql()`UPDATE host_runtimes SET state = 'running' WHERE host_id = ${host.id}`;
-      l7r = await startL7r({ sql: sql(), databaseUrl: db().url, nodename: "sec-node", hostname: "127.0.0.1", port: 0, tls: { cert: join(work, "cert.pem"), key: join(work, "key.pem") } });
+      l7r = await startL7r({
+        sql: sql(),
+        databaseUrl: db().url,
+        nodename: "sec-node",
+        hostname: "127.0.0.1",
+        port: 0,
+        tls: { cert: join(work, "cert.pem"), key: join(work, "key.pem") },
+      });
     });
     afterAll(async () => {
       await l7r?.stop();
@@ -306,9 +400,23 @@ describe("sessions and tokens", () => {
       expect((await op.client.post(`/users/${u.alice}/revoke_tokens`)).status).toBe(403);
       // The CLI verb.
       const t3 = await token(ALICE());
-      const env = Object.assign(cleanEnv(), { HOME: work, XDG_CONFIG_HOME: join(work, ".config"), QVD_ADMIN_URL: api.url.replace(/\/api\/v1$/, ""), QVD_ADMIN_TOKEN: boss.token! });
-      const p = Bun.spawn([process.execPath, "src/main.ts", "admin", "user", "revoke-tokens", "alice@acme"], { cwd: repo, env, stdout: "pipe", stderr: "pipe" });
-      const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+      const env = Object.assign(cleanEnv(), {
+        HOME: work,
+        XDG_CONFIG_HOME: join(work, ".config"),
+        QVD_ADMIN_URL: api.url.replace(/\/api\/v1$/, ""),
+        QVD_ADMIN_TOKEN: boss.token!,
+      });
+      const p = Bun.spawn([process.execPath, "src/main.ts", "admin", "user", "revoke-tokens", "alice@acme"], {
+        cwd: repo,
+        env,
+        stdout: "pipe",
+        stderr: "pipe",
+      });
+      const [out, err, code] = await Promise.all([
+        new Response(p.stdout).text(),
+        new Response(p.stderr).text(),
+        p.exited,
+      ]);
       expect(code, out + err).toBe(0);
       expect((await request("/qvd/list_of_vm", bearer(t3))).status).toBe(401);
     }, 30_000);
@@ -334,18 +442,25 @@ userPassword: ${uid}-ldap-pw
   beforeAll(async () => {
     const { ensureDeps } = await import("../scripts/deps.ts");
     await ensureDeps(["slapd", "ldap-utils", "openssl"], () => {});
-    await ldap.start([
-      `dn: ${LDAP_SUFFIX}\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n`,
-      `dn: ${PEOPLE}\nobjectClass: organizationalUnit\nou: people\n`,
-      person("rootish", 0, 0, "/root"),
-      person("shadowy", 20010, 42, "/home/shadowy"),
-      person("etcowner", 20011, 20011, "/etc"),
-      person("sysid", 999, 20012, "/home/sysid"),
-      person("fine", 20013, 20013, "/home/people/fine"),
-      person("..", 20014, 20014, "/home/dotdot"),
-    ].join("\n"));
+    await ldap.start(
+      [
+        `dn: ${LDAP_SUFFIX}\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n`,
+        `dn: ${PEOPLE}\nobjectClass: organizationalUnit\nou: people\n`,
+        person("rootish", 0, 0, "/root"),
+        person("shadowy", 20010, 42, "/home/shadowy"),
+        person("etcowner", 20011, 20011, "/etc"),
+        person("sysid", 999, 20012, "/home/sysid"),
+        person("fine", 20013, 20013, "/home/people/fine"),
+        person("..", 20014, 20014, "/home/dotdot"),
+      ].join("\n"),
+    );
     tenant = (await D.create(sql(), D.tenants, ALL, { name: "ldapco" })).id;
-    const settings = { "l7r.auth.plugins": "ldap", "auth.ldap.url": ldap.url, "auth.ldap.bind_dn_template": `uid=%u,${PEOPLE}`, "auth.autoprovision.enable": "1" };
+    const settings = {
+      "l7r.auth.plugins": "ldap",
+      "auth.ldap.url": ldap.url,
+      "auth.ldap.bind_dn_template": `uid=%u,${PEOPLE}`,
+      "auth.autoprovision.enable": "1",
+    };
     for (const [k, v] of Object.entries(settings)) await D.setConfig(sql(), tenant, k, v);
   }, 120_000);
   afterAll(async () => {
@@ -353,10 +468,20 @@ userPassword: ${uid}-ldap-pw
   });
 
   const login = (name: string): Promise<AuthResult> =>
-    authenticateUser(sql(), new Config(), { tenantId: tenant, tenantName: "ldapco", login: name, password: `${name}-ldap-pw` });
+    authenticateUser(sql(), new Config(), {
+      tenantId: tenant,
+      tenantName: "ldapco",
+      login: name,
+      password: `${name}-ldap-pw`,
+    });
 
   test("an entry whose uid, gid or home breaks the rules is refused at login, before auto-provisioning", async () => {
-    for (const [name, why] of [["rootish", "uid 0 is outside"], ["shadowy", "gid 42 is outside"], ["etcowner", 'home "/etc" is not a plain directory below /home'], ["sysid", "uid 999 is outside"]]) {
+    for (const [name, why] of [
+      ["rootish", "uid 0 is outside"],
+      ["shadowy", "gid 42 is outside"],
+      ["etcowner", 'home "/etc" is not a plain directory below /home'],
+      ["sysid", "uid 999 is outside"],
+    ]) {
       const r = await login(name!);
       expect(r.ok, name).toBe(false);
       expect((r as { reason: string }).reason).toContain(`LDAP entry's identity refused: ${why}`);
@@ -388,12 +513,27 @@ describe("the VMA checks the identity again", () => {
     const dir = join(work, `vma-${name}`);
     mkdirSync(dir, { recursive: true });
     const file = join(dir, "vma.json");
-    writeFileSync(file, JSON.stringify({ vm_id: 7, secret: SECRET, node_address: "127.0.0.1", port: 3030, settings: { "path.run": join(dir, "run"), ...settings } }), { mode: 0o400 });
+    writeFileSync(
+      file,
+      JSON.stringify({
+        vm_id: 7,
+        secret: SECRET,
+        node_address: "127.0.0.1",
+        port: 3030,
+        settings: { "path.run": join(dir, "run"), ...settings },
+      }),
+      { mode: 0o400 },
+    );
     const s = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
     const port = s.port;
     s.stop(true);
     const env = cleanEnv();
-    const p = Bun.spawn([process.execPath, "src/main.ts", "vma", "--config", file, "--listen", `127.0.0.1:${port}`], { cwd: repo, env, stdout: "pipe", stderr: "pipe" });
+    const p = Bun.spawn([process.execPath, "src/main.ts", "vma", "--config", file, "--listen", `127.0.0.1:${port}`], {
+      cwd: repo,
+      env,
+      stdout: "pipe",
+      stderr: "pipe",
+    });
     procs.push(p);
     const reader = p.stdout.getReader();
     let out = "";
@@ -403,8 +543,12 @@ describe("the VMA checks the identity again", () => {
       out += new TextDecoder().decode(value);
     }
     const call = async (method: string, path: string, body?: unknown) => {
-      const r = await fetch(`http://127.0.0.1:${port}${path}`, { method, headers: { "x-qvd-vma-secret": SECRET, "content-type": "application/json" }, body: body === undefined ? undefined : JSON.stringify(body) });
-      return { status: r.status, body: await r.json() as any };
+      const r = await fetch(`http://127.0.0.1:${port}${path}`, {
+        method,
+        headers: { "x-qvd-vma-secret": SECRET, "content-type": "application/json" },
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+      return { status: r.status, body: (await r.json()) as any };
     };
     return call;
   }
@@ -413,9 +557,14 @@ describe("the VMA checks the identity again", () => {
   function guestRoot(name: string): string {
     const root = join(work, `root-${name}`);
     mkdirSync(join(root, "etc/skel"), { recursive: true });
-    writeFileSync(join(root, "etc/passwd"), "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n");
+    writeFileSync(
+      join(root, "etc/passwd"),
+      "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n",
+    );
     writeFileSync(join(root, "etc/group"), "root:x:0:\ndaemon:x:1:\naudio:x:0:\nvideo:x:44:\n");
-    writeFileSync(join(root, "etc/shadow"), "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n", { mode: 0o640 });
+    writeFileSync(join(root, "etc/shadow"), "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n", {
+      mode: 0o640,
+    });
     writeFileSync(join(root, "etc/gshadow"), "root:*::\ndaemon:*::\naudio:*::\nvideo:*::\n", { mode: 0o640 });
     return root;
   }
@@ -427,7 +576,11 @@ describe("the VMA checks the identity again", () => {
       [{ ...ok, home: "/etc" }, "home", 'home "/etc" is not a plain directory below /home'],
       [{ ...ok, uid: 500 }, "uid", "uid 500 is outside the allowed range 10000-60000"],
       [{ ...ok, gid: 42 }, "gid", "gid 42 is outside"],
-      [{ ...ok, properties: { [GROUPS]: "shadow,sudo" } }, "properties.qvd.vm.user.groups", "groups shadow, sudo not allowed"],
+      [
+        { ...ok, properties: { [GROUPS]: "shadow,sudo" } },
+        "properties.qvd.vm.user.groups",
+        "groups shadow, sudo not allowed",
+      ],
       [{ ...ok, uid: 0 }, "uid", "root is never a session user"],
     ];
     for (const [body, field, message] of cases) {
@@ -440,11 +593,21 @@ describe("the VMA checks the identity again", () => {
   });
 
   test("the node's settings in vma.json are the rules the VMA applies", async () => {
-    const call = await startVma("narrow", { "vma.session.as_current_user": true, "identity.uid.max": "30000", "identity.home.base": "/srv/homes" });
+    const call = await startVma("narrow", {
+      "vma.session.as_current_user": true,
+      "identity.uid.max": "30000",
+      "identity.home.base": "/srv/homes",
+    });
     const r = await call("POST", "/vma/x_start", { user: "alice", uid: 40000, gid: 20001, cookie: COOKIE });
     expect([r.status, r.body.field]).toEqual([422, "uid"]);
     expect(r.body.error).toContain("uid 40000 is outside the allowed range 10000-30000");
-    const h = await call("POST", "/vma/x_start", { user: "alice", uid: 20001, gid: 20001, home: "/home/alice", cookie: COOKIE });
+    const h = await call("POST", "/vma/x_start", {
+      user: "alice",
+      uid: 20001,
+      gid: 20001,
+      home: "/home/alice",
+      cookie: COOKIE,
+    });
     expect([h.status, h.body.field]).toEqual([422, "home"]);
   });
 
@@ -455,19 +618,28 @@ describe("the VMA checks the identity again", () => {
     const call = await startVma("image", { "vma.provision.root": root, "vma.session.command": "/bin/sleep 1000" });
     const passwd = readFileSync(join(root, "etc/passwd"), "utf8");
     const start = async (body: Record<string, unknown>, error: string) => {
-      expect((await call("POST", "/vma/x_start", { uid: 20001, gid: 20001, cookie: COOKIE, ...body })).status).toBe(200);
+      expect((await call("POST", "/vma/x_start", { uid: 20001, gid: 20001, cookie: COOKIE, ...body })).status).toBe(
+        200,
+      );
       let s: any;
-      await poll(async () => {
-        s = (await call("GET", "/vma/x_state")).body;
-        return s.state === "stopped" && Boolean(s.error);
-      }, 5000, 50);
+      await poll(
+        async () => {
+          s = (await call("GET", "/vma/x_state")).body;
+          return s.state === "stopped" && Boolean(s.error);
+        },
+        5000,
+        50,
+      );
       expect(s.error).toContain(error);
     };
     // A login "daemon" is the image's system account (uid 1): never a session user.
     await start({ user: "daemon" }, "identity refused for daemon: uid 1 is outside the allowed range");
     await start({ user: "etc" }, "home /home/etc: /home is a symbolic link");
     rmSync(join(root, "home"));
-    await start({ user: "alice", properties: { [GROUPS]: "audio" } }, "group audio has the gid of root or a privileged group in the image");
+    await start(
+      { user: "alice", properties: { [GROUPS]: "audio" } },
+      "group audio has the gid of root or a privileged group in the image",
+    );
     // The image's shadow group with the gid the user is given: refused too.
     writeFileSync(join(root, "etc/group"), readFileSync(join(root, "etc/group"), "utf8") + "shadow:x:20001:\n");
     await start({ user: "alice" }, "gid 20001 is a privileged group's in the image");
@@ -489,10 +661,16 @@ describe.skipIf(process.getuid?.() !== 0)("a real LXC desktop: no identity makes
     const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "mallory" });
     const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
     await node.addImage(osf.id, "desktop.tar.gz", async (p) => Bun.write(p, Bun.file(image)).then(() => {}));
-    vmId = (await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" })).id;
+    vmId = (
+      await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" })
+    ).id;
     await node.start({ "hkd.timeout.vma_start": "60" });
     await D.startVm(sql(), ALL, vmId, { aliveWithinS: 60 });
-    await until(async () => (await D.get(sql(), D.vms, ALL, vmId)).vm_state === "running", "the desktop to run", 300_000);
+    await until(
+      async () => (await D.get(sql(), D.vms, ALL, vmId)).vm_state === "running",
+      "the desktop to run",
+      300_000,
+    );
     const [r] = await sql()`SELECT vm_address, vma_port, vma_secret FROM vm_runtimes WHERE vm_id = ${vmId}`;
     [vmaUrl, secret] = [`http://${r!.vm_address}:${r!.vma_port}`, r!.vma_secret];
   }, 30 * 60_000);
@@ -508,7 +686,10 @@ describe.skipIf(process.getuid?.() !== 0)("a real LXC desktop: no identity makes
     const passwd = await inside("cat /etc/passwd");
     const base = { user: "mallory", uid: 20001, gid: 20001, cookie: COOKIE };
     for (const [body, field] of [
-      [{ ...base, home: "/etc" }, "home"], [{ ...base, uid: 0 }, "uid"], [{ ...base, uid: 500 }, "uid"], [{ ...base, gid: 42 }, "gid"],
+      [{ ...base, home: "/etc" }, "home"],
+      [{ ...base, uid: 0 }, "uid"],
+      [{ ...base, uid: 500 }, "uid"],
+      [{ ...base, gid: 42 }, "gid"],
       [{ ...base, properties: { [GROUPS]: "shadow,sudo" } }, "properties.qvd.vm.user.groups"],
     ] as const) {
       const r = await vma("POST", "/vma/x_start", body);
@@ -517,17 +698,32 @@ describe.skipIf(process.getuid?.() !== 0)("a real LXC desktop: no identity makes
     // The login "root" is the image's root account: accepted as a request, refused before provisioning.
     expect((await vma("POST", "/vma/x_start", { ...base, user: "root" })).status).toBe(200);
     await until(async () => Boolean((await vma("GET", "/vma/x_state")).json.error), "the refusal", 20_000);
-    expect((await vma("GET", "/vma/x_state")).json).toMatchObject({ state: "stopped", error: expect.stringContaining("identity refused for root: uid 0") });
+    expect((await vma("GET", "/vma/x_state")).json).toMatchObject({
+      state: "stopped",
+      error: expect.stringContaining("identity refused for root: uid 0"),
+    });
     expect(await inside("stat -c '%u:%g %a' /etc /etc/shadow /root")).toBe("0:0 755\n0:42 640\n0:0 700");
     expect(await inside("cat /etc/passwd")).toBe(passwd);
   }, 120_000);
 
   test("an allowed identity: the session runs as that uid, without root's or shadow's groups", async () => {
-    const r = await vma("POST", "/vma/x_start", { user: "mallory", uid: 20001, gid: 20001, cookie: COOKIE, properties: { [GROUPS]: "audio" } });
+    const r = await vma("POST", "/vma/x_start", {
+      user: "mallory",
+      uid: 20001,
+      gid: 20001,
+      cookie: COOKIE,
+      properties: { [GROUPS]: "audio" },
+    });
     expect(r.status).toBe(200);
-    await until(async () => ["listening", "stopped"].includes((await vma("GET", "/vma/x_state")).json.state), "nxagent to listen", 60_000);
+    await until(
+      async () => ["listening", "stopped"].includes((await vma("GET", "/vma/x_state")).json.state),
+      "nxagent to listen",
+      60_000,
+    );
     expect((await vma("GET", "/vma/x_state")).json.state).toBe("listening");
-    expect(await inside("id mallory")).toMatch(/^uid=20001\(mallory\) gid=20001\(mallory\) groups=20001\(mallory\),29\(audio\)$/);
+    expect(await inside("id mallory")).toMatch(
+      /^uid=20001\(mallory\) gid=20001\(mallory\) groups=20001\(mallory\),29\(audio\)$/,
+    );
     // nxagent, the session's X server, runs as the user: real, effective and supplementary ids.
     const status = await inside("cat /proc/$(pgrep -x nxagent | head -1)/status");
     expect(status).toMatch(/^Uid:\s+20001\s+20001\s+20001\s+20001$/m);

@@ -28,7 +28,8 @@ let l7r: Bun.Subprocess;
 let port = 0;
 let log = "";
 
-const vmRss = (field: "VmRSS" | "VmHWM") => Number(new RegExp(`${field}:\\s+(\\d+) kB`).exec(readFileSync(`/proc/${l7r.pid}/status`, "utf8"))?.[1] ?? 0) * 1024;
+const vmRss = (field: "VmRSS" | "VmHWM") =>
+  Number(new RegExp(`${field}:\\s+(\\d+) kB`).exec(readFileSync(`/proc/${l7r.pid}/status`, "utf8"))?.[1] ?? 0) * 1024;
 const ping = async (p: Peer) => {
   p.write("GET /qvd/ping HTTP/1.1\r\n\r\n");
   return p.response(30_000);
@@ -37,7 +38,22 @@ const header = (address: string) => proxyHeader({ address, port: 40000 }, { addr
 
 beforeAll(async () => {
   const sql = db().sql;
-  await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", join(dir, "key.pem"), "-out", join(dir, "cert.pem")]);
+  await run([
+    "openssl",
+    "req",
+    "-x509",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-days",
+    "2",
+    "-subj",
+    "/CN=localhost",
+    "-keyout",
+    join(dir, "key.pem"),
+    "-out",
+    join(dir, "cert.pem"),
+  ]);
   const host = await D.create(sql, D.hosts, ALL, { name: "sec-l7r", address: "127.0.0.1" });
   await sql`UPDATE host_runtimes SET state = 'running' WHERE host_id = ${host.id}`;
   await D.create(sql, D.users, ALL, { tenant_id: 1, name: "alice", password: "alice-pw-1" });
@@ -55,9 +71,27 @@ beforeAll(async () => {
     "l7r.timeout.request": "2",
     "l7r.limit.connections_per_address": String(PER_ADDRESS),
   };
-  l7r = Bun.spawn([binary, "l7r", "--config", "/dev/null", "--db", db().url, "--listen", "127.0.0.1:0", "--cert", join(dir, "cert.pem"), "--key", join(dir, "key.pem"),
-    ...Object.entries(set).flatMap(([k, v]) => ["--set", `${k}=${v}`])], { stdout: "pipe", stderr: "pipe", env: cleanEnv() });
-  void (l7r.stderr as ReadableStream<Uint8Array>).pipeTo(new WritableStream({ write: (c) => void (log += Buffer.from(c).toString()) }));
+  l7r = Bun.spawn(
+    [
+      binary,
+      "l7r",
+      "--config",
+      "/dev/null",
+      "--db",
+      db().url,
+      "--listen",
+      "127.0.0.1:0",
+      "--cert",
+      join(dir, "cert.pem"),
+      "--key",
+      join(dir, "key.pem"),
+      ...Object.entries(set).flatMap(([k, v]) => ["--set", `${k}=${v}`]),
+    ],
+    { stdout: "pipe", stderr: "pipe", env: cleanEnv() },
+  );
+  void (l7r.stderr as ReadableStream<Uint8Array>).pipeTo(
+    new WritableStream({ write: (c) => void (log += Buffer.from(c).toString()) }),
+  );
   const reader = (l7r.stdout as ReadableStream<Uint8Array>).getReader();
   let out = "";
   while (!/listening on [^\n]*:(\d+)\n/.test(out)) {
@@ -84,7 +118,8 @@ describe("a stranger cannot exhaust the L7R", () => {
     const attacker = await Peer.open({ port });
     expect(await attacker.handshake()).toBe(true);
     let logins = "";
-    for (let i = 0; i < 40; i++) logins += `GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic("alice", `wrong-${i}`)}\r\n\r\n`;
+    for (let i = 0; i < 40; i++)
+      logins += `GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic("alice", `wrong-${i}`)}\r\n\r\n`;
     attacker.write(logins);
     const junk = Buffer.alloc(256 * 1024, "GET /qvd/ping HTTP/1.1\r\nX-Junk: " + "j".repeat(200) + "\r\n");
     const flood = attacker.flood(junk, 1024 * MIB, 8000);
@@ -99,7 +134,9 @@ describe("a stranger cannot exhaust the L7R", () => {
     await flood;
     clearInterval(sampler);
     bystander.end();
-    console.log(`attack: ${(attacker.sent / MIB).toFixed(1)} MiB sent; L7R RSS ${(before / MIB).toFixed(0)} MiB before, peak ${(peak / MIB).toFixed(0)} MiB (VmHWM ${(vmRss("VmHWM") / MIB).toFixed(0)} MiB); answers ${attacker.statuses().length}`);
+    console.log(
+      `attack: ${(attacker.sent / MIB).toFixed(1)} MiB sent; L7R RSS ${(before / MIB).toFixed(0)} MiB before, peak ${(peak / MIB).toFixed(0)} MiB (VmHWM ${(vmRss("VmHWM") / MIB).toFixed(0)} MiB); answers ${attacker.statuses().length}`,
+    );
     expect(pong?.status).toBe(200);
     expect(pong?.body).toBe("I am alive!\r\n");
     expect(vmRss("VmHWM")).toBeLessThan(256 * MIB);
@@ -199,15 +236,20 @@ describe("PROXY protocol v2", () => {
     p.write(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic("proxied-one", "not-her-password")}\r\n\r\n`);
     expect((await p.response())?.status).toBe(401);
     p.end();
-    const rows = await db().sql`SELECT address FROM audit_log WHERE action = 'user.login' AND source = 'l7r' AND NOT ok ORDER BY id DESC LIMIT 1`;
+    const rows = await db()
+      .sql`SELECT address FROM audit_log WHERE action = 'user.login' AND source = 'l7r' AND NOT ok ORDER BY id DESC LIMIT 1`;
     expect(rows[0]?.address).toBe("203.0.113.42");
     // IPv6 too.
-    const q = await Peer.open({ unix: sock }, { preamble: proxyHeader({ address: "2001:db8::5", port: 1 }, { address: "2001:db8::1", port: 8443 }) });
+    const q = await Peer.open(
+      { unix: sock },
+      { preamble: proxyHeader({ address: "2001:db8::5", port: 1 }, { address: "2001:db8::1", port: 8443 }) },
+    );
     expect(await q.handshake()).toBe(true);
     q.write(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic("proxied-two", "still-not-it")}\r\n\r\n`);
     expect((await q.response())?.status).toBe(401);
     q.end();
-    const v6 = await db().sql`SELECT address FROM audit_log WHERE action = 'user.login' AND source = 'l7r' AND NOT ok ORDER BY id DESC LIMIT 1`;
+    const v6 = await db()
+      .sql`SELECT address FROM audit_log WHERE action = 'user.login' AND source = 'l7r' AND NOT ok ORDER BY id DESC LIMIT 1`;
     expect(v6[0]?.address).toBe("2001:db8::5");
   }, 30_000);
 
@@ -253,9 +295,14 @@ describe("PROXY protocol v2 from trusted networks (the TCP listener)", () => {
   let inproc: L7r;
   beforeAll(async () => {
     await D.create(db().sql, D.hosts, ALL, { name: "sec-l7r-net", address: "127.0.0.2" });
-    await db().sql`UPDATE host_runtimes SET state = 'running' WHERE host_id = (SELECT id FROM hosts WHERE name = 'sec-l7r-net')`;
+    await db()
+      .sql`UPDATE host_runtimes SET state = 'running' WHERE host_id = (SELECT id FROM hosts WHERE name = 'sec-l7r-net')`;
     inproc = await startL7r({
-      sql: db().sql, databaseUrl: db().url, nodename: "sec-l7r-net", hostname: "127.0.0.1", port: 0,
+      sql: db().sql,
+      databaseUrl: db().url,
+      nodename: "sec-l7r-net",
+      hostname: "127.0.0.1",
+      port: 0,
       tls: { cert: join(dir, "cert.pem"), key: join(dir, "key.pem") },
       proxyProtocol: trustedSources("127.0.0.0/8"),
     });
@@ -270,7 +317,8 @@ describe("PROXY protocol v2 from trusted networks (the TCP listener)", () => {
     p.write(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic("proxied-three", "nope")}\r\n\r\n`);
     expect((await p.response())?.status).toBe(401);
     p.end();
-    const rows = await db().sql`SELECT address FROM audit_log WHERE action = 'user.login' AND object_name = 'default/proxied-three' ORDER BY id DESC LIMIT 1`;
+    const rows = await db()
+      .sql`SELECT address FROM audit_log WHERE action = 'user.login' AND object_name = 'default/proxied-three' ORDER BY id DESC LIMIT 1`;
     expect(rows[0]?.address).toBe("198.51.100.23");
     const bare = await Peer.open({ port: inproc.port });
     expect(await bare.handshake(5000)).toBe(false);

@@ -21,7 +21,12 @@ const db = useTestDatabase();
 const sql = () => db().sql;
 const ALL = D.ALL_TENANTS;
 // account: 3 free failures; address: 6; then waits of 2, 4, 4… seconds.
-const POLICY = { "auth.throttle.account.tries": "3", "auth.throttle.address.tries": "6", "auth.throttle.delay": "2", "auth.throttle.max_delay": "4" };
+const POLICY = {
+  "auth.throttle.account.tries": "3",
+  "auth.throttle.address.tries": "6",
+  "auth.throttle.delay": "2",
+  "auth.throttle.max_delay": "4",
+};
 const { api, sa } = useTestApi(db, { ...POLICY, "api.trusted_proxies": "127.0.0.1, ::1" }); // behind a trusted proxy (this machine)
 let direct: TestApi; // no trusted proxies: X-Forwarded-For means nothing (no superadmin logs in there)
 let l7r: L7r;
@@ -30,13 +35,32 @@ const dir = mkdtempSync("/tmp/qvd-security-login-");
 beforeAll(async () => {
   direct = await startTestApi(db(), POLICY);
   for (const name of ["ada", "ben", "cyd", "dot", "eve", "fay"]) await createAdmin(sa, name, {});
-  await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-    "-keyout", join(dir, "key.pem"), "-out", join(dir, "cert.pem")]);
+  await run([
+    "openssl",
+    "req",
+    "-x509",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-days",
+    "2",
+    "-subj",
+    "/CN=localhost",
+    "-keyout",
+    join(dir, "key.pem"),
+    "-out",
+    join(dir, "cert.pem"),
+  ]);
   const host = await D.create(sql(), D.hosts, ALL, { name: "login-node", address: "127.0.0.1" });
   await sql()`UPDATE host_runtimes SET state = 'running' WHERE host_id = ${host.id}`;
-  for (const name of ["una", "vic", "wes", "xan", "yul"]) await D.create(sql(), D.users, ALL, { tenant_id: 1, name, password: `${name}-pw-1` });
+  for (const name of ["una", "vic", "wes", "xan", "yul"])
+    await D.create(sql(), D.users, ALL, { tenant_id: 1, name, password: `${name}-pw-1` });
   l7r = await startL7r({
-    sql: sql(), databaseUrl: db().url, nodename: "login-node", hostname: "127.0.0.1", port: 0,
+    sql: sql(),
+    databaseUrl: db().url,
+    nodename: "login-node",
+    hostname: "127.0.0.1",
+    port: 0,
     tls: { cert: join(dir, "cert.pem"), key: join(dir, "key.pem") },
     throttle: { accountTries: 3, addressTries: 6, delayS: 2, maxDelayS: 4 },
   });
@@ -55,11 +79,16 @@ const apiLogin = (name: string, password: string, from?: string, via: TestApi = 
   new ApiClient(via.url).call("POST", "/login", { name, password }, from ? { "x-forwarded-for": from } : {});
 
 /** One list_of_vm with Basic auth on a new TLS connection from a loopback address of our choice. */
-function l7rList(login: string, password: string, from = "127.0.0.1"): Promise<{ status: number; retryAfter: string | null; body: string }> {
+function l7rList(
+  login: string,
+  password: string,
+  from = "127.0.0.1",
+): Promise<{ status: number; retryAfter: string | null; body: string }> {
   return new Promise((resolve, reject) => {
     const tcp = net.connect({ host: "127.0.0.1", port: l7r.port, localAddress: from });
     const s = tls.connect({ socket: tcp, rejectUnauthorized: false }, () =>
-      s.write(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic(login, password)}\r\n\r\n`));
+      s.write(`GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: ${basic(login, password)}\r\n\r\n`),
+    );
     let buf = Buffer.alloc(0);
     s.on("data", (d: Buffer) => {
       buf = Buffer.concat([buf, d]);
@@ -69,7 +98,11 @@ function l7rList(login: string, password: string, from = "127.0.0.1"): Promise<{
       const length = Number(/\r\ncontent-length:\s*(\d+)/i.exec(head)?.[1] ?? 0);
       if (buf.length < end + 4 + length) return;
       s.destroy();
-      resolve({ status: Number(head.split(" ")[1]), retryAfter: /\r\nretry-after:\s*(\S+)/i.exec(head)?.[1] ?? null, body: buf.subarray(end + 4, end + 4 + length).toString() });
+      resolve({
+        status: Number(head.split(" ")[1]),
+        retryAfter: /\r\nretry-after:\s*(\S+)/i.exec(head)?.[1] ?? null,
+        body: buf.subarray(end + 4, end + 4 + length).toString(),
+      });
     });
     s.on("error", reject);
   });
@@ -88,7 +121,9 @@ async function hammerUntil(until: number, attempt: () => Promise<{ status: numbe
 }
 
 const failures = async (action: string, account: string) =>
-  (await sql()`SELECT count(*)::int AS n FROM audit_log WHERE action = ${action} AND object_name = ${account} AND NOT ok AND error NOT LIKE 'too many%'`)[0]!.n as number;
+  (
+    await sql()`SELECT count(*)::int AS n FROM audit_log WHERE action = ${action} AND object_name = ${account} AND NOT ok AND error NOT LIKE 'too many%'`
+  )[0]!.n as number;
 
 // --- the admin API ------------------------------------------------------------------------------
 
@@ -115,7 +150,9 @@ describe("API", () => {
   });
 
   test("parallel wrong tries on many connections: only the allowed three are checked", async () => {
-    const answers = await Promise.all(Array.from({ length: 12 }, (_, i) => apiLogin("ben", `parallel-${i}`, "198.51.100.2")));
+    const answers = await Promise.all(
+      Array.from({ length: 12 }, (_, i) => apiLogin("ben", `parallel-${i}`, "198.51.100.2")),
+    );
     const statuses = answers.map((a) => a.status).sort();
     expect(statuses.filter((s) => s === 401)).toHaveLength(3);
     expect(statuses.filter((s) => s === 429)).toHaveLength(9);
@@ -138,7 +175,8 @@ describe("API", () => {
     expect(r.status).toBe(429);
     expect(Number(r.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
     expect((await apiLogin("dot", "dot-password", "198.51.100.4")).status).toBe(200);
-    const rows = await sql()`SELECT DISTINCT address FROM audit_log WHERE action = 'login' AND object_name LIKE '*/nobody%'`;
+    const rows =
+      await sql()`SELECT DISTINCT address FROM audit_log WHERE action = 'login' AND object_name LIKE '*/nobody%'`;
     expect(rows.map((x) => x.address)).toEqual([sprayer]);
   });
 
@@ -159,11 +197,20 @@ describe("API", () => {
     const from = "198.51.100.6";
     const known = await apiLogin("fay", "wrong-password", from);
     const unknown = await apiLogin("nosuchadmin", "wrong-password", "198.51.100.7");
-    const noTenant = await new ApiClient(api.url).call("POST", "/login", { name: "fay", tenant: "nosuchtenant", password: "x" }, { "x-forwarded-for": "198.51.100.8" });
-    for (const r of [known, unknown, noTenant]) expect([r.status, r.body]).toEqual([401, { error: { status: 401, message: "wrong tenant, name or password" } }]);
+    const noTenant = await new ApiClient(api.url).call(
+      "POST",
+      "/login",
+      { name: "fay", tenant: "nosuchtenant", password: "x" },
+      { "x-forwarded-for": "198.51.100.8" },
+    );
+    for (const r of [known, unknown, noTenant])
+      expect([r.status, r.body]).toEqual([401, { error: { status: 401, message: "wrong tenant, name or password" } }]);
     for (let i = 0; i < 2; i++) await apiLogin("nosuchadmin", "wrong-password", "198.51.100.7");
     for (let i = 0; i < 2; i++) await apiLogin("fay", "wrong-password", from);
-    for (const r of [await apiLogin("fay", "wrong-password", from), await apiLogin("nosuchadmin", "wrong-password", "198.51.100.7")]) {
+    for (const r of [
+      await apiLogin("fay", "wrong-password", from),
+      await apiLogin("nosuchadmin", "wrong-password", "198.51.100.7"),
+    ]) {
       expect(r.status).toBe(429);
       expect(r.body.error.message).toBe(`too many failed logins; try again in ${r.headers.get("retry-after")} seconds`);
     }
@@ -171,13 +218,20 @@ describe("API", () => {
 
   test("X-Forwarded-For from a peer that is not a trusted proxy is ignored", async () => {
     // Each try claims another address; all are the socket's (127.0.0.1) and counted together.
-    for (let i = 0; i < 6; i++) expect((await apiLogin(`forged${i}`, "spray-password", `192.0.2.${i + 1}`, direct)).status).toBe(401);
+    for (let i = 0; i < 6; i++)
+      expect((await apiLogin(`forged${i}`, "spray-password", `192.0.2.${i + 1}`, direct)).status).toBe(401);
     const r = await apiLogin("dot", "dot-password", "192.0.2.77", direct);
     expect(r.status).toBe(429);
-    const rows = await sql()`SELECT DISTINCT address FROM audit_log WHERE action = 'login' AND object_name LIKE '*/forged%'`;
+    const rows =
+      await sql()`SELECT DISTINCT address FROM audit_log WHERE action = 'login' AND object_name LIKE '*/forged%'`;
     expect(rows.map((x) => x.address)).toEqual(["127.0.0.1"]);
     // The trusted proxy's own hop is used, not a forged one left of it.
-    const via = await new ApiClient(api.url).call("POST", "/login", { name: "dot", password: "dot-password" }, { "x-forwarded-for": "192.0.2.200, 198.51.100.4, ::1" });
+    const via = await new ApiClient(api.url).call(
+      "POST",
+      "/login",
+      { name: "dot", password: "dot-password" },
+      { "x-forwarded-for": "192.0.2.200, 198.51.100.4, ::1" },
+    );
     expect(via.status).toBe(200);
     const [s] = await sql()`SELECT address FROM admin_sessions ORDER BY created_at DESC LIMIT 1`;
     expect(s!.address).toBe("198.51.100.4");
@@ -191,7 +245,11 @@ describe("L7R", () => {
     const from = "127.0.0.11";
     for (let i = 0; i < 3; i++) expect((await l7rList("una", `guess-${i}`, from)).status).toBe(401);
     const refused = await l7rList("una", "una-pw-1", from);
-    expect([refused.status, refused.retryAfter, refused.body]).toEqual([429, "2", "Too many failed logins; try again in 2 seconds\r\n"]);
+    expect([refused.status, refused.retryAfter, refused.body]).toEqual([
+      429,
+      "2",
+      "Too many failed logins; try again in 2 seconds\r\n",
+    ]);
     await hammerUntil(Date.now() + 2000, () => l7rList("una", "una-pw-1", from));
     expect((await l7rList("una", "guess-again", from)).status).toBe(401);
     const again = await l7rList("una", "una-pw-1", from);
@@ -203,7 +261,9 @@ describe("L7R", () => {
   });
 
   test("parallel wrong tries on many connections: only the allowed three are checked", async () => {
-    const answers = await Promise.all(Array.from({ length: 12 }, (_, i) => l7rList("vic", `parallel-${i}`, "127.0.0.12")));
+    const answers = await Promise.all(
+      Array.from({ length: 12 }, (_, i) => l7rList("vic", `parallel-${i}`, "127.0.0.12")),
+    );
     expect(answers.filter((a) => a.status === 401)).toHaveLength(3);
     expect(answers.filter((a) => a.status === 429)).toHaveLength(9);
     expect(await failures("user.login", "default/vic")).toBe(3);
@@ -213,7 +273,8 @@ describe("L7R", () => {
     for (let i = 0; i < 6; i++) expect((await l7rList(`nobody${i}`, "spray-pw", "127.0.0.13")).status).toBe(401);
     expect((await l7rList("wes", "wes-pw-1", "127.0.0.13")).status).toBe(429);
     expect((await l7rList("xan", "xan-pw-1", "127.0.0.14")).status).toBe(200);
-    const rows = await sql()`SELECT DISTINCT address FROM audit_log WHERE action = 'user.login' AND object_name LIKE 'default/nobody%'`;
+    const rows =
+      await sql()`SELECT DISTINCT address FROM audit_log WHERE action = 'user.login' AND object_name LIKE 'default/nobody%'`;
     expect(rows.map((x) => x.address)).toEqual(["127.0.0.13"]);
   });
 
@@ -253,8 +314,13 @@ test("throttle decision: free tries, then one try per announced wait; tries in f
   const p = { ...DEFAULT_POLICY, delayS: 2, maxDelayS: 8, forgetS: 3600 };
   const now = new Date("2026-01-01T12:00:00Z");
   const at = (s: number) => new Date(now.getTime() + s * 1000);
-  const row = (failures: number, failedAgo: number | null, pending = 0, leaseLeft = 60) =>
-    ({ key: "k", failures, failed_at: failedAgo === null ? null : at(-failedAgo), pending, pending_until: pending ? at(leaseLeft) : null });
+  const row = (failures: number, failedAgo: number | null, pending = 0, leaseLeft = 60) => ({
+    key: "k",
+    failures,
+    failed_at: failedAgo === null ? null : at(-failedAgo),
+    pending,
+    pending_until: pending ? at(leaseLeft) : null,
+  });
   expect(decide(row(0, null), 3, now, p).admit).toBe(true);
   expect(decide(row(2, 0, 0), 3, now, p).admit).toBe(true); // the third free try
   expect(decide(row(2, 0, 1), 3, now, p)).toEqual({ admit: false, waitS: 2 }); // the third is in flight

@@ -1,11 +1,34 @@
 // Image unpacking with real GNU tar: checksum, progress, refusal of unsafe or broken archives
 // before anything is extracted, and concurrent unpacks of one image.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync, linkSync } from "node:fs";
+import {
+  chmodSync,
+  chownSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  truncateSync,
+  writeFileSync,
+  linkSync,
+} from "node:fs";
 import { join } from "node:path";
 import { run } from "../src/run.ts";
 import { copyFileSync } from "node:fs";
-import { checkEntries, ImageError, inspectImage, parseListing, unpackImage, type UnpackProgress } from "../src/virt/images.ts";
+import {
+  checkEntries,
+  ImageError,
+  inspectImage,
+  parseListing,
+  unpackImage,
+  type UnpackProgress,
+} from "../src/virt/images.ts";
 import { rejection } from "./support/assert.ts";
 import { until } from "./support/wait.ts";
 
@@ -15,7 +38,14 @@ let basefsDir: string;
 
 /** Sets an extended attribute (setfattr is not installed everywhere; python's os is). */
 const setXattr = (file: string, name: string, value: string) =>
-  run(["python3", "-c", "import os,sys; os.setxattr(sys.argv[1], sys.argv[2], sys.argv[3].encode())", file, name, value]);
+  run([
+    "python3",
+    "-c",
+    "import os,sys; os.setxattr(sys.argv[1], sys.argv[2], sys.argv[3].encode())",
+    file,
+    name,
+    value,
+  ]);
 
 const sha256 = (file: string) => new Bun.CryptoHasher("sha256").update(readFileSync(file)).digest("hex");
 
@@ -62,7 +92,13 @@ describe("unpackImage", () => {
   test("unpacks a good tarball once, with progress and checksum", async () => {
     const image = join(dir, "good.tar.gz");
     const events: UnpackProgress[] = [];
-    const res = await unpackImage({ image, basefsDir, diId: 1, sha256: sha256(image).toUpperCase(), onProgress: (p) => events.push(p) });
+    const res = await unpackImage({
+      image,
+      basefsDir,
+      diId: 1,
+      sha256: sha256(image).toUpperCase(),
+      onProgress: (p) => events.push(p),
+    });
     expect(res.unpacked).toBe(true);
     expect(res.basefs).toBe(join(basefsDir, "1"));
     expect(res.rootfs).toBe(res.basefs);
@@ -77,7 +113,10 @@ describe("unpackImage", () => {
     expect(existsSync(join(res.rootfs, "dev/null"))).toBe(false);
     expect(existsSync(join(res.rootfs, "dev"))).toBe(true);
     expect(existsSync(join(res.rootfs, "dev/null2"))).toBe(false);
-    expect(res.skipped.sort()).toEqual([expect.stringMatching(/dev\/null": character device not extracted/), expect.stringMatching(/dev\/null2": character device not extracted/)]);
+    expect(res.skipped.sort()).toEqual([
+      expect.stringMatching(/dev\/null": character device not extracted/),
+      expect.stringMatching(/dev\/null2": character device not extracted/),
+    ]);
     // Progress: both phases, non-decreasing, ending at the file size.
     const size = statSync(image).size;
     for (const phase of ["verify", "extract"] as const) {
@@ -100,7 +139,7 @@ describe("unpackImage", () => {
     expect(existsSync(join(res.rootfs, "usr/bin/blob"))).toBe(true);
   });
 
-  test("an archive without a \"./\" entry gets a usable root directory", async () => {
+  test('an archive without a "./" entry gets a usable root directory', async () => {
     const image = join(dir, "noroot-entry.tar");
     await run(["tar", "-C", src, "-cf", image, "sbin", "usr", "etc"]);
     const res = await unpackImage({ image, basefsDir, diId: 4 });
@@ -134,13 +173,21 @@ describe("unpackImage", () => {
 
   test("a wrong checksum is refused and nothing is left", async () => {
     const image = join(dir, "good.tar.gz");
-    const msg = await expectRefused(unpackImage({ image, basefsDir, diId: 3, sha256: "0".repeat(64) }), /checksum mismatch/, 3);
+    const msg = await expectRefused(
+      unpackImage({ image, basefsDir, diId: 3, sha256: "0".repeat(64) }),
+      /checksum mismatch/,
+      3,
+    );
     expect(msg).toContain(image);
     expect(msg).toContain(sha256(image));
   });
 
   test("a stale basefs from another file is reported, not reused", async () => {
-    await expectRefused(unpackImage({ image: join(dir, "good.tar"), basefsDir, diId: 1, sha256: sha256(join(dir, "good.tar")) }), /unpacked from another file/, 999);
+    await expectRefused(
+      unpackImage({ image: join(dir, "good.tar"), basefsDir, diId: 1, sha256: sha256(join(dir, "good.tar")) }),
+      /unpacked from another file/,
+      999,
+    );
   });
 
   describe("unsafe archives are refused before anything is extracted", () => {
@@ -156,26 +203,51 @@ describe("unpackImage", () => {
     }
     let id = 10;
     const cases: [string, string, (work: string) => Promise<string[]>, RegExp][] = [
-      ["dotdot.tar.gz", "../x", async (w) => {
-        writeFileSync(join(w, "x"), "outside");
-        return ["canary", "sbin", "../x"];
-      }, /"\.\.\/x": '\.\.' in the path/],
-      ["absolute.tar.gz", "/etc/passwd", async () => ["canary", "sbin", "/etc/passwd"], /"\/etc\/passwd": absolute path/],
-      ["hardlink.tar.gz", "hard link to ../../x", async (w) => {
-        writeFileSync(join(w, "r/f"), "f");
-        linkSync(join(w, "r/f"), join(w, "r/g"));
-        return ["--transform", "s,^f$,../../x,RSh", "canary", "sbin", "f", "g"];
-      }, /"g": hard link to "\.\.\/\.\.\/x" outside the archive/],
-      ["symlink.tar.gz", "symlink ../../../etc", async (w) => {
-        mkdirSync(join(w, "r/a"));
-        symlinkSync("../../../etc", join(w, "r/a/etc"));
-        return ["canary", "sbin", "a", "a/etc"];
-      }, /"a\/etc": symlink to "\.\.\/\.\.\/\.\.\/etc" climbs out of the image/],
-      ["through-symlink.tar.gz", "a file below a symlink of the archive", async (w) => {
-        symlinkSync("/", join(w, "r/root"));
-        writeFileSync(join(w, "r/canary2"), "y");
-        return ["--transform", "s,^canary2$,root/pwned,", "canary", "sbin", "root", "canary2"];
-      }, /"root\/pwned": it lies below the symlink "root"/],
+      [
+        "dotdot.tar.gz",
+        "../x",
+        async (w) => {
+          writeFileSync(join(w, "x"), "outside");
+          return ["canary", "sbin", "../x"];
+        },
+        /"\.\.\/x": '\.\.' in the path/,
+      ],
+      [
+        "absolute.tar.gz",
+        "/etc/passwd",
+        async () => ["canary", "sbin", "/etc/passwd"],
+        /"\/etc\/passwd": absolute path/,
+      ],
+      [
+        "hardlink.tar.gz",
+        "hard link to ../../x",
+        async (w) => {
+          writeFileSync(join(w, "r/f"), "f");
+          linkSync(join(w, "r/f"), join(w, "r/g"));
+          return ["--transform", "s,^f$,../../x,RSh", "canary", "sbin", "f", "g"];
+        },
+        /"g": hard link to "\.\.\/\.\.\/x" outside the archive/,
+      ],
+      [
+        "symlink.tar.gz",
+        "symlink ../../../etc",
+        async (w) => {
+          mkdirSync(join(w, "r/a"));
+          symlinkSync("../../../etc", join(w, "r/a/etc"));
+          return ["canary", "sbin", "a", "a/etc"];
+        },
+        /"a\/etc": symlink to "\.\.\/\.\.\/\.\.\/etc" climbs out of the image/,
+      ],
+      [
+        "through-symlink.tar.gz",
+        "a file below a symlink of the archive",
+        async (w) => {
+          symlinkSync("/", join(w, "r/root"));
+          writeFileSync(join(w, "r/canary2"), "y");
+          return ["--transform", "s,^canary2$,root/pwned,", "canary", "sbin", "root", "canary2"];
+        },
+        /"root\/pwned": it lies below the symlink "root"/,
+      ],
     ];
     for (const [file, what, build, pattern] of cases) {
       const myId = ++id;
@@ -195,18 +267,34 @@ describe("unpackImage", () => {
     const image = join(dir, "truncated.tar.gz");
     writeFileSync(image, readFileSync(join(dir, "good.tar.gz")));
     truncateSync(image, Math.floor(statSync(image).size / 2));
-    const msg = await expectRefused(unpackImage({ image, basefsDir, diId: 20 }), /not a valid image archive: .*(unexpected end|Unexpected EOF)/i, 20);
+    const msg = await expectRefused(
+      unpackImage({ image, basefsDir, diId: 20 }),
+      /not a valid image archive: .*(unexpected end|Unexpected EOF)/i,
+      20,
+    );
     expect(msg).toContain(image);
   });
 
   test("a file that is no archive, and a missing file", async () => {
     const junk = join(dir, "junk.tar.gz");
     writeFileSync(junk, Buffer.concat([Buffer.from([0x1f, 0x8b]), Buffer.alloc(2000, 1)]));
-    await expectRefused(unpackImage({ image: junk, basefsDir, diId: 21 }), /junk\.tar\.gz: not a valid image archive/, 21);
+    await expectRefused(
+      unpackImage({ image: junk, basefsDir, diId: 21 }),
+      /junk\.tar\.gz: not a valid image archive/,
+      21,
+    );
     const text = join(dir, "text.tar");
     writeFileSync(text, "hello\n".repeat(1000));
-    await expectRefused(unpackImage({ image: text, basefsDir, diId: 22 }), /text\.tar: not a valid image archive: .*does not look like a tar archive/, 22);
-    await expectRefused(unpackImage({ image: join(dir, "missing.tar"), basefsDir, diId: 23 }), /missing\.tar: cannot read image: no such file/, 23);
+    await expectRefused(
+      unpackImage({ image: text, basefsDir, diId: 22 }),
+      /text\.tar: not a valid image archive: .*does not look like a tar archive/,
+      22,
+    );
+    await expectRefused(
+      unpackImage({ image: join(dir, "missing.tar"), basefsDir, diId: 23 }),
+      /missing\.tar: cannot read image: no such file/,
+      23,
+    );
   });
 
   test("an archive without a root filesystem is refused", async () => {
@@ -221,7 +309,9 @@ describe("unpackImage", () => {
     const image = join(dir, "good.tar.gz");
     const phases: string[][] = [[], []];
     const [a, b] = await Promise.all(
-      [0, 1].map((i) => unpackImage({ image, basefsDir, diId: 30, sha256: sha256(image), onProgress: (p) => phases[i]!.push(p.phase) })),
+      [0, 1].map((i) =>
+        unpackImage({ image, basefsDir, diId: 30, sha256: sha256(image), onProgress: (p) => phases[i]!.push(p.phase) }),
+      ),
     );
     expect(a!.basefs).toBe(join(basefsDir, "30"));
     expect(b!.basefs).toBe(a!.basefs);
@@ -230,7 +320,11 @@ describe("unpackImage", () => {
     const waiter = a!.unpacked ? phases[1]! : phases[0]!;
     expect(waiter).toContain("wait");
     expect(waiter).not.toContain("extract");
-    expect(readdirSync(basefsDir).filter((n) => n.includes("30")).sort()).toEqual([".lock-30", ".meta-30.json", "30"]);
+    expect(
+      readdirSync(basefsDir)
+        .filter((n) => n.includes("30"))
+        .sort(),
+    ).toEqual([".lock-30", ".meta-30.json", "30"]);
     expect(readFileSync(join(a!.rootfs, "etc/hostname"), "utf8")).toBe("guest\n");
   });
 
@@ -275,7 +369,14 @@ describe("unpacking for unprivileged desktops (id map)", () => {
     expect([st("usr/bin/rootshell").uid, st("usr/bin/rootshell").mode & 0o7777]).toEqual([100000, 0o4755]);
     expect([st("home/alice/notes").uid, st("home/alice/notes").gid]).toEqual([102001, 102001]);
     expect((await run(["getcap", join(res.rootfs, "usr/bin/capped")])).stdout.trim()).toBe("");
-    const attrs = (await run(["python3", "-c", "import os,sys; print(os.listxattr(sys.argv[1]))", join(res.rootfs, "home/alice/notes")])).stdout;
+    const attrs = (
+      await run([
+        "python3",
+        "-c",
+        "import os,sys; print(os.listxattr(sys.argv[1]))",
+        join(res.rootfs, "home/alice/notes"),
+      ])
+    ).stdout;
     expect(attrs).toContain("user.mime");
     expect(attrs).not.toContain("trusted.");
     expect(JSON.parse(readFileSync(join(store, ".meta-1.json"), "utf8")).idmap).toEqual(m);
@@ -283,14 +384,28 @@ describe("unpacking for unprivileged desktops (id map)", () => {
     const gate = statSync(store);
     expect([gate.uid, gate.gid, gate.mode & 0o777]).toEqual([0, 100000, 0o710]);
     // Through a shell: setpriv's own execve still holds root's capabilities while it resolves the path.
-    const asNobody = await run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/bin/sh", "-c", 'exec "$0"', join(res.rootfs, "usr/bin/rootshell")], { allowFail: true });
+    const asNobody = await run(
+      [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "/bin/sh",
+        "-c",
+        'exec "$0"',
+        join(res.rootfs, "usr/bin/rootshell"),
+      ],
+      { allowFail: true },
+    );
     expect(asNobody.status).not.toBe(0);
     expect(asNobody.stderr).toMatch(/Permission denied/);
   });
 
   test("a storage path the mapped root cannot cross is named", async () => {
     const closed = mkdtempSync(join(dir, "closed-")); // mode 0700
-    await expect(unpackImage({ image, basefsDir: join(closed, "basefs"), diId: 1, idmap: m })).rejects.toThrow(/closed-\w+ \(mode 700\) cannot be crossed by the desktops' mapped root \(uid 100000\): give it o\+x/);
+    await expect(unpackImage({ image, basefsDir: join(closed, "basefs"), diId: 1, idmap: m })).rejects.toThrow(
+      /closed-\w+ \(mode 700\) cannot be crossed by the desktops' mapped root \(uid 100000\): give it o\+x/,
+    );
   });
 
   test("an owner outside the range is refused; a basefs unpacked with another map is reported", async () => {
@@ -300,10 +415,16 @@ describe("unpacking for unprivileged desktops (id map)", () => {
     chownSync(join(w, "f"), 70000, 0);
     const big = join(dir, "big-uid.tar");
     await run(["tar", "-C", w, "--numeric-owner", "-cf", big, "."]);
-    await expect(unpackImage({ image: big, basefsDir: store, diId: 2, idmap: m })).rejects.toThrow(/owned by uid 70000, outside the desktops' id range 0-65535 .*nothing was extracted/);
+    await expect(unpackImage({ image: big, basefsDir: store, diId: 2, idmap: m })).rejects.toThrow(
+      /owned by uid 70000, outside the desktops' id range 0-65535 .*nothing was extracted/,
+    );
     expect(readdirSync(store).filter((n) => n === "2" || n.startsWith(".tmp-2") || n === ".meta-2.json")).toEqual([]);
-    await expect(unpackImage({ image, basefsDir: store, diId: 1, idmap: { base: 200000, size: 65536 } })).rejects.toThrow(/unpacked with ids shifted by 100000.*remove it while no desktop uses it/);
-    await expect(unpackImage({ image, basefsDir: store, diId: 1 })).rejects.toThrow(/this node runs desktops with unshifted ids/);
+    await expect(
+      unpackImage({ image, basefsDir: store, diId: 1, idmap: { base: 200000, size: 65536 } }),
+    ).rejects.toThrow(/unpacked with ids shifted by 100000.*remove it while no desktop uses it/);
+    await expect(unpackImage({ image, basefsDir: store, diId: 1 })).rejects.toThrow(
+      /this node runs desktops with unshifted ids/,
+    );
   });
 });
 
@@ -315,7 +436,7 @@ describe("checkEntries", () => {
         'lrwxrwxrwx 0/0               0 2026-11-28 11:31 "./sub/sp ace -> x" -> "../f"',
         'hrw-r--r-- 0/0               0 2026-11-28 11:31 "./g" link to "./f"',
         '-rw-r--r-- 0/0               1 2026-11-28 11:31 "./nl\\nname\\"q\\303\\251"',
-        "crw-r--r-- 0/0             1,3 2026-11-28 11:31 \"./null\"",
+        'crw-r--r-- 0/0             1,3 2026-11-28 11:31 "./null"',
       ].join("\n"),
     );
     expect(entries.map((e) => [e.type, e.name, e.link])).toEqual([
@@ -373,7 +494,11 @@ describe("shared storage: two nodes unpack the real desktop image at once", () =
 
   test("one good copy: both report the same rootfs, the loser's copy is gone, nothing else is left", async () => {
     const sha = sha256(image);
-    const outs = await Promise.all([0, 1].map(() => run([process.execPath, "-e", unpacker(40, sha)], { env: { ...process.env, QVD_LOG_LEVEL: "error" } })));
+    const outs = await Promise.all(
+      [0, 1].map(() =>
+        run([process.execPath, "-e", unpacker(40, sha)], { env: { ...process.env, QVD_LOG_LEVEL: "error" } }),
+      ),
+    );
     const [a, b] = outs.map((o) => JSON.parse(o.stdout.trim().split("\n").at(-1)!));
     // Both extracted (they raced for real), one copy won.
     expect(a.phases).toContain("extract");
@@ -381,12 +506,25 @@ describe("shared storage: two nodes unpack the real desktop image at once", () =
     expect([a.unpacked, b.unpacked].sort()).toEqual([false, true]);
     expect(b.rootfs).toBe(a.rootfs);
     expect(a.rootfs).toBe(join(store, "40"));
-    expect(readdirSync(store).filter((n) => n.includes("40")).sort()).toEqual([".meta-40.json", "40"]);
+    expect(
+      readdirSync(store)
+        .filter((n) => n.includes("40"))
+        .sort(),
+    ).toEqual([".meta-40.json", "40"]);
     // The copy is whole: every entry of the archive but the skipped device nodes is there.
     const meta = JSON.parse(readFileSync(join(store, ".meta-40.json"), "utf8"));
-    expect([meta.sha256, meta.idmap, meta.ino]).toEqual([sha, m, lstatSync(join(store, "40"), { bigint: true }).ino.toString()]);
-    const listed = new Set((await inspectImage(image)).entries.map((e) => e.name.replace(/^\.\/?/, "").replace(/\/$/, "")));
-    const found = (await run(["find", ".", "-mindepth", "1"], { cwd: join(store, "40") })).stdout.trim().split("\n").map((n) => n.slice(2));
+    expect([meta.sha256, meta.idmap, meta.ino]).toEqual([
+      sha,
+      m,
+      lstatSync(join(store, "40"), { bigint: true }).ino.toString(),
+    ]);
+    const listed = new Set(
+      (await inspectImage(image)).entries.map((e) => e.name.replace(/^\.\/?/, "").replace(/\/$/, "")),
+    );
+    const found = (await run(["find", ".", "-mindepth", "1"], { cwd: join(store, "40") })).stdout
+      .trim()
+      .split("\n")
+      .map((n) => n.slice(2));
     expect(found.length).toBe(listed.size - 1 - meta.skipped.length); // "" is the root itself
     expect(lstatSync(join(store, "40", "usr/bin/nxagent")).isFile()).toBe(true);
   }, 600_000);
@@ -402,28 +540,46 @@ describe("shared storage: two nodes unpack the real desktop image at once", () =
     expect(readFileSync(rec, "utf8")).toBe(good);
     // No record at all: not taken as good.
     rmSync(rec);
-    await expect(unpackImage({ image, basefsDir: store, diId: 40, idmap: m })).rejects.toThrow(/has no record of how it was unpacked/);
+    await expect(unpackImage({ image, basefsDir: store, diId: 40, idmap: m })).rejects.toThrow(
+      /has no record of how it was unpacked/,
+    );
     writeFileSync(rec, good);
   });
 
   test("an unpacker holding the lock never removes another node's live temporary directory (its lock did not reach that node)", async () => {
     const other = Bun.spawn([process.execPath, "-e", unpacker(42)], { stdout: "pipe", stderr: "pipe" });
-    const theirs = () => readdirSync(store).find((n) => n.startsWith(".tmp-42-") && !n.endsWith(".meta") && !n.endsWith(".exclude"));
-    await until(() => Boolean(theirs() && existsSync(join(store, theirs()!, "usr"))), "the other unpacker to start extracting", 300_000, 50);
+    const theirs = () =>
+      readdirSync(store).find((n) => n.startsWith(".tmp-42-") && !n.endsWith(".meta") && !n.endsWith(".exclude"));
+    await until(
+      () => Boolean(theirs() && existsSync(join(store, theirs()!, "usr"))),
+      "the other unpacker to start extracting",
+      300_000,
+      50,
+    );
     const mine = await unpackImage({ image, basefsDir: store, diId: 42, idmap: m }); // takes the lock
     const out = await new Response(other.stdout).text();
     expect(await other.exited).toBe(0);
     const r = JSON.parse(out.trim().split("\n").at(-1)!);
     expect([mine.unpacked, r.unpacked].sort()).toEqual([false, true]);
     expect(r.rootfs).toBe(mine.rootfs);
-    expect(readdirSync(store).filter((n) => n.includes("42")).sort()).toEqual([".lock-42", ".meta-42.json", "42"]);
+    expect(
+      readdirSync(store)
+        .filter((n) => n.includes("42"))
+        .sort(),
+    ).toEqual([".lock-42", ".meta-42.json", "42"]);
   }, 600_000);
 
   test("an unpack killed mid-way leaves no image; the next unpack makes a whole one and removes the dead one's directory", async () => {
     // setsid: the unpacker, lxc-usernsexec and tar in a process group of their own, killed together.
     const p = Bun.spawn(["setsid", process.execPath, "-e", unpacker(41)], { stdout: "ignore", stderr: "ignore" });
-    const tmpDir = () => readdirSync(store).find((n) => n.startsWith(".tmp-41-") && !n.endsWith(".meta") && !n.endsWith(".exclude"));
-    await until(() => Boolean(tmpDir() && existsSync(join(store, tmpDir()!, "usr"))), "the unpacker to start extracting", 300_000, 50);
+    const tmpDir = () =>
+      readdirSync(store).find((n) => n.startsWith(".tmp-41-") && !n.endsWith(".meta") && !n.endsWith(".exclude"));
+    await until(
+      () => Boolean(tmpDir() && existsSync(join(store, tmpDir()!, "usr"))),
+      "the unpacker to start extracting",
+      300_000,
+      50,
+    );
     process.kill(-p.pid, "SIGKILL");
     await p.exited;
     const left = tmpDir()!;
@@ -433,6 +589,10 @@ describe("shared storage: two nodes unpack the real desktop image at once", () =
     const r = await unpackImage({ image, basefsDir: store, diId: 41, idmap: m, lock: false });
     expect(r.unpacked).toBe(true);
     expect(lstatSync(join(r.rootfs, "usr/bin/nxagent")).isFile()).toBe(true);
-    expect(readdirSync(store).filter((n) => n.includes("41")).sort()).toEqual([".meta-41.json", "41"]);
+    expect(
+      readdirSync(store)
+        .filter((n) => n.includes("41"))
+        .sort(),
+    ).toEqual([".meta-41.json", "41"]);
   }, 600_000);
 });

@@ -2,10 +2,35 @@
 // 198.18.0.0/15 only) and removes. The root filesystem is a static busybox with a small init
 // script; the "qvd binary" bind-mounted into the guests is dist/qvd when built, else busybox.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, readFileSync, rmSync, statSync, lstatSync, writeFileSync, chmodSync, chownSync, copyFileSync, symlinkSync, readdirSync } from "node:fs";
+import {
+  existsSync,
+  mkdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  lstatSync,
+  writeFileSync,
+  chmodSync,
+  chownSync,
+  copyFileSync,
+  symlinkSync,
+  readdirSync,
+} from "node:fs";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
-import { CAPS, DEFAULT_IDMAP, LxcBackend, SECCOMP_DENY, detectCgroups, idmapFromConfig, lxcOptionsFromConfig, renderConfig, sharesToWeight, shiftTree, type CgroupInfo } from "../src/virt/lxc.ts";
+import {
+  CAPS,
+  DEFAULT_IDMAP,
+  LxcBackend,
+  SECCOMP_DENY,
+  detectCgroups,
+  idmapFromConfig,
+  lxcOptionsFromConfig,
+  renderConfig,
+  sharesToWeight,
+  shiftTree,
+  type CgroupInfo,
+} from "../src/virt/lxc.ts";
 import { NodeNetwork, nodeNetworkFromConfig, nthAddress, parsePorts } from "../src/virt/network.ts";
 import { Config } from "../src/config.ts";
 import { macFor, type VmSpec } from "../src/virt/backend.ts";
@@ -25,15 +50,28 @@ const baseSpec = (id: number, over: Partial<VmSpec> = {}): VmSpec => ({
   image: { diId: 1, path: "/srv/basefs/1" },
   overlay: { enabled: true, persistent: false },
   home: { hostPath: "/srv/homes/t/alice", user: "alice", sizeMb: 0 },
-  network: { ip: `198.18.0.${id + 1}`, prefix: 16, gateway: "198.18.0.1", mac: macFor(`198.18.0.${id + 1}`, "54:52:00"), bridge: "qvdbr0" },
+  network: {
+    ip: `198.18.0.${id + 1}`,
+    prefix: 16,
+    gateway: "198.18.0.1",
+    mac: macFor(`198.18.0.${id + 1}`, "54:52:00"),
+    bridge: "qvdbr0",
+  },
   vma: { port: 3030, secret: "s3cret" },
   qvdBinary: "/usr/bin/qvd",
   ...over,
 });
 
 const ctx = (cgroups: CgroupInfo) => ({
-  vmDir: "/run/qvd/lxc/qvd-7", logDir: "/run/qvd/lxc/logs", upperDir: "/srv/overlays/7/upper", cgroups,
-  vmaInit: true, init: "/sbin/init", guestQvdPath: "/usr/local/bin/qvd", haltSignal: "SIGPWR", apparmorProfile: "unconfined",
+  vmDir: "/run/qvd/lxc/qvd-7",
+  logDir: "/run/qvd/lxc/logs",
+  upperDir: "/srv/overlays/7/upper",
+  cgroups,
+  vmaInit: true,
+  init: "/sbin/init",
+  guestQvdPath: "/usr/local/bin/qvd",
+  haltSignal: "SIGPWR",
+  apparmorProfile: "unconfined",
   idmap: DEFAULT_IDMAP,
 });
 
@@ -52,12 +90,17 @@ describe("LXC configuration", () => {
     expect(c).toContain("lxc.init.cmd = /usr/local/bin/qvd vma\n");
     expect(c).toContain("lxc.mount.entry = /usr/bin/qvd usr/local/bin/qvd none bind,ro,create=file 0 0\n");
     expect(c).toContain("lxc.mount.entry = /srv/homes/t/alice home/alice none bind,create=dir 0 0\n");
-    expect(c).toContain("lxc.mount.entry = /run/qvd/lxc/qvd-7/vma.json run/qvd/vma.json none bind,ro,create=file 0 0\n");
+    expect(c).toContain(
+      "lxc.mount.entry = /run/qvd/lxc/qvd-7/vma.json run/qvd/vma.json none bind,ro,create=file 0 0\n",
+    );
     expect(c).not.toContain("lxc.net.0.link"); // attached by script.up (see lxc.ts)
   });
 
   test("cgroup v2: unified keys, cpu.weight from shares", () => {
-    const c = renderConfig(baseSpec(7, { cpuShares: 1024 }), ctx({ memory: "v2", cpu: "v2", devices: "v2", memsw: false, swapMax: true }));
+    const c = renderConfig(
+      baseSpec(7, { cpuShares: 1024 }),
+      ctx({ memory: "v2", cpu: "v2", devices: "v2", memsw: false, swapMax: true }),
+    );
     expect(c).toContain("lxc.cgroup2.memory.max = 268435456\n");
     expect(c).toContain("lxc.cgroup2.memory.swap.max = 0\n");
     expect(c).toContain(`lxc.cgroup2.cpu.weight = ${sharesToWeight(1024)}\n`);
@@ -69,12 +112,23 @@ describe("LXC configuration", () => {
   });
 
   test("no overlay: read-only image, paths with spaces escaped, own init", () => {
-    const spec = baseSpec(7, { overlay: { enabled: false, persistent: false }, home: { hostPath: "/srv/my homes/alice", user: "alice", sizeMb: 0 } });
-    const c = renderConfig(spec, { ...ctx({ memory: null, cpu: null, devices: null, memsw: false, swapMax: false }), vmaInit: false });
+    const spec = baseSpec(7, {
+      overlay: { enabled: false, persistent: false },
+      home: { hostPath: "/srv/my homes/alice", user: "alice", sizeMb: 0 },
+    });
+    const c = renderConfig(spec, {
+      ...ctx({ memory: null, cpu: null, devices: null, memsw: false, swapMax: false }),
+      vmaInit: false,
+    });
     expect(c).toContain("lxc.rootfs.path = dir:/srv/basefs/1\nlxc.rootfs.options = ro\n");
     expect(c).toContain("lxc.mount.entry = /srv/my\\040homes/alice home/alice");
     expect(c).toContain("lxc.init.cmd = /sbin/init\n");
-    expect(() => renderConfig(baseSpec(7, { home: { hostPath: "/h", user: "../x", sizeMb: 0 } }), ctx({ memory: null, cpu: null, devices: null, memsw: false, swapMax: false }))).toThrow();
+    expect(() =>
+      renderConfig(
+        baseSpec(7, { home: { hostPath: "/h", user: "../x", sizeMb: 0 } }),
+        ctx({ memory: null, cpu: null, devices: null, memsw: false, swapMax: false }),
+      ),
+    ).toThrow();
   });
 
   test("unprivileged: id map, a capability allow-list, AppArmor only where the kernel has it", () => {
@@ -84,7 +138,18 @@ describe("LXC configuration", () => {
     // An allow-list: what the VMA needs, nothing that reaches mounts, modules, raw I/O or the clock.
     expect(c).toContain(`lxc.cap.keep = ${CAPS.join(" ")}\n`);
     expect(c).not.toContain("lxc.cap.drop");
-    for (const cap of ["sys_admin", "sys_module", "sys_rawio", "sys_time", "sys_ptrace", "net_admin", "mknod", "mac_admin", "syslog"]) expect(CAPS).not.toContain(cap);
+    for (const cap of [
+      "sys_admin",
+      "sys_module",
+      "sys_rawio",
+      "sys_time",
+      "sys_ptrace",
+      "net_admin",
+      "mknod",
+      "mac_admin",
+      "syslog",
+    ])
+      expect(CAPS).not.toContain(cap);
     for (const cap of ["setuid", "setgid", "chown", "kill"]) expect(CAPS).toContain(cap);
     // No AppArmor on the node (this machine): unconfined, and nothing pretends otherwise.
     expect(c).toContain("lxc.apparmor.profile = unconfined\n");
@@ -92,11 +157,21 @@ describe("LXC configuration", () => {
     // AppArmor present: LXC's generated profile without nesting.
     const a = renderConfig(baseSpec(7), { ...ctx(none), apparmorProfile: "generated" });
     expect(a).toContain("lxc.apparmor.profile = generated\nlxc.apparmor.allow_nesting = 0\n");
-    for (const sc of ["keyctl", "bpf", "perf_event_open", "userfaultfd", "open_by_handle_at", "kexec_load", "init_module"]) expect(SECCOMP_DENY).toContain(sc);
+    for (const sc of [
+      "keyctl",
+      "bpf",
+      "perf_event_open",
+      "userfaultfd",
+      "open_by_handle_at",
+      "kexec_load",
+      "init_module",
+    ])
+      expect(SECCOMP_DENY).toContain(sc);
     expect(SECCOMP_DENY).not.toContain("unshare"); // Chromium's sandbox
     expect(SECCOMP_DENY).not.toContain("clone");
     // The range: ids shifted once must never look unshifted.
-    const cfg = (base: string) => new Config([], [{ key: "vm.lxc.idmap.base", value: base, source: { kind: "default" } }]);
+    const cfg = (base: string) =>
+      new Config([], [{ key: "vm.lxc.idmap.base", value: base, source: { kind: "default" } }]);
     expect(idmapFromConfig(cfg("300000"))).toEqual({ base: 300000, size: 65536 });
     expect(() => idmapFromConfig(cfg("1000"))).toThrow(/must be at least vm.lxc.idmap.size/);
   });
@@ -112,7 +187,9 @@ describe("LXC configuration", () => {
       chmodSync(join(dir, "sub/f"), 0o4755); // chown clears setuid: shiftTree must restore it
       const m = { base: 100000, size: 65536 };
       expect(shiftTree(dir, m)).toBe(4);
-      expect([statSync(dir).uid, statSync(join(dir, "sub/f")).uid, statSync(join(dir, "sub/f")).gid]).toEqual([102001, 102001, 102001]);
+      expect([statSync(dir).uid, statSync(join(dir, "sub/f")).uid, statSync(join(dir, "sub/f")).gid]).toEqual([
+        102001, 102001, 102001,
+      ]);
       expect(statSync(join(dir, "sub/f")).mode & 0o7777).toBe(0o4755);
       expect(lstatSync(join(dir, "link")).uid).toBe(100000);
       expect(statSync("/tmp/qvdt-shift-outside").uid).toBe(0); // the link's target is not touched
@@ -135,16 +212,32 @@ describe("LXC configuration", () => {
     expect(h.cpu).toBe("v1");
     expect(h.devices).toBe("v2");
     expect(detectCgroups("").memory).toBeNull();
-    expect(parsePorts("8443, 53/udp")).toEqual([{ port: 8443, proto: "tcp" }, { port: 53, proto: "udp" }]);
+    expect(parsePorts("8443, 53/udp")).toEqual([
+      { port: 8443, proto: "tcp" },
+      { port: 53, proto: "udp" },
+    ]);
     expect(nthAddress("198.18.0.0", 1)).toBe("198.18.0.1");
     expect(nthAddress("198.18.0.0", 256)).toBe("198.18.1.0");
   });
 
   test("options from the configuration", () => {
-    const cfg = new Config([], [{ key: "vm.network.firewall.node_ports", value: "8443,53/udp", source: { kind: "default" } }]);
+    const cfg = new Config(
+      [],
+      [{ key: "vm.network.firewall.node_ports", value: "8443,53/udp", source: { kind: "default" } }],
+    );
     const net = nodeNetworkFromConfig(cfg);
-    expect(net.o).toMatchObject({ bridge: "qvdnet0", gateway: "198.18.0.1", range: "198.18.0.0/16", createBridge: true, firewall: true, outbound: true });
-    expect(net.o.nodePorts).toEqual([{ port: 8443, proto: "tcp" }, { port: 53, proto: "udp" }]);
+    expect(net.o).toMatchObject({
+      bridge: "qvdnet0",
+      gateway: "198.18.0.1",
+      range: "198.18.0.0/16",
+      createBridge: true,
+      firewall: true,
+      outbound: true,
+    });
+    expect(net.o.nodePorts).toEqual([
+      { port: 8443, proto: "tcp" },
+      { port: 53, proto: "udp" },
+    ]);
     const rules = net.firewallRuleset();
     expect(rules).toContain("ct state new tcp dport { 8443 } accept");
     expect(rules).toContain("udp dport { 53 } accept");
@@ -152,14 +245,28 @@ describe("LXC configuration", () => {
     // ports, masqueraded so that the VM still sees only the node's address.
     expect(net.o.vmPorts).toEqual([]);
     expect(rules).not.toMatch(/tcp dport \{ 3030|masquerade/);
-    const routed = nodeNetworkFromConfig(new Config([], [{ key: "vm.network.firewall.vm_ports", value: "3030,4100", source: { kind: "default" } }])).firewallRuleset();
+    const routed = nodeNetworkFromConfig(
+      new Config([], [{ key: "vm.network.firewall.vm_ports", value: "3030,4100", source: { kind: "default" } }]),
+    ).firewallRuleset();
     expect(routed).toContain("tcp dport { 3030, 4100 } accept");
     expect(routed).toContain('oifname "qvdnet0" ip daddr 198.18.0.0/16 tcp dport { 3030, 4100 } masquerade');
     const o = lxcOptionsFromConfig(cfg, net);
-    expect(o).toMatchObject({ lxcPath: "/run/qvd/lxc", storageRoot: "/var/lib/qvd/storage", overlaysRoot: "/var/lib/qvd/storage/overlays", vmaInit: true, init: "/sbin/init", guestQvdPath: "/usr/local/bin/qvd" });
+    expect(o).toMatchObject({
+      lxcPath: "/run/qvd/lxc",
+      storageRoot: "/var/lib/qvd/storage",
+      overlaysRoot: "/var/lib/qvd/storage/overlays",
+      vmaInit: true,
+      init: "/sbin/init",
+      guestQvdPath: "/usr/local/bin/qvd",
+    });
     expect(o.haltSignal).toBeUndefined();
     // A shared root with the writable layers on a local disk (overlayfs cannot write to NFS).
-    const local = new LxcBackend(lxcOptionsFromConfig(new Config([], [{ key: "path.storage.overlays", value: "/srv/local/overlays", source: { kind: "default" } }]), net));
+    const local = new LxcBackend(
+      lxcOptionsFromConfig(
+        new Config([], [{ key: "path.storage.overlays", value: "/srv/local/overlays", source: { kind: "default" } }]),
+        net,
+      ),
+    );
     expect(local.overlayDir(7)).toBe("/srv/local/overlays/7");
     expect(new LxcBackend(o).overlayDir(7)).toBe("/var/lib/qvd/storage/overlays/7");
   });
@@ -182,8 +289,12 @@ describe.skipIf(!hasNetns)("LXC backend (real lxc, own netns)", () => {
   const started = new Set<number>();
 
   const sh = (vmId: number, script: string, allowFail = false) =>
-    net.run(["lxc-attach", "-n", `qvd-${vmId}`, "-P", lxc.lxcPath, "--", "/bin/sh", "-c", script], { allowFail, timeoutMs: 20_000 });
-  const inNs = (argv: string[], allowFail = false) => run(["ip", "netns", "exec", ns, ...argv], { allowFail, timeoutMs: 20_000 });
+    net.run(["lxc-attach", "-n", `qvd-${vmId}`, "-P", lxc.lxcPath, "--", "/bin/sh", "-c", script], {
+      allowFail,
+      timeoutMs: 20_000,
+    });
+  const inNs = (argv: string[], allowFail = false) =>
+    run(["ip", "netns", "exec", ns, ...argv], { allowFail, timeoutMs: 20_000 });
   const ping = async (ip: string) => (await inNs(["busybox", "ping", "-c", "1", "-W", "2", ip], true)).status === 0;
   const spec = (id: number, over: Partial<VmSpec> = {}): VmSpec =>
     baseSpec(id, {
@@ -216,7 +327,9 @@ describe.skipIf(!hasNetns)("LXC backend (real lxc, own netns)", () => {
       if (depth > 4) return;
       let ents: string[] = [];
       try {
-        ents = readdirSync(dir, { withFileTypes: true }).filter((e) => e.isDirectory()).map((e) => e.name);
+        ents = readdirSync(dir, { withFileTypes: true })
+          .filter((e) => e.isDirectory())
+          .map((e) => e.name);
       } catch {}
       for (const e of ents) {
         if (e === `lxc.monitor.${name}` || e === `lxc.payload.${name}`) found.push(join(dir, e));
@@ -230,15 +343,38 @@ describe.skipIf(!hasNetns)("LXC backend (real lxc, own netns)", () => {
   beforeAll(async () => {
     await ensureDeps(["lxc", "iproute2", "nftables", "nsenter", "busybox"], () => {});
     // A busybox root filesystem. init.sh stands in for the VMA: it powers off on SIGPWR.
-    for (const d of ["bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp", "home", "root", "usr/local/bin"]) mkdirSync(join(rootfs, d), { recursive: true });
+    for (const d of ["bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp", "home", "root", "usr/local/bin"])
+      mkdirSync(join(rootfs, d), { recursive: true });
     const bb = existsSync("/usr/bin/busybox") ? "/usr/bin/busybox" : "/bin/busybox";
     copyFileSync(bb, join(rootfs, "bin/busybox"));
     chmodSync(join(rootfs, "bin/busybox"), 0o755);
-    for (const a of ["sh", "ls", "cat", "echo", "sleep", "ping", "touch", "test", "stat", "mount", "ip", "grep", "id", "nc"]) symlinkSync("busybox", join(rootfs, "bin", a));
+    for (const a of [
+      "sh",
+      "ls",
+      "cat",
+      "echo",
+      "sleep",
+      "ping",
+      "touch",
+      "test",
+      "stat",
+      "mount",
+      "ip",
+      "grep",
+      "id",
+      "nc",
+    ])
+      symlinkSync("busybox", join(rootfs, "bin", a));
     writeFileSync(join(rootfs, "etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n");
-    writeFileSync(join(rootfs, "sbin/init.sh"), "#!/bin/sh\ntrap 'echo bye > /run/bye; exit 0' PWR TERM\necho ready > /run/ok\nsleep 100000 &\nwait\n", { mode: 0o755 });
+    writeFileSync(
+      join(rootfs, "sbin/init.sh"),
+      "#!/bin/sh\ntrap 'echo bye > /run/bye; exit 0' PWR TERM\necho ready > /run/ok\nsleep 100000 &\nwait\n",
+      { mode: 0o755 },
+    );
     // An init that ignores the halt signal (for stop → false → kill).
-    writeFileSync(join(rootfs, "sbin/stubborn.sh"), "#!/bin/sh\ntrap '' PWR TERM\nwhile :; do sleep 1; done\n", { mode: 0o755 });
+    writeFileSync(join(rootfs, "sbin/stubborn.sh"), "#!/bin/sh\ntrap '' PWR TERM\nwhile :; do sleep 1; done\n", {
+      mode: 0o755,
+    });
     qvdBinary = existsSync("dist/qvd") ? join(process.cwd(), "dist/qvd") : bb;
     // Owned as images.ts unpacks it for unprivileged desktops (guest root = the range's base).
     shiftTree(rootfs, DEFAULT_IDMAP);
@@ -246,11 +382,25 @@ describe.skipIf(!hasNetns)("LXC backend (real lxc, own netns)", () => {
     await run(["ip", "netns", "add", ns]);
     await run(["ip", "-n", ns, "link", "set", "lo", "up"]);
     net = new NodeNetwork({
-      bridge: "qvdbr0", gateway: "198.18.0.1", range: "198.18.0.0/16", createBridge: true, firewall: true,
-      nodePorts: parsePorts("8443"), vmPorts: parsePorts("3030,4100"), outbound: true, netns: ns,
+      bridge: "qvdbr0",
+      gateway: "198.18.0.1",
+      range: "198.18.0.0/16",
+      createBridge: true,
+      firewall: true,
+      nodePorts: parsePorts("8443"),
+      vmPorts: parsePorts("3030,4100"),
+      outbound: true,
+      netns: ns,
     });
     await net.setup();
-    lxc = new LxcBackend({ lxcPath: join(root, "lxc"), storageRoot: storage, network: net, vmaInit: false, init: "/sbin/init.sh", haltSignal: "SIGPWR" });
+    lxc = new LxcBackend({
+      lxcPath: join(root, "lxc"),
+      storageRoot: storage,
+      network: net,
+      vmaInit: false,
+      init: "/sbin/init.sh",
+      haltSignal: "SIGPWR",
+    });
   }, 600_000);
 
   afterAll(async () => {
@@ -282,9 +432,18 @@ describe.skipIf(!hasNetns)("LXC backend (real lxc, own netns)", () => {
     expect((await sh(2, "ping -c 1 -W 2 198.18.0.2", true)).status).not.toBe(0);
     expect((await sh(1, "ping -c 1 -W 2 198.18.0.1", true)).status).not.toBe(0);
     // VM → node: a listed port (8443) answers, another one (9999) does not.
-    const listener = Bun.spawn(["ip", "netns", "exec", ns, process.execPath, "-e",
-      `for (const port of [8443, 9999]) Bun.listen({ hostname: "198.18.0.1", port, socket: { open(s) { s.end("hi" + port + "\\n"); }, data() {} } }); console.log("up");`],
-      { stdout: "pipe", stderr: "inherit" });
+    const listener = Bun.spawn(
+      [
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        process.execPath,
+        "-e",
+        `for (const port of [8443, 9999]) Bun.listen({ hostname: "198.18.0.1", port, socket: { open(s) { s.end("hi" + port + "\\n"); }, data() {} } }); console.log("up");`,
+      ],
+      { stdout: "pipe", stderr: "inherit" },
+    );
     try {
       await listener.stdout.getReader().read(); // "up"
       expect((await sh(1, "nc -w 2 198.18.0.1 8443 </dev/null", true)).stdout).toBe("hi8443\n");
@@ -371,7 +530,13 @@ describe.skipIf(!hasNetns)("LXC backend (real lxc, own netns)", () => {
   }, 180_000);
 
   test("an init that ignores the halt signal: stop reports false, kill ends it, cleanup leaves nothing", async () => {
-    const stub = new LxcBackend({ lxcPath: lxc.lxcPath, storageRoot: storage, network: net, vmaInit: false, init: "/sbin/stubborn.sh" });
+    const stub = new LxcBackend({
+      lxcPath: lxc.lxcPath,
+      storageRoot: storage,
+      network: net,
+      vmaInit: false,
+      init: "/sbin/stubborn.sh",
+    });
     const s = spec(3);
     started.add(3);
     await stub.prepare(s);
@@ -394,9 +559,14 @@ describe.skipIf(!hasNetns)("LXC backend (real lxc, own netns)", () => {
 
   test("the VMA as the container's init (qvd binary built from this tree)", async () => {
     const bin = join(root, "bin", "qvd");
-    const built = await run(["node_modules/.bin/bun", "scripts/build-binaries.ts", "--outfile", bin], { allowFail: true, timeoutMs: 300_000 });
+    const built = await run(["node_modules/.bin/bun", "scripts/build-binaries.ts", "--outfile", bin], {
+      allowFail: true,
+      timeoutMs: 300_000,
+    });
     if (built.status !== 0 || (await run([bin, "vma", "--help"], { allowFail: true })).status !== 0) {
-      console.log(`  [skip] no qvd binary with a vma command: ${(built.stderr || built.stdout).trim().split("\n").pop()}`);
+      console.log(
+        `  [skip] no qvd binary with a vma command: ${(built.stderr || built.stdout).trim().split("\n").pop()}`,
+      );
       return;
     }
     // The binary is dynamically linked against glibc: give the busybox image its libraries.
@@ -413,12 +583,22 @@ describe.skipIf(!hasNetns)("LXC backend (real lxc, own netns)", () => {
     await vmaLxc.start(s);
     // HTTP from the node's namespace (a bun one-liner: the test process itself is outside it).
     const get = (secret?: string) =>
-      inNs([process.execPath, "-e", `const r = await fetch("http://198.18.0.8:3030/vma/ping", { headers: ${JSON.stringify(secret ? { "X-QVD-VMA-Secret": secret } : {})}, signal: AbortSignal.timeout(2000) }); console.log(r.status, await r.text())`], true);
-    const answer = (await poll(async () => {
-      const r = await get(s.vma.secret);
-      return r.status === 0 && r.stdout.startsWith("200 ") && r.stdout;
-    }, 30_000)) ?? "";
-    console.log(`  [timing] qvd-7: start → VMA answers in ${(performance.now() - t0).toFixed(0)} ms: ${answer.trim().slice(0, 80)}`);
+      inNs(
+        [
+          process.execPath,
+          "-e",
+          `const r = await fetch("http://198.18.0.8:3030/vma/ping", { headers: ${JSON.stringify(secret ? { "X-QVD-VMA-Secret": secret } : {})}, signal: AbortSignal.timeout(2000) }); console.log(r.status, await r.text())`,
+        ],
+        true,
+      );
+    const answer =
+      (await poll(async () => {
+        const r = await get(s.vma.secret);
+        return r.status === 0 && r.stdout.startsWith("200 ") && r.stdout;
+      }, 30_000)) ?? "";
+    console.log(
+      `  [timing] qvd-7: start → VMA answers in ${(performance.now() - t0).toFixed(0)} ms: ${answer.trim().slice(0, 80)}`,
+    );
     if (!answer) console.log(readFileSync(vmaLxc.consoleLog(7), "utf8").slice(-2000));
     expect(JSON.parse(answer.slice(4))).toMatchObject({ ok: true, vm_id: 7 });
     // Without the secret: refused.
@@ -459,7 +639,10 @@ describe.skipIf(!hasNetns)("LXC backend (real lxc, own netns)", () => {
     await lxc.prepare(s);
     const B = DEFAULT_IDMAP.base;
     expect([statSync(upper).uid, statSync(join(upper, "root/kept.txt")).uid]).toEqual([B, B]);
-    expect([statSync(s.home.hostPath).uid, statSync(join(s.home.hostPath, "old.txt")).gid]).toEqual([B + 2001, B + 2001]);
+    expect([statSync(s.home.hostPath).uid, statSync(join(s.home.hostPath, "old.txt")).gid]).toEqual([
+      B + 2001,
+      B + 2001,
+    ]);
     // Gates: the mapped root crosses them by group, nobody else.
     for (const d of [join(storage, "overlays"), join(storage, "homes"), join(storage, "homes", "t1"), lxc.vmDir(9)])
       expect([d, statSync(d).uid, statSync(d).gid, statSync(d).mode & 0o777]).toEqual([d, 0, B, 0o710]);
@@ -475,10 +658,19 @@ describe.skipIf(!hasNetns)("LXC backend (real lxc, own netns)", () => {
     expect(await lxc.running()).toEqual([]);
     expect((await run(["ip", "-n", ns, "link"])).stdout).not.toContain("qvd4");
 
-    const bad = new LxcBackend({ lxcPath: lxc.lxcPath, storageRoot: storage, network: net, vmaInit: false, init: "/sbin/missing-init" });
+    const bad = new LxcBackend({
+      lxcPath: lxc.lxcPath,
+      storageRoot: storage,
+      network: net,
+      vmaInit: false,
+      init: "/sbin/missing-init",
+    });
     started.add(5);
     await bad.prepare(spec(5));
-    const err = await bad.start(spec(5)).then(() => undefined, (e: Error) => e);
+    const err = await bad.start(spec(5)).then(
+      () => undefined,
+      (e: Error) => e,
+    );
     // Either LXC refuses to start, or the init fails at once and the container stops.
     console.log(`  [start failure] ${err?.message ?? "(started, init exited)"}`);
     if (err) expect(err.message).toContain(`Failed to exec "/sbin/missing-init"`);

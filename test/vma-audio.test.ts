@@ -7,7 +7,19 @@
 // real nxagent and nxproxy, and through the real `qvd vma` (x_start, connect, suspend).
 // Root is needed (setpriv to the throwaway uids).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  chownSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  symlinkSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { audioService, multimediaServer, pulseConfig, TUNNEL_SINK, type AudioService } from "../src/vma/audio.ts";
@@ -35,11 +47,19 @@ let clientPa: ReturnType<typeof Bun.spawn> | undefined;
 let clientServer: string;
 const daemons: Daemon[] = [];
 
-
-
 async function sh(argv: string[], env: Record<string, string> = {}, timeoutMs = 10_000): Promise<RunResult> {
-  const p = Bun.spawn(argv, { cwd: "/", env: { PATH: process.env.PATH!, ...env }, stdout: "pipe", stderr: "pipe", timeout: timeoutMs });
-  const [stdout, stderr, status] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  const p = Bun.spawn(argv, {
+    cwd: "/",
+    env: { PATH: process.env.PATH!, ...env },
+    stdout: "pipe",
+    stderr: "pipe",
+    timeout: timeoutMs,
+  });
+  const [stdout, stderr, status] = await Promise.all([
+    new Response(p.stdout).text(),
+    new Response(p.stderr).text(),
+    p.exited,
+  ]);
   return { status, stdout, stderr };
 }
 
@@ -63,7 +83,11 @@ function desktop(props: Record<string, string | number | boolean>, name = "d"): 
     homeOnDisk: home,
     env,
     runAsUser(argv, extra = {}) {
-      const d = spawnDaemon([...asUser(UID), ...argv], { cwd: "/", env: { ...env, ...extra, DISPLAY: ":100" }, detached: true });
+      const d = spawnDaemon([...asUser(UID), ...argv], {
+        cwd: "/",
+        env: { ...env, ...extra, DISPLAY: ":100" },
+        detached: true,
+      });
       daemons.push(d);
       return d;
     },
@@ -99,7 +123,10 @@ async function playTone(ctx: ServiceContext, env: Record<string, string>, freq: 
 /** TCP listeners of a process (ss), as "addr:port". */
 async function listeners(pid: number): Promise<string[]> {
   const r = await sh(["ss", "-ltnpH"]);
-  return r.stdout.split("\n").filter((l) => l.includes(`pid=${pid},`)).map((l) => l.trim().split(/\s+/)[3]!);
+  return r.stdout
+    .split("\n")
+    .filter((l) => l.includes(`pid=${pid},`))
+    .map((l) => l.trim().split(/\s+/)[3]!);
 }
 
 beforeAll(async () => {
@@ -112,13 +139,46 @@ beforeAll(async () => {
   mkdirSync(join(c, "home"), { recursive: true });
   mkdirSync(clientRun, { mode: 0o700 });
   // Mic stands for the user's microphone: the desktop must not reach it.
-  writeFileSync(join(c, "client.pa"), ["load-module module-native-protocol-unix", "load-module module-null-sink sink_name=ClientOut", "set-default-sink ClientOut",
-    "load-module module-null-source source_name=Mic", ""].join("\n"));
+  writeFileSync(
+    join(c, "client.pa"),
+    [
+      "load-module module-native-protocol-unix",
+      "load-module module-null-sink sink_name=ClientOut",
+      "set-default-sink ClientOut",
+      "load-module module-null-source source_name=Mic",
+      "",
+    ].join("\n"),
+  );
   clientServer = `unix:${clientRun}/pulse/native`;
-  clientPa = Bun.spawn(["pulseaudio", "-n", "-F", join(c, "client.pa"), "--daemonize=no", "--exit-idle-time=-1", "--realtime=no", "--high-priority=no", "--log-target=stderr"], {
-    cwd: "/", env: { PATH: process.env.PATH!, HOME: join(c, "home"), XDG_RUNTIME_DIR: clientRun, DBUS_SESSION_BUS_ADDRESS: "disabled:" }, stdout: "ignore", stderr: "pipe",
-  });
-  await waitFor("the client's PulseAudio", async () => (await sh(["pactl", "-s", clientServer, "info"])).status === 0, 10_000);
+  clientPa = Bun.spawn(
+    [
+      "pulseaudio",
+      "-n",
+      "-F",
+      join(c, "client.pa"),
+      "--daemonize=no",
+      "--exit-idle-time=-1",
+      "--realtime=no",
+      "--high-priority=no",
+      "--log-target=stderr",
+    ],
+    {
+      cwd: "/",
+      env: {
+        PATH: process.env.PATH!,
+        HOME: join(c, "home"),
+        XDG_RUNTIME_DIR: clientRun,
+        DBUS_SESSION_BUS_ADDRESS: "disabled:",
+      },
+      stdout: "ignore",
+      stderr: "pipe",
+    },
+  );
+  await waitFor(
+    "the client's PulseAudio",
+    async () => (await sh(["pactl", "-s", clientServer, "info"])).status === 0,
+    10_000,
+  );
 });
 
 afterAll(async () => {
@@ -130,10 +190,16 @@ afterAll(async () => {
 
 describe("nxagent's multimedia announcement", () => {
   test("the forms nxcomp prints give a loopback server", () => {
-    expect(multimediaServer("Info: Listening to multimedia connections on port 'tcp:localhost:7100'.")).toBe("tcp:127.0.0.1:7100");
-    expect(multimediaServer("Info: Listening to multimedia connections on port 'tcp:127.0.0.1:7100'.")).toBe("tcp:127.0.0.1:7100");
+    expect(multimediaServer("Info: Listening to multimedia connections on port 'tcp:localhost:7100'.")).toBe(
+      "tcp:127.0.0.1:7100",
+    );
+    expect(multimediaServer("Info: Listening to multimedia connections on port 'tcp:127.0.0.1:7100'.")).toBe(
+      "tcp:127.0.0.1:7100",
+    );
     expect(multimediaServer("Info: Listening to multimedia connections on port '7100'.")).toBe("tcp:127.0.0.1:7100");
-    expect(multimediaServer("Info: Listening to multimedia connections on port 'unix:/tmp/.nx/media'.")).toBe("unix:/tmp/.nx/media");
+    expect(multimediaServer("Info: Listening to multimedia connections on port 'unix:/tmp/.nx/media'.")).toBe(
+      "unix:/tmp/.nx/media",
+    );
   });
 
   test("anything else gives no server: other hosts, bad ports, paths leaving, lines not nxagent's", () => {
@@ -149,7 +215,8 @@ describe("nxagent's multimedia announcement", () => {
       "Info: Listening to CUPS connections on port 'tcp:localhost:2100'.",
       "x Info: Listening to multimedia connections on port '7100'.",
       "Info: Forwarding multimedia connections to port '7100'.",
-    ]) expect(multimediaServer(line)).toBeUndefined();
+    ])
+      expect(multimediaServer(line)).toBeUndefined();
   });
 
   test("the generated PulseAudio script has no TCP module and the tunnel as the default", () => {
@@ -213,7 +280,10 @@ describe("prepare: who switches sound on", () => {
       expect((await service().prepare(desktop({ "qvd.client.audio.enabled": v }, "p3"))).options).toEqual(["media=1"]);
     }
     // The administrator's property wins over the client's wish.
-    expect((await service().prepare(desktop({ "qvd.vm.audio.enable": "no", "qvd.client.audio.enabled": "1" }, "p3"))).options).toEqual([]);
+    expect(
+      (await service().prepare(desktop({ "qvd.vm.audio.enable": "no", "qvd.client.audio.enabled": "1" }, "p3")))
+        .options,
+    ).toEqual([]);
   });
 
   test("the tunnel's queue (vma.audio.latency_msec) outside 10…2000 ms is refused", () => {
@@ -242,14 +312,25 @@ describe("prepare: who switches sound on", () => {
 describe("the client's side (startClientAudio)", () => {
   test("bad ports are refused before pactl runs", () => {
     for (const p of [0, -1, 65536, 1.5, NaN]) expect(() => tcpModuleArgs(p)).toThrow(RangeError);
-    expect(tcpModuleArgs(4713)).toEqual(["load-module", "module-native-protocol-tcp", "port=4713", "listen=127.0.0.1", "auth-anonymous=1", "auth-ip-acl=127.0.0.1"]);
+    expect(tcpModuleArgs(4713)).toEqual([
+      "load-module",
+      "module-native-protocol-tcp",
+      "port=4713",
+      "listen=127.0.0.1",
+      "auth-anonymous=1",
+      "auth-ip-acl=127.0.0.1",
+    ]);
   });
 
   test("no PulseAudio, or no pactl: no sound, one warning line, no exception", async () => {
     const warnings: string[] = [];
     const port = freePort();
-    expect(await startClientAudio({ port, pulseServer: `unix:${work}/nothing-here`, warn: (l) => warnings.push(l) })).toBeUndefined();
-    expect(await startClientAudio({ port, pactl: join(work, "no-pactl"), warn: (l) => warnings.push(l) })).toBeUndefined();
+    expect(
+      await startClientAudio({ port, pulseServer: `unix:${work}/nothing-here`, warn: (l) => warnings.push(l) }),
+    ).toBeUndefined();
+    expect(
+      await startClientAudio({ port, pactl: join(work, "no-pactl"), warn: (l) => warnings.push(l) }),
+    ).toBeUndefined();
     expect(warnings.length).toBe(2);
     for (const w of warnings) expect(w).toMatch(/^qvd client: no sound: .+/);
     expect(warnings.join("\n")).not.toContain("\n    at ");
@@ -260,7 +341,11 @@ describe("the client's side (startClientAudio)", () => {
     const a = await startClientAudio({ port, pulseServer: clientServer });
     expect(a?.relay).toBeGreaterThan(0);
     expect(a?.module).toBeUndefined();
-    const open = (await sh(["ss", "-ltnH", `sport = :${port}`])).stdout.trim().split("\n").filter(Boolean).map((l) => l.split(/\s+/)[3]);
+    const open = (await sh(["ss", "-ltnH", `sport = :${port}`])).stdout
+      .trim()
+      .split("\n")
+      .filter(Boolean)
+      .map((l) => l.split(/\s+/)[3]);
     expect(open).toEqual([`127.0.0.1:${port}`]);
     // A second session asking for the same port gets no sound, the first keeps it.
     const warnings: string[] = [];
@@ -275,27 +360,41 @@ describe("the client's side (startClientAudio)", () => {
   test("the relay does not outlive a qvd client killed outright (SIGKILL)", async () => {
     const port = freePort();
     const script = join(work, "client-like.ts");
-    writeFileSync(script, `import { startClientAudio } from ${JSON.stringify(join(import.meta.dir, "..", "src/client/audio.ts"))};
+    writeFileSync(
+      script,
+      `import { startClientAudio } from ${JSON.stringify(join(import.meta.dir, "..", "src/client/audio.ts"))};
 const a = await startClientAudio({ port: ${port}, pulseServer: ${JSON.stringify(clientServer)} });
 console.log("relay " + a?.relay);
 await Bun.sleep(60_000);
-`);
+`,
+    );
     const before = new Set(readdirSync(tmpdir()).filter((f) => f.startsWith("qvd-audio-")));
     const p = Bun.spawn([process.execPath, script], { stdout: "pipe", stderr: "pipe" });
     let out = "";
     const reader = (p.stdout as ReadableStream<Uint8Array>).getReader();
-    const pid = await waitFor("the relay's pid", async () => {
-      const { value } = await reader.read();
-      out += new TextDecoder().decode(value);
-      return /relay (\d+)/.exec(out)?.[1];
-    }, 10_000);
+    const pid = await waitFor(
+      "the relay's pid",
+      async () => {
+        const { value } = await reader.read();
+        out += new TextDecoder().decode(value);
+        return /relay (\d+)/.exec(out)?.[1];
+      },
+      10_000,
+    );
     expect(alive(Number(pid))).toBe(true);
     p.kill("SIGKILL");
     await waitFor("the relay to end", () => !alive(Number(pid)), 5000);
     // Nothing of it left in the temporary directory (its script is gone once it runs). Other
     // programs may run relays meanwhile: only a script naming this port counts.
-    const left = readdirSync(tmpdir()).filter((f) => f.startsWith("qvd-audio-") && !before.has(f))
-      .filter((f) => { try { return readFileSync(join(tmpdir(), f, "relay.pa"), "utf8").includes(`port=${port} `); } catch { return false; } });
+    const left = readdirSync(tmpdir())
+      .filter((f) => f.startsWith("qvd-audio-") && !before.has(f))
+      .filter((f) => {
+        try {
+          return readFileSync(join(tmpdir(), f, "relay.pa"), "utf8").includes(`port=${port} `);
+        } catch {
+          return false;
+        }
+      });
     expect(left).toEqual([]);
     expect((await sh(["ss", "-ltnH", `sport = :${port}`])).stdout.trim()).toBe("");
   }, 20_000);
@@ -317,7 +416,11 @@ await Bun.sleep(60_000);
       // Without a pulseaudio program (PipeWire-only machines) the port is the user's server, as
       // the original had it: the microphone is there (which is why the relay exists).
       const p2 = freePort();
-      const direct = await startClientAudio({ port: p2, pulseServer: clientServer, pulseaudio: join(work, "no-pulseaudio") });
+      const direct = await startClientAudio({
+        port: p2,
+        pulseServer: clientServer,
+        pulseaudio: join(work, "no-pulseaudio"),
+      });
       expect(direct?.module).toMatch(/^\d+$/);
       expect((await sh(["pactl", "-s", `tcp:127.0.0.1:${p2}`, "list", "short", "sources"])).stdout).toContain("Mic");
       await direct!.stop();
@@ -352,10 +455,14 @@ describe("sound from the desktop reaches the client's sink", () => {
     svc.onAgentLine!("Info: Listening to X11 connections on display ':100'.", ctx);
     expect(desktopPulse()).toHaveLength(0);
     svc.onAgentLine!(`Info: Listening to multimedia connections on port 'tcp:localhost:${port}'.`, ctx);
-    await waitFor("the tunnel sink as the default", async () => {
-      const r = await ctx.execAsUser(["pactl", "get-default-sink"], { env });
-      return r.stdout.trim() === TUNNEL_SINK;
-    }, 10_000);
+    await waitFor(
+      "the tunnel sink as the default",
+      async () => {
+        const r = await ctx.execAsUser(["pactl", "get-default-sink"], { env });
+        return r.stdout.trim() === TUNNEL_SINK;
+      },
+      10_000,
+    );
     const pa = desktopPulse();
     expect(pa).toHaveLength(1);
     // It runs as the user, and listens on no TCP port (the only one in a desktop is nxagent's).
@@ -413,7 +520,9 @@ describe("a VMA killed outright", () => {
     const rt = join(runtimeRoot(), "killed");
     const script = join(work, "vma-like.ts");
     const src = (f: string) => JSON.stringify(join(import.meta.dir, "..", "src", f));
-    writeFileSync(script, `import { audioService } from ${src("vma/audio.ts")};
+    writeFileSync(
+      script,
+      `import { audioService } from ${src("vma/audio.ts")};
 import { spawnDaemon } from ${src("run.ts")};
 const priv = ${JSON.stringify(asUser(UID))};
 const env = ${JSON.stringify(ctx.env)};
@@ -427,15 +536,23 @@ svc.onAgentLine("Info: Listening to multimedia connections on port 'tcp:localhos
 await svc.idle();
 console.log("started");
 await Bun.sleep(60_000);
-`);
+`,
+    );
     const p = Bun.spawn([process.execPath, script], { stdout: "pipe", stderr: "pipe" });
     const out = new Response(p.stdout).text();
     let pa = 0;
     try {
-      pa = await waitFor("the user's PulseAudio", async () => {
-        const r = (await sh(["pgrep", "-u", String(UID), "-f", `pulse-${UID}.pa`])).stdout.trim().split("\n").filter(Boolean);
-        return r.length === 1 ? Number(r[0]) : undefined;
-      }, 20_000);
+      pa = await waitFor(
+        "the user's PulseAudio",
+        async () => {
+          const r = (await sh(["pgrep", "-u", String(UID), "-f", `pulse-${UID}.pa`])).stdout
+            .trim()
+            .split("\n")
+            .filter(Boolean);
+          return r.length === 1 ? Number(r[0]) : undefined;
+        },
+        20_000,
+      );
       await Bun.sleep(500);
       p.kill("SIGKILL");
       await p.exited;
@@ -457,11 +574,31 @@ describe("a PulseAudio the user already runs", () => {
     const ctx = desktop({}, "own");
     const env = (await svc.prepare(ctx)).env!;
     const own = join(ctx.dir, "own.pa");
-    writeFileSync(own, `load-module module-native-protocol-unix socket=${env.XDG_RUNTIME_DIR}/pulse/native\nload-module module-null-sink sink_name=Mine\n`);
+    writeFileSync(
+      own,
+      `load-module module-native-protocol-unix socket=${env.XDG_RUNTIME_DIR}/pulse/native\nload-module module-null-sink sink_name=Mine\n`,
+    );
     chmodSync(own, 0o644);
-    const mine = ctx.runAsUser(["pulseaudio", "-n", "-F", own, "--daemonize=no", "--exit-idle-time=-1", "--realtime=no", "--high-priority=no", "--log-target=stderr"], { XDG_RUNTIME_DIR: env.XDG_RUNTIME_DIR!, DBUS_SESSION_BUS_ADDRESS: "disabled:" })!;
+    const mine = ctx.runAsUser(
+      [
+        "pulseaudio",
+        "-n",
+        "-F",
+        own,
+        "--daemonize=no",
+        "--exit-idle-time=-1",
+        "--realtime=no",
+        "--high-priority=no",
+        "--log-target=stderr",
+      ],
+      { XDG_RUNTIME_DIR: env.XDG_RUNTIME_DIR!, DBUS_SESSION_BUS_ADDRESS: "disabled:" },
+    )!;
     const before = daemons.length;
-    await waitFor("the user's PulseAudio", async () => (await ctx.execAsUser(["pactl", "info"], { env })).status === 0, 10_000);
+    await waitFor(
+      "the user's PulseAudio",
+      async () => (await ctx.execAsUser(["pactl", "info"], { env })).status === 0,
+      10_000,
+    );
     svc.onAgentLine!(`Info: Listening to multimedia connections on port 'tcp:localhost:${port}'.`, ctx);
     await svc.idle();
     expect(daemons.length).toBe(before); // no second PulseAudio
@@ -479,12 +616,13 @@ describe("a PulseAudio the user already runs", () => {
 });
 
 describe("through a real nxagent and nxproxy", () => {
-
   test("nxagent's own announcement (media=1) starts the tunnel; a tone crosses the NX session to nxproxy's media= port", async () => {
     const nxHome = join(work, "nx");
     mkdirSync(nxHome, { recursive: true });
     const xd = freeDisplay(160);
-    const xvfb = spawnDaemon(["Xvfb", `:${xd}`, "-screen", "0", "640x480x24", "-nolisten", "tcp", "-noreset"], { detached: true });
+    const xvfb = spawnDaemon(["Xvfb", `:${xd}`, "-screen", "0", "640x480x24", "-nolisten", "tcp", "-noreset"], {
+      detached: true,
+    });
     daemons.push(xvfb);
     await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${xd}`), 10_000);
     const ad = freeDisplay(xd + 1);
@@ -498,14 +636,42 @@ describe("through a real nxagent and nxproxy", () => {
     const ctx = desktop({}, "nx-desktop");
     const env = (await svc.prepare(ctx)).env!;
     const agentLines: string[] = [];
-    const xinit = spawnDaemon(["xinit", "/bin/sleep", "1000", "--", "/usr/bin/nxagent", `:${ad}`, "-ac", "-name", "QVD", "-display", `nx/nx,options=${options}:${ad}`], {
-      cwd: nxHome, env: { PATH: process.env.PATH!, HOME: nxHome }, detached: true,
-      onLine: (l) => { agentLines.push(l); svc.onAgentLine!(l, ctx); },
-    });
+    const xinit = spawnDaemon(
+      [
+        "xinit",
+        "/bin/sleep",
+        "1000",
+        "--",
+        "/usr/bin/nxagent",
+        `:${ad}`,
+        "-ac",
+        "-name",
+        "QVD",
+        "-display",
+        `nx/nx,options=${options}:${ad}`,
+      ],
+      {
+        cwd: nxHome,
+        env: { PATH: process.env.PATH!, HOME: nxHome },
+        detached: true,
+        onLine: (l) => {
+          agentLines.push(l);
+          svc.onAgentLine!(l, ctx);
+        },
+      },
+    );
     daemons.push(xinit);
     try {
-      await waitFor("nxagent to listen", () => agentLines.some((l) => l.startsWith("Info: Waiting for connection")), 15_000);
-      const proxy = spawnDaemon(["nxproxy", "-S", `media=${port}`, `localhost:${ad}`], { cwd: nxHome, env: { PATH: process.env.PATH!, HOME: nxHome, DISPLAY: `:${xd}` }, detached: true });
+      await waitFor(
+        "nxagent to listen",
+        () => agentLines.some((l) => l.startsWith("Info: Waiting for connection")),
+        15_000,
+      );
+      const proxy = spawnDaemon(["nxproxy", "-S", `media=${port}`, `localhost:${ad}`], {
+        cwd: nxHome,
+        env: { PATH: process.env.PATH!, HOME: nxHome, DISPLAY: `:${xd}` },
+        detached: true,
+      });
       daemons.push(proxy);
       await waitFor("the session", () => agentLines.some((l) => l.startsWith("Session: Session started")), 15_000);
       expect(agentLines).toContain(`Info: Listening to multimedia connections on port 'tcp:localhost:${7000 + ad}'.`);
@@ -520,7 +686,10 @@ describe("through a real nxagent and nxproxy", () => {
       await svc.stopped!(ctx);
       // nxagent leaves xinit's process group: end it by the pid it announced.
       const agent = agentLines.map((l) => /^Info: Agent running with pid '(\d+)'/.exec(l)?.[1]).find(Boolean);
-      if (agent) try { process.kill(Number(agent), "SIGTERM"); } catch {}
+      if (agent)
+        try {
+          process.kill(Number(agent), "SIGTERM");
+        } catch {}
       xinit.killGroup("SIGTERM");
       xvfb.killGroup("SIGTERM");
       await client?.stop();
@@ -537,23 +706,61 @@ describe("through the real VMA (qvd vma): x_start, nxproxy, suspend", () => {
     const dir = join(work, "vma");
     const root = minimalRoot(dir);
     const xd = freeDisplay(170);
-    const xvfb = spawnDaemon(["Xvfb", `:${xd}`, "-screen", "0", "640x480x24", "-nolisten", "tcp", "-noreset"], { detached: true });
+    const xvfb = spawnDaemon(["Xvfb", `:${xd}`, "-screen", "0", "640x480x24", "-nolisten", "tcp", "-noreset"], {
+      detached: true,
+    });
     daemons.push(xvfb);
     await waitFor("Xvfb", () => existsSync(`/tmp/.X11-unix/X${xd}`), 10_000);
     const nxd = freeDisplay(xd + 1);
     const runDir = join(dir, "run");
     const userRuntime = `/run/user/${SUID}`;
     const file = join(dir, "vma.json");
-    writeFileSync(file, JSON.stringify({ vm_id: 7, secret: SECRET, node_address: "127.0.0.1", port: 3030, settings: {
-      "path.run": runDir, "vma.display": nxd, "vma.provision.root": root, "vma.session.command": "/bin/sleep 1000",
-      "vma.timeout.listening": 30, "identity.groups.allowed": "daemon", "vma.printing.enable": false, "vma.slave.enable": false } }), { mode: 0o400 });
+    writeFileSync(
+      file,
+      JSON.stringify({
+        vm_id: 7,
+        secret: SECRET,
+        node_address: "127.0.0.1",
+        port: 3030,
+        settings: {
+          "path.run": runDir,
+          "vma.display": nxd,
+          "vma.provision.root": root,
+          "vma.session.command": "/bin/sleep 1000",
+          "vma.timeout.listening": 30,
+          "identity.groups.allowed": "daemon",
+          "vma.printing.enable": false,
+          "vma.slave.enable": false,
+        },
+      }),
+      { mode: 0o400 },
+    );
     const vport = freePort();
     const vmaLog: string[] = [];
-    const vma = spawnDaemon([process.execPath, join(import.meta.dir, "..", "src/main.ts"), "vma", "--config", file, "--listen", `127.0.0.1:${vport}`],
-      { cwd: join(import.meta.dir, ".."), detached: true, env: { PATH: process.env.PATH!, HOME: "/root" }, onLine: (l) => vmaLog.push(l) });
+    const vma = spawnDaemon(
+      [
+        process.execPath,
+        join(import.meta.dir, "..", "src/main.ts"),
+        "vma",
+        "--config",
+        file,
+        "--listen",
+        `127.0.0.1:${vport}`,
+      ],
+      {
+        cwd: join(import.meta.dir, ".."),
+        detached: true,
+        env: { PATH: process.env.PATH!, HOME: "/root" },
+        onLine: (l) => vmaLog.push(l),
+      },
+    );
     daemons.push(vma);
     const call = async (method: string, path: string, body?: unknown) => {
-      const r = await fetch(`http://127.0.0.1:${vport}${path}`, { method, headers: { "content-type": "application/json", "x-qvd-vma-secret": SECRET }, body: body === undefined ? undefined : JSON.stringify(body) });
+      const r = await fetch(`http://127.0.0.1:${vport}${path}`, {
+        method,
+        headers: { "content-type": "application/json", "x-qvd-vma-secret": SECRET },
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
       return (await r.json()) as Record<string, unknown>;
     };
     const state = async () => (await call("GET", "/vma/x_state")).state;
@@ -561,26 +768,58 @@ describe("through the real VMA (qvd vma): x_start, nxproxy, suspend", () => {
     const client = await startClientAudio({ port, pulseServer: clientServer });
     const { startNxRelay } = await import("./support/nx-relay.ts");
     let relay: { stop(): void; display: number } | undefined;
-    const userEnv = { XDG_RUNTIME_DIR: userRuntime, PULSE_SERVER: `unix:${userRuntime}/pulse/native`, HOME: "/", PATH: "/usr/bin:/bin" };
+    const userEnv = {
+      XDG_RUNTIME_DIR: userRuntime,
+      PULSE_SERVER: `unix:${userRuntime}/pulse/native`,
+      HOME: "/",
+      PATH: "/usr/bin:/bin",
+    };
     const pulseOfUser = async () => (await sh(["pgrep", "-u", String(SUID), "-x", "pulseaudio"])).stdout.trim();
     try {
-      await waitFor(`the VMA (${vmaLog.slice(-3).join(" / ")})`, async () => { try { return (await state()) === "stopped"; } catch { return false; } }, 20_000);
-      const started = await call("POST", "/vma/x_start", { user: "sound", uid: SUID, gid: SUID, link: "lan", client_os: "linux", cookie: COOKIE, properties: { "qvd.client.audio.enabled": "1" } });
+      await waitFor(
+        `the VMA (${vmaLog.slice(-3).join(" / ")})`,
+        async () => {
+          try {
+            return (await state()) === "stopped";
+          } catch {
+            return false;
+          }
+        },
+        20_000,
+      );
+      const started = await call("POST", "/vma/x_start", {
+        user: "sound",
+        uid: SUID,
+        gid: SUID,
+        link: "lan",
+        client_os: "linux",
+        cookie: COOKIE,
+        properties: { "qvd.client.audio.enabled": "1" },
+      });
       expect(started, vmaLog.slice(-5).join("\n")).toMatchObject({ state: "starting" });
       await waitFor("listening", async () => (await state()) === "listening", 30_000);
       expect(readFileSync(join(runDir, "nxagent.conf"), "utf8")).toContain(",media=1");
       relay = startNxRelay({ host: "127.0.0.1", targetPort: 4000 + nxd, cookie: COOKIE });
-      const proxy = spawnDaemon(["nxproxy", "-S", `media=${port}`, `localhost:${relay.display}`], { cwd: dir, detached: true, env: { PATH: process.env.PATH!, HOME: dir, DISPLAY: `:${xd}` } });
+      const proxy = spawnDaemon(["nxproxy", "-S", `media=${port}`, `localhost:${relay.display}`], {
+        cwd: dir,
+        detached: true,
+        env: { PATH: process.env.PATH!, HOME: dir, DISPLAY: `:${xd}` },
+      });
       daemons.push(proxy);
       await waitFor("connected", async () => (await state()) === "connected", 30_000);
-      await waitFor("the tunnel as the user's default sink", async () =>
-        (await sh([...asUser(SUID), "pactl", "get-default-sink"], userEnv)).stdout.trim() === TUNNEL_SINK, 15_000);
+      await waitFor(
+        "the tunnel as the user's default sink",
+        async () => (await sh([...asUser(SUID), "pactl", "get-default-sink"], userEnv)).stdout.trim() === TUNNEL_SINK,
+        15_000,
+      );
       const pa = await pulseOfUser();
       expect(pa).toMatch(/^\d+$/);
       const wav = join(work, "tone-vma.wav");
       writeFileSync(wav, sineWav(550, 1.0));
       chmodSync(wav, 0o644);
-      const rec = await recordWhile(async () => expect((await sh([...asUser(SUID), "paplay", wav], userEnv)).status).toBe(0));
+      const rec = await recordWhile(async () =>
+        expect((await sh([...asUser(SUID), "paplay", wav], userEnv)).status).toBe(0),
+      );
       expect(toneRatio(rec, 550)).toBeGreaterThan(100);
       expect(gaps(rec, RATE, START_MS)).toBe(0);
       // The client goes away: the session suspends and the user's PulseAudio is stopped.
@@ -590,7 +829,9 @@ describe("through the real VMA (qvd vma): x_start, nxproxy, suspend", () => {
     } finally {
       relay?.stop();
       await call("POST", "/vma/x_stop").catch(() => {});
-      await waitFor("stopped", async () => (await state().catch(() => "stopped")) === "stopped", 30_000).catch(() => {});
+      await waitFor("stopped", async () => (await state().catch(() => "stopped")) === "stopped", 30_000).catch(
+        () => {},
+      );
       vma.killGroup("SIGTERM");
       await client?.stop();
       rmSync(userRuntime, { recursive: true, force: true });

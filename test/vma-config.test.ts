@@ -11,7 +11,13 @@ import { isNodeOnlyVmaKey, NODE_ONLY_KEYS, NODE_ONLY_PREFIXES, nodeVmaSettings }
 const dir = mkdtempSync("/tmp/qvd-vma-config-");
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-const vf = (settings: Record<string, string> = {}): VmaFile => ({ vm_id: 1, secret: "s".repeat(24), node_address: "198.18.0.1", port: 3030, settings });
+const vf = (settings: Record<string, string> = {}): VmaFile => ({
+  vm_id: 1,
+  secret: "s".repeat(24),
+  node_address: "198.18.0.1",
+  port: 3030,
+  settings,
+});
 
 describe("VMA configuration", () => {
   const guest = join(dir, "vma.conf");
@@ -35,7 +41,17 @@ describe("VMA configuration", () => {
 
   test("the image's vma.conf: node-only keys ignored (and named), the rest applies", () => {
     const { cfg, ignored } = loadVmaConfig(vf(), "vma.json", { guestConfig: guest, env: {} });
-    expect(ignored).toEqual(["vma.provision.root", "vma.session.as_current_user", "vma.command.nxagent", "vma.nxagent.args.extra", "vma.on_action.expire", "vma.command.xmessage", "vma.poweroff.command", "vma.user.groups", "identity.uid.min"]);
+    expect(ignored).toEqual([
+      "vma.provision.root",
+      "vma.session.as_current_user",
+      "vma.command.nxagent",
+      "vma.nxagent.args.extra",
+      "vma.on_action.expire",
+      "vma.command.xmessage",
+      "vma.poweroff.command",
+      "vma.user.groups",
+      "identity.uid.min",
+    ]);
     expect(cfg.get("vma.provision.root")).toBe("/");
     expect(cfg.get("vma.session.as_current_user")).toBe(false);
     expect(cfg.get("vma.command.nxagent")).toBe("/usr/bin/nxagent");
@@ -65,7 +81,16 @@ describe("VMA configuration", () => {
       { flag: "--set", key: "vma.user.shell", value: "/bin/dash" },
     ];
     const env = { QVD_VMA_COMMAND_XINIT: "/tmp/evil", QVD_VMA_DEFAULT_LANG: "fr_FR.UTF-8" };
-    const { cfg } = loadVmaConfig(vf({ "vma.provision.root": "/", "vma.command.xinit": "xinit", "vma.user.shell": "/bin/bash", "vma.default.lang": "C.UTF-8" }), "vma.json", { guestConfig: join(dir, "none"), flags, env });
+    const { cfg } = loadVmaConfig(
+      vf({
+        "vma.provision.root": "/",
+        "vma.command.xinit": "xinit",
+        "vma.user.shell": "/bin/bash",
+        "vma.default.lang": "C.UTF-8",
+      }),
+      "vma.json",
+      { guestConfig: join(dir, "none"), flags, env },
+    );
     expect(cfg.get("vma.provision.root")).toBe("/");
     expect(cfg.get("vma.command.xinit")).toBe("xinit");
     expect(cfg.get("vma.user.shell")).toBe("/bin/dash"); // not node-only: --set wins as before

@@ -6,12 +6,32 @@
 // add to nxagent's options line, and the order of the Session's calls to its services over a real
 // nxagent session (src/vma/session.ts) are here too.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from "node:fs";
 import { join } from "node:path";
 import { run, spawnDaemon } from "../src/run.ts";
 import type { ServiceContext, SessionService } from "../src/vma/services.ts";
 import { execAs, nxagentOptions, privPrefix, serviceOptionProblem, Session } from "../src/vma/session.ts";
-import { clientWantsPrinting, cupsDir, cupsSocket, MAX_PRINTERS, printingService, usablePrinterNames } from "../src/vma/printing.ts";
+import {
+  clientWantsPrinting,
+  cupsDir,
+  cupsSocket,
+  MAX_PRINTERS,
+  printingService,
+  usablePrinterNames,
+} from "../src/vma/printing.ts";
 import { startClientCups, type ClientCups } from "./support/services.ts";
 import { startNxRelay, type NxRelay } from "./support/nx-relay.ts";
 import { until } from "./support/wait.ts";
@@ -31,7 +51,11 @@ beforeAll(() => {
 afterAll(() => rmSync(work, { recursive: true, force: true }));
 
 /** What the Session gives a service, for `nobody` (the Session's own helpers: setpriv, the session env only). */
-function context(name: string, properties: Record<string, string | number | boolean>, clientOs = "linux"): ServiceContext {
+function context(
+  name: string,
+  properties: Record<string, string | number | boolean>,
+  clientOs = "linux",
+): ServiceContext {
   const dir = join(work, name);
   const runDir = join(dir, "run");
   const home = join(dir, "home");
@@ -42,32 +66,60 @@ function context(name: string, properties: Record<string, string | number | bool
   const env = { PATH, HOME: home, USER: "nobody", LOGNAME: "nobody", LANG: "C" };
   const prefix = privPrefix(account);
   return {
-    account, properties, clientOs, display: 100, runDir, homeOnDisk: home, env,
+    account,
+    properties,
+    clientOs,
+    display: 100,
+    runDir,
+    homeOnDisk: home,
+    env,
     runAsUser: (argv, e) => spawnDaemon([...prefix, ...argv], { cwd: "/", env: { ...env, ...e }, detached: true }),
     execAsUser: (argv, o = {}) => execAs(prefix, argv, { ...env, ...(o.env ?? {}) }, o),
   };
 }
 
 /** lpstat/lp/lpadmin as nobody against the session's cupsd (as a program in the desktop would). */
-const asUser = (ctx: ServiceContext, argv: string[]) => ctx.execAsUser(argv, { env: { CUPS_SERVER: cupsSocket(ctx.runDir) } });
-const queues = async (ctx: ServiceContext) => (await asUser(ctx, ["lpstat", "-e"])).stdout.split("\n").filter(Boolean).sort();
+const asUser = (ctx: ServiceContext, argv: string[]) =>
+  ctx.execAsUser(argv, { env: { CUPS_SERVER: cupsSocket(ctx.runDir) } });
+const queues = async (ctx: ServiceContext) =>
+  (await asUser(ctx, ["lpstat", "-e"])).stdout.split("\n").filter(Boolean).sort();
 
 describe("nxagent options a service may add", () => {
   test("name=value of safe characters, never the session's own options, never twice", () => {
     expect(serviceOptionProblem("cups=2100", [])).toBeUndefined();
     expect(serviceOptionProblem("media=1", ["cups=2100"])).toBeUndefined();
-    for (const bad of ["cups=2100,accept=0.0.0.0", "cups=2100:100", "cups=", "=1", "cups 2100", "Cups=1", "cups=a\nb", "media=1;x", `x=${"a".repeat(201)}`])
+    for (const bad of [
+      "cups=2100,accept=0.0.0.0",
+      "cups=2100:100",
+      "cups=",
+      "=1",
+      "cups 2100",
+      "Cups=1",
+      "cups=a\nb",
+      "media=1;x",
+      `x=${"a".repeat(201)}`,
+    ])
       expect(serviceOptionProblem(bad, [])).toBeString();
-    for (const own of ["cookie=" + COOKIE, "accept=10.0.0.1", "keyboard=pc105/us", "tolerancechecks=bypass", "client=linux", "options=/tmp/x"])
+    for (const own of [
+      "cookie=" + COOKIE,
+      "accept=10.0.0.1",
+      "keyboard=pc105/us",
+      "tolerancechecks=bypass",
+      "client=linux",
+      "options=/tmp/x",
+    ])
       expect(serviceOptionProblem(own, [])).toContain("session's own");
     expect(serviceOptionProblem("cups=2101", ["cups=2100"])).toContain("twice");
   });
 
   test("nxagentOptions appends the services' options after the session's and refuses an injected one", () => {
     const p = { user: "u", uid: 1, gid: 1, cookie: COOKIE, client_os: "linux" };
-    expect(nxagentOptions(p, 100, "risky", "10.0.0.1", ["cups=2100", "slave=1", "media=1"]))
-      .toBe(`nx/nx,client=linux,cups=2100,slave=1,media=1,tolerancechecks=risky,cookie=${COOKIE},accept=10.0.0.1:100`);
-    expect(() => nxagentOptions(p, 100, "risky", "10.0.0.1", ["cups=2100,accept=0.0.0.0"])).toThrow(/bad nxagent option/);
+    expect(nxagentOptions(p, 100, "risky", "10.0.0.1", ["cups=2100", "slave=1", "media=1"])).toBe(
+      `nx/nx,client=linux,cups=2100,slave=1,media=1,tolerancechecks=risky,cookie=${COOKIE},accept=10.0.0.1:100`,
+    );
+    expect(() => nxagentOptions(p, 100, "risky", "10.0.0.1", ["cups=2100,accept=0.0.0.0"])).toThrow(
+      /bad nxagent option/,
+    );
     expect(() => nxagentOptions(p, 100, "risky", "10.0.0.1", ["accept=0.0.0.0"])).toThrow(/session's own/);
   });
 });
@@ -89,7 +141,8 @@ describe("printing: who gets it", () => {
       (await printingService({ enable }).prepare(context("prep", props, os))).options;
     expect(await prep(true, on)).toEqual(["cups=2100"]);
     expect(await prep(false, on)).toEqual([]);
-    for (const off of ["0", "false", "no", "No"]) expect(await prep(true, { ...on, "qvd.vm.printing.enable": off })).toEqual([]);
+    for (const off of ["0", "false", "no", "No"])
+      expect(await prep(true, { ...on, "qvd.vm.printing.enable": off })).toEqual([]);
     expect(await prep(true, { ...on, "qvd.vm.printing.enable": "1" })).toEqual(["cups=2100"]);
     // The channel stays for the X session's life (src/vma/session.ts); the client's wish decides whether printers are added.
     expect(await prep(true, {})).toEqual(["cups=2100"]);
@@ -100,7 +153,22 @@ describe("printing: who gets it", () => {
   });
 
   test("printer names from the client: only [A-Za-z0-9_.-]{1,100}, at most 32, no duplicates", () => {
-    const hostile = ["ok_1", "x -E -v file:/etc/shadow", "-E", "../../etc", "a/b", "$(reboot)", "`id`", "name;rm", "é", "a".repeat(101), "ok_1", "", "-", "Office.2nd-floor"];
+    const hostile = [
+      "ok_1",
+      "x -E -v file:/etc/shadow",
+      "-E",
+      "../../etc",
+      "a/b",
+      "$(reboot)",
+      "`id`",
+      "name;rm",
+      "é",
+      "a".repeat(101),
+      "ok_1",
+      "",
+      "-",
+      "Office.2nd-floor",
+    ];
     const r = usablePrinterNames(hostile.join("\n"));
     // A name like "-E" is harmless: it only ever follows "QVD-" in one argv entry, or ends a URI.
     expect(r.names).toEqual(["ok_1", "-E", "-", "Office.2nd-floor"]);
@@ -141,7 +209,9 @@ describe("printing to the client's printers (cupsd as the user, a client CUPS wi
     const ms = Date.now() - t0;
     expect(await queues(ctx)).toEqual([`QVD-${other.name}`, `QVD-${def.name}`].sort());
     expect((await asUser(ctx, ["lpstat", "-d"])).stdout.trim()).toBe(`system default destination: QVD-${def.name}`);
-    expect((await asUser(ctx, ["lpstat", "-v", `QVD-${def.name}`])).stdout).toContain(`ipp://${client.server}/printers/${def.name}`);
+    expect((await asUser(ctx, ["lpstat", "-v", `QVD-${def.name}`])).stdout).toContain(
+      `ipp://${client.server}/printers/${def.name}`,
+    );
     // The session's cupsd runs as the user, not root, and listens on no TCP port.
     const pid = Number((await run(["pgrep", "-f", `cupsd -f -c ${dir}/cupsd.conf`])).stdout.trim().split("\n")[0]);
     expect(statSync(`/proc/${pid}`).uid).toBe(NOBODY.uid);
@@ -167,7 +237,14 @@ describe("printing to the client's printers (cupsd as the user, a client CUPS wi
 
   test("suspend removes every QVD-* printer (and only those); a resume brings them back; stop ends the cupsd and its files", async () => {
     // A queue of the user's own survives.
-    const mine = await asUser(ctx, ["lpadmin", "-p", "mine", "-E", "-v", `ipp://${client.server}/printers/${client.printers[0].name}`]);
+    const mine = await asUser(ctx, [
+      "lpadmin",
+      "-p",
+      "mine",
+      "-E",
+      "-v",
+      `ipp://${client.server}/printers/${client.printers[0].name}`,
+    ]);
     expect(mine.status).toBe(0);
     await svc.suspended!(ctx);
     expect(await queues(ctx)).toEqual(["mine"]);
@@ -217,7 +294,8 @@ describe("printing: the session's CUPS directory", () => {
     expect(readFileSync(join(canary, "sub/keep"), "utf8")).toBe("root's\n");
     expect([statSync(canary).uid, statSync(join(canary, "sub")).uid]).toEqual([0, 0]);
     expect(lstatSync(join(dir, "state")).isDirectory()).toBe(true); // a fresh one, not the link
-    for (const f of ["", "state", "spool", "spool/tmp", "cupsd.conf", "cups-files.conf"]) expect(lstatSync(join(dir, f)).uid).toBe(NOBODY.uid);
+    for (const f of ["", "state", "spool", "spool/tmp", "cupsd.conf", "cups-files.conf"])
+      expect(lstatSync(join(dir, f)).uid).toBe(NOBODY.uid);
     await s.stopped!(c);
     expect(existsSync(dir)).toBe(false);
     expect(readdirSync(c.runDir)).toEqual([]); // nothing left aside
@@ -242,7 +320,11 @@ function attr(tag: number, name: string, value: string | Uint8Array): Buffer {
   v.copy(b, 5 + n.length);
   return b;
 }
-const int32 = (n: number) => { const b = Buffer.alloc(4); b.writeInt32BE(n); return b; };
+const int32 = (n: number) => {
+  const b = Buffer.alloc(4);
+  b.writeInt32BE(n);
+  return b;
+};
 
 /** A "client CUPS" that answers every IPP request with the printers `names` (and the first as default). */
 function hostileCups(names: string[]): { server: string; stop(): void; requests: number[] } {
@@ -258,11 +340,22 @@ function hostileCups(names: string[]): { server: string; stop(): void; requests:
       head.writeUInt16BE(0x0200, 0);
       head.writeUInt16BE(0x0000, 2);
       head.writeUInt32BE(body.readUInt32BE(4), 4);
-      const parts = [head, Buffer.from([0x01]), attr(0x47, "attributes-charset", "utf-8"), attr(0x48, "attributes-natural-language", "en")];
+      const parts = [
+        head,
+        Buffer.from([0x01]),
+        attr(0x47, "attributes-charset", "utf-8"),
+        attr(0x48, "attributes-natural-language", "en"),
+      ];
       const list = op === 0x4001 ? names.slice(0, 1) : names; // CUPS-Get-Default: one
       for (const n of list) {
-        parts.push(Buffer.from([0x04]), attr(0x42, "printer-name", n), attr(0x45, "printer-uri-supported", `ipp://127.0.0.1/printers/${encodeURIComponent(n)}`),
-          attr(0x23, "printer-type", int32(0x1004)), attr(0x23, "printer-state", int32(3)), attr(0x22, "printer-is-accepting-jobs", Buffer.from([1])));
+        parts.push(
+          Buffer.from([0x04]),
+          attr(0x42, "printer-name", n),
+          attr(0x45, "printer-uri-supported", `ipp://127.0.0.1/printers/${encodeURIComponent(n)}`),
+          attr(0x23, "printer-type", int32(0x1004)),
+          attr(0x23, "printer-state", int32(3)),
+          attr(0x22, "printer-is-accepting-jobs", Buffer.from([1])),
+        );
       }
       parts.push(Buffer.from([0x03]));
       return new Response(Buffer.concat(parts), { headers: { "content-type": "application/ipp" } });
@@ -275,8 +368,17 @@ describe("a hostile client CUPS", () => {
   test("printer names made to inject lpadmin options or paths are skipped; no more than 32 queues; nothing written outside", async () => {
     const canary = join(work, "canary");
     const evil = [
-      `x -E -v file:${canary}`, "-v", `--version`, "-x", `a/../../${canary}`, `$(touch ${canary})`, `;touch ${canary}`, "good_one",
-      "QVD-nested", "x\ny", ...Array.from({ length: 40 }, (_, i) => `many${i}`),
+      `x -E -v file:${canary}`,
+      "-v",
+      `--version`,
+      "-x",
+      `a/../../${canary}`,
+      `$(touch ${canary})`,
+      `;touch ${canary}`,
+      "good_one",
+      "QVD-nested",
+      "x\ny",
+      ...Array.from({ length: 40 }, (_, i) => `many${i}`),
     ];
     const h = hostileCups(evil);
     const c = context("hostile", { "qvd.client.printing.enabled": "1" });
@@ -318,7 +420,10 @@ describe("the Session's calls to its services (real nxagent and nxproxy)", () =>
       calls.push("prepare");
       seen.push({ nxState: session.nxState, props: { ...ctx.properties } });
       // A resume's client that wants no sound: the service asks for no channel this time.
-      return { options: ctx.properties["qvd.client.audio.enabled"] === "0" ? [] : ["media=1"], env: { QVD_TEST_GOOD: "1" } };
+      return {
+        options: ctx.properties["qvd.client.audio.enabled"] === "0" ? [] : ["media=1"],
+        env: { QVD_TEST_GOOD: "1" },
+      };
     },
     onAgentLine: (l) => void lines.push(l),
     connected: () => void calls.push("connected"),
@@ -331,12 +436,19 @@ describe("the Session's calls to its services (real nxagent and nxproxy)", () =>
   // Asks for what no service may have; its refused parts are dropped, the rest of the session goes on.
   const greedy: SessionService = {
     name: "greedy",
-    prepare: () => ({ options: ["accept=0.0.0.0", "cups=2100,accept=0.0.0.0", "media=2", "slave=1"], env: { LD_PRELOAD: "/tmp/evil.so", HOME: "/", PATH: "/tmp", "BAD-NAME": "x" } }),
+    prepare: () => ({
+      options: ["accept=0.0.0.0", "cups=2100,accept=0.0.0.0", "media=2", "slave=1"],
+      env: { LD_PRELOAD: "/tmp/evil.so", HOME: "/", PATH: "/tmp", "BAD-NAME": "x" },
+    }),
   };
   const broken: SessionService = {
     name: "broken",
-    prepare: () => { throw new Error("cannot prepare"); },
-    connected: () => { throw new Error("cannot connect"); },
+    prepare: () => {
+      throw new Error("cannot prepare");
+    },
+    connected: () => {
+      throw new Error("cannot connect");
+    },
     stopped: () => void calls.push("broken stopped"),
   };
 
@@ -348,7 +460,11 @@ describe("the Session's calls to its services (real nxagent and nxproxy)", () =>
       },
     });
   const proxy = () => {
-    const p = Bun.spawn(["nxproxy", "-S", `localhost:${relay.display}`], { env: { ...process.env, DISPLAY: `:${xvfb}` }, stdout: "ignore", stderr: "ignore" });
+    const p = Bun.spawn(["nxproxy", "-S", `localhost:${relay.display}`], {
+      env: { ...process.env, DISPLAY: `:${xvfb}` },
+      stdout: "ignore",
+      stderr: "ignore",
+    });
     procs.push(p);
     return p;
   };
@@ -357,13 +473,30 @@ describe("the Session's calls to its services (real nxagent and nxproxy)", () =>
     const dir = join(work, "session");
     mkdirSync(dir, { recursive: true });
     xvfb = freeDisplay(160);
-    procs.push(Bun.spawn(["Xvfb", `:${xvfb}`, "-screen", "0", "800x600x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" }));
+    procs.push(
+      Bun.spawn(["Xvfb", `:${xvfb}`, "-screen", "0", "800x600x24", "-nolisten", "tcp", "-noreset"], {
+        stdout: "ignore",
+        stderr: "ignore",
+      }),
+    );
     const display = freeDisplay(xvfb + 1);
     await until(() => existsSync(`/tmp/.X11-unix/X${xvfb}`), `Xvfb :${xvfb}`, 10_000);
     session = new Session({
-      display, nxagent: "/usr/bin/nxagent", xinit: "xinit", nxagentExtraArgs: [], tolerancechecks: "risky", acceptFrom: "127.0.0.1",
-      sessionCommand: ["/bin/sleep", "1000"], asCurrentUser: true, root: "/", homePath: dir, shell: "/bin/sh", groups: [], defaultLang: "C",
-      runDir: join(dir, "run"), timeouts: { starting: 20_000, listening: 30_000, suspending: 20_000, stopping: 20_000 },
+      display,
+      nxagent: "/usr/bin/nxagent",
+      xinit: "xinit",
+      nxagentExtraArgs: [],
+      tolerancechecks: "risky",
+      acceptFrom: "127.0.0.1",
+      sessionCommand: ["/bin/sleep", "1000"],
+      asCurrentUser: true,
+      root: "/",
+      homePath: dir,
+      shell: "/bin/sh",
+      groups: [],
+      defaultLang: "C",
+      runDir: join(dir, "run"),
+      timeouts: { starting: 20_000, listening: 30_000, suspending: 20_000, stopping: 20_000 },
       services: [recorder, greedy, broken],
     });
     relay = startNxRelay({ host: "127.0.0.1", targetPort: 4000 + display, cookie: COOKIE });
@@ -371,16 +504,28 @@ describe("the Session's calls to its services (real nxagent and nxproxy)", () =>
   afterAll(async () => {
     if (session) await session.shutdown(5000);
     relay?.stop();
-    for (const p of procs) try { p.kill("SIGTERM"); } catch {}
+    for (const p of procs)
+      try {
+        p.kill("SIGTERM");
+      } catch {}
     await Promise.all(procs.map((p) => Promise.race([p.exited, Bun.sleep(3000)])));
   });
 
   test("prepare at x_start: checked options before the session's locks, checked env for the X session; connected, suspended at their states", async () => {
-    session.start({ user: "root", uid: 0, gid: 0, cookie: COOKIE, client_os: "linux", properties: { "qvd.client.audio.enabled": "1", "qvd.slave.key": "k".repeat(64) } });
+    session.start({
+      user: "root",
+      uid: 0,
+      gid: 0,
+      cookie: COOKIE,
+      client_os: "linux",
+      properties: { "qvd.client.audio.enabled": "1", "qvd.slave.key": "k".repeat(64) },
+    });
     await waitState("listening");
     expect(calls).toEqual(["prepare"]);
     expect(seen[0]!.props["qvd.slave.key"]).toBe("k".repeat(64)); // services get the slave key (the desktop's properties file does not)
-    expect(readFileSync(session.optionsFile, "utf8")).toBe(`nx/nx,client=linux,media=1,slave=1,tolerancechecks=risky,cookie=${COOKIE},accept=127.0.0.1:${session.opts.display}\n`);
+    expect(readFileSync(session.optionsFile, "utf8")).toBe(
+      `nx/nx,client=linux,media=1,slave=1,tolerancechecks=risky,cookie=${COOKIE},accept=127.0.0.1:${session.opts.display}\n`,
+    );
     expect(session.serviceOptions).toEqual(["media=1", "slave=1"]);
     // The X session got the good variable, not the loader's or a changed HOME/PATH.
     const environ = readFileSync(`/proc/${session.nxagentPid}/environ`, "utf8").split("\0");
@@ -398,23 +543,48 @@ describe("the Session's calls to its services (real nxagent and nxproxy)", () =>
   }, 60_000);
 
   test("a resume prepares again (new properties) before nxagent is signalled; a stop while connected ends with suspended, then stopped", async () => {
-    session.start({ user: "root", uid: 0, gid: 0, cookie: COOKIE2, client_os: "linux", properties: { "qvd.slave.key": "m".repeat(64), "qvd.client.audio.enabled": "0" } });
+    session.start({
+      user: "root",
+      uid: 0,
+      gid: 0,
+      cookie: COOKIE2,
+      client_os: "linux",
+      properties: { "qvd.slave.key": "m".repeat(64), "qvd.client.audio.enabled": "0" },
+    });
     expect(session.state).toBe("starting");
     // The cookie is in the options file at once (the L7R connects with it); the services' options follow.
     expect(readFileSync(session.optionsFile, "utf8")).toContain(`cookie=${COOKIE2}`);
     relay.cookie = COOKIE2;
     await waitState("listening");
     expect(calls).toEqual(["prepare", "connected", "suspended", "prepare"]);
-    expect(seen[1]).toEqual({ nxState: "suspended", props: { "qvd.slave.key": "m".repeat(64), "qvd.client.audio.enabled": "0" } }); // before the SIGHUP
+    expect(seen[1]).toEqual({
+      nxState: "suspended",
+      props: { "qvd.slave.key": "m".repeat(64), "qvd.client.audio.enabled": "0" },
+    }); // before the SIGHUP
     // nxagent keeps the channels its X session started with, whatever a resume's services ask.
-    expect(readFileSync(session.optionsFile, "utf8")).toBe(`nx/nx,client=linux,media=1,slave=1,tolerancechecks=risky,cookie=${COOKIE2},accept=127.0.0.1:${session.opts.display}\n`);
+    expect(readFileSync(session.optionsFile, "utf8")).toBe(
+      `nx/nx,client=linux,media=1,slave=1,tolerancechecks=risky,cookie=${COOKIE2},accept=127.0.0.1:${session.opts.display}\n`,
+    );
     expect(session.serviceOptions).toEqual(["media=1", "slave=1"]);
     proxy();
     await waitState("connected");
     session.stop();
     await waitState("stopped");
-    await until(() => calls.includes("stopped") && calls.includes("broken stopped"), "the services' stopped hooks", 5000, 20);
-    expect(calls.filter((c) => c !== "broken stopped")).toEqual(["prepare", "connected", "suspended", "prepare", "connected", "suspended", "stopped"]);
+    await until(
+      () => calls.includes("stopped") && calls.includes("broken stopped"),
+      "the services' stopped hooks",
+      5000,
+      20,
+    );
+    expect(calls.filter((c) => c !== "broken stopped")).toEqual([
+      "prepare",
+      "connected",
+      "suspended",
+      "prepare",
+      "connected",
+      "suspended",
+      "stopped",
+    ]);
     expect(calls).toContain("broken stopped"); // a service whose prepare threw still gets its cleanup
     // nxagent's lines reach the services without the session's cookie.
     expect(lines.join("\n")).not.toContain(COOKIE2);
@@ -432,12 +602,20 @@ describe("printing through nxagent's CUPS channel (real nxagent and nxproxy, a p
   const COOKIE3 = "00112233445566778899aabbccddeeff";
 
   /** Waits for `f`, saying the session's state when it times out. */
-  const waitInSession = (what: string, f: () => Promise<boolean> | boolean, ms = 30_000) => until(f, what, ms, 100, { detail: () => ` (state ${session.state})` });
+  const waitInSession = (what: string, f: () => Promise<boolean> | boolean, ms = 30_000) =>
+    until(f, what, ms, 100, { detail: () => ` (state ${session.state})` });
   /** A program in the desktop, as its user, with the session's CUPS_SERVER. */
   const inDesktop = (argv: string[]) =>
-    execAs(privPrefix({ user: "alice", uid: UID, gid: UID, home: "/home/alice", shell: "/bin/sh", groups: [] }), argv,
-      { PATH, HOME: join(root, "home/alice"), CUPS_SERVER: cupsSocket(session.opts.runDir) });
-  const desktopQueues = async () => (await inDesktop(["lpstat", "-e"])).stdout.split("\n").filter((l) => l.startsWith("QVD-")).sort();
+    execAs(privPrefix({ user: "alice", uid: UID, gid: UID, home: "/home/alice", shell: "/bin/sh", groups: [] }), argv, {
+      PATH,
+      HOME: join(root, "home/alice"),
+      CUPS_SERVER: cupsSocket(session.opts.runDir),
+    });
+  const desktopQueues = async () =>
+    (await inDesktop(["lpstat", "-e"])).stdout
+      .split("\n")
+      .filter((l) => l.startsWith("QVD-"))
+      .sort();
 
   beforeAll(async () => {
     const dir = join(work, "nxprint");
@@ -445,13 +623,30 @@ describe("printing through nxagent's CUPS channel (real nxagent and nxproxy, a p
     client = await startClientCups();
     for (const p of client.printers) chmodSync(p.outDir, 0o1777);
     xvfb = freeDisplay(170);
-    procs.push(Bun.spawn(["Xvfb", `:${xvfb}`, "-screen", "0", "800x600x24", "-nolisten", "tcp", "-noreset"], { stdout: "ignore", stderr: "ignore" }));
+    procs.push(
+      Bun.spawn(["Xvfb", `:${xvfb}`, "-screen", "0", "800x600x24", "-nolisten", "tcp", "-noreset"], {
+        stdout: "ignore",
+        stderr: "ignore",
+      }),
+    );
     await until(() => existsSync(`/tmp/.X11-unix/X${xvfb}`), `Xvfb :${xvfb}`, 10_000);
     const display = freeDisplay(xvfb + 1);
     session = new Session({
-      display, nxagent: "/usr/bin/nxagent", xinit: "xinit", nxagentExtraArgs: [], tolerancechecks: "risky", acceptFrom: "127.0.0.1",
-      sessionCommand: ["/bin/sleep", "1000"], asCurrentUser: false, root, homePath: "/home", shell: "/bin/sh", groups: [], defaultLang: "C",
-      runDir: join(dir, "run"), timeouts: { starting: 30_000, listening: 30_000, suspending: 20_000, stopping: 20_000 },
+      display,
+      nxagent: "/usr/bin/nxagent",
+      xinit: "xinit",
+      nxagentExtraArgs: [],
+      tolerancechecks: "risky",
+      acceptFrom: "127.0.0.1",
+      sessionCommand: ["/bin/sleep", "1000"],
+      asCurrentUser: false,
+      root,
+      homePath: "/home",
+      shell: "/bin/sh",
+      groups: [],
+      defaultLang: "C",
+      runDir: join(dir, "run"),
+      timeouts: { starting: 30_000, listening: 30_000, suspending: 20_000, stopping: 20_000 },
       // As qvd vma has it: the slave channel's service runs the X session (and so the user's
       // cupsd) in its nested user+mount namespace (src/vma/shares.ts).
       services: [printingService({ enable: true }), sharesService({ enabled: true, qvd: process.execPath })],
@@ -461,32 +656,60 @@ describe("printing through nxagent's CUPS channel (real nxagent and nxproxy, a p
   afterAll(async () => {
     if (session) await session.shutdown(5000);
     relay?.stop();
-    for (const p of procs) try { p.kill("SIGTERM"); } catch {}
+    for (const p of procs)
+      try {
+        p.kill("SIGTERM");
+      } catch {}
     await Promise.all(procs.map((p) => Promise.race([p.exited, Bun.sleep(3000)])));
     await client?.stop();
   });
 
   test("the client's printers appear through 127.0.0.1:<display+2000>; lp in the desktop comes out of the client's printer; gone at suspend", async () => {
-    session.start({ user: "alice", uid: UID, gid: UID, cookie: COOKIE3, client_os: "linux", properties: { "qvd.client.printing.enabled": "1", "qvd.slave.key": "s".repeat(64) } });
+    session.start({
+      user: "alice",
+      uid: UID,
+      gid: UID,
+      cookie: COOKIE3,
+      client_os: "linux",
+      properties: { "qvd.client.printing.enabled": "1", "qvd.slave.key": "s".repeat(64) },
+    });
     await waitInSession("listening", () => session.state === "listening");
     const cups = `cups=${session.opts.display + 2000}`;
     expect(readFileSync(session.optionsFile, "utf8")).toContain(`,${cups},`);
-    const nx = Bun.spawn(["nxproxy", "-S", `cups=${client.port}`, `localhost:${relay.display}`], { env: { ...process.env, DISPLAY: `:${xvfb}` }, stdout: "ignore", stderr: "ignore" });
+    const nx = Bun.spawn(["nxproxy", "-S", `cups=${client.port}`, `localhost:${relay.display}`], {
+      env: { ...process.env, DISPLAY: `:${xvfb}` },
+      stdout: "ignore",
+      stderr: "ignore",
+    });
     procs.push(nx);
     await waitInSession("connected", () => session.state === "connected");
     const t0 = Date.now();
     const want = client.printers.map((p) => `QVD-${p.name}`).sort();
-    await waitInSession("the client's printers in the desktop", async () => JSON.stringify(await desktopQueues()) === JSON.stringify(want));
+    await waitInSession(
+      "the client's printers in the desktop",
+      async () => JSON.stringify(await desktopQueues()) === JSON.stringify(want),
+    );
     console.log(`printers in the desktop ${Date.now() - t0} ms after connected (through nxagent/nxproxy)`);
     // The default is set right after the queues are added.
-    await waitInSession("the client's default as the default", async () => (await inDesktop(["lpstat", "-d"])).stdout.includes(`QVD-${client.printers[0].name}`), 5000);
+    await waitInSession(
+      "the client's default as the default",
+      async () => (await inDesktop(["lpstat", "-d"])).stdout.includes(`QVD-${client.printers[0].name}`),
+      5000,
+    );
     // The session's cupsd is the user's, in the session's namespace when there is FUSE for one.
-    const pid = Number((await run(["pgrep", "-f", `cupsd -f -c ${cupsDir(session.opts.runDir)}/cupsd.conf`])).stdout.trim());
+    const pid = Number(
+      (await run(["pgrep", "-f", `cupsd -f -c ${cupsDir(session.opts.runDir)}/cupsd.conf`])).stdout.trim(),
+    );
     expect(statSync(`/proc/${pid}`).uid).toBe(UID);
-    if (existsSync("/dev/fuse")) expect(readlinkSync(`/proc/${pid}/ns/user`)).not.toBe(readlinkSync("/proc/self/ns/user"));
+    if (existsSync("/dev/fuse"))
+      expect(readlinkSync(`/proc/${pid}/ns/user`)).not.toBe(readlinkSync("/proc/self/ns/user"));
     const text = `Through the NX channel ${Date.now()}`;
-    const lp = await execAs(privPrefix({ user: "alice", uid: UID, gid: UID, home: "/", shell: "/bin/sh", groups: [] }), ["lp"],
-      { PATH, CUPS_SERVER: cupsSocket(session.opts.runDir) }, { stdin: `${text}\n` });
+    const lp = await execAs(
+      privPrefix({ user: "alice", uid: UID, gid: UID, home: "/", shell: "/bin/sh", groups: [] }),
+      ["lp"],
+      { PATH, CUPS_SERVER: cupsSocket(session.opts.runDir) },
+      { stdin: `${text}\n` },
+    );
     expect(lp.status).toBe(0);
     expect(await client.waitForPdf(client.printers[0], text)).toContain(text);
     session.suspend();

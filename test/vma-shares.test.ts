@@ -4,7 +4,17 @@
 // sshfs, and a real sftp-server stands for the client's folder. Then what a user may try against
 // the mount helper: symlinked mount points, names that leave ~/Redirected, a wrong key.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  chownSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { connect } from "node:net";
 import { join } from "node:path";
 import { qvdBinary } from "./support/node.ts";
@@ -40,7 +50,10 @@ function context(props: Record<string, string>): ServiceContext {
 /** Runs argv as the session's user inside the session's namespace (as the Session does). */
 async function asUser(argv: string[], w = wrap): Promise<{ status: number; out: string }> {
   const p = Bun.spawn([...w, "setpriv", `--reuid=${UID}`, `--regid=${UID}`, "--clear-groups", "--", ...argv], {
-    env: { HOME: home, PATH: "/usr/sbin:/usr/bin:/sbin:/bin" }, stdout: "pipe", stderr: "pipe", timeout: 10_000,
+    env: { HOME: home, PATH: "/usr/sbin:/usr/bin:/sbin:/bin" },
+    stdout: "pipe",
+    stderr: "pipe",
+    timeout: 10_000,
   });
   const out = (await new Response(p.stdout).text()) + (await new Response(p.stderr).text());
   return { status: await p.exited, out };
@@ -49,7 +62,10 @@ async function asUser(argv: string[], w = wrap): Promise<{ status: number; out: 
 /** A slave connection as nxagent makes it: the wrapper run as the user; the request written, the answer head read. */
 async function slave(request: string) {
   const p = Bun.spawn([...wrap, "setpriv", `--reuid=${UID}`, `--regid=${UID}`, "--clear-groups", "--", slaveCmd], {
-    env: { HOME: home, PATH: "/usr/sbin:/usr/bin:/sbin:/bin" }, stdin: "pipe", stdout: "pipe", stderr: "pipe",
+    env: { HOME: home, PATH: "/usr/sbin:/usr/bin:/sbin:/bin" },
+    stdin: "pipe",
+    stdout: "pipe",
+    stderr: "pipe",
   });
   p.stdin.write(request);
   await p.stdin.flush();
@@ -61,10 +77,16 @@ async function slave(request: string) {
     buf = Buffer.concat([buf, Buffer.from(r.value)]);
   }
   const end = buf.indexOf("\r\n\r\n");
-  return { proc: p, reader, head: buf.subarray(0, end < 0 ? buf.length : end).toString("latin1"), rest: end < 0 ? Buffer.alloc(0) : buf.subarray(end + 4) };
+  return {
+    proc: p,
+    reader,
+    head: buf.subarray(0, end < 0 ? buf.length : end).toString("latin1"),
+    rest: end < 0 ? Buffer.alloc(0) : buf.subarray(end + 4),
+  };
 }
 
-const put = (path: string, key = KEY) => `PUT ${path} HTTP/1.1\r\nAuthorization: Basic ${key}\r\nConnection: Upgrade\r\nUpgrade: qvd:sftp/1.0\r\n\r\n`;
+const put = (path: string, key = KEY) =>
+  `PUT ${path} HTTP/1.1\r\nAuthorization: Basic ${key}\r\nConnection: Upgrade\r\nUpgrade: qvd:sftp/1.0\r\n\r\n`;
 
 /** Wires a slave connection that answered 101 to a real sftp-server serving `dir` (the client's side). */
 function serveClientFolder(s: Awaited<ReturnType<typeof slave>>, dir: string) {
@@ -72,14 +94,20 @@ function serveClientFolder(s: Awaited<ReturnType<typeof slave>>, dir: string) {
   void (async () => {
     try {
       if (s.rest.length) sftp.stdin.write(s.rest);
-      for (let r = await s.reader.read(); !r.done; r = await s.reader.read()) { sftp.stdin.write(r.value); await sftp.stdin.flush(); }
+      for (let r = await s.reader.read(); !r.done; r = await s.reader.read()) {
+        sftp.stdin.write(r.value);
+        await sftp.stdin.flush();
+      }
       await sftp.stdin.end();
     } catch {} // the client's side is gone
   })();
   void (async () => {
     try {
       const out = sftp.stdout.getReader();
-      for (let r = await out.read(); !r.done; r = await out.read()) { s.proc.stdin.write(r.value); await s.proc.stdin.flush(); }
+      for (let r = await out.read(); !r.done; r = await out.read()) {
+        s.proc.stdin.write(r.value);
+        await s.proc.stdin.flush();
+      }
       // The client's side ended: so does the slave connection (as nxagent closes it).
       await s.proc.stdin.end();
     } catch {}
@@ -95,7 +123,10 @@ async function askSocket(req: unknown): Promise<{ status: number; error?: string
     sock.on("data", (d) => {
       buf += d.toString();
       const nl = buf.indexOf("\n");
-      if (nl >= 0) { sock.destroy(); res(JSON.parse(buf.slice(0, nl))); }
+      if (nl >= 0) {
+        sock.destroy();
+        res(JSON.parse(buf.slice(0, nl)));
+      }
     });
     sock.on("error", rej);
     sock.write(JSON.stringify(req) + "\n");
@@ -140,7 +171,9 @@ describe("prepare", () => {
     expect(readFileSync(join(runDir, "slave.conf"), "utf8")).toBe(KEY + "\n");
     const w = lstatSync(slaveCmd);
     expect([w.uid, w.mode & 0o777]).toEqual([0, 0o755]);
-    expect(readFileSync(slaveCmd, "utf8")).toMatch(/^#!\/bin\/sh\n\/\S+ vma-slave --key-file=\S+slave\.conf --socket=\S+slave\.sock --display=:100 --usb-unavailable\nrc=\$\?\n/);
+    expect(readFileSync(slaveCmd, "utf8")).toMatch(
+      /^#!\/bin\/sh\n\/\S+ vma-slave --key-file=\S+slave\.conf --socket=\S+slave\.sock --display=:100 --usb-unavailable\nrc=\$\?\n/,
+    );
     const s = lstatSync(join(runDir, "slave.sock"));
     expect([s.uid, s.mode & 0o777]).toEqual([UID, 0o600]);
   });
@@ -149,11 +182,20 @@ describe("prepare", () => {
     expect(nestedIdMap("         0     100000      65536\n")).toBe("0 65535 1\n1 1 65534\n");
     expect(nestedIdMap("0 0 4294967295")).toBe("0 65535 1\n1 1 65534\n");
     expect(nestedIdMap("1000 100000 1")).toBeUndefined();
-    expect(readFileSync(`/proc/${svc.holderPid}/uid_map`, "utf8").trim().split("\n").map((l) => l.trim().split(/\s+/).join(" "))).toEqual(["0 65535 1", "1 1 65534"]);
+    expect(
+      readFileSync(`/proc/${svc.holderPid}/uid_map`, "utf8")
+        .trim()
+        .split("\n")
+        .map((l) => l.trim().split(/\s+/).join(" ")),
+    ).toEqual(["0 65535 1", "1 1 65534"]);
   });
 
   test("in the session: no capabilities, no_new_privs, and no mounting", async () => {
-    const r = await asUser(["sh", "-c", "grep -E '^(CapBnd|CapEff|NoNewPrivs)' /proc/self/status; mount -t tmpfs x /tmp 2>&1; echo rc=$?"]);
+    const r = await asUser([
+      "sh",
+      "-c",
+      "grep -E '^(CapBnd|CapEff|NoNewPrivs)' /proc/self/status; mount -t tmpfs x /tmp 2>&1; echo rc=$?",
+    ]);
     expect(r.out).toContain("CapEff:\t0000000000000000");
     // The bounding set keeps at most setuid and setgid (the session's setpriv needs them); with
     // no_new_privs and container root unmapped nothing can raise them.
@@ -173,16 +215,31 @@ describe("prepare", () => {
     expect(existsSync(join(dir, "slave.sock"))).toBe(false);
     // The original client's requests then get 403 (shares, open), USB still its 501.
     chmodSync(dir, 0o711);
-    const run403 = Bun.spawn(["setpriv", `--reuid=${UID}`, `--regid=${UID}`, "--clear-groups", "--", p.env!.NX_SLAVE_CMD!], { env: { HOME: home }, stdin: "pipe", stdout: "pipe" });
-    run403.stdin.write(`${put("/shares/tmp/x")}POST /open/a.txt HTTP/1.1\r\nAuthorization: Basic ${KEY}\r\nX-QVD-Share-Ticket: ${home}/Redirected/x\r\n\r\nPOST /usbip HTTP/1.1\r\nAuthorization: Basic ${KEY}\r\n\r\n`);
+    const run403 = Bun.spawn(
+      ["setpriv", `--reuid=${UID}`, `--regid=${UID}`, "--clear-groups", "--", p.env!.NX_SLAVE_CMD!],
+      { env: { HOME: home }, stdin: "pipe", stdout: "pipe" },
+    );
+    run403.stdin.write(
+      `${put("/shares/tmp/x")}POST /open/a.txt HTTP/1.1\r\nAuthorization: Basic ${KEY}\r\nX-QVD-Share-Ticket: ${home}/Redirected/x\r\n\r\nPOST /usbip HTTP/1.1\r\nAuthorization: Basic ${KEY}\r\n\r\n`,
+    );
     await run403.stdin.end();
     const answers = await new Response(run403.stdout).text();
     expect([...answers.matchAll(/HTTP\/1\.1 (\d{3})/g)].map((m) => m[1])).toEqual(["403", "403", "501"]);
-    const q = await other.prepare({ ...c, properties: { "qvd.slave.key": KEY, "qvd.vm.shares.enable": "no", "qvd.vm.usb.enable": "false" } });
+    const q = await other.prepare({
+      ...c,
+      properties: { "qvd.slave.key": KEY, "qvd.vm.shares.enable": "no", "qvd.vm.usb.enable": "false" },
+    });
     expect(q.options).toEqual([]);
     expect(existsSync(join(dir, "slave.conf"))).toBe(false);
     expect((await other.prepare({ ...c, properties: {} })).options).toEqual([]);
-    expect((await sharesService({ enabled: false, qvd: "/usr/local/bin/qvd" }).prepare({ ...c, properties: { "qvd.slave.key": KEY } })).options).toEqual([]);
+    expect(
+      (
+        await sharesService({ enabled: false, qvd: "/usr/local/bin/qvd" }).prepare({
+          ...c,
+          properties: { "qvd.slave.key": KEY },
+        })
+      ).options,
+    ).toEqual([]);
     await other.stopped(c);
   });
 });
@@ -210,7 +267,9 @@ describe("a shared folder, end to end", () => {
     // Only in the session's namespace: the VMA's own (here the host's) has no such mount.
     expect(mountsInSession()).toContain(mp);
     expect(readFileSync("/proc/self/mountinfo", "utf8")).not.toContain(mp);
-    const line = readFileSync(`/proc/${svc.holderPid}/mountinfo`, "utf8").split("\n").find((l) => l.includes(` ${mp} `))!;
+    const line = readFileSync(`/proc/${svc.holderPid}/mountinfo`, "utf8")
+      .split("\n")
+      .find((l) => l.includes(` ${mp} `))!;
     expect(line).toMatch(/nosuid,nodev/);
     expect(line).toContain(`user_id=${UID},group_id=${UID}`);
   }, 60_000);
@@ -252,10 +311,16 @@ describe("what the user may try", () => {
 
   test("the mount socket is the session user's: another uid cannot connect", async () => {
     const js = `require("net").connect(${JSON.stringify(join(runDir, "slave.sock"))}).on("connect", () => { console.log("connected"); process.exit(0); }).on("error", (e) => console.log(e.code));`;
-    const r = Bun.spawn(["setpriv", "--reuid=4243", "--regid=4243", "--clear-groups", "--", process.execPath, "-e", js], { stdout: "pipe", stderr: "pipe", env: { HOME: "/tmp" } });
+    const r = Bun.spawn(
+      ["setpriv", "--reuid=4243", "--regid=4243", "--clear-groups", "--", process.execPath, "-e", js],
+      { stdout: "pipe", stderr: "pipe", env: { HOME: "/tmp" } },
+    );
     const out = await new Response(r.stdout).text();
     expect(out.trim()).toBe("EACCES");
-    const c = Bun.spawn(["setpriv", "--reuid=4243", "--regid=4243", "--clear-groups", "--", "cat", join(runDir, "slave.conf")], { stdout: "pipe", stderr: "pipe" });
+    const c = Bun.spawn(
+      ["setpriv", "--reuid=4243", "--regid=4243", "--clear-groups", "--", "cat", join(runDir, "slave.conf")],
+      { stdout: "pipe", stderr: "pipe" },
+    );
     expect(await c.exited).not.toBe(0);
     expect(await new Response(c.stdout).text()).not.toContain(KEY);
   });
@@ -282,7 +347,11 @@ describe("what the user may try", () => {
     const elsewhere = join(work, "elsewhere");
     mkdirSync(elsewhere);
     chownSync(elsewhere, UID, UID);
-    await asUser(["sh", "-c", `mkdir -p "$HOME/Redirected" && ln -s ${elsewhere} "$HOME/Redirected/swap" && ln -s /usr "$HOME/Redirected/rootdir" && ln -s ../Redirected "$HOME/Redirected/loop"`]);
+    await asUser([
+      "sh",
+      "-c",
+      `mkdir -p "$HOME/Redirected" && ln -s ${elsewhere} "$HOME/Redirected/swap" && ln -s /usr "$HOME/Redirected/rootdir" && ln -s ../Redirected "$HOME/Redirected/loop"`,
+    ]);
     for (const name of ["swap", "rootdir", "loop"]) expect((await askSocket({ key: KEY, name })).status).toBe(409);
     // A file, a fifo, or nothing at all where the directory should be.
     await asUser(["sh", "-c", `touch "$HOME/Redirected/file" && mkfifo "$HOME/Redirected/fifo"`]);
@@ -295,7 +364,9 @@ describe("what the user may try", () => {
   }, 60_000);
 
   test("USB: 501 naming vhci_hcd through the real wrapper", async () => {
-    const s = await slave(`POST /usbip HTTP/1.1\r\nAuthorization: Basic ${KEY}\r\nConnection: Upgrade\r\nUpgrade: qvd:usbip/1.0\r\n\r\n`);
+    const s = await slave(
+      `POST /usbip HTTP/1.1\r\nAuthorization: Basic ${KEY}\r\nConnection: Upgrade\r\nUpgrade: qvd:usbip/1.0\r\n\r\n`,
+    );
     expect(s.head).toStartWith("HTTP/1.1 501 ");
     let body = s.rest.toString();
     while (!body.includes("\n")) {

@@ -8,7 +8,15 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PassThrough } from "node:stream";
 import { createServer } from "node:net";
-import { keyMatches, serveSlave, spawnExec, USBIP_UNAVAILABLE, type SlaveCommand, type SlaveExec, type SlaveOptions } from "../src/vma/slave.ts";
+import {
+  keyMatches,
+  serveSlave,
+  spawnExec,
+  USBIP_UNAVAILABLE,
+  type SlaveCommand,
+  type SlaveExec,
+  type SlaveOptions,
+} from "../src/vma/slave.ts";
 
 const KEY = "4fQxZ0aB1cD2eF3gH4iJ5kL6mN7oP8qR9sT0uV1wX2yZ3aB4cD5eF6gH7iJ8kL9m"; // 64 chars, as the L7R mints
 const WRONG_SAME = KEY.slice(0, -1) + (KEY.endsWith("m") ? "n" : "m");
@@ -47,15 +55,33 @@ function recorder(): SlaveExec & Recorded {
 }
 
 /** Sends `request` (then end of input) and returns everything the server wrote. */
-async function talk(request: string | Uint8Array, extra: Partial<SlaveOptions> = {}): Promise<{ out: string; exec: ReturnType<typeof recorder> }> {
+async function talk(
+  request: string | Uint8Array,
+  extra: Partial<SlaveOptions> = {},
+): Promise<{ out: string; exec: ReturnType<typeof recorder> }> {
   const exec = recorder();
   const input = new PassThrough();
   const chunks: Uint8Array[] = [];
   let ended = false;
-  const done = serveSlave(input, { write: (b) => chunks.push(b), end: () => { ended = true; } }, {
-    keyFile, sharesDir: shares, uid: 1234, sshfs: "/usr/bin/sshfs", sftpServer: "/usr/lib/openssh/sftp-server",
-    xdgOpen: "/usr/bin/xdg-open", exec, ...extra,
-  });
+  const done = serveSlave(
+    input,
+    {
+      write: (b) => chunks.push(b),
+      end: () => {
+        ended = true;
+      },
+    },
+    {
+      keyFile,
+      sharesDir: shares,
+      uid: 1234,
+      sshfs: "/usr/bin/sshfs",
+      sftpServer: "/usr/lib/openssh/sftp-server",
+      xdgOpen: "/usr/bin/xdg-open",
+      exec,
+      ...extra,
+    },
+  );
   input.end(typeof request === "string" ? Buffer.from(request, "latin1") : request);
   await done;
   expect(ended).toBe(true);
@@ -89,18 +115,24 @@ describe("authentication", () => {
       test(`${ep.split("\r\n")[0]} with ${what}: 401, closed, nothing run`, async () => {
         // A valid request pipelined behind must not be answered: the connection closed.
         const { out, exec } = await talk(`${ep}${header}\r\nPOST /usbip HTTP/1.1\r\n${auth}\r\n`);
-        expect(out).toBe('HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm="QVD"\r\nConnection: close\r\n' +
-          "Content-Type: text/plain; charset=utf-8\r\nContent-Length: 13\r\n\r\nUnauthorized\n");
+        expect(out).toBe(
+          'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm="QVD"\r\nConnection: close\r\n' +
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Length: 13\r\n\r\nUnauthorized\n",
+        );
         expect(exec.handOvers.length + exec.launches.length).toBe(0);
       });
     }
   }
 
   test("a missing or empty key file accepts nothing", async () => {
-    expect(status((await talk(`POST /usbip HTTP/1.1\r\n${auth}\r\n`, { keyFile: join(work, "absent") })).out)).toBe(401);
+    expect(status((await talk(`POST /usbip HTTP/1.1\r\n${auth}\r\n`, { keyFile: join(work, "absent") })).out)).toBe(
+      401,
+    );
     const empty = join(work, "empty.conf");
     writeFileSync(empty, "");
-    expect(status((await talk(`POST /usbip HTTP/1.1\r\nAuthorization: Basic \r\n\r\n`, { keyFile: empty })).out)).toBe(401);
+    expect(status((await talk(`POST /usbip HTTP/1.1\r\nAuthorization: Basic \r\n\r\n`, { keyFile: empty })).out)).toBe(
+      401,
+    );
   });
 
   test("keyMatches: equal only", () => {
@@ -114,24 +146,45 @@ describe("authentication", () => {
 
 describe("PUT /shares (client folder into the desktop)", () => {
   test("one request of the original protocol, byte for byte", async () => {
-    const req = `PUT /shares/home/alice/Documents HTTP/1.1\r\nAuthorization: Basic ${KEY}\r\nConnection: Upgrade\r\n` +
+    const req =
+      `PUT /shares/home/alice/Documents HTTP/1.1\r\nAuthorization: Basic ${KEY}\r\nConnection: Upgrade\r\n` +
       "Upgrade: qvd:sftp/1.0;charset=ISO-8859-1\r\n\r\nSFTP-BYTES";
     const { out, exec } = await talk(req);
     const mp = join(shares, "Documents");
     expect(out).toBe(`HTTP/1.1 101 Switching Protocols\r\nX-QVD-Share-Ticket: ${mp}\r\n\r\n<program output>`);
     expect(exec.handOvers).toHaveLength(1);
-    expect(exec.handOvers[0]!.cmd.argv).toEqual(["/usr/bin/sshfs", "qvd-client:", mp, "-o", "slave",
-      "-o", "uid=1234", "-o", "modules=iconv,from_code=ISO-8859-1,to_code=utf-8"]);
+    expect(exec.handOvers[0]!.cmd.argv).toEqual([
+      "/usr/bin/sshfs",
+      "qvd-client:",
+      mp,
+      "-o",
+      "slave",
+      "-o",
+      "uid=1234",
+      "-o",
+      "modules=iconv,from_code=ISO-8859-1,to_code=utf-8",
+    ]);
     expect(exec.handOvers[0]!.received).toBe("SFTP-BYTES"); // what follows the head goes to sshfs
     expect(statSync(mp).isDirectory()).toBe(true);
   });
 
   test("no charset, extra args, and the root share", async () => {
-    const { out, exec } = await talk(`PUT /shares/ HTTP/1.1\r\n${auth}${up}\r\n`, { sshfsExtraArgs: ["-o", "cache=no"] });
+    const { out, exec } = await talk(`PUT /shares/ HTTP/1.1\r\n${auth}${up}\r\n`, {
+      sshfsExtraArgs: ["-o", "cache=no"],
+    });
     const mp = join(shares, "Root");
     expect(out).toBe(`HTTP/1.1 101 Switching Protocols\r\nX-QVD-Share-Ticket: ${mp}\r\n\r\n<program output>`);
-    expect(exec.handOvers[0]!.cmd.argv).toEqual(["/usr/bin/sshfs", "qvd-client:", mp, "-o", "slave",
-      "-o", "uid=1234", "-o", "cache=no"]);
+    expect(exec.handOvers[0]!.cmd.argv).toEqual([
+      "/usr/bin/sshfs",
+      "qvd-client:",
+      mp,
+      "-o",
+      "slave",
+      "-o",
+      "uid=1234",
+      "-o",
+      "cache=no",
+    ]);
   });
 
   test("percent-encoded names are decoded; an encoded slash only splits", async () => {
@@ -228,7 +281,9 @@ describe("POST /open", () => {
   });
 
   test("xdg-open of the file in the share, on DISPLAY=:100, no shell", async () => {
-    const { out, exec } = await talk(`POST /open/sub/report.odt HTTP/1.1\r\n${auth}X-QVD-Share-Ticket: ${share}\r\nContent-Length: 0\r\n\r\n`);
+    const { out, exec } = await talk(
+      `POST /open/sub/report.odt HTTP/1.1\r\n${auth}X-QVD-Share-Ticket: ${share}\r\nContent-Length: 0\r\n\r\n`,
+    );
     expect(out).toBe("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
     expect(exec.launches).toHaveLength(1);
     expect(exec.launches[0]!.argv).toEqual(["/usr/bin/xdg-open", join(share, "sub", "report.odt")]);
@@ -247,15 +302,21 @@ describe("POST /open", () => {
   ] as const) {
     test(`${what}: refused, nothing run`, async () => {
       const t = ticket.replace("SHARES", shares).replace("SHARE", share).replace("WORK", work);
-      const { out, exec } = await talk(`POST ${path} HTTP/1.1\r\n${auth}${t ? `X-QVD-Share-Ticket: ${t}\r\n` : ""}\r\n`);
+      const { out, exec } = await talk(
+        `POST ${path} HTTP/1.1\r\n${auth}${t ? `X-QVD-Share-Ticket: ${t}\r\n` : ""}\r\n`,
+      );
       expect([400, 404]).toContain(status(out));
       expect(exec.launches).toHaveLength(0);
     });
   }
 
   test("a missing file: 404; GET: 405", async () => {
-    expect(status((await talk(`POST /open/nope HTTP/1.1\r\n${auth}X-QVD-Share-Ticket: ${share}\r\n\r\n`)).out)).toBe(404);
-    expect(status((await talk(`GET /open/sub/report.odt HTTP/1.1\r\n${auth}X-QVD-Share-Ticket: ${share}\r\n\r\n`)).out)).toBe(405);
+    expect(status((await talk(`POST /open/nope HTTP/1.1\r\n${auth}X-QVD-Share-Ticket: ${share}\r\n\r\n`)).out)).toBe(
+      404,
+    );
+    expect(
+      status((await talk(`GET /open/sub/report.odt HTTP/1.1\r\n${auth}X-QVD-Share-Ticket: ${share}\r\n\r\n`)).out),
+    ).toBe(405);
   });
 });
 
@@ -320,7 +381,9 @@ describe("other requests", () => {
   });
 
   test("unknown path 404, wrong method 405, and the connection goes on", async () => {
-    const { out } = await talk(`GET /printer HTTP/1.1\r\n${auth}\r\nDELETE /shares/x HTTP/1.1\r\n${auth}\r\nPOST /usbip HTTP/1.1\r\n${auth}Content-Length: 3\r\n\r\nabc`);
+    const { out } = await talk(
+      `GET /printer HTTP/1.1\r\n${auth}\r\nDELETE /shares/x HTTP/1.1\r\n${auth}\r\nPOST /usbip HTTP/1.1\r\n${auth}Content-Length: 3\r\n\r\nabc`,
+    );
     expect([...out.matchAll(/HTTP\/1\.1 (\d{3})/g)].map((m) => m[1])).toEqual(["404", "405", "501"]);
   });
 
@@ -340,14 +403,22 @@ describe("other requests", () => {
     ["a body too large", `POST /usbip HTTP/1.1\r\n${auth}Content-Length: 99999999\r\n\r\n`, 400],
     ["a short body", `POST /usbip HTTP/1.1\r\n${auth}Content-Length: 10\r\n\r\nabc`, 400],
     ["a NUL in a header", `POST /usbip HTTP/1.1\r\n${auth}X-A: a\x00b\r\n\r\n`, 400],
-    ["a non-ASCII byte", new Uint8Array([...Buffer.from(`POST /usbip HTTP/1.1\r\n${auth}X-A: \xff\r\n\r\n`, "latin1")]), 400],
+    [
+      "a non-ASCII byte",
+      new Uint8Array([...Buffer.from(`POST /usbip HTTP/1.1\r\n${auth}X-A: \xff\r\n\r\n`, "latin1")]),
+      400,
+    ],
   ];
   for (const [what, req, code] of malformed) {
     test(`${what}: ${code} and close`, async () => {
       // A valid request behind it is not answered.
       const tail = Buffer.from(`POST /usbip HTTP/1.1\r\n${auth}\r\n`);
       const head = typeof req === "string" ? Buffer.from(req, "latin1") : Buffer.from(req);
-      const { out } = await talk(what === "an incomplete request" || what === "a never-ending header" || what === "a short body" ? head : Buffer.concat([head, tail]));
+      const { out } = await talk(
+        what === "an incomplete request" || what === "a never-ending header" || what === "a short body"
+          ? head
+          : Buffer.concat([head, tail]),
+      );
       expect(status(out)).toBe(code);
       expect(out.match(/HTTP\/1\.1 /g)).toHaveLength(1);
       expect(out).toContain("Connection: close\r\n");
@@ -365,24 +436,45 @@ describe("qvd vma-slave on real pipes", () => {
     const chunks: Uint8Array[] = [];
     const fake = join(work, "fake-sshfs");
     writeFileSync(fake, `#!/bin/sh\nprintf '%s|' "$@"\nexec cat\n`, { mode: 0o755 });
-    const done = serveSlave(input, { write: (b) => chunks.push(b), end: () => undefined }, {
-      keyFile, sharesDir: shares, uid: 1, sshfs: fake, exec: spawnExec,
-    });
+    const done = serveSlave(
+      input,
+      { write: (b) => chunks.push(b), end: () => undefined },
+      {
+        keyFile,
+        sharesDir: shares,
+        uid: 1,
+        sshfs: fake,
+        exec: spawnExec,
+      },
+    );
     input.write(`PUT /shares/catted HTTP/1.1\r\n${auth}${up}\r\nfirst `);
     await Bun.sleep(50);
     input.end("second");
     await done;
     const out = Buffer.concat(chunks).toString();
     const mp = join(shares, "catted");
-    expect(out).toBe(`HTTP/1.1 101 Switching Protocols\r\nX-QVD-Share-Ticket: ${mp}\r\n\r\n` +
-      `qvd-client:|${mp}|-o|slave|-o|uid=1|first second`);
+    expect(out).toBe(
+      `HTTP/1.1 101 Switching Protocols\r\nX-QVD-Share-Ticket: ${mp}\r\n\r\n` +
+        `qvd-client:|${mp}|-o|slave|-o|uid=1|first second`,
+    );
   });
 
-
   test("answers on stdout, and a wrong key closes", async () => {
-    const p = Bun.spawn([process.execPath, join(import.meta.dir, "..", "src", "main.ts"), "vma-slave", "--key-file", keyFile, "--shares-dir", shares],
-      { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
-    p.stdin.write(`POST /usbip HTTP/1.1\r\n${auth}\r\nPOST /usbip HTTP/1.1\r\nAuthorization: Basic ${WRONG_SAME}\r\n\r\nPOST /usbip HTTP/1.1\r\n${auth}\r\n`);
+    const p = Bun.spawn(
+      [
+        process.execPath,
+        join(import.meta.dir, "..", "src", "main.ts"),
+        "vma-slave",
+        "--key-file",
+        keyFile,
+        "--shares-dir",
+        shares,
+      ],
+      { stdin: "pipe", stdout: "pipe", stderr: "pipe" },
+    );
+    p.stdin.write(
+      `POST /usbip HTTP/1.1\r\n${auth}\r\nPOST /usbip HTTP/1.1\r\nAuthorization: Basic ${WRONG_SAME}\r\n\r\nPOST /usbip HTTP/1.1\r\n${auth}\r\n`,
+    );
     const out = await new Response(p.stdout).text(); // ends when the server closes, stdin still open
     await p.stdin.end();
     expect(await p.exited).toBe(0);

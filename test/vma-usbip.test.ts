@@ -11,8 +11,23 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { SharesService } from "../src/vma/shares.ts";
 import type { ServiceContext } from "../src/vma/services.ts";
-import { parseDeviceLine, parseVhciStatus, pickPort, tcpSocketUid, UsbipAttacher, usbUdevRule } from "../src/vma/usbip.ts";
-import { decodeDevice, deviceLine, encodeDevice, header, importDevice, listExported, type ExportedDevice } from "../src/client/usbip.ts";
+import {
+  parseDeviceLine,
+  parseVhciStatus,
+  pickPort,
+  tcpSocketUid,
+  UsbipAttacher,
+  usbUdevRule,
+} from "../src/vma/usbip.ts";
+import {
+  decodeDevice,
+  deviceLine,
+  encodeDevice,
+  header,
+  importDevice,
+  listExported,
+  type ExportedDevice,
+} from "../src/client/usbip.ts";
 import { waitFor } from "./support/wait.ts";
 
 const isRoot = process.getuid?.() === 0;
@@ -23,7 +38,11 @@ function vhciStatus(used: Record<number, string> = {}): string {
   const rows = ["hub port sta spd dev      sockfd local_busid"];
   for (let p = 0; p < 16; p++) {
     const hub = p < 8 ? "hs" : "ss";
-    rows.push(used[p] ? `${hub}  ${String(p).padStart(4, "0")} 006 003 00020002 000003 ${used[p]}` : `${hub}  ${String(p).padStart(4, "0")} 004 000 00000000 000000 0-0`);
+    rows.push(
+      used[p]
+        ? `${hub}  ${String(p).padStart(4, "0")} 006 003 00020002 000003 ${used[p]}`
+        : `${hub}  ${String(p).padStart(4, "0")} 004 000 00000000 000000 0-0`,
+    );
   }
   return rows.join("\n") + "\n";
 }
@@ -32,8 +51,25 @@ describe("the desktop's checks", () => {
   test("the device line: two numbers, a real bus and device, a speed vhci_hcd takes; anything else is refused", () => {
     expect(parseDeviceLine("65538 3")).toEqual({ devid: 65538, speed: 3 });
     expect(parseDeviceLine("131074 5\r")).toEqual({ devid: 131074, speed: 5 });
-    for (const bad of ["", "65538", "65538 4", "65538 7", "65538 0", "2 3", "65536 3", "4294967296 3", "-1 3", "65538  3", "65538 3 x",
-      "65538 3; reboot", "0x10002 3", "65538\t3", " 65538 3", "99999999999 3"]) expect(parseDeviceLine(bad)).toBeUndefined();
+    for (const bad of [
+      "",
+      "65538",
+      "65538 4",
+      "65538 7",
+      "65538 0",
+      "2 3",
+      "65536 3",
+      "4294967296 3",
+      "-1 3",
+      "65538  3",
+      "65538 3 x",
+      "65538 3; reboot",
+      "0x10002 3",
+      "65538\t3",
+      " 65538 3",
+      "99999999999 3",
+    ])
+      expect(parseDeviceLine(bad)).toBeUndefined();
   });
 
   test("vhci_hcd's status: a free port on the right hub (SuperSpeed on ss, the others on hs); none when all are used", () => {
@@ -89,12 +125,17 @@ describe.skipIf(!isRoot)("the VMA's socket: a USB device request, then the strea
   let ctx: ServiceContext;
   let attacher: UsbipAttacher;
 
-  const context = (props: Record<string, string>): ServiceContext => ({
-    account: { user: "usbuser", uid: UID, gid: UID, home: join(work, "home"), shell: "/bin/sh", groups: [] },
-    properties: props, display: 100, runDir, homeOnDisk: join(work, "home"),
-    env: { HOME: join(work, "home"), PATH: "/usr/sbin:/usr/bin:/sbin:/bin" },
-    runAsUser: () => undefined, execAsUser: async () => ({ status: 1, stdout: "", stderr: "" }),
-  }) as unknown as ServiceContext;
+  const context = (props: Record<string, string>): ServiceContext =>
+    ({
+      account: { user: "usbuser", uid: UID, gid: UID, home: join(work, "home"), shell: "/bin/sh", groups: [] },
+      properties: props,
+      display: 100,
+      runDir,
+      homeOnDisk: join(work, "home"),
+      env: { HOME: join(work, "home"), PATH: "/usr/sbin:/usr/bin:/sbin:/bin" },
+      runAsUser: () => undefined,
+      execAsUser: async () => ({ status: 1, stdout: "", stderr: "" }),
+    }) as unknown as ServiceContext;
 
   /** A request on the socket; the answer line and the socket (open after a 200). */
   async function ask(req: unknown): Promise<{ answer: { status: number; error?: string }; sock: Socket }> {
@@ -124,7 +165,13 @@ describe.skipIf(!isRoot)("the VMA's socket: a USB device request, then the strea
     platform = join(work, "platform");
     mkdirSync(runDir, { mode: 0o711 });
     mkdirSync(platform);
-    attacher = new UsbipAttacher({ platformDir: platform, sysUsb: join(work, "sys-bus-usb"), modprobe: "/bin/false", udevadm: "/bin/true", udevRuleFile: join(work, "rules.d", "70-qvd-usb.rules") });
+    attacher = new UsbipAttacher({
+      platformDir: platform,
+      sysUsb: join(work, "sys-bus-usb"),
+      modprobe: "/bin/false",
+      udevadm: "/bin/true",
+      udevRuleFile: join(work, "rules.d", "70-qvd-usb.rules"),
+    });
     svc = new SharesService({ enabled: true, qvd: "/usr/bin/true", fuse: false, usbip: attacher });
     ctx = context({ "qvd.slave.key": KEY, "qvd.vm.shares.enable": "0" });
     await svc.prepare(ctx);
@@ -151,7 +198,10 @@ describe.skipIf(!isRoot)("the VMA's socket: a USB device request, then the strea
   test("a SuperSpeed device goes to a free ss port, a high-speed one to an hs port: the attach line carries a socket descriptor, the devid and the speed", async () => {
     mkdirSync(vhci(), { recursive: true });
     writeFileSync(join(vhci(), "status"), vhciStatus({ 0: "3-1" }));
-    for (const [line, expected] of [["131074 5\n", "8 3 131074 5\n"], ["65539 3\n", "1 3 65539 3\n"]] as const) {
+    for (const [line, expected] of [
+      ["131074 5\n", "8 3 131074 5\n"],
+      ["65539 3\n", "1 3 65539 3\n"],
+    ] as const) {
       writeFileSync(join(vhci(), "attach"), "");
       const { answer, sock } = await ask({ key: KEY, usbip: true });
       expect(answer).toEqual({ status: 200 });
@@ -175,7 +225,10 @@ describe.skipIf(!isRoot)("the VMA's socket: a USB device request, then the strea
   }, 30_000);
 
   test("no free port of the device's kind: nothing attached", async () => {
-    writeFileSync(join(vhci(), "status"), vhciStatus(Object.fromEntries([...Array(8).keys()].map((p) => [p, `3-${p + 1}`]))));
+    writeFileSync(
+      join(vhci(), "status"),
+      vhciStatus(Object.fromEntries([...Array(8).keys()].map((p) => [p, `3-${p + 1}`]))),
+    );
     writeFileSync(join(vhci(), "attach"), "");
     const { sock } = await ask({ key: KEY, usbip: true });
     sock.write("65539 3\n");
@@ -206,7 +259,15 @@ describe.skipIf(!isRoot)("the VMA's socket: a USB device request, then the strea
 });
 
 describe("the client's side: usbipd's protocol, and usbipd stand-ins that misbehave", () => {
-  const stick: ExportedDevice = { path: "/sys/devices/pci0000:00/0000:00:03.0/usb2/2-1", busid: "2-1", busnum: 2, devnum: 2, speed: 5, idVendor: 0x46f4, idProduct: 0x0001 };
+  const stick: ExportedDevice = {
+    path: "/sys/devices/pci0000:00/0000:00:03.0/usb2/2-1",
+    busid: "2-1",
+    busnum: 2,
+    devnum: 2,
+    speed: 5,
+    idVendor: 0x46f4,
+    idProduct: 0x0001,
+  };
   let server: Server;
   let port = 0;
   let behave: (s: Socket, req: Buffer) => unknown = () => undefined;
@@ -238,7 +299,9 @@ describe("the client's side: usbipd's protocol, and usbipd stand-ins that misbeh
       if (req.readUInt16BE(2) === 0x8005) {
         const n = Buffer.alloc(4);
         n.writeUInt32BE(1);
-        s.end(Buffer.concat([header(0x0005), n, encodeDevice(stick, { bNumInterfaces: 1 }), Buffer.from([8, 6, 80, 0])]));
+        s.end(
+          Buffer.concat([header(0x0005), n, encodeDevice(stick, { bNumInterfaces: 1 }), Buffer.from([8, 6, 80, 0])]),
+        );
       } else {
         expect(req.subarray(8, 40).toString("latin1").replace(/\0+$/, "")).toBe("2-1");
         s.write(Buffer.concat([header(0x0003), encodeDevice(stick), Buffer.from("first URB")]));
@@ -253,9 +316,33 @@ describe("the client's side: usbipd's protocol, and usbipd stand-ins that misbeh
 
   const hostile: [string, (s: Socket, req: Buffer) => unknown, RegExp][] = [
     ["another protocol's answer", (s) => s.end("HTTP/1.1 200 OK\r\n\r\n"), /unexpected message/],
-    ["a list of a million devices", (s) => { const n = Buffer.alloc(4); n.writeUInt32BE(1_000_000); s.end(Buffer.concat([header(0x0005), n])); }, /announced 1000000 devices/],
-    ["a device with 200 interfaces", (s) => { const n = Buffer.alloc(4); n.writeUInt32BE(1); s.end(Buffer.concat([header(0x0005), n, encodeDevice(stick, { bNumInterfaces: 200 })])); }, /200 interfaces/],
-    ["a record cut short", (s) => { const n = Buffer.alloc(4); n.writeUInt32BE(1); s.end(Buffer.concat([header(0x0005), n, Buffer.alloc(100)])); }, /closed the connection/],
+    [
+      "a list of a million devices",
+      (s) => {
+        const n = Buffer.alloc(4);
+        n.writeUInt32BE(1_000_000);
+        s.end(Buffer.concat([header(0x0005), n]));
+      },
+      /announced 1000000 devices/,
+    ],
+    [
+      "a device with 200 interfaces",
+      (s) => {
+        const n = Buffer.alloc(4);
+        n.writeUInt32BE(1);
+        s.end(Buffer.concat([header(0x0005), n, encodeDevice(stick, { bNumInterfaces: 200 })]));
+      },
+      /200 interfaces/,
+    ],
+    [
+      "a record cut short",
+      (s) => {
+        const n = Buffer.alloc(4);
+        n.writeUInt32BE(1);
+        s.end(Buffer.concat([header(0x0005), n, Buffer.alloc(100)]));
+      },
+      /closed the connection/,
+    ],
     ["no answer at all", () => undefined, /did not answer in time/],
     ["a refusal", (s) => s.end(header(0x0005, 1)), /refused to list/],
   ];
@@ -268,7 +355,9 @@ describe("the client's side: usbipd's protocol, and usbipd stand-ins that misbeh
 
   test("import: a refusal, and another device than asked for, are errors that name the bus id", async () => {
     behave = (s) => s.end(header(0x0003, 1));
-    await expect(importDevice(addr(), "2-1")).rejects.toThrow("usbipd refused to export 2-1 (status 1: not bound to usbip-host, or in use)");
+    await expect(importDevice(addr(), "2-1")).rejects.toThrow(
+      "usbipd refused to export 2-1 (status 1: not bound to usbip-host, or in use)",
+    );
     behave = (s) => s.end(Buffer.concat([header(0x0003), encodeDevice({ ...stick, busid: "1-9" })]));
     await expect(importDevice(addr(), "2-1")).rejects.toThrow("usbipd exported 1-9 instead of 2-1");
   });
@@ -278,6 +367,8 @@ describe("the client's side: usbipd's protocol, and usbipd stand-ins that misbeh
     await new Promise<void>((r) => s.listen(0, "127.0.0.1", () => r()));
     const free = (s.address() as { port: number }).port;
     await new Promise<void>((r) => s.close(() => r()));
-    await expect(listExported({ host: "127.0.0.1", port: free })).rejects.toThrow(`no usbipd on 127.0.0.1:${free} (start it as root: usbipd -D)`);
+    await expect(listExported({ host: "127.0.0.1", port: free })).rejects.toThrow(
+      `no usbipd on 127.0.0.1:${free} (start it as root: usbipd -D)`,
+    );
   });
 });

@@ -4,7 +4,17 @@
 // session then runs as the provisioned uid. A second part runs the VMA as PID 1 of a new PID
 // namespace (unshare) to check signal handling and orphan reaping.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, chmodSync } from "node:fs";
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+  chmodSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { provision } from "../src/vma/provision.ts";
@@ -37,7 +47,6 @@ function cleanEnv(): Record<string, string> {
   return e;
 }
 
-
 /** Collects a stream into a string buffer (for diagnostics and line waits). */
 function collect(stream: ReadableStream<Uint8Array>): { text: () => string } {
   let buf = "";
@@ -60,18 +69,42 @@ interface Vma {
   runDir: string;
 }
 
-async function startVma(name: string, settings: Record<string, string | number | boolean>, opts: { nodeAddress?: string; pid1?: boolean } = {}): Promise<Vma> {
+async function startVma(
+  name: string,
+  settings: Record<string, string | number | boolean>,
+  opts: { nodeAddress?: string; pid1?: boolean } = {},
+): Promise<Vma> {
   const dir = join(work, name);
   mkdirSync(dir, { recursive: true });
   const runDir = join(dir, "run");
   const file = join(dir, "vma.json");
-  writeFileSync(file, JSON.stringify({ vm_id: 42, secret: SECRET, node_address: opts.nodeAddress ?? "127.0.0.1", port: 3030, settings: { "path.run": runDir, "vma.display": nxDisplay, ...settings } }), { mode: 0o400 });
+  writeFileSync(
+    file,
+    JSON.stringify({
+      vm_id: 42,
+      secret: SECRET,
+      node_address: opts.nodeAddress ?? "127.0.0.1",
+      port: 3030,
+      settings: { "path.run": runDir, "vma.display": nxDisplay, ...settings },
+    }),
+    { mode: 0o400 },
+  );
   const port = freePort();
   const cmd = [process.execPath, "src/main.ts", "vma", "--config", file, "--listen", `127.0.0.1:${port}`];
   const proc = spawn(opts.pid1 ? ["unshare", "--pid", "--fork", "--mount-proc", ...cmd] : cmd);
   const out = collect(proc.stdout);
   const err = collect(proc.stderr);
-  await waitFor(`${name} to listen (stderr: ${err.text()})`, () => out.text().includes("listening") || (proc.exitCode !== null ? (() => { throw new Error(`vma exited: ${err.text()}`); })() : undefined), 15_000);
+  await waitFor(
+    `${name} to listen (stderr: ${err.text()})`,
+    () =>
+      out.text().includes("listening") ||
+      (proc.exitCode !== null
+        ? (() => {
+            throw new Error(`vma exited: ${err.text()}`);
+          })()
+        : undefined),
+    15_000,
+  );
   return { url: `http://127.0.0.1:${port}`, proc, err, runDir };
 }
 
@@ -86,7 +119,6 @@ async function call(v: Vma, method: "GET" | "POST", path: string, body?: unknown
 /** The image's /etc/skel in the provisioning tests. */
 const SKEL = { ".profile": "# from skel\n" };
 
-
 /** The colour of one pixel of an X display, as ImageMagick prints it (e.g. srgb(255,0,0)). */
 async function pixel(display: number, x: number, y: number, savePng?: string): Promise<string> {
   const sh = `xwd -root -silent -display :${display} | /usr/bin/convert xwd:- ${savePng ? `-write ${savePng} ` : ""}-format '%[pixel:p{${x},${y}}]' info:-`;
@@ -99,8 +131,16 @@ async function pixel(display: number, x: number, y: number, savePng?: string): P
 /** Whether a TCP socket listens on `port` (from /proc/net/tcp{,6}: state 0A). */
 function tcpListening(port: number): boolean {
   const hex = port.toString(16).toUpperCase().padStart(4, "0");
-  return ["/proc/net/tcp", "/proc/net/tcp6"].some((f) =>
-    existsSync(f) && readFileSync(f, "utf8").split("\n").some((l) => { const c = l.trim().split(/\s+/); return c[1]?.endsWith(`:${hex}`) && c[3] === "0A"; }));
+  return ["/proc/net/tcp", "/proc/net/tcp6"].some(
+    (f) =>
+      existsSync(f) &&
+      readFileSync(f, "utf8")
+        .split("\n")
+        .some((l) => {
+          const c = l.trim().split(/\s+/);
+          return c[1]?.endsWith(`:${hex}`) && c[3] === "0A";
+        }),
+  );
 }
 
 let hostPasswd: string;
@@ -118,9 +158,15 @@ beforeAll(async () => {
 
 afterAll(async () => {
   // TERM first (Xvfb and nxagent then remove their /tmp/.X*-lock files), KILL what is left.
-  for (const p of started) try { p.kill("SIGTERM"); } catch {}
+  for (const p of started)
+    try {
+      p.kill("SIGTERM");
+    } catch {}
   await Promise.all(started.map((p) => Promise.race([p.exited, Bun.sleep(3000)])));
-  for (const p of started) try { p.kill("SIGKILL"); } catch {}
+  for (const p of started)
+    try {
+      p.kill("SIGKILL");
+    } catch {}
   // The host's accounts were never touched.
   expect(readFileSync("/etc/passwd", "utf8")).toBe(hostPasswd);
   if (work && !process.env.QVD_TEST_KEEP) rmSync(work, { recursive: true, force: true });
@@ -135,7 +181,11 @@ describe("access", () => {
 
   test("no secret or a wrong one: 403 without details, before routing", async () => {
     for (const secret of [null, "", "wrong", SECRET + "x", SECRET.slice(0, -1)]) {
-      for (const [m, p] of [["GET", "/vma/ping"], ["POST", "/vma/x_start"], ["GET", "/nope"]] as const) {
+      for (const [m, p] of [
+        ["GET", "/vma/ping"],
+        ["POST", "/vma/x_start"],
+        ["GET", "/nope"],
+      ] as const) {
         const r = await call(v, m, p, undefined, secret);
         expect(r.status).toBe(403);
         expect(r.body).toEqual({ error: "forbidden" });
@@ -144,7 +194,10 @@ describe("access", () => {
   });
 
   test("ping, x_state, unknown paths and methods", async () => {
-    expect(await call(v, "GET", "/vma/ping")).toMatchObject({ status: 200, body: { ok: true, vm_id: 42, state: "stopped" } });
+    expect(await call(v, "GET", "/vma/ping")).toMatchObject({
+      status: 200,
+      body: { ok: true, vm_id: 42, state: "stopped" },
+    });
     const s = await call(v, "GET", "/vma/x_state");
     expect(s.status).toBe(200);
     expect(s.body.state).toBe("stopped");
@@ -182,7 +235,11 @@ describe("access", () => {
       expect(r.body.field).toBe(field);
       expect(r.body.error).toStartWith(`${field}: `);
     }
-    const bad = await fetch(v.url + "/vma/x_start", { method: "POST", headers: { "x-qvd-vma-secret": SECRET }, body: "{nope" });
+    const bad = await fetch(v.url + "/vma/x_start", {
+      method: "POST",
+      headers: { "x-qvd-vma-secret": SECRET },
+      body: "{nope",
+    });
     expect(bad.status).toBe(400);
     expect((await call(v, "GET", "/vma/x_state")).body.state).toBe("stopped");
   });
@@ -192,17 +249,29 @@ describe("access", () => {
     const r = await call(other, "GET", "/vma/ping");
     expect(r.status).toBe(403);
     expect(r.body).toEqual({ error: "forbidden" });
-    for (const [m, p] of [["POST", "/vma/x_stop"], ["POST", "/vma/x_suspend"], ["POST", "/vma/poweroff"], ["POST", "/vma/expire"], ["GET", "/vma/nope"]] as const)
+    for (const [m, p] of [
+      ["POST", "/vma/x_stop"],
+      ["POST", "/vma/x_suspend"],
+      ["POST", "/vma/poweroff"],
+      ["POST", "/vma/expire"],
+      ["GET", "/vma/nope"],
+    ] as const)
       expect((await call(other, m, p, m === "POST" ? {} : undefined)).status, p).toBe(403);
     expect((await call(other, "GET", "/vma/x_state")).status).toBe(403);
     expect((await call(other, "GET", "/vma/x_state", undefined, "wrong-secret")).status).toBe(403);
-    expect((await call(other, "POST", "/vma/x_start", { user: "alice", uid: 20001, gid: 20001, cookie: "0".repeat(32) })).status).toBe(403);
+    expect(
+      (await call(other, "POST", "/vma/x_start", { user: "alice", uid: 20001, gid: 20001, cookie: "0".repeat(32) }))
+        .status,
+    ).toBe(403);
     other.proc.kill("SIGTERM");
     expect(await other.proc.exited).toBe(0);
   });
 
   test("expire answers; its body is checked", async () => {
-    expect(await call(v, "POST", "/vma/expire", { soft: 1, hard: 2 })).toMatchObject({ status: 200, body: { ok: true } });
+    expect(await call(v, "POST", "/vma/expire", { soft: 1, hard: 2 })).toMatchObject({
+      status: 200,
+      body: { ok: true },
+    });
     // What the node sends: ISO times, the hard one null when unset.
     expect((await call(v, "POST", "/vma/expire", { soft: "2026-12-06T17:00:00.000Z", hard: null })).status).toBe(200);
     expect((await call(v, "POST", "/vma/expire", { when: 1 })).status).toBe(422);
@@ -220,17 +289,28 @@ describe("the expire hook (vma.on_action.expire)", () => {
     const hook = join(dir, "hook.sh");
     // Fails while the file `fail` exists; records each run's arguments, one line per run.
     writeFileSync(hook, `#!/bin/sh\necho "$*" >> ${out}\n[ ! -e ${join(dir, "fail")} ]\n`, { mode: 0o755 });
-    const h = await startVma("hook", { "vma.session.as_current_user": true, "vma.session.command": "/bin/sleep 1000", "vma.on_action.expire": hook });
+    const h = await startVma("hook", {
+      "vma.session.as_current_user": true,
+      "vma.session.command": "/bin/sleep 1000",
+      "vma.on_action.expire": hook,
+    });
     try {
       const calls = () => (existsSync(out) ? readFileSync(out, "utf8").trim().split("\n") : []);
-      for (let i = 0; i < 3; i++) expect((await call(h, "POST", "/vma/expire", { soft: "2026-12-06T17:00:00Z", hard: null })).status).toBe(200);
-      expect(calls()).toEqual(["vm.expiration.soft 2026-12-06T17:00:00.000Z vm.expiration.hard  qvd.vm.session.state stopped qvd.hook.on_action expire"]);
+      for (let i = 0; i < 3; i++)
+        expect((await call(h, "POST", "/vma/expire", { soft: "2026-12-06T17:00:00Z", hard: null })).status).toBe(200);
+      expect(calls()).toEqual([
+        "vm.expiration.soft 2026-12-06T17:00:00.000Z vm.expiration.hard  qvd.vm.session.state stopped qvd.hook.on_action expire",
+      ]);
       writeFileSync(join(dir, "fail"), "");
       expect((await call(h, "POST", "/vma/expire", { soft: 1796576400, hard: 1796580000 })).status).toBe(500);
       rmSync(join(dir, "fail"));
       expect((await call(h, "POST", "/vma/expire", { soft: 1796576400, hard: 1796580000 })).status).toBe(200);
       expect((await call(h, "POST", "/vma/expire", { soft: 1796576400, hard: 1796580000 })).status).toBe(200);
-      expect(calls().slice(1)).toEqual(Array(2).fill(`vm.expiration.soft ${new Date(1796576400_000).toISOString()} vm.expiration.hard ${new Date(1796580000_000).toISOString()} qvd.vm.session.state stopped qvd.hook.on_action expire`));
+      expect(calls().slice(1)).toEqual(
+        Array(2).fill(
+          `vm.expiration.soft ${new Date(1796576400_000).toISOString()} vm.expiration.hard ${new Date(1796580000_000).toISOString()} qvd.vm.session.state stopped qvd.hook.on_action expire`,
+        ),
+      );
     } finally {
       h.proc.kill("SIGTERM");
       await h.proc.exited;
@@ -242,7 +322,10 @@ describe("provisioning (temporary root)", () => {
   test("creates group, user and home; keeps an existing home; idempotent", async () => {
     const dir = join(work, "prov");
     const root = minimalRoot(dir, SKEL);
-    const acc = await provision({ user: "bob", uid: 51001, gid: 51001, home: "/home/bob", shell: "/bin/bash", groups: [] }, root);
+    const acc = await provision(
+      { user: "bob", uid: 51001, gid: 51001, home: "/home/bob", shell: "/bin/bash", groups: [] },
+      root,
+    );
     expect(acc).toMatchObject({ user: "bob", uid: 51001, gid: 51001, home: "/home/bob" });
     expect(readFileSync(join(root, "etc/passwd"), "utf8")).toContain("bob:x:51001:51001::/home/bob:/bin/bash");
     expect(readFileSync(join(root, "etc/group"), "utf8")).toContain("bob:x:51001:");
@@ -257,13 +340,18 @@ describe("provisioning (temporary root)", () => {
     // A home that exists already (the backend's bind mount) gets its owner, not a wipe.
     mkdirSync(join(root, "home/carol"));
     writeFileSync(join(root, "home/carol/notes"), "old");
-    const c = await provision({ user: "carol", uid: 51002, gid: 51002, home: "/home/carol", shell: "/bin/bash", groups: [] }, root);
+    const c = await provision(
+      { user: "carol", uid: 51002, gid: 51002, home: "/home/carol", shell: "/bin/bash", groups: [] },
+      root,
+    );
     expect(c.uid).toBe(51002);
     expect(statSync(join(root, "home/carol")).uid).toBe(51002);
     expect(readFileSync(join(root, "home/carol/notes"), "utf8")).toBe("old");
     expect(existsSync(join(root, "home/carol/.profile"))).toBe(false);
     // A uid taken by another user: useradd fails, the group it added is removed again.
-    await expect(provision({ user: "dave", uid: 51001, gid: 51003, home: "/home/dave", shell: "/bin/bash", groups: [] }, root)).rejects.toThrow(/useradd/);
+    await expect(
+      provision({ user: "dave", uid: 51001, gid: 51003, home: "/home/dave", shell: "/bin/bash", groups: [] }, root),
+    ).rejects.toThrow(/useradd/);
     expect(readFileSync(join(root, "etc/group"), "utf8")).not.toContain("dave:");
     expect(readFileSync("/etc/passwd", "utf8")).toBe(hostPasswd);
   });
@@ -282,7 +370,12 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     return s;
   };
   const waitState = (want: string, timeoutMs = 20_000) =>
-    waitFor(`state ${want} (seen ${states.join(" → ")}; vma: ${v.err.text().split("\n").slice(-8).join("\n")})`, async () => ((await state()).state === want ? true : undefined), timeoutMs, 50);
+    waitFor(
+      `state ${want} (seen ${states.join(" → ")}; vma: ${v.err.text().split("\n").slice(-8).join("\n")})`,
+      async () => ((await state()).state === want ? true : undefined),
+      timeoutMs,
+      50,
+    );
   let relay: NxRelay;
   const startProxy = () => {
     proxy = spawn(["nxproxy", "-S", `localhost:${relay.display}`], { DISPLAY: `:${xvfbDisplay}` });
@@ -295,7 +388,12 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     const session = join(work, "session", "session.sh");
     writeFileSync(session, "#!/bin/sh\necho session started as $(id -u) in $HOME\nexec sleep 1000\n");
     chmodSync(session, 0o755);
-    v = await startVma("session", { "vma.provision.root": root, "vma.session.command": session, "vma.timeout.listening": 30, "identity.groups.allowed": "daemon" }); // the minimal root has no desktop groups
+    v = await startVma("session", {
+      "vma.provision.root": root,
+      "vma.session.command": session,
+      "vma.timeout.listening": 30,
+      "identity.groups.allowed": "daemon",
+    }); // the minimal root has no desktop groups
     relay = startNxRelay({ host: "127.0.0.1", targetPort: 4000 + nxDisplay, cookie: COOKIE });
   });
   afterAll(() => {
@@ -306,8 +404,24 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
   });
 
   test("x_start provisions, nxagent listens on 4000+display", async () => {
-    const properties = { "qvd.vm.user.groups": "daemon", "my.site": "a=b\nc", "qvd.client.link": "lan", "qvd.slave.key": "k".repeat(64) };
-    const r = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, keyboard: "pc105/us", client_os: "linux", link: "lan", geometry: "800x600", fullscreen: false, properties, cookie: COOKIE });
+    const properties = {
+      "qvd.vm.user.groups": "daemon",
+      "my.site": "a=b\nc",
+      "qvd.client.link": "lan",
+      "qvd.slave.key": "k".repeat(64),
+    };
+    const r = await call(v, "POST", "/vma/x_start", {
+      user: "alice",
+      uid: UID,
+      gid: UID,
+      keyboard: "pc105/us",
+      client_os: "linux",
+      link: "lan",
+      geometry: "800x600",
+      fullscreen: false,
+      properties,
+      cookie: COOKIE,
+    });
     expect(r).toMatchObject({ status: 200, body: { state: "starting" } });
     states.push("starting");
     await waitState("listening");
@@ -318,8 +432,14 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     // The services (src/roles/vma.ts) offer their channels whenever the node and the administrator
     // allow them (an X session keeps its channels across resumes): cups= printing, media=1 sound,
     // slave=1 the slave channel (x_start has a slave key).
-    expect(readFileSync(conf, "utf8")).toBe(`nx/nx,keyboard=pc105/us,client=linux,link=lan,geometry=800x600,fullscreen=0,cups=2100,media=1,slave=1,tolerancechecks=risky,cookie=${COOKIE},accept=127.0.0.1:${nxDisplay}\n`);
-    expect([statSync(conf).uid, statSync(conf).gid, statSync(conf).mode & 0o777]).toEqual([process.getuid!(), UID, 0o640]);
+    expect(readFileSync(conf, "utf8")).toBe(
+      `nx/nx,keyboard=pc105/us,client=linux,link=lan,geometry=800x600,fullscreen=0,cups=2100,media=1,slave=1,tolerancechecks=risky,cookie=${COOKIE},accept=127.0.0.1:${nxDisplay}\n`,
+    );
+    expect([statSync(conf).uid, statSync(conf).gid, statSync(conf).mode & 0o777]).toEqual([
+      process.getuid!(),
+      UID,
+      0o640,
+    ]);
     expect(readFileSync(join(root, "etc/passwd"), "utf8")).toContain(`alice:x:${UID}:${UID}::/home/alice:`);
     // The session's qvd.vm.user.groups property gave the supplementary groups (not vma.user.groups).
     expect(readFileSync(join(root, "etc/group"), "utf8")).toMatch(/^daemon:x:\d+:alice$/m);
@@ -346,16 +466,27 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     const xs = Bun.spawn(["xsetroot", "-display", `:${nxDisplay}`, "-solid", "#ff0000"], { stderr: "pipe" });
     expect(await xs.exited).toBe(0);
     const png = join(work, "session", "screen-red.png");
-    const px = await waitFor("red pixels on the client", async () => {
-      const p = await pixel(xvfbDisplay, 100, 100, png);
-      return p === "srgb(255,0,0)" ? p : undefined;
-    }, 15_000, 300);
+    const px = await waitFor(
+      "red pixels on the client",
+      async () => {
+        const p = await pixel(xvfbDisplay, 100, 100, png);
+        return p === "srgb(255,0,0)" ? p : undefined;
+      },
+      15_000,
+      300,
+    );
     expect(px).toBe("srgb(255,0,0)");
     // The session program runs as the user, with its home.
-    const log = await waitFor("session log", () => {
-      const f = join(root, "home/alice/.qvd-session.log");
-      return existsSync(f) && readFileSync(f, "utf8").includes("session started") ? readFileSync(f, "utf8") : undefined;
-    }, 20_000);
+    const log = await waitFor(
+      "session log",
+      () => {
+        const f = join(root, "home/alice/.qvd-session.log");
+        return existsSync(f) && readFileSync(f, "utf8").includes("session started")
+          ? readFileSync(f, "utf8")
+          : undefined;
+      },
+      20_000,
+    );
     expect(log).toContain(`session started as ${UID} in ${join(root, "home/alice")}`);
   });
 
@@ -365,13 +496,21 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     return tree.split("\n").filter((l) => l.includes(`"${NOTICE_TITLE}"`));
   };
   /** The notice programs (xmessage) running: pid, uid, argv. */
-  const xmessages = () => readdirSync("/proc").filter((p) => /^\d+$/.test(p)).map((p) => {
-    try {
-      return { pid: Number(p), uid: statSync(`/proc/${p}`).uid, argv: readFileSync(`/proc/${p}/cmdline`, "utf8").split("\0").slice(0, -1) };
-    } catch {
-      return undefined;
-    }
-  }).filter((x) => x?.argv[0] === "/usr/bin/xmessage");
+  const xmessages = () =>
+    readdirSync("/proc")
+      .filter((p) => /^\d+$/.test(p))
+      .map((p) => {
+        try {
+          return {
+            pid: Number(p),
+            uid: statSync(`/proc/${p}`).uid,
+            argv: readFileSync(`/proc/${p}/cmdline`, "utf8").split("\0").slice(0, -1),
+          };
+        } catch {
+          return undefined;
+        }
+      })
+      .filter((x) => x?.argv[0] === "/usr/bin/xmessage");
 
   test("soft expiry: one notice window in the session, as the user; repeats do not stack; new times replace it", async () => {
     const soft = new Date(Date.now() - 1000).toISOString();
@@ -387,20 +526,39 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     // A hard time: the window is replaced by one naming the restart time.
     const hard = new Date(Date.now() + 3600_000);
     expect((await call(v, "POST", "/vma/expire", { soft, hard: hard.toISOString() })).status).toBe(200);
-    await waitFor("the new notice", () => (xmessages().length === 1 && xmessages()[0]!.pid !== procs[0]!.pid ? true : undefined), 15_000, 200);
+    await waitFor(
+      "the new notice",
+      () => (xmessages().length === 1 && xmessages()[0]!.pid !== procs[0]!.pid ? true : undefined),
+      15_000,
+      200,
+    );
     await waitFor("one window", async () => ((await notices()).length === 1 ? true : undefined), 15_000, 200);
     procs = xmessages();
     expect(procs[0]!.argv.at(-1)).toBe(noticeText(hard));
-    expect(procs[0]!.argv.at(-1)).toContain(`at ${String(hard.getHours()).padStart(2, "0")}:${String(hard.getMinutes()).padStart(2, "0")}`);
+    expect(procs[0]!.argv.at(-1)).toContain(
+      `at ${String(hard.getHours()).padStart(2, "0")}:${String(hard.getMinutes()).padStart(2, "0")}`,
+    );
   });
 
   test("x_suspend suspends; x_start resumes with a new cookie; a new nxproxy reconnects", async () => {
     expect((await call(v, "POST", "/vma/x_suspend")).status).toBe(200);
     await waitState("suspended", 30_000);
-    await waitFor("nxproxy to end", () => (proxy!.exitCode !== null || proxy!.signalCode !== null ? true : undefined), 15_000);
-    const r = await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, geometry: "640x480", cookie: COOKIE2 });
+    await waitFor(
+      "nxproxy to end",
+      () => (proxy!.exitCode !== null || proxy!.signalCode !== null ? true : undefined),
+      15_000,
+    );
+    const r = await call(v, "POST", "/vma/x_start", {
+      user: "alice",
+      uid: UID,
+      gid: UID,
+      geometry: "640x480",
+      cookie: COOKIE2,
+    });
     expect(r).toMatchObject({ status: 200, body: { state: "starting" } });
-    expect(readFileSync(join(v.runDir, "nxagent.conf"), "utf8")).toMatch(new RegExp(`geometry=640x480,.*,cookie=${COOKIE2},accept=127\\.0\\.0\\.1:`));
+    expect(readFileSync(join(v.runDir, "nxagent.conf"), "utf8")).toMatch(
+      new RegExp(`geometry=640x480,.*,cookie=${COOKIE2},accept=127\\.0\\.0\\.1:`),
+    );
     relay.cookie = COOKIE2; // nxagent reads the new one on resuming
     await waitState("listening");
     startProxy();
@@ -417,26 +575,43 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     await waitState("connected");
     const xs = Bun.spawn(["xsetroot", "-display", `:${nxDisplay}`, "-solid", "#0000ff"]);
     expect(await xs.exited).toBe(0);
-    await waitFor("blue pixels after resume", async () => ((await pixel(xvfbDisplay, 50, 50)) === "srgb(0,0,255)" ? true : undefined), 15_000, 300);
+    await waitFor(
+      "blue pixels after resume",
+      async () => ((await pixel(xvfbDisplay, 50, 50)) === "srgb(0,0,255)" ? true : undefined),
+      15_000,
+      300,
+    );
   });
 
   test("an expiry set while the session is suspended is shown at the resume, once", async () => {
     expect((await call(v, "POST", "/vma/x_suspend")).status).toBe(200);
     await waitState("suspended", 30_000);
-    await waitFor("nxproxy to end", () => (proxy!.exitCode !== null || proxy!.signalCode !== null ? true : undefined), 15_000);
+    await waitFor(
+      "nxproxy to end",
+      () => (proxy!.exitCode !== null || proxy!.signalCode !== null ? true : undefined),
+      15_000,
+    );
     const soft = new Date(Date.now() - 1000).toISOString();
     const hard = new Date(Date.now() + 2 * 3600_000);
-    for (let i = 0; i < 2; i++) expect((await call(v, "POST", "/vma/expire", { soft, hard: hard.toISOString() })).status).toBe(200);
+    for (let i = 0; i < 2; i++)
+      expect((await call(v, "POST", "/vma/expire", { soft, hard: hard.toISOString() })).status).toBe(200);
     // The old times' window is closed; the new one waits for the user.
     await waitFor("the old notice to close", () => (xmessages().length === 0 ? true : undefined), 10_000, 200);
     await Bun.sleep(1500); // a check that nothing happens: no new notice within 1.5 s while nobody is connected
     expect(xmessages()).toHaveLength(0);
-    expect((await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, cookie: COOKIE2 })).status).toBe(200);
+    expect((await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, cookie: COOKIE2 })).status).toBe(
+      200,
+    );
     relay.cookie = COOKIE2;
     await waitState("listening");
     startProxy();
     await waitState("connected");
-    await waitFor("the notice after the resume", async () => ((await notices()).length === 1 ? true : undefined), 15_000, 200);
+    await waitFor(
+      "the notice after the resume",
+      async () => ((await notices()).length === 1 ? true : undefined),
+      15_000,
+      200,
+    );
     expect((await call(v, "POST", "/vma/expire", { soft, hard: hard.toISOString() })).status).toBe(200);
     await Bun.sleep(1000); // a check that nothing happens: the same times again open no second window within 1 s
     expect(await notices()).toHaveLength(1);
@@ -448,12 +623,19 @@ describe("NX session (nxagent, nxproxy, Xvfb)", () => {
     expect(before).toHaveLength(1);
     expect((await call(v, "POST", "/vma/x_stop")).status).toBe(200);
     await waitState("stopped", 30_000);
-    expect((await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, cookie: COOKIE })).status).toBe(200);
+    expect((await call(v, "POST", "/vma/x_start", { user: "alice", uid: UID, gid: UID, cookie: COOKIE })).status).toBe(
+      200,
+    );
     relay.cookie = COOKIE;
     await waitState("listening");
     startProxy();
     await waitState("connected");
-    await waitFor("the notice in the new session", async () => ((await notices()).length === 1 ? true : undefined), 15_000, 200);
+    await waitFor(
+      "the notice in the new session",
+      async () => ((await notices()).length === 1 ? true : undefined),
+      15_000,
+      200,
+    );
     expect(xmessages().map((x) => x!.argv.at(-1))).toEqual([before[0]!.argv.at(-1)]);
     expect(xmessages()[0]!.pid).not.toBe(before[0]!.pid);
   });
@@ -481,22 +663,45 @@ describe("as PID 1 (new PID namespace)", () => {
     const hook = join(dir, "hook.sh");
     writeFileSync(hook, "#!/bin/sh\n( exec sleep 0.3 </dev/null >/dev/null 2>&1 & )\nexit 0\n");
     chmodSync(hook, 0o755);
-    const v = await startVma("pid1", { "vma.session.as_current_user": true, "vma.session.command": "/bin/sleep 1000", "vma.on_action.expire": hook }, { pid1: true });
-    const vmaPid = await waitFor("the VMA's host pid", () => {
-      const kids = readFileSync(`/proc/${v.proc.pid}/task/${v.proc.pid}/children`, "utf8").trim().split(/\s+/).filter(Boolean);
-      return kids.length ? Number(kids[0]) : undefined;
-    }, 20_000);
+    const v = await startVma(
+      "pid1",
+      { "vma.session.as_current_user": true, "vma.session.command": "/bin/sleep 1000", "vma.on_action.expire": hook },
+      { pid1: true },
+    );
+    const vmaPid = await waitFor(
+      "the VMA's host pid",
+      () => {
+        const kids = readFileSync(`/proc/${v.proc.pid}/task/${v.proc.pid}/children`, "utf8")
+          .trim()
+          .split(/\s+/)
+          .filter(Boolean);
+        return kids.length ? Number(kids[0]) : undefined;
+      },
+      20_000,
+    );
     expect(v.err.text()).toContain("pid1=true");
     expect((await call(v, "POST", "/vma/expire", {})).status).toBe(200);
     const zombies = () => {
       const kids = readFileSync(`/proc/${vmaPid}/task/${vmaPid}/children`, "utf8").trim().split(/\s+/).filter(Boolean);
-      return kids.filter((k) => { try { return readFileSync(`/proc/${k}/stat`, "utf8").split(") ")[1]!.startsWith("Z"); } catch { return false; } });
+      return kids.filter((k) => {
+        try {
+          return readFileSync(`/proc/${k}/stat`, "utf8").split(") ")[1]!.startsWith("Z");
+        } catch {
+          return false;
+        }
+      });
     };
     await Bun.sleep(500); // the hook's orphan (sleep 0.3) has exited by now: none of PID 1's children may stay a zombie
     await waitFor("orphans to be reaped", () => (zombies().length === 0 ? true : undefined), 5_000);
     // A session is running; SIGTERM stops it and ends PID 1 (the container).
-    expect((await call(v, "POST", "/vma/x_start", { user: "alice", uid: 20000, gid: 20000, cookie: COOKIE })).status).toBe(200);
-    await waitFor("listening", async () => ((await call(v, "GET", "/vma/x_state")).body.state === "listening" ? true : undefined), 20_000);
+    expect(
+      (await call(v, "POST", "/vma/x_start", { user: "alice", uid: 20000, gid: 20000, cookie: COOKIE })).status,
+    ).toBe(200);
+    await waitFor(
+      "listening",
+      async () => ((await call(v, "GET", "/vma/x_state")).body.state === "listening" ? true : undefined),
+      20_000,
+    );
     process.kill(vmaPid, "SIGTERM");
     expect(await v.proc.exited).toBe(0);
     writeFileSync(join(dir, "vma.log"), v.err.text());

@@ -31,8 +31,11 @@ describe("an Operator", () => {
     const w = await browser().open(api);
     await w.login("op", "operator-password");
     const nav = await navLinks(w.page);
-    expect(nav).toEqual(expect.arrayContaining(["Dashboard", "Users", "Virtual machines", "Nodes", "OS flavours", "Images"]));
-    for (const hidden of ["Administrators", "Roles", "Properties", "Configuration", "Audit log", "Sessions"]) expect(nav).not.toContain(hidden);
+    expect(nav).toEqual(
+      expect.arrayContaining(["Dashboard", "Users", "Virtual machines", "Nodes", "OS flavours", "Images"]),
+    );
+    for (const hidden of ["Administrators", "Roles", "Properties", "Configuration", "Audit log", "Sessions"])
+      expect(nav).not.toContain(hidden);
 
     const forbidden = (page: Page) => page.locator("main").getByRole("button", { name: /^(Delete|Edit|New .*)$/ });
     const lists: [string, string, string][] = [
@@ -53,7 +56,13 @@ describe("an Operator", () => {
     await w.page.getByRole("checkbox", { name: "Select op-user" }).check();
     await w.page.getByRole("toolbar").getByRole("button", { name: "Block", exact: true }).waitFor();
 
-    const details: [string, number][] = [["users", ids.user!], ["vms", ids.vm!], ["hosts", ids.host!], ["osfs", ids.osf!], ["dis", ids.di!]];
+    const details: [string, number][] = [
+      ["users", ids.user!],
+      ["vms", ids.vm!],
+      ["hosts", ids.host!],
+      ["osfs", ids.osf!],
+      ["dis", ids.di!],
+    ];
     for (const [path, id] of details) {
       await w.goto(`/${path}/${id}`);
       await w.page.locator("main h1").waitFor();
@@ -85,7 +94,8 @@ describe("multitenant", () => {
     }
   });
 
-  const rowNames = (page: Page) => page.locator("main table tbody tr").evaluateAll((rows) => rows.map((r) => r.textContent ?? ""));
+  const rowNames = (page: Page) =>
+    page.locator("main table tbody tr").evaluateAll((rows) => rows.map((r) => r.textContent ?? ""));
 
   test("a tenant administrator sees only their tenant's objects", async () => {
     const w = await browser().open(api);

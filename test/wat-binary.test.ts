@@ -18,7 +18,11 @@ beforeAll(async () => {
   cwd = mkdtempSync("/tmp/qvd-wat-binary-");
   chmodSync(cwd, 0o755);
   proc = Bun.spawn([qvd, "api", "--insecure-http", "--db", db().url, "--listen", "127.0.0.1:0"], {
-    cwd, env: { ...cleanEnv(), QVD_CONFIG: "/dev/null" }, stdin: "ignore", stdout: "pipe", stderr: "pipe",
+    cwd,
+    env: { ...cleanEnv(), QVD_CONFIG: "/dev/null" },
+    stdin: "ignore",
+    stdout: "pipe",
+    stderr: "pipe",
   });
   const reader = proc.stdout.pipeThrough(new TextDecoderStream()).getReader();
   let out = "";
@@ -64,7 +68,10 @@ test("index.html, the script and the stylesheet come gzipped from the binary, wi
   expect(style).toBeDefined();
   expect(html).not.toMatch(/<script>|<style>|\son\w+=/);
 
-  for (const [path, type] of [[script!, "text/javascript"], [style!, "text/css"]] as const) {
+  for (const [path, type] of [
+    [script!, "text/javascript"],
+    [style!, "text/css"],
+  ] as const) {
     const r = await raw(path);
     expect(r.status).toBe(200);
     expect(r.headers.get("content-type")).toStartWith(type);

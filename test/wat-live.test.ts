@@ -22,7 +22,8 @@ beforeAll(async () => {
   ids.other = (await post("/tenants", { name: "other" })).id;
   const [h] = await db().sql`INSERT INTO hosts (name, address) VALUES ('node-1', '198.18.0.9') RETURNING id`;
   ids.host = h!.id;
-  await db().sql`UPDATE host_runtimes SET state = 'running', ok_ts = now() + interval '1 hour', usable_ram_mb = 65536, usable_cpu = 16 WHERE host_id = ${ids.host!}`;
+  await db()
+    .sql`UPDATE host_runtimes SET state = 'running', ok_ts = now() + interval '1 hour', usable_ram_mb = 65536, usable_cpu = 16 WHERE host_id = ${ids.host!}`;
   const osf = await post("/osfs", { tenant_id: ids.acme, name: "acme-osf" });
   for (let i = 0; i < 4; i++) {
     const u = await post("/users", { tenant_id: ids.acme, name: `u${i}` });
@@ -32,10 +33,13 @@ beforeAll(async () => {
   const stranger = await post("/users", { tenant_id: ids.other, name: "stranger" });
   await post("/vms", { user_id: stranger.id, osf_id: osf2.id, name: "stranger-desk" });
   await post("/properties", { tenant_id: 0, key: "floor", applies_to: ["user", "vm"] });
-  for (const [name, role] of [["tadmin", "Tenant administrator"], ["op", "Operator"]] as const) await createAdmin(sa, name, { tenantId: ids.acme!, roles: [role] });
+  for (const [name, role] of [
+    ["tadmin", "Tenant administrator"],
+    ["op", "Operator"],
+  ] as const)
+    await createAdmin(sa, name, { tenantId: ids.acme!, roles: [role] });
 });
 afterAll(() => setKeepAlive(15_000));
-
 
 test("the dashboard's counts follow the event stream", async () => {
   const w = await browser().open(api);
@@ -43,7 +47,8 @@ test("the dashboard's counts follow the event stream", async () => {
   await h1(w.page, "Dashboard").waitFor();
   const vms = w.page.getByRole("region", { name: "Virtual machines" });
   await vms.getByText("0 running of 5").waitFor();
-  await db().sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${ids.host!}, expire_hard_at = now() + interval '2 hours' WHERE vm_id = ${ids.vm0!}`;
+  await db()
+    .sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${ids.host!}, expire_hard_at = now() + interval '2 hours' WHERE vm_id = ${ids.vm0!}`;
   await vms.getByText("1 running of 5").waitFor();
   // The node now has a VM, and the VM an expiry.
   await w.page.getByRole("region", { name: "Nodes with most VMs" }).getByRole("link", { name: "node-1" }).waitFor();
@@ -63,7 +68,11 @@ test("a VM's Restart stops it, then starts it when the node reports it stopped",
   await w.login(TEST_ADMIN.name, TEST_ADMIN.password, "");
   await w.goto(`/vms/${vm}`);
   await h1(w.page, "desk-0").waitFor();
-  const cmd = (c: string) => w.page.waitForFunction(async ([id, c]) => (await (await fetch(`/api/v1/vms/${id}`)).json()).vm_cmd === c, [vm, c] as const);
+  const cmd = (c: string) =>
+    w.page.waitForFunction(async ([id, c]) => (await (await fetch(`/api/v1/vms/${id}`)).json()).vm_cmd === c, [
+      vm,
+      c,
+    ] as const);
   await w.page.getByRole("button", { name: "Restart" }).click();
   await cmd("stop");
   await db().sql`UPDATE vm_runtimes SET vm_state = 'stopping', vm_cmd = NULL WHERE vm_id = ${vm}`;
@@ -87,18 +96,27 @@ test("a running VM's expiry: set the stop time; a warning after it is refused be
     const panel = w.page.getByRole("region", { name: "Expiry" });
     await panel.getByLabel("Stop the desktop at").fill("2099-03-01T12:00");
     await panel.getByRole("button", { name: "Save expiry" }).click();
-    await w.page.waitForFunction(async (id) => (await (await fetch(`/api/v1/vms/${id}`)).json()).expire_hard_at !== null, vm);
-    expect(new Date((await sa.get(`/vms/${vm}`)).body.expire_hard_at).getTime()).toBe(new Date(2099, 2, 1, 12, 0).getTime());
+    await w.page.waitForFunction(
+      async (id) => (await (await fetch(`/api/v1/vms/${id}`)).json()).expire_hard_at !== null,
+      vm,
+    );
+    expect(new Date((await sa.get(`/vms/${vm}`)).body.expire_hard_at).getTime()).toBe(
+      new Date(2099, 2, 1, 12, 0).getTime(),
+    );
     await panel.getByLabel("Warn the user at").fill("2099-03-02T12:00");
     await panel.getByRole("button", { name: "Save expiry" }).click();
     await panel.getByRole("alert").filter({ hasText: "must not come after the stop" }).waitFor();
     expect((await sa.get(`/vms/${vm}`)).body.expire_soft_at).toBeNull();
     await panel.getByRole("button", { name: "Clear expiry" }).click();
-    await w.page.waitForFunction(async (id) => (await (await fetch(`/api/v1/vms/${id}`)).json()).expire_hard_at === null, vm);
+    await w.page.waitForFunction(
+      async (id) => (await (await fetch(`/api/v1/vms/${id}`)).json()).expire_hard_at === null,
+      vm,
+    );
     // The refused save answered 422: the only console error expected.
     w.assertNoErrors([/422/]);
   } finally {
-    await db().sql`UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL, expire_soft_at = NULL, expire_hard_at = NULL WHERE vm_id = ${vm}`;
+    await db()
+      .sql`UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL, expire_soft_at = NULL, expire_hard_at = NULL WHERE vm_id = ${vm}`;
   }
 });
 
@@ -111,7 +129,9 @@ test("'expires within' filters by time without asking the API again and again", 
   await w.page.getByRole("checkbox", { name: "Select desk-1", exact: true }).waitFor();
   expect(await w.page.getByRole("checkbox", { name: "Select desk-2", exact: true }).count()).toBe(0);
   await w.page.waitForTimeout(1500);
-  const requests = await w.page.evaluate(() => performance.getEntriesByType("resource").filter((e) => /\/api\/v1\/vms\?/.test(e.name)).length);
+  const requests = await w.page.evaluate(
+    () => performance.getEntriesByType("resource").filter((e) => /\/api\/v1\/vms\?/.test(e.name)).length,
+  );
   expect(requests).toBeLessThanOrEqual(2);
   w.assertNoErrors();
 });
@@ -175,7 +195,9 @@ test("editing a selection: the description of two users at once", async () => {
   await form.getByLabel("Description").fill("second floor");
   await form.getByRole("button", { name: "Save" }).click();
   await w.page.getByRole("status").getByText("Edit: 2 done").waitFor();
-  const rows = (await sa.get("/users?description=second%20floor")).body.items.map((u: { name: string }) => u.name).sort();
+  const rows = (await sa.get("/users?description=second%20floor")).body.items
+    .map((u: { name: string }) => u.name)
+    .sort();
   expect(rows).toEqual(["u2", "u3"]);
   w.assertNoErrors();
 });
@@ -185,7 +207,8 @@ test("a session ended elsewhere: the event stream brings the login with its noti
   await w.login("tadmin", "tadmin-password", "acme");
   await w.goto("/vms");
   await w.page.getByRole("checkbox", { name: "Select desk-1", exact: true }).waitFor();
-  await db().sql`DELETE FROM admin_sessions WHERE administrator_id = (SELECT id FROM administrators WHERE name = 'tadmin')`;
+  await db()
+    .sql`DELETE FROM admin_sessions WHERE administrator_id = (SELECT id FROM administrators WHERE name = 'tadmin')`;
   // No click: the stream's keep-alive finds the session gone.
   await w.page.getByRole("button", { name: "Log in" }).waitFor();
   expect(await w.page.getByRole("status").filter({ hasText: "Your session ended" }).count()).toBe(1);

@@ -35,7 +35,8 @@ afterAll(() => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-const nav = (page: Page, label: string) => page.getByRole("navigation", { name: "Main" }).getByRole("link", { name: label, exact: true });
+const nav = (page: Page, label: string) =>
+  page.getByRole("navigation", { name: "Main" }).getByRole("link", { name: label, exact: true });
 /** The create button of a list's header ("New user"…). */
 const newButton = (page: Page) => page.locator("main header").getByRole("button", { name: /^New / });
 const dialog = (page: Page, title: string) => page.getByRole("dialog", { name: title });
@@ -51,7 +52,8 @@ async function loggedIn(path = "/"): Promise<WatPage> {
 let nodes = 0;
 async function liveNode(name: string): Promise<number> {
   const [h] = await db().sql`INSERT INTO hosts (name, address) VALUES (${name}, ${`198.18.1.${++nodes}`}) RETURNING id`;
-  await db().sql`UPDATE host_runtimes SET state = 'running', ok_ts = now() + interval '1 hour', usable_ram_mb = 65536, usable_cpu = 16
+  await db()
+    .sql`UPDATE host_runtimes SET state = 'running', ok_ts = now() + interval '1 hour', usable_ram_mb = 65536, usable_cpu = 16
                   WHERE host_id = ${h!.id}`;
   return h!.id;
 }
@@ -131,7 +133,10 @@ test("starting a VM: its state changes on screen as the node reports it, without
 
   await main.getByRole("button", { name: "Start", exact: true }).click();
   // The API commands the start on the node it chose.
-  await poll(async () => (await db().sql`SELECT vm_cmd FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!.vm_cmd === "start", 15_000);
+  await poll(
+    async () => (await db().sql`SELECT vm_cmd FROM vm_runtimes WHERE vm_id = ${vm.id}`)[0]!.vm_cmd === "start",
+    15_000,
+  );
   const [cmd] = await db().sql`SELECT vm_cmd, host_id FROM vm_runtimes WHERE vm_id = ${vm.id}`;
   expect(cmd).toEqual({ vm_cmd: "start", host_id: node } as any);
   // The node takes the command: starting, then running.
@@ -157,7 +162,8 @@ test("the dashboard: the counts of the database, updated live as objects change"
   await h1(w.page, "Dashboard").waitFor();
   const card = (title: string) => w.page.getByRole("region", { name: title, exact: true });
   const total = async (title: string) => Number(await card(title).locator(".card-total").textContent());
-  const count = async (table: string) => Number((await db().sql`SELECT count(*)::int AS n FROM ${db().sql(table)}`)[0]!.n);
+  const count = async (table: string) =>
+    Number((await db().sql`SELECT count(*)::int AS n FROM ${db().sql(table)}`)[0]!.n);
   await card("Users").waitFor();
   expect(await total("Users")).toBe(await count("users"));
   expect(await total("Virtual machines")).toBe(await count("vms"));
@@ -180,7 +186,8 @@ test("image tags: making a new image the default sets the chosen stop time on VM
   const old = (await sa.post("/dis", { osf_id: osf.id, path: "tag-old.tar.gz" })).body;
   const user = (await sa.post("/users", { name: "carol" })).body;
   const vm = (await sa.post("/vms", { user_id: user.id, osf_id: osf.id, name: "carol-desk" })).body;
-  await db().sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${node}, current_di_id = ${old.id} WHERE vm_id = ${vm.id}`;
+  await db()
+    .sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${node}, current_di_id = ${old.id} WHERE vm_id = ${vm.id}`;
   const fresh = (await sa.post("/dis", { osf_id: osf.id, path: "tag-new.tar.gz", version: "fresh" })).body;
 
   const w = await loggedIn(`/dis/${fresh.id}`);
@@ -219,7 +226,8 @@ test("image tags: making a new image the default sets the chosen stop time on VM
 });
 
 test("mass block: select every user matching the filter (more than a page) and block them", async () => {
-  for (let i = 1; i <= 25; i++) expect((await sa.post("/users", { name: `mass-${String(i).padStart(2, "0")}` })).status).toBe(201);
+  for (let i = 1; i <= 25; i++)
+    expect((await sa.post("/users", { name: `mass-${String(i).padStart(2, "0")}` })).status).toBe(201);
   expect((await sa.post("/users", { name: "bystander" })).status).toBe(201);
 
   const w = await loggedIn("/users?limit=10");
@@ -241,7 +249,8 @@ test("mass block: select every user matching the filter (more than a page) and b
   // The rows show it without a reload; the server has all 25 blocked, and nobody else.
   const row1 = w.page.getByRole("row").filter({ has: w.page.getByRole("checkbox", { name: "Select mass-01" }) });
   await row1.getByText("blocked", { exact: true }).waitFor();
-  const [n] = await db().sql`SELECT count(*) FILTER (WHERE blocked)::int AS blocked, count(*) FILTER (WHERE blocked AND name NOT LIKE 'mass-%')::int AS others FROM users`;
+  const [n] = await db()
+    .sql`SELECT count(*) FILTER (WHERE blocked)::int AS blocked, count(*) FILTER (WHERE blocked AND name NOT LIKE 'mass-%')::int AS others FROM users`;
   expect(n).toEqual({ blocked: 25, others: 0 } as any);
   await w.screenshot("users-mass-blocked");
   w.assertNoErrors();
@@ -249,7 +258,8 @@ test("mass block: select every user matching the filter (more than a page) and b
 
 test("a user's page revokes their L7R tokens after a confirmation", async () => {
   const id = (await sa.post("/users", { name: "token-holder", password: "token-holder-pw" })).body.id;
-  for (let i = 0; i < 2; i++) await createUserToken(db().sql, ALL_TENANTS, { userId: id, ttlSeconds: 3600, multiUse: true });
+  for (let i = 0; i < 2; i++)
+    await createUserToken(db().sql, ALL_TENANTS, { userId: id, ttlSeconds: 3600, multiUse: true });
   const tokens = async () => (await db().sql`SELECT count(*)::int AS n FROM user_tokens WHERE user_id = ${id}`)[0]!.n;
   expect(await tokens()).toBe(2);
   const w = await loggedIn(`/users/${id}`);
@@ -280,7 +290,11 @@ test("a node's page drains it, then declares it lost with a reason, after confir
   await ask.getByLabel("Reason").fill("rack 4 lost power");
   await ask.getByRole("button", { name: "Declare lost", exact: true }).click();
   await main.getByText(/: rack 4 lost power$/).waitFor();
-  expect((await sa.get(`/hosts/${id}`)).body).toMatchObject({ state: "lost", lost_reason: "rack 4 lost power", drain: true });
+  expect((await sa.get(`/hosts/${id}`)).body).toMatchObject({
+    state: "lost",
+    lost_reason: "rack 4 lost power",
+    drain: true,
+  });
   w.assertNoErrors();
 });
 
@@ -295,7 +309,9 @@ test("a KVM OS flavour through the form (hypervisor, vCPUs, a home disk said to 
   const home = form.getByLabel("Home disk (MB, KVM only)");
   await home.fill("4096");
   // The hint beside the home disk says whom it concerns.
-  expect(await form.locator(".field").filter({ hasText: "Home disk (MB, KVM only)" }).locator(".field-hint").textContent()).toContain("KVM only: size of the user's home disk in MB, 0 = none");
+  expect(
+    await form.locator(".field").filter({ hasText: "Home disk (MB, KVM only)" }).locator(".field-hint").textContent(),
+  ).toContain("KVM only: size of the user's home disk in MB, 0 = none");
   await form.getByRole("button", { name: "Create" }).click();
   await h1(w.page, "kvm-osf").waitFor();
   const [osf] = await db().sql`SELECT id, hypervisor, vcpus, user_storage_mb FROM osfs WHERE name = 'kvm-osf'`;
@@ -311,7 +327,9 @@ test("a KVM OS flavour through the form (hypervisor, vCPUs, a home disk said to 
   const edit = dialog(w.page, "Edit OS flavour");
   await edit.getByLabel("Hypervisor", { exact: true }).selectOption("lxc");
   await edit.getByRole("button", { name: "Save" }).click();
-  await edit.getByText('OSF "kvm-osf" has disk images: the hypervisor decides their kind; delete them or make a new OSF').waitFor();
+  await edit
+    .getByText('OSF "kvm-osf" has disk images: the hypervisor decides their kind; delete them or make a new OSF')
+    .waitFor();
   expect((await db().sql`SELECT hypervisor FROM osfs WHERE id = ${osf!.id}`)[0]!.hypervisor).toBe("kvm");
   await edit.getByRole("button", { name: "Cancel" }).click();
 
@@ -325,7 +343,8 @@ test("a KVM OS flavour through the form (hypervisor, vCPUs, a home disk said to 
 
   // A node's page: the kinds of desktop it runs, with its probes' notes.
   const node = await liveNode("wat-kvm-node");
-  await db().sql`UPDATE host_runtimes SET hypervisors = '{kvm,lxc}', hypervisor_notes = 'kvm: tcg: /dev/kvm missing' WHERE host_id = ${node}`;
+  await db()
+    .sql`UPDATE host_runtimes SET hypervisors = '{kvm,lxc}', hypervisor_notes = 'kvm: tcg: /dev/kvm missing' WHERE host_id = ${node}`;
   await w.goto(`/hosts/${node}`);
   await h1(w.page, "wat-kvm-node").waitFor();
   await main.getByText(/^KVM, LXC \(kvm: tcg: \/dev\/kvm missing\)$/).waitFor();

@@ -37,7 +37,9 @@ test("a role's ACL tree: inherit Operator, deny one inherited ACL, grant another
   await w.page.getByRole("link", { name: "Operator" }).waitFor();
 
   await filterAcls(w.page, "vm.");
-  await w.page.waitForFunction(() => document.getElementById("acl-vm.start")?.textContent?.includes("Inherited from Operator"));
+  await w.page.waitForFunction(() =>
+    document.getElementById("acl-vm.start")?.textContent?.includes("Inherited from Operator"),
+  );
   expect(await aclStatus(w.page, "vm.start")).toBe("Inherited from Operator");
   expect(await aclStatus(w.page, "vm.delete")).toBe("Not granted");
 
@@ -60,7 +62,9 @@ test("a role's ACL tree: inherit Operator, deny one inherited ACL, grant another
 
   // Lifting the denial gives the inherited ACL back.
   await w.page.getByRole("button", { name: "Remove the denial of vm.start" }).click();
-  await w.page.waitForFunction(() => document.getElementById("acl-vm.start")?.textContent?.includes("Inherited from Operator"));
+  await w.page.waitForFunction(() =>
+    document.getElementById("acl-vm.start")?.textContent?.includes("Inherited from Operator"),
+  );
   expect((await sa.get(`/roles/${role.id}/acls`)).body.items).toContain("vm.start");
   w.assertNoErrors();
 });
@@ -80,7 +84,10 @@ test("a built-in role is shown read-only: no Grant, Deny or inheritance controls
 });
 
 test("an administrator's roles: assigning one shows its ACLs as effective, with where they come from", async () => {
-  const admin = await ok(sa.post("/administrators", { tenant_id: 0, name: "newcomer", password: "newcomer-password" }), 201);
+  const admin = await ok(
+    sa.post("/administrators", { tenant_id: 0, name: "newcomer", password: "newcomer-password" }),
+    201,
+  );
   const w = await browser().open(api);
   await w.goto(`/administrators/${admin.id}`);
   await w.login(TEST_ADMIN.name, TEST_ADMIN.password);

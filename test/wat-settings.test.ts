@@ -57,14 +57,20 @@ test("configuration: a bad value is refused beside the field; a tenant's own val
   await w.page.getByRole("button", { name: "Edit auth.ldap.timeout" }).click();
   await w.page.getByLabel("Value").fill("45");
   await w.page.getByRole("button", { name: "Save" }).click();
-  await w.page.getByRole("row", { name: /auth\.ldap\.timeout/ }).getByText("tenant").waitFor();
+  await w.page
+    .getByRole("row", { name: /auth\.ldap\.timeout/ })
+    .getByText("tenant")
+    .waitFor();
   await w.screenshot("config-tenant");
   expect(await setting("auth.ldap.timeout", acme)).toMatchObject({ value: "45", source: "tenant" });
   expect(await setting("auth.ldap.timeout")).toMatchObject({ value: "20" });
 
   await w.page.getByRole("button", { name: "Reset auth.ldap.timeout" }).click();
   await w.page.getByRole("dialog").getByRole("button", { name: "Reset" }).click();
-  await w.page.getByRole("row", { name: /auth\.ldap\.timeout/ }).getByText("global").waitFor();
+  await w.page
+    .getByRole("row", { name: /auth\.ldap\.timeout/ })
+    .getByText("global")
+    .waitFor();
   expect(await setting("auth.ldap.timeout", acme)).toMatchObject({ value: "20", source: "global" });
   w.assertNoErrors([HTTP_STATUS(422)]);
 });
@@ -98,7 +104,8 @@ test("image tags: moving a tag sets the stop time of running VMs still on the ol
   const vm = (await sa.post("/vms", { user_id: user, osf_id: osf, name: "on-stable", di_tag: "stable" })).body.id;
   // As a node would report it: running the old image.
   const host = (await sa.post("/hosts", { name: "node-t", address: "198.18.0.10" })).body.id;
-  await db().sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${host}, current_di_id = ${oldDi} WHERE vm_id = ${vm}`;
+  await db()
+    .sql`UPDATE vm_runtimes SET vm_state = 'running', host_id = ${host}, current_di_id = ${oldDi} WHERE vm_id = ${vm}`;
 
   const w = await browser().open(api);
   await w.goto(`/dis/${newDi}`);
@@ -135,13 +142,20 @@ test("cancelling an upload deletes the new image and leaves no file; Escape does
   // A slow link, so the upload is still running when it is cancelled.
   const cdp = await w.context.newCDPSession(w.page);
   await cdp.send("Network.enable");
-  await cdp.send("Network.emulateNetworkConditions", { offline: false, latency: 0, downloadThroughput: -1, uploadThroughput: 2 * 1024 * 1024 });
+  await cdp.send("Network.emulateNetworkConditions", {
+    offline: false,
+    latency: 0,
+    downloadThroughput: -1,
+    uploadThroughput: 2 * 1024 * 1024,
+  });
   await w.page.getByRole("button", { name: "New image" }).click();
   const dialog = w.page.getByRole("dialog", { name: "New image" });
   await dialog.getByLabel("Image file").setInputFiles(bigFile);
   await dialog.getByLabel("File name on the server").fill("cancelled.tar.gz");
   await dialog.getByRole("button", { name: "Upload" }).click();
-  await w.page.waitForFunction(() => Number((document.getElementById("upload-bar") as HTMLProgressElement | null)?.value) >= 10);
+  await w.page.waitForFunction(
+    () => Number((document.getElementById("upload-bar") as HTMLProgressElement | null)?.value) >= 10,
+  );
   const during = (await sa.get("/dis?path=cancelled.tar.gz")).body.items[0];
   expect(during.state).toBe("uploading");
   await w.screenshot("image-upload-progress");
@@ -160,7 +174,11 @@ test("cancelling an upload deletes the new image and leaves no file; Escape does
 });
 
 test("no escalation: a tenant administrator's attempt to inherit Superadmin is refused beside the field", async () => {
-  const { client: boss } = await live.admin("boss", { tenantId: acme, tenant: "acme", roles: ["Tenant administrator"] });
+  const { client: boss } = await live.admin("boss", {
+    tenantId: acme,
+    tenant: "acme",
+    roles: ["Tenant administrator"],
+  });
   const w = await browser().open(api);
   await w.goto("/");
   await w.login("boss", "boss-password", "acme");
@@ -168,7 +186,10 @@ test("no escalation: a tenant administrator's attempt to inherit Superadmin is r
   await w.goto(`/roles/${mine}`);
   await w.page.getByLabel("Inherit another role").selectOption({ label: "Superadmin (global)" });
   await w.page.getByRole("button", { name: "Add", exact: true }).click();
-  await w.page.locator(".field-invalid .field-error").getByText("you can only give permissions you hold yourself").waitFor();
+  await w.page
+    .locator(".field-invalid .field-error")
+    .getByText("you can only give permissions you hold yourself")
+    .waitFor();
   expect((await sa.get(`/roles/${mine}`)).body.inherits).toEqual([]);
   // ACLs the administrator lacks offer no Grant.
   await w.page.getByRole("searchbox", { name: "Filter ACLs" }).fill("tenant.create");

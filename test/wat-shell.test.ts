@@ -27,7 +27,9 @@ test("a wrong password is answered on the login form; the right one opens the da
   await w.page.getByLabel("Password", { exact: true }).fill(TEST_ADMIN.password);
   await w.page.getByRole("button", { name: "Log in" }).click();
   await w.page.getByRole("heading", { level: 1, name: "Dashboard" }).waitFor();
-  expect(await w.page.getByRole("navigation", { name: "Main" }).getByRole("link", { name: "Dashboard" }).count()).toBe(1);
+  expect(await w.page.getByRole("navigation", { name: "Main" }).getByRole("link", { name: "Dashboard" }).count()).toBe(
+    1,
+  );
   expect(await w.page.getByRole("link", { name: TEST_ADMIN.name }).count()).toBe(1);
   await w.screenshot("login-dashboard");
   // The refused login is a 401 the browser logs; nothing else.
@@ -83,7 +85,9 @@ test("a narrow screen folds the navigation behind a Menu button", async () => {
   // A list too: the page itself does not scroll sideways.
   const user = (await sa.post("/users", { name: "narrow-user" })).body;
   const osf = (await sa.post("/osfs", { name: "narrow-osf" })).body;
-  expect((await sa.post("/vms", { user_id: user.id, osf_id: osf.id, name: "a-rather-long-desktop-name" })).status).toBe(201);
+  expect((await sa.post("/vms", { user_id: user.id, osf_id: osf.id, name: "a-rather-long-desktop-name" })).status).toBe(
+    201,
+  );
   await dashboardLink.click();
   await w.goto("/vms");
   await w.page.getByRole("heading", { level: 1, name: "Virtual machines" }).waitFor();
@@ -120,7 +124,11 @@ test("a session ended elsewhere: the next action shows the login with the notice
   // GET /sessions names a session by the start of its token's SHA-256.
   const cookie = (await w.context.cookies()).find((c) => c.name === "qvd_session")!;
   const sid = createHash("sha256").update(cookie.value).digest("hex").slice(0, 12);
-  const sessions = (await sa.get("/sessions")).body.items as { id: string; source: string; administrator_name: string }[];
+  const sessions = (await sa.get("/sessions")).body.items as {
+    id: string;
+    source: string;
+    administrator_name: string;
+  }[];
   expect(sessions.find((s) => s.id === sid)).toMatchObject({ source: "wat", administrator_name: TEST_ADMIN.name });
   expect((await sa.del(`/sessions/${sid}`)).status).toBe(200);
 

@@ -42,7 +42,10 @@ export function loadCredentials(file = credentialsFile()): Credentials | undefin
   try {
     parsed = JSON.parse(readFileSync(file, "utf8"));
   } catch (err) {
-    throw new UserError(`${file}: unreadable credentials (${(err as Error).message}); run qvd admin login again`, EXIT.unauthenticated);
+    throw new UserError(
+      `${file}: unreadable credentials (${(err as Error).message}); run qvd admin login again`,
+      EXIT.unauthenticated,
+    );
   }
   const c = parsed as Partial<Credentials>;
   if (!c || typeof c.url !== "string" || typeof c.token !== "string")
@@ -76,7 +79,8 @@ export function apiBase(url: string): string {
   } catch {
     throw usageError(`--url ${url}: not a URL (expected https://HOST:PORT)`);
   }
-  if (parsed.protocol !== "https:" && parsed.protocol !== "http:") throw usageError(`--url ${url}: only https:// (or http:// for local tests)`);
+  if (parsed.protocol !== "https:" && parsed.protocol !== "http:")
+    throw usageError(`--url ${url}: only https:// (or http:// for local tests)`);
   let path = parsed.pathname.replace(/\/+$/, "");
   if (!path.endsWith("/api/v1")) path += "/api/v1";
   return `${parsed.protocol}//${parsed.host}${path}`;
@@ -103,22 +107,35 @@ export interface Connection {
  * The API and token of this run: flags, then QVD_ADMIN_URL / QVD_ADMIN_TOKEN / QVD_ADMIN_CA /
  * QVD_ADMIN_INSECURE, then the stored login. `needToken` false is for login.
  */
-export function connection(flags: ConnectionFlags, opts: { needToken?: boolean; env?: NodeJS.ProcessEnv } = {}): Connection {
+export function connection(
+  flags: ConnectionFlags,
+  opts: { needToken?: boolean; env?: NodeJS.ProcessEnv } = {},
+): Connection {
   const env = opts.env ?? process.env;
   const stored = loadCredentials(credentialsFile(env));
   const url = flags.url || env.QVD_ADMIN_URL || stored?.url;
-  const token = flags.token || env.QVD_ADMIN_TOKEN || (url && stored && apiBase(url) === apiBase(stored.url) ? stored.token : undefined);
+  const token =
+    flags.token ||
+    env.QVD_ADMIN_TOKEN ||
+    (url && stored && apiBase(url) === apiBase(stored.url) ? stored.token : undefined);
   if (!url)
-    throw new UserError("not logged in: run qvd admin login --url https://HOST:PORT --name NAME (or set QVD_ADMIN_URL and QVD_ADMIN_TOKEN)", EXIT.unauthenticated);
+    throw new UserError(
+      "not logged in: run qvd admin login --url https://HOST:PORT --name NAME (or set QVD_ADMIN_URL and QVD_ADMIN_TOKEN)",
+      EXIT.unauthenticated,
+    );
   if (opts.needToken !== false && !token)
-    throw new UserError(`not logged in to ${apiBase(url)}: run qvd admin login (or give --token / QVD_ADMIN_TOKEN)`, EXIT.unauthenticated);
+    throw new UserError(
+      `not logged in to ${apiBase(url)}: run qvd admin login (or give --token / QVD_ADMIN_TOKEN)`,
+      EXIT.unauthenticated,
+    );
   const caFlag = flags.ca || env.QVD_ADMIN_CA;
   const insecureEnv = env.QVD_ADMIN_INSECURE === "1" || env.QVD_ADMIN_INSECURE === "true";
   return {
     base: apiBase(url),
     token,
     ca: caFlag ? resolve(caFlag) : stored?.ca,
-    insecure: flags.insecure === true || insecureEnv || (flags.insecure === undefined && !caFlag && stored?.insecure === true),
+    insecure:
+      flags.insecure === true || insecureEnv || (flags.insecure === undefined && !caFlag && stored?.insecure === true),
     stored,
   };
 }
@@ -130,11 +147,16 @@ export interface ApiAnswer<T = any> {
 
 function exitCodeFor(status: number): number {
   switch (status) {
-    case 401: return EXIT.unauthenticated;
-    case 403: return EXIT.forbidden;
-    case 404: return EXIT.notFound;
-    case 409: return EXIT.conflict;
-    default: return EXIT.refused;
+    case 401:
+      return EXIT.unauthenticated;
+    case 403:
+      return EXIT.forbidden;
+    case 404:
+      return EXIT.notFound;
+    case 409:
+      return EXIT.conflict;
+    default:
+      return EXIT.refused;
   }
 }
 
@@ -163,7 +185,11 @@ export class AdminClient {
   }
 
   /** Calls the API; answers the parsed body of a 2xx response, throws a UserError otherwise. */
-  async call<T = any>(method: string, path: string, opts: { query?: URLSearchParams | Record<string, string>; body?: unknown; token?: boolean } = {}): Promise<ApiAnswer<T>> {
+  async call<T = any>(
+    method: string,
+    path: string,
+    opts: { query?: URLSearchParams | Record<string, string>; body?: unknown; token?: boolean } = {},
+  ): Promise<ApiAnswer<T>> {
     const q = opts.query instanceof URLSearchParams ? opts.query : new URLSearchParams(opts.query ?? {});
     const qs = q.toString();
     const url = this.conn.base + path + (qs ? `?${qs}` : "");
@@ -203,5 +229,6 @@ export class AdminClient {
     throw new UserError(message, exitCodeFor(res.status));
   }
 
-  get = <T = any>(path: string, query?: URLSearchParams | Record<string, string>) => this.call<T>("GET", path, { query }).then((r) => r.body);
+  get = <T = any>(path: string, query?: URLSearchParams | Record<string, string>) =>
+    this.call<T>("GET", path, { query }).then((r) => r.body);
 }

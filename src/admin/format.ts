@@ -10,7 +10,12 @@ const ISO = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$/;
 export function cell(v: unknown, opts: { short?: boolean } = {}): string {
   if (v === null || v === undefined) return "-";
   if (typeof v === "boolean") return v ? "yes" : "no";
-  if (Array.isArray(v)) return v.length === 0 ? "-" : v.every((x) => typeof x !== "object" || x === null) ? v.map((x) => cell(x)).join(",") : JSON.stringify(v);
+  if (Array.isArray(v))
+    return v.length === 0
+      ? "-"
+      : v.every((x) => typeof x !== "object" || x === null)
+        ? v.map((x) => cell(x)).join(",")
+        : JSON.stringify(v);
   if (typeof v === "object") return JSON.stringify(v);
   const s = String(v);
   if (opts.short && ISO.test(s)) return s.slice(0, 19).replace("T", " ");
@@ -30,7 +35,11 @@ export function table(items: Record<string, unknown>[], columns: string[]): stri
     }),
   );
   const widths = columns.map((c, i) => Math.max(c.length, ...rows.map((r) => r[i]!.length)));
-  const line = (cells: string[]) => cells.map((s, i) => (i === cells.length - 1 ? s : s.padEnd(widths[i]!))).join("  ").trimEnd();
+  const line = (cells: string[]) =>
+    cells
+      .map((s, i) => (i === cells.length - 1 ? s : s.padEnd(widths[i]!)))
+      .join("  ")
+      .trimEnd();
   return [bold(line(columns)), ...rows.map(line)].join("\n");
 }
 
@@ -39,7 +48,8 @@ export function keyValues(obj: Record<string, unknown>, prefix = ""): string {
   const pairs: [string, string][] = [];
   const walk = (o: Record<string, unknown>, p: string) => {
     for (const [k, v] of Object.entries(o)) {
-      if (v && typeof v === "object" && !Array.isArray(v) && Object.keys(v).length > 0) walk(v as Record<string, unknown>, `${p}${k}.`);
+      if (v && typeof v === "object" && !Array.isArray(v) && Object.keys(v).length > 0)
+        walk(v as Record<string, unknown>, `${p}${k}.`);
       else if (Array.isArray(v) && v.some((x) => x && typeof x === "object")) {
         if (v.length === 0) pairs.push([p + k, "-"]);
         v.forEach((x, i) => {

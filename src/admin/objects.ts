@@ -31,45 +31,170 @@ export interface ObjectInfo {
 const tenantAlias = { tenant: "tenant_name" };
 
 export const OBJECTS: ObjectInfo[] = [
-  { name: "tenant", aliases: ["tenants"], path: "tenants", label: "tenant", nameField: "name", tenantScoped: false,
-    columns: ["id", "name", "blocked", "language", "description"], fieldAliases: {} },
-  { name: "admin", aliases: ["admins", "administrator", "administrators"], path: "administrators", label: "administrator", nameField: "name", tenantScoped: true,
-    columns: ["id", "tenant_name", "name", "blocked", "superadmin", "roles", "language"], fieldAliases: { ...tenantAlias }, refs: { tenant: "tenants" } },
-  { name: "role", aliases: ["roles"], path: "roles", label: "role", nameField: "name", tenantScoped: true,
-    columns: ["id", "tenant_name", "name", "builtin", "inherits", "description"], fieldAliases: { ...tenantAlias }, refs: { tenant: "tenants" } },
-  { name: "user", aliases: ["users"], path: "users", label: "user", nameField: "name", tenantScoped: true,
-    columns: ["id", "tenant_name", "name", "blocked", "vms", "vms_connected", "description"], fieldAliases: { ...tenantAlias }, refs: { tenant: "tenants" } },
-  { name: "vm", aliases: ["vms"], path: "vms", label: "vm", nameField: "name", tenantScoped: true,
+  {
+    name: "tenant",
+    aliases: ["tenants"],
+    path: "tenants",
+    label: "tenant",
+    nameField: "name",
+    tenantScoped: false,
+    columns: ["id", "name", "blocked", "language", "description"],
+    fieldAliases: {},
+  },
+  {
+    name: "admin",
+    aliases: ["admins", "administrator", "administrators"],
+    path: "administrators",
+    label: "administrator",
+    nameField: "name",
+    tenantScoped: true,
+    columns: ["id", "tenant_name", "name", "blocked", "superadmin", "roles", "language"],
+    fieldAliases: { ...tenantAlias },
+    refs: { tenant: "tenants" },
+  },
+  {
+    name: "role",
+    aliases: ["roles"],
+    path: "roles",
+    label: "role",
+    nameField: "name",
+    tenantScoped: true,
+    columns: ["id", "tenant_name", "name", "builtin", "inherits", "description"],
+    fieldAliases: { ...tenantAlias },
+    refs: { tenant: "tenants" },
+  },
+  {
+    name: "user",
+    aliases: ["users"],
+    path: "users",
+    label: "user",
+    nameField: "name",
+    tenantScoped: true,
+    columns: ["id", "tenant_name", "name", "blocked", "vms", "vms_connected", "description"],
+    fieldAliases: { ...tenantAlias },
+    refs: { tenant: "tenants" },
+  },
+  {
+    name: "vm",
+    aliases: ["vms"],
+    path: "vms",
+    label: "vm",
+    nameField: "name",
+    tenantScoped: true,
     columns: ["id", "name", "user_name", "osf_name", "vm_state", "user_state", "host_name", "ip", "blocked"],
     fieldAliases: { ...tenantAlias, state: "vm_state", user: "user_name", osf: "osf_name", host: "host_name" },
-    refs: { user: "users", osf: "osfs" } },
-  { name: "osf", aliases: ["osfs"], path: "osfs", label: "osf", nameField: "name", tenantScoped: true,
-    columns: ["id", "tenant_name", "name", "hypervisor", "memory_mb", "vcpus", "cpu_shares", "persistent", "vms", "dis"], fieldAliases: { ...tenantAlias }, refs: { tenant: "tenants" } },
-  { name: "di", aliases: ["dis", "image", "images"], path: "dis", label: "di", nameField: "version", tenantScoped: true,
-    columns: ["id", "osf_name", "version", "state", "tags", "blocked", "path"], fieldAliases: { ...tenantAlias, osf: "osf_name" }, refs: { osf: "osfs" } },
-  { name: "host", aliases: ["hosts", "node", "nodes"], path: "hosts", label: "host", nameField: "name", tenantScoped: false,
-    columns: ["id", "name", "address", "state", "drain", "blocked", "vms_running", "hypervisors", "frontend", "backend"], fieldAliases: {} },
-  { name: "property", aliases: ["properties"], path: "properties", label: "property", nameField: "key", tenantScoped: true,
-    columns: ["id", "tenant_name", "key", "applies_to", "description"], fieldAliases: { ...tenantAlias }, listFields: ["applies_to"], refs: { tenant: "tenants" } },
-  { name: "audit", aliases: ["log"], path: "audit", label: "audit entry", tenantScoped: true,
+    refs: { user: "users", osf: "osfs" },
+  },
+  {
+    name: "osf",
+    aliases: ["osfs"],
+    path: "osfs",
+    label: "osf",
+    nameField: "name",
+    tenantScoped: true,
+    columns: [
+      "id",
+      "tenant_name",
+      "name",
+      "hypervisor",
+      "memory_mb",
+      "vcpus",
+      "cpu_shares",
+      "persistent",
+      "vms",
+      "dis",
+    ],
+    fieldAliases: { ...tenantAlias },
+    refs: { tenant: "tenants" },
+  },
+  {
+    name: "di",
+    aliases: ["dis", "image", "images"],
+    path: "dis",
+    label: "di",
+    nameField: "version",
+    tenantScoped: true,
+    columns: ["id", "osf_name", "version", "state", "tags", "blocked", "path"],
+    fieldAliases: { ...tenantAlias, osf: "osf_name" },
+    refs: { osf: "osfs" },
+  },
+  {
+    name: "host",
+    aliases: ["hosts", "node", "nodes"],
+    path: "hosts",
+    label: "host",
+    nameField: "name",
+    tenantScoped: false,
+    columns: [
+      "id",
+      "name",
+      "address",
+      "state",
+      "drain",
+      "blocked",
+      "vms_running",
+      "hypervisors",
+      "frontend",
+      "backend",
+    ],
+    fieldAliases: {},
+  },
+  {
+    name: "property",
+    aliases: ["properties"],
+    path: "properties",
+    label: "property",
+    nameField: "key",
+    tenantScoped: true,
+    columns: ["id", "tenant_name", "key", "applies_to", "description"],
+    fieldAliases: { ...tenantAlias },
+    listFields: ["applies_to"],
+    refs: { tenant: "tenants" },
+  },
+  {
+    name: "audit",
+    aliases: ["log"],
+    path: "audit",
+    label: "audit entry",
+    tenantScoped: true,
     columns: ["id", "at", "administrator_name", "tenant_name", "action", "object_type", "object_name", "ok", "error"],
-    fieldAliases: { ...tenantAlias, admin: "administrator_name", object: "object_type" }, defaultSort: "-id", defaultLimit: 50 },
+    fieldAliases: { ...tenantAlias, admin: "administrator_name", object: "object_type" },
+    defaultSort: "-id",
+    defaultLimit: 50,
+  },
 ];
 
-export const objectByName = (name: string): ObjectInfo | undefined => OBJECTS.find((o) => o.name === name || o.aliases.includes(name));
+export const objectByName = (name: string): ObjectInfo | undefined =>
+  OBJECTS.find((o) => o.name === name || o.aliases.includes(name));
 
 const field = (o: ObjectInfo, f: string) => o.fieldAliases[f] ?? f;
 
 /** `--sort -state,name` → `-vm_state,name`. */
 export function sortParam(o: ObjectInfo, sort: string): string {
-  return sort.split(",").filter(Boolean).map((s) => (s.startsWith("-") ? "-" + field(o, s.slice(1)) : field(o, s))).join(",");
+  return sort
+    .split(",")
+    .filter(Boolean)
+    .map((s) => (s.startsWith("-") ? "-" + field(o, s.slice(1)) : field(o, s)))
+    .join(",");
 }
 
-export const fieldsParam = (o: ObjectInfo, fields: string): string[] => fields.split(",").map((f) => f.trim()).filter(Boolean).map((f) => field(o, f));
+export const fieldsParam = (o: ObjectInfo, fields: string): string[] =>
+  fields
+    .split(",")
+    .map((f) => f.trim())
+    .filter(Boolean)
+    .map((f) => field(o, f));
 
 // Longest operators first, so that `<=` is not read as `<`.
 const OPS: [string, string | undefined][] = [
-  ["!=", "ne"], ["<=", "le"], [">=", "ge"], ["@=", "in"], ["~", "like"], ["<", "lt"], [">", "gt"], ["=", undefined],
+  ["!=", "ne"],
+  ["<=", "le"],
+  [">=", "ge"],
+  ["@=", "in"],
+  ["~", "like"],
+  ["<", "lt"],
+  [">", "gt"],
+  ["=", undefined],
 ];
 
 /**
@@ -90,12 +215,18 @@ export function filterParam(o: ObjectInfo, expr: string): [string, string] {
 }
 
 /** The list query of a command: filters, sort, limit, offset, fields. */
-export function listQuery(o: ObjectInfo, a: { filters: string[]; sort?: string; limit?: string; offset?: string; fields?: string }): URLSearchParams {
+export function listQuery(
+  o: ObjectInfo,
+  a: { filters: string[]; sort?: string; limit?: string; offset?: string; fields?: string },
+): URLSearchParams {
   const q = new URLSearchParams();
   for (const f of a.filters) q.append(...filterParam(o, f));
   const sort = a.sort ?? o.defaultSort;
   if (sort) q.set("sort", sortParam(o, sort));
-  for (const [k, v] of [["limit", a.limit ?? (o.defaultLimit !== undefined ? String(o.defaultLimit) : undefined)], ["offset", a.offset]] as const) {
+  for (const [k, v] of [
+    ["limit", a.limit ?? (o.defaultLimit !== undefined ? String(o.defaultLimit) : undefined)],
+    ["offset", a.offset],
+  ] as const) {
     if (v === undefined) continue;
     if (!/^\d+$/.test(v)) throw usageError(`--${k} ${v}: expected a whole number`);
     q.set(k, v);
@@ -125,7 +256,10 @@ const BOOLEAN_FIELDS = new Set(["blocked", "use_overlay", "persistent", "fronten
  * Reference keys (`user=alice`, `osf=desktop`, `tenant=acme`) are collected apart so the caller
  * can look them up and send `user_id`, `osf_id`, `tenant_id`.
  */
-export function parseAssignments(o: ObjectInfo, args: string[]): { body: Record<string, unknown>; refs: Record<string, string> } {
+export function parseAssignments(
+  o: ObjectInfo,
+  args: string[],
+): { body: Record<string, unknown>; refs: Record<string, string> } {
   const body: Record<string, unknown> = {};
   const refs: Record<string, string> = {};
   for (const a of args) {
@@ -162,6 +296,10 @@ export function convertValue(o: ObjectInfo, key: string, raw: string): unknown {
     if (["false", "no", "0", "off"].includes(s)) return false;
     throw usageError(`${key}=${raw}: expected true or false`);
   }
-  if (o.listFields?.includes(key)) return raw.split(",").map((s) => s.trim()).filter(Boolean);
+  if (o.listFields?.includes(key))
+    return raw
+      .split(",")
+      .map((s) => s.trim())
+      .filter(Boolean);
   return raw;
 }

@@ -73,6 +73,9 @@ function promptHidden(prompt: string): Promise<string> {
 export async function readPassword(file: string | undefined, prompt: string): Promise<string> {
   if (file) return passwordFromFile(file);
   const pw = process.stdin.isTTY ? await promptHidden(prompt) : await firstLineOfStdin();
-  if (!pw) throw usageError("no password given (type it at the prompt, pipe it on standard input, or use --password-file FILE)");
+  if (!pw)
+    throw usageError(
+      "no password given (type it at the prompt, pipe it on standard input, or use --password-file FILE)",
+    );
   return pw;
 }

@@ -16,7 +16,10 @@ const LoginBody = z.object({
   name: z.string().min(1).max(160),
   password: z.string().min(1).max(1024),
 });
-const PasswordBody = z.object({ current_password: z.string().min(1).max(1024), password: z.string().min(8, "must have at least 8 characters").max(1024) });
+const PasswordBody = z.object({
+  current_password: z.string().min(1).max(1024),
+  password: z.string().min(8, "must have at least 8 characters").max(1024),
+});
 
 /** The session token of a request: `Authorization: Bearer …`, else the session cookie. */
 export function tokenOf(request: Request): string | undefined {
@@ -38,7 +41,16 @@ export async function authenticate(ctx: Pick<Ctx, "sql" | "cfg">, token: string 
   if (!s) throw unauthorized("your session has expired or was ended; log in again");
   const row = await D.get(ctx.sql, D.administrators, D.ALL_TENANTS, s.administratorId);
   const acls = await D.administratorEffectiveAcls(ctx.sql, row.id);
-  return { id: row.id, name: row.name, tenant_id: row.tenant_id, tenant_name: row.tenant_name, superadmin: row.superadmin, acls, sessionId: s.sessionId, token };
+  return {
+    id: row.id,
+    name: row.name,
+    tenant_id: row.tenant_id,
+    tenant_name: row.tenant_name,
+    superadmin: row.superadmin,
+    acls,
+    sessionId: s.sessionId,
+    token,
+  };
 }
 
 /**
@@ -46,7 +58,11 @@ export async function authenticate(ctx: Pick<Ctx, "sql" | "cfg">, token: string 
  * tenant that does not exist stays in the list as id -1 (nobody), so that a login costs the
  * same password checks whether the tenant and the account exist or not.
  */
-async function resolveTenants(ctx: Ctx, name: string, tenant?: string): Promise<{ name: string; tenants: { id: number; name: string; blocked: boolean }[] }> {
+async function resolveTenants(
+  ctx: Ctx,
+  name: string,
+  tenant?: string,
+): Promise<{ name: string; tenants: { id: number; name: string; blocked: boolean }[] }> {
   let n = name;
   let t = tenant;
   const at = name.lastIndexOf("@");
@@ -80,7 +96,11 @@ async function login(ctx: Ctx) {
   // key per account however it is spelled: without tenants, "bob", "bob@default" and "bob@*"
   // all try the same password, so they count as one.
   const throttled = ctx.cfg.get("wat.multitenant") ? account : name;
-  const gate = await beginLogin(ctx.sql, throttlePolicy(ctx.cfg), { service: "api", account: throttled, address: ctx.address });
+  const gate = await beginLogin(ctx.sql, throttlePolicy(ctx.cfg), {
+    service: "api",
+    account: throttled,
+    address: ctx.address,
+  });
   if (!gate.ok) {
     ctx.set.headers["retry-after"] = String(gate.retryAfterS);
     throw new ApiError(`too many failed logins; try again in ${gate.retryAfterS} seconds`, 429);
@@ -107,33 +127,79 @@ async function login(ctx: Ctx) {
   ctx.audited.tenant_name = admin.tenant_name;
   ctx.audited.superadmin = admin.superadmin;
   const ttl = ctx.cfg.get("api.session.ttl");
-  const s = await D.createSession(ctx.sql, { administratorId: admin.id, ttlSeconds: ttl, address: ctx.address, source: ctx.source });
+  const s = await D.createSession(ctx.sql, {
+    administratorId: admin.id,
+    ttlSeconds: ttl,
+    address: ctx.address,
+    source: ctx.source,
+  });
   ctx.set.headers["set-cookie"] = cookieFor(ctx, s.token, ttl);
   const acls = [...(await D.administratorEffectiveAcls(ctx.sql, admin.id))].sort();
-  return { token: s.token, expires_at: s.expires_at, administrator: admin, acls, multitenant: ctx.cfg.get("wat.multitenant") };
+  return {
+    token: s.token,
+    expires_at: s.expires_at,
+    administrator: admin,
+    acls,
+    multitenant: ctx.cfg.get("wat.multitenant"),
+  };
 }
 
 export const AUTH_ROUTES: Route[] = [
-  { method: "POST", path: "/login", tag: "session", public: true, body: LoginBody,
+  {
+    method: "POST",
+    path: "/login",
+    tag: "session",
+    public: true,
+    body: LoginBody,
     summary: "Log in: answers a bearer token and sets an HttpOnly session cookie. `name@tenant` names the tenant too.",
-    audit: { action: "login", object: "session" }, handler: login },
-  { method: "GET", path: "/login", tag: "session", public: true,
-    summary: "Before logging in: the tenancy mode (a tenant is asked for when multitenant) and whether the request already has a live session",
+    audit: { action: "login", object: "session" },
+    handler: login,
+  },
+  {
+    method: "GET",
+    path: "/login",
+    tag: "session",
+    public: true,
+    summary:
+      "Before logging in: the tenancy mode (a tenant is asked for when multitenant) and whether the request already has a live session",
     handler: async (ctx) => {
       const admin = await authenticate(ctx, tokenOf(ctx.request)).catch(() => undefined);
       // With a live session, the session itself (as GET /session): one round trip for the WAT.
-      return { multitenant: ctx.cfg.get("wat.multitenant"), logged_in: !!admin, ...(admin ? { session: await sessionOf(ctx, admin) } : {}) };
-    } },
-  { method: "POST", path: "/logout", tag: "session", acl: [], summary: "End this session",
+      return {
+        multitenant: ctx.cfg.get("wat.multitenant"),
+        logged_in: !!admin,
+        ...(admin ? { session: await sessionOf(ctx, admin) } : {}),
+      };
+    },
+  },
+  {
+    method: "POST",
+    path: "/logout",
+    tag: "session",
+    acl: [],
+    summary: "End this session",
     audit: { action: "logout", object: "session" },
     handler: async (ctx) => {
       await D.endSession(ctx.sql, ctx.admin.token);
       ctx.set.headers["set-cookie"] = cookieFor(ctx, "", 0);
       return { ok: true };
-    } },
-  { method: "GET", path: "/session", tag: "session", acl: [], summary: "The current administrator, their ACLs and the tenancy mode",
-    handler: (ctx) => sessionOf(ctx, ctx.admin) },
-  { method: "PUT", path: "/session/password", tag: "session", acl: [], body: PasswordBody, summary: "Change your own password (needs the current one)",
+    },
+  },
+  {
+    method: "GET",
+    path: "/session",
+    tag: "session",
+    acl: [],
+    summary: "The current administrator, their ACLs and the tenancy mode",
+    handler: (ctx) => sessionOf(ctx, ctx.admin),
+  },
+  {
+    method: "PUT",
+    path: "/session/password",
+    tag: "session",
+    acl: [],
+    body: PasswordBody,
+    summary: "Change your own password (needs the current one)",
     audit: { action: "administrator.update_own_password", object: "administrator" },
     handler: async (ctx) => {
       const b = D.validate(PasswordBody, objectBody(ctx.body));
@@ -144,14 +210,28 @@ export const AUTH_ROUTES: Route[] = [
       // Whoever knew the old password is logged out everywhere but here.
       const ended = await D.endSessionsOf(ctx.sql, ctx.admin.id, ctx.admin.token);
       return { ok: true, sessions_ended: ended };
-    } },
-  { method: "GET", path: "/sessions", tag: "session", acl: ["session.see"], summary: "Live administrator sessions",
-    handler: async (ctx) => ({ items: await D.listSessions(ctx.sql, ctx.scope.tenantId ?? undefined) }) },
-  { method: "DELETE", path: "/sessions/:sid", tag: "session", acl: ["session.delete"], summary: "End an administrator's session",
+    },
+  },
+  {
+    method: "GET",
+    path: "/sessions",
+    tag: "session",
+    acl: ["session.see"],
+    summary: "Live administrator sessions",
+    handler: async (ctx) => ({ items: await D.listSessions(ctx.sql, ctx.scope.tenantId ?? undefined) }),
+  },
+  {
+    method: "DELETE",
+    path: "/sessions/:sid",
+    tag: "session",
+    acl: ["session.delete"],
+    summary: "End an administrator's session",
     audit: { action: "session.delete", object: "session" },
     handler: async (ctx) => {
       ctx.audited.object_name = ctx.params.sid;
-      if (!(await D.endSessionById(ctx.sql, ctx.params.sid!, ctx.scope.tenantId ?? undefined))) throw new DataError("no such session", 404);
+      if (!(await D.endSessionById(ctx.sql, ctx.params.sid!, ctx.scope.tenantId ?? undefined)))
+        throw new DataError("no such session", 404);
       return { ok: true };
-    } },
+    },
+  },
 ];

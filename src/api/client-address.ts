@@ -4,12 +4,19 @@
 // another address at all. The audit log and login throttling use this address.
 import { BlockList, isIP } from "node:net";
 
-const plain = (a: string) => a.trim().replace(/^\[(.*)\]$/, "$1").replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/i, "");
+const plain = (a: string) =>
+  a
+    .trim()
+    .replace(/^\[(.*)\]$/, "$1")
+    .replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/i, "");
 const family = (a: string) => (isIP(a) === 6 ? "ipv6" : "ipv4");
 
 /** A matcher for a comma-separated list of addresses and networks (as api.trusted_proxies). */
 export function trustedProxies(list: string): (address: string) => boolean {
-  const entries = list.split(",").map((x) => x.trim()).filter(Boolean);
+  const entries = list
+    .split(",")
+    .map((x) => x.trim())
+    .filter(Boolean);
   if (!entries.length) return () => false;
   const bl = new BlockList();
   for (const e of entries) {
@@ -26,7 +33,11 @@ export function trustedProxies(list: string): (address: string) => boolean {
 }
 
 /** The client's address, given the socket's peer and the request's X-Forwarded-For header. */
-export function clientAddress(peer: string | undefined, forwardedFor: string | null, trusted: (a: string) => boolean): string | undefined {
+export function clientAddress(
+  peer: string | undefined,
+  forwardedFor: string | null,
+  trusted: (a: string) => boolean,
+): string | undefined {
   if (peer === undefined) return undefined;
   let client = plain(peer);
   if (!forwardedFor || !trusted(client)) return client;

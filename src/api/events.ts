@@ -55,7 +55,8 @@ export class EventHub {
     const mine = this.perAdmin.get(admin.id) ?? 0;
     if (mine >= this.limits.maxPerAdmin)
       throw new ApiError(`too many event streams: you already have ${mine} open (close another tab or session)`, 429);
-    if (this.open >= this.limits.maxStreams) throw new ApiError("the API serves as many event streams as it may; try again later", 503);
+    if (this.open >= this.limits.maxStreams)
+      throw new ApiError("the API serves as many event streams as it may; try again later", 503);
     this.open++;
     this.perAdmin.set(admin.id, mine + 1);
     let released = false;
@@ -71,12 +72,13 @@ export class EventHub {
 
   /** Streams open now (total, and of one administrator). */
   streams(adminId?: number): number {
-    return adminId === undefined ? this.open : this.perAdmin.get(adminId) ?? 0;
+    return adminId === undefined ? this.open : (this.perAdmin.get(adminId) ?? 0);
   }
 
   private start(): Promise<Listener> {
     return (this.listener ??= listen(this.url, ["qvd_events", "qvd_sessions"], {
-      onNotify: (channel, payload) => (channel === "qvd_sessions" ? this.sessionEnded(payload) : this.dispatch(payload)),
+      onNotify: (channel, payload) =>
+        channel === "qvd_sessions" ? this.sessionEnded(payload) : this.dispatch(payload),
       onReady: ({ reconnected }) => {
         if (reconnected) for (const s of this.subs) s.send("resync", "{}");
       },
@@ -111,7 +113,12 @@ export class EventHub {
    * ends (announced on qvd_sessions, and checked with `sessionAlive` at every keep-alive for
    * what is not announced, such as a blocked administrator): then it gets `event: logout`.
    */
-  async subscribe(admin: Admin, signal: AbortSignal, sessionAlive: () => Promise<boolean> = async () => true, onOpen: () => void = () => {}): Promise<Response> {
+  async subscribe(
+    admin: Admin,
+    signal: AbortSignal,
+    sessionAlive: () => Promise<boolean> = async () => true,
+    onOpen: () => void = () => {},
+  ): Promise<Response> {
     const release = this.reserve(admin);
     try {
       await this.start();
@@ -151,12 +158,18 @@ export class EventHub {
             controller.close();
           } catch {}
         };
-        keepalive = setInterval(() => {
-          void sessionAlive().then((alive) => {
-            if (alive) return sub!.send("ping", "{}");
-            sub!.logout();
-          }, () => sub!.send("ping", "{}"));
-        }, Math.min(KEEPALIVE_MS, (this.limits.idleTimeoutS * 1000) / 2));
+        keepalive = setInterval(
+          () => {
+            void sessionAlive().then(
+              (alive) => {
+                if (alive) return sub!.send("ping", "{}");
+                sub!.logout();
+              },
+              () => sub!.send("ping", "{}"),
+            );
+          },
+          Math.min(KEEPALIVE_MS, (this.limits.idleTimeoutS * 1000) / 2),
+        );
         if (signal.aborted) end();
         else signal.addEventListener("abort", end);
       },

@@ -10,9 +10,18 @@ export const unauthorized = (msg = "log in first") => new ApiError(msg, 401);
 export const forbidden = (acls: string[]) => new ApiError(`missing permission: ${acls.join(", ")}`, 403);
 
 /** The error document every failing route answers. */
-export function errorBody(err: DataError): { error: { status: number; message: string; field?: string; dependents?: unknown } } {
+export function errorBody(err: DataError): {
+  error: { status: number; message: string; field?: string; dependents?: unknown };
+} {
   const dependents = (err as { dependents?: unknown }).dependents;
-  return { error: { status: err.status, message: err.message, ...(err.field ? { field: err.field } : {}), ...(dependents ? { dependents } : {}) } };
+  return {
+    error: {
+      status: err.status,
+      message: err.message,
+      ...(err.field ? { field: err.field } : {}),
+      ...(dependents ? { dependents } : {}),
+    },
+  };
 }
 
 export const MAX_JSON_BODY = 1024 * 1024;
@@ -38,14 +47,16 @@ export async function readJson(request: Request, limit = MAX_JSON_BODY): Promise
   const text = Buffer.concat(chunks).toString("utf8");
   if (text.trim() === "") return {};
   const type = request.headers.get("content-type") ?? "application/json";
-  if (!/^application\/(.+\+)?json\b/i.test(type)) throw new ApiError("the body must be JSON (Content-Type: application/json)", 415);
+  if (!/^application\/(.+\+)?json\b/i.test(type))
+    throw new ApiError("the body must be JSON (Content-Type: application/json)", 415);
   let parsed: unknown;
   try {
     parsed = JSON.parse(text);
   } catch {
     throw new ApiError("the body is not valid JSON", 400);
   }
-  if (depthOver(parsed, MAX_JSON_DEPTH)) throw new ApiError(`the body is nested more than ${MAX_JSON_DEPTH} levels deep`, 400);
+  if (depthOver(parsed, MAX_JSON_DEPTH))
+    throw new ApiError(`the body is nested more than ${MAX_JSON_DEPTH} levels deep`, 400);
   return parsed;
 }
 
@@ -86,19 +97,35 @@ export function checkInput(route: Route, url: URL, params: Record<string, string
     if (route.query !== "list" && !route.query?.includes(k)) throw new ValidationError(k, "unknown query parameter");
     if (k.includes("\0") || v.includes("\0")) throw new ValidationError(k, "must not contain NUL characters");
   }
-  for (const [k, v] of Object.entries(params)) if (v.includes("\0")) throw new ValidationError(k, "must not contain NUL characters");
+  for (const [k, v] of Object.entries(params))
+    if (v.includes("\0")) throw new ValidationError(k, "must not contain NUL characters");
   const nul = nulPath(body, "");
   if (nul !== undefined) throw new ValidationError(nul || undefined, "must not contain NUL characters");
   if (!route.body && !route.rawBody && body !== undefined) {
     const isObject = body !== null && typeof body === "object" && !Array.isArray(body);
     if (!isObject) throw new ValidationError(undefined, "this request takes no body");
     const keys = Object.keys(body);
-    if (keys.length) throw new ValidationError(keys[0], `unknown field${keys.length > 1 ? "s" : ""} ${keys.map((k) => `"${k}"`).join(", ")}`);
+    if (keys.length)
+      throw new ValidationError(
+        keys[0],
+        `unknown field${keys.length > 1 ? "s" : ""} ${keys.map((k) => `"${k}"`).join(", ")}`,
+      );
   }
 }
 
 const OP_NAMES: Record<string, FilterOp> = {
-  eq: "=", ne: "!=", lt: "<", le: "<=", lte: "<=", gt: ">", ge: ">=", gte: ">=", in: "in", like: "like", null: "null", notnull: "notnull",
+  eq: "=",
+  ne: "!=",
+  lt: "<",
+  le: "<=",
+  lte: "<=",
+  gt: ">",
+  ge: ">=",
+  gte: ">=",
+  in: "in",
+  like: "like",
+  null: "null",
+  notnull: "notnull",
 };
 const RESERVED = new Set(["sort", "limit", "offset", "fields", "all"]);
 
@@ -111,19 +138,25 @@ export function listQueryFrom(params: URLSearchParams): ListQuery & { all: boole
     if (!m) throw new ValidationError(rawKey, "unknown query parameter");
     const [, key, opName] = m as unknown as [string, string, string | undefined];
     if (RESERVED.has(key) && !opName) {
-      if (key === "sort") q.sort = value.split(",").filter(Boolean).map((s) => (s.startsWith("-") ? { field: s.slice(1), desc: true } : { field: s }));
+      if (key === "sort")
+        q.sort = value
+          .split(",")
+          .filter(Boolean)
+          .map((s) => (s.startsWith("-") ? { field: s.slice(1), desc: true } : { field: s }));
       else if (key === "fields") q.fields = value.split(",").filter(Boolean);
       else if (key === "all") q.all = value === "" || value === "1" || value === "true";
       else {
         const n = Number(value);
-        if (!/^\d+$/.test(value) || !Number.isSafeInteger(n)) throw new ValidationError(key, "must be a non-negative integer");
+        if (!/^\d+$/.test(value) || !Number.isSafeInteger(n))
+          throw new ValidationError(key, "must be a non-negative integer");
         if (key === "limit") q.limit = n;
         else q.offset = n;
       }
       continue;
     }
     const op = opName === undefined ? "=" : OP_NAMES[opName];
-    if (!op || !FILTER_OPS.includes(op)) throw new ValidationError(rawKey, `unknown operator "${opName}"; use one of ${Object.keys(OP_NAMES).join(", ")}`);
+    if (!op || !FILTER_OPS.includes(op))
+      throw new ValidationError(rawKey, `unknown operator "${opName}"; use one of ${Object.keys(OP_NAMES).join(", ")}`);
     filters.push({ field: key, op, value });
   }
   return q;

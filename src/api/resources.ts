@@ -38,7 +38,8 @@ const id = (ctx: Ctx, param = "id") => {
 };
 
 const asObject = (body: unknown): Record<string, unknown> => {
-  if (!body || typeof body !== "object" || Array.isArray(body)) throw new ValidationError(undefined, "the body must be a JSON object");
+  if (!body || typeof body !== "object" || Array.isArray(body))
+    throw new ValidationError(undefined, "the body must be a JSON object");
   return body as Record<string, unknown>;
 };
 
@@ -48,9 +49,14 @@ const asObject = (body: unknown): Record<string, unknown> => {
  * would give. This holds in every tenant, tenant * included: only who holds every ACL is exempt,
  * by holding them.
  */
-export function noEscalation(ctx: Ctx, acls: Iterable<string>, what = "you can only give permissions you hold yourself"): void {
+export function noEscalation(
+  ctx: Ctx,
+  acls: Iterable<string>,
+  what = "you can only give permissions you hold yourself",
+): void {
   const missing = [...acls].filter((a) => Object.hasOwn(ACLS, a) && !ctx.admin.acls.has(a)).sort();
-  if (missing.length) throw new DataError(`${what}; missing: ${missing.slice(0, 10).join(", ")}${missing.length > 10 ? ", …" : ""}`, 403);
+  if (missing.length)
+    throw new DataError(`${what}; missing: ${missing.slice(0, 10).join(", ")}${missing.length > 10 ? ", …" : ""}`, 403);
 }
 
 /**
@@ -60,12 +66,20 @@ export function noEscalation(ctx: Ctx, acls: Iterable<string>, what = "you can o
  */
 export async function noPowerOverAdministrator(ctx: Ctx, adminId: number, what: string): Promise<void> {
   await D.get(ctx.sql, D.administrators, ctx.scope, adminId);
-  noEscalation(ctx, await D.administratorEffectiveAcls(ctx.sql, adminId), `you can only ${what} administrators whose permissions you hold yourself`);
+  noEscalation(
+    ctx,
+    await D.administratorEffectiveAcls(ctx.sql, adminId),
+    `you can only ${what} administrators whose permissions you hold yourself`,
+  );
 }
 
 export async function noPowerOverRole(ctx: Ctx, roleId: number, what: string): Promise<void> {
   await D.get(ctx.sql, D.roles, ctx.scope, roleId);
-  noEscalation(ctx, await D.roleEffectiveAcls(ctx.sql, roleId), `you can only ${what} roles whose permissions you hold yourself`);
+  noEscalation(
+    ctx,
+    await D.roleEffectiveAcls(ctx.sql, roleId),
+    `you can only ${what} roles whose permissions you hold yourself`,
+  );
 }
 
 /** ACLs needed to change these fields. */
@@ -73,7 +87,8 @@ function updateAcls(spec: ResourceSpec, body: unknown): string[] {
   if (!body || typeof body !== "object") return [`${spec.acl}.update`];
   const acls = new Set<string>();
   // Own properties only: a field named "__proto__" or "constructor" is not a field ACL.
-  for (const f of Object.keys(body)) acls.add(spec.fieldAcls && Object.hasOwn(spec.fieldAcls, f) ? spec.fieldAcls[f]! : `${spec.acl}.update`);
+  for (const f of Object.keys(body))
+    acls.add(spec.fieldAcls && Object.hasOwn(spec.fieldAcls, f) ? spec.fieldAcls[f]! : `${spec.acl}.update`);
   if (acls.size === 0) acls.add(`${spec.acl}.update`);
   return [...acls];
 }
@@ -84,7 +99,13 @@ function updateAcls(spec: ResourceSpec, body: unknown): string[] {
  */
 function withTenant(ctx: Ctx, spec: ResourceSpec, body: Record<string, unknown>): Record<string, unknown> {
   const t = spec.def.tenancy;
-  if (ctx.scope.tenantId !== null || spec.def.tenantFrom || (t !== "own" && t !== "shared") || body.tenant_id !== undefined) return body;
+  if (
+    ctx.scope.tenantId !== null ||
+    spec.def.tenantFrom ||
+    (t !== "own" && t !== "shared") ||
+    body.tenant_id !== undefined
+  )
+    return body;
   if (ctx.cfg.get("wat.multitenant")) return body; // the data layer says tenant_id is required
   return { ...body, tenant_id: t === "shared" ? 0 : 1 };
 }
@@ -111,13 +132,23 @@ export async function forEachMatching(
   def: ObjectDef<any>,
   action: string,
   fn: (objId: number) => Promise<unknown>,
-): Promise<{ total: number; ok: number; failed: number; results: { id: number; ok: boolean; status: number; error?: string; result?: unknown }[] }> {
+): Promise<{
+  total: number;
+  ok: number;
+  failed: number;
+  results: { id: number; ok: boolean; status: number; error?: string; result?: unknown }[];
+}> {
   const q = listQueryFrom(ctx.url.searchParams);
   if ((q.filters ?? []).length === 0 && !q.all)
     throw new ValidationError("filter", "a change of many objects needs a filter, or all=true to change every one");
   // Only what the per-object audit entries name (not whole rows of up to MAX_LIMIT objects).
   const named = ["name", "key", "version", "tenant_id", "tenant_name"].filter((f) => f in def.row.shape);
-  const matching = await D.list(ctx.sql, def, ctx.scope, { filters: q.filters, sort: [{ field: "id" }], limit: D.MAX_LIMIT, fields: ["id", ...named] });
+  const matching = await D.list(ctx.sql, def, ctx.scope, {
+    filters: q.filters,
+    sort: [{ field: "id" }],
+    limit: D.MAX_LIMIT,
+    fields: ["id", ...named],
+  });
   const changes = ctx.body && typeof ctx.body === "object" && Object.keys(ctx.body).length ? { changes: ctx.body } : {};
   const results = [];
   const entries: AuditEntry[] = [];
@@ -132,15 +163,26 @@ export async function forEachMatching(
       results.push({ id: row.id as number, ok: false, status: err.status, error: err.message });
     }
     entries.push({
-      action, object_type: def.kind as AuditEntry["object_type"], object_id: row.id as number,
+      action,
+      object_type: def.kind as AuditEntry["object_type"],
+      object_id: row.id as number,
       object_name: (row.name ?? row.key ?? row.version ?? null) as string | null,
       tenant_id: typeof row.tenant_id === "number" ? row.tenant_id : ctx.admin.tenant_id,
-      tenant_name: typeof row.tenant_id === "number" ? ((row.tenant_name as string | undefined) ?? null) : ctx.admin.tenant_name,
-      administrator_id: ctx.admin.id, administrator_name: ctx.admin.name, superadmin: ctx.admin.superadmin,
-      arguments: { many: true, ...changes }, ok: !failure, error: failure?.message ?? null, source: ctx.source, address: ctx.address ?? null,
+      tenant_name:
+        typeof row.tenant_id === "number" ? ((row.tenant_name as string | undefined) ?? null) : ctx.admin.tenant_name,
+      administrator_id: ctx.admin.id,
+      administrator_name: ctx.admin.name,
+      superadmin: ctx.admin.superadmin,
+      arguments: { many: true, ...changes },
+      ok: !failure,
+      error: failure?.message ?? null,
+      source: ctx.source,
+      address: ctx.address ?? null,
     });
   }
-  await D.auditMany(ctx.sql, entries).catch((err) => log.error("could not write the audit log", { action, error: (err as Error).message }));
+  await D.auditMany(ctx.sql, entries).catch((err) =>
+    log.error("could not write the audit log", { action, error: (err as Error).message }),
+  );
   const ok = results.filter((r) => r.ok).length;
   ctx.audited.arguments = { filter: Object.fromEntries(ctx.url.searchParams), ...changes, matched: results.length, ok };
   return { total: results.length, ok, failed: results.length - ok, results };
@@ -152,8 +194,17 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
   const kind = def.kind;
   const routes: Route[] = [
     {
-      method: "GET", path: `/${path}`, tag, acl: [`${acl}.see`], query: "list",
-      response: z.object({ total: z.number().int(), limit: z.number().int(), offset: z.number().int(), items: z.array(def.row) }),
+      method: "GET",
+      path: `/${path}`,
+      tag,
+      acl: [`${acl}.see`],
+      query: "list",
+      response: z.object({
+        total: z.number().int(),
+        limit: z.number().int(),
+        offset: z.number().int(),
+        items: z.array(def.row),
+      }),
       summary: `List ${path}: filter with ?field=value or ?field[op]=value (eq ne lt le gt ge in like null notnull), sort=-field, limit, offset, fields`,
       handler: async (ctx) => {
         const q = listQueryFrom(ctx.url.searchParams);
@@ -162,13 +213,24 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
       },
     },
     {
-      method: "GET", path: `/${path}/:id`, tag, acl: [`${acl}.see`], summary: `Get one ${kind}`, response: def.row,
+      method: "GET",
+      path: `/${path}/:id`,
+      tag,
+      acl: [`${acl}.see`],
+      summary: `Get one ${kind}`,
+      response: def.row,
       handler: (ctx) => D.get(ctx.sql, def, ctx.scope, id(ctx)),
     },
   ];
   if (def.create)
     routes.push({
-      method: "POST", path: `/${path}`, tag, acl: [`${acl}.create`], body: def.create, summary: `Create a ${kind}`, response: def.row,
+      method: "POST",
+      path: `/${path}`,
+      tag,
+      acl: [`${acl}.create`],
+      body: def.create,
+      summary: `Create a ${kind}`,
+      response: def.row,
       audit: { action: `${kind}.create`, object: kind },
       handler: async (ctx) => {
         const body = withTenant(ctx, spec, asObject(ctx.body));
@@ -181,7 +243,13 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
     });
   if (def.update) {
     routes.push({
-      method: "PATCH", path: `/${path}/:id`, tag, acl: (ctx) => updateAcls(spec, ctx.body), body: def.update.partial(), summary: `Change a ${kind}`, response: def.row,
+      method: "PATCH",
+      path: `/${path}/:id`,
+      tag,
+      acl: (ctx) => updateAcls(spec, ctx.body),
+      body: def.update.partial(),
+      summary: `Change a ${kind}`,
+      response: def.row,
       audit: { action: `${kind}.update`, object: kind },
       handler: async (ctx) => {
         audit(ctx, { id: id(ctx) }, ctx.body);
@@ -194,7 +262,12 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
       },
     });
     routes.push({
-      method: "PATCH", path: `/${path}`, tag, acl: (ctx) => updateAcls(spec, ctx.body), body: def.update.partial(), query: "list",
+      method: "PATCH",
+      path: `/${path}`,
+      tag,
+      acl: (ctx) => updateAcls(spec, ctx.body),
+      body: def.update.partial(),
+      query: "list",
       summary: `Change every ${kind} matching the filter (query as for the list; all=true for every one); a result per object`,
       audit: { action: `${kind}.update_many`, object: kind },
       handler: async (ctx) => {
@@ -210,7 +283,12 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
   }
   if (spec.deletable !== false && def.create) {
     routes.push({
-      method: "DELETE", path: `/${path}/:id`, tag, acl: [`${acl}.delete`], summary: `Delete a ${kind} (409 and what depends on it when something does)`, response: z.object({ deleted: def.row }),
+      method: "DELETE",
+      path: `/${path}/:id`,
+      tag,
+      acl: [`${acl}.delete`],
+      summary: `Delete a ${kind} (409 and what depends on it when something does)`,
+      response: z.object({ deleted: def.row }),
       audit: { action: `${kind}.delete`, object: kind },
       handler: async (ctx) => {
         audit(ctx, { id: id(ctx) });
@@ -221,12 +299,18 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
       },
     });
     routes.push({
-      method: "DELETE", path: `/${path}`, tag, acl: [`${acl}.delete`], query: "list", summary: `Delete every ${kind} matching the filter; a result per object`,
+      method: "DELETE",
+      path: `/${path}`,
+      tag,
+      acl: [`${acl}.delete`],
+      query: "list",
+      summary: `Delete every ${kind} matching the filter; a result per object`,
       audit: { action: `${kind}.delete_many`, object: kind },
-      handler: (ctx) => forEachMatching(ctx, def, `${kind}.delete`, async (objId) => {
-        await spec.beforeDelete?.(ctx, objId);
-        await D.remove(ctx.sql, def, ctx.scope, objId);
-      }),
+      handler: (ctx) =>
+        forEachMatching(ctx, def, `${kind}.delete`, async (objId) => {
+          await spec.beforeDelete?.(ctx, objId);
+          await D.remove(ctx.sql, def, ctx.scope, objId);
+        }),
     });
   }
   return routes;
@@ -235,7 +319,10 @@ export function resourceRoutes(spec: ResourceSpec): Route[] {
 export const RESOURCES: ResourceSpec[] = [
   { path: "tenants", def: D.tenants, acl: "tenant", fieldAcls: { blocked: "tenant.block" } },
   {
-    path: "administrators", def: D.administrators, acl: "administrator", fieldAcls: { password: "administrator.update.password" },
+    path: "administrators",
+    def: D.administrators,
+    acl: "administrator",
+    fieldAcls: { password: "administrator.update.password" },
     // Whoever sets a password can log in as that administrator; whoever blocks or deletes one
     // can lock them out: only within the caller's own rights (your own account included).
     beforeUpdate: (ctx, adminId, changes) =>
@@ -243,21 +330,33 @@ export const RESOURCES: ResourceSpec[] = [
     beforeDelete: (ctx, adminId) => noPowerOverAdministrator(ctx, adminId, "delete"),
     // A new password ends the account's other sessions (an own change keeps the one that made it).
     afterUpdate: async (ctx, adminId, changes) => {
-      if ("password" in changes) await D.endSessionsOf(ctx.sql, adminId, adminId === ctx.admin.id ? ctx.admin.token : undefined);
+      if ("password" in changes)
+        await D.endSessionsOf(ctx.sql, adminId, adminId === ctx.admin.id ? ctx.admin.token : undefined);
     },
   },
-  { path: "roles", def: D.roles, acl: "role",
-    beforeUpdate: (ctx, roleId) => noPowerOverRole(ctx, roleId, "change"),
-    beforeDelete: (ctx, roleId) => noPowerOverRole(ctx, roleId, "delete") },
   {
-    path: "users", def: D.users, acl: "user", fieldAcls: { password: "user.update.password", blocked: "user.block" },
+    path: "roles",
+    def: D.roles,
+    acl: "role",
+    beforeUpdate: (ctx, roleId) => noPowerOverRole(ctx, roleId, "change"),
+    beforeDelete: (ctx, roleId) => noPowerOverRole(ctx, roleId, "delete"),
+  },
+  {
+    path: "users",
+    def: D.users,
+    acl: "user",
+    fieldAcls: { password: "user.update.password", blocked: "user.block" },
     // A new password ends the user's L7R bearer tokens.
-    afterUpdate: async (ctx, userId, changes) => void ("password" in changes && (await D.deleteUserTokens(ctx.sql, userId))),
+    afterUpdate: async (ctx, userId, changes) =>
+      void ("password" in changes && (await D.deleteUserTokens(ctx.sql, userId))),
   },
   { path: "osfs", def: D.osfs, acl: "osf" },
   { path: "dis", def: D.dis, acl: "di", fieldAcls: { blocked: "di.block" } },
   {
-    path: "vms", def: D.vms, acl: "vm", fieldAcls: { di_tag: "vm.update.di_tag" },
+    path: "vms",
+    def: D.vms,
+    acl: "vm",
+    fieldAcls: { di_tag: "vm.update.di_tag" },
     create: (ctx, body) => {
       const gw = ctx.cfg.get("vm.network.gateway");
       return D.createVm(ctx.sql, ctx.scope, body, { range: ctx.cfg.get("vm.network.range"), gateway: gw || undefined });

@@ -42,17 +42,31 @@ export function apiRoutes(hub: EventHub, keepOpen: (request: Request) => void = 
     ...RESOURCES.flatMap(resourceRoutes),
     ...ACTION_ROUTES,
     ...UPLOAD_ROUTES,
-    { method: "GET", path: "/events", tag: "events", acl: [], summary: "Server-sent events of object changes you can see (change, resync, ping)",
+    {
+      method: "GET",
+      path: "/events",
+      tag: "events",
+      acl: [],
+      summary: "Server-sent events of object changes you can see (change, resync, ping)",
       handler: (ctx) => {
         // A refused stream (too many) is retried by EventSource: not before a few seconds.
         ctx.set.headers["retry-after"] = "5";
-        return hub.subscribe(ctx.admin, ctx.request.signal, () => sessionAlive(ctx.sql, ctx.admin.token), () => keepOpen(ctx.request));
-      } },
+        return hub.subscribe(
+          ctx.admin,
+          ctx.request.signal,
+          () => sessionAlive(ctx.sql, ctx.admin.token),
+          () => keepOpen(ctx.request),
+        );
+      },
+    },
   ];
 }
 
 const json = (status: number, body: unknown, headers: Record<string, string> = {}) =>
-  new Response(JSON.stringify(body), { status, headers: { "content-type": "application/json; charset=utf-8", "cache-control": "no-store", ...headers } });
+  new Response(JSON.stringify(body), {
+    status,
+    headers: { "content-type": "application/json; charset=utf-8", "cache-control": "no-store", ...headers },
+  });
 
 const SAFE_METHODS = new Set(["GET", "HEAD", "OPTIONS"]);
 const SESSION_IN_COOKIE = new RegExp(`(^|;)\\s*${SESSION_COOKIE}=`);
@@ -102,11 +116,25 @@ export function createApi(opts: ApiOptions) {
   });
   const openapi = openApiDocument(routes);
 
-  async function handle(route: Route, request: Request, params: Record<string, string>, address: string | undefined): Promise<Response> {
+  async function handle(
+    route: Route,
+    request: Request,
+    params: Record<string, string>,
+    address: string | undefined,
+  ): Promise<Response> {
     const ctx: Ctx = {
-      sql: opts.sql, cfg: opts.cfg, request, url: new URL(request.url), params, body: {},
-      admin: undefined as unknown as Ctx["admin"], scope: ALL_TENANTS, address, source: sourceOf(request),
-      set: { status: 200, headers: {} }, audited: {},
+      sql: opts.sql,
+      cfg: opts.cfg,
+      request,
+      url: new URL(request.url),
+      params,
+      body: {},
+      admin: undefined as unknown as Ctx["admin"],
+      scope: ALL_TENANTS,
+      address,
+      source: sourceOf(request),
+      set: { status: 200, headers: {} },
+      audited: {},
     };
     let result: unknown;
     let failure: DataError | undefined;
@@ -117,7 +145,7 @@ export function createApi(opts: ApiOptions) {
       if (!route.public) {
         ctx.admin = await authenticate(ctx, tokenOf(request));
         ctx.scope = ctx.admin.superadmin ? ALL_TENANTS : tenantScope(ctx.admin.tenant_id);
-        const needed = typeof route.acl === "function" ? route.acl(ctx) : route.acl ?? [];
+        const needed = typeof route.acl === "function" ? route.acl(ctx) : (route.acl ?? []);
         const missing = needed.filter((a) => !ctx.admin.acls.has(a));
         if (missing.length) throw forbidden(missing);
       }
@@ -131,7 +159,10 @@ export function createApi(opts: ApiOptions) {
     } catch (err) {
       if (err instanceof DataError) failure = err;
       else {
-        log.error("request failed", { route: `${route.method} ${route.path}`, error: (err as Error)?.message ?? String(err) });
+        log.error("request failed", {
+          route: `${route.method} ${route.path}`,
+          error: (err as Error)?.message ?? String(err),
+        });
         failure = new ApiError("internal error; the server log has the details", 500);
       }
     }
@@ -154,7 +185,11 @@ export function createApi(opts: ApiOptions) {
       // see it), also when the handler failed before saying so. Looked up within the caller's
       // scope: another tenant's object is not named in an entry of the caller's tenant.
       const def = defs.get(route.audit!.object ?? "");
-      if (def && typeof a.object_id === "number" && (a.tenant_id === undefined || a.tenant_name === undefined || a.object_name === undefined)) {
+      if (
+        def &&
+        typeof a.object_id === "number" &&
+        (a.tenant_id === undefined || a.tenant_name === undefined || a.object_name === undefined)
+      ) {
         const row = await find(opts.sql, def, ctx.scope, a.object_id).catch(() => undefined);
         if (row && (a.tenant_id === undefined || a.tenant_id === row.tenant_id)) {
           a.object_name ??= (row.name ?? row.key ?? row.version) as string | undefined;
@@ -174,7 +209,11 @@ export function createApi(opts: ApiOptions) {
         superadmin: a.superadmin ?? ctx.admin?.superadmin ?? false,
         tenant_id: a.tenant_id ?? ctx.admin?.tenant_id ?? null,
         tenant_name: a.tenant_name ?? (a.tenant_id === undefined ? ctx.admin?.tenant_name : undefined) ?? null,
-        arguments: (args && typeof args === "object" && !Array.isArray(args) ? args : args === undefined || args === null ? {} : { body: args }) as Record<string, unknown>,
+        arguments: (args && typeof args === "object" && !Array.isArray(args)
+          ? args
+          : args === undefined || args === null
+            ? {}
+            : { body: args }) as Record<string, unknown>,
         ok: !failure,
         error: failure?.message ?? null,
         source: ctx.source,
@@ -189,16 +228,29 @@ export function createApi(opts: ApiOptions) {
   // itself; served with Bun.serve({ fetch }), the address comes through `fetch` below.
   const addresses = new WeakMap<Request, string>();
   const trusted = trustedProxies(opts.cfg.get("api.trusted_proxies"));
-  const addressOf = (request: Request, peer: string | undefined) => clientAddress(peer, request.headers.get("x-forwarded-for"), trusted);
+  const addressOf = (request: Request, peer: string | undefined) =>
+    clientAddress(peer, request.headers.get("x-forwarded-for"), trusted);
   const app = new Elysia({ normalize: false });
   for (const route of routes) {
-    app.route(route.method, "/api/v1" + route.path, ({ request, params, server }) =>
-      handle(route, request, (params ?? {}) as Record<string, string>, addresses.get(request) ?? addressOf(request, server?.requestIP(request)?.address)), { parse: "none" });
+    app.route(
+      route.method,
+      "/api/v1" + route.path,
+      ({ request, params, server }) =>
+        handle(
+          route,
+          request,
+          (params ?? {}) as Record<string, string>,
+          addresses.get(request) ?? addressOf(request, server?.requestIP(request)?.address),
+        ),
+      { parse: "none" },
+    );
   }
   app.get("/api/v1/openapi.json", () => json(200, openapi));
   // The WAT: its assets are inside the binary; every other path under /wat/ is the app's own.
   app.get("/", () => Response.redirect("/wat/", 302));
-  app.get("/wat", ({ request }) => (new URL(request.url).pathname === "/wat/" ? watResponse("", request) : Response.redirect("/wat/", 301)));
+  app.get("/wat", ({ request }) =>
+    new URL(request.url).pathname === "/wat/" ? watResponse("", request) : Response.redirect("/wat/", 301),
+  );
   app.get("/wat/*", ({ request, params }) => watResponse((params as Record<string, string>)["*"] ?? "", request));
   app.onError(({ code, error }) => {
     if (code === "NOT_FOUND") return json(404, { error: { status: 404, message: "no such route" } });
@@ -209,8 +261,11 @@ export function createApi(opts: ApiOptions) {
   // make a series each.
   const reg = opts.metrics ?? new Registry();
   const requests = reg.counter("qvd_api_requests_total", "Admin API requests, by method and status.");
-  const requestSeconds = reg.histogram("qvd_api_request_seconds", "Seconds to answer an admin API request (to its first byte; an event stream counts until it opens), by method.",
-    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]);
+  const requestSeconds = reg.histogram(
+    "qvd_api_request_seconds",
+    "Seconds to answer an admin API request (to its first byte; an event stream counts until it opens), by method.",
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+  );
   const logins = reg.counter("qvd_api_logins_total", "Administrator logins, by result (ok, failed, throttled).");
   const counted = (request: Request, t0: number) => (res: Response) => {
     requests.inc({ method: request.method, status: String(res.status) });
@@ -220,7 +275,10 @@ export function createApi(opts: ApiOptions) {
     return res;
   };
   /** The handler to serve: `Bun.serve({ fetch })` (it records the client's address for the audit log and throttling). */
-  const fetch = (request: Request, server?: { requestIP(r: Request): { address: string } | null; timeout?(r: Request, seconds: number): void }): Response | Promise<Response> => {
+  const fetch = (
+    request: Request,
+    server?: { requestIP(r: Request): { address: string } | null; timeout?(r: Request, seconds: number): void },
+  ): Response | Promise<Response> => {
     if (server) servers.set(request, server);
     const ip = addressOf(request, server?.requestIP(request)?.address);
     if (ip) addresses.set(request, ip);

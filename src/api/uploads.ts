@@ -25,7 +25,8 @@ const log = logger("upload");
 /** Enough of the file's start to tell a tar archive (its "ustar" mark sits at byte 257). */
 const HEAD_BYTES = 512;
 
-const startsWith = (b: Buffer, magic: number[] | Buffer) => b.length >= magic.length && magic.every((x, i) => b[i] === x);
+const startsWith = (b: Buffer, magic: number[] | Buffer) =>
+  b.length >= magic.length && magic.every((x, i) => b[i] === x);
 
 /** What a file's first bytes say it is, for messages ("a gzip file", "a qcow2 image"). */
 export function describeHead(b: Buffer): string {
@@ -48,7 +49,10 @@ export function describeHead(b: Buffer): string {
  */
 async function checkQcow2(file: string, di: { version: string }, qemuImg: string): Promise<void> {
   if (!(isAbsolute(qemuImg) ? existsSync(qemuImg) : Bun.which(qemuImg))) {
-    log.warn("qemu-img is not installed here: an uploaded qcow2 is checked by the node that prepares it", { di: di.version, qemu_img: qemuImg });
+    log.warn("qemu-img is not installed here: an uploaded qcow2 is checked by the node that prepares it", {
+      di: di.version,
+      qemu_img: qemuImg,
+    });
     return;
   }
   try {
@@ -56,7 +60,13 @@ async function checkQcow2(file: string, di: { version: string }, qemuImg: string
   } catch (err) {
     if (!(err instanceof ImageError)) throw err;
     // Its messages name the file: the user knows the image by its version.
-    throw new DataError(`disk image ${JSON.stringify(di.version)}: ${err.message.split(file).join("the file").replace(/^the file: /, "")}`, 422);
+    throw new DataError(
+      `disk image ${JSON.stringify(di.version)}: ${err.message
+        .split(file)
+        .join("the file")
+        .replace(/^the file: /, "")}`,
+      422,
+    );
   }
 }
 
@@ -67,7 +77,10 @@ function checkKind(head: Buffer, di: { version: string }, osf: { name: string; h
   if (osf.hypervisor === "kvm" && !isQcow2)
     throw new DataError(`${what}: expected a qcow2 image, got ${describeHead(head)}`, 422);
   if (osf.hypervisor !== "kvm" && isQcow2)
-    throw new DataError(`${what}: expected a root filesystem tarball, got a qcow2 image (KVM images belong to an OSF with hypervisor kvm)`, 422);
+    throw new DataError(
+      `${what}: expected a root filesystem tarball, got a qcow2 image (KVM images belong to an OSF with hypervisor kvm)`,
+      422,
+    );
 }
 
 async function upload(ctx: Ctx) {
@@ -75,9 +88,11 @@ async function upload(ctx: Ctx) {
   const max = ctx.cfg.get("api.upload.max_bytes");
   const lengthHeader = ctx.request.headers.get("content-length");
   const expected = lengthHeader !== null && /^\d+$/.test(lengthHeader) ? Number(lengthHeader) : null;
-  if (expected !== null && expected > max) throw new ApiError(`the image is larger than the limit of ${max} bytes (api.upload.max_bytes)`, 413);
+  if (expected !== null && expected > max)
+    throw new ApiError(`the image is larger than the limit of ${max} bytes (api.upload.max_bytes)`, 413);
   const wantSha = ctx.request.headers.get("x-qvd-sha256")?.toLowerCase();
-  if (wantSha !== undefined && !/^[0-9a-f]{64}$/.test(wantSha)) throw new DataError("X-QVD-SHA256: expected 64 hex digits", 422, "sha256");
+  if (wantSha !== undefined && !/^[0-9a-f]{64}$/.test(wantSha))
+    throw new DataError("X-QVD-SHA256: expected 64 hex digits", 422, "sha256");
   if (!ctx.request.body) throw new DataError("the request has no body: send the image file", 422);
 
   const di = await D.claimDiUpload(ctx.sql, ctx.scope, diId, expected);
@@ -132,11 +147,13 @@ async function upload(ctx: Ctx) {
     } finally {
       await fh.close();
     }
-    if (expected !== null && received !== expected) throw new DataError(`the upload ended after ${received} of ${expected} bytes`, 400);
+    if (expected !== null && received !== expected)
+      throw new DataError(`the upload ended after ${received} of ${expected} bytes`, 400);
     if (head) checkKind(head, di, osf); // a file shorter than HEAD_BYTES
     if (osf.hypervisor === "kvm") await checkQcow2(part, di, ctx.cfg.get("vm.kvm.qemu_img"));
     const sha = hash.digest("hex");
-    if (wantSha && sha !== wantSha) throw new DataError(`checksum mismatch: the file's SHA-256 is ${sha}, not ${wantSha}`, 422, "sha256");
+    if (wantSha && sha !== wantSha)
+      throw new DataError(`checksum mismatch: the file's SHA-256 is ${sha}, not ${wantSha}`, 422, "sha256");
     await rename(part, final);
     await D.finishDiUpload(ctx.sql, diId, received, sha);
     log.info("image uploaded", { di: diId, bytes: received, sha256: sha });
@@ -147,14 +164,22 @@ async function upload(ctx: Ctx) {
     await D.failDiUpload(ctx.sql, diId, why).catch(() => {});
     if (err instanceof DataError) throw err;
     log.error("upload failed", { di: diId, error: (err as Error).message });
-    throw new ApiError(`${why} (the image is marked failed; upload it again)`, (err as NodeJS.ErrnoException).code === "ENOSPC" ? 507 : 500);
+    throw new ApiError(
+      `${why} (the image is marked failed; upload it again)`,
+      (err as NodeJS.ErrnoException).code === "ENOSPC" ? 507 : 500,
+    );
   }
 }
 
 export const UPLOAD_ROUTES: Route[] = [
   {
-    method: "PUT", path: "/dis/:id/image", tag: "dis", acl: ["di.create"], rawBody: true,
-    summary: "Upload the image file of a new (or failed) disk image as the raw body; optional header X-QVD-SHA256 to verify. GET /dis/:id shows the progress meanwhile.",
+    method: "PUT",
+    path: "/dis/:id/image",
+    tag: "dis",
+    acl: ["di.create"],
+    rawBody: true,
+    summary:
+      "Upload the image file of a new (or failed) disk image as the raw body; optional header X-QVD-SHA256 to verify. GET /dis/:id shows the progress meanwhile.",
     audit: { action: "di.upload", object: "di" },
     handler: upload,
   },

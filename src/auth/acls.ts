@@ -42,7 +42,8 @@ export const ACLS: Catalogue = {
   "host.block": "Block and unblock nodes",
   "host.stop_vms": "Stop every VM of a node",
   ...crud("property", "custom property definitions"),
-  "property.identity": "Set identity properties (qvd.vm.user.uid, gid, home, groups): who a desktop user is in the desktop",
+  "property.identity":
+    "Set identity properties (qvd.vm.user.uid, gid, home, groups): who a desktop user is in the desktop",
   "config.see": "View cluster configuration",
   "config.update": "Change cluster configuration",
   "audit.see": "Read the audit log",
@@ -56,7 +57,10 @@ export type AclName = keyof typeof ACLS;
 const all = Object.keys(ACLS);
 // property.identity: what a user owns in the desktop is the farm's decision, not a tenant's.
 const notTenantWide = (a: string) =>
-  a !== "property.identity" && !a.startsWith("tenant.") && !a.startsWith("session.") && !/^host\.(create|update|delete|block|stop_vms)$/.test(a);
+  a !== "property.identity" &&
+  !a.startsWith("tenant.") &&
+  !a.startsWith("session.") &&
+  !/^host\.(create|update|delete|block|stop_vms)$/.test(a);
 
 /** Built-in roles: name → (description, granted ACLs). Global (tenant 0) and read-only. */
 export const BUILTIN_ROLES: Record<string, { description: string; acls: string[] }> = {
@@ -65,8 +69,18 @@ export const BUILTIN_ROLES: Record<string, { description: string; acls: string[]
   Operator: {
     description: "Starts, stops and blocks desktops and users; reads the rest",
     acls: [
-      "vm.see", "vm.start", "vm.stop", "vm.disconnect", "vm.block", "user.see", "user.block", "user.disconnect",
-      "osf.see", "di.see", "host.see", "stats.see",
+      "vm.see",
+      "vm.start",
+      "vm.stop",
+      "vm.disconnect",
+      "vm.block",
+      "user.see",
+      "user.block",
+      "user.disconnect",
+      "osf.see",
+      "di.see",
+      "host.see",
+      "stats.see",
     ],
   },
   Auditor: { description: "Reads everything, changes nothing", acls: all.filter((a) => a.endsWith(".see")) },

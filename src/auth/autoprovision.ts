@@ -32,7 +32,12 @@ export function autoprovisionSettings(cfg: Config): AutoprovisionSettings {
  * enabled) a new one with its VM. Undefined when the user is unknown and auto-provisioning
  * is off; throws when provisioning fails (nothing is left half-created).
  */
-export async function externalUser(db: Db, s: AutoprovisionSettings, tenantId: number, login: string): Promise<LoginUser | undefined> {
+export async function externalUser(
+  db: Db,
+  s: AutoprovisionSettings,
+  tenantId: number,
+  login: string,
+): Promise<LoginUser | undefined> {
   const existing = await findLoginUser(db, tenantId, login);
   if (existing || !s.enable) return existing;
   // The same rules as a user created through the API (the name is a directory of the homes).

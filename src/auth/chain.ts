@@ -52,12 +52,19 @@ export async function resolveLogin(db: Db, raw: string, opts: ResolveOptions = {
   const [login, tenantPart] = splitLogin(raw.trim(), opts.separators ?? "@#");
   if (login === "") return { ok: false, reason: "empty login" };
   const tenant = await findTenantByName(db, tenantPart || opts.defaultTenant || DEFAULT_TENANT_NAME);
-  if (!tenant) return { ok: false, reason: `no such tenant ${JSON.stringify(tenantPart ?? opts.defaultTenant ?? DEFAULT_TENANT_NAME)}` };
+  if (!tenant)
+    return {
+      ok: false,
+      reason: `no such tenant ${JSON.stringify(tenantPart ?? opts.defaultTenant ?? DEFAULT_TENANT_NAME)}`,
+    };
   return { ok: true, tenantId: tenant.id, tenantName: tenant.name, tenantBlocked: tenant.blocked, login };
 }
 
 /** The farm's rules for splitting logins: its global settings (the node's configuration and the global rows). */
-export async function loginRules(db: Db, cfg: Config): Promise<ResolveOptions & { separators: string; defaultTenant: string }> {
+export async function loginRules(
+  db: Db,
+  cfg: Config,
+): Promise<ResolveOptions & { separators: string; defaultTenant: string }> {
   const global = await tenantConfig(db, cfg, 0);
   return {
     separators: global.get("l7r.auth.plugin.default.separators"),
@@ -72,12 +79,19 @@ export async function tenantConfig(db: Db, cfg: Config, tenantId: number): Promi
 
 /** The plugins of a tenant's chain, built from its effective configuration. */
 export function chainPlugins(cfg: Config, identity?: IdentityRules): AuthPlugin[] {
-  const names = cfg.get("l7r.auth.plugins").split(",").map((n) => n.trim()).filter(Boolean);
+  const names = cfg
+    .get("l7r.auth.plugins")
+    .split(",")
+    .map((n) => n.trim())
+    .filter(Boolean);
   return names.map((n) => {
     switch (n) {
-      case "local": return localPlugin();
-      case "ldap": return ldapPlugin(ldapSettings(cfg), autoprovisionSettings(cfg), identity);
-      default: throw new Error(`unknown authentication plugin ${JSON.stringify(n)}`);
+      case "local":
+        return localPlugin();
+      case "ldap":
+        return ldapPlugin(ldapSettings(cfg), autoprovisionSettings(cfg), identity);
+      default:
+        throw new Error(`unknown authentication plugin ${JSON.stringify(n)}`);
     }
   });
 }
@@ -96,7 +110,12 @@ export interface AuthOptions {
  * Authenticates a login attempt with the tenant's chain. `cfg` is the node's configuration
  * (file, environment, flags); the database's cluster settings are layered in for the tenant.
  */
-export async function authenticateUser(db: Db, cfg: Config, attempt: LoginAttempt, opts: AuthOptions = {}): Promise<AuthResult> {
+export async function authenticateUser(
+  db: Db,
+  cfg: Config,
+  attempt: LoginAttempt,
+  opts: AuthOptions = {},
+): Promise<AuthResult> {
   const tenant = await findTenantById(db, attempt.tenantId);
   if (!tenant) return { ok: false, reason: "no such tenant" };
   if (tenant.blocked) return { ok: false, reason: `tenant ${JSON.stringify(tenant.name)} is blocked` };
@@ -133,7 +152,8 @@ export async function authenticateUser(db: Db, cfg: Config, attempt: LoginAttemp
   if (result.ok !== true) return result;
 
   const user = await findLoginUser(db, tenant.id, result.user.login);
-  if (!user || user.id !== result.user.userId) return { ok: false, reason: "the user disappeared during authentication" };
+  if (!user || user.id !== result.user.userId)
+    return { ok: false, reason: "the user disappeared during authentication" };
   if (user.blocked) return { ok: false, reason: `user ${JSON.stringify(user.name)} is blocked` };
   if (user.totp_secret) {
     if (code === undefined) return { ok: false, reason: "one-time code missing (append it to the password)" };
@@ -150,10 +170,20 @@ export interface RawLogin {
 }
 
 /** resolveLogin + authenticateUser, for a login as the client sends it (Basic auth). */
-export async function authenticateLogin(db: Db, cfg: Config, raw: RawLogin, opts: AuthOptions = {}): Promise<AuthResult> {
+export async function authenticateLogin(
+  db: Db,
+  cfg: Config,
+  raw: RawLogin,
+  opts: AuthOptions = {},
+): Promise<AuthResult> {
   const rules = await loginRules(db, cfg);
   const r = await resolveLogin(db, raw.login, rules);
   if (!r.ok) return r;
   if (r.tenantBlocked) return { ok: false, reason: `tenant ${JSON.stringify(r.tenantName)} is blocked` };
-  return authenticateUser(db, cfg, { tenantId: r.tenantId, tenantName: r.tenantName, login: r.login, password: raw.password, address: raw.address }, opts);
+  return authenticateUser(
+    db,
+    cfg,
+    { tenantId: r.tenantId, tenantName: r.tenantName, login: r.login, password: raw.password, address: raw.address },
+    opts,
+  );
 }

@@ -10,7 +10,12 @@ import type { Db } from "../db/pool.ts";
 /** Ids below this are the system's, whatever the configuration says. */
 export const FIRST_USER_ID = 1000;
 
-export const IDENTITY_PROPERTIES = ["qvd.vm.user.uid", "qvd.vm.user.gid", "qvd.vm.user.home", "qvd.vm.user.groups"] as const;
+export const IDENTITY_PROPERTIES = [
+  "qvd.vm.user.uid",
+  "qvd.vm.user.gid",
+  "qvd.vm.user.home",
+  "qvd.vm.user.groups",
+] as const;
 export const isIdentityProperty = (key: string) => (IDENTITY_PROPERTIES as readonly string[]).includes(key);
 
 export interface IdentityRules {
@@ -47,8 +52,10 @@ export const defaultIdentityRules = (): IdentityRules => identityRules(new Confi
 export function identitySettings(r: IdentityRules): Record<string, string> {
   return {
     "identity.home.base": r.homeBase,
-    "identity.uid.min": String(r.uid.min), "identity.uid.max": String(r.uid.max),
-    "identity.gid.min": String(r.gid.min), "identity.gid.max": String(r.gid.max),
+    "identity.uid.min": String(r.uid.min),
+    "identity.uid.max": String(r.uid.max),
+    "identity.gid.min": String(r.gid.min),
+    "identity.gid.max": String(r.gid.max),
     "identity.groups.allowed": r.groups.join(","),
   };
 }
@@ -56,7 +63,8 @@ export function identitySettings(r: IdentityRules): Record<string, string> {
 function idProblem(what: "uid" | "gid", n: number, r: IdentityRules): string | undefined {
   const { min, max } = r[what];
   const lo = Math.max(min, FIRST_USER_ID);
-  if (!Number.isInteger(n) || n < lo || n > max) return `${what} ${n} is outside the allowed range ${lo}-${max} (identity.${what}.min/max)`;
+  if (!Number.isInteger(n) || n < lo || n > max)
+    return `${what} ${n} is outside the allowed range ${lo}-${max} (identity.${what}.min/max)`;
   return undefined;
 }
 export const uidProblem = (n: number, r: IdentityRules) => idProblem("uid", n, r);
@@ -73,7 +81,8 @@ export function homeProblem(home: string, r: IdentityRules): string | undefined 
 
 export function groupsProblem(groups: string[], r: IdentityRules): string | undefined {
   const bad = groups.filter((g) => PRIVILEGED_GROUPS.has(g) || !r.groups.includes(g));
-  if (bad.length) return `group${bad.length > 1 ? "s" : ""} ${bad.join(", ")} not allowed (identity.groups.allowed: ${r.groups.join(",") || "none"})`;
+  if (bad.length)
+    return `group${bad.length > 1 ? "s" : ""} ${bad.join(", ")} not allowed (identity.groups.allowed: ${r.groups.join(",") || "none"})`;
   return undefined;
 }
 
@@ -87,7 +96,10 @@ export interface Identity {
 }
 
 /** The first rule an identity breaks and the field it is in (undefined: it keeps them all). */
-export function identityProblem(i: Identity, r: IdentityRules): { field: "uid" | "gid" | "home" | "groups"; message: string } | undefined {
+export function identityProblem(
+  i: Identity,
+  r: IdentityRules,
+): { field: "uid" | "gid" | "home" | "groups"; message: string } | undefined {
   const checks = [
     ["uid", uidProblem(i.uid, r)],
     ["gid", gidProblem(i.gid, r)],
@@ -108,7 +120,8 @@ export function identityValueProblem(key: string, value: string, r: IdentityRule
     case "qvd.vm.user.home":
       return homeProblem(value, r);
     case "qvd.vm.user.groups":
-      if (!/^[\s,]*([a-z_][a-z0-9_-]{0,31}([\s,]+|$))*$/.test(value)) return "expected group names separated by commas or spaces";
+      if (!/^[\s,]*([a-z_][a-z0-9_-]{0,31}([\s,]+|$))*$/.test(value))
+        return "expected group names separated by commas or spaces";
       return groupsProblem(list(value), r);
   }
   return undefined;

@@ -94,12 +94,17 @@ const intAttr = (v: unknown): number | undefined => {
 };
 
 /** `identity`: the global identity rules (src/auth/identity.ts) the entry's uid, gid and home must keep. */
-export function ldapPlugin(s: LdapSettings, provision: AutoprovisionSettings, identity: IdentityRules = defaultIdentityRules()): AuthPlugin {
+export function ldapPlugin(
+  s: LdapSettings,
+  provision: AutoprovisionSettings,
+  identity: IdentityRules = defaultIdentityRules(),
+): AuthPlugin {
   return {
     name: "ldap",
     async authenticate(db: Db, a: LoginAttempt): Promise<AuthResult> {
       if (!s.url) return { ok: false, reason: "LDAP is not configured (auth.ldap.url)" };
-      if (!s.bindDnTemplate && !s.searchBase) return { ok: false, reason: "LDAP is not configured (auth.ldap.bind_dn_template or auth.ldap.search_base)" };
+      if (!s.bindDnTemplate && !s.searchBase)
+        return { ok: false, reason: "LDAP is not configured (auth.ldap.bind_dn_template or auth.ldap.search_base)" };
       // An empty password would be an unauthenticated bind, which servers accept.
       if (a.password === "") return { ok: false, reason: "empty password" };
       let tlsOptions: ConnectionOptions | undefined;
@@ -114,7 +119,13 @@ export function ldapPlugin(s: LdapSettings, provision: AutoprovisionSettings, id
       const ms = s.timeoutS * 1000;
       const ldaps = /^ldaps:/i.test(s.url);
       // ldapts adds the socket to the options it is given: a fresh object for each use.
-      const client = new Client({ url: s.url, timeout: ms, connectTimeout: ms, tlsOptions: ldaps ? { ...tlsOptions } : undefined, strictDN: false });
+      const client = new Client({
+        url: s.url,
+        timeout: ms,
+        connectTimeout: ms,
+        tlsOptions: ldaps ? { ...tlsOptions } : undefined,
+        strictDN: false,
+      });
       try {
         if (s.starttls && !ldaps) await client.startTLS({ ...tlsOptions });
         const attributes = [s.attrUid, s.attrGid, s.attrHome].filter(Boolean);
@@ -125,13 +136,16 @@ export function ldapPlugin(s: LdapSettings, provision: AutoprovisionSettings, id
           if (!(await bindAs(client, dn, a.password))) return { ok: false, reason: "wrong login or password (LDAP)" };
         } else {
           if (s.bindDn) {
-            if (!(await bindAs(client, s.bindDn, s.bindPassword))) return { ok: false, reason: "LDAP: the service account (auth.ldap.bind_dn) cannot bind" };
+            if (!(await bindAs(client, s.bindDn, s.bindPassword)))
+              return { ok: false, reason: "LDAP: the service account (auth.ldap.bind_dn) cannot bind" };
           }
           const filter = s.searchFilter.replaceAll("%u", escapeFilterValue(a.login));
-          const { searchEntries } = await client.search(s.searchBase, { scope: s.searchScope, filter, attributes, sizeLimit: 2 }).catch((err) => {
-            if (err instanceof SizeLimitExceededError) return { searchEntries: [{ dn: "" }, { dn: "" }] }; // more than 2
-            throw err;
-          });
+          const { searchEntries } = await client
+            .search(s.searchBase, { scope: s.searchScope, filter, attributes, sizeLimit: 2 })
+            .catch((err) => {
+              if (err instanceof SizeLimitExceededError) return { searchEntries: [{ dn: "" }, { dn: "" }] }; // more than 2
+              throw err;
+            });
           if (searchEntries.length === 0) return { ok: "pass" };
           if (searchEntries.length > 1) return { ok: false, reason: "LDAP: the login matches several entries" };
           entry = searchEntries[0]!;
@@ -148,12 +162,16 @@ export function ldapPlugin(s: LdapSettings, provision: AutoprovisionSettings, id
         }
         if (s.groupFilter) {
           const base = s.groupBase || dcSuffix(dn) || s.searchBase;
-          const filter = s.groupFilter.replaceAll("%d", escapeFilterValue(dn)).replaceAll("%u", escapeFilterValue(a.login));
-          const { searchEntries } = await client.search(base, { scope: "sub", filter, attributes: ["dn"], sizeLimit: 1 }).catch((err) => {
-            // sizeLimit exceeded still means at least one match
-            if (err instanceof SizeLimitExceededError) return { searchEntries: [{ dn: "" }] };
-            throw err;
-          });
+          const filter = s.groupFilter
+            .replaceAll("%d", escapeFilterValue(dn))
+            .replaceAll("%u", escapeFilterValue(a.login));
+          const { searchEntries } = await client
+            .search(base, { scope: "sub", filter, attributes: ["dn"], sizeLimit: 1 })
+            .catch((err) => {
+              // sizeLimit exceeded still means at least one match
+              if (err instanceof SizeLimitExceededError) return { searchEntries: [{ dn: "" }] };
+              throw err;
+            });
           if (searchEntries.length === 0) return { ok: false, reason: "not a member of the required LDAP group" };
         }
         const uid = entry && s.attrUid ? intAttr(entry[s.attrUid]) : undefined;
@@ -161,7 +179,10 @@ export function ldapPlugin(s: LdapSettings, provision: AutoprovisionSettings, id
         const home = entry && s.attrHome ? first(entry[s.attrHome]) : undefined;
         // The directory's identity is checked as an administrator's would be: refused, not
         // ignored (the user's files in a shared home belong to that uid), before any provisioning.
-        const problem = (uid !== undefined && uidProblem(uid, identity)) || (gid !== undefined && gidProblem(gid, identity)) || (home !== undefined && homeProblem(home, identity));
+        const problem =
+          (uid !== undefined && uidProblem(uid, identity)) ||
+          (gid !== undefined && gidProblem(gid, identity)) ||
+          (home !== undefined && homeProblem(home, identity));
         if (problem) {
           log.warn("LDAP identity refused", { login: a.login, problem });
           return { ok: false, reason: `LDAP entry's identity refused: ${problem}` };
@@ -170,15 +191,23 @@ export function ldapPlugin(s: LdapSettings, provision: AutoprovisionSettings, id
         try {
           user = await externalUser(db, provision, a.tenantId, a.login);
         } catch (err) {
-          log.error("auto-provisioning failed", { tenant_id: a.tenantId, login: a.login, error: (err as Error).message });
+          log.error("auto-provisioning failed", {
+            tenant_id: a.tenantId,
+            login: a.login,
+            error: (err as Error).message,
+          });
           return { ok: false, reason: `auto-provisioning failed: ${(err as Error).message}` };
         }
         if (!user) return { ok: false, reason: "authenticated by LDAP but not a QVD user (auto-provisioning is off)" };
         return {
           ok: true,
           user: {
-            userId: user.id, tenantId: user.tenant_id, login: user.name,
-            ...(uid !== undefined && { uid }), ...(gid !== undefined && { gid }), ...(home !== undefined && { home }),
+            userId: user.id,
+            tenantId: user.tenant_id,
+            login: user.name,
+            ...(uid !== undefined && { uid }),
+            ...(gid !== undefined && { gid }),
+            ...(home !== undefined && { home }),
           },
         };
       } catch (err) {

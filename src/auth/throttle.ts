@@ -12,7 +12,13 @@
 import { createHash } from "node:crypto";
 import { Config } from "../config.ts";
 import type { Sql } from "../db/pool.ts";
-import { deleteStaleThrottleRows, endThrottledTry, withThrottleRows, type ThrottleRow, type ThrottleUpdate } from "../db/throttle.ts";
+import {
+  deleteStaleThrottleRows,
+  endThrottledTry,
+  withThrottleRows,
+  type ThrottleRow,
+  type ThrottleUpdate,
+} from "../db/throttle.ts";
 import { logger } from "../log.ts";
 
 const log = logger("throttle");
@@ -55,21 +61,35 @@ export type Gate =
       /** Ends the try: whether the password (or the plugin chain) accepted it; null: it could not be checked (an error), so it does not count. */
       done(succeeded: boolean | null): Promise<void>;
     }
-  | { ok: false; /** Whole seconds to announce as Retry-After (at least 1). */ retryAfterS: number };
+  | { ok: false /** Whole seconds to announce as Retry-After (at least 1). */; retryAfterS: number };
 
 /** Seconds a key must wait after its `failures`-th failure. */
 export const waitAfter = (failures: number, tries: number, p: ThrottlePolicy) =>
   failures < tries ? 0 : Math.min(p.maxDelayS, p.delayS * 2 ** Math.min(failures - tries, 30));
 
 /** Whether a key admits a try now; else the seconds until it should. Pure, for the row lock. */
-export function decide(row: ThrottleRow, tries: number, now: Date, p: ThrottlePolicy): { admit: true; update: ThrottleUpdate } | { admit: false; waitS: number } {
+export function decide(
+  row: ThrottleRow,
+  tries: number,
+  now: Date,
+  p: ThrottlePolicy,
+): { admit: true; update: ThrottleUpdate } | { admit: false; waitS: number } {
   const t = now.getTime();
   const forgotten = !row.failed_at || t - row.failed_at.getTime() > p.forgetS * 1000;
   const failures = forgotten ? 0 : row.failures;
   const pending = row.pending_until && row.pending_until.getTime() > t ? row.pending : 0;
   const retryAt = failures >= tries ? row.failed_at!.getTime() + waitAfter(failures, tries, p) * 1000 : -Infinity;
   if (failures + pending < tries || (pending === 0 && t >= retryAt))
-    return { admit: true, update: { key: row.key, failures, failed_at: forgotten ? null : row.failed_at, pending: pending + 1, pending_until: new Date(t + LEASE_S * 1000) } };
+    return {
+      admit: true,
+      update: {
+        key: row.key,
+        failures,
+        failed_at: forgotten ? null : row.failed_at,
+        pending: pending + 1,
+        pending_until: new Date(t + LEASE_S * 1000),
+      },
+    };
   // Held by tries in flight: if they fail, the wait is the one after them.
   return { admit: false, waitS: pending > 0 ? waitAfter(failures + pending, tries, p) : (retryAt - t) / 1000 };
 }
@@ -81,7 +101,8 @@ const keyOf = (...parts: string[]) => {
 };
 
 /** An IPv4-mapped IPv6 address counts as the IPv4 address; none known is one shared source. */
-export const normalizeAddress = (a: string | undefined) => (a ? a.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/i, "").toLowerCase() : "unknown");
+export const normalizeAddress = (a: string | undefined) =>
+  a ? a.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/i, "").toLowerCase() : "unknown";
 
 let lastSweep = 0;
 
@@ -89,7 +110,11 @@ let lastSweep = 0;
  * Asks to check one login: `service` separates the API's administrators from the L7R's users,
  * `account` is the name as given (known or not: the answer is the same), `address` the client's.
  */
-export async function beginLogin(sql: Sql, p: ThrottlePolicy, t: { service: "api" | "l7r"; account: string; address: string | undefined }): Promise<Gate> {
+export async function beginLogin(
+  sql: Sql,
+  p: ThrottlePolicy,
+  t: { service: "api" | "l7r"; account: string; address: string | undefined },
+): Promise<Gate> {
   const address = normalizeAddress(t.address);
   const accountKey = keyOf(t.service, "account", t.account);
   const addressKey = keyOf(t.service, "address", address);
@@ -97,7 +122,10 @@ export async function beginLogin(sql: Sql, p: ThrottlePolicy, t: { service: "api
   type Decision = { ok: true; keys: string[] } | { ok: false; waitS: number };
   const gate = await withThrottleRows<Decision>(sql, [accountKey, addressKey], knownKey, (rows, now, knownAt) => {
     const known = p.knownForS > 0 && knownAt !== null && now.getTime() - knownAt.getTime() <= p.knownForS * 1000;
-    const checks: [string, number][] = [[addressKey, p.addressTries], ...(known ? [] : [[accountKey, p.accountTries] as [string, number]])];
+    const checks: [string, number][] = [
+      [addressKey, p.addressTries],
+      ...(known ? [] : [[accountKey, p.accountTries] as [string, number]]),
+    ];
     const updates: ThrottleUpdate[] = [];
     let waitS = 0;
     for (const [key, tries] of checks) {
@@ -105,7 +133,9 @@ export async function beginLogin(sql: Sql, p: ThrottlePolicy, t: { service: "api
       if (d.admit) updates.push(d.update);
       else waitS = Math.max(waitS, d.waitS);
     }
-    return waitS > 0 ? { result: { ok: false, waitS }, updates: [] } : { result: { ok: true, keys: updates.map((u) => u.key) }, updates };
+    return waitS > 0
+      ? { result: { ok: false, waitS }, updates: [] }
+      : { result: { ok: true, keys: updates.map((u) => u.key) }, updates };
   });
   if (!gate.ok) return { ok: false, retryAfterS: Math.max(1, Math.ceil(gate.waitS)) };
   let ended = false;
@@ -115,10 +145,16 @@ export async function beginLogin(sql: Sql, p: ThrottlePolicy, t: { service: "api
       if (ended) return;
       ended = true;
       const held = gate.keys;
-      await endThrottledTry(sql, { failed: succeeded === false ? held : [], released: succeeded === false ? [] : held, succeeded: succeeded ? [knownKey] : [] });
+      await endThrottledTry(sql, {
+        failed: succeeded === false ? held : [],
+        released: succeeded === false ? [] : held,
+        succeeded: succeeded ? [knownKey] : [],
+      });
       if (Date.now() - lastSweep > 600_000) {
         lastSweep = Date.now();
-        await deleteStaleThrottleRows(sql, Math.max(p.forgetS, p.knownForS) + LEASE_S).catch((e) => log.warn("could not delete old throttle rows", { error: String(e) }));
+        await deleteStaleThrottleRows(sql, Math.max(p.forgetS, p.knownForS) + LEASE_S).catch((e) =>
+          log.warn("could not delete old throttle rows", { error: String(e) }),
+        );
       }
     },
   };

@@ -92,6 +92,12 @@ export function splitTotpPassword(password: string): { password: string; code: s
 /** otpauth:// URI for authenticator apps (Key URI Format). */
 export function otpauthUri(secret: string, account: string, issuer: string): string {
   const label = encodeURIComponent(issuer) + ":" + encodeURIComponent(account);
-  const q = new URLSearchParams({ secret, issuer, algorithm: "SHA1", digits: String(TOTP_DIGITS), period: String(TOTP_STEP_S) });
+  const q = new URLSearchParams({
+    secret,
+    issuer,
+    algorithm: "SHA1",
+    digits: String(TOTP_DIGITS),
+    period: String(TOTP_STEP_S),
+  });
   return `otpauth://totp/${label}?${q.toString()}`;
 }

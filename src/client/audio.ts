@@ -49,7 +49,14 @@ export interface ClientAudio {
 /** The pactl arguments that open the port (exported for tests). */
 export function tcpModuleArgs(port: number): string[] {
   if (!Number.isInteger(port) || port < 1 || port > 65535) throw new RangeError(`bad audio port ${port}`);
-  return ["load-module", "module-native-protocol-tcp", `port=${port}`, "listen=127.0.0.1", "auth-anonymous=1", "auth-ip-acl=127.0.0.1"];
+  return [
+    "load-module",
+    "module-native-protocol-tcp",
+    `port=${port}`,
+    "listen=127.0.0.1",
+    "auth-anonymous=1",
+    "auth-ip-acl=127.0.0.1",
+  ];
 }
 
 /** A program by name on PATH, or a path: whether it can be run. */
@@ -61,7 +68,8 @@ const SAFE_SERVER = /^(unix:)?\/[\w./@-]{1,200}$|^(tcp6?:)?[\w.:[\]-]{1,200}$/;
 /** The relay's script: the TCP port for the desktop, a tunnel to the user's server, nothing else. */
 export function relayScript(port: number, userServer: string): string {
   tcpModuleArgs(port);
-  if (!SAFE_SERVER.test(userServer)) throw new Error(`unusable PulseAudio server address ${JSON.stringify(userServer.slice(0, 80))}`);
+  if (!SAFE_SERVER.test(userServer))
+    throw new Error(`unusable PulseAudio server address ${JSON.stringify(userServer.slice(0, 80))}`);
   return [
     `load-module module-native-protocol-tcp port=${port} listen=127.0.0.1 auth-anonymous=1 auth-ip-acl=127.0.0.1`,
     `load-module module-tunnel-sink-new sink_name=QVD server=${userServer} reconnect_interval_ms=1000 sink_properties=device.description=QVD`,
@@ -69,13 +77,22 @@ export function relayScript(port: number, userServer: string): string {
   ].join("\n");
 }
 
-const tcpUp = (port: number) => new Promise<boolean>((resolve) => {
-  const s = net.connect(port, "127.0.0.1");
-  s.once("connect", () => { s.destroy(); resolve(true); });
-  s.once("error", () => resolve(false));
-});
+const tcpUp = (port: number) =>
+  new Promise<boolean>((resolve) => {
+    const s = net.connect(port, "127.0.0.1");
+    s.once("connect", () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once("error", () => resolve(false));
+  });
 
-async function startRelay(o: ClientAudioOptions, pactl: string, userServer: string, timeoutMs: number): Promise<ClientAudio | undefined> {
+async function startRelay(
+  o: ClientAudioOptions,
+  pactl: string,
+  userServer: string,
+  timeoutMs: number,
+): Promise<ClientAudio | undefined> {
   const pa = o.pulseaudio ?? "pulseaudio";
   // Something answering there already would pass for the relay.
   if (await tcpUp(o.port)) {
@@ -87,22 +104,48 @@ async function startRelay(o: ClientAudioOptions, pactl: string, userServer: stri
   try {
     const script = join(dir, "relay.pa");
     writeFileSync(script, relayScript(o.port, userServer), { mode: 0o600 });
-    const env: Record<string, string | undefined> = { ...process.env, PULSE_RUNTIME_PATH: dir, PULSE_STATE_PATH: dir, PULSE_SERVER: undefined,
+    const env: Record<string, string | undefined> = {
+      ...process.env,
+      PULSE_RUNTIME_PATH: dir,
+      PULSE_STATE_PATH: dir,
+      PULSE_SERVER: undefined,
       // The relay's tunnel is a libpulse stream: this sizes its queue toward the user's server.
-      PULSE_LATENCY_MSEC: String(o.relayLatencyMs ?? 20) };
+      PULSE_LATENCY_MSEC: String(o.relayLatencyMs ?? 20),
+    };
     // setpriv --pdeathsig: the relay ends with qvd client even when that is killed outright.
     const guard = Bun.which("setpriv") ? ["setpriv", "--pdeathsig", "TERM", "--"] : [];
-    const daemon = spawnDaemon([...guard, pa, "-n", "-F", script, "--fail=yes", "--daemonize=no", "--use-pid-file=no", "--disallow-module-loading", "--disallow-exit",
-      "--exit-idle-time=-1", "--log-target=stderr", "--log-level=error"], { cwd: "/", env, detached: true, onLine: (l) => log.debug("relay", { line: l }) });
+    const daemon = spawnDaemon(
+      [
+        ...guard,
+        pa,
+        "-n",
+        "-F",
+        script,
+        "--fail=yes",
+        "--daemonize=no",
+        "--use-pid-file=no",
+        "--disallow-module-loading",
+        "--disallow-exit",
+        "--exit-idle-time=-1",
+        "--log-target=stderr",
+        "--log-level=error",
+      ],
+      { cwd: "/", env, detached: true, onLine: (l) => log.debug("relay", { line: l }) },
+    );
     d = daemon;
     let ended = false;
-    void daemon.exited.then(() => { ended = true; });
+    void daemon.exited.then(() => {
+      ended = true;
+    });
     const until = Date.now() + timeoutMs;
     for (;;) {
       if (ended) throw new Error("the relay PulseAudio exited at start");
       if (Date.now() > until) throw new Error("the relay PulseAudio did not come up in time");
       if (await tcpUp(o.port)) {
-        const sinks = await run([pactl, "-s", `tcp:127.0.0.1:${o.port}`, "list", "short", "sinks"], { allowFail: true, timeoutMs });
+        const sinks = await run([pactl, "-s", `tcp:127.0.0.1:${o.port}`, "list", "short", "sinks"], {
+          allowFail: true,
+          timeoutMs,
+        });
         if (/^\d+\s+QVD\s/m.test(sinks.stdout) && !ended) break;
       }
       await Bun.sleep(50);
@@ -166,7 +209,11 @@ export async function startClientAudio(o: ClientAudioOptions): Promise<ClientAud
     if (relay) return relay;
   }
   log.warn("sound goes straight into the local PulseAudio (no relay): programs in the desktop can use all of it");
-  const r = await run([...base, ...args], { allowFail: true, timeoutMs }).catch((err: Error) => ({ status: -1, stdout: "", stderr: err.message }));
+  const r = await run([...base, ...args], { allowFail: true, timeoutMs }).catch((err: Error) => ({
+    status: -1,
+    stdout: "",
+    stderr: err.message,
+  }));
   const module = r.stdout.trim();
   if (r.status !== 0 || !/^\d+$/.test(module)) {
     const why = (r.stderr || r.stdout).trim().split("\n").pop() || `exit ${r.status}`;
@@ -181,7 +228,11 @@ export async function startClientAudio(o: ClientAudioOptions): Promise<ClientAud
     async stop() {
       if (stopped) return;
       stopped = true;
-      const u = await run([...base, "unload-module", module], { allowFail: true, timeoutMs }).catch((err: Error) => ({ status: -1, stderr: err.message, stdout: "" }));
+      const u = await run([...base, "unload-module", module], { allowFail: true, timeoutMs }).catch((err: Error) => ({
+        status: -1,
+        stderr: err.message,
+        stdout: "",
+      }));
       if (u.status !== 0) log.warn("could not unload the audio module", { module, err: u.stderr.trim().slice(0, 200) });
       else log.info("audio port closed", { port: o.port, module });
     },

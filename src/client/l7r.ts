@@ -109,7 +109,8 @@ export class L7RConnection implements Endpoint {
     const conn = new L7RConnection(opts);
     let settle!: { resolve: () => void; reject: (e: Error) => void };
     const handshake = new Promise<void>((resolve, reject) => (settle = { resolve, reject }));
-    const unreachable = (msg: string) => new UserError(`cannot reach the server ${conn.where}: ${msg}`, EXIT.unreachable);
+    const unreachable = (msg: string) =>
+      new UserError(`cannot reach the server ${conn.where}: ${msg}`, EXIT.unreachable);
     const timeoutMs = opts.connectTimeoutMs ?? 20_000;
     const timer = setTimeout(() => settle.reject(unreachable(`no answer within ${timeoutMs / 1000} s`)), timeoutMs);
     try {
@@ -124,9 +125,15 @@ export class L7RConnection implements Endpoint {
             if (authErr && !opts.insecure) {
               const hint = /altname|hostname/i.test(authErr.message)
                 ? `it was issued for another name than ${opts.host}`
-                : opts.ca ? "it is not signed by the --ca given" : "trust its CA with --ca FILE, or use --insecure (not verified)";
-              settle.reject(new UserError(
-                `cannot reach the server ${conn.where}: its certificate is not trusted (${authErr.message}); ${hint}`, EXIT.unreachable));
+                : opts.ca
+                  ? "it is not signed by the --ca given"
+                  : "trust its CA with --ca FILE, or use --insecure (not verified)";
+              settle.reject(
+                new UserError(
+                  `cannot reach the server ${conn.where}: its certificate is not trusted (${authErr.message}); ${hint}`,
+                  EXIT.unreachable,
+                ),
+              );
               return s.terminate();
             }
             if (!success && !opts.insecure) {
@@ -149,14 +156,20 @@ export class L7RConnection implements Endpoint {
       if (!opts.tls) settle.resolve();
       // A close before the handshake completed.
       void handshake.catch(() => {});
-      conn.onCloseHook = () => settle.reject(unreachable(conn.closeError?.message ?? "the connection was closed during the TLS handshake"));
+      conn.onCloseHook = () =>
+        settle.reject(unreachable(conn.closeError?.message ?? "the connection was closed during the TLS handshake"));
       await handshake;
     } catch (err) {
       if (err instanceof UserError) throw err;
       const code = (err as { code?: string }).code;
       const known: Record<string, string> = {
-        ECONNREFUSED: "connection refused", ENOTFOUND: "unknown host", EAI_NONAME: "unknown host", EHOSTUNREACH: "no route to host",
-        ENETUNREACH: "network unreachable", ETIMEDOUT: "timed out", ECONNRESET: "connection reset",
+        ECONNREFUSED: "connection refused",
+        ENOTFOUND: "unknown host",
+        EAI_NONAME: "unknown host",
+        EHOSTUNREACH: "no route to host",
+        ENETUNREACH: "network unreachable",
+        ETIMEDOUT: "timed out",
+        ECONNRESET: "connection reset",
       };
       throw unreachable(code && known[code] ? known[code] : `${(err as Error).message}${code ? ` (${code})` : ""}`);
     } finally {
@@ -210,17 +223,26 @@ export class L7RConnection implements Endpoint {
   /** Writes one request. `Authorization`, `Connection`, `Upgrade` are spelled as the L7R wants. */
   request(target: string, headers: Record<string, string>): void {
     let text = `GET ${target} HTTP/1.1\r\n`;
-    for (const [k, v] of Object.entries({ ...headers, "User-Agent": `qvd-client/${VERSION} (linux)` })) text += `${k}: ${v}\r\n`;
+    for (const [k, v] of Object.entries({ ...headers, "User-Agent": `qvd-client/${VERSION} (linux)` }))
+      text += `${k}: ${v}\r\n`;
     this.send(text + "\r\n");
   }
 
   private waitData(deadline: number, what: string): Promise<void> {
     return new Promise((resolve, reject) => {
       const left = deadline - Date.now();
-      const timer = setTimeout(() => {
-        this.wake = undefined;
-        reject(new UserError(`${this.where} did not answer ${what} within ${Math.round((this.opts.responseTimeoutMs ?? 300_000) / 1000)} s`, EXIT.unavailable));
-      }, Math.max(left, 0));
+      const timer = setTimeout(
+        () => {
+          this.wake = undefined;
+          reject(
+            new UserError(
+              `${this.where} did not answer ${what} within ${Math.round((this.opts.responseTimeoutMs ?? 300_000) / 1000)} s`,
+              EXIT.unavailable,
+            ),
+          );
+        },
+        Math.max(left, 0),
+      );
       this.wake = () => {
         clearTimeout(timer);
         this.wake = undefined;
@@ -241,7 +263,11 @@ export class L7RConnection implements Endpoint {
     const lines = head.split(/\r?\n/);
     while (lines[0] === "") lines.shift(); // blank lines before a status line
     const m = /^HTTP\/1\.[01] (\d{3})(?: (.*))?$/.exec(lines.shift() ?? "");
-    if (!m) throw new UserError(`${this.where} is not a QVD server (bad response to ${what}: ${JSON.stringify(head.slice(0, 60))})`, EXIT.unreachable);
+    if (!m)
+      throw new UserError(
+        `${this.where} is not a QVD server (bad response to ${what}: ${JSON.stringify(head.slice(0, 60))})`,
+        EXIT.unreachable,
+      );
     const status = Number(m[1]);
     const headers = new Map<string, string>();
     for (const line of lines) {
@@ -282,12 +308,21 @@ export class L7RConnection implements Endpoint {
     const detail = this.closeError ? `: ${this.closeError.message}` : "";
     // With TLS 1.3 a server that wants a client certificate says so only after the handshake.
     if (/CERTIFICATE_REQUIRED|BAD_CERTIFICATE|UNKNOWN_CA|CERTIFICATE_UNKNOWN/i.test(this.closeError?.message ?? ""))
-      return new UserError(this.opts.cert
-        ? `${this.where} refused the client certificate given with --cert${detail}`
-        : `${this.where} requires a client certificate: give it with --cert FILE --key FILE${detail}`, EXIT.auth);
+      return new UserError(
+        this.opts.cert
+          ? `${this.where} refused the client certificate given with --cert${detail}`
+          : `${this.where} requires a client certificate: give it with --cert FILE --key FILE${detail}`,
+        EXIT.auth,
+      );
     // A refused client certificate may also end the connection without saying why.
-    const hint = this.opts.cert && !this.closeError ? " (if it checks client certificates, it may have refused the one given with --cert)" : "";
-    return new UserError(`${this.where} closed the connection before answering ${what}${detail}${hint}`, EXIT.unavailable);
+    const hint =
+      this.opts.cert && !this.closeError
+        ? " (if it checks client certificates, it may have refused the one given with --cert)"
+        : "";
+    return new UserError(
+      `${this.where} closed the connection before answering ${what}${detail}${hint}`,
+      EXIT.unavailable,
+    );
   }
 
   /** After a 101: the bytes already read past its header block (the first NX bytes). */

@@ -13,8 +13,27 @@ import { UserError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { spawnDaemon, type Daemon } from "../run.ts";
 import { bodyLine, EXIT, L7RConnection, type Response } from "./l7r.ts";
-import { bwrapUsable, openFile, requestUsbip, shareFolder, SlaveError, usbDeviceMissing, usbipBind, usbipUnbind, type Share, type SlaveEndpoint } from "./slave.ts";
-import { DEFAULT_USBIPD, deviceId, importDevice, listExported, relayDevice, type UsbForward, type UsbipdAddress } from "./usbip.ts";
+import {
+  bwrapUsable,
+  openFile,
+  requestUsbip,
+  shareFolder,
+  SlaveError,
+  usbDeviceMissing,
+  usbipBind,
+  usbipUnbind,
+  type Share,
+  type SlaveEndpoint,
+} from "./slave.ts";
+import {
+  DEFAULT_USBIPD,
+  deviceId,
+  importDevice,
+  listExported,
+  relayDevice,
+  type UsbForward,
+  type UsbipdAddress,
+} from "./usbip.ts";
 import { listenLocal, splice } from "./splice.ts";
 
 const log = logger("client");
@@ -86,7 +105,8 @@ export function parseDesktops(body: Uint8Array, where: string): Desktop[] {
   } catch {
     throw new UserError(`${where} is not a QVD server (the list of desktops is not JSON)`, EXIT.unreachable);
   }
-  if (!Array.isArray(data)) throw new UserError(`${where} is not a QVD server (the list of desktops is not a JSON array)`, EXIT.unreachable);
+  if (!Array.isArray(data))
+    throw new UserError(`${where} is not a QVD server (the list of desktops is not a JSON array)`, EXIT.unreachable);
   return data.map((v: Record<string, unknown>) => ({
     id: Number(v.id),
     name: String(v.name ?? v.id),
@@ -103,9 +123,12 @@ function failure(r: Response, what: string, where: string, bearer = false): User
   const detail = said ? `: ${said}` : "";
   switch (true) {
     case r.status === 401:
-      return new UserError(bearer
-        ? `${where} refused the token (expired, unknown, or the account is blocked): log in with the password again`
-        : `${where} refused the login (wrong user name or password, or the account is blocked)`, EXIT.auth);
+      return new UserError(
+        bearer
+          ? `${where} refused the token (expired, unknown, or the account is blocked): log in with the password again`
+          : `${where} refused the login (wrong user name or password, or the account is blocked)`,
+        EXIT.auth,
+      );
     case r.status === 403:
       return new UserError(`${where} refused ${what} (forbidden)${detail}`, EXIT.forbidden);
     case r.status === 408 || r.status >= 500:
@@ -129,7 +152,9 @@ async function choose(desktops: Desktop[], user: string, where: string, want?: s
   if (want !== undefined) {
     const d = desktops.find((x) => String(x.id) === want) ?? desktops.find((x) => x.name === want);
     if (!d) {
-      const list = desktops.length ? `; the user's desktops: ${desktops.map(describeDesktop).join(", ")}` : "; the user has no desktops";
+      const list = desktops.length
+        ? `; the user's desktops: ${desktops.map(describeDesktop).join(", ")}`
+        : "; the user has no desktops";
       throw new UserError(`no desktop ${want} for ${user} on ${where}${list}`, EXIT.noDesktop);
     }
     return d;
@@ -138,17 +163,19 @@ async function choose(desktops: Desktop[], user: string, where: string, want?: s
   if (desktops.length === 1) return desktops[0]!;
   if (!process.stdin.isTTY) {
     throw new UserError(
-      `${user} has ${desktops.length} desktops, choose one with --vm ID: ${desktops.map(describeDesktop).join(", ")}`, EXIT.usage);
+      `${user} has ${desktops.length} desktops, choose one with --vm ID: ${desktops.map(describeDesktop).join(", ")}`,
+      EXIT.usage,
+    );
   }
   process.stderr.write(`Desktops of ${user}:\n`);
   for (const [i, d] of desktops.entries()) process.stderr.write(`  ${i + 1}) ${describeDesktop(d)}\n`);
   const rl = createInterface({ input: process.stdin, output: process.stderr });
   try {
     for (;;) {
-      const answer = (await new Promise<string | null>((resolve) => {
+      const answer = await new Promise<string | null>((resolve) => {
         rl.question(`Connect to which one [1-${desktops.length}]? `, resolve);
         rl.once("close", () => resolve(null));
-      }));
+      });
       if (answer === null) throw new UserError("no desktop chosen", EXIT.usage);
       const n = Number(answer.trim());
       if (Number.isInteger(n) && n >= 1 && n <= desktops.length) return desktops[n - 1]!;
@@ -166,7 +193,10 @@ const SLAVE_SETTLE_MS = 1000;
 const SLAVE_FALLBACK_MS = 8000;
 
 /** The connect_to_vm query: id plus the qvd.client.* keys, percent-encoded (`+` and `/` too). */
-export function connectQuery(id: number, o: Pick<ClientOptions, "keyboard" | "link" | "geometry" | "fullscreen" | "printing" | "audio">): string {
+export function connectQuery(
+  id: number,
+  o: Pick<ClientOptions, "keyboard" | "link" | "geometry" | "fullscreen" | "printing" | "audio">,
+): string {
   const params: [string, string][] = [
     ["id", String(id)],
     ["qvd.client.os", "linux"],
@@ -189,12 +219,16 @@ export function cupsTarget(server: string | undefined): { spec: string; path?: s
   if (!v) return { spec: "631", host: "localhost", port: 631 };
   if (v.startsWith("/")) {
     // nxcomp splits its options on ',' and takes a trailing ':digits' for the display.
-    if (/[,:\s]/.test(v)) throw new Error(`CUPS_SERVER ${JSON.stringify(v)}: a socket path with ',', ':' or spaces cannot be given to nxproxy`);
+    if (/[,:\s]/.test(v))
+      throw new Error(
+        `CUPS_SERVER ${JSON.stringify(v)}: a socket path with ',', ':' or spaces cannot be given to nxproxy`,
+      );
     return { spec: `unix:${v}`, path: v };
   }
   const m = /^([A-Za-z0-9][A-Za-z0-9.-]{0,252})(?::(\d{1,5}))?$/.exec(v);
   const port = m ? Number(m[2] ?? 631) : 0;
-  if (!m || port < 1 || port > 65535) throw new Error(`CUPS_SERVER ${JSON.stringify(v)}: expected HOST, HOST:PORT or a socket path`);
+  if (!m || port < 1 || port > 65535)
+    throw new Error(`CUPS_SERVER ${JSON.stringify(v)}: expected HOST, HOST:PORT or a socket path`);
   return { spec: `tcp:${m[1]}:${port}`, host: m[1], port };
 }
 
@@ -235,13 +269,28 @@ function isWithin(child: string, parent: string): boolean {
 }
 
 /** Shares, the file to open and USB devices, once nxproxy listens for slave connections. */
-async function slaveActions(o: ClientOptions, ep: SlaveEndpoint, key: string, workDir: string, say: (l: string) => void,
-  shares: Share[], forwards: UsbForward[]): Promise<void> {
+async function slaveActions(
+  o: ClientOptions,
+  ep: SlaveEndpoint,
+  key: string,
+  workDir: string,
+  say: (l: string) => void,
+  shares: Share[],
+  forwards: UsbForward[],
+): Promise<void> {
   const bwrap = o.shareUnconfined ? undefined : (o.bwrap ?? "bwrap");
   const sftpServer = o.sftpServer ?? "/usr/lib/openssh/sftp-server";
   const share = async (dir: string): Promise<Share | undefined> => {
     try {
-      const s = await shareFolder({ endpoint: ep, key, dir, sftpServer, bwrap, workDir, onLog: (l) => log.debug("sftp-server", { dir, line: l }) });
+      const s = await shareFolder({
+        endpoint: ep,
+        key,
+        dir,
+        sftpServer,
+        bwrap,
+        workDir,
+        onLog: (l) => log.debug("sftp-server", { dir, line: l }),
+      });
       shares.push(s);
       say(`Shared ${dir} with the desktop${s.ticket ? ` (${s.ticket})` : ""}`);
       return s;
@@ -275,7 +324,13 @@ async function slaveActions(o: ClientOptions, ep: SlaveEndpoint, key: string, wo
  * One --usb device: exported by this machine's usbipd (bound first when we are root), imported,
  * and relayed to the desktop after its 101 (src/client/usbip.ts). Failures are warnings.
  */
-async function forwardUsb(o: ClientOptions, ep: SlaveEndpoint, key: string, busid: string, say: (l: string) => void): Promise<UsbForward | undefined> {
+async function forwardUsb(
+  o: ClientOptions,
+  ep: SlaveEndpoint,
+  key: string,
+  busid: string,
+  say: (l: string) => void,
+): Promise<UsbForward | undefined> {
   const usbipd = o.usbipd ?? DEFAULT_USBIPD;
   const not = (why: string) => void warnLine(`USB device ${busid} is not forwarded: ${why}`);
   let bound = false;
@@ -290,7 +345,9 @@ async function forwardUsb(o: ClientOptions, ep: SlaveEndpoint, key: string, busi
       exported = await listExported(usbipd);
     }
     if (!exported.some((d) => d.busid === busid)) {
-      return not(`usbipd does not export it: bind it to usbip-host as root first (usbip bind -b ${busid})${exported.length ? `; exported: ${exported.map((d) => d.busid).join(", ")}` : ""}`);
+      return not(
+        `usbipd does not export it: bind it to usbip-host as root first (usbip bind -b ${busid})${exported.length ? `; exported: ${exported.map((d) => d.busid).join(", ")}` : ""}`,
+      );
     }
     const r = await requestUsbip(ep, key);
     let imported;
@@ -324,7 +381,10 @@ export function checkServiceOptions(o: Pick<ClientOptions, "shares" | "file" | "
     try {
       st = statSync(dir);
     } catch (e) {
-      throw new UserError(`--share ${dir}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "no such directory" : (e as Error).message}`, EXIT.usage);
+      throw new UserError(
+        `--share ${dir}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "no such directory" : (e as Error).message}`,
+        EXIT.usage,
+      );
     }
     if (!st.isDirectory()) throw new UserError(`--share ${dir}: not a directory`, EXIT.usage);
   }
@@ -333,15 +393,21 @@ export function checkServiceOptions(o: Pick<ClientOptions, "shares" | "file" | "
     try {
       st = statSync(o.file);
     } catch (e) {
-      throw new UserError(`--file ${o.file}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (e as Error).message}`, EXIT.usage);
+      throw new UserError(
+        `--file ${o.file}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (e as Error).message}`,
+        EXIT.usage,
+      );
     }
     if (!st.isFile()) throw new UserError(`--file ${o.file}: not a regular file`, EXIT.usage);
   }
   if (((o.shares?.length ?? 0) > 0 || o.file !== undefined) && !o.shareUnconfined) {
     const why = bwrapUsable(o.bwrap ?? "bwrap");
     if (why) {
-      throw new UserError(`${o.file !== undefined && !o.shares?.length ? "--file" : "--share"} needs a sandbox that lets the desktop reach only the shared folder: ${why}` +
-        "; install bubblewrap, or give --share-unconfined (the desktop can then read every file this user can)", EXIT.usage);
+      throw new UserError(
+        `${o.file !== undefined && !o.shares?.length ? "--file" : "--share"} needs a sandbox that lets the desktop reach only the shared folder: ${why}` +
+          "; install bubblewrap, or give --share-unconfined (the desktop can then read every file this user can)",
+        EXIT.usage,
+      );
     }
   }
 }
@@ -351,7 +417,8 @@ export async function runClient(o: ClientOptions): Promise<number> {
   const say = o.say ?? ((l: string) => console.log(l));
   if (!o.printToken) checkServiceOptions(o);
   if (o.insecure) process.stderr.write("qvd: warning: --insecure: the server's certificate is not verified\n");
-  if (o.shareUnconfined && (o.shares?.length || o.file !== undefined)) warnLine("--share-unconfined: the desktop can read and write every file you can");
+  if (o.shareUnconfined && (o.shares?.length || o.file !== undefined))
+    warnLine("--share-unconfined: the desktop can read and write every file you can");
   const pem = (flag: string, file: string | undefined, what: string) => {
     if (!file) return undefined;
     try {
@@ -361,12 +428,20 @@ export async function runClient(o: ClientOptions): Promise<number> {
     }
   };
   const conn = await L7RConnection.connect({
-    host: o.host, port: o.port, tls: o.tls, ca: pem("--ca", o.ca, "certificate"), insecure: o.insecure, responseTimeoutMs: o.responseTimeoutMs,
-    cert: pem("--cert", o.cert, "client certificate"), key: pem("--key", o.key, "client key"),
+    host: o.host,
+    port: o.port,
+    tls: o.tls,
+    ca: pem("--ca", o.ca, "certificate"),
+    insecure: o.insecure,
+    responseTimeoutMs: o.responseTimeoutMs,
+    cert: pem("--cert", o.cert, "client certificate"),
+    key: pem("--key", o.key, "client key"),
   });
   const where = conn.where;
   const bearer = o.token !== undefined;
-  const auth = { Authorization: bearer ? `Bearer ${o.token}` : `Basic ${Buffer.from(`${o.user}:${o.password}`).toString("base64")}` };
+  const auth = {
+    Authorization: bearer ? `Bearer ${o.token}` : `Basic ${Buffer.from(`${o.user}:${o.password}`).toString("base64")}`,
+  };
   const who = o.user || "the token's user";
   let nx: Daemon | undefined;
   let local: ReturnType<typeof listenLocal> | undefined;
@@ -377,39 +452,53 @@ export async function runClient(o: ClientOptions): Promise<number> {
   let cleaned: Promise<void> | undefined;
   let services: Promise<{ cups?: string }> | undefined;
   // Undoes what the side channels set up on this machine; once, also on a signal.
-  const cleanup = () => cleaned ??= (async () => {
-    await services?.catch(() => {});
-    for (const s of shares) s.stop();
-    for (const f of forwards) f.stop();
-    await audio?.stop().catch(() => {});
-    if (workDir) rmSync(workDir, { recursive: true, force: true });
-  })();
+  const cleanup = () =>
+    (cleaned ??= (async () => {
+      await services?.catch(() => {});
+      for (const s of shares) s.stop();
+      for (const f of forwards) f.stop();
+      await audio?.stop().catch(() => {});
+      if (workDir) rmSync(workDir, { recursive: true, force: true });
+    })());
   try {
     // The side channels this machine can serve, prepared while the desktops are listed: they add nothing to the connect time.
-    services = o.printToken ? undefined : (async () => {
-      let cups: string | undefined;
-      if (o.printing !== false) {
-        try {
-          const t = cupsTarget(o.cupsServer ?? process.env.CUPS_SERVER);
-          if (await reachable(t)) cups = t.spec;
-          else warnLine(`no printing: no CUPS answers at ${t.path ?? `${t.host}:${t.port}`} (CUPS_SERVER; --no-printing to not ask)`);
-        } catch (e) {
-          warnLine(`no printing: ${(e as Error).message}`);
-        }
-      }
-      const a = o.audio === false ? undefined : await startClientAudio({ port: await freePort(), warn: (l) => warnLine(l.replace(/^qvd client: /, "")) });
-      // Stopped by cleanup() even when the session never gets that far.
-      audio = a;
-      return { cups };
-    })();
+    services = o.printToken
+      ? undefined
+      : (async () => {
+          let cups: string | undefined;
+          if (o.printing !== false) {
+            try {
+              const t = cupsTarget(o.cupsServer ?? process.env.CUPS_SERVER);
+              if (await reachable(t)) cups = t.spec;
+              else
+                warnLine(
+                  `no printing: no CUPS answers at ${t.path ?? `${t.host}:${t.port}`} (CUPS_SERVER; --no-printing to not ask)`,
+                );
+            } catch (e) {
+              warnLine(`no printing: ${(e as Error).message}`);
+            }
+          }
+          const a =
+            o.audio === false
+              ? undefined
+              : await startClientAudio({
+                  port: await freePort(),
+                  warn: (l) => warnLine(l.replace(/^qvd client: /, "")),
+                });
+          // Stopped by cleanup() even when the session never gets that far.
+          audio = a;
+          return { cups };
+        })();
     // 1. The desktops.
     conn.request("/qvd/list_of_vm", { ...auth, Accept: "application/json" });
     const list = await finalResponse(conn, "the list of desktops", say);
-    if (list.status === 404) throw new UserError(`${where} is not a QVD server (404 for /qvd/list_of_vm)`, EXIT.unreachable);
+    if (list.status === 404)
+      throw new UserError(`${where} is not a QVD server (404 for /qvd/list_of_vm)`, EXIT.unreachable);
     if (list.status !== 200) throw failure(list, "to list the desktops", where, bearer);
     if (o.printToken) {
       // With --vm the token is good for that desktop only.
-      const bound = o.vm === undefined ? "" : `?vm_id=${(await choose(parseDesktops(list.body, where), who, where, o.vm)).id}`;
+      const bound =
+        o.vm === undefined ? "" : `?vm_id=${(await choose(parseDesktops(list.body, where), who, where, o.vm)).id}`;
       conn.request(`/qvd/create_auth_token${bound}`, auth);
       const t = await finalResponse(conn, "a token", say);
       if (t.status !== 200) throw failure(t, "to create a token", where, bearer);
@@ -417,13 +506,15 @@ export async function runClient(o: ClientOptions): Promise<number> {
       try {
         token = JSON.parse(new TextDecoder().decode(t.body)).auth_token;
       } catch {}
-      if (typeof token !== "string" || !token.trim()) throw new UserError(`${where} is not a QVD server (no auth_token in its answer)`, EXIT.unreachable);
+      if (typeof token !== "string" || !token.trim())
+        throw new UserError(`${where} is not a QVD server (no auth_token in its answer)`, EXIT.unreachable);
       process.stdout.write(token.trim() + "\n");
       return EXIT.ok;
     }
     const desktops = parseDesktops(list.body, where);
     const vm = await choose(desktops, who, where, o.vm);
-    if (vm.blocked) throw new UserError(`desktop ${describeDesktop(vm)} is blocked (under maintenance)`, EXIT.forbidden);
+    if (vm.blocked)
+      throw new UserError(`desktop ${describeDesktop(vm)} is blocked (under maintenance)`, EXIT.forbidden);
 
     // 2. Optionally stop it first.
     if (o.stop) {
@@ -432,26 +523,39 @@ export async function runClient(o: ClientOptions): Promise<number> {
       const r = await finalResponse(conn, `to stop desktop ${vm.id}`, say);
       if (r.status === 404) throw new UserError(`no desktop ${vm.id} on ${where} (it was removed)`, EXIT.noDesktop);
       if (r.status === 401 || r.status === 403) throw failure(r, `to stop desktop ${vm.id}`, where, bearer);
-      if (r.status !== 200) process.stderr.write(`qvd: warning: the desktop was not stopped: ${r.status} ${r.reason}: ${bodyLine(r.body)}\n`);
+      if (r.status !== 200)
+        process.stderr.write(
+          `qvd: warning: the desktop was not stopped: ${r.status} ${r.reason}: ${bodyLine(r.body)}\n`,
+        );
     }
 
     // 3. The side channels this machine can serve (prepared while the desktops were listed), then connect.
     const { cups } = (await services) ?? {};
     const wantSlave = (o.shares?.length ?? 0) > 0 || o.file !== undefined || (o.usb?.length ?? 0) > 0;
     say(`Connecting to desktop ${vm.name} (${vm.id})`);
-    conn.request(`/qvd/connect_to_vm?${connectQuery(vm.id, { ...o, printing: cups !== undefined, audio: audio !== undefined })}`,
-      { ...auth, Connection: "Upgrade", Upgrade: "QVD/1.0" });
+    conn.request(
+      `/qvd/connect_to_vm?${connectQuery(vm.id, { ...o, printing: cups !== undefined, audio: audio !== undefined })}`,
+      { ...auth, Connection: "Upgrade", Upgrade: "QVD/1.0" },
+    );
     const r = await finalResponse(conn, `to start desktop ${vm.id}`, say);
     if (r.status !== 101) {
-      if (r.status === 404) throw new UserError(`no desktop ${vm.id} on ${where} (it does not exist any more, or it is blocked)`, EXIT.noDesktop);
-      if (r.status === 426) throw new UserError(`${where} requires a more up-to-date client (426 Upgrade Required)`, EXIT.failed);
+      if (r.status === 404)
+        throw new UserError(
+          `no desktop ${vm.id} on ${where} (it does not exist any more, or it is blocked)`,
+          EXIT.noDesktop,
+        );
+      if (r.status === 426)
+        throw new UserError(`${where} requires a more up-to-date client (426 Upgrade Required)`, EXIT.failed);
       throw failure(r, `start desktop ${vm.id}`, where, bearer);
     }
     log.debug("101", { slaveKey: r.headers.has("x-qvd-slave-key") });
     // It goes into our requests' Authorization header: printable ASCII only.
     const givenKey = r.headers.get("x-qvd-slave-key");
     const slaveKey = givenKey && /^[\x21-\x7e]{1,1024}$/.test(givenKey) ? givenKey : undefined;
-    if (wantSlave && !slaveKey) warnLine(`the server gave ${givenKey ? "a malformed" : "no"} slave key: no shared folders, files or USB devices in this session`);
+    if (wantSlave && !slaveKey)
+      warnLine(
+        `the server gave ${givenKey ? "a malformed" : "no"} slave key: no shared folders, files or USB devices in this session`,
+      );
 
     // 4. nxproxy on a local port, spliced with the stream.
     local = listenLocal();
@@ -473,10 +577,9 @@ export async function runClient(o: ClientOptions): Promise<number> {
     let xConnected = false;
     const startSlave = () => {
       if (slaveStarted || !slavePath || !slaveKey) return;
-      slaveStarted = slaveActions(o, { path: slavePath }, slaveKey, workDir!, say, shares, forwards)
-        .catch((e) => {
-          warnLine(`the slave channel failed: ${(e as Error).message}`);
-        });
+      slaveStarted = slaveActions(o, { path: slavePath }, slaveKey, workDir!, say, shares, forwards).catch((e) => {
+        warnLine(`the slave channel failed: ${(e as Error).message}`);
+      });
     };
     // nxproxy exits 0 even when the session fails; its "Error: …" lines say why.
     const stderrTail: string[] = [];
@@ -506,7 +609,10 @@ export async function runClient(o: ClientOptions): Promise<number> {
         },
       });
     } catch (err) {
-      throw new UserError(`cannot start ${o.nxproxy[0]} (is nxproxy installed?): ${(err as Error).message}`, EXIT.failed);
+      throw new UserError(
+        `cannot start ${o.nxproxy[0]} (is nxproxy installed?): ${(err as Error).message}`,
+        EXIT.failed,
+      );
     }
     const nxReason = () => {
       const why = nxErrors.at(-1) ?? stderrTail.at(-1);
@@ -536,7 +642,16 @@ export async function runClient(o: ClientOptions): Promise<number> {
         throw nxproxyEnded(code);
       }),
       new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new UserError(`nxproxy did not connect to localhost:${local!.port} within ${timeoutMs / 1000} s`, EXIT.failed)), timeoutMs);
+        timer = setTimeout(
+          () =>
+            reject(
+              new UserError(
+                `nxproxy did not connect to localhost:${local!.port} within ${timeoutMs / 1000} s`,
+                EXIT.failed,
+              ),
+            ),
+          timeoutMs,
+        );
       }),
     ]).finally(() => clearTimeout(timer));
     local.stop();
@@ -552,7 +667,10 @@ export async function runClient(o: ClientOptions): Promise<number> {
     await proxy.drained;
     if (result.closedBy === "local" && (code !== 0 || nxErrors.length)) {
       const why = nxReason();
-      throw new UserError(`the NX session failed${code ? ` (nxproxy exit ${code})` : ""}${why ? `: ${why}` : ""}`, EXIT.failed);
+      throw new UserError(
+        `the NX session failed${code ? ` (nxproxy exit ${code})` : ""}${why ? `: ${why}` : ""}`,
+        EXIT.failed,
+      );
     }
     say("Session ended");
     return EXIT.ok;

@@ -52,8 +52,13 @@ function connect(ep: SlaveEndpoint, timeoutMs: number): Promise<net.Socket> {
  * One request on a new slave connection. A 101 leaves the socket open (paused) for the caller;
  * any other answer is read whole (bounded) and the connection closed.
  */
-export async function slaveRequest(ep: SlaveEndpoint, method: string, target: string, headers: [string, string][],
-  timeoutMs = 15_000): Promise<SlaveResponse> {
+export async function slaveRequest(
+  ep: SlaveEndpoint,
+  method: string,
+  target: string,
+  headers: [string, string][],
+  timeoutMs = 15_000,
+): Promise<SlaveResponse> {
   try {
     return await slaveRequestOnce(ep, method, target, headers, timeoutMs);
   } catch (e) {
@@ -69,16 +74,24 @@ export async function slaveRequest(ep: SlaveEndpoint, method: string, target: st
 /** The connection ended before a single byte of an answer. */
 class NoAnswer extends SlaveError {}
 
-async function slaveRequestOnce(ep: SlaveEndpoint, method: string, target: string, headers: [string, string][],
-  timeoutMs: number): Promise<SlaveResponse> {
+async function slaveRequestOnce(
+  ep: SlaveEndpoint,
+  method: string,
+  target: string,
+  headers: [string, string][],
+  timeoutMs: number,
+): Promise<SlaveResponse> {
   const sock = await connect(ep, timeoutMs);
   let head = `${method} ${target} HTTP/1.1\r\n`;
   for (const [k, v] of headers) head += `${k}: ${v}\r\n`;
   sock.write(head + "\r\n");
   return await new Promise<SlaveResponse>((resolve, reject) => {
     let buf = Buffer.alloc(0);
-    let parsed: Omit<SlaveResponse, "body" | "rest" | "sock"> & { length: number; start: number } | undefined;
-    const timer = setTimeout(() => fail(new SlaveError(`the desktop did not answer ${method} within ${timeoutMs / 1000} s`)), timeoutMs);
+    let parsed: (Omit<SlaveResponse, "body" | "rest" | "sock"> & { length: number; start: number }) | undefined;
+    const timer = setTimeout(
+      () => fail(new SlaveError(`the desktop did not answer ${method} within ${timeoutMs / 1000} s`)),
+      timeoutMs,
+    );
     const done = () => {
       clearTimeout(timer);
       sock.off("data", onData);
@@ -97,11 +110,16 @@ async function slaveRequestOnce(ep: SlaveEndpoint, method: string, target: strin
       sock.destroy();
       resolve({ status: p.status, reason: p.reason, headers: p.headers, body, sock, rest: Buffer.alloc(0) });
     };
-    const onEnd = () => (parsed ? finish() : fail(new (buf.length ? SlaveError : NoAnswer)("the desktop closed the slave connection without answering")));
+    const onEnd = () =>
+      parsed
+        ? finish()
+        : fail(new (buf.length ? SlaveError : NoAnswer)("the desktop closed the slave connection without answering"));
     const onError = (e: Error & { code?: string }) =>
-      fail(!parsed && !buf.length && (e.code === "EPIPE" || e.code === "ECONNRESET")
-        ? new NoAnswer("the desktop closed the slave connection without answering")
-        : new SlaveError(`slave connection: ${e.message}`));
+      fail(
+        !parsed && !buf.length && (e.code === "EPIPE" || e.code === "ECONNRESET")
+          ? new NoAnswer("the desktop closed the slave connection without answering")
+          : new SlaveError(`slave connection: ${e.message}`),
+      );
     const onData = (d: Buffer) => {
       buf = Buffer.concat([buf, d]);
       if (!parsed) {
@@ -125,7 +143,13 @@ async function slaveRequestOnce(ep: SlaveEndpoint, method: string, target: strin
           return resolve({ status, reason: m[2] ?? "", headers: hs, body: "", sock, rest: buf.subarray(end + 4) });
         }
         const cl = Number(hs.get("content-length") ?? NaN);
-        parsed = { status, reason: m[2] ?? "", headers: hs, length: Number.isInteger(cl) && cl >= 0 ? Math.min(cl, MAX_BODY) : MAX_BODY, start: end + 4 };
+        parsed = {
+          status,
+          reason: m[2] ?? "",
+          headers: hs,
+          length: Number.isInteger(cl) && cl >= 0 ? Math.min(cl, MAX_BODY) : MAX_BODY,
+          start: end + 4,
+        };
       }
       if (buf.length - parsed.start >= parsed.length) finish();
       else if (buf.length > MAX_HEAD + MAX_BODY) finish();
@@ -141,7 +165,10 @@ export const printable = (s: string) => s.replace(/[\x00-\x1f\x7f-\x9f]/g, "?");
 
 /** The refusal of a request, as one line: status, reason and the server's first body line. */
 export function refusal(r: SlaveResponse): string {
-  const said = r.body.split(/\r?\n/).map((l) => l.trim()).find(Boolean);
+  const said = r.body
+    .split(/\r?\n/)
+    .map((l) => l.trim())
+    .find(Boolean);
   return printable(`${r.status} ${r.reason}${said && said !== r.reason ? `: ${said.slice(0, 200)}` : ""}`);
 }
 
@@ -173,11 +200,20 @@ const SYSTEM_DIRS = ["/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"];
 
 /** Whether bwrap works here (installed, and user namespaces allowed); the reason when not. */
 export function bwrapUsable(bwrap: string): string | undefined {
-  const r = spawnSync(bwrap, ["--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr", ...systemDirArgs(), "--", "/usr/bin/true"], {
-    stdio: ["ignore", "ignore", "pipe"], timeout: 10_000,
-  });
-  if (r.error) return (r.error as NodeJS.ErrnoException).code === "ENOENT" ? `${bwrap} is not installed (package bubblewrap)` : r.error.message;
-  if (r.status !== 0) return `${bwrap} does not work here: ${r.stderr.toString().trim().split("\n")[0] || `exit ${r.status}`}`;
+  const r = spawnSync(
+    bwrap,
+    ["--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr", ...systemDirArgs(), "--", "/usr/bin/true"],
+    {
+      stdio: ["ignore", "ignore", "pipe"],
+      timeout: 10_000,
+    },
+  );
+  if (r.error)
+    return (r.error as NodeJS.ErrnoException).code === "ENOENT"
+      ? `${bwrap} is not installed (package bubblewrap)`
+      : r.error.message;
+  if (r.status !== 0)
+    return `${bwrap} does not work here: ${r.stderr.toString().trim().split("\n")[0] || `exit ${r.status}`}`;
   return undefined;
 }
 
@@ -211,10 +247,34 @@ export function sftpArgv(dir: string, sftpServer: string, bwrap: string | undefi
     writeFileSync(passwd, `${clean(u.username)}:x:${uid}:${gid}::${real}:/usr/sbin/nologin\n`, { mode: 0o644 });
     writeFileSync(group, `${clean(u.username)}:x:${gid}:\n`, { mode: 0o644 });
   }
-  return [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-    "--ro-bind", "/usr", "/usr", ...systemDirArgs(), "--dev", "/dev",
-    "--ro-bind", passwd, "/etc/passwd", "--ro-bind", group, "/etc/group",
-    "--bind", real, real, "--chdir", real, "--", sftpServer, "-e"];
+  return [
+    bwrap,
+    "--unshare-all",
+    "--die-with-parent",
+    "--new-session",
+    "--cap-drop",
+    "ALL",
+    "--ro-bind",
+    "/usr",
+    "/usr",
+    ...systemDirArgs(),
+    "--dev",
+    "/dev",
+    "--ro-bind",
+    passwd,
+    "/etc/passwd",
+    "--ro-bind",
+    group,
+    "/etc/group",
+    "--bind",
+    real,
+    real,
+    "--chdir",
+    real,
+    "--",
+    sftpServer,
+    "-e",
+  ];
 }
 
 /** Shares `dir` with the desktop: PUT /shares, then sftp-server on the stream until either side ends. */
@@ -223,7 +283,9 @@ export async function shareFolder(o: ShareOptions): Promise<Share> {
   if (!statSync(dir).isDirectory()) throw new SlaveError(`${o.dir} is not a directory`);
   const argv = sftpArgv(dir, o.sftpServer, o.bwrap, o.workDir);
   const r = await slaveRequest(o.endpoint, "PUT", `/shares${encodePath(dir)}`, [
-    ["Authorization", `Basic ${o.key}`], ["Connection", "Upgrade"], ["Upgrade", "qvd:sftp/1.0"],
+    ["Authorization", `Basic ${o.key}`],
+    ["Connection", "Upgrade"],
+    ["Upgrade", "qvd:sftp/1.0"],
   ]);
   if (r.status !== 101) throw new SlaveError(`the desktop refused the share: ${refusal(r)}`);
   const given = r.headers.get("x-qvd-share-ticket");
@@ -263,20 +325,32 @@ export async function shareFolder(o: ShareOptions): Promise<Share> {
   sock.pipe(child.stdin!);
   child.stdout!.pipe(sock);
   sock.resume();
-  return { dir, ticket: ticket ?? "", ended, stop: () => {
-    child.kill("SIGTERM");
-    sock.destroy();
-  } };
+  return {
+    dir,
+    ticket: ticket ?? "",
+    ended,
+    stop: () => {
+      child.kill("SIGTERM");
+      sock.destroy();
+    },
+  };
 }
 
 // --- Open a file ---
 
 /** Asks the desktop to open `rel` (a path inside the share `ticket`); retries on 404 while the mount appears. */
-export async function openFile(ep: SlaveEndpoint, key: string, ticket: string, rel: string, waitMs = 10_000): Promise<void> {
+export async function openFile(
+  ep: SlaveEndpoint,
+  key: string,
+  ticket: string,
+  rel: string,
+  waitMs = 10_000,
+): Promise<void> {
   const end = Date.now() + waitMs;
   for (;;) {
     const r = await slaveRequest(ep, "POST", `/open/${encodePath(rel)}`, [
-      ["Authorization", `Basic ${key}`], ["X-QVD-Share-Ticket", ticket],
+      ["Authorization", `Basic ${key}`],
+      ["X-QVD-Share-Ticket", ticket],
     ]);
     if (r.status === 200) return;
     if (r.status !== 404 || Date.now() > end) throw new SlaveError(`the desktop did not open ${rel}: ${refusal(r)}`);
@@ -301,7 +375,9 @@ export function usbDeviceMissing(busid: string, sysfs = "/sys/bus/usb"): string 
  */
 export async function requestUsbip(ep: SlaveEndpoint, key: string): Promise<{ sock: net.Socket; rest: Buffer }> {
   const r = await slaveRequest(ep, "POST", "/usbip", [
-    ["Authorization", `Basic ${key}`], ["Connection", "Upgrade"], ["Upgrade", "qvd:usbip/1.0"],
+    ["Authorization", `Basic ${key}`],
+    ["Connection", "Upgrade"],
+    ["Upgrade", "qvd:usbip/1.0"],
   ]);
   if (r.status !== 101) throw new SlaveError(`the desktop refused USB/IP: ${refusal(r)}`);
   return { sock: r.sock, rest: r.rest };
@@ -310,8 +386,12 @@ export async function requestUsbip(ep: SlaveEndpoint, key: string): Promise<{ so
 /** `usbip bind -b BUSID` (root, module usbip-host); the error line when it fails. */
 export function usbipBind(busid: string, usbip = "usbip"): string | undefined {
   const r = spawnSync(usbip, ["bind", "-b", busid], { stdio: ["ignore", "pipe", "pipe"], timeout: 10_000 });
-  if (r.error) return (r.error as NodeJS.ErrnoException).code === "ENOENT" ? `${usbip} is not installed (package usbip)` : r.error.message;
-  if (r.status !== 0) return `usbip bind -b ${busid}: ${(r.stderr.toString() + r.stdout.toString()).trim().split("\n")[0] || `exit ${r.status}`}`;
+  if (r.error)
+    return (r.error as NodeJS.ErrnoException).code === "ENOENT"
+      ? `${usbip} is not installed (package usbip)`
+      : r.error.message;
+  if (r.status !== 0)
+    return `usbip bind -b ${busid}: ${(r.stderr.toString() + r.stdout.toString()).trim().split("\n")[0] || `exit ${r.status}`}`;
   return undefined;
 }
 

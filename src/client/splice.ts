@@ -41,7 +41,12 @@ function bridge(s: Socket<Endpoint>, first: () => void): IoSocket {
  * to nxproxy before anything else. `serverEnded`: the server already sent its FIN. Resolves
  * when both directions are finished or either socket closes.
  */
-export async function splice(server: Socket<Endpoint>, local: Socket<Endpoint>, first: Uint8Array, serverEnded: boolean): Promise<SpliceResult> {
+export async function splice(
+  server: Socket<Endpoint>,
+  local: Socket<Endpoint>,
+  first: Uint8Array,
+  serverEnded: boolean,
+): Promise<SpliceResult> {
   let closedBy: SpliceResult["closedBy"] | undefined;
   const s = bridge(server, () => (closedBy ??= "server"));
   const l = bridge(local, () => (closedBy ??= "local"));
@@ -87,7 +92,12 @@ export function listenLocal(): LocalPort {
   for (let attempt = 0; attempt < 50 && !listener; attempt++) {
     const port = attempt === 0 ? 0 : 20000 + Math.floor(Math.random() * 40000);
     try {
-      const l = Bun.listen<Endpoint>({ hostname: "127.0.0.1", port, allowHalfOpen: true, socket: { ...dispatch, open } });
+      const l = Bun.listen<Endpoint>({
+        hostname: "127.0.0.1",
+        port,
+        allowHalfOpen: true,
+        socket: { ...dispatch, open },
+      });
       if (l.port > 4000) listener = l;
       else l.stop(true);
     } catch {}

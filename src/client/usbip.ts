@@ -48,7 +48,10 @@ export const deviceLine = (d: ExportedDevice) => `${((d.busnum << 16) | d.devnum
 
 function cString(b: Buffer): string {
   const end = b.indexOf(0);
-  return b.subarray(0, end < 0 ? b.length : end).toString("latin1").replace(/[^\x20-\x7e]/g, "?");
+  return b
+    .subarray(0, end < 0 ? b.length : end)
+    .toString("latin1")
+    .replace(/[^\x20-\x7e]/g, "?");
 }
 
 /** Decodes one struct usbip_usb_device. */
@@ -93,7 +96,11 @@ class Exact {
   private waiter: (() => void) | undefined;
   private closed = false;
 
-  constructor(readonly sock: net.Socket, private readonly deadline: number, private readonly what: string) {
+  constructor(
+    readonly sock: net.Socket,
+    private readonly deadline: number,
+    private readonly what: string,
+  ) {
     sock.on("data", (d: Buffer) => {
       this.buf = Buffer.concat([this.buf, d]);
       this.waiter?.();
@@ -147,9 +154,13 @@ function connectUsbipd(a: UsbipdAddress, timeoutMs: number): Promise<net.Socket>
     });
     s.once("error", (e: NodeJS.ErrnoException) => {
       clearTimeout(t);
-      rej(new SlaveError(e.code === "ECONNREFUSED"
-        ? `no usbipd on ${a.host}:${a.port} (start it as root: usbipd -D)`
-        : `cannot reach usbipd on ${a.host}:${a.port}: ${e.message}`));
+      rej(
+        new SlaveError(
+          e.code === "ECONNREFUSED"
+            ? `no usbipd on ${a.host}:${a.port} (start it as root: usbipd -D)`
+            : `cannot reach usbipd on ${a.host}:${a.port}: ${e.message}`,
+        ),
+      );
     });
   });
 }
@@ -188,7 +199,11 @@ export async function listExported(a: UsbipdAddress = DEFAULT_USBIPD, timeoutMs 
  * Imports a device (OP_REQ_IMPORT): on success usbipd has handed the connection to the kernel's
  * usbip-host, and what follows on it is the device's USB/IP traffic.
  */
-export async function importDevice(a: UsbipdAddress, busid: string, timeoutMs = 10_000): Promise<{ sock: net.Socket; device: ExportedDevice; rest: Buffer }> {
+export async function importDevice(
+  a: UsbipdAddress,
+  busid: string,
+  timeoutMs = 10_000,
+): Promise<{ sock: net.Socket; device: ExportedDevice; rest: Buffer }> {
   const sock = await connectUsbipd(a, timeoutMs);
   try {
     const r = new Exact(sock, Date.now() + timeoutMs, "usbipd");
@@ -196,7 +211,8 @@ export async function importDevice(a: UsbipdAddress, busid: string, timeoutMs = 
     req.write(busid, 0, "latin1");
     sock.write(Buffer.concat([header(OP_REQ_IMPORT), req]));
     const status = await expectHeader(r, OP_REP_IMPORT);
-    if (status !== 0) throw new SlaveError(`usbipd refused to export ${busid} (status ${status}: not bound to usbip-host, or in use)`);
+    if (status !== 0)
+      throw new SlaveError(`usbipd refused to export ${busid} (status ${status}: not bound to usbip-host, or in use)`);
     const device = decodeDevice(await r.take(DEVICE_BYTES));
     if (device.busid !== busid) throw new SlaveError(`usbipd exported ${device.busid} instead of ${busid}`);
     return { sock, device, rest: r.release() };
@@ -218,7 +234,12 @@ export interface UsbForward {
  * Relays a device's USB/IP stream between usbipd's connection and the desktop's (after the 101):
  * the device line first, then bytes both ways until either side ends.
  */
-export function relayDevice(busid: string, imported: { sock: net.Socket; device: ExportedDevice; rest: Buffer }, desktop: net.Socket, desktopRest: Buffer): UsbForward {
+export function relayDevice(
+  busid: string,
+  imported: { sock: net.Socket; device: ExportedDevice; rest: Buffer },
+  desktop: net.Socket,
+  desktopRest: Buffer,
+): UsbForward {
   const dev = imported.sock;
   let fromDesktop = desktopRest.length;
   const ended = new Promise<{ attached: boolean }>((res) => {
@@ -238,10 +259,20 @@ export function relayDevice(busid: string, imported: { sock: net.Socket; device:
   desktop.write(deviceLine(imported.device));
   if (imported.rest.length) desktop.write(imported.rest);
   if (desktopRest.length) dev.write(desktopRest);
-  desktop.on("data", (d: Buffer) => { fromDesktop += d.length; });
+  desktop.on("data", (d: Buffer) => {
+    fromDesktop += d.length;
+  });
   desktop.pipe(dev);
   dev.pipe(desktop);
   desktop.resume();
   dev.resume();
-  return { busid, device: imported.device, ended, stop: () => { dev.destroy(); desktop.destroy(); } };
+  return {
+    busid,
+    device: imported.device,
+    ended,
+    stop: () => {
+      dev.destroy();
+      desktop.destroy();
+    },
+  };
 }

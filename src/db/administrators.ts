@@ -43,7 +43,12 @@ export const administrators: ObjectDef<AdministratorRow> = {
 };
 
 /** Checks an administrator's password; returns the administrator or undefined. */
-export async function verifyAdministrator(db: Db, tenantId: number, name: string, plain: string): Promise<AdministratorRow | undefined> {
+export async function verifyAdministrator(
+  db: Db,
+  tenantId: number,
+  name: string,
+  plain: string,
+): Promise<AdministratorRow | undefined> {
   const [r] = await db`SELECT id, password_hash FROM administrators WHERE tenant_id = ${tenantId} AND name = ${name}`;
   if (!(await checkPassword(plain, r?.password_hash))) return undefined;
   const [row] = await db`SELECT * FROM administrator_view WHERE id = ${r!.id}`;
@@ -61,6 +66,7 @@ export async function assignRole(db: Db, scope: Scope, administratorId: number, 
 
 export async function unassignRole(db: Db, scope: Scope, administratorId: number, roleId: number): Promise<boolean> {
   await get(db, administrators, scope, administratorId);
-  const rows = await db`DELETE FROM administrator_roles WHERE administrator_id = ${administratorId} AND role_id = ${roleId} RETURNING role_id`;
+  const rows =
+    await db`DELETE FROM administrator_roles WHERE administrator_id = ${administratorId} AND role_id = ${roleId} RETURNING role_id`;
   return rows.length > 0;
 }

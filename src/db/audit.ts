@@ -5,7 +5,20 @@ import { timestamp, type ObjectDef } from "./objects.ts";
 import type { Db } from "./pool.ts";
 
 export const AUDIT_SOURCES = ["api", "cli", "wat", "l7r", "hkd", "system"] as const;
-export const AUDIT_OBJECTS = ["tenant", "administrator", "role", "user", "vm", "osf", "di", "host", "property", "config", "session", "acl"] as const;
+export const AUDIT_OBJECTS = [
+  "tenant",
+  "administrator",
+  "role",
+  "user",
+  "vm",
+  "osf",
+  "di",
+  "host",
+  "property",
+  "config",
+  "session",
+  "acl",
+] as const;
 
 export const AuditRow = z.object({
   id: z.coerce.number().int(),
@@ -36,8 +49,37 @@ export const auditLog: ObjectDef<AuditRow> = {
   tenancy: "own",
 };
 
-export type AuditEntry = Omit<AuditRow, "id" | "at" | "superadmin" | "arguments" | "administrator_id" | "administrator_name" | "tenant_id" | "tenant_name" | "object_type" | "object_id" | "object_name" | "error" | "address"> &
-  Partial<Pick<AuditRow, "superadmin" | "administrator_id" | "administrator_name" | "tenant_id" | "tenant_name" | "object_type" | "object_id" | "object_name" | "error" | "address">> & {
+export type AuditEntry = Omit<
+  AuditRow,
+  | "id"
+  | "at"
+  | "superadmin"
+  | "arguments"
+  | "administrator_id"
+  | "administrator_name"
+  | "tenant_id"
+  | "tenant_name"
+  | "object_type"
+  | "object_id"
+  | "object_name"
+  | "error"
+  | "address"
+> &
+  Partial<
+    Pick<
+      AuditRow,
+      | "superadmin"
+      | "administrator_id"
+      | "administrator_name"
+      | "tenant_id"
+      | "tenant_name"
+      | "object_type"
+      | "object_id"
+      | "object_name"
+      | "error"
+      | "address"
+    >
+  > & {
     arguments?: Record<string, unknown>;
   };
 
@@ -48,12 +90,18 @@ export function redact(v: unknown): unknown {
   if (typeof v === "string") return clean(v);
   if (Array.isArray(v)) return v.map(redact);
   if (v && typeof v === "object" && !(v instanceof Date))
-    return Object.fromEntries(Object.entries(v).map(([k, x]) => [clean(k), SECRET_KEY.test(k) && x !== null && x !== undefined ? "********" : redact(x)]));
+    return Object.fromEntries(
+      Object.entries(v).map(([k, x]) => [
+        clean(k),
+        SECRET_KEY.test(k) && x !== null && x !== undefined ? "********" : redact(x),
+      ]),
+    );
   return v;
 }
 
 /** Text as PostgreSQL (and jsonb) can store it: NULs and lone surrogates become U+FFFD. */
-const clean = <T extends string | null | undefined>(s: T): T => (typeof s === "string" ? s.toWellFormed().replace(/\0/g, "\uFFFD") : s) as T;
+const clean = <T extends string | null | undefined>(s: T): T =>
+  (typeof s === "string" ? s.toWellFormed().replace(/\0/g, "\uFFFD") : s) as T;
 
 const auditRow = (e: AuditEntry) => ({
   administrator_id: e.administrator_id ?? null,

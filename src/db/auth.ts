@@ -39,7 +39,10 @@ export async function findLoginUser(db: Db, tenantId: number, name: string): Pro
 }
 
 /** Effective cluster settings rows of a tenant (global scope and the tenant's overrides). */
-export async function authConfigRows(db: Db, tenantId: number): Promise<{ tenantId: number; key: string; value: string }[]> {
+export async function authConfigRows(
+  db: Db,
+  tenantId: number,
+): Promise<{ tenantId: number; key: string; value: string }[]> {
   const rows = await db`SELECT tenant_id, key, value FROM configs WHERE tenant_id = 0 OR tenant_id = ${tenantId}`;
   return rows.map((r) => ({ tenantId: r.tenant_id as number, key: r.key as string, value: r.value as string }));
 }
@@ -47,7 +50,12 @@ export async function authConfigRows(db: Db, tenantId: number): Promise<{ tenant
 // --- TOTP enrolment -------------------------------------------------------------------------------
 
 /** Gives a user a new TOTP secret (replacing any old one); returns it and its otpauth:// URI. */
-export async function enrolUserTotp(db: Db, scope: Scope, userId: number, issuer = "QVD"): Promise<{ secret: string; uri: string }> {
+export async function enrolUserTotp(
+  db: Db,
+  scope: Scope,
+  userId: number,
+  issuer = "QVD",
+): Promise<{ secret: string; uri: string }> {
   const user = await get(db, users, scope, userId);
   const secret = newTotpSecret();
   await db`UPDATE users SET totp_secret = ${secret}, updated_at = now() WHERE id = ${user.id}`;
@@ -57,7 +65,8 @@ export async function enrolUserTotp(db: Db, scope: Scope, userId: number, issuer
 /** Removes a user's second factor; returns whether it had one. */
 export async function removeUserTotp(db: Db, scope: Scope, userId: number): Promise<boolean> {
   const user = await get(db, users, scope, userId);
-  const rows = await db`UPDATE users SET totp_secret = NULL, updated_at = now() WHERE id = ${user.id} AND totp_secret IS NOT NULL RETURNING id`;
+  const rows =
+    await db`UPDATE users SET totp_secret = NULL, updated_at = now() WHERE id = ${user.id} AND totp_secret IS NOT NULL RETURNING id`;
   return rows.length > 0;
 }
 
@@ -82,9 +91,15 @@ export interface ProvisionResult {
  * them, in one transaction: either both exist afterwards or neither. A user that already
  * exists is returned as it is (no VM is added). Concurrent first logins create one user.
  */
-export async function provisionExternalUser(db: Db, tenantId: number, name: string, spec: ProvisionSpec): Promise<ProvisionResult> {
+export async function provisionExternalUser(
+  db: Db,
+  tenantId: number,
+  name: string,
+  spec: ProvisionSpec,
+): Promise<ProvisionResult> {
   return transaction(db, async (tx) => {
-    const [ins] = await tx`INSERT INTO users (tenant_id, name, description) VALUES (${tenantId}, ${name}, 'auto-provisioned at first login')
+    const [ins] =
+      await tx`INSERT INTO users (tenant_id, name, description) VALUES (${tenantId}, ${name}, 'auto-provisioned at first login')
       ON CONFLICT (tenant_id, name) DO NOTHING RETURNING id`;
     const user = (await findLoginUser(tx, tenantId, name))!;
     if (!ins) return { user, created: false };
@@ -92,7 +107,12 @@ export async function provisionExternalUser(db: Db, tenantId: number, name: stri
     if (spec.osfName) {
       const [osf] = await tx`SELECT id FROM osfs WHERE tenant_id = ${tenantId} AND name = ${spec.osfName}`;
       if (!osf) throw new Error(`auto-provisioning: the tenant has no OSF named ${JSON.stringify(spec.osfName)}`);
-      vm = await createVm(tx, tenantScope(tenantId), { user_id: user.id, osf_id: osf.id, name: spec.vmName, di_tag: spec.diTag }, spec.network);
+      vm = await createVm(
+        tx,
+        tenantScope(tenantId),
+        { user_id: user.id, osf_id: osf.id, name: spec.vmName, di_tag: spec.diTag },
+        spec.network,
+      );
     }
     return { user, created: true, vm };
   });

@@ -28,13 +28,20 @@ export async function staleHosts(db: Db, lostAfterS: number, exceptHostId: numbe
  * released to start elsewhere. If the node is in fact alive, its next heartbeat tells it, and
  * it kills its desktops and rejoins. Whole nodes: superadministrators only.
  */
-export async function declareHostLost(db: Db, scope: Scope, hostId: number, reason: string): Promise<{ vms: number[] }> {
+export async function declareHostLost(
+  db: Db,
+  scope: Scope,
+  hostId: number,
+  reason: string,
+): Promise<{ vms: number[] }> {
   const host = await get(db, hosts, scope, hostId);
   checkWritable(hosts, scope, host, "update");
   const res = await declareNodeLost(db, hostId, reason, { by: "admin" });
   if (!res.declared) {
     const now = await get(db, hosts, scope, hostId);
-    throw new ConflictError(`host ${JSON.stringify(host.name)} is ${now.state}; only a node that is starting, running or stopping can be declared lost`);
+    throw new ConflictError(
+      `host ${JSON.stringify(host.name)} is ${now.state}; only a node that is starting, running or stopping can be declared lost`,
+    );
   }
   return { vms: res.vms };
 }

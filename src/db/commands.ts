@@ -21,7 +21,9 @@ export interface StartResult {
 /** A second desktop of the same home would corrupt it: one home, one running desktop. */
 export class HomeInUseError extends ConflictError {
   constructor(user: string, otherVm: string) {
-    super(`the home of user ${JSON.stringify(user)} is in use by their desktop ${JSON.stringify(otherVm)}; stop it first`);
+    super(
+      `the home of user ${JSON.stringify(user)} is in use by their desktop ${JSON.stringify(otherVm)}; stop it first`,
+    );
     this.name = "HomeInUseError";
   }
 }
@@ -29,7 +31,11 @@ export class HomeInUseError extends ConflictError {
 /** No node can take the desktop now (the message says why, when one reason stands out). */
 export class NoNodeAvailableError extends ConflictError {
   constructor(why?: string) {
-    super(why ? `no node is available to run this VM: ${why}` : "no node is available to run this VM (none running, unblocked, not draining, alive and with enough free memory)");
+    super(
+      why
+        ? `no node is available to run this VM: ${why}`
+        : "no node is available to run this VM (none running, unblocked, not draining, alive and with enough free memory)",
+    );
     this.name = "NoNodeAvailableError";
   }
 }
@@ -37,7 +43,9 @@ export class NoNodeAvailableError extends ConflictError {
 /** An administrator blocked the desktop. */
 export class VmBlockedError extends ConflictError {
   constructor(vm: { name: string; blocked_reason?: string | null }) {
-    super(`vm ${JSON.stringify(vm.name)} is blocked${vm.blocked_reason ? `: ${vm.blocked_reason}` : ""}; unblock it first`);
+    super(
+      `vm ${JSON.stringify(vm.name)} is blocked${vm.blocked_reason ? `: ${vm.blocked_reason}` : ""}; unblock it first`,
+    );
     this.name = "VmBlockedError";
   }
 }
@@ -50,10 +58,16 @@ export const homeKey = (vm: { tenant_id: number; user_id: number }) => `${vm.ten
  * user's home. Placements are serialised farm-wide (a transaction-scoped advisory lock, held for
  * one placement query), so concurrent starts each see the memory the others took.
  */
-export async function startVm(db: Db, scope: Scope, vmId: number, opts: { aliveWithinS: number; by?: "api" | "l7r" }): Promise<StartResult> {
+export async function startVm(
+  db: Db,
+  scope: Scope,
+  vmId: number,
+  opts: { aliveWithinS: number; by?: "api" | "l7r" },
+): Promise<StartResult> {
   const vm = await get(db, vms, scope, vmId);
   if (vm.blocked) throw new VmBlockedError(vm);
-  if (vm.vm_state !== "stopped") throw new ConflictError(`vm ${JSON.stringify(vm.name)} is ${vm.vm_state}, not stopped`);
+  if (vm.vm_state !== "stopped")
+    throw new ConflictError(`vm ${JSON.stringify(vm.name)} is ${vm.vm_state}, not stopped`);
   if (vm.vm_cmd) throw new ConflictError(`vm ${JSON.stringify(vm.name)} already has a pending ${vm.vm_cmd} command`);
   const home = homeKey(vm);
   const [osf] = await db`SELECT memory_mb, hypervisor FROM osfs WHERE id = ${vm.osf_id}`;
@@ -66,14 +80,20 @@ export async function startVm(db: Db, scope: Scope, vmId: number, opts: { aliveW
         const why = await hypervisorShortfall(tx, osf!.hypervisor, opts.aliveWithinS);
         throw new NoNodeAvailableError(why);
       }
-      if (!(await requestStart(tx, vmId, hostId, { by: opts.by ?? "api", homeKey: home }))) throw new ConflictError(`vm ${JSON.stringify(vm.name)} changed state meanwhile; try again`);
+      if (!(await requestStart(tx, vmId, hostId, { by: opts.by ?? "api", homeKey: home })))
+        throw new ConflictError(`vm ${JSON.stringify(vm.name)} changed state meanwhile; try again`);
       // The OSF it starts with (as the node records it): placement reads pending memory from it.
       await tx`UPDATE vm_runtimes SET current_osf_id = ${vm.osf_id} WHERE vm_id = ${vmId}`;
       return { host_id: hostId };
     });
   } catch (err) {
-    if ((err as { code?: string }).code !== "23505" || (err as { constraint_name?: string }).constraint_name !== "vm_runtimes_home") throw err;
-    const [other] = await db`SELECT v.name FROM vm_runtimes r JOIN vms v ON v.id = r.vm_id WHERE r.home_key = ${home} AND r.vm_id <> ${vmId}`;
+    if (
+      (err as { code?: string }).code !== "23505" ||
+      (err as { constraint_name?: string }).constraint_name !== "vm_runtimes_home"
+    )
+      throw err;
+    const [other] =
+      await db`SELECT v.name FROM vm_runtimes r JOIN vms v ON v.id = r.vm_id WHERE r.home_key = ${home} AND r.vm_id <> ${vmId}`;
     throw new HomeInUseError(vm.user_name, other?.name ?? "another desktop");
   }
 }
@@ -86,7 +106,9 @@ export async function stopVm(db: Db, scope: Scope, vmId: number, by: Actor = "ap
   const vm = await get(db, vms, scope, vmId);
   if (await transition(db, "stop_requested", by, vmId)) return;
   if (await transition(db, "start_cancelled", by, vmId)) return;
-  throw new ConflictError(`vm ${JSON.stringify(vm.name)} is ${vm.vm_state}; only a starting, running or zombie VM can be stopped`);
+  throw new ConflictError(
+    `vm ${JSON.stringify(vm.name)} is ${vm.vm_state}; only a starting, running or zombie VM can be stopped`,
+  );
 }
 
 /** Asks the L7R serving the VM's user to close the session. */
@@ -101,7 +123,12 @@ export async function disconnectVmUser(db: Db, scope: Scope, vmId: number): Prom
  * Sets when a running VM's user is warned (soft) and when the VM is stopped (hard); undefined
  * leaves a time as it is, null clears it. Expiry belongs to the running desktop: a stop clears it.
  */
-export async function setVmExpiry(db: Db, scope: Scope, vmId: number, e: { soft_at?: Date | null; hard_at?: Date | null }): Promise<void> {
+export async function setVmExpiry(
+  db: Db,
+  scope: Scope,
+  vmId: number,
+  e: { soft_at?: Date | null; hard_at?: Date | null },
+): Promise<void> {
   const vm = await get(db, vms, scope, vmId);
   const [r] = await db`UPDATE vm_runtimes r SET expire_soft_at = n.soft, expire_hard_at = n.hard
      FROM (SELECT CASE WHEN ${e.soft_at === undefined} THEN expire_soft_at ELSE ${e.soft_at ?? null}::timestamptz END AS soft,
@@ -111,7 +138,10 @@ export async function setVmExpiry(db: Db, scope: Scope, vmId: number, e: { soft_
      RETURNING r.vm_id`;
   if (r) return;
   const [now] = await db`SELECT vm_state FROM vm_runtimes WHERE vm_id = ${vmId}`;
-  if (now?.vm_state === "stopped") throw new ConflictError(`vm ${JSON.stringify(vm.name)} is stopped; an expiry applies to a running desktop (a stop clears it)`);
+  if (now?.vm_state === "stopped")
+    throw new ConflictError(
+      `vm ${JSON.stringify(vm.name)} is stopped; an expiry applies to a running desktop (a stop clears it)`,
+    );
   throw new ValidationError("soft_at", "the warning must not come after the stop (soft_at ≤ hard_at)");
 }
 

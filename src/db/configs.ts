@@ -17,10 +17,20 @@ async function checkRelations(tx: Db, key: string, after: (rows: ConfigRow[]) =>
   if (!KEY_RELATIONS.some((r) => r.less === key || r.than === key)) return;
   await tx`SELECT pg_advisory_xact_lock(${RELATIONS_LOCK})`;
   const rows = after((await listConfigRows(tx)).filter((r) => r.tenant_id === 0));
-  const usable = rows.filter((r) => isConfigKey(r.key) && KEYS[r.key].scope === "cluster" && KEYS[r.key].type.safeParse(r.value).success);
-  const cfg = new Config().withDatabase(usable.map((r) => ({ tenantId: 0, key: r.key, value: r.value })), () => {}, { checkRelations: false });
+  const usable = rows.filter(
+    (r) => isConfigKey(r.key) && KEYS[r.key].scope === "cluster" && KEYS[r.key].type.safeParse(r.value).success,
+  );
+  const cfg = new Config().withDatabase(
+    usable.map((r) => ({ tenantId: 0, key: r.key, value: r.value })),
+    () => {},
+    { checkRelations: false },
+  );
   const problem = relationProblem(cfg);
-  if (problem) throw new ValidationError("value", problem.replace(/database \(global\)/g, "global").replace(/, default\)/g, ", the default)"));
+  if (problem)
+    throw new ValidationError(
+      "value",
+      problem.replace(/database \(global\)/g, "global").replace(/, default\)/g, ", the default)"),
+    );
 }
 
 export const ConfigRow = z.object({
@@ -40,8 +50,10 @@ export async function listConfigRows(db: Db, tenantId?: number): Promise<ConfigR
 
 function checkClusterKey(key: string, value: string, tenantId: number): void {
   if (!isConfigKey(key)) throw new ValidationError("key", `unknown configuration key "${key}"`);
-  if (KEYS[key].scope !== "cluster") throw new ValidationError("key", `${key} is a node setting: set it in node.conf on each node`);
-  if (tenantId !== 0 && !KEYS[key].tenant) throw new DataError(`${key} is a farm-wide setting: a tenant cannot override it`, 403, "key");
+  if (KEYS[key].scope !== "cluster")
+    throw new ValidationError("key", `${key} is a node setting: set it in node.conf on each node`);
+  if (tenantId !== 0 && !KEYS[key].tenant)
+    throw new DataError(`${key} is a farm-wide setting: a tenant cannot override it`, 403, "key");
   try {
     parseValue(key, value, "value");
   } catch (err) {
@@ -52,7 +64,11 @@ function checkClusterKey(key: string, value: string, tenantId: number): void {
 export async function setConfig(db: Db, tenantId: number, key: string, value: string): Promise<ConfigRow> {
   checkClusterKey(key, value, tenantId);
   return transaction(db, async (tx) => {
-    if (tenantId === 0) await checkRelations(tx, key, (rows) => [...rows.filter((r) => r.key !== key), { tenant_id: 0, key, value, updated_at: new Date() }]);
+    if (tenantId === 0)
+      await checkRelations(tx, key, (rows) => [
+        ...rows.filter((r) => r.key !== key),
+        { tenant_id: 0, key, value, updated_at: new Date() },
+      ]);
     try {
       const [r] = await tx`INSERT INTO configs (tenant_id, key, value) VALUES (${tenantId}, ${key}, ${value})
         ON CONFLICT (tenant_id, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
@@ -84,7 +100,10 @@ export interface EffectiveConfig {
 const masked = (k: ConfigKey, v: string | null) => (KEYS[k].secret && v ? "********" : v);
 
 /** A row as an API answer shows it: a secret's value is never read back. */
-export const maskedConfigRow = (r: ConfigRow): ConfigRow => ({ ...r, value: isConfigKey(r.key) ? masked(r.key, r.value)! : r.value });
+export const maskedConfigRow = (r: ConfigRow): ConfigRow => ({
+  ...r,
+  value: isConfigKey(r.key) ? masked(r.key, r.value)! : r.value,
+});
 
 /**
  * Every cluster key as `tenantId` gets it from the database (the same resolution the nodes
@@ -92,13 +111,29 @@ export const maskedConfigRow = (r: ConfigRow): ConfigRow => ({ ...r, value: isCo
  * A stored value that no longer parses is left out (the nodes warn about it).
  */
 export function effectiveConfigs(rows: ConfigRow[], tenantId: number): EffectiveConfig[] {
-  const usable = rows.filter((r) => (r.tenant_id === 0 || r.tenant_id === tenantId) && isConfigKey(r.key) && KEYS[r.key].type.safeParse(r.value).success);
+  const usable = rows.filter(
+    (r) =>
+      (r.tenant_id === 0 || r.tenant_id === tenantId) &&
+      isConfigKey(r.key) &&
+      KEYS[r.key].type.safeParse(r.value).success,
+  );
   // Shown as stored, even when a pair of them breaks a relation: that is how it gets fixed.
-  const cfg = new Config().withDatabase(usable.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })), () => {}, { checkRelations: false });
+  const cfg = new Config().withDatabase(
+    usable.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })),
+    () => {},
+    { checkRelations: false },
+  );
   const raw = (v: unknown) => (v === undefined ? null : typeof v === "boolean" ? (v ? "1" : "0") : String(v));
-  return (Object.keys(KEYS) as ConfigKey[]).filter((k) => KEYS[k].scope === "cluster").map((k) => {
-    const src = cfg.source(k);
-    const value = src.kind === "default" ? raw(KEYS[k].default) : cfg.rawOf(k);
-    return { key: k, value: masked(k, value), default: raw(KEYS[k].default), source: src.kind !== "db" ? "default" : src.tenantId === 0 ? "global" : "tenant" };
-  });
+  return (Object.keys(KEYS) as ConfigKey[])
+    .filter((k) => KEYS[k].scope === "cluster")
+    .map((k) => {
+      const src = cfg.source(k);
+      const value = src.kind === "default" ? raw(KEYS[k].default) : cfg.rawOf(k);
+      return {
+        key: k,
+        value: masked(k, value),
+        default: raw(KEYS[k].default),
+        source: src.kind !== "db" ? "default" : src.tenantId === 0 ? "global" : "tenant",
+      };
+    });
 }

@@ -39,18 +39,30 @@ export const DiCreate = z.object({
   osf_id: z.number().int().positive(),
   version: tag.max(64).optional(),
   /** File name under path.storage.images. */
-  path: z.string().min(1).max(255).regex(/^[^/\0]+$/, "a file name, without directories").refine((p) => p !== "." && p !== "..", "not a file name"),
+  path: z
+    .string()
+    .min(1)
+    .max(255)
+    .regex(/^[^/\0]+$/, "a file name, without directories")
+    .refine((p) => p !== "." && p !== "..", "not a file name"),
   description: description.optional(),
   blocked: z.boolean().optional(),
   expire_soft_s: z.number().int().min(0).nullable().optional(),
   expire_hard_s: z.number().int().min(0).nullable().optional(),
 });
-export const DiUpdate = DiCreate.pick({ description: true, blocked: true, expire_soft_s: true, expire_hard_s: true }).partial();
+export const DiUpdate = DiCreate.pick({
+  description: true,
+  blocked: true,
+  expire_soft_s: true,
+  expire_hard_s: true,
+}).partial();
 
 /** The first free `YYYY-MM-DD-NNN` version of an OSF for today. */
 async function nextVersion(db: Db, osfId: number): Promise<string> {
   const today = new Date().toISOString().slice(0, 10);
-  const used = new Set((await db`SELECT version FROM dis WHERE osf_id = ${osfId} AND version LIKE ${today + "-%"}`).map((r) => r.version));
+  const used = new Set(
+    (await db`SELECT version FROM dis WHERE osf_id = ${osfId} AND version LIKE ${today + "-%"}`).map((r) => r.version),
+  );
   for (let n = 0; n < 1000; n++) {
     const v = `${today}-${String(n).padStart(3, "0")}`;
     if (!used.has(v)) return v;
@@ -69,7 +81,8 @@ export const dis: ObjectDef<DiRow> = {
   tenantFrom: { field: "osf_id", def: osfs, copyTenant: false },
   label: (row) => `${JSON.stringify(row.version)} (${row.id})`,
   async toColumns(input, op, tx) {
-    if (op === "create" && input.version === undefined) return { ...input, version: await nextVersion(tx, input.osf_id) };
+    if (op === "create" && input.version === undefined)
+      return { ...input, version: await nextVersion(tx, input.osf_id) };
     return input;
   },
   async afterWrite(tx, id, _input, op) {
@@ -95,10 +108,17 @@ export interface Expiry {
  * that use the tag but still run another image get expiry times, so they move to the new image
  * at their next start (soft: the user is warned; hard: the node stops the VM).
  */
-async function moveTag(db: Db, diId: number, osfId: number, t: string, expiry: Expiry = {}): Promise<number | undefined> {
+async function moveTag(
+  db: Db,
+  diId: number,
+  osfId: number,
+  t: string,
+  expiry: Expiry = {},
+): Promise<number | undefined> {
   const [prev] = await db`SELECT di_id, fixed FROM di_tags WHERE osf_id = ${osfId} AND tag = ${t}`;
   if (prev?.di_id === diId) return undefined;
-  if (prev?.fixed) throw new ConflictError(`tag ${JSON.stringify(t)} is the version of image ${prev.di_id} and cannot move`, "tag");
+  if (prev?.fixed)
+    throw new ConflictError(`tag ${JSON.stringify(t)} is the version of image ${prev.di_id} and cannot move`, "tag");
   if (prev) await db`DELETE FROM di_tags WHERE osf_id = ${osfId} AND tag = ${t}`;
   await db`INSERT INTO di_tags (di_id, osf_id, tag, fixed) VALUES (${diId}, ${osfId}, ${t}, false)`;
   const [own] = await db`SELECT expire_soft_s, expire_hard_s FROM dis WHERE id = ${diId}`;
@@ -115,7 +135,13 @@ async function moveTag(db: Db, diId: number, osfId: number, t: string, expiry: E
 }
 
 /** Tags an image; returns the image that had the tag before, if any. */
-export async function tagDi(db: Db, scope: Scope, diId: number, t: string, expiry: Expiry = {}): Promise<number | undefined> {
+export async function tagDi(
+  db: Db,
+  scope: Scope,
+  diId: number,
+  t: string,
+  expiry: Expiry = {},
+): Promise<number | undefined> {
   const parsed = tag.safeParse(t);
   if (!parsed.success) throw new ValidationError("tag", parsed.error.issues[0]!.message);
   const di = await get(db, dis, scope, diId);
@@ -130,7 +156,8 @@ export async function tagDi(db: Db, scope: Scope, diId: number, t: string, expir
 /** Removes a tag from an image. `head`, `default` and version tags stay. */
 export async function untagDi(db: Db, scope: Scope, diId: number, t: string): Promise<boolean> {
   const di = await get(db, dis, scope, diId);
-  if ((PROTECTED_TAGS as readonly string[]).includes(t)) throw new ValidationError("tag", `tag "${t}" cannot be removed; put it on another image instead`);
+  if ((PROTECTED_TAGS as readonly string[]).includes(t))
+    throw new ValidationError("tag", `tag "${t}" cannot be removed; put it on another image instead`);
   if (t === di.version) throw new ValidationError("tag", `"${t}" is the image's version tag and cannot be removed`);
   const rows = await db`DELETE FROM di_tags WHERE di_id = ${diId} AND tag = ${t} AND NOT fixed RETURNING tag`;
   return rows.length > 0;

@@ -3,7 +3,11 @@
 import { UserError } from "../errors.ts";
 
 export class DataError extends UserError {
-  constructor(message: string, readonly status: number, readonly field?: string) {
+  constructor(
+    message: string,
+    readonly status: number,
+    readonly field?: string,
+  ) {
     super(message);
     this.name = "DataError";
   }
@@ -64,20 +68,33 @@ export function translatePgError(err: unknown, kind: string): unknown {
       const vals = m?.[2]?.split(", ") ?? [];
       const field = cols.filter((c) => c !== "tenant_id" && c !== "osf_id" && c !== "user_id").pop() ?? cols[0];
       const value = vals[cols.indexOf(field ?? "")] ?? "";
-      const within = cols.includes("tenant_id") ? " in this tenant" : cols.includes("osf_id") && field !== "osf_id" ? " in this OSF" : cols.includes("user_id") && field !== "user_id" ? " for this user" : "";
+      const within = cols.includes("tenant_id")
+        ? " in this tenant"
+        : cols.includes("osf_id") && field !== "osf_id"
+          ? " in this OSF"
+          : cols.includes("user_id") && field !== "user_id"
+            ? " for this user"
+            : "";
       return new ConflictError(`${kind} with ${field} ${JSON.stringify(value)} already exists${within}`, field);
     }
     case "23503": {
       // Insert/update: Key (osf_id)=(5) is not present in table "osfs".
       let m = /Key \((.+)\)=\((.+)\) is not present in table "(\w+)"/.exec(detail);
-      if (m) return new ValidationError(m[1]!.split(", ")[0], `no such ${m[3]!.replace(/s$/, "")} (${m[2]!.split(", ")[0]})`);
+      if (m)
+        return new ValidationError(
+          m[1]!.split(", ")[0],
+          `no such ${m[3]!.replace(/s$/, "")} (${m[2]!.split(", ")[0]})`,
+        );
       // Delete: Key (id)=(5) is still referenced from table "vms".
       m = /is still referenced from table "(\w+)"/.exec(detail);
       if (m) return new InUseError(`${kind} is still used by ${m[1]}`, [{ kind: m[1]!, count: 1, ids: [] }]);
       return new ConflictError(`${kind}: ${err.message}`);
     }
     case "23514":
-      return new ValidationError(err.constraint_name?.replace(/_check$/, "").replace(/^[a-z]+_/, ""), err.message.replace(/^new row for relation "\w+" violates /, "violates "));
+      return new ValidationError(
+        err.constraint_name?.replace(/_check$/, "").replace(/^[a-z]+_/, ""),
+        err.message.replace(/^new row for relation "\w+" violates /, "violates "),
+      );
     case "23502":
       return new ValidationError(err.column_name, "is required");
     case "55000": // a trigger refusing a change in the object's current state (vm_ip_guard)

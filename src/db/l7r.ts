@@ -13,7 +13,8 @@ export interface L7rHost {
 }
 
 export async function l7rHost(db: Db, name: string): Promise<L7rHost | undefined> {
-  const [r] = await db`SELECT h.id, h.name, h.address, coalesce(r.state, 'stopped') AS state, coalesce(r.blocked, false) AS blocked
+  const [r] =
+    await db`SELECT h.id, h.name, h.address, coalesce(r.state, 'stopped') AS state, coalesce(r.blocked, false) AS blocked
     FROM hosts h LEFT JOIN host_runtimes r ON r.host_id = h.id WHERE h.name = ${name}`;
   return r as L7rHost | undefined;
 }
@@ -24,7 +25,10 @@ export async function releaseNodeSessions(db: Db, hostId: number): Promise<void>
       l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL WHERE l7r_host_id = ${hostId}`;
 }
 
-export async function userForL7r(db: Db, userId: number): Promise<{ id: number; name: string; tenant_id: number; blocked: boolean; tenant_blocked: boolean } | undefined> {
+export async function userForL7r(
+  db: Db,
+  userId: number,
+): Promise<{ id: number; name: string; tenant_id: number; blocked: boolean; tenant_blocked: boolean } | undefined> {
   const [r] = await db`SELECT u.id, u.name, u.tenant_id, u.blocked, t.blocked AS tenant_blocked
     FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = ${userId}`;
   return r as any;
@@ -63,14 +67,19 @@ export interface SessionVm {
 }
 
 export async function sessionVm(db: Db, vmId: number): Promise<SessionVm | undefined> {
-  const [r] = await db`SELECT v.id AS vm_id, v.user_id, v.name, u.name AS user_name, v.tenant_id, r.blocked, r.vm_state, r.vm_cmd, r.host_id,
+  const [r] =
+    await db`SELECT v.id AS vm_id, v.user_id, v.name, u.name AS user_name, v.tenant_id, r.blocked, r.vm_state, r.vm_cmd, r.host_id,
       host(r.vm_address) AS vm_address, r.vma_port, r.x_port, r.vma_secret, r.user_state, r.user_cmd, r.l7r_host_id, r.l7r_session::text AS l7r_session
     FROM vms v JOIN users u ON u.id = v.user_id JOIN vm_runtimes r ON r.vm_id = v.id WHERE v.id = ${vmId}`;
   return r as SessionVm | undefined;
 }
 
 /** Takes a free session (disconnected): this connection now owns it, `connecting`. */
-export async function claimSession(db: Db, vmId: number, s: { hostId: number; session: string; pid: number; userIp?: string }): Promise<boolean> {
+export async function claimSession(
+  db: Db,
+  vmId: number,
+  s: { hostId: number; session: string; pid: number; userIp?: string },
+): Promise<boolean> {
   const rows = await db`UPDATE vm_runtimes SET user_state = 'connecting', user_state_ts = now(), user_cmd = NULL,
       l7r_host_id = ${s.hostId}, l7r_pid = ${s.pid}, l7r_session = ${s.session}::uuid, user_ip = ${s.userIp ?? null}::inet
     WHERE vm_id = ${vmId} AND user_state = 'disconnected' RETURNING vm_id`;
@@ -94,7 +103,8 @@ export async function markConnected(db: Db, vmId: number, session: string): Prom
 
 /** True when this connection still owns the session and nobody asked it to abort. */
 export async function sessionStillMine(db: Db, vmId: number, session: string): Promise<boolean> {
-  const [r] = await db`SELECT 1 FROM vm_runtimes WHERE vm_id = ${vmId} AND l7r_session = ${session}::uuid AND user_cmd IS NULL`;
+  const [r] =
+    await db`SELECT 1 FROM vm_runtimes WHERE vm_id = ${vmId} AND l7r_session = ${session}::uuid AND user_cmd IS NULL`;
   return !!r;
 }
 
@@ -108,7 +118,10 @@ export async function releaseSession(db: Db, vmId: number, session: string): Pro
 /** Sessions held through this node that were told to abort. */
 export async function abortedSessions(db: Db, hostId: number): Promise<{ vm_id: number; l7r_session: string }[]> {
   return (await db`SELECT vm_id, l7r_session::text AS l7r_session FROM vm_runtimes
-    WHERE l7r_host_id = ${hostId} AND user_cmd = 'abort' AND l7r_session IS NOT NULL`) as unknown as { vm_id: number; l7r_session: string }[];
+    WHERE l7r_host_id = ${hostId} AND user_cmd = 'abort' AND l7r_session IS NOT NULL`) as unknown as {
+    vm_id: number;
+    l7r_session: string;
+  }[];
 }
 
 /** Custom property values that apply to a VM's session, per level (l7r README: x_start). */

@@ -55,56 +55,112 @@ const LIVE: VmState[] = ["starting", "running", "debugging"];
 
 export const VM_TRANSITIONS = {
   start_requested: {
-    from: ["stopped"], cmd: [null], node: "placing", unblocked: true, cmdAfter: "start", assign: true,
-    actors: ["api", "l7r"], doc: "placed on a node, which is told to start it",
+    from: ["stopped"],
+    cmd: [null],
+    node: "placing",
+    unblocked: true,
+    cmdAfter: "start",
+    assign: true,
+    actors: ["api", "l7r"],
+    doc: "placed on a node, which is told to start it",
   },
   start_cancelled: {
-    from: ["stopped"], cmd: ["start"], node: "any", cmdAfter: null, release: true,
-    actors: ["api", "l7r"], doc: "a start not yet claimed by its node is withdrawn",
+    from: ["stopped"],
+    cmd: ["start"],
+    node: "any",
+    cmdAfter: null,
+    release: true,
+    actors: ["api", "l7r"],
+    doc: "a start not yet claimed by its node is withdrawn",
   },
   start_claimed: {
-    from: ["stopped"], cmd: ["start"], node: "this", to: "starting", cmdAfter: null,
-    actors: ["hkd"], doc: "the node takes the start (at most hkd.max_starting at once, oldest first)",
+    from: ["stopped"],
+    cmd: ["start"],
+    node: "this",
+    to: "starting",
+    cmdAfter: null,
+    actors: ["hkd"],
+    doc: "the node takes the start (at most hkd.max_starting at once, oldest first)",
   },
   started: {
-    from: ["starting"], node: "this", to: "running",
-    actors: ["hkd"], doc: "the desktop's VMA answers",
+    from: ["starting"],
+    node: "this",
+    to: "running",
+    actors: ["hkd"],
+    doc: "the desktop's VMA answers",
   },
   stop_begun: {
-    from: [...LIVE, "stopping"], node: "this", to: "stopping",
-    actors: ["hkd"], doc: "the node tears the desktop down (stop command, failed start, expiry, dead VMA, shutdown)",
+    from: [...LIVE, "stopping"],
+    node: "this",
+    to: "stopping",
+    actors: ["hkd"],
+    doc: "the node tears the desktop down (stop command, failed start, expiry, dead VMA, shutdown)",
   },
   stopped: {
-    from: ["stopping"], node: "this", to: "stopped", cmdAfter: null, release: true,
-    actors: ["hkd"], doc: "torn down and cleaned up: no node, runtime cleared",
+    from: ["stopping"],
+    node: "this",
+    to: "stopped",
+    cmdAfter: null,
+    release: true,
+    actors: ["hkd"],
+    doc: "torn down and cleaned up: no node, runtime cleared",
   },
   teardown_failed: {
-    from: ["stopping"], node: "this", to: "zombie",
-    actors: ["hkd"], doc: "the teardown failed; the node retries it with backoff (hkd.zombie_retry)",
+    from: ["stopping"],
+    node: "this",
+    to: "zombie",
+    actors: ["hkd"],
+    doc: "the teardown failed; the node retries it with backoff (hkd.zombie_retry)",
   },
   zombie_retried: {
-    from: ["zombie"], node: "this", to: "stopping",
-    actors: ["hkd"], doc: "the node tries the teardown again",
+    from: ["zombie"],
+    node: "this",
+    to: "stopping",
+    actors: ["hkd"],
+    doc: "the node tries the teardown again",
   },
   found_stopped: {
-    from: [...LIVE, "stopping", "zombie"], node: "this", to: "stopped", cmdAfter: null, release: true,
-    actors: ["hkd"], doc: "at start-up the node finds the desktop no longer runs, and cleans up after it",
+    from: [...LIVE, "stopping", "zombie"],
+    node: "this",
+    to: "stopped",
+    cmdAfter: null,
+    release: true,
+    actors: ["hkd"],
+    doc: "at start-up the node finds the desktop no longer runs, and cleans up after it",
   },
   stop_requested: {
-    from: [...LIVE, "zombie"], cmd: [null, "start"], node: "assigned", cmdAfter: "stop",
-    actors: ["api", "l7r"], doc: "the VM's node is told to stop it (a zombie's node retries its teardown at once)",
+    from: [...LIVE, "zombie"],
+    cmd: [null, "start"],
+    node: "assigned",
+    cmdAfter: "stop",
+    actors: ["api", "l7r"],
+    doc: "the VM's node is told to stop it (a zombie's node retries its teardown at once)",
   },
   stop_claimed: {
-    from: [...LIVE, "stopping", "zombie"], cmd: ["stop"], node: "this", cmdAfter: null,
-    actors: ["hkd"], doc: "the node takes the stop command",
+    from: [...LIVE, "stopping", "zombie"],
+    cmd: ["stop"],
+    node: "this",
+    cmdAfter: null,
+    actors: ["hkd"],
+    doc: "the node takes the stop command",
   },
   node_lost: {
-    from: VM_STATES, node: "this", to: "stopped", cmdAfter: null, release: true,
-    actors: ["monitor", "admin"], doc: "its node is declared lost: the VM is released and can start elsewhere",
+    from: VM_STATES,
+    node: "this",
+    to: "stopped",
+    cmdAfter: null,
+    release: true,
+    actors: ["monitor", "admin"],
+    doc: "its node is declared lost: the VM is released and can start elsewhere",
   },
   zombie_cleared: {
-    from: ["zombie"], node: "dead", to: "stopped", cmdAfter: null, release: true,
-    actors: ["admin"], doc: "an administrator clears a zombie whose node is lost, stopped or gone",
+    from: ["zombie"],
+    node: "dead",
+    to: "stopped",
+    cmdAfter: null,
+    release: true,
+    actors: ["admin"],
+    doc: "an administrator clears a zombie whose node is lost, stopped or gone",
   },
 } as const satisfies Record<string, VmTransition>;
 
@@ -134,13 +190,22 @@ export function whereOf(db: Db, event: VmEvent, hostId?: number) {
   if (t.unblocked) parts.push(db`NOT vm_runtimes.blocked`);
   const node = needNode(event, t, hostId);
   switch (t.node) {
-    case "this": parts.push(db`vm_runtimes.host_id = ${node!}`); break;
-    case "placing": parts.push(db`(vm_runtimes.host_id IS NULL OR vm_runtimes.host_id = ${node!})`); break;
-    case "assigned": parts.push(db`vm_runtimes.host_id IS NOT NULL`); break;
-    case "dead":
-      parts.push(db`NOT EXISTS (SELECT 1 FROM host_runtimes h WHERE h.host_id = vm_runtimes.host_id AND h.state NOT IN ('lost', 'stopped'))`);
+    case "this":
+      parts.push(db`vm_runtimes.host_id = ${node!}`);
       break;
-    case "any": break;
+    case "placing":
+      parts.push(db`(vm_runtimes.host_id IS NULL OR vm_runtimes.host_id = ${node!})`);
+      break;
+    case "assigned":
+      parts.push(db`vm_runtimes.host_id IS NOT NULL`);
+      break;
+    case "dead":
+      parts.push(
+        db`NOT EXISTS (SELECT 1 FROM host_runtimes h WHERE h.host_id = vm_runtimes.host_id AND h.state NOT IN ('lost', 'stopped'))`,
+      );
+      break;
+    case "any":
+      break;
   }
   return and(db, parts);
 }
@@ -153,7 +218,8 @@ export function setOf(db: Db, event: VmEvent, hostId?: number) {
     parts.push(db`vm_state = ${t.to}, vm_state_ts = now()`);
     if (t.to === "running") parts.push(db`vma_ok_ts = now()`);
   }
-  if (t.cmdAfter !== undefined) parts.push(db`vm_cmd = ${t.cmdAfter}, vm_cmd_ts = ${t.cmdAfter === null ? null : db`now()`}`);
+  if (t.cmdAfter !== undefined)
+    parts.push(db`vm_cmd = ${t.cmdAfter}, vm_cmd_ts = ${t.cmdAfter === null ? null : db`now()`}`);
   if (t.assign) parts.push(db`host_id = ${needNode(event, t, hostId)!}`);
   if (t.release) {
     parts.push(db`host_id = NULL, vm_pid = NULL, current_di_id = NULL, current_osf_id = NULL, vm_address = NULL, vma_port = NULL,
@@ -163,12 +229,14 @@ export function setOf(db: Db, event: VmEvent, hostId?: number) {
 }
 
 function needNode(event: VmEvent, t: VmTransition, hostId: number | undefined): number | undefined {
-  if ((t.node === "this" || t.node === "placing" || t.assign) && hostId === undefined) throw new Error(`lifecycle: event ${event} needs a node`);
+  if ((t.node === "this" || t.node === "placing" || t.assign) && hostId === undefined)
+    throw new Error(`lifecycle: event ${event} needs a node`);
   return hostId;
 }
 
 function allowed(event: VmEvent, by: Actor): void {
-  if (!(VM_TRANSITIONS[event].actors as readonly Actor[]).includes(by)) throw new Error(`lifecycle: ${by} may not cause ${event}`);
+  if (!(VM_TRANSITIONS[event].actors as readonly Actor[]).includes(by))
+    throw new Error(`lifecycle: ${by} may not cause ${event}`);
 }
 
 /**
@@ -186,7 +254,8 @@ export async function transition(db: Db, event: VmEvent, by: Actor, vmId: number
 /** Applies one event to every VM it allows (of one node); returns their ids. */
 export async function transitionAll(db: Db, event: VmEvent, by: Actor, hostId?: number): Promise<number[]> {
   allowed(event, by);
-  const rows = await db`UPDATE vm_runtimes SET ${setOf(db, event, hostId)} WHERE ${whereOf(db, event, hostId)} RETURNING vm_id`;
+  const rows =
+    await db`UPDATE vm_runtimes SET ${setOf(db, event, hostId)} WHERE ${whereOf(db, event, hostId)} RETURNING vm_id`;
   return rows.map((r) => r.vm_id as number);
 }
 
@@ -197,7 +266,12 @@ export async function transitionAll(db: Db, event: VmEvent, by: Actor, hostId?: 
  * (the queue orders by vm_cmd_ts). `homeKey`: the home the desktop will use (unique while
  * placed or running). False when the VM changed meanwhile or is blocked.
  */
-export async function requestStart(db: Db, vmId: number, hostId: number, opts: { by?: Actor; homeKey?: string } = {}): Promise<boolean> {
+export async function requestStart(
+  db: Db,
+  vmId: number,
+  hostId: number,
+  opts: { by?: Actor; homeKey?: string } = {},
+): Promise<boolean> {
   allowed("start_requested", opts.by ?? "api");
   const home = opts.homeKey === undefined ? db`` : db`, home_key = ${opts.homeKey}`;
   const rows = await db`UPDATE vm_runtimes SET ${setOf(db, "start_requested", hostId)} ${home}
@@ -210,7 +284,11 @@ export async function requestStart(db: Db, vmId: number, hostId: number, opts: {
  * `lagS`: seconds from the start command to this claim (the NOTIFY's delivery and the node's
  * reaction to it; its metric).
  */
-export async function claimStarts(db: Db, hostId: number, max: number): Promise<{ vmId: number; lagS: number | null }[]> {
+export async function claimStarts(
+  db: Db,
+  hostId: number,
+  max: number,
+): Promise<{ vmId: number; lagS: number | null }[]> {
   if (max <= 0) return [];
   const where = whereOf(db, "start_claimed", hostId);
   const rows = await db`UPDATE vm_runtimes SET ${setOf(db, "start_claimed", hostId)}
@@ -231,12 +309,21 @@ export function claimStops(db: Db, hostId: number): Promise<number[]> {
  * VMs → stopped and released, sessions its L7R held → disconnected, and sessions other L7Rs
  * hold to the released VMs told to end. Returns the released VMs.
  */
-export async function declareNodeLost(db: Db, hostId: number, reason: string, opts: { staleForS?: number; by?: Actor } = {}): Promise<{ declared: boolean; vms: number[] }> {
+export async function declareNodeLost(
+  db: Db,
+  hostId: number,
+  reason: string,
+  opts: { staleForS?: number; by?: Actor } = {},
+): Promise<{ declared: boolean; vms: number[] }> {
   const by = opts.by ?? "monitor";
   allowed("node_lost", by);
   return transaction(db, async (tx) => {
-    const stale = opts.staleForS === undefined ? tx`true` : tx`coalesce(ok_ts, state_ts) < now() - make_interval(secs => ${opts.staleForS})`;
-    const [h] = await tx`UPDATE host_runtimes SET state = 'lost', state_ts = now(), lost_ts = now(), lost_reason = ${reason.slice(0, 2000)}, cmd = NULL
+    const stale =
+      opts.staleForS === undefined
+        ? tx`true`
+        : tx`coalesce(ok_ts, state_ts) < now() - make_interval(secs => ${opts.staleForS})`;
+    const [h] =
+      await tx`UPDATE host_runtimes SET state = 'lost', state_ts = now(), lost_ts = now(), lost_reason = ${reason.slice(0, 2000)}, cmd = NULL
       WHERE host_id = ${hostId} AND state NOT IN ('lost', 'stopped') AND ${stale} RETURNING host_id`;
     if (!h) return { declared: false, vms: [] };
     const released = await tx`UPDATE vm_runtimes SET ${setOf(tx, "node_lost", hostId)},
@@ -251,7 +338,8 @@ export async function declareNodeLost(db: Db, hostId: number, reason: string, op
 /** A lost node that has killed everything it ran rejoins: lost → starting (lost_ts kept). */
 export async function rejoinHost(db: Db, hostId: number): Promise<boolean> {
   // Rejoining is a heartbeat: with the old ok_ts the other nodes' monitors declare it lost again.
-  const rows = await db`UPDATE host_runtimes SET state = 'starting', state_ts = now(), ok_ts = now() WHERE host_id = ${hostId} AND state = 'lost' RETURNING host_id`;
+  const rows =
+    await db`UPDATE host_runtimes SET state = 'starting', state_ts = now(), ok_ts = now() WHERE host_id = ${hostId} AND state = 'lost' RETURNING host_id`;
   return rows.length === 1;
 }
 
@@ -263,8 +351,11 @@ export async function clearZombie(db: Db, scope: Scope, vmId: number): Promise<v
   const vm = await get(db, vms, scope, vmId);
   if (await transition(db, "zombie_cleared", "admin", vmId)) return;
   const now = await get(db, vms, scope, vmId);
-  if (now.vm_state !== "zombie") throw new ConflictError(`vm ${JSON.stringify(vm.name)} is ${now.vm_state}, not a zombie`);
-  throw new ConflictError(`vm ${JSON.stringify(vm.name)} is a zombie on node ${JSON.stringify(now.host_name ?? String(now.host_id))}, which is alive: stop the VM instead (its node retries the teardown)`);
+  if (now.vm_state !== "zombie")
+    throw new ConflictError(`vm ${JSON.stringify(vm.name)} is ${now.vm_state}, not a zombie`);
+  throw new ConflictError(
+    `vm ${JSON.stringify(vm.name)} is a zombie on node ${JSON.stringify(now.host_name ?? String(now.host_id))}, which is alive: stop the VM instead (its node retries the teardown)`,
+  );
 }
 
 /** The lifecycle table in Markdown, for the documentation (src/db/README.md). */
@@ -274,12 +365,22 @@ export function lifecycleMarkdown(): string {
     const t: VmTransition = VM_TRANSITIONS[e];
     const needs = [
       t.cmd ? `cmd ${t.cmd.map((c) => c ?? "none").join("/")}` : "",
-      { this: "on that node", placing: "no node or the chosen one", assigned: "has a node", dead: "node lost, stopped or gone", any: "" }[t.node],
+      {
+        this: "on that node",
+        placing: "no node or the chosen one",
+        assigned: "has a node",
+        dead: "node lost, stopped or gone",
+        any: "",
+      }[t.node],
       t.unblocked ? "unblocked" : "",
-    ].filter(Boolean).join(", ");
-    const to = t.release ? `${t.to ?? "same"}, released` : t.to ?? "same";
-    const cmd = t.cmdAfter === undefined ? "same" : t.cmdAfter ?? "none";
-    lines.push(`| \`${e}\` | ${t.from.join(", ")} | ${needs} | ${to}${t.assign ? ", placed" : ""} | ${cmd} | ${t.actors.join(", ")} | ${t.doc} |`);
+    ]
+      .filter(Boolean)
+      .join(", ");
+    const to = t.release ? `${t.to ?? "same"}, released` : (t.to ?? "same");
+    const cmd = t.cmdAfter === undefined ? "same" : (t.cmdAfter ?? "none");
+    lines.push(
+      `| \`${e}\` | ${t.from.join(", ")} | ${needs} | ${to}${t.assign ? ", placed" : ""} | ${cmd} | ${t.actors.join(", ")} | ${t.doc} |`,
+    );
   }
   return lines.join("\n");
 }

@@ -38,22 +38,23 @@ export async function listen(
   let closed = false;
   let reconnecting: Promise<void> | undefined;
 
-  const open = (): Sql => connect(url, {
-    max: 1,
-    applicationName: "qvd-listen",
-    listener: {
-      onnotify: (channel, payload) => {
-        if (channels.includes(channel)) h.onNotify(channel, payload);
+  const open = (): Sql =>
+    connect(url, {
+      max: 1,
+      applicationName: "qvd-listen",
+      listener: {
+        onnotify: (channel, payload) => {
+          if (channels.includes(channel)) h.onNotify(channel, payload);
+        },
+        onclose: () => {
+          if (closed || !connected) return;
+          connected = false;
+          log.warn("database connection for notifications lost; reconnecting");
+          h.onDisconnect?.();
+          reconnecting ??= reconnect().finally(() => (reconnecting = undefined));
+        },
       },
-      onclose: () => {
-        if (closed || !connected) return;
-        connected = false;
-        log.warn("database connection for notifications lost; reconnecting");
-        h.onDisconnect?.();
-        reconnecting ??= reconnect().finally(() => (reconnecting = undefined));
-      },
-    },
-  });
+    });
   let sql = open();
 
   const listenAll = async () => {

@@ -2,7 +2,16 @@
 // initdb + pg_ctl in a directory, listening on a unix socket in that directory only (no TCP).
 // When qvd runs as root the server runs as an unprivileged user (initdb refuses root):
 // `postgres` when the postgresql package created it, else `nobody`.
-import { chmodSync, chownSync, existsSync, mkdirSync, readdirSync, readFileSync, realpathSync, statSync } from "node:fs";
+import {
+  chmodSync,
+  chownSync,
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  realpathSync,
+  statSync,
+} from "node:fs";
 import { join } from "node:path";
 import { UserError } from "../errors.ts";
 import { run } from "../run.ts";
@@ -17,7 +26,11 @@ export function findPgBinDir(): string {
     return real.slice(0, real.lastIndexOf("/"));
   }
   const base = "/usr/lib/postgresql";
-  const versions = existsSync(base) ? readdirSync(base).filter((v) => /^\d+$/.test(v)).sort((a, b) => +b - +a) : [];
+  const versions = existsSync(base)
+    ? readdirSync(base)
+        .filter((v) => /^\d+$/.test(v))
+        .sort((a, b) => +b - +a)
+    : [];
   for (const v of versions) if (existsSync(`${base}/${v}/bin/pg_ctl`)) return `${base}/${v}/bin`;
   throw new UserError("PostgreSQL server programs not found (pg_ctl): install the postgresql package");
 }
@@ -77,9 +90,14 @@ export class LocalCluster {
     if (!u) throw new UserError(`no system user ${this.user} to run PostgreSQL as (see /etc/passwd)`);
     if (statSync(this.dir).uid !== u.uid) chownSync(this.dir, u.uid, u.gid);
     chmodSync(this.dir, 0o755);
-    const probe = await run([...this.asUser, "test", "-w", this.dir, "-a", "-x", this.dir], { cwd: "/", allowFail: true });
+    const probe = await run([...this.asUser, "test", "-w", this.dir, "-a", "-x", this.dir], {
+      cwd: "/",
+      allowFail: true,
+    });
     if (probe.status !== 0)
-      throw new UserError(`${this.dir}: the ${this.user} user (which runs PostgreSQL) cannot reach this directory: make its parent directories searchable (chmod o+x) or choose another directory`);
+      throw new UserError(
+        `${this.dir}: the ${this.user} user (which runs PostgreSQL) cannot reach this directory: make its parent directories searchable (chmod o+x) or choose another directory`,
+      );
   }
 
   private exec(prog: string, args: string[], timeoutMs = 120_000) {
@@ -90,7 +108,17 @@ export class LocalCluster {
   /** initdb: a cluster whose superuser is `postgres`, trusted on the (private) unix socket. */
   async init(): Promise<void> {
     await this.prepareDir();
-    await this.exec("initdb", ["-D", this.data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", ...(this.opts.noSync ? ["--no-sync"] : [])]);
+    await this.exec("initdb", [
+      "-D",
+      this.data,
+      "-U",
+      "postgres",
+      "--auth=trust",
+      "-E",
+      "UTF8",
+      "--locale=C",
+      ...(this.opts.noSync ? ["--no-sync"] : []),
+    ]);
   }
 
   /**
@@ -99,7 +127,17 @@ export class LocalCluster {
    */
   async initStandbyOf(primary: LocalCluster): Promise<void> {
     await this.prepareDir();
-    await this.exec("pg_basebackup", ["-D", this.data, "-R", "-X", "stream", "-c", "fast", "-d", `host=${primary.dir} user=postgres`]);
+    await this.exec("pg_basebackup", [
+      "-D",
+      this.data,
+      "-R",
+      "-X",
+      "stream",
+      "-c",
+      "fast",
+      "-d",
+      `host=${primary.dir} user=postgres`,
+    ]);
   }
 
   /** Promotes a standby: it leaves recovery and takes writes (waits until it does). */
@@ -117,10 +155,14 @@ export class LocalCluster {
       unix_socket_permissions: "0700",
       ...this.opts.settings,
     };
-    const o = Object.entries(settings).map(([k, v]) => settingArg(k, v)).join(" ");
-    await this.exec("pg_ctl", ["-D", this.data, "-l", this.log, "-w", "-t", "60", "-o", o, "start"], 90_000).catch((err) => {
-      throw new UserError(`cannot start PostgreSQL in ${this.data}: ${(err as Error).message}${this.logTail()}`);
-    });
+    const o = Object.entries(settings)
+      .map(([k, v]) => settingArg(k, v))
+      .join(" ");
+    await this.exec("pg_ctl", ["-D", this.data, "-l", this.log, "-w", "-t", "60", "-o", o, "start"], 90_000).catch(
+      (err) => {
+        throw new UserError(`cannot start PostgreSQL in ${this.data}: ${(err as Error).message}${this.logTail()}`);
+      },
+    );
   }
 
   /** Stops the server: `fast` (clean shutdown, clients cut) or `immediate` (crash-like). */
@@ -137,7 +179,11 @@ export class LocalCluster {
   /** Whether a server is running on this data directory (pg_ctl status). */
   async running(): Promise<boolean> {
     if (!existsSync(join(this.data, "postmaster.pid"))) return false;
-    const res = await run([...this.asUser, `${this.bin}/pg_ctl`, "-D", this.data, "status"], { cwd: this.dir, allowFail: true, timeoutMs: 30_000 });
+    const res = await run([...this.asUser, `${this.bin}/pg_ctl`, "-D", this.data, "status"], {
+      cwd: this.dir,
+      allowFail: true,
+      timeoutMs: 30_000,
+    });
     return res.status === 0;
   }
 

@@ -7,7 +7,13 @@ import { ConflictError, NotFoundError } from "./errors.ts";
 import { transition } from "./lifecycle.ts";
 import type { Db } from "./pool.ts";
 
-export const HostIdentity = z.object({ id: z.number().int(), name: z.string(), address: z.string(), backend: z.boolean(), frontend: z.boolean() });
+export const HostIdentity = z.object({
+  id: z.number().int(),
+  name: z.string(),
+  address: z.string(),
+  backend: z.boolean(),
+  frontend: z.boolean(),
+});
 export type HostIdentity = z.infer<typeof HostIdentity>;
 
 export async function findHostByName(db: Db, name: string): Promise<HostIdentity | undefined> {
@@ -25,10 +31,17 @@ export async function registerHost(db: Db, name: string, address: string): Promi
 
 /** How many of a node's desktops are in each state (its metrics). */
 export async function nodeVmStates(db: Db, hostId: number): Promise<{ state: string; count: number }[]> {
-  return (await db`SELECT vm_state AS state, count(*)::integer AS count FROM vm_runtimes WHERE host_id = ${hostId} GROUP BY vm_state ORDER BY vm_state`) as unknown as { state: string; count: number }[];
+  return (await db`SELECT vm_state AS state, count(*)::integer AS count FROM vm_runtimes WHERE host_id = ${hostId} GROUP BY vm_state ORDER BY vm_state`) as unknown as {
+    state: string;
+    count: number;
+  }[];
 }
 
-export async function setHostState(db: Db, hostId: number, state: "starting" | "running" | "stopping" | "stopped"): Promise<void> {
+export async function setHostState(
+  db: Db,
+  hostId: number,
+  state: "starting" | "running" | "stopping" | "stopped",
+): Promise<void> {
   await db`UPDATE host_runtimes SET state = ${state}, state_ts = now(), cmd = CASE WHEN ${state} = 'stopped' THEN NULL ELSE cmd END
            WHERE host_id = ${hostId}`;
 }
@@ -37,7 +50,11 @@ export async function setHostState(db: Db, hostId: number, state: "starting" | "
  * The heartbeat: records that the node is alive and what it can take. Answers false when the
  * node was declared lost by others (then it must fence itself: its VMs are no longer its own).
  */
-export async function heartbeat(db: Db, hostId: number, r: { pid: number; usableRamMb: number; usableCpu: number; version: string }): Promise<boolean> {
+export async function heartbeat(
+  db: Db,
+  hostId: number,
+  r: { pid: number; usableRamMb: number; usableCpu: number; version: string },
+): Promise<boolean> {
   const rows = await db`UPDATE host_runtimes SET ok_ts = now(), pid = ${r.pid}, usable_ram_mb = ${r.usableRamMb},
       usable_cpu = ${r.usableCpu}, version = ${r.version}
     WHERE host_id = ${hostId} AND state <> 'lost' RETURNING host_id`;
@@ -46,7 +63,8 @@ export async function heartbeat(db: Db, hostId: number, r: { pid: number; usable
 
 /** A pending host command (`stop`), consumed: cleared only if it is still the same. */
 export async function takeHostCommand(db: Db, hostId: number): Promise<"stop" | undefined> {
-  const [r] = await db`UPDATE host_runtimes SET cmd = NULL WHERE host_id = ${hostId} AND cmd IS NOT NULL RETURNING 'stop' AS cmd`;
+  const [r] =
+    await db`UPDATE host_runtimes SET cmd = NULL WHERE host_id = ${hostId} AND cmd IS NOT NULL RETURNING 'stop' AS cmd`;
   return r ? "stop" : undefined;
 }
 
@@ -94,13 +112,15 @@ export async function saveStartingRuntime(
   vmId: number,
   f: { diId: number; osfId: number; address: string; vmaPort: number; xPort: number; vmaSecret: string },
 ): Promise<void> {
-  const rows = await db`UPDATE vm_runtimes SET current_di_id = ${f.diId}, current_osf_id = ${f.osfId}, vm_address = ${f.address},
+  const rows =
+    await db`UPDATE vm_runtimes SET current_di_id = ${f.diId}, current_osf_id = ${f.osfId}, vm_address = ${f.address},
       vma_port = ${f.vmaPort}, x_port = ${f.xPort}, vma_secret = ${f.vmaSecret}
     WHERE vm_id = ${vmId} AND host_id = ${hostId} AND vm_state = 'starting' RETURNING vm_id`.catch((err) => {
-    // vm_runtimes_address: another desktop runs with this address; this one must not start.
-    if ((err as { code?: string }).code === "23505") throw new ConflictError(`address ${f.address} is in use by another running desktop`, "ip");
-    throw err;
-  });
+      // vm_runtimes_address: another desktop runs with this address; this one must not start.
+      if ((err as { code?: string }).code === "23505")
+        throw new ConflictError(`address ${f.address} is in use by another running desktop`, "ip");
+      throw err;
+    });
   if (rows.length !== 1) throw new ConflictError(`vm ${vmId} is no longer assigned to this node`);
   await db`UPDATE vm_counters SET run_attempts = run_attempts + 1 WHERE vm_id = ${vmId}`;
 }
@@ -137,7 +157,8 @@ export interface NodeVmRow {
 /** Of these VMs, those the database gives to another node now (their shared storage is that node's). */
 export async function vmsOnOtherNodes(db: Db, hostId: number, vmIds: number[]): Promise<Set<number>> {
   if (vmIds.length === 0) return new Set();
-  const rows = await db`SELECT vm_id FROM vm_runtimes WHERE vm_id = ANY(${vmIds}) AND host_id IS NOT NULL AND host_id <> ${hostId}`;
+  const rows =
+    await db`SELECT vm_id FROM vm_runtimes WHERE vm_id = ANY(${vmIds}) AND host_id IS NOT NULL AND host_id <> ${hostId}`;
   return new Set(rows.map((r) => r.vm_id as number));
 }
 

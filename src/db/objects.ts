@@ -7,7 +7,17 @@ import { z } from "zod";
 import { ConflictError, DataError, InUseError, NotFoundError, translatePgError, ValidationError } from "./errors.ts";
 import { transaction, type Db, type Tx } from "./pool.ts";
 
-export type ObjectKind = "tenant" | "administrator" | "role" | "user" | "osf" | "di" | "vm" | "host" | "property" | "audit";
+export type ObjectKind =
+  | "tenant"
+  | "administrator"
+  | "role"
+  | "user"
+  | "osf"
+  | "di"
+  | "vm"
+  | "host"
+  | "property"
+  | "audit";
 
 /** Whose objects a caller may see: one tenant, or every tenant (a superadmin). */
 export interface Scope {
@@ -55,7 +65,11 @@ export interface ObjectDef<Row extends Record<string, unknown> = Record<string, 
   /** What prevents deletion, checked before deleting so the error can say what. */
   dependents?: Dependent[];
   /** Turns validated input into column values (hash passwords, rename fields). */
-  toColumns?: (input: Record<string, any>, op: "create" | "update", tx: Db) => Promise<Record<string, unknown>> | Record<string, unknown>;
+  toColumns?: (
+    input: Record<string, any>,
+    op: "create" | "update",
+    tx: Db,
+  ) => Promise<Record<string, unknown>> | Record<string, unknown>;
   /** Runs in the same transaction after an insert or update. */
   afterWrite?: (tx: Tx, id: number, input: Record<string, any>, op: "create" | "update") => Promise<void>;
   /** A reason why this row may not be changed or deleted, or undefined. */
@@ -112,7 +126,8 @@ export function fieldKind(schema: z.ZodType): FieldKind {
 function convert(field: string, kind: FieldKind, raw: unknown): unknown {
   if (kind === "number") {
     const n = typeof raw === "number" ? raw : Number(String(raw).trim());
-    if (!Number.isFinite(n) || String(raw).trim() === "") throw new ValidationError(field, `expected a number, got ${JSON.stringify(raw)}`);
+    if (!Number.isFinite(n) || String(raw).trim() === "")
+      throw new ValidationError(field, `expected a number, got ${JSON.stringify(raw)}`);
     return n;
   }
   if (kind === "boolean") {
@@ -127,7 +142,8 @@ function convert(field: string, kind: FieldKind, raw: unknown): unknown {
     if (Number.isNaN(d.getTime())) throw new ValidationError(field, `expected a date/time, got ${JSON.stringify(raw)}`);
     // Years beyond 9999 have a signed ISO form (+065535-…) that PostgreSQL does not read.
     const y = d.getUTCFullYear();
-    if (y < 1 || y > 9999) throw new ValidationError(field, `expected a date between the years 1 and 9999, got ${JSON.stringify(raw)}`);
+    if (y < 1 || y > 9999)
+      throw new ValidationError(field, `expected a date between the years 1 and 9999, got ${JSON.stringify(raw)}`);
     return d;
   }
   if (kind === "array" || kind === "other") return String(raw);
@@ -141,7 +157,11 @@ function fieldsOf(def: ObjectDef<any>): Record<string, z.ZodType> {
 function checkField(def: ObjectDef<any>, field: string, what: string): FieldKind {
   // Own fields only: `__proto__` or `constructor` in a query string are not fields.
   const f = Object.hasOwn(fieldsOf(def), field) ? fieldsOf(def)[field] : undefined;
-  if (!f) throw new ValidationError(what, `unknown field "${field}" of ${def.kind}; known: ${Object.keys(fieldsOf(def)).join(", ")}`);
+  if (!f)
+    throw new ValidationError(
+      what,
+      `unknown field "${field}" of ${def.kind}; known: ${Object.keys(fieldsOf(def)).join(", ")}`,
+    );
   return fieldKind(f);
 }
 
@@ -153,19 +173,25 @@ function and(db: Db, conds: postgres.PendingQuery<any>[]): postgres.PendingQuery
 function scopeCondition(db: Db, def: ObjectDef<any>, scope: Scope): postgres.PendingQuery<any> {
   if (scope.tenantId === null || def.tenancy === "global") return db`true`;
   switch (def.tenancy) {
-    case "own": return db`tenant_id = ${scope.tenantId}`;
-    case "shared": return db`tenant_id IN (${scope.tenantId}, 0)`;
-    case "self": return db`id = ${scope.tenantId}`;
+    case "own":
+      return db`tenant_id = ${scope.tenantId}`;
+    case "shared":
+      return db`tenant_id IN (${scope.tenantId}, 0)`;
+    case "self":
+      return db`id = ${scope.tenantId}`;
   }
 }
 
 function filterCondition(db: Db, def: ObjectDef<any>, f: Filter): postgres.PendingQuery<any> {
-  if (!FILTER_OPS.includes(f.op)) throw new ValidationError("filter", `unknown operator "${f.op}"; use one of ${FILTER_OPS.join(" ")}`);
+  if (!FILTER_OPS.includes(f.op))
+    throw new ValidationError("filter", `unknown operator "${f.op}"; use one of ${FILTER_OPS.join(" ")}`);
   const kind = checkField(def, f.field, "filter");
   const col = db(f.field);
   switch (f.op) {
-    case "null": return db`${col} IS NULL`;
-    case "notnull": return db`${col} IS NOT NULL`;
+    case "null":
+      return db`${col} IS NULL`;
+    case "notnull":
+      return db`${col} IS NOT NULL`;
     case "like": {
       if (typeof f.value !== "string") throw new ValidationError(f.field, "LIKE needs a text pattern");
       // Array columns (tags) match when any element matches.
@@ -174,12 +200,15 @@ function filterCondition(db: Db, def: ObjectDef<any>, f: Filter): postgres.Pendi
         : db`${col}::text ILIKE ${f.value}`;
     }
     case "in": {
-      const vals = (Array.isArray(f.value) ? f.value : String(f.value ?? "").split(",")).map((v) => convert(f.field, kind, v));
+      const vals = (Array.isArray(f.value) ? f.value : String(f.value ?? "").split(",")).map((v) =>
+        convert(f.field, kind, v),
+      );
       if (vals.length === 0) return db`false`;
       return kind === "array" ? db`${col} && ${vals as string[]}::text[]` : db`${col} IN ${db(vals as any[])}`;
     }
     default: {
-      if (f.value === undefined || f.value === null) throw new ValidationError(f.field, `operator ${f.op} needs a value`);
+      if (f.value === undefined || f.value === null)
+        throw new ValidationError(f.field, `operator ${f.op} needs a value`);
       if (kind === "array") {
         const v = String(f.value);
         if (f.op === "=") return db`${v} = ANY(${col})`;
@@ -188,12 +217,18 @@ function filterCondition(db: Db, def: ObjectDef<any>, f: Filter): postgres.Pendi
       }
       const v = convert(f.field, kind, f.value) as any;
       switch (f.op) {
-        case "=": return db`${col} = ${v}`;
-        case "!=": return db`${col} IS DISTINCT FROM ${v}`;
-        case "<": return db`${col} < ${v}`;
-        case "<=": return db`${col} <= ${v}`;
-        case ">": return db`${col} > ${v}`;
-        case ">=": return db`${col} >= ${v}`;
+        case "=":
+          return db`${col} = ${v}`;
+        case "!=":
+          return db`${col} IS DISTINCT FROM ${v}`;
+        case "<":
+          return db`${col} < ${v}`;
+        case "<=":
+          return db`${col} <= ${v}`;
+        case ">":
+          return db`${col} > ${v}`;
+        case ">=":
+          return db`${col} >= ${v}`;
       }
     }
   }
@@ -205,11 +240,17 @@ function parseRow<Row>(def: ObjectDef<any>, r: Record<string, unknown>, fields?:
   return schema.parse(r) as Row;
 }
 
-export async function list<Row extends Record<string, unknown>>(db: Db, def: ObjectDef<Row>, scope: Scope, q: ListQuery = {}): Promise<ListResult<Row>> {
+export async function list<Row extends Record<string, unknown>>(
+  db: Db,
+  def: ObjectDef<Row>,
+  scope: Scope,
+  q: ListQuery = {},
+): Promise<ListResult<Row>> {
   const conds = [scopeCondition(db, def, scope), ...(q.filters ?? []).map((f) => filterCondition(db, def, f))];
   const limit = q.limit ?? 1000;
   const offset = q.offset ?? 0;
-  if (!Number.isInteger(limit) || limit < 0 || limit > MAX_LIMIT) throw new ValidationError("limit", `must be an integer from 0 to ${MAX_LIMIT}`);
+  if (!Number.isInteger(limit) || limit < 0 || limit > MAX_LIMIT)
+    throw new ValidationError("limit", `must be an integer from 0 to ${MAX_LIMIT}`);
   if (!Number.isInteger(offset) || offset < 0) throw new ValidationError("offset", "must be a non-negative integer");
   const sorts = (q.sort ?? []).map((s) => {
     checkField(def, s.field, "sort");
@@ -245,7 +286,14 @@ export async function count(db: Db, def: ObjectDef<any>, scope: Scope, filters: 
 }
 
 /** The most frequent values of `fields` among the objects in scope matching `filters`, with their counts. */
-export async function countBy(db: Db, def: ObjectDef<any>, scope: Scope, fields: string[], filters: Filter[] = [], limit = 10): Promise<Record<string, unknown>[]> {
+export async function countBy(
+  db: Db,
+  def: ObjectDef<any>,
+  scope: Scope,
+  fields: string[],
+  filters: Filter[] = [],
+  limit = 10,
+): Promise<Record<string, unknown>[]> {
   for (const f of fields) checkField(def, f, "filter");
   const conds = [scopeCondition(db, def, scope), ...filters.map((f) => filterCondition(db, def, f))];
   return await db`SELECT ${db(fields)}, count(*)::int AS n FROM ${db(def.view)} WHERE ${and(db, conds)}
@@ -253,13 +301,23 @@ export async function countBy(db: Db, def: ObjectDef<any>, scope: Scope, fields:
 }
 
 /** One object by id, or NotFoundError if it does not exist in the caller's scope. */
-export async function get<Row extends Record<string, unknown>>(db: Db, def: ObjectDef<Row>, scope: Scope, id: number): Promise<Row> {
+export async function get<Row extends Record<string, unknown>>(
+  db: Db,
+  def: ObjectDef<Row>,
+  scope: Scope,
+  id: number,
+): Promise<Row> {
   const row = await find(db, def, scope, id);
   if (!row) throw new NotFoundError(def.kind, id);
   return row;
 }
 
-export async function find<Row extends Record<string, unknown>>(db: Db, def: ObjectDef<Row>, scope: Scope, id: number): Promise<Row | undefined> {
+export async function find<Row extends Record<string, unknown>>(
+  db: Db,
+  def: ObjectDef<Row>,
+  scope: Scope,
+  id: number,
+): Promise<Row | undefined> {
   // Ids are PostgreSQL integers: anything else names no object (and must not reach the query).
   if (!Number.isInteger(id) || id < -2147483648 || id > 2147483647) return undefined;
   const [r] = await db`SELECT * FROM ${db(def.view)} WHERE id = ${id} AND ${scopeCondition(db, def, scope)}`;
@@ -272,15 +330,27 @@ export function validate<T extends z.ZodObject>(schema: T, input: unknown): z.ou
   if (res.success) return res.data as z.output<T>;
   const issue = res.error.issues[0]!;
   const path = issue.path.join(".");
-  const msg = issue.code === "unrecognized_keys" ? `unknown field${issue.keys.length > 1 ? "s" : ""} ${issue.keys.map((k) => `"${k}"`).join(", ")}` : issue.message;
-  throw new ValidationError(issue.code === "unrecognized_keys" ? (issue.keys[0] ?? path) || undefined : path || undefined, msg);
+  const msg =
+    issue.code === "unrecognized_keys"
+      ? `unknown field${issue.keys.length > 1 ? "s" : ""} ${issue.keys.map((k) => `"${k}"`).join(", ")}`
+      : issue.message;
+  throw new ValidationError(
+    issue.code === "unrecognized_keys" ? (issue.keys[0] ?? path) || undefined : path || undefined,
+    msg,
+  );
 }
 
 /** Refuses a change of a global or read-only object by a caller who may not make it (403). */
-export function checkWritable(def: ObjectDef<any>, scope: Scope, row: Record<string, unknown>, op: "update" | "delete"): void {
+export function checkWritable(
+  def: ObjectDef<any>,
+  scope: Scope,
+  row: Record<string, unknown>,
+  op: "update" | "delete",
+): void {
   if (scope.tenantId !== null) {
     if (def.tenancy === "global") throw new DataError(`only a superadministrator can ${op} a ${def.kind}`, 403);
-    if (def.tenancy === "shared" && row.tenant_id === 0) throw new DataError(`this ${def.kind} is global; only a superadministrator can ${op} it`, 403);
+    if (def.tenancy === "shared" && row.tenant_id === 0)
+      throw new DataError(`this ${def.kind} is global; only a superadministrator can ${op} it`, 403);
   }
   const why = def.readOnly?.(row, op);
   if (why) throw new DataError(why, 403);
@@ -291,13 +361,20 @@ async function checkRefs(db: Db, def: ObjectDef<any>, scope: Scope, input: Recor
   for (const [field, ref] of Object.entries(def.refs ?? {})) {
     const id = input[field];
     if (id === undefined || id === null) continue;
-    if (!(await find(db, ref, scope, id as number))) throw new ValidationError(field, `no such ${ref.kind} ${id}${scope.tenantId !== null ? " in this tenant" : ""}`);
+    if (!(await find(db, ref, scope, id as number)))
+      throw new ValidationError(field, `no such ${ref.kind} ${id}${scope.tenantId !== null ? " in this tenant" : ""}`);
   }
 }
 
-export async function create<Row extends Record<string, unknown>>(db: Db, def: ObjectDef<Row>, scope: Scope, input: unknown): Promise<Row> {
+export async function create<Row extends Record<string, unknown>>(
+  db: Db,
+  def: ObjectDef<Row>,
+  scope: Scope,
+  input: unknown,
+): Promise<Row> {
   if (!def.create) throw new DataError(`${def.kind} objects cannot be created this way`, 405);
-  if (def.tenancy === "global" && scope.tenantId !== null) throw new DataError(`only a superadministrator can create a ${def.kind}`, 403);
+  if (def.tenancy === "global" && scope.tenantId !== null)
+    throw new DataError(`only a superadministrator can create a ${def.kind}`, 403);
   const data = validate(def.create, input) as Record<string, any>;
   return transaction(db, async (tx) => {
     // The tenant and the references first: toColumns may query by them (or hash a password).
@@ -306,7 +383,11 @@ export async function create<Row extends Record<string, unknown>>(db: Db, def: O
     if (def.tenantFrom) {
       const parentId = data[def.tenantFrom.field];
       const parent = await find(tx, def.tenantFrom.def, scope, parentId);
-      if (!parent) throw new ValidationError(def.tenantFrom.field, `no such ${def.tenantFrom.def.kind} ${parentId}${scope.tenantId !== null ? " in this tenant" : ""}`);
+      if (!parent)
+        throw new ValidationError(
+          def.tenantFrom.field,
+          `no such ${def.tenantFrom.def.kind} ${parentId}${scope.tenantId !== null ? " in this tenant" : ""}`,
+        );
       refScope = tenantScope(parent.tenant_id as number);
       if (def.tenantFrom.copyTenant) tenant.tenant_id = parent.tenant_id;
     } else if (def.tenancy === "own" || def.tenancy === "shared") {
@@ -331,7 +412,13 @@ export async function create<Row extends Record<string, unknown>>(db: Db, def: O
   });
 }
 
-export async function update<Row extends Record<string, unknown>>(db: Db, def: ObjectDef<Row>, scope: Scope, id: number, patch: unknown): Promise<Row> {
+export async function update<Row extends Record<string, unknown>>(
+  db: Db,
+  def: ObjectDef<Row>,
+  scope: Scope,
+  id: number,
+  patch: unknown,
+): Promise<Row> {
   if (!def.update) throw new DataError(`${def.kind} objects cannot be changed this way`, 405);
   const data = validate(def.update, patch) as Record<string, any>;
   return transaction(db, async (tx) => {
@@ -351,17 +438,27 @@ export async function update<Row extends Record<string, unknown>>(db: Db, def: O
 }
 
 /** What still depends on an object (the reasons a delete would be refused). */
-export async function dependentsOf(db: Db, def: ObjectDef<any>, id: number): Promise<{ kind: string; count: number; ids: number[] }[]> {
+export async function dependentsOf(
+  db: Db,
+  def: ObjectDef<any>,
+  id: number,
+): Promise<{ kind: string; count: number; ids: number[] }[]> {
   const out: { kind: string; count: number; ids: number[] }[] = [];
   for (const d of def.dependents ?? []) {
     const idCol = d.idColumn ?? "id";
-    const rows = await db`SELECT ${db(idCol)} AS id, count(*) OVER ()::int AS n FROM ${db(d.table)} WHERE ${db(d.column)} = ${id} ORDER BY 1 LIMIT 10`;
+    const rows =
+      await db`SELECT ${db(idCol)} AS id, count(*) OVER ()::int AS n FROM ${db(d.table)} WHERE ${db(d.column)} = ${id} ORDER BY 1 LIMIT 10`;
     if (rows.length) out.push({ kind: d.label, count: rows[0]!.n, ids: rows.map((r) => r.id) });
   }
   return out;
 }
 
-export async function remove<Row extends Record<string, unknown>>(db: Db, def: ObjectDef<Row>, scope: Scope, id: number): Promise<Row> {
+export async function remove<Row extends Record<string, unknown>>(
+  db: Db,
+  def: ObjectDef<Row>,
+  scope: Scope,
+  id: number,
+): Promise<Row> {
   return transaction(db, async (tx) => {
     const row = await get(tx, def, scope, id);
     checkWritable(def, scope, row, "delete");
@@ -369,7 +466,9 @@ export async function remove<Row extends Record<string, unknown>>(db: Db, def: O
     if (refusal) throw new ConflictError(refusal);
     const deps = await dependentsOf(tx, def, id);
     if (deps.length) {
-      const what = deps.map((d) => `${d.count} ${d.kind} (${d.ids.slice(0, 5).join(", ")}${d.count > 5 ? ", …" : ""})`).join(" and ");
+      const what = deps
+        .map((d) => `${d.count} ${d.kind} (${d.ids.slice(0, 5).join(", ")}${d.count > 5 ? ", …" : ""})`)
+        .join(" and ");
       throw new InUseError(`${def.kind} ${labelOf(def, row)} is still used by ${what}`, deps);
     }
     try {
@@ -398,6 +497,14 @@ export const language = z.enum(["auto", "en", "es"]);
 export const isSafePathComponent = (n: string) => n !== "" && n !== "." && n !== ".." && !/[/\\\x00-\x1f\x7f]/.test(n);
 /** A name that becomes a directory of the homes (a tenant's, a user's): what isSafePathComponent allows. */
 export const directoryName = (s: z.ZodString) =>
-  s.regex(/^[^\\\x00-\x1f\x7f]+$/, "must not contain \\ or control characters").refine((n) => n !== "." && n !== "..", "must not be . or .. (it names a directory: homes are <tenant>/<user>)");
-export const loginName = directoryName(z.string().min(1, "must not be empty").max(64).regex(/^[^@#\s/:]+$/, "must not contain spaces, @, #, / or :"));
+  s
+    .regex(/^[^\\\x00-\x1f\x7f]+$/, "must not contain \\ or control characters")
+    .refine((n) => n !== "." && n !== "..", "must not be . or .. (it names a directory: homes are <tenant>/<user>)");
+export const loginName = directoryName(
+  z
+    .string()
+    .min(1, "must not be empty")
+    .max(64)
+    .regex(/^[^@#\s/:]+$/, "must not contain spaces, @, #, / or :"),
+);
 export const password = z.string().min(8, "must have at least 8 characters").max(1024);

@@ -34,7 +34,10 @@ export interface PeerDesktop {
  * VM `vmId` when it runs on node `hostId` and its session is `session`, held by node
  * `callerId`'s L7R (connecting or connected); else undefined.
  */
-export async function peerDesktop(db: Db, o: { vmId: number; hostId: number; callerId: number; session: string }): Promise<PeerDesktop | undefined> {
+export async function peerDesktop(
+  db: Db,
+  o: { vmId: number; hostId: number; callerId: number; session: string },
+): Promise<PeerDesktop | undefined> {
   const [r] = await db`SELECT host(vm_address) AS vm_address, vma_port, x_port, vma_secret FROM vm_runtimes
     WHERE vm_id = ${o.vmId} AND host_id = ${o.hostId} AND vm_state = 'running'
       AND vm_address IS NOT NULL AND vma_port IS NOT NULL AND vma_secret IS NOT NULL

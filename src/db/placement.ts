@@ -55,16 +55,31 @@ const candidates = (db: Db, memoryMb: number, aliveS: number, hypervisor: Hyperv
    WHERE a.ram - coalesce(p.mb, 0) >= ${memoryMb}`;
 
 /** Every node that could take a `hypervisor` desktop of `memoryMb` now, with what placement weighs. */
-export async function placementCandidates(db: Db, memoryMb: number, aliveS: number, hypervisor: Hypervisor = "lxc"): Promise<Candidate[]> {
+export async function placementCandidates(
+  db: Db,
+  memoryMb: number,
+  aliveS: number,
+  hypervisor: Hypervisor = "lxc",
+): Promise<Candidate[]> {
   return (await db`SELECT * FROM (${candidates(db, memoryMb, aliveS, hypervisor)}) c ORDER BY id`) as unknown as Candidate[];
 }
 
-const pick = (db: Db, memoryMb: number, aliveS: number, hypervisor: Hypervisor) => db`SELECT id FROM (${candidates(db, memoryMb, aliveS, hypervisor)}) c
+const pick = (
+  db: Db,
+  memoryMb: number,
+  aliveS: number,
+  hypervisor: Hypervisor,
+) => db`SELECT id FROM (${candidates(db, memoryMb, aliveS, hypervisor)}) c
     ORDER BY ${W_RAM} * free_mb / greatest(max(free_mb) OVER (), 1) + ${W_CPU} * cpu / greatest(max(cpu) OVER (), 1) + ${W_RANDOM} * random() DESC
     LIMIT 1`;
 
 /** Picks the node for a `hypervisor` desktop of `memoryMb` (one query); undefined when none qualifies. */
-export async function placeVm(db: Db, memoryMb: number, aliveS: number, hypervisor: Hypervisor = "lxc"): Promise<number | undefined> {
+export async function placeVm(
+  db: Db,
+  memoryMb: number,
+  aliveS: number,
+  hypervisor: Hypervisor = "lxc",
+): Promise<number | undefined> {
   const [r] = await pick(db, memoryMb, aliveS, hypervisor);
   return r?.id;
 }
@@ -84,7 +99,12 @@ export async function hypervisorShortfall(db: Db, hypervisor: Hypervisor, aliveS
 }
 
 /** The plan of placeVm's query (bench/farm.ts checks which tables it reads in full). */
-export async function placementPlan(db: Db, memoryMb: number, aliveS: number, hypervisor: Hypervisor = "lxc"): Promise<string[]> {
+export async function placementPlan(
+  db: Db,
+  memoryMb: number,
+  aliveS: number,
+  hypervisor: Hypervisor = "lxc",
+): Promise<string[]> {
   return (await db`EXPLAIN ${pick(db, memoryMb, aliveS, hypervisor)}`).map((r) => r["QUERY PLAN"] as string);
 }
 

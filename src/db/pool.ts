@@ -33,7 +33,7 @@ export function connect(url: string, opts: ConnectOptions = {}): Sql {
   if (!opts.listener) poolStats.max += opts.max ?? 10;
   const seen = (conn: number) => {
     poolStats.queries++;
-    if (!open.has(conn)) (open.add(conn), poolStats.open++);
+    if (!open.has(conn)) open.add(conn), poolStats.open++;
   };
   const closed = (conn: number) => {
     if (open.delete(conn)) poolStats.open--;
@@ -44,14 +44,19 @@ export function connect(url: string, opts: ConnectOptions = {}): Sql {
   return postgres(target.url, {
     path: target.path,
     // Several servers: we choose the one to connect to (see serverChooser).
-    ...(multi ? { socket: serverChooser(target.url, target.targets, wantsPrimary(target), connectTimeout), target_session_attrs: wantsPrimary(target) ? "read-write" : undefined } : {}),
+    ...(multi
+      ? {
+          socket: serverChooser(target.url, target.targets, wantsPrimary(target), connectTimeout),
+          target_session_attrs: wantsPrimary(target) ? "read-write" : undefined,
+        }
+      : {}),
     max: opts.max ?? 10,
     connect_timeout: connectTimeout,
     // postgres.js waits up to 20 s between attempts after repeated failures; a database back
     // from an outage or a failover is used again within half a second.
-    backoff: (retries: number) => Math.min(0.5, (0.5 + Math.random() / 2) * 3 ** retries / 100),
+    backoff: (retries: number) => Math.min(0.5, ((0.5 + Math.random() / 2) * 3 ** retries) / 100),
     // A listening connection must never be recycled: its LISTENs would silently go with it.
-    idle_timeout: opts.listener ? null as unknown as undefined : 60,
+    idle_timeout: opts.listener ? (null as unknown as undefined) : 60,
     max_lifetime: opts.listener ? null : undefined,
     onnotice: () => {},
     // `onnotify` is supported by postgres.js but missing from its type declarations.
@@ -95,8 +100,15 @@ function serverChooser(url: string, targets: DbTarget[], primary: boolean, conne
   };
   const takesWrites = async (t: DbTarget): Promise<boolean> => {
     const probe = postgres(url, {
-      host: t.host, port: t.port, path: t.path, max: 1, connect_timeout: connectTimeoutS,
-      fetch_types: false, prepare: false, onnotice: () => {}, connection: { application_name: "qvd-probe" },
+      host: t.host,
+      port: t.port,
+      path: t.path,
+      max: 1,
+      connect_timeout: connectTimeoutS,
+      fetch_types: false,
+      prepare: false,
+      onnotice: () => {},
+      connection: { application_name: "qvd-probe" },
     });
     try {
       const [r] = await probe`SELECT pg_is_in_recovery() AS standby, current_setting('transaction_read_only') AS ro`;
@@ -108,13 +120,14 @@ function serverChooser(url: string, targets: DbTarget[], primary: boolean, conne
     }
   };
   // postgres.js writes to the socket it is given at once: hand it over connected.
-  const connected = (t: DbTarget) => new Promise<Socket | undefined>((resolve) => {
-    const s = open(t);
-    const done = (ok: boolean) => (clearTimeout(timer), ok || s.destroy(), resolve(ok ? s : undefined));
-    const timer = setTimeout(() => done(false), connectTimeoutS * 1000);
-    s.once("connect", () => done(true));
-    s.once("error", () => done(false));
-  });
+  const connected = (t: DbTarget) =>
+    new Promise<Socket | undefined>((resolve) => {
+      const s = open(t);
+      const done = (ok: boolean) => (clearTimeout(timer), ok || s.destroy(), resolve(ok ? s : undefined));
+      const timer = setTimeout(() => done(false), connectTimeoutS * 1000);
+      s.once("connect", () => done(true));
+      s.once("error", () => done(false));
+    });
   return async (): Promise<Socket | Duplex> => {
     const start = Date.now() - verifiedAt < 10_000 ? preferred : -1;
     if (start >= 0) {

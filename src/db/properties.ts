@@ -61,7 +61,14 @@ async function definition(db: Db, key: string, tenantId: number): Promise<{ id: 
 }
 
 /** Sets a property value on an object the caller can see. */
-export async function setPropertyValue(db: Db, scope: Scope, target: PropertyTarget, objectId: number, key: string, value: string): Promise<void> {
+export async function setPropertyValue(
+  db: Db,
+  scope: Scope,
+  target: PropertyTarget,
+  objectId: number,
+  key: string,
+  value: string,
+): Promise<void> {
   const t = TARGETS[target];
   const obj = await get(db, t.def, scope, objectId);
   checkWritable(t.def, scope, obj, "update"); // a node's values are global: superadministrators only
@@ -74,17 +81,29 @@ export async function setPropertyValue(db: Db, scope: Scope, target: PropertyTar
   }
 }
 
-export async function deletePropertyValue(db: Db, scope: Scope, target: PropertyTarget, objectId: number, key: string): Promise<void> {
+export async function deletePropertyValue(
+  db: Db,
+  scope: Scope,
+  target: PropertyTarget,
+  objectId: number,
+  key: string,
+): Promise<void> {
   const t = TARGETS[target];
   const obj = await get(db, t.def, scope, objectId);
   checkWritable(t.def, scope, obj, "update"); // a node's values are global: superadministrators only
   const p = await definition(db, key, (obj.tenant_id as number | undefined) ?? 0);
-  const rows = await db`DELETE FROM ${db(t.table)} WHERE ${db(t.column)} = ${objectId} AND property_id = ${p.id} RETURNING value`;
+  const rows =
+    await db`DELETE FROM ${db(t.table)} WHERE ${db(t.column)} = ${objectId} AND property_id = ${p.id} RETURNING value`;
   if (rows.length === 0) throw new NotFoundError(`property value`, key);
 }
 
 /** All property values of one object, by key. */
-export async function propertyValues(db: Db, scope: Scope, target: PropertyTarget, objectId: number): Promise<Record<string, string>> {
+export async function propertyValues(
+  db: Db,
+  scope: Scope,
+  target: PropertyTarget,
+  objectId: number,
+): Promise<Record<string, string>> {
   const t = TARGETS[target];
   await get(db, t.def, scope, objectId);
   const rows = await db`SELECT p.key, v.value FROM ${db(t.table)} v JOIN properties p ON p.id = v.property_id

@@ -36,7 +36,10 @@ export const roles: ObjectDef<RoleRow> = {
   create: RoleCreate,
   update: RoleUpdate,
   tenancy: "shared",
-  readOnly: (row) => (row.builtin ? `role ${JSON.stringify(row.name)} is built in and cannot be changed; make a role that inherits it` : undefined),
+  readOnly: (row) =>
+    row.builtin
+      ? `role ${JSON.stringify(row.name)} is built in and cannot be changed; make a role that inherits it`
+      : undefined,
   dependents: [
     { label: "administrators", table: "administrator_roles", column: "role_id", idColumn: "administrator_id" },
     { label: "roles that inherit it", table: "role_inheritance", column: "inherits_id", idColumn: "role_id" },
@@ -47,7 +50,8 @@ async function writableRole(db: Db, scope: Scope, roleId: number): Promise<z.inf
   const role = await get(db, roles, scope, roleId);
   // Refused like any other change of a read-only or global object (see checkWritable): 403.
   if (role.builtin) throw new DataError(roles.readOnly!(role, "update")!, 403);
-  if (scope.tenantId !== null && role.tenant_id === 0) throw new DataError("global roles can only be changed by a superadministrator", 403);
+  if (scope.tenantId !== null && role.tenant_id === 0)
+    throw new DataError("global roles can only be changed by a superadministrator", 403);
   return role;
 }
 
@@ -78,14 +82,18 @@ export async function addInheritance(db: Db, scope: Scope, roleId: number, paren
     await db`INSERT INTO role_inheritance (role_id, inherits_id) VALUES (${roleId}, ${parentId}) ON CONFLICT DO NOTHING`;
   } catch (err) {
     if ((err as { code?: string }).code === "23514")
-      throw new ValidationError("inherits", `role ${JSON.stringify(role.name)} cannot inherit ${JSON.stringify(parent.name)}: that would make a cycle`);
+      throw new ValidationError(
+        "inherits",
+        `role ${JSON.stringify(role.name)} cannot inherit ${JSON.stringify(parent.name)}: that would make a cycle`,
+      );
     throw err;
   }
 }
 
 export async function removeInheritance(db: Db, scope: Scope, roleId: number, parentId: number): Promise<boolean> {
   await writableRole(db, scope, roleId);
-  const rows = await db`DELETE FROM role_inheritance WHERE role_id = ${roleId} AND inherits_id = ${parentId} RETURNING role_id`;
+  const rows =
+    await db`DELETE FROM role_inheritance WHERE role_id = ${roleId} AND inherits_id = ${parentId} RETURNING role_id`;
   return rows.length > 0;
 }
 
@@ -158,28 +166,42 @@ export interface RoleWithAcls {
 /** The roles `roleId` inherits directly, each with its effective ACLs (one graph load for all). */
 export async function parentRolesWithAcls(db: Db, roleId: number): Promise<RoleWithAcls[]> {
   const rs = await db`SELECT inherits_id AS id FROM role_inheritance WHERE role_id = ${roleId}`;
-  return rolesWithAcls(db, rs.map((r) => r.id as number));
+  return rolesWithAcls(
+    db,
+    rs.map((r) => r.id as number),
+  );
 }
 
 /** An administrator's roles, each with its effective ACLs. */
 export async function administratorRolesWithAcls(db: Db, administratorId: number): Promise<RoleWithAcls[]> {
   const rs = await db`SELECT role_id AS id FROM administrator_roles WHERE administrator_id = ${administratorId}`;
-  return rolesWithAcls(db, rs.map((r) => r.id as number));
+  return rolesWithAcls(
+    db,
+    rs.map((r) => r.id as number),
+  );
 }
 
 async function rolesWithAcls(db: Db, ids: number[]): Promise<RoleWithAcls[]> {
   if (ids.length === 0) return [];
   const g = await loadGraph(db, ids);
   const memo = new Map<number, Set<string>>();
-  const rows = await db`SELECT r.id, r.name, r.tenant_id, t.name AS tenant_name, r.builtin FROM roles r JOIN tenants t ON t.id = r.tenant_id
+  const rows =
+    await db`SELECT r.id, r.name, r.tenant_id, t.name AS tenant_name, r.builtin FROM roles r JOIN tenants t ON t.id = r.tenant_id
                          WHERE r.id = ANY(${ids}::int[]) ORDER BY lower(r.name), r.id`;
   return rows.map((r) => ({
-    id: r.id, name: r.name, tenant_id: r.tenant_id, tenant_name: r.tenant_name, builtin: r.builtin,
+    id: r.id,
+    name: r.name,
+    tenant_id: r.tenant_id,
+    tenant_name: r.tenant_name,
+    builtin: r.builtin,
     acls: [...effective(g, r.id, memo)].sort(),
   }));
 }
 
 /** Every ACL with its description (the API's /acls). */
 export async function listAcls(db: Db): Promise<{ name: string; description: string }[]> {
-  return (await db`SELECT name, description FROM acls ORDER BY name`) as unknown as { name: string; description: string }[];
+  return (await db`SELECT name, description FROM acls ORDER BY name`) as unknown as {
+    name: string;
+    description: string;
+  }[];
 }

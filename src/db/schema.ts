@@ -25,12 +25,22 @@ export interface SchemaStatus {
 
 export async function schemaStatus(db: Db, migrations: Migration[] = MIGRATIONS): Promise<SchemaStatus> {
   const latest = Math.max(1, ...migrations.map((m) => m.version));
-  const [{ tables }] = await db`SELECT count(*)::int AS tables FROM pg_tables WHERE schemaname = 'public'` as unknown as [{ tables: number }];
-  const [{ has }] = await db`SELECT to_regclass('public.schema_migrations') IS NOT NULL AS has` as unknown as [{ has: boolean }];
+  const [{ tables }] =
+    (await db`SELECT count(*)::int AS tables FROM pg_tables WHERE schemaname = 'public'`) as unknown as [
+      { tables: number },
+    ];
+  const [{ has }] = (await db`SELECT to_regclass('public.schema_migrations') IS NOT NULL AS has`) as unknown as [
+    { has: boolean },
+  ];
   if (!has) return { version: null, latest, pending: [], tables };
-  const [{ v }] = await db`SELECT max(version)::int AS v FROM schema_migrations` as unknown as [{ v: number | null }];
+  const [{ v }] = (await db`SELECT max(version)::int AS v FROM schema_migrations`) as unknown as [{ v: number | null }];
   const version = v ?? null;
-  return { version, latest, tables, pending: migrations.filter((m) => version !== null && m.version > version).map((m) => m.version) };
+  return {
+    version,
+    latest,
+    tables,
+    pending: migrations.filter((m) => version !== null && m.version > version).map((m) => m.version),
+  };
 }
 
 /**
@@ -39,9 +49,16 @@ export async function schemaStatus(db: Db, migrations: Migration[] = MIGRATIONS)
  */
 export async function requireCurrentSchema(db: Db, migrations: Migration[] = MIGRATIONS): Promise<void> {
   const s = await schemaStatus(db, migrations);
-  if (s.version === null) throw new UserError("the database has no qvd schema yet: run qvd db init (a new farm) or qvd db migrate");
-  if (s.version < s.latest) throw new UserError(`the database's schema is version ${s.version} and this qvd needs ${s.latest}: run qvd db migrate with this qvd first`);
-  if (s.version > s.latest) throw new UserError(`the database's schema is version ${s.version}, newer than this qvd knows (${s.latest}): install the newer qvd on this machine (docs: README, "Installing on a server")`);
+  if (s.version === null)
+    throw new UserError("the database has no qvd schema yet: run qvd db init (a new farm) or qvd db migrate");
+  if (s.version < s.latest)
+    throw new UserError(
+      `the database's schema is version ${s.version} and this qvd needs ${s.latest}: run qvd db migrate with this qvd first`,
+    );
+  if (s.version > s.latest)
+    throw new UserError(
+      `the database's schema is version ${s.version}, newer than this qvd knows (${s.latest}): install the newer qvd on this machine (docs: README, "Installing on a server")`,
+    );
 }
 
 export function generatePassword(): string {
@@ -94,9 +111,13 @@ export async function initDatabase(sql: Sql, opts: InitOptions = {}): Promise<In
     await tx`SELECT pg_advisory_xact_lock(${SCHEMA_LOCK})`;
     const st = await schemaStatus(tx);
     if (st.version !== null)
-      throw new UserError(`the database already holds a QVD schema (version ${st.version}); nothing was changed. Use \`qvd db status\` or \`qvd db migrate\``);
+      throw new UserError(
+        `the database already holds a QVD schema (version ${st.version}); nothing was changed. Use \`qvd db status\` or \`qvd db migrate\``,
+      );
     if (st.tables > 0)
-      throw new UserError(`the database is not empty (${st.tables} tables in schema public); refusing to initialise it. Use an empty database`);
+      throw new UserError(
+        `the database is not empty (${st.tables} tables in schema public); refusing to initialise it. Use an empty database`,
+      );
     await tx.unsafe(schemaSql);
     await tx`INSERT INTO schema_migrations (version, name) VALUES (${SCHEMA_VERSION}, 'initial schema')`;
     await tx`INSERT INTO tenants (id, name, description) VALUES
@@ -115,7 +136,10 @@ export async function initDatabase(sql: Sql, opts: InitOptions = {}): Promise<In
 }
 
 /** Applies pending numbered migrations, each in its own transaction. */
-export async function migrateDatabase(sql: Sql, migrations: Migration[] = MIGRATIONS): Promise<{ from: number; to: number; applied: Migration[] }> {
+export async function migrateDatabase(
+  sql: Sql,
+  migrations: Migration[] = MIGRATIONS,
+): Promise<{ from: number; to: number; applied: Migration[] }> {
   const sorted = [...migrations].sort((a, b) => a.version - b.version);
   const latest = Math.max(1, ...sorted.map((m) => m.version));
   const applied: Migration[] = [];
@@ -125,7 +149,9 @@ export async function migrateDatabase(sql: Sql, migrations: Migration[] = MIGRAT
     const st = await schemaStatus(tx, sorted);
     if (st.version === null) throw new UserError("the database holds no QVD schema; run `qvd db init` first");
     if (st.version > latest)
-      throw new UserError(`the database schema (version ${st.version}) is newer than this qvd (version ${latest}); upgrade qvd`);
+      throw new UserError(
+        `the database schema (version ${st.version}) is newer than this qvd (version ${latest}); upgrade qvd`,
+      );
     from = st.version;
     for (const m of sorted) {
       if (m.version <= st.version) continue;

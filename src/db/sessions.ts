@@ -35,10 +35,15 @@ export async function createSession(
  * The administrator of a live session, extending its expiry (sliding). Blocked administrators
  * and administrators of blocked tenants have no live sessions.
  */
-export async function useSession(db: Db, token: string, ttlSeconds: number): Promise<{ administratorId: number; sessionId: string } | undefined> {
+export async function useSession(
+  db: Db,
+  token: string,
+  ttlSeconds: number,
+): Promise<{ administratorId: number; sessionId: string } | undefined> {
   const h = hash(token);
   // Refresh at most every 10 s so a busy client does not write on every request.
-  const [r] = await db`UPDATE admin_sessions s SET last_seen_at = now(), expires_at = now() + make_interval(secs => ${ttlSeconds})
+  const [r] =
+    await db`UPDATE admin_sessions s SET last_seen_at = now(), expires_at = now() + make_interval(secs => ${ttlSeconds})
      FROM administrators a JOIN tenants t ON t.id = a.tenant_id
     WHERE s.token_hash = ${h} AND s.expires_at > now() AND a.id = s.administrator_id AND NOT a.blocked AND NOT t.blocked
       AND s.last_seen_at < now() - interval '10 seconds'
@@ -52,7 +57,8 @@ export async function useSession(db: Db, token: string, ttlSeconds: number): Pro
 
 /** Whether a session is still live, without extending it (background checks are not activity). */
 export async function sessionAlive(db: Db, token: string): Promise<boolean> {
-  const [r] = await db`SELECT 1 FROM admin_sessions s JOIN administrators a ON a.id = s.administrator_id JOIN tenants t ON t.id = a.tenant_id
+  const [r] =
+    await db`SELECT 1 FROM admin_sessions s JOIN administrators a ON a.id = s.administrator_id JOIN tenants t ON t.id = a.tenant_id
     WHERE s.token_hash = ${hash(token)} AND s.expires_at > now() AND NOT a.blocked AND NOT t.blocked`;
   return Boolean(r);
 }
@@ -63,7 +69,8 @@ export async function endSession(db: Db, token: string): Promise<boolean> {
 
 /** Sessions, optionally of one tenant's administrators. */
 export async function listSessions(db: Db, tenantId?: number): Promise<SessionRow[]> {
-  const rows = await db`SELECT left(s.token_hash, 12) AS id, s.administrator_id, a.name AS administrator_name, a.tenant_id,
+  const rows =
+    await db`SELECT left(s.token_hash, 12) AS id, s.administrator_id, a.name AS administrator_name, a.tenant_id,
       s.created_at, s.last_seen_at, s.expires_at, s.address, s.source
     FROM admin_sessions s JOIN administrators a ON a.id = s.administrator_id
     WHERE s.expires_at > now() AND (${tenantId ?? null}::int IS NULL OR a.tenant_id = ${tenantId ?? null})
@@ -83,7 +90,9 @@ export async function endSessionById(db: Db, id: string, tenantId?: number): Pro
 /** Ends an administrator's sessions, but the one of `keepToken` (a password change keeps the session that made it). */
 export async function endSessionsOf(db: Db, administratorId: number, keepToken?: string): Promise<number> {
   const keep = keepToken ? hash(keepToken) : "";
-  return (await db`DELETE FROM admin_sessions WHERE administrator_id = ${administratorId} AND token_hash <> ${keep} RETURNING 1`).length;
+  return (
+    await db`DELETE FROM admin_sessions WHERE administrator_id = ${administratorId} AND token_hash <> ${keep} RETURNING 1`
+  ).length;
 }
 
 export async function deleteExpiredSessions(db: Db): Promise<number> {

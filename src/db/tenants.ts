@@ -14,9 +14,20 @@ export const TenantRow = z.object({
 });
 export type TenantRow = z.infer<typeof TenantRow>;
 
-const tenantName = directoryName(z.string().min(1).max(80).regex(/^[^@#\s/]+$/, "must not contain spaces, @, # or /"));
+const tenantName = directoryName(
+  z
+    .string()
+    .min(1)
+    .max(80)
+    .regex(/^[^@#\s/]+$/, "must not contain spaces, @, # or /"),
+);
 
-export const TenantCreate = z.object({ name: tenantName, description: description.optional(), language: language.optional(), blocked: z.boolean().optional() });
+export const TenantCreate = z.object({
+  name: tenantName,
+  description: description.optional(),
+  language: language.optional(),
+  blocked: z.boolean().optional(),
+});
 export const TenantUpdate = TenantCreate.partial();
 
 export const tenants: ObjectDef<TenantRow> = {
@@ -38,6 +49,13 @@ export const tenants: ObjectDef<TenantRow> = {
 };
 
 /** The tenants of these names (the global scope `*` included), for an administrator's login. */
-export async function tenantsByName(db: Db, names: string[]): Promise<{ id: number; name: string; blocked: boolean }[]> {
-  return (await db`SELECT id, name, blocked FROM tenants WHERE name = ANY(${names}::text[])`) as unknown as { id: number; name: string; blocked: boolean }[];
+export async function tenantsByName(
+  db: Db,
+  names: string[],
+): Promise<{ id: number; name: string; blocked: boolean }[]> {
+  return (await db`SELECT id, name, blocked FROM tenants WHERE name = ANY(${names}::text[])`) as unknown as {
+    id: number;
+    name: string;
+    blocked: boolean;
+  }[];
 }

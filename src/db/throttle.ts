@@ -35,7 +35,11 @@ export async function withThrottleRows<T>(
       const [k] = await tx`SELECT updated_at FROM login_throttle WHERE key = ${known}`;
       knownAt = (k?.updated_at as Date | undefined) ?? null;
     }
-    const { result, updates } = decide(new Map(rows.map((r) => [r.key as string, r as unknown as ThrottleRow])), now, knownAt);
+    const { result, updates } = decide(
+      new Map(rows.map((r) => [r.key as string, r as unknown as ThrottleRow])),
+      now,
+      knownAt,
+    );
     for (const u of updates)
       await tx`UPDATE login_throttle SET failures = ${u.failures}, failed_at = ${u.failed_at}, pending = ${u.pending},
           pending_until = ${u.pending_until}, updated_at = now() WHERE key = ${u.key}`;
@@ -47,7 +51,10 @@ export async function withThrottleRows<T>(
  * Ends tries that `withThrottleRows` let through: each key gives back its slot and `failed`
  * keys count a failure; `succeeded` keys (made when missing) record a success now.
  */
-export async function endThrottledTry(db: Db, k: { failed: string[]; released: string[]; succeeded: string[] }): Promise<void> {
+export async function endThrottledTry(
+  db: Db,
+  k: { failed: string[]; released: string[]; succeeded: string[] },
+): Promise<void> {
   // One row per statement: never two row locks held at once, so no deadlock with withThrottleRows.
   for (const key of [...k.failed].sort())
     await db`UPDATE login_throttle SET pending = greatest(pending - 1, 0), failures = failures + 1, failed_at = now(), updated_at = now()
@@ -60,5 +67,6 @@ export async function endThrottledTry(db: Db, k: { failed: string[]; released: s
 
 /** Deletes rows untouched for `seconds` (their counts are forgotten by then anyway). */
 export async function deleteStaleThrottleRows(db: Db, seconds: number): Promise<number> {
-  return (await db`DELETE FROM login_throttle WHERE updated_at < now() - make_interval(secs => ${seconds}) RETURNING 1`).length;
+  return (await db`DELETE FROM login_throttle WHERE updated_at < now() - make_interval(secs => ${seconds}) RETURNING 1`)
+    .length;
 }

@@ -60,7 +60,9 @@ function parse(url: string): ParsedDatabaseUrl {
   const qPorts = u.searchParams.get("port")?.split(",").map(Number);
   const hostsOf = qHosts ?? listed.map((l) => l.host);
   if (qPorts && qPorts.length !== 1 && qPorts.length !== hostsOf.length)
-    throw new ConfigError(`database.url: ${qPorts.length} ports for ${hostsOf.length} hosts (give one port, or one per host)`);
+    throw new ConfigError(
+      `database.url: ${qPorts.length} ports for ${hostsOf.length} hosts (give one port, or one per host)`,
+    );
   const targets: DbTarget[] = hostsOf.map((h, i) => {
     const port = qPorts ? qPorts[qPorts.length === 1 ? 0 : i] : qHosts ? undefined : listed[i]?.port;
     if (!validPort(port)) throw new ConfigError(`database.url: invalid port for host ${h || "localhost"}`);
@@ -71,7 +73,9 @@ function parse(url: string): ParsedDatabaseUrl {
   if (targets.length === 0) throw new ConfigError("database.url: no host");
   const tsa = u.searchParams.get("target_session_attrs") ?? undefined;
   if (tsa !== undefined && !["read-write", "primary", "any"].includes(tsa))
-    throw new ConfigError(`database.url: target_session_attrs=${tsa}: qvd writes to its database; use read-write (or primary)`);
+    throw new ConfigError(
+      `database.url: target_session_attrs=${tsa}: qvd writes to its database; use read-write (or primary)`,
+    );
   const first = targets[0]!;
   // A one-host URL, unchanged when it is the plain form postgres.js reads itself.
   if (targets.length === 1 && !first.path && !qHosts && !qPorts) return { url, targets, targetSessionAttrs: tsa };
@@ -96,7 +100,9 @@ export function checkDatabaseTls(url: string): void {
   if (!remote) return;
   const mode = new URL(parsed.url).searchParams.get("sslmode");
   if (mode === "require" || mode === "verify-full" || mode === "disable") return;
-  throw new ConfigError(`database.url: the database on ${remote.host} is reached over the network: add ?sslmode=verify-full (or sslmode=require) so the connection is encrypted${mode ? ` (sslmode=${mode} is not enough)` : ""}`);
+  throw new ConfigError(
+    `database.url: the database on ${remote.host} is reached over the network: add ?sslmode=verify-full (or sslmode=require) so the connection is encrypted${mode ? ` (sslmode=${mode} is not enough)` : ""}`,
+  );
 }
 
 /**

@@ -45,7 +45,12 @@ export const users: ObjectDef<UserRow> = {
 };
 
 /** Local password check for the L7R's local auth plugin. Unknown users cost the same time. */
-export async function verifyUserPassword(db: Db, tenantId: number, name: string, plain: string): Promise<UserRow | undefined> {
+export async function verifyUserPassword(
+  db: Db,
+  tenantId: number,
+  name: string,
+  plain: string,
+): Promise<UserRow | undefined> {
   const [r] = await db`SELECT id, password_hash FROM users WHERE tenant_id = ${tenantId} AND name = ${name}`;
   if (!(await checkPassword(plain, r?.password_hash))) return undefined;
   const [row] = await db`SELECT * FROM user_view WHERE id = ${r!.id}`;

@@ -11,7 +11,9 @@ import { users } from "./users.ts";
 export const VM_STATES = ["stopped", "starting", "running", "stopping", "zombie", "debugging"] as const;
 export const USER_STATES = ["disconnected", "connecting", "connected"] as const;
 
-const ipv4 = z.string().regex(/^((25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(25[0-5]|2[0-4]\d|1?\d?\d)$/, "expected an IPv4 address");
+const ipv4 = z
+  .string()
+  .regex(/^((25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(25[0-5]|2[0-4]\d|1?\d?\d)$/, "expected an IPv4 address");
 
 export const VmRow = z.object({
   id: z.number().int(),
@@ -54,7 +56,10 @@ export const VmCreate = z.object({
   osf_id: z.number().int().positive(),
   name: z.string().min(1).max(64),
   description: description.optional(),
-  di_tag: z.string().regex(/^[^\s,]{1,128}$/, "1 to 128 characters, no spaces or commas").optional(),
+  di_tag: z
+    .string()
+    .regex(/^[^\s,]{1,128}$/, "1 to 128 characters, no spaces or commas")
+    .optional(),
   ip: ipv4.nullable().optional(),
   storage: z.string().max(4096).optional(),
 });
@@ -70,7 +75,10 @@ export const vms: ObjectDef<VmRow> = {
   tenancy: "own",
   tenantFrom: { field: "user_id", def: users, copyTenant: true },
   refs: { osf_id: osfs },
-  canDelete: (row) => (row.vm_state !== "stopped" ? `vm ${JSON.stringify(row.name)} is ${row.vm_state}; stop it before deleting it` : undefined),
+  canDelete: (row) =>
+    row.vm_state !== "stopped"
+      ? `vm ${JSON.stringify(row.name)} is ${row.vm_state}; stop it before deleting it`
+      : undefined,
 };
 
 // --- address allocation ------------------------------------------------------------------------
@@ -95,8 +103,10 @@ export function vmAddressRange(cidr: string, gateway?: string): { first: number;
 export async function freeVmAddress(db: Db, cidr: string, gateway?: string): Promise<string> {
   const r = vmAddressRange(cidr, gateway);
   const used = new Set(
-    (await db`SELECT host(ip) AS ip FROM vms WHERE ip << ${cidr}::inet
-      UNION SELECT host(vm_address) FROM vm_runtimes WHERE vm_address << ${cidr}::inet`).map((row) => ipToInt(row.ip)),
+    (
+      await db`SELECT host(ip) AS ip FROM vms WHERE ip << ${cidr}::inet
+      UNION SELECT host(vm_address) FROM vm_runtimes WHERE vm_address << ${cidr}::inet`
+    ).map((row) => ipToInt(row.ip)),
   );
   for (let n = r.first; n <= r.last; n++) if (n !== r.gateway && !used.has(n)) return intToIp(n);
   throw new ConflictError(`no free address left in the VM network ${cidr}`, "ip");
@@ -106,7 +116,12 @@ export async function freeVmAddress(db: Db, cidr: string, gateway?: string): Pro
  * Creates a VM; without an explicit `ip`, allocates the lowest free address of `network`
  * (retrying when another creation took the same address at the same moment).
  */
-export async function createVm(db: Db, scope: Scope, input: Record<string, unknown>, network?: { range: string; gateway?: string }): Promise<VmRow> {
+export async function createVm(
+  db: Db,
+  scope: Scope,
+  input: Record<string, unknown>,
+  network?: { range: string; gateway?: string },
+): Promise<VmRow> {
   if (input.ip !== undefined || !network) return create(db, vms, scope, input);
   for (let attempt = 0; ; attempt++) {
     const ip = await freeVmAddress(db, network.range, network.gateway);

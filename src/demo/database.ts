@@ -20,7 +20,12 @@ export function writeSecret(file: string, secret: string): void {
  * Starts the cluster (creating it, the database and the schema on the first run) and returns
  * its URL; the superadmin's password goes to <dir>/superadmin-password. `started` is called as soon as the server runs, so the caller can stop it on failure.
  */
-export async function startDatabase(cluster: LocalCluster, dir: string, say: (line: string) => void, started: () => void): Promise<string> {
+export async function startDatabase(
+  cluster: LocalCluster,
+  dir: string,
+  say: (line: string) => void,
+  started: () => void,
+): Promise<string> {
   if (!cluster.initialised) {
     say(`Creating a PostgreSQL cluster in ${cluster.data}…`);
     await cluster.init();
@@ -43,7 +48,9 @@ export async function startDatabase(cluster: LocalCluster, dir: string, say: (li
   try {
     const st = await schemaStatus(sql);
     if (st.version === null && st.tables > 0)
-      throw new UserError(`database ${DEMO_DB} in ${dir} holds ${st.tables} tables but no QVD schema: remove ${dir} to start afresh`);
+      throw new UserError(
+        `database ${DEMO_DB} in ${dir} holds ${st.tables} tables but no QVD schema: remove ${dir} to start afresh`,
+      );
     if (st.version === null) {
       say("Initialising the QVD schema…");
       const res = await initDatabase(sql);

@@ -31,7 +31,15 @@ export async function ensureHost(sql: D.Sql, name: string): Promise<void> {
 
 async function ensureOsf(sql: D.Sql): Promise<D.OsfRow> {
   const [osf] = (await D.list(sql, D.osfs, scope, byName(DEMO_OSF))).rows;
-  return osf ?? D.create(sql, D.osfs, D.ALL_TENANTS, { tenant_id: DEMO_TENANT, name: DEMO_OSF, description: "Debian desktop (qvd demo)", memory_mb: 512 }); // jwm and xterm need far less
+  return (
+    osf ??
+    D.create(sql, D.osfs, D.ALL_TENANTS, {
+      tenant_id: DEMO_TENANT,
+      name: DEMO_OSF,
+      description: "Debian desktop (qvd demo)",
+      memory_mb: 512,
+    })
+  ); // jwm and xterm need far less
 }
 
 export interface ImageOptions {
@@ -52,7 +60,9 @@ export async function ensureImage(sql: D.Sql, o: ImageOptions): Promise<D.DiRow>
   }
   mkdirSync(o.imagesDir, { recursive: true });
   // A file name no image row uses yet (an earlier image whose file went missing keeps its row).
-  const used = new Set((await D.list(sql, D.dis, D.ALL_TENANTS, { fields: ["path"], limit: D.MAX_LIMIT })).rows.map((d) => d.path));
+  const used = new Set(
+    (await D.list(sql, D.dis, D.ALL_TENANTS, { fields: ["path"], limit: D.MAX_LIMIT })).rows.map((d) => d.path),
+  );
   let name = DEFAULT_IMAGE_NAME;
   for (let n = 2; used.has(name); n++) name = DEFAULT_IMAGE_NAME.replace(/\.tar\.gz$/, `-${n}.tar.gz`);
   const file = join(o.imagesDir, name);
@@ -72,17 +82,25 @@ export async function ensureImage(sql: D.Sql, o: ImageOptions): Promise<D.DiRow>
     [sha256, bytes] = [await sha256File(file), statSync(file).size];
   } else {
     const cacheDir = String(KEYS["di.build.cache"].default);
-    o.say(`Building the Debian desktop image with qvd di build (cache ${cacheDir}; about 3 minutes when nothing is cached)…`);
+    o.say(
+      `Building the Debian desktop image with qvd di build (cache ${cacheDir}; about 3 minutes when nothing is cached)…`,
+    );
     const res = await buildImage({ output: file, cacheDir, log: (line) => o.say(`  ${line}`) });
     o.say(`  ${res.cached ? "copied from the cache" : "built"} in ${res.seconds.toFixed(0)} s`);
     [sha256, bytes] = [res.sha256, res.bytes];
   }
-  const created = await D.create(sql, D.dis, D.ALL_TENANTS, { osf_id: osf.id, path: name, description: "Debian desktop built by qvd di build" });
+  const created = await D.create(sql, D.dis, D.ALL_TENANTS, {
+    osf_id: osf.id,
+    path: name,
+    description: "Debian desktop built by qvd di build",
+  });
   await D.finishDiUpload(sql, created.id, bytes, sha256);
   // The first image of an OSF gets `default` by itself; a replacement takes it over.
   await D.tagDi(sql, D.ALL_TENANTS, created.id, "default");
   const di = await D.get(sql, D.dis, D.ALL_TENANTS, created.id);
-  o.say(`Registered image ${name} (${(bytes / 1024 / 1024).toFixed(0)} MiB) as ${DEMO_OSF} ${di.version}, tags ${di.tags.join(", ")}`);
+  o.say(
+    `Registered image ${name} (${(bytes / 1024 / 1024).toFixed(0)} MiB) as ${DEMO_OSF} ${di.version}, tags ${di.tags.join(", ")}`,
+  );
   return di;
 }
 
@@ -92,7 +110,11 @@ export async function unpackForNode(di: D.DiRow, o: ImageOptions): Promise<void>
   let last = -1;
   const unpack = () =>
     unpackImage({
-      image: p.image, basefsDir: p.basefsDir, diId: di.id, sha256: di.sha256, idmap: DEFAULT_IDMAP, // the demo node's (default) range
+      image: p.image,
+      basefsDir: p.basefsDir,
+      diId: di.id,
+      sha256: di.sha256,
+      idmap: DEFAULT_IDMAP, // the demo node's (default) range
       onProgress: (pr) => {
         if (pr.phase === "wait") return o.say("  waiting for another unpack of this image…");
         const pct = pr.total ? Math.floor((pr.bytes / pr.total) * 4) * 25 : 100;
@@ -128,7 +150,12 @@ export async function ensureUser(sql: D.Sql, dir: string, osfName = DEMO_OSF): P
     newPassword = generatePassword();
     user = user
       ? await D.update(sql, D.users, scope, user.id, { password: newPassword })
-      : await D.create(sql, D.users, D.ALL_TENANTS, { tenant_id: DEMO_TENANT, name: DEMO_USER, password: newPassword, description: "qvd demo user" });
+      : await D.create(sql, D.users, D.ALL_TENANTS, {
+          tenant_id: DEMO_TENANT,
+          name: DEMO_USER,
+          password: newPassword,
+          description: "qvd demo user",
+        });
     writeSecret(passwordFile, newPassword);
   }
   const [osf] = (await D.list(sql, D.osfs, scope, byName(osfName))).rows;

@@ -37,7 +37,8 @@ export class DemoNetns {
   /** Stops any container left in it (by force), then removes it. */
   async remove(lxcPath: string): Promise<string[]> {
     const left = await this.containers(lxcPath);
-    for (const c of left) await run([...this.exec, "lxc-stop", "-k", "-n", c, "-P", lxcPath], { allowFail: true, timeoutMs: 60_000 });
+    for (const c of left)
+      await run([...this.exec, "lxc-stop", "-k", "-n", c, "-P", lxcPath], { allowFail: true, timeoutMs: 60_000 });
     if (this.exists) await run(["ip", "netns", "del", this.name]);
     return left;
   }

@@ -7,7 +7,8 @@ import { UserError } from "../errors.ts";
 import { spawnDaemon, type Daemon } from "../run.ts";
 
 /** The environment of a child: no QVD_* settings of the caller (the demo passes its own). */
-const childEnv = () => Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("QVD_"))) as Record<string, string>;
+const childEnv = () =>
+  Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("QVD_"))) as Record<string, string>;
 
 const alive = (pid: number) => {
   try {
@@ -106,7 +107,12 @@ export async function stopLeftover(pidFile: string, marker: string): Promise<boo
 }
 
 /** Waits until `ready` holds, failing early when the child exits. */
-export async function waitReady(child: Child, what: string, ready: () => Promise<boolean> | boolean, ms: number): Promise<void> {
+export async function waitReady(
+  child: Child,
+  what: string,
+  ready: () => Promise<boolean> | boolean,
+  ms: number,
+): Promise<void> {
   const end = Date.now() + ms;
   for (;;) {
     if (!child.running) throw child.failure(`exited (status ${child.status}) before ${what}`);

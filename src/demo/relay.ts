@@ -46,7 +46,14 @@ export function startRelay(o: { hostname: string; port: number; unix: string; pr
               active--;
               return;
             }
-            const header = o.proxyProtocol ? [proxyHeader({ address: client.remoteAddress, port: client.remotePort }, { address: client.localAddress, port: client.localPort })] : [];
+            const header = o.proxyProtocol
+              ? [
+                  proxyHeader(
+                    { address: client.remoteAddress, port: client.remotePort },
+                    { address: client.localAddress, port: client.localPort },
+                  ),
+                ]
+              : [];
             const first = [...header, ...early];
             const done = splice(client, node, { toB: first.length ? Buffer.concat(first) : undefined });
             if (ended) client.data.io?.end();

@@ -18,14 +18,29 @@ export async function demoCertificate(dir: string): Promise<DemoTls> {
   const cert = join(tlsDir, "cert.pem");
   const key = join(tlsDir, "key.pem");
   if (existsSync(cert) && existsSync(key)) return { cert, key, created: false };
-  if (!Bun.which("openssl")) throw new UserError("openssl is missing (apt-get install openssl): the demo makes its TLS certificate with it");
+  if (!Bun.which("openssl"))
+    throw new UserError("openssl is missing (apt-get install openssl): the demo makes its TLS certificate with it");
   mkdirSync(tlsDir, { recursive: true, mode: 0o755 });
   const [tmpCert, tmpKey] = [`${cert}.tmp`, `${key}.tmp`];
   try {
     await run([
-      "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-sha256",
-      "-subj", "/CN=qvd demo", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-      "-keyout", tmpKey, "-out", tmpCert,
+      "openssl",
+      "req",
+      "-x509",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-days",
+      "3650",
+      "-sha256",
+      "-subj",
+      "/CN=qvd demo",
+      "-addext",
+      "subjectAltName=IP:127.0.0.1,DNS:localhost",
+      "-keyout",
+      tmpKey,
+      "-out",
+      tmpCert,
     ]);
     chmodSync(tmpKey, 0o600);
     // The key last: a certificate without its key is made anew at the next run.
@@ -39,7 +54,11 @@ export async function demoCertificate(dir: string): Promise<DemoTls> {
 }
 
 /** The demo's farm CA and its node's certificate (src/farm/certs.ts), made on the first run. */
-export async function demoFarmCertificate(dir: string, name: string, address: string): Promise<{ ca: string; cert: string; key: string; created: boolean }> {
+export async function demoFarmCertificate(
+  dir: string,
+  name: string,
+  address: string,
+): Promise<{ ca: string; cert: string; key: string; created: boolean }> {
   const farm = join(dir, "farm");
   const ca = join(farm, "ca.crt");
   const nodeDir = join(farm, `node-${name}`);

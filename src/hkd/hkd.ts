@@ -55,7 +55,10 @@ export interface HkdOptions {
 type Phase = "idle" | "starting" | "running" | "stopping" | "stopped" | "zombie";
 
 /** The operations on one desktop; they run one after the other (see enqueue). */
-type Op = { kind: "start" } | { kind: "stop"; why: string; graceful: boolean; replacesStart?: boolean } | { kind: "retry" };
+type Op =
+  | { kind: "start" }
+  | { kind: "stop"; why: string; graceful: boolean; replacesStart?: boolean }
+  | { kind: "retry" };
 
 /** The longest wait between two teardown attempts of a zombie. */
 const ZOMBIE_RETRY_CAP_S = 3600;
@@ -96,12 +99,23 @@ export class Hkd {
   constructor(private readonly o: HkdOptions) {
     const r = o.metrics ?? new Registry();
     this.metric = {
-      starts: r.counter("qvd_hkd_starts_total", "Desktop starts on this node, by result (ok, failed, aborted: stopped while starting)."),
-      startSeconds: r.histogram("qvd_hkd_start_seconds", "Seconds from a start's claim to the desktop's agent (VMA) answering."),
-      commandLag: r.histogram("qvd_hkd_command_lag_seconds", "Seconds from a start command in the database to this node claiming it (NOTIFY delivery and reaction).", [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]),
+      starts: r.counter(
+        "qvd_hkd_starts_total",
+        "Desktop starts on this node, by result (ok, failed, aborted: stopped while starting).",
+      ),
+      startSeconds: r.histogram(
+        "qvd_hkd_start_seconds",
+        "Seconds from a start's claim to the desktop's agent (VMA) answering.",
+      ),
+      commandLag: r.histogram(
+        "qvd_hkd_command_lag_seconds",
+        "Seconds from a start command in the database to this node claiming it (NOTIFY delivery and reaction).",
+        [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30],
+      ),
     };
     r.gauge("qvd_hkd_desktops", "Desktops placed on this node, by state (vm_runtimes.vm_state).", async () =>
-      (await N.nodeVmStates(o.sql, o.host.id)).map((s) => ({ labels: { state: s.state }, value: s.count })));
+      (await N.nodeVmStates(o.sql, o.host.id)).map((s) => ({ labels: { state: s.state }, value: s.count })),
+    );
   }
 
   private get id() {
@@ -119,10 +133,13 @@ export class Hkd {
       // After a gap, commands may have been missed: look at the table again.
       onReady: () => this.kick(),
     });
-    const every = (s: number, fn: () => Promise<unknown>) => this.timers.push(setInterval(() => void fn().catch((e) => log.warn(String(e?.message ?? e))), s * 1000));
+    const every = (s: number, fn: () => Promise<unknown>) =>
+      this.timers.push(setInterval(() => void fn().catch((e) => log.warn(String(e?.message ?? e))), s * 1000));
     every(cfg.get("hkd.heartbeat_interval"), () => this.beat());
     this.monitor = new ClusterMonitor({
-      sql, host: this.o.host, lostAfterS: cfg.get("cluster.lost_after"),
+      sql,
+      host: this.o.host,
+      lostAfterS: cfg.get("cluster.lost_after"),
       dbOkForS: () => (this.dbOkSince === undefined || this.fenced ? undefined : (Date.now() - this.dbOkSince) / 1000),
       onDbError: () => (this.dbOkSince = undefined),
     });
@@ -143,7 +160,8 @@ export class Hkd {
     await this.listener?.close();
     await N.setHostState(this.o.sql, this.id, "stopping").catch(() => {});
     if (this.o.cfg.get("hkd.on_shutdown") === "stop") {
-      for (const id of [...this.runs.keys()]) void this.enqueue(id, { kind: "stop", why: "the node is shutting down", graceful: true });
+      for (const id of [...this.runs.keys()])
+        void this.enqueue(id, { kind: "stop", why: "the node is shutting down", graceful: true });
     } else {
       log.info("leaving desktops running (hkd.on_shutdown = leave)", { vms: this.runs.size });
     }
@@ -176,7 +194,8 @@ export class Hkd {
       this.dbOkSince = undefined;
       const silentFor = (Date.now() - this.lastDbOk) / 1000;
       log.warn("heartbeat failed", { error: (err as Error).message, seconds_without_db: Math.round(silentFor) });
-      if (silentFor >= this.o.cfg.get("hkd.fence_after")) await this.fence(`no database for ${Math.round(silentFor)} s`);
+      if (silentFor >= this.o.cfg.get("hkd.fence_after"))
+        await this.fence(`no database for ${Math.round(silentFor)} s`);
     }
   }
 
@@ -215,12 +234,16 @@ export class Hkd {
       clearTimeout(r.retry?.timer);
     }
     const ids = new Set([...this.runs.keys(), ...(await this.o.backend.running().catch(() => []))]);
-    await Promise.all([...ids].map(async (id) => {
-      await this.o.backend.kill(id).catch(() => {});
-      // Without the database (or declared lost) the VM may run on another node by now, over
-      // the same writable layer on shared storage: that is left to the next start's prepare.
-      await this.o.backend.cleanup(id, { keepStorage: true }).catch((e) => log.error("cleanup failed", { vm: id, error: (e as Error).message }));
-    }));
+    await Promise.all(
+      [...ids].map(async (id) => {
+        await this.o.backend.kill(id).catch(() => {});
+        // Without the database (or declared lost) the VM may run on another node by now, over
+        // the same writable layer on shared storage: that is left to the next start's prepare.
+        await this.o.backend
+          .cleanup(id, { keepStorage: true })
+          .catch((e) => log.error("cleanup failed", { vm: id, error: (e as Error).message }));
+      }),
+    );
     this.runs.clear();
   }
 
@@ -249,11 +272,15 @@ export class Hkd {
     const { sql, cfg } = this.o;
     if ((await N.takeHostCommand(sql, this.id)) === "stop") {
       log.info("host stop command: stopping every desktop");
-      for (const id of [...this.runs.keys()]) void this.enqueue(id, { kind: "stop", why: "the node was told to stop its desktops", graceful: true });
+      for (const id of [...this.runs.keys()])
+        void this.enqueue(id, { kind: "stop", why: "the node was told to stop its desktops", graceful: true });
     }
-    for (const id of await claimStops(sql, this.id)) void this.enqueue(id, { kind: "stop", why: "stop command", graceful: true });
+    for (const id of await claimStops(sql, this.id))
+      void this.enqueue(id, { kind: "stop", why: "stop command", graceful: true });
     // At most hkd.max_starting starts at once; the others wait in the database, oldest first.
-    const starting = [...this.runs.values()].filter((r) => r.current?.kind === "start" || r.ops.some((o) => o.kind === "start")).length;
+    const starting = [...this.runs.values()].filter(
+      (r) => r.current?.kind === "start" || r.ops.some((o) => o.kind === "start"),
+    ).length;
     for (const { vmId, lagS } of await claimStarts(sql, this.id, cfg.get("hkd.max_starting") - starting)) {
       if (lagS !== null) this.metric.commandLag.observe({}, Math.max(0, lagS));
       void this.enqueue(vmId, { kind: "start" });
@@ -341,9 +368,15 @@ export class Hkd {
     try {
       aborted();
       const vm = await N.vmToStart(sql, vmId);
-      if (!vm.di) throw new StartError(`no usable disk image with tag "${vm.di_tag}" for this VM's OSF (missing, blocked or not uploaded)`);
+      if (!vm.di)
+        throw new StartError(
+          `no usable disk image with tag "${vm.di_tag}" for this VM's OSF (missing, blocked or not uploaded)`,
+        );
       if (!vm.ip) throw new StartError("the VM has no IP address");
-      if (!this.o.hypervisors.includes(vm.hypervisor)) throw new StartError(`this node does not run ${vm.hypervisor} desktops (it runs ${this.o.hypervisors.join(", ")})`);
+      if (!this.o.hypervisors.includes(vm.hypervisor))
+        throw new StartError(
+          `this node does not run ${vm.hypervisor} desktops (it runs ${this.o.hypervisors.join(", ")})`,
+        );
       const image = await this.o.images.imageFor(vm.di, vm.hypervisor).catch((e: Error) => {
         throw new StartError(`disk image ${vm.di!.version} cannot be used: ${e.message}`);
       });
@@ -353,17 +386,41 @@ export class Hkd {
       // The identity rules as stored now, so the VMA checks what the API and the L7R check.
       const identity = identitySettings(await currentIdentityRules(sql, cfg));
       const spec: VmSpec = {
-        vmId, hypervisor: vm.hypervisor, name: `qvd-${vmId}`, memoryMb: vm.memory_mb, cpuShares: vm.cpu_shares, vcpus: vm.vcpus,
+        vmId,
+        hypervisor: vm.hypervisor,
+        name: `qvd-${vmId}`,
+        memoryMb: vm.memory_mb,
+        cpuShares: vm.cpu_shares,
+        vcpus: vm.vcpus,
         image,
         overlay: { enabled: vm.use_overlay, persistent: vm.persistent },
-        home: { hostPath: this.o.homeOf(vm.tenant_name, vm.user_name, vm.hypervisor), user: vm.user_name, sizeMb: vm.user_storage_mb },
-        network: { ip: vm.ip, prefix: Number(bits), gateway, mac: macFor(vm.ip, cfg.get("vm.network.mac.prefix")), bridge: cfg.get("vm.network.bridge") },
-        vma: { port: cfg.get("vm.vma.port"), secret: randomBytes(24).toString("base64url"), settings: { ...nodeVmaSettings(cfg), ...identity } },
+        home: {
+          hostPath: this.o.homeOf(vm.tenant_name, vm.user_name, vm.hypervisor),
+          user: vm.user_name,
+          sizeMb: vm.user_storage_mb,
+        },
+        network: {
+          ip: vm.ip,
+          prefix: Number(bits),
+          gateway,
+          mac: macFor(vm.ip, cfg.get("vm.network.mac.prefix")),
+          bridge: cfg.get("vm.network.bridge"),
+        },
+        vma: {
+          port: cfg.get("vm.vma.port"),
+          secret: randomBytes(24).toString("base64url"),
+          settings: { ...nodeVmaSettings(cfg), ...identity },
+        },
         qvdBinary: this.o.qvdBinary,
       };
       run.vma = { address: vm.ip, port: spec.vma.port, secret: spec.vma.secret };
       await N.saveStartingRuntime(sql, this.id, vmId, {
-        diId: vm.di.id, osfId: vm.osf_id, address: vm.ip, vmaPort: spec.vma.port, xPort: 4000 + NX_DISPLAY, vmaSecret: spec.vma.secret,
+        diId: vm.di.id,
+        osfId: vm.osf_id,
+        address: vm.ip,
+        vmaPort: spec.vma.port,
+        xPort: 4000 + NX_DISPLAY,
+        vmaSecret: spec.vma.secret,
       });
       await backend.cleanup(vmId); // leftovers of an earlier run
       aborted();
@@ -408,8 +465,10 @@ export class Hkd {
     const { sql, cfg, backend } = this.o;
     const wasZombie = run.phase === "zombie";
     run.phase = "stopping";
-    await (wasZombie ? N.vmEvent(sql, this.id, vmId, "zombie_retried") : N.vmEvent(sql, this.id, vmId, "stop_begun")
-      .then((ok) => ok || N.vmEvent(sql, this.id, vmId, "zombie_retried"))).catch(() => false);
+    await (wasZombie
+      ? N.vmEvent(sql, this.id, vmId, "zombie_retried")
+      : N.vmEvent(sql, this.id, vmId, "stop_begun").then((ok) => ok || N.vmEvent(sql, this.id, vmId, "zombie_retried"))
+    ).catch(() => false);
     try {
       let down = (await backend.status(vmId).catch(() => "running")) === "stopped";
       if (!down && graceful && run.vma) {
@@ -428,7 +487,11 @@ export class Hkd {
       run.phase = "zombie";
       await N.vmEvent(sql, this.id, vmId, "teardown_failed").catch(() => false);
       const delayS = run.retry?.delayS ?? cfg.get("hkd.zombie_retry");
-      log.error("stop failed; the VM is a zombie until the next attempt", { vm: vmId, error: (err as Error).message, retry_in_s: delayS });
+      log.error("stop failed; the VM is a zombie until the next attempt", {
+        vm: vmId,
+        error: (err as Error).message,
+        retry_in_s: delayS,
+      });
       clearTimeout(run.retry?.timer);
       const timer = setTimeout(() => void this.enqueue(vmId, { kind: "retry" }), delayS * 1000);
       run.retry = { timer, delayS: Math.min(delayS * 2, ZOMBIE_RETRY_CAP_S) };
@@ -439,14 +502,23 @@ export class Hkd {
 
   private async checkVmas(): Promise<void> {
     const limit = this.o.cfg.get("hkd.vma_failures");
-    await Promise.all([...this.runs.values()].filter((r) => r.phase === "running" && r.vma && !r.current).map(async (r) => {
-      try {
-        await vmaCall(r.vma!, "ping");
-        r.failures = 0;
-      } catch {
-        if (++r.failures >= limit) await this.enqueue(r.vmId, { kind: "stop", why: `the VMA did not answer ${r.failures} checks`, graceful: true });
-      }
-    }));
+    await Promise.all(
+      [...this.runs.values()]
+        .filter((r) => r.phase === "running" && r.vma && !r.current)
+        .map(async (r) => {
+          try {
+            await vmaCall(r.vma!, "ping");
+            r.failures = 0;
+          } catch {
+            if (++r.failures >= limit)
+              await this.enqueue(r.vmId, {
+                kind: "stop",
+                why: `the VMA did not answer ${r.failures} checks`,
+                graceful: true,
+              });
+          }
+        }),
+    );
   }
 
   private async checkExpiry(): Promise<void> {
@@ -455,7 +527,8 @@ export class Hkd {
     for (const row of await N.vmsOfHost(this.o.sql, this.id)) {
       const r = this.runs.get(row.vm_id);
       if (r?.phase !== "running") continue;
-      if (row.expire_hard_at && row.expire_hard_at.getTime() <= now) void this.enqueue(row.vm_id, { kind: "stop", why: "its hard expiry time was reached", graceful: true });
+      if (row.expire_hard_at && row.expire_hard_at.getTime() <= now)
+        void this.enqueue(row.vm_id, { kind: "stop", why: "its hard expiry time was reached", graceful: true });
       else if (row.expire_soft_at && row.expire_soft_at.getTime() <= now && r.vma)
         await vmaCall(r.vma, "expire", { soft: row.expire_soft_at, hard: row.expire_hard_at }).catch(() => {});
     }
@@ -478,7 +551,11 @@ export class Hkd {
       if (this.runs.has(row.vm_id)) continue;
       if (running.has(row.vm_id) && row.vm_state === "running" && row.vma_secret && row.vm_address) {
         this.runs.set(row.vm_id, {
-          vmId: row.vm_id, phase: "running", abort: new AbortController(), failures: 0, ops: [],
+          vmId: row.vm_id,
+          phase: "running",
+          abort: new AbortController(),
+          failures: 0,
+          ops: [],
           vma: { address: row.vm_address, port: row.vma_port ?? this.o.cfg.get("vm.vma.port"), secret: row.vma_secret },
         });
         log.info("adopted running desktop", { vm: row.vm_id });
@@ -487,19 +564,27 @@ export class Hkd {
         await this.enqueue(row.vm_id, { kind: "stop", why: "left half-started or half-stopped", graceful: false });
       } else {
         log.info("desktop not running here any more: marking it stopped", { vm: row.vm_id, state: row.vm_state });
-        const clean = await backend.cleanup(row.vm_id).then(() => true, (e) => {
-          log.warn("cleanup failed", { vm: row.vm_id, error: (e as Error).message });
-          return false;
-        });
+        const clean = await backend.cleanup(row.vm_id).then(
+          () => true,
+          (e) => {
+            log.warn("cleanup failed", { vm: row.vm_id, error: (e as Error).message });
+            return false;
+          },
+        );
         // Leftovers that cannot be removed: a teardown, which makes it a zombie and retries.
         if (clean) await N.vmEvent(sql, this.id, row.vm_id, "found_stopped");
-        else await this.enqueue(row.vm_id, { kind: "stop", why: "its leftovers could not be removed", graceful: false });
+        else
+          await this.enqueue(row.vm_id, { kind: "stop", why: "its leftovers could not be removed", graceful: false });
       }
     }
     // A desktop released from this node (declared lost) may run elsewhere by now, over the same
     // writable layer on shared storage: only this node's part of it is cleaned up here.
     const leftovers = await backend.leftovers();
-    const elsewhere = await N.vmsOnOtherNodes(sql, this.id, [...new Set([...running, ...leftovers])].filter((id) => !known.has(id)));
+    const elsewhere = await N.vmsOnOtherNodes(
+      sql,
+      this.id,
+      [...new Set([...running, ...leftovers])].filter((id) => !known.has(id)),
+    );
     for (const id of running) {
       if (known.has(id)) continue;
       log.warn("a desktop runs here that the database does not give to this node: stopping it", { vm: id });
@@ -514,8 +599,13 @@ export class Hkd {
     // What stopped desktops left behind (configuration, network devices, overlays).
     for (const id of leftovers) {
       if (this.runs.has(id) || running.has(id)) continue;
-      log.info("cleaning up what a stopped desktop left", { vm: id, ...(elsewhere.has(id) ? { runs_elsewhere: true } : {}) });
-      await backend.cleanup(id, { keepStorage: elsewhere.has(id) }).catch((e) => log.warn("cleanup failed", { vm: id, error: (e as Error).message }));
+      log.info("cleaning up what a stopped desktop left", {
+        vm: id,
+        ...(elsewhere.has(id) ? { runs_elsewhere: true } : {}),
+      });
+      await backend
+        .cleanup(id, { keepStorage: elsewhere.has(id) })
+        .catch((e) => log.warn("cleanup failed", { vm: id, error: (e as Error).message }));
     }
   }
 

@@ -10,7 +10,9 @@ const LOCK_NB = 4;
 
 let libc: { symbols: { flock: (fd: number, op: number) => number } } | undefined;
 function flock(fd: number, op: number): number {
-  libc ??= dlopen("libc.so.6", { flock: { args: [FFIType.i32, FFIType.i32], returns: FFIType.i32 } }) as unknown as typeof libc;
+  libc ??= dlopen("libc.so.6", {
+    flock: { args: [FFIType.i32, FFIType.i32], returns: FFIType.i32 },
+  }) as unknown as typeof libc;
   return libc!.symbols.flock(fd, op);
 }
 

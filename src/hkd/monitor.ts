@@ -46,7 +46,10 @@ export class ClusterMonitor {
   async check(): Promise<Declared[]> {
     const okFor = this.o.dbOkForS();
     if (okFor === undefined || okFor < this.o.lostAfterS) {
-      if (!this.inGrace) log.info("database gap: no node is declared lost until it has worked for cluster.lost_after", { lost_after: this.o.lostAfterS });
+      if (!this.inGrace)
+        log.info("database gap: no node is declared lost until it has worked for cluster.lost_after", {
+          lost_after: this.o.lostAfterS,
+        });
       this.inGrace = true;
       return [];
     }
@@ -57,9 +60,19 @@ export class ClusterMonitor {
         const reason = `no heartbeat for ${Math.round(h.silent_s)} s (cluster.lost_after ${this.o.lostAfterS} s), seen by node ${this.o.host.name}`;
         const res = await declareNodeLost(this.o.sql, h.id, reason, { staleForS: this.o.lostAfterS, by: "monitor" });
         if (!res.declared) continue; // another monitor was first, or the node came back
-        log.warn("declared a node lost; its VMs are released", { node: h.name, id: h.id, vms: res.vms.join(",") || "none", reason });
+        log.warn("declared a node lost; its VMs are released", {
+          node: h.name,
+          id: h.id,
+          vms: res.vms.join(",") || "none",
+          reason,
+        });
         await audit(this.o.sql, {
-          action: "host.declare_lost", source: "hkd", ok: true, object_type: "host", object_id: h.id, object_name: h.name,
+          action: "host.declare_lost",
+          source: "hkd",
+          ok: true,
+          object_type: "host",
+          object_id: h.id,
+          object_name: h.name,
           arguments: { reason, released_vms: res.vms, by_node: this.o.host.name },
         }).catch((e) => log.error("could not write the audit log", { error: (e as Error).message }));
         out.push({ hostId: h.id, name: h.name, vms: res.vms });

@@ -2,7 +2,10 @@
 // per-start secret. Used by the HKD (ping, poweroff, expire) and later the L7R (x_start…).
 
 export class VmaError extends Error {
-  constructor(message: string, readonly status?: number) {
+  constructor(
+    message: string,
+    readonly status?: number,
+  ) {
     super(message);
     this.name = "VmaError";
   }

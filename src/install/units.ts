@@ -32,7 +32,10 @@ type Cap = [name: string, why: string];
 const NODE_CAPS: Cap[] = [
   ["CAP_SYS_ADMIN", "LXC on cgroup v2: each desktop's device filter is a BPF program"],
   ["CAP_NET_ADMIN", "the VM bridge, veth and tap devices, nftables rules"],
-  ["CAP_SETUID", "desktops' uid maps (LXC, lxc-usernsexec unpacking images), QEMU's -runas, setpriv for browser sessions"],
+  [
+    "CAP_SETUID",
+    "desktops' uid maps (LXC, lxc-usernsexec unpacking images), QEMU's -runas, setpriv for browser sessions",
+  ],
   ["CAP_SETGID", "the same for gids and groups"],
   ["CAP_SETFCAP", "a uid map that maps a desktop's root (Linux 5.12 and later)"],
   ["CAP_CHOWN", "overlays, homes and run directories owned by desktops' shifted ids; browser sessions' directories"],
@@ -54,7 +57,10 @@ const BIND: Cap = ["CAP_NET_BIND_SERVICE", "a listening port below 1024 in the c
 
 function capLines(caps: Cap[]): string[] {
   const w = Math.max(...caps.map(([n]) => n.length));
-  return [...caps.map(([n, why]) => `#   ${n.padEnd(w)}  ${why}`), `CapabilityBoundingSet=${caps.map(([n]) => n).join(" ")}`];
+  return [
+    ...caps.map(([n, why]) => `#   ${n.padEnd(w)}  ${why}`),
+    `CapabilityBoundingSet=${caps.map(([n]) => n).join(" ")}`,
+  ];
 }
 
 function pathLines(role: Role, c: UnitContext): string[] {
@@ -215,7 +221,9 @@ function apiUnit(c: UnitContext): string {
     ...restart,
     "",
     "# Sandbox. A network service with no children: its own user, no capabilities",
-    c.lowPort ? "# but binding api.listen's port below 1024, writing only the images folder." : "# (api.listen's port is not below 1024), writing only the images folder (uploads).",
+    c.lowPort
+      ? "# but binding api.listen's port below 1024, writing only the images folder."
+      : "# (api.listen's port is not below 1024), writing only the images folder (uploads).",
     "User=qvd",
     "Group=qvd",
     ...(c.lowPort

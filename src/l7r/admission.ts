@@ -41,7 +41,8 @@ export class Admission {
   admit(s: IoSocket, address: string): boolean {
     const a = this.perAddress.get(address) ?? { connections: 0, requests: 0 };
     if (this.connections >= this.bounds.connections) return (this.refuse(s, address, "too many connections"), false);
-    if (a.connections >= this.bounds.connectionsPerAddress) return (this.refuse(s, address, "too many connections from this address"), false);
+    if (a.connections >= this.bounds.connectionsPerAddress)
+      return (this.refuse(s, address, "too many connections from this address"), false);
     a.connections++;
     this.connections++;
     this.perAddress.set(address, a);
@@ -70,6 +71,9 @@ export class Admission {
   }
 
   load() {
-    return { connections: this.connections, byAddress: Object.fromEntries([...this.perAddress].map(([k, v]) => [k, { ...v }])) };
+    return {
+      connections: this.connections,
+      byAddress: Object.fromEntries([...this.perAddress].map(([k, v]) => [k, { ...v }])),
+    };
   }
 }

@@ -51,7 +51,13 @@ export class DesktopSession {
    * connected (a browser's display must be up). Every failure is a 503 with the reason (as the
    * original), and releases the session.
    */
-  async open(user: AuthenticatedUser, vm: L.SessionVm, params: Map<string, string>, host: L.L7rHost, ready?: () => Promise<void>) {
+  async open(
+    user: AuthenticatedUser,
+    vm: L.SessionVm,
+    params: Map<string, string>,
+    host: L.L7rHost,
+    ready?: () => Promise<void>,
+  ) {
     const { sql, metric } = this.ctx;
     const id = vm.vm_id;
     let nx: IoSocket | undefined;
@@ -64,7 +70,12 @@ export class DesktopSession {
       // nxagent takes only a proxy that presents this cookie; the splice adds it to the client's greeting.
       const cookie = newNxCookie();
       // Directly on this node, or through the desktop's node over the farm's TLS (src/l7r/link.ts).
-      const link = await desktopLink(sql, { vm: running, hereId: host.id, session: this.session!.id, peer: this.ctx.o.peer }).catch((err) => {
+      const link = await desktopLink(sql, {
+        vm: running,
+        hereId: host.id,
+        session: this.session!.id,
+        peer: this.ctx.o.peer,
+      }).catch((err) => {
         throw err instanceof LinkError ? unavailable(`Unable to reach VM ${id}: ${err.message}`) : err;
       });
       await this.startX(running, link, user, params, slaveKey, cookie, host);
@@ -75,9 +86,13 @@ export class DesktopSession {
       });
       await incrementHostCounter(sql, host.id, "nx_ok").catch(() => {});
       await ready?.();
-      if (this.conn.closed || !(await L.markConnected(sql, id, this.session!.id))) throw unavailable(`Aborted by contending session VM VM_ID: ${id}`);
+      if (this.conn.closed || !(await L.markConnected(sql, id, this.session!.id)))
+        throw unavailable(`Aborted by contending session VM VM_ID: ${id}`);
       metric.connects.inc({ client: this.client, result: "ok" });
-      metric.connectSeconds.observe({ client: this.client, path: this.cold ? "cold" : this.resumed ? "resumed" : "warm" }, (performance.now() - this.t0) / 1000);
+      metric.connectSeconds.observe(
+        { client: this.client, path: this.cold ? "cold" : this.resumed ? "resumed" : "warm" },
+        (performance.now() - this.t0) / 1000,
+      );
       return { nx, slaveKey, cookie };
     } catch (err) {
       metric.connects.inc({ client: this.client, result: "failed" });
@@ -119,7 +134,9 @@ export class DesktopSession {
     if (!sess) return;
     this.session = undefined;
     this.ctx.sessions.delete(sess.id);
-    await L.releaseSession(this.ctx.sql, sess.vmId, sess.id).catch((e) => log.warn("could not release a session", { vm: sess.vmId, error: String(e) }));
+    await L.releaseSession(this.ctx.sql, sess.vmId, sess.id).catch((e) =>
+      log.warn("could not release a session", { vm: sess.vmId, error: String(e) }),
+    );
   }
 
   /** Takes the VM's session, asking a holder (on any node) to abort, for up to the takeover timeout. */
@@ -130,7 +147,14 @@ export class DesktopSession {
     const deadline = Date.now() + t.takeover * 1000;
     for (;;) {
       if (this.conn.closed) throw unavailable("the client went away");
-      if (await L.claimSession(sql, vmId, { hostId: host.id, session: id, pid: process.pid, userIp: /^\d+\.\d+\.\d+\.\d+$/.test(address) ? address : undefined })) {
+      if (
+        await L.claimSession(sql, vmId, {
+          hostId: host.id,
+          session: id,
+          pid: process.pid,
+          userIp: /^\d+\.\d+\.\d+\.\d+$/.test(address) ? address : undefined,
+        })
+      ) {
         this.session = { vmId, id };
         this.unregister = this.conn.onClose(() => this.end());
         if (this.conn.closed) throw unavailable("the client went away"); // and end() released it
@@ -149,7 +173,12 @@ export class DesktopSession {
   }
 
   private async checkAbort(vmId: number) {
-    if (this.abortRequested || this.conn.closed || !this.session || !(await L.sessionStillMine(this.ctx.sql, vmId, this.session.id)))
+    if (
+      this.abortRequested ||
+      this.conn.closed ||
+      !this.session ||
+      !(await L.sessionStillMine(this.ctx.sql, vmId, this.session.id))
+    )
       throw unavailable(`Aborted by contending session VM VM_ID: ${vmId}`);
   }
 
@@ -157,18 +186,26 @@ export class DesktopSession {
     const { sql, t, aliveWithin } = this.ctx;
     const progress = (info: string) => this.conn.progress(info);
     // A desktop on a draining node moves at its user's connect: stopped there, started elsewhere.
-    for (const end = Date.now() + t.vmStop * 1000; Date.now() < end && (await leaveDrainingNode(sql, vmId, this.session!.id)); await this.ctx.vmChanged(vmId, 2000)) progress("Moving the desktop off a draining node");
+    for (
+      const end = Date.now() + t.vmStop * 1000;
+      Date.now() < end && (await leaveDrainingNode(sql, vmId, this.session!.id));
+      await this.ctx.vmChanged(vmId, 2000)
+    )
+      progress("Moving the desktop off a draining node");
     let vm = (await L.sessionVm(sql, vmId))!;
     // Placed on a node that died before taking it: place it again rather than wait for lost_after.
-    if (vm.vm_state === "stopped" && vm.vm_cmd === "start" && (await withdrawStaleStart(sql, vmId, aliveWithin))) vm = (await L.sessionVm(sql, vmId))!;
+    if (vm.vm_state === "stopped" && vm.vm_cmd === "start" && (await withdrawStaleStart(sql, vmId, aliveWithin)))
+      vm = (await L.sessionVm(sql, vmId))!;
     if (vm.vm_state === "stopped" && !vm.vm_cmd) {
       if (!vm.host_id) progress(`Assigning VM ${vmId} to host`);
       try {
         await startVm(sql, tenantScope(user.tenantId), vmId, { aliveWithinS: aliveWithin, by: "l7r" });
       } catch (err) {
         if (err instanceof HomeInUseError) throw unavailable(err.message);
-        if (err instanceof NoNodeAvailableError) throw unavailable("Unable to assign vm to host, there is no host available");
-        if (err instanceof VmBlockedError) throw new Status(403, "The requested virtual machine is offline for maintenance");
+        if (err instanceof NoNodeAvailableError)
+          throw unavailable("Unable to assign vm to host, there is no host available");
+        if (err instanceof VmBlockedError)
+          throw new Status(403, "The requested virtual machine is offline for maintenance");
         throw unavailable(`Unable to start VM ${vmId}, state changed unexpectedly`);
       }
       progress("Starting virtual machine");
@@ -182,24 +219,48 @@ export class DesktopSession {
       if (vm.blocked) throw unavailable(`Failed to start virtual machine ${vmId}`);
       // Stopped with no command pending: the node gave up on the start.
       if (vm.vm_state === "stopped" && !vm.vm_cmd) throw unavailable(`Failed to start virtual machine ${vmId}`);
-      if (["stopping", "zombie"].includes(vm.vm_state)) throw unavailable(`Unable to start VM ${vmId}, state changed unexpectedly`);
+      if (["stopping", "zombie"].includes(vm.vm_state))
+        throw unavailable(`Unable to start VM ${vmId}, state changed unexpectedly`);
       if (Date.now() >= deadline) throw unavailable("VM didn't reach state 'running'. Timeout");
       await this.checkAbort(vmId);
       // Still queued while its node starts others: at hkd.max_starting; say where it stands.
       const queued = vm.vm_state === "stopped" && vm.vm_cmd === "start" ? await startQueuePlace(sql, vmId) : undefined;
-      progress(queued?.starting ? `Waiting for a free start slot on node ${queued.host_name} (${queued.ahead} ahead)` : "Waiting for VM to reach state 'running'");
+      progress(
+        queued?.starting
+          ? `Waiting for a free start slot on node ${queued.host_name} (${queued.ahead} ahead)`
+          : "Waiting for VM to reach state 'running'",
+      );
       await this.ctx.vmChanged(vmId, Math.min(2000, deadline - Date.now()));
     }
   }
 
-  private async startX(vm: L.SessionVm, link: DesktopLink, user: AuthenticatedUser, params: Map<string, string>, slaveKey: string, cookie: string, host: L.L7rHost) {
+  private async startX(
+    vm: L.SessionVm,
+    link: DesktopLink,
+    user: AuthenticatedUser,
+    params: Map<string, string>,
+    slaveKey: string,
+    cookie: string,
+    host: L.L7rHost,
+  ) {
     const { sql, t } = this.ctx;
     let body;
     try {
       const identity = await currentIdentityRules(sql, this.ctx.o.identityConfig);
-      body = { ...xStartBody({ client: params, layers: await L.sessionProperties(sql, vm.vm_id), user, hostAddress: host.address, slaveKey, identity }), cookie };
+      body = {
+        ...xStartBody({
+          client: params,
+          layers: await L.sessionProperties(sql, vm.vm_id),
+          user,
+          hostAddress: host.address,
+          slaveKey,
+          identity,
+        }),
+        cookie,
+      };
     } catch (err) {
-      if (err instanceof XStartParamError) throw unavailable(`The desktop is misconfigured (${err.message}), ask an administrator`);
+      if (err instanceof XStartParamError)
+        throw unavailable(`The desktop is misconfigured (${err.message}), ask an administrator`);
       throw err;
     }
     this.conn.progress(`Starting X session at VM ${vm.vm_id}`);
@@ -213,7 +274,8 @@ export class DesktopSession {
         lastErr = (err as Error).message;
         // A 409 while connected: the VMA suspends the old session; a retry resumes it.
         const retry = err instanceof VmaError && (err.status === undefined || err.status === 409);
-        if (!retry || attempt + 1 >= t.xStartAttempts) throw unavailable(`Unable to start X session on VM ${vm.vm_id}: ${lastErr}`);
+        if (!retry || attempt + 1 >= t.xStartAttempts)
+          throw unavailable(`Unable to start X session on VM ${vm.vm_id}: ${lastErr}`);
         await Bun.sleep(1000);
       }
     }
@@ -230,8 +292,10 @@ export class DesktopSession {
       }
       if (state === "listening") return;
       if (state === "provisioning") deadline = Date.now() + t.xStart * 1000;
-      else if (state && state !== "starting") throw unavailable(`Unable to start X session on VM ${vm.vm_id}, state went to ${state}`);
-      if (Date.now() >= deadline) throw unavailable(`Unable to start X session on VM ${vm.vm_id}, operation timed out!`);
+      else if (state && state !== "starting")
+        throw unavailable(`Unable to start X session on VM ${vm.vm_id}, state went to ${state}`);
+      if (Date.now() >= deadline)
+        throw unavailable(`Unable to start X session on VM ${vm.vm_id}, operation timed out!`);
       await this.checkAbort(vm.vm_id);
       await Bun.sleep(pause);
       pause = Math.min(250, Math.round(pause * 1.5));

@@ -227,7 +227,9 @@ export class Connection {
       this.served++;
       const done = this.ctx.admission.beginRequest(this.address);
       if (!done) {
-        this.send(textResponse(429, "Too many requests in progress from your address; retry later\r\n", [["Retry-After", "5"]]));
+        this.send(
+          textResponse(429, "Too many requests in progress from your address; retry later\r\n", [["Retry-After", "5"]]),
+        );
         continue;
       }
       this.busy = true;
@@ -237,7 +239,13 @@ export class Connection {
         if (err instanceof Status) {
           // The browser page asks without the browser's own password dialog.
           const web = req.headers.get("x-qvd-web") === "1";
-          this.send(textResponse(err.status, err.message ? err.message : undefined, web ? err.headers.filter(([k]) => k !== "WWW-Authenticate") : err.headers));
+          this.send(
+            textResponse(
+              err.status,
+              err.message ? err.message : undefined,
+              web ? err.headers.filter(([k]) => k !== "WWW-Authenticate") : err.headers,
+            ),
+          );
         } else {
           log.error("request failed", { path: req.path, error: String((err as Error)?.stack ?? err) });
           this.send(textResponse(500, "Internal error; try again later\r\n")); // the details are in the log, not for strangers
@@ -247,7 +255,15 @@ export class Connection {
         done();
       }
       // The client said it sends nothing more: end once its answer is out (RFC 9112 §9.6).
-      if (!this.upgradedTo && req.headers.get("connection")?.toLowerCase().split(/\s*,\s*/).includes("close")) return this.close();
+      if (
+        !this.upgradedTo &&
+        req.headers
+          .get("connection")
+          ?.toLowerCase()
+          .split(/\s*,\s*/)
+          .includes("close")
+      )
+        return this.close();
     }
   }
 }

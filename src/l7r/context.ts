@@ -34,10 +34,22 @@ export type L7rMetrics = ReturnType<typeof l7rMetrics>;
 /** The L7R's metrics (docs/METRICS.md). */
 export function l7rMetrics(reg: Registry) {
   return {
-    logins: reg.counter("qvd_l7r_logins_total", "User logins on this L7R, by kind (password, token) and result (ok, failed, throttled)."),
-    connects: reg.counter("qvd_l7r_connects_total", "Connects to a desktop, by client (qvd: a QVD client's connect_to_vm; browser) and result (ok, failed)."),
-    connectSeconds: reg.histogram("qvd_l7r_connect_seconds", "Seconds from a connect request to the desktop's NX session, by client and path: cold (the desktop had to start), resumed (its X session was suspended), warm (a new X session on a running desktop)."),
+    logins: reg.counter(
+      "qvd_l7r_logins_total",
+      "User logins on this L7R, by kind (password, token) and result (ok, failed, throttled).",
+    ),
+    connects: reg.counter(
+      "qvd_l7r_connects_total",
+      "Connects to a desktop, by client (qvd: a QVD client's connect_to_vm; browser) and result (ok, failed).",
+    ),
+    connectSeconds: reg.histogram(
+      "qvd_l7r_connect_seconds",
+      "Seconds from a connect request to the desktop's NX session, by client and path: cold (the desktop had to start), resumed (its X session was suspended), warm (a new X session on a running desktop).",
+    ),
     sessions: reg.gauge("qvd_l7r_sessions", "Desktop sessions this L7R holds now, by client."),
-    spliceBytes: reg.counter("qvd_l7r_splice_bytes_total", "NX bytes this L7R spliced, by client and direction (up: from the user), counted when a session ends."),
+    spliceBytes: reg.counter(
+      "qvd_l7r_splice_bytes_total",
+      "NX bytes this L7R spliced, by client and direction (up: from the user), counted when a session ends.",
+    ),
   };
 }

@@ -25,7 +25,12 @@ export function localLink(vm: SessionVm): DesktopLink {
     via: "local",
     vma: (method, body, timeoutMs) => vmaCall(target, method, body, timeoutMs),
     async nx() {
-      const s = (await Bun.connect<IoData>({ hostname: vm.vm_address!, port: vm.x_port ?? 4100, data: {}, socket: ioHandlers } as any)) as IoSocket;
+      const s = (await Bun.connect<IoData>({
+        hostname: vm.vm_address!,
+        port: vm.x_port ?? 4100,
+        data: {},
+        socket: ioHandlers,
+      } as any)) as IoSocket;
       (s as any).setNoDelay?.(true);
       (s as any).setKeepAlive?.(true);
       return s;
@@ -37,7 +42,10 @@ export function localLink(vm: SessionVm): DesktopLink {
  * The link to `vm` from node `hereId`'s L7R, within the session `session` it holds. A desktop
  * on another node needs the farm's TLS (`peer`) and that node's address.
  */
-export async function desktopLink(sql: Sql, o: { vm: SessionVm; hereId: number | undefined; session: string; peer?: PeerClient }): Promise<DesktopLink> {
+export async function desktopLink(
+  sql: Sql,
+  o: { vm: SessionVm; hereId: number | undefined; session: string; peer?: PeerClient },
+): Promise<DesktopLink> {
   const { vm } = o;
   if (vm.host_id === null || vm.host_id === o.hereId) return localLink(vm);
   if (!o.peer) throw new LinkError("it runs on another node and this L7R has no farm certificate (cluster.tls.*)");

@@ -6,7 +6,13 @@ import type { TCPSocketListener } from "bun";
 import { ioHandlers, type Io, type IoData, type IoSocket } from "../nx/splice.ts";
 import type { Admission } from "./admission.ts";
 import type { L7rOptions } from "./options.ts";
-import { inNetworks, looksLikeProxyHeader, MAX_HEADER, parseProxyHeader, type ProxyHeaderError } from "./proxy-protocol.ts";
+import {
+  inNetworks,
+  looksLikeProxyHeader,
+  MAX_HEADER,
+  parseProxyHeader,
+  type ProxyHeaderError,
+} from "./proxy-protocol.ts";
 
 /** A connection's socket events, with the TLS handshake's outcome. */
 export type ConnIo = Io & { handshake?(ok: boolean): void };
@@ -21,7 +27,9 @@ export interface Listening {
 
 export function listenL7r(o: L7rOptions, handshakeS: number, admission: Admission, accept: Accept): Listening {
   const tlsOptions = {
-    cert: Bun.file(o.tls.cert), key: Bun.file(o.tls.key), minVersion: 0x0303 /* TLS 1.2 */,
+    cert: Bun.file(o.tls.cert),
+    key: Bun.file(o.tls.key),
+    minVersion: 0x0303 /* TLS 1.2 */,
     ...(o.tls.clientCa ? { ca: Bun.file(o.tls.clientCa), requestCert: true, rejectUnauthorized: true } : {}),
   };
   // A TLS listener: `open` comes at the accept (there is a handshake handler), so the handshake is timed too.
@@ -86,7 +94,12 @@ export function listenL7r(o: L7rOptions, handshakeS: number, admission: Admissio
             admission.unreserve();
             raw.data.io = undefined; // the raw side's events are the TLS socket's from here on
             if (!admission.admit(raw, address)) return;
-            const up = (raw as any).upgradeTLS({ tls: { ...tlsOptions, isServer: true }, data: {}, initialData: rest, socket: { ...ioHandlers, open() {}, handshake: tlsHandlers.handshake } });
+            const up = (raw as any).upgradeTLS({
+              tls: { ...tlsOptions, isServer: true },
+              data: {},
+              initialData: rest,
+              socket: { ...ioHandlers, open() {}, handshake: tlsHandlers.handshake },
+            });
             const s = up?.[1] as IoSocket | undefined;
             if (!s) {
               admission.leave(address);

@@ -12,14 +12,19 @@ import { verifyUserPassword } from "../db/users.ts";
 import type { L7rContext } from "./context.ts";
 import { Status } from "./status.ts";
 
-
 /** What a token keeps of its login's plugin result (see pluginIdentityFrom). */
 export const pluginIdentity = (u: AuthenticatedUser) => ({ uid: u.uid, gid: u.gid, home: u.home, params: u.params });
 
 function pluginIdentityFrom(p: Record<string, unknown> | null): Partial<AuthenticatedUser> {
   if (!p) return {};
   const id = (v: unknown) => (typeof v === "number" && Number.isInteger(v) && v > 0 ? v : undefined);
-  const params = p.params && typeof p.params === "object" ? Object.fromEntries(Object.entries(p.params).filter(([, v]) => typeof v === "string")) as Record<string, string> : undefined;
+  const params =
+    p.params && typeof p.params === "object"
+      ? (Object.fromEntries(Object.entries(p.params).filter(([, v]) => typeof v === "string")) as Record<
+          string,
+          string
+        >)
+      : undefined;
   return { uid: id(p.uid), gid: id(p.gid), home: typeof p.home === "string" ? p.home : undefined, params };
 }
 
@@ -52,7 +57,13 @@ export class Logins {
       }
       metric.logins.inc({ kind: "token", result: "ok" });
       // The identity the plugin gave at the login that made the token (LDAP uid/gid/home…).
-      user = { ...pluginIdentityFrom(tok.auth_params), userId: u.id, tenantId: u.tenant_id, login: u.name, ...(tok.vm_id !== null ? { vmId: tok.vm_id } : {}) };
+      user = {
+        ...pluginIdentityFrom(tok.auth_params),
+        userId: u.id,
+        tenantId: u.tenant_id,
+        login: u.name,
+        ...(tok.vm_id !== null ? { vmId: tok.vm_id } : {}),
+      };
     } else {
       const colon = decoded.indexOf(":");
       if (colon <= 0) throw unauthorized();
@@ -75,12 +86,23 @@ export class Logins {
     const gate = await beginLogin(sql, this.ctx.throttle, { service: "l7r", account, address: this.address });
     if (!gate.ok) {
       metric.logins.inc({ kind: "password", result: "throttled" });
-      throw new Status(429, `Too many failed logins; try again in ${gate.retryAfterS} seconds\r\n`, [["Retry-After", String(gate.retryAfterS)]]);
+      throw new Status(429, `Too many failed logins; try again in ${gate.retryAfterS} seconds\r\n`, [
+        ["Retry-After", String(gate.retryAfterS)],
+      ]);
     }
     const failed = async (reason: string, tenantId?: number) => {
       metric.logins.inc({ kind: "password", result: "failed" });
       await gate.done(false);
-      await audit(sql, { action: "user.login", source: "l7r", ok: false, error: reason, object_type: "user", object_name: account, tenant_id: tenantId, address: this.address });
+      await audit(sql, {
+        action: "user.login",
+        source: "l7r",
+        ok: false,
+        error: reason,
+        object_type: "user",
+        object_name: account,
+        tenant_id: tenantId,
+        address: this.address,
+      });
       return unauthorized();
     };
     let r: Awaited<ReturnType<Authenticate>>;
@@ -93,7 +115,13 @@ export class Logins {
         await verifyUserPassword(sql, -1, login, password);
         throw await failed(tenant.ok ? "tenant blocked" : "unknown tenant");
       }
-      r = await this.ctx.authenticate(sql, { tenantId: tenant.tenantId, tenantName: tenant.tenantName, login: tenant.login, password, address: this.address });
+      r = await this.ctx.authenticate(sql, {
+        tenantId: tenant.tenantId,
+        tenantName: tenant.tenantName,
+        login: tenant.login,
+        password,
+        address: this.address,
+      });
     } catch (e) {
       await gate.done(null); // an error (e.g. the directory is down) checked nothing; no-op after failed()
       throw e;
@@ -104,7 +132,16 @@ export class Logins {
     if (u.blocked) throw await failed("user blocked", tenant.tenantId);
     await gate.done(true);
     metric.logins.inc({ kind: "password", result: "ok" });
-    await audit(sql, { action: "user.login", source: "l7r", ok: true, object_type: "user", object_id: u.id, object_name: account, tenant_id: tenant.tenantId, address: this.address });
+    await audit(sql, {
+      action: "user.login",
+      source: "l7r",
+      ok: true,
+      object_type: "user",
+      object_id: u.id,
+      object_name: account,
+      tenant_id: tenant.tenantId,
+      address: this.address,
+    });
     return r.user;
   }
 }

@@ -30,7 +30,19 @@ export interface L7rTimeouts {
   vma: number;
 }
 
-export const DEFAULT_TIMEOUTS: L7rTimeouts = { request: 30, idle: 300, handshake: 10, firstRequest: 30, vmStart: 270, vmStop: 270, takeover: 30, xStart: 10, xStartAttempts: 21, nxHandshake: 30, vma: 4 };
+export const DEFAULT_TIMEOUTS: L7rTimeouts = {
+  request: 30,
+  idle: 300,
+  handshake: 10,
+  firstRequest: 30,
+  vmStart: 270,
+  vmStop: 270,
+  takeover: 30,
+  xStart: 10,
+  xStartAttempts: 21,
+  nxHandshake: 30,
+  vma: 4,
+};
 
 /** Bounds on what clients may hold (l7r.limit.*). */
 export interface L7rBounds {
@@ -43,7 +55,13 @@ export interface L7rBounds {
   outputBytes: number;
 }
 
-export const DEFAULT_BOUNDS: L7rBounds = { connections: 4096, connectionsPerAddress: 128, requestsPerAddress: 32, inputBytes: 65536, outputBytes: 262144 };
+export const DEFAULT_BOUNDS: L7rBounds = {
+  connections: 4096,
+  connectionsPerAddress: 128,
+  requestsPerAddress: 32,
+  inputBytes: 65536,
+  outputBytes: 262144,
+};
 
 export interface L7rOptions {
   sql: Sql;

@@ -45,7 +45,12 @@ export interface PeerTls {
   key: string;
 }
 
-const tlsOf = (t: PeerTls) => ({ ca: Bun.file(t.ca), cert: Bun.file(t.cert), key: Bun.file(t.key), minVersion: 0x0303 /* TLS 1.2 */ });
+const tlsOf = (t: PeerTls) => ({
+  ca: Bun.file(t.ca),
+  cert: Bun.file(t.cert),
+  key: Bun.file(t.key),
+  minVersion: 0x0303 /* TLS 1.2 */,
+});
 
 // --- the endpoint --------------------------------------------------------------------------------
 
@@ -121,7 +126,8 @@ export function startPeerServer(o: PeerServerOptions): PeerServer {
           this.reader.push(c);
           // Backpressure: nothing more is read while a request is handled; a peer that sends
           // more than a request's worth at once is closed.
-          if (this.reader.buffered > MAX_BODY + READER_LIMITS.maxHeaderBytes + READER_LIMITS.maxRequestLine) return this.close("too much input");
+          if (this.reader.buffered > MAX_BODY + READER_LIMITS.maxHeaderBytes + READER_LIMITS.maxRequestLine)
+            return this.close("too much input");
           if (this.busy || !this.caller) return void (this.s as any).pause?.();
           void this.pump();
         },
@@ -242,7 +248,8 @@ export function startPeerServer(o: PeerServerOptions): PeerServer {
       const q = new Map(req.query);
       const vmId = Number(q.get("vm"));
       const session = q.get("session") ?? "";
-      if (!Number.isInteger(vmId) || vmId < 1 || vmId > 0x7fffffff || !UUID.test(session)) throw new Answer(400, "vm and session are required");
+      if (!Number.isInteger(vmId) || vmId < 1 || vmId > 0x7fffffff || !UUID.test(session))
+        throw new Answer(400, "vm and session are required");
       let method: string | undefined;
       if (req.path.startsWith("/vma/")) {
         method = req.path.slice(5);
@@ -255,11 +262,16 @@ export function startPeerServer(o: PeerServerOptions): PeerServer {
       const desk = await peerDesktop(sql, { vmId, hostId: here.id, callerId: this.caller!.id, session });
       if (!desk) throw new Answer(404, `VM ${vmId} does not run on ${o.nodename} in a session of ${this.caller!.name}`);
       if (method) return this.vma(method, desk, body);
-      if (req.headers.get("upgrade")?.toLowerCase() !== UPGRADE) throw new Answer(426, `Upgrade: ${UPGRADE} is required`);
+      if (req.headers.get("upgrade")?.toLowerCase() !== UPGRADE)
+        throw new Answer(426, `Upgrade: ${UPGRADE} is required`);
       return this.nx(desk.vm_address, desk.x_port ?? 4100, vmId);
     }
 
-    private async vma(method: string, desk: { vm_address: string; vma_port: number; vma_secret: string }, body: Uint8Array) {
+    private async vma(
+      method: string,
+      desk: { vm_address: string; vma_port: number; vma_secret: string },
+      body: Uint8Array,
+    ) {
       let parsed: unknown;
       if (PEER_VMA_METHODS[method] === "POST") {
         try {
@@ -269,12 +281,21 @@ export function startPeerServer(o: PeerServerOptions): PeerServer {
         }
       }
       try {
-        const r = await vmaCall({ address: desk.vm_address, port: desk.vma_port, secret: desk.vma_secret }, method, parsed, t.vma * 1000);
+        const r = await vmaCall(
+          { address: desk.vm_address, port: desk.vma_port, secret: desk.vma_secret },
+          method,
+          parsed,
+          t.vma * 1000,
+        );
         this.send(writeResponse(200, "application/json", JSON.stringify(r)));
       } catch (err) {
         if (!(err instanceof VmaError)) throw err;
         // The VMA's own refusal is passed on; no answer at all is a 502 (the caller retries).
-        this.send(textResponse(err.status ?? 502, `${err.message.slice(0, 400)}\r\n`, [["X-QVD-Peer", err.status ? "vma" : "unreachable"]]));
+        this.send(
+          textResponse(err.status ?? 502, `${err.message.slice(0, 400)}\r\n`, [
+            ["X-QVD-Peer", err.status ? "vma" : "unreachable"],
+          ]),
+        );
       }
     }
 
@@ -292,7 +313,12 @@ export function startPeerServer(o: PeerServerOptions): PeerServer {
       (agent as any).setNoDelay?.(true);
       this.upgraded = true;
       clearTimeout(this.timer);
-      this.send(writeHead(101, [["Connection", "Upgrade"], ["Upgrade", UPGRADE]]));
+      this.send(
+        writeHead(101, [
+          ["Connection", "Upgrade"],
+          ["Upgrade", UPGRADE],
+        ]),
+      );
       (this.s as any).resume?.();
       const peer = this.caller!.name;
       void splice(this.s as unknown as IoSocket, agent, { toB: this.reader.rest() }).then((r) => {
@@ -317,7 +343,10 @@ export function startPeerServer(o: PeerServerOptions): PeerServer {
         }
         const mine = unproven.get(s.remoteAddress) ?? 0;
         if (mine >= UNPROVEN_PER_ADDRESS) {
-          warn("peer connection refused", { address: s.remoteAddress, reason: "too many connections without a node's certificate" });
+          warn("peer connection refused", {
+            address: s.remoteAddress,
+            reason: "too many connections without a node's certificate",
+          });
           s.terminate?.();
           return;
         }
@@ -392,7 +421,8 @@ class AnswerReader {
     }
     const status = Number(m[1]);
     const length = status === 101 ? 0 : Number(headers.get("content-length") ?? "0");
-    if (!Number.isSafeInteger(length) || length < 0 || length > MAX_ANSWER) throw new Error("the peer's answer is too large");
+    if (!Number.isSafeInteger(length) || length < 0 || length > MAX_ANSWER)
+      throw new Error("the peer's answer is too large");
     if (b.length < end + 4 + length) return undefined;
     const body = this.buf.subarray(end + 4, end + 4 + length);
     this.buf = this.buf.subarray(end + 4 + length);
@@ -501,7 +531,10 @@ export class PeerClient {
 
   private async open(p: PeerAddress): Promise<PeerConn> {
     let onHandshake!: (ok: boolean, err?: Error) => void;
-    const shaken = new Promise<void>((resolve, reject) => (onHandshake = (ok, err) => (ok ? resolve() : reject(err ?? new Error("TLS handshake failed")))));
+    const shaken = new Promise<void>(
+      (resolve, reject) =>
+        (onHandshake = (ok, err) => (ok ? resolve() : reject(err ?? new Error("TLS handshake failed")))),
+    );
     const data: PeerData = { hs: (ok) => onHandshake(ok) };
     const connecting = Bun.connect<PeerData>({
       hostname: p.address.replace(/^\[|\]$/g, ""),
@@ -521,14 +554,23 @@ export class PeerClient {
       },
     } as any);
     let timer: ReturnType<typeof setTimeout> | undefined;
-    const deadline = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`no TLS connection within ${this.o.connectS} s`)), this.o.connectS * 1000)));
+    const deadline = new Promise<never>(
+      (_, reject) =>
+        (timer = setTimeout(
+          () => reject(new Error(`no TLS connection within ${this.o.connectS} s`)),
+          this.o.connectS * 1000,
+        )),
+    );
     let s: Socket<PeerData> | undefined;
     try {
       s = (await Promise.race([connecting, deadline])) as Socket<PeerData>;
       await Promise.race([shaken, deadline]);
     } catch (err) {
       s?.end();
-      void connecting.then((x) => x.end(), () => {});
+      void connecting.then(
+        (x) => x.end(),
+        () => {},
+      );
       throw new PeerError(`cannot reach node ${p.name} at ${p.address}:${this.o.port}: ${(err as Error).message}`);
     } finally {
       clearTimeout(timer);
@@ -536,7 +578,9 @@ export class PeerClient {
     const cert = (s as any).getPeerCertificate?.();
     if (cert?.subject?.CN !== p.name) {
       s.end();
-      throw new PeerError(`node ${p.name} at ${p.address} presented the certificate of ${JSON.stringify(cert?.subject?.CN ?? "")}`);
+      throw new PeerError(
+        `node ${p.name} at ${p.address} presented the certificate of ${JSON.stringify(cert?.subject?.CN ?? "")}`,
+      );
     }
     (s as any).setNoDelay?.(true);
     return new PeerConn(s);
@@ -570,7 +614,11 @@ export class PeerClient {
   }
 
   /** One request on a pooled connection; a kept connection the peer had closed is retried once on a new one. */
-  private async exchange(p: PeerAddress, bytes: Uint8Array, timeoutMs: number): Promise<{ conn: PeerConn; answer: Response }> {
+  private async exchange(
+    p: PeerAddress,
+    bytes: Uint8Array,
+    timeoutMs: number,
+  ): Promise<{ conn: PeerConn; answer: Response }> {
     const pooled = this.take(p);
     if (pooled) {
       try {
@@ -589,7 +637,14 @@ export class PeerClient {
   }
 
   /** A VMA call relayed by node `p` for VM `vmId` of session `session`; answers as vmaCall does. */
-  async vma<T>(p: PeerAddress, vmId: number, session: string, method: string, body: unknown, timeoutMs: number): Promise<T> {
+  async vma<T>(
+    p: PeerAddress,
+    vmId: number,
+    session: string,
+    method: string,
+    body: unknown,
+    timeoutMs: number,
+  ): Promise<T> {
     const verb = PEER_VMA_METHODS[method];
     if (!verb) throw new PeerError(`${method} is not relayed between nodes`);
     const payload = verb === "POST" ? Buffer.from(JSON.stringify(body ?? {})) : undefined;
@@ -626,7 +681,10 @@ export class PeerClient {
     const r = await this.exchange(p, Buffer.from(head, "latin1"), timeoutMs);
     if (r.answer.status !== 101) {
       this.give(p, r.conn);
-      throw new PeerError(`node ${p.name} refused the NX stream: ${r.answer.status} ${Buffer.from(r.answer.body).toString("utf8").trim().slice(0, 300)}`, r.answer.status);
+      throw new PeerError(
+        `node ${p.name} refused the NX stream: ${r.answer.status} ${Buffer.from(r.answer.body).toString("utf8").trim().slice(0, 300)}`,
+        r.answer.status,
+      );
     }
     const { socket, initial } = r.conn.handOver();
     // nxagent speaks only after the client's greeting: nothing should have come yet.
@@ -639,7 +697,7 @@ export class PeerClient {
 
   /** Closes the idle connections. */
   close() {
-    for (const list of this.idle.values()) for (const c of list) (clearTimeout(c.idleTimer), c.close());
+    for (const list of this.idle.values()) for (const c of list) clearTimeout(c.idleTimer), c.close();
     this.idle.clear();
   }
 }

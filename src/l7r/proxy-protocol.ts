@@ -48,7 +48,8 @@ export function parseProxyHeader(b: Uint8Array): ProxyHeader | undefined {
   const length = 16 + len;
   if (length > MAX_HEADER) throw new ProxyHeaderError("PROXY header too long");
   if (family > 3) throw new ProxyHeaderError(`unknown PROXY address family ${family}`);
-  if (transport > 2 || (family !== 0 && transport !== 1)) throw new ProxyHeaderError("PROXY header for a transport other than a stream");
+  if (transport > 2 || (family !== 0 && transport !== 1))
+    throw new ProxyHeaderError("PROXY header for a transport other than a stream");
   const need = [0, 12, 36, 216][family]!;
   if (len < need) throw new ProxyHeaderError("PROXY address block shorter than its family needs");
   if (b.length < length) return undefined;
@@ -60,7 +61,10 @@ export function parseProxyHeader(b: Uint8Array): ProxyHeader | undefined {
 }
 
 /** A v2 PROXY header for a TCP client (IPv4 or IPv6) to a destination; LOCAL when the source is not an IP address. */
-export function proxyHeader(src: { address: string; port: number }, dst: { address: string; port: number }): Uint8Array {
+export function proxyHeader(
+  src: { address: string; port: number },
+  dst: { address: string; port: number },
+): Uint8Array {
   const s = parseIp(src.address);
   const d = parseIp(dst.address);
   const fam = s && d && s.length === d.length ? (s.length === 4 ? 1 : 2) : 0;
@@ -111,7 +115,8 @@ export function parseIp(addr: string): Uint8Array | undefined {
 
 /** 16 bytes as the usual text form (longest zero run as ::; IPv4-mapped as dotted IPv4). */
 function formatIpv6(a: Uint8Array): string {
-  if (a.subarray(0, 10).every((x) => x === 0) && a[10] === 0xff && a[11] === 0xff) return `${a[12]}.${a[13]}.${a[14]}.${a[15]}`;
+  if (a.subarray(0, 10).every((x) => x === 0) && a[10] === 0xff && a[11] === 0xff)
+    return `${a[12]}.${a[13]}.${a[14]}.${a[15]}`;
   const g = Array.from({ length: 8 }, (_, i) => (a[2 * i]! << 8) | a[2 * i + 1]!);
   let best = -1;
   let bestLen = 1;
@@ -131,7 +136,10 @@ function formatIpv6(a: Uint8Array): string {
  */
 export function trustedSources(spec: string): { unix: boolean; networks: { net: Uint8Array; bits: number }[] } {
   const out = { unix: false, networks: [] as { net: Uint8Array; bits: number }[] };
-  for (const item of spec.split(",").map((s) => s.trim()).filter(Boolean)) {
+  for (const item of spec
+    .split(",")
+    .map((s) => s.trim())
+    .filter(Boolean)) {
     if (item === "unix") {
       out.unix = true;
       continue;
@@ -139,7 +147,8 @@ export function trustedSources(spec: string): { unix: boolean; networks: { net: 
     const m = /^([^/]+)\/(\d{1,3})$/.exec(item);
     const net = m && parseIp(m[1]!);
     const bits = m ? Number(m[2]) : -1;
-    if (!net || bits > net.length * 8) throw new Error(`l7r.proxy_protocol.trusted: "${item}" is neither unix nor a network such as 10.0.0.0/8`);
+    if (!net || bits > net.length * 8)
+      throw new Error(`l7r.proxy_protocol.trusted: "${item}" is neither unix nor a network such as 10.0.0.0/8`);
     out.networks.push({ net, bits });
   }
   return out;

@@ -52,7 +52,18 @@ export function routes(ctx: L7rContext, conn: Connection): Handler {
         // No OSF is an application OSF (yet): applications are an empty list.
         const all = req.path === "/qvd/list_of_vm" ? await L.userVms(sql, user.userId) : [];
         const list = all.filter((v) => mayUse(user, user.userId, v.id));
-        return conn.send(jsonResponse(200, list.map((v) => ({ id: v.id, name: v.name, state: v.state, blocked: v.blocked ? 1 : 0, is_application: 0 }))));
+        return conn.send(
+          jsonResponse(
+            200,
+            list.map((v) => ({
+              id: v.id,
+              name: v.name,
+              state: v.state,
+              blocked: v.blocked ? 1 : 0,
+              is_application: 0,
+            })),
+          ),
+        );
       }
       case "/qvd/authenticate_user":
         await auth(req, host.id);
@@ -60,7 +71,8 @@ export function routes(ctx: L7rContext, conn: Connection): Handler {
       case "/qvd/create_auth_token": {
         // A token cannot make tokens (a stolen one would renew itself forever); refused before
         // the token is looked at, so a single-use one is not spent on it.
-        if (/^\s*bearer\s/i.test(req.headers.get("authorization") ?? "")) throw new Status(403, "A token cannot create another token; log in with your password");
+        if (/^\s*bearer\s/i.test(req.headers.get("authorization") ?? ""))
+          throw new Status(403, "A token cannot create another token; log in with your password");
         const user = await auth(req, host.id);
         // ?vm_id= makes a token for that VM only; a VM-bound login can only pass its VM on.
         const vmRaw = req.query.find(([k]) => k === "vm_id")?.[1];
@@ -69,9 +81,16 @@ export function routes(ctx: L7rContext, conn: Connection): Handler {
           if (!isId(vmId)) throw new Status(422, "parameter vm_id is not a VM id");
           const vm = await L.sessionVm(sql, vmId);
           if (!vm) throw new Status(404, "The requested virtual machine does not exist");
-          if (!mayUse(user, vm.user_id, vmId)) throw new Status(403, "You are not allowed to access requested virtual machine");
+          if (!mayUse(user, vm.user_id, vmId))
+            throw new Status(403, "You are not allowed to access requested virtual machine");
         }
-        const tok = await createUserToken(sql, tenantScope(user.tenantId), { userId: user.userId, vmId, ttlSeconds: 86400, multiUse: true, authParams: pluginIdentity(user) });
+        const tok = await createUserToken(sql, tenantScope(user.tenantId), {
+          userId: user.userId,
+          vmId,
+          ttlSeconds: 86400,
+          multiUse: true,
+          authParams: pluginIdentity(user),
+        });
         return conn.send(jsonResponse(200, { auth_token: Buffer.from(tok.token).toString("base64") + "\n" }));
       }
       case "/qvd/stop_vm":
@@ -89,7 +108,13 @@ export function routes(ctx: L7rContext, conn: Connection): Handler {
   };
 }
 
-async function stopVmRequest(ctx: L7rContext, conn: Connection, user: AuthenticatedUser, req: HttpRequest, host: L.L7rHost) {
+async function stopVmRequest(
+  ctx: L7rContext,
+  conn: Connection,
+  user: AuthenticatedUser,
+  req: HttpRequest,
+  host: L.L7rHost,
+) {
   const { sql, t } = ctx;
   if (host.blocked) throw new Status(503, "Server is blocked");
   const id = Number(req.query.find(([k]) => k === "id")?.[1] ?? NaN);
@@ -99,8 +124,10 @@ async function stopVmRequest(ctx: L7rContext, conn: Connection, user: Authentica
   if (!mayUse(user, vm.user_id, id)) throw new Status(403, "You are not allowed to access requested virtual machine");
   if (vm.vm_state === "stopped") return conn.send(textResponse(200, "Machine stopped\r\n"));
   conn.progress("Stopping virtual machine");
-  if (["starting", "running", "debugging"].includes(vm.vm_state)) await stopVm(sql, tenantScope(user.tenantId), id, "l7r").catch(() => {});
-  else if (vm.vm_state !== "stopping") throw new Status(503, `The requested virtual machine is in an unstoppable state (${vm.vm_state})`);
+  if (["starting", "running", "debugging"].includes(vm.vm_state))
+    await stopVm(sql, tenantScope(user.tenantId), id, "l7r").catch(() => {});
+  else if (vm.vm_state !== "stopping")
+    throw new Status(503, `The requested virtual machine is in an unstoppable state (${vm.vm_state})`);
   const deadline = Date.now() + t.vmStop * 1000;
   for (;;) {
     vm = await L.sessionVm(sql, id);
@@ -112,10 +139,21 @@ async function stopVmRequest(ctx: L7rContext, conn: Connection, user: Authentica
 }
 
 /** A QVD client's connect: the flow, then a 101 and the client's TLS stream spliced with nxagent. */
-async function connectToVm(ctx: L7rContext, conn: Connection, session: DesktopSession, user: AuthenticatedUser, req: HttpRequest, host: L.L7rHost) {
+async function connectToVm(
+  ctx: L7rContext,
+  conn: Connection,
+  session: DesktopSession,
+  user: AuthenticatedUser,
+  req: HttpRequest,
+  host: L.L7rHost,
+) {
   const { sql, t } = ctx;
   if (host.blocked) throw new Status(503, "Server is blocked");
-  if (req.headers.get("connection")?.toLowerCase() !== "upgrade" || req.headers.get("upgrade")?.toLowerCase() !== "qvd/1.0") throw new Status(426);
+  if (
+    req.headers.get("connection")?.toLowerCase() !== "upgrade" ||
+    req.headers.get("upgrade")?.toLowerCase() !== "qvd/1.0"
+  )
+    throw new Status(426);
   const idRaw = req.query.find(([k]) => k === "id")?.[1];
   if (idRaw === undefined) throw new Status(422, "parameter id is missing");
   const bad = req.query.filter(([k]) => k !== "id" && !CLIENT_PARAM.test(k)).map(([k]) => k);
@@ -140,4 +178,3 @@ async function connectToVm(ctx: L7rContext, conn: Connection, session: DesktopSe
     conn.close(); // counts the connection out and releases the session
   });
 }
-

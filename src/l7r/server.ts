@@ -18,7 +18,14 @@ import { listenL7r } from "./listeners.ts";
 import { DEFAULT_BOUNDS, DEFAULT_TIMEOUTS, type L7rOptions } from "./options.ts";
 import { routes } from "./routes.ts";
 
-export { DEFAULT_BOUNDS, DEFAULT_TIMEOUTS, type L7rBounds, type L7rOptions, type L7rTimeouts, type WebOptions } from "./options.ts";
+export {
+  DEFAULT_BOUNDS,
+  DEFAULT_TIMEOUTS,
+  type L7rBounds,
+  type L7rOptions,
+  type L7rTimeouts,
+  type WebOptions,
+} from "./options.ts";
 
 const log = logger("l7r");
 
@@ -44,7 +51,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
     metric: l7rMetrics(o.metrics ?? new Registry()),
     aliveWithin: o.aliveWithinS ?? aliveWithinS(new Config()), // the key's default
     authConfig,
-    authenticate: o.authenticate ?? (((db, attempt) => authenticateUser(db, authConfig, attempt)) satisfies Authenticate),
+    authenticate:
+      o.authenticate ?? (((db, attempt) => authenticateUser(db, authConfig, attempt)) satisfies Authenticate),
     throttle: { ...DEFAULT_POLICY, ...o.throttle },
     sessions: new Map(),
     webSlots: new Set(),
@@ -80,7 +88,8 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
         return;
       }
       if (channel === "qvd_events" && p.object === "vm") for (const w of vmWaiters.get(p.id) ?? []) w();
-      else if (p.user_cmd === "abort") void checkAborts().catch((e) => log.warn("abort check failed", { error: String(e) }));
+      else if (p.user_cmd === "abort")
+        void checkAborts().catch((e) => log.warn("abort check failed", { error: String(e) }));
     },
     onReady() {
       for (const ws of vmWaiters.values()) for (const w of ws) w();
@@ -92,7 +101,11 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
     const conn = new Connection(ctx, s, address);
     conn.start(routes(ctx, conn), handshakeMs);
   });
-  log.info("L7R listening", { address: `${o.hostname}:${sockets.port}`, node: o.nodename, ...(o.unix ? { unix: o.unix } : {}) });
+  log.info("L7R listening", {
+    address: `${o.hostname}:${sockets.port}`,
+    node: o.nodename,
+    ...(o.unix ? { unix: o.unix } : {}),
+  });
   return {
     port: sockets.port,
     load: () => ctx.admission.load(),

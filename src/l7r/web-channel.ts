@@ -2,7 +2,15 @@
 // frames (JSON) before the session is ready, then binary frames relayed to and from Xvnc's
 // RFB socket. Backpressure both ways, never buffering: a browser that does not read pauses
 // Xvnc, and an Xvnc that does not read pauses the browser's socket.
-import { binaryFrame, closeFrame, FrameReader, pingFrame, pongFrame, textFrame, WebSocketProtocolError } from "./websocket.ts";
+import {
+  binaryFrame,
+  closeFrame,
+  FrameReader,
+  pingFrame,
+  pongFrame,
+  textFrame,
+  WebSocketProtocolError,
+} from "./websocket.ts";
 import type { IoSocket } from "../nx/splice.ts";
 
 /** Largest message a browser may send: RFB input, a clipboard paste of up to 1 MiB. */

@@ -24,7 +24,14 @@ const log = logger("l7r");
  * Upgrades to a WebSocket and serves the browser session on it. After the 101 every failure
  * is told in frames, never as HTTP.
  */
-export async function webConnect(ctx: L7rContext, conn: Connection, logins: Logins, req: HttpRequest, host: L.L7rHost, web: WebOptions) {
+export async function webConnect(
+  ctx: L7rContext,
+  conn: Connection,
+  logins: Logins,
+  req: HttpRequest,
+  host: L.L7rHost,
+  web: WebOptions,
+) {
   const { sql, t } = ctx;
   if (!originAllowed(req)) throw new Status(403, "A page of another origin may not open desktops here\r\n");
   const up = upgradeAnswer(req);
@@ -70,11 +77,15 @@ export async function webConnect(ctx: L7rContext, conn: Connection, logins: Logi
       return conn.close(1008, "the request is not JSON");
     }
     const { token, id, width, height } = m ?? {};
-    if (typeof token !== "string" || !/^[A-Za-z0-9+/=]{1,1024}$/.test(token)) return fail(401, "Your login has expired; log in again");
+    if (typeof token !== "string" || !/^[A-Za-z0-9+/=]{1,1024}$/.test(token))
+      return fail(401, "Your login has expired; log in again");
     if (typeof id !== "number" || !isId(id)) return fail(404, "The requested virtual machine does not exist");
-    const sized = (v: unknown, max: number) => (typeof v === "number" && Number.isInteger(v) && v >= MIN_SIZE && v <= max ? v : undefined);
-    const w = sized(width, MAX_WIDTH), h = sized(height, MAX_HEIGHT);
-    if (!w || !h) return conn.close(1008, `the screen size must be ${MIN_SIZE}x${MIN_SIZE} to ${MAX_WIDTH}x${MAX_HEIGHT}`);
+    const sized = (v: unknown, max: number) =>
+      typeof v === "number" && Number.isInteger(v) && v >= MIN_SIZE && v <= max ? v : undefined;
+    const w = sized(width, MAX_WIDTH),
+      h = sized(height, MAX_HEIGHT);
+    if (!w || !h)
+      return conn.close(1008, `the screen size must be ${MIN_SIZE}x${MIN_SIZE} to ${MAX_WIDTH}x${MAX_HEIGHT}`);
     let user: AuthenticatedUser;
     try {
       user = await logins.user(`Bearer ${token}`, host.id);
@@ -88,19 +99,40 @@ export async function webConnect(ctx: L7rContext, conn: Connection, logins: Logi
     if (vm0.blocked) return fail(403, "The requested virtual machine is offline for maintenance");
     let slot = 0;
     while (ctx.webSlots.has(slot)) slot++;
-    if (slot >= web.maxSessions) return fail(503, "This node holds as many browser sessions as it may; try again later");
+    if (slot >= web.maxSessions)
+      return fail(503, "This node holds as many browser sessions as it may; try again later");
     if (conn.closed) return;
     ctx.webSlots.add(slot);
     // The display starts while the desktop does (the connection's end stops it, started or not).
-    const display = WebDisplay.start({ runDir: web.runDir, uid: web.uidBase + slot, width: w, height: h, xvnc: web.xvnc, nxproxy: web.nxproxy });
+    const display = WebDisplay.start({
+      runDir: web.runDir,
+      uid: web.uidBase + slot,
+      width: w,
+      height: h,
+      xvnc: web.xvnc,
+      nxproxy: web.nxproxy,
+    });
     display.catch(() => {}); // told in the connect flow
     // The slot (its uid) is free again only when nothing of the display runs as it any more.
-    conn.onClose(() => void display.then((d) => d.stop(), () => {}).finally(() => ctx.webSlots.delete(slot)));
+    conn.onClose(
+      () =>
+        void display
+          .then(
+            (d) => d.stop(),
+            () => {},
+          )
+          .finally(() => ctx.webSlots.delete(slot)),
+    );
     // What a QVD client would ask for, with no keyboard (nxagent then takes Xvnc's own map),
     // and neither sound nor printing: a browser has no sound server or CUPS for the desktop
     // to reach (the desktop's services would wait for them at each connect).
-    const params = new Map([["qvd.client.link", "lan"], ["qvd.client.geometry", `${w}x${h}`], ["qvd.client.os", "linux"],
-      ["qvd.client.audio.enabled", "0"], ["qvd.client.printing.enabled", "0"]]);
+    const params = new Map([
+      ["qvd.client.link", "lan"],
+      ["qvd.client.geometry", `${w}x${h}`],
+      ["qvd.client.os", "linux"],
+      ["qvd.client.audio.enabled", "0"],
+      ["qvd.client.printing.enabled", "0"],
+    ]);
     const { nx, cookie } = await session.open(user, vm0, params, host, async () => {
       await display.catch((err) => {
         log.error("browser session display failed", { vm: id, error: (err as Error).message });
@@ -110,7 +142,8 @@ export async function webConnect(ctx: L7rContext, conn: Connection, logins: Logi
     const d = await display;
     session.attach(nx);
     const started = Date.now();
-    const onRefused = (reason: string) => log.warn("NX handshake refused", { vm: id, user: user.login, reason, nxproxy: d.nxReason() });
+    const onRefused = (reason: string) =>
+      log.warn("NX handshake refused", { vm: id, user: user.login, reason, nxproxy: d.nxReason() });
     void spliceNx(d.nxSocket, nx, { cookie, timeoutMs: t.nxHandshake * 1000, onRefused }).then(async (r) => {
       log.info("browser session ended", { vm: id, user: user.login, up: r.aToB, down: r.bToA });
       session.countBytes(r.aToB, r.bToA);

@@ -38,16 +38,31 @@ export class WebDisplayError extends Error {}
 /** One Xauthority entry that any display number matches (FamilyWild), for Xvnc's -auth. */
 function xauthority(cookie: Uint8Array): Uint8Array {
   const field = (b: Uint8Array) => Buffer.concat([Buffer.from([b.length >> 8, b.length & 0xff]), b]);
-  return Buffer.concat([Buffer.from([0xff, 0xff]), field(new Uint8Array(0)), field(new Uint8Array(0)), field(Buffer.from("MIT-MAGIC-COOKIE-1")), field(cookie)]);
+  return Buffer.concat([
+    Buffer.from([0xff, 0xff]),
+    field(new Uint8Array(0)),
+    field(new Uint8Array(0)),
+    field(Buffer.from("MIT-MAGIC-COOKIE-1")),
+    field(cookie),
+  ]);
 }
 
 /** Runs `argv` as the session's uid, killed when the L7R dies, with a clean environment. */
-function spawnAs(uid: number, dir: string, argv: string[], env: Record<string, string>, onLine: (l: string, stream: "stdout" | "stderr") => void): Daemon {
-  return spawnDaemon(["setpriv", `--reuid=${uid}`, `--regid=${uid}`, "--clear-groups", "--pdeathsig", "KILL", "--", ...argv], {
-    cwd: dir,
-    env: { PATH: process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin", HOME: dir, ...env },
-    onLine,
-  });
+function spawnAs(
+  uid: number,
+  dir: string,
+  argv: string[],
+  env: Record<string, string>,
+  onLine: (l: string, stream: "stdout" | "stderr") => void,
+): Daemon {
+  return spawnDaemon(
+    ["setpriv", `--reuid=${uid}`, `--regid=${uid}`, "--clear-groups", "--pdeathsig", "KILL", "--", ...argv],
+    {
+      cwd: dir,
+      env: { PATH: process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin", HOME: dir, ...env },
+      onLine,
+    },
+  );
 }
 
 export class WebDisplay {
@@ -68,8 +83,10 @@ export class WebDisplay {
   ) {}
 
   static async start(o: WebDisplayOptions): Promise<WebDisplay> {
-    const w = Math.round(o.width), h = Math.round(o.height);
-    if (!(w >= MIN_SIZE && w <= MAX_WIDTH && h >= MIN_SIZE && h <= MAX_HEIGHT)) throw new WebDisplayError(`a screen of ${o.width}x${o.height} is not possible`);
+    const w = Math.round(o.width),
+      h = Math.round(o.height);
+    if (!(w >= MIN_SIZE && w <= MAX_WIDTH && h >= MIN_SIZE && h <= MAX_HEIGHT))
+      throw new WebDisplayError(`a screen of ${o.width}x${o.height} is not possible`);
     mkdirSync(o.runDir, { recursive: true, mode: 0o711 });
     const dir = join(o.runDir, randomUUID());
     mkdirSync(dir, { mode: 0o700 });
@@ -101,22 +118,60 @@ export class WebDisplay {
     // -displayfd 1: Xvnc picks a free display and says which on stdout. No TCP for X or RFB;
     // RFB only on the private socket, so no password on it (SecurityTypes None). No GLX: its
     // only client is nxproxy, and Mesa's software renderer cost about 50 MB per session.
-    this.xvnc = spawnAs(this.o.uid, this.dir, [this.o.xvnc, "-displayfd", "1", "-geometry", `${w}x${h}`, "-depth", "24", "-nolisten", "tcp",
-      "-auth", auth, "-rfbport", "-1", "-rfbunixpath", this.rfbPath, "-rfbunixmode", "0600", "-SecurityTypes", "None",
-      "-NeverShared", "-DisconnectClients", "-AcceptSetDesktopSize", "-MaxCutText", "1048576", "-extension", "GLX"], {}, (l, stream) => {
-      if (stream === "stdout" && /^\d+$/.test(l.trim())) return announce(Number(l.trim()));
-      if (l.trim()) log.debug("Xvnc", { line: l.trim() });
-      lines.push(l);
-      if (lines.length > 8) lines.shift();
-    });
+    this.xvnc = spawnAs(
+      this.o.uid,
+      this.dir,
+      [
+        this.o.xvnc,
+        "-displayfd",
+        "1",
+        "-geometry",
+        `${w}x${h}`,
+        "-depth",
+        "24",
+        "-nolisten",
+        "tcp",
+        "-auth",
+        auth,
+        "-rfbport",
+        "-1",
+        "-rfbunixpath",
+        this.rfbPath,
+        "-rfbunixmode",
+        "0600",
+        "-SecurityTypes",
+        "None",
+        "-NeverShared",
+        "-DisconnectClients",
+        "-AcceptSetDesktopSize",
+        "-MaxCutText",
+        "1048576",
+        "-extension",
+        "GLX",
+      ],
+      {},
+      (l, stream) => {
+        if (stream === "stdout" && /^\d+$/.test(l.trim())) return announce(Number(l.trim()));
+        if (l.trim()) log.debug("Xvnc", { line: l.trim() });
+        lines.push(l);
+        if (lines.length > 8) lines.shift();
+      },
+    );
     const timeout = this.o.timeoutMs ?? 15_000;
     const display = await Promise.race([
       announced,
       this.xvnc.exited.then(() => {
-        throw new WebDisplayError(`the browser session's X server (${this.o.xvnc}) ended: ${lines.filter((l) => l.trim()).slice(-2).join(" / ")}`);
+        throw new WebDisplayError(
+          `the browser session's X server (${this.o.xvnc}) ended: ${lines
+            .filter((l) => l.trim())
+            .slice(-2)
+            .join(" / ")}`,
+        );
       }),
       Bun.sleep(timeout).then(() => {
-        throw new WebDisplayError(`the browser session's X server (${this.o.xvnc}) did not start in ${timeout / 1000} s`);
+        throw new WebDisplayError(
+          `the browser session's X server (${this.o.xvnc}) did not start in ${timeout / 1000} s`,
+        );
       }),
     ]);
     this.display = display;
@@ -152,21 +207,31 @@ export class WebDisplay {
     // The link (lan: no NX compression to pay for, the desktop is near) is nxagent's to choose:
     // the connect flow asks for it; this side would ignore it.
     const options = `nx/nx,connect=unix:${sock},root=${join(this.dir, "nx-root")}:${this.display}`;
-    this.nxproxy = spawnAs(this.o.uid, this.dir, [this.o.nxproxy, "-S", options], { DISPLAY: `:${this.display}`, NX_CLIENT: "/bin/false" }, (l) => {
-      const t = l.trim();
-      if (!t) return;
-      log.debug("nxproxy", { display: this.display, line: t });
-      this.nxLines.push(t);
-      if (this.nxLines.length > 8) this.nxLines.shift();
-    });
+    this.nxproxy = spawnAs(
+      this.o.uid,
+      this.dir,
+      [this.o.nxproxy, "-S", options],
+      { DISPLAY: `:${this.display}`, NX_CLIENT: "/bin/false" },
+      (l) => {
+        const t = l.trim();
+        if (!t) return;
+        log.debug("nxproxy", { display: this.display, line: t });
+        this.nxLines.push(t);
+        if (this.nxLines.length > 8) this.nxLines.shift();
+      },
+    );
     const timeout = this.o.timeoutMs ?? 15_000;
     this.nxSocket = await Promise.race([
       accepted,
       this.nxproxy.exited.then(() => {
-        throw new WebDisplayError(`the browser session's NX proxy (${this.o.nxproxy}) ended: ${this.nxLines.slice(-2).join(" / ")}`);
+        throw new WebDisplayError(
+          `the browser session's NX proxy (${this.o.nxproxy}) ended: ${this.nxLines.slice(-2).join(" / ")}`,
+        );
       }),
       Bun.sleep(timeout).then(() => {
-        throw new WebDisplayError(`the browser session's NX proxy (${this.o.nxproxy}) did not connect in ${timeout / 1000} s`);
+        throw new WebDisplayError(
+          `the browser session's NX proxy (${this.o.nxproxy}) did not connect in ${timeout / 1000} s`,
+        );
       }),
     ]);
     this.nxListener.stop(); // not stop(true): that would close the accepted connection too
@@ -189,7 +254,11 @@ export class WebDisplay {
     this.nxListener?.stop(true);
     this.x?.close();
     for (const p of [this.nxproxy, this.xvnc]) p?.kill("SIGTERM");
-    await Promise.all([this.nxproxy, this.xvnc].map((p) => p && Promise.race([p.exited, Bun.sleep(3000).then(() => p.kill("SIGKILL"))])));
+    await Promise.all(
+      [this.nxproxy, this.xvnc].map(
+        (p) => p && Promise.race([p.exited, Bun.sleep(3000).then(() => p.kill("SIGKILL"))]),
+      ),
+    );
     rmSync(this.dir, { recursive: true, force: true });
     log.debug("browser display stopped", { display: this.display });
   }

@@ -57,16 +57,31 @@ function tokens(value: string | undefined): string[] {
  */
 export function upgradeAnswer(req: HttpRequest): UpgradeAnswer {
   const h = req.headers;
-  if (req.method !== "GET") return { ok: false, status: 405, message: "a WebSocket upgrade is a GET", headers: [["Allow", "GET"]] };
+  if (req.method !== "GET")
+    return { ok: false, status: 405, message: "a WebSocket upgrade is a GET", headers: [["Allow", "GET"]] };
   if (!tokens(h.get("connection")).includes("upgrade") || h.get("upgrade")?.trim().toLowerCase() !== "websocket")
     return { ok: false, status: 400, message: "not a WebSocket upgrade request", headers: [] };
   if (h.get("sec-websocket-version")?.trim() !== "13")
-    return { ok: false, status: 426, message: "only WebSocket version 13 is spoken", headers: [["Sec-WebSocket-Version", "13"]] };
+    return {
+      ok: false,
+      status: 426,
+      message: "only WebSocket version 13 is spoken",
+      headers: [["Sec-WebSocket-Version", "13"]],
+    };
   // The key is 16 bytes in base64: 22 characters and the padding.
   const key = h.get("sec-websocket-key")?.trim() ?? "";
-  if (!/^[A-Za-z0-9+/]{22}==$/.test(key)) return { ok: false, status: 400, message: "invalid Sec-WebSocket-Key", headers: [] };
+  if (!/^[A-Za-z0-9+/]{22}==$/.test(key))
+    return { ok: false, status: 400, message: "invalid Sec-WebSocket-Key", headers: [] };
   const accept = acceptKey(key);
-  return { ok: true, accept, headers: [["Upgrade", "websocket"], ["Connection", "Upgrade"], ["Sec-WebSocket-Accept", accept]] };
+  return {
+    ok: true,
+    accept,
+    headers: [
+      ["Upgrade", "websocket"],
+      ["Connection", "Upgrade"],
+      ["Sec-WebSocket-Accept", accept],
+    ],
+  };
 }
 
 /** Host and port of an authority ("host", "host:port", "[v6]:port"), the port 443 when omitted. */
@@ -105,10 +120,16 @@ export type Message =
 
 /** Whether a close code may be sent in a close frame (1005, 1006 and 1015 are only reported locally). */
 export function validCloseCode(code: number): boolean {
-  return (code >= 1000 && code <= 1014 && code !== 1004 && code !== 1005 && code !== 1006) || (code >= 3000 && code <= 4999);
+  return (
+    (code >= 1000 && code <= 1014 && code !== 1004 && code !== 1005 && code !== 1006) || (code >= 3000 && code <= 4999)
+  );
 }
 
-const decodeText = (b: Uint8Array, decoder = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }), stream = false): string => {
+const decodeText = (
+  b: Uint8Array,
+  decoder = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }),
+  stream = false,
+): string => {
   try {
     return decoder.decode(b, { stream });
   } catch {
@@ -171,12 +192,15 @@ export class FrameReader {
       let len = b1 & 0x7f;
       // What the first two bytes can tell, checked before waiting for more.
       if (b0 & 0x70) throw new WebSocketProtocolError(1002, "RSV bits set without an extension");
-      if (opcode > 0xa || (opcode > 0x2 && opcode < 0x8)) throw new WebSocketProtocolError(1002, `unknown opcode ${opcode}`);
+      if (opcode > 0xa || (opcode > 0x2 && opcode < 0x8))
+        throw new WebSocketProtocolError(1002, `unknown opcode ${opcode}`);
       if (!(b1 & 0x80)) throw new WebSocketProtocolError(1002, "unmasked client frame");
       const control = opcode >= 0x8;
       if (control && !fin) throw new WebSocketProtocolError(1002, "fragmented control frame");
-      if (control && len > MAX_CONTROL_PAYLOAD) throw new WebSocketProtocolError(1002, "control frame payload over 125 bytes");
-      if (opcode === OPCODE.CONTINUATION && !this.frag) throw new WebSocketProtocolError(1002, "continuation frame without a message");
+      if (control && len > MAX_CONTROL_PAYLOAD)
+        throw new WebSocketProtocolError(1002, "control frame payload over 125 bytes");
+      if (opcode === OPCODE.CONTINUATION && !this.frag)
+        throw new WebSocketProtocolError(1002, "continuation frame without a message");
       if ((opcode === OPCODE.TEXT || opcode === OPCODE.BINARY) && this.frag)
         throw new WebSocketProtocolError(1002, "new message inside a fragmented one");
       let head = 2;
@@ -228,7 +252,12 @@ export class FrameReader {
         const text = opcode === OPCODE.TEXT;
         if (fin) return text ? { type: "text", text: decodeText(payload) } : { type: "binary", data: payload };
         // Text fragments are decoded as they come, so that invalid UTF-8 fails at once.
-        this.frag = { text, parts: text ? [] : [payload], texts: text ? [decodeText(payload, this.decoder, true)] : [], size: payload.length };
+        this.frag = {
+          text,
+          parts: text ? [] : [payload],
+          texts: text ? [decodeText(payload, this.decoder, true)] : [],
+          size: payload.length,
+        };
         return undefined;
       }
     }

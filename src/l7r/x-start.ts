@@ -16,7 +16,13 @@
 // identity is written after every other layer. Whatever its source, the identity must keep the
 // global identity.* rules (src/auth/identity.ts): values stored before those rules, or set
 // directly in the database, are refused here too.
-import { defaultIdentityRules, defaultUid, identityProblem, parseGroups, type IdentityRules } from "../auth/identity.ts";
+import {
+  defaultIdentityRules,
+  defaultUid,
+  identityProblem,
+  parseGroups,
+  type IdentityRules,
+} from "../auth/identity.ts";
 import type { AuthenticatedUser } from "../auth/user-auth.ts";
 import type { PropertyLayers } from "../db/l7r.ts";
 import type { SessionParams } from "../vma/session.ts";
@@ -37,7 +43,8 @@ export function guestUserName(login: string): string {
 
 function idValue(key: string, v: string | undefined): number | undefined {
   if (v === undefined || v === "") return undefined;
-  if (!/^\d{1,10}$/.test(v) || Number(v) < 1 || Number(v) > 4294967294) throw new XStartParamError(`property ${key} = ${JSON.stringify(v)} is not a valid id (1 or more)`);
+  if (!/^\d{1,10}$/.test(v) || Number(v) < 1 || Number(v) > 4294967294)
+    throw new XStartParamError(`property ${key} = ${JSON.stringify(v)} is not a valid id (1 or more)`);
   return Number(v);
 }
 
@@ -62,9 +69,13 @@ export function xStartBody(i: {
   const uid = i.user.uid ?? idValue("qvd.vm.user.uid", m["qvd.vm.user.uid"]) ?? defaultUid(i.user.userId, rules);
   const gid = i.user.gid ?? idValue("qvd.vm.user.gid", m["qvd.vm.user.gid"]) ?? uid;
   const home = i.user.home ?? (m["qvd.vm.user.home"] || undefined);
-  if (home !== undefined && (!/^(\/[\w.-]+)+$/.test(home) || home.split("/").includes(".."))) throw new XStartParamError(`qvd.vm.user.home = ${JSON.stringify(home)} is not an absolute path`);
+  if (home !== undefined && (!/^(\/[\w.-]+)+$/.test(home) || home.split("/").includes("..")))
+    throw new XStartParamError(`qvd.vm.user.home = ${JSON.stringify(home)} is not an absolute path`);
   const groups = m["qvd.vm.user.groups"];
-  const problem = identityProblem({ uid, gid, home, groups: groups !== undefined ? parseGroups(groups) : undefined }, rules);
+  const problem = identityProblem(
+    { uid, gid, home, groups: groups !== undefined ? parseGroups(groups) : undefined },
+    rules,
+  );
   if (problem) throw new XStartParamError(`identity refused: ${problem.message}`);
   Object.assign(m, { "qvd.vm.user.name": user, "qvd.vm.user.uid": String(uid), "qvd.vm.user.gid": String(gid) });
   if (home !== undefined) m["qvd.vm.user.home"] = home;

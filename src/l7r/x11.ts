@@ -15,12 +15,40 @@ const log = logger("x11");
 /** The largest message (setup reply, reply) taken from the server: beyond it, the connection is closed. */
 const MAX_MESSAGE = 1 << 20;
 
-const ERROR_NAMES = ["", "BadRequest", "BadValue", "BadWindow", "BadPixmap", "BadAtom", "BadCursor", "BadFont", "BadMatch",
-  "BadDrawable", "BadAccess", "BadAlloc", "BadColor", "BadGC", "BadIDChoice", "BadName", "BadLength", "BadImplementation"];
+const ERROR_NAMES = [
+  "",
+  "BadRequest",
+  "BadValue",
+  "BadWindow",
+  "BadPixmap",
+  "BadAtom",
+  "BadCursor",
+  "BadFont",
+  "BadMatch",
+  "BadDrawable",
+  "BadAccess",
+  "BadAlloc",
+  "BadColor",
+  "BadGC",
+  "BadIDChoice",
+  "BadName",
+  "BadLength",
+  "BadImplementation",
+];
 const BAD_WINDOW = 3;
 const BAD_DRAWABLE = 9;
 
-const Op = { ChangeWindowAttributes: 2, GetWindowAttributes: 3, ConfigureWindow: 12, GetGeometry: 14, QueryTree: 15, SendEvent: 25, GetInputFocus: 43, GetImage: 73, ChangeHosts: 109 } as const;
+const Op = {
+  ChangeWindowAttributes: 2,
+  GetWindowAttributes: 3,
+  ConfigureWindow: 12,
+  GetGeometry: 14,
+  QueryTree: 15,
+  SendEvent: 25,
+  GetInputFocus: 43,
+  GetImage: 73,
+  ChangeHosts: 109,
+} as const;
 const OP_NAMES: Record<number, string> = Object.fromEntries(Object.entries(Op).map(([k, v]) => [v, k]));
 const CreateNotify = 16;
 const MapNotify = 19;
@@ -32,14 +60,30 @@ const Viewable = 2;
 
 /** An error the X server answered a request with; `code` is the X error code (3 = BadWindow, …). */
 export class X11Error extends Error {
-  constructor(readonly code: number, readonly opcode: number, readonly badValue: number) {
-    super(`X error ${ERROR_NAMES[code] ?? `code ${code}`} in ${OP_NAMES[opcode] ?? `request ${opcode}`} (value 0x${badValue.toString(16)})`);
+  constructor(
+    readonly code: number,
+    readonly opcode: number,
+    readonly badValue: number,
+  ) {
+    super(
+      `X error ${ERROR_NAMES[code] ?? `code ${code}`} in ${OP_NAMES[opcode] ?? `request ${opcode}`} (value 0x${badValue.toString(16)})`,
+    );
   }
 }
 
-export interface Geometry { x: number; y: number; width: number; height: number }
+export interface Geometry {
+  x: number;
+  y: number;
+  width: number;
+  height: number;
+}
 
-interface Pending { seq: number; reply: boolean; resolve(b: Buffer): void; reject(e: Error): void }
+interface Pending {
+  seq: number;
+  reply: boolean;
+  resolve(b: Buffer): void;
+  reject(e: Error): void;
+}
 
 const pad4 = (n: number) => (n + 3) & ~3;
 
@@ -137,7 +181,11 @@ export class X11Client {
 
   /** Selects StructureNotify and SubstructureNotify on the root (screen size changes, top-levels mapped). */
   watchRoot(): Promise<void> {
-    this.watching ??= this.checked(Op.ChangeWindowAttributes, 0, u32(this.root, 0x800 /* event-mask */, StructureNotifyMask | SubstructureNotifyMask));
+    this.watching ??= this.checked(
+      Op.ChangeWindowAttributes,
+      0,
+      u32(this.root, 0x800 /* event-mask */, StructureNotifyMask | SubstructureNotifyMask),
+    );
     return this.watching;
   }
 
@@ -175,7 +223,13 @@ export class X11Client {
    * screen 4 bytes a pixel (B, G, R, unused), rows of `w * 4` bytes. Windows include what their
    * children show. The reply must fit MAX_MESSAGE: larger rectangles are refused here (ask in pieces).
    */
-  async getImage(drawable: number, x: number, y: number, w: number, h: number): Promise<{ depth: number; data: Buffer }> {
+  async getImage(
+    drawable: number,
+    x: number,
+    y: number,
+    w: number,
+    h: number,
+  ): Promise<{ depth: number; data: Buffer }> {
     if (4 * w * h > MAX_MESSAGE - 32) throw new Error(`an image of ${w}x${h} is larger than this client takes`);
     const b = Buffer.alloc(16);
     b.writeUInt32LE(drawable, 0);
@@ -234,31 +288,34 @@ export class X11Client {
    * taken the new size yet.
    */
   async fitAndCheck(w: number, h: number): Promise<{ changed: number; settled: boolean }> {
-    const done = await Promise.all((await this.queryTree(this.root)).map(async (win) => {
-      try {
-        const [a, g] = await Promise.all([this.getWindowAttributes(win), this.getGeometry(win)]);
-        if (a.mapState !== Viewable || g.width <= 2 || g.height <= 2) return { changed: 0, settled: true };
-        const fitted = { x: 0, y: 0, width: w, height: h };
-        const changed = !(g.x === 0 && g.y === 0 && g.width === w && g.height === h);
-        if (changed) await this.configureWindow(win, fitted);
-        else if (!(await this.contentFits(win, w, h))) {
-          // The window has the size but the desktop in it does not: nxagent believes it has that
-          // size already (its geometry option) and ignores a ConfigureNotify of it. A real
-          // change, one pixel narrower and back, makes it resize (at most once a second).
-          if (Date.now() - this.nudgedAt < 1000) return { changed: 0, settled: false };
-          this.nudgedAt = Date.now();
-          await this.configureWindow(win, { ...fitted, width: Math.max(3, w - 1) });
-          await this.configureWindow(win, fitted);
+    const done = await Promise.all(
+      (await this.queryTree(this.root)).map(async (win) => {
+        try {
+          const [a, g] = await Promise.all([this.getWindowAttributes(win), this.getGeometry(win)]);
+          if (a.mapState !== Viewable || g.width <= 2 || g.height <= 2) return { changed: 0, settled: true };
+          const fitted = { x: 0, y: 0, width: w, height: h };
+          const changed = !(g.x === 0 && g.y === 0 && g.width === w && g.height === h);
+          if (changed) await this.configureWindow(win, fitted);
+          else if (!(await this.contentFits(win, w, h))) {
+            // The window has the size but the desktop in it does not: nxagent believes it has that
+            // size already (its geometry option) and ignores a ConfigureNotify of it. A real
+            // change, one pixel narrower and back, makes it resize (at most once a second).
+            if (Date.now() - this.nudgedAt < 1000) return { changed: 0, settled: false };
+            this.nudgedAt = Date.now();
+            await this.configureWindow(win, { ...fitted, width: Math.max(3, w - 1) });
+            await this.configureWindow(win, fitted);
+            await this.notifyGeometry(win, fitted);
+            return { changed: 1, settled: false };
+          }
           await this.notifyGeometry(win, fitted);
-          return { changed: 1, settled: false };
+          return { changed: changed ? 1 : 0, settled: !changed };
+        } catch (e) {
+          if (e instanceof X11Error && (e.code === BAD_WINDOW || e.code === BAD_DRAWABLE))
+            return { changed: 0, settled: true };
+          throw e;
         }
-        await this.notifyGeometry(win, fitted);
-        return { changed: changed ? 1 : 0, settled: !changed };
-      } catch (e) {
-        if (e instanceof X11Error && (e.code === BAD_WINDOW || e.code === BAD_DRAWABLE)) return { changed: 0, settled: true };
-        throw e;
-      }
-    }));
+      }),
+    );
     return { changed: done.reduce((n, d) => n + d.changed, 0), settled: done.every((d) => d.settled) };
   }
 
@@ -280,7 +337,8 @@ export class X11Client {
    */
   keepTopLevelsFitted(o: { debounceMs?: number; onError?: (e: Error) => void } = {}): () => void {
     const onError = (e: unknown) => {
-      if (!this.isClosed) (o.onError ?? ((e) => log.warn("could not fit the windows to the screen", { error: e.message })))(e as Error);
+      if (!this.isClosed)
+        (o.onError ?? ((e) => log.warn("could not fit the windows to the screen", { error: e.message })))(e as Error);
     };
     let timer: Timer | undefined;
     let running = false;
@@ -305,7 +363,8 @@ export class X11Client {
       } finally {
         running = false;
       }
-      if (!settled && !stopped && !this.isClosed && recheck < RECHECK_MS.length && !timer) timer = setTimeout(fit, RECHECK_MS[recheck++]);
+      if (!settled && !stopped && !this.isClosed && recheck < RECHECK_MS.length && !timer)
+        timer = setTimeout(fit, RECHECK_MS[recheck++]);
     };
     const schedule = () => {
       if (stopped || this.isClosed) return;
@@ -377,8 +436,10 @@ export class X11Client {
     this.buf = this.buf.length ? Buffer.concat([this.buf, d]) : d;
     try {
       for (;;) {
-        const need = this.inSetup ? this.buf.length >= 8 && 8 + 4 * this.buf.readUInt16LE(6)
-          : this.buf.length >= 32 && (this.buf[0] === 1 || (this.buf[0]! & 0x7f) === GenericEvent ? 32 + 4 * this.buf.readUInt32LE(4) : 32);
+        const need = this.inSetup
+          ? this.buf.length >= 8 && 8 + 4 * this.buf.readUInt16LE(6)
+          : this.buf.length >= 32 &&
+            (this.buf[0] === 1 || (this.buf[0]! & 0x7f) === GenericEvent ? 32 + 4 * this.buf.readUInt32LE(4) : 32);
         if (!need) return;
         // Each message is bounded; whatever the server claims, no more than that is buffered.
         if (need > MAX_MESSAGE) throw new Error(`X server sent a message of ${need} bytes (limit ${MAX_MESSAGE})`);
@@ -394,7 +455,12 @@ export class X11Client {
   }
 
   private setupReply(m: Buffer): void {
-    const text = (from: number, len: number) => m.subarray(from, Math.min(from + len, m.length)).toString("latin1").replace(/\0+$/, "").trim();
+    const text = (from: number, len: number) =>
+      m
+        .subarray(from, Math.min(from + len, m.length))
+        .toString("latin1")
+        .replace(/\0+$/, "")
+        .trim();
     if (m[0] === 0) throw new Error(`X server refused the connection: ${text(8, m[1]!)}`);
     if (m[0] === 2) throw new Error(`X server asks for more authentication: ${text(8, m.length - 8)}`);
     if (m[0] !== 1 || m.length < 40) throw new Error("X server sent an invalid setup reply");
@@ -441,7 +507,8 @@ export class X11Client {
       // A top-level moved or resized itself (nxagent sets its own size once it maps its window):
       // fit it again unless it already fills the screen (our own fit's notify ends here).
       const [x, y, w, h] = [m.readInt16LE(16), m.readInt16LE(18), m.readUInt16LE(20), m.readUInt16LE(22)];
-      if (w > 2 && h > 2 && (x !== 0 || y !== 0 || w !== this.width || h !== this.height)) for (const cb of this.topLevelCbs) cb(m.readUInt32LE(8));
+      if (w > 2 && h > 2 && (x !== 0 || y !== 0 || w !== this.width || h !== this.height))
+        for (const cb of this.topLevelCbs) cb(m.readUInt32LE(8));
     } else if ((kind === MapNotify || kind === CreateNotify) && m.readUInt32LE(4) === this.root) {
       // MapNotify's event window, CreateNotify's parent: the root, so the window is a top-level.
       for (const cb of this.topLevelCbs) cb(m.readUInt32LE(8));

@@ -155,7 +155,8 @@ export function spliceNx(client: IoSocket, agent: IoSocket, o: NxSpliceOptions):
     agent.data.io = {
       data: (c) => {
         fromAgent.push(c);
-        if (fromAgent.reduce((n, x) => n + x.length, 0) > 4 * NX_TOKEN_MAX) fail("nxagent spoke before the client's handshake");
+        if (fromAgent.reduce((n, x) => n + x.length, 0) > 4 * NX_TOKEN_MAX)
+          fail("nxagent spoke before the client's handshake");
       },
       drain() {},
       end: () => fail(),

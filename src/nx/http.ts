@@ -127,7 +127,8 @@ function latin1(b: Uint8Array, start: number, end: number): string {
 
 function parseHead(requestLine: string, lines: string[]): HttpRequest {
   const parts = requestLine.split(" ");
-  if (parts.length === 2 || (parts.length === 3 && parts[2] === "")) throw new HttpParseError(505, "HTTP version missing");
+  if (parts.length === 2 || (parts.length === 3 && parts[2] === ""))
+    throw new HttpParseError(505, "HTTP version missing");
   if (parts.length !== 3 || !TOKEN.test(parts[0]!) || parts[1] === "" || /[\x00-\x20\x7f]/.test(parts[1]!))
     throw new HttpParseError(400, "malformed request line");
   const [method, target, version] = parts as [string, string, string];
@@ -225,9 +226,16 @@ export function writeHead(status: number, headers: HeaderList = []): Uint8Array 
 }
 
 /** A final response with a body: Content-Type and Content-Length always present. */
-export function writeResponse(status: number, contentType: string, body: string | Uint8Array, headers: HeaderList = []): Uint8Array {
+export function writeResponse(
+  status: number,
+  contentType: string,
+  body: string | Uint8Array,
+  headers: HeaderList = [],
+): Uint8Array {
   const bytes = typeof body === "string" ? enc.encode(body) : body;
-  const h = enc.encode(head(status, [["Content-Type", contentType], ["Content-Length", String(bytes.length)], ...headers]));
+  const h = enc.encode(
+    head(status, [["Content-Type", contentType], ["Content-Length", String(bytes.length)], ...headers]),
+  );
   const out = new Uint8Array(h.length + bytes.length);
   out.set(h, 0);
   out.set(bytes, h.length);
@@ -241,6 +249,9 @@ export function textResponse(status: number, message?: string, headers: HeaderLi
 
 /** Pretty-printed, ASCII-escaped JSON as the original sends it. */
 export function jsonResponse(status: number, value: unknown): Uint8Array {
-  const text = JSON.stringify(value, null, 3).replace(/[\u0080-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+  const text = JSON.stringify(value, null, 3).replace(
+    /[\u0080-\uffff]/g,
+    (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`,
+  );
   return writeResponse(status, "application/json", text);
 }

@@ -66,7 +66,11 @@ export interface SpliceResult {
  * Splices `a` and `b` until both directions have ended or either side closes; resolves when
  * both are closed. `initial.toB`/`toA` are bytes already read (e.g. after an HTTP 101).
  */
-export function splice(a: IoSocket, b: IoSocket, initial: { toB?: Uint8Array; toA?: Uint8Array } = {}): Promise<SpliceResult> {
+export function splice(
+  a: IoSocket,
+  b: IoSocket,
+  initial: { toB?: Uint8Array; toA?: Uint8Array } = {},
+): Promise<SpliceResult> {
   return new Promise((resolve) => {
     let done = false;
     const result: SpliceResult = { aToB: 0, bToA: 0 };

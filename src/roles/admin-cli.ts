@@ -32,7 +32,22 @@ function objectCommand(o: ObjectInfo): Command {
   if (o.name === "role") Object.assign(subs, roleCmds());
   if (o.name === "admin") Object.assign(subs, adminCmds());
   if (PROPERTY_OBJECTS.has(o.name)) Object.assign(subs, propCmds(o));
-  const label = o.name === "audit" ? "The audit log" : o.name === "admin" ? "Administrators" : o.name === "di" ? "Disk images" : o.name === "osf" ? "OS flavours" : o.name === "vm" ? "Virtual machines (desktops)" : o.name === "host" ? "Nodes" : o.name === "property" ? "Custom property definitions" : `${o.label[0]!.toUpperCase()}${o.label.slice(1)}s`;
+  const label =
+    o.name === "audit"
+      ? "The audit log"
+      : o.name === "admin"
+        ? "Administrators"
+        : o.name === "di"
+          ? "Disk images"
+          : o.name === "osf"
+            ? "OS flavours"
+            : o.name === "vm"
+              ? "Virtual machines (desktops)"
+              : o.name === "host"
+                ? "Nodes"
+                : o.name === "property"
+                  ? "Custom property definitions"
+                  : `${o.label[0]!.toUpperCase()}${o.label.slice(1)}s`;
   return group(o.name, `${label}: ${Object.keys(subs).join(", ")}`, subs);
 }
 

@@ -19,7 +19,10 @@ export default defineCommand({
     listen: { type: "string", description: "ADDRESS:PORT to listen on (api.listen)", valueHint: "ADDR:PORT" },
     cert: { type: "string", description: "PEM certificate file (api.tls.cert)", valueHint: "FILE" },
     key: { type: "string", description: "PEM private key file (api.tls.key)", valueHint: "FILE" },
-    "insecure-http": { type: "boolean", description: "Serve plain HTTP (local testing only: passwords and tokens travel in clear)" },
+    "insecure-http": {
+      type: "boolean",
+      description: "Serve plain HTTP (local testing only: passwords and tokens travel in clear)",
+    },
   },
   async run({ args, rawArgs }) {
     let cfg = configFromArgs(args, rawArgs, [
@@ -28,10 +31,17 @@ export default defineCommand({
       { flag: "--key", key: "api.tls.key", value: args.key },
     ]);
     const url = cfg.databaseUrl();
-    const sql = connect(url, { max: cfg.get("database.pool_size"), connectTimeout: cfg.get("database.connect_timeout"), applicationName: "qvd-api" });
+    const sql = connect(url, {
+      max: cfg.get("database.pool_size"),
+      connectTimeout: cfg.get("database.connect_timeout"),
+      applicationName: "qvd-api",
+    });
     try {
       const rows = await listConfigRows(sql);
-      cfg = cfg.withDatabase(rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })), (m) => log.warn(m));
+      cfg = cfg.withDatabase(
+        rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })),
+        (m) => log.warn(m),
+      );
       await requireCurrentSchema(sql);
     } catch (err) {
       await sql.end({ timeout: 1 });
@@ -43,7 +53,9 @@ export default defineCommand({
     const cert = cfg.get("api.tls.cert");
     const key = cfg.get("api.tls.key");
     if (!insecure && (!cert || !key))
-      throw new UserError("the API serves HTTPS: set api.tls.cert and api.tls.key (or --cert/--key); --insecure-http is for local tests only");
+      throw new UserError(
+        "the API serves HTTPS: set api.tls.cert and api.tls.key (or --cert/--key); --insecure-http is for local tests only",
+      );
     const metrics = roleRegistry();
     const { fetch, hub, idleTimeout } = createApi({ sql, cfg, databaseUrl: url, metrics });
     const server = Bun.serve({

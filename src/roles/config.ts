@@ -32,7 +32,11 @@ const show = defineCommand({
       }
       // Outside the try: a bad value of a cluster key in the database is a configuration
       // error (exit 78), not an unreachable database.
-      if (rows) cfg = cfg.withDatabase(rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })), (m) => notes.push(m));
+      if (rows)
+        cfg = cfg.withDatabase(
+          rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })),
+          (m) => notes.push(m),
+        );
     }
     const entries = cfg.describe();
     if (args.json) {

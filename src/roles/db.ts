@@ -10,8 +10,15 @@ const init = defineCommand({
   args: {
     ...commonArgs,
     "admin-name": { type: "string", description: "Name of the superadmin", default: "superadmin" },
-    "admin-password": { type: "string", description: "Superadmin password (visible to other local users; prefer --admin-password-file)" },
-    "admin-password-file": { type: "string", description: "File whose first line is the superadmin password", valueHint: "FILE" },
+    "admin-password": {
+      type: "string",
+      description: "Superadmin password (visible to other local users; prefer --admin-password-file)",
+    },
+    "admin-password-file": {
+      type: "string",
+      description: "File whose first line is the superadmin password",
+      valueHint: "FILE",
+    },
   },
   async run({ args, rawArgs }) {
     const cfg = configFromArgs(args, rawArgs);
@@ -23,7 +30,9 @@ const init = defineCommand({
         throw new UserError(`${args["admin-password-file"]}: cannot read password file: ${(err as Error).message}`);
       }
     }
-    const res = await withDatabase(cfg, (sql) => initDatabase(sql, { adminName: args["admin-name"], adminPassword: password }));
+    const res = await withDatabase(cfg, (sql) =>
+      initDatabase(sql, { adminName: args["admin-name"], adminPassword: password }),
+    );
     console.log(`Database initialised at schema version ${res.version}.`);
     console.log(`Superadmin: ${res.adminName} (tenant *)`);
     if (res.generated) {
@@ -41,11 +50,18 @@ const status = defineCommand({
     const st = await withDatabase(cfg, (sql) => schemaStatus(sql));
     if (args.json) console.log(JSON.stringify(st));
     else if (st.version === null)
-      console.log(st.tables > 0 ? `No QVD schema (the database has ${st.tables} other tables).` : "No QVD schema: the database is empty (run qvd db init).");
+      console.log(
+        st.tables > 0
+          ? `No QVD schema (the database has ${st.tables} other tables).`
+          : "No QVD schema: the database is empty (run qvd db init).",
+      );
     else {
       console.log(`Schema version ${st.version} (this qvd: ${st.latest}).`);
       if (st.version > st.latest) console.log("The database is newer than this qvd: upgrade qvd.");
-      else console.log(st.pending.length ? `Pending migrations: ${st.pending.join(", ")} (run qvd db migrate).` : "Up to date.");
+      else
+        console.log(
+          st.pending.length ? `Pending migrations: ${st.pending.join(", ")} (run qvd db migrate).` : "Up to date.",
+        );
     }
     if (st.version === null) process.exitCode = 3;
   },

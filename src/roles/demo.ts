@@ -50,13 +50,41 @@ const port = (flag: string, v: string) => {
 class Interrupted extends Error {}
 
 export default defineCommand({
-  meta: { name: "demo", description: "A whole farm on this machine: PostgreSQL, admin API, a node with a desktop, a user (runs until Ctrl-C)" },
+  meta: {
+    name: "demo",
+    description:
+      "A whole farm on this machine: PostgreSQL, admin API, a node with a desktop, a user (runs until Ctrl-C)",
+  },
   args: {
-    dir: { type: "string", description: "Directory of the demo's database, image, certificate and logs (kept across runs)", default: "/var/lib/qvd/demo", valueHint: "DIR" },
-    port: { type: "string", description: "Port on 127.0.0.1 for the user's client (the node's L7R)", default: "8443", valueHint: "PORT" },
-    "api-port": { type: "string", description: "Port on 127.0.0.1 of the admin API and the WAT", default: "8444", valueHint: "PORT" },
-    netns: { type: "string", description: "Name of the network namespace the desktops live in", default: "qvd-demo", valueHint: "NAME" },
-    image: { type: "string", description: "Use this desktop image tarball instead of building one with qvd di build", valueHint: "FILE" },
+    dir: {
+      type: "string",
+      description: "Directory of the demo's database, image, certificate and logs (kept across runs)",
+      default: "/var/lib/qvd/demo",
+      valueHint: "DIR",
+    },
+    port: {
+      type: "string",
+      description: "Port on 127.0.0.1 for the user's client (the node's L7R)",
+      default: "8443",
+      valueHint: "PORT",
+    },
+    "api-port": {
+      type: "string",
+      description: "Port on 127.0.0.1 of the admin API and the WAT",
+      default: "8444",
+      valueHint: "PORT",
+    },
+    netns: {
+      type: "string",
+      description: "Name of the network namespace the desktops live in",
+      default: "qvd-demo",
+      valueHint: "NAME",
+    },
+    image: {
+      type: "string",
+      description: "Use this desktop image tarball instead of building one with qvd di build",
+      valueHint: "FILE",
+    },
   },
   async run({ args }) {
     const dir = resolve(args.dir);
@@ -64,9 +92,12 @@ export default defineCommand({
     const apiPort = port("api-port", String(args["api-port"]));
     if (l7rPort === apiPort) throw new UserError("--port and --api-port must differ");
     const netns = new DemoNetns(String(args.netns));
-    if (process.getuid?.() !== 0) throw new UserError("qvd demo runs as root: it starts LXC containers in a network namespace");
+    if (process.getuid?.() !== 0)
+      throw new UserError("qvd demo runs as root: it starts LXC containers in a network namespace");
     if (basename(process.execPath) === "bun")
-      throw new UserError("qvd demo runs from the compiled binary (its desktops run it as their agent): npm run demo builds and starts dist/qvd");
+      throw new UserError(
+        "qvd demo runs from the compiled binary (its desktops run it as their agent): npm run demo builds and starts dist/qvd",
+      );
     const self = process.execPath;
     setLogLevel("warn"); // the demo's own progress lines say what happens; its children log to files
 
@@ -113,22 +144,33 @@ export default defineCommand({
     let failed = false;
     try {
       for (const d of [runDir, logDir, storage]) mkdirSync(d, { recursive: true, mode: 0o755 });
-      if (Buffer.byteLength(socket) > 100) throw new UserError(`${dir}: too long a path for the L7R's unix socket (${socket}); choose a shorter --dir`);
+      if (Buffer.byteLength(socket) > 100)
+        throw new UserError(`${dir}: too long a path for the L7R's unix socket (${socket}); choose a shorter --dir`);
 
       step(`Database (PostgreSQL in ${cluster.dir})`);
       const url = await startDatabase(cluster, dir, say, () => (dbStarted = true));
 
       // Whatever an earlier demo in this directory left when it was killed: its node and API, then its namespace.
-      for (const [file, name] of [["node", "node"], ["api", "API"]])
-        if (await stopLeftover(join(runDir, `${file}.pid`), dir)) say(`Stopped the ${name} left running by an earlier demo`);
+      for (const [file, name] of [
+        ["node", "node"],
+        ["api", "API"],
+      ])
+        if (await stopLeftover(join(runDir, `${file}.pid`), dir))
+          say(`Stopped the ${name} left running by an earlier demo`);
       if (netns.exists) {
         // Processes in it that are not desktops of this directory belong to someone else.
         const left = await netns.containers(lxcPath);
-        const pids = (await run(["ip", "netns", "pids", netns.name], { allowFail: true })).stdout.split("\n").filter(Boolean);
+        const pids = (await run(["ip", "netns", "pids", netns.name], { allowFail: true })).stdout
+          .split("\n")
+          .filter(Boolean);
         if (pids.length > 0 && left.length === 0)
-          throw new UserError(`the network namespace ${netns.name} is in use (processes ${pids.join(", ")}), by another demo perhaps: choose another --netns`);
+          throw new UserError(
+            `the network namespace ${netns.name} is in use (processes ${pids.join(", ")}), by another demo perhaps: choose another --netns`,
+          );
         await netns.remove(lxcPath);
-        say(`Removed the network namespace ${netns.name} left by an earlier demo${left.length ? ` (and its desktops ${left.join(", ")})` : ""}`);
+        say(
+          `Removed the network namespace ${netns.name} left by an earlier demo${left.length ? ` (and its desktops ${left.join(", ")})` : ""}`,
+        );
       }
 
       step("TLS certificate");
@@ -137,7 +179,8 @@ export default defineCommand({
       const farm = await demoFarmCertificate(dir, NODE_NAME, NODE_ADDRESS);
       say(`${farm.created ? "Made" : "Reusing"} the farm CA ${farm.ca} and the node's certificate ${farm.cert}`);
       // The ports now, before the long steps: a port in use fails the demo early.
-      if (await tcpAccepts("127.0.0.1", apiPort)) throw new UserError(`127.0.0.1:${apiPort} is in use: choose another --api-port`);
+      if (await tcpAccepts("127.0.0.1", apiPort))
+        throw new UserError(`127.0.0.1:${apiPort} is in use: choose another --api-port`);
       try {
         relay = startRelay({ hostname: "127.0.0.1", port: l7rPort, unix: socket, proxyProtocol: true });
       } catch (err) {
@@ -145,7 +188,12 @@ export default defineCommand({
       }
 
       step("Desktop image, user and desktop");
-      const imageOpts = { storageRoot: storage, imagesDir: join(storage, "images"), image: args.image ? resolve(String(args.image)) : undefined, say };
+      const imageOpts = {
+        storageRoot: storage,
+        imagesDir: join(storage, "images"),
+        image: args.image ? resolve(String(args.image)) : undefined,
+        say,
+      };
       const sql = connect(url, { max: 2 });
       let user;
       let di;
@@ -186,19 +234,53 @@ export default defineCommand({
         // One node: its node-to-node endpoint needs no address other nodes reach.
         "cluster.peer.listen": "127.0.0.1",
       };
-      node = Child.spawn("node", [
-        ...netns.exec, self, "node", "--config", "/dev/null", "--db", url,
-        "--listen", `127.0.0.1:${l7rPort}`, "--cert", tls.cert, "--key", tls.key,
-        ...Object.entries(settings).flatMap(([k, v]) => ["--set", `${k}=${v}`]),
-      ], join(logDir, "node.log"), join(runDir, "node.pid"));
+      node = Child.spawn(
+        "node",
+        [
+          ...netns.exec,
+          self,
+          "node",
+          "--config",
+          "/dev/null",
+          "--db",
+          url,
+          "--listen",
+          `127.0.0.1:${l7rPort}`,
+          "--cert",
+          tls.cert,
+          "--key",
+          tls.key,
+          ...Object.entries(settings).flatMap(([k, v]) => ["--set", `${k}=${v}`]),
+        ],
+        join(logDir, "node.log"),
+        join(runDir, "node.pid"),
+      );
       await waitReady(node, "listening", () => existsSync(socket), 120_000);
       say(`Running (pid ${node.proc.pid}); log ${node.logFile}`);
 
       step("Admin API");
       // The node's storage: an image uploaded through the API (the WAT) lands where the node reads it.
-      api = Child.spawn("API", [self, "api", "--config", "/dev/null", "--db", url, "--listen", `127.0.0.1:${apiPort}`, "--cert", tls.cert, "--key", tls.key,
-        "--set", `path.storage.root=${storage}`],
-        join(logDir, "api.log"), join(runDir, "api.pid"));
+      api = Child.spawn(
+        "API",
+        [
+          self,
+          "api",
+          "--config",
+          "/dev/null",
+          "--db",
+          url,
+          "--listen",
+          `127.0.0.1:${apiPort}`,
+          "--cert",
+          tls.cert,
+          "--key",
+          tls.key,
+          "--set",
+          `path.storage.root=${storage}`,
+        ],
+        join(logDir, "api.log"),
+        join(runDir, "api.pid"),
+      );
       await waitReady(api, "listening", () => tcpAccepts("127.0.0.1", apiPort), 60_000);
       say(`Running (pid ${api.proc.pid}); log ${api.logFile}`);
 
@@ -208,10 +290,18 @@ export default defineCommand({
 
       const qvd = qvdCommand();
       console.log("");
-      console.log("Ready. Connect to the desktop from an X session on this machine (password of demo in " + user.passwordFile + "):");
-      console.log(`  ${qvd} client --host 127.0.0.1 --port ${l7rPort} --user ${user.name} --ca ${shellQuote(tls.cert)}`);
+      console.log(
+        "Ready. Connect to the desktop from an X session on this machine (password of demo in " +
+          user.passwordFile +
+          "):",
+      );
+      console.log(
+        `  ${qvd} client --host 127.0.0.1 --port ${l7rPort} --user ${user.name} --ca ${shellQuote(tls.cert)}`,
+      );
       console.log(`Or in a web browser, with nothing to install: https://127.0.0.1:${l7rPort}/  (user ${user.name})`);
-      console.log(`Web admin tool: https://127.0.0.1:${apiPort}/wat/  (admin API: https://127.0.0.1:${apiPort}/api/v1)`);
+      console.log(
+        `Web admin tool: https://127.0.0.1:${apiPort}/wat/  (admin API: https://127.0.0.1:${apiPort}/api/v1)`,
+      );
       console.log(`Admin login: superadmin, tenant *, password in ${join(dir, PASSWORD_FILE)}`);
       console.log(`Database: ${qvd} db status --db ${shellQuote(url)}`);
       console.log(`Logs: ${logDir}/`);
@@ -219,7 +309,11 @@ export default defineCommand({
 
       // Bun spins a CPU when only signal handlers keep the event loop alive: keep a timer.
       const keepAlive = setInterval(() => {}, 2 ** 30);
-      const why = await Promise.race([stopSignal, node.proc.exited.then(() => "node"), api.proc.exited.then(() => "api")]);
+      const why = await Promise.race([
+        stopSignal,
+        node.proc.exited.then(() => "node"),
+        api.proc.exited.then(() => "api"),
+      ]);
       clearInterval(keepAlive);
       if (why === "node" || why === "api") {
         const child = why === "node" ? node : api;

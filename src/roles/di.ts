@@ -7,7 +7,15 @@ import { defineCommand } from "citty";
 import { commonArgs, configFromArgs } from "../cli.ts";
 import { UserError } from "../errors.ts";
 import { statSync } from "node:fs";
-import { buildImage, DEFAULT_IMAGE_NAME, DEFAULT_KVM_IMAGE_NAME, DESKTOP_PACKAGES, KVM_PACKAGES, sha256File, SUITE } from "../virt/image-build.ts";
+import {
+  buildImage,
+  DEFAULT_IMAGE_NAME,
+  DEFAULT_KVM_IMAGE_NAME,
+  DESKTOP_PACKAGES,
+  KVM_PACKAGES,
+  sha256File,
+  SUITE,
+} from "../virt/image-build.ts";
 import { checkEntries, ImageError, inspectImage, unpackImage } from "../virt/images.ts";
 import { inspectQcow2, isQcow2, prepareKvmImage } from "../virt/kvm-image.ts";
 import { idmapFromConfig } from "../virt/lxc.ts";
@@ -21,11 +29,30 @@ const build = defineCommand({
   },
   args: {
     ...commonArgs,
-    output: { type: "string", description: `Image file to write (default <path.storage.images>/${DEFAULT_IMAGE_NAME}, with --kvm ${DEFAULT_KVM_IMAGE_NAME}); .tar.gz, .tar.xz, .tar.zst or .tar; .qcow2 with --kvm`, valueHint: "FILE" },
-    kvm: { type: "boolean", description: "A KVM image: the same desktop with a kernel, systemd and the VMA's service, as a qcow2 disk QEMU boots directly" },
-    cache: { type: "string", description: "Cache of packages and finished images (di.build.cache, default /var/cache/qvd/debootstrap)", valueHint: "DIR" },
-    mirror: { type: "string", description: "Debian mirror (di.build.mirror; default: from this machine's apt sources)", valueHint: "URL" },
-    rebuild: { type: "boolean", description: "Build anew: ignore cached images and the cached base system (downloads are still reused)" },
+    output: {
+      type: "string",
+      description: `Image file to write (default <path.storage.images>/${DEFAULT_IMAGE_NAME}, with --kvm ${DEFAULT_KVM_IMAGE_NAME}); .tar.gz, .tar.xz, .tar.zst or .tar; .qcow2 with --kvm`,
+      valueHint: "FILE",
+    },
+    kvm: {
+      type: "boolean",
+      description:
+        "A KVM image: the same desktop with a kernel, systemd and the VMA's service, as a qcow2 disk QEMU boots directly",
+    },
+    cache: {
+      type: "string",
+      description: "Cache of packages and finished images (di.build.cache, default /var/cache/qvd/debootstrap)",
+      valueHint: "DIR",
+    },
+    mirror: {
+      type: "string",
+      description: "Debian mirror (di.build.mirror; default: from this machine's apt sources)",
+      valueHint: "URL",
+    },
+    rebuild: {
+      type: "boolean",
+      description: "Build anew: ignore cached images and the cached base system (downloads are still reused)",
+    },
   },
   async run({ args, rawArgs }) {
     const cfg = configFromArgs(args, rawArgs, [
@@ -48,15 +75,22 @@ const build = defineCommand({
     console.log(`${res.cached ? "Copied from the cache" : "Built"} in ${res.seconds.toFixed(0)}s.`);
     console.log(`Image:   ${res.output}`);
     console.log(`Size:    ${MiB(res.bytes)} (${res.bytes} bytes)`);
-    if (kvm) console.log(`Disk:    ${MiB((await inspectQcow2(res.output)).virtualSize)} virtual (ext4, label qvd-root)`);
+    if (kvm)
+      console.log(`Disk:    ${MiB((await inspectQcow2(res.output)).virtualSize)} virtual (ext4, label qvd-root)`);
     console.log(`SHA-256: ${res.sha256}`);
     if (dirname(res.output) === resolve(imagesDir))
-      console.log(`Register it: qvd admin di create osf=<${kvm ? "a KVM OSF" : "OSF"}> path=${res.output.slice(resolve(imagesDir).length + 1)}`);
+      console.log(
+        `Register it: qvd admin di create osf=<${kvm ? "a KVM OSF" : "OSF"}> path=${res.output.slice(resolve(imagesDir).length + 1)}`,
+      );
   },
 });
 
 const check = defineCommand({
-  meta: { name: "check", description: "Check an image as a node does before using it: a tarball's checksum, listing and unsafe entries; a qcow2's header, backing and data files" },
+  meta: {
+    name: "check",
+    description:
+      "Check an image as a node does before using it: a tarball's checksum, listing and unsafe entries; a qcow2's header, backing and data files",
+  },
   args: {
     file: { type: "positional", description: "Image tarball or qcow2", required: true },
     sha256: { type: "string", description: "Expected SHA-256", valueHint: "HEX" },
@@ -66,9 +100,12 @@ const check = defineCommand({
     if (isQcow2(file)) {
       const { virtualSize } = await inspectQcow2(file);
       const sha = await sha256File(file);
-      if (args.sha256 && sha !== String(args.sha256).toLowerCase()) throw new ImageError(`${file}: checksum mismatch: sha256 is ${sha}, expected ${args.sha256}`);
+      if (args.sha256 && sha !== String(args.sha256).toLowerCase())
+        throw new ImageError(`${file}: checksum mismatch: sha256 is ${sha}, expected ${args.sha256}`);
       console.log(`${file}: ok (qcow2, a KVM image)`);
-      console.log(`Size:        ${MiB(statSync(file).size)} (${statSync(file).size} bytes), ${MiB(virtualSize)} virtual`);
+      console.log(
+        `Size:        ${MiB(statSync(file).size)} (${statSync(file).size} bytes), ${MiB(virtualSize)} virtual`,
+      );
       console.log(`SHA-256:     ${sha}`);
       return;
     }
@@ -79,19 +116,30 @@ const check = defineCommand({
     try {
       ({ skip } = checkEntries(info.entries));
     } catch (err) {
-      if (err instanceof UserError) throw new ImageError(`${file}: ${err.message.replace(/; nothing was extracted$/, "")}`);
+      if (err instanceof UserError)
+        throw new ImageError(`${file}: ${err.message.replace(/; nothing was extracted$/, "")}`);
       throw err;
     }
     console.log(`${file}: ok`);
     console.log(`Size:        ${MiB(info.bytes)} (${info.bytes} bytes, ${info.compression})`);
     console.log(`SHA-256:     ${info.sha256}`);
     console.log(`Entries:     ${info.entries.length}`);
-    if (skip.length) console.log(`Not unpacked: ${skip.length} device nodes (${skip.slice(0, 5).map((e) => e.name).join(", ")}${skip.length > 5 ? ", …" : ""})`);
+    if (skip.length)
+      console.log(
+        `Not unpacked: ${skip.length} device nodes (${skip
+          .slice(0, 5)
+          .map((e) => e.name)
+          .join(", ")}${skip.length > 5 ? ", …" : ""})`,
+      );
   },
 });
 
 const unpack = defineCommand({
-  meta: { name: "unpack", description: "Unpack an image into <path.storage.root>/basefs/<ID> now (a qcow2: its kernel and initramfs), as a node does at the first start of a VM on it" },
+  meta: {
+    name: "unpack",
+    description:
+      "Unpack an image into <path.storage.root>/basefs/<ID> now (a qcow2: its kernel and initramfs), as a node does at the first start of a VM on it",
+  },
   args: {
     ...commonArgs,
     file: { type: "positional", description: "Image tarball", required: true },
@@ -104,7 +152,15 @@ const unpack = defineCommand({
     if (!/^\d+$/.test(String(args.id))) throw new UserError(`--id ${args.id}: expected an image id`);
     const file = resolve(String(args.file));
     if (isQcow2(file)) {
-      const res = await prepareKvmImage({ image: file, basefsDir: join(cfg.get("path.storage.root"), "basefs"), diId: id, sha256: args.sha256, qemuImg: cfg.get("vm.kvm.qemu_img"), onProgress: (p) => console.log(p.phase === "wait" ? "waiting for another preparation of this image…" : `${p.phase}…`) });
+      const res = await prepareKvmImage({
+        image: file,
+        basefsDir: join(cfg.get("path.storage.root"), "basefs"),
+        diId: id,
+        sha256: args.sha256,
+        qemuImg: cfg.get("vm.kvm.qemu_img"),
+        onProgress: (p) =>
+          console.log(p.phase === "wait" ? "waiting for another preparation of this image…" : `${p.phase}…`),
+      });
       console.log(`${res.skipped ? "Already prepared:" : "Prepared:"} ${res.kernel}, ${res.initrd}`);
       return;
     }
@@ -123,7 +179,9 @@ const unpack = defineCommand({
       },
     });
     for (const s of res.skipped) console.log(`skipped ${s}`);
-    console.log(`${res.unpacked ? "Unpacked into" : "Already unpacked:"} ${res.basefs}${res.rootfs !== res.basefs ? ` (root filesystem ${res.rootfs})` : ""}`);
+    console.log(
+      `${res.unpacked ? "Unpacked into" : "Already unpacked:"} ${res.basefs}${res.rootfs !== res.basefs ? ` (root filesystem ${res.rootfs})` : ""}`,
+    );
   },
 });
 

@@ -27,18 +27,41 @@ const ca = defineCommand({
 const cert = defineCommand({
   meta: { name: "cert", description: "Issue a node's certificate (OUT/node.crt, OUT/node.key), signed by the farm CA" },
   args: {
-    "ca-dir": { type: "string", description: "Folder of the farm CA (ca.crt, ca.key)", required: true, valueHint: "DIR" },
-    name: { type: "string", description: "The node's name (its nodename, hosts.name): the certificate's CN", required: true },
-    address: { type: "string", description: "The address other nodes reach it on (hosts.address): IP or DNS name", required: true, valueHint: "ADDR" },
+    "ca-dir": {
+      type: "string",
+      description: "Folder of the farm CA (ca.crt, ca.key)",
+      required: true,
+      valueHint: "DIR",
+    },
+    name: {
+      type: "string",
+      description: "The node's name (its nodename, hosts.name): the certificate's CN",
+      required: true,
+    },
+    address: {
+      type: "string",
+      description: "The address other nodes reach it on (hosts.address): IP or DNS name",
+      required: true,
+      valueHint: "ADDR",
+    },
     out: { type: "string", description: "Folder for node.crt and node.key", required: true, valueHint: "DIR" },
     days: { type: "string", description: `Validity in days (default ${NODE_DAYS})`, valueHint: "N" },
     force: { type: "boolean", description: "Replace node.crt and node.key (renewal)" },
   },
   async run({ args }) {
     const caDir = resolve(args["ca-dir"]);
-    const r = await issueNodeCert({ caDir, name: args.name, address: args.address, outDir: resolve(args.out), days: days(args.days, NODE_DAYS), force: Boolean(args.force) });
+    const r = await issueNodeCert({
+      caDir,
+      name: args.name,
+      address: args.address,
+      outDir: resolve(args.out),
+      days: days(args.days, NODE_DAYS),
+      force: Boolean(args.force),
+    });
     console.log(`Node certificate for ${args.name} (${args.address}): ${r.cert}, key ${r.key}`);
-    console.log(`On the node: cluster.tls.ca = ${caDir}/ca.crt (the certificate only), cluster.tls.cert = ${r.cert}, cluster.tls.key = ${r.key}`);
+    console.log(
+      `On the node: cluster.tls.ca = ${caDir}/ca.crt (the certificate only), cluster.tls.cert = ${r.cert}, cluster.tls.key = ${r.key}`,
+    );
   },
 });
 

@@ -40,17 +40,28 @@ function qvdBinary(cfg: Config): string {
 /** Starts the HKD and resolves with a function that stops it. */
 export async function startHkd(
   cfg: Config,
-  opts: { register?: boolean; address?: string; /** Tests only: watch the real backend's calls. */ wrapBackend?: (b: Backend) => Backend } = {},
+  opts: {
+    register?: boolean;
+    address?: string /** Tests only: watch the real backend's calls. */;
+    wrapBackend?: (b: Backend) => Backend;
+  } = {},
 ): Promise<{ hkd: Hkd; sql: Sql; stop: () => Promise<void> }> {
   const release = acquireNodeLock(join(cfg.get("path.run"), "hkd.lock"));
   const url = cfg.databaseUrl();
-  const sql = connect(url, { max: cfg.get("database.pool_size"), connectTimeout: cfg.get("database.connect_timeout"), applicationName: "qvd-hkd" });
+  const sql = connect(url, {
+    max: cfg.get("database.pool_size"),
+    connectTimeout: cfg.get("database.connect_timeout"),
+    applicationName: "qvd-hkd",
+  });
   try {
     const rows = await listConfigRows(sql).catch((err: Error) => {
       throw new UserError(`cannot use the database ${maskUrl(url)}: ${err.message}`);
     });
     await requireCurrentSchema(sql);
-    cfg = cfg.withDatabase(rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })), (m) => log.warn(m));
+    cfg = cfg.withDatabase(
+      rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })),
+      (m) => log.warn(m),
+    );
     const name = cfg.get("nodename");
     let host = await findHostByName(sql, name);
     if (!host && opts.register) {
@@ -58,7 +69,10 @@ export async function startHkd(
       host = await registerHost(sql, name, opts.address);
       log.info("registered this node", { name, id: host.id });
     }
-    if (!host) throw new UserError(`no host named "${name}" in the database: add it with the API (or start with --register --address ADDR)`);
+    if (!host)
+      throw new UserError(
+        `no host named "${name}" in the database: add it with the API (or start with --register --address ADDR)`,
+      );
     if (!host.backend) throw new UserError(`host "${name}" is not a backend node (hosts.backend is false)`);
     const node = await nodeBackendsFromConfig(cfg);
     const backend = opts.wrapBackend ? opts.wrapBackend(node.backend) : node.backend;
@@ -68,10 +82,20 @@ export async function startHkd(
     const imagesDir = cfg.storagePath("path.storage.images");
     const metrics = roleRegistry();
     const hkd = new Hkd({
-      sql, cfg, host, backend, hypervisors, databaseUrl: url, qvdBinary: qvdBinary(cfg), metrics,
+      sql,
+      cfg,
+      host,
+      backend,
+      hypervisors,
+      databaseUrl: url,
+      qvdBinary: qvdBinary(cfg),
+      metrics,
       homeOf: (tenant, user, hypervisor) => {
         // Names from before they were checked (".." escaped the homes): refused, not joined.
-        if (!isSafePathComponent(tenant) || !isSafePathComponent(user)) throw new UserError(`tenant ${JSON.stringify(tenant)} or user ${JSON.stringify(user)} is not a usable directory name; rename it`);
+        if (!isSafePathComponent(tenant) || !isSafePathComponent(user))
+          throw new UserError(
+            `tenant ${JSON.stringify(tenant)} or user ${JSON.stringify(user)} is not a usable directory name; rename it`,
+          );
         const home = join(cfg.storagePath("path.storage.homes"), tenant, user);
         return hypervisor === "kvm" ? `${home}.qcow2` : home;
       },
@@ -79,11 +103,21 @@ export async function startHkd(
         async imageFor(di: DiRow, hypervisor: Hypervisor) {
           const p = imagePaths(root, imagesDir, di);
           if (hypervisor === "kvm") {
-            const k = await prepareKvmImage({ image: p.image, basefsDir: p.basefsDir, diId: di.id, sha256: di.sha256, qemuImg: cfg.get("vm.kvm.qemu_img") });
+            const k = await prepareKvmImage({
+              image: p.image,
+              basefsDir: p.basefsDir,
+              diId: di.id,
+              sha256: di.sha256,
+              qemuImg: cfg.get("vm.kvm.qemu_img"),
+            });
             return { diId: di.id, path: k.image, kernel: k.kernel, initrd: k.initrd };
           }
           const res = await unpackImage({
-            image: p.image, basefsDir: p.basefsDir, diId: di.id, sha256: di.sha256, idmap: idmapFromConfig(cfg),
+            image: p.image,
+            basefsDir: p.basefsDir,
+            diId: di.id,
+            sha256: di.sha256,
+            idmap: idmapFromConfig(cfg),
             onProgress: (pr) => log.debug("unpacking image", { di: di.id, ...pr }),
           });
           return { diId: di.id, path: res.rootfs };
@@ -99,7 +133,8 @@ export async function startHkd(
       throw err;
     }
     return {
-      hkd, sql,
+      hkd,
+      sql,
       stop: async () => {
         metricsServer?.stop();
         await hkd.stop();

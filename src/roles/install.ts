@@ -3,19 +3,51 @@
 // nothing when everything is in place; replaces a file that differs only with --force, and never
 // replaces the configuration file. The texts are in src/install/.
 import { execFileSync } from "node:child_process";
-import { chmodSync, chownSync, closeSync, copyFileSync, existsSync, mkdirSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  chownSync,
+  closeSync,
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  readSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { basename, dirname, isAbsolute, join, resolve } from "node:path";
 import { defineCommand } from "citty";
 import { Config, type ConfigKey, readConfigFile } from "../config.ts";
 import { UserError } from "../errors.ts";
 import { configText, roleKeys } from "../install/config-file.ts";
-import { BINARY, configPath, LOGROTATE_PATH, logrotateText, type Role, ROLES, type UnitContext, unitName, unitPath, unitText } from "../install/units.ts";
+import {
+  BINARY,
+  configPath,
+  LOGROTATE_PATH,
+  logrotateText,
+  type Role,
+  ROLES,
+  type UnitContext,
+  unitName,
+  unitPath,
+  unitText,
+} from "../install/units.ts";
 import { VERSION } from "../version.ts";
 
 /** The settings of the role's file that shape its unit: where it writes, which ports it binds. */
 const UNIT_PATH_KEYS = new Set<string>([
-  "path.run", "path.storage.root", "path.storage.images", "path.storage.homes", "path.storage.overlays",
-  "vm.lxc.path", "vm.kvm.path", "l7r.listen.unix", "cluster.peer.port",
+  "path.run",
+  "path.storage.root",
+  "path.storage.images",
+  "path.storage.homes",
+  "path.storage.overlays",
+  "vm.lxc.path",
+  "vm.kvm.path",
+  "l7r.listen.unix",
+  "cluster.peer.port",
 ]);
 /** The keys giving an ADDRESS:PORT to listen on (api.listen, l7r.listen, *.metrics.listen…). */
 const isListenKey = (k: string) => /(^|\.)listen$/.test(k);
@@ -35,13 +67,16 @@ function outermost(paths: string[]): string[] {
 
 /** A path the unit names: absolute, and without blanks (systemd's lists are blank-separated). */
 function absolute(k: ConfigKey, p: string): string {
-  if (!isAbsolute(p) || /\s/.test(p)) throw new UserError(`${k} = ${p}: the unit needs an absolute path without blanks`);
+  if (!isAbsolute(p) || /\s/.test(p))
+    throw new UserError(`${k} = ${p}: the unit needs an absolute path without blanks`);
   return resolve(p);
 }
 
 /** A port below 1024 among the role's listening addresses (and the node-to-node port). */
 function lowPort(role: Role, cfg: Config): boolean {
-  const ports = roleKeys(role).filter(isListenKey).map((k) => /:(\d+)$/.exec(String(cfg.get(k)))?.[1]);
+  const ports = roleKeys(role)
+    .filter(isListenKey)
+    .map((k) => /:(\d+)$/.exec(String(cfg.get(k)))?.[1]);
   if (role !== "api") ports.push(String(cfg.get("cluster.peer.port")));
   return ports.some((p) => p !== undefined && Number(p) > 0 && Number(p) < 1024);
 }
@@ -66,7 +101,8 @@ export function unitContext(role: Role, cfg: Config): UnitContext & { logDirs: s
     state.push(lxc, kvm, "/run/lxc");
     logDirs = [join(lxc, "logs"), join(kvm, "logs")];
     storage.push(absolute("path.storage.root", cfg.get("path.storage.root")));
-    for (const k of ["path.storage.images", "path.storage.homes", "path.storage.overlays"] as const) storage.push(absolute(k, cfg.storagePath(k)));
+    for (const k of ["path.storage.images", "path.storage.homes", "path.storage.overlays"] as const)
+      storage.push(absolute(k, cfg.storagePath(k)));
   }
   const all = outermost([...state, ...storage]);
   const underRun = (p: string) => p.startsWith("/run/") && !p.startsWith("/run/user/");
@@ -114,7 +150,14 @@ function sameBytes(a: string, b: string): boolean {
 
 function fsError(err: unknown, what: string): UserError {
   const code = (err as NodeJS.ErrnoException).code;
-  const why = code === "EACCES" || code === "EPERM" ? "permission denied" : code === "EROFS" ? "read-only file system" : code === "ENOTDIR" ? "a path component is not a directory" : (err as Error).message;
+  const why =
+    code === "EACCES" || code === "EPERM"
+      ? "permission denied"
+      : code === "EROFS"
+        ? "read-only file system"
+        : code === "ENOTDIR"
+          ? "a path component is not a directory"
+          : (err as Error).message;
   return new UserError(`cannot ${what}: ${why}`);
 }
 
@@ -139,7 +182,8 @@ function inspect(root: string, f: Planned): void {
   const modeOk = (st.mode & 0o7777) === f.mode;
   f.state = same && modeOk ? "same" : "differs";
   if (!same) f.why = "content";
-  else if (!modeOk) f.why = `mode ${(st.mode & 0o7777).toString(8).padStart(4, "0")}, not ${f.mode.toString(8).padStart(4, "0")}`;
+  else if (!modeOk)
+    f.why = `mode ${(st.mode & 0o7777).toString(8).padStart(4, "0")}, not ${f.mode.toString(8).padStart(4, "0")}`;
 }
 
 /** Writes the file next to its place, then renames it there (a running qvd binary can be replaced). */
@@ -168,7 +212,19 @@ function getent(db: "passwd" | "group", name: string): number | undefined {
   }
 }
 
-const USERADD = ["useradd", "--system", "--user-group", "--home-dir", "/nonexistent", "--no-create-home", "--shell", "/usr/sbin/nologin", "--comment", "QVD admin API", "qvd"];
+const USERADD = [
+  "useradd",
+  "--system",
+  "--user-group",
+  "--home-dir",
+  "/nonexistent",
+  "--no-create-home",
+  "--shell",
+  "/usr/sbin/nologin",
+  "--comment",
+  "QVD admin API",
+  "qvd",
+];
 const USERADD_LINE = USERADD.map((a) => (/\s/.test(a) ? `'${a}'` : a)).join(" ");
 
 /** systemd is the running init (sd_booted()'s test). */
@@ -189,7 +245,13 @@ export function install(role: Role, root: string, opts: { force?: boolean; binar
     { path: unitPath(role), what: "systemd unit", mode: 0o644, content: unitText(role, ctx) },
     { path: configPath(role), what: "configuration", mode: 0o640, content: configText(role), keep: true },
   ];
-  if (role === "node") files.push({ path: LOGROTATE_PATH, what: "logrotate, per-desktop logs", mode: 0o644, content: logrotateText(ctx.logDirs) });
+  if (role === "node")
+    files.push({
+      path: LOGROTATE_PATH,
+      what: "logrotate, per-desktop logs",
+      mode: 0o644,
+      content: logrotateText(ctx.logDirs),
+    });
   for (const f of files) inspect(root, f);
 
   const differing = files.filter((f) => f.state === "differs");
@@ -204,7 +266,10 @@ export function install(role: Role, root: string, opts: { force?: boolean; binar
   // Kept as it is, but it holds the database password: say so when others may read it.
   for (const f of files.filter((f) => f.state === "kept")) {
     const m = statSync(join(root, f.path)).mode & 0o777;
-    if (m & 0o007) notes.push(`${f.path} is mode ${m.toString(8).padStart(4, "0")}: it holds the database password, make it 0640 (chmod 0640 ${f.path})`);
+    if (m & 0o007)
+      notes.push(
+        `${f.path} is mode ${m.toString(8).padStart(4, "0")}: it holds the database password, make it 0640 (chmod 0640 ${f.path})`,
+      );
   }
   let changed = false;
   let gid = 0;
@@ -214,14 +279,18 @@ export function install(role: Role, root: string, opts: { force?: boolean; binar
         try {
           execFileSync(USERADD[0]!, USERADD.slice(1), { stdio: ["ignore", "ignore", "pipe"] });
         } catch (err) {
-          throw new UserError(`cannot create the user qvd the API runs as (${USERADD_LINE}): ${String((err as { stderr?: Buffer }).stderr ?? (err as Error).message).trim()}`);
+          throw new UserError(
+            `cannot create the user qvd the API runs as (${USERADD_LINE}): ${String((err as { stderr?: Buffer }).stderr ?? (err as Error).message).trim()}`,
+          );
         }
         notes.push("created the system user qvd (the API runs as it)");
         changed = true;
       }
       gid = getent("group", "qvd") ?? 0;
     } else {
-      notes.push(`the API runs as the user qvd: on the target, \`${USERADD_LINE}\`, then \`chgrp qvd ${configPath("api")}\` and \`chown qvd:qvd ${ctx.writable.join(" ")}\``);
+      notes.push(
+        `the API runs as the user qvd: on the target, \`${USERADD_LINE}\`, then \`chgrp qvd ${configPath("api")}\` and \`chown qvd:qvd ${ctx.writable.join(" ")}\``,
+      );
     }
   }
 
@@ -233,7 +302,8 @@ export function install(role: Role, root: string, opts: { force?: boolean; binar
   for (const d of ctx.writable) {
     const abs = join(root, d);
     if (existsSync(abs)) {
-      if (role === "api" && onHost && statSync(abs).uid !== getent("passwd", "qvd")) notes.push(`${d} is not owned by qvd: uploads need \`chown qvd:qvd ${d}\``);
+      if (role === "api" && onHost && statSync(abs).uid !== getent("passwd", "qvd"))
+        notes.push(`${d} is not owned by qvd: uploads need \`chown qvd:qvd ${d}\``);
       continue;
     }
     try {
@@ -254,7 +324,9 @@ export function install(role: Role, root: string, opts: { force?: boolean; binar
         execFileSync("systemctl", ["daemon-reload"], { stdio: ["ignore", "ignore", "pipe"] });
         notes.push("systemd reloaded its units");
       } catch (err) {
-        notes.push(`systemctl daemon-reload failed: ${String((err as { stderr?: Buffer }).stderr ?? (err as Error).message).trim()}`);
+        notes.push(
+          `systemctl daemon-reload failed: ${String((err as { stderr?: Buffer }).stderr ?? (err as Error).message).trim()}`,
+        );
       }
     } else notes.push("systemd is not running here: run `systemctl daemon-reload` once it is");
   }
@@ -265,7 +337,10 @@ const LABEL: Record<State, string> = { new: "created", same: "unchanged", differ
 
 function nextSteps(role: Role, onHost: boolean): string[] {
   const conf = configPath(role);
-  const fill = role === "api" ? "database.url, api.tls.cert and api.tls.key" : "database.url, nodename, l7r.tls.* and the farm certificate (cluster.tls.*, `qvd farm cert`)";
+  const fill =
+    role === "api"
+      ? "database.url, api.tls.cert and api.tls.key"
+      : "database.url, nodename, l7r.tls.* and the farm certificate (cluster.tls.*, `qvd farm cert`)";
   return [
     "Next:",
     `  1. Edit ${conf}: ${fill}.`,
@@ -276,18 +351,34 @@ function nextSteps(role: Role, onHost: boolean): string[] {
 }
 
 export default defineCommand({
-  meta: { name: "install", description: "Install this binary, a hardened systemd unit, a commented configuration file and log rotation for a role" },
+  meta: {
+    name: "install",
+    description:
+      "Install this binary, a hardened systemd unit, a commented configuration file and log rotation for a role",
+  },
   args: {
     role: { type: "positional", description: `The role: ${ROLES.join(", ")}`, required: true, valueHint: "ROLE" },
-    root: { type: "string", description: "Install into this directory instead of / (an image or a chroot being prepared)", valueHint: "DIR", default: "/" },
-    force: { type: "boolean", description: "Replace the binary, unit and logrotate file where they differ (never the configuration file)" },
+    root: {
+      type: "string",
+      description: "Install into this directory instead of / (an image or a chroot being prepared)",
+      valueHint: "DIR",
+      default: "/",
+    },
+    force: {
+      type: "boolean",
+      description: "Replace the binary, unit and logrotate file where they differ (never the configuration file)",
+    },
   },
   run({ args }) {
     const role = args.role as Role;
-    if (!ROLES.includes(role)) throw new UserError(`unknown role "${args.role}": expected one of ${ROLES.join(", ")}`, 2);
+    if (!ROLES.includes(role))
+      throw new UserError(`unknown role "${args.role}": expected one of ${ROLES.join(", ")}`, 2);
     // Bun running the sources: there is no qvd binary to install.
     if (basename(process.execPath) === "bun" || basename(process.execPath) === "bun.exe")
-      throw new UserError("qvd install copies the running qvd binary, and this is bun running the sources: build the binary first (bun scripts/build-binaries.ts makes dist/qvd), then run dist/qvd install " + role);
+      throw new UserError(
+        "qvd install copies the running qvd binary, and this is bun running the sources: build the binary first (bun scripts/build-binaries.ts makes dist/qvd), then run dist/qvd install " +
+          role,
+      );
     const root = resolve(args.root || "/");
     let isDir = false;
     try {
@@ -298,7 +389,9 @@ export default defineCommand({
     console.log(`qvd install ${role}${root === "/" ? "" : ` into ${root}`}:`);
     for (const f of res.files) {
       const label = f.state === "kept" ? "kept (never overwritten)" : LABEL[f.state!];
-      console.log(`  ${label.padEnd(24)} ${f.path}  (${f.what}${f.state === "differs" ? `; it differed: ${f.why}` : ""})`);
+      console.log(
+        `  ${label.padEnd(24)} ${f.path}  (${f.what}${f.state === "differs" ? `; it differed: ${f.why}` : ""})`,
+      );
     }
     for (const n of res.notes) console.log(`  ${n}`);
     if (!res.changed) {

@@ -48,11 +48,18 @@ function proxyProtocol(cfg: Config): ReturnType<typeof trustedSources> | undefin
 }
 
 /** Starts the L7R over its own pool; resolves with a function that stops it. */
-export async function startL7rRole(cfg: Config, opts: { authenticate?: Authenticate } = {}): Promise<{ l7r: L7r; sql: Sql; stop: () => Promise<void> }> {
+export async function startL7rRole(
+  cfg: Config,
+  opts: { authenticate?: Authenticate } = {},
+): Promise<{ l7r: L7r; sql: Sql; stop: () => Promise<void> }> {
   // A node of the farm proves who it is to the others: no farm certificate, no L7R.
   const farm = nodeTls(cfg);
   const url = cfg.databaseUrl();
-  const sql = connect(url, { max: cfg.get("database.pool_size"), connectTimeout: cfg.get("database.connect_timeout"), applicationName: "qvd-l7r" });
+  const sql = connect(url, {
+    max: cfg.get("database.pool_size"),
+    connectTimeout: cfg.get("database.connect_timeout"),
+    applicationName: "qvd-l7r",
+  });
   let peerServer: PeerServer | undefined;
   let peer: PeerClient | undefined;
   try {
@@ -60,7 +67,10 @@ export async function startL7rRole(cfg: Config, opts: { authenticate?: Authentic
       throw new UserError(`cannot use the database ${maskUrl(url)}: ${err.message}`);
     });
     await requireCurrentSchema(sql);
-    cfg = cfg.withDatabase(rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })), (m) => log.warn(m));
+    cfg = cfg.withDatabase(
+      rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })),
+      (m) => log.warn(m),
+    );
     const cert = cfg.get("l7r.tls.cert");
     const key = cfg.get("l7r.tls.key");
     if (!cert || !key) throw new UserError("the L7R serves TLS: set l7r.tls.cert and l7r.tls.key (or --cert/--key)");
@@ -72,22 +82,42 @@ export async function startL7rRole(cfg: Config, opts: { authenticate?: Authentic
     const tls = { ca: farm.ca, cert: farm.cert, key: farm.key };
     const peerPort = cfg.get("cluster.peer.port");
     const peerHost = cfg.get("cluster.peer.listen") || (await peerNodeByName(sql, cfg.get("nodename")))?.address;
-    if (!peerHost) throw new UserError(`node ${cfg.get("nodename")} is not registered (hosts): register it (qvd hkd --register) or set cluster.peer.listen`);
+    if (!peerHost)
+      throw new UserError(
+        `node ${cfg.get("nodename")} is not registered (hosts): register it (qvd hkd --register) or set cluster.peer.listen`,
+      );
     try {
       peerServer = startPeerServer({
-        sql, nodename: cfg.get("nodename"), hostname: peerHost.replace(/^\[|\]$/g, ""), port: peerPort, tls,
+        sql,
+        nodename: cfg.get("nodename"),
+        hostname: peerHost.replace(/^\[|\]$/g, ""),
+        port: peerPort,
+        tls,
         maxConnections: cfg.get("cluster.peer.limit.connections"),
-        timeouts: { handshake: cfg.get("l7r.timeout.handshake"), request: cfg.get("l7r.timeout.request"), idle: cfg.get("l7r.timeout.idle") },
+        timeouts: {
+          handshake: cfg.get("l7r.timeout.handshake"),
+          request: cfg.get("l7r.timeout.request"),
+          idle: cfg.get("l7r.timeout.idle"),
+        },
       });
     } catch (err) {
-      throw new UserError(`cannot listen on ${peerHost}:${peerPort} for the other nodes (cluster.peer.listen, cluster.peer.port): ${(err as Error).message}`);
+      throw new UserError(
+        `cannot listen on ${peerHost}:${peerPort} for the other nodes (cluster.peer.listen, cluster.peer.port): ${(err as Error).message}`,
+      );
     }
     peer = new PeerClient({ tls, port: peerPort });
     const metrics = roleRegistry();
     const l7r = await startL7r({
       metrics,
       peer,
-      sql, databaseUrl: url, identityConfig: cfg, nodename: cfg.get("nodename"), hostname, port, tls: { cert, key, clientCa: cfg.get("l7r.tls.client_ca") || undefined }, unix: cfg.get("l7r.listen.unix") || undefined,
+      sql,
+      databaseUrl: url,
+      identityConfig: cfg,
+      nodename: cfg.get("nodename"),
+      hostname,
+      port,
+      tls: { cert, key, clientCa: cfg.get("l7r.tls.client_ca") || undefined },
+      unix: cfg.get("l7r.listen.unix") || undefined,
       // The tenant's plugin chain (src/auth/chain.ts: l7r.auth.plugins, local by default).
       authenticate: opts.authenticate ?? ((db, attempt) => authenticateUser(db, cfg, attempt)),
       aliveWithinS: aliveWithinS(cfg),
@@ -112,7 +142,13 @@ export async function startL7rRole(cfg: Config, opts: { authenticate?: Authentic
       },
       proxyProtocol: proxyProtocol(cfg),
       web: cfg.get("l7r.web")
-        ? { runDir: join(cfg.get("path.run"), "web"), uidBase: cfg.get("l7r.web.uid_base"), maxSessions: cfg.get("l7r.web.max_sessions"), xvnc: cfg.get("l7r.web.xvnc"), nxproxy: cfg.get("l7r.web.nxproxy") }
+        ? {
+            runDir: join(cfg.get("path.run"), "web"),
+            uidBase: cfg.get("l7r.web.uid_base"),
+            maxSessions: cfg.get("l7r.web.max_sessions"),
+            xvnc: cfg.get("l7r.web.xvnc"),
+            nxproxy: cfg.get("l7r.web.nxproxy"),
+          }
         : undefined,
     });
     console.log(`qvd l7r listening on ${hostname}:${l7r.port}`);
@@ -125,7 +161,8 @@ export async function startL7rRole(cfg: Config, opts: { authenticate?: Authentic
       }
     })();
     return {
-      l7r, sql,
+      l7r,
+      sql,
       stop: async () => {
         metricsServer?.stop();
         peerServer?.stop();

@@ -17,15 +17,24 @@ const log = logger("node");
 
 /** The argv that runs this very program: the compiled qvd, or bun with the entry script. */
 function self(): string[] {
-  return basename(process.execPath) === "bun" || basename(process.execPath) === "bun.exe" ? [process.execPath, process.argv[1]!] : [process.execPath];
+  return basename(process.execPath) === "bun" || basename(process.execPath) === "bun.exe"
+    ? [process.execPath, process.argv[1]!]
+    : [process.execPath];
 }
 
 export default defineCommand({
-  meta: { name: "node", description: "Run a node: the HKD (desktops, as root) and the L7R (user broker), as two child processes" },
+  meta: {
+    name: "node",
+    description: "Run a node: the HKD (desktops, as root) and the L7R (user broker), as two child processes",
+  },
   args: {
     ...hkdArgs,
     ...l7rArgs,
-    check: { type: "boolean", description: "Check that this machine can run the node as configured, one line per requirement; starts nothing (exit 1: a requirement fails)" },
+    check: {
+      type: "boolean",
+      description:
+        "Check that this machine can run the node as configured, one line per requirement; starts nothing (exit 1: a requirement fails)",
+    },
     json: { type: "boolean", description: "With --check: print the results as JSON" },
   },
   async run({ args, rawArgs }) {
@@ -33,7 +42,11 @@ export default defineCommand({
     if (args.check) {
       // Before nodeTls below: a missing farm certificate is one of the lines, not the end.
       const { nodeCheck } = await import("../hkd/preflight.ts");
-      process.exitCode = await nodeCheck(l7rConfig(args, rawArgs), { register: args.register, address: args.address, json: args.json });
+      process.exitCode = await nodeCheck(l7rConfig(args, rawArgs), {
+        register: args.register,
+        address: args.address,
+        json: args.json,
+      });
       return;
     }
     // A configuration error, or a missing or wrong farm certificate, is reported here, once, before any child runs.
@@ -77,8 +90,12 @@ export default defineCommand({
       return;
     }
     // The first child to exit decides the status; the other is stopped (the L7R before the HKD).
-    const first = await Promise.race([hkd.exited.then((s) => ({ who: "hkd", s })), l7r!.exited.then((s) => ({ who: "l7r", s }))]);
-    if (!signalled) log.error(`the ${first.who === "hkd" ? "HKD" : "L7R"} exited (status ${first.s}): stopping the node`);
+    const first = await Promise.race([
+      hkd.exited.then((s) => ({ who: "hkd", s })),
+      l7r!.exited.then((s) => ({ who: "l7r", s })),
+    ]);
+    if (!signalled)
+      log.error(`the ${first.who === "hkd" ? "HKD" : "L7R"} exited (status ${first.s}): stopping the node`);
     l7r!.kill("SIGTERM");
     await l7r!.exited;
     hkd.kill("SIGTERM");

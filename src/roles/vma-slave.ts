@@ -23,22 +23,26 @@ export default defineCommand({
   async run({ args }) {
     const env: Record<string, string> = {};
     for (const [k, v] of Object.entries(process.env)) if (v !== undefined) env[k] = v;
-    await serveSlave(process.stdin as AsyncIterable<Uint8Array>, {
-      write: (b) => process.stdout.write(b),
-      end: () => undefined,
-    }, {
-      keyFile: args["key-file"],
-      sharesDir: args["shares-dir"] ?? join(homedir(), "Redirected"),
-      uid: process.getuid?.() ?? 0,
-      sshfs: args.sshfs,
-      sftpServer: args["sftp-server"],
-      xdgOpen: args["xdg-open"],
-      display: args.display,
-      socket: args.socket,
-      noShares: args.shares === false,
-      noUsb: args.usb === false,
-      usbUnavailable: !!args["usb-unavailable"],
-      env,
-    });
+    await serveSlave(
+      process.stdin as AsyncIterable<Uint8Array>,
+      {
+        write: (b) => process.stdout.write(b),
+        end: () => undefined,
+      },
+      {
+        keyFile: args["key-file"],
+        sharesDir: args["shares-dir"] ?? join(homedir(), "Redirected"),
+        uid: process.getuid?.() ?? 0,
+        sshfs: args.sshfs,
+        sftpServer: args["sftp-server"],
+        xdgOpen: args["xdg-open"],
+        display: args.display,
+        socket: args.socket,
+        noShares: args.shares === false,
+        noUsb: args.usb === false,
+        usbUnavailable: !!args["usb-unavailable"],
+        env,
+      },
+    );
   },
 });

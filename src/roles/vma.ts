@@ -34,7 +34,10 @@ const GUEST_CONFIG = "/etc/qvd/vma.conf";
 const vmaFileSchema = z.object({
   vm_id: z.number().int().min(0),
   secret: z.string().min(16, "must be at least 16 characters"),
-  node_address: z.string().regex(/^$|^[\d.]+$|^[0-9a-fA-F:]+$/, "expected an IP address").default(""),
+  node_address: z
+    .string()
+    .regex(/^$|^[\d.]+$|^[0-9a-fA-F:]+$/, "expected an IP address")
+    .default(""),
   port: z.number().int().min(1).max(65535).default(3030),
   settings: z.record(z.string(), z.union([z.string(), z.number(), z.boolean()])).default({}),
 });
@@ -59,10 +62,26 @@ export function readVmaFile(file: string): VmaFile {
  * The VMA's configuration (see the top of this file). `ignored`: the image's settings that were
  * dropped because only the node sets them (each is logged).
  */
-export function loadVmaConfig(vf: VmaFile, file: string, o: { guestConfig?: string; flags?: { flag: string; key: string; value: string }[]; env?: Record<string, string | undefined> } = {}): { cfg: Config; ignored: string[] } {
-  const asFlag = ([k, v]: [string, string | number | boolean]) => ({ flag: `${file} settings`, key: k, value: typeof v === "boolean" ? (v ? "1" : "0") : String(v) });
+export function loadVmaConfig(
+  vf: VmaFile,
+  file: string,
+  o: {
+    guestConfig?: string;
+    flags?: { flag: string; key: string; value: string }[];
+    env?: Record<string, string | undefined>;
+  } = {},
+): { cfg: Config; ignored: string[] } {
+  const asFlag = ([k, v]: [string, string | number | boolean]) => ({
+    flag: `${file} settings`,
+    key: k,
+    value: typeof v === "boolean" ? (v ? "1" : "0") : String(v),
+  });
   const settings = Object.entries(vf.settings);
-  const flags = [...settings.filter(([k]) => !isNodeOnlyVmaKey(k)).map(asFlag), ...(o.flags ?? []), ...settings.filter(([k]) => isNodeOnlyVmaKey(k)).map(asFlag)];
+  const flags = [
+    ...settings.filter(([k]) => !isNodeOnlyVmaKey(k)).map(asFlag),
+    ...(o.flags ?? []),
+    ...settings.filter(([k]) => isNodeOnlyVmaKey(k)).map(asFlag),
+  ];
   const guest = o.guestConfig ?? GUEST_CONFIG;
   const ignored: string[] = [];
   const cfg = loadConfig({
@@ -73,7 +92,10 @@ export function loadVmaConfig(vf: VmaFile, file: string, o: { guestConfig?: stri
     fileFilter: (s) => {
       if (!isNodeOnlyVmaKey(s.key)) return true;
       ignored.push(s.key);
-      log.warn("ignoring a setting of the image's vma.conf: only the node sets it", { key: s.key, where: s.source.kind === "file" ? `${s.source.file}:${s.source.line}` : "" });
+      log.warn("ignoring a setting of the image's vma.conf: only the node sets it", {
+        key: s.key,
+        where: s.source.kind === "file" ? `${s.source.file}:${s.source.line}` : "",
+      });
       return false;
     },
   });
@@ -81,12 +103,23 @@ export function loadVmaConfig(vf: VmaFile, file: string, o: { guestConfig?: stri
 }
 
 export default defineCommand({
-  meta: { name: "vma", description: "Run the agent inside a desktop (VMA): HTTP API on port 3030, NX session, init duties" },
+  meta: {
+    name: "vma",
+    description: "Run the agent inside a desktop (VMA): HTTP API on port 3030, NX session, init duties",
+  },
   args: {
     config: { type: "string", description: `The per-start VMA file (default ${DEFAULT_VMA_FILE})`, valueHint: "FILE" },
-    listen: { type: "string", description: "ADDRESS:PORT to listen on (default all addresses, the file's port)", valueHint: "ADDR:PORT" },
+    listen: {
+      type: "string",
+      description: "ADDRESS:PORT to listen on (default all addresses, the file's port)",
+      valueHint: "ADDR:PORT",
+    },
     set: { type: "string", description: "Set a configuration key for this run (repeatable)", valueHint: "KEY=VALUE" },
-    "kvm-guest": { type: "boolean", description: "In a KVM desktop: take the per-start file from QEMU's fw_cfg, set up the network and the home disk first (src/vma/kvm-guest.ts)" },
+    "kvm-guest": {
+      type: "boolean",
+      description:
+        "In a KVM desktop: take the per-start file from QEMU's fw_cfg, set up the network and the home disk first (src/vma/kvm-guest.ts)",
+    },
   },
   async run({ args, rawArgs }) {
     const file = args.config ?? DEFAULT_VMA_FILE;
@@ -107,7 +140,9 @@ export default defineCommand({
 
     // The node's identity rules (vma.json settings): the session's and x_start's checks alike.
     const identity = identityRules(cfg);
-    const sec = (k: "vma.timeout.starting" | "vma.timeout.listening" | "vma.timeout.suspending" | "vma.timeout.stopping") => cfg.get(k) * 1000;
+    const sec = (
+      k: "vma.timeout.starting" | "vma.timeout.listening" | "vma.timeout.suspending" | "vma.timeout.stopping",
+    ) => cfg.get(k) * 1000;
     const split = (s: string) => s.split(/\s+/).filter(Boolean);
     const session = new Session({
       display: cfg.get("vma.display"),
@@ -122,22 +157,51 @@ export default defineCommand({
       root: cfg.get("vma.provision.root"),
       homePath: cfg.get("vma.user.home.path"),
       shell: cfg.get("vma.user.shell"),
-      groups: cfg.get("vma.user.groups").split(",").map((g) => g.trim()).filter(Boolean),
+      groups: cfg
+        .get("vma.user.groups")
+        .split(",")
+        .map((g) => g.trim())
+        .filter(Boolean),
       identity,
       defaultLang: cfg.get("vma.default.lang"),
       runDir: cfg.get("path.run"),
-      timeouts: { starting: sec("vma.timeout.starting"), listening: sec("vma.timeout.listening"), suspending: sec("vma.timeout.suspending"), stopping: sec("vma.timeout.stopping") },
+      timeouts: {
+        starting: sec("vma.timeout.starting"),
+        listening: sec("vma.timeout.listening"),
+        suspending: sec("vma.timeout.suspending"),
+        stopping: sec("vma.timeout.stopping"),
+      },
       // The session's side channels (src/vma/services.ts); each checks its own switches.
       services: [
-        printingService({ enable: cfg.get("vma.printing.enable"), cupsd: cfg.get("vma.command.cupsd"), lpadmin: cfg.get("vma.command.lpadmin"), lpstat: cfg.get("vma.command.lpstat") }),
-        audioService({ enable: cfg.get("vma.audio.enable"), pulseaudio: cfg.get("vma.command.pulseaudio"), pactl: cfg.get("vma.command.pactl"), latencyMs: cfg.get("vma.audio.latency_msec") }),
+        printingService({
+          enable: cfg.get("vma.printing.enable"),
+          cupsd: cfg.get("vma.command.cupsd"),
+          lpadmin: cfg.get("vma.command.lpadmin"),
+          lpstat: cfg.get("vma.command.lpstat"),
+        }),
+        audioService({
+          enable: cfg.get("vma.audio.enable"),
+          pulseaudio: cfg.get("vma.command.pulseaudio"),
+          pactl: cfg.get("vma.command.pactl"),
+          latencyMs: cfg.get("vma.audio.latency_msec"),
+        }),
         // process.execPath: this qvd binary, as the guest sees it (nxagent runs `<it> vma-slave`).
-        sharesService({ enabled: cfg.get("vma.slave.enable"), qvd: process.execPath, asCurrentUser: cfg.get("vma.session.as_current_user"), sshfs: cfg.get("vma.command.sshfs"), sftpServer: cfg.get("vma.command.sftp_server"), xdgOpen: cfg.get("vma.command.xdg_open"),
+        sharesService({
+          enabled: cfg.get("vma.slave.enable"),
+          qvd: process.execPath,
+          asCurrentUser: cfg.get("vma.session.as_current_user"),
+          sshfs: cfg.get("vma.command.sshfs"),
+          sftpServer: cfg.get("vma.command.sftp_server"),
+          xdgOpen: cfg.get("vma.command.xdg_open"),
           // USB devices only where the kernel is the desktop's own.
-          usbip: args["kvm-guest"] ? new UsbipAttacher() : undefined }),
+          usbip: args["kvm-guest"] ? new UsbipAttacher() : undefined,
+        }),
       ],
     });
-    if (cfg.get("vma.session.as_current_user")) log.warn("vma.session.as_current_user is set: no provisioning, the session runs as this process's user (test aid)");
+    if (cfg.get("vma.session.as_current_user"))
+      log.warn(
+        "vma.session.as_current_user is set: no provisioning, the session runs as this process's user (test aid)",
+      );
 
     let server: ReturnType<typeof startVmaServer> | undefined;
     let poweroffRequested = false;
@@ -170,7 +234,12 @@ export default defineCommand({
       host,
       port,
     );
-    log.info("listening", { address: `${host}:${server.port}`, vm_id: vf.vm_id, node_address: vf.node_address || "(any)", pid1: isPid1() });
+    log.info("listening", {
+      address: `${host}:${server.port}`,
+      vm_id: vf.vm_id,
+      node_address: vf.node_address || "(any)",
+      pid1: isPid1(),
+    });
     console.log(`qvd vma listening on ${host}:${server.port}`);
     await new Promise(() => {}); // runs until the shutdown path exits the process
   },

@@ -33,7 +33,23 @@
 //    `user.*` xattrs are restored, so no file capability, `trusted.*` (overlayfs' own) or
 //    security label of an image reaches storage. basefs/ is root:<base gid> 0710: the
 //    desktops' mapped root may cross it, node users may not, so nothing on it runs for them.
-import { chmodSync, chownSync, closeSync, existsSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  chownSync,
+  closeSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  readSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import type { Stats } from "node:fs";
 import { hostname } from "node:os";
 import { dirname, join } from "node:path";
@@ -44,12 +60,27 @@ import { CommandError, run } from "../run.ts";
 const log = logger("images");
 
 /** File name endings of image tarballs (the compression is detected from the content). */
-export const IMAGE_SUFFIXES = [".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".tar.bz2", ".tbz2", ".tbz"] as const;
+export const IMAGE_SUFFIXES = [
+  ".tar",
+  ".tar.gz",
+  ".tgz",
+  ".tar.xz",
+  ".txz",
+  ".tar.zst",
+  ".tzst",
+  ".tar.bz2",
+  ".tbz2",
+  ".tbz",
+] as const;
 
 export const isImageFileName = (name: string) => IMAGE_SUFFIXES.some((s) => name.endsWith(s));
 
 /** Storage paths of an image: its tarball and its unpacked base filesystem. */
-export function imagePaths(storageRoot: string, imagesDir: string, di: { id: number; path: string }): { image: string; basefsDir: string; basefs: string } {
+export function imagePaths(
+  storageRoot: string,
+  imagesDir: string,
+  di: { id: number; path: string },
+): { image: string; basefsDir: string; basefs: string } {
   const basefsDir = join(storageRoot, "basefs");
   return { image: join(imagesDir, di.path), basefsDir, basefs: join(basefsDir, String(di.id)) };
 }
@@ -83,7 +114,16 @@ export interface IdMap {
   size: number;
 }
 
-const TYPES: Record<string, EntryType> = { "-": "file", C: "file", d: "dir", l: "symlink", h: "hardlink", p: "fifo", c: "chardev", b: "blockdev" };
+const TYPES: Record<string, EntryType> = {
+  "-": "file",
+  C: "file",
+  d: "dir",
+  l: "symlink",
+  h: "hardlink",
+  p: "fifo",
+  c: "chardev",
+  b: "blockdev",
+};
 
 /** Decodes a name printed by tar --quoting-style=c; returns bytes as latin1 characters. */
 function unquoteC(q: string): string {
@@ -96,7 +136,19 @@ function unquoteC(q: string): string {
       continue;
     }
     const n = s[++i]!;
-    const simple: Record<string, string> = { a: "\x07", b: "\b", f: "\f", n: "\n", r: "\r", t: "\t", v: "\v", "\\": "\\", '"': '"', "?": "?", "'": "'" };
+    const simple: Record<string, string> = {
+      a: "\x07",
+      b: "\b",
+      f: "\f",
+      n: "\n",
+      r: "\r",
+      t: "\t",
+      v: "\v",
+      "\\": "\\",
+      '"': '"',
+      "?": "?",
+      "'": "'",
+    };
     if (n in simple) out += simple[n];
     else if (/[0-7]/.test(n)) {
       let digits = n;
@@ -124,7 +176,8 @@ export function parseListing(text: string): TarEntry[] {
     const owner = /^\S+\s+(\d+)\/(\d+)\s/.exec(line);
     if (owner) [e.uid, e.gid] = [Number(owner[1]), Number(owner[2])];
     if (m[4]) e.link = unquoteC(m[4]);
-    if ((type === "symlink" || type === "hardlink") !== (m[4] !== undefined)) throw new ImageError(`unsupported archive entry: ${line.slice(0, 200)}`);
+    if ((type === "symlink" || type === "hardlink") !== (m[4] !== undefined))
+      throw new ImageError(`unsupported archive entry: ${line.slice(0, 200)}`);
     out.push(e);
   }
   return out;
@@ -203,9 +256,14 @@ export function checkEntries(entries: TarEntry[]): { skip: TarEntry[] } {
 /** Refuses entries whose owner a desktop with this id map cannot hold (throws an ImageError). */
 export function checkOwners(entries: TarEntry[], idmap: IdMap): void {
   for (const e of entries)
-    for (const [what, id] of [["uid", e.uid], ["gid", e.gid]] as const)
+    for (const [what, id] of [
+      ["uid", e.uid],
+      ["gid", e.gid],
+    ] as const)
       if (id !== undefined && id >= idmap.size)
-        throw new ImageError(`archive entry ${showName(e.name)} is owned by ${what} ${id}, outside the desktops' id range 0-${idmap.size - 1} (vm.lxc.idmap.size); nothing was extracted`);
+        throw new ImageError(
+          `archive entry ${showName(e.name)} is owned by ${what} ${id}, outside the desktops' id range 0-${idmap.size - 1} (vm.lxc.idmap.size); nothing was extracted`,
+        );
 }
 
 /** basefs/, overlays/, homes/: only root and the desktops' mapped root (by group) may cross them. */
@@ -217,8 +275,12 @@ export function gateDir(dir: string, idmap: IdMap): void {
   // Every directory above must let the mapped root through, or LXC and tar fail obscurely.
   for (let p = dirname(dir); ; p = dirname(p)) {
     const st = statSync(p);
-    const ok = st.mode & 0o001 || (st.gid === idmap.base && st.mode & 0o010) || (st.uid === idmap.base && st.mode & 0o100);
-    if (!ok) throw new UserError(`${p} (mode ${(st.mode & 0o777).toString(8)}) cannot be crossed by the desktops' mapped root (uid ${idmap.base}): give it o+x`);
+    const ok =
+      st.mode & 0o001 || (st.gid === idmap.base && st.mode & 0o010) || (st.uid === idmap.base && st.mode & 0o100);
+    if (!ok)
+      throw new UserError(
+        `${p} (mode ${(st.mode & 0o777).toString(8)}) cannot be crossed by the desktops' mapped root (uid ${idmap.base}): give it o+x`,
+      );
     if (p === "/") break;
   }
 }
@@ -243,7 +305,13 @@ export function detectCompression(file: string): Compression {
   return "none";
 }
 
-const TAR_DECOMPRESS: Record<Compression, string[]> = { none: [], gzip: ["-z"], xz: ["-J"], zstd: ["--zstd"], bzip2: ["-j"] };
+const TAR_DECOMPRESS: Record<Compression, string[]> = {
+  none: [],
+  gzip: ["-z"],
+  xz: ["-J"],
+  zstd: ["--zstd"],
+  bzip2: ["-j"],
+};
 
 export interface UnpackProgress {
   /** wait: another process unpacks this image; verify: checksum and listing; extract: unpacking. */
@@ -253,7 +321,11 @@ export interface UnpackProgress {
 }
 
 /** The file as a stream that feeds a SHA-256 and reports progress (at most every 1 %). */
-function hashedStream(file: string, total: number, onBytes: (bytes: number) => void): { stream: ReadableStream<Uint8Array>; digest: () => string } {
+function hashedStream(
+  file: string,
+  total: number,
+  onBytes: (bytes: number) => void,
+): { stream: ReadableStream<Uint8Array>; digest: () => string } {
   const hasher = new Bun.CryptoHasher("sha256");
   let bytes = 0;
   let shown = -1;
@@ -289,7 +361,12 @@ function hashedStream(file: string, total: number, onBytes: (bytes: number) => v
 
 function tarFailure(file: string, err: unknown): ImageError {
   if (err instanceof CommandError) {
-    const msg = err.stderr.trim().split("\n").filter((l) => l.trim()).slice(-3).join(" / ");
+    const msg = err.stderr
+      .trim()
+      .split("\n")
+      .filter((l) => l.trim())
+      .slice(-3)
+      .join(" / ");
     return new ImageError(`${file}: not a valid image archive: ${msg || `tar exited with ${err.status}`}`);
   }
   return new ImageError(`${file}: ${(err as Error).message}`);
@@ -308,7 +385,9 @@ export function imageFileStat(file: string): Stats {
   try {
     st = statSync(file);
   } catch (err) {
-    throw new ImageError(`${file}: cannot read image: ${(err as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (err as Error).message}`);
+    throw new ImageError(
+      `${file}: cannot read image: ${(err as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (err as Error).message}`,
+    );
   }
   if (!st.isFile()) throw new ImageError(`${file}: not a regular file`);
   return st;
@@ -322,10 +401,13 @@ export async function inspectImage(file: string, onProgress?: (p: UnpackProgress
   const { stream, digest } = hashedStream(file, total, (bytes) => onProgress?.({ phase: "verify", bytes, total }));
   let listing: string;
   try {
-    const res = await run(["tar", "-t", "-v", "--quoting-style=c", "--numeric-owner", "-P", ...TAR_DECOMPRESS[compression], "-f", "-"], {
-      stdin: stream,
-      env: { LC_ALL: "C" },
-    });
+    const res = await run(
+      ["tar", "-t", "-v", "--quoting-style=c", "--numeric-owner", "-P", ...TAR_DECOMPRESS[compression], "-f", "-"],
+      {
+        stdin: stream,
+        env: { LC_ALL: "C" },
+      },
+    );
     listing = res.stdout;
   } catch (err) {
     throw tarFailure(file, err);
@@ -355,20 +437,29 @@ async function libcFlock(): Promise<Flock | null> {
       errno: () => read.i32(lib.symbols.__errno_location()!, 0),
     };
   } catch (err) {
-    log.warn("flock unavailable; concurrent unpacks of one image may duplicate work", { error: (err as Error).message });
+    log.warn("flock unavailable; concurrent unpacks of one image may duplicate work", {
+      error: (err as Error).message,
+    });
     flockImpl = null;
   }
   return flockImpl;
 }
 
-const LOCK_EX = 2, LOCK_NB = 4, EWOULDBLOCK = 11, EINTR = 4;
+const LOCK_EX = 2,
+  LOCK_NB = 4,
+  EWOULDBLOCK = 11,
+  EINTR = 4;
 
 /**
  * Takes an exclusive flock on `file` (created if missing), polling with backoff; `onWait` is
  * called once when someone else holds it. Returns the release function and whether the lock
  * is real (false where flock does not work: callers must stay correct without it).
  */
-export async function lockFile(file: string, signal: AbortSignal | undefined, onWait: () => void): Promise<{ release: () => void; locked: boolean }> {
+export async function lockFile(
+  file: string,
+  signal: AbortSignal | undefined,
+  onWait: () => void,
+): Promise<{ release: () => void; locked: boolean }> {
   const fd = openSync(file, "a");
   const release = () => closeSync(fd); // closing the descriptor drops the lock
   const impl = await libcFlock();
@@ -502,7 +593,8 @@ const OWNER = (() => {
   return new Bun.CryptoHasher("sha256").update(`${hostname()}\n${boot}\n${pidns}`).digest("hex").slice(0, 12);
 })();
 
-const tmpName = (basefsDir: string, diId: number) => join(basefsDir, `.tmp-${diId}-${OWNER}-${process.pid}-${Math.random().toString(36).slice(2, 8)}`);
+const tmpName = (basefsDir: string, diId: number) =>
+  join(basefsDir, `.tmp-${diId}-${OWNER}-${process.pid}-${Math.random().toString(36).slice(2, 8)}`);
 const TMP = /^\.tmp-(\d+)-([0-9a-f]{12})-(\d+)-[a-z0-9]+(?:\.exclude|\.meta)?$/;
 /** Another machine's leftovers are removed once nothing could still be writing them. */
 const FOREIGN_LEFTOVER_S = 86400;
@@ -571,20 +663,36 @@ export function basefsExists(basefs: string): boolean {
 
 const showMap = (m: IdMap | null | undefined) => (m ? `ids shifted by ${m.base} (range ${m.size})` : "unshifted ids");
 
-function existing(basefs: string, basefsDir: string, diId: number, expected: string | null | undefined, idmap: IdMap | undefined): UnpackResult | undefined {
+function existing(
+  basefs: string,
+  basefsDir: string,
+  diId: number,
+  expected: string | null | undefined,
+  idmap: IdMap | undefined,
+): UnpackResult | undefined {
   if (!basefsExists(basefs)) return undefined;
   const meta = metaFor(basefsDir, diId, inoOf(basefs) ?? "");
   if (expected && meta && meta.sha256 !== expected.toLowerCase())
-    throw new ImageError(`${basefs} was unpacked from another file (sha256 ${meta.sha256}, expected ${expected}); remove it to unpack the image again`);
+    throw new ImageError(
+      `${basefs} was unpacked from another file (sha256 ${meta.sha256}, expected ${expected}); remove it to unpack the image again`,
+    );
   // Another node (or this one before unprivileged desktops) used another id range: the files'
   // owners would be wrong for this node's desktops. Re-unpacking in place would pull the layer
   // from under desktops running on it elsewhere, so an administrator decides.
-  if (!meta && idmap) throw new ImageError(`${basefs} has no record of how it was unpacked (checksum, id map); remove it while no desktop uses it to unpack the image again`);
+  if (!meta && idmap)
+    throw new ImageError(
+      `${basefs} has no record of how it was unpacked (checksum, id map); remove it while no desktop uses it to unpack the image again`,
+    );
   const have = meta?.idmap ?? null;
   if ((have?.base ?? null) !== (idmap?.base ?? null) || (have?.size ?? null) !== (idmap?.size ?? null))
-    throw new ImageError(`${basefs} was unpacked with ${showMap(have)}, this node runs desktops with ${showMap(idmap)} (vm.lxc.idmap.*); remove it while no desktop uses it to unpack the image again`);
+    throw new ImageError(
+      `${basefs} was unpacked with ${showMap(have)}, this node runs desktops with ${showMap(idmap)} (vm.lxc.idmap.*); remove it while no desktop uses it to unpack the image again`,
+    );
   const rootfs = findRootfs(basefs);
-  if (!rootfs) throw new ImageError(`${basefs} holds no root filesystem (no sbin/ nor rootfs/sbin/); remove it to unpack the image again`);
+  if (!rootfs)
+    throw new ImageError(
+      `${basefs} holds no root filesystem (no sbin/ nor rootfs/sbin/); remove it to unpack the image again`,
+    );
   return { basefs, rootfs, unpacked: false, sha256: meta?.sha256 ?? null, skipped: meta?.skipped ?? [] };
 }
 
@@ -598,18 +706,20 @@ export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
   if (!Number.isSafeInteger(diId) || diId < 0) throw new ImageError(`invalid image id ${diId}`);
   const basefs = join(basefsDir, String(diId));
   const expected = opts.sha256?.toLowerCase() ?? null;
-  if (expected !== null && !/^[0-9a-f]{64}$/.test(expected)) throw new ImageError(`invalid expected sha256 for ${image}: ${opts.sha256}`);
+  if (expected !== null && !/^[0-9a-f]{64}$/.test(expected))
+    throw new ImageError(`invalid expected sha256 for ${image}: ${opts.sha256}`);
   if (opts.idmap) gateDir(basefsDir, opts.idmap);
   else mkdirSync(basefsDir, { recursive: true });
   const done = existing(basefs, basefsDir, diId, expected, opts.idmap);
   if (done) return done;
 
-  const lock = opts.lock === false
-    ? { release: () => {}, locked: false }
-    : await lockFile(join(basefsDir, `.lock-${diId}`), opts.signal, () => {
-        log.info("waiting for another unpack of this image", { image, di: diId });
-        opts.onProgress?.({ phase: "wait", bytes: 0, total: 0 });
-      });
+  const lock =
+    opts.lock === false
+      ? { release: () => {}, locked: false }
+      : await lockFile(join(basefsDir, `.lock-${diId}`), opts.signal, () => {
+          log.info("waiting for another unpack of this image", { image, di: diId });
+          opts.onProgress?.({ phase: "wait", bytes: 0, total: 0 });
+        });
   const tmp = tmpName(basefsDir, diId);
   const exclude = `${tmp}.exclude`;
   try {
@@ -620,7 +730,9 @@ export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
     const started = Date.now();
     const info = await inspectImage(image, opts.onProgress);
     if (expected !== null && info.sha256 !== expected)
-      throw new ImageError(`${image}: checksum mismatch: sha256 is ${info.sha256}, expected ${expected}; nothing was extracted`);
+      throw new ImageError(
+        `${image}: checksum mismatch: sha256 is ${info.sha256}, expected ${expected}; nothing was extracted`,
+      );
     let skip: TarEntry[];
     try {
       ({ skip } = checkEntries(info.entries));
@@ -629,7 +741,10 @@ export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
       if (err instanceof ImageError) throw new ImageError(`${image}: ${err.message}`);
       throw err;
     }
-    const skipped = skip.map((e) => `${showName(e.name)}: ${e.type === "chardev" ? "character device" : e.type === "blockdev" ? "block device" : "link to a device"} not extracted`);
+    const skipped = skip.map(
+      (e) =>
+        `${showName(e.name)}: ${e.type === "chardev" ? "character device" : e.type === "blockdev" ? "block device" : "link to a device"} not extracted`,
+    );
     for (const s of skipped) log.info("skipping device node", { image, entry: s });
 
     mkdirSync(tmp, { mode: 0o755 }); // the guest's "/" when the archive has no "./" entry
@@ -639,11 +754,30 @@ export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
       writeFileSync(exclude, Buffer.from(skip.map((e) => e.name + "\n").join(""), "latin1"));
       excludeArgs.push("--no-wildcards", "--anchored", "-X", exclude);
     }
-    const { stream, digest } = hashedStream(image, info.bytes, (bytes) => opts.onProgress?.({ phase: "extract", bytes, total: info.bytes }));
+    const { stream, digest } = hashedStream(image, info.bytes, (bytes) =>
+      opts.onProgress?.({ phase: "extract", bytes, total: info.bytes }),
+    );
     try {
-      const tar = ["tar", "-x", "-f", "-", "-C", tmp, "--numeric-owner", "-p", "--xattrs", "--xattrs-include=user.*", "--warning=no-timestamp", ...TAR_DECOMPRESS[info.compression], ...excludeArgs];
+      const tar = [
+        "tar",
+        "-x",
+        "-f",
+        "-",
+        "-C",
+        tmp,
+        "--numeric-owner",
+        "-p",
+        "--xattrs",
+        "--xattrs-include=user.*",
+        "--warning=no-timestamp",
+        ...TAR_DECOMPRESS[info.compression],
+        ...excludeArgs,
+      ];
       const m = opts.idmap;
-      await run(m ? ["lxc-usernsexec", "-m", `u:0:${m.base}:${m.size}`, "-m", `g:0:${m.base}:${m.size}`, "--", ...tar] : tar, { stdin: stream, env: { LC_ALL: "C" } });
+      await run(
+        m ? ["lxc-usernsexec", "-m", `u:0:${m.base}:${m.size}`, "-m", `g:0:${m.base}:${m.size}`, "--", ...tar] : tar,
+        { stdin: stream, env: { LC_ALL: "C" } },
+      );
     } catch (err) {
       throw tarFailure(image, err);
     }
@@ -652,7 +786,17 @@ export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
     if (!rootfsIn) throw new ImageError(`${image}: not a root filesystem image (no sbin/ nor rootfs/sbin/ at the top)`);
 
     const ino = inoOf(tmp)!;
-    const meta: BasefsMeta = { di_id: diId, image, sha256: info.sha256, bytes: info.bytes, unpacked_at: new Date().toISOString(), host: hostname(), skipped, idmap: opts.idmap ?? null, ino };
+    const meta: BasefsMeta = {
+      di_id: diId,
+      image,
+      sha256: info.sha256,
+      bytes: info.bytes,
+      unpacked_at: new Date().toISOString(),
+      host: hostname(),
+      skipped,
+      idmap: opts.idmap ?? null,
+      ino,
+    };
     writeFileSync(`${tmp}.meta`, JSON.stringify(meta, null, 1) + "\n");
     // Publish: this one rename decides which unpacker's copy becomes the image.
     try {
@@ -673,8 +817,19 @@ export async function unpackImage(opts: UnpackOptions): Promise<UnpackResult> {
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err; // a reader moved it for us
     }
-    log.info("image unpacked", { image, basefs, seconds: ((Date.now() - started) / 1000).toFixed(1), skipped: skipped.length });
-    return { basefs, rootfs: rootfsIn === tmp ? basefs : join(basefs, "rootfs"), unpacked: true, sha256: info.sha256, skipped };
+    log.info("image unpacked", {
+      image,
+      basefs,
+      seconds: ((Date.now() - started) / 1000).toFixed(1),
+      skipped: skipped.length,
+    });
+    return {
+      basefs,
+      rootfs: rootfsIn === tmp ? basefs : join(basefs, "rootfs"),
+      unpacked: true,
+      sha256: info.sha256,
+      skipped,
+    };
   } finally {
     rmSync(tmp, { recursive: true, force: true });
     rmSync(exclude, { force: true });

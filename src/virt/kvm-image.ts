@@ -16,7 +16,21 @@
 //  - Publishing is as for tarballs (src/virt/images.ts): a private temporary directory renamed
 //    to `basefs/<di-id>` (the rename decides between nodes), a record `.meta-<di-id>.json` with
 //    the qcow2's SHA-256 beside it, an flock on `basefs/.lock-<di-id>` to save work.
-import { closeSync, existsSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statfsSync, statSync, writeFileSync } from "node:fs";
+import {
+  closeSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  renameSync,
+  rmSync,
+  statfsSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { hostname } from "node:os";
 import { isAbsolute, join } from "node:path";
 import { logger } from "../log.ts";
@@ -56,10 +70,24 @@ export function isQcow2(file: string): boolean {
 }
 
 /** Runs a tool on a tenant's bytes as root without capabilities. */
-const unprivileged = (argv: string[]) => ["setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--", ...argv];
+const unprivileged = (argv: string[]) => [
+  "setpriv",
+  "--no-new-privs",
+  "--inh-caps=-all",
+  "--bounding-set=-all",
+  "--",
+  ...argv,
+];
 
 const lastLines = (err: unknown) =>
-  err instanceof CommandError ? err.stderr.trim().split("\n").filter((l) => l.trim()).slice(-2).join(" / ") || `exit status ${err.status}` : (err as Error).message;
+  err instanceof CommandError
+    ? err.stderr
+        .trim()
+        .split("\n")
+        .filter((l) => l.trim())
+        .slice(-2)
+        .join(" / ") || `exit status ${err.status}`
+    : (err as Error).message;
 
 /** What a qcow2's own header says, before any tool opens it. */
 function checkHeader(file: string): void {
@@ -67,14 +95,21 @@ function checkHeader(file: string): void {
   if (h.length < 72) throw new ImageError(`${file}: not a valid qcow2 image: the header is truncated`);
   const version = h.readUInt32BE(4);
   if (version !== 2 && version !== 3) throw new ImageError(`${file}: not a valid qcow2 image: version ${version}`);
-  if (h.readBigUInt64BE(8) !== 0n) throw new ImageError(`${file}: the qcow2 has a backing file of its own; a KVM image must be whole (qemu-img convert -O qcow2 makes one)`);
+  if (h.readBigUInt64BE(8) !== 0n)
+    throw new ImageError(
+      `${file}: the qcow2 has a backing file of its own; a KVM image must be whole (qemu-img convert -O qcow2 makes one)`,
+    );
   if (version === 3) {
     if (h.length < 104) throw new ImageError(`${file}: not a valid qcow2 image: the header is truncated`);
     const incompatible = h.readBigUInt64BE(72);
-    if (incompatible & 4n) throw new ImageError(`${file}: the qcow2 keeps its data in an external data file; a KVM image must be whole (qemu-img convert -O qcow2 makes one)`);
+    if (incompatible & 4n)
+      throw new ImageError(
+        `${file}: the qcow2 keeps its data in an external data file; a KVM image must be whole (qemu-img convert -O qcow2 makes one)`,
+      );
     if (incompatible & 2n) throw new ImageError(`${file}: the qcow2 is marked corrupt`);
   }
-  if (h.readUInt32BE(32) !== 0) throw new ImageError(`${file}: the qcow2 is encrypted; a KVM image must be readable by the node`);
+  if (h.readUInt32BE(32) !== 0)
+    throw new ImageError(`${file}: the qcow2 is encrypted; a KVM image must be readable by the node`);
 }
 
 /**
@@ -82,42 +117,73 @@ function checkHeader(file: string): void {
  * encrypted, not corrupt (`qemu-img info` and, unless `check: false`, `qemu-img check`). Throws
  * an ImageError saying why; returns the disk's virtual size in bytes.
  */
-export async function inspectQcow2(file: string, o: { qemuImg?: string; check?: boolean } = {}): Promise<{ virtualSize: number; allocatedBytes: number }> {
+export async function inspectQcow2(
+  file: string,
+  o: { qemuImg?: string; check?: boolean } = {},
+): Promise<{ virtualSize: number; allocatedBytes: number }> {
   // qemu-img reads "json:{…}" and "proto:…" names as options: only absolute paths reach it.
   if (!isAbsolute(file)) throw new ImageError(`${file}: an image path must be absolute`);
   imageFileStat(file); // a clear error for a missing file or one that is not a regular file
   if (!isQcow2(file)) {
     const h = readHead(file, 512);
-    const tarball = (h[0] === 0x1f && h[1] === 0x8b) || h.subarray(257, 262).toString("latin1") === "ustar" || (h.length >= 4 && h.readUInt32LE(0) === 0xfd2fb528) || h.subarray(0, 6).toString("latin1") === "\xfd7zXZ\0";
-    throw new ImageError(`${file}: not a qcow2 disk image${tarball ? " (it looks like a root filesystem tarball: an image for LXC)" : ""}; a KVM image is a qcow2 file (qvd di build --kvm makes one)`);
+    const tarball =
+      (h[0] === 0x1f && h[1] === 0x8b) ||
+      h.subarray(257, 262).toString("latin1") === "ustar" ||
+      (h.length >= 4 && h.readUInt32LE(0) === 0xfd2fb528) ||
+      h.subarray(0, 6).toString("latin1") === "\xfd7zXZ\0";
+    throw new ImageError(
+      `${file}: not a qcow2 disk image${tarball ? " (it looks like a root filesystem tarball: an image for LXC)" : ""}; a KVM image is a qcow2 file (qvd di build --kvm makes one)`,
+    );
   }
   checkHeader(file);
   const qemuImg = o.qemuImg ?? "qemu-img";
   // -U: a running VM may hold the image's lock; this only reads it.
   let info: Record<string, unknown>;
   try {
-    info = JSON.parse((await run(unprivileged([qemuImg, "info", "--output=json", "-U", "-f", "qcow2", file]), { env: { LC_ALL: "C" } })).stdout);
+    info = JSON.parse(
+      (await run(unprivileged([qemuImg, "info", "--output=json", "-U", "-f", "qcow2", file]), { env: { LC_ALL: "C" } }))
+        .stdout,
+    );
   } catch (err) {
     throw new ImageError(`${file}: not a valid qcow2 image: ${lastLines(err)}`);
   }
-  if (info["backing-filename"] !== undefined) throw new ImageError(`${file}: the qcow2 has a backing file of its own (${String(info["backing-filename"])}); a KVM image must be whole`);
-  const data = ((info["format-specific"] as { data?: Record<string, unknown> } | undefined)?.data ?? {}) as Record<string, unknown>;
-  if (data["data-file"] !== undefined) throw new ImageError(`${file}: the qcow2 keeps its data in an external data file (${String(data["data-file"])}); a KVM image must be whole`);
+  if (info["backing-filename"] !== undefined)
+    throw new ImageError(
+      `${file}: the qcow2 has a backing file of its own (${String(info["backing-filename"])}); a KVM image must be whole`,
+    );
+  const data = ((info["format-specific"] as { data?: Record<string, unknown> } | undefined)?.data ?? {}) as Record<
+    string,
+    unknown
+  >;
+  if (data["data-file"] !== undefined)
+    throw new ImageError(
+      `${file}: the qcow2 keeps its data in an external data file (${String(data["data-file"])}); a KVM image must be whole`,
+    );
   if (data.corrupt === true) throw new ImageError(`${file}: the qcow2 is marked corrupt`);
-  if (info.encrypted === true) throw new ImageError(`${file}: the qcow2 is encrypted; a KVM image must be readable by the node`);
+  if (info.encrypted === true)
+    throw new ImageError(`${file}: the qcow2 is encrypted; a KVM image must be readable by the node`);
   const virtualSize = Number(info["virtual-size"]);
   if (!Number.isSafeInteger(virtualSize) || virtualSize <= 0) throw new ImageError(`${file}: the qcow2 has no size`);
   const clusterSize = Number(info["cluster-size"]);
   let allocatedBytes = virtualSize;
   if (o.check !== false) {
     // Metadata only (refcounts, L1/L2 tables): about a second for a desktop image.
-    const res = await run(unprivileged([qemuImg, "check", "-U", "-f", "qcow2", "--output=json", file]), { env: { LC_ALL: "C" }, allowFail: true });
+    const res = await run(unprivileged([qemuImg, "check", "-U", "-f", "qcow2", "--output=json", file]), {
+      env: { LC_ALL: "C" },
+      allowFail: true,
+    });
     let r: { corruptions?: number; "check-errors"?: number; "allocated-clusters"?: number } = {};
     try {
       r = JSON.parse(res.stdout);
     } catch {}
-    if (res.status !== 0 && res.status !== 3) throw new ImageError(`${file}: the qcow2 is damaged: ${res.stderr.trim().split("\n").slice(-2).join(" / ") || `qemu-img check exited with ${res.status}`}`);
-    if ((r.corruptions ?? 0) > 0 || (r["check-errors"] ?? 0) > 0) throw new ImageError(`${file}: the qcow2 is damaged: ${r.corruptions ?? 0} corruptions, ${r["check-errors"] ?? 0} check errors`);
+    if (res.status !== 0 && res.status !== 3)
+      throw new ImageError(
+        `${file}: the qcow2 is damaged: ${res.stderr.trim().split("\n").slice(-2).join(" / ") || `qemu-img check exited with ${res.status}`}`,
+      );
+    if ((r.corruptions ?? 0) > 0 || (r["check-errors"] ?? 0) > 0)
+      throw new ImageError(
+        `${file}: the qcow2 is damaged: ${r.corruptions ?? 0} corruptions, ${r["check-errors"] ?? 0} check errors`,
+      );
     // An image without data has no "allocated-clusters" at all.
     const allocated = Number(r["allocated-clusters"] ?? 0) * clusterSize;
     if (Number.isSafeInteger(allocated) && allocated >= 0) allocatedBytes = Math.min(allocated, virtualSize);
@@ -152,7 +218,8 @@ async function statIn(raw: string, path: string, cwd: string): Promise<Stat | un
   const ino = Number(/^Inode: (\d+)/m.exec(out)?.[1]);
   const type = /Type: (\w+)/.exec(out)?.[1] ?? "";
   const size = Number(/\bSize: (\d+)/.exec(out)?.[1]);
-  if (!Number.isSafeInteger(ino) || !type || !Number.isSafeInteger(size)) throw new ImageError(`cannot read ${path} in the image: unexpected debugfs output`);
+  if (!Number.isSafeInteger(ino) || !type || !Number.isSafeInteger(size))
+    throw new ImageError(`cannot read ${path} in the image: unexpected debugfs output`);
   const st: Stat = { ino, type, size };
   if (type === "symlink") {
     const fast = /^Fast link dest: "(.*)"$/m.exec(out);
@@ -191,37 +258,51 @@ async function resolveIn(raw: string, path: string, cwd: string): Promise<{ ino:
       dir.pop();
       continue;
     }
-    if (!SAFE_NAME.test(c)) throw new ImageError(`${path} in the image leads to a name with unusual characters (${JSON.stringify(c)})`);
+    if (!SAFE_NAME.test(c))
+      throw new ImageError(`${path} in the image leads to a name with unusual characters (${JSON.stringify(c)})`);
     const p = "/" + [...dir, c].join("/");
     const st = await statIn(raw, p, cwd);
     if (!st) throw new ImageError(`the image has no ${path}${p !== path ? ` (${p} is missing)` : ""}`);
     if (st.type === "symlink") {
       if (++links > MAX_LINKS) throw new ImageError(`${path} in the image: too many links (a loop?)`);
       const t = st.link ?? "";
-      if (t.startsWith("/")) throw new ImageError(`${path} in the image is an absolute link (${JSON.stringify(t)}); only relative links inside the image are followed`);
+      if (t.startsWith("/"))
+        throw new ImageError(
+          `${path} in the image is an absolute link (${JSON.stringify(t)}); only relative links inside the image are followed`,
+        );
       if (!t || t.length > 4095) throw new ImageError(`${path} in the image is an empty or overlong link`);
       todo = [...t.split("/").filter(Boolean), ...todo];
       continue;
     }
     if (todo.length === 0) {
       if (st.type !== "regular") throw new ImageError(`${path} in the image is not a regular file (${p}: ${st.type})`);
-      if (st.size > MAX_BOOT_FILE) throw new ImageError(`${path} in the image is ${st.size} bytes, more than ${MAX_BOOT_FILE} (256 MiB)`);
+      if (st.size > MAX_BOOT_FILE)
+        throw new ImageError(`${path} in the image is ${st.size} bytes, more than ${MAX_BOOT_FILE} (256 MiB)`);
       return { ino: st.ino, size: st.size, path: p };
     }
-    if (st.type !== "directory") throw new ImageError(`${path} in the image leads through ${p}, which is not a directory`);
+    if (st.type !== "directory")
+      throw new ImageError(`${path} in the image leads through ${p}, which is not a directory`);
     dir.push(c);
   }
   throw new ImageError(`${path} in the image leads to its root directory`);
 }
 
 /** Copies a regular file (by inode) out of the raw filesystem into `cwd/name`. */
-async function dumpFile(raw: string, f: { ino: number; size: number; path: string }, cwd: string, name: string): Promise<void> {
+async function dumpFile(
+  raw: string,
+  f: { ino: number; size: number; path: string },
+  cwd: string,
+  name: string,
+): Promise<void> {
   const { errors } = await debugfs(raw, `dump <${f.ino}> ${name}`, cwd);
   let got = -1;
   try {
     got = lstatSync(join(cwd, name)).size;
   } catch {}
-  if (errors.length || got !== f.size) throw new ImageError(`cannot copy ${f.path} out of the image${errors.length ? `: ${errors.join(" / ")}` : ` (${got} of ${f.size} bytes)`}`);
+  if (errors.length || got !== f.size)
+    throw new ImageError(
+      `cannot copy ${f.path} out of the image${errors.length ? `: ${errors.join(" / ")}` : ` (${got} of ${f.size} bytes)`}`,
+    );
 }
 
 /** A Linux x86 boot image (bzImage): "HdrS" at 0x202. */
@@ -273,7 +354,8 @@ interface KvmMeta {
 
 const metaFile = (basefsDir: string, diId: number) => join(basefsDir, `.meta-${diId}.json`);
 const TMP = (diId: number) => new RegExp(`^\\.tmp-${diId}-kvm-(.+)-(\\d+)-[a-z0-9]+(\\.meta)?$`);
-const tmpName = (basefsDir: string, diId: number) => join(basefsDir, `.tmp-${diId}-kvm-${hostname()}-${process.pid}-${Math.random().toString(36).slice(2, 8)}`);
+const tmpName = (basefsDir: string, diId: number) =>
+  join(basefsDir, `.tmp-${diId}-kvm-${hostname()}-${process.pid}-${Math.random().toString(36).slice(2, 8)}`);
 
 /** What a crashed preparation of this image left: this machine's when its process is gone, anyone's after a day. */
 function removeLeftovers(basefsDir: string, diId: number): void {
@@ -300,7 +382,12 @@ function removeLeftovers(basefsDir: string, diId: number): void {
   }
 }
 
-function existing(basefsDir: string, diId: number, image: string, expected: string | null): PreparedKvmImage | undefined {
+function existing(
+  basefsDir: string,
+  diId: number,
+  image: string,
+  expected: string | null,
+): PreparedKvmImage | undefined {
   const basefs = join(basefsDir, String(diId));
   if (!basefsExists(basefs)) return undefined;
   let meta: KvmMeta | undefined;
@@ -320,9 +407,13 @@ function existing(basefsDir: string, diId: number, image: string, expected: stri
     }
   }
   if (meta?.kind !== "kvm" || !existsSync(kernel) || !existsSync(initrd))
-    throw new ImageError(`${basefs} does not hold a prepared KVM image (${meta && meta.kind !== "kvm" ? "it is an unpacked LXC image" : "no record, kernel or initramfs"}); remove it while no desktop uses it to prepare the image again`);
+    throw new ImageError(
+      `${basefs} does not hold a prepared KVM image (${meta && meta.kind !== "kvm" ? "it is an unpacked LXC image" : "no record, kernel or initramfs"}); remove it while no desktop uses it to prepare the image again`,
+    );
   if (expected && meta.sha256 !== expected)
-    throw new ImageError(`${basefs} was prepared from another file (sha256 ${meta.sha256}, expected ${expected}); remove it while no desktop uses it to prepare the image again`);
+    throw new ImageError(
+      `${basefs} was prepared from another file (sha256 ${meta.sha256}, expected ${expected}); remove it while no desktop uses it to prepare the image again`,
+    );
   return { image, kernel, initrd, skipped: true };
 }
 
@@ -336,17 +427,19 @@ export async function prepareKvmImage(o: PrepareKvmOptions): Promise<PreparedKvm
   if (!Number.isSafeInteger(diId) || diId < 0) throw new ImageError(`invalid image id ${diId}`);
   if (!isAbsolute(image)) throw new ImageError(`${image}: an image path must be absolute`);
   const expected = o.sha256?.toLowerCase() ?? null;
-  if (expected !== null && !/^[0-9a-f]{64}$/.test(expected)) throw new ImageError(`invalid expected sha256 for ${image}: ${o.sha256}`);
+  if (expected !== null && !/^[0-9a-f]{64}$/.test(expected))
+    throw new ImageError(`invalid expected sha256 for ${image}: ${o.sha256}`);
   mkdirSync(basefsDir, { recursive: true });
   const done = existing(basefsDir, diId, image, expected);
   if (done) return done;
 
-  const lock = o.lock === false
-    ? { release: () => {}, locked: false }
-    : await lockFile(join(basefsDir, `.lock-${diId}`), o.signal, () => {
-        log.info("waiting for another preparation of this image", { image, di: diId });
-        o.onProgress?.({ phase: "wait" });
-      });
+  const lock =
+    o.lock === false
+      ? { release: () => {}, locked: false }
+      : await lockFile(join(basefsDir, `.lock-${diId}`), o.signal, () => {
+          log.info("waiting for another preparation of this image", { image, di: diId });
+          o.onProgress?.({ phase: "wait" });
+        });
   const tmp = tmpName(basefsDir, diId);
   try {
     const again = existing(basefsDir, diId, image, expected);
@@ -358,31 +451,43 @@ export async function prepareKvmImage(o: PrepareKvmOptions): Promise<PreparedKvm
     try {
       st = statSync(image);
     } catch (err) {
-      throw new ImageError(`${image}: cannot read image: ${(err as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (err as Error).message}`);
+      throw new ImageError(
+        `${image}: cannot read image: ${(err as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (err as Error).message}`,
+      );
     }
     if (!isQcow2(image)) await inspectQcow2(image, { qemuImg: o.qemuImg }); // says what it is instead
     const sha256 = await sha256File(image);
-    if (expected !== null && sha256 !== expected) throw new ImageError(`${image}: checksum mismatch: sha256 is ${sha256}, expected ${expected}; nothing was prepared`);
+    if (expected !== null && sha256 !== expected)
+      throw new ImageError(
+        `${image}: checksum mismatch: sha256 is ${sha256}, expected ${expected}; nothing was prepared`,
+      );
     const { virtualSize, allocatedBytes } = await inspectQcow2(image, { qemuImg: o.qemuImg });
     // The raw copy holds at most the allocated clusters (zeros stay holes); compressed clusters
     // may inflate far beyond the file's size: never fill the shared storage with them.
     const fsInfo = statfsSync(basefsDir);
     const free = Number(fsInfo.bavail) * Number(fsInfo.bsize);
     if (allocatedBytes + 256 * 1024 * 1024 > free)
-      throw new ImageError(`${image}: its disk holds ${Math.ceil(allocatedBytes / 1048576)} MiB of data; reading its kernel needs that much free space beside ${basefsDir} (${Math.floor(free / 1048576)} MiB free)`);
+      throw new ImageError(
+        `${image}: its disk holds ${Math.ceil(allocatedBytes / 1048576)} MiB of data; reading its kernel needs that much free space beside ${basefsDir} (${Math.floor(free / 1048576)} MiB free)`,
+      );
 
     mkdirSync(tmp, { mode: 0o755 });
     const raw = join(tmp, "disk.raw");
     o.onProgress?.({ phase: "convert" });
     try {
       // Sparse: only the filesystem's used blocks are written.
-      await run(unprivileged([o.qemuImg ?? "qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", image, raw]), { env: { LC_ALL: "C" } });
+      await run(unprivileged([o.qemuImg ?? "qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", image, raw]), {
+        env: { LC_ALL: "C" },
+      });
     } catch (err) {
       throw new ImageError(`${image}: cannot read the qcow2: ${lastLines(err)}`);
     }
     o.onProgress?.({ phase: "extract" });
     const probe = await debugfs(raw, "stats");
-    if (probe.errors.length) throw new ImageError(`${image}: the disk does not hold an ext4 filesystem on the whole disk (${probe.errors.slice(0, 2).join(" / ")}); qvd di build --kvm makes such an image`);
+    if (probe.errors.length)
+      throw new ImageError(
+        `${image}: the disk does not hold an ext4 filesystem on the whole disk (${probe.errors.slice(0, 2).join(" / ")}); qvd di build --kvm makes such an image`,
+      );
     const named = async <T>(p: Promise<T>): Promise<T> => {
       try {
         return await p;
@@ -395,14 +500,24 @@ export async function prepareKvmImage(o: PrepareKvmOptions): Promise<PreparedKvm
     await named(dumpFile(raw, kernelIn, tmp, "vmlinuz"));
     await named(dumpFile(raw, initrdIn, tmp, "initrd.img"));
     rmSync(raw, { force: true });
-    if (!isBzImage(join(tmp, "vmlinuz"))) throw new ImageError(`${image}: /vmlinuz (${kernelIn.path}) is not a Linux kernel (no bzImage header)`);
+    if (!isBzImage(join(tmp, "vmlinuz")))
+      throw new ImageError(`${image}: /vmlinuz (${kernelIn.path}) is not a Linux kernel (no bzImage header)`);
     const after = statSync(image);
-    if (after.size !== st.size || after.mtimeMs !== st.mtimeMs) throw new ImageError(`${image} changed while it was being prepared; try again`);
+    if (after.size !== st.size || after.mtimeMs !== st.mtimeMs)
+      throw new ImageError(`${image} changed while it was being prepared; try again`);
 
     const basefs = join(basefsDir, String(diId));
     const meta: KvmMeta = {
-      kind: "kvm", di_id: diId, image, sha256, bytes: st.size, virtual_size: virtualSize, kernel: kernelIn.path, initrd: initrdIn.path,
-      prepared_at: new Date().toISOString(), host: hostname(),
+      kind: "kvm",
+      di_id: diId,
+      image,
+      sha256,
+      bytes: st.size,
+      virtual_size: virtualSize,
+      kernel: kernelIn.path,
+      initrd: initrdIn.path,
+      prepared_at: new Date().toISOString(),
+      host: hostname(),
     };
     writeFileSync(`${tmp}.meta`, JSON.stringify(meta, null, 1) + "\n");
     try {
@@ -419,7 +534,13 @@ export async function prepareKvmImage(o: PrepareKvmOptions): Promise<PreparedKvm
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
     }
-    log.info("KVM image prepared", { image, basefs, kernel: kernelIn.path, initrd: initrdIn.path, seconds: ((Date.now() - started) / 1000).toFixed(1) });
+    log.info("KVM image prepared", {
+      image,
+      basefs,
+      kernel: kernelIn.path,
+      initrd: initrdIn.path,
+      seconds: ((Date.now() - started) / 1000).toFixed(1),
+    });
     return { image, kernel: join(basefs, "vmlinuz"), initrd: join(basefs, "initrd.img"), skipped: false };
   } finally {
     rmSync(tmp, { recursive: true, force: true });

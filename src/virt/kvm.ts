@@ -22,7 +22,18 @@
 // (-sandbox: no obsolete syscalls, no set*id, no exec, no scheduler/resource changes). The
 // network is the LXC desktops': a tap `qvd<id>` on the node's bridge as an isolated port, with
 // the same anti-spoofing chain (network.ts).
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { spawn } from "node:child_process";
 import { connect } from "node:net";
 import { join, resolve } from "node:path";
@@ -110,7 +121,8 @@ export class KvmBackend implements Backend {
 
   async prepare(spec: VmSpec): Promise<void> {
     if (spec.hypervisor !== "kvm") throw new UserError(`VM ${spec.vmId} is a ${spec.hypervisor} desktop, not kvm`);
-    if (!spec.image.kernel || !spec.image.initrd) throw new UserError(`image ${spec.image.diId} has no kernel to boot (not prepared for KVM)`);
+    if (!spec.image.kernel || !spec.image.initrd)
+      throw new UserError(`image ${spec.image.diId} has no kernel to boot (not prepared for KVM)`);
     const dir = this.vmDir(spec.vmId);
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     mkdirSync(join(this.o.kvmPath, "logs"), { recursive: true, mode: 0o700 });
@@ -123,8 +135,12 @@ export class KvmBackend implements Backend {
     mkdirSync(ovDir, { recursive: true, mode: 0o700 });
     if (!persistent || !existsSync(overlay)) {
       rmSync(overlay, { force: true });
-      const r = await run([this.qemuImg, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", spec.image.path, `${overlay}.tmp`], { allowFail: true });
-      if (r.status !== 0) throw qemuError(`cannot make the root disk of VM ${spec.vmId} over ${spec.image.path}`, r.stderr);
+      const r = await run(
+        [this.qemuImg, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", spec.image.path, `${overlay}.tmp`],
+        { allowFail: true },
+      );
+      if (r.status !== 0)
+        throw qemuError(`cannot make the root disk of VM ${spec.vmId} over ${spec.image.path}`, r.stderr);
       renameSync(`${overlay}.tmp`, overlay);
     } else {
       await this.checkOwnDisk(overlay, spec.image.path);
@@ -142,7 +158,13 @@ export class KvmBackend implements Backend {
       // The poweroff method ends the session and the VMA; the power-off itself is the ACPI
       // button that stop() presses through QMP (systemd-logind in the guest powers off).
       settings: spec.vma.settings ?? {},
-      kvm: { ip: spec.network.ip, prefix: spec.network.prefix, gateway: spec.network.gateway, mac: spec.network.mac, home: spec.home.sizeMb > 0 },
+      kvm: {
+        ip: spec.network.ip,
+        prefix: spec.network.prefix,
+        gateway: spec.network.gateway,
+        mac: spec.network.mac,
+        home: spec.home.sizeMb > 0,
+      },
     };
     writeFileSync(join(dir, "vma.json"), JSON.stringify(guest), { mode: 0o600 });
     await this.binaryDisk(spec.qvdBinary);
@@ -166,9 +188,14 @@ export class KvmBackend implements Backend {
       info = JSON.parse(r.stdout);
     } catch {}
     if (r.status !== 0 || info["backing-filename"] !== backing) {
-      log.warn("the persistent root disk is not an overlay of this image: made anew", { file, backing: info["backing-filename"] ?? null });
+      log.warn("the persistent root disk is not an overlay of this image: made anew", {
+        file,
+        backing: info["backing-filename"] ?? null,
+      });
       rmSync(file, { force: true });
-      const c = await run([this.qemuImg, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing, file], { allowFail: true });
+      const c = await run([this.qemuImg, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing, file], {
+        allowFail: true,
+      });
       if (c.status !== 0) throw qemuError("cannot make the root disk", c.stderr);
     }
   }
@@ -178,7 +205,9 @@ export class KvmBackend implements Backend {
     const dir = join(file, "..");
     mkdirSync(dir, { recursive: true, mode: 0o710 });
     if (!existsSync(file)) {
-      const r = await run([this.qemuImg, "create", "-q", "-f", "qcow2", `${file}.tmp`, `${sizeMb}M`], { allowFail: true });
+      const r = await run([this.qemuImg, "create", "-q", "-f", "qcow2", `${file}.tmp`, `${sizeMb}M`], {
+        allowFail: true,
+      });
       if (r.status !== 0) throw qemuError(`cannot make the home disk ${file}`, r.stderr);
       renameSync(`${file}.tmp`, file);
       log.info("home disk made", { file, size_mb: sizeMb });
@@ -186,9 +215,11 @@ export class KvmBackend implements Backend {
     }
     // The guest writes only the disk's data: the header (backing file, data file) is ours. One
     // that has either was not made here and is not opened.
-    const { virtualSize } = await inspectQcow2(resolve(file), { qemuImg: this.qemuImg, check: false }).catch((e: Error) => {
-      throw new UserError(`the home disk cannot be used: ${e.message}`);
-    });
+    const { virtualSize } = await inspectQcow2(resolve(file), { qemuImg: this.qemuImg, check: false }).catch(
+      (e: Error) => {
+        throw new UserError(`the home disk cannot be used: ${e.message}`);
+      },
+    );
     if (virtualSize < sizeMb * 1024 * 1024) {
       const g = await run([this.qemuImg, "resize", "-q", "-f", "qcow2", file, `${sizeMb}M`], { allowFail: true });
       if (g.status !== 0) log.warn("cannot grow the home disk", { file, error: g.stderr.trim() });
@@ -199,7 +230,10 @@ export class KvmBackend implements Backend {
   /** The read-only disk holding the qvd binary, made once per binary (size, mtime, inode). */
   async binaryDisk(qvdBinary: string): Promise<string> {
     const st = statSync(qvdBinary);
-    const digest = new Bun.CryptoHasher("sha256").update(`${qvdBinary}:${st.size}:${st.mtimeMs}:${st.ino}`).digest("hex").slice(0, 16);
+    const digest = new Bun.CryptoHasher("sha256")
+      .update(`${qvdBinary}:${st.size}:${st.mtimeMs}:${st.ino}`)
+      .digest("hex")
+      .slice(0, 16);
     const binDir = join(this.o.kvmPath, "bin");
     const img = join(binDir, `qvd-${digest}.img`);
     if (existsSync(img)) return img;
@@ -214,14 +248,18 @@ export class KvmBackend implements Backend {
       closeSync(openSync(tmp, "w"));
       await run(["truncate", "-s", `${sizeMb}M`, tmp]);
       // root:root 0755 inside: the guest's users may run it, not change it (and the disk is read-only).
-      const r = await run(["mkfs.ext4", "-q", "-F", "-L", "qvd-bin", "-E", "root_owner=0:0", "-d", stage, tmp], { allowFail: true });
+      const r = await run(["mkfs.ext4", "-q", "-F", "-L", "qvd-bin", "-E", "root_owner=0:0", "-d", stage, tmp], {
+        allowFail: true,
+      });
       if (r.status !== 0) throw qemuError("cannot make the qvd binary disk", r.stderr);
       renameSync(tmp, img);
     } finally {
       rmSync(stage, { recursive: true, force: true });
     }
     // Older binaries' disks: no VM starts on them any more (running QEMUs keep theirs open).
-    for (const n of readdirSync(binDir)) if (n.startsWith("qvd-") && join(binDir, n) !== img && n.endsWith(".img")) rmSync(join(binDir, n), { force: true });
+    for (const n of readdirSync(binDir))
+      if (n.startsWith("qvd-") && join(binDir, n) !== img && n.endsWith(".img"))
+        rmSync(join(binDir, n), { force: true });
     return img;
   }
 
@@ -234,37 +272,69 @@ export class KvmBackend implements Backend {
     const accel = this.o.accel;
     const args = [
       this.qemu,
-      "-name", `${this.name(id)},process=${this.name(id)}`,
-      "-machine", this.o.machine ?? "q35",
+      "-name",
+      `${this.name(id)},process=${this.name(id)}`,
+      "-machine",
+      this.o.machine ?? "q35",
       // tcg: a 128 MiB cache of translated code instead of QEMU's 1 GiB default, which made
       // most of an idle desktop's memory (bench/vm-start.ts: 470 of 887 MiB).
-      "-accel", accel === "tcg" ? "tcg,tb-size=128" : "kvm",
+      "-accel",
+      accel === "tcg" ? "tcg,tb-size=128" : "kvm",
       // tcg: every feature QEMU emulates (the qvd binary needs more than qemu64, e.g. SSE4.2).
-      "-cpu", accel === "kvm" ? "host" : "max",
-      "-m", String(spec.memoryMb),
-      "-smp", String(Math.max(1, spec.vcpus)),
-      "-nodefaults", "-no-user-config", "-display", "none",
-      "-kernel", spec.image.kernel!, "-initrd", spec.image.initrd!,
-      "-append", `root=/dev/vda rw ${this.o.cmdline ?? "console=ttyS0 quiet"}`.trim(),
-      "-drive", `file=${overlay},format=qcow2,if=none,id=root,discard=unmap`,
-      "-device", "virtio-blk-pci,drive=root,serial=qvd-root",
-      "-drive", `file=${await this.binaryDisk(spec.qvdBinary)},format=raw,if=none,id=bin,readonly=on`,
-      "-device", "virtio-blk-pci,drive=bin,serial=qvd-bin",
-      "-netdev", `tap,id=net0,ifname=${vethName(id)},script=no,downscript=no`,
-      "-device", `virtio-net-pci,netdev=net0,mac=${spec.network.mac}`,
-      "-device", "virtio-rng-pci",
-      "-fw_cfg", `name=${FW_CFG_NAME},file=${join(dir, "vma.json")}`,
-      "-chardev", `file,id=console,path=${this.consoleLog(id)}`,
-      "-serial", "chardev:console",
-      "-qmp", `unix:${this.qmpPath(id)},server=on,wait=off`,
-      "-pidfile", this.pidFile(id),
+      "-cpu",
+      accel === "kvm" ? "host" : "max",
+      "-m",
+      String(spec.memoryMb),
+      "-smp",
+      String(Math.max(1, spec.vcpus)),
+      "-nodefaults",
+      "-no-user-config",
+      "-display",
+      "none",
+      "-kernel",
+      spec.image.kernel!,
+      "-initrd",
+      spec.image.initrd!,
+      "-append",
+      `root=/dev/vda rw ${this.o.cmdline ?? "console=ttyS0 quiet"}`.trim(),
+      "-drive",
+      `file=${overlay},format=qcow2,if=none,id=root,discard=unmap`,
+      "-device",
+      "virtio-blk-pci,drive=root,serial=qvd-root",
+      "-drive",
+      `file=${await this.binaryDisk(spec.qvdBinary)},format=raw,if=none,id=bin,readonly=on`,
+      "-device",
+      "virtio-blk-pci,drive=bin,serial=qvd-bin",
+      "-netdev",
+      `tap,id=net0,ifname=${vethName(id)},script=no,downscript=no`,
+      "-device",
+      `virtio-net-pci,netdev=net0,mac=${spec.network.mac}`,
+      "-device",
+      "virtio-rng-pci",
+      "-fw_cfg",
+      `name=${FW_CFG_NAME},file=${join(dir, "vma.json")}`,
+      "-chardev",
+      `file,id=console,path=${this.consoleLog(id)}`,
+      "-serial",
+      "chardev:console",
+      "-qmp",
+      `unix:${this.qmpPath(id)},server=on,wait=off`,
+      "-pidfile",
+      this.pidFile(id),
       // After -runas QEMU holds no capability (set*id cannot bring them back, so that part of the
       // sandbox stays allowed: QEMU needs it to drop); no fork or exec, no scheduler changes.
-      "-runas", `${uid}:${uid}`,
-      "-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
+      "-runas",
+      `${uid}:${uid}`,
+      "-sandbox",
+      "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
     ];
     if (spec.home.sizeMb > 0)
-      args.push("-drive", `file=${spec.home.hostPath},format=qcow2,if=none,id=home,discard=unmap`, "-device", "virtio-blk-pci,drive=home,serial=qvd-home");
+      args.push(
+        "-drive",
+        `file=${spec.home.hostPath},format=qcow2,if=none,id=home,discard=unmap`,
+        "-device",
+        "virtio-blk-pci,drive=home,serial=qvd-home",
+      );
     args.push(...(this.o.extraArgs ?? []));
     return args;
   }
@@ -296,7 +366,9 @@ export class KvmBackend implements Backend {
       if (exited !== null) throw failed();
       const pid = this.pid(id);
       if (pid) {
-        const st = (await this.qmp(id, "query-status", undefined, 2000).catch(() => undefined)) as { status?: string } | undefined;
+        const st = (await this.qmp(id, "query-status", undefined, 2000).catch(() => undefined)) as
+          | { status?: string }
+          | undefined;
         if (st?.status === "running") {
           log.info("vm started", { vm: id, pid, accel: this.o.accel });
           return { pid };
@@ -304,7 +376,9 @@ export class KvmBackend implements Backend {
       }
       if (Date.now() > deadline) {
         if (pid) await this.kill(id).catch(() => {});
-        throw new UserError(`QEMU did not report VM ${id} running within ${Math.round((this.o.startTimeoutMs ?? 60_000) / 1000)} s`);
+        throw new UserError(
+          `QEMU did not report VM ${id} running within ${Math.round((this.o.startTimeoutMs ?? 60_000) / 1000)} s`,
+        );
       }
       await Bun.sleep(100);
     }
@@ -388,9 +462,15 @@ export class KvmBackend implements Backend {
     if (!pid) return true;
     // ACPI power button: the guest's systemd (logind) powers off.
     const t0 = Date.now();
-    await this.qmp(vmId, "system_powerdown").catch((e) => log.debug("system_powerdown failed", { vm: vmId, error: (e as Error).message }));
+    await this.qmp(vmId, "system_powerdown").catch((e) =>
+      log.debug("system_powerdown failed", { vm: vmId, error: (e as Error).message }),
+    );
     const down = await this.waitGone(pid, timeoutMs);
-    if (down) log.info("vm powered off (ACPI power button through QMP)", { vm: vmId, seconds: ((Date.now() - t0) / 1000).toFixed(1) });
+    if (down)
+      log.info("vm powered off (ACPI power button through QMP)", {
+        vm: vmId,
+        seconds: ((Date.now() - t0) / 1000).toFixed(1),
+      });
     return down;
   }
 
@@ -443,7 +523,8 @@ export class KvmBackend implements Backend {
     await this.o.network.removeVm(vmId);
     // The root disk: kept when persistent, when another node runs the VM over it now, and when
     // there is no record (the next prepare discards it unless that start is persistent).
-    if (!opts.keepStorage && state && !state.persistent) rmSync(this.overlayDir(vmId), { recursive: true, force: true });
+    if (!opts.keepStorage && state && !state.persistent)
+      rmSync(this.overlayDir(vmId), { recursive: true, force: true });
     rmSync(dir, { recursive: true, force: true });
   }
 }

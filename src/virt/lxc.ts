@@ -27,7 +27,21 @@
 // command socket is an abstract unix socket that belongs to the network namespace that started
 // the container. LXC is not told the bridge (lxc.net.0.link): with nsenter, /sys/class/net is
 // the machine's and LXC would not find the bridge there. Our script.up attaches the veth.
-import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync, chmodSync, chownSync, lchownSync, statSync } from "node:fs";
+import {
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  rmdirSync,
+  rmSync,
+  writeFileSync,
+  chmodSync,
+  chownSync,
+  lchownSync,
+  statSync,
+} from "node:fs";
 import { dirname, join, relative } from "node:path";
 import type { Backend, BackendState, VmSpec } from "./backend.ts";
 import { type NodeNetwork, nodeNetworkFromConfig, vethName } from "./network.ts";
@@ -135,11 +149,18 @@ export const DEFAULT_IDMAP: IdMap = { base: 100000, size: 65536 };
 /** vm.lxc.idmap.*, checked: ids shifted once must never look unshifted (base ≥ size). */
 export function idmapFromConfig(cfg: Config): IdMap {
   const m = { base: cfg.get("vm.lxc.idmap.base"), size: cfg.get("vm.lxc.idmap.size") };
-  if (m.base < m.size) throw new ConfigError(`vm.lxc.idmap.base (${m.base}) must be at least vm.lxc.idmap.size (${m.size}): shifted and unshifted ids must not overlap`);
-  if (m.base + m.size > 0xffffffff) throw new ConfigError("vm.lxc.idmap.base + vm.lxc.idmap.size exceeds the largest uid");
+  if (m.base < m.size)
+    throw new ConfigError(
+      `vm.lxc.idmap.base (${m.base}) must be at least vm.lxc.idmap.size (${m.size}): shifted and unshifted ids must not overlap`,
+    );
+  if (m.base + m.size > 0xffffffff)
+    throw new ConfigError("vm.lxc.idmap.base + vm.lxc.idmap.size exceeds the largest uid");
   // A desktop user's uid or gid outside the map cannot own anything in the container.
   for (const k of ["identity.uid.max", "identity.gid.max"] as const)
-    if (cfg.get(k) >= m.size) log.warn(`${k} (${cfg.get(k)}) is not below vm.lxc.idmap.size (${m.size}): desktop users with such ids cannot be provisioned`);
+    if (cfg.get(k) >= m.size)
+      log.warn(
+        `${k} (${cfg.get(k)}) is not below vm.lxc.idmap.size (${m.size}): desktop users with such ids cannot be provisioned`,
+      );
   return m;
 }
 
@@ -193,7 +214,21 @@ const PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 // Character devices a desktop may use: null, zero, full, random, urandom, tty, console, ptmx,
 // pts, fuse, tun. Any device may be created (mknod), but only these opened.
-const DEVICES = ["c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:229 rwm", "c 10:200 rwm"];
+const DEVICES = [
+  "c *:* m",
+  "b *:* m",
+  "c 1:3 rwm",
+  "c 1:5 rwm",
+  "c 1:7 rwm",
+  "c 1:8 rwm",
+  "c 1:9 rwm",
+  "c 5:0 rwm",
+  "c 5:1 rwm",
+  "c 5:2 rwm",
+  "c 136:* rwm",
+  "c 10:229 rwm",
+  "c 10:200 rwm",
+];
 
 // Capabilities the container keeps (all others leave the bounding set): what the VMA needs to
 // provision the user and run the session as that user (chown, dac_override, fowner, fsetid,
@@ -202,7 +237,18 @@ const DEVICES = ["c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c
 // sys_admin (mounts), sys_module, sys_rawio, sys_time, sys_ptrace, net_admin, net_raw, mknod,
 // syslog, mac_*, audit_*, setfcap, setpcap, dac_read_search. These are capabilities over the
 // container's user namespace only; the node's kernel grants none of them towards itself.
-export const CAPS = ["chown", "dac_override", "fowner", "fsetid", "kill", "setgid", "setuid", "sys_chroot", "sys_boot", "net_bind_service"];
+export const CAPS = [
+  "chown",
+  "dac_override",
+  "fowner",
+  "fsetid",
+  "kill",
+  "setgid",
+  "setuid",
+  "sys_chroot",
+  "sys_boot",
+  "net_bind_service",
+];
 
 // Syscalls no desktop needs and that reach kernel state shared with the node (LXC's
 // common.seccomp, plus keyrings, BPF, perf, userfaultfd, io_uring, swap, accounting, quotas and
@@ -210,11 +256,34 @@ export const CAPS = ["chown", "dac_override", "fowner", "fsetid", "kill", "setgi
 // and a nested namespace holds capabilities only over its own objects. mount() needs
 // CAP_SYS_ADMIN in the caller's namespace, which container root does not have.
 export const SECCOMP_DENY = [
-  "kexec_load", "kexec_file_load", "open_by_handle_at", "name_to_handle_at", "init_module", "finit_module", "delete_module",
-  "keyctl", "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
-  "swapon", "swapoff", "acct", "quotactl", "lookup_dcookie", "ioperm", "iopl", "syslog",
+  "kexec_load",
+  "kexec_file_load",
+  "open_by_handle_at",
+  "name_to_handle_at",
+  "init_module",
+  "finit_module",
+  "delete_module",
+  "keyctl",
+  "add_key",
+  "request_key",
+  "bpf",
+  "perf_event_open",
+  "userfaultfd",
+  "io_uring_setup",
+  "io_uring_enter",
+  "io_uring_register",
+  "swapon",
+  "swapoff",
+  "acct",
+  "quotactl",
+  "lookup_dcookie",
+  "ioperm",
+  "iopl",
+  "syslog",
 ];
-const SECCOMP = ["2", "denylist", "reject_force_umount", "[all]", ...SECCOMP_DENY.map((s) => `${s} errno 1`), ""].join("\n");
+const SECCOMP = ["2", "denylist", "reject_force_umount", "[all]", ...SECCOMP_DENY.map((s) => `${s} errno 1`), ""].join(
+  "\n",
+);
 
 let apparmorNoted = false;
 
@@ -256,9 +325,14 @@ export interface RenderContext {
 /** The LXC 5 configuration of one container. */
 export function renderConfig(spec: VmSpec, c: RenderContext): string {
   const n = spec.network;
-  for (const [what, p] of [["image", spec.image.path], ["upper dir", c.upperDir]] as const)
-    if (p.includes(":")) throw new UserError(`the ${what} path ${p} contains ":", which LXC's overlay rootfs cannot take`);
-  if (!/^[\w.-]+$/.test(spec.home.user)) throw new UserError(`user name "${spec.home.user}" cannot be a home directory name`);
+  for (const [what, p] of [
+    ["image", spec.image.path],
+    ["upper dir", c.upperDir],
+  ] as const)
+    if (p.includes(":"))
+      throw new UserError(`the ${what} path ${p} contains ":", which LXC's overlay rootfs cannot take`);
+  if (!/^[\w.-]+$/.test(spec.home.user))
+    throw new UserError(`user name "${spec.home.user}" cannot be a home directory name`);
   const memBytes = spec.memoryMb * 1024 * 1024;
   const L: string[] = [
     "# Generated by qvd for this start of the desktop; do not edit (rewritten at every start).",
@@ -381,11 +455,16 @@ export class LxcBackend implements Backend {
   }
 
   async prepare(spec: VmSpec): Promise<void> {
-    if (spec.name !== this.name(spec.vmId)) throw new UserError(`container name ${spec.name} must be ${this.name(spec.vmId)}`);
-    if (!existsSync(spec.image.path)) throw new UserError(`the disk image's root filesystem ${spec.image.path} does not exist`);
+    if (spec.name !== this.name(spec.vmId))
+      throw new UserError(`container name ${spec.name} must be ${this.name(spec.vmId)}`);
+    if (!existsSync(spec.image.path))
+      throw new UserError(`the disk image's root filesystem ${spec.image.path} does not exist`);
     if (!existsSync(spec.qvdBinary)) throw new UserError(`the qvd binary ${spec.qvdBinary} does not exist`);
     // LXC bind-mounts it as the container's (unprivileged) root, and the guest runs it as such.
-    if ((statSync(spec.qvdBinary).mode & 0o005) !== 0o005) throw new UserError(`the qvd binary ${spec.qvdBinary} must be readable and executable by others (mode o+rx): desktops run it as an unprivileged node uid`);
+    if ((statSync(spec.qvdBinary).mode & 0o005) !== 0o005)
+      throw new UserError(
+        `the qvd binary ${spec.qvdBinary} must be readable and executable by others (mode o+rx): desktops run it as an unprivileged node uid`,
+      );
     const m = this.idmap;
     const vmDir = this.vmDir(spec.vmId);
     // LXC checks that the mapped root can cross the container path (not list it).
@@ -421,7 +500,17 @@ export class LxcBackend implements Backend {
     const state: VmState = { persistent: spec.overlay.persistent, overlay: spec.overlay.enabled };
     writeFileSync(join(vmDir, "state.json"), JSON.stringify(state) + "\n");
     // Readable by the guest's root only (owner: the mapped root, mode 0400).
-    writeSecret(join(vmDir, "vma.json"), JSON.stringify({ vm_id: spec.vmId, secret: spec.vma.secret, node_address: spec.network.gateway, port: spec.vma.port, settings: spec.vma.settings ?? {} }) + "\n", m.base);
+    writeSecret(
+      join(vmDir, "vma.json"),
+      JSON.stringify({
+        vm_id: spec.vmId,
+        secret: spec.vma.secret,
+        node_address: spec.network.gateway,
+        port: spec.vma.port,
+        settings: spec.vma.settings ?? {},
+      }) + "\n",
+      m.base,
+    );
     writeFileSync(join(vmDir, "net-up"), this.net.attachScript(), { mode: 0o700 });
     writeFileSync(join(vmDir, "seccomp"), SECCOMP);
     fuseForDesktops();
@@ -441,7 +530,8 @@ export class LxcBackend implements Backend {
       idmap: m,
     });
     writeFileSync(join(vmDir, "config"), config);
-    if (this.cgroups.memory === null) log.warn("no memory cgroup controller found: the desktop's memory is not limited", { vm: spec.vmId });
+    if (this.cgroups.memory === null)
+      log.warn("no memory cgroup controller found: the desktop's memory is not limited", { vm: spec.vmId });
     await this.net.addVm({ vmId: spec.vmId, ifname: vethName(spec.vmId), ip: spec.network.ip, mac: spec.network.mac });
   }
 
@@ -450,7 +540,9 @@ export class LxcBackend implements Backend {
     if (apparmorEnabled()) return "generated";
     if (!apparmorNoted) {
       apparmorNoted = true;
-      log.info("AppArmor is not enabled on this node: desktops are confined by their user namespace, capabilities and seccomp only");
+      log.info(
+        "AppArmor is not enabled on this node: desktops are confined by their user namespace, capabilities and seccomp only",
+      );
     }
     return "unconfined";
   }
@@ -471,7 +563,12 @@ export class LxcBackend implements Backend {
     if (st.uid < m.size) {
       const t0 = performance.now();
       const n = shiftTree(dir, m);
-      log.info(`shifted the ${what} into the desktops' id range`, { vm: vmId, dir, entries: n, ms: Math.round(performance.now() - t0) });
+      log.info(`shifted the ${what} into the desktops' id range`, {
+        vm: vmId,
+        dir,
+        entries: n,
+        ms: Math.round(performance.now() - t0),
+      });
     }
   }
 
@@ -495,9 +592,13 @@ export class LxcBackend implements Backend {
   private failureReason(vmId: number, err: unknown): string {
     let lines: string[] = [];
     try {
-      lines = readFileSync(this.logFile(vmId), "utf8").split("\n").filter((l) => / ERROR /.test(l));
+      lines = readFileSync(this.logFile(vmId), "utf8")
+        .split("\n")
+        .filter((l) => / ERROR /.test(l));
     } catch {}
-    const clean = lines.map((l) => l.replace(/^.*? ERROR\s+\S+ - \S+ - /, "")).filter((l) => !/Failed to (spawn|receive)|instead of "RUNNING"/.test(l));
+    const clean = lines
+      .map((l) => l.replace(/^.*? ERROR\s+\S+ - \S+ - /, ""))
+      .filter((l) => !/Failed to (spawn|receive)|instead of "RUNNING"/.test(l));
     if (clean.length) return clean.slice(-3).join(" / ");
     return err instanceof CommandError ? err.message : String(err);
   }
@@ -513,7 +614,10 @@ export class LxcBackend implements Backend {
     if ((await this.status(vmId)) === "stopped") return true;
     // lxc.signal.halt (SIGTERM for the VMA) to init; --nokill: report failure instead of killing.
     const secs = Math.max(1, Math.ceil(timeoutMs / 1000));
-    await this.lxc("lxc-stop", vmId, ["--nokill", "-t", String(secs)], { allowFail: true, timeoutMs: timeoutMs + 10_000 });
+    await this.lxc("lxc-stop", vmId, ["--nokill", "-t", String(secs)], {
+      allowFail: true,
+      timeoutMs: timeoutMs + 10_000,
+    });
     return (await this.status(vmId)) === "stopped";
   }
 
@@ -521,7 +625,8 @@ export class LxcBackend implements Backend {
     if ((await this.status(vmId)) === "stopped") return;
     await this.lxc("lxc-stop", vmId, ["-k"], { allowFail: true, timeoutMs: 30_000 });
     await this.lxc("lxc-wait", vmId, ["-s", "STOPPED", "-t", "10"], { allowFail: true });
-    if ((await this.status(vmId)) !== "stopped") throw new UserError(`container ${this.name(vmId)} could not be killed`);
+    if ((await this.status(vmId)) !== "stopped")
+      throw new UserError(`container ${this.name(vmId)} could not be killed`);
   }
 
   async status(vmId: number): Promise<BackendState> {
@@ -569,7 +674,9 @@ export class LxcBackend implements Backend {
     } catch {}
     // Nothing is mounted on the node by this backend, but a crashed LXC of an older layout
     // (or an administrator) may have left mounts below the VM's directories.
-    await unmountBelow(opts.keepStorage ? [vmDir] : [vmDir, this.overlayDir(vmId)], (argv) => this.net.run(argv, { allowFail: true }));
+    await unmountBelow(opts.keepStorage ? [vmDir] : [vmDir, this.overlayDir(vmId)], (argv) =>
+      this.net.run(argv, { allowFail: true }),
+    );
     await this.net.removeVeth(vethName(vmId));
     // LXC removes its cgroups when the container ends, but not always after a failed start.
     removeEmptyCgroups(this.name(vmId));
@@ -615,7 +722,9 @@ export function removeEmptyCgroups(name: string): string[] {
   const rmTree = (dir: string) => {
     let entries: string[] = [];
     try {
-      entries = readdirSync(dir, { withFileTypes: true }).filter((e) => e.isDirectory()).map((e) => e.name);
+      entries = readdirSync(dir, { withFileTypes: true })
+        .filter((e) => e.isDirectory())
+        .map((e) => e.name);
     } catch {
       return;
     }

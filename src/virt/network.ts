@@ -135,7 +135,8 @@ export class NodeNetwork {
   async ensureBridge(): Promise<void> {
     const br = this.o.bridge;
     if (!(await this.bridgeExists())) {
-      if (!this.o.createBridge) throw new UserError(`the VM bridge ${br} does not exist (create it, or set vm.network.bridge.create)`);
+      if (!this.o.createBridge)
+        throw new UserError(`the VM bridge ${br} does not exist (create it, or set vm.network.bridge.create)`);
       log.info("creating the VM bridge", { bridge: br, address: `${this.o.gateway}/${this.prefix}` });
       // No STP and no forwarding delay: VM ports forward as soon as they join.
       await this.run(["ip", "link", "add", "name", br, "type", "bridge", "stp_state", "0", "forward_delay", "0"]);
@@ -242,7 +243,9 @@ export class NodeNetwork {
 
   async removeVm(vmId: number, ifname = vethName(vmId)): Promise<void> {
     if (!this.o.firewall) return;
-    await this.run(["nft", "delete", "element", "bridge", "qvd", "ports", `{ ${JSON.stringify(ifname)} }`], { allowFail: true });
+    await this.run(["nft", "delete", "element", "bridge", "qvd", "ports", `{ ${JSON.stringify(ifname)} }`], {
+      allowFail: true,
+    });
     await this.run(["nft", "delete", "chain", "bridge", "qvd", `vm${vmId}`], { allowFail: true });
   }
 

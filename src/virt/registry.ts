@@ -31,7 +31,11 @@ export interface DriverStatus {
 
 /** The backends vm.hypervisor asks for, in order, without repeats. */
 export function configuredHypervisors(cfg: Pick<Config, "get">): Hypervisor[] {
-  const kinds = cfg.get("vm.hypervisor").split(",").map((s) => s.trim()).filter(Boolean) as Hypervisor[];
+  const kinds = cfg
+    .get("vm.hypervisor")
+    .split(",")
+    .map((s) => s.trim())
+    .filter(Boolean) as Hypervisor[];
   return [...new Set(kinds)].filter((k) => (HYPERVISORS as readonly string[]).includes(k));
 }
 
@@ -39,7 +43,12 @@ const which = (prog: string) => Bun.which(prog, { PATH: `${process.env.PATH ?? "
 
 export async function probeLxc(): Promise<DriverStatus> {
   const missing = ["lxc-start", "lxc-stop", "lxc-info", "lxc-usernsexec", "nsenter", "nft"].filter((p) => !which(p));
-  if (missing.length) return { kind: "lxc", available: false, reason: `missing ${missing.join(", ")} (apt-get install lxc nftables util-linux)` };
+  if (missing.length)
+    return {
+      kind: "lxc",
+      available: false,
+      reason: `missing ${missing.join(", ")} (apt-get install lxc nftables util-linux)`,
+    };
   return { kind: "lxc", available: true, reason: "lxc tools found" };
 }
 
@@ -51,7 +60,30 @@ export async function probeLxc(): Promise<DriverStatus> {
 export async function kvmWorks(qemu: string, timeoutMs = 8000): Promise<{ ok: boolean; why: string }> {
   if (!existsSync("/dev/kvm")) return { ok: false, why: "/dev/kvm does not exist" };
   const out = join(tmpdir(), `qvd-kvm-probe-${process.pid}-${Date.now()}.log`);
-  const child = spawn(qemu, ["-accel", "kvm", "-machine", "pc", "-nodefaults", "-display", "none", "-no-reboot", "-m", "32", "-debugcon", `file:${out}`, "-global", "isa-debugcon.iobase=0x402", "-serial", "none", "-monitor", "none"], { stdio: ["ignore", "ignore", "pipe"] });
+  const child = spawn(
+    qemu,
+    [
+      "-accel",
+      "kvm",
+      "-machine",
+      "pc",
+      "-nodefaults",
+      "-display",
+      "none",
+      "-no-reboot",
+      "-m",
+      "32",
+      "-debugcon",
+      `file:${out}`,
+      "-global",
+      "isa-debugcon.iobase=0x402",
+      "-serial",
+      "none",
+      "-monitor",
+      "none",
+    ],
+    { stdio: ["ignore", "ignore", "pipe"] },
+  );
   let stderr = "";
   child.stderr!.on("data", (d) => (stderr += d.toString()));
   let exited = false;
@@ -72,21 +104,42 @@ export async function kvmWorks(qemu: string, timeoutMs = 8000): Promise<{ ok: bo
     rmSync(out, { force: true });
   }
   if (printed) return { ok: true, why: "a test VM ran under /dev/kvm" };
-  if (exited) return { ok: false, why: `QEMU could not use /dev/kvm: ${stderr.trim().split("\n").pop() ?? "it exited"}` };
-  return { ok: false, why: `a test VM under /dev/kvm ran no code within ${Math.round(timeoutMs / 1000)} s (KVM hangs here)` };
+  if (exited)
+    return { ok: false, why: `QEMU could not use /dev/kvm: ${stderr.trim().split("\n").pop() ?? "it exited"}` };
+  return {
+    ok: false,
+    why: `a test VM under /dev/kvm ran no code within ${Math.round(timeoutMs / 1000)} s (KVM hangs here)`,
+  };
 }
 
 export async function probeKvm(cfg: Pick<Config, "get">): Promise<DriverStatus> {
   const tools = [cfg.get("vm.kvm.qemu"), cfg.get("vm.kvm.qemu_img"), "mkfs.ext4", "ip", "bridge"];
   const missing = tools.filter((p) => !which(p));
-  if (missing.length) return { kind: "kvm", available: false, reason: `missing ${missing.join(", ")} (apt-get install qemu-system-x86 qemu-utils e2fsprogs iproute2)` };
-  if (!existsSync("/dev/net/tun")) return { kind: "kvm", available: false, reason: "/dev/net/tun is missing (the tun module): VMs get no network" };
+  if (missing.length)
+    return {
+      kind: "kvm",
+      available: false,
+      reason: `missing ${missing.join(", ")} (apt-get install qemu-system-x86 qemu-utils e2fsprogs iproute2)`,
+    };
+  if (!existsSync("/dev/net/tun"))
+    return { kind: "kvm", available: false, reason: "/dev/net/tun is missing (the tun module): VMs get no network" };
   const wanted = cfg.get("vm.kvm.accel");
-  if (wanted === "tcg") return { kind: "kvm", available: true, accel: "tcg", reason: "tcg (vm.kvm.accel = tcg): software emulation, several times slower than kvm" };
+  if (wanted === "tcg")
+    return {
+      kind: "kvm",
+      available: true,
+      accel: "tcg",
+      reason: "tcg (vm.kvm.accel = tcg): software emulation, several times slower than kvm",
+    };
   const probe = await kvmWorks(which(cfg.get("vm.kvm.qemu"))!);
   if (probe.ok) return { kind: "kvm", available: true, accel: "kvm", reason: `kvm: ${probe.why}` };
   if (wanted === "kvm") return { kind: "kvm", available: false, reason: `vm.kvm.accel = kvm, but ${probe.why}` };
-  return { kind: "kvm", available: true, accel: "tcg", reason: `tcg: ${probe.why} (vm.kvm.accel = auto falls back to software emulation, several times slower)` };
+  return {
+    kind: "kvm",
+    available: true,
+    accel: "tcg",
+    reason: `tcg: ${probe.why} (vm.kvm.accel = auto falls back to software emulation, several times slower)`,
+  };
 }
 
 /**
@@ -198,7 +251,10 @@ export async function nodeBackendsFromConfig(cfg: Config, opts: { netns?: string
   }
   const usable = statuses.filter((s) => s.available);
   const notes = statuses.map((s) => `${s.kind}: ${s.available ? s.reason : `unavailable: ${s.reason}`}`).join("; ");
-  if (!usable.length) throw new UserError(`no desktop backend can run on this node (vm.hypervisor = ${cfg.get("vm.hypervisor")}): ${notes}`);
+  if (!usable.length)
+    throw new UserError(
+      `no desktop backend can run on this node (vm.hypervisor = ${cfg.get("vm.hypervisor")}): ${notes}`,
+    );
   const network = nodeNetworkFromConfig(cfg, opts.netns);
   await network.setup();
   const backends = new Map<Hypervisor, Backend>();

@@ -102,7 +102,8 @@ export function audioService(opts: AudioServiceOptions): AudioService {
   const runtimeOf = opts.runtimeDir ?? ((uid: number) => `/run/user/${uid}`);
   const grace = opts.stopGraceMs ?? 3000;
   const latency = Math.round(opts.latencyMs ?? 60);
-  if (!(latency >= 10 && latency <= 2000)) throw new RangeError(`vma.audio.latency_msec must be 10…2000, not ${opts.latencyMs}`);
+  if (!(latency >= 10 && latency <= 2000))
+    throw new RangeError(`vma.audio.latency_msec must be 10…2000, not ${opts.latencyMs}`);
   const startTimeout = opts.startTimeoutMs ?? 10_000;
 
   /** Sound is on for the current x_start (media=1 was asked). */
@@ -134,7 +135,13 @@ export function audioService(opts: AudioServiceOptions): AudioService {
     await unloadTunnel(ctx);
     // Ours loaded one from its script: every tunnel of ours goes (a user's own PulseAudio keeps its own).
     if (daemon) await pactlRun(ctx, ["unload-module", "module-tunnel-sink-new"]);
-    const r = await pactlRun(ctx, ["load-module", "module-tunnel-sink-new", `sink_name=${TUNNEL_SINK}`, `server=${server}`, `reconnect_interval_ms=${RECONNECT_MS}`]);
+    const r = await pactlRun(ctx, [
+      "load-module",
+      "module-tunnel-sink-new",
+      `sink_name=${TUNNEL_SINK}`,
+      `server=${server}`,
+      `reconnect_interval_ms=${RECONNECT_MS}`,
+    ]);
     if (r.status !== 0) throw new Error(`pactl load-module: ${(r.stderr || r.stdout).trim().slice(0, 200)}`);
     loadedModule = r.stdout.trim();
     await makeDefault(ctx);
@@ -191,8 +198,21 @@ export function audioService(opts: AudioServiceOptions): AudioService {
     // setpriv --pdeathsig: PulseAudio ends with the VMA even when the VMA is killed outright
     // (its own process group and session keep it out of xinit's).
     const guard = Bun.which("setpriv") ? ["setpriv", "--pdeathsig", "TERM", "--"] : [];
-    const argv = [...guard, pulseaudio, "-n", "-F", cfg, "--fail=yes", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=yes",
-      "--realtime=no", "--high-priority=no", "--log-target=stderr", "--log-level=warning"];
+    const argv = [
+      ...guard,
+      pulseaudio,
+      "-n",
+      "-F",
+      cfg,
+      "--fail=yes",
+      "--daemonize=no",
+      "--exit-idle-time=-1",
+      "--use-pid-file=yes",
+      "--realtime=no",
+      "--high-priority=no",
+      "--log-target=stderr",
+      "--log-level=warning",
+    ];
     // PULSE_LATENCY_MSEC sizes the tunnel's stream on the client (the tunnel is a libpulse client
     // inside the daemon): it keeps that much audio queued, by default up to 200 ms.
     const env: Record<string, string> = { XDG_RUNTIME_DIR: runtime, PULSE_LATENCY_MSEC: String(latency) };

@@ -37,7 +37,10 @@ export function noticeText(hard: Date | null, now = new Date()): string {
   const lines = ["Your desktop has been updated."];
   if (hard) {
     const hhmm = `${pad(hard.getHours())}:${pad(hard.getMinutes())}`;
-    const sameDay = hard.getFullYear() === now.getFullYear() && hard.getMonth() === now.getMonth() && hard.getDate() === now.getDate();
+    const sameDay =
+      hard.getFullYear() === now.getFullYear() &&
+      hard.getMonth() === now.getMonth() &&
+      hard.getDate() === now.getDate();
     const day = `${hard.getFullYear()}-${pad(hard.getMonth() + 1)}-${pad(hard.getDate())}`;
     lines.push(`It will be restarted ${sameDay ? "" : `on ${day} `}at ${hhmm} to run the new version.`);
   } else {
@@ -50,7 +53,19 @@ export function noticeText(hard: Date | null, now = new Date()): string {
 /** xmessage's command line: the text is its last argument, after fixed options. */
 export function noticeArgv(xmessage: string, text: string): string[] {
   // The icon name is what task bars show (Xt's default: "xmessage").
-  return [xmessage, "-center", "-title", NOTICE_TITLE, "-xrm", `xmessage.iconName: ${NOTICE_TITLE}`, "-buttons", "OK:0", "-default", "OK", text];
+  return [
+    xmessage,
+    "-center",
+    "-title",
+    NOTICE_TITLE,
+    "-xrm",
+    `xmessage.iconName: ${NOTICE_TITLE}`,
+    "-buttons",
+    "OK:0",
+    "-default",
+    "OK",
+    text,
+  ];
 }
 
 /** An xmessage that ends this fast with status 1 could not open the display yet: retried. */
@@ -67,7 +82,10 @@ export class ExpiryNotice {
   private attemptsIn: number | undefined;
 
   /** `xmessage`: the program; empty: no built-in notice (the expire hook alone). */
-  constructor(private readonly session: Session, private readonly xmessage: string) {
+  constructor(
+    private readonly session: Session,
+    private readonly xmessage: string,
+  ) {
     session.onState((s) => {
       if (s === "connected") this.maybeShow();
       else if (s === "stopped") this.window = undefined; // gone with its X server
@@ -103,7 +121,13 @@ export class ExpiryNotice {
     log.info("expiry notice shown", { pid: w.pid, hard: this.hard?.toISOString() ?? "" });
     void w.exited.then((status) => {
       if (this.window === w) this.window = undefined;
-      if (status === 1 && Date.now() - started < QUICK_FAILURE_MS && key === this.key && generation === s.generation && this.attempts < MAX_ATTEMPTS) {
+      if (
+        status === 1 &&
+        Date.now() - started < QUICK_FAILURE_MS &&
+        key === this.key &&
+        generation === s.generation &&
+        this.attempts < MAX_ATTEMPTS
+      ) {
         log.warn("expiry notice failed, retrying", { status });
         this.shownIn = undefined;
         setTimeout(() => this.maybeShow(), 1000);

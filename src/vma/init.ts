@@ -31,7 +31,9 @@ let waitpidFn: WaitPid | undefined;
 async function loadWaitpid(): Promise<WaitPid | undefined> {
   try {
     const { dlopen, FFIType, ptr } = await import("bun:ffi");
-    const libc = dlopen("libc.so.6", { waitpid: { args: [FFIType.i32, FFIType.ptr, FFIType.i32], returns: FFIType.i32 } });
+    const libc = dlopen("libc.so.6", {
+      waitpid: { args: [FFIType.i32, FFIType.ptr, FFIType.i32], returns: FFIType.i32 },
+    });
     return (pid, status) => libc.symbols.waitpid(pid, ptr(status), WNOHANG) as number;
   } catch (err) {
     log.warn("cannot load waitpid from libc: orphans will not be reaped", { err: (err as Error).message });
@@ -100,13 +102,17 @@ export function powerOff(opts: InitOptions, reason: string, exitCode = 0): Promi
     }
     if (isPid1()) {
       // Everything but ourselves: kill(-1) skips PID 1.
-      try { process.kill(-1, "SIGTERM"); } catch {}
+      try {
+        process.kill(-1, "SIGTERM");
+      } catch {}
       const until = Date.now() + 3000;
       while (Date.now() < until && otherProcesses() > 0) {
         reapOrphans();
         await Bun.sleep(100);
       }
-      try { process.kill(-1, "SIGKILL"); } catch {}
+      try {
+        process.kill(-1, "SIGKILL");
+      } catch {}
       reapOrphans();
     }
     process.exit(exitCode);

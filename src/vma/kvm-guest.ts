@@ -41,7 +41,12 @@ async function waitFor(path: string, ms: number): Promise<boolean> {
 export function interfaceWithMac(mac: string, sysClassNet = "/sys/class/net"): string | undefined {
   for (const n of readdirSync(sysClassNet)) {
     try {
-      if (readFileSync(join(sysClassNet, n, "address"), "utf8").trim().toLowerCase() === mac.toLowerCase()) return n;
+      if (
+        readFileSync(join(sysClassNet, n, "address"), "utf8")
+          .trim()
+          .toLowerCase() === mac.toLowerCase()
+      )
+        return n;
     } catch {}
   }
   return undefined;
@@ -51,7 +56,10 @@ export function interfaceWithMac(mac: string, sysClassNet = "/sys/class/net"): s
 export async function kvmGuestSetup(o: { vmaFile: string; fwCfg?: string }): Promise<KvmGuest> {
   const src = o.fwCfg ?? FW_CFG_FILE;
   if (!existsSync(src)) await run(["modprobe", "qemu_fw_cfg"], { allowFail: true });
-  if (!(await waitFor(src, 10_000))) throw new ConfigError(`${src} is missing: this VM was not started by a qvd node (no fw_cfg ${"opt/org.qvd/vma.json"})`);
+  if (!(await waitFor(src, 10_000)))
+    throw new ConfigError(
+      `${src} is missing: this VM was not started by a qvd node (no fw_cfg ${"opt/org.qvd/vma.json"})`,
+    );
   const text = readFileSync(src, "utf8");
   let raw: { kvm?: unknown };
   try {
@@ -60,7 +68,8 @@ export async function kvmGuestSetup(o: { vmaFile: string; fwCfg?: string }): Pro
     throw new ConfigError(`${src}: not JSON: ${(err as Error).message}`);
   }
   const k = kvmSchema.safeParse(raw.kvm);
-  if (!k.success) throw new ConfigError(`${src}: kvm.${k.error.issues[0]!.path.join(".")}: ${k.error.issues[0]!.message}`);
+  if (!k.success)
+    throw new ConfigError(`${src}: kvm.${k.error.issues[0]!.path.join(".")}: ${k.error.issues[0]!.message}`);
   await runDirMount(join(o.vmaFile, ".."));
   writeFileSync(o.vmaFile, text, { mode: 0o400 });
   chmodSync(o.vmaFile, 0o400);
@@ -82,8 +91,11 @@ export function isMountPoint(mountinfo: string, dir: string): boolean {
 async function runDirMount(dir: string): Promise<void> {
   mkdirSync(dir, { recursive: true, mode: 0o755 });
   if (isMountPoint(readFileSync("/proc/self/mountinfo", "utf8"), dir)) return;
-  const r = await run(["mount", "-t", "tmpfs", "-o", "nosuid,nodev,mode=0755,size=64m", "qvd-run", dir], { allowFail: true });
-  if (r.status !== 0) log.warn("the run directory stays on /run (noexec there: no slave channel)", { dir, err: r.stderr.trim() });
+  const r = await run(["mount", "-t", "tmpfs", "-o", "nosuid,nodev,mode=0755,size=64m", "qvd-run", dir], {
+    allowFail: true,
+  });
+  if (r.status !== 0)
+    log.warn("the run directory stays on /run (noexec there: no slave channel)", { dir, err: r.stderr.trim() });
 }
 
 async function setupNetwork(k: KvmGuest): Promise<void> {
@@ -100,7 +112,9 @@ async function setupNetwork(k: KvmGuest): Promise<void> {
 
 async function setupHome(): Promise<void> {
   if (!(await waitFor(HOME_DISK, 10_000))) throw new UserError(`the home disk ${HOME_DISK} is missing`);
-  const mounted = readFileSync("/proc/self/mounts", "utf8").split("\n").some((l) => l.split(" ")[1] === "/home");
+  const mounted = readFileSync("/proc/self/mounts", "utf8")
+    .split("\n")
+    .some((l) => l.split(" ")[1] === "/home");
   if (mounted) return;
   const type = (await run(["blkid", "-p", "-o", "value", "-s", "TYPE", HOME_DISK], { allowFail: true })).stdout.trim();
   if (!type) {

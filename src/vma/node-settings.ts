@@ -21,7 +21,8 @@ export const NODE_ONLY_KEYS: readonly string[] = [
 ];
 export const NODE_ONLY_PREFIXES: readonly string[] = ["vma.command.", "vma.nxagent.", "vma.on_action.", "identity."];
 
-export const isNodeOnlyVmaKey = (k: string): boolean => NODE_ONLY_KEYS.includes(k) || NODE_ONLY_PREFIXES.some((p) => k.startsWith(p));
+export const isNodeOnlyVmaKey = (k: string): boolean =>
+  NODE_ONLY_KEYS.includes(k) || NODE_ONLY_PREFIXES.some((p) => k.startsWith(p));
 
 /** The node's values of the node-only VMA keys, as vma.json `settings` strings. */
 export function nodeVmaSettings(cfg: Pick<Config, "get">): Record<string, string> {

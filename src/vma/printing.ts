@@ -13,7 +13,17 @@
 // Printer names come from the client's CUPS: untrusted. Only [A-Za-z0-9_.-]{1,100} are used (the
 // others are skipped and logged), at most MAX_PRINTERS, and only as single argv entries.
 import { randomBytes } from "node:crypto";
-import { existsSync, lchownSync, lstatSync, mkdirSync, readdirSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  lchownSync,
+  lstatSync,
+  mkdirSync,
+  readdirSync,
+  renameSync,
+  rmdirSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { join } from "node:path";
 import { logger } from "../log.ts";
 import { run, type Daemon } from "../run.ts";
@@ -129,7 +139,10 @@ export async function removeUserDir(dir: string, runDir: string): Promise<void> 
     return;
   }
   // The owner empties it (the directory itself is in root's path.run: root removes it, empty).
-  await run(["setpriv", `--reuid=${st.uid}`, `--regid=${st.gid}`, "--clear-groups", "--", "rm", "-rf", "--", trash], { allowFail: true, timeoutMs: 30_000 });
+  await run(["setpriv", `--reuid=${st.uid}`, `--regid=${st.gid}`, "--clear-groups", "--", "rm", "-rf", "--", trash], {
+    allowFail: true,
+    timeoutMs: 30_000,
+  });
   try {
     rmdirSync(trash);
   } catch (err) {
@@ -218,25 +231,47 @@ export function printingService(o: PrintingServiceOptions): SessionService {
       list = await exec(ctx, [lpstat, "-h", server, "-e"]);
     }
     if (list.status !== 0) {
-      log.warn("cannot list the client's printers", { server, status: list.status, err: list.stderr.trim().slice(0, 200) });
+      log.warn("cannot list the client's printers", {
+        server,
+        status: list.status,
+        err: list.stderr.trim().slice(0, 200),
+      });
       return [];
     }
     const { names, refused } = usablePrinterNames(list.stdout);
     if (refused.length)
-      log.warn("client printers skipped (bad name or too many)", { count: refused.length, first: JSON.stringify(refused[0]!.slice(0, 60)) });
+      log.warn("client printers skipped (bad name or too many)", {
+        count: refused.length,
+        first: JSON.stringify(refused[0]!.slice(0, 60)),
+      });
     const def = await exec(ctx, [lpstat, "-h", server, "-d"]);
     const clientDefault = /destination: (\S+)\s*$/.exec(def.stdout.trim())?.[1];
     const added: string[] = [];
     for (const name of names) {
       const q = PRINTER_PREFIX + name;
-      const r = await exec(ctx, [lpadmin, "-p", q, "-E", "-v", `ipp://${server}/printers/${name}`, "-D", `${name} (QVD client)`, "-o", "printer-is-shared=false"]);
+      const r = await exec(ctx, [
+        lpadmin,
+        "-p",
+        q,
+        "-E",
+        "-v",
+        `ipp://${server}/printers/${name}`,
+        "-D",
+        `${name} (QVD client)`,
+        "-o",
+        "printer-is-shared=false",
+      ]);
       if (r.status !== 0) log.warn("cannot add a printer", { printer: q, err: r.stderr.trim().slice(0, 200) });
       else added.push(name);
     }
     if (added.length) {
       const first = clientDefault && added.includes(clientDefault) ? clientDefault : added[0]!;
       const r = await exec(ctx, [lpadmin, "-d", PRINTER_PREFIX + first]);
-      if (r.status !== 0) log.warn("cannot set the default printer", { printer: PRINTER_PREFIX + first, err: r.stderr.trim().slice(0, 200) });
+      if (r.status !== 0)
+        log.warn("cannot set the default printer", {
+          printer: PRINTER_PREFIX + first,
+          err: r.stderr.trim().slice(0, 200),
+        });
     }
     return added;
   }
@@ -267,7 +302,8 @@ export function printingService(o: PrintingServiceOptions): SessionService {
       // nxagent's channels stay as the X session started (src/vma/session.ts): cups= whatever
       // this client wants (not for Windows clients: no flavour of theirs); the wish decides
       // whether the client's printers are added.
-      if (/^(windows|winnt)$/i.test(ctx.clientOs ?? String(ctx.properties["qvd.client.os"] ?? ""))) return { options: [], env };
+      if (/^(windows|winnt)$/i.test(ctx.clientOs ?? String(ctx.properties["qvd.client.os"] ?? "")))
+        return { options: [], env };
       if (!running && wanted) await writeConfig(ctx);
       return { options: [`cups=${ctx.display + 2000}`], env };
     },

@@ -6,7 +6,17 @@
 //
 // A home that exists (the backend bind-mounts the persistent one) is never emptied or
 // recreated: only its owner is set. A missing one is created from ROOT/etc/skel.
-import { chownSync, cpSync, existsSync, lchownSync, lstatSync, mkdirSync, readdirSync, readFileSync, statSync } from "node:fs";
+import {
+  chownSync,
+  cpSync,
+  existsSync,
+  lchownSync,
+  lstatSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  statSync,
+} from "node:fs";
 import { dirname, join } from "node:path";
 import { identityProblem, type IdentityRules } from "../auth/identity.ts";
 import { PRIVILEGED_GROUPS } from "../config.ts";
@@ -37,20 +47,43 @@ export interface ProvisionRequest {
   groups: string[];
 }
 
-interface PasswdEntry { name: string; uid: number; gid: number; home: string; shell: string }
-interface GroupEntry { name: string; gid: number; members: string[] }
+interface PasswdEntry {
+  name: string;
+  uid: number;
+  gid: number;
+  home: string;
+  shell: string;
+}
+interface GroupEntry {
+  name: string;
+  gid: number;
+  members: string[];
+}
 
 function readLines(file: string): string[][] {
   if (!existsSync(file)) return [];
-  return readFileSync(file, "utf8").split("\n").filter((l) => l && !l.startsWith("#")).map((l) => l.split(":"));
+  return readFileSync(file, "utf8")
+    .split("\n")
+    .filter((l) => l && !l.startsWith("#"))
+    .map((l) => l.split(":"));
 }
 
 export function readPasswd(root: string): PasswdEntry[] {
-  return readLines(join(root, "etc/passwd")).map((f) => ({ name: f[0]!, uid: Number(f[2]), gid: Number(f[3]), home: f[5] ?? "", shell: f[6] ?? "" }));
+  return readLines(join(root, "etc/passwd")).map((f) => ({
+    name: f[0]!,
+    uid: Number(f[2]),
+    gid: Number(f[3]),
+    home: f[5] ?? "",
+    shell: f[6] ?? "",
+  }));
 }
 
 export function readGroups(root: string): GroupEntry[] {
-  return readLines(join(root, "etc/group")).map((f) => ({ name: f[0]!, gid: Number(f[2]), members: (f[3] ?? "").split(",").filter(Boolean) }));
+  return readLines(join(root, "etc/group")).map((f) => ({
+    name: f[0]!,
+    gid: Number(f[2]),
+    members: (f[3] ?? "").split(",").filter(Boolean),
+  }));
 }
 
 /** The path of a guest path on this machine's filesystem. */
@@ -73,11 +106,15 @@ export function checkIdentity(req: ProvisionRequest, rules: IdentityRules, root 
   const privileged = new Set([0, ...groups.filter((g) => PRIVILEGED_GROUPS.has(g.name)).map((g) => g.gid)]);
   const gid = pw?.gid ?? req.gid;
   const sharing = named.filter((n) => privileged.has(groups.find((g) => g.name === n)?.gid ?? -1));
-  const problem = identityProblem({ uid: pw?.uid ?? req.uid, gid, home, groups: named }, rules)?.message ??
+  const problem =
+    identityProblem({ uid: pw?.uid ?? req.uid, gid, home, groups: named }, rules)?.message ??
     (privileged.has(gid) ? `gid ${gid} is a privileged group's in the image` : undefined) ??
-    (sharing.length ? `group ${sharing.join(", ")} has the gid of root or a privileged group in the image` : undefined) ??
+    (sharing.length
+      ? `group ${sharing.join(", ")} has the gid of root or a privileged group in the image`
+      : undefined) ??
     symlinkProblem(root, home);
-  if (problem) throw new UserError(`identity refused for ${req.user}: ${problem}${pw ? " (an account of the image)" : ""}`);
+  if (problem)
+    throw new UserError(`identity refused for ${req.user}: ${problem}${pw ? " (an account of the image)" : ""}`);
 }
 
 function symlinkProblem(root: string, home: string): string | undefined {
@@ -105,7 +142,9 @@ export async function provision(req: ProvisionRequest, root = "/"): Promise<Acco
     let group = groups.find((g) => g.gid === req.gid);
     if (!group) {
       if (groups.some((g) => g.name === req.user))
-        throw new UserError(`cannot provision ${req.user}: a group of that name exists with another gid than ${req.gid}`);
+        throw new UserError(
+          `cannot provision ${req.user}: a group of that name exists with another gid than ${req.gid}`,
+        );
       await run(["groupadd", ...rootArgs, "-g", String(req.gid), req.user]);
       createdGroup = req.user;
       group = { name: req.user, gid: req.gid, members: [] };
@@ -113,7 +152,21 @@ export async function provision(req: ProvisionRequest, root = "/"): Promise<Acco
     const extra = req.groups.length ? ["-G", req.groups.join(",")] : [];
     try {
       // -M: the home is handled below (it may be a bind mount that exists already).
-      await run(["useradd", ...rootArgs, "-M", "-d", req.home, "-g", String(req.gid), "-u", String(req.uid), "-s", req.shell, ...extra, req.user]);
+      await run([
+        "useradd",
+        ...rootArgs,
+        "-M",
+        "-d",
+        req.home,
+        "-g",
+        String(req.gid),
+        "-u",
+        String(req.uid),
+        "-s",
+        req.shell,
+        ...extra,
+        req.user,
+      ]);
     } catch (err) {
       // As the original: undo what this attempt created (never the home).
       if (createdGroup) await run(["groupdel", ...rootArgs, createdGroup], { allowFail: true });
@@ -123,11 +176,19 @@ export async function provision(req: ProvisionRequest, root = "/"): Promise<Acco
     pw = readPasswd(root).find((e) => e.name === req.user);
     if (!pw) throw new UserError(`useradd succeeded but ${req.user} is not in ${join(root, "etc/passwd")}`);
   } else if (pw.uid !== req.uid || pw.gid !== req.gid) {
-    log.warn("user exists with other ids; keeping them", { user: req.user, uid: pw.uid, gid: pw.gid, wanted_uid: req.uid, wanted_gid: req.gid });
+    log.warn("user exists with other ids; keeping them", {
+      user: req.user,
+      uid: pw.uid,
+      gid: pw.gid,
+      wanted_uid: req.uid,
+      wanted_gid: req.gid,
+    });
   }
   const home = pw.home || req.home;
   ensureHome(root, home, pw.uid, pw.gid);
-  const groups = readGroups(root).filter((g) => g.members.includes(req.user) && g.gid !== pw!.gid).map((g) => g.gid);
+  const groups = readGroups(root)
+    .filter((g) => g.members.includes(req.user) && g.gid !== pw!.gid)
+    .map((g) => g.gid);
   return { user: req.user, uid: pw.uid, gid: pw.gid, home, shell: pw.shell || req.shell, groups };
 }
 
@@ -139,7 +200,8 @@ export function ensureHome(root: string, home: string, uid: number, gid: number)
     mkdirSync(dir, { mode: 0o700 });
     const skel = underRoot(root, "/etc/skel");
     if (existsSync(skel)) {
-      for (const e of readdirSync(skel)) cpSync(join(skel, e), join(dir, e), { recursive: true, preserveTimestamps: true });
+      for (const e of readdirSync(skel))
+        cpSync(join(skel, e), join(dir, e), { recursive: true, preserveTimestamps: true });
       chownTree(dir, uid, gid);
     }
     log.info("home created", { home: dir });

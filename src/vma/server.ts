@@ -27,23 +27,49 @@ export const LINKS = ["modem", "isdn", "adsl", "wan", "lan", "local"] as const;
 export const CLIENT_OSES = ["linux", "windows", "winnt", "macosx", "darwin", "solaris", "android"] as const;
 const MAX_BODY = 64 * 1024;
 
-const id = z.number({ error: "expected an integer" }).int("expected an integer").min(1, "must be at least 1 (root is never a session user)").max(4294967294);
+const id = z
+  .number({ error: "expected an integer" })
+  .int("expected an integer")
+  .min(1, "must be at least 1 (root is never a session user)")
+  .max(4294967294);
 export const xStartSchema = z
   .object({
-    user: z.string().regex(/^[a-z_][a-z0-9_.-]{0,31}$/, "expected a user name: lower-case letters, digits, _ . - (at most 32)"),
+    user: z
+      .string()
+      .regex(/^[a-z_][a-z0-9_.-]{0,31}$/, "expected a user name: lower-case letters, digits, _ . - (at most 32)"),
     uid: id,
     gid: id,
-    home: z.string().regex(/^(\/[\w.-]+)+$/, "expected an absolute path").refine((p) => !p.split("/").includes(".."), "must not contain ..").optional(),
-    keyboard: z.string().regex(/^[\w+-]{1,32}\/[\w+-]{1,32}$/, "expected MODEL/LAYOUT such as pc105/us").optional(),
+    home: z
+      .string()
+      .regex(/^(\/[\w.-]+)+$/, "expected an absolute path")
+      .refine((p) => !p.split("/").includes(".."), "must not contain ..")
+      .optional(),
+    keyboard: z
+      .string()
+      .regex(/^[\w+-]{1,32}\/[\w+-]{1,32}$/, "expected MODEL/LAYOUT such as pc105/us")
+      .optional(),
     client_os: z.enum(CLIENT_OSES, { error: `expected one of: ${CLIENT_OSES.join(", ")}` }).optional(),
     link: z.enum(LINKS, { error: `expected one of: ${LINKS.join(", ")}` }).optional(),
-    geometry: z.string().regex(/^\d{2,5}x\d{2,5}$/, "expected WIDTHxHEIGHT such as 1024x768").optional(),
-    fullscreen: z.preprocess((v) => (v === "1" || v === 1 ? true : v === "0" || v === 0 || v === "" ? false : v), z.boolean({ error: "expected a boolean" })).optional(),
+    geometry: z
+      .string()
+      .regex(/^\d{2,5}x\d{2,5}$/, "expected WIDTHxHEIGHT such as 1024x768")
+      .optional(),
+    fullscreen: z
+      .preprocess(
+        (v) => (v === "1" || v === 1 ? true : v === "0" || v === 0 || v === "" ? false : v),
+        z.boolean({ error: "expected a boolean" }),
+      )
+      .optional(),
     properties: z
       .record(z.string().max(256), z.union([z.string().max(4096), z.number(), z.boolean()]))
-      .refine((p) => p["qvd.vm.user.groups"] === undefined || /^\s*([a-z_][a-z0-9_-]{0,31}([\s,]+|$))*$/.test(String(p["qvd.vm.user.groups"])), {
-        message: "qvd.vm.user.groups: expected group names separated by commas or spaces",
-      })
+      .refine(
+        (p) =>
+          p["qvd.vm.user.groups"] === undefined ||
+          /^\s*([a-z_][a-z0-9_-]{0,31}([\s,]+|$))*$/.test(String(p["qvd.vm.user.groups"])),
+        {
+          message: "qvd.vm.user.groups: expected group names separated by commas or spaces",
+        },
+      )
       .optional(),
     // The NX cookie nxagent demands (src/nx/handshake.ts): chosen per x_start by the L7R.
     cookie: z.string().regex(/^[0-9a-f]{32}$/, "expected the session's NX cookie: 32 lower-case hex digits"),
@@ -52,8 +78,14 @@ export const xStartSchema = z
 
 const expireSchema = z
   .object({
-    soft: z.union([z.string().max(64), z.number()]).nullable().optional(),
-    hard: z.union([z.string().max(64), z.number()]).nullable().optional(),
+    soft: z
+      .union([z.string().max(64), z.number()])
+      .nullable()
+      .optional(),
+    hard: z
+      .union([z.string().max(64), z.number()])
+      .nullable()
+      .optional(),
   })
   .strict();
 
@@ -73,9 +105,15 @@ export interface VmaServerOptions {
 }
 
 /** The field of an x_start whose identity the rules refuse, whatever the L7R checked. */
-function xStartIdentityProblem(p: z.infer<typeof xStartSchema>, r: IdentityRules): { field: string; message: string } | undefined {
+function xStartIdentityProblem(
+  p: z.infer<typeof xStartSchema>,
+  r: IdentityRules,
+): { field: string; message: string } | undefined {
   const groups = p.properties?.["qvd.vm.user.groups"];
-  const bad = identityProblem({ uid: p.uid, gid: p.gid, home: p.home, groups: groups !== undefined ? parseGroups(String(groups)) : undefined }, r);
+  const bad = identityProblem(
+    { uid: p.uid, gid: p.gid, home: p.home, groups: groups !== undefined ? parseGroups(String(groups)) : undefined },
+    r,
+  );
   return bad && { field: bad.field === "groups" ? "properties.qvd.vm.user.groups" : bad.field, message: bad.message };
 }
 
@@ -104,7 +142,10 @@ async function readJson(req: Request): Promise<{ ok: true; value: unknown } | { 
 
 function invalid(err: z.ZodError): Response {
   const issue = err.issues[0]!;
-  const field = issue.code === "unrecognized_keys" ? (issue as { keys: string[] }).keys.join(",") : issue.path.join(".") || "(body)";
+  const field =
+    issue.code === "unrecognized_keys"
+      ? (issue as { keys: string[] }).keys.join(",")
+      : issue.path.join(".") || "(body)";
   const message = issue.code === "unrecognized_keys" ? "unknown field" : issue.message;
   return json(422, { error: `${field}: ${message}`, field });
 }
@@ -159,7 +200,8 @@ export function createVmaHandler(o: VmaServerOptions): (req: Request, ip: string
         const times: (Date | null)[] = [];
         for (const f of ["soft", "hard"] as const) {
           const t = parseExpiryTime(parsed.data[f]);
-          if (t === "invalid") return json(422, { error: `${f}: expected a time (ISO 8601, or seconds since the epoch)`, field: f });
+          if (t === "invalid")
+            return json(422, { error: `${f}: expected a time (ISO 8601, or seconds since the epoch)`, field: f });
           times.push(t);
         }
         const [soft, hard] = times as [Date | null, Date | null];
@@ -169,9 +211,17 @@ export function createVmaHandler(o: VmaServerOptions): (req: Request, ip: string
         if (soft) notice.set(soft, hard);
         // The hook comes after the notice, once per setting too (the node repeats the call).
         if (o.expireCommand && hookRanFor !== key) {
-          const argv = [...o.expireCommand.split(/\s+/).filter(Boolean),
-            "vm.expiration.soft", iso(soft), "vm.expiration.hard", iso(hard),
-            "qvd.vm.session.state", s.state, "qvd.hook.on_action", "expire"];
+          const argv = [
+            ...o.expireCommand.split(/\s+/).filter(Boolean),
+            "vm.expiration.soft",
+            iso(soft),
+            "vm.expiration.hard",
+            iso(hard),
+            "qvd.vm.session.state",
+            s.state,
+            "qvd.hook.on_action",
+            "expire",
+          ];
           const r = await run(argv, { allowFail: true, timeoutMs: 30_000 });
           if (r.status !== 0) return json(500, { error: `expire hook failed (exit ${r.status})` });
           hookRanFor = key;

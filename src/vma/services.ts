@@ -30,7 +30,10 @@ export interface ServiceContext {
    * session runs), never the VMA's. Usable from `prepare` on. Killed (SIGKILL) after `timeoutMs`
    * (default 10 s); a program that could not be started gives status 127.
    */
-  execAsUser(argv: string[], opts?: { env?: Record<string, string>; timeoutMs?: number; stdin?: string }): Promise<RunResult>;
+  execAsUser(
+    argv: string[],
+    opts?: { env?: Record<string, string>; timeoutMs?: number; stdin?: string },
+  ): Promise<RunResult>;
 }
 
 export interface Prepared {

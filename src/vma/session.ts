@@ -26,7 +26,17 @@
 //   - a session still stopping after its timeout is killed (SIGKILL), not signalled again;
 //   - the session's own output goes to ~/.qvd-session.log, so programs in it cannot print
 //     "Session: …" lines that would fake nxagent's state.
-import { appendFileSync, chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  appendFileSync,
+  chmodSync,
+  chownSync,
+  existsSync,
+  mkdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { constants as osConstants } from "node:os";
 import { join } from "node:path";
 import { UserError } from "../errors.ts";
@@ -40,9 +50,19 @@ const log = logger("vma.session");
 
 /** nxagent's and xinit's lines worth a post-mortem at the default level: session states, errors. */
 // Also the slave handlers' (qvd vma-slave, its shell wrapper) failures: they write to nxagent's stderr.
-const NOTABLE_LINE = /^(Session: |Error|Warning: Signal|xinit: |error: )|PANIC|[Aa]borting|fatal| (WARN|ERROR) \[|execv|^qvd-slave: /;
+const NOTABLE_LINE =
+  /^(Session: |Error|Warning: Signal|xinit: |error: )|PANIC|[Aa]borting|fatal| (WARN|ERROR) \[|execv|^qvd-slave: /;
 
-export const X_STATES = ["stopped", "starting", "provisioning", "listening", "connected", "suspending", "suspended", "stopping"] as const;
+export const X_STATES = [
+  "stopped",
+  "starting",
+  "provisioning",
+  "listening",
+  "connected",
+  "suspending",
+  "suspended",
+  "stopping",
+] as const;
 export type XState = (typeof X_STATES)[number];
 
 export interface SessionParams {
@@ -90,7 +110,10 @@ export interface SessionOptions {
 
 /** A request the session cannot take in its current state (HTTP 409). */
 export class StateError extends UserError {
-  constructor(message: string, readonly state: XState) {
+  constructor(
+    message: string,
+    readonly state: XState,
+  ) {
     super(message);
     this.name = "StateError";
   }
@@ -98,20 +121,39 @@ export class StateError extends UserError {
 
 /** nxagent's `client=` values; the clients send darwin for macOS. */
 const NX_CLIENT_OS: Record<string, string> = {
-  linux: "linux", android: "linux", windows: "windows", winnt: "windows", macosx: "macosx", darwin: "macosx", solaris: "solaris",
+  linux: "linux",
+  android: "linux",
+  windows: "windows",
+  winnt: "windows",
+  macosx: "macosx",
+  darwin: "macosx",
+  solaris: "solaris",
 };
 
 const NX_TO_X: Record<string, XState> = {
-  starting: "starting", resuming: "starting", started: "connected", resumed: "connected",
-  suspending: "suspending", suspended: "suspended",
-  terminating: "stopping", aborting: "stopping", terminated: "stopping", aborted: "stopping",
+  starting: "starting",
+  resuming: "starting",
+  started: "connected",
+  resumed: "connected",
+  suspending: "suspending",
+  suspended: "suspended",
+  terminating: "stopping",
+  aborting: "stopping",
+  terminated: "stopping",
+  aborted: "stopping",
 };
 
 /**
  * The one line of the nxagent options file: `nx/nx,keyboard=…,…,cookie=…,accept=…:100`. Values
  * were validated. Without a cookie nxagent would take whoever connects first: none, no session.
  */
-export function nxagentOptions(p: SessionParams, display: number, tolerancechecks: string, acceptFrom = "", extra: string[] = []): string {
+export function nxagentOptions(
+  p: SessionParams,
+  display: number,
+  tolerancechecks: string,
+  acceptFrom = "",
+  extra: string[] = [],
+): string {
   if (!p.cookie || !/^[0-9a-f]{32}$/.test(p.cookie)) throw new UserError("x_start needs the session's NX cookie");
   const o: string[] = [];
   if (p.keyboard) o.push(`keyboard=${p.keyboard}`);
@@ -132,7 +174,21 @@ export function nxagentOptions(p: SessionParams, display: number, tolerancecheck
 }
 
 /** nxagent options a service may not set: the session's own (a service cannot move the cookie or accept=). */
-const RESERVED_OPTIONS = new Set(["keyboard", "client", "link", "geometry", "fullscreen", "tolerancechecks", "cookie", "accept", "options", "listen", "connect", "session", "id"]);
+const RESERVED_OPTIONS = new Set([
+  "keyboard",
+  "client",
+  "link",
+  "geometry",
+  "fullscreen",
+  "tolerancechecks",
+  "cookie",
+  "accept",
+  "options",
+  "listen",
+  "connect",
+  "session",
+  "id",
+]);
 
 /** Why a service's nxagent option is refused (undefined: fine). `taken`: the options already on the line. */
 export function serviceOptionProblem(v: string, taken: string[]): string | undefined {
@@ -146,7 +202,8 @@ export function serviceOptionProblem(v: string, taken: string[]): string | undef
 /** Environment variables a service may not set for the session (its identity and the loader). */
 function serviceEnvProblem(k: string, v: string): string | undefined {
   if (!/^[A-Z_][A-Z0-9_]{0,63}$/.test(k)) return "bad name";
-  if (/^(HOME|USER|LOGNAME|SHELL|MAIL|PATH|DISPLAY|XAUTHORITY|IFS|ENV|BASH_ENV)$/.test(k) || k.startsWith("LD_")) return "reserved";
+  if (/^(HOME|USER|LOGNAME|SHELL|MAIL|PATH|DISPLAY|XAUTHORITY|IFS|ENV|BASH_ENV)$/.test(k) || k.startsWith("LD_"))
+    return "reserved";
   if (v.includes("\0") || v.length > 4096) return "bad value";
   return undefined;
 }
@@ -155,7 +212,11 @@ function serviceEnvProblem(k: string, v: string): string | undefined {
  * commas or spaces) when the session has one, else vma.user.groups. */
 export function sessionGroups(p: SessionParams, fallback: string[]): string[] {
   const v = p.properties?.["qvd.vm.user.groups"];
-  return v === undefined ? fallback : String(v).split(/[\s,]+/).filter(Boolean);
+  return v === undefined
+    ? fallback
+    : String(v)
+        .split(/[\s,]+/)
+        .filter(Boolean);
 }
 
 /** Session properties not written for the desktop: secrets of the L7R ↔ VMA channel. */
@@ -181,16 +242,31 @@ export function sessionPropertiesText(props: Record<string, string | number | bo
 export function privPrefix(a: Account, asCurrentUser = false): string[] {
   return asCurrentUser
     ? []
-    : ["setpriv", `--reuid=${a.uid}`, `--regid=${a.gid}`, a.groups.length ? `--groups=${a.groups.join(",")}` : "--clear-groups", "--"];
+    : [
+        "setpriv",
+        `--reuid=${a.uid}`,
+        `--regid=${a.gid}`,
+        a.groups.length ? `--groups=${a.groups.join(",")}` : "--clear-groups",
+        "--",
+      ];
 }
 
-export interface ExecAsUserOptions { env?: Record<string, string>; timeoutMs?: number; stdin?: string }
+export interface ExecAsUserOptions {
+  env?: Record<string, string>;
+  timeoutMs?: number;
+  stdin?: string;
+}
 
 /**
  * Runs `prefix + argv` with exactly `env` (not the VMA's), cwd "/", and waits: its output, and
  * its status (128 + signal when killed; 127 when it could not start). SIGKILL after the timeout.
  */
-export async function execAs(prefix: string[], argv: string[], env: Record<string, string>, o: ExecAsUserOptions = {}): Promise<RunResult> {
+export async function execAs(
+  prefix: string[],
+  argv: string[],
+  env: Record<string, string>,
+  o: ExecAsUserOptions = {},
+): Promise<RunResult> {
   let proc;
   try {
     proc = Bun.spawn([...prefix, ...argv], {
@@ -205,7 +281,11 @@ export async function execAs(prefix: string[], argv: string[], env: Record<strin
   } catch (err) {
     return { status: 127, stdout: "", stderr: (err as Error).message };
   }
-  const [stdout, stderr, status] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  const [stdout, stderr, status] = await Promise.all([
+    new Response(proc.stdout).text(),
+    new Response(proc.stderr).text(),
+    proc.exited,
+  ]);
   const sig = proc.signalCode as keyof typeof osConstants.signals | null;
   return { status: sig ? 128 + (osConstants.signals[sig] ?? 0) : status, stdout, stderr };
 }
@@ -251,7 +331,9 @@ export class Session {
   private svcWrap: string[] = [];
   private svcWraps: string[][] = [];
   /** The nxagent options the services added at the last x_start (for status and tests). */
-  get serviceOptions(): readonly string[] { return this.svcOptions; }
+  get serviceOptions(): readonly string[] {
+    return this.svcOptions;
+  }
   /** The services' nxagent options of this X session, fixed at its start (resumes keep them). */
   private channelOptions: string[] = [];
 
@@ -264,10 +346,14 @@ export class Session {
     this.removeStateFiles();
   }
 
-  get optionsFile(): string { return join(this.opts.runDir, "nxagent.conf"); }
+  get optionsFile(): string {
+    return join(this.opts.runDir, "nxagent.conf");
+  }
 
   /** Called after every state change. */
-  onState(f: (s: XState) => void): void { this.listeners.add(f); }
+  onState(f: (s: XState) => void): void {
+    this.listeners.add(f);
+  }
 
   /**
    * Runs a program in the X session as its user (its uid, gids, DISPLAY, HOME, LANG), in a
@@ -279,10 +365,17 @@ export class Session {
     if (!a || !this.xinit) return undefined;
     const env = { ...this.env, ...extraEnv, DISPLAY: `:${this.opts.display}` };
     // cwd "/": the VMA (root) does not enter a directory the user controls.
-    return spawnDaemon([...this.privPrefix(a), ...argv], { cwd: "/", env, detached: true, onLine: (l) => log.debug("session program", { line: l }) });
+    return spawnDaemon([...this.privPrefix(a), ...argv], {
+      cwd: "/",
+      env,
+      detached: true,
+      onLine: (l) => log.debug("session program", { line: l }),
+    });
   }
 
-  private privPrefix(a: Account): string[] { return [...this.svcWrap, ...privPrefix(a, this.opts.asCurrentUser)]; }
+  private privPrefix(a: Account): string[] {
+    return [...this.svcWrap, ...privPrefix(a, this.opts.asCurrentUser)];
+  }
 
   /** ServiceContext.execAsUser: the session's environment only, DISPLAY while X runs. */
   private execAsUser(a: Account, argv: string[], o: ExecAsUserOptions = {}): Promise<RunResult> {
@@ -291,8 +384,12 @@ export class Session {
     return execAs(this.privPrefix(a), argv, env, o);
   }
 
-  get port(): number { return 4000 + this.opts.display; }
-  get nxagentPid(): number | undefined { return this.agentPid; }
+  get port(): number {
+    return 4000 + this.opts.display;
+  }
+  get nxagentPid(): number | undefined {
+    return this.agentPid;
+  }
 
   status(): { state: XState; since: string; nx_state: string; user?: string; error?: string } {
     return {
@@ -347,7 +444,10 @@ export class Session {
             // set differs broke its reconnection now and then (no channel, or no suspend after).
             // The services follow this x_start's wishes within the session's channels.
             if (extra.join(",") !== this.channelOptions.join(","))
-              log.info("session services: the X session keeps its channels", { asked: extra.join(","), kept: this.channelOptions.join(",") });
+              log.info("session services: the X session keeps its channels", {
+                asked: extra.join(","),
+                kept: this.channelOptions.join(","),
+              });
             this.svcOptions = [...this.channelOptions];
             this.writeOptions(p, this.channelOptions);
             this.signalAgent("SIGHUP");
@@ -365,7 +465,10 @@ export class Session {
         this.signalAgent("SIGHUP");
         throw new StateError("Can't connect to X session in state connected, suspending it, retry later", this.state);
       default:
-        throw new StateError(`Unable to start/resume X session in state ${this.state}, try again in a few minutes`, this.state);
+        throw new StateError(
+          `Unable to start/resume X session in state ${this.state}, try again in a few minutes`,
+          this.state,
+        );
     }
   }
 
@@ -416,7 +519,10 @@ export class Session {
   }
 
   private kill(): void {
-    if (this.agentPid) try { process.kill(this.agentPid, "SIGKILL"); } catch {}
+    if (this.agentPid)
+      try {
+        process.kill(this.agentPid, "SIGKILL");
+      } catch {}
     this.xinit?.killGroup("SIGKILL");
   }
 
@@ -480,7 +586,9 @@ export class Session {
     if (!this.opts.asCurrentUser && this.account) chownSync(f, process.getuid!(), this.account.gid);
   }
 
-  get propertiesFile(): string { return join(this.opts.runDir, "session.properties"); }
+  get propertiesFile(): string {
+    return join(this.opts.runDir, "session.properties");
+  }
 
   /** `<path.run>/session.properties`, readable by the session's user only (rewritten at each x_start). */
   private writeSessionProperties(p: SessionParams): void {
@@ -501,7 +609,14 @@ export class Session {
     let account: Account;
     if (o.asCurrentUser) {
       const home = process.env.HOME ?? "/root";
-      account = { user: process.env.USER ?? "root", uid: process.getuid!(), gid: process.getgid!(), home, shell: "/bin/sh", groups: [] };
+      account = {
+        user: process.env.USER ?? "root",
+        uid: process.getuid!(),
+        gid: process.getgid!(),
+        home,
+        shell: "/bin/sh",
+        groups: [],
+      };
     } else {
       const home = p.home ?? `${o.homePath}/${p.user}`;
       const pw = readPasswd(o.root).find((e) => e.name === p.user);
@@ -547,14 +662,37 @@ export class Session {
     this.generation++;
     const d = o.display;
     // `cd`: a wrap's nsenter leaves the session in "/", not the home.
-    const client = ["/bin/sh", "-c", 'cd 2>/dev/null; exec "$@" >>"$HOME/.qvd-session.log" 2>&1', "qvd-session", ...this.sessionCommand()];
-    const server = [o.nxagent, `:${d}`, "-ac", "-name", "QVD", "-display", `nx/nx,options=${this.optionsFile}:${d}`, ...o.nxagentExtraArgs];
+    const client = [
+      "/bin/sh",
+      "-c",
+      'cd 2>/dev/null; exec "$@" >>"$HOME/.qvd-session.log" 2>&1',
+      "qvd-session",
+      ...this.sessionCommand(),
+    ];
+    const server = [
+      o.nxagent,
+      `:${d}`,
+      "-ac",
+      "-name",
+      "QVD",
+      "-display",
+      `nx/nx,options=${this.optionsFile}:${d}`,
+      ...o.nxagentExtraArgs,
+    ];
     const priv = o.asCurrentUser
       ? []
-      : ["setpriv", `--reuid=${account.uid}`, `--regid=${account.gid}`, account.groups.length ? `--groups=${account.groups.join(",")}` : "--clear-groups", "--"];
+      : [
+          "setpriv",
+          `--reuid=${account.uid}`,
+          `--regid=${account.gid}`,
+          account.groups.length ? `--groups=${account.groups.join(",")}` : "--clear-groups",
+          "--",
+        ];
     const argv = [...this.svcWrap, ...priv, o.xinit, ...client, "--", ...server];
     const logFile = join(o.runDir, "nxagent.log");
-    try { chmodSync(logFile, 0o600); } catch {} // made by an older VMA, or missing
+    try {
+      chmodSync(logFile, 0o600);
+    } catch {} // made by an older VMA, or missing
     this.waiting = false;
     const daemon = spawnDaemon(argv, {
       cwd: homeOnDisk,
@@ -564,7 +702,9 @@ export class Session {
         // nxagent prints both cookies when a proxy presents a wrong one: not into the log.
         const cookie = this.params?.cookie;
         const safe = cookie ? line.replaceAll(cookie, "<cookie>") : line;
-        try { appendFileSync(logFile, safe + "\n", { mode: 0o600 }); } catch {}
+        try {
+          appendFileSync(logFile, safe + "\n", { mode: 0o600 });
+        } catch {}
         if (NOTABLE_LINE.test(line)) log.info("nxagent", { line: safe });
         this.onLine(line);
       },
@@ -620,12 +760,15 @@ export class Session {
     const daemon = this.xinit;
     const pid = this.agentPid;
     if (!daemon || !pid) return;
-    const check = (left: number) => setTimeout(() => {
-      if (this.xinit !== daemon) return;
-      if (alive(pid) && left > 0) return check(left - 1);
-      if (alive(pid)) return; // still there: the stopping timeout kills it
-      setTimeout(() => { if (this.xinit === daemon) daemon.killGroup("SIGTERM"); }, 1000);
-    }, 250);
+    const check = (left: number) =>
+      setTimeout(() => {
+        if (this.xinit !== daemon) return;
+        if (alive(pid) && left > 0) return check(left - 1);
+        if (alive(pid)) return; // still there: the stopping timeout kills it
+        setTimeout(() => {
+          if (this.xinit === daemon) daemon.killGroup("SIGTERM");
+        }, 1000);
+      }, 250);
     check(40);
   }
 
@@ -643,18 +786,30 @@ export class Session {
     return this.endServices();
   }
 
-  private get serviceTimeout(): number { return this.opts.serviceTimeoutMs ?? 15_000; }
+  private get serviceTimeout(): number {
+    return this.opts.serviceTimeoutMs ?? 15_000;
+  }
 
   /**
    * Queues `f` on service i's chain: after the service's previous call, or after `waitPrevMs` at
    * most (prepare: an x_start does not wait long for a slow hook). Waited for up to `boundMs`
    * (default: the service timeout); never rejects.
    */
-  private onChain<T>(i: number, what: string, f: () => T | Promise<T>, o: { waitPrevMs?: number; boundMs?: number } = {}): Promise<T | undefined> {
+  private onChain<T>(
+    i: number,
+    what: string,
+    f: () => T | Promise<T>,
+    o: { waitPrevMs?: number; boundMs?: number } = {},
+  ): Promise<T | undefined> {
     const svc = this.opts.services![i]!;
     const prev = this.svcChains[i] ?? Promise.resolve();
     let gateTimer: ReturnType<typeof setTimeout> | undefined;
-    const gate = o.waitPrevMs === undefined ? prev : Promise.race([prev, new Promise<void>((r) => (gateTimer = setTimeout(r, o.waitPrevMs)))]).finally(() => clearTimeout(gateTimer));
+    const gate =
+      o.waitPrevMs === undefined
+        ? prev
+        : Promise.race([prev, new Promise<void>((r) => (gateTimer = setTimeout(r, o.waitPrevMs)))]).finally(() =>
+            clearTimeout(gateTimer),
+          );
     const call = gate.then(() => f());
     const boundMs = o.boundMs ?? this.serviceTimeout;
     let timer: ReturnType<typeof setTimeout> | undefined;
@@ -680,7 +835,12 @@ export class Session {
    * options they ask for (each checked; a refused one is logged and dropped) and adds their
    * environment to `envOut`. A service that throws or is too slow is off for this x_start.
    */
-  private async prepareServices(p: SessionParams, account: Account, env: Record<string, string>, envOut: Record<string, string> = {}): Promise<string[]> {
+  private async prepareServices(
+    p: SessionParams,
+    account: Account,
+    env: Record<string, string>,
+    envOut: Record<string, string> = {},
+  ): Promise<string[]> {
     const services = this.opts.services ?? [];
     this.svcOptions = [];
     this.svcWraps = [];
@@ -699,8 +859,15 @@ export class Session {
     };
     this.svcCtx = ctx;
     // An x_start waits up to 2 s for a service's running hook, and 5 s for its prepare.
-    const results = await Promise.all(services.map((svc, i) => this.onChain<Prepared>(i, "prepare", () => svc.prepare(ctx), { waitPrevMs: 2000, boundMs: 5000 })));
-    const base = nxagentOptions(p, o.display, o.tolerancechecks, o.acceptFrom).replace(/^nx\/nx,/, "").replace(/:\d+$/, "").split(",");
+    const results = await Promise.all(
+      services.map((svc, i) =>
+        this.onChain<Prepared>(i, "prepare", () => svc.prepare(ctx), { waitPrevMs: 2000, boundMs: 5000 }),
+      ),
+    );
+    const base = nxagentOptions(p, o.display, o.tolerancechecks, o.acceptFrom)
+      .replace(/^nx\/nx,/, "")
+      .replace(/:\d+$/, "")
+      .split(",");
     const extra: string[] = [];
     this.svcWraps = results.map((r) => (Array.isArray(r?.wrap) ? r.wrap.map(String) : []));
     results.forEach((r, i) => {
@@ -741,7 +908,9 @@ export class Session {
   private fireServices(hook: "connected" | "suspended" | "stopped", ctx = this.svcCtx): Promise<void> {
     const services = this.opts.services ?? [];
     if (!ctx || !services.length) return Promise.resolve();
-    return Promise.all(services.map((svc, i) => svc[hook] ? this.onChain(i, hook, () => svc[hook]!(ctx)) : undefined)).then(() => {});
+    return Promise.all(
+      services.map((svc, i) => (svc[hook] ? this.onChain(i, hook, () => svc[hook]!(ctx)) : undefined)),
+    ).then(() => {});
   }
 
   /** The X session is over: "suspended" if the services were still connected, then "stopped". */
@@ -751,13 +920,16 @@ export class Session {
     const wasConnected = this.svcConnected;
     this.svcConnected = false;
     this.svcCtx = undefined;
-    return (wasConnected ? this.fireServices("suspended", ctx) : Promise.resolve()).then(() => this.fireServices("stopped", ctx));
+    return (wasConnected ? this.fireServices("suspended", ctx) : Promise.resolve()).then(() =>
+      this.fireServices("stopped", ctx),
+    );
   }
 
   /** `${run}/nxagent.state` as the original wrote it: `<nx state>:<epoch>`. */
   private writeStateFile(): void {
     try {
-      if (this.nxState) writeFileSync(join(this.opts.runDir, "nxagent.state"), `${this.nxState}:${Math.floor(Date.now() / 1000)}\n`);
+      if (this.nxState)
+        writeFileSync(join(this.opts.runDir, "nxagent.state"), `${this.nxState}:${Math.floor(Date.now() / 1000)}\n`);
     } catch {}
   }
 

@@ -20,7 +20,16 @@
 // opened fd (nosuid,nodev, user_id/group_id the user's), then execs sshfs as the user on the
 // mounted fd (`/dev/fd/3`, `-o slave`). Bun cannot pass fds, so the VMA relays the stream between
 // the socket and sshfs's stdin/stdout.
-import { chmodSync, chownSync, existsSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  chownSync,
+  existsSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { createServer, type Server, type Socket } from "node:net";
 import { spawn, type ChildProcess } from "node:child_process";
 import { join } from "node:path";
@@ -105,9 +114,16 @@ export function nestedIdMap(selfMap: string): string | undefined {
 
 /** One X session's namespace holder. */
 class Holder {
-  constructor(readonly proc: ChildProcess, readonly pid: number) {}
-  get alive(): boolean { return this.proc.exitCode === null && this.proc.signalCode === null; }
-  enter(): string[] { return ["nsenter", `--user=/proc/${this.pid}/ns/user`, `--mount=/proc/${this.pid}/ns/mnt`, "--"]; }
+  constructor(
+    readonly proc: ChildProcess,
+    readonly pid: number,
+  ) {}
+  get alive(): boolean {
+    return this.proc.exitCode === null && this.proc.signalCode === null;
+  }
+  enter(): string[] {
+    return ["nsenter", `--user=/proc/${this.pid}/ns/user`, `--mount=/proc/${this.pid}/ns/mnt`, "--"];
+  }
 }
 
 async function startHolder(): Promise<Holder> {
@@ -116,7 +132,10 @@ async function startHolder(): Promise<Holder> {
   const gmap = nestedIdMap(readFileSync("/proc/self/gid_map", "utf8"));
   if (!map || !gmap) throw new Error("the VMA's id map does not start at 0: no nested namespace");
   // `cat` on a pipe from the VMA: the holder ends with the VMA, however the VMA ends.
-  const proc = spawn("unshare", ["--user", "--mount", "--propagation", "slave", "--", "cat"], { stdio: ["pipe", "ignore", "ignore"], detached: true });
+  const proc = spawn("unshare", ["--user", "--mount", "--propagation", "slave", "--", "cat"], {
+    stdio: ["pipe", "ignore", "ignore"],
+    detached: true,
+  });
   const pid = proc.pid;
   if (!pid) throw new Error("cannot start unshare");
   own(pid, new Promise((res) => proc.on("exit", res)));
@@ -124,7 +143,9 @@ async function startHolder(): Promise<Holder> {
   const t0 = Date.now();
   for (;;) {
     let ns = self;
-    try { ns = readlinkSync(`/proc/${pid}/ns/user`); } catch {}
+    try {
+      ns = readlinkSync(`/proc/${pid}/ns/user`);
+    } catch {}
     if (ns !== self) break;
     if (!h.alive || Date.now() - t0 > 3000) {
       proc.kill("SIGKILL");
@@ -164,7 +185,15 @@ export function fuseMountsBelow(mountinfo: string, dir: string): string[] {
 export async function runQuiet(argv: string[], timeoutMs = 10_000): Promise<{ status: number; stderr: string }> {
   let p;
   try {
-    p = Bun.spawn(argv, { stdin: "ignore", stdout: "ignore", stderr: "pipe", timeout: timeoutMs, killSignal: "SIGKILL", cwd: "/", env: { PATH: process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin" } });
+    p = Bun.spawn(argv, {
+      stdin: "ignore",
+      stdout: "ignore",
+      stderr: "pipe",
+      timeout: timeoutMs,
+      killSignal: "SIGKILL",
+      cwd: "/",
+      env: { PATH: process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin" },
+    });
   } catch (e) {
     return { status: 127, stderr: (e as Error).message }; // not installed
   }
@@ -185,11 +214,19 @@ export class SharesService implements SessionService {
 
   constructor(readonly o: SharesOptions) {}
 
-  get socketPath(): string { return join(this.ctx!.runDir, SOCKET); }
-  get keyFile(): string { return join(this.ctx!.runDir, "slave.conf"); }
-  get wrapperFile(): string { return join(this.ctx!.runDir, "qvd-slave"); }
+  get socketPath(): string {
+    return join(this.ctx!.runDir, SOCKET);
+  }
+  get keyFile(): string {
+    return join(this.ctx!.runDir, "slave.conf");
+  }
+  get wrapperFile(): string {
+    return join(this.ctx!.runDir, "qvd-slave");
+  }
   /** The namespace's holder pid (tests, diagnostics). */
-  get holderPid(): number | undefined { return this.holder?.alive ? this.holder.pid : undefined; }
+  get holderPid(): number | undefined {
+    return this.holder?.alive ? this.holder.pid : undefined;
+  }
 
   async prepare(ctx: ServiceContext): Promise<Prepared> {
     const p = ctx.properties;
@@ -210,8 +247,14 @@ export class SharesService implements SessionService {
     if (!this.o.asCurrentUser) chownSync(this.keyFile, a.uid, a.gid);
 
     // nxcomp execv()s NX_SLAVE_CMD with no arguments: a wrapper names ours (root's, read-only).
-    for (const s of [this.o.qvd, ctx.runDir]) if (!SAFE_PATH.test(s)) throw new Error(`unusable path for the slave wrapper: ${JSON.stringify(s)}`);
-    const args = ["vma-slave", `--key-file=${this.keyFile}`, `--socket=${this.socketPath}`, `--display=:${ctx.display}`];
+    for (const s of [this.o.qvd, ctx.runDir])
+      if (!SAFE_PATH.test(s)) throw new Error(`unusable path for the slave wrapper: ${JSON.stringify(s)}`);
+    const args = [
+      "vma-slave",
+      `--key-file=${this.keyFile}`,
+      `--socket=${this.socketPath}`,
+      `--display=:${ctx.display}`,
+    ];
     if (!sharesOn) args.push("--no-shares");
     if (!usbOn) args.push("--no-usb");
     else if (!this.o.usbip) args.push("--usb-unavailable");
@@ -221,7 +264,11 @@ export class SharesService implements SessionService {
     rmSync(this.wrapperFile, { force: true });
     // Not exec: a handler that dies (a signal, a crash before it can log) is said on nxagent's
     // stderr, which the VMA logs (src/vma/session.ts NOTABLE_LINE).
-    writeFileSync(this.wrapperFile, `#!/bin/sh\n${this.o.qvd} ${args.join(" ")}\nrc=$?\n[ "$rc" = 0 ] || echo "qvd-slave: the slave handler failed (status $rc)" >&2\nexit "$rc"\n`, { mode: 0o755 });
+    writeFileSync(
+      this.wrapperFile,
+      `#!/bin/sh\n${this.o.qvd} ${args.join(" ")}\nrc=$?\n[ "$rc" = 0 ] || echo "qvd-slave: the slave handler failed (status $rc)" >&2\nexit "$rc"\n`,
+      { mode: 0o755 },
+    );
 
     let wrap: string[] | undefined;
     if (sharesOn && !this.o.asCurrentUser && (this.o.fuse ?? canFuse())) {
@@ -232,10 +279,13 @@ export class SharesService implements SessionService {
           log.info("session namespace", { holder: this.holder.pid });
         } catch (e) {
           this.holder = undefined;
-          log.warn("no nested namespace for the session: shared folders cannot be mounted", { err: (e as Error).message });
+          log.warn("no nested namespace for the session: shared folders cannot be mounted", {
+            err: (e as Error).message,
+          });
         }
       }
-      if (this.holder) wrap = [...this.holder.enter(), "setpriv", "--no-new-privs", "--bounding-set=-all,+setuid,+setgid", "--"];
+      if (this.holder)
+        wrap = [...this.holder.enter(), "setpriv", "--no-new-privs", "--bounding-set=-all,+setuid,+setgid", "--"];
     }
     if (sharesOn || this.usbOn) await this.listen(ctx);
     if (this.usbOn && !this.o.asCurrentUser) await this.o.usbip!.installRule(a.uid, a.gid);
@@ -290,7 +340,10 @@ export class SharesService implements SessionService {
       buf = Buffer.concat([buf, chunk]);
       const nl = buf.indexOf(10);
       if (nl < 0) {
-        if (buf.length > 4096) { sock.off("data", onData); fail(400, "request too long"); }
+        if (buf.length > 4096) {
+          sock.off("data", onData);
+          fail(400, "request too long");
+        }
         return;
       }
       sock.off("data", onData);
@@ -303,13 +356,16 @@ export class SharesService implements SessionService {
     };
     sock.on("data", onData);
     sock.on("error", () => sock.destroy());
-    sock.setTimeout(10_000, () => { if (buf.indexOf(10) < 0) sock.destroy(); });
+    sock.setTimeout(10_000, () => {
+      if (buf.indexOf(10) < 0) sock.destroy();
+    });
   }
 
   /** Checks one mount request, mounts, and relays the socket to sshfs. */
   private async mount(line: string, sock: Socket, rest: Buffer): Promise<void> {
     const ctx = this.ctx;
-    const reply = (status: number, extra: Record<string, unknown> = {}) => sock.write(JSON.stringify({ status, ...extra }) + "\n");
+    const reply = (status: number, extra: Record<string, unknown> = {}) =>
+      sock.write(JSON.stringify({ status, ...extra }) + "\n");
     let req: MountRequest;
     try {
       req = JSON.parse(line) as MountRequest;
@@ -318,7 +374,9 @@ export class SharesService implements SessionService {
       return void sock.end();
     }
     let key: string | undefined;
-    try { key = ctx ? readFileSync(this.keyFile, "utf8").replace(/\n$/, "") : undefined; } catch {}
+    try {
+      key = ctx ? readFileSync(this.keyFile, "utf8").replace(/\n$/, "") : undefined;
+    } catch {}
     if (typeof req?.key !== "string" || !keyMatches(req.key, key || undefined)) {
       reply(401, { error: "wrong slave key" });
       return void sock.end();
@@ -333,7 +391,8 @@ export class SharesService implements SessionService {
       if (typeof req.name !== "string") throw new Error();
       name = shareName(req.name);
       if (name !== req.name) throw new Error();
-      if (req.charset !== undefined && (typeof req.charset !== "string" || !CHARSET.test(req.charset))) throw new Error();
+      if (req.charset !== undefined && (typeof req.charset !== "string" || !CHARSET.test(req.charset)))
+        throw new Error();
     } catch {
       reply(400, { error: "invalid share name or charset" });
       return void sock.end();
@@ -352,35 +411,73 @@ export class SharesService implements SessionService {
     }
     let argv: string[];
     if (this.holder?.alive) {
-      argv = [...this.holder.enter(), "/bin/sh", "-c", MOUNT_SCRIPT, "qvd-mount", String(a.uid), String(a.gid), mountpoint, a.groups.join(","), this.o.sshfs ?? "sshfs", ...sshfsArgs.slice(0, 1), "/dev/fd/3", ...sshfsArgs.slice(1)];
+      argv = [
+        ...this.holder.enter(),
+        "/bin/sh",
+        "-c",
+        MOUNT_SCRIPT,
+        "qvd-mount",
+        String(a.uid),
+        String(a.gid),
+        mountpoint,
+        a.groups.join(","),
+        this.o.sshfs ?? "sshfs",
+        ...sshfsArgs.slice(0, 1),
+        "/dev/fd/3",
+        ...sshfsArgs.slice(1),
+      ];
     } else if (this.o.asCurrentUser) {
       argv = [this.o.sshfs ?? "sshfs", "qvd-client:", mountpoint, ...sshfsArgs.slice(1)];
     } else {
       reply(503, { error: "this desktop cannot mount shared folders (no FUSE namespace)" });
       return void sock.end();
     }
-    const child = spawn(argv[0]!, argv.slice(1), { stdio: ["pipe", "pipe", "pipe"], cwd: "/", env: { PATH: process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin", LANG: "C.UTF-8" } });
+    const child = spawn(argv[0]!, argv.slice(1), {
+      stdio: ["pipe", "pipe", "pipe"],
+      cwd: "/",
+      env: { PATH: process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin", LANG: "C.UTF-8" },
+    });
     this.sshfs.add(child);
     let errText = "";
-    child.stderr!.on("data", (d: Buffer) => { if (errText.length < 4096) errText += d.toString(); });
+    child.stderr!.on("data", (d: Buffer) => {
+      if (errText.length < 4096) errText += d.toString();
+    });
     const exited = new Promise<number>((res) => {
       child.on("close", (code) => res(code ?? 1));
       child.on("error", () => res(127));
     });
-    own(child.pid, new Promise((res) => { child.on("exit", res); child.on("error", res); }));
+    own(
+      child.pid,
+      new Promise((res) => {
+        child.on("exit", res);
+        child.on("error", res);
+      }),
+    );
     // The answer (the client's 101) only once the helper has mounted: a refused mount point is
     // a 409 the client sees, not a stream that just ends.
-    const mounted = !this.holder ? true : await Promise.race([
-      new Promise<boolean>((res) => { const f = () => { if (errText.includes("qvd-mount: mounted")) res(true); }; child.stderr!.on("data", f); f(); }),
-      exited.then(() => false),
-      Bun.sleep(10_000).then(() => false),
-    ]);
+    const mounted = !this.holder
+      ? true
+      : await Promise.race([
+          new Promise<boolean>((res) => {
+            const f = () => {
+              if (errText.includes("qvd-mount: mounted")) res(true);
+            };
+            child.stderr!.on("data", f);
+            f();
+          }),
+          exited.then(() => false),
+          Bun.sleep(10_000).then(() => false),
+        ]);
     if (!mounted) {
       if (child.exitCode === null) child.kill("SIGKILL");
       const why = /qvd-mount: ([^\n]*)/.exec(errText)?.[1] ?? errText.trim().split("\n").pop() ?? "";
       log.warn("share refused", { name, mountpoint, err: why });
       this.sshfs.delete(child);
-      reply(409, { error: why.startsWith("/") ? "the mount point is not a directory of the user in ~/Redirected" : "the share could not be mounted" });
+      reply(409, {
+        error: why.startsWith("/")
+          ? "the mount point is not a directory of the user in ~/Redirected"
+          : "the share could not be mounted",
+      });
       return void sock.end();
     }
     reply(200, { ticket: mountpoint });
@@ -389,11 +486,14 @@ export class SharesService implements SessionService {
     sock.pipe(child.stdin!);
     child.stdout!.pipe(sock);
     sock.resume();
-    sock.on("close", () => { if (child.exitCode === null) child.kill("SIGTERM"); });
+    sock.on("close", () => {
+      if (child.exitCode === null) child.kill("SIGTERM");
+    });
     child.stdin!.on("error", () => undefined);
     const code = await exited;
     this.sshfs.delete(child);
-    if (code !== 0) log.warn("sshfs ended", { name, status: code, stderr: errText.trim().split("\n").slice(-2).join(" / ") });
+    if (code !== 0)
+      log.warn("sshfs ended", { name, status: code, stderr: errText.trim().split("\n").slice(-2).join(" / ") });
     sock.end();
     // The client went away: sshfs on a mounted fd leaves a dead mount behind; take it away.
     if (this.ctx === ctx) await this.unmountAll(ctx, mountpoint);
@@ -438,16 +538,24 @@ export class SharesService implements SessionService {
         if (r.status !== 0) log.warn("cannot unmount a share", { mountpoint: m, err: r.stderr.trim() });
       }
     } else if (this.o.asCurrentUser) {
-      try { mounts = fuseMountsBelow(readFileSync("/proc/self/mountinfo", "utf8"), dir).filter((m) => only === undefined || m === only); } catch {}
+      try {
+        mounts = fuseMountsBelow(readFileSync("/proc/self/mountinfo", "utf8"), dir).filter(
+          (m) => only === undefined || m === only,
+        );
+      } catch {}
       for (const m of mounts) await runQuiet(["fusermount3", "-u", "-z", "--", m]);
     }
     if (only === undefined) for (const c of this.sshfs) if (c.exitCode === null) c.kill("SIGTERM");
     // rmdir (never a recursive removal) as the user: the directory is theirs.
     let names: string[] = [];
-    try { names = only === undefined ? readdirSync(dir) : [only.slice(dir.length + 1)]; } catch {}
+    try {
+      names = only === undefined ? readdirSync(dir) : [only.slice(dir.length + 1)];
+    } catch {}
     if (names.length) {
       const a = ctx.account;
-      const priv = this.o.asCurrentUser ? [] : ["setpriv", `--reuid=${a.uid}`, `--regid=${a.gid}`, "--clear-groups", "--"];
+      const priv = this.o.asCurrentUser
+        ? []
+        : ["setpriv", `--reuid=${a.uid}`, `--regid=${a.gid}`, "--clear-groups", "--"];
       await runQuiet([...priv, "rmdir", "--ignore-fail-on-non-empty", "--", ...names.map((n) => join(dir, n))]);
     }
     if (mounts.length) log.info("shares unmounted", { count: mounts.length });

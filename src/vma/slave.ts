@@ -63,9 +63,20 @@ export const MAX_NAME_BYTES = 255;
 export const MAX_PATH_BYTES = 4096;
 
 const REASONS: Record<number, string> = {
-  101: "Switching Protocols", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-  405: "Method Not Allowed", 409: "Conflict", 426: "Upgrade Required", 431: "Request Header Fields Too Large",
-  500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
+  101: "Switching Protocols",
+  200: "OK",
+  400: "Bad Request",
+  401: "Unauthorized",
+  403: "Forbidden",
+  404: "Not Found",
+  405: "Method Not Allowed",
+  409: "Conflict",
+  426: "Upgrade Required",
+  431: "Request Header Fields Too Large",
+  500: "Internal Server Error",
+  501: "Not Implemented",
+  503: "Service Unavailable",
+  505: "HTTP Version Not Supported",
 };
 
 const enc = new TextEncoder();
@@ -80,21 +91,38 @@ export const spawnExec: SlaveExec = {
           child.stdin.write(chunk);
           await child.stdin.flush();
         }
-      } catch { /* the connection went away */ }
-      try { await child.stdin.end(); } catch { /* child gone */ }
+      } catch {
+        /* the connection went away */
+      }
+      try {
+        await child.stdin.end();
+      } catch {
+        /* child gone */
+      }
     })();
     const out = child.stdout.getReader();
     for (let r = await out.read(); !r.done; r = await out.read()) output.write(r.value);
     return await child.exited;
   },
   launch(cmd) {
-    const child = Bun.spawn(cmd.argv, { cwd: cmd.cwd, env: cmd.env, stdin: "ignore", stdout: "ignore", stderr: "inherit" });
+    const child = Bun.spawn(cmd.argv, {
+      cwd: cmd.cwd,
+      env: cmd.env,
+      stdin: "ignore",
+      stdout: "ignore",
+      stderr: "inherit",
+    });
     child.unref();
   },
 };
 
 class HttpError extends Error {
-  constructor(readonly status: number, message: string) { super(message); }
+  constructor(
+    readonly status: number,
+    message: string,
+  ) {
+    super(message);
+  }
 }
 
 interface Request {
@@ -125,7 +153,13 @@ export function keyMatches(given: string | undefined, key: string | undefined): 
 export function shareName(path: string): string {
   const parts = path.split("/").filter((p) => p.length > 0);
   const name = parts.length ? parts[parts.length - 1]! : "Root";
-  if (name === "." || name === ".." || /[\x00-\x1f\x7f]/.test(name) || name.includes("/") || enc.encode(name).length > MAX_NAME_BYTES) {
+  if (
+    name === "." ||
+    name === ".." ||
+    /[\x00-\x1f\x7f]/.test(name) ||
+    name.includes("/") ||
+    enc.encode(name).length > MAX_NAME_BYTES
+  ) {
     throw new HttpError(400, "invalid share name");
   }
   return name;
@@ -242,7 +276,8 @@ class Reader {
 }
 
 function findCrlfCrlf(b: Uint8Array): number {
-  for (let i = 0; i + 3 < b.length; i++) if (b[i] === 13 && b[i + 1] === 10 && b[i + 2] === 13 && b[i + 3] === 10) return i;
+  for (let i = 0; i + 3 < b.length; i++)
+    if (b[i] === 13 && b[i + 1] === 10 && b[i + 2] === 13 && b[i + 3] === 10) return i;
   return -1;
 }
 
@@ -261,7 +296,8 @@ const SFTP_UPGRADE = /^qvd:sftp\/1\.0(?:;charset=([A-Za-z0-9._:+-]{1,40}))?$/;
 function upgrade(req: Request): { charset?: string } {
   const conn = (req.headers.get("connection") ?? "").split(",").map((s) => s.trim().toLowerCase());
   const m = SFTP_UPGRADE.exec(req.headers.get("upgrade") ?? "");
-  if (!conn.includes("upgrade") || !m) throw new HttpError(426, "expected Connection: Upgrade and Upgrade: qvd:sftp/1.0");
+  if (!conn.includes("upgrade") || !m)
+    throw new HttpError(426, "expected Connection: Upgrade and Upgrade: qvd:sftp/1.0");
   return { charset: m[1] };
 }
 
@@ -285,7 +321,10 @@ function within(child: string, parent: string): boolean {
 }
 
 /** Answers one authenticated request. */
-type Resolved = Required<Pick<SlaveOptions, "keyFile" | "sharesDir" | "uid" | "sshfs" | "sftpServer" | "xdgOpen" | "display" | "exec">> & SlaveOptions;
+type Resolved = Required<
+  Pick<SlaveOptions, "keyFile" | "sharesDir" | "uid" | "sshfs" | "sftpServer" | "xdgOpen" | "display" | "exec">
+> &
+  SlaveOptions;
 
 function route(req: Request, o: Resolved): Outcome {
   const q = req.target.indexOf("?");
@@ -306,16 +345,30 @@ function route(req: Request, o: Resolved): Outcome {
         const st = lstatSync(mountpoint, { throwIfNoEntry: false });
         if (st && !st.isDirectory()) throw new HttpError(409, "the mount point exists and is not a directory");
         if (!st) mkdirSync(mountpoint, { mode: 0o700 });
-        if (realpathSync(mountpoint) !== join(realpathSync(sharesDir), shareName(path))) throw new HttpError(409, "the mount point is not in the shares directory");
+        if (realpathSync(mountpoint) !== join(realpathSync(sharesDir), shareName(path)))
+          throw new HttpError(409, "the mount point is not in the shares directory");
       } catch (e) {
         if (e instanceof HttpError) throw e;
         throw new HttpError(500, `cannot create the mount point: ${(e as Error).message}`);
       }
       if (o.socket) return { kind: "mount", name: shareName(path), charset };
       // sshfs 3 (libfuse 3) has no atomic_o_trunc, which the original passed to sshfs 2.
-      const argv = [o.sshfs, "qvd-client:", mountpoint, "-o", "slave", "-o", `uid=${o.uid}`, ...(o.sshfsExtraArgs ?? [])];
+      const argv = [
+        o.sshfs,
+        "qvd-client:",
+        mountpoint,
+        "-o",
+        "slave",
+        "-o",
+        `uid=${o.uid}`,
+        ...(o.sshfsExtraArgs ?? []),
+      ];
       if (charset) argv.push("-o", `modules=iconv,from_code=${charset},to_code=utf-8`);
-      return { kind: "handover", bytes: response(101, [["X-QVD-Share-Ticket", mountpoint]]), cmd: { argv, env: o.env } };
+      return {
+        kind: "handover",
+        bytes: response(101, [["X-QVD-Share-Ticket", mountpoint]]),
+        cmd: { argv, env: o.env },
+      };
     }
     if (req.method === "GET") {
       upgrade(req);
@@ -338,7 +391,8 @@ function route(req: Request, o: Resolved): Outcome {
     noDotDot(ticket);
     const share = resolve(ticket);
     // The ticket names a share: a directory directly in the shares directory.
-    if (!within(share, sharesDir) || share.slice(sharesDir.length + 1).includes("/")) throw new HttpError(400, "invalid ticket");
+    if (!within(share, sharesDir) || share.slice(sharesDir.length + 1).includes("/"))
+      throw new HttpError(400, "invalid ticket");
     shareName(share.slice(sharesDir.length + 1));
     if (!isDir(share)) throw new HttpError(404, "no such share");
     const file = resolve(share, rel.replace(/^\/+/, ""));
@@ -359,7 +413,8 @@ function route(req: Request, o: Resolved): Outcome {
     if (o.noUsb) throw new HttpError(403, "USB/IP is disabled for this desktop");
     if (o.usbUnavailable || !o.socket) throw new HttpError(501, USBIP_UNAVAILABLE);
     const conn = (req.headers.get("connection") ?? "").split(",").map((s) => s.trim().toLowerCase());
-    if (!conn.includes("upgrade") || req.headers.get("upgrade") !== "qvd:usbip/1.0") throw new HttpError(426, "expected Connection: Upgrade and Upgrade: qvd:usbip/1.0");
+    if (!conn.includes("upgrade") || req.headers.get("upgrade") !== "qvd:usbip/1.0")
+      throw new HttpError(426, "expected Connection: Upgrade and Upgrade: qvd:usbip/1.0");
     return { kind: "usbip" };
   }
   throw new HttpError(404, "not found");
@@ -369,16 +424,26 @@ function route(req: Request, o: Resolved): Outcome {
  * Why a desktop cannot attach a USB device: the device goes to the vhci_hcd driver of the kernel
  * the desktop runs on, and an LXC desktop's kernel is the node's (src/vma/usbip.ts).
  */
-export const USBIP_UNAVAILABLE = "USB devices need a KVM desktop: attaching one needs the desktop's own kernel and its vhci_hcd driver, and an LXC desktop shares its node's kernel";
+export const USBIP_UNAVAILABLE =
+  "USB devices need a KVM desktop: attaching one needs the desktop's own kernel and its vhci_hcd driver, and an LXC desktop shares its node's kernel";
 
 /** The VMA's answer to a mount or USB request (src/vma/shares.ts), then the stream. */
-async function askMount(socketPath: string, req: { key: string; name?: string; charset?: string; usbip?: boolean }): Promise<{ status: number; ticket?: string; error?: string; sock?: import("node:net").Socket; rest?: Buffer }> {
+async function askMount(
+  socketPath: string,
+  req: { key: string; name?: string; charset?: string; usbip?: boolean },
+): Promise<{ status: number; ticket?: string; error?: string; sock?: import("node:net").Socket; rest?: Buffer }> {
   const what = req.usbip ? "USB devices are" : "shared folders are";
   if (!existsSync(socketPath)) return { status: 503, error: `${what} not available in this session` };
   return await new Promise((res) => {
     const sock = connect(socketPath);
     let buf = Buffer.alloc(0);
-    const done = (r: { status: number; ticket?: string; error?: string; sock?: import("node:net").Socket; rest?: Buffer }) => {
+    const done = (r: {
+      status: number;
+      ticket?: string;
+      error?: string;
+      sock?: import("node:net").Socket;
+      rest?: Buffer;
+    }) => {
       sock.off("data", onData);
       clearTimeout(timer);
       res(r);
@@ -389,16 +454,27 @@ async function askMount(socketPath: string, req: { key: string; name?: string; c
       if (nl < 0) return;
       sock.pause();
       try {
-        const a = JSON.parse(buf.subarray(0, nl).toString("utf8")) as { status: number; ticket?: string; error?: string };
-        if (a.status === 200 && (req.usbip || typeof a.ticket === "string")) return done({ status: 200, ticket: a.ticket, sock, rest: buf.subarray(nl + 1) });
+        const a = JSON.parse(buf.subarray(0, nl).toString("utf8")) as {
+          status: number;
+          ticket?: string;
+          error?: string;
+        };
+        if (a.status === 200 && (req.usbip || typeof a.ticket === "string"))
+          return done({ status: 200, ticket: a.ticket, sock, rest: buf.subarray(nl + 1) });
         sock.destroy();
-        done({ status: typeof a.status === "number" && REASONS[a.status] ? a.status : 500, error: String(a.error ?? (req.usbip ? "USB device refused" : "mount refused")) });
+        done({
+          status: typeof a.status === "number" && REASONS[a.status] ? a.status : 500,
+          error: String(a.error ?? (req.usbip ? "USB device refused" : "mount refused")),
+        });
       } catch {
         sock.destroy();
         done({ status: 500, error: "bad answer from the VMA" });
       }
     };
-    const timer = setTimeout(() => { sock.destroy(); done({ status: 503, error: "the VMA did not answer" }); }, 20_000);
+    const timer = setTimeout(() => {
+      sock.destroy();
+      done({ status: 503, error: "the VMA did not answer" });
+    }, 20_000);
     sock.on("data", onData);
     sock.on("error", () => done({ status: 503, error: `${what} not available in this session` }));
     sock.write(JSON.stringify(req) + "\n");
@@ -410,7 +486,11 @@ async function askMount(socketPath: string, req: { key: string; name?: string; c
  * a program, an error closes it, or the peer ends it. Resolves when done (after the handed-over
  * program exits).
  */
-export async function serveSlave(input: AsyncIterable<Uint8Array>, output: SlaveOutput, options: SlaveOptions): Promise<void> {
+export async function serveSlave(
+  input: AsyncIterable<Uint8Array>,
+  output: SlaveOutput,
+  options: SlaveOptions,
+): Promise<void> {
   const o: Resolved = {
     sshfs: "sshfs",
     sftpServer: "/usr/lib/openssh/sftp-server",
@@ -428,7 +508,16 @@ export async function serveSlave(input: AsyncIterable<Uint8Array>, output: Slave
       const req = parseHead(head);
       const auth = /^Basic (.+)$/.exec(req.headers.get("authorization") ?? "");
       if (!keyMatches(auth?.[1], readKey(o.keyFile))) {
-        output.write(response(401, [["WWW-Authenticate", 'Basic realm="QVD"'], ["Connection", "close"]], "Unauthorized\n"));
+        output.write(
+          response(
+            401,
+            [
+              ["WWW-Authenticate", 'Basic realm="QVD"'],
+              ["Connection", "close"],
+            ],
+            "Unauthorized\n",
+          ),
+        );
         break;
       }
       await reader.skipBody(bodyLength(req));
@@ -442,7 +531,11 @@ export async function serveSlave(input: AsyncIterable<Uint8Array>, output: Slave
       continue;
     }
     if (outcome.kind === "mount") {
-      const a = await askMount(o.socket!, { key: readKey(o.keyFile) ?? "", name: outcome.name, charset: outcome.charset });
+      const a = await askMount(o.socket!, {
+        key: readKey(o.keyFile) ?? "",
+        name: outcome.name,
+        charset: outcome.charset,
+      });
       if (a.status !== 200 || !a.sock) {
         output.write(response(a.status, [["Connection", "close"]], (a.error ?? "error") + "\n"));
         break;
@@ -472,10 +565,20 @@ export async function serveSlave(input: AsyncIterable<Uint8Array>, output: Slave
 }
 
 /** Copies the client's stream to the VMA's socket and back until either side ends. */
-async function relay(input: AsyncIterable<Uint8Array>, output: SlaveOutput, sock: import("node:net").Socket, first: Buffer): Promise<void> {
-  const closed = new Promise<void>((res) => { sock.on("close", () => res()); sock.on("error", () => res()); });
+async function relay(
+  input: AsyncIterable<Uint8Array>,
+  output: SlaveOutput,
+  sock: import("node:net").Socket,
+  first: Buffer,
+): Promise<void> {
+  const closed = new Promise<void>((res) => {
+    sock.on("close", () => res());
+    sock.on("error", () => res());
+  });
   if (first.length) output.write(first);
-  sock.on("data", (d: Buffer) => { output.write(d); });
+  sock.on("data", (d: Buffer) => {
+    output.write(d);
+  });
   sock.resume();
   void (async () => {
     try {

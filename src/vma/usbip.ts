@@ -13,7 +13,16 @@
 //
 // Only a desktop with a kernel of its own may do this (vm.hypervisor kvm): in an LXC desktop the
 // driver would be the node's.
-import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { createServer, type Socket } from "node:net";
 import { basename, join } from "node:path";
 import { logger } from "../log.ts";
@@ -22,7 +31,13 @@ import { runQuiet } from "./shares.ts";
 const log = logger("vma-usbip");
 
 /** enum usb_device_speed values vhci_hcd accepts: low, full, high, super, super-plus (not wireless). */
-export const USB_SPEEDS: Readonly<Record<number, string>> = { 1: "low", 2: "full", 3: "high", 5: "super", 6: "super-plus" };
+export const USB_SPEEDS: Readonly<Record<number, string>> = {
+  1: "low",
+  2: "full",
+  3: "high",
+  5: "super",
+  6: "super-plus",
+};
 /** Devices attached at a time per desktop (vhci_hcd has 8 + 8 ports per controller by default). */
 export const MAX_USB_DEVICES = 8;
 /** The device line: at most this many bytes, within this many milliseconds of the 101. */
@@ -83,7 +98,11 @@ export function tcpSocketUid(procNetTcp: string, local: number, remote: number):
 }
 
 /** What a device's sysfs says, made safe for a log line (its strings are the client's to choose). */
-const clean = (s: string) => s.trim().replace(/[^\x20-\x7e]/g, "?").slice(0, 64);
+const clean = (s: string) =>
+  s
+    .trim()
+    .replace(/[^\x20-\x7e]/g, "?")
+    .slice(0, 64);
 
 export interface AttachedInfo {
   busid: string;
@@ -97,15 +116,25 @@ export interface AttachedInfo {
 export function describeDevice(sysUsb: string, busid: string): AttachedInfo {
   const dir = join(sysUsb, "devices", busid);
   const read = (f: string) => {
-    try { return clean(readFileSync(join(dir, f), "utf8")); } catch { return ""; }
+    try {
+      return clean(readFileSync(join(dir, f), "utf8"));
+    } catch {
+      return "";
+    }
   };
   const nodes: string[] = [];
   let real = dir;
-  try { real = join(dir, "..", readlinkSync(dir)); } catch {}
+  try {
+    real = join(dir, "..", readlinkSync(dir));
+  } catch {}
   const walk = (d: string, depth: number) => {
     if (depth > 12) return;
     let names: string[] = [];
-    try { names = readdirSync(d); } catch { return; }
+    try {
+      names = readdirSync(d);
+    } catch {
+      return;
+    }
     if (names.includes("dev")) {
       try {
         const devname = /^DEVNAME=(.*)$/m.exec(readFileSync(join(d, "uevent"), "utf8"))?.[1];
@@ -113,7 +142,9 @@ export function describeDevice(sysUsb: string, busid: string): AttachedInfo {
           const size = names.includes("size") ? Number(readFileSync(join(d, "size"), "utf8").trim()) * 512 : undefined;
           const node = `/dev/${clean(devname)}`;
           let owner = "?";
-          try { owner = String(statSync(node).uid); } catch {}
+          try {
+            owner = String(statSync(node).uid);
+          } catch {}
           nodes.push(`${node}${size !== undefined ? ` ${size}` : ""} owner=${owner}`);
         }
       } catch {}
@@ -126,9 +157,13 @@ export function describeDevice(sysUsb: string, busid: string): AttachedInfo {
     }
   };
   walk(real, 0);
-  return { busid, id: `${read("idVendor")}:${read("idProduct")}`, name: [read("manufacturer"), read("product")].filter(Boolean).join(" "), nodes: nodes.sort() };
+  return {
+    busid,
+    id: `${read("idVendor")}:${read("idProduct")}`,
+    name: [read("manufacturer"), read("product")].filter(Boolean).join(" "),
+    nodes: nodes.sort(),
+  };
 }
-
 
 export interface UsbipOptions {
   /** /sys/devices/platform (tests). */
@@ -162,14 +197,18 @@ export class UsbipAttacher {
     this.sysUsb = o.sysUsb ?? "/sys/bus/usb";
   }
 
-  get count(): number { return this.attached.size; }
+  get count(): number {
+    return this.attached.size;
+  }
 
   /** Gives the session's user the nodes of the devices attached from now on (usbUdevRule). */
   async installRule(uid: number, gid: number): Promise<boolean> {
     return await installUsbUdevRule(uid, gid, this.o.udevRuleFile, this.o.udevadm);
   }
 
-  private get vhci(): string { return join(this.platformDir, "vhci_hcd.0"); }
+  private get vhci(): string {
+    return join(this.platformDir, "vhci_hcd.0");
+  }
 
   /** Loads vhci_hcd when it is not there; the reason when it cannot be had. */
   async ensureDriver(): Promise<string | undefined> {
@@ -182,15 +221,22 @@ export class UsbipAttacher {
   /** Every port of every vhci_hcd controller (their status files are all in vhci_hcd.0). */
   ports(): VhciPort[] {
     let files: string[] = [];
-    try { files = readdirSync(this.vhci).filter((n) => /^status(\.\d+)?$/.test(n)); } catch {}
+    try {
+      files = readdirSync(this.vhci).filter((n) => /^status(\.\d+)?$/.test(n));
+    } catch {}
     return files.flatMap((f) => {
-      try { return parseVhciStatus(readFileSync(join(this.vhci, f), "utf8")); } catch { return []; }
+      try {
+        return parseVhciStatus(readFileSync(join(this.vhci, f), "utf8"));
+      } catch {
+        return [];
+      }
     });
   }
 
   /** Why another device cannot be attached now, or undefined. */
   async refusal(): Promise<{ status: number; error: string } | undefined> {
-    if (this.attached.size >= (this.o.maxDevices ?? MAX_USB_DEVICES)) return { status: 503, error: `at most ${this.o.maxDevices ?? MAX_USB_DEVICES} USB devices at a time` };
+    if (this.attached.size >= (this.o.maxDevices ?? MAX_USB_DEVICES))
+      return { status: 503, error: `at most ${this.o.maxDevices ?? MAX_USB_DEVICES} USB devices at a time` };
     const why = await this.ensureDriver();
     if (why) return { status: 501, error: why };
     return undefined;
@@ -263,7 +309,14 @@ export class UsbipAttacher {
         stable = now === seen ? stable + 1 : 0;
         seen = now;
         if (stable >= 3 || Date.now() - t0 > 20_000) {
-          log.info("USB device attached", { port: a.port, busid: info.busid, id: info.id, name: info.name, speed: USB_SPEEDS[dev.speed], nodes: now });
+          log.info("USB device attached", {
+            port: a.port,
+            busid: info.busid,
+            id: info.id,
+            name: info.name,
+            speed: USB_SPEEDS[dev.speed],
+            nodes: now,
+          });
           return;
         }
         await Bun.sleep(700);
@@ -285,7 +338,11 @@ export class UsbipAttacher {
   private detachPort(port: number): void {
     const p = this.ports().find((x) => x.port === port);
     if (!p || p.state === 4) return;
-    try { writeFileSync(join(this.vhci, "detach"), `${port}`); } catch { /* already gone */ }
+    try {
+      writeFileSync(join(this.vhci, "detach"), `${port}`);
+    } catch {
+      /* already gone */
+    }
   }
 
   /**
@@ -294,12 +351,17 @@ export class UsbipAttacher {
    */
   private async kernelSocket(port: number, dev: UsbDeviceId): Promise<Socket> {
     const server = createServer({ pauseOnConnect: true });
-    await new Promise<void>((res, rej) => { server.once("error", rej); server.listen(0, "127.0.0.1", () => res()); });
+    await new Promise<void>((res, rej) => {
+      server.once("error", rej);
+      server.listen(0, "127.0.0.1", () => res());
+    });
     const lport = (server.address() as { port: number }).port;
     const accepted = new Promise<Socket>((res) => {
       server.on("connection", (s: Socket) => {
         let uid: number | undefined;
-        try { uid = tcpSocketUid(readFileSync("/proc/net/tcp", "utf8"), s.remotePort!, lport); } catch {}
+        try {
+          uid = tcpSocketUid(readFileSync("/proc/net/tcp", "utf8"), s.remotePort!, lport);
+        } catch {}
         if (uid !== 0) {
           log.warn("a non-root connection to the USB attach listener was refused", { uid: uid ?? "unknown" });
           s.destroy();
@@ -310,12 +372,24 @@ export class UsbipAttacher {
     });
     try {
       const script = 'exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 3; printf "%s 3 %s %s\\n" "$2" "$3" "$4" > "$5"';
-      const r = runQuiet([this.o.bash ?? "/bin/bash", "-c", script, "qvd-usbip-attach", String(lport), String(port), String(dev.devid), String(dev.speed), join(this.vhci, "attach")]);
+      const r = runQuiet([
+        this.o.bash ?? "/bin/bash",
+        "-c",
+        script,
+        "qvd-usbip-attach",
+        String(lport),
+        String(port),
+        String(dev.devid),
+        String(dev.speed),
+        join(this.vhci, "attach"),
+      ]);
       const sock = await Promise.race([accepted, Bun.sleep(10_000).then(() => undefined)]);
       const done = await r;
       if (!sock || done.status !== 0) {
         sock?.destroy();
-        throw new Error(`vhci_hcd refused the device: ${done.stderr.trim().split("\n").pop() || `exit ${done.status}`}`);
+        throw new Error(
+          `vhci_hcd refused the device: ${done.stderr.trim().split("\n").pop() || `exit ${done.status}`}`,
+        );
       }
       sock.setNoDelay(true);
       return sock;
@@ -356,20 +430,26 @@ async function readLine(s: Socket, first: Buffer): Promise<{ line: string; rest:
   });
 }
 
-
 /**
  * The udev rule that gives the session's user the device nodes of attached USB devices (the
  * desktop is the user's alone: every vhci_hcd device is theirs). Written at session start.
  */
 export function usbUdevRule(uid: number, gid: number): string {
-  return `# Written by the qvd VMA: USB devices forwarded from the user's client belong to the desktop's user.\n` +
-    `ACTION=="add|change", DEVPATH=="/devices/platform/vhci_hcd.*", OWNER="${uid}", GROUP="${gid}"\n`;
+  return (
+    `# Written by the qvd VMA: USB devices forwarded from the user's client belong to the desktop's user.\n` +
+    `ACTION=="add|change", DEVPATH=="/devices/platform/vhci_hcd.*", OWNER="${uid}", GROUP="${gid}"\n`
+  );
 }
 
 export const USB_UDEV_RULE_FILE = "/run/udev/rules.d/70-qvd-usb.rules";
 
 /** Installs the rule (and has udev read it); false when udev is not there. */
-export async function installUsbUdevRule(uid: number, gid: number, file = USB_UDEV_RULE_FILE, udevadm = "udevadm"): Promise<boolean> {
+export async function installUsbUdevRule(
+  uid: number,
+  gid: number,
+  file = USB_UDEV_RULE_FILE,
+  udevadm = "udevadm",
+): Promise<boolean> {
   try {
     mkdirSync(join(file, ".."), { recursive: true });
     writeFileSync(file, usbUdevRule(uid, gid), { mode: 0o644 });

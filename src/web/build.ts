@@ -44,8 +44,22 @@ function bundleApp(what: string, dir: string, entry: string, base: string): Reco
   const out = mkdtempSync(join(tmpdir(), "qvd-web-"));
   try {
     const r = Bun.spawnSync(
-      [process.execPath, "build", join(import.meta.dir, dir, entry), "--outdir", out, "--minify", "--target", "browser",
-        "--entry-naming", "[name]-[hash].[ext]", "--asset-naming", "[name]-[hash].[ext]", "--chunk-naming", "[name]-[hash].[ext]"],
+      [
+        process.execPath,
+        "build",
+        join(import.meta.dir, dir, entry),
+        "--outdir",
+        out,
+        "--minify",
+        "--target",
+        "browser",
+        "--entry-naming",
+        "[name]-[hash].[ext]",
+        "--asset-naming",
+        "[name]-[hash].[ext]",
+        "--chunk-naming",
+        "[name]-[hash].[ext]",
+      ],
       { env: { ...process.env, BUN_BE_BUN: "1" }, stderr: "pipe", stdout: "pipe" },
     );
     if (r.exitCode !== 0) throw new Error(`bundling ${what} failed:\n${r.stderr.toString()}${r.stdout.toString()}`);

@@ -17,7 +17,13 @@ export function loadAssets(bundled: Record<string, BundledAsset>): Map<string, A
   return new Map(
     Object.entries(bundled).map(([name, a]) => [
       name,
-      { type: a.type, gz: new Uint8Array(Buffer.from(a.gz, "base64")), size: a.size, etag: a.etag, immutable: name !== "index.html" },
+      {
+        type: a.type,
+        gz: new Uint8Array(Buffer.from(a.gz, "base64")),
+        size: a.size,
+        etag: a.etag,
+        immutable: name !== "index.html",
+      },
     ]),
   );
 }

@@ -15,8 +15,10 @@ const ASSETS = loadAssets(BUNDLED);
 // The page uses no inline script or style, talks only to its own origin (fetch and the
 // WebSocket), and noVNC draws cursors and JPEG rectangles from data: and blob: images.
 const SECURITY_HEADERS: HeaderList = [
-  ["Content-Security-Policy",
-    "default-src 'self'; connect-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"],
+  [
+    "Content-Security-Policy",
+    "default-src 'self'; connect-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+  ],
   ["X-Content-Type-Options", "nosniff"],
   ["Referrer-Policy", "no-referrer"],
   ["X-Frame-Options", "DENY"],
@@ -64,7 +66,8 @@ export function desktopPage(path: string, headers: Map<string, string>): Uint8Ar
     ...SECURITY_HEADERS,
   ];
   if (matches(headers.get("if-none-match"), a.etag)) return notModified(common);
-  if (acceptsGzip(headers.get("accept-encoding"))) return writeResponse(200, a.type, a.gz, [["Content-Encoding", "gzip"], ...common]);
+  if (acceptsGzip(headers.get("accept-encoding")))
+    return writeResponse(200, a.type, a.gz, [["Content-Encoding", "gzip"], ...common]);
   a.plain ??= Bun.gunzipSync(a.gz);
   return writeResponse(200, a.type, a.plain, common);
 }
@@ -74,7 +77,12 @@ function notModified(headers: HeaderList): Uint8Array {
   const head = writeHead(304, headers);
   // REASONS (src/nx/http.ts) has no 304 yet, and writeHead would say "304 Unknown".
   if (REASONS[304]) return head;
-  return Buffer.from(Buffer.from(head).toString("latin1").replace(/^HTTP\/1\.1 304 Unknown/, "HTTP/1.1 304 Not Modified"), "latin1");
+  return Buffer.from(
+    Buffer.from(head)
+      .toString("latin1")
+      .replace(/^HTTP\/1\.1 304 Unknown/, "HTTP/1.1 304 Not Modified"),
+    "latin1",
+  );
 }
 
 /** Names and sizes of the assets (for the bench and tests). */

@@ -92,7 +92,8 @@ export class Fixtures implements Targets {
     const hash = await (fixtureHash ??= Bun.password.hash(FIXTURE_PASSWORD, { algorithm: "argon2id" }));
     const [r] = await this.sql`INSERT INTO administrators (tenant_id, name, password_hash)
       VALUES (${this.tenantId}, ${this.name("admin")}, ${hash}) RETURNING id`;
-    await this.sql`INSERT INTO administrator_roles (administrator_id, role_id) VALUES (${r!.id}, ${await this.builtin("Auditor")})`;
+    await this
+      .sql`INSERT INTO administrator_roles (administrator_id, role_id) VALUES (${r!.id}, ${await this.builtin("Auditor")})`;
     return r!.id;
   }
 
@@ -109,7 +110,11 @@ export class Fixtures implements Targets {
   }
 
   async osf(): Promise<number> {
-    const o = await D.create(this.sql, D.osfs, D.ALL_TENANTS, { tenant_id: this.tenantId, name: this.name("osf"), memory_mb: 256 });
+    const o = await D.create(this.sql, D.osfs, D.ALL_TENANTS, {
+      tenant_id: this.tenantId,
+      name: this.name("osf"),
+      memory_mb: 256,
+    });
     return this.withValue("osf_properties", "osf_id", o.id);
   }
 
@@ -121,7 +126,11 @@ export class Fixtures implements Targets {
   }
 
   async vm(): Promise<number> {
-    const v = await D.create(this.sql, D.vms, D.ALL_TENANTS, { user_id: await this.user(), osf_id: await this.osf(), name: this.name("vm") });
+    const v = await D.create(this.sql, D.vms, D.ALL_TENANTS, {
+      user_id: await this.user(),
+      osf_id: await this.osf(),
+      name: this.name("vm"),
+    });
     return this.withValue("vm_properties", "vm_id", v.id);
   }
 
@@ -132,7 +141,8 @@ export class Fixtures implements Targets {
   }
 
   async property(): Promise<number> {
-    return (await D.create(this.sql, D.properties, D.ALL_TENANTS, { tenant_id: this.tenantId, key: this.name("prop") })).id;
+    return (await D.create(this.sql, D.properties, D.ALL_TENANTS, { tenant_id: this.tenantId, key: this.name("prop") }))
+      .id;
   }
 
   async audit(): Promise<number> {
@@ -156,8 +166,17 @@ export class Fixtures implements Targets {
 /** Fixed objects: every call answers the same id (for requests that must fail). */
 export async function fixedTargets(fx: Fixtures): Promise<Targets & Record<string, unknown>> {
   const ids = {
-    tenant: fx.tenantId, administrator: await fx.administrator(), role: await fx.role(), user: await fx.user(), osf: await fx.osf(),
-    di: await fx.di(), vm: await fx.vm(), host: await fx.host(), property: await fx.property(), audit: await fx.audit(), session: await fx.session(),
+    tenant: fx.tenantId,
+    administrator: await fx.administrator(),
+    role: await fx.role(),
+    user: await fx.user(),
+    osf: await fx.osf(),
+    di: await fx.di(),
+    vm: await fx.vm(),
+    host: await fx.host(),
+    property: await fx.property(),
+    audit: await fx.audit(),
+    session: await fx.session(),
   };
   await fx.configOverride();
   return {
@@ -189,8 +208,16 @@ export interface Sample {
 }
 
 const KIND_OF_PATH: Record<string, keyof Targets> = {
-  tenants: "tenant", administrators: "administrator", roles: "role", users: "user", osfs: "osf", dis: "di", vms: "vm",
-  hosts: "host", properties: "property", audit: "audit",
+  tenants: "tenant",
+  administrators: "administrator",
+  roles: "role",
+  users: "user",
+  osfs: "osf",
+  dis: "di",
+  vms: "vm",
+  hosts: "host",
+  properties: "property",
+  audit: "audit",
 };
 
 let uniq = 0;
@@ -198,7 +225,9 @@ const fresh = (what: string) => `s-${what}-${++uniq}-${Math.random().toString(36
 
 /** Whether a route changes many objects at once by a filter in the query. */
 export const isMassRoute = (r: Route) =>
-  r.method !== "GET" && !r.path.includes(":") && (r.path.includes("/actions/") || r.method === "PATCH" || r.method === "DELETE");
+  r.method !== "GET" &&
+  !r.path.includes(":") &&
+  (r.path.includes("/actions/") || r.method === "PATCH" || r.method === "DELETE");
 
 /** A valid request for a route, aimed at objects of `t` (created as needed). */
 export async function sampleRequest(r: Route, t: Targets, opts: { multitenant?: boolean } = {}): Promise<Sample> {
@@ -227,27 +256,56 @@ export async function sampleRequest(r: Route, t: Targets, opts: { multitenant?: 
   if (r.rawBody) body = "not really a disk image";
   else if (r.method === "POST" && !r.path.includes(":") && !r.path.includes("/actions/")) {
     switch (seg) {
-      case "tenants": body = { name: fresh("tenant") }; break;
-      case "administrators": body = withTenant({ name: fresh("admin"), password: "sample-password-1" }); break;
-      case "roles": body = withTenant({ name: fresh("role") }); break;
-      case "users": body = withTenant({ name: fresh("user") }); break;
-      case "osfs": body = withTenant({ name: fresh("osf") }); break;
-      case "dis": body = { osf_id: await t.osf(), path: `${fresh("di")}.img` }; break;
-      case "vms": body = { user_id: await t.user(), osf_id: await t.osf(), name: fresh("vm") }; break;
-      case "hosts": { const n = fresh("host"); body = { name: n, address: `${n}.example` }; break; }
-      case "properties": body = withTenant({ key: fresh("prop") }); break;
-      case "login": body = { name: "nobody", password: "wrong-password" }; break;
-      case "logout": body = {}; break;
-      default: throw new Error(`no sample body for ${key}`);
+      case "tenants":
+        body = { name: fresh("tenant") };
+        break;
+      case "administrators":
+        body = withTenant({ name: fresh("admin"), password: "sample-password-1" });
+        break;
+      case "roles":
+        body = withTenant({ name: fresh("role") });
+        break;
+      case "users":
+        body = withTenant({ name: fresh("user") });
+        break;
+      case "osfs":
+        body = withTenant({ name: fresh("osf") });
+        break;
+      case "dis":
+        body = { osf_id: await t.osf(), path: `${fresh("di")}.img` };
+        break;
+      case "vms":
+        body = { user_id: await t.user(), osf_id: await t.osf(), name: fresh("vm") };
+        break;
+      case "hosts": {
+        const n = fresh("host");
+        body = { name: n, address: `${n}.example` };
+        break;
+      }
+      case "properties":
+        body = withTenant({ key: fresh("prop") });
+        break;
+      case "login":
+        body = { name: "nobody", password: "wrong-password" };
+        break;
+      case "logout":
+        body = {};
+        break;
+      default:
+        throw new Error(`no sample body for ${key}`);
     }
   } else if (r.method === "PATCH") body = { description: "changed by a sample request" };
   else if (key === "POST /dis/:id/tags") body = { tag: fresh("tag") };
   else if (key === "PUT /roles/:id/acls") body = { acl: "vm.start", positive: true };
-  else if (key === "POST /hosts/:id/declare_lost" || key === "POST /hosts/actions/declare_lost") body = { reason: "a sample request" };
-  else if (key === "POST /roles/:id/inherits" || key === "POST /administrators/:id/roles") body = { role_id: await t.builtin("Operator") };
+  else if (key === "POST /hosts/:id/declare_lost" || key === "POST /hosts/actions/declare_lost")
+    body = { reason: "a sample request" };
+  else if (key === "POST /roles/:id/inherits" || key === "POST /administrators/:id/roles")
+    body = { role_id: await t.builtin("Operator") };
   else if (r.path.endsWith("/properties/:key") && r.method === "PUT") body = { value: "sample value" };
-  else if (key === "PUT /configs/:key") body = t.tenantId === 0 ? { value: "2048" } : { value: "2048", tenant_id: t.tenantId };
-  else if (key === "PUT /session/password") body = { current_password: "not-the-password", password: "new-password-123" };
+  else if (key === "PUT /configs/:key")
+    body = t.tenantId === 0 ? { value: "2048" } : { value: "2048", tenant_id: t.tenantId };
+  else if (key === "PUT /session/password")
+    body = { current_password: "not-the-password", password: "new-password-123" };
   else if (r.method === "POST") body = {};
   let query = "";
   if (isMassRoute(r)) {
@@ -255,19 +313,47 @@ export async function sampleRequest(r: Route, t: Targets, opts: { multitenant?: 
     objectId = await (t[kind] as () => Promise<number>)();
     query = `?id=${objectId}`;
   } else if (key === "DELETE /configs/:key" && t.tenantId !== 0) query = `?tenant_id=${t.tenantId}`;
-  return { method: r.method, path: path + query, ...(body ? { body } : {}), ...(objectId !== undefined ? { objectId } : {}) };
+  return {
+    method: r.method,
+    path: path + query,
+    ...(body ? { body } : {}),
+    ...(objectId !== undefined ? { objectId } : {}),
+  };
 }
 
 const FINGERPRINT_TABLES = [
-  "tenants", "administrators", "roles", "role_acls", "role_inheritance", "administrator_roles", "users", "osfs", "dis", "di_tags",
-  "hosts", "host_runtimes", "vms", "vm_runtimes", "properties", "user_properties", "vm_properties", "host_properties",
-  "osf_properties", "di_properties", "configs", "user_tokens",
+  "tenants",
+  "administrators",
+  "roles",
+  "role_acls",
+  "role_inheritance",
+  "administrator_roles",
+  "users",
+  "osfs",
+  "dis",
+  "di_tags",
+  "hosts",
+  "host_runtimes",
+  "vms",
+  "vm_runtimes",
+  "properties",
+  "user_properties",
+  "vm_properties",
+  "host_properties",
+  "osf_properties",
+  "di_properties",
+  "configs",
+  "user_tokens",
 ];
 
 /** A digest per table of everything but the audit log and session activity. */
 export async function fingerprint(sql: Sql): Promise<Record<string, string>> {
-  const parts = FINGERPRINT_TABLES.map((t) => `SELECT '${t}' AS t, md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) AS h FROM ${t} x`);
-  parts.push(`SELECT 'admin_sessions', md5(coalesce(string_agg(token_hash, '|' ORDER BY token_hash), '')) FROM admin_sessions`);
+  const parts = FINGERPRINT_TABLES.map(
+    (t) => `SELECT '${t}' AS t, md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) AS h FROM ${t} x`,
+  );
+  parts.push(
+    `SELECT 'admin_sessions', md5(coalesce(string_agg(token_hash, '|' ORDER BY token_hash), '')) FROM admin_sessions`,
+  );
   const rows = await sql.unsafe(parts.join(" UNION ALL "));
   return Object.fromEntries(rows.map((r) => [r.t, r.h]));
 }

@@ -21,9 +21,17 @@ export interface ApiResponse<T = any> {
 
 export class ApiClient {
   /** `base`: the API's URL (…/api/v1); empty for a client bound later (useTestApi's superadmin). */
-  constructor(public base: string, public token?: string) {}
+  constructor(
+    public base: string,
+    public token?: string,
+  ) {}
 
-  async call<T = any>(method: string, path: string, body?: unknown, headers: Record<string, string> = {}): Promise<ApiResponse<T>> {
+  async call<T = any>(
+    method: string,
+    path: string,
+    body?: unknown,
+    headers: Record<string, string> = {},
+  ): Promise<ApiResponse<T>> {
     if (!this.base) throw new Error("the test API is not started yet (use the client inside a test or a hook)");
     const res = await fetch(this.base + path, {
       method,
@@ -45,7 +53,10 @@ export class ApiClient {
   /** A request as it is (a raw or streamed body, a signal) with the session's token; fetch's Response. */
   request(path: string, init: RequestInit & { headers?: Record<string, string> } = {}): Promise<Response> {
     if (!this.base) throw new Error("the test API is not started yet (use the client inside a test or a hook)");
-    return fetch(this.base + path, { ...init, headers: { ...(this.token ? { authorization: `Bearer ${this.token}` } : {}), ...init.headers } });
+    return fetch(this.base + path, {
+      ...init,
+      headers: { ...(this.token ? { authorization: `Bearer ${this.token}` } : {}), ...init.headers },
+    });
   }
 
   get = <T = any>(p: string) => this.call<T>("GET", p);
@@ -67,7 +78,10 @@ export async function startTestApi(db: TestDatabase, settings: Record<string, st
   const cfg = loadConfig({
     env: {},
     defaultFileExists: () => false,
-    flags: [{ flag: "--db", key: "database.url", value: db.url }, ...Object.entries(settings).map(([key, value]) => ({ flag: `--set ${key}`, key, value }))],
+    flags: [
+      { flag: "--db", key: "database.url", value: db.url },
+      ...Object.entries(settings).map(([key, value]) => ({ flag: `--set ${key}`, key, value })),
+    ],
   });
   const { fetch, hub, idleTimeout } = createApi({ sql: db.sql, cfg, databaseUrl: db.url });
   const server = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch, idleTimeout });
@@ -107,8 +121,12 @@ export interface NewAdmin {
 
 /** Makes an administrator through `by` (normally the superadmin) and gives it its roles; its id. */
 export async function createAdmin(by: ApiClient, name: string, o: NewAdmin): Promise<number> {
-  const a = await ok(by.post("/administrators", { tenant_id: o.tenantId, name, password: o.password ?? `${name}-password` }), 201);
-  for (const r of o.roles ?? []) await ok(by.post(`/administrators/${a.id}/roles`, { role_id: typeof r === "number" ? r : await roleId(by, r) }));
+  const a = await ok(
+    by.post("/administrators", { tenant_id: o.tenantId, name, password: o.password ?? `${name}-password` }),
+    201,
+  );
+  for (const r of o.roles ?? [])
+    await ok(by.post(`/administrators/${a.id}/roles`, { role_id: typeof r === "number" ? r : await roleId(by, r) }));
   return a.id;
 }
 
@@ -129,7 +147,11 @@ export interface LiveApi {
  * given) before the first test, stopped after the last. `api` and `sa` may be taken at once;
  * they work from the first hook on.
  */
-export function useTestApi(db: () => TestDatabase, settings: Record<string, string> | (() => Record<string, string>) = {}, o: { tenant?: string } = {}): LiveApi {
+export function useTestApi(
+  db: () => TestDatabase,
+  settings: Record<string, string> | (() => Record<string, string>) = {},
+  o: { tenant?: string } = {},
+): LiveApi {
   let live: TestApi | undefined;
   const need = (): TestApi => {
     if (!live) throw new Error("the test API is not started yet (use it inside a test or a hook)");

@@ -15,10 +15,15 @@ export interface Answer<T = any> {
  * The body of `answer` when its status is `status` (default 200; "2xx": any success); otherwise
  * fails naming what was asked (`what`), the status and the body.
  */
-export async function ok<T = any>(answer: Promise<Answer<T>> | Answer<T>, status: number | "2xx" = 200, what?: string): Promise<T> {
+export async function ok<T = any>(
+  answer: Promise<Answer<T>> | Answer<T>,
+  status: number | "2xx" = 200,
+  what?: string,
+): Promise<T> {
   const r = await answer;
   const good = status === "2xx" ? r.status >= 200 && r.status < 300 : r.status === status;
-  if (!good) throw new Error(`${what ? `${what}: ` : ""}expected ${status}, got ${r.status}: ${JSON.stringify(r.body)}`);
+  if (!good)
+    throw new Error(`${what ? `${what}: ` : ""}expected ${status}, got ${r.status}: ${JSON.stringify(r.body)}`);
   return r.body;
 }
 
@@ -26,7 +31,11 @@ export async function ok<T = any>(answer: Promise<Answer<T>> | Answer<T>, status
 export const clone = <T>(v: T): T => structuredClone(v);
 
 /** The error `p` rejects with: an instance of `type`, its message matching `pattern` (expectations that fail otherwise, also when `p` resolves). */
-export async function rejection<E extends Error>(p: Promise<unknown>, type: abstract new (...args: any[]) => E, pattern?: RegExp): Promise<E> {
+export async function rejection<E extends Error>(
+  p: Promise<unknown>,
+  type: abstract new (...args: any[]) => E,
+  pattern?: RegExp,
+): Promise<E> {
   let err: unknown;
   try {
     await p;

@@ -18,8 +18,15 @@ import type { TestApi } from "./api.ts";
 
 export const CHROMIUM = "/usr/bin/chromium";
 // No internet here: without these Chromium stalls on updates, sync and QUIC probes.
-export const CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-  "--disable-component-update", "--disable-sync"];
+export const CHROMIUM_ARGS = [
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+];
 
 export const SCREENSHOTS = join(import.meta.dir, "..", "..", ".test-output", "wat");
 
@@ -34,12 +41,17 @@ export function launchChromium(o: { netns?: string; args?: string[] } = {}): Pro
     if (!/^[\w.-]+$/.test(o.netns)) throw new Error(`bad namespace name ${o.netns}`);
     wrapper = mkdtempSync(join(tmpdir(), "qvd-chromium-"));
     executablePath = join(wrapper, "chromium");
-    writeFileSync(executablePath, `#!/bin/sh\nexec nsenter --net=/run/netns/${o.netns} -- ${CHROMIUM} "$@"\n`, { mode: 0o755 });
+    writeFileSync(executablePath, `#!/bin/sh\nexec nsenter --net=/run/netns/${o.netns} -- ${CHROMIUM} "$@"\n`, {
+      mode: 0o755,
+    });
   }
   const launched = chromium.launch({ executablePath, args: [...CHROMIUM_ARGS, ...(o.args ?? [])] });
   if (wrapper) {
     const dir = wrapper;
-    void launched.then((b) => b.on("disconnected", () => rmSync(dir, { recursive: true, force: true })), () => rmSync(dir, { recursive: true, force: true }));
+    void launched.then(
+      (b) => b.on("disconnected", () => rmSync(dir, { recursive: true, force: true })),
+      () => rmSync(dir, { recursive: true, force: true }),
+    );
   }
   return launched;
 }
@@ -69,9 +81,16 @@ export interface BrowserHarness {
 }
 
 /** A new context and page on the WAT of `api` (useBrowser's `open`, for scripts without bun:test). */
-export async function openWatPage(browser: Browser, api: TestApi | string, opts: { viewport?: { width: number; height: number } } = {}): Promise<WatPage> {
+export async function openWatPage(
+  browser: Browser,
+  api: TestApi | string,
+  opts: { viewport?: { width: number; height: number } } = {},
+): Promise<WatPage> {
   const origin = originOf(api);
-  const context = await browser.newContext({ viewport: opts.viewport ?? { width: 1280, height: 800 }, baseURL: origin });
+  const context = await browser.newContext({
+    viewport: opts.viewport ?? { width: 1280, height: 800 },
+    baseURL: origin,
+  });
   // Fail in seconds rather than at the test's timeout, so the failing step is the one reported.
   context.setDefaultTimeout(15_000);
   const page = await context.newPage();
@@ -138,7 +157,8 @@ export function useBrowser(): () => BrowserHarness {
 }
 
 /** Chromium logs a failed request ("… status of 401 …") as a console error; a test expecting one says so. */
-export const HTTP_STATUS = (status: number) => new RegExp(`Failed to load resource: the server responded with a status of ${status}\\b`);
+export const HTTP_STATUS = (status: number) =>
+  new RegExp(`Failed to load resource: the server responded with a status of ${status}\\b`);
 
 /** The page's level-1 heading named exactly `name`. */
 export const h1 = (page: Page, name: string) => page.getByRole("heading", { level: 1, name, exact: true });

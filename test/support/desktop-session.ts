@@ -26,7 +26,11 @@ export interface DesktopShell {
 export function desktopShell(node: TestNode, vmId: () => number, user: string): DesktopShell {
   const lxc = () => [...node.ns.exec, "lxc-attach", "-n", `qvd-${vmId()}`, "-P", node.lxcPath, "--"];
   const inSession = (script: string, stdin?: string | Uint8Array) =>
-    run([...lxc(), "env", `QVD_TEST_USER=${user}`, "/bin/sh", "-c", SESSION_WRAPPER, "qvd-test", script], { allowFail: true, timeoutMs: 30_000, stdin });
+    run([...lxc(), "env", `QVD_TEST_USER=${user}`, "/bin/sh", "-c", SESSION_WRAPPER, "qvd-test", script], {
+      allowFail: true,
+      timeoutMs: 30_000,
+      stdin,
+    });
   /** The window manager's environment as `export` lines. */
   const sessionEnv = async () => {
     const r = await inSession("tr '\\0' '\\n' < /proc/$1/environ");
@@ -39,8 +43,16 @@ export function desktopShell(node: TestNode, vmId: () => number, user: string): 
   };
   return {
     inDesktop: (script, o = {}) =>
-      run([...lxc(), ...(o.user ? ["setpriv", "--reuid", user, "--regid", user, "--clear-groups"] : []), "/bin/sh", "-c", script],
-        { allowFail: true, timeoutMs: 30_000, stdin: o.stdin }),
+      run(
+        [
+          ...lxc(),
+          ...(o.user ? ["setpriv", "--reuid", user, "--regid", user, "--clear-groups"] : []),
+          "/bin/sh",
+          "-c",
+          script,
+        ],
+        { allowFail: true, timeoutMs: 30_000, stdin: o.stdin },
+      ),
     inSession,
     asSession: async (script, stdin) => inSession(`${await sessionEnv()}\n${script}`, stdin),
   };

@@ -10,7 +10,23 @@
 //   - each node's L7R on its farm address and on a unix socket (reachable from the test's own
 //     namespace: filesystem sockets cross namespaces).
 // `stop()` removes everything, and a watchdog does so if the test process dies without it.
-import { appendFileSync, chmodSync, chownSync, closeSync, copyFileSync, existsSync, openSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  appendFileSync,
+  chmodSync,
+  chownSync,
+  closeSync,
+  copyFileSync,
+  existsSync,
+  openSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { join } from "node:path";
 import { createHash, randomBytes } from "node:crypto";
 import { isConfigKey } from "../../src/config.ts";
@@ -101,9 +117,20 @@ export class FarmNode {
     const conf = join(this.root, "node.conf");
     writeFileSync(conf, `database.url = ${f.nodeUrl}\n`, { mode: 0o600 });
     const argv = [
-      ...this.ns.exec, f.binary, "node", "--config", conf,
-      "--register", "--address", this.address,
-      "--listen", `${this.address}:${L7R_PORT}`, "--cert", f.l7rCert, "--key", f.l7rKey,
+      ...this.ns.exec,
+      f.binary,
+      "node",
+      "--config",
+      conf,
+      "--register",
+      "--address",
+      this.address,
+      "--listen",
+      `${this.address}:${L7R_PORT}`,
+      "--cert",
+      f.l7rCert,
+      "--key",
+      f.l7rKey,
       ...known.flatMap(([k, v]) => ["--set", `${k}=${v}`]),
     ];
     // The log file is the node's own stdout and stderr: no pipe through the test process, which
@@ -113,7 +140,12 @@ export class FarmNode {
     let proc: Bun.Subprocess;
     try {
       // The database's certificate is checked against its own CA (the farm CA signs only nodes).
-      proc = this.proc = Bun.spawn(argv, { stdin: "ignore", stdout: fd, stderr: fd, env: { ...cleanEnv(), NODE_EXTRA_CA_CERTS: f.dbCa } });
+      proc = this.proc = Bun.spawn(argv, {
+        stdin: "ignore",
+        stdout: fd,
+        stderr: fd,
+        env: { ...cleanEnv(), NODE_EXTRA_CA_CERTS: f.dbCa },
+      });
     } finally {
       closeSync(fd);
     }
@@ -151,17 +183,33 @@ export class FarmNode {
 
   /** Running desktops (LXC containers) of this node, by name. */
   async containers(): Promise<string[]> {
-    return (await run([...this.ns.exec, "lxc-ls", "-P", this.lxcPath, "--running", "-1"], { allowFail: true })).stdout.split("\n").filter(Boolean);
+    return (await run([...this.ns.exec, "lxc-ls", "-P", this.lxcPath, "--running", "-1"], { allowFail: true })).stdout
+      .split("\n")
+      .filter(Boolean);
   }
 
   /** Every container this node's LXC path knows (running or not): what a dead node leaves. */
   async knownContainers(): Promise<string[]> {
-    return (await run([...this.ns.exec, "lxc-ls", "-P", this.lxcPath, "-1"], { allowFail: true })).stdout.split("\n").filter(Boolean);
+    return (await run([...this.ns.exec, "lxc-ls", "-P", this.lxcPath, "-1"], { allowFail: true })).stdout
+      .split("\n")
+      .filter(Boolean);
   }
 
   /** Runs a shell command in one of this node's desktops (as root, unless `user`). */
   attach(vmId: number, script: string, user?: string) {
-    const argv = [...this.ns.exec, "lxc-attach", "-n", `qvd-${vmId}`, "-P", this.lxcPath, "--", ...(user ? ["setpriv", "--reuid", user, "--regid", user, "--clear-groups"] : []), "/bin/sh", "-c", script];
+    const argv = [
+      ...this.ns.exec,
+      "lxc-attach",
+      "-n",
+      `qvd-${vmId}`,
+      "-P",
+      this.lxcPath,
+      "--",
+      ...(user ? ["setpriv", "--reuid", user, "--regid", user, "--clear-groups"] : []),
+      "/bin/sh",
+      "-c",
+      script,
+    ];
     return run(argv, { allowFail: true, timeoutMs: 20_000 });
   }
 
@@ -173,7 +221,11 @@ export class FarmNode {
   async kill(): Promise<void> {
     const pidNs = new Set<string>();
     for (const c of await this.containers()) {
-      const pid = Number((await run([...this.ns.exec, "lxc-info", "-P", this.lxcPath, "-n", c, "-pH"], { allowFail: true })).stdout.trim());
+      const pid = Number(
+        (
+          await run([...this.ns.exec, "lxc-info", "-P", this.lxcPath, "-n", c, "-pH"], { allowFail: true })
+        ).stdout.trim(),
+      );
       if (pid > 0) pidNs.add(readlinkSync(`/proc/${pid}/ns/pid`));
     }
     const net = `net:[${nsInode(this.ns)}]`;
@@ -279,7 +331,10 @@ export class TestFarm {
 
   private async build(o: { replica?: boolean }): Promise<void> {
     const { ensureDeps } = await import("../../scripts/deps.ts");
-    await ensureDeps(["lxc", "iproute2", "nftables", "nsenter", "busybox", "curl", "openssl", "postgresql", "runuser", "tcpdump"], () => {});
+    await ensureDeps(
+      ["lxc", "iproute2", "nftables", "nsenter", "busybox", "curl", "openssl", "postgresql", "runuser", "tcpdump"],
+      () => {},
+    );
     this.binary = await qvdBinary();
     mkdirSync(join(this.root, "certs"), { recursive: true });
     mkdirSync(join(this.storage, "images"), { recursive: true });
@@ -300,7 +355,22 @@ export class TestFarm {
     await createFarmCa(join(this.root, "farm-ca"), { name: "QVD test farm CA" });
     await this.makeDbCa();
     await this.issue("db", [DB_ADDR, REPLICA_ADDR]);
-    await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=qvd-farm-l7r", "-keyout", this.l7rKey, "-out", this.l7rCert]);
+    await run([
+      "openssl",
+      "req",
+      "-x509",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-days",
+      "2",
+      "-subj",
+      "/CN=qvd-farm-l7r",
+      "-keyout",
+      this.l7rKey,
+      "-out",
+      this.l7rCert,
+    ]);
 
     await this.startDatabase();
     if (o.replica) await this.addReplica();
@@ -313,7 +383,12 @@ export class TestFarm {
       mkdirSync(node.root, { recursive: true });
       chmodSync(node.root, 0o755);
       await this.join(ns, node.farmIf, [addr]);
-      await issueNodeCert({ caDir: join(this.root, "farm-ca"), name, address: addr, outDir: join(this.root, "certs", name) });
+      await issueNodeCert({
+        caDir: join(this.root, "farm-ca"),
+        name,
+        address: addr,
+        outDir: join(this.root, "certs", name),
+      });
       this.nodes.push(node);
       // For the watchdog: desktops run in network namespaces of their own, stopped through LXC.
       appendFileSync(join(this.root, "lxc-paths"), `${ns.name} ${node.lxcPath}\n`);
@@ -331,7 +406,21 @@ export class TestFarm {
 
   /** A veth from `ns` (its end named farm0) to the farm bridge, with these addresses. */
   private async join(ns: Netns, farmIf: string, addrs: string[]): Promise<void> {
-    await run(["ip", "-n", this.farmNs.name, "link", "add", farmIf, "type", "veth", "peer", "name", "farm0", "netns", ns.name]);
+    await run([
+      "ip",
+      "-n",
+      this.farmNs.name,
+      "link",
+      "add",
+      farmIf,
+      "type",
+      "veth",
+      "peer",
+      "name",
+      "farm0",
+      "netns",
+      ns.name,
+    ]);
     await run(["ip", "-n", this.farmNs.name, "link", "set", farmIf, "master", "farmbr", "up"]);
     for (const a of addrs) await run(["ip", "-n", ns.name, "addr", "add", `${a}/24`, "dev", "farm0"]);
     await run(["ip", "-n", ns.name, "link", "set", "farm0", "up"]);
@@ -341,8 +430,26 @@ export class TestFarm {
 
   private async makeDbCa(): Promise<void> {
     const key = join(this.root, "certs", "db-ca.key");
-    await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=qvd test database CA", "-keyout", key, "-out", this.dbCa,
-      "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    await run([
+      "openssl",
+      "req",
+      "-x509",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-days",
+      "2",
+      "-subj",
+      "/CN=qvd test database CA",
+      "-keyout",
+      key,
+      "-out",
+      this.dbCa,
+      "-addext",
+      "basicConstraints=critical,CA:TRUE",
+      "-addext",
+      "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
   }
 
   /** The database server's certificate, signed by the database CA: SANs its addresses. */
@@ -352,9 +459,42 @@ export class TestFarm {
     const csr = join(dir, `${file}.csr`);
     const ext = join(dir, `${file}.ext`);
     const sans = [...(name ? [`DNS:${name}`] : []), ...addrs.map((a) => `IP:${a}`)].join(",");
-    writeFileSync(ext, `subjectAltName=${sans}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n`);
-    await run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", `/CN=${name ?? addrs[0]}`, "-keyout", key, "-out", csr]);
-    await run(["openssl", "x509", "-req", "-in", csr, "-CA", this.dbCa, "-CAkey", join(dir, "db-ca.key"), "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", join(dir, `${file}.crt`)]);
+    writeFileSync(
+      ext,
+      `subjectAltName=${sans}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n`,
+    );
+    await run([
+      "openssl",
+      "req",
+      "-new",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-subj",
+      `/CN=${name ?? addrs[0]}`,
+      "-keyout",
+      key,
+      "-out",
+      csr,
+    ]);
+    await run([
+      "openssl",
+      "x509",
+      "-req",
+      "-in",
+      csr,
+      "-CA",
+      this.dbCa,
+      "-CAkey",
+      join(dir, "db-ca.key"),
+      "-CAcreateserial",
+      "-days",
+      "2",
+      "-extfile",
+      ext,
+      "-out",
+      join(dir, `${file}.crt`),
+    ]);
     chmodSync(key, 0o600);
   }
 
@@ -378,18 +518,26 @@ export class TestFarm {
       wal_keep_size: "256MB",
       hot_standby: "on",
     };
-    return Object.entries(s).map(([k, v]) => `-c ${k}='${String(v)}'`).join(" ");
+    return Object.entries(s)
+      .map(([k, v]) => `-c ${k}='${String(v)}'`)
+      .join(" ");
   }
 
   private pgCtl(cluster: LocalCluster, args: string[], inNs = true) {
     const asUser = cluster.user ? ["runuser", "-u", cluster.user, "--"] : [];
-    return run([...(inNs ? this.dbNs.exec : []), ...asUser, `${cluster.bin}/${args[0]}`, ...args.slice(1)], { cwd: cluster.dir, timeoutMs: 120_000 });
+    return run([...(inNs ? this.dbNs.exec : []), ...asUser, `${cluster.bin}/${args[0]}`, ...args.slice(1)], {
+      cwd: cluster.dir,
+      timeoutMs: 120_000,
+    });
   }
 
   /** Certificates and client rules a cluster in the farm needs, owned by the server's user. */
   private prepareServerFiles(cluster: LocalCluster): void {
     const owner = statSync(cluster.dir);
-    for (const [from, to] of [["db.crt", "server.crt"], ["db.key", "server.key"]] as const) {
+    for (const [from, to] of [
+      ["db.crt", "server.crt"],
+      ["db.key", "server.key"],
+    ] as const) {
       const dest = join(cluster.dir, to);
       copyFileSync(join(this.root, "certs", from), dest);
       chownSync(dest, owner.uid, owner.gid);
@@ -398,7 +546,19 @@ export class TestFarm {
   }
 
   private async startPg(cluster: LocalCluster, listen: string): Promise<void> {
-    await this.pgCtl(cluster, ["pg_ctl", "-D", cluster.data, "-l", cluster.log, "-w", "-t", "60", "-o", this.pgSettings(cluster, listen), "start"]);
+    await this.pgCtl(cluster, [
+      "pg_ctl",
+      "-D",
+      cluster.data,
+      "-l",
+      cluster.log,
+      "-w",
+      "-t",
+      "60",
+      "-o",
+      this.pgSettings(cluster, listen),
+      "start",
+    ]);
   }
 
   private async startDatabase(): Promise<void> {
@@ -406,13 +566,16 @@ export class TestFarm {
     await pg.init();
     this.prepareServerFiles(pg);
     // Over the farm network: TLS only, passwords (scram); the unix socket stays trusted.
-    writeFileSync(join(pg.data, "pg_hba.conf"), [
-      "local all all trust",
-      "local replication all trust",
-      `hostssl all all ${FARM_NET}.0/24 scram-sha-256`,
-      `hostssl replication all ${FARM_NET}.0/24 scram-sha-256`,
-      "",
-    ].join("\n"));
+    writeFileSync(
+      join(pg.data, "pg_hba.conf"),
+      [
+        "local all all trust",
+        "local replication all trust",
+        `hostssl all all ${FARM_NET}.0/24 scram-sha-256`,
+        `hostssl replication all ${FARM_NET}.0/24 scram-sha-256`,
+        "",
+      ].join("\n"),
+    );
     await this.startPg(pg, DB_ADDR);
     const admin = connect(pg.url(), { max: 1 });
     try {
@@ -437,12 +600,20 @@ export class TestFarm {
     const owner = statSync(this.pg!.dir);
     chownSync(rep.dir, owner.uid, owner.gid);
     chmodSync(rep.dir, 0o755);
-    await this.pgCtl(rep, ["pg_basebackup", "-D", rep.data, "-R", "-X", "stream", "-h", this.pg!.dir, "-U", "postgres"], false);
+    await this.pgCtl(
+      rep,
+      ["pg_basebackup", "-D", rep.data, "-R", "-X", "stream", "-h", this.pg!.dir, "-U", "postgres"],
+      false,
+    );
     this.prepareServerFiles(rep);
     await this.startPg(rep, REPLICA_ADDR);
     const r = connect(rep.url("qvd"), { max: 1 });
     try {
-      await until(async () => (await r`SELECT pg_is_in_recovery() AS rec`)[0]!.rec === true, "the replica to stream", 30_000);
+      await until(
+        async () => (await r`SELECT pg_is_in_recovery() AS rec`)[0]!.rec === true,
+        "the replica to stream",
+        30_000,
+      );
     } finally {
       await r.end({ timeout: 5 });
     }
@@ -487,7 +658,8 @@ export class TestFarm {
 
   /** Where a VM runs now: the node's name from the database (undefined: nowhere). */
   async nodeOfVm(vmId: number): Promise<FarmNode | undefined> {
-    const [r] = await this.sql`SELECT h.name FROM vm_runtimes r JOIN hosts h ON h.id = r.host_id WHERE r.vm_id = ${vmId}`;
+    const [r] = await this
+      .sql`SELECT h.name FROM vm_runtimes r JOIN hosts h ON h.id = r.host_id WHERE r.vm_id = ${vmId}`;
     return r ? this.nodes.find((n) => n.name === r.name) : undefined;
   }
 
@@ -518,7 +690,10 @@ export class TestFarm {
     await this.sql?.end({ timeout: 5 }).catch(() => {});
     for (const n of this.nodes) await n.kill().catch(() => {});
     for (const c of [this.replica, this.pg]) {
-      if (c && existsSync(join(c.data, "postmaster.pid"))) await this.pgCtl(c, ["pg_ctl", "-D", c.data, "-m", "immediate", "-w", "-t", "60", "stop"], false).catch(() => {});
+      if (c && existsSync(join(c.data, "postmaster.pid")))
+        await this.pgCtl(c, ["pg_ctl", "-D", c.data, "-m", "immediate", "-w", "-t", "60", "stop"], false).catch(
+          () => {},
+        );
     }
     // Whatever else still runs in the farm's namespaces (tcpdump, clients), then the namespaces.
     for (const ns of this.nsList) {
@@ -537,7 +712,9 @@ export class TestFarm {
     if (keepLogs) console.log(`farm logs kept in ${this.root}`);
     else {
       // Desktops' files are owned by the shifted ids; a mount left by a killed desktop would stop rm.
-      await run(["sh", "-c", `grep -o ' ${this.root}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l`], { allowFail: true });
+      await run(["sh", "-c", `grep -o ' ${this.root}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l`], {
+        allowFail: true,
+      });
       rmSync(this.root, { recursive: true, force: true });
     }
   }

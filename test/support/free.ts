@@ -3,7 +3,8 @@ import { existsSync } from "node:fs";
 
 /** The first display from `from` on (within `span`) with neither an X lock file nor an X socket. */
 export function freeDisplay(from: number, span = 60): number {
-  for (let d = from; d < from + span; d++) if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
+  for (let d = from; d < from + span; d++)
+    if (!existsSync(`/tmp/.X${d}-lock`) && !existsSync(`/tmp/.X11-unix/X${d}`)) return d;
   throw new Error("no free X display");
 }
 

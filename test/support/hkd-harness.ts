@@ -45,12 +45,14 @@ function watched(b: Backend): Backend {
   };
 }
 
-void runMain(defineCommand({
-  args: hkdArgs,
-  async run({ args, rawArgs }) {
-    const cfg = configFromArgs(args, rawArgs);
-    const { stop } = await startHkd(cfg, { wrapBackend: watched });
-    console.log("qvd hkd running (test harness)");
-    await runUntilSignal(stop);
-  },
-}));
+void runMain(
+  defineCommand({
+    args: hkdArgs,
+    async run({ args, rawArgs }) {
+      const cfg = configFromArgs(args, rawArgs);
+      const { stop } = await startHkd(cfg, { wrapBackend: watched });
+      console.log("qvd hkd running (test harness)");
+      await runUntilSignal(stop);
+    },
+  }),
+);

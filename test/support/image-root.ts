@@ -5,7 +5,10 @@ import { join } from "node:path";
 
 /** Lines of `file` (passwd-style) whose first field is one of `names`. */
 const pick = (file: string, names: string[]) =>
-  readFileSync(file, "utf8").split("\n").filter((l) => names.includes(l.split(":")[0]!)).join("\n") + "\n";
+  readFileSync(file, "utf8")
+    .split("\n")
+    .filter((l) => names.includes(l.split(":")[0]!))
+    .join("\n") + "\n";
 
 /** Makes `${dir}/root` with the system accounts and `skel` (file name → text) in /etc/skel; its path. */
 export function minimalRoot(dir: string, skel: Record<string, string> = {}): string {

@@ -6,9 +6,13 @@ import { join } from "node:path";
 import { buildImage } from "../../src/virt/image-build.ts";
 
 export const KVM_TEST_IMAGE = "/var/cache/qvd/test/debian-bookworm-desktop.qcow2";
-const SOURCES = [join(import.meta.dir, "../../src/roles/di.ts"), join(import.meta.dir, "../../src/virt/image-build.ts")];
+const SOURCES = [
+  join(import.meta.dir, "../../src/roles/di.ts"),
+  join(import.meta.dir, "../../src/virt/image-build.ts"),
+];
 
-export const kvmTestImageFresh = () => existsSync(KVM_TEST_IMAGE) && SOURCES.every((s) => statSync(s).mtimeMs < statSync(KVM_TEST_IMAGE).mtimeMs);
+export const kvmTestImageFresh = () =>
+  existsSync(KVM_TEST_IMAGE) && SOURCES.every((s) => statSync(s).mtimeMs < statSync(KVM_TEST_IMAGE).mtimeMs);
 
 /** The built KVM test image (a qcow2), built first when missing or stale (about 2–3 minutes). */
 export async function kvmTestImage(): Promise<string> {

@@ -53,12 +53,16 @@ export class Peer {
   static async open(target: Target, opts: { preamble?: Uint8Array; tls?: boolean } = {}): Promise<Peer> {
     const p = new Peer();
     const tls = opts.tls ?? true;
-    const where = "unix" in target ? { unix: target.unix } : { hostname: target.host ?? "127.0.0.1", port: target.port };
+    const where =
+      "unix" in target ? { unix: target.unix } : { hostname: target.host ?? "127.0.0.1", port: target.port };
     if (tls && !opts.preamble) {
       p.socket = await Bun.connect({ ...where, tls: { rejectUnauthorized: false }, socket: p.handlers() } as any);
       return p;
     }
-    const raw: any = await Bun.connect({ ...where, socket: tls ? { data() {}, close: () => p.handlers().close() } : p.handlers() } as any);
+    const raw: any = await Bun.connect({
+      ...where,
+      socket: tls ? { data() {}, close: () => p.handlers().close() } : p.handlers(),
+    } as any);
     if (opts.preamble) raw.write(opts.preamble);
     if (!tls) {
       p.socket = raw;

@@ -7,7 +7,9 @@ import { poll } from "./wait.ts";
 const [port, login, password, vmId, mode] = process.argv.slice(2);
 const auth = basic(login!, password!);
 const c = await WireClient.connect(Number(port));
-c.send(`GET /qvd/list_of_vm? HTTP/1.1\r\nAuthorization: ${auth}\r\nAccept: application/json\r\nUser-Agent: QVD::HTTPC/0.01 (linux)\r\n\r\n`);
+c.send(
+  `GET /qvd/list_of_vm? HTTP/1.1\r\nAuthorization: ${auth}\r\nAccept: application/json\r\nUser-Agent: QVD::HTTPC/0.01 (linux)\r\n\r\n`,
+);
 const list = await c.response();
 if (mode === "stop") {
   // "Restart session": stop_vm as the Qt client sends it (with the Upgrade headers it adds).
@@ -18,7 +20,13 @@ if (mode === "stop") {
   process.exit(0);
 }
 const { progress, res, nx } = await c.connectToVm(Number(vmId), auth);
-const out = { list: { status: list.status, body: list.body }, progress, final: { status: res.status, reason: res.reason, lines: res.lines, body: res.body }, nx, closedByServer: false };
+const out = {
+  list: { status: list.status, body: list.body },
+  progress,
+  final: { status: res.status, reason: res.reason, lines: res.lines, body: res.body },
+  nx,
+  closedByServer: false,
+};
 console.log(JSON.stringify(out));
 if (mode === "hold" && res.status === 101) {
   // Keep the session until the server closes it (a later connection takes the VM over).

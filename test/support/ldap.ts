@@ -36,42 +36,75 @@ export class LdapServer {
     mkdirSync(data);
     const cert = join(this.dir, "cert.pem");
     const key = join(this.dir, "key.pem");
-    await run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "2",
-      "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]);
+    await run([
+      "openssl",
+      "req",
+      "-x509",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-keyout",
+      key,
+      "-out",
+      cert,
+      "-days",
+      "2",
+      "-subj",
+      "/CN=127.0.0.1",
+      "-addext",
+      "subjectAltName=IP:127.0.0.1,DNS:localhost",
+    ]);
     this.caFile = cert;
     const conf = join(this.dir, "slapd.conf");
-    writeFileSync(conf, [
-      "include /etc/ldap/schema/core.schema",
-      "include /etc/ldap/schema/cosine.schema",
-      "include /etc/ldap/schema/nis.schema",
-      "include /etc/ldap/schema/inetorgperson.schema",
-      "modulepath /usr/lib/ldap",
-      "moduleload back_mdb",
-      `pidfile ${join(this.dir, "slapd.pid")}`,
-      `TLSCertificateFile ${cert}`,
-      `TLSCertificateKeyFile ${key}`,
-      "database mdb",
-      `suffix "${LDAP_SUFFIX}"`,
-      `rootdn "${LDAP_ROOT_DN}"`,
-      `rootpw ${LDAP_ROOT_PW}`,
-      `directory ${data}`,
-      "maxsize 33554432",
-      "access to attrs=userPassword by self read by anonymous auth by * none",
-      "access to * by * read",
-      "",
-    ].join("\n"));
+    writeFileSync(
+      conf,
+      [
+        "include /etc/ldap/schema/core.schema",
+        "include /etc/ldap/schema/cosine.schema",
+        "include /etc/ldap/schema/nis.schema",
+        "include /etc/ldap/schema/inetorgperson.schema",
+        "modulepath /usr/lib/ldap",
+        "moduleload back_mdb",
+        `pidfile ${join(this.dir, "slapd.pid")}`,
+        `TLSCertificateFile ${cert}`,
+        `TLSCertificateKeyFile ${key}`,
+        "database mdb",
+        `suffix "${LDAP_SUFFIX}"`,
+        `rootdn "${LDAP_ROOT_DN}"`,
+        `rootpw ${LDAP_ROOT_PW}`,
+        `directory ${data}`,
+        "maxsize 33554432",
+        "access to attrs=userPassword by self read by anonymous auth by * none",
+        "access to * by * read",
+        "",
+      ].join("\n"),
+    );
     const ldifFile = join(this.dir, "data.ldif");
     writeFileSync(ldifFile, ldif);
     await run(["slapadd", "-f", conf, "-l", ldifFile]);
     this.port = freePort();
     this.tlsPort = freePort();
     // -d 0: stay in the foreground (our child, stopped by PID) without debug output.
-    this.proc = Bun.spawn(["slapd", "-f", conf, "-h", `${this.url}/ ${this.ldapsUrl}/`, "-d", "0"], { stdout: "ignore", stderr: Bun.file(join(this.dir, "slapd.log")) });
+    this.proc = Bun.spawn(["slapd", "-f", conf, "-h", `${this.url}/ ${this.ldapsUrl}/`, "-d", "0"], {
+      stdout: "ignore",
+      stderr: Bun.file(join(this.dir, "slapd.log")),
+    });
     const proc = this.proc;
-    const up = await poll(async () => (await run(["ldapsearch", "-x", "-H", this.url, "-b", LDAP_SUFFIX, "-s", "base", "(objectClass=*)", "dn"], { allowFail: true })).status === 0,
-      15_000, 100, { abort: () => proc.exitCode !== null });
+    const up = await poll(
+      async () =>
+        (
+          await run(["ldapsearch", "-x", "-H", this.url, "-b", LDAP_SUFFIX, "-s", "base", "(objectClass=*)", "dn"], {
+            allowFail: true,
+          })
+        ).status === 0,
+      15_000,
+      100,
+      { abort: () => proc.exitCode !== null },
+    );
     if (!up) {
-      const err = await Bun.file(join(this.dir, "slapd.log")).text().catch(() => "");
+      const err = await Bun.file(join(this.dir, "slapd.log"))
+        .text()
+        .catch(() => "");
       await this.stop();
       throw new Error(`slapd did not start: ${err.slice(-2000)}`);
     }

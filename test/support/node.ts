@@ -1,7 +1,20 @@
 // Node-side test helpers: the compiled qvd binary (built once per test run), a network
 // namespace of the test's own (198.18.0.0/15 only, removed afterwards), a small busybox image
 // tarball, and running a qvd role inside the namespace.
-import { chmodSync, copyFileSync, createWriteStream, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  copyFileSync,
+  createWriteStream,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from "node:fs";
 import { dirname, join } from "node:path";
 import { createHash, randomBytes } from "node:crypto";
 import * as D from "../../src/db/index.ts";
@@ -12,7 +25,11 @@ import { run } from "../../src/run.ts";
 import { buildBinary } from "../../scripts/build-binaries.ts";
 import { createFarmCa, issueNodeCert } from "../../src/farm/certs.ts";
 
-const shared = ((globalThis as Record<string, unknown>).__qvdTestNode ??= {}) as { binary?: Promise<string>; farm?: Promise<string>; certs?: Map<string, Promise<FarmCert>> };
+const shared = ((globalThis as Record<string, unknown>).__qvdTestNode ??= {}) as {
+  binary?: Promise<string>;
+  farm?: Promise<string>;
+  certs?: Map<string, Promise<FarmCert>>;
+};
 
 /** The compiled qvd of the current sources, built once per test run into a temp dir. */
 export function qvdBinary(): Promise<string> {
@@ -59,13 +76,21 @@ export function farmCert(name: string, address: string): Promise<FarmCert> {
   const k = `${name} ${address}`;
   let c = certs.get(k);
   if (!c)
-    certs.set(k, (c = (async () => {
-      const dir = await farmCaDir();
-      const out = join(dir, `node-${certs.size}-${name}`);
-      const r = await issueNodeCert({ caDir: join(dir, "ca"), name, address, outDir: out });
-      const ca = join(dir, "ca", "ca.crt");
-      return { ca, cert: r.cert, key: r.key, settings: { "cluster.tls.ca": ca, "cluster.tls.cert": r.cert, "cluster.tls.key": r.key } };
-    })()));
+    certs.set(
+      k,
+      (c = (async () => {
+        const dir = await farmCaDir();
+        const out = join(dir, `node-${certs.size}-${name}`);
+        const r = await issueNodeCert({ caDir: join(dir, "ca"), name, address, outDir: out });
+        const ca = join(dir, "ca", "ca.crt");
+        return {
+          ca,
+          cert: r.cert,
+          key: r.key,
+          settings: { "cluster.tls.ca": ca, "cluster.tls.cert": r.cert, "cluster.tls.key": r.key },
+        };
+      })()),
+    );
   return c;
 }
 
@@ -98,18 +123,22 @@ export async function busyboxImage(file: string): Promise<void> {
   const binary = await qvdBinary();
   const dir = mkdtempSync("/tmp/qvd-test-rootfs-");
   try {
-    for (const d of ["bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp", "home", "root", "usr/local/bin"]) mkdirSync(join(dir, d), { recursive: true });
+    for (const d of ["bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp", "home", "root", "usr/local/bin"])
+      mkdirSync(join(dir, d), { recursive: true });
     const bb = existsSync("/usr/bin/busybox") ? "/usr/bin/busybox" : "/bin/busybox";
     copyFileSync(bb, join(dir, "bin/busybox"));
     chmodSync(join(dir, "bin/busybox"), 0o755);
-    for (const a of ["sh", "ls", "cat", "echo", "sleep", "touch", "test", "mount", "ip", "id", "chown", "mkdir"]) symlinkSync("busybox", join(dir, "bin", a));
+    for (const a of ["sh", "ls", "cat", "echo", "sleep", "touch", "test", "mount", "ip", "id", "chown", "mkdir"])
+      symlinkSync("busybox", join(dir, "bin", a));
     for (const m of (await run(["ldd", binary])).stdout.matchAll(/(\/\S+\.so[.\d]*)/g)) {
       mkdirSync(join(dir, dirname(m[1]!)), { recursive: true });
       if (!existsSync(join(dir, m[1]!))) copyFileSync(m[1]!, join(dir, m[1]!));
     }
     writeFileSync(join(dir, "etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n");
     writeFileSync(join(dir, "etc/group"), "root:x:0:\n");
-    writeFileSync(join(dir, "sbin/init.sh"), "#!/bin/sh\ntrap 'exit 0' PWR TERM\nsleep 100000 &\nwait\n", { mode: 0o755 });
+    writeFileSync(join(dir, "sbin/init.sh"), "#!/bin/sh\ntrap 'exit 0' PWR TERM\nsleep 100000 &\nwait\n", {
+      mode: 0o755,
+    });
     await run(["tar", "-C", dir, "--numeric-owner", "-czf", file, "."]);
   } finally {
     rmSync(dir, { recursive: true, force: true });
@@ -121,16 +150,20 @@ export { until };
 
 // --- a whole node for end-to-end tests ----------------------------------------------------------
 
-
 /** The environment for a qvd child: no QVD_* settings leak in from the test's own. */
-export const cleanEnv = () => Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("QVD_"))) as Record<string, string>;
+export const cleanEnv = () =>
+  Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("QVD_"))) as Record<string, string>;
 
 const DESKTOP_IMAGE = "/var/cache/qvd/test/debian-bookworm-desktop.tar.gz";
-const IMAGE_SOURCES = [join(import.meta.dir, "../../src/roles/di.ts"), join(import.meta.dir, "../../src/virt/image-build.ts")];
+const IMAGE_SOURCES = [
+  join(import.meta.dir, "../../src/roles/di.ts"),
+  join(import.meta.dir, "../../src/virt/image-build.ts"),
+];
 
 /** The Debian desktop image of `qvd di build`, cached under /var/cache/qvd (built when stale). */
 export async function desktopImage(): Promise<string> {
-  const fresh = existsSync(DESKTOP_IMAGE) && IMAGE_SOURCES.every((s) => statSync(s).mtimeMs < statSync(DESKTOP_IMAGE).mtimeMs);
+  const fresh =
+    existsSync(DESKTOP_IMAGE) && IMAGE_SOURCES.every((s) => statSync(s).mtimeMs < statSync(DESKTOP_IMAGE).mtimeMs);
   if (!fresh) await buildImage({ output: DESKTOP_IMAGE, cacheDir: "/var/cache/qvd/debootstrap", log: () => {} });
   return DESKTOP_IMAGE;
 }
@@ -148,7 +181,10 @@ export class TestNode {
   proc?: Bun.Subprocess;
 
   /** `dbOf`: the test file's database (ready by the time setup() runs). */
-  constructor(private readonly dbOf: () => TestDatabase, readonly name = "testnode") {}
+  constructor(
+    private readonly dbOf: () => TestDatabase,
+    readonly name = "testnode",
+  ) {}
 
   get db(): TestDatabase {
     return this.dbOf();
@@ -175,9 +211,19 @@ export class TestNode {
    * Starts `qvd hkd` (or another role running the HKD, e.g. `node`, with its extra arguments)
    * in the namespace and waits until this very process reports the node running.
    */
-  async start(extra: Record<string, string> = {}, opts: { role?: "hkd" | "node"; args?: string[]; command?: string[]; env?: Record<string, string> } = {}): Promise<void> {
+  async start(
+    extra: Record<string, string> = {},
+    opts: { role?: "hkd" | "node"; args?: string[]; command?: string[]; env?: Record<string, string> } = {},
+  ): Promise<void> {
     // `qvd node` runs the L7R, which needs its farm certificate and serves the node-to-node endpoint.
-    const farm = opts.role === "node" ? { ...(await farmCert(this.name, this.host.address)).settings, "cluster.peer.listen": "127.0.0.1", "cluster.peer.port": "0" } : {};
+    const farm =
+      opts.role === "node"
+        ? {
+            ...(await farmCert(this.name, this.host.address)).settings,
+            "cluster.peer.listen": "127.0.0.1",
+            "cluster.peer.port": "0",
+          }
+        : {};
     const settings: Record<string, string> = {
       ...farm,
       nodename: this.name,
@@ -193,7 +239,14 @@ export class TestNode {
       ...extra,
     };
     // `command`: another program in the role's place (test/support/hkd-harness.ts).
-    const argv = [...this.ns.exec, ...(opts.command ?? [this.binary, opts.role ?? "hkd"]), "--db", this.db.url, ...(opts.args ?? []), ...Object.entries(settings).flatMap(([k, v]) => ["--set", `${k}=${v}`])];
+    const argv = [
+      ...this.ns.exec,
+      ...(opts.command ?? [this.binary, opts.role ?? "hkd"]),
+      "--db",
+      this.db.url,
+      ...(opts.args ?? []),
+      ...Object.entries(settings).flatMap(([k, v]) => ["--set", `${k}=${v}`]),
+    ];
     const out = createWriteStream(this.logFile, { flags: "a" });
     const proc = (this.proc = Bun.spawn(argv, { stdout: "pipe", stderr: "pipe", env: { ...cleanEnv(), ...opts.env } }));
     for (const s of [proc.stdout, proc.stderr] as ReadableStream<Uint8Array>[])
@@ -214,12 +267,15 @@ export class TestNode {
       return r!.state === "running" && (r!.pid === proc.pid || (opts.role === "node" && parentOf(r!.pid) === proc.pid));
     };
     await until(async () => (await ready()) || proc.exitCode !== null, "the node to be running");
-    if (proc.exitCode !== null) throw new Error(`qvd hkd exited with ${proc.exitCode}:\n${readFileSync(this.logFile, "utf8").slice(-3000)}`);
+    if (proc.exitCode !== null)
+      throw new Error(`qvd hkd exited with ${proc.exitCode}:\n${readFileSync(this.logFile, "utf8").slice(-3000)}`);
     // `qvd node` reports the node running from its HKD half; its L7R half listens a moment later.
     const listen = opts.args?.[opts.args.indexOf("--listen") + 1];
     if (opts.role === "node" && opts.args?.includes("--listen") && listen) {
       const [host, port] = [listen.slice(0, listen.lastIndexOf(":")), listen.slice(listen.lastIndexOf(":") + 1)];
-      const accepts = async () => (await run([...this.ns.exec, "bash", "-c", `exec 3<>/dev/tcp/${host}/${port}`], { allowFail: true })).status === 0;
+      const accepts = async () =>
+        (await run([...this.ns.exec, "bash", "-c", `exec 3<>/dev/tcp/${host}/${port}`], { allowFail: true })).status ===
+        0;
       await until(async () => (await accepts()) || proc.exitCode !== null, "the L7R to listen");
     }
   }
@@ -251,12 +307,16 @@ export class TestNode {
 
   /** Running containers, by name. */
   async containers(): Promise<string[]> {
-    return (await run([...this.ns.exec, "lxc-ls", "-P", this.lxcPath, "--running", "-1"], { allowFail: true })).stdout.split("\n").filter(Boolean);
+    return (await run([...this.ns.exec, "lxc-ls", "-P", this.lxcPath, "--running", "-1"], { allowFail: true })).stdout
+      .split("\n")
+      .filter(Boolean);
   }
 
   /** LXC's cgroup directories of a desktop, in every hierarchy (none once it is stopped). */
   async cgroupsOf(vmId: number): Promise<string[]> {
-    const r = await run(["find", "/sys/fs/cgroup", "-maxdepth", "4", "-type", "d", "-name", `lxc.*.qvd-${vmId}`], { allowFail: true });
+    const r = await run(["find", "/sys/fs/cgroup", "-maxdepth", "4", "-type", "d", "-name", `lxc.*.qvd-${vmId}`], {
+      allowFail: true,
+    });
     return r.stdout.split("\n").filter(Boolean);
   }
 
@@ -268,8 +328,24 @@ export class TestNode {
    * Calls a desktop's VMA from the node's namespace, as the node does: `url` is its base
    * (http://IP:PORT), `path` e.g. /vma/x_start; POST when there is a body, unless `verb` says.
    */
-  async vma(url: string, secret: string, path: string, body?: unknown, verb?: string): Promise<{ status: number; json: any }> {
-    const args = ["curl", "-s", "--max-time", "10", "-w", "\n%{http_code}", ...(verb ? ["-X", verb] : []), "-H", `x-qvd-vma-secret: ${secret}`];
+  async vma(
+    url: string,
+    secret: string,
+    path: string,
+    body?: unknown,
+    verb?: string,
+  ): Promise<{ status: number; json: any }> {
+    const args = [
+      "curl",
+      "-s",
+      "--max-time",
+      "10",
+      "-w",
+      "\n%{http_code}",
+      ...(verb ? ["-X", verb] : []),
+      "-H",
+      `x-qvd-vma-secret: ${secret}`,
+    ];
     if (body !== undefined) args.push("-H", "content-type: application/json", "-d", JSON.stringify(body));
     const lines = (await run([...this.ns.exec, ...args, url + path], { allowFail: true })).stdout.trimEnd().split("\n");
     const status = Number(lines.pop());
@@ -282,7 +358,19 @@ export class TestNode {
 
   /** Runs a shell command in a desktop (as root, unless `user`). */
   attach(vmId: number, script: string, user?: string) {
-    const argv = [...this.ns.exec, "lxc-attach", "-n", `qvd-${vmId}`, "-P", this.lxcPath, "--", ...(user ? ["setpriv", "--reuid", user, "--regid", user, "--clear-groups"] : []), "/bin/sh", "-c", script];
+    const argv = [
+      ...this.ns.exec,
+      "lxc-attach",
+      "-n",
+      `qvd-${vmId}`,
+      "-P",
+      this.lxcPath,
+      "--",
+      ...(user ? ["setpriv", "--reuid", user, "--regid", user, "--clear-groups"] : []),
+      "/bin/sh",
+      "-c",
+      script,
+    ];
     return run(argv, { allowFail: true, timeoutMs: 20_000 });
   }
 
@@ -306,7 +394,8 @@ export class TestNode {
       } catch {}
     }
     if (this.ns) {
-      for (const c of await this.containers().catch(() => [])) await run([...this.ns.exec, "lxc-stop", "-k", "-n", c, "-P", this.lxcPath], { allowFail: true });
+      for (const c of await this.containers().catch(() => []))
+        await run([...this.ns.exec, "lxc-stop", "-k", "-n", c, "-P", this.lxcPath], { allowFail: true });
       await this.ns.remove();
     }
     if (keepLogs) console.log(`hkd log: ${this.logFile}`);

@@ -13,10 +13,18 @@ const conn = Bun.connect({
   hostname: host!,
   port: Number(port),
   socket: {
-    open() { connected = true; },
-    data(_s, d) { reply += Buffer.from(d).toString("latin1"); },
-    close() { closed = true; },
-    end(sock) { sock.end(); },
+    open() {
+      connected = true;
+    },
+    data(_s, d) {
+      reply += Buffer.from(d).toString("latin1");
+    },
+    close() {
+      closed = true;
+    },
+    end(sock) {
+      sock.end();
+    },
   },
 }).catch((err: { code?: string }) => {
   error = err?.code ?? String(err);

@@ -26,7 +26,12 @@ export function startNxRelay(o: { host: string; targetPort: number; cookie: stri
       const early: Uint8Array[] = [];
       s.data = { io: { data: (c) => void early.push(new Uint8Array(c)), drain() {}, end() {}, close() {} } };
       void Bun.connect<IoData>({ hostname: o.host, port: o.targetPort, data: {}, socket: ioHandlers } as any).then(
-        (agent) => void spliceNx(s, agent as any, { cookie: relay.cookie, timeoutMs: 30_000, initial: { toB: Buffer.concat(early) } }),
+        (agent) =>
+          void spliceNx(s, agent as any, {
+            cookie: relay.cookie,
+            timeoutMs: 30_000,
+            initial: { toB: Buffer.concat(early) },
+          }),
         () => s.end(),
       );
     },

@@ -64,7 +64,12 @@ export class PgPair {
       // The insert position, not the write one: with synchronous_commit off (SETTINGS) a commit
       // just made may not be written yet, and catching up to the write position would miss it.
       const [{ lsn }] = (await pa`SELECT pg_current_wal_insert_lsn()::text AS lsn`) as unknown as [{ lsn: string }];
-      await until(async () => (await pb`SELECT pg_last_wal_replay_lsn() >= ${lsn}::pg_lsn AS done`)[0]!.done === true, "the standby to catch up", timeoutMs, 50);
+      await until(
+        async () => (await pb`SELECT pg_last_wal_replay_lsn() >= ${lsn}::pg_lsn AS done`)[0]!.done === true,
+        "the standby to catch up",
+        timeoutMs,
+        50,
+      );
     } finally {
       await Promise.all([pa.end({ timeout: 2 }), pb.end({ timeout: 2 })]);
     }
@@ -96,14 +101,17 @@ export class PgPair {
   }
 
   async stop(): Promise<void> {
-    for (const c of [this.a, this.b]) if (await c.running().catch(() => false)) await c.stop("immediate").catch(() => {});
+    for (const c of [this.a, this.b])
+      if (await c.running().catch(() => false)) await c.stop("immediate").catch(() => {});
     this.watchdog?.kill();
     rmSync(this.dir, { recursive: true, force: true });
   }
 
   private startWatchdog(): void {
     const asUser = this.a.user ? `runuser -u ${this.a.user} -- ` : "";
-    const stops = [this.a, this.b].map((c) => `${asUser}${c.bin}/pg_ctl -D ${c.data} stop -m immediate >/dev/null 2>&1`).join("; ");
+    const stops = [this.a, this.b]
+      .map((c) => `${asUser}${c.bin}/pg_ctl -D ${c.data} stop -m immediate >/dev/null 2>&1`)
+      .join("; ");
     const script = `cd /; while kill -0 ${process.pid} 2>/dev/null; do sleep 1; done; ${stops}; rm -rf ${this.dir}`;
     this.watchdog = Bun.spawn(["sh", "-c", script], { stdio: ["ignore", "ignore", "ignore"] });
     this.watchdog.unref();

@@ -68,7 +68,8 @@ export class WireClient {
   private async more(deadline: number): Promise<void> {
     if (this.closed) throw new Error(`connection closed; buffered: ${JSON.stringify(this.buf.toString("latin1"))}`);
     const left = deadline - Date.now();
-    if (left <= 0) throw new Error(`no complete response in time; buffered: ${JSON.stringify(this.buf.toString("latin1"))}`);
+    if (left <= 0)
+      throw new Error(`no complete response in time; buffered: ${JSON.stringify(this.buf.toString("latin1"))}`);
     await new Promise<void>((r) => {
       this.wake = r;
       setTimeout(r, Math.min(left, 200));
@@ -84,7 +85,11 @@ export class WireClient {
         const [statusLine, ...lines] = head.split("\r\n");
         const m = /^HTTP\/1\.1 (\d{3}) (.*)$/.exec(statusLine!);
         if (!m) throw new Error(`bad status line ${JSON.stringify(statusLine)}`);
-        const headers = new Map(lines.map((l) => [l.slice(0, l.indexOf(":")).toLowerCase(), l.slice(l.indexOf(":") + 1).trim()] as [string, string]));
+        const headers = new Map(
+          lines.map(
+            (l) => [l.slice(0, l.indexOf(":")).toLowerCase(), l.slice(l.indexOf(":") + 1).trim()] as [string, string],
+          ),
+        );
         const len = Number(headers.get("content-length") ?? 0);
         if (this.buf.length >= end + 4 + len) {
           const body = this.buf.subarray(end + 4, end + 4 + len).toString("utf8");
@@ -111,7 +116,16 @@ export class WireClient {
    * connect_to_vm as the Qt client sends it (bare LF); after a 101, the NX handshake: our side's
    * proxy greets first (the exact bytes nxproxy -S sends) and nxagent's first answer is kept.
    */
-  async connectToVm(vmId: number, auth: string, timeoutMs = 300_000): Promise<{ progress: string[]; res: WireResponse; nx: string; /** performance.now() at the final answer, before the NX greeting. */ finalAt: number }> {
+  async connectToVm(
+    vmId: number,
+    auth: string,
+    timeoutMs = 300_000,
+  ): Promise<{
+    progress: string[];
+    res: WireResponse;
+    nx: string /** performance.now() at the final answer, before the NX greeting. */;
+    finalAt: number;
+  }> {
     this.send(
       `GET /qvd/connect_to_vm?id=${vmId}&qvd.client.os=linux&qvd.client.link=lan&qvd.client.keyboard=pc105%2Fus&qvd.client.geometry=1024x768&qvd.client.fullscreen=0&qvd.client.type=qt HTTP/1.1\n` +
         `Authorization: ${auth}\nConnection: Upgrade\nUpgrade: QVD/1.0\nUser-Agent: QVDClient Qt/0.01 (Linux)\n\n`,
@@ -150,4 +164,5 @@ export class WireClient {
   }
 }
 
-export const basic = (login: string, password: string) => `Basic ${Buffer.from(`${login}:${password}`).toString("base64")}`;
+export const basic = (login: string, password: string) =>
+  `Basic ${Buffer.from(`${login}:${password}`).toString("base64")}`;

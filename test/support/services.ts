@@ -3,7 +3,16 @@
 // user's speakers, and an Xvfb display for nxproxy. Each runs as root with its own files in a
 // temp dir, optionally inside a network namespace (`exec`: an argv prefix such as
 // TestNode.ns.exec), and `stop()` removes what it made.
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
 import { run, spawnDaemon } from "../../src/run.ts";
@@ -97,7 +106,16 @@ export async function startClientCups(o: { exec?: string[] } = {}): Promise<Clie
   ];
   const confs = printers.map((p) => `/etc/cups/cups-pdf-${p.name}.conf`);
   const etc = join(dir, "etc");
-  for (const d of ["etc/ppd", "etc/ssl", "spool/tmp", "cache", "state", "log", "cups-pdf-spool", ...printers.map((p) => p.outDir.slice(dir.length + 1))])
+  for (const d of [
+    "etc/ppd",
+    "etc/ssl",
+    "spool/tmp",
+    "cache",
+    "state",
+    "log",
+    "cups-pdf-spool",
+    ...printers.map((p) => p.outDir.slice(dir.length + 1)),
+  ])
     mkdirSync(join(dir, d), { recursive: true });
   // cups-pdf runs ghostscript as the job's user, `nobody` for a user this machine lacks (the desktop's).
   for (const p of printers) chmodSync(p.outDir, 0o1777);
@@ -106,23 +124,50 @@ export async function startClientCups(o: { exec?: string[] } = {}): Promise<Clie
   writeFileSync(
     join(etc, "cups-files.conf"),
     [
-      `ServerRoot ${etc}`, `RequestRoot ${join(dir, "spool")}`, `TempDir ${join(dir, "spool/tmp")}`, `CacheDir ${join(dir, "cache")}`,
-      `StateDir ${join(dir, "state")}`, `ServerBin /usr/lib/cups`, `DataDir /usr/share/cups`,
-      `AccessLog ${join(dir, "log/access_log")}`, `ErrorLog ${join(dir, "log/error_log")}`, `PageLog ${join(dir, "log/page_log")}`,
-      `Printcap ${join(dir, "printcap")}`, "User lp", "Group lp", "SystemGroup root", "FileDevice No", "",
+      `ServerRoot ${etc}`,
+      `RequestRoot ${join(dir, "spool")}`,
+      `TempDir ${join(dir, "spool/tmp")}`,
+      `CacheDir ${join(dir, "cache")}`,
+      `StateDir ${join(dir, "state")}`,
+      `ServerBin /usr/lib/cups`,
+      `DataDir /usr/share/cups`,
+      `AccessLog ${join(dir, "log/access_log")}`,
+      `ErrorLog ${join(dir, "log/error_log")}`,
+      `PageLog ${join(dir, "log/page_log")}`,
+      `Printcap ${join(dir, "printcap")}`,
+      "User lp",
+      "Group lp",
+      "SystemGroup root",
+      "FileDevice No",
+      "",
     ].join("\n"),
   );
   writeFileSync(
     join(etc, "cupsd.conf"),
     [
-      "LogLevel debug", `Listen 127.0.0.1:${port}`, `Listen ${sock}`, "Browsing No", "BrowseLocalProtocols none", "WebInterface No",
-      "DefaultAuthType Basic", "ServerAlias *",
-      "<Location />", "  Order allow,deny", "  Allow localhost", "</Location>",
+      "LogLevel debug",
+      `Listen 127.0.0.1:${port}`,
+      `Listen ${sock}`,
+      "Browsing No",
+      "BrowseLocalProtocols none",
+      "WebInterface No",
+      "DefaultAuthType Basic",
+      "ServerAlias *",
+      "<Location />",
+      "  Order allow,deny",
+      "  Allow localhost",
+      "</Location>",
       "<Policy default>",
       "  <Limit CUPS-Add-Modify-Printer CUPS-Delete-Printer CUPS-Add-Modify-Class CUPS-Delete-Class CUPS-Set-Default CUPS-Get-Devices>",
-      "    AuthType Default", "    Require user @SYSTEM", "    Order deny,allow", "  </Limit>",
-      "  <Limit All>", "    Order deny,allow", "  </Limit>",
-      "</Policy>", "",
+      "    AuthType Default",
+      "    Require user @SYSTEM",
+      "    Order deny,allow",
+      "  </Limit>",
+      "  <Limit All>",
+      "    Order deny,allow",
+      "  </Limit>",
+      "</Policy>",
+      "",
     ].join("\n"),
   );
   for (const [i, p] of printers.entries())
@@ -132,25 +177,47 @@ export async function startClientCups(o: { exec?: string[] } = {}): Promise<Clie
     );
   const errorLog = join(dir, "log/error_log");
   const accessLog = join(dir, "log/access_log");
-  const tail = (f: string, keep: (l: string) => boolean) => (existsSync(f) ? readFileSync(f, "utf8").split("\n").filter(keep).slice(-40).join("\n") : "");
+  const tail = (f: string, keep: (l: string) => boolean) =>
+    existsSync(f) ? readFileSync(f, "utf8").split("\n").filter(keep).slice(-40).join("\n") : "";
   /** The jobs' lines and errors of cupsd's log (debug level), and its access log. */
-  const log = () => `${errorLog}:\n${tail(errorLog, (l) => /^[EW] |\[Job \d+\]/.test(l))}\n${accessLog}:\n${tail(accessLog, () => true)}`;
-  const cupsd = daemon([...exec, "cupsd", "-f", "-c", join(etc, "cupsd.conf"), "-s", join(etc, "cups-files.conf")], { PATH, LANG: "C" });
+  const log = () =>
+    `${errorLog}:\n${tail(errorLog, (l) => /^[EW] |\[Job \d+\]/.test(l))}\n${accessLog}:\n${tail(accessLog, () => true)}`;
+  const cupsd = daemon([...exec, "cupsd", "-f", "-c", join(etc, "cupsd.conf"), "-s", join(etc, "cups-files.conf")], {
+    PATH,
+    LANG: "C",
+  });
   const stop = async () => {
     await cupsd.stop().catch(() => {});
     for (const c of confs) rmSync(c, { force: true });
     rmSync(dir, { recursive: true, force: true });
   };
-  const lp = (prog: string, args: string[]) => run([prog, "-h", sock, ...args], { env: { PATH, LANG: "C" }, allowFail: true });
+  const lp = (prog: string, args: string[]) =>
+    run([prog, "-h", sock, ...args], { env: { PATH, LANG: "C" }, allowFail: true });
   try {
-    await until(async () => (await lp("lpstat", ["-r"])).stdout.includes("is running"), "the client's cupsd", 20_000, 100, {
-      abort: () => (cupsd.exited ? `cupsd exited: ${cupsd.output()} ${log()}` : undefined),
-    });
+    await until(
+      async () => (await lp("lpstat", ["-r"])).stdout.includes("is running"),
+      "the client's cupsd",
+      20_000,
+      100,
+      {
+        abort: () => (cupsd.exited ? `cupsd exited: ${cupsd.output()} ${log()}` : undefined),
+      },
+    );
     const ppd = "/usr/share/ppd/cups-pdf/CUPS-PDF_opt.ppd";
     for (const p of printers) {
-      const r = await lp("lpadmin", ["-p", p.name, "-E", "-v", `cups-pdf:/${p.name}`, ...(existsSync(ppd) ? ["-P", ppd] : ["-m", "lsb/usr/cups-pdf/CUPS-PDF_opt.ppd"]), "-o", "printer-is-shared=false",
+      const r = await lp("lpadmin", [
+        "-p",
+        p.name,
+        "-E",
+        "-v",
+        `cups-pdf:/${p.name}`,
+        ...(existsSync(ppd) ? ["-P", ppd] : ["-m", "lsb/usr/cups-pdf/CUPS-PDF_opt.ppd"]),
+        "-o",
+        "printer-is-shared=false",
         // PostScript for cups-pdf made by poppler-cairo: ghostscript's loses the text pdftotext reads.
-        "-o", "pdftops-renderer-default=pdftocairo"]);
+        "-o",
+        "pdftops-renderer-default=pdftocairo",
+      ]);
       if (r.status !== 0) throw new Error(`lpadmin ${p.name}: ${r.stderr.trim()}`);
     }
     const d = await lp("lpadmin", ["-d", printers[0].name]);
@@ -159,7 +226,12 @@ export async function startClientCups(o: { exec?: string[] } = {}): Promise<Clie
     await stop();
     throw e;
   }
-  const pdfs = (p: ClientPrinter) => (existsSync(p.outDir) ? readdirSync(p.outDir).filter((n) => n.endsWith(".pdf")).map((n) => join(p.outDir, n)) : []);
+  const pdfs = (p: ClientPrinter) =>
+    existsSync(p.outDir)
+      ? readdirSync(p.outDir)
+          .filter((n) => n.endsWith(".pdf"))
+          .map((n) => join(p.outDir, n))
+      : [];
   return {
     server: `127.0.0.1:${port}`,
     port,
@@ -172,15 +244,21 @@ export async function startClientCups(o: { exec?: string[] } = {}): Promise<Clie
     },
     async waitForPdf(p, text, ms = 60_000) {
       const seen = new Map<string, string>();
-      return waitFor(`a PDF with "${text}" from ${p.name}`, async () => {
-        for (const f of pdfs(p)) {
-          // cups-pdf writes the file in place: read it again until its text is complete.
-          const r = await run(["pdftotext", "-q", f, "-"], { allowFail: true });
-          seen.set(f, r.stdout);
-          if (r.status === 0 && r.stdout.includes(text)) return r.stdout;
-        }
-        return undefined;
-      }, ms, 100, { detail: () => `; PDFs: ${JSON.stringify([...seen])}; cupsd log: ${log()}` });
+      return waitFor(
+        `a PDF with "${text}" from ${p.name}`,
+        async () => {
+          for (const f of pdfs(p)) {
+            // cups-pdf writes the file in place: read it again until its text is complete.
+            const r = await run(["pdftotext", "-q", f, "-"], { allowFail: true });
+            seen.set(f, r.stdout);
+            if (r.status === 0 && r.stdout.includes(text)) return r.stdout;
+          }
+          return undefined;
+        },
+        ms,
+        100,
+        { detail: () => `; PDFs: ${JSON.stringify([...seen])}; cupsd log: ${log()}` },
+      );
     },
     stop,
   };
@@ -213,20 +291,53 @@ export async function startClientPulse(o: { exec?: string[]; sink?: string } = {
   mkdirSync(join(dir, "run"), { mode: 0o700 });
   writeFileSync(
     join(dir, "client.pa"),
-    [`load-module module-native-protocol-unix socket=${socket}`, `load-module module-null-sink sink_name=${sink} rate=${RATE}`, `set-default-sink ${sink}`, ""].join("\n"),
+    [
+      `load-module module-native-protocol-unix socket=${socket}`,
+      `load-module module-null-sink sink_name=${sink} rate=${RATE}`,
+      `set-default-sink ${sink}`,
+      "",
+    ].join("\n"),
   );
-  const env = { PATH, HOME: join(dir, "home"), XDG_RUNTIME_DIR: join(dir, "run"), DBUS_SESSION_BUS_ADDRESS: "disabled:", LANG: "C" };
-  const pa = daemon([...exec, "pulseaudio", "-n", "-F", join(dir, "client.pa"), "--daemonize=no", "--exit-idle-time=-1", "--realtime=no", "--high-priority=no", "--use-pid-file=no", "--log-target=stderr"], env);
+  const env = {
+    PATH,
+    HOME: join(dir, "home"),
+    XDG_RUNTIME_DIR: join(dir, "run"),
+    DBUS_SESSION_BUS_ADDRESS: "disabled:",
+    LANG: "C",
+  };
+  const pa = daemon(
+    [
+      ...exec,
+      "pulseaudio",
+      "-n",
+      "-F",
+      join(dir, "client.pa"),
+      "--daemonize=no",
+      "--exit-idle-time=-1",
+      "--realtime=no",
+      "--high-priority=no",
+      "--use-pid-file=no",
+      "--log-target=stderr",
+    ],
+    env,
+  );
   const server = `unix:${socket}`;
-  const pactl = async (args: string[]) => (await run(["pactl", "-s", server, ...args], { env, allowFail: true })).stdout;
+  const pactl = async (args: string[]) =>
+    (await run(["pactl", "-s", server, ...args], { env, allowFail: true })).stdout;
   const stop = async () => {
     await pa.stop().catch(() => {});
     rmSync(dir, { recursive: true, force: true });
   };
   try {
-    await until(async () => (await pactl(["info"])).includes(`Default Sink: ${sink}`), "the client's PulseAudio", 20_000, 100, {
-      abort: () => (pa.exited ? `pulseaudio exited: ${pa.output().slice(-2000)}` : undefined),
-    });
+    await until(
+      async () => (await pactl(["info"])).includes(`Default Sink: ${sink}`),
+      "the client's PulseAudio",
+      20_000,
+      100,
+      {
+        abort: () => (pa.exited ? `pulseaudio exited: ${pa.output().slice(-2000)}` : undefined),
+      },
+    );
   } catch (e) {
     await stop();
     throw e;
@@ -243,12 +354,24 @@ export async function startClientPulse(o: { exec?: string[]; sink?: string } = {
 // --- X ----------------------------------------------------------------------------------------
 
 /** An Xvfb on `:display` for nxproxy (in the namespace of `exec`; no TCP). */
-export async function startXvfb(display: number, o: { exec?: string[] } = {}): Promise<{ display: number; stop(): Promise<void> }> {
+export async function startXvfb(
+  display: number,
+  o: { exec?: string[] } = {},
+): Promise<{ display: number; stop(): Promise<void> }> {
   const { ensureDeps } = await import("../../scripts/deps.ts");
   await ensureDeps(["xvfb", "xwd"], () => {});
-  const x = daemon([...(o.exec ?? []), "Xvfb", `:${display}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], { PATH });
-  await until(async () => (await run(["xwd", "-root", "-silent", "-display", `:${display}`], { allowFail: true })).status === 0, `Xvfb :${display}`, 20_000, 100, {
-    abort: () => (x.exited ? `Xvfb exited: ${x.output().slice(-1000)}` : undefined),
-  });
+  const x = daemon(
+    [...(o.exec ?? []), "Xvfb", `:${display}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"],
+    { PATH },
+  );
+  await until(
+    async () => (await run(["xwd", "-root", "-silent", "-display", `:${display}`], { allowFail: true })).status === 0,
+    `Xvfb :${display}`,
+    20_000,
+    100,
+    {
+      abort: () => (x.exited ? `Xvfb exited: ${x.output().slice(-1000)}` : undefined),
+    },
+  );
   return { display, stop: () => x.stop(2000) };
 }

@@ -9,12 +9,24 @@ export function sineWav(freq: number, seconds: number, amplitude = 0.4, rate = R
   const n = Math.round(seconds * rate);
   const buf = new ArrayBuffer(44 + n * 2);
   const v = new DataView(buf);
-  const str = (o: number, s: string) => { for (let i = 0; i < s.length; i++) v.setUint8(o + i, s.charCodeAt(i)); };
-  str(0, "RIFF"); v.setUint32(4, 36 + n * 2, true); str(8, "WAVE");
-  str(12, "fmt "); v.setUint32(16, 16, true); v.setUint16(20, 1, true); v.setUint16(22, 1, true);
-  v.setUint32(24, rate, true); v.setUint32(28, rate * 2, true); v.setUint16(32, 2, true); v.setUint16(34, 16, true);
-  str(36, "data"); v.setUint32(40, n * 2, true);
-  for (let i = 0; i < n; i++) v.setInt16(44 + i * 2, Math.round(amplitude * 32767 * Math.sin((2 * Math.PI * freq * i) / rate)), true);
+  const str = (o: number, s: string) => {
+    for (let i = 0; i < s.length; i++) v.setUint8(o + i, s.charCodeAt(i));
+  };
+  str(0, "RIFF");
+  v.setUint32(4, 36 + n * 2, true);
+  str(8, "WAVE");
+  str(12, "fmt ");
+  v.setUint32(16, 16, true);
+  v.setUint16(20, 1, true);
+  v.setUint16(22, 1, true);
+  v.setUint32(24, rate, true);
+  v.setUint32(28, rate * 2, true);
+  v.setUint16(32, 2, true);
+  v.setUint16(34, 16, true);
+  str(36, "data");
+  v.setUint32(40, n * 2, true);
+  for (let i = 0; i < n; i++)
+    v.setInt16(44 + i * 2, Math.round(amplitude * 32767 * Math.sin((2 * Math.PI * freq * i) / rate)), true);
   return new Uint8Array(buf);
 }
 
@@ -43,7 +55,9 @@ export function goertzel(x: ArrayLike<number>, freq: number, rate = RATE): numbe
  */
 export function toneRatio(x: ArrayLike<number>, freq: number, rate = RATE): number {
   const at = goertzel(x, freq, rate);
-  const others = [freq * 0.5, freq * 0.75, freq - 100, freq + 100, freq * 1.5, freq * 2].map((f) => goertzel(x, f, rate));
+  const others = [freq * 0.5, freq * 0.75, freq - 100, freq + 100, freq * 1.5, freq * 2].map((f) =>
+    goertzel(x, f, rate),
+  );
   return at / Math.max(1, ...others);
 }
 
@@ -69,7 +83,11 @@ export function gapOffsets(x: ArrayLike<number>, rate = RATE): number[] {
   const loud = top / 5;
   let first = -1;
   let last = -1;
-  for (let i = 0; i < x.length; i++) if (Math.abs(x[i]!) > loud) { if (first < 0) first = i; last = i; }
+  for (let i = 0; i < x.length; i++)
+    if (Math.abs(x[i]!) > loud) {
+      if (first < 0) first = i;
+      last = i;
+    }
   if (first < 0) return [];
   const w = Math.round(rate / 100);
   const at: number[] = [];
@@ -90,9 +108,25 @@ export async function recordMonitor(
   during: () => Promise<unknown>,
   t: { leadMs?: number; tailMs?: number } = {},
 ): Promise<Int16Array> {
-  const rec = Bun.spawn(["parec", "-s", o.server, "-d", `${o.sink}.monitor`, "--raw", "--format=s16le", "--channels=1", `--rate=${RATE}`, "--latency-msec=20"], {
-    env: o.env, stdout: "pipe", stderr: "pipe",
-  });
+  const rec = Bun.spawn(
+    [
+      "parec",
+      "-s",
+      o.server,
+      "-d",
+      `${o.sink}.monitor`,
+      "--raw",
+      "--format=s16le",
+      "--channels=1",
+      `--rate=${RATE}`,
+      "--latency-msec=20",
+    ],
+    {
+      env: o.env,
+      stdout: "pipe",
+      stderr: "pipe",
+    },
+  );
   const chunks: Uint8Array[] = [];
   const reading = (async () => {
     const r = (rec.stdout as ReadableStream<Uint8Array>).getReader();

@@ -56,7 +56,14 @@ export interface UsbMachine {
 }
 
 /** Boots the machine in the namespace of `nsExec` and waits until its stick is exported. */
-export async function startUsbMachine(o: { dir: string; image: string; kernel: string; initrd: string; nsExec: string[]; timeoutMs?: number }): Promise<UsbMachine> {
+export async function startUsbMachine(o: {
+  dir: string;
+  image: string;
+  kernel: string;
+  initrd: string;
+  nsExec: string[];
+  timeoutMs?: number;
+}): Promise<UsbMachine> {
   const stick = join(o.dir, "usb-stick.raw");
   const script = join(o.dir, "usb-machine.sh");
   const consoleFile = join(o.dir, "usb-machine.console.log");
@@ -65,17 +72,50 @@ export async function startUsbMachine(o: { dir: string; image: string; kernel: s
   writeFileSync(script, SCRIPT + "\n".repeat(4096 - SCRIPT.length));
   writeFileSync(consoleFile, "");
   const argv = [
-    ...o.nsExec, "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg,tb-size=64", "-cpu", "max", "-m", "384", "-smp", "1",
-    "-nodefaults", "-no-user-config", "-display", "none",
-    "-kernel", o.kernel, "-initrd", o.initrd,
-    "-append", "root=/dev/vda ro console=ttyS0 init=/bin/sh -- /dev/vdb",
-    "-drive", `file=${o.image},format=qcow2,if=none,id=root,snapshot=on`, "-device", "virtio-blk-pci,drive=root",
-    "-drive", `file=${script},format=raw,if=none,id=script,readonly=on`, "-device", "virtio-blk-pci,drive=script",
-    "-device", "qemu-xhci,id=xhci",
-    "-drive", `file=${stick},format=raw,if=none,id=stick`, "-device", "usb-storage,bus=xhci.0,port=1,drive=stick",
-    "-netdev", "user,id=n0,net=198.18.250.0/24,host=198.18.250.2,dns=198.18.250.3,restrict=on,hostfwd=tcp:127.0.0.1:3240-198.18.250.15:3240",
-    "-device", "virtio-net-pci,netdev=n0",
-    "-chardev", `file,id=console,path=${consoleFile}`, "-serial", "chardev:console",
+    ...o.nsExec,
+    "qemu-system-x86_64",
+    "-machine",
+    "q35",
+    "-accel",
+    "tcg,tb-size=64",
+    "-cpu",
+    "max",
+    "-m",
+    "384",
+    "-smp",
+    "1",
+    "-nodefaults",
+    "-no-user-config",
+    "-display",
+    "none",
+    "-kernel",
+    o.kernel,
+    "-initrd",
+    o.initrd,
+    "-append",
+    "root=/dev/vda ro console=ttyS0 init=/bin/sh -- /dev/vdb",
+    "-drive",
+    `file=${o.image},format=qcow2,if=none,id=root,snapshot=on`,
+    "-device",
+    "virtio-blk-pci,drive=root",
+    "-drive",
+    `file=${script},format=raw,if=none,id=script,readonly=on`,
+    "-device",
+    "virtio-blk-pci,drive=script",
+    "-device",
+    "qemu-xhci,id=xhci",
+    "-drive",
+    `file=${stick},format=raw,if=none,id=stick`,
+    "-device",
+    "usb-storage,bus=xhci.0,port=1,drive=stick",
+    "-netdev",
+    "user,id=n0,net=198.18.250.0/24,host=198.18.250.2,dns=198.18.250.3,restrict=on,hostfwd=tcp:127.0.0.1:3240-198.18.250.15:3240",
+    "-device",
+    "virtio-net-pci,netdev=n0",
+    "-chardev",
+    `file,id=console,path=${consoleFile}`,
+    "-serial",
+    "chardev:console",
   ];
   const out = openSync(join(o.dir, "usb-machine.qemu.log"), "w");
   const child = spawn(argv[0]!, argv.slice(1), { stdio: ["ignore", out, out] });
@@ -88,8 +128,16 @@ export async function startUsbMachine(o: { dir: string; image: string; kernel: s
     await new Promise((r) => (exited ? r(undefined) : child.once("exit", r)));
   };
   try {
-    await waitFor("the user's machine to export its USB stick", () => exited || consoleText().includes(EXPORTED), o.timeoutMs ?? 300_000, 500);
-    if (exited) throw new Error(`the user's machine's QEMU exited: ${readFileSync(join(o.dir, "usb-machine.qemu.log"), "utf8").slice(-1000)}`);
+    await waitFor(
+      "the user's machine to export its USB stick",
+      () => exited || consoleText().includes(EXPORTED),
+      o.timeoutMs ?? 300_000,
+      500,
+    );
+    if (exited)
+      throw new Error(
+        `the user's machine's QEMU exited: ${readFileSync(join(o.dir, "usb-machine.qemu.log"), "utf8").slice(-1000)}`,
+      );
   } catch (e) {
     await stop();
     throw new Error(`${(e as Error).message}\nits console: ${consoleText().slice(-3000)}`);

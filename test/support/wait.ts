@@ -15,7 +15,12 @@ export interface WaitOptions {
  * Calls `f` every `stepMs` until it gives a value other than undefined or false and returns that
  * value; after `timeoutMs`, undefined (no throw: for "wait a while for it, then look").
  */
-export async function poll<T>(f: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs: number, stepMs = 100, o: { abort?: () => unknown } = {}): Promise<T | undefined> {
+export async function poll<T>(
+  f: () => Promise<T | undefined | false> | T | undefined | false,
+  timeoutMs: number,
+  stepMs = 100,
+  o: { abort?: () => unknown } = {},
+): Promise<T | undefined> {
   const end = Date.now() + timeoutMs;
   for (;;) {
     const v = await f();
@@ -26,7 +31,13 @@ export async function poll<T>(f: () => Promise<T | undefined | false> | T | unde
 }
 
 /** Calls `f` every `stepMs` until it gives a value other than undefined or false; throws naming `what` after `timeoutMs`. */
-export async function waitFor<T>(what: string, f: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 15_000, stepMs = 100, o: WaitOptions = {}): Promise<T> {
+export async function waitFor<T>(
+  what: string,
+  f: () => Promise<T | undefined | false> | T | undefined | false,
+  timeoutMs = 15_000,
+  stepMs = 100,
+  o: WaitOptions = {},
+): Promise<T> {
   let why: string | undefined;
   const v = await poll(f, timeoutMs, stepMs, { abort: () => (why = o.abort?.()) });
   if (v !== undefined) return v;
@@ -35,7 +46,13 @@ export async function waitFor<T>(what: string, f: () => Promise<T | undefined | 
 }
 
 /** Waits until `pred` holds, trying every `stepMs`; throws naming `what` after `ms`. */
-export async function until(pred: () => Promise<boolean> | boolean, what: string, ms = 60_000, stepMs = 100, o: WaitOptions = {}): Promise<void> {
+export async function until(
+  pred: () => Promise<boolean> | boolean,
+  what: string,
+  ms = 60_000,
+  stepMs = 100,
+  o: WaitOptions = {},
+): Promise<void> {
   await waitFor(what, pred, ms, stepMs, o);
 }
 

@@ -6,9 +6,21 @@ import { defineCommand, type ArgsDef, type CommandDef } from "citty";
 import { AdminClient, connection, usageError, type ConnectionFlags } from "../client.ts";
 
 export const connArgs = {
-  url: { type: "string", description: "API URL, e.g. https://api.example.com:8443 (else QVD_ADMIN_URL, else the stored login)", valueHint: "URL" },
-  token: { type: "string", description: "Session token (else QVD_ADMIN_TOKEN, else the stored login)", valueHint: "TOKEN" },
-  ca: { type: "string", description: "Trust this CA or certificate (PEM) for the API's TLS (else QVD_ADMIN_CA)", valueHint: "FILE" },
+  url: {
+    type: "string",
+    description: "API URL, e.g. https://api.example.com:8443 (else QVD_ADMIN_URL, else the stored login)",
+    valueHint: "URL",
+  },
+  token: {
+    type: "string",
+    description: "Session token (else QVD_ADMIN_TOKEN, else the stored login)",
+    valueHint: "TOKEN",
+  },
+  ca: {
+    type: "string",
+    description: "Trust this CA or certificate (PEM) for the API's TLS (else QVD_ADMIN_CA)",
+    valueHint: "FILE",
+  },
   insecure: { type: "boolean", description: "Do not verify the API's certificate (a warning is printed)" },
   json: { type: "boolean", description: "Print the API's JSON as is, for scripts" },
 } as const satisfies ArgsDef;
@@ -83,7 +95,13 @@ const kebab = (s: string) => s.replace(/[A-Z]/g, (c) => "-" + c.toLowerCase());
  * A leaf command. Unknown options and stray arguments are usage errors (exit 2); citty itself
  * accepts anything.
  */
-export function leaf(name: string, description: string, args: ArgsDef, run: (l: Leaf) => Promise<void>, maxPos = Infinity): Command {
+export function leaf(
+  name: string,
+  description: string,
+  args: ArgsDef,
+  run: (l: Leaf) => Promise<void>,
+  maxPos = Infinity,
+): Command {
   const all = { ...args, ...connArgs } as ArgsDef;
   const valueFlags = new Set<string>();
   const known = new Set<string>();
@@ -96,35 +114,44 @@ export function leaf(name: string, description: string, args: ArgsDef, run: (l: 
       if (def.type === "string") valueFlags.add(n);
     }
   }
-  return (ctx) => defineCommand({
-    meta: { name, description },
-    args: all,
-    async run({ args, rawArgs }) {
-      const filters: string[] = [];
-      for (let i = 0; i < rawArgs.length; i++) {
-        const a = rawArgs[i]!;
-        if (a === "--") break;
-        if (!a.startsWith("-") || a === "-") continue;
-        const m = /^--?([^=]+)(=.*)?$/s.exec(a)!;
-        const flag = m[1]!;
-        const bare = flag.startsWith("no-") && known.has(flag.slice(3)) ? flag.slice(3) : flag;
-        if (!known.has(bare)) throw usageError(`unknown option ${a.split("=")[0]}${/^-\d/.test(a) ? " (put -- before arguments that start with -)" : ""}; see --help`);
-        if (valueFlags.has(bare) && m[2] === undefined) {
-          if (rawArgs[i + 1] === undefined) throw usageError(`${a} needs a value`);
-          if (bare === "filter" || bare === "f") filters.push(rawArgs[i + 1]!);
-          i++;
-        } else if ((bare === "filter" || bare === "f") && m[2] !== undefined) filters.push(m[2].slice(1));
-      }
-      const pos = (args._ as string[]).map(String);
-      if (pos.length > maxPos) throw usageError(`unexpected argument ${JSON.stringify(pos[maxPos])}; see --help`);
-      const flags = ctx.flags;
-      await run({ args, pos, filters, json: flags.json || Boolean(args.json), flags, client: () => ctx.client() });
-    },
-  });
+  return (ctx) =>
+    defineCommand({
+      meta: { name, description },
+      args: all,
+      async run({ args, rawArgs }) {
+        const filters: string[] = [];
+        for (let i = 0; i < rawArgs.length; i++) {
+          const a = rawArgs[i]!;
+          if (a === "--") break;
+          if (!a.startsWith("-") || a === "-") continue;
+          const m = /^--?([^=]+)(=.*)?$/s.exec(a)!;
+          const flag = m[1]!;
+          const bare = flag.startsWith("no-") && known.has(flag.slice(3)) ? flag.slice(3) : flag;
+          if (!known.has(bare))
+            throw usageError(
+              `unknown option ${a.split("=")[0]}${/^-\d/.test(a) ? " (put -- before arguments that start with -)" : ""}; see --help`,
+            );
+          if (valueFlags.has(bare) && m[2] === undefined) {
+            if (rawArgs[i + 1] === undefined) throw usageError(`${a} needs a value`);
+            if (bare === "filter" || bare === "f") filters.push(rawArgs[i + 1]!);
+            i++;
+          } else if ((bare === "filter" || bare === "f") && m[2] !== undefined) filters.push(m[2].slice(1));
+        }
+        const pos = (args._ as string[]).map(String);
+        if (pos.length > maxPos) throw usageError(`unexpected argument ${JSON.stringify(pos[maxPos])}; see --help`);
+        const flags = ctx.flags;
+        await run({ args, pos, filters, json: flags.json || Boolean(args.json), flags, client: () => ctx.client() });
+      },
+    });
 }
 
 /** A group of subcommands; an unknown or missing subcommand is a usage error (exit 2). */
-export function group(name: string, description: string, subs: Record<string, Command>, aliases: Record<string, string> = {}): Command {
+export function group(
+  name: string,
+  description: string,
+  subs: Record<string, Command>,
+  aliases: Record<string, string> = {},
+): Command {
   return (ctx) => groupDef(ctx, name, description, subs, aliases, false);
 }
 
@@ -132,11 +159,22 @@ export function group(name: string, description: string, subs: Record<string, Co
  * The root group, `qvd admin`, with a new context: its setup reads the global flags. Build it
  * once per run.
  */
-export function rootGroup(description: string, subs: Record<string, Command>, aliases: Record<string, string>): CommandDef<any> {
+export function rootGroup(
+  description: string,
+  subs: Record<string, Command>,
+  aliases: Record<string, string>,
+): CommandDef<any> {
   return groupDef(new Context(), "admin", description, subs, aliases, true);
 }
 
-function groupDef(ctx: Context, name: string, description: string, subs: Record<string, Command>, aliases: Record<string, string>, root: boolean): CommandDef<any> {
+function groupDef(
+  ctx: Context,
+  name: string,
+  description: string,
+  subs: Record<string, Command>,
+  aliases: Record<string, string>,
+  root: boolean,
+): CommandDef<any> {
   const built = Object.fromEntries(Object.entries(subs).map(([k, sub]) => [k, sub(ctx)]));
   const table: Record<string, CommandDef<any>> = { ...built };
   // Aliases resolve (also for --help) but are not listed twice.
@@ -161,7 +199,8 @@ function groupDef(ctx: Context, name: string, description: string, subs: Record<
       const sub = rawArgs[i];
       const choices = Object.keys(subs).join(", ");
       if (sub === undefined) throw usageError(`${where} needs a command: ${choices} (see ${where} --help)`);
-      if (!(sub in table)) throw usageError(`unknown command ${JSON.stringify(sub)}; ${where} takes: ${choices} (see ${where} --help)`);
+      if (!(sub in table))
+        throw usageError(`unknown command ${JSON.stringify(sub)}; ${where} takes: ${choices} (see ${where} --help)`);
     },
   });
 }

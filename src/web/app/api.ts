@@ -1,7 +1,12 @@
 // The admin API from the browser: JSON in and out, the session in an HttpOnly cookie (set by
 // POST /login), errors as ApiError with the server's message and the field it names.
 export class ApiError extends Error {
-  constructor(message: string, readonly status: number, readonly field?: string, readonly dependents?: unknown) {
+  constructor(
+    message: string,
+    readonly status: number,
+    readonly field?: string,
+    readonly dependents?: unknown,
+  ) {
     super(message);
   }
 }
@@ -14,7 +19,12 @@ export const whenSessionExpires = (f: () => void) => void (onExpired = f);
 /** Starts the session-expired flow from elsewhere (the event stream's `logout`). */
 export const sessionExpired = () => onExpired();
 
-export async function call<T = any>(method: string, path: string, body?: unknown, init: { signal?: AbortSignal; raw?: boolean } = {}): Promise<T> {
+export async function call<T = any>(
+  method: string,
+  path: string,
+  body?: unknown,
+  init: { signal?: AbortSignal; raw?: boolean } = {},
+): Promise<T> {
   let res: Response;
   try {
     res = await fetch(BASE + path, {

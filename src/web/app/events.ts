@@ -56,7 +56,10 @@ function open(): void {
     if (!subs.size) return;
     retryTimer = setTimeout(() => {
       retryTimer = undefined;
-      api.get("/session").then(() => subs.size && open(), () => subs.size && open());
+      api.get("/session").then(
+        () => subs.size && open(),
+        () => subs.size && open(),
+      );
     }, retryMs);
     retryMs = Math.min(retryMs * 2, 30_000);
   };
@@ -86,7 +89,11 @@ export function subscribe(kinds: string[], f: Listener): () => void {
  * once per `delayMs`, with the ids changed meanwhile (`all` when a create/delete/resync asks
  * for a full reload).
  */
-export function useChanges(kinds: string[], f: (changed: { all: boolean; ids: Set<number>; kinds: Set<string> }) => void, delayMs = 250): void {
+export function useChanges(
+  kinds: string[],
+  f: (changed: { all: boolean; ids: Set<number>; kinds: Set<string> }) => void,
+  delayMs = 250,
+): void {
   const fn = useRef(f);
   fn.current = f;
   const key = kinds.join(",");

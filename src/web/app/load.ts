@@ -16,7 +16,9 @@ export interface Loaded<T> {
 }
 
 export function useLoad<T>(load: (signal: AbortSignal) => Promise<T>, deps: unknown[]): Loaded<T> {
-  const [state, setState] = useState<{ data?: T; error?: string; status?: number; loading: boolean }>({ loading: true });
+  const [state, setState] = useState<{ data?: T; error?: string; status?: number; loading: boolean }>({
+    loading: true,
+  });
   const current = useRef<AbortController>();
   const reload = useCallback(async () => {
     current.current?.abort();
@@ -27,7 +29,13 @@ export function useLoad<T>(load: (signal: AbortSignal) => Promise<T>, deps: unkn
       const data = await load(ac.signal);
       if (!ac.signal.aborted) setState({ data, loading: false });
     } catch (err) {
-      if (!ac.signal.aborted && (err as Error).name !== "AbortError") setState((s) => ({ data: s.data, error: (err as Error).message, status: err instanceof ApiError ? err.status : undefined, loading: false }));
+      if (!ac.signal.aborted && (err as Error).name !== "AbortError")
+        setState((s) => ({
+          data: s.data,
+          error: (err as Error).message,
+          status: err instanceof ApiError ? err.status : undefined,
+          loading: false,
+        }));
     }
   }, deps);
   useEffect(() => {

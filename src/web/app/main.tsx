@@ -47,12 +47,22 @@ function Shell(props: { session: Session; onLogout: () => void }) {
   }, [path]);
   return (
     <div class="shell">
-      <a class="skip" href="#main">Skip to content</a>
+      <a class="skip" href="#main">
+        Skip to content
+      </a>
       <header class="top">
-        <button type="button" class="btn btn-plain menu-toggle" aria-expanded={menuOpen} aria-controls="nav" onClick={() => setMenuOpen(!menuOpen)}>
+        <button
+          type="button"
+          class="btn btn-plain menu-toggle"
+          aria-expanded={menuOpen}
+          aria-controls="nav"
+          onClick={() => setMenuOpen(!menuOpen)}
+        >
           Menu
         </button>
-        <Link to="/" class="brand">QVD</Link>
+        <Link to="/" class="brand">
+          QVD
+        </Link>
         <span class="spacer" />
         <Link to="/profile" class="whoami" title="Your profile and password">
           {a.name}
@@ -97,7 +107,9 @@ function NotFound() {
   return (
     <section>
       <h1>Not found</h1>
-      <p>There is nothing here, or you are not allowed to see it. <Link to="/">Back to the dashboard</Link>.</p>
+      <p>
+        There is nothing here, or you are not allowed to see it. <Link to="/">Back to the dashboard</Link>.
+      </p>
     </section>
   );
 }

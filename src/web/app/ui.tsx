@@ -22,10 +22,19 @@ export function Link(props: { to: string; children: ComponentChildren; class?: s
   );
 }
 
-type ButtonProps = JSX.ButtonHTMLAttributes<HTMLButtonElement> & { kind?: "primary" | "danger" | "plain"; busy?: boolean };
+type ButtonProps = JSX.ButtonHTMLAttributes<HTMLButtonElement> & {
+  kind?: "primary" | "danger" | "plain";
+  busy?: boolean;
+};
 export function Button({ kind = "plain", busy, children, class: cls, disabled, type, ...rest }: ButtonProps) {
   return (
-    <button type={type ?? "button"} class={`btn btn-${kind} ${cls ?? ""}`} disabled={disabled || busy} aria-busy={busy || undefined} {...rest}>
+    <button
+      type={type ?? "button"}
+      class={`btn btn-${kind} ${cls ?? ""}`}
+      disabled={disabled || busy}
+      aria-busy={busy || undefined}
+      {...rest}
+    >
       {children}
     </button>
   );
@@ -44,7 +53,11 @@ export function Field(props: {
   return (
     <div class={`field ${props.error ? "field-invalid" : ""}`}>
       <label for={id}>{props.label}</label>
-      {props.children({ id, "aria-invalid": props.error ? true : undefined, "aria-describedby": props.error ? errId : undefined })}
+      {props.children({
+        id,
+        "aria-invalid": props.error ? true : undefined,
+        "aria-describedby": props.error ? errId : undefined,
+      })}
       {props.hint && !props.error && <div class="field-hint">{props.hint}</div>}
       {props.error && (
         <div class="field-error" id={errId} role="alert">
@@ -103,10 +116,23 @@ export function Confirm(props: {
       <p>{props.message}</p>
       {props.reason && (
         <Field label={props.reason}>
-          {(attrs) => <input {...attrs} type="text" required maxLength={1000} value={reason} onInput={(e) => setReason(e.currentTarget.value)} />}
+          {(attrs) => (
+            <input
+              {...attrs}
+              type="text"
+              required
+              maxLength={1000}
+              value={reason}
+              onInput={(e) => setReason(e.currentTarget.value)}
+            />
+          )}
         </Field>
       )}
-      {error && <p class="error" role="alert">{error}</p>}
+      {error && (
+        <p class="error" role="alert">
+          {error}
+        </p>
+      )}
       <div class="actions">
         <Button onClick={props.onClose}>Cancel</Button>
         <Button
@@ -141,10 +167,13 @@ export function notify(text: string, kind: "ok" | "error" = "ok"): void {
   const n = { id: ++noticeSeq, text, kind };
   notices = [...notices, n].slice(-5);
   for (const f of noticeListeners) f(notices);
-  setTimeout(() => {
-    notices = notices.filter((x) => x !== n);
-    for (const f of noticeListeners) f(notices);
-  }, kind === "error" ? 8000 : 4000);
+  setTimeout(
+    () => {
+      notices = notices.filter((x) => x !== n);
+      for (const f of noticeListeners) f(notices);
+    },
+    kind === "error" ? 8000 : 4000,
+  );
 }
 export function Notices() {
   const [list, setList] = useState(notices);
@@ -164,11 +193,19 @@ export function Notices() {
 }
 
 export function Loading(props: { what?: string }) {
-  return <p class="loading" aria-live="polite">Loading{props.what ? ` ${props.what}` : ""}…</p>;
+  return (
+    <p class="loading" aria-live="polite">
+      Loading{props.what ? ` ${props.what}` : ""}…
+    </p>
+  );
 }
 
 export function ErrorLine(props: { error?: string }) {
-  return props.error ? <p class="error" role="alert">{props.error}</p> : null;
+  return props.error ? (
+    <p class="error" role="alert">
+      {props.error}
+    </p>
+  ) : null;
 }
 
 /** "3 minutes ago" style for timestamps, with the exact time as a tooltip. */
@@ -177,6 +214,17 @@ export function When(props: { at?: string | null }) {
   const d = new Date(props.at);
   const s = Math.round((Date.now() - d.getTime()) / 1000);
   const a = Math.abs(s);
-  const txt = a < 60 ? "just now" : a < 3600 ? `${Math.round(a / 60)} min` : a < 86400 ? `${Math.round(a / 3600)} h` : `${Math.round(a / 86400)} d`;
-  return <time dateTime={d.toISOString()} title={d.toLocaleString()}>{a < 60 ? txt : s >= 0 ? `${txt} ago` : `in ${txt}`}</time>;
+  const txt =
+    a < 60
+      ? "just now"
+      : a < 3600
+        ? `${Math.round(a / 60)} min`
+        : a < 86400
+          ? `${Math.round(a / 3600)} h`
+          : `${Math.round(a / 86400)} d`;
+  return (
+    <time dateTime={d.toISOString()} title={d.toLocaleString()}>
+      {a < 60 ? txt : s >= 0 ? `${txt} ago` : `in ${txt}`}
+    </time>
+  );
 }

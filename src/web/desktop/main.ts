@@ -72,7 +72,8 @@ async function serverText(r: Response, fallback: string): Promise<string> {
 }
 
 // Basic credentials as UTF-8 (RFC 7617): btoa alone takes only Latin-1.
-const basic = (s: string) => "Basic " + btoa(Array.from(new TextEncoder().encode(s), (b) => String.fromCharCode(b)).join(""));
+const basic = (s: string) =>
+  "Basic " + btoa(Array.from(new TextEncoder().encode(s), (b) => String.fromCharCode(b)).join(""));
 
 // --- log in ----------------------------------------------------------------------------------
 
@@ -115,7 +116,8 @@ async function logIn(): Promise<void> {
     }
     if (!r.ok) return say("login-alert", await serverText(r, `The server could not log you in (${r.status}).`));
     const body = (await r.json().catch(() => undefined)) as { auth_token?: unknown } | undefined;
-    if (typeof body?.auth_token !== "string" || !body.auth_token.trim()) return say("login-alert", "The server sent an answer this page does not understand.");
+    if (typeof body?.auth_token !== "string" || !body.auth_token.trim())
+      return say("login-alert", "The server sent an answer this page does not understand.");
     token = body.auth_token.trim();
     passwordInput.value = "";
     codeInput.value = "";
@@ -139,7 +141,10 @@ async function showList(): Promise<void> {
   const t = token;
   if (!t) return showLogin();
   try {
-    const r = await fetch("/qvd/list_of_vm", { headers: { authorization: `Bearer ${t}`, "x-qvd-web": "1" }, cache: "no-store" });
+    const r = await fetch("/qvd/list_of_vm", {
+      headers: { authorization: `Bearer ${t}`, "x-qvd-web": "1" },
+      cache: "no-store",
+    });
     if (token !== t) return; // logged out meanwhile
     if (r.status === 401) return showLogin(EXPIRED);
     if (!r.ok) return say("list-alert", await serverText(r, `The list of desktops could not be loaded (${r.status}).`));
@@ -214,7 +219,14 @@ function connectTo(vm: Vm): void {
   ws.onopen = () => {
     s.opened = true;
     // The size the desktop will have: the stage below the bar, in CSS pixels as noVNC's resizeSession.
-    ws.send(JSON.stringify({ token, id: vm.id, width: Math.max(1, screen.clientWidth), height: Math.max(1, screen.clientHeight) }));
+    ws.send(
+      JSON.stringify({
+        token,
+        id: vm.id,
+        width: Math.max(1, screen.clientWidth),
+        height: Math.max(1, screen.clientHeight),
+      }),
+    );
   };
   ws.onmessage = (e: MessageEvent) => control(s, e);
 }
@@ -234,7 +246,8 @@ function control(s: Session, e: MessageEvent): void {
     return;
   }
   if (m.type === "progress") addLine(String(m.text ?? ""));
-  else if (m.type === "error") s.error = { status: Number(m.status), message: typeof m.message === "string" ? m.message : "" };
+  else if (m.type === "error")
+    s.error = { status: Number(m.status), message: typeof m.message === "string" ? m.message : "" };
   else if (m.type === "ready") {
     // RFB from the next frame on: noVNC must own the socket before that frame is dispatched,
     // so it is handed over here, synchronously (noVNC replaces onmessage).

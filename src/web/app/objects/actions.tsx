@@ -21,7 +21,10 @@ export function describeMass(r: MassResult): string {
   if (!r.failed) return `${r.ok} done`;
   const reasons = new Map<string, number>();
   for (const x of r.results) if (!x.ok) reasons.set(x.error ?? "failed", (reasons.get(x.error ?? "failed") ?? 0) + 1);
-  const why = [...reasons].slice(0, 3).map(([m, n]) => (n > 1 ? `${m} (×${n})` : m)).join("; ");
+  const why = [...reasons]
+    .slice(0, 3)
+    .map(([m, n]) => (n > 1 ? `${m} (×${n})` : m))
+    .join("; ");
   return `${r.ok} done, ${r.failed} failed: ${why}${reasons.size > 3 ? "; …" : ""}`;
 }
 
@@ -34,7 +37,8 @@ async function runMass(spec: ObjectSpec, a: ActionSpec, sel: Selection, reason?:
   throw new Error(`${a.label} acts on one ${spec.singular} at a time`);
 }
 
-const withReason = (body: Record<string, unknown> | undefined, reason: string | undefined) => (reason === undefined ? (body ?? {}) : { ...body, reason });
+const withReason = (body: Record<string, unknown> | undefined, reason: string | undefined) =>
+  reason === undefined ? (body ?? {}) : { ...body, reason };
 
 async function runSingle(spec: ObjectSpec, a: ActionSpec, row: Row, reason?: string): Promise<string> {
   const r = a.run;
@@ -49,12 +53,19 @@ async function runSingle(spec: ObjectSpec, a: ActionSpec, row: Row, reason?: str
 const cap = (s: string) => s.charAt(0).toUpperCase() + s.slice(1);
 
 /** Whether the administrator may edit a selection (the spec has fields for it that they may change). */
-export const massEditable = (spec: ObjectSpec, can: (acl: string) => boolean) => spec.fields.some((f) => f.mass && can(f.acl ?? `${spec.acl}.update`));
+export const massEditable = (spec: ObjectSpec, can: (acl: string) => boolean) =>
+  spec.fields.some((f) => f.mass && can(f.acl ?? `${spec.acl}.update`));
 
-export const allowedActions = (spec: ObjectSpec, can: (acl: string) => boolean) => spec.actions.filter((a) => [a.acl].flat().every(can));
+export const allowedActions = (spec: ObjectSpec, can: (acl: string) => boolean) =>
+  spec.actions.filter((a) => [a.acl].flat().every(can));
 
 /** A button per action, with the confirmation dialog and error notices. */
-function ActionButtons(props: { actions: ActionSpec[]; what: string; disabled?: boolean; run: (a: ActionSpec, reason?: string) => Promise<void> }) {
+function ActionButtons(props: {
+  actions: ActionSpec[];
+  what: string;
+  disabled?: boolean;
+  run: (a: ActionSpec, reason?: string) => Promise<void>;
+}) {
   const [asking, setAsking] = useState<ActionSpec>();
   const [busy, setBusy] = useState<string>();
   return (
@@ -99,7 +110,9 @@ function ActionButtons(props: { actions: ActionSpec[]; what: string; disabled?: 
 export function SingleActions(props: { spec: ObjectSpec; row: Row; onDone: (a: ActionSpec) => void }) {
   const s = useSession();
   const { spec, row } = props;
-  const acts = allowedActions(spec, s.can).filter((a) => a.single !== false && (!a.when || a.when(row, s.administrator.id)));
+  const acts = allowedActions(spec, s.can).filter(
+    (a) => a.single !== false && (!a.when || a.when(row, s.administrator.id)),
+  );
   return (
     <ActionButtons
       actions={acts}
@@ -122,8 +135,17 @@ export function MassActions(props: { spec: ObjectSpec; selection: Selection; onD
   const canEdit = massEditable(spec, s.can);
   if (!acts.length && !canEdit) return null;
   return (
-    <div class="toolbar mass" role="toolbar" aria-label={`Actions on the selected ${spec.plural}`} data-empty={n ? undefined : ""}>
-      <span class="muted">{n ? `${n === 1 ? `1 ${spec.singular}` : `${n} ${spec.plural}`} selected` : `Select ${spec.plural} to act on them`}</span>
+    <div
+      class="toolbar mass"
+      role="toolbar"
+      aria-label={`Actions on the selected ${spec.plural}`}
+      data-empty={n ? undefined : ""}
+    >
+      <span class="muted">
+        {n
+          ? `${n === 1 ? `1 ${spec.singular}` : `${n} ${spec.plural}`} selected`
+          : `Select ${spec.plural} to act on them`}
+      </span>
       {canEdit && (
         <Button disabled={!n} onClick={() => setEditing(true)}>
           Edit

@@ -41,14 +41,21 @@ export function DetailPage(props: { spec: ObjectSpec; id: string }) {
     return (
       <section>
         <h1>{row ? spec.name(row) : `No such ${spec.singular}`}</h1>
-        <p>This {spec.singular} does not exist (any more), or is not yours to see. <Link to={`/${spec.path}`}>Back to the {spec.title.toLowerCase()}</Link>.</p>
+        <p>
+          This {spec.singular} does not exist (any more), or is not yours to see.{" "}
+          <Link to={`/${spec.path}`}>Back to the {spec.title.toLowerCase()}</Link>.
+        </p>
       </section>
     );
   if (!row) return error ? <ErrorLine error={error} /> : <Loading what={spec.singular} />;
 
   const canEdit = spec.fields.length > 0 && s.can(`${spec.acl}.update`) && (!spec.editable || spec.editable(row));
-  const details = spec.details.filter((d) => (!d.acl || s.can(d.acl)) && (!d.allTenants || (s.multitenant && s.administrator.superadmin)));
-  const specWithDelete = spec.deletable ? { ...spec, actions: spec.actions.filter((a) => !("delete" in a.run) || spec.deletable!(row)) } : spec;
+  const details = spec.details.filter(
+    (d) => (!d.acl || s.can(d.acl)) && (!d.allTenants || (s.multitenant && s.administrator.superadmin)),
+  );
+  const specWithDelete = spec.deletable
+    ? { ...spec, actions: spec.actions.filter((a) => !("delete" in a.run) || spec.deletable!(row)) }
+    : spec;
   return (
     <article aria-labelledby="detail-title">
       <nav class="crumbs" aria-label="Breadcrumb">
@@ -56,7 +63,9 @@ export function DetailPage(props: { spec: ObjectSpec; id: string }) {
       </nav>
       <header class="page-head">
         <h1 id="detail-title">{spec.name(row)}</h1>
-        <span class="muted">{spec.singular} {row.id}</span>
+        <span class="muted">
+          {spec.singular} {row.id}
+        </span>
       </header>
       <div class="toolbar" role="toolbar" aria-label={`Actions on ${spec.name(row)}`}>
         {canEdit && <Button onClick={() => setEditing(true)}>Edit</Button>}
@@ -68,7 +77,9 @@ export function DetailPage(props: { spec: ObjectSpec; id: string }) {
       </div>
       <ErrorLine error={error} />
       <section class="panel" aria-labelledby="details-title">
-        <h2 id="details-title" class="sr-only">Details</h2>
+        <h2 id="details-title" class="sr-only">
+          Details
+        </h2>
         <dl class="details">
           {details.map((d) => (
             <div key={d.label}>
@@ -78,14 +89,18 @@ export function DetailPage(props: { spec: ObjectSpec; id: string }) {
           ))}
         </dl>
       </section>
-      {(spec.panels ?? []).filter((p) => !p.acl || s.can(p.acl)).map((p) => (
-        <section key={p.title} class="panel" aria-label={p.title}>
-          <h2>{p.title}</h2>
-          {p.render(row, reload)}
-        </section>
-      ))}
+      {(spec.panels ?? [])
+        .filter((p) => !p.acl || s.can(p.acl))
+        .map((p) => (
+          <section key={p.title} class="panel" aria-label={p.title}>
+            <h2>{p.title}</h2>
+            {p.render(row, reload)}
+          </section>
+        ))}
       {spec.properties && <PropertyValues spec={spec} row={row} />}
-      {(spec.related ?? []).map((rel) => <RelatedList key={rel.title} rel={rel} row={row} />)}
+      {(spec.related ?? []).map((rel) => (
+        <RelatedList key={rel.title} rel={rel} row={row} />
+      ))}
       {s.can("audit.see") && <RelatedList rel={auditTrail(spec.kind)} row={row} refresh={row} />}
       {editing && (
         <ObjectForm

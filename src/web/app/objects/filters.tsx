@@ -40,14 +40,20 @@ function SelectFilter(props: { id: string; f: FilterSpec; value: string; onChang
       <select id={props.id} value={props.value} onChange={(e) => props.onChange(e.currentTarget.value)}>
         <option value="">any</option>
         {props.f.options!.map(([v, l]) => (
-          <option key={v} value={v}>{l}</option>
+          <option key={v} value={v}>
+            {l}
+          </option>
         ))}
       </select>
     </div>
   );
 }
 
-export function FilterBar(props: { spec: ObjectSpec; query: URLSearchParams; onChange: (changes: Record<string, string>) => void }) {
+export function FilterBar(props: {
+  spec: ObjectSpec;
+  query: URLSearchParams;
+  onChange: (changes: Record<string, string>) => void;
+}) {
   const s = useSession();
   const { spec, query } = props;
   const filters = spec.filters.filter((f) => !f.allTenants || (s.multitenant && s.administrator.superadmin));
@@ -62,11 +68,23 @@ export function FilterBar(props: { spec: ObjectSpec; query: URLSearchParams; onC
         f.type === "select" ? (
           <SelectFilter key={f.key} id={id(f.key)} f={f} value={query.get(f.key) ?? ""} onChange={set(f.key)} />
         ) : (
-          <TextFilter key={f.key} id={id(f.key)} label={f.label} type={f.type === "datetime" ? "datetime-local" : "search"} value={query.get(f.key) ?? ""} onChange={set(f.key)} />
+          <TextFilter
+            key={f.key}
+            id={id(f.key)}
+            label={f.label}
+            type={f.type === "datetime" ? "datetime-local" : "search"}
+            value={query.get(f.key) ?? ""}
+            onChange={set(f.key)}
+          />
         ),
       )}
       {fixed.map((k) => (
-        <Button key={k} class="chip" aria-label={`Remove the filter ${k.replace(/_id$/, "")} ${query.get(k)}`} onClick={() => props.onChange({ [k]: "" })}>
+        <Button
+          key={k}
+          class="chip"
+          aria-label={`Remove the filter ${k.replace(/_id$/, "")} ${query.get(k)}`}
+          onClick={() => props.onChange({ [k]: "" })}
+        >
           {k.replace(/_id$/, "")} #{query.get(k)} ×
         </Button>
       ))}

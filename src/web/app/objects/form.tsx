@@ -21,16 +21,24 @@ export function formFields(spec: ObjectSpec, s: Session, editing: boolean): Form
 function initial(f: FormField, row?: Row): unknown {
   const v = row?.[f.name];
   switch (f.type) {
-    case "checkbox": return !!v;
-    case "checkboxes": return Array.isArray(v) ? v : [];
-    case "ref": return { text: row?.[f.name.replace(/_id$/, "_name")] ?? "", id: v ?? null };
-    case "password": return "";
-    default: return v === null || v === undefined ? "" : String(v);
+    case "checkbox":
+      return !!v;
+    case "checkboxes":
+      return Array.isArray(v) ? v : [];
+    case "ref":
+      return { text: row?.[f.name.replace(/_id$/, "_name")] ?? "", id: v ?? null };
+    case "password":
+      return "";
+    default:
+      return v === null || v === undefined ? "" : String(v);
   }
 }
 
 class FieldError extends Error {
-  constructor(readonly field: string, message: string) {
+  constructor(
+    readonly field: string,
+    message: string,
+  ) {
     super(message);
   }
 }
@@ -40,17 +48,26 @@ async function resolveRef(f: FormField, text: string, values: Values): Promise<n
   const spec = f.ref!;
   const label = spec.label ?? "name";
   const [name, tenant] = text.split(" @ ");
-  const q = toQuery({ ...(spec.filter?.(values) ?? {}), [label]: name!.trim(), ...(tenant ? { tenant_name: tenant.trim() } : {}), limit: 2 });
+  const q = toQuery({
+    ...(spec.filter?.(values) ?? {}),
+    [label]: name!.trim(),
+    ...(tenant ? { tenant_name: tenant.trim() } : {}),
+    limit: 2,
+  });
   const page = await api.get<Page<Row>>(`/${spec.path}${q}`);
   if (page.items.length === 1) return page.items[0]!.id as number;
-  throw new FieldError(f.name, page.items.length ? "several match: choose one of the suggestions" : "no such one: choose one of the suggestions");
+  throw new FieldError(
+    f.name,
+    page.items.length ? "several match: choose one of the suggestions" : "no such one: choose one of the suggestions",
+  );
 }
 
 /** A field's form value as the API wants it; undefined: leave out. */
 async function toApi(f: FormField, v: any, values: Values): Promise<unknown> {
   switch (f.type) {
     case "checkbox":
-    case "checkboxes": return v;
+    case "checkboxes":
+      return v;
     case "ref":
       if (!v.text) return f.nullable ? null : undefined;
       return v.id ?? (await resolveRef(f, v.text, values));
@@ -61,12 +78,19 @@ async function toApi(f: FormField, v: any, values: Values): Promise<unknown> {
       if (!Number.isFinite(n)) throw new FieldError(f.name, "must be a number");
       return n;
     }
-    default: return v === "" ? (f.nullable ? null : undefined) : v;
+    default:
+      return v === "" ? (f.nullable ? null : undefined) : v;
   }
 }
 
 /** A text box with suggestions from the API (a VM's user, an image's OSF). */
-function RefInput(props: { attrs: Record<string, unknown>; spec: RefSpec; values: Values; value: { text: string; id: number | null }; onChange: (v: { text: string; id: number | null }) => void }) {
+function RefInput(props: {
+  attrs: Record<string, unknown>;
+  spec: RefSpec;
+  values: Values;
+  value: { text: string; id: number | null };
+  onChange: (v: { text: string; id: number | null }) => void;
+}) {
   const s = useSession();
   const label = props.spec.label ?? "name";
   const [options, setOptions] = useState<Row[]>([]);
@@ -114,31 +138,56 @@ function RefInput(props: { attrs: Record<string, unknown>; spec: RefSpec; values
   );
 }
 
-function TenantSelect(props: { attrs: Record<string, unknown>; global?: boolean; value: string; onChange: (v: string) => void }) {
+function TenantSelect(props: {
+  attrs: Record<string, unknown>;
+  global?: boolean;
+  value: string;
+  onChange: (v: string) => void;
+}) {
   const [tenants, setTenants] = useState<Row[]>([]);
   useEffect(() => {
-    api.get<Page<Row>>("/tenants?sort=name&limit=1000&fields=name").then((p) => setTenants(p.items), () => setTenants([]));
+    api.get<Page<Row>>("/tenants?sort=name&limit=1000&fields=name").then(
+      (p) => setTenants(p.items),
+      () => setTenants([]),
+    );
   }, []);
   return (
     <select {...props.attrs} value={props.value} onChange={(e) => props.onChange(e.currentTarget.value)}>
       <option value="">choose a tenant</option>
-      {tenants.filter((t) => props.global || t.id !== 0).map((t) => (
-        <option key={t.id} value={String(t.id)}>{t.id === 0 ? "global (every tenant)" : t.name}</option>
-      ))}
+      {tenants
+        .filter((t) => props.global || t.id !== 0)
+        .map((t) => (
+          <option key={t.id} value={String(t.id)}>
+            {t.id === 0 ? "global (every tenant)" : t.name}
+          </option>
+        ))}
     </select>
   );
 }
 
-function Input(props: { f: FormField; attrs: Record<string, unknown>; value: any; values: Values; mass?: boolean; set: (v: any) => void }) {
+function Input(props: {
+  f: FormField;
+  attrs: Record<string, unknown>;
+  value: any;
+  values: Values;
+  mass?: boolean;
+  set: (v: any) => void;
+}) {
   const { f, attrs, value, set } = props;
   switch (f.type) {
-    case "textarea": return <textarea {...attrs} rows={3} value={value} onInput={(e) => set(e.currentTarget.value)} />;
-    case "checkbox": return <input {...attrs} type="checkbox" checked={value} onChange={(e) => set(e.currentTarget.checked)} />;
+    case "textarea":
+      return <textarea {...attrs} rows={3} value={value} onInput={(e) => set(e.currentTarget.value)} />;
+    case "checkbox":
+      return <input {...attrs} type="checkbox" checked={value} onChange={(e) => set(e.currentTarget.checked)} />;
     case "select":
       return (
         <select {...attrs} value={value} onChange={(e) => set(e.currentTarget.value)}>
           {(!f.required || props.mass) && <option value="">{props.mass ? "unchanged" : "—"}</option>}
-          {f.options!.map(([v, l]) => <option key={v} value={v}>{l}</option>)}
+          {f.options!.map(([v, l]) => (
+            <option key={v} value={v}>
+              {l}
+            </option>
+          ))}
         </select>
       );
     case "checkboxes":
@@ -147,13 +196,20 @@ function Input(props: { f: FormField; attrs: Record<string, unknown>; value: any
         <div {...attrs} role="group" class="checks">
           {f.options!.map(([v, l]) => (
             <label key={v}>
-              <input type="checkbox" checked={value.includes(v)} onChange={(e) => set(e.currentTarget.checked ? [...value, v] : value.filter((x: string) => x !== v))} /> {l}
+              <input
+                type="checkbox"
+                checked={value.includes(v)}
+                onChange={(e) => set(e.currentTarget.checked ? [...value, v] : value.filter((x: string) => x !== v))}
+              />{" "}
+              {l}
             </label>
           ))}
         </div>
       );
-    case "ref": return <RefInput attrs={attrs} spec={f.ref!} values={props.values} value={value} onChange={set} />;
-    case "tenant": return <TenantSelect attrs={attrs} global={f.globalTenant} value={value} onChange={set} />;
+    case "ref":
+      return <RefInput attrs={attrs} spec={f.ref!} values={props.values} value={value} onChange={set} />;
+    case "tenant":
+      return <TenantSelect attrs={attrs} global={f.globalTenant} value={value} onChange={set} />;
     default:
       return (
         <input
@@ -185,7 +241,10 @@ export function ObjectForm(props: {
   const { spec, row, selection } = props;
   const editing = !!row || !!selection;
   const fields = formFields(spec, s, editing).filter((f) => !selection || f.mass);
-  const [values, setValues] = useState<Values>(() => ({ ...Object.fromEntries(fields.map((f) => [f.name, initial(f, row)])), ...props.preset }));
+  const [values, setValues] = useState<Values>(() => ({
+    ...Object.fromEntries(fields.map((f) => [f.name, initial(f, row)])),
+    ...props.preset,
+  }));
   const [errors, setErrors] = useState<Record<string, string>>({});
   const [error, setError] = useState<string>();
   const [busy, setBusy] = useState(false);
@@ -204,26 +263,48 @@ export function ObjectForm(props: {
       }
       if (editing && !Object.keys(body).length) return props.onClose();
       setBusy(true);
-      if (selection) return props.onMassSaved?.(await api.patch<MassResult>(`/${spec.path}${selectionQuery(selection)}`, body));
-      const saved = row ? await api.patch<Row>(`/${spec.path}/${row.id}`, body) : await api.post<Row>(`/${spec.path}`, body);
+      if (selection)
+        return props.onMassSaved?.(await api.patch<MassResult>(`/${spec.path}${selectionQuery(selection)}`, body));
+      const saved = row
+        ? await api.patch<Row>(`/${spec.path}/${row.id}`, body)
+        : await api.post<Row>(`/${spec.path}`, body);
       props.onSaved(saved);
     } catch (err) {
       setBusy(false);
       const field = err instanceof FieldError || err instanceof ApiError ? err.field?.split(".")[0] : undefined;
       const msg = (err as Error).message;
       // Beside the field, "name: must not be empty" needs no "name: ".
-      if (field && fields.some((f) => f.name === field)) setErrors({ [field]: msg.startsWith(`${(err as ApiError).field}: `) ? msg.slice((err as ApiError).field!.length + 2) : msg });
+      if (field && fields.some((f) => f.name === field))
+        setErrors({
+          [field]: msg.startsWith(`${(err as ApiError).field}: `)
+            ? msg.slice((err as ApiError).field!.length + 2)
+            : msg,
+        });
       else setError(msg);
     }
   };
 
   return (
-    <Modal title={selection ? `Edit ${selectionSize(selection)} ${spec.plural}` : `${editing ? "Edit" : "New"} ${spec.singular}`} onClose={props.onClose}>
+    <Modal
+      title={
+        selection ? `Edit ${selectionSize(selection)} ${spec.plural}` : `${editing ? "Edit" : "New"} ${spec.singular}`
+      }
+      onClose={props.onClose}
+    >
       {selection && <p class="muted">Fields left empty stay as they are.</p>}
       <form onSubmit={submit} noValidate>
         {fields.map((f) => (
           <Field key={f.name} label={f.label} error={errors[f.name]} hint={f.hint}>
-            {(attrs) => <Input f={f} attrs={{ ...attrs, name: f.name }} value={values[f.name]} values={values} mass={!!selection} set={(v) => setValues((x) => ({ ...x, [f.name]: v }))} />}
+            {(attrs) => (
+              <Input
+                f={f}
+                attrs={{ ...attrs, name: f.name }}
+                value={values[f.name]}
+                values={values}
+                mass={!!selection}
+                set={(v) => setValues((x) => ({ ...x, [f.name]: v }))}
+              />
+            )}
           </Field>
         ))}
         <ErrorLine error={error} />

@@ -16,7 +16,18 @@ import { usersSpec } from "./specs/users.tsx";
 import { vmsSpec } from "./specs/vms.tsx";
 import type { ObjectSpec } from "./types.ts";
 
-export const SPECS: ObjectSpec[] = [usersSpec, vmsSpec, hostsSpec, osfsSpec, disSpec, administratorsSpec, rolesSpec, tenantsSpec, propertiesSpec, auditSpec];
+export const SPECS: ObjectSpec[] = [
+  usersSpec,
+  vmsSpec,
+  hostsSpec,
+  osfsSpec,
+  disSpec,
+  administratorsSpec,
+  rolesSpec,
+  tenantsSpec,
+  propertiesSpec,
+  auditSpec,
+];
 
 function screensOf(spec: ObjectSpec): Screen[] {
   const acl = [`${spec.acl}.see`];

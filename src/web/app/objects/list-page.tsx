@@ -39,11 +39,14 @@ export function ListPage(props: { spec: ObjectSpec; query: URLSearchParams }) {
 
   const columns = visibleColumns(spec, s);
   const canMass = allowedActions(spec, s.can).some((a) => a.mass ?? !("custom" in a.run)) || massEditable(spec, s.can);
-  const canCreate = spec.creatable !== false && (spec.fields.length > 0 || spec.createDialog) && s.can(`${spec.acl}.create`);
+  const canCreate =
+    spec.creatable !== false && (spec.fields.length > 0 || spec.createDialog) && s.can(`${spec.acl}.create`);
   const page = list.page;
   const total = page?.total ?? 0;
   const allOnPage = !!page && page.items.length > 0 && page.items.every((r) => selected.has(r.id));
-  const selection: Selection = allMatching ? { allMatching: true, filter: p.filter, total } : { allMatching: false, ids: selected };
+  const selection: Selection = allMatching
+    ? { allMatching: true, filter: p.filter, total }
+    : { allMatching: false, ids: selected };
 
   const onSelect = (ids: number[], on: boolean) => {
     setAllMatching(false);
@@ -90,10 +93,15 @@ export function ListPage(props: { spec: ObjectSpec; query: URLSearchParams }) {
           {allMatching && (
             <span class="muted" role="status">
               All {total} matching {spec.plural} are selected.{" "}
-              <Button kind="plain" onClick={() => {
-                setAllMatching(false);
-                setSelected(new Set());
-              }}>Clear selection</Button>
+              <Button
+                kind="plain"
+                onClick={() => {
+                  setAllMatching(false);
+                  setSelected(new Set());
+                }}
+              >
+                Clear selection
+              </Button>
             </span>
           )}
         </div>
@@ -115,9 +123,17 @@ export function ListPage(props: { spec: ObjectSpec; query: URLSearchParams }) {
               busy={list.loading}
             />
           ) : (
-            <p class="empty">No {spec.plural} {Object.keys(p.filter).length ? "match these filters" : "yet"}.</p>
+            <p class="empty">
+              No {spec.plural} {Object.keys(p.filter).length ? "match these filters" : "yet"}.
+            </p>
           )}
-          <Pager total={total} limit={p.limit} offset={p.offset} onPage={(n) => setQuery(spec, query, { page: n > 1 ? String(n) : "" }, true)} onLimit={(l) => setQuery(spec, query, { limit: String(l) })} />
+          <Pager
+            total={total}
+            limit={p.limit}
+            offset={p.offset}
+            onPage={(n) => setQuery(spec, query, { page: n > 1 ? String(n) : "" }, true)}
+            onLimit={(l) => setQuery(spec, query, { limit: String(l) })}
+          />
         </>
       )}
       {creating &&

@@ -28,7 +28,10 @@ export function PropertyValues(props: { spec: ObjectSpec; row: Row }) {
   useEffect(() => {
     api.get(base).then(show, (e) => setError((e as Error).message));
     if (canEdit && s.can("property.see"))
-      api.get(`/properties?applies_to=${spec.kind}&sort=key&limit=1000&fields=key`).then((p) => setDefs(p.items.map((d: Row) => d.key)), () => {});
+      api.get(`/properties?applies_to=${spec.kind}&sort=key&limit=1000&fields=key`).then(
+        (p) => setDefs(p.items.map((d: Row) => d.key)),
+        () => {},
+      );
   }, [row.id]);
 
   const save = async (k: string, v: string) => {
@@ -88,18 +91,28 @@ export function PropertyValues(props: { spec: ObjectSpec; row: Row }) {
             }
           }}
         >
-          <Field label="Property" error={fieldError.key} hint={defs.length ? undefined : "Define properties on the Properties screen first"}>
+          <Field
+            label="Property"
+            error={fieldError.key}
+            hint={defs.length ? undefined : "Define properties on the Properties screen first"}
+          >
             {(a) => (
               <select {...a} value={key} required onChange={(e) => setKey(e.currentTarget.value)}>
                 <option value="">choose</option>
-                {defs.map((d) => <option key={d} value={d}>{d}</option>)}
+                {defs.map((d) => (
+                  <option key={d} value={d}>
+                    {d}
+                  </option>
+                ))}
               </select>
             )}
           </Field>
           <Field label="Value" error={fieldError.value}>
             {(a) => <input {...a} value={value} onInput={(e) => setValue(e.currentTarget.value)} />}
           </Field>
-          <Button type="submit" disabled={!key}>Set property</Button>
+          <Button type="submit" disabled={!key}>
+            Set property
+          </Button>
         </form>
       )}
     </section>

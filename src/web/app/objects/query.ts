@@ -25,10 +25,18 @@ export function apiFilter(spec: ObjectSpec, q: URLSearchParams): Record<string, 
   return out;
 }
 
-export function listParams(spec: ObjectSpec, q: URLSearchParams): { filter: Record<string, string>; sort: string; limit: number; offset: number } {
+export function listParams(
+  spec: ObjectSpec,
+  q: URLSearchParams,
+): { filter: Record<string, string>; sort: string; limit: number; offset: number } {
   const limit = Number(q.get("limit")) || DEFAULT_LIMIT;
   const page = Math.max(1, Number(q.get("page")) || 1);
-  return { filter: apiFilter(spec, q), sort: q.get("sort") ?? spec.defaultSort ?? "name", limit, offset: (page - 1) * limit };
+  return {
+    filter: apiFilter(spec, q),
+    sort: q.get("sort") ?? spec.defaultSort ?? "name",
+    limit,
+    offset: (page - 1) * limit,
+  };
 }
 
 /** A query string from a record, in order (URLSearchParams encodes brackets, which the API accepts). */
@@ -40,7 +48,9 @@ export function toQuery(p: Record<string, string | number | undefined>): string 
 }
 
 /** What a mass action acts on: the chosen ids, or every object matching the filter. */
-export type Selection = { ids: Set<number>; allMatching: false } | { allMatching: true; filter: Record<string, string>; total: number };
+export type Selection =
+  | { ids: Set<number>; allMatching: false }
+  | { allMatching: true; filter: Record<string, string>; total: number };
 
 export function selectionQuery(sel: Selection): string {
   if (!sel.allMatching) return toQuery({ "id[in]": [...sel.ids].join(",") });

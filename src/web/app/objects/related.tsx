@@ -29,8 +29,12 @@ export function RelatedList(props: { rel: RelatedSpec; row: Row; refresh?: unkno
         <h2 id={id}>{rel.title}</h2>
         {list.page && <span class="muted count">{list.page.total}</span>}
         <span class="spacer" />
-        {Create && s.can(`${spec.acl}.create`) && <Button onClick={() => setCreating(true)}>New {spec.singular}</Button>}
-        {rel.listQuery && !!list.page?.total && <Link to={`/${spec.path}${toQuery(rel.listQuery(row))}`}>Show all</Link>}
+        {Create && s.can(`${spec.acl}.create`) && (
+          <Button onClick={() => setCreating(true)}>New {spec.singular}</Button>
+        )}
+        {rel.listQuery && !!list.page?.total && (
+          <Link to={`/${spec.path}${toQuery(rel.listQuery(row))}`}>Show all</Link>
+        )}
       </header>
       <ErrorLine error={list.error} />
       {!list.page && list.loading && <Loading />}
@@ -40,7 +44,9 @@ export function RelatedList(props: { rel: RelatedSpec; row: Row; refresh?: unkno
         ) : (
           <p class="empty">None.</p>
         ))}
-      {list.page && list.page.total > LIMIT && <Pager total={list.page.total} limit={LIMIT} offset={offset} onPage={(n) => setOffset((n - 1) * LIMIT)} />}
+      {list.page && list.page.total > LIMIT && (
+        <Pager total={list.page.total} limit={LIMIT} offset={offset} onPage={(n) => setOffset((n - 1) * LIMIT)} />
+      )}
       {creating && Create && (
         <Create
           row={row}

@@ -6,7 +6,9 @@ import { text } from "./format.tsx";
 import type { Column, ObjectSpec, Row } from "./types.ts";
 
 export function visibleColumns(spec: ObjectSpec, s: Session, keys?: string[]): Column[] {
-  const all = spec.columns.filter((c) => (!c.acl || s.can(c.acl)) && (!c.allTenants || (s.multitenant && s.administrator.superadmin)));
+  const all = spec.columns.filter(
+    (c) => (!c.acl || s.can(c.acl)) && (!c.allTenants || (s.multitenant && s.administrator.superadmin)),
+  );
   return keys ? keys.map((k) => all.find((c) => c.key === k)).filter((c): c is Column => !!c) : all;
 }
 
@@ -40,18 +42,30 @@ export function ObjectTable(props: {
                   type="checkbox"
                   aria-label="Select all on this page"
                   checked={allOnPage}
-                  onChange={(e) => props.onSelect!(rows.map((r) => r.id), e.currentTarget.checked)}
+                  onChange={(e) =>
+                    props.onSelect!(
+                      rows.map((r) => r.id),
+                      e.currentTarget.checked,
+                    )
+                  }
                 />
               </th>
             )}
             {columns.map((c) => {
-              const dir = c.sort && sort === c.sort ? "ascending" : c.sort && sort === `-${c.sort}` ? "descending" : undefined;
+              const dir =
+                c.sort && sort === c.sort ? "ascending" : c.sort && sort === `-${c.sort}` ? "descending" : undefined;
               return (
-                <th key={c.key} aria-sort={c.sort ? dir ?? "none" : undefined} class={c.num ? "num" : undefined}>
+                <th key={c.key} aria-sort={c.sort ? (dir ?? "none") : undefined} class={c.num ? "num" : undefined}>
                   {c.sort && props.onSort ? (
-                    <button type="button" class="sort" onClick={() => props.onSort!(dir === "ascending" ? `-${c.sort}` : c.sort!)}>
+                    <button
+                      type="button"
+                      class="sort"
+                      onClick={() => props.onSort!(dir === "ascending" ? `-${c.sort}` : c.sort!)}
+                    >
                       {c.label}
-                      <span class="sort-mark" aria-hidden="true">{dir === "ascending" ? " ▲" : dir === "descending" ? " ▼" : ""}</span>
+                      <span class="sort-mark" aria-hidden="true">
+                        {dir === "ascending" ? " ▲" : dir === "descending" ? " ▼" : ""}
+                      </span>
                     </button>
                   ) : (
                     c.label
@@ -66,7 +80,12 @@ export function ObjectTable(props: {
             <tr key={r.id} class={selected?.has(r.id) ? "selected" : undefined}>
               {selected && (
                 <td class="check">
-                  <input type="checkbox" aria-label={`Select ${spec.name(r)}`} checked={selected.has(r.id)} onChange={(e) => props.onSelect!([r.id], e.currentTarget.checked)} />
+                  <input
+                    type="checkbox"
+                    aria-label={`Select ${spec.name(r)}`}
+                    checked={selected.has(r.id)}
+                    onChange={(e) => props.onSelect!([r.id], e.currentTarget.checked)}
+                  />
                 </td>
               )}
               {columns.map((c) => (

@@ -15,7 +15,11 @@ export interface ListState {
 }
 
 /** `refresh`: a value whose change reloads the page (the detail page's object changed). */
-export function useObjectList(spec: ObjectSpec, p: { filter: Record<string, string>; sort: string; limit: number; offset: number }, refresh?: unknown): ListState {
+export function useObjectList(
+  spec: ObjectSpec,
+  p: { filter: Record<string, string>; sort: string; limit: number; offset: number },
+  refresh?: unknown,
+): ListState {
   const [page, setPage] = useState<Page<Row>>();
   const [error, setError] = useState<string>();
   const [loading, setLoading] = useState(true);
@@ -56,7 +60,9 @@ export function useObjectList(spec: ObjectSpec, p: { filter: Record<string, stri
       if (!onPage.length) return;
     }
     try {
-      const res = await api.get<Page<Row>>(`/${spec.path}${toQuery({ ...p.filter, "id[in]": onPage.join(","), limit: onPage.length })}`);
+      const res = await api.get<Page<Row>>(
+        `/${spec.path}${toQuery({ ...p.filter, "id[in]": onPage.join(","), limit: onPage.length })}`,
+      );
       if (res.items.length < onPage.length) return reload(); // some left the filter
       const byId = new Map(res.items.map((r) => [r.id, r]));
       setPage((pg) => pg && { ...pg, items: pg.items.map((r) => byId.get(r.id) ?? r) });

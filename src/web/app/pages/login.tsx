@@ -29,18 +29,48 @@ export function LoginPage(props: { multitenant: boolean; notice?: string; onLogi
     <main class="login">
       <form onSubmit={submit} aria-labelledby="login-title">
         <h1 id="login-title">QVD administration</h1>
-        {props.notice && <p class="notice notice-info" role="status">{props.notice}</p>}
+        {props.notice && (
+          <p class="notice notice-info" role="status">
+            {props.notice}
+          </p>
+        )}
         {props.multitenant && (
           <Field label="Tenant" hint="Empty for a superadministrator (or write name@tenant)" error={fieldErrors.tenant}>
-            {(a) => <input {...a} name="tenant" autoComplete="organization" value={tenant} onInput={(e) => setTenant(e.currentTarget.value)} />}
+            {(a) => (
+              <input
+                {...a}
+                name="tenant"
+                autoComplete="organization"
+                value={tenant}
+                onInput={(e) => setTenant(e.currentTarget.value)}
+              />
+            )}
           </Field>
         )}
         <Field label="Name" error={fieldErrors.name}>
-          {(a) => <input {...a} name="name" required autoComplete="username" autoFocus value={name} onInput={(e) => setName(e.currentTarget.value)} />}
+          {(a) => (
+            <input
+              {...a}
+              name="name"
+              required
+              autoComplete="username"
+              autoFocus
+              value={name}
+              onInput={(e) => setName(e.currentTarget.value)}
+            />
+          )}
         </Field>
         <Field label="Password" error={fieldErrors.password}>
           {(a) => (
-            <input {...a} name="password" type="password" required autoComplete="current-password" value={password} onInput={(e) => setPassword(e.currentTarget.value)} />
+            <input
+              {...a}
+              name="password"
+              type="password"
+              required
+              autoComplete="current-password"
+              value={password}
+              onInput={(e) => setPassword(e.currentTarget.value)}
+            />
           )}
         </Field>
         <ErrorLine error={error} />

@@ -26,7 +26,9 @@ export function AclTree(props: {
   const [open, setOpen] = useState<Set<string>>(() => new Set());
   const f = filter.trim().toLowerCase();
   const shown = props.catalogue.filter(
-    (a) => (!props.include || props.include(a.name)) && (!f || a.name.toLowerCase().includes(f) || a.description.toLowerCase().includes(f)),
+    (a) =>
+      (!props.include || props.include(a.name)) &&
+      (!f || a.name.toLowerCase().includes(f) || a.description.toLowerCase().includes(f)),
   );
   const groups = groupAcls(shown);
   const all = groupAcls(props.catalogue);
@@ -40,7 +42,15 @@ export function AclTree(props: {
     <div class="acl-tree">
       <div class="acl-toolbar">
         <Field label="Filter ACLs">
-          {(a) => <input {...a} type="search" value={filter} placeholder="e.g. vm.start or password" onInput={(e) => setFilter(e.currentTarget.value)} />}
+          {(a) => (
+            <input
+              {...a}
+              type="search"
+              value={filter}
+              placeholder="e.g. vm.start or password"
+              onInput={(e) => setFilter(e.currentTarget.value)}
+            />
+          )}
         </Field>
         {props.toolbar}
         <span class="spacer" />
@@ -60,8 +70,17 @@ export function AclTree(props: {
         return (
           <section class="acl-group" key={g.object} aria-label={`${props.label}: ${g.label}`}>
             <div class="acl-group-head">
-              <button type="button" class="btn btn-plain acl-toggle" aria-expanded={isOpen} aria-controls={bodyId} onClick={() => toggle(g.object)}>
-                <span aria-hidden="true" class="acl-caret">{isOpen ? "▾" : "▸"}</span> {g.label}
+              <button
+                type="button"
+                class="btn btn-plain acl-toggle"
+                aria-expanded={isOpen}
+                aria-controls={bodyId}
+                onClick={() => toggle(g.object)}
+              >
+                <span aria-hidden="true" class="acl-caret">
+                  {isOpen ? "▾" : "▸"}
+                </span>{" "}
+                {g.label}
                 <span class="muted"> ({g.object})</span>
               </button>
               {counted !== undefined && (
@@ -78,7 +97,11 @@ export function AclTree(props: {
                   <tr>
                     <th scope="col">ACL</th>
                     <th scope="col">Status</th>
-                    {props.actions && <th scope="col"><span class="sr-only">Actions</span></th>}
+                    {props.actions && (
+                      <th scope="col">
+                        <span class="sr-only">Actions</span>
+                      </th>
+                    )}
                   </tr>
                 </thead>
                 <tbody>

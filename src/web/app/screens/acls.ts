@@ -21,9 +21,19 @@ export function aclCatalogue(): Promise<Acl[]> {
 
 /** Objects in the order of the navigation, with their screen names; unknown ones follow by name. */
 const OBJECTS: [string, string][] = [
-  ["user", "Users"], ["vm", "Virtual machines"], ["host", "Nodes"], ["osf", "OS flavours"], ["di", "Images"],
-  ["administrator", "Administrators"], ["role", "Roles"], ["tenant", "Tenants"], ["property", "Properties"],
-  ["config", "Configuration"], ["audit", "Audit log"], ["session", "Sessions"], ["stats", "Dashboard"],
+  ["user", "Users"],
+  ["vm", "Virtual machines"],
+  ["host", "Nodes"],
+  ["osf", "OS flavours"],
+  ["di", "Images"],
+  ["administrator", "Administrators"],
+  ["role", "Roles"],
+  ["tenant", "Tenants"],
+  ["property", "Properties"],
+  ["config", "Configuration"],
+  ["audit", "Audit log"],
+  ["session", "Sessions"],
+  ["stats", "Dashboard"],
 ];
 
 export const objectOf = (acl: string) => (acl.includes(".") ? acl.slice(0, acl.indexOf(".")) : acl);

@@ -41,9 +41,20 @@ export function ConfigPage(props: { query: URLSearchParams }) {
     navigate(`/config${s ? `?${s}` : ""}`, { replace: true });
   };
 
-  const settings = useLoad((s) => api.get<{ tenant_id: number; items: Setting[] }>(`/configs${qs({ tenant_id: tenant || undefined })}`, s), [tenant]);
+  const settings = useLoad(
+    (s) => api.get<{ tenant_id: number; items: Setting[] }>(`/configs${qs({ tenant_id: tenant || undefined })}`, s),
+    [tenant],
+  );
   const tenants = useLoad(
-    async (s) => (chooseTenant ? (await api.get<{ items: { id: number; name: string }[] }>(`/tenants${qs({ sort: "name", limit: 1000, fields: "id,name" })}`, s)).items : []),
+    async (s) =>
+      chooseTenant
+        ? (
+            await api.get<{ items: { id: number; name: string }[] }>(
+              `/tenants${qs({ sort: "name", limit: 1000, fields: "id,name" })}`,
+              s,
+            )
+          ).items
+        : [],
     [chooseTenant],
   );
   const [editing, setEditing] = useState<Setting>();
@@ -55,7 +66,11 @@ export function ConfigPage(props: { query: URLSearchParams }) {
   const items = settings.data?.items ?? [];
   const sections = [...new Set(items.map((s) => section(s.key)))].sort();
   const needle = search.trim().toLowerCase();
-  const shown = items.filter((s) => (!prefix || s.key.startsWith(`${prefix}.`) || s.key === prefix) && (!needle || s.key.toLowerCase().includes(needle) || s.doc.toLowerCase().includes(needle)));
+  const shown = items.filter(
+    (s) =>
+      (!prefix || s.key.startsWith(`${prefix}.`) || s.key === prefix) &&
+      (!needle || s.key.toLowerCase().includes(needle) || s.doc.toLowerCase().includes(needle)),
+  );
   const tenantName = tenants.data?.find((t) => t.id === scopeTenant)?.name ?? session.administrator.tenant_name;
 
   return (
@@ -69,7 +84,15 @@ export function ConfigPage(props: { query: URLSearchParams }) {
       </p>
       <div class="st-filters">
         <Field label="Search">
-          {(a) => <input {...a} type="search" value={search} placeholder="key or description" onInput={(e) => setQuery({ q: e.currentTarget.value })} />}
+          {(a) => (
+            <input
+              {...a}
+              type="search"
+              value={search}
+              placeholder="key or description"
+              onInput={(e) => setQuery({ q: e.currentTarget.value })}
+            />
+          )}
         </Field>
         <Field label="Section">
           {(a) => (
@@ -86,9 +109,16 @@ export function ConfigPage(props: { query: URLSearchParams }) {
         {chooseTenant && (
           <Field label="Tenant">
             {(a) => (
-              <select {...a} value={String(tenant ?? 0)} onChange={(e) => setQuery({ tenant: e.currentTarget.value === "0" ? "" : e.currentTarget.value })}>
+              <select
+                {...a}
+                value={String(tenant ?? 0)}
+                onChange={(e) => setQuery({ tenant: e.currentTarget.value === "0" ? "" : e.currentTarget.value })}
+              >
                 <option value="0">Global (every tenant)</option>
-                {(tenant && !tenants.data ? [{ id: tenant, name: `tenant ${tenant}` }] : (tenants.data ?? []).filter((t) => t.id !== 0)).map((t) => (
+                {(tenant && !tenants.data
+                  ? [{ id: tenant, name: `tenant ${tenant}` }]
+                  : (tenants.data ?? []).filter((t) => t.id !== 0)
+                ).map((t) => (
                   <option key={t.id} value={String(t.id)}>
                     {t.name}
                   </option>
@@ -104,14 +134,20 @@ export function ConfigPage(props: { query: URLSearchParams }) {
       {settings.data && (
         <div class="st-scroll">
           <table class="config-table">
-            <caption class="sr-only">Settings ({shown.length} of {items.length})</caption>
+            <caption class="sr-only">
+              Settings ({shown.length} of {items.length})
+            </caption>
             <thead>
               <tr>
                 <th scope="col">Setting</th>
                 <th scope="col">Value</th>
                 <th scope="col">Default</th>
                 <th scope="col">Source</th>
-                {canEdit && <th scope="col"><span class="sr-only">Actions</span></th>}
+                {canEdit && (
+                  <th scope="col">
+                    <span class="sr-only">Actions</span>
+                  </th>
+                )}
               </tr>
             </thead>
             <tbody>
@@ -119,16 +155,28 @@ export function ConfigPage(props: { query: URLSearchParams }) {
                 <tr key={s.key}>
                   <td>
                     <code class="config-key">{s.key}</code>
-                    <div class="muted config-doc"><Doc text={s.doc} /></div>
+                    <div class="muted config-doc">
+                      <Doc text={s.doc} />
+                    </div>
                   </td>
-                  <td class="config-value" data-label="Value">{s.value === null || s.value === "" ? <span class="muted">(empty)</span> : <code>{s.value}</code>}</td>
-                  <td class="config-value" data-label="Default">{s.default === null || s.default === "" ? <span class="muted">(empty)</span> : <code>{s.default}</code>}</td>
+                  <td class="config-value" data-label="Value">
+                    {s.value === null || s.value === "" ? <span class="muted">(empty)</span> : <code>{s.value}</code>}
+                  </td>
+                  <td class="config-value" data-label="Default">
+                    {s.default === null || s.default === "" ? (
+                      <span class="muted">(empty)</span>
+                    ) : (
+                      <code>{s.default}</code>
+                    )}
+                  </td>
                   <td data-label="Source">
-                    <Badge kind={s.source === "default" ? "none" : s.source === "global" ? "info" : "ok"}>{s.source}</Badge>
+                    <Badge kind={s.source === "default" ? "none" : s.source === "global" ? "info" : "ok"}>
+                      {s.source}
+                    </Badge>
                   </td>
                   {canEdit && (
                     <td class="st-row-actions">
-                      {(here === "global" || s.tenant) ? (
+                      {here === "global" || s.tenant ? (
                         <Button aria-label={`Edit ${s.key}`} onClick={() => setEditing(s)}>
                           Edit
                         </Button>
@@ -156,7 +204,12 @@ export function ConfigPage(props: { query: URLSearchParams }) {
         </div>
       )}
       {editing && (
-        <EditSetting setting={editing} tenant={tenant} onClose={() => setEditing(undefined)} onSaved={() => void settings.reload()} />
+        <EditSetting
+          setting={editing}
+          tenant={tenant}
+          onClose={() => setEditing(undefined)}
+          onSaved={() => void settings.reload()}
+        />
       )}
       {resetting && (
         <Confirm
@@ -192,7 +245,10 @@ function EditSetting(props: { setting: Setting; tenant?: number; onClose: () => 
     setFieldError(undefined);
     setError(undefined);
     try {
-      await api.put(`/configs/${encodeURIComponent(s.key)}`, { value, ...(props.tenant ? { tenant_id: props.tenant } : {}) });
+      await api.put(`/configs/${encodeURIComponent(s.key)}`, {
+        value,
+        ...(props.tenant ? { tenant_id: props.tenant } : {}),
+      });
       notify(`${s.key} saved`);
       props.onSaved();
       props.onClose();
@@ -209,8 +265,26 @@ function EditSetting(props: { setting: Setting; tenant?: number; onClose: () => 
         <p class="muted">
           <Doc text={s.doc} />
         </p>
-        <Field label="Value" error={fieldError} hint={secret ? "A secret: its value is not shown; write the new one" : `Default: ${s.default === null || s.default === "" ? "(empty)" : s.default}`}>
-          {(a) => <input {...a} name="value" type={secret ? "password" : "text"} autoComplete="off" autoFocus value={value} onInput={(e) => setValue(e.currentTarget.value)} />}
+        <Field
+          label="Value"
+          error={fieldError}
+          hint={
+            secret
+              ? "A secret: its value is not shown; write the new one"
+              : `Default: ${s.default === null || s.default === "" ? "(empty)" : s.default}`
+          }
+        >
+          {(a) => (
+            <input
+              {...a}
+              name="value"
+              type={secret ? "password" : "text"}
+              autoComplete="off"
+              autoFocus
+              value={value}
+              onInput={(e) => setValue(e.currentTarget.value)}
+            />
+          )}
         </Field>
         <ErrorLine error={error} />
         <div class="actions">

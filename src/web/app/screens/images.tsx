@@ -10,11 +10,22 @@ import { bytes, UploadAborted, uploadImage, type Upload } from "./upload.ts";
 type Phase = "form" | "uploading" | "failed" | "done";
 
 /** A safe file name for the server (path.storage.images/<name>): no directories, no blanks. */
-const serverName = (file: string, kvm: boolean) => file.replace(/^.*[\\/]/, "").replace(/[^A-Za-z0-9._+-]+/g, "_").slice(0, 200) || (kvm ? "image.qcow2" : "image.tar.gz");
+const serverName = (file: string, kvm: boolean) =>
+  file
+    .replace(/^.*[\\/]/, "")
+    .replace(/[^A-Za-z0-9._+-]+/g, "_")
+    .slice(0, 200) || (kvm ? "image.qcow2" : "image.tar.gz");
 
 export function NewImageDialog(props: { osfId?: number; onClose: () => void; onCreated: (id: number) => void }) {
   const session = useSession();
-  const osfs = useLoad((s) => api.get<{ items: { id: number; name: string; tenant_name: string; hypervisor: string }[] }>(`/osfs${qs({ sort: "name", limit: 1000, fields: "id,name,tenant_name,hypervisor" })}`, s), []);
+  const osfs = useLoad(
+    (s) =>
+      api.get<{ items: { id: number; name: string; tenant_name: string; hypervisor: string }[] }>(
+        `/osfs${qs({ sort: "name", limit: 1000, fields: "id,name,tenant_name,hypervisor" })}`,
+        s,
+      ),
+    [],
+  );
   const [osf, setOsf] = useState(props.osfId ? String(props.osfId) : "");
   const [version, setVersion] = useState("");
   const [description, setDescription] = useState("");
@@ -57,7 +68,9 @@ export function NewImageDialog(props: { osfId?: number; onClose: () => void; onC
       upload.current = undefined;
       if (err instanceof UploadAborted) return;
       setPhase("failed");
-      setError(`${(err as Error).message.replace(/ \(the image is marked failed; upload it again\)$/, "")}. The image is kept, marked failed: upload the file again, or delete it.`);
+      setError(
+        `${(err as Error).message.replace(/ \(the image is marked failed; upload it again\)$/, "")}. The image is kept, marked failed: upload the file again, or delete it.`,
+      );
     }
   };
 
@@ -88,12 +101,19 @@ export function NewImageDialog(props: { osfId?: number; onClose: () => void; onC
     props.onClose();
     if (id === undefined) return;
     // The server notices the broken upload, removes the partial file and marks the image failed.
-    if (!session.can("di.delete")) return notify(`Upload cancelled. Image ${id} stays, marked failed: upload its file again from its page, or have it deleted.`, "error");
+    if (!session.can("di.delete"))
+      return notify(
+        `Upload cancelled. Image ${id} stays, marked failed: upload its file again from its page, or have it deleted.`,
+        "error",
+      );
     try {
       await api.del(`/dis/${id}`);
       notify("Upload cancelled; the new image was deleted.");
     } catch (err) {
-      notify(`Upload cancelled, but image ${id} could not be deleted (${(err as Error).message}); it stays, marked failed.`, "error");
+      notify(
+        `Upload cancelled, but image ${id} could not be deleted (${(err as Error).message}); it stays, marked failed.`,
+        "error",
+      );
     }
   };
 
@@ -119,12 +139,20 @@ export function NewImageDialog(props: { osfId?: number; onClose: () => void; onC
   return (
     <Modal
       title="New image"
-      onClose={() => (busyRef.current ? setHint("The upload is still running: use Cancel upload to stop it.") : props.onClose())}
+      onClose={() =>
+        busyRef.current ? setHint("The upload is still running: use Cancel upload to stop it.") : props.onClose()
+      }
     >
       <form onSubmit={submit} class="image-form">
         <Field label="OS flavour" error={errors.osf_id ?? (osfs.error && `Cannot list the OS flavours: ${osfs.error}`)}>
           {(a) => (
-            <select {...a} required value={osf} disabled={fixed || busy} onChange={(e) => setOsf(e.currentTarget.value)}>
+            <select
+              {...a}
+              required
+              value={osf}
+              disabled={fixed || busy}
+              onChange={(e) => setOsf(e.currentTarget.value)}
+            >
               <option value="">Choose an OS flavour…</option>
               {(osfs.data?.items ?? []).map((o) => (
                 <option key={o.id} value={String(o.id)}>
@@ -134,13 +162,38 @@ export function NewImageDialog(props: { osfId?: number; onClose: () => void; onC
             </select>
           )}
         </Field>
-        <Field label="Version" hint="Optional; empty: today's date and a number, e.g. 2024-05-01-000" error={errors.version}>
-          {(a) => <input {...a} value={version} disabled={fixed || busy} maxLength={64} onInput={(e) => setVersion(e.currentTarget.value)} />}
+        <Field
+          label="Version"
+          hint="Optional; empty: today's date and a number, e.g. 2024-05-01-000"
+          error={errors.version}
+        >
+          {(a) => (
+            <input
+              {...a}
+              value={version}
+              disabled={fixed || busy}
+              maxLength={64}
+              onInput={(e) => setVersion(e.currentTarget.value)}
+            />
+          )}
         </Field>
         <Field label="Description" error={errors.description}>
-          {(a) => <input {...a} value={description} disabled={fixed || busy} onInput={(e) => setDescription(e.currentTarget.value)} />}
+          {(a) => (
+            <input
+              {...a}
+              value={description}
+              disabled={fixed || busy}
+              onInput={(e) => setDescription(e.currentTarget.value)}
+            />
+          )}
         </Field>
-        <Field label="Image file" hint={kvm ? "A KVM disk image: .qcow2 (qvd di build --kvm)" : "An LXC root file system: .tar.gz (qvd di build)"} error={errors.file}>
+        <Field
+          label="Image file"
+          hint={
+            kvm ? "A KVM disk image: .qcow2 (qvd di build --kvm)" : "An LXC root file system: .tar.gz (qvd di build)"
+          }
+          error={errors.file}
+        >
           {(a) => (
             <input
               {...a}
@@ -157,10 +210,16 @@ export function NewImageDialog(props: { osfId?: number; onClose: () => void; onC
         </Field>
         <Field label="File name on the server" hint="Under the images directory; must be unique" error={errors.path}>
           {(a) => (
-            <input {...a} value={path} disabled={fixed || busy} maxLength={255} onInput={(e) => {
-              setPath(e.currentTarget.value);
-              setPathEdited(true);
-            }} />
+            <input
+              {...a}
+              value={path}
+              disabled={fixed || busy}
+              maxLength={255}
+              onInput={(e) => {
+                setPath(e.currentTarget.value);
+                setPathEdited(true);
+              }}
+            />
           )}
         </Field>
         {phase !== "form" && (
@@ -179,7 +238,11 @@ export function NewImageDialog(props: { osfId?: number; onClose: () => void; onC
           </div>
         )}
         <ErrorLine error={error} />
-        {hint && busy && <p class="muted" role="status">{hint}</p>}
+        {hint && busy && (
+          <p class="muted" role="status">
+            {hint}
+          </p>
+        )}
         <div class="actions">
           {busy ? (
             <Button kind="danger" onClick={cancel}>
@@ -229,7 +292,12 @@ function tagKind(tag: string, di: Di): string {
   return "";
 }
 
-const duration = (s: number) => (s < 3600 ? `${Math.round(s / 60)} min` : s < 86400 ? `${+(s / 3600).toFixed(1)} h` : `${+(s / 86400).toFixed(1)} days`);
+const duration = (s: number) =>
+  s < 3600
+    ? `${Math.round(s / 60)} min`
+    : s < 86400
+      ? `${+(s / 3600).toFixed(1)} h`
+      : `${+(s / 86400).toFixed(1)} days`;
 
 type ExpiryChoice = { mode: "image" | "never" | "at"; at: string };
 
@@ -242,20 +310,37 @@ function expirySeconds(c: ExpiryChoice): number | null | undefined | string {
   return s < 0 ? "choose a time in the future" : s;
 }
 
-function ExpiryField(props: { label: string; own?: number | null; value: ExpiryChoice; error?: string; onChange: (c: ExpiryChoice) => void; disabled?: boolean }) {
+function ExpiryField(props: {
+  label: string;
+  own?: number | null;
+  value: ExpiryChoice;
+  error?: string;
+  onChange: (c: ExpiryChoice) => void;
+  disabled?: boolean;
+}) {
   const own = props.own == null ? "no limit" : `${duration(props.own)} after the move`;
   return (
     <Field label={props.label} error={props.error}>
       {(a) => (
         <div class="expiry">
-          <select {...a} value={props.value.mode} disabled={props.disabled} onChange={(e) => props.onChange({ ...props.value, mode: e.currentTarget.value as ExpiryChoice["mode"] })}>
+          <select
+            {...a}
+            value={props.value.mode}
+            disabled={props.disabled}
+            onChange={(e) => props.onChange({ ...props.value, mode: e.currentTarget.value as ExpiryChoice["mode"] })}
+          >
             <option value="image">The image's setting ({own})</option>
             <option value="never">No limit</option>
             <option value="at">At a date and time…</option>
           </select>
           {props.value.mode === "at" && (
-            <input type="datetime-local" aria-label={`${props.label} (date and time)`} value={props.value.at} disabled={props.disabled}
-              onInput={(e) => props.onChange({ ...props.value, at: e.currentTarget.value })} />
+            <input
+              type="datetime-local"
+              aria-label={`${props.label} (date and time)`}
+              value={props.value.at}
+              disabled={props.disabled}
+              onInput={(e) => props.onChange({ ...props.value, at: e.currentTarget.value })}
+            />
           )}
         </div>
       )}
@@ -274,7 +359,12 @@ export function ImageTags(props: { di: { id: number; [k: string]: unknown }; onC
   const [errors, setErrors] = useState<Record<string, string>>({});
   const [error, setError] = useState<string>();
   const editable = session.can("di.tag");
-  const tags = [...(di.tags ?? [])].sort((a, b) => Number(b === di.version) - Number(a === di.version) || Number(PROTECTED.includes(b)) - Number(PROTECTED.includes(a)) || a.localeCompare(b));
+  const tags = [...(di.tags ?? [])].sort(
+    (a, b) =>
+      Number(b === di.version) - Number(a === di.version) ||
+      Number(PROTECTED.includes(b)) - Number(PROTECTED.includes(a)) ||
+      a.localeCompare(b),
+  );
   const unusable = di.state && di.state !== "ready" && di.state !== "published";
 
   const put = async (t: string, withExpiry: boolean) => {
@@ -295,12 +385,19 @@ export function ImageTags(props: { di: { id: number; [k: string]: unknown }; onC
       const r = await api.post<{ di: Di; previous_di_id: number | null }>(`/dis/${di.id}/tags`, body);
       setDi(r.di);
       setTag("");
-      const previous = r.previous_di_id ? await api.get<Di>(`/dis/${r.previous_di_id}`).catch(() => undefined) : undefined;
-      notify(r.previous_di_id ? `Tag ${t.trim()} moved here from ${previous ? `version ${previous.version}` : `image ${r.previous_di_id}`}` : `Tag ${t.trim()} added`);
+      const previous = r.previous_di_id
+        ? await api.get<Di>(`/dis/${r.previous_di_id}`).catch(() => undefined)
+        : undefined;
+      notify(
+        r.previous_di_id
+          ? `Tag ${t.trim()} moved here from ${previous ? `version ${previous.version}` : `image ${r.previous_di_id}`}`
+          : `Tag ${t.trim()} added`,
+      );
       props.onChange();
     } catch (err) {
       const a = err as ApiError;
-      if (a.field === "tag" || a.field?.startsWith("expire_")) setErrors({ [a.field]: fieldMessage(a.message, a.field) });
+      if (a.field === "tag" || a.field?.startsWith("expire_"))
+        setErrors({ [a.field]: fieldMessage(a.message, a.field) });
       else setError(a.message);
     }
     setBusy(false);
@@ -321,14 +418,24 @@ export function ImageTags(props: { di: { id: number; [k: string]: unknown }; onC
 
   return (
     <div class="di-tags">
-      {unusable && <p class="st-note" role="note">This image is {di.state}: VMs whose tag points here will not start from it until it is ready.</p>}
+      {unusable && (
+        <p class="st-note" role="note">
+          This image is {di.state}: VMs whose tag points here will not start from it until it is ready.
+        </p>
+      )}
       <ul class="st-chips" aria-label="Tags of this image">
         {tags.map((t) => (
           <li key={t} class={`st-chip ${t === di.version ? "st-chip-fixed" : ""}`}>
             <code>{t}</code>
             {tagKind(t, di) && <span class="muted"> · {tagKind(t, di)}</span>}
             {editable && t !== di.version && !PROTECTED.includes(t) && (
-              <Button kind="plain" class="st-chip-remove" disabled={busy} aria-label={`Remove tag ${t}`} onClick={() => untag(t)}>
+              <Button
+                kind="plain"
+                class="st-chip-remove"
+                disabled={busy}
+                aria-label={`Remove tag ${t}`}
+                onClick={() => untag(t)}
+              >
                 Remove
               </Button>
             )}
@@ -336,7 +443,8 @@ export function ImageTags(props: { di: { id: number; [k: string]: unknown }; onC
         ))}
       </ul>
       <p class="muted">
-        The version tag is fixed; <code>head</code> and <code>default</code> move here from the OS flavour's other image when put on this one.
+        The version tag is fixed; <code>head</code> and <code>default</code> move here from the OS flavour's other image
+        when put on this one.
       </p>
       {editable && !tags.includes("default") && (
         <p>
@@ -354,13 +462,39 @@ export function ImageTags(props: { di: { id: number; [k: string]: unknown }; onC
             void put(tag, true);
           }}
         >
-          <Field label="Add a tag" hint="Moves the tag here if another image of the OS flavour has it" error={errors.tag}>
-            {(a) => <input {...a} value={tag} maxLength={128} disabled={busy} onInput={(e) => setTag(e.currentTarget.value)} />}
+          <Field
+            label="Add a tag"
+            hint="Moves the tag here if another image of the OS flavour has it"
+            error={errors.tag}
+          >
+            {(a) => (
+              <input
+                {...a}
+                value={tag}
+                maxLength={128}
+                disabled={busy}
+                onInput={(e) => setTag(e.currentTarget.value)}
+              />
+            )}
           </Field>
           <fieldset class="expiry-set">
             <legend>Running VMs still on the old image</legend>
-            <ExpiryField label="Must restart by" own={di.expire_soft_s} value={soft} error={errors.expire_soft_s} onChange={setSoft} disabled={busy} />
-            <ExpiryField label="Will be stopped at" own={di.expire_hard_s} value={hard} error={errors.expire_hard_s} onChange={setHard} disabled={busy} />
+            <ExpiryField
+              label="Must restart by"
+              own={di.expire_soft_s}
+              value={soft}
+              error={errors.expire_soft_s}
+              onChange={setSoft}
+              disabled={busy}
+            />
+            <ExpiryField
+              label="Will be stopped at"
+              own={di.expire_hard_s}
+              value={hard}
+              error={errors.expire_hard_s}
+              onChange={setHard}
+              disabled={busy}
+            />
           </fieldset>
           <ErrorLine error={error} />
           <div class="actions">

@@ -6,6 +6,16 @@ import { SessionsPage } from "./sessions.tsx";
 
 export const SETTINGS_SCREENS: Screen[] = [
   { path: "/profile", component: Profile },
-  { path: "/config", component: ConfigPage, acl: ["config.see"], nav: { label: "Configuration", section: "Settings", order: 10 } },
-  { path: "/sessions", component: SessionsPage, acl: ["session.see"], nav: { label: "Sessions", section: "Settings", order: 20 } },
+  {
+    path: "/config",
+    component: ConfigPage,
+    acl: ["config.see"],
+    nav: { label: "Configuration", section: "Settings", order: 10 },
+  },
+  {
+    path: "/sessions",
+    component: SessionsPage,
+    acl: ["session.see"],
+    nav: { label: "Sessions", section: "Settings", order: 20 },
+  },
 ];

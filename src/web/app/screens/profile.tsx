@@ -11,7 +11,10 @@ const LANGUAGES: Record<string, string> = { auto: "the browser's", en: "English"
 
 export function Profile() {
   const s = useSession();
-  const me = useLoad(async (sig) => (await api.get<{ administrator: Record<string, any> }>("/session", sig)).administrator, []);
+  const me = useLoad(
+    async (sig) => (await api.get<{ administrator: Record<string, any> }>("/session", sig)).administrator,
+    [],
+  );
   const [showAcls, setShowAcls] = useState(false);
   const a = { ...s.administrator, ...(me.data ?? {}) };
   const roles = Array.isArray(a.roles) ? (a.roles as string[]) : undefined;
@@ -26,7 +29,7 @@ export function Profile() {
           <dt>Tenant</dt>
           <dd>{a.superadmin ? "* (the global scope: every tenant, as far as your ACLs go)" : a.tenant_name}</dd>
           <dt>Roles</dt>
-          <dd>{roles ? (roles.length ? roles.join(", ") : <span class="muted">none</span>) : <Loading />}</dd>
+          <dd>{roles ? roles.length ? roles.join(", ") : <span class="muted">none</span> : <Loading />}</dd>
           {typeof a.language === "string" && (
             <>
               <dt>Language</dt>
@@ -54,12 +57,15 @@ function OwnAcls() {
   const loaded = useLoad(
     async (sig) => {
       const catalogue = await aclCatalogue();
-      const roles = s.can("administrator.see") ? (await api.get(`/administrators/${s.administrator.id}/acls`, sig)).roles : undefined;
+      const roles = s.can("administrator.see")
+        ? (await api.get(`/administrators/${s.administrator.id}/acls`, sig)).roles
+        : undefined;
       return { catalogue, roles };
     },
     [s.administrator.id],
   );
-  if (!loaded.data) return loaded.error ? <ErrorLine error={`Cannot load the ACLs: ${loaded.error}`} /> : <Loading what="ACLs" />;
+  if (!loaded.data)
+    return loaded.error ? <ErrorLine error={`Cannot load the ACLs: ${loaded.error}`} /> : <Loading what="ACLs" />;
   return (
     <div class="st-panel">
       <EffectiveAcls title="Your ACLs" catalogue={loaded.data.catalogue} effective={s.acls} roles={loaded.data.roles} />
@@ -102,13 +108,37 @@ function PasswordForm() {
     <form class="st-panel password-form" onSubmit={submit} aria-labelledby="pw-title" noValidate>
       <h2 id="pw-title">Change your password</h2>
       <Field label="Current password" error={errors.current_password}>
-        {(a) => <input {...a} type="password" autoComplete="current-password" value={current} onInput={(e) => setCurrent(e.currentTarget.value)} />}
+        {(a) => (
+          <input
+            {...a}
+            type="password"
+            autoComplete="current-password"
+            value={current}
+            onInput={(e) => setCurrent(e.currentTarget.value)}
+          />
+        )}
       </Field>
       <Field label="New password" hint="At least 8 characters" error={errors.password}>
-        {(a) => <input {...a} type="password" autoComplete="new-password" value={password} onInput={(e) => setPassword(e.currentTarget.value)} />}
+        {(a) => (
+          <input
+            {...a}
+            type="password"
+            autoComplete="new-password"
+            value={password}
+            onInput={(e) => setPassword(e.currentTarget.value)}
+          />
+        )}
       </Field>
       <Field label="Repeat the new one" error={errors.confirm}>
-        {(a) => <input {...a} type="password" autoComplete="new-password" value={confirm} onInput={(e) => setConfirm(e.currentTarget.value)} />}
+        {(a) => (
+          <input
+            {...a}
+            type="password"
+            autoComplete="new-password"
+            value={confirm}
+            onInput={(e) => setConfirm(e.currentTarget.value)}
+          />
+        )}
       </Field>
       <ErrorLine error={error} />
       <div class="actions">

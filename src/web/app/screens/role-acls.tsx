@@ -38,17 +38,26 @@ async function loadRoleAcls(id: number, signal: AbortSignal): Promise<RoleAcls> 
 
 /** Why the role cannot be changed here, if it cannot. */
 function readOnlyReason(role: RoleRow, superadmin: boolean): string | undefined {
-  if (role.builtin) return "This role is built in and cannot be changed; to adapt it, make a new role that inherits it.";
+  if (role.builtin)
+    return "This role is built in and cannot be changed; to adapt it, make a new role that inherits it.";
   if (role.tenant_id === 0 && !superadmin) return "This is a global role: only a superadministrator can change it.";
   return undefined;
 }
 
-export function RoleAclEditor(props: { role: { id: number; name: string; [k: string]: unknown }; onChange?: () => void }) {
+export function RoleAclEditor(props: {
+  role: { id: number; name: string; [k: string]: unknown };
+  onChange?: () => void;
+}) {
   const session = useSession();
   // Reloads when the page's row changes too (another administrator changed the role).
   const r = props.role;
   const loaded = useLoad((s) => loadRoleAcls(r.id, s), [r.id, JSON.stringify([r.grants, r.denials, r.inherits])]);
-  if (!loaded.data) return loaded.error ? <ErrorLine error={`Cannot load the role's ACLs: ${loaded.error}`} /> : <Loading what="ACLs" />;
+  if (!loaded.data)
+    return loaded.error ? (
+      <ErrorLine error={`Cannot load the role's ACLs: ${loaded.error}`} />
+    ) : (
+      <Loading what="ACLs" />
+    );
   const d = loaded.data;
   const reason = readOnlyReason(d.role, session.administrator.superadmin);
   const changed = async () => {
@@ -58,7 +67,11 @@ export function RoleAclEditor(props: { role: { id: number; name: string; [k: str
   return (
     <div class="role-editor">
       {loaded.error && <ErrorLine error={`Cannot refresh: ${loaded.error}`} />}
-      {reason && <p class="st-note" role="note">{reason}</p>}
+      {reason && (
+        <p class="st-note" role="note">
+          {reason}
+        </p>
+      )}
       <RoleInheritance data={d} editable={!reason && session.can("role.assign_role")} onChanged={changed} />
       <RoleAclTree data={d} editable={!reason && session.can("role.assign_acl")} onChanged={changed} />
     </div>
@@ -87,7 +100,8 @@ function RoleAclTree(props: { data: RoleAcls; editable: boolean; onChanged: () =
   useEffect(() => {
     if (!focusAfter || busy) return;
     const row = document.getElementById(`acl-${focusAfter.acl}`);
-    const want = row?.querySelector(`button[aria-label="${CSS.escape(focusAfter.label)}"]`) ?? row?.querySelector("button");
+    const want =
+      row?.querySelector(`button[aria-label="${CSS.escape(focusAfter.label)}"]`) ?? row?.querySelector("button");
     (want as HTMLButtonElement | null)?.focus();
     setFocusAfter(undefined);
   }, [props.data, busy]);
@@ -135,22 +149,38 @@ function RoleAclTree(props: { data: RoleAcls; editable: boolean; onChanged: () =
         return (
           <>
             {!grants.has(acl) && canGive && (
-              <Button disabled={busy} aria-label={`Grant ${acl}`} onClick={() => run(() => grant(acl), { acl, label: `Remove the grant of ${acl}` })}>
+              <Button
+                disabled={busy}
+                aria-label={`Grant ${acl}`}
+                onClick={() => run(() => grant(acl), { acl, label: `Remove the grant of ${acl}` })}
+              >
                 Grant
               </Button>
             )}
             {!denials.has(acl) && (
-              <Button disabled={busy} aria-label={`Deny ${acl}`} onClick={() => run(() => deny(acl), { acl, label: `Remove the denial of ${acl}` })}>
+              <Button
+                disabled={busy}
+                aria-label={`Deny ${acl}`}
+                onClick={() => run(() => deny(acl), { acl, label: `Remove the denial of ${acl}` })}
+              >
                 Deny
               </Button>
             )}
             {/* Lifting a denial can give the ACL back, so it needs the ACL too. */}
             {own && (own === "grant" || canGive) && (
-              <Button disabled={busy} aria-label={`Remove the ${own} of ${acl}`} onClick={() => run(() => clear(acl), { acl, label: own === "grant" ? `Grant ${acl}` : `Deny ${acl}` })}>
+              <Button
+                disabled={busy}
+                aria-label={`Remove the ${own} of ${acl}`}
+                onClick={() => run(() => clear(acl), { acl, label: own === "grant" ? `Grant ${acl}` : `Deny ${acl}` })}
+              >
                 Remove {own}
               </Button>
             )}
-            {!canGive && <span class="muted acl-note" title="You can only grant ACLs you hold yourself">not yours to grant</span>}
+            {!canGive && (
+              <span class="muted acl-note" title="You can only grant ACLs you hold yourself">
+                not yours to grant
+              </span>
+            )}
           </>
         );
       }
@@ -162,20 +192,25 @@ function RoleAclTree(props: { data: RoleAcls; editable: boolean; onChanged: () =
       const giveable = todo.filter((a) => mayGive(a.name));
       for (const a of giveable) await grant(a.name);
       const skipped = todo.length - giveable.length;
-      notify(`${label}: ${giveable.length} ACL${giveable.length === 1 ? "" : "s"} granted${skipped ? `; ${skipped} skipped (you do not hold them)` : ""}`);
+      notify(
+        `${label}: ${giveable.length} ACL${giveable.length === 1 ? "" : "s"} granted${skipped ? `; ${skipped} skipped (you do not hold them)` : ""}`,
+      );
     });
   const removeAll = (acls: Acl[], label: string) =>
     run(async () => {
       const own = acls.filter((a) => grants.has(a.name) || (denials.has(a.name) && mayGive(a.name)));
       for (const a of own) await clear(a.name);
-      notify(`${label}: ${own.length} own grant${own.length === 1 ? "" : "s"} or denial${own.length === 1 ? "" : "s"} removed`);
+      notify(
+        `${label}: ${own.length} own grant${own.length === 1 ? "" : "s"} or denial${own.length === 1 ? "" : "s"} removed`,
+      );
     });
 
   return (
     <section class="st-sub" aria-labelledby="role-acls-title">
       <h3 id="role-acls-title">ACLs</h3>
       <p class="muted">
-        {effective.size} effective ACL{effective.size === 1 ? "" : "s"}: {grants.size} granted here, {[...effective].filter((a) => !grants.has(a)).length} inherited; {denials.size} denied here.
+        {effective.size} effective ACL{effective.size === 1 ? "" : "s"}: {grants.size} granted here,{" "}
+        {[...effective].filter((a) => !grants.has(a)).length} inherited; {denials.size} denied here.
       </p>
       <ErrorLine error={error} />
       <AclTree
@@ -190,12 +225,20 @@ function RoleAclTree(props: { data: RoleAcls; editable: boolean; onChanged: () =
             ? (g, visible) => (
                 <>
                   {visible.some((a) => !grants.has(a.name) && mayGive(a.name)) && (
-                    <Button disabled={busy} aria-label={`Grant all of ${g.label}`} onClick={() => grantAll(visible, g.label)}>
+                    <Button
+                      disabled={busy}
+                      aria-label={`Grant all of ${g.label}`}
+                      onClick={() => grantAll(visible, g.label)}
+                    >
                       Grant all
                     </Button>
                   )}
                   {visible.some((a) => grants.has(a.name) || denials.has(a.name)) && (
-                    <Button disabled={busy} aria-label={`Remove own grants and denials of ${g.label}`} onClick={() => removeAll(visible, g.label)}>
+                    <Button
+                      disabled={busy}
+                      aria-label={`Remove own grants and denials of ${g.label}`}
+                      onClick={() => removeAll(visible, g.label)}
+                    >
                       Remove own
                     </Button>
                   )}
@@ -241,8 +284,18 @@ function RoleInheritance(props: { data: RoleAcls; editable: boolean; onChanged: 
               <Link to={`/roles/${p.id}`}>{roleLabel(p, session.multitenant)}</Link>
               <span class="muted"> · {p.acls.length} ACLs</span>
               {props.editable && (
-                <Button kind="plain" class="st-chip-remove" disabled={busy} aria-label={`Stop inheriting ${p.name}`}
-                  onClick={() => act(() => api.del(`/roles/${role.id}/inherits/${p.id}`), `${role.name} no longer inherits ${p.name}`)}>
+                <Button
+                  kind="plain"
+                  class="st-chip-remove"
+                  disabled={busy}
+                  aria-label={`Stop inheriting ${p.name}`}
+                  onClick={() =>
+                    act(
+                      () => api.del(`/roles/${role.id}/inherits/${p.id}`),
+                      `${role.name} no longer inherits ${p.name}`,
+                    )
+                  }
+                >
                   Remove
                 </Button>
               )}
@@ -251,9 +304,19 @@ function RoleInheritance(props: { data: RoleAcls; editable: boolean; onChanged: 
         </ul>
       )}
       {props.editable && (
-        <RolePicker label="Inherit another role" action="Add" candidates={candidates} busy={busy}
+        <RolePicker
+          label="Inherit another role"
+          action="Add"
+          candidates={candidates}
+          busy={busy}
           error={error ?? (options.error && `Cannot list the roles: ${options.error}`)}
-          onPick={(parent) => act(() => api.post(`/roles/${role.id}/inherits`, { role_id: parent.id }), `${role.name} now inherits ${parent.name}`)} />
+          onPick={(parent) =>
+            act(
+              () => api.post(`/roles/${role.id}/inherits`, { role_id: parent.id }),
+              `${role.name} now inherits ${parent.name}`,
+            )
+          }
+        />
       )}
     </section>
   );

@@ -18,7 +18,10 @@ export function useRoleOptions(tenantId: number, enabled: boolean) {
   return useLoad<RoleOption[]>(
     async (s) => {
       if (!enabled) return [];
-      const r = await api.get<{ items: RoleOption[] }>(`/roles?sort=name&limit=1000&fields=id,name,tenant_id,tenant_name`, s);
+      const r = await api.get<{ items: RoleOption[] }>(
+        `/roles?sort=name&limit=1000&fields=id,name,tenant_id,tenant_name`,
+        s,
+      );
       return r.items.filter((x) => x.tenant_id === 0 || x.tenant_id === tenantId);
     },
     [tenantId, enabled],
@@ -29,7 +32,14 @@ export const roleLabel = (r: { name: string; tenant_id: number; tenant_name: str
   multitenant ? `${r.name} (${r.tenant_id === 0 ? "global" : r.tenant_name})` : r.name;
 
 /** A role select with its submit button; the choice is cleared when `onPick` succeeds. */
-export function RolePicker(props: { label: string; action: string; candidates: RoleOption[]; busy: boolean; error?: string; onPick: (r: RoleOption) => Promise<boolean> }) {
+export function RolePicker(props: {
+  label: string;
+  action: string;
+  candidates: RoleOption[];
+  busy: boolean;
+  error?: string;
+  onPick: (r: RoleOption) => Promise<boolean>;
+}) {
   const session = useSession();
   const [pick, setPick] = useState("");
   return (

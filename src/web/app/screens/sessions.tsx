@@ -25,7 +25,10 @@ export function SessionsPage() {
   return (
     <section>
       <h1>Sessions</h1>
-      <p class="muted">Administrators logged in now (WAT, CLI and API). Ending a session logs that administrator out at their next request.</p>
+      <p class="muted">
+        Administrators logged in now (WAT, CLI and API). Ending a session logs that administrator out at their next
+        request.
+      </p>
       <div class="st-filters">
         <Button onClick={() => void list.reload()} busy={list.loading && !!list.data}>
           Refresh
@@ -44,21 +47,37 @@ export function SessionsPage() {
                 <th scope="col">Logged in</th>
                 <th scope="col">Last seen</th>
                 <th scope="col">Expires</th>
-                {canEnd && <th scope="col"><span class="sr-only">Actions</span></th>}
+                {canEnd && (
+                  <th scope="col">
+                    <span class="sr-only">Actions</span>
+                  </th>
+                )}
               </tr>
             </thead>
             <tbody>
               {list.data.items.map((s) => (
                 <tr key={s.id}>
-                  <td>{s.administrator_name}{s.administrator_id === session.administrator.id && <span class="muted"> (you)</span>}</td>
+                  <td>
+                    {s.administrator_name}
+                    {s.administrator_id === session.administrator.id && <span class="muted"> (you)</span>}
+                  </td>
                   <td>{s.source.toUpperCase()}</td>
                   <td>{s.address ?? <span class="muted">—</span>}</td>
-                  <td><When at={s.created_at} /></td>
-                  <td><When at={s.last_seen_at} /></td>
-                  <td><When at={s.expires_at} /></td>
+                  <td>
+                    <When at={s.created_at} />
+                  </td>
+                  <td>
+                    <When at={s.last_seen_at} />
+                  </td>
+                  <td>
+                    <When at={s.expires_at} />
+                  </td>
                   {canEnd && (
                     <td class="st-row-actions">
-                      <Button aria-label={`End session of ${s.administrator_name} from ${s.address ?? "unknown address"}`} onClick={() => setEnding(s)}>
+                      <Button
+                        aria-label={`End session of ${s.administrator_name} from ${s.address ?? "unknown address"}`}
+                        onClick={() => setEnding(s)}
+                      >
                         End
                       </Button>
                     </td>
@@ -67,7 +86,9 @@ export function SessionsPage() {
               ))}
               {list.data.items.length === 0 && (
                 <tr>
-                  <td colSpan={canEnd ? 7 : 6} class="muted">No live session.</td>
+                  <td colSpan={canEnd ? 7 : 6} class="muted">
+                    No live session.
+                  </td>
                 </tr>
               )}
             </tbody>

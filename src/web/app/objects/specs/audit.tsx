@@ -4,11 +4,28 @@ import { Badge, text, when, YES_NO } from "../format.tsx";
 import type { ObjectSpec, Row } from "../types.ts";
 
 const DETAIL_PATHS: Record<string, string> = {
-  user: "users", vm: "vms", host: "hosts", osf: "osfs", di: "dis", administrator: "administrators", role: "roles", tenant: "tenants",
+  user: "users",
+  vm: "vms",
+  host: "hosts",
+  osf: "osfs",
+  di: "dis",
+  administrator: "administrators",
+  role: "roles",
+  tenant: "tenants",
 };
 const OBJECT_TYPES: [string, string][] = [
-  ["user", "user"], ["vm", "virtual machine"], ["host", "node"], ["osf", "OS flavour"], ["di", "image"], ["administrator", "administrator"],
-  ["role", "role"], ["tenant", "tenant"], ["property", "property"], ["config", "configuration"], ["session", "session"], ["acl", "ACL"],
+  ["user", "user"],
+  ["vm", "virtual machine"],
+  ["host", "node"],
+  ["osf", "OS flavour"],
+  ["di", "image"],
+  ["administrator", "administrator"],
+  ["role", "role"],
+  ["tenant", "tenant"],
+  ["property", "property"],
+  ["config", "configuration"],
+  ["session", "session"],
+  ["acl", "ACL"],
 ];
 const SOURCES = ["api", "cli", "wat", "l7r", "hkd", "system"];
 
@@ -50,11 +67,27 @@ export const auditSpec: ObjectSpec = {
   defaultSort: "-at",
   columns: [
     { key: "at", label: "When", sort: "at", render: when("at") },
-    { key: "administrator_name", label: "Administrator", sort: "administrator_name", render: (r) => (r.administrator_id ? <Link to={`/administrators/${r.administrator_id}`}>{r.administrator_name}</Link> : text(r.administrator_name)) },
+    {
+      key: "administrator_name",
+      label: "Administrator",
+      sort: "administrator_name",
+      render: (r) =>
+        r.administrator_id ? (
+          <Link to={`/administrators/${r.administrator_id}`}>{r.administrator_name}</Link>
+        ) : (
+          text(r.administrator_name)
+        ),
+    },
     { key: "tenant_name", label: "Tenant", sort: "tenant_name", allTenants: true },
     { key: "action", label: "Action", sort: "action" },
     { key: "object", label: "Object", sort: "object_name", render: objectCell },
-    { key: "ok", label: "Result", sort: "ok", render: (r) => (r.ok ? <Badge value="ok" kind="ok" /> : <Badge value="failed" kind="bad" title={r.error ?? undefined} />) },
+    {
+      key: "ok",
+      label: "Result",
+      sort: "ok",
+      render: (r) =>
+        r.ok ? <Badge value="ok" kind="ok" /> : <Badge value="failed" kind="bad" title={r.error ?? undefined} />,
+    },
     { key: "source", label: "Source", sort: "source" },
     { key: "address", label: "Address" },
     { key: "arguments", label: "Details", render: argumentsCell },
@@ -62,7 +95,12 @@ export const auditSpec: ObjectSpec = {
   filters: [
     { key: "object_type", label: "Object type", type: "select", options: OBJECT_TYPES },
     { key: "action", label: "Action", type: "text", toApi: (v) => ({ "action[like]": `%${v}%` }) },
-    { key: "administrator", label: "Administrator", type: "text", toApi: (v) => ({ "administrator_name[like]": `%${v}%` }) },
+    {
+      key: "administrator",
+      label: "Administrator",
+      type: "text",
+      toApi: (v) => ({ "administrator_name[like]": `%${v}%` }),
+    },
     { key: "ok", label: "Succeeded", type: "select", options: YES_NO },
     { key: "source", label: "Source", type: "select", options: SOURCES.map((s) => [s, s]) },
     { key: "from", label: "From", type: "datetime", toApi: (v) => ({ "at[ge]": instant(v) }) },

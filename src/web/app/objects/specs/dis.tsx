@@ -9,7 +9,11 @@ const DI_STATES = ["new", "uploading", "verifying", "ready", "published", "faile
 
 const tags = (r: Row) => (
   <span class="tags">
-    {(r.tags as string[]).filter((t) => t !== r.version).map((t) => <Badge key={t} value={t} kind={t === "default" || t === "head" ? "ok" : "idle"} />)}
+    {(r.tags as string[])
+      .filter((t) => t !== r.version)
+      .map((t) => (
+        <Badge key={t} value={t} kind={t === "default" || t === "head" ? "ok" : "idle"} />
+      ))}
   </span>
 );
 
@@ -60,8 +64,22 @@ export const disSpec: ObjectSpec = {
   passThrough: ["osf_id", "tenant_id"],
   fields: [
     C.descriptionField,
-    { name: "expire_soft_s", label: "Warn running VMs after (seconds)", type: "number", nullable: true, on: "edit", hint: "When a tag moves to this image; empty: never" },
-    { name: "expire_hard_s", label: "Stop running VMs after (seconds)", type: "number", nullable: true, on: "edit", hint: "When a tag moves to this image; empty: never" },
+    {
+      name: "expire_soft_s",
+      label: "Warn running VMs after (seconds)",
+      type: "number",
+      nullable: true,
+      on: "edit",
+      hint: "When a tag moves to this image; empty: never",
+    },
+    {
+      name: "expire_hard_s",
+      label: "Stop running VMs after (seconds)",
+      type: "number",
+      nullable: true,
+      on: "edit",
+      hint: "When a tag moves to this image; empty: never",
+    },
     { name: "blocked", label: "Blocked", type: "checkbox", acl: "di.block", on: "edit" },
   ],
   createDialog: (p) => <NewImageDialog onClose={p.onClose} onCreated={p.onCreated} />,
@@ -71,18 +89,34 @@ export const disSpec: ObjectSpec = {
     C.tenantDetail,
     { label: "Version", render: (r) => r.version },
     { label: "Tags", render: tags },
-    { label: "State", render: (r) => <>{diState(r)} {r.state_message && <span class="muted">{r.state_message}</span>}</> },
+    {
+      label: "State",
+      render: (r) => (
+        <>
+          {diState(r)} {r.state_message && <span class="muted">{r.state_message}</span>}
+        </>
+      ),
+    },
     { label: "Blocked", render: yesNo("blocked") },
     { label: "File", render: (r) => r.path },
     { label: "Size", render: (r) => bytes(r.size_bytes) },
     { label: "SHA-256", render: (r) => (r.sha256 ? <code class="hash">{r.sha256}</code> : text(null)) },
-    { label: "Running VMs on a tag move", render: (r) => `warned after ${duration(r.expire_soft_s)}, stopped after ${duration(r.expire_hard_s)}` },
+    {
+      label: "Running VMs on a tag move",
+      render: (r) => `warned after ${duration(r.expire_soft_s)}, stopped after ${duration(r.expire_hard_s)}`,
+    },
     { label: "Description", render: (r) => text(r.description) },
     ...C.createdDetails,
   ],
   panels: [{ title: "Tags", acl: "di.tag", render: (r, reload) => <ImageTags di={r} onChange={reload} /> }],
   properties: true,
   related: [
-    { title: "VMs running this image", spec: () => vmsSpec, filter: (r) => ({ current_di_id: String(r.id) }), columns: ["name", "vm_state", "user_name", "host_name", "expire_hard_at"], listQuery: (r) => ({ current_di_id: String(r.id) }) },
+    {
+      title: "VMs running this image",
+      spec: () => vmsSpec,
+      filter: (r) => ({ current_di_id: String(r.id) }),
+      columns: ["name", "vm_state", "user_name", "host_name", "expire_hard_at"],
+      listQuery: (r) => ({ current_di_id: String(r.id) }),
+    },
   ],
 };

@@ -4,8 +4,20 @@ import { Badge, text } from "../format.tsx";
 import type { ObjectSpec, Row } from "../types.ts";
 import * as C from "./common.tsx";
 
-const TARGETS: [string, string][] = [["user", "users"], ["vm", "VMs"], ["host", "nodes"], ["osf", "OS flavours"], ["di", "images"]];
-const appliesTo = (r: Row) => <span class="tags">{(r.applies_to as string[]).map((t) => <Badge key={t} value={TARGETS.find(([k]) => k === t)?.[1] ?? t} />)}</span>;
+const TARGETS: [string, string][] = [
+  ["user", "users"],
+  ["vm", "VMs"],
+  ["host", "nodes"],
+  ["osf", "OS flavours"],
+  ["di", "images"],
+];
+const appliesTo = (r: Row) => (
+  <span class="tags">
+    {(r.applies_to as string[]).map((t) => (
+      <Badge key={t} value={TARGETS.find(([k]) => k === t)?.[1] ?? t} />
+    ))}
+  </span>
+);
 
 export const propertiesSpec: ObjectSpec = {
   kind: "property",
@@ -18,7 +30,12 @@ export const propertiesSpec: ObjectSpec = {
   name: (r) => r.key,
   search: "key",
   defaultSort: "key",
-  columns: [C.nameColumn("Key", "key"), C.tenantColumn, { key: "applies_to", label: "Applies to", render: appliesTo }, C.descriptionColumn],
+  columns: [
+    C.nameColumn("Key", "key"),
+    C.tenantColumn,
+    { key: "applies_to", label: "Applies to", render: appliesTo },
+    C.descriptionColumn,
+  ],
   filters: [C.tenantFilter, { key: "applies_to", label: "Applies to", type: "select", options: TARGETS }],
   passThrough: ["tenant_id"],
   fields: [
@@ -28,5 +45,10 @@ export const propertiesSpec: ObjectSpec = {
     { name: "applies_to", label: "Applies to", type: "checkboxes", options: TARGETS },
   ],
   actions: [C.deleteAction("property")],
-  details: [C.tenantDetail, { label: "Applies to", render: appliesTo }, { label: "Description", render: (r) => text(r.description) }, { label: "Created", render: (r) => new Date(r.created_at).toLocaleString() }],
+  details: [
+    C.tenantDetail,
+    { label: "Applies to", render: appliesTo },
+    { label: "Description", render: (r) => text(r.description) },
+    { label: "Created", render: (r) => new Date(r.created_at).toLocaleString() },
+  ],
 };

@@ -5,7 +5,16 @@ import type { ObjectSpec, Row } from "../types.ts";
 import { administratorsSpec } from "./administrators.tsx";
 import * as C from "./common.tsx";
 
-const inherits = (r: Row) => (r.inherits.length ? <span class="tags">{(r.inherits as string[]).map((n) => <Badge key={n} value={n} />)}</span> : <span class="muted">—</span>);
+const inherits = (r: Row) =>
+  r.inherits.length ? (
+    <span class="tags">
+      {(r.inherits as string[]).map((n) => (
+        <Badge key={n} value={n} />
+      ))}
+    </span>
+  ) : (
+    <span class="muted">—</span>
+  );
 
 export const rolesSpec: ObjectSpec = {
   kind: "role",
@@ -20,13 +29,29 @@ export const rolesSpec: ObjectSpec = {
   columns: [
     C.nameColumn(),
     C.tenantColumn,
-    { key: "builtin", label: "Built in", sort: "builtin", render: (r) => (r.builtin ? "yes" : <span class="muted">no</span>) },
+    {
+      key: "builtin",
+      label: "Built in",
+      sort: "builtin",
+      render: (r) => (r.builtin ? "yes" : <span class="muted">no</span>),
+    },
     { key: "inherits", label: "Inherits", render: inherits },
     { key: "grants", label: "Own grants", num: true, render: (r) => r.grants.length },
     { key: "denials", label: "Own denials", num: true, render: (r) => r.denials.length },
     C.descriptionColumn,
   ],
-  filters: [C.tenantFilter, { key: "builtin", label: "Built in", type: "select", options: [["true", "yes"], ["false", "no"]] }],
+  filters: [
+    C.tenantFilter,
+    {
+      key: "builtin",
+      label: "Built in",
+      type: "select",
+      options: [
+        ["true", "yes"],
+        ["false", "no"],
+      ],
+    },
+  ],
   passThrough: ["tenant_id"],
   fields: [C.tenantField(true), { name: "name", label: "Name", type: "text", required: true }, C.descriptionField],
   editable: (r) => !r.builtin,
@@ -39,8 +64,19 @@ export const rolesSpec: ObjectSpec = {
     { label: "Description", render: (r) => text(r.description) },
     ...C.createdDetails,
   ],
-  panels: [{ title: "Permissions", render: (r, reload) => <RoleAclEditor role={r as Row & { name: string }} onChange={reload} /> }],
+  panels: [
+    {
+      title: "Permissions",
+      render: (r, reload) => <RoleAclEditor role={r as Row & { name: string }} onChange={reload} />,
+    },
+  ],
   related: [
-    { title: "Administrators with this role", spec: () => administratorsSpec, filter: (r) => ({ roles: r.name }), columns: ["name", "tenant_name", "roles"], listQuery: (r) => ({ roles: r.name }) },
+    {
+      title: "Administrators with this role",
+      spec: () => administratorsSpec,
+      filter: (r) => ({ roles: r.name }),
+      columns: ["name", "tenant_name", "roles"],
+      listQuery: (r) => ({ roles: r.name }),
+    },
   ],
 };

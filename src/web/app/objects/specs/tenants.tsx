@@ -19,7 +19,13 @@ export const tenantsSpec: ObjectSpec = {
   multitenantOnly: true,
   name: (r) => (r.id === 0 ? "* (global)" : r.name),
   search: "name",
-  columns: [C.nameColumn(), C.blockedColumn, { key: "language", label: "Language", sort: "language" }, C.descriptionColumn, C.createdColumn],
+  columns: [
+    C.nameColumn(),
+    C.blockedColumn,
+    { key: "language", label: "Language", sort: "language" },
+    C.descriptionColumn,
+    C.createdColumn,
+  ],
   filters: [C.blockedFilter],
   fields: [
     { name: "name", label: "Name", type: "text", required: true },
@@ -30,7 +36,10 @@ export const tenantsSpec: ObjectSpec = {
   editable: (r) => r.id !== 0,
   deletable: (r) => r.id !== 0,
   actions: [
-    ...C.blockActions("tenant.block", "patch").map((a) => ({ ...a, when: (r: Row, me: number) => r.id !== 0 && a.when!(r, me) })),
+    ...C.blockActions("tenant.block", "patch").map((a) => ({
+      ...a,
+      when: (r: Row, me: number) => r.id !== 0 && a.when!(r, me),
+    })),
     C.deleteAction("tenant", { when: (r) => r.id !== 0 }),
   ],
   details: [
@@ -40,8 +49,26 @@ export const tenantsSpec: ObjectSpec = {
     ...C.createdDetails,
   ],
   related: [
-    { title: "Users", spec: () => usersSpec, filter: ofTenant, columns: ["name", "blocked", "vms", "vms_connected"], listQuery: ofTenant },
-    { title: "Virtual machines", spec: () => vmsSpec, filter: ofTenant, columns: ["name", "vm_state", "user_name", "host_name"], listQuery: ofTenant },
-    { title: "Administrators", spec: () => administratorsSpec, filter: ofTenant, columns: ["name", "roles", "blocked"], listQuery: ofTenant },
+    {
+      title: "Users",
+      spec: () => usersSpec,
+      filter: ofTenant,
+      columns: ["name", "blocked", "vms", "vms_connected"],
+      listQuery: ofTenant,
+    },
+    {
+      title: "Virtual machines",
+      spec: () => vmsSpec,
+      filter: ofTenant,
+      columns: ["name", "vm_state", "user_name", "host_name"],
+      listQuery: ofTenant,
+    },
+    {
+      title: "Administrators",
+      spec: () => administratorsSpec,
+      filter: ofTenant,
+      columns: ["name", "roles", "blocked"],
+      listQuery: ofTenant,
+    },
   ],
 };

@@ -26,23 +26,49 @@ export const usersSpec: ObjectSpec = {
   filters: [
     C.tenantFilter,
     C.blockedFilter,
-    { key: "connected", label: "Connected", type: "select", options: [["true", "yes"], ["false", "no"]], toApi: (v): Record<string, string> => (v === "true" ? { "vms_connected[gt]": "0" } : { vms_connected: "0" }) },
+    {
+      key: "connected",
+      label: "Connected",
+      type: "select",
+      options: [
+        ["true", "yes"],
+        ["false", "no"],
+      ],
+      toApi: (v): Record<string, string> => (v === "true" ? { "vms_connected[gt]": "0" } : { vms_connected: "0" }),
+    },
   ],
   passThrough: ["tenant_id"],
   fields: [
     C.tenantField(),
     { name: "name", label: "Name", type: "text", required: true },
-    { name: "password", label: "Password", type: "password", acl: "user.update.password", hint: "Empty: the user logs in through an external directory (LDAP) only" },
+    {
+      name: "password",
+      label: "Password",
+      type: "password",
+      acl: "user.update.password",
+      hint: "Empty: the user logs in through an external directory (LDAP) only",
+    },
     C.descriptionField,
     C.languageField,
     { name: "blocked", label: "Blocked", type: "checkbox", acl: "user.block" },
   ],
   actions: [
     ...C.blockActions("user.block"),
-    { label: "Disconnect", acl: "user.disconnect", run: { action: "disconnect" }, when: (r) => r.vms_connected > 0, done: "disconnected",
-      confirm: (what) => `Disconnect every session of ${what}?` },
-    { label: "Revoke tokens", acl: "user.update.tokens", run: { action: "revoke_tokens" }, done: "has no tokens any more",
-      confirm: (what) => `Revoke every login token of ${what}? Their clients must log in with the password again.` },
+    {
+      label: "Disconnect",
+      acl: "user.disconnect",
+      run: { action: "disconnect" },
+      when: (r) => r.vms_connected > 0,
+      done: "disconnected",
+      confirm: (what) => `Disconnect every session of ${what}?`,
+    },
+    {
+      label: "Revoke tokens",
+      acl: "user.update.tokens",
+      run: { action: "revoke_tokens" },
+      done: "has no tokens any more",
+      confirm: (what) => `Revoke every login token of ${what}? Their clients must log in with the password again.`,
+    },
     C.deleteAction("user"),
   ],
   details: [
@@ -58,6 +84,12 @@ export const usersSpec: ObjectSpec = {
   properties: true,
   alsoChangedBy: ["vm"],
   related: [
-    { title: "Virtual machines", spec: () => vmsSpec, filter: (r) => ({ user_id: String(r.id) }), columns: ["name", "vm_state", "user_state", "host_name", "di_tag"], listQuery: (r) => ({ user_id: String(r.id) }) },
+    {
+      title: "Virtual machines",
+      spec: () => vmsSpec,
+      filter: (r) => ({ user_id: String(r.id) }),
+      columns: ["name", "vm_state", "user_state", "host_name", "di_tag"],
+      listQuery: (r) => ({ user_id: String(r.id) }),
+    },
   ],
 };

@@ -19,7 +19,8 @@ export function VmExpiry(props: { vm: Row; onChange: () => void }) {
   const [errors, setErrors] = useState<Record<string, string>>({});
   const [error, setError] = useState<string>();
   const [busy, setBusy] = useState(false);
-  if (vm.vm_state === "stopped") return <p class="muted">Stopped: an expiry applies to a running desktop (a stop clears it).</p>;
+  if (vm.vm_state === "stopped")
+    return <p class="muted">Stopped: an expiry applies to a running desktop (a stop clears it).</p>;
   const save = async (body: { soft_at: string | null; hard_at: string | null }) => {
     setBusy(true);
     setErrors({});
@@ -54,7 +55,14 @@ export function VmExpiry(props: { vm: Row; onChange: () => void }) {
         Save expiry
       </Button>
       {(vm.expire_soft_at || vm.expire_hard_at) && (
-        <Button busy={busy} onClick={() => { setSoft(""); setHard(""); void save({ soft_at: null, hard_at: null }); }}>
+        <Button
+          busy={busy}
+          onClick={() => {
+            setSoft("");
+            setHard("");
+            void save({ soft_at: null, hard_at: null });
+          }}
+        >
           Clear expiry
         </Button>
       )}

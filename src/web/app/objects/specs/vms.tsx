@@ -26,10 +26,14 @@ async function restart(vm: Row): Promise<string> {
   };
   const timer = setTimeout(() => {
     unsub();
-    notify(`Virtual machine ${vm.name} did not stop within ${RESTART_TIMEOUT_MS / 60_000} minutes; not started again`, "error");
+    notify(
+      `Virtual machine ${vm.name} did not stop within ${RESTART_TIMEOUT_MS / 60_000} minutes; not started again`,
+      "error",
+    );
   }, RESTART_TIMEOUT_MS);
   unsub = subscribe(["vm"], (e) => {
-    if (e === "resync" || e.id === vm.id) check().catch((err) => notify(`Restart of ${vm.name}: ${(err as Error).message}`, "error"));
+    if (e === "resync" || e.id === vm.id)
+      check().catch((err) => notify(`Restart of ${vm.name}: ${(err as Error).message}`, "error"));
   });
   if (await check()) return `Virtual machine ${vm.name} restarted`;
   return `Virtual machine ${vm.name} is stopping; it starts again when stopped`;
@@ -65,7 +69,15 @@ export const vmsSpec: ObjectSpec = {
   nav: { label: "Virtual machines", section: "Platform", order: 20 },
   name: (r) => r.name,
   search: "name",
-  panels: [{ title: "Expiry", acl: "vm.update.expiration", render: (r, reload) => <VmExpiry key={`${r.id}-${r.vm_state}-${r.expire_soft_at}-${r.expire_hard_at}`} vm={r} onChange={reload} /> }],
+  panels: [
+    {
+      title: "Expiry",
+      acl: "vm.update.expiration",
+      render: (r, reload) => (
+        <VmExpiry key={`${r.id}-${r.vm_state}-${r.expire_soft_at}-${r.expire_hard_at}`} vm={r} onChange={reload} />
+      ),
+    },
+  ],
   columns: [
     C.nameColumn(),
     { key: "vm_state", label: "State", sort: "vm_state", render: state("vm_state") },
@@ -87,24 +99,79 @@ export const vmsSpec: ObjectSpec = {
     { key: "osf", label: "OSF", type: "text", toApi: (v) => ({ "osf_name[like]": `%${v}%` }) },
     { key: "node", label: "Node", type: "text", toApi: (v) => ({ "host_name[like]": `%${v}%` }) },
     C.blockedFilter,
-    { key: "expires", label: "Expires within", type: "select", options: [["1", "1 hour"], ["24", "1 day"], ["168", "1 week"]], toApi: within },
+    {
+      key: "expires",
+      label: "Expires within",
+      type: "select",
+      options: [
+        ["1", "1 hour"],
+        ["24", "1 day"],
+        ["168", "1 week"],
+      ],
+      toApi: within,
+    },
   ],
   passThrough: ["user_id", "osf_id", "host_id", "current_di_id", "tenant_id"],
   fields: [
     { name: "user_id", label: "User", type: "ref", ref: { path: "users" }, on: "create", required: true },
     { name: "osf_id", label: "OS flavour", type: "ref", ref: { path: "osfs" }, on: "create", required: true },
     { name: "name", label: "Name", type: "text", required: true },
-    { name: "di_tag", label: "Image tag", type: "text", acl: "vm.update.di_tag", mass: true, hint: "Which image of the OSF it runs: default, head, a version or a custom tag (empty: default)" },
-    { name: "ip", label: "IP address", type: "text", nullable: true, hint: "Empty: the next free address of the VM network" },
+    {
+      name: "di_tag",
+      label: "Image tag",
+      type: "text",
+      acl: "vm.update.di_tag",
+      mass: true,
+      hint: "Which image of the OSF it runs: default, head, a version or a custom tag (empty: default)",
+    },
+    {
+      name: "ip",
+      label: "IP address",
+      type: "text",
+      nullable: true,
+      hint: "Empty: the next free address of the VM network",
+    },
     C.descriptionField,
   ],
   actions: [
-    { label: "Start", acl: "vm.start", run: { action: "start" }, when: (r) => r.vm_state === "stopped", done: "starting" },
-    { label: "Stop", acl: "vm.stop", run: { action: "stop" }, when: (r) => r.vm_state === "running" || r.vm_state === "starting", done: "stopping" },
-    { label: "Restart", acl: ["vm.stop", "vm.start"], run: { custom: restart }, when: (r) => r.vm_state === "running", done: "restarting" },
-    { label: "Clear zombie", acl: "vm.stop", run: { action: "clear_zombie" }, when: (r) => r.vm_state === "zombie", danger: true, done: "cleared",
-      confirm: (what) => `Mark ${what} stopped? Only when its node is lost or stopped: a live node still owns it (stop it instead, the node retries).` },
-    { label: "Disconnect user", acl: "vm.disconnect", run: { action: "disconnect" }, when: (r) => r.user_state !== "disconnected", done: "disconnected" },
+    {
+      label: "Start",
+      acl: "vm.start",
+      run: { action: "start" },
+      when: (r) => r.vm_state === "stopped",
+      done: "starting",
+    },
+    {
+      label: "Stop",
+      acl: "vm.stop",
+      run: { action: "stop" },
+      when: (r) => r.vm_state === "running" || r.vm_state === "starting",
+      done: "stopping",
+    },
+    {
+      label: "Restart",
+      acl: ["vm.stop", "vm.start"],
+      run: { custom: restart },
+      when: (r) => r.vm_state === "running",
+      done: "restarting",
+    },
+    {
+      label: "Clear zombie",
+      acl: "vm.stop",
+      run: { action: "clear_zombie" },
+      when: (r) => r.vm_state === "zombie",
+      danger: true,
+      done: "cleared",
+      confirm: (what) =>
+        `Mark ${what} stopped? Only when its node is lost or stopped: a live node still owns it (stop it instead, the node retries).`,
+    },
+    {
+      label: "Disconnect user",
+      acl: "vm.disconnect",
+      run: { action: "disconnect" },
+      when: (r) => r.user_state !== "disconnected",
+      done: "disconnected",
+    },
     ...C.blockActions("vm.block"),
     C.deleteAction("vm", { when: (r) => r.vm_state === "stopped" }),
   ],
@@ -112,14 +179,27 @@ export const vmsSpec: ObjectSpec = {
   details: [
     { label: "State", render: state("vm_state") },
     { label: "User", render: objLink("users", "user_id", "user_name") },
-    { label: "User state", render: (r) => <>{state("user_state")(r)} {r.user_ip && <span class="muted">from {r.user_ip}</span>}</> },
+    {
+      label: "User state",
+      render: (r) => (
+        <>
+          {state("user_state")(r)} {r.user_ip && <span class="muted">from {r.user_ip}</span>}
+        </>
+      ),
+    },
     C.tenantDetail,
     { label: "OS flavour", render: objLink("osfs", "osf_id", "osf_name") },
     { label: "Image tag", render: (r) => r.di_tag },
-    { label: "Image running", render: (r) => (r.current_di_id ? objLink("dis", "current_di_id", "current_di_id")(r) : text(null)) },
+    {
+      label: "Image running",
+      render: (r) => (r.current_di_id ? objLink("dis", "current_di_id", "current_di_id")(r) : text(null)),
+    },
     { label: "Node", render: objLink("hosts", "host_id", "host_name") },
     { label: "IP address", render: (r) => text(r.ip) },
-    { label: "Blocked", render: (r) => (r.blocked ? <Badge value="blocked" kind="bad" title={r.blocked_reason} /> : "no") },
+    {
+      label: "Blocked",
+      render: (r) => (r.blocked ? <Badge value="blocked" kind="bad" title={r.blocked_reason} /> : "no"),
+    },
     { label: "Expiry", render: expiry },
     { label: "Ports", render: (r) => (r.vma_port ? `VMA ${r.vma_port}, X ${r.x_port ?? "—"}` : text(null)) },
     { label: "Description", render: (r) => text(r.description) },
