@@ -2,7 +2,9 @@
 // turning them into the effective configuration.
 import type { ArgsDef } from "citty";
 import { loadConfig, type Config } from "./config.ts";
+import { listConfigRows } from "./db/configs.ts";
 import { connect, ping, type Sql } from "./db/pool.ts";
+import { requireCurrentSchema } from "./db/schema.ts";
 import { ConfigError, UserError } from "./errors.ts";
 import { setLogFormat, setLogLevel } from "./log.ts";
 
@@ -64,6 +66,26 @@ export function configFromArgs(
 /** A database URL with its password masked, for messages. */
 export function maskUrl(url: string): string {
   return url.replace(/^(\w+:\/\/[^:@/]*:)[^@]*@/, "$1********@").replace(/([?&]password=)[^&]*/, "$1********");
+}
+
+/**
+ * A daemon's configuration with the database's rows (global and per tenant) layered over it,
+ * once the database answers and holds this binary's schema version (src/db/schema.ts).
+ */
+export async function layerDatabaseConfig(
+  sql: Sql,
+  url: string,
+  cfg: Config,
+  warn: (m: string) => void,
+): Promise<Config> {
+  const rows = await listConfigRows(sql).catch((err: Error) => {
+    throw new UserError(`cannot use the database ${maskUrl(url)}: ${err.message}`);
+  });
+  await requireCurrentSchema(sql);
+  return cfg.withDatabase(
+    rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })),
+    warn,
+  );
 }
 
 /** Connects with the configured URL, runs `fn`, and always closes the pool. */

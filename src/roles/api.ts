@@ -1,13 +1,11 @@
 // `qvd api`: the REST admin API (and, later, the WAT at /wat), over HTTPS.
 import { defineCommand } from "citty";
-import { commonArgs, configFromArgs, maskUrl } from "../cli.ts";
+import { commonArgs, configFromArgs, layerDatabaseConfig, maskUrl } from "../cli.ts";
 import { createApi } from "../api/server.ts";
 import { roleRegistry, serveRoleMetrics } from "../metrics.ts";
-import { listConfigRows } from "../db/configs.ts";
 import { connect } from "../db/pool.ts";
 import { deleteExpiredSessions } from "../db/sessions.ts";
 import { UserError } from "../errors.ts";
-import { requireCurrentSchema } from "../db/schema.ts";
 import { logger } from "../log.ts";
 
 const log = logger("api");
@@ -37,12 +35,7 @@ export default defineCommand({
       applicationName: "qvd-api",
     });
     try {
-      const rows = await listConfigRows(sql);
-      cfg = cfg.withDatabase(
-        rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })),
-        (m) => log.warn(m),
-      );
-      await requireCurrentSchema(sql);
+      cfg = await layerDatabaseConfig(sql, url, cfg, (m) => log.warn(m));
     } catch (err) {
       await sql.end({ timeout: 1 });
       if (err instanceof UserError) throw err;

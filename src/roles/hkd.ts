@@ -2,15 +2,13 @@
 import { roleRegistry, serveRoleMetrics } from "../metrics.ts";
 import { basename, join } from "node:path";
 import { defineCommand } from "citty";
-import { commonArgs, configFromArgs, maskUrl } from "../cli.ts";
+import { commonArgs, configFromArgs, layerDatabaseConfig } from "../cli.ts";
 import type { Config } from "../config.ts";
-import { listConfigRows } from "../db/configs.ts";
 import type { DiRow } from "../db/dis.ts";
 import { findHostByName, registerHost } from "../db/node.ts";
 import { isSafePathComponent } from "../db/objects.ts";
 import { connect, type Sql } from "../db/pool.ts";
 import { UserError } from "../errors.ts";
-import { requireCurrentSchema } from "../db/schema.ts";
 import { acquireNodeLock } from "../hkd/lock.ts";
 import { Hkd } from "../hkd/hkd.ts";
 import { logger } from "../log.ts";
@@ -54,14 +52,7 @@ export async function startHkd(
     applicationName: "qvd-hkd",
   });
   try {
-    const rows = await listConfigRows(sql).catch((err: Error) => {
-      throw new UserError(`cannot use the database ${maskUrl(url)}: ${err.message}`);
-    });
-    await requireCurrentSchema(sql);
-    cfg = cfg.withDatabase(
-      rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })),
-      (m) => log.warn(m),
-    );
+    cfg = await layerDatabaseConfig(sql, url, cfg, (m) => log.warn(m));
     const name = cfg.get("nodename");
     let host = await findHostByName(sql, name);
     if (!host && opts.register) {

@@ -2,15 +2,13 @@
 import { join } from "node:path";
 import { roleRegistry, serveRoleMetrics } from "../metrics.ts";
 import { defineCommand } from "citty";
-import { commonArgs, configFromArgs, maskUrl } from "../cli.ts";
+import { commonArgs, configFromArgs, layerDatabaseConfig } from "../cli.ts";
 import type { Config } from "../config.ts";
 import { authenticateUser } from "../auth/chain.ts";
 import { throttlePolicy } from "../auth/throttle.ts";
-import { listConfigRows } from "../db/configs.ts";
 import { aliveWithinS } from "../db/placement.ts";
 import { connect, type Sql } from "../db/pool.ts";
 import { UserError } from "../errors.ts";
-import { requireCurrentSchema } from "../db/schema.ts";
 import { startL7r, type L7r } from "../l7r/server.ts";
 import { peerNodeByName } from "../db/peer.ts";
 import { nodeTls } from "../farm/certs.ts";
@@ -63,14 +61,7 @@ export async function startL7rRole(
   let peerServer: PeerServer | undefined;
   let peer: PeerClient | undefined;
   try {
-    const rows = await listConfigRows(sql).catch((err: Error) => {
-      throw new UserError(`cannot use the database ${maskUrl(url)}: ${err.message}`);
-    });
-    await requireCurrentSchema(sql);
-    cfg = cfg.withDatabase(
-      rows.map((r) => ({ tenantId: r.tenant_id, key: r.key, value: r.value })),
-      (m) => log.warn(m),
-    );
+    cfg = await layerDatabaseConfig(sql, url, cfg, (m) => log.warn(m));
     const cert = cfg.get("l7r.tls.cert");
     const key = cfg.get("l7r.tls.key");
     if (!cert || !key) throw new UserError("the L7R serves TLS: set l7r.tls.cert and l7r.tls.key (or --cert/--key)");
