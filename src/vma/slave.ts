@@ -6,6 +6,7 @@ import { createHash, timingSafeEqual } from "node:crypto";
 import { existsSync, lstatSync, mkdirSync, readFileSync, realpathSync, statSync } from "node:fs";
 import { connect } from "node:net";
 import { isAbsolute, join, normalize, resolve, sep } from "node:path";
+import { REASONS } from "../nx/http.ts";
 
 /** A program to run: argv (never through a shell), working directory and environment. */
 export interface SlaveCommand {
@@ -61,23 +62,6 @@ export const MAX_BODY_BYTES = 65536;
 /** A share's name: one path component (NAME_MAX bytes). */
 export const MAX_NAME_BYTES = 255;
 export const MAX_PATH_BYTES = 4096;
-
-const REASONS: Record<number, string> = {
-  101: "Switching Protocols",
-  200: "OK",
-  400: "Bad Request",
-  401: "Unauthorized",
-  403: "Forbidden",
-  404: "Not Found",
-  405: "Method Not Allowed",
-  409: "Conflict",
-  426: "Upgrade Required",
-  431: "Request Header Fields Too Large",
-  500: "Internal Server Error",
-  501: "Not Implemented",
-  503: "Service Unavailable",
-  505: "HTTP Version Not Supported",
-};
 
 const enc = new TextEncoder();
 
@@ -463,7 +447,7 @@ async function askMount(
           return done({ status: 200, ticket: a.ticket, sock, rest: buf.subarray(nl + 1) });
         sock.destroy();
         done({
-          status: typeof a.status === "number" && REASONS[a.status] ? a.status : 500,
+          status: typeof a.status === "number" && a.status >= 200 && REASONS[a.status] ? a.status : 500,
           error: String(a.error ?? (req.usbip ? "USB device refused" : "mount refused")),
         });
       } catch {
