@@ -614,7 +614,7 @@ function storageCheck(key: StorageKey): Check {
           `${at}: ${denied}`,
           (process.getuid?.() ?? 0) !== 0
             ? "run the check as root"
-            : `let root write to ${at} (an NFS export needs no_root_squash for the nodes; see README "Running a farm")`,
+            : `let root write to ${at} (an NFS export needs no_root_squash for the nodes; see README "Running in production")`,
         );
       const fs = statfsSync(at);
       if (key === "path.storage.overlays" && fs.type === NFS_SUPER_MAGIC && ctx.hypervisors.includes("lxc"))
