@@ -62,6 +62,7 @@ import { stopTestCluster, testDatabase } from "../test/support/db.ts";
 import { desktopShell } from "../test/support/desktop-session.ts";
 import { desktopImage, removeQvdBinary, TestNode } from "../test/support/node.ts";
 import { startXvfb } from "../test/support/services.ts";
+import { selfSignedCert } from "../test/support/tls.ts";
 
 setLogLevel("error");
 const opt = (name: string, dflt: number) => {
@@ -210,24 +211,7 @@ try {
     { user_id: user.id, osf_id: osf.id, name: "web desktop" },
     { range: "198.18.0.0/16" },
   );
-  const cert = join(work, "l7r.crt");
-  const key = join(work, "l7r.key");
-  await run([
-    "openssl",
-    "req",
-    "-x509",
-    "-newkey",
-    "rsa:2048",
-    "-nodes",
-    "-days",
-    "2",
-    "-subj",
-    "/CN=127.0.0.1",
-    "-keyout",
-    key,
-    "-out",
-    cert,
-  ]);
+  const { cert, key } = await selfSignedCert(work, { cn: "127.0.0.1", names: ["l7r.crt", "l7r.key"] });
   await node.start(
     { "hkd.timeout.vma_start": "120", "log.level": "info" },
     { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] },

@@ -28,6 +28,7 @@ import { setLogLevel } from "../src/log.ts";
 import { run } from "../src/run.ts";
 import { ensureDeps } from "../scripts/deps.ts";
 import { cleanEnv, desktopImage, farmCert, qvdBinary, removeQvdBinary, TestNode } from "../test/support/node.ts";
+import { selfSignedCert } from "../test/support/tls.ts";
 
 setLogLevel("warn");
 const opt = (name: string, dflt: number) => {
@@ -220,22 +221,7 @@ try {
       .join(" ")} at start`,
   );
   await ensureDeps(["haproxy"], () => {});
-  await run([
-    "openssl",
-    "req",
-    "-x509",
-    "-newkey",
-    "rsa:2048",
-    "-nodes",
-    "-days",
-    "2",
-    "-subj",
-    "/CN=localhost",
-    "-keyout",
-    key,
-    "-out",
-    cert,
-  ]);
+  await selfSignedCert(dir);
   writeFileSync(join(dir, "haproxy.pem"), readFileSync(cert, "utf8") + readFileSync(key, "utf8"));
 
   const cluster = new LocalCluster({

@@ -7,6 +7,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { useTestApi } from "./support/api.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
+import { capture, cleanEnv, type Captured } from "./support/spawn.ts";
+import { selfSignedCert } from "./support/tls.ts";
 
 const ROOT = join(import.meta.dir, "..");
 const dir = mkdtempSync(join(tmpdir(), "qvd-admin-cli-test-"));
@@ -22,12 +24,6 @@ afterAll(() => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-interface Result {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
 /** A home directory (HOME and XDG_CONFIG_HOME) per identity, so logins do not mix. */
 function home(name: string): string {
   const h = join(dir, `home-${name}`);
@@ -39,23 +35,9 @@ async function qvd(
   h: string,
   args: string[],
   opts: { stdin?: string; env?: Record<string, string> } = {},
-): Promise<Result> {
-  const env: Record<string, string> = {};
-  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("QVD_") && v !== undefined) env[k] = v;
-  Object.assign(env, { HOME: h, XDG_CONFIG_HOME: join(h, ".config"), NO_COLOR: "1" }, opts.env ?? {});
-  const p = Bun.spawn([process.execPath, "src/main.ts", "admin", ...args], {
-    cwd: ROOT,
-    env,
-    stdin: opts.stdin !== undefined ? new TextEncoder().encode(opts.stdin) : "ignore",
-    stdout: "pipe",
-    stderr: "pipe",
-  });
-  const [stdout, stderr, code] = await Promise.all([
-    new Response(p.stdout).text(),
-    new Response(p.stderr).text(),
-    p.exited,
-  ]);
-  return { code, stdout, stderr };
+): Promise<Captured> {
+  const env = cleanEnv({ HOME: h, XDG_CONFIG_HOME: join(h, ".config"), NO_COLOR: "1", ...opts.env });
+  return capture([process.execPath, "src/main.ts", "admin", ...args], { cwd: ROOT, env, stdin: opts.stdin });
 }
 
 /** Runs as the logged-in superadmin and expects success. */
@@ -367,7 +349,7 @@ describe("exit codes", () => {
   test("3: after logout (locally and on the server)", async () => {
     const h = home("logout");
     // Code and stderr together, so that a failure shows what the CLI said.
-    const said = (r: Result) => ({ code: r.code, stderr: r.stderr });
+    const said = (r: Captured) => ({ code: r.code, stderr: r.stderr });
     expect(
       said(await qvd(h, ["login", "--url", api.url, "--name", TEST_ADMIN.name, "--password-file", pwFile])),
     ).toMatchObject({ code: 0 });
@@ -450,29 +432,8 @@ describe.skipIf(!hasOpenssl)("TLS", () => {
   let url = "";
   const cert = join(dir, "cert.pem");
   const key = join(dir, "key.pem");
-  beforeAll(() => {
-    const r = Bun.spawnSync(
-      [
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        key,
-        "-out",
-        cert,
-        "-days",
-        "2",
-        "-subj",
-        "/CN=localhost",
-        "-addext",
-        "subjectAltName=IP:127.0.0.1",
-      ],
-      { stdout: "ignore", stderr: "pipe" },
-    );
-    if (r.exitCode !== 0) throw new Error(`openssl: ${r.stderr}`);
+  beforeAll(async () => {
+    await selfSignedCert(dir, { san: "IP:127.0.0.1" });
     // An HTTPS front for the test API (which serves plain HTTP).
     proxy = Bun.serve({
       hostname: "127.0.0.1",

@@ -8,6 +8,7 @@ import { useTestApi, type ApiClient } from "./support/api.ts";
 import { ok } from "./support/assert.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { until } from "./support/wait.ts";
+import { capture, cleanEnv, type Captured } from "./support/spawn.ts";
 
 const db = useTestDatabase();
 const sql = () => db().sql;
@@ -165,28 +166,14 @@ test("the OpenAPI document describes the fields: hypervisor, KVM-only vcpus and 
 
 describe("qvd admin", () => {
   /** `qvd admin …` as the superadministrator (token and URL from the environment). */
-  async function qvd(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-    const env: Record<string, string> = {};
-    for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("QVD_") && v !== undefined) env[k] = v;
-    Object.assign(env, {
+  async function qvd(...args: string[]): Promise<Captured> {
+    const env = cleanEnv({
       QVD_ADMIN_URL: api.url.replace(/\/api\/v1$/, ""),
       QVD_ADMIN_TOKEN: sa.token!,
       NO_COLOR: "1",
       HOME: "/nonexistent",
     });
-    const p = Bun.spawn([process.execPath, "src/main.ts", "admin", ...args], {
-      cwd: join(import.meta.dir, ".."),
-      env,
-      stdin: "ignore",
-      stdout: "pipe",
-      stderr: "pipe",
-    });
-    const [stdout, stderr, code] = await Promise.all([
-      new Response(p.stdout).text(),
-      new Response(p.stderr).text(),
-      p.exited,
-    ]);
-    return { code, stdout, stderr };
+    return capture([process.execPath, "src/main.ts", "admin", ...args], { cwd: join(import.meta.dir, ".."), env });
   }
 
   test("osf set hypervisor=kvm vcpus=2 through the generic fields; lists show the hypervisor; bad values name the field", async () => {

@@ -6,6 +6,7 @@ import { join } from "node:path";
 import { run } from "../src/run.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 import { cleanEnv } from "./support/node.ts";
+import { selfSignedCert } from "./support/tls.ts";
 
 const db = useTestDatabase();
 const dir = mkdtempSync("/tmp/qvd-api-serve-");
@@ -14,24 +15,7 @@ const key = join(dir, "api.key");
 const procs: Bun.Subprocess[] = [];
 
 beforeAll(async () => {
-  await run([
-    "openssl",
-    "req",
-    "-x509",
-    "-newkey",
-    "rsa:2048",
-    "-nodes",
-    "-days",
-    "2",
-    "-subj",
-    "/CN=localhost",
-    "-addext",
-    "subjectAltName=IP:127.0.0.1,DNS:localhost",
-    "-keyout",
-    key,
-    "-out",
-    cert,
-  ]);
+  await selfSignedCert(dir, { san: "IP:127.0.0.1,DNS:localhost", names: ["api.crt", "api.key"] });
 });
 afterAll(() => {
   for (const p of procs) p.kill("SIGKILL");

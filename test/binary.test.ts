@@ -7,6 +7,7 @@ import { join } from "node:path";
 import pkg from "../package.json" with { type: "json" };
 import { SCHEMA_VERSION } from "../src/db/schema.ts";
 import { testDatabase, type TestDatabase } from "./support/db.ts";
+import { capture } from "./support/spawn.ts";
 
 const root = join(import.meta.dir, "..");
 let work: string;
@@ -49,13 +50,7 @@ async function runQvd(...args: string[]) {
     HOME: process.env.HOME ?? "/",
     QVD_CONFIG: "/dev/null",
   };
-  const p = Bun.spawn([qvd, ...args], { cwd: join(work, "alone"), env, stdout: "pipe", stderr: "pipe" });
-  const [stdout, stderr, code] = await Promise.all([
-    new Response(p.stdout).text(),
-    new Response(p.stderr).text(),
-    p.exited,
-  ]);
-  return { stdout, stderr, code };
+  return capture([qvd, ...args], { cwd: join(work, "alone"), env });
 }
 
 test("--version prints the package version", async () => {

@@ -3,7 +3,7 @@
 // that namespace opening https://127.0.0.1:8443/ on the node's L7R, and for the takeover a real
 // `qvd client` with its nxproxy on an Xvfb. One desktop for the whole file.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Browser, BrowserContext, Page } from "playwright-core";
 import * as D from "../src/db/index.ts";
@@ -129,41 +129,16 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
     await node.setup();
     work = mkdtempSync("/tmp/qvd-browser-test-");
     mkdirSync(SCREENSHOTS, { recursive: true });
-    const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "alice", password: PASSWORD });
+    ({ vm } = await node.addDesktop(image, { password: PASSWORD, vm: "web desktop" }));
     await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "bob", password: "bob-web-pw-1" });
-    const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
-    await node.addImage(osf.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
-    vm = await D.createVm(
-      sql(),
-      ALL,
-      { user_id: user.id, osf_id: osf.id, name: "web desktop" },
-      { range: "198.18.0.0/16" },
-    );
-    const cert = join(node.root, "l7r.crt");
-    const key = join(node.root, "l7r.key");
-    await run([
-      "openssl",
-      "req",
-      "-x509",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-days",
-      "2",
-      "-subj",
-      "/CN=127.0.0.1",
-      "-keyout",
-      key,
-      "-out",
-      cert,
-    ]);
-    await node.start(
+    await node.startNode(
+      PORT,
       {
         "hkd.timeout.vma_start": "60",
         "l7r.metrics.listen": `127.0.0.1:${L7R_METRICS}`,
         "hkd.metrics.listen": `127.0.0.1:${HKD_METRICS}`,
       },
-      { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] },
+      { cn: "127.0.0.1" },
     );
     browser = await launchChromium({ netns: node.ns.name, args: ["--ignore-certificate-errors"] });
   }, 30 * 60_000);
@@ -467,26 +442,7 @@ describe.skipIf(!isRoot)("the desktop in a web browser", () => {
   test("a qvd client takes the session over from the browser, and the browser back; the X session's windows stay", async () => {
     const before = (await xterm())!;
     xvfb = await startXvfb(XVFB, { exec: node.ns.exec });
-    const client = Bun.spawn(
-      [
-        ...node.ns.exec,
-        "env",
-        `DISPLAY=:${XVFB}`,
-        `QVD_PASSWORD=${PASSWORD}`,
-        node.binary,
-        "client",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        String(PORT),
-        "--user",
-        "alice",
-        "--insecure",
-        "--link",
-        "lan",
-      ],
-      { stdout: "pipe", stderr: "pipe" },
-    );
+    const client = node.client({ port: PORT, user: "alice", password: PASSWORD, display: XVFB });
     const session0 = (await row()).l7r_session;
     try {
       // The page says so, and offers to reconnect.

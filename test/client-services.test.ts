@@ -23,6 +23,7 @@ import {
 } from "../src/client/slave.ts";
 import { waitFor } from "./support/wait.ts";
 import { freeDisplay } from "./support/free.ts";
+import { capture } from "./support/spawn.ts";
 
 const KEY = "Q".repeat(20) + "a1b2c3d4e5f6g7h8i9j0" + "Z".repeat(24); // 64 characters, as the L7R mints
 const dir = mkdtempSync("/tmp/qvd-client-svc-");
@@ -90,9 +91,8 @@ afterAll(async () => {
 // Files under a FUSE mount served by this process are reached by other processes: a read in
 // this one would block the very event loop that relays its answer.
 async function sh(argv: string[]): Promise<{ code: number; out: string; err: string }> {
-  const p = Bun.spawn(argv, { stdout: "pipe", stderr: "pipe" });
-  const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
-  return { code, out, err };
+  const r = await capture(argv);
+  return { code: r.code, out: r.stdout, err: r.stderr };
 }
 const readAsync = async (p: string) => (await sh(["cat", p])).out;
 const existsAsync = async (p: string) => (await sh(["test", "-e", p])).code === 0;

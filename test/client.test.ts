@@ -11,6 +11,8 @@ import { join } from "node:path";
 import net from "node:net";
 import { waitFor } from "./support/wait.ts";
 import { freeDisplay } from "./support/free.ts";
+import { capture, stopAll } from "./support/spawn.ts";
+import { selfSignedCert } from "./support/tls.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "qvd-client-test-"));
 const cert = join(dir, "cert.pem");
@@ -225,7 +227,7 @@ s.on("error", (e) => { console.error("fake:", e.message); process.exit(3); });
 );
 
 async function client(args: string[], env: Record<string, string> = {}) {
-  const p = Bun.spawn([process.execPath, "src/main.ts", "client", ...args], {
+  return capture([process.execPath, "src/main.ts", "client", ...args], {
     env: {
       PATH: process.env.PATH!,
       HOME: dir,
@@ -234,16 +236,7 @@ async function client(args: string[], env: Record<string, string> = {}) {
       FAKE_SIZE: String(PAYLOAD_SIZE),
       ...env,
     },
-    stdin: "ignore",
-    stdout: "pipe",
-    stderr: "pipe",
   });
-  const [stdout, stderr, code] = await Promise.all([
-    new Response(p.stdout).text(),
-    new Response(p.stderr).text(),
-    p.exited,
-  ]);
-  return { stdout, stderr, code };
 }
 
 // This machine's printing and sound are test/client-services.test.ts's subject: not asked for here.
@@ -264,28 +257,11 @@ const VMS = [
   { id: 11, name: "alice-2", state: "running", blocked: "0", is_application: null },
 ];
 
-beforeAll(() => {
-  const gen = (k: string, c: string) =>
-    Bun.spawnSync([
-      "openssl",
-      "req",
-      "-x509",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-keyout",
-      k,
-      "-out",
-      c,
-      "-days",
-      "2",
-      "-subj",
-      "/CN=localhost",
-      "-addext",
-      "subjectAltName=DNS:localhost,IP:127.0.0.1",
-    ]);
-  expect(gen(key, cert).exitCode).toBe(0);
-  expect(gen(join(dir, "other.key"), otherCert).exitCode).toBe(0);
+beforeAll(async () => {
+  // Two unrelated certificates for the same names: the L7R's, and one that is not its.
+  const san = "DNS:localhost,IP:127.0.0.1";
+  await selfSignedCert(dir, { san });
+  await selfSignedCert(dir, { san, names: ["other.pem", "other.key"] });
   server = startServer();
   plainServer = startServer(false);
 });
@@ -532,17 +508,7 @@ async function pixel(display: number, x: number, y: number): Promise<string> {
 
 describe.skipIf(!haveNx)("qvd client with a real nxproxy and nxagent", () => {
   const procs: Bun.Subprocess[] = [];
-  afterAll(async () => {
-    for (const p of procs)
-      try {
-        p.kill("SIGTERM");
-      } catch {}
-    await Promise.all(procs.map((p) => Promise.race([p.exited, Bun.sleep(3000)])));
-    for (const p of procs)
-      try {
-        p.kill("SIGKILL");
-      } catch {}
-  });
+  afterAll(() => stopAll(procs));
 
   async function startAgent(from: number) {
     const nd = freeDisplay(from);

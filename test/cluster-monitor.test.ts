@@ -7,14 +7,13 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { copyFileSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { run } from "../src/run.ts";
 import * as D from "../src/db/index.ts";
 import { leaveDrainingNode } from "../src/db/cluster.ts";
 import { connect, type Sql } from "../src/db/pool.ts";
 import { ClusterMonitor } from "../src/hkd/monitor.ts";
 import { useTestApi } from "./support/api.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
-import { busyboxImage, TestNode } from "./support/node.ts";
+import { busyboxImage, l7rProbe, TestNode } from "./support/node.ts";
 import { until } from "./support/wait.ts";
 
 const isRoot = process.getuid?.() === 0;
@@ -339,24 +338,7 @@ describe.skipIf(!isRoot)("a real node (HKD, LXC)", () => {
         join(testNode.root, "storage", "images", "busybox.tar.gz"),
         join(nodeB.root, "storage", "images", "busybox.tar.gz"),
       );
-      const [cert, key] = [join(nodeB.root, "l7r.crt"), join(nodeB.root, "l7r.key")];
-      await run([
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        key,
-        "-out",
-        cert,
-      ]);
-      await nodeB.start(FAST, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
+      await nodeB.startNode(PORT, FAST);
       const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "mover", password: "mover-password" });
       const vm = (
         await D.createVm(
@@ -373,20 +355,7 @@ describe.skipIf(!isRoot)("a real node (HKD, LXC)", () => {
       await sa.post(`/hosts/${nodeB.host.id}/undrain`);
       await sa.post(`/hosts/${testNode.host.id}/drain`);
 
-      const bun = join(import.meta.dir, "..", "node_modules", ".bin", "bun");
-      const r = await run(
-        [
-          ...nodeB.ns.exec,
-          bun,
-          join(import.meta.dir, "support", "l7r-probe.ts"),
-          String(PORT),
-          "mover",
-          "mover-password",
-          String(vm),
-        ],
-        { timeoutMs: 300_000 },
-      );
-      const out = JSON.parse(r.stdout.trim().split("\n").pop()!);
+      const out = await l7rProbe(nodeB.ns.exec, PORT, "mover", "mover-password", vm);
       expect(out.progress).toContain("Moving the desktop off a draining node");
       // (The busybox desktop has no nxagent: the connect ends at x_start, after the move.)
       expect(await vmRow(vm)).toMatchObject({ vm_state: "running", host_id: nodeB.host.id });

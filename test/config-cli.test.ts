@@ -1,52 +1,20 @@
 // `qvd config show` as a subprocess: output, sources, masking, exit codes and the one-line
 // errors of a bad configuration; and cluster settings read from a real database.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { beforeAll, describe, expect, test } from "bun:test";
+import { chmodSync, existsSync, mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { DEFAULT_CONFIG_FILE, envName, KEYS, NON_KEY_ENV } from "../src/config.ts";
 import { setConfig } from "../src/db/configs.ts";
 import { useTestDatabase } from "./support/db.ts";
+import { capture, cleanEnv, type Captured } from "./support/spawn.ts";
+import { useConfFiles } from "./support/conf.ts";
 
 const ROOT = join(import.meta.dir, "..");
-const dir = mkdtempSync(join(tmpdir(), "qvd-config-cli-test-"));
-afterAll(() => rmSync(dir, { recursive: true, force: true }));
+const { dir, conf } = useConfFiles("qvd-config-cli-test-");
 
-let fileCounter = 0;
-function conf(text: string): string {
-  const f = join(dir, `node-${++fileCounter}.conf`);
-  writeFileSync(f, text);
-  return f;
-}
-
-/** The inherited environment without any QVD_* variable, plus `extra`. */
-function cleanEnv(extra: Record<string, string> = {}): Record<string, string> {
-  const env: Record<string, string> = {};
-  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("QVD_") && v !== undefined) env[k] = v;
-  return { ...env, ...extra };
-}
-
-interface Result {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-async function qvd(args: string[], env: Record<string, string> = {}, prefix: string[] = []): Promise<Result> {
-  const p = Bun.spawn([...prefix, process.execPath, "src/main.ts", ...args], {
-    cwd: ROOT,
-    env: cleanEnv(env),
-    stdin: "ignore",
-    stdout: "pipe",
-    stderr: "pipe",
-  });
-  const [stdout, stderr, code] = await Promise.all([
-    new Response(p.stdout).text(),
-    new Response(p.stderr).text(),
-    p.exited,
-  ]);
-  return { code, stdout, stderr };
-}
+const qvd = (args: string[], env: Record<string, string> = {}, prefix: string[] = []): Promise<Captured> =>
+  capture([...prefix, process.execPath, "src/main.ts", ...args], { cwd: ROOT, env: cleanEnv(env) });
 
 /** Parses the text output into key → { value, source }. */
 function table(stdout: string): Map<string, { value: string; source: string }> {
@@ -62,11 +30,11 @@ interface JsonOut {
   settings: { key: string; value: string; source: string; doc: string; scope: string; tenant: boolean }[];
   notes: string[];
 }
-const jsonOf = (r: Result) => JSON.parse(r.stdout) as JsonOut;
+const jsonOf = (r: Captured) => JSON.parse(r.stdout) as JsonOut;
 const setting = (j: JsonOut, key: string) => j.settings.find((s) => s.key === key)!;
 
 /** A configuration error: exit 78, nothing on stdout, one stderr line `qvd: <message>`. */
-function expectConfigError(r: Result, message: string | RegExp): void {
+function expectConfigError(r: Captured, message: string | RegExp): void {
   expect(r.stdout).toBe("");
   const lines = r.stderr.split("\n").filter((l) => l !== "");
   expect(lines).toHaveLength(1);

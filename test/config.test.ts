@@ -1,8 +1,7 @@
 // Unit tests of the one configuration schema (src/config.ts) and of the common CLI flags
 // that feed it (src/cli.ts): sources and their precedence, error messages, secret masking.
-import { afterAll, afterEach, beforeEach, describe, expect, test } from "bun:test";
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { afterEach, beforeEach, describe, expect, test } from "bun:test";
+import { chmodSync, existsSync, mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { configFromArgs } from "../src/cli.ts";
 import {
@@ -20,17 +19,9 @@ import {
 } from "../src/config.ts";
 import { ConfigError, UserError } from "../src/errors.ts";
 import { setLogLevel } from "../src/log.ts";
+import { useConfFiles } from "./support/conf.ts";
 
-const dir = mkdtempSync(join(tmpdir(), "qvd-config-test-"));
-afterAll(() => rmSync(dir, { recursive: true, force: true }));
-
-let fileCounter = 0;
-/** Writes a config file in the temp dir and returns its path. */
-function conf(text: string): string {
-  const f = join(dir, `node-${++fileCounter}.conf`);
-  writeFileSync(f, text);
-  return f;
-}
+const { dir, conf } = useConfFiles("qvd-config-test-");
 
 /** loadConfig with a controlled environment and no default file. */
 function load(opts: LoadOptions = {}): Config {

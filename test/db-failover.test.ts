@@ -18,6 +18,7 @@ import { freePort } from "./support/free.ts";
 import { busyboxImage, TestNode } from "./support/node.ts";
 import { PgPair } from "./support/pg-pair.ts";
 import { until, waitFor } from "./support/wait.ts";
+import { selfSignedCert } from "./support/tls.ts";
 
 const isRoot = process.getuid?.() === 0;
 const ALL = D.ALL_TENANTS;
@@ -136,24 +137,12 @@ describe("multi-host over TLS", () => {
       },
     });
     await pg.init();
-    await run([
-      "openssl",
-      "req",
-      "-x509",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-days",
-      "1",
-      "-subj",
-      "/CN=qvd test db",
-      "-addext",
-      "subjectAltName=IP:127.0.0.1",
-      "-keyout",
-      join(pg.dir, "server.key"),
-      "-out",
-      join(pg.dir, "server.crt"),
-    ]);
+    await selfSignedCert(pg.dir, {
+      cn: "qvd test db",
+      days: 1,
+      san: "IP:127.0.0.1",
+      names: ["server.crt", "server.key"],
+    });
     const owner = statSync(pg.dir);
     for (const f of ["server.key", "server.crt"]) {
       chownSync(join(pg.dir, f), owner.uid, owner.gid);

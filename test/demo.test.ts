@@ -15,6 +15,7 @@ import { connect } from "../src/db/pool.ts";
 import { run } from "../src/run.ts";
 import { freePort } from "./support/free.ts";
 import { cleanEnv, desktopImage, qvdBinary } from "./support/node.ts";
+import { screenMean, startXvfb } from "./support/services.ts";
 import { until } from "./support/wait.ts";
 
 const isRoot = process.getuid?.() === 0;
@@ -195,27 +196,10 @@ describe.skipIf(!isRoot)("qvd demo", () => {
 
     // The user's client, exactly as printed, on an X display of this test.
     const DISPLAY = 64;
-    const xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], {
-      stdout: "ignore",
-      stderr: "ignore",
-    });
-    const mean = async () =>
-      Number(
-        (
-          await run(
-            ["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`],
-            { allowFail: true },
-          )
-        ).stdout.trim(),
-      ) || 0;
+    const xvfb = await startXvfb(DISPLAY);
+    const mean = () => screenMean(DISPLAY);
     let client: Bun.Subprocess | undefined;
     try {
-      await until(
-        async () =>
-          (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0,
-        "Xvfb",
-        20_000,
-      );
       const before = await mean();
       client = Bun.spawn(clientLine!.split(" "), {
         stdout: "pipe",
@@ -299,7 +283,7 @@ describe.skipIf(!isRoot)("qvd demo", () => {
       expect(await client.exited).toBe(0);
     } finally {
       client?.kill("SIGKILL");
-      xvfb.kill("SIGKILL");
+      await xvfb.stop();
     }
     expect(demo.output()).toContain("Stopping the node and its desktops…");
     expect(demo.output()).toContain(`Removed the network namespace ${netns}.`);

@@ -18,12 +18,12 @@ import {
 } from "../src/virt/image-build.ts";
 import { inspectQcow2 } from "../src/virt/kvm-image.ts";
 import { KVM_TEST_IMAGE, kvmTestImageFresh } from "./support/kvm-image.ts";
+import { DESKTOP_IMAGE, desktopImageFresh } from "./support/node.ts";
 import { until } from "./support/wait.ts";
 import { unpackImage } from "../src/virt/images.ts";
 
 const root = join(import.meta.dir, "..");
-const IMAGE = "/var/cache/qvd/test/debian-bookworm-desktop.tar.gz";
-const SOURCES = [join(root, "src/roles/di.ts"), join(root, "src/virt/image-build.ts")];
+const IMAGE = DESKTOP_IMAGE;
 const work = mkdtempSync("/tmp/qvd-di-build-test-");
 let rootfs: string | undefined; // the image unpacked by a test below
 
@@ -31,7 +31,7 @@ afterAll(() => {
   rmSync(work, { recursive: true, force: true });
 });
 
-const fresh = () => existsSync(IMAGE) && SOURCES.every((s) => statSync(s).mtimeMs < statSync(IMAGE).mtimeMs);
+const fresh = desktopImageFresh;
 
 describe("qvd di build", () => {
   test(

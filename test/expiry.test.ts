@@ -7,18 +7,18 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { copyFileSync, mkdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import * as D from "../src/db/index.ts";
+import type * as D from "../src/db/index.ts";
 import { run } from "../src/run.ts";
 import { NOTICE_TITLE, noticeText } from "../src/vma/expiry.ts";
 import { useTestApi } from "./support/api.ts";
 import { ok } from "./support/assert.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { desktopImage, TestNode } from "./support/node.ts";
+import { startXvfb } from "./support/services.ts";
 import { until } from "./support/wait.ts";
 
 const isRoot = process.getuid?.() === 0;
 const db = useTestDatabase();
-const ALL = D.ALL_TENANTS;
 const DISPLAY = 64;
 const PORT = 8443;
 const output = join(import.meta.dir, "..", ".test-output");
@@ -30,7 +30,7 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
   let osfId = 0;
   let di1: D.DiRow;
   let secret = "";
-  let xvfb: Bun.Subprocess | undefined;
+  let xvfb: { stop(): Promise<void> } | undefined;
   /** `qvd client` of the current connection. */
   let client: Bun.Subprocess | undefined;
   /** The session user's uid in the desktop (the L7R's choice). */
@@ -83,26 +83,7 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
   /** The user connects with `qvd client` through the node's L7R (which starts the desktop if it is stopped). */
   async function connect(): Promise<void> {
     await disconnect();
-    const c = (client = Bun.spawn(
-      [
-        ...node.ns.exec,
-        "env",
-        `DISPLAY=:${DISPLAY}`,
-        "QVD_PASSWORD=alice-pw-1",
-        node.binary,
-        "client",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        String(PORT),
-        "--user",
-        "alice",
-        "--insecure",
-        "--link",
-        "lan",
-      ],
-      { stdout: "pipe", stderr: "pipe" },
-    ));
+    const c = (client = node.client({ port: PORT, user: "alice", password: "alice-pw-1", display: DISPLAY }));
     await until(
       async () => (await row()).user_state === "connected" || c.exitCode !== null,
       "the client's session",
@@ -132,47 +113,11 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
     await ensureDeps(["xvfb", "nxproxy", "xwd", "imagemagick"], () => {});
     const image = await desktopImage();
     await node.setup();
-    const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "alice", password: "alice-pw-1" });
-    const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
-    osfId = osf.id;
-    di1 = await node.addImage(osf.id, "desktop-1.tar.gz", async (p) => copyFileSync(image, p));
-    vm = await D.createVm(
-      sql(),
-      ALL,
-      { user_id: user.id, osf_id: osf.id, name: "desktop" },
-      { range: "198.18.0.0/16" },
-    );
-    const cert = join(node.root, "l7r.crt");
-    const key = join(node.root, "l7r.key");
-    await run([
-      "openssl",
-      "req",
-      "-x509",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-days",
-      "2",
-      "-subj",
-      "/CN=localhost",
-      "-keyout",
-      key,
-      "-out",
-      cert,
-    ]);
-    await node.start(
-      { "hkd.timeout.vma_start": "60" },
-      { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] },
-    );
-    xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], {
-      stdout: "ignore",
-      stderr: "ignore",
-    });
-    await until(
-      async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0,
-      "Xvfb",
-      20_000,
-    );
+    const desktop = await node.addDesktop(image, { password: "alice-pw-1", file: "desktop-1.tar.gz" });
+    ({ vm, di: di1 } = desktop);
+    osfId = desktop.osf.id;
+    await node.startNode(PORT, { "hkd.timeout.vma_start": "60" });
+    xvfb = await startXvfb(DISPLAY);
     await connect();
     expect((await row()).current_di_id).toBe(di1.id);
     expect(await rootLower()).toBe(di1.id);
@@ -182,7 +127,7 @@ describe.skipIf(!isRoot)("expiry, as the user sees it", () => {
 
   afterAll(async () => {
     await disconnect().catch(() => {});
-    xvfb?.kill("SIGKILL");
+    await xvfb?.stop();
     await node.stop();
   }, 120_000);
 

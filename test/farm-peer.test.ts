@@ -21,6 +21,7 @@ import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { cleanEnv, farmCaDir, farmCert, type FarmCert } from "./support/node.ts";
 import { poll } from "./support/wait.ts";
+import { capture } from "./support/spawn.ts";
 
 const db = useTestDatabase();
 const ALL = D.ALL_TENANTS;
@@ -44,6 +45,9 @@ let elsewhere: TCPSocketListener;
 const clientOf = (c: FarmCert | { ca: string; cert: string; key: string }) =>
   new PeerClient({ tls: { ca: c.ca, cert: c.cert, key: c.key }, port: server.port, connectS: 3 });
 const nodeA = () => ({ name: hosts.a.name, address: "127.0.0.1" });
+/** Node A's node-to-node endpoint on a free loopback port, with these timeouts and limit. */
+const nodeAServer = (o: { timeouts: { handshake: number; request?: number }; maxConnections: number }) =>
+  startPeerServer({ sql: db().sql, nodename: "peer-a", hostname: "127.0.0.1", port: 0, tls: certs.a, ...o });
 
 /** Raw TLS to node A's endpoint: what it answers to `request` (empty when it closed without an answer). */
 async function raw(
@@ -156,15 +160,7 @@ beforeAll(async () => {
       vma_secret = ${SECRET}, user_state = 'connecting', l7r_host_id = ${hosts.b.id}, l7r_session = ${SESSION_B}::uuid WHERE vm_id = ${vmHere.id}`;
   await sql`UPDATE vm_runtimes SET host_id = ${hosts.c.id}, vm_state = 'running', vm_address = '127.0.0.2', vma_port = ${elsewhere.port}, x_port = ${elsewhere.port},
       vma_secret = 'secret-of-another-node', user_state = 'connecting', l7r_host_id = ${hosts.b.id}, l7r_session = ${SESSION_OTHER}::uuid WHERE vm_id = ${vmThere.id}`;
-  server = startPeerServer({
-    sql,
-    nodename: "peer-a",
-    hostname: "127.0.0.1",
-    port: 0,
-    tls: certs.a,
-    timeouts: { handshake: 2, request: 2 },
-    maxConnections: 8,
-  });
+  server = nodeAServer({ timeouts: { handshake: 2, request: 2 }, maxConnections: 8 });
 });
 
 afterAll(async () => {
@@ -203,18 +199,8 @@ describe("qvd farm: the CA and node certificates", () => {
 
 describe("qvd farm, the command", () => {
   const qvd = async (...args: string[]) => {
-    const p = Bun.spawn([process.execPath, "src/main.ts", "farm", ...args], {
-      env: cleanEnv(),
-      stdout: "pipe",
-      stderr: "pipe",
-      stdin: "ignore",
-    });
-    const [stdout, stderr, code] = await Promise.all([
-      new Response(p.stdout).text(),
-      new Response(p.stderr).text(),
-      p.exited,
-    ]);
-    return { stdout, stderr: stderr.trim(), code };
+    const r = await capture([process.execPath, "src/main.ts", "farm", ...args], { env: cleanEnv() });
+    return { ...r, stderr: r.stderr.trim() };
   };
 
   test("ca makes a CA once; cert issues a node's certificate the node accepts, and replaces it only with --force", async () => {
@@ -438,15 +424,7 @@ describe("bounds", () => {
   });
 
   test("past cluster.peer.limit.connections further connections are closed at once", async () => {
-    const small = startPeerServer({
-      sql: db().sql,
-      nodename: "peer-a",
-      hostname: "127.0.0.1",
-      port: 0,
-      tls: certs.a,
-      timeouts: { handshake: 60 },
-      maxConnections: 2,
-    });
+    const small = nodeAServer({ timeouts: { handshake: 60 }, maxConnections: 2 });
     const held: Socket[] = [];
     try {
       for (let i = 0; i < 2; i++)
@@ -466,15 +444,7 @@ describe("bounds", () => {
   });
 
   test("connections without a node's certificate are bounded per address; a node's kept connection is not among them", async () => {
-    const srv = startPeerServer({
-      sql: db().sql,
-      nodename: "peer-a",
-      hostname: "127.0.0.1",
-      port: 0,
-      tls: certs.a,
-      timeouts: { handshake: 60 },
-      maxConnections: 1000,
-    });
+    const srv = nodeAServer({ timeouts: { handshake: 60 }, maxConnections: 1000 });
     const held: Socket[] = [];
     const b = new PeerClient({ tls: certs.b, port: srv.port, connectS: 3 });
     try {

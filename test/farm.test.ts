@@ -12,7 +12,8 @@ import { run } from "../src/run.ts";
 import { startTestApi, type TestApi } from "./support/api.ts";
 import type { TestDatabase } from "./support/db.ts";
 import { ADMIN, L7R_PORT, PEER_PORT, TestFarm, type FarmNode } from "./support/farm.ts";
-import { busyboxImage, desktopImage, until } from "./support/node.ts";
+import { busyboxImage, desktopImage, spawnClient, until } from "./support/node.ts";
+import { screenMean, startXvfb } from "./support/services.ts";
 
 const isRoot = process.getuid?.() === 0;
 const ALL = D.ALL_TENANTS;
@@ -110,59 +111,24 @@ describe.skipIf(!isRoot)("a farm of three nodes", () => {
     const { ensureDeps } = await import("../scripts/deps.ts");
     await ensureDeps(["xvfb", "nxproxy", "xwd", "xsetroot", "imagemagick"], () => {});
     const vm = vmOf[user]!;
-    const xvfb = Bun.spawn(["Xvfb", `:${display}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], {
-      stdout: "ignore",
-      stderr: "ignore",
-    });
-    let client: Bun.Subprocess<"ignore", "pipe", "pipe"> | undefined;
+    const xvfb = await startXvfb(display);
+    let client: ReturnType<typeof spawnClient> | undefined;
     const end = async () => {
       client?.kill("SIGTERM");
       await client?.exited;
-      xvfb.kill("SIGKILL");
-      await xvfb.exited;
+      await xvfb.stop();
     };
     try {
-      await until(
-        async () =>
-          (await run(["xwd", "-root", "-silent", "-display", `:${display}`], { allowFail: true })).status === 0,
-        "Xvfb",
-        20_000,
-      );
       await run(["xsetroot", "-display", `:${display}`, "-solid", "black"], { allowFail: true });
-      const mean = async () =>
-        Number(
-          (
-            await run(
-              [
-                "sh",
-                "-c",
-                `xwd -root -silent -display :${display} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`,
-              ],
-              { allowFail: true },
-            )
-          ).stdout.trim(),
-        ) || 0;
+      const mean = () => screenMean(display);
       const before = await mean();
-      client = Bun.spawn(
-        [
-          ...farm.clientNs.exec,
-          "env",
-          `DISPLAY=:${display}`,
-          `QVD_PASSWORD=${PW}`,
-          farm.binary,
-          "client",
-          "--host",
-          node.address,
-          "--port",
-          String(L7R_PORT),
-          "--user",
-          user,
-          "--insecure",
-          "--link",
-          "lan",
-        ],
-        { stdout: "pipe", stderr: "pipe" },
-      );
+      client = spawnClient(farm.clientNs.exec, farm.binary, {
+        host: node.address,
+        port: L7R_PORT,
+        user,
+        password: PW,
+        display,
+      });
       await until(
         async () => (await state(vm.id)).user_state === "connected" || client!.exitCode !== null,
         `${user}'s session`,

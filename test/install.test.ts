@@ -424,31 +424,11 @@ describe.skipIf(!isRoot)("the node unit's capabilities", () => {
 
   test("a node under exactly the unit's bounding set unpacks an image, starts a desktop and stops it", async () => {
     const sql = db().sql;
-    const [cert, key] = [join(node.root, "l7r.crt"), join(node.root, "l7r.key")];
-    await run([
-      "openssl",
-      "req",
-      "-x509",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-days",
-      "2",
-      "-subj",
-      "/CN=localhost",
-      "-keyout",
-      key,
-      "-out",
-      cert,
-    ]);
     const bset = `--bounding-set=-all,${caps.map((c) => "+" + c.slice(4).toLowerCase()).join(",")}`;
-    await node.start(
+    await node.startNode(
+      8443,
       { "hkd.timeout.vma_start": "60" },
-      {
-        role: "node",
-        command: ["setpriv", bset, "--inh-caps=-all", node.binary, "node"],
-        args: ["--listen", "127.0.0.1:8443", "--cert", cert, "--key", key],
-      },
+      { command: ["setpriv", bset, "--inh-caps=-all", node.binary, "node"] },
     );
     // The node's HKD really runs with that set, and nothing more.
     const [{ pid }] = (await sql`SELECT pid FROM host_runtimes WHERE host_id = ${node.host.id}`) as unknown as [

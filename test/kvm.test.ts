@@ -13,6 +13,7 @@ import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { busyboxImage, TestNode, until } from "./support/node.ts";
 import { kvmTestImage } from "./support/kvm-image.ts";
+import { screenMean, startXvfb } from "./support/services.ts";
 import { PARTITION_BYTES, STICK_BUSID, STICK_BYTES, startUsbMachine } from "./support/usb-machine.ts";
 
 const isRoot = process.getuid?.() === 0;
@@ -27,10 +28,7 @@ describe.skipIf(!isRoot)("KVM desktops", () => {
   const node = new TestNode(db, "kvmnode");
   const sql = () => db().sql;
   let vm: D.VmRow;
-  let osf: D.OsfRow;
-  let cert = "";
-  let key = "";
-  let xvfb: Bun.Subprocess | undefined;
+  let xvfb: { stop(): Promise<void> } | undefined;
   // tcg by configuration: on this machine KVM can run a test VM's BIOS (so `auto` picks it) and
   // then hang in the guest's kernel; accel is a node's choice for that reason.
   const settings = {
@@ -40,23 +38,14 @@ describe.skipIf(!isRoot)("KVM desktops", () => {
     "hkd.timeout.poweroff": "90",
     "cluster.peer.port": "0",
   };
-  const startNode = () =>
-    node.start(settings, { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] });
+  const startNode = () => node.startNode(PORT, settings);
   const log = () => readFileSync(node.logFile, "utf8");
   const vmRow = async () =>
     (
       await sql()`SELECT vm_state, user_state, vm_pid, vma_secret, blocked, blocked_reason FROM vm_runtimes WHERE vm_id = ${vm.id}`
     )[0]!;
   const homeDisk = () => join(node.root, "storage", "homes", "default", "alice.qcow2");
-  const mean = async () =>
-    Number(
-      (
-        await run(
-          ["sh", "-c", `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`],
-          { allowFail: true },
-        )
-      ).stdout.trim(),
-    ) || 0;
+  const mean = () => screenMean(DISPLAY);
 
   /** A file of the user's home disk, read from the node (a raw copy read by debugfs: nothing mounted). */
   async function homeFile(path: string): Promise<string> {
@@ -76,29 +65,13 @@ describe.skipIf(!isRoot)("KVM desktops", () => {
   async function session(extra: string[] = [], png?: string, during?: () => Promise<void>): Promise<string> {
     await run(["xsetroot", "-display", `:${DISPLAY}`, "-solid", "black"], { allowFail: true });
     const before = await mean();
-    const client = Bun.spawn(
-      [
-        ...node.ns.exec,
-        "env",
-        `DISPLAY=:${DISPLAY}`,
-        "QVD_PASSWORD=alice-pw-1",
-        node.binary,
-        "client",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        String(PORT),
-        "--user",
-        "alice",
-        "--insecure",
-        "--link",
-        "lan",
-        "--no-printing",
-        "--no-audio",
-        ...extra,
-      ],
-      { stdout: "pipe", stderr: "pipe" },
-    );
+    const client = node.client({
+      port: PORT,
+      user: "alice",
+      password: "alice-pw-1",
+      display: DISPLAY,
+      args: ["--no-printing", "--no-audio", ...extra],
+    });
     try {
       await until(
         async () => (await D.get(sql(), D.vms, ALL, vm.id)).user_state === "connected" || client.exitCode !== null,
@@ -151,62 +124,26 @@ describe.skipIf(!isRoot)("KVM desktops", () => {
     await ensureDeps(["xvfb", "nxproxy", "xwd", "imagemagick", "qemu-system", "qemu-img", "e2fsprogs"], () => {});
     const image = await kvmTestImage();
     await node.setup();
-    cert = join(node.root, "l7r.crt");
-    key = join(node.root, "l7r.key");
-    await run([
-      "openssl",
-      "req",
-      "-x509",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-days",
-      "2",
-      "-subj",
-      "/CN=localhost",
-      "-keyout",
-      key,
-      "-out",
-      cert,
-    ]);
-    const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "alice", password: "alice-pw-1" });
-    osf = await D.create(sql(), D.osfs, ALL, {
-      tenant_id: 1,
-      name: "debian-kvm",
-      memory_mb: 1024,
-      hypervisor: "kvm",
-      vcpus: 1,
-      user_storage_mb: 256,
-    });
     // A link, not a copy, where the filesystem allows it (the image is half a gigabyte).
-    await node.addImage(osf.id, "desktop.qcow2", async (p) => {
+    const linkOrCopy = async (p: string) => {
       try {
         linkSync(image, p);
       } catch {
         copyFileSync(image, p);
       }
-    });
-    vm = await D.createVm(
-      sql(),
-      ALL,
-      { user_id: user.id, osf_id: osf.id, name: "desktop" },
-      { range: "198.18.0.0/16" },
-    );
+    };
+    ({ vm } = await node.addDesktop(linkOrCopy, {
+      password: "alice-pw-1",
+      osf: { name: "debian-kvm", hypervisor: "kvm", vcpus: 1, user_storage_mb: 256 },
+      file: "desktop.qcow2",
+    }));
     await startNode();
-    xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], {
-      stdout: "ignore",
-      stderr: "ignore",
-    });
-    await until(
-      async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0,
-      "Xvfb",
-      20_000,
-    );
+    xvfb = await startXvfb(DISPLAY);
     mkdirSync(output, { recursive: true });
   }, 30 * 60_000);
 
   afterAll(async () => {
-    xvfb?.kill("SIGKILL");
+    await xvfb?.stop();
     await node.stop();
   }, 180_000);
 

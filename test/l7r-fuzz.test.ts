@@ -12,11 +12,11 @@ import { createUserToken } from "../src/db/tokens.ts";
 import { startL7r, type L7r } from "../src/l7r/server.ts";
 import { MAX_HEADER, parseProxyHeader, proxyHeader, ProxyHeaderError } from "../src/l7r/proxy-protocol.ts";
 import { HttpParseError, RequestReader, type ReaderLimits } from "../src/nx/http.ts";
-import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { Peer } from "./support/l7r-peer.ts";
 import { fuzzSeed, seededRng, type Rng } from "./support/fuzz.ts";
 import { poll } from "./support/wait.ts";
+import { selfSignedCert } from "./support/tls.ts";
 
 const SEED = fuzzSeed("l7r", 0x5eed1);
 
@@ -235,22 +235,7 @@ let l7r: L7r;
 
 beforeAll(async () => {
   const sql = db().sql;
-  await run([
-    "openssl",
-    "req",
-    "-x509",
-    "-newkey",
-    "rsa:2048",
-    "-nodes",
-    "-days",
-    "2",
-    "-subj",
-    "/CN=localhost",
-    "-keyout",
-    join(dir, "key.pem"),
-    "-out",
-    join(dir, "cert.pem"),
-  ]);
+  await selfSignedCert(dir);
   const host = await D.create(sql, D.hosts, D.ALL_TENANTS, { name: "fuzz-l7r", address: "127.0.0.1" });
   await sql`UPDATE host_runtimes SET state = 'running' WHERE host_id = ${host.id}`;
   const alice = await D.create(sql, D.users, D.ALL_TENANTS, { tenant_id: 1, name: "alice", password: "alice-pw-1" });

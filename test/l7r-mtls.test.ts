@@ -7,80 +7,24 @@ import * as D from "../src/db/index.ts";
 import { startL7r, type L7r } from "../src/l7r/server.ts";
 import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
+import { capture } from "./support/spawn.ts";
+import { selfSignedCert, signedCert } from "./support/tls.ts";
 
 const db = useTestDatabase();
 const dir = mkdtempSync("/tmp/qvd-l7r-mtls-");
 const f = (n: string) => join(dir, n);
 let l7r: L7r;
 
-/** A key and a certificate for `cn`, signed by the CA `ca` (or self-signed). */
-async function certificate(name: string, cn: string, ca?: string) {
-  await run([
-    "openssl",
-    "req",
-    "-newkey",
-    "rsa:2048",
-    "-nodes",
-    "-subj",
-    `/CN=${cn}`,
-    "-keyout",
-    f(`${name}.key`),
-    "-out",
-    f(`${name}.csr`),
-  ]);
-  await run(
-    ca
-      ? [
-          "openssl",
-          "x509",
-          "-req",
-          "-in",
-          f(`${name}.csr`),
-          "-CA",
-          f(`${ca}.pem`),
-          "-CAkey",
-          f(`${ca}.key`),
-          "-CAcreateserial",
-          "-days",
-          "2",
-          "-out",
-          f(`${name}.pem`),
-        ]
-      : [
-          "openssl",
-          "x509",
-          "-req",
-          "-in",
-          f(`${name}.csr`),
-          "-signkey",
-          f(`${name}.key`),
-          "-days",
-          "2",
-          "-out",
-          f(`${name}.pem`),
-        ],
-  );
-}
+/** A key and a certificate for `cn` (NAME.key, NAME.pem), signed by the client CA (or self-signed). */
+const certificate = (name: string, cn: string, signed = false) => {
+  const o = { cn, names: [`${name}.pem`, `${name}.key`] as [string, string] };
+  return signed ? signedCert(dir, { cert: f("ca.pem"), key: f("ca.key") }, o) : selfSignedCert(dir, o);
+};
 
 beforeAll(async () => {
-  await run([
-    "openssl",
-    "req",
-    "-x509",
-    "-newkey",
-    "rsa:2048",
-    "-nodes",
-    "-days",
-    "2",
-    "-subj",
-    "/CN=qvd test client CA",
-    "-keyout",
-    f("ca.key"),
-    "-out",
-    f("ca.pem"),
-  ]);
+  await selfSignedCert(dir, { cn: "qvd test client CA", names: ["ca.pem", "ca.key"] });
   await certificate("server", "localhost");
-  await certificate("alice", "alice", "ca");
+  await certificate("alice", "alice", true);
   await certificate("stranger", "stranger");
   const sql = db().sql;
   const host = await D.create(sql, D.hosts, D.ALL_TENANTS, { name: "mtls-node", address: "127.0.0.1" });
@@ -127,7 +71,7 @@ test("a client certificate signed by the CA is let in; none, or another one, is 
 });
 
 async function qvdClient(args: string[]) {
-  const p = Bun.spawn(
+  return capture(
     [
       process.execPath,
       "src/main.ts",
@@ -142,19 +86,8 @@ async function qvdClient(args: string[]) {
       "--print-token",
       ...args,
     ],
-    {
-      env: { PATH: process.env.PATH!, HOME: dir, QVD_PASSWORD: "alice-pw-1" },
-      stdin: "ignore",
-      stdout: "pipe",
-      stderr: "pipe",
-    },
+    { env: { PATH: process.env.PATH!, HOME: dir, QVD_PASSWORD: "alice-pw-1" } },
   );
-  const [stdout, stderr, code] = await Promise.all([
-    new Response(p.stdout).text(),
-    new Response(p.stderr).text(),
-    p.exited,
-  ]);
-  return { stdout, stderr, code };
 }
 
 test("qvd client --cert/--key logs in; without them it says the server wants a client certificate", async () => {

@@ -6,14 +6,24 @@
 // through node A's node-to-node TLS endpoint (src/l7r/peer.ts): no route to the VM network, no
 // vm_ports, and nothing but TLS between the nodes (captured with tcpdump).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { copyFileSync, createWriteStream, existsSync, readFileSync, statSync } from "node:fs";
+import { createWriteStream, existsSync, readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
 import * as D from "../src/db/index.ts";
 import { run } from "../src/run.ts";
 import { startTestApi } from "./support/api.ts";
 import { ok } from "./support/assert.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
-import { cleanEnv, createNetns, desktopImage, farmCert, TestNode, type Netns } from "./support/node.ts";
+import {
+  cleanEnv,
+  createNetns,
+  desktopImage,
+  farmCert,
+  l7rProbe,
+  l7rProbeArgv,
+  TestNode,
+  type Netns,
+} from "./support/node.ts";
+import { screenMean, startXvfb } from "./support/services.ts";
 import { until } from "./support/wait.ts";
 
 const isRoot = process.getuid?.() === 0;
@@ -27,8 +37,6 @@ const [ADDR_A, ADDR_B] = ["198.19.255.1", "198.19.255.2"];
 describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
   const node = new TestNode(db, "l7rnode");
   let vm: D.VmRow;
-  let cert = "";
-  let key = "";
   const sql = () => db().sql;
   /** The second node (namespace, veth, `qvd l7r`), removed in afterAll whatever happened. */
   let nsB: Netns | undefined;
@@ -39,33 +47,7 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
   beforeAll(async () => {
     const image = await desktopImage();
     await node.setup();
-    cert = join(node.root, "l7r.crt");
-    key = join(node.root, "l7r.key");
-    await run([
-      "openssl",
-      "req",
-      "-x509",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-days",
-      "2",
-      "-subj",
-      "/CN=localhost",
-      "-keyout",
-      key,
-      "-out",
-      cert,
-    ]);
-    const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "alice", password: "alice-pw-1" });
-    const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
-    await node.addImage(osf.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
-    vm = await D.createVm(
-      sql(),
-      ALL,
-      { user_id: user.id, osf_id: osf.id, name: "desktop" },
-      { range: "198.18.0.0/16" },
-    );
+    ({ vm } = await node.addDesktop(image, { password: "alice-pw-1" }));
     // Node B: its own namespace and a veth to node A's, the farm network (no route to the VM network).
     const nb = (nsB = await createNetns());
     const tag = nb.name.slice(-6);
@@ -79,10 +61,11 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     // Node A is reached at its farm address, where its node-to-node endpoint listens.
     await sql()`UPDATE hosts SET address = ${ADDR_A} WHERE id = ${node.host.id}`;
     node.host.address = ADDR_A;
-    await node.start(
-      { "hkd.timeout.vma_start": "60", "cluster.peer.listen": "", "cluster.peer.port": String(PEER_PORT) },
-      { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] },
-    );
+    await node.startNode(PORT, {
+      "hkd.timeout.vma_start": "60",
+      "cluster.peer.listen": "",
+      "cluster.peer.port": String(PEER_PORT),
+    });
   }, 30 * 60_000);
 
   afterAll(async () => {
@@ -95,20 +78,8 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     await node.stop();
   }, 120_000);
 
-  const probeArgv = (mode = "", ns: Netns = node.ns) => [
-    ...ns.exec,
-    join(import.meta.dir, "..", "node_modules", ".bin", "bun"),
-    join(import.meta.dir, "support", "l7r-probe.ts"),
-    String(PORT),
-    "alice",
-    "alice-pw-1",
-    String(vm.id),
-    mode,
-  ];
-  const probe = async () => {
-    const r = await run(probeArgv(), { timeoutMs: 300_000 });
-    return JSON.parse(r.stdout.trim().split("\n").pop()!);
-  };
+  const probeArgv = (mode = "", ns: Netns = node.ns) => l7rProbeArgv(ns.exec, PORT, "alice", "alice-pw-1", vm.id, mode);
+  const probe = (mode = "") => l7rProbe(node.ns.exec, PORT, "alice", "alice-pw-1", vm.id, mode);
 
   test("connect_to_vm starts the stopped desktop and upgrades to NX", async () => {
     const out = await probe();
@@ -168,6 +139,7 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     const hostB = await D.create(sql(), D.hosts, ALL, { name: "l7rnode-b", address: ADDR_B });
     const logB = join(node.root, "l7r-b.log");
     const farmB = await farmCert("l7rnode-b", ADDR_B);
+    const { cert, key } = await node.l7rCert();
     l7rB = Bun.spawn(
       [
         ...nb.exec,
@@ -278,8 +250,7 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
   }, 600_000);
 
   test("stop_vm of the running desktop: 102 progress, then 200 Machine stopped", async () => {
-    const r = await run(probeArgv("stop"), { timeoutMs: 300_000 });
-    const out = JSON.parse(r.stdout.trim().split("\n").pop()!);
+    const out = await probe("stop");
     expect(out.progress[0]).toBe("Stopping virtual machine");
     expect(out.final).toEqual({ status: 200, body: "Machine stopped\r\n" });
     expect((await D.get(sql(), D.vms, ALL, vm.id)).vm_state).toBe("stopped");
@@ -290,7 +261,7 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
     await ensureDeps(["xvfb", "nxproxy", "xwd", "imagemagick"], () => {});
     const api = await startTestApi(db(), { "path.storage.images": join(node.root, "storage", "images") });
     const DISPLAY = 63;
-    let xvfb: Bun.Subprocess | undefined;
+    let xvfb: { stop(): Promise<void> } | undefined;
     try {
       // The user, OSF, image (uploaded), desktop and custom properties, as an administrator makes them.
       const admin = await api.login(TEST_ADMIN.name, TEST_ADMIN.password);
@@ -319,23 +290,8 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
         await ok(admin.put(`/${path}/${id}/properties/hb.${path}`, { value: `set on ${path}` }), "2xx", `hb.${path}`);
       }
 
-      xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], {
-        stdout: "ignore",
-        stderr: "ignore",
-      });
-      const mean = async () =>
-        Number(
-          (
-            await run(
-              [
-                "sh",
-                "-c",
-                `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- -format '%[fx:mean]' info:-`,
-              ],
-              { allowFail: true },
-            )
-          ).stdout.trim(),
-        ) || 0;
+      xvfb = await startXvfb(DISPLAY);
+      const mean = () => screenMean(DISPLAY);
       const state = async () =>
         (await ok(admin.get(`/vms/${desk.id}`), "2xx", "vm state")) as { vm_state: string; user_state: string };
       /** One user session with `qvd client`: connected, the desktop's pixels on the user's display, then `during`, then logout. */
@@ -343,27 +299,7 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
         // Clear the user's display, so the session's pixels are its own.
         await run(["xsetroot", "-display", `:${DISPLAY}`, "-solid", "black"], { allowFail: true });
         const before = await mean();
-        const client = Bun.spawn(
-          [
-            ...node.ns.exec,
-            "env",
-            `DISPLAY=:${DISPLAY}`,
-            "QVD_PASSWORD=bea-pw-1",
-            node.binary,
-            "client",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            String(PORT),
-            "--user",
-            "bea",
-            "--insecure",
-            "--link",
-            "lan",
-            ...extra,
-          ],
-          { stdout: "pipe", stderr: "pipe" },
-        );
+        const client = node.client({ port: PORT, user: "bea", password: "bea-pw-1", display: DISPLAY, args: extra });
         try {
           await until(
             async () => (await state()).user_state === "connected" || client.exitCode !== null,
@@ -385,13 +321,6 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
         await until(async () => (await state()).user_state === "disconnected", "the session to be released", 20_000);
         return new Response(client.stdout).text();
       };
-      await until(
-        async () =>
-          (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0,
-        "Xvfb",
-        20_000,
-      );
-
       const first = await session(async () => {
         const w = await node.attach(
           desk.id,
@@ -424,7 +353,7 @@ describe.skipIf(!isRoot)("the L7R of a node, through to nxagent", () => {
       expect(third).toContain("Stopping virtual machine");
       expect(third).toContain("Starting virtual machine");
     } finally {
-      xvfb?.kill("SIGKILL");
+      await xvfb?.stop();
       await api.stop();
     }
   }, 900_000);

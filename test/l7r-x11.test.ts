@@ -39,42 +39,29 @@ async function connect(cookie: Uint8Array | null = COOKIE): Promise<X11Client> {
   return c;
 }
 
+/** argv prefix: a process of `uid` with no cookie at all (no XAUTHORITY, no home to find one in). */
+const noCookieAs = (uid: number) => [
+  "setpriv",
+  `--reuid=${uid}`,
+  `--regid=${uid}`,
+  "--clear-groups",
+  "env",
+  "-u",
+  "XAUTHORITY",
+  "HOME=/nonexistent",
+];
+
 /** Whether a process of `uid`, with no cookie at all, can open the display. */
 async function canOpen(uid: number): Promise<boolean> {
-  const p = Bun.spawn(
-    [
-      "setpriv",
-      `--reuid=${uid}`,
-      `--regid=${uid}`,
-      "--clear-groups",
-      "env",
-      "-u",
-      "XAUTHORITY",
-      "HOME=/nonexistent",
-      "xdpyinfo",
-      "-display",
-      `:${display}`,
-    ],
-    { stdout: "ignore", stderr: "ignore" },
-  );
+  const p = Bun.spawn([...noCookieAs(uid), "xdpyinfo", "-display", `:${display}`], {
+    stdout: "ignore",
+    stderr: "ignore",
+  });
   return (await p.exited) === 0;
 }
 
 function spawnAs(uid: number, argv: string[]): Subprocess {
-  const p = Bun.spawn(
-    [
-      "setpriv",
-      `--reuid=${uid}`,
-      `--regid=${uid}`,
-      "--clear-groups",
-      "env",
-      "-u",
-      "XAUTHORITY",
-      "HOME=/nonexistent",
-      ...argv,
-    ],
-    { stdout: "ignore", stderr: "ignore" },
-  );
+  const p = Bun.spawn([...noCookieAs(uid), ...argv], { stdout: "ignore", stderr: "ignore" });
   procs.push(p);
   return p;
 }

@@ -11,10 +11,10 @@ import { authenticateUser } from "../src/auth/chain.ts";
 import { Config } from "../src/config.ts";
 import { startL7r, type L7r } from "../src/l7r/server.ts";
 import { guestUserName, xStartBody } from "../src/l7r/x-start.ts";
-import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { basic, WireClient } from "./support/qvd-wire.ts";
 import { poll } from "./support/wait.ts";
+import { selfSignedCert } from "./support/tls.ts";
 
 const db = useTestDatabase();
 const ALL = D.ALL_TENANTS;
@@ -39,22 +39,7 @@ async function running(vmId: number, osfId: number, diId: number, hostId: number
 
 beforeAll(async () => {
   const sql = db().sql;
-  await run([
-    "openssl",
-    "req",
-    "-x509",
-    "-newkey",
-    "rsa:2048",
-    "-nodes",
-    "-days",
-    "2",
-    "-subj",
-    "/CN=localhost",
-    "-keyout",
-    join(dir, "key.pem"),
-    "-out",
-    join(dir, "cert.pem"),
-  ]);
+  await selfSignedCert(dir);
   const fakeVma = (hostname: string) =>
     Bun.serve({
       hostname,

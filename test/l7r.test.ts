@@ -8,6 +8,8 @@ import { startL7r, type L7r } from "../src/l7r/server.ts";
 import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { basic, WireClient } from "./support/qvd-wire.ts";
+import { selfSignedCert } from "./support/tls.ts";
+import { capture } from "./support/spawn.ts";
 
 const db = useTestDatabase();
 const ALL = D.ALL_TENANTS;
@@ -21,22 +23,7 @@ const ALICE = basic("alice", "alice-pw-1");
 
 beforeAll(async () => {
   const sql = db().sql;
-  await run([
-    "openssl",
-    "req",
-    "-x509",
-    "-newkey",
-    "rsa:2048",
-    "-nodes",
-    "-days",
-    "2",
-    "-subj",
-    "/CN=localhost",
-    "-keyout",
-    join(dir, "key.pem"),
-    "-out",
-    join(dir, "cert.pem"),
-  ]);
+  await selfSignedCert(dir);
   const host = await D.create(sql, D.hosts, ALL, { name: "l7r-node", address: "127.0.0.1" });
   hostId = host.id;
   await sql`UPDATE host_runtimes SET state = 'running' WHERE host_id = ${hostId}`;
@@ -388,7 +375,7 @@ test("repeated failed logins make the next try wait: 429 with Retry-After (secur
 // --- qvd client with a bearer token, against this L7R ------------------------------------------
 
 async function qvdClient(args: string[], env: Record<string, string> = {}) {
-  const p = Bun.spawn(
+  return capture(
     [
       process.execPath,
       "src/main.ts",
@@ -402,19 +389,8 @@ async function qvdClient(args: string[], env: Record<string, string> = {}) {
       "/bin/false",
       ...args,
     ],
-    {
-      env: { PATH: process.env.PATH!, HOME: dir, ...env },
-      stdin: "ignore",
-      stdout: "pipe",
-      stderr: "pipe",
-    },
+    { env: { PATH: process.env.PATH!, HOME: dir, ...env } },
   );
-  const [stdout, stderr, code] = await Promise.all([
-    new Response(p.stdout).text(),
-    new Response(p.stderr).text(),
-    p.exited,
-  ]);
-  return { stdout, stderr, code };
 }
 
 test("qvd client --print-token, then --token-file and QVD_TOKEN: Bearer for list_of_vm and connect_to_vm", async () => {

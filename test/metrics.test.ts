@@ -5,12 +5,12 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { Registry, serveMetrics } from "../src/metrics.ts";
-import { run } from "../src/run.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 import { qvdBinary } from "./support/node.ts";
 import { sample } from "./support/prometheus.ts";
 import { freePortIn } from "./support/services.ts";
 import { waitFor } from "./support/wait.ts";
+import { selfSignedCert } from "./support/tls.ts";
 
 describe("the exposition format", () => {
   test("HELP and TYPE once per metric; labels escaped; histograms cumulative with +Inf, sum and count", async () => {
@@ -80,24 +80,7 @@ describe("the endpoint", () => {
     expect(() => serveMetrics(r, "0.0.0.0:0")).toThrow(/need TLS/);
     expect(() => serveMetrics(r, "198.18.0.1:0")).toThrow(/need TLS/);
     expect(() => serveMetrics(r, "nonsense")).toThrow(/host:port/);
-    const cert = join(dir, "c.pem");
-    const key = join(dir, "k.pem");
-    await run([
-      "openssl",
-      "req",
-      "-x509",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-days",
-      "1",
-      "-subj",
-      "/CN=127.0.0.1",
-      "-keyout",
-      key,
-      "-out",
-      cert,
-    ]);
+    const { cert, key } = await selfSignedCert(dir, { cn: "127.0.0.1", days: 1, names: ["c.pem", "k.pem"] });
     const s = serveMetrics(r, "127.0.0.1:0", { cert, key });
     try {
       const ok = await fetch(`https://127.0.0.1:${s.port}/metrics`, {

@@ -13,6 +13,8 @@ import { acquireNodeLock } from "../src/hkd/lock.ts";
 import { run } from "../src/run.ts";
 import { testDatabase, useTestDatabase, type TestDatabase } from "./support/db.ts";
 import { cleanEnv, farmCert, qvdBinary } from "./support/node.ts";
+import { capture } from "./support/spawn.ts";
+import { selfSignedCert } from "./support/tls.ts";
 
 const NODE = "check-node";
 const PASSWORD = "s3cret-Pw-4711";
@@ -34,28 +36,8 @@ afterAll(async () => {
 const openssl = (...args: string[]) => run(["openssl", ...args], { cwd: dir });
 
 /** A self-signed EC certificate (and its key) valid for `days`. */
-async function selfSigned(name: string, days: number): Promise<{ cert: string; key: string }> {
-  const cert = join(dir, `${name}.crt`);
-  const key = join(dir, `${name}.key`);
-  await openssl(
-    "req",
-    "-x509",
-    "-newkey",
-    "ec",
-    "-pkeyopt",
-    "ec_paramgen_curve:prime256v1",
-    "-nodes",
-    "-keyout",
-    key,
-    "-out",
-    cert,
-    "-subj",
-    `/CN=${name}`,
-    "-days",
-    String(days),
-  );
-  return { cert, key };
-}
+const selfSigned = (name: string, days: number) =>
+  selfSignedCert(dir, { cn: name, days, ec: true, names: [`${name}.crt`, `${name}.key`] });
 
 /** A certificate that expired in 2020: `openssl ca` takes explicit dates in every OpenSSL 3. */
 async function expiredCert(): Promise<{ cert: string; key: string }> {
@@ -177,17 +159,9 @@ interface Outcome {
 
 /** Runs `qvd node --check --config <conf> …args` and parses its aligned lines. */
 async function check(...args: string[]): Promise<Outcome> {
-  const p = Bun.spawn([binary, "node", "--check", "--config", conf, ...args], {
+  const { stdout, stderr, code } = await capture([binary, "node", "--check", "--config", conf, ...args], {
     env: cleanEnv(),
-    stdin: "ignore",
-    stdout: "pipe",
-    stderr: "pipe",
   });
-  const [stdout, stderr, code] = await Promise.all([
-    new Response(p.stdout).text(),
-    new Response(p.stderr).text(),
-    p.exited,
-  ]);
   const lines = new Map<string, Line>();
   for (const l of stdout.split("\n")) {
     // "LEVEL  WHAT<padding>  DETAIL — fix: FIX": the requirement never holds two spaces in a row.

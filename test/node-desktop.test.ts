@@ -3,12 +3,12 @@
 // the user's X session under nxagent, and a real nxproxy showing it on an Xvfb of the test,
 // checked by a screenshot's pixels (saved under .test-output/ for review).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { copyFileSync, mkdirSync, readFileSync } from "node:fs";
+import { mkdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import * as D from "../src/db/index.ts";
-import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { desktopImage, TestNode, until } from "./support/node.ts";
+import { screenMean, startXvfb } from "./support/services.ts";
 import { newNxCookie } from "../src/nx/handshake.ts";
 
 const isRoot = process.getuid?.() === 0;
@@ -24,56 +24,27 @@ describe.skipIf(!isRoot)("a real desktop through NX", () => {
   let vm: D.VmRow;
   let secret = "";
   const children: Bun.Subprocess[] = [];
+  let xvfb: { stop(): Promise<void> } | undefined;
   const sql = () => db().sql;
 
   /** Calls the VMA of the desktop from the node's namespace. */
   const vma = (method: string, body?: unknown) => node.vma(`http://${vm.ip}:3030`, secret, `/vma/${method}`, body);
   const nxState = async () => (await vma("x_state")).json?.state as string | undefined;
 
-  /** Mean brightness (0–1) of the client's display; saves the screenshot. */
-  async function screenMean(png?: string): Promise<number> {
-    const save = png ? `-write ${png} ` : "";
-    const r = await run(
-      [
-        "sh",
-        "-c",
-        `xwd -root -silent -display :${DISPLAY} | /usr/bin/convert xwd:- ${save}-format '%[fx:mean]' info:-`,
-      ],
-      { allowFail: true },
-    );
-    return Number(r.stdout.trim()) || 0;
-  }
-
   beforeAll(async () => {
     const { ensureDeps } = await import("../scripts/deps.ts");
     await ensureDeps(["xvfb", "nxproxy", "xwd", "imagemagick", "debootstrap"], () => {});
     const image = await desktopImage();
     await node.setup();
-    const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "alice" });
-    const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
-    await node.addImage(osf.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
-    vm = await D.createVm(
-      sql(),
-      ALL,
-      { user_id: user.id, osf_id: osf.id, name: "desktop" },
-      { range: "198.18.0.0/16" },
-    );
+    ({ vm } = await node.addDesktop(image));
     await node.start({ "hkd.timeout.vma_start": "60" });
-    const xvfb = Bun.spawn(["Xvfb", `:${DISPLAY}`, "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"], {
-      stdout: "ignore",
-      stderr: "ignore",
-    });
-    children.push(xvfb);
-    await until(
-      async () => (await run(["xwd", "-root", "-silent", "-display", `:${DISPLAY}`], { allowFail: true })).status === 0,
-      "Xvfb",
-      20_000,
-    );
+    xvfb = await startXvfb(DISPLAY);
     mkdirSync(output, { recursive: true });
   }, 30 * 60_000);
 
   afterAll(async () => {
     for (const c of children) c.kill("SIGKILL");
+    await xvfb?.stop();
     await node.stop();
   }, 120_000);
 
@@ -112,7 +83,7 @@ describe.skipIf(!isRoot)("a real desktop through NX", () => {
   });
 
   test("a real nxproxy shows the desktop on the client's X display", async () => {
-    const before = await screenMean();
+    const before = await screenMean(DISPLAY);
     const relay = Bun.spawn(
       [
         ...node.ns.exec,
@@ -135,8 +106,8 @@ describe.skipIf(!isRoot)("a real desktop through NX", () => {
     await until(async () => (await nxState()) === "connected", "the NX session to connect", 60_000);
     // jwm's tray and the xterm arrive: the black screen gets content.
     let mean = 0;
-    await until(async () => (mean = await screenMean()) > before + 0.05, "the desktop's pixels", 60_000);
-    await screenMean(join(output, "desktop-through-nx.png"));
+    await until(async () => (mean = await screenMean(DISPLAY)) > before + 0.05, "the desktop's pixels", 60_000);
+    await screenMean(DISPLAY, join(output, "desktop-through-nx.png"));
     expect(mean).toBeGreaterThan(before + 0.05);
     // The session's programs run as the user.
     const ps = (await node.attach(vm.id, "ps -eo uid,comm")).stdout;

@@ -4,7 +4,6 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { Peer } from "./support/l7r-peer.ts";
 import { TestNode } from "./support/node.ts";
@@ -40,27 +39,7 @@ describe.skipIf(!isRoot)("qvd node: the HKD and the L7R in two processes", () =>
   beforeAll(async () => {
     await node.setup();
     sock = join(node.root, "l7r.sock");
-    const [cert, key] = [join(node.root, "l7r.crt"), join(node.root, "l7r.key")];
-    await run([
-      "openssl",
-      "req",
-      "-x509",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-days",
-      "2",
-      "-subj",
-      "/CN=localhost",
-      "-keyout",
-      key,
-      "-out",
-      cert,
-    ]);
-    await node.start(
-      { "l7r.listen.unix": sock, "log.level": "info" },
-      { role: "node", args: ["--listen", "127.0.0.1:8443", "--cert", cert, "--key", key] },
-    );
+    await node.startNode(8443, { "l7r.listen.unix": sock, "log.level": "info" });
     await until(async () => {
       try {
         const p = await Peer.open({ unix: sock });

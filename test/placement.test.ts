@@ -10,9 +10,9 @@ import { Config } from "../src/config.ts";
 import * as D from "../src/db/index.ts";
 import * as L from "../src/db/lifecycle.ts";
 import { startL7r, type L7r } from "../src/l7r/server.ts";
-import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { basic, WireClient } from "./support/qvd-wire.ts";
+import { selfSignedCert } from "./support/tls.ts";
 
 const db = useTestDatabase();
 const ALL = D.ALL_TENANTS;
@@ -359,22 +359,7 @@ describe("what the user hears from the L7R", () => {
   };
 
   beforeAll(async () => {
-    await run([
-      "openssl",
-      "req",
-      "-x509",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-days",
-      "2",
-      "-subj",
-      "/CN=localhost",
-      "-keyout",
-      join(dir, "key.pem"),
-      "-out",
-      join(dir, "cert.pem"),
-    ]);
+    await selfSignedCert(dir);
     await D.create(sql(), D.hosts, ALL, { name: "pl-front", address: "127.0.0.1", backend: false });
     l7r = await startL7r({
       sql: sql(),

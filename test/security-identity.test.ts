@@ -13,13 +13,16 @@ import type { AuthResult } from "../src/auth/user-auth.ts";
 import { Config } from "../src/config.ts";
 import * as D from "../src/db/index.ts";
 import { startL7r, type L7r } from "../src/l7r/server.ts";
-import { run } from "../src/run.ts";
 import { useTestApi, type ApiClient } from "./support/api.ts";
 import { TEST_ADMIN, useTestDatabase } from "./support/db.ts";
 import { LDAP_SUFFIX, LdapServer } from "./support/ldap.ts";
 import { cleanEnv, desktopImage, TestNode } from "./support/node.ts";
 import { basic, WireClient } from "./support/qvd-wire.ts";
 import { poll, until } from "./support/wait.ts";
+import { selfSignedCert } from "./support/tls.ts";
+import { capture, stopAll } from "./support/spawn.ts";
+import { freePort } from "./support/free.ts";
+import { writeVmaConfig } from "./support/vma-config.ts";
 
 const db = useTestDatabase();
 const sql = () => db().sql;
@@ -335,22 +338,7 @@ describe("sessions and tokens", () => {
     const bearer = (tok: string) => `Bearer ${tok}`;
 
     beforeAll(async () => {
-      await run([
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        join(work, "key.pem"),
-        "-out",
-        join(work, "cert.pem"),
-      ]);
+      await selfSignedCert(work);
       const host = await D.create(sql(), D.hosts, ALL, { name: "sec-node", address: "127.0.0.1" });
       await sql()`UPDATE host_runtimes SET state = 'running' WHERE host_id = ${host.id}`;
       l7r = await startL7r({
@@ -406,18 +394,11 @@ describe("sessions and tokens", () => {
         QVD_ADMIN_URL: api.url.replace(/\/api\/v1$/, ""),
         QVD_ADMIN_TOKEN: boss.token!,
       });
-      const p = Bun.spawn([process.execPath, "src/main.ts", "admin", "user", "revoke-tokens", "alice@acme"], {
+      const cli = await capture([process.execPath, "src/main.ts", "admin", "user", "revoke-tokens", "alice@acme"], {
         cwd: repo,
         env,
-        stdout: "pipe",
-        stderr: "pipe",
       });
-      const [out, err, code] = await Promise.all([
-        new Response(p.stdout).text(),
-        new Response(p.stderr).text(),
-        p.exited,
-      ]);
-      expect(code, out + err).toBe(0);
+      expect(cli.code, cli.stdout + cli.stderr).toBe(0);
       expect((await request("/qvd/list_of_vm", bearer(t3))).status).toBe(401);
     }, 30_000);
   });
@@ -504,29 +485,15 @@ describe("the VMA checks the identity again", () => {
   const COOKIE = "0123456789abcdef0123456789abcdef";
   const procs: ReturnType<typeof Bun.spawn>[] = [];
   afterAll(async () => {
-    for (const p of procs) p.kill("SIGTERM");
-    await Promise.all(procs.map((p) => Promise.race([p.exited, Bun.sleep(3000)])));
-    for (const p of procs) p.kill("SIGKILL");
+    await stopAll(procs);
   });
 
   async function startVma(name: string, settings: Record<string, string | boolean>) {
     const dir = join(work, `vma-${name}`);
     mkdirSync(dir, { recursive: true });
     const file = join(dir, "vma.json");
-    writeFileSync(
-      file,
-      JSON.stringify({
-        vm_id: 7,
-        secret: SECRET,
-        node_address: "127.0.0.1",
-        port: 3030,
-        settings: { "path.run": join(dir, "run"), ...settings },
-      }),
-      { mode: 0o400 },
-    );
-    const s = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
-    const port = s.port;
-    s.stop(true);
+    writeVmaConfig(file, { secret: SECRET, settings: { "path.run": join(dir, "run"), ...settings } });
+    const port = freePort();
     const env = cleanEnv();
     const p = Bun.spawn([process.execPath, "src/main.ts", "vma", "--config", file, "--listen", `127.0.0.1:${port}`], {
       cwd: repo,
@@ -658,12 +625,7 @@ describe.skipIf(process.getuid?.() !== 0)("a real LXC desktop: no identity makes
   beforeAll(async () => {
     const image = await desktopImage();
     await node.setup();
-    const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "mallory" });
-    const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
-    await node.addImage(osf.id, "desktop.tar.gz", async (p) => Bun.write(p, Bun.file(image)).then(() => {}));
-    vmId = (
-      await D.createVm(sql(), ALL, { user_id: user.id, osf_id: osf.id, name: "desktop" }, { range: "198.18.0.0/16" })
-    ).id;
+    vmId = (await node.addDesktop(image, { user: "mallory" })).vm.id;
     await node.start({ "hkd.timeout.vma_start": "60" });
     await D.startVm(sql(), ALL, vmId, { aliveWithinS: 60 });
     await until(

@@ -10,12 +10,12 @@ import { join } from "node:path";
 import * as D from "../src/db/index.ts";
 import { proxyHeader, SIGNATURE, trustedSources } from "../src/l7r/proxy-protocol.ts";
 import { startL7r, type L7r } from "../src/l7r/server.ts";
-import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { Peer } from "./support/l7r-peer.ts";
 import { cleanEnv, farmCert, qvdBinary } from "./support/node.ts";
 import { basic } from "./support/qvd-wire.ts";
 import { poll } from "./support/wait.ts";
+import { selfSignedCert } from "./support/tls.ts";
 
 const db = useTestDatabase();
 const ALL = D.ALL_TENANTS;
@@ -38,22 +38,7 @@ const header = (address: string) => proxyHeader({ address, port: 40000 }, { addr
 
 beforeAll(async () => {
   const sql = db().sql;
-  await run([
-    "openssl",
-    "req",
-    "-x509",
-    "-newkey",
-    "rsa:2048",
-    "-nodes",
-    "-days",
-    "2",
-    "-subj",
-    "/CN=localhost",
-    "-keyout",
-    join(dir, "key.pem"),
-    "-out",
-    join(dir, "cert.pem"),
-  ]);
+  await selfSignedCert(dir);
   const host = await D.create(sql, D.hosts, ALL, { name: "sec-l7r", address: "127.0.0.1" });
   await sql`UPDATE host_runtimes SET state = 'running' WHERE host_id = ${host.id}`;
   await D.create(sql, D.users, ALL, { tenant_id: 1, name: "alice", password: "alice-pw-1" });

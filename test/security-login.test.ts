@@ -12,10 +12,10 @@ import { clientAddress, trustedProxies } from "../src/api/client-address.ts";
 import { decide, DEFAULT_POLICY } from "../src/auth/throttle.ts";
 import * as D from "../src/db/index.ts";
 import { startL7r, type L7r } from "../src/l7r/server.ts";
-import { run } from "../src/run.ts";
 import { ApiClient, createAdmin, startTestApi, useTestApi, type ApiResponse, type TestApi } from "./support/api.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { basic } from "./support/qvd-wire.ts";
+import { selfSignedCert } from "./support/tls.ts";
 
 const db = useTestDatabase();
 const sql = () => db().sql;
@@ -35,22 +35,7 @@ const dir = mkdtempSync("/tmp/qvd-security-login-");
 beforeAll(async () => {
   direct = await startTestApi(db(), POLICY);
   for (const name of ["ada", "ben", "cyd", "dot", "eve", "fay"]) await createAdmin(sa, name, {});
-  await run([
-    "openssl",
-    "req",
-    "-x509",
-    "-newkey",
-    "rsa:2048",
-    "-nodes",
-    "-days",
-    "2",
-    "-subj",
-    "/CN=localhost",
-    "-keyout",
-    join(dir, "key.pem"),
-    "-out",
-    join(dir, "cert.pem"),
-  ]);
+  await selfSignedCert(dir);
   const host = await D.create(sql(), D.hosts, ALL, { name: "login-node", address: "127.0.0.1" });
   await sql()`UPDATE host_runtimes SET state = 'running' WHERE host_id = ${host.id}`;
   for (const name of ["una", "vic", "wes", "xan", "yul"])

@@ -15,7 +15,7 @@ import { defaultIdentityRules, defaultUid } from "../src/auth/identity.ts";
 import { newNxCookie } from "../src/nx/handshake.ts";
 import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
-import { createNetns, desktopImage, TestNode, until, type Netns } from "./support/node.ts";
+import { createNetns, desktopImage, l7rProbe, TestNode, until, type Netns } from "./support/node.ts";
 
 const isRoot = process.getuid?.() === 0;
 const db = useTestDatabase();
@@ -64,24 +64,6 @@ describe.skipIf(!isRoot)("NX cookie and the NX/VMA port firewall", () => {
   beforeAll(async () => {
     const image = await desktopImage();
     await node.setup();
-    const cert = join(node.root, "l7r.crt");
-    const key = join(node.root, "l7r.key");
-    await run([
-      "openssl",
-      "req",
-      "-x509",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-days",
-      "2",
-      "-subj",
-      "/CN=localhost",
-      "-keyout",
-      key,
-      "-out",
-      cert,
-    ]);
     const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 512 });
     await node.addImage(osf.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
     for (const [k, name] of [
@@ -98,10 +80,7 @@ describe.skipIf(!isRoot)("NX cookie and the NX/VMA port firewall", () => {
       vms[k] = { row, userId: user.id, secret: "" };
     }
     // The node's defaults: nothing routed into VMs (vm.network.firewall.vm_ports is empty).
-    await node.start(
-      { "hkd.timeout.vma_start": "60" },
-      { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] },
-    );
+    await node.startNode(PORT, { "hkd.timeout.vma_start": "60" });
     for (const k of ["a", "b"] as const) await D.startVm(sql(), ALL, vms[k].row.id, { aliveWithinS: 60 });
     for (const k of ["a", "b"] as const) {
       await until(
@@ -175,18 +154,7 @@ describe.skipIf(!isRoot)("NX cookie and the NX/VMA port firewall", () => {
       "the X session to be startable",
       60_000,
     );
-    const probe = [
-      ...node.ns.exec,
-      bun,
-      join(import.meta.dir, "support", "l7r-probe.ts"),
-      String(PORT),
-      "alice",
-      "alice-pw-1",
-      String(vms.a.row.id),
-      "",
-    ];
-    const r = await run(probe, { timeoutMs: 300_000 });
-    const out = JSON.parse(r.stdout.trim().split("\n").pop()!);
+    const out = await l7rProbe(node.ns.exec, PORT, "alice", "alice-pw-1", vms.a.row.id);
     expect(out.final.status).toBe(101);
     expect(out.nx).toMatch(/^NXPROXY-\d+\.\d+\.\d+/);
     await until(

@@ -4,7 +4,7 @@
 // test/support/services.ts standing for their printers and speakers, in the same namespace.
 // One desktop for the whole file: each test connects with its own flags and disconnects.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { copyFileSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { basename, join } from "node:path";
 import * as D from "../src/db/index.ts";
@@ -107,30 +107,14 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
   /** The user connects with `qvd client` and these extra flags/environment. */
   async function connect(flags: string[] = [], env: Record<string, string> = {}): Promise<void> {
     await disconnect();
-    const c = (client = Bun.spawn(
-      [
-        ...node.ns.exec,
-        "env",
-        `DISPLAY=:${DISPLAY}`,
-        "QVD_PASSWORD=alice-pw-1",
-        `CUPS_SERVER=${cups.server}`,
-        `PULSE_SERVER=${pulse.server}`,
-        ...Object.entries(env).map(([k, v]) => `${k}=${v}`),
-        node.binary,
-        "client",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        String(PORT),
-        "--user",
-        "alice",
-        "--insecure",
-        "--link",
-        "lan",
-        ...flags,
-      ],
-      { stdout: "pipe", stderr: "pipe" },
-    ));
+    const c = (client = node.client({
+      port: PORT,
+      user: "alice",
+      password: "alice-pw-1",
+      display: DISPLAY,
+      env: { CUPS_SERVER: cups.server, PULSE_SERVER: pulse.server, ...env },
+      args: flags,
+    }));
     clientOut = "";
     for (const s of [c.stdout, c.stderr] as ReadableStream<Uint8Array>[])
       void (async () => {
@@ -169,40 +153,11 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
     await ensureDeps(["xvfb", "nxproxy", "xwininfo"], () => {});
     const image = await desktopImage();
     await node.setup();
-    const user = await D.create(sql(), D.users, ALL, { tenant_id: 1, name: "alice", password: "alice-pw-1" });
-    const osf = await D.create(sql(), D.osfs, ALL, { tenant_id: 1, name: "debian", memory_mb: 1024 });
-    await node.addImage(osf.id, "desktop.tar.gz", async (p) => copyFileSync(image, p));
     // The administrator's switches (src/vma/README.md): properties an OSF or a VM may carry.
     for (const key of ["qvd.vm.printing.enable", "qvd.vm.audio.enable", "qvd.vm.shares.enable", "qvd.vm.usb.enable"])
       await D.create(sql(), D.properties, ALL, { tenant_id: 0, key, applies_to: ["osf", "vm"] });
-    vm = await D.createVm(
-      sql(),
-      ALL,
-      { user_id: user.id, osf_id: osf.id, name: "desktop" },
-      { range: "198.18.0.0/16" },
-    );
-    const cert = join(node.root, "l7r.crt");
-    const key = join(node.root, "l7r.key");
-    await run([
-      "openssl",
-      "req",
-      "-x509",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-days",
-      "2",
-      "-subj",
-      "/CN=localhost",
-      "-keyout",
-      key,
-      "-out",
-      cert,
-    ]);
-    await node.start(
-      { "hkd.timeout.vma_start": "60" },
-      { role: "node", args: ["--listen", `127.0.0.1:${PORT}`, "--cert", cert, "--key", key] },
-    );
+    ({ vm } = await node.addDesktop(image, { password: "alice-pw-1" }));
+    await node.startNode(PORT, { "hkd.timeout.vma_start": "60" });
     xvfb = await startXvfb(DISPLAY, { exec: node.ns.exec });
     cups = await startClientCups({ exec: node.ns.exec });
     pulse = await startClientPulse({ exec: node.ns.exec });

@@ -30,6 +30,8 @@ import { gaps, goertzel, peak, RATE, recordMonitor, samples, sineWav, toneRatio 
 import { waitFor } from "./support/wait.ts";
 import { freeDisplay, freePort } from "./support/free.ts";
 import { minimalRoot } from "./support/image-root.ts";
+import { capture } from "./support/spawn.ts";
+import { writeVmaConfig } from "./support/vma-config.ts";
 import { alive } from "../src/vma/session.ts";
 
 /**
@@ -48,18 +50,15 @@ let clientServer: string;
 const daemons: Daemon[] = [];
 
 async function sh(argv: string[], env: Record<string, string> = {}, timeoutMs = 10_000): Promise<RunResult> {
-  const p = Bun.spawn(argv, {
+  const {
+    code: status,
+    stdout,
+    stderr,
+  } = await capture(argv, {
     cwd: "/",
     env: { PATH: process.env.PATH!, ...env },
-    stdout: "pipe",
-    stderr: "pipe",
-    timeout: timeoutMs,
+    timeoutMs,
   });
-  const [stdout, stderr, status] = await Promise.all([
-    new Response(p.stdout).text(),
-    new Response(p.stderr).text(),
-    p.exited,
-  ]);
   return { status, stdout, stderr };
 }
 
@@ -715,26 +714,19 @@ describe("through the real VMA (qvd vma): x_start, nxproxy, suspend", () => {
     const runDir = join(dir, "run");
     const userRuntime = `/run/user/${SUID}`;
     const file = join(dir, "vma.json");
-    writeFileSync(
-      file,
-      JSON.stringify({
-        vm_id: 7,
-        secret: SECRET,
-        node_address: "127.0.0.1",
-        port: 3030,
-        settings: {
-          "path.run": runDir,
-          "vma.display": nxd,
-          "vma.provision.root": root,
-          "vma.session.command": "/bin/sleep 1000",
-          "vma.timeout.listening": 30,
-          "identity.groups.allowed": "daemon",
-          "vma.printing.enable": false,
-          "vma.slave.enable": false,
-        },
-      }),
-      { mode: 0o400 },
-    );
+    writeVmaConfig(file, {
+      secret: SECRET,
+      settings: {
+        "path.run": runDir,
+        "vma.display": nxd,
+        "vma.provision.root": root,
+        "vma.session.command": "/bin/sleep 1000",
+        "vma.timeout.listening": 30,
+        "identity.groups.allowed": "daemon",
+        "vma.printing.enable": false,
+        "vma.slave.enable": false,
+      },
+    });
     const vport = freePort();
     const vmaLog: string[] = [];
     const vma = spawnDaemon(

@@ -23,7 +23,14 @@ import {
 import { join } from "node:path";
 import { run, spawnDaemon } from "../src/run.ts";
 import type { ServiceContext, SessionService } from "../src/vma/services.ts";
-import { execAs, nxagentOptions, privPrefix, serviceOptionProblem, Session } from "../src/vma/session.ts";
+import {
+  execAs,
+  nxagentOptions,
+  privPrefix,
+  serviceOptionProblem,
+  Session,
+  type SessionOptions,
+} from "../src/vma/session.ts";
 import {
   clientWantsPrinting,
   cupsDir,
@@ -38,6 +45,7 @@ import { until } from "./support/wait.ts";
 import { freeDisplay } from "./support/free.ts";
 import { minimalRoot } from "./support/image-root.ts";
 import { sharesService } from "../src/vma/shares.ts";
+import { stopAll } from "./support/spawn.ts";
 
 const PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const NOBODY = { user: "nobody", uid: 65534, gid: 65534, shell: "/bin/sh", groups: [] as number[] };
@@ -404,13 +412,51 @@ describe("a hostile client CUPS", () => {
   }, 60_000);
 });
 
+type Proc = { kill(sig?: number | NodeJS.Signals): void; exited: Promise<number> };
+
+/**
+ * What the two describes below with a real nxagent start: an Xvfb from display `from` on for
+ * nxproxy (its process in `procs`), a Session with nxagent on the next free display (`o` over the
+ * defaults both use), and a relay to that nxagent adding `cookie`.
+ */
+async function startNxSession(
+  from: number,
+  procs: Proc[],
+  cookie: string,
+  o: Pick<SessionOptions, "asCurrentUser" | "root" | "homePath" | "runDir" | "timeouts" | "services">,
+): Promise<{ xvfb: number; session: Session; relay: NxRelay }> {
+  const xvfb = freeDisplay(from);
+  procs.push(
+    Bun.spawn(["Xvfb", `:${xvfb}`, "-screen", "0", "800x600x24", "-nolisten", "tcp", "-noreset"], {
+      stdout: "ignore",
+      stderr: "ignore",
+    }),
+  );
+  await until(() => existsSync(`/tmp/.X11-unix/X${xvfb}`), `Xvfb :${xvfb}`, 10_000);
+  const display = freeDisplay(xvfb + 1);
+  const session = new Session({
+    display,
+    nxagent: "/usr/bin/nxagent",
+    xinit: "xinit",
+    nxagentExtraArgs: [],
+    tolerancechecks: "risky",
+    acceptFrom: "127.0.0.1",
+    sessionCommand: ["/bin/sleep", "1000"],
+    shell: "/bin/sh",
+    groups: [],
+    defaultLang: "C",
+    ...o,
+  });
+  return { xvfb, session, relay: startNxRelay({ host: "127.0.0.1", targetPort: 4000 + display, cookie }) };
+}
+
 describe("the Session's calls to its services (real nxagent and nxproxy)", () => {
   const calls: string[] = [];
   const lines: string[] = [];
   const seen: { nxState: string; props: Record<string, unknown> }[] = [];
   let session: Session;
   let relay: NxRelay;
-  const procs: { kill(sig?: number | NodeJS.Signals): void; exited: Promise<number> }[] = [];
+  const procs: Proc[] = [];
   let xvfb = 0;
   const COOKIE2 = "fedcba9876543210fedcba9876543210";
 
@@ -472,43 +518,19 @@ describe("the Session's calls to its services (real nxagent and nxproxy)", () =>
   beforeAll(async () => {
     const dir = join(work, "session");
     mkdirSync(dir, { recursive: true });
-    xvfb = freeDisplay(160);
-    procs.push(
-      Bun.spawn(["Xvfb", `:${xvfb}`, "-screen", "0", "800x600x24", "-nolisten", "tcp", "-noreset"], {
-        stdout: "ignore",
-        stderr: "ignore",
-      }),
-    );
-    const display = freeDisplay(xvfb + 1);
-    await until(() => existsSync(`/tmp/.X11-unix/X${xvfb}`), `Xvfb :${xvfb}`, 10_000);
-    session = new Session({
-      display,
-      nxagent: "/usr/bin/nxagent",
-      xinit: "xinit",
-      nxagentExtraArgs: [],
-      tolerancechecks: "risky",
-      acceptFrom: "127.0.0.1",
-      sessionCommand: ["/bin/sleep", "1000"],
+    ({ xvfb, session, relay } = await startNxSession(160, procs, COOKIE, {
       asCurrentUser: true,
       root: "/",
       homePath: dir,
-      shell: "/bin/sh",
-      groups: [],
-      defaultLang: "C",
       runDir: join(dir, "run"),
       timeouts: { starting: 20_000, listening: 30_000, suspending: 20_000, stopping: 20_000 },
       services: [recorder, greedy, broken],
-    });
-    relay = startNxRelay({ host: "127.0.0.1", targetPort: 4000 + display, cookie: COOKIE });
+    }));
   }, 20_000);
   afterAll(async () => {
     if (session) await session.shutdown(5000);
     relay?.stop();
-    for (const p of procs)
-      try {
-        p.kill("SIGTERM");
-      } catch {}
-    await Promise.all(procs.map((p) => Promise.race([p.exited, Bun.sleep(3000)])));
+    await stopAll(procs);
   });
 
   test("prepare at x_start: checked options before the session's locks, checked env for the X session; connected, suspended at their states", async () => {
@@ -598,7 +620,7 @@ describe("printing through nxagent's CUPS channel (real nxagent and nxproxy, a p
   let client: ClientCups;
   let root: string;
   let xvfb = 0;
-  const procs: { kill(sig?: number | NodeJS.Signals): void; exited: Promise<number> }[] = [];
+  const procs: Proc[] = [];
   const COOKIE3 = "00112233445566778899aabbccddeeff";
 
   /** Waits for `f`, saying the session's state when it times out. */
@@ -622,45 +644,21 @@ describe("printing through nxagent's CUPS channel (real nxagent and nxproxy, a p
     root = minimalRoot(dir);
     client = await startClientCups();
     for (const p of client.printers) chmodSync(p.outDir, 0o1777);
-    xvfb = freeDisplay(170);
-    procs.push(
-      Bun.spawn(["Xvfb", `:${xvfb}`, "-screen", "0", "800x600x24", "-nolisten", "tcp", "-noreset"], {
-        stdout: "ignore",
-        stderr: "ignore",
-      }),
-    );
-    await until(() => existsSync(`/tmp/.X11-unix/X${xvfb}`), `Xvfb :${xvfb}`, 10_000);
-    const display = freeDisplay(xvfb + 1);
-    session = new Session({
-      display,
-      nxagent: "/usr/bin/nxagent",
-      xinit: "xinit",
-      nxagentExtraArgs: [],
-      tolerancechecks: "risky",
-      acceptFrom: "127.0.0.1",
-      sessionCommand: ["/bin/sleep", "1000"],
+    ({ xvfb, session, relay } = await startNxSession(170, procs, COOKIE3, {
       asCurrentUser: false,
       root,
       homePath: "/home",
-      shell: "/bin/sh",
-      groups: [],
-      defaultLang: "C",
       runDir: join(dir, "run"),
       timeouts: { starting: 30_000, listening: 30_000, suspending: 20_000, stopping: 20_000 },
       // As qvd vma has it: the slave channel's service runs the X session (and so the user's
       // cupsd) in its nested user+mount namespace (src/vma/shares.ts).
       services: [printingService({ enable: true }), sharesService({ enabled: true, qvd: process.execPath })],
-    });
-    relay = startNxRelay({ host: "127.0.0.1", targetPort: 4000 + display, cookie: COOKIE3 });
+    }));
   }, 60_000);
   afterAll(async () => {
     if (session) await session.shutdown(5000);
     relay?.stop();
-    for (const p of procs)
-      try {
-        p.kill("SIGTERM");
-      } catch {}
-    await Promise.all(procs.map((p) => Promise.race([p.exited, Bun.sleep(3000)])));
+    await stopAll(procs);
     await client?.stop();
   });
 

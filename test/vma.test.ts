@@ -24,6 +24,8 @@ import { startNxRelay, type NxRelay } from "./support/nx-relay.ts";
 import { waitFor } from "./support/wait.ts";
 import { freeDisplay, freePort } from "./support/free.ts";
 import { minimalRoot } from "./support/image-root.ts";
+import { stopAll } from "./support/spawn.ts";
+import { writeVmaConfig } from "./support/vma-config.ts";
 
 const repo = join(import.meta.dir, "..");
 const SECRET = "s3cret-of-this-start-0123456789";
@@ -78,17 +80,12 @@ async function startVma(
   mkdirSync(dir, { recursive: true });
   const runDir = join(dir, "run");
   const file = join(dir, "vma.json");
-  writeFileSync(
-    file,
-    JSON.stringify({
-      vm_id: 42,
-      secret: SECRET,
-      node_address: opts.nodeAddress ?? "127.0.0.1",
-      port: 3030,
-      settings: { "path.run": runDir, "vma.display": nxDisplay, ...settings },
-    }),
-    { mode: 0o400 },
-  );
+  writeVmaConfig(file, {
+    vmId: 42,
+    secret: SECRET,
+    nodeAddress: opts.nodeAddress,
+    settings: { "path.run": runDir, "vma.display": nxDisplay, ...settings },
+  });
   const port = freePort();
   const cmd = [process.execPath, "src/main.ts", "vma", "--config", file, "--listen", `127.0.0.1:${port}`];
   const proc = spawn(opts.pid1 ? ["unshare", "--pid", "--fork", "--mount-proc", ...cmd] : cmd);
@@ -157,16 +154,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
-  // TERM first (Xvfb and nxagent then remove their /tmp/.X*-lock files), KILL what is left.
-  for (const p of started)
-    try {
-      p.kill("SIGTERM");
-    } catch {}
-  await Promise.all(started.map((p) => Promise.race([p.exited, Bun.sleep(3000)])));
-  for (const p of started)
-    try {
-      p.kill("SIGKILL");
-    } catch {}
+  await stopAll(started);
   // The host's accounts were never touched.
   expect(readFileSync("/etc/passwd", "utf8")).toBe(hostPasswd);
   if (work && !process.env.QVD_TEST_KEEP) rmSync(work, { recursive: true, force: true });

@@ -36,7 +36,8 @@ import { LocalCluster } from "../../src/db/local-cluster.ts";
 import { connect, type Sql } from "../../src/db/pool.ts";
 import { initDatabase } from "../../src/db/schema.ts";
 import { run } from "../../src/run.ts";
-import { cleanEnv, createNetns, qvdBinary, type Netns } from "./node.ts";
+import { cleanEnv, createNetns, lxcAttach, qvdBinary, type Netns } from "./node.ts";
+import { selfSignedCert, signedCert } from "./tls.ts";
 import { until } from "./wait.ts";
 import { WireClient, basic } from "./qvd-wire.ts";
 
@@ -197,20 +198,7 @@ export class FarmNode {
 
   /** Runs a shell command in one of this node's desktops (as root, unless `user`). */
   attach(vmId: number, script: string, user?: string) {
-    const argv = [
-      ...this.ns.exec,
-      "lxc-attach",
-      "-n",
-      `qvd-${vmId}`,
-      "-P",
-      this.lxcPath,
-      "--",
-      ...(user ? ["setpriv", "--reuid", user, "--regid", user, "--clear-groups"] : []),
-      "/bin/sh",
-      "-c",
-      script,
-    ];
-    return run(argv, { allowFail: true, timeoutMs: 20_000 });
+    return lxcAttach(this.ns.exec, this.lxcPath, vmId, script, user);
   }
 
   /**
@@ -355,22 +343,7 @@ export class TestFarm {
     await createFarmCa(join(this.root, "farm-ca"), { name: "QVD test farm CA" });
     await this.makeDbCa();
     await this.issue("db", [DB_ADDR, REPLICA_ADDR]);
-    await run([
-      "openssl",
-      "req",
-      "-x509",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-days",
-      "2",
-      "-subj",
-      "/CN=qvd-farm-l7r",
-      "-keyout",
-      this.l7rKey,
-      "-out",
-      this.l7rCert,
-    ]);
+    await selfSignedCert(join(this.root, "certs"), { cn: "qvd-farm-l7r", names: ["l7r.crt", "l7r.key"] });
 
     await this.startDatabase();
     if (o.replica) await this.addReplica();
@@ -429,72 +402,27 @@ export class TestFarm {
   // --- certificates ---------------------------------------------------------------------------
 
   private async makeDbCa(): Promise<void> {
-    const key = join(this.root, "certs", "db-ca.key");
-    await run([
-      "openssl",
-      "req",
-      "-x509",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-days",
-      "2",
-      "-subj",
-      "/CN=qvd test database CA",
-      "-keyout",
-      key,
-      "-out",
-      this.dbCa,
-      "-addext",
-      "basicConstraints=critical,CA:TRUE",
-      "-addext",
-      "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
+    await selfSignedCert(join(this.root, "certs"), {
+      cn: "qvd test database CA",
+      names: ["db-ca.crt", "db-ca.key"],
+      ext: ["basicConstraints=critical,CA:TRUE", "keyUsage=critical,keyCertSign,cRLSign"],
+    });
   }
 
   /** The database server's certificate, signed by the database CA: SANs its addresses. */
   private async issue(file: string, addrs: string[], name?: string): Promise<void> {
     const dir = join(this.root, "certs");
-    const key = join(dir, `${file}.key`);
-    const csr = join(dir, `${file}.csr`);
-    const ext = join(dir, `${file}.ext`);
-    const sans = [...(name ? [`DNS:${name}`] : []), ...addrs.map((a) => `IP:${a}`)].join(",");
-    writeFileSync(
-      ext,
-      `subjectAltName=${sans}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n`,
-    );
-    await run([
-      "openssl",
-      "req",
-      "-new",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-subj",
-      `/CN=${name ?? addrs[0]}`,
-      "-keyout",
-      key,
-      "-out",
-      csr,
-    ]);
-    await run([
-      "openssl",
-      "x509",
-      "-req",
-      "-in",
-      csr,
-      "-CA",
-      this.dbCa,
-      "-CAkey",
-      join(dir, "db-ca.key"),
-      "-CAcreateserial",
-      "-days",
-      "2",
-      "-extfile",
-      ext,
-      "-out",
-      join(dir, `${file}.crt`),
-    ]);
+    const ca = { cert: this.dbCa, key: join(dir, "db-ca.key") };
+    const { key } = await signedCert(dir, ca, {
+      cn: name ?? addrs[0],
+      names: [`${file}.crt`, `${file}.key`],
+      san: [...(name ? [`DNS:${name}`] : []), ...addrs.map((a) => `IP:${a}`)].join(","),
+      ext: [
+        "basicConstraints=critical,CA:FALSE",
+        "keyUsage=critical,digitalSignature,keyEncipherment",
+        "extendedKeyUsage=serverAuth,clientAuth",
+      ],
+    });
     chmodSync(key, 0o600);
   }
 

@@ -11,8 +11,11 @@ const SOURCES = [
   join(import.meta.dir, "../../src/virt/image-build.ts"),
 ];
 
-export const kvmTestImageFresh = () =>
-  existsSync(KVM_TEST_IMAGE) && SOURCES.every((s) => statSync(s).mtimeMs < statSync(KVM_TEST_IMAGE).mtimeMs);
+/** Whether `file`, an image of `qvd di build` (this one or the LXC one of node.ts), is newer than the build code. */
+export const builtImageFresh = (file: string) =>
+  existsSync(file) && SOURCES.every((s) => statSync(s).mtimeMs < statSync(file).mtimeMs);
+
+export const kvmTestImageFresh = () => builtImageFresh(KVM_TEST_IMAGE);
 
 /** The built KVM test image (a qcow2), built first when missing or stale (about 2–3 minutes). */
 export async function kvmTestImage(): Promise<string> {

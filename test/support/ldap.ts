@@ -8,6 +8,7 @@ import { join } from "node:path";
 import type { Subprocess } from "bun";
 import { run } from "../../src/run.ts";
 import { freePort } from "./free.ts";
+import { selfSignedCert } from "./tls.ts";
 import { poll } from "./wait.ts";
 
 export const LDAP_SUFFIX = "dc=example,dc=org";
@@ -34,26 +35,7 @@ export class LdapServer {
     this.dir = mkdtempSync(join(tmpdir(), "qvd-slapd-"));
     const data = join(this.dir, "data");
     mkdirSync(data);
-    const cert = join(this.dir, "cert.pem");
-    const key = join(this.dir, "key.pem");
-    await run([
-      "openssl",
-      "req",
-      "-x509",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-keyout",
-      key,
-      "-out",
-      cert,
-      "-days",
-      "2",
-      "-subj",
-      "/CN=127.0.0.1",
-      "-addext",
-      "subjectAltName=IP:127.0.0.1,DNS:localhost",
-    ]);
+    const { cert, key } = await selfSignedCert(this.dir, { cn: "127.0.0.1", san: "IP:127.0.0.1,DNS:localhost" });
     this.caFile = cert;
     const conf = join(this.dir, "slapd.conf");
     writeFileSync(

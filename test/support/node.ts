@@ -11,7 +11,6 @@ import {
   readdirSync,
   readFileSync,
   rmSync,
-  statSync,
   symlinkSync,
   writeFileSync,
 } from "node:fs";
@@ -24,6 +23,9 @@ import { until } from "./wait.ts";
 import { run } from "../../src/run.ts";
 import { buildBinary } from "../../scripts/build-binaries.ts";
 import { createFarmCa, issueNodeCert } from "../../src/farm/certs.ts";
+import { builtImageFresh } from "./kvm-image.ts";
+import { cleanEnv } from "./spawn.ts";
+import { type CertFiles, selfSignedCert } from "./tls.ts";
 
 const shared = ((globalThis as Record<string, unknown>).__qvdTestNode ??= {}) as {
   binary?: Promise<string>;
@@ -145,27 +147,112 @@ export async function busyboxImage(file: string): Promise<void> {
   }
 }
 
-// `until` lives in ./wait.ts with the other waits; re-exported for the tests that take it from here.
-export { until };
+// `until` lives in ./wait.ts with the other waits, `cleanEnv` in ./spawn.ts; re-exported for the tests that take them from here.
+export { cleanEnv, until };
 
 // --- a whole node for end-to-end tests ----------------------------------------------------------
 
-/** The environment for a qvd child: no QVD_* settings leak in from the test's own. */
-export const cleanEnv = () =>
-  Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("QVD_"))) as Record<string, string>;
+export const DESKTOP_IMAGE = "/var/cache/qvd/test/debian-bookworm-desktop.tar.gz";
 
-const DESKTOP_IMAGE = "/var/cache/qvd/test/debian-bookworm-desktop.tar.gz";
-const IMAGE_SOURCES = [
-  join(import.meta.dir, "../../src/roles/di.ts"),
-  join(import.meta.dir, "../../src/virt/image-build.ts"),
-];
+export const desktopImageFresh = () => builtImageFresh(DESKTOP_IMAGE);
 
 /** The Debian desktop image of `qvd di build`, cached under /var/cache/qvd (built when stale). */
 export async function desktopImage(): Promise<string> {
-  const fresh =
-    existsSync(DESKTOP_IMAGE) && IMAGE_SOURCES.every((s) => statSync(s).mtimeMs < statSync(DESKTOP_IMAGE).mtimeMs);
-  if (!fresh) await buildImage({ output: DESKTOP_IMAGE, cacheDir: "/var/cache/qvd/debootstrap", log: () => {} });
+  if (!desktopImageFresh())
+    await buildImage({ output: DESKTOP_IMAGE, cacheDir: "/var/cache/qvd/debootstrap", log: () => {} });
   return DESKTOP_IMAGE;
+}
+
+/** Runs a shell command in desktop `vmId` of the LXC path `lxcPath`, from the namespace `exec` enters (as root, unless `user`). */
+export function lxcAttach(exec: string[], lxcPath: string, vmId: number, script: string, user?: string) {
+  const argv = [
+    ...exec,
+    "lxc-attach",
+    "-n",
+    `qvd-${vmId}`,
+    "-P",
+    lxcPath,
+    "--",
+    ...(user ? ["setpriv", "--reuid", user, "--regid", user, "--clear-groups"] : []),
+    "/bin/sh",
+    "-c",
+    script,
+  ];
+  return run(argv, { allowFail: true, timeoutMs: 20_000 });
+}
+
+/** How an end-to-end test runs `qvd client`. */
+export interface ClientOptions {
+  /** The L7R's address (default 127.0.0.1) and port. */
+  host?: string;
+  port: number;
+  user: string;
+  password: string;
+  /** The X display its nxproxy shows the desktop on. */
+  display: number;
+  /** More environment (CUPS_SERVER, …). */
+  env?: Record<string, string>;
+  /** More flags. */
+  args?: string[];
+}
+
+/**
+ * `qvd client` (the compiled `binary`) as a user runs it, inside the namespace `exec` enters: the
+ * password from the environment, the L7R's self-signed certificate accepted (--insecure), link lan.
+ */
+export function spawnClient(exec: string[], binary: string, o: ClientOptions) {
+  return Bun.spawn(
+    [
+      ...exec,
+      "env",
+      `DISPLAY=:${o.display}`,
+      `QVD_PASSWORD=${o.password}`,
+      ...Object.entries(o.env ?? {}).map(([k, v]) => `${k}=${v}`),
+      binary,
+      "client",
+      "--host",
+      o.host ?? "127.0.0.1",
+      "--port",
+      String(o.port),
+      "--user",
+      o.user,
+      "--insecure",
+      "--link",
+      "lan",
+      ...(o.args ?? []),
+    ],
+    { stdout: "pipe", stderr: "pipe" },
+  );
+}
+
+/**
+ * argv that runs ./l7r-probe.ts (list_of_vm, then connect_to_vm of `vmId` as `user`; `mode`:
+ * "hold" or "stop", see there) inside the namespace `exec` enters, against the L7R on its
+ * 127.0.0.1:`port`.
+ */
+export const l7rProbeArgv = (exec: string[], port: number, user: string, password: string, vmId: number, mode = "") => [
+  ...exec,
+  join(import.meta.dir, "../../node_modules/.bin/bun"),
+  join(import.meta.dir, "l7r-probe.ts"),
+  String(port),
+  user,
+  password,
+  String(vmId),
+  mode,
+];
+
+/** Runs l7rProbeArgv(…) to its end: what the probe reports (its last line, JSON). */
+export async function l7rProbe(...a: Parameters<typeof l7rProbeArgv>): Promise<any> {
+  const r = await run(l7rProbeArgv(...a), { timeoutMs: 300_000 });
+  return JSON.parse(r.stdout.trim().split("\n").pop()!);
+}
+
+/** What TestNode.addDesktop makes. */
+export interface Desktop {
+  user: D.UserRow;
+  osf: D.OsfRow;
+  di: D.DiRow;
+  vm: D.VmRow;
 }
 
 /**
@@ -200,11 +287,68 @@ export class TestNode {
     this.binary = await qvdBinary();
     this.ns = await createNetns();
     this.root = mkdtempSync("/tmp/qvd-test-node-");
+    this.l7rFiles = undefined; // l7rCert() makes its files in this root
     chmodSync(this.root, 0o755);
     mkdirSync(join(this.root, "storage", "images"), { recursive: true });
     this.logFile = join(this.root, "hkd.log");
     this.host = await D.create(this.db.sql, D.hosts, D.ALL_TENANTS, { name: this.name, address: "198.18.0.1" });
     return this;
+  }
+
+  private l7rFiles?: Promise<CertFiles>;
+
+  /** The L7R's certificate, self-signed (clients take it with --insecure): l7r.crt and l7r.key in the node's folder, made on the first call. */
+  l7rCert(cn = "localhost"): Promise<CertFiles> {
+    return (this.l7rFiles ??= selfSignedCert(this.root, { cn, names: ["l7r.crt", "l7r.key"] }));
+  }
+
+  /**
+   * Starts `qvd node` (HKD and L7R) with its L7R on 127.0.0.1:`port` with l7rCert(`cn`), as start()
+   * does (`command`: e.g. the binary under setpriv).
+   */
+  async startNode(
+    port: number,
+    extra: Record<string, string> = {},
+    o: { command?: string[]; cn?: string } = {},
+  ): Promise<void> {
+    const { cert, key } = await this.l7rCert(o.cn);
+    await this.start(extra, {
+      role: "node",
+      command: o.command,
+      args: ["--listen", `127.0.0.1:${port}`, "--cert", cert, "--key", key],
+    });
+  }
+
+  /** `qvd client` of this node's binary in its namespace (spawnClient). */
+  client(o: ClientOptions) {
+    return spawnClient(this.ns.exec, this.binary, o);
+  }
+
+  /**
+   * The desktop of an end-to-end test: user `user` (default alice; with a password only when
+   * given), an OSF (default debian, 1024 MB) whose one image is `image` (a file copied in, or
+   * written by a function) as `file`, and a VM `vm` of that user on it.
+   */
+  async addDesktop(
+    image: string | ((path: string) => Promise<void>),
+    o: { user?: string; password?: string; osf?: Record<string, unknown>; file?: string; vm?: string } = {},
+  ): Promise<Desktop> {
+    const sql = this.db.sql;
+    const user = await D.create(sql, D.users, D.ALL_TENANTS, {
+      tenant_id: 1,
+      name: o.user ?? "alice",
+      ...(o.password !== undefined ? { password: o.password } : {}),
+    });
+    const osf = await D.create(sql, D.osfs, D.ALL_TENANTS, { tenant_id: 1, name: "debian", memory_mb: 1024, ...o.osf });
+    const write = typeof image === "string" ? async (p: string) => copyFileSync(image, p) : image;
+    const di = await this.addImage(osf.id, o.file ?? "desktop.tar.gz", write);
+    const vm = await D.createVm(
+      sql,
+      D.ALL_TENANTS,
+      { user_id: user.id, osf_id: osf.id, name: o.vm ?? "desktop" },
+      { range: "198.18.0.0/16" },
+    );
+    return { user, osf, di, vm };
   }
 
   /**
@@ -358,20 +502,7 @@ export class TestNode {
 
   /** Runs a shell command in a desktop (as root, unless `user`). */
   attach(vmId: number, script: string, user?: string) {
-    const argv = [
-      ...this.ns.exec,
-      "lxc-attach",
-      "-n",
-      `qvd-${vmId}`,
-      "-P",
-      this.lxcPath,
-      "--",
-      ...(user ? ["setpriv", "--reuid", user, "--regid", user, "--clear-groups"] : []),
-      "/bin/sh",
-      "-c",
-      script,
-    ];
-    return run(argv, { allowFail: true, timeoutMs: 20_000 });
+    return lxcAttach(this.ns.exec, this.lxcPath, vmId, script, user);
   }
 
   /** An image file in the images folder, registered in the database as uploaded. */

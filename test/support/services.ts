@@ -372,6 +372,19 @@ export async function startXvfb(
     {
       abort: () => (x.exited ? `Xvfb exited: ${x.output().slice(-1000)}` : undefined),
     },
-  );
+  ).catch(async (e) => {
+    await x.stop(2000); // not left behind by a caller that never got the handle
+    throw e;
+  });
   return { display, stop: () => x.stop(2000) };
+}
+
+/** Mean brightness (0–1) of X display `display` (0 when it cannot be read); saved as `png` too, if given. */
+export async function screenMean(display: number, png?: string): Promise<number> {
+  const save = png ? `-write ${png} ` : "";
+  const r = await run(
+    ["sh", "-c", `xwd -root -silent -display :${display} | /usr/bin/convert xwd:- ${save}-format '%[fx:mean]' info:-`],
+    { allowFail: true },
+  );
+  return Number(r.stdout.trim()) || 0;
 }
