@@ -1,6 +1,7 @@
 // The connect flow a QVD client's connect_to_vm and a browser session share: takeover of the
 // VM's session, placement and start, x_start, and the NX connection to nxagent
-// (docs/ARCHITECTURE.md, "A desktop start and connection"). Session bookkeeping is in vm_runtimes (src/db/l7r.ts).
+// (docs/ARCHITECTURE.md, "A desktop start and connection"). Session bookkeeping is in
+// vm_runtimes (src/db/l7r.ts).
 import { randomBytes, randomUUID } from "node:crypto";
 import { currentIdentityRules } from "../auth/identity.ts";
 import type { AuthenticatedUser } from "../auth/user-auth.ts";
