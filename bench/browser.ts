@@ -63,6 +63,7 @@ import { desktopShell } from "../test/support/desktop-session.ts";
 import { desktopImage, removeQvdBinary, TestNode } from "../test/support/node.ts";
 import { startXvfb } from "../test/support/services.ts";
 import { selfSignedCert } from "../test/support/tls.ts";
+import { cleaningUp, cleanup, cleanups } from "./cleanups.ts";
 
 setLogLevel("error");
 const opt = (name: string, dflt: number) => {
@@ -92,25 +93,6 @@ if (process.getuid?.() !== 0) {
   process.exit(2);
 }
 
-// --- cleanup, also on failure and Ctrl-C ------------------------------------------------------------
-const cleanups: (() => unknown)[] = [];
-let cleaning: Promise<void> | undefined;
-const cleanup = () =>
-  (cleaning ??= (async () => {
-    while (cleanups.length) {
-      try {
-        await cleanups.pop()!();
-      } catch (e) {
-        console.error(`cleanup: ${(e as Error).message}`);
-      }
-    }
-  })());
-for (const sig of ["SIGINT", "SIGTERM"] as const)
-  process.on(sig, () => {
-    console.error(`\n${sig}: cleaning up`);
-    void cleanup().then(() => process.exit(130));
-  });
-
 // --- figures ----------------------------------------------------------------------------------------
 const q = (xs: number[], p: number) =>
   [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(p * xs.length))]!;
@@ -134,7 +116,7 @@ async function poll(
 ): Promise<void> {
   const end = Date.now() + timeoutMs;
   while (!(await pred())) {
-    if (cleaning) throw new Error("interrupted");
+    if (cleaningUp()) throw new Error("interrupted");
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
     await Bun.sleep(everyMs);
   }
@@ -919,7 +901,7 @@ try {
   if (odd.length) console.log(`\nerrors in the page:\n   ${odd.join("\n   ")}`);
   console.log(`\nload average at the end: ${load()}`);
 } catch (e) {
-  if (!cleaning) {
+  if (!cleaningUp()) {
     console.error(`bench failed: ${(e as Error).stack ?? e}`);
     if (nodeForLog?.logFile && existsSync(nodeForLog.logFile))
       console.error(

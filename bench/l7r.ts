@@ -29,6 +29,7 @@ import { run } from "../src/run.ts";
 import { ensureDeps } from "../scripts/deps.ts";
 import { cleanEnv, desktopImage, farmCert, qvdBinary, removeQvdBinary, TestNode } from "../test/support/node.ts";
 import { selfSignedCert } from "../test/support/tls.ts";
+import { cleaningUp, cleanup, cleanups, untrack } from "./cleanups.ts";
 
 setLogLevel("warn");
 const opt = (name: string, dflt: number) => {
@@ -50,32 +51,9 @@ const ALL = D.ALL_TENANTS;
 const BUN = process.execPath;
 const PEER = join(import.meta.dir, "l7r-peer.ts");
 
-// --- cleanup, also on Ctrl-C ------------------------------------------------------------------
-const cleanups: (() => unknown)[] = [];
-let cleaning: Promise<void> | undefined;
-const cleanup = () =>
-  (cleaning ??= (async () => {
-    while (cleanups.length) {
-      try {
-        await cleanups.pop()!();
-      } catch (e) {
-        console.error(`cleanup: ${(e as Error).message}`);
-      }
-    }
-  })());
-const untrack = (f: () => unknown) => {
-  const i = cleanups.indexOf(f);
-  if (i >= 0) cleanups.splice(i, 1);
-};
-for (const sig of ["SIGINT", "SIGTERM"] as const)
-  process.on(sig, () => {
-    console.error(`\n${sig}: cleaning up`);
-    void cleanup().then(() => process.exit(130));
-  });
-
 /** Spawns a process that is killed (by its PID) at cleanup if still running. */
 function spawn(argv: string[], logFile?: string, stdout: "pipe" | "ignore" = "pipe") {
-  if (cleaning) throw new Error("interrupted");
+  if (cleaningUp()) throw new Error("interrupted");
   const p = Bun.spawn(argv, { stdin: "pipe", stdout, stderr: "pipe", env: cleanEnv() });
   const stop = async () => {
     if (p.exitCode !== null || p.signalCode) return;
@@ -715,7 +693,7 @@ backend sink
       .join(" ")}`,
   );
 } catch (e) {
-  if (!cleaning) console.error(`bench failed: ${(e as Error).message}`);
+  if (!cleaningUp()) console.error(`bench failed: ${(e as Error).message}`);
   process.exitCode = 1;
 } finally {
   await cleanup();

@@ -49,12 +49,9 @@ export const auditLog: ObjectDef<AuditRow> = {
   tenancy: "own",
 };
 
-export type AuditEntry = Omit<
-  AuditRow,
-  | "id"
-  | "at"
+/** What a caller may leave out of an entry (written as null, superadmin as false). */
+type OptionalAuditField =
   | "superadmin"
-  | "arguments"
   | "administrator_id"
   | "administrator_name"
   | "tenant_id"
@@ -63,23 +60,10 @@ export type AuditEntry = Omit<
   | "object_id"
   | "object_name"
   | "error"
-  | "address"
-> &
-  Partial<
-    Pick<
-      AuditRow,
-      | "superadmin"
-      | "administrator_id"
-      | "administrator_name"
-      | "tenant_id"
-      | "tenant_name"
-      | "object_type"
-      | "object_id"
-      | "object_name"
-      | "error"
-      | "address"
-    >
-  > & {
+  | "address";
+
+export type AuditEntry = Omit<AuditRow, "id" | "at" | "arguments" | OptionalAuditField> &
+  Partial<Pick<AuditRow, OptionalAuditField>> & {
     arguments?: Record<string, unknown>;
   };
 

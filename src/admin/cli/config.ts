@@ -26,6 +26,17 @@ interface ConfigItem {
   source: string;
 }
 
+/** The settings as the API resolves them, for --tenant's view when given. */
+async function configItems(l: Leaf) {
+  const tid = await tenantIdOf(l);
+  return l
+    .client()
+    .get<{ tenant_id: number; items: ConfigItem[] }>(
+      "/configs",
+      tid === undefined ? undefined : { tenant_id: String(tid) },
+    );
+}
+
 export const configCommand = group(
   "config",
   "Cluster settings stored in the database: list, get, set, unset",
@@ -35,13 +46,7 @@ export const configCommand = group(
       "Every cluster setting: effective value, source (default, global, tenant) and default. Example: qvd admin config list --tenant acme",
       { ...tenantArg, doc: { type: "boolean", description: "Add each setting's documentation" } },
       async (l) => {
-        const tid = await tenantIdOf(l);
-        const res = await l
-          .client()
-          .get<{ tenant_id: number; items: ConfigItem[] }>(
-            "/configs",
-            tid === undefined ? undefined : { tenant_id: String(tid) },
-          );
+        const res = await configItems(l);
         if (l.json) return printJson(res);
         console.log(
           table(res.items as unknown as Record<string, unknown>[], [
@@ -61,13 +66,7 @@ export const configCommand = group(
       { key: { type: "positional", description: "Setting", required: false }, ...tenantArg },
       async (l) => {
         if (!l.pos[0]) throw usageError("give the setting's key");
-        const tid = await tenantIdOf(l);
-        const res = await l
-          .client()
-          .get<{ tenant_id: number; items: ConfigItem[] }>(
-            "/configs",
-            tid === undefined ? undefined : { tenant_id: String(tid) },
-          );
+        const res = await configItems(l);
         const item = res.items.find((i) => i.key === l.pos[0]);
         if (!item)
           throw new UserError(
