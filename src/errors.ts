@@ -26,7 +26,15 @@ export function describeError(err: unknown): string {
     const code = (err as { code?: string }).code;
     if (code === "ECONNREFUSED" || (code === "ENOENT" && /PGSQL/.test(err.message)))
       return `cannot connect to the database: ${err.message}`;
+    if (code === "EADDRINUSE") return `an address to listen on is in use by another program: ${err.message}`;
     return process.env.QVD_DEBUG ? (err.stack ?? err.message) : `internal error: ${err.message}`;
   }
   return `internal error: ${String(err)}`;
+}
+
+/** The exit status of a command that ended with `err`. */
+export function exitCodeOf(err: unknown): number {
+  if (err instanceof UserError) return err.exitCode;
+  if ((err as { code?: string } | undefined)?.code === "EADDRINUSE") return 69; // EX_UNAVAILABLE
+  return 70; // EX_SOFTWARE
 }

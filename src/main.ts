@@ -1,7 +1,7 @@
 #!/usr/bin/env bun
 // `qvd`: one binary, the subcommand picks the role (docs/ARCHITECTURE.md, "Roles").
 import { defineCommand, renderUsage, runCommand, type CommandDef } from "citty";
-import { describeError, UserError } from "./errors.ts";
+import { describeError, exitCodeOf } from "./errors.ts";
 import { VERSION } from "./version.ts";
 
 export const main = defineCommand({
@@ -61,7 +61,7 @@ export async function runQvd(rawArgs: string[]): Promise<number> {
       return 2; // usage error, as the admin CLI reports its own
     }
     console.error(`qvd: ${describeError(err)}`);
-    return err instanceof UserError ? err.exitCode : 70; // EX_SOFTWARE
+    return exitCodeOf(err);
   }
 }
 

@@ -74,3 +74,30 @@ test("plain HTTP only with --insecure-http; without certificates the API refuses
     "qvd: the API serves HTTPS: set api.tls.cert and api.tls.key (or --cert/--key); --insecure-http is for local tests only",
   );
 });
+
+test("a port another program holds: one line saying so, exit 69, no stack", async () => {
+  const holder = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+  try {
+    const r = await run(
+      [
+        process.execPath,
+        "src/main.ts",
+        "api",
+        "--db",
+        db().url,
+        "--listen",
+        `127.0.0.1:${holder.port}`,
+        "--insecure-http",
+      ],
+      { allowFail: true, cwd: join(import.meta.dir, ".."), env: cleanEnv() },
+    );
+    expect(r.status).toBe(69);
+    const lines = r.stderr.split("\n").filter((l) => l.startsWith("qvd: "));
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).toStartWith("qvd: an address to listen on is in use by another program: ");
+    expect(r.stderr).not.toContain("internal error");
+    expect(r.stderr).not.toMatch(/^\s+at /m);
+  } finally {
+    holder.stop(true);
+  }
+});

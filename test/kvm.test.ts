@@ -253,7 +253,8 @@ describe.skipIf(!isRoot)("KVM desktops", () => {
     const before = node.qemuPids();
     expect(before.length).toBe(1);
     const [h] = await sql()`SELECT pid FROM host_runtimes WHERE host_id = ${node.host.id}`;
-    // No orderly shutdown: the parent first, then its HKD child before it notices.
+    // No orderly shutdown: the parent first, then its HKD child before it notices. Its L7R child
+    // notices within a second and lets the port go; the new node's L7R waits for it meanwhile.
     await node.kill("SIGKILL");
     try {
       process.kill(Number(h!.pid), "SIGKILL");

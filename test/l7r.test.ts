@@ -431,3 +431,39 @@ test("qvd client with a token the L7R does not know: exit 3; an empty token file
   expect(none.code).toBe(2);
   expect(none.stderr).toContain("--user is required");
 });
+
+test("a port still held (an L7R that is stopping) is tried again for a few seconds; held longer, a clear error", async () => {
+  const options = (port: number) => ({
+    sql: db().sql,
+    databaseUrl: db().url,
+    nodename: "l7r-node",
+    hostname: "127.0.0.1",
+    port,
+    tls: { cert: join(dir, "cert.pem"), key: join(dir, "key.pem") },
+  });
+  const holder = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+  const port = holder.port;
+  // Released after a second: the second L7R gets the port and answers.
+  setTimeout(() => holder.stop(true), 1000);
+  const second = await startL7r(options(port));
+  try {
+    expect(second.port).toBe(port);
+    const c = await WireClient.connect(port);
+    c.send("GET /qvd/ping HTTP/1.1\r\n\r\n");
+    expect((await c.response()).status).toBe(200);
+    c.end();
+  } finally {
+    await second.stop();
+  }
+  // Never released: start-up fails, naming the address, and leaves nothing listening.
+  const keeper = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+  try {
+    const err = await startL7r(options(keeper.port)).catch((e: Error) => e);
+    expect(err).toBeInstanceOf(Error);
+    expect((err as Error).message).toBe(
+      `127.0.0.1:${keeper.port} is in use by another program (another L7R or qvd node?); waited 5 s`,
+    );
+  } finally {
+    keeper.stop(true);
+  }
+}, 30_000);

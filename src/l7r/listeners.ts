@@ -3,6 +3,8 @@
 // connection is counted by the admission bounds and handed to `accept`.
 import { chmodSync, rmSync } from "node:fs";
 import type { TCPSocketListener } from "bun";
+import { UserError } from "../errors.ts";
+import { logger } from "../log.ts";
 import { ioHandlers, type Io, type IoData, type IoSocket } from "../nx/splice.ts";
 import type { Admission } from "./admission.ts";
 import type { L7rOptions } from "./options.ts";
@@ -20,12 +22,25 @@ export type ConnIo = Io & { handshake?(ok: boolean): void };
 /** `address`: the client's; `handshakeMs`: what is left of the handshake's time. */
 export type Accept = (s: IoSocket, address: string, handshakeMs?: number) => void;
 
+const log = logger("l7r");
+
+/**
+ * How long a port in use is tried again: the L7R of a node that was just killed (or is stopping)
+ * may hold it for a moment, until it notices its parent is gone; a restart must not fail on that.
+ */
+export const BIND_RETRY_MS = 5000;
+
 export interface Listening {
   port: number;
   stop(): void;
 }
 
-export function listenL7r(o: L7rOptions, handshakeS: number, admission: Admission, accept: Accept): Listening {
+export async function listenL7r(
+  o: L7rOptions,
+  handshakeS: number,
+  admission: Admission,
+  accept: Accept,
+): Promise<Listening> {
   const tlsOptions = {
     cert: Bun.file(o.tls.cert),
     key: Bun.file(o.tls.key),
@@ -116,9 +131,11 @@ export function listenL7r(o: L7rOptions, handshakeS: number, admission: Admissio
     },
   });
   const pp = o.proxyProtocol;
-  const server: TCPSocketListener<IoData> = pp?.networks.length
-    ? Bun.listen<IoData>({ hostname: o.hostname, port: o.port, ...proxied((a) => inNetworks(a, pp.networks)) } as any)
-    : Bun.listen<IoData>({ hostname: o.hostname, port: o.port, ...served } as any);
+  const listenTcp = (): TCPSocketListener<IoData> =>
+    pp?.networks.length
+      ? Bun.listen<IoData>({ hostname: o.hostname, port: o.port, ...proxied((a) => inNetworks(a, pp.networks)) } as any)
+      : Bun.listen<IoData>({ hostname: o.hostname, port: o.port, ...served } as any);
+  const server = await bindRetrying(listenTcp, `${o.hostname}:${o.port}`);
   // The same on a unix socket, when asked (qvd demo relays 127.0.0.1:8443 to it from another
   // network namespace); a socket file left by an L7R that died is replaced.
   let unixServer: { stop(closeActive?: boolean): void } | undefined;
@@ -138,4 +155,22 @@ export function listenL7r(o: L7rOptions, handshakeS: number, admission: Admissio
       }
     },
   };
+}
+
+/** `listen()`, tried again for BIND_RETRY_MS while its port is in use; then a clear error. */
+async function bindRetrying<T>(listen: () => T, address: string): Promise<T> {
+  const until = Date.now() + BIND_RETRY_MS;
+  for (let warned = false; ; warned = true) {
+    try {
+      return listen();
+    } catch (err) {
+      if ((err as { code?: string }).code !== "EADDRINUSE") throw err;
+      if (Date.now() >= until)
+        throw new UserError(
+          `${address} is in use by another program (another L7R or qvd node?); waited ${BIND_RETRY_MS / 1000} s`,
+        );
+      if (!warned) log.warn("address in use: trying again", { address, for_s: BIND_RETRY_MS / 1000 });
+      await Bun.sleep(250);
+    }
+  }
 }

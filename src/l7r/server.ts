@@ -97,9 +97,12 @@ export async function startL7r(o: L7rOptions): Promise<L7r> {
     },
   });
 
-  const sockets = listenL7r(o, ctx.t.handshake, ctx.admission, (s, address, handshakeMs) => {
+  const sockets = await listenL7r(o, ctx.t.handshake, ctx.admission, (s, address, handshakeMs) => {
     const conn = new Connection(ctx, s, address);
     conn.start(routes(ctx, conn), handshakeMs);
+  }).catch(async (err) => {
+    await listener.close();
+    throw err;
   });
   log.info("L7R listening", {
     address: `${o.hostname}:${sockets.port}`,
