@@ -11,8 +11,10 @@ import { authenticateUser } from "../src/auth/chain.ts";
 import { Config } from "../src/config.ts";
 import { startL7r, type L7r } from "../src/l7r/server.ts";
 import { guestUserName, xStartBody } from "../src/l7r/x-start.ts";
+import { Registry } from "../src/metrics.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { basic, WireClient } from "./support/qvd-wire.ts";
+import { sample } from "./support/prometheus.ts";
 import { poll } from "./support/wait.ts";
 import { selfSignedCert } from "./support/tls.ts";
 
@@ -27,6 +29,9 @@ let nxagent: TCPSocketListener<undefined>;
 let vma2: ReturnType<typeof Bun.serve>;
 let nxagent2: TCPSocketListener<undefined>;
 const xStarts: any[] = [];
+/** x_start calls the fake VMA refuses (422: not retried) before it accepts again. */
+let refuseXStarts = 0;
+const metrics = new Registry();
 let ids: { alice: number; aliceVm: number; osf: number; di: number; lena: number; lenaVm: number };
 
 /** A VM as a node reports it running: on this machine's loopback, with the fake VMA and nxagent. */
@@ -49,6 +54,10 @@ beforeAll(async () => {
           return Response.json({ error: "forbidden" }, { status: 403 });
         const path = new URL(req.url).pathname;
         if (path === "/vma/x_start") {
+          if (refuseXStarts > 0) {
+            refuseXStarts--;
+            return Response.json({ error: "refused\r\nX-Injected: 1\u0000by this test" }, { status: 422 });
+          }
           xStarts.push(await req.json());
           return Response.json({ state: "starting" });
         }
@@ -127,6 +136,7 @@ beforeAll(async () => {
     hostname: "127.0.0.1",
     port: 0,
     tls: { cert: join(dir, "cert.pem"), key: join(dir, "key.pem") },
+    metrics,
     // lena comes from a directory, as the LDAP plugin reports her.
     authenticate: async (d, a) =>
       a.login === "lena"
@@ -343,4 +353,65 @@ test("each connect_to_vm gives the VMA a new NX cookie (for nxagent), which is i
     cookies.push(b.cookie);
   }
   expect(cookies[1]).not.toBe(cookies[0]);
+});
+
+test("the metrics count each connect on its own: after a cold connect that failed, the next one on the connection is warm", async () => {
+  const sql = db().sql;
+  const [host] = await sql`SELECT id FROM hosts WHERE name = 'xs-node'`;
+  const hostId = host!.id as number;
+  // The node can take a start; the test plays its HKD: a start command makes the desktop run.
+  await sql`UPDATE host_runtimes SET ok_ts = now(), usable_ram_mb = 100000, hypervisors = '{lxc}' WHERE host_id = ${hostId}`;
+  await sql`UPDATE vm_runtimes SET vm_state = 'stopped', vm_cmd = NULL WHERE vm_id = ${ids.lenaVm}`;
+  let hkd = true;
+  const playHkd = (async () => {
+    while (hkd) {
+      const [r] = await sql`SELECT vm_cmd FROM vm_runtimes WHERE vm_id = ${ids.lenaVm}`;
+      if (r!.vm_cmd === "start") {
+        await running(ids.lenaVm, ids.osf, ids.di, hostId, true);
+        await sql`UPDATE vm_runtimes SET vm_cmd = NULL WHERE vm_id = ${ids.lenaVm}`;
+      }
+      await Bun.sleep(50);
+    }
+  })();
+  const series = async () => {
+    const text = await metrics.render();
+    const of = (s: string) => sample(text, s) ?? 0;
+    return {
+      cold: of('qvd_l7r_connect_seconds_count{client="qvd",path="cold"}'),
+      warm: of('qvd_l7r_connect_seconds_count{client="qvd",path="warm"}'),
+      ok: of('qvd_l7r_connects_total{client="qvd",result="ok"}'),
+      failed: of('qvd_l7r_connects_total{client="qvd",result="failed"}'),
+    };
+  };
+  const before = await series();
+  refuseXStarts = 1;
+  const c = await WireClient.connect(l7r.port);
+  try {
+    const request = `GET /qvd/connect_to_vm?id=${ids.lenaVm}&qvd.client.os=linux HTTP/1.1\r\nAuthorization: ${basic("lena", "whatever")}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n`;
+    // The first connect starts the desktop, then its X session is refused (the VMA's reason
+    // reaches the user on one line).
+    c.send(request);
+    const first = await c.final();
+    expect(first.progress).toContain("Starting virtual machine");
+    expect([first.res.status, first.res.body]).toEqual([
+      503,
+      `The requested virtual machine is not available: Unable to start X session on VM ${ids.lenaVm}: VMA x_start failed with 422: refused X-Injected: 1 by this test, retry later.`,
+    ]);
+    // The second, on the same connection, finds it running: a warm connect.
+    c.send(request);
+    const second = await c.final();
+    expect(second.progress).not.toContain("Starting virtual machine");
+    expect(second.res.status).toBe(101);
+  } finally {
+    c.end();
+    hkd = false;
+    await playHkd;
+  }
+  const after = await series();
+  expect({
+    cold: after.cold - before.cold,
+    warm: after.warm - before.warm,
+    ok: after.ok - before.ok,
+    failed: after.failed - before.failed,
+  }).toEqual({ cold: 0, warm: 1, ok: 1, failed: 1 });
 });

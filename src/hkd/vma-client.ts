@@ -30,12 +30,28 @@ export async function vmaCall<T = unknown>(t: VmaTarget, method: string, body?: 
     throw new VmaError(`VMA at ${t.address}:${t.port} did not answer ${method}: ${(err as Error).message}`);
   }
   const text = await res.text();
-  if (!res.ok) throw new VmaError(`VMA ${method} failed with ${res.status}: ${text.slice(0, 200)}`, res.status);
+  if (!res.ok) throw new VmaError(`VMA ${method} failed with ${res.status}: ${vmaReason(text)}`, res.status);
   try {
     return (text ? JSON.parse(text) : {}) as T;
   } catch {
     throw new VmaError(`VMA ${method} answered something that is not JSON`);
   }
+}
+
+/**
+ * The reason in a VMA's error answer (`{"error": "..."}`), or its text: one line of at most 200
+ * characters, since it reaches users and logs and the guest's VMA is not trusted to keep it short.
+ */
+function vmaReason(text: string): string {
+  let why = text;
+  try {
+    const e = (JSON.parse(text) as { error?: unknown }).error;
+    if (typeof e === "string") why = e;
+  } catch {}
+  return why
+    .replace(/[\x00-\x1f\x7f]+/g, " ")
+    .trim()
+    .slice(0, 200);
 }
 
 /** Pings until the VMA answers or the deadline passes (or `signal` aborts); true when it answered. */
