@@ -727,28 +727,9 @@ try {
   if (display === undefined) throw new Error("no free X display");
   const xvfb = await startXvfb(display, { exec: node.ns.exec });
   cleanups.push(() => xvfb.stop());
-  const client = Bun.spawn(
-    [
-      ...node.ns.exec,
-      "env",
-      `DISPLAY=:${display}`,
-      `QVD_PASSWORD=${PASSWORD}`,
-      node.binary,
-      "client",
-      "--host",
-      "127.0.0.1",
-      "--port",
-      String(PORT),
-      "--user",
-      "alice",
-      "--insecure",
-      "--link",
-      "lan",
-      "--geometry",
-      SIZE,
-    ],
-    { stdout: "ignore", stderr: "ignore" },
-  );
+  const client = node.client({ port: PORT, user: "alice", password: PASSWORD, display, args: ["--geometry", SIZE] });
+  // Its output is not needed: read and dropped, so a full pipe never stalls it.
+  for (const out of [client.stdout, client.stderr]) void new Response(out).arrayBuffer();
   const stopClient = async () => {
     if (client.exitCode === null && !client.signalCode) {
       client.kill("SIGTERM");

@@ -18,7 +18,7 @@ import { PeerClient, startPeerServer } from "../src/l7r/peer.ts";
 import { setLogLevel } from "../src/log.ts";
 import type { IoSocket } from "../src/nx/splice.ts";
 import { startVmaServer } from "../src/vma/server.ts";
-import { Session } from "../src/vma/session.ts";
+import { testSession } from "../test/support/vma-session.ts";
 
 setLogLevel("warn");
 const CALLS = process.argv.includes("--calls") ? Number(process.argv[process.argv.indexOf("--calls") + 1]) : 300;
@@ -66,20 +66,13 @@ try {
   const hostB = await D.create(sql, D.hosts, ALL, { name: "hop-b", address: "127.0.0.3" });
 
   const secret = "bench-vma-secret-0123456789abcdef";
-  const session = new Session({
+  const session = testSession({
     display: 99,
-    nxagent: "nxagent",
-    xinit: "xinit",
-    nxagentExtraArgs: [],
     tolerancechecks: "strict",
-    acceptFrom: "127.0.0.1",
     sessionCommand: [],
     asCurrentUser: true,
     root: "/",
     homePath: dir,
-    shell: "/bin/sh",
-    groups: [],
-    defaultLang: "C",
     runDir: join(dir, "vma-run"),
     timeouts: { starting: 10_000, listening: 10_000, suspending: 10_000, stopping: 10_000 },
   });

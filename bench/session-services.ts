@@ -18,10 +18,11 @@ import { setLogLevel } from "../src/log.ts";
 import { audioService } from "../src/vma/audio.ts";
 import { cupsSocket, printingService } from "../src/vma/printing.ts";
 import type { SessionService } from "../src/vma/services.ts";
-import { execAs, privPrefix, Session } from "../src/vma/session.ts";
+import { execAs, privPrefix } from "../src/vma/session.ts";
 import { sharesService } from "../src/vma/shares.ts";
 import { startNxRelay } from "../test/support/nx-relay.ts";
 import { freePortIn, startClientCups, startClientPulse, startXvfb } from "../test/support/services.ts";
+import { testSession } from "../test/support/vma-session.ts";
 
 setLogLevel("error");
 const i = process.argv.indexOf("--rounds");
@@ -91,20 +92,13 @@ async function rounds(label: "off" | "on"): Promise<void> {
           ...(ON.has("audio") ? [audioService({ enable: true })] : []),
           ...(ON.has("slave") ? [sharesService({ enabled: true, qvd: process.execPath })] : []),
         ];
-  const session = new Session({
+  const session = testSession({
     display,
-    nxagent: "/usr/bin/nxagent",
-    xinit: "xinit",
-    nxagentExtraArgs: [],
     tolerancechecks: "risky",
-    acceptFrom: "127.0.0.1",
     sessionCommand: ["/bin/sleep", "100000"],
     asCurrentUser: false,
     root,
     homePath: "/home",
-    shell: "/bin/sh",
-    groups: [],
-    defaultLang: "C",
     runDir: join(work, `run-${label}`),
     timeouts: { starting: 30_000, listening: 30_000, suspending: 20_000, stopping: 20_000 },
     services,

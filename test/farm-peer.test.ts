@@ -16,12 +16,12 @@ import { checkNodeTls, createFarmCa, issueNodeCert } from "../src/farm/certs.ts"
 import { PeerClient, startPeerServer, UNPROVEN_PER_ADDRESS, type PeerServer } from "../src/l7r/peer.ts";
 import { VmaError } from "../src/hkd/vma-client.ts";
 import { startVmaServer } from "../src/vma/server.ts";
-import { Session } from "../src/vma/session.ts";
 import { run } from "../src/run.ts";
 import { useTestDatabase } from "./support/db.ts";
 import { cleanEnv, farmCaDir, farmCert, type FarmCert } from "./support/node.ts";
 import { poll } from "./support/wait.ts";
 import { capture } from "./support/spawn.ts";
+import { testSession } from "./support/vma-session.ts";
 
 const db = useTestDatabase();
 const ALL = D.ALL_TENANTS;
@@ -128,20 +128,13 @@ beforeAll(async () => {
   });
 
   // The real VMA of node A's desktop, answering node A (127.0.0.1) with its secret only.
-  const session = new Session({
+  const session = testSession({
     display: 99,
-    nxagent: "nxagent",
-    xinit: "xinit",
-    nxagentExtraArgs: [],
     tolerancechecks: "strict",
-    acceptFrom: "127.0.0.1",
     sessionCommand: [],
     asCurrentUser: true,
     root: "/",
     homePath: dir,
-    shell: "/bin/sh",
-    groups: [],
-    defaultLang: "C",
     runDir: join(dir, "vma-run"),
     timeouts: { starting: 10_000, listening: 10_000, suspending: 10_000, stopping: 10_000 },
   });

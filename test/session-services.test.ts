@@ -52,9 +52,12 @@ describe.skipIf(!isRoot)("session services, end to end", () => {
   /** Plays a 440 Hz tone in the session (paplay, as the user) and records the user's speakers meanwhile. */
   async function playTone(): Promise<{ status: number; stderr: string; ratio: number; peak: number }> {
     let play = { status: -1, stderr: "" };
-    const rec = await pulse.record(async () => {
-      play = await asSession("paplay /tmp/qvd-tone.wav");
-    }, 800);
+    const rec = await pulse.record(
+      async () => {
+        play = await asSession("paplay /tmp/qvd-tone.wav");
+      },
+      { tailMs: 800 },
+    );
     return { status: play.status, stderr: play.stderr, ratio: toneRatio(rec, 440), peak: peak(rec) };
   }
 

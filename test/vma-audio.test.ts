@@ -26,10 +26,11 @@ import { audioService, multimediaServer, pulseConfig, TUNNEL_SINK, type AudioSer
 import type { ServiceContext } from "../src/vma/services.ts";
 import { startClientAudio, tcpModuleArgs, type ClientAudio } from "../src/client/audio.ts";
 import { spawnDaemon, type Daemon, type RunResult } from "../src/run.ts";
-import { gaps, goertzel, peak, RATE, recordMonitor, samples, sineWav, toneRatio } from "./support/tone.ts";
+import { gaps, goertzel, peak, RATE, samples, sineWav, toneRatio } from "./support/tone.ts";
 import { waitFor } from "./support/wait.ts";
 import { freeDisplay, freePort } from "./support/free.ts";
 import { minimalRoot } from "./support/image-root.ts";
+import { startClientPulse, type ClientPulse } from "./support/services.ts";
 import { capture } from "./support/spawn.ts";
 import { writeVmaConfig } from "./support/vma-config.ts";
 import { alive } from "../src/vma/session.ts";
@@ -44,8 +45,8 @@ const START_MS = 450;
 const UID = 61_402; // the desktop's user (no passwd entry needed)
 const OTHER_UID = 61_403;
 let work: string;
-let clientRun: string;
-let clientPa: ReturnType<typeof Bun.spawn> | undefined;
+/** The client's PulseAudio (root here, as the user running `qvd client` in these tests). */
+let clientPulse: ClientPulse;
 let clientServer: string;
 const daemons: Daemon[] = [];
 
@@ -105,8 +106,7 @@ const desktopPulse = () => daemons.filter((d) => alive(d.pid));
 
 /** Records the client's sink while `play` runs; returns s16le mono samples. */
 function recordWhile(play: () => Promise<unknown>): Promise<Int16Array> {
-  const env = { PATH: process.env.PATH!, PULSE_SERVER: clientServer, HOME: join(work, "client", "home") };
-  return recordMonitor({ server: clientServer, sink: "ClientOut", env }, play, { leadMs: 300, tailMs: 500 });
+  return clientPulse.record(play, { leadMs: 300, tailMs: 500 });
 }
 
 /** paplay of a tone as the desktop's user with the session environment the service gave. */
@@ -132,58 +132,14 @@ beforeAll(async () => {
   work = mkdtempSync(join(tmpdir(), "qvd-audio-"));
   chmodSync(work, 0o755);
   mkdirSync(runtimeRoot(), { mode: 0o755 });
-  // The client's PulseAudio (root here, as the user running `qvd client` in these tests).
-  const c = join(work, "client");
-  clientRun = join(c, "run");
-  mkdirSync(join(c, "home"), { recursive: true });
-  mkdirSync(clientRun, { mode: 0o700 });
   // Mic stands for the user's microphone: the desktop must not reach it.
-  writeFileSync(
-    join(c, "client.pa"),
-    [
-      "load-module module-native-protocol-unix",
-      "load-module module-null-sink sink_name=ClientOut",
-      "set-default-sink ClientOut",
-      "load-module module-null-source source_name=Mic",
-      "",
-    ].join("\n"),
-  );
-  clientServer = `unix:${clientRun}/pulse/native`;
-  clientPa = Bun.spawn(
-    [
-      "pulseaudio",
-      "-n",
-      "-F",
-      join(c, "client.pa"),
-      "--daemonize=no",
-      "--exit-idle-time=-1",
-      "--realtime=no",
-      "--high-priority=no",
-      "--log-target=stderr",
-    ],
-    {
-      cwd: "/",
-      env: {
-        PATH: process.env.PATH!,
-        HOME: join(c, "home"),
-        XDG_RUNTIME_DIR: clientRun,
-        DBUS_SESSION_BUS_ADDRESS: "disabled:",
-      },
-      stdout: "ignore",
-      stderr: "pipe",
-    },
-  );
-  await waitFor(
-    "the client's PulseAudio",
-    async () => (await sh(["pactl", "-s", clientServer, "info"])).status === 0,
-    10_000,
-  );
+  clientPulse = await startClientPulse({ sink: "ClientOut", source: "Mic" });
+  clientServer = clientPulse.server;
 });
 
 afterAll(async () => {
   for (const d of daemons) d.killGroup("SIGKILL");
-  clientPa?.kill("SIGKILL");
-  await clientPa?.exited;
+  await clientPulse?.stop();
   rmSync(work, { recursive: true, force: true });
 });
 

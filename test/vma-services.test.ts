@@ -28,7 +28,7 @@ import {
   nxagentOptions,
   privPrefix,
   serviceOptionProblem,
-  Session,
+  type Session,
   type SessionOptions,
 } from "../src/vma/session.ts";
 import {
@@ -46,6 +46,7 @@ import { freeDisplay } from "./support/free.ts";
 import { minimalRoot } from "./support/image-root.ts";
 import { sharesService } from "../src/vma/shares.ts";
 import { stopAll } from "./support/spawn.ts";
+import { testSession } from "./support/vma-session.ts";
 
 const PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const NOBODY = { user: "nobody", uid: 65534, gid: 65534, shell: "/bin/sh", groups: [] as number[] };
@@ -434,17 +435,10 @@ async function startNxSession(
   );
   await until(() => existsSync(`/tmp/.X11-unix/X${xvfb}`), `Xvfb :${xvfb}`, 10_000);
   const display = freeDisplay(xvfb + 1);
-  const session = new Session({
+  const session = testSession({
     display,
-    nxagent: "/usr/bin/nxagent",
-    xinit: "xinit",
-    nxagentExtraArgs: [],
     tolerancechecks: "risky",
-    acceptFrom: "127.0.0.1",
     sessionCommand: ["/bin/sleep", "1000"],
-    shell: "/bin/sh",
-    groups: [],
-    defaultLang: "C",
     ...o,
   });
   return { xvfb, session, relay: startNxRelay({ host: "127.0.0.1", targetPort: 4000 + display, cookie }) };

@@ -271,15 +271,20 @@ export interface ClientPulse {
   server: string;
   /** The null sink standing for the speakers (the default sink). */
   sink: string;
-  /** Records the sink's monitor while `during` runs (plus `tailMs`): s16le mono samples at RATE. */
-  record(during: () => Promise<unknown>, tailMs?: number): Promise<Int16Array>;
+  /** Records the sink's monitor while `during` runs (from `leadMs` before, to `tailMs` after; 0 and 500 by default): s16le mono samples at RATE. */
+  record(during: () => Promise<unknown>, t?: { leadMs?: number; tailMs?: number }): Promise<Int16Array>;
   /** pactl against this PulseAudio. */
   pactl(args: string[]): Promise<string>;
   stop(): Promise<void>;
 }
 
-/** A PulseAudio with a null sink as its default sink, reached through its own unix socket. */
-export async function startClientPulse(o: { exec?: string[]; sink?: string } = {}): Promise<ClientPulse> {
+/**
+ * A PulseAudio with a null sink as its default sink, reached through its own unix socket; with
+ * `source`, a null source of that name too (the user's microphone).
+ */
+export async function startClientPulse(
+  o: { exec?: string[]; sink?: string; source?: string } = {},
+): Promise<ClientPulse> {
   const { ensureDeps } = await import("../../scripts/deps.ts");
   await ensureDeps(["pulseaudio", "pulseaudio-utils"], () => {});
   const exec = o.exec ?? [];
@@ -295,6 +300,7 @@ export async function startClientPulse(o: { exec?: string[]; sink?: string } = {
       `load-module module-native-protocol-unix socket=${socket}`,
       `load-module module-null-sink sink_name=${sink} rate=${RATE}`,
       `set-default-sink ${sink}`,
+      ...(o.source ? [`load-module module-null-source source_name=${o.source}`] : []),
       "",
     ].join("\n"),
   );
@@ -346,7 +352,7 @@ export async function startClientPulse(o: { exec?: string[]; sink?: string } = {
     server,
     sink,
     pactl,
-    record: (during, tailMs = 500) => recordMonitor({ server, sink, env }, during, { tailMs }),
+    record: (during, t = {}) => recordMonitor({ server, sink, env }, during, { tailMs: 500, ...t }),
     stop,
   };
 }
