@@ -467,3 +467,26 @@ test("a port still held (an L7R that is stopping) is tried again for a few secon
     keeper.stop(true);
   }
 }, 30_000);
+
+test("a unix socket that cannot be made: start-up fails and leaves its TCP port free", async () => {
+  const port = (() => {
+    const probe = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+    const p = probe.port;
+    probe.stop(true);
+    return p;
+  })();
+  const err = await startL7r({
+    sql: db().sql,
+    databaseUrl: db().url,
+    nodename: "l7r-node",
+    hostname: "127.0.0.1",
+    port,
+    unix: join(dir, "no-such-dir", "l7r.sock"),
+    tls: { cert: join(dir, "cert.pem"), key: join(dir, "key.pem") },
+  }).catch((e: Error) => e);
+  expect(err).toBeInstanceOf(Error);
+  // The port is free again: bound here at once, with no retry.
+  const again = Bun.listen({ hostname: "127.0.0.1", port, socket: { data() {} } });
+  expect(again.port).toBe(port);
+  again.stop(true);
+});

@@ -140,10 +140,16 @@ export async function listenL7r(
   // network namespace); a socket file left by an L7R that died is replaced.
   let unixServer: { stop(closeActive?: boolean): void } | undefined;
   if (o.unix) {
-    rmSync(o.unix, { force: true });
-    unixServer = Bun.listen<IoData>({ unix: o.unix, ...(pp?.unix ? proxied(() => true) : served) } as any);
-    // Whoever can connect to it may speak for any address: only its owner (whatever the umask).
-    if (pp?.unix) chmodSync(o.unix, 0o600);
+    try {
+      rmSync(o.unix, { force: true });
+      unixServer = Bun.listen<IoData>({ unix: o.unix, ...(pp?.unix ? proxied(() => true) : served) } as any);
+      // Whoever can connect to it may speak for any address: only its owner (whatever the umask).
+      if (pp?.unix) chmodSync(o.unix, 0o600);
+    } catch (err) {
+      unixServer?.stop(true);
+      server.stop(true); // a failed start holds no port
+      throw err;
+    }
   }
   return {
     port: server.port,
